@@ -1,0 +1,62 @@
+"""Errors of the agent, each carrying the HTTP status and code it answers with.
+
+The store and the API raise these; one middleware turns them into the error
+shape of DESIGN.md, `{"error": {"code", "message"}}`. Nothing else is mapped
+to a status anywhere, so a status cannot drift from its meaning.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error the API reports to its caller."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(MeshError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(MeshError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(MeshError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(MeshError):
+    status, code = 405, "method_not_allowed"
+
+
+class Conflict(MeshError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(MeshError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(MeshError):
+    status, code = 415, "unsupported_media_type"
+
+
+class Invalid(MeshError):
+    status, code = 422, "invalid_value"
+
+
+class Unavailable(MeshError):
+    """The agent cannot make a change durable (its data dir failed)."""
+
+    status, code = 503, "unavailable"

@@ -1,0 +1,126 @@
+"""IP address management: subnets for networks, VIPs for services.
+
+Pure bookkeeping with no I/O. Networks get a subnet, either given or the next
+free /24 of the address pool (Swarm carves its default pool 10.0.0.0/8 the
+same way); overlapping subnets are refused. Inside a subnet the first host
+address is the gateway and is never handed out; VIPs are the lowest free host
+addresses after it. The store keeps an `Ipam` in step with every change, so an
+address is claimed exactly while a live service holds it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mesh.errors import Conflict, Invalid
+
+IPv4Network = ipaddress.IPv4Network
+IPv4Address = ipaddress.IPv4Address
+
+DEFAULT_POOL = "10.0.0.0/8"
+#: Without root the VIPs must work on loopback, so the pool lies in 127/8; it
+#: starts above 127.0.0.0/24, which holds 127.0.0.1 and the DNS address 127.0.0.11.
+UNPRIVILEGED_POOL = "127.16.0.0/12"
+SUBNET_PREFIX = 24
+
+
+def parse_subnet(text: str) -> IPv4Network:
+    """A strict IPv4 CIDR with room for a gateway and at least one VIP."""
+    try:
+        subnet = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise Invalid(f"subnet {text!r} is not an IPv4 CIDR such as 10.0.1.0/24: {exc}") from None
+    if not isinstance(subnet, IPv4Network):
+        raise Invalid(f"subnet {text!r}: only IPv4 networks are supported")
+    if subnet.prefixlen > 29:
+        raise Invalid(f"subnet {text!r} is too small: the prefix may be at most /29")
+    return subnet
+
+
+def parse_pool(text: str) -> IPv4Network:
+    pool = parse_subnet(text)
+    if pool.prefixlen > SUBNET_PREFIX:
+        raise Invalid(f"address pool {text!r} must be /{SUBNET_PREFIX} or larger")
+    return pool
+
+
+def gateway_of(subnet: IPv4Network) -> IPv4Address:
+    return subnet.network_address + 1
+
+
+@dataclass(slots=True)
+class _Pool:
+    subnet: IPv4Network
+    claimed: set[IPv4Address] = field(default_factory=set)
+
+
+class Ipam:
+    """Subnets of live networks and the VIPs claimed inside each."""
+
+    def __init__(self, pool: IPv4Network) -> None:
+        self.pool = pool
+        self._networks: dict[str, _Pool] = {}
+
+    def __repr__(self) -> str:
+        used = sum(len(p.claimed) for p in self._networks.values())
+        return f"<Ipam pool={self.pool} networks={len(self._networks)} vips={used}>"
+
+    # -- subnets ---------------------------------------------------------
+
+    def overlapping(self, subnet: IPv4Network) -> str | None:
+        """The name of a network whose subnet overlaps `subnet`, if any."""
+        for name, pool in self._networks.items():
+            if pool.subnet.overlaps(subnet):
+                return name
+        return None
+
+    def next_subnet(self) -> IPv4Network:
+        """The first /24 of the pool that overlaps no network."""
+        for candidate in self.pool.subnets(new_prefix=SUBNET_PREFIX):
+            if self.overlapping(candidate) is None:
+                return candidate
+        raise Conflict(f"address pool {self.pool} has no free /24 left", code="pool_exhausted")
+
+    def add_network(self, name: str, subnet: IPv4Network) -> None:
+        other = self.overlapping(subnet)
+        if other is not None and other != name:
+            raise Conflict(
+                f"subnet {subnet} overlaps network {other!r}", code="subnet_overlaps"
+            )
+        self._networks.setdefault(name, _Pool(subnet))
+
+    def remove_network(self, name: str) -> None:
+        self._networks.pop(name, None)
+
+    # -- VIPs ------------------------------------------------------------
+
+    def allocate(self, network: str) -> IPv4Address:
+        """Claim the lowest free host address of `network` after its gateway."""
+        pool = self._networks[network]
+        gateway = gateway_of(pool.subnet)
+        for address in pool.subnet.hosts():
+            if address != gateway and address not in pool.claimed:
+                pool.claimed.add(address)
+                return address
+        raise Conflict(f"network {network!r} has no free address left", code="no_free_address")
+
+    def claim(self, network: str, address: IPv4Address) -> None:
+        """Mark an address taken (on load, or a VIP that gossip brought in)."""
+        pool = self._networks.get(network)
+        if pool is not None:
+            pool.claimed.add(address)
+
+    def release(self, network: str, addresses: Iterable[IPv4Address]) -> None:
+        pool = self._networks.get(network)
+        if pool is not None:
+            pool.claimed.difference_update(addresses)
+
+    def is_claimed(self, network: str, address: IPv4Address) -> bool:
+        pool = self._networks.get(network)
+        return pool is not None and address in pool.claimed
+
+    def claimed_count(self, network: str) -> int:
+        pool = self._networks.get(network)
+        return 0 if pool is None else len(pool.claimed)

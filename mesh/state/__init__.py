@@ -1,0 +1,1 @@
+"""The replicated state of a node: records, the store, the change feed, persistence."""

@@ -1,0 +1,69 @@
+"""The change feed: every change to the state, numbered, for the views to follow.
+
+Views (DNS, LB, HRM, health checks, the event stream, and later worker
+processes) subscribe with a snapshot plus deltas: `snapshot()` gives the
+current records and the sequence number they reflect; `since(seq)` gives every
+change after it while it is still in the ring buffer. A subscriber that fell
+further behind than the buffer holds is told so (`Gap`) and takes a new
+snapshot; it never silently misses a change.
+
+In-process listeners are called synchronously, in order, as changes are
+published, which is what keeps views exactly in step with the store.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from mesh.state.model import Change, Record
+
+Listener = Callable[[Change], None]
+DEFAULT_HISTORY = 10_000
+
+
+class Gap(Exception):
+    """The changes after `seq` are no longer kept: take a new snapshot."""
+
+
+@dataclass(frozen=True, slots=True)
+class Numbered:
+    seq: int
+    change: Change
+
+
+class ChangeFeed:
+    def __init__(self, snapshot: Callable[[], Iterable[Record]],
+                 history: int = DEFAULT_HISTORY) -> None:
+        self._snapshot = snapshot
+        self._history: collections.deque[Numbered] = collections.deque(maxlen=history)
+        self._listeners: list[Listener] = []
+        self.seq = 0
+
+    def __repr__(self) -> str:
+        return (f"<ChangeFeed seq={self.seq} kept={len(self._history)} "
+                f"listeners={len(self._listeners)}>")
+
+    def publish(self, changes: Iterable[Change]) -> None:
+        for change in changes:
+            self.seq += 1
+            self._history.append(Numbered(self.seq, change))
+            for listener in list(self._listeners):
+                listener(change)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` with every later change; returns the unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def snapshot(self) -> tuple[int, list[Record]]:
+        return self.seq, list(self._snapshot())
+
+    def since(self, seq: int) -> list[Numbered]:
+        if seq >= self.seq:
+            return []
+        oldest = self._history[0].seq if self._history else self.seq + 1
+        if seq + 1 < oldest:
+            raise Gap(f"changes after {seq} are gone; the oldest kept is {oldest}")
+        return [n for n in self._history if n.seq > seq]

@@ -1,0 +1,177 @@
+"""Typed records of the replicated state: networks, services and tasks.
+
+Every record is a frozen dataclass carrying a `Version`: a Lamport clock plus
+the name of the node that wrote it. Two versions of one record are ordered by
+(clock, node), so any two nodes that saw the same writes agree on the winner
+(last writer wins) without coordination; the gossip layer merges by that rule.
+A deleted record stays behind as a tombstone (`deleted=True`) so that a late
+copy of the old record cannot resurrect it.
+
+Records are keyed by kind and key: networks and services by name (the name is
+what the API, DNS and the CLI address), tasks by id.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Version:
+    """A Lamport timestamp: `clock` first, the writer's node name breaks ties."""
+
+    clock: int
+    node: str
+
+
+class Kind(enum.StrEnum):
+    NETWORK = "network"
+    SERVICE = "service"
+    TASK = "task"
+
+
+class Health(enum.StrEnum):
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+class TaskState(enum.StrEnum):
+    RUNNING = "running"
+    #: deregistered: no new traffic; removed once `drain_until` has passed.
+    DRAINING = "draining"
+
+
+Protocol: TypeAlias = Literal["tcp", "udp"]
+PublishMode: TypeAlias = Literal["ingress", "host"]
+EndpointMode: TypeAlias = Literal["vip", "dnsrr"]
+CheckType: TypeAlias = Literal["http", "tcp", "ttl"]
+
+INGRESS = "ingress"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Network:
+    name: str
+    id: str
+    driver: str
+    subnet: str  # "10.0.1.0/24"
+    gateway: str  # first host address of the subnet; never a VIP
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    version: Version = Version(0, "")
+    deleted: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortConfig:
+    protocol: Protocol
+    target_port: int
+    published_port: int
+    publish_mode: PublishMode = "ingress"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Vip:
+    network: str
+    address: str  # no prefix length
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheck:
+    """How the owning node checks a task. Durations are in seconds.
+
+    http: GET `path` on the task's `port` (a service target port, mapped to the
+    task's actual port) and expect a status in [status_min, status_max].
+    tcp: connect to that port. ttl: the task must report in through
+    `PUT /v1/tasks/{id}/health` at least every `ttl` seconds.
+    A task turns unhealthy after `retries` consecutive failures; failures
+    inside `start_period` after registration do not count (as Docker).
+    """
+
+    type: CheckType
+    port: int | None = None
+    path: str = "/"
+    status_min: int = 200
+    status_max: int = 399
+    interval: float = 5.0
+    timeout: float = 2.0
+    retries: int = 3
+    start_period: float = 0.0
+    ttl: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    name: str
+    id: str
+    networks: tuple[str, ...] = ()
+    endpoint_mode: EndpointMode = "vip"
+    ports: tuple[PortConfig, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    vips: tuple[Vip, ...] = ()
+    health_check: HealthCheck | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    version: Version = Version(0, "")
+    deleted: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    id: str
+    name: str  # "<service>.<slot>.<id>" unless given
+    service: str
+    slot: int
+    node: str  # the node that registered it, and the only one that changes it
+    address: str
+    ports: dict[int, int] = field(default_factory=dict)  # target port -> actual port
+    state: TaskState = TaskState.RUNNING
+    health: Health = Health.STARTING
+    health_output: str = ""
+    drain_until: float | None = None  # wall clock; set while draining
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    version: Version = Version(0, "")
+    deleted: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.id
+
+    def endpoint(self) -> tuple[str, tuple[tuple[int, int], ...]]:
+        """What two tasks of one service may not share: address and port map."""
+        return self.address, tuple(sorted(self.ports.items()))
+
+    def actual_port(self, target_port: int) -> int:
+        """The port the task really listens on for a service target port."""
+        return self.ports.get(target_port, target_port)
+
+
+Record: TypeAlias = Network | Service | Task
+
+KIND_OF: dict[type[Record], Kind] = {Network: Kind.NETWORK, Service: Kind.SERVICE, Task: Kind.TASK}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One record's transition, as the change feed delivers it.
+
+    `before` is None for a new record; `after.deleted` is True for a removal.
+    Views (DNS, LB, HRM) apply changes one by one: they never need a rebuild.
+    """
+
+    kind: Kind
+    key: str
+    before: Record | None
+    after: Record

@@ -1,0 +1,58 @@
+"""What a caller asks the store for, before the store fills in ids, VIPs and ports.
+
+The API validates the shape of a request into one of these; the store checks
+everything that depends on the rest of the state (names in use, unknown
+networks, ports taken) and turns it into records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh.state.model import EndpointMode, HealthCheck, Protocol, PublishMode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkSpec:
+    name: str
+    subnet: str | None = None
+    driver: str = "overlay"
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortSpec:
+    target_port: int
+    published_port: int | None = None  # None: the next free port of 30000-32767
+    protocol: Protocol = "tcp"
+    publish_mode: PublishMode = "ingress"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceSpec:
+    name: str
+    networks: tuple[str, ...] = ()
+    endpoint_mode: EndpointMode = "vip"
+    ports: tuple[PortSpec, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    health_check: HealthCheck | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServicePatch:
+    """Fields to replace; None leaves a field as it is."""
+
+    networks: tuple[str, ...] | None = None
+    endpoint_mode: EndpointMode | None = None
+    ports: tuple[PortSpec, ...] | None = None
+    labels: dict[str, str] | None = None
+    health_check: HealthCheck | None = None
+    clear_health_check: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSpec:
+    service: str
+    address: str
+    ports: dict[int, int] = field(default_factory=dict)
+    name: str | None = None

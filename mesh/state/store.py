@@ -1,0 +1,470 @@
+"""The replicated state of one node: a sans-IO store of versioned records.
+
+Theory of operation. Every mutation is a method that checks the request
+against the whole state, then writes new record versions stamped with the next
+Lamport clock and this node's name, and returns the list of `Change`s it made.
+A method either raises a `MeshError` before writing anything or writes all of
+its records: there is no half-applied change. The caller (the agent) makes the
+changes durable and publishes them on the change feed; the store itself does
+no I/O and reads no clock: `now` (wall-clock seconds) is an argument, and new
+ids come from the `random.Random` it is given.
+
+`merge` takes a record written elsewhere (gossip) and keeps it only if its
+version is newer: last writer wins, ties broken by node name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import random
+from collections.abc import Iterable, Iterator
+
+from mesh.errors import Conflict, Invalid, NotFound
+from mesh.ipam import Ipam, gateway_of, parse_subnet
+from mesh.state.model import (
+    INGRESS,
+    KIND_OF,
+    Change,
+    Health,
+    HealthCheck,
+    Kind,
+    Network,
+    PortConfig,
+    Record,
+    Service,
+    Task,
+    TaskState,
+    Version,
+    Vip,
+)
+from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
+
+ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+ID_LENGTH = 25  # as Swarm's object ids
+#: Swarm's range for published ports that the caller leaves out.
+AUTO_PORTS = range(30000, 32768)
+
+
+def new_id(rng: random.Random) -> str:
+    return "".join(rng.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+def ingress_id() -> str:
+    """The same id on every node, so every node's built-in ingress is one record."""
+    digest = int.from_bytes(hashlib.sha256(b"meshplane/ingress").digest()[:16], "big")
+    chars = []
+    for _ in range(ID_LENGTH):
+        digest, index = divmod(digest, len(ID_ALPHABET))
+        chars.append(ID_ALPHABET[index])
+    return "".join(chars)
+
+
+class Store:
+    """Networks, services and tasks (tombstones included) of the cluster as this node sees it."""
+
+    def __init__(self, node: str, ipam: Ipam, rng: random.Random | None = None) -> None:
+        self.node = node
+        self.ipam = ipam
+        self.clock = 0
+        self._rng = rng or random.Random()
+        self._records: dict[Kind, dict[str, Record]] = {kind: {} for kind in Kind}
+        # Indexes kept in step with every write, so no request scans the state.
+        self._tasks_by_service: dict[str, set[str]] = {}
+        self._task_names: dict[str, str] = {}
+        self._published: dict[tuple[str, int], str] = {}
+
+    def __repr__(self) -> str:
+        counts = " ".join(f"{kind}s={sum(1 for _ in self.live(kind))}" for kind in Kind)
+        return f"<Store node={self.node!r} clock={self.clock} {counts}>"
+
+    # -- reading ---------------------------------------------------------
+
+    def get(self, kind: Kind, key: str) -> Record | None:
+        """A live record, or None (tombstones are not returned)."""
+        record = self._records[kind].get(key)
+        return None if record is None or record.deleted else record
+
+    def all_records(self) -> Iterator[Record]:
+        """Every record, tombstones included: what persistence and push-pull carry."""
+        for records in self._records.values():
+            yield from records.values()
+
+    def live(self, kind: Kind) -> Iterator[Record]:
+        return (r for r in self._records[kind].values() if not r.deleted)
+
+    def networks(self) -> list[Network]:
+        return sorted((r for r in self.live(Kind.NETWORK) if isinstance(r, Network)),
+                      key=lambda n: n.name)
+
+    def services(self) -> list[Service]:
+        return sorted((r for r in self.live(Kind.SERVICE) if isinstance(r, Service)),
+                      key=lambda s: s.name)
+
+    def tasks(self, service: str | None = None, node: str | None = None) -> list[Task]:
+        if service is not None:
+            ids = self._tasks_by_service.get(service, set())
+            found = [r for i in ids if isinstance(r := self._records[Kind.TASK][i], Task)]
+        else:
+            found = [r for r in self.live(Kind.TASK) if isinstance(r, Task)]
+        return sorted(
+            (t for t in found if not t.deleted and (node is None or t.node == node)),
+            key=lambda t: (t.service, t.slot, t.id),
+        )
+
+    def get_task(self, task_id: str) -> Task | None:
+        record = self.get(Kind.TASK, task_id)
+        return record if isinstance(record, Task) else None
+
+    def network(self, name: str) -> Network:
+        record = self.get(Kind.NETWORK, name)
+        if not isinstance(record, Network):
+            raise NotFound(f"network {name!r} not found")
+        return record
+
+    def service(self, name: str) -> Service:
+        record = self.get(Kind.SERVICE, name)
+        if not isinstance(record, Service):
+            raise NotFound(f"service {name!r} not found")
+        return record
+
+    def task(self, task_id: str) -> Task:
+        record = self.get(Kind.TASK, task_id)
+        if not isinstance(record, Task):
+            raise NotFound(f"task {task_id!r} not found")
+        return record
+
+    # -- loading and merging -----------------------------------------------
+
+    def load(self, records: Iterable[Record], clock: int = 0) -> None:
+        """Restore persisted records (no changes are emitted: nothing changed)."""
+        for record in records:
+            self._put(record)
+            self.clock = max(self.clock, record.version.clock)
+        self.clock = max(self.clock, clock)
+
+    def ensure_ingress(self, subnet: str | None = None) -> list[Change]:
+        """Create the built-in `ingress` network unless it exists (or was removed)."""
+        if self._records[Kind.NETWORK].get(INGRESS) is not None:
+            return []
+        chosen = parse_subnet(subnet) if subnet else self.ipam.next_subnet()
+        record = Network(
+            name=INGRESS, id=ingress_id(), driver="overlay", subnet=str(chosen),
+            gateway=str(gateway_of(chosen)), labels={"mesh.internal": "true"},
+            version=Version(0, ""),  # older than any write, so a real one always wins
+        )
+        return [self._write(record)]
+
+    def merge(self, record: Record) -> list[Change]:
+        """Last-writer-wins merge of a record written elsewhere."""
+        self.clock = max(self.clock, record.version.clock)
+        current = self._records[KIND_OF[type(record)]].get(record.key)
+        if current is not None and current.version >= record.version:
+            return []
+        return [self._write(record)]
+
+    # -- networks ----------------------------------------------------------
+
+    def create_network(self, spec: NetworkSpec, now: float) -> list[Change]:
+        if self.get(Kind.NETWORK, spec.name) is not None:
+            raise Conflict(f"network {spec.name!r} already exists", code="name_in_use")
+        if spec.subnet is None:
+            subnet = self.ipam.next_subnet()
+        else:
+            subnet = parse_subnet(spec.subnet)
+            other = self.ipam.overlapping(subnet)
+            if other is not None:
+                raise Conflict(f"subnet {subnet} overlaps network {other!r}",
+                               code="subnet_overlaps")
+        record = Network(
+            name=spec.name, id=new_id(self._rng), driver=spec.driver, subnet=str(subnet),
+            gateway=str(gateway_of(subnet)), labels=dict(spec.labels), created_at=now,
+            version=self._tick(),
+        )
+        return [self._write(record)]
+
+    def remove_network(self, name: str, now: float) -> list[Change]:
+        network = self.network(name)
+        if name == INGRESS:
+            raise Conflict("the ingress network is built in and carries the routing mesh",
+                           code="network_builtin")
+        users = [s.name for s in self.services() if name in s.networks]
+        if users:
+            raise Conflict(f"network {name!r} is in use by services {', '.join(users)}",
+                           code="network_in_use")
+        return [self._write(dataclasses.replace(network, deleted=True, version=self._tick()))]
+
+    # -- services ----------------------------------------------------------
+
+    def create_service(self, spec: ServiceSpec, now: float) -> list[Change]:
+        if self.get(Kind.SERVICE, spec.name) is not None:
+            raise Conflict(f"service {spec.name!r} already exists", code="name_in_use")
+        self._check_networks(spec.networks)
+        ports = self._resolve_ports(spec.ports, owner=None)
+        self._check_endpoint_mode(spec.endpoint_mode, ports)
+        _check_health_port(spec.health_check, ports)
+        vips = self._allocate_vips(spec.name, spec.endpoint_mode, spec.networks, ports, keep=())
+        record = Service(
+            name=spec.name, id=new_id(self._rng), networks=spec.networks,
+            endpoint_mode=spec.endpoint_mode, ports=ports, labels=dict(spec.labels), vips=vips,
+            health_check=spec.health_check, created_at=now, updated_at=now, version=self._tick(),
+        )
+        return [self._write(record)]
+
+    def update_service(self, name: str, patch: ServicePatch, now: float,
+                       expected_version: int | None = None) -> list[Change]:
+        current = self.service(name)
+        if expected_version is not None and expected_version != current.version.clock:
+            raise Conflict(
+                f"service {name!r} is at version {current.version.clock}, not {expected_version}",
+                code="version_conflict",
+            )
+        networks = current.networks if patch.networks is None else patch.networks
+        mode = patch.endpoint_mode or current.endpoint_mode
+        self._check_networks(networks)
+        ports = (current.ports if patch.ports is None
+                 else self._resolve_ports(patch.ports, owner=name))
+        self._check_endpoint_mode(mode, ports)
+        check = None if patch.clear_health_check else (patch.health_check or current.health_check)
+        _check_health_port(check, ports)
+        # Release first so a VIP kept on an unchanged network is found again below.
+        self._release_vips(current)
+        try:
+            vips = self._allocate_vips(name, mode, networks, ports, keep=current.vips)
+        except Exception:
+            self._claim_vips(current)
+            raise
+        record = dataclasses.replace(
+            current, networks=networks, endpoint_mode=mode, ports=ports,
+            labels=current.labels if patch.labels is None else dict(patch.labels),
+            vips=vips, health_check=check, updated_at=now, version=self._tick(),
+        )
+        return [self._write(record)]
+
+    def remove_service(self, name: str, now: float) -> list[Change]:
+        """Remove a service and, as Swarm does, every task of it."""
+        current = self.service(name)
+        changes = [self._write(dataclasses.replace(task, deleted=True, updated_at=now,
+                                                   version=self._tick()))
+                   for task in self.tasks(service=name)]
+        changes.append(self._write(dataclasses.replace(current, deleted=True, updated_at=now,
+                                                       version=self._tick())))
+        return changes
+
+    # -- tasks ---------------------------------------------------------------
+
+    def add_task(self, spec: TaskSpec, now: float) -> list[Change]:
+        service = self.service(spec.service)
+        address = _parse_task_address(spec.address)
+        siblings = self.tasks(service=service.name)
+        task_id = new_id(self._rng)
+        slot = _lowest_free_slot(t.slot for t in siblings)
+        name = spec.name or f"{service.name}.{slot}.{task_id}"
+        if name.lower() in self._task_names:
+            raise Conflict(f"task name {name!r} is in use", code="name_in_use")
+        endpoint = (address, tuple(sorted(spec.ports.items())))
+        for sibling in siblings:
+            if sibling.endpoint() == endpoint:
+                raise Conflict(
+                    f"service {service.name!r} already has task {sibling.name!r} at "
+                    f"{address} with the same ports", code="endpoint_in_use",
+                )
+        task = Task(
+            id=task_id, name=name, service=service.name, slot=slot, node=self.node,
+            address=address, ports=dict(spec.ports),
+            health=Health.STARTING if service.health_check else Health.HEALTHY,
+            created_at=now, updated_at=now, version=self._tick(),
+        )
+        return [self._write(task)]
+
+    def drain_task(self, task_id: str, now: float, grace: float) -> list[Change]:
+        """Stop new traffic to a task; it is removed once `grace` seconds have passed."""
+        task = self.task(task_id)
+        if task.state is TaskState.DRAINING:
+            return []
+        return [self._write(dataclasses.replace(
+            task, state=TaskState.DRAINING, drain_until=now + grace, updated_at=now,
+            version=self._tick()))]
+
+    def remove_task(self, task_id: str, now: float) -> list[Change]:
+        task = self.task(task_id)
+        return [self._write(dataclasses.replace(task, deleted=True, updated_at=now,
+                                                version=self._tick()))]
+
+    def drained_tasks(self, now: float) -> list[Task]:
+        """Tasks this node drained whose grace period is over (this node removes them)."""
+        return [t for t in self.tasks()
+                if t.state is TaskState.DRAINING and t.version.node == self.node
+                and (t.drain_until or 0.0) <= now]
+
+    def set_health(self, task_id: str, health: Health, output: str, now: float) -> list[Change]:
+        """Record a health transition; a report that changes nothing writes nothing."""
+        task = self.task(task_id)
+        output = output[:512]
+        if task.health is health and task.health_output == output:
+            return []
+        return [self._write(dataclasses.replace(
+            task, health=health, health_output=output, updated_at=now, version=self._tick()))]
+
+    def reap_tombstones(self, older_than_clock: int) -> int:
+        """Forget tombstones written before a clock (the gossip reap interval decides it)."""
+        reaped = 0
+        for records in self._records.values():
+            for key in [k for k, r in records.items()
+                        if r.deleted and r.version.clock < older_than_clock]:
+                del records[key]
+                reaped += 1
+        return reaped
+
+    # -- internals -----------------------------------------------------------
+
+    def _tick(self) -> Version:
+        self.clock += 1
+        return Version(self.clock, self.node)
+
+    def _write(self, record: Record) -> Change:
+        kind = KIND_OF[type(record)]
+        before = self._records[kind].get(record.key)
+        self._put(record)
+        return Change(kind, record.key, before, record)
+
+    def _put(self, record: Record) -> None:
+        self._unindex(self._records[KIND_OF[type(record)]].get(record.key))
+        self._records[KIND_OF[type(record)]][record.key] = record
+        if record.deleted:
+            return
+        match record:
+            case Network():
+                self.ipam.add_network(record.name, ipaddress.IPv4Network(record.subnet))
+                for service in self.services():
+                    self._claim_vips(service)
+            case Service():
+                self._claim_vips(record)
+                for port in record.ports:
+                    self._published[(port.protocol, port.published_port)] = record.name
+            case Task():
+                self._tasks_by_service.setdefault(record.service, set()).add(record.id)
+                self._task_names[record.name.lower()] = record.id
+
+    def _unindex(self, record: Record | None) -> None:
+        if record is None or record.deleted:
+            return
+        match record:
+            case Network():
+                self.ipam.remove_network(record.name)
+            case Service():
+                self._release_vips(record)
+                for port in record.ports:
+                    if self._published.get((port.protocol, port.published_port)) == record.name:
+                        del self._published[(port.protocol, port.published_port)]
+            case Task():
+                self._tasks_by_service.get(record.service, set()).discard(record.id)
+                if self._task_names.get(record.name.lower()) == record.id:
+                    del self._task_names[record.name.lower()]
+
+    def _claim_vips(self, service: Service) -> None:
+        for vip in service.vips:
+            self.ipam.claim(vip.network, ipaddress.IPv4Address(vip.address))
+
+    def _release_vips(self, service: Service) -> None:
+        for vip in service.vips:
+            self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
+
+    def _check_networks(self, networks: tuple[str, ...]) -> None:
+        if len(set(networks)) != len(networks):
+            raise Invalid("a service lists a network more than once")
+        for name in networks:
+            if name == INGRESS:
+                raise Invalid("services join ingress by publishing a port, not by naming it")
+            if self.get(Kind.NETWORK, name) is None:
+                raise Invalid(f"network {name!r} does not exist", code="unknown_network")
+
+    def _check_endpoint_mode(self, mode: str, ports: tuple[PortConfig, ...]) -> None:
+        if mode == "dnsrr" and any(p.publish_mode == "ingress" for p in ports):
+            raise Invalid("endpoint mode dnsrr cannot publish ports in ingress mode "
+                          "(use publish mode host), as in Swarm")
+
+    def _resolve_ports(self, specs: tuple[PortSpec, ...],
+                       owner: str | None) -> tuple[PortConfig, ...]:
+        """Fill in published ports and refuse ports another service has published."""
+        taken_here: set[tuple[str, int]] = set()
+        resolved: list[PortConfig] = []
+        for spec in specs:
+            published = spec.published_port
+            if published is None:
+                published = self._free_port(spec.protocol, taken_here)
+            key = (spec.protocol, published)
+            if key in taken_here:
+                raise Invalid(f"port {published}/{spec.protocol} is published twice")
+            holder = self._published.get(key)
+            if holder is not None and holder != owner:
+                raise Conflict(f"port {published}/{spec.protocol} is already published by "
+                               f"service {holder!r}", code="port_in_use")
+            taken_here.add(key)
+            resolved.append(PortConfig(protocol=spec.protocol, target_port=spec.target_port,
+                                       published_port=published, publish_mode=spec.publish_mode))
+        return tuple(resolved)
+
+    def _free_port(self, protocol: str, taken_here: set[tuple[str, int]]) -> int:
+        for port in AUTO_PORTS:
+            if (protocol, port) not in self._published and (protocol, port) not in taken_here:
+                return port
+        raise Conflict("no free port left in 30000-32767", code="port_in_use")
+
+    def _allocate_vips(self, name: str, mode: str, networks: tuple[str, ...],
+                       ports: tuple[PortConfig, ...], keep: tuple[Vip, ...]) -> tuple[Vip, ...]:
+        """One VIP per attached network, plus one on ingress for ingress ports (Swarm)."""
+        if mode != "vip":
+            return ()
+        wanted = list(networks)
+        if any(p.publish_mode == "ingress" for p in ports):
+            wanted.append(INGRESS)
+        kept = {v.network: v for v in keep}
+        vips: list[Vip] = []
+        try:
+            for network in wanted:
+                old = kept.get(network)
+                if old is not None and not self.ipam.is_claimed(
+                        network, ipaddress.IPv4Address(old.address)):
+                    self.ipam.claim(network, ipaddress.IPv4Address(old.address))
+                    vips.append(old)
+                else:
+                    vips.append(Vip(network=network, address=str(self.ipam.allocate(network))))
+        except Exception:
+            for vip in vips:
+                self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
+            raise
+        # Claimed for real again by _put when the record is written.
+        for vip in vips:
+            self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
+        return tuple(vips)
+
+
+def _check_health_port(check: HealthCheck | None, ports: tuple[PortConfig, ...]) -> None:
+    if check is not None and check.type != "ttl" and check.port is None and not ports:
+        raise Invalid(f"a {check.type} health check needs a port: give health_check.port, "
+                      "or publish a port (its target port is checked)")
+
+
+def _lowest_free_slot(used: Iterable[int]) -> int:
+    taken = set(used)
+    slot = 1
+    while slot in taken:
+        slot += 1
+    return slot
+
+
+def _parse_task_address(text: str) -> str:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise Invalid(f"task address {text!r} is not an IP address",
+                      code="invalid_address") from None
+    if not isinstance(address, ipaddress.IPv4Address):
+        raise Invalid(f"task address {text!r}: only IPv4 is supported for now",
+                      code="invalid_address")
+    if address.is_unspecified or address.is_multicast:
+        raise Invalid(f"task address {text!r} cannot receive connections",
+                      code="invalid_address")
+    return str(address)

@@ -1,0 +1,84 @@
+"""IPAM: subnets carved from the pool, VIPs handed out once, released with their owner."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.errors import Conflict, Invalid
+from mesh.ipam import Ipam, gateway_of, parse_pool, parse_subnet
+
+Net = ipaddress.IPv4Network
+
+
+def test_next_subnet_is_first_free_24_of_pool() -> None:
+    ipam = Ipam(parse_pool("10.0.0.0/8"))
+    assert ipam.next_subnet() == Net("10.0.0.0/24")
+    ipam.add_network("ingress", Net("10.0.0.0/24"))
+    ipam.add_network("big", Net("10.0.2.0/23"))
+    assert ipam.next_subnet() == Net("10.0.1.0/24")
+    ipam.add_network("c", Net("10.0.1.0/24"))
+    assert ipam.next_subnet() == Net("10.0.4.0/24")
+
+
+def test_overlap_is_refused() -> None:
+    ipam = Ipam(parse_pool("127.64.0.0/12"))
+    ipam.add_network("a", Net("127.70.0.0/16"))
+    assert ipam.overlapping(Net("127.70.1.0/24")) == "a"
+    with pytest.raises(Conflict) as info:
+        ipam.add_network("b", Net("127.70.1.0/24"))
+    assert info.value.code == "subnet_overlaps"
+
+
+def test_vips_skip_gateway_and_are_never_shared() -> None:
+    ipam = Ipam(parse_pool("127.64.0.0/12"))
+    subnet = Net("127.64.5.0/29")  # hosts .1-.6, gateway .1
+    ipam.add_network("n", subnet)
+    got = [ipam.allocate("n") for _ in range(5)]
+    assert gateway_of(subnet) not in got
+    assert len(set(got)) == 5
+    with pytest.raises(Conflict):
+        ipam.allocate("n")
+    ipam.release("n", [got[2]])
+    assert ipam.allocate("n") == got[2]
+
+
+def test_removed_network_frees_its_subnet() -> None:
+    ipam = Ipam(parse_pool("10.0.0.0/16"))
+    ipam.add_network("a", ipam.next_subnet())
+    ipam.remove_network("a")
+    assert ipam.overlapping(Net("10.0.0.0/24")) is None
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1/24", "nonsense", "::/64", "10.0.0.0/30", ""])
+def test_bad_subnets_are_invalid(text: str) -> None:
+    with pytest.raises(Invalid):
+        parse_subnet(text)
+
+
+def test_pool_must_hold_a_24() -> None:
+    with pytest.raises(Invalid):
+        parse_pool("10.0.0.0/25")
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 20)), max_size=80))
+def test_claimed_addresses_are_unique_under_any_sequence(ops: list[tuple[bool, int]]) -> None:
+    """Allocate or release in any order: no address is ever held twice."""
+    ipam = Ipam(parse_pool("127.64.0.0/12"))
+    ipam.add_network("n", Net("127.64.9.0/27"))
+    held: list[ipaddress.IPv4Address] = []
+    for allocate, index in ops:
+        if allocate:
+            try:
+                address = ipam.allocate("n")
+            except Conflict:
+                assert len(held) == 29  # /27: 30 hosts minus the gateway
+                continue
+            assert address not in held
+            held.append(address)
+        elif held:
+            ipam.release("n", [held.pop(index % len(held))])
+        assert ipam.claimed_count("n") == len(held)

@@ -1,0 +1,228 @@
+"""The store: every rule of the state, checked without sockets, clocks or disks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mesh.errors import Conflict, Invalid, MeshError, NotFound
+from mesh.ipam import Ipam, parse_pool
+from mesh.state.model import (
+    INGRESS,
+    Health,
+    HealthCheck,
+    Kind,
+    Service,
+    Task,
+    TaskState,
+    Version,
+)
+from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
+from mesh.state.store import Store, ingress_id
+
+NOW = 1_000.0
+
+
+def make_store(node: str = "n1", seed: int = 1) -> Store:
+    store = Store(node, Ipam(parse_pool("127.64.0.0/12")), random.Random(seed))
+    store.ensure_ingress()
+    return store
+
+
+def web(store: Store, **kw: object) -> Service:
+    spec = ServiceSpec(name=str(kw.pop("name", "web")), **kw)  # type: ignore[arg-type]
+    changes = store.create_service(spec, NOW)
+    assert isinstance(changes[-1].after, Service)
+    return changes[-1].after
+
+
+def task(store: Store, service: str = "web", address: str = "127.0.0.1",
+         ports: dict[int, int] | None = None) -> Task:
+    changes = store.add_task(TaskSpec(service=service, address=address, ports=ports or {}), NOW)
+    assert isinstance(changes[-1].after, Task)
+    return changes[-1].after
+
+
+def test_ingress_exists_with_one_id_on_every_node() -> None:
+    a, b = make_store("a"), make_store("b")
+    assert a.network(INGRESS).id == b.network(INGRESS).id == ingress_id()
+    assert a.network(INGRESS).subnet == "127.64.0.0/24"
+    assert a.ensure_ingress() == []
+
+
+def test_service_gets_a_vip_per_network_and_one_on_ingress_when_published() -> None:
+    store = make_store()
+    store.create_network(NetworkSpec(name="backend", subnet="127.65.1.0/24"), NOW)
+    service = web(store, networks=("backend",), ports=(PortSpec(target_port=80,
+                                                                 published_port=8080),))
+    assert [(v.network, v.address) for v in service.vips] == [
+        ("backend", "127.65.1.2"), (INGRESS, "127.64.0.2")]
+    plain = web(store, name="api", networks=("backend",))
+    assert [v.address for v in plain.vips] == ["127.65.1.3"]
+
+
+def test_dnsrr_has_no_vip_and_refuses_ingress_ports() -> None:
+    store = make_store()
+    store.create_network(NetworkSpec(name="backend"), NOW)
+    assert web(store, networks=("backend",), endpoint_mode="dnsrr").vips == ()
+    with pytest.raises(Invalid):
+        web(store, name="x", endpoint_mode="dnsrr", ports=(PortSpec(target_port=80),))
+
+
+def test_omitted_published_port_comes_from_swarm_range() -> None:
+    store = make_store()
+    first = web(store, ports=(PortSpec(target_port=80),))
+    second = web(store, name="two", ports=(PortSpec(target_port=80),))
+    assert [p.published_port for p in (*first.ports, *second.ports)] == [30000, 30001]
+
+
+@pytest.mark.parametrize(("action", "error", "code"), [
+    (lambda s: web(s), Conflict, "name_in_use"),
+    (lambda s: web(s, name="b", ports=(PortSpec(target_port=1, published_port=8080),)),
+     Conflict, "port_in_use"),
+    (lambda s: web(s, name="c", networks=("nope",)), Invalid, "unknown_network"),
+    (lambda s: web(s, name="d", networks=(INGRESS,)), Invalid, "invalid_value"),
+    (lambda s: s.create_network(NetworkSpec(name="x", subnet="127.65.0.0/16"), NOW),
+     Conflict, "subnet_overlaps"),
+    (lambda s: s.create_network(NetworkSpec(name="backend"), NOW), Conflict, "name_in_use"),
+    (lambda s: task(s, address="not-an-ip"), Invalid, "invalid_address"),
+    (lambda s: task(s, address="0.0.0.0"), Invalid, "invalid_address"),
+    (lambda s: task(s, ports={80: 31001}), Conflict, "endpoint_in_use"),
+    (lambda s: task(s, service="nope"), NotFound, "not_found"),
+    (lambda s: s.remove_network("backend", NOW), Conflict, "network_in_use"),
+    (lambda s: s.remove_network(INGRESS, NOW), Conflict, "network_builtin"),
+    (lambda s: s.update_service("web", ServicePatch(labels={}), NOW, expected_version=1),
+     Conflict, "version_conflict"),
+])
+def test_refused_changes_write_nothing(action, error: type[MeshError], code: str) -> None:  # type: ignore[no-untyped-def]
+    store = make_store()
+    store.create_network(NetworkSpec(name="backend", subnet="127.65.1.0/24"), NOW)
+    web(store, networks=("backend",), ports=(PortSpec(target_port=80, published_port=8080),))
+    task(store, ports={80: 31001})
+    before = (store.clock, list(store.all_records()), repr(store.ipam))
+    with pytest.raises(error) as info:
+        action(store)
+    assert info.value.code == code
+    assert (store.clock, list(store.all_records()), repr(store.ipam)) == before
+
+
+def test_same_address_other_ports_is_another_task() -> None:
+    store = make_store()
+    web(store)
+    one = task(store, ports={80: 31001})
+    two = task(store, ports={80: 31002})
+    assert (one.slot, two.slot) == (1, 2)
+    assert one.name == f"web.1.{one.id}"
+    assert one.health is Health.HEALTHY  # no check: healthy once registered
+
+
+def test_task_of_checked_service_starts_as_starting() -> None:
+    store = make_store()
+    web(store, ports=(PortSpec(target_port=80),), health_check=HealthCheck(type="http"))
+    assert task(store).health is Health.STARTING
+
+
+def test_http_check_without_any_port_is_invalid() -> None:
+    with pytest.raises(Invalid):
+        web(make_store(), health_check=HealthCheck(type="tcp"))
+
+
+def test_remove_service_takes_its_tasks_and_frees_vip_and_port() -> None:
+    store = make_store()
+    store.create_network(NetworkSpec(name="backend"), NOW)
+    first = web(store, networks=("backend",), ports=(PortSpec(target_port=80,
+                                                               published_port=8080),))
+    t = task(store)
+    changes = store.remove_service("web", NOW)
+    assert {c.key for c in changes} == {"web", t.id}
+    assert all(c.after.deleted for c in changes)
+    assert store.tasks() == []
+    again = web(store, name="web2", networks=("backend",),
+                ports=(PortSpec(target_port=80, published_port=8080),))
+    assert again.vips == first.vips
+
+
+def test_update_keeps_vips_of_kept_networks() -> None:
+    store = make_store()
+    for name in ("a", "b"):
+        store.create_network(NetworkSpec(name=name), NOW)
+    service = web(store, networks=("a",))
+    updated = store.update_service("web", ServicePatch(networks=("a", "b")), NOW,
+                                   expected_version=service.version.clock)[0].after
+    assert isinstance(updated, Service)
+    assert updated.vips[0] == service.vips[0]
+    assert updated.vips[1].network == "b"
+    shrunk = store.update_service("web", ServicePatch(networks=("b",)), NOW)[0].after
+    assert isinstance(shrunk, Service)
+    assert shrunk.vips == (updated.vips[1],)
+    assert store.ipam.claimed_count("a") == 0
+
+
+def test_update_can_clear_health_check_and_labels() -> None:
+    store = make_store()
+    web(store, ports=(PortSpec(target_port=80),), labels={"a": "1"},
+        health_check=HealthCheck(type="tcp"))
+    updated = store.update_service("web", ServicePatch(labels={}, clear_health_check=True),
+                                   NOW)[0].after
+    assert isinstance(updated, Service)
+    assert (updated.labels, updated.health_check) == ({}, None)
+
+
+def test_drain_then_reap() -> None:
+    store = make_store()
+    web(store)
+    t = task(store)
+    store.drain_task(t.id, NOW, grace=2.0)
+    assert store.task(t.id).state is TaskState.DRAINING
+    assert store.drain_task(t.id, NOW + 1, grace=2.0) == []  # already draining
+    assert store.drained_tasks(NOW + 1.9) == []
+    assert [d.id for d in store.drained_tasks(NOW + 2.0)] == [t.id]
+    store.remove_task(t.id, NOW + 2.0)
+    assert store.get_task(t.id) is None
+
+
+def test_health_report_that_changes_nothing_writes_nothing() -> None:
+    store = make_store()
+    web(store)
+    t = task(store)
+    assert store.set_health(t.id, Health.HEALTHY, "", NOW) == []
+    assert len(store.set_health(t.id, Health.UNHEALTHY, "down", NOW)) == 1
+
+
+def test_merge_is_last_writer_wins() -> None:
+    a, b = make_store("a", seed=1), make_store("b", seed=2)
+    created = a.create_network(NetworkSpec(name="x"), NOW)[0].after
+    assert b.merge(created) != []
+    assert b.merge(created) == []  # same version: nothing new
+    assert b.clock >= created.version.clock
+    removed = b.remove_network("x", NOW)[0].after
+    assert a.merge(removed) != []
+    assert a.get(Kind.NETWORK, "x") is None
+    assert a.merge(created) == []  # an older copy cannot resurrect it
+
+
+def test_version_ties_break_by_node_name() -> None:
+    assert Version(5, "b") > Version(5, "a") > Version(4, "z")
+
+
+def test_reload_restores_everything() -> None:
+    store = make_store()
+    store.create_network(NetworkSpec(name="backend"), NOW)
+    web(store, networks=("backend",), ports=(PortSpec(target_port=80),))
+    task(store)
+    store.remove_service("web", NOW)
+    web(store, name="api", networks=("backend",))
+    copy = Store("n1", Ipam(parse_pool("127.64.0.0/12")))
+    copy.load(store.all_records(), store.clock)
+    assert list(copy.all_records()) == list(store.all_records())
+    assert copy.clock == store.clock
+    assert repr(copy.ipam) == repr(store.ipam)
+
+
+def test_reap_drops_only_old_tombstones() -> None:
+    store = make_store()
+    store.create_network(NetworkSpec(name="x"), NOW)
+    store.remove_network("x", NOW)
+    assert store.reap_tombstones(older_than_clock=1) == 0
+    assert store.reap_tombstones(older_than_clock=store.clock + 1) == 1
