@@ -167,8 +167,7 @@ class Store:
     # -- networks ----------------------------------------------------------
 
     def create_network(self, spec: NetworkSpec, now: float) -> list[Change]:
-        if self.get(Kind.NETWORK, spec.name) is not None:
-            raise Conflict(f"network {spec.name!r} already exists", code="name_in_use")
+        self._check_name_free(Kind.NETWORK, spec.name)
         if spec.subnet is None:
             subnet = self.ipam.next_subnet()
         else:
@@ -198,8 +197,7 @@ class Store:
     # -- services ----------------------------------------------------------
 
     def create_service(self, spec: ServiceSpec, now: float) -> list[Change]:
-        if self.get(Kind.SERVICE, spec.name) is not None:
-            raise Conflict(f"service {spec.name!r} already exists", code="name_in_use")
+        self._check_name_free(Kind.SERVICE, spec.name)
         self._check_networks(spec.networks)
         ports = self._resolve_ports(spec.ports, owner=None)
         self._check_endpoint_mode(spec.endpoint_mode, ports)
@@ -370,6 +368,15 @@ class Store:
     def _release_vips(self, service: Service) -> None:
         for vip in service.vips:
             self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
+
+    def _check_name_free(self, kind: Kind, name: str) -> None:
+        """Names are DNS names, which compare in lower case: `WEB` is taken by `web`."""
+        folded = name.lower()
+        for record in self.live(kind):
+            if record.key.lower() == folded:
+                taken = "" if record.key == name else f" as {record.key!r}"
+                raise Conflict(f"{kind.value} {name!r} already exists{taken}",
+                               code="name_in_use")
 
     def _check_networks(self, networks: tuple[str, ...]) -> None:
         if len(set(networks)) != len(networks):

@@ -1,0 +1,161 @@
+"""`mesh agent`: the composition root of one node.
+
+Start-up order: read the config; load the durable state; make sure the
+built-in `ingress` network exists; start the state writer, the health runner
+and the drain reaper, all following the change feed; bind the HTTP API last,
+so nothing is answered before the state is whole. Shut-down (SIGTERM, SIGINT,
+or a failed disk) runs in reverse: stop accepting requests, stop the checks,
+then let the writer finish every queued commit.
+
+The event loop is chosen here and only here: uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from mesh.api.app import ApiDeps, make_app
+from mesh.config import AgentConfig, ConfigError, describe, load_config
+from mesh.control import Control
+from mesh.drain import DrainReaper
+from mesh.errors import MeshError
+from mesh.health.runner import HealthRunner
+from mesh.ipam import Ipam, parse_pool
+from mesh.logs import event, setup
+from mesh.state import persist
+from mesh.state.feed import ChangeFeed
+from mesh.state.model import KIND_OF, Change, Health
+from mesh.state.store import Store
+
+log = logging.getLogger("mesh.agent")
+
+#: Seconds the API gives open requests to finish when the agent stops.
+API_SHUTDOWN_GRACE = 2.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.exit_code = 0
+        self.store = Store(config.node_name, Ipam(parse_pool(config.address_pool)),
+                           random.Random())
+        self.feed = ChangeFeed(self.store.all_records)
+        self.writer = persist.StateWriter(config.data_dir)
+        self.control = Control(self.store, self.feed, self.writer, time.time, self.fail)
+        self.health = HealthRunner(config.node_name, self._report_health)
+        self.reaper = DrainReaper(self.control, time.time)
+        self._runner: web.AppRunner | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def fail(self, reason: str) -> None:
+        """Stop the agent because it can no longer keep its promises (its disk failed)."""
+        event(log, "agent_failing", logging.CRITICAL, reason=reason)
+        self.exit_code = 1
+        self.stopping.set()
+
+    def members(self) -> list[dict[str, Any]]:
+        # Until gossip lands the cluster is this node alone.
+        advertise = self.config.advertise
+        return [{"name": self.config.node_name, "address": advertise.host,
+                 "port": advertise.port, "status": "alive", "incarnation": 0}]
+
+    def _report_health(self, task_id: str, health: Health, output: str) -> None:
+        task = asyncio.create_task(self._record_health(task_id, health, output))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record_health(self, task_id: str, health: Health, output: str) -> None:
+        try:
+            changes = await self.control.apply(
+                lambda now: self.store.set_health(task_id, health, output, now))
+        except MeshError:
+            return  # the task went away meanwhile
+        if changes:
+            event(log, "task_health", task=task_id, health=health.value, output=output)
+
+    async def start(self) -> None:
+        loaded = await asyncio.to_thread(persist.load, self.config.data_dir)
+        self.store.load(loaded.records, loaded.clock)
+        previous = loaded.meta.get("node_name")
+        if previous and previous != self.config.node_name:
+            event(log, "node_renamed", logging.WARNING, previous=previous,
+                  now=self.config.node_name, hint="tasks registered before keep the old name")
+        self.writer.start(asyncio.get_running_loop())
+        ingress = self.store.ensure_ingress()
+        await self.writer.write([c.after for c in ingress], self.store.clock,
+                                {"node_name": self.config.node_name})
+        event(log, "state_loaded", records=len(loaded.records), skipped=loaded.skipped,
+              clock=self.store.clock, data_dir=self.config.data_dir)
+        # all_records yields networks, then services, then tasks: the order the
+        # health runner needs (a task's check lives on its service).
+        for record in self.store.all_records():
+            self.health.on_change(Change(KIND_OF[type(record)], record.key, None, record))
+        self.reaper.load(self.store.all_records())
+        self.feed.subscribe(self.health.on_change)
+        self.feed.subscribe(self.reaper.on_change)
+        await self.health.start()
+        self.reaper.start()
+        await self._start_api()
+
+    async def _start_api(self) -> None:
+        deps = ApiDeps(control=self.control, node=self.config.node_name, members=self.members,
+                       heartbeat=self.health.heartbeat, drain_grace=self.config.drain_grace,
+                       token=self.config.api_token, max_body=self.config.max_body)
+        self._runner = web.AppRunner(make_app(deps), access_log=None,
+                                     shutdown_timeout=API_SHUTDOWN_GRACE)
+        await self._runner.setup()
+        api = self.config.api
+        site = web.TCPSite(self._runner, api.host, api.port, reuse_address=True)
+        await site.start()
+        event(log, "api_listening", address=str(api))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.reaper.stop()
+        await self.health.stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.to_thread(self.writer.close)
+        event(log, "agent_stopped", commits=self.writer.commits, batches=self.writer.batches)
+
+
+async def run(config: AgentConfig) -> int:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.stopping.set)
+    event(log, "agent_starting", **describe(config))
+    try:
+        await agent.start()
+    except (OSError, persist.PersistError) as exc:
+        event(log, "agent_start_failed", logging.ERROR, error=exc)
+        await agent.stop()
+        return 1
+    event(log, "agent_ready", node=config.node_name, api=config.api)
+    await agent.stopping.wait()
+    event(log, "agent_stopping")
+    await agent.stop()
+    return agent.exit_code
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"mesh agent: {exc}", file=sys.stderr)
+        return 2
+    setup(config.log_level)
+    return uvloop.run(run(config))

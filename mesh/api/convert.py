@@ -1,0 +1,86 @@
+"""Between the wire (API models, JSON dicts) and the store (specs, records).
+
+Answers are built as plain dicts in the shapes of the `*Out` models; the
+schemathesis suite checks every answer against the generated description.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.api.models import HealthCheckIn, NetworkCreate, PortIn, ServiceCreate, ServicePatchIn
+from mesh.state.codec import check_to_dict, port_to_dict
+from mesh.state.model import HealthCheck, Network, Service, Task
+from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec
+
+Json = dict[str, Any]
+
+
+def network_out(network: Network) -> Json:
+    return {"name": network.name, "id": network.id, "driver": network.driver,
+            "subnet": network.subnet, "gateway": network.gateway,
+            "labels": dict(network.labels), "created_at": network.created_at,
+            "version": network.version.clock}
+
+
+def service_out(service: Service) -> Json:
+    return {
+        "name": service.name, "id": service.id, "networks": list(service.networks),
+        "endpoint_mode": service.endpoint_mode, "ports": [port_to_dict(p) for p in service.ports],
+        "labels": dict(service.labels),
+        "vips": [{"network": v.network, "address": v.address} for v in service.vips],
+        "health_check": None if service.health_check is None
+        else check_to_dict(service.health_check),
+        "created_at": service.created_at, "updated_at": service.updated_at,
+        "version": service.version.clock,
+    }
+
+
+def task_out(task: Task) -> Json:
+    return {
+        "id": task.id, "name": task.name, "service": task.service, "slot": task.slot,
+        "node": task.node, "address": task.address,
+        "ports": {str(k): v for k, v in sorted(task.ports.items())},
+        "state": task.state.value, "health": task.health.value,
+        "health_output": task.health_output, "created_at": task.created_at,
+        "updated_at": task.updated_at, "version": task.version.clock,
+    }
+
+
+def network_spec(body: NetworkCreate) -> NetworkSpec:
+    return NetworkSpec(name=body.name, subnet=body.subnet, driver=body.driver,
+                       labels=dict(body.labels))
+
+
+def _ports(ports: list[PortIn]) -> tuple[PortSpec, ...]:
+    return tuple(PortSpec(target_port=p.target_port, published_port=p.published_port,
+                          protocol=p.protocol, publish_mode=p.publish_mode) for p in ports)
+
+
+def _check(check: HealthCheckIn | None) -> HealthCheck | None:
+    if check is None:
+        return None
+    return HealthCheck(
+        type=check.type, port=check.port, path=check.path, status_min=check.status_min,
+        status_max=check.status_max, interval=float(check.interval),
+        timeout=float(check.timeout), retries=check.retries,
+        start_period=float(check.start_period), ttl=float(check.ttl),
+    )
+
+
+def service_spec(body: ServiceCreate) -> ServiceSpec:
+    return ServiceSpec(name=body.name, networks=tuple(body.networks),
+                       endpoint_mode=body.endpoint_mode, ports=_ports(body.ports),
+                       labels=dict(body.labels), health_check=_check(body.health_check))
+
+
+def service_patch(body: ServicePatchIn) -> ServicePatch:
+    given = body.model_fields_set
+    return ServicePatch(
+        networks=None if body.networks is None else tuple(body.networks),
+        endpoint_mode=body.endpoint_mode,
+        ports=None if body.ports is None else _ports(body.ports),
+        labels=None if body.labels is None else dict(body.labels),
+        health_check=_check(body.health_check),
+        clear_health_check="health_check" in given and body.health_check is None,
+    )

@@ -1,0 +1,109 @@
+"""`GET /v1/events`: the change feed as server-sent events.
+
+Each event is `id: <seq>`, `event: <kind>`, `data: {"op", "kind", "key",
+"object"}`. A client that reconnects with `Last-Event-ID` gets the changes it
+missed while the feed still holds them; one that fell too far behind (or
+reads too slowly) gets `event: gap` and should re-read the lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from mesh.api import convert
+from mesh.api.app import DEPS
+from mesh.state.feed import Gap
+from mesh.state.model import Change, Network, Record, Service, Task
+
+QUEUE_LIMIT = 1024
+KEEPALIVE_SECONDS = 15.0
+#: What a stream's queue carries: a numbered change, OVERFLOW, or END (shutdown).
+Item = tuple[int, Change] | str
+OVERFLOW, END = "overflow", "end"
+_STREAMS = web.AppKey("event_streams", set[asyncio.Queue[Item]])
+
+
+def _object(record: Record) -> dict[str, Any]:
+    match record:
+        case Network():
+            return convert.network_out(record)
+        case Service():
+            return convert.service_out(record)
+        case Task():
+            return convert.task_out(record)
+    raise TypeError(record)
+
+
+def _frame(seq: int, change: Change) -> bytes:
+    data = {"op": "delete" if change.after.deleted else "upsert", "kind": change.kind.value,
+            "key": change.key, "object": _object(change.after)}
+    return f"id: {seq}\nevent: {change.kind.value}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    feed = request.app[DEPS].control.feed
+    # One slot more than the changes it buffers, so OVERFLOW always fits.
+    queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_LIMIT + 1)
+
+    def on_change(change: Change) -> None:
+        if queue.qsize() >= QUEUE_LIMIT:
+            unsubscribe()  # a reader this slow reconnects and re-reads
+            queue.put_nowait(OVERFLOW)
+        else:
+            queue.put_nowait((feed.seq, change))
+
+    backlog = []
+    last = request.headers.get("Last-Event-ID", "")
+    gap = False
+    if last.isascii() and last.isdigit() and len(last) < 19:  # int() refuses "²"
+        try:
+            backlog = feed.since(int(last))
+        except Gap:
+            gap = True
+    unsubscribe = feed.subscribe(on_change)
+    streams = request.app[_STREAMS]
+    streams.add(queue)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    try:
+        await response.prepare(request)
+        await response.write(b": connected\n\n")
+        if gap:
+            await response.write(b"event: gap\ndata: {}\n\n")
+        for numbered in backlog:
+            await response.write(_frame(numbered.seq, numbered.change))
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if item == OVERFLOW:
+                await response.write(b"event: gap\ndata: {}\n\n")
+            if isinstance(item, str):
+                break
+            await response.write(_frame(*item))
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        unsubscribe()
+        streams.discard(queue)
+    return response
+
+
+async def _close_streams(app: web.Application) -> None:
+    streams: set[asyncio.Queue[Item]] = app[_STREAMS]
+    for queue in list(streams):
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(END)
+
+
+def setup(app: web.Application) -> None:
+    app[_STREAMS] = set()
+    app.router.add_get("/v1/events", stream_events)
+    app.on_shutdown.append(_close_streams)

@@ -1,0 +1,236 @@
+"""The API's request and response models (pydantic).
+
+These models are the single definition of the wire shapes: handlers validate
+bodies with them, answers are serialised through them, and
+`/v1/openapi.json` is generated from them, so the description cannot drift
+from what the agent does. Requests forbid unknown fields; integers are strict
+(`"80"` and `true` are not ports).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
+
+from mesh.names import check_dotted, check_label
+
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Seconds = Annotated[StrictFloat | StrictInt, Field(ge=0, le=86_400)]
+PositiveSeconds = Annotated[StrictFloat | StrictInt, Field(gt=0, le=86_400)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f=]+$")]
+LabelValue = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00-\x1f]*$")]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
+
+
+#: The rules of `mesh.names`, for the OpenAPI description (the validators below decide).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+LABEL_PATTERN = rf"^{_LABEL}$"
+DOTTED_PATTERN = rf"^{_LABEL}(?:\.{_LABEL})*$"
+
+
+def _one_line(value: str, what: str) -> str:
+    # The `$` of mesh.names' patterns also matches before a final newline.
+    if "\n" in value:
+        raise ValueError(f"{what} {value!r} is not a DNS name: it holds a line break")
+    return value
+
+
+def _service_name(value: str) -> str:
+    return check_label(_one_line(value, "service name"), "service name")
+
+
+def _network_name(value: str) -> str:
+    return check_label(_one_line(value, "network name"), "network name")
+
+
+def _task_name(value: str) -> str:
+    return check_dotted(_one_line(value, "task name"), "task name")
+
+
+def _name(max_length: int, pattern: str) -> Any:
+    return Field(min_length=1, max_length=max_length, json_schema_extra={"pattern": pattern})
+
+
+ServiceName = Annotated[str, _name(63, LABEL_PATTERN), AfterValidator(_service_name)]
+NetworkName = Annotated[str, _name(63, LABEL_PATTERN), AfterValidator(_network_name)]
+TaskName = Annotated[str, _name(253, DOTTED_PATTERN), AfterValidator(_task_name)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests ---------------------------------------------------------------
+
+
+class NetworkCreate(_Request):
+    name: NetworkName
+    subnet: Annotated[str, Field(max_length=43)] | None = None
+    driver: Literal["overlay"] = "overlay"
+    labels: Labels = Field(default_factory=dict)
+
+
+class PortIn(_Request):
+    target_port: Port
+    published_port: Port | None = None
+    protocol: Literal["tcp", "udp"] = "tcp"
+    publish_mode: Literal["ingress", "host"] = "ingress"
+
+
+class HealthCheckIn(_Request):
+    type: Literal["http", "tcp", "ttl"]
+    port: Port | None = None
+    path: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^/[\x21-\x7e]*$")] = "/"
+    status_min: Annotated[StrictInt, Field(ge=100, le=599)] = 200
+    status_max: Annotated[StrictInt, Field(ge=100, le=599)] = 399
+    interval: PositiveSeconds = 5.0
+    timeout: PositiveSeconds = 2.0
+    retries: Annotated[StrictInt, Field(ge=1, le=100)] = 3
+    start_period: Seconds = 0.0
+    ttl: PositiveSeconds = 30.0
+
+    @model_validator(mode="after")
+    def _status_range(self) -> HealthCheckIn:
+        if self.status_min > self.status_max:
+            raise ValueError("status_min is above status_max")
+        return self
+
+
+class ServiceCreate(_Request):
+    name: ServiceName
+    networks: Annotated[list[NetworkName], Field(max_length=32)] = Field(default_factory=list)
+    endpoint_mode: Literal["vip", "dnsrr"] = "vip"
+    ports: Annotated[list[PortIn], Field(max_length=64)] = Field(default_factory=list)
+    labels: Labels = Field(default_factory=dict)
+    health_check: HealthCheckIn | None = None
+
+
+class ServicePatchIn(_Request):
+    networks: Annotated[list[NetworkName], Field(max_length=32)] | None = None
+    endpoint_mode: Literal["vip", "dnsrr"] | None = None
+    ports: Annotated[list[PortIn], Field(max_length=64)] | None = None
+    labels: Labels | None = None
+    health_check: HealthCheckIn | None = None
+
+
+class TaskCreate(_Request):
+    address: Annotated[str, Field(min_length=1, max_length=64)]
+    ports: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,5}$")], Port],
+                     Field(max_length=64)] = Field(default_factory=dict)
+    name: TaskName | None = None
+
+    @model_validator(mode="after")
+    def _target_ports(self) -> TaskCreate:
+        for key in self.ports:
+            if not 1 <= int(key) <= 65535:
+                raise ValueError(f"target port {key} is not between 1 and 65535")
+        return self
+
+
+class HealthReport(_Request):
+    status: Literal["healthy", "unhealthy"]
+    output: Annotated[str, Field(max_length=4096)] = ""
+
+
+# -- responses --------------------------------------------------------------
+
+
+class NetworkOut(_Response):
+    name: str
+    id: str
+    driver: str
+    subnet: str
+    gateway: str
+    labels: dict[str, str]
+    created_at: float
+    version: int
+
+
+class PortOut(_Response):
+    protocol: Literal["tcp", "udp"]
+    target_port: int
+    published_port: int
+    publish_mode: Literal["ingress", "host"]
+
+
+class VipOut(_Response):
+    network: str
+    address: str
+
+
+class HealthCheckOut(_Response):
+    type: Literal["http", "tcp", "ttl"]
+    port: int | None
+    path: str
+    status_min: int
+    status_max: int
+    interval: float
+    timeout: float
+    retries: int
+    start_period: float
+    ttl: float
+
+
+class ServiceOut(_Response):
+    name: str
+    id: str
+    networks: list[str]
+    endpoint_mode: Literal["vip", "dnsrr"]
+    ports: list[PortOut]
+    labels: dict[str, str]
+    vips: list[VipOut]
+    health_check: HealthCheckOut | None
+    created_at: float
+    updated_at: float
+    version: int
+
+
+class TaskOut(_Response):
+    id: str
+    name: str
+    service: str
+    slot: int
+    node: str
+    address: str
+    ports: dict[str, int]
+    state: Literal["running", "draining"]
+    health: Literal["starting", "healthy", "unhealthy"]
+    health_output: str
+    created_at: float
+    updated_at: float
+    version: int
+
+
+class MemberOut(_Response):
+    name: str
+    address: str
+    port: int
+    status: Literal["alive", "suspect", "dead", "left"]
+    incarnation: int
+
+
+class HealthOut(_Response):
+    status: Literal["ok"]
+    node: str
+
+
+class ErrorDetail(_Response):
+    code: str
+    message: str
+
+
+class ErrorOut(_Response):
+    error: ErrorDetail

@@ -1,0 +1,191 @@
+"""Handlers of /v1: validate, run one store mutation through Control, answer.
+
+Each handler is a few lines: the rules live in the store, the shapes in
+`models`, the status codes in `mesh.errors`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mesh.api import convert
+from mesh.api.app import DEPS, json_response, read_model
+from mesh.api.models import (
+    HealthReport,
+    NetworkCreate,
+    ServiceCreate,
+    ServicePatchIn,
+    TaskCreate,
+)
+from mesh.control import Control
+from mesh.errors import Conflict, Invalid
+from mesh.state.model import Health, Network, Service, Task
+from mesh.state.specs import TaskSpec
+
+
+def _control(request: web.Request) -> Control:
+    return request.app[DEPS].control
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "node": request.app[DEPS].node})
+
+
+async def members(request: web.Request) -> web.Response:
+    return json_response(request.app[DEPS].members())
+
+
+# -- networks ------------------------------------------------------------------
+
+
+async def create_network(request: web.Request) -> web.Response:
+    spec = convert.network_spec(await read_model(request, NetworkCreate))
+    control = _control(request)
+    changes = await control.apply(lambda now: control.store.create_network(spec, now))
+    created = changes[-1].after
+    assert isinstance(created, Network)
+    return json_response(convert.network_out(created), status=201)
+
+
+async def list_networks(request: web.Request) -> web.Response:
+    return json_response([convert.network_out(n) for n in _control(request).store.networks()])
+
+
+async def get_network(request: web.Request) -> web.Response:
+    network = _control(request).store.network(request.match_info["name"])
+    return json_response(convert.network_out(network))
+
+
+async def delete_network(request: web.Request) -> web.Response:
+    control = _control(request)
+    name = request.match_info["name"]
+    await control.apply(lambda now: control.store.remove_network(name, now))
+    return web.Response(status=204)
+
+
+# -- services ------------------------------------------------------------------
+
+
+async def create_service(request: web.Request) -> web.Response:
+    spec = convert.service_spec(await read_model(request, ServiceCreate))
+    control = _control(request)
+    changes = await control.apply(lambda now: control.store.create_service(spec, now))
+    created = changes[-1].after
+    assert isinstance(created, Service)
+    return json_response(convert.service_out(created), status=201)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    return json_response([convert.service_out(s) for s in _control(request).store.services()])
+
+
+async def get_service(request: web.Request) -> web.Response:
+    service = _control(request).store.service(request.match_info["name"])
+    return json_response(convert.service_out(service))
+
+
+def _expected_version(request: web.Request) -> int | None:
+    text = request.query.get("version")
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:  # int() refuses "²"
+        raise Invalid(f"version {text!r} is not a non-negative integer")
+    return int(text)
+
+
+async def update_service(request: web.Request) -> web.Response:
+    control = _control(request)
+    name = request.match_info["name"]
+    control.store.service(name)  # 404 before looking at the body
+    expected = _expected_version(request)
+    patch = convert.service_patch(await read_model(request, ServicePatchIn))
+    changes = await control.apply(
+        lambda now: control.store.update_service(name, patch, now, expected))
+    updated = changes[-1].after
+    assert isinstance(updated, Service)
+    return json_response(convert.service_out(updated))
+
+
+async def delete_service(request: web.Request) -> web.Response:
+    control = _control(request)
+    name = request.match_info["name"]
+    await control.apply(lambda now: control.store.remove_service(name, now))
+    return web.Response(status=204)
+
+
+# -- tasks ---------------------------------------------------------------------
+
+
+async def create_task(request: web.Request) -> web.Response:
+    control = _control(request)
+    service = request.match_info["name"]
+    control.store.service(service)  # 404 before looking at the body
+    body = await read_model(request, TaskCreate)
+    spec = TaskSpec(service=service, address=body.address,
+                    ports={int(k): v for k, v in body.ports.items()}, name=body.name)
+    changes = await control.apply(lambda now: control.store.add_task(spec, now))
+    created = changes[-1].after
+    assert isinstance(created, Task)
+    return json_response(convert.task_out(created), status=201)
+
+
+async def list_service_tasks(request: web.Request) -> web.Response:
+    store = _control(request).store
+    service = store.service(request.match_info["name"])
+    return json_response([convert.task_out(t) for t in store.tasks(service=service.name)])
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    store = _control(request).store
+    tasks = store.tasks(service=request.query.get("service"), node=request.query.get("node"))
+    return json_response([convert.task_out(t) for t in tasks])
+
+
+async def get_task(request: web.Request) -> web.Response:
+    task = _control(request).store.task(request.match_info["id"])
+    return json_response(convert.task_out(task))
+
+
+async def delete_task(request: web.Request) -> web.Response:
+    """Drain first (no new traffic), remove after the grace period: 202 Accepted."""
+    deps = request.app[DEPS]
+    task_id = request.match_info["id"]
+    store = deps.control.store
+    await deps.control.apply(lambda now: store.drain_task(task_id, now, deps.drain_grace))
+    return json_response(convert.task_out(store.task(task_id)), status=202)
+
+
+async def report_health(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    store = deps.control.store
+    task = store.task(request.match_info["id"])
+    report = await read_model(request, HealthReport)
+    if task.node != deps.node:
+        raise Conflict(f"task {task.id} runs on node {task.node!r}: report its health there",
+                       code="not_local")
+    healthy = report.status == "healthy"
+    # The health runner owns TTL deadlines; the store records the transition.
+    deps.heartbeat(task.id, healthy, report.output)
+    health = Health.HEALTHY if healthy else Health.UNHEALTHY
+    await deps.control.apply(lambda now: store.set_health(task.id, health, report.output, now))
+    return json_response(convert.task_out(store.task(task.id)))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/members", members)
+    app.router.add_post("/v1/networks", create_network)
+    app.router.add_get("/v1/networks", list_networks)
+    app.router.add_get("/v1/networks/{name}", get_network)
+    app.router.add_delete("/v1/networks/{name}", delete_network)
+    app.router.add_post("/v1/services", create_service)
+    app.router.add_get("/v1/services", list_services)
+    app.router.add_get("/v1/services/{name}", get_service)
+    app.router.add_patch("/v1/services/{name}", update_service)
+    app.router.add_delete("/v1/services/{name}", delete_service)
+    app.router.add_post("/v1/services/{name}/tasks", create_task)
+    app.router.add_get("/v1/services/{name}/tasks", list_service_tasks)
+    app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_get("/v1/tasks/{id}", get_task)
+    app.router.add_delete("/v1/tasks/{id}", delete_task)
+    app.router.add_put("/v1/tasks/{id}/health", report_health)

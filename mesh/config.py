@@ -1,0 +1,243 @@
+"""Agent configuration: the only place that reads flags, the config file and the environment.
+
+Precedence: a flag given on the command line, then the TOML file of
+`--config`, then the environment (`MESH_API_TOKEN`), then the embedded
+defaults, which differ for root and for an unprivileged user (DESIGN.md,
+"Ports and addresses"): without root the DNS and HRM ports move above 1024,
+the address pool moves into 127/8 so that VIPs work on loopback, and the data
+dir moves under the user's home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import MeshError
+from mesh.ipam import DEFAULT_POOL, UNPRIVILEGED_POOL, parse_pool
+
+GOSSIP_PORT = 7946
+LB_CHOICES = ("auto", "ipvs", "nftables", "userspace")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A flag, config key or value the agent cannot start with."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_host_port(text: str, default_port: int | None, what: str) -> HostPort:
+    """`ADDR:PORT`, `[v6]:PORT`, or a bare `ADDR` when a default port exists."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host:
+        raise ConfigError(f"{what} {text!r}: the address is missing")
+    if not port_text:
+        if default_port is None:
+            raise ConfigError(f"{what} {text!r}: expected ADDR:PORT")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{what} {text!r}: the port must be a number from 1 to 65535")
+    return HostPort(host, int(port_text))
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_data_dir(root: bool) -> Path:
+    if root:
+        return Path("/var/lib/meshplane")
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "meshplane"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """Everything `mesh agent` runs with. Durations are in seconds."""
+
+    node_name: str
+    advertise: HostPort
+    join: tuple[HostPort, ...] = ()
+    data_dir: Path
+    api: HostPort = HostPort("127.0.0.1", 2377)
+    dns: HostPort
+    http: HostPort
+    lb: str = "auto"
+    keyring: Path | None = None
+    address_pool: str
+    api_token: str | None = field(default=None, repr=False)
+    #: how long a deregistered task keeps its connections before it is removed
+    drain_grace: float = 2.0
+    dns_domain: str | None = None
+    log_level: str = "info"
+    #: largest accepted API request body, bytes
+    max_body: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.lb not in LB_CHOICES:
+            raise ConfigError(f"lb {self.lb!r}: choose one of {', '.join(LB_CHOICES)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log-level {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")
+        if not 0 <= self.drain_grace <= 3600:
+            raise ConfigError("drain-grace must be between 0 and 3600 seconds")
+        try:
+            parse_pool(self.address_pool)
+        except MeshError as exc:
+            raise ConfigError(exc.message) from None
+        if not self.api.is_loopback and not self.api_token:
+            raise ConfigError(
+                f"the API on {self.api} is reachable from other hosts: set --api-token "
+                "or MESH_API_TOKEN, or bind it to a loopback address"
+            )
+
+
+# Flag name -> (help, parser of one string value). Every flag is also a key of
+# the TOML file, spelled with hyphens or underscores.
+_FLAGS: dict[str, str] = {
+    "node-name": "this node's name in the cluster (default: the host name)",
+    "advertise": "ADDR[:PORT] other nodes reach this one at for gossip (default port 7946)",
+    "join": "HOST[:PORT] of a node to join; repeat for several (tried until one answers)",
+    "data-dir": "where the state is kept (default /var/lib/meshplane, or "
+                "~/.local/state/meshplane without root)",
+    "api": "ADDR:PORT of the HTTP API (default 127.0.0.1:2377); a non-loopback address "
+           "needs --api-token",
+    "dns": "ADDR:PORT of the embedded DNS server (default 127.0.0.11:53, or :5353 without root)",
+    "http": "ADDR:PORT of the HTTP routing mesh (default 0.0.0.0:80, or :8080 without root)",
+    "lb": "load-balancer backend: auto, ipvs, nftables or userspace (default auto)",
+    "keyring": "file holding the gossip encryption keys",
+    "address-pool": "CIDR that network subnets are carved from, one /24 each "
+                    "(default 10.0.0.0/8, or 127.16.0.0/12 without root)",
+    "api-token": "bearer token the API requires (default: env MESH_API_TOKEN)",
+    "drain-grace": "seconds a deregistered task drains before removal (default 2)",
+    "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
+    "log-level": "debug, info, warning or error (default info)",
+}
+
+
+_METAVARS = {"node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
+             "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
+             "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
+             "log-level": "LEVEL"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh agent",
+        description="Run the meshplane agent of this node. Every flag is also a key of the "
+                    "--config TOML file (flags win).",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML file with the keys below")
+    for name, help_text in _FLAGS.items():
+        metavar = _METAVARS.get(name, "ADDR:PORT")
+        if name == "join":
+            parser.add_argument("--join", action="append", metavar=metavar, help=help_text)
+        else:
+            parser.add_argument(f"--{name}", metavar=metavar, help=help_text)
+    return parser
+
+
+def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Parse `mesh agent` flags (argparse exits 2 on a malformed command line)."""
+    env = os.environ if env is None else env
+    args = vars(build_parser().parse_args(list(argv)))
+    file_values = _read_toml(Path(args.pop("config"))) if args.get("config") else {}
+    args.pop("config", None)
+    values: dict[str, Any] = dict(file_values)
+    values.update({k: v for k, v in args.items() if v is not None})
+    if "api_token" not in values and env.get("MESH_API_TOKEN"):
+        values["api_token"] = env["MESH_API_TOKEN"]
+    return _build(values, root=is_root())
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {name.replace("-", "_") for name in _FLAGS}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        if name == "join":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"config file {path}: join must be a list of strings")
+        elif not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"config file {path}: {key} must be a string or a number")
+        values[name] = value if name == "join" else str(value)
+    return values
+
+
+def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
+    node_name = str(values.get("node_name") or socket.gethostname().split(".")[0] or "node")
+    try:
+        drain_grace = float(values.get("drain_grace", 2.0))
+    except ValueError:
+        raise ConfigError(f"drain-grace {values['drain_grace']!r} is not a number") from None
+    return AgentConfig(
+        node_name=node_name,
+        advertise=parse_host_port(str(values.get("advertise", "127.0.0.1")), GOSSIP_PORT,
+                                  "advertise"),
+        join=tuple(parse_host_port(j, GOSSIP_PORT, "join") for j in values.get("join", [])),
+        data_dir=Path(values.get("data_dir") or default_data_dir(root)),
+        api=parse_host_port(str(values.get("api", "127.0.0.1:2377")), None, "api"),
+        dns=parse_host_port(str(values.get("dns", f"127.0.0.11:{53 if root else 5353}")),
+                            None, "dns"),
+        http=parse_host_port(str(values.get("http", f"0.0.0.0:{80 if root else 8080}")),
+                             None, "http"),
+        lb=str(values.get("lb", "auto")),
+        keyring=Path(values["keyring"]) if values.get("keyring") else None,
+        address_pool=str(values.get("address_pool") or (DEFAULT_POOL if root
+                                                         else UNPRIVILEGED_POOL)),
+        api_token=values.get("api_token") or None,
+        drain_grace=drain_grace,
+        dns_domain=values.get("dns_domain") or None,
+        log_level=str(values.get("log_level", "info")),
+    )
+
+
+def describe(config: AgentConfig) -> dict[str, str]:
+    """The config as flat strings for the start-up log line (the token is hidden)."""
+    shown = {}
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if item.name == "api_token":
+            value = "set" if value else "unset"
+        elif isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        shown[item.name] = str(value)
+    return shown

@@ -1,0 +1,54 @@
+"""The one way the state changes on this node: mutate the store, publish, make durable.
+
+A mutation runs synchronously against the store (so two concurrent requests
+can never both take the same name, port or VIP), its changes go out on the
+change feed at once, and the caller is answered only once the writer has them
+on disk. If the disk fails, the request answers 503 and the agent stops: what
+was answered 2xx is on disk, and what was not is gone with the process, so a
+restart never shows a change that was reported as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from mesh.errors import Unavailable
+from mesh.logs import event
+from mesh.state.feed import ChangeFeed
+from mesh.state.model import Change
+from mesh.state.persist import PersistError, StateWriter
+from mesh.state.store import Store
+
+log = logging.getLogger(__name__)
+
+Mutation = Callable[[float], list[Change]]
+
+
+class Control:
+    def __init__(self, store: Store, feed: ChangeFeed, writer: StateWriter,
+                 wall_clock: Callable[[], float], on_fatal: Callable[[str], None]) -> None:
+        self.store = store
+        self.feed = feed
+        self._writer = writer
+        self._wall_clock = wall_clock
+        self._on_fatal = on_fatal
+
+    def now(self) -> float:
+        return self._wall_clock()
+
+    async def apply(self, mutation: Mutation) -> list[Change]:
+        """Run `mutation(now)`; return its changes once they are durable."""
+        if self._writer.failed is not None:
+            raise Unavailable("the agent cannot write its state; see its log")
+        changes = mutation(self._wall_clock())
+        if not changes:
+            return changes
+        self.feed.publish(changes)
+        try:
+            await self._writer.write([c.after for c in changes], self.store.clock)
+        except PersistError as exc:
+            event(log, "state_unavailable", logging.CRITICAL, error=exc)
+            self._on_fatal(str(exc))
+            raise Unavailable("the agent could not make the change durable") from None
+        return changes

@@ -1,0 +1,100 @@
+"""A real `mesh agent` process on loopback, for integration tests.
+
+The agent runs as a separate process (`python -m mesh agent`), exactly as an
+operator starts it, on free ports of 127.0.0.1 and a private data dir, with a
+127.x address pool so that nothing it allocates leaves loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class AgentProcess:
+    def __init__(self, data_dir: Path, *, node_name: str = "node-1",
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.node_name = node_name
+        self.port = free_port()
+        self.api = f"127.0.0.1:{self.port}"
+        self.extra = extra or []
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-agent.log"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "mesh", "agent", "--node-name", self.node_name,
+                "--data-dir", str(self.data_dir), "--api", self.api,
+                "--address-pool", "127.64.0.0/12", "--drain-grace", "0.5", *self.extra]
+
+    def start(self, timeout: float = 20.0) -> AgentProcess:
+        env = dict(os.environ, **(self.env or {}))
+        env["PYTHONPATH"] = str(REPO)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, cwd=REPO)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = self.request("GET", "/v1/health")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"agent did not answer within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def request(self, method: str, path: str, body: Any = None,
+                raw: bytes | None = None, headers: dict[str, str] | None = None,
+                timeout: float = 10.0) -> tuple[int, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                payload = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as err:
+            payload = err.read()
+            status = err.code
+        return status, (json.loads(payload) if payload else None)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
