@@ -51,4 +51,13 @@ class Control:
             event(log, "state_unavailable", logging.CRITICAL, error=exc)
             self._on_fatal(str(exc))
             raise Unavailable("the agent could not make the change durable") from None
+        for change in changes:
+            event(log, f"{change.kind.value}_{_verb(change)}", key=change.key,
+                  version=change.after.version.clock)
         return changes
+
+
+def _verb(change: Change) -> str:
+    if change.after.deleted:
+        return "removed"
+    return "created" if change.before is None or change.before.deleted else "updated"

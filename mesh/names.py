@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import re
 
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+#: One DNS label; the API's OpenAPI description states the same patterns.
+LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+LABEL_PATTERN = rf"^{LABEL}$"
+DOTTED_PATTERN = rf"^{LABEL}(?:\.{LABEL})*$"
+_LABEL = re.compile(LABEL)
 MAX_DNS_NAME = 253
 #: Names the resolver keeps for itself: `tasks.<service>` would be ambiguous.
 RESERVED = frozenset({"tasks"})
 
 
 def is_dns_label(name: str) -> bool:
-    return bool(_LABEL.match(name))
+    # fullmatch: `$` would also match before a trailing newline ("web\n").
+    return _LABEL.fullmatch(name) is not None
 
 
 def check_label(name: str, what: str) -> str:

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from mesh.names import check_dotted, check_label
+from mesh.names import DOTTED_PATTERN, LABEL_PATTERN, check_dotted, check_label
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictFloat | StrictInt, Field(ge=0, le=86_400)]
@@ -31,29 +31,16 @@ LabelValue = Annotated[str, Field(max_length=4096, pattern=r"^[^\x00-\x1f]*$")]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
 
 
-#: The rules of `mesh.names`, for the OpenAPI description (the validators below decide).
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-LABEL_PATTERN = rf"^{_LABEL}$"
-DOTTED_PATTERN = rf"^{_LABEL}(?:\.{_LABEL})*$"
-
-
-def _one_line(value: str, what: str) -> str:
-    # The `$` of mesh.names' patterns also matches before a final newline.
-    if "\n" in value:
-        raise ValueError(f"{what} {value!r} is not a DNS name: it holds a line break")
-    return value
-
-
 def _service_name(value: str) -> str:
-    return check_label(_one_line(value, "service name"), "service name")
+    return check_label(value, "service name")
 
 
 def _network_name(value: str) -> str:
-    return check_label(_one_line(value, "network name"), "network name")
+    return check_label(value, "network name")
 
 
 def _task_name(value: str) -> str:
-    return check_dotted(_one_line(value, "task name"), "task name")
+    return check_dotted(value, "task name")
 
 
 def _name(max_length: int, pattern: str) -> Any:
@@ -127,7 +114,8 @@ class ServicePatchIn(_Request):
 
 
 class TaskCreate(_Request):
-    address: Annotated[str, Field(min_length=1, max_length=64)]
+    address: Annotated[str, Field(min_length=1, max_length=64,
+                                  json_schema_extra={"format": "ipv4"})]
     ports: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,5}$")], Port],
                      Field(max_length=64)] = Field(default_factory=dict)
     name: TaskName | None = None

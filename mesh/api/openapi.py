@@ -114,11 +114,39 @@ def _operation(method: str, path: str, summary: str, body: _Body, answer: _Answe
     return operation
 
 
+def _unmodelled_operations() -> Json:
+    """The routes whose answer is no model: the change feed and this description."""
+    unauthorized = {"description": _ERROR_TEXT[401],
+                    "content": {"application/json": {"schema": _ref(m.ErrorOut)}}}
+    return {
+        "/v1/events": {"get": {
+            "summary": "A stream of changes (server-sent events), without end",
+            "operationId": "get_events",
+            "parameters": [{"name": "Last-Event-ID", "in": "header", "required": False,
+                            "schema": {"type": "string"},
+                            "description": "resume after this event id"}],
+            "responses": {
+                "200": {"description": 'frames of `id: <seq>`, `event: <kind>`, `data: {"op", '
+                                       '"kind", "key", "object"}`; `event: gap` when changes '
+                                       "were missed (re-read the lists)",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "401": unauthorized}}},
+        "/v1/openapi.json": {"get": {
+            "summary": "This description (OpenAPI 3.1)",
+            "operationId": "get_openapi",
+            "responses": {
+                "200": {"description": "OK",
+                        "content": {"application/json": {"schema": {"type": "object"}}}},
+                "401": unauthorized}}},
+    }
+
+
 def build_openapi(version: Literal["3.1.0"] = "3.1.0") -> Json:
     paths: Json = {}
     for method, path, summary, body, answer, errors in _OPERATIONS:
         paths.setdefault(path, {})[method] = _operation(method, path, summary, body, answer,
                                                         errors)
+    paths.update(_unmodelled_operations())
     return {
         "openapi": version,
         "info": {"title": "meshplane agent API", "version": "1"},

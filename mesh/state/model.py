@@ -151,11 +151,16 @@ class Task:
 
     def endpoint(self) -> tuple[str, tuple[tuple[int, int], ...]]:
         """What two tasks of one service may not share: address and port map."""
-        return self.address, tuple(sorted(self.ports.items()))
+        return endpoint_of(self.address, self.ports)
 
     def actual_port(self, target_port: int) -> int:
         """The port the task really listens on for a service target port."""
         return self.ports.get(target_port, target_port)
+
+
+def endpoint_of(address: str, ports: dict[int, int]) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """An address and its port map, with `80: 80` dropped: an unmapped port is served as is."""
+    return address, tuple(sorted((t, a) for t, a in ports.items() if t != a))
 
 
 Record: TypeAlias = Network | Service | Task

@@ -38,6 +38,7 @@ from mesh.state.model import (
     TaskState,
     Version,
     Vip,
+    endpoint_of,
 )
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
 
@@ -261,7 +262,7 @@ class Store:
         name = spec.name or f"{service.name}.{slot}.{task_id}"
         if name.lower() in self._task_names:
             raise Conflict(f"task name {name!r} is in use", code="name_in_use")
-        endpoint = (address, tuple(sorted(spec.ports.items())))
+        endpoint = endpoint_of(address, spec.ports)
         for sibling in siblings:
             if sibling.endpoint() == endpoint:
                 raise Conflict(

@@ -226,3 +226,18 @@ def test_reap_drops_only_old_tombstones() -> None:
     store.remove_network("x", NOW)
     assert store.reap_tombstones(older_than_clock=1) == 0
     assert store.reap_tombstones(older_than_clock=store.clock + 1) == 1
+
+
+def test_identity_port_mapping_is_the_same_endpoint_as_none() -> None:
+    store = make_store()
+    web(store)
+    task(store, ports={})
+    with pytest.raises(Conflict):
+        task(store, ports={80: 80})
+
+
+def test_names_with_a_trailing_newline_are_not_labels() -> None:
+    from mesh.names import is_dns_label
+
+    assert is_dns_label("web")
+    assert not is_dns_label("web\n")
