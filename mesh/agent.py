@@ -13,8 +13,10 @@ The event loop is chosen here and only here: uvloop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import resource
 import signal
 import sys
 import time
@@ -24,11 +26,14 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from dns.forward import Upstream
+from dns.service import DnsService, DnsSettings
 from mesh.api.app import ApiDeps, make_app
 from mesh.config import AgentConfig, ConfigError, describe, load_config
 from mesh.control import Control
 from mesh.drain import DrainReaper
 from mesh.errors import MeshError
+from mesh.feedserver import FeedServer, feed_socket_path
 from mesh.health.runner import HealthRunner
 from mesh.ipam import Ipam, parse_pool
 from mesh.logs import event, setup
@@ -36,6 +41,7 @@ from mesh.state import persist
 from mesh.state.feed import ChangeFeed
 from mesh.state.model import KIND_OF, Change, Health
 from mesh.state.store import Store
+from mesh.workers import WorkerPool
 
 log = logging.getLogger("mesh.agent")
 
@@ -55,6 +61,13 @@ class Agent:
         self.control = Control(self.store, self.feed, self.writer, time.time, self.fail)
         self.health = HealthRunner(config.node_name, self._report_health)
         self.reaper = DrainReaper(self.control, time.time)
+        self.dns = None if config.dns is None else DnsService(DnsSettings(
+            host=config.dns.host, port=config.dns.port, ttl=config.dns_ttl,
+            domain=config.dns_domain,
+            upstreams=tuple(Upstream(u.host, u.port) for u in config.dns_upstreams) or None,
+            reuse_port=config.dns_workers > 0))
+        self.feed_server: FeedServer | None = None
+        self.dns_workers: WorkerPool | None = None
         self._runner: web.AppRunner | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -106,12 +119,33 @@ class Agent:
         self.feed.subscribe(self.reaper.on_change)
         await self.health.start()
         self.reaper.start()
+        if self.dns is not None:
+            self.dns.load(self.store.all_records())
+            self.feed.subscribe(self.dns.on_change)
+            await self.dns.start()
+            if self.config.dns_workers:
+                await self._start_dns_workers(self.dns.port)
         await self._start_api()
+
+    async def _start_dns_workers(self, port: int) -> None:
+        self.feed_server = FeedServer(self.feed, feed_socket_path(self.config.data_dir))
+        await self.feed_server.start()
+        assert self.config.dns is not None
+        argv = [sys.executable, "-m", "dns.worker", "--feed", str(self.feed_server.path),
+                "--host", self.config.dns.host, "--port", str(port),
+                "--ttl", str(self.config.dns_ttl), "--log-level", self.config.log_level]
+        if self.config.dns_domain:
+            argv += ["--domain", self.config.dns_domain]
+        for upstream in self.config.dns_upstreams:
+            argv += ["--upstream", str(upstream)]
+        self.dns_workers = WorkerPool("dns", argv, self.config.dns_workers)
+        self.dns_workers.start()
 
     async def _start_api(self) -> None:
         deps = ApiDeps(control=self.control, node=self.config.node_name, members=self.members,
                        heartbeat=self.health.heartbeat, drain_grace=self.config.drain_grace,
-                       token=self.config.api_token, max_body=self.config.max_body)
+                       token=self.config.api_token, max_body=self.config.max_body,
+                       resolve=None if self.dns is None else self.dns.resolve)
         self._runner = web.AppRunner(make_app(deps), access_log=None,
                                      shutdown_timeout=API_SHUTDOWN_GRACE)
         await self._runner.setup()
@@ -123,6 +157,12 @@ class Agent:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.dns_workers is not None:
+            await self.dns_workers.stop()
+        if self.feed_server is not None:
+            await self.feed_server.stop()
+        if self.dns is not None:
+            await self.dns.stop()
         await self.reaper.stop()
         await self.health.stop()
         for task in list(self._background):
@@ -140,8 +180,10 @@ async def run(config: AgentConfig) -> int:
     event(log, "agent_starting", **describe(config))
     try:
         await agent.start()
-    except (OSError, persist.PersistError) as exc:
-        event(log, "agent_start_failed", logging.ERROR, error=exc)
+    except Exception as exc:  # a port in use, an unreadable data dir, or a bug: stop cleanly
+        event(log, "agent_start_failed", logging.ERROR, error=repr(exc))
+        if not isinstance(exc, OSError | persist.PersistError):
+            log.exception("start failed")
         await agent.stop()
         return 1
     event(log, "agent_ready", node=config.node_name, api=config.api)
@@ -151,6 +193,14 @@ async def run(config: AgentConfig) -> int:
     return agent.exit_code
 
 
+def raise_open_file_limit() -> None:
+    """Every forwarded query, proxied connection and check holds a descriptor: allow many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         config = load_config(argv)
@@ -158,4 +208,5 @@ def main(argv: Sequence[str]) -> int:
         print(f"mesh agent: {exc}", file=sys.stderr)
         return 2
     setup(config.log_level)
+    raise_open_file_limit()
     return uvloop.run(run(config))

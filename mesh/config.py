@@ -90,7 +90,7 @@ class AgentConfig:
     join: tuple[HostPort, ...] = ()
     data_dir: Path
     api: HostPort = HostPort("127.0.0.1", 2377)
-    dns: HostPort
+    dns: HostPort | None  # None: no DNS server (`--dns none`)
     http: HostPort
     lb: str = "auto"
     keyring: Path | None = None
@@ -99,6 +99,12 @@ class AgentConfig:
     #: how long a deregistered task keeps its connections before it is removed
     drain_grace: float = 2.0
     dns_domain: str | None = None
+    #: upstream resolvers for names the mesh does not own; empty: the host's resolv.conf
+    dns_upstreams: tuple[HostPort, ...] = ()
+    #: TTL of the answers for mesh names, seconds
+    dns_ttl: int = 5
+    #: extra processes answering DNS on the same port (SO_REUSEPORT), each a core
+    dns_workers: int = 0
     log_level: str = "info"
     #: largest accepted API request body, bytes
     max_body: int = 1 << 20
@@ -108,6 +114,10 @@ class AgentConfig:
             raise ConfigError(f"lb {self.lb!r}: choose one of {', '.join(LB_CHOICES)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log-level {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")
+        if not 0 <= self.dns_ttl <= 86_400:
+            raise ConfigError("dns-ttl must be between 0 and 86400 seconds")
+        if not 0 <= self.dns_workers <= 64:
+            raise ConfigError("dns-workers must be between 0 and 64")
         if not 0 <= self.drain_grace <= 3600:
             raise ConfigError("drain-grace must be between 0 and 3600 seconds")
         try:
@@ -131,7 +141,13 @@ _FLAGS: dict[str, str] = {
                 "~/.local/state/meshplane without root)",
     "api": "ADDR:PORT of the HTTP API (default 127.0.0.1:2377); a non-loopback address "
            "needs --api-token",
-    "dns": "ADDR:PORT of the embedded DNS server (default 127.0.0.11:53, or :5353 without root)",
+    "dns": "ADDR:PORT of the embedded DNS server (default 127.0.0.11:53, or :5353 without "
+           "root); 'none' runs no DNS server",
+    "dns-upstream": "ADDR[:PORT] of a resolver for names the mesh does not own; repeat for "
+                    "several (default: the nameservers of /etc/resolv.conf)",
+    "dns-ttl": "TTL of mesh answers in seconds (default 5)",
+    "dns-workers": "extra processes serving DNS on the same port, one per spare core "
+                   "(default 0: the agent's own event loop only)",
     "http": "ADDR:PORT of the HTTP routing mesh (default 0.0.0.0:80, or :8080 without root)",
     "lb": "load-balancer backend: auto, ipvs, nftables or userspace (default auto)",
     "keyring": "file holding the gossip encryption keys",
@@ -144,7 +160,9 @@ _FLAGS: dict[str, str] = {
 }
 
 
-_METAVARS = {"node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
+_REPEATED = ("join", "dns-upstream")
+_METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers": "N",
+             "node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
              "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
              "log-level": "LEVEL"}
@@ -159,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML file with the keys below")
     for name, help_text in _FLAGS.items():
         metavar = _METAVARS.get(name, "ADDR:PORT")
-        if name == "join":
-            parser.add_argument("--join", action="append", metavar=metavar, help=help_text)
+        if name in _REPEATED:
+            parser.add_argument(f"--{name}", action="append", metavar=metavar, help=help_text)
         else:
             parser.add_argument(f"--{name}", metavar=metavar, help=help_text)
     return parser
@@ -193,21 +211,21 @@ def _read_toml(path: Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
-        if name == "join":
+        if name in ("join", "dns_upstream"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"config file {path}: join must be a list of strings")
+                raise ConfigError(f"config file {path}: {key} must be a list of strings")
         elif not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ConfigError(f"config file {path}: {key} must be a string or a number")
-        values[name] = value if name == "join" else str(value)
+        values[name] = value if name in ("join", "dns_upstream") else str(value)
     return values
 
 
 def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
     node_name = str(values.get("node_name") or socket.gethostname().split(".")[0] or "node")
-    try:
-        drain_grace = float(values.get("drain_grace", 2.0))
-    except ValueError:
-        raise ConfigError(f"drain-grace {values['drain_grace']!r} is not a number") from None
+    drain_grace = _number(values, "drain_grace", 2.0, float)
+    dns_ttl = int(_number(values, "dns_ttl", 5, int))
+    dns_workers = int(_number(values, "dns_workers", 0, int))
+    dns_text = str(values.get("dns", f"127.0.0.11:{53 if root else 5353}"))
     return AgentConfig(
         node_name=node_name,
         advertise=parse_host_port(str(values.get("advertise", "127.0.0.1")), GOSSIP_PORT,
@@ -215,8 +233,8 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         join=tuple(parse_host_port(j, GOSSIP_PORT, "join") for j in values.get("join", [])),
         data_dir=Path(values.get("data_dir") or default_data_dir(root)),
         api=parse_host_port(str(values.get("api", "127.0.0.1:2377")), None, "api"),
-        dns=parse_host_port(str(values.get("dns", f"127.0.0.11:{53 if root else 5353}")),
-                            None, "dns"),
+        dns=None if dns_text.lower() in ("none", "off") else parse_host_port(dns_text, None,
+                                                                             "dns"),
         http=parse_host_port(str(values.get("http", f"0.0.0.0:{80 if root else 8080}")),
                              None, "http"),
         lb=str(values.get("lb", "auto")),
@@ -226,8 +244,21 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         api_token=values.get("api_token") or None,
         drain_grace=drain_grace,
         dns_domain=values.get("dns_domain") or None,
+        dns_upstreams=tuple(parse_host_port(u, 53, "dns-upstream")
+                            for u in values.get("dns_upstream", [])),
+        dns_ttl=dns_ttl,
+        dns_workers=dns_workers,
         log_level=str(values.get("log_level", "info")),
     )
+
+
+def _number(values: dict[str, Any], key: str, default: float,
+            kind: type[int] | type[float]) -> float:
+    try:
+        return kind(values.get(key, default))
+    except ValueError:
+        flag = key.replace("_", "-")
+        raise ConfigError(f"{flag} {values[key]!r} is not a number") from None
 
 
 def describe(config: AgentConfig) -> dict[str, str]:

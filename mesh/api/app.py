@@ -24,6 +24,7 @@ from mesh.api.openapi import build_openapi
 from mesh.control import Control
 from mesh.errors import BadRequest, Invalid, MeshError, MethodNotAllowed, NotFound, PayloadTooLarge
 from mesh.logs import event
+from mesh.state.model import Network
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class ApiDeps:
     drain_grace: float
     token: str | None = None
     max_body: int = 1 << 20
+    #: (name, type, network or None) -> what the DNS server answers; None without DNS
+    resolve: Callable[[str, str, Network | None], Awaitable[dict[str, Any]]] | None = None
 
 
 DEPS = web.AppKey("deps", ApiDeps)

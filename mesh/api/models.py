@@ -215,6 +215,25 @@ class HealthOut(_Response):
     node: str
 
 
+class DnsRecordOut(_Response):
+    name: str
+    type: str
+    ttl: int
+    data: str
+
+
+class ResolveOut(_Response):
+    name: str
+    type: str
+    network: str | None
+    source: str
+    rcode: str
+    forwarded: bool
+    truncated: bool
+    answers: list[DnsRecordOut]
+    additional: list[DnsRecordOut]
+
+
 class ErrorDetail(_Response):
     code: str
     message: str

@@ -47,6 +47,8 @@ _OPERATIONS: list[tuple[str, str, str, _Body, _Answer, tuple[int, ...]]] = [
     ("get", "/v1/tasks/{id}", "Inspect a task", None, (200, m.TaskOut, False), (404,)),
     ("delete", "/v1/tasks/{id}", "Drain a task, then remove it", None,
      (202, m.TaskOut, False), (404,)),
+    ("get", "/v1/resolve", "What the embedded DNS answers an asker on a network", None,
+     (200, m.ResolveOut, False), (409, 422)),
     ("put", "/v1/tasks/{id}/health", "A TTL heartbeat or a health report from the task",
      m.HealthReport, (200, m.TaskOut, False), (400, 404, 409, 413, 422)),
 ]
@@ -60,6 +62,12 @@ _QUERY: dict[tuple[str, str], list[Json]] = {
         {"name": "version", "in": "query", "required": False,
          "schema": {"type": "string", "pattern": "^[0-9]+$"},
          "description": "refuse the change unless the service is at this version"}],
+    ("get", "/v1/resolve"): [
+        {"name": "name", "in": "query", "required": True, "schema": {"type": "string"}},
+        {"name": "type", "in": "query", "required": False,
+         "schema": {"type": "string", "default": "A"}},
+        {"name": "network", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "ask as a task on this network would (default: the host)"}],
     ("get", "/v1/tasks"): [
         {"name": "service", "in": "query", "required": False, "schema": {"type": "string"}},
         {"name": "node", "in": "query", "required": False, "schema": {"type": "string"}}],

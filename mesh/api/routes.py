@@ -19,7 +19,7 @@ from mesh.api.models import (
 )
 from mesh.control import Control
 from mesh.errors import Conflict, Invalid
-from mesh.state.model import Health, Network, Service, Task
+from mesh.state.model import Health, Kind, Network, Service, Task
 from mesh.state.specs import TaskSpec
 
 
@@ -171,7 +171,28 @@ async def report_health(request: web.Request) -> web.Response:
     return json_response(convert.task_out(store.task(task.id)))
 
 
+async def resolve(request: web.Request) -> web.Response:
+    """What the embedded DNS answers an asker on `network` (default: the host)."""
+    deps = request.app[DEPS]
+    if deps.resolve is None:
+        raise Conflict("this agent runs no DNS server (--dns none)", code="dns_disabled")
+    name = request.query.get("name", "")
+    qtype = request.query.get("type", "A")
+    network_name = request.query.get("network")
+    network = None
+    if network_name is not None:
+        found = deps.control.store.get(Kind.NETWORK, network_name)
+        if not isinstance(found, Network):
+            raise Invalid(f"network {network_name!r} does not exist", code="unknown_network")
+        network = found
+    try:
+        return json_response(await deps.resolve(name, qtype, network))
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/resolve", resolve)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/members", members)
     app.router.add_post("/v1/networks", create_network)

@@ -36,6 +36,7 @@ class AgentProcess:
         self.node_name = node_name
         self.port = free_port()
         self.api = f"127.0.0.1:{self.port}"
+        self.dns_port = free_port()
         self.extra = extra or []
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -44,7 +45,11 @@ class AgentProcess:
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "mesh", "agent", "--node-name", self.node_name,
                 "--data-dir", str(self.data_dir), "--api", self.api,
-                "--address-pool", "127.64.0.0/12", "--drain-grace", "0.5", *self.extra]
+                "--address-pool", "127.64.0.0/12", "--drain-grace", "0.5",
+                "--dns", f"127.0.0.1:{self.dns_port}",
+                # Nothing listens on port 9 of loopback: names the mesh does not own get
+                # SERVFAIL at once, and no test query ever leaves the machine.
+                "--dns-upstream", "127.0.0.1:9", *self.extra]
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
         env = dict(os.environ, **(self.env or {}))

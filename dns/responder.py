@@ -1,0 +1,320 @@
+"""The DNS responder: a query's bytes in, a reply's bytes (or FORWARD, or nothing) out.
+
+Sans-IO. Two paths:
+
+- The hot path answers from cached wire bytes. A reply depends only on the
+  asker's view and on the query after its ID (flags, question, EDNS), so the
+  cache is keyed by `(view, query[2:])` and holds the reply without its ID;
+  the server prepends the asker's ID. An answer with several peers (tasks of
+  a dnsrr service, tasks.X, SRV) is cached as a few rotations served in turn,
+  so each query still gets another order (the shuffle of Swarm, for free).
+- The slow path parses with dnslib, resolves through the `NameTable`, builds
+  the reply and files it in the cache under its *owners*. A change to the
+  state drops exactly the replies filed under the owners it touched, so the
+  very next query after a task turns unhealthy is answered anew.
+
+Malformed queries get FORMERR (RFC 1035 §4.1.1), unknown opcodes NOTIMP, and
+anything without a readable header is dropped; each is counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import random
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+from dnslib import (
+    EDNS0,
+    PTR,
+    QTYPE,
+    RR,
+    SRV,
+    A,
+    DNSHeader,
+    DNSLabel,
+    DNSQuestion,
+    DNSRecord,
+)
+
+from dns.table import ALL, Answer, NameTable
+from mesh.state.model import Change
+
+UDP_MIN = 512  # RFC 1035 §4.2.1
+EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation
+TCP_MAX = 65535
+MAX_ROTATIONS = 8
+NOERROR, FORMERR, NXDOMAIN, NOTIMP = 0, 1, 3, 4  # RFC 1035 §4.1.1
+DEFAULT_CACHE_ENTRIES = 100_000
+
+
+class Action(Enum):
+    FORWARD = "forward"  # not a mesh name: the forwarder answers it
+
+
+FORWARD = Action.FORWARD
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    ttl: int = 5  # seconds; Swarm's fixed 600 s kept stale answers alive for ten minutes
+    domain: str | None = None
+    cache_entries: int = DEFAULT_CACHE_ENTRIES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ttl <= 86_400:
+            raise ValueError("the DNS TTL must be between 0 and 86400 seconds")
+
+
+class Responder:
+    def __init__(self, table: NameTable, config: DnsConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.table = table
+        self.config = config or DnsConfig()
+        self._rng = rng or random.Random()
+        #: (view, tcp, query[2:]) -> an endless iterator over cached replies without ID
+        self.cache: dict[tuple[str, bool, bytes], Iterator[bytes]] = {}
+        self._forward_keys: set[tuple[str, bool, bytes]] = set()
+        self._by_owner: dict[str, set[tuple[str, bool, bytes]]] = {}
+        #: source address -> view; asked on every query, so kept as a dict
+        self.views: dict[str, str] = {}
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("answered", "nxdomain", "nodata", "forwarded", "formerr", "notimp", "dropped",
+             "truncated", "invalidated"), 0)
+
+    def __repr__(self) -> str:
+        return f"<Responder cached={len(self.cache)} {self.table!r}>"
+
+    # -- state changes ----------------------------------------------------------
+
+    def on_change(self, change: Change) -> None:
+        self.invalidate(self.table.apply(change))
+
+    def invalidate(self, owners: set[str]) -> None:
+        if ALL in owners:
+            self.stats["invalidated"] += len(self.cache)
+            self.cache.clear()
+            self._forward_keys.clear()
+            self._by_owner.clear()
+            self.views.clear()
+            return
+        for owner in owners:
+            for key in self._by_owner.pop(owner, ()):
+                if self.cache.pop(key, None) is not None:
+                    self.stats["invalidated"] += 1
+                self._forward_keys.discard(key)
+
+    # -- answering --------------------------------------------------------------
+
+    def view_of(self, source: str) -> str:
+        view = self.views.get(source)
+        if view is None:
+            if len(self.views) > 65_536:
+                self.views.clear()
+            view = self.views[source] = self.table.view_of(source)
+        return view
+
+    def cached(self, data: bytes, source: str, tcp: bool = False) -> bytes | None:
+        """The hot path: the reply from cache, or None."""
+        entry = self.cache.get((self.view_of(source), tcp, data[2:]))
+        return None if entry is None else data[:2] + next(entry)
+
+    def respond(self, data: bytes, source: str, tcp: bool = False) -> bytes | Action | None:
+        """A reply, FORWARD, or None to drop the packet."""
+        hit = self.cached(data, source, tcp)
+        if hit is not None:
+            return hit
+        key = (self.view_of(source), tcp, data[2:])
+        if key in self._forward_keys:
+            self.stats["forwarded"] += 1
+            return FORWARD
+        problem = _check_header(data)
+        if problem != PARSE:
+            return self._refuse(data, problem)
+        try:
+            query = DNSRecord.parse(data)
+        except Exception:  # dnslib raises many kinds on hostile input: all mean FORMERR
+            return self._refuse(data, FORMERR)
+        if len(query.questions) != 1:
+            return self._refuse(data, FORMERR)
+        canonical = canonical_key(query, key)
+        if canonical != key:
+            # EDNS options (a client cookie, say) differ per query but change no
+            # answer: file the reply under the query without them.
+            rotation = self.cache.get(canonical)
+            if rotation is not None:
+                return data[:2] + next(rotation)
+            if canonical in self._forward_keys:
+                self.stats["forwarded"] += 1
+                return FORWARD
+        return self._resolve(query, canonical, tcp)
+
+    def _refuse(self, data: bytes, rcode: int | None) -> bytes | None:
+        if rcode is None:
+            self.stats["dropped"] += 1
+            return None
+        self.stats["formerr" if rcode == FORMERR else "notimp"] += 1
+        return error_reply(data, rcode)
+
+    def _resolve(self, query: DNSRecord, key: tuple[str, bool, bytes],
+                 tcp: bool) -> bytes | Action:
+        question = query.q
+        name = str(question.qname)
+        view = key[0]
+        address = reverse_address(name)
+        answer = (self.table.reverse(address, view) if address is not None
+                  else self.table.lookup(name, view))
+        if not answer.found and not answer.mesh_space:
+            self._file(key, answer.owners, None)
+            self.stats["forwarded"] += 1
+            return FORWARD
+        variants = [self._pack(query, answer, records, tcp)
+                    for records in self._orders(answer, question.qtype)]
+        served = self._file(key, answer.owners, variants)
+        self.stats["answered" if answer.found else "nxdomain"] += 1
+        if answer.found and not answer.addresses and not answer.ptr and not answer.srv:
+            self.stats["nodata"] += 1
+        query_id: int = query.header.id
+        assert served is not None
+        return query_id.to_bytes(2, "big") + next(served)
+
+    def _orders(self, answer: Answer, qtype: int) -> list[list[RR]]:
+        """The answer records in each order to serve in turn."""
+        records = self._records(answer, qtype)
+        count = len(records)
+        if not answer.shuffle or count < 2:
+            return [records]
+        if count <= MAX_ROTATIONS:
+            return [records[i:] + records[:i] for i in range(count)]
+        orders = []
+        for _ in range(MAX_ROTATIONS):
+            shuffled = list(records)
+            self._rng.shuffle(shuffled)
+            orders.append(shuffled)
+        return orders
+
+    def _records(self, answer: Answer, qtype: int) -> list[RR]:
+        ttl = self.config.ttl
+        if qtype in (QTYPE.A, QTYPE.ANY):
+            return [RR("", QTYPE.A, rdata=A(a), ttl=ttl) for a in answer.addresses]
+        if qtype == QTYPE.PTR:
+            return [RR("", QTYPE.PTR, rdata=PTR(f"{n}."), ttl=ttl) for n in answer.ptr]
+        if qtype == QTYPE.SRV:
+            return [RR("", QTYPE.SRV, rdata=SRV(0, 0, s.port, f"{s.target}."), ttl=ttl)
+                    for s in answer.srv]
+        return []  # a known name asked for a type it has none of: NOERROR, no data
+
+    def _pack(self, query: DNSRecord, answer: Answer, records: list[RR], tcp: bool) -> bytes:
+        header = DNSHeader(id=query.header.id, qr=1, aa=1, ra=1, rd=query.header.rd,
+                           opcode=0, rcode=NOERROR if answer.found else NXDOMAIN)
+        reply = DNSRecord(header, q=DNSQuestion(query.q.qname, query.q.qtype, query.q.qclass))
+        qname: DNSLabel = query.q.qname
+        for record in records:
+            record.rname = qname
+            reply.add_answer(record)
+        if query.q.qtype == QTYPE.SRV:
+            ttl = self.config.ttl
+            for target in answer.srv:
+                reply.add_ar(RR(f"{target.target}.", QTYPE.A, rdata=A(target.address), ttl=ttl))
+        limit = TCP_MAX if tcp else UDP_MIN
+        edns = next((r for r in query.ar if r.rtype == QTYPE.OPT), None)
+        if edns is not None:
+            reply.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+            limit = TCP_MAX if tcp else max(UDP_MIN, min(edns.rclass, EDNS_PAYLOAD))
+        wire = reply.pack()
+        if len(wire) > limit:
+            self.stats["truncated"] += 1
+            short = reply.truncate()
+            if edns is not None:
+                short.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+            wire = short.pack()
+        return bytes(wire[2:])
+
+    def _file(self, key: tuple[str, bool, bytes], owners: set[str],
+              variants: list[bytes] | None) -> Iterator[bytes] | None:
+        """Cache a reply (or a FORWARD mark) under its owners; return the reply's rotation."""
+        if len(self.cache) + len(self._forward_keys) >= self.config.cache_entries:
+            self.invalidate({ALL})  # rare: a flood of distinct names; start afresh
+        served = None
+        if variants is None:
+            self._forward_keys.add(key)
+        else:
+            served = self.cache[key] = itertools.cycle(variants)
+        for owner in owners:
+            self._by_owner.setdefault(owner, set()).add(key)
+        return served
+
+
+PARSE = -1
+
+
+def canonical_key(query: DNSRecord, key: tuple[str, bool, bytes]) -> tuple[str, bool, bytes]:
+    """The cache key of `query` with its EDNS options dropped (the same key if it has none)."""
+    opt = next((r for r in query.ar if r.rtype == QTYPE.OPT), None)
+    if opt is None or not opt.rdata:
+        return key
+    bare = DNSRecord(DNSHeader(id=0, bitmap=query.header.bitmap), q=query.q)
+    bare.add_ar(RR(".", QTYPE.OPT, rclass=opt.rclass, ttl=opt.ttl, rdata=[]))
+    return key[0], key[1], bytes(bare.pack())[2:]
+
+
+def _check_header(data: bytes) -> int | None:
+    """PARSE when the query may be parsed, else the RCODE to refuse it with, or None to drop.
+
+    A packet too short for a header cannot be answered at all; a response
+    (QR set) must never be answered, or two servers could ping-pong forever.
+    """
+    if len(data) < 12:
+        return None
+    flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHHH", data, 2)
+    if flags & 0x8000:  # QR: a response, not a query: never answer (no reflection loops)
+        return None
+    if (flags >> 11) & 0xF != 0:
+        return NOTIMP
+    if qdcount != 1 or ancount or nscount or arcount > 1:
+        return FORMERR
+    return PARSE
+
+
+def error_reply(data: bytes, rcode: int) -> bytes:
+    """A bare reply (no sections) with the query's ID, opcode and RD, and `rcode`."""
+    flags = struct.unpack_from("!H", data, 2)[0]
+    reply_flags = 0x8000 | (flags & 0x7900) | 0x0080 | (rcode & 0xF)  # QR, opcode, RD, RA
+    return data[:2] + struct.pack("!HHHHH", reply_flags, 0, 0, 0, 0)
+
+
+def fit_udp(query: bytes, reply: bytes) -> bytes:
+    """A forwarded reply cut to what the asker can take over UDP (TC set, as RFC 1035 §4.2.1).
+
+    The forwarder may hand back more than the asker's limit (an answer it had
+    to fetch over TCP, or one from its cache); the asker then retries over TCP.
+    """
+    if len(reply) <= UDP_MIN:
+        return reply
+    try:
+        asked = DNSRecord.parse(query)
+        answer = DNSRecord.parse(reply)
+    except Exception:  # not ours to judge: the asker copes with what it gets
+        return reply
+    edns = next((r for r in asked.ar if r.rtype == QTYPE.OPT), None)
+    limit = UDP_MIN if edns is None else max(UDP_MIN, int(edns.rclass))
+    if len(reply) <= limit:
+        return reply
+    short = answer.truncate()
+    if edns is not None:
+        short.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+    return bytes(short.pack())
+
+
+def reverse_address(name: str) -> str | None:
+    """`4.3.2.1.in-addr.arpa.` -> `1.2.3.4`; None for any other name."""
+    labels = name.lower().rstrip(".").split(".")
+    if len(labels) != 6 or labels[4:] != ["in-addr", "arpa"]:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(".".join(reversed(labels[:4]))))
+    except ValueError:
+        return None

@@ -1,0 +1,181 @@
+"""The asyncio shell of the DNS server: UDP and TCP listeners around one `Responder`.
+
+The UDP path is the hot one: `datagram_received` looks the query up in the
+responder's wire cache and sends the cached reply with the asker's ID, with no
+parsing and no allocation beyond the reply itself. Everything else goes to the
+responder's slow path; names the mesh does not own go to the forwarder as
+their own asyncio tasks, so a slow or dead upstream never holds up a mesh name.
+
+TCP (RFC 1035 §4.2.2, RFC 7766): two-byte length framing, several queries per
+connection answered in order, an idle timeout, and a cap on connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from dns.responder import Action, Responder, error_reply, fit_udp
+from mesh.logs import event
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[bytes, bool], Awaitable[bytes]]
+TCP_IDLE_SECONDS = 10.0
+MAX_TCP_CONNECTIONS = 256
+MAX_PENDING_FORWARDS = 4096
+SERVFAIL = 2
+
+
+class UdpServer(asyncio.DatagramProtocol):
+    def __init__(self, responder: Responder, forward: Forward) -> None:
+        self.responder = responder
+        self.forward = forward
+        self.transport: asyncio.DatagramTransport | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        # Bound once: the hot path reads these without attribute chains.
+        self._cache = responder.cache
+        self._views = responder.views
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport is not a subclass of asyncio's, though it is one in kind.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        view = self._views.get(addr[0])  # type: ignore[arg-type]
+        if view is not None:
+            entry = self._cache.get((view, False, data[2:]))
+            if entry is not None:
+                assert self.transport is not None
+                self.transport.sendto(data[:2] + next(entry), addr)
+                return
+        self._slow(data, addr)
+
+    def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        assert self.transport is not None
+        try:
+            reply = self.responder.respond(data, str(addr[0]), tcp=False)
+        except Exception as exc:  # a bug must cost one query, never the server
+            event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
+            reply = error_reply(data, SERVFAIL) if len(data) >= 12 else None
+        if isinstance(reply, bytes):
+            self.transport.sendto(reply, addr)
+        elif reply is Action.FORWARD:
+            if len(self._pending) >= MAX_PENDING_FORWARDS:
+                self.transport.sendto(error_reply(data, 5), addr)  # REFUSED
+                return
+            task = asyncio.create_task(self._forward(data, addr))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _forward(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        reply = fit_udp(data, await self.forward(data, False))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP errors of earlier sends
+        pass
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TcpServer:
+    def __init__(self, responder: Responder, forward: Forward) -> None:
+        self.responder = responder
+        self.forward = forward
+        self.server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._connections) >= MAX_TCP_CONNECTIONS or task is None:
+            writer.close()
+            return
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername") or ("", 0)
+        try:
+            while True:
+                size = int.from_bytes(
+                    await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_SECONDS), "big")
+                data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_SECONDS)
+                reply = await self._answer(data, str(peer[0]))
+                if reply is None:
+                    break
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, data: bytes, source: str) -> bytes | None:
+        try:
+            reply = self.responder.respond(data, source, tcp=True)
+        except Exception as exc:
+            event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
+            return error_reply(data, SERVFAIL) if len(data) >= 12 else None
+        if reply is Action.FORWARD:
+            return await self.forward(data, True)
+        return reply
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound UDP socket; SO_REUSEPORT lets worker processes share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(responder: Responder, forward: Forward, host: str, port: int,
+                reuse_port: bool = False) -> tuple[UdpServer, TcpServer, int]:
+    """Start both listeners on host:port (port 0: the kernel picks one for UDP and TCP alike).
+
+    Returns the listeners and the port they are bound to.
+    """
+    loop = asyncio.get_running_loop()
+    sock = udp_socket(host, port, reuse_port)
+    port = sock.getsockname()[1]
+    transport, udp = await loop.create_datagram_endpoint(
+        lambda: UdpServer(responder, forward), sock=sock)
+    # Hold the transport now: uvloop calls connection_made a tick later, and a
+    # transport nobody references by then is collected, closing the socket.
+    udp.transport = transport
+    tcp = TcpServer(responder, forward)
+    try:
+        tcp.server = await asyncio.start_server(tcp.handle, host, port,
+                                                reuse_address=True, reuse_port=reuse_port)
+    except OSError:
+        await udp.close()
+        raise
+    return udp, tcp, port

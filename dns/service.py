@@ -1,0 +1,90 @@
+"""The embedded DNS server of one process: table, responder, forwarder and listeners.
+
+The agent builds one and feeds it the change feed (`start(records)` with the
+snapshot, then `on_change` for every change); a worker process builds another
+from the same snapshot-plus-deltas stream (`dns.worker`). The forwarder's
+upstreams come from `--dns-upstream`, else from the host's /etc/resolv.conf
+without our own address.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dns.forward import Forwarder, Upstream, upstreams_from_resolv_conf
+from dns.lookup import Asker, resolve
+from dns.responder import DnsConfig, Responder
+from dns.server import TcpServer, UdpServer, serve
+from dns.table import NameTable
+from mesh.logs import event
+from mesh.state.model import Change, Network, Record
+
+log = logging.getLogger(__name__)
+
+#: Never forward to ourselves: Swarm's resolver drops its own address too.
+OWN_ADDRESSES = ("127.0.0.11",)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    host: str
+    port: int
+    ttl: int = 5
+    domain: str | None = None
+    upstreams: tuple[Upstream, ...] | None = None  # None: read /etc/resolv.conf
+    upstream_timeout: float = 2.0
+    reuse_port: bool = False
+
+
+class DnsService:
+    def __init__(self, settings: DnsSettings, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.table = NameTable(settings.domain)
+        self.responder = Responder(self.table, DnsConfig(ttl=settings.ttl,
+                                                         domain=settings.domain), rng)
+        upstreams: Sequence[Upstream] = (
+            settings.upstreams if settings.upstreams is not None
+            else upstreams_from_resolv_conf(exclude={settings.host, *OWN_ADDRESSES}))
+        self.forwarder = Forwarder(upstreams, timeout=settings.upstream_timeout)
+        self._udp: UdpServer | None = None
+        self._tcp: TcpServer | None = None
+        self.port = settings.port
+
+    def load(self, records: Iterable[Record]) -> None:
+        self.table.load(records)
+
+    def on_change(self, change: Change) -> None:
+        self.responder.on_change(change)
+
+    async def _forward(self, query: bytes, tcp: bool) -> bytes:
+        return await self.forwarder.forward(query, tcp=tcp)
+
+    async def start(self) -> None:
+        self._udp, self._tcp, self.port = await serve(
+            self.responder, self._forward, self.settings.host, self.settings.port,
+            self.settings.reuse_port)
+        event(log, "dns_listening", address=f"{self.settings.host}:{self.port}",
+              upstreams=",".join(f"{u.host}:{u.port}" for u in self.forwarder.upstreams)
+              or "none", ttl=self.settings.ttl)
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            await self._udp.close()
+        if self._tcp is not None:
+            await self._tcp.close()
+        await self.forwarder.close()
+
+    async def resolve(self, name: str, qtype: str, network: Network | None) -> dict[str, Any]:
+        """What an asker on `network` (None: on the host) gets for `name`."""
+        # The gateway stands for any address of the network: views go by subnet.
+        asker = Asker("127.0.0.1", None) if network is None else Asker(network.gateway,
+                                                                       network.name)
+        return await resolve(self.responder, self._forward, asker, name, qtype)
+
+    def stats(self) -> dict[str, int]:
+        return {**{f"responder_{k}": v for k, v in self.responder.stats.items()},
+                **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()}}

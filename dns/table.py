@@ -1,0 +1,297 @@
+"""The names the mesh answers, kept in step with the state: a sans-IO index.
+
+`NameTable` is fed the state's `Change`s one by one (the change feed) and keeps
+lower-cased indexes of networks, services and tasks, so a lookup never scans
+the state. Every change reports the *owners* it touched (a service name, a
+task name, an address, or `ALL` when a network changed): the responder drops
+exactly the cached answers filed under those owners, nothing else.
+
+Resolution rules (DESIGN.md, "DNS names"; Swarm's in reference §1.2-1.3):
+
+- An asker's view is the network whose subnet holds its source address; any
+  other asker (loopback, the host's own addresses) is on the host and sees
+  every network. The ingress network carries no names at all.
+- `<service>`: the VIP on the first of the service's networks in the view
+  (vip mode), or every healthy task address (dnsrr). `tasks.<service>`: every
+  healthy, running task address. `<task name>`: that task's address.
+  `_<port>._<proto>.<service>` SRV: one record per healthy task, its real port.
+- `<name>.<network>` restricts the lookup to that network (if in the view).
+- PTR: a VIP names its service, a task address its tasks.
+- Mesh space (never forwarded, NXDOMAIN on a miss): `tasks.*`, `*.<network>`,
+  reverse names inside network subnets, names under the cluster domain.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mesh.state.model import (
+    INGRESS,
+    Change,
+    Health,
+    Network,
+    Record,
+    Service,
+    Task,
+    TaskState,
+)
+
+ALL = "*"  # the owner that every cached answer depends on (a network changed)
+HOST_VIEW = ""  # the view of an asker outside every network: it sees them all
+
+
+@dataclass(frozen=True, slots=True)
+class SrvTarget:
+    target: str  # a task name
+    port: int
+    address: str
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the table says of a name; the responder turns it into a reply."""
+
+    found: bool  # the name exists (NOERROR, maybe with no record of the asked type)
+    owners: set[str] = field(default_factory=set)  # what a cached reply depends on
+    addresses: list[str] = field(default_factory=list)  # A records
+    shuffle: bool = False  # several peers of equal rank: rotate per query
+    ptr: list[str] = field(default_factory=list)  # PTR targets (no trailing dot)
+    srv: list[SrvTarget] = field(default_factory=list)
+    mesh_space: bool = False  # a miss is NXDOMAIN, never forwarded
+
+
+class NameTable:
+    """Lower-cased indexes of the state, fed changes, answering lookups."""
+
+    def __init__(self, domain: str | None = None) -> None:
+        self.domain = domain.lower().strip(".") if domain else None
+        self._networks: dict[str, Network] = {}
+        self._subnets: list[tuple[ipaddress.IPv4Network, str]] = []
+        self._services: dict[str, Service] = {}
+        self._tasks: dict[str, Task] = {}  # by id
+        self._tasks_by_service: dict[str, set[str]] = {}
+        self._tasks_by_name: dict[str, str] = {}
+        self._tasks_by_address: dict[str, set[str]] = {}
+        self._vips: dict[str, tuple[str, str]] = {}  # address -> (service, network)
+
+    def __repr__(self) -> str:
+        return (f"<NameTable networks={len(self._networks)} services={len(self._services)} "
+                f"tasks={len(self._tasks)}>")
+
+    # -- feeding --------------------------------------------------------------
+
+    def load(self, records: Iterable[Record]) -> None:
+        for record in records:
+            self._add(record)
+
+    def apply(self, change: Change) -> set[str]:
+        """Take one change; return the owners whose cached answers are now stale."""
+        owners: set[str] = set()
+        if change.before is not None and not change.before.deleted:
+            owners |= self._remove(change.before)
+        if not change.after.deleted:
+            owners |= self._add(change.after)
+        return owners
+
+    def _add(self, record: Record) -> set[str]:
+        if record.deleted:
+            return set()
+        match record:
+            case Network():
+                self._networks[record.name.lower()] = record
+                self._rebuild_subnets()
+                return {ALL}
+            case Service():
+                name = record.name.lower()
+                self._services[name] = record
+                for vip in record.vips:
+                    self._vips[vip.address] = (name, vip.network.lower())
+                return {name, *(v.address for v in record.vips)}
+            case Task():
+                self._tasks[record.id] = record
+                self._tasks_by_service.setdefault(record.service.lower(), set()).add(record.id)
+                self._tasks_by_name[record.name.lower()] = record.id
+                self._tasks_by_address.setdefault(record.address, set()).add(record.id)
+                return {record.service.lower(), record.name.lower(), record.address}
+        return set()
+
+    def _remove(self, record: Record) -> set[str]:
+        match record:
+            case Network():
+                self._networks.pop(record.name.lower(), None)
+                self._rebuild_subnets()
+                return {ALL}
+            case Service():
+                name = record.name.lower()
+                self._services.pop(name, None)
+                for vip in record.vips:
+                    self._vips.pop(vip.address, None)
+                return {name, *(v.address for v in record.vips)}
+            case Task():
+                self._tasks.pop(record.id, None)
+                self._tasks_by_service.get(record.service.lower(), set()).discard(record.id)
+                if self._tasks_by_name.get(record.name.lower()) == record.id:
+                    del self._tasks_by_name[record.name.lower()]
+                self._tasks_by_address.get(record.address, set()).discard(record.id)
+                return {record.service.lower(), record.name.lower(), record.address}
+        return set()
+
+    def _rebuild_subnets(self) -> None:
+        # Networks change rarely; a rebuild of this short list is the simple way.
+        self._subnets = sorted(
+            ((ipaddress.IPv4Network(n.subnet), name) for name, n in self._networks.items()),
+            key=lambda pair: pair[0].prefixlen, reverse=True)
+
+    # -- views ----------------------------------------------------------------
+
+    def view_of(self, source: str) -> str:
+        """The network an asker at `source` is on, or HOST_VIEW."""
+        try:
+            address = ipaddress.IPv4Address(source)
+        except ValueError:
+            return HOST_VIEW
+        if address.is_loopback:
+            return HOST_VIEW
+        for subnet, name in self._subnets:
+            if address in subnet:
+                return name
+        return HOST_VIEW
+
+    def network_names(self) -> list[str]:
+        return sorted(self._networks)
+
+    def _visible_networks(self, service: Service, view: str) -> list[str]:
+        """The service's networks an asker in `view` sees, in the service's order."""
+        nets = [n.lower() for n in service.networks]
+        return nets if view == HOST_VIEW else [n for n in nets if n == view]
+
+    def _sees(self, service: Service, view: str) -> bool:
+        return view == HOST_VIEW or view in (n.lower() for n in service.networks)
+
+    def _healthy_tasks(self, service: str) -> list[Task]:
+        found = (self._tasks[i] for i in self._tasks_by_service.get(service, ()))
+        return sorted((t for t in found if t.health is Health.HEALTHY
+                       and t.state is TaskState.RUNNING), key=lambda t: (t.slot, t.id))
+
+    # -- lookups ----------------------------------------------------------------
+
+    def lookup(self, qname: str, view: str) -> Answer:
+        """Resolve a forward name (A and SRV data) as an asker in `view` sees it."""
+        labels = qname.lower().rstrip(".").split(".")
+        mesh_space = False
+        if self.domain:
+            suffix = self.domain.split(".")
+            if labels[-len(suffix):] == suffix and len(labels) > len(suffix):
+                labels = labels[:-len(suffix)]
+                mesh_space = True
+        answer = self._lookup_labels(labels, view)
+        answer.mesh_space = answer.mesh_space or mesh_space
+        return answer
+
+    def _lookup_labels(self, labels: list[str], view: str) -> Answer:
+        answer = self._lookup_in(labels, view, network=None)
+        if answer.found or len(labels) < 2:
+            return answer
+        network = labels[-1]
+        if network in self._networks and network != INGRESS:
+            if view not in (HOST_VIEW, network):
+                return Answer(found=False, owners={ALL}, mesh_space=True)
+            qualified = self._lookup_in(labels[:-1], view, network=network)
+            qualified.mesh_space = True
+            return qualified
+        return answer
+
+    def _lookup_in(self, labels: list[str], view: str, network: str | None) -> Answer:
+        if len(labels) == 2 and labels[0] == "tasks":
+            return self._tasks_of(labels[1], view, network)
+        if len(labels) == 3 and labels[0].startswith("_") and labels[1] in ("_tcp", "_udp"):
+            return self._srv(labels[0][1:], labels[1][1:], labels[2], view, network)
+        if len(labels) == 1:
+            answer = self._service(labels[0], view, network)
+            if answer.found:
+                return answer
+        return self._task_name(".".join(labels), view, network)
+
+    def _visible_service(self, name: str, view: str, network: str | None) -> Service | None:
+        service = self._services.get(name)
+        if service is None or not self._sees(service, view):
+            return None
+        if network is not None and network not in (n.lower() for n in service.networks):
+            return None
+        return service
+
+    def _service(self, name: str, view: str, network: str | None) -> Answer:
+        service = self._visible_service(name, view, network)
+        if service is None:
+            return Answer(found=False, owners={name})
+        if service.endpoint_mode == "dnsrr":
+            return Answer(found=True, owners={name}, shuffle=True,
+                          addresses=_unique(t.address for t in self._healthy_tasks(name)))
+        nets = [network] if network is not None else self._visible_networks(service, view)
+        by_network = {v.network.lower(): v.address for v in service.vips}
+        addresses = [by_network[n] for n in nets if n in by_network][:1]
+        return Answer(found=True, owners={name}, addresses=addresses)
+
+    def _tasks_of(self, name: str, view: str, network: str | None) -> Answer:
+        service = self._visible_service(name, view, network)
+        if service is None:
+            return Answer(found=False, owners={name}, mesh_space=True)
+        return Answer(found=True, owners={name}, shuffle=True, mesh_space=True,
+                      addresses=_unique(t.address for t in self._healthy_tasks(name)))
+
+    def _srv(self, port_text: str, protocol: str, name: str, view: str,
+             network: str | None) -> Answer:
+        """`_<port>._<proto>.<service>`: one target per healthy task, at its real port.
+
+        `<port>` is a target or published port of the service; a port the
+        service does not publish still answers if its tasks map it.
+        """
+        service = self._visible_service(name, view, network)
+        if service is None or not port_text.isdigit():
+            return Answer(found=False, owners={name})
+        port = int(port_text)
+        target = next((p.target_port for p in service.ports
+                       if p.protocol == protocol and port in (p.target_port, p.published_port)),
+                      None)
+        tasks = self._healthy_tasks(name)
+        if target is None and any(port in t.ports for t in tasks):
+            target = port
+        if target is None:  # a known service without that port: no such name
+            return Answer(found=False, owners={name}, mesh_space=True)
+        srv = [SrvTarget(t.name, t.actual_port(target), t.address) for t in tasks]
+        return Answer(found=True, owners={name}, srv=srv, shuffle=True)
+
+    def _task_name(self, name: str, view: str, network: str | None) -> Answer:
+        task_id = self._tasks_by_name.get(name)
+        task = self._tasks.get(task_id) if task_id else None
+        if task is None or self._visible_service(task.service.lower(), view, network) is None:
+            return Answer(found=False, owners={name})
+        return Answer(found=True, owners={name, task.service.lower()},
+                      addresses=[task.address])
+
+    def reverse(self, address: str, view: str) -> Answer:
+        """PTR for an address: a VIP names its service, a task address its tasks."""
+        owners = {address}
+        in_subnet = any(ipaddress.IPv4Address(address) in s for s, _ in self._subnets)
+        names: list[str] = []
+        vip = self._vips.get(address)
+        if vip is not None and vip[1] != INGRESS:
+            service = self._services.get(vip[0])
+            if service is not None and self._sees(service, view):
+                names.append(f"{service.name}.{vip[1]}")
+        for task_id in sorted(self._tasks_by_address.get(address, ())):
+            task = self._tasks[task_id]
+            service = self._services.get(task.service.lower())
+            if service is None or not self._sees(service, view):
+                continue
+            nets = self._visible_networks(service, view)
+            names.append(f"{task.name}.{nets[0]}" if nets else task.name)
+        return Answer(found=bool(names), owners=owners, ptr=names,
+                      mesh_space=in_subnet)
+
+
+def _unique(addresses: Iterable[str]) -> list[str]:
+    """Addresses in order, each once (two tasks may share a host address)."""
+    return list(dict.fromkeys(addresses))

@@ -1,0 +1,105 @@
+"""The change feed over a Unix socket, for worker processes: a snapshot, then every delta.
+
+A worker (the DNS worker today; the proxy and the L7 router later) connects
+to `<data-dir>/feed.sock` and reads newline-delimited JSON:
+
+    {"snapshot": SEQ, "records": [RECORD, ...]}     once, first
+    {"seq": SEQ, "record": RECORD}                  for every later change
+
+RECORD is `mesh.state.codec.record_to_dict` (tombstones included, so a
+removal is a record with "deleted": true). Snapshot and subscription happen in
+the same tick of the loop, so no change falls between them. A worker that
+reads too slowly is cut off once a few MiB wait for it; it reconnects and
+starts again from a snapshot, which is the whole recovery story.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from mesh.logs import event
+from mesh.state.codec import record_to_dict
+from mesh.state.feed import ChangeFeed
+from mesh.state.model import Change
+
+log = logging.getLogger(__name__)
+
+#: bytes waiting for one worker before it is cut off
+MAX_BACKLOG = 8 << 20
+
+
+#: sun_path holds 108 bytes; a deep data dir puts the socket in a private temp dir
+_SUN_PATH_MAX = 100
+
+
+def feed_socket_path(data_dir: Path) -> Path:
+    path = data_dir / "feed.sock"
+    if len(str(path)) <= _SUN_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="meshplane-")) / "feed.sock"
+
+
+def encode_line(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+
+
+class FeedServer:
+    def __init__(self, feed: ChangeFeed, path: Path) -> None:
+        self._feed = feed
+        self.path = path
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left by an agent that was killed
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        os.chmod(self.path, 0o600)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
+        seq, records = self._feed.snapshot()
+        writer.write(encode_line({"snapshot": seq,
+                                  "records": [record_to_dict(r) for r in records]}))
+
+        def send(change: Change) -> None:
+            if writer.is_closing():
+                return
+            if writer.transport.get_write_buffer_size() > MAX_BACKLOG:
+                event(log, "feed_client_too_slow", logging.WARNING, backlog=MAX_BACKLOG)
+                writer.close()
+                return
+            writer.write(encode_line({"seq": self._feed.seq,
+                                      "record": record_to_dict(change.after)}))
+
+        unsubscribe = self._feed.subscribe(send)
+        try:
+            await reader.read()  # the worker never writes: EOF means it is gone
+        except ConnectionError:
+            pass
+        finally:
+            unsubscribe()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            if task is not None:
+                self._clients.discard(task)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._clients):
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

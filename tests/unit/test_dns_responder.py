@@ -1,0 +1,215 @@
+"""The DNS responder over a real store: names, views, health, caching, malformed packets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
+
+from dns.responder import FORWARD, DnsConfig, Responder, error_reply, reverse_address
+from dns.table import NameTable
+from mesh.ipam import Ipam, parse_pool
+from mesh.state.model import Change, Health
+from mesh.state.specs import NetworkSpec, PortSpec, ServiceSpec, TaskSpec
+from mesh.state.store import Store
+
+HOST = "127.0.0.1"
+NOW = 1.0
+
+
+class World:
+    """A store whose every change goes straight to a responder, as the feed does."""
+
+    def __init__(self, domain: str | None = None) -> None:
+        self.store = Store("n1", Ipam(parse_pool("10.0.0.0/8")), random.Random(1))
+        self.responder = Responder(NameTable(domain), DnsConfig(ttl=5, domain=domain),
+                                   random.Random(2))
+        self.apply(self.store.ensure_ingress())
+        self.apply(self.store.create_network(NetworkSpec(name="front", subnet="10.1.0.0/24"),
+                                             NOW))
+        self.apply(self.store.create_network(NetworkSpec(name="back", subnet="10.2.0.0/24"),
+                                             NOW))
+
+    def apply(self, changes: list[Change]) -> list[Change]:
+        for change in changes:
+            self.responder.on_change(change)
+        return changes
+
+    def service(self, name: str, **kw: object) -> None:
+        self.apply(self.store.create_service(ServiceSpec(name=name, **kw), NOW))  # type: ignore[arg-type]
+
+    def task(self, service: str, address: str, ports: dict[int, int] | None = None) -> str:
+        changes = self.apply(self.store.add_task(
+            TaskSpec(service=service, address=address, ports=ports or {}), NOW))
+        return changes[0].key
+
+    def ask(self, name: str, qtype: str = "A", source: str = HOST, tcp: bool = False,
+            edns: bool = False) -> DNSRecord | object:
+        query = DNSRecord.question(name, qtype)
+        if edns:
+            query.add_ar(EDNS0(udp_len=4096))
+        reply = self.responder.respond(bytes(query.pack()), source, tcp)
+        if reply is FORWARD:
+            return FORWARD
+        assert isinstance(reply, bytes)
+        parsed = DNSRecord.parse(reply)
+        assert parsed.header.id == query.header.id
+        return parsed
+
+
+def addresses(reply: object) -> list[str]:
+    assert isinstance(reply, DNSRecord)
+    return sorted(str(r.rdata) for r in reply.rr if r.rtype == QTYPE.A)
+
+
+@pytest.fixture
+def world() -> World:
+    w = World(domain="mesh")
+    w.service("web", networks=("front", "back"), ports=(PortSpec(target_port=80,
+                                                                   published_port=8080),))
+    w.service("db", networks=("back",), endpoint_mode="dnsrr")
+    w.task("web", "10.1.0.10", {80: 31001})
+    w.task("web", "10.1.0.11", {80: 31002})
+    w.task("db", "10.2.0.20")
+    w.task("db", "10.2.0.21")
+    return w
+
+
+def test_service_vip_depends_on_the_askers_network(world: World) -> None:
+    assert addresses(world.ask("web")) == ["10.1.0.2"]  # host: first network
+    assert addresses(world.ask("web", source="10.2.0.99")) == ["10.2.0.2"]
+    assert addresses(world.ask("web.back")) == ["10.2.0.2"]
+    assert addresses(world.ask("WEB.Mesh.")) == ["10.1.0.2"]
+
+
+def test_tasks_and_dnsrr_and_task_names(world: World) -> None:
+    assert addresses(world.ask("tasks.web")) == ["10.1.0.10", "10.1.0.11"]
+    assert addresses(world.ask("db")) == ["10.2.0.20", "10.2.0.21"]
+    name = world.store.tasks(service="web")[0].name
+    assert addresses(world.ask(name)) == ["10.1.0.10"]
+
+
+def test_network_scoping(world: World) -> None:
+    reply = world.ask("db", source="10.1.0.50")  # front cannot see a back-only service
+    assert reply is FORWARD
+    assert world.ask("tasks.db", source="10.1.0.50").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+    assert world.ask("db.back", source="10.1.0.50").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+    assert addresses(world.ask("db", source="10.2.0.50")) == ["10.2.0.20", "10.2.0.21"]
+
+
+def test_ingress_has_no_names(world: World) -> None:
+    assert world.ask("web.ingress") is FORWARD
+    ingress_vip = next(v.address for v in world.store.service("web").vips
+                       if v.network == "ingress")
+    reverse = ".".join(reversed(ingress_vip.split("."))) + ".in-addr.arpa"
+    assert world.ask(reverse, "PTR").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+
+
+def test_unhealthy_task_is_gone_at_the_next_query(world: World) -> None:
+    assert len(addresses(world.ask("tasks.db"))) == 2  # cached now
+    task = world.store.tasks(service="db")[0]
+    world.apply(world.store.set_health(task.id, Health.UNHEALTHY, "down", NOW))
+    assert addresses(world.ask("tasks.db")) == ["10.2.0.21"]
+    assert addresses(world.ask("db")) == ["10.2.0.21"]
+    world.apply(world.store.set_health(task.id, Health.HEALTHY, "", NOW))
+    assert len(addresses(world.ask("db"))) == 2
+
+
+def test_multi_address_answers_rotate(world: World) -> None:
+    orders = {tuple(str(r.rdata) for r in world.ask("tasks.web").rr) for _ in range(4)}  # type: ignore[union-attr]
+    assert len(orders) == 2
+
+
+def test_srv_gives_each_task_and_its_real_port(world: World) -> None:
+    reply = world.ask("_80._tcp.web", "SRV")
+    assert isinstance(reply, DNSRecord)
+    assert sorted(r.rdata.port for r in reply.rr) == [31001, 31002]
+    assert sorted(str(r.rdata) for r in reply.ar if r.rtype == QTYPE.A) == [
+        "10.1.0.10", "10.1.0.11"]
+    assert world.ask("_8080._tcp.web", "SRV").rr  # type: ignore[union-attr]
+    assert world.ask("_81._tcp.web", "SRV").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+
+
+def test_ptr_of_task_and_vip(world: World) -> None:
+    vip = world.ask("2.0.1.10.in-addr.arpa", "PTR")
+    assert [str(r.rdata) for r in vip.rr] == ["web.front."]  # type: ignore[union-attr]
+    task = world.ask("20.0.2.10.in-addr.arpa", "PTR")
+    assert str(task.rr[0].rdata).endswith(".back.")  # type: ignore[union-attr]
+    assert world.ask("99.0.2.10.in-addr.arpa", "PTR").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+    assert world.ask("1.1.168.192.in-addr.arpa", "PTR") is FORWARD
+
+
+def test_known_name_other_type_is_empty_noerror(world: World) -> None:
+    reply = world.ask("web", "AAAA")
+    assert reply.header.rcode == RCODE.NOERROR and not reply.rr  # type: ignore[union-attr]
+
+
+def test_mesh_space_misses_are_nxdomain_others_forwarded(world: World) -> None:
+    for name in ("tasks.nope", "nope.front", "nope.mesh"):
+        assert world.ask(name).header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+    assert world.ask("example.com") is FORWARD
+    assert world.ask("example.com") is FORWARD  # from the forward marker
+
+
+def test_a_new_service_replaces_a_cached_miss(world: World) -> None:
+    assert world.ask("api") is FORWARD
+    assert world.ask("tasks.api").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+    world.service("api", networks=("front",))
+    assert addresses(world.ask("api")) == ["10.1.0.3"]
+    assert world.ask("tasks.api").header.rcode == RCODE.NOERROR  # type: ignore[union-attr]
+
+
+def test_large_answers_truncate_over_udp_but_not_tcp() -> None:
+    w = World()
+    w.service("big", networks=("front",), endpoint_mode="dnsrr")
+    for i in range(60):
+        w.task("big", f"10.1.0.{100 + i}")
+    udp = w.ask("big")
+    assert udp.header.tc == 1 and not udp.rr  # type: ignore[union-attr]
+    assert len(addresses(w.ask("big", tcp=True))) == 60
+    assert len(addresses(w.ask("big", edns=True))) == 60  # 1232 bytes hold 60 A records
+
+
+def test_malformed_packets() -> None:
+    responder = World().responder
+    query = bytes(DNSRecord.question("web").pack())
+    assert responder.respond(b"\x00\x01", HOST) is None  # no header: dropped
+    response = bytearray(query)
+    response[2] |= 0x80
+    assert responder.respond(bytes(response), HOST) is None  # a response: never answered
+    notimp = bytearray(query)
+    notimp[2] |= 0x10  # opcode 2 (STATUS)
+    assert DNSRecord.parse(responder.respond(bytes(notimp), HOST)).header.rcode == RCODE.NOTIMP  # type: ignore[arg-type]
+    two = bytearray(query)
+    two[5] = 2  # QDCOUNT 2
+    assert DNSRecord.parse(responder.respond(bytes(two), HOST)).header.rcode == RCODE.FORMERR  # type: ignore[arg-type]
+    loop = query[:12] + b"\xc0\x0c" + b"\x00\x01\x00\x01"  # a name pointing at itself
+    assert DNSRecord.parse(responder.respond(loop, HOST)).header.rcode == RCODE.FORMERR  # type: ignore[arg-type]
+    assert responder.stats["formerr"] == 2 and responder.stats["notimp"] == 1
+    assert responder.stats["dropped"] == 2
+
+
+def test_error_reply_keeps_id_and_rd() -> None:
+    reply = DNSRecord.parse(error_reply(bytes(DNSRecord.question("x").pack()), 1))
+    assert reply.header.rd == 1 and reply.header.qr == 1 and reply.header.rcode == 1
+
+
+def test_reverse_address() -> None:
+    assert reverse_address("4.3.2.1.in-addr.arpa.") == "1.2.3.4"
+    assert reverse_address("3.2.1.in-addr.arpa.") is None
+    assert reverse_address("x.3.2.1.in-addr.arpa.") is None
+
+
+def test_edns_options_like_cookies_share_one_cache_entry(world: World) -> None:
+    from dnslib import EDNSOption
+
+    seen = set()
+    for cookie in range(6):
+        query = DNSRecord.question("tasks.web")
+        query.add_ar(EDNS0(udp_len=4096, opts=[EDNSOption(10, cookie.to_bytes(8, "big"))]))
+        reply = world.responder.respond(bytes(query.pack()), HOST)
+        assert isinstance(reply, bytes)
+        seen.add(tuple(str(r.rdata) for r in DNSRecord.parse(reply).rr))
+    assert len(seen) == 2  # the rotation goes on across cookies
+    assert len(world.responder.cache) == 1
