@@ -48,6 +48,7 @@ EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation
 TCP_MAX = 65535
 MAX_ROTATIONS = 8
 NOERROR, FORMERR, NXDOMAIN, NOTIMP = 0, 1, 3, 4  # RFC 1035 §4.1.1
+CLASS_IN, CLASS_ANY = 1, 255
 DEFAULT_CACHE_ENTRIES = 100_000
 
 
@@ -140,6 +141,9 @@ class Responder:
             return self._refuse(data, FORMERR)
         if len(query.questions) != 1:
             return self._refuse(data, FORMERR)
+        if query.q.qclass not in (CLASS_IN, CLASS_ANY):  # CHAOS and friends: not ours
+            self.stats["forwarded"] += 1
+            return FORWARD
         canonical = canonical_key(query, key)
         if canonical != key:
             # EDNS options (a client cookie, say) differ per query but change no
@@ -227,10 +231,7 @@ class Responder:
         wire = reply.pack()
         if len(wire) > limit:
             self.stats["truncated"] += 1
-            short = reply.truncate()
-            if edns is not None:
-                short.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
-            wire = short.pack()
+            wire = truncated(reply, edns is not None)
         return bytes(wire[2:])
 
     def _file(self, key: tuple[str, bool, bytes], owners: set[str],
@@ -303,8 +304,20 @@ def fit_udp(query: bytes, reply: bytes) -> bytes:
     limit = UDP_MIN if edns is None else max(UDP_MIN, int(edns.rclass))
     if len(reply) <= limit:
         return reply
-    short = answer.truncate()
-    if edns is not None:
+    return truncated(answer, edns is not None)
+
+
+def truncated(reply: DNSRecord, edns: bool) -> bytes:
+    """The reply with TC set and no records, but its question (and OPT) kept.
+
+    dnslib's own truncate() drops the question too, and a stub such as glibc
+    ignores a reply whose question does not match its query instead of
+    retrying over TCP.
+    """
+    header = DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap)
+    header.tc = 1
+    short = DNSRecord(header, questions=list(reply.questions))
+    if edns:
         short.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
     return bytes(short.pack())
 

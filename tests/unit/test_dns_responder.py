@@ -213,3 +213,19 @@ def test_edns_options_like_cookies_share_one_cache_entry(world: World) -> None:
         seen.add(tuple(str(r.rdata) for r in DNSRecord.parse(reply).rr))
     assert len(seen) == 2  # the rotation goes on across cookies
     assert len(world.responder.cache) == 1
+
+
+def test_truncated_reply_keeps_its_question() -> None:
+    w = World()
+    w.service("big", networks=("front",), endpoint_mode="dnsrr")
+    for i in range(60):
+        w.task("big", f"10.1.0.{100 + i}")
+    reply = w.ask("big")
+    assert isinstance(reply, DNSRecord)
+    assert reply.header.tc == 1
+    assert [str(q.qname) for q in reply.questions] == ["big."]
+
+
+def test_other_classes_are_not_ours(world: World) -> None:
+    query = DNSRecord.question("web", "A", "CH")
+    assert world.responder.respond(bytes(query.pack()), HOST) is FORWARD

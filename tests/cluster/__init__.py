@@ -1,0 +1,1 @@
+"""Cluster tests: real agents in network namespaces (root only)."""
