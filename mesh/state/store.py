@@ -75,6 +75,10 @@ class Store:
         self._tasks_by_service: dict[str, set[str]] = {}
         self._task_names: dict[str, str] = {}
         self._published: dict[tuple[str, int], str] = {}
+        # Who holds each VIP. Two nodes may hand out one address at the same
+        # moment (no central allocator); until that is repaired both hold it,
+        # and the address stays claimed while either does.
+        self._vip_holders: dict[tuple[str, str], set[str]] = {}
 
     def __repr__(self) -> str:
         counts = " ".join(f"{kind}s={sum(1 for _ in self.live(kind))}" for kind in Kind)
@@ -163,7 +167,41 @@ class Store:
         current = self._records[KIND_OF[type(record)]].get(record.key)
         if current is not None and current.version >= record.version:
             return []
-        return [self._write(record)]
+        changes = [self._write(record)]
+        if isinstance(record, Service) and not record.deleted:
+            changes += self._repair_vip_conflicts(record)
+        return changes
+
+    def vip_conflicts(self) -> list[tuple[str, str, list[str]]]:
+        """(network, address, services) for every VIP held by more than one service."""
+        return sorted((net, addr, sorted(names))
+                      for (net, addr), names in self._vip_holders.items() if len(names) > 1)
+
+    def _repair_vip_conflicts(self, merged: Service) -> list[Change]:
+        """Two services with one VIP: the younger gives its VIP up, by its own writer's hand.
+
+        Every node picks the same loser (the later-created service, then the
+        greater name), but only the node that wrote the loser's current
+        version changes it, so the repair is written once and then gossiped.
+        """
+        changes: list[Change] = []
+        for vip in merged.vips:
+            holders = sorted(self._vip_holders.get((vip.network, vip.address), ()))
+            services = [s for name in holders if isinstance(s := self.get(Kind.SERVICE, name),
+                                                             Service)]
+            if len(services) < 2:
+                continue
+            loser = max(services, key=lambda s: (s.created_at, s.name))
+            if loser.version.node != self.node:
+                continue
+            changes.append(self._write(self._reallocated(loser, vip.network)))
+        return changes
+
+    def _reallocated(self, service: Service, network: str) -> Service:
+        fresh = Vip(network=network, address=str(self.ipam.allocate(network)))
+        vips = tuple(fresh if v.network == network else v for v in service.vips)
+        self.ipam.release(network, [ipaddress.IPv4Address(fresh.address)])  # _put claims it
+        return dataclasses.replace(service, vips=vips, version=self._tick())
 
     # -- networks ----------------------------------------------------------
 
@@ -364,11 +402,17 @@ class Store:
 
     def _claim_vips(self, service: Service) -> None:
         for vip in service.vips:
+            self._vip_holders.setdefault((vip.network, vip.address), set()).add(service.name)
             self.ipam.claim(vip.network, ipaddress.IPv4Address(vip.address))
 
     def _release_vips(self, service: Service) -> None:
         for vip in service.vips:
-            self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
+            key = (vip.network, vip.address)
+            holders = self._vip_holders.get(key, set())
+            holders.discard(service.name)
+            if not holders:
+                self._vip_holders.pop(key, None)
+                self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
 
     def _check_name_free(self, kind: Kind, name: str) -> None:
         """Names are DNS names, which compare in lower case: `WEB` is taken by `web`."""

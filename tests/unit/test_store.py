@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import pytest
@@ -241,3 +242,21 @@ def test_names_with_a_trailing_newline_are_not_labels() -> None:
 
     assert is_dns_label("web")
     assert not is_dns_label("web\n")
+
+
+def test_a_vip_handed_out_twice_by_two_nodes_is_repaired_once() -> None:
+    a, b = make_store("a", seed=1), make_store("b", seed=2)
+    net = a.create_network(NetworkSpec(name="front", subnet="127.65.1.0/24"), NOW)[0].after
+    b.merge(net)
+    one = a.create_service(ServiceSpec(name="one", networks=("front",)), 1.0)[0].after
+    two = b.create_service(ServiceSpec(name="two", networks=("front",)), 2.0)[0].after
+    assert isinstance(one, Service) and isinstance(two, Service)
+    assert one.vips == two.vips  # created at the same moment on two nodes
+    repaired = [c.after for c in b.merge(one)]  # b wrote the younger one: b repairs it
+    assert [r.key for r in repaired] == ["one", "two"]
+    assert [c.key for c in a.merge(two)] == ["two"]  # a sees the clash but leaves it ...
+    assert a.vip_conflicts() == [("front", "127.65.1.2", ["one", "two"])]
+    a.merge(repaired[1])  # ... until the repair arrives
+    assert a.vip_conflicts() == [] and b.vip_conflicts() == []
+    assert a.service("two").vips == b.service("two").vips != one.vips
+    assert a.ipam.is_claimed("front", ipaddress.IPv4Address("127.65.1.2"))
