@@ -1,0 +1,555 @@
+"""SWIM + Lifeguard membership and dissemination, sans-IO (docs/gossip.md, "Core").
+
+Theory of operation
+-------------------
+`Membership` is a plain object driven by three kinds of input, each given the
+caller's clock `now` (aioquic's shape): API calls (`join`, `leave`,
+`broadcast`), what peers sent (`handle_packet`, `handle_stream`,
+`handle_stream_reply`) and `handle_timer(now)`, due at `next_timer()`. It
+answers through queues the shell drains after every input: `packets_to_send`,
+`streams_to_open`, `next_event`. All randomness comes from the `rng` given;
+iteration is over insertion-ordered dicts and lists only, so one seed and one
+input sequence give one run.
+
+Failure detection (SWIM §4, memberlist state.go probe/probeNode). Each
+protocol period — `probe_interval * (health + 1)`, Lifeguard's LHA-Probe —
+the next member of a shuffled round-robin ring (`members.ProbeRing`) gets a
+Ping; a SUSPECT target also gets the Suspect in the same packet so it can
+refute at once (Lifeguard buddy system). No Ack within `probe_timeout`: ask
+`indirect_checks` random alive peers with IndirectPing(nack=True); they ping
+the target and relay its Ack, or answer Nack after their own probe_timeout.
+No Ack by the end of the period: apply the awareness delta (missing nacks
+point at us, not the target) and suspect the target.
+
+Suspicion (SWIM §4.2, Lifeguard LHA-Suspicion, `suspicion.py`): a SUSPECT
+member is declared DEAD when its timer runs out; Suspects from distinct
+senders shorten it from max toward min. A member told it is suspect or dead
+at an incarnation >= its own refutes: incarnation = accused + 1, Alive queued.
+
+Dissemination (SWIM §4.1, memberlist queue.go): state changes go into a
+transmit-limited queue (`broadcasts.py`) and ride on every outgoing packet up
+to the datagram budget; every `gossip_interval` they also go to
+`gossip_nodes` random peers (dead ones too, for `gossip_to_the_dead_time`).
+User payloads of the layer above travel the same way and are re-queued by
+every receiver (epidemic), delivered once per payload digest.
+
+Anti-entropy (memberlist pushPullNode/mergeState): on `join` and every
+`push_pull_scale(push_pull_interval, n)` a full-state PushPull goes over TCP
+to one peer; both sides merge nodes by precedence and the user state via the
+`StateDelegate`. A remote DEAD is merged as a suspicion of our own (state.go).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from gossip.awareness import Awareness
+from gossip.broadcasts import BroadcastQueue, RecentDigests
+from gossip.codec import COMPOUND_OVERHEAD, MAX_META, MAX_NAME, MAX_PARTS, part_size
+from gossip.config import GossipConfig, push_pull_scale, retransmit_limit
+from gossip.errors import ConfigError, EncodeError
+from gossip.members import (
+    Change,
+    Event,
+    MemberAlive,
+    MemberFailed,
+    MemberInfo,
+    MemberJoined,
+    MemberLeft,
+    MemberStates,
+    MemberSuspected,
+    MemberUpdated,
+    k_random_members,
+)
+from gossip.messages import (
+    Ack,
+    Addr,
+    Alive,
+    Dead,
+    IndirectPing,
+    MemberState,
+    Message,
+    Nack,
+    NodeState,
+    Packet,
+    Ping,
+    PushPull,
+    StreamRequest,
+    Suspect,
+    User,
+)
+
+__all__ = [  # the events are re-exported: drivers import them from here or from `gossip`
+    "STAT_NAMES",
+    "Event",
+    "MemberAlive",
+    "MemberFailed",
+    "MemberInfo",
+    "MemberJoined",
+    "MemberLeft",
+    "MemberSuspected",
+    "MemberUpdated",
+    "Membership",
+    "StateDelegate",
+]
+
+ALIVE, SUSPECT, DEAD, LEFT = (MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD,
+                              MemberState.LEFT)
+
+STAT_NAMES = (
+    "probes", "acks", "nacks", "indirect_probes", "probe_failures", "relayed_pings",
+    "misdirected_pings", "suspicions", "confirmations", "refutes", "failures", "leaves",
+    "joins", "rejoins", "conflicts", "user_delivered", "user_duplicates", "push_pulls",
+    "push_pulls_served", "push_pull_failures", "packets", "unexpected",
+)
+"""Keys of `Membership.stats`, all present from the start."""
+
+
+class StateDelegate(Protocol):
+    """The layer above: the agent's replicated tables (memberlist delegate.go)."""
+
+    def local_state(self, join: bool) -> bytes:
+        """Our full state for a push-pull (join: the exchange is a join)."""
+
+    def merge_remote_state(self, data: bytes, join: bool) -> None:
+        """A peer's full state from a push-pull."""
+
+    def notify_user(self, payload: bytes, source: str) -> None:
+        """A User message arrived (once per payload); `source` = the peer that relayed it."""
+
+
+@dataclass(slots=True)
+class _Probe:
+    seq: int
+    target: str
+    incarnation: int  # the target's, when the probe began (a refutation may overtake us)
+    indirect_at: float
+    deadline: float
+    indirect_sent: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass(slots=True)
+class _Relay:
+    reply_to: Addr
+    seq: int  # the requester's sequence number
+    deadline: float
+    nack: bool
+
+
+class Membership:
+    """One member's view of the cluster and its part in SWIM; see the module docstring."""
+
+    def __init__(self, config: GossipConfig, name: str, addr: Addr, *,
+                 rng: random.Random, now: float, meta: bytes = b"",
+                 state: StateDelegate | None = None, lifeguard: bool = True,
+                 incarnation: int = 0) -> None:
+        if not 1 <= len(name) <= MAX_NAME:
+            raise ConfigError(f"name must be 1..{MAX_NAME} chars")
+        if len(meta) > MAX_META or incarnation < 0:
+            raise ConfigError(f"meta must be <= {MAX_META} B and incarnation >= 0")
+        self.config, self.name, self.addr, self.lifeguard = config, name, addr, lifeguard
+        self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
+        self._rng, self._delegate, self._meta = rng, state, meta
+        self._incarnation, self._left, self._seq = incarnation, False, 0
+        self._members = MemberStates(config, rng, lifeguard=lifeguard)
+        self._queue = BroadcastQueue(config.broadcast_queue_depth)
+        self._awareness = Awareness(config.awareness_max_multiplier)
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._outbox: list[tuple[Addr, list[Message], bool]] = []  # (to, messages, piggyback)
+        self._streams: list[StreamRequest] = []
+        self._events: deque[Event] = deque()
+        self._recent_user = RecentDigests(config.recent_user_messages)
+        # Stagger the periodic work inside its first interval (memberlist triggerFunc).
+        self._next_probe = now + rng.random() * config.probe_interval
+        self._next_gossip = now + rng.random() * config.gossip_interval
+        self._next_push_pull = (now + rng.random() * config.push_pull_interval
+                                if config.push_pull_interval > 0 else math.inf)
+        me = MemberInfo(name=name, addr=addr, state=ALIVE, incarnation=incarnation, meta=meta,
+                        state_since=now)
+        self._members.add_self(me)
+        self._queue_update(name, self._alive_message())
+        self._events.append(MemberJoined(me))
+
+    # -- inputs ---------------------------------------------------------------
+
+    def join(self, seeds: Sequence[Addr], now: float) -> None:
+        """Push-pull (join=True) with every seed but ourselves; replies via handle_stream_reply."""
+        for seed in dict.fromkeys(seeds):
+            if seed != self.addr:
+                self._streams.append(StreamRequest(seed, self._push_pull_state(join=True)))
+
+    def leave(self, now: float) -> None:
+        """Graceful leave: gossip Dead(node=self, sender=self); peers mark us LEFT."""
+        if self._left:
+            return
+        self._left, self._probe = True, None
+        me = replace(self._members.table[self.name], state=LEFT, state_since=now)
+        self._members.table.set(me)
+        self._queue_update(self.name, Dead(incarnation=self._incarnation, node=self.name,
+                                           sender=self.name))
+        self._events.append(MemberLeft(me))
+        self.stats["leaves"] += 1
+
+    def handle_packet(self, messages: Sequence[Message], source: Addr, now: float) -> None:
+        """The messages of one datagram from `source`."""
+        for message in messages:
+            self._dispatch(message, source, now)
+        self._expire_suspicions(now)  # a confirmation may have moved a deadline into the past
+
+    def handle_stream(self, message: PushPull, source: Addr, now: float) -> PushPull:
+        """An incoming push-pull: answer with our state as it was, then merge theirs."""
+        reply = self._push_pull_state(message.join)
+        self._merge(message, now)
+        self.stats["push_pulls_served"] += 1
+        return reply
+
+    def handle_stream_reply(self, message: PushPull | None, to: Addr, now: float) -> None:
+        """The answer to one of our StreamRequests, or None if the stream failed."""
+        if message is None:
+            self.stats["push_pull_failures"] += 1
+            return
+        self.stats["push_pulls"] += 1
+        self._merge(message, now)
+
+    def handle_timer(self, now: float) -> None:
+        """Run everything due at or before `now`."""
+        self._expire_relays(now)
+        self._check_probe(now)
+        if now >= self._next_probe:
+            self._start_probe(now)
+        self._expire_suspicions(now)
+        if now >= self._next_gossip:
+            self._next_gossip = _advance(self._next_gossip, self.config.gossip_interval, now)
+            self._gossip(now)
+        if now >= self._next_push_pull:
+            self._push_pull(now)
+
+    def broadcast(self, payload: bytes, key: str | None = None) -> None:
+        """Disseminate a User payload; a newer one with the same key replaces the queued older."""
+        message = User(payload=payload)
+        size = part_size(message)
+        if size + COMPOUND_OVERHEAD > self.config.packet_budget:
+            raise EncodeError("oversized", f"User of {len(payload)} B does not fit a datagram")
+        digest = RecentDigests.digest(payload)
+        self._recent_user.add(digest)
+        self._queue.push(("user", key) if key is not None else ("msg", digest), message, size)
+
+    # -- outputs --------------------------------------------------------------
+
+    def packets_to_send(self) -> list[Packet]:
+        """Datagrams to send now; queued broadcasts are piggybacked as they are drained."""
+        packets = [self._fill(to, messages, piggyback) for to, messages, piggyback in self._outbox]
+        self._outbox.clear()
+        self.stats["packets"] += len(packets)
+        return packets
+
+    def streams_to_open(self) -> list[StreamRequest]:
+        streams, self._streams = self._streams, []
+        return streams
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def next_timer(self) -> float | None:
+        """Absolute time at which handle_timer is next due."""
+        times = [self._next_gossip, self._next_probe, self._next_push_pull]
+        if self._probe is not None:
+            times.append(self._probe.deadline)
+            if not self._probe.indirect_sent:
+                times.append(self._probe.indirect_at)
+        times.extend(r.deadline for r in self._relays.values())
+        times.extend(s.deadline for s in self._members.suspicions.values())
+        return min(times)
+
+    # -- views ----------------------------------------------------------------
+
+    def members(self) -> list[MemberInfo]:
+        """Every member known, ourselves included; DEAD/LEFT ones for tombstone_timeout."""
+        return list(self._members.table)
+
+    def health_score(self) -> int:
+        """Lifeguard local health multiplier (0 = healthy)."""
+        return self._awareness.score
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def left(self) -> bool:
+        return self._left
+
+    def __repr__(self) -> str:
+        table = self._members.table
+        alive = sum(1 for m in table if m.state is ALIVE)
+        return (f"<Membership {self.name} inc={self._incarnation} alive={alive}/{len(table)} "
+                f"health={self._awareness.score} queued={len(self._queue)}>")
+
+    # -- probing (SWIM §4.1/4.3, memberlist state.go probe/probeNode) ----------
+
+    def _start_probe(self, now: float) -> None:
+        period = self._awareness.scale(self.config.probe_interval)
+        self._next_probe = now + period
+        self._members.tick(now)  # the ring may wrap and reap
+        name = None if self._left else self._members.ring.next(self._probeable, self._rng)
+        if name is None:
+            return
+        target = self._members.table[name]
+        seq = self._next_seq()
+        messages: list[Message] = [Ping(seq=seq, target=name, source=self.name)]
+        if target.state is not ALIVE and self.lifeguard:  # buddy system: let it refute now
+            messages.append(Suspect(incarnation=target.incarnation, node=name, sender=self.name))
+        self._send(target.addr, messages)
+        self._probe = _Probe(seq, name, target.incarnation,
+                             now + self.config.probe_timeout, now + period)
+        self.stats["probes"] += 1
+
+    def _probeable(self, name: str) -> bool:
+        member = self._members.table.get(name)
+        return member is not None and name != self.name and member.state in (ALIVE, SUSPECT)
+
+    def _check_probe(self, now: float) -> None:
+        probe = self._probe
+        if probe is None:
+            return
+        if not probe.indirect_sent and now >= probe.indirect_at:
+            self._send_indirect(probe)
+        if now >= probe.deadline:
+            self._probe = None
+            self._probe_failed(probe, now)
+
+    def _send_indirect(self, probe: _Probe) -> None:
+        probe.indirect_sent = True
+        target = self._members.table.get(probe.target)
+        if target is None:
+            return
+        peers = self._random_members(self.config.indirect_checks, lambda m: (
+            m.state is ALIVE and m.name != self.name and m.name != probe.target))
+        for peer in peers:
+            self._send(peer.addr, [IndirectPing(seq=probe.seq, target=target.name,
+                                                target_addr=target.addr, source=self.name,
+                                                nack=self.lifeguard)])
+        probe.expected_nacks = len(peers) if self.lifeguard else 0
+        self.stats["indirect_probes"] += len(peers)
+
+    def _probe_failed(self, probe: _Probe, now: float) -> None:
+        if self.lifeguard:  # relays that did not even nack point at us (awareness.go)
+            missed = probe.expected_nacks - probe.nacks if probe.expected_nacks else 1
+            self._awareness.apply_delta(max(0, missed))
+        self.stats["probe_failures"] += 1
+        self._on_suspect(Suspect(incarnation=probe.incarnation, node=probe.target,
+                                 sender=self.name), now)
+
+    def _expire_relays(self, now: float) -> None:
+        for seq, relay in list(self._relays.items()):
+            if now >= relay.deadline:
+                del self._relays[seq]
+                if relay.nack:
+                    self._send(relay.reply_to, [Nack(seq=relay.seq)])
+
+    # -- incoming messages ----------------------------------------------------
+
+    def _dispatch(self, message: Message, source: Addr, now: float) -> None:
+        match message:
+            case Ping():
+                self._on_ping(message, source)
+            case IndirectPing():
+                self._on_indirect_ping(message, source, now)
+            case Ack():
+                self._on_ack(message)
+            case Nack():
+                self._on_nack(message)
+            case Alive():
+                self._on_alive(message, now)
+            case Suspect():
+                self._on_suspect(message, now)
+            case Dead():
+                self._on_dead(message, now)
+            case User():
+                self._on_user(message, source)
+            case PushPull():
+                self.stats["unexpected"] += 1  # push-pull travels on streams only
+
+    def _on_ping(self, ping: Ping, source: Addr) -> None:
+        if ping.target and ping.target != self.name:  # a stale address reached another node
+            self.stats["misdirected_pings"] += 1
+            return
+        self._send(ping.source_addr or source, [Ack(seq=ping.seq)])
+
+    def _on_indirect_ping(self, req: IndirectPing, source: Addr, now: float) -> None:
+        seq = self._next_seq()
+        self._relays[seq] = _Relay(source, req.seq, now + self.config.probe_timeout, req.nack)
+        self._send(req.target_addr, [Ping(seq=seq, target=req.target, source=self.name,
+                                          source_addr=self.addr)])
+        self.stats["relayed_pings"] += 1
+
+    def _on_ack(self, ack: Ack) -> None:
+        probe = self._probe
+        if probe is not None and ack.seq == probe.seq:
+            self._probe = None
+            self.stats["acks"] += 1
+            if self.lifeguard:
+                self._awareness.apply_delta(-1)
+            return
+        relay = self._relays.pop(ack.seq, None)
+        if relay is not None:
+            self._send(relay.reply_to, [Ack(seq=relay.seq)])
+
+    def _on_nack(self, nack: Nack) -> None:
+        if self._probe is not None and nack.seq == self._probe.seq:
+            self._probe.nacks += 1
+            self.stats["nacks"] += 1
+
+    def _on_user(self, user: User, source: Addr) -> None:
+        digest = RecentDigests.digest(user.payload)
+        if not self._recent_user.add(digest):
+            self.stats["user_duplicates"] += 1
+            return
+        self.stats["user_delivered"] += 1
+        if self._delegate is not None:
+            name = self._members.table.name_at(source) or f"{source[0]}:{source[1]}"
+            self._delegate.notify_user(user.payload, name)
+        self._queue.push(("msg", digest), user, part_size(user))  # epidemic: pass it on
+
+    # -- state changes (SWIM §4.2; the rules are members.MemberStates) --------
+
+    def _on_alive(self, alive: Alive, now: float) -> None:
+        if alive.node != self.name:
+            self._accept(alive, self._members.apply_alive(alive, now))
+        elif not self._left and (alive.incarnation > self._incarnation or (
+                alive.incarnation == self._incarnation
+                and (alive.meta, alive.addr) != (self._meta, self.addr))):
+            self._refute(alive.incarnation)  # e.g. news of our previous life, before a restart
+
+    def _on_suspect(self, suspect: Suspect, now: float) -> None:
+        if suspect.node != self.name:
+            self._accept(suspect, self._members.apply_suspect(suspect, now))
+        elif not self._left and suspect.incarnation >= self._incarnation:
+            self._refute(suspect.incarnation)
+
+    def _on_dead(self, dead: Dead, now: float) -> None:
+        if dead.node != self.name:
+            self._accept(dead, self._members.apply_dead(dead, now))
+        elif not self._left and dead.incarnation >= self._incarnation:
+            self._refute(dead.incarnation)
+
+    def _accept(self, news: Alive | Suspect | Dead, change: Change | None) -> None:
+        """Re-gossip the news that changed something, and report the change."""
+        if change is None:
+            return
+        if change.regossip:
+            self._queue_update(change.member.name, news)
+        if change.event is not None:
+            self._events.append(change.event)
+        if change.stat is not None:
+            self.stats[change.stat] += 1
+
+    def _expire_suspicions(self, now: float) -> None:
+        for verdict in self._members.expired(now, self.name):
+            self._on_dead(verdict, now)
+
+    def _refute(self, accused: int) -> None:
+        """Outbid the accusation (SWIM §4.2; memberlist refute): inc = max(own, accused) + 1."""
+        self._incarnation = max(self._incarnation, accused) + 1
+        if self.lifeguard:
+            self._awareness.apply_delta(1)
+        table = self._members.table
+        table.set(replace(table[self.name], incarnation=self._incarnation))
+        self._queue_update(self.name, self._alive_message())
+        self.stats["refutes"] += 1
+
+    # -- dissemination and anti-entropy ---------------------------------------
+
+    def _gossip(self, now: float) -> None:
+        if not len(self._queue):
+            return
+        peers = self._random_members(self.config.gossip_nodes,
+                                     lambda m: self._gossipable(m, now))
+        room = self.config.packet_budget - COMPOUND_OVERHEAD
+        for peer in peers:
+            messages = self._queue.take(room, self._retransmit_limit(), MAX_PARTS)
+            if not messages:
+                return
+            self._outbox.append((peer.addr, messages, False))
+
+    def _gossipable(self, member: MemberInfo, now: float) -> bool:
+        if member.name == self.name or member.state is LEFT:
+            return False
+        return member.state is not DEAD or (
+            now - member.state_since < self.config.gossip_to_the_dead_time)
+
+    def _push_pull(self, now: float) -> None:
+        self._next_push_pull = now + push_pull_scale(self.config.push_pull_interval,
+                                                     len(self._members.ring))
+        if self._left:
+            return
+        peers = self._random_members(1, lambda m: m.state is ALIVE and m.name != self.name)
+        if peers:
+            self._streams.append(StreamRequest(peers[0].addr, self._push_pull_state(False)))
+
+    def _push_pull_state(self, join: bool) -> PushPull:
+        nodes = tuple(NodeState(name=m.name, addr=m.addr, incarnation=m.incarnation,
+                                state=m.state, meta=m.meta)
+                      for m in self._members.table if m.name in self._members.ring)
+        user = self._delegate.local_state(join) if self._delegate is not None else b""
+        return PushPull(nodes=nodes, join=join, user_state=user)
+
+    def _merge(self, remote: PushPull, now: float) -> None:
+        """memberlist mergeState: a remote DEAD becomes our own suspicion, not a verdict."""
+        for node in remote.nodes:
+            if node.state is ALIVE:
+                self._on_alive(Alive(incarnation=node.incarnation, node=node.name,
+                                     addr=node.addr, meta=node.meta), now)
+            elif node.state is LEFT:
+                self._on_dead(Dead(incarnation=node.incarnation, node=node.name,
+                                   sender=node.name), now)
+            else:
+                self._on_suspect(Suspect(incarnation=node.incarnation, node=node.name,
+                                         sender=self.name), now)
+        if remote.user_state and self._delegate is not None:
+            self._delegate.merge_remote_state(remote.user_state, remote.join)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _send(self, to: Addr, messages: list[Message]) -> None:
+        self._outbox.append((to, messages, True))
+
+    def _fill(self, to: Addr, messages: list[Message], piggyback: bool) -> Packet:
+        if piggyback:
+            messages = self._queue.piggyback(messages,
+                                             self.config.packet_budget - COMPOUND_OVERHEAD,
+                                             self._retransmit_limit(), MAX_PARTS)
+        return Packet(to, tuple(messages))
+
+    def _queue_update(self, node: str, message: Alive | Suspect | Dead) -> None:
+        self._queue.push(("node", node), message, part_size(message))
+
+    def _retransmit_limit(self) -> int:
+        return retransmit_limit(self.config.retransmit_mult, len(self._members.ring))
+
+    def _alive_message(self) -> Alive:
+        return Alive(incarnation=self._incarnation, node=self.name, addr=self.addr,
+                     meta=self._meta)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _random_members(self, k: int,
+                        accept: Callable[[MemberInfo], bool]) -> list[MemberInfo]:
+        members = self._members
+        return k_random_members(k, members.ring.names, members.table, accept, self._rng)
+
+
+def _advance(due: float, interval: float, now: float) -> float:
+    """The next tick of a fixed-rate timer; skip ticks missed while we were not called."""
+    due += interval
+    return due if due > now else now + interval

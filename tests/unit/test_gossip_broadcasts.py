@@ -1,0 +1,66 @@
+"""The transmit-limited broadcast queue (memberlist queue.go semantics)."""
+
+from __future__ import annotations
+
+from gossip.broadcasts import BroadcastQueue
+from gossip.codec import part_size
+from gossip.messages import Alive, Message, Suspect, User
+
+
+def _user(payload: bytes) -> User:
+    return User(payload=payload)
+
+
+def _push(queue: BroadcastQueue, key: object, message: Message) -> None:
+    queue.push(key, message, part_size(message))
+
+
+def test_each_broadcast_is_sent_limit_times_then_dropped() -> None:
+    queue = BroadcastQueue(max_depth=10)
+    _push(queue, "a", _user(b"a"))
+    sent = [queue.take(1000, limit=3, max_items=10) for _ in range(5)]
+    assert sent == [[_user(b"a")]] * 3 + [[], []]
+    assert len(queue) == 0
+
+
+def test_fewest_transmits_first_then_larger_then_newer() -> None:
+    queue = BroadcastQueue(max_depth=10)
+    _push(queue, "old", _user(b"o"))
+    assert queue.take(1000, limit=5, max_items=1) == [_user(b"o")]
+    _push(queue, "small", _user(b"s"))
+    _push(queue, "big", _user(b"b" * 50))
+    _push(queue, "small2", _user(b"t"))
+    assert queue.take(1000, limit=5, max_items=4) == [
+        _user(b"b" * 50), _user(b"t"), _user(b"s"), _user(b"o")]
+
+
+def test_room_is_respected_and_smaller_ones_fill_the_gap() -> None:
+    queue = BroadcastQueue(max_depth=10)
+    big, small = _user(b"x" * 100), _user(b"y")
+    _push(queue, 1, big)
+    _push(queue, 2, small)
+    assert queue.take(part_size(small) + 10, limit=3, max_items=10) == [small]
+    assert queue.take(0, limit=3, max_items=10) == []
+    assert queue.take(1000, limit=3, max_items=10) == [big, small]
+
+
+def test_a_newer_broadcast_with_the_same_key_invalidates_the_older() -> None:
+    queue = BroadcastQueue(max_depth=10)
+    alive = Alive(incarnation=1, node="b", addr=("h", 1))
+    suspect = Suspect(incarnation=1, node="b", sender="a")
+    _push(queue, ("node", "b"), alive)
+    _push(queue, ("node", "c"), Alive(incarnation=1, node="c", addr=("h", 2)))
+    _push(queue, ("node", "b"), suspect)
+    assert len(queue) == 2
+    assert suspect in queue.messages() and alive not in queue.messages()
+
+
+def test_depth_is_bounded_dropping_the_most_sent_oldest() -> None:
+    queue = BroadcastQueue(max_depth=2)
+    _push(queue, 1, _user(b"1"))
+    queue.take(1000, limit=9, max_items=10)
+    _push(queue, 2, _user(b"2"))
+    _push(queue, 3, _user(b"3"))
+    assert queue.messages() == [_user(b"2"), _user(b"3")]
+    assert queue.dropped == 1
+    assert "2 queued, 1 dropped" in repr(queue)
