@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import resource
@@ -28,7 +29,12 @@ from aiohttp import web
 
 from dns.forward import Upstream
 from dns.service import DnsService, DnsSettings
+from gossip.aio import GossipShell
+from gossip.config import GossipConfig
+from gossip.keyring_store import LocalKeyringControl, load_keyring
+from gossip.security import OVERHEAD, KeyringError
 from mesh.api.app import ApiDeps, make_app
+from mesh.cluster import Cluster, ClusterKeyring
 from mesh.config import AgentConfig, ConfigError, describe, load_config
 from mesh.control import Control
 from mesh.drain import DrainReaper
@@ -68,6 +74,9 @@ class Agent:
             reuse_port=config.dns_workers > 0))
         self.feed_server: FeedServer | None = None
         self.dns_workers: WorkerPool | None = None
+        self.cluster: Cluster | None = None
+        self.keyring: ClusterKeyring | None = None
+        self.gossip: GossipShell | None = None
         self._runner: web.AppRunner | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -78,7 +87,8 @@ class Agent:
         self.stopping.set()
 
     def members(self) -> list[dict[str, Any]]:
-        # Until gossip lands the cluster is this node alone.
+        if self.cluster is not None:
+            return self.cluster.members()
         advertise = self.config.advertise
         return [{"name": self.config.node_name, "address": advertise.host,
                  "port": advertise.port, "status": "alive", "incarnation": 0}]
@@ -106,8 +116,11 @@ class Agent:
                   now=self.config.node_name, hint="tasks registered before keep the old name")
         self.writer.start(asyncio.get_running_loop())
         ingress = self.store.ensure_ingress()
+        # A restarted node must rejoin with a higher incarnation than it ever had.
+        incarnation = int(loaded.meta.get("incarnation", "0")) + 1
         await self.writer.write([c.after for c in ingress], self.store.clock,
-                                {"node_name": self.config.node_name})
+                                {"node_name": self.config.node_name,
+                                 "incarnation": str(incarnation)})
         event(log, "state_loaded", records=len(loaded.records), skipped=loaded.skipped,
               clock=self.store.clock, data_dir=self.config.data_dir)
         # all_records yields networks, then services, then tasks: the order the
@@ -125,7 +138,34 @@ class Agent:
             await self.dns.start()
             if self.config.dns_workers:
                 await self._start_dns_workers(self.dns.port)
+        await self._start_gossip(incarnation)
         await self._start_api()
+
+    async def _start_gossip(self, incarnation: int) -> None:
+        config = self.config
+        profile = getattr(GossipConfig, config.gossip_profile)()
+        advertise = (config.advertise.host, config.advertise.port)
+        keyring = load_keyring(config.keyring) if config.keyring else None
+        label = config.cluster_label.encode()
+        # Sealing adds its envelope to what the core packs: keep room for it.
+        overhead = OVERHEAD if keyring is not None else (2 + len(label) if label else 0)
+        profile = dataclasses.replace(profile, packet_overhead=overhead)
+        if keyring is not None:
+            assert config.keyring is not None
+            self.keyring = ClusterKeyring(LocalKeyringControl(keyring, config.keyring))
+        self.cluster = Cluster(self.control, profile, config.node_name, advertise,
+                               incarnation=incarnation, keyring=self.keyring)
+        self.gossip = GossipShell(self.cluster.core, config.advertise.host,
+                                  config.advertise.port, keyring=keyring,
+                                  label=label,
+                                  on_event=self.cluster.on_event,
+                                  tcp_timeout=profile.tcp_timeout)
+        self.cluster.shell = self.gossip
+        await self.gossip.start()
+        self.feed.subscribe(self.cluster.on_change)
+        event(log, "gossip_listening", address=str(config.advertise), profile=config.gossip_profile,
+              encrypted=keyring is not None, incarnation=incarnation)
+        await self.cluster.join([(j.host, j.port) for j in config.join])
 
     async def _start_dns_workers(self, port: int) -> None:
         self.feed_server = FeedServer(self.feed, feed_socket_path(self.config.data_dir))
@@ -145,7 +185,9 @@ class Agent:
         deps = ApiDeps(control=self.control, node=self.config.node_name, members=self.members,
                        heartbeat=self.health.heartbeat, drain_grace=self.config.drain_grace,
                        token=self.config.api_token, max_body=self.config.max_body,
-                       resolve=None if self.dns is None else self.dns.resolve)
+                       resolve=None if self.dns is None else self.dns.resolve,
+                       gossip_stats=None if self.cluster is None else self.cluster.stats,
+                       keyring=self.keyring)
         self._runner = web.AppRunner(make_app(deps), access_log=None,
                                      shutdown_timeout=API_SHUTDOWN_GRACE)
         await self._runner.setup()
@@ -157,6 +199,10 @@ class Agent:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.cluster is not None:
+            await self.cluster.leave()
+        if self.gossip is not None:
+            await self.gossip.stop()
         if self.dns_workers is not None:
             await self.dns_workers.stop()
         if self.feed_server is not None:
@@ -182,7 +228,7 @@ async def run(config: AgentConfig) -> int:
         await agent.start()
     except Exception as exc:  # a port in use, an unreadable data dir, or a bug: stop cleanly
         event(log, "agent_start_failed", logging.ERROR, error=repr(exc))
-        if not isinstance(exc, OSError | persist.PersistError):
+        if not isinstance(exc, OSError | persist.PersistError | KeyringError):
             log.exception("start failed")
         await agent.stop()
         return 1

@@ -25,6 +25,7 @@ from mesh.ipam import DEFAULT_POOL, UNPRIVILEGED_POOL, parse_pool
 
 GOSSIP_PORT = 7946
 LB_CHOICES = ("auto", "ipvs", "nftables", "userspace")
+GOSSIP_PROFILES = ("lan", "wan", "local")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -105,6 +106,10 @@ class AgentConfig:
     dns_ttl: int = 5
     #: extra processes answering DNS on the same port (SO_REUSEPORT), each a core
     dns_workers: int = 0
+    #: gossip timings: lan (memberlist's LAN defaults), wan, or local (fast, for tests)
+    gossip_profile: str = "lan"
+    #: optional cluster label bound into every gossip packet: two clusters never merge
+    cluster_label: str = ""
     log_level: str = "info"
     #: largest accepted API request body, bytes
     max_body: int = 1 << 20
@@ -116,6 +121,11 @@ class AgentConfig:
             raise ConfigError(f"log-level {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.dns_ttl <= 86_400:
             raise ConfigError("dns-ttl must be between 0 and 86400 seconds")
+        if self.gossip_profile not in GOSSIP_PROFILES:
+            raise ConfigError(f"gossip-profile {self.gossip_profile!r}: one of "
+                              f"{', '.join(GOSSIP_PROFILES)}")
+        if len(self.cluster_label.encode()) > 255:
+            raise ConfigError("cluster-label may be at most 255 bytes")
         if not 0 <= self.dns_workers <= 64:
             raise ConfigError("dns-workers must be between 0 and 64")
         if not 0 <= self.drain_grace <= 3600:
@@ -156,6 +166,10 @@ _FLAGS: dict[str, str] = {
     "api-token": "bearer token the API requires (default: env MESH_API_TOKEN)",
     "drain-grace": "seconds a deregistered task drains before removal (default 2)",
     "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
+    "gossip-profile": "gossip timings: lan (memberlist's LAN defaults), wan, or local "
+                      "(fast, for tests on one machine) (default lan)",
+    "cluster-label": "a label bound into every gossip packet, so that two clusters on one "
+                     "network never merge",
     "log-level": "debug, info, warning or error (default info)",
 }
 
@@ -165,7 +179,7 @@ _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers":
              "node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
              "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
-             "log-level": "LEVEL"}
+             "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +262,8 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
                             for u in values.get("dns_upstream", [])),
         dns_ttl=dns_ttl,
         dns_workers=dns_workers,
+        gossip_profile=str(values.get("gossip_profile", "lan")),
+        cluster_label=str(values.get("cluster_label", "")),
         log_level=str(values.get("log_level", "info")),
     )
 

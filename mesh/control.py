@@ -10,6 +10,7 @@ restart never shows a change that was reported as failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -37,6 +38,21 @@ class Control:
     def now(self) -> float:
         return self._wall_clock()
 
+    def apply_sync(self, mutation: Mutation) -> list[Change]:
+        """Apply a change nobody waits on (a merge from gossip): publish now, persist behind.
+
+        Nothing was promised to a caller, so there is no answer to hold back;
+        a failed write still stops the agent, as in `apply`.
+        """
+        if self._writer.failed is not None:
+            return []
+        changes = mutation(self._wall_clock())
+        if changes:
+            self.feed.publish(changes)
+            done = self._writer.write([c.after for c in changes], self.store.clock)
+            done.add_done_callback(_write_failed(self._on_fatal))
+        return changes
+
     async def apply(self, mutation: Mutation) -> list[Change]:
         """Run `mutation(now)`; return its changes once they are durable."""
         if self._writer.failed is not None:
@@ -55,6 +71,14 @@ class Control:
             event(log, f"{change.kind.value}_{_verb(change)}", key=change.key,
                   version=change.after.version.clock)
         return changes
+
+
+def _write_failed(on_fatal: Callable[[str], None]) -> Callable[[asyncio.Future[None]], None]:
+    def check(done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            event(log, "state_unavailable", logging.CRITICAL, error=done.exception())
+            on_fatal(str(done.exception()))
+    return check
 
 
 def _verb(change: Change) -> str:

@@ -20,6 +20,7 @@ from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from gossip.security import KeyringControl
 from mesh.api.openapi import build_openapi
 from mesh.control import Control
 from mesh.errors import BadRequest, Invalid, MeshError, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -41,8 +42,12 @@ class ApiDeps:
     drain_grace: float
     token: str | None = None
     max_body: int = 1 << 20
+    #: the gossip layer's counters (drops by reason, packets, health score)
+    gossip_stats: Callable[[], dict[str, Any]] | None = None
     #: (name, type, network or None) -> what the DNS server answers; None without DNS
     resolve: Callable[[str, str, Network | None], Awaitable[dict[str, Any]]] | None = None
+    #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted
+    keyring: KeyringControl | None = None
 
 
 DEPS = web.AppKey("deps", ApiDeps)
@@ -138,7 +143,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 
 def make_app(deps: ApiDeps) -> web.Application:
-    from mesh.api import events, routes
+    from mesh.api import events, keyring_routes, routes
 
     middlewares: list[Middleware] = [_errors]
     if deps.token:
@@ -146,6 +151,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=deps.max_body)
     app[DEPS] = deps
     routes.add_routes(app)
+    keyring_routes.add_routes(app)
     events.setup(app)
     openapi = build_openapi()
 

@@ -133,6 +133,11 @@ class HealthReport(_Request):
     output: Annotated[str, Field(max_length=4096)] = ""
 
 
+class KeyIn(_Request):
+    #: base64 of a 16, 24 or 32-byte key (checked by the handler: 422 invalid_key)
+    key: Annotated[str, Field(min_length=1, max_length=128)]
+
+
 # -- responses --------------------------------------------------------------
 
 
@@ -232,6 +237,25 @@ class ResolveOut(_Response):
     truncated: bool
     answers: list[DnsRecordOut]
     additional: list[DnsRecordOut]
+
+
+class GossipOut(_Response):
+    node: str
+    incarnation: int
+    health_score: int
+    members: int
+    encrypted: bool
+    drops: dict[str, int]
+    counts: dict[str, int]
+
+
+class KeyOut(_Response):
+    fingerprint: str  # 8 hex digits of the key's SHA-256: a key itself is never echoed
+    primary: bool
+
+
+class KeyringOut(_Response):
+    keys: list[KeyOut]
 
 
 class ErrorDetail(_Response):

@@ -191,7 +191,15 @@ async def resolve(request: web.Request) -> web.Response:
         raise Invalid(str(exc)) from None
 
 
+async def gossip_stats(request: web.Request) -> web.Response:
+    stats = request.app[DEPS].gossip_stats
+    if stats is None:
+        raise Conflict("this agent runs no gossip", code="gossip_disabled")
+    return json_response(stats())
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/gossip", gossip_stats)
     app.router.add_get("/v1/resolve", resolve)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/members", members)

@@ -40,13 +40,24 @@ class ChangeFeed:
         self._history: collections.deque[Numbered] = collections.deque(maxlen=history)
         self._listeners: list[Listener] = []
         self.seq = 0
+        # What the views see may differ from the store (tasks of a down node
+        # read as removed): one filter, applied to snapshots and deltas alike.
+        self._show_change: Callable[[Change], Change] = lambda change: change
+        self._show_record: Callable[[Record], Record] = lambda record: record
+
+    def set_filter(self, show_change: Callable[[Change], Change],
+                   show_record: Callable[[Record], Record]) -> None:
+        self._show_change = show_change
+        self._show_record = show_record
 
     def __repr__(self) -> str:
         return (f"<ChangeFeed seq={self.seq} kept={len(self._history)} "
                 f"listeners={len(self._listeners)}>")
 
-    def publish(self, changes: Iterable[Change]) -> None:
-        for change in changes:
+    def publish(self, changes: Iterable[Change], *, shown: bool = False) -> None:
+        """Number and deliver changes; `shown` ones are already as the views see them."""
+        for raw in changes:
+            change = raw if shown else self._show_change(raw)
             self.seq += 1
             self._history.append(Numbered(self.seq, change))
             for listener in list(self._listeners):
@@ -58,7 +69,7 @@ class ChangeFeed:
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def snapshot(self) -> tuple[int, list[Record]]:
-        return self.seq, list(self._snapshot())
+        return self.seq, [self._show_record(r) for r in self._snapshot()]
 
     def since(self, seq: int) -> list[Numbered]:
         if seq >= self.seq:

@@ -37,6 +37,7 @@ class AgentProcess:
         self.port = free_port()
         self.api = f"127.0.0.1:{self.port}"
         self.dns_port = free_port()
+        self.gossip_port = free_port()
         self.extra = extra or []
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -47,6 +48,7 @@ class AgentProcess:
                 "--data-dir", str(self.data_dir), "--api", self.api,
                 "--address-pool", "127.64.0.0/12", "--drain-grace", "0.5",
                 "--dns", f"127.0.0.1:{self.dns_port}",
+                "--advertise", f"127.0.0.1:{self.gossip_port}",
                 # Nothing listens on port 9 of loopback: names the mesh does not own get
                 # SERVFAIL at once, and no test query ever leaves the machine.
                 "--dns-upstream", "127.0.0.1:9", *self.extra]

@@ -1,0 +1,259 @@
+"""The agent's side of gossip: its state as the core's delegate, joins, members, liveness.
+
+- Every change this node makes (its own writes) goes out as a gossip User
+  broadcast carrying the new record version; every record that arrives
+  (broadcast or push-pull) is merged into the store last-writer-wins, then
+  published and persisted like any change, so views follow remote writes the
+  same way as local ones.
+- Push-pull carries the whole state (tombstones included) as anti-entropy.
+- When the core declares a node failed or left, `Liveness` hides its tasks
+  from the views; when it is alive again they come back.
+- `--join` seeds are tried with a back-off until one answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import random
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from gossip.config import GossipConfig
+from gossip.keyring_store import LocalKeyringControl
+from gossip.membership import Membership
+from gossip.messages import Addr
+from gossip.security import KeyringError
+from mesh.control import Control
+from mesh.liveness import Liveness
+from mesh.logs import event
+from mesh.state.codec import record_from_dict, record_to_dict
+from mesh.state.model import Change, Record
+
+log = logging.getLogger(__name__)
+
+JOIN_BACKOFF_MAX = 30.0
+#: a delta above this is compressed (a UDP packet holds 1,400 bytes in all)
+COMPRESS_ABOVE = 600
+
+
+def encode_records(records: Sequence[Record]) -> bytes:
+    raw = json.dumps([record_to_dict(r) for r in records], separators=(",", ":")).encode()
+    if len(raw) > COMPRESS_ABOVE:
+        return b"z" + zlib.compress(raw, 6)
+    return b"j" + raw
+
+
+def decode_records(data: bytes, limit: int = 64 << 20) -> list[Record]:
+    """Records from a peer; raises ValueError on anything malformed."""
+    if data[:1] == b"z":
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(data[1:], limit)
+        if inflater.unconsumed_tail:
+            raise ValueError("state too large")
+    elif data[:1] == b"j":
+        raw = data[1:]
+    else:
+        raise ValueError("unknown state encoding")
+    items = json.loads(raw)
+    if not isinstance(items, list):
+        raise ValueError("state is not a list")
+    return [record_from_dict(item) for item in items]
+
+
+#: First byte of a User payload: which layer above gossip it is for.
+KEYRING_OP = b"k"
+
+
+class ClusterKeyring:
+    """`mesh keyring install|use|remove` for the whole cluster (Serf's `keys`).
+
+    The change is applied here first (and saved), then gossiped as a User
+    message, which travels sealed with the current primary key, so only
+    members that already hold a key of the ring can read or send one. Every
+    member applies it in turn. Each change is idempotent, so the epidemic's
+    repeats do no harm; rotate as Serf does: install everywhere, use, remove.
+    """
+
+    def __init__(self, local: LocalKeyringControl) -> None:
+        self.local = local
+        self.cluster: Cluster | None = None
+        self.applied = 0
+        self.failed = 0
+
+    def list(self) -> dict[str, Any]:
+        return self.local.list()
+
+    async def install(self, key: bytes) -> None:
+        await self._do("install", key)
+
+    async def use(self, key: bytes) -> None:
+        await self._do("use", key)
+
+    async def remove(self, key: bytes) -> None:
+        await self._do("remove", key)
+
+    async def _do(self, op: str, key: bytes) -> None:
+        await getattr(self.local, op)(key)
+        if self.cluster is not None:
+            # A fresh nonce in the payload: the same op made twice is gossiped twice
+            # (the core delivers each distinct payload once).
+            nonce = os.urandom(8).hex()
+            payload = json.dumps({"op": op, "key": base64.b64encode(key).decode(),
+                                  "nonce": nonce})
+            self.cluster.core.broadcast(KEYRING_OP + payload.encode(), key=f"keyring/{nonce}")
+            if self.cluster.shell is not None:
+                self.cluster.shell.flush()
+
+    async def apply_remote(self, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+            op, key = body["op"], base64.b64decode(body["key"], validate=True)
+            if op not in ("install", "use", "remove"):
+                raise ValueError(op)
+            await getattr(self.local, op)(key)
+            self.applied += 1
+            event(log, "keyring_changed", op=op, via="gossip")
+        except (ValueError, KeyError, TypeError, binascii.Error, KeyringError, OSError) as exc:
+            self.failed += 1
+            event(log, "keyring_change_failed", logging.WARNING, error=repr(exc))
+
+
+class ClusterState:
+    """The core's StateDelegate: the replicated tables of this node."""
+
+    def __init__(self, control: Control, keyring: ClusterKeyring | None = None) -> None:
+        self._control = control
+        self._keyring = keyring
+        self._pending: set[asyncio.Task[None]] = set()
+        self.merged = 0
+        self.rejected = 0
+
+    def local_state(self, join: bool) -> bytes:
+        return encode_records(list(self._control.store.all_records()))
+
+    def merge_remote_state(self, data: bytes, join: bool) -> None:
+        self._merge(data, "push_pull")
+
+    def notify_user(self, payload: bytes, source: str) -> None:
+        if payload.startswith(KEYRING_OP):
+            if self._keyring is None:
+                self.rejected += 1
+                return
+            task = asyncio.get_running_loop().create_task(
+                self._keyring.apply_remote(payload[len(KEYRING_OP):]))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            return
+        self._merge(payload, "broadcast")
+
+    def _merge(self, data: bytes, via: str) -> None:
+        try:
+            records = decode_records(data)
+        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+            self.rejected += 1
+            event(log, "gossip_state_rejected", logging.WARNING, via=via, error=repr(exc))
+            return
+        store = self._control.store
+        changes = self._control.apply_sync(
+            lambda _now: [c for r in records for c in store.merge(r)])
+        self.merged += len(changes)
+
+
+class Cluster:
+    def __init__(self, control: Control, config: GossipConfig, name: str, advertise: Addr,
+                 *, incarnation: int = 0, rng: random.Random | None = None,
+                 keyring: ClusterKeyring | None = None) -> None:
+        self._control = control
+        self.keyring = keyring
+        if keyring is not None:
+            keyring.cluster = self
+        self.state = ClusterState(control, keyring)
+        self.liveness = Liveness(control.store,
+                                 lambda changes: control.feed.publish(changes, shown=True))
+        control.feed.set_filter(self.liveness.transform, self.liveness.hide)
+        loop = asyncio.get_event_loop()
+        self.core = Membership(config, name, advertise, rng=rng or random.Random(),
+                               now=loop.time(), state=self.state, incarnation=incarnation)
+        self.name = name
+        self._join_task: asyncio.Task[None] | None = None
+        self.shell: Any = None  # gossip.aio.GossipShell, set by start()
+
+    # -- wiring ------------------------------------------------------------------
+
+    def on_change(self, change: Change) -> None:
+        """Gossip this node's own writes (merged ones were gossiped by their writer)."""
+        record = change.after
+        if record.version.node != self.name or self.shell is None:
+            return
+        self.core.broadcast(encode_records([record]), key=f"{change.kind.value}/{change.key}")
+        self.shell.flush()
+
+    def on_event(self, member_event: Any) -> None:
+        kind = type(member_event).__name__
+        member = getattr(member_event, "member", None)
+        node = getattr(member, "name", None)
+        if node is None:
+            return
+        if kind in ("MemberFailed", "MemberLeft"):
+            hidden = self.liveness.node_down(node)
+            event(log, "node_down", logging.WARNING, node=node, why=kind, tasks_hidden=hidden)
+        elif kind in ("MemberJoined", "MemberAlive"):
+            shown = self.liveness.node_up(node)
+            event(log, "node_up", node=node, why=kind, tasks_shown=shown)
+        elif kind == "MemberSuspected":
+            event(log, "node_suspected", node=node, by=getattr(member_event, "by", ""))
+
+    async def join(self, seeds: Sequence[Addr]) -> None:
+        """Try the seeds until one answers (some other member is alive), backing off."""
+        if not seeds:
+            return
+        self._join_task = asyncio.create_task(self._keep_joining(list(seeds)))
+
+    async def _keep_joining(self, seeds: list[Addr]) -> None:
+        delay = 1.0
+        while True:
+            self.core.join(seeds, asyncio.get_running_loop().time())
+            self.shell.flush()
+            await asyncio.sleep(delay)
+            if any(m.name != self.name and m.state.name == "ALIVE"
+                   for m in self.core.members()):
+                event(log, "cluster_joined", members=len(self.core.members()))
+                return
+            event(log, "join_retry", logging.WARNING, seeds=",".join(f"{h}:{p}" for h, p in seeds),
+                  next_in=delay)
+            delay = min(delay * 2, JOIN_BACKOFF_MAX)
+
+    async def leave(self) -> None:
+        if self._join_task is not None:
+            self._join_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._join_task
+        if self.shell is not None:
+            self.core.leave(self.shell.now())
+            self.shell.flush()
+            await asyncio.sleep(0.2)  # let the leave go out before the socket closes
+
+    def stats(self) -> dict[str, Any]:
+        shell = self.shell
+        me = next((m for m in self.core.members() if m.name == self.name), None)
+        return {
+            "node": self.name, "incarnation": 0 if me is None else me.incarnation,
+            "health_score": self.core.health_score(), "members": len(self.core.members()),
+            "encrypted": shell is not None and shell.keyring is not None,
+            "drops": {} if shell is None else dict(shell.drops),
+            "counts": {**({} if shell is None else dict(shell.counts)),
+                       **{k: int(v) for k, v in self.core.stats.items()},
+                       "state_merged": self.state.merged, "state_rejected": self.state.rejected},
+        }
+
+    def members(self) -> list[dict[str, Any]]:
+        return [{"name": m.name, "address": m.addr[0], "port": m.addr[1],
+                 "status": m.state.name.lower(), "incarnation": m.incarnation}
+                for m in sorted(self.core.members(), key=lambda m: m.name)]

@@ -1,0 +1,58 @@
+"""Tasks of nodes that are down: hidden from every view, kept in the state.
+
+When gossip declares a node failed (or it leaves), its tasks must leave DNS,
+the load balancers and the router at once, but not be forgotten: Swarm
+deleted them and lost them for good after a transient partition (moby issue
+53141). So the store keeps them, and this filter sits between the store and
+the change feed: for a node that is down, every task of it is shown to the
+feed's subscribers as removed; when the node comes back, as present again.
+The API still lists those tasks (with the node's status in `mesh members`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+from mesh.state.model import Change, Kind, Record, Task
+from mesh.state.store import Store
+
+
+class Liveness:
+    def __init__(self, store: Store, publish: Callable[[Iterable[Change]], None]) -> None:
+        """`publish` delivers changes as they are (they are already as the views see them)."""
+        self._store = store
+        self._publish = publish
+        self.down: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<Liveness down={sorted(self.down)}>"
+
+    def hide(self, record: Record) -> Record:
+        """The record as the views see it: a down node's task reads as removed."""
+        if isinstance(record, Task) and not record.deleted and record.node in self.down:
+            return dataclasses.replace(record, deleted=True)
+        return record
+
+    def transform(self, change: Change) -> Change:
+        before = None if change.before is None else self.hide(change.before)
+        return Change(change.kind, change.key, before, self.hide(change.after))
+
+    def node_down(self, node: str) -> int:
+        """Hide the node's tasks; returns how many left the views."""
+        if node in self.down or node == self._store.node:
+            return 0
+        tasks = self._store.tasks(node=node)
+        self.down.add(node)
+        self._publish(Change(Kind.TASK, t.id, t, self.hide(t)) for t in tasks)
+        return len(tasks)
+
+    def node_up(self, node: str) -> int:
+        """Show the node's tasks again; returns how many came back."""
+        if node not in self.down:
+            return 0
+        self.down.discard(node)
+        tasks = self._store.tasks(node=node)
+        self._publish(Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t)
+                      for t in tasks)
+        return len(tasks)

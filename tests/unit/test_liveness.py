@@ -1,0 +1,38 @@
+"""Tasks of a down node leave the views (as the feed shows them) and come back."""
+
+from __future__ import annotations
+
+import random
+
+from mesh.ipam import Ipam, parse_pool
+from mesh.liveness import Liveness
+from mesh.state.feed import ChangeFeed
+from mesh.state.model import Change, Task
+from mesh.state.specs import ServiceSpec, TaskSpec
+from mesh.state.store import Store
+
+
+def test_down_node_tasks_hidden_then_shown() -> None:
+    remote = Store("b", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    local = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(2))
+    feed = ChangeFeed(local.all_records)
+    liveness = Liveness(local, lambda changes: feed.publish(changes, shown=True))
+    feed.set_filter(liveness.transform, liveness.hide)
+    seen: list[Change] = []
+    feed.subscribe(seen.append)
+    for change in remote.create_service(ServiceSpec(name="web"), 0):
+        feed.publish(local.merge(change.after))
+    task = remote.add_task(TaskSpec(service="web", address="127.0.0.5"), 0)[0].after
+    assert isinstance(task, Task)
+    feed.publish(local.merge(task))
+    assert not seen[-1].after.deleted
+
+    assert liveness.node_down("b") == 1
+    assert seen[-1].before is not None and not seen[-1].before.deleted
+    assert seen[-1].after.deleted
+    assert all(r.deleted for r in feed.snapshot()[1] if isinstance(r, Task))
+    assert local.tasks() != []  # kept aside, not forgotten
+
+    assert liveness.node_up("b") == 1
+    assert seen[-1].before is not None and seen[-1].before.deleted
+    assert not seen[-1].after.deleted
