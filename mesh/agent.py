@@ -47,6 +47,7 @@ from mesh.state import persist
 from mesh.state.feed import ChangeFeed
 from mesh.state.model import KIND_OF, Change, Health
 from mesh.state.store import Store
+from mesh.tombstones import TombstoneReaper
 from mesh.workers import WorkerPool
 
 log = logging.getLogger("mesh.agent")
@@ -67,6 +68,8 @@ class Agent:
         self.control = Control(self.store, self.feed, self.writer, time.time, self.fail)
         self.health = HealthRunner(config.node_name, self._report_health)
         self.reaper = DrainReaper(self.control, time.time)
+        self.tombstones = TombstoneReaper(self.store, self.writer, time.time,
+                                          config.tombstone_reap)
         self.dns = None if config.dns is None else DnsService(DnsSettings(
             host=config.dns.host, port=config.dns.port, ttl=config.dns_ttl,
             domain=config.dns_domain,
@@ -128,8 +131,11 @@ class Agent:
         for record in self.store.all_records():
             self.health.on_change(Change(KIND_OF[type(record)], record.key, None, record))
         self.reaper.load(self.store.all_records())
+        self.tombstones.load()
         self.feed.subscribe(self.health.on_change)
         self.feed.subscribe(self.reaper.on_change)
+        self.feed.subscribe(self.tombstones.on_change)
+        self.tombstones.start()
         await self.health.start()
         self.reaper.start()
         if self.dns is not None:
@@ -210,6 +216,7 @@ class Agent:
         if self.dns is not None:
             await self.dns.stop()
         await self.reaper.stop()
+        await self.tombstones.stop()
         await self.health.stop()
         for task in list(self._background):
             task.cancel()

@@ -106,6 +106,8 @@ class AgentConfig:
     dns_ttl: int = 5
     #: extra processes answering DNS on the same port (SO_REUSEPORT), each a core
     dns_workers: int = 0
+    #: seconds a tombstone (a delete) is kept before it is forgotten (Swarm: 30 min)
+    tombstone_reap: float = 1800.0
     #: gossip timings: lan (memberlist's LAN defaults), wan, or local (fast, for tests)
     gossip_profile: str = "lan"
     #: optional cluster label bound into every gossip packet: two clusters never merge
@@ -128,6 +130,8 @@ class AgentConfig:
             raise ConfigError("cluster-label may be at most 255 bytes")
         if not 0 <= self.dns_workers <= 64:
             raise ConfigError("dns-workers must be between 0 and 64")
+        if not 1 <= self.tombstone_reap <= 30 * 86_400:
+            raise ConfigError("tombstone-reap must be between 1 second and 30 days")
         if not 0 <= self.drain_grace <= 3600:
             raise ConfigError("drain-grace must be between 0 and 3600 seconds")
         try:
@@ -166,6 +170,7 @@ _FLAGS: dict[str, str] = {
     "api-token": "bearer token the API requires (default: env MESH_API_TOKEN)",
     "drain-grace": "seconds a deregistered task drains before removal (default 2)",
     "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
+    "tombstone-reap": "seconds a delete is remembered before it is forgotten (default 1800)",
     "gossip-profile": "gossip timings: lan (memberlist's LAN defaults), wan, or local "
                       "(fast, for tests on one machine) (default lan)",
     "cluster-label": "a label bound into every gossip packet, so that two clusters on one "
@@ -179,7 +184,8 @@ _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers":
              "node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
              "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
-             "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL"}
+             "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL",
+             "tombstone-reap": "SECONDS"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +243,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
     node_name = str(values.get("node_name") or socket.gethostname().split(".")[0] or "node")
     drain_grace = _number(values, "drain_grace", 2.0, float)
+    tombstone_reap = _number(values, "tombstone_reap", 1800.0, float)
     dns_ttl = int(_number(values, "dns_ttl", 5, int))
     dns_workers = int(_number(values, "dns_workers", 0, int))
     dns_text = str(values.get("dns", f"127.0.0.11:{53 if root else 5353}"))
@@ -257,6 +264,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
                                                          else UNPRIVILEGED_POOL)),
         api_token=values.get("api_token") or None,
         drain_grace=drain_grace,
+        tombstone_reap=tombstone_reap,
         dns_domain=values.get("dns_domain") or None,
         dns_upstreams=tuple(parse_host_port(u, 53, "dns-upstream")
                             for u in values.get("dns_upstream", [])),

@@ -65,6 +65,7 @@ class _Batch:
     clock: int
     done: asyncio.Future[None] | None = None
     meta: dict[str, str] = field(default_factory=dict)
+    forget: Sequence[tuple[str, str]] = ()  # (kind, key) rows to delete: reaped tombstones
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -122,14 +123,15 @@ class StateWriter:
         return self._failed
 
     def write(self, records: Iterable[Record], clock: int,
-              meta: dict[str, str] | None = None) -> asyncio.Future[None]:
-        """Queue record versions; the future completes when they are on disk."""
+              meta: dict[str, str] | None = None,
+              forget: Sequence[tuple[str, str]] = ()) -> asyncio.Future[None]:
+        """Queue record versions (and rows to forget); the future completes once on disk."""
         assert self._loop is not None, "start() first"
         done: asyncio.Future[None] = self._loop.create_future()
         if self._failed is not None:
             done.set_exception(PersistError(f"state writer failed: {self._failed}"))
             return done
-        self._queue.put(_Batch(list(records), clock, done, meta or {}))
+        self._queue.put(_Batch(list(records), clock, done, meta or {}, list(forget)))
         return done
 
     def close(self) -> None:
@@ -181,6 +183,8 @@ class StateWriter:
                 )
                 conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                  list(batch.meta.items()))
+                conn.executemany("DELETE FROM records WHERE kind = ? AND key = ?",
+                                 list(batch.forget))
             clock = max(b.clock for b in group)
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)",
                          (str(clock),))

@@ -344,15 +344,17 @@ class Store:
         return [self._write(dataclasses.replace(
             task, health=health, health_output=output, updated_at=now, version=self._tick()))]
 
-    def reap_tombstones(self, older_than_clock: int) -> int:
-        """Forget tombstones written before a clock (the gossip reap interval decides it)."""
-        reaped = 0
-        for records in self._records.values():
-            for key in [k for k, r in records.items()
-                        if r.deleted and r.version.clock < older_than_clock]:
-                del records[key]
-                reaped += 1
-        return reaped
+    def tombstones(self) -> list[tuple[Kind, str]]:
+        return [(kind, key) for kind, records in self._records.items()
+                for key, record in records.items() if record.deleted]
+
+    def forget(self, kind: Kind, key: str) -> bool:
+        """Drop a tombstone for good (its reap interval is over); a live record stays."""
+        record = self._records[kind].get(key)
+        if record is None or not record.deleted:
+            return False
+        del self._records[kind][key]
+        return True
 
     # -- internals -----------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -136,3 +137,24 @@ def _kill_repeatedly(agent: AgentProcess) -> None:
         assert acknowledged <= {t["id"] for t in tasks}
         assert agent.request("POST", "/v1/services", {"name": f"svc-{round_}"})[0] == 201
     assert agent.stop() == 0
+
+
+def test_tombstones_are_forgotten_after_the_reap_interval(start_agent: StartAgent) -> None:
+    agent = start_agent(extra=["--tombstone-reap", "1"])
+    assert agent.request("POST", "/v1/services", {"name": "gone"})[0] == 201
+    assert agent.request("DELETE", "/v1/services/gone")[0] == 204
+
+    def rows() -> int:
+        with sqlite3.connect(agent.data_dir / "state.db") as db:
+            found: int = db.execute("SELECT count(*) FROM records WHERE kind = 'service' "
+                                    "AND key = 'gone'").fetchone()[0]
+            return found
+
+    assert rows() == 1  # the tombstone, durable
+    deadline = time.monotonic() + 15
+    while rows():
+        assert time.monotonic() < deadline, "the tombstone was never reaped"
+        time.sleep(0.2)
+    assert "tombstones_reaped" in agent.log()
+    # The name is free, and a new service of that name is a new record.
+    assert agent.request("POST", "/v1/services", {"name": "gone"})[0] == 201
