@@ -292,7 +292,7 @@ class MemberStates:
         if alive.addr != held.addr:
             if not self._reclaimable(held, now):  # memberlist: "Conflicting address"
                 return Change(held, None, "conflicts", regossip=False)
-        elif not supersedes(held, _A, alive.incarnation):
+        elif not supersedes(held, _A, alive.incarnation) and not self._forgotten(held, now):
             return None
         member = MemberInfo(name=alive.node, addr=alive.addr, state=_A,
                             incarnation=alive.incarnation, meta=alive.meta,
@@ -302,6 +302,16 @@ class MemberStates:
         if (held.meta, held.addr) != (alive.meta, alive.addr):
             return self._store(Change(member, MemberUpdated(member)))
         return self._store(Change(member))
+
+    def _forgotten(self, held: MemberInfo, now: float) -> bool:
+        """Dead or gone past gossip_to_the_dead_time: memberlist has dropped it from its map.
+
+        So news of it alive, even at the incarnation it died with, is a fresh
+        join: that is how two sides of a healed partition, each holding the
+        other dead, take each other back on the first push-pull between them.
+        """
+        return (held.state is _D or held.state is _L) and (
+            now - held.state_since > self.config.gossip_to_the_dead_time)
 
     def _reclaimable(self, held: MemberInfo, now: float) -> bool:
         """May a node at another address take this name? (memberlist aliveNode)"""

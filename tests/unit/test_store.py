@@ -221,12 +221,14 @@ def test_reload_restores_everything() -> None:
     assert repr(copy.ipam) == repr(store.ipam)
 
 
-def test_reap_drops_only_old_tombstones() -> None:
+def test_forget_drops_only_tombstones() -> None:
     store = make_store()
     store.create_network(NetworkSpec(name="x"), NOW)
+    assert store.forget(Kind.NETWORK, "x") is False  # live: kept
     store.remove_network("x", NOW)
-    assert store.reap_tombstones(older_than_clock=1) == 0
-    assert store.reap_tombstones(older_than_clock=store.clock + 1) == 1
+    assert store.tombstones() == [(Kind.NETWORK, "x")]
+    assert store.forget(Kind.NETWORK, "x") is True
+    assert store.tombstones() == []
 
 
 def test_identity_port_mapping_is_the_same_endpoint_as_none() -> None:
