@@ -39,6 +39,9 @@ from mesh.state.model import Change, Record
 log = logging.getLogger(__name__)
 
 JOIN_BACKOFF_MAX = 30.0
+#: How often one failed member is tried again (Swarm's NetworkDB: every second).
+#: A push-pull across a healed partition brings the two sides back together.
+RECONNECT_INTERVAL = 2.0
 #: a delta above this is compressed (a UDP packet holds 1,400 bytes in all)
 COMPRESS_ABOVE = 600
 
@@ -183,6 +186,9 @@ class Cluster:
                                now=loop.time(), state=self.state, incarnation=incarnation)
         self.name = name
         self._join_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+        self.reconnects = 0
         self.shell: Any = None  # gossip.aio.GossipShell, set by start()
 
     # -- wiring ------------------------------------------------------------------
@@ -212,9 +218,20 @@ class Cluster:
 
     async def join(self, seeds: Sequence[Addr]) -> None:
         """Try the seeds until one answers (some other member is alive), backing off."""
+        self._reconnect_task = asyncio.create_task(self._reconnect_failed())
         if not seeds:
             return
         self._join_task = asyncio.create_task(self._keep_joining(list(seeds)))
+
+    async def _reconnect_failed(self) -> None:
+        """Now and then push-pull with one failed member: it may only have been cut off."""
+        while True:
+            await asyncio.sleep(RECONNECT_INTERVAL)
+            failed = sorted(m.addr for m in self.core.members() if m.state.name == "DEAD")
+            if failed and self.shell is not None:
+                self.core.join([self._rng.choice(failed)], asyncio.get_running_loop().time())
+                self.shell.flush()
+                self.reconnects += 1
 
     async def _keep_joining(self, seeds: list[Addr]) -> None:
         delay = 1.0
@@ -231,10 +248,11 @@ class Cluster:
             delay = min(delay * 2, JOIN_BACKOFF_MAX)
 
     async def leave(self) -> None:
-        if self._join_task is not None:
-            self._join_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._join_task
+        for task in (self._join_task, self._reconnect_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.shell is not None:
             self.core.leave(self.shell.now())
             self.shell.flush()
@@ -250,7 +268,8 @@ class Cluster:
             "drops": {} if shell is None else dict(shell.drops),
             "counts": {**({} if shell is None else dict(shell.counts)),
                        **{k: int(v) for k, v in self.core.stats.items()},
-                       "state_merged": self.state.merged, "state_rejected": self.state.rejected},
+                       "state_merged": self.state.merged, "state_rejected": self.state.rejected,
+                       "reconnects": self.reconnects},
         }
 
     def members(self) -> list[dict[str, Any]]:

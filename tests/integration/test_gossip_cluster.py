@@ -120,3 +120,41 @@ def test_five_agents_converge_share_state_and_survive_a_kill(cluster: Cluster) -
                       30, "the restarted node's task is back everywhere")
     print(f"restarted node rejoined; its task was back everywhere {took:.1f}s later")
     assert cluster.members(a[0])["node-2"] == "alive"
+
+
+def test_a_node_cut_off_long_enough_to_be_forgotten_comes_back(tmp_path: Path) -> None:
+    """SIGSTOP a node until the others declare it dead and stop gossiping to it; resume it."""
+    import signal
+
+    port = free_port()
+    agents = [AgentProcess(tmp_path / f"n{i}", node_name=f"n{i}", extra=[
+        "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", "local",
+        *(["--join", f"127.0.0.2:{port}"] if i else [])]) for i in range(3)]
+    try:
+        for agent in agents:
+            agent.start()
+
+        def statuses(agent: AgentProcess) -> dict[str, str]:
+            return {m["name"]: m["status"] for m in agent.request("GET", "/v1/members")[1]}
+
+        wait_until(lambda: all(set(statuses(a).values()) == {"alive"} and len(statuses(a)) == 3
+                               for a in agents), 20, "three alive")
+        assert agents[2].request("POST", "/v1/services", {"name": "web"})[0] == 201
+        _, task = agents[2].request("POST", "/v1/services/web/tasks", {"address": "127.0.1.9"})
+        frozen = agents[2].proc
+        assert frozen is not None
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: all(statuses(a)["n2"] == "dead" for a in agents[:2]), 20,
+                       "n2 declared dead")
+            time.sleep(4)  # past the local profile's gossip_to_the_dead_time (3 s)
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        took = wait_until(lambda: all(statuses(a)["n2"] == "alive" for a in agents[:2]), 20,
+                          "n2 alive again everywhere")
+        print(f"\nthe forgotten node was back everywhere {took:.1f}s after it resumed")
+        assert task_addresses(agents[0], "web") == {"127.0.1.9"}
+    finally:
+        for agent in agents:
+            if agent.proc is not None and agent.proc.poll() is None:
+                agent.stop()
