@@ -140,7 +140,8 @@ def test_a_node_cut_off_long_enough_to_be_forgotten_comes_back(tmp_path: Path) -
         wait_until(lambda: all(set(statuses(a).values()) == {"alive"} and len(statuses(a)) == 3
                                for a in agents), 20, "three alive")
         assert agents[2].request("POST", "/v1/services", {"name": "web"})[0] == 201
-        _, task = agents[2].request("POST", "/v1/services/web/tasks", {"address": "127.0.1.9"})
+        assert agents[2].request("POST", "/v1/services/web/tasks",
+                                 {"address": "127.0.1.9"})[0] == 201
         frozen = agents[2].proc
         assert frozen is not None
         frozen.send_signal(signal.SIGSTOP)
