@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gossip.config import GossipConfig
+from gossip.errors import EncodeError
 from gossip.keyring_store import LocalKeyringControl
 from gossip.membership import Membership
 from gossip.messages import Addr
@@ -42,6 +43,8 @@ JOIN_BACKOFF_MAX = 30.0
 #: How often one failed member is tried again (Swarm's NetworkDB: every second).
 #: A push-pull across a healed partition brings the two sides back together.
 RECONNECT_INTERVAL = 2.0
+#: Peers a change too big for one datagram is pushed to over TCP.
+OVERSIZED_FANOUT = 3
 #: a delta above this is compressed (a UDP packet holds 1,400 bytes in all)
 COMPRESS_ABOVE = 600
 
@@ -189,6 +192,7 @@ class Cluster:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self.reconnects = 0
+        self.oversized = 0
         self.shell: Any = None  # gossip.aio.GossipShell, set by start()
 
     # -- wiring ------------------------------------------------------------------
@@ -198,7 +202,17 @@ class Cluster:
         record = change.after
         if record.version.node != self.name or self.shell is None:
             return
-        self.core.broadcast(encode_records([record]), key=f"{change.kind.value}/{change.key}")
+        try:
+            self.core.broadcast(encode_records([record]), key=f"{change.kind.value}/{change.key}")
+        except EncodeError:
+            # Too big for a datagram: push-pull (TCP) with a few peers instead; gossip
+            # spreads it from there only at their next push-pulls, so reach several.
+            self.oversized += 1
+            peers = [m.addr for m in self.core.members()
+                     if m.name != self.name and m.state.name == "ALIVE"]
+            self._rng.shuffle(peers)
+            if peers:
+                self.core.join(peers[:OVERSIZED_FANOUT], self.shell.now())
         self.shell.flush()
 
     def on_event(self, member_event: Any) -> None:
@@ -269,7 +283,7 @@ class Cluster:
             "counts": {**({} if shell is None else dict(shell.counts)),
                        **{k: int(v) for k, v in self.core.stats.items()},
                        "state_merged": self.state.merged, "state_rejected": self.state.rejected,
-                       "reconnects": self.reconnects},
+                       "reconnects": self.reconnects, "oversized_deltas": self.oversized},
         }
 
     def members(self) -> list[dict[str, Any]]:

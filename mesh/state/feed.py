@@ -14,10 +14,13 @@ published, which is what keeps views exactly in step with the store.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mesh.state.model import Change, Record
+
+log = logging.getLogger(__name__)
 
 Listener = Callable[[Change], None]
 DEFAULT_HISTORY = 10_000
@@ -61,7 +64,12 @@ class ChangeFeed:
             self.seq += 1
             self._history.append(Numbered(self.seq, change))
             for listener in list(self._listeners):
-                listener(change)
+                try:
+                    listener(change)
+                except Exception:
+                    # A view's bug must not stop the others, nor the write that follows.
+                    log.exception("change feed listener %r failed on %s %s", listener,
+                                  change.kind, change.key)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener` with every later change; returns the unsubscribe function."""

@@ -159,3 +159,30 @@ def test_a_node_cut_off_long_enough_to_be_forgotten_comes_back(tmp_path: Path) -
         for agent in agents:
             if agent.proc is not None and agent.proc.poll() is None:
                 agent.stop()
+
+
+def test_a_change_too_big_for_a_datagram_still_reaches_the_others(tmp_path: Path) -> None:
+    """A service with 40 KB of labels cannot ride a 1,400 B packet: it goes by TCP push-pull."""
+    import base64
+    import os
+
+    port = free_port()
+    agents = [AgentProcess(tmp_path / f"n{i}", node_name=f"n{i}", extra=[
+        "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", "local",
+        *(["--join", f"127.0.0.2:{port}"] if i else [])]) for i in range(2)]
+    try:
+        for agent in agents:
+            agent.start()
+        wait_until(lambda: all(len(a.request("GET", "/v1/members")[1]) == 2 for a in agents),
+                   20, "two members")
+        labels = {f"k{i}": base64.b64encode(os.urandom(2000)).decode() for i in range(20)}
+        assert agents[0].request("POST", "/v1/services", {"name": "big", "labels": labels})[0] \
+            == 201
+        wait_until(lambda: agents[1].request("GET", "/v1/services/big")[0] == 200, 10,
+                   "the big service reaches the other node")
+        assert agents[1].request("GET", "/v1/services/big")[1]["labels"] == labels
+        assert agents[0].request("GET", "/v1/gossip")[1]["counts"]["oversized_deltas"] == 1
+    finally:
+        for agent in agents:
+            if agent.proc is not None and agent.proc.poll() is None:
+                agent.stop()

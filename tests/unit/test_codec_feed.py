@@ -83,3 +83,16 @@ def test_feed_reports_a_gap_when_history_is_gone() -> None:
     assert [n.seq for n in feed.since(2)] == [3, 4]
     with pytest.raises(Gap):
         feed.since(1)
+
+
+def test_a_failing_listener_does_not_stop_the_others() -> None:
+    feed = ChangeFeed(lambda: [])
+    seen: list[str] = []
+
+    def broken(_change: Change) -> None:
+        raise RuntimeError("a view's bug")
+
+    feed.subscribe(broken)
+    feed.subscribe(lambda c: seen.append(c.key))
+    feed.publish([_change("a")])
+    assert seen == ["a"]
