@@ -7,6 +7,7 @@ operator starts it, on free ports of 127.0.0.1 and a private data dir, with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ class AgentProcess:
         self.api = f"127.0.0.1:{self.port}"
         self.dns_port = free_port()
         self.gossip_port = free_port()
+        self.gossip_addr = ("127.0.0.1", self.gossip_port)
         self.extra = extra or []
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -105,3 +108,31 @@ class AgentProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def gossip_cluster(root: Path, count: int, *, profile: str = "local",
+                   extra: Callable[[int], list[str]] | None = None,
+                   ) -> Iterator[list[AgentProcess]]:
+    """`count` agents named n0, n1, ... on 127.0.0.2, .3, ... (one gossip port), all
+    joined to n0, started in order and stopped (if still running) on the way out."""
+    port = free_port()
+    agents = [AgentProcess(root / f"n{i}", node_name=f"n{i}", extra=[
+        "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", profile,
+        *(["--join", f"127.0.0.2:{port}"] if i else []), *(extra(i) if extra else [])])
+        for i in range(count)]
+    for i, agent in enumerate(agents):
+        agent.gossip_addr = (f"127.0.0.{i + 2}", port)
+    try:
+        for agent in agents:
+            agent.start()
+        yield agents
+    finally:
+        for agent in agents:
+            if agent.proc is not None and agent.proc.poll() is None:
+                agent.stop()
+
+
+def members(agent: AgentProcess) -> dict[str, str]:
+    """Member name -> status, as `agent` sees the cluster."""
+    return {m["name"]: m["status"] for m in agent.request("GET", "/v1/members")[1]}

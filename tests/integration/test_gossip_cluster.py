@@ -9,6 +9,9 @@ bound; restarted, it rejoins and its tasks come back.
 
 from __future__ import annotations
 
+import base64
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, DNSRecord
 
-from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.agent import AgentProcess, free_port, gossip_cluster, members
 from tests.integration.test_dns_agent import ask
 
 NODES = 5
@@ -54,8 +57,6 @@ class Cluster:
             if agent.proc is not None and agent.proc.poll() is None:
                 agent.stop()
 
-    def members(self, agent: AgentProcess) -> dict[str, str]:
-        return {m["name"]: m["status"] for m in agent.request("GET", "/v1/members")[1]}
 
 
 @pytest.fixture
@@ -82,8 +83,8 @@ def view(agent: AgentProcess) -> tuple[Any, ...]:
 
 def test_five_agents_converge_share_state_and_survive_a_kill(cluster: Cluster) -> None:
     a = cluster.agents
-    took = wait_until(lambda: all(set(cluster.members(x).values()) == {"alive"}
-                                  and len(cluster.members(x)) == NODES for x in a),
+    took = wait_until(lambda: all(set(members(x).values()) == {"alive"}
+                                  and len(members(x)) == NODES for x in a),
                       30, "five members alive everywhere")
     print(f"\nmembership converged in {took:.1f}s")
 
@@ -119,25 +120,13 @@ def test_five_agents_converge_share_state_and_survive_a_kill(cluster: Cluster) -
                                   for x in survivors),
                       30, "the restarted node's task is back everywhere")
     print(f"restarted node rejoined; its task was back everywhere {took:.1f}s later")
-    assert cluster.members(a[0])["node-2"] == "alive"
+    assert members(a[0])["node-2"] == "alive"
 
 
 def test_a_node_cut_off_long_enough_to_be_forgotten_comes_back(tmp_path: Path) -> None:
     """SIGSTOP a node until the others declare it dead and stop gossiping to it; resume it."""
-    import signal
-
-    port = free_port()
-    agents = [AgentProcess(tmp_path / f"n{i}", node_name=f"n{i}", extra=[
-        "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", "local",
-        *(["--join", f"127.0.0.2:{port}"] if i else [])]) for i in range(3)]
-    try:
-        for agent in agents:
-            agent.start()
-
-        def statuses(agent: AgentProcess) -> dict[str, str]:
-            return {m["name"]: m["status"] for m in agent.request("GET", "/v1/members")[1]}
-
-        wait_until(lambda: all(set(statuses(a).values()) == {"alive"} and len(statuses(a)) == 3
+    with gossip_cluster(tmp_path, 3) as agents:
+        wait_until(lambda: all(set(members(a).values()) == {"alive"} and len(members(a)) == 3
                                for a in agents), 20, "three alive")
         assert agents[2].request("POST", "/v1/services", {"name": "web"})[0] == 201
         assert agents[2].request("POST", "/v1/services/web/tasks",
@@ -146,35 +135,21 @@ def test_a_node_cut_off_long_enough_to_be_forgotten_comes_back(tmp_path: Path) -
         assert frozen is not None
         frozen.send_signal(signal.SIGSTOP)
         try:
-            wait_until(lambda: all(statuses(a)["n2"] == "dead" for a in agents[:2]), 20,
+            wait_until(lambda: all(members(a)["n2"] == "dead" for a in agents[:2]), 20,
                        "n2 declared dead")
             time.sleep(4)  # past the local profile's gossip_to_the_dead_time (3 s)
         finally:
             frozen.send_signal(signal.SIGCONT)
-        took = wait_until(lambda: all(statuses(a)["n2"] == "alive" for a in agents[:2]), 20,
+        took = wait_until(lambda: all(members(a)["n2"] == "alive" for a in agents[:2]), 20,
                           "n2 alive again everywhere")
         print(f"\nthe forgotten node was back everywhere {took:.1f}s after it resumed")
         assert task_addresses(agents[0], "web") == {"127.0.1.9"}
-    finally:
-        for agent in agents:
-            if agent.proc is not None and agent.proc.poll() is None:
-                agent.stop()
 
 
 def test_a_change_too_big_for_a_datagram_still_reaches_the_others(tmp_path: Path) -> None:
     """A service with 40 KB of labels cannot ride a 1,400 B packet: it goes by TCP push-pull."""
-    import base64
-    import os
-
-    port = free_port()
-    agents = [AgentProcess(tmp_path / f"n{i}", node_name=f"n{i}", extra=[
-        "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", "local",
-        *(["--join", f"127.0.0.2:{port}"] if i else [])]) for i in range(2)]
-    try:
-        for agent in agents:
-            agent.start()
-        wait_until(lambda: all(len(a.request("GET", "/v1/members")[1]) == 2 for a in agents),
-                   20, "two members")
+    with gossip_cluster(tmp_path, 2) as agents:
+        wait_until(lambda: all(len(members(a)) == 2 for a in agents), 20, "two members")
         labels = {f"k{i}": base64.b64encode(os.urandom(2000)).decode() for i in range(20)}
         assert agents[0].request("POST", "/v1/services", {"name": "big", "labels": labels})[0] \
             == 201
@@ -182,7 +157,3 @@ def test_a_change_too_big_for_a_datagram_still_reaches_the_others(tmp_path: Path
                    "the big service reaches the other node")
         assert agents[1].request("GET", "/v1/services/big")[1]["labels"] == labels
         assert agents[0].request("GET", "/v1/gossip")[1]["counts"]["oversized_deltas"] == 1
-    finally:
-        for agent in agents:
-            if agent.proc is not None and agent.proc.poll() is None:
-                agent.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gossip import codec, security
 from gossip.messages import Ping
-from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.agent import gossip_cluster, members
 from tests.integration.test_gossip_cluster import wait_until
 
 
@@ -31,21 +31,12 @@ def keyring_file(path: Path, key: bytes) -> Path:
 def test_hostile_packets_are_dropped_and_counted(tmp_path: Path) -> None:
     key = os.urandom(32)
     ring = keyring_file(tmp_path / "keyring.json", key)
-    port = free_port()
-    agents = [AgentProcess(tmp_path / f"n{i}", node_name=f"n{i}", extra=[
-        "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", "local",
-        "--keyring", str(ring), *(["--join", f"127.0.0.2:{port}"] if i else [])])
-        for i in range(2)]
-    try:
-        for agent in agents:
-            agent.start()
-        wait_until(lambda: all(len(a.request("GET", "/v1/members")[1]) == 2 for a in agents),
-                   20, "two members")
-        target = ("127.0.0.2", port)
+    with gossip_cluster(tmp_path, 2, extra=lambda _i: ["--keyring", str(ring)]) as agents:
+        wait_until(lambda: all(len(members(a)) == 2 for a in agents), 20, "two members")
+        target = agents[0].gossip_addr
         valid = codec.encode_packet([Ping(seq=1, target="n0", source="intruder")])
-        wrong_key = security.wrap(valid, security.Keyring([os.urandom(32)]), b"")
         sends = {
-            "wrong key": wrong_key,
+            "wrong key": security.wrap(valid, security.Keyring([os.urandom(32)]), b""),
             "no key (plaintext)": valid,
             "garbage": os.urandom(300),
             "truncated": security.wrap(valid, security.Keyring([key]), b"")[:20],
@@ -72,9 +63,4 @@ def test_hostile_packets_are_dropped_and_counted(tmp_path: Path) -> None:
         # The cluster is unaffected: both still alive in each other's view.
         time.sleep(1.0)
         for agent in agents:
-            members = {m["name"]: m["status"] for m in agent.request("GET", "/v1/members")[1]}
-            assert members == {"n0": "alive", "n1": "alive"}
-    finally:
-        for agent in agents:
-            if agent.proc is not None and agent.proc.poll() is None:
-                agent.stop()
+            assert members(agent) == {"n0": "alive", "n1": "alive"}

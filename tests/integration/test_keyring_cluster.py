@@ -6,7 +6,7 @@ import base64
 import os
 from pathlib import Path
 
-from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.agent import AgentProcess, gossip_cluster, members
 from tests.integration.test_gossip_cluster import wait_until
 from tests.integration.test_gossip_hostile import keyring_file
 
@@ -16,19 +16,10 @@ def fingerprints(agent: AgentProcess) -> dict[str, bool]:
 
 
 def test_rotation_reaches_every_node_and_the_cluster_holds(tmp_path: Path) -> None:
-    port = free_port()
     first = os.urandom(32)
-    agents = []
-    for i in range(3):
-        ring = keyring_file(tmp_path / f"ring-{i}.json", first)
-        agents.append(AgentProcess(tmp_path / f"n{i}", node_name=f"n{i}", extra=[
-            "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", "local",
-            "--keyring", str(ring), *(["--join", f"127.0.0.2:{port}"] if i else [])]))
-    try:
-        for agent in agents:
-            agent.start()
-        wait_until(lambda: all(len(a.request("GET", "/v1/members")[1]) == 3 for a in agents),
-                   20, "three members")
+    rings = [keyring_file(tmp_path / f"ring-{i}.json", first) for i in range(3)]
+    with gossip_cluster(tmp_path, 3, extra=lambda i: ["--keyring", str(rings[i])]) as agents:
+        wait_until(lambda: all(len(members(a)) == 3 for a in agents), 20, "three members")
         second = base64.b64encode(os.urandom(32)).decode()
         old = base64.b64encode(first).decode()
         for op, path, method in (("install", "/v1/keyring", "POST"),
@@ -43,13 +34,9 @@ def test_rotation_reaches_every_node_and_the_cluster_holds(tmp_path: Path) -> No
             print(f"\n{op}: on every node after {took:.2f}s")
         assert len(fingerprints(agents[2])) == 1
         # The cluster still talks (now only with the new key): all alive.
-        wait_until(lambda: all({m["status"] for m in a.request("GET", "/v1/members")[1]}
-                               == {"alive"} for a in agents), 10, "all alive after rotation")
+        wait_until(lambda: all(set(members(a).values()) == {"alive"} for a in agents), 10,
+                   "all alive after rotation")
         # The new ring was saved: a restart keeps it.
         agents[2].stop()
         agents[2].start()
         assert len(fingerprints(agents[2])) == 1
-    finally:
-        for agent in agents:
-            if agent.proc is not None and agent.proc.poll() is None:
-                agent.stop()
