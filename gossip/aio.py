@@ -26,7 +26,7 @@ from typing import Any
 from gossip import codec, security
 from gossip.errors import DecodeError
 from gossip.membership import Membership
-from gossip.messages import Addr, Packet, PushPull, StreamRequest
+from gossip.messages import Ack, Addr, Packet, Ping, PushPull, StreamRequest
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,13 @@ class GossipShell:
         self._inbound += 1
         try:
             message = await asyncio.wait_for(self._read_stream(reader), self.tcp_timeout)
-            if message is None:
+            if not isinstance(message, PushPull | Ping):
+                if message is not None:
+                    self.drops["unexpected_stream"] += 1
                 return
             reply = self.core.handle_stream(message, (str(peer[0]), int(peer[1])), self.now())
+            if reply is None:  # a TCP ping meant for another node
+                return
             writer.write(self._frame(codec.encode_stream(reply)))
             await asyncio.wait_for(writer.drain(), self.tcp_timeout)
             self._drive()
@@ -157,7 +161,7 @@ class GossipShell:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read_stream(self, reader: asyncio.StreamReader) -> PushPull | None:
+    async def _read_stream(self, reader: asyncio.StreamReader) -> PushPull | Ping | Ack | None:
         (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
         if size > MAX_STREAM:
             self.drops["oversized"] += 1
@@ -168,7 +172,7 @@ class GossipShell:
         except DecodeError as exc:
             self.drops[exc.reason] += 1
             return None
-        if not isinstance(message, PushPull):
+        if not isinstance(message, PushPull | Ping | Ack):
             self.drops["unexpected_stream"] += 1
             return None
         return message
@@ -208,7 +212,7 @@ class GossipShell:
             log.debug("gossip send to %s failed: %r", packet.to, exc)
 
     async def _open_stream(self, request: StreamRequest) -> None:
-        reply: PushPull | None = None
+        reply: PushPull | Ping | Ack | None = None
         writer: asyncio.StreamWriter | None = None
         try:
             reader, stream = await asyncio.wait_for(
@@ -225,7 +229,8 @@ class GossipShell:
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
         if not self._closing:
-            self.core.handle_stream_reply(reply, request.to, self.now())
+            answer = reply if isinstance(reply, PushPull | Ack) else None
+            self.core.handle_stream_reply(answer, request.to, self.now())
             self._drive()
 
     def _arm_timer(self) -> None:

@@ -85,6 +85,10 @@ class GossipConfig:
     tcp_timeout: float = 10.0
     """Seconds the shell allows a push-pull stream to connect, send and answer."""
 
+    tcp_fallback: bool = True
+    """Probe over TCP too when the UDP ping goes unanswered (memberlist's default,
+    DisableTcpPings=false): a lossy UDP path then costs no false suspicion."""
+
     dead_node_reclaim_time: float = 0.0
     """Seconds after which a DEAD member's name may be taken by a node at another address;
     0 = never (memberlist). A LEFT member's name may always be taken."""

@@ -106,6 +106,7 @@ STAT_NAMES = (
     "misdirected_pings", "suspicions", "confirmations", "refutes", "failures", "leaves",
     "joins", "rejoins", "conflicts", "user_delivered", "user_duplicates", "push_pulls",
     "push_pulls_served", "push_pull_failures", "packets", "unexpected",
+    "tcp_pings", "tcp_acks", "tcp_ping_failures", "tcp_pings_served",
 )
 """Keys of `Membership.stats`, all present from the start."""
 
@@ -165,6 +166,7 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self._outbox: list[tuple[Addr, list[Message], bool]] = []  # (to, messages, piggyback)
         self._streams: list[StreamRequest] = []
+        self._tcp_pings: set[Addr] = set()  # fallback probes in flight, by address
         self._events: deque[Event] = deque()
         self._recent_user = RecentDigests(config.recent_user_messages)
         # Stagger the periodic work inside its first interval (memberlist triggerFunc).
@@ -204,16 +206,33 @@ class Membership:
             self._dispatch(message, source, now)
         self._expire_suspicions(now)  # a confirmation may have moved a deadline into the past
 
-    def handle_stream(self, message: PushPull, source: Addr, now: float) -> PushPull:
-        """An incoming push-pull: answer with our state as it was, then merge theirs."""
+    def handle_stream(self, message: PushPull | Ping, source: Addr,
+                      now: float) -> PushPull | Ack | None:
+        """An incoming push-pull: answer with our state as it was, then merge theirs.
+
+        A TCP ping (memberlist's fallback probe) gets an Ack if it meant us.
+        """
+        if isinstance(message, Ping):
+            self.stats["tcp_pings_served"] += 1
+            return Ack(seq=message.seq) if message.target == self.name else None
         reply = self._push_pull_state(message.join)
         self._merge(message, now)
         self.stats["push_pulls_served"] += 1
         return reply
 
-    def handle_stream_reply(self, message: PushPull | None, to: Addr, now: float) -> None:
+    def handle_stream_reply(self, message: PushPull | Ack | None, to: Addr,
+                            now: float) -> None:
         """The answer to one of our StreamRequests, or None if the stream failed."""
+        if isinstance(message, Ack):
+            self.stats["tcp_acks"] += 1
+            self._tcp_pings.discard(to)
+            self._on_ack(message)  # answers the probe if it is still running
+            return
         if message is None:
+            if to in self._tcp_pings:
+                self._tcp_pings.discard(to)
+                self.stats["tcp_ping_failures"] += 1
+                return
             self.stats["push_pull_failures"] += 1
             return
         self.stats["push_pulls"] += 1
@@ -339,6 +358,13 @@ class Membership:
                                                 nack=self.lifeguard)])
         probe.expected_nacks = len(peers) if self.lifeguard else 0
         self.stats["indirect_probes"] += len(peers)
+        if self.config.tcp_fallback and target.addr not in self._tcp_pings:
+            # memberlist state.go: a TCP ping alongside the indirect ones; its Ack
+            # counts as the probe's (UDP may be what is broken, not the node).
+            self._tcp_pings.add(target.addr)
+            self._streams.append(StreamRequest(target.addr, Ping(
+                seq=probe.seq, target=target.name, source=self.name)))
+            self.stats["tcp_pings"] += 1
 
     def _probe_failed(self, probe: _Probe, now: float) -> None:
         if self.lifeguard:  # relays that did not even nack point at us (awareness.go)

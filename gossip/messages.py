@@ -131,7 +131,11 @@ class Packet:
 
 @dataclass(frozen=True, slots=True)
 class StreamRequest:
-    """Open a TCP stream to `to`, send `message`, and feed the reply back to the core."""
+    """Open a TCP stream to `to`, send `message`, and feed the reply back to the core.
+
+    A PushPull is answered with a PushPull; a Ping (memberlist's TCP fallback
+    probe) with an Ack, or nothing if the node is not the one meant.
+    """
 
     to: Addr
-    message: PushPull
+    message: PushPull | Ping

@@ -38,7 +38,7 @@ from gossip.members import (
     MemberUpdated,
 )
 from gossip.membership import Membership
-from gossip.messages import Addr, Packet, PushPull, StreamRequest
+from gossip.messages import Ack, Addr, Packet, Ping, PushPull, StreamRequest
 from gossip.sim.clock import CALL, PACKET, REPLY, STREAM, TIMER, EventQueue
 from gossip.sim.metrics import Metrics
 from gossip.sim.network import NetProfile, SimNetwork
@@ -242,15 +242,17 @@ class SimCluster:
             to, data, generation = payload
             if generation != node.generation or not node.up:
                 return
-            node.core.handle_stream_reply(self._push_pull(data), to, now)
+            reply = self._stream_message(data)
+            node.core.handle_stream_reply(reply if isinstance(reply, PushPull | Ack) else None,
+                                          to, now)
         self._flush(node)
 
-    def _push_pull(self, data: Any) -> PushPull | None:
-        """A stream's content as the core takes it (None: failed or not a push-pull)."""
+    def _stream_message(self, data: Any) -> PushPull | Ping | Ack | None:
+        """A stream's content as the core takes it (None: failed or not a stream message)."""
         if data is None:
             return None
         message = codec.decode_stream(data) if self.wire else data
-        if not isinstance(message, PushPull):
+        if not isinstance(message, PushPull | Ping | Ack):
             self.stats["stream_not_push_pull"] += 1
             return None
         return message
@@ -261,11 +263,14 @@ class SimCluster:
         if not node.up:  # connection refused: the opener hears at once (one RTT)
             self._reply(opener, node.addr, None, generation, now + self.network.profile.delay)
             return
-        request = self._push_pull(data)
-        if request is None:
+        request = self._stream_message(data)
+        if not isinstance(request, PushPull | Ping):
             self._reply(opener, node.addr, None, generation, now + self.network.profile.delay)
             return
         answer = node.core.handle_stream(request, opener.addr, now)
+        if answer is None:  # a TCP ping meant for another node: closed without a word
+            self._reply(opener, node.addr, None, generation, now + self.network.profile.delay)
+            return
         if self.wire:
             answer_data: Any = codec.encode_stream(answer)
             size = len(answer_data)

@@ -477,3 +477,36 @@ def test_same_seed_same_run() -> None:
 
     assert trace(3) == trace(3)
     assert trace(3) != trace(4)
+
+
+def test_tcp_fallback_ping_saves_a_node_whose_udp_is_lost() -> None:
+    world = Peers("bcd", up="")
+    t0, target, _ = first_probe(world)
+    world.up = set("bcd") - {target}  # the relays answer; the target's UDP is lost
+    world.run(t0 + 0.5)
+    (tcp,) = [s for s in world.core.streams_to_open() if isinstance(s.message, Ping)]
+    assert tcp.to == addr(target)
+    assert isinstance(tcp.message, Ping) and tcp.message.target == target
+    world.core.handle_stream_reply(Ack(seq=tcp.message.seq), tcp.to, world.now + 0.01)
+    world.run(t0 + 1.5)
+    assert world.of(MemberSuspected) == []
+    assert world.core.stats["tcp_acks"] == 1
+
+
+def test_tcp_fallback_failure_still_suspects() -> None:
+    world = Peers("bcd", up="")
+    t0, target, _ = first_probe(world)
+    world.run(t0 + 0.5)
+    (tcp,) = [s for s in world.core.streams_to_open() if isinstance(s.message, Ping)]
+    world.core.handle_stream_reply(None, tcp.to, world.now)
+    world.run(t0 + 1.0)
+    assert [e.member.name for _, e in world.of(MemberSuspected)] == [target]
+    assert world.core.stats["tcp_ping_failures"] == 1
+    assert world.core.stats["push_pull_failures"] == 0
+
+
+def test_tcp_ping_is_answered_only_by_its_target() -> None:
+    world = Peers("b")
+    assert world.core.handle_stream(Ping(seq=7, target="a", source="b"), addr("b"),
+                                    0.0) == Ack(seq=7)
+    assert world.core.handle_stream(Ping(seq=8, target="z", source="b"), addr("b"), 0.0) is None
