@@ -266,7 +266,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         drain_grace=drain_grace,
         tombstone_reap=tombstone_reap,
         dns_domain=values.get("dns_domain") or None,
-        dns_upstreams=tuple(parse_host_port(u, 53, "dns-upstream")
+        dns_upstreams=tuple(_ip_host_port(u, 53, "dns-upstream")
                             for u in values.get("dns_upstream", [])),
         dns_ttl=dns_ttl,
         dns_workers=dns_workers,
@@ -274,6 +274,16 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         cluster_label=str(values.get("cluster_label", "")),
         log_level=str(values.get("log_level", "info")),
     )
+
+
+def _ip_host_port(text: str, default_port: int, what: str) -> HostPort:
+    """Like parse_host_port, but the address must be an IP literal (nothing to resolve)."""
+    parsed = parse_host_port(text, default_port, what)
+    try:
+        ipaddress.ip_address(parsed.host)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: the address must be an IP address") from None
+    return parsed
 
 
 def _number(values: dict[str, Any], key: str, default: float,

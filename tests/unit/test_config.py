@@ -68,6 +68,10 @@ def test_public_api_requires_a_token(root: bool) -> None:
     (["--drain-grace", "soon"], "not a number"),
     (["--api", "127.0.0.1:99999"], "port"),
     (["--api", "127.0.0.1"], "ADDR:PORT"),
+    (["--dns-upstream", "resolver.example"], "IP address"),
+    (["--dns-ttl", "5.5"], "not a number"),
+    (["--gossip-profile", "fast"], "gossip-profile"),
+    (["--cluster-label", "x" * 256], "255 bytes"),
 ])
 def test_bad_flags_are_refused(flags: list[str], message: str, root: bool) -> None:
     with pytest.raises(ConfigError, match=message):
