@@ -62,25 +62,24 @@ from typing import Any, Final
 
 from dnslib import EDNS0, QTYPE, DNSHeader, DNSRecord
 
+from dns.wire import (  # re-exported: the forwarder's callers and tests name them here
+    EDNS_PAYLOAD,
+    NOERROR,
+    NOTIMP,
+    NXDOMAIN,
+    REFUSED,
+    SERVFAIL,
+)
+
 #: glibc's MAXNS and Swarm's maxExtDNS: further nameservers are ignored.
 MAX_UPSTREAMS: Final = 3
 DNS_PORT: Final = 53
-#: The UDP payload size we announce in the OPT records we build (the DNS flag
-#: day 2020 value, which avoids IP fragmentation on any sane path).
-EDNS_PAYLOAD: Final = 1232
 #: Caps on how long an answer is kept, whatever its TTL says (unbound's
 #: cache-max-ttl; RFC 2308 §5 asks for a cap on negative caching).
 MAX_TTL: Final = 86_400
 MAX_NEGATIVE_TTL: Final = 300
 #: The cache's memory bound besides its entry count (a TCP answer may be 64 KiB).
 CACHE_BYTES: Final = 16 * 1024 * 1024
-
-NOERROR: Final = 0
-FORMERR: Final = 1
-SERVFAIL: Final = 2
-NXDOMAIN: Final = 3
-NOTIMP: Final = 4
-REFUSED: Final = 5
 
 _OPCODE_QUERY: Final = 0
 _HEADER_LEN: Final = 12

@@ -41,13 +41,11 @@ from dnslib import (
 )
 
 from dns.table import ALL, Answer, NameTable
+from dns.wire import EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
 from mesh.state.model import Change
 
-UDP_MIN = 512  # RFC 1035 §4.2.1
-EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation
 TCP_MAX = 65535
 MAX_ROTATIONS = 8
-NOERROR, FORMERR, NXDOMAIN, NOTIMP = 0, 1, 3, 4  # RFC 1035 §4.1.1
 CLASS_IN, CLASS_ANY = 1, 255
 DEFAULT_CACHE_ENTRIES = 100_000
 

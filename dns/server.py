@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from dns.responder import Action, Responder, error_reply, fit_udp
+from dns.wire import REFUSED, SERVFAIL
 from mesh.logs import event
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ Forward = Callable[[bytes, bool], Awaitable[bytes]]
 TCP_IDLE_SECONDS = 10.0
 MAX_TCP_CONNECTIONS = 256
 MAX_PENDING_FORWARDS = 4096
-SERVFAIL = 2
 
 
 class UdpServer(asyncio.DatagramProtocol):
@@ -66,7 +66,7 @@ class UdpServer(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
         elif reply is Action.FORWARD:
             if len(self._pending) >= MAX_PENDING_FORWARDS:
-                self.transport.sendto(error_reply(data, 5), addr)  # REFUSED
+                self.transport.sendto(error_reply(data, REFUSED), addr)
                 return
             task = asyncio.create_task(self._forward(data, addr))
             self._pending.add(task)

@@ -179,7 +179,7 @@ _FLAGS: dict[str, str] = {
 }
 
 
-_REPEATED = ("join", "dns-upstream")
+_REPEATED = ("join", "dns-upstream")  # flags given once per value; lists in the file
 _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers": "N",
              "node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
@@ -231,12 +231,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
-        if name in ("join", "dns_upstream"):
+        repeated = key.replace("_", "-") in _REPEATED
+        if repeated:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"config file {path}: {key} must be a list of strings")
         elif not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ConfigError(f"config file {path}: {key} must be a string or a number")
-        values[name] = value if name in ("join", "dns_upstream") else str(value)
+        values[name] = value if repeated else str(value)
     return values
 
 
