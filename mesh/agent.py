@@ -68,8 +68,7 @@ class Agent:
         self.control = Control(self.store, self.feed, self.writer, time.time, self.fail)
         self.health = HealthRunner(config.node_name, self._report_health)
         self.reaper = DrainReaper(self.control, time.time)
-        self.tombstones = TombstoneReaper(self.store, self.writer, time.time,
-                                          config.tombstone_reap)
+        self.tombstones = TombstoneReaper(self.control, time.time, config.tombstone_reap)
         self.dns = None if config.dns is None else DnsService(DnsSettings(
             host=config.dns.host, port=config.dns.port, ttl=config.dns_ttl,
             domain=config.dns_domain,

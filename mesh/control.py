@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mesh.errors import Unavailable
 from mesh.logs import event
 from mesh.state.feed import ChangeFeed
-from mesh.state.model import Change
+from mesh.state.model import Change, Kind
 from mesh.state.persist import PersistError, StateWriter
 from mesh.state.store import Store
 
@@ -49,9 +49,23 @@ class Control:
         changes = mutation(self._wall_clock())
         if changes:
             self.feed.publish(changes)
-            done = self._writer.write([c.after for c in changes], self.store.clock)
-            done.add_done_callback(_write_failed(self._on_fatal))
+            self._watch(self._writer.write([c.after for c in changes], self.store.clock))
         return changes
+
+    def forget(self, keys: Sequence[tuple[Kind, str]]) -> None:
+        """Delete reaped tombstones from disk (already gone from the store)."""
+        self._watch(self._writer.write([], self.store.clock,
+                                       forget=[(kind.value, key) for kind, key in keys]))
+
+    def _watch(self, done: asyncio.Future[None]) -> None:
+        """A failed write stops the agent: what it reported may no longer be on disk."""
+
+        def check(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                event(log, "state_unavailable", logging.CRITICAL, error=done.exception())
+                self._on_fatal(str(done.exception()))
+
+        done.add_done_callback(check)
 
     async def apply(self, mutation: Mutation) -> list[Change]:
         """Run `mutation(now)`; return its changes once they are durable."""
@@ -61,24 +75,16 @@ class Control:
         if not changes:
             return changes
         self.feed.publish(changes)
+        done = self._writer.write([c.after for c in changes], self.store.clock)
+        self._watch(done)
         try:
-            await self._writer.write([c.after for c in changes], self.store.clock)
-        except PersistError as exc:
-            event(log, "state_unavailable", logging.CRITICAL, error=exc)
-            self._on_fatal(str(exc))
+            await done
+        except PersistError:
             raise Unavailable("the agent could not make the change durable") from None
         for change in changes:
             event(log, f"{change.kind.value}_{_verb(change)}", key=change.key,
                   version=change.after.version.clock)
         return changes
-
-
-def _write_failed(on_fatal: Callable[[str], None]) -> Callable[[asyncio.Future[None]], None]:
-    def check(done: asyncio.Future[None]) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            event(log, "state_unavailable", logging.CRITICAL, error=done.exception())
-            on_fatal(str(done.exception()))
-    return check
 
 
 def _verb(change: Change) -> str:

@@ -15,19 +15,18 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from mesh.control import Control
 from mesh.logs import event
 from mesh.state.model import Change, Kind
-from mesh.state.persist import StateWriter
-from mesh.state.store import Store
 
 log = logging.getLogger(__name__)
 
 
 class TombstoneReaper:
-    def __init__(self, store: Store, writer: StateWriter, wall_clock: Callable[[], float],
+    def __init__(self, control: Control, wall_clock: Callable[[], float],
                  interval: float) -> None:
-        self._store = store
-        self._writer = writer
+        self._store = control.store
+        self._control = control
         self._wall_clock = wall_clock
         self.interval = interval
         self._seen: dict[tuple[Kind, str], float] = {}
@@ -56,8 +55,7 @@ class TombstoneReaper:
             if self._store.forget(*key):
                 forgotten.append(key)
         if forgotten:
-            self._writer.write([], self._store.clock,
-                               forget=[(kind.value, name) for kind, name in forgotten])
+            self._control.forget(forgotten)
             self.reaped += len(forgotten)
             event(log, "tombstones_reaped", count=len(forgotten))
         return forgotten
