@@ -116,17 +116,12 @@ class Responder:
             view = self.views[source] = self.table.view_of(source)
         return view
 
-    def cached(self, data: bytes, source: str, tcp: bool = False) -> bytes | None:
-        """The hot path: the reply from cache, or None."""
-        entry = self.cache.get((self.view_of(source), tcp, data[2:]))
-        return None if entry is None else data[:2] + next(entry)
-
     def respond(self, data: bytes, source: str, tcp: bool = False) -> bytes | Action | None:
         """A reply, FORWARD, or None to drop the packet."""
-        hit = self.cached(data, source, tcp)
-        if hit is not None:
-            return hit
         key = (self.view_of(source), tcp, data[2:])
+        rotation = self.cache.get(key)  # the hot path (the UDP server inlines it)
+        if rotation is not None:
+            return data[:2] + next(rotation)
         if key in self._forward_keys:
             self.stats["forwarded"] += 1
             return FORWARD

@@ -29,7 +29,7 @@ from gossip.config import GossipConfig
 from gossip.errors import EncodeError
 from gossip.keyring_store import LocalKeyringControl
 from gossip.membership import Membership
-from gossip.messages import Addr
+from gossip.messages import Addr, MemberState
 from gossip.security import KeyringError
 from mesh.control import Control
 from mesh.liveness import Liveness
@@ -209,7 +209,7 @@ class Cluster:
             # spreads it from there only at their next push-pulls, so reach several.
             self.oversized += 1
             peers = [m.addr for m in self.core.members()
-                     if m.name != self.name and m.state.name == "ALIVE"]
+                     if m.name != self.name and m.state is MemberState.ALIVE]
             self._rng.shuffle(peers)
             if peers:
                 self.core.join(peers[:OVERSIZED_FANOUT], self.shell.now())
@@ -241,7 +241,7 @@ class Cluster:
         """Now and then push-pull with one failed member: it may only have been cut off."""
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL)
-            failed = sorted(m.addr for m in self.core.members() if m.state.name == "DEAD")
+            failed = sorted(m.addr for m in self.core.members() if m.state is MemberState.DEAD)
             if failed and self.shell is not None:
                 self.core.join([self._rng.choice(failed)], asyncio.get_running_loop().time())
                 self.shell.flush()
@@ -253,7 +253,7 @@ class Cluster:
             self.core.join(seeds, asyncio.get_running_loop().time())
             self.shell.flush()
             await asyncio.sleep(delay)
-            if any(m.name != self.name and m.state.name == "ALIVE"
+            if any(m.name != self.name and m.state is MemberState.ALIVE
                    for m in self.core.members()):
                 event(log, "cluster_joined", members=len(self.core.members()))
                 return
