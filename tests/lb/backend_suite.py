@@ -1,0 +1,221 @@
+"""The one test suite every L4 backend passes (DESIGN.md, "Load-balancer backends").
+
+A backend's test module subclasses `BackendSuite` and provides a `harness`
+fixture: something that makes fresh backend instances (a new instance over the
+same kernel state is what an agent restart looks like), gives addresses usable
+as VIPs and real servers in its environment, runs echo servers on the reals,
+and sends real traffic through a virtual service. Nothing is mocked: the
+kernel backends run in a network namespace (or the IPVS VM), the userspace one
+on loopback.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Protocol
+
+import pytest
+
+from lb.backend import Backend
+from lb.table import (
+    ANY_ADDRESS,
+    DeleteReal,
+    DeleteService,
+    PutReal,
+    PutService,
+    Real,
+    Scheduler,
+    ServiceOptions,
+    VirtualKey,
+    VirtualService,
+)
+
+
+class Harness(Protocol):
+    async def new_backend(self) -> Backend:
+        """A fresh backend instance (not started) over the same environment."""
+
+    def vip(self, index: int) -> str:
+        """An address to use as a service VIP."""
+
+    def real(self, index: int, protocol: str = "tcp") -> Real:
+        """A real server; an echo server answering its own `str(real)` runs there."""
+
+    async def hit(self, key: VirtualKey) -> Real | None:
+        """One new connection (or datagram) through `key`: the real that answered, or None."""
+
+    async def make_foreign(self) -> None:
+        """Create objects of the same kind as the backend's that it did not create."""
+
+    async def foreign_intact(self) -> bool:
+        """Whether everything `make_foreign` made is still there, unchanged."""
+
+
+async def spread(harness: Harness, key: VirtualKey, count: int) -> Counter[Real | None]:
+    return Counter([await harness.hit(key) for _ in range(count)])
+
+
+class BackendSuite:
+    """Subclass and provide a `harness` fixture (function scope)."""
+
+    async def test_add_service_with_reals_routes_traffic(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("tcp", harness.vip(1), 8080)
+            reals = [harness.real(1), harness.real(2)]
+            await backend.apply([PutService(key), *(PutReal(key, r, 1) for r in reals)])
+            assert await backend.read() == {key: VirtualService(key, ServiceOptions(),
+                                                                {r: 1 for r in reals})}
+            seen = await spread(harness, key, 20)
+            assert set(seen) == set(reals), seen
+            assert min(seen.values()) >= 5, f"round robin should alternate: {seen}"
+        finally:
+            await backend.close()
+
+    async def test_udp_service(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("udp", harness.vip(2), 5353)
+            real = harness.real(3, "udp")
+            await backend.apply([PutService(key), PutReal(key, real, 1)])
+            assert await harness.hit(key) == real
+        finally:
+            await backend.close()
+
+    async def test_published_port_on_any_address(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("tcp", ANY_ADDRESS, 30080)
+            real = harness.real(1)
+            await backend.apply([PutService(key), PutReal(key, real, 1)])
+            assert await harness.hit(key) == real
+        finally:
+            await backend.close()
+
+    async def test_remove_real_and_service(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("tcp", harness.vip(1), 8080)
+            one, two = harness.real(1), harness.real(2)
+            await backend.apply([PutService(key), PutReal(key, one, 1), PutReal(key, two, 1)])
+            await backend.apply([DeleteReal(key, one)])
+            assert set(await spread(harness, key, 6)) == {two}
+            assert (await backend.read())[key].reals == {two: 1}
+            await backend.apply([DeleteService(key)])
+            assert await backend.read() == {}
+            assert await harness.hit(key) is None
+            # Deleting what is gone is not an error: ops are idempotent.
+            await backend.apply([DeleteService(key), DeleteReal(key, one)])
+        finally:
+            await backend.close()
+
+    async def test_put_twice_is_an_update(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("tcp", harness.vip(1), 8080)
+            real = harness.real(1)
+            await backend.apply([PutService(key), PutReal(key, real, 1)])
+            await backend.apply([PutService(key, ServiceOptions(Scheduler.LEAST_CONNECTIONS)),
+                                 PutReal(key, real, 5), PutReal(key, real, 5)])
+            table = await backend.read()
+            assert table[key].options.scheduler == Scheduler.LEAST_CONNECTIONS
+            assert table[key].reals == {real: 5}
+            assert await harness.hit(key) == real
+        finally:
+            await backend.close()
+
+    async def test_weight_zero_drains(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("tcp", harness.vip(1), 8080)
+            one, two = harness.real(1), harness.real(2)
+            await backend.apply([PutService(key), PutReal(key, one, 1), PutReal(key, two, 1)])
+            await backend.apply([PutReal(key, one, 0)])
+            assert (await backend.read())[key].reals == {one: 0, two: 1}
+            assert set(await spread(harness, key, 8)) == {two}
+        finally:
+            await backend.close()
+
+    async def test_weights_shape_the_spread(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("tcp", harness.vip(1), 8080)
+            one, two = harness.real(1), harness.real(2)
+            await backend.apply([PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)),
+                                 PutReal(key, one, 3), PutReal(key, two, 1)])
+            seen = await spread(harness, key, 40)
+            assert set(seen) == {one, two}
+            assert seen[one] >= 2 * seen[two], seen
+        finally:
+            await backend.close()
+
+    async def test_restart_reconciles_without_touching_what_matches(self, harness: Harness) -> None:
+        first = await harness.new_backend()
+        await first.start({})
+        key = VirtualKey("tcp", harness.vip(1), 8080)
+        stale = VirtualKey("tcp", harness.vip(2), 9090)
+        one, two, three = harness.real(1), harness.real(2), harness.real(3)
+        await first.apply([PutService(key), PutReal(key, one, 1), PutReal(key, two, 1),
+                           PutService(stale), PutReal(stale, one, 1)])
+        # The agent dies without cleaning up: a kernel backend's objects stay behind.
+        abandon = getattr(first, "abandon", None)
+        if abandon is not None:
+            await abandon()
+        second = await harness.new_backend()
+        desired = {key: VirtualService(key, ServiceOptions(), {two: 1, three: 1})}
+        await second.start(desired)
+        try:
+            assert await second.read() == desired
+            assert set(await spread(harness, key, 10)) == {two, three}
+            assert await harness.hit(stale) is None
+        finally:
+            await second.close()
+
+    async def test_close_removes_everything_it_made(self, harness: Harness) -> None:
+        backend = await harness.new_backend()
+        await backend.start({})
+        key = VirtualKey("tcp", harness.vip(1), 8080)
+        await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
+        await backend.close()
+        assert await harness.hit(key) is None
+        after = await harness.new_backend()
+        await after.start({})
+        try:
+            assert await after.read() == {}
+        finally:
+            await after.close()
+
+    async def test_leaves_foreign_objects_alone(self, harness: Harness) -> None:
+        await harness.make_foreign()
+        backend = await harness.new_backend()
+        await backend.start({})
+        key = VirtualKey("tcp", harness.vip(1), 8080)
+        await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
+        assert await backend.read() == {key: VirtualService(key, ServiceOptions(),
+                                                            {harness.real(1): 1})}
+        await backend.close()
+        assert await harness.foreign_intact()
+
+    async def test_real_under_missing_service_is_an_error_not_a_crash(self,
+                                                                      harness: Harness) -> None:
+        from lb.backend import BackendError
+
+        backend = await harness.new_backend()
+        await backend.start({})
+        try:
+            key = VirtualKey("tcp", harness.vip(1), 8080)
+            with pytest.raises(BackendError):
+                await backend.apply([PutReal(key, harness.real(1), 1)])
+            # and the backend still works afterwards
+            await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
+            assert await harness.hit(key) == harness.real(1)
+        finally:
+            await backend.close()
+
