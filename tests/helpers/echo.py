@@ -12,21 +12,18 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
 
 
 class EchoServer:
-    def __init__(self, address: str, port: int,
-                 make_socket: Callable[[], socket.socket] | None = None) -> None:
+    def __init__(self, address: str, port: int, sock: socket.socket | None = None) -> None:
+        """Serve on `address:port`, or on `sock` already bound there (in a namespace)."""
         self.address = address
         self.port = port
         self.name = f"{address}:{port}"
-        if make_socket is None:
+        if sock is None:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((address, port))
-        else:
-            sock = make_socket()
         sock.listen(256)
         sock.settimeout(0.2)
         self.sock = sock
@@ -73,12 +70,10 @@ class EchoServer:
         self._thread.join(2)
 
 
-def hello(address: str, port: int, timeout: float = 3.0,
-          make_socket: Callable[[], socket.socket] | None = None) -> str | None:
+def hello(address: str, port: int, timeout: float = 3.0) -> str | None:
     """One connection: the name of the server that answered, or None."""
     try:
-        sock = make_socket() if make_socket else socket.socket()
-        with sock:
+        with socket.socket() as sock:
             sock.settimeout(timeout)
             sock.connect((address, port))
             data = b""
