@@ -88,8 +88,20 @@ class Side(asyncio.BufferedProtocol):
         if peer.transport is not None and not peer.transport.is_closing() and not peer.eof:
             peer.transport.resume_reading()
 
+    def release_buffer(self) -> None:
+        """Give the read buffer back unless a stalled write of the peer still holds it."""
+        buffer = self.buffer
+        if buffer is not None:
+            self.buffer = None
+            peer = self.peer
+            if peer is None or not peer.stalled:
+                self.splice.runtime.buffers.give(buffer)
+
     def eof_received(self) -> bool:
         self.eof = True
+        # The read that found the EOF took a buffer it did not fill.
+        if self.splice.early == 0:
+            self.release_buffer()
         if self.peer is not None:  # else the EOF is passed on once the real answers
             self.splice.half_closed(self)
         return True  # keep our sending direction open for the peer's remaining bytes
@@ -191,8 +203,8 @@ class Splice:
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
-        # The buffers stay with whatever write may still hold them: no reuse here.
-        side.buffer = None
+        if self.early == 0:
+            side.release_buffer()
         peer = side.peer
         if peer is not None and peer.transport is not None:
             peer.transport.close()  # sends what it holds, then closes

@@ -1,0 +1,69 @@
+"""The agent's LB driver: view ops reach the backend in order; a refused op is counted."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from lb.backend import BackendError
+from lb.driver import LbDriver
+from lb.table import Op, PutReal, Table, apply_ops
+from lb.view import LbView
+from mesh.state.model import Change, Health, Kind, PortConfig, Service, Task
+
+SERVICE = Service(name="web", id="s1", ports=(PortConfig(protocol="tcp", target_port=80,
+                                                         published_port=30080),))
+
+
+class RecordingBackend:
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.table: Table = {}
+        self.batches: list[list[Op]] = []
+        self.started: Table | None = None
+        self.closed = False
+        self.refuse: set[str] = set()  # real addresses whose PutReal fails
+
+    async def start(self, desired: Table) -> None:
+        self.started = dict(desired)
+        self.table = dict(desired)
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        self.batches.append(list(ops))
+        refused = [op for op in ops if isinstance(op, PutReal) and op.real.address in self.refuse]
+        apply_ops(self.table, [op for op in ops if op not in refused])
+        if refused:
+            raise BackendError(f"refused {refused}")
+
+    async def read(self) -> Table:
+        return dict(self.table)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def task(task_id: str, address: str) -> Task:
+    return Task(id=task_id, name=f"web.1.{task_id}", service="web", slot=1, node="n1",
+                address=address, health=Health.HEALTHY)
+
+
+async def test_ops_are_applied_in_order_and_errors_counted_not_fatal() -> None:
+    backend = RecordingBackend()
+    driver = LbDriver(LbView("n1"), backend, "test")
+    first = task("a", "10.0.0.5")
+    await driver.start([SERVICE, first])
+    assert backend.started == driver.view.table()
+    backend.refuse = {"10.0.0.6"}
+    driver.on_change(Change(Kind.TASK, "b", None, task("b", "10.0.0.6")))
+    driver.on_change(Change(Kind.TASK, "c", None, task("c", "10.0.0.7")))
+    driver.on_change(Change(Kind.TASK, "a", first, dataclasses.replace(first, deleted=True)))
+    await driver.settled()
+    assert len(backend.batches) == 3
+    assert driver.errors == 1
+    described = await driver.describe()
+    assert described["errors"] == 1 and described["backend"] == "recording"
+    reals = {(r["address"], r["weight"]) for r in described["services"][0]["reals"]}
+    assert reals == {("10.0.0.7", 1)}
+    await driver.close()
+    assert backend.closed
