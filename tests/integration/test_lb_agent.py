@@ -193,6 +193,8 @@ def test_routing_mesh_across_three_agents(tmp_path: Path, net: str,
     with gossip_cluster(tmp_path, 3) as agents:
         published = free_port()
         add_web(agents[0], published)
+        wait_for(lambda: all(a.request("GET", "/v1/services/web")[0] == 200 for a in agents),
+                 timeout=20, what="the service gossiped to every agent")
         tasks = [(agents[0], servers(1)), (agents[1], servers(2)), (agents[1], servers(3))]
         for agent, server in tasks:
             status, body = agent.request("POST", "/v1/services/web/tasks",
