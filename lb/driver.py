@@ -81,12 +81,14 @@ class LbDriver:
         """The table as programmed (read back from the backend), for `GET /v1/lb`."""
         table: Table = await self.backend.read()
         stats = getattr(self.backend, "stats", None)
+        unbound = getattr(self.backend, "unbound", None)
         return {
             "backend": self.backend.name,
             "reason": self.reason,
             "errors": self.errors,
             "pending": self._queue.qsize(),
             "stats": stats() if callable(stats) else {},
+            "unbound": unbound() if callable(unbound) else {},
             "services": [
                 {"protocol": key.protocol, "address": key.address, "port": key.port,
                  "scheduler": str(service.options.scheduler),

@@ -45,13 +45,21 @@ class UserspaceBackend:
         self.settings = settings or ProxySettings()
         self.runtime = Runtime(self.settings)
         self._services: dict[VirtualKey, Service] = {}
+        # Services whose socket could not be made (a port taken, a privileged port):
+        # reported once, then kept up to date quietly, and retried on their next PutService.
+        self._unbound: dict[VirtualKey, tuple[Service, str]] = {}
 
     def __repr__(self) -> str:
         return f"<UserspaceBackend services={len(self._services)} open={len(self.runtime.open)}>"
 
     def stats(self) -> dict[str, int]:
         """Counters since start: accepted, refused, failovers, idle closes, drops."""
-        return {**self.runtime.stats, "open": len(self.runtime.open)}
+        return {**self.runtime.stats, "open": len(self.runtime.open),
+                "unbound": len(self._unbound)}
+
+    def unbound(self) -> dict[str, str]:
+        """Virtual services in the table that have no socket, and why."""
+        return {str(key): reason for key, (_, reason) in sorted(self._unbound.items())}
 
     def address_of(self, key: VirtualKey) -> str:
         """The address a virtual service listens on."""
@@ -84,28 +92,38 @@ class UserspaceBackend:
             gone = self._services.pop(op.key, None)
             if gone is not None:
                 gone.close()
+            self._unbound.pop(op.key, None)
         elif isinstance(op, PutReal):
-            service = self._services.get(op.key)
-            if service is None:
-                raise BackendError(f"{op.key}: no such virtual service for real {op.real}")
             if op.weight < 0:
                 raise BackendError(f"{op.key}: real {op.real} weight {op.weight} is negative")
-            service.pool.set(op.real, op.weight)
+            self._pool(op.key, op.real).set(op.real, op.weight)
         elif isinstance(op, DeleteReal):
-            service = self._services.get(op.key)
+            service = self._services.get(op.key) or self._unbound.get(op.key, (None,))[0]
             if service is not None:
                 service.pool.remove(op.real)
 
+    def _pool(self, key: VirtualKey, real: object) -> Pool:
+        service = self._services.get(key)
+        if service is not None:
+            return service.pool
+        unbound = self._unbound.get(key)
+        if unbound is not None:
+            return unbound[0].pool  # its error was reported when it failed to listen
+        raise BackendError(f"{key}: no such virtual service for real {real}")
+
     async def _listen(self, key: VirtualKey, options: ServiceOptions) -> None:
-        pool = Pool(options.scheduler)
+        previous = self._unbound.pop(key, None)
+        pool = Pool(options.scheduler) if previous is None else previous[0].pool
+        pool.scheduler = options.scheduler
         service: Service = (TcpService(key, options, pool, self.runtime) if key.protocol == "tcp"
                             else UdpService(key, options, pool, self.runtime))
         host = self.address_of(key)
         try:
             await service.listen(host)
         except OSError as exc:
-            raise BackendError(f"{key}: cannot listen on {host}:{key.port}: "
-                               f"{exc.strerror or exc}") from None
+            reason = f"cannot listen on {host}:{key.port}: {exc.strerror or exc}"
+            self._unbound[key] = (service, reason)
+            raise BackendError(f"{key}: {reason}") from None
         self._services[key] = service
 
     async def read(self) -> Table:
@@ -117,6 +135,7 @@ class UserspaceBackend:
         for service in self._services.values():
             service.close()
         self._services.clear()
+        self._unbound.clear()
         await self.runtime.close()
 
     async def abandon(self) -> None:

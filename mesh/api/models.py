@@ -288,4 +288,5 @@ class LbOut(_Response):
     errors: int  # ops the backend refused since start
     pending: int  # batches of ops queued, not yet applied
     stats: dict[str, int]
+    unbound: dict[str, str]  # virtual services the backend could not program, and why
     services: list[LbServiceOut]

@@ -44,4 +44,8 @@ def _lb(ctx: Context, args: argparse.Namespace) -> int:
     ctx.emit_line("  -> RemoteAddress:Port  Weight")
     for line in describe(table_of(answer)):
         ctx.emit_line(line)
+    unbound = answer.get("unbound")
+    if isinstance(unbound, dict):
+        for key, reason in sorted(unbound.items()):
+            ctx.emit_line(f"not programmed: {key}: {reason}")
     return 0

@@ -170,6 +170,10 @@ def test_a_port_the_backend_cannot_take_is_logged_and_counted_not_fatal(
         wait_for(lambda: agent.request("GET", "/v1/lb")[1]["errors"] >= 1,
                  what="the refused listener counted")
         assert "lb_backend_error" in agent.log()
+        port = squatter.getsockname()[1]
+        unbound = agent.request("GET", "/v1/lb")[1]["unbound"]
+        assert list(unbound) == [f"tcp/0.0.0.0:{port}"], unbound
+        assert f"not programmed: tcp/0.0.0.0:{port}: cannot listen" in mesh_cli(agent, "lb")
         assert agent.request("GET", "/v1/health")[0] == 200
         vip = agent.request("GET", "/v1/services/web")[1]["vips"][0]["address"]
         assert hello(vip, 80) == f"{net}.101:{TASK_PORT}"  # the VIP serves all the same

@@ -379,12 +379,12 @@ async def test_published_port_listens_on_every_address() -> None:
         await harness.close()
 
 
-async def test_listen_failure_is_a_backend_error_naming_the_service(harness: LoopbackHarness,
+async def test_a_port_it_cannot_take_is_reported_once_and_retried(harness: LoopbackHarness,
                                                                     ) -> None:
     from lb.backend import BackendError
 
     backend = await started(harness)
-    blocker = socket.socket()
+    blocker = socket.socket()  # someone else's listener, without SO_REUSEPORT
     blocker.bind((harness.vip(4), 0))
     blocker.listen(1)
     taken = VirtualKey("tcp", harness.vip(4), blocker.getsockname()[1])
@@ -392,5 +392,14 @@ async def test_listen_failure_is_a_backend_error_naming_the_service(harness: Loo
         with pytest.raises(BackendError, match=str(taken)):
             await backend.apply([PutService(taken)])
         assert taken not in await backend.read()
+        # Its reals are still followed, without an error per task change.
+        await backend.apply([PutReal(taken, harness.real(1), 1), PutReal(taken, harness.real(2), 1),
+                             DeleteReal(taken, harness.real(2))])
+        assert backend.stats()["unbound"] == 1
+        assert str(taken) in backend.unbound()
     finally:
         blocker.close()
+    await backend.apply([PutService(taken)])  # the next PutService tries again
+    assert (await backend.read())[taken].reals == {harness.real(1): 1}
+    assert await harness.hit(taken) == harness.real(1)
+    assert backend.stats()["unbound"] == 0
