@@ -191,6 +191,18 @@ def test_asking_for_a_missing_backend_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in agent.log()
 
 
+@pytest.mark.skipif(os.path.exists("/proc/net/ip_vs"), reason="this kernel has ip_vs")
+def test_asking_for_ipvs_without_ip_vs_is_a_clear_error(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path / "data", extra=["--lb", "ipvs"])
+    with pytest.raises(RuntimeError, match="agent exited"):
+        agent.start(timeout=15)
+    assert "event=agent_start_failed" in agent.log()
+    # (modprobe may load ip_vs meanwhile: then the missing lb.ipvs is the reason)
+    assert ("--lb ipvs: this kernel has no ip_vs" in agent.log()
+            or "lb.ipvs is not part of this build" in agent.log())
+    assert "Traceback" not in agent.log()
+
+
 def test_routing_mesh_across_three_agents(tmp_path: Path, net: str,
                                           servers: Callable[[int], EchoServer]) -> None:
     """Tasks registered on agents 1 and 2 answer on agent 3's published port."""
