@@ -86,10 +86,16 @@ class Runtime:
         self.tcp_idle_ticks = math.ceil(settings.tcp_idle_timeout / self.tick)
         self.udp_idle_ticks = math.ceil(settings.udp_idle_timeout / self.tick)
         self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
+        # Cached: asyncio.get_running_loop() costs a getpid() system call each time
+        # (CPython checks for a fork), and every connection asked several times.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def admit(self, item: Expiring) -> bool:
         """Count a new connection or flow in, or refuse it over the limit."""
@@ -104,7 +110,7 @@ class Runtime:
 
     def start(self) -> None:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
         # One pass every `tick` instead of a timer per connection reset on every

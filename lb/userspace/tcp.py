@@ -114,7 +114,7 @@ class Splice:
     """One client connection and its connection to a real server."""
 
     __slots__ = ("client", "connecting", "done", "early", "idle", "idle_limit", "real",
-                 "runtime", "service", "upstream")
+                 "runtime", "service", "timed_out", "upstream")
 
     def __init__(self, service: TcpService) -> None:
         self.service = service
@@ -127,6 +127,7 @@ class Splice:
         self.idle_limit = self.runtime.tcp_idle_ticks
         self.done = False
         self.early = 0  # client bytes read before the real answered
+        self.timed_out = False
 
     def accepted(self, client: Side) -> None:
         transport = client.transport
@@ -152,15 +153,28 @@ class Splice:
                 return
             upstream = Side(self)
             upstream.peer = self.client
+            # A plain timer, not asyncio.timeout(): that asks for the running loop and
+            # the current task, a getpid() system call each, on every connection.
+            timer = loop.call_later(runtime.settings.connect_timeout, self._connect_timed_out)
             try:
-                async with asyncio.timeout(runtime.settings.connect_timeout):
-                    await loop.create_connection(lambda: upstream,  # noqa: B023
-                                                 real.address, real.port)
+                await loop.create_connection(lambda: upstream,  # noqa: B023
+                                             real.address, real.port)
                 break
-            except (OSError, TimeoutError) as exc:
+            except asyncio.CancelledError:
+                if not self.timed_out:
+                    raise  # the client left, or the backend is closing
+                self.timed_out = False
+                assert self.connecting is not None
+                self.connecting.uncancel()
+                runtime.stats["tcp_connect_failed"] += 1
+                log.debug("connect to %s for %s timed out", real, self.service.key)
+                tried.add(real)
+            except OSError as exc:
                 runtime.stats["tcp_connect_failed"] += 1
                 log.debug("connect to %s for %s failed: %r", real, self.service.key, exc)
                 tried.add(real)
+            finally:
+                timer.cancel()
         if tried:
             runtime.stats["tcp_failovers"] += 1
         self.connecting = None
@@ -184,6 +198,11 @@ class Splice:
             self.half_closed(self.client)
         elif not upstream.stalled:
             client.resume_reading()
+
+    def _connect_timed_out(self) -> None:
+        if self.connecting is not None:
+            self.timed_out = True
+            self.connecting.cancel()
 
     def half_closed(self, side: Side) -> None:
         peer = side.peer

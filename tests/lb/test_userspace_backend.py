@@ -143,6 +143,37 @@ async def test_failover_to_the_next_real_when_a_connect_fails(harness: LoopbackH
     assert stats["tcp_failovers"] >= 3
 
 
+async def test_a_real_that_never_answers_times_out_and_fails_over(harness: LoopbackHarness,
+                                                                  ) -> None:
+    """A listener whose accept queue is full drops SYNs: the connect hangs until the timeout."""
+    stuck = Real(f"{harness.net}.100", REAL_PORT)  # sorts first: round robin tries it first
+    full = socket.socket()
+    full.bind((stuck.address, stuck.port))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue (never accepted)
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect((stuck.address, stuck.port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        await asyncio.sleep(0.1)
+        backend = await started(harness, settings_for(harness, connect_timeout=0.3))
+        key = VirtualKey("tcp", harness.vip(1), 8080)
+        await backend.apply([PutService(key), PutReal(key, stuck, 1),
+                             PutReal(key, harness.real(2), 1)])
+        assert await harness.hit(key) == harness.real(2)
+        stats = backend.stats()
+        assert stats["tcp_connect_failed"] == 1 and stats["tcp_failovers"] == 1, stats
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
+
+
 async def test_no_reachable_real_closes_the_client(harness: LoopbackHarness) -> None:
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(1), 8080)
