@@ -52,6 +52,8 @@ class Side(asyncio.BufferedProtocol):
         buffer = self.buffer
         if buffer is None:
             buffer = self.buffer = self.splice.runtime.buffers.take()
+        if self.peer is None:  # still connecting: bytes go after the ones held already
+            return buffer[self.splice.early:]
         return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -59,11 +61,12 @@ class Side(asyncio.BufferedProtocol):
         splice.idle = 0
         peer = self.peer
         if peer is None:
-            # Client bytes before the real answered (uvloop starts reading right
-            # after connection_made, whatever it paused): hold them until then.
-            splice.early = nbytes
-            assert self.transport is not None
-            self.transport.pause_reading()
+            # Client bytes before the real answered (a request usually comes at
+            # once): hold them in the buffer, and stop reading only once it is full.
+            splice.early += nbytes
+            assert self.transport is not None and self.buffer is not None
+            if splice.early >= len(self.buffer):
+                self.transport.pause_reading()
             return
         assert peer.transport is not None and self.buffer is not None
         peer.transport.write(self.buffer[:nbytes])
@@ -137,7 +140,6 @@ class Splice:
             transport.abort()
             return
         self.runtime.stats["tcp_accepted"] += 1
-        transport.pause_reading()  # nothing to send it to until a real answers
         self.connecting = self.runtime.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -196,8 +198,8 @@ class Splice:
             self.client.buffer_updated(early)
         if self.client.eof:
             self.half_closed(self.client)
-        elif not upstream.stalled:
-            client.resume_reading()
+        elif not upstream.stalled and not client.is_reading():
+            client.resume_reading()  # it had filled the buffer while we connected
 
     def _connect_timed_out(self) -> None:
         if self.connecting is not None:
