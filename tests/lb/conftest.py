@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import uvloop
 
-BOTH_LOOPS = ("tests.lb.test_userspace_backend",)
+BOTH_LOOPS = ("tests.lb.test_userspace_backend", "tests.lb.test_userspace_proxy")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config,

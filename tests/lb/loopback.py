@@ -150,6 +150,38 @@ class LoopbackHarness:
                     await server.wait_closed()
 
 
+# -- shortcuts for the proxy's own tests ------------------------------------------------
+
+
+async def started(harness: LoopbackHarness, settings: ProxySettings | None = None,
+                  ) -> UserspaceBackend:
+    if settings is not None:
+        harness.settings = settings
+    backend = await harness.new_backend()
+    assert isinstance(backend, UserspaceBackend)
+    await backend.start({})
+    return backend
+
+
+async def connect(harness: LoopbackHarness, key: VirtualKey,
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async with asyncio.timeout(2):
+        return await asyncio.open_connection(harness.address_of(key), key.port)
+
+
+async def greeted(harness: LoopbackHarness, key: VirtualKey,
+                  ) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await connect(harness, key)
+    async with asyncio.timeout(2):
+        line = await reader.readline()
+    return line.decode().strip(), reader, writer
+
+
+def settings_for(harness: LoopbackHarness, **changes: object) -> ProxySettings:
+    return ProxySettings(publish_address=harness.settings.publish_address,
+                         **changes)  # type: ignore[arg-type]
+
+
 def _as_real(data: bytes) -> Real | None:
     text = data.decode(errors="replace").strip()
     if ":" not in text:
