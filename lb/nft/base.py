@@ -1,0 +1,66 @@
+"""The fixed part of the backend's table: dispatch maps and the hooked chains.
+
+- `prerouting` (nat, dstnat) and `output` (nat, -100): a packet to a VIP:port
+  in `vips`, or to any local address (`fib daddr type local`) on a port in
+  `published`, jumps to its service chain, which DNATs it to a real. Only the
+  first packet of a connection sees a nat chain; conntrack carries the rest,
+  which is why a change to the maps never moves an established flow.
+- `forward` (filter) marks a new DNATed flow whose real is routed out of the
+  interface the client came in on (`fib daddr . iif oif exists`): the real
+  would answer the client directly, bypassing this node's un-DNAT, so that flow
+  must be masqueraded. This is the routing mesh's cross-node case (client and
+  the other node's task on the same network). Flows to a real routed elsewhere
+  (a task behind this node, whose gateway is this node) keep the client's
+  address: Swarm's most common complaint is that ingress loses it.
+- `postrouting` (nat, srcnat) masquerades the marked flows (and clears the
+  mark bit, so nothing later sees it) and flows this node's own processes made
+  through a VIP or published port to a real elsewhere (their source may be an
+  address the real cannot route back to, such as a VIP route's).
+"""
+
+from __future__ import annotations
+
+#: The packet-mark bit the forward chain uses to tell postrouting "masquerade
+#: this one". Set on a flow's first packet only and cleared before it leaves.
+DEFAULT_MASQUERADE_MARK = 0x2000
+
+
+def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK) -> list[str]:
+    """Create the fixed objects if missing and (re)write their rules, as one transaction.
+
+    `add` of an object that exists is a no-op, so this is safe over a leftover
+    table; the hooked chains are flushed and refilled in the same transaction,
+    so no packet sees them empty, and no service object is touched.
+    """
+    t = table
+    dispatch = [
+        "ip daddr . meta l4proto . th dport vmap @vips",
+        "fib daddr type local meta l4proto . th dport vmap @published",
+    ]
+    keep = 0xFFFFFFFF ^ mark
+    commands = [
+        f"add table ip {t}",
+        f"add map ip {t} vips {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
+        f"add map ip {t} published {{ type inet_proto . inet_service : verdict ; }}",
+        f"add chain ip {t} prerouting {{ type nat hook prerouting priority dstnat ; "
+        "policy accept ; }",
+        f"add chain ip {t} output {{ type nat hook output priority -100 ; policy accept ; }}",
+        f"add chain ip {t} forward {{ type filter hook forward priority filter ; "
+        "policy accept ; }",
+        f"add chain ip {t} postrouting {{ type nat hook postrouting priority srcnat ; "
+        "policy accept ; }",
+    ]
+    for chain in ("prerouting", "output"):
+        commands.append(f"flush chain ip {t} {chain}")
+        commands += [f"add rule ip {t} {chain} {rule}" for rule in dispatch]
+    commands += [
+        f"flush chain ip {t} forward",
+        f"add rule ip {t} forward ct state new ct status dnat fib daddr . iif oif exists "
+        f"meta mark set meta mark | {mark:#x}",
+        f"flush chain ip {t} postrouting",
+        f"add rule ip {t} postrouting meta mark & {mark:#x} == {mark:#x} "
+        f"meta mark set meta mark & {keep:#x} masquerade",
+        f'add rule ip {t} postrouting oif != "lo" ct status dnat fib saddr type local '
+        "masquerade",
+    ]
+    return commands

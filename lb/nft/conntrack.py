@@ -1,0 +1,73 @@
+"""Forget the conntrack entries of removed reals, through pyroute2's conntrack netlink.
+
+Conntrack keeps a flow's DNAT binding until the flow times out, so without this
+a UDP "flow" (a client that keeps its source port) would go on reaching a task
+that was removed for as long as it keeps sending. Only entries that were
+DNATed to the removed real through the removed virtual service are deleted:
+an established flow to any other real, or one that reached that real directly,
+is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from pyroute2.conntrack import AsyncConntrack
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from lb.table import Real, VirtualKey
+
+log = logging.getLogger(__name__)
+
+IPS_DST_NAT = 1 << 5
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+def matches(key: VirtualKey, real: Real, orig: Any, reply: Any, status: int) -> bool:
+    """Whether one conntrack entry was DNATed to `real` through `key`."""
+    if not status & IPS_DST_NAT:
+        return False
+    if orig.dport != key.port or (not key.published and orig.daddr != key.address):
+        return False
+    return bool(reply.saddr == real.address and reply.sport == real.port)
+
+
+class ConntrackFlusher:
+    """Deletes the flows of removed (service, real) pairs; one dump per call."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns
+        self._socket: AsyncConntrack | None = None
+
+    async def flush(self, removed: Iterable[tuple[VirtualKey, Real]]) -> int:
+        by_protocol: dict[str, list[tuple[VirtualKey, Real]]] = {}
+        for key, real in removed:
+            by_protocol.setdefault(key.protocol, []).append((key, real))
+        if not by_protocol:
+            return 0
+        if self._socket is None:
+            self._socket = (AsyncConntrack() if self._netns is None
+                            else AsyncConntrack(netns=self._netns))
+        deleted = 0
+        for protocol, pairs in by_protocol.items():
+            doomed = []
+            async for entry in await self._socket.dump_entries(
+                    tuple_orig=NFCTAttrTuple(proto=PROTOCOLS[protocol])):
+                if any(matches(k, r, entry.tuple_orig, entry.tuple_reply, entry.status or 0)
+                       for k, r in pairs):
+                    doomed.append(entry)
+            for entry in doomed:
+                try:
+                    await self._socket.delete(entry)
+                    deleted += 1
+                except Exception as exc:  # gone meanwhile (it timed out): fine
+                    log.debug("conntrack delete %s: %s", entry, exc)
+        return deleted
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

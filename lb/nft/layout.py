@@ -1,0 +1,434 @@
+"""The sans-IO core of the nftables backend: what is programmed, and the commands that change it.
+
+`Layout` mirrors the backend's nftables table. Each virtual service owns:
+
+- a chain `svc_<id>` holding one rule: `dnat ip to numgen inc mod N map @slots_<id>`
+  (or `reject` while no real takes new connections); the rule's comment keeps
+  the service options (`meshplane sched=rr proxy=0`) so `read()` gives them back;
+- a map `slots_<id>`: slot number -> real `address . port`, the round-robin ring;
+- a map `weights_<id>`: real `address . port` -> weight, every real including
+  the draining ones (weight 0 has no slot, so no new connection reaches it,
+  while conntrack keeps the flows it already has going);
+- one element in the dispatch map `vips` (`daddr . l4proto . dport : goto svc_<id>`)
+  or `published` (`l4proto . dport : goto svc_<id>`, matched only for packets to
+  a local address: `fib daddr type local`).
+
+Weights: `wrr` gives a real `weight` slots, `rr` (and `lc`, which nftables cannot
+do) one slot per real of weight > 0, as IPVS's rr ignores weights. Removing slots
+moves the last ones into the holes (swap with last), so a change rewrites only
+the elements it must plus the one rule whose modulus changed: O(weight), not
+O(service).
+
+Everything here is pure: `Layout.plan(op)` returns nft commands (text syntax,
+see `lb/nft/__init__.py` for why not JSON) and changes the mirror;
+`parse_listing` turns `nft -j list table` back into a Layout.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lb.table import (
+    ANY_ADDRESS,
+    DeleteService,
+    Op,
+    PutReal,
+    PutService,
+    Real,
+    Scheduler,
+    ServiceOptions,
+    Table,
+    VirtualKey,
+    VirtualService,
+)
+
+#: A real gets at most this many slots (its weight under `wrr`); bigger weights are refused.
+MAX_WEIGHT = 256
+COMMENT_PREFIX = "meshplane"
+VIPS_MAP = "vips"
+PUBLISHED_MAP = "published"
+
+
+class LayoutError(Exception):
+    """An op the layout cannot program (bad value, or a real under a missing service)."""
+
+
+@dataclass
+class ServiceLayout:
+    key: VirtualKey
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+    weights: dict[Real, int] = field(default_factory=dict)
+    slots: list[Real] = field(default_factory=list)
+
+    def copy(self) -> ServiceLayout:
+        return ServiceLayout(self.key, self.options, dict(self.weights), list(self.slots))
+
+    def service(self) -> VirtualService:
+        return VirtualService(self.key, self.options, dict(self.weights))
+
+    def wanted_slots(self, real: Real) -> int:
+        weight = self.weights.get(real, 0)
+        if weight <= 0:
+            return 0
+        return weight if self.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN else 1
+
+    def consistent(self) -> bool:
+        """Whether the slots are what the weights and scheduler ask for (a repaired leftover)."""
+        counts: dict[Real, int] = {}
+        for real in self.slots:
+            counts[real] = counts.get(real, 0) + 1
+        return all(counts.get(r, 0) == self.wanted_slots(r) for r in self.weights) and \
+            counts.keys() <= self.weights.keys()
+
+
+# -- names ----------------------------------------------------------------------
+
+
+def service_id(key: VirtualKey) -> str:
+    where = "any" if key.published else key.address.replace(".", "_")
+    return f"{key.protocol}_{where}_{key.port}"
+
+
+def chain_name(key: VirtualKey) -> str:
+    return f"svc_{service_id(key)}"
+
+
+def slots_map(key: VirtualKey) -> str:
+    return f"slots_{service_id(key)}"
+
+
+def weights_map(key: VirtualKey) -> str:
+    return f"weights_{service_id(key)}"
+
+
+def options_comment(options: ServiceOptions) -> str:
+    return f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
+
+
+def parse_options_comment(comment: str) -> ServiceOptions | None:
+    words = comment.split()
+    if not words or words[0] != COMMENT_PREFIX:
+        return None
+    fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    try:
+        return ServiceOptions(Scheduler(fields.get("sched", "rr")), fields.get("proxy") == "1")
+    except ValueError:
+        return None
+
+
+# -- validation -----------------------------------------------------------------
+
+
+def _check_ipv4(address: str, what: str, *, allow_any: bool = False) -> None:
+    try:
+        parsed = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise LayoutError(f"{what} {address!r} is not an IPv4 address") from None
+    if parsed.is_unspecified and not allow_any:
+        raise LayoutError(f"{what} {address!r} cannot be the unspecified address")
+    if str(parsed) != address:
+        raise LayoutError(f"{what} {address!r} is not in canonical form ({parsed})")
+
+
+def _check_port(port: object, what: str) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise LayoutError(f"{what} port {port!r} is not in 1..65535")
+
+
+def check_key(key: VirtualKey) -> None:
+    if key.protocol not in ("tcp", "udp"):
+        raise LayoutError(f"{key}: protocol {key.protocol!r} is not tcp or udp")
+    _check_ipv4(key.address, f"{key}: address", allow_any=True)
+    _check_port(key.port, f"{key}:")
+
+
+def check_real(key: VirtualKey, real: Real, weight: int) -> None:
+    _check_ipv4(real.address, f"{key} real")
+    _check_port(real.port, f"{key} real {real.address}")
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
+        raise LayoutError(f"{key} real {real}: weight {weight!r} is not in 0..{MAX_WEIGHT} "
+                          "(the nftables backend expands weights into map slots)")
+
+
+# -- commands -------------------------------------------------------------------
+
+
+class Layout:
+    """The mirror of one nftables table of the backend, and the commands that change it."""
+
+    def __init__(self, table: str, services: Mapping[VirtualKey, ServiceLayout] | None = None):
+        self.table = table
+        self.services: dict[VirtualKey, ServiceLayout] = dict(services or {})
+        self._undo: dict[VirtualKey, ServiceLayout | None] | None = None
+
+    def to_table(self) -> Table:
+        return {key: layout.service() for key, layout in self.services.items()}
+
+    # The undo log: `plan` saves a service before it first changes it.
+    def begin(self) -> None:
+        self._undo = {}
+
+    def rollback(self) -> None:
+        for key, saved in (self._undo or {}).items():
+            if saved is None:
+                self.services.pop(key, None)
+            else:
+                self.services[key] = saved
+        self._undo = {}
+
+    def _save(self, key: VirtualKey) -> None:
+        undo = self._undo
+        if undo is not None and key not in undo:
+            current = self.services.get(key)
+            undo[key] = None if current is None else current.copy()
+
+    def plan(self, op: Op) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+        """The commands for `op` (applied to the mirror), and the (service, real) flows to flush."""
+        check_key(op.key)
+        if isinstance(op, PutService):
+            return self._put_service(op.key, op.options), []
+        if isinstance(op, DeleteService):
+            return self._delete_service(op.key)
+        if isinstance(op, PutReal):
+            check_real(op.key, op.real, op.weight)
+            return self._put_real(op.key, op.real, op.weight), []
+        return self._delete_real(op.key, op.real)
+
+    def _put_service(self, key: VirtualKey, options: ServiceOptions) -> list[str]:
+        t = self.table
+        current = self.services.get(key)
+        self._save(key)
+        if current is None:
+            layout = self.services[key] = ServiceLayout(key, options)
+            sid = service_id(key)
+            element = (f"add element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} "
+                       f": goto svc_{sid} }}" if key.published else
+                       f"add element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
+                       f"{key.port} : goto svc_{sid} }}")
+            return [
+                f"add map ip {t} slots_{sid} {{ typeof numgen inc mod 1 : "
+                f"ip daddr . {key.protocol} dport ; }}",
+                f"add map ip {t} weights_{sid} {{ type ipv4_addr . inet_service : mark ; }}",
+                f"add chain ip {t} svc_{sid}",
+                *self._rule(layout),
+                element,
+            ]
+        if current.options == options:
+            return []
+        before = list(current.slots)
+        current.options = options
+        return self._reslot(current, before, rebuild=True)
+
+    def _delete_service(self, key: VirtualKey) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+        current = self.services.get(key)
+        if current is None:
+            return [], []
+        t = self.table
+        self._save(key)
+        del self.services[key]
+        sid = service_id(key)
+        element = (f"delete element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} }}"
+                   if key.published else
+                   f"delete element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
+                   f"{key.port} }}")
+        commands = [element, f"delete chain ip {t} svc_{sid}",
+                    f"delete map ip {t} slots_{sid}", f"delete map ip {t} weights_{sid}"]
+        return commands, [(key, real) for real in sorted(current.weights)]
+
+    def _put_real(self, key: VirtualKey, real: Real, weight: int) -> list[str]:
+        current = self.services.get(key)
+        if current is None:
+            raise LayoutError(f"{key} real {real}: no such virtual service")
+        old = current.weights.get(real)
+        if old == weight:
+            return []
+        self._save(key)
+        t, wmap = self.table, weights_map(key)
+        commands = []
+        if old is not None:
+            commands.append(f"delete element ip {t} {wmap} {{ {real.address} . {real.port} }}")
+        commands.append(f"add element ip {t} {wmap} {{ {real.address} . {real.port} : {weight} }}")
+        before = list(current.slots)
+        current.weights[real] = weight
+        return commands + self._reslot(current, before)
+
+    def _delete_real(self, key: VirtualKey,
+                     real: Real) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+        current = self.services.get(key)
+        if current is None or real not in current.weights:
+            return [], []
+        self._save(key)
+        before = list(current.slots)
+        del current.weights[real]
+        commands = [f"delete element ip {self.table} {weights_map(key)} "
+                    f"{{ {real.address} . {real.port} }}"]
+        return commands + self._reslot(current, before), [(key, real)]
+
+    def _reslot(self, layout: ServiceLayout, before: list[Real], *,
+                rebuild: bool = False) -> list[str]:
+        """Bring `layout.slots` in line with its weights, touching as few slots as it can."""
+        slots = list(before)
+        for real in sorted({*slots, *layout.weights}):
+            have = slots.count(real)
+            want = layout.wanted_slots(real)
+            for _ in range(have - want):  # swap the real's last slot with the ring's last
+                index = len(slots) - 1 - slots[::-1].index(real)
+                slots[index] = slots[-1]
+                slots.pop()
+            slots.extend([real] * (want - have))
+        layout.slots = slots
+        t, smap = self.table, slots_map(layout.key)
+        commands = []
+        for index, real in enumerate(before):
+            if index >= len(slots) or slots[index] != real:
+                commands.append(f"delete element ip {t} {smap} {{ {index} }}")
+        added = [f"{i} : {r.address} . {r.port}" for i, r in enumerate(slots)
+                 if i >= len(before) or before[i] != r]
+        if added:
+            commands.append(f"add element ip {t} {smap} {{ {', '.join(added)} }}")
+        if rebuild or len(slots) != len(before):
+            commands += self._rule(layout)
+        return commands
+
+    def repair(self, key: VirtualKey) -> list[str]:
+        """Rewrite one service's slots and rule from its weights (a damaged leftover)."""
+        layout = self.services[key]
+        self._save(key)
+        layout.slots = []
+        commands = [f"flush map ip {self.table} {slots_map(key)}"]
+        return commands + self._reslot(layout, [], rebuild=True)
+
+    def _rule(self, layout: ServiceLayout) -> list[str]:
+        t, key = self.table, layout.key
+        comment = f'comment "{options_comment(layout.options)}"'
+        if layout.slots:
+            body = (f"meta l4proto {key.protocol} dnat ip to numgen inc mod {len(layout.slots)} "
+                    f"map @{slots_map(key)}")
+        else:
+            # Nothing takes new connections: refuse them at once rather than let
+            # them time out (flows already made never reach a nat chain again).
+            body = "reject"
+        return [f"flush chain ip {t} {chain_name(key)}", f"add rule ip {t} {chain_name(key)} "
+                f"{body} {comment}"]
+
+
+# -- reading the kernel's table back -----------------------------------------------
+
+
+def _elements(obj: Mapping[str, Any]) -> Iterable[tuple[Any, Any]]:
+    for item in obj.get("elem", []) or []:
+        if isinstance(item, list) and len(item) == 2:
+            key, value = item
+            if isinstance(key, dict) and "elem" in key:  # an element with options
+                key = key["elem"].get("val")
+            yield key, value
+
+
+def _concat(value: Any) -> list[Any] | None:
+    if isinstance(value, dict) and isinstance(value.get("concat"), list):
+        return list(value["concat"])
+    return None
+
+
+def _real(value: Any) -> Real | None:
+    parts = _concat(value)
+    if parts is None or len(parts) != 2:
+        return None
+    address, port = parts
+    if not isinstance(address, str) or not isinstance(port, int):
+        return None
+    return Real(address, port)
+
+
+def _goto(value: Any) -> str | None:
+    if isinstance(value, dict):
+        for verdict in ("goto", "jump"):
+            target = value.get(verdict)
+            if isinstance(target, dict) and isinstance(target.get("target"), str):
+                return str(target["target"])
+    return None
+
+
+@dataclass
+class Listing:
+    """What `parse_listing` found: the layout, and what in it needs work."""
+
+    layout: Layout
+    #: Services whose slots or rule disagree with their weights: rewrite their slots.
+    repair: set[VirtualKey] = field(default_factory=set)
+    #: Dispatch elements whose service pieces are missing: remove what is left of them.
+    broken: dict[VirtualKey, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def parse_listing(table: str, listing: Mapping[str, Any]) -> Listing:
+    """The Layout in `nft -j list table ip <table>` output, and what looked wrong in it."""
+    maps: dict[str, Mapping[str, Any]] = {}
+    rules: dict[str, list[Mapping[str, Any]]] = {}
+    for item in listing.get("nftables", []):
+        if not isinstance(item, dict):
+            continue
+        if "map" in item and item["map"].get("table") == table:
+            maps[item["map"]["name"]] = item["map"]
+        elif "rule" in item and item["rule"].get("table") == table:
+            rules.setdefault(item["rule"].get("chain", ""), []).append(item["rule"])
+    found = Listing(Layout(table))
+    keys: dict[VirtualKey, str] = {}
+    for name, width in ((VIPS_MAP, 3), (PUBLISHED_MAP, 2)):
+        for raw, target in _elements(maps.get(name, {})):
+            parts = _concat(raw)
+            chain = _goto(target)
+            if parts is None or len(parts) != width or chain is None:
+                found.problems.append(f"unreadable element in {name}: {raw!r}")
+                continue
+            address, protocol, port = parts if width == 3 else [ANY_ADDRESS, *parts]
+            if protocol in ("tcp", "udp") and isinstance(address, str) and isinstance(port, int):
+                keys[VirtualKey(protocol, address, port)] = chain
+            else:
+                found.problems.append(f"unreadable element in {name}: {raw!r}")
+    for key, chain in keys.items():
+        if chain != chain_name(key) or slots_map(key) not in maps or \
+                weights_map(key) not in maps:
+            found.problems.append(f"{key}: pieces missing or misnamed ({chain}); removed")
+            found.broken[key] = chain
+            continue
+        options = None
+        for rule in rules.get(chain, []):
+            options = parse_options_comment(str(rule.get("comment", ""))) or options
+        layout = ServiceLayout(key, options or ServiceOptions())
+        for raw, weight in _elements(maps[weights_map(key)]):
+            real = _real(raw)
+            if real is not None and isinstance(weight, int):
+                layout.weights[real] = weight
+        by_index: dict[int, Real] = {}
+        for index, raw in _elements(maps[slots_map(key)]):
+            real = _real(raw)
+            if isinstance(index, int) and real is not None:
+                by_index[index] = real
+        layout.slots = [by_index[i] for i in range(len(by_index)) if i in by_index]
+        modulus = _modulus(rules.get(chain, []))
+        if options is None or len(layout.slots) != len(by_index) or \
+                modulus != (len(layout.slots) or None) or not layout.consistent():
+            found.problems.append(f"{key}: rule or slots do not match the weights; repaired")
+            found.repair.add(key)
+        found.layout.services[key] = layout
+    return found
+
+
+def _modulus(rules: list[Mapping[str, Any]]) -> int | None:
+    """The `numgen inc mod N` of a service chain's rule (None for a reject rule)."""
+    if len(rules) != 1:
+        return -1
+    for expr in rules[0].get("expr", []):
+        dnat = expr.get("dnat") if isinstance(expr, dict) else None
+        if isinstance(dnat, dict):
+            addr = dnat.get("addr")
+            if isinstance(addr, dict) and "map" in addr:
+                numgen = addr["map"].get("key", {}).get("numgen", {})
+                mod = numgen.get("mod")
+                return int(mod) if isinstance(mod, int) else -1
+            return -1
+    return None
