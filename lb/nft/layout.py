@@ -62,9 +62,21 @@ class ServiceLayout:
     options: ServiceOptions = field(default_factory=ServiceOptions)
     weights: dict[Real, int] = field(default_factory=dict)
     slots: list[Real] = field(default_factory=list)
+    #: real -> its slot numbers (the inverse of `slots`, so a change finds them in O(1))
+    positions: dict[Real, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.slots and not self.positions:
+            self.reindex()
+
+    def reindex(self) -> None:
+        self.positions = {}
+        for index, real in enumerate(self.slots):
+            self.positions.setdefault(real, []).append(index)
 
     def copy(self) -> ServiceLayout:
-        return ServiceLayout(self.key, self.options, dict(self.weights), list(self.slots))
+        return ServiceLayout(self.key, self.options, dict(self.weights), list(self.slots),
+                             {r: list(p) for r, p in self.positions.items()})
 
     def service(self) -> VirtualService:
         return VirtualService(self.key, self.options, dict(self.weights))
@@ -218,9 +230,8 @@ class Layout:
             ]
         if current.options == options:
             return []
-        before = list(current.slots)
         current.options = options
-        return self._reslot(current, before, rebuild=True)
+        return self._reslot(current, list(current.weights), rebuild=True)
 
     def _delete_service(self, key: VirtualKey) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
         current = self.services.get(key)
@@ -251,9 +262,8 @@ class Layout:
         if old is not None:
             commands.append(f"delete element ip {t} {wmap} {{ {real.address} . {real.port} }}")
         commands.append(f"add element ip {t} {wmap} {{ {real.address} . {real.port} : {weight} }}")
-        before = list(current.slots)
         current.weights[real] = weight
-        return commands + self._reslot(current, before)
+        return commands + self._reslot(current, [real])
 
     def _delete_real(self, key: VirtualKey,
                      real: Real) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
@@ -261,35 +271,56 @@ class Layout:
         if current is None or real not in current.weights:
             return [], []
         self._save(key)
-        before = list(current.slots)
         del current.weights[real]
         commands = [f"delete element ip {self.table} {weights_map(key)} "
                     f"{{ {real.address} . {real.port} }}"]
-        return commands + self._reslot(current, before), [(key, real)]
+        return commands + self._reslot(current, [real]), [(key, real)]
 
-    def _reslot(self, layout: ServiceLayout, before: list[Real], *,
+    def _reslot(self, layout: ServiceLayout, reals: Iterable[Real], *,
                 rebuild: bool = False) -> list[str]:
-        """Bring `layout.slots` in line with its weights, touching as few slots as it can."""
-        slots = list(before)
-        for real in sorted({*slots, *layout.weights}):
-            have = slots.count(real)
+        """Give `reals` the slots their weights ask for, touching only the slots that change.
+
+        A real losing slots gives each one to the ring's last slot, which is
+        dropped (swap with last); a real gaining slots appends them. Cost:
+        O(slots changed), whatever the size of the ring.
+        """
+        slots, positions = layout.slots, layout.positions
+        before = len(slots)
+        was: dict[int, Real | None] = {}  # slot -> its real before this change (None: new)
+
+        def note(index: int) -> None:
+            if index not in was:
+                was[index] = slots[index] if index < len(slots) else None
+
+        for real in sorted(set(reals)):
+            mine = positions.setdefault(real, [])
             want = layout.wanted_slots(real)
-            for _ in range(have - want):  # swap the real's last slot with the ring's last
-                index = len(slots) - 1 - slots[::-1].index(real)
-                slots[index] = slots[-1]
+            while len(mine) > want:
+                index = max(mine)
+                last = len(slots) - 1
+                note(index)
+                note(last)
+                mine.remove(index)
+                if index != last:
+                    moved = slots[last]
+                    slots[index] = moved
+                    theirs = positions[moved]
+                    theirs[theirs.index(last)] = index
                 slots.pop()
-            slots.extend([real] * (want - have))
-        layout.slots = slots
+            while len(mine) < want:
+                note(len(slots))
+                mine.append(len(slots))
+                slots.append(real)
+            if not mine:
+                del positions[real]
         t, smap = self.table, slots_map(layout.key)
-        commands = []
-        for index, real in enumerate(before):
-            if index >= len(slots) or slots[index] != real:
-                commands.append(f"delete element ip {t} {smap} {{ {index} }}")
-        added = [f"{i} : {r.address} . {r.port}" for i, r in enumerate(slots)
-                 if i >= len(before) or before[i] != r]
+        commands = [f"delete element ip {t} {smap} {{ {i} }}" for i, old in sorted(was.items())
+                    if old is not None and (i >= len(slots) or slots[i] != old)]
+        added = [f"{i} : {slots[i].address} . {slots[i].port}" for i, old in sorted(was.items())
+                 if i < len(slots) and slots[i] != old]
         if added:
             commands.append(f"add element ip {t} {smap} {{ {', '.join(added)} }}")
-        if rebuild or len(slots) != len(before):
+        if rebuild or len(slots) != before:
             commands += self._rule(layout)
         return commands
 
@@ -297,9 +328,9 @@ class Layout:
         """Rewrite one service's slots and rule from its weights (a damaged leftover)."""
         layout = self.services[key]
         self._save(key)
-        layout.slots = []
+        layout.slots, layout.positions = [], {}
         commands = [f"flush map ip {self.table} {slots_map(key)}"]
-        return commands + self._reslot(layout, [], rebuild=True)
+        return commands + self._reslot(layout, list(layout.weights), rebuild=True)
 
     def _rule(self, layout: ServiceLayout) -> list[str]:
         t, key = self.table, layout.key
@@ -409,6 +440,7 @@ def parse_listing(table: str, listing: Mapping[str, Any]) -> Listing:
             if isinstance(index, int) and real is not None:
                 by_index[index] = real
         layout.slots = [by_index[i] for i in range(len(by_index)) if i in by_index]
+        layout.reindex()
         modulus = _modulus(rules.get(chain, []))
         if options is None or len(layout.slots) != len(by_index) or \
                 modulus != (len(layout.slots) or None) or not layout.consistent():
