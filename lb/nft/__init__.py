@@ -20,8 +20,11 @@ addresses, ports, protocols, our own object names), so no quoting is needed.
 
 Kernel settings: `net.ipv4.ip_forward=1` (DNAT to a real on another host is
 forwarding); it is left on at close, as other users of the host may rely on it.
-`route_localnet` is not set: a published port reached at 127.0.0.1 from the
-node itself works only when the real is local (see README/report).
+`net.ipv4.conf.all.route_localnet=1` only with `localhost=True` (the default):
+it is what lets 127.0.0.1:<published> on the node reach a real elsewhere, as
+Swarm's routing mesh allows. It comes with a guard chain against what it opens
+(packets from outside addressed to 127.0.0.0/8; see `lb/nft/base.py`), and the
+value found before the first start is put back at close.
 
 What nftables cannot do that IPVS can: least-connections (no per-real count a
 rule can read) — `lc` is accepted, read back as `lc`, and balances round-robin

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lb.backend import BackendError
-from lb.nft.base import DEFAULT_MASQUERADE_MARK, base_commands
+from lb.nft.base import DEFAULT_MASQUERADE_MARK, base_commands, localnet_was
 from lb.nft.conntrack import ConntrackFlusher
 from lb.nft.layout import Layout, LayoutError, Listing, parse_listing
 from lb.table import Op, PutService, Real, Scheduler, Table, VirtualKey, diff
@@ -18,17 +18,22 @@ from lb.table import Op, PutService, Real, Scheduler, Table, VirtualKey, diff
 log = logging.getLogger(__name__)
 
 NFT_TIMEOUT = 30.0
-#: What the kernel must do for DNAT to reach reals on other hosts.
-SYSCTLS = {"net/ipv4/ip_forward": "1"}
+#: DNAT to a real on another host is forwarding.
+IP_FORWARD = "net/ipv4/ip_forward"
+#: Lets 127.0.0.1:<published> from the node reach a real elsewhere (see base.py).
+ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
 
 
 class NftablesBackend:
     name = "nftables"
 
     def __init__(self, *, table: str = "meshplane", netns: str | None = None,
-                 nft: str = "nft", masquerade_mark: int = DEFAULT_MASQUERADE_MARK) -> None:
+                 nft: str = "nft", masquerade_mark: int = DEFAULT_MASQUERADE_MARK,
+                 localhost: bool = True) -> None:
         """`netns`: run every nft command and the conntrack socket in that named
         namespace (`ip netns exec`); None is this process's own namespace.
+        `localhost`: published ports answer at 127.0.0.1 on the node too, with
+        `route_localnet=1` and the guard chain (`lb/nft/base.py`); restored at close.
         """
         if not table.replace("_", "").replace("-", "").isalnum() or not table[0].isalpha():
             raise ValueError(f"table name {table!r}: use letters, digits, - and _")
@@ -39,6 +44,8 @@ class NftablesBackend:
         self._prefix = ["ip", "netns", "exec", netns] if netns else []
         self._nft = nft
         self._mark = masquerade_mark
+        self._localhost = localhost
+        self._localnet_was: str | None = None
         self._layout = Layout(table)
         self._conntrack = ConntrackFlusher(netns)
         self._lock = asyncio.Lock()
@@ -49,8 +56,13 @@ class NftablesBackend:
 
     async def start(self, desired: Table) -> None:
         async with self._lock:
-            await self._set_sysctls()
+            await self._sysctl(IP_FORWARD, "1")
+            if self._localhost:
+                self._localnet_was = (localnet_was(self.table, await self._list())
+                                      or await self._sysctl(ROUTE_LOCALNET))
             await self._load()
+            if self._localhost:
+                await self._sysctl(ROUTE_LOCALNET, "1")
         await self.apply(diff(self._layout.to_table(), desired))
 
     async def apply(self, ops: Sequence[Op]) -> None:
@@ -73,6 +85,8 @@ class NftablesBackend:
             self._conntrack.close()
             if await self._list() is not None:
                 await self._run([f"delete table ip {self.table}"])
+            if self._localnet_was == "0":
+                await self._sysctl(ROUTE_LOCALNET, "0")
 
     async def abandon(self) -> None:
         """Drop this object as a crashed agent would: its table stays in the kernel."""
@@ -132,7 +146,7 @@ class NftablesBackend:
 
     async def _load(self) -> None:
         """Make sure the fixed objects exist and read the services back into the mirror."""
-        await self._run(base_commands(self.table, self._mark))
+        await self._run(base_commands(self.table, self._mark, localnet_was=self._localnet_was))
         listing = await self._list()
         found = parse_listing(self.table, listing or {})
         for problem in found.problems:
@@ -169,17 +183,22 @@ class NftablesBackend:
                         "connection count a rule can read): %s and any other lc service "
                         "run round-robin", op.key)
 
-    async def _set_sysctls(self) -> None:
-        for name, value in SYSCTLS.items():
-            if self._netns is None:
-                path = Path("/proc/sys") / name
-                try:
-                    if path.read_text().strip() != value:
-                        path.write_text(value)
-                except OSError as exc:
-                    raise BackendError(f"cannot set {name}={value}: {exc}") from exc
-            else:
-                await self._exec(["sysctl", "-qw", f"{name.replace('/', '.')}={value}"])
+    async def _sysctl(self, name: str, value: str | None = None) -> str:
+        """Read a sysctl of the backend's namespace, and set it when `value` is given."""
+        if self._netns is not None:
+            dotted = name.replace("/", ".")
+            if value is not None:
+                await self._exec(["sysctl", "-qw", f"{dotted}={value}"])
+                return value
+            return (await self._exec(["sysctl", "-n", dotted])).strip()
+        path = Path("/proc/sys") / name
+        try:
+            current = path.read_text().strip()
+            if value is not None and current != value:
+                path.write_text(value)
+        except OSError as exc:
+            raise BackendError(f"cannot {'set' if value else 'read'} {name}: {exc}") from exc
+        return current if value is None else value
 
     async def _list(self) -> dict[str, Any] | None:
         """The table as `nft -j` lists it, or None when it does not exist."""

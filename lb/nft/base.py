@@ -16,16 +16,32 @@
   mark bit, so nothing later sees it) and flows this node's own processes made
   through a VIP or published port to a real elsewhere (their source may be an
   address the real cannot route back to, such as a VIP route's).
+- `guard` (filter, raw priority), only with `localhost`: a published port
+  reached at 127.0.0.1 from the node itself DNATs to a real elsewhere, which the
+  kernel allows only with `route_localnet=1` (the masqueraded reply comes back
+  un-NATed to 127.0.0.1 on a real interface). That setting also lets packets
+  from outside address the node's loopback services (CVE-2020-8558, which hit
+  kube-proxy), so the guard drops any packet that arrives on another interface
+  than `lo` with a 127.0.0.0/8 source or destination, before conntrack sees it.
+  Its rule's comment keeps the `route_localnet` value found before the first
+  start, so that `close()` can put it back even after a crash and restart.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 #: The packet-mark bit the forward chain uses to tell postrouting "masquerade
 #: this one". Set on a flow's first packet only and cleared before it leaves.
 DEFAULT_MASQUERADE_MARK = 0x2000
 
 
-def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK) -> list[str]:
+LOCALNET_COMMENT = "meshplane route_localnet was"
+
+
+def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK, *,
+                  localnet_was: str | None = None) -> list[str]:
     """Create the fixed objects if missing and (re)write their rules, as one transaction.
 
     `add` of an object that exists is a no-op, so this is safe over a leftover
@@ -49,7 +65,16 @@ def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK) -> list[str]:
         "policy accept ; }",
         f"add chain ip {t} postrouting {{ type nat hook postrouting priority srcnat ; "
         "policy accept ; }",
+        f"add chain ip {t} guard {{ type filter hook prerouting priority raw ; "
+        "policy accept ; }",
+        f"flush chain ip {t} guard",
     ]
+    if localnet_was is not None:
+        commands += [
+            f'add rule ip {t} guard iif != "lo" ip daddr 127.0.0.0/8 drop '
+            f'comment "{LOCALNET_COMMENT} {int(localnet_was)}"',
+            f'add rule ip {t} guard iif != "lo" ip saddr 127.0.0.0/8 drop',
+        ]
     for chain in ("prerouting", "output"):
         commands.append(f"flush chain ip {t} {chain}")
         commands += [f"add rule ip {t} {chain} {rule}" for rule in dispatch]
@@ -64,3 +89,16 @@ def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK) -> list[str]:
         "masquerade",
     ]
     return commands
+
+
+def localnet_was(table: str, listing: Mapping[str, Any] | None) -> str | None:
+    """The `route_localnet` value a leftover table recorded before it changed it."""
+    for item in (listing or {}).get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if isinstance(rule, dict) and rule.get("table") == table and \
+                rule.get("chain") == "guard":
+            comment = str(rule.get("comment", ""))
+            if comment.startswith(LOCALNET_COMMENT):
+                value = comment[len(LOCALNET_COMMENT):].strip()
+                return value if value.isdigit() else None
+    return None

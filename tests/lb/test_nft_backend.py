@@ -115,32 +115,33 @@ class NftHarness:
 
     # -- clients -----------------------------------------------------------------------
 
-    def target(self, key: VirtualKey) -> tuple[str, int]:
-        return (NODE if key.published else key.address, key.port)
+    def target(self, key: VirtualKey, at: str | None = None) -> tuple[str, int]:
+        return (at or (NODE if key.published else key.address), key.port)
 
-    async def ask(self, key: VirtualKey, *, ns: Netns | None = None) -> Answer | None:
-        """One new connection (TCP) or datagram from a fresh socket (UDP)."""
+    async def ask(self, key: VirtualKey, *, ns: Netns | None = None,
+                  at: str | None = None) -> Answer | None:
+        """One new connection (TCP) or datagram from a fresh socket (UDP), to `at` if given."""
         ns = ns or self.client
         if key.protocol == "udp":
             sock = ns.socket(kind=socket.SOCK_DGRAM)
             with sock:
-                return await udp_ask(sock, self.target(key))
+                return await udp_ask(sock, self.target(key, at))
         try:
-            stream = await self.connect(key, ns=ns)
+            stream = await self.connect(key, ns=ns, at=at)
         except (OSError, TimeoutError):
             return None
         answer, _, writer = stream
         writer.close()
         return answer
 
-    async def connect(self, key: VirtualKey, *, ns: Netns | None = None
+    async def connect(self, key: VirtualKey, *, ns: Netns | None = None, at: str | None = None
                       ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP connection through `key`, kept open: its greeting, reader and writer."""
         sock = (ns or self.client).socket(kind=socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
-                sock, self.target(key)), TIMEOUT)
+                sock, self.target(key, at)), TIMEOUT)
             reader, writer = await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
@@ -427,3 +428,35 @@ async def test_restart_keeps_established_flows_of_matching_reals(harness: NftHar
     assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"after restart\n"
     writer.close()
     assert answer.real == one
+
+
+async def test_published_port_at_localhost_and_route_localnet_put_back_at_close(
+        harness: NftHarness) -> None:
+    def localnet() -> str:
+        return harness.node.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip()
+
+    assert localnet() == "0"
+    first = await started(harness)
+    key = VirtualKey("tcp", ANY_ADDRESS, 30083)
+    udp = VirtualKey("udp", ANY_ADDRESS, 30083)
+    await first.apply([PutService(key), PutReal(key, harness.real(5), 1),
+                       PutService(udp), PutReal(udp, harness.real(5), 1)])
+    for service in (key, udp):
+        answer = await harness.ask(service, ns=harness.node, at="127.0.0.1")
+        assert answer is not None and answer.real == harness.real(5), service
+    assert localnet() == "1"
+    # A crash and a restart: the value from before the first start is still known.
+    await first.abandon()
+    second = await started(harness)
+    await second.close()
+    assert localnet() == "0"
+
+
+async def test_without_localhost_route_localnet_is_left_alone(harness: NftHarness) -> None:
+    backend = NftablesBackend(netns=harness.node.name, localhost=False)
+    harness.backends.append(backend)
+    await backend.start({})
+    assert harness.node.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]
+                            ).stdout.strip() == "0"
+    listing = harness.node.run(["nft", "list", "chain", "ip", "meshplane", "guard"]).stdout
+    assert "drop" not in listing
