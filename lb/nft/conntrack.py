@@ -43,22 +43,27 @@ class ConntrackFlusher:
         self._socket: AsyncConntrack | None = None
 
     async def flush(self, removed: Iterable[tuple[VirtualKey, Real]]) -> int:
-        by_protocol: dict[str, list[tuple[VirtualKey, Real]]] = {}
+        """Delete the flows of each removed pair; the number deleted.
+
+        One dump per virtual service, filtered by the kernel on the original
+        direction's protocol, destination port and (for a VIP) address, so the
+        cost follows that service's flows, not the whole conntrack table.
+        """
+        by_key: dict[VirtualKey, set[Real]] = {}
         for key, real in removed:
-            by_protocol.setdefault(key.protocol, []).append((key, real))
-        if not by_protocol:
+            by_key.setdefault(key, set()).add(real)
+        if not by_key:
             return 0
         if self._socket is None:
             self._socket = (AsyncConntrack() if self._netns is None
                             else AsyncConntrack(netns=self._netns))
         deleted = 0
-        for protocol, pairs in by_protocol.items():
-            doomed = []
-            async for entry in await self._socket.dump_entries(
-                    tuple_orig=NFCTAttrTuple(proto=PROTOCOLS[protocol])):
-                if any(matches(k, r, entry.tuple_orig, entry.tuple_reply, entry.status or 0)
-                       for k, r in pairs):
-                    doomed.append(entry)
+        for key, reals in by_key.items():
+            wanted = NFCTAttrTuple(proto=PROTOCOLS[key.protocol], dport=key.port,
+                                   daddr=None if key.published else key.address)
+            doomed = [entry async for entry in await self._socket.dump_entries(tuple_orig=wanted)
+                      if any(matches(key, real, entry.tuple_orig, entry.tuple_reply,
+                                     entry.status or 0) for real in reals)]
             for entry in doomed:
                 try:
                     await self._socket.delete(entry)

@@ -460,3 +460,33 @@ async def test_without_localhost_route_localnet_is_left_alone(harness: NftHarnes
                             ).stdout.strip() == "0"
     listing = harness.node.run(["nft", "list", "chain", "ip", "meshplane", "guard"]).stdout
     assert "drop" not in listing
+
+
+async def test_only_draining_reals_refuse_new_connections_at_once_old_ones_go_on(
+        harness: NftHarness) -> None:
+    backend = await started(harness)
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    one = harness.real(1)
+    await backend.apply([PutService(key), PutReal(key, one, 1)])
+    _, reader, writer = await harness.connect(key)
+    await backend.apply([PutReal(key, one, 0)])
+    with pytest.raises(ConnectionRefusedError):  # the reject rule, not a black hole
+        await harness.connect(key)
+    writer.write(b"draining\n")
+    assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"draining\n"
+    writer.close()
+
+
+async def test_a_bad_op_is_reported_and_the_others_in_its_batch_are_programmed(
+        harness: NftHarness) -> None:
+    from lb.backend import BackendError
+
+    backend = await started(harness)
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    bad = VirtualKey("tcp", "10.77.100.300", 8080)
+    with pytest.raises(BackendError, match=r"10\.77\.100\.300.*; .*weight 9999"):
+        await backend.apply([PutService(bad), PutService(key), PutReal(key, harness.real(1), 1),
+                             PutReal(key, Real("10.77.2.2", 7001), 9999)])
+    assert await backend.read() == {key: VirtualService(key, ServiceOptions(),
+                                                        {harness.real(1): 1})}
+    assert await harness.hit(key) == harness.real(1)
