@@ -153,6 +153,8 @@ class NftablesBackend:
             log.warning("nftables table %s: %s", self.table, problem)
         self._layout = found.layout
         await self._remove_broken(found)
+        if found.endpoints_missing or found.endpoints_extra:
+            await self._run(found.endpoint_fixes())
         if found.repair:
             self._layout.begin()
             await self._run([c for key in sorted(found.repair)

@@ -5,6 +5,10 @@
   `published`, jumps to its service chain, which DNATs it to a real. Only the
   first packet of a connection sees a nat chain; conntrack carries the rest,
   which is why a change to the maps never moves an established flow.
+  A packet to an address:port that is itself a real of some service (the set
+  `endpoints`) is left alone: a task on its node's address whose port equals
+  the published port would otherwise be balanced a second time at its own
+  node, bouncing flows between nodes.
 - `forward` (filter) marks a new DNATed flow whose real is routed out of the
   interface the client came in on (`fib daddr . iif oif exists`): the real
   would answer the client directly, bypassing this node's un-DNAT, so that flow
@@ -51,6 +55,7 @@ def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK, *,
     t = table
     dispatch = [
         "ip daddr . meta l4proto . th dport vmap @vips",
+        "ip daddr . meta l4proto . th dport @endpoints return",
         "fib daddr type local meta l4proto . th dport vmap @published",
     ]
     keep = 0xFFFFFFFF ^ mark
@@ -58,6 +63,7 @@ def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK, *,
         f"add table ip {t}",
         f"add map ip {t} vips {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
         f"add map ip {t} published {{ type inet_proto . inet_service : verdict ; }}",
+        f"add set ip {t} endpoints {{ type ipv4_addr . inet_proto . inet_service ; }}",
         f"add chain ip {t} prerouting {{ type nat hook prerouting priority dstnat ; "
         "policy accept ; }",
         f"add chain ip {t} output {{ type nat hook output priority -100 ; policy accept ; }}",

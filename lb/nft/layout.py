@@ -29,7 +29,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from lb.table import (
     ANY_ADDRESS,
@@ -50,6 +50,10 @@ MAX_WEIGHT = 256
 COMMENT_PREFIX = "meshplane"
 VIPS_MAP = "vips"
 PUBLISHED_MAP = "published"
+ENDPOINTS_SET = "endpoints"
+
+#: A real server's `address . protocol . port`, as the `endpoints` set holds it.
+Endpoint: TypeAlias = tuple[str, str, int]
 
 
 class LayoutError(Exception):
@@ -175,6 +179,31 @@ class Layout:
         self.table = table
         self.services: dict[VirtualKey, ServiceLayout] = dict(services or {})
         self._undo: dict[VirtualKey, ServiceLayout | None] | None = None
+        #: `address . protocol . port` of every real, with how many services have it
+        self.endpoints: dict[Endpoint, int] = {}
+        self.count_endpoints()
+
+    def count_endpoints(self) -> None:
+        self.endpoints = {}
+        for key, layout in self.services.items():
+            for real in layout.weights:
+                end = (real.address, key.protocol, real.port)
+                self.endpoints[end] = self.endpoints.get(end, 0) + 1
+
+    def _endpoint(self, key: VirtualKey, real: Real, change: int) -> list[str]:
+        """Count a real in or out of the `endpoints` set: a command when it enters or leaves."""
+        end = (real.address, key.protocol, real.port)
+        count = self.endpoints.get(end, 0) + change
+        if count > 0:
+            self.endpoints[end] = count
+        else:
+            self.endpoints.pop(end, None)
+        element = f"{ENDPOINTS_SET} {{ {real.address} . {key.protocol} . {real.port} }}"
+        if change > 0 and count == 1:
+            return [f"add element ip {self.table} {element}"]
+        if change < 0 and count == 0:
+            return [f"delete element ip {self.table} {element}"]
+        return []
 
     def to_table(self) -> Table:
         return {key: layout.service() for key, layout in self.services.items()}
@@ -190,6 +219,7 @@ class Layout:
             else:
                 self.services[key] = saved
         self._undo = {}
+        self.count_endpoints()
 
     def _save(self, key: VirtualKey) -> None:
         undo = self._undo
@@ -247,6 +277,8 @@ class Layout:
                    f"{key.port} }}")
         commands = [element, f"delete chain ip {t} svc_{sid}",
                     f"delete map ip {t} slots_{sid}", f"delete map ip {t} weights_{sid}"]
+        for real in sorted(current.weights):
+            commands += self._endpoint(key, real, -1)
         return commands, [(key, real) for real in sorted(current.weights)]
 
     def _put_real(self, key: VirtualKey, real: Real, weight: int) -> list[str]:
@@ -258,7 +290,7 @@ class Layout:
             return []
         self._save(key)
         t, wmap = self.table, weights_map(key)
-        commands = []
+        commands = self._endpoint(key, real, +1) if old is None else []
         if old is not None:
             commands.append(f"delete element ip {t} {wmap} {{ {real.address} . {real.port} }}")
         commands.append(f"add element ip {t} {wmap} {{ {real.address} . {real.port} : {weight} }}")
@@ -273,7 +305,7 @@ class Layout:
         self._save(key)
         del current.weights[real]
         commands = [f"delete element ip {self.table} {weights_map(key)} "
-                    f"{{ {real.address} . {real.port} }}"]
+                    f"{{ {real.address} . {real.port} }}", *self._endpoint(key, real, -1)]
         return commands + self._reslot(current, [real]), [(key, real)]
 
     def _reslot(self, layout: ServiceLayout, reals: Iterable[Real], *,
@@ -349,9 +381,14 @@ class Layout:
 # -- reading the kernel's table back -----------------------------------------------
 
 
-def _elements(obj: Mapping[str, Any]) -> Iterable[tuple[Any, Any]]:
+def _elements(obj: Mapping[str, Any], *, sets: bool = False) -> Iterable[tuple[Any, Any]]:
+    """A map's (key, value) pairs; a set's (key, None)."""
     for item in obj.get("elem", []) or []:
-        if isinstance(item, list) and len(item) == 2:
+        if sets:
+            if isinstance(item, dict) and "elem" in item:
+                item = item["elem"].get("val")
+            yield item, None
+        elif isinstance(item, list) and len(item) == 2:
             key, value = item
             if isinstance(key, dict) and "elem" in key:  # an element with options
                 key = key["elem"].get("val")
@@ -393,6 +430,16 @@ class Listing:
     #: Dispatch elements whose service pieces are missing: remove what is left of them.
     broken: dict[VirtualKey, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: Elements of the `endpoints` set that disagree with the services' reals.
+    endpoints_missing: set[Endpoint] = field(default_factory=set)
+    endpoints_extra: set[Endpoint] = field(default_factory=set)
+
+    def endpoint_fixes(self) -> list[str]:
+        t = self.layout.table
+        return [*(f"delete element ip {t} {ENDPOINTS_SET} {{ {a} . {p} . {n} }}"
+                  for a, p, n in sorted(self.endpoints_extra)),
+                *(f"add element ip {t} {ENDPOINTS_SET} {{ {a} . {p} . {n} }}"
+                  for a, p, n in sorted(self.endpoints_missing))]
 
 
 def parse_listing(table: str, listing: Mapping[str, Any]) -> Listing:
@@ -404,6 +451,8 @@ def parse_listing(table: str, listing: Mapping[str, Any]) -> Listing:
             continue
         if "map" in item and item["map"].get("table") == table:
             maps[item["map"]["name"]] = item["map"]
+        elif "set" in item and item["set"].get("table") == table:
+            maps[item["set"]["name"]] = item["set"]
         elif "rule" in item and item["rule"].get("table") == table:
             rules.setdefault(item["rule"].get("chain", ""), []).append(item["rule"])
     found = Listing(Layout(table))
@@ -447,6 +496,14 @@ def parse_listing(table: str, listing: Mapping[str, Any]) -> Listing:
             found.problems.append(f"{key}: rule or slots do not match the weights; repaired")
             found.repair.add(key)
         found.layout.services[key] = layout
+    found.layout.count_endpoints()
+    present: set[Endpoint] = set()
+    for raw, _ in _elements(maps.get(ENDPOINTS_SET, {}), sets=True):
+        parts = _concat(raw)
+        if parts is not None and len(parts) == 3:
+            present.add((parts[0], parts[1], parts[2]))
+    found.endpoints_missing = found.layout.endpoints.keys() - present
+    found.endpoints_extra = present - found.layout.endpoints.keys()
     return found
 
 

@@ -159,13 +159,13 @@ class NftHarness:
 
     # -- servers -------------------------------------------------------------------------
 
-    async def serve(self, ns: Netns, address: str) -> None:
-        real = Real(address, PORT)
-        listener = ns.socket(kind=socket.SOCK_STREAM, bind=(address, PORT))
+    async def serve(self, ns: Netns, address: str, port: int = PORT) -> None:
+        real = Real(address, port)
+        listener = ns.socket(kind=socket.SOCK_STREAM, bind=(address, port))
         listener.listen(64)
         listener.setblocking(False)
         self.servers.append(await asyncio.start_server(tcp_echo(real), sock=listener))
-        udp = ns.socket(kind=socket.SOCK_DGRAM, bind=(address, PORT))
+        udp = ns.socket(kind=socket.SOCK_DGRAM, bind=(address, port))
         udp.setblocking(False)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: UdpEcho(real), sock=udp)
@@ -490,3 +490,22 @@ async def test_a_bad_op_is_reported_and_the_others_in_its_batch_are_programmed(
     assert await backend.read() == {key: VirtualService(key, ServiceOptions(),
                                                         {harness.real(1): 1})}
     assert await harness.hit(key) == harness.real(1)
+
+
+async def test_a_real_on_the_published_port_itself_is_not_balanced_again(
+        harness: NftHarness) -> None:
+    """A task on the node's address with the published port as its own port keeps it.
+
+    Otherwise a flow DNATed to it from another node would be balanced a second
+    time on arrival (and could bounce between nodes).
+    """
+    key = VirtualKey("tcp", ANY_ADDRESS, 30084)
+    on_node = Real(NODE, key.port)
+    await harness.serve(harness.node, NODE, key.port)
+    backend = await started(harness)
+    await backend.apply([PutService(key), PutReal(key, on_node, 1),
+                         PutReal(key, harness.real(5), 1)])
+    assert set(await spread(harness, key, 4)) == {on_node}
+    # Through another address of the node the port is balanced as usual.
+    seen = {(await harness.ask(key, at="10.77.2.1")).real for _ in range(4)}  # type: ignore[union-attr]
+    assert seen == {on_node, harness.real(5)}

@@ -48,7 +48,7 @@ class FakeMaps:
     """Maps and service rules as the kernel would hold them after the commands."""
 
     def __init__(self) -> None:
-        self.maps: dict[str, dict[str, str]] = {}
+        self.maps: dict[str, dict[str, str]] = {"endpoints": {}}
         self.rules: dict[str, str] = {}
 
     def run(self, commands: list[str]) -> None:
@@ -83,6 +83,8 @@ class FakeMaps:
                 raise AssertionError(f"unexpected command {command!r}")
 
     def check(self, layout: Layout) -> None:
+        assert set(self.maps["endpoints"]) == {f"{a} . {p} . {n}" for a, p, n in
+                                               layout.endpoints}
         for key, service in layout.services.items():
             slots = self.maps[slots_map(key)]
             assert slots == {str(i): f"{r.address} . {r.port}"
@@ -110,6 +112,7 @@ def run(layout: Layout, kernel: FakeMaps, ops: list[Op]) -> int:
 
 
 KEY = VirtualKey("tcp", "10.0.0.1", 80)
+KEY2 = VirtualKey("tcp", ANY_ADDRESS, 30080)  # shares reals with KEY: endpoints are counted
 WRR = ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)
 
 
@@ -184,11 +187,12 @@ def test_one_change_among_ten_thousand_reals_costs_a_constant_number_of_commands
     assert max(costs.values()) <= 7, costs
 
 
+keys = st.sampled_from([KEY, KEY2])
 ops_strategy = st.lists(st.one_of(
-    st.builds(PutService, st.just(KEY), st.sampled_from([ServiceOptions(), WRR])),
-    st.builds(PutReal, st.just(KEY), st.builds(real, st.integers(0, 5)), st.integers(0, 4)),
-    st.builds(DeleteReal, st.just(KEY), st.builds(real, st.integers(0, 5))),
-    st.just(DeleteService(KEY)),
+    st.builds(PutService, keys, st.sampled_from([ServiceOptions(), WRR])),
+    st.builds(PutReal, keys, st.builds(real, st.integers(0, 5)), st.integers(0, 4)),
+    st.builds(DeleteReal, keys, st.builds(real, st.integers(0, 5))),
+    st.builds(DeleteService, keys),
 ), max_size=40)
 
 
@@ -197,7 +201,7 @@ ops_strategy = st.lists(st.one_of(
 def test_any_op_sequence_keeps_kernel_maps_equal_to_the_mirror(ops: list[Op]) -> None:
     layout, kernel, model = Layout("t"), FakeMaps(), {}  # type: ignore[var-annotated]
     for op in ops:
-        if isinstance(op, PutReal) and KEY not in layout.services:
+        if isinstance(op, PutReal) and op.key not in layout.services:
             with pytest.raises(LayoutError):
                 layout.plan(op)
             continue
@@ -238,6 +242,7 @@ def test_a_listing_reads_back_into_the_table() -> None:
     ]}
     found = parse_listing("t", listing)
     assert found.problems == []
+    assert found.endpoints_missing == {("10.1.0.1", "tcp", 8080), ("10.1.0.2", "tcp", 8080)}
     assert found.layout.to_table() == {
         KEY: apply_ops({}, [PutService(KEY, WRR), PutReal(KEY, Real("10.1.0.1", 8080), 2),
                             PutReal(KEY, Real("10.1.0.2", 8080), 0)])[KEY],
