@@ -12,7 +12,16 @@ from typing import Any
 from lb.backend import BackendError
 from lb.nft.base import DEFAULT_MASQUERADE_MARK, base_commands, localnet_was
 from lb.nft.conntrack import ConntrackFlusher
-from lb.nft.layout import Layout, LayoutError, Listing, parse_listing
+from lb.nft.layout import (
+    PUBLISHED_MAP,
+    VIPS_MAP,
+    Layout,
+    LayoutError,
+    chain_name,
+    slots_map,
+    weights_map,
+)
+from lb.nft.listing import Listing, parse_listing
 from lb.table import Op, PutService, Real, Scheduler, Table, VirtualKey, diff
 
 log = logging.getLogger(__name__)
@@ -162,7 +171,6 @@ class NftablesBackend:
 
     async def _remove_broken(self, found: Listing) -> None:
         """Remove, one by one and best effort, what is left of half-present services."""
-        from lb.nft.layout import PUBLISHED_MAP, VIPS_MAP, chain_name, slots_map, weights_map
         t = self.table
         for key in found.broken:
             element = (f"delete element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} }}"

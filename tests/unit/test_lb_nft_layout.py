@@ -21,11 +21,11 @@ from lb.nft.layout import (
     MAX_WEIGHT,
     Layout,
     LayoutError,
-    parse_listing,
     parse_options_comment,
     slots_map,
     weights_map,
 )
+from lb.nft.listing import parse_listing
 from lb.table import (
     ANY_ADDRESS,
     DeleteReal,
