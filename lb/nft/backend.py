@@ -55,7 +55,7 @@ class NftablesBackend:
         self._mark = masquerade_mark
         self._localhost = localhost
         self._localnet_was: str | None = None
-        self._layout = Layout(table)
+        self._layout = Layout(table, mark=masquerade_mark)
         self._conntrack = ConntrackFlusher(netns)
         self._lock = asyncio.Lock()
         self._warned_lc = False
@@ -157,7 +157,7 @@ class NftablesBackend:
         """Make sure the fixed objects exist and read the services back into the mirror."""
         await self._run(base_commands(self.table, self._mark, localnet_was=self._localnet_was))
         listing = await self._list()
-        found = parse_listing(self.table, listing or {})
+        found = parse_listing(self.table, listing or {}, mark=self._mark)
         for problem in found.problems:
             log.warning("nftables table %s: %s", self.table, problem)
         self._layout = found.layout

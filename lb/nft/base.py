@@ -9,17 +9,23 @@
   `endpoints`) is left alone: a task on its node's address whose port equals
   the published port would otherwise be balanced a second time at its own
   node, bouncing flows between nodes.
-- `forward` (filter) marks a new DNATed flow whose real is routed out of the
-  interface the client came in on (`fib daddr . iif oif exists`): the real
-  would answer the client directly, bypassing this node's un-DNAT, so that flow
-  must be masqueraded. This is the routing mesh's cross-node case (client and
-  the other node's task on the same network). Flows to a real routed elsewhere
-  (a task behind this node, whose gateway is this node) keep the client's
-  address: Swarm's most common complaint is that ingress loses it.
-- `postrouting` (nat, srcnat) masquerades the marked flows (and clears the
-  mark bit, so nothing later sees it) and flows this node's own processes made
-  through a VIP or published port to a real elsewhere (their source may be an
-  address the real cannot route back to, such as a VIP route's).
+- The masquerade rule. A service chain sets one packet-mark bit on the first
+  packet of each flow it DNATs ("ours"), so the rules below never touch flows
+  that other software DNATed. Postrouting (nat, srcnat) masquerades a marked
+  packet leaving by any interface but `lo`, and clears the bit; before that,
+  `forward` (filter) clears the bit of a forwarded flow whose real is NOT
+  routed out of the interface the client came in on
+  (`fib daddr . iif oif missing`).
+  So: a flow from outside to a real routed out of the client's own interface
+  is masqueraded — the real would answer the client directly, bypassing this
+  node's un-DNAT: the routing mesh's cross-node case (client and the other
+  node's task on one network) and the hairpin (a task calling its own service).
+  A flow to a real routed elsewhere (a task behind this node, whose gateway is
+  this node) keeps the client's address: Swarm's most common complaint is that
+  ingress loses it. A flow this node's own processes make to a real elsewhere
+  is masqueraded (their source may be an address the real cannot route back
+  to, such as a VIP route's, or 127.0.0.1). A flow to a local real is never
+  masqueraded (it does not leave by postrouting, or leaves by `lo`).
 - `guard` (filter, raw priority), only with `localhost`: a published port
   reached at 127.0.0.1 from the node itself DNATs to a real elsewhere, which the
   kernel allows only with `route_localnet=1` (the masqueraded reply comes back
@@ -84,15 +90,14 @@ def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK, *,
     for chain in ("prerouting", "output"):
         commands.append(f"flush chain ip {t} {chain}")
         commands += [f"add rule ip {t} {chain} {rule}" for rule in dispatch]
+    ours = f"meta mark & {mark:#x} == {mark:#x}"
     commands += [
         f"flush chain ip {t} forward",
-        f"add rule ip {t} forward ct state new ct status dnat fib daddr . iif oif exists "
-        f"meta mark set meta mark | {mark:#x}",
+        f"add rule ip {t} forward {ours} fib daddr . iif oif missing "
+        f"meta mark set meta mark & {keep:#x}",
         f"flush chain ip {t} postrouting",
-        f"add rule ip {t} postrouting meta mark & {mark:#x} == {mark:#x} "
+        f'add rule ip {t} postrouting {ours} oif != "lo" '
         f"meta mark set meta mark & {keep:#x} masquerade",
-        f'add rule ip {t} postrouting oif != "lo" ct status dnat fib saddr type local '
-        "masquerade",
     ]
     return commands
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from lb.nft.base import DEFAULT_MASQUERADE_MARK
 from lb.table import (
     DeleteService,
     Op,
@@ -174,8 +175,10 @@ def check_real(key: VirtualKey, real: Real, weight: int) -> None:
 class Layout:
     """The mirror of one nftables table of the backend, and the commands that change it."""
 
-    def __init__(self, table: str, services: Mapping[VirtualKey, ServiceLayout] | None = None):
+    def __init__(self, table: str, services: Mapping[VirtualKey, ServiceLayout] | None = None,
+                 *, mark: int = DEFAULT_MASQUERADE_MARK) -> None:
         self.table = table
+        self.mark = mark
         self.services: dict[VirtualKey, ServiceLayout] = dict(services or {})
         self._undo: dict[VirtualKey, ServiceLayout | None] | None = None
         #: `address . protocol . port` of every real, with how many services have it
@@ -367,8 +370,10 @@ class Layout:
         t, key = self.table, layout.key
         comment = f'comment "{options_comment(layout.options)}"'
         if layout.slots:
-            body = (f"meta l4proto {key.protocol} dnat ip to numgen inc mod {len(layout.slots)} "
-                    f"map @{slots_map(key)}")
+            # The mark bit says "DNATed by meshplane" to the forward and
+            # postrouting chains (base.py), which masquerade only such flows.
+            body = (f"meta l4proto {key.protocol} meta mark set meta mark | {self.mark:#x} "
+                    f"dnat ip to numgen inc mod {len(layout.slots)} map @{slots_map(key)}")
         else:
             # Nothing takes new connections: refuse them at once rather than let
             # them time out (flows already made never reach a nat chain again).

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb.nft.base import DEFAULT_MASQUERADE_MARK
 from lb.nft.layout import (
     ENDPOINTS_SET,
     PUBLISHED_MAP,
@@ -88,7 +89,8 @@ class Listing:
                   for a, p, n in sorted(self.endpoints_missing))]
 
 
-def parse_listing(table: str, listing: Mapping[str, Any]) -> Listing:
+def parse_listing(table: str, listing: Mapping[str, Any], *,
+                  mark: int = DEFAULT_MASQUERADE_MARK) -> Listing:
     """The Layout in `nft -j list table ip <table>` output, and what looked wrong in it."""
     maps: dict[str, Mapping[str, Any]] = {}
     rules: dict[str, list[Mapping[str, Any]]] = {}
@@ -101,7 +103,7 @@ def parse_listing(table: str, listing: Mapping[str, Any]) -> Listing:
             maps[item["set"]["name"]] = item["set"]
         elif "rule" in item and item["rule"].get("table") == table:
             rules.setdefault(item["rule"].get("chain", ""), []).append(item["rule"])
-    found = Listing(Layout(table))
+    found = Listing(Layout(table, mark=mark))
     keys: dict[VirtualKey, str] = {}
     for name, width in ((VIPS_MAP, 3), (PUBLISHED_MAP, 2)):
         for raw, target in _elements(maps.get(name, {})):

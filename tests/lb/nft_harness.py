@@ -180,6 +180,7 @@ table ip meshplane_other {
     chain prerouting {
         type nat hook prerouting priority dstnat + 10 ; policy accept ;
         tcp dport 9999 dnat to 10.77.2.2:7001
+        tcp dport 9998 dnat to 10.77.1.3:7001
     }
 }
 """

@@ -303,3 +303,29 @@ async def test_a_task_calling_its_own_service_through_the_node_gets_its_answer(
     answer = await harness.ask(key, ns=harness.reals)  # from 10.77.2.2, the real is .3
     assert answer is not None and answer.real == harness.real(2)
     assert answer.peer == "10.77.2.1"
+
+
+async def test_flows_another_table_dnats_are_not_masqueraded(harness: NftHarness) -> None:
+    """The masquerade is for the backend's own flows: a foreign DNAT is not altered.
+
+    The foreign table DNATs port 9998 to `peer`, on the client's network (the
+    case where our own flows are masqueraded); its flow must keep the client's
+    address: the node's conntrack entry has no source NAT.
+    """
+    from pyroute2.conntrack import AsyncConntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    await harness.make_foreign()
+    backend = await started(harness)
+    key = VirtualKey("tcp", ANY_ADDRESS, 30085)
+    await backend.apply([PutService(key), PutReal(key, harness.real(5), 1)])
+    assert (await harness.ask(key)).peer == NODE  # type: ignore[union-attr]  # ours: masqueraded
+    await harness.ask(VirtualKey("tcp", ANY_ADDRESS, 9998))  # theirs: no answer expected
+    conntrack = AsyncConntrack(netns=harness.node.name)
+    try:
+        flows = [entry async for entry in await conntrack.dump_entries(
+            tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_TCP, dport=9998))]
+    finally:
+        conntrack.close()
+    assert flows, "the foreign DNAT flow should be in the node's conntrack"
+    assert all(entry.tuple_reply.daddr == CLIENT for entry in flows), flows

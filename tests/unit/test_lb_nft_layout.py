@@ -253,7 +253,11 @@ def test_a_listing_reads_back_into_the_table() -> None:
     assert parse_listing("t", listing).repair == {KEY}
 
 
-def test_base_commands_take_one_bit_for_the_masquerade_mark() -> None:
-    commands = "\n".join(base_commands("t", 0x2000))
-    assert "meta mark | 0x2000" in commands
-    assert "meta mark & 0xffffdfff masquerade" in commands
+def test_one_mark_bit_tells_our_flows_from_others() -> None:
+    layout = Layout("t", mark=0x4000)
+    layout.plan(PutService(KEY))
+    commands, _ = layout.plan(PutReal(KEY, real(1), 1))
+    assert any("meta mark set meta mark | 0x4000 dnat ip to" in c for c in commands)
+    base = "\n".join(base_commands("t", 0x4000))
+    assert 'meta mark & 0x4000 == 0x4000 oif != "lo" meta mark set meta mark & 0xffffbfff ' \
+        "masquerade" in base
