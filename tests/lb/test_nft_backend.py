@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -329,3 +329,34 @@ async def test_flows_another_table_dnats_are_not_masqueraded(harness: NftHarness
         conntrack.close()
     assert flows, "the foreign DNAT flow should be in the node's conntrack"
     assert all(entry.tuple_reply.daddr == CLIENT for entry in flows), flows
+
+
+class CountingBackend(NftablesBackend):
+    """The real backend, counting the nft commands each transaction carries."""
+
+    transactions: list[int]
+
+    async def _run(self, commands: Sequence[str]) -> None:
+        self.transactions = [*getattr(self, "transactions", []), len(commands)]
+        await super()._run(commands)
+
+
+async def test_one_change_among_ten_thousand_reals_costs_a_constant_number_of_operations(
+        harness: NftHarness) -> None:
+    backend = CountingBackend(netns=harness.node.name)
+    harness.backends.append(backend)
+    await backend.start({})
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    many = [Real(f"10.80.{i // 250}.{i % 250 + 1}", 80) for i in range(10_000)]
+    await backend.apply([PutService(key), *(PutReal(key, r, 0) for r in many),
+                         PutReal(key, harness.real(1), 1)])
+    costs = []
+    for change in ([PutReal(key, many[0], 1)], [PutReal(key, many[5_000], 1)],
+                   [PutReal(key, many[0], 0)], [DeleteReal(key, many[5_000])],
+                   [PutReal(key, harness.real(2), 1)], [DeleteReal(key, harness.real(2))]):
+        await backend.apply(change)
+        costs.append(backend.transactions[-1])
+    assert max(costs) <= 8, costs  # one transaction each, a handful of commands
+    assert len((await backend.read())[key].reals) == 10_000  # one of the many was removed
+    # (draining reals elsewhere have no slots: new connections reach the live one)
+    assert await harness.hit(key) == harness.real(1)
