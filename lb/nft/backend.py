@@ -91,7 +91,6 @@ class NftablesBackend:
             if self._closed:
                 return
             self._closed = True
-            self._conntrack.close()
             if await self._list() is not None:
                 await self._run([f"delete table ip {self.table}"])
             if self._localnet_was == "0":
@@ -100,7 +99,6 @@ class NftablesBackend:
     async def abandon(self) -> None:
         """Drop this object as a crashed agent would: its table stays in the kernel."""
         self._closed = True
-        self._conntrack.close()
 
     # -- inside ---------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ is untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Iterable
@@ -36,11 +37,17 @@ def matches(key: VirtualKey, real: Real, orig: Any, reply: Any, status: int) -> 
 
 
 class ConntrackFlusher:
-    """Deletes the flows of removed (service, real) pairs; one dump per call."""
+    """Deletes the flows of removed (service, real) pairs.
+
+    pyroute2's conntrack socket is asyncio-native but needs a loop that takes
+    an AF_NETLINK datagram socket, which uvloop (the agent's loop) refuses
+    ("invalid family 16"). So each flush runs on a worker thread, on a plain
+    selector event loop of its own: the agent's loop never blocks, whatever
+    loop it is.
+    """
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
-        self._socket: AsyncConntrack | None = None
 
     async def flush(self, removed: Iterable[tuple[VirtualKey, Real]]) -> int:
         """Delete the flows of each removed pair; the number deleted.
@@ -54,25 +61,31 @@ class ConntrackFlusher:
             by_key.setdefault(key, set()).add(real)
         if not by_key:
             return 0
-        if self._socket is None:
-            self._socket = (AsyncConntrack() if self._netns is None
-                            else AsyncConntrack(netns=self._netns))
-        deleted = 0
-        for key, reals in by_key.items():
-            wanted = NFCTAttrTuple(proto=PROTOCOLS[key.protocol], dport=key.port,
-                                   daddr=None if key.published else key.address)
-            doomed = [entry async for entry in await self._socket.dump_entries(tuple_orig=wanted)
-                      if any(matches(key, real, entry.tuple_orig, entry.tuple_reply,
-                                     entry.status or 0) for real in reals)]
-            for entry in doomed:
-                try:
-                    await self._socket.delete(entry)
-                    deleted += 1
-                except Exception as exc:  # gone meanwhile (it timed out): fine
-                    log.debug("conntrack delete %s: %s", entry, exc)
-        return deleted
+        return await asyncio.to_thread(self._flush_on_own_loop, by_key)
 
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
+    def _flush_on_own_loop(self, by_key: dict[VirtualKey, set[Real]]) -> int:
+        loop = asyncio.SelectorEventLoop()
+        try:
+            return loop.run_until_complete(self._flush(by_key))
+        finally:
+            loop.close()
+
+    async def _flush(self, by_key: dict[VirtualKey, set[Real]]) -> int:
+        sock = AsyncConntrack() if self._netns is None else AsyncConntrack(netns=self._netns)
+        deleted = 0
+        try:
+            for key, reals in by_key.items():
+                wanted = NFCTAttrTuple(proto=PROTOCOLS[key.protocol], dport=key.port,
+                                       daddr=None if key.published else key.address)
+                doomed = [entry async for entry in await sock.dump_entries(tuple_orig=wanted)
+                          if any(matches(key, real, entry.tuple_orig, entry.tuple_reply,
+                                         entry.status or 0) for real in reals)]
+                for entry in doomed:
+                    try:
+                        await sock.delete(entry)
+                        deleted += 1
+                    except Exception as exc:  # gone meanwhile (it timed out): fine
+                        log.debug("conntrack delete %s: %s", entry, exc)
+        finally:
+            sock.close()
+        return deleted

@@ -39,6 +39,7 @@ from tests.lb.nft_harness import (
     TIMEOUT,
     NftHarness,
     build,
+    parse_greeting,
     skip_reason,
     udp_ask,
 )
@@ -360,3 +361,32 @@ async def test_one_change_among_ten_thousand_reals_costs_a_constant_number_of_op
     assert len((await backend.read())[key].reals) == 10_000  # one of the many was removed
     # (draining reals elsewhere have no slots: new connections reach the live one)
     assert await harness.hit(key) == harness.real(1)
+
+
+async def test_the_backend_works_under_uvloop_the_agents_loop(harness: NftHarness) -> None:
+    """pyroute2's netlink socket does not run on uvloop: the flush must still work there."""
+    import uvloop
+
+    key = VirtualKey("udp", harness.vip(2), 5353)
+    a, b = harness.real(1), harness.real(2)
+    flow = harness.client.socket(kind=socket.SOCK_DGRAM)
+    flow.settimeout(TIMEOUT)
+
+    def ask() -> Real | None:
+        flow.sendto(b"?", harness.target(key))
+        answer = parse_greeting(flow.recv(512))
+        return None if answer is None else answer.real
+
+    async def scenario() -> tuple[Real | None, Real | None]:
+        backend = NftablesBackend(netns=harness.node.name)
+        await backend.start({})
+        try:
+            await backend.apply([PutService(key), PutReal(key, a, 1)])
+            first = await asyncio.to_thread(ask)
+            await backend.apply([PutReal(key, b, 1), DeleteReal(key, a)])
+            return first, await asyncio.to_thread(ask)
+        finally:
+            await backend.close()
+
+    with flow:  # the echo servers answer from this test's loop, free while uvloop runs
+        assert await asyncio.to_thread(uvloop.run, scenario()) == (a, b)
