@@ -3,7 +3,9 @@
 One table of its own (`table ip meshplane` by default) holds everything; nothing
 outside it is touched. `lb/nft/base.py` describes the hooked chains (DNAT and
 the masquerade rule), `lb/nft/layout.py` the per-service objects and how an op
-becomes a handful of element changes.
+becomes a handful of element changes (weights as map slots, at most 256 per
+real), `lb/nft/listing.py` how `read()` and `start()` read the kernel's table
+back, `lb/nft/conntrack.py` how the flows of removed reals are flushed.
 
 How it talks to the kernel: the `nft` tool, one `nft -f -` transaction per
 `apply` (atomic: a batch is applied whole or not at all), written in nft's
@@ -30,6 +32,8 @@ What nftables cannot do that IPVS can: least-connections (no per-real count a
 rule can read) — `lc` is accepted, read back as `lc`, and balances round-robin
 (logged once per backend). Connection tracking keeps idle TCP flows for
 `nf_conntrack_tcp_timeout_established` (5 days by default), not IPVS's 900 s.
+IPv4 only, like Swarm's VIPs and ingress. `close()` removes the table; flows
+already established keep their conntrack NAT binding until they end.
 """
 
 from lb.nft.backend import NftablesBackend
