@@ -1,0 +1,91 @@
+"""Forget the conntrack entries of removed reals, through pyroute2's conntrack netlink.
+
+Conntrack keeps a flow's DNAT binding until the flow times out, so without this
+a UDP "flow" (a client that keeps its source port) would go on reaching a task
+that was removed for as long as it keeps sending. Only entries that were
+DNATed to the removed real through the removed virtual service are deleted:
+an established flow to any other real, or one that reached that real directly,
+is untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from pyroute2.conntrack import AsyncConntrack
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from lb.table import Real, VirtualKey
+
+log = logging.getLogger(__name__)
+
+IPS_DST_NAT = 1 << 5
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+def matches(key: VirtualKey, real: Real, orig: Any, reply: Any, status: int) -> bool:
+    """Whether one conntrack entry was DNATed to `real` through `key`."""
+    if not status & IPS_DST_NAT:
+        return False
+    if orig.dport != key.port or (not key.published and orig.daddr != key.address):
+        return False
+    return bool(reply.saddr == real.address and reply.sport == real.port)
+
+
+class ConntrackFlusher:
+    """Deletes the flows of removed (service, real) pairs.
+
+    pyroute2's conntrack socket is asyncio-native but needs a loop that takes
+    an AF_NETLINK datagram socket, which uvloop (the agent's loop) refuses
+    ("invalid family 16"). So each flush runs on a worker thread, on a plain
+    selector event loop of its own: the agent's loop never blocks, whatever
+    loop it is.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns
+
+    async def flush(self, removed: Iterable[tuple[VirtualKey, Real]]) -> int:
+        """Delete the flows of each removed pair; the number deleted.
+
+        One dump per virtual service, filtered by the kernel on the original
+        direction's protocol, destination port and (for a VIP) address, so the
+        cost follows that service's flows, not the whole conntrack table.
+        """
+        by_key: dict[VirtualKey, set[Real]] = {}
+        for key, real in removed:
+            by_key.setdefault(key, set()).add(real)
+        if not by_key:
+            return 0
+        return await asyncio.to_thread(self._flush_on_own_loop, by_key)
+
+    def _flush_on_own_loop(self, by_key: dict[VirtualKey, set[Real]]) -> int:
+        loop = asyncio.SelectorEventLoop()
+        try:
+            return loop.run_until_complete(self._flush(by_key))
+        finally:
+            loop.close()
+
+    async def _flush(self, by_key: dict[VirtualKey, set[Real]]) -> int:
+        sock = AsyncConntrack() if self._netns is None else AsyncConntrack(netns=self._netns)
+        deleted = 0
+        try:
+            for key, reals in by_key.items():
+                wanted = NFCTAttrTuple(proto=PROTOCOLS[key.protocol], dport=key.port,
+                                       daddr=None if key.published else key.address)
+                doomed = [entry async for entry in await sock.dump_entries(tuple_orig=wanted)
+                          if any(matches(key, real, entry.tuple_orig, entry.tuple_reply,
+                                         entry.status or 0) for real in reals)]
+                for entry in doomed:
+                    try:
+                        await sock.delete(entry)
+                        deleted += 1
+                    except Exception as exc:  # gone meanwhile (it timed out): fine
+                        log.debug("conntrack delete %s: %s", entry, exc)
+        finally:
+            sock.close()
+        return deleted

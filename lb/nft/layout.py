@@ -1,0 +1,382 @@
+"""The sans-IO core of the nftables backend: what is programmed, and the commands that change it.
+
+`Layout` mirrors the backend's nftables table. Each virtual service owns:
+
+- a chain `svc_<id>` holding one rule: `dnat ip to numgen inc mod N map @slots_<id>`
+  (or `reject` while no real takes new connections); the rule's comment keeps
+  the service options (`meshplane sched=rr proxy=0`) so `read()` gives them back;
+- a map `slots_<id>`: slot number -> real `address . port`, the round-robin ring;
+- a map `weights_<id>`: real `address . port` -> weight, every real including
+  the draining ones (weight 0 has no slot, so no new connection reaches it,
+  while conntrack keeps the flows it already has going);
+- one element in the dispatch map `vips` (`daddr . l4proto . dport : goto svc_<id>`)
+  or `published` (`l4proto . dport : goto svc_<id>`, matched only for packets to
+  a local address: `fib daddr type local`).
+
+Weights: `wrr` gives a real `weight` slots, `rr` (and `lc`, which nftables cannot
+do) one slot per real of weight > 0, as IPVS's rr ignores weights. Removing slots
+moves the last ones into the holes (swap with last), so a change rewrites only
+the elements it must plus the one rule whose modulus changed: O(weight), not
+O(service).
+
+Everything here is pure: `Layout.plan(op)` returns nft commands (text syntax,
+see `lb/nft/__init__.py` for why not JSON) and changes the mirror;
+`lb.nft.listing.parse_listing` turns `nft -j list table` back into a Layout.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from lb.nft.base import DEFAULT_MASQUERADE_MARK
+from lb.table import (
+    DeleteService,
+    Op,
+    PutReal,
+    PutService,
+    Real,
+    Scheduler,
+    ServiceOptions,
+    Table,
+    VirtualKey,
+    VirtualService,
+)
+
+#: A real gets at most this many slots (its weight under `wrr`); bigger weights are refused.
+MAX_WEIGHT = 256
+COMMENT_PREFIX = "meshplane"
+VIPS_MAP = "vips"
+PUBLISHED_MAP = "published"
+ENDPOINTS_SET = "endpoints"
+
+#: A real server's `address . protocol . port`, as the `endpoints` set holds it.
+Endpoint: TypeAlias = tuple[str, str, int]
+
+
+class LayoutError(Exception):
+    """An op the layout cannot program (bad value, or a real under a missing service)."""
+
+
+@dataclass
+class ServiceLayout:
+    key: VirtualKey
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+    weights: dict[Real, int] = field(default_factory=dict)
+    slots: list[Real] = field(default_factory=list)
+    #: real -> its slot numbers (the inverse of `slots`, so a change finds them in O(1))
+    positions: dict[Real, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.slots and not self.positions:
+            self.reindex()
+
+    def reindex(self) -> None:
+        self.positions = {}
+        for index, real in enumerate(self.slots):
+            self.positions.setdefault(real, []).append(index)
+
+    def copy(self) -> ServiceLayout:
+        return ServiceLayout(self.key, self.options, dict(self.weights), list(self.slots),
+                             {r: list(p) for r, p in self.positions.items()})
+
+    def service(self) -> VirtualService:
+        return VirtualService(self.key, self.options, dict(self.weights))
+
+    def wanted_slots(self, real: Real) -> int:
+        weight = self.weights.get(real, 0)
+        if weight <= 0:
+            return 0
+        return weight if self.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN else 1
+
+    def consistent(self) -> bool:
+        """Whether the slots are what the weights and scheduler ask for (a repaired leftover)."""
+        counts: dict[Real, int] = {}
+        for real in self.slots:
+            counts[real] = counts.get(real, 0) + 1
+        return all(counts.get(r, 0) == self.wanted_slots(r) for r in self.weights) and \
+            counts.keys() <= self.weights.keys()
+
+
+# -- names ----------------------------------------------------------------------
+
+
+def service_id(key: VirtualKey) -> str:
+    where = "any" if key.published else key.address.replace(".", "_")
+    return f"{key.protocol}_{where}_{key.port}"
+
+
+def chain_name(key: VirtualKey) -> str:
+    return f"svc_{service_id(key)}"
+
+
+def slots_map(key: VirtualKey) -> str:
+    return f"slots_{service_id(key)}"
+
+
+def weights_map(key: VirtualKey) -> str:
+    return f"weights_{service_id(key)}"
+
+
+def options_comment(options: ServiceOptions) -> str:
+    return f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
+
+
+def parse_options_comment(comment: str) -> ServiceOptions | None:
+    words = comment.split()
+    if not words or words[0] != COMMENT_PREFIX:
+        return None
+    fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    try:
+        return ServiceOptions(Scheduler(fields.get("sched", "rr")), fields.get("proxy") == "1")
+    except ValueError:
+        return None
+
+
+# -- validation -----------------------------------------------------------------
+
+
+def _check_ipv4(address: str, what: str, *, allow_any: bool = False) -> None:
+    try:
+        parsed = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise LayoutError(f"{what} {address!r} is not an IPv4 address") from None
+    if parsed.is_unspecified and not allow_any:
+        raise LayoutError(f"{what} {address!r} cannot be the unspecified address")
+    if str(parsed) != address:
+        raise LayoutError(f"{what} {address!r} is not in canonical form ({parsed})")
+
+
+def _check_port(port: object, what: str) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise LayoutError(f"{what} port {port!r} is not in 1..65535")
+
+
+def check_key(key: VirtualKey) -> None:
+    if key.protocol not in ("tcp", "udp"):
+        raise LayoutError(f"{key}: protocol {key.protocol!r} is not tcp or udp")
+    _check_ipv4(key.address, f"{key}: address", allow_any=True)
+    _check_port(key.port, f"{key}:")
+
+
+def check_real(key: VirtualKey, real: Real, weight: int) -> None:
+    _check_ipv4(real.address, f"{key} real")
+    _check_port(real.port, f"{key} real {real.address}")
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
+        raise LayoutError(f"{key} real {real}: weight {weight!r} is not in 0..{MAX_WEIGHT} "
+                          "(the nftables backend expands weights into map slots)")
+
+
+# -- commands -------------------------------------------------------------------
+
+
+class Layout:
+    """The mirror of one nftables table of the backend, and the commands that change it."""
+
+    def __init__(self, table: str, services: Mapping[VirtualKey, ServiceLayout] | None = None,
+                 *, mark: int = DEFAULT_MASQUERADE_MARK) -> None:
+        self.table = table
+        self.mark = mark
+        self.services: dict[VirtualKey, ServiceLayout] = dict(services or {})
+        self._undo: dict[VirtualKey, ServiceLayout | None] | None = None
+        #: `address . protocol . port` of every real, with how many services have it
+        self.endpoints: dict[Endpoint, int] = {}
+        self.count_endpoints()
+
+    def count_endpoints(self) -> None:
+        self.endpoints = {}
+        for key, layout in self.services.items():
+            for real in layout.weights:
+                end = (real.address, key.protocol, real.port)
+                self.endpoints[end] = self.endpoints.get(end, 0) + 1
+
+    def _endpoint(self, key: VirtualKey, real: Real, change: int) -> list[str]:
+        """Count a real in or out of the `endpoints` set: a command when it enters or leaves."""
+        end = (real.address, key.protocol, real.port)
+        count = self.endpoints.get(end, 0) + change
+        if count > 0:
+            self.endpoints[end] = count
+        else:
+            self.endpoints.pop(end, None)
+        element = f"{ENDPOINTS_SET} {{ {real.address} . {key.protocol} . {real.port} }}"
+        if change > 0 and count == 1:
+            return [f"add element ip {self.table} {element}"]
+        if change < 0 and count == 0:
+            return [f"delete element ip {self.table} {element}"]
+        return []
+
+    def to_table(self) -> Table:
+        return {key: layout.service() for key, layout in self.services.items()}
+
+    # The undo log: `plan` saves a service before it first changes it.
+    def begin(self) -> None:
+        self._undo = {}
+
+    def rollback(self) -> None:
+        for key, saved in (self._undo or {}).items():
+            if saved is None:
+                self.services.pop(key, None)
+            else:
+                self.services[key] = saved
+        self._undo = {}
+        self.count_endpoints()
+
+    def _save(self, key: VirtualKey) -> None:
+        undo = self._undo
+        if undo is not None and key not in undo:
+            current = self.services.get(key)
+            undo[key] = None if current is None else current.copy()
+
+    def plan(self, op: Op) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+        """The commands for `op` (applied to the mirror), and the (service, real) flows to flush."""
+        check_key(op.key)
+        if isinstance(op, PutService):
+            return self._put_service(op.key, op.options), []
+        if isinstance(op, DeleteService):
+            return self._delete_service(op.key)
+        if isinstance(op, PutReal):
+            check_real(op.key, op.real, op.weight)
+            return self._put_real(op.key, op.real, op.weight), []
+        return self._delete_real(op.key, op.real)
+
+    def _put_service(self, key: VirtualKey, options: ServiceOptions) -> list[str]:
+        t = self.table
+        current = self.services.get(key)
+        self._save(key)
+        if current is None:
+            layout = self.services[key] = ServiceLayout(key, options)
+            sid = service_id(key)
+            element = (f"add element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} "
+                       f": goto svc_{sid} }}" if key.published else
+                       f"add element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
+                       f"{key.port} : goto svc_{sid} }}")
+            return [
+                f"add map ip {t} slots_{sid} {{ typeof numgen inc mod 1 : "
+                f"ip daddr . {key.protocol} dport ; }}",
+                f"add map ip {t} weights_{sid} {{ type ipv4_addr . inet_service : mark ; }}",
+                f"add chain ip {t} svc_{sid}",
+                *self._rule(layout),
+                element,
+            ]
+        if current.options == options:
+            return []
+        current.options = options
+        return self._reslot(current, list(current.weights), rebuild=True)
+
+    def _delete_service(self, key: VirtualKey) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+        current = self.services.get(key)
+        if current is None:
+            return [], []
+        t = self.table
+        self._save(key)
+        del self.services[key]
+        sid = service_id(key)
+        element = (f"delete element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} }}"
+                   if key.published else
+                   f"delete element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
+                   f"{key.port} }}")
+        commands = [element, f"delete chain ip {t} svc_{sid}",
+                    f"delete map ip {t} slots_{sid}", f"delete map ip {t} weights_{sid}"]
+        for real in sorted(current.weights):
+            commands += self._endpoint(key, real, -1)
+        return commands, [(key, real) for real in sorted(current.weights)]
+
+    def _put_real(self, key: VirtualKey, real: Real, weight: int) -> list[str]:
+        current = self.services.get(key)
+        if current is None:
+            raise LayoutError(f"{key} real {real}: no such virtual service")
+        old = current.weights.get(real)
+        if old == weight:
+            return []
+        self._save(key)
+        t, wmap = self.table, weights_map(key)
+        commands = self._endpoint(key, real, +1) if old is None else []
+        if old is not None:
+            commands.append(f"delete element ip {t} {wmap} {{ {real.address} . {real.port} }}")
+        commands.append(f"add element ip {t} {wmap} {{ {real.address} . {real.port} : {weight} }}")
+        current.weights[real] = weight
+        return commands + self._reslot(current, [real])
+
+    def _delete_real(self, key: VirtualKey,
+                     real: Real) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+        current = self.services.get(key)
+        if current is None or real not in current.weights:
+            return [], []
+        self._save(key)
+        del current.weights[real]
+        commands = [f"delete element ip {self.table} {weights_map(key)} "
+                    f"{{ {real.address} . {real.port} }}", *self._endpoint(key, real, -1)]
+        return commands + self._reslot(current, [real]), [(key, real)]
+
+    def _reslot(self, layout: ServiceLayout, reals: Iterable[Real], *,
+                rebuild: bool = False) -> list[str]:
+        """Give `reals` the slots their weights ask for, touching only the slots that change.
+
+        A real losing slots gives each one to the ring's last slot, which is
+        dropped (swap with last); a real gaining slots appends them. Cost:
+        O(slots changed), whatever the size of the ring.
+        """
+        slots, positions = layout.slots, layout.positions
+        before = len(slots)
+        was: dict[int, Real | None] = {}  # slot -> its real before this change (None: new)
+
+        def note(index: int) -> None:
+            if index not in was:
+                was[index] = slots[index] if index < len(slots) else None
+
+        for real in sorted(set(reals)):
+            mine = positions.setdefault(real, [])
+            want = layout.wanted_slots(real)
+            while len(mine) > want:
+                index = max(mine)
+                last = len(slots) - 1
+                note(index)
+                note(last)
+                mine.remove(index)
+                if index != last:
+                    moved = slots[last]
+                    slots[index] = moved
+                    theirs = positions[moved]
+                    theirs[theirs.index(last)] = index
+                slots.pop()
+            while len(mine) < want:
+                note(len(slots))
+                mine.append(len(slots))
+                slots.append(real)
+            if not mine:
+                del positions[real]
+        t, smap = self.table, slots_map(layout.key)
+        commands = [f"delete element ip {t} {smap} {{ {i} }}" for i, old in sorted(was.items())
+                    if old is not None and (i >= len(slots) or slots[i] != old)]
+        added = [f"{i} : {slots[i].address} . {slots[i].port}" for i, old in sorted(was.items())
+                 if i < len(slots) and slots[i] != old]
+        if added:
+            commands.append(f"add element ip {t} {smap} {{ {', '.join(added)} }}")
+        if rebuild or len(slots) != before:
+            commands += self._rule(layout)
+        return commands
+
+    def repair(self, key: VirtualKey) -> list[str]:
+        """Rewrite one service's slots and rule from its weights (a damaged leftover)."""
+        layout = self.services[key]
+        self._save(key)
+        layout.slots, layout.positions = [], {}
+        commands = [f"flush map ip {self.table} {slots_map(key)}"]
+        return commands + self._reslot(layout, list(layout.weights), rebuild=True)
+
+    def _rule(self, layout: ServiceLayout) -> list[str]:
+        t, key = self.table, layout.key
+        comment = f'comment "{options_comment(layout.options)}"'
+        if layout.slots:
+            # The mark bit says "DNATed by meshplane" to the forward and
+            # postrouting chains (base.py), which masquerade only such flows.
+            body = (f"meta l4proto {key.protocol} meta mark set meta mark | {self.mark:#x} "
+                    f"dnat ip to numgen inc mod {len(layout.slots)} map @{slots_map(key)}")
+        else:
+            # Nothing takes new connections: refuse them at once rather than let
+            # them time out (flows already made never reach a nat chain again).
+            body = "reject"
+        return [f"flush chain ip {t} {chain_name(key)}", f"add rule ip {t} {chain_name(key)} "
+                f"{body} {comment}"]

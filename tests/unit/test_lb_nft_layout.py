@@ -1,0 +1,263 @@
+"""The nftables backend's sans-IO core: the commands an op becomes, and what they cost.
+
+`FakeMaps` executes the element and rule commands the way the kernel treats
+them (adding a key that exists or deleting one that does not fails the whole
+transaction), so these tests check that the commands keep the kernel's maps
+equal to the mirror, for any sequence of ops, and that one change costs a
+constant number of commands whatever the size of the service. The kernel
+itself runs the same commands in tests/lb/test_nft_backend.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.nft.base import base_commands
+from lb.nft.layout import (
+    MAX_WEIGHT,
+    Layout,
+    LayoutError,
+    parse_options_comment,
+    slots_map,
+    weights_map,
+)
+from lb.nft.listing import parse_listing
+from lb.table import (
+    ANY_ADDRESS,
+    DeleteReal,
+    DeleteService,
+    Op,
+    PutReal,
+    PutService,
+    Real,
+    Scheduler,
+    ServiceOptions,
+    VirtualKey,
+    apply_ops,
+)
+
+ELEMENTS = re.compile(r"^(add|delete) element ip \w+ (\w+) \{ (.*) \}$")
+RULE = re.compile(r"^add rule ip \w+ (\w+) (.*) comment \"(.*)\"$")
+
+
+class FakeMaps:
+    """Maps and service rules as the kernel would hold them after the commands."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, dict[str, str]] = {"endpoints": {}}
+        self.rules: dict[str, str] = {}
+
+    def run(self, commands: list[str]) -> None:
+        for command in commands:
+            if command.startswith("add map"):
+                self.maps.setdefault(command.split()[4], {})
+            elif command.startswith("delete map"):
+                del self.maps[command.split()[4]]
+            elif command.startswith("flush map"):
+                self.maps[command.split()[4]].clear()
+            elif command.startswith("flush chain") or command.startswith("delete chain"):
+                self.rules.pop(command.split()[4], None)
+            elif match := RULE.match(command):
+                assert match[1] not in self.rules, f"two rules in {match[1]}"
+                self.rules[match[1]] = match[2]
+            elif match := ELEMENTS.match(command):
+                verb, name, body = match.groups()
+                if name in ("vips", "published"):
+                    continue
+                target = self.maps[name]
+                for item in body.split(", "):
+                    key, _, value = item.partition(" : ")
+                    if verb == "add":
+                        assert key not in target, f"{name}: {key} exists"
+                        target[key] = value
+                    else:
+                        assert key in target, f"{name}: no {key} to delete"
+                        del target[key]
+            elif command.startswith("add chain"):
+                pass
+            else:
+                raise AssertionError(f"unexpected command {command!r}")
+
+    def check(self, layout: Layout) -> None:
+        assert set(self.maps["endpoints"]) == {f"{a} . {p} . {n}" for a, p, n in
+                                               layout.endpoints}
+        for key, service in layout.services.items():
+            slots = self.maps[slots_map(key)]
+            assert slots == {str(i): f"{r.address} . {r.port}"
+                             for i, r in enumerate(service.slots)}
+            weights = self.maps[weights_map(key)]
+            assert weights == {f"{r.address} . {r.port}": str(w)
+                               for r, w in service.weights.items()}
+            rule = self.rules[f"svc_{slots_map(key)[len('slots_'):]}"]
+            if service.slots:
+                assert f"numgen inc mod {len(service.slots)} map" in rule
+            else:
+                assert rule == "reject"
+            assert service.consistent()
+
+
+def run(layout: Layout, kernel: FakeMaps, ops: list[Op]) -> int:
+    """Plan and run `ops`; the number of commands they took."""
+    count = 0
+    for op in ops:
+        commands, _ = layout.plan(op)
+        kernel.run(commands)
+        count += len(commands)
+    kernel.check(layout)
+    return count
+
+
+KEY = VirtualKey("tcp", "10.0.0.1", 80)
+KEY2 = VirtualKey("tcp", ANY_ADDRESS, 30080)  # shares reals with KEY: endpoints are counted
+WRR = ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)
+
+
+def real(i: int) -> Real:
+    return Real(f"10.1.{i // 250}.{i % 250 + 1}", 8080)
+
+
+def test_wrr_gives_a_real_as_many_slots_as_its_weight_rr_one() -> None:
+    layout, kernel = Layout("t"), FakeMaps()
+    run(layout, kernel, [PutService(KEY, WRR), PutReal(KEY, real(1), 3), PutReal(KEY, real(2), 1)])
+    assert sorted(layout.services[KEY].slots) == [real(1)] * 3 + [real(2)]
+    run(layout, kernel, [PutService(KEY)])  # rr ignores weights, as IPVS's does
+    assert sorted(layout.services[KEY].slots) == [real(1), real(2)]
+
+
+def test_weight_zero_keeps_the_real_without_a_slot_and_removal_flushes_it() -> None:
+    layout, kernel = Layout("t"), FakeMaps()
+    run(layout, kernel, [PutService(KEY), PutReal(KEY, real(1), 1), PutReal(KEY, real(2), 1)])
+    run(layout, kernel, [PutReal(KEY, real(1), 0)])
+    assert layout.services[KEY].slots == [real(2)]
+    assert layout.to_table()[KEY].reals == {real(1): 0, real(2): 1}
+    assert layout.plan(PutReal(KEY, real(1), 0)) == ([], [])  # nothing changed: no command
+    _, flushed = layout.plan(DeleteReal(KEY, real(1)))
+    assert flushed == [(KEY, real(1))]
+    _, flushed = layout.plan(DeleteService(KEY))
+    assert flushed == [(KEY, real(2))]
+
+
+@pytest.mark.parametrize("op", [
+    PutService(VirtualKey("sctp", "10.0.0.1", 80)),  # type: ignore[arg-type]
+    PutService(VirtualKey("tcp", "10.0.0.256", 80)),
+    PutService(VirtualKey("tcp", "10.0.0.1", 0)),
+    PutService(VirtualKey("tcp", "10.0.0.1", 70000)),
+    PutReal(KEY, Real("10.1.0.1", 80), 1),  # no such service
+])
+def test_bad_ops_are_refused_with_a_reason(op: Op) -> None:
+    with pytest.raises(LayoutError):
+        Layout("t").plan(op)
+
+
+@pytest.mark.parametrize(("target", "weight"), [
+    (Real("0.0.0.0", 80), 1), (Real("10.1.0.1", 80), -1), (Real("10.1.0.1", 80), MAX_WEIGHT + 1),
+    (Real("10.1.0.1; flush ruleset", 80), 1), (Real("10.1.0.1", 80), True),
+])
+def test_bad_reals_are_refused_before_reaching_nft(target: Real, weight: int) -> None:
+    layout = Layout("t")
+    layout.plan(PutService(KEY))
+    with pytest.raises(LayoutError):
+        layout.plan(PutReal(KEY, target, weight))
+
+
+def change_costs(size: int) -> dict[str, int]:
+    """Commands taken by single changes in a service of `size` reals."""
+    layout, kernel = Layout("t"), FakeMaps()
+    run(layout, kernel, [PutService(KEY), *(PutReal(KEY, real(i), 1) for i in range(size))])
+    costs = {
+        "add": run(layout, kernel, [PutReal(KEY, real(size), 1)]),
+        "drain": run(layout, kernel, [PutReal(KEY, real(size // 2), 0)]),
+        "undrain": run(layout, kernel, [PutReal(KEY, real(size // 2), 1)]),
+        "remove first": run(layout, kernel, [DeleteReal(KEY, real(0))]),
+        "remove middle": run(layout, kernel, [DeleteReal(KEY, real(size * 3 // 4))]),
+    }
+    assert len(layout.services[KEY].slots) == size - 1
+    return costs
+
+
+def test_one_change_among_ten_thousand_reals_costs_a_constant_number_of_commands() -> None:
+    costs = change_costs(10_000)
+    assert costs == change_costs(10), "the cost of a change grows with the service"
+    # at most: the weight element (delete + add), two slot deletes and one add
+    # (swap with last), the service's one rule (flush + add: its modulus changed)
+    assert max(costs.values()) <= 7, costs
+
+
+keys = st.sampled_from([KEY, KEY2])
+ops_strategy = st.lists(st.one_of(
+    st.builds(PutService, keys, st.sampled_from([ServiceOptions(), WRR])),
+    st.builds(PutReal, keys, st.builds(real, st.integers(0, 5)), st.integers(0, 4)),
+    st.builds(DeleteReal, keys, st.builds(real, st.integers(0, 5))),
+    st.builds(DeleteService, keys),
+), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops_strategy)
+def test_any_op_sequence_keeps_kernel_maps_equal_to_the_mirror(ops: list[Op]) -> None:
+    layout, kernel, model = Layout("t"), FakeMaps(), {}  # type: ignore[var-annotated]
+    for op in ops:
+        if isinstance(op, PutReal) and op.key not in layout.services:
+            with pytest.raises(LayoutError):
+                layout.plan(op)
+            continue
+        run(layout, kernel, [op])
+        apply_ops(model, [op])
+        assert layout.to_table() == model
+
+
+def test_options_survive_the_rule_comment() -> None:
+    for options in (ServiceOptions(), WRR, ServiceOptions(Scheduler.LEAST_CONNECTIONS, True)):
+        layout = Layout("t")
+        commands, _ = layout.plan(PutService(KEY, options))
+        comment = next(c for c in commands if "comment" in c).split('comment "')[1][:-1]
+        assert parse_options_comment(comment) == options
+    assert parse_options_comment("someone else's rule") is None
+
+
+def test_a_listing_reads_back_into_the_table() -> None:
+    """The JSON shapes `nft -j list table` (1.0.6) prints for the backend's objects."""
+    published = VirtualKey("udp", ANY_ADDRESS, 30053)
+    listing = {"nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {"map": {"table": "t", "name": "vips", "elem": [
+            [{"concat": ["10.0.0.1", "tcp", 80]}, {"goto": {"target": "svc_tcp_10_0_0_1_80"}}]]}},
+        {"map": {"table": "t", "name": "published", "elem": [
+            [{"concat": ["udp", 30053]}, {"goto": {"target": "svc_udp_any_30053"}}]]}},
+        {"map": {"table": "t", "name": "slots_tcp_10_0_0_1_80", "elem": [
+            [0, {"concat": ["10.1.0.1", 8080]}], [1, {"concat": ["10.1.0.1", 8080]}]]}},
+        {"map": {"table": "t", "name": "weights_tcp_10_0_0_1_80", "elem": [
+            [{"concat": ["10.1.0.1", 8080]}, 2], [{"concat": ["10.1.0.2", 8080]}, 0]]}},
+        {"map": {"table": "t", "name": "slots_udp_any_30053"}},
+        {"map": {"table": "t", "name": "weights_udp_any_30053"}},
+        {"rule": {"table": "t", "chain": "svc_tcp_10_0_0_1_80", "comment": "meshplane sched=wrr "
+                  "proxy=0", "expr": [{"dnat": {"family": "ip", "addr": {"map": {
+                      "key": {"numgen": {"mode": "inc", "mod": 2}}, "data": "@slots"}}}}]}},
+        {"rule": {"table": "t", "chain": "svc_udp_any_30053", "comment": "meshplane sched=rr "
+                  "proxy=0", "expr": [{"reject": None}]}},
+    ]}
+    found = parse_listing("t", listing)
+    assert found.problems == []
+    assert found.endpoints_missing == {("10.1.0.1", "tcp", 8080), ("10.1.0.2", "tcp", 8080)}
+    assert found.layout.to_table() == {
+        KEY: apply_ops({}, [PutService(KEY, WRR), PutReal(KEY, Real("10.1.0.1", 8080), 2),
+                            PutReal(KEY, Real("10.1.0.2", 8080), 0)])[KEY],
+        published: apply_ops({}, [PutService(published)])[published],
+    }
+    # a rule whose modulus disagrees with the ring is marked for repair
+    listing["nftables"][7]["rule"]["expr"][0]["dnat"]["addr"]["map"]["key"]["numgen"]["mod"] = 3  # type: ignore[index]
+    assert parse_listing("t", listing).repair == {KEY}
+
+
+def test_one_mark_bit_tells_our_flows_from_others() -> None:
+    layout = Layout("t", mark=0x4000)
+    layout.plan(PutService(KEY))
+    commands, _ = layout.plan(PutReal(KEY, real(1), 1))
+    assert any("meta mark set meta mark | 0x4000 dnat ip to" in c for c in commands)
+    base = "\n".join(base_commands("t", 0x4000))
+    assert 'meta mark & 0x4000 == 0x4000 oif != "lo" meta mark set meta mark & 0xffffbfff ' \
+        "masquerade" in base
