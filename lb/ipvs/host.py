@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +90,8 @@ class VipDevice:
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
     """(major, minor) of the running kernel, from `uname -r` ("6.1.0-26-amd64" -> (6, 1))."""
-    release = release or os.uname().release
-    parts = release.split(".")
-    try:
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return (0, 0)
+    found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 def swarm_sysctls(version: tuple[int, int] | None = None) -> dict[str, str]:
