@@ -103,24 +103,35 @@ class IpvsBackend:
     async def start(self, desired: Table) -> None:
         async with self._lock:
             try:
-                await self._ipvs.open()
-            except IpvsError as error:
-                raise BackendError(f"ipvs backend unavailable: {error}") from error
-            if self.set_sysctls:
-                write_sysctls(swarm_sysctls())
-            await _kernel(self._ipvs.set_timeouts(self.timeouts))
-            await self._device.open(create=True)
-            found = await self._read_kernel()
-            await self._firewall.install(
-                ((key.protocol, key.port) for key in found if key.published),
-                (key.address for key in found if not key.published))
-            used = {key.address for key in found if not key.published}
-            for address in await self._device.addresses() - used:
-                await self._device.remove(address)  # left by a crash between VIP and service
-            self._table = found
-            self._vip_users = Counter(key.address for key in found if not key.published)
-            self._started = True
+                found = await self._prepare()
+            except BaseException:
+                self._drop()  # no socket left open; what was programmed stays, as after a crash
+                raise
+            # A desired entry the kernel refuses is reported like any failed op (BackendError)
+            # and the backend keeps serving the others.
             await self._apply(diff(found, desired))
+
+    async def _prepare(self) -> Table:
+        """Sockets, sysctls, timeouts, device and table; what a previous run left, read back."""
+        try:
+            await self._ipvs.open()
+        except IpvsError as error:
+            raise BackendError(f"ipvs backend unavailable: {error}") from error
+        if self.set_sysctls:
+            write_sysctls(swarm_sysctls())
+        await _kernel(self._ipvs.set_timeouts(self.timeouts))
+        await self._device.open(create=True)
+        found = await self._read_kernel()
+        await self._firewall.install(
+            ((key.protocol, key.port) for key in found if key.published),
+            (key.address for key in found if not key.published))
+        used = {key.address for key in found if not key.published}
+        for address in await self._device.addresses() - used:
+            await self._device.remove(address)  # left by a crash between VIP and service
+        self._table = found
+        self._vip_users = Counter(key.address for key in found if not key.published)
+        self._started = True
+        return found
 
     async def apply(self, ops: Sequence[Op]) -> None:
         async with self._lock:
@@ -130,6 +141,8 @@ class IpvsBackend:
 
     async def read(self) -> Table:
         async with self._lock:
+            if not self._started:
+                raise BackendError("ipvs backend: read() before start()")
             return await self._read_kernel()
 
     async def close(self) -> None:

@@ -330,3 +330,27 @@ async def test_without_masquerade_reals_with_no_route_back_cannot_answer(
     finally:
         await backend.close()
 
+
+
+async def test_restart_recognises_published_ports_by_their_marks(harness: IpvsHarness) -> None:
+    """Published ports are fwmark services; a restarted backend knows its own from the mark
+    alone (no state file), reconciles them, and leaves a foreign fwmark service be."""
+    await harness.make_foreign()
+    first = IpvsBackend()
+    await first.start({})
+    web, dns = VirtualKey("tcp", ANY_ADDRESS, 30080), VirtualKey("udp", ANY_ADDRESS, 30053)
+    await first.apply([PutService(web), PutReal(web, harness.real(1), 1),
+                       PutService(dns), PutReal(dns, harness.real(2), 1)])
+    assert await harness.hit(dns) == harness.real(2)
+    await first.abandon()
+    second = IpvsBackend()
+    desired = {web: VirtualService(web, ServiceOptions(Scheduler.LEAST_CONNECTIONS),
+                                   {harness.real(3): 1})}
+    await second.start(desired)
+    try:
+        assert await second.read() == desired
+        assert await harness.hit(web) == harness.real(3)
+        assert await harness.hit(dns) is None
+    finally:
+        await second.close()
+    assert await harness.foreign_intact()
