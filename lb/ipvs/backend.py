@@ -63,8 +63,8 @@ from lb.table import (
 #: connection after 15 minutes (Swarm's most-reported VIP bug, moby#31208). 7800
 #: s is past Linux's default keepalive time (7200 s), so any connection that
 #: enables keepalive with the OS defaults (most database drivers and HTTP
-#: clients) keeps its entry; an entry costs ~200 bytes, so holding idle ones two
-#: hours is cheap. tcpfin 900 s (kernel: 120 s) keeps idle half-closed flows
+#: clients) keeps its entry; an entry costs a few hundred bytes, so holding idle
+#: ones two hours is cheap. tcpfin 900 s (kernel: 120 s) keeps idle half-closed flows
 #: (a client that sent FIN and still reads) alive far longer; udp stays at the
 #: kernel's 300 s, already longer than conntrack's own UDP stream timeout.
 DEFAULT_TIMEOUTS = Timeouts(tcp=7800, tcp_fin=900, udp=300)

@@ -95,7 +95,7 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
 
 
 def swarm_sysctls(version: tuple[int, int] | None = None) -> dict[str, str]:
-    """The sysctls the IPVS backend sets, and why (docs/lb-ipvs.md has the long story).
+    """The sysctls the IPVS backend sets, and why (docs/lb-ipvs.md has the story).
 
     - vs/conntrack=1: IPVS keeps conntrack entries for its connections, which
       the masquerade rule (nftables NAT) needs; Swarm sets it in NAT mode.
