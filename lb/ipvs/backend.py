@@ -239,6 +239,7 @@ class IpvsBackend:
         had = current.reals.get(real)
         if had == weight:
             return
+        check_real(real)
         service, dest = self._service_id(key), DestEntry(real.address, real.port, weight)
         try:
             await self._ipvs.dest(Command.ADD if had is None else Command.SET, service, dest)
@@ -262,16 +263,9 @@ class IpvsBackend:
     # -- kernel -----------------------------------------------------------------
 
     def _service_id(self, key: VirtualKey) -> ServiceId:
-        if key.protocol not in _PROTOCOLS:
-            raise BackendError(f"ipvs: unknown protocol in {key}")
+        check_key(key)
         if key.published:
-            if not 0 < key.port <= 0xFFFF:
-                raise BackendError(f"ipvs: port out of range in {key}")
             return ServiceId.of_fwmark(published_mark(self._mark_base, key.protocol, key.port))
-        try:
-            ipaddress.IPv4Address(key.address)
-        except ValueError as error:
-            raise BackendError(f"ipvs: {key}: VIPs are IPv4 addresses") from error
         return ServiceId.of_address(_PROTOCOLS[key.protocol], key.address, key.port)
 
     def _key_of(self, service: ServiceId, vips: set[str]) -> VirtualKey | None:
@@ -296,6 +290,29 @@ class IpvsBackend:
                                         {Real(d.address, d.port): d.weight for d in dests})
         return table
 
+
+
+def check_key(key: VirtualKey) -> None:
+    """What IPVS can take as a virtual service; BackendError naming what it cannot."""
+    if key.protocol not in _PROTOCOLS:
+        raise BackendError(f"ipvs: protocol {key.protocol!r} of {key} is not tcp or udp")
+    if not isinstance(key.port, int) or not 0 < key.port <= 0xFFFF:
+        raise BackendError(f"ipvs: port of {key} is not 1-65535")
+    if not key.published:
+        _check_ipv4(key.address, f"VIP of {key}")
+
+
+def check_real(real: Real) -> None:
+    _check_ipv4(real.address, f"real {real}")
+    if not isinstance(real.port, int) or not 0 < real.port <= 0xFFFF:
+        raise BackendError(f"ipvs: port of real {real} is not 1-65535")
+
+
+def _check_ipv4(address: str, what: str) -> None:
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError as error:
+        raise BackendError(f"ipvs: {what}: not an IPv4 address (IPv4 only, as Swarm)") from error
 
 
 async def _kernel(call: Awaitable[T]) -> T:

@@ -12,7 +12,9 @@ import pytest
 from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
 from pyroute2.netlink.generic import ipvs as genl
 
+from lb.backend import BackendError
 from lb.ipvs import IpvsBackend
+from lb.ipvs.backend import check_key, check_real
 from lb.ipvs.firewall import DEFAULT_MARK_BASE, check_mark_base, decode_mark, published_mark
 from lb.ipvs.host import kernel_version, swarm_sysctls
 from lb.ipvs.netlink import (
@@ -28,6 +30,7 @@ from lb.ipvs.netlink import (
     parse_service,
     service_message,
 )
+from lb.table import ANY_ADDRESS, Real, VirtualKey
 
 VIP = ServiceId.of_address(socket.IPPROTO_TCP, "10.0.3.1", 8080)
 MARKED = ServiceId.of_fwmark(0x6D70_7580)
@@ -149,3 +152,25 @@ def test_sysctls_follow_swarm_and_the_kernel_fix_for_connection_reuse() -> None:
     assert kernel_version("5.10.0") == (5, 10)
     assert kernel_version("4.19rc1") == (4, 19)
     assert kernel_version("garbage") == (0, 0)
+
+
+@pytest.mark.parametrize("key", [
+    VirtualKey("sctp", "10.0.3.1", 80),  # type: ignore[arg-type]
+    VirtualKey("tcp", "10.0.3.1", 0),
+    VirtualKey("tcp", "10.0.3.1", 70000),
+    VirtualKey("udp", ANY_ADDRESS, -1),
+    VirtualKey("tcp", "fd00::1", 80),
+    VirtualKey("tcp", "not-an-address", 80),
+])
+def test_keys_ipvs_cannot_take_are_clear_errors(key: VirtualKey) -> None:
+    with pytest.raises(BackendError, match="ipvs: "):
+        check_key(key)
+
+
+@pytest.mark.parametrize("real", [Real("10.0.2.300", 80), Real("::1", 80), Real("10.0.2.1", 0),
+                                  Real("10.0.2.1", 65536)])
+def test_reals_ipvs_cannot_take_are_clear_errors(real: Real) -> None:
+    with pytest.raises(BackendError, match="ipvs: "):
+        check_real(real)
+    check_key(VirtualKey("tcp", ANY_ADDRESS, 30080))
+    check_real(Real("10.0.2.1", 8080))
