@@ -73,7 +73,12 @@ def lab() -> Iterator[Lab]:
 
 
 class EchoServers:
-    """TCP and UDP servers in `ns` that answer with their own "addr:port", on one thread."""
+    """TCP and UDP servers in `ns` that answer with their own "addr:port", on one thread.
+
+    A TCP connection gets the answer at once and again for every chunk it sends, until
+    it closes: tests can hold a connection open and check it still reaches its server."""
+
+    LISTEN, DATAGRAM, CONNECTION = "listen", "datagram", "connection"
 
     def __init__(self, ns: Netns, addresses: list[str], port: int) -> None:
         self._selector = selectors.DefaultSelector()
@@ -84,7 +89,8 @@ class EchoServers:
                 if kind == socket.SOCK_STREAM:
                     sock.listen(64)
                 sock.setblocking(False)
-                self._selector.register(sock, selectors.EVENT_READ, kind)
+                role = self.LISTEN if kind == socket.SOCK_STREAM else self.DATAGRAM
+                self._selector.register(sock, selectors.EVENT_READ, role)
                 self._sockets.append(sock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="echo", daemon=True)
@@ -95,20 +101,31 @@ class EchoServers:
             for key, _ in self._selector.select(timeout=0.2):
                 sock: socket.socket = key.fileobj  # type: ignore[assignment]
                 me = "{}:{}".format(*sock.getsockname()).encode()
-                with contextlib.suppress(OSError):
-                    if key.data == socket.SOCK_STREAM:
+                try:
+                    if key.data == self.LISTEN:
                         conn, _ = sock.accept()
-                        with conn:
-                            conn.sendall(me)
+                        conn.sendall(me)
+                        conn.setblocking(False)
+                        self._selector.register(conn, selectors.EVENT_READ, self.CONNECTION)
+                    elif key.data == self.CONNECTION:
+                        if sock.recv(512):
+                            sock.sendall(me)
+                        else:
+                            self._selector.unregister(sock)
+                            sock.close()
                     else:
                         _, peer = sock.recvfrom(512)
                         sock.sendto(me, peer)
+                except OSError:
+                    if key.data == self.CONNECTION:
+                        self._selector.unregister(sock)
+                        sock.close()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        for sock in self._sockets:
-            sock.close()
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
         self._selector.close()
 
 
@@ -354,3 +371,34 @@ async def test_restart_recognises_published_ports_by_their_marks(harness: IpvsHa
     finally:
         await second.close()
     assert await harness.foreign_intact()
+
+
+async def test_draining_real_keeps_its_connections_and_gets_no_new_ones(
+        harness: IpvsHarness) -> None:
+    """Weight 0: a connection made before goes on reaching its server; new ones go elsewhere."""
+    backend = IpvsBackend()
+    await backend.start({})
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    one, two = harness.real(1), harness.real(2)
+    held: socket.socket | None = None
+    try:
+        await backend.apply([PutService(key), PutReal(key, one, 1)])
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection((key.address, key.port), timeout=HIT_TIMEOUT)
+            assert sock.recv(512) == str(one).encode()
+            return sock
+
+        held = await asyncio.to_thread(harness.client.call, connect)
+        await backend.apply([PutReal(key, two, 1), PutReal(key, one, 0)])
+        assert set(await spread(harness, key, 4)) == {two}
+
+        def ask(sock: socket.socket) -> bytes:
+            sock.sendall(b"still there?")
+            return sock.recv(512)
+
+        assert await asyncio.to_thread(ask, held) == str(one).encode()
+    finally:
+        if held is not None:
+            held.close()
+        await backend.close()
