@@ -188,6 +188,7 @@ def _remove_device_and_table() -> None:
 class IpvsHarness:
     def __init__(self, net: dict[str, Any]) -> None:
         self.client: Netns = net["client"]
+        self.lb: Netns = net["lb"]
         self.foreign: list[tuple[Any, list[tuple[str, int, int]]]] = []
 
     async def new_backend(self) -> IpvsBackend:
@@ -199,8 +200,13 @@ class IpvsHarness:
     def real(self, index: int, protocol: str = "tcp") -> Real:
         return Real(REALS[index - 1], REAL_PORT)
 
-    async def hit(self, key: VirtualKey) -> Real | None:
-        address = LB_CLIENT_SIDE if key.address == ANY_ADDRESS else key.address
+    async def hit(self, key: VirtualKey, *, local: bool = False) -> Real | None:
+        """One connection from the client namespace (`local`: from the lb's own, as a
+        process on the node would connect; published ports then on its reals-side address)."""
+        if key.address != ANY_ADDRESS:
+            address = key.address
+        else:
+            address = LB_REAL_SIDE if local else LB_CLIENT_SIDE
         kind = socket.SOCK_STREAM if key.protocol == "tcp" else socket.SOCK_DGRAM
 
         def ask() -> str | None:
@@ -214,7 +220,7 @@ class IpvsHarness:
                 except OSError:  # refused, unreachable, timed out
                     return None
 
-        answer = await asyncio.to_thread(self.client.call, ask)
+        answer = await asyncio.to_thread((self.lb if local else self.client).call, ask)
         if answer is None:
             return None
         host, _, port = answer.rpartition(":")
@@ -401,4 +407,23 @@ async def test_draining_real_keeps_its_connections_and_gets_no_new_ones(
     finally:
         if held is not None:
             held.close()
+        await backend.close()
+
+
+async def test_clients_on_the_node_itself(harness: IpvsHarness) -> None:
+    """Processes on the node reach VIPs and published ports too (packets from the output
+    path: marked in the route chain, taken by IPVS there, masqueraded on the way out)."""
+    backend = IpvsBackend()
+    await backend.start({})
+    try:
+        vip = VirtualKey("tcp", harness.vip(1), 8080)
+        published = VirtualKey("tcp", ANY_ADDRESS, 30080)
+        udp = VirtualKey("udp", harness.vip(2), 5353)
+        await backend.apply([PutService(vip), PutReal(vip, harness.real(1), 1),
+                             PutService(published), PutReal(published, harness.real(2), 1),
+                             PutService(udp), PutReal(udp, harness.real(3), 1)])
+        assert await harness.hit(vip, local=True) == harness.real(1)
+        assert await harness.hit(published, local=True) == harness.real(2)
+        assert await harness.hit(udp, local=True) == harness.real(3)
+    finally:
         await backend.close()
