@@ -93,7 +93,10 @@ class IpvsBackend:
         self._ipvs = IpvsNetlink()
         self._device = VipDevice(device)
         self._firewall = Firewall(nft_table, mark_base, masquerade)
-        self._table: Table = {}
+        # The mirror: options and reals of each of our services, mutated in place so that
+        # one op costs O(1) here too (a VirtualService copy per op would be O(reals)).
+        self._options: dict[VirtualKey, ServiceOptions] = {}
+        self._reals: dict[VirtualKey, dict[Real, int]] = {}
         self._vip_users: Counter[str] = Counter()
         self._lock = asyncio.Lock()
         self._started = False
@@ -128,7 +131,8 @@ class IpvsBackend:
         used = {key.address for key in found if not key.published}
         for address in await self._device.addresses() - used:
             await self._device.remove(address)  # left by a crash between VIP and service
-        self._table = found
+        self._options = {key: service.options for key, service in found.items()}
+        self._reals = {key: dict(service.reals) for key, service in found.items()}
         self._vip_users = Counter(key.address for key in found if not key.published)
         self._started = True
         return found
@@ -165,7 +169,8 @@ class IpvsBackend:
     def _drop(self) -> None:
         self._ipvs.close()
         self._device.close()
-        self._table = {}
+        self._options.clear()
+        self._reals.clear()
         self._vip_users.clear()
         self._started = False
 
@@ -195,11 +200,11 @@ class IpvsBackend:
                                "use the userspace backend for that service")
         service = self._service_id(key)
         scheduler = str(options.scheduler)
-        current = self._table.get(key)
+        current = self._options.get(key)
         if current is not None:
-            if current.options != options:
+            if current != options:
                 await _kernel(self._ipvs.service(Command.SET, service, scheduler))
-                self._table[key] = VirtualService(key, options, current.reals)
+                self._options[key] = options
             return
         if not key.published and self._vip_users[key.address] == 0:
             await self._device.add(key.address)  # the VIP first: a service of ours has one
@@ -214,15 +219,16 @@ class IpvsBackend:
             await self._firewall.add_published(key.protocol, key.port)
         else:
             self._vip_users[key.address] += 1
-        self._table[key] = VirtualService(key, options)
+        self._options[key] = options
+        self._reals[key] = {}
 
     async def _delete_service(self, key: VirtualKey) -> None:
-        if key not in self._table:
+        if key not in self._options:
             return
         if key.published:
             await self._firewall.remove_published(key.protocol, key.port)
         await _kernel_missing_ok(self._ipvs.service(Command.DELETE, self._service_id(key)))
-        self._table.pop(key, None)
+        del self._options[key], self._reals[key]
         if not key.published:
             self._vip_users[key.address] -= 1
             if self._vip_users[key.address] <= 0:
@@ -231,12 +237,12 @@ class IpvsBackend:
                 await self._device.remove(key.address)
 
     async def _put_real(self, key: VirtualKey, real: Real, weight: int) -> None:
-        current = self._table.get(key)
-        if current is None:
+        reals = self._reals.get(key)
+        if reals is None:
             raise BackendError(f"ipvs: no virtual service {key} for real {real}")
         if not 0 <= weight <= 0x7FFF_FFFF:
             raise BackendError(f"ipvs: weight {weight} of {real} under {key} out of range")
-        had = current.reals.get(real)
+        had = reals.get(real)
         if had == weight:
             return
         check_real(real)
@@ -250,15 +256,15 @@ class IpvsBackend:
                 await _kernel(self._ipvs.dest(Command.ADD, service, dest))
             else:
                 raise BackendError(f"ipvs: {error}") from error
-        self._table[key] = current.with_real(real, weight)
+        reals[real] = weight
 
     async def _delete_real(self, key: VirtualKey, real: Real) -> None:
-        current = self._table.get(key)
-        if current is None or real not in current.reals:
+        reals = self._reals.get(key)
+        if reals is None or real not in reals:
             return
         await _kernel_missing_ok(self._ipvs.dest(Command.DELETE, self._service_id(key),
                                                  DestEntry(real.address, real.port, 0)))
-        self._table[key] = current.without_real(real)
+        del reals[real]
 
     # -- kernel -----------------------------------------------------------------
 

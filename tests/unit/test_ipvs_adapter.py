@@ -30,7 +30,7 @@ from lb.ipvs.netlink import (
     parse_service,
     service_message,
 )
-from lb.table import ANY_ADDRESS, Real, VirtualKey
+from lb.table import ANY_ADDRESS, DeleteReal, PutReal, PutService, Real, VirtualKey
 
 VIP = ServiceId.of_address(socket.IPPROTO_TCP, "10.0.3.1", 8080)
 MARKED = ServiceId.of_fwmark(0x6D70_7580)
@@ -174,3 +174,41 @@ def test_reals_ipvs_cannot_take_are_clear_errors(real: Real) -> None:
         check_real(real)
     check_key(VirtualKey("tcp", ANY_ADDRESS, 30080))
     check_real(Real("10.0.2.1", 8080))
+
+
+class _Recorder:
+    """Stands in for the backend's three kernel parts (IPVS netlink, the VIP device, the
+    nft table) and records each call that would reach the kernel. The kernel behaviour
+    itself is proven in the VM (tests/kernel); this checks only the count per op."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return {"services": [], "dests": [], "addresses": set()}.get(name)
+        return call
+
+    def close(self) -> None:
+        pass
+
+
+async def test_one_change_among_ten_thousand_reals_costs_one_kernel_call() -> None:
+    backend = IpvsBackend(set_sysctls=False)
+    kernel = _Recorder()
+    backend._ipvs = backend._device = backend._firewall = kernel  # type: ignore[assignment]
+    await backend.start({})
+    key = VirtualKey("tcp", "10.0.3.1", 80)
+    reals = [Real(f"10.1.{i // 250}.{i % 250 + 1}", 8080) for i in range(10_000)]
+    await backend.apply([PutService(key), *(PutReal(key, real, 1) for real in reals)])
+    for ops, expected in (([PutReal(key, reals[5000], 0)], ["dest"]),      # drain
+                          ([DeleteReal(key, reals[5000])], ["dest"]),      # remove
+                          ([PutReal(key, Real("10.2.0.1", 8080), 1)], ["dest"]),  # add
+                          ([PutReal(key, reals[42], 1)], []),              # unchanged
+                          ([PutService(VirtualKey("tcp", "10.0.3.1", 443))], ["service"]),
+                          ([PutService(VirtualKey("udp", "10.0.3.2", 53))],
+                           ["add", "add_vip", "service"])):               # a new VIP
+        kernel.calls.clear()
+        await backend.apply(ops)
+        assert kernel.calls == expected, ops
