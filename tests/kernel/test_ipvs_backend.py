@@ -18,21 +18,15 @@ masquerades, as it must when real servers live on other nodes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import selectors
 import socket
-import subprocess
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2.ipvs import AsyncIPVS, IPVSDest, IPVSService
+from pyroute2.ipvs import IPVSDest, IPVSService
 
 from lb.ipvs import DEFAULT_TIMEOUTS, IpvsBackend, Timeouts
-from lb.ipvs.backend import DEFAULT_DEVICE, DEFAULT_NFT_TABLE
 from lb.ipvs.host import read_sysctl, swarm_sysctls
 from lb.table import (
     ANY_ADDRESS,
@@ -44,7 +38,14 @@ from lb.table import (
     VirtualKey,
     VirtualService,
 )
-from tests.helpers.netns import NETNS_RUN, Lab, Netns, _setns, unavailable
+from tests.helpers.ipvs_lab import (
+    EchoServers,
+    flush_ipvs,
+    inside,
+    raw_ipvs,
+    remove_device_and_table,
+)
+from tests.helpers.netns import Lab, Netns, unavailable
 from tests.lb.backend_suite import BackendSuite, spread
 
 CLIENT, LB_CLIENT_SIDE, LB_REAL_SIDE = "10.77.1.2", "10.77.1.1", "10.77.2.1"
@@ -72,63 +73,6 @@ def lab() -> Iterator[Lab]:
         yield made
 
 
-class EchoServers:
-    """TCP and UDP servers in `ns` that answer with their own "addr:port", on one thread.
-
-    A TCP connection gets the answer at once and again for every chunk it sends, until
-    it closes: tests can hold a connection open and check it still reaches its server."""
-
-    LISTEN, DATAGRAM, CONNECTION = "listen", "datagram", "connection"
-
-    def __init__(self, ns: Netns, addresses: list[str], port: int) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._sockets: list[socket.socket] = []
-        for address in addresses:
-            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                sock = ns.socket(kind=kind, bind=(address, port))
-                if kind == socket.SOCK_STREAM:
-                    sock.listen(64)
-                sock.setblocking(False)
-                role = self.LISTEN if kind == socket.SOCK_STREAM else self.DATAGRAM
-                self._selector.register(sock, selectors.EVENT_READ, role)
-                self._sockets.append(sock)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="echo", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            for key, _ in self._selector.select(timeout=0.2):
-                sock: socket.socket = key.fileobj  # type: ignore[assignment]
-                me = "{}:{}".format(*sock.getsockname()).encode()
-                try:
-                    if key.data == self.LISTEN:
-                        conn, _ = sock.accept()
-                        conn.sendall(me)
-                        conn.setblocking(False)
-                        self._selector.register(conn, selectors.EVENT_READ, self.CONNECTION)
-                    elif key.data == self.CONNECTION:
-                        if sock.recv(512):
-                            sock.sendall(me)
-                        else:
-                            self._selector.unregister(sock)
-                            sock.close()
-                    else:
-                        _, peer = sock.recvfrom(512)
-                        sock.sendto(me, peer)
-                except OSError:
-                    if key.data == self.CONNECTION:
-                        self._selector.unregister(sock)
-                        sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for key in list(self._selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-        self._selector.close()
-
-
 @pytest.fixture(scope="module")
 def net(lab: Lab) -> Iterator[dict[str, Any]]:
     client, lb, reals = lab.namespace("client"), lab.namespace("lb"), lab.namespace("reals")
@@ -146,43 +90,6 @@ def net(lab: Lab) -> Iterator[dict[str, Any]]:
         yield {"client": client, "lb": lb, "reals": reals}
     finally:
         servers.close()
-
-
-@contextlib.contextmanager
-def inside(ns: Netns) -> Iterator[None]:
-    """This thread (the event loop's) in `ns`: sockets, sysctls and `nft` act there."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(NETNS_RUN / ns.name, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-@contextlib.asynccontextmanager
-async def raw_ipvs() -> AsyncIterator[AsyncIPVS]:
-    """pyroute2's own IPVS socket: the tests' view of the kernel, apart from the adapter."""
-    async with AsyncIPVS() as ipvs:
-        await ipvs.setup_endpoint()
-        yield ipvs
-
-
-async def _flush_ipvs() -> None:
-    """Between tests: no IPVS service, no device or table of the backend is left."""
-    async with raw_ipvs() as ipvs:
-        for found in await ipvs.service("dump"):
-            await ipvs.service("del", service=IPVSService.from_message(found))
-
-
-def _remove_device_and_table() -> None:
-    subprocess.run(["ip", "link", "del", DEFAULT_DEVICE], capture_output=True, check=False)
-    subprocess.run(["nft", "delete", "table", "ip", DEFAULT_NFT_TABLE], capture_output=True,
-                   check=False)
 
 
 class IpvsHarness:
@@ -261,8 +168,8 @@ async def harness(net: dict[str, Any]) -> AsyncIterator[IpvsHarness]:
         try:
             yield IpvsHarness(net)
         finally:
-            await _flush_ipvs()
-            _remove_device_and_table()
+            await flush_ipvs()
+            remove_device_and_table()
 
 
 class TestIpvsBackend(BackendSuite):
