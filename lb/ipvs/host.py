@@ -12,27 +12,44 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from lb.backend import BackendError
+from lb.netlink_thread import NetlinkThread
+
+T = TypeVar("T")
 
 PROC_SYS = Path("/proc/sys")
 
 
 class VipDevice:
-    """The dummy device holding the VIPs; every address on it is ours."""
+    """The dummy device holding the VIPs; every address on it is ours.
+
+    Its rtnetlink socket lives on a `NetlinkThread` (pyroute2's async sockets
+    do not run on uvloop); each method is awaited from the caller's loop.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._ipr: Any = None
         self._index: int | None = None
+        self._thread: NetlinkThread | None = None
+
+    async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._thread is None:
+            self._thread = NetlinkThread("ipvs-vips")
+        return await self._thread.run(coro)
 
     async def open(self, create: bool = True) -> None:
         """Find the device (create it when `create`); raises BackendError when it cannot."""
+        await self._run(self._open(create))
+
+    async def _open(self, create: bool) -> None:
         self._ipr = AsyncIPRoute()
         found = await self._ipr.link_lookup(ifname=self.name)
         if not found and create:
@@ -45,9 +62,16 @@ class VipDevice:
         self._index = found[0] if found else None
 
     def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
         if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+            thread.call(self._close())
+        thread.stop()
+
+    async def _close(self) -> None:
+        self._ipr.close()
+        self._ipr = None
 
     @property
     def exists(self) -> bool:
@@ -56,10 +80,16 @@ class VipDevice:
     async def addresses(self) -> set[str]:
         if self._index is None:
             return set()
+        return await self._run(self._addresses())
+
+    async def _addresses(self) -> set[str]:
         dump = await self._ipr.addr("dump", index=self._index)
         return {m.get("IFA_ADDRESS") async for m in dump}
 
     async def add(self, address: str) -> None:
+        await self._run(self._add(address))
+
+    async def _add(self, address: str) -> None:
         try:
             await self._ipr.addr("add", index=self._index, address=address, prefixlen=32)
         except NetlinkError as error:
@@ -68,6 +98,9 @@ class VipDevice:
                                    f"{os.strerror(error.code)}") from error
 
     async def remove(self, address: str) -> None:
+        await self._run(self._remove(address))
+
+    async def _remove(self, address: str) -> None:
         try:
             await self._ipr.addr("del", index=self._index, address=address, prefixlen=32)
         except NetlinkError as error:
@@ -79,13 +112,16 @@ class VipDevice:
         """Remove the device (and with it every VIP on it)."""
         if self._index is None:
             return
+        await self._run(self._delete())
+        self._index = None
+
+    async def _delete(self) -> None:
         try:
             await self._ipr.link("del", index=self._index)
         except NetlinkError as error:
             if error.code != errno.ENODEV:
                 raise BackendError(f"cannot remove {self.name}: "
                                    f"{os.strerror(error.code)}") from error
-        self._index = None
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:

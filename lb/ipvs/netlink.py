@@ -29,6 +29,8 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NL
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import ipvs as genl
 
+from lb.netlink_thread import NetlinkThread
+
 #: IP_VS_CONN_F_MASQ: the real server is reached by NAT (the default of ipvsadm -m).
 FORWARD_MASQUERADE = 0
 #: All 16 service flag bits are set from our value (none: no persistence, no hashing).
@@ -209,12 +211,22 @@ def parse_dest(msg: Any) -> DestEntry:
 
 
 class IpvsNetlink:
-    """One IPVS generic-netlink socket in the caller's network namespace."""
+    """One IPVS generic-netlink socket in the caller's network namespace.
+
+    The socket lives on a `NetlinkThread` (pyroute2's async sockets do not run
+    on uvloop, the agent's loop); every request is awaited from the caller's loop.
+    """
 
     def __init__(self) -> None:
         self._sock: Any = None
+        self._thread: NetlinkThread | None = None
 
     async def open(self) -> None:
+        if self._thread is None:
+            self._thread = NetlinkThread("ipvs-netlink")
+        await self._thread.run(self._open())
+
+    async def _open(self) -> None:
         sock = AsyncIPVS()
         try:
             await sock.setup_endpoint()  # resolves the "IPVS" genl family
@@ -225,13 +237,23 @@ class IpvsNetlink:
         self._sock = sock
 
     def close(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
         if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+            thread.call(self._close())
+        thread.stop()
+
+    async def _close(self) -> None:
+        self._sock.close()
+        self._sock = None
 
     async def _request(self, what: str, request: tuple[Any, int]) -> list[Any]:
-        if self._sock is None:
+        if self._sock is None or self._thread is None:
             raise RuntimeError("IpvsNetlink used before open()")
+        return await self._thread.run(self._request_here(what, request))
+
+    async def _request_here(self, what: str, request: tuple[Any, int]) -> list[Any]:
         msg, flags = request
         try:
             response = await self._sock.nlm_request(msg, msg_type=self._sock.prid,

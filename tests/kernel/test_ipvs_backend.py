@@ -334,3 +334,27 @@ async def test_clients_on_the_node_itself(harness: IpvsHarness) -> None:
         assert await harness.hit(udp, local=True) == harness.real(3)
     finally:
         await backend.close()
+
+
+def test_runs_under_uvloop_the_agents_loop(net: dict[str, Any]) -> None:
+    """pyroute2's async sockets refuse uvloop; the backend keeps them on a thread of its own."""
+    import uvloop
+
+    key = VirtualKey("tcp", "10.77.3.9", 8080)
+    real = Real(REALS[0], REAL_PORT)
+
+    async def scenario() -> tuple[dict[VirtualKey, VirtualService], Real | None]:
+        backend = IpvsBackend()
+        await backend.start({})
+        try:
+            await backend.apply([PutService(key), PutReal(key, real, 1)])
+            table = await backend.read()
+            answered = await IpvsHarness(net).hit(key)
+        finally:
+            await backend.close()
+        return table, answered
+
+    with inside(net["lb"]):
+        table, answered = uvloop.run(scenario())
+    assert table[key].reals == {real: 1}
+    assert answered == real
