@@ -257,6 +257,43 @@ def _wait_converged(layout: Layout, timeout: float) -> None:
                            f"logs in {layout.state_dir}")
 
 
+def stop_agent(state: dict[str, Any], index: int, sig: int = signal.SIGTERM,
+               timeout: float = 15.0) -> None:
+    """Stop node `index`'s agent (SIGKILL: a crash) and wait until it is gone."""
+    pid = _node(state, index)["pid"]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"n{index} (pid {pid}) did not stop in {timeout:g}s")
+        time.sleep(0.02)
+
+
+def start_agent(state: dict[str, Any], index: int, timeout: float = 30.0) -> None:
+    """Start node `index`'s agent again, as it was started, and wait for its API."""
+    node = _node(state, index)
+    if _alive(node["pid"]):
+        raise ClusterError(f"n{index} is running (pid {node['pid']})")
+    with Path(node["log"]).open("ab") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", node["ns"], *node["argv"]],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+    for entry in state["nodes"]:
+        if entry["index"] == index:
+            entry["pid"] = proc.pid
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ClusterError(f"n{index} exited with {proc.returncode}: see {node['log']}")
+        with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
+            api_get(node["ns"], "/v1/health")
+            return
+        time.sleep(0.05)
+    raise ClusterError(f"n{index} did not answer in {timeout:g}s: see {node['log']}")
+
+
 # -- tasks and commands inside ----------------------------------------------------
 
 
@@ -438,6 +475,11 @@ def parser() -> argparse.ArgumentParser:
     task.add_argument("service")
     task.add_argument("port", type=int, help="the port it listens on")
     task.add_argument("--target", type=int, help="the service target port it serves")
+    halt = commands.add_parser("stop", help="stop one node's agent")
+    halt.add_argument("node", type=int)
+    halt.add_argument("--kill", action="store_true", help="SIGKILL, as a crash")
+    resume = commands.add_parser("start", help="start a stopped node's agent again")
+    resume.add_argument("node", type=int)
     inside = commands.add_parser("exec", help="run a command in a node (0: the client)")
     inside.add_argument("node", type=int)
     inside.add_argument("argv", nargs=argparse.REMAINDER)
@@ -477,6 +519,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             layout = Layout(args.name, len(state["nodes"]), state["subnet"])
             _save(layout, state)
             print(f"{record['name']}  {record['address']}:{record['port']}  pid {record['pid']}")
+            return 0
+        if args.command in ("stop", "start"):
+            state = load(args.name)
+            if args.command == "stop":
+                stop_agent(state, args.node, signal.SIGKILL if args.kill else signal.SIGTERM)
+            else:
+                start_agent(state, args.node)
+            layout = Layout(args.name, len(state["nodes"]), state["subnet"])
+            _save(layout, state)
             return 0
         if args.command == "exec":
             state = load(args.name)
