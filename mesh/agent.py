@@ -191,6 +191,7 @@ class Agent:
                        heartbeat=self.health.heartbeat, drain_grace=self.config.drain_grace,
                        token=self.config.api_token, max_body=self.config.max_body,
                        resolve=None if self.dns is None else self.dns.resolve,
+                       dns_records=None if self.dns is None else self.dns.records,
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
                        keyring=self.keyring)
         self._runner = web.AppRunner(make_app(deps), access_log=None,

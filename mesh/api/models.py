@@ -239,6 +239,19 @@ class ResolveOut(_Response):
     additional: list[DnsRecordOut]
 
 
+class PeerDigestOut(_Response):
+    node: str
+    digest: str
+    records: int
+    age: float  # seconds since it was announced
+
+
+class StateDigestOut(_Response):
+    digest: str  # 32 hex digits; equal on two nodes holding the same records
+    records: int
+    peers: list[PeerDigestOut]  # the latest digest each alive peer announced
+
+
 class GossipOut(_Response):
     node: str
     incarnation: int
@@ -247,6 +260,18 @@ class GossipOut(_Response):
     encrypted: bool
     drops: dict[str, int]
     counts: dict[str, int]
+    state: StateDigestOut
+
+
+class DnsEntryOut(_Response):
+    name: str
+    type: str  # A, SRV or PTR
+    value: str
+
+
+class DnsRecordsOut(_Response):
+    network: str | None
+    records: list[DnsEntryOut]
 
 
 class KeyOut(_Response):
