@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import resource
 import signal
@@ -61,6 +62,7 @@ class Agent:
         self.config = config
         self.stopping = asyncio.Event()
         self.exit_code = 0
+        self.started_at = time.time()
         self.store = Store(config.node_name, Ipam(parse_pool(config.address_pool)),
                            random.Random())
         self.feed = ChangeFeed(self.store.all_records)
@@ -94,6 +96,10 @@ class Agent:
         advertise = self.config.advertise
         return [{"name": self.config.node_name, "address": advertise.host,
                  "port": advertise.port, "status": "alive", "incarnation": 0}]
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "started_at": self.started_at,
+                "config": describe(self.config)}
 
     def _report_health(self, task_id: str, health: Health, output: str) -> None:
         task = asyncio.create_task(self._record_health(task_id, health, output))
@@ -192,6 +198,7 @@ class Agent:
                        token=self.config.api_token, max_body=self.config.max_body,
                        resolve=None if self.dns is None else self.dns.resolve,
                        dns_records=None if self.dns is None else self.dns.records,
+                       agent_info=self.info,
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
                        keyring=self.keyring)
         self._runner = web.AppRunner(make_app(deps), access_log=None,

@@ -220,6 +220,13 @@ class HealthOut(_Response):
     node: str
 
 
+class AgentOut(_Response):
+    node: str
+    pid: int
+    started_at: float  # wall clock
+    config: dict[str, str]  # every setting, as the start-up log shows it (token hidden)
+
+
 class DnsRecordOut(_Response):
     name: str
     type: str

@@ -49,6 +49,8 @@ _OPERATIONS: list[tuple[str, str, str, _Body, _Answer, tuple[int, ...]]] = [
      (202, m.TaskOut, False), (404,)),
     ("get", "/v1/gossip", "Gossip counters: packets dropped by reason, health score", None,
      (200, m.GossipOut, False), (409,)),
+    ("get", "/v1/agent", "This agent: pid, start time, configuration", None,
+     (200, m.AgentOut, False), ()),
     ("get", "/v1/dns", "Every record the embedded DNS answers an asker on a network", None,
      (200, m.DnsRecordsOut, False), (409, 422)),
     ("get", "/v1/resolve", "What the embedded DNS answers an asker on a network", None,

@@ -31,6 +31,12 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "node": request.app[DEPS].node})
 
 
+async def agent_info(request: web.Request) -> web.Response:
+    """This agent: its pid and configuration, for `mesh doctor` and operators."""
+    info = request.app[DEPS].agent_info
+    return json_response({"node": request.app[DEPS].node, **(info() if info else {})})
+
+
 async def members(request: web.Request) -> web.Response:
     return json_response(request.app[DEPS].members())
 
@@ -218,6 +224,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/dns", dns_records)
     app.router.add_get("/v1/resolve", resolve)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/agent", agent_info)
     app.router.add_get("/v1/members", members)
     app.router.add_post("/v1/networks", create_network)
     app.router.add_get("/v1/networks", list_networks)
