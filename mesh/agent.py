@@ -34,6 +34,10 @@ from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD, KeyringError
+from lb.driver import LbDriver
+from lb.select import SelectError, choose
+from lb.userspace import ProxySettings
+from lb.view import LbView
 from mesh.api.app import ApiDeps, make_app
 from mesh.cluster import Cluster, ClusterKeyring
 from mesh.config import AgentConfig, ConfigError, describe, load_config
@@ -55,6 +59,11 @@ log = logging.getLogger("mesh.agent")
 
 #: Seconds the API gives open requests to finish when the agent stops.
 API_SHUTDOWN_GRACE = 2.0
+
+
+class MeshStartError(Exception):
+    """A setting the agent cannot start with, found only at start (e.g. `--lb ipvs`
+    without ip_vs): logged as the reason, without a traceback."""
 
 
 class Agent:
@@ -81,6 +90,7 @@ class Agent:
         self.cluster: Cluster | None = None
         self.keyring: ClusterKeyring | None = None
         self.gossip: GossipShell | None = None
+        self.lb: LbDriver | None = None
         self._runner: web.AppRunner | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -149,8 +159,24 @@ class Agent:
             await self.dns.start()
             if self.config.dns_workers:
                 await self._start_dns_workers(self.dns.port)
+        await self._start_lb()
         await self._start_gossip(incarnation)
         await self._start_api()
+
+    async def _start_lb(self) -> None:
+        config = self.config
+        try:
+            choice = choose(config.lb, ProxySettings(publish_address=config.publish_address))
+        except SelectError as exc:
+            raise MeshStartError(str(exc)) from None
+        event(log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb,
+              reason=choice.reason)
+        self.lb = LbDriver(LbView(config.node_name), choice.backend, choice.reason)
+        # The snapshot and the subscription come with no await between them, so
+        # the view misses no change; ops made while the backend starts wait in its queue.
+        _, records = self.feed.snapshot()
+        self.feed.subscribe(self.lb.on_change)
+        await self.lb.start(records)
 
     async def _start_gossip(self, incarnation: int) -> None:
         config = self.config
@@ -200,7 +226,8 @@ class Agent:
                        dns_records=None if self.dns is None else self.dns.records,
                        agent_info=self.info,
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
-                       keyring=self.keyring)
+                       keyring=self.keyring,
+                       lb=None if self.lb is None else self.lb.describe)
         self._runner = web.AppRunner(make_app(deps), access_log=None,
                                      shutdown_timeout=API_SHUTDOWN_GRACE)
         await self._runner.setup()
@@ -222,6 +249,8 @@ class Agent:
             await self.feed_server.stop()
         if self.dns is not None:
             await self.dns.stop()
+        if self.lb is not None:
+            await self.lb.close()
         await self.reaper.stop()
         await self.tombstones.stop()
         await self.health.stop()
@@ -242,7 +271,7 @@ async def run(config: AgentConfig) -> int:
         await agent.start()
     except Exception as exc:  # a port in use, an unreadable data dir, or a bug: stop cleanly
         event(log, "agent_start_failed", logging.ERROR, error=repr(exc))
-        if not isinstance(exc, OSError | persist.PersistError | KeyringError):
+        if not isinstance(exc, OSError | persist.PersistError | KeyringError | MeshStartError):
             log.exception("start failed")
         await agent.stop()
         return 1

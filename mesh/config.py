@@ -94,6 +94,9 @@ class AgentConfig:
     dns: HostPort | None  # None: no DNS server (`--dns none`)
     http: HostPort
     lb: str = "auto"
+    #: where the userspace proxy binds published ports: every address by default;
+    #: agents sharing one host (tests) each give their own address
+    publish_address: str = "0.0.0.0"
     keyring: Path | None = None
     address_pool: str
     api_token: str | None = field(default=None, repr=False)
@@ -164,6 +167,9 @@ _FLAGS: dict[str, str] = {
                    "(default 0: the agent's own event loop only)",
     "http": "ADDR:PORT of the HTTP routing mesh (default 0.0.0.0:80, or :8080 without root)",
     "lb": "load-balancer backend: auto, ipvs, nftables or userspace (default auto)",
+    "publish-address": "address the userspace load balancer binds published ports to "
+                       "(default 0.0.0.0: every address; give each agent its own when "
+                       "several share one host)",
     "keyring": "file holding the gossip encryption keys",
     "address-pool": "CIDR that network subnets are carved from, one /24 each "
                     "(default 10.0.0.0/8, or 127.16.0.0/12 without root)",
@@ -185,7 +191,7 @@ _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers":
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
              "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
              "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL",
-             "tombstone-reap": "SECONDS"}
+             "tombstone-reap": "SECONDS", "publish-address": "ADDR"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +266,8 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         http=parse_host_port(str(values.get("http", f"0.0.0.0:{80 if root else 8080}")),
                              None, "http"),
         lb=str(values.get("lb", "auto")),
+        publish_address=_ip_address(str(values.get("publish_address", "0.0.0.0")),
+                                    "publish-address"),
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
         address_pool=str(values.get("address_pool") or (DEFAULT_POOL if root
                                                          else UNPRIVILEGED_POOL)),
@@ -285,6 +293,13 @@ def _ip_host_port(text: str, default_port: int, what: str) -> HostPort:
     except ValueError:
         raise ConfigError(f"{what} {text!r}: the address must be an IP address") from None
     return parsed
+
+
+def _ip_address(text: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text.strip()))
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: expected an IPv4 address") from None
 
 
 def _number(values: dict[str, Any], key: str, default: float,

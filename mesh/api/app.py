@@ -52,6 +52,8 @@ class ApiDeps:
     dns_records: Callable[[Network | None], list[dict[str, str]]] | None = None
     #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted
     keyring: KeyringControl | None = None
+    #: the L4 table as the backend has it programmed; None when no backend runs
+    lb: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
 
 DEPS = web.AppKey("deps", ApiDeps)

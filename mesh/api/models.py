@@ -297,3 +297,27 @@ class ErrorDetail(_Response):
 
 class ErrorOut(_Response):
     error: ErrorDetail
+
+
+class LbRealOut(_Response):
+    address: str
+    port: int
+    weight: int  # 0: draining
+
+
+class LbServiceOut(_Response):
+    protocol: Literal["tcp", "udp"]
+    address: str  # a VIP, or 0.0.0.0 for a published port
+    port: int
+    scheduler: Literal["rr", "wrr", "lc"]
+    proxy_protocol: bool
+    reals: list[LbRealOut]
+
+
+class LbOut(_Response):
+    backend: str  # ipvs, nftables or userspace
+    reason: str  # why --lb chose it
+    errors: int  # ops the backend refused since start
+    pending: int  # batches of ops queued, not yet applied
+    stats: dict[str, int]
+    services: list[LbServiceOut]

@@ -219,7 +219,16 @@ async def gossip_stats(request: web.Request) -> web.Response:
     return json_response(stats())
 
 
+async def lb_table(request: web.Request) -> web.Response:
+    """The L4 table as this node's backend has it programmed (read back from it)."""
+    describe = request.app[DEPS].lb
+    if describe is None:
+        raise Conflict("this agent runs no load balancer", code="lb_disabled")
+    return json_response(await describe())
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/lb", lb_table)
     app.router.add_get("/v1/gossip", gossip_stats)
     app.router.add_get("/v1/dns", dns_records)
     app.router.add_get("/v1/resolve", resolve)

@@ -33,8 +33,11 @@ def free_port() -> int:
 
 class AgentProcess:
     def __init__(self, data_dir: Path, *, node_name: str = "node-1",
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 publish_address: str = "127.0.0.1") -> None:
         self.data_dir = data_dir
+        # Published ports on this address, not 0.0.0.0: agents share the host.
+        self.publish_address = publish_address
         self.node_name = node_name
         self.port = free_port()
         self.api = f"127.0.0.1:{self.port}"
@@ -52,6 +55,9 @@ class AgentProcess:
                 "--address-pool", "127.64.0.0/12", "--drain-grace", "0.5",
                 "--dns", f"127.0.0.1:{self.dns_port}",
                 "--advertise", f"127.0.0.1:{self.gossip_port}",
+                # The userspace load balancer: tests run many agents on one host, and a
+                # kernel backend would program the host's own tables.
+                "--lb", "userspace", "--publish-address", self.publish_address,
                 # Nothing listens on port 9 of loopback: names the mesh does not own get
                 # SERVFAIL at once, and no test query ever leaves the machine.
                 "--dns-upstream", "127.0.0.1:9", *self.extra]
@@ -117,10 +123,12 @@ def gossip_cluster(root: Path, count: int, *, profile: str = "local",
     """`count` agents named n0, n1, ... on 127.0.0.2, .3, ... (one gossip port), all
     joined to n0, started in order and stopped (if still running) on the way out."""
     port = free_port()
-    agents = [AgentProcess(root / f"n{i}", node_name=f"n{i}", extra=[
-        "--advertise", f"127.0.0.{i + 2}:{port}", "--gossip-profile", profile,
-        *(["--join", f"127.0.0.2:{port}"] if i else []), *(extra(i) if extra else [])])
-        for i in range(count)]
+    agents = [AgentProcess(root / f"n{i}", node_name=f"n{i}", publish_address=f"127.0.0.{i + 2}",
+                           extra=["--advertise", f"127.0.0.{i + 2}:{port}",
+                                  "--gossip-profile", profile,
+                                  *(["--join", f"127.0.0.2:{port}"] if i else []),
+                                  *(extra(i) if extra else [])])
+              for i in range(count)]
     for i, agent in enumerate(agents):
         agent.gossip_addr = (f"127.0.0.{i + 2}", port)
     try:

@@ -1,0 +1,124 @@
+"""Which L4 backend this node runs: `--lb auto|ipvs|nftables|userspace` (DESIGN.md).
+
+`auto` takes `ipvs` where the kernel has ip_vs, else `nftables` where the agent
+is root and `nft` works, else `userspace`, and says why in `Choice.reason`
+(the agent logs it at start). The kernel backends live in `lb.ipvs` and
+`lb.nft`, imported only when chosen: a build without one of them still runs,
+`auto` passes over it with the reason, and asking for it by name is a clear
+error (`SelectError`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from lb.backend import Backend
+from lb.userspace import ProxySettings, UserspaceBackend
+
+IP_VS_PROC = Path("/proc/net/ip_vs")
+NFT_TABLE = "meshplane"
+
+
+class SelectError(Exception):
+    """The backend asked for cannot run here (the message says why)."""
+
+
+def kernel_has_ip_vs() -> bool:
+    """Whether IPVS is usable: loaded already, or loadable by modprobe (root only)."""
+    if IP_VS_PROC.exists():
+        return True
+    if os.geteuid() != 0 or shutil.which("modprobe") is None:
+        return False
+    try:
+        subprocess.run(["modprobe", "-q", "ip_vs"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return IP_VS_PROC.exists()
+
+
+def nft_works() -> bool:
+    """Whether `nft` runs and may read the ruleset (root, or CAP_NET_ADMIN)."""
+    if shutil.which("nft") is None:
+        return False
+    try:
+        done = subprocess.run(["nft", "list", "tables"], capture_output=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Probes:
+    """What `choose` asks of the machine; tests give their own answers."""
+
+    has_ip_vs: Callable[[], bool] = kernel_has_ip_vs
+    is_root: Callable[[], bool] = field(default=lambda: os.geteuid() == 0)
+    nft_works: Callable[[], bool] = nft_works
+    import_module: Callable[[str], ModuleType] = importlib.import_module
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    backend: Backend
+    reason: str
+
+
+def _load(module: str, probes: Probes) -> ModuleType:
+    try:
+        return probes.import_module(module)
+    except ImportError as exc:
+        raise SelectError(f"{module} is not part of this build ({exc})") from None
+
+
+def _ipvs(probes: Probes) -> Backend:
+    backend: Backend = _load("lb.ipvs", probes).IpvsBackend()
+    return backend
+
+
+def _nftables(probes: Probes) -> Backend:
+    backend: Backend = _load("lb.nft", probes).NftablesBackend(table=NFT_TABLE)
+    return backend
+
+
+def choose(requested: str, settings: ProxySettings, probes: Probes | None = None) -> Choice:
+    probes = probes or Probes()
+    if requested == "userspace":
+        return Choice(UserspaceBackend(settings), "asked for (--lb userspace)")
+    if requested == "ipvs":
+        if not probes.has_ip_vs():
+            raise SelectError("--lb ipvs: this kernel has no ip_vs (no /proc/net/ip_vs, and "
+                              "modprobe ip_vs did not load it)")
+        return Choice(_ipvs(probes), "asked for (--lb ipvs)")
+    if requested == "nftables":
+        if not probes.nft_works():
+            raise SelectError("--lb nftables: `nft list tables` fails here (is nft installed, "
+                              "and does the agent run as root?)")
+        return Choice(_nftables(probes), "asked for (--lb nftables)")
+    if requested != "auto":
+        raise SelectError(f"--lb {requested!r}: choose auto, ipvs, nftables or userspace")
+    passed: list[str] = []
+    if probes.has_ip_vs():
+        try:
+            return Choice(_ipvs(probes), "the kernel has ip_vs")
+        except SelectError as exc:
+            passed.append(f"ipvs: {exc}")
+    else:
+        passed.append("ipvs: the kernel has no ip_vs")
+    if not probes.is_root():
+        passed.append("nftables: not root")
+    elif not probes.nft_works():
+        passed.append("nftables: `nft list tables` fails")
+    else:
+        try:
+            return Choice(_nftables(probes), "no ip_vs; root and nft works")
+        except SelectError as exc:
+            passed.append(f"nftables: {exc}")
+    return Choice(UserspaceBackend(settings), "; ".join(passed))

@@ -1,0 +1,124 @@
+"""The `userspace` L4 backend: the table programmed as listening sockets of this process.
+
+Each virtual service is a listener (TCP) or a socket (UDP) on its VIP and port,
+or on the publish address for a published port (`ANY_ADDRESS`: every address by
+default), with a `Pool` of real servers. Ops change pools in place: a weight of
+0 or a removed real drains (its connections finish, new ones go elsewhere); a
+removed service stops listening while its open connections carry on. Nothing
+outlives the process, so `start` has nothing left over to reconcile; it
+programs the desired table from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from lb.backend import BackendError
+from lb.table import (
+    ANY_ADDRESS,
+    DeleteReal,
+    DeleteService,
+    Op,
+    PutReal,
+    PutService,
+    ServiceOptions,
+    Table,
+    VirtualKey,
+    VirtualService,
+    diff,
+)
+from lb.userspace.runtime import ProxySettings, Runtime
+from lb.userspace.scheduler import Pool
+from lb.userspace.tcp import TcpService
+from lb.userspace.udp import UdpService
+
+log = logging.getLogger(__name__)
+
+Service = TcpService | UdpService
+
+
+class UserspaceBackend:
+    name = "userspace"
+
+    def __init__(self, settings: ProxySettings | None = None) -> None:
+        self.settings = settings or ProxySettings()
+        self.runtime = Runtime(self.settings)
+        self._services: dict[VirtualKey, Service] = {}
+
+    def __repr__(self) -> str:
+        return f"<UserspaceBackend services={len(self._services)} open={len(self.runtime.open)}>"
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: accepted, refused, failovers, idle closes, drops."""
+        return {**self.runtime.stats, "open": len(self.runtime.open)}
+
+    def address_of(self, key: VirtualKey) -> str:
+        """The address a virtual service listens on."""
+        return self.settings.publish_address if key.address == ANY_ADDRESS else key.address
+
+    async def start(self, desired: Table) -> None:
+        self.runtime.start()
+        await self.apply(diff({}, desired))
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        """Every op in order; the ones that fail are reported together at the end."""
+        errors: list[str] = []
+        for op in ops:
+            try:
+                await self._apply(op)
+            except BackendError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise BackendError("; ".join(errors))
+
+    async def _apply(self, op: Op) -> None:
+        if isinstance(op, PutService):
+            service = self._services.get(op.key)
+            if service is None:
+                await self._listen(op.key, op.options)
+            else:
+                service.options = op.options
+                service.pool.scheduler = op.options.scheduler
+        elif isinstance(op, DeleteService):
+            gone = self._services.pop(op.key, None)
+            if gone is not None:
+                gone.close()
+        elif isinstance(op, PutReal):
+            service = self._services.get(op.key)
+            if service is None:
+                raise BackendError(f"{op.key}: no such virtual service for real {op.real}")
+            if op.weight < 0:
+                raise BackendError(f"{op.key}: real {op.real} weight {op.weight} is negative")
+            service.pool.set(op.real, op.weight)
+        elif isinstance(op, DeleteReal):
+            service = self._services.get(op.key)
+            if service is not None:
+                service.pool.remove(op.real)
+
+    async def _listen(self, key: VirtualKey, options: ServiceOptions) -> None:
+        pool = Pool(options.scheduler)
+        service: Service = (TcpService(key, options, pool, self.runtime) if key.protocol == "tcp"
+                            else UdpService(key, options, pool, self.runtime))
+        host = self.address_of(key)
+        try:
+            await service.listen(host)
+        except OSError as exc:
+            raise BackendError(f"{key}: cannot listen on {host}:{key.port}: "
+                               f"{exc.strerror or exc}") from None
+        self._services[key] = service
+
+    async def read(self) -> Table:
+        return {key: VirtualService(key, s.options, dict(s.pool.weights))
+                for key, s in self._services.items()}
+
+    async def close(self) -> None:
+        """Stop listening and end every connection and flow."""
+        for service in self._services.values():
+            service.close()
+        self._services.clear()
+        await self.runtime.close()
+
+    async def abandon(self) -> None:
+        """What a crash does to this backend: its sockets die with the process."""
+        await self.close()

@@ -1,0 +1,340 @@
+"""The L4 table this node should program, kept in step with the state: a sans-IO view.
+
+`LbView` is fed the state's change feed (`load(records)`, then `on_change(change)`
+for every change, as `dns.table.NameTable` is) and answers each change with the
+`lb.table` ops that bring the table up to date. One task changing touches only
+the (virtual service, real server) pairs that task contributes: a constant
+number of ops, and work independent of how many tasks the service has.
+
+What the table holds, for the node named at construction:
+
+- per `vip`-mode service, per VIP (every network, `ingress` included) and per
+  service port: a virtual service `(protocol, VIP, target_port)`;
+- per port published in `ingress` mode (either endpoint mode): a virtual
+  service `(protocol, ANY_ADDRESS, published_port)` over the service's tasks on
+  every node: the routing mesh;
+- per port published in `host` mode: the same key, but only over this node's
+  own tasks, and only while this node has one (a node without a task does not
+  answer on that port, as in Swarm);
+- real servers: `(task address, task.actual_port(target_port))`. A running,
+  healthy task has weight 1; a draining one weight 0 (its connections finish,
+  new ones go elsewhere); an unhealthy or still starting one is left out. That
+  is the rule DNS uses (`tasks.<service>` lists running, healthy tasks only),
+  so DNS and the load balancer never disagree about who takes new traffic.
+
+Options come from service labels (docs/lb.md): `mesh.lb.scheduler=rr|wrr|lc`
+and `mesh.lb.proxy_protocol=v2`. A label with a value the view does not know
+is ignored (the default applies) and counted in `invalid_labels`.
+
+Two services claiming one key (a published port merged from two nodes before
+the store's conflict check could see both) is settled deterministically: the
+service with the smaller name owns the key, the other's claim waits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from lb.table import (
+    ANY_ADDRESS,
+    DeleteReal,
+    Op,
+    PutReal,
+    Real,
+    Scheduler,
+    ServiceOptions,
+    Table,
+    VirtualKey,
+    VirtualService,
+    diff,
+)
+from mesh.state.model import Change, Health, Record, Service, Task, TaskState
+
+SCHEDULER_LABEL = "mesh.lb.scheduler"
+PROXY_PROTOCOL_LABEL = "mesh.lb.proxy_protocol"
+
+#: The weight of a task taking new connections; draining tasks get 0.
+WEIGHT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A service's claim on one virtual service key."""
+
+    options: ServiceOptions
+    #: a host-mode published port: present only while it has a real server
+    host_only: bool = False
+
+
+def service_options(service: Service, problems: Counter[str] | None = None) -> ServiceOptions:
+    """The balancing options a service's labels ask for (unknown values: the default)."""
+    scheduler = Scheduler.ROUND_ROBIN
+    text = service.labels.get(SCHEDULER_LABEL)
+    if text is not None:
+        try:
+            scheduler = Scheduler(text.strip().lower())
+        except ValueError:
+            if problems is not None:
+                problems[SCHEDULER_LABEL] += 1
+    proxy = False
+    text = service.labels.get(PROXY_PROTOCOL_LABEL)
+    if text is not None:
+        value = text.strip().lower()
+        if value in ("v2", "2"):
+            proxy = True
+        elif value not in ("", "off", "none", "false", "0") and problems is not None:
+            problems[PROXY_PROTOCOL_LABEL] += 1
+    return ServiceOptions(scheduler=scheduler, proxy_protocol=proxy)
+
+
+def service_claims(service: Service, options: ServiceOptions) -> dict[VirtualKey, Claim]:
+    """Every key a service claims on any node (host-mode keys show up only with a real)."""
+    claims: dict[VirtualKey, Claim] = {}
+    if service.endpoint_mode == "vip":
+        for vip in service.vips:
+            for port in service.ports:
+                claims[VirtualKey(port.protocol, vip.address, port.target_port)] = Claim(options)
+    for port in service.ports:
+        key = VirtualKey(port.protocol, ANY_ADDRESS, port.published_port)
+        claims[key] = Claim(options, host_only=port.publish_mode == "host")
+    return claims
+
+
+def task_weight(task: Task) -> int | None:
+    """The weight of a task's real servers, or None when it takes no traffic at all."""
+    if task.health is Health.UNHEALTHY:
+        return None
+    if task.state is TaskState.DRAINING:
+        return 0
+    return WEIGHT if task.health is Health.HEALTHY else None
+
+
+def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualKey, Real, int]]:
+    """The (key, real, weight) entries one task contributes to this node's table."""
+    weight = task_weight(task)
+    if weight is None:
+        return []
+    entries: list[tuple[VirtualKey, Real, int]] = []
+    for port in service.ports:
+        real = Real(task.address, task.actual_port(port.target_port))
+        if service.endpoint_mode == "vip":
+            for vip in service.vips:
+                entries.append((VirtualKey(port.protocol, vip.address, port.target_port),
+                                real, weight))
+        if port.publish_mode == "ingress" or task.node == node:
+            entries.append((VirtualKey(port.protocol, ANY_ADDRESS, port.published_port),
+                            real, weight))
+    return entries
+
+
+def build_table(records: Iterable[Record], node: str) -> Table:
+    """The table from scratch, for `node`: what `LbView` must equal after any changes."""
+    services: dict[str, Service] = {}
+    tasks: list[Task] = []
+    for record in records:
+        if record.deleted:
+            continue
+        if isinstance(record, Service):
+            services[record.name.lower()] = record
+        elif isinstance(record, Task):
+            tasks.append(record)
+    owners: dict[VirtualKey, tuple[str, Claim]] = {}
+    for name in sorted(services, reverse=True):  # the smallest name is written last: it wins
+        service = services[name]
+        for key, claim in service_claims(service, service_options(service)).items():
+            owners[key] = (name, claim)
+    reals: dict[VirtualKey, dict[Real, int]] = {key: {} for key in owners}
+    for task in tasks:
+        name = task.service.lower()
+        owner_service = services.get(name)
+        if owner_service is None:
+            continue
+        for key, real, weight in task_entries(owner_service, task, node):
+            if owners[key][0] == name:
+                reals[key][real] = max(weight, reals[key].get(real, weight))
+    return {key: VirtualService(key, claim.options, reals[key])
+            for key, (_, claim) in owners.items() if reals[key] or not claim.host_only}
+
+
+class LbView:
+    """This node's L4 table, fed changes, answering each with the ops that follow it."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._services: dict[str, Service] = {}  # by lower-cased name
+        self._tasks: dict[str, Task] = {}  # by id
+        self._tasks_by_service: dict[str, set[str]] = {}
+        # key -> service name -> its claim
+        self._claims: dict[VirtualKey, dict[str, Claim]] = {}
+        # key -> service name -> real -> task id -> weight (two tasks may share an endpoint)
+        self._weights: dict[VirtualKey, dict[str, dict[Real, dict[str, int]]]] = {}
+        # what the ops emitted so far have programmed
+        self._options: dict[VirtualKey, ServiceOptions] = {}
+        self._reals: dict[VirtualKey, dict[Real, int]] = {}
+        #: label values ignored, by label
+        self.invalid_labels: Counter[str] = Counter()
+        # keys whose claims changed (recomputed whole) and single reals touched
+        self._dirty_keys: set[VirtualKey] = set()
+        self._dirty_reals: dict[VirtualKey, set[Real]] = {}
+
+    def __repr__(self) -> str:
+        return (f"<LbView node={self.node} services={len(self._services)} "
+                f"tasks={len(self._tasks)} virtual={len(self._reals)}>")
+
+    # -- what it holds ----------------------------------------------------------
+
+    def table(self) -> Table:
+        """The table as the ops so far have made it (a copy)."""
+        return {key: VirtualService(key, self._options[key], dict(reals))
+                for key, reals in self._reals.items()}
+
+    # -- feeding ----------------------------------------------------------------
+
+    def load(self, records: Iterable[Record]) -> list[Op]:
+        """Take a snapshot; the ops that program it from an empty table."""
+        for record in records:
+            self._add(record)
+        return self._flush()
+
+    def on_change(self, change: Change) -> list[Op]:
+        """Take one change; the ops (in order) that bring the table up to date."""
+        if change.before is not None and not change.before.deleted:
+            self._remove(change.before)
+        if not change.after.deleted:
+            self._add(change.after)
+        return self._flush()
+
+    def _add(self, record: Record) -> None:
+        if record.deleted:
+            return
+        if isinstance(record, Service):
+            name = record.name.lower()
+            self._services[name] = record
+            for key, claim in service_claims(
+                    record, service_options(record, self.invalid_labels)).items():
+                self._claims.setdefault(key, {})[name] = claim
+                self._dirty_keys.add(key)
+            for task_id in self._tasks_by_service.get(name, ()):
+                self._contribute(record, self._tasks[task_id], add=True)
+        elif isinstance(record, Task):
+            name = record.service.lower()
+            self._tasks[record.id] = record
+            self._tasks_by_service.setdefault(name, set()).add(record.id)
+            service = self._services.get(name)
+            if service is not None:
+                self._contribute(service, record, add=True)
+
+    def _remove(self, record: Record) -> None:
+        if isinstance(record, Service):
+            name = record.name.lower()
+            service = self._services.pop(name, None)
+            if service is None:
+                return
+            for task_id in self._tasks_by_service.get(name, ()):
+                self._contribute(service, self._tasks[task_id], add=False)
+            for key in service_claims(service, ServiceOptions()):
+                claims = self._claims.get(key, {})
+                claims.pop(name, None)
+                if not claims:
+                    self._claims.pop(key, None)
+                self._dirty_keys.add(key)
+        elif isinstance(record, Task):
+            task = self._tasks.pop(record.id, None)
+            if task is None:
+                return
+            name = task.service.lower()
+            siblings = self._tasks_by_service.get(name)
+            if siblings is not None:
+                siblings.discard(task.id)
+                if not siblings:
+                    del self._tasks_by_service[name]
+            service = self._services.get(name)
+            if service is not None:
+                self._contribute(service, task, add=False)
+
+    def _contribute(self, service: Service, task: Task, *, add: bool) -> None:
+        name = service.name.lower()
+        for key, real, weight in task_entries(service, task, self.node):
+            by_service = self._weights.setdefault(key, {})
+            by_real = by_service.setdefault(name, {})
+            by_task = by_real.setdefault(real, {})
+            if add:
+                by_task[task.id] = weight
+            else:
+                by_task.pop(task.id, None)
+                if not by_task:
+                    del by_real[real]
+                    if not by_real:
+                        del by_service[name]
+                        if not by_service:
+                            del self._weights[key]
+            self._dirty_reals.setdefault(key, set()).add(real)
+
+    # -- turning dirty entries into ops -----------------------------------------------
+
+    def _owner(self, key: VirtualKey) -> tuple[str, Claim] | None:
+        claims = self._claims.get(key)
+        if not claims:
+            return None
+        name = min(claims)
+        return name, claims[name]
+
+    def _weight(self, key: VirtualKey, owner: str, real: Real) -> int | None:
+        by_task = self._weights.get(key, {}).get(owner, {}).get(real)
+        return max(by_task.values()) if by_task else None
+
+    def _wanted(self, key: VirtualKey) -> VirtualService | None:
+        owner = self._owner(key)
+        if owner is None:
+            return None
+        name, claim = owner
+        reals = {real: max(by_task.values())
+                 for real, by_task in self._weights.get(key, {}).get(name, {}).items()}
+        if claim.host_only and not reals:
+            return None
+        return VirtualService(key, claim.options, reals)
+
+    def _flush(self) -> list[Op]:
+        ops: list[Op] = []
+        whole = self._dirty_keys
+        for key, reals in self._dirty_reals.items():
+            if key not in whole and not self._update_reals(key, reals, ops):
+                whole.add(key)
+        for key in sorted(whole):
+            self._update_whole(key, ops)
+        self._dirty_keys = set()
+        self._dirty_reals = {}
+        return ops
+
+    def _update_reals(self, key: VirtualKey, reals: set[Real], ops: list[Op]) -> bool:
+        """Update single reals of a key that stays; False when the key must be redone whole."""
+        programmed = self._reals.get(key)
+        owner = self._owner(key)
+        if programmed is None or owner is None:
+            return False
+        name, claim = owner
+        for real in sorted(reals):
+            weight = self._weight(key, name, real)
+            if weight is None:
+                if programmed.pop(real, None) is not None:
+                    ops.append(DeleteReal(key, real))
+            elif programmed.get(real) != weight:
+                programmed[real] = weight
+                ops.append(PutReal(key, real, weight))
+        # A host-mode port whose last local task left goes away whole.
+        return not (claim.host_only and not programmed)
+
+    def _update_whole(self, key: VirtualKey, ops: list[Op]) -> None:
+        wanted = self._wanted(key)
+        programmed = self._reals.get(key)
+        found: Table = ({} if programmed is None else
+                        {key: VirtualService(key, self._options[key], programmed)})
+        ops.extend(diff(found, {} if wanted is None else {key: wanted}))
+        if wanted is None:
+            self._reals.pop(key, None)
+            self._options.pop(key, None)
+        else:
+            self._reals[key] = dict(wanted.reals)
+            self._options[key] = wanted.options

@@ -1,0 +1,73 @@
+"""`--lb`: which backend runs, and why, with the machine's answers given by the test."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+
+from lb.select import Probes, SelectError, choose
+from lb.userspace import ProxySettings, UserspaceBackend
+
+SETTINGS = ProxySettings()
+
+
+class FakeKernelBackend:
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+        self.kwargs = kwargs
+
+
+def modules(*present: str) -> Any:
+    def import_module(name: str) -> types.ModuleType:
+        if name not in present:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        module = types.ModuleType(name)
+        module.IpvsBackend = lambda **kw: FakeKernelBackend("ipvs", **kw)  # type: ignore[attr-defined]
+        module.NftablesBackend = lambda **kw: FakeKernelBackend("nftables", **kw)  # type: ignore[attr-defined]
+        return module
+    return import_module
+
+
+def probes(*, ip_vs: bool = False, root: bool = True, nft: bool = True,
+           present: tuple[str, ...] = ("lb.ipvs", "lb.nft")) -> Probes:
+    return Probes(has_ip_vs=lambda: ip_vs, is_root=lambda: root, nft_works=lambda: nft,
+                  import_module=modules(*present))
+
+
+def test_auto_prefers_ipvs_then_nftables_then_userspace() -> None:
+    assert choose("auto", SETTINGS, probes(ip_vs=True)).backend.name == "ipvs"
+    chosen = choose("auto", SETTINGS, probes())
+    assert chosen.backend.name == "nftables"
+    assert chosen.backend.kwargs == {"table": "meshplane"}  # type: ignore[attr-defined]
+    fallback = choose("auto", SETTINGS, probes(root=False))
+    assert isinstance(fallback.backend, UserspaceBackend)
+    assert fallback.reason == "ipvs: the kernel has no ip_vs; nftables: not root"
+
+
+def test_auto_passes_over_a_backend_missing_from_the_build_and_says_so() -> None:
+    chosen = choose("auto", SETTINGS, probes(ip_vs=True, present=()))
+    assert isinstance(chosen.backend, UserspaceBackend)
+    assert "lb.ipvs is not part of this build" in chosen.reason
+    assert "lb.nft is not part of this build" in chosen.reason
+    assert choose("auto", SETTINGS, probes(nft=False)).reason.endswith(
+        "nftables: `nft list tables` fails")
+
+
+def test_asking_by_name_fails_clearly_when_it_cannot_run() -> None:
+    with pytest.raises(SelectError, match=r"lb\.nft is not part of this build"):
+        choose("nftables", SETTINGS, probes(present=()))
+    with pytest.raises(SelectError, match="no ip_vs"):
+        choose("ipvs", SETTINGS, probes(ip_vs=False))
+    with pytest.raises(SelectError, match="nft list tables"):
+        choose("nftables", SETTINGS, probes(nft=False))
+    with pytest.raises(SelectError, match="choose auto"):
+        choose("magic", SETTINGS, probes())
+
+
+def test_userspace_gets_the_publish_address() -> None:
+    settings = ProxySettings(publish_address="127.0.0.5")
+    chosen = choose("userspace", settings, probes(ip_vs=True))
+    assert isinstance(chosen.backend, UserspaceBackend)
+    assert chosen.backend.settings.publish_address == "127.0.0.5"

@@ -1,0 +1,244 @@
+"""The L4 view: this node's table from the change feed, one change at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb.table import (
+    ANY_ADDRESS,
+    DeleteReal,
+    DeleteService,
+    PutReal,
+    PutService,
+    Real,
+    Scheduler,
+    ServiceOptions,
+    Table,
+    VirtualKey,
+    VirtualService,
+    apply_ops,
+)
+from lb.view import LbView, build_table
+from mesh.state.model import (
+    Change,
+    Health,
+    Kind,
+    PortConfig,
+    Record,
+    Service,
+    Task,
+    TaskState,
+    Vip,
+)
+
+NODE = "n1"
+
+
+def service(name: str = "web", *, mode: str = "vip", labels: dict[str, str] | None = None,
+            ports: tuple[PortConfig, ...] | None = None,
+            vips: tuple[Vip, ...] | None = None) -> Service:
+    if ports is None:
+        ports = (PortConfig(protocol="tcp", target_port=80, published_port=30080),)
+    if vips is None:
+        vips = (Vip(network="front", address="10.0.1.2"),
+                Vip(network="ingress", address="10.0.0.2"))
+    return Service(name=name, id=f"id-{name}", endpoint_mode=mode,  # type: ignore[arg-type]
+                   ports=ports, vips=vips if mode == "vip" else (), labels=labels or {})
+
+
+def task(task_id: str, address: str, *, svc: str = "web", node: str = NODE,
+         health: Health = Health.HEALTHY, state: TaskState = TaskState.RUNNING,
+         ports: dict[int, int] | None = None) -> Task:
+    return Task(id=task_id, name=f"{svc}.1.{task_id}", service=svc, slot=1, node=node,
+                address=address, ports=ports or {}, health=health, state=state)
+
+
+def kind_of(record: Record) -> Kind:
+    return Kind.SERVICE if isinstance(record, Service) else Kind.TASK
+
+
+def put(before: Record | None, after: Record) -> Change:
+    return Change(kind_of(after), after.key, before, after)
+
+
+def delete(before: Record) -> Change:
+    return Change(kind_of(before), before.key, before, dataclasses.replace(before, deleted=True))
+
+
+VIP_FRONT = VirtualKey("tcp", "10.0.1.2", 80)
+VIP_INGRESS = VirtualKey("tcp", "10.0.0.2", 80)
+PUBLISHED = VirtualKey("tcp", ANY_ADDRESS, 30080)
+
+
+def test_vips_and_published_port_over_healthy_tasks() -> None:
+    view = LbView(NODE)
+    ops = view.load([service(), task("a", "10.0.1.5", ports={80: 8080}),
+                     task("b", "10.0.1.6", node="n2"),
+                     task("c", "10.0.1.7", health=Health.STARTING),
+                     task("d", "10.0.1.8", health=Health.UNHEALTHY),
+                     task("e", "10.0.1.9", state=TaskState.DRAINING)])
+    reals = {Real("10.0.1.5", 8080): 1, Real("10.0.1.6", 80): 1, Real("10.0.1.9", 80): 0}
+    expected = {key: VirtualService(key, ServiceOptions(), reals)
+                for key in (VIP_FRONT, VIP_INGRESS, PUBLISHED)}
+    assert view.table() == expected
+    assert apply_ops({}, ops) == expected
+
+
+def test_one_task_turning_healthy_costs_one_op_per_key() -> None:
+    view = LbView(NODE)
+    starting = task("a", "10.0.1.5")
+    starting = dataclasses.replace(starting, health=Health.STARTING)
+    view.load([service(), starting])
+    healthy = dataclasses.replace(starting, health=Health.HEALTHY)
+    ops = view.on_change(put(starting, healthy))
+    assert sorted(ops, key=str) == sorted(
+        [PutReal(k, Real("10.0.1.5", 80), 1) for k in (VIP_FRONT, VIP_INGRESS, PUBLISHED)],
+        key=str)
+    draining = dataclasses.replace(healthy, state=TaskState.DRAINING)
+    assert len(view.on_change(put(healthy, draining))) == 3
+    assert all(v.reals == {Real("10.0.1.5", 80): 0} for v in view.table().values())
+    ops = view.on_change(delete(draining))
+    assert {type(op) for op in ops} == {DeleteReal}
+    assert all(v.reals == {} for v in view.table().values())
+
+
+def test_dnsrr_gets_published_ports_but_no_vips() -> None:
+    view = LbView(NODE)
+    view.load([service(mode="dnsrr"), task("a", "10.0.1.5")])
+    assert set(view.table()) == {PUBLISHED}
+
+
+def test_host_mode_port_only_over_this_nodes_tasks_and_only_while_it_has_one() -> None:
+    ports = (PortConfig(protocol="udp", target_port=53, published_port=5300,
+                        publish_mode="host"),)
+    key = VirtualKey("udp", ANY_ADDRESS, 5300)
+    view = LbView(NODE)
+    remote = task("b", "10.0.1.6", node="n2")
+    view.load([service(ports=ports, vips=()), remote])
+    assert view.table() == {}
+    local = task("a", "10.0.1.5")
+    ops = view.on_change(put(None, local))
+    assert ops == [PutService(key), PutReal(key, Real("10.0.1.5", 53), 1)]
+    ops = view.on_change(delete(local))
+    assert ops == [DeleteReal(key, Real("10.0.1.5", 53)), DeleteService(key)]
+    assert view.table() == {}
+
+
+def test_labels_choose_the_options_and_bad_values_are_counted() -> None:
+    view = LbView(NODE)
+    view.load([service(labels={"mesh.lb.scheduler": "lc", "mesh.lb.proxy_protocol": "v2"}),
+               service("api", labels={"mesh.lb.scheduler": "fastest"},
+                       ports=(PortConfig(protocol="tcp", target_port=81, published_port=30081),),
+                       vips=())])
+    table = view.table()
+    assert table[PUBLISHED].options == ServiceOptions(Scheduler.LEAST_CONNECTIONS, True)
+    assert table[VirtualKey("tcp", ANY_ADDRESS, 30081)].options == ServiceOptions()
+    assert view.invalid_labels["mesh.lb.scheduler"] == 1
+
+
+def test_service_update_changes_options_and_moves_ports() -> None:
+    view = LbView(NODE)
+    old = service()
+    view.load([old, task("a", "10.0.1.5")])
+    new = service(labels={"mesh.lb.scheduler": "wrr"},
+                  ports=(PortConfig(protocol="tcp", target_port=80, published_port=30090),))
+    ops = view.on_change(put(old, new))
+    moved = VirtualKey("tcp", ANY_ADDRESS, 30090)
+    assert DeleteService(PUBLISHED) in ops
+    assert PutService(moved, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)) in ops
+    assert PutService(VIP_FRONT, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)) in ops
+    assert view.table() == build_table([new, task("a", "10.0.1.5")], NODE)
+    ops = view.on_change(delete(new))
+    assert {type(op) for op in ops} == {DeleteService}
+    assert view.table() == {}
+
+
+def test_task_before_its_service_is_kept_until_the_service_arrives() -> None:
+    view = LbView(NODE)
+    assert view.on_change(put(None, task("a", "10.0.1.5"))) == []
+    ops = view.on_change(put(None, service()))
+    assert apply_ops({}, ops) == view.table()
+    assert view.table()[PUBLISHED].reals == {Real("10.0.1.5", 80): 1}
+
+
+def test_changing_one_task_among_ten_thousand_costs_a_constant_number_of_ops() -> None:
+    view = LbView(NODE)
+    tasks = [task(f"t{i}", f"10.{i // 65536}.{i // 256 % 256}.{i % 256}") for i in range(10_000)]
+    view.load([service(), *tasks])
+    assert len(view.table()[PUBLISHED].reals) == 10_000
+    one = tasks[5000]
+    sick = dataclasses.replace(one, health=Health.UNHEALTHY)
+    assert len(view.on_change(put(one, sick))) == 3  # one DeleteReal per key
+    assert len(view.on_change(put(sick, one))) == 3
+    assert len(view.on_change(delete(one))) == 3
+
+
+# -- the incremental table always equals a build from scratch -----------------------------
+
+SERVICE_NAMES = ("web", "api", "db")
+ADDRESSES = ("10.0.1.5", "10.0.1.6", "10.0.1.7")
+
+
+@st.composite
+def services(draw: st.DrawFn) -> Service:
+    name = draw(st.sampled_from(SERVICE_NAMES))
+    mode = draw(st.sampled_from(["vip", "dnsrr"]))
+    ports = tuple(draw(st.lists(st.builds(
+        lambda proto, target, published, host: PortConfig(
+            protocol=proto, target_port=target, published_port=published,
+            publish_mode="host" if host else "ingress"),
+        st.sampled_from(["tcp", "udp"]), st.sampled_from([80, 443]),
+        st.sampled_from([30080, 30081, 30082]), st.booleans()), max_size=2)))
+    vips = tuple(draw(st.lists(st.builds(
+        lambda last: Vip(network=f"net{last}", address=f"10.0.9.{last}"),
+        st.integers(2, 4)), max_size=2, unique_by=lambda v: v.address)))
+    labels = draw(st.fixed_dictionaries({}, optional={
+        "mesh.lb.scheduler": st.sampled_from(["rr", "wrr", "lc", "bogus"]),
+        "mesh.lb.proxy_protocol": st.sampled_from(["v2", "off", "v9"])}))
+    return service(name, mode=mode, ports=ports, vips=vips, labels=labels)
+
+
+@st.composite
+def tasks(draw: st.DrawFn) -> Task:
+    return task(draw(st.sampled_from(["t1", "t2", "t3", "t4", "t5"])),
+                draw(st.sampled_from(ADDRESSES)),
+                svc=draw(st.sampled_from(SERVICE_NAMES)),
+                node=draw(st.sampled_from([NODE, "n2"])),
+                health=draw(st.sampled_from(list(Health))),
+                state=draw(st.sampled_from(list(TaskState))),
+                ports=draw(st.sampled_from([{}, {80: 8080}, {443: 80}])))
+
+
+steps = st.lists(st.tuples(st.booleans(), st.one_of(services(), tasks())), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(initial=st.lists(st.one_of(services(), tasks()), max_size=6), steps=steps)
+def test_incremental_table_equals_a_build_from_scratch(initial: list[Record],
+                                                       steps: list[tuple[bool, Any]]) -> None:
+    current: dict[tuple[Kind, str], Record] = {}
+    for record in initial:
+        current[(kind_of(record), record.key)] = record
+    view = LbView(NODE)
+    programmed: Table = apply_ops({}, view.load(current.values()))
+    assert programmed == view.table() == build_table(current.values(), NODE)
+    for remove, record in steps:
+        slot = (kind_of(record), record.key)
+        before = current.get(slot)
+        if remove:
+            if before is None:
+                continue
+            change = delete(before)
+            del current[slot]
+        else:
+            change = put(before, record)
+            current[slot] = record
+        ops = view.on_change(change)
+        programmed = apply_ops(programmed, ops)  # raises on a PutReal before its PutService
+        expected = build_table(current.values(), NODE)
+        assert programmed == expected
+        assert view.table() == expected
