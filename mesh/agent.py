@@ -37,7 +37,7 @@ from gossip.security import OVERHEAD, KeyringError
 from lb.driver import LbDriver
 from lb.select import SelectError, choose
 from lb.userspace import ProxySettings
-from lb.view import LbView
+from lb.view import LbView, build_table
 from mesh.api.app import ApiDeps, make_app
 from mesh.cluster import Cluster, ClusterKeyring
 from mesh.config import AgentConfig, ConfigError, describe, load_config
@@ -171,7 +171,9 @@ class Agent:
             raise MeshStartError(str(exc)) from None
         event(log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb,
               reason=choice.reason)
-        self.lb = LbDriver(LbView(config.node_name), choice.backend, choice.reason)
+        self.lb = LbDriver(LbView(config.node_name), choice.backend, choice.reason,
+                           desired=lambda: build_table(self.feed.snapshot()[1],
+                                                       config.node_name))
         # The snapshot and the subscription come with no await between them, so
         # the view misses no change; ops made while the backend starts wait in its queue.
         _, records = self.feed.snapshot()

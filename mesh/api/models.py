@@ -320,4 +320,5 @@ class LbOut(_Response):
     errors: int  # ops the backend refused since start
     pending: int  # batches of ops queued, not yet applied
     stats: dict[str, int]
-    services: list[LbServiceOut]
+    services: list[LbServiceOut]  # as programmed, read back from the backend
+    desired: list[LbServiceOut]  # what the state wants, built from scratch

@@ -10,7 +10,7 @@ done from one node, all at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,8 +39,9 @@ class Listener:
     protocol: str
     address: str
     port: int
-    owner_pid: int | None  # the process holding it (None: nobody, or not visible)
-    owner_name: str = ""
+    agent_listens: bool  # a socket of the agent's is bound there
+    foreign_pid: int | None = None  # another process holding the port, in the agent's way
+    foreign_name: str = ""
     required_listener: bool = True  # False: a kernel backend serves it without a socket
 
 
@@ -59,7 +60,7 @@ class Facts:
     lb_errors: int = 0
     #: (task name, address, port) -> None when it answered a TCP connect, else the error
     local_tasks: dict[tuple[str, str, int], str | None] = field(default_factory=dict)
-    members: list[Mapping[str, Any]] = field(default_factory=list)
+    members: list[dict[str, Any]] = field(default_factory=list)
     #: peer -> (its digest, ours) for peers whose digest still differed after waiting
     digest_mismatch: dict[str, tuple[str, str]] = field(default_factory=dict)
     peers_without_digest: list[str] = field(default_factory=list)
@@ -74,21 +75,18 @@ def check_all(facts: Facts) -> list[Finding]:
 def check_listeners(facts: Facts) -> Iterable[Finding]:
     for sock in facts.listeners:
         where = f"{sock.what} on {sock.address}:{sock.port}/{sock.protocol}"
-        if sock.owner_pid is None:
-            if sock.required_listener:
-                yield Finding("listen", "fail", f"nothing listens for {where}",
-                              "look for agent_start_failed or lb errors in the agent's log; "
-                              "another process may have held the port when it started")
-            continue
-        if sock.owner_pid in facts.agent_pids:
-            yield Finding("listen", "ok", f"{where}: the agent listens")
-        else:
-            owner = f"{sock.owner_name} (pid {sock.owner_pid})" if sock.owner_name else \
-                f"pid {sock.owner_pid}"
+        if sock.foreign_pid is not None:
+            owner = f"{sock.foreign_name} (pid {sock.foreign_pid})" if sock.foreign_name \
+                else f"pid {sock.foreign_pid}"
             yield Finding("listen", "fail", f"{where} is held by {owner}, not the agent "
                           f"(pid {facts.agent_pid})",
                           f"stop {owner} or move it to another port; then restart the agent "
                           "or re-publish the port")
+        elif sock.agent_listens:
+            yield Finding("listen", "ok", f"{where}: the agent listens")
+        elif sock.required_listener:
+            yield Finding("listen", "fail", f"nothing listens for {where}",
+                          "look for agent_start_failed or lb_backend_error in the agent's log")
 
 
 def check_published(facts: Facts) -> Iterable[Finding]:
@@ -135,7 +133,7 @@ def check_lb(facts: Facts) -> Iterable[Finding]:
                       "the agent (it reconciles its table at start) or remove it by hand")
     if facts.lb_errors:
         yield Finding("lb", "fail", f"the {facts.lb_backend} backend refused {facts.lb_errors} "
-                      "changes since the agent started", "see lb_apply_failed in the agent's log")
+                      "changes since the agent started", "see lb_backend_error in the agent's log")
 
 
 def lb_drift(programmed: Table, desired: Table) -> list[str]:

@@ -21,12 +21,14 @@ from dnslib import QTYPE, DNSError, DNSRecord
 from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
-from mesh.doctor.checks import Facts, Listener
+from mesh.doctor.checks import Facts, Listener, lb_drift
 
 CONNECT_TIMEOUT = 2.0
 DNS_TIMEOUT = 2.0
 #: Seconds a differing peer digest is given to converge before it is reported.
 DIGEST_SETTLE = 8.0
+#: Seconds a difference between the programmed and the wanted L4 table may be in flight.
+LB_SETTLE = 3.0
 #: /proc/net states: a listening TCP socket, a bound UDP one.
 TCP_LISTEN, UDP_BOUND = "0A", "07"
 
@@ -43,8 +45,8 @@ def gather(client: Client, *, settle: float = DIGEST_SETTLE,
     down = {str(m["name"]) for m in members if m.get("status") in ("dead", "left")}
     tasks = [t for t in client.get("/v1/tasks") if isinstance(t, dict)
              and t.get("node") not in down]
+    _lb(facts, client, settle, sleep)
     _listeners(facts, config, services, tasks)
-    _lb(facts, client, config)
     _dns(facts, config, services, tasks)
     _local_tasks(facts, services, tasks)
     _digests(facts, client, settle, sleep)
@@ -69,40 +71,42 @@ def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, An
         wanted.append(("HTTP routing mesh", "tcp", http))
     for what, protocol, hostport in wanted:
         host, _, port = hostport.rpartition(":")
-        pid = owners.owner(protocol, int(port))
-        facts.listeners.append(Listener(what, protocol, host, int(port), pid,
-                                        process_name(pid)))
+        facts.listeners.append(listener(owners, facts.agent_pids, what, protocol, host,
+                                        int(port)))
     userspace = config.get("lb") == "userspace" or facts.lb_backend == "userspace"
+    publish = config.get("publish_address", "None")
+    publish = "0.0.0.0" if publish in ("None", "") else publish
     mine = {t["service"] for t in tasks if t.get("node") == facts.node}
     for service in services:
         for port in service.get("ports", []):
             if port.get("publish_mode") == "host" and service["name"] not in mine:
                 continue
             number, protocol = int(port["published_port"]), str(port["protocol"])
-            pid = owners.owner(protocol, number)
-            facts.listeners.append(Listener(
-                f"published port of {service['name']}", protocol, "0.0.0.0", number, pid,
-                process_name(pid), required_listener=userspace))
+            facts.listeners.append(listener(
+                owners, facts.agent_pids, f"published port of {service['name']}", protocol,
+                publish, number, required=userspace))
             if protocol == "tcp" and _has_healthy(service["name"], tasks):
                 host = advertise.rpartition(":")[0] or "127.0.0.1"
                 facts.published.append((protocol, number, connect(host, number) is None))
 
 
 class SocketOwners:
-    """Which process holds a listening TCP or bound UDP port (from /proc, this netns)."""
+    """Which processes hold a listening TCP or bound UDP port (from /proc, this netns)."""
 
     def __init__(self) -> None:
         self._inode_pid: dict[str, int] | None = None
 
-    def owner(self, protocol: str, port: int) -> int | None:
-        for inode in self._inodes(protocol, port):
+    def holders(self, protocol: str, port: int) -> list[tuple[int, str]]:
+        """(pid, bound address) of every socket on `port`; 0.0.0.0 is the wildcard."""
+        found = []
+        for inode, address in self._sockets(protocol, port):
             pid = self._pids().get(inode)
             if pid is not None:
-                return pid
-        return None
+                found.append((pid, address))
+        return found
 
     @staticmethod
-    def _inodes(protocol: str, port: int) -> Iterable[str]:
+    def _sockets(protocol: str, port: int) -> Iterable[tuple[str, str]]:
         state = TCP_LISTEN if protocol == "tcp" else UDP_BOUND
         for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
             try:
@@ -111,9 +115,12 @@ class SocketOwners:
                 continue
             for line in lines:
                 fields = line.split()
-                if len(fields) > 9 and fields[3] == state and \
-                        int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    yield fields[9]
+                if len(fields) <= 9 or fields[3] != state:
+                    continue
+                local, local_port = fields[1].rsplit(":", 1)
+                if int(local_port, 16) == port:
+                    address = _address(local)
+                    yield fields[9], "0.0.0.0" if address == "::" else address
 
     def _pids(self) -> dict[str, int]:
         if self._inode_pid is None:
@@ -129,6 +136,33 @@ class SocketOwners:
                 except OSError:
                     continue  # gone, or not ours to read
         return self._inode_pid
+
+
+def listener(owners: SocketOwners, agent: set[int], what: str, protocol: str, address: str,
+             port: int, *, required: bool = True) -> Listener:
+    """Whether the agent holds `address:port` (0.0.0.0: every address) and who is in its way.
+
+    A socket on the wildcard holds every address; for a wildcard listener, a
+    socket on any one address is in the way too.
+    """
+    held = owners.holders(protocol, port)
+    relevant = [(pid, a) for pid, a in held
+                if address == "0.0.0.0" or a in (address, "0.0.0.0")]
+    mine = any(pid in agent and a == address for pid, a in relevant)
+    foreign = next((pid for pid, _ in relevant if pid not in agent), None)
+    return Listener(what, protocol, address, port, mine, foreign, process_name(foreign),
+                    required_listener=required)
+
+
+def _address(hexed: str) -> str:
+    """An address as /proc/net shows it (little-endian hex words) in text form."""
+    raw = bytes.fromhex(hexed)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        return socket.inet_ntop(socket.AF_INET, words)
+    if words[:12] == b"\0" * 10 + b"\xff\xff":  # an IPv4-mapped address
+        return socket.inet_ntop(socket.AF_INET, words[12:])
+    return socket.inet_ntop(socket.AF_INET6, words)
 
 
 def family_of(pid: int) -> set[int]:
@@ -174,16 +208,22 @@ def _has_healthy(service: str, tasks: list[dict[str, Any]]) -> bool:
     return any(t["service"] == service and _healthy(t) for t in tasks)
 
 
-def _lb(facts: Facts, client: Client, config: dict[str, str]) -> None:
-    try:
-        answer = client.get("/v1/lb")
-    except ApiError:
-        return  # no load balancer on this agent
-    facts.lb_backend = str(answer.get("backend"))
-    facts.lb_errors = int(answer.get("errors", 0))
-    facts.lb_programmed = table_of(answer)
-    desired = answer.get("desired")
-    facts.lb_desired = None if desired is None else table_of({"services": desired})
+def _lb(facts: Facts, client: Client, settle: float, sleep: Callable[[float], None]) -> None:
+    """The programmed and the wanted table; a difference is given time to be applied."""
+    deadline = time.monotonic() + min(settle, LB_SETTLE)
+    while True:
+        try:
+            answer = client.get("/v1/lb")
+        except ApiError:
+            return  # no load balancer on this agent
+        facts.lb_backend = str(answer.get("backend"))
+        facts.lb_errors = int(answer.get("errors", 0))
+        facts.lb_programmed = table_of(answer)
+        facts.lb_desired = table_of({"services": answer.get("desired", [])})
+        if not lb_drift(facts.lb_programmed, facts.lb_desired) or \
+                time.monotonic() >= deadline:
+            return
+        sleep(0.5)
 
 
 def _dns(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
