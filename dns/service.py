@@ -19,7 +19,7 @@ from dns.forward import Forwarder, Upstream, upstreams_from_resolv_conf
 from dns.lookup import Asker, resolve
 from dns.responder import DnsConfig, Responder
 from dns.server import TcpServer, UdpServer, serve
-from dns.table import NameTable
+from dns.table import HOST_VIEW, NameTable
 from mesh.logs import event
 from mesh.state.model import Change, Network, Record
 
@@ -84,6 +84,11 @@ class DnsService:
         asker = Asker("127.0.0.1", None) if network is None else Asker(network.gateway,
                                                                        network.name)
         return await resolve(self.responder, self._forward, asker, name, qtype)
+
+    def records(self, network: Network | None) -> list[dict[str, str]]:
+        """Every record an asker on `network` (None: the host) is answered (`mesh inspect dns`)."""
+        view = HOST_VIEW if network is None else self.table.view_of(network.gateway)
+        return [{"name": n, "type": t, "value": v} for n, t, v in self.table.records(view)]
 
     def stats(self) -> dict[str, int]:
         return {**{f"responder_{k}": v for k, v in self.responder.stats.items()},

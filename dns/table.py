@@ -271,6 +271,29 @@ class NameTable:
         return Answer(found=True, owners={name, task.service.lower()},
                       addresses=[task.address])
 
+    def records(self, view: str) -> list[tuple[str, str, str]]:
+        """Every (name, type, value) an asker in `view` gets, for `mesh inspect dns`.
+
+        Built from the lookups themselves, so it shows exactly what is answered.
+        """
+        found: list[tuple[str, str, str]] = []
+        for name in sorted(self._services):
+            service = self._services[name]
+            if not self._sees(service, view):
+                continue
+            names = [name, f"tasks.{name}"]
+            names += sorted(self._tasks[i].name.lower()
+                            for i in self._tasks_by_service.get(name, ()))
+            for qname in names:
+                found += [(qname, "A", a) for a in self.lookup(qname, view).addresses]
+            for port in service.ports:
+                qname = f"_{port.published_port or port.target_port}._{port.protocol}.{name}"
+                found += [(qname, "SRV", f"{t.port} {t.target}")
+                          for t in self.lookup(qname, view).srv]
+            for vip in service.vips:
+                found += [(vip.address, "PTR", p) for p in self.reverse(vip.address, view).ptr]
+        return found
+
     def reverse(self, address: str, view: str) -> Answer:
         """PTR for an address: a VIP names its service, a task address its tasks."""
         owners = {address}

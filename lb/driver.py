@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from lb.backend import Backend, BackendError
@@ -26,8 +26,12 @@ log = logging.getLogger("lb")
 
 
 class LbDriver:
-    def __init__(self, view: LbView, backend: Backend, reason: str = "") -> None:
+    def __init__(self, view: LbView, backend: Backend, reason: str = "",
+                 desired: Callable[[], Table] | None = None) -> None:
         self.view = view
+        #: the table the state wants, built from scratch (not by the view): `mesh doctor`
+        #: compares it with what the backend has programmed
+        self._desired = desired or view.table
         self.backend = backend
         self.reason = reason
         self.errors = 0
@@ -89,13 +93,8 @@ class LbDriver:
             "pending": self._queue.qsize(),
             "stats": stats() if callable(stats) else {},
             "unbound": unbound() if callable(unbound) else {},
-            "services": [
-                {"protocol": key.protocol, "address": key.address, "port": key.port,
-                 "scheduler": str(service.options.scheduler),
-                 "proxy_protocol": service.options.proxy_protocol,
-                 "reals": [{"address": real.address, "port": real.port,
-                            "weight": service.reals[real]} for real in sorted(service.reals)]}
-                for key, service in sorted(table.items())],
+            "services": render(table),
+            "desired": render(self._desired()),
         }
 
     async def close(self) -> None:
@@ -108,3 +107,13 @@ class LbDriver:
             await self.backend.close()
         except BackendError as exc:
             self._failed("close", exc)
+
+
+def render(table: Table) -> list[dict[str, Any]]:
+    """A table as `GET /v1/lb` shows it."""
+    return [{"protocol": key.protocol, "address": key.address, "port": key.port,
+             "scheduler": str(service.options.scheduler),
+             "proxy_protocol": service.options.proxy_protocol,
+             "reals": [{"address": real.address, "port": real.port,
+                        "weight": service.reals[real]} for real in sorted(service.reals)]}
+            for key, service in sorted(table.items())]

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import resource
 import signal
@@ -36,7 +37,7 @@ from gossip.security import OVERHEAD, KeyringError
 from lb.driver import LbDriver
 from lb.select import SelectError, choose
 from lb.userspace import ProxySettings
-from lb.view import LbView
+from lb.view import LbView, build_table
 from mesh.api.app import ApiDeps, make_app
 from mesh.cluster import Cluster, ClusterKeyring
 from mesh.config import AgentConfig, ConfigError, describe, load_config
@@ -70,6 +71,7 @@ class Agent:
         self.config = config
         self.stopping = asyncio.Event()
         self.exit_code = 0
+        self.started_at = time.time()
         self.store = Store(config.node_name, Ipam(parse_pool(config.address_pool)),
                            random.Random())
         self.feed = ChangeFeed(self.store.all_records)
@@ -104,6 +106,10 @@ class Agent:
         advertise = self.config.advertise
         return [{"name": self.config.node_name, "address": advertise.host,
                  "port": advertise.port, "status": "alive", "incarnation": 0}]
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "started_at": self.started_at,
+                "config": describe(self.config)}
 
     def _report_health(self, task_id: str, health: Health, output: str) -> None:
         task = asyncio.create_task(self._record_health(task_id, health, output))
@@ -165,7 +171,9 @@ class Agent:
             raise MeshStartError(str(exc)) from None
         event(log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb,
               reason=choice.reason)
-        self.lb = LbDriver(LbView(config.node_name), choice.backend, choice.reason)
+        self.lb = LbDriver(LbView(config.node_name), choice.backend, choice.reason,
+                           desired=lambda: build_table(self.feed.snapshot()[1],
+                                                       config.node_name))
         # The snapshot and the subscription come with no await between them, so
         # the view misses no change; ops made while the backend starts wait in its queue.
         _, records = self.feed.snapshot()
@@ -217,6 +225,8 @@ class Agent:
                        heartbeat=self.health.heartbeat, drain_grace=self.config.drain_grace,
                        token=self.config.api_token, max_body=self.config.max_body,
                        resolve=None if self.dns is None else self.dns.resolve,
+                       dns_records=None if self.dns is None else self.dns.records,
+                       agent_info=self.info,
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
                        keyring=self.keyring,
                        lb=None if self.lb is None else self.lb.describe)

@@ -32,6 +32,14 @@ from gossip.membership import Membership
 from gossip.messages import Addr, MemberState
 from gossip.security import KeyringError
 from mesh.control import Control
+from mesh.digest import (
+    ANNOUNCE_INTERVAL,
+    DIGEST_OP,
+    REFRESH_INTERVAL,
+    PeerDigests,
+    digest_of,
+)
+from mesh.digest import decode as decode_digest
 from mesh.liveness import Liveness
 from mesh.logs import event
 from mesh.state.codec import record_from_dict, record_to_dict
@@ -138,6 +146,7 @@ class ClusterState:
         self._control = control
         self._keyring = keyring
         self._pending: set[asyncio.Task[None]] = set()
+        self.peer_digests = PeerDigests()
         self.merged = 0
         self.rejected = 0
 
@@ -156,6 +165,14 @@ class ClusterState:
                 self._keyring.apply_remote(payload[len(KEYRING_OP):]))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+            return
+        if payload.startswith(DIGEST_OP):
+            try:
+                node, digest = decode_digest(payload)
+            except (ValueError, UnicodeDecodeError):
+                self.rejected += 1
+                return
+            self.peer_digests.record(node, digest, asyncio.get_running_loop().time())
             return
         self._merge(payload, "broadcast")
 
@@ -190,6 +207,7 @@ class Cluster:
         self.name = name
         self._join_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._digest_task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self.reconnects = 0
         self.oversized = 0
@@ -233,6 +251,7 @@ class Cluster:
     async def join(self, seeds: Sequence[Addr]) -> None:
         """Try the seeds until one answers (some other member is alive), backing off."""
         self._reconnect_task = asyncio.create_task(self._reconnect_failed())
+        self._digest_task = asyncio.create_task(self._announce_digest())
         if not seeds:
             return
         self._join_task = asyncio.create_task(self._keep_joining(list(seeds)))
@@ -246,6 +265,29 @@ class Cluster:
                 self.core.join([self._rng.choice(failed)], asyncio.get_running_loop().time())
                 self.shell.flush()
                 self.reconnects += 1
+
+    async def _announce_digest(self) -> None:
+        """Tell the cluster this node's state digest when it changed (and now and then)."""
+        last = ""
+        last_sent = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(ANNOUNCE_INTERVAL)
+            digest = digest_of(self._control.store.all_records())
+            if self.shell is None or (digest.value == last
+                                      and loop.time() - last_sent < REFRESH_INTERVAL):
+                continue
+            self.core.broadcast(digest.encode(self.name), key="digest")
+            self.shell.flush()
+            last, last_sent = digest.value, loop.time()
+
+    def digests(self) -> dict[str, Any]:
+        """This node's digest now, and the latest each peer announced (for `mesh doctor`)."""
+        digest = digest_of(self._control.store.all_records())
+        now = asyncio.get_running_loop().time()
+        alive = {m.name for m in self.core.members() if m.state is MemberState.ALIVE}
+        return {"digest": digest.value, "records": digest.records,
+                "peers": [p for p in self.state.peer_digests.view(now) if p["node"] in alive]}
 
     async def _keep_joining(self, seeds: list[Addr]) -> None:
         delay = 1.0
@@ -262,7 +304,7 @@ class Cluster:
             delay = min(delay * 2, JOIN_BACKOFF_MAX)
 
     async def leave(self) -> None:
-        for task in (self._join_task, self._reconnect_task):
+        for task in (self._join_task, self._reconnect_task, self._digest_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -284,6 +326,7 @@ class Cluster:
                        **{k: int(v) for k, v in self.core.stats.items()},
                        "state_merged": self.state.merged, "state_rejected": self.state.rejected,
                        "reconnects": self.reconnects, "oversized_deltas": self.oversized},
+            "state": self.digests(),
         }
 
     def members(self) -> list[dict[str, Any]]:

@@ -46,6 +46,10 @@ class ApiDeps:
     gossip_stats: Callable[[], dict[str, Any]] | None = None
     #: (name, type, network or None) -> what the DNS server answers; None without DNS
     resolve: Callable[[str, str, Network | None], Awaitable[dict[str, Any]]] | None = None
+    #: this agent: pid, start time and its configuration (flags as strings, token hidden)
+    agent_info: Callable[[], dict[str, Any]] | None = None
+    #: network or None -> every DNS record an asker there gets; None without DNS
+    dns_records: Callable[[Network | None], list[dict[str, str]]] | None = None
     #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted
     keyring: KeyringControl | None = None
     #: the L4 table as the backend has it programmed; None when no backend runs

@@ -220,6 +220,13 @@ class HealthOut(_Response):
     node: str
 
 
+class AgentOut(_Response):
+    node: str
+    pid: int
+    started_at: float  # wall clock
+    config: dict[str, str]  # every setting, as the start-up log shows it (token hidden)
+
+
 class DnsRecordOut(_Response):
     name: str
     type: str
@@ -239,6 +246,19 @@ class ResolveOut(_Response):
     additional: list[DnsRecordOut]
 
 
+class PeerDigestOut(_Response):
+    node: str
+    digest: str
+    records: int
+    age: float  # seconds since it was announced
+
+
+class StateDigestOut(_Response):
+    digest: str  # 32 hex digits; equal on two nodes holding the same records
+    records: int
+    peers: list[PeerDigestOut]  # the latest digest each alive peer announced
+
+
 class GossipOut(_Response):
     node: str
     incarnation: int
@@ -247,6 +267,18 @@ class GossipOut(_Response):
     encrypted: bool
     drops: dict[str, int]
     counts: dict[str, int]
+    state: StateDigestOut
+
+
+class DnsEntryOut(_Response):
+    name: str
+    type: str  # A, SRV or PTR
+    value: str
+
+
+class DnsRecordsOut(_Response):
+    network: str | None
+    records: list[DnsEntryOut]
 
 
 class KeyOut(_Response):
@@ -289,4 +321,5 @@ class LbOut(_Response):
     pending: int  # batches of ops queued, not yet applied
     stats: dict[str, int]
     unbound: dict[str, str]  # virtual services the backend could not program, and why
-    services: list[LbServiceOut]
+    services: list[LbServiceOut]  # as programmed, read back from the backend
+    desired: list[LbServiceOut]  # what the state wants, built from scratch

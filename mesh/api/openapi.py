@@ -49,6 +49,10 @@ _OPERATIONS: list[tuple[str, str, str, _Body, _Answer, tuple[int, ...]]] = [
      (202, m.TaskOut, False), (404,)),
     ("get", "/v1/gossip", "Gossip counters: packets dropped by reason, health score", None,
      (200, m.GossipOut, False), (409,)),
+    ("get", "/v1/agent", "This agent: pid, start time, configuration", None,
+     (200, m.AgentOut, False), ()),
+    ("get", "/v1/dns", "Every record the embedded DNS answers an asker on a network", None,
+     (200, m.DnsRecordsOut, False), (409, 422)),
     ("get", "/v1/lb", "The L4 table as this node's load-balancer backend has it programmed",
      None, (200, m.LbOut, False), (409,)),
     ("get", "/v1/resolve", "What the embedded DNS answers an asker on a network", None,
@@ -80,6 +84,9 @@ _QUERY: dict[tuple[str, str], list[Json]] = {
          "schema": {"type": "string", "default": "A"}},
         {"name": "network", "in": "query", "required": False, "schema": {"type": "string"},
          "description": "ask as a task on this network would (default: the host)"}],
+    ("get", "/v1/dns"): [
+        {"name": "network", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "as a task on this network sees it (default: the host)"}],
     ("get", "/v1/tasks"): [
         {"name": "service", "in": "query", "required": False, "schema": {"type": "string"}},
         {"name": "node", "in": "query", "required": False, "schema": {"type": "string"}}],

@@ -31,6 +31,12 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "node": request.app[DEPS].node})
 
 
+async def agent_info(request: web.Request) -> web.Response:
+    """This agent: its pid and configuration, for `mesh doctor` and operators."""
+    info = request.app[DEPS].agent_info
+    return json_response({"node": request.app[DEPS].node, **(info() if info else {})})
+
+
 async def members(request: web.Request) -> web.Response:
     return json_response(request.app[DEPS].members())
 
@@ -191,6 +197,21 @@ async def resolve(request: web.Request) -> web.Response:
         raise Invalid(str(exc)) from None
 
 
+async def dns_records(request: web.Request) -> web.Response:
+    """Every record the embedded DNS answers an asker on `network` (default: the host)."""
+    deps = request.app[DEPS]
+    if deps.dns_records is None:
+        raise Conflict("this agent runs no DNS server (--dns none)", code="dns_disabled")
+    network = None
+    network_name = request.query.get("network")
+    if network_name is not None:
+        found = deps.control.store.get(Kind.NETWORK, network_name)
+        if not isinstance(found, Network):
+            raise Invalid(f"network {network_name!r} does not exist", code="unknown_network")
+        network = found
+    return json_response({"network": network_name, "records": deps.dns_records(network)})
+
+
 async def gossip_stats(request: web.Request) -> web.Response:
     stats = request.app[DEPS].gossip_stats
     if stats is None:
@@ -209,8 +230,10 @@ async def lb_table(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/lb", lb_table)
     app.router.add_get("/v1/gossip", gossip_stats)
+    app.router.add_get("/v1/dns", dns_records)
     app.router.add_get("/v1/resolve", resolve)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/agent", agent_info)
     app.router.add_get("/v1/members", members)
     app.router.add_post("/v1/networks", create_network)
     app.router.add_get("/v1/networks", list_networks)

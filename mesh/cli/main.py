@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Callable
 
-from mesh.cli import keyring, lb, members, network, resolve, service, task
+from mesh.cli import doctor, inspection, keyring, lb, members, network, resolve, service, task
 from mesh.cli.client import DEFAULT_API, Client
 from mesh.cli.commands import Handler
 from mesh.cli.errors import CliError
@@ -26,7 +26,7 @@ EPILOG = (
     "environment: MESH_API (the agent's HOST:PORT, default 127.0.0.1:2377), "
     "MESH_API_TOKEN (its bearer token)"
 )
-NOUNS = (network, service, task, members, resolve, keyring, lb)
+NOUNS = (network, service, task, members, resolve, keyring, lb, inspection, doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,3 +229,19 @@ def test_truncated_reply_keeps_its_question() -> None:
 def test_other_classes_are_not_ours(world: World) -> None:
     query = DNSRecord.question("web", "A", "CH")
     assert world.responder.respond(bytes(query.pack()), HOST) is FORWARD
+
+
+def test_records_list_what_each_view_is_answered(world: World) -> None:
+    table = world.responder.table
+    host = table.records("")
+    assert ("web", "A", "10.1.0.2") in host and ("db", "A", "10.2.0.21") in host
+    assert ("tasks.web", "A", "10.1.0.11") in host
+    assert ("10.2.0.2", "PTR", "web.back") in host
+    srv = sorted(v for n, t, v in host if t == "SRV")
+    assert len(srv) == 2 and srv[0].startswith("31001 web.1.")
+    front = table.records(table.view_of("10.1.0.50"))
+    assert not [r for r in front if r[0] in ("db", "tasks.db")]  # back only
+    assert ("web", "A", "10.1.0.2") in front
+    for name, rtype, value in host:  # every listed record is what a query answers
+        if rtype == "A":
+            assert value in addresses(world.ask(name))

@@ -1,0 +1,88 @@
+"""A digest of the replicated state, so two nodes can tell cheaply whether their tables agree.
+
+The digest is the XOR of a 128-bit BLAKE2b hash of every live record's
+identity and version (kind, key, Lamport clock, writer): independent of order,
+equal on two nodes exactly when they hold the same versions of the same
+records (up to hash collisions). Tombstones are left out: each node reaps them
+on its own schedule, and a tombstone serves nothing.
+
+Every node announces its digest over gossip (a user message) when it changes,
+at most every `ANNOUNCE_INTERVAL` seconds, and again every `REFRESH_INTERVAL`;
+`PeerDigests` keeps the latest announcement per peer with the time it came,
+which is what `mesh doctor` compares with the local digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mesh.state.model import KIND_OF, Record
+
+ANNOUNCE_INTERVAL = 2.0
+REFRESH_INTERVAL = 30.0
+#: First byte of the gossip user message that carries a digest.
+DIGEST_OP = b"d"
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    value: str  # 32 hex digits
+    records: int  # live records hashed
+
+    def encode(self, node: str) -> bytes:
+        return DIGEST_OP + json.dumps({"node": node, "digest": self.value,
+                                       "records": self.records}).encode()
+
+
+def digest_of(records: Iterable[Record]) -> Digest:
+    acc = 0
+    count = 0
+    for record in records:
+        if record.deleted:
+            continue
+        identity = (f"{KIND_OF[type(record)].value}\0{record.key}\0"
+                    f"{record.version.clock}\0{record.version.node}").encode()
+        acc ^= int.from_bytes(hashlib.blake2b(identity, digest_size=16).digest(), "big")
+        count += 1
+    return Digest(f"{acc:032x}", count)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDigest:
+    node: str
+    digest: Digest
+    received_at: float  # the receiver's monotonic clock
+
+
+def decode(payload: bytes) -> tuple[str, Digest]:
+    """(node, digest) from an announcement; ValueError on anything malformed."""
+    body = json.loads(payload[len(DIGEST_OP):])
+    if not isinstance(body, dict):
+        raise ValueError("digest announcement is not an object")
+    node, value, records = body.get("node"), body.get("digest"), body.get("records")
+    if not (isinstance(node, str) and node and isinstance(value, str) and len(value) == 32
+            and isinstance(records, int) and not isinstance(records, bool) and records >= 0):
+        raise ValueError("malformed digest announcement")
+    int(value, 16)
+    return node, Digest(value, records)
+
+
+class PeerDigests:
+    """The latest digest each peer announced (sans-IO: the caller gives the time)."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, PeerDigest] = {}
+
+    def record(self, node: str, digest: Digest, now: float) -> None:
+        self._peers[node] = PeerDigest(node, digest, now)
+
+    def forget(self, node: str) -> None:
+        self._peers.pop(node, None)
+
+    def view(self, now: float) -> list[dict[str, object]]:
+        return [{"node": p.node, "digest": p.digest.value, "records": p.digest.records,
+                 "age": round(now - p.received_at, 3)}
+                for p in sorted(self._peers.values(), key=lambda p: p.node)]

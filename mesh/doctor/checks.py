@@ -1,0 +1,204 @@
+"""What `mesh doctor` concludes from what it found: pure functions, no I/O.
+
+Each check takes the facts the probes gathered (`Facts`) and returns findings:
+what is right (`ok`), what is wrong (`fail`, with a hint for the fix), or what
+could not be checked (`skip`, with why). The checks follow the troubleshooting
+Docker's documentation teaches for Swarm (ports listening, `dig` of each
+service, `ipvsadm -Ln` against the tasks, `nc` to each task, the gossip peers),
+done from one node, all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lb.table import DeleteReal, DeleteService, PutReal, PutService, Table, diff
+
+Status = Literal["ok", "fail", "skip"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    check: str  # api, listen, dns, lb, tasks, gossip
+    status: Status
+    message: str
+    hint: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"check": self.check, "status": self.status, "message": self.message,
+                "hint": self.hint}
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One socket the agent should have open, and what the probe found there."""
+
+    what: str  # "gossip (udp)", "published port 8080/tcp", ...
+    protocol: str
+    address: str
+    port: int
+    agent_listens: bool  # a socket of the agent's is bound there
+    foreign_pid: int | None = None  # another process holding the port, in the agent's way
+    foreign_name: str = ""
+    required_listener: bool = True  # False: a kernel backend serves it without a socket
+
+
+@dataclass(slots=True)
+class Facts:
+    node: str
+    agent_pid: int
+    agent_pids: set[int]  # the agent and its worker processes
+    listeners: list[Listener] = field(default_factory=list)
+    #: service name -> (expected addresses, answered addresses or None when no answer)
+    dns: dict[str, tuple[list[str], list[str] | None]] = field(default_factory=dict)
+    dns_error: str | None = None
+    lb_backend: str | None = None
+    lb_programmed: Table | None = None
+    lb_desired: Table | None = None
+    lb_errors: int = 0
+    lb_unbound: dict[str, str] = field(default_factory=dict)  # virtual service -> why
+    #: (task name, address, port) -> None when it answered a TCP connect, else the error
+    local_tasks: dict[tuple[str, str, int], str | None] = field(default_factory=dict)
+    members: list[dict[str, Any]] = field(default_factory=list)
+    #: peer -> (its digest, ours) for peers whose digest still differed after waiting
+    digest_mismatch: dict[str, tuple[str, str]] = field(default_factory=dict)
+    peers_without_digest: list[str] = field(default_factory=list)
+    published: list[tuple[str, int, bool]] = field(default_factory=list)  # proto, port, answered
+
+
+def check_all(facts: Facts) -> list[Finding]:
+    return [*check_listeners(facts), *check_published(facts), *check_dns(facts),
+            *check_lb(facts), *check_tasks(facts), *check_gossip(facts)]
+
+
+def check_listeners(facts: Facts) -> Iterable[Finding]:
+    for sock in facts.listeners:
+        where = f"{sock.what} on {sock.address}:{sock.port}/{sock.protocol}"
+        if sock.foreign_pid is not None:
+            owner = f"{sock.foreign_name} (pid {sock.foreign_pid})" if sock.foreign_name \
+                else f"pid {sock.foreign_pid}"
+            yield Finding("listen", "fail", f"{where} is held by {owner}, not the agent "
+                          f"(pid {facts.agent_pid})",
+                          f"stop {owner} or move it to another port; then restart the agent "
+                          "or re-publish the port")
+        elif sock.agent_listens:
+            yield Finding("listen", "ok", f"{where}: the agent listens")
+        elif sock.required_listener:
+            yield Finding("listen", "fail", f"nothing listens for {where}",
+                          "look for agent_start_failed or lb_backend_error in the agent's log")
+
+
+def check_published(facts: Facts) -> Iterable[Finding]:
+    for protocol, port, answered in facts.published:
+        if answered:
+            yield Finding("listen", "ok", f"published port {port}/{protocol} answers")
+        else:
+            yield Finding("listen", "fail", f"published port {port}/{protocol} does not answer "
+                          "on this node", "check `mesh lb` for the port and that its tasks are "
+                          "healthy (`mesh task ls`)")
+
+
+def check_dns(facts: Facts) -> Iterable[Finding]:
+    if facts.dns_error is not None:
+        yield Finding("dns", "skip" if facts.dns_error == "disabled" else "fail",
+                      f"embedded DNS: {facts.dns_error}",
+                      "" if facts.dns_error == "disabled" else
+                      "is the agent's --dns address reachable from here?")
+        return
+    for name, (expected, answered) in sorted(facts.dns.items()):
+        if answered is None:
+            yield Finding("dns", "fail", f"the embedded DNS gave no answer for {name}",
+                          "query it by hand: dig @<dns address> " + name)
+        elif sorted(answered) != sorted(expected):
+            yield Finding("dns", "fail", f"{name} resolves to {', '.join(answered) or 'nothing'}"
+                          f", the state says {', '.join(expected) or 'nothing'}",
+                          "the DNS view lags the state: look for errors in the agent's log")
+        else:
+            yield Finding("dns", "ok", f"{name} resolves to {', '.join(answered) or 'nothing'}")
+
+
+def check_lb(facts: Facts) -> Iterable[Finding]:
+    if facts.lb_programmed is None or facts.lb_desired is None:
+        yield Finding("lb", "skip", "no L4 table to compare (the agent runs no load balancer)")
+        return
+    drift = lb_drift(facts.lb_programmed, facts.lb_desired)
+    if not drift:
+        reals = sum(len(s.reals) for s in facts.lb_programmed.values())
+        yield Finding("lb", "ok", f"{facts.lb_backend} table matches the state: "
+                      f"{len(facts.lb_programmed)} virtual services, {reals} real servers")
+    for line in drift:
+        yield Finding("lb", "fail", line,
+                      "an entry the agent did not make, or one it failed to change: restart "
+                      "the agent (it reconciles its table at start) or remove it by hand")
+    for key, why in sorted(facts.lb_unbound.items()):
+        yield Finding("lb", "fail", f"virtual service {key} is not programmed: {why}",
+                      "free what is in its way; the backend retries at the service's next "
+                      "change (or restart the agent)")
+    if facts.lb_errors:
+        yield Finding("lb", "fail", f"the {facts.lb_backend} backend refused {facts.lb_errors} "
+                      "changes since the agent started", "see lb_backend_error in the agent's log")
+
+
+def lb_drift(programmed: Table, desired: Table) -> list[str]:
+    """Plain words for every difference between the programmed and the wanted table."""
+    lines = []
+    for op in diff(programmed, desired):
+        if isinstance(op, DeleteService):
+            lines.append(f"stale virtual service {op.key}: programmed, but nothing in the "
+                         "state wants it")
+        elif isinstance(op, DeleteReal):
+            lines.append(f"stale real server {op.real} under {op.key}: programmed, but it is "
+                         "no healthy task of the service")
+        elif isinstance(op, PutService):
+            what = "missing" if op.key not in programmed else "mis-configured"
+            lines.append(f"{what} virtual service {op.key}")
+        elif isinstance(op, PutReal):
+            have = programmed.get(op.key)
+            weight = None if have is None else have.reals.get(op.real)
+            if weight is None:
+                lines.append(f"missing real server {op.real} under {op.key}")
+            else:
+                lines.append(f"real server {op.real} under {op.key} has weight {weight}, "
+                             f"the state says {op.weight}")
+    return lines
+
+
+def check_tasks(facts: Facts) -> Iterable[Finding]:
+    if not facts.local_tasks:
+        yield Finding("tasks", "skip", f"no running task on {facts.node} to connect to")
+    for (name, address, port), error in sorted(facts.local_tasks.items()):
+        if error is None:
+            yield Finding("tasks", "ok", f"task {name} answers on {address}:{port}")
+        else:
+            yield Finding("tasks", "fail", f"task {name} does not answer on {address}:{port}: "
+                          f"{error}", "is its process running and listening there? "
+                          f"`mesh task rm {name}` if it is gone for good")
+
+
+def check_gossip(facts: Facts) -> Iterable[Finding]:
+    for member in sorted(facts.members, key=lambda m: str(m.get("name"))):
+        name, status = str(member.get("name")), str(member.get("status"))
+        where = f"{member.get('address')}:{member.get('port')}"
+        if name == facts.node or status == "left":
+            continue
+        if status == "alive":
+            yield Finding("gossip", "ok", f"peer {name} ({where}) is alive")
+        else:
+            yield Finding("gossip", "fail", f"peer {name} ({where}) is {status}",
+                          f"is the agent on {name} running? Gossip needs UDP and TCP {where} "
+                          "open both ways")
+    for peer, (theirs, ours) in sorted(facts.digest_mismatch.items()):
+        yield Finding("gossip", "fail", f"peer {peer}'s tables differ from this node's "
+                      f"(digest {theirs[:8]} vs {ours[:8]})",
+                      "they converge within one push-pull interval; if this persists, compare "
+                      "`mesh task ls` on both nodes and check the gossip drop counters "
+                      "(`mesh inspect gossip`)")
+    for peer in facts.peers_without_digest:
+        yield Finding("gossip", "skip", f"peer {peer} has not announced its state digest yet")
+
+
+def summary(findings: Sequence[Finding]) -> tuple[int, int, int]:
+    return (sum(f.status == "ok" for f in findings), sum(f.status == "fail" for f in findings),
+            sum(f.status == "skip" for f in findings))

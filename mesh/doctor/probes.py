@@ -1,0 +1,303 @@
+"""What `mesh doctor` looks at, from this node: the agent's API, sockets, DNS, tasks.
+
+Everything is read the way an operator would check by hand (`ss -lnp`, `dig`,
+`nc`, `ipvsadm -Ln`), from the node the command runs on: sockets and their
+owners from /proc (so a port held by another process is named), DNS by real
+queries to the embedded server, tasks by a TCP connect, and the L4 table, the
+members and the state digests from the agent's API.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from dnslib import QTYPE, DNSError, DNSRecord
+
+from mesh.cli.client import Client
+from mesh.cli.errors import ApiError
+from mesh.cli.lb import table_of
+from mesh.doctor.checks import Facts, Listener, lb_drift
+
+CONNECT_TIMEOUT = 2.0
+DNS_TIMEOUT = 2.0
+#: Seconds a differing peer digest is given to converge before it is reported.
+DIGEST_SETTLE = 8.0
+#: Seconds a difference between the programmed and the wanted L4 table may be in flight.
+LB_SETTLE = 3.0
+#: /proc/net states: a listening TCP socket, a bound UDP one.
+TCP_LISTEN, UDP_BOUND = "0A", "07"
+
+
+def gather(client: Client, *, settle: float = DIGEST_SETTLE,
+           sleep: Callable[[float], None] = time.sleep) -> Facts:
+    info = client.get("/v1/agent")
+    config: dict[str, str] = info.get("config", {})
+    facts = Facts(node=str(info["node"]), agent_pid=int(info["pid"]),
+                  agent_pids=family_of(int(info["pid"])))
+    services = [s for s in client.get("/v1/services") if isinstance(s, dict)]
+    members = [m for m in client.get("/v1/members") if isinstance(m, dict)]
+    facts.members = members
+    down = {str(m["name"]) for m in members if m.get("status") in ("dead", "left")}
+    tasks = [t for t in client.get("/v1/tasks") if isinstance(t, dict)
+             and t.get("node") not in down]
+    _lb(facts, client, settle, sleep)
+    _listeners(facts, config, services, tasks)
+    _dns(facts, config, services, tasks)
+    _local_tasks(facts, services, tasks)
+    _digests(facts, client, settle, sleep)
+    return facts
+
+
+# -- sockets ------------------------------------------------------------------------
+
+
+def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
+               tasks: list[dict[str, Any]]) -> None:
+    owners = SocketOwners()
+    wanted: list[tuple[str, str, str]] = []  # what, protocol, HOST:PORT
+    advertise = config.get("advertise", "")
+    if advertise:
+        wanted += [("gossip", "udp", advertise), ("gossip", "tcp", advertise)]
+    dns = config.get("dns", "None")
+    if dns not in ("None", ""):
+        wanted += [("embedded DNS", "udp", dns), ("embedded DNS", "tcp", dns)]
+    http = config.get("http", "None")
+    if http not in ("None", ""):
+        wanted.append(("HTTP routing mesh", "tcp", http))
+    for what, protocol, hostport in wanted:
+        host, _, port = hostport.rpartition(":")
+        facts.listeners.append(listener(owners, facts.agent_pids, what, protocol, host,
+                                        int(port)))
+    userspace = config.get("lb") == "userspace" or facts.lb_backend == "userspace"
+    publish = config.get("publish_address", "None")
+    publish = "0.0.0.0" if publish in ("None", "") else publish
+    mine = {t["service"] for t in tasks if t.get("node") == facts.node}
+    for service in services:
+        for port in service.get("ports", []):
+            if port.get("publish_mode") == "host" and service["name"] not in mine:
+                continue
+            number, protocol = int(port["published_port"]), str(port["protocol"])
+            facts.listeners.append(listener(
+                owners, facts.agent_pids, f"published port of {service['name']}", protocol,
+                publish, number, required=userspace))
+            if protocol == "tcp" and _has_healthy(service["name"], tasks):
+                host = advertise.rpartition(":")[0] or "127.0.0.1"
+                facts.published.append((protocol, number, connect(host, number) is None))
+
+
+class SocketOwners:
+    """Which processes hold a listening TCP or bound UDP port (from /proc, this netns)."""
+
+    def __init__(self) -> None:
+        self._inode_pid: dict[str, int] | None = None
+
+    def holders(self, protocol: str, port: int) -> list[tuple[int, str]]:
+        """(pid, bound address) of every socket on `port`; 0.0.0.0 is the wildcard."""
+        found = []
+        for inode, address in self._sockets(protocol, port):
+            pid = self._pids().get(inode)
+            if pid is not None:
+                found.append((pid, address))
+        return found
+
+    @staticmethod
+    def _sockets(protocol: str, port: int) -> Iterable[tuple[str, str]]:
+        state = TCP_LISTEN if protocol == "tcp" else UDP_BOUND
+        for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) <= 9 or fields[3] != state:
+                    continue
+                local, local_port = fields[1].rsplit(":", 1)
+                if int(local_port, 16) == port:
+                    address = _address(local)
+                    yield fields[9], "0.0.0.0" if address == "::" else address
+
+    def _pids(self) -> dict[str, int]:
+        if self._inode_pid is None:
+            self._inode_pid = {}
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    for fd in (proc / "fd").iterdir():
+                        target = os.readlink(fd)
+                        if target.startswith("socket:["):
+                            self._inode_pid.setdefault(target[8:-1], int(proc.name))
+                except OSError:
+                    continue  # gone, or not ours to read
+        return self._inode_pid
+
+
+def listener(owners: SocketOwners, agent: set[int], what: str, protocol: str, address: str,
+             port: int, *, required: bool = True) -> Listener:
+    """Whether the agent holds `address:port` (0.0.0.0: every address) and who is in its way.
+
+    A socket on the wildcard holds every address; for a wildcard listener, a
+    socket on any one address is in the way too.
+    """
+    held = owners.holders(protocol, port)
+    relevant = [(pid, a) for pid, a in held
+                if address == "0.0.0.0" or a in (address, "0.0.0.0")]
+    mine = any(pid in agent and a == address for pid, a in relevant)
+    foreign = next((pid for pid, _ in relevant if pid not in agent), None)
+    return Listener(what, protocol, address, port, mine, foreign, process_name(foreign),
+                    required_listener=required)
+
+
+def _address(hexed: str) -> str:
+    """An address as /proc/net shows it (little-endian hex words) in text form."""
+    raw = bytes.fromhex(hexed)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        return socket.inet_ntop(socket.AF_INET, words)
+    if words[:12] == b"\0" * 10 + b"\xff\xff":  # an IPv4-mapped address
+        return socket.inet_ntop(socket.AF_INET, words[12:])
+    return socket.inet_ntop(socket.AF_INET6, words)
+
+
+def family_of(pid: int) -> set[int]:
+    """The agent and every process it started (its DNS and HTTP workers)."""
+    family = {pid}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                family.add(int(proc.name))
+    return family
+
+
+def process_name(pid: int | None) -> str:
+    if pid is None:
+        return ""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def connect(host: str, port: int) -> str | None:
+    """None when a TCP connect succeeds, else why it failed."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+# -- state views ---------------------------------------------------------------------
+
+
+def _healthy(task: dict[str, Any]) -> bool:
+    return task.get("health") == "healthy" and task.get("state") == "running"
+
+
+def _has_healthy(service: str, tasks: list[dict[str, Any]]) -> bool:
+    return any(t["service"] == service and _healthy(t) for t in tasks)
+
+
+def _lb(facts: Facts, client: Client, settle: float, sleep: Callable[[float], None]) -> None:
+    """The programmed and the wanted table; a difference is given time to be applied."""
+    deadline = time.monotonic() + min(settle, LB_SETTLE)
+    while True:
+        try:
+            answer = client.get("/v1/lb")
+        except ApiError:
+            return  # no load balancer on this agent
+        facts.lb_backend = str(answer.get("backend"))
+        facts.lb_errors = int(answer.get("errors", 0))
+        facts.lb_unbound = {str(k): str(v) for k, v in (answer.get("unbound") or {}).items()}
+        facts.lb_programmed = table_of(answer)
+        facts.lb_desired = table_of({"services": answer.get("desired", [])})
+        if not lb_drift(facts.lb_programmed, facts.lb_desired) or \
+                time.monotonic() >= deadline:
+            return
+        sleep(0.5)
+
+
+def _dns(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
+         tasks: list[dict[str, Any]]) -> None:
+    dns = config.get("dns", "None")
+    if dns in ("None", ""):
+        facts.dns_error = "disabled"
+        return
+    host, _, port = dns.rpartition(":")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    for service in services:
+        name = str(service["name"])
+        healthy = sorted({t["address"] for t in tasks if t["service"] == name and _healthy(t)})
+        if service.get("endpoint_mode") == "dnsrr":
+            expected = healthy
+        else:
+            vips = {v["network"]: v["address"] for v in service.get("vips", [])}
+            first = next((n for n in service.get("networks", []) if n in vips), None)
+            if first is None:
+                continue  # no network, no VIP: the service has no name to resolve
+            expected = [vips[first]]
+        if not service.get("networks"):
+            continue
+        for qname, want in ((name, expected), (f"tasks.{name}", healthy)):
+            facts.dns[qname] = (want, query_a(host, int(port), qname))
+
+
+def query_a(host: str, port: int, name: str) -> list[str] | None:
+    query = DNSRecord.question(name, "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(DNS_TIMEOUT)
+        try:
+            sock.sendto(bytes(query.pack()), (host, port))
+            reply = DNSRecord.parse(sock.recv(65535))
+        except (OSError, DNSError, ValueError):
+            return None
+    return sorted(str(r.rdata) for r in reply.rr if r.rtype == QTYPE.A)
+
+
+def _local_tasks(facts: Facts, services: list[dict[str, Any]],
+                 tasks: list[dict[str, Any]]) -> None:
+    by_name = {s["name"]: s for s in services}
+    for task in tasks:
+        if task.get("node") != facts.node or task.get("state") != "running":
+            continue
+        service = by_name.get(task["service"], {})
+        targets = {int(p["target_port"]) for p in service.get("ports", [])
+                   if p.get("protocol") == "tcp"}
+        check = service.get("health_check") or {}
+        if not targets and check.get("type") in ("tcp", "http") and check.get("port"):
+            targets = {int(check["port"])}
+        mapped = {int(k): int(v) for k, v in (task.get("ports") or {}).items()}
+        if not targets:
+            targets = set(mapped)
+        for target in sorted(targets):
+            actual = mapped.get(target, target)
+            facts.local_tasks[(task["name"], task["address"], actual)] = \
+                connect(task["address"], actual)
+
+
+def _digests(facts: Facts, client: Client, settle: float,
+             sleep: Callable[[float], None]) -> None:
+    alive = {str(m["name"]) for m in facts.members
+             if m.get("status") == "alive" and m.get("name") != facts.node}
+    deadline = time.monotonic() + settle
+    while True:
+        state = (client.get("/v1/gossip") or {}).get("state") or {}
+        ours = str(state.get("digest", ""))
+        theirs = {str(p["node"]): str(p["digest"]) for p in state.get("peers", [])}
+        differing = {p: (d, ours) for p, d in theirs.items() if p in alive and d != ours}
+        if not differing or time.monotonic() >= deadline:
+            break
+        sleep(1.0)
+    facts.digest_mismatch = differing
+    facts.peers_without_digest = sorted(alive - set(theirs))

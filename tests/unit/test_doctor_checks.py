@@ -1,0 +1,79 @@
+"""mesh doctor's conclusions from facts (no I/O): each fault named, healthy facts all ok."""
+
+from __future__ import annotations
+
+from lb.table import ANY_ADDRESS, Real, ServiceOptions, VirtualKey, VirtualService
+from mesh.doctor.checks import Facts, Listener, check_all, lb_drift, summary
+from mesh.doctor.probes import _address
+
+KEY = VirtualKey("tcp", ANY_ADDRESS, 8080)
+A, B = Real("10.0.0.5", 80), Real("10.0.0.6", 80)
+
+
+def healthy() -> Facts:
+    table = {KEY: VirtualService(KEY, ServiceOptions(), {A: 1})}
+    return Facts(node="n1", agent_pid=10, agent_pids={10, 11},
+                 listeners=[Listener("gossip", "udp", "10.0.0.1", 7946, True)],
+                 dns={"web": (["10.0.1.2"], ["10.0.1.2"])}, lb_backend="nftables",
+                 lb_programmed=table, lb_desired=dict(table),
+                 local_tasks={("web.1.x", "10.0.0.5", 80): None},
+                 members=[{"name": "n1", "status": "alive"},
+                          {"name": "n2", "status": "alive", "address": "10.0.0.2",
+                           "port": 7946}],
+                 published=[("tcp", 8080, True)])
+
+
+def failures(facts: Facts) -> list[str]:
+    return [f.message for f in check_all(facts) if f.status == "fail"]
+
+
+def test_a_healthy_node_has_no_failure() -> None:
+    findings = check_all(healthy())
+    assert summary(findings)[1] == 0
+    assert {f.check for f in findings} == {"listen", "dns", "lb", "tasks", "gossip"}
+
+
+def test_each_fault_is_named() -> None:
+    facts = healthy()
+    facts.listeners.append(Listener("published port of api", "tcp", ANY_ADDRESS, 9090, False,
+                                    4242, "python3"))
+    facts.local_tasks[("web.2.y", "10.0.0.6", 80)] = "Connection refused"
+    facts.members.append({"name": "n3", "status": "dead", "address": "10.0.0.3", "port": 7946})
+    assert facts.lb_programmed is not None
+    facts.lb_programmed[KEY] = facts.lb_programmed[KEY].with_real(B, 1)
+    facts.dns["tasks.web"] = (["10.0.0.5"], ["10.0.0.5", "10.0.0.6"])
+    facts.digest_mismatch = {"n2": ("a" * 32, "b" * 32)}
+    found = failures(facts)
+    assert any("9090/tcp is held by python3 (pid 4242)" in m for m in found)
+    assert any("web.2.y does not answer on 10.0.0.6:80: Connection refused" in m for m in found)
+    assert any("n3" in m and "dead" in m for m in found)
+    assert any("stale real server 10.0.0.6:80" in m for m in found)
+    assert any("tasks.web resolves to 10.0.0.5, 10.0.0.6" in m for m in found)
+    assert any("n2's tables differ" in m for m in found)
+    assert len(found) == 6
+
+
+def test_lb_drift_words() -> None:
+    other = VirtualKey("udp", "10.0.1.2", 53)
+    programmed = {KEY: VirtualService(KEY, ServiceOptions(), {A: 1}),
+                  other: VirtualService(other, ServiceOptions(), {})}
+    desired = {KEY: VirtualService(KEY, ServiceOptions(), {A: 0, B: 1})}
+    assert lb_drift(programmed, desired) == [
+        "stale virtual service udp/10.0.1.2:53: programmed, but nothing in the state wants it",
+        "real server 10.0.0.5:80 under tcp/0.0.0.0:8080 has weight 1, the state says 0",
+        "missing real server 10.0.0.6:80 under tcp/0.0.0.0:8080"]
+
+
+def test_a_kernel_backend_needs_no_socket_but_a_userspace_one_does() -> None:
+    facts = healthy()
+    facts.listeners = [Listener("published port", "tcp", ANY_ADDRESS, 8080, False,
+                                required_listener=False)]
+    assert failures(facts) == []
+    facts.listeners = [Listener("published port", "tcp", ANY_ADDRESS, 8080, False)]
+    assert failures(facts) == ["nothing listens for published port on 0.0.0.0:8080/tcp"]
+
+
+def test_proc_net_addresses() -> None:
+    assert _address("0100007F") == "127.0.0.1"
+    assert _address("00000000000000000000000000000000") == "::"
+    assert _address("0000000000000000FFFF00000B00000A") == "10.0.0.11"
