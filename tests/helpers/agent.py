@@ -40,6 +40,7 @@ class AgentProcess:
         self.api = f"127.0.0.1:{self.port}"
         self.dns_port = free_port()
         self.gossip_port = free_port()
+        self.http_port = free_port()
         self.gossip_addr = ("127.0.0.1", self.gossip_port)
         self.extra = extra or []
         self.env = env
@@ -52,6 +53,7 @@ class AgentProcess:
                 "--address-pool", "127.64.0.0/12", "--drain-grace", "0.5",
                 "--dns", f"127.0.0.1:{self.dns_port}",
                 "--advertise", f"127.0.0.1:{self.gossip_port}",
+                "--http", f"127.0.0.1:{self.http_port}",
                 # Nothing listens on port 9 of loopback: names the mesh does not own get
                 # SERVFAIL at once, and no test query ever leaves the machine.
                 "--dns-upstream", "127.0.0.1:9", *self.extra]

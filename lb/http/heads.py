@@ -1,0 +1,288 @@
+"""Request and response heads: what is checked, what is dropped, what is added (sans-IO).
+
+llhttp (through httptools) already rejects most smuggling vectors in its
+strict mode: Content-Length with Transfer-Encoding, duplicate Content-Length,
+a Transfer-Encoding other than a final `chunked`, bad chunk sizes, obs-fold,
+bare LF, invalid characters in names and values. What it lets through and a
+proxy must not, `read_request` refuses: Transfer-Encoding in HTTP/1.0, no or
+several Host headers, too many headers.
+
+The router rebuilds both heads instead of copying bytes through: hop-by-hop
+headers (RFC 9110 §7.6.1, and whatever `Connection` names) are dropped,
+framing is the router's own decision, and the forwarding headers are added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: never forwarded: they describe one connection, not the message (RFC 9110 §7.6.1)
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"proxy-authenticate",
+                        b"proxy-authorization"})
+#: set by the router itself on the way to the task
+_REQUEST_OWN = frozenset({b"expect", b"x-forwarded-proto", b"x-forwarded-host"})
+MAX_HEADERS = 100
+
+#: methods a retry on another task may repeat (RFC 9110 §9.2.2)
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class BadRequest(Exception):
+    """A request the router refuses; `status` says how (400, 431, 413, 501)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    http11: bool
+    headers: list[tuple[bytes, bytes]]  # as received, minus hop-by-hop and our own
+    host: str
+    content_length: int | None
+    chunked: bool
+    upgrade: bytes | None  # the Upgrade header of an upgrade request
+    expect_continue: bool
+    keep_alive: bool
+    cookies: list[bytes]
+    forwarded_for: bytes | None
+    forwarded: bytes | None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def path(self) -> str:
+        """The target's path (an absolute-form target loses its scheme and authority)."""
+        target = self.target
+        if target[:1] != b"/":
+            scheme_end = target.find(b"://")
+            if scheme_end > 0:
+                slash = target.find(b"/", scheme_end + 3)
+                target = target[slash:] if slash > 0 else b"/"
+        end = target.find(b"?")
+        return (target if end < 0 else target[:end]).decode("latin-1")
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def read_request(method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
+                 keep_alive: bool) -> RequestHead:
+    """Check a parsed request head and sort its headers; raises BadRequest."""
+    if len(headers) > MAX_HEADERS:
+        raise BadRequest(431, "too many header fields")
+    http11 = version == "1.1"
+    if not http11 and version != "1.0":
+        raise BadRequest(505, "HTTP version not supported")
+    if method == b"CONNECT":
+        raise BadRequest(405, "CONNECT is not proxied")
+    kept: list[tuple[bytes, bytes]] = []
+    host: bytes | None = None
+    content_length: int | None = None
+    chunked = False
+    upgrade: bytes | None = None
+    expect_continue = False
+    cookies: list[bytes] = []
+    forwarded_for: bytes | None = None
+    forwarded: bytes | None = None
+    connection: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"host":
+            if host is not None:
+                raise BadRequest(400, "several Host headers")
+            host = value
+        elif lower == b"content-length":
+            content_length = int(value)  # llhttp allows one, digits only
+        elif lower == b"transfer-encoding":
+            if not http11:
+                raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+            chunked = True  # llhttp allows only a final "chunked", never with Content-Length
+            continue
+        elif lower == b"connection":
+            connection += _tokens(value)
+            continue
+        elif lower == b"upgrade":
+            upgrade = value
+            continue
+        elif lower == b"expect":
+            if value.strip().lower() != b"100-continue":
+                raise BadRequest(417, "only Expect: 100-continue is supported")
+            expect_continue = http11
+            continue
+        elif lower == b"cookie":
+            cookies.append(value)
+        elif lower == b"x-forwarded-for":
+            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            continue
+        elif lower == b"forwarded":
+            forwarded = value if forwarded is None else forwarded + b", " + value
+            continue
+        elif lower in HOP_BY_HOP or lower in _REQUEST_OWN:
+            continue
+        kept.append((name, value))
+    if host is None:
+        if http11:
+            raise BadRequest(400, "no Host header")
+        host = b""
+    if connection:
+        named = set(connection)
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
+        if b"upgrade" not in named:
+            upgrade = None
+    else:
+        upgrade = None
+    return RequestHead(method=method, target=target, http11=http11, headers=kept,
+                       host=host.decode("latin-1"), content_length=content_length,
+                       chunked=chunked, upgrade=upgrade, expect_continue=expect_continue,
+                       keep_alive=keep_alive, cookies=cookies, forwarded_for=forwarded_for,
+                       forwarded=forwarded)
+
+
+def _forwarded_node(ip: str) -> str:
+    return f'"[{ip}]"' if ":" in ip else ip
+
+
+def upstream_request(head: RequestHead, target: bytes, client_ip: str, proto: str,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """The request head sent to a task: HTTP/1.1, kept alive unless upgrading."""
+    ip = client_ip.encode()
+    parts = [head.method, b" ", target, b" HTTP/1.1\r\n", b"Host: ", head.host.encode("latin-1"),
+             b"\r\n"]
+    for name, value in head.headers:
+        if name.lower() != b"host":
+            parts += (name, b": ", value, b"\r\n")
+    if head.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if head.upgrade is not None:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
+    xff = ip if head.forwarded_for is None else head.forwarded_for + b", " + ip
+    host_quoted = head.host.replace("\\", "").replace('"', "")
+    element = f'for={_forwarded_node(client_ip)};proto={proto};host="{host_quoted}"'.encode(
+        "latin-1")
+    forwarded = element if head.forwarded is None else head.forwarded + b", " + element
+    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto.encode(),
+              b"\r\nX-Forwarded-Host: ", head.host.encode("latin-1"),
+              b"\r\nForwarded: ", forwarded, b"\r\n")
+    if extra:
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]  # minus hop-by-hop
+    content_length: int | None
+    chunked: bool
+    upstream_close: bool  # the task will close this connection after the response
+    upgrade: bytes | None
+
+
+def read_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                  http11: bool) -> ResponseHead:
+    kept: list[tuple[bytes, bytes]] = []
+    content_length: int | None = None
+    chunked = False
+    connection: list[bytes] = []
+    upgrade: bytes | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            content_length = int(value)
+        elif lower == b"transfer-encoding":
+            chunked = True
+            continue
+        elif lower == b"connection":
+            connection += _tokens(value)
+            continue
+        elif lower == b"upgrade":
+            upgrade = value
+            continue
+        elif lower in HOP_BY_HOP:
+            continue
+        kept.append((name, value))
+    if connection:
+        named = set(connection)
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
+    close = b"close" in connection or (not http11 and b"keep-alive" not in connection)
+    return ResponseHead(status=status, reason=reason, headers=kept,
+                        content_length=None if chunked else content_length, chunked=chunked,
+                        upstream_close=close, upgrade=upgrade)
+
+
+def client_response(head: ResponseHead, *, chunked: bool, keep_alive: bool, http11: bool,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """The response head sent to the client; `chunked` re-frames the body."""
+    parts = [b"HTTP/1.1 " if http11 else b"HTTP/1.0 ", str(head.status).encode(), b" ",
+             head.reason, b"\r\n"]
+    for name, value in head.headers:
+        parts += (name, b": ", value, b"\r\n")
+    if extra:
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+    if head.status == 101 and head.upgrade is not None:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
+    elif chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if head.status != 101:
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not http11:
+            parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+REASONS = {301: "Moved Permanently", 400: "Bad Request", 404: "Not Found",
+           405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
+           417: "Expectation Failed", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout",
+           505: "HTTP Version Not Supported"}
+
+
+def local_response(status: int, message: str, *, keep_alive: bool, head_only: bool = False,
+                   extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A response the router makes itself: a short plain-text body saying why."""
+    body = f"{status} {REASONS.get(status, '')}: {message}\n".encode()
+    parts = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+             f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+             .encode()]
+    if extra:
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def cookie_value(cookies: list[bytes], name: bytes) -> str | None:
+    """The value of cookie `name` in the request's Cookie headers, if any."""
+    for header in cookies:
+        for pair in header.split(b";"):
+            key, sep, value = pair.strip().partition(b"=")
+            if sep and key == name:
+                return value.strip(b'"').decode("latin-1")
+    return None
+
+
+def strip_prefix(target: bytes, prefix: str) -> bytes:
+    """Interlock's context_root_rewrite: `/app/x?q` with prefix `/app` goes as `/x?q`."""
+    raw = prefix.rstrip("/").encode("latin-1")
+    if not raw or not target.startswith(raw):
+        return target
+    rest = target[len(raw):]
+    return rest if rest[:1] == b"/" else b"/" + rest
