@@ -26,18 +26,28 @@ class Balancer:
         self.eject_seconds = eject_seconds
         self._ejected: dict[str, float] = {}  # task id -> ejected until
         self.routes: dict[Route, RouteStats] = {}
+        self._by_id: dict[int, tuple[Route, RouteStats]] = {}
         self.ejections = 0
 
     def stats(self, route: Route) -> RouteStats:
+        # Keyed by identity first: a Route's own hash covers every field, and the
+        # table hands out the same Route object for as long as the route is unchanged.
+        cached = self._by_id.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[1]
         stats = self.routes.get(route)
         if stats is None:
             if len(self.routes) >= MAX_ROUTES:
                 del self.routes[next(iter(self.routes))]
+                self._by_id.clear()
             stats = self.routes[route] = RouteStats()
+        if len(self._by_id) >= MAX_ROUTES:
+            self._by_id.clear()
+        self._by_id[id(route)] = (route, stats)
         return stats
 
-    def pick(self, match: Match, sticky: str | None = None,
-             exclude: Collection[str] = ()) -> Endpoint | None:
+    def pick(self, match: Match, sticky: str | None = None, exclude: Collection[str] = (),
+             stats: RouteStats | None = None) -> Endpoint | None:
         """The endpoint for a request; None when every endpoint was already tried."""
         endpoints = match.endpoints
         if sticky is not None and not exclude:
@@ -46,7 +56,8 @@ class Balancer:
                     if not self.is_ejected(endpoint.task_id):
                         return endpoint
                     break
-        stats = self.stats(match.route)
+        if stats is None:
+            stats = self.stats(match.route)
         count = len(endpoints)
         fallback: Endpoint | None = None
         for _ in range(count):

@@ -105,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self._set_cookie: bytes | None = None
         self._started = 0.0
         self._bytes_out = 0
+        self._out: list[bytes] | None = None  # writes held back while a batch runs
 
     # -- connection ---------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class ClientConnection(asyncio.Protocol):
             if self._pauses & _UPGRADING:
                 self._upgrade_rest += data  # early bytes of the upgraded protocol
             return
+        self._out = []  # local answers of this read go out in one send
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -180,6 +182,8 @@ class ClientConnection(asyncio.Protocol):
                 self._parse_failed(500, "internal error")
         except httptools.HttpParserError as error:
             self._parse_failed(400, str(error))
+        finally:
+            self.flush()
 
     def _parse_failed(self, status: int, reason: str) -> None:
         if self._broken:
@@ -304,7 +308,7 @@ class ClientConnection(asyncio.Protocol):
             return
         route = match.route
         self._match = match
-        self._route_stats = self.r.balancer.stats(route)
+        self._route_stats = stats = self.r.balancer.stats(route)
         if route.redirect:
             location = route.redirect.rstrip("/").encode("latin-1") + head.target
             self._local(301, f"moved to {route.redirect}", extra=[(b"Location", location)])
@@ -312,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
         sticky = None
         if route.sticky_cookie:
             sticky = cookie_value(head.cookies, route.sticky_cookie.encode("latin-1"))
-        endpoint = self.r.balancer.pick(match, sticky) if match.endpoints else None
+        endpoint = self.r.balancer.pick(match, sticky, stats=stats) if match.endpoints else None
         if endpoint is None:
             self.r.stats.no_endpoint += 1
             self._local(503, "no healthy task serves this route")
@@ -450,13 +454,13 @@ class ClientConnection(asyncio.Protocol):
                                     http11=rhead.http11, extra=extra))
 
     def on_upstream_body(self, data: bytes) -> None:
-        transport = self.transport
-        assert transport is not None
         self._bytes_out += len(data)
         if self._response_chunked:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            self._write(b"%x\r\n" % len(data))
+            self._write(data)
+            self._write(b"\r\n")
         else:
-            transport.write(data)
+            self._write(data)
 
     def on_upstream_done(self) -> None:
         conn, self._upstream = self._upstream, None
@@ -502,6 +506,7 @@ class ClientConnection(asyncio.Protocol):
         conn, self._upstream = self._upstream, None
         assert conn is not None and conn.transport is not None
         assert self.transport is not None
+        self.flush()  # the 101 head, before the pipe's first bytes
         self.r.stats.upgrades += 1
         self.r.pool.forget(conn)
         self._record(101)
@@ -594,12 +599,27 @@ class ClientConnection(asyncio.Protocol):
         if upstream is not None:
             upstream.close()
 
+    def batch(self) -> None:
+        """Collect writes until `flush`: a small response goes out in one send, not three."""
+        self._out = []
+
+    def flush(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None and not self.closed:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
+
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self._out is not None:
+            self._out.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
 
     def _close(self) -> None:
         self._broken = True  # whatever the parser still holds is not answered
+        self.flush()
         self._drop_upstream()
         if self.transport is not None:
             self.transport.close()

@@ -32,6 +32,8 @@ class Owner(Protocol):
     def on_upstream_failed(self, reason: str) -> None: ...
     def on_upstream_timeout(self) -> None: ...
     def upstream_paused(self, paused: bool) -> None: ...
+    def batch(self) -> None: ...
+    def flush(self) -> None: ...
 
 
 class _HeadDone(Exception):
@@ -91,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.deadline = self.pool.now() + self.pool.upstream_timeout
+        owner.batch()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -107,6 +110,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(f"bad response: {error}")
         except httptools.HttpParserError as error:
             self._fail(f"bad response: {error}")
+        finally:
+            owner.flush()
 
     def _fail(self, reason: str) -> None:
         owner = self.owner
