@@ -23,6 +23,10 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
 #: set by the router itself on the way to the task
 _REQUEST_OWN = frozenset({b"expect", b"x-forwarded-proto", b"x-forwarded-host"})
 MAX_HEADERS = 100
+#: the names `read_request` looks at; every other header passes with one set lookup
+_REQUEST_SPECIAL = HOP_BY_HOP | _REQUEST_OWN | {b"host", b"content-length", b"cookie",
+                                                 b"x-forwarded-for", b"forwarded"}
+_RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
 #: methods a retry on another task may repeat (RFC 9110 §9.2.2)
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -96,39 +100,36 @@ def read_request(method: bytes, target: bytes, version: str, headers: list[tuple
     connection: list[bytes] = []
     for name, value in headers:
         lower = name.lower()
-        if lower == b"host":
+        if lower not in _REQUEST_SPECIAL:
+            kept.append((name, value))
+        elif lower == b"host":
             if host is not None:
                 raise BadRequest(400, "several Host headers")
             host = value
+            kept.append((name, value))
         elif lower == b"content-length":
             content_length = int(value)  # llhttp allows one, digits only
+            kept.append((name, value))
         elif lower == b"transfer-encoding":
             if not http11:
                 raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
             chunked = True  # llhttp allows only a final "chunked", never with Content-Length
-            continue
         elif lower == b"connection":
             connection += _tokens(value)
-            continue
         elif lower == b"upgrade":
             upgrade = value
-            continue
         elif lower == b"expect":
             if value.strip().lower() != b"100-continue":
                 raise BadRequest(417, "only Expect: 100-continue is supported")
             expect_continue = http11
-            continue
         elif lower == b"cookie":
             cookies.append(value)
+            kept.append((name, value))
         elif lower == b"x-forwarded-for":
             forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            continue
         elif lower == b"forwarded":
             forwarded = value if forwarded is None else forwarded + b", " + value
-            continue
-        elif lower in HOP_BY_HOP or lower in _REQUEST_OWN:
-            continue
-        kept.append((name, value))
+        # else: hop-by-hop, or set by the router itself
     if host is None:
         if http11:
             raise BadRequest(400, "no Host header")
@@ -199,20 +200,20 @@ def read_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     upgrade: bytes | None = None
     for name, value in headers:
         lower = name.lower()
-        if lower == b"content-length":
+        if lower not in _RESPONSE_SPECIAL:
+            kept.append((name, value))
+        elif lower == b"content-length":
             content_length = int(value)
+            kept.append((name, value))
         elif lower == b"transfer-encoding":
             chunked = True
-            continue
         elif lower == b"connection":
             connection += _tokens(value)
-            continue
         elif lower == b"upgrade":
             upgrade = value
-            continue
-        elif lower in HOP_BY_HOP:
-            continue
-        kept.append((name, value))
+        # else: hop-by-hop
+    if chunked and content_length is not None:  # never both framings to the client
+        kept = [(n, v) for n, v in kept if n.lower() != b"content-length"]
     if connection:
         named = set(connection)
         kept = [(n, v) for n, v in kept if n.lower() not in named]
