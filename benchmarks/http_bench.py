@@ -57,6 +57,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ class Segment:
 
     requests: int
     seconds: float
-    failed: int  # socket errors (connect, read, write, timeout) and non-2xx/3xx answers
+    failed: Counter[str]  # socket errors (connect, read, write, timeout) and non-2xx/3xx (status)
     proxy_cpu: float  # seconds
     client_cpu: float
     backend_cpu: float
@@ -113,7 +114,7 @@ class Proxy:
         requests = sum(s.requests for s in done)
         return Result(
             label=self.label, rps=requests / run, rps_rounds=[s.requests / s.seconds for s in done],
-            requests=requests, failed=sum(s.failed for s in done), run_seconds=run,
+            requests=requests, failed=sum((s.failed for s in done), Counter()), run_seconds=run,
             cpu_seconds=sum(s.proxy_cpu for s in done),
             client_cpu_seconds=sum(s.client_cpu for s in done),
             backend_cpu_seconds=sum(s.backend_cpu for s in done),
@@ -128,7 +129,7 @@ class Result:
     rps: float
     rps_rounds: list[float]
     requests: int
-    failed: int
+    failed: Counter[str]
     run_seconds: float
     cpu_seconds: float
     client_cpu_seconds: float
@@ -212,7 +213,8 @@ def segment(proxy: Proxy, backend_pid: int, args: argparse.Namespace, script: Pa
     machine = machine_busy_seconds() - machine_before
     proxy.segments.append(Segment(
         requests=figures["requests"], seconds=figures["duration_us"] / 1e6,
-        failed=sum(figures[k] for k in ("connect", "read", "write", "status", "timeout")),
+        failed=Counter({k: figures[k] for k in ("connect", "read", "write", "status", "timeout")
+                        if figures[k]}),
         proxy_cpu=cpu_seconds(pids) - proxy_before, client_cpu=client,
         backend_cpu=cpu_seconds(backend_pids) - backend_before, machine_cpu=machine,
         p50_ms=figures["p50_us"] / 1e3, p99_ms=figures["p99_us"] / 1e3))
@@ -492,7 +494,8 @@ def table(results: list[Result], baseline: Result) -> str:
     for r in results:
         spread = f"{min(r.rps_rounds) / 1e3:.1f}k-{max(r.rps_rounds) / 1e3:.1f}k"
         lines.append(
-            f"{r.label:<24} {r.rps:7.0f} {spread:>11} {r.failed:6d} {r.cpu_us_per_request:10.1f} "
+            f"{r.label:<24} {r.rps:7.0f} {spread:>11} {r.failed.total():6d} "
+            f"{r.cpu_us_per_request:10.1f} "
             f"{100 * r.cpu_seconds / r.run_seconds:4.0f}% "
             f"{100 * r.client_cpu_seconds / r.run_seconds:4.0f}% "
             f"{100 * r.backend_cpu_seconds / r.run_seconds:6.0f}% "
@@ -593,7 +596,8 @@ def main(argv: Sequence[str]) -> int:
     for title, results in groups:
         for r in results:
             if r.failed:
-                notes.append(f"{r.label} ({title.split(' (')[0]}): {r.failed} failed requests")
+                notes.append(f"{r.label} ({title.split(' (')[0]}): failed requests "
+                             f"{dict(r.failed)}")
     for note in notes:
         print(f"- {note}")
     print(f"- total {time.monotonic() - started_at:.1f}s")
