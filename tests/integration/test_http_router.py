@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -319,6 +320,16 @@ def test_tls_terminated_with_the_certificate_of_each_sni_name(mesh: Mesh) -> Non
         answer = json.loads(result.stdout)
         assert answer["name"] in ("a0", "a1")
         assert answer["headers"]["X-Forwarded-Proto"] == "https"
+
+
+def test_websocket_over_terminated_tls(mesh: Mesh) -> None:
+    context = ssl.create_default_context(cafile=str(mesh.certs["y.test"]))
+    sock = socket.create_connection(("127.0.0.1", mesh.https_port))
+    with ws_connect("wss://y.test/ws", sock=sock, ssl=context, server_hostname="y.test",
+                    open_timeout=10) as ws:
+        ws.send("over tls")
+        reply = ws.recv(timeout=10)
+        assert isinstance(reply, str) and reply.endswith(":over tls")
 
 
 def test_sni_passthrough_reaches_the_task_that_terminates_tls(mesh: Mesh) -> None:
