@@ -74,8 +74,26 @@ class RequestHead:
         return (target if end < 0 else target[:end]).decode("latin-1")
 
 
+_PLAIN_CONNECTION = {b"keep-alive": [b"keep-alive"], b"close": [b"close"],
+                     b"upgrade": [b"upgrade"]}
+#: Connection tokens that name no header to drop
+_NOT_HEADERS = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
 def _tokens(value: bytes) -> list[bytes]:
+    plain = _PLAIN_CONNECTION.get(value.lower())
+    if plain is not None:  # the common single token, without a split
+        return plain
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def _drop_named(kept: list[tuple[bytes, bytes]],
+                connection: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Remove the headers a Connection header names (RFC 9110 §7.6.1)."""
+    named = set(connection) - _NOT_HEADERS
+    if not named:
+        return kept
+    return [(n, v) for n, v in kept if n.lower() not in named]
 
 
 def read_request(method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
@@ -135,9 +153,8 @@ def read_request(method: bytes, target: bytes, version: str, headers: list[tuple
             raise BadRequest(400, "no Host header")
         host = b""
     if connection:
-        named = set(connection)
-        kept = [(n, v) for n, v in kept if n.lower() not in named]
-        if b"upgrade" not in named:
+        kept = _drop_named(kept, connection)
+        if b"upgrade" not in connection:
             upgrade = None
     else:
         upgrade = None
@@ -215,8 +232,7 @@ def read_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     if chunked and content_length is not None:  # never both framings to the client
         kept = [(n, v) for n, v in kept if n.lower() != b"content-length"]
     if connection:
-        named = set(connection)
-        kept = [(n, v) for n, v in kept if n.lower() not in named]
+        kept = _drop_named(kept, connection)
     close = b"close" in connection or (not http11 and b"keep-alive" not in connection)
     return ResponseHead(status=status, reason=reason, headers=kept,
                         content_length=None if chunked else content_length, chunked=chunked,
