@@ -218,6 +218,34 @@ def test_invalid_label_gives_no_route_and_a_reason(labels: dict[str, str], reaso
     assert any(reason in p.reason for p in problems), problems
 
 
+label_keys = st.sampled_from([HRM, f"{HRM}.1", "mesh.http.hosts", "mesh.http.port",
+                              "com.docker.lb.hosts", "com.docker.lb.context_root",
+                              "com.docker.lb.context_root_rewrite",
+                              "com.docker.lb.sticky_session_cookie"])
+label_text = st.one_of(
+    st.text(max_size=60),
+    st.lists(st.sampled_from(["80=", "http://", "sni://", "external_route=", "internal_port=",
+                              "sticky_sessions=", "redirect=", "a.example.com", "/p", ":8",
+                              ",", "=", "[::1]", "%", " ", "\u00e9", "80"]),
+             max_size=8).map("".join))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(label_keys, label_text, max_size=4))
+def test_any_label_value_gives_routes_or_reasons_never_an_exception(
+        labels: dict[str, str]) -> None:
+    table = table_of(service("web", labels, published=(80,)), task("t1", "web"))
+    routes, problems = table.routes(), table.problems()
+    assert not (routes and problems)
+    for route in routes:
+        assert route.host == route.host.lower() and ":" not in route.host
+        assert route.path_prefix.startswith("/")
+        assert route.path_prefix == "/" or not route.path_prefix.endswith("/")
+        assert 0 <= route.target_port < 65536
+    for problem in problems:
+        assert problem.service == "web" and problem.label in labels and problem.reason
+
+
 def test_one_bad_label_takes_the_whole_service_off_and_names_the_label() -> None:
     labels = {f"{HRM}.good": "external_route=http://a.example.com,internal_port=80",
               f"{HRM}.bad": "external_route=http://b.example.com,internal_port=x"}
