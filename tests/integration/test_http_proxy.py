@@ -245,3 +245,20 @@ async def test_route_counters_are_plain_data(rig) -> None:  # type: ignore[no-un
     [route] = snapshot["routes"]
     assert route["service"] == "web" and route["requests"]["2xx"] == 1
     assert route["latency_count"] == 1
+
+
+async def test_http10_keep_alive_and_pipelined_bodies(rig) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+                            + head.split(b" ")[1][:3]).start()
+    r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
+    answer = await r.exchange(
+        b"GET /k1 HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n"
+        b"POST /p2 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\nbody"
+        b"POST /c3 HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nab\r\n0\r\n\r\n"
+        b"GET /l4 HTTP/1.0\r\nHost: a.test\r\n\r\n")
+    assert statuses(answer) == [200, 200, 200, 200]
+    assert answer.count(b"Connection: keep-alive") == 1  # only the HTTP/1.0 one asked for it
+    assert re.findall(rb"\r\n\r\n(/..)", answer) == [b"/k1", b"/p2", b"/c3", b"/l4"]
+    assert backend.requests[1].endswith(b"\r\n\r\nbody")
+    assert backend.requests[2].endswith(b"\r\n\r\n2\r\nab\r\n0\r\n\r\n")
