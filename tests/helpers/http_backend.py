@@ -5,6 +5,7 @@ for each NAME (an aiohttp server, a real peer the router knows nothing of):
 
 - `GET /whoami`: JSON `{"name", "path", "headers"}` (which task answered, what it got)
 - `POST /sink`: reads the body as a stream and answers its size and SHA-256
+- `POST /slowsink?wait=S`: the same, after not reading for S seconds
 - `GET /bytes/N`: N bytes, streamed chunked in 64 KiB pieces (never held whole)
 - `GET /sleep/S`: answers after S seconds
 - `GET /ws`: a WebSocket echo
@@ -44,6 +45,10 @@ def make_app(name: str) -> web.Application:
             size += len(chunk)
         return web.json_response({"name": name, "bytes": size, "sha256": digest.hexdigest()})
 
+    async def slow_sink(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("wait", "2")))  # a task busy elsewhere
+        return await sink(request)
+
     async def stream(request: web.Request) -> web.StreamResponse:
         left = int(request.match_info["size"])
         response = web.StreamResponse()
@@ -73,6 +78,7 @@ def make_app(name: str) -> web.Application:
     app = web.Application()
     app.router.add_get("/whoami", whoami)
     app.router.add_post("/sink", sink)
+    app.router.add_post("/slowsink", slow_sink)
     app.router.add_get("/bytes/{size}", stream)
     app.router.add_get("/sleep/{seconds}", sleep)
     app.router.add_get("/ws", echo)

@@ -230,6 +230,34 @@ def test_100mb_chunked_upload_and_download_keep_memory_bounded(mesh: Mesh) -> No
     assert rss.peak - rss.start < RSS_BOUND
 
 
+def test_a_slow_peer_holds_the_other_side_back(mesh: Mesh) -> None:
+    """Flow control: 100 MB meet a peer that does not read for a second; the router must not
+    soak them up meanwhile (without back-pressure it would hold them all)."""
+    assert mesh.agent.proc is not None
+    with RssSampler(mesh.agent.proc.pid) as rss:
+        upload = subprocess.run(
+            f"head -c {HUNDRED_MB} /dev/zero | curl -sS --max-time 120 -X POST -T - "
+            f"-H 'Host: beta.test' http://{mesh.http}/slowsink?wait=1", shell=True,
+            capture_output=True, text=True, timeout=180, check=False)
+    assert upload.returncode == 0, upload.stderr
+    assert json.loads(upload.stdout)["bytes"] == HUNDRED_MB
+    print(f"slow task: router RSS {rss.start >> 20} MiB -> peak {rss.peak >> 20} MiB")
+    assert rss.peak - rss.start < RSS_BOUND
+
+    with RssSampler(mesh.agent.proc.pid) as rss, socket.create_connection(
+            ("127.0.0.1", mesh.agent.http_port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.sendall(f"GET /bytes/{HUNDRED_MB} HTTP/1.1\r\nHost: beta.test\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        time.sleep(1)  # a client that does not read yet
+        received = 0
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    assert received > HUNDRED_MB  # the body, chunk framing and head
+    print(f"slow client: router RSS {rss.start >> 20} MiB -> peak {rss.peak >> 20} MiB")
+    assert rss.peak - rss.start < RSS_BOUND
+
+
 def raw(mesh: Mesh, payload: bytes, *, wait: float = 5.0) -> bytes:
     """Send bytes, read until the router closes the connection (or `wait` passes)."""
     with socket.create_connection(("127.0.0.1", mesh.agent.http_port), timeout=wait) as sock:
