@@ -262,3 +262,50 @@ async def test_http10_keep_alive_and_pipelined_bodies(rig) -> None:  # type: ign
     assert re.findall(rb"\r\n\r\n(/..)", answer) == [b"/k1", b"/p2", b"/c3", b"/l4"]
     assert backend.requests[1].endswith(b"\r\n\r\nbody")
     assert backend.requests[2].endswith(b"\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+
+
+async def test_a_refused_upgrade_is_relayed_and_the_connection_closed(rig) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(lambda head: b"HTTP/1.1 426 Upgrade Required\r\n"
+                            b"Content-Length: 2\r\n\r\nno").start()
+    r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
+    answer = await r.exchange(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n"
+                              b"Upgrade: websocket\r\n\r\nGET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert statuses(answer) == [426] and answer.endswith(b"\r\n\r\nno")
+    assert b"Connection: Upgrade" in backend.requests[0]
+    assert len(backend.requests) == 1  # bytes after an upgrade request are not HTTP
+
+
+async def test_an_upgrade_becomes_a_raw_pipe(rig) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.upgraded = False
+
+        def data_received(self, data: bytes) -> None:
+            if not self.upgraded:
+                self.upgraded = True
+                self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"  # type: ignore[attr-defined]
+                                     b"Connection: Upgrade\r\nUpgrade: echo\r\n\r\nhello ")
+                data = data.partition(b"\r\n\r\n")[2]
+            if data:
+                self.transport.write(data.upper())  # type: ignore[attr-defined]
+
+    server = await loop.create_server(Echo, "127.0.0.1", 0)
+    r = await rig([service("web", HOSTS), task("t", "web", server.sockets[0].getsockname()[1])])
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n"
+                 b"\r\nearly ")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: echo" in head
+    writer.write(b"bytes")
+    got = b""
+    while len(got) < len(b"hello EARLY BYTES"):
+        got += await asyncio.wait_for(reader.read(100), 5)
+    assert got == b"hello EARLY BYTES"
+    writer.write_eof()  # a half-close passes through; the task's side then ends too
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert r.router.stats.upgrades == 1
+    server.close()

@@ -380,3 +380,28 @@ def test_access_log_lines(mesh: Mesh) -> None:
             break
         time.sleep(0.05)
     assert lines and "status=200" in lines[-1] and "service=beta" in lines[-1]
+
+
+def test_https_port_closes_on_bytes_that_are_not_tls(mesh: Mesh) -> None:
+    with socket.create_connection(("127.0.0.1", mesh.https_port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x.test\r\n\r\n")
+        try:
+            answer = sock.recv(100)
+        except ConnectionResetError:  # closed with the peeked bytes unread: a reset
+            answer = b""
+        assert answer == b""
+
+
+def test_an_unknown_server_name_gets_the_default_certificate(mesh: Mesh) -> None:
+    context = ssl.create_default_context(cafile=str(mesh.certs["x.test"]))
+    context.check_hostname = False  # the name asked for is not the certificate's
+    with socket.create_connection(("127.0.0.1", mesh.https_port), timeout=5) as raw_sock, \
+            context.wrap_socket(raw_sock, server_hostname="other.test") as tls:
+        peer = tls.getpeercert()
+        assert peer is not None and ("commonName", "x.test") in [
+            item for rdn in peer["subject"] for item in rdn]
+        tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 404 ")
