@@ -33,8 +33,8 @@ from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD, KeyringError
-from lb.http.mesh import HttpMesh
 from lb.http.service import HttpEndpoints
+from lb.http.serving import HttpMesh
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
 from mesh.api.app import ApiDeps, make_app
