@@ -192,7 +192,8 @@ class Agent:
     async def _feed_socket(self) -> str:
         """The feed socket for worker processes, started on first use."""
         if self.feed_server is None:
-            self.feed_server = FeedServer(self.feed, feed_socket_path(self.config.data_dir))
+            self.feed_server = FeedServer(self.feed, feed_socket_path(self.config.data_dir),
+                                          None if self.http is None else self.http.on_report)
             await self.feed_server.start()
         return str(self.feed_server.path)
 

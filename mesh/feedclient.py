@@ -12,6 +12,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mesh.state.codec import record_from_dict
 from mesh.state.model import KIND_OF, Change, Kind, Record
@@ -63,6 +64,11 @@ class FeedClient:
             message = json.loads(line)
             self.seq = int(message["seq"])
             on_change(self.replica.change(record_from_dict(message["record"])))
+
+    def report(self, message: dict[str, Any]) -> None:
+        """Send the agent one JSON line (a worker's counters); FeedServer's `on_report` gets it."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
     def close(self) -> None:
         if self._writer is not None:

@@ -45,14 +45,27 @@ class HttpMesh:
         self.service: HttpService | None = None
         self.pool: WorkerPool | None = None
         self._reserved: list[socket.socket] = []
+        self._reports: dict[int, dict[str, Any]] = {}
 
     def on_change(self, change: Change) -> None:
         if self.service is not None:
             self.service.on_change(change)
 
+    def on_report(self, message: dict[str, Any]) -> None:
+        """A worker's counters, as it reports them over the feed socket every second."""
+        pid, stats = message.get("http_worker"), message.get("stats")
+        if isinstance(pid, int) and isinstance(stats, dict):
+            self._reports[pid] = stats
+
     def snapshot(self) -> dict[str, Any]:
-        """The router's counters (in-process only; workers keep their own)."""
-        return {} if self.service is None else self.service.snapshot()
+        """The router's counters: the agent's own, or the sum of the workers' last reports.
+
+        A restarted worker starts again from zero, as a restarted agent does; the
+        report of a worker that is gone stays in the sum.
+        """
+        if self.service is not None:
+            return self.service.snapshot()
+        return merge_snapshots(list(self._reports.values()))
 
     async def start(self, feed_socket: Callable[[], Awaitable[str]],
                     records: Iterable[Record]) -> None:
@@ -88,3 +101,31 @@ class HttpMesh:
             await self.service.stop()
         for sock in self._reserved:
             sock.close()
+
+
+def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum `Router.snapshot()`s of several processes: counters add, routes merge by key."""
+    total: dict[str, Any] = {"workers": len(snapshots), "rejected": {}, "routes": [],
+                             "ejected": []}
+    routes: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for snap in snapshots:
+        for key, value in snap.items():
+            if key == "rejected":
+                for status, count in value.items():
+                    total["rejected"][status] = total["rejected"].get(status, 0) + count
+            elif key == "ejected":
+                total["ejected"] = sorted(set(total["ejected"]) | set(value))
+            elif key == "routes":
+                for route in value:
+                    name = (route["service"], route["host"], route["path_prefix"])
+                    into = routes.setdefault(name, {**route, "requests": {},
+                                                    "latency_sum": 0.0, "latency_count": 0,
+                                                    "retries": 0})
+                    for status, count in route["requests"].items():
+                        into["requests"][status] = into["requests"].get(status, 0) + count
+                    for field in ("latency_sum", "latency_count", "retries"):
+                        into[field] += route[field]
+            elif isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+    total["routes"] = list(routes.values())
+    return total

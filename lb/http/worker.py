@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -26,6 +27,9 @@ from mesh.feedclient import FeedClient
 from mesh.logs import event, setup
 
 log = logging.getLogger("lb.http.worker")
+
+#: seconds between two reports of a worker's counters to the agent
+REPORT_INTERVAL = 1.0
 
 
 def worker_argv(feed: str, endpoints: HttpEndpoints, settings: RouterSettings,
@@ -61,10 +65,17 @@ async def run(args: argparse.Namespace) -> int:
         await feed.follow(service.on_change)
         stopping.set()
 
+    async def report() -> None:  # the counters, for the agent's metrics
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            feed.report({"http_worker": os.getpid(), "stats": service.snapshot()})
+
     follower = asyncio.create_task(follow())
+    reporter = asyncio.create_task(report())
     await stopping.wait()
     follower.cancel()
-    await asyncio.gather(follower, return_exceptions=True)
+    reporter.cancel()
+    await asyncio.gather(follower, reporter, return_exceptions=True)
     feed.close()
     await service.stop()
     return 0

@@ -77,3 +77,20 @@ def test_route_stats_count_by_status_class() -> None:
     assert stats.requests == {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 1}
     assert stats.latency_sum == 0.75 and stats.latency_count == 2
     assert balancer.stats(match(1).route) is stats  # an equal route shares its counters
+
+
+def test_worker_snapshots_add_up() -> None:
+    from lb.http.serving import merge_snapshots
+
+    route = {"service": "web", "host": "a", "path_prefix": "/", "latency_sum": 1.0,
+             "latency_count": 2, "retries": 1}
+    one = {"requests": 2, "rejected": {"400": 1}, "ejected": ["t1"],
+           "routes": [{**route, "requests": {"2xx": 2}}]}
+    two = {"requests": 3, "rejected": {"400": 2, "408": 1}, "ejected": ["t2"],
+           "routes": [{**route, "requests": {"2xx": 1, "5xx": 2}}]}
+    total = merge_snapshots([one, two])
+    assert total["workers"] == 2 and total["requests"] == 5
+    assert total["rejected"] == {"400": 3, "408": 1} and total["ejected"] == ["t1", "t2"]
+    [merged] = total["routes"]
+    assert merged["requests"] == {"2xx": 3, "5xx": 2}
+    assert merged["latency_count"] == 4 and merged["retries"] == 2
