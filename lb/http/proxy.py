@@ -43,9 +43,16 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
+        stats = self.r.stats
+        if len(self.r.conns) >= self.r.settings.max_connections:
+            stats.reject(503)  # a flood must not take every descriptor of the process
+            self.closed = True
+            self.transport.write(local_response(503, "too many connections",
+                                                keep_alive=False))
+            self.transport.close()
+            return
         self.deadline = self.r.now + self.r.settings.header_timeout
         self.r.conns.add(self)
-        stats = self.r.stats
         stats.connections_open += 1
         stats.connections_total += 1
 

@@ -31,6 +31,8 @@ class RouterSettings:
     eject_seconds: float = 10.0
     #: bytes of request body held while the task's connection is being made
     buffer_limit: int = 256 << 10
+    #: client connections one process serves at once; past it: 503 and close
+    max_connections: int = 10_000
     access_log: bool = False
     #: the scheme the listener speaks, for X-Forwarded-Proto and Forwarded
     proto: str = "http"

@@ -309,3 +309,16 @@ async def test_an_upgrade_becomes_a_raw_pipe(rig) -> None:  # type: ignore[no-un
     writer.close()
     assert r.router.stats.upgrades == 1
     server.close()
+
+
+async def test_connections_past_the_cap_get_503(rig) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(ok()).start()
+    r = await rig([service("web", HOSTS), task("t", "web", backend.port)], max_connections=2)
+    held = [await asyncio.open_connection("127.0.0.1", r.port) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert statuses(await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")) == [503]
+    for _, writer in held:
+        writer.close()
+    await asyncio.sleep(0.05)
+    assert statuses(await r.exchange(
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")) == [200]
