@@ -52,6 +52,8 @@ class Request:
 class ConnectionCore:
     def __init__(self, router: Router, proto: str = "http") -> None:
         self.r = router
+        self._settings = router.settings  # bound once: read on every request
+        self._clock = router.loop.time
         self.proto = proto
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
@@ -113,46 +115,33 @@ class ConnectionCore:
                                    extra=extra))
         self._finish(status, keep)
 
+    def _log_access(self, status: int, elapsed: float) -> None:
+        req = self._req
+        head = req.head if req is not None else None
+        endpoint = self._endpoint
+        event(access_log, "http_request", client=self.peer_ip, proto=self.proto,
+              method=head.method.decode("latin-1") if head else "-",
+              host=head.host if head else "-", path=head.path if head else "-",
+              status=status, bytes=self._bytes_out, ms=round(elapsed * 1000, 3),
+              service=self._match.route.service if self._match else "-",
+              task=endpoint.task_id if endpoint else "-",
+              upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else "-")
+
     def _record(self, status: int) -> None:
-        elapsed = self.r.loop.time() - self._started
+        """Count the exchange (and log it): once per request, however it ended."""
+        elapsed = self._clock() - self._started
         self.r.stats.requests += 1
-        if self._route_stats is not None:
-            self._route_stats.record(status, elapsed)
-        if self.r.settings.access_log:
-            req = self._req
-            head = req.head if req is not None else None
-            endpoint = self._endpoint
-            event(access_log, "http_request", client=self.peer_ip, proto=self.proto,
-                  method=head.method.decode("latin-1") if head else "-",
-                  host=head.host if head else "-", path=head.path if head else "-",
-                  status=status, bytes=self._bytes_out, ms=round(elapsed * 1000, 3),
-                  service=self._match.route.service if self._match else "-",
-                  task=endpoint.task_id if endpoint else "-",
-                  upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else "-")
+        route_stats = self._route_stats
+        if route_stats is not None:  # RouteStats.record, inline: this runs per request
+            route_stats.by_class[min(status // 100, 5)] += 1
+            route_stats.latency_sum += elapsed
+            route_stats.latency_count += 1
+        if self._settings.access_log:
+            self._log_access(status, elapsed)
 
     def _finish(self, status: int, keep_alive: bool) -> None:
         self._record(status)
-        self._reset_exchange()
-        if self._queue:
-            self._queue.popleft()
-        if not keep_alive or self.closed:
-            self._close()
-            return
-        if self._queue:
-            if len(self._queue) == 1:
-                self._resume(PIPELINED)
-            following = self._queue[0]
-            head = following.head
-            if following.complete or following.error is not None or (
-                    head is not None and (head.has_body or head.upgrade is not None)):
-                self._start(following)
-            else:
-                self.deadline = self.r.now + self.r.settings.header_timeout
-        else:
-            self.deadline = self.r.now + self.r.settings.keepalive_timeout
-            self._resume(PIPELINED | BUFFERED | UPSTREAM_FULL)
-
-    def _reset_exchange(self) -> None:
+        # The exchange's state, reset for the next request.
         self._req = None
         self._match = None
         self._route_stats = None
@@ -166,6 +155,26 @@ class ConnectionCore:
         self._keep_alive = False
         self._set_cookie = None
         self._bytes_out = 0
+        queue = self._queue
+        if queue:
+            queue.popleft()
+        if not keep_alive or self.closed:
+            self._close()
+            return
+        if queue:
+            if len(queue) == 1:
+                self._resume(PIPELINED)
+            following = queue[0]
+            head = following.head
+            if following.complete or following.error is not None or (
+                    head is not None and (head.has_body or head.upgrade is not None)):
+                self._start(following)
+            else:
+                self.deadline = self.r.now + self._settings.header_timeout
+        else:
+            self.deadline = self.r.now + self._settings.keepalive_timeout
+            if self._pauses:
+                self._resume(PIPELINED | BUFFERED | UPSTREAM_FULL)
 
     def _drop_upstream(self) -> None:
         if self._connecting is not None:

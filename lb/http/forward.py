@@ -35,8 +35,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class ForwardingConnection(ConnectionCore):
     def _start(self, req: Request) -> None:
         self._req = req
-        self._started = self.r.loop.time()
-        self.deadline = 0.0 if req.complete else self.r.now + self.r.settings.body_timeout
+        self._started = self._clock()
+        self.deadline = 0.0 if req.complete else self.r.now + self._settings.body_timeout
         head = req.head
         if req.error is not None or head is None:
             error = req.error or BadRequest(400, "bad request")
@@ -80,7 +80,7 @@ class ForwardingConnection(ConnectionCore):
         timed_out = False
         try:
             conn = await asyncio.wait_for(self.r.pool.open((endpoint.address, endpoint.port)),
-                                          self.r.settings.connect_timeout)
+                                          self._settings.connect_timeout)
         except TimeoutError:
             timed_out = True
         except OSError as error:
@@ -133,9 +133,14 @@ class ForwardingConnection(ConnectionCore):
             task = self._endpoint.task_id
             self._set_cookie = None if sticky == task else (
                 f"{route.sticky_cookie}={task}; Path=/; HttpOnly".encode("latin-1"))
-        conn.begin(self, head.method == b"HEAD", self.r.now + self.r.settings.upstream_timeout)
-        conn.write(self._upstream_head)
+        conn.begin(self, head.method == b"HEAD", self.r.now + self._settings.upstream_timeout)
         self._streaming = True
+        if req.complete and not req.body and not head.chunked:  # the common case: one send
+            assert conn.transport is not None
+            conn.transport.write(self._upstream_head)
+            self._request_sent = True
+            return
+        conn.write(self._upstream_head)
         if head.expect_continue and not req.complete and not req.body:
             self._write(_CONTINUE)
         if req.body:
@@ -151,7 +156,7 @@ class ForwardingConnection(ConnectionCore):
         conn = self._upstream
         assert conn is not None and conn.transport is not None and self._req is not None
         self._body_sent = True
-        conn.deadline = self.r.now + self.r.settings.upstream_timeout
+        conn.deadline = self.r.now + self._settings.upstream_timeout
         if self._req.head is not None and self._req.head.chunked:
             conn.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:

@@ -44,14 +44,14 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
         stats = self.r.stats
-        if len(self.r.conns) >= self.r.settings.max_connections:
+        if len(self.r.conns) >= self._settings.max_connections:
             stats.reject(503)  # a flood must not take every descriptor of the process
             self.closed = True
             self.transport.write(local_response(503, "too many connections",
                                                 keep_alive=False))
             self.transport.close()
             return
-        self.deadline = self.r.now + self.r.settings.header_timeout
+        self.deadline = self.r.now + self._settings.header_timeout
         self.r.conns.add(self)
         stats.connections_open += 1
         stats.connections_total += 1
@@ -146,18 +146,18 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
             self._pause(PIPELINED)
         elif self._req is None:
             # The header timeout runs from a request's first byte (and from accept).
-            self.deadline = self.r.now + self.r.settings.header_timeout
+            self.deadline = self.r.now + self._settings.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_size += len(url)
-        if self._head_size > self.r.settings.max_head:
-            raise BadRequest(414 if len(self._url) > self.r.settings.max_head else 431,
+        if self._head_size > self._settings.max_head:
+            raise BadRequest(414 if len(self._url) > self._settings.max_head else 431,
                              "request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
-        if self._head_size > self.r.settings.max_head:
+        if self._head_size > self._settings.max_head:
             raise BadRequest(431, "request head too large")
         self._headers.append((name, value))
 
@@ -170,7 +170,7 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
             head = req.head = read_request(parser.get_method(), self._url,
                                            parser.get_http_version(), self._headers,
                                            parser.should_keep_alive())
-            limit = self.r.settings.max_body
+            limit = self._settings.max_body
             if limit and head.content_length is not None and head.content_length > limit:
                 raise BadRequest(413, f"request body over {limit} bytes")
         except BadRequest as error:
@@ -190,17 +190,17 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         if req.error is not None:
             return
         req.received += len(data)
-        limit = self.r.settings.max_body
+        limit = self._settings.max_body
         if limit and req.received > limit:
             raise BadRequest(413, f"request body over {limit} bytes")
         if req is self._req:
-            self.deadline = self.r.now + self.r.settings.body_timeout
+            self.deadline = self.r.now + self._settings.body_timeout
             if self._streaming:
                 self._send_body(data)
                 return
         req.body.append(data)
         req.buffered += len(data)
-        if req.buffered > self.r.settings.buffer_limit:
+        if req.buffered > self._settings.buffer_limit:
             self._pause(BUFFERED)
 
     def on_message_complete(self) -> None:
