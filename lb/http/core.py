@@ -77,6 +77,8 @@ class ConnectionCore:
         self._connecting: asyncio.Task[None] | None = None
         self._reused = False
         self._upstream_head = b""
+        self._forwarding_for: tuple[str, bytes | None, bytes | None] | None = None
+        self._forwarding = b""
         self._streaming = False  # the head went to the task: body bytes follow directly
         self._body_sent = False
         self._request_sent = False

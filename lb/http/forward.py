@@ -19,6 +19,7 @@ from lb.http.heads import (
     ResponseHead,
     client_response,
     cookie_value,
+    forwarding_headers,
     strip_prefix,
     upstream_request,
 )
@@ -64,7 +65,11 @@ class ForwardingConnection(ConnectionCore):
             return
         target = strip_prefix(head.target, route.path_prefix) if route.strip_prefix \
             else head.target
-        self._upstream_head = upstream_request(head, target, self.peer_ip, self.proto)
+        facts = (head.host, head.forwarded_for, head.forwarded)
+        if facts != self._forwarding_for:  # the same on most requests of a connection
+            self._forwarding_for = facts
+            self._forwarding = forwarding_headers(head, self.peer_ip, self.proto)
+        self._upstream_head = upstream_request(head, target, self._forwarding)
         self._tried = [endpoint.task_id]
         self._connect(endpoint)
 

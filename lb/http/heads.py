@@ -46,7 +46,7 @@ class RequestHead:
     method: bytes
     target: bytes
     http11: bool
-    headers: list[tuple[bytes, bytes]]  # as received, minus hop-by-hop and our own
+    headers: list[tuple[bytes, bytes]]  # as received, minus Host, hop-by-hop and our own
     host: str
     content_length: int | None
     chunked: bool
@@ -123,8 +123,7 @@ def read_request(method: bytes, target: bytes, version: str, headers: list[tuple
         elif lower == b"host":
             if host is not None:
                 raise BadRequest(400, "several Host headers")
-            host = value
-            kept.append((name, value))
+            host = value  # sent first, on its own
         elif lower == b"content-length":
             content_length = int(value)  # llhttp allows one, digits only
             kept.append((name, value))
@@ -169,30 +168,35 @@ def _forwarded_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
-def upstream_request(head: RequestHead, target: bytes, client_ip: str, proto: str,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
-    """The request head sent to a task: HTTP/1.1, kept alive unless upgrading."""
+def forwarding_headers(head: RequestHead, client_ip: str, proto: str) -> bytes:
+    """X-Forwarded-For/-Proto/-Host and Forwarded for one request, as header lines.
+
+    They depend only on the client, the scheme, the Host and the forwarding
+    headers received, so a connection computes them once and reuses them while
+    those stay the same (`ForwardingConnection`).
+    """
     ip = client_ip.encode()
-    parts = [head.method, b" ", target, b" HTTP/1.1\r\n", b"Host: ", head.host.encode("latin-1"),
-             b"\r\n"]
-    for name, value in head.headers:
-        if name.lower() != b"host":
-            parts += (name, b": ", value, b"\r\n")
-    if head.chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    if head.upgrade is not None:
-        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
+    host = head.host.encode("latin-1")
     xff = ip if head.forwarded_for is None else head.forwarded_for + b", " + ip
     host_quoted = head.host.replace("\\", "").replace('"', "")
     element = f'for={_forwarded_node(client_ip)};proto={proto};host="{host_quoted}"'.encode(
         "latin-1")
     forwarded = element if head.forwarded is None else head.forwarded + b", " + element
-    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto.encode(),
-              b"\r\nX-Forwarded-Host: ", head.host.encode("latin-1"),
-              b"\r\nForwarded: ", forwarded, b"\r\n")
-    if extra:
-        for name, value in extra:
-            parts += (name, b": ", value, b"\r\n")
+    return b"".join((b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto.encode(),
+                     b"\r\nX-Forwarded-Host: ", host, b"\r\nForwarded: ", forwarded,
+                     b"\r\n"))
+
+
+def upstream_request(head: RequestHead, target: bytes, forwarding: bytes) -> bytes:
+    """The request head sent to a task: HTTP/1.1, kept alive unless upgrading."""
+    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method, target,
+                                                     head.host.encode("latin-1"))]
+    parts += [b"%s: %s\r\n" % header for header in head.headers]
+    if head.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if head.upgrade is not None:
+        parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
+    parts.append(forwarding)
     parts.append(b"\r\n")
     return b"".join(parts)
 
