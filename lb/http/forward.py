@@ -95,8 +95,12 @@ class ForwardingConnection(ConnectionCore):
             self._connecting = None
             if self.closed or self._req is None:
                 self.r.pool.release(conn)
-            else:
+                return
+            try:
                 self._attach(conn, reused=False)
+            except Exception as error:  # a bug must cost this request, never the task's log
+                event(log, "http_internal_error", logging.ERROR, error=repr(error))
+                self._abort()
             return
         self._connecting = None
         if timed_out:

@@ -20,6 +20,7 @@ from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
 from lb.http.stats import RouterStats
 from lb.http.upstream import Pool
+from mesh.logs import event
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,12 @@ class Router:
         while True:
             await asyncio.sleep(interval)
             now = self.now = self.loop.time()
-            for conn in [c for c in self.conns if c.deadline and c.deadline <= now]:
-                conn.on_deadline()
-            self.pool.sweep(now)
+            try:
+                for conn in [c for c in self.conns if c.deadline and c.deadline <= now]:
+                    conn.on_deadline()
+                self.pool.sweep(now)
+            except Exception as error:  # a bug must cost a connection, never the timeouts
+                event(log, "http_tick_failed", logging.ERROR, error=repr(error))
 
     async def listen_http(self, host: str, port: int, reuse_port: bool) -> int:
         """Serve plain HTTP on host:port; returns the bound port."""

@@ -158,6 +158,9 @@ class TlsListener:
         except (OSError, ssl.SSLError, TimeoutError) as error:
             event(log, "https_connection_failed", logging.DEBUG, error=str(error))
             client.close()
+        except Exception as error:  # a bug must cost this connection, never the listener
+            event(log, "https_internal_error", logging.ERROR, error=repr(error))
+            client.close()
 
     async def _peek_name(self, client: socket.socket) -> str | None:
         deadline = self._loop.time() + self.router.settings.header_timeout
