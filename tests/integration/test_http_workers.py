@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.certs import self_signed
 from tests.helpers.http_backend import BackendProcess
 
 
@@ -33,7 +34,11 @@ def status_of(port: int, host: str) -> str:
 def test_workers_share_the_port_and_follow_the_feed(tmp_path: Path) -> None:
     backend_port = free_port()
     backend = BackendProcess({"w0": str(backend_port)}, tmp_path / "backend.log").start()
-    agent = AgentProcess(tmp_path / "agent", extra=["--http-workers", "2"])
+    cert, key = self_signed(tmp_path, "late.test")
+    https_port = free_port()
+    agent = AgentProcess(tmp_path / "agent", extra=[
+        "--http-workers", "2", "--https", f"127.0.0.1:{https_port}",
+        "--tls-cert", f"late.test={cert},{key}"])
     agent.start()
     try:
         assert agent.proc is not None
@@ -58,6 +63,12 @@ def test_workers_share_the_port_and_follow_the_feed(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         assert codes == ["200"] * 6, agent.log()
+        assert len(listeners(https_port)) == 2
+        tls = subprocess.run(["curl", "-sS", "--max-time", "5", "--cacert", str(cert),
+                              "--resolve", f"late.test:{https_port}:127.0.0.1",
+                              f"https://late.test:{https_port}/whoami"],
+                             capture_output=True, text=True, check=False)
+        assert tls.returncode == 0 and '"w0"' in tls.stdout, tls.stderr
     finally:
         agent.stop()
         backend.stop()
