@@ -246,15 +246,13 @@ def read_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
 def client_response(head: ResponseHead, *, chunked: bool, keep_alive: bool, http11: bool,
                     extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
     """The response head sent to the client; `chunked` re-frames the body."""
-    parts = [b"HTTP/1.1 " if http11 else b"HTTP/1.0 ", str(head.status).encode(), b" ",
-             head.reason, b"\r\n"]
-    for name, value in head.headers:
-        parts += (name, b": ", value, b"\r\n")
+    parts = [b"%s %d %s\r\n" % (b"HTTP/1.1" if http11 else b"HTTP/1.0", head.status,
+                                  head.reason)]
+    parts += [b"%s: %s\r\n" % header for header in head.headers]
     if extra:
-        for name, value in extra:
-            parts += (name, b": ", value, b"\r\n")
+        parts += [b"%s: %s\r\n" % header for header in extra]
     if head.status == 101 and head.upgrade is not None:
-        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, b"\r\n")
+        parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
     elif chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if head.status != 101:
