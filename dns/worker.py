@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -21,62 +20,36 @@ import uvloop
 
 from dns.forward import parse_upstream
 from dns.service import DnsService, DnsSettings
+from mesh.feedclient import FeedClient
 from mesh.logs import event, setup
-from mesh.state.codec import record_from_dict
-from mesh.state.model import KIND_OF, Change, Kind, Record
 
 log = logging.getLogger("dns.worker")
 
-#: the longest feed line: a snapshot of a large cluster
-LINE_LIMIT = 1 << 30
-
-
-class Replica:
-    """The records as the feed has delivered them, to give each change its `before`."""
-
-    def __init__(self) -> None:
-        self._records: dict[tuple[Kind, str], Record] = {}
-
-    def load(self, records: list[Record]) -> None:
-        for record in records:
-            self._records[(KIND_OF[type(record)], record.key)] = record
-
-    def change(self, record: Record) -> Change:
-        key = (KIND_OF[type(record)], record.key)
-        before = self._records.get(key)
-        self._records[key] = record
-        return Change(key[0], record.key, before, record)
-
 
 async def run(args: argparse.Namespace) -> int:
-    reader, writer = await asyncio.open_unix_connection(args.feed, limit=LINE_LIMIT)
-    first = json.loads(await reader.readline())
-    records = [record_from_dict(r) for r in first["records"]]
+    feed = FeedClient(args.feed)
+    records = await feed.open()
     upstreams = tuple(parse_upstream(u) for u in args.upstream) or None
     service = DnsService(DnsSettings(host=args.host, port=args.port, ttl=args.ttl,
                                      domain=args.domain, upstreams=upstreams,
                                      reuse_port=True))
-    replica = Replica()
-    replica.load(records)
     service.load(records)
     await service.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    event(log, "dns_worker_ready", seq=first["snapshot"], records=len(records))
+    event(log, "dns_worker_ready", seq=feed.seq, records=len(records))
 
     async def follow() -> None:
-        while line := await reader.readline():
-            message = json.loads(line)
-            service.on_change(replica.change(record_from_dict(message["record"])))
+        await feed.follow(service.on_change)
         stopping.set()
 
     follower = asyncio.create_task(follow())
     await stopping.wait()
     follower.cancel()
     await asyncio.gather(follower, return_exceptions=True)
-    writer.close()
+    feed.close()
     await service.stop()
     return 0
 

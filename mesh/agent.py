@@ -35,6 +35,10 @@ from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD, KeyringError
 from lb.driver import LbDriver
+from lb.http.service import HttpEndpoints
+from lb.http.serving import HttpMesh
+from lb.http.settings import RouterSettings
+from lb.http.tls import CertSpec
 from lb.select import SelectError, choose
 from lb.userspace import ProxySettings
 from lb.view import LbView, build_table
@@ -85,6 +89,16 @@ class Agent:
             domain=config.dns_domain,
             upstreams=tuple(Upstream(u.host, u.port) for u in config.dns_upstreams) or None,
             reuse_port=config.dns_workers > 0))
+        self.http = None if config.http is None else HttpMesh(
+            HttpEndpoints(host=config.http.host, port=config.http.port,
+                          https_host=config.https.host if config.https else None,
+                          https_port=config.https.port if config.https else 0,
+                          certs=tuple(CertSpec.parse(c) for c in config.tls_certs)),
+            RouterSettings(header_timeout=config.http_header_timeout,
+                           connect_timeout=min(5.0, config.http_upstream_timeout),
+                           upstream_timeout=config.http_upstream_timeout,
+                           max_body=config.http_max_body, access_log=config.http_access_log),
+            config.http_workers, config.log_level)
         self.feed_server: FeedServer | None = None
         self.dns_workers: WorkerPool | None = None
         self.cluster: Cluster | None = None
@@ -160,6 +174,9 @@ class Agent:
             if self.config.dns_workers:
                 await self._start_dns_workers(self.dns.port)
         await self._start_lb()
+        if self.http is not None:
+            self.feed.subscribe(self.http.on_change)
+            await self.http.start(self._feed_socket, self.store.all_records())
         await self._start_gossip(incarnation)
         await self._start_api()
 
@@ -206,11 +223,17 @@ class Agent:
               encrypted=keyring is not None, incarnation=incarnation)
         await self.cluster.join([(j.host, j.port) for j in config.join])
 
+    async def _feed_socket(self) -> str:
+        """The feed socket for worker processes, started on first use."""
+        if self.feed_server is None:
+            self.feed_server = FeedServer(self.feed, feed_socket_path(self.config.data_dir),
+                                          None if self.http is None else self.http.on_report)
+            await self.feed_server.start()
+        return str(self.feed_server.path)
+
     async def _start_dns_workers(self, port: int) -> None:
-        self.feed_server = FeedServer(self.feed, feed_socket_path(self.config.data_dir))
-        await self.feed_server.start()
         assert self.config.dns is not None
-        argv = [sys.executable, "-m", "dns.worker", "--feed", str(self.feed_server.path),
+        argv = [sys.executable, "-m", "dns.worker", "--feed", await self._feed_socket(),
                 "--host", self.config.dns.host, "--port", str(port),
                 "--ttl", str(self.config.dns_ttl), "--log-level", self.config.log_level]
         if self.config.dns_domain:
@@ -247,6 +270,8 @@ class Agent:
             await self.gossip.stop()
         if self.dns_workers is not None:
             await self.dns_workers.stop()
+        if self.http is not None:
+            await self.http.stop()
         if self.feed_server is not None:
             await self.feed_server.stop()
         if self.dns is not None:

@@ -92,7 +92,7 @@ class AgentConfig:
     data_dir: Path
     api: HostPort = HostPort("127.0.0.1", 2377)
     dns: HostPort | None  # None: no DNS server (`--dns none`)
-    http: HostPort
+    http: HostPort | None  # None: no HTTP routing mesh (`--http none`)
     lb: str = "auto"
     #: where the userspace proxy binds published ports: every address by default;
     #: agents sharing one host (tests) each give their own address
@@ -118,6 +118,20 @@ class AgentConfig:
     log_level: str = "info"
     #: largest accepted API request body, bytes
     max_body: int = 1 << 20
+    #: processes serving the HRM port (SO_REUSEPORT); 0: the agent's own event loop
+    http_workers: int = 0
+    #: optional HTTPS address of the HRM (TLS terminated by SNI, or sni:// passthrough)
+    https: HostPort | None = None
+    #: certificates for the HTTPS address, each "HOST=CERTFILE,KEYFILE"; the first is the default
+    tls_certs: tuple[str, ...] = ()
+    #: one logfmt line per proxied request
+    http_access_log: bool = False
+    #: seconds a client has to send a whole request head (slowloris: 408 and close)
+    http_header_timeout: float = 10.0
+    #: seconds to connect to a task and to wait for its response (504)
+    http_upstream_timeout: float = 60.0
+    #: largest request body the HRM forwards, bytes (413); 0: no limit
+    http_max_body: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.lb not in LB_CHOICES:
@@ -133,6 +147,19 @@ class AgentConfig:
             raise ConfigError("cluster-label may be at most 255 bytes")
         if not 0 <= self.dns_workers <= 64:
             raise ConfigError("dns-workers must be between 0 and 64")
+        if not 0 <= self.http_workers <= 64:
+            raise ConfigError("http-workers must be between 0 and 64")
+        if not 0 < self.http_header_timeout <= 3600 or not 0 < self.http_upstream_timeout <= 86_400:
+            raise ConfigError("http-header-timeout and http-upstream-timeout must be positive "
+                              "(at most an hour and a day)")
+        if self.http_max_body < 0:
+            raise ConfigError("http-max-body must be 0 (no limit) or a number of bytes")
+        for spec in self.tls_certs:
+            host, sep, files = spec.partition("=")
+            if not sep or not host or files.count(",") != 1 or "" in files.split(","):
+                raise ConfigError(f"tls-cert {spec!r}: expected HOST=CERTFILE,KEYFILE")
+        if self.tls_certs and self.https is None:
+            raise ConfigError("tls-cert needs --https ADDR:PORT")
         if not 1 <= self.tombstone_reap <= 30 * 86_400:
             raise ConfigError("tombstone-reap must be between 1 second and 30 days")
         if not 0 <= self.drain_grace <= 3600:
@@ -165,7 +192,20 @@ _FLAGS: dict[str, str] = {
     "dns-ttl": "TTL of mesh answers in seconds (default 5)",
     "dns-workers": "extra processes serving DNS on the same port, one per spare core "
                    "(default 0: the agent's own event loop only)",
-    "http": "ADDR:PORT of the HTTP routing mesh (default 0.0.0.0:80, or :8080 without root)",
+    "http": "ADDR:PORT of the HTTP routing mesh (default 0.0.0.0:80, or :8080 without root); "
+            "'none' runs no router",
+    "http-workers": "processes serving the HTTP routing mesh on the same port, one per core "
+                    "(default 0: the agent's own event loop)",
+    "https": "ADDR:PORT of the routing mesh's HTTPS side (default: none); sni:// routes pass "
+             "through, other hosts are terminated with --tls-cert",
+    "tls-cert": "HOST=CERTFILE,KEYFILE: a certificate for the HTTPS side, chosen by SNI; "
+                "repeat for several; HOST may be *.domain; the first is the default",
+    "http-access-log": "on: one logfmt line per proxied request (default off)",
+    "http-header-timeout": "seconds a client has to send a request head (default 10)",
+    "http-upstream-timeout": "seconds to connect to a task and to await its response "
+                             "(default 60)",
+    "http-max-body": "largest request body the router forwards, bytes (default 1 GiB; 0: "
+                     "no limit)",
     "lb": "load-balancer backend: auto, ipvs, nftables or userspace (default auto)",
     "publish-address": "address the userspace load balancer binds published ports to "
                        "(default 0.0.0.0: every address; give each agent its own when "
@@ -185,13 +225,16 @@ _FLAGS: dict[str, str] = {
 }
 
 
-_REPEATED = ("join", "dns-upstream")  # flags given once per value; lists in the file
+_REPEATED = ("join", "dns-upstream", "tls-cert")  # flags given once per value; lists in the file
 _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers": "N",
              "node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
              "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
              "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL",
-             "tombstone-reap": "SECONDS", "publish-address": "ADDR"}
+             "tombstone-reap": "SECONDS", "publish-address": "ADDR",
+             "http-workers": "N", "tls-cert": "HOST=CERT,KEY",
+             "http-access-log": "on|off", "http-header-timeout": "SECONDS",
+             "http-upstream-timeout": "SECONDS", "http-max-body": "BYTES"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +297,10 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
     dns_ttl = int(_number(values, "dns_ttl", 5, int))
     dns_workers = int(_number(values, "dns_workers", 0, int))
     dns_text = str(values.get("dns", f"127.0.0.11:{53 if root else 5353}"))
+    http_text = str(values.get("http", f"0.0.0.0:{80 if root else 8080}"))
+    access_log = str(values.get("http_access_log", "off")).lower()
+    if access_log not in ("on", "off", "true", "false"):
+        raise ConfigError(f"http-access-log {access_log!r}: on or off")
     return AgentConfig(
         node_name=node_name,
         advertise=parse_host_port(str(values.get("advertise", "127.0.0.1")), GOSSIP_PORT,
@@ -263,8 +310,16 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         api=parse_host_port(str(values.get("api", "127.0.0.1:2377")), None, "api"),
         dns=None if dns_text.lower() in ("none", "off") else parse_host_port(dns_text, None,
                                                                              "dns"),
-        http=parse_host_port(str(values.get("http", f"0.0.0.0:{80 if root else 8080}")),
-                             None, "http"),
+        http=None if http_text.lower() in ("none", "off") else parse_host_port(http_text, None,
+                                                                               "http"),
+        http_workers=int(_number(values, "http_workers", 0, int)),
+        https=parse_host_port(str(values["https"]), None, "https") if values.get("https")
+        else None,
+        tls_certs=tuple(values.get("tls_cert", [])),
+        http_access_log=access_log in ("on", "true"),
+        http_header_timeout=_number(values, "http_header_timeout", 10.0, float),
+        http_upstream_timeout=_number(values, "http_upstream_timeout", 60.0, float),
+        http_max_body=int(_number(values, "http_max_body", 1 << 30, int)),
         lb=str(values.get("lb", "auto")),
         publish_address=_ip_address(str(values.get("publish_address", "0.0.0.0")),
                                     "publish-address"),

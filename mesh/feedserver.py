@@ -7,7 +7,9 @@ to `<data-dir>/feed.sock` and reads newline-delimited JSON:
     {"seq": SEQ, "record": RECORD}                  for every later change
 
 RECORD is `mesh.state.codec.record_to_dict` (tombstones included, so a
-removal is a record with "deleted": true). Snapshot and subscription happen in
+removal is a record with "deleted": true). A worker may write JSON lines back
+(its counters, say); each goes to `on_report`, and a line that is not a JSON
+object is dropped and counted. Snapshot and subscription happen in
 the same tick of the loop, so no change falls between them. A worker that
 reads too slowly is cut off once a few MiB wait for it; it reconnects and
 starts again from a snapshot, which is the whole recovery story.
@@ -21,7 +23,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mesh.logs import event
 from mesh.state.codec import record_to_dict
@@ -32,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: bytes waiting for one worker before it is cut off
 MAX_BACKLOG = 8 << 20
+#: the longest line a worker may report
+MAX_REPORT = 16 << 20
 
 
 #: sun_path holds 108 bytes; a deep data dir puts the socket in a private temp dir
@@ -50,16 +56,20 @@ def encode_line(payload: object) -> bytes:
 
 
 class FeedServer:
-    def __init__(self, feed: ChangeFeed, path: Path) -> None:
+    def __init__(self, feed: ChangeFeed, path: Path,
+                 on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._feed = feed
         self.path = path
+        self._on_report = on_report
+        self.bad_reports = 0
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # left by an agent that was killed
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
+                                                       limit=MAX_REPORT)
         os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -82,8 +92,9 @@ class FeedServer:
 
         unsubscribe = self._feed.subscribe(send)
         try:
-            await reader.read()  # the worker never writes: EOF means it is gone
-        except ConnectionError:
+            while line := await reader.readline():  # EOF: the worker is gone
+                self._report(line)
+        except (ConnectionError, ValueError):  # ValueError: a line past MAX_REPORT
             pass
         finally:
             unsubscribe()
@@ -92,6 +103,17 @@ class FeedServer:
                 await writer.wait_closed()
             if task is not None:
                 self._clients.discard(task)
+
+    def _report(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            self.bad_reports += 1
+            return
+        if self._on_report is not None:
+            self._on_report(message)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -31,6 +31,18 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: held open together, so the kernel cannot repeat one."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 class AgentProcess:
     def __init__(self, data_dir: Path, *, node_name: str = "node-1",
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
@@ -39,10 +51,9 @@ class AgentProcess:
         # Published ports on this address, not 0.0.0.0: agents share the host.
         self.publish_address = publish_address
         self.node_name = node_name
-        self.port = free_port()
+        # Distinct: the API, DNS, gossip and HTTP ports of one agent must never collide.
+        self.port, self.dns_port, self.gossip_port, self.http_port = free_ports(4)
         self.api = f"127.0.0.1:{self.port}"
-        self.dns_port = free_port()
-        self.gossip_port = free_port()
         self.gossip_addr = ("127.0.0.1", self.gossip_port)
         self.extra = extra or []
         self.env = env
@@ -58,6 +69,7 @@ class AgentProcess:
                 # The userspace load balancer: tests run many agents on one host, and a
                 # kernel backend would program the host's own tables.
                 "--lb", "userspace", "--publish-address", self.publish_address,
+                "--http", f"127.0.0.1:{self.http_port}",
                 # Nothing listens on port 9 of loopback: names the mesh does not own get
                 # SERVFAIL at once, and no test query ever leaves the machine.
                 "--dns-upstream", "127.0.0.1:9", *self.extra]

@@ -1,0 +1,107 @@
+"""One process's router: the route table, the balancer, the pool, the counters and a ticker.
+
+Every client and task connection keeps its deadline as a number; the ticker
+(one per router, every `settings.tick()` seconds) refreshes `now` and ends
+the connections whose deadline passed. That keeps timers off the hot path:
+a request reads `now` instead of arming a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from lb.http.balance import Balancer
+from lb.http.proxy import ClientConnection
+from lb.http.routes import RouteTable
+from lb.http.settings import RouterSettings
+from lb.http.stats import RouterStats
+from lb.http.upstream import Pool
+from mesh.logs import event
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    def __init__(self, table: RouteTable, settings: RouterSettings) -> None:
+        self.table = table
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+        self.balancer = Balancer(self.loop.time, settings.eject_seconds)
+        self.stats = RouterStats()
+        self.pool = Pool(self.loop, size=settings.pool_size,
+                         idle_timeout=settings.pool_idle_timeout,
+                         upstream_timeout=settings.upstream_timeout)
+        self.conns: set[ClientConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._ticker: asyncio.Task[None] | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain data, for the metrics export."""
+        return self.stats.snapshot(dict(self.balancer.routes)) | {
+            "ejected": self.balancer.ejected(), "ejections": self.balancer.ejections}
+
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = self.loop.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        interval = self.settings.tick()
+        while True:
+            await asyncio.sleep(interval)
+            now = self.now = self.loop.time()
+            try:
+                for conn in [c for c in self.conns if c.deadline and c.deadline <= now]:
+                    conn.on_deadline()
+                self.pool.sweep(now)
+            except Exception as error:  # a bug must cost a connection, never the timeouts
+                event(log, "http_tick_failed", logging.ERROR, error=repr(error))
+
+    async def listen_http(self, host: str, port: int, reuse_port: bool) -> int:
+        """Serve plain HTTP on host:port; returns the bound port."""
+        sock = listen_socket(host, port, reuse_port)
+        server = await self.loop.create_server(lambda: ClientConnection(self, "http"),
+                                               sock=sock, backlog=4096)
+        self._servers.append(server)
+        self.start()
+        return int(sock.getsockname()[1])
+
+    def add_server(self, server: asyncio.AbstractServer) -> None:
+        self._servers.append(server)
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.close()
+        self.pool.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+
+
+def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening TCP socket; SO_REUSEPORT lets worker processes share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,131 @@
+"""The HTTP routing mesh as the agent runs it: in its own loop, or in worker processes.
+
+`--http-workers 0` serves in the agent's event loop (an `HttpService` fed the
+in-process change feed). `--http-workers N` starts N `lb.http.worker`
+processes sharing the port with SO_REUSEPORT, each fed over the feed socket;
+the agent then keeps only a bound, non-listening socket on the port, so that
+a port in use fails the agent's start with its reason, and a port of 0 is
+chosen once for every worker. The kernel sends connections only to listening
+sockets, so the reservation takes none.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from lb.http.service import HttpEndpoints, HttpService
+from lb.http.settings import RouterSettings
+from lb.http.worker import worker_argv
+from mesh.state.model import Change, Record
+from mesh.workers import WorkerPool
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class HttpMesh:
+    def __init__(self, endpoints: HttpEndpoints, settings: RouterSettings, workers: int,
+                 log_level: str) -> None:
+        self.endpoints = endpoints
+        self.settings = settings
+        self.workers = workers
+        self.log_level = log_level
+        self.service: HttpService | None = None
+        self.pool: WorkerPool | None = None
+        self._reserved: list[socket.socket] = []
+        self._reports: dict[int, dict[str, Any]] = {}
+
+    def on_change(self, change: Change) -> None:
+        if self.service is not None:
+            self.service.on_change(change)
+
+    def on_report(self, message: dict[str, Any]) -> None:
+        """A worker's counters, as it reports them over the feed socket every second."""
+        pid, stats = message.get("http_worker"), message.get("stats")
+        if isinstance(pid, int) and isinstance(stats, dict):
+            self._reports[pid] = stats
+
+    def snapshot(self) -> dict[str, Any]:
+        """The router's counters: the agent's own, or the sum of the workers' last reports.
+
+        A restarted worker starts again from zero, as a restarted agent does; the
+        report of a worker that is gone stays in the sum.
+        """
+        if self.service is not None:
+            return self.service.snapshot()
+        return merge_snapshots(list(self._reports.values()))
+
+    async def start(self, feed_socket: Callable[[], Awaitable[str]],
+                    records: Iterable[Record]) -> None:
+        try:
+            # Certificates load first, so that a bad one fails the agent with its reason.
+            service = HttpService(self.endpoints, self.settings)
+        except ValueError as error:
+            raise OSError(str(error)) from None
+        if not self.workers:
+            self.service = service
+            service.load(records)
+            await service.start()
+            return
+        ends = self.endpoints
+        http = reserve(ends.host, ends.port)
+        self._reserved.append(http)
+        https_port = ends.https_port
+        if ends.https_host is not None:
+            https = reserve(ends.https_host, ends.https_port)
+            self._reserved.append(https)
+            https_port = https.getsockname()[1]
+        shared = HttpEndpoints(host=ends.host, port=http.getsockname()[1],
+                               https_host=ends.https_host, https_port=https_port,
+                               certs=ends.certs, reuse_port=True)
+        argv = worker_argv(await feed_socket(), shared, self.settings, self.log_level)
+        self.pool = WorkerPool("http", argv, self.workers)
+        self.pool.start()
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.stop()
+        if self.service is not None:
+            await self.service.stop()
+        for sock in self._reserved:
+            sock.close()
+
+
+def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum `Router.snapshot()`s of several processes: counters add, routes merge by key."""
+    total: dict[str, Any] = {"workers": len(snapshots), "rejected": {}, "routes": [],
+                             "ejected": []}
+    routes: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for snap in snapshots:
+        for key, value in snap.items():
+            if key == "rejected":
+                for status, count in value.items():
+                    total["rejected"][status] = total["rejected"].get(status, 0) + count
+            elif key == "ejected":
+                total["ejected"] = sorted(set(total["ejected"]) | set(value))
+            elif key == "routes":
+                for route in value:
+                    name = (route["service"], route["host"], route["path_prefix"])
+                    into = routes.setdefault(name, {**route, "requests": {},
+                                                    "latency_sum": 0.0, "latency_count": 0,
+                                                    "retries": 0})
+                    for status, count in route["requests"].items():
+                        into["requests"][status] = into["requests"].get(status, 0) + count
+                    for field in ("latency_sum", "latency_count", "retries"):
+                        into[field] += route[field]
+            elif isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+    total["routes"] = list(routes.values())
+    return total

@@ -1,0 +1,72 @@
+"""The router's counters: per route and for the whole process, as plain objects.
+
+The metrics work exports these (`RouterStats.snapshot()` is a plain dict);
+the router only ever adds to them, so reading them costs the hot path nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class RouteStats:
+    """One route: requests by status class, latency sum and count, retries."""
+
+    by_class: list[int] = field(default_factory=lambda: [0] * 6)  # index: status // 100
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    retries: int = 0
+    rr: int = 0  # the round-robin position, kept here to need one lookup per request
+
+    def record(self, status: int, seconds: float) -> None:
+        self.by_class[min(status // 100, 5)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    @property
+    def requests(self) -> dict[str, int]:
+        return {f"{i}xx": n for i, n in enumerate(self.by_class) if i}
+
+
+@dataclass(slots=True)
+class RouterStats:
+    """Process-wide counters; `rejected` is keyed by the status the router answered."""
+
+    connections_open: int = 0
+    connections_total: int = 0
+    requests: int = 0
+    rejected: dict[int, int] = field(default_factory=dict)  # 400, 408, 413, 431, ...
+    no_route: int = 0  # 404
+    no_endpoint: int = 0  # 503
+    connect_failures: int = 0
+    upstream_timeouts: int = 0
+    retries: int = 0
+    upgrades: int = 0
+    tls_handshakes: int = 0
+    passthrough: int = 0
+
+    def reject(self, status: int) -> None:
+        self.rejected[status] = self.rejected.get(status, 0) + 1
+
+    def snapshot(self, routes: dict[Any, RouteStats]) -> dict[str, Any]:
+        """Everything as plain data: the process counters and one entry per route."""
+        return {
+            "connections_open": self.connections_open,
+            "connections_total": self.connections_total,
+            "requests": self.requests,
+            "rejected": dict(self.rejected),
+            "no_route": self.no_route,
+            "no_endpoint": self.no_endpoint,
+            "connect_failures": self.connect_failures,
+            "upstream_timeouts": self.upstream_timeouts,
+            "retries": self.retries,
+            "upgrades": self.upgrades,
+            "tls_handshakes": self.tls_handshakes,
+            "passthrough": self.passthrough,
+            "routes": [{"service": r.service, "host": r.host, "path_prefix": r.path_prefix,
+                        "requests": s.requests, "latency_sum": s.latency_sum,
+                        "latency_count": s.latency_count, "retries": s.retries}
+                       for r, s in routes.items()],
+        }
