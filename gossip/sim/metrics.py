@@ -65,6 +65,10 @@ class DetectionSummary:
     missed: int  # crashes not known to every observer
     suspect_p50: float  # crash -> first suspicion by anyone (SWIM: ~1 probe period + 1)
     suspect_max: float
+    verdict_p50: float  # first suspicion -> first node marking it failed (the suspicion timeout)
+    verdict_max: float
+    spread_p50: float  # first node marking it failed -> last node (disseminating the verdict)
+    spread_max: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,13 @@ class Metrics:
         pairs = sum(len(c.observers) for c in self.crashes)
         suspects = [c.first_suspected - c.at for c in self.crashes
                     if c.first_suspected is not None]
+        verdicts, spreads = [], []
+        for crash in self.crashes:
+            times = [t for o, t in crash.detected.items() if o in crash.observers]
+            if crash.first_suspected is not None and times:
+                verdicts.append(min(times) - crash.first_suspected)
+            if crash.complete and times:
+                spreads.append(max(times) - min(times))
         nan = math.nan
         return DetectionSummary(
             crashes=len(self.crashes), pairs=pairs,
@@ -144,7 +155,11 @@ class Metrics:
             undetected=pairs - len(latencies),
             missed=sum(1 for c in self.crashes if not c.complete),
             suspect_p50=percentile(suspects, 50) if suspects else nan,
-            suspect_max=max(suspects, default=nan))
+            suspect_max=max(suspects, default=nan),
+            verdict_p50=percentile(verdicts, 50) if verdicts else nan,
+            verdict_max=max(verdicts, default=nan),
+            spread_p50=percentile(spreads, 50) if spreads else nan,
+            spread_max=max(spreads, default=nan))
 
 
 SPREAD_QUANTILES = (0.5, 0.99, 0.999, 1.0)

@@ -169,6 +169,7 @@ def test_a_crash_is_detected_by_every_node_and_a_restart_rejoins() -> None:
     # SWIM floor at 10 nodes: a probe period, then the 4 s minimum suspicion (4 * log10 10 * 1 s)
     assert 4.0 < summary.p50 <= summary.last_max < 30.0
     assert summary.suspect_max < summary.p50
+    assert summary.verdict_max >= 4.0  # no verdict before the minimum suspicion timeout
     assert not cluster.metrics.false_deaths
     for node in cluster.up_nodes():
         assert {m.name: m.state for m in node.core.members()}["n4"] is MemberState.DEAD
@@ -316,6 +317,8 @@ def test_detection_summary_drops_observers_that_crash_too() -> None:
     summary = metrics.detection()
     assert (summary.pairs, summary.undetected, summary.missed) == (2, 0, 0)
     assert (summary.p50, summary.last_max, summary.suspect_max) == (9.0, 10.0, 1.0)
+    # where the 10 s went: 1 s to the first suspicion, 8 s to the first verdict, 1 s to spread
+    assert (summary.verdict_max, summary.spread_max) == (8.0, 1.0)
     assert not metrics.false_deaths
     empty = Metrics(lambda name: True).detection()
     assert empty.crashes == 0 and math.isnan(empty.p50)
