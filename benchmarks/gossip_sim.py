@@ -154,6 +154,8 @@ def detection_rows(result: scenarios.DetectionResult) -> list[Row]:
         Row(name, "crash -> last node max", _s(s.last_max)),
         Row(name, f"per observer p50 / p99 / max ({s.pairs} pairs)",
             f"{_s(s.p50)} / {_s(s.p99)} / {_s(s.max)}"),
+        Row(name, "crash -> first probe of it p50 / max",
+            f"{_s(s.probe_p50)} / {_s(s.probe_max)}"),
         Row(name, "crash -> first suspicion p50 / max",
             f"{_s(s.suspect_p50)} / {_s(s.suspect_max)}"),
         Row(name, "first suspicion -> first verdict p50 / max",
