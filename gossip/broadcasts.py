@@ -11,10 +11,12 @@ message with the same key replaces the queued older one.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gossip.codec import part_size
 from gossip.messages import Message
@@ -29,18 +31,49 @@ class _Entry:
     size: int
     transmits: int
     order: int  # higher = newer
+    place: tuple[int, int] = field(init=False)  # (-size, -order): within one transmit count
 
-    def rank(self) -> tuple[int, int, int]:
-        return (self.transmits, -self.size, -self.order)
+    def __post_init__(self) -> None:
+        self.place = (-self.size, -self.order)
+
+
+class _Bucket:
+    """The entries sent a given number of times, in place order, with their places apart
+    so that bisect compares plain tuples."""
+
+    __slots__ = ("entries", "places")
+
+    def __init__(self) -> None:
+        self.places: list[tuple[int, int]] = []
+        self.entries: list[_Entry] = []
+
+    def add(self, entry: _Entry) -> None:
+        i = bisect.bisect_left(self.places, entry.place)
+        self.places.insert(i, entry.place)
+        self.entries.insert(i, entry)
+
+    def remove(self, entry: _Entry) -> None:
+        i = bisect.bisect_left(self.places, entry.place)  # places are unique (orders are)
+        del self.places[i]
+        del self.entries[i]
 
 
 class BroadcastQueue:
-    """Queued broadcasts by key, each with its transmit count."""
+    """Queued broadcasts by key, each with its transmit count.
 
-    __slots__ = ("_entries", "_order", "dropped", "max_depth")
+    Kept in buckets by transmit count, each sorted larger-then-newer, so
+    `take` visits them least-sent, then larger, then newer first, and jumps (bisect) to the next
+    one that fits instead of sorting and scanning the whole queue for every
+    datagram: at 1,000 nodes ~800 broadcasts are queued after the joins, and
+    that sort was half of the simulator's time. What it picks is exactly what
+    the sort-and-scan picked.
+    """
+
+    __slots__ = ("_buckets", "_entries", "_order", "dropped", "max_depth")
 
     def __init__(self, max_depth: int) -> None:
         self._entries: dict[Hashable, _Entry] = {}
+        self._buckets: dict[int, _Bucket] = {}  # by transmit count
         self._order = 0
         self.max_depth = max_depth
         self.dropped = 0  # pruned for depth, never sent `limit` times
@@ -50,28 +83,44 @@ class BroadcastQueue:
 
     def push(self, key: Hashable, message: Message, size: int) -> None:
         """Queue `message` (`size` = its bytes in a packet), replacing any entry with `key`."""
-        self._entries.pop(key, None)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._unbucket(old)
         self._order += 1
-        self._entries[key] = _Entry(key, message, size, 0, self._order)
+        entry = _Entry(key, message, size, 0, self._order)
+        self._entries[key] = entry
+        self._bucket(entry)
         if len(self._entries) > self.max_depth:
             worst = max(self._entries.values(), key=lambda e: (e.transmits, -e.order))
             del self._entries[worst.key]
+            self._unbucket(worst)
             self.dropped += 1
 
     def take(self, room: int, limit: int, max_items: int) -> list[Message]:
         """Broadcasts fitting in `room` bytes, least-sent first; count each a transmit
         and drop it once sent `limit` times (memberlist GetBroadcasts)."""
         chosen: list[_Entry] = []
-        for entry in sorted(self._entries.values(), key=_Entry.rank):
-            if len(chosen) >= max_items or room <= 0:
-                break
-            if entry.size <= room:
+        for transmits in sorted(self._buckets):
+            bucket = self._buckets[transmits]
+            places, entries, i = bucket.places, bucket.entries, 0
+            while len(chosen) < max_items and room > 0:
+                # the first entry from i on with size <= room (sizes descend in a bucket)
+                i = bisect.bisect_left(places, (-room, -math.inf), i)
+                if i >= len(places):
+                    break
+                entry = entries[i]
                 chosen.append(entry)
                 room -= entry.size
+                i += 1
+            if len(chosen) >= max_items or room <= 0:
+                break
         for entry in chosen:
+            self._unbucket(entry)
             entry.transmits += 1
             if entry.transmits >= limit:
                 del self._entries[entry.key]
+            else:
+                self._bucket(entry)
         return [entry.message for entry in chosen]
 
     def piggyback(self, messages: list[Message], room: int, limit: int,
@@ -84,6 +133,18 @@ class BroadcastQueue:
     def messages(self) -> list[Message]:
         """Queued messages in insertion order (a view for tests and debugging)."""
         return [e.message for e in self._entries.values()]
+
+    def _bucket(self, entry: _Entry) -> None:
+        bucket = self._buckets.get(entry.transmits)
+        if bucket is None:
+            bucket = self._buckets[entry.transmits] = _Bucket()
+        bucket.add(entry)
+
+    def _unbucket(self, entry: _Entry) -> None:
+        bucket = self._buckets[entry.transmits]
+        bucket.remove(entry)
+        if not bucket.entries:
+            del self._buckets[entry.transmits]
 
     def __repr__(self) -> str:
         return f"<BroadcastQueue {len(self._entries)} queued, {self.dropped} dropped>"

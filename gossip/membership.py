@@ -315,6 +315,9 @@ class Membership:
     # -- probing (SWIM §4.1/4.3, memberlist state.go probe/probeNode) ----------
 
     def _start_probe(self, now: float) -> None:
+        # LHA-Probe as the Lifeguard paper has it: the period itself stretches with our
+        # health score, answered or not. memberlist keeps a 1 s ticker and stretches only
+        # the probe's wait; measured, that let slow nodes accuse ~40x more (docs/gossip.md).
         period = self._awareness.scale(self.config.probe_interval)
         self._next_probe = now + period
         self._members.tick(now)  # the ring may wrap and reap

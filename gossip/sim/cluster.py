@@ -324,6 +324,10 @@ class SimCluster:
     def _send(self, node: SimNode, packet: Packet) -> None:
         messages = packet.messages
         stats = self.stats
+        if self.metrics.watching:  # when was a crashed node first probed? (relays excluded)
+            for message in messages:
+                if isinstance(message, Ping) and message.source_addr is None:
+                    self.metrics.probed(self.queue.now, message.target)
         if self.wire:
             try:
                 data: Any = codec.encode_packet(messages, self._budget)

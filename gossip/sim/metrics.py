@@ -38,6 +38,7 @@ class Crash:
     at: float
     observers: set[str]
     detected: dict[str, float] = field(default_factory=dict)
+    first_probed: float | None = None  # first direct Ping sent to it after the crash
     first_suspected: float | None = None  # by anyone: where the time before the verdict went
 
     @property
@@ -63,8 +64,14 @@ class DetectionSummary:
     last_max: float
     undetected: int  # (crash, observer) pairs never detected
     missed: int  # crashes not known to every observer
+    probe_p50: float  # crash -> first direct probe of it by anyone (the wait to be probed)
+    probe_max: float
     suspect_p50: float  # crash -> first suspicion by anyone (SWIM: ~1 probe period + 1)
     suspect_max: float
+    verdict_p50: float  # first suspicion -> first node marking it failed (the suspicion timeout)
+    verdict_max: float
+    spread_p50: float  # first node marking it failed -> last node (disseminating the verdict)
+    spread_max: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,17 @@ class Metrics:
             if observer not in crash.detected:
                 crash.observers.discard(observer)
 
+    @property
+    def watching(self) -> bool:
+        """A crash is under watch (the cluster reports probes only then)."""
+        return bool(self._open)
+
+    def probed(self, at: float, member: str) -> None:
+        """Someone sent `member` a direct probe (a Ping of its own, not a relayed one)."""
+        crash = self._open.get(member)
+        if crash is not None and crash.first_probed is None:
+            crash.first_probed = at
+
     def failed(self, at: float, observer: str, member: str, incarnation: int) -> None:
         """`observer` marked `member` dead (not a graceful leave)."""
         crash = self._open.get(member)
@@ -132,6 +150,14 @@ class Metrics:
         pairs = sum(len(c.observers) for c in self.crashes)
         suspects = [c.first_suspected - c.at for c in self.crashes
                     if c.first_suspected is not None]
+        probes = [c.first_probed - c.at for c in self.crashes if c.first_probed is not None]
+        verdicts, spreads = [], []
+        for crash in self.crashes:
+            times = [t for o, t in crash.detected.items() if o in crash.observers]
+            if crash.first_suspected is not None and times:
+                verdicts.append(min(times) - crash.first_suspected)
+            if crash.complete and times:
+                spreads.append(max(times) - min(times))
         nan = math.nan
         return DetectionSummary(
             crashes=len(self.crashes), pairs=pairs,
@@ -143,8 +169,14 @@ class Metrics:
             last_max=max(lasts, default=nan),
             undetected=pairs - len(latencies),
             missed=sum(1 for c in self.crashes if not c.complete),
+            probe_p50=percentile(probes, 50) if probes else nan,
+            probe_max=max(probes, default=nan),
             suspect_p50=percentile(suspects, 50) if suspects else nan,
-            suspect_max=max(suspects, default=nan))
+            suspect_max=max(suspects, default=nan),
+            verdict_p50=percentile(verdicts, 50) if verdicts else nan,
+            verdict_max=max(verdicts, default=nan),
+            spread_p50=percentile(spreads, 50) if spreads else nan,
+            spread_max=max(spreads, default=nan))
 
 
 SPREAD_QUANTILES = (0.5, 0.99, 0.999, 1.0)

@@ -165,6 +165,7 @@ class FalsePositiveResult:
     of_slow: int  # suspicions whose suspect is a slow node
     by_slow: int  # suspicions of a healthy node first raised by a slow node
     among_healthy: int  # a healthy node suspected by a healthy node (loss alone)
+    deaths_of_slow: int  # false deaths whose victim is a slow node
     bytes_per_node_s: float
     core_stats: dict[str, int] = field(default_factory=dict)
 
@@ -197,6 +198,7 @@ def false_positives(nodes: int, *, loss: float = 0.10, slow_fraction: float = 0.
         sum(1 for s in suspicions if s.member in slow_names),
         sum(1 for s in suspicions if s.member not in slow_names and s.by in slow_names),
         sum(1 for s in suspicions if s.member not in slow_names and s.by not in slow_names),
+        sum(1 for member, _ in cluster.metrics.false_deaths if member in slow_names),
         bytes_per_node_second(cluster.sent_bytes(), before, cluster.now - start),
         dict(stats))
 

@@ -107,3 +107,23 @@ def test_published_port_taken_by_another_process(cluster: MeshCluster,
         squatter.kill()
         squatter.wait()
         cluster.mesh(1, "service", "rm", "api")
+
+
+def test_stale_lb_entry_written_by_hand(cluster: MeshCluster,
+                                        web: dict[int, dict[str, Any]]) -> None:
+    backend = cluster.api(1, "/v1/lb")["backend"]
+    if backend != "nftables":
+        pytest.skip(f"the hand-written entry is an nftables element; this node runs {backend}")
+    # A draining real that no task stands for, as an operator's `nft add element` leaves it.
+    element = "weights_tcp_any_8080 { 10.77.0.99 . 80 : 0 }"
+    cluster.nft(1, f"add element ip meshplane {element}")
+    try:
+        code, findings = doctor(cluster, 1)
+        assert code == 1
+        assert any("stale real server 10.77.0.99:80 under tcp/0.0.0.0:8080" in m
+                   for m in failures(findings)), failures(findings)
+        print(f"\nstale LB entry -> {failures(findings)}")
+    finally:
+        cluster.nft(1, f"delete element ip meshplane {element}")
+    healed = wait_for(lambda: doctor(cluster, 1)[0] == 0, 30, step=1)
+    assert healed is not None, failures(doctor(cluster, 1)[1])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gossip.broadcasts import BroadcastQueue
 from gossip.codec import part_size
 from gossip.messages import Alive, Message, Suspect, User
@@ -64,3 +67,55 @@ def test_depth_is_bounded_dropping_the_most_sent_oldest() -> None:
     assert queue.messages() == [_user(b"2"), _user(b"3")]
     assert queue.dropped == 1
     assert "2 queued, 1 dropped" in repr(queue)
+
+
+class _SortAndScan:
+    """The queue's selection rule in its plainest form: sort everything by
+    (transmits, larger, newer) and take what fits. The real queue must pick the same."""
+
+    def __init__(self, max_depth: int) -> None:
+        self.entries: dict[object, list[int]] = {}  # key -> [transmits, size, order]
+        self.order = 0
+        self.max_depth = max_depth
+
+    def push(self, key: object, size: int) -> None:
+        self.entries.pop(key, None)
+        self.order += 1
+        self.entries[key] = [0, size, self.order]
+        if len(self.entries) > self.max_depth:
+            worst = max(self.entries, key=lambda k: (self.entries[k][0], -self.entries[k][2]))
+            del self.entries[worst]
+
+    def take(self, room: int, limit: int, max_items: int) -> list[object]:
+        chosen = []
+        for key in sorted(self.entries, key=lambda k: (self.entries[k][0], -self.entries[k][1],
+                                                       -self.entries[k][2])):
+            if len(chosen) >= max_items or room <= 0:
+                break
+            if self.entries[key][1] <= room:
+                chosen.append(key)
+                room -= self.entries[key][1]
+        for key in chosen:
+            self.entries[key][0] += 1
+            if self.entries[key][0] >= limit:
+                del self.entries[key]
+        return chosen
+
+
+@given(st.lists(st.one_of(
+    st.tuples(st.just("push"), st.integers(0, 12), st.integers(1, 40)),
+    st.tuples(st.just("take"), st.integers(-5, 120), st.integers(1, 6))), max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_buckets_pick_exactly_what_sort_and_scan_picks(
+        ops: list[tuple[str, int, int]]) -> None:
+    queue, reference = BroadcastQueue(max_depth=8), _SortAndScan(max_depth=8)
+    for op, a, b in ops:
+        if op == "push":  # a: key, b: payload length
+            message = _user(bytes([a]) * b)
+            _push(queue, a, message)
+            reference.push(a, part_size(message))
+        else:  # a: room, b: max items
+            got = queue.take(a, limit=3, max_items=b)
+            want = reference.take(a, limit=3, max_items=b)
+            assert [m.payload[0] if isinstance(m, User) else None for m in got] == want
+        assert len(queue) == len(reference.entries)

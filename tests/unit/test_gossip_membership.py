@@ -295,6 +295,22 @@ def test_awareness_rises_on_silent_relays_and_heals_on_acks() -> None:
     assert world.core.stats["acks"] - acks >= 6
 
 
+def test_an_answered_probe_still_waits_its_scaled_period() -> None:
+    # Lifeguard's LHA-Probe stretches the probe period itself. memberlist stretches only
+    # how long one probe waits (its ticker stays at 1 s, and an answered probe returns at
+    # once), so there a degraded node whose probes are answered probes every second; we
+    # keep the paper's rate (docs/gossip.md, "Where we differ from memberlist").
+    world = Peers("bcd", up="", nack=False)
+    t0, _, _ = first_probe(world)
+    world.run(t0 + 1.0)  # the first probe failed, two relays silent: +2
+    assert world.core.health_score() == 2
+    world.up = set("bcd")  # the second probe (sent at t0 + 1) is answered via the relays
+    world.run(t0 + 8.0 - 1e-9)
+    times = [t - t0 for t, _, _ in world.sent(Ping)]
+    assert times[:5] == pytest.approx([0.0, 1.0, 4.0, 6.0, 7.0])  # periods 1, 3, 2, 1 s
+    assert world.core.health_score() == 0
+
+
 def test_nacks_keep_awareness_down() -> None:
     world = Peers("bcd", up="bc")
     world.run(10.0)

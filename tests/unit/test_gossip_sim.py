@@ -169,6 +169,8 @@ def test_a_crash_is_detected_by_every_node_and_a_restart_rejoins() -> None:
     # SWIM floor at 10 nodes: a probe period, then the 4 s minimum suspicion (4 * log10 10 * 1 s)
     assert 4.0 < summary.p50 <= summary.last_max < 30.0
     assert summary.suspect_max < summary.p50
+    assert summary.verdict_max >= 4.0  # no verdict before the minimum suspicion timeout
+    assert 0.0 <= summary.probe_max < 30.0  # the cluster reported the probes of n4
     assert not cluster.metrics.false_deaths
     for node in cluster.up_nodes():
         assert {m.name: m.state for m in node.core.members()}["n4"] is MemberState.DEAD
@@ -307,6 +309,9 @@ def test_detection_summary_drops_observers_that_crash_too() -> None:
     up_now = {"b", "c", "d"}
     metrics = Metrics(lambda name: name in up_now)
     metrics.crashed("a", 10.0, ["a", "b", "c", "d"])
+    metrics.probed(9.5, "b")  # not a crashed member: ignored
+    metrics.probed(10.2, "a")
+    metrics.probed(10.4, "a")
     metrics.suspected(11.0, "b", "a", 0, by="b")
     metrics.failed(19.0, "b", "a", 0)
     metrics.observer_gone("d")
@@ -316,6 +321,9 @@ def test_detection_summary_drops_observers_that_crash_too() -> None:
     summary = metrics.detection()
     assert (summary.pairs, summary.undetected, summary.missed) == (2, 0, 0)
     assert (summary.p50, summary.last_max, summary.suspect_max) == (9.0, 10.0, 1.0)
+    # where the 10 s went: 1 s to the first suspicion, 8 s to the first verdict, 1 s to spread
+    assert (summary.verdict_max, summary.spread_max) == (8.0, 1.0)
+    assert summary.probe_max == pytest.approx(0.2)
     assert not metrics.false_deaths
     empty = Metrics(lambda name: True).detection()
     assert empty.crashes == 0 and math.isnan(empty.p50)
