@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -168,11 +169,11 @@ class ClusterState:
             return
         if payload.startswith(DIGEST_OP):
             try:
-                node, digest = decode_digest(payload)
+                node, digest, sent_at = decode_digest(payload)
             except (ValueError, UnicodeDecodeError):
                 self.rejected += 1
                 return
-            self.peer_digests.record(node, digest, asyncio.get_running_loop().time())
+            self.peer_digests.record(node, digest, sent_at, asyncio.get_running_loop().time())
             return
         self._merge(payload, "broadcast")
 
@@ -277,7 +278,7 @@ class Cluster:
             if self.shell is None or (digest.value == last
                                       and loop.time() - last_sent < REFRESH_INTERVAL):
                 continue
-            self.core.broadcast(digest.encode(self.name), key="digest")
+            self.core.broadcast(digest.encode(self.name, time.time()), key="digest")
             self.shell.flush()
             last, last_sent = digest.value, loop.time()
 

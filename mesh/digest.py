@@ -7,7 +7,12 @@ records (up to hash collisions). Tombstones are left out: each node reaps them
 on its own schedule, and a tombstone serves nothing.
 
 Every node announces its digest over gossip (a user message) when it changes,
-at most every `ANNOUNCE_INTERVAL` seconds, and again every `REFRESH_INTERVAL`;
+at most every `ANNOUNCE_INTERVAL` seconds, and again every `REFRESH_INTERVAL`
+(so a node that restarts learns its peers' soon). Each announcement carries
+the time it was made: gossip delivers a payload once, so without it a digest
+that came back to an earlier value (a service made, then removed) would not be
+delivered again and the peers would keep the one in between. The time also
+orders announcements that arrive out of order;
 `PeerDigests` keeps the latest announcement per peer with the time it came,
 which is what `mesh doctor` compares with the local digest.
 """
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from mesh.state.model import KIND_OF, Record
 
 ANNOUNCE_INTERVAL = 2.0
-REFRESH_INTERVAL = 30.0
+REFRESH_INTERVAL = 10.0
 #: First byte of the gossip user message that carries a digest.
 DIGEST_OP = b"d"
 
@@ -32,9 +37,10 @@ class Digest:
     value: str  # 32 hex digits
     records: int  # live records hashed
 
-    def encode(self, node: str) -> bytes:
+    def encode(self, node: str, at: float) -> bytes:
+        """The announcement; `at` (the sender's wall clock) makes each one a new payload."""
         return DIGEST_OP + json.dumps({"node": node, "digest": self.value,
-                                       "records": self.records}).encode()
+                                       "records": self.records, "at": at}).encode()
 
 
 def digest_of(records: Iterable[Record]) -> Digest:
@@ -55,19 +61,22 @@ class PeerDigest:
     node: str
     digest: Digest
     received_at: float  # the receiver's monotonic clock
+    sent_at: float  # the sender's wall clock
 
 
-def decode(payload: bytes) -> tuple[str, Digest]:
-    """(node, digest) from an announcement; ValueError on anything malformed."""
+def decode(payload: bytes) -> tuple[str, Digest, float]:
+    """(node, digest, sent at) from an announcement; ValueError on anything malformed."""
     body = json.loads(payload[len(DIGEST_OP):])
     if not isinstance(body, dict):
         raise ValueError("digest announcement is not an object")
     node, value, records = body.get("node"), body.get("digest"), body.get("records")
+    at = body.get("at")
     if not (isinstance(node, str) and node and isinstance(value, str) and len(value) == 32
-            and isinstance(records, int) and not isinstance(records, bool) and records >= 0):
+            and isinstance(records, int) and not isinstance(records, bool) and records >= 0
+            and isinstance(at, int | float) and not isinstance(at, bool)):
         raise ValueError("malformed digest announcement")
     int(value, 16)
-    return node, Digest(value, records)
+    return node, Digest(value, records), float(at)
 
 
 class PeerDigests:
@@ -76,8 +85,11 @@ class PeerDigests:
     def __init__(self) -> None:
         self._peers: dict[str, PeerDigest] = {}
 
-    def record(self, node: str, digest: Digest, now: float) -> None:
-        self._peers[node] = PeerDigest(node, digest, now)
+    def record(self, node: str, digest: Digest, sent_at: float, now: float) -> None:
+        """Keep the newest announcement of `node` (an older one arriving late is ignored)."""
+        held = self._peers.get(node)
+        if held is None or sent_at >= held.sent_at:
+            self._peers[node] = PeerDigest(node, digest, now, sent_at)
 
     def forget(self, node: str) -> None:
         self._peers.pop(node, None)
