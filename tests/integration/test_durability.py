@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -77,6 +78,9 @@ async def _register_burst(api: str, count: int, answered: list[dict[str, object]
         if len(answered) >= kill_after and not killed.is_set():
             killed.set()
             assert agent.proc is not None
+            # Freeze it first (all its threads, at once), then kill: the crash lands
+            # at this instant, however fast the agent answers the rest meanwhile.
+            agent.proc.send_signal(signal.SIGSTOP)
             agent.proc.kill()
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:

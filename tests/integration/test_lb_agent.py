@@ -3,7 +3,6 @@ servers, real connections; `GET /v1/lb` and `mesh lb` show what is programmed.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -179,16 +178,6 @@ def test_a_port_the_backend_cannot_take_is_logged_and_counted_not_fatal(
         assert hello(vip, 80) == f"{net}.101:{TASK_PORT}"  # the VIP serves all the same
     finally:
         squatter.close()
-
-
-@pytest.mark.skipif(importlib.util.find_spec("lb.nft") is not None,
-                    reason="lb.nft is part of this build: --lb nftables can start")
-def test_asking_for_a_missing_backend_is_a_clear_error(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path / "data", extra=["--lb", "nftables"])
-    with pytest.raises(RuntimeError, match="agent exited"):
-        agent.start(timeout=15)
-    assert "lb.nft is not part of this build" in agent.log()
-    assert "Traceback" not in agent.log()
 
 
 @pytest.mark.skipif(os.path.exists("/proc/net/ip_vs"), reason="this kernel has ip_vs")
