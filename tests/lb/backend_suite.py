@@ -11,7 +11,9 @@ on loopback.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import pytest
@@ -51,6 +53,17 @@ class Harness(Protocol):
         """Whether everything `make_foreign` made is still there, unchanged."""
 
 
+@contextlib.asynccontextmanager
+async def running(harness: Harness) -> AsyncIterator[Backend]:
+    """A fresh backend started with an empty table, closed however the test ends."""
+    backend = await harness.new_backend()
+    await backend.start({})
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
 async def spread(harness: Harness, key: VirtualKey, count: int) -> Counter[Real | None]:
     return Counter([await harness.hit(key) for _ in range(count)])
 
@@ -59,9 +72,7 @@ class BackendSuite:
     """Subclass and provide a `harness` fixture (function scope)."""
 
     async def test_add_service_with_reals_routes_traffic(self, harness: Harness) -> None:
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             reals = [harness.real(1), harness.real(2)]
             await backend.apply([PutService(key), *(PutReal(key, r, 1) for r in reals)])
@@ -70,35 +81,23 @@ class BackendSuite:
             seen = await spread(harness, key, 20)
             assert set(seen) == set(reals), seen
             assert min(seen.values()) >= 5, f"round robin should alternate: {seen}"
-        finally:
-            await backend.close()
 
     async def test_udp_service(self, harness: Harness) -> None:
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("udp", harness.vip(2), 5353)
             real = harness.real(3, "udp")
             await backend.apply([PutService(key), PutReal(key, real, 1)])
             assert await harness.hit(key) == real
-        finally:
-            await backend.close()
 
     async def test_published_port_on_any_address(self, harness: Harness) -> None:
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("tcp", ANY_ADDRESS, 30080)
             real = harness.real(1)
             await backend.apply([PutService(key), PutReal(key, real, 1)])
             assert await harness.hit(key) == real
-        finally:
-            await backend.close()
 
     async def test_remove_real_and_service(self, harness: Harness) -> None:
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             one, two = harness.real(1), harness.real(2)
             await backend.apply([PutService(key), PutReal(key, one, 1), PutReal(key, two, 1)])
@@ -110,13 +109,9 @@ class BackendSuite:
             assert await harness.hit(key) is None
             # Deleting what is gone is not an error: ops are idempotent.
             await backend.apply([DeleteService(key), DeleteReal(key, one)])
-        finally:
-            await backend.close()
 
     async def test_put_twice_is_an_update(self, harness: Harness) -> None:
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             real = harness.real(1)
             await backend.apply([PutService(key), PutReal(key, real, 1)])
@@ -126,26 +121,18 @@ class BackendSuite:
             assert table[key].options.scheduler == Scheduler.LEAST_CONNECTIONS
             assert table[key].reals == {real: 5}
             assert await harness.hit(key) == real
-        finally:
-            await backend.close()
 
     async def test_weight_zero_drains(self, harness: Harness) -> None:
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             one, two = harness.real(1), harness.real(2)
             await backend.apply([PutService(key), PutReal(key, one, 1), PutReal(key, two, 1)])
             await backend.apply([PutReal(key, one, 0)])
             assert (await backend.read())[key].reals == {one: 0, two: 1}
             assert set(await spread(harness, key, 8)) == {two}
-        finally:
-            await backend.close()
 
     async def test_weights_shape_the_spread(self, harness: Harness) -> None:
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             one, two = harness.real(1), harness.real(2)
             await backend.apply([PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)),
@@ -153,8 +140,6 @@ class BackendSuite:
             seen = await spread(harness, key, 40)
             assert set(seen) == {one, two}
             assert seen[one] >= 2 * seen[two], seen
-        finally:
-            await backend.close()
 
     async def test_restart_reconciles_without_touching_what_matches(self, harness: Harness) -> None:
         first = await harness.new_backend()
@@ -207,15 +192,11 @@ class BackendSuite:
                                                                       harness: Harness) -> None:
         from lb.backend import BackendError
 
-        backend = await harness.new_backend()
-        await backend.start({})
-        try:
+        async with running(harness) as backend:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             with pytest.raises(BackendError):
                 await backend.apply([PutReal(key, harness.real(1), 1)])
             # and the backend still works afterwards
             await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
             assert await harness.hit(key) == harness.real(1)
-        finally:
-            await backend.close()
 
