@@ -294,6 +294,11 @@ class Membership:
         """Every member known, ourselves included; DEAD/LEFT ones for tombstone_timeout."""
         return list(self._members.table)
 
+    def suspicions(self, now: float) -> dict[str, tuple[float, int]]:
+        """Suspected member -> (seconds left before it is declared dead, confirmations)."""
+        return {name: (max(0.0, s.deadline - now), s.confirmations)
+                for name, s in self._members.suspicions.items()}
+
     def health_score(self) -> int:
         """Lifeguard local health multiplier (0 = healthy)."""
         return self._awareness.score

@@ -331,6 +331,15 @@ class Cluster:
         }
 
     def members(self) -> list[dict[str, Any]]:
-        return [{"name": m.name, "address": m.addr[0], "port": m.addr[1],
-                 "status": m.state.name.lower(), "incarnation": m.incarnation}
-                for m in sorted(self.core.members(), key=lambda m: m.name)]
+        suspicions = self.core.suspicions(asyncio.get_running_loop().time())
+        out = []
+        for m in sorted(self.core.members(), key=lambda m: m.name):
+            member: dict[str, Any] = {"name": m.name, "address": m.addr[0], "port": m.addr[1],
+                                      "status": m.state.name.lower(),
+                                      "incarnation": m.incarnation}
+            if m.name in suspicions:
+                left, confirmations = suspicions[m.name]
+                member["suspicion"] = {"dead_in": round(left, 3),
+                                       "confirmations": confirmations}
+            out.append(member)
+        return out

@@ -207,12 +207,19 @@ class TaskOut(_Response):
     version: int
 
 
+class SuspicionOut(_Response):
+    dead_in: float  # seconds until it is declared dead unless it refutes
+    confirmations: int  # independent suspicions received (each shortens the timer)
+
+
 class MemberOut(_Response):
     name: str
     address: str
     port: int
     status: Literal["alive", "suspect", "dead", "left"]
     incarnation: int
+    suspicion: SuspicionOut | None = None  # while suspect: its Lifeguard timer
+
 
 
 class HealthOut(_Response):

@@ -1,9 +1,10 @@
-"""`mesh inspect dns|gossip`: the data plane of this node as it is, for troubleshooting.
+"""`mesh inspect dns|gossip|lb`: the data plane of this node as it is, for troubleshooting.
 
 `dns` lists every record the embedded DNS answers an asker on a network (or on
 the host), the way `dig` would find them one by one; `gossip` shows the
 members with their incarnations and the state digests the peers announced
-(equal digests: equal tables). `mesh lb` shows the L4 table as programmed.
+(equal digests: equal tables) and the suspicion timers of suspected ones;
+`lb` (also `mesh lb`) shows the L4 table as programmed, like `ipvsadm -Ln`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 
 from mesh.cli.commands import JsonObject, Subparsers, add_command, add_noun, json_objects, text
 from mesh.cli.errors import CliError
+from mesh.cli.lb import show_lb
 from mesh.cli.members import row as member_row
 from mesh.cli.output import Context
 
@@ -24,7 +26,9 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
     dns.add_argument("--network", metavar="NET",
                      help="as a task on this network sees it (default: the host, every network)")
     add_command(views, "gossip", _gossip, parents=parents,
-                help="members, incarnations, and whether the peers' tables agree")
+                help="members, incarnations, suspicion timers, whether the tables agree")
+    add_command(views, "lb", show_lb, parents=parents,
+                help="the L4 table as this node's backend has it programmed (= mesh lb)")
 
 
 def _dns(ctx: Context, args: argparse.Namespace) -> int:
@@ -68,8 +72,12 @@ def _gossip(ctx: Context, args: argparse.Namespace) -> int:
         else:
             same = peer.get("digest") == state.get("digest")
             agree = f"{'same' if same else 'DIFFERS'} ({text(peer.get('age'))} s ago)"
-        rows.append([*member_row(member), agree])
-    ctx.emit_table(("NAME", "ADDRESS", "STATUS", "INCARNATION", "TABLES"), rows)
+        suspicion = member.get("suspicion")
+        timer = (f"dead in {text(suspicion.get('dead_in'))} s, "
+                 f"{text(suspicion.get('confirmations'))} confirmations"
+                 if isinstance(suspicion, dict) else "")
+        rows.append([*member_row(member), agree, timer])
+    ctx.emit_table(("NAME", "ADDRESS", "STATUS", "INCARNATION", "TABLES", "SUSPICION"), rows)
     drops = stats.get("drops") or {}
     if drops:
         ctx.emit_line("dropped packets: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))

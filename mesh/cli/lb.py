@@ -11,7 +11,7 @@ from mesh.cli.output import Context
 
 
 def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    add_command(subparsers, "lb", _lb, parents=parents,
+    add_command(subparsers, "lb", show_lb, parents=parents,
                 help="the L4 load-balancer table of this node (like ipvsadm -Ln)")
 
 
@@ -31,7 +31,7 @@ def table_of(answer: JsonObject) -> Table:
     return table
 
 
-def _lb(ctx: Context, args: argparse.Namespace) -> int:
+def show_lb(ctx: Context, args: argparse.Namespace) -> int:
     answer = ctx.client.get("/v1/lb")
     if not isinstance(answer, dict):
         raise CliError("the agent answered something other than an L4 table")

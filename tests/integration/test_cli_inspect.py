@@ -32,3 +32,18 @@ def test_inspect_dns_and_gossip(tmp_path: Path) -> None:
             time.sleep(0.3)
         assert "n1" in shown and "same (" in shown, shown
         assert mesh_json(first, "inspect", "gossip")["gossip"]["state"]["records"] >= 3
+
+
+def test_inspect_shows_suspicion_timers_and_the_lb_table(tmp_path: Path) -> None:
+    with gossip_cluster(tmp_path, 3) as agents:
+        assert "Prot LocalAddress:Port" in mesh(agents[0], "inspect", "lb").stdout
+        agents[2].kill()
+        seen = None
+        deadline = time.monotonic() + 15
+        while seen is None and time.monotonic() < deadline:
+            for member in agents[0].request("GET", "/v1/members")[1]:
+                if member["name"] == "n2" and member["status"] == "suspect":
+                    seen = member
+            time.sleep(0.02)
+        assert seen is not None, "n2 was never seen suspect"
+        assert seen["suspicion"]["dead_in"] >= 0 and seen["suspicion"]["confirmations"] >= 0
