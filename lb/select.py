@@ -10,6 +10,7 @@ error (`SelectError`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -78,8 +79,11 @@ def _load(module: str, probes: Probes) -> ModuleType:
         raise SelectError(f"{module} is not part of this build ({exc})") from None
 
 
-def _ipvs(probes: Probes) -> Backend:
-    backend: Backend = _load("lb.ipvs", probes).IpvsBackend()
+def _ipvs(probes: Probes, settings: ProxySettings) -> Backend:
+    ipvs = _load("lb.ipvs", probes)
+    # The proxy's idle timeout is IPVS's tcp timeout (`--lb-tcp-idle`): one setting for both.
+    timeouts = dataclasses.replace(ipvs.DEFAULT_TIMEOUTS, tcp=int(settings.tcp_idle_timeout))
+    backend: Backend = ipvs.IpvsBackend(timeouts=timeouts)
     return backend
 
 
@@ -96,7 +100,7 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
         if not probes.has_ip_vs():
             raise SelectError("--lb ipvs: this kernel has no ip_vs (no /proc/net/ip_vs, and "
                               "modprobe ip_vs did not load it)")
-        return Choice(_ipvs(probes), "asked for (--lb ipvs)")
+        return Choice(_ipvs(probes, settings), "asked for (--lb ipvs)")
     if requested == "nftables":
         if not probes.nft_works():
             raise SelectError("--lb nftables: `nft list tables` fails here (is nft installed, "
@@ -107,7 +111,7 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
     passed: list[str] = []
     if probes.has_ip_vs():
         try:
-            return Choice(_ipvs(probes), "the kernel has ip_vs")
+            return Choice(_ipvs(probes, settings), "the kernel has ip_vs")
         except SelectError as exc:
             passed.append(f"ipvs: {exc}")
     else:

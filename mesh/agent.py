@@ -183,7 +183,8 @@ class Agent:
     async def _start_lb(self) -> None:
         config = self.config
         try:
-            choice = choose(config.lb, ProxySettings(publish_address=config.publish_address))
+            choice = choose(config.lb, ProxySettings(publish_address=config.publish_address,
+                                                     tcp_idle_timeout=config.lb_tcp_idle))
         except SelectError as exc:
             raise MeshStartError(str(exc)) from None
         event(log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb,

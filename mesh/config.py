@@ -97,6 +97,9 @@ class AgentConfig:
     #: where the userspace proxy binds published ports: every address by default;
     #: agents sharing one host (tests) each give their own address
     publish_address: str = "0.0.0.0"
+    #: seconds an idle TCP connection is kept by the load balancer (IPVS's tcp timeout,
+    #: the userspace proxy's idle timeout): past Linux's 2 h keepalive, unlike IPVS's 900
+    lb_tcp_idle: float = 7800.0
     keyring: Path | None = None
     address_pool: str
     api_token: str | None = field(default=None, repr=False)
@@ -210,6 +213,9 @@ _FLAGS: dict[str, str] = {
     "publish-address": "address the userspace load balancer binds published ports to "
                        "(default 0.0.0.0: every address; give each agent its own when "
                        "several share one host)",
+    "lb-tcp-idle": "seconds an idle TCP connection is kept by the ipvs and userspace load "
+                   "balancers (default 7800: past Linux's 2 h keepalive; IPVS's own default "
+                   "cuts at 900)",
     "keyring": "file holding the gossip encryption keys",
     "address-pool": "CIDR that network subnets are carved from, one /24 each "
                     "(default 10.0.0.0/8, or 127.16.0.0/12 without root)",
@@ -231,7 +237,7 @@ _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers":
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
              "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
              "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL",
-             "tombstone-reap": "SECONDS", "publish-address": "ADDR",
+             "tombstone-reap": "SECONDS", "publish-address": "ADDR", "lb-tcp-idle": "SECONDS",
              "http-workers": "N", "tls-cert": "HOST=CERT,KEY",
              "http-access-log": "on|off", "http-header-timeout": "SECONDS",
              "http-upstream-timeout": "SECONDS", "http-max-body": "BYTES"}
@@ -290,6 +296,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return values
 
 
+def _lb_tcp_idle(values: dict[str, Any]) -> float:
+    idle = _number(values, "lb_tcp_idle", 7800.0, float)
+    if not 1 <= idle <= 30 * 86400:  # IPVS takes whole seconds
+        raise ConfigError(f"lb-tcp-idle {idle:g}: 1 to {30 * 86400} seconds")
+    return idle
+
+
 def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
     node_name = str(values.get("node_name") or socket.gethostname().split(".")[0] or "node")
     drain_grace = _number(values, "drain_grace", 2.0, float)
@@ -323,6 +336,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         lb=str(values.get("lb", "auto")),
         publish_address=_ip_address(str(values.get("publish_address", "0.0.0.0")),
                                     "publish-address"),
+        lb_tcp_idle=_lb_tcp_idle(values),
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
         address_pool=str(values.get("address_pool") or (DEFAULT_POOL if root
                                                          else UNPRIVILEGED_POOL)),

@@ -26,7 +26,7 @@ class ProxySettings:
     connect_timeout: float = 3.0
     #: a TCP connection with no byte either way for this long is closed. Long on
     #: purpose: the complaint about IPVS is idle connections cut at 900 s.
-    tcp_idle_timeout: float = 3600.0
+    tcp_idle_timeout: float = 7800.0
     #: a UDP flow (client address -> its real) is forgotten after this long idle
     udp_idle_timeout: float = 30.0
     #: open TCP connections plus UDP flows, over all virtual services

@@ -82,3 +82,11 @@ def test_host_port_forms() -> None:
     assert parse_host_port("[::1]:53", None, "dns") == HostPort("::1", 53)
     assert parse_host_port("node-2", 7946, "join") == HostPort("node-2", 7946)
     assert str(HostPort("::1", 53)) == "[::1]:53"
+
+
+def test_lb_tcp_idle_defaults_past_keepalive_and_is_bounded() -> None:
+    assert load_config([], env={}).lb_tcp_idle == 7800.0
+    assert load_config(["--lb-tcp-idle", "86400"], env={}).lb_tcp_idle == 86400.0
+    for bad in ("0", "-5", "9e9", "soon"):
+        with pytest.raises(ConfigError, match="lb-tcp-idle"):
+            load_config(["--lb-tcp-idle", bad], env={})

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from lb.ipvs import DEFAULT_TIMEOUTS, Timeouts
 from lb.select import Probes, SelectError, choose
 from lb.userspace import ProxySettings, UserspaceBackend
 
@@ -26,6 +27,7 @@ def modules(*present: str) -> Any:
         module = types.ModuleType(name)
         module.IpvsBackend = lambda **kw: FakeKernelBackend("ipvs", **kw)  # type: ignore[attr-defined]
         module.NftablesBackend = lambda **kw: FakeKernelBackend("nftables", **kw)  # type: ignore[attr-defined]
+        module.DEFAULT_TIMEOUTS = DEFAULT_TIMEOUTS  # type: ignore[attr-defined]
         return module
     return import_module
 
@@ -38,6 +40,9 @@ def probes(*, ip_vs: bool = False, root: bool = True, nft: bool = True,
 
 def test_auto_prefers_ipvs_then_nftables_then_userspace() -> None:
     assert choose("auto", SETTINGS, probes(ip_vs=True)).backend.name == "ipvs"
+    idle = choose("ipvs", ProxySettings(tcp_idle_timeout=86400), probes(ip_vs=True)).backend
+    assert idle.kwargs == {"timeouts": Timeouts(tcp=86400, tcp_fin=DEFAULT_TIMEOUTS.tcp_fin,  # type: ignore[attr-defined]
+                                                udp=DEFAULT_TIMEOUTS.udp)}
     chosen = choose("auto", SETTINGS, probes())
     assert chosen.backend.name == "nftables"
     assert chosen.backend.kwargs == {"table": "meshplane"}  # type: ignore[attr-defined]
