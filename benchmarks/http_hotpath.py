@@ -17,7 +17,6 @@ microseconds. It checks the bytes that came out, so a faster wrong answer fails.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import pstats
 import sys
@@ -30,12 +29,12 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lb.http.proxy import ClientConnection  # noqa: E402
-from lb.http.router import Router  # noqa: E402
-from lb.http.routes import RouteTable  # noqa: E402
-from lb.http.settings import RouterSettings  # noqa: E402
-from lb.http.upstream import UpstreamConnection  # noqa: E402
-from mesh.state.model import Health, Service, Task  # noqa: E402
+from lb.http.proxy import ClientConnection
+from lb.http.router import Router
+from lb.http.routes import RouteTable
+from lb.http.settings import RouterSettings
+from lb.http.upstream import UpstreamConnection
+from mesh.state.model import Health, Service, Task
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: svc0.bench\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 15:30:00 GMT\r\n"
