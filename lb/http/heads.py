@@ -90,9 +90,9 @@ def _tokens(value: bytes) -> list[bytes]:
 def _drop_named(kept: list[tuple[bytes, bytes]],
                 connection: list[bytes]) -> list[tuple[bytes, bytes]]:
     """Remove the headers a Connection header names (RFC 9110 §7.6.1)."""
-    named = set(connection) - _NOT_HEADERS
-    if not named:
+    if _NOT_HEADERS.issuperset(connection):  # the common `keep-alive`/`close`: no set made
         return kept
+    named = set(connection) - _NOT_HEADERS
     return [(n, v) for n, v in kept if n.lower() not in named]
 
 
