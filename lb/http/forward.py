@@ -58,7 +58,7 @@ class ForwardingConnection(ConnectionCore):
         sticky = None
         if route.sticky_cookie:
             sticky = cookie_value(head.cookies, route.sticky_cookie.encode("latin-1"))
-        endpoint = self.r.balancer.pick(match, sticky, stats=stats) if match.endpoints else None
+        endpoint = self.r.balancer.pick(match, sticky, (), stats) if match.endpoints else None
         if endpoint is None:
             self.r.stats.no_endpoint += 1
             self._local(503, "no healthy task serves this route")
@@ -205,12 +205,14 @@ class ForwardingConnection(ConnectionCore):
         self._response_chunked = chunked
         self._keep_alive = keep
         extra = None if self._set_cookie is None else [(b"Set-Cookie", self._set_cookie)]
-        self._write(client_response(head, chunked=chunked, keep_alive=keep,
-                                    http11=rhead.http11, extra=extra))
+        self._write(client_response(head, chunked, keep, rhead.http11, extra))
 
     def on_upstream_body(self, data: bytes) -> None:
         self._bytes_out += len(data)
-        if self._response_chunked:
+        out = self._out
+        if out is not None and not self._response_chunked:  # the common case, inline
+            out.append(data)
+        elif self._response_chunked:
             self._write(b"%x\r\n" % len(data))
             self._write(data)
             self._write(b"\r\n")

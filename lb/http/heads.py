@@ -90,9 +90,9 @@ def _tokens(value: bytes) -> list[bytes]:
 def _drop_named(kept: list[tuple[bytes, bytes]],
                 connection: list[bytes]) -> list[tuple[bytes, bytes]]:
     """Remove the headers a Connection header names (RFC 9110 §7.6.1)."""
-    named = set(connection) - _NOT_HEADERS
-    if not named:
+    if _NOT_HEADERS.issuperset(connection):  # the common `keep-alive`/`close`: no set made
         return kept
+    named = set(connection) - _NOT_HEADERS
     return [(n, v) for n, v in kept if n.lower() not in named]
 
 
@@ -157,11 +157,10 @@ def read_request(method: bytes, target: bytes, version: str, headers: list[tuple
             upgrade = None
     else:
         upgrade = None
-    return RequestHead(method=method, target=target, http11=http11, headers=kept,
-                       host=host.decode("latin-1"), content_length=content_length,
-                       chunked=chunked, upgrade=upgrade, expect_continue=expect_continue,
-                       keep_alive=keep_alive, cookies=cookies, forwarded_for=forwarded_for,
-                       forwarded=forwarded)
+    # Positional, in field order: a call with 13 keywords costs ~0.3 us more, per request.
+    return RequestHead(method, target, http11, kept, host.decode("latin-1"), content_length,
+                       chunked, upgrade, expect_continue, keep_alive, cookies, forwarded_for,
+                       forwarded)
 
 
 def _forwarded_node(ip: str) -> str:
@@ -238,14 +237,18 @@ def read_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     if connection:
         kept = _drop_named(kept, connection)
     close = b"close" in connection or (not http11 and b"keep-alive" not in connection)
-    return ResponseHead(status=status, reason=reason, headers=kept,
-                        content_length=None if chunked else content_length, chunked=chunked,
-                        upstream_close=close, upgrade=upgrade)
+    # Positional, in field order (status, reason, headers, content_length, chunked,
+    # upstream_close, upgrade): cheaper than keywords, and this runs per response.
+    return ResponseHead(status, reason, kept, None if chunked else content_length, chunked,
+                        close, upgrade)
 
 
-def client_response(head: ResponseHead, *, chunked: bool, keep_alive: bool, http11: bool,
+def client_response(head: ResponseHead, chunked: bool, keep_alive: bool, http11: bool,
                     extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
-    """The response head sent to the client; `chunked` re-frames the body."""
+    """The response head sent to the client; `chunked` re-frames the body.
+
+    (Not keyword-only: the relay calls it positionally, once per response.)
+    """
     parts = [b"%s %d %s\r\n" % (b"HTTP/1.1" if http11 else b"HTTP/1.0", head.status,
                                   head.reason)]
     parts += [b"%s: %s\r\n" % header for header in head.headers]

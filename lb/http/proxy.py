@@ -108,7 +108,10 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._parse_failed(400, str(error))
         finally:
-            self.flush()
+            if self._out:
+                self.flush()
+            else:
+                self._out = None  # (a forwarded request went straight to the task)
 
     def _parse_failed(self, status: int, reason: str) -> None:
         if self._broken:

@@ -225,7 +225,9 @@ class Pool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        idle = self.idle.setdefault(conn.key, [])
+        idle = self.idle.get(conn.key)
+        if idle is None:  # (not setdefault: that would make an empty list on every call)
+            idle = self.idle[conn.key] = []
         if (not conn.reusable or len(idle) >= self.size or conn.transport is None
                 or conn.transport.is_closing()):
             conn.close()
