@@ -37,6 +37,7 @@ from mesh.digest import (
     ANNOUNCE_INTERVAL,
     DIGEST_OP,
     REFRESH_INTERVAL,
+    Digest,
     PeerDigests,
     digest_of,
 )
@@ -209,6 +210,7 @@ class Cluster:
         self._join_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._digest_task: asyncio.Task[None] | None = None
+        self._digest: tuple[int, Digest] | None = None  # (feed seq, digest then)
         self._rng = random.Random()
         self.reconnects = 0
         self.oversized = 0
@@ -274,7 +276,7 @@ class Cluster:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(ANNOUNCE_INTERVAL)
-            digest = digest_of(self._control.store.all_records())
+            digest = self._state_digest()
             if self.shell is None or (digest.value == last
                                       and loop.time() - last_sent < REFRESH_INTERVAL):
                 continue
@@ -282,9 +284,21 @@ class Cluster:
             self.shell.flush()
             last, last_sent = digest.value, loop.time()
 
+    def _state_digest(self) -> Digest:
+        """The digest of the store, hashed again only after the change feed moved.
+
+        Every write the store takes (API, gossip merge, health) is published on
+        the feed, so an unchanged sequence number means unchanged records: an
+        idle node does not rehash its whole state every announce interval.
+        """
+        seq = self._control.feed.seq
+        if self._digest is None or self._digest[0] != seq:
+            self._digest = (seq, digest_of(self._control.store.all_records()))
+        return self._digest[1]
+
     def digests(self) -> dict[str, Any]:
         """This node's digest now, and the latest each peer announced (for `mesh doctor`)."""
-        digest = digest_of(self._control.store.all_records())
+        digest = self._state_digest()
         now = asyncio.get_running_loop().time()
         alive = {m.name for m in self.core.members() if m.state is MemberState.ALIVE}
         return {"digest": digest.value, "records": digest.records,
