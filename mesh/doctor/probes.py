@@ -237,18 +237,18 @@ def _dns(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     for service in services:
+        if not service.get("networks"):
+            continue  # on no network: the service has no name to resolve
         name = str(service["name"])
         healthy = sorted({t["address"] for t in tasks if t["service"] == name and _healthy(t)})
         if service.get("endpoint_mode") == "dnsrr":
             expected = healthy
         else:
             vips = {v["network"]: v["address"] for v in service.get("vips", [])}
-            first = next((n for n in service.get("networks", []) if n in vips), None)
+            first = next((n for n in service["networks"] if n in vips), None)
             if first is None:
-                continue  # no network, no VIP: the service has no name to resolve
+                continue
             expected = [vips[first]]
-        if not service.get("networks"):
-            continue
         for qname, want in ((name, expected), (f"tasks.{name}", healthy)):
             facts.dns[qname] = (want, query_a(host, int(port), qname))
 
