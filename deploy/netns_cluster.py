@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ NETNS_ETC = Path("/etc/netns")
 CLONE_NEWNET = 0x40000000
 API = "127.0.0.1:2377"
 GOSSIP_PORT = 7946
+#: Seconds `task` waits for a service made on another node to be gossiped to this one.
+SERVICE_WAIT = 10.0
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 #: A task: a threaded HTTP server answering every GET with "<ident>\n" (and TCP checks).
@@ -224,15 +227,19 @@ def _start_agent(layout: Layout, index: int, lb: str, profile: str, dns_upstream
     ns = layout.node_ns(index)
     argv = agent_argv(layout, index, lb, profile, dns_upstream, extra)
     log = layout.state_dir / f"n{index}.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = _spawn_agent(ns, argv, log)
+    return {"index": index, "ns": ns, "address": layout.node_address(index),
+            "pid": proc.pid, "argv": argv, "log": str(log)}
+
+
+def _spawn_agent(ns: str, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         # Its own session: the agent outlives this command; `ip netns exec` execs it,
         # so the pid recorded is the agent's.
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out,
+        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=REPO, start_new_session=True)
-    return {"index": index, "ns": ns, "address": layout.node_address(index),
-            "pid": proc.pid, "argv": argv, "log": str(log)}
+                                env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO,
+                                start_new_session=True)
 
 
 def _wait_converged(layout: Layout, timeout: float) -> None:
@@ -275,11 +282,7 @@ def start_agent(state: dict[str, Any], index: int, timeout: float = 30.0) -> Non
     node = _node(state, index)
     if _alive(node["pid"]):
         raise ClusterError(f"n{index} is running (pid {node['pid']})")
-    with Path(node["log"]).open("ab") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", node["ns"], *node["argv"]],
-                                stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+    proc = _spawn_agent(node["ns"], node["argv"], Path(node["log"]))
     for entry in state["nodes"]:
         if entry["index"] == index:
             entry["pid"] = proc.pid
@@ -307,9 +310,16 @@ def add_task(state: dict[str, Any], node: int, service: str, port: int,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_listening(entry["ns"], entry["address"], port, proc)
     mapping = [] if target is None else ["--port", f"{target}={port}"]
-    done = run(["ip", "netns", "exec", entry["ns"], sys.executable, "-m", "mesh", "--json",
-                "task", "add", service, "--address", entry["address"], *mapping],
-               check=False, env=dict(os.environ, PYTHONPATH=str(REPO), MESH_API=API))
+    # A service just made on another node reaches this one by gossip: give it a moment.
+    deadline = time.monotonic() + SERVICE_WAIT
+    while True:
+        done = run(["ip", "netns", "exec", entry["ns"], sys.executable, "-m", "mesh", "--json",
+                    "task", "add", service, "--address", entry["address"], *mapping],
+                   check=False, env=dict(os.environ, PYTHONPATH=str(REPO), MESH_API=API))
+        if done.returncode == 0 or "not_found" not in done.stderr or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if done.returncode != 0:
         _kill([proc.pid])
         raise ClusterError(done.stderr.strip() or "mesh task add failed")
@@ -321,8 +331,6 @@ def add_task(state: dict[str, Any], node: int, service: str, port: int,
 
 
 def _wait_listening(ns: str, address: str, port: int, proc: subprocess.Popen[Any]) -> None:
-    import socket
-
     def probe() -> bool:
         with socket.socket() as sock:
             sock.settimeout(0.5)
