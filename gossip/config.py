@@ -42,6 +42,12 @@ class GossipConfig:
     """Seconds to wait for a direct ack before asking `indirect_checks` peers to probe
     (SWIM ping-req). Not scaled by health (memberlist state.go). Must be < probe_interval."""
 
+    probe_rota: bool = True
+    """Pick probe targets by the rota (`gossip/rota.py`): in each period of a clock the
+    nodes share, every member is probed by exactly one node, so a crash is first probed
+    within two periods. False: memberlist's shuffled round-robin, where that wait is
+    near-exponential (one period mean, several at the tail)."""
+
     indirect_checks: int = 3
     """Peers asked to probe on our behalf after a direct probe timed out (SWIM k)."""
 

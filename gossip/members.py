@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 from gossip.config import GossipConfig
 from gossip.messages import Addr, Alive, Dead, MemberState, Suspect
+from gossip.rota import ProbeRota
 from gossip.suspicion import Suspicion
 
 __all__ = [
@@ -213,6 +214,13 @@ class ProbeRing:
         j = rng.randrange(len(self._names))
         self._names[-1], self._names[j] = self._names[j], self._names[-1]
 
+    def step(self, rng: random.Random) -> None:
+        """Count a probe whose target the rota chose: the ring still wraps, and so
+        reaps, once every len(ring) probes, as it does when `next` picks."""
+        self._index += 1
+        if self._index >= len(self._names):
+            self._wrap(rng)
+
     def next(self, accept: Callable[[str], bool], rng: random.Random) -> str | None:
         """The next name `accept` takes, wrapping (and reshuffling) at most once per call."""
         for _ in range(2 * len(self._names) + 1):
@@ -266,13 +274,14 @@ class Change:
 
 
 class MemberStates:
-    """Table + probe ring + suspicion timers (memberlist state.go aliveNode, suspectNode,
-    deadNode, resetNodes), changed only through the apply_* methods."""
+    """Table + probe ring and rota + suspicion timers (memberlist state.go aliveNode,
+    suspectNode, deadNode, resetNodes), changed only through the apply_* methods."""
 
     def __init__(self, config: GossipConfig, rng: random.Random, *, lifeguard: bool) -> None:
         self.config, self.lifeguard, self._rng = config, lifeguard, rng
         self.table = MemberTable()
         self.ring = ProbeRing(self._reap)
+        self.rota = ProbeRota()  # the ALIVE and SUSPECT members, ourselves included
         self.suspicions: dict[str, Suspicion] = {}
         self._now = 0.0
         self._protected = ""  # ourselves: never reaped
@@ -281,6 +290,7 @@ class MemberStates:
         self._protected = member.name
         self.table.set(member)
         self.ring.add(member.name, self._rng)
+        self.rota.set(member.name, True)
 
     def apply_alive(self, alive: Alive, now: float) -> Change | None:
         self._now = now
@@ -369,8 +379,10 @@ class MemberStates:
         if member.state is not _S:
             self.suspicions.pop(member.name, None)
         self.table.set(member)
-        if member.state in (_A, _S):
+        live = member.state in (_A, _S)
+        if live:
             self.ring.add(member.name, self._rng)
+        self.rota.set(member.name, live)
         return change
 
     def _reap(self, names: list[str]) -> list[str]:

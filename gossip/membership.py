@@ -13,8 +13,9 @@ input sequence give one run.
 
 Failure detection (SWIM §4, memberlist state.go probe/probeNode). Each
 protocol period — `probe_interval * (health + 1)`, Lifeguard's LHA-Probe —
-the next member of a shuffled round-robin ring (`members.ProbeRing`) gets a
-Ping; a SUSPECT target also gets the Suspect in the same packet so it can
+the member the rota gives for that period (`rota.py`: every member probed by
+exactly one node per period; or, with `probe_rota=False`, the next member of
+memberlist's shuffled round-robin ring, `members.ProbeRing`) gets a Ping; a SUSPECT target also gets the Suspect in the same packet so it can
 refute at once (Lifeguard buddy system). No Ack within `probe_timeout`: ask
 `indirect_checks` random alive peers with IndirectPing(nack=True); they ping
 the target and relay its Ack, or answer Nack after their own probe_timeout.
@@ -111,6 +112,10 @@ STAT_NAMES = (
 """Keys of `Membership.stats`, all present from the start."""
 
 
+NACK_FRACTION = 0.8
+"""A relay's nack delay, as a fraction of the time the prober has left after asking."""
+
+
 class StateDelegate(Protocol):
     """The layer above: the agent's replicated tables (memberlist delegate.go)."""
 
@@ -140,8 +145,8 @@ class _Probe:
 class _Relay:
     reply_to: Addr
     seq: int  # the requester's sequence number
-    deadline: float
-    nack: bool
+    deadline: float  # forget it: an Ack later than this is no use to the requester
+    nack_at: float | None  # when to Nack if no Ack came; None: not asked, or sent
 
 
 class Membership:
@@ -150,7 +155,7 @@ class Membership:
     def __init__(self, config: GossipConfig, name: str, addr: Addr, *,
                  rng: random.Random, now: float, meta: bytes = b"",
                  state: StateDelegate | None = None, lifeguard: bool = True,
-                 incarnation: int = 0) -> None:
+                 incarnation: int = 0, wall_offset: float = 0.0) -> None:
         if not 1 <= len(name) <= MAX_NAME:
             raise ConfigError(f"name must be 1..{MAX_NAME} chars")
         if len(meta) > MAX_META or incarnation < 0:
@@ -170,7 +175,20 @@ class Membership:
         self._events: deque[Event] = deque()
         self._recent_user = RecentDigests(config.recent_user_messages)
         # Stagger the periodic work inside its first interval (memberlist triggerFunc).
-        self._next_probe = now + rng.random() * config.probe_interval
+        # The rota's periods are slots of a clock the cluster shares (`now +
+        # wall_offset`: Unix time in the agent); each node probes at its own phase in
+        # the slot, so the probes of one period are spread over it.
+        self._wall_offset = wall_offset
+        # A relay nacks early enough for the nack to reach a healthy prober before its
+        # period ends: 80% of the time left to it after it asked (the Lifeguard paper's
+        # footnote; apple/swift-cluster-membership). memberlist nacks at probe_timeout,
+        # a few ms after that deadline, so every failed probe at health 0 counted each
+        # relay as silent and raised the prober's health by 3 (docs/gossip.md).
+        self._nack_delay = NACK_FRACTION * min(config.probe_timeout,
+                                               config.probe_interval - config.probe_timeout)
+        self._probe_phase = rng.random() * config.probe_interval
+        self._next_probe = (self._slot_time(self._slot(now) + 1) if config.probe_rota
+                            else now + self._probe_phase)
         self._next_gossip = now + rng.random() * config.gossip_interval
         self._next_push_pull = (now + rng.random() * config.push_pull_interval
                                 if config.push_pull_interval > 0 else math.inf)
@@ -285,6 +303,7 @@ class Membership:
             if not self._probe.indirect_sent:
                 times.append(self._probe.indirect_at)
         times.extend(r.deadline for r in self._relays.values())
+        times.extend(r.nack_at for r in self._relays.values() if r.nack_at is not None)
         times.extend(s.deadline for s in self._members.suspicions.values())
         return min(times)
 
@@ -324,9 +343,17 @@ class Membership:
         # health score, answered or not. memberlist keeps a 1 s ticker and stretches only
         # the probe's wait; measured, that let slow nodes accuse ~40x more (docs/gossip.md).
         period = self._awareness.scale(self.config.probe_interval)
-        self._next_probe = now + period
         self._members.tick(now)  # the ring may wrap and reap
-        name = None if self._left else self._members.ring.next(self._probeable, self._rng)
+        if self.config.probe_rota:
+            slot = self._slot(now)
+            self._next_probe = max(self._slot_time(slot + self._awareness.score + 1),
+                                   self._slot_time(math.floor(self._slot_float(now)) + 1))
+            name = None if self._left else self._members.rota.target(
+                self.name, slot, self._probeable)
+            self._members.ring.step(self._rng)
+        else:
+            self._next_probe = now + period
+            name = None if self._left else self._members.ring.next(self._probeable, self._rng)
         if name is None:
             return
         target = self._members.table[name]
@@ -338,6 +365,18 @@ class Membership:
         self._probe = _Probe(seq, name, target.incarnation,
                              now + self.config.probe_timeout, now + period)
         self.stats["probes"] += 1
+
+    def _slot_float(self, now: float) -> float:
+        return (now + self._wall_offset - self._probe_phase) / self.config.probe_interval
+
+    def _slot(self, now: float) -> int:
+        """The rota period our probe at `now` belongs to (rounded: a timer a little
+        early or late still lands in its own slot)."""
+        return round(self._slot_float(now))
+
+    def _slot_time(self, slot: int) -> float:
+        """Our `now` at which our probe of rota period `slot` is due."""
+        return slot * self.config.probe_interval + self._probe_phase - self._wall_offset
 
     def _probeable(self, name: str) -> bool:
         member = self._members.table.get(name)
@@ -384,10 +423,11 @@ class Membership:
 
     def _expire_relays(self, now: float) -> None:
         for seq, relay in list(self._relays.items()):
+            if relay.nack_at is not None and now >= relay.nack_at:
+                relay.nack_at = None
+                self._send(relay.reply_to, [Nack(seq=relay.seq)])
             if now >= relay.deadline:
                 del self._relays[seq]
-                if relay.nack:
-                    self._send(relay.reply_to, [Nack(seq=relay.seq)])
 
     # -- incoming messages ----------------------------------------------------
 
@@ -420,7 +460,8 @@ class Membership:
 
     def _on_indirect_ping(self, req: IndirectPing, source: Addr, now: float) -> None:
         seq = self._next_seq()
-        self._relays[seq] = _Relay(source, req.seq, now + self.config.probe_timeout, req.nack)
+        self._relays[seq] = _Relay(source, req.seq, now + self.config.probe_timeout,
+                                   now + self._nack_delay if req.nack else None)
         self._send(req.target_addr, [Ping(seq=seq, target=req.target, source=self.name,
                                           source_addr=self.addr)])
         self.stats["relayed_pings"] += 1

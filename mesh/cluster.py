@@ -204,8 +204,11 @@ class Cluster:
                                  lambda changes: control.feed.publish(changes, shown=True))
         control.feed.set_filter(self.liveness.transform, self.liveness.hide)
         loop = asyncio.get_event_loop()
+        # The probe rota's periods are slots of Unix time, which the nodes share (NTP);
+        # the core's own clock stays the loop's monotonic one.
         self.core = Membership(config, name, advertise, rng=rng or random.Random(),
-                               now=loop.time(), state=self.state, incarnation=incarnation)
+                               now=loop.time(), state=self.state, incarnation=incarnation,
+                               wall_offset=time.time() - loop.time())
         self.name = name
         self._join_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
