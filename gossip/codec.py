@@ -67,6 +67,7 @@ MAX_NAME = 255
 MAX_META = 512  # memberlist MetaMaxSize
 MAX_NODES = 1_048_576  # memberlist maxPushPullNodes
 MAX_INT = 2**63
+MAX_LATENESS_MS = 600_000  # an Alive's announced lateness (gossip/lateness.py)
 COMPOUND_OVERHEAD = 5
 """Bytes a COMPOUND adds besides its parts: version + type + a msgpack array header (<= 3)."""
 
@@ -147,7 +148,8 @@ def _fields(message: Message) -> list[Any]:
         case Nack():
             return [message.seq]
         case Alive():
-            return [message.incarnation, message.node, list(message.addr), message.meta]
+            return [message.incarnation, message.node, list(message.addr), message.meta,
+                    message.lateness_ms]
         case Suspect() | Dead():
             return [message.incarnation, message.node, message.sender]
         case User():
@@ -233,8 +235,8 @@ class _Fields:
     def fail(self, why: str) -> NoReturn:
         raise DecodeError("bad_fields", f"{self.kind}: {why}")
 
-    def uint(self, i: int, hi: int = MAX_INT) -> int:
-        v = self._get(i)
+    def uint(self, i: int, hi: int = MAX_INT, *, default: int | None = None) -> int:
+        v = self._get(i) if default is None else self._get(i, default)
         if type(v) is not int or not 0 <= v <= hi:
             self.fail(f"field {i} must be an int in 0..{hi}")
         return v
@@ -293,7 +295,8 @@ def _nack(f: _Fields) -> Nack:
 
 
 def _alive(f: _Fields) -> Alive:
-    return Alive(incarnation=f.uint(0), node=f.name(1), addr=f.addr(2), meta=f.blob(3, MAX_META))
+    return Alive(incarnation=f.uint(0), node=f.name(1), addr=f.addr(2), meta=f.blob(3, MAX_META),
+                 lateness_ms=f.uint(4, MAX_LATENESS_MS, default=0))
 
 
 def _suspect(f: _Fields) -> Suspect:

@@ -67,6 +67,21 @@ class GossipConfig:
     """Lifeguard local health: the score ranges 0 .. this - 1, stretching the probe period
     up to this many times (8 s at LAN defaults)."""
 
+    lateness: bool = True
+    """Our extension of Lifeguard (`gossip/lateness.py`): a node measures how late it
+    answers (the 75th percentile of its recent probe round trips), waits that much
+    longer for its own probes and announces it in its Alive; its probers and their
+    relays wait that much longer for it. A slow but alive node then neither accuses
+    others nor is suspected every few seconds; one that then crashes is found that
+    much later. Only with Lifeguard on."""
+
+    lateness_window: float = 30.0
+    """Seconds of probe round trips the lateness is measured over."""
+
+    lateness_ttl: float = 60.0
+    """Seconds an announced lateness is trusted; a node still late re-announces every
+    half of it."""
+
     gossip_interval: float = 0.2
     """Seconds between gossip rounds (dissemination separate from probing, Serf's deviation)."""
 
@@ -111,7 +126,8 @@ class GossipConfig:
     """How many recent User payload digests are remembered to deliver each one once."""
 
     def __post_init__(self) -> None:
-        for name in ("probe_interval", "probe_timeout", "gossip_interval", "tcp_timeout"):
+        for name in ("probe_interval", "probe_timeout", "gossip_interval", "tcp_timeout",
+                     "lateness_window", "lateness_ttl"):
             _require(getattr(self, name) > 0, f"{name} must be > 0")
         _require(self.probe_timeout < self.probe_interval,
                  "probe_timeout must be < probe_interval (SWIM: the timeout fits in a period)")

@@ -63,6 +63,8 @@ class MemberInfo:
     incarnation: int
     meta: bytes = b""
     state_since: float = 0.0
+    lateness: float = 0.0  # seconds it said it answers late, in its last Alive ...
+    lateness_at: float = 0.0  # ... and our `now` when that Alive arrived (gossip/lateness.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +299,8 @@ class MemberStates:
         held = self.table.get(alive.node)
         if held is None:
             member = MemberInfo(name=alive.node, addr=alive.addr, state=_A,
-                                incarnation=alive.incarnation, meta=alive.meta, state_since=now)
+                                incarnation=alive.incarnation, meta=alive.meta, state_since=now,
+                                lateness=alive.lateness_ms / 1000, lateness_at=now)
             return self._store(Change(member, MemberJoined(member), "joins"))
         if alive.addr != held.addr:
             if not self._reclaimable(held, now):  # memberlist: "Conflicting address"
@@ -306,7 +309,8 @@ class MemberStates:
             return None
         member = MemberInfo(name=alive.node, addr=alive.addr, state=_A,
                             incarnation=alive.incarnation, meta=alive.meta,
-                            state_since=held.state_since if held.state is _A else now)
+                            state_since=held.state_since if held.state is _A else now,
+                            lateness=alive.lateness_ms / 1000, lateness_at=now)
         if held.state is not _A:
             return self._store(Change(member, MemberAlive(member), "rejoins"))
         if (held.meta, held.addr) != (alive.meta, alive.addr):

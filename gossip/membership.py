@@ -15,12 +15,16 @@ Failure detection (SWIM §4, memberlist state.go probe/probeNode). Each
 protocol period — `probe_interval * (health + 1)`, Lifeguard's LHA-Probe —
 the member the rota gives for that period (`rota.py`: every member probed by
 exactly one node per period; or, with `probe_rota=False`, the next member of
-memberlist's shuffled round-robin ring, `members.ProbeRing`) gets a Ping; a SUSPECT target also gets the Suspect in the same packet so it can
-refute at once (Lifeguard buddy system). No Ack within `probe_timeout`: ask
+memberlist's shuffled round-robin ring, `members.ProbeRing`) gets a Ping; a
+SUSPECT target also gets the Suspect in the same packet so it can refute at
+once (Lifeguard buddy system). No Ack within `probe_timeout`: ask
 `indirect_checks` random alive peers with IndirectPing(nack=True); they ping
-the target and relay its Ack, or answer Nack after their own probe_timeout.
-No Ack by the end of the period: apply the awareness delta (missing nacks
-point at us, not the target) and suspect the target.
+the target and relay its Ack, or answer Nack at 80% of the time the prober
+has left. No Ack by the end of the period: apply the awareness delta
+(missing nacks point at us, not the target) and suspect the target. The
+deadline stretches by our own measured lateness and by the target's
+announced one (`lateness.py`), so a probe may outlast the prober's period:
+several can be in flight.
 
 Suspicion (SWIM §4.2, Lifeguard LHA-Suspicion, `suspicion.py`): a SUSPECT
 member is declared DEAD when its timer runs out; Suspects from distinct
@@ -51,9 +55,17 @@ from typing import Protocol
 
 from gossip.awareness import Awareness
 from gossip.broadcasts import BroadcastQueue, RecentDigests
-from gossip.codec import COMPOUND_OVERHEAD, MAX_META, MAX_NAME, MAX_PARTS, part_size
+from gossip.codec import (
+    COMPOUND_OVERHEAD,
+    MAX_LATENESS_MS,
+    MAX_META,
+    MAX_NAME,
+    MAX_PARTS,
+    part_size,
+)
 from gossip.config import GossipConfig, push_pull_scale, retransmit_limit
 from gossip.errors import ConfigError, EncodeError
+from gossip.lateness import MARGIN, LatenessAnnouncer, LatenessMeter, StallMeter, patience
 from gossip.members import (
     Change,
     Event,
@@ -107,7 +119,8 @@ STAT_NAMES = (
     "misdirected_pings", "suspicions", "confirmations", "refutes", "failures", "leaves",
     "joins", "rejoins", "conflicts", "user_delivered", "user_duplicates", "push_pulls",
     "push_pulls_served", "push_pull_failures", "packets", "unexpected",
-    "tcp_pings", "tcp_acks", "tcp_ping_failures", "tcp_pings_served",
+    "tcp_pings", "tcp_acks", "tcp_ping_failures", "tcp_pings_served", "late_acks",
+    "lateness_announcements",
 )
 """Keys of `Membership.stats`, all present from the start."""
 
@@ -134,6 +147,7 @@ class _Probe:
     seq: int
     target: str
     incarnation: int  # the target's, when the probe began (a refutation may overtake us)
+    sent_at: float
     indirect_at: float
     deadline: float
     indirect_sent: bool = False
@@ -167,7 +181,14 @@ class Membership:
         self._members = MemberStates(config, rng, lifeguard=lifeguard)
         self._queue = BroadcastQueue(config.broadcast_queue_depth)
         self._awareness = Awareness(config.awareness_max_multiplier)
-        self._probe: _Probe | None = None
+        self._probes: dict[int, _Probe] = {}  # by seq: a patient probe may outlast a period
+        # Our pings whose direct Ack has not come yet, answered another way or not: every
+        # direct round trip is measured, or the ones a relay or TCP beat would be missed.
+        self._direct: dict[int, tuple[float, Addr]] = {}  # seq -> (sent at, target)
+        self._late_aware = lifeguard and config.lateness
+        self._meter = LatenessMeter(config.lateness_window)  # our direct probes' round trips
+        self._lag = StallMeter(config.lateness_window)  # how late our timers run
+        self._announcer = LatenessAnnouncer(config.probe_timeout, config.lateness_ttl)
         self._relays: dict[int, _Relay] = {}
         self._outbox: list[tuple[Addr, list[Message], bool]] = []  # (to, messages, piggyback)
         self._streams: list[StreamRequest] = []
@@ -195,7 +216,7 @@ class Membership:
         me = MemberInfo(name=name, addr=addr, state=ALIVE, incarnation=incarnation, meta=meta,
                         state_since=now)
         self._members.add_self(me)
-        self._queue_update(name, self._alive_message())
+        self._queue_update(name, self._alive_message(now))
         self._events.append(MemberJoined(me))
 
     # -- inputs ---------------------------------------------------------------
@@ -210,7 +231,8 @@ class Membership:
         """Graceful leave: gossip Dead(node=self, sender=self); peers mark us LEFT."""
         if self._left:
             return
-        self._left, self._probe = True, None
+        self._left = True
+        self._probes.clear()
         me = replace(self._members.table[self.name], state=LEFT, state_since=now)
         self._members.table.set(me)
         self._queue_update(self.name, Dead(incarnation=self._incarnation, node=self.name,
@@ -244,7 +266,7 @@ class Membership:
         if isinstance(message, Ack):
             self.stats["tcp_acks"] += 1
             self._tcp_pings.discard(to)
-            self._on_ack(message)  # answers the probe if it is still running
+            self._on_ack(message, now, None)  # answers the probe if it is still running
             return
         if message is None:
             if to in self._tcp_pings:
@@ -258,8 +280,13 @@ class Membership:
 
     def handle_timer(self, now: float) -> None:
         """Run everything due at or before `now`."""
+        if self._late_aware:  # a stalled loop runs its timers late; it reads pings late too
+            due = self.next_timer()
+            if due is not None and now >= due:
+                self._lag.add(now - due, now)
         self._expire_relays(now)
-        self._check_probe(now)
+        self._check_probes(now)
+        self._announce_lateness(now)
         if now >= self._next_probe:
             self._start_probe(now)
         self._expire_suspicions(now)
@@ -298,10 +325,10 @@ class Membership:
     def next_timer(self) -> float | None:
         """Absolute time at which handle_timer is next due."""
         times = [self._next_gossip, self._next_probe, self._next_push_pull]
-        if self._probe is not None:
-            times.append(self._probe.deadline)
-            if not self._probe.indirect_sent:
-                times.append(self._probe.indirect_at)
+        for probe in self._probes.values():
+            times.append(probe.deadline)
+            if not probe.indirect_sent:
+                times.append(probe.indirect_at)
         times.extend(r.deadline for r in self._relays.values())
         times.extend(r.nack_at for r in self._relays.values() if r.nack_at is not None)
         times.extend(s.deadline for s in self._members.suspicions.values())
@@ -317,6 +344,15 @@ class Membership:
         """Suspected member -> (seconds left before it is declared dead, confirmations)."""
         return {name: (max(0.0, s.deadline - now), s.confirmations)
                 for name, s in self._members.suspicions.items()}
+
+    def lateness(self, now: float) -> float:
+        """Seconds we answer late, as measured and announced (0: not late; lateness.py)."""
+        return self._lateness(now)
+
+    def late_members(self, now: float) -> dict[str, float]:
+        """Members whose fresh announcement says they answer late: name -> seconds."""
+        return {m.name: late for m in self._members.table
+                if m.name != self.name and (late := self._patience(m, now)) > 0}
 
     def health_score(self) -> int:
         """Lifeguard local health multiplier (0 = healthy)."""
@@ -362,8 +398,11 @@ class Membership:
         if target.state is not ALIVE and self.lifeguard:  # buddy system: let it refute now
             messages.append(Suspect(incarnation=target.incarnation, node=name, sender=self.name))
         self._send(target.addr, messages)
-        self._probe = _Probe(seq, name, target.incarnation,
-                             now + self.config.probe_timeout, now + period)
+        late = max(self._lateness(now), self._patience(target, now))
+        self._direct[seq] = (now, target.addr)
+        self._probes[seq] = _Probe(seq, name, target.incarnation, now,
+                                   now + self.config.probe_timeout,
+                                   now + max(period, self.config.probe_interval + MARGIN * late))
         self.stats["probes"] += 1
 
     def _slot_float(self, now: float) -> float:
@@ -382,15 +421,33 @@ class Membership:
         member = self._members.table.get(name)
         return member is not None and name != self.name and member.state in (ALIVE, SUSPECT)
 
-    def _check_probe(self, now: float) -> None:
-        probe = self._probe
-        if probe is None:
-            return
-        if not probe.indirect_sent and now >= probe.indirect_at:
-            self._send_indirect(probe)
-        if now >= probe.deadline:
-            self._probe = None
-            self._probe_failed(probe, now)
+    def _lateness(self, now: float) -> float:
+        """How late we answer, by our own probes' round trips (lateness.py): 0 if off, or
+        if under `probe_timeout` (a LAN round trip; changing nothing then keeps the
+        healthy cluster's timing exactly memberlist's)."""
+        if not self._late_aware:
+            return 0.0
+        late = max(self._meter.current(now), self._lag.current(now))
+        return late if late >= self.config.probe_timeout else 0.0
+
+    def _patience(self, member: MemberInfo, now: float) -> float:
+        """The lateness `member` announced, while fresh (0 if off)."""
+        if not self._late_aware:
+            return 0.0
+        return patience(member.lateness, member.lateness_at, now, self.config.lateness_ttl)
+
+    def _check_probes(self, now: float) -> None:
+        for probe in list(self._probes.values()):
+            if not probe.indirect_sent and now >= probe.indirect_at:
+                self._send_indirect(probe)
+            if now >= probe.deadline:
+                del self._probes[probe.seq]
+                self._probe_failed(probe, now)
+        horizon = now - self.config.lateness_window
+        for seq, (sent_at, _) in list(self._direct.items()):  # oldest first: stop at a fresh one
+            if sent_at >= horizon:
+                break
+            del self._direct[seq]
 
     def _send_indirect(self, probe: _Probe) -> None:
         probe.indirect_sent = True
@@ -438,7 +495,7 @@ class Membership:
             case IndirectPing():
                 self._on_indirect_ping(message, source, now)
             case Ack():
-                self._on_ack(message)
+                self._on_ack(message, now, source)
             case Nack():
                 self._on_nack(message)
             case Alive():
@@ -460,16 +517,29 @@ class Membership:
 
     def _on_indirect_ping(self, req: IndirectPing, source: Addr, now: float) -> None:
         seq = self._next_seq()
-        self._relays[seq] = _Relay(source, req.seq, now + self.config.probe_timeout,
+        target = self._members.table.get(req.target)
+        late = 0.0 if target is None else self._patience(target, now)  # as the prober's
+        self._relays[seq] = _Relay(source, req.seq,
+                                   now + self.config.probe_timeout + MARGIN * late,
                                    now + self._nack_delay if req.nack else None)
         self._send(req.target_addr, [Ping(seq=seq, target=req.target, source=self.name,
                                           source_addr=self.addr)])
         self.stats["relayed_pings"] += 1
 
-    def _on_ack(self, ack: Ack) -> None:
-        probe = self._probe
-        if probe is not None and ack.seq == probe.seq:
-            self._probe = None
+    def _on_ack(self, ack: Ack, now: float, source: Addr | None) -> None:
+        """An Ack: for our probe (from its target, a relay, or over TCP: `source` None),
+        for one already over (measured all the same), or for a relay of ours to pass on."""
+        direct = self._direct.get(ack.seq)
+        if direct is not None and source == direct[1]:
+            # Only the direct UDP round trip measures us: a relay's or a TCP ack began
+            # after probe_timeout, so it measures the packet loss.
+            del self._direct[ack.seq]
+            self._meter.add(now - direct[0], now)
+        probe = self._probes.pop(ack.seq, None)
+        if probe is None and direct is not None:
+            self.stats["late_acks"] += 1  # the probe was answered another way, or gave up
+            return
+        if probe is not None:
             self.stats["acks"] += 1
             if self.lifeguard:
                 self._awareness.apply_delta(-1)
@@ -479,8 +549,9 @@ class Membership:
             self._send(relay.reply_to, [Ack(seq=relay.seq)])
 
     def _on_nack(self, nack: Nack) -> None:
-        if self._probe is not None and nack.seq == self._probe.seq:
-            self._probe.nacks += 1
+        probe = self._probes.get(nack.seq)
+        if probe is not None:
+            probe.nacks += 1
             self.stats["nacks"] += 1
 
     def _on_user(self, user: User, source: Addr) -> None:
@@ -502,19 +573,19 @@ class Membership:
         elif not self._left and (alive.incarnation > self._incarnation or (
                 alive.incarnation == self._incarnation
                 and (alive.meta, alive.addr) != (self._meta, self.addr))):
-            self._refute(alive.incarnation)  # e.g. news of our previous life, before a restart
+            self._refute(alive.incarnation, now)  # e.g. news of our previous life, before a restart
 
     def _on_suspect(self, suspect: Suspect, now: float) -> None:
         if suspect.node != self.name:
             self._accept(suspect, self._members.apply_suspect(suspect, now))
         elif not self._left and suspect.incarnation >= self._incarnation:
-            self._refute(suspect.incarnation)
+            self._refute(suspect.incarnation, now)
 
     def _on_dead(self, dead: Dead, now: float) -> None:
         if dead.node != self.name:
             self._accept(dead, self._members.apply_dead(dead, now))
         elif not self._left and dead.incarnation >= self._incarnation:
-            self._refute(dead.incarnation)
+            self._refute(dead.incarnation, now)
 
     def _accept(self, news: Alive | Suspect | Dead, change: Change | None) -> None:
         """Re-gossip the news that changed something, and report the change."""
@@ -531,15 +602,26 @@ class Membership:
         for verdict in self._members.expired(now, self.name):
             self._on_dead(verdict, now)
 
-    def _refute(self, accused: int) -> None:
+    def _refute(self, accused: int, now: float) -> None:
         """Outbid the accusation (SWIM §4.2; memberlist refute): inc = max(own, accused) + 1."""
-        self._incarnation = max(self._incarnation, accused) + 1
         if self.lifeguard:
             self._awareness.apply_delta(1)
-        table = self._members.table
-        table.set(replace(table[self.name], incarnation=self._incarnation))
-        self._queue_update(self.name, self._alive_message())
+        self._announce(max(self._incarnation, accused) + 1, now)
         self.stats["refutes"] += 1
+
+    def _announce_lateness(self, now: float) -> None:
+        """Tell the cluster how late we answer, unasked, when LatenessAnnouncer says so."""
+        if self._late_aware and not self._left and self._announcer.due(self._lateness(now), now):
+            self._announce(self._incarnation + 1, now)
+            self.stats["lateness_announcements"] += 1
+
+    def _announce(self, incarnation: int, now: float) -> None:
+        """Gossip an Alive at `incarnation`, with our lateness as of `now`."""
+        self._incarnation = incarnation
+        table = self._members.table
+        table.set(replace(table[self.name], incarnation=incarnation))
+        self._queue_update(self.name, self._alive_message(now))
+        self._announcer.sent(self._lateness(now), now)
 
     # -- dissemination and anti-entropy ---------------------------------------
 
@@ -610,9 +692,10 @@ class Membership:
     def _retransmit_limit(self) -> int:
         return retransmit_limit(self.config.retransmit_mult, len(self._members.ring))
 
-    def _alive_message(self) -> Alive:
+    def _alive_message(self, now: float) -> Alive:
+        late = min(self._lateness(now), MAX_LATENESS_MS / 1000)
         return Alive(incarnation=self._incarnation, node=self.name, addr=self.addr,
-                     meta=self._meta)
+                     meta=self._meta, lateness_ms=math.ceil(round(late * 1000, 6)))
 
     def _next_seq(self) -> int:
         self._seq += 1

@@ -71,6 +71,7 @@ class Alive:
     node: str
     addr: Addr
     meta: bytes = b""
+    lateness_ms: int = 0  # how late the sender answers, by its own measure (gossip/lateness.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -41,7 +41,8 @@ udp_messages: st.SearchStrategy[Message] = st.one_of(
               nack=st.booleans()),
     st.builds(Ack, seq=ints, payload=st.binary(max_size=64)),
     st.builds(Nack, seq=ints),
-    st.builds(Alive, incarnation=ints, node=names, addr=addrs, meta=metas),
+    st.builds(Alive, incarnation=ints, node=names, addr=addrs, meta=metas,
+              lateness_ms=st.integers(min_value=0, max_value=codec.MAX_LATENESS_MS)),
     st.builds(Suspect, incarnation=ints, node=names, sender=names),
     st.builds(Dead, incarnation=ints, node=names, sender=names),
     st.builds(User, payload=st.binary(max_size=300)),
@@ -56,6 +57,7 @@ SAMPLES: list[Message] = [
     Ack(seq=4, payload=b"rtt"),
     Nack(seq=5),
     Alive(incarnation=6, node="a", addr=("::1", 7946), meta=b"\x00role=web"),
+    Alive(incarnation=6, node="a", addr=("::1", 7946), lateness_ms=1850),
     Suspect(incarnation=7, node="b", sender="a"),
     Dead(incarnation=8, node="b", sender="b"),
     User(payload=b"\xffdelta"),
@@ -77,7 +79,20 @@ def test_every_message_type_round_trips(message: Message) -> None:
 def test_wire_layout_is_version_type_then_field_array() -> None:
     data = codec.encode(Alive(incarnation=3, node="n1", addr=("10.0.0.1", 7946), meta=b"x"))
     assert data[:2] == bytes([1, MessageType.ALIVE])
-    assert msgpack.unpackb(data[2:]) == [3, "n1", ["10.0.0.1", 7946], b"x"]
+    assert msgpack.unpackb(data[2:]) == [3, "n1", ["10.0.0.1", 7946], b"x", 0]
+
+
+def test_an_alive_without_lateness_decodes_and_a_wild_one_is_refused() -> None:
+    # The lateness field came later (gossip/lateness.py): an older peer's four-field
+    # Alive means "not late"; an out-of-range value is a malformed packet.
+    old = bytes([1, MessageType.ALIVE]) + msgpack.packb([3, "n1", ["10.0.0.1", 7946], b""])
+    assert codec.decode_packet(old) == [Alive(incarnation=3, node="n1",
+                                              addr=("10.0.0.1", 7946))]
+    for wild in (-1, codec.MAX_LATENESS_MS + 1, "2s", 1.5):
+        data = bytes([1, MessageType.ALIVE]) + msgpack.packb(
+            [3, "n1", ["10.0.0.1", 7946], b"", wild])
+        with pytest.raises(DecodeError):
+            codec.decode_packet(data)
 
 
 def test_compound_is_an_array_of_bin_without_version() -> None:

@@ -1,0 +1,156 @@
+"""How late this node answers, measured and announced (our extension of Lifeguard).
+
+Lifeguard (LHA-Probe) stops a slow node from accusing others by stretching
+its probe period by a health score; the score falls by one per answered
+probe, so the longer deadlines that made the probes succeed wear off, the
+node's deadline drops under its real round trip again, and it accuses the
+next healthy member it probes. And nothing stops the others from timing the
+slow node out: it is suspected, refutes and is suspected again every few
+seconds for as long as it stays slow. Both are false suspicions.
+
+So a node measures its own lateness, two ways, and takes the larger:
+
+- the round trips of its direct probes: every direct ack, also one that
+  comes after a relay's or the TCP ping's answer or after the probe gave up
+  (keeping only the acks that won would keep only the fast ones). A slow
+  receive path delays all of them; a slow target delays
+  only the probes of it, so an upper quantile of recent round trips
+  (`LatenessMeter`, the 75th percentile over `window` seconds) says how late
+  *we* are without the odd slow peer pulling it up;
+- how late its timers run (`StallMeter`). A stalled event loop (a long GC
+  pause, a starved CPU, SIGSTOP) sends its probes only when it runs, so their
+  round trips look fine, but its timers fire late by as much as a ping waits
+  to be read.
+
+Under `probe_timeout` it counts as not late at all. The node then
+
+- waits that long (x `MARGIN`) past the usual deadline for its own probes,
+  so it stops accusing members whose acks it was too slow to read, and
+- announces it in its Alive (`LatenessAnnouncer`): on every refutation, and
+  unasked when it reaches `probe_timeout`, grows by half, is half a `ttl`
+  old, or is back under half of `probe_timeout`. Its probers and the relays
+  they ask wait that much longer for it while the announcement is fresh.
+
+The cost: a member that announced lateness L and then crashes is found about
+L x MARGIN later. A healthy node's lateness is its LAN round trip,
+milliseconds, which changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+__all__ = ["MARGIN", "LatenessAnnouncer", "LatenessMeter", "StallMeter", "patience"]
+
+MARGIN = 1.25
+"""Extra wait = lateness x MARGIN: room for the jitter above the quantile."""
+
+QUANTILE = 0.75
+MIN_SAMPLES = 4  # fewer round trips than this say nothing yet
+STALE = 4  # ... and the last MIN_SAMPLES are kept up to this many windows old
+MAX_SAMPLES = 64
+
+
+class LatenessMeter:
+    """Recent round trips of our direct probes, and their upper quantile."""
+
+    __slots__ = ("_cached", "_samples", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)  # (at, rtt)
+        self._cached: float | None = None  # asked for on every timer: sort only on change
+
+    def add(self, rtt: float, now: float) -> None:
+        self._samples.append((now, max(0.0, rtt)))
+        self._cached = None
+
+    def current(self, now: float) -> float:
+        """The QUANTILE of the round trips of the last `window` seconds, or of the last
+        MIN_SAMPLES if fewer came in it (0 with fewer than that)."""
+        # A node at a high Lifeguard health probes every few seconds: keep its last
+        # MIN_SAMPLES a while longer, or it could never measure the lateness it has.
+        samples = self._samples
+        while samples and (now - samples[0][0] > STALE * self.window or (
+                len(samples) > MIN_SAMPLES and now - samples[0][0] > self.window)):
+            samples.popleft()
+            self._cached = None
+        if self._cached is None:
+            if len(self._samples) < MIN_SAMPLES:
+                self._cached = 0.0
+            else:
+                ordered = sorted(rtt for _, rtt in self._samples)
+                self._cached = ordered[min(len(ordered) - 1, int(QUANTILE * len(ordered)))]
+        return self._cached
+
+
+class StallMeter:
+    """How late a packet arriving at a random moment is read: our timers' lateness,
+    weighted by time.
+
+    A timer that fires `lag` late ended a stall of `lag` seconds; a packet that came
+    during it waited what was left of it. Over the last `window` seconds, the delay at
+    a random instant exceeds x with probability sum(max(0, lag - x)) / window, and
+    `current` is the x where that falls to 1 - QUANTILE. Counting firings instead would
+    miss a loop that stalls 0.3 s of every 0.5 s: its timers fire mostly on time in
+    between, yet most packets reach it mid-stall.
+    """
+
+    __slots__ = ("_cached", "_stalls", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._stalls: deque[tuple[float, float]] = deque()  # (ended at, length)
+        self._cached: float | None = None
+
+    def add(self, lag: float, now: float) -> None:
+        if lag > 0:
+            self._stalls.append((now, lag))
+            self._cached = None
+
+    def current(self, now: float) -> float:
+        while self._stalls and now - self._stalls[0][0] > self.window:
+            self._stalls.popleft()
+            self._cached = None
+        if self._cached is None:
+            self._cached = _time_quantile([lag for _, lag in self._stalls],
+                                          (1 - QUANTILE) * self.window)
+        return self._cached
+
+
+def _time_quantile(stalls: list[float], budget: float) -> float:
+    """The x with sum(max(0, s - x)) == budget (0 if the stalls sum to less)."""
+    ordered = sorted(stalls, reverse=True)
+    total = 0.0
+    for k, longest in enumerate(ordered, start=1):
+        total += longest
+        after = ordered[k] if k < len(ordered) else 0.0
+        x = (total - budget) / k  # with the k longest above x: total - k x = budget
+        if x >= after:
+            return max(0.0, x)
+    return 0.0
+
+
+class LatenessAnnouncer:
+    """When to tell the cluster our lateness unasked (see the module docstring)."""
+
+    __slots__ = ("announced", "announced_at", "threshold", "ttl")
+
+    def __init__(self, threshold: float, ttl: float) -> None:
+        self.threshold, self.ttl = threshold, ttl
+        self.announced = 0.0
+        self.announced_at = -float("inf")
+
+    def due(self, lateness: float, now: float) -> bool:
+        if lateness >= self.threshold:
+            return (self.announced < self.threshold or lateness > 1.5 * self.announced
+                    or now - self.announced_at >= self.ttl / 2)
+        return self.announced >= self.threshold and lateness < self.threshold / 2
+
+    def sent(self, lateness: float, now: float) -> None:
+        self.announced, self.announced_at = lateness, now
+
+
+def patience(announced: float, announced_at: float, now: float, ttl: float) -> float:
+    """The lateness a member announced, while the announcement is younger than `ttl`."""
+    return announced if now - announced_at < ttl else 0.0
