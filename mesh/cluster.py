@@ -338,6 +338,7 @@ class Cluster:
         return {
             "node": self.name, "incarnation": 0 if me is None else me.incarnation,
             "health_score": self.core.health_score(), "members": len(self.core.members()),
+            "lateness": round(self.core.lateness(asyncio.get_running_loop().time()), 3),
             "encrypted": shell is not None and shell.keyring is not None,
             "drops": {} if shell is None else dict(shell.drops),
             "counts": {**({} if shell is None else dict(shell.counts)),
@@ -348,7 +349,9 @@ class Cluster:
         }
 
     def members(self) -> list[dict[str, Any]]:
-        suspicions = self.core.suspicions(asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        suspicions = self.core.suspicions(now)
+        late = self.core.late_members(now)
         out = []
         for m in sorted(self.core.members(), key=lambda m: m.name):
             member: dict[str, Any] = {"name": m.name, "address": m.addr[0], "port": m.addr[1],
@@ -358,5 +361,7 @@ class Cluster:
                 left, confirmations = suspicions[m.name]
                 member["suspicion"] = {"dead_in": round(left, 3),
                                        "confirmations": confirmations}
+            if m.name in late:
+                member["late_by"] = round(late[m.name], 3)
             out.append(member)
         return out

@@ -219,6 +219,7 @@ class MemberOut(_Response):
     status: Literal["alive", "suspect", "dead", "left"]
     incarnation: int
     suspicion: SuspicionOut | None = None  # while suspect: its Lifeguard timer
+    late_by: float | None = None  # it announced it answers this many seconds late
 
 
 
@@ -270,6 +271,7 @@ class GossipOut(_Response):
     node: str
     incarnation: int
     health_score: int
+    lateness: float  # seconds this node answers late, by its own probes (0: not late)
     members: int
     encrypted: bool
     drops: dict[str, int]

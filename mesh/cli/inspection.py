@@ -57,7 +57,8 @@ def _gossip(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     state: JsonObject = stats.get("state") or {}
     ctx.emit_line(f"node {text(stats.get('node'))}  incarnation {text(stats.get('incarnation'))}"
-                  f"  health score {text(stats.get('health_score'))}  "
+                  f"  health score {text(stats.get('health_score'))}"
+                  f"  late by {text(stats.get('lateness'))} s  "
                   f"encrypted {text(stats.get('encrypted'))}")
     ctx.emit_line(f"state digest {text(state.get('digest'))} over "
                   f"{text(state.get('records'))} records")
@@ -76,8 +77,11 @@ def _gossip(ctx: Context, args: argparse.Namespace) -> int:
         timer = (f"dead in {text(suspicion.get('dead_in'))} s, "
                  f"{text(suspicion.get('confirmations'))} confirmations"
                  if isinstance(suspicion, dict) else "")
-        rows.append([*member_row(member), agree, timer])
-    ctx.emit_table(("NAME", "ADDRESS", "STATUS", "INCARNATION", "TABLES", "SUSPICION"), rows)
+        late = member.get("late_by")
+        rows.append([*member_row(member), agree, timer,
+                     f"{text(late)} s" if late is not None else ""])
+    ctx.emit_table(("NAME", "ADDRESS", "STATUS", "INCARNATION", "TABLES", "SUSPICION",
+                    "ANSWERS LATE BY"), rows)
     drops = stats.get("drops") or {}
     if drops:
         ctx.emit_line("dropped packets: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))

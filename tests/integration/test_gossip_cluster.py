@@ -157,3 +157,39 @@ def test_a_change_too_big_for_a_datagram_still_reaches_the_others(tmp_path: Path
                    "the big service reaches the other node")
         assert agents[1].request("GET", "/v1/services/big")[1]["labels"] == labels
         assert agents[0].request("GET", "/v1/gossip")[1]["counts"]["oversized_deltas"] == 1
+
+
+def test_a_stalling_node_announces_it_answers_late(tmp_path: Path) -> None:
+    """SIGSTOP n2 for 0.4 s of every 0.5 s (a starved or pausing process): its timers run
+    late, it measures that (gossip/lateness.py) and announces it; the others show it.
+    (A packet then waits in a stall 80% of the time, U(0, 0.4) there: 0.275 s at the
+    75th percentile once a 30 s window is full; over the 0.1 s threshold after ~13 s.)"""
+    with gossip_cluster(tmp_path, 3) as agents:
+        wait_until(lambda: all(set(members(a).values()) == {"alive"} and len(members(a)) == 3
+                               for a in agents), 20, "three alive")
+        stalling = agents[2].proc
+        assert stalling is not None
+
+        def late_by() -> float | None:
+            for member in agents[0].request("GET", "/v1/members")[1]:
+                if member["name"] == "n2":
+                    return member.get("late_by")
+            return None
+
+        seen: float | None = None
+        deadline = time.monotonic() + 40
+        try:
+            while seen is None and time.monotonic() < deadline:
+                stalling.send_signal(signal.SIGSTOP)
+                time.sleep(0.4)
+                stalling.send_signal(signal.SIGCONT)
+                time.sleep(0.1)
+                seen = late_by()
+        finally:
+            stalling.send_signal(signal.SIGCONT)
+        assert seen is not None, "n0 never heard that n2 answers late"
+        print(f"\nn0 shows n2 late by {seen} s")
+        assert 0.1 <= seen <= 0.6  # the local profile's probe_timeout .. about a stall
+        wait_until(lambda: members(agents[0])["n2"] == "alive", 10, "n2 alive")
+        stats = agents[2].request("GET", "/v1/gossip")[1]
+        assert stats["counts"]["lateness_announcements"] >= 1
