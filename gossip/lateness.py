@@ -40,7 +40,9 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["MARGIN", "LatenessAnnouncer", "LatenessMeter", "StallMeter", "patience"]
+from gossip.messages import Addr
+
+__all__ = ["MARGIN", "Lateness", "LatenessAnnouncer", "LatenessMeter", "StallMeter", "patience"]
 
 MARGIN = 1.25
 """Extra wait = lateness x MARGIN: room for the jitter above the quantile."""
@@ -154,3 +156,71 @@ class LatenessAnnouncer:
 def patience(announced: float, announced_at: float, now: float, ttl: float) -> float:
     """The lateness a member announced, while the announcement is younger than `ttl`."""
     return announced if now - announced_at < ttl else 0.0
+
+
+class Lateness:
+    """One node's side of it: what it measures of itself, what it announced, and how much
+    time it gives a member. All zero when `enabled` is false (Lifeguard or lateness off)."""
+
+    __slots__ = ("_announcer", "_direct", "_lag", "_meter", "enabled", "threshold", "ttl",
+                 "window")
+
+    def __init__(self, *, enabled: bool, threshold: float, window: float, ttl: float) -> None:
+        self.enabled, self.threshold, self.window, self.ttl = enabled, threshold, window, ttl
+        self._meter = LatenessMeter(window)  # our direct probes' round trips
+        self._lag = StallMeter(window)  # how late our timers run
+        self._announcer = LatenessAnnouncer(threshold, ttl)
+        # Our pings whose direct Ack has not come yet, answered another way or not: every
+        # direct round trip is measured, or the ones a relay or TCP beat would be missed.
+        self._direct: dict[int, tuple[float, Addr]] = {}  # seq -> (sent at, target)
+
+    def own(self, now: float) -> float:
+        """How late we answer: 0 if off, or under `threshold` (a LAN round trip; changing
+        nothing then keeps a healthy cluster's timing exactly memberlist's)."""
+        if not self.enabled:
+            return 0.0
+        late = max(self._meter.current(now), self._lag.current(now))
+        return late if late >= self.threshold else 0.0
+
+    def given(self, announced: float, announced_at: float, now: float) -> float:
+        """The time to give a member that announced `announced` at `announced_at`."""
+        return patience(announced, announced_at, now, self.ttl) if self.enabled else 0.0
+
+    def pinged(self, seq: int, target: Addr, now: float) -> None:
+        """We sent a direct Ping: its Ack, whenever it comes, is a round trip."""
+        self._direct[seq] = (now, target)
+
+    def acked(self, seq: int, source: Addr | None, now: float) -> bool:
+        """An Ack for `seq` came from `source` (None: over TCP). True if `seq` was one of
+        our pings. Only the direct UDP round trip measures us: a relay's or a TCP ack
+        began after probe_timeout, so it measures the packet loss."""
+        direct = self._direct.get(seq)
+        if direct is None:
+            return False
+        if source == direct[1]:
+            del self._direct[seq]
+            self._meter.add(now - direct[0], now)
+        return True
+
+    def timer_fired(self, due: float, now: float) -> None:
+        """Our timer due at `due` ran at `now`: a stalled loop runs its timers late, and
+        reads its pings late too."""
+        if self.enabled and now >= due:
+            self._lag.add(now - due, now)
+
+    def forget_old(self, now: float) -> None:
+        horizon = now - self.window
+        for seq, (sent_at, _) in list(self._direct.items()):  # oldest first: stop at a fresh one
+            if sent_at >= horizon:
+                break
+            del self._direct[seq]
+
+    def announce_due(self, now: float) -> bool:
+        """Should we announce our lateness unasked (LatenessAnnouncer)?"""
+        return self.enabled and self._announcer.due(self.own(now), now)
+
+    def announced(self, now: float) -> float:
+        """We are sending an Alive: the lateness it carries, remembered as announced."""
+        late = self.own(now)
+        self._announcer.sent(late, now)
+        return late

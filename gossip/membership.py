@@ -65,7 +65,7 @@ from gossip.codec import (
 )
 from gossip.config import GossipConfig, push_pull_scale, retransmit_limit
 from gossip.errors import ConfigError, EncodeError
-from gossip.lateness import MARGIN, LatenessAnnouncer, LatenessMeter, StallMeter, patience
+from gossip.lateness import MARGIN, Lateness
 from gossip.members import (
     Change,
     Event,
@@ -182,13 +182,9 @@ class Membership:
         self._queue = BroadcastQueue(config.broadcast_queue_depth)
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._probes: dict[int, _Probe] = {}  # by seq: a patient probe may outlast a period
-        # Our pings whose direct Ack has not come yet, answered another way or not: every
-        # direct round trip is measured, or the ones a relay or TCP beat would be missed.
-        self._direct: dict[int, tuple[float, Addr]] = {}  # seq -> (sent at, target)
-        self._late_aware = lifeguard and config.lateness
-        self._meter = LatenessMeter(config.lateness_window)  # our direct probes' round trips
-        self._lag = StallMeter(config.lateness_window)  # how late our timers run
-        self._announcer = LatenessAnnouncer(config.probe_timeout, config.lateness_ttl)
+        self._late = Lateness(enabled=lifeguard and config.lateness,
+                              threshold=config.probe_timeout, window=config.lateness_window,
+                              ttl=config.lateness_ttl)
         self._relays: dict[int, _Relay] = {}
         self._outbox: list[tuple[Addr, list[Message], bool]] = []  # (to, messages, piggyback)
         self._streams: list[StreamRequest] = []
@@ -280,10 +276,8 @@ class Membership:
 
     def handle_timer(self, now: float) -> None:
         """Run everything due at or before `now`."""
-        if self._late_aware:  # a stalled loop runs its timers late; it reads pings late too
-            due = self.next_timer()
-            if due is not None and now >= due:
-                self._lag.add(now - due, now)
+        if self._late.enabled and (due := self.next_timer()) is not None:
+            self._late.timer_fired(due, now)
         self._expire_relays(now)
         self._check_probes(now)
         self._announce_lateness(now)
@@ -347,12 +341,13 @@ class Membership:
 
     def lateness(self, now: float) -> float:
         """Seconds we answer late, as measured and announced (0: not late; lateness.py)."""
-        return self._lateness(now)
+        return self._late.own(now)
 
     def late_members(self, now: float) -> dict[str, float]:
         """Members whose fresh announcement says they answer late: name -> seconds."""
         return {m.name: late for m in self._members.table
-                if m.name != self.name and (late := self._patience(m, now)) > 0}
+                if m.name != self.name
+                and (late := self._late.given(m.lateness, m.lateness_at, now)) > 0}
 
     def health_score(self) -> int:
         """Lifeguard local health multiplier (0 = healthy)."""
@@ -398,8 +393,9 @@ class Membership:
         if target.state is not ALIVE and self.lifeguard:  # buddy system: let it refute now
             messages.append(Suspect(incarnation=target.incarnation, node=name, sender=self.name))
         self._send(target.addr, messages)
-        late = max(self._lateness(now), self._patience(target, now))
-        self._direct[seq] = (now, target.addr)
+        late = max(self._late.own(now),
+                   self._late.given(target.lateness, target.lateness_at, now))
+        self._late.pinged(seq, target.addr, now)
         self._probes[seq] = _Probe(seq, name, target.incarnation, now,
                                    now + self.config.probe_timeout,
                                    now + max(period, self.config.probe_interval + MARGIN * late))
@@ -421,21 +417,6 @@ class Membership:
         member = self._members.table.get(name)
         return member is not None and name != self.name and member.state in (ALIVE, SUSPECT)
 
-    def _lateness(self, now: float) -> float:
-        """How late we answer, by our own probes' round trips (lateness.py): 0 if off, or
-        if under `probe_timeout` (a LAN round trip; changing nothing then keeps the
-        healthy cluster's timing exactly memberlist's)."""
-        if not self._late_aware:
-            return 0.0
-        late = max(self._meter.current(now), self._lag.current(now))
-        return late if late >= self.config.probe_timeout else 0.0
-
-    def _patience(self, member: MemberInfo, now: float) -> float:
-        """The lateness `member` announced, while fresh (0 if off)."""
-        if not self._late_aware:
-            return 0.0
-        return patience(member.lateness, member.lateness_at, now, self.config.lateness_ttl)
-
     def _check_probes(self, now: float) -> None:
         for probe in list(self._probes.values()):
             if not probe.indirect_sent and now >= probe.indirect_at:
@@ -443,11 +424,7 @@ class Membership:
             if now >= probe.deadline:
                 del self._probes[probe.seq]
                 self._probe_failed(probe, now)
-        horizon = now - self.config.lateness_window
-        for seq, (sent_at, _) in list(self._direct.items()):  # oldest first: stop at a fresh one
-            if sent_at >= horizon:
-                break
-            del self._direct[seq]
+        self._late.forget_old(now)
 
     def _send_indirect(self, probe: _Probe) -> None:
         probe.indirect_sent = True
@@ -518,7 +495,8 @@ class Membership:
     def _on_indirect_ping(self, req: IndirectPing, source: Addr, now: float) -> None:
         seq = self._next_seq()
         target = self._members.table.get(req.target)
-        late = 0.0 if target is None else self._patience(target, now)  # as the prober's
+        late = 0.0 if target is None else self._late.given(  # as the prober gives it
+            target.lateness, target.lateness_at, now)
         self._relays[seq] = _Relay(source, req.seq,
                                    now + self.config.probe_timeout + MARGIN * late,
                                    now + self._nack_delay if req.nack else None)
@@ -529,14 +507,9 @@ class Membership:
     def _on_ack(self, ack: Ack, now: float, source: Addr | None) -> None:
         """An Ack: for our probe (from its target, a relay, or over TCP: `source` None),
         for one already over (measured all the same), or for a relay of ours to pass on."""
-        direct = self._direct.get(ack.seq)
-        if direct is not None and source == direct[1]:
-            # Only the direct UDP round trip measures us: a relay's or a TCP ack began
-            # after probe_timeout, so it measures the packet loss.
-            del self._direct[ack.seq]
-            self._meter.add(now - direct[0], now)
+        ours = self._late.acked(ack.seq, source, now)
         probe = self._probes.pop(ack.seq, None)
-        if probe is None and direct is not None:
+        if probe is None and ours:
             self.stats["late_acks"] += 1  # the probe was answered another way, or gave up
             return
         if probe is not None:
@@ -611,7 +584,7 @@ class Membership:
 
     def _announce_lateness(self, now: float) -> None:
         """Tell the cluster how late we answer, unasked, when LatenessAnnouncer says so."""
-        if self._late_aware and not self._left and self._announcer.due(self._lateness(now), now):
+        if not self._left and self._late.announce_due(now):
             self._announce(self._incarnation + 1, now)
             self.stats["lateness_announcements"] += 1
 
@@ -621,7 +594,6 @@ class Membership:
         table = self._members.table
         table.set(replace(table[self.name], incarnation=incarnation))
         self._queue_update(self.name, self._alive_message(now))
-        self._announcer.sent(self._lateness(now), now)
 
     # -- dissemination and anti-entropy ---------------------------------------
 
@@ -693,7 +665,7 @@ class Membership:
         return retransmit_limit(self.config.retransmit_mult, len(self._members.ring))
 
     def _alive_message(self, now: float) -> Alive:
-        late = min(self._lateness(now), MAX_LATENESS_MS / 1000)
+        late = min(self._late.announced(now), MAX_LATENESS_MS / 1000)
         return Alive(incarnation=self._incarnation, node=self.name, addr=self.addr,
                      meta=self._meta, lateness_ms=math.ceil(round(late * 1000, 6)))
 
