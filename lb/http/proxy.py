@@ -62,12 +62,7 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         self.closed = True
         self.r.conns.discard(self)
         self.r.stats.connections_open -= 1
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            upstream.close()
+        self._drop_upstream()
 
     def eof_received(self) -> bool | None:
         self._broken = True
