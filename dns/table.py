@@ -249,7 +249,7 @@ class NameTable:
         service does not publish still answers if its tasks map it.
         """
         service = self._visible_service(name, view, network)
-        if service is None or not port_text.isdigit():
+        if service is None or not (port_text.isascii() and port_text.isdigit()):
             return Answer(found=False, owners={name})
         port = int(port_text)
         target = next((p.target_port for p in service.ports

@@ -66,7 +66,7 @@ def parse_host_port(text: str, default_port: int | None, what: str) -> HostPort:
         if default_port is None:
             raise ConfigError(f"{what} {text!r}: expected ADDR:PORT")
         return HostPort(host, default_port)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigError(f"{what} {text!r}: the port must be a number from 1 to 65535")
     return HostPort(host, int(port_text))
 

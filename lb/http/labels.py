@@ -274,7 +274,7 @@ def _path(text: str) -> str:
 
 def _port(text: str, what: str) -> int:
     text = text.strip()
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise LabelError(f"{what} {text!r} is not a port (1-65535)")
     return int(text)
 

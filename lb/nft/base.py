@@ -111,5 +111,5 @@ def localnet_was(table: str, listing: Mapping[str, Any] | None) -> str | None:
             comment = str(rule.get("comment", ""))
             if comment.startswith(LOCALNET_COMMENT):
                 value = comment[len(LOCALNET_COMMENT):].strip()
-                return value if value.isdigit() else None
+                return value if value.isascii() and value.isdigit() else None
     return None

@@ -82,6 +82,10 @@ def test_host_port_forms() -> None:
     assert parse_host_port("[::1]:53", None, "dns") == HostPort("::1", 53)
     assert parse_host_port("node-2", 7946, "join") == HostPort("node-2", 7946)
     assert str(HostPort("::1", 53)) == "[::1]:53"
+    for bad in ("127.0.0.1:\u00b2", "127.0.0.1:\u0663", "127.0.0.1:0", "127.0.0.1:65536"):
+        # "\u00b2" and "\u0663" pass str.isdigit() but int() refuses or misreads them
+        with pytest.raises(ConfigError, match="the port must be a number"):
+            parse_host_port(bad, None, "api")
 
 
 def test_lb_tcp_idle_defaults_past_keepalive_and_is_bounded() -> None:

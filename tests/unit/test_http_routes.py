@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lb.http.routes import Endpoint, Match, Problem, Route, RouteTable, normalize_host
@@ -232,6 +232,8 @@ label_text = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(label_keys, label_text, max_size=4))
+@example({"mesh.http.hosts": "a.example.com", "mesh.http.port": "\u00b2"})  # isdigit, not int
+@example({HRM: "\u0663=http://a.example.com"})  # isdigit, and int() would read it as 3
 def test_any_label_value_gives_routes_or_reasons_never_an_exception(
         labels: dict[str, str]) -> None:
     table = table_of(service("web", labels, published=(80,)), task("t1", "web"))
