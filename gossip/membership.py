@@ -182,6 +182,7 @@ class Membership:
         self._queue = BroadcastQueue(config.broadcast_queue_depth)
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._probes: dict[int, _Probe] = {}  # by seq: a patient probe may outlast a period
+        self._due: float | None = None  # the last next_timer() answer (shells arm it)
         self._late = Lateness(enabled=lifeguard and config.lateness,
                               threshold=config.probe_timeout, window=config.lateness_window,
                               ttl=config.lateness_ttl)
@@ -276,8 +277,8 @@ class Membership:
 
     def handle_timer(self, now: float) -> None:
         """Run everything due at or before `now`."""
-        if self._late.enabled and (due := self.next_timer()) is not None:
-            self._late.timer_fired(due, now)
+        if self._due is not None:  # what the shell was told: how late it runs us
+            self._late.timer_fired(self._due, now)
         self._expire_relays(now)
         self._check_probes(now)
         self._announce_lateness(now)
@@ -326,7 +327,8 @@ class Membership:
         times.extend(r.deadline for r in self._relays.values())
         times.extend(r.nack_at for r in self._relays.values() if r.nack_at is not None)
         times.extend(s.deadline for s in self._members.suspicions.values())
-        return min(times)
+        self._due = min(times)
+        return self._due
 
     # -- views ----------------------------------------------------------------
 
