@@ -13,8 +13,8 @@ So a node measures its own lateness, two ways, and takes the larger:
 - the round trips of its direct probes: every direct ack, also one that
   comes after a relay's or the TCP ping's answer or after the probe gave up
   (keeping only the acks that won would keep only the fast ones). A slow
-  receive path delays all of them; a slow target delays
-  only the probes of it, so an upper quantile of recent round trips
+  receive path delays all of them; a slow target delays only the probes of
+  it, so an upper quantile of recent round trips
   (`LatenessMeter`, the 75th percentile over `window` seconds) says how late
   *we* are without the odd slow peer pulling it up;
 - how late its timers run (`StallMeter`). A stalled event loop (a long GC
@@ -32,8 +32,8 @@ Under `probe_timeout` it counts as not late at all. The node then
   they ask wait that much longer for it while the announcement is fresh.
 
 The cost: a member that announced lateness L and then crashes is found about
-L x MARGIN later. A healthy node's lateness is its LAN round trip,
-milliseconds, which changes nothing.
+L x MARGIN later. A healthy node's round trip, milliseconds, is under
+`probe_timeout` and counts as 0, so a healthy cluster's timing is unchanged.
 """
 
 from __future__ import annotations
