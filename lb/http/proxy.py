@@ -90,6 +90,14 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            req = self._queue[-1] if self._queue else None
+            if req is not None and req.error is None and req.head is not None \
+                    and req.head.has_body:
+                # llhttp skipped this body as the new protocol's bytes: never forward
+                # its head (`read_request` refuses an upgrade with a body; this holds
+                # should llhttp read an upgrade where `read_request` did not)
+                self._parse_failed(400, "an upgrade request with a body")
+                return
             self._broken = True
             self._upgrade_rest = data[upgrade.args[0]:]
             self._pause(UPGRADING)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lb.http.heads import (
+    REASONS,
     BadRequest,
     RequestHead,
     client_response,
     cookie_value,
     forwarding_headers,
     local_response,
+    origin_form,
     read_request,
     read_response,
     strip_prefix,
@@ -153,3 +155,109 @@ def test_strip_prefix() -> None:
     assert strip_prefix(b"/app", "/app/") == b"/"
     assert strip_prefix(b"/other", "/app") == b"/other"
     assert strip_prefix(b"/x", "/") == b"/x"
+
+
+@pytest.mark.parametrize("connection", [
+    [(b"Connection", b"Content-Length")],
+    [(b"Connection", b"keep-alive, X-A ,TRANSFER-ENCODING")],
+    [(b"Connection", b"host")],
+    [(b"Connection", b"keep-alive"), (b"Connection", b"content-length")],
+])
+def test_a_connection_header_naming_a_framing_header_is_refused(connection: H) -> None:
+    with pytest.raises(BadRequest) as caught:
+        req([(b"Host", b"a"), (b"Content-Length", b"3"), *connection], method=b"POST")
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(("codings", "status"), [
+    (b"gzip, chunked", 501),  # chunked last, but a coding the router does not implement
+    (b"chunked, gzip", 400),  # the body's length is unknown (RFC 9112 §6.3)
+    (b"identity", 400),
+])
+def test_transfer_codings_other_than_chunked_are_refused(codings: bytes, status: int) -> None:
+    with pytest.raises(BadRequest) as caught:
+        req([(b"Host", b"a"), (b"Transfer-Encoding", codings)], method=b"POST")
+    assert caught.value.status == status
+    assert req([(b"Host", b"a"), (b"Transfer-Encoding", b" Chunked ")], method=b"POST").chunked
+
+
+@pytest.mark.parametrize("body", [[(b"Content-Length", b"5")],
+                                  [(b"Transfer-Encoding", b"chunked")]])
+def test_an_upgrade_with_a_body_is_refused(body: H) -> None:
+    upgrade = [(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    with pytest.raises(BadRequest) as caught:
+        req(upgrade + body)
+    assert caught.value.status == 400
+    assert req([*upgrade, (b"Content-Length", b"0")]).upgrade == b"websocket"
+
+
+def test_framing_headers_are_written_by_the_router() -> None:
+    head = req([(b"Host", b"a"), (b"content-length", b"3 "), (b"X-A", b"1")], method=b"POST")
+    assert head.headers == [(b"X-A", b"1")] and head.content_length == 3
+    out = up(head)
+    assert out.count(b"ength: ") == 1 and b"\r\nContent-Length: 3\r\n" in out
+
+
+@pytest.mark.parametrize(("target", "method", "origin", "authority"), [
+    (b"/p?q", b"GET", b"/p?q", None),
+    (b"http://b.test/p?q", b"GET", b"/p?q", b"b.test"),
+    (b"HTTPS://b.test:8443", b"GET", b"/", b"b.test:8443"),
+    (b"http://b.test?q", b"GET", b"/?q", b"b.test"),
+    (b"*", b"OPTIONS", b"*", None),
+])
+def test_origin_form(target: bytes, method: bytes, origin: bytes,
+                     authority: bytes | None) -> None:
+    assert origin_form(target, method) == (origin, authority)
+
+
+@pytest.mark.parametrize("target", [b"*", b"ftp://b.test/", b"http://u@b.test/", b"http:///p",
+                                    b"b.test:80", b"p"])
+def test_targets_neither_origin_nor_http_absolute_form_are_refused(target: bytes) -> None:
+    with pytest.raises(BadRequest) as caught:
+        req([(b"Host", b"a")], target=target)
+    assert caught.value.status == 400
+
+
+def test_the_absolute_form_authority_replaces_host() -> None:
+    head = req([(b"Host", b"a.test")], target=b"http://B.test:81/p?q")
+    assert head.host == "B.test:81" and head.target == b"/p?q" and head.path == "/p"
+    assert up(head, head.target).startswith(b"GET /p?q HTTP/1.1\r\nHost: B.test:81\r\n")
+
+
+@pytest.mark.parametrize("host", [b"a/b", b"u@a", b"a b", b"a:x", b"[::1"])
+def test_an_invalid_host_is_refused(host: bytes) -> None:
+    with pytest.raises(BadRequest) as caught:
+        req([(b"Host", host)])
+    assert caught.value.status == 400
+
+
+def test_valid_hosts_pass() -> None:
+    for host in (b"Web.Example:8080", b"[::1]:80", b"10.0.0.1", b"", b"xn--bcher-kva.test"):
+        assert req([(b"Host", host)]).host == host.decode()
+
+
+def test_a_response_keeps_its_framing_whatever_connection_names() -> None:
+    head = read_response(200, b"OK", [(b"Connection", b"content-length, transfer-encoding"),
+                                      (b"Content-Length", b"5")], True)
+    assert head.content_length == 5 and head.headers == []
+    out = client_response(head, chunked=False, keep_alive=True, http11=True)
+    assert b"\r\nContent-Length: 5\r\n" in out
+    # 204 carries no Content-Length (RFC 9110 §8.6); a HEAD answer keeps the one it had.
+    no_content = read_response(204, b"No Content", [(b"Content-Length", b"0")], True)
+    assert b"Content-Length" not in client_response(no_content, chunked=False,
+                                                     keep_alive=True, http11=True)
+
+
+def test_a_response_transfer_coding_other_than_chunked_is_a_bad_response() -> None:
+    for codings in (b"gzip", b"gzip, chunked"):
+        with pytest.raises(BadRequest) as caught:
+            read_response(200, b"OK", [(b"Transfer-Encoding", codings)], True)
+        assert caught.value.status == 502
+
+
+def test_every_local_status_has_its_standard_reason_phrase() -> None:
+    assert local_response(414, "x", keep_alive=False).startswith(b"HTTP/1.1 414 URI Too Long\r\n")
+    for status in (400, 404, 405, 408, 413, 417, 431, 500, 501, 502, 503, 504, 505):
+        line = local_response(status, "x", keep_alive=False).split(b"\r\n")[0]
+        assert line == b"HTTP/1.1 %d %s" % (status, REASONS[status].encode())
+        assert REASONS[status] and REASONS[status] != "Error"
