@@ -9,6 +9,11 @@ connection is idle is a protocol error and closes it.
 A response to HEAD carries no body whatever its Content-Length says, which
 llhttp cannot be told: the head's callback stops the parser instead, and a
 fresh parser takes the next response.
+
+A response is handed over as done only once the bytes of its read are all
+parsed: a task that sends more after a response (an answer to a request it
+thinks it was smuggled, say) has that connection closed, never pooled, so
+those bytes can never be taken for the answer to the next request sent on it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class _HeadDone(Exception):
     """Raised from the head callback of a HEAD response: the message ends there."""
 
 
+class _Unsolicited(Exception):
+    """Raised when a second response begins before another request was sent."""
+
+
 Key = tuple[str, int]
 
 
@@ -59,6 +68,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._head_seen = False
         self._done = False
+        self._feeding = False  # inside data_received: a finished response waits for its end
+        self._finished: Owner | None = None  # whose response ended in the read being parsed
 
     # -- the exchange's side ------------------------------------------------------
 
@@ -94,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.deadline = self.pool.now() + self.pool.upstream_timeout
         owner.batch()
+        self._feeding = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -106,12 +118,23 @@ class UpstreamConnection(asyncio.Protocol):
                 # Bytes after the head would belong to no request: do not reuse then.
                 self.reusable = self.reusable and data.endswith(b"\r\n\r\n")
                 self.on_message_complete()
+            elif isinstance(error.__context__, _Unsolicited):
+                self.close()  # the response before it still ends, below
             else:
                 self._fail(f"bad response: {error}")
         except httptools.HttpParserError as error:
             self._fail(f"bad response: {error}")
         finally:
-            owner.flush()
+            self._feeding = False
+            finished, self._finished = self._finished, None
+            try:
+                if finished is not None:
+                    # Now, not from inside the parser: handed back to the pool there,
+                    # this connection could carry the next request while the rest of
+                    # this read was still to be parsed as its answer.
+                    finished.on_upstream_done()
+            finally:
+                owner.flush()
 
     def _fail(self, reason: str) -> None:
         owner = self.owner
@@ -120,6 +143,9 @@ class UpstreamConnection(asyncio.Protocol):
             owner.on_upstream_failed(reason)
 
     def on_message_begin(self) -> None:
+        if self._done:  # the response was whole and no request has been sent since
+            self.reusable = False
+            raise _Unsolicited
         self._headers = []
 
     def on_status(self, reason: bytes) -> None:
@@ -160,7 +186,11 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         self.owner = None
         self.deadline = 0.0
-        if owner is not None:
+        if owner is None:
+            return
+        if self._feeding:
+            self._finished = owner
+        else:
             owner.on_upstream_done()
 
     def eof_received(self) -> bool | None:

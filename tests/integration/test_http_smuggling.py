@@ -119,6 +119,21 @@ def test_a_victim_on_the_pooled_connection_gets_its_own_answer(rig: Rig) -> None
     assert SMUGGLED_TARGET.encode() not in b"".join(rig.alpha.raw.values())
 
 
+def test_a_response_the_task_was_not_asked_for_is_never_an_answer(rig: Rig) -> None:
+    """The task answers `/trail` twice in one send: the second is no answer to `/next`."""
+    with socket.create_connection(rig.address, timeout=10) as sock:
+        status, answer = ask(rig, b"GET /trail HTTP/1.1\r\nHost: alpha.test\r\n\r\n"
+                                  b"GET /next HTTP/1.1\r\nHost: alpha.test\r\n\r\n", sock)
+        assert status == 200 and answer["target"] == "/trail", answer
+        status, answer = ask(rig, b"", sock)
+    assert status == 200 and answer["target"] == "/next", answer
+    # The connection that carried the extra bytes is closed: no request follows /trail on it.
+    status, later = ask(rig, b"GET /later HTTP/1.1\r\nHost: alpha.test\r\n\r\n")
+    assert status == 200 and later["target"] == "/later", later
+    trail_conn = next(r.conn for r in rig.alpha.requests if r.target == "/trail")
+    assert [r.target for r in rig.alpha.requests if r.conn == trail_conn][-1] == "/trail"
+
+
 def test_an_upgrade_with_a_body_is_answered_at_once(rig: Rig) -> None:
     started = time.monotonic()
     outcome = send(rig.address, b"GET /ws HTTP/1.1\r\nHost: alpha.test\r\nConnection: Upgrade\r\n"
