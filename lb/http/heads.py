@@ -57,9 +57,9 @@ class BadRequest(Exception):
 @dataclass(slots=True)
 class RequestHead:
     method: bytes
-    target: bytes
+    target: bytes  # origin-form (an absolute-form target is reduced to it), or `*`
     http11: bool
-    headers: list[tuple[bytes, bytes]]  # as received, minus Host, hop-by-hop and our own
+    headers: list[tuple[bytes, bytes]]  # as received, minus Host, framing, hop-by-hop, our own
     host: str
     content_length: int | None
     chunked: bool
