@@ -36,7 +36,7 @@ from typing import Any
 
 from gossip import codec, security
 from gossip.admission import Admission, Ticket
-from gossip.errors import DecodeError
+from gossip.errors import DecodeError, EncodeError
 from gossip.membership import Membership
 from gossip.messages import Ack, Addr, Packet, Ping, PushPull, StreamRequest
 
@@ -49,16 +49,18 @@ RECEIVE_BUFFER = 4 << 20  # room for a burst while the loop is busy
 MAX_INBOUND_STREAMS = 128  # memberlist: at most 128 push-pulls in flight (authenticated)
 #: Streams from one source address at a time, strangers and members alike.
 MAX_STREAMS_PER_SOURCE = 8
-#: Strangers at a time (one more evicts the oldest), and the bytes of their first frames.
+#: Strangers at a time (one more evicts the oldest), and the bytes of their first frames
+#: (room for one frame of MAX_STREAM).
 MAX_UNAUTHENTICATED = 256
-UNAUTHENTICATED_BYTES = 64 << 20
+UNAUTHENTICATED_BYTES = 32 << 20
 #: A stranger's length prefix must come within this many seconds ...
 AUTH_TIMEOUT = 1.0
 #: ... and its frame within AUTH_TIMEOUT + size / AUTH_RATE more (a LAN moves 100 MiB/s).
 AUTH_RATE = 8 << 20
-#: A stranger may announce a first frame this large even before this node has any state;
-#: beyond it, up to STATE_MARGIN times the largest frame of its own streams.
-UNAUTHENTICATED_FLOOR = 1 << 20
+#: A stranger may announce a first frame this large even when this node has no state (its
+#: zlib'd records: ~60 bytes each, so some 60,000 records); beyond it, up to STATE_MARGIN
+#: times the largest frame of its own streams, or of its own state when it started.
+UNAUTHENTICATED_FLOOR = 4 << 20
 STATE_MARGIN = 2
 _LENGTH = struct.Struct("!I")
 
@@ -123,6 +125,7 @@ class GossipShell:
         except OSError:
             self._udp.close()
             raise
+        self._size_own_state()
         self._drive()
 
     async def stop(self) -> None:
@@ -189,6 +192,14 @@ class GossipShell:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _size_own_state(self) -> None:
+        """Size strangers' frames by the state this node starts with (loaded from disk):
+        the members it would take a push-pull from hold about as much."""
+        try:
+            self._frame(codec.encode_stream(self.core.push_pull_state()))
+        except EncodeError:  # more than MAX_STREAM: the limit is MAX_STREAM
+            self._largest_frame = MAX_STREAM
 
     def unauthenticated_limit(self) -> int:
         """The largest first frame a stranger may announce: about the state's size."""
