@@ -10,12 +10,23 @@ A packet that fails to unwrap or decode is dropped and counted by reason
 (`drops`); nothing raised by hostile input reaches the loop. TCP streams are
 framed as a 4-byte big-endian length and the (sealed) payload, bounded in
 size and in time.
+
+An inbound stream is a stranger's until its first frame opens (decrypts and
+verifies with the keyring; in a plaintext cluster, decodes as a PushPull or
+Ping). A stranger holds no member's slot (`gossip.admission`): it must send
+its length prefix within AUTH_TIMEOUT and its frame soon after, or be cut;
+its length is checked against `unauthenticated_limit()` before a byte of the
+frame is buffered. That limit follows the state this node sends and receives
+on its own streams (a push-pull carries the whole cluster state, so a peer's
+is about as large as ours), never below UNAUTHENTICATED_FLOOR nor above
+MAX_STREAM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -24,7 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gossip import codec, security
-from gossip.errors import DecodeError
+from gossip.admission import Admission, Ticket
+from gossip.errors import DecodeError, EncodeError
 from gossip.membership import Membership
 from gossip.messages import Ack, Addr, Packet, Ping, PushPull, StreamRequest
 
@@ -34,7 +46,22 @@ MAX_STREAM = 20 << 20  # memberlist's bound on a push-pull
 #: No sender of ours makes a datagram near this: the core fills 1,400 bytes.
 MAX_PACKET = 16 << 10
 RECEIVE_BUFFER = 4 << 20  # room for a burst while the loop is busy
-MAX_INBOUND_STREAMS = 128  # memberlist: at most 128 push-pulls in flight
+MAX_INBOUND_STREAMS = 128  # memberlist: at most 128 push-pulls in flight (authenticated)
+#: Streams from one source address at a time, strangers and members alike.
+MAX_STREAMS_PER_SOURCE = 8
+#: Strangers at a time (one more evicts the oldest), and the bytes of their first frames
+#: (room for one frame of MAX_STREAM).
+MAX_UNAUTHENTICATED = 256
+UNAUTHENTICATED_BYTES = 32 << 20
+#: A stranger's length prefix must come within this many seconds ...
+AUTH_TIMEOUT = 1.0
+#: ... and its frame within AUTH_TIMEOUT + size / AUTH_RATE more (a LAN moves 100 MiB/s).
+AUTH_RATE = 8 << 20
+#: A stranger may announce a first frame this large even when this node has no state (its
+#: zlib'd records: ~60 bytes each, so some 60,000 records); beyond it, up to STATE_MARGIN
+#: times the largest frame of its own streams, or of its own state when it started.
+UNAUTHENTICATED_FLOOR = 4 << 20
+STATE_MARGIN = 2
 _LENGTH = struct.Struct("!I")
 
 EventSink = Callable[[Any], None]
@@ -68,7 +95,12 @@ class GossipShell:
         self._tcp: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inbound = 0
+        self.admission = Admission(self.drops, per_source=MAX_STREAMS_PER_SOURCE,
+                                   unauthenticated=MAX_UNAUTHENTICATED,
+                                   unauthenticated_bytes=UNAUTHENTICATED_BYTES,
+                                   authenticated=MAX_INBOUND_STREAMS)
+        # The largest frame sent, or received on a stream this node opened: the state's size.
+        self._largest_frame = 0
         self._closing = False
 
     def __repr__(self) -> str:
@@ -93,6 +125,7 @@ class GossipShell:
         except OSError:
             self._udp.close()
             raise
+        self._size_own_state()
         self._drive()
 
     async def stop(self) -> None:
@@ -136,37 +169,77 @@ class GossipShell:
     async def _serve_stream(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
-        if self._inbound >= MAX_INBOUND_STREAMS:
-            self.drops["too_many_streams"] += 1
+        source = (str(peer[0]), int(peer[1]))
+        ticket = self.admission.admit(source[0], writer.transport.abort)
+        if ticket is None:
             writer.close()
             return
-        self._inbound += 1
         try:
-            message = await asyncio.wait_for(self._read_stream(reader), self.tcp_timeout)
-            if not isinstance(message, PushPull | Ping):
-                if message is not None:
-                    self.drops["unexpected_stream"] += 1
+            message = await self._read_first_frame(reader, ticket)
+            if message is None or not self.admission.authenticate(ticket):
                 return
-            reply = self.core.handle_stream(message, (str(peer[0]), int(peer[1])), self.now())
+            reply = self.core.handle_stream(message, source, self.now())
             if reply is None:  # a TCP ping meant for another node
                 return
             writer.write(self._frame(codec.encode_stream(reply)))
             await asyncio.wait_for(writer.drain(), self.tcp_timeout)
             self._drive()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            self.drops["stream_failed"] += 1
+            if not ticket.evicted:  # an eviction was counted as one
+                self.drops["stream_failed"] += 1
         finally:
-            self._inbound -= 1
+            self.admission.release(ticket)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read_stream(self, reader: asyncio.StreamReader) -> PushPull | Ping | Ack | None:
+    def _size_own_state(self) -> None:
+        """Size strangers' frames by the state this node starts with (loaded from disk):
+        the members it would take a push-pull from hold about as much."""
+        try:
+            self._frame(codec.encode_stream(self.core.push_pull_state()))
+        except EncodeError:  # more than MAX_STREAM: the limit is MAX_STREAM
+            self._largest_frame = MAX_STREAM
+
+    def unauthenticated_limit(self) -> int:
+        """The largest first frame a stranger may announce: about the state's size."""
+        return min(MAX_STREAM, max(UNAUTHENTICATED_FLOOR, STATE_MARGIN * self._largest_frame))
+
+    async def _read_first_frame(self, reader: asyncio.StreamReader,
+                                ticket: Ticket) -> PushPull | Ping | None:
+        """A stranger's first frame, opened; None when it is dropped (counted)."""
+        try:
+            header = await asyncio.wait_for(reader.readexactly(_LENGTH.size), AUTH_TIMEOUT)
+            (size,) = _LENGTH.unpack(header)
+            if size > self.unauthenticated_limit():  # refused before it is buffered
+                self.drops["oversized"] += 1
+                return None
+            if not self.admission.reserve(ticket, size):
+                return None
+            data = await asyncio.wait_for(reader.readexactly(size),
+                                          AUTH_TIMEOUT + size / AUTH_RATE)
+        except TimeoutError:
+            self.drops["unauthenticated_timeout"] += 1
+            return None
+        message = self._open(data)
+        if message is not None and not isinstance(message, PushPull | Ping):
+            self.drops["unexpected_stream"] += 1
+            return None
+        return message
+
+    async def _read_reply(self, reader: asyncio.StreamReader) -> PushPull | Ping | Ack | None:
+        """The answer on a stream this node opened, to a peer it chose: up to MAX_STREAM."""
         (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
         if size > MAX_STREAM:
             self.drops["oversized"] += 1
             return None
         data = await reader.readexactly(size)
+        message = self._open(data)
+        if message is not None:
+            self._largest_frame = max(self._largest_frame, size)
+        return message
+
+    def _open(self, data: bytes) -> PushPull | Ping | Ack | None:
         try:
             message = codec.decode_stream(security.unwrap(data, self.keyring, self.label))
         except DecodeError as exc:
@@ -179,6 +252,7 @@ class GossipShell:
 
     def _frame(self, payload: bytes) -> bytes:
         sealed = security.wrap(payload, self.keyring, self.label)
+        self._largest_frame = max(self._largest_frame, len(sealed))
         return _LENGTH.pack(len(sealed)) + sealed
 
     # -- outputs -----------------------------------------------------------------
@@ -216,11 +290,12 @@ class GossipShell:
         writer: asyncio.StreamWriter | None = None
         try:
             reader, stream = await asyncio.wait_for(
-                asyncio.open_connection(*request.to), self.tcp_timeout)
+                asyncio.open_connection(*request.to, local_addr=self._local_addr(request.to)),
+                self.tcp_timeout)
             writer = stream
             stream.write(self._frame(codec.encode_stream(request.message)))
             await asyncio.wait_for(stream.drain(), self.tcp_timeout)
-            reply = await asyncio.wait_for(self._read_stream(reader), self.tcp_timeout)
+            reply = await asyncio.wait_for(self._read_reply(reader), self.tcp_timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             self.drops["stream_failed"] += 1
         finally:
@@ -232,6 +307,17 @@ class GossipShell:
             answer = reply if isinstance(reply, PushPull | Ack) else None
             self.core.handle_stream_reply(answer, request.to, self.now())
             self._drive()
+
+    def _local_addr(self, to: Addr) -> tuple[str, int] | None:
+        """Dial from the advertise address: peers count streams per source address, and
+        agents sharing a host (or a host with several addresses) are told apart by it."""
+        try:
+            here, there = ipaddress.ip_address(self.host), ipaddress.ip_address(to[0])
+        except ValueError:
+            return None
+        if here.is_unspecified or here.version != there.version:
+            return None
+        return (self.host, 0)
 
     def _arm_timer(self) -> None:
         if self._timer is not None:

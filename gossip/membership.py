@@ -336,6 +336,10 @@ class Membership:
         """Every member known, ourselves included; DEAD/LEFT ones for tombstone_timeout."""
         return list(self._members.table)
 
+    def push_pull_state(self) -> PushPull:
+        """What this node would push now (the shell sizes strangers' streams by it)."""
+        return self._push_pull_state(False)
+
     def suspicions(self, now: float) -> dict[str, tuple[float, int]]:
         """Suspected member -> (seconds left before it is declared dead, confirmations)."""
         return {name: (max(0.0, s.deadline - now), s.confirmations)
