@@ -1,6 +1,7 @@
 """`mesh agent`: the composition root of one node.
 
-Start-up order: read the config; load the durable state; make sure the
+Start-up order: read the config; lock the data dir (one agent per data dir,
+before anything touches it or binds a port); load the durable state; make sure the
 built-in `ingress` network exists; start the state writer, the health runner
 and the drain reaper, all following the change feed; bind the HTTP API last,
 so nothing is answered before the state is whole. Shut-down (SIGTERM, SIGINT,
@@ -54,6 +55,7 @@ from mesh.ipam import Ipam, parse_pool
 from mesh.logs import event, setup
 from mesh.state import persist
 from mesh.state.feed import ChangeFeed
+from mesh.state.lock import DataDirError, lock_data_dir
 from mesh.state.model import KIND_OF, Change, Health
 from mesh.state.store import Store
 from mesh.tombstones import TombstoneReaper
@@ -324,6 +326,16 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"mesh agent: {exc}", file=sys.stderr)
         return 2
-    setup(config.log_level)
-    raise_open_file_limit()
-    return uvloop.run(run(config))
+    # First, before any log line, state file or socket: a second agent on this data
+    # dir says only who holds it.
+    try:
+        lock = lock_data_dir(config.data_dir)
+    except DataDirError as exc:
+        print(f"mesh agent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        setup(config.log_level)
+        raise_open_file_limit()
+        return uvloop.run(run(config))
+    finally:
+        lock.release()
