@@ -7,13 +7,15 @@ the file), with a non-zero exit, and nothing of the refused agent is left behind
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.agent import REPO, AgentProcess
+from tests.helpers.agent import REPO, AgentProcess, free_port
 from tests.integration.conftest import StartAgent
 
 START_TIMEOUT = 20.0
@@ -101,3 +103,64 @@ def test_a_second_agent_on_a_data_dir_refuses_and_a_kill_9_leaves_no_stale_lock(
     assert first.proc.pid != old_pid
     assert lock.read_text().strip() == str(first.proc.pid)
     assert first.request("GET", "/v1/services/web")[0] == 200
+
+
+# -- a port in use ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def holder() -> Iterator[list[socket.socket]]:
+    """Sockets this test process holds in the agent's way (so the holder is our PID)."""
+    held: list[socket.socket] = []
+    yield held
+    for sock in held:
+        sock.close()
+
+
+def occupy(held: list[socket.socket], protocol: str, port: int) -> None:
+    sock = socket.socket(socket.AF_INET,
+                         socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM)
+    held.append(sock)
+    sock.bind(("127.0.0.1", port))
+    if protocol == "tcp":
+        sock.listen()
+
+
+@pytest.mark.parametrize(("role", "protocol", "workers"), [
+    ("api", "tcp", 0), ("dns", "udp", 0), ("dns", "tcp", 0), ("gossip", "udp", 0),
+    ("gossip", "tcp", 0), ("http", "tcp", 0), ("http", "tcp", 1), ("https", "tcp", 0),
+    ("https", "tcp", 1)])
+def test_a_port_in_use_is_named_with_its_holder(tmp_path: Path, holder: list[socket.socket],
+                                                role: str, protocol: str, workers: int) -> None:
+    https_port = free_port()
+    agent = AgentProcess(tmp_path / "data", extra=["--https", f"127.0.0.1:{https_port}",
+                                                   "--http-workers", str(workers)])
+    port = {"api": agent.port, "dns": agent.dns_port, "gossip": agent.gossip_port,
+            "http": agent.http_port, "https": https_port}[role]
+    occupy(holder, protocol, port)
+    code, lines, elapsed = refused(agent)
+    print(f"{role} {protocol} workers={workers}: exit {code} in {elapsed:.2f}s: {lines}")
+    assert code == 1
+    me = Path("/proc/self/comm").read_text().strip()
+    assert lines == [f"mesh agent: {role} 127.0.0.1:{port} is in use by PID {os.getpid()} "
+                     f"({me}) on {protocol} 127.0.0.1:{port}"]
+
+
+def test_a_published_port_in_use_at_start_names_its_holder(
+        start_agent: StartAgent, holder: list[socket.socket]) -> None:
+    """The userspace load balancer binds published ports at start; one in use does not
+    stop the agent (the others still serve), but is reported naming its holder."""
+    agent = start_agent()
+    port = free_port()
+    assert agent.request("POST", "/v1/services", {
+        "name": "web", "ports": [{"target_port": 80, "published_port": port}]})[0] == 201
+    assert agent.stop() == 0
+    occupy(holder, "tcp", port)
+    agent.start()
+    status, lb = agent.request("GET", "/v1/lb")
+    assert status == 200
+    reason = lb["unbound"][f"tcp/0.0.0.0:{port}"]
+    print(f"unbound: {reason}")
+    assert reason.startswith(f"cannot listen on 127.0.0.1:{port}: in use by PID {os.getpid()}")
+    assert f"on tcp 127.0.0.1:{port}" in reason
+    assert f"in use by PID {os.getpid()}" in agent.log()
