@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.agent import REPO, AgentProcess, free_port
-from tests.integration.conftest import StartAgent
+from tests.integration.conftest import StartAgent, stop_and_check
 
 START_TIMEOUT = 20.0
 
@@ -164,3 +164,53 @@ def test_a_published_port_in_use_at_start_names_its_holder(
     assert reason.startswith(f"cannot listen on 127.0.0.1:{port}: in use by PID {os.getpid()}")
     assert f"on tcp 127.0.0.1:{port}" in reason
     assert f"in use by PID {os.getpid()}" in agent.log()
+
+
+# -- a damaged state file ------------------------------------------------------------
+
+
+def test_a_zero_byte_state_db_is_refused_and_left_as_found(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    state = data / "state.db"
+    state.touch()
+    code, lines, _ = refused(AgentProcess(data))
+    print(lines)
+    assert code == 1
+    assert lines == [f"mesh agent: cannot read state in {state}: the file is empty (0 bytes); "
+                     "restore it, or move it away to start with an empty state"]
+    assert state.stat().st_size == 0  # not written to: still there to be examined
+    # Moved away as told: the agent starts, empty.
+    state.rename(data / "state.db.broken")
+    agent = AgentProcess(data).start()
+    try:
+        assert [s for s in agent.request("GET", "/v1/services")[1]] == []
+    finally:
+        stop_and_check(agent)
+
+
+def test_other_damage_is_refused_the_same_way(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    state = data / "state.db"
+    state.write_bytes(b"not a database at all, " * 200)
+    code, lines, _ = refused(AgentProcess(data))
+    print(lines)
+    assert code == 1
+    assert lines == [f"mesh agent: cannot read state in {state}: file is not a database"]
+
+    # A write-ahead log without its database is not replayed onto a new, empty one.
+    state.unlink()
+    wal = data / "state.db-wal"
+    wal.write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 28)
+    code, lines, _ = refused(AgentProcess(data))
+    print(lines)
+    assert code == 1
+    assert len(lines) == 1 and str(state) in lines[0] and "state.db-wal" in lines[0]
+    assert not state.exists()
+
+
+def test_a_fresh_data_dir_starts_with_a_whole_state_db(start_agent: StartAgent) -> None:
+    agent = start_agent()
+    assert (agent.data_dir / "state.db").stat().st_size > 0
+    assert not (agent.data_dir / "state.db.new").exists()
