@@ -203,7 +203,10 @@ class Agent:
             try:
                 await self.http.start(self._feed_socket, self.store.all_records())
             except OSError as exc:
-                role, host, port = self._failed_http_listener()
+                failed = self._failed_http_listener()
+                if failed is None:
+                    raise
+                role, host, port = failed
                 with binding(role, ("tcp",), host, port):
                     raise exc from None
         await self._start_gossip(incarnation)
@@ -254,15 +257,21 @@ class Agent:
               encrypted=keyring is not None, incarnation=incarnation)
         await self.cluster.join([(j.host, j.port) for j in config.join])
 
-    def _failed_http_listener(self) -> tuple[str, str, int]:
-        """Which of the routing mesh's two listeners failed to bind: the HTTPS one is
-        bound only once the HTTP one is (in the agent's loop, or reserved for workers)."""
+    def _failed_http_listener(self) -> tuple[str, str, int] | None:
+        """Which of the routing mesh's two listeners failed to bind (None: both were,
+        the failure came after). The HTTPS one is bound only once the HTTP one is: in
+        the agent's loop, where start() does nothing but bind, its TLS listener exists
+        only then; for workers, the ports are reserved in that order."""
         assert self.http is not None
         ends = self.http.endpoints
         service = self.http.service
-        https_tried = (service.tls is not None if service is not None
-                       else bool(self.http._reserved))
-        if https_tried and ends.https_host is not None:
+        if service is not None:
+            bound = 0 if service.tls is None else 1
+        else:
+            bound = len(self.http._reserved)
+            if bound == (1 if ends.https_host is None else 2):
+                return None  # e.g. the feed socket for the workers
+        if bound and ends.https_host is not None:
             return "https", ends.https_host, ends.https_port
         return "http", ends.host, ends.port
 
