@@ -1,11 +1,17 @@
 """`mesh agent`: the composition root of one node.
 
-Start-up order: read the config; load the durable state; make sure the
+Start-up order: read the config; lock the data dir (one agent per data dir,
+before anything touches it or binds a port); load the durable state; make sure the
 built-in `ingress` network exists; start the state writer, the health runner
 and the drain reaper, all following the change feed; bind the HTTP API last,
 so nothing is answered before the state is whole. Shut-down (SIGTERM, SIGINT,
 or a failed disk) runs in reverse: stop accepting requests, stop the checks,
 then let the writer finish every queued commit.
+
+A start that fails for a reason the operator can fix (the data dir locked or
+corrupt, a port in use) ends with one line on stderr, `mesh agent: <reason>`,
+naming the file or the listener (role, address, port and who holds it), and
+exit status 1.
 
 The event loop is chosen here and only here: uvloop.
 """
@@ -22,7 +28,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvloop
@@ -52,8 +58,10 @@ from mesh.feedserver import FeedServer, feed_socket_path
 from mesh.health.runner import HealthRunner
 from mesh.ipam import Ipam, parse_pool
 from mesh.logs import event, setup
+from mesh.sockets import bind_failure, family_of
 from mesh.state import persist
 from mesh.state.feed import ChangeFeed
+from mesh.state.lock import DataDirError, lock_data_dir
 from mesh.state.model import KIND_OF, Change, Health
 from mesh.state.store import Store
 from mesh.tombstones import TombstoneReaper
@@ -67,7 +75,22 @@ API_SHUTDOWN_GRACE = 2.0
 
 class MeshStartError(Exception):
     """A setting the agent cannot start with, found only at start (e.g. `--lb ipvs`
-    without ip_vs): logged as the reason, without a traceback."""
+    without ip_vs, a port in use): logged as the reason, without a traceback."""
+
+
+@contextlib.contextmanager
+def binding(role: str, protocols: tuple[str, ...], host: str, port: int) -> Iterator[None]:
+    """Turn a failed bind of `role` into a MeshStartError that names the role, the
+    address and the port, and who holds it (uvloop's OSError names none of them)."""
+    try:
+        yield
+    except OSError as exc:
+        # uvloop's "could not bind to local_addr" carries the errno in its cause.
+        cause = exc if exc.errno is not None else exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno is None:
+            raise  # not a bind: e.g. a certificate that does not load
+        raise MeshStartError(bind_failure(role, protocols, host, port, cause,
+                                          ours=family_of(os.getpid()))) from None
 
 
 class Agent:
@@ -170,13 +193,22 @@ class Agent:
         if self.dns is not None:
             self.dns.load(self.store.all_records())
             self.feed.subscribe(self.dns.on_change)
-            await self.dns.start()
+            with binding("dns", ("udp", "tcp"), self.dns.settings.host, self.dns.settings.port):
+                await self.dns.start()
             if self.config.dns_workers:
                 await self._start_dns_workers(self.dns.port)
         await self._start_lb()
         if self.http is not None:
             self.feed.subscribe(self.http.on_change)
-            await self.http.start(self._feed_socket, self.store.all_records())
+            try:
+                await self.http.start(self._feed_socket, self.store.all_records())
+            except OSError as exc:
+                failed = self._failed_http_listener()
+                if failed is None:
+                    raise
+                role, host, port = failed
+                with binding(role, ("tcp",), host, port):
+                    raise exc from None
         await self._start_gossip(incarnation)
         await self._start_api()
 
@@ -218,11 +250,30 @@ class Agent:
                                   on_event=self.cluster.on_event,
                                   tcp_timeout=profile.tcp_timeout)
         self.cluster.shell = self.gossip
-        await self.gossip.start()
+        with binding("gossip", ("udp", "tcp"), config.advertise.host, config.advertise.port):
+            await self.gossip.start()
         self.feed.subscribe(self.cluster.on_change)
         event(log, "gossip_listening", address=str(config.advertise), profile=config.gossip_profile,
               encrypted=keyring is not None, incarnation=incarnation)
         await self.cluster.join([(j.host, j.port) for j in config.join])
+
+    def _failed_http_listener(self) -> tuple[str, str, int] | None:
+        """Which of the routing mesh's two listeners failed to bind (None: both were,
+        the failure came after). The HTTPS one is bound only once the HTTP one is: in
+        the agent's loop, where start() does nothing but bind, its TLS listener exists
+        only then; for workers, the ports are reserved in that order."""
+        assert self.http is not None
+        ends = self.http.endpoints
+        service = self.http.service
+        if service is not None:
+            bound = 0 if service.tls is None else 1
+        else:
+            bound = len(self.http._reserved)
+            if bound == (1 if ends.https_host is None else 2):
+                return None  # e.g. the feed socket for the workers
+        if bound and ends.https_host is not None:
+            return "https", ends.https_host, ends.https_port
+        return "http", ends.host, ends.port
 
     async def _feed_socket(self) -> str:
         """The feed socket for worker processes, started on first use."""
@@ -259,7 +310,8 @@ class Agent:
         await self._runner.setup()
         api = self.config.api
         site = web.TCPSite(self._runner, api.host, api.port, reuse_address=True)
-        await site.start()
+        with binding("api", ("tcp",), api.host, api.port):
+            await site.start()
         event(log, "api_listening", address=str(api))
 
     async def stop(self) -> None:
@@ -298,10 +350,15 @@ async def run(config: AgentConfig) -> int:
     try:
         await agent.start()
     except Exception as exc:  # a port in use, an unreadable data dir, or a bug: stop cleanly
-        event(log, "agent_start_failed", logging.ERROR, error=repr(exc))
-        if not isinstance(exc, OSError | persist.PersistError | KeyringError | MeshStartError):
+        known = isinstance(exc, OSError | persist.PersistError | KeyringError | MeshStartError)
+        reason = str(exc) if known else f"start failed: {exc!r} (a bug: see the log)"
+        reason = " ".join(reason.splitlines())  # one line, whatever the error held
+        event(log, "agent_start_failed", logging.ERROR, error=reason)
+        if not known:
             log.exception("start failed")
         await agent.stop()
+        # The last word, in one line, after the log lines of the stop.
+        print(f"mesh agent: {reason}", file=sys.stderr, flush=True)
         return 1
     event(log, "agent_ready", node=config.node_name, api=config.api)
     await agent.stopping.wait()
@@ -324,6 +381,16 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"mesh agent: {exc}", file=sys.stderr)
         return 2
-    setup(config.log_level)
-    raise_open_file_limit()
-    return uvloop.run(run(config))
+    # First, before any log line, state file or socket: a second agent on this data
+    # dir says only who holds it.
+    try:
+        lock = lock_data_dir(config.data_dir)
+    except DataDirError as exc:
+        print(f"mesh agent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        setup(config.log_level)
+        raise_open_file_limit()
+        return uvloop.run(run(config))
+    finally:
+        lock.release()

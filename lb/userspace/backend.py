@@ -11,7 +11,9 @@ programs the desired table from scratch.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Sequence
 
 from lb.backend import BackendError
@@ -32,6 +34,7 @@ from lb.userspace.runtime import ProxySettings, Runtime
 from lb.userspace.scheduler import Pool
 from lb.userspace.tcp import TcpService
 from lb.userspace.udp import UdpService
+from mesh.sockets import SocketOwners, holder_of, in_use_by
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class UserspaceBackend:
         # Services whose socket could not be made (a port taken, a privileged port):
         # reported once, then kept up to date quietly, and retried on their next PutService.
         self._unbound: dict[VirtualKey, tuple[Service, str]] = {}
+        # Socket owners read from /proc once per batch of ops, when a port is in use.
+        self._owners: SocketOwners | None = None
 
     def __repr__(self) -> str:
         return f"<UserspaceBackend services={len(self._services)} open={len(self.runtime.open)}>"
@@ -72,6 +77,7 @@ class UserspaceBackend:
     async def apply(self, ops: Sequence[Op]) -> None:
         """Every op in order; the ones that fail are reported together at the end."""
         errors: list[str] = []
+        self._owners = None
         for op in ops:
             try:
                 await self._apply(op)
@@ -122,6 +128,12 @@ class UserspaceBackend:
             await service.listen(host)
         except OSError as exc:
             reason = f"cannot listen on {host}:{key.port}: {exc.strerror or exc}"
+            if exc.errno == errno.EADDRINUSE:  # name who holds it, as `ss -lntup` would
+                self._owners = self._owners or SocketOwners()
+                held = holder_of(key.protocol, host, key.port, ours={os.getpid()},
+                                 owners=self._owners)
+                if held is not None:
+                    reason = f"cannot listen on {host}:{key.port}: in use {in_use_by(held)}"
             self._unbound[key] = (service, reason)
             raise BackendError(f"{key}: {reason}") from None
         self._services[key] = service

@@ -100,14 +100,25 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(error)
 
 
+def bearer_credentials(authorization: str) -> bytes | None:
+    """The credentials of an `Authorization: Bearer <token>` value, None for another
+    scheme. The scheme is case-insensitive (RFC 9110 §11.1: `bearer`, `BEARER`), and
+    is separated from the token by one or more spaces (§11.4, RFC 6750 §2.1)."""
+    scheme, _, credentials = authorization.strip(" \t").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.lstrip(" ").encode("utf-8", "surrogateescape")  # any bytes sent
+
+
 def _auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/v1/health":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            given = bearer_credentials(request.headers.get("Authorization", ""))
+            # Constant time: how much of a guess matches must not show in the timing.
+            if given is None or not hmac.compare_digest(given, expected):
                 return web.json_response(
                     {"error": {"code": "unauthorized",
                                "message": "a valid 'Authorization: Bearer <token>' is required"}},

@@ -9,11 +9,9 @@ members and the state digests from the agent's API.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from dnslib import QTYPE, DNSError, DNSRecord
@@ -22,6 +20,7 @@ from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
 from mesh.doctor.checks import Facts, Listener, lb_drift
+from mesh.sockets import SocketOwners, family_of, in_the_way, process_name
 
 CONNECT_TIMEOUT = 2.0
 DNS_TIMEOUT = 2.0
@@ -29,8 +28,6 @@ DNS_TIMEOUT = 2.0
 DIGEST_SETTLE = 8.0
 #: Seconds a difference between the programmed and the wanted L4 table may be in flight.
 LB_SETTLE = 3.0
-#: /proc/net states: a listening TCP socket, a bound UDP one.
-TCP_LISTEN, UDP_BOUND = "0A", "07"
 
 
 def gather(client: Client, *, settle: float = DIGEST_SETTLE,
@@ -90,54 +87,6 @@ def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, An
                 facts.published.append((protocol, number, connect(host, number) is None))
 
 
-class SocketOwners:
-    """Which processes hold a listening TCP or bound UDP port (from /proc, this netns)."""
-
-    def __init__(self) -> None:
-        self._inode_pid: dict[str, int] | None = None
-
-    def holders(self, protocol: str, port: int) -> list[tuple[int, str]]:
-        """(pid, bound address) of every socket on `port`; 0.0.0.0 is the wildcard."""
-        found = []
-        for inode, address in self._sockets(protocol, port):
-            pid = self._pids().get(inode)
-            if pid is not None:
-                found.append((pid, address))
-        return found
-
-    @staticmethod
-    def _sockets(protocol: str, port: int) -> Iterable[tuple[str, str]]:
-        state = TCP_LISTEN if protocol == "tcp" else UDP_BOUND
-        for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
-            try:
-                lines = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                fields = line.split()
-                if len(fields) <= 9 or fields[3] != state:
-                    continue
-                local, local_port = fields[1].rsplit(":", 1)
-                if int(local_port, 16) == port:
-                    address = _address(local)
-                    yield fields[9], "0.0.0.0" if address == "::" else address
-
-    def _pids(self) -> dict[str, int]:
-        if self._inode_pid is None:
-            self._inode_pid = {}
-            for proc in Path("/proc").iterdir():
-                if not proc.name.isdigit():
-                    continue
-                try:
-                    for fd in (proc / "fd").iterdir():
-                        target = os.readlink(fd)
-                        if target.startswith("socket:["):
-                            self._inode_pid.setdefault(target[8:-1], int(proc.name))
-                except OSError:
-                    continue  # gone, or not ours to read
-        return self._inode_pid
-
-
 def listener(owners: SocketOwners, agent: set[int], what: str, protocol: str, address: str,
              port: int, *, required: bool = True) -> Listener:
     """Whether the agent holds `address:port` (0.0.0.0: every address) and who is in its way.
@@ -146,46 +95,11 @@ def listener(owners: SocketOwners, agent: set[int], what: str, protocol: str, ad
     socket on any one address is in the way too.
     """
     held = owners.holders(protocol, port)
-    relevant = [(pid, a) for pid, a in held
-                if address == "0.0.0.0" or a in (address, "0.0.0.0")]
+    relevant = [(pid, a) for pid, a in held if in_the_way(address, a)]
     mine = any(pid in agent and a == address for pid, a in relevant)
     foreign = next((pid for pid, _ in relevant if pid not in agent), None)
     return Listener(what, protocol, address, port, mine, foreign, process_name(foreign),
                     required_listener=required)
-
-
-def _address(hexed: str) -> str:
-    """An address as /proc/net shows it (little-endian hex words) in text form."""
-    raw = bytes.fromhex(hexed)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    if len(words) == 4:
-        return socket.inet_ntop(socket.AF_INET, words)
-    if words[:12] == b"\0" * 10 + b"\xff\xff":  # an IPv4-mapped address
-        return socket.inet_ntop(socket.AF_INET, words[12:])
-    return socket.inet_ntop(socket.AF_INET6, words)
-
-
-def family_of(pid: int) -> set[int]:
-    """The agent and every process it started (its DNS and HTTP workers)."""
-    family = {pid}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                family.add(int(proc.name))
-    return family
-
-
-def process_name(pid: int | None) -> str:
-    if pid is None:
-        return ""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def connect(host: str, port: int) -> str | None:

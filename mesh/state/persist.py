@@ -13,6 +13,12 @@ in one transaction, so a burst of 1,000 registrations costs a few dozen fsyncs.
 Batches are committed in the order they were submitted, which is the order
 the store applied them, so the database always holds a prefix of the store's
 history.
+
+A `state.db` that exists always holds the schema: a fresh one is made under
+another name and renamed into place. So a `state.db` without it (a 0-byte
+file, say, from a truncation or a bad copy) is damage, refused like any other
+corruption, never silently taken for an empty state; and a write-ahead log
+left without its database is refused too, rather than replayed onto a new one.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -78,16 +85,18 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def load(data_dir: Path) -> Loaded:
     """Read the state that the last run made durable (an empty state if there is none)."""
+    path = data_dir / DB_NAME
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = _connect(data_dir / DB_NAME)
+        _check_or_create(path)
+        conn = _connect(path)
         try:
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             rows = conn.execute("SELECT kind, key, body FROM records").fetchall()
         finally:
             conn.close()
     except (OSError, sqlite3.Error) as exc:
-        raise PersistError(f"cannot read state in {data_dir}: {exc}") from exc
+        raise PersistError(f"cannot read state in {path}: {exc}") from exc
     records: list[Record] = []
     skipped = 0
     for kind, key, body in rows:
@@ -97,6 +106,58 @@ def load(data_dir: Path) -> Loaded:
             skipped += 1
             log.error("event=state_row_skipped kind=%s key=%s error=%r", kind, key, exc)
     return Loaded(records, int(meta.get("clock", "0")), meta, skipped)
+
+
+def _check_or_create(path: Path) -> None:
+    """Refuse a database without the schema, before anything is written to it; make
+    a missing one whole, schema included, so that this holds on every later start."""
+    wal = path.with_name(path.name + "-wal")
+    if not path.exists():
+        if wal.exists() and wal.stat().st_size > 0:
+            raise PersistError(
+                f"cannot read state in {path}: the file is missing but its write-ahead log "
+                f"{wal.name} is there; restore {path.name}, or move {wal.name} away to "
+                "start with an empty state")
+        _create(path)
+        return
+    size = path.stat().st_size
+    # Read only: a schema-less file must be left exactly as it was found. (A 0-byte
+    # file whose committed pages are all still in its WAL is read from the WAL here.)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        tables = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        conn.close()
+    if {"meta", "records"} <= tables:
+        return
+    what = ("the file is empty (0 bytes)" if size == 0 and not tables
+            else "the file is not a meshplane state database (no meta and records tables)")
+    raise PersistError(f"cannot read state in {path}: {what}; restore it, or move it away "
+                       "to start with an empty state")
+
+
+def _create(path: Path) -> None:
+    """A new, empty database with the schema, appearing at `path` only once whole."""
+    new = path.with_name(path.name + ".new")
+    for leftover in (new, new.with_name(new.name + "-journal")):
+        leftover.unlink(missing_ok=True)
+    conn = sqlite3.connect(new, isolation_level=None)  # rollback journal: one file once done
+    try:
+        conn.executescript(_SCHEMA)
+    finally:
+        conn.close()
+    fd = os.open(new, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(new, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # the rename itself is durable
+    finally:
+        os.close(fd)
 
 
 class StateWriter:

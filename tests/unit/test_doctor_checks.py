@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lb.table import ANY_ADDRESS, Real, ServiceOptions, VirtualKey, VirtualService
 from mesh.doctor.checks import Facts, Listener, check_all, lb_drift, summary
-from mesh.doctor.probes import _address
+from mesh.sockets import address_of as _address
 
 KEY = VirtualKey("tcp", ANY_ADDRESS, 8080)
 A, B = Real("10.0.0.5", 80), Real("10.0.0.6", 80)
