@@ -19,6 +19,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from dns.cache import FORWARD_MARK
 from dns.responder import Action, Responder, error_reply, fit_udp
 from dns.wire import REFUSED, SERVFAIL
 from mesh.logs import event
@@ -38,7 +39,8 @@ class UdpServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._pending: set[asyncio.Task[None]] = set()
         # Bound once: the hot path reads these without attribute chains.
-        self._cache = responder.cache
+        self._cache = responder.cache.entries
+        self._touch = responder.cache.entries.move_to_end  # LRU: a hit goes to the back
         self._views = responder.views
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -48,8 +50,10 @@ class UdpServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         view = self._views.get(addr[0])  # type: ignore[arg-type]
         if view is not None:
-            entry = self._cache.get((view, False, data[2:]))
-            if entry is not None:
+            key = (view, False, data[2:])
+            entry = self._cache.get(key)
+            if entry is not None and entry is not FORWARD_MARK:
+                self._touch(key)
                 assert self.transport is not None
                 self.transport.sendto(data[:2] + next(entry), addr)
                 return

@@ -606,3 +606,18 @@ def test_forwarder_rejects_bad_settings() -> None:
         Forwarder([], timeout=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         Forwarder([], max_in_flight=0)
+
+
+def test_padded_queries_share_one_forward_cache_entry() -> None:
+    """Issue 13, defect 4: bytes after the question are no part of the key (nor of the entry)."""
+    cache = ForwardCache(clock=Clock())
+    base = make_query(edns=True)
+    for i in range(300):
+        padded = base + i.to_bytes(4, "big") + b"\xee" * 296
+        query = parse_query(padded)
+        hit = cache.get(query)
+        if hit is None:
+            assert cache.put(query, make_reply(base))
+        else:
+            assert hit[:2] == padded[:2] and len(hit) < len(base) + 100
+    assert len(cache) == 1 and cache.size_bytes == len(make_reply(base))

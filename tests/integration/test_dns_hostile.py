@@ -1,0 +1,114 @@
+"""Issue 13 against a real agent: hostile DNS clients on UDP and TCP (raw sockets).
+
+- padded queries (bytes after the question) make no cache entries, so the
+  agent's memory does not grow with them (defect 4).
+
+The flood itself is `benchmarks/dns_flood.py` (which also runs at 100,000
+queries); here it is 20,000 per kind, and the figures are printed.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
+
+from benchmarks.dns_flood import flood
+from tests.helpers.agent import AgentProcess
+from tests.helpers.dns_upstream import FakeUpstream
+
+FORWARDED = "www.example.test"
+TCP_CAP = 256  # dns.server.MAX_TCP_CONNECTIONS
+PER_CLIENT = 16  # dns.server.MAX_TCP_PER_CLIENT
+
+StartAgent = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream({FORWARDED: ["192.0.2.1"]}) as server:
+        yield server
+
+
+@pytest.fixture
+def dns_agent(start_agent: StartAgent, upstream: FakeUpstream) -> AgentProcess:
+    agent = start_agent(extra=["--dns-upstream", f"127.0.0.1:{upstream.port}"])
+    assert agent.request("POST", "/v1/networks", {"name": "front",
+                                                  "subnet": "127.82.0.0/24"})[0] == 201
+    assert agent.request("POST", "/v1/services", {"name": "web", "networks": ["front"]})[0] == 201
+    return agent
+
+
+def stats(agent: AgentProcess) -> dict[str, int]:
+    status, body = agent.request("GET", "/v1/dns")
+    assert status == 200
+    found: dict[str, int] = body.get("stats", {})
+    return found
+
+
+def query(name: str, qid: int = 0x5151, *, edns_version: int | None = None) -> bytes:
+    record = DNSRecord(DNSHeader(id=qid, rd=1), q=DNSQuestion(name))
+    if edns_version is not None:
+        record.add_ar(EDNS0(udp_len=1232, version=edns_version))
+    return bytes(record.pack())
+
+
+def ask_udp(agent: AgentProcess, data: bytes, timeout: float = 5.0) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(data, ("127.0.0.1", agent.dns_port))
+        return sock.recv(65535)
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def ask_tcp_on(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(len(data).to_bytes(2, "big") + data)
+    size = int.from_bytes(recv_exactly(sock, 2), "big")
+    return recv_exactly(sock, size)
+
+
+def ask_tcp(agent: AgentProcess, data: bytes, source: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", agent.dns_port), timeout=5,
+                                  source_address=(source, 0)) as sock:
+        return ask_tcp_on(sock, data)
+
+
+def rcode(reply: bytes) -> int:
+    parsed: Any = DNSRecord.parse(reply)
+    opt = next((r for r in parsed.ar if r.rtype == QTYPE.OPT), None)
+    high = int(opt.edns_rcode) if opt is not None else 0
+    return (high << 4) | int(parsed.header.rcode)
+
+
+# -- defect 4: padded queries -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mesh", "forward"])
+def test_padded_query_flood_makes_no_cache_entries_and_little_memory(
+        dns_agent: AgentProcess, kind: str) -> None:
+    name = "web" if kind == "mesh" else FORWARDED
+    assert rcode(ask_udp(dns_agent, query(name))) == RCODE.NOERROR  # warm: one entry each
+    assert dns_agent.proc is not None
+    result = flood(("127.0.0.1", dns_agent.dns_port), dns_agent.proc.pid, kind, name,
+                   queries=20_000, padding=300, window=64, max_seconds=60)
+    counters = stats(dns_agent)
+    print(f"\n{result.line()}\n{kind}: responder cache {counters.get('responder_cache_entries')} "
+          f"entries, {counters.get('responder_cache_bytes')} bytes; forwarder cache "
+          f"{counters.get('forwarder_cache_entries')} entries")
+    assert result.answered >= 0.9 * result.sent
+    # Before the fix 20,000 padded queries grew the agent by 13-19 MB; the bound is generous.
+    assert result.growth_mb < 8
+    assert counters["responder_cache_entries"] == 1
+    assert counters["forwarder_cache_entries"] == (1 if kind == "forward" else 0)
