@@ -19,8 +19,9 @@ Sans-IO. Two paths:
   state drops exactly the replies filed under the owners it touched, so the
   very next query after a task turns unhealthy is answered anew.
 
-Malformed queries get FORMERR (RFC 1035 §4.1.1), unknown opcodes NOTIMP, and
-anything without a readable header is dropped; each is counted.
+Malformed queries get FORMERR (RFC 1035 §4.1.1), names over 255 octets or
+with labels over 63 included (§2.3.4), unknown opcodes NOTIMP, and anything
+without a readable header is dropped; each is counted, none is logged.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from dnslib import (
 )
 
 from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key, ReplyCache
-from dns.question import canonical_query, splice_question
+from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
 from dns.table import ALL, Answer, NameTable
 from dns.wire import EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
 from mesh.state.model import Change
@@ -145,7 +146,10 @@ class Responder:
             query = DNSRecord.parse(data)
         except Exception:  # dnslib raises many kinds on hostile input: all mean FORMERR
             return self._refuse(data, FORMERR)
-        if len(query.questions) != 1:
+        if len(query.questions) != 1 or not plain_name(query.q.qname):
+            return self._refuse(data, FORMERR)
+        opts = [r for r in query.ar if r.rtype == QTYPE.OPT]
+        if len(opts) > 1:  # RFC 6891 §6.1.1
             return self._refuse(data, FORMERR)
         if query.q.qclass not in (CLASS_IN, CLASS_ANY):  # CHAOS and friends: not ours
             self.stats["forwarded"] += 1
@@ -242,6 +246,17 @@ class Responder:
 
 
 PARSE = -1
+
+
+def plain_name(name: DNSLabel) -> bool:
+    """Labels of at most 63 octets, at most 255 on the wire (RFC 1035 §2.3.4).
+
+    dnslib reads a length octet of 64..191 (the extended and reserved label
+    types) as a long label, and any number of labels: both are FORMERR here.
+    """
+    labels = name.label
+    return (all(len(label) <= MAX_LABEL for label in labels)
+            and sum(len(label) + 1 for label in labels) + 1 <= MAX_NAME_OCTETS)
 
 
 def lower_name(name: DNSLabel) -> DNSLabel:

@@ -8,6 +8,9 @@ their own asyncio tasks, so a slow or dead upstream never holds up a mesh name.
 
 TCP (RFC 1035 §4.2.2, RFC 7766): two-byte length framing, several queries per
 connection answered in order, an idle timeout, and a cap on connections.
+
+A query the forwarder cannot take (`MalformedQuery`) gets FORMERR and is
+counted with the responder's `formerr`; nothing is logged per bad packet.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from dns.cache import FORWARD_MARK
+from dns.forward import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
-from dns.wire import REFUSED, SERVFAIL
+from dns.wire import FORMERR, REFUSED, SERVFAIL
 from mesh.logs import event
 
 log = logging.getLogger(__name__)
@@ -77,7 +81,7 @@ class UdpServer(asyncio.DatagramProtocol):
             task.add_done_callback(self._pending.discard)
 
     async def _forward(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        reply = fit_udp(data, await self.forward(data, False))
+        reply = fit_udp(data, await forward_or_refuse(self.responder, self.forward, data, False))
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
@@ -90,6 +94,23 @@ class UdpServer(asyncio.DatagramProtocol):
         await asyncio.gather(*self._pending, return_exceptions=True)
         if self.transport is not None:
             self.transport.close()
+
+
+async def forward_or_refuse(responder: Responder, forward: Forward, data: bytes,
+                            tcp: bool) -> bytes:
+    """The forwarder's reply, FORMERR for what it cannot take, SERVFAIL for a bug of ours.
+
+    The responder refuses malformed queries before they get here; this is
+    the net under it, so that no query goes unanswered, nor logs per packet.
+    """
+    try:
+        return await forward(data, tcp)
+    except MalformedQuery:
+        responder.stats["formerr"] += 1
+        return error_reply(data, FORMERR)
+    except Exception as exc:  # a bug must cost one query, never the server
+        event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
+        return error_reply(data, SERVFAIL)
 
 
 class TcpServer:
@@ -131,7 +152,7 @@ class TcpServer:
             event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
             return error_reply(data, SERVFAIL) if len(data) >= 12 else None
         if reply is Action.FORWARD:
-            return await self.forward(data, True)
+            return await forward_or_refuse(self.responder, self.forward, data, True)
         return reply
 
     async def close(self) -> None:

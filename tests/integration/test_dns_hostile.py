@@ -1,7 +1,9 @@
 """Issue 13 against a real agent: hostile DNS clients on UDP and TCP (raw sockets).
 
 - padded queries (bytes after the question) make no cache entries, so the
-  agent's memory does not grow with them (defect 4).
+  agent's memory does not grow with them (defect 4);
+- names over 255 octets, bad label types and compression tricks get FORMERR,
+  are counted, and log nothing per packet (defect 6).
 
 The flood itself is `benchmarks/dns_flood.py` (which also runs at 100,000
 queries); here it is 20,000 per kind, and the figures are printed.
@@ -10,6 +12,7 @@ queries); here it is 20,000 per kind, and the figures are printed.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -112,3 +115,58 @@ def test_padded_query_flood_makes_no_cache_entries_and_little_memory(
     assert result.growth_mb < 8
     assert counters["responder_cache_entries"] == 1
     assert counters["forwarder_cache_entries"] == (1 if kind == "forward" else 0)
+
+
+# -- defect 6: overlong names and compression tricks -----------------------------------------
+
+
+def label(text: bytes) -> bytes:
+    return len(text).to_bytes(1, "big") + text
+
+
+HEADER = struct.pack("!HHHHHH", 0x6161, 0x0100, 1, 0, 0, 0)
+A_IN = b"\x00\x01\x00\x01"
+LONG = b"".join(label(b"a" * 63) for _ in range(4)) + label(b"bcdef") + b"\x00"  # 262 octets
+
+
+def chained(count: int = 4) -> bytes:
+    """A question whose name is short in place but over 255 octets once its pointers are
+    followed: each pointer leads forward, past QTYPE and QCLASS, to a label and another."""
+    start = len(HEADER)
+    name = label(b"a" * 63) + (0xC000 | start + 64 + 2 + 4).to_bytes(2, "big") + A_IN
+    for i in range(1, count):
+        offset = start + len(name) + 64 + 2
+        tail = (0xC000 | offset).to_bytes(2, "big") if i < count - 1 else b"\x00"
+        name += label(bytes([ord("a") + i]) * 63) + tail
+    return name
+
+
+BAD_NAMES = {
+    "over 255 octets": HEADER + LONG + A_IN,
+    "over 255 octets, padded": HEADER + LONG + A_IN + b"\x00" * 300,
+    "label type 0x40": HEADER + b"\x40" + b"a" * 64 + b"\x00" + A_IN,
+    "label type 0x80": HEADER + b"\x80" + b"a" * 20 + b"\x00" + A_IN,
+    "pointer loop": HEADER + b"\xc0\x0c" + A_IN,
+    "pointer past the end": HEADER + b"\x03www\xcf\xff" + A_IN,
+    "chained pointers": HEADER + chained(),
+    "cut in a label": HEADER + b"\x3fabc",
+}
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_bad_names_get_formerr_and_log_nothing(dns_agent: AgentProcess, tcp: bool) -> None:
+    before = stats(dns_agent).get("responder_formerr", 0)
+    answered = 0
+    for what, data in BAD_NAMES.items():
+        for _ in range(20):
+            reply = ask_tcp(dns_agent, data) if tcp else ask_udp(dns_agent, data)
+            assert reply[:2] == data[:2], what
+            parsed = DNSRecord.parse(reply)
+            assert parsed.header.qr == 1 and parsed.header.rcode == RCODE.FORMERR, what
+            answered += 1
+    counted = stats(dns_agent)["responder_formerr"] - before
+    print(f"\n{answered} bad names over {'TCP' if tcp else 'UDP'}: FORMERR, {counted} counted")
+    assert counted == answered
+    assert rcode(ask_udp(dns_agent, query(FORWARDED))) == RCODE.NOERROR  # still forwarding
+    log = dns_agent.log()
+    assert "ERROR" not in log and "Traceback" not in log and "exception" not in log.lower()

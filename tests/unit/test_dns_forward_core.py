@@ -254,6 +254,12 @@ def test_names_longer_than_255_octets_are_malformed() -> None:
         parse_query(raw_query([b"a" * 63] * 3 + [b"b" * 62], 1, 0x0100))
 
 
+def test_labels_longer_than_63_octets_are_malformed() -> None:
+    """A length octet of 64..191 is a reserved label type; dnslib reads it as a long label."""
+    with pytest.raises(MalformedQuery, match="label longer than 63"):
+        parse_query(raw_query([b"a" * 64], 1, 0x0100))
+
+
 @pytest.mark.parametrize("edns", [False, True])
 def test_error_reply_is_built_from_the_query(edns: bool) -> None:
     query = parse_query(make_query("MiXeD.example", "MX", edns=edns, cd=True))

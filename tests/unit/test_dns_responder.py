@@ -247,7 +247,7 @@ def test_records_list_what_each_view_is_answered(world: World) -> None:
             assert value in addresses(world.ask(name))
 
 
-# -- issue 13: what a client varies freely makes no cache entries --------------------------
+# -- issue 13: what a client varies freely makes no cache entries; bad names ---------------
 
 
 def padded_variants(name: str, count: int, padding: int = 300, qtype: str = "A",
@@ -331,3 +331,14 @@ def test_cache_is_bounded_by_entries_and_bytes_least_recently_used_first() -> No
         assert responder.cache.evicted > 200
         key = next(k for k in responder.cache.entries if k[2].find(b"\x03web") >= 0)
         assert key in responder.cache.entries  # the hot name survived every eviction
+
+
+def test_overlong_names_get_formerr_and_are_counted(world: World) -> None:
+    responder = world.responder
+    labels = b"".join(b"\x3f" + b"a" * 63 for _ in range(4)) + b"\x05bcdef\x00"  # 262 octets
+    query = bytes(DNSRecord.question("x").pack())[:12] + labels + b"\x00\x01\x00\x01"
+    for data in (query, query + b"\x00" * 300):
+        reply = responder.respond(data, HOST)
+        assert isinstance(reply, bytes)
+        assert reply[:2] == data[:2] and DNSRecord.parse(reply).header.rcode == RCODE.FORMERR
+    assert responder.stats["formerr"] == 2 and len(responder.cache) == 0
