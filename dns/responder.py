@@ -19,9 +19,10 @@ Sans-IO. Two paths:
   state drops exactly the replies filed under the owners it touched, so the
   very next query after a task turns unhealthy is answered anew.
 
-Malformed queries get FORMERR (RFC 1035 §4.1.1), names over 255 octets or
-with labels over 63 included (§2.3.4), unknown opcodes NOTIMP, and anything
-without a readable header is dropped; each is counted, none is logged.
+Malformed queries get FORMERR (RFC 1035 §4.1.1), names over 255 octets
+included (§2.3.4), unknown opcodes NOTIMP, an EDNS version other than 0
+BADVERS (RFC 6891 §6.1.3), and anything without a readable header is
+dropped; each is counted, none is logged.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from dnslib import (
 from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key, ReplyCache
 from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
 from dns.table import ALL, Answer, NameTable
-from dns.wire import EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
+from dns.wire import BADVERS, EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
 from mesh.state.model import Change
 
 TCP_MAX = 65535
@@ -88,8 +89,8 @@ class Responder:
         #: source address -> view; asked on every query, so kept as a dict
         self.views: dict[str, str] = {}
         self.stats: dict[str, int] = dict.fromkeys(
-            ("answered", "nxdomain", "nodata", "forwarded", "formerr", "notimp", "dropped",
-             "truncated", "invalidated"), 0)
+            ("answered", "nxdomain", "nodata", "forwarded", "formerr", "notimp", "badvers",
+             "dropped", "truncated", "invalidated"), 0)
 
     def __repr__(self) -> str:
         return f"<Responder cached={len(self.cache)} {self.table!r}>"
@@ -151,6 +152,9 @@ class Responder:
         opts = [r for r in query.ar if r.rtype == QTYPE.OPT]
         if len(opts) > 1:  # RFC 6891 §6.1.1
             return self._refuse(data, FORMERR)
+        if opts and opts[0].edns_ver != 0:
+            self.stats["badvers"] += 1
+            return badvers_reply(query)
         if query.q.qclass not in (CLASS_IN, CLASS_ANY):  # CHAOS and friends: not ours
             self.stats["forwarded"] += 1
             return FORWARD
@@ -261,6 +265,15 @@ def plain_name(name: DNSLabel) -> bool:
 
 def lower_name(name: DNSLabel) -> DNSLabel:
     return DNSLabel(tuple(label.lower() for label in name.label))
+
+
+def badvers_reply(query: DNSRecord) -> bytes:
+    """BADVERS (16) for an EDNS version we do not speak: the high bits go in our OPT (version 0)."""
+    header = DNSHeader(id=query.header.id, qr=1, ra=1, rd=query.header.rd, opcode=0,
+                       rcode=BADVERS & 0xF)
+    reply = DNSRecord(header, q=query.q)
+    reply.add_ar(EDNS0(udp_len=EDNS_PAYLOAD, ext_rcode=BADVERS >> 4, version=0))
+    return bytes(reply.pack())
 
 
 def _check_header(data: bytes) -> int | None:

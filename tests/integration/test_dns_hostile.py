@@ -3,7 +3,8 @@
 - padded queries (bytes after the question) make no cache entries, so the
   agent's memory does not grow with them (defect 4);
 - names over 255 octets, bad label types and compression tricks get FORMERR,
-  are counted, and log nothing per packet (defect 6).
+  are counted, and log nothing per packet (defect 6);
+- an EDNS version other than 0 gets BADVERS (10c, RFC 6891 §6.1.3).
 
 The flood itself is `benchmarks/dns_flood.py` (which also runs at 100,000
 queries); here it is 20,000 per kind, and the figures are printed.
@@ -170,3 +171,18 @@ def test_bad_names_get_formerr_and_log_nothing(dns_agent: AgentProcess, tcp: boo
     assert rcode(ask_udp(dns_agent, query(FORWARDED))) == RCODE.NOERROR  # still forwarding
     log = dns_agent.log()
     assert "ERROR" not in log and "Traceback" not in log and "exception" not in log.lower()
+
+
+# -- 10c: EDNS versions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["web", FORWARDED])
+def test_edns_version_1_gets_badvers(dns_agent: AgentProcess, name: str) -> None:
+    for reply in (ask_udp(dns_agent, query(name, edns_version=1)),
+                  ask_tcp(dns_agent, query(name, edns_version=1))):
+        parsed = DNSRecord.parse(reply)
+        assert parsed.header.id == 0x5151 and rcode(reply) == 16  # BADVERS
+        opt = next(r for r in parsed.ar if r.rtype == QTYPE.OPT)
+        assert opt.edns_ver == 0 and not parsed.rr
+    assert rcode(ask_udp(dns_agent, query(name, edns_version=0))) == RCODE.NOERROR
+    assert stats(dns_agent)["responder_badvers"] == 2

@@ -247,7 +247,7 @@ def test_records_list_what_each_view_is_answered(world: World) -> None:
             assert value in addresses(world.ask(name))
 
 
-# -- issue 13: what a client varies freely makes no cache entries; bad names ---------------
+# -- issue 13: what a client varies freely makes no cache entries; bad names; BADVERS ----------
 
 
 def padded_variants(name: str, count: int, padding: int = 300, qtype: str = "A",
@@ -342,3 +342,17 @@ def test_overlong_names_get_formerr_and_are_counted(world: World) -> None:
         assert isinstance(reply, bytes)
         assert reply[:2] == data[:2] and DNSRecord.parse(reply).header.rcode == RCODE.FORMERR
     assert responder.stats["formerr"] == 2 and len(responder.cache) == 0
+
+
+@pytest.mark.parametrize("name", ["web", "example.com"])
+def test_edns_version_other_than_0_gets_badvers(world: World, name: str) -> None:
+    query = DNSRecord.question(name)
+    query.add_ar(EDNS0(udp_len=1232, version=1))
+    reply = world.responder.respond(bytes(query.pack()), HOST)
+    assert isinstance(reply, bytes)
+    parsed = DNSRecord.parse(reply)
+    opt = next(r for r in parsed.ar if r.rtype == QTYPE.OPT)
+    assert parsed.header.id == query.header.id and parsed.header.qr == 1
+    assert (opt.edns_rcode << 4 | parsed.header.rcode) == 16  # BADVERS, RFC 6891 §6.1.3
+    assert opt.edns_ver == 0 and not parsed.rr
+    assert world.responder.stats["badvers"] == 1 and len(world.responder.cache) == 0
