@@ -94,4 +94,6 @@ class DnsService:
         counters = {**self.responder.stats, **self.responder.cache_stats()}
         return {**{f"responder_{k}": v for k, v in counters.items()},
                 **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
-                "forwarder_cache_bytes": self.forwarder.cache.size_bytes}
+                "forwarder_cache_bytes": self.forwarder.cache.size_bytes,
+                **({} if self._tcp is None
+                   else {f"tcp_{k}": v for k, v in self._tcp.stats.items()})}

@@ -2,6 +2,9 @@
 
 - padded queries (bytes after the question) make no cache entries, so the
   agent's memory does not grow with them (defect 4);
+- idle TCP connections held up to the cap do not lock out a new TCP client:
+  the longest idle one is closed for it; one address gets only its share
+  (defect 5, RFC 7766 §6.2);
 - names over 255 octets, bad label types and compression tricks get FORMERR,
   are counted, and log nothing per packet (defect 6);
 - an EDNS version other than 0 gets BADVERS (10c, RFC 6891 §6.1.3).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -116,6 +120,60 @@ def test_padded_query_flood_makes_no_cache_entries_and_little_memory(
     assert result.growth_mb < 8
     assert counters["responder_cache_entries"] == 1
     assert counters["forwarder_cache_entries"] == (1 if kind == "forward" else 0)
+
+
+# -- defect 5: held TCP connections ----------------------------------------------------------
+
+
+def wait_for_open(agent: AgentProcess, count: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and stats(agent).get("tcp_open", count) < count:
+        time.sleep(0.05)
+
+
+def test_idle_tcp_connections_at_the_cap_do_not_lock_out_a_new_client(
+        dns_agent: AgentProcess) -> None:
+    held: list[socket.socket] = []
+    try:
+        # The cap's worth of idle connections, PER_CLIENT from each of 16 loopback addresses.
+        for i in range(TCP_CAP):
+            source = f"127.0.3.{i // PER_CLIENT + 1}"
+            held.append(socket.create_connection(("127.0.0.1", dns_agent.dns_port), timeout=5,
+                                                 source_address=(source, 0)))
+        wait_for_open(dns_agent, TCP_CAP)
+        started = time.monotonic()
+        reply = ask_tcp(dns_agent, query("web"))
+        elapsed = time.monotonic() - started
+        print(f"\nwith {TCP_CAP} idle TCP connections held, a new TCP query was answered "
+              f"in {elapsed * 1000:.1f} ms")
+        assert rcode(reply) == RCODE.NOERROR and DNSRecord.parse(reply).rr
+        counters = stats(dns_agent)
+        assert counters["tcp_evicted_idle"] == 1 and counters["tcp_open"] <= TCP_CAP
+        # The one closed for it was the longest idle: the first held.
+        held[0].settimeout(5)
+        assert held[0].recv(1) == b""
+        # The others still answer.
+        assert rcode(ask_tcp_on(held[-1], query("web"))) == RCODE.NOERROR
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_one_address_gets_only_its_share_of_tcp_connections(dns_agent: AgentProcess) -> None:
+    held = [socket.create_connection(("127.0.0.1", dns_agent.dns_port), timeout=5,
+                                     source_address=("127.0.4.1", 0))
+            for _ in range(PER_CLIENT + 1)]
+    try:
+        extra = held[-1]
+        extra.settimeout(5)
+        with pytest.raises(ConnectionError):  # closed at once (EOF or reset)
+            ask_tcp_on(extra, query("web"))
+        assert rcode(ask_tcp_on(held[0], query("web"))) == RCODE.NOERROR
+        assert rcode(ask_tcp(dns_agent, query("web"), source="127.0.4.2")) == RCODE.NOERROR
+        assert stats(dns_agent)["tcp_refused_per_client"] == 1
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # -- defect 6: overlong names and compression tricks -----------------------------------------
