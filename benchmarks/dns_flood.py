@@ -13,6 +13,11 @@ Two kinds of name, one or both (`--kind`):
 - `forward`: a name it does not own, forwarded to an upstream and cached by
   the forwarder (a local fake upstream in `--spawn` mode).
 
+With `--distinct-names` every query asks another name as well (`tasks.nI`,
+NXDOMAIN in the mesh's space, or `nI.<forward name>`, NXDOMAIN upstream and
+cached negatively): that fills the caches to their bounds, and shows what
+those bounds cost in memory.
+
 Queries are sent with a bounded window of outstanding queries (`--window`),
 from one socket, and the run stops after `--max-seconds` whatever is left;
 everything goes to loopback.
@@ -104,8 +109,12 @@ class Flood:
 
 
 def flood(address: tuple[str, int], pid: int, kind: str, name: str, *, queries: int,
-          padding: int, window: int, max_seconds: float, seed: int = 13) -> Flood:
-    """Send `queries` padded queries for `name`, at most `window` unanswered at a time."""
+          padding: int, window: int, max_seconds: float, seed: int = 13,
+          distinct_names: bool = False) -> Flood:
+    """Send `queries` padded queries for `name`, at most `window` unanswered at a time.
+
+    With `distinct_names`, query I asks `tasks.nI` (mesh) or `nI.<name>` (forward).
+    """
     rng = random.Random(seed)
     before = rss_kib(pid)
     sent = answered = 0
@@ -119,7 +128,10 @@ def flood(address: tuple[str, int], pid: int, kind: str, name: str, *, queries: 
         last_answer = time.monotonic()
         while (sent < queries or outstanding) and time.monotonic() < deadline:
             while sent < queries and outstanding < window:
-                base = question(name, sent & 0xFFFF)
+                asked = name
+                if distinct_names:
+                    asked = f"tasks.n{sent}" if kind == "mesh" else f"n{sent}.{name}"
+                base = question(asked, sent & 0xFFFF)
                 try:
                     sock.send(padded(base, sent, padding, rng))
                 except BlockingIOError:
@@ -191,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=100_000)
     parser.add_argument("--padding", type=int, default=300)
     parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--distinct-names", action="store_true",
+                        help="another name in every query: fills the caches to their bounds")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per kind")
     args = parser.parse_args(argv)
     if not 0 < args.queries <= MAX_QUERIES:
@@ -204,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(address: tuple[str, int], pid: int, api: str | None) -> None:
         print(f"flood: {args.queries} queries x {args.padding} bytes of padding, "
+              f"{'distinct names, ' if args.distinct_names else ''}"
               f"window {args.window}, pid {pid}, dns {address[0]}:{address[1]}")
         for kind in kinds:
             result = flood(address, pid, kind, names[kind], queries=args.queries,
                            padding=args.padding, window=args.window,
-                           max_seconds=args.max_seconds)
+                           max_seconds=args.max_seconds, distinct_names=args.distinct_names)
             print(result.line(), flush=True)
         stats = dns_stats(api)
         if stats is not None:

@@ -39,7 +39,7 @@ Entry = Iterator[bytes] | Mark
 #: the owner index (measured with tracemalloc: ~800 bytes on CPython 3.11).
 ENTRY_OVERHEAD: Final = 800
 DEFAULT_MAX_ENTRIES: Final = 100_000
-DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_MAX_BYTES: Final = 8 * 1024 * 1024
 
 
 class ReplyCache:
