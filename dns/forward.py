@@ -85,6 +85,8 @@ _OPCODE_QUERY: Final = 0
 _HEADER_LEN: Final = 12
 #: A name of 255 octets on the wire is 253 in dnslib's length (dots, no end).
 _MAX_NAME_TEXT: Final = 253
+#: dnslib reads the reserved label types (length octets 64..191) as long labels.
+_MAX_LABEL: Final = 63
 
 #: (lower-cased qname labels, qtype, qclass, DO bit, CD bit)
 CacheKey = tuple[tuple[bytes, ...], int, int, bool, bool]
@@ -274,7 +276,8 @@ def parse_query(wire: bytes) -> Query:
 
     Not a query: unparsable bytes, a response (QR set: never answer those, it
     makes loops), a question count other than one (RFC 9619), a name longer
-    than 255 octets (RFC 1035 §2.3.4), two OPT records (RFC 6891 §6.1.1).
+    than 255 octets or a label longer than 63 (RFC 1035 §2.3.4), two OPT
+    records (RFC 6891 §6.1.1).
     """
     record = _parse(wire)
     if record is None:
@@ -286,6 +289,8 @@ def parse_query(wire: bytes) -> Query:
         raise MalformedQuery(f"{len(record.questions)} questions, expected one")
     if len(record.questions[0].qname) > _MAX_NAME_TEXT:
         raise MalformedQuery("name longer than 255 octets")
+    if any(len(label) > _MAX_LABEL for label in record.questions[0].qname.label):
+        raise MalformedQuery("label longer than 63 octets")
     opts = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
     if len(opts) > 1:
         raise MalformedQuery("more than one OPT record")

@@ -3,9 +3,15 @@
 Sans-IO. Two paths:
 
 - The hot path answers from cached wire bytes. A reply depends only on the
-  asker's view and on the query after its ID (flags, question, EDNS), so the
-  cache is keyed by `(view, query[2:])` and holds the reply without its ID;
-  the server prepends the asker's ID. An answer with several peers (tasks of
+  asker's view, on whether it came over TCP, and on the query's canonical
+  form (`dns.question`: RD, the lower-cased question, EDNS presence, DO and
+  UDP size; never the bytes after the question, the case or EDNS options),
+  so the cache (`dns.cache.ReplyCache`, bounded by entries and bytes, LRU)
+  is keyed by `(view, tcp, canonical query)` and holds the reply without its
+  ID. A query already in canonical form (most stub queries) is found by its
+  raw bytes; any other is brought to that form first, and the reply gets the
+  asker's question bytes (its case) spliced back. The server prepends the
+  asker's ID. An answer with several peers (tasks of
   a dnsrr service, tasks.X, SRV) is cached as a few rotations served in turn,
   so each query still gets another order (the shuffle of Swarm, for free).
 - The slow path parses with dnslib, resolves through the `NameTable`, builds
@@ -13,8 +19,10 @@ Sans-IO. Two paths:
   state drops exactly the replies filed under the owners it touched, so the
   very next query after a task turns unhealthy is answered anew.
 
-Malformed queries get FORMERR (RFC 1035 §4.1.1), unknown opcodes NOTIMP, and
-anything without a readable header is dropped; each is counted.
+Malformed queries get FORMERR (RFC 1035 §4.1.1), names over 255 octets
+included (§2.3.4), unknown opcodes NOTIMP, an EDNS version other than 0
+BADVERS (RFC 6891 §6.1.3), and anything without a readable header is
+dropped; each is counted, none is logged.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ import ipaddress
 import itertools
 import random
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -40,14 +47,16 @@ from dnslib import (
     DNSRecord,
 )
 
+from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key, ReplyCache
+from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
 from dns.table import ALL, Answer, NameTable
-from dns.wire import EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
+from dns.wire import BADVERS, EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
 from mesh.state.model import Change
 
 TCP_MAX = 65535
 MAX_ROTATIONS = 8
 CLASS_IN, CLASS_ANY = 1, 255
-DEFAULT_CACHE_ENTRIES = 100_000
+DEFAULT_CACHE_ENTRIES = DEFAULT_MAX_ENTRIES
 
 
 class Action(Enum):
@@ -62,6 +71,7 @@ class DnsConfig:
     ttl: int = 5  # seconds; Swarm's fixed 600 s kept stale answers alive for ten minutes
     domain: str | None = None
     cache_entries: int = DEFAULT_CACHE_ENTRIES
+    cache_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if not 0 <= self.ttl <= 86_400:
@@ -74,15 +84,13 @@ class Responder:
         self.table = table
         self.config = config or DnsConfig()
         self._rng = rng or random.Random()
-        #: (view, tcp, query[2:]) -> an endless iterator over cached replies without ID
-        self.cache: dict[tuple[str, bool, bytes], Iterator[bytes]] = {}
-        self._forward_keys: set[tuple[str, bool, bytes]] = set()
-        self._by_owner: dict[str, set[tuple[str, bool, bytes]]] = {}
+        #: (view, tcp, canonical query) -> the replies' rotation, or the FORWARD mark
+        self.cache = ReplyCache(self.config.cache_entries, self.config.cache_bytes)
         #: source address -> view; asked on every query, so kept as a dict
         self.views: dict[str, str] = {}
         self.stats: dict[str, int] = dict.fromkeys(
-            ("answered", "nxdomain", "nodata", "forwarded", "formerr", "notimp", "dropped",
-             "truncated", "invalidated"), 0)
+            ("answered", "nxdomain", "nodata", "forwarded", "formerr", "notimp", "badvers",
+             "dropped", "truncated", "invalidated"), 0)
 
     def __repr__(self) -> str:
         return f"<Responder cached={len(self.cache)} {self.table!r}>"
@@ -94,17 +102,15 @@ class Responder:
 
     def invalidate(self, owners: set[str]) -> None:
         if ALL in owners:
-            self.stats["invalidated"] += len(self.cache)
-            self.cache.clear()
-            self._forward_keys.clear()
-            self._by_owner.clear()
+            self.stats["invalidated"] += self.cache.clear()
             self.views.clear()
             return
-        for owner in owners:
-            for key in self._by_owner.pop(owner, ()):
-                if self.cache.pop(key, None) is not None:
-                    self.stats["invalidated"] += 1
-                self._forward_keys.discard(key)
+        self.stats["invalidated"] += self.cache.invalidate(owners)
+
+    def cache_stats(self) -> dict[str, int]:
+        """Gauges of the reply cache: entries, bytes (as bounded), evictions so far."""
+        return {"cache_entries": len(self.cache), "cache_bytes": self.cache.size_bytes,
+                "cache_evicted": self.cache.evicted}
 
     # -- answering --------------------------------------------------------------
 
@@ -118,13 +124,22 @@ class Responder:
 
     def respond(self, data: bytes, source: str, tcp: bool = False) -> bytes | Action | None:
         """A reply, FORWARD, or None to drop the packet."""
-        key = (self.view_of(source), tcp, data[2:])
-        rotation = self.cache.get(key)  # the hot path (the UDP server inlines it)
-        if rotation is not None:
-            return data[:2] + next(rotation)
-        if key in self._forward_keys:
+        view = self.view_of(source)
+        entry = self.cache.get((view, tcp, data[2:]))  # the hot path (the UDP server inlines it)
+        if entry is FORWARD_MARK:
             self.stats["forwarded"] += 1
             return FORWARD
+        if entry is not None:
+            return data[:2] + next(entry)
+        canonical = canonical_query(data)
+        key = None if canonical is None else (view, tcp, canonical[0])
+        if key is not None and canonical is not None:
+            entry = self.cache.get(key)
+            if entry is FORWARD_MARK:
+                self.stats["forwarded"] += 1
+                return FORWARD
+            if entry is not None:
+                return splice_question(next(entry), data, canonical[1])
         problem = _check_header(data)
         if problem != PARSE:
             return self._refuse(data, problem)
@@ -132,22 +147,23 @@ class Responder:
             query = DNSRecord.parse(data)
         except Exception:  # dnslib raises many kinds on hostile input: all mean FORMERR
             return self._refuse(data, FORMERR)
-        if len(query.questions) != 1:
+        if len(query.questions) != 1 or not plain_name(query.q.qname):
             return self._refuse(data, FORMERR)
+        opts = [r for r in query.ar if r.rtype == QTYPE.OPT]
+        if len(opts) > 1:  # RFC 6891 §6.1.1
+            return self._refuse(data, FORMERR)
+        if opts and opts[0].edns_ver != 0:
+            self.stats["badvers"] += 1
+            return badvers_reply(query)
         if query.q.qclass not in (CLASS_IN, CLASS_ANY):  # CHAOS and friends: not ours
             self.stats["forwarded"] += 1
             return FORWARD
-        canonical = canonical_key(query, key)
-        if canonical != key:
-            # EDNS options (a client cookie, say) differ per query but change no
-            # answer: file the reply under the query without them.
-            rotation = self.cache.get(canonical)
-            if rotation is not None:
-                return data[:2] + next(rotation)
-            if canonical in self._forward_keys:
-                self.stats["forwarded"] += 1
-                return FORWARD
-        return self._resolve(query, canonical, tcp)
+        # A query not in plain form (a compressed question, say) is answered,
+        # not cached: its key would need the full parse on every query.
+        reply = self._resolve(query, view, key, tcp)
+        if isinstance(reply, bytes) and canonical is not None:
+            return splice_question(reply, data, canonical[1])
+        return reply if isinstance(reply, Action) else data[:2] + reply
 
     def _refuse(self, data: bytes, rcode: int | None) -> bytes | None:
         if rcode is None:
@@ -156,27 +172,32 @@ class Responder:
         self.stats["formerr" if rcode == FORMERR else "notimp"] += 1
         return error_reply(data, rcode)
 
-    def _resolve(self, query: DNSRecord, key: tuple[str, bool, bytes],
+    def _resolve(self, query: DNSRecord, view: str, key: Key | None,
                  tcp: bool) -> bytes | Action:
+        """The reply without its ID (its question lower-cased if `key`), or FORWARD.
+
+        With a `key`, the replies (or the FORWARD mark) are cached under it.
+        """
         question = query.q
         name = str(question.qname)
-        view = key[0]
         address = reverse_address(name)
         answer = (self.table.reverse(address, view) if address is not None
                   else self.table.lookup(name, view))
         if not answer.found and not answer.mesh_space:
-            self._file(key, answer.owners, None)
+            if key is not None:
+                self.cache.put(key, FORWARD_MARK, answer.owners)
             self.stats["forwarded"] += 1
             return FORWARD
-        variants = [self._pack(query, answer, records, tcp)
+        qname = lower_name(question.qname) if key is not None else question.qname
+        variants = [self._pack(query, qname, answer, records, tcp)
                     for records in self._orders(answer, question.qtype)]
-        served = self._file(key, answer.owners, variants)
+        served = itertools.cycle(variants)
+        if key is not None:
+            self.cache.put(key, served, answer.owners, variants)
         self.stats["answered" if answer.found else "nxdomain"] += 1
         if answer.found and not answer.addresses and not answer.ptr and not answer.srv:
             self.stats["nodata"] += 1
-        query_id: int = query.header.id
-        assert served is not None
-        return query_id.to_bytes(2, "big") + next(served)
+        return next(served)
 
     def _orders(self, answer: Answer, qtype: int) -> list[list[RR]]:
         """The answer records in each order to serve in turn."""
@@ -204,11 +225,11 @@ class Responder:
                     for s in answer.srv]
         return []  # a known name asked for a type it has none of: NOERROR, no data
 
-    def _pack(self, query: DNSRecord, answer: Answer, records: list[RR], tcp: bool) -> bytes:
+    def _pack(self, query: DNSRecord, qname: DNSLabel, answer: Answer, records: list[RR],
+              tcp: bool) -> bytes:
         header = DNSHeader(id=query.header.id, qr=1, aa=1, ra=1, rd=query.header.rd,
                            opcode=0, rcode=NOERROR if answer.found else NXDOMAIN)
-        reply = DNSRecord(header, q=DNSQuestion(query.q.qname, query.q.qtype, query.q.qclass))
-        qname: DNSLabel = query.q.qname
+        reply = DNSRecord(header, q=DNSQuestion(qname, query.q.qtype, query.q.qclass))
         for record in records:
             record.rname = qname
             reply.add_answer(record)
@@ -227,32 +248,32 @@ class Responder:
             wire = truncated(reply, edns is not None)
         return bytes(wire[2:])
 
-    def _file(self, key: tuple[str, bool, bytes], owners: set[str],
-              variants: list[bytes] | None) -> Iterator[bytes] | None:
-        """Cache a reply (or a FORWARD mark) under its owners; return the reply's rotation."""
-        if len(self.cache) + len(self._forward_keys) >= self.config.cache_entries:
-            self.invalidate({ALL})  # rare: a flood of distinct names; start afresh
-        served = None
-        if variants is None:
-            self._forward_keys.add(key)
-        else:
-            served = self.cache[key] = itertools.cycle(variants)
-        for owner in owners:
-            self._by_owner.setdefault(owner, set()).add(key)
-        return served
-
 
 PARSE = -1
 
 
-def canonical_key(query: DNSRecord, key: tuple[str, bool, bytes]) -> tuple[str, bool, bytes]:
-    """The cache key of `query` with its EDNS options dropped (the same key if it has none)."""
-    opt = next((r for r in query.ar if r.rtype == QTYPE.OPT), None)
-    if opt is None or not opt.rdata:
-        return key
-    bare = DNSRecord(DNSHeader(id=0, bitmap=query.header.bitmap), q=query.q)
-    bare.add_ar(RR(".", QTYPE.OPT, rclass=opt.rclass, ttl=opt.ttl, rdata=[]))
-    return key[0], key[1], bytes(bare.pack())[2:]
+def plain_name(name: DNSLabel) -> bool:
+    """Labels of at most 63 octets, at most 255 on the wire (RFC 1035 §2.3.4).
+
+    dnslib reads a length octet of 64..191 (the extended and reserved label
+    types) as a long label, and any number of labels: both are FORMERR here.
+    """
+    labels = name.label
+    return (all(len(label) <= MAX_LABEL for label in labels)
+            and sum(len(label) + 1 for label in labels) + 1 <= MAX_NAME_OCTETS)
+
+
+def lower_name(name: DNSLabel) -> DNSLabel:
+    return DNSLabel(tuple(label.lower() for label in name.label))
+
+
+def badvers_reply(query: DNSRecord) -> bytes:
+    """BADVERS (16) for an EDNS version we do not speak: the high bits go in our OPT (version 0)."""
+    header = DNSHeader(id=query.header.id, qr=1, ra=1, rd=query.header.rd, opcode=0,
+                       rcode=BADVERS & 0xF)
+    reply = DNSRecord(header, q=query.q)
+    reply.add_ar(EDNS0(udp_len=EDNS_PAYLOAD, ext_rcode=BADVERS >> 4, version=0))
+    return bytes(reply.pack())
 
 
 def _check_header(data: bytes) -> int | None:

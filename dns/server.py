@@ -7,27 +7,37 @@ responder's slow path; names the mesh does not own go to the forwarder as
 their own asyncio tasks, so a slow or dead upstream never holds up a mesh name.
 
 TCP (RFC 1035 §4.2.2, RFC 7766): two-byte length framing, several queries per
-connection answered in order, an idle timeout, and a cap on connections.
+connection answered in order, an idle timeout, a cap on connections per
+client and in all, and, at the cap, the longest idle connection closed to
+admit a new one (`dns.tcpslots`, RFC 7766 §6.2).
+
+A query the forwarder cannot take (`MalformedQuery`) gets FORMERR and is
+counted with the responder's `formerr`; nothing is logged per bad packet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from dns.cache import FORWARD_MARK
+from dns.forward import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
-from dns.wire import REFUSED, SERVFAIL
+from dns.tcpslots import DEFAULT_MAX_PER_CLIENT, DEFAULT_MAX_TOTAL, TcpSlots
+from dns.wire import FORMERR, REFUSED, SERVFAIL
 from mesh.logs import event
 
 log = logging.getLogger(__name__)
 
 Forward = Callable[[bytes, bool], Awaitable[bytes]]
 TCP_IDLE_SECONDS = 10.0
-MAX_TCP_CONNECTIONS = 256
+MAX_TCP_CONNECTIONS = DEFAULT_MAX_TOTAL
+MAX_TCP_PER_CLIENT = DEFAULT_MAX_PER_CLIENT
 MAX_PENDING_FORWARDS = 4096
 
 
@@ -38,7 +48,8 @@ class UdpServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._pending: set[asyncio.Task[None]] = set()
         # Bound once: the hot path reads these without attribute chains.
-        self._cache = responder.cache
+        self._cache = responder.cache.entries
+        self._touch = responder.cache.entries.move_to_end  # LRU: a hit goes to the back
         self._views = responder.views
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -48,8 +59,10 @@ class UdpServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         view = self._views.get(addr[0])  # type: ignore[arg-type]
         if view is not None:
-            entry = self._cache.get((view, False, data[2:]))
-            if entry is not None:
+            key = (view, False, data[2:])
+            entry = self._cache.get(key)
+            if entry is not None and entry is not FORWARD_MARK:
+                self._touch(key)
                 assert self.transport is not None
                 self.transport.sendto(data[:2] + next(entry), addr)
                 return
@@ -73,7 +86,7 @@ class UdpServer(asyncio.DatagramProtocol):
             task.add_done_callback(self._pending.discard)
 
     async def _forward(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        reply = fit_udp(data, await self.forward(data, False))
+        reply = fit_udp(data, await forward_or_refuse(self.responder, self.forward, data, False))
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
@@ -88,34 +101,71 @@ class UdpServer(asyncio.DatagramProtocol):
             self.transport.close()
 
 
+async def forward_or_refuse(responder: Responder, forward: Forward, data: bytes,
+                            tcp: bool) -> bytes:
+    """The forwarder's reply, FORMERR for what it cannot take, SERVFAIL for a bug of ours.
+
+    The responder refuses malformed queries before they get here; this is
+    the net under it, so that no query goes unanswered, nor logs per packet.
+    """
+    try:
+        return await forward(data, tcp)
+    except MalformedQuery:
+        responder.stats["formerr"] += 1
+        return error_reply(data, FORMERR)
+    except Exception as exc:  # a bug must cost one query, never the server
+        event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
+        return error_reply(data, SERVFAIL)
+
+
 class TcpServer:
-    def __init__(self, responder: Responder, forward: Forward) -> None:
+    def __init__(self, responder: Responder, forward: Forward, *,
+                 max_connections: int = MAX_TCP_CONNECTIONS,
+                 max_per_client: int = MAX_TCP_PER_CLIENT,
+                 idle_seconds: float = TCP_IDLE_SECONDS) -> None:
         self.responder = responder
         self.forward = forward
         self.server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self.slots = TcpSlots(max_connections, max_per_client)
+        self.idle_seconds = idle_seconds
+        self._ids = itertools.count()
+        self._connections: dict[int, tuple[asyncio.Task[None], asyncio.StreamWriter]] = {}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**self.slots.stats, "open": len(self.slots)}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self._connections) >= MAX_TCP_CONNECTIONS or task is None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        conn = next(self._ids)
+        victims = None if task is None else self.slots.admit(conn, str(peer[0]))
+        if task is None or victims is None:
             writer.close()
             return
-        self._connections.add(task)
-        peer = writer.get_extra_info("peername") or ("", 0)
+        for victim in victims:  # idle: waiting on its client, owed nothing
+            _, victim_writer = self._connections.pop(victim)
+            victim_writer.close()  # its reader sees EOF; its task ends on its own
+        self._connections[conn] = (task, writer)
         try:
             while True:
+                self.slots.idle(conn)
                 size = int.from_bytes(
-                    await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_SECONDS), "big")
-                data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_SECONDS)
+                    await asyncio.wait_for(reader.readexactly(2), self.idle_seconds), "big")
+                data = await asyncio.wait_for(reader.readexactly(size), self.idle_seconds)
+                self.slots.busy(conn)
                 reply = await self._answer(data, str(peer[0]))
                 if reply is None:
                     break
                 writer.write(len(reply).to_bytes(2, "big") + reply)
-                await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                await asyncio.wait_for(writer.drain(), self.idle_seconds)
+        except TimeoutError:
+            self.slots.stats["idle_timeouts"] += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            self._connections.discard(task)
+            self.slots.release(conn)
+            self._connections.pop(conn, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -127,15 +177,16 @@ class TcpServer:
             event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
             return error_reply(data, SERVFAIL) if len(data) >= 12 else None
         if reply is Action.FORWARD:
-            return await self.forward(data, True)
+            return await forward_or_refuse(self.responder, self.forward, data, True)
         return reply
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
-        for task in list(self._connections):
+        tasks = [task for task, _ in self._connections.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.server is not None:
             await self.server.wait_closed()
 

@@ -91,5 +91,9 @@ class DnsService:
         return [{"name": n, "type": t, "value": v} for n, t, v in self.table.records(view)]
 
     def stats(self) -> dict[str, int]:
-        return {**{f"responder_{k}": v for k, v in self.responder.stats.items()},
-                **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()}}
+        counters = {**self.responder.stats, **self.responder.cache_stats()}
+        return {**{f"responder_{k}": v for k, v in counters.items()},
+                **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
+                "forwarder_cache_bytes": self.forwarder.cache.size_bytes,
+                **({} if self._tcp is None
+                   else {f"tcp_{k}": v for k, v in self._tcp.stats.items()})}

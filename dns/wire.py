@@ -11,6 +11,8 @@ SERVFAIL: Final = 2
 NXDOMAIN: Final = 3
 NOTIMP: Final = 4
 REFUSED: Final = 5
+#: RFC 6891 §6.1.3: an extended rcode (its high 8 bits go in the OPT record)
+BADVERS: Final = 16
 
 #: The UDP payload size we announce in the OPT records we build (the DNS flag
 #: day 2020 value, which avoids IP fragmentation on any sane path).

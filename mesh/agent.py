@@ -301,6 +301,7 @@ class Agent:
                        token=self.config.api_token, max_body=self.config.max_body,
                        resolve=None if self.dns is None else self.dns.resolve,
                        dns_records=None if self.dns is None else self.dns.records,
+                       dns_stats=None if self.dns is None else self.dns.stats,
                        agent_info=self.info,
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
                        keyring=self.keyring,

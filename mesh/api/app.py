@@ -50,6 +50,8 @@ class ApiDeps:
     agent_info: Callable[[], dict[str, Any]] | None = None
     #: network or None -> every DNS record an asker there gets; None without DNS
     dns_records: Callable[[Network | None], list[dict[str, str]]] | None = None
+    #: the DNS server's counters (malformed queries by kind, cache size, ...); None without DNS
+    dns_stats: Callable[[], dict[str, int]] | None = None
     #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted
     keyring: KeyringControl | None = None
     #: the L4 table as the backend has it programmed; None when no backend runs

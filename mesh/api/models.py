@@ -288,6 +288,9 @@ class DnsEntryOut(_Response):
 class DnsRecordsOut(_Response):
     network: str | None
     records: list[DnsEntryOut]
+    #: this process's DNS counters (DNS workers keep their own): queries answered,
+    #: refused as malformed (formerr, badvers, ...), cache gauges, TCP connections
+    stats: dict[str, int]
 
 
 class KeyOut(_Response):

@@ -209,7 +209,9 @@ async def dns_records(request: web.Request) -> web.Response:
         if not isinstance(found, Network):
             raise Invalid(f"network {network_name!r} does not exist", code="unknown_network")
         network = found
-    return json_response({"network": network_name, "records": deps.dns_records(network)})
+    stats = deps.dns_stats() if deps.dns_stats is not None else {}
+    return json_response({"network": network_name, "records": deps.dns_records(network),
+                          "stats": stats})
 
 
 async def gossip_stats(request: web.Request) -> web.Response:

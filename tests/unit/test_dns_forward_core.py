@@ -254,6 +254,12 @@ def test_names_longer_than_255_octets_are_malformed() -> None:
         parse_query(raw_query([b"a" * 63] * 3 + [b"b" * 62], 1, 0x0100))
 
 
+def test_labels_longer_than_63_octets_are_malformed() -> None:
+    """A length octet of 64..191 is a reserved label type; dnslib reads it as a long label."""
+    with pytest.raises(MalformedQuery, match="label longer than 63"):
+        parse_query(raw_query([b"a" * 64], 1, 0x0100))
+
+
 @pytest.mark.parametrize("edns", [False, True])
 def test_error_reply_is_built_from_the_query(edns: bool) -> None:
     query = parse_query(make_query("MiXeD.example", "MX", edns=edns, cd=True))
@@ -606,3 +612,18 @@ def test_forwarder_rejects_bad_settings() -> None:
         Forwarder([], timeout=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         Forwarder([], max_in_flight=0)
+
+
+def test_padded_queries_share_one_forward_cache_entry() -> None:
+    """Issue 13, defect 4: bytes after the question are no part of the key (nor of the entry)."""
+    cache = ForwardCache(clock=Clock())
+    base = make_query(edns=True)
+    for i in range(300):
+        padded = base + i.to_bytes(4, "big") + b"\xee" * 296
+        query = parse_query(padded)
+        hit = cache.get(query)
+        if hit is None:
+            assert cache.put(query, make_reply(base))
+        else:
+            assert hit[:2] == padded[:2] and len(hit) < len(base) + 100
+    assert len(cache) == 1 and cache.size_bytes == len(make_reply(base))

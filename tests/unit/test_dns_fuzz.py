@@ -3,17 +3,26 @@
 Bounded (a fixed number of examples, no deadline surprises): random bytes,
 valid queries with bytes flipped, cut short or extended, and hostile headers.
 Every reply must parse, carry the query's ID, and be marked a response.
+The other parse paths get the same (issue 13, defect 6): the canonical form
+the cache keys on (`dns.question`), the forwarder's `parse_query` behind the
+responder, and the server's forwarding step, which answers FORMERR rather
+than raise for what the forwarder cannot take.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 
 from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dns.forward import Forwarder, MalformedQuery, parse_query
+from dns.question import canonical_query
 from dns.responder import FORWARD, Responder
+from dns.server import forward_or_refuse
 from dns.table import NameTable
 from mesh.ipam import Ipam, parse_pool
 from mesh.state.specs import NetworkSpec, PortSpec, ServiceSpec, TaskSpec
@@ -111,3 +120,68 @@ def test_compression_pointer_loops_and_absurd_counts() -> None:
                  b"\x3f" + b"a" * 63 + b"\xc0\x0c", b"\xff" * 40):
         check(header + body)
     check(base[:4] + b"\xff\xff" * 4 + base[12:])
+
+
+FORWARDER = Forwarder([])  # no upstreams: SERVFAIL at once, no I/O
+
+
+def forwarded(data: bytes) -> bytes:
+    return asyncio.run(forward_or_refuse(RESPONDER, lambda d, tcp: FORWARDER.forward(d, tcp=tcp),
+                                         data, False))
+
+
+def check_all_paths(data: bytes) -> None:
+    """The responder, the canonical key, and what the server does with a FORWARD."""
+    check(data)
+    canonical = canonical_query(data)
+    if canonical is not None:
+        key, end = canonical
+        assert 12 < end <= len(data) and len(key) >= end - 2
+    if RESPONDER.respond(data, "127.0.0.1") is FORWARD:
+        with contextlib.suppress(MalformedQuery):  # the server answers FORMERR: checked below
+            parse_query(data)
+        reply = forwarded(data)
+        assert reply[:2] == data[:2] and DNSRecord.parse(reply).header.qr == 1
+
+
+@FUZZ
+@given(queries, st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=6),
+       st.binary(max_size=300))
+def test_mutated_and_padded_queries_on_every_path(data: bytes, flips: list[tuple[int, int]],
+                                                  tail: bytes) -> None:
+    mutated = bytearray(data)
+    for position, value in flips:
+        mutated[position % len(mutated)] = value
+    check_all_paths(bytes(mutated) + tail)
+
+
+@FUZZ
+@given(st.lists(st.binary(min_size=1, max_size=70), min_size=1, max_size=8),
+       st.sampled_from([b"", b"\xc0\x0c", b"\xc0\x02", b"\x40", b"\x80\x01", b"\xff\xff"]),
+       st.binary(max_size=40))
+def test_hostile_names_on_every_path(labels: list[bytes], ending: bytes, tail: bytes) -> None:
+    """Labels of any octets and length (over 63 too), odd endings, pointers, garbage after."""
+    name = b"".join(len(label).to_bytes(1, "big") + label for label in labels)
+    data = (b"\x42\x42\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + (ending or b"\x00")
+            + b"\x00\x01\x00\x01" + tail)
+    check_all_paths(data)
+
+
+@FUZZ
+@given(queries, st.binary(min_size=1, max_size=300), st.booleans())
+def test_padding_and_case_never_change_the_key(data: bytes, tail: bytes, upper: bool) -> None:
+    canonical = canonical_query(data)
+    assert canonical is not None
+    varied = bytearray(data + tail)
+    if upper:
+        end = canonical[1]
+        varied[12:end] = bytes(varied[12:end]).upper()
+    assert canonical_query(bytes(varied)) == canonical
+
+
+def test_overlong_names_never_reach_the_forwarder() -> None:
+    long_name = b"".join(b"\x3f" + b"a" * 63 for _ in range(5)) + b"\x00"
+    for name in (long_name, b"\x40" + b"a" * 64 + b"\x00"):
+        data = b"\x42\x42\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
+        reply = RESPONDER.respond(data, "127.0.0.1")
+        assert isinstance(reply, bytes) and DNSRecord.parse(reply).header.rcode == 1  # FORMERR

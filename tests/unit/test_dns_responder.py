@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
 from dns.responder import FORWARD, DnsConfig, Responder, error_reply, reverse_address
 from dns.table import NameTable
@@ -245,3 +245,114 @@ def test_records_list_what_each_view_is_answered(world: World) -> None:
     for name, rtype, value in host:  # every listed record is what a query answers
         if rtype == "A":
             assert value in addresses(world.ask(name))
+
+
+# -- issue 13: what a client varies freely makes no cache entries; bad names; BADVERS ----------
+
+
+def padded_variants(name: str, count: int, padding: int = 300, qtype: str = "A",
+                    edns: bool = False) -> list[bytes]:
+    """`count` queries for one question, each with distinct trailing garbage after it."""
+    query = DNSRecord(DNSHeader(id=0x1234, rd=1), q=DNSQuestion(name, getattr(QTYPE, qtype)))
+    if edns:
+        query.add_ar(EDNS0(udp_len=1232))
+    wire = bytes(query.pack())
+    return [wire + i.to_bytes(4, "big") + bytes([i % 251]) * (padding - 4) for i in range(count)]
+
+
+@pytest.mark.parametrize("edns", [False, True])
+def test_padded_queries_share_one_cache_entry(world: World, edns: bool) -> None:
+    responder = world.responder
+    first = responder.respond(padded_variants("tasks.web", 1, edns=edns)[0], HOST)
+    assert isinstance(first, bytes)
+    entries, size = len(responder.cache), responder.cache.size_bytes
+    for data in padded_variants("tasks.web", 500, edns=edns):
+        reply = responder.respond(data, HOST)
+        assert isinstance(reply, bytes)
+        parsed = DNSRecord.parse(reply)
+        assert parsed.header.id == 0x1234 and addresses(parsed) == ["10.1.0.10", "10.1.0.11"]
+    print(f"\n500 padded variants: {len(responder.cache)} cache entry, "
+          f"{responder.cache.size_bytes} bytes")
+    assert (entries, responder.cache.size_bytes) == (1, size)
+    assert len(responder.cache) == 1
+
+
+def test_padded_forwarded_names_share_one_forward_mark(world: World) -> None:
+    responder = world.responder
+    for data in padded_variants("example.com", 500):
+        assert responder.respond(data, HOST) is FORWARD
+    assert len(responder.cache) == 1
+    assert responder.stats["forwarded"] == 500
+
+
+def test_case_variants_share_one_entry_and_get_their_own_case_back(world: World) -> None:
+    responder = world.responder
+    for name in ("tasks.web", "TASKS.web", "TaSkS.WeB", "tasks.WEB.mesh", "tasks.web.mesh"):
+        query = DNSRecord(DNSHeader(id=7, rd=1), q=DNSQuestion(name))
+        reply = responder.respond(bytes(query.pack()), HOST)
+        assert isinstance(reply, bytes)
+        parsed = DNSRecord.parse(reply)
+        # The asker's bytes, case included (0x20-encoding resolvers compare them).
+        assert [str(q.qname) for q in parsed.questions] == [f"{name}."]
+        assert {str(r.rname) for r in parsed.rr} == {f"{name}."}
+        assert addresses(parsed) == ["10.1.0.10", "10.1.0.11"]
+    assert len(responder.cache) == 2  # tasks.web and tasks.web.mesh
+
+
+def test_rd_and_do_are_part_of_the_key_other_header_bits_are_not(world: World) -> None:
+    responder = world.responder
+    for flags in (0x0100, 0x0120, 0x0110, 0x0130):  # RD with AD and/or CD
+        data = (5).to_bytes(2, "big") + flags.to_bytes(2, "big") + bytes(
+            DNSRecord.question("web").pack())[4:]
+        parsed = DNSRecord.parse(responder.respond(data, HOST))  # type: ignore[arg-type]
+        assert parsed.header.rd == 1 and addresses(parsed) == ["10.1.0.2"]
+    assert len(responder.cache) == 1
+    no_rd = DNSRecord(DNSHeader(id=5, rd=0), q=DNSQuestion("web"))
+    assert DNSRecord.parse(responder.respond(bytes(no_rd.pack()), HOST)).header.rd == 0  # type: ignore[arg-type]
+    with_do = DNSRecord.question("web")
+    with_do.add_ar(EDNS0(udp_len=1232, flags="do"))
+    assert addresses(DNSRecord.parse(responder.respond(bytes(with_do.pack()), HOST))) == [  # type: ignore[arg-type]
+        "10.1.0.2"]
+    assert len(responder.cache) == 3
+
+
+def test_cache_is_bounded_by_entries_and_bytes_least_recently_used_first() -> None:
+    w = World()
+    w.service("web", networks=("front",))
+    by_entries = Responder(w.responder.table, DnsConfig(cache_entries=50))
+    by_bytes = Responder(w.responder.table, DnsConfig(cache_bytes=40 * 900))
+    for responder in (by_entries, by_bytes):
+        hot = bytes(DNSRecord.question("web").pack())
+        for i in range(300):
+            assert isinstance(responder.respond(hot, HOST), bytes)  # kept in use
+            responder.respond(bytes(DNSRecord.question(f"n{i}.example.com").pack()), HOST)
+        assert len(responder.cache) <= responder.config.cache_entries
+        assert responder.cache.size_bytes <= responder.config.cache_bytes
+        assert responder.cache.evicted > 200
+        key = next(k for k in responder.cache.entries if k[2].find(b"\x03web") >= 0)
+        assert key in responder.cache.entries  # the hot name survived every eviction
+
+
+def test_overlong_names_get_formerr_and_are_counted(world: World) -> None:
+    responder = world.responder
+    labels = b"".join(b"\x3f" + b"a" * 63 for _ in range(4)) + b"\x05bcdef\x00"  # 262 octets
+    query = bytes(DNSRecord.question("x").pack())[:12] + labels + b"\x00\x01\x00\x01"
+    for data in (query, query + b"\x00" * 300):
+        reply = responder.respond(data, HOST)
+        assert isinstance(reply, bytes)
+        assert reply[:2] == data[:2] and DNSRecord.parse(reply).header.rcode == RCODE.FORMERR
+    assert responder.stats["formerr"] == 2 and len(responder.cache) == 0
+
+
+@pytest.mark.parametrize("name", ["web", "example.com"])
+def test_edns_version_other_than_0_gets_badvers(world: World, name: str) -> None:
+    query = DNSRecord.question(name)
+    query.add_ar(EDNS0(udp_len=1232, version=1))
+    reply = world.responder.respond(bytes(query.pack()), HOST)
+    assert isinstance(reply, bytes)
+    parsed = DNSRecord.parse(reply)
+    opt = next(r for r in parsed.ar if r.rtype == QTYPE.OPT)
+    assert parsed.header.id == query.header.id and parsed.header.qr == 1
+    assert (opt.edns_rcode << 4 | parsed.header.rcode) == 16  # BADVERS, RFC 6891 §6.1.3
+    assert opt.edns_ver == 0 and not parsed.rr
+    assert world.responder.stats["badvers"] == 1 and len(world.responder.cache) == 0
