@@ -108,19 +108,20 @@ def test_slow_body_flood_keeps_api_and_task(start_agent: Any, backend: int) -> N
     task_id = _service(agent, "slow", backend)
 
     def look() -> tuple[dict[str, Any], dict[str, Any]]:
-        task = agent.request("GET", f"/v1/tasks/{task_id}")[1]
-        status, stats = agent.request("GET", "/v1/http")
-        assert status == 200, stats
-        return task, stats
+        """The task and the router's counters, while the flood still holds."""
+        try:
+            task = agent.request("GET", f"/v1/tasks/{task_id}")[1]
+            status, stats = agent.request("GET", "/v1/http")
+        except OSError as error:  # the API out of reach: what the latencies show, too
+            return {"error": repr(error)}, {"error": repr(error)}
+        return task, stats if status == 200 else {"status": status, "body": stats}
 
     flood, latencies, (task, stats) = asyncio.run(_flood(agent, look))
     worst = max(latencies)
     print(f"\nunder {flood.opened} slow-body connections (RLIMIT_NOFILE {NOFILE}): "
           f"GET /v1/health worst {worst * 1000:.0f} ms over {len(latencies)} probes; "
           f"refused by the router: {flood.refused} {flood.answers}")
-    print(f"router: fd_budget {stats['fd_budget']}, held {stats['fds_held']}, "
-          f"over_budget {stats['over_budget']}, fd_shortage {stats['fd_shortage']}, "
-          f"connect_failures {stats['connect_failures']}, ejections {stats['ejections']}")
+    print(f"task: {task.get('health')} ({task.get('health_output')}); router: {stats}")
     assert worst < LATENCY_BOUND, latencies
     assert task["health"] == "healthy", task
     assert stats["ejected"] == [] and stats["ejections"] == 0, stats
