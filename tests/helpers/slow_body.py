@@ -64,15 +64,17 @@ class SlowBodies:
             self._readers.append(asyncio.ensure_future(self._watch(reader)))
             await asyncio.sleep(gap)
 
-    async def trickle(self, seconds: float, every: float) -> None:
-        """Send one more body byte on every connection each `every` seconds, for `seconds`."""
+    async def trickle(self, seconds: float, every: float, chunk: int = 1) -> None:
+        """Send `chunk` more body bytes on every connection each `every` seconds, for
+        `seconds` (a trickle above the router's minimum rate stays until its deadline)."""
+        piece = b"x" * chunk
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             await asyncio.sleep(every)
             for writer in self._writers:
                 if not writer.is_closing():
                     with contextlib.suppress(OSError):
-                        writer.write(b"x")
+                        writer.write(piece)
 
     async def close(self) -> None:
         for writer in self._writers:
