@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -41,6 +40,7 @@ from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD, KeyringError
 from lb.driver import LbDriver
+from lb.fds import raise_open_file_limit
 from lb.http.service import HttpEndpoints
 from lb.http.serving import HttpMesh
 from lb.http.settings import RouterSettings
@@ -120,7 +120,9 @@ class Agent:
             RouterSettings(header_timeout=config.http_header_timeout,
                            connect_timeout=min(5.0, config.http_upstream_timeout),
                            upstream_timeout=config.http_upstream_timeout,
-                           max_body=config.http_max_body, access_log=config.http_access_log),
+                           max_body=config.http_max_body, access_log=config.http_access_log,
+                           body_deadline=config.http_body_deadline,
+                           body_min_rate=config.http_body_min_rate),
             config.http_workers, config.log_level)
         self.feed_server: FeedServer | None = None
         self.dns_workers: WorkerPool | None = None
@@ -305,7 +307,8 @@ class Agent:
                        agent_info=self.info,
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
                        keyring=self.keyring,
-                       lb=None if self.lb is None else self.lb.describe)
+                       lb=None if self.lb is None else self.lb.describe,
+                       http_stats=None if self.http is None else self.http.snapshot)
         self._runner = web.AppRunner(make_app(deps), access_log=None,
                                      shutdown_timeout=API_SHUTDOWN_GRACE)
         await self._runner.setup()
@@ -368,14 +371,6 @@ async def run(config: AgentConfig) -> int:
     return agent.exit_code
 
 
-def raise_open_file_limit() -> None:
-    """Every forwarded query, proxied connection and check holds a descriptor: allow many."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: Sequence[str]) -> int:
     try:
         config = load_config(argv)
@@ -391,7 +386,9 @@ def main(argv: Sequence[str]) -> int:
         return 1
     try:
         setup(config.log_level)
-        raise_open_file_limit()
+        # Every forwarded query, proxied connection and check holds a descriptor: allow many.
+        soft, hard = raise_open_file_limit()
+        event(log, "open_file_limit", soft=soft, hard=hard)
         return uvloop.run(run(config))
     finally:
         lock.release()

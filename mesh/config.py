@@ -135,6 +135,10 @@ class AgentConfig:
     http_upstream_timeout: float = 60.0
     #: largest request body the HRM forwards, bytes (413); 0: no limit
     http_max_body: int = 1 << 30
+    #: seconds a whole request body may take to arrive (408); 0: no limit
+    http_body_deadline: float = 3600.0
+    #: the slowest a request body may arrive, bytes/s on average after 10 s (408); 0: none
+    http_body_min_rate: int = 1024
 
     def __post_init__(self) -> None:
         if self.lb not in LB_CHOICES:
@@ -157,6 +161,10 @@ class AgentConfig:
                               "(at most an hour and a day)")
         if self.http_max_body < 0:
             raise ConfigError("http-max-body must be 0 (no limit) or a number of bytes")
+        if not 0 <= self.http_body_deadline <= 30 * 86_400:
+            raise ConfigError("http-body-deadline must be 0 (no limit) or up to 30 days")
+        if self.http_body_min_rate < 0:
+            raise ConfigError("http-body-min-rate must be 0 (none) or bytes per second")
         for spec in self.tls_certs:
             host, sep, files = spec.partition("=")
             if not sep or not host or files.count(",") != 1 or "" in files.split(","):
@@ -209,6 +217,10 @@ _FLAGS: dict[str, str] = {
                              "(default 60)",
     "http-max-body": "largest request body the router forwards, bytes (default 1 GiB; 0: "
                      "no limit)",
+    "http-body-deadline": "seconds a whole request body may take to arrive (default 3600; "
+                          "0: no limit): 408",
+    "http-body-min-rate": "the slowest a request body may arrive, bytes per second on average "
+                          "once 10 s have passed (default 1024; 0: no minimum): 408",
     "lb": "load-balancer backend: auto, ipvs, nftables or userspace (default auto)",
     "publish-address": "address the userspace load balancer binds published ports to "
                        "(default 0.0.0.0: every address; give each agent its own when "
@@ -240,7 +252,8 @@ _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers":
              "tombstone-reap": "SECONDS", "publish-address": "ADDR", "lb-tcp-idle": "SECONDS",
              "http-workers": "N", "tls-cert": "HOST=CERT,KEY",
              "http-access-log": "on|off", "http-header-timeout": "SECONDS",
-             "http-upstream-timeout": "SECONDS", "http-max-body": "BYTES"}
+             "http-upstream-timeout": "SECONDS", "http-max-body": "BYTES",
+             "http-body-deadline": "SECONDS", "http-body-min-rate": "BYTES"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +346,8 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         http_header_timeout=_number(values, "http_header_timeout", 10.0, float),
         http_upstream_timeout=_number(values, "http_upstream_timeout", 60.0, float),
         http_max_body=int(_number(values, "http_max_body", 1 << 30, int)),
+        http_body_deadline=_number(values, "http_body_deadline", 3600.0, float),
+        http_body_min_rate=int(_number(values, "http_body_min_rate", 1024, int)),
         lb=str(values.get("lb", "auto")),
         publish_address=_ip_address(str(values.get("publish_address", "0.0.0.0")),
                                     "publish-address"),

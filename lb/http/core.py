@@ -91,6 +91,10 @@ class ConnectionCore:
         self._status = 0
         self._set_cookie: bytes | None = None
         self._started = 0.0
+        # The body's clock (RouterSettings.body_due): restarted when reading resumes
+        # after the task would not take more, so that its slowness is not the client's.
+        self._body_started = 0.0
+        self._body_base = 0
         self._bytes_out = 0
         self._out: list[bytes] | None = None  # writes held back while a batch runs
 
@@ -180,6 +184,11 @@ class ConnectionCore:
             self.deadline = self.r.now + self._settings.keepalive_timeout
             if self._pauses:
                 self._resume(PIPELINED | BUFFERED | UPSTREAM_FULL)
+
+    def _start_body_clock(self, req: Request) -> None:
+        now = self._body_started = self._clock()  # exact: `r.now` lags by up to a tick
+        self._body_base = req.received
+        self.deadline = self._settings.body_due(now, 0, now)
 
     def _drop_upstream(self) -> None:
         if self._connecting is not None:

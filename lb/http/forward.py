@@ -10,8 +10,11 @@ response, which is relayed with the framing the client can read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
+from lb.fds import is_fd_shortage
+from lb.http.budget import PER_CLIENT
 from lb.http.core import BUFFERED, UPSTREAM_FULL, ConnectionCore, Request
 from lb.http.heads import (
     IDEMPOTENT,
@@ -37,7 +40,10 @@ class ForwardingConnection(ConnectionCore):
     def _start(self, req: Request) -> None:
         self._req = req
         self._started = self._clock()
-        self.deadline = 0.0 if req.complete else self.r.now + self._settings.body_timeout
+        if req.complete:
+            self.deadline = 0.0
+        else:
+            self._start_body_clock(req)
         head = req.head
         if req.error is not None or head is None:
             error = req.error or BadRequest(400, "bad request")
@@ -89,6 +95,9 @@ class ForwardingConnection(ConnectionCore):
         except TimeoutError:
             timed_out = True
         except OSError as error:
+            if is_fd_shortage(error):
+                self._fd_shortage()
+                return
             event(log, "http_connect_failed", logging.WARNING, task=endpoint.task_id,
                   address=f"{endpoint.address}:{endpoint.port}", error=error.strerror or error)
         else:
@@ -116,6 +125,18 @@ class ForwardingConnection(ConnectionCore):
                             "the task did not answer in time" if timed_out
                             else "could not connect to any task of the service",
                             close=not self._req.complete)
+
+    def _fd_shortage(self) -> None:
+        """The router could not make a socket: its own trouble, not the task's.
+
+        No ejection and no retry (another task would fail the same way): 503,
+        counted apart from connect failures, without a log line per request.
+        """
+        self._connecting = None
+        self.r.stats.fd_shortage += 1
+        if not self.closed and self._req is not None:
+            self._local(503, "the router is out of file descriptors",
+                        close=not self._req.complete)
 
     def _retry(self, exclude: bool = True) -> bool:
         """Send the request to another task (or again, over a fresh connection)."""
@@ -270,14 +291,21 @@ class ForwardingConnection(ConnectionCore):
         self.r.conns.discard(self)
         self.closed = True  # this protocol is done; the pipe owns both transports
         self.r.stats.connections_open -= 1
+        # The client's two descriptors are the pipe's now, until it closes.
         splice(self.transport, conn.transport, left_pending=self._upgrade_rest,
-               right_pending=rest)
+               right_pending=rest, on_close=functools.partial(self.r.budget.give, PER_CLIENT))
 
     def upstream_paused(self, paused: bool) -> None:
+        req = self._req
+        reading_body = req is not None and not req.complete
         if paused:
             self._pause(UPSTREAM_FULL)
+            if reading_body:
+                self.deadline = 0.0  # the task's slowness: its own deadline runs meanwhile
         else:
             self._resume(UPSTREAM_FULL)
+            if reading_body and req is not None:
+                self._start_body_clock(req)
 
     # -- ends of an exchange --------------------------------------------------------
 

@@ -27,7 +27,8 @@ from typing import cast
 
 import httptools
 
-from lb.http.core import BUFFERED, PIPELINED, UPGRADING, Request
+from lb.http.budget import PER_CLIENT
+from lb.http.core import BUFFERED, PIPELINED, UPGRADING, UPSTREAM_FULL, Request
 from lb.http.forward import ForwardingConnection
 from lb.http.heads import BadRequest, local_response, read_request
 from mesh.logs import event
@@ -44,8 +45,11 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else ""
         stats = self.r.stats
-        if len(self.r.conns) >= self._settings.max_connections:
-            stats.reject(503)  # a flood must not take every descriptor of the process
+        if not self.r.budget.take(PER_CLIENT):
+            # A flood must not take every descriptor of the process: the API and the
+            # health checks keep theirs (RouterSettings.fd_reserve).
+            stats.reject(503)
+            stats.over_budget += 1
             self.closed = True
             self.transport.write(local_response(503, "too many connections",
                                                 keep_alive=False))
@@ -61,6 +65,7 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
             return
         self.closed = True
         self.r.conns.discard(self)
+        self.r.budget.give(PER_CLIENT)
         self.r.stats.connections_open -= 1
         self._drop_upstream()
 
@@ -200,7 +205,9 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
         if limit and req.received > limit:
             raise BadRequest(413, f"request body over {limit} bytes")
         if req is self._req:
-            self.deadline = self.r.now + self._settings.body_timeout
+            if not self._pauses & UPSTREAM_FULL:  # (else the clock restarts on resume)
+                self.deadline = self._settings.body_due(
+                    self._body_started, req.received - self._body_base, self.r.now)
             if self._streaming:
                 self._send_body(data)
                 return
@@ -224,7 +231,8 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
     # -- answering ----------------------------------------------------------------
 
     def on_deadline(self) -> None:
-        """A timeout passed: header read (408), body read (408) or keep-alive idle (close)."""
+        """A timeout passed: header read (408), body read (408: stalled, past its deadline
+        or below its minimum rate) or keep-alive idle (close)."""
         self.deadline = 0.0
         if self._response_started:
             self._abort()
@@ -234,6 +242,9 @@ class ClientConnection(ForwardingConnection, asyncio.Protocol):
             self._close()  # idle between requests: nothing to say
             return
         self.r.stats.reject(408)
+        req = self._req
+        if req is not None and req.head is not None and not req.complete:
+            self.r.stats.slow_bodies += 1
         self._broken = True
         self._drop_upstream()
         self._write(local_response(408, "the request took too long to arrive",

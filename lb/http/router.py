@@ -14,7 +14,9 @@ import logging
 import socket
 from typing import Any
 
+from lb.fds import open_fds, open_file_limit
 from lb.http.balance import Balancer
+from lb.http.budget import FdBudget
 from lb.http.proxy import ClientConnection
 from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
@@ -26,16 +28,23 @@ log = logging.getLogger(__name__)
 
 
 class Router:
-    def __init__(self, table: RouteTable, settings: RouterSettings) -> None:
+    def __init__(self, table: RouteTable, settings: RouterSettings,
+                 budget: FdBudget | None = None) -> None:
         self.table = table
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
         self.balancer = Balancer(self.loop.time, settings.eject_seconds)
         self.stats = RouterStats()
+        if budget is None:
+            budget = FdBudget(settings.fd_budget(open_file_limit(), open_fds()))
+            event(log, "http_fd_budget", descriptors=budget.limit,
+                  open_file_limit=open_file_limit())
+        #: shared by the HTTP and HTTPS routers of one process
+        self.budget = budget
         self.pool = Pool(self.loop, size=settings.pool_size,
                          idle_timeout=settings.pool_idle_timeout,
-                         upstream_timeout=settings.upstream_timeout)
+                         upstream_timeout=settings.upstream_timeout, budget=budget)
         self.conns: set[ClientConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -43,7 +52,8 @@ class Router:
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain data, for the metrics export."""
         return self.stats.snapshot(dict(self.balancer.routes)) | {
-            "ejected": self.balancer.ejected(), "ejections": self.balancer.ejections}
+            "ejected": self.balancer.ejected(), "ejections": self.balancer.ejections,
+            "fd_budget": self.budget.limit, "fds_held": self.budget.held}
 
     def start(self) -> None:
         if self._ticker is None:

@@ -58,7 +58,8 @@ class HttpService:
         self.router = Router(self.table, self.settings)
         self.port = await self.router.listen_http(ends.host, ends.port, ends.reuse_port)
         if ends.https_host is not None:
-            https = Router(self.table, dataclasses.replace(self.settings, proto="https"))
+            https = Router(self.table, dataclasses.replace(self.settings, proto="https"),
+                           budget=self.router.budget)
             https.balancer = self.router.balancer  # one round robin, one ejection list
             https.stats = self.router.stats
             self.tls = TlsListener(https, self.certs)

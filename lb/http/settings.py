@@ -22,6 +22,13 @@ class RouterSettings:
     upstream_timeout: float = 60.0
     #: waiting for the client's request body between two reads
     body_timeout: float = 60.0
+    #: a whole request body, from its head (408 past it; 0: none): a slow body
+    #: holds two descriptors (client and task), so its time is bounded
+    body_deadline: float = 3600.0
+    #: the slowest a body may arrive, bytes per second averaged since its head, once
+    #: `body_grace` seconds have passed (408 below it; 0: no minimum)
+    body_min_rate: int = 1024
+    body_grace: float = 10.0
     #: an idle pooled connection to a task is closed after this (below common
     #: server keep-alive timeouts, so the task rarely closes first)
     pool_idle_timeout: float = 4.0
@@ -31,14 +38,39 @@ class RouterSettings:
     eject_seconds: float = 10.0
     #: bytes of request body held while the task's connection is being made
     buffer_limit: int = 256 << 10
-    #: client connections one process serves at once; past it: 503 and close
+    #: descriptors one process's router holds at once: client connections, connections
+    #: to tasks (pooled or in use) and upgraded pipes (two each); a client is taken only
+    #: with room for its task's connection too; past it: 503 and close
     max_connections: int = 10_000
+    #: descriptors left to the rest of the process (API, health checks, DNS, gossip):
+    #: the router's budget is min(max_connections, limit - held at start - reserve),
+    #: the reserve at most a quarter of the limit
+    fd_reserve: int = 1024
     access_log: bool = False
     #: the scheme the listener speaks, for X-Forwarded-Proto and Forwarded
     proto: str = "http"
 
+    def fd_budget(self, limit: int, held: int) -> int:
+        """Descriptors the router may hold, of a process `limit` with `held` open already."""
+        reserve = min(self.fd_reserve, limit // 4)
+        return max(2, min(self.max_connections, limit - held - reserve))
+
+    def body_due(self, started: float, received: int, now: float) -> float:
+        """When a request body being read is late: no byte for `body_timeout`, the whole
+        body past `body_deadline`, or fewer than `body_min_rate` bytes a second on
+        average after `body_grace` (`started`: when its clock started, `received`:
+        bytes since)."""
+        due = now + self.body_timeout
+        if self.body_deadline:
+            due = min(due, started + self.body_deadline)
+        if self.body_min_rate:
+            due = min(due, started + self.body_grace + received / self.body_min_rate)
+        return due
+
     def tick(self) -> float:
         """How often deadlines are swept: fine enough for the shortest timeout."""
         shortest = min(self.header_timeout, self.connect_timeout, self.upstream_timeout,
-                       self.body_timeout, self.pool_idle_timeout)
+                       self.body_timeout, self.pool_idle_timeout,
+                       self.body_deadline or self.body_timeout,
+                       self.body_grace if self.body_min_rate else self.body_timeout)
         return max(0.02, min(1.0, shortest / 4))

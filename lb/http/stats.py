@@ -41,6 +41,13 @@ class RouterStats:
     no_route: int = 0  # 404
     no_endpoint: int = 0  # 503
     connect_failures: int = 0
+    #: connects that failed for want of descriptors or socket memory on the router's
+    #: side (EMFILE, ENFILE, ENOBUFS, ENOMEM): 503, and never the task's fault
+    fd_shortage: int = 0
+    #: clients refused (503 and close) because the descriptor budget was full
+    over_budget: int = 0
+    #: request bodies cut (408) for arriving too slowly (deadline or minimum rate)
+    slow_bodies: int = 0
     upstream_timeouts: int = 0
     retries: int = 0
     upgrades: int = 0
@@ -60,6 +67,9 @@ class RouterStats:
             "no_route": self.no_route,
             "no_endpoint": self.no_endpoint,
             "connect_failures": self.connect_failures,
+            "fd_shortage": self.fd_shortage,
+            "over_budget": self.over_budget,
+            "slow_bodies": self.slow_bodies,
             "upstream_timeouts": self.upstream_timeouts,
             "retries": self.retries,
             "upgrades": self.upgrades,

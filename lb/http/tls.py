@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from lb.fds import is_fd_shortage
+from lb.http.budget import PER_CLIENT
 from lb.http.pipe import splice
 from lb.http.proxy import ClientConnection
 from lb.http.router import Router, listen_socket
@@ -131,6 +134,13 @@ class TlsListener:
                 event(log, "https_accept_failed", logging.WARNING, error=str(error))
                 await asyncio.sleep(0.1)
                 continue
+            if self.router.budget.held + PER_CLIENT > self.router.budget.limit:
+                # The descriptor budget is full: refuse now rather than hold the socket
+                # through a handshake (a terminated one would be refused after it anyway).
+                self.router.stats.over_budget += 1
+                self.router.stats.reject(503)
+                client.close()
+                continue
             task = self._loop.create_task(self._handle(client))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
@@ -212,7 +222,16 @@ class TlsListener:
                 upstream, upstream_hold = await asyncio.wait_for(
                     self._loop.create_connection(_Hold, endpoint.address, endpoint.port),
                     router.settings.connect_timeout)
-            except (OSError, TimeoutError) as error:
+            except OSError as error:
+                if is_fd_shortage(error):  # the router's trouble, not the task's
+                    router.stats.fd_shortage += 1
+                    break
+                router.stats.connect_failures += 1
+                balancer.connect_failed(endpoint.task_id)
+                event(log, "https_passthrough_connect_failed", logging.WARNING,
+                      task=endpoint.task_id, error=str(error))
+                continue
+            except TimeoutError as error:
                 router.stats.connect_failures += 1
                 balancer.connect_failed(endpoint.task_id)
                 event(log, "https_passthrough_connect_failed", logging.WARNING,
@@ -220,8 +239,15 @@ class TlsListener:
                 continue
             transport, hold = await self._loop.connect_accepted_socket(_Hold, client)
             router.stats.passthrough += 1
-            splice(transport, upstream,
-                   left_pending=bytes(hold.data), right_pending=bytes(upstream_hold.data))
+            budget = router.budget
+            if not budget.take(PER_CLIENT):  # (it was free a moment ago: rarely)
+                router.stats.over_budget += 1
+                transport.abort()
+                upstream.abort()
+                return
+            splice(transport, upstream, left_pending=bytes(hold.data),
+                   right_pending=bytes(upstream_hold.data),
+                   on_close=functools.partial(budget.give, PER_CLIENT))
             return
         client.close()
 

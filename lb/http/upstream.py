@@ -24,6 +24,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from lb.http.budget import FdBudget
 from lb.http.heads import ResponseHead, read_response
 
 
@@ -231,8 +232,10 @@ class Pool:
     """Idle kept-alive connections per task, and the making of new ones."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, size: int, idle_timeout: float,
-                 upstream_timeout: float) -> None:
+                 upstream_timeout: float, budget: FdBudget | None = None) -> None:
         self._loop = loop
+        #: an idle connection holds a descriptor of its own (one in use is its client's)
+        self.budget = budget if budget is not None else FdBudget(1 << 30)
         self.size = size
         self.idle_timeout = idle_timeout
         self.upstream_timeout = upstream_timeout
@@ -244,6 +247,7 @@ class Pool:
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()
+            self.budget.give(1)
             if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None
@@ -259,7 +263,7 @@ class Pool:
         if idle is None:  # (not setdefault: that would make an empty list on every call)
             idle = self.idle[conn.key] = []
         if (not conn.reusable or len(idle) >= self.size or conn.transport is None
-                or conn.transport.is_closing()):
+                or conn.transport.is_closing() or not self.budget.take(1)):
             conn.close()
             return
         conn.owner = None
@@ -271,6 +275,7 @@ class Pool:
         idle = self.idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
+            self.budget.give(1)
             if not idle:
                 del self.idle[conn.key]
 
@@ -282,4 +287,5 @@ class Pool:
         for conn in list(self.live):
             with contextlib.suppress(Exception):
                 conn.close()
+        self.budget.give(sum(len(idle) for idle in self.idle.values()))
         self.idle.clear()

@@ -20,6 +20,7 @@ import sys
 
 import uvloop
 
+from lb.fds import raise_open_file_limit
 from lb.http.service import HttpEndpoints, HttpService
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
@@ -97,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup(args.log_level)
+    soft, hard = raise_open_file_limit()  # (inherited from the agent, raised already there)
+    event(log, "open_file_limit", soft=soft, hard=hard)
     return uvloop.run(run(args))
 
 

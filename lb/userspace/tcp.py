@@ -21,6 +21,7 @@ import logging
 import socket
 from typing import cast
 
+from lb.fds import is_fd_shortage
 from lb.table import Real, ServiceOptions, VirtualKey
 from lb.userspace import proxy_protocol
 from lb.userspace.runtime import Runtime, listening_socket
@@ -172,6 +173,13 @@ class Splice:
                 log.debug("connect to %s for %s timed out", real, self.service.key)
                 tried.add(real)
             except OSError as exc:
+                if is_fd_shortage(exc):
+                    # This process is out of descriptors: not the real's failure, and
+                    # every other real would fail the same way. Counted on its own.
+                    runtime.stats["tcp_fd_shortage"] += 1
+                    self.connecting = None
+                    self._close_client(abort=True)
+                    return
                 runtime.stats["tcp_connect_failed"] += 1
                 log.debug("connect to %s for %s failed: %r", real, self.service.key, exc)
                 tried.add(real)

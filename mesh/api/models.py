@@ -326,6 +326,42 @@ class LbServiceOut(_Response):
     reals: list[LbRealOut]
 
 
+class HttpRouteOut(_Response):
+    service: str
+    host: str
+    path_prefix: str
+    requests: dict[str, int]  # by status class: "2xx", ...
+    latency_sum: float
+    latency_count: int
+    retries: int
+
+
+class HttpOut(_Response):
+    """The HTTP routing mesh's counters (summed over its worker processes)."""
+
+    workers: int | None = None  # present when worker processes serve the port
+    connections_open: int = 0
+    connections_total: int = 0
+    requests: int = 0
+    rejected: dict[str, int]  # by the status the router answered itself
+    no_route: int = 0
+    no_endpoint: int = 0
+    connect_failures: int = 0
+    fd_shortage: int = 0  # connects this node could not make for want of descriptors
+    over_budget: int = 0  # clients refused: the router's descriptor budget was full
+    slow_bodies: int = 0  # request bodies cut (408) for arriving too slowly
+    upstream_timeouts: int = 0
+    retries: int = 0
+    upgrades: int = 0
+    tls_handshakes: int = 0
+    passthrough: int = 0
+    ejected: list[str]  # tasks passive health keeps out of rotation now
+    ejections: int = 0
+    fd_budget: int = 0  # descriptors the router may hold
+    fds_held: int = 0  # descriptors it holds now
+    routes: list[HttpRouteOut]
+
+
 class LbOut(_Response):
     backend: str  # ipvs, nftables or userspace
     reason: str  # why --lb chose it

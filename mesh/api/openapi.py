@@ -53,6 +53,8 @@ _OPERATIONS: list[tuple[str, str, str, _Body, _Answer, tuple[int, ...]]] = [
      (200, m.AgentOut, False), ()),
     ("get", "/v1/dns", "Every record the embedded DNS answers an asker on a network", None,
      (200, m.DnsRecordsOut, False), (409, 422)),
+    ("get", "/v1/http", "The HTTP routing mesh's counters: requests, rejections, "
+     "descriptors, ejected tasks", None, (200, m.HttpOut, False), (409,)),
     ("get", "/v1/lb", "The L4 table as this node's load-balancer backend has it programmed",
      None, (200, m.LbOut, False), (409,)),
     ("get", "/v1/resolve", "What the embedded DNS answers an asker on a network", None,

@@ -229,7 +229,21 @@ async def lb_table(request: web.Request) -> web.Response:
     return json_response(await describe())
 
 
+async def http_stats(request: web.Request) -> web.Response:
+    """The HTTP routing mesh's counters (its workers' summed, when it has workers)."""
+    stats = request.app[DEPS].http_stats
+    if stats is None:
+        raise Conflict("this agent runs no HTTP routing mesh (--http none)",
+                       code="http_disabled")
+    snapshot = stats()
+    snapshot["rejected"] = {str(k): v for k, v in snapshot.get("rejected", {}).items()}
+    snapshot.setdefault("routes", [])
+    snapshot.setdefault("ejected", [])
+    return json_response(snapshot)
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/http", http_stats)
     app.router.add_get("/v1/lb", lb_table)
     app.router.add_get("/v1/gossip", gossip_stats)
     app.router.add_get("/v1/dns", dns_records)

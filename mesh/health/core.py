@@ -101,6 +101,12 @@ class HealthTracker:
         """The probe in flight will never report (the shell stopped): due again at once."""
         self._in_flight = False
 
+    def postpone_probe(self, now: float) -> None:
+        """The probe could not be made (this node is out of descriptors): it says
+        nothing about the task, so no failure counts; it is tried again an interval on."""
+        self._in_flight = False
+        self._probe_at = now + self.check.interval
+
     def record_probe(self, passed: bool, output: str, now: float) -> Health | None:
         """Apply one probe result; the new health on a transition, else None."""
         self._in_flight = False
@@ -237,6 +243,12 @@ class HealthPlanner:
         if tracker is None or tracker.token != order.token:
             return None
         return _transition(order.task_id, tracker, tracker.record_probe(passed, output, now))
+
+    def postpone(self, order: ProbeOrder, now: float) -> None:
+        """A probe this node could not make (its own shortage, not the task's failure)."""
+        tracker = self._trackers.get(order.task_id)
+        if tracker is not None and tracker.token == order.token:
+            tracker.postpone_probe(now)
 
     def abandon(self, order: ProbeOrder) -> None:
         """Forget a probe that was cancelled before its result, so its task is probed again."""

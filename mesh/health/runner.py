@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import aiohttp
 from yarl import URL
 
+from lb.fds import is_fd_shortage
 from mesh.health.core import HealthPlanner, ProbeOrder, Transition
 from mesh.logs import event
 from mesh.state.model import Change, Health, HealthCheck
@@ -52,6 +53,8 @@ class HealthRunner:
         self._session: aiohttp.ClientSession | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._probes: set[asyncio.Task[None]] = set()
+        #: probes not made for want of descriptors here: no verdict on their tasks
+        self.fd_shortage = 0
 
     def __repr__(self) -> str:
         state = "running" if self._session is not None else "stopped"
@@ -126,10 +129,18 @@ class HealthRunner:
         except asyncio.CancelledError:
             self.planner.abandon(order)  # so a later `start` probes this task again
             raise
-        self._emit(_some(self.planner.record_probe(order, passed, output, self._now())))
+        if passed is None:  # this node's shortage of descriptors: the task is not at fault
+            if not self.fd_shortage:
+                event(log, "health_probe_fd_shortage", logging.WARNING, task=order.task_id,
+                      output=output)
+            self.fd_shortage += 1
+            self.planner.postpone(order, self._now())
+        else:
+            self._emit(_some(self.planner.record_probe(order, passed, output, self._now())))
         self._rearm()
 
-    async def _probe(self, order: ProbeOrder) -> tuple[bool, str]:
+    async def _probe(self, order: ProbeOrder) -> tuple[bool | None, str]:
+        """The probe's verdict, or None when this node could not make a socket for it."""
         if order.port is None:
             return False, "no port to check"
         try:
@@ -138,6 +149,8 @@ class HealthRunner:
                 return await probe_http(self._session, order.host, order.port, order.check)
             return await probe_tcp(order.host, order.port, order.check)
         except Exception as exc:  # a probe that breaks is a failed probe, not a dead runner
+            if is_fd_shortage(exc):
+                return None, f"no descriptor for the probe: {exc}"
             event(log, "health_probe_error", logging.WARNING, task=order.task_id, error=repr(exc))
             return False, f"probe error: {exc!r}"
 
@@ -165,6 +178,8 @@ async def probe_http(session: aiohttp.ClientSession, host: str, port: int,
     except TimeoutError:
         return False, f"GET {url}: timed out after {check.timeout:g} s"
     except aiohttp.ClientError as exc:
+        if is_fd_shortage(exc):
+            raise  # this node's shortage, not the task's failure (see HealthRunner._probe)
         return False, f"GET {url}: {str(exc) or type(exc).__name__}"
     return check.status_min <= status <= check.status_max, f"HTTP {status}"
 
@@ -177,6 +192,8 @@ async def probe_tcp(host: str, port: int, check: HealthCheck) -> tuple[bool, str
     except TimeoutError:
         return False, f"connect {host}:{port}: timed out after {check.timeout:g} s"
     except OSError as exc:
+        if is_fd_shortage(exc):
+            raise  # this node's shortage, not the task's failure (see HealthRunner._probe)
         return False, f"connect {host}:{port}: {exc.strerror or exc}"
     writer.close()
     with contextlib.suppress(OSError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -46,8 +47,10 @@ def free_ports(count: int) -> list[int]:
 class AgentProcess:
     def __init__(self, data_dir: Path, *, node_name: str = "node-1",
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 publish_address: str = "127.0.0.1") -> None:
+                 publish_address: str = "127.0.0.1", nofile: int | None = None) -> None:
         self.data_dir = data_dir
+        #: RLIMIT_NOFILE (soft and hard) to start the agent under, as `prlimit` would
+        self.nofile = nofile
         # Published ports on this address, not 0.0.0.0: agents share the host.
         self.publish_address = publish_address
         self.node_name = node_name
@@ -79,9 +82,14 @@ class AgentProcess:
         env["PYTHONPATH"] = str(REPO)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=REPO)
+                                         env=env, cwd=REPO, preexec_fn=self._limits)
         self.wait_healthy(timeout)
         return self
+
+    def _limits(self) -> None:
+        """In the child, before exec: the descriptor limit the test asked for."""
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

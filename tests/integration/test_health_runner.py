@@ -7,9 +7,12 @@ asserted exactly is the sequence of reported transitions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import resource
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
@@ -235,3 +238,38 @@ async def test_stop_cancels_probes_in_flight(reports: Reports) -> None:
         for writer in held:
             writer.close()
     assert reports.calls == []
+
+
+@contextlib.contextmanager
+def descriptors_exhausted() -> Iterator[None]:
+    """Lower this process's soft RLIMIT_NOFILE below any free descriptor: every new
+    socket() fails with EMFILE until the block ends (the limit is restored then)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The limit bounds descriptor numbers, and a new one takes the lowest free number:
+    # a limit at that number leaves none free.
+    lowest_free = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_out_of_descriptors_is_not_the_tasks_failure(
+        runner: HealthRunner, server: HealthServer, reports: Reports) -> None:
+    """EMFILE on the checker's side says nothing of the task: no failure is counted."""
+    register(runner, HTTP_CHECK, port=server.port, task_id="web")
+    register(runner, HealthCheck(type="tcp", interval=INTERVAL, timeout=1.0, retries=2),
+             port=server.port, task_id="raw")
+    await reports.wait("web", 1, within=INTERVAL + SLACK)
+    await reports.wait("raw", 1, within=INTERVAL + SLACK)
+    with descriptors_exhausted():
+        await asyncio.sleep(INTERVAL * 10)  # ten probes of each, with retries 2
+    assert reports.of("web") == [Health.HEALTHY] and reports.of("raw") == [Health.HEALTHY], \
+        reports.calls
+    print(f"\nprobes postponed for want of descriptors: {runner.fd_shortage}")
+    assert runner.fd_shortage >= 4
+    hits = server.hits
+    await asyncio.sleep(INTERVAL * 3)
+    assert server.hits > hits  # probing goes on once descriptors are there again

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
 from collections.abc import AsyncIterator
 
@@ -150,6 +151,36 @@ async def test_no_reachable_real_closes_the_client(harness: LoopbackHarness) -> 
     await backend.apply([PutReal(key, Real(f"{harness.net}.199", 1), 0)])
     assert await harness.hit(key) is None
     assert backend.stats()["tcp_no_real"] == 2
+
+
+async def test_out_of_descriptors_is_not_a_connect_failure(harness: LoopbackHarness) -> None:
+    """EMFILE on the proxy's connect to a real is this process's shortage: counted apart,
+    the client closed, no failover to the next real (it would fail the same way)."""
+    backend = await started(harness)
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    await backend.apply([PutService(key), PutReal(key, harness.real(1), 1),
+                         PutReal(key, harness.real(2), 1)])
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The limit bounds descriptor numbers and a new one takes the lowest free number:
+    # a limit one past it leaves exactly one, for the proxy's accept of this client.
+    lowest_free = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, hard))
+    try:
+        async with asyncio.timeout(2):
+            await loop.sock_connect(client, (key.address, key.port))
+            with contextlib.suppress(ConnectionError):
+                assert await loop.sock_recv(client, 100) == b""  # closed: no greeting
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.close()
+    stats = backend.stats()
+    assert stats.get("tcp_connect_failed", 0) == 0 and stats.get("tcp_failovers", 0) == 0, stats
+    assert stats["tcp_fd_shortage"] == 1, stats
+    assert await harness.hit(key) in (harness.real(1), harness.real(2))
 
 
 async def test_least_connections_avoids_the_busy_real(harness: LoopbackHarness) -> None:

@@ -15,6 +15,12 @@ def test_defaults() -> None:
     assert not cfg.http_access_log
     assert cfg.http_header_timeout == 10.0 and cfg.http_upstream_timeout == 60.0
     assert cfg.http_max_body == 1 << 30
+    assert cfg.http_body_deadline == 3600.0 and cfg.http_body_min_rate == 1024
+
+
+def test_body_time_flags_are_read() -> None:
+    cfg = load_config(["--http-body-deadline", "0", "--http-body-min-rate", "4096"], env={})
+    assert cfg.http_body_deadline == 0 and cfg.http_body_min_rate == 4096
 
 
 def test_http_none_disables_the_router() -> None:
@@ -47,6 +53,8 @@ def test_the_config_file_takes_a_list_of_certificates(tmp_path: Path) -> None:
     (["--http-workers", "many"], "is not a number"),
     (["--http-header-timeout", "0"], "positive"),
     (["--http-max-body", "-1"], "http-max-body"),
+    (["--http-body-deadline", "-1"], "http-body-deadline"),
+    (["--http-body-min-rate", "-5"], "http-body-min-rate"),
     (["--https", "127.0.0.1:8443", "--tls-cert", "nocomma=a.pem"], "HOST=CERTFILE,KEYFILE"),
     (["--https", "127.0.0.1:8443", "--tls-cert", "a.pem,a.key"], "HOST=CERTFILE,KEYFILE"),
     (["--tls-cert", "a=a.pem,a.key"], "needs --https"),
