@@ -253,7 +253,9 @@ class Agent:
                        agent_info=self.info,
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
                        keyring=self.keyring,
-                       lb=None if self.lb is None else self.lb.describe)
+                       lb=None if self.lb is None else self.lb.describe,
+                       node_statuses=None if self.cluster is None
+                       else self.cluster.node_statuses)
         self._runner = web.AppRunner(make_app(deps), access_log=None,
                                      shutdown_timeout=API_SHUTDOWN_GRACE)
         await self._runner.setup()
