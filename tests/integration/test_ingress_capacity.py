@@ -7,12 +7,14 @@ subnet, and a network that does fill up says which and how big it is.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.helpers.agent import AgentProcess
 from tests.integration.conftest import stop_and_check
+from tests.integration.test_cli_flow import mesh
 
 SERVICES = 1000
 FIRST_PORT = 20000  # below the ephemeral range: no test's client socket is in the way
@@ -95,5 +97,12 @@ def test_a_full_ingress_answers_409_naming_the_network_and_its_subnet(tmp_path: 
         print(f"\n409: {message}")
         assert message.startswith("network ingress (127.80.0.0/29) has no free address")
         assert agent.request("GET", "/v1/services/s5")[0] == 404
+
+        doctor = mesh(agent, "doctor", "--json", "--settle", "0", check=False)
+        findings = json.loads(doctor.stdout)["findings"]
+        full = [f for f in findings if f["check"] == "network" and f["status"] == "fail"]
+        assert [f["message"] for f in full] == [
+            "network ingress (127.80.0.0/29) is full: all 5 addresses are VIPs of services"]
+        assert "--ingress-subnet" in full[0]["hint"] and doctor.returncode == 1
     finally:
         stop_and_check(agent)
