@@ -104,8 +104,10 @@ class Ipam:
                        "network a subnet outside it, or remove a network",
                        code="pool_exhausted")
 
-    def add_network(self, name: str, subnet: IPv4Network) -> None:
-        other = self.overlapping(subnet)
+    def add_network(self, name: str, subnet: IPv4Network, *, overlap_ok: bool = False) -> None:
+        """Track a network's subnet; `overlap_ok`: it exists already (written elsewhere),
+        so an overlap is recorded rather than refused."""
+        other = None if overlap_ok else self.overlapping(subnet)
         if other is not None and other != name:
             raise Conflict(
                 f"subnet {subnet} overlaps network {other!r}", code="subnet_overlaps"

@@ -398,7 +398,12 @@ class Store:
             return
         match record:
             case Network():
-                self.ipam.add_network(record.name, ipaddress.IPv4Network(record.subnet))
+                # Refused overlaps were refused before the write (create_network,
+                # ensure_ingress); a record loaded or merged exists whatever it overlaps:
+                # two nodes may carve one /24 at once, or an older node hold a /24
+                # ingress inside a newer one's /16. Kept, so last-writer-wins holds.
+                self.ipam.add_network(record.name, ipaddress.IPv4Network(record.subnet),
+                                      overlap_ok=True)
                 for service in self.services():
                     self._claim_vips(service)
             case Service():

@@ -335,3 +335,19 @@ def test_a_full_published_port_range_names_the_range() -> None:
         web(store, ports=(PortSpec(target_port=80),))
     assert info.value.code == "port_in_use"
     assert "no free tcp port left in 30000-32767" in info.value.message
+
+
+def test_a_merged_network_that_overlaps_one_here_is_kept_not_raised() -> None:
+    """An older node's /24 ingress carved its networks inside this node's /16 ingress
+    (or two nodes carved one /24 at once): the merge keeps the record and the IPAM."""
+    old = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    old.ensure_ingress("127.64.0.0/24")
+    back = old.create_network(NetworkSpec(name="back"), NOW)[0].after
+    assert getattr(back, "subnet", None) == "127.64.1.0/24"
+    new = make_store("b")
+    assert [c.after for c in new.merge(back)] == [back]
+    assert new.network("back").subnet == "127.64.1.0/24"
+    service = old.create_service(ServiceSpec(name="web", networks=("back",)), NOW)[0].after
+    new.merge(service)
+    assert new.ipam.is_claimed("back", ipaddress.IPv4Address("127.64.1.2"))
+    assert new.network(INGRESS).subnet == "127.64.0.0/16"
