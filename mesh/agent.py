@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import random
@@ -56,13 +57,13 @@ from mesh.drain import DrainReaper
 from mesh.errors import MeshError
 from mesh.feedserver import FeedServer, feed_socket_path
 from mesh.health.runner import HealthRunner
-from mesh.ipam import Ipam, parse_pool
+from mesh.ipam import Ipam, capacity_of, parse_pool
 from mesh.logs import event, setup
 from mesh.sockets import bind_failure, family_of
 from mesh.state import persist
 from mesh.state.feed import ChangeFeed
 from mesh.state.lock import DataDirError, lock_data_dir
-from mesh.state.model import KIND_OF, Change, Health
+from mesh.state.model import INGRESS, KIND_OF, Change, Health
 from mesh.state.store import Store
 from mesh.tombstones import TombstoneReaper
 from mesh.workers import WorkerPool
@@ -172,7 +173,7 @@ class Agent:
             event(log, "node_renamed", logging.WARNING, previous=previous,
                   now=self.config.node_name, hint="tasks registered before keep the old name")
         self.writer.start(asyncio.get_running_loop())
-        ingress = self.store.ensure_ingress()
+        ingress = self._ensure_ingress()
         # A restarted node must rejoin with a higher incarnation than it ever had.
         incarnation = int(loaded.meta.get("incarnation", "0")) + 1
         await self.writer.write([c.after for c in ingress], self.store.clock,
@@ -213,6 +214,22 @@ class Agent:
                     raise exc from None
         await self._start_gossip(incarnation)
         await self._start_api()
+
+    def _ensure_ingress(self) -> list[Change]:
+        """The ingress network as --ingress-subnet asks, or a /16 of the pool; one that
+        exists (a data dir of an older agent may hold a /24) is kept as it is."""
+        asked = self.config.ingress_subnet
+        mismatch = self.store.ingress_mismatch(asked)
+        if mismatch is not None:
+            raise MeshStartError(mismatch)
+        try:
+            created = self.store.ensure_ingress(asked)
+        except MeshError as exc:
+            raise MeshStartError(f"--ingress-subnet {asked}: {exc.message}") from None
+        ingress = self.store.network(INGRESS)
+        event(log, "ingress_network", subnet=ingress.subnet, created=bool(created),
+              capacity=capacity_of(ipaddress.IPv4Network(ingress.subnet)))
+        return created
 
     async def _start_lb(self) -> None:
         config = self.config
@@ -308,7 +325,9 @@ class Agent:
                        gossip_stats=None if self.cluster is None else self.cluster.stats,
                        keyring=self.keyring,
                        lb=None if self.lb is None else self.lb.describe,
-                       http_stats=None if self.http is None else self.http.snapshot)
+                       http_stats=None if self.http is None else self.http.snapshot,
+                       node_statuses=None if self.cluster is None
+                       else self.cluster.node_statuses)
         self._runner = web.AppRunner(make_app(deps), access_log=None,
                                      shutdown_timeout=API_SHUTDOWN_GRACE)
         await self._runner.setup()

@@ -246,7 +246,7 @@ class Cluster:
         if node is None:
             return
         if kind in ("MemberFailed", "MemberLeft"):
-            hidden = self.liveness.node_down(node)
+            hidden = self.liveness.node_down(node, "left" if kind == "MemberLeft" else "dead")
             event(log, "node_down", logging.WARNING, node=node, why=kind, tasks_hidden=hidden)
         elif kind in ("MemberJoined", "MemberAlive"):
             shown = self.liveness.node_up(node)
@@ -347,6 +347,17 @@ class Cluster:
                        "reconnects": self.reconnects, "oversized_deltas": self.oversized},
             "state": self.digests(),
         }
+
+    def node_statuses(self) -> dict[str, str]:
+        """Every node gossip knows of -> alive, suspect, dead or left, as this node sees it.
+
+        A node gossip has forgotten (long dead) keeps the status it went down with.
+        """
+        statuses = {m.name: m.state.name.lower() for m in self.core.members()}
+        for node in self.liveness.down:
+            statuses.setdefault(node, self.liveness.why.get(node, "dead"))
+        statuses[self.name] = "alive"
+        return statuses
 
     def members(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import MeshError
-from mesh.ipam import DEFAULT_POOL, UNPRIVILEGED_POOL, parse_pool
+from mesh.ipam import DEFAULT_POOL, UNPRIVILEGED_POOL, parse_pool, parse_subnet
 
 GOSSIP_PORT = 7946
 LB_CHOICES = ("auto", "ipvs", "nftables", "userspace")
@@ -102,6 +102,8 @@ class AgentConfig:
     lb_tcp_idle: float = 7800.0
     keyring: Path | None = None
     address_pool: str
+    #: the built-in ingress network's subnet when it is created; None: a /16 of the pool
+    ingress_subnet: str | None = None
     api_token: str | None = field(default=None, repr=False)
     #: how long a deregistered task keeps its connections before it is removed
     drain_grace: float = 2.0
@@ -179,6 +181,11 @@ class AgentConfig:
             parse_pool(self.address_pool)
         except MeshError as exc:
             raise ConfigError(exc.message) from None
+        if self.ingress_subnet is not None:
+            try:
+                parse_subnet(self.ingress_subnet)
+            except MeshError as exc:
+                raise ConfigError(f"ingress-subnet: {exc.message}") from None
         if not self.api.is_loopback and not self.api_token:
             raise ConfigError(
                 f"the API on {self.api} is reachable from other hosts: set --api-token "
@@ -229,8 +236,13 @@ _FLAGS: dict[str, str] = {
                    "balancers (default 7800: past Linux's 2 h keepalive; IPVS's own default "
                    "cuts at 900)",
     "keyring": "file holding the gossip encryption keys",
-    "address-pool": "CIDR that network subnets are carved from, one /24 each "
-                    "(default 10.0.0.0/8, or 127.16.0.0/12 without root)",
+    "address-pool": "CIDR that network subnets are carved from, one /24 each, and the "
+                    "ingress network a /16 (default 10.0.0.0/8, or 127.16.0.0/12 without "
+                    "root)",
+    "ingress-subnet": "CIDR of the built-in ingress network, which holds a VIP per service "
+                      "that publishes a port (default: the first free /16 of the address "
+                      "pool); used when the ingress is created: an existing one keeps its "
+                      "subnet",
     "api-token": "bearer token the API requires (default: env MESH_API_TOKEN)",
     "drain-grace": "seconds a deregistered task drains before removal (default 2)",
     "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
@@ -247,6 +259,7 @@ _REPEATED = ("join", "dns-upstream", "tls-cert")  # flags given once per value; 
 _METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers": "N",
              "node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
              "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
+             "ingress-subnet": "CIDR",
              "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
              "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL",
              "tombstone-reap": "SECONDS", "publish-address": "ADDR", "lb-tcp-idle": "SECONDS",
@@ -355,6 +368,8 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
         address_pool=str(values.get("address_pool") or (DEFAULT_POOL if root
                                                          else UNPRIVILEGED_POOL)),
+        ingress_subnet=str(values["ingress_subnet"]).strip() if values.get("ingress_subnet")
+        else None,
         api_token=values.get("api_token") or None,
         drain_grace=drain_grace,
         tombstone_reap=tombstone_reap,

@@ -2,10 +2,13 @@
 
 Pure bookkeeping with no I/O. Networks get a subnet, either given or the next
 free /24 of the address pool (Swarm carves its default pool 10.0.0.0/8 the
-same way); overlapping subnets are refused. Inside a subnet the first host
-address is the gateway and is never handed out; VIPs are the lowest free host
-addresses after it. The store keeps an `Ipam` in step with every change, so an
-address is claimed exactly while a live service holds it.
+same way); overlapping subnets are refused. The built-in ingress network,
+which holds a VIP for every service that publishes a port, gets a /16 of the
+pool (`ingress_prefix`), as kube-proxy's service range is far larger than one
+network's. Inside a subnet the first host address is the gateway and is never
+handed out; VIPs are the lowest free host addresses after it. The store keeps
+an `Ipam` in step with every change, so an address is claimed exactly while a
+live service holds it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ DEFAULT_POOL = "10.0.0.0/8"
 #: starts above 127.0.0.0/24, which holds 127.0.0.1 and the DNS address 127.0.0.11.
 UNPRIVILEGED_POOL = "127.16.0.0/12"
 SUBNET_PREFIX = 24
+#: The ingress network's size when the pool has room for it (65,533 VIPs).
+INGRESS_PREFIX = 16
 
 
 def parse_subnet(text: str) -> IPv4Network:
@@ -46,14 +51,28 @@ def parse_pool(text: str) -> IPv4Network:
     return pool
 
 
+def ingress_prefix(pool: IPv4Network) -> int:
+    """A /16 for ingress; from a pool of /16 or smaller, half of it (a /24 pool: all of it),
+    so that other networks still find room."""
+    return min(max(INGRESS_PREFIX, pool.prefixlen + 1), SUBNET_PREFIX)
+
+
 def gateway_of(subnet: IPv4Network) -> IPv4Address:
     return subnet.network_address + 1
+
+
+def capacity_of(subnet: IPv4Network) -> int:
+    """How many VIPs a subnet holds: its host addresses but the gateway."""
+    return subnet.num_addresses - 3  # the network and broadcast addresses, the gateway
 
 
 @dataclass(slots=True)
 class _Pool:
     subnet: IPv4Network
     claimed: set[IPv4Address] = field(default_factory=set)
+    #: every VIP address below this one is claimed: where the search for a free one
+    #: starts, so filling a /16 costs one step per VIP, not one per address before it
+    floor: int = 0
 
 
 class Ipam:
@@ -76,15 +95,19 @@ class Ipam:
                 return name
         return None
 
-    def next_subnet(self) -> IPv4Network:
-        """The first /24 of the pool that overlaps no network."""
-        for candidate in self.pool.subnets(new_prefix=SUBNET_PREFIX):
+    def next_subnet(self, prefix: int = SUBNET_PREFIX) -> IPv4Network:
+        """The first /`prefix` of the pool that overlaps no network."""
+        for candidate in self.pool.subnets(new_prefix=prefix):
             if self.overlapping(candidate) is None:
                 return candidate
-        raise Conflict(f"address pool {self.pool} has no free /24 left", code="pool_exhausted")
+        raise Conflict(f"address pool {self.pool} has no free /{prefix} left: give the "
+                       "network a subnet outside it, or remove a network",
+                       code="pool_exhausted")
 
-    def add_network(self, name: str, subnet: IPv4Network) -> None:
-        other = self.overlapping(subnet)
+    def add_network(self, name: str, subnet: IPv4Network, *, overlap_ok: bool = False) -> None:
+        """Track a network's subnet; `overlap_ok`: it exists already (written elsewhere),
+        so an overlap is recorded rather than refused."""
+        other = None if overlap_ok else self.overlapping(subnet)
         if other is not None and other != name:
             raise Conflict(
                 f"subnet {subnet} overlaps network {other!r}", code="subnet_overlaps"
@@ -99,12 +122,17 @@ class Ipam:
     def allocate(self, network: str) -> IPv4Address:
         """Claim the lowest free host address of `network` after its gateway."""
         pool = self._networks[network]
-        gateway = gateway_of(pool.subnet)
-        for address in pool.subnet.hosts():
-            if address != gateway and address not in pool.claimed:
+        first = int(gateway_of(pool.subnet)) + 1
+        last = int(pool.subnet.broadcast_address) - 1
+        for value in range(max(first, pool.floor), last + 1):
+            address = IPv4Address(value)
+            if address not in pool.claimed:
                 pool.claimed.add(address)
+                pool.floor = value + 1
                 return address
-        raise Conflict(f"network {network!r} has no free address left", code="no_free_address")
+        pool.floor = last + 1
+        raise Conflict(f"network {network} ({pool.subnet}) has no free address: all "
+                       f"{capacity_of(pool.subnet)} are VIPs of services", code="no_free_address")
 
     def claim(self, network: str, address: IPv4Address) -> None:
         """Mark an address taken (on load, or a VIP that gossip brought in)."""
@@ -115,7 +143,9 @@ class Ipam:
     def release(self, network: str, addresses: Iterable[IPv4Address]) -> None:
         pool = self._networks.get(network)
         if pool is not None:
-            pool.claimed.difference_update(addresses)
+            for address in addresses:
+                pool.claimed.discard(address)
+                pool.floor = min(pool.floor, int(address))
 
     def is_claimed(self, network: str, address: IPv4Address) -> bool:
         pool = self._networks.get(network)

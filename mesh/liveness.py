@@ -6,7 +6,7 @@ deleted them and lost them for good after a transient partition (moby issue
 53141). So the store keeps them, and this filter sits between the store and
 the change feed: for a node that is down, every task of it is shown to the
 feed's subscribers as removed; when the node comes back, as present again.
-The API still lists those tasks (with the node's status in `mesh members`).
+The API still lists those tasks, each with its node's status (`node_status`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ class Liveness:
         self._store = store
         self._publish = publish
         self.down: set[str] = set()
+        #: why each down node is down ("dead" or "left"): the gossip layer forgets a
+        #: member some time after it died, the tasks it left behind still need a status
+        self.why: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<Liveness down={sorted(self.down)}>"
@@ -38,10 +41,14 @@ class Liveness:
         before = None if change.before is None else self.hide(change.before)
         return Change(change.kind, change.key, before, self.hide(change.after))
 
-    def node_down(self, node: str) -> int:
+    def node_down(self, node: str, why: str = "dead") -> int:
         """Hide the node's tasks; returns how many left the views."""
-        if node in self.down or node == self._store.node:
+        if node == self._store.node:
             return 0
+        if node in self.down:
+            self.why[node] = why
+            return 0
+        self.why[node] = why
         tasks = self._store.tasks(node=node)
         self.down.add(node)
         self._publish(Change(Kind.TASK, t.id, t, self.hide(t)) for t in tasks)
@@ -52,6 +59,7 @@ class Liveness:
         if node not in self.down:
             return 0
         self.down.discard(node)
+        self.why.pop(node, None)
         tasks = self._store.tasks(node=node)
         self._publish(Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t)
                       for t in tasks)

@@ -58,6 +58,15 @@ class ApiDeps:
     lb: Callable[[], Awaitable[dict[str, Any]]] | None = None
     #: the HTTP routing mesh's counters; None when it does not run (--http none)
     http_stats: Callable[[], dict[str, Any]] | None = None
+    #: every node this node's gossip knows of -> alive, suspect, dead or left
+    node_statuses: Callable[[], dict[str, str]] | None = None
+
+    def node_status(self) -> Callable[[str], str]:
+        """node -> its status as seen now; this node is alive, a node gossip never
+        heard of (before this agent rejoined, say) is `unknown`."""
+        known = self.node_statuses() if self.node_statuses is not None else {}
+        known[self.node] = "alive"
+        return lambda node: known.get(node, "unknown")
 
 
 DEPS = web.AppKey("deps", ApiDeps)

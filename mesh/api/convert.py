@@ -36,10 +36,11 @@ def service_out(service: Service) -> Json:
     }
 
 
-def task_out(task: Task) -> Json:
+def task_out(task: Task, node_status: str) -> Json:
+    """`node_status`: the liveness of the task's node as this node's gossip sees it."""
     return {
         "id": task.id, "name": task.name, "service": task.service, "slot": task.slot,
-        "node": task.node, "address": task.address,
+        "node": task.node, "node_status": node_status, "address": task.address,
         "ports": {str(k): v for k, v in sorted(task.ports.items())},
         "state": task.state.value, "health": task.health.value,
         "health_output": task.health_output, "created_at": task.created_at,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -27,25 +28,26 @@ OVERFLOW, END = "overflow", "end"
 _STREAMS = web.AppKey("event_streams", set[asyncio.Queue[Item]])
 
 
-def _object(record: Record) -> dict[str, Any]:
+def _object(record: Record, node_status: Callable[[str], str]) -> dict[str, Any]:
     match record:
         case Network():
             return convert.network_out(record)
         case Service():
             return convert.service_out(record)
         case Task():
-            return convert.task_out(record)
+            return convert.task_out(record, node_status(record.node))
     raise TypeError(record)
 
 
-def _frame(seq: int, change: Change) -> bytes:
+def _frame(seq: int, change: Change, node_status: Callable[[str], str]) -> bytes:
     data = {"op": "delete" if change.after.deleted else "upsert", "kind": change.kind.value,
-            "key": change.key, "object": _object(change.after)}
+            "key": change.key, "object": _object(change.after, node_status)}
     return f"id: {seq}\nevent: {change.kind.value}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 async def stream_events(request: web.Request) -> web.StreamResponse:
-    feed = request.app[DEPS].control.feed
+    deps = request.app[DEPS]
+    feed = deps.control.feed
     # One slot more than the changes it buffers, so OVERFLOW always fits.
     queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_LIMIT + 1)
 
@@ -74,8 +76,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         await response.write(b": connected\n\n")
         if gap:
             await response.write(b"event: gap\ndata: {}\n\n")
+        status = deps.node_status()
         for numbered in backlog:
-            await response.write(_frame(numbered.seq, numbered.change))
+            await response.write(_frame(numbered.seq, numbered.change, status))
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
@@ -86,7 +89,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
                 await response.write(b"event: gap\ndata: {}\n\n")
             if isinstance(item, str):
                 break
-            await response.write(_frame(*item))
+            await response.write(_frame(*item, deps.node_status()))
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:

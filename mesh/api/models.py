@@ -191,12 +191,21 @@ class ServiceOut(_Response):
     version: int
 
 
+#: A node's liveness as this node's gossip sees it; `unknown`: gossip has not
+#: heard of the node (yet), e.g. just after this agent restarted.
+NodeStatus = Literal["alive", "suspect", "dead", "left", "unknown"]
+NODE_STATUSES: tuple[str, ...] = ("alive", "suspect", "dead", "left", "unknown")
+
+
 class TaskOut(_Response):
     id: str
     name: str
     service: str
     slot: int
     node: str
+    #: the task's node as this node sees it: its tasks are out of DNS and the load
+    #: balancers while it is dead or left, and back when it is alive again
+    node_status: NodeStatus
     address: str
     ports: dict[str, int]
     state: Literal["running", "draining"]

@@ -42,8 +42,8 @@ _OPERATIONS: list[tuple[str, str, str, _Body, _Answer, tuple[int, ...]]] = [
     ("post", "/v1/services/{name}/tasks", "Register a task of a service on this node",
      m.TaskCreate, (201, m.TaskOut, False), (400, 404, 409, 413, 422)),
     ("get", "/v1/services/{name}/tasks", "List a service's tasks", None,
-     (200, m.TaskOut, True), (404,)),
-    ("get", "/v1/tasks", "List tasks", None, (200, m.TaskOut, True), ()),
+     (200, m.TaskOut, True), (404, 422)),
+    ("get", "/v1/tasks", "List tasks", None, (200, m.TaskOut, True), (422,)),
     ("get", "/v1/tasks/{id}", "Inspect a task", None, (200, m.TaskOut, False), (404,)),
     ("delete", "/v1/tasks/{id}", "Drain a task, then remove it", None,
      (202, m.TaskOut, False), (404,)),
@@ -75,6 +75,13 @@ _ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong bearer token",
                404: "Not found", 409: "Conflict", 413: "Body too large",
                422: "Invalid value", 503: "The change could not be made durable"}
 
+_NODE_STATUS_QUERY: Json = {
+    "name": "node_status", "in": "query", "required": False,
+    "schema": {"type": "string",
+               "pattern": "^({0})(,({0}))*$".format("|".join(m.NODE_STATUSES))},
+    "description": "only the tasks whose node has one of these statuses (comma-separated), "
+                   "as this node's gossip sees it; anything else answers 422"}
+
 _QUERY: dict[tuple[str, str], list[Json]] = {
     ("patch", "/v1/services/{name}"): [
         {"name": "version", "in": "query", "required": False,
@@ -91,7 +98,9 @@ _QUERY: dict[tuple[str, str], list[Json]] = {
          "description": "as a task on this network sees it (default: the host)"}],
     ("get", "/v1/tasks"): [
         {"name": "service", "in": "query", "required": False, "schema": {"type": "string"}},
-        {"name": "node", "in": "query", "required": False, "schema": {"type": "string"}}],
+        {"name": "node", "in": "query", "required": False, "schema": {"type": "string"}},
+        _NODE_STATUS_QUERY],
+    ("get", "/v1/services/{name}/tasks"): [_NODE_STATUS_QUERY],
 }
 
 

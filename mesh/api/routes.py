@@ -6,11 +6,14 @@ Each handler is a few lines: the rules live in the store, the shapes in
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from mesh.api import convert
 from mesh.api.app import DEPS, json_response, read_model
 from mesh.api.models import (
+    NODE_STATUSES,
     HealthReport,
     NetworkCreate,
     ServiceCreate,
@@ -25,6 +28,29 @@ from mesh.state.specs import TaskSpec
 
 def _control(request: web.Request) -> Control:
     return request.app[DEPS].control
+
+
+def _task_out(request: web.Request, task: Task) -> dict[str, Any]:
+    return convert.task_out(task, request.app[DEPS].node_status()(task.node))
+
+
+def _tasks_out(request: web.Request, tasks: list[Task]) -> web.Response:
+    """Tasks with their node's status, only those of `?node_status=` (comma-separated)."""
+    status_of = request.app[DEPS].node_status()
+    wanted: set[str] | None = None
+    text = request.query.get("node_status")
+    if text is not None:
+        wanted = set(text.split(","))
+        unknown = sorted(wanted - set(NODE_STATUSES))
+        if unknown:
+            raise Invalid(f"node_status {unknown[0]!r} is not one of "
+                          f"{', '.join(NODE_STATUSES)} (several: comma-separated)")
+    answer = []
+    for task in tasks:
+        status = status_of(task.node)
+        if wanted is None or status in wanted:
+            answer.append(convert.task_out(task, status))
+    return json_response(answer)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -132,24 +158,24 @@ async def create_task(request: web.Request) -> web.Response:
     changes = await control.apply(lambda now: control.store.add_task(spec, now))
     created = changes[-1].after
     assert isinstance(created, Task)
-    return json_response(convert.task_out(created), status=201)
+    return json_response(_task_out(request, created), status=201)
 
 
 async def list_service_tasks(request: web.Request) -> web.Response:
     store = _control(request).store
     service = store.service(request.match_info["name"])
-    return json_response([convert.task_out(t) for t in store.tasks(service=service.name)])
+    return _tasks_out(request, store.tasks(service=service.name))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
     store = _control(request).store
     tasks = store.tasks(service=request.query.get("service"), node=request.query.get("node"))
-    return json_response([convert.task_out(t) for t in tasks])
+    return _tasks_out(request, tasks)
 
 
 async def get_task(request: web.Request) -> web.Response:
     task = _control(request).store.task(request.match_info["id"])
-    return json_response(convert.task_out(task))
+    return json_response(_task_out(request, task))
 
 
 async def delete_task(request: web.Request) -> web.Response:
@@ -158,7 +184,7 @@ async def delete_task(request: web.Request) -> web.Response:
     task_id = request.match_info["id"]
     store = deps.control.store
     await deps.control.apply(lambda now: store.drain_task(task_id, now, deps.drain_grace))
-    return json_response(convert.task_out(store.task(task_id)), status=202)
+    return json_response(_task_out(request, store.task(task_id)), status=202)
 
 
 async def report_health(request: web.Request) -> web.Response:
@@ -174,7 +200,7 @@ async def report_health(request: web.Request) -> web.Response:
     deps.heartbeat(task.id, healthy, report.output)
     health = Health.HEALTHY if healthy else Health.UNHEALTHY
     await deps.control.apply(lambda now: store.set_health(task.id, health, report.output, now))
-    return json_response(convert.task_out(store.task(task.id)))
+    return json_response(_task_out(request, store.task(task.id)))
 
 
 async def resolve(request: web.Request) -> web.Response:

@@ -16,7 +16,8 @@ from mesh.cli.output import Context
 from mesh.cli.spec import parse_port_map
 from mesh.cli.table import short_id
 
-HEADERS = ("ID", "NAME", "SERVICE", "NODE", "ADDRESS", "PORTS", "STATE", "HEALTH")
+HEADERS = ("ID", "NAME", "SERVICE", "NODE", "NODE STATUS", "ADDRESS", "PORTS", "STATE",
+           "HEALTH")
 
 
 def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -31,6 +32,9 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
     ls = add_command(nouns, "ls", _ls, parents=parents, help="list tasks", aliases=("list",))
     ls.add_argument("service", metavar="SERVICE", nargs="?", help="only this service's")
     ls.add_argument("--node", metavar="NODE", help="only this node's")
+    ls.add_argument("--node-status", metavar="STATUS",
+                    help="only tasks whose node is alive, suspect, dead, left or unknown "
+                         "(comma-separated for several)")
     for name, handler, help in (("inspect", _inspect, "show a task as JSON"),
                                 ("rm", _rm, "deregister a task (it drains, then goes)")):
         command = add_command(nouns, name, handler, parents=parents, help=help)
@@ -54,8 +58,8 @@ def format_ports(ports: object) -> str:
 
 def row(task: JsonObject) -> list[str]:
     return [short_id(text(task.get("id"))), text(task.get("name")), text(task.get("service")),
-            text(task.get("node")), text(task.get("address")), format_ports(task.get("ports")),
-            text(task.get("state")), text(task.get("health"))]
+            text(task.get("node")), text(task.get("node_status")), text(task.get("address")),
+            format_ports(task.get("ports")), text(task.get("state")), text(task.get("health"))]
 
 
 def match_task(tasks: list[JsonObject], ref: str) -> JsonObject | None:
@@ -92,7 +96,8 @@ def _add(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _ls(ctx: Context, args: argparse.Namespace) -> int:
-    query = {k: v for k, v in (("service", args.service), ("node", args.node)) if v}
+    query = {k: v for k, v in (("service", args.service), ("node", args.node),
+                               ("node_status", args.node_status)) if v}
     tasks = json_objects(ctx.client.get("/v1/tasks", query))
     if ctx.json:
         ctx.emit_json(tasks)

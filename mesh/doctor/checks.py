@@ -10,18 +10,23 @@ done from one node, all at once.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lb.table import DeleteReal, DeleteService, PutReal, PutService, Table, diff
+from mesh.ipam import capacity_of
+from mesh.state.store import AUTO_PORTS
 
 Status = Literal["ok", "fail", "skip"]
+#: A network or the auto-published port range this full is reported before it fills up.
+NEARLY_FULL = 0.9
 
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    check: str  # api, listen, dns, lb, tasks, gossip
+    check: str  # api, listen, dns, lb, tasks, gossip, network
     status: Status
     message: str
     hint: str = ""
@@ -66,11 +71,16 @@ class Facts:
     digest_mismatch: dict[str, tuple[str, str]] = field(default_factory=dict)
     peers_without_digest: list[str] = field(default_factory=list)
     published: list[tuple[str, int, bool]] = field(default_factory=list)  # proto, port, answered
+    #: (network name, subnet, VIP addresses in use on it)
+    networks: list[tuple[str, str, int]] = field(default_factory=list)
+    #: protocol -> published ports in use inside the range omitted ones are picked from
+    auto_ports: dict[str, int] = field(default_factory=dict)
 
 
 def check_all(facts: Facts) -> list[Finding]:
     return [*check_listeners(facts), *check_published(facts), *check_dns(facts),
-            *check_lb(facts), *check_tasks(facts), *check_gossip(facts)]
+            *check_lb(facts), *check_tasks(facts), *check_gossip(facts),
+            *check_capacity(facts)]
 
 
 def check_listeners(facts: Facts) -> Iterable[Finding]:
@@ -197,6 +207,39 @@ def check_gossip(facts: Facts) -> Iterable[Finding]:
                       "(`mesh inspect gossip`)")
     for peer in facts.peers_without_digest:
         yield Finding("gossip", "skip", f"peer {peer} has not announced its state digest yet")
+
+
+def check_capacity(facts: Facts) -> Iterable[Finding]:
+    """Networks (and the auto-published port range) that are full or nearly: the next
+    service to need an address (a port) there gets a 409."""
+    for name, subnet, used in sorted(facts.networks):
+        capacity = capacity_of(ipaddress.IPv4Network(subnet))
+        where = f"network {name} ({subnet})"
+        if used >= capacity:
+            yield Finding("network", "fail", f"{where} is full: all {capacity} addresses are "
+                          "VIPs of services", _network_hint(name))
+        elif used >= NEARLY_FULL * capacity:
+            yield Finding("network", "fail", f"{where} is nearly full: {used} of {capacity} "
+                          f"addresses are VIPs ({used / capacity:.0%})", _network_hint(name))
+        else:
+            yield Finding("network", "ok", f"{where}: {used} of {capacity} addresses in use")
+    size = len(AUTO_PORTS)
+    span = f"{AUTO_PORTS.start}-{AUTO_PORTS.stop - 1}"
+    for protocol, used in sorted(facts.auto_ports.items()):
+        if used >= NEARLY_FULL * size:
+            yield Finding("network", "fail", f"{used} of the {size} {protocol} ports of {span} "
+                          "(where a published port left out is picked) are published",
+                          "give services their published_port outside that range, or remove "
+                          "services that no longer serve")
+
+
+def _network_hint(name: str) -> str:
+    if name == "ingress":
+        return ("every service publishing a port in ingress mode holds a VIP on it: remove "
+                "services that no longer serve, publish in host mode, or create the cluster "
+                "with a larger --ingress-subnet (an existing ingress is never renumbered)")
+    return (f"remove services from {name} that no longer need it, or move services to a new "
+            "network with a larger --subnet")
 
 
 def summary(findings: Sequence[Finding]) -> tuple[int, int, int]:

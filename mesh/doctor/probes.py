@@ -21,6 +21,7 @@ from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
 from mesh.doctor.checks import Facts, Listener, lb_drift
 from mesh.sockets import SocketOwners, family_of, in_the_way, process_name
+from mesh.state.store import AUTO_PORTS
 
 CONNECT_TIMEOUT = 2.0
 DNS_TIMEOUT = 2.0
@@ -47,7 +48,24 @@ def gather(client: Client, *, settle: float = DIGEST_SETTLE,
     _dns(facts, config, services, tasks)
     _local_tasks(facts, services, tasks)
     _digests(facts, client, settle, sleep)
+    _capacity(facts, client, services)
     return facts
+
+
+def _capacity(facts: Facts, client: Client, services: list[dict[str, Any]]) -> None:
+    """How full each network is (its VIPs) and the range omitted published ports come from."""
+    vips: dict[str, set[str]] = {}
+    for service in services:
+        for vip in service.get("vips", []):
+            vips.setdefault(str(vip.get("network")), set()).add(str(vip.get("address")))
+        for port in service.get("ports", []):
+            if int(port.get("published_port", 0)) in AUTO_PORTS:
+                protocol = str(port.get("protocol"))
+                facts.auto_ports[protocol] = facts.auto_ports.get(protocol, 0) + 1
+    for network in client.get("/v1/networks"):
+        if isinstance(network, dict):
+            name = str(network["name"])
+            facts.networks.append((name, str(network["subnet"]), len(vips.get(name, ()))))
 
 
 # -- sockets ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import random
 from collections.abc import Iterable, Iterator
 
 from mesh.errors import Conflict, Invalid, NotFound
-from mesh.ipam import Ipam, gateway_of, parse_subnet
+from mesh.ipam import Ipam, gateway_of, ingress_prefix, parse_subnet
 from mesh.state.model import (
     INGRESS,
     KIND_OF,
@@ -150,16 +150,39 @@ class Store:
         self.clock = max(self.clock, clock)
 
     def ensure_ingress(self, subnet: str | None = None) -> list[Change]:
-        """Create the built-in `ingress` network unless it exists (or was removed)."""
+        """Create the built-in `ingress` network unless it exists (or was removed).
+
+        Its subnet is `subnet`, else the first free /16 of the pool (`ingress_prefix`).
+        An ingress that exists keeps its subnet: renumbering it would move the VIPs
+        of every service that publishes a port (`ingress_mismatch` says so).
+        """
         if self._records[Kind.NETWORK].get(INGRESS) is not None:
             return []
-        chosen = parse_subnet(subnet) if subnet else self.ipam.next_subnet()
+        if subnet:
+            chosen = parse_subnet(subnet)
+            other = self.ipam.overlapping(chosen)
+            if other is not None:
+                raise Conflict(f"ingress subnet {chosen} overlaps network {other!r}",
+                               code="subnet_overlaps")
+        else:
+            chosen = self.ipam.next_subnet(ingress_prefix(self.ipam.pool))
         record = Network(
             name=INGRESS, id=ingress_id(), driver="overlay", subnet=str(chosen),
             gateway=str(gateway_of(chosen)), labels={"mesh.internal": "true"},
             version=Version(0, ""),  # older than any write, so a real one always wins
         )
         return [self._write(record)]
+
+    def ingress_mismatch(self, subnet: str | None) -> str | None:
+        """Why the ingress network cannot have `subnet` (it has another), or None."""
+        ingress = self.get(Kind.NETWORK, INGRESS)
+        if not subnet or not isinstance(ingress, Network):
+            return None
+        if ingress.subnet == str(parse_subnet(subnet)):
+            return None
+        return (f"the ingress network already has subnet {ingress.subnet}, not {subnet}: "
+                "an existing ingress is never renumbered (its VIPs would move); drop "
+                f"--ingress-subnet or set it to {ingress.subnet}")
 
     def merge(self, record: Record) -> list[Change]:
         """Last-writer-wins merge of a record written elsewhere."""
@@ -375,7 +398,12 @@ class Store:
             return
         match record:
             case Network():
-                self.ipam.add_network(record.name, ipaddress.IPv4Network(record.subnet))
+                # Refused overlaps were refused before the write (create_network,
+                # ensure_ingress); a record loaded or merged exists whatever it overlaps:
+                # two nodes may carve one /24 at once, or an older node hold a /24
+                # ingress inside a newer one's /16. Kept, so last-writer-wins holds.
+                self.ipam.add_network(record.name, ipaddress.IPv4Network(record.subnet),
+                                      overlap_ok=True)
                 for service in self.services():
                     self._claim_vips(service)
             case Service():
@@ -464,7 +492,9 @@ class Store:
         for port in AUTO_PORTS:
             if (protocol, port) not in self._published and (protocol, port) not in taken_here:
                 return port
-        raise Conflict("no free port left in 30000-32767", code="port_in_use")
+        raise Conflict(f"no free {protocol} port left in {AUTO_PORTS.start}-{AUTO_PORTS.stop - 1},"
+                       " the range published ports are picked from: give published_port, "
+                       "or remove a service that publishes one", code="port_in_use")
 
     def _allocate_vips(self, name: str, mode: str, networks: tuple[str, ...],
                        ports: tuple[PortConfig, ...], keep: tuple[Vip, ...]) -> tuple[Vip, ...]:

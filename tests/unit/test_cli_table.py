@@ -72,10 +72,12 @@ def test_a_service_without_tasks_or_fields() -> None:
 
 def test_task_row() -> None:
     row = task.row({"id": "t" * 25, "name": "web.1.tttt", "service": "web", "node": "n1",
-                    "address": "192.0.2.7", "ports": {"80": 31001, "443": 31443},
-                    "state": "running", "health": "healthy"})
-    assert row == ["t" * 12, "web.1.tttt", "web", "n1", "192.0.2.7", "80->31001,443->31443",
-                   "running", "healthy"]
+                    "node_status": "dead", "address": "192.0.2.7",
+                    "ports": {"80": 31001, "443": 31443}, "state": "running",
+                    "health": "healthy"})
+    assert row == ["t" * 12, "web.1.tttt", "web", "n1", "dead", "192.0.2.7",
+                   "80->31001,443->31443", "running", "healthy"]
+    assert len(row) == len(task.HEADERS) and task.HEADERS[4] == "NODE STATUS"
 
 
 def test_network_row() -> None:

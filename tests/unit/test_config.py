@@ -72,6 +72,10 @@ def test_public_api_requires_a_token(root: bool) -> None:
     (["--dns-ttl", "5.5"], "not a number"),
     (["--gossip-profile", "fast"], "gossip-profile"),
     (["--cluster-label", "x" * 256], "255 bytes"),
+    (["--ingress-subnet", "10.0.0.1/16"], "ingress-subnet: .*host bits set"),
+    (["--ingress-subnet", "fd00::/64"], "ingress-subnet: .*only IPv4"),
+    (["--ingress-subnet", "10.0.0.0/30"], "ingress-subnet: .*too small"),
+    (["--ingress-subnet", "ten"], "ingress-subnet: .*not an IPv4 CIDR"),
 ])
 def test_bad_flags_are_refused(flags: list[str], message: str, root: bool) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -94,3 +98,12 @@ def test_lb_tcp_idle_defaults_past_keepalive_and_is_bounded() -> None:
     for bad in ("0", "-5", "9e9", "soon"):
         with pytest.raises(ConfigError, match="lb-tcp-idle"):
             load_config(["--lb-tcp-idle", bad], env={})
+
+
+def test_ingress_subnet_from_the_flag_or_the_file(tmp_path: Path, root: bool) -> None:
+    assert load_config([], env={}).ingress_subnet is None  # a /16 of the pool, at start
+    file = tmp_path / "agent.toml"
+    file.write_text('ingress-subnet = "10.128.0.0/16"\n')
+    assert load_config(["--config", str(file)], env={}).ingress_subnet == "10.128.0.0/16"
+    flagged = load_config(["--config", str(file), "--ingress-subnet", "10.9.0.0/20"], env={})
+    assert flagged.ingress_subnet == "10.9.0.0/20"

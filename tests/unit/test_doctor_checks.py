@@ -77,3 +77,31 @@ def test_proc_net_addresses() -> None:
     assert _address("0100007F") == "127.0.0.1"
     assert _address("00000000000000000000000000000000") == "::"
     assert _address("0000000000000000FFFF00000B00000A") == "10.0.0.11"
+
+
+def test_a_full_or_nearly_full_network_is_a_finding_with_a_hint() -> None:
+    facts = healthy()
+    facts.networks = [("ingress", "127.16.0.0/16", 12), ("back", "10.0.1.0/24", 253),
+                      ("front", "10.0.2.0/24", 228), ("mid", "10.0.3.0/24", 227)]
+    findings = {f.message: f for f in check_all(facts) if f.check == "network"}
+    full = findings["network back (10.0.1.0/24) is full: all 253 addresses are VIPs of services"]
+    nearly = findings["network front (10.0.2.0/24) is nearly full: 228 of 253 addresses are "
+                      "VIPs (90%)"]
+    assert full.status == nearly.status == "fail"
+    assert "larger --subnet" in full.hint and "back" in full.hint
+    assert findings["network mid (10.0.3.0/24): 227 of 253 addresses in use"].status == "ok"
+    assert findings["network ingress (127.16.0.0/16): 12 of 65533 addresses in use"].status \
+        == "ok"
+    facts.networks = [("ingress", "127.16.0.0/24", 253)]
+    (ingress,) = [f for f in check_all(facts) if f.check == "network"]
+    assert ingress.status == "fail" and "--ingress-subnet" in ingress.hint
+
+
+def test_a_nearly_used_up_auto_port_range_is_a_finding() -> None:
+    facts = healthy()
+    facts.auto_ports = {"tcp": 2500, "udp": 3}
+    found = [f for f in check_all(facts) if f.check == "network"]
+    assert [(f.status, f.message) for f in found] == [
+        ("fail", "2500 of the 2768 tcp ports of 30000-32767 (where a published port left out "
+                 "is picked) are published")]
+    assert "published_port" in found[0].hint

@@ -82,3 +82,45 @@ def test_claimed_addresses_are_unique_under_any_sequence(ops: list[tuple[bool, i
         elif held:
             ipam.release("n", [held.pop(index % len(held))])
         assert ipam.claimed_count("n") == len(held)
+
+
+def test_a_16_fills_to_the_last_address_and_the_lowest_free_is_reused() -> None:
+    ipam = Ipam(parse_pool("127.64.0.0/12"))
+    ipam.add_network("ingress", Net("127.64.0.0/16"))
+    got = [ipam.allocate("ingress") for _ in range(65533)]
+    assert got[0] == ipaddress.IPv4Address("127.64.0.2")
+    assert got[-1] == ipaddress.IPv4Address("127.64.255.254")
+    with pytest.raises(Conflict) as info:
+        ipam.allocate("ingress")
+    assert info.value.message == ("network ingress (127.64.0.0/16) has no free address: "
+                                  "all 65533 are VIPs of services")
+    ipam.release("ingress", [got[40000], got[7]])
+    assert ipam.allocate("ingress") == got[7]
+    assert ipam.allocate("ingress") == got[40000]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["allocate", "release", "claim"]),
+                          st.integers(0, 40)), max_size=120))
+def test_allocate_always_gives_the_lowest_free_address(ops: list[tuple[str, int]]) -> None:
+    """The search floor never skips a free address, whatever was claimed or released."""
+    subnet = Net("127.64.9.0/26")
+    ipam = Ipam(parse_pool("127.64.0.0/12"))
+    ipam.add_network("n", subnet)
+    hosts = [a for a in subnet.hosts() if a != gateway_of(subnet)]
+    held: set[ipaddress.IPv4Address] = set()
+    for op, index in ops:
+        address = hosts[index]
+        if op == "allocate":
+            free = [a for a in hosts if a not in held]
+            if not free:
+                with pytest.raises(Conflict):
+                    ipam.allocate("n")
+                continue
+            assert ipam.allocate("n") == free[0]
+            held.add(free[0])
+        elif op == "release":
+            ipam.release("n", [address])
+            held.discard(address)
+        else:
+            ipam.claim("n", address)
+            held.add(address)

@@ -36,3 +36,17 @@ def test_down_node_tasks_hidden_then_shown() -> None:
     assert liveness.node_up("b") == 1
     assert seen[-1].before is not None and seen[-1].before.deleted
     assert not seen[-1].after.deleted
+
+
+def test_a_down_node_keeps_why_it_went_down_until_it_is_back() -> None:
+    """The API's node_status of a node gossip has forgotten comes from here."""
+    local = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(2))
+    liveness = Liveness(local, lambda changes: None)
+    liveness.node_down("b", "left")
+    liveness.node_down("c")
+    assert liveness.why == {"b": "left", "c": "dead"}
+    liveness.node_down("b", "dead")  # a left node later declared dead says so
+    assert liveness.why["b"] == "dead"
+    liveness.node_up("b")
+    assert liveness.why == {"c": "dead"}
+    assert liveness.node_down("a") == 0 and "a" not in liveness.why  # never this node

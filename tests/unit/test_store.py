@@ -14,6 +14,7 @@ from mesh.state.model import (
     Health,
     HealthCheck,
     Kind,
+    Network,
     Service,
     Task,
     TaskState,
@@ -48,7 +49,7 @@ def task(store: Store, service: str = "web", address: str = "127.0.0.1",
 def test_ingress_exists_with_one_id_on_every_node() -> None:
     a, b = make_store("a"), make_store("b")
     assert a.network(INGRESS).id == b.network(INGRESS).id == ingress_id()
-    assert a.network(INGRESS).subnet == "127.64.0.0/24"
+    assert a.network(INGRESS).subnet == "127.64.0.0/16"  # a /16 of the pool: 65,533 VIPs
     assert a.ensure_ingress() == []
 
 
@@ -262,3 +263,91 @@ def test_a_vip_handed_out_twice_by_two_nodes_is_repaired_once() -> None:
     assert a.vip_conflicts() == [] and b.vip_conflicts() == []
     assert a.service("two").vips == b.service("two").vips != one.vips
     assert a.ipam.is_claimed("front", ipaddress.IPv4Address("127.65.1.2"))
+
+
+def test_ingress_size_follows_the_pool_and_other_networks_are_carved_after_it() -> None:
+    for pool, ingress, first in (("10.0.0.0/8", "10.0.0.0/16", "10.1.0.0/24"),
+                                 ("127.16.0.0/12", "127.16.0.0/16", "127.17.0.0/24"),
+                                 ("10.0.0.0/20", "10.0.0.0/21", "10.0.8.0/24"),
+                                 ("10.0.0.0/24", "10.0.0.0/24", None)):
+        store = Store("n", Ipam(parse_pool(pool)), random.Random(1))
+        store.ensure_ingress()
+        assert store.network(INGRESS).subnet == ingress
+        if first is None:
+            with pytest.raises(Conflict) as info:
+                store.create_network(NetworkSpec(name="backend"), NOW)
+            assert info.value.code == "pool_exhausted" and pool in info.value.message
+        else:
+            created = store.create_network(NetworkSpec(name="backend"), NOW)[-1].after
+            assert getattr(created, "subnet", None) == first
+
+
+def test_ingress_subnet_given_is_used_and_must_not_overlap() -> None:
+    store = Store("n", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    store.ensure_ingress("127.80.0.0/14")
+    assert store.network(INGRESS).subnet == "127.80.0.0/14"
+    assert store.ingress_mismatch("127.80.0.0/14") is None
+    assert store.ingress_mismatch(None) is None
+
+    other = Store("n", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    other.load([Network(name="backend", id="b" * 25, driver="overlay", subnet="127.80.1.0/24",
+                        gateway="127.80.1.1", version=Version(1, "n"))])
+    with pytest.raises(Conflict) as info:
+        other.ensure_ingress("127.80.0.0/16")
+    assert "overlaps network 'backend'" in info.value.message
+    with pytest.raises(Invalid):
+        other.ensure_ingress("127.80.0.1/16")  # not a network address
+
+
+def test_an_existing_24_ingress_is_kept_never_renumbered() -> None:
+    """A data dir of an older agent holds a /24 ingress with VIPs in it: it stays."""
+    old = Store("n", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    old.ensure_ingress("127.64.0.0/24")
+    web(old, ports=(PortSpec(target_port=80, published_port=8080),))
+    store = Store("n", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    store.load(old.all_records(), old.clock)
+    assert store.ensure_ingress() == []
+    assert store.network(INGRESS).subnet == "127.64.0.0/24"
+    assert store.ingress_mismatch(None) is None
+    why = store.ingress_mismatch("127.64.0.0/16")
+    assert why is not None and "127.64.0.0/24" in why and "renumbered" in why
+
+
+def test_a_full_network_says_which_and_its_subnet() -> None:
+    store = Store("n", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    store.ensure_ingress("127.64.0.0/29")  # 5 VIPs: .2 to .6
+    for i in range(5):
+        web(store, name=f"s{i}", ports=(PortSpec(target_port=80, published_port=8000 + i),))
+    with pytest.raises(Conflict) as info:
+        web(store, name="s5", ports=(PortSpec(target_port=80, published_port=8005),))
+    assert info.value.code == "no_free_address"
+    assert info.value.message.startswith("network ingress (127.64.0.0/29) has no free address")
+    assert store.get(Kind.SERVICE, "s5") is None  # nothing half-made
+    store.remove_service("s2", NOW)
+    assert [v.address for v in web(store, name="s5", ports=(
+        PortSpec(target_port=80, published_port=8005),)).vips] == ["127.64.0.4"]
+
+
+def test_a_full_published_port_range_names_the_range() -> None:
+    store = make_store()
+    store._published.update({("tcp", p): "x" for p in range(30000, 32768)})
+    with pytest.raises(Conflict) as info:
+        web(store, ports=(PortSpec(target_port=80),))
+    assert info.value.code == "port_in_use"
+    assert "no free tcp port left in 30000-32767" in info.value.message
+
+
+def test_a_merged_network_that_overlaps_one_here_is_kept_not_raised() -> None:
+    """An older node's /24 ingress carved its networks inside this node's /16 ingress
+    (or two nodes carved one /24 at once): the merge keeps the record and the IPAM."""
+    old = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    old.ensure_ingress("127.64.0.0/24")
+    back = old.create_network(NetworkSpec(name="back"), NOW)[0].after
+    assert getattr(back, "subnet", None) == "127.64.1.0/24"
+    new = make_store("b")
+    assert [c.after for c in new.merge(back)] == [back]
+    assert new.network("back").subnet == "127.64.1.0/24"
+    service = old.create_service(ServiceSpec(name="web", networks=("back",)), NOW)[0].after
+    new.merge(service)
+    assert new.ipam.is_claimed("back", ipaddress.IPv4Address("127.64.1.2"))
+    assert new.network(INGRESS).subnet == "127.64.0.0/16"
