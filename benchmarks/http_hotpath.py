@@ -34,7 +34,7 @@ from lb.http.router import Router
 from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
 from lb.http.upstream import UpstreamConnection
-from mesh.state.model import Health, Service, Task
+from mesh.core.model import Health, Service, Task
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: svc0.bench\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 15:30:00 GMT\r\n"

@@ -51,7 +51,7 @@ from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key,
 from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
 from dns.table import ALL, Answer, NameTable
 from dns.wire import BADVERS, EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
-from mesh.state.model import Change
+from mesh.core.model import Change
 
 TCP_MAX = 65535
 MAX_ROTATIONS = 8

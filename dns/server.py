@@ -30,7 +30,7 @@ from dns.forward import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
 from dns.tcpslots import DEFAULT_MAX_PER_CLIENT, DEFAULT_MAX_TOTAL, TcpSlots
 from dns.wire import FORMERR, REFUSED, SERVFAIL
-from mesh.logs import event
+from mesh.core.logs import event
 
 log = logging.getLogger(__name__)
 

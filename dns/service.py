@@ -20,8 +20,8 @@ from dns.lookup import Asker, resolve
 from dns.responder import DnsConfig, Responder
 from dns.server import TcpServer, UdpServer, serve
 from dns.table import HOST_VIEW, NameTable
-from mesh.logs import event
-from mesh.state.model import Change, Network, Record
+from mesh.core.logs import event
+from mesh.core.model import Change, Network, Record
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mesh.state.model import (
+from mesh.core.model import (
     INGRESS,
     Change,
     Health,

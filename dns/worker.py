@@ -20,8 +20,8 @@ import uvloop
 
 from dns.forward import parse_upstream
 from dns.service import DnsService, DnsSettings
-from mesh.feedclient import FeedClient
-from mesh.logs import event, setup
+from mesh.core.feedclient import FeedClient
+from mesh.core.logs import event, setup
 
 log = logging.getLogger("dns.worker")
 

@@ -19,8 +19,8 @@ from typing import Any
 from lb.backend import Backend, BackendError
 from lb.table import Op, Table
 from lb.view import LbView
-from mesh.logs import event
-from mesh.state.model import Change, Record
+from mesh.core.logs import event
+from mesh.core.model import Change, Record
 
 log = logging.getLogger("lb")
 

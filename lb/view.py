@@ -50,7 +50,7 @@ from lb.table import (
     VirtualService,
     diff,
 )
-from mesh.state.model import Change, Health, Record, Service, Task, TaskState
+from mesh.core.model import Change, Health, Record, Service, Task, TaskState
 
 SCHEDULER_LABEL = "mesh.lb.scheduler"
 PROXY_PROTOCOL_LABEL = "mesh.lb.proxy_protocol"

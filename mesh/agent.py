@@ -53,20 +53,20 @@ from mesh.api.app import ApiDeps, make_app
 from mesh.cluster import Cluster, ClusterKeyring
 from mesh.config import AgentConfig, ConfigError, describe, load_config
 from mesh.control import Control
+from mesh.core.feed import ChangeFeed
+from mesh.core.logs import event, setup
+from mesh.core.model import INGRESS, KIND_OF, Change, Health
+from mesh.core.sockets import bind_failure, family_of
+from mesh.core.workers import WorkerPool
 from mesh.drain import DrainReaper
 from mesh.errors import MeshError
 from mesh.feedserver import FeedServer, feed_socket_path
 from mesh.health.runner import HealthRunner
 from mesh.ipam import Ipam, capacity_of, parse_pool
-from mesh.logs import event, setup
-from mesh.sockets import bind_failure, family_of
 from mesh.state import persist
-from mesh.state.feed import ChangeFeed
 from mesh.state.lock import DataDirError, lock_data_dir
-from mesh.state.model import INGRESS, KIND_OF, Change, Health
 from mesh.state.store import Store
 from mesh.tombstones import TombstoneReaper
-from mesh.workers import WorkerPool
 
 log = logging.getLogger("mesh.agent")
 

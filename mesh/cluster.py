@@ -33,6 +33,9 @@ from gossip.membership import Membership
 from gossip.messages import Addr, MemberState
 from gossip.security import KeyringError
 from mesh.control import Control
+from mesh.core.codec import record_from_dict, record_to_dict
+from mesh.core.logs import event
+from mesh.core.model import Change, Record
 from mesh.digest import (
     ANNOUNCE_INTERVAL,
     DIGEST_OP,
@@ -43,9 +46,6 @@ from mesh.digest import (
 )
 from mesh.digest import decode as decode_digest
 from mesh.liveness import Liveness
-from mesh.logs import event
-from mesh.state.codec import record_from_dict, record_to_dict
-from mesh.state.model import Change, Record
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from mesh.core.feed import ChangeFeed
+from mesh.core.logs import event
+from mesh.core.model import Change, Kind
 from mesh.errors import Unavailable
-from mesh.logs import event
-from mesh.state.feed import ChangeFeed
-from mesh.state.model import Change, Kind
 from mesh.state.persist import PersistError, StateWriter
 from mesh.state.store import Store
 

@@ -24,7 +24,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mesh.state.model import KIND_OF, Record
+from mesh.core.model import KIND_OF, Record
 
 ANNOUNCE_INTERVAL = 2.0
 REFRESH_INTERVAL = 10.0

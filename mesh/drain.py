@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable, Iterable
 
 from mesh.control import Control
+from mesh.core.logs import event
+from mesh.core.model import Change, Record, Task, TaskState
 from mesh.errors import MeshError
-from mesh.logs import event
-from mesh.state.model import Change, Record, Task, TaskState
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ to `<data-dir>/feed.sock` and reads newline-delimited JSON:
     {"snapshot": SEQ, "records": [RECORD, ...]}     once, first
     {"seq": SEQ, "record": RECORD}                  for every later change
 
-RECORD is `mesh.state.codec.record_to_dict` (tombstones included, so a
+RECORD is `mesh.core.codec.record_to_dict` (tombstones included, so a
 removal is a record with "deleted": true). A worker may write JSON lines back
 (its counters, say); each goes to `on_report`, and a line that is not a JSON
 object is dropped and counted. Snapshot and subscription happen in
@@ -27,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.logs import event
-from mesh.state.codec import record_to_dict
-from mesh.state.feed import ChangeFeed
-from mesh.state.model import Change
+from mesh.core.codec import record_to_dict
+from mesh.core.feed import ChangeFeed
+from mesh.core.logs import event
+from mesh.core.model import Change
 
 log = logging.getLogger(__name__)
 

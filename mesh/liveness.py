@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 
-from mesh.state.model import Change, Kind, Record, Task
+from mesh.core.model import Change, Kind, Record, Task
 from mesh.state.store import Store
 
 

@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 
 from mesh.control import Control
-from mesh.logs import event
-from mesh.state.model import Change, Kind
+from mesh.core.logs import event
+from mesh.core.model import Change, Kind
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from lb.http.heads import BadRequest, RequestHead, local_response
 from lb.http.routes import Endpoint, Match
 from lb.http.stats import RouteStats
 from lb.http.upstream import UpstreamConnection
-from mesh.logs import event
+from mesh.core.logs import event
 
 if TYPE_CHECKING:
     from lb.http.router import Router

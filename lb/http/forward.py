@@ -29,7 +29,7 @@ from lb.http.heads import (
 from lb.http.pipe import splice
 from lb.http.routes import Endpoint
 from lb.http.upstream import UpstreamConnection
-from mesh.logs import event
+from mesh.core.logs import event
 
 log = logging.getLogger(__name__)
 

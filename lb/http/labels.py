@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from mesh.state.model import Service
+from mesh.core.model import Service
 
 HRM_LABEL = "com.docker.ucp.mesh.http"
 HOSTS_LABELS = ("mesh.http.hosts", "com.docker.lb.hosts")

@@ -31,7 +31,7 @@ from lb.http.budget import PER_CLIENT
 from lb.http.core import BUFFERED, PIPELINED, UPGRADING, UPSTREAM_FULL, Request
 from lb.http.forward import ForwardingConnection
 from lb.http.heads import BadRequest, local_response, read_request
-from mesh.logs import event
+from mesh.core.logs import event
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
 from lb.http.stats import RouterStats
 from lb.http.upstream import Pool
-from mesh.logs import event
+from mesh.core.logs import event
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from lb.http.labels import (
     is_routing_label,
     routes_of,
 )
-from mesh.state.model import Change, Health, Record, Service, Task, TaskState
+from mesh.core.model import Change, Health, Record, Service, Task, TaskState
 
 _BOUNDARY = frozenset("/?#")  # what may follow a path prefix inside a longer path
 

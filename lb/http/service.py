@@ -16,8 +16,8 @@ from lb.http.router import Router
 from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec, CertStore, TlsListener
-from mesh.logs import event
-from mesh.state.model import Change, Record
+from mesh.core.logs import event
+from mesh.core.model import Change, Record
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 from lb.http.service import HttpEndpoints, HttpService
 from lb.http.settings import RouterSettings
 from lb.http.worker import worker_argv
-from mesh.state.model import Change, Record
-from mesh.workers import WorkerPool
+from mesh.core.model import Change, Record
+from mesh.core.workers import WorkerPool
 
 
 def reserve(host: str, port: int) -> socket.socket:

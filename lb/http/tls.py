@@ -34,7 +34,7 @@ from lb.http.proxy import ClientConnection
 from lb.http.router import Router, listen_socket
 from lb.http.routes import Match
 from lb.http.sni import MAX_HELLO, NeedMore, NotClientHello, server_name
-from mesh.logs import event
+from mesh.core.logs import event
 
 log = logging.getLogger(__name__)
 

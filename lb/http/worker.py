@@ -4,7 +4,7 @@ The agent starts `--http-workers N` of these (and then serves no HTTP in its
 own loop). Each binds the HTTP (and HTTPS) address with SO_REUSEPORT, so the
 kernel spreads connections over the workers as nginx's `reuseport` does, and
 keeps its own route table, fed by the agent's change feed over a Unix socket
-(`mesh.feedclient`). When the feed ends the worker exits; the agent starts another.
+(`mesh.core.feedclient`). When the feed ends the worker exits; the agent starts another.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from lb.fds import raise_open_file_limit
 from lb.http.service import HttpEndpoints, HttpService
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
-from mesh.feedclient import FeedClient
-from mesh.logs import event, setup
+from mesh.core.feedclient import FeedClient
+from mesh.core.logs import event, setup
 
 log = logging.getLogger("lb.http.worker")
 

@@ -34,7 +34,7 @@ from lb.userspace.runtime import ProxySettings, Runtime
 from lb.userspace.scheduler import Pool
 from lb.userspace.tcp import TcpService
 from lb.userspace.udp import UdpService
-from mesh.sockets import SocketOwners, holder_of, in_use_by
+from mesh.core.sockets import SocketOwners, holder_of, in_use_by
 
 log = logging.getLogger(__name__)
 

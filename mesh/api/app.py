@@ -23,9 +23,9 @@ from pydantic_core import ErrorDetails
 from gossip.security import KeyringControl
 from mesh.api.openapi import build_openapi
 from mesh.control import Control
+from mesh.core.logs import event
+from mesh.core.model import Network
 from mesh.errors import BadRequest, Invalid, MeshError, MethodNotAllowed, NotFound, PayloadTooLarge
-from mesh.logs import event
-from mesh.state.model import Network
 
 log = logging.getLogger(__name__)
 

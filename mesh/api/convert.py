@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.api.models import HealthCheckIn, NetworkCreate, PortIn, ServiceCreate, ServicePatchIn
-from mesh.state.codec import check_to_dict, port_to_dict
-from mesh.state.model import HealthCheck, Network, Service, Task
+from mesh.core.codec import check_to_dict, port_to_dict
+from mesh.core.model import HealthCheck, Network, Service, Task
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec
 
 Json = dict[str, Any]

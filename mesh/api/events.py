@@ -17,8 +17,8 @@ from aiohttp import web
 
 from mesh.api import convert
 from mesh.api.app import DEPS
-from mesh.state.feed import Gap
-from mesh.state.model import Change, Network, Record, Service, Task
+from mesh.core.feed import Gap
+from mesh.core.model import Change, Network, Record, Service, Task
 
 QUEUE_LIMIT = 1024
 KEEPALIVE_SECONDS = 15.0

@@ -21,8 +21,8 @@ from mesh.api.models import (
     TaskCreate,
 )
 from mesh.control import Control
+from mesh.core.model import Health, Kind, Network, Service, Task
 from mesh.errors import Conflict, Invalid
-from mesh.state.model import Health, Kind, Network, Service, Task
 from mesh.state.specs import TaskSpec
 
 

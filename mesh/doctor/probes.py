@@ -19,8 +19,8 @@ from dnslib import QTYPE, DNSError, DNSRecord
 from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
+from mesh.core.sockets import SocketOwners, family_of, in_the_way, process_name
 from mesh.doctor.checks import Facts, Listener, lb_drift
-from mesh.sockets import SocketOwners, family_of, in_the_way, process_name
 from mesh.state.store import AUTO_PORTS
 
 CONNECT_TIMEOUT = 2.0

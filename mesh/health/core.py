@@ -37,7 +37,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from mesh.state.model import Change, Health, HealthCheck, Service, Task, TaskState
+from mesh.core.model import Change, Health, HealthCheck, Service, Task, TaskState
 
 TTL_EXPIRED = "TTL expired"
 CHECK_REMOVED = "health check removed"

@@ -23,9 +23,9 @@ import aiohttp
 from yarl import URL
 
 from lb.fds import is_fd_shortage
+from mesh.core.logs import event
+from mesh.core.model import Change, Health, HealthCheck
 from mesh.health.core import HealthPlanner, ProbeOrder, Transition
-from mesh.logs import event
-from mesh.state.model import Change, Health, HealthCheck
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.state.codec import record_from_dict, record_to_dict
-from mesh.state.model import KIND_OF, Record
+from mesh.core.codec import record_from_dict, record_to_dict
+from mesh.core.model import KIND_OF, Record
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.state.model import EndpointMode, HealthCheck, Protocol, PublishMode
+from mesh.core.model import EndpointMode, HealthCheck, Protocol, PublishMode
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,9 +21,7 @@ import ipaddress
 import random
 from collections.abc import Iterable, Iterator
 
-from mesh.errors import Conflict, Invalid, NotFound
-from mesh.ipam import Ipam, gateway_of, ingress_prefix, parse_subnet
-from mesh.state.model import (
+from mesh.core.model import (
     INGRESS,
     KIND_OF,
     Change,
@@ -40,6 +38,8 @@ from mesh.state.model import (
     Vip,
     endpoint_of,
 )
+from mesh.errors import Conflict, Invalid, NotFound
+from mesh.ipam import Ipam, gateway_of, ingress_prefix, parse_subnet
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
 
 ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"

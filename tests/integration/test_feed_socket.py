@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from mesh.feedclient import FeedClient
+from mesh.core.feed import ChangeFeed
+from mesh.core.feedclient import FeedClient
+from mesh.core.model import Change, Kind, Network, Record
 from mesh.feedserver import FeedServer
-from mesh.state.feed import ChangeFeed
-from mesh.state.model import Change, Kind, Network, Record
 
 
 async def test_snapshot_changes_and_reports(tmp_path: Path) -> None:

@@ -18,8 +18,7 @@ from dataclasses import replace
 import pytest
 from aiohttp import web
 
-from mesh.health import HealthRunner
-from mesh.state.model import (
+from mesh.core.model import (
     Change,
     Health,
     HealthCheck,
@@ -29,6 +28,7 @@ from mesh.state.model import (
     Task,
     TaskState,
 )
+from mesh.health import HealthRunner
 
 NODE = "n1"
 INTERVAL = 0.1

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from lb.http.router import Router
 from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
-from mesh.state.model import Health, Service, Task
+from mesh.core.model import Health, Service, Task
 
 
 @contextlib.contextmanager

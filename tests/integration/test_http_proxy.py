@@ -17,7 +17,7 @@ import pytest
 from lb.http.router import Router
 from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
-from mesh.state.model import Health, Service, Task
+from mesh.core.model import Health, Service, Task
 from tests.helpers.agent import free_port
 
 Answer = Callable[[bytes], bytes | None]  # request head -> response (None: close at once)

@@ -38,8 +38,8 @@ from mesh.api.models import KeyringOut
 from mesh.api.openapi import build_openapi
 from mesh.cli.main import main
 from mesh.control import Control
+from mesh.core.feed import ChangeFeed
 from mesh.ipam import Ipam, parse_pool
-from mesh.state.feed import ChangeFeed
 from mesh.state.persist import StateWriter
 from mesh.state.store import Store
 from tests.helpers.agent import AgentProcess, free_port

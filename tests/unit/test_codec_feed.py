@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.state.codec import record_from_dict, record_to_dict
-from mesh.state.feed import ChangeFeed, Gap
-from mesh.state.model import (
+from mesh.core.codec import record_from_dict, record_to_dict
+from mesh.core.feed import ChangeFeed, Gap
+from mesh.core.model import (
     Change,
     Health,
     HealthCheck,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.core.model import Network, Service, Version
 from mesh.digest import DIGEST_OP, Digest, PeerDigests, decode, digest_of
-from mesh.state.model import Network, Service, Version
 
 
 def net(name: str, clock: int = 1, deleted: bool = False) -> Network:

@@ -9,8 +9,8 @@ from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
 from dns.responder import FORWARD, DnsConfig, Responder, error_reply, reverse_address
 from dns.table import NameTable
+from mesh.core.model import Change, Health
 from mesh.ipam import Ipam, parse_pool
-from mesh.state.model import Change, Health
 from mesh.state.specs import NetworkSpec, PortSpec, ServiceSpec, TaskSpec
 from mesh.state.store import Store
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lb.table import ANY_ADDRESS, Real, ServiceOptions, VirtualKey, VirtualService
+from mesh.core.sockets import address_of as _address
 from mesh.doctor.checks import Facts, Listener, check_all, lb_drift, summary
-from mesh.sockets import address_of as _address
 
 KEY = VirtualKey("tcp", ANY_ADDRESS, 8080)
 A, B = Real("10.0.0.5", 80), Real("10.0.0.6", 80)

@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mesh.health.core
-from mesh.health.core import HealthPlanner, HealthTracker, ProbeOrder, Transition
-from mesh.state.model import (
+from mesh.core.model import (
     Change,
     Health,
     HealthCheck,
@@ -22,6 +21,7 @@ from mesh.state.model import (
     Task,
     TaskState,
 )
+from mesh.health.core import HealthPlanner, HealthTracker, ProbeOrder, Transition
 
 NODE = "n1"
 WALL = 1_700_000_000.0  # the wall clock at now = 0.0

@@ -11,8 +11,8 @@ from aiohttp.client_reqrep import ConnectionKey
 from lb.fds import is_fd_shortage
 from lb.http.budget import FdBudget
 from lb.http.settings import RouterSettings
+from mesh.core.model import Health, HealthCheck
 from mesh.health.core import HealthTracker
-from mesh.state.model import Health, HealthCheck
 
 
 def test_budget_is_the_limit_less_what_is_held_and_a_reserve() -> None:

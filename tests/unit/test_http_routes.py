@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lb.http.routes import Endpoint, Match, Problem, Route, RouteTable, normalize_host
-from mesh.state.model import (
+from mesh.core.model import (
     Change,
     Health,
     Kind,

@@ -9,7 +9,7 @@ from lb.backend import BackendError
 from lb.driver import LbDriver
 from lb.table import Op, PutReal, Table, apply_ops
 from lb.view import LbView
-from mesh.state.model import Change, Health, Kind, PortConfig, Service, Task
+from mesh.core.model import Change, Health, Kind, PortConfig, Service, Task
 
 SERVICE = Service(name="web", id="s1", ports=(PortConfig(protocol="tcp", target_port=80,
                                                          published_port=30080),))

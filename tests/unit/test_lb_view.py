@@ -23,7 +23,7 @@ from lb.table import (
     apply_ops,
 )
 from lb.view import LbView, build_table
-from mesh.state.model import (
+from mesh.core.model import (
     Change,
     Health,
     Kind,

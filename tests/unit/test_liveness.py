@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
+from mesh.core.feed import ChangeFeed
+from mesh.core.model import Change, Task
 from mesh.ipam import Ipam, parse_pool
 from mesh.liveness import Liveness
-from mesh.state.feed import ChangeFeed
-from mesh.state.model import Change, Task
 from mesh.state.specs import ServiceSpec, TaskSpec
 from mesh.state.store import Store
 

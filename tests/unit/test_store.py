@@ -7,9 +7,7 @@ import random
 
 import pytest
 
-from mesh.errors import Conflict, Invalid, MeshError, NotFound
-from mesh.ipam import Ipam, parse_pool
-from mesh.state.model import (
+from mesh.core.model import (
     INGRESS,
     Health,
     HealthCheck,
@@ -20,6 +18,8 @@ from mesh.state.model import (
     TaskState,
     Version,
 )
+from mesh.errors import Conflict, Invalid, MeshError, NotFound
+from mesh.ipam import Ipam, parse_pool
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
 from mesh.state.store import Store, ingress_id
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.state.model import (
+from mesh.core.model import (
     Health,
     HealthCheck,
     Kind,

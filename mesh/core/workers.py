@@ -13,7 +13,7 @@ import logging
 import signal
 from collections.abc import Sequence
 
-from mesh.logs import event
+from mesh.core.logs import event
 
 log = logging.getLogger(__name__)
 

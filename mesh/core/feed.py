@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from mesh.state.model import Change, Record
+from mesh.core.model import Change, Record
 
 log = logging.getLogger(__name__)
 

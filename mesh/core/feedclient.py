@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.state.codec import record_from_dict
-from mesh.state.model import KIND_OF, Change, Kind, Record
+from mesh.core.codec import record_from_dict
+from mesh.core.model import KIND_OF, Change, Kind, Record
 
 #: the longest feed line: a snapshot of a large cluster
 LINE_LIMIT = 1 << 30
