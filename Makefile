@@ -1,32 +1,42 @@
 # Two commands on a fresh machine: `make run` starts an agent with the embedded
-# defaults; `make test` runs every check (ruff, mypy, pytest). Each creates the
-# virtualenv in .venv and installs what it needs into it first: `run` only the
-# agent's own dependencies, `test` the [test] extra as well.
+# defaults; `make test` runs every check (ruff check, ruff format --check, mypy,
+# lint-imports, pytest). Each creates the virtualenv in .venv and installs what it
+# needs into it first: `run` only the agent's own dependencies, `test` the [test]
+# extra as well, both at the versions pinned in constraints.txt (`make lock`
+# regenerates it).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PIP_INSTALL := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: run test lint unit clean
+.PHONY: run test lint unit bench-deps lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+$(VENV)/.run-deps: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e .
 	touch $@
 
-$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+$(VENV)/.test-deps: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@ $(VENV)/.run-deps
+
+$(VENV)/.bench-deps: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e '.[bench]'
+	touch $@
 
 run: $(VENV)/.run-deps
 	$(BIN)/mesh agent $(ARGS)
 
+# `ruff check .`, `ruff format --check .`, `mypy` and `lint-imports`: the hooks of
+# .pre-commit-config.yaml, all `repo: local` tools of this venv, so nothing is fetched;
+# PRE_COMMIT_HOME inside the venv keeps pre-commit's cache out of $HOME, and `run
+# --all-files` needs no git hook installed (it checks the files git tracks).
 lint: $(VENV)/.test-deps
-	$(BIN)/ruff check .
-	$(BIN)/mypy
-	$(BIN)/lint-imports
+	PRE_COMMIT_HOME=$(CURDIR)/$(VENV)/pre-commit PATH=$(CURDIR)/$(BIN):$$PATH \
+		$(BIN)/pre-commit run --all-files
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -34,5 +44,19 @@ test: lint
 unit: $(VENV)/.test-deps
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+bench-deps: $(VENV)/.bench-deps
+
+# Re-resolve every pin of constraints.txt (the agent's dependencies and the [test] and
+# [bench] extras, meshplane itself excluded) to the newest releases allowed by
+# pyproject.toml, with pip-tools from a throwaway venv.
+lock:
+	rm -rf $(VENV)-lock
+	$(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet --upgrade pip pip-tools
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)-lock/bin/pip-compile --quiet --upgrade \
+		--strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra test --extra bench --output-file constraints.txt pyproject.toml
+	rm -rf $(VENV)-lock
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV)-lock build *.egg-info
