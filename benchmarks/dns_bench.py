@@ -36,31 +36,34 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from common import (
+    HOST,
+    START_TIMEOUT,
+    api,
+    cpu_seconds,
+    free_port,
+    process_tree,
+    stop,
+    wait_for_api,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
 POOL = "127.64.0.0/12"  # VIPs on loopback: nothing the agent allocates leaves the host
 SUBNET = "127.65.0.0/20"  # room for 4,000 VIPs
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-START_TIMEOUT = 20.0
 REGISTER_THREADS = 16
 #: dnsperf sockets: several source ports, so that SO_REUSEPORT spreads queries
 #: over the agent's DNS workers (it hashes by the 4-tuple); the same for every run
@@ -131,52 +134,6 @@ class Result:
     @property
     def cpu_us_per_query(self) -> float:
         return 1e6 * self.cpu_seconds / max(1, self.completed)
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (DNS listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((HOST, 0))
-            port: int = udp.getsockname()[1]
-            with socket.socket() as tcp:
-                try:
-                    tcp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (the agent's DNS workers), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of these processes (all their threads), in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-    return ticks / CLK_TCK
 
 
 def dnsperf(server: Server, queries: Path, cpu: int, out: Path, *,
@@ -264,17 +221,6 @@ def agent_help(python: str) -> str:
                           text=True, timeout=30, cwd=REPO, check=False).stdout
 
 
-def api(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
-
-
 @dataclass
 class Agent:
     proc: subprocess.Popen[bytes]
@@ -306,32 +252,6 @@ def mesh_agent(work: Path, cpus: Sequence[int], python: str,
         yield Agent(proc, api_port, dns_port)
     finally:
         stop(proc)
-
-
-def wait_for_api(proc: subprocess.Popen[bytes], port: int) -> bool:
-    """True once the API answers; False if the agent exited first."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while proc.poll() is None:
-        try:
-            if api(port, "GET", "/v1/health")[0] == 200:
-                return True
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError("the agent did not start")
-        time.sleep(0.05)
-    return False
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def register(agent: Agent, names: int) -> dict[str, str]:

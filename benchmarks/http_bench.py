@@ -63,8 +63,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# benchmarks/ is not a package: these helpers have one home, the DNS benchmark
-from dns_bench import (
+from common import (  # benchmarks/common.py: what the agent-running benchmarks share
+    CLK_TCK,
+    HOST,
+    START_TIMEOUT,
     api,
     cpu_seconds,
     free_port,
@@ -74,11 +76,8 @@ from dns_bench import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-HOST = "127.0.0.1"
 POOL = "127.80.0.0/12"  # the agent's VIP pool, on loopback (no service here has a network)
 TASKS_PER_ROUTE = 2
-START_TIMEOUT = 20.0
 WARMUP_SECONDS = 1
 
 
