@@ -1,4 +1,4 @@
-"""Which L4 backend this node runs: `--lb auto|ipvs|nftables|userspace` (DESIGN.md).
+"""Which L4 backend this node runs: `--lb auto|ipvs|nftables|userspace` (docs/design.md).
 
 `auto` takes `ipvs` where the kernel has ip_vs, else `nftables` where the agent
 is root and `nft` works, else `userspace`, and says why in `Choice.reason`

@@ -2,7 +2,7 @@
 
 Precedence: a flag given on the command line, then the TOML file of
 `--config`, then the environment (`MESH_API_TOKEN`), then the embedded
-defaults, which differ for root and for an unprivileged user (DESIGN.md,
+defaults, which differ for root and for an unprivileged user (docs/design.md,
 "Ports and addresses"): without root the DNS and HRM ports move above 1024,
 the address pool moves into 127/8 so that VIPs work on loopback, and the data
 dir moves under the user's home.

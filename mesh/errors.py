@@ -1,7 +1,7 @@
 """Errors of the agent, each carrying the HTTP status and code it answers with.
 
 The store and the API raise these; one middleware turns them into the error
-shape of DESIGN.md, `{"error": {"code", "message"}}`. Nothing else is mapped
+shape of docs/design.md, `{"error": {"code", "message"}}`. Nothing else is mapped
 to a status anywhere, so a status cannot drift from its meaning.
 """
 

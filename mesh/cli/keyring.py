@@ -64,7 +64,7 @@ def _keygen(ctx: Context, args: argparse.Namespace) -> int:
 def _emit_keys(ctx: Context, keyring: object) -> None:
     keys = json_objects(keyring.get("keys") if isinstance(keyring, dict) else None)
     if ctx.json:
-        ctx.emit_json(keys)  # a list command prints a bare array (DESIGN.md)
+        ctx.emit_json(keys)  # a list command prints a bare array (docs/design.md)
     else:
         ctx.emit_table(HEADERS, [row(k) for k in keys])
 

@@ -1,6 +1,6 @@
 """Task health as a pure state machine: which tasks to probe, when, and what results mean.
 
-Theory of operation. The owning node of a task checks it (DESIGN.md: the node
+Theory of operation. The owning node of a task checks it (docs/design.md: the node
 that registered a task is the only one that changes it). `HealthPlanner` is fed
 the change feed (services and tasks, in order) and keeps one `HealthTracker`
 per running task of this node whose service has a check. It has three inputs,
