@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dnslib import QTYPE, DNSError, DNSRecord
-
 from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
@@ -186,6 +184,10 @@ def _dns(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
 
 
 def query_a(host: str, port: int, name: str) -> list[str] | None:
+    # Imported here, not at the top: every `mesh` command imports this module (through
+    # `mesh.cli.doctor`), and only `mesh doctor` sends DNS queries (mesh/cli/__init__.py).
+    from dnslib import QTYPE, DNSError, DNSRecord
+
     query = DNSRecord.question(name, "A")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(DNS_TIMEOUT)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,3 +137,18 @@ def test_api_address(api: str, url: str) -> None:
 def test_api_address_refused(api: str) -> None:
     with pytest.raises(CliError, match="is not HOST:PORT"):
         base_url(api)
+
+
+def test_the_cli_imports_no_third_party_package() -> None:
+    """mesh/cli/__init__.py: a short-lived command imports only the standard library (and the
+    project's own modules), not the agent's dependencies; `mesh doctor`'s DNS probe loads
+    dnslib when it runs. A fresh interpreter, as `mesh` starts one."""
+    code = (
+        "import sys, mesh.cli.main\n"
+        "own = {'mesh', 'gossip', 'dns', 'lb', '__main__'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if not m.startswith('_')}"
+        " - set(sys.stdlib_module_names) - own))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True, cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "[]", done.stdout
