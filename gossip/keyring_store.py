@@ -23,8 +23,6 @@ from typing import Any
 
 from gossip.security import Keyring, KeyringError, encode_key, keyring_view, parse_key
 
-FILE_MODE = 0o600
-
 
 def load_keyring(path: Path) -> Keyring:
     """The keyring stored at `path`; `KeyringError` (code `bad_file`) if it is unusable."""

@@ -35,7 +35,6 @@ class LbDriver:
         self.backend = backend
         self.reason = reason
         self.errors = 0
-        self.applied = 0  # ops handed to the backend
         self._queue: asyncio.Queue[list[Op]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -68,7 +67,6 @@ class LbDriver:
             except Exception as exc:  # a backend bug: log it, keep the agent serving
                 log.exception("lb backend %s failed", self.backend.name)
                 self._failed("apply", exc)
-            self.applied += len(ops)
             if self._queue.empty():
                 self._idle.set()
 

@@ -31,7 +31,6 @@ class TombstoneReaper:
         self.interval = interval
         self._seen: dict[tuple[Kind, str], float] = {}
         self._task: asyncio.Task[None] | None = None
-        self.reaped = 0
 
     def load(self) -> None:
         now = self._wall_clock()
@@ -56,7 +55,6 @@ class TombstoneReaper:
                 forgotten.append(key)
         if forgotten:
             self._control.forget(forgotten)
-            self.reaped += len(forgotten)
             event(log, "tombstones_reaped", count=len(forgotten))
         return forgotten
 

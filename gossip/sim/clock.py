@@ -49,9 +49,6 @@ class EventQueue:
         self._seq += 1
         heapq.heappush(self._heap, (time, self._seq, kind, node, payload))
 
-    def peek_time(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
-
     def pop(self) -> Entry:
         """Remove and return the earliest event, advancing `now` to its time."""
         entry = heapq.heappop(self._heap)

@@ -18,7 +18,7 @@ def node_addr(index: int) -> Addr:
 class RecordingDelegate:
     """A StateDelegate that keeps no state and records user payloads as they arrive."""
 
-    __slots__ = ("_clock", "_on_first", "duplicates", "merges", "name", "received")
+    __slots__ = ("_clock", "_on_first", "name", "received")
 
     def __init__(self, name: str, clock: EventQueue,
                  on_first: Callable[[str, bytes, float], None]) -> None:
@@ -26,8 +26,6 @@ class RecordingDelegate:
         self._clock = clock
         self._on_first = on_first
         self.received: dict[bytes, float] = {}
-        self.duplicates = 0
-        self.merges = 0
 
     def __repr__(self) -> str:
         return f"<RecordingDelegate {self.name} received={len(self.received)}>"
@@ -36,11 +34,10 @@ class RecordingDelegate:
         return b""
 
     def merge_remote_state(self, data: bytes, join: bool) -> None:
-        self.merges += 1
+        pass  # no state to merge: the simulator measures the core's own traffic
 
     def notify_user(self, payload: bytes, source: str) -> None:
         if payload in self.received:
-            self.duplicates += 1
             return
         now = self._clock.now
         self.received[payload] = now

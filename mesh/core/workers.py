@@ -30,7 +30,6 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
-        self.restarts = 0
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._keep(i), name=f"{self.name}-{i}")
@@ -49,7 +48,6 @@ class WorkerPool:
                 return
             event(log, "worker_exited", logging.WARNING, pool=self.name, index=index,
                   pid=proc.pid, code=code)
-            self.restarts += 1
             backoff = 0.5 if loop.time() - started > HEALTHY_RUN else min(backoff * 2,
                                                                            MAX_BACKOFF)
             await asyncio.sleep(backoff)
