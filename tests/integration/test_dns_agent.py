@@ -158,3 +158,38 @@ def test_dead_upstream_is_skipped_and_counted_in_the_dns_stats(start_agent) -> N
     assert stats["forwarder_upstream_errors"] == 1
     assert (stats["forwarder_upstream_skipped"], stats["forwarder_upstream_backoffs"]) == (4, 1)
     assert stats["forwarder_upstreams_down"] == 1
+
+
+def test_a_caching_resolver_keeps_the_mesh_nxdomain(start_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dnsmasq in front of the agent caches the NXDOMAIN (it needs the SOA to, RFC 2308 §5)."""
+    if shutil.which("dnsmasq") is None:
+        pytest.skip("dnsmasq is not installed")
+    agent = start_agent()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "dnsmasq.log"
+    resolver = subprocess.Popen(
+        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts",
+         "--no-resolv", f"--server=127.0.0.1#{agent.dns_port}", "--listen-address=127.0.0.1",
+         "--bind-interfaces", f"--port={port}", "--pid-file=", "--user=root",
+         "--log-queries", f"--log-facility={log}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        outputs = []
+        for _ in range(3):
+            done = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+time=2",
+                                   "+tries=3", "tasks.nope", "A"], capture_output=True,
+                                  text=True, timeout=30, check=True)
+            outputs.append(done.stdout)
+        assert all("status: NXDOMAIN" in out for out in outputs), outputs
+        deadline = time.monotonic() + 5
+        while log.read_text().count("tasks.nope") < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)  # dnsmasq writes its log asynchronously
+        lines = [line for line in log.read_text().splitlines() if "tasks.nope" in line]
+        print("\n".join(lines))
+        assert sum("forwarded tasks.nope" in line for line in lines) == 1, lines
+        assert sum("cached tasks.nope is NXDOMAIN" in line for line in lines) == 2, lines
+    finally:
+        resolver.terminate()
+        resolver.wait(10)
