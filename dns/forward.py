@@ -5,12 +5,16 @@ and hands every other query, as the client's wire bytes, to
 `Forwarder.forward`, which returns the wire reply for that client: the
 client's ID and question, always a well-formed DNS message. The semantics are
 moby's current embedded resolver (reference/swarm-behavior.md §1.5), plus a
-small cache:
+small cache and the memory of dead upstreams:
 
 - upstreams are tried in order (at most three, as glibc and Swarm's
   `maxExtDNS`), each with its own `timeout`; SERVFAIL or REFUSED from one, a
   timeout, a network error or a malformed reply moves on to the next; any
   other answer, NXDOMAIN included, goes back to the client as it came;
+- an upstream that timed out, errored or REFUSED is skipped for a back-off
+  period (exponential, capped, reset when it answers); when every upstream
+  is in back-off, the one whose back-off ends first is still tried
+  (`dns.upstreams` states the rule);
 - the query is relayed as the client sent it (flags, EDNS, case), under a
   fresh random ID; a reply counts only when its ID and its question match, so
   stray and forged datagrams are ignored, not believed;
@@ -26,10 +30,11 @@ small cache:
 - answers are cached for their TTL (`ForwardCache`), negative ones per
   RFC 2308, so a burst of identical lookups costs one upstream query.
 
-The protocol logic is sans-IO and reads no clock of its own: `parse_query`,
-`judge_reply` (what a reply means: accept, retry over TCP, try the next
-upstream, or ignore it), `cache_ttl`, `error_reply` and `ForwardCache`
-(injected clock). `Forwarder` is the thin asyncio shell that moves bytes.
+Three layers, the first two sans-IO and free of any clock of their own:
+`dns.upstreams` (which upstreams, in what order, which are down),
+`dns.relay` (what a query and a reply mean: `parse_query`, `judge_reply`,
+`error_reply`) with `dns.forward_cache` (`ForwardCache`, `cache_ttl`), and
+this module, the thin asyncio shell that moves the bytes.
 
 Each UDP attempt uses its own connected datagram socket rather than one
 shared socket with an ID map. A connected socket gets a fresh ephemeral source
@@ -40,56 +45,34 @@ stopped upstream fails over at once instead of after `timeout`, and there is
 no demultiplexing table to leak or to collide in. The cost, one socket per
 forwarded query, is bounded by `max_in_flight`; this path is not the hot one.
 
-Forwarding is not a hot path (the mesh's own names are), so messages are
-parsed and built with dnslib here, and the shell spawns one task per
-forwarded query: no lock is shared between queries, so a dead upstream only
-ever delays the queries that wait on it.
+The shell spawns one task per forwarded query: no lock is shared between
+queries, so a dead upstream only ever delays the queries that wait on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-import ipaddress
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
-from dnslib import EDNS0, QTYPE, DNSHeader, DNSRecord
-
-from dns.wire import (  # re-exported: the forwarder's callers and tests name them here
-    EDNS_PAYLOAD,
-    NOERROR,
-    NOTIMP,
-    NXDOMAIN,
-    REFUSED,
-    SERVFAIL,
+from dns.forward_cache import ForwardCache
+from dns.relay import (
+    OPCODE_QUERY,
+    Action,
+    MalformedQuery,
+    Query,
+    Verdict,
+    error_reply,
+    judge_reply,
+    parse_query,
 )
+from dns.upstreams import BACKOFF_BASE, BACKOFF_MAX, Upstream, UpstreamPool
+from dns.wire import NOTIMP, REFUSED, SERVFAIL
 
-#: glibc's MAXNS and Swarm's maxExtDNS: further nameservers are ignored.
-MAX_UPSTREAMS: Final = 3
-DNS_PORT: Final = 53
-#: Caps on how long an answer is kept, whatever its TTL says (unbound's
-#: cache-max-ttl; RFC 2308 §5 asks for a cap on negative caching).
-MAX_TTL: Final = 86_400
-MAX_NEGATIVE_TTL: Final = 300
-#: The cache's memory bound besides its entry count (a TCP answer may be 64 KiB).
-CACHE_BYTES: Final = 16 * 1024 * 1024
-
-_OPCODE_QUERY: Final = 0
-_HEADER_LEN: Final = 12
-#: A name of 255 octets on the wire is 253 in dnslib's length (dots, no end).
-_MAX_NAME_TEXT: Final = 253
-#: dnslib reads the reserved label types (length octets 64..191) as long labels.
-_MAX_LABEL: Final = 63
-
-#: (lower-cased qname labels, qtype, qclass, DO bit, CD bit)
-CacheKey = tuple[tuple[bytes, ...], int, int, bool, bool]
+__all__ = ["STAT_NAMES", "Forwarder", "MalformedQuery", "Upstream"]
 
 #: Every counter `Forwarder.stats` reports, so that metrics have stable names.
 STAT_NAMES: Final = (
@@ -108,469 +91,12 @@ STAT_NAMES: Final = (
     "upstream_refused",
     "malformed_replies",      # unparsable replies (also counted in upstream_errors)
     "ignored_replies",        # wrong ID or question: stray or forged
+    "upstream_skipped",       # an upstream passed over for a query: it was in back-off
+    "upstream_backoffs",      # failures that put an upstream in back-off or lengthened it
 )
 
-
-class MalformedQuery(ValueError):
-    """The client's message is not a query we can forward (the caller answers FORMERR or drops)."""
-
-
-# --------------------------------------------------------------------------- upstreams
-
-
-def _canonical_ip(text: str) -> str:
-    """The canonical text of an IP literal (an IPv6 zone id kept); ValueError if it is not one."""
-    return str(ipaddress.ip_address(text))
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """An upstream resolver: an IP literal (never a name, which would need DNS) and a port."""
-
-    host: str
-    port: int = DNS_PORT
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "host", _canonical_ip(self.host))
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port out of range: {self.port}")
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def _parse_port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"not a port: {text!r}")
-    return int(text)
-
-
-def parse_upstream(text: str) -> Upstream:
-    """Parse a `--dns-upstream` value: `ADDR`, `ADDR:PORT`, `[V6ADDR]` or `[V6ADDR]:PORT`.
-
-    A bare IPv6 address (several colons, no brackets) is taken with port 53.
-    Raises ValueError on anything else, names included.
-    """
-    text = text.strip()
-    if text.startswith("["):
-        host, closed, rest = text[1:].partition("]")
-        if not closed or ":" not in host or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad upstream {text!r}: expected [IPv6]:PORT")
-        return Upstream(host, _parse_port(rest[1:]) if rest else DNS_PORT)
-    if text.count(":") == 1:
-        host, _, port = text.partition(":")
-        if not isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address):
-            raise ValueError(f"bad upstream {text!r}")
-        return Upstream(host, _parse_port(port))
-    return Upstream(text)
-
-
-def _exclusion(text: str) -> str | None:
-    """An `exclude` entry as a canonical address: `ADDR` or any `parse_upstream` form."""
-    try:
-        return parse_upstream(text).host
-    except ValueError:
-        return None
-
-
-def _nameserver(line: str) -> str | None:
-    """The canonical address of a `nameserver` line, or None for any other or unusable line.
-
-    As glibc and musl, the keyword must start the line; whatever follows the
-    address (a comment, say) is ignored, and so is a line whose address does
-    not parse (a name, a truncated address).
-    """
-    fields = line.split()
-    if len(fields) < 2 or fields[0] != "nameserver" or not line.startswith("nameserver"):
-        return None
-    address = fields[1].split("#", 1)[0].split(";", 1)[0]
-    try:
-        return _canonical_ip(address)
-    except ValueError:
-        return None
-
-
-def upstreams_from_resolv_conf(path: str = "/etc/resolv.conf",
-                               exclude: Collection[str] = ()) -> list[Upstream]:
-    """The host's resolvers, in order: the `nameserver` lines of `path`, port 53.
-
-    Addresses in `exclude` are skipped (compared as addresses, any port
-    ignored: resolv.conf servers are on 53) — the agent passes its own DNS
-    address and 127.0.0.11, so that it never forwards to itself. Excluded and
-    duplicate entries do not use up one of the at most `MAX_UPSTREAMS` slots.
-    A missing file gives no upstreams (the caller decides on a fallback);
-    other read errors propagate.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    skip = {host for host in map(_exclusion, exclude) if host is not None}
-    found: list[Upstream] = []
-    for line in text.splitlines():
-        host = _nameserver(line)
-        if host is None or host in skip:
-            continue
-        skip.add(host)
-        found.append(Upstream(host))
-        if len(found) == MAX_UPSTREAMS:
-            break
-    return found
-
-
-# --------------------------------------------------------------------------- messages
-
-
-def _parse(wire: bytes) -> Any | None:
-    """A dnslib DNSRecord, or None when the bytes are not a DNS message.
-
-    dnslib reports most damage as DNSError, but some malformed rdata surfaces
-    as other exceptions (struct, unicode, index errors): all mean "not DNS".
-    dnslib also refuses labels that are not UTF-8, which DNS allows (any
-    octet): such names are rare, and are treated as malformed here too.
-    """
-    try:
-        return DNSRecord.parse(wire)
-    except Exception:
-        return None
-
-
-def _opt(record: Any) -> Any | None:
-    for rr in record.ar:
-        if rr.rtype == QTYPE.OPT:
-            return rr
-    return None
-
-
-def _full_rcode(record: Any) -> int:
-    """The 12-bit rcode: the header's 4 bits and EDNS's 8 extension bits (RFC 6891 §6.1.3)."""
-    opt = _opt(record)
-    high = int(opt.edns_rcode) if opt is not None else 0
-    return (high << 4) | int(record.header.rcode)
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """A client's query, parsed once: what forwarding, caching and error replies need."""
-
-    wire: bytes
-    id: int
-    question: Any  # dnslib DNSQuestion, exactly as the client sent it (case included)
-    opcode: int
-    rd: bool
-    cd: bool
-    edns: bool
-    do: bool
-    #: False for non-recursive queries (their answers may be referrals) and for
-    #: queries with records beyond OPT (TSIG: the reply is signed per query).
-    cacheable: bool
-
-    @property
-    def key(self) -> CacheKey:
-        labels = tuple(label.lower() for label in self.question.qname.label)
-        return (labels, int(self.question.qtype), int(self.question.qclass), self.do, self.cd)
-
-
-def parse_query(wire: bytes) -> Query:
-    """Parse a client's query; raises `MalformedQuery` for anything that is not one.
-
-    Not a query: unparsable bytes, a response (QR set: never answer those, it
-    makes loops), a question count other than one (RFC 9619), a name longer
-    than 255 octets or a label longer than 63 (RFC 1035 §2.3.4), two OPT
-    records (RFC 6891 §6.1.1).
-    """
-    record = _parse(wire)
-    if record is None:
-        raise MalformedQuery("not a DNS message")
-    header = record.header
-    if header.qr:
-        raise MalformedQuery("a response, not a query")
-    if len(record.questions) != 1:
-        raise MalformedQuery(f"{len(record.questions)} questions, expected one")
-    if len(record.questions[0].qname) > _MAX_NAME_TEXT:
-        raise MalformedQuery("name longer than 255 octets")
-    if any(len(label) > _MAX_LABEL for label in record.questions[0].qname.label):
-        raise MalformedQuery("label longer than 63 octets")
-    opts = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
-    if len(opts) > 1:
-        raise MalformedQuery("more than one OPT record")
-    return Query(wire=wire, id=int(header.id), question=record.questions[0],
-                 opcode=int(header.opcode), rd=bool(header.rd), cd=bool(header.cd),
-                 edns=bool(opts), do=bool(opts and opts[0].edns_do),
-                 cacheable=bool(header.rd) and len(record.ar) == len(opts))
-
-
-def error_reply(query: Query, rcode: int) -> bytes:
-    """A reply with `rcode` and no records, built from the query (ID, opcode, RD, CD, question).
-
-    It carries an OPT record when the query did (RFC 6891 §7), and RA, as
-    every reply of a recursive service.
-    """
-    header = DNSHeader(id=query.id, qr=1, opcode=query.opcode, rd=int(query.rd), ra=1,
-                       cd=int(query.cd), rcode=rcode)
-    record = DNSRecord(header, q=query.question)
-    if query.edns:
-        record.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
-    packed: bytes = record.pack()
-    return packed
-
-
-def _question_end(wire: bytes) -> int | None:
-    """Where the (single) question of a message ends, or None if it is compressed or cut short."""
-    offset = _HEADER_LEN
-    while offset < len(wire):
-        length = wire[offset]
-        if length == 0:
-            end = offset + 1 + 4  # the root label, then QTYPE and QCLASS
-            return end if end <= len(wire) else None
-        if length & 0xC0:  # a pointer or a reserved label type: not a plain name
-            return None
-        offset += 1 + length
-    return None
-
-
-def _for_client(query: Query, wire: bytes, record: Any) -> bytes:
-    """The upstream's reply with the client's ID and the client's question bytes.
-
-    The upstream echoes the question we relayed, usually byte for byte; when
-    it changed the case, the client's bytes are spliced back (a name's length
-    does not depend on case). Only a question we cannot splice is repacked.
-    """
-    end = _question_end(query.wire)
-    if end is not None and wire[_HEADER_LEN:end].lower() == query.wire[_HEADER_LEN:end].lower():
-        return query.wire[:2] + wire[2:_HEADER_LEN] + query.wire[_HEADER_LEN:end] + wire[end:]
-    record.header.id = query.id
-    record.questions = [query.question]
-    packed: bytes = record.pack()
-    return packed
-
-
-# --------------------------------------------------------------------------- what a reply means
-
-
-class Action(enum.Enum):
-    ACCEPT = "accept"        # give it to the client (and cache it if it qualifies)
-    RETRY_TCP = "retry_tcp"  # truncated over UDP: ask the same upstream over TCP
-    NEXT = "next"            # this upstream failed: try the next one
-    IGNORE = "ignore"        # not the reply to our query: keep waiting
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    action: Action
-    #: why: "ok", "truncated", "servfail", "refused", "malformed", "mismatch",
-    #: and, from the shell, "timeout" and "error".
-    reason: str
-    #: the reply for the client (ACCEPT and RETRY_TCP, where it is the fallback).
-    wire: bytes = b""
-
-
-IGNORED_MISMATCH: Final = Verdict(Action.IGNORE, "mismatch")
-NEXT_MALFORMED: Final = Verdict(Action.NEXT, "malformed")
-_REJECTING: Final = {SERVFAIL: "servfail", REFUSED: "refused"}
-
-
-def _same_question(ours: Any, theirs: Any) -> bool:
-    # dnslib compares names case-insensitively, as DNS does (RFC 4343).
-    return bool(ours.qname == theirs.qname and ours.qtype == theirs.qtype
-                and ours.qclass == theirs.qclass)
-
-
-def judge_reply(query: Query, sent_id: int, wire: bytes, *, tcp: bool) -> Verdict:
-    """What an upstream's reply to `query`, relayed under `sent_id`, means.
-
-    A reply is ours only if its ID and its question match; anything else is
-    IGNOREd (over UDP it may be stray or forged, and a forger who gets the ID
-    right still has to echo the question). An error without a question (some
-    servers answer FORMERR or REFUSED that way) cannot be matched to the
-    question, but with the right ID on a connected socket it is this
-    upstream's failure: NEXT. SERVFAIL and REFUSED mean NEXT as well; TC over
-    UDP means RETRY_TCP; every other reply is the answer.
-    """
-    if len(wire) >= 2 and int.from_bytes(wire[:2], "big") != sent_id:
-        return IGNORED_MISMATCH
-    record = _parse(wire)
-    if record is None:
-        return NEXT_MALFORMED
-    if not record.header.qr:
-        return IGNORED_MISMATCH
-    rcode = _full_rcode(record)
-    if not record.questions:
-        return Verdict(Action.NEXT, _REJECTING.get(rcode, "malformed"))
-    if len(record.questions) != 1 or not _same_question(query.question, record.questions[0]):
-        return IGNORED_MISMATCH
-    if rcode in _REJECTING:
-        return Verdict(Action.NEXT, _REJECTING[rcode])
-    try:
-        client_wire = _for_client(query, wire, record)
-    except Exception:  # dnslib could not repack what it parsed
-        return NEXT_MALFORMED
-    if record.header.tc and not tcp:
-        return Verdict(Action.RETRY_TCP, "truncated", client_wire)
-    return Verdict(Action.ACCEPT, "ok", client_wire)
-
-
-# --------------------------------------------------------------------------- the cache
-
-
-def _soa(record: Any) -> Any | None:
-    for rr in record.auth:
-        if rr.rtype == QTYPE.SOA:
-            return rr
-    return None
-
-
-def cache_ttl(record: Any, *, max_ttl: int = MAX_TTL,
-              max_negative_ttl: int = MAX_NEGATIVE_TTL) -> int | None:
-    """For how many seconds a reply may be cached, or None if it may not be.
-
-    Positive (NOERROR with answers): the smallest TTL of the answer section.
-    Negative (NXDOMAIN, or NOERROR without answers, i.e. NODATA): the SOA
-    record's TTL or its MINIMUM field, whichever is smaller (RFC 2308 §5);
-    without an SOA a negative reply is not cached (RFC 2308 §5 again), which
-    also leaves referrals out. Never cached: truncated replies, any other
-    rcode (SERVFAIL above all), and a TTL of 0 (RFC 1035 §3.2.1: do not cache).
-    """
-    if record.header.tc:
-        return None
-    rcode = _full_rcode(record)
-    if rcode == NOERROR and record.rr:
-        ttl = min(min(int(rr.ttl) for rr in record.rr), max_ttl)
-    elif rcode in (NOERROR, NXDOMAIN):
-        soa = _soa(record)
-        if soa is None:
-            return None
-        ttl = min(int(soa.ttl), int(soa.rdata.times[4]), max_negative_ttl)
-    else:
-        return None
-    return ttl if ttl > 0 else None
-
-
-@dataclass(slots=True)
-class _Entry:
-    wire: bytes
-    stored_at: float
-    expires_at: float
-
-
-def _rewrite(wire: bytes, query: Query, age: int) -> bytes:
-    """A cached reply made the answer to `query`, `age` seconds after it was stored.
-
-    The client's ID, RD and question (its case), answer owner names that are
-    the question echoed in the client's case, every TTL lowered by the age;
-    AA cleared (a cache is not the authority). EDNS options were meant for
-    the client that caused the entry (cookies, RFC 7873), so the OPT record is
-    rebuilt from this query: present only if it had one, with its DO bit.
-    """
-    record = DNSRecord.parse(wire)
-    cached_name = record.questions[0].qname
-    record.header.id = query.id
-    record.header.aa = 0
-    record.header.rd = int(query.rd)
-    record.questions = [query.question]
-    record.ar = [rr for rr in record.ar if rr.rtype != QTYPE.OPT]
-    for rr in (*record.rr, *record.auth, *record.ar):
-        rr.ttl = max(0, int(rr.ttl) - age)
-        if rr.rname == cached_name:
-            rr.rname = query.question.qname
-    if query.edns:
-        record.add_ar(EDNS0(udp_len=EDNS_PAYLOAD, flags="do" if query.do else ""))
-    packed: bytes = record.pack()
-    return packed
-
-
-class ForwardCache:
-    """Upstream answers by (name, type, class, DO, CD), kept for their TTL, in LRU order.
-
-    Keys ignore the name's case; hits answer in the asker's case (`_rewrite`).
-    It is bounded by entries and by bytes: beyond either, the least recently
-    used entry goes. Expired entries go when they are looked up or evicted.
-    It reads time only through `clock` (monotonic seconds).
-    """
-
-    def __init__(self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.monotonic,
-                 max_bytes: int = CACHE_BYTES, max_ttl: int = MAX_TTL,
-                 max_negative_ttl: int = MAX_NEGATIVE_TTL) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.max_ttl = max_ttl
-        self.max_negative_ttl = max_negative_ttl
-        self._clock = clock
-        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
-        self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def size_bytes(self) -> int:
-        """The bytes of all entries (the wire replies)."""
-        return self._bytes
-
-    def get(self, query: Query) -> bytes | None:
-        """The cached answer to `query`, rewritten for it, or None."""
-        if not query.cacheable:
-            return None
-        key = query.key
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        now = self._clock()
-        if now >= entry.expires_at:
-            self._drop(key)
-            return None
-        self._entries.move_to_end(key)
-        # Whole seconds, rounded down: the TTL a client sees is never longer
-        # than what is left, and stays above 0 until the entry expires.
-        try:
-            return _rewrite(entry.wire, query, int(now - entry.stored_at))
-        except Exception:  # dnslib cannot rebuild it: forget it, ask upstream instead
-            self._drop(key)
-            return None
-
-    def put(self, query: Query, reply: bytes) -> bool:
-        """Keep `reply` (an upstream's answer to `query`) if it qualifies; True if it was kept."""
-        if not query.cacheable or self.max_entries <= 0 or len(reply) > self.max_bytes:
-            return False
-        record = _parse(reply)
-        if record is None or not record.questions:
-            return False
-        ttl = cache_ttl(record, max_ttl=self.max_ttl, max_negative_ttl=self.max_negative_ttl)
-        if ttl is None:
-            return False
-        now = self._clock()
-        key = query.key
-        self._drop(key)
-        self._entries[key] = _Entry(reply, now, now + ttl)
-        self._bytes += len(reply)
-        self._evict()
-        return True
-
-    def purge(self) -> int:
-        """Drop every expired entry; how many went (for a periodic sweep, if one is wanted)."""
-        now = self._clock()
-        expired = [key for key, entry in self._entries.items() if now >= entry.expires_at]
-        for key in expired:
-            self._drop(key)
-        return len(expired)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
-
-    def _drop(self, key: CacheKey) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._bytes -= len(entry.wire)
-
-    def _evict(self) -> None:
-        while self._entries and (len(self._entries) > self.max_entries
-                                 or self._bytes > self.max_bytes):
-            _, entry = self._entries.popitem(last=False)
-            self._bytes -= len(entry.wire)
-
-
-# --------------------------------------------------------------------------- the asyncio shell
+#: Attempt outcomes that mark an upstream down; any other reply shows it alive.
+_DOWN_REASONS: Final = frozenset({"timeout", "error", "refused"})
 
 
 class _UdpExchange(asyncio.DatagramProtocol):
@@ -607,7 +133,8 @@ class _UdpExchange(asyncio.DatagramProtocol):
 class Forwarder:
     """Forwards queries to upstream resolvers, with failover, TCP retry, a cap and a cache.
 
-    `clock` drives the cache only; timeouts use the event loop's clock.
+    `clock` drives the cache and the upstreams' back-off; timeouts use the
+    event loop's clock.
     Worst case, a query waits `timeout` per upstream (plus one more for a TCP
     retry after a truncated reply): keep `timeout` x upstreams under the
     clients' own timeout (glibc: 5 s) so that they see our SERVFAIL.
@@ -615,12 +142,14 @@ class Forwarder:
 
     def __init__(self, upstreams: Sequence[Upstream], *, timeout: float = 2.0,
                  max_in_flight: int = 1024, cache_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
-        self._upstreams = tuple(upstreams)
+        self._pool = UpstreamPool(upstreams, clock=clock, backoff_base=backoff_base,
+                                  backoff_max=backoff_max)
         self._timeout = timeout
         self._max_in_flight = max_in_flight
         self._cache = ForwardCache(cache_entries, clock=clock)
@@ -631,7 +160,11 @@ class Forwarder:
 
     @property
     def upstreams(self) -> tuple[Upstream, ...]:
-        return self._upstreams
+        return self._pool.upstreams
+
+    @property
+    def pool(self) -> UpstreamPool:
+        return self._pool
 
     @property
     def cache(self) -> ForwardCache:
@@ -643,8 +176,10 @@ class Forwarder:
 
     @property
     def stats(self) -> dict[str, int]:
-        """The counters (`STAT_NAMES`), plus the gauges `in_flight` and `cache_entries`."""
-        return {**self._counts, "in_flight": self._in_flight, "cache_entries": len(self._cache)}
+        """The counters (`STAT_NAMES`); gauges: `in_flight`, `cache_entries`, `upstreams_down`."""
+        return {**self._counts, "upstream_skipped": self._pool.skipped,
+                "upstream_backoffs": self._pool.backoffs, "in_flight": self._in_flight,
+                "cache_entries": len(self._cache), "upstreams_down": len(self._pool.down())}
 
     async def forward(self, query: bytes, *, tcp: bool = False) -> bytes:
         """The reply to a client's `query` (wire bytes), which came over TCP if `tcp`.
@@ -655,14 +190,14 @@ class Forwarder:
         """
         parsed = parse_query(query)
         self._counts["queries"] += 1
-        if parsed.opcode != _OPCODE_QUERY:
+        if parsed.opcode != OPCODE_QUERY:
             self._counts["notimp"] += 1
             return error_reply(parsed, NOTIMP)
         cached = self._cache.get(parsed)
         if cached is not None:
             self._counts["answered_from_cache"] += 1
             return cached
-        if self._closed or not self._upstreams:
+        if self._closed or not self._pool.upstreams:
             return self._servfail(parsed)
         if self._in_flight >= self._max_in_flight:
             self._counts["refused_over_cap"] += 1
@@ -696,10 +231,15 @@ class Forwarder:
             self._tasks.discard(task)
 
     async def _resolve(self, query: Query, tcp: bool) -> bytes:
-        """Try the upstreams in order; the first answer wins, else SERVFAIL."""
+        """Try the upstreams the pool plans, in order; the first answer wins, else SERVFAIL."""
         fallback: bytes | None = None
-        for upstream in self._upstreams:
+        for upstream in self._pool.plan():
+            started = self._pool.now()
             verdict = await self._ask(upstream, query, tcp)
+            if verdict.reason in _DOWN_REASONS:
+                self._pool.failed(upstream, started)
+            else:
+                self._pool.succeeded(upstream)
             if verdict.action is Action.ACCEPT:
                 self._counts["answered_upstream"] += 1
                 self._cache.put(query, verdict.wire)

@@ -39,6 +39,7 @@ from dnslib import (
     PTR,
     QTYPE,
     RR,
+    SOA,
     SRV,
     A,
     DNSHeader,
@@ -55,6 +56,10 @@ from mesh.core.model import Change
 
 TCP_MAX = 65535
 MAX_ROTATIONS = 8
+#: The SOA of a mesh zone (CoreDNS's kubernetes plugin does the same): no
+#: secondary ever transfers these zones, so the serial and the timers are
+#: fixed; only MINIMUM matters, the negative TTL, which is the DNS TTL.
+SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 1, 7200, 1800, 86400
 CLASS_IN, CLASS_ANY = 1, 255
 DEFAULT_CACHE_ENTRIES = DEFAULT_MAX_ENTRIES
 
@@ -189,7 +194,8 @@ class Responder:
             self.stats["forwarded"] += 1
             return FORWARD
         qname = lower_name(question.qname) if key is not None else question.qname
-        variants = [self._pack(query, qname, answer, records, tcp)
+        zone = self.table.zone_of(name, address)
+        variants = [self._pack(query, qname, answer, records, tcp, zone)
                     for records in self._orders(answer, question.qtype)]
         served = itertools.cycle(variants)
         if key is not None:
@@ -225,14 +231,26 @@ class Responder:
                     for s in answer.srv]
         return []  # a known name asked for a type it has none of: NOERROR, no data
 
+    def soa(self, zone: str) -> RR:
+        """The SOA record of a mesh zone (`NameTable.zone_of`), stable for a given zone and TTL."""
+        ttl = self.config.ttl
+        apex = f"{zone}." if zone else "."
+        return RR(apex, QTYPE.SOA, ttl=ttl, rdata=SOA(
+            f"ns.dns.{apex}", f"hostmaster.{apex}",
+            (SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ttl)))
+
     def _pack(self, query: DNSRecord, qname: DNSLabel, answer: Answer, records: list[RR],
-              tcp: bool) -> bytes:
+              tcp: bool, zone: str) -> bytes:
         header = DNSHeader(id=query.header.id, qr=1, aa=1, ra=1, rd=query.header.rd,
                            opcode=0, rcode=NOERROR if answer.found else NXDOMAIN)
         reply = DNSRecord(header, q=DNSQuestion(qname, query.q.qtype, query.q.qclass))
         for record in records:
             record.rname = qname
             reply.add_answer(record)
+        if not records:
+            # NXDOMAIN or NODATA: the zone's SOA in the authority section, so that
+            # resolvers cache the negative answer, for MINIMUM = the TTL (RFC 2308 §3, §5).
+            reply.add_auth(self.soa(zone))
         if query.q.qtype == QTYPE.SRV:
             ttl = self.config.ttl
             for target in answer.srv:

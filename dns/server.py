@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from dns.cache import FORWARD_MARK
-from dns.forward import MalformedQuery
+from dns.relay import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
 from dns.tcpslots import DEFAULT_MAX_PER_CLIENT, DEFAULT_MAX_TOTAL, TcpSlots
 from dns.wire import FORMERR, REFUSED, SERVFAIL

@@ -15,11 +15,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dns.forward import Forwarder, Upstream, upstreams_from_resolv_conf
+from dns.forward import Forwarder
 from dns.lookup import Asker, resolve
 from dns.responder import DnsConfig, Responder
 from dns.server import TcpServer, UdpServer, serve
 from dns.table import HOST_VIEW, NameTable
+from dns.upstreams import Upstream, upstreams_from_resolv_conf
 from mesh.core.logs import event
 from mesh.core.model import Change, Network, Record
 

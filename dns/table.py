@@ -159,8 +159,28 @@ class NameTable:
                 return name
         return HOST_VIEW
 
-    def network_names(self) -> list[str]:
-        return sorted(self._networks)
+    def zone_of(self, qname: str, address: str | None = None) -> str:
+        """The mesh zone a name belongs to, lower case without the final dot: the SOA's owner.
+
+        The names the mesh answers have no zone of their own in Swarm, so one
+        is chosen per kind, always the name itself or one of its ancestors (a
+        resolver files an SOA only there, RFC 2308 §3): the `--dns-domain`
+        for names under it; for a reverse name (`address` given), the
+        reverse zone of the subnet that holds the address, cut at an octet
+        boundary (10.1.0.0/24 -> `0.1.10.in-addr.arpa`); for every other
+        name its last label (`tasks.web` -> `web`, `web.front` -> `front`).
+        """
+        if address is not None:
+            ip = ipaddress.IPv4Address(address)
+            subnet = next((s for s, _ in self._subnets if ip in s), None)
+            if subnet is None:
+                return "in-addr.arpa"
+            octets = str(subnet.network_address).split(".")[:subnet.prefixlen // 8]
+            return ".".join([*reversed(octets), "in-addr", "arpa"])
+        name = qname.lower().rstrip(".")
+        if self.domain and (name == self.domain or name.endswith(f".{self.domain}")):
+            return self.domain
+        return name.rsplit(".", 1)[-1]
 
     def _visible_networks(self, service: Service, view: str) -> list[str]:
         """The service's networks an asker in `view` sees, in the service's order."""

@@ -18,8 +18,8 @@ import sys
 
 import uvloop
 
-from dns.forward import parse_upstream
 from dns.service import DnsService, DnsSettings
+from dns.upstreams import parse_upstream
 from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
 

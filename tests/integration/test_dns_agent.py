@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from tests.helpers.agent import AgentProcess
+from tests.helpers.dns_upstream import FakeUpstream
 
 QUERIES = 24  # each from a fresh source port: the kernel spreads them over every process
 
@@ -106,3 +109,87 @@ def test_dns_port_in_use_fails_the_start_clearly(tmp_path: Path) -> None:
             agent.start()
     finally:
         holder.close()
+
+
+def dig(agent: AgentProcess, *args: str) -> str:
+    """dig's answer, with its comments (the header's status) and sections."""
+    if shutil.which("dig") is None:
+        pytest.skip("dig is not installed")
+    done = subprocess.run(["dig", "@127.0.0.1", "-p", str(agent.dns_port), "+time=5",
+                           "+tries=1", "+nocookie", *args], capture_output=True, text=True,
+                          timeout=30, check=True)
+    return done.stdout
+
+
+def test_mesh_space_nxdomain_carries_an_soa_for_dig(start_agent) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14, item 5: NXDOMAIN for the mesh's own names carries the zone's SOA (RFC 2308)."""
+    agent = start_agent(extra=["--dns-ttl", "7", "--dns-domain", "mesh"])
+    setup_web(agent)
+    expected = {
+        "tasks.nope": r"nope\.\s+7\s+IN\s+SOA\s+ns\.dns\.nope\. hostmaster\.nope\. "
+                      r"1 7200 1800 86400 7",
+        "nope.front": r"front\.\s+7\s+IN\s+SOA\s+ns\.dns\.front\. ",
+        "nope.mesh": r"mesh\.\s+7\s+IN\s+SOA\s+ns\.dns\.mesh\. ",
+    }
+    for name, soa in expected.items():
+        for transport in ("+notcp", "+tcp"):
+            out = dig(agent, name, "A", transport)
+            assert "status: NXDOMAIN" in out and "AUTHORITY: 1" in out, out
+            assert re.search(soa, out), out
+    reverse = dig(agent, "-x", "127.80.1.99")
+    assert "status: NXDOMAIN" in reverse, reverse
+    assert re.search(r"1\.80\.127\.in-addr\.arpa\.\s+7\s+IN\s+SOA", reverse), reverse
+    nodata = dig(agent, "web", "AAAA")
+    assert "status: NOERROR" in nodata and "ANSWER: 0, AUTHORITY: 1" in nodata, nodata
+    found = dig(agent, "tasks.web", "A")
+    assert "ANSWER: 3, AUTHORITY: 0" in found, found
+
+
+def test_dead_upstream_is_skipped_and_counted_in_the_dns_stats(start_agent) -> None:  # type: ignore[no-untyped-def]
+    """The helper's first upstream (127.0.0.1:9) refuses; after one try it is held down."""
+    with FakeUpstream({f"n{i}.test": ["192.0.2.1"] for i in range(5)}) as upstream:
+        host, port = upstream.address
+        agent = start_agent(extra=["--dns-upstream", f"{host}:{port}"])
+        for i in range(5):
+            assert addresses(ask(agent, f"n{i}.test")) == {"192.0.2.1"}
+        assert upstream.count() == 5
+    stats = agent.request("GET", "/v1/dns")[1]["stats"]
+    print({k: v for k, v in stats.items() if k.startswith("forwarder_upstream")})
+    assert stats["forwarder_upstream_errors"] == 1
+    assert (stats["forwarder_upstream_skipped"], stats["forwarder_upstream_backoffs"]) == (4, 1)
+    assert stats["forwarder_upstreams_down"] == 1
+
+
+def test_a_caching_resolver_keeps_the_mesh_nxdomain(start_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dnsmasq in front of the agent caches the NXDOMAIN (it needs the SOA to, RFC 2308 §5)."""
+    if shutil.which("dnsmasq") is None:
+        pytest.skip("dnsmasq is not installed")
+    agent = start_agent()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "dnsmasq.log"
+    resolver = subprocess.Popen(
+        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts",
+         "--no-resolv", f"--server=127.0.0.1#{agent.dns_port}", "--listen-address=127.0.0.1",
+         "--bind-interfaces", f"--port={port}", "--pid-file=", "--user=root",
+         "--log-queries", f"--log-facility={log}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        outputs = []
+        for _ in range(3):
+            done = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+time=2",
+                                   "+tries=3", "tasks.nope", "A"], capture_output=True,
+                                  text=True, timeout=30, check=True)
+            outputs.append(done.stdout)
+        assert all("status: NXDOMAIN" in out for out in outputs), outputs
+        deadline = time.monotonic() + 5
+        while log.read_text().count("tasks.nope") < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)  # dnsmasq writes its log asynchronously
+        lines = [line for line in log.read_text().splitlines() if "tasks.nope" in line]
+        print("\n".join(lines))
+        assert sum("forwarded tasks.nope" in line for line in lines) == 1, lines
+        assert sum("cached tasks.nope is NXDOMAIN" in line for line in lines) == 2, lines
+    finally:
+        resolver.terminate()
+        resolver.wait(10)

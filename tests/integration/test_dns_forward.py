@@ -16,7 +16,9 @@ import pytest
 import uvloop
 from dnslib import EDNS0, QTYPE, DNSRecord
 
-from dns.forward import NXDOMAIN, REFUSED, SERVFAIL, Forwarder, Upstream
+from dns.forward import Forwarder
+from dns.upstreams import Upstream
+from dns.wire import NXDOMAIN, REFUSED, SERVFAIL
 from tests.helpers.dns_upstream import FORGED, FakeUpstream
 
 TIMEOUT = 0.3
@@ -354,9 +356,90 @@ def test_under_uvloop(start_upstream: StartUpstream) -> None:
             big, _ = await ask(forwarder, "big.test")
             assert len(addresses(big)) == 60
             stats = forwarder.stats
-            assert (stats["upstream_errors"], stats["ignored_replies"]) == (2, 2)
+            # The second query skips the two upstreams that failed the first (back-off).
+            assert (stats["upstream_errors"], stats["upstream_timeouts"]) == (1, 1)
+            assert (stats["upstream_skipped"], stats["ignored_replies"]) == (2, 2)
             assert stats["truncated_retried_tcp"] == 1
         finally:
             await forwarder.close()
 
     uvloop.run(scenario())
+
+
+# --------------------------------------------------------------------------- dead upstreams
+
+
+async def test_dead_upstream_costs_the_timeout_once_not_on_every_query(
+        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    """Issue 14, item 5: a dead upstream is skipped for its back-off after it failed once."""
+    first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND)
+    forwarder = make_forwarder(first, second)
+    elapsed = []
+    for i in range(10):  # distinct names: none is a cache hit
+        reply, took = await ask(forwarder, f"n{i}.test")
+        assert reply.header.rcode == NXDOMAIN
+        elapsed.append(took)
+    print(f"first query {elapsed[0] * 1000:.0f} ms (timeout {TIMEOUT * 1000:.0f} ms), "
+          f"the next nine at most {max(elapsed[1:]) * 1000:.1f} ms")
+    assert TIMEOUT * 0.8 <= elapsed[0] < TIMEOUT + SLACK
+    assert max(elapsed[1:]) < TIMEOUT * 0.8  # none of them waited on the dead upstream
+    assert (first.count(), second.count()) == (1, 10)
+    stats = forwarder.stats
+    assert (stats["upstream_timeouts"], stats["upstream_backoffs"]) == (1, 1)
+    assert (stats["upstream_skipped"], stats["upstreams_down"]) == (9, 1)
+
+
+async def test_dead_upstream_is_tried_again_when_its_backoff_ends(
+        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    clock = Clock()
+    first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND)
+    forwarder = make_forwarder(first, second, clock=clock, backoff_base=5.0, backoff_max=60.0)
+    await ask(forwarder, "a.test")
+    assert forwarder.pool.backoff_left(forwarder.upstreams[0]) == 5.0
+    clock.now += 5.0
+    await ask(forwarder, "b.test")  # tried again, still dead: the back-off doubles
+    assert first.count() == 2
+    assert forwarder.pool.backoff_left(forwarder.upstreams[0]) == 10.0
+    first.dead = False
+    clock.now += 10.0
+    reply, _ = await ask(forwarder)  # back: it answers, and its record is cleared
+    assert addresses(reply) == ["10.0.0.1"]
+    assert forwarder.stats["upstreams_down"] == 0
+    assert forwarder.pool.backoff_left(forwarder.upstreams[0]) == 0.0
+
+
+async def test_stopped_upstream_is_held_down_too(
+        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    """ICMP port unreachable (nothing listens) is a failure like a timeout."""
+    second = start_upstream(SECOND)
+    forwarder = make_forwarder(Upstream("127.0.0.1", closed_udp_port()), second)
+    for name in ("a.test", "b.test", "c.test"):
+        await ask(forwarder, name)
+    stats = forwarder.stats
+    assert (stats["upstream_errors"], stats["upstream_skipped"]) == (1, 2)
+
+
+async def test_refused_marks_an_upstream_down_but_servfail_does_not(
+        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    refusing, failing = start_upstream(FIRST, rcode=REFUSED), start_upstream(FIRST, rcode=SERVFAIL)
+    good = start_upstream(SECOND)
+    forwarder = make_forwarder(refusing, failing, good)
+    for name in ("a.test", "b.test"):
+        await ask(forwarder, name)
+    assert (refusing.count(), failing.count(), good.count()) == (1, 2, 2)
+
+
+async def test_all_upstreams_down_still_tries_the_one_whose_backoff_ends_first(
+        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND, dead=True)
+    forwarder = make_forwarder(first, second)
+    _, both = await ask(forwarder, "a.test")
+    assert (first.count(), second.count()) == (1, 1)
+    second.dead = False
+    reply, one = await ask(forwarder, "b.test")  # the first's back-off ends first: only it
+    print(f"all down: {both * 1000:.0f} ms, then {one * 1000:.0f} ms (timeout "
+          f"{TIMEOUT * 1000:.0f} ms)")
+    assert reply.header.rcode == SERVFAIL
+    assert (first.count(), second.count()) == (2, 1)
+    assert TIMEOUT * 0.8 <= one < TIMEOUT + SLACK
+    assert forwarder.stats["servfail"] == 2

@@ -12,24 +12,11 @@ from dnslib import EDNS0, QTYPE, RR, SOA, A, DNSRecord, EDNSOption
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dns.forward import (
-    MAX_NEGATIVE_TTL,
-    NOERROR,
-    NXDOMAIN,
-    REFUSED,
-    SERVFAIL,
-    Action,
-    ForwardCache,
-    Forwarder,
-    MalformedQuery,
-    Upstream,
-    cache_ttl,
-    error_reply,
-    judge_reply,
-    parse_query,
-    parse_upstream,
-    upstreams_from_resolv_conf,
-)
+from dns.forward import Forwarder
+from dns.forward_cache import MAX_NEGATIVE_TTL, ForwardCache, cache_ttl
+from dns.relay import Action, MalformedQuery, error_reply, judge_reply, parse_query
+from dns.upstreams import Upstream, parse_upstream, upstreams_from_resolv_conf
+from dns.wire import NOERROR, NXDOMAIN, REFUSED, SERVFAIL
 
 CLIENT_ID = 0x1234
 SENT_ID = 0xBEEF

@@ -19,8 +19,9 @@ from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dns.forward import Forwarder, MalformedQuery, parse_query
+from dns.forward import Forwarder
 from dns.question import canonical_query
+from dns.relay import MalformedQuery, parse_query
 from dns.responder import FORWARD, Responder
 from dns.server import forward_or_refuse
 from dns.table import NameTable

@@ -152,6 +152,62 @@ def test_mesh_space_misses_are_nxdomain_others_forwarded(world: World) -> None:
     assert world.ask("example.com") is FORWARD  # from the forward marker
 
 
+def soa_of(reply: object) -> tuple[str, int, int] | None:
+    """The authority section's SOA as (owner, TTL, MINIMUM), or None; it must be the only record."""
+    assert isinstance(reply, DNSRecord)
+    if not reply.auth:
+        return None
+    assert [r.rtype for r in reply.auth] == [QTYPE.SOA]
+    soa = reply.auth[0]
+    return str(soa.rname), int(soa.ttl), int(soa.rdata.times[4])
+
+
+@pytest.mark.parametrize(("name", "qtype", "source", "zone"), [
+    ("tasks.nope", "A", HOST, "nope."),
+    ("nope.front", "A", HOST, "front."),
+    ("nope.mesh", "A", HOST, "mesh."),
+    ("tasks.nope.mesh", "A", HOST, "mesh."),
+    ("tasks.nope.front", "A", HOST, "front."),
+    ("tasks.db", "A", "10.1.0.50", "db."),  # a service another network cannot see
+    ("db.back", "A", "10.1.0.50", "back."),
+    ("_81._tcp.web", "SRV", HOST, "web."),
+    ("99.0.2.10.in-addr.arpa", "PTR", HOST, "0.2.10.in-addr.arpa."),
+])
+def test_nxdomain_in_mesh_space_carries_the_zones_soa(world: World, name: str, qtype: str,
+                                                      source: str, zone: str) -> None:
+    """Issue 14, item 5: RFC 2308 §3, so that resolvers cache the NXDOMAIN for the DNS TTL."""
+    for tcp in (False, True):
+        reply = world.ask(name, qtype, source=source, tcp=tcp)
+        assert reply.header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
+        assert soa_of(reply) == (zone, 5, 5)
+        assert soa_of(world.ask(name, qtype, source=source, tcp=tcp)) == (zone, 5, 5)  # cached
+    soa = world.responder.soa(zone.rstrip("."))
+    assert (str(soa.rdata.mname), str(soa.rdata.rname)) == (f"ns.dns.{zone}",
+                                                            f"hostmaster.{zone}")
+
+
+def test_nodata_carries_the_soa_and_answers_none(world: World) -> None:
+    assert soa_of(world.ask("web", "AAAA")) == ("web.", 5, 5)
+    assert soa_of(world.ask("web.mesh", "AAAA")) == ("mesh.", 5, 5)
+    assert soa_of(world.ask("web")) is None
+    assert soa_of(world.ask("tasks.web")) is None
+    assert soa_of(world.ask("2.0.1.10.in-addr.arpa", "PTR")) is None
+
+
+def test_soa_follows_the_dns_ttl() -> None:
+    w = World()
+    w.responder = Responder(w.responder.table, DnsConfig(ttl=30), random.Random(2))
+    assert soa_of(w.ask("tasks.nope")) == ("nope.", 30, 30)
+
+
+def test_reverse_zone_is_cut_at_an_octet_boundary() -> None:
+    w = World()
+    w.apply(w.store.create_network(NetworkSpec(name="wide", subnet="10.16.0.0/12"), NOW))
+    assert w.responder.table.zone_of("x", "10.20.1.2") == "10.in-addr.arpa"
+    assert w.responder.table.zone_of("x", "10.1.0.7") == "0.1.10.in-addr.arpa"
+    assert w.responder.table.zone_of("x", "192.0.2.1") == "in-addr.arpa"
+
+
 def test_a_new_service_replaces_a_cached_miss(world: World) -> None:
     assert world.ask("api") is FORWARD
     assert world.ask("tasks.api").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
