@@ -1,7 +1,7 @@
 """Where a request goes: a pure function of its head and the route table (sans-IO).
 
-`decide` answers one of two things: `Forward` (the route matched, the target
-the task gets, the sticky cookie's value if the route has one) or `Answer`
+`decide` answers one of two things: a `Forward` tuple (the route matched, the
+target the task gets, the sticky cookie's value if the route has one) or `Answer`
 (the router answers itself: 404 when no route serves the host and path, 301
 for a redirect route). Which task of a `Forward` gets the request is the
 balancer's, afterwards: it keeps state (round robin, ejections), this does not.
@@ -12,16 +12,10 @@ from __future__ import annotations
 from lb.http.heads import RequestHead, cookie_value, strip_prefix
 from lb.http.routes import Match, RouteTable
 
-
-class Forward:
-    """To one of the route's tasks; `target` is the request target the task gets."""
-
-    __slots__ = ("match", "sticky", "target")
-
-    def __init__(self, match: Match, target: bytes, sticky: str | None) -> None:
-        self.match = match
-        self.target = target
-        self.sticky = sticky  # the task id the route's sticky cookie names, if any
+#: to one of the route's tasks: (match, the request target the task gets, the task id
+#: the route's sticky cookie names if any). A plain tuple: made per request, and a
+#: class's __init__ would cost one more Python call each time.
+Forward = tuple[Match, bytes, str | None]
 
 
 class Answer:
@@ -53,4 +47,4 @@ def decide(head: RequestHead, table: RouteTable) -> Forward | Answer:
         sticky = cookie_value(head.cookies, route.sticky_cookie.encode("latin-1"))
     target = strip_prefix(head.target, route.path_prefix) if route.strip_prefix \
         else head.target
-    return Forward(match, target, sticky)
+    return match, target, sticky

@@ -9,9 +9,10 @@ happen outside is asked of two injected sides, both plain Protocols:
 - `ClientSide`, the client's byte stream (write, close, abort, pause and
   resume reading): in production the asyncio transport itself, in the unit
   tests a list of what was asked;
-- `Shell`, what needs sockets: `connect(endpoint)` (a pooled connection, or a
-  new one; the answer comes back as `upstream_attached`, `connect_failed` or
-  `fd_shortage`), `release(upstream)` back to the pool, `cancel_connect()`
+- `Shell`, what needs sockets: `acquire(key)` (an idle pooled connection to a
+  task, or None), `connect(endpoint)` (a new one; the answer comes back as
+  `upstream_attached`, `connect_failed` or `fd_shortage`), `release(upstream)`
+  back to the pool, `cancel_connect()`
   and `upgrade(upstream, client_rest, upstream_rest)` to splice both after 101.
 
 The task's response comes back through the `Upstream` connection (which
@@ -99,6 +100,7 @@ class Upstream(Protocol):
 class Shell(Protocol):
     """What the exchange asks of the I/O around it."""
 
+    def acquire(self, key: tuple[str, int]) -> Upstream | None: ...
     def connect(self, endpoint: Endpoint) -> None: ...
     def cancel_connect(self) -> None: ...
     def release(self, upstream: Upstream) -> None: ...
@@ -398,27 +400,31 @@ class Exchange:
                 self._route_stats = shared.balancer.stats(decision.match.route)
             self._local(decision.status, decision.reason, extra=decision.extra)
             return
-        match = self._match = decision.match
+        match, target, sticky = decision
+        self._match = match
         self._route_stats = stats = shared.balancer.stats(match.route)
-        endpoint = shared.balancer.pick(match, decision.sticky, (), stats) \
-            if match.endpoints else None
+        endpoint = shared.balancer.pick(match, sticky, (), stats) if match.endpoints else None
         if endpoint is None:
             shared.stats.no_endpoint += 1
             self._local(503, "no healthy task serves this route")
             return
-        self._sticky = decision.sticky
+        self._sticky = sticky
         facts = (head.host, head.forwarded_for, head.forwarded)
         if facts != self._forwarding_for:  # the same on most requests of a connection
             self._forwarding_for = facts
             self._forwarding = forwarding_headers(head, self.peer_ip, self.proto)
-        self._upstream_head = upstream_request(head, decision.target, self._forwarding)
+        self._upstream_head = upstream_request(head, target, self._forwarding)
         self._tried = [endpoint.task_id]
         self._connect(endpoint)
 
     def _connect(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
-        self._connecting = True
-        self.shell.connect(endpoint)  # -> upstream_attached, connect_failed or fd_shortage
+        conn = self.shell.acquire((endpoint.address, endpoint.port))
+        if conn is not None:
+            self.upstream_attached(conn, reused=True)
+        else:
+            self._connecting = True
+            self.shell.connect(endpoint)  # -> upstream_attached, connect_failed or fd_shortage
 
     def connect_failed(self, timed_out: bool) -> None:
         """The shell could not connect to the endpoint asked for (refused or timed out)."""

@@ -61,6 +61,9 @@ class ClientConnection(asyncio.Protocol):
         # The client's bytes go straight to the exchange: no call in between, per read
         # (bound now: uvloop takes the method when the transport is made).
         self.data_received = self.exchange.receive  # type: ignore[method-assign]
+        # The pool's own methods: per request, no call in between.
+        self.acquire = router.pool.acquire  # type: ignore[method-assign]
+        self.release = router.pool.release  # type: ignore[method-assign,assignment]
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -108,12 +111,11 @@ class ClientConnection(asyncio.Protocol):
 
     # -- exchange.Shell ---------------------------------------------------------------
 
+    def acquire(self, key: tuple[str, int]) -> Upstream | None:
+        return self.router.pool.acquire(key)  # (replaced by the pool's method in __init__)
+
     def connect(self, endpoint: Endpoint) -> None:
-        conn = self.router.pool.acquire((endpoint.address, endpoint.port))
-        if conn is not None:
-            self.exchange.upstream_attached(conn, reused=True)
-        else:
-            self._connecting = self.router.loop.create_task(self._open(endpoint))
+        self._connecting = self.router.loop.create_task(self._open(endpoint))
 
     def cancel_connect(self) -> None:
         if self._connecting is not None:
@@ -121,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
             self._connecting = None
 
     def release(self, upstream: Upstream) -> None:
+        # (replaced by the pool's method in __init__)
         self.router.pool.release(cast(UpstreamConnection, upstream))
 
     def upgrade(self, upstream: Upstream, client_rest: bytes, upstream_rest: bytes) -> None:

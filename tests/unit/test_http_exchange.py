@@ -15,7 +15,7 @@ import pytest
 
 from lb.http.balance import Balancer
 from lb.http.budget import FdBudget
-from lb.http.decision import Answer, Forward, decide
+from lb.http.decision import Answer, decide
 from lb.http.exchange import Exchange, Shared, Upstream
 from lb.http.heads import read_request
 from lb.http.routes import Endpoint, RouteTable
@@ -105,6 +105,9 @@ class Shell:
         self.pool = SimpleNamespace(now=lambda: 0.0, upstream_timeout=60.0,
                                     forget=lambda conn: None)
 
+    def acquire(self, key: tuple[str, int]) -> Upstream | None:
+        return None  # no idle connection: every request connects (through `connect`)
+
     def connect(self, endpoint: Endpoint) -> None:
         self.connects.append(endpoint)
         if self.mode == "attach":
@@ -178,9 +181,10 @@ def test_decide_forwards_a_routed_host_and_answers_404_for_another() -> None:
     routes = table()
     forward = decide(read_request(b"GET", b"/x?y", "1.1", [(b"Host", b"web.test")], True),
                      routes)
-    assert isinstance(forward, Forward)
-    assert forward.target == b"/x?y" and forward.sticky is None
-    assert [e.task_id for e in forward.match.endpoints] == ["t1"]
+    assert not isinstance(forward, Answer)
+    match, target, sticky = forward
+    assert target == b"/x?y" and sticky is None
+    assert [e.task_id for e in match.endpoints] == ["t1"]
     missing = decide(read_request(b"GET", b"/", "1.1", [(b"Host", b"other.test")], True),
                      routes)
     assert isinstance(missing, Answer) and missing.status == 404
