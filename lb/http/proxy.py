@@ -11,13 +11,11 @@ connections back to the pool, and the splice after a 101.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from lb.fds import is_fd_shortage
-from lb.http.budget import PER_CLIENT
 from lb.http.exchange import Exchange, Upstream
 from lb.http.heads import local_response
 from lb.http.pipe import splice
@@ -73,10 +71,9 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         router = self.router
         exchange = self.exchange
-        if not router.budget.take(PER_CLIENT):
+        if not router.admit():
             # A flood must not take every descriptor of the process: the API and the
             # health checks keep theirs (RouterSettings.fd_reserve).
-            router.refused_over_budget()
             self._done = True
             exchange.lost()  # reads nothing more
             client.write(local_response(503, "too many connections", keep_alive=False))
@@ -137,7 +134,7 @@ class ClientConnection(asyncio.Protocol):
         # The client's two descriptors are the pipe's now, until it closes.
         splice(self.transport, conn.transport, left_pending=client_rest,
                right_pending=upstream_rest,
-               on_close=functools.partial(router.budget.give, PER_CLIENT))
+               on_close=router.pipe_closed)
 
     async def _open(self, endpoint: Endpoint) -> None:
         exchange = self.exchange

@@ -76,9 +76,17 @@ class Router:
         if not keep_budget:
             self.budget.give(PER_CLIENT)
 
-    def refused_over_budget(self) -> None:
+    def admit(self) -> bool:
+        """Take a new client's descriptors (its own and its task's), or count it refused."""
+        if self.budget.take(PER_CLIENT):
+            return True
         self.stats.reject(503)
         self.stats.over_budget += 1
+        return False
+
+    def pipe_closed(self) -> None:
+        """An upgraded client's pipe closed: its two descriptors are free again."""
+        self.budget.give(PER_CLIENT)
 
     def start(self) -> None:
         if self._ticker is None:
