@@ -2,7 +2,7 @@
 
 `http_bench.py` measures the router against nginx over loopback, where the
 kernel's TCP path and the machine's other load make every figure noisy. This
-drives one `ClientConnection` and its pooled `UpstreamConnection` with
+drives one `ClientConnection` (its `Exchange`) and its pooled `UpstreamConnection` with
 in-memory transports: a keep-alive GET (as wrk sends it) goes in, the request
 head the task would get is captured, a response like the benchmark's nginx
 backends' comes back, and the client's answer is captured. What it times is
@@ -102,7 +102,7 @@ def run(router: Router, requests: int) -> float:
     started = time.process_time()
     for _ in range(requests):
         client.data_received(REQUEST)
-        conn = client._upstream
+        conn = client.exchange.upstream
         assert conn is not None and conn.transport is not None
         conn.data_received(RESPONSE)
         if first:  # the bytes are right (checked once: the loop is the same after)

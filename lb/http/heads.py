@@ -248,7 +248,7 @@ def forwarding_headers(head: RequestHead, client_ip: str, proto: str) -> bytes:
 
     They depend only on the client, the scheme, the Host and the forwarding
     headers received, so a connection computes them once and reuses them while
-    those stay the same (`ForwardingConnection`).
+    those stay the same (`exchange.Exchange`).
     """
     ip = client_ip.encode()
     host = head.host.encode("latin-1")

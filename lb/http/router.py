@@ -16,7 +16,8 @@ from typing import Any
 
 from lb.fds import open_fds, open_file_limit
 from lb.http.balance import Balancer
-from lb.http.budget import FdBudget
+from lb.http.budget import PER_CLIENT, FdBudget
+from lb.http.exchange import Exchange, Shared
 from lb.http.proxy import ClientConnection
 from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
@@ -29,13 +30,16 @@ log = logging.getLogger(__name__)
 
 class Router:
     def __init__(self, table: RouteTable, settings: RouterSettings,
-                 budget: FdBudget | None = None) -> None:
+                 budget: FdBudget | None = None, *, balancer: Balancer | None = None,
+                 stats: RouterStats | None = None) -> None:
+        """`budget`, `balancer` and `stats` are given to share them with another router
+        of the process (HTTPS beside HTTP: one round robin, one ejection list)."""
         self.table = table
         self.settings = settings
         self.loop = asyncio.get_running_loop()
-        self.now = self.loop.time()
-        self.balancer = Balancer(self.loop.time, settings.eject_seconds)
-        self.stats = RouterStats()
+        self.balancer = Balancer(self.loop.time, settings.eject_seconds) if balancer is None \
+            else balancer
+        self.stats = RouterStats() if stats is None else stats
         if budget is None:
             budget = FdBudget(settings.fd_budget(open_file_limit(), open_fds()))
             event(log, "http_fd_budget", descriptors=budget.limit,
@@ -45,7 +49,9 @@ class Router:
         self.pool = Pool(self.loop, size=settings.pool_size,
                          idle_timeout=settings.pool_idle_timeout,
                          upstream_timeout=settings.upstream_timeout, budget=budget)
-        self.conns: set[ClientConnection] = set()
+        #: what every exchange reads (the table, the balancer, the counters, the time)
+        self.shared = Shared(table, settings, self.loop.time, self.balancer, self.stats, budget)
+        self.conns: set[Exchange] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task[None] | None = None
 
@@ -55,6 +61,33 @@ class Router:
             "ejected": self.balancer.ejected(), "ejections": self.balancer.ejections,
             "fd_budget": self.budget.limit, "fds_held": self.budget.held}
 
+    # -- the client connections' accounting (proxy.ClientConnection calls these) --------
+
+    def opened(self, exchange: Exchange) -> None:
+        self.conns.add(exchange)
+        self.stats.connections_open += 1
+        self.stats.connections_total += 1
+
+    def closed(self, exchange: Exchange, keep_budget: bool = False) -> None:
+        """A client connection is gone (or, `keep_budget`, became an upgraded pipe,
+        which gives its descriptors back when it closes)."""
+        self.conns.discard(exchange)
+        self.stats.connections_open -= 1
+        if not keep_budget:
+            self.budget.give(PER_CLIENT)
+
+    def admit(self) -> bool:
+        """Take a new client's descriptors (its own and its task's), or count it refused."""
+        if self.budget.take(PER_CLIENT):
+            return True
+        self.stats.reject(503)
+        self.stats.over_budget += 1
+        return False
+
+    def pipe_closed(self) -> None:
+        """An upgraded client's pipe closed: its two descriptors are free again."""
+        self.budget.give(PER_CLIENT)
+
     def start(self) -> None:
         if self._ticker is None:
             self._ticker = self.loop.create_task(self._tick())
@@ -63,7 +96,7 @@ class Router:
         interval = self.settings.tick()
         while True:
             await asyncio.sleep(interval)
-            now = self.now = self.loop.time()
+            now = self.shared.now = self.loop.time()
             try:
                 for conn in [c for c in self.conns if c.deadline and c.deadline <= now]:
                     conn.on_deadline()
@@ -80,15 +113,11 @@ class Router:
         self.start()
         return int(sock.getsockname()[1])
 
-    def add_server(self, server: asyncio.AbstractServer) -> None:
-        self._servers.append(server)
-
     async def close(self) -> None:
         for server in self._servers:
             server.close()
         for conn in list(self.conns):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.client.close()
         self.pool.close()
         if self._ticker is not None:
             self._ticker.cancel()

@@ -58,10 +58,10 @@ class HttpService:
         self.router = Router(self.table, self.settings)
         self.port = await self.router.listen_http(ends.host, ends.port, ends.reuse_port)
         if ends.https_host is not None:
+            # one budget, one round robin, one ejection list, one set of counters
             https = Router(self.table, dataclasses.replace(self.settings, proto="https"),
-                           budget=self.router.budget)
-            https.balancer = self.router.balancer  # one round robin, one ejection list
-            https.stats = self.router.stats
+                           budget=self.router.budget, balancer=self.router.balancer,
+                           stats=self.router.stats)
             self.tls = TlsListener(https, self.certs)
             self.https_port = await self.tls.listen(ends.https_host, ends.https_port,
                                                     ends.reuse_port)

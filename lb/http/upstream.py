@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 import httptools
@@ -40,6 +41,10 @@ class Owner(Protocol):
     def upstream_paused(self, paused: bool) -> None: ...
     def batch(self) -> None: ...
     def flush(self) -> None: ...
+
+
+def _not_connected(data: object) -> None:
+    raise AssertionError("a write before the connection was made")
 
 
 class _HeadDone(Exception):
@@ -71,6 +76,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._done = False
         self._feeding = False  # inside data_received: a finished response waits for its end
         self._finished: Owner | None = None  # whose response ended in the read being parsed
+        #: the transport's own methods once connected: the request's bytes, with no call between
+        self.write: Callable[[bytes], None] = _not_connected
+        self.writelines: Callable[[Sequence[bytes]], None] = _not_connected
 
     # -- the exchange's side ------------------------------------------------------
 
@@ -83,9 +91,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.in_body = False
         self.close_delimited = False
 
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+    def pause_reading(self) -> None:
+        """The client does not take more of the response yet."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def close(self) -> None:
         self.reusable = False
@@ -98,6 +111,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio's, though they are ones in kind
         self.transport = cast(asyncio.Transport, transport)
+        self.write = self.transport.write
+        self.writelines = self.transport.writelines
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
