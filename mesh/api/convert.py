@@ -1,51 +1,79 @@
-"""Between the wire (API models, JSON dicts) and the store (specs, records).
+"""Between the wire (API models) and the store (specs, records).
 
-Answers are built as plain dicts in the shapes of the `*Out` models; the
-schemathesis suite checks every answer against the generated description.
+Answers are the `*Out` models, built here from the records; handlers serialize
+them (`app.answer`) and the change feed sends their JSON objects, so both say
+what `/v1/openapi.json` describes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mesh.api.models import HealthCheckIn, NetworkCreate, PortIn, ServiceCreate, ServicePatchIn
-from mesh.core.codec import check_to_dict, port_to_dict
+from mesh.api.models import (
+    HealthCheckIn,
+    HealthCheckOut,
+    NetworkCreate,
+    NetworkOut,
+    PortIn,
+    PortOut,
+    ServiceCreate,
+    ServiceOut,
+    ServicePatchIn,
+    TaskOut,
+    VipOut,
+)
 from mesh.core.model import HealthCheck, Network, Service, Task
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec
 
 Json = dict[str, Any]
 
 
-def network_out(network: Network) -> Json:
-    return {"name": network.name, "id": network.id, "driver": network.driver,
-            "subnet": network.subnet, "gateway": network.gateway,
-            "labels": dict(network.labels), "created_at": network.created_at,
-            "version": network.version.clock}
+def network_model(network: Network) -> NetworkOut:
+    return NetworkOut(name=network.name, id=network.id, driver=network.driver,
+                      subnet=network.subnet, gateway=network.gateway,
+                      labels=dict(network.labels), created_at=network.created_at,
+                      version=network.version.clock)
 
 
-def service_out(service: Service) -> Json:
-    return {
-        "name": service.name, "id": service.id, "networks": list(service.networks),
-        "endpoint_mode": service.endpoint_mode, "ports": [port_to_dict(p) for p in service.ports],
-        "labels": dict(service.labels),
-        "vips": [{"network": v.network, "address": v.address} for v in service.vips],
-        "health_check": None if service.health_check is None
-        else check_to_dict(service.health_check),
-        "created_at": service.created_at, "updated_at": service.updated_at,
-        "version": service.version.clock,
-    }
+def service_model(service: Service) -> ServiceOut:
+    check = service.health_check
+    return ServiceOut(
+        name=service.name, id=service.id, networks=list(service.networks),
+        endpoint_mode=service.endpoint_mode,
+        ports=[PortOut.model_validate(p, from_attributes=True) for p in service.ports],
+        labels=dict(service.labels),
+        vips=[VipOut(network=v.network, address=v.address) for v in service.vips],
+        health_check=None if check is None
+        else HealthCheckOut.model_validate(check, from_attributes=True),
+        created_at=service.created_at, updated_at=service.updated_at,
+        version=service.version.clock,
+    )
 
 
-def task_out(task: Task, node_status: str) -> Json:
+def task_model(task: Task, node_status: str) -> TaskOut:
     """`node_status`: the liveness of the task's node as this node's gossip sees it."""
-    return {
+    return TaskOut.model_validate({
         "id": task.id, "name": task.name, "service": task.service, "slot": task.slot,
         "node": task.node, "node_status": node_status, "address": task.address,
         "ports": {str(k): v for k, v in sorted(task.ports.items())},
         "state": task.state.value, "health": task.health.value,
         "health_output": task.health_output, "created_at": task.created_at,
         "updated_at": task.updated_at, "version": task.version.clock,
-    }
+    })
+
+
+# The change feed's objects: the JSON of the same models.
+
+def network_out(network: Network) -> Json:
+    return network_model(network).model_dump(mode="json")
+
+
+def service_out(service: Service) -> Json:
+    return service_model(service).model_dump(mode="json")
+
+
+def task_out(task: Task, node_status: str) -> Json:
+    return task_model(task, node_status).model_dump(mode="json")
 
 
 def network_spec(body: NetworkCreate) -> NetworkSpec:
