@@ -200,6 +200,11 @@ async def read_model(request: web.Request, model: type[M]) -> M:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
             f"the body may be at most {request.app[DEPS].max_body} bytes") from None
+    except web.RequestPayloadError as exc:
+        # The body's framing or encoding is broken (a corrupt gzip or deflate body, a
+        # bad chunk): the client's fault, a 400, not a 500. aiohttp says why in `__cause__`.
+        why = " ".join(str(getattr(exc.__cause__, "message", None) or exc).split())
+        raise BadRequest(f"the body could not be read: {why}", code="malformed_json") from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
