@@ -19,11 +19,13 @@ from mesh.api.models import (
     ServiceCreate,
     ServiceOut,
     ServicePatchIn,
+    TaskCreate,
     TaskOut,
     VipOut,
 )
+from mesh.core import net
 from mesh.core.model import HealthCheck, Network, Service, Task
-from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec
+from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
 
 Json = dict[str, Any]
 
@@ -113,3 +115,10 @@ def service_patch(body: ServicePatchIn) -> ServicePatch:
         health_check=_check(body.health_check),
         clear_health_check="health_check" in given and body.health_check is None,
     )
+
+
+def task_spec(service: str, body: TaskCreate) -> TaskSpec:
+    """The body's `ports` keys are target ports as text ("80"), checked by the model."""
+    return TaskSpec(service=service, address=body.address,
+                    ports={net.parse_port(k, "target port"): v for k, v in body.ports.items()},
+                    name=body.name)

@@ -30,7 +30,6 @@ from mesh.api.models import (
 from mesh.control import Control
 from mesh.core.model import Health, Kind, Network, Service, Task
 from mesh.errors import Conflict, Invalid
-from mesh.state.specs import TaskSpec
 
 
 def _control(request: web.Request) -> Control:
@@ -160,9 +159,7 @@ async def create_task(request: web.Request) -> web.Response:
     control = _control(request)
     service = request.match_info["name"]
     control.store.service(service)  # 404 before looking at the body
-    body = await read_model(request, TaskCreate)
-    spec = TaskSpec(service=service, address=body.address,
-                    ports={int(k): v for k, v in body.ports.items()}, name=body.name)
+    spec = convert.task_spec(service, await read_model(request, TaskCreate))
     changes = await control.apply(lambda now: control.store.add_task(spec, now))
     created = changes[-1].after
     assert isinstance(created, Task)
