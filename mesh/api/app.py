@@ -11,16 +11,17 @@ one is configured (`/v1/health` stays open, for load-balancer probes).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
@@ -87,18 +88,32 @@ DEPS = web.AppKey("deps", ApiDeps)
 _JSON = "application/json"
 
 
-def answer(body: BaseModel | Sequence[BaseModel], status: int = 200) -> web.Response:
-    """A JSON answer serialized from its `*Out` model (or a list of them): the one
-    way a handler answers, so an answer cannot drift from its description.
+def answer(body: BaseModel, status: int = 200) -> web.Response:
+    """A JSON answer serialized from its `*Out` model: with `answer_list`, the one way
+    a handler answers, so an answer cannot drift from its description.
 
     A field its source did not give is left out rather than sent as null or its
     default (a member's `suspicion` while it is not suspect, `workers` of an HTTP
     routing mesh without worker processes): the optional fields of docs/api.md."""
-    if isinstance(body, BaseModel):
-        text = body.model_dump_json(exclude_unset=True)
-    else:
-        text = "[" + ", ".join(item.model_dump_json(exclude_unset=True) for item in body) + "]"
-    return web.Response(text=text, status=status, content_type=_JSON, charset="utf-8")
+    return _json(body.model_dump_json(exclude_unset=True).encode(), status)
+
+
+def answer_list(model: type[M], items: Iterable[M | Mapping[str, Any]],
+                status: int = 200) -> web.Response:
+    """A JSON array of `model`: models, or dicts in its shape validated by it here, all
+    in one call (a thousand tasks cost one pass, not a thousand)."""
+    adapter = _list_adapter(model)
+    return _json(adapter.dump_json(adapter.validate_python(list(items)), exclude_unset=True),
+                 status)
+
+
+@functools.cache
+def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
+
+
+def _json(body: bytes, status: int) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON, charset="utf-8")
 
 
 def error_response(error: MeshError) -> web.Response:

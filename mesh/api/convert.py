@@ -1,8 +1,10 @@
 """Between the wire (API models) and the store (specs, records).
 
-Answers are the `*Out` models, built here from the records; handlers serialize
-them (`app.answer`) and the change feed sends their JSON objects, so both say
-what `/v1/openapi.json` describes.
+Answers are the `*Out` models: `*_fields` give a record's fields in the
+model's shape, `*_model` the model itself, validated. Handlers serialize the
+models (`app.answer`, `app.answer_list`, which validates a whole list in one
+call) and the change feed sends their JSON objects (`*_out`), so every answer
+says what `/v1/openapi.json` describes.
 """
 
 from __future__ import annotations
@@ -11,57 +13,68 @@ from typing import Any
 
 from mesh.api.models import (
     HealthCheckIn,
-    HealthCheckOut,
     NetworkCreate,
     NetworkOut,
     PortIn,
-    PortOut,
     ServiceCreate,
     ServiceOut,
     ServicePatchIn,
     TaskCreate,
     TaskOut,
-    VipOut,
 )
 from mesh.core import net
+from mesh.core.codec import check_to_dict, port_to_dict
 from mesh.core.model import HealthCheck, Network, Service, Task
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
 
 Json = dict[str, Any]
 
 
-def network_model(network: Network) -> NetworkOut:
-    return NetworkOut(name=network.name, id=network.id, driver=network.driver,
-                      subnet=network.subnet, gateway=network.gateway,
-                      labels=dict(network.labels), created_at=network.created_at,
-                      version=network.version.clock)
+def network_fields(network: Network) -> Json:
+    """A network in the shape of `NetworkOut`."""
+    return {"name": network.name, "id": network.id, "driver": network.driver,
+            "subnet": network.subnet, "gateway": network.gateway,
+            "labels": dict(network.labels), "created_at": network.created_at,
+            "version": network.version.clock}
 
 
-def service_model(service: Service) -> ServiceOut:
-    check = service.health_check
-    return ServiceOut(
-        name=service.name, id=service.id, networks=list(service.networks),
-        endpoint_mode=service.endpoint_mode,
-        ports=[PortOut.model_validate(p, from_attributes=True) for p in service.ports],
-        labels=dict(service.labels),
-        vips=[VipOut(network=v.network, address=v.address) for v in service.vips],
-        health_check=None if check is None
-        else HealthCheckOut.model_validate(check, from_attributes=True),
-        created_at=service.created_at, updated_at=service.updated_at,
-        version=service.version.clock,
-    )
+def service_fields(service: Service) -> Json:
+    """A service in the shape of `ServiceOut`."""
+    return {
+        "name": service.name, "id": service.id, "networks": list(service.networks),
+        "endpoint_mode": service.endpoint_mode, "ports": [port_to_dict(p) for p in service.ports],
+        "labels": dict(service.labels),
+        "vips": [{"network": v.network, "address": v.address} for v in service.vips],
+        "health_check": None if service.health_check is None
+        else check_to_dict(service.health_check),
+        "created_at": service.created_at, "updated_at": service.updated_at,
+        "version": service.version.clock,
+    }
 
 
-def task_model(task: Task, node_status: str) -> TaskOut:
-    """`node_status`: the liveness of the task's node as this node's gossip sees it."""
-    return TaskOut.model_validate({
+def task_fields(task: Task, node_status: str) -> Json:
+    """A task in the shape of `TaskOut`; `node_status`: the liveness of the task's node
+    as this node's gossip sees it."""
+    return {
         "id": task.id, "name": task.name, "service": task.service, "slot": task.slot,
         "node": task.node, "node_status": node_status, "address": task.address,
         "ports": {str(k): v for k, v in sorted(task.ports.items())},
         "state": task.state.value, "health": task.health.value,
         "health_output": task.health_output, "created_at": task.created_at,
         "updated_at": task.updated_at, "version": task.version.clock,
-    })
+    }
+
+
+def network_model(network: Network) -> NetworkOut:
+    return NetworkOut.model_validate(network_fields(network))
+
+
+def service_model(service: Service) -> ServiceOut:
+    return ServiceOut.model_validate(service_fields(service))
+
+
+def task_model(task: Task, node_status: str) -> TaskOut:
+    return TaskOut.model_validate(task_fields(task, node_status))
 
 
 # The change feed's objects: the JSON of the same models.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mesh.api import convert
-from mesh.api.app import DEPS, answer, read_model
+from mesh.api.app import DEPS, answer, answer_list, read_model
 from mesh.api.models import (
     NODE_STATUSES,
     AgentOut,
@@ -21,8 +21,10 @@ from mesh.api.models import (
     LbOut,
     MemberOut,
     NetworkCreate,
+    NetworkOut,
     ResolveOut,
     ServiceCreate,
+    ServiceOut,
     ServicePatchIn,
     TaskCreate,
     TaskOut,
@@ -55,8 +57,8 @@ def _tasks_out(request: web.Request, tasks: list[Task]) -> web.Response:
     for task in tasks:
         status = status_of(task.node)
         if wanted is None or status in wanted:
-            found.append(convert.task_model(task, status))
-    return answer(found)
+            found.append(convert.task_fields(task, status))
+    return answer_list(TaskOut, found)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -71,7 +73,7 @@ async def agent_info(request: web.Request) -> web.Response:
 
 
 async def members(request: web.Request) -> web.Response:
-    return answer([MemberOut.model_validate(m) for m in request.app[DEPS].members()])
+    return answer_list(MemberOut, request.app[DEPS].members())
 
 
 # -- networks ------------------------------------------------------------------
@@ -87,7 +89,8 @@ async def create_network(request: web.Request) -> web.Response:
 
 
 async def list_networks(request: web.Request) -> web.Response:
-    return answer([convert.network_model(n) for n in _control(request).store.networks()])
+    networks = _control(request).store.networks()
+    return answer_list(NetworkOut, [convert.network_fields(n) for n in networks])
 
 
 async def get_network(request: web.Request) -> web.Response:
@@ -115,7 +118,8 @@ async def create_service(request: web.Request) -> web.Response:
 
 
 async def list_services(request: web.Request) -> web.Response:
-    return answer([convert.service_model(s) for s in _control(request).store.services()])
+    services = _control(request).store.services()
+    return answer_list(ServiceOut, [convert.service_fields(s) for s in services])
 
 
 async def get_service(request: web.Request) -> web.Response:

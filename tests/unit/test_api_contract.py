@@ -81,21 +81,58 @@ def test_each_route_says_what_it_answers() -> None:
 
 
 def test_answer_is_the_model_json_without_fields_the_source_left_out() -> None:
-    member = m.MemberOut.model_validate({"name": "a", "address": "127.0.0.1", "port": 7946,
-                                         "status": "alive", "incarnation": 1})
-    response = api.answer([member], status=200)
+    alive = {"name": "a", "address": "127.0.0.1", "port": 7946, "status": "alive",
+             "incarnation": 1}
+    response = api.answer_list(m.MemberOut, [alive], status=200)
     assert response.content_type == "application/json"
     assert response.charset == "utf-8"
-    assert _body(response) == [{"name": "a", "address": "127.0.0.1", "port": 7946,
-                                "status": "alive", "incarnation": 1}]
+    assert _body(response) == [alive]
     suspect = m.MemberOut.model_validate(
         {"name": "b", "address": "127.0.0.1", "port": 1, "status": "suspect",
          "incarnation": 2, "suspicion": {"dead_in": 1.5, "confirmations": 0}})
     assert _body(api.answer(suspect))["suspicion"] == {"dead_in": 1.5, "confirmations": 0}
+    # models and dicts in the model's shape mix
+    assert _body(api.answer_list(m.MemberOut, [suspect, alive]))[1] == alive
 
 
 def test_an_empty_list_is_an_empty_json_array() -> None:
-    assert _body(api.answer([])) == []
+    assert _body(api.answer_list(m.TaskOut, [])) == []
+
+
+def test_a_list_item_out_of_shape_is_a_bug_not_an_answer() -> None:
+    """An answer that breaks its model is refused here (and so answered as a logged
+    500 by the error path), never sent out of its description."""
+    with pytest.raises(ValueError, match="status"):
+        api.answer_list(m.MemberOut, [{"name": "a", "address": "x", "port": 1,
+                                       "status": "gone", "incarnation": 1}])
+
+
+def test_record_fields_are_their_models_shape() -> None:
+    from mesh.api import convert
+    from mesh.core.model import HealthCheck, Network, PortConfig, Service, Task, Version, Vip
+
+    version = Version(3, "node-1")
+    network = Network(name="front", id="n1", driver="overlay", subnet="10.1.0.0/24",
+                      gateway="10.1.0.1",
+                      created_at=1.0, version=version)
+    service = Service(name="web", id="s1", networks=("front",),
+                      ports=(PortConfig(protocol="tcp", target_port=80, published_port=30000),),
+                      vips=(Vip(network="front", address="10.1.0.2"),),
+                      health_check=HealthCheck(type="ttl"), created_at=1.0, updated_at=2.0,
+                      version=version)
+    task = Task(id="t1", name="web.1.t1", service="web", slot=1, node="node-1",
+                address="10.0.0.5", ports={80: 31080}, created_at=1.0, updated_at=2.0,
+                version=version)
+    cases: list[tuple[type[m.BaseModel], dict[str, Any]]] = [
+        (m.NetworkOut, convert.network_fields(network)),
+        (m.ServiceOut, convert.service_fields(service)),
+        (m.TaskOut, convert.task_fields(task, "alive")),
+    ]
+    for model, fields in cases:
+        assert model.model_validate(fields).model_dump(mode="json") == fields
+    assert convert.task_out(task, "dead")["node_status"] == "dead"
+    assert convert.service_out(service)["vips"] == [{"network": "front",
+                                                     "address": "10.1.0.2"}]
 
 
 # -- one error path ---------------------------------------------------------------------
