@@ -101,8 +101,9 @@ def parse_host_port(text: str, default_port: int | None, what: str) -> HostPort:
     try:
         port = parse_port(port_text)
     except AddressError:
-        raise AddressError(f"{what} {text.strip()!r}: the port must be a number from "
-                           f"{MIN_PORT} to {MAX_PORT}") from None
+        raise AddressError(
+            f"{what} {text.strip()!r}: the port must be a number from {MIN_PORT} to {MAX_PORT}"
+        ) from None
     return HostPort(host, port)
 
 
@@ -112,6 +113,5 @@ def parse_ip_host_port(text: str, default_port: int | None, what: str) -> HostPo
     try:
         ipaddress.ip_address(parsed.host)
     except ValueError:
-        raise AddressError(f"{what} {text.strip()!r}: the address must be an IP address"
-                           ) from None
+        raise AddressError(f"{what} {text.strip()!r}: the address must be an IP address") from None
     return parsed

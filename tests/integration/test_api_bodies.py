@@ -34,26 +34,37 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
         stop_and_check(agent)
 
 
-def _send(agent: AgentProcess, method: str, path: str, body: bytes,
-          encoding: str) -> tuple[int, Any]:
+def _send(
+    agent: AgentProcess, method: str, path: str, body: bytes, encoding: str
+) -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
     try:
-        conn.request(method, path, body=body, headers={"Content-Encoding": encoding,
-                                                       "Content-Type": "application/json"})
+        conn.request(
+            method,
+            path,
+            body=body,
+            headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
         conn.close()
 
 
-WRITES = [("POST", "/v1/networks"), ("POST", "/v1/services"), ("PATCH", "/v1/services/web"),
-          ("POST", "/v1/services/web/tasks"), ("POST", "/v1/keyring")]
+WRITES = [
+    ("POST", "/v1/networks"),
+    ("POST", "/v1/services"),
+    ("PATCH", "/v1/services/web"),
+    ("POST", "/v1/services/web/tasks"),
+    ("POST", "/v1/keyring"),
+]
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 @pytest.mark.parametrize(("method", "path"), WRITES)
-def test_corrupt_compressed_body_is_400(agent: AgentProcess, method: str, path: str,
-                                        encoding: str) -> None:
+def test_corrupt_compressed_body_is_400(
+    agent: AgentProcess, method: str, path: str, encoding: str
+) -> None:
     status, body = _send(agent, method, path, b"not compressed at all", encoding)
     assert status == 400, body
     assert body["error"]["code"] == "malformed_json"
@@ -62,11 +73,13 @@ def test_corrupt_compressed_body_is_400(agent: AgentProcess, method: str, path: 
 
 
 def test_a_good_compressed_body_is_read(agent: AgentProcess) -> None:
-    status, body = _send(agent, "POST", "/v1/networks",
-                         gzip.compress(b'{"name": "zipped"}'), "gzip")
+    status, body = _send(
+        agent, "POST", "/v1/networks", gzip.compress(b'{"name": "zipped"}'), "gzip"
+    )
     assert status == 201, body
-    status, body = _send(agent, "POST", "/v1/networks",
-                         zlib.compress(b'{"name": "deflated"}'), "deflate")
+    status, body = _send(
+        agent, "POST", "/v1/networks", zlib.compress(b'{"name": "deflated"}'), "deflate"
+    )
     assert status == 201, body
     names = {n["name"] for n in agent.request("GET", "/v1/networks")[1]}
     assert {"zipped", "deflated"} <= names

@@ -43,13 +43,24 @@ def test_ports_out_of_range(text: str) -> None:
     assert port_or_none(text) is None
 
 
-@pytest.mark.parametrize("text", [
-    "", " ", "http", "-1", "+80", "8_0", "80.0", "0x50", "8 0",
-    "\u00b2",  # superscript two: str.isdigit() says yes, int() refuses it
-    "\u0663",  # Arabic-Indic three: str.isdigit() says yes, int() reads 3
-    "\uff18\uff10",  # fullwidth 80: int() reads 80
-    "8\u00b9",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "http",
+        "-1",
+        "+80",
+        "8_0",
+        "80.0",
+        "0x50",
+        "8 0",
+        "\u00b2",  # superscript two: str.isdigit() says yes, int() refuses it
+        "\u0663",  # Arabic-Indic three: str.isdigit() says yes, int() reads 3
+        "\uff18\uff10",  # fullwidth 80: int() reads 80
+        "8\u00b9",
+    ],
+)
 def test_ports_are_ascii_digits_only(text: str) -> None:
     with pytest.raises(AddressError, match="is not a number"):
         parse_port(text, "target port")
@@ -124,8 +135,17 @@ def test_broken_brackets(text: str) -> None:
         parse_host_port(text, 53, "dns")
 
 
-@pytest.mark.parametrize("text", ["127.0.0.1:\u00b2", "127.0.0.1:\u0663", "127.0.0.1:0",
-                                  "127.0.0.1:65536", "127.0.0.1:http", "[::1]:-1"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "127.0.0.1:\u00b2",
+        "127.0.0.1:\u0663",
+        "127.0.0.1:0",
+        "127.0.0.1:65536",
+        "127.0.0.1:http",
+        "[::1]:-1",
+    ],
+)
 def test_a_bad_port_names_the_range(text: str) -> None:
     with pytest.raises(AddressError, match="the port must be a number from 1 to 65535"):
         parse_host_port(text, None, "api")
