@@ -6,7 +6,7 @@ the state. Every change reports the *owners* it touched (a service name, a
 task name, an address, or `ALL` when a network changed): the responder drops
 exactly the cached answers filed under those owners, nothing else.
 
-Resolution rules (DESIGN.md, "DNS names"; Swarm's in reference §1.2-1.3):
+Resolution rules (docs/design.md, "DNS names"; Swarm's in reference §1.2-1.3):
 
 - An asker's view is the network whose subnet holds its source address; any
   other asker (loopback, the host's own addresses) is on the host and sees
@@ -27,6 +27,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mesh.core import net
 from mesh.core.model import (
     INGRESS,
     Change,
@@ -269,9 +270,9 @@ class NameTable:
         service does not publish still answers if its tasks map it.
         """
         service = self._visible_service(name, view, network)
-        if service is None or not (port_text.isascii() and port_text.isdigit()):
+        port = net.port_or_none(port_text)
+        if service is None or port is None:
             return Answer(found=False, owners={name})
-        port = int(port_text)
         target = next((p.target_port for p in service.ports
                        if p.protocol == protocol and port in (p.target_port, p.published_port)),
                       None)

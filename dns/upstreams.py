@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from mesh.core import net
+
 #: glibc's MAXNS and Swarm's maxExtDNS: further nameservers are ignored.
 MAX_UPSTREAMS: Final = 3
 DNS_PORT: Final = 53
@@ -66,30 +68,19 @@ class Upstream:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def _parse_port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"not a port: {text!r}")
-    return int(text)
-
-
 def parse_upstream(text: str) -> Upstream:
     """Parse a `--dns-upstream` value: `ADDR`, `ADDR:PORT`, `[V6ADDR]` or `[V6ADDR]:PORT`.
 
     A bare IPv6 address (several colons, no brackets) is taken with port 53.
     Raises ValueError on anything else, names included.
     """
-    text = text.strip()
-    if text.startswith("["):
-        host, closed, rest = text[1:].partition("]")
-        if not closed or ":" not in host or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad upstream {text!r}: expected [IPv6]:PORT")
-        return Upstream(host, _parse_port(rest[1:]) if rest else DNS_PORT)
-    if text.count(":") == 1:
-        host, _, port = text.partition(":")
-        if not isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address):
-            raise ValueError(f"bad upstream {text!r}")
-        return Upstream(host, _parse_port(port))
-    return Upstream(text)
+    host, port, bracketed = net.split_host_port(text, "upstream")  # AddressError: ValueError
+    if bracketed and ":" not in host:
+        raise ValueError(f"bad upstream {text.strip()!r}: expected [IPv6]:PORT")
+    if not bracketed and port is not None and not isinstance(ipaddress.ip_address(host),
+                                                             ipaddress.IPv4Address):
+        raise ValueError(f"bad upstream {text.strip()!r}")
+    return Upstream(host, DNS_PORT if port is None else net.parse_port(port, "upstream port"))
 
 
 def _exclusion(text: str) -> str | None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mesh.core import net
+from mesh.core.net import HostPort
 from mesh.errors import MeshError
 from mesh.ipam import DEFAULT_POOL, UNPRIVILEGED_POOL, parse_pool, parse_subnet
 
@@ -33,42 +35,12 @@ class ConfigError(ValueError):
     """A flag, config key or value the agent cannot start with."""
 
 
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-
 def parse_host_port(text: str, default_port: int | None, what: str) -> HostPort:
-    """`ADDR:PORT`, `[v6]:PORT`, or a bare `ADDR` when a default port exists."""
-    text = text.strip()
-    host, port_text = text, ""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    if not host:
-        raise ConfigError(f"{what} {text!r}: the address is missing")
-    if not port_text:
-        if default_port is None:
-            raise ConfigError(f"{what} {text!r}: expected ADDR:PORT")
-        return HostPort(host, default_port)
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"{what} {text!r}: the port must be a number from 1 to 65535")
-    return HostPort(host, int(port_text))
+    """`ADDR:PORT`, `[v6]:PORT`, or a bare `ADDR` when a default port exists (`mesh.core.net`)."""
+    try:
+        return net.parse_host_port(text, default_port, what)
+    except net.AddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def is_root() -> bool:
@@ -386,12 +358,10 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
 
 def _ip_host_port(text: str, default_port: int, what: str) -> HostPort:
     """Like parse_host_port, but the address must be an IP literal (nothing to resolve)."""
-    parsed = parse_host_port(text, default_port, what)
     try:
-        ipaddress.ip_address(parsed.host)
-    except ValueError:
-        raise ConfigError(f"{what} {text!r}: the address must be an IP address") from None
-    return parsed
+        return net.parse_ip_host_port(text, default_port, what)
+    except net.AddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _ip_address(text: str, what: str) -> str:

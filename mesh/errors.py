@@ -1,8 +1,9 @@
 """Errors of the agent, each carrying the HTTP status and code it answers with.
 
 The store and the API raise these; one middleware turns them into the error
-shape of docs/design.md, `{"error": {"code", "message"}}`. Nothing else is mapped
-to a status anywhere, so a status cannot drift from its meaning.
+shape of docs/design.md, `{"error": {"code", "message"}}` (the API's `ErrorOut`).
+Nothing else is mapped to a status anywhere, so a status cannot drift from its
+meaning.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ class MeshError(Exception):
     status: int = 400
     code: str = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
-
-    def to_json(self) -> dict[str, dict[str, str]]:
-        return {"error": {"code": self.code, "message": self.message}}
+        #: headers the answer must carry (`WWW-Authenticate` on a 401, `Allow` on a 405)
+        self.headers: dict[str, str] = dict(headers or {})
 
 
 class BadRequest(MeshError):
@@ -30,6 +31,10 @@ class BadRequest(MeshError):
 
 class Unauthorized(MeshError):
     status, code = 401, "unauthorized"
+
+
+class Forbidden(MeshError):
+    status, code = 403, "forbidden"
 
 
 class NotFound(MeshError):
@@ -60,3 +65,9 @@ class Unavailable(MeshError):
     """The agent cannot make a change durable (its data dir failed)."""
 
     status, code = 503, "unavailable"
+
+
+class Internal(MeshError):
+    """A bug: answered in shape (the agent keeps serving), with the details in its log."""
+
+    status, code = 500, "internal"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from mesh.core import net
 from mesh.core.model import Service
 
 HRM_LABEL = "com.docker.ucp.mesh.http"
@@ -273,10 +274,10 @@ def _path(text: str) -> str:
 
 
 def _port(text: str, what: str) -> int:
-    text = text.strip()
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
-        raise LabelError(f"{what} {text!r} is not a port (1-65535)")
-    return int(text)
+    port = net.port_or_none(text.strip())
+    if port is None:
+        raise LabelError(f"{what} {text.strip()!r} is not a port (1-65535)")
+    return port
 
 
 def _published_port(service: Service, missing: str) -> int:

@@ -8,7 +8,7 @@ endpoints change, so the router's hot path does two dict lookups and a short
 prefix scan and allocates nothing for a Host header that arrives lower-case
 without a port (the common case).
 
-Label forms (DESIGN.md "HRM labels"; Swarm reference §5):
+Label forms (docs/design.md "HRM labels"; Swarm reference §5):
 
 - `com.docker.ucp.mesh.http=8080=http://a.example.com,http://b.example.com`
   (Docker Datacenter HRM 1: each item `port=url`, a bare url keeps the

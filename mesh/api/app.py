@@ -1,31 +1,45 @@
 """The HTTP API (aiohttp): `make_app(deps)` builds it; the agent binds it.
 
-Two middlewares wrap every handler. `_errors` turns every `MeshError` (and
-aiohttp's own 404/405/413) into the error shape of DESIGN.md, and anything
-unexpected into a logged 500 of the same shape, never a traceback. `_auth`
-checks the bearer token when one is configured (`/v1/health` stays open, for
-load-balancer probes).
+The routes are the rows of `table.ROUTES`, which `/v1/openapi.json` is
+generated from too; every handler answers through `answer` (an `*Out` model).
+Two middlewares wrap every handler. `_errors` is the one error path: every
+`MeshError` (the 401 of `_auth` included) and aiohttp's own 403/404/405/413 become
+the error shape of docs/design.md (`ErrorOut`), and anything unexpected a logged
+500 of the same shape, never a traceback. `_auth` checks the bearer token when
+one is configured (`/v1/health` stays open, for load-balancer probes).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
+import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
-from mesh.api.openapi import build_openapi
+from mesh.api.models import ErrorDetail, ErrorOut
 from mesh.control import Control
 from mesh.core.logs import event
 from mesh.core.model import Network
-from mesh.errors import BadRequest, Invalid, MeshError, MethodNotAllowed, NotFound, PayloadTooLarge
+from mesh.errors import (
+    BadRequest,
+    Forbidden,
+    Internal,
+    Invalid,
+    MeshError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +85,61 @@ class ApiDeps:
 
 DEPS = web.AppKey("deps", ApiDeps)
 
+_JSON = "application/json"
 
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
+
+def answer(body: BaseModel, status: int = 200) -> web.Response:
+    """A JSON answer serialized from its `*Out` model: with `answer_list`, the one way
+    a handler answers, so an answer cannot drift from its description.
+
+    A field its source did not give is left out rather than sent as null or its
+    default (a member's `suspicion` while it is not suspect, `workers` of an HTTP
+    routing mesh without worker processes): the optional fields of docs/api.md."""
+    return _json(body.model_dump_json(exclude_unset=True).encode(), status)
+
+
+def answer_list(model: type[M], items: Iterable[M | Mapping[str, Any]],
+                status: int = 200) -> web.Response:
+    """A JSON array of `model`: models, or dicts in its shape validated by it here, all
+    in one call (a thousand tasks cost one pass, not a thousand)."""
+    adapter = _list_adapter(model)
+    return _json(adapter.dump_json(adapter.validate_python(list(items)), exclude_unset=True),
+                 status)
+
+
+@functools.cache
+def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
+
+
+def _json(body: bytes, status: int) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON, charset="utf-8")
 
 
 def error_response(error: MeshError) -> web.Response:
-    return web.json_response(error.to_json(), status=error.status)
+    """The one error path: every error status, 401 and 405 included, is an `ErrorOut`."""
+    response = answer(ErrorOut(error=ErrorDetail(code=error.code, message=error.message)),
+                      status=error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+#: aiohttp's own refusals (no route, wrong method, body too large), as the API's errors
+_HTTP_ERRORS: dict[int, Callable[[web.HTTPException], MeshError]] = {
+    403: lambda _exc: Forbidden("forbidden"),
+    404: lambda _exc: NotFound("no such path"),
+    # a 405 must say what is allowed (RFC 9110 §15.5.6)
+    405: lambda exc: MethodNotAllowed(
+        f"method not allowed; allowed: {exc.headers.get('Allow', '')}",
+        headers={"Allow": exc.headers.get("Allow", "")}),
+    413: lambda _exc: PayloadTooLarge("request body too large"),
+}
 
 
 def _from_http_exception(exc: web.HTTPException) -> MeshError:
-    if exc.status == 404:
-        return NotFound("no such path")
-    if exc.status == 405:
-        return MethodNotAllowed(f"method not allowed; allowed: {exc.headers.get('Allow', '')}")
-    if exc.status == 413:
-        return PayloadTooLarge("request body too large")
+    known = _HTTP_ERRORS.get(exc.status)
+    if known is not None:
+        return known(exc)
     error = MeshError(exc.reason, code="http_error")
     error.status = exc.status
     return error
@@ -101,16 +154,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(_from_http_exception(exc))
-        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
+        return error_response(_from_http_exception(exc))
     except Exception as exc:  # a bug: answer in shape, keep serving, leave a trace in the log
         event(log, "api_internal_error", logging.ERROR, path=request.path, error=repr(exc))
         log.exception("unhandled error in %s %s", request.method, request.path)
-        error = MeshError("internal error; see the agent's log", code="internal")
-        error.status = 500
-        return error_response(error)
+        return error_response(Internal("internal error; see the agent's log"))
 
 
 def bearer_credentials(authorization: str) -> bytes | None:
@@ -123,20 +171,21 @@ def bearer_credentials(authorization: str) -> bytes | None:
     return credentials.lstrip(" ").encode("utf-8", "surrogateescape")  # any bytes sent
 
 
+#: the routes open without the token: load-balancer probes
+OPEN_PATHS = frozenset({"/v1/health"})
+
+
 def _auth_middleware(token: str) -> Middleware:
     expected = token.encode()
 
     @web.middleware
     async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/v1/health":
+        if request.path not in OPEN_PATHS:
             given = bearer_credentials(request.headers.get("Authorization", ""))
             # Constant time: how much of a guess matches must not show in the timing.
             if given is None or not hmac.compare_digest(given, expected):
-                return web.json_response(
-                    {"error": {"code": "unauthorized",
-                               "message": "a valid 'Authorization: Bearer <token>' is required"}},
-                    status=401, headers={"WWW-Authenticate": "Bearer"},
-                )
+                raise Unauthorized("a valid 'Authorization: Bearer <token>' is required",
+                                   headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     return _auth
@@ -166,6 +215,11 @@ async def read_model(request: web.Request, model: type[M]) -> M:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
             f"the body may be at most {request.app[DEPS].max_body} bytes") from None
+    except web.RequestPayloadError as exc:
+        # The body's framing or encoding is broken (a corrupt gzip or deflate body, a
+        # bad chunk): the client's fault, a 400, not a 500. aiohttp says why in `__cause__`.
+        why = " ".join(str(getattr(exc.__cause__, "message", None) or exc).split())
+        raise BadRequest(f"the body could not be read: {why}", code="malformed_json") from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -173,20 +227,15 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 
 def make_app(deps: ApiDeps) -> web.Application:
-    from mesh.api import events, keyring_routes, routes
+    from mesh.api import events, table
+    from mesh.api.openapi import build_openapi
 
     middlewares: list[Middleware] = [_errors]
     if deps.token:
         middlewares.append(_auth_middleware(deps.token))
     app = web.Application(middlewares=middlewares, client_max_size=deps.max_body)
     app[DEPS] = deps
-    routes.add_routes(app)
-    keyring_routes.add_routes(app)
+    app[table.OPENAPI] = json.dumps(build_openapi(table.ROUTES)).encode()
     events.setup(app)
-    openapi = build_openapi()
-
-    async def get_openapi(_request: web.Request) -> web.Response:
-        return json_response(openapi)
-
-    app.router.add_get("/v1/openapi.json", get_openapi)
+    table.mount(app, table.ROUTES)
     return app

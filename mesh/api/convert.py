@@ -1,29 +1,45 @@
-"""Between the wire (API models, JSON dicts) and the store (specs, records).
+"""Between the wire (API models) and the store (specs, records).
 
-Answers are built as plain dicts in the shapes of the `*Out` models; the
-schemathesis suite checks every answer against the generated description.
+Answers are the `*Out` models: `*_fields` give a record's fields in the
+model's shape, `*_model` the model itself, validated. Handlers serialize the
+models (`app.answer`, `app.answer_list`, which validates a whole list in one
+call) and the change feed sends their JSON objects (`*_out`), so every answer
+says what `/v1/openapi.json` describes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mesh.api.models import HealthCheckIn, NetworkCreate, PortIn, ServiceCreate, ServicePatchIn
+from mesh.api.models import (
+    HealthCheckIn,
+    NetworkCreate,
+    NetworkOut,
+    PortIn,
+    ServiceCreate,
+    ServiceOut,
+    ServicePatchIn,
+    TaskCreate,
+    TaskOut,
+)
+from mesh.core import net
 from mesh.core.codec import check_to_dict, port_to_dict
 from mesh.core.model import HealthCheck, Network, Service, Task
-from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec
+from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
 
 Json = dict[str, Any]
 
 
-def network_out(network: Network) -> Json:
+def network_fields(network: Network) -> Json:
+    """A network in the shape of `NetworkOut`."""
     return {"name": network.name, "id": network.id, "driver": network.driver,
             "subnet": network.subnet, "gateway": network.gateway,
             "labels": dict(network.labels), "created_at": network.created_at,
             "version": network.version.clock}
 
 
-def service_out(service: Service) -> Json:
+def service_fields(service: Service) -> Json:
+    """A service in the shape of `ServiceOut`."""
     return {
         "name": service.name, "id": service.id, "networks": list(service.networks),
         "endpoint_mode": service.endpoint_mode, "ports": [port_to_dict(p) for p in service.ports],
@@ -36,8 +52,9 @@ def service_out(service: Service) -> Json:
     }
 
 
-def task_out(task: Task, node_status: str) -> Json:
-    """`node_status`: the liveness of the task's node as this node's gossip sees it."""
+def task_fields(task: Task, node_status: str) -> Json:
+    """A task in the shape of `TaskOut`; `node_status`: the liveness of the task's node
+    as this node's gossip sees it."""
     return {
         "id": task.id, "name": task.name, "service": task.service, "slot": task.slot,
         "node": task.node, "node_status": node_status, "address": task.address,
@@ -46,6 +63,32 @@ def task_out(task: Task, node_status: str) -> Json:
         "health_output": task.health_output, "created_at": task.created_at,
         "updated_at": task.updated_at, "version": task.version.clock,
     }
+
+
+def network_model(network: Network) -> NetworkOut:
+    return NetworkOut.model_validate(network_fields(network))
+
+
+def service_model(service: Service) -> ServiceOut:
+    return ServiceOut.model_validate(service_fields(service))
+
+
+def task_model(task: Task, node_status: str) -> TaskOut:
+    return TaskOut.model_validate(task_fields(task, node_status))
+
+
+# The change feed's objects: the JSON of the same models.
+
+def network_out(network: Network) -> Json:
+    return network_model(network).model_dump(mode="json")
+
+
+def service_out(service: Service) -> Json:
+    return service_model(service).model_dump(mode="json")
+
+
+def task_out(task: Task, node_status: str) -> Json:
+    return task_model(task, node_status).model_dump(mode="json")
 
 
 def network_spec(body: NetworkCreate) -> NetworkSpec:
@@ -85,3 +128,10 @@ def service_patch(body: ServicePatchIn) -> ServicePatch:
         health_check=_check(body.health_check),
         clear_health_check="health_check" in given and body.health_check is None,
     )
+
+
+def task_spec(service: str, body: TaskCreate) -> TaskSpec:
+    """The body's `ports` keys are target ports as text ("80"), checked by the model."""
+    return TaskSpec(service=service, address=body.address,
+                    ports={net.parse_port(k, "target port"): v for k, v in body.ports.items()},
+                    name=body.name)

@@ -107,6 +107,6 @@ async def _close_streams(app: web.Application) -> None:
 
 
 def setup(app: web.Application) -> None:
+    """The streams' registry and their closing at shutdown; the route is in `table`."""
     app[_STREAMS] = set()
-    app.router.add_get("/v1/events", stream_events)
     app.on_shutdown.append(_close_streams)

@@ -8,12 +8,11 @@ sent in a request is never echoed back. The change itself goes through the
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any
 
 from aiohttp import web
 
 from gossip.security import KeyringControl, KeyringError, parse_key
-from mesh.api.app import DEPS, json_response, read_model
+from mesh.api.app import DEPS, answer, read_model
 from mesh.api.models import KeyIn, KeyringOut
 from mesh.errors import Conflict, Invalid, MeshError, Unavailable
 
@@ -30,9 +29,7 @@ def _control(request: web.Request) -> KeyringControl:
 
 
 def _answer(control: KeyringControl) -> web.Response:
-    # Through the model: what the agent's control lists must match the description.
-    listing: dict[str, Any] = KeyringOut.model_validate(control.list()).model_dump(mode="json")
-    return json_response(listing)
+    return answer(KeyringOut.model_validate(control.list()))
 
 
 def _mesh_error(exc: KeyringError) -> MeshError:
@@ -82,10 +79,3 @@ async def _change(change: Awaitable[None]) -> None:
         raise _mesh_error(exc) from None
     except OSError as exc:  # the keyring file could not be written: nothing changed
         raise Unavailable(f"the keyring could not be made durable: {exc}") from None
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/keyring", list_keys)
-    app.router.add_post("/v1/keyring", install_key)
-    app.router.add_put("/v1/keyring/primary", use_key)
-    app.router.add_post("/v1/keyring/remove", remove_key)

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from mesh.core import net
 from mesh.names import DOTTED_PATTERN, LABEL_PATTERN, check_dotted, check_label
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
@@ -123,7 +124,7 @@ class TaskCreate(_Request):
     @model_validator(mode="after")
     def _target_ports(self) -> TaskCreate:
         for key in self.ports:
-            if not 1 <= int(key) <= 65535:
+            if net.port_or_none(key) is None:
                 raise ValueError(f"target port {key} is not between 1 and 65535")
         return self
 

@@ -6,32 +6,40 @@ Each handler is a few lines: the rules live in the store, the shapes in
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from mesh.api import convert
-from mesh.api.app import DEPS, json_response, read_model
+from mesh.api.app import DEPS, answer, answer_list, read_model
 from mesh.api.models import (
     NODE_STATUSES,
+    AgentOut,
+    DnsRecordsOut,
+    GossipOut,
+    HealthOut,
     HealthReport,
+    HttpOut,
+    LbOut,
+    MemberOut,
     NetworkCreate,
+    NetworkOut,
+    ResolveOut,
     ServiceCreate,
+    ServiceOut,
     ServicePatchIn,
     TaskCreate,
+    TaskOut,
 )
 from mesh.control import Control
 from mesh.core.model import Health, Kind, Network, Service, Task
 from mesh.errors import Conflict, Invalid
-from mesh.state.specs import TaskSpec
 
 
 def _control(request: web.Request) -> Control:
     return request.app[DEPS].control
 
 
-def _task_out(request: web.Request, task: Task) -> dict[str, Any]:
-    return convert.task_out(task, request.app[DEPS].node_status()(task.node))
+def _task_out(request: web.Request, task: Task) -> TaskOut:
+    return convert.task_model(task, request.app[DEPS].node_status()(task.node))
 
 
 def _tasks_out(request: web.Request, tasks: list[Task]) -> web.Response:
@@ -45,26 +53,27 @@ def _tasks_out(request: web.Request, tasks: list[Task]) -> web.Response:
         if unknown:
             raise Invalid(f"node_status {unknown[0]!r} is not one of "
                           f"{', '.join(NODE_STATUSES)} (several: comma-separated)")
-    answer = []
+    found = []
     for task in tasks:
         status = status_of(task.node)
         if wanted is None or status in wanted:
-            answer.append(convert.task_out(task, status))
-    return json_response(answer)
+            found.append(convert.task_fields(task, status))
+    return answer_list(TaskOut, found)
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok", "node": request.app[DEPS].node})
+    return answer(HealthOut(status="ok", node=request.app[DEPS].node))
 
 
 async def agent_info(request: web.Request) -> web.Response:
     """This agent: its pid and configuration, for `mesh doctor` and operators."""
     info = request.app[DEPS].agent_info
-    return json_response({"node": request.app[DEPS].node, **(info() if info else {})})
+    return answer(AgentOut.model_validate({"node": request.app[DEPS].node,
+                                           **(info() if info else {})}))
 
 
 async def members(request: web.Request) -> web.Response:
-    return json_response(request.app[DEPS].members())
+    return answer_list(MemberOut, request.app[DEPS].members())
 
 
 # -- networks ------------------------------------------------------------------
@@ -76,16 +85,17 @@ async def create_network(request: web.Request) -> web.Response:
     changes = await control.apply(lambda now: control.store.create_network(spec, now))
     created = changes[-1].after
     assert isinstance(created, Network)
-    return json_response(convert.network_out(created), status=201)
+    return answer(convert.network_model(created), status=201)
 
 
 async def list_networks(request: web.Request) -> web.Response:
-    return json_response([convert.network_out(n) for n in _control(request).store.networks()])
+    networks = _control(request).store.networks()
+    return answer_list(NetworkOut, [convert.network_fields(n) for n in networks])
 
 
 async def get_network(request: web.Request) -> web.Response:
     network = _control(request).store.network(request.match_info["name"])
-    return json_response(convert.network_out(network))
+    return answer(convert.network_model(network))
 
 
 async def delete_network(request: web.Request) -> web.Response:
@@ -104,16 +114,17 @@ async def create_service(request: web.Request) -> web.Response:
     changes = await control.apply(lambda now: control.store.create_service(spec, now))
     created = changes[-1].after
     assert isinstance(created, Service)
-    return json_response(convert.service_out(created), status=201)
+    return answer(convert.service_model(created), status=201)
 
 
 async def list_services(request: web.Request) -> web.Response:
-    return json_response([convert.service_out(s) for s in _control(request).store.services()])
+    services = _control(request).store.services()
+    return answer_list(ServiceOut, [convert.service_fields(s) for s in services])
 
 
 async def get_service(request: web.Request) -> web.Response:
     service = _control(request).store.service(request.match_info["name"])
-    return json_response(convert.service_out(service))
+    return answer(convert.service_model(service))
 
 
 def _expected_version(request: web.Request) -> int | None:
@@ -135,7 +146,7 @@ async def update_service(request: web.Request) -> web.Response:
         lambda now: control.store.update_service(name, patch, now, expected))
     updated = changes[-1].after
     assert isinstance(updated, Service)
-    return json_response(convert.service_out(updated))
+    return answer(convert.service_model(updated))
 
 
 async def delete_service(request: web.Request) -> web.Response:
@@ -152,13 +163,11 @@ async def create_task(request: web.Request) -> web.Response:
     control = _control(request)
     service = request.match_info["name"]
     control.store.service(service)  # 404 before looking at the body
-    body = await read_model(request, TaskCreate)
-    spec = TaskSpec(service=service, address=body.address,
-                    ports={int(k): v for k, v in body.ports.items()}, name=body.name)
+    spec = convert.task_spec(service, await read_model(request, TaskCreate))
     changes = await control.apply(lambda now: control.store.add_task(spec, now))
     created = changes[-1].after
     assert isinstance(created, Task)
-    return json_response(_task_out(request, created), status=201)
+    return answer(_task_out(request, created), status=201)
 
 
 async def list_service_tasks(request: web.Request) -> web.Response:
@@ -175,7 +184,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def get_task(request: web.Request) -> web.Response:
     task = _control(request).store.task(request.match_info["id"])
-    return json_response(_task_out(request, task))
+    return answer(_task_out(request, task))
 
 
 async def delete_task(request: web.Request) -> web.Response:
@@ -184,7 +193,7 @@ async def delete_task(request: web.Request) -> web.Response:
     task_id = request.match_info["id"]
     store = deps.control.store
     await deps.control.apply(lambda now: store.drain_task(task_id, now, deps.drain_grace))
-    return json_response(_task_out(request, store.task(task_id)), status=202)
+    return answer(_task_out(request, store.task(task_id)), status=202)
 
 
 async def report_health(request: web.Request) -> web.Response:
@@ -200,7 +209,7 @@ async def report_health(request: web.Request) -> web.Response:
     deps.heartbeat(task.id, healthy, report.output)
     health = Health.HEALTHY if healthy else Health.UNHEALTHY
     await deps.control.apply(lambda now: store.set_health(task.id, health, report.output, now))
-    return json_response(_task_out(request, store.task(task.id)))
+    return answer(_task_out(request, store.task(task.id)))
 
 
 async def resolve(request: web.Request) -> web.Response:
@@ -218,9 +227,10 @@ async def resolve(request: web.Request) -> web.Response:
             raise Invalid(f"network {network_name!r} does not exist", code="unknown_network")
         network = found
     try:
-        return json_response(await deps.resolve(name, qtype, network))
+        reply = await deps.resolve(name, qtype, network)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+    return answer(ResolveOut.model_validate(reply))
 
 
 async def dns_records(request: web.Request) -> web.Response:
@@ -236,15 +246,15 @@ async def dns_records(request: web.Request) -> web.Response:
             raise Invalid(f"network {network_name!r} does not exist", code="unknown_network")
         network = found
     stats = deps.dns_stats() if deps.dns_stats is not None else {}
-    return json_response({"network": network_name, "records": deps.dns_records(network),
-                          "stats": stats})
+    return answer(DnsRecordsOut.model_validate(
+        {"network": network_name, "records": deps.dns_records(network), "stats": stats}))
 
 
 async def gossip_stats(request: web.Request) -> web.Response:
     stats = request.app[DEPS].gossip_stats
     if stats is None:
         raise Conflict("this agent runs no gossip", code="gossip_disabled")
-    return json_response(stats())
+    return answer(GossipOut.model_validate(stats()))
 
 
 async def lb_table(request: web.Request) -> web.Response:
@@ -252,7 +262,7 @@ async def lb_table(request: web.Request) -> web.Response:
     describe = request.app[DEPS].lb
     if describe is None:
         raise Conflict("this agent runs no load balancer", code="lb_disabled")
-    return json_response(await describe())
+    return answer(LbOut.model_validate(await describe()))
 
 
 async def http_stats(request: web.Request) -> web.Response:
@@ -265,30 +275,4 @@ async def http_stats(request: web.Request) -> web.Response:
     snapshot["rejected"] = {str(k): v for k, v in snapshot.get("rejected", {}).items()}
     snapshot.setdefault("routes", [])
     snapshot.setdefault("ejected", [])
-    return json_response(snapshot)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/http", http_stats)
-    app.router.add_get("/v1/lb", lb_table)
-    app.router.add_get("/v1/gossip", gossip_stats)
-    app.router.add_get("/v1/dns", dns_records)
-    app.router.add_get("/v1/resolve", resolve)
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/agent", agent_info)
-    app.router.add_get("/v1/members", members)
-    app.router.add_post("/v1/networks", create_network)
-    app.router.add_get("/v1/networks", list_networks)
-    app.router.add_get("/v1/networks/{name}", get_network)
-    app.router.add_delete("/v1/networks/{name}", delete_network)
-    app.router.add_post("/v1/services", create_service)
-    app.router.add_get("/v1/services", list_services)
-    app.router.add_get("/v1/services/{name}", get_service)
-    app.router.add_patch("/v1/services/{name}", update_service)
-    app.router.add_delete("/v1/services/{name}", delete_service)
-    app.router.add_post("/v1/services/{name}/tasks", create_task)
-    app.router.add_get("/v1/services/{name}/tasks", list_service_tasks)
-    app.router.add_get("/v1/tasks", list_tasks)
-    app.router.add_get("/v1/tasks/{id}", get_task)
-    app.router.add_delete("/v1/tasks/{id}", delete_task)
-    app.router.add_put("/v1/tasks/{id}/health", report_health)
+    return answer(HttpOut.model_validate(snapshot))

@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 
 from mesh.cli.errors import ApiError, CliError, Unreachable
+from mesh.core import net
 
 DEFAULT_PORT = 2377
 DEFAULT_API = f"127.0.0.1:{DEFAULT_PORT}"
@@ -26,16 +27,19 @@ JsonObject = dict[str, Any]
 def base_url(api: str) -> str:
     """`HOST:PORT`, `HOST` or `http://HOST:PORT[/]` to `http://HOST:PORT` (2377 by default)."""
     text = api.strip()
-    parts = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
+    refused = CliError(f"--api {api!r} is not HOST:PORT or http://HOST:PORT")
     try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if (parts.scheme not in ("http", "https") or not parts.hostname or port == -1
-            or parts.netloc.endswith(":")):
-        raise CliError(f"--api {api!r} is not HOST:PORT or http://HOST:PORT")
-    netloc = parts.netloc if port is not None else f"{parts.netloc}:{DEFAULT_PORT}"
-    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+        parts = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
+        # The port as every other address of meshplane is read (mesh.core.net): "h:"
+        # names no port, so it is refused rather than defaulted.
+        if parts.netloc.endswith(":"):
+            raise refused
+        address = net.parse_host_port(parts.netloc, DEFAULT_PORT, "--api")
+    except ValueError:  # urlsplit: a bad [IPv6]; net.AddressError
+        raise refused from None
+    if parts.scheme not in ("http", "https"):
+        raise refused
+    return f"{parts.scheme}://{address}{parts.path.rstrip('/')}"
 
 
 def api_path(prefix: str, *names: str) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mesh.cli.errors import SpecError
+from mesh.core import net
 
 JsonObject = dict[str, Any]
 
@@ -38,16 +39,14 @@ PUBLISH_GRAMMAR = """\
 
 
 def parse_int(text: str, what: str, low: int, high: int) -> int:
-    if not re.fullmatch(r"[0-9]+", text.strip()):
-        raise SpecError(f"{what} {text!r} is not a number")
-    value = int(text)
-    if not low <= value <= high:
-        raise SpecError(f"{what} {value} is out of range {low}-{high}")
-    return value
+    try:
+        return net.parse_int(text, what, low, high)
+    except net.AddressError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def parse_port(text: str, what: str = "port") -> int:
-    return parse_int(text, what, 1, 65535)
+    return parse_int(text, what, net.MIN_PORT, net.MAX_PORT)
 
 
 def parse_choice(text: str, what: str, choices: Iterable[str]) -> str:

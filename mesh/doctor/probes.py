@@ -17,6 +17,8 @@ from typing import Any
 from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
+from mesh.core import net
+from mesh.core.net import HostPort
 from mesh.core.sockets import SocketOwners, family_of, in_the_way, process_name
 from mesh.doctor.checks import Facts, Listener, lb_drift
 from mesh.state.store import AUTO_PORTS
@@ -69,6 +71,14 @@ def _capacity(facts: Facts, client: Client, services: list[dict[str, Any]]) -> N
 # -- sockets ------------------------------------------------------------------------
 
 
+def _address(text: str) -> HostPort | None:
+    """An address of the agent's configuration (`HOST:PORT`, `[V6]:PORT`), None if it is not."""
+    try:
+        return net.parse_host_port(text, None, "address")
+    except net.AddressError:
+        return None
+
+
 def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
                tasks: list[dict[str, Any]]) -> None:
     owners = SocketOwners()
@@ -83,9 +93,10 @@ def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, An
     if http not in ("None", ""):
         wanted.append(("HTTP routing mesh", "tcp", http))
     for what, protocol, hostport in wanted:
-        host, _, port = hostport.rpartition(":")
-        facts.listeners.append(listener(owners, facts.agent_pids, what, protocol, host,
-                                        int(port)))
+        address = _address(hostport)
+        if address is not None:
+            facts.listeners.append(listener(owners, facts.agent_pids, what, protocol,
+                                            address.host, address.port))
     userspace = config.get("lb") == "userspace" or facts.lb_backend == "userspace"
     publish = config.get("publish_address", "None")
     publish = "0.0.0.0" if publish in ("None", "") else publish
@@ -99,7 +110,8 @@ def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, An
                 owners, facts.agent_pids, f"published port of {service['name']}", protocol,
                 publish, number, required=userspace))
             if protocol == "tcp" and _has_healthy(service["name"], tasks):
-                host = advertise.rpartition(":")[0] or "127.0.0.1"
+                gossip = _address(advertise)
+                host = gossip.host if gossip is not None else "127.0.0.1"
                 facts.published.append((protocol, number, connect(host, number) is None))
 
 
@@ -163,8 +175,12 @@ def _dns(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
     if dns in ("None", ""):
         facts.dns_error = "disabled"
         return
-    host, _, port = dns.rpartition(":")
-    if host in ("0.0.0.0", ""):
+    address = _address(dns)
+    if address is None:
+        facts.dns_error = f"the agent's DNS address {dns!r} is not HOST:PORT"
+        return
+    host, port = address.host, address.port
+    if host == "0.0.0.0":
         host = "127.0.0.1"
     for service in services:
         if not service.get("networks"):
@@ -180,7 +196,7 @@ def _dns(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
                 continue
             expected = [vips[first]]
         for qname, want in ((name, expected), (f"tasks.{name}", healthy)):
-            facts.dns[qname] = (want, query_a(host, int(port), qname))
+            facts.dns[qname] = (want, query_a(host, port, qname))
 
 
 def query_a(host: str, port: int, name: str) -> list[str] | None:
@@ -211,7 +227,9 @@ def _local_tasks(facts: Facts, services: list[dict[str, Any]],
         check = service.get("health_check") or {}
         if not targets and check.get("type") in ("tcp", "http") and check.get("port"):
             targets = {int(check["port"])}
-        mapped = {int(k): int(v) for k, v in (task.get("ports") or {}).items()}
+        # the API's `ports` keys are target ports as text ("80")
+        mapped = {net.parse_port(k, "target port"): int(v)
+                  for k, v in (task.get("ports") or {}).items()}
         if not targets:
             targets = set(mapped)
         for target in sorted(targets):

@@ -1,6 +1,6 @@
 """Every refusal of the HTTP API, against a real agent process.
 
-Each case asserts the status, the error shape of DESIGN.md
+Each case asserts the status, the error shape of docs/design.md
 (`{"error": {"code": <snake_case>, "message": <one line>}}`) and, where a
 change was refused, that nothing of it was applied: the lists are unchanged
 and no VIP, published port or task slot was consumed.

@@ -110,7 +110,7 @@ def test_agent_serves_the_description_under_test(seeded_agent: AgentProcess) -> 
 
 
 def test_description_covers_the_contract() -> None:
-    """Every route of the HTTP API table of DESIGN.md is described."""
+    """Every route of the HTTP API table of docs/design.md is described."""
     operations = {(method.upper(), path)
                   for path, item in DESCRIPTION["paths"].items() for method in item}
     expected = {

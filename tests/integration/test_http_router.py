@@ -3,7 +3,7 @@
 One agent (router in its own loop, a 1 s header timeout and a 2 s upstream
 timeout so that the timeout cases are quick) and one backend process serving
 every task. Services are registered through the API with each label form of
-DESIGN.md; what the backends saw is read from their `/whoami` answers.
+docs/design.md; what the backends saw is read from their `/whoami` answers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one test suite every L4 backend passes (DESIGN.md, "Load-balancer backends").
+"""The one test suite every L4 backend passes (docs/design.md, "Load-balancer backends").
 
 A backend's test module subclasses `BackendSuite` and provides a `harness`
 fixture: something that makes fresh backend instances (a new instance over the
