@@ -42,6 +42,11 @@ Anti-entropy (memberlist pushPullNode/mergeState): on `join` and every
 `push_pull_scale(push_pull_interval, n)` a full-state PushPull goes over TCP
 to one peer; both sides merge nodes by precedence and the user state via the
 `StateDelegate`. A remote DEAD is merged as a suspicion of our own (state.go).
+
+Parts: `Membership` holds the member table and applies state changes, joins,
+leaves and push-pulls; its `Prober` (`probing.py`) does the failure
+detection and its `Outbox` (`dissemination.py`) the dissemination, each
+given what it works with when the core makes them.
 """
 
 from __future__ import annotations
@@ -54,17 +59,14 @@ from dataclasses import replace
 from typing import Protocol
 
 from gossip.awareness import Awareness
-from gossip.broadcasts import BroadcastQueue, RecentDigests
 from gossip.codec import (
-    COMPOUND_OVERHEAD,
     MAX_LATENESS_MS,
     MAX_META,
     MAX_NAME,
-    MAX_PARTS,
-    part_size,
 )
-from gossip.config import GossipConfig, push_pull_scale, retransmit_limit
-from gossip.errors import ConfigError, EncodeError
+from gossip.config import GossipConfig, push_pull_scale
+from gossip.dissemination import Outbox
+from gossip.errors import ConfigError
 from gossip.lateness import Lateness
 from gossip.members import (
     Change,
@@ -155,16 +157,14 @@ class Membership:
         self._rng, self._delegate, self._meta = rng, state, meta
         self._incarnation, self._left = incarnation, False
         self._members = MemberStates(config, rng, lifeguard=lifeguard)
-        self._queue = BroadcastQueue(config.broadcast_queue_depth)
+        self._outbox = Outbox(config, name, self._members, self._random_members)
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._due: float | None = None  # the last next_timer() answer (shells arm it)
         self._late = Lateness(enabled=lifeguard and config.lateness,
                               threshold=config.probe_timeout, window=config.lateness_window,
                               ttl=config.lateness_ttl)
-        self._outbox: list[tuple[Addr, list[Message], bool]] = []  # (to, messages, piggyback)
         self._streams: list[StreamRequest] = []
         self._events: deque[Event] = deque()
-        self._recent_user = RecentDigests(config.recent_user_messages)
         # Stagger the periodic work inside its first interval (memberlist triggerFunc):
         # the prober picks its phase first, then gossip and push-pull theirs.
         self._prober = Prober(config, name, addr, lifeguard=lifeguard, rng=rng, now=now,
@@ -179,7 +179,7 @@ class Membership:
         me = MemberInfo(name=name, addr=addr, state=ALIVE, incarnation=incarnation, meta=meta,
                         state_since=now)
         self._members.add_self(me)
-        self._queue_update(name, self._alive_message(now))
+        self._outbox.update(name, self._alive_message(now))
         self._events.append(MemberJoined(me))
 
     # -- inputs ---------------------------------------------------------------
@@ -198,7 +198,7 @@ class Membership:
         self._prober.forget_probes()
         me = replace(self._members.table[self.name], state=LEFT, state_since=now)
         self._members.table.set(me)
-        self._queue_update(self.name, Dead(incarnation=self._incarnation, node=self.name,
+        self._outbox.update(self.name, Dead(incarnation=self._incarnation, node=self.name,
                                            sender=self.name))
         self._events.append(MemberLeft(me))
         self.stats["leaves"] += 1
@@ -247,26 +247,19 @@ class Membership:
         self._expire_suspicions(now)
         if now >= self._next_gossip:
             self._next_gossip = _advance(self._next_gossip, self.config.gossip_interval, now)
-            self._gossip(now)
+            self._outbox.gossip(now)
         if now >= self._next_push_pull:
             self._push_pull(now)
 
     def broadcast(self, payload: bytes, key: str | None = None) -> None:
         """Disseminate a User payload; a newer one with the same key replaces the queued older."""
-        message = User(payload=payload)
-        size = part_size(message)
-        if size + COMPOUND_OVERHEAD > self.config.packet_budget:
-            raise EncodeError("oversized", f"User of {len(payload)} B does not fit a datagram")
-        digest = RecentDigests.digest(payload)
-        self._recent_user.add(digest)
-        self._queue.push(("user", key) if key is not None else ("msg", digest), message, size)
+        self._outbox.broadcast(payload, key)
 
     # -- outputs --------------------------------------------------------------
 
     def packets_to_send(self) -> list[Packet]:
         """Datagrams to send now; queued broadcasts are piggybacked as they are drained."""
-        packets = [self._fill(to, messages, piggyback) for to, messages, piggyback in self._outbox]
-        self._outbox.clear()
+        packets = self._outbox.packets()
         self.stats["packets"] += len(packets)
         return packets
 
@@ -325,7 +318,7 @@ class Membership:
         table = self._members.table
         alive = sum(1 for m in table if m.state is ALIVE)
         return (f"<Membership {self.name} inc={self._incarnation} alive={alive}/{len(table)} "
-                f"health={self._awareness.score} queued={len(self._queue)}>")
+                f"health={self._awareness.score} queued={len(self._outbox)}>")
 
     # -- incoming messages ----------------------------------------------------
 
@@ -351,15 +344,15 @@ class Membership:
                 self.stats["unexpected"] += 1  # push-pull travels on streams only
 
     def _on_user(self, user: User, source: Addr) -> None:
-        digest = RecentDigests.digest(user.payload)
-        if not self._recent_user.add(digest):
+        digest = self._outbox.first_seen(user)
+        if digest is None:
             self.stats["user_duplicates"] += 1
             return
         self.stats["user_delivered"] += 1
         if self._delegate is not None:
             name = self._members.table.name_at(source) or f"{source[0]}:{source[1]}"
             self._delegate.notify_user(user.payload, name)
-        self._queue.push(("msg", digest), user, part_size(user))  # epidemic: pass it on
+        self._outbox.pass_on(user, digest)
 
     # -- state changes (SWIM §4.2; the rules are members.MemberStates) --------
 
@@ -388,7 +381,7 @@ class Membership:
         if change is None:
             return
         if change.regossip:
-            self._queue_update(change.member.name, news)
+            self._outbox.update(change.member.name, news)
         if change.event is not None:
             self._events.append(change.event)
         if change.stat is not None:
@@ -416,27 +409,9 @@ class Membership:
         self._incarnation = incarnation
         table = self._members.table
         table.set(replace(table[self.name], incarnation=incarnation))
-        self._queue_update(self.name, self._alive_message(now))
+        self._outbox.update(self.name, self._alive_message(now))
 
     # -- dissemination and anti-entropy ---------------------------------------
-
-    def _gossip(self, now: float) -> None:
-        if not len(self._queue):
-            return
-        peers = self._random_members(self.config.gossip_nodes,
-                                     lambda m: self._gossipable(m, now))
-        room = self.config.packet_budget - COMPOUND_OVERHEAD
-        for peer in peers:
-            messages = self._queue.take(room, self._retransmit_limit(), MAX_PARTS)
-            if not messages:
-                return
-            self._outbox.append((peer.addr, messages, False))
-
-    def _gossipable(self, member: MemberInfo, now: float) -> bool:
-        if member.name == self.name or member.state is LEFT:
-            return False
-        return member.state is not DEAD or (
-            now - member.state_since < self.config.gossip_to_the_dead_time)
 
     def _push_pull(self, now: float) -> None:
         self._next_push_pull = now + push_pull_scale(self.config.push_pull_interval,
@@ -472,23 +447,10 @@ class Membership:
     # -- helpers --------------------------------------------------------------
 
     def _send(self, to: Addr, messages: list[Message]) -> None:
-        self._outbox.append((to, messages, True))
+        self._outbox.send(to, messages)
 
     def _open_stream(self, request: StreamRequest) -> None:
         self._streams.append(request)
-
-    def _fill(self, to: Addr, messages: list[Message], piggyback: bool) -> Packet:
-        if piggyback:
-            messages = self._queue.piggyback(messages,
-                                             self.config.packet_budget - COMPOUND_OVERHEAD,
-                                             self._retransmit_limit(), MAX_PARTS)
-        return Packet(to, tuple(messages))
-
-    def _queue_update(self, node: str, message: Alive | Suspect | Dead) -> None:
-        self._queue.push(("node", node), message, part_size(message))
-
-    def _retransmit_limit(self) -> int:
-        return retransmit_limit(self.config.retransmit_mult, len(self._members.ring))
 
     def _alive_message(self, now: float) -> Alive:
         late = min(self._late.announced(now), MAX_LATENESS_MS / 1000)
