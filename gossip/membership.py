@@ -169,7 +169,8 @@ class Membership:
         # the prober picks its phase first, then gossip and push-pull theirs.
         self._prober = Prober(config, name, addr, lifeguard=lifeguard, rng=rng, now=now,
                               wall_offset=wall_offset, members=self._members, late=self._late,
-                              awareness=self._awareness, stats=self.stats, send=self._send,
+                              awareness=self._awareness, stats=self.stats,
+                              send=self._outbox.send,
                               open_stream=self._open_stream,
                               random_members=self._random_members, suspect=self._on_suspect,
                               left=lambda: self._left)
@@ -272,7 +273,7 @@ class Membership:
 
     def next_timer(self) -> float | None:
         """Absolute time at which handle_timer is next due."""
-        times = [self._next_gossip, self._next_push_pull, *self._prober.deadlines()]
+        times = [self._next_gossip, self._next_push_pull, self._prober.next_deadline()]
         times.extend(s.deadline for s in self._members.suspicions.values())
         self._due = min(times)
         return self._due
@@ -445,9 +446,6 @@ class Membership:
             self._delegate.merge_remote_state(remote.user_state, remote.join)
 
     # -- helpers --------------------------------------------------------------
-
-    def _send(self, to: Addr, messages: list[Message]) -> None:
-        self._outbox.send(to, messages)
 
     def _open_stream(self, request: StreamRequest) -> None:
         self._streams.append(request)

@@ -95,16 +95,20 @@ class Prober:
         self.next_probe = (self._slot_time(self.slot(now) + 1) if config.probe_rota
                            else now + self._probe_phase)
 
-    def deadlines(self) -> list[float]:
-        """When the prober next has something to do (the core's `next_timer`)."""
+    def next_deadline(self) -> float:
+        """When the prober next has something to do (for the core's `next_timer`)."""
+        if not self._probes and not self._relays:
+            return self.next_probe
         times = [self.next_probe]
         for probe in self._probes.values():
             times.append(probe.deadline)
             if not probe.indirect_sent:
                 times.append(probe.indirect_at)
-        times.extend(r.deadline for r in self._relays.values())
-        times.extend(r.nack_at for r in self._relays.values() if r.nack_at is not None)
-        return times
+        for relay in self._relays.values():
+            times.append(relay.deadline)
+            if relay.nack_at is not None:
+                times.append(relay.nack_at)
+        return min(times)
 
     def forget_probes(self) -> None:
         """We left: our probes no longer matter."""
