@@ -5,6 +5,17 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
+from gossip.members import (
+    MemberAlive,
+    MemberFailed,
+    MemberInfo,
+    MemberJoined,
+    MemberLeft,
+    MemberSuspected,
+    MemberUpdated,
+)
+from gossip.messages import MemberState
+from mesh.cluster import NodeWatch
 from mesh.core.feed import ChangeFeed
 from mesh.core.model import Change, Record, Task
 from mesh.ipam import Ipam, parse_pool
@@ -60,3 +71,30 @@ def test_a_down_node_keeps_why_it_went_down_until_it_is_back() -> None:
     liveness.node_up("b")
     assert liveness.why == {"c": "dead"}
     assert liveness.node_down("a") == [] and "a" not in liveness.why  # never this node
+
+
+def test_node_watch_matches_gossip_events_by_type() -> None:
+    """Failed/left hide a node's tasks, joined/alive show them, the rest only log."""
+    remote = Store("b", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    local = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(2))
+    liveness = Liveness(local)
+    feed = ChangeFeed(local.all_records, shown=liveness)
+    seen = Seen()
+    feed.follow(seen)
+    for change in remote.create_service(ServiceSpec(name="web"), 0):
+        local.merge(change.after)
+    local.merge(remote.add_task(TaskSpec(service="web", address="127.0.0.5"), 0)[0].after)
+    watch = NodeWatch(liveness, feed)
+    b = MemberInfo(name="b", addr=("127.0.0.2", 7946), state=MemberState.ALIVE, incarnation=1)
+
+    watch.on_event(MemberSuspected(b, by="c"))
+    watch.on_event(MemberUpdated(b))
+    assert seen == [] and liveness.down == set()
+    watch.on_event(MemberLeft(b))
+    assert liveness.why == {"b": "left"} and [c.after.deleted for c in seen] == [True]
+    watch.on_event(MemberAlive(b))
+    assert liveness.down == set() and [c.after.deleted for c in seen] == [True, False]
+    watch.on_event(MemberFailed(b))
+    assert liveness.why == {"b": "dead"} and len(seen) == 3
+    watch.on_event(MemberJoined(b))
+    assert liveness.down == set() and not seen[-1].after.deleted
