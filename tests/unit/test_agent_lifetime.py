@@ -118,11 +118,12 @@ def test_a_failed_start_undoes_the_parts_started_before_in_reverse(
         stage, done, fails=stage.name == failing))
     started = [line[len("start "):] for line in done if line.startswith("start ")]
     stopped = [line[len("stop "):] for line in done if line.startswith("stop ")]
+    err = capsys.readouterr().err
     print(f"failed in {failing!r}: started {len(started)} parts, stopped {stopped}")
     assert status == 1
     assert started == STAGES[:STAGES.index(failing) + 1]
     assert stopped == started[::-1]
-    assert capsys.readouterr().err.splitlines()[-1] == (
+    assert err.splitlines()[-1] == (
         f"mesh agent: start failed: RuntimeError('injected in {failing}') (a bug: see the log)")
     assert _ports_free(ports), "a listener outlived the failed start"
 
