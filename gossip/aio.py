@@ -37,6 +37,7 @@ from typing import Any
 from gossip import codec, security
 from gossip.admission import Admission, Ticket
 from gossip.errors import DecodeError, EncodeError
+from gossip.members import Event
 from gossip.membership import Membership
 from gossip.messages import Ack, Addr, Packet, Ping, PushPull, StreamRequest
 
@@ -64,7 +65,7 @@ UNAUTHENTICATED_FLOOR = 4 << 20
 STATE_MARGIN = 2
 _LENGTH = struct.Struct("!I")
 
-EventSink = Callable[[Any], None]
+EventSink = Callable[[Event], None]
 
 
 class _Datagrams(asyncio.DatagramProtocol):

@@ -1,8 +1,10 @@
 """The agent's side of L4: the view follows the change feed, the backend follows the view.
 
-`LbDriver.start(records)` loads the view from a snapshot and starts the backend
-with the table it gives; from then on `on_change` (a feed listener, called
-synchronously in feed order) turns each change into ops and queues them, and
+`LbDriver` is a view of the change feed (`mesh.core.view.View`): `load` takes
+the snapshot, and `start` starts the backend with the table the view gives
+then; from then on `on_change` (called synchronously in feed order) turns each
+change into ops and queues them (changes made while the backend starts wait
+in the queue), and
 one task applies the queued batches in order, so the backend sees exactly the
 sequence the view emitted. A `BackendError` is logged and counted, never fatal:
 one entry the kernel refuses must not stop the others.
@@ -40,8 +42,10 @@ class LbDriver:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def start(self, records: Iterable[Record]) -> None:
+    def load(self, records: Iterable[Record]) -> None:
         self.view.load(records)
+
+    async def start(self) -> None:
         desired = self.view.table()
         try:
             await self.backend.start(desired)

@@ -7,8 +7,14 @@
   same way as local ones.
 - Push-pull carries the whole state (tombstones included) as anti-entropy.
 - When the core declares a node failed or left, `Liveness` hides its tasks
-  from the views; when it is alive again they come back.
+  from the views; when it is alive again they come back (`NodeWatch`, the
+  shell's event sink, matches the core's events by type).
 - `--join` seeds are tried with a back-off until one answers.
+
+Every part gets what it works with when it is made (`mesh.agent.build` makes
+them in this order): `ClusterState` (the core's delegate), the core
+(`Membership`), `NodeWatch`, the asyncio shell (`GossipShell`), then
+`Cluster` and `ClusterKeyring`, which both drive the core through the shell.
 """
 
 from __future__ import annotations
@@ -23,17 +29,28 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.errors import EncodeError
 from gossip.keyring_store import LocalKeyringControl
+from gossip.members import (
+    Event,
+    MemberAlive,
+    MemberFailed,
+    MemberJoined,
+    MemberLeft,
+    MemberSuspected,
+    MemberUpdated,
+)
 from gossip.membership import Membership
 from gossip.messages import Addr, MemberState
 from gossip.security import KeyringError
 from mesh.control import Control
 from mesh.core.codec import record_from_dict, record_to_dict
+from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Change, Record
 from mesh.digest import (
@@ -97,11 +114,11 @@ class ClusterKeyring:
     repeats do no harm; rotate as Serf does: install everywhere, use, remove.
     """
 
-    def __init__(self, local: LocalKeyringControl) -> None:
+    def __init__(self, local: LocalKeyringControl, core: Membership,
+                 shell: GossipShell) -> None:
         self.local = local
-        self.cluster: Cluster | None = None
-        self.applied = 0
-        self.failed = 0
+        self._core = core
+        self._shell = shell
 
     def list(self) -> dict[str, Any]:
         return self.local.list()
@@ -117,15 +134,22 @@ class ClusterKeyring:
 
     async def _do(self, op: str, key: bytes) -> None:
         await getattr(self.local, op)(key)
-        if self.cluster is not None:
-            # A fresh nonce in the payload: the same op made twice is gossiped twice
-            # (the core delivers each distinct payload once).
-            nonce = os.urandom(8).hex()
-            payload = json.dumps({"op": op, "key": base64.b64encode(key).decode(),
-                                  "nonce": nonce})
-            self.cluster.core.broadcast(KEYRING_OP + payload.encode(), key=f"keyring/{nonce}")
-            if self.cluster.shell is not None:
-                self.cluster.shell.flush()
+        # A fresh nonce in the payload: the same op made twice is gossiped twice
+        # (the core delivers each distinct payload once).
+        nonce = os.urandom(8).hex()
+        payload = json.dumps({"op": op, "key": base64.b64encode(key).decode(),
+                              "nonce": nonce})
+        self._core.broadcast(KEYRING_OP + payload.encode(), key=f"keyring/{nonce}")
+        self._shell.flush()
+
+
+class RemoteKeyring:
+    """Applies the keyring changes other members gossip (see `ClusterKeyring`)."""
+
+    def __init__(self, local: LocalKeyringControl) -> None:
+        self.local = local
+        self.applied = 0
+        self.failed = 0
 
     async def apply_remote(self, payload: bytes) -> None:
         try:
@@ -144,7 +168,7 @@ class ClusterKeyring:
 class ClusterState:
     """The core's StateDelegate: the replicated tables of this node."""
 
-    def __init__(self, control: Control, keyring: ClusterKeyring | None = None) -> None:
+    def __init__(self, control: Control, keyring: RemoteKeyring | None = None) -> None:
         self._control = control
         self._keyring = keyring
         self._pending: set[asyncio.Task[None]] = set()
@@ -191,24 +215,55 @@ class ClusterState:
         self.merged += len(changes)
 
 
+def gossip_core(config: GossipConfig, name: str, advertise: Addr, state: ClusterState, *,
+                incarnation: int = 0, rng: random.Random | None = None) -> Membership:
+    """The sans-IO gossip core of this node, on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    # The probe rota's periods are slots of Unix time, which the nodes share (NTP);
+    # the core's own clock stays the loop's monotonic one.
+    return Membership(config, name, advertise, rng=rng or random.Random(),
+                      now=loop.time(), state=state, incarnation=incarnation,
+                      wall_offset=time.time() - loop.time())
+
+
+class NodeWatch:
+    """The gossip shell's event sink: a node down hides its tasks from the views, a
+    node back shows them again (`Liveness`), published on the feed as shown."""
+
+    def __init__(self, liveness: Liveness, feed: ChangeFeed) -> None:
+        self._liveness = liveness
+        self._feed = feed
+
+    def on_event(self, member_event: Event) -> None:
+        match member_event:
+            case MemberFailed(member=member) | MemberLeft(member=member):
+                why = "left" if isinstance(member_event, MemberLeft) else "dead"
+                changes = self._liveness.node_down(member.name, why)
+                self._feed.publish(changes, shown=True)
+                event(log, "node_down", logging.WARNING, node=member.name,
+                      why=type(member_event).__name__, tasks_hidden=len(changes))
+            case MemberJoined(member=member) | MemberAlive(member=member):
+                changes = self._liveness.node_up(member.name)
+                self._feed.publish(changes, shown=True)
+                event(log, "node_up", node=member.name, why=type(member_event).__name__,
+                      tasks_shown=len(changes))
+            case MemberSuspected(member=member, by=by):
+                event(log, "node_suspected", node=member.name, by=by)
+            case MemberUpdated():
+                pass
+
+
 class Cluster:
-    def __init__(self, control: Control, config: GossipConfig, name: str, advertise: Addr,
-                 *, incarnation: int = 0, rng: random.Random | None = None,
-                 keyring: ClusterKeyring | None = None) -> None:
+    """This node in the cluster: gossips its own writes, joins, reconnects, tells its
+    state digest, and answers `GET /v1/members`, `/v1/gossip`. A view of the feed."""
+
+    def __init__(self, control: Control, core: Membership, shell: GossipShell,
+                 state: ClusterState, liveness: Liveness, name: str) -> None:
         self._control = control
-        self.keyring = keyring
-        if keyring is not None:
-            keyring.cluster = self
-        self.state = ClusterState(control, keyring)
-        self.liveness = Liveness(control.store,
-                                 lambda changes: control.feed.publish(changes, shown=True))
-        control.feed.set_filter(self.liveness.transform, self.liveness.hide)
-        loop = asyncio.get_event_loop()
-        # The probe rota's periods are slots of Unix time, which the nodes share (NTP);
-        # the core's own clock stays the loop's monotonic one.
-        self.core = Membership(config, name, advertise, rng=rng or random.Random(),
-                               now=loop.time(), state=self.state, incarnation=incarnation,
-                               wall_offset=time.time() - loop.time())
+        self.core = core
+        self.shell = shell
+        self.state = state
+        self.liveness = liveness
         self.name = name
         self._join_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -217,14 +272,16 @@ class Cluster:
         self._rng = random.Random()
         self.reconnects = 0
         self.oversized = 0
-        self.shell: Any = None  # gossip.aio.GossipShell, set by start()
 
-    # -- wiring ------------------------------------------------------------------
+    # -- the feed --------------------------------------------------------------------
+
+    def load(self, records: Iterable[Record]) -> None:
+        """Nothing to gossip: the state as it is reaches peers by push-pull."""
 
     def on_change(self, change: Change) -> None:
         """Gossip this node's own writes (merged ones were gossiped by their writer)."""
         record = change.after
-        if record.version.node != self.name or self.shell is None:
+        if record.version.node != self.name:
             return
         try:
             self.core.broadcast(encode_records([record]), key=f"{change.kind.value}/{change.key}")
@@ -239,21 +296,6 @@ class Cluster:
                 self.core.join(peers[:OVERSIZED_FANOUT], self.shell.now())
         self.shell.flush()
 
-    def on_event(self, member_event: Any) -> None:
-        kind = type(member_event).__name__
-        member = getattr(member_event, "member", None)
-        node = getattr(member, "name", None)
-        if node is None:
-            return
-        if kind in ("MemberFailed", "MemberLeft"):
-            hidden = self.liveness.node_down(node, "left" if kind == "MemberLeft" else "dead")
-            event(log, "node_down", logging.WARNING, node=node, why=kind, tasks_hidden=hidden)
-        elif kind in ("MemberJoined", "MemberAlive"):
-            shown = self.liveness.node_up(node)
-            event(log, "node_up", node=node, why=kind, tasks_shown=shown)
-        elif kind == "MemberSuspected":
-            event(log, "node_suspected", node=node, by=getattr(member_event, "by", ""))
-
     async def join(self, seeds: Sequence[Addr]) -> None:
         """Try the seeds until one answers (some other member is alive), backing off."""
         self._reconnect_task = asyncio.create_task(self._reconnect_failed())
@@ -267,7 +309,7 @@ class Cluster:
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL)
             failed = sorted(m.addr for m in self.core.members() if m.state is MemberState.DEAD)
-            if failed and self.shell is not None:
+            if failed:
                 self.core.join([self._rng.choice(failed)], asyncio.get_running_loop().time())
                 self.shell.flush()
                 self.reconnects += 1
@@ -280,8 +322,7 @@ class Cluster:
         while True:
             await asyncio.sleep(ANNOUNCE_INTERVAL)
             digest = self._state_digest()
-            if self.shell is None or (digest.value == last
-                                      and loop.time() - last_sent < REFRESH_INTERVAL):
+            if digest.value == last and loop.time() - last_sent < REFRESH_INTERVAL:
                 continue
             self.core.broadcast(digest.encode(self.name, time.time()), key="digest")
             self.shell.flush()
@@ -327,10 +368,9 @@ class Cluster:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self.shell is not None:
-            self.core.leave(self.shell.now())
-            self.shell.flush()
-            await asyncio.sleep(0.2)  # let the leave go out before the socket closes
+        self.core.leave(self.shell.now())
+        self.shell.flush()
+        await asyncio.sleep(0.2)  # let the leave go out before the socket closes
 
     def stats(self) -> dict[str, Any]:
         shell = self.shell
@@ -339,9 +379,9 @@ class Cluster:
             "node": self.name, "incarnation": 0 if me is None else me.incarnation,
             "health_score": self.core.health_score(), "members": len(self.core.members()),
             "lateness": round(self.core.lateness(asyncio.get_running_loop().time()), 3),
-            "encrypted": shell is not None and shell.keyring is not None,
-            "drops": {} if shell is None else dict(shell.drops),
-            "counts": {**({} if shell is None else dict(shell.counts)),
+            "encrypted": shell.keyring is not None,
+            "drops": dict(shell.drops),
+            "counts": {**dict(shell.counts),
                        **{k: int(v) for k, v in self.core.stats.items()},
                        "state_merged": self.state.merged, "state_rejected": self.state.rejected,
                        "reconnects": self.reconnects, "oversized_deltas": self.oversized},

@@ -23,14 +23,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from mesh.core.codec import record_to_dict
 from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
-from mesh.core.model import Change
+from mesh.core.model import Change, Record
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,30 @@ def encode_line(payload: object) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
 
 
+class _Follower:
+    """One worker's connection, as a view of the feed: the snapshot line, then a line
+    per change, until the worker reads too slowly."""
+
+    def __init__(self, feed: ChangeFeed, writer: asyncio.StreamWriter) -> None:
+        self._feed = feed
+        self._writer = writer
+
+    def load(self, records: Iterable[Record]) -> None:
+        self._writer.write(encode_line({"snapshot": self._feed.seq,
+                                        "records": [record_to_dict(r) for r in records]}))
+
+    def on_change(self, change: Change) -> None:
+        writer = self._writer
+        if writer.is_closing():
+            return
+        if writer.transport.get_write_buffer_size() > MAX_BACKLOG:
+            event(log, "feed_client_too_slow", logging.WARNING, backlog=MAX_BACKLOG)
+            writer.close()
+            return
+        writer.write(encode_line({"seq": self._feed.seq,
+                                  "record": record_to_dict(change.after)}))
+
+
 class FeedServer:
     def __init__(self, feed: ChangeFeed, path: Path,
                  on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -76,28 +100,14 @@ class FeedServer:
         task = asyncio.current_task()
         if task is not None:
             self._clients.add(task)
-        seq, records = self._feed.snapshot()
-        writer.write(encode_line({"snapshot": seq,
-                                  "records": [record_to_dict(r) for r in records]}))
-
-        def send(change: Change) -> None:
-            if writer.is_closing():
-                return
-            if writer.transport.get_write_buffer_size() > MAX_BACKLOG:
-                event(log, "feed_client_too_slow", logging.WARNING, backlog=MAX_BACKLOG)
-                writer.close()
-                return
-            writer.write(encode_line({"seq": self._feed.seq,
-                                      "record": record_to_dict(change.after)}))
-
-        unsubscribe = self._feed.subscribe(send)
+        unfollow = self._feed.follow(_Follower(self._feed, writer))
         try:
             while line := await reader.readline():  # EOF: the worker is gone
                 self._report(line)
         except (ConnectionError, ValueError):  # ValueError: a line past MAX_REPORT
             pass
         finally:
-            unsubscribe()
+            unfollow()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -6,23 +6,22 @@ deleted them and lost them for good after a transient partition (moby issue
 53141). So the store keeps them, and this filter sits between the store and
 the change feed: for a node that is down, every task of it is shown to the
 feed's subscribers as removed; when the node comes back, as present again.
+The feed takes it as its `Shown` filter; `node_down`/`node_up` return the
+changes the views must see, for the caller to publish (already shown).
 The API still lists those tasks, each with its node's status (`node_status`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
 
 from mesh.core.model import Change, Kind, Record, Task
 from mesh.state.store import Store
 
 
 class Liveness:
-    def __init__(self, store: Store, publish: Callable[[Iterable[Change]], None]) -> None:
-        """`publish` delivers changes as they are (they are already as the views see them)."""
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._publish = publish
         self.down: set[str] = set()
         #: why each down node is down ("dead" or "left"): the gossip layer forgets a
         #: member some time after it died, the tasks it left behind still need a status
@@ -41,26 +40,24 @@ class Liveness:
         before = None if change.before is None else self.hide(change.before)
         return Change(change.kind, change.key, before, self.hide(change.after))
 
-    def node_down(self, node: str, why: str = "dead") -> int:
-        """Hide the node's tasks; returns how many left the views."""
+    def node_down(self, node: str, why: str = "dead") -> list[Change]:
+        """Hide the node's tasks; returns the changes that take them out of the views."""
         if node == self._store.node:
-            return 0
+            return []
         if node in self.down:
             self.why[node] = why
-            return 0
+            return []
         self.why[node] = why
         tasks = self._store.tasks(node=node)
         self.down.add(node)
-        self._publish(Change(Kind.TASK, t.id, t, self.hide(t)) for t in tasks)
-        return len(tasks)
+        return [Change(Kind.TASK, t.id, t, self.hide(t)) for t in tasks]
 
-    def node_up(self, node: str) -> int:
-        """Show the node's tasks again; returns how many came back."""
+    def node_up(self, node: str) -> list[Change]:
+        """Show the node's tasks again; returns the changes that bring them back."""
         if node not in self.down:
-            return 0
+            return []
         self.down.discard(node)
         self.why.pop(node, None)
         tasks = self._store.tasks(node=node)
-        self._publish(Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t)
-                      for t in tasks)
-        return len(tasks)
+        return [Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t)
+                for t in tasks]

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from mesh.control import Control
 from mesh.core.logs import event
-from mesh.core.model import Change, Kind
+from mesh.core.model import Change, Kind, Record
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ class TombstoneReaper:
         self._seen: dict[tuple[Kind, str], float] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def load(self) -> None:
+    def load(self, records: Iterable[Record]) -> None:
+        """The tombstones of the state: their age counts from now."""
         now = self._wall_clock()
         for key in self._store.tombstones():
             self._seen.setdefault(key, now)

@@ -42,10 +42,20 @@ class HttpMesh:
         self.settings = settings
         self.workers = workers
         self.log_level = log_level
-        self.service: HttpService | None = None
+        try:
+            # Certificates load first, so that a bad one fails the agent with its reason.
+            service = HttpService(endpoints, settings)
+        except ValueError as error:
+            raise OSError(str(error)) from None
+        #: the router of the agent's loop; None when worker processes serve
+        self.service = None if workers else service
         self.pool: WorkerPool | None = None
         self._reserved: list[socket.socket] = []
         self._reports: dict[int, dict[str, Any]] = {}
+
+    def load(self, records: Iterable[Record]) -> None:
+        if self.service is not None:
+            self.service.load(records)
 
     def on_change(self, change: Change) -> None:
         if self.service is not None:
@@ -67,17 +77,10 @@ class HttpMesh:
             return self.service.snapshot()
         return merge_snapshots(list(self._reports.values()))
 
-    async def start(self, feed_socket: Callable[[], Awaitable[str]],
-                    records: Iterable[Record]) -> None:
-        try:
-            # Certificates load first, so that a bad one fails the agent with its reason.
-            service = HttpService(self.endpoints, self.settings)
-        except ValueError as error:
-            raise OSError(str(error)) from None
-        if not self.workers:
-            self.service = service
-            service.load(records)
-            await service.start()
+    async def start(self, feed_socket: Callable[[], Awaitable[str]]) -> None:
+        """Listen (in this loop, the service `load` fed), or start the workers."""
+        if self.service is not None:
+            await self.service.start()
             return
         ends = self.endpoints
         http = reserve(ends.host, ends.port)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
 
 from mesh.api import convert
 from mesh.api.app import DEPS
-from mesh.core.feed import Gap
+from mesh.core.feed import ChangeFeed, Gap
 from mesh.core.model import Change, Network, Record, Service, Task
 
 QUEUE_LIMIT = 1024
@@ -45,18 +45,33 @@ def _frame(seq: int, change: Change, node_status: Callable[[str], str]) -> bytes
     return f"id: {seq}\nevent: {change.kind.value}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+class _Stream:
+    """One client's stream as a view of the feed: it starts from the client's
+    Last-Event-ID (the backlog), not from a snapshot, so `load` takes nothing."""
+
+    def __init__(self, feed: ChangeFeed, queue: asyncio.Queue[Item]) -> None:
+        self._feed = feed
+        self._queue = queue
+        self._overflowed = False
+
+    def load(self, records: Iterable[Record]) -> None:
+        pass
+
+    def on_change(self, change: Change) -> None:
+        if self._overflowed:
+            return  # a reader this slow reconnects and re-reads; it is being told so
+        if self._queue.qsize() >= QUEUE_LIMIT:
+            self._overflowed = True
+            self._queue.put_nowait(OVERFLOW)
+        else:
+            self._queue.put_nowait((self._feed.seq, change))
+
+
 async def stream_events(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     feed = deps.control.feed
     # One slot more than the changes it buffers, so OVERFLOW always fits.
     queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_LIMIT + 1)
-
-    def on_change(change: Change) -> None:
-        if queue.qsize() >= QUEUE_LIMIT:
-            unsubscribe()  # a reader this slow reconnects and re-reads
-            queue.put_nowait(OVERFLOW)
-        else:
-            queue.put_nowait((feed.seq, change))
 
     backlog = []
     last = request.headers.get("Last-Event-ID", "")
@@ -66,7 +81,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             backlog = feed.since(int(last))
         except Gap:
             gap = True
-    unsubscribe = feed.subscribe(on_change)
+    unfollow = feed.follow(_Stream(feed, queue))
     streams = request.app[_STREAMS]
     streams.add(queue)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -93,7 +108,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        unsubscribe()
+        unfollow()
         streams.discard(queue)
     return response
 

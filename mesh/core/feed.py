@@ -1,14 +1,15 @@
 """The change feed: every change to the state, numbered, for the views to follow.
 
-Views (DNS, LB, HRM, health checks, the event stream, and later worker
-processes) subscribe with a snapshot plus deltas: `snapshot()` gives the
-current records and the sequence number they reflect; `since(seq)` gives every
-change after it while it is still in the ring buffer. A subscriber that fell
-further behind than the buffer holds is told so (`Gap`) and takes a new
-snapshot; it never silently misses a change.
+Views (`mesh.core.view.View`: DNS, LB, HRM, health checks, the reapers, the
+cluster, the feed socket's workers, the event stream) follow it with
+`follow(view)`: a snapshot loaded, then every later change, with nothing in
+between. `seq` numbers the changes; `since(seq)` gives every change after it
+while it is still in the ring buffer. A follower that fell further behind than
+the buffer holds is told so (`Gap`) and takes a new snapshot; it never
+silently misses a change.
 
-In-process listeners are called synchronously, in order, as changes are
-published, which is what keeps views exactly in step with the store.
+Views are called synchronously, in order, as changes are published, which is
+what keeps them exactly in step with the store.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mesh.core.model import Change, Record
+from mesh.core.view import AsStored, Shown, View
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +40,16 @@ class Numbered:
 
 class ChangeFeed:
     def __init__(self, snapshot: Callable[[], Iterable[Record]],
-                 history: int = DEFAULT_HISTORY) -> None:
+                 history: int = DEFAULT_HISTORY, *, shown: Shown | None = None) -> None:
         self._snapshot = snapshot
         self._history: collections.deque[Numbered] = collections.deque(maxlen=history)
         self._listeners: list[Listener] = []
         self.seq = 0
         # What the views see may differ from the store (tasks of a down node
         # read as removed): one filter, applied to snapshots and deltas alike.
-        self._show_change: Callable[[Change], Change] = lambda change: change
-        self._show_record: Callable[[Record], Record] = lambda record: record
-
-    def set_filter(self, show_change: Callable[[Change], Change],
-                   show_record: Callable[[Record], Record]) -> None:
-        self._show_change = show_change
-        self._show_record = show_record
+        shown = shown or AsStored()
+        self._show_change = shown.transform
+        self._show_record = shown.hide
 
     def __repr__(self) -> str:
         return (f"<ChangeFeed seq={self.seq} kept={len(self._history)} "
@@ -71,8 +69,12 @@ class ChangeFeed:
                     log.exception("change feed listener %r failed on %s %s", listener,
                                   change.kind, change.key)
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener` with every later change; returns the unsubscribe function."""
+    def follow(self, view: View) -> Callable[[], None]:
+        """Load `view` with the snapshot, then give it every later change; returns the
+        function that stops it. Nothing runs in between, so the view misses no change."""
+        # Lazily: a view that starts elsewhere (the event stream) takes nothing.
+        view.load(self._show_record(r) for r in self._snapshot())
+        listener = view.on_change
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 

@@ -24,7 +24,7 @@ from yarl import URL
 
 from lb.fds import is_fd_shortage
 from mesh.core.logs import event
-from mesh.core.model import Change, Health, HealthCheck
+from mesh.core.model import KIND_OF, Change, Health, HealthCheck, Record
 from mesh.health.core import HealthPlanner, ProbeOrder, Transition
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ class HealthRunner:
         return f"<HealthRunner {state} probes={len(self._probes)} {self.planner!r}>"
 
     # -- inputs ----------------------------------------------------------------
+
+    def load(self, records: Iterable[Record]) -> None:
+        """The state to check (networks, then services, then tasks: a task's check
+        lives on its service); before `start` too."""
+        for record in records:
+            self.on_change(Change(KIND_OF[type(record)], record.key, None, record))
 
     def on_change(self, change: Change) -> None:
         """Follow the change feed (every change, in order; before `start` too)."""

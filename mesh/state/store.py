@@ -74,6 +74,9 @@ class Store:
         # Indexes kept in step with every write, so no request scans the state.
         self._tasks_by_service: dict[str, set[str]] = {}
         self._task_names: dict[str, str] = {}
+        # Live networks and services by lower-cased name (names compare as DNS names):
+        # usually one key each, two when nodes created `Web` and `web` at one moment.
+        self._folded: dict[Kind, dict[str, set[str]]] = {Kind.NETWORK: {}, Kind.SERVICE: {}}
         self._published: dict[tuple[str, int], str] = {}
         # Who holds each VIP. Two nodes may hand out one address at the same
         # moment (no central allocator); until that is repaired both hold it,
@@ -398,6 +401,7 @@ class Store:
             return
         match record:
             case Network():
+                self._folded[Kind.NETWORK].setdefault(record.key.lower(), set()).add(record.key)
                 # Refused overlaps were refused before the write (create_network,
                 # ensure_ingress); a record loaded or merged exists whatever it overlaps:
                 # two nodes may carve one /24 at once, or an older node hold a /24
@@ -407,6 +411,7 @@ class Store:
                 for service in self.services():
                     self._claim_vips(service)
             case Service():
+                self._folded[Kind.SERVICE].setdefault(record.key.lower(), set()).add(record.key)
                 self._claim_vips(record)
                 for port in record.ports:
                     self._published[(port.protocol, port.published_port)] = record.name
@@ -419,8 +424,10 @@ class Store:
             return
         match record:
             case Network():
+                self._unfold(Kind.NETWORK, record.key)
                 self.ipam.remove_network(record.name)
             case Service():
+                self._unfold(Kind.SERVICE, record.key)
                 self._release_vips(record)
                 for port in record.ports:
                     if self._published.get((port.protocol, port.published_port)) == record.name:
@@ -444,14 +451,23 @@ class Store:
                 self._vip_holders.pop(key, None)
                 self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
 
+    def _unfold(self, kind: Kind, key: str) -> None:
+        folded = key.lower()
+        keys = self._folded[kind].get(folded)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._folded[kind][folded]
+
     def _check_name_free(self, kind: Kind, name: str) -> None:
-        """Names are DNS names, which compare in lower case: `WEB` is taken by `web`."""
-        folded = name.lower()
-        for record in self.live(kind):
-            if record.key.lower() == folded:
-                taken = "" if record.key == name else f" as {record.key!r}"
-                raise Conflict(f"{kind.value} {name!r} already exists{taken}",
-                               code="name_in_use")
+        """Names are DNS names, which compare in lower case: `WEB` is taken by `web`.
+
+        One look-up in the index `_put` keeps, not a scan of the records."""
+        keys = self._folded[kind].get(name.lower())
+        if keys:
+            key = name if name in keys else min(keys)
+            taken = "" if key == name else f" as {key!r}"
+            raise Conflict(f"{kind.value} {name!r} already exists{taken}", code="name_in_use")
 
     def _check_networks(self, networks: tuple[str, ...]) -> None:
         if len(set(networks)) != len(networks):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import given
@@ -17,6 +19,7 @@ from mesh.core.model import (
     Kind,
     Network,
     PortConfig,
+    Record,
     Service,
     Task,
     TaskState,
@@ -64,12 +67,27 @@ def _change(key: str) -> Change:
                   Network(name=key, id=key, driver="overlay", subnet="", gateway=""))
 
 
-def test_feed_numbers_changes_and_calls_listeners_in_order() -> None:
+class Keys(list[str]):
+    """A view that notes the keys it is given."""
+
+    def load(self, records: Iterable[Record]) -> None:
+        self.extend(f"loaded {r.key}" for r in records)
+
+    def on_change(self, change: Change) -> None:
+        self.append(change.key)
+
+
+class Broken(Keys):
+    def on_change(self, change: Change) -> None:
+        raise RuntimeError("a view's bug")
+
+
+def test_feed_numbers_changes_and_calls_views_in_order() -> None:
     feed = ChangeFeed(lambda: [])
-    seen: list[str] = []
-    unsubscribe = feed.subscribe(lambda c: seen.append(c.key))
+    seen = Keys()
+    unfollow = feed.follow(seen)
     feed.publish([_change("a"), _change("b")])
-    unsubscribe()
+    unfollow()
     feed.publish([_change("c")])
     assert seen == ["a", "b"]
     assert feed.seq == 3
@@ -87,12 +105,27 @@ def test_feed_reports_a_gap_when_history_is_gone() -> None:
 
 def test_a_failing_listener_does_not_stop_the_others() -> None:
     feed = ChangeFeed(lambda: [])
-    seen: list[str] = []
-
-    def broken(_change: Change) -> None:
-        raise RuntimeError("a view's bug")
-
-    feed.subscribe(broken)
-    feed.subscribe(lambda c: seen.append(c.key))
+    seen = Keys()
+    feed.follow(Broken())
+    feed.follow(seen)
     feed.publish([_change("a")])
     assert seen == ["a"]
+
+
+def test_follow_loads_the_snapshot_as_shown_then_every_later_change() -> None:
+    """One way to follow the feed: the snapshot (through the feed's filter) and the
+    subscription with nothing between them."""
+    records: list[Record] = [_change("a").after]
+
+    class Renamed:
+        def transform(self, change: Change) -> Change:
+            return Change(change.kind, change.key.upper(), change.before, change.after)
+
+        def hide(self, record: Record) -> Record:
+            return dataclasses.replace(record, name=record.key.upper())
+
+    feed = ChangeFeed(lambda: records, shown=Renamed())
+    seen = Keys()
+    feed.follow(seen)
+    feed.publish([_change("b")])
+    assert seen == ["loaded A", "B"]

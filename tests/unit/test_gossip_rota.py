@@ -86,8 +86,8 @@ def test_in_the_cluster_nodes_due_in_one_period_probe_distinct_members() -> None
     by_slot: dict[int, list[str | None]] = {}
     for node in cluster.nodes:  # each node's next probe: which rota period, which target
         core = node.core
-        slot = core._slot(core._next_probe)
-        target = core._members.rota.target(core.name, slot, core._probeable)
+        slot = core._prober.slot(core._prober.next_probe)
+        target = core._members.rota.target(core.name, slot, core._prober._probeable)
         by_slot.setdefault(slot, []).append(target)
     assert 1 <= len(by_slot) <= 2  # "now" falls inside a period: some are due in the next
     for targets in by_slot.values():

@@ -52,7 +52,8 @@ async def test_ops_are_applied_in_order_and_errors_counted_not_fatal() -> None:
     backend = RecordingBackend()
     driver = LbDriver(LbView("n1"), backend, "test")
     first = task("a", "10.0.0.5")
-    await driver.start([SERVICE, first])
+    driver.load([SERVICE, first])
+    await driver.start()
     assert backend.started == driver.view.table()
     backend.refuse = {"10.0.0.6"}
     driver.on_change(Change(Kind.TASK, "b", None, task("b", "10.0.0.6")))

@@ -3,23 +3,42 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
+from gossip.members import (
+    MemberAlive,
+    MemberFailed,
+    MemberInfo,
+    MemberJoined,
+    MemberLeft,
+    MemberSuspected,
+    MemberUpdated,
+)
+from gossip.messages import MemberState
+from mesh.cluster import NodeWatch
 from mesh.core.feed import ChangeFeed
-from mesh.core.model import Change, Task
+from mesh.core.model import Change, Record, Task
 from mesh.ipam import Ipam, parse_pool
 from mesh.liveness import Liveness
 from mesh.state.specs import ServiceSpec, TaskSpec
 from mesh.state.store import Store
 
 
+class Seen(list[Change]):
+    def load(self, records: Iterable[Record]) -> None:
+        assert list(records) == []
+
+    def on_change(self, change: Change) -> None:
+        self.append(change)
+
+
 def test_down_node_tasks_hidden_then_shown() -> None:
     remote = Store("b", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
     local = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(2))
-    feed = ChangeFeed(local.all_records)
-    liveness = Liveness(local, lambda changes: feed.publish(changes, shown=True))
-    feed.set_filter(liveness.transform, liveness.hide)
-    seen: list[Change] = []
-    feed.subscribe(seen.append)
+    liveness = Liveness(local)
+    feed = ChangeFeed(local.all_records, shown=liveness)
+    seen = Seen()
+    feed.follow(seen)
     for change in remote.create_service(ServiceSpec(name="web"), 0):
         feed.publish(local.merge(change.after))
     task = remote.add_task(TaskSpec(service="web", address="127.0.0.5"), 0)[0].after
@@ -27,13 +46,15 @@ def test_down_node_tasks_hidden_then_shown() -> None:
     feed.publish(local.merge(task))
     assert not seen[-1].after.deleted
 
-    assert liveness.node_down("b") == 1
+    feed.publish(down := liveness.node_down("b"), shown=True)
+    assert len(down) == 1
     assert seen[-1].before is not None and not seen[-1].before.deleted
     assert seen[-1].after.deleted
     assert all(r.deleted for r in feed.snapshot()[1] if isinstance(r, Task))
     assert local.tasks() != []  # kept aside, not forgotten
 
-    assert liveness.node_up("b") == 1
+    feed.publish(up := liveness.node_up("b"), shown=True)
+    assert len(up) == 1
     assert seen[-1].before is not None and seen[-1].before.deleted
     assert not seen[-1].after.deleted
 
@@ -41,7 +62,7 @@ def test_down_node_tasks_hidden_then_shown() -> None:
 def test_a_down_node_keeps_why_it_went_down_until_it_is_back() -> None:
     """The API's node_status of a node gossip has forgotten comes from here."""
     local = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(2))
-    liveness = Liveness(local, lambda changes: None)
+    liveness = Liveness(local)
     liveness.node_down("b", "left")
     liveness.node_down("c")
     assert liveness.why == {"b": "left", "c": "dead"}
@@ -49,4 +70,31 @@ def test_a_down_node_keeps_why_it_went_down_until_it_is_back() -> None:
     assert liveness.why["b"] == "dead"
     liveness.node_up("b")
     assert liveness.why == {"c": "dead"}
-    assert liveness.node_down("a") == 0 and "a" not in liveness.why  # never this node
+    assert liveness.node_down("a") == [] and "a" not in liveness.why  # never this node
+
+
+def test_node_watch_matches_gossip_events_by_type() -> None:
+    """Failed/left hide a node's tasks, joined/alive show them, the rest only log."""
+    remote = Store("b", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    local = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(2))
+    liveness = Liveness(local)
+    feed = ChangeFeed(local.all_records, shown=liveness)
+    seen = Seen()
+    feed.follow(seen)
+    for change in remote.create_service(ServiceSpec(name="web"), 0):
+        local.merge(change.after)
+    local.merge(remote.add_task(TaskSpec(service="web", address="127.0.0.5"), 0)[0].after)
+    watch = NodeWatch(liveness, feed)
+    b = MemberInfo(name="b", addr=("127.0.0.2", 7946), state=MemberState.ALIVE, incarnation=1)
+
+    watch.on_event(MemberSuspected(b, by="c"))
+    watch.on_event(MemberUpdated(b))
+    assert seen == [] and liveness.down == set()
+    watch.on_event(MemberLeft(b))
+    assert liveness.why == {"b": "left"} and [c.after.deleted for c in seen] == [True]
+    watch.on_event(MemberAlive(b))
+    assert liveness.down == set() and [c.after.deleted for c in seen] == [True, False]
+    watch.on_event(MemberFailed(b))
+    assert liveness.why == {"b": "dead"} and len(seen) == 3
+    watch.on_event(MemberJoined(b))
+    assert liveness.down == set() and not seen[-1].after.deleted

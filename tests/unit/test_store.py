@@ -351,3 +351,44 @@ def test_a_merged_network_that_overlaps_one_here_is_kept_not_raised() -> None:
     new.merge(service)
     assert new.ipam.is_claimed("back", ipaddress.IPv4Address("127.64.1.2"))
     assert new.network(INGRESS).subnet == "127.64.0.0/16"
+
+
+def test_name_check_is_an_index_look_up_kept_with_the_records(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_check_name_free` reads the lower-cased name index, not every live record."""
+    store = make_store()
+    web(store, name="Web")
+    store.create_network(NetworkSpec(name="Back"), NOW)
+
+    def check(kind: Kind, name: str) -> None:
+        def no_scan(kind: Kind) -> None:
+            raise AssertionError(f"a name check scanned the {kind.value}s")
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "live", no_scan)
+            store._check_name_free(kind, name)
+
+    with pytest.raises(Conflict, match="as 'Web'") as taken:
+        check(Kind.SERVICE, "web")
+    assert taken.value.code == "name_in_use"
+    with pytest.raises(Conflict, match="'back' already exists as 'Back'"):
+        check(Kind.NETWORK, "back")
+    with pytest.raises(Conflict, match=r"'Web' already exists$"):
+        check(Kind.SERVICE, "Web")
+    check(Kind.SERVICE, "back")  # each kind has its own names
+    store.remove_service("Web", NOW)
+    store.remove_network("Back", NOW)
+    check(Kind.SERVICE, "WEB")  # freed by the removal
+    check(Kind.NETWORK, "back")
+    # A record merged from another node (or loaded from disk) takes its name too,
+    # and a tombstone merged over it frees the name again.
+    other = make_store("n2", seed=2)
+    store.merge(web(other, name="api"))
+    with pytest.raises(Conflict, match="as 'api'"):
+        check(Kind.SERVICE, "API")
+    store.merge(other.remove_service("api", NOW)[-1].after)
+    check(Kind.SERVICE, "API")
+    store.create_network(NetworkSpec(name="back"), NOW)
+    loaded = make_store("n3", seed=3)
+    loaded.load(store.all_records())
+    with pytest.raises(Conflict, match="as 'back'"):
+        loaded._check_name_free(Kind.NETWORK, "BACK")

@@ -1,0 +1,103 @@
+"""`mesh agent`: the composition root of one node.
+
+Start-up order: read the config; lock the data dir (one agent per data dir,
+before anything touches it or binds a port); load the durable state; build
+every part from the config, once, in dependency order (`mesh.agent.build`:
+nothing is wired into a part after it is made); then enter the parts in order
+(`mesh.agent.lifetime`): start the state writer; load the state into the store
+and make sure the built-in `ingress` network exists; start the health runner
+and the two reapers, the DNS server, the feed socket and the worker processes,
+the load balancer, the HTTP routing mesh, gossip (then join the cluster),
+each view following the change feed (snapshot, then every change) right
+before it starts; bind the HTTP API last, so nothing is answered before the
+state is whole.
+
+Every part's cleanup is pushed on one AsyncExitStack as it is entered. A
+start that fails anywhere undoes what was entered, in reverse order; so does
+the stop (SIGTERM, SIGINT, or a failed disk): stop accepting requests, leave
+the cluster, stop the listeners and the checks, then let the writer finish
+every queued commit.
+
+A start that fails for a reason the operator can fix (the data dir locked or
+corrupt, a port in use) ends with one line on stderr, `mesh agent: <reason>`,
+naming the file or the listener (role, address, port and who holds it), and
+exit status 1.
+
+The event loop is chosen here and only here: uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from gossip.security import KeyringError
+from lb.fds import raise_open_file_limit
+from mesh.agent.build import MeshStartError, Stopping, build
+from mesh.agent.lifetime import enter, stages
+from mesh.config import AgentConfig, ConfigError, describe, load_config
+from mesh.core.logs import event, setup
+from mesh.state import persist
+from mesh.state.lock import DataDirError, lock_data_dir
+
+__all__ = ["MeshStartError", "main", "run"]
+
+log = logging.getLogger("mesh.agent")
+
+
+async def run(config: AgentConfig) -> int:
+    stopping = Stopping()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.stop)
+    event(log, "agent_starting", **describe(config))
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            loaded = await asyncio.to_thread(persist.load, config.data_dir)
+            agent = build(config, loaded, stopping)
+            await enter(stages(agent, stack), stack)
+        except Exception as exc:  # a port in use, an unreadable data dir, or a bug: stop cleanly
+            known = isinstance(exc, OSError | persist.PersistError | KeyringError
+                               | MeshStartError)
+            reason = str(exc) if known else f"start failed: {exc!r} (a bug: see the log)"
+            reason = " ".join(reason.splitlines())  # one line, whatever the error held
+            event(log, "agent_start_failed", logging.ERROR, error=reason)
+            if not known:
+                log.exception("start failed")
+            await stack.aclose()
+            # The last word, in one line, after the log lines of the stop.
+            print(f"mesh agent: {reason}", file=sys.stderr, flush=True)
+            return 1
+        event(log, "agent_ready", node=config.node_name, api=config.api)
+        await stopping.wait()
+        event(log, "agent_stopping")
+    return stopping.exit_code
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"mesh agent: {exc}", file=sys.stderr)
+        return 2
+    # First, before any log line, state file or socket: a second agent on this data
+    # dir says only who holds it.
+    try:
+        lock = lock_data_dir(config.data_dir)
+    except DataDirError as exc:
+        print(f"mesh agent: {exc}", file=sys.stderr)
+        return 1
+    try:
+        setup(config.log_level)
+        # Every forwarded query, proxied connection and check holds a descriptor: allow many.
+        soft, hard = raise_open_file_limit()
+        event(log, "open_file_limit", soft=soft, hard=hard)
+        return uvloop.run(run(config))
+    finally:
+        lock.release()

@@ -1,0 +1,290 @@
+"""The agent's object graph, made in one place from its config, in dependency order.
+
+`build` makes every part once, handing each what it works with when it is
+made: nothing is assigned to a part afterwards, and no collaborator is typed
+`Any`. It binds no port and starts no task (`mesh.agent.lifetime` does that,
+in order); it reads the state loaded from disk, for the incarnation gossip
+starts with. Where two parts need each other, the cycle is cut by a third
+part both are given: the change feed shows the store through `Liveness`,
+which `NodeWatch` (the gossip shell's event sink) drives; the gossip core's
+delegate applies gossiped keyring changes (`RemoteKeyring`) while the API's
+`ClusterKeyring` drives the core through the shell made after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from dns.forward import Upstream
+from dns.service import DnsService, DnsSettings
+from gossip.aio import GossipShell
+from gossip.config import GossipConfig
+from gossip.keyring_store import LocalKeyringControl, load_keyring
+from gossip.security import OVERHEAD
+from lb.driver import LbDriver
+from lb.http.service import HttpEndpoints
+from lb.http.serving import HttpMesh
+from lb.http.settings import RouterSettings
+from lb.http.tls import CertSpec
+from lb.select import SelectError, choose
+from lb.userspace import ProxySettings
+from lb.view import LbView, build_table
+from mesh.api.app import ApiDeps, make_app
+from mesh.cluster import (
+    Cluster,
+    ClusterKeyring,
+    ClusterState,
+    NodeWatch,
+    RemoteKeyring,
+    gossip_core,
+)
+from mesh.config import AgentConfig, describe
+from mesh.control import Control
+from mesh.core.feed import ChangeFeed
+from mesh.core.logs import event
+from mesh.core.model import Health
+from mesh.core.workers import WorkerPool
+from mesh.drain import DrainReaper
+from mesh.errors import MeshError
+from mesh.feedserver import FeedServer, feed_socket_path
+from mesh.health.runner import HealthRunner
+from mesh.ipam import Ipam, parse_pool
+from mesh.liveness import Liveness
+from mesh.state import persist
+from mesh.state.store import Store
+from mesh.tombstones import TombstoneReaper
+
+log = logging.getLogger("mesh.agent")
+
+#: Seconds the API gives open requests to finish when the agent stops.
+API_SHUTDOWN_GRACE = 2.0
+
+
+class MeshStartError(Exception):
+    """A setting the agent cannot start with, found only at start (e.g. `--lb ipvs`
+    without ip_vs, a port in use): logged as the reason, without a traceback."""
+
+
+class Stopping:
+    """When the agent stops, and with which exit status: a signal, or a part that can
+    no longer keep its promises (a failed disk) calling `fail`."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.exit_code = 0
+
+    def stop(self) -> None:
+        self.event.set()
+
+    def fail(self, reason: str) -> None:
+        event(log, "agent_failing", logging.CRITICAL, reason=reason)
+        self.exit_code = 1
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+class HealthRecorder:
+    """Writes the health runner's verdicts to the state, each as its own task (the
+    runner calls it synchronously, from inside the feed)."""
+
+    def __init__(self, control: Control) -> None:
+        self._control = control
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def report(self, task_id: str, health: Health, output: str) -> None:
+        task = asyncio.create_task(self._record(task_id, health, output))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _record(self, task_id: str, health: Health, output: str) -> None:
+        store = self._control.store
+        try:
+            changes = await self._control.apply(
+                lambda now: store.set_health(task_id, health, output, now))
+        except MeshError:
+            return  # the task went away meanwhile
+        if changes:
+            event(log, "task_health", task=task_id, health=health.value, output=output)
+
+    async def stop(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+class DnsWorkers:
+    """`--dns-workers N`: processes answering on the DNS port the agent bound (a port of
+    0 is known only then), each fed over the feed socket."""
+
+    def __init__(self, config: AgentConfig, dns: DnsService, feed_socket: Path) -> None:
+        assert config.dns is not None
+        self._config = config
+        self._dns = dns
+        self._feed_socket = feed_socket
+        self.pool: WorkerPool | None = None
+
+    def start(self) -> None:
+        config = self._config
+        assert config.dns is not None
+        argv = [sys.executable, "-m", "dns.worker", "--feed", str(self._feed_socket),
+                "--host", config.dns.host, "--port", str(self._dns.port),
+                "--ttl", str(config.dns_ttl), "--log-level", config.log_level]
+        if config.dns_domain:
+            argv += ["--domain", config.dns_domain]
+        for upstream in config.dns_upstreams:
+            argv += ["--upstream", str(upstream)]
+        self.pool = WorkerPool("dns", argv, config.dns_workers)
+        self.pool.start()
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.stop()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Agent:
+    """Every part of one node, made once by `build`, in the order they are listed."""
+
+    config: AgentConfig
+    loaded: persist.Loaded
+    #: the incarnation gossip starts with: higher than any this node had
+    incarnation: int
+    stopping: Stopping
+    store: Store
+    liveness: Liveness
+    feed: ChangeFeed
+    writer: persist.StateWriter
+    control: Control
+    health_recorder: HealthRecorder
+    health: HealthRunner
+    reaper: DrainReaper
+    tombstones: TombstoneReaper
+    dns: DnsService | None
+    lb: LbDriver
+    http: HttpMesh | None
+    #: the feed socket, when worker processes follow the feed
+    feed_server: FeedServer | None
+    dns_workers: DnsWorkers | None
+    cluster_state: ClusterState
+    gossip: GossipShell
+    cluster: Cluster
+    keyring: ClusterKeyring | None
+    api: web.AppRunner
+
+
+def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Agent:
+    """Every part of the agent, made from its config and the state loaded from disk.
+
+    Raises MeshStartError (an unusable `--lb`), KeyringError (an unreadable keyring),
+    OSError (a certificate that does not load): start errors, each in one line.
+    """
+    started_at = time.time()
+    # A restarted node must rejoin with a higher incarnation than it ever had.
+    incarnation = int(loaded.meta.get("incarnation", "0")) + 1
+    store = Store(config.node_name, Ipam(parse_pool(config.address_pool)), random.Random())
+    liveness = Liveness(store)
+    feed = ChangeFeed(store.all_records, shown=liveness)
+    writer = persist.StateWriter(config.data_dir)
+    control = Control(store, feed, writer, time.time, stopping.fail)
+    recorder = HealthRecorder(control)
+    health = HealthRunner(config.node_name, recorder.report)
+    reaper = DrainReaper(control, time.time)
+    tombstones = TombstoneReaper(control, time.time, config.tombstone_reap)
+    dns = None if config.dns is None else DnsService(DnsSettings(
+        host=config.dns.host, port=config.dns.port, ttl=config.dns_ttl,
+        domain=config.dns_domain,
+        upstreams=tuple(Upstream(u.host, u.port) for u in config.dns_upstreams) or None,
+        reuse_port=config.dns_workers > 0))
+    lb = _lb(config, feed)
+    http = _http(config)
+    needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
+        http is not None and http.workers > 0)
+    feed_server = None if not needs_feed_socket else FeedServer(
+        feed, feed_socket_path(config.data_dir), None if http is None else http.on_report)
+    dns_workers = None if dns is None or feed_server is None or not config.dns_workers \
+        else DnsWorkers(config, dns, feed_server.path)
+    gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
+    deps = ApiDeps(control=control, node=config.node_name, members=cluster.members,
+                   heartbeat=health.heartbeat, drain_grace=config.drain_grace,
+                   token=config.api_token, max_body=config.max_body,
+                   resolve=None if dns is None else dns.resolve,
+                   dns_records=None if dns is None else dns.records,
+                   dns_stats=None if dns is None else dns.stats,
+                   agent_info=lambda: {"pid": os.getpid(), "started_at": started_at,
+                                       "config": describe(config)},
+                   gossip_stats=cluster.stats, keyring=keyring, lb=lb.describe,
+                   http_stats=None if http is None else http.snapshot,
+                   node_statuses=cluster.node_statuses)
+    api = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=API_SHUTDOWN_GRACE)
+    return Agent(config=config, loaded=loaded, incarnation=incarnation, stopping=stopping,
+                 store=store, liveness=liveness, feed=feed, writer=writer, control=control,
+                 health_recorder=recorder, health=health, reaper=reaper,
+                 tombstones=tombstones, dns=dns, lb=lb, http=http, feed_server=feed_server,
+                 dns_workers=dns_workers, cluster_state=cluster_state, gossip=gossip,
+                 cluster=cluster, keyring=keyring, api=api)
+
+
+def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
+    try:
+        choice = choose(config.lb, ProxySettings(publish_address=config.publish_address,
+                                                 tcp_idle_timeout=config.lb_tcp_idle))
+    except SelectError as exc:
+        raise MeshStartError(str(exc)) from None
+    event(log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb,
+          reason=choice.reason)
+    # What the state wants, built from scratch (not by the view), for `mesh doctor`.
+    return LbDriver(LbView(config.node_name), choice.backend, choice.reason,
+                    desired=lambda: build_table(feed.snapshot()[1], config.node_name))
+
+
+def _http(config: AgentConfig) -> HttpMesh | None:
+    if config.http is None:
+        return None
+    return HttpMesh(
+        HttpEndpoints(host=config.http.host, port=config.http.port,
+                      https_host=config.https.host if config.https else None,
+                      https_port=config.https.port if config.https else 0,
+                      certs=tuple(CertSpec.parse(c) for c in config.tls_certs)),
+        RouterSettings(header_timeout=config.http_header_timeout,
+                       connect_timeout=min(5.0, config.http_upstream_timeout),
+                       upstream_timeout=config.http_upstream_timeout,
+                       max_body=config.http_max_body, access_log=config.http_access_log,
+                       body_deadline=config.http_body_deadline,
+                       body_min_rate=config.http_body_min_rate),
+        config.http_workers, config.log_level)
+
+
+def _gossip(config: AgentConfig, control: Control, liveness: Liveness, incarnation: int
+            ) -> tuple[GossipShell, ClusterState, Cluster, ClusterKeyring | None]:
+    """Gossip's parts: the core's delegate, the core, the shell around it, then the
+    cluster and the keyring's control, which drive the core through the shell."""
+    profile = getattr(GossipConfig, config.gossip_profile)()
+    advertise = (config.advertise.host, config.advertise.port)
+    keyring = load_keyring(config.keyring) if config.keyring else None
+    local = None if keyring is None or config.keyring is None \
+        else LocalKeyringControl(keyring, config.keyring)
+    label = config.cluster_label.encode()
+    # Sealing adds its envelope to what the core packs: keep room for it.
+    overhead = OVERHEAD if keyring is not None else (2 + len(label) if label else 0)
+    profile = dataclasses.replace(profile, packet_overhead=overhead)
+    state = ClusterState(control, None if local is None else RemoteKeyring(local))
+    core = gossip_core(profile, config.node_name, advertise, state, incarnation=incarnation)
+    shell = GossipShell(core, config.advertise.host, config.advertise.port, keyring=keyring,
+                        label=label, on_event=NodeWatch(liveness, control.feed).on_event,
+                        tcp_timeout=profile.tcp_timeout)
+    cluster = Cluster(control, core, shell, state, liveness, config.node_name)
+    control_keyring = None if local is None else ClusterKeyring(local, core, shell)
+    return shell, state, cluster, control_keyring
+

@@ -1,0 +1,250 @@
+"""The agent's parts entered in order, each one's cleanup pushed on one AsyncExitStack.
+
+`stages` lists the parts in the order they start (see the start-up order in
+`mesh.agent`); `enter` starts them one by one, pushing each one's `stop`
+before its `start` runs, so a part that fails half-way is undone too. When a
+start fails, or later when the agent stops, the stack undoes every part
+entered so far in reverse order, even when one of the cleanups fails (it is
+logged; the error that stopped the agent stays the one reported).
+
+Each view follows the change feed (`ChangeFeed.follow`: its snapshot, then
+every change) right before it starts, with nothing between, and stops
+following before it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from mesh.agent.build import Agent, MeshStartError
+from mesh.core.logs import event
+from mesh.core.model import INGRESS, Change
+from mesh.core.sockets import bind_failure, family_of
+from mesh.core.view import View
+from mesh.errors import MeshError
+from mesh.ipam import capacity_of
+
+log = logging.getLogger("mesh.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One part's start and its undoing (`stop` is safe to call when `start` failed)."""
+
+    name: str
+    start: Callable[[], Awaitable[None]]
+    stop: Callable[[], Awaitable[None]]
+
+
+async def enter(stages: list[Stage], stack: AsyncExitStack) -> None:
+    """Start every stage in order; the stack undoes them in reverse when it closes."""
+    for stage in stages:
+        stack.push_async_callback(_undo, stage)
+        await stage.start()
+
+
+async def _undo(stage: Stage) -> None:
+    """Stop one part; a part that fails to stop is logged, and the others still stop
+    (the error that stopped the agent stays the one it reports)."""
+    try:
+        await stage.stop()
+    except Exception as exc:
+        event(log, "agent_part_stop_failed", logging.ERROR, part=stage.name, error=repr(exc))
+        log.exception("stopping %s failed", stage.name)
+
+
+async def _nothing() -> None:
+    pass
+
+
+@contextlib.contextmanager
+def binding(role: str, protocols: tuple[str, ...], host: str, port: int) -> Iterator[None]:
+    """Turn a failed bind of `role` into a MeshStartError that names the role, the
+    address and the port, and who holds it (uvloop's OSError names none of them)."""
+    try:
+        yield
+    except OSError as exc:
+        # uvloop's "could not bind to local_addr" carries the errno in its cause.
+        cause = exc if exc.errno is not None else exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno is None:
+            raise  # not a bind: e.g. a certificate that does not load
+        raise MeshStartError(bind_failure(role, protocols, host, port, cause,
+                                          ours=family_of(os.getpid()))) from None
+
+
+def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
+    """The agent's parts in start order, each with its cleanup."""
+    config = agent.config
+
+    def follow(view: View) -> None:
+        """Follow the feed from now (snapshot and changes); stop following when undone."""
+        stack.callback(agent.feed.follow(view))
+
+    async def writer_start() -> None:
+        agent.writer.start(asyncio.get_running_loop())
+
+    async def writer_stop() -> None:
+        # Last of all: every queued commit is written before the agent exits.
+        await asyncio.to_thread(agent.writer.close)
+        event(log, "agent_stopped", commits=agent.writer.commits,
+              batches=agent.writer.batches)
+
+    async def state_start() -> None:
+        await _load_state(agent)
+
+    async def health_start() -> None:
+        follow(agent.health)
+        await agent.health.start()
+
+    async def reaper_start() -> None:
+        follow(agent.reaper)
+        agent.reaper.start()
+
+    async def tombstones_start() -> None:
+        follow(agent.tombstones)
+        agent.tombstones.start()
+
+    result = [
+        Stage("state writer", writer_start, writer_stop),
+        Stage("state", state_start, _nothing),
+        Stage("health reports", _nothing, agent.health_recorder.stop),
+        Stage("health checks", health_start, agent.health.stop),
+        Stage("drain reaper", reaper_start, agent.reaper.stop),
+        Stage("tombstone reaper", tombstones_start, agent.tombstones.stop),
+    ]
+    if (dns := agent.dns) is not None:
+        async def dns_start() -> None:
+            assert dns is not None
+            follow(dns)
+            with binding("dns", ("udp", "tcp"), dns.settings.host, dns.settings.port):
+                await dns.start()
+        result.append(Stage("dns", dns_start, dns.stop))
+    if (feed_server := agent.feed_server) is not None:
+        result.append(Stage("feed socket", feed_server.start, feed_server.stop))
+    if (dns_workers := agent.dns_workers) is not None:
+        async def dns_workers_start() -> None:
+            assert dns_workers is not None
+            dns_workers.start()
+        result.append(Stage("dns workers", dns_workers_start, dns_workers.stop))
+
+    async def lb_start() -> None:
+        # Ops made while the backend starts wait in the driver's queue.
+        follow(agent.lb)
+        await agent.lb.start()
+    result.append(Stage("load balancer", lb_start, agent.lb.close))
+    if (http := agent.http) is not None:
+        async def http_start() -> None:
+            assert http is not None
+            follow(http)
+            await _start_http(agent)
+        result.append(Stage("http routing mesh", http_start, http.stop))
+
+    async def gossip_start() -> None:
+        with binding("gossip", ("udp", "tcp"), config.advertise.host, config.advertise.port):
+            await agent.gossip.start()
+        event(log, "gossip_listening", address=str(config.advertise),
+              profile=config.gossip_profile, encrypted=agent.gossip.keyring is not None,
+              incarnation=agent.incarnation)
+
+    async def cluster_start() -> None:
+        follow(agent.cluster)
+        await agent.cluster.join([(j.host, j.port) for j in config.join])
+
+    async def api_start() -> None:
+        await agent.api.setup()
+        api = config.api
+        site = web.TCPSite(agent.api, api.host, api.port, reuse_address=True)
+        with binding("api", ("tcp",), api.host, api.port):
+            await site.start()
+        event(log, "api_listening", address=str(api))
+
+    result += [
+        Stage("gossip", gossip_start, agent.gossip.stop),
+        Stage("cluster", cluster_start, agent.cluster.leave),
+        # Last: nothing is answered before the state is whole.
+        Stage("api", api_start, agent.api.cleanup),
+    ]
+    return result
+
+
+async def _load_state(agent: Agent) -> None:
+    """The state from disk into the store, the ingress network, this start's incarnation."""
+    config, loaded, store = agent.config, agent.loaded, agent.store
+    store.load(loaded.records, loaded.clock)
+    previous = loaded.meta.get("node_name")
+    if previous and previous != config.node_name:
+        event(log, "node_renamed", logging.WARNING, previous=previous,
+              now=config.node_name, hint="tasks registered before keep the old name")
+    ingress = _ensure_ingress(agent)
+    await agent.writer.write([c.after for c in ingress], store.clock,
+                             {"node_name": config.node_name,
+                              "incarnation": str(agent.incarnation)})
+    event(log, "state_loaded", records=len(loaded.records), skipped=loaded.skipped,
+          clock=store.clock, data_dir=config.data_dir)
+
+
+def _ensure_ingress(agent: Agent) -> list[Change]:
+    """The ingress network as --ingress-subnet asks, or a /16 of the pool; one that
+    exists (a data dir of an older agent may hold a /24) is kept as it is."""
+    store = agent.store
+    asked = agent.config.ingress_subnet
+    mismatch = store.ingress_mismatch(asked)
+    if mismatch is not None:
+        raise MeshStartError(mismatch)
+    try:
+        created = store.ensure_ingress(asked)
+    except MeshError as exc:
+        raise MeshStartError(f"--ingress-subnet {asked}: {exc.message}") from None
+    ingress = store.network(INGRESS)
+    event(log, "ingress_network", subnet=ingress.subnet, created=bool(created),
+          capacity=capacity_of(ipaddress.IPv4Network(ingress.subnet)))
+    return created
+
+
+async def _start_http(agent: Agent) -> None:
+    http = agent.http
+    assert http is not None
+    server = agent.feed_server
+
+    async def feed_socket() -> str:
+        assert server is not None, "made by build when worker processes need it"
+        return str(server.path)
+
+    try:
+        await http.start(feed_socket)
+    except OSError as exc:
+        failed = _failed_http_listener(agent)
+        if failed is None:
+            raise
+        role, host, port = failed
+        with binding(role, ("tcp",), host, port):
+            raise exc from None
+
+
+def _failed_http_listener(agent: Agent) -> tuple[str, str, int] | None:
+    """Which of the routing mesh's two listeners failed to bind (None: both were,
+    the failure came after). The HTTPS one is bound only once the HTTP one is: in
+    the agent's loop, where start() does nothing but bind, its TLS listener exists
+    only then; for workers, the ports are reserved in that order."""
+    http = agent.http
+    assert http is not None
+    ends = http.endpoints
+    service = http.service
+    if service is not None:
+        bound = 0 if service.tls is None else 1
+    else:
+        bound = len(http._reserved)
+        if bound == (1 if ends.https_host is None else 2):
+            return None  # e.g. the workers failed to start
+    if bound and ends.https_host is not None:
+        return "https", ends.https_host, ends.https_port
+    return "http", ends.host, ends.port
