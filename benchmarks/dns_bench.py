@@ -102,16 +102,21 @@ class Server:
         completed = sum(s.completed for s in done)
         run = sum(s.run_seconds for s in done)
         return Result(
-            label=self.label, qps=completed / run,
+            label=self.label,
+            qps=completed / run,
             qps_rounds=[s.completed / s.run_seconds for s in done],
-            sent=sum(s.sent for s in done), completed=completed,
-            lost=sum(s.lost for s in done), run_seconds=run,
+            sent=sum(s.sent for s in done),
+            completed=completed,
+            lost=sum(s.lost for s in done),
+            run_seconds=run,
             cpu_seconds=sum(s.server_cpu for s in done),
             client_cpu_seconds=sum(s.client_cpu for s in done),
             avg_ms=1e3 * sum(latencies) / len(latencies) if latencies else float("nan"),
             p99_ms=1e3 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
             max_ms=1e3 * max(s.max_latency for s in done),
-            rcodes=sum((s.rcodes for s in done), Counter()), note=self.note)
+            rcodes=sum((s.rcodes for s in done), Counter()),
+            note=self.note,
+        )
 
 
 @dataclass
@@ -136,16 +141,30 @@ class Result:
         return 1e6 * self.cpu_seconds / max(1, self.completed)
 
 
-def dnsperf(server: Server, queries: Path, cpu: int, out: Path, *,
-            seconds: float | None) -> float:
+def dnsperf(server: Server, queries: Path, cpu: int, out: Path, *, seconds: float | None) -> float:
     """Run dnsperf (`seconds`, or one pass over the names); the CPU seconds it used."""
-    argv = ["taskset", "-c", str(cpu), "dnsperf", "-s", HOST, "-p", str(server.port),
-            "-d", str(queries), "-t", "2", "-c", str(CLIENTS)]
+    argv = [
+        "taskset",
+        "-c",
+        str(cpu),
+        "dnsperf",
+        "-s",
+        HOST,
+        "-p",
+        str(server.port),
+        "-d",
+        str(queries),
+        "-t",
+        "2",
+        "-c",
+        str(CLIENTS),
+    ]
     argv += ["-l", f"{seconds:g}", "-v"] if seconds is not None else ["-n", "1"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with out.open("w") as sink:
-        subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT,
-                       timeout=(seconds or 30) + 30, check=True)
+        subprocess.run(
+            argv, stdout=sink, stderr=subprocess.STDOUT, timeout=(seconds or 30) + 30, check=True
+        )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -165,18 +184,26 @@ def segment(server: Server, queries: Path, cpu: int, seconds: float, out: Path) 
             elif not line.startswith("["):
                 summary.append(line)
     text = "".join(summary)
-    latency = re.search(r"Average Latency \(s\):\s+[0-9.]+ \(min [0-9.]+, max ([0-9.]+)\)",
-                        text)
+    latency = re.search(r"Average Latency \(s\):\s+[0-9.]+ \(min [0-9.]+, max ([0-9.]+)\)", text)
     codes = re.search(r"Response codes:\s+(.*)", text)
-    server.segments.append(Segment(
-        sent=int(summary_value(text, "Queries sent")),
-        completed=int(summary_value(text, "Queries completed")),
-        lost=int(summary_value(text, "Queries lost")),
-        run_seconds=float(summary_value(text, "Run time (s)")), server_cpu=used,
-        client_cpu=client, latencies=latencies,
-        max_latency=float(latency.group(1)) if latency else float("nan"),
-        rcodes=Counter({code: int(n) for code, n in
-                        re.findall(r"(\w+) (\d+) \(", codes.group(1) if codes else "")})))
+    server.segments.append(
+        Segment(
+            sent=int(summary_value(text, "Queries sent")),
+            completed=int(summary_value(text, "Queries completed")),
+            lost=int(summary_value(text, "Queries lost")),
+            run_seconds=float(summary_value(text, "Run time (s)")),
+            server_cpu=used,
+            client_cpu=client,
+            latencies=latencies,
+            max_latency=float(latency.group(1)) if latency else float("nan"),
+            rcodes=Counter(
+                {
+                    code: int(n)
+                    for code, n in re.findall(r"(\w+) (\d+) \(", codes.group(1) if codes else "")
+                }
+            ),
+        )
+    )
 
 
 def summary_value(text: str, label: str) -> str:
@@ -186,8 +213,7 @@ def summary_value(text: str, label: str) -> str:
     return found.group(1)
 
 
-def measure(servers: list[Server], queries: Path, args: argparse.Namespace,
-            work: Path) -> None:
+def measure(servers: list[Server], queries: Path, args: argparse.Namespace, work: Path) -> None:
     """Warm every server, then time them in alternating rounds.
 
     Alternation spreads any drift of the machine (other tenants, frequency
@@ -198,16 +224,21 @@ def measure(servers: list[Server], queries: Path, args: argparse.Namespace,
     for round_ in range(args.rounds):
         order = servers if round_ % 2 == 0 else servers[::-1]
         for server in order:
-            segment(server, queries, args.client_cpu, args.seconds / args.rounds,
-                    work / "dnsperf.txt")
+            segment(
+                server, queries, args.client_cpu, args.seconds / args.rounds, work / "dnsperf.txt"
+            )
 
 
 def check_answers(port: int, expected: dict[str, str]) -> None:
     """A few names answered right (so both servers are measured doing the same work)."""
     for name in list(expected)[:: max(1, len(expected) // 5)]:
-        done = subprocess.run(["dig", f"@{HOST}", "-p", str(port), name, "A", "+short",
-                               "+tries=1", "+timeout=2"], capture_output=True, text=True,
-                              timeout=10, check=False)
+        done = subprocess.run(
+            ["dig", f"@{HOST}", "-p", str(port), name, "A", "+short", "+tries=1", "+timeout=2"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         got = done.stdout.split()
         if got != [expected[name]]:
             raise RuntimeError(f"{name}: expected {expected[name]}, got {got or done.stderr}")
@@ -217,8 +248,14 @@ def check_answers(port: int, expected: dict[str, str]) -> None:
 
 
 def agent_help(python: str) -> str:
-    return subprocess.run([python, "-m", "mesh", "agent", "--help"], capture_output=True,
-                          text=True, timeout=30, cwd=REPO, check=False).stdout
+    return subprocess.run(
+        [python, "-m", "mesh", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    ).stdout
 
 
 @dataclass
@@ -229,26 +266,48 @@ class Agent:
 
 
 @contextmanager
-def mesh_agent(work: Path, cpus: Sequence[int], python: str,
-               workers: int | None) -> Iterator[Agent]:
+def mesh_agent(
+    work: Path, cpus: Sequence[int], python: str, workers: int | None
+) -> Iterator[Agent]:
     api_port, dns_port = free_port(), free_port()
-    flags = ["--node-name", "bench", "--data-dir", str(work / f"data-{api_port}"),
-             "--api", f"{HOST}:{api_port}", "--dns", f"{HOST}:{dns_port}",
-             "--http", f"{HOST}:{free_port()}", "--advertise", f"{HOST}:{free_port()}",
-             "--address-pool", POOL, "--lb", "userspace", "--log-level", "warning",
-             # never used (every query is a mesh name); a closed port, not the host's resolvers
-             "--dns-upstream", f"{HOST}:{free_port()}"]
+    flags = [
+        "--node-name",
+        "bench",
+        "--data-dir",
+        str(work / f"data-{api_port}"),
+        "--api",
+        f"{HOST}:{api_port}",
+        "--dns",
+        f"{HOST}:{dns_port}",
+        "--http",
+        f"{HOST}:{free_port()}",
+        "--advertise",
+        f"{HOST}:{free_port()}",
+        "--address-pool",
+        POOL,
+        "--lb",
+        "userspace",
+        "--log-level",
+        "warning",
+        # never used (every query is a mesh name); a closed port, not the host's resolvers
+        "--dns-upstream",
+        f"{HOST}:{free_port()}",
+    ]
     if workers:
         flags += ["--dns-workers", str(workers)]
     log_path = work / f"agent-{api_port}.log"
     argv = ["taskset", "-c", ",".join(map(str, cpus)), python, "-m", "mesh", "agent", *flags]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     try:
         if not (wait_for_api(proc, api_port) and answers(dns_port, "tasks.probe")):
-            raise RuntimeError(f"the agent's DNS does not answer:\n"
-                               f"{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"the agent's DNS does not answer:\n{log_path.read_text()[-3000:]}")
         yield Agent(proc, api_port, dns_port)
     finally:
         stop(proc)
@@ -256,14 +315,14 @@ def mesh_agent(work: Path, cpus: Sequence[int], python: str,
 
 def register(agent: Agent, names: int) -> dict[str, str]:
     """N vip services on one network; their names and VIPs."""
-    status, body = api(agent.api_port, "POST", "/v1/networks",
-                       {"name": "bench", "subnet": SUBNET})
+    status, body = api(agent.api_port, "POST", "/v1/networks", {"name": "bench", "subnet": SUBNET})
     if status != 201:
         raise RuntimeError(f"network: {status} {body}")
 
     def create(i: int) -> tuple[str, str]:
-        status, body = api(agent.api_port, "POST", "/v1/services",
-                           {"name": f"svc{i}", "networks": ["bench"]})
+        status, body = api(
+            agent.api_port, "POST", "/v1/services", {"name": f"svc{i}", "networks": ["bench"]}
+        )
         if status != 201:
             raise RuntimeError(f"svc{i}: {status} {body}")
         return f"svc{i}", body["vips"][0]["address"]
@@ -278,11 +337,25 @@ def dnsmasq(work: Path, cpu: int, records: dict[str, str]) -> Iterator[tuple[int
     hosts.write_text("".join(f"{address} {name}\n" for name, address in records.items()))
     hosts.chmod(0o644)  # dnsmasq reads it as the user it drops to
     port = free_port()
-    proc = subprocess.Popen(["taskset", "-c", str(cpu), "dnsmasq", "--keep-in-foreground",
-                             "--conf-file=/dev/null", "--no-hosts", "--no-resolv",
-                             f"--addn-hosts={hosts}", f"--listen-address={HOST}",
-                             "--bind-interfaces", f"--port={port}", "--pid-file="],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            str(cpu),
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-hosts",
+            "--no-resolv",
+            f"--addn-hosts={hosts}",
+            f"--listen-address={HOST}",
+            "--bind-interfaces",
+            f"--port={port}",
+            "--pid-file=",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not answers(port):
@@ -299,9 +372,13 @@ def dnsmasq(work: Path, cpu: int, records: dict[str, str]) -> Iterator[tuple[int
 
 def answers(port: int, name: str = "svc0") -> bool:
     """Whether a server answers (any rcode) a UDP query for `name`."""
-    done = subprocess.run(["dig", f"@{HOST}", "-p", str(port), name, "+tries=1",
-                           "+timeout=1"], capture_output=True, text=True, timeout=10,
-                          check=False)
+    done = subprocess.run(
+        ["dig", f"@{HOST}", "-p", str(port), name, "+tries=1", "+timeout=1"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     return "status:" in done.stdout and (name != "svc0" or "ANSWER: 1" in done.stdout)
 
 
@@ -309,9 +386,11 @@ def answers(port: int, name: str = "svc0") -> bool:
 
 
 def table(results: list[Result], baseline: Result) -> str:
-    head = (f"{'server':<24} {'qps':>7} {'qps range':>13} {'lost':>6} {'CPU us/q':>8} "
-            f"{'srv CPU':>7} {'dnsperf':>7} {'avg ms':>6} {'p99 ms':>6} {'max ms':>6} "
-            f"{'qps x':>5} {'CPU/q x':>7}")
+    head = (
+        f"{'server':<24} {'qps':>7} {'qps range':>13} {'lost':>6} {'CPU us/q':>8} "
+        f"{'srv CPU':>7} {'dnsperf':>7} {'avg ms':>6} {'p99 ms':>6} {'max ms':>6} "
+        f"{'qps x':>5} {'CPU/q x':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         p99 = f"{r.p99_ms:6.2f}" if r.p99_ms is not None else f"{'n/a':>6}"
@@ -321,27 +400,48 @@ def table(results: list[Result], baseline: Result) -> str:
             f"{r.cpu_us_per_query:8.2f} {100 * r.cpu_seconds / r.run_seconds:6.0f}% "
             f"{100 * r.client_cpu_seconds / r.run_seconds:6.0f}% {r.avg_ms:6.3f} {p99} "
             f"{r.max_ms:6.2f} {r.qps / baseline.qps:5.2f} "
-            f"{r.cpu_us_per_query / baseline.cpu_us_per_query:7.2f}")
+            f"{r.cpu_us_per_query / baseline.cpu_us_per_query:7.2f}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     cpus = sorted(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="timed dnsperf seconds per server (default 10)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="alternating rounds the seconds are split into (default 5)")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="timed dnsperf seconds per server (default 10)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="alternating rounds the seconds are split into (default 5)",
+    )
     parser.add_argument("--names", type=int, default=1000, help="names served (default 1000)")
-    parser.add_argument("--server-cpu", type=int, default=cpus[0],
-                        help=f"CPU the one-core servers are pinned to (default {cpus[0]})")
-    parser.add_argument("--client-cpu", type=int, default=cpus[-1],
-                        help=f"CPU dnsperf is pinned to (default {cpus[-1]})")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="--dns-workers of the all-cores mode (default: one per CPU "
-                             "beyond the first, dnsperf's CPU left out)")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter with meshplane installed (default: this one)")
+    parser.add_argument(
+        "--server-cpu",
+        type=int,
+        default=cpus[0],
+        help=f"CPU the one-core servers are pinned to (default {cpus[0]})",
+    )
+    parser.add_argument(
+        "--client-cpu",
+        type=int,
+        default=cpus[-1],
+        help=f"CPU dnsperf is pinned to (default {cpus[-1]})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="--dns-workers of the all-cores mode (default: one per CPU "
+        "beyond the first, dnsperf's CPU left out)",
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter with meshplane installed (default: this one)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.seconds <= 60 or not 1 <= args.rounds <= 20:
         parser.error("--seconds must be in (0, 60] and --rounds in [1, 20]")
@@ -373,15 +473,19 @@ def main(argv: Sequence[str]) -> int:
             check_answers(agent.dns_port, records)
             with dnsmasq(work, args.server_cpu, records) as (pid, port):
                 check_answers(port, records)
-                servers = [Server("dnsmasq, 1 core", pid, port),
-                           Server("meshplane, 1 core", agent.proc.pid, agent.dns_port)]
+                servers = [
+                    Server("dnsmasq, 1 core", pid, port),
+                    Server("meshplane, 1 core", agent.proc.pid, agent.dns_port),
+                ]
                 measure(servers, queries, args, work)
         results = [server.result() for server in servers]
         results += all_cores(args, work, queries, notes)
     baseline = results[0]
-    print(f"DNS, {args.names} names: A queries from dnsperf on CPU {args.client_cpu}, one-core "
-          f"servers on CPU {args.server_cpu}, {args.seconds:g} s per server in "
-          f"{args.rounds} alternating rounds; x = ratio to dnsmasq")
+    print(
+        f"DNS, {args.names} names: A queries from dnsperf on CPU {args.client_cpu}, one-core "
+        f"servers on CPU {args.server_cpu}, {args.seconds:g} s per server in "
+        f"{args.rounds} alternating rounds; x = ratio to dnsmasq"
+    )
     print(table(results, baseline))
     for r in results:
         if set(r.rcodes) != {"NOERROR"}:
@@ -394,17 +498,20 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def all_cores(args: argparse.Namespace, work: Path, queries: Path,
-              notes: list[str]) -> list[Result]:
+def all_cores(
+    args: argparse.Namespace, work: Path, queries: Path, notes: list[str]
+) -> list[Result]:
     """The agent with --dns-workers on every CPU but dnsperf's, if it has the flag."""
     if "--dns-workers" not in agent_help(args.python):
         notes.append("all-cores mode skipped: `mesh agent` has no --dns-workers flag")
         return []
     workers = args.workers if args.workers is not None else len(args.all_cpus) - 1
     if workers < 1:
-        notes.append(f"all-cores mode skipped: with {len(args.all_cpus) + 1} CPUs, one is "
-                     "left for the servers beside dnsperf's, as in the one-core runs "
-                     "(--workers N runs it anyway, oversubscribed)")
+        notes.append(
+            f"all-cores mode skipped: with {len(args.all_cpus) + 1} CPUs, one is "
+            "left for the servers beside dnsperf's, as in the one-core runs "
+            "(--workers N runs it anyway, oversubscribed)"
+        )
         return []
     cpus = args.all_cpus
     with mesh_agent(work, cpus, args.python, workers) as agent:
@@ -416,8 +523,12 @@ def all_cores(args: argparse.Namespace, work: Path, queries: Path,
             time.sleep(0.1)
         time.sleep(1.0)  # and loaded the feed's snapshot
         check_answers(agent.dns_port, records)
-        server = Server(f"meshplane, +{workers} worker(s)", agent.proc.pid, agent.dns_port,
-                        note=f"on CPUs {','.join(map(str, cpus))}")
+        server = Server(
+            f"meshplane, +{workers} worker(s)",
+            agent.proc.pid,
+            agent.dns_port,
+            note=f"on CPUs {','.join(map(str, cpus))}",
+        )
         measure([server], queries, args, work)
     return [server.result()]
 

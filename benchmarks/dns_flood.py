@@ -75,10 +75,15 @@ def rss_kib(pid: int) -> int:
 
 def question(name: str, qid: int, qtype: int = 1) -> bytes:
     """A plain recursive query (RD set, no EDNS) for `name`, as a stub resolver sends it."""
-    labels = b"".join(len(part).to_bytes(1, "big") + part.encode()
-                      for part in name.rstrip(".").split(".") if part)
-    return (struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\x00"
-            + struct.pack("!HH", qtype, 1))
+    labels = b"".join(
+        len(part).to_bytes(1, "big") + part.encode() for part in name.rstrip(".").split(".") if part
+    )
+    return (
+        struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+        + labels
+        + b"\x00"
+        + struct.pack("!HH", qtype, 1)
+    )
 
 
 def padded(base: bytes, index: int, padding: int, rng: random.Random) -> bytes:
@@ -103,14 +108,26 @@ class Flood:
         return (self.rss_after_kib - self.rss_before_kib) / 1024
 
     def line(self) -> str:
-        return (f"{self.kind:8} sent={self.sent} answered={self.answered} "
-                f"seconds={self.seconds:.1f} rss_before={self.rss_before_kib / 1024:.1f}MB "
-                f"rss_after={self.rss_after_kib / 1024:.1f}MB growth={self.growth_mb:+.1f}MB")
+        return (
+            f"{self.kind:8} sent={self.sent} answered={self.answered} "
+            f"seconds={self.seconds:.1f} rss_before={self.rss_before_kib / 1024:.1f}MB "
+            f"rss_after={self.rss_after_kib / 1024:.1f}MB growth={self.growth_mb:+.1f}MB"
+        )
 
 
-def flood(address: tuple[str, int], pid: int, kind: str, name: str, *, queries: int,
-          padding: int, window: int, max_seconds: float, seed: int = 13,
-          distinct_names: bool = False) -> Flood:
+def flood(
+    address: tuple[str, int],
+    pid: int,
+    kind: str,
+    name: str,
+    *,
+    queries: int,
+    padding: int,
+    window: int,
+    max_seconds: float,
+    seed: int = 13,
+    distinct_names: bool = False,
+) -> Flood:
     """Send `queries` padded queries for `name`, at most `window` unanswered at a time.
 
     With `distinct_names`, query I asks `tasks.nI` (mesh) or `nI.<name>` (forward).
@@ -173,17 +190,22 @@ def spawned_agent() -> Iterator[tuple[tuple[str, int], int, str]]:
     from tests.helpers.agent import AgentProcess
     from tests.helpers.dns_upstream import FakeUpstream
 
-    with tempfile.TemporaryDirectory(prefix="dns-flood-") as root, \
-            FakeUpstream({"www.example.test": ["192.0.2.1"]}) as upstream:
-        agent = AgentProcess(Path(root) / "data",
-                             extra=["--dns-upstream", f"127.0.0.1:{upstream.port}"])
+    with (
+        tempfile.TemporaryDirectory(prefix="dns-flood-") as root,
+        FakeUpstream({"www.example.test": ["192.0.2.1"]}) as upstream,
+    ):
+        agent = AgentProcess(
+            Path(root) / "data", extra=["--dns-upstream", f"127.0.0.1:{upstream.port}"]
+        )
         agent.start()
         try:
-            status, _ = agent.request("POST", "/v1/networks", {"name": "front",
-                                                              "subnet": "127.81.0.0/24"})
+            status, _ = agent.request(
+                "POST", "/v1/networks", {"name": "front", "subnet": "127.81.0.0/24"}
+            )
             assert status == 201, status
-            status, _ = agent.request("POST", "/v1/services", {"name": "web",
-                                                              "networks": ["front"]})
+            status, _ = agent.request(
+                "POST", "/v1/services", {"name": "web", "networks": ["front"]}
+            )
             assert status == 201, status
             assert agent.proc is not None
             yield ("127.0.0.1", agent.dns_port), agent.proc.pid, agent.api
@@ -203,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=100_000)
     parser.add_argument("--padding", type=int, default=300)
     parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--distinct-names", action="store_true",
-                        help="another name in every query: fills the caches to their bounds")
+    parser.add_argument(
+        "--distinct-names",
+        action="store_true",
+        help="another name in every query: fills the caches to their bounds",
+    )
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per kind")
     args = parser.parse_args(argv)
     if not 0 < args.queries <= MAX_QUERIES:
@@ -217,13 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     names = {"mesh": args.mesh_name, "forward": args.forward_name}
 
     def run(address: tuple[str, int], pid: int, api: str | None) -> None:
-        print(f"flood: {args.queries} queries x {args.padding} bytes of padding, "
-              f"{'distinct names, ' if args.distinct_names else ''}"
-              f"window {args.window}, pid {pid}, dns {address[0]}:{address[1]}")
+        print(
+            f"flood: {args.queries} queries x {args.padding} bytes of padding, "
+            f"{'distinct names, ' if args.distinct_names else ''}"
+            f"window {args.window}, pid {pid}, dns {address[0]}:{address[1]}"
+        )
         for kind in kinds:
-            result = flood(address, pid, kind, names[kind], queries=args.queries,
-                           padding=args.padding, window=args.window,
-                           max_seconds=args.max_seconds, distinct_names=args.distinct_names)
+            result = flood(
+                address,
+                pid,
+                kind,
+                names[kind],
+                queries=args.queries,
+                padding=args.padding,
+                window=args.window,
+                max_seconds=args.max_seconds,
+                distinct_names=args.distinct_names,
+            )
             print(result.line(), flush=True)
         stats = dns_stats(api)
         if stats is not None:

@@ -61,10 +61,17 @@ class Size:
     false_seconds: float
 
 
-FULL = Size(spread_nodes=1000, broadcasts=5, detect_nodes=100, crashes=30,
-            false_nodes=100, false_seconds=600.0)
-QUICK = Size(spread_nodes=100, broadcasts=2, detect_nodes=20, crashes=3,
-             false_nodes=30, false_seconds=60.0)
+FULL = Size(
+    spread_nodes=1000,
+    broadcasts=5,
+    detect_nodes=100,
+    crashes=30,
+    false_nodes=100,
+    false_seconds=600.0,
+)
+QUICK = Size(
+    spread_nodes=100, broadcasts=2, detect_nodes=20, crashes=3, false_nodes=30, false_seconds=60.0
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +93,11 @@ def _known(values: Sequence[float | None]) -> list[float]:
 
 
 Task = tuple[str, str]  # (scenario, arm) - one unit of work for a worker process
-ARMS = {"off": "Lifeguard off", "memberlist": "Lifeguard as memberlist",
-        "on": "Lifeguard + lateness (the agent)"}
+ARMS = {
+    "off": "Lifeguard off",
+    "memberlist": "Lifeguard as memberlist",
+    "on": "Lifeguard + lateness (the agent)",
+}
 
 
 def plan(only: Sequence[str]) -> list[Task]:
@@ -106,19 +116,34 @@ def execute(task: Task, size: Size, seed: int, wire: str) -> object:
     """Run one task (in a worker process): a scenario result, picklable."""
     name, arm = task
     if name == "dissemination":
-        return scenarios.dissemination(size.spread_nodes, list(SPREAD_TARGETS), seed=seed,
-                                       broadcasts=size.broadcasts,
-                                       wire=_wire(wire, size.spread_nodes))
+        return scenarios.dissemination(
+            size.spread_nodes,
+            list(SPREAD_TARGETS),
+            seed=seed,
+            broadcasts=size.broadcasts,
+            wire=_wire(wire, size.spread_nodes),
+        )
     if name == "detection":
-        return scenarios.detection(size.detect_nodes, size.crashes, loss=0.01, seed=seed,
-                                   wire=_wire(wire, size.detect_nodes))
+        return scenarios.detection(
+            size.detect_nodes,
+            size.crashes,
+            loss=0.01,
+            seed=seed,
+            wire=_wire(wire, size.detect_nodes),
+        )
     config = GossipConfig.lan()
     if arm == "memberlist":
         config = dataclasses.replace(config, lateness=False)
-    return scenarios.false_positives(size.false_nodes, loss=0.10, slow_fraction=0.05,
-                                     seconds=size.false_seconds, lifeguard=arm != "off",
-                                     seed=seed, wire=_wire(wire, size.false_nodes),
-                                     config=config)
+    return scenarios.false_positives(
+        size.false_nodes,
+        loss=0.10,
+        slow_fraction=0.05,
+        seconds=size.false_seconds,
+        lifeguard=arm != "off",
+        seed=seed,
+        wire=_wire(wire, size.false_nodes),
+        config=config,
+    )
 
 
 AUTO_OBJECTS_ABOVE = 200  # nodes: past this, --wire auto skips the codec (see README)
@@ -140,19 +165,45 @@ def dissemination_rows(results: Sequence[scenarios.DisseminationResult]) -> list
         reached = _known(t999)
         worst = max(reached) if len(reached) == len(t999) else None
         target = SPREAD_TARGETS[result.loss]
-        rows.append(Row(name, f"99.9% p50 ({len(t999)} broadcasts)",
-                        _s(percentile(reached, 50) if reached else None)))
-        rows.append(Row(name, "99.9% max", _s(worst), f"<= {target:g} s",
-                        worst is not None and worst <= target))
+        rows.append(
+            Row(
+                name,
+                f"99.9% p50 ({len(t999)} broadcasts)",
+                _s(percentile(reached, 50) if reached else None),
+            )
+        )
+        rows.append(
+            Row(
+                name,
+                "99.9% max",
+                _s(worst),
+                f"<= {target:g} s",
+                worst is not None and worst <= target,
+            )
+        )
         for q, label in ((0.5, "50%"), (0.99, "99%"), (1.0, "100%")):
             known = _known(result.times(q))
-            rows.append(Row(name, f"{label} p50 / max",
-                            f"{_s(percentile(known, 50) if known else None)} / "
-                            f"{_s(max(known) if len(known) == len(t999) else None)}"))
-        rows.append(Row(name, "bytes/node/s (join backlog incl.)",
-                        f"{result.bytes_per_node_s:,.0f}"))
-    rows.append(Row(f"dissemination {results[0].nodes} n", "all joined and converged after",
-                    _s(results[0].converge_s), "converges", True, smoke=True))
+            rows.append(
+                Row(
+                    name,
+                    f"{label} p50 / max",
+                    f"{_s(percentile(known, 50) if known else None)} / "
+                    f"{_s(max(known) if len(known) == len(t999) else None)}",
+                )
+            )
+        rows.append(
+            Row(name, "bytes/node/s (join backlog incl.)", f"{result.bytes_per_node_s:,.0f}")
+        )
+    rows.append(
+        Row(
+            f"dissemination {results[0].nodes} n",
+            "all joined and converged after",
+            _s(results[0].converge_s),
+            "converges",
+            True,
+            smoke=True,
+        )
+    )
     return rows
 
 
@@ -163,22 +214,47 @@ def detection_rows(result: scenarios.DetectionResult) -> list[Row]:
         Row(name, "crash -> last node p50", _s(s.last_p50), "<= 10 s", s.last_p50 <= 10.0),
         Row(name, "crash -> last node p99", _s(s.last_p99), "<= 12 s", s.last_p99 <= 12.0),
         Row(name, "crash -> last node max", _s(s.last_max)),
-        Row(name, f"per observer p50 / p99 / max ({s.pairs} pairs)",
-            f"{_s(s.p50)} / {_s(s.p99)} / {_s(s.max)}"),
-        Row(name, "crash -> first probe of it p50 / max",
-            f"{_s(s.probe_p50)} / {_s(s.probe_max)}"),
-        Row(name, "crash -> first suspicion p50 / max",
-            f"{_s(s.suspect_p50)} / {_s(s.suspect_max)}"),
-        Row(name, "first suspicion -> first verdict p50 / max",
-            f"{_s(s.verdict_p50)} / {_s(s.verdict_max)}"),
-        Row(name, "first verdict -> last node p50 / max",
-            f"{_s(s.spread_p50)} / {_s(s.spread_max)}"),
-        Row(name, "undetected pairs / missed crashes", f"{s.undetected} / {s.missed}", "0 / 0",
-            s.undetected == 0 and s.missed == 0, smoke=True),
-        Row(name, "false deaths", str(result.false_deaths), "0", result.false_deaths == 0,
-            smoke=True),
-        Row(name, "restarts not re-converged in 120 s", str(result.rejoin_failures), "0",
-            result.rejoin_failures == 0, smoke=True),
+        Row(
+            name,
+            f"per observer p50 / p99 / max ({s.pairs} pairs)",
+            f"{_s(s.p50)} / {_s(s.p99)} / {_s(s.max)}",
+        ),
+        Row(name, "crash -> first probe of it p50 / max", f"{_s(s.probe_p50)} / {_s(s.probe_max)}"),
+        Row(
+            name, "crash -> first suspicion p50 / max", f"{_s(s.suspect_p50)} / {_s(s.suspect_max)}"
+        ),
+        Row(
+            name,
+            "first suspicion -> first verdict p50 / max",
+            f"{_s(s.verdict_p50)} / {_s(s.verdict_max)}",
+        ),
+        Row(
+            name, "first verdict -> last node p50 / max", f"{_s(s.spread_p50)} / {_s(s.spread_max)}"
+        ),
+        Row(
+            name,
+            "undetected pairs / missed crashes",
+            f"{s.undetected} / {s.missed}",
+            "0 / 0",
+            s.undetected == 0 and s.missed == 0,
+            smoke=True,
+        ),
+        Row(
+            name,
+            "false deaths",
+            str(result.false_deaths),
+            "0",
+            result.false_deaths == 0,
+            smoke=True,
+        ),
+        Row(
+            name,
+            "restarts not re-converged in 120 s",
+            str(result.rejoin_failures),
+            "0",
+            result.rejoin_failures == 0,
+            smoke=True,
+        ),
         Row(name, "bytes/node/s", f"{result.bytes_per_node_s:,.0f}"),
     ]
 
@@ -186,26 +262,49 @@ def detection_rows(result: scenarios.DetectionResult) -> list[Row]:
 def false_rows(arms: dict[str, scenarios.FalsePositiveResult]) -> list[Row]:
     """The three arms' counts, then the ratio the target is about: off / the agent's."""
     on, off = arms["on"], arms["off"]
-    base = (f"false positives {on.nodes} n, {on.loss:.0%} loss, {len(on.slow)} slow, "
-            f"{on.seconds / 60:g} min")
+    base = (
+        f"false positives {on.nodes} n, {on.loss:.0%} loss, {len(on.slow)} slow, "
+        f"{on.seconds / 60:g} min"
+    )
     rows = []
     for label, arm in arms.items():
         name = f"{base}, {ARMS[label]}"
         checked = label == "on"  # the agent's arm; memberlist's is shown for comparison
-        rows.append(Row(name, "false deaths (of slow nodes)",
-                        f"{arm.false_deaths} ({arm.deaths_of_slow})",
-                        "0" if checked else "", arm.false_deaths == 0 if checked else None,
-                        smoke=checked))
-        rows.append(Row(name, "false suspicions (of slow / by slow / healthy only)",
-                        f"{arm.false_suspicions} ({arm.of_slow} / {arm.by_slow} / "
-                        f"{arm.among_healthy})"))
+        rows.append(
+            Row(
+                name,
+                "false deaths (of slow nodes)",
+                f"{arm.false_deaths} ({arm.deaths_of_slow})",
+                "0" if checked else "",
+                arm.false_deaths == 0 if checked else None,
+                smoke=checked,
+            )
+        )
+        rows.append(
+            Row(
+                name,
+                "false suspicions (of slow / by slow / healthy only)",
+                f"{arm.false_suspicions} ({arm.of_slow} / {arm.by_slow} / {arm.among_healthy})",
+            )
+        )
         rows.append(Row(name, "bytes/node/s", f"{arm.bytes_per_node_s:,.0f}"))
-    rows.append(Row(base, "false suspicions off / on (the agent)",
-                    _ratio(off.false_suspicions, on.false_suspicions), ">= 10x",
-                    _times(off.false_suspicions, on.false_suspicions) >= 10))
+    rows.append(
+        Row(
+            base,
+            "false suspicions off / on (the agent)",
+            _ratio(off.false_suspicions, on.false_suspicions),
+            ">= 10x",
+            _times(off.false_suspicions, on.false_suspicions) >= 10,
+        )
+    )
     if "memberlist" in arms:
-        rows.append(Row(base, "false suspicions off / Lifeguard as memberlist",
-                        _ratio(off.false_suspicions, arms["memberlist"].false_suspicions)))
+        rows.append(
+            Row(
+                base,
+                "false suspicions off / Lifeguard as memberlist",
+                _ratio(off.false_suspicions, arms["memberlist"].false_suspicions),
+            )
+        )
     return rows
 
 
@@ -222,8 +321,16 @@ def rows_of(results: dict[Task, object]) -> list[Row]:
     for task in sorted(results, key=lambda t: SCENARIOS.index(t[0])):
         result = results[task]
         if isinstance(result, Exception):
-            rows.append(Row(task[0], "error", f"{type(result).__name__}: {result}", "runs",
-                            False, smoke=True))
+            rows.append(
+                Row(
+                    task[0],
+                    "error",
+                    f"{type(result).__name__}: {result}",
+                    "runs",
+                    False,
+                    smoke=True,
+                )
+            )
         elif task[0] == "dissemination":
             rows += dissemination_rows(cast(list[scenarios.DisseminationResult], result))
         elif task[0] == "detection":
@@ -231,13 +338,15 @@ def rows_of(results: dict[Task, object]) -> list[Row]:
         elif task[1] == "on":  # the agent's arm; the others come along
             arms = {arm: results[("false", arm)] for arm in ARMS if ("false", arm) in results}
             if not any(isinstance(r, Exception) for r in arms.values()):
-                rows += false_rows({arm: cast(scenarios.FalsePositiveResult, r)
-                                    for arm, r in arms.items()})
+                rows += false_rows(
+                    {arm: cast(scenarios.FalsePositiveResult, r) for arm, r in arms.items()}
+                )
     return rows
 
 
 def render(rows: Sequence[Row], quick: bool) -> str:
     """One table: a line per scenario, then its metrics indented under it."""
+
     def verdict(row: Row) -> str:
         if row.ok is None or not row.target:
             return ""
@@ -264,8 +373,9 @@ def render(rows: Sequence[Row], quick: bool) -> str:
     return "\n".join(lines)
 
 
-def run(tasks: Sequence[Task], size: Size, seed: int, wire: str,
-        jobs: int) -> tuple[dict[Task, object], list[str]]:
+def run(
+    tasks: Sequence[Task], size: Size, seed: int, wire: str, jobs: int
+) -> tuple[dict[Task, object], list[str]]:
     """Run the tasks, in `jobs` worker processes if > 1; results do not depend on `jobs`."""
     results: dict[Task, object] = {}
     timings: list[str] = []
@@ -300,25 +410,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a CI smoke")
-    parser.add_argument("--only", choices=SCENARIOS, action="append",
-                        help="run only this scenario (repeatable)")
-    parser.add_argument("--wire", choices=("auto", "bytes", "objects"), default="auto",
-                        help="bytes: every packet through gossip.codec; objects: message "
-                             "objects with exact encoded sizes; auto (default): objects "
-                             f"above {AUTO_OBJECTS_ABOVE} nodes (the 1,000-node dissemination)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="worker processes (default: 2, or 1 on one CPU)")
+    parser.add_argument(
+        "--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)"
+    )
+    parser.add_argument(
+        "--wire",
+        choices=("auto", "bytes", "objects"),
+        default="auto",
+        help="bytes: every packet through gossip.codec; objects: message "
+        "objects with exact encoded sizes; auto (default): objects "
+        f"above {AUTO_OBJECTS_ABOVE} nodes (the 1,000-node dissemination)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes (default: 2, or 1 on one CPU)",
+    )
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     started = time.perf_counter()
     results, timings = run(plan(args.only or SCENARIOS), size, args.seed, args.wire, args.jobs)
     rows = rows_of(results)
     mode = "quick" if args.quick else "full"
-    print(f"Gossip simulator ({mode}): lan profile, links 2 ms +- 1 ms, seed {args.seed}, "
-          f"wire {args.wire}; times are virtual")
+    print(
+        f"Gossip simulator ({mode}): lan profile, links 2 ms +- 1 ms, seed {args.seed}, "
+        f"wire {args.wire}; times are virtual"
+    )
     print(render(rows, args.quick))
-    print(f"- wall time: {', '.join(timings)}; total {time.perf_counter() - started:.1f}s "
-          f"with {args.jobs} worker(s)")
+    print(
+        f"- wall time: {', '.join(timings)}; total {time.perf_counter() - started:.1f}s "
+        f"with {args.jobs} worker(s)"
+    )
     missed = [r for r in rows if r.ok is False and (r.smoke or not args.quick)]
     for row in missed:
         print(f"MISSED: {row.scenario}: {row.metric} = {row.value} (target {row.target})")

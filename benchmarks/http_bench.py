@@ -112,14 +112,20 @@ class Proxy:
         run = sum(s.seconds for s in done)
         requests = sum(s.requests for s in done)
         return Result(
-            label=self.label, rps=requests / run, rps_rounds=[s.requests / s.seconds for s in done],
-            requests=requests, failed=sum((s.failed for s in done), Counter()), run_seconds=run,
+            label=self.label,
+            rps=requests / run,
+            rps_rounds=[s.requests / s.seconds for s in done],
+            requests=requests,
+            failed=sum((s.failed for s in done), Counter()),
+            run_seconds=run,
             cpu_seconds=sum(s.proxy_cpu for s in done),
             client_cpu_seconds=sum(s.client_cpu for s in done),
             backend_cpu_seconds=sum(s.backend_cpu for s in done),
             machine_cpu_seconds=sum(s.machine_cpu for s in done),
             p50_ms=statistics.median(s.p50_ms for s in done),
-            p99_ms=statistics.median(s.p99_ms for s in done), note=self.note)
+            p99_ms=statistics.median(s.p99_ms for s in done),
+            note=self.note,
+        )
 
 
 @dataclass
@@ -142,8 +148,13 @@ class Result:
     def other_cpu_seconds(self) -> float:
         """Busy CPU time not charged to proxy, wrk or backends: other tenants, and the
         loopback's softirq work, which no process is charged for."""
-        return max(0.0, self.machine_cpu_seconds - self.cpu_seconds - self.client_cpu_seconds
-                   - self.backend_cpu_seconds)
+        return max(
+            0.0,
+            self.machine_cpu_seconds
+            - self.cpu_seconds
+            - self.client_cpu_seconds
+            - self.backend_cpu_seconds,
+        )
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -177,15 +188,30 @@ end
 """
 
 
-def wrk(port: int, script: Path, cpu: int, seconds: int, connections: int,
-        out: Path) -> tuple[dict[str, int], float]:
+def wrk(
+    port: int, script: Path, cpu: int, seconds: int, connections: int, out: Path
+) -> tuple[dict[str, int], float]:
     """One bounded wrk run; its BENCH figures and the CPU seconds wrk used."""
-    argv = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-            "--latency", "--timeout", "2s", "-s", str(script), f"http://{HOST}:{port}/"]
+    argv = [
+        "taskset",
+        "-c",
+        str(cpu),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        "2s",
+        "-s",
+        str(script),
+        f"http://{HOST}:{port}/",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with out.open("w") as sink:
-        subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, timeout=seconds + 30,
-                       check=True)
+        subprocess.run(
+            argv, stdout=sink, stderr=subprocess.STDOUT, timeout=seconds + 30, check=True
+        )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     text = out.read_text()
     found = re.search(r"^BENCH (\{.*\})$", text, re.MULTILINE)
@@ -202,29 +228,50 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / CLK_TCK  # user..steal; guest time is inside user
 
 
-def segment(proxy: Proxy, backend_pid: int, args: argparse.Namespace, script: Path,
-            seconds: int, work: Path) -> None:
+def segment(
+    proxy: Proxy, backend_pid: int, args: argparse.Namespace, script: Path, seconds: int, work: Path
+) -> None:
     pids, backend_pids = process_tree(proxy.pid), process_tree(backend_pid)
     proxy_before, backend_before = cpu_seconds(pids), cpu_seconds(backend_pids)
     machine_before = machine_busy_seconds()
-    figures, client = wrk(proxy.port, script, args.client_cpu, seconds, args.connections,
-                          work / "wrk.txt")
+    figures, client = wrk(
+        proxy.port, script, args.client_cpu, seconds, args.connections, work / "wrk.txt"
+    )
     machine = machine_busy_seconds() - machine_before
-    proxy.segments.append(Segment(
-        requests=figures["requests"], seconds=figures["duration_us"] / 1e6,
-        failed=Counter({k: figures[k] for k in ("connect", "read", "write", "status", "timeout")
-                        if figures[k]}),
-        proxy_cpu=cpu_seconds(pids) - proxy_before, client_cpu=client,
-        backend_cpu=cpu_seconds(backend_pids) - backend_before, machine_cpu=machine,
-        p50_ms=figures["p50_us"] / 1e3, p99_ms=figures["p99_us"] / 1e3))
+    proxy.segments.append(
+        Segment(
+            requests=figures["requests"],
+            seconds=figures["duration_us"] / 1e6,
+            failed=Counter(
+                {
+                    k: figures[k]
+                    for k in ("connect", "read", "write", "status", "timeout")
+                    if figures[k]
+                }
+            ),
+            proxy_cpu=cpu_seconds(pids) - proxy_before,
+            client_cpu=client,
+            backend_cpu=cpu_seconds(backend_pids) - backend_before,
+            machine_cpu=machine,
+            p50_ms=figures["p50_us"] / 1e3,
+            p99_ms=figures["p99_us"] / 1e3,
+        )
+    )
 
 
-def measure(proxies: list[Proxy], backend_pid: int, args: argparse.Namespace, script: Path,
-            work: Path) -> None:
+def measure(
+    proxies: list[Proxy], backend_pid: int, args: argparse.Namespace, script: Path, work: Path
+) -> None:
     """Warm every proxy, then time them in alternating rounds (drift falls on all alike)."""
     for proxy in proxies:
-        wrk(proxy.port, script, args.client_cpu, WARMUP_SECONDS, args.connections,
-            work / "warmup.txt")
+        wrk(
+            proxy.port,
+            script,
+            args.client_cpu,
+            WARMUP_SECONDS,
+            args.connections,
+            work / "warmup.txt",
+        )
     per_round = max(1, round(args.seconds / args.rounds))
     for round_ in range(args.rounds):
         for proxy in proxies if round_ % 2 == 0 else proxies[::-1]:
@@ -246,8 +293,9 @@ def check_routing(port: int, routes: int, label: str) -> None:
         bodies = {get(port, f"svc{i}.bench") for _ in range(2 * TASKS_PER_ROUTE)}
         expected = {(200, f"svc{i}-t{t}\n".encode()) for t in range(TASKS_PER_ROUTE)}
         if bodies != expected:
-            raise RuntimeError(f"{label}: svc{i}.bench answered {sorted(bodies)}, "
-                               f"expected {sorted(expected)}")
+            raise RuntimeError(
+                f"{label}: svc{i}.bench answered {sorted(bodies)}, expected {sorted(expected)}"
+            )
     status, _ = get(port, "unknown.bench")
     if status < 400:
         raise RuntimeError(f"{label}: an unknown host was answered {status}")
@@ -261,8 +309,9 @@ def taskset(cpus: Sequence[int]) -> list[str]:
 
 
 @contextlib.contextmanager
-def started(argv: list[str], log: Path, port: int, label: str,
-            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def started(
+    argv: list[str], log: Path, port: int, label: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """A process that listens on `port`; stopped by its pid on the way out."""
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -287,8 +336,10 @@ def nginx_prefix(work: Path, name: str) -> tuple[Path, str]:
     """A private nginx prefix: pid, temp paths and logs under `work`, none of the system's."""
     prefix = work / name
     prefix.mkdir()
-    temps = "\n".join(f"{kind}_temp_path {prefix / kind};"
-                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = "\n".join(
+        f"{kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return prefix, temps
 
 
@@ -298,18 +349,24 @@ def backends(work: Path, cpu: int, routes: int) -> Iterator[tuple[int, dict[str,
     ports = {f"svc{i}": [free_port() for _ in range(TASKS_PER_ROUTE)] for i in range(routes)}
     prefix, temps = nginx_prefix(work, "backends")
     servers = "\n".join(
-        f"server {{ listen {HOST}:{port}; location / {{ return 200 \"{name}-t{t}\\n\"; }} }}"
-        for name, task_ports in ports.items() for t, port in enumerate(task_ports))
+        f'server {{ listen {HOST}:{port}; location / {{ return 200 "{name}-t{t}\\n"; }} }}'
+        for name, task_ports in ports.items()
+        for t, port in enumerate(task_ports)
+    )
     conf = prefix / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""\
+    conf.write_text(
+        textwrap.dedent(f"""\
         daemon off; master_process off; worker_processes 1;
-        pid {prefix / 'nginx.pid'}; error_log stderr warn;
+        pid {prefix / "nginx.pid"}; error_log stderr warn;
         events {{ worker_connections 4096; }}
         http {{
         access_log off; keepalive_requests 10000000; keepalive_timeout 75s;
         default_type text/plain;
         {temps}
-        """) + servers + "\n}\n")
+        """)
+        + servers
+        + "\n}\n"
+    )
     first = ports["svc0"][0]
     argv = [*taskset([cpu]), "nginx", "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
     with started(argv, prefix / "out.log", first, "backend nginx") as proc:
@@ -317,8 +374,9 @@ def backends(work: Path, cpu: int, routes: int) -> Iterator[tuple[int, dict[str,
 
 
 @contextlib.contextmanager
-def nginx_proxy(work: Path, cpus: Sequence[int], workers: str,
-                ports: dict[str, list[int]]) -> Iterator[Proxy]:
+def nginx_proxy(
+    work: Path, cpus: Sequence[int], workers: str, ports: dict[str, list[int]]
+) -> Iterator[Proxy]:
     port = free_port()
     prefix, temps = nginx_prefix(work, f"nginx-{port}")
     blocks = []
@@ -339,13 +397,13 @@ def nginx_proxy(work: Path, cpus: Sequence[int], workers: str,
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
         daemon off; master_process on; worker_processes {workers};
-        pid {prefix / 'nginx.pid'}; error_log stderr warn;
+        pid {prefix / "nginx.pid"}; error_log stderr warn;
         events {{ worker_connections 8192; }}
         http {{
             access_log off; keepalive_requests 10000000; keepalive_timeout 75s;
             {temps}
             server {{ listen {HOST}:{port} default_server; return 404; }}
-            {''.join(blocks)}
+            {"".join(blocks)}
         }}
         """)
     argv = [*taskset(cpus), "nginx", "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
@@ -355,15 +413,19 @@ def nginx_proxy(work: Path, cpus: Sequence[int], workers: str,
 
 
 @contextlib.contextmanager
-def haproxy(work: Path, cpus: Sequence[int], threads: int,
-            ports: dict[str, list[int]]) -> Iterator[Proxy]:
+def haproxy(
+    work: Path, cpus: Sequence[int], threads: int, ports: dict[str, list[int]]
+) -> Iterator[Proxy]:
     port = free_port()
-    rules = "\n".join(f"    use_backend {name} if {{ req.hdr(host),field(1,:),lower "
-                      f"-m str {name}.bench }}" for name in ports)
+    rules = "\n".join(
+        f"    use_backend {name} if {{ req.hdr(host),field(1,:),lower -m str {name}.bench }}"
+        for name in ports
+    )
     backends_ = "\n".join(
-        f"backend {name}\n    balance roundrobin\n" +
-        "".join(f"    server t{t} {HOST}:{p}\n" for t, p in enumerate(task_ports))
-        for name, task_ports in ports.items())
+        f"backend {name}\n    balance roundrobin\n"
+        + "".join(f"    server t{t} {HOST}:{p}\n" for t, p in enumerate(task_ports))
+        for name, task_ports in ports.items()
+    )
     conf = work / f"haproxy-{port}.cfg"
     conf.write_text(f"""global
     nbthread {threads}
@@ -390,36 +452,76 @@ frontend routes
 
 
 def agent_help(python: str) -> str:
-    return subprocess.run([python, "-m", "mesh", "agent", "--help"], capture_output=True,
-                          text=True, timeout=30, cwd=REPO, check=False).stdout
+    return subprocess.run(
+        [python, "-m", "mesh", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    ).stdout
 
 
 @contextlib.contextmanager
-def mesh_router(work: Path, cpus: Sequence[int], python: str, workers: int,
-                ports: dict[str, list[int]]) -> Iterator[Proxy]:
+def mesh_router(
+    work: Path, cpus: Sequence[int], python: str, workers: int, ports: dict[str, list[int]]
+) -> Iterator[Proxy]:
     """A real agent, routing by labels; services and tasks registered over its API."""
     api_port, http_port = free_port(), free_port()
-    flags = ["--node-name", "bench", "--data-dir", str(work / f"data-{api_port}"),
-             "--api", f"{HOST}:{api_port}", "--dns", "none", "--http", f"{HOST}:{http_port}",
-             "--advertise", f"{HOST}:{free_port()}", "--address-pool", POOL,
-             "--lb", "userspace", "--log-level", "warning", "--http-workers", str(workers)]
+    flags = [
+        "--node-name",
+        "bench",
+        "--data-dir",
+        str(work / f"data-{api_port}"),
+        "--api",
+        f"{HOST}:{api_port}",
+        "--dns",
+        "none",
+        "--http",
+        f"{HOST}:{http_port}",
+        "--advertise",
+        f"{HOST}:{free_port()}",
+        "--address-pool",
+        POOL,
+        "--lb",
+        "userspace",
+        "--log-level",
+        "warning",
+        "--http-workers",
+        str(workers),
+    ]
     log = work / f"agent-{api_port}.log"
     argv = [*taskset(cpus), python, "-m", "mesh", "agent", *flags]
     with log.open("wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(
+            argv,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     try:
         if not wait_for_api(proc, api_port):
             raise RuntimeError(f"the agent exited:\n{log.read_text()[-3000:]}")
         for name, task_ports in ports.items():
-            status, body = api(api_port, "POST", "/v1/services", {
-                "name": name, "labels": {"mesh.http.hosts": f"{name}.bench",
-                                         "mesh.http.port": "80"}})
+            status, body = api(
+                api_port,
+                "POST",
+                "/v1/services",
+                {
+                    "name": name,
+                    "labels": {"mesh.http.hosts": f"{name}.bench", "mesh.http.port": "80"},
+                },
+            )
             if status != 201:
                 raise RuntimeError(f"service {name}: {status} {body}")
             for t, port in enumerate(task_ports):
-                status, body = api(api_port, "POST", f"/v1/services/{name}/tasks",
-                                   {"address": HOST, "ports": {"80": port}, "name": f"{name}-t{t}"})
+                status, body = api(
+                    api_port,
+                    "POST",
+                    f"/v1/services/{name}/tasks",
+                    {"address": HOST, "ports": {"80": port}, "name": f"{name}-t{t}"},
+                )
                 if status != 201:
                     raise RuntimeError(f"task of {name}: {status} {body}")
         deadline = time.monotonic() + START_TIMEOUT
@@ -471,8 +573,9 @@ uvloop.run(main())
 
 
 @contextlib.contextmanager
-def naive_proxy(work: Path, cpus: Sequence[int], python: str,
-                ports: dict[str, list[int]]) -> Iterator[Proxy]:
+def naive_proxy(
+    work: Path, cpus: Sequence[int], python: str, ports: dict[str, list[int]]
+) -> Iterator[Proxy]:
     port = free_port()
     script = work / "naive_proxy.py"
     script.write_text(NAIVE_PROXY)
@@ -486,9 +589,11 @@ def naive_proxy(work: Path, cpus: Sequence[int], python: str,
 
 
 def table(results: list[Result], baseline: Result) -> str:
-    head = (f"{'proxy':<24} {'req/s':>7} {'range':>11} {'failed':>6} {'CPU us/req':>10} "
-            f"{'proxy':>5} {'wrk':>5} {'backend':>7} {'other':>5} {'p50 ms':>6} {'p99 ms':>6} "
-            f"{'req/s x':>7} {'CPU x':>5} {'p99 x':>5}")
+    head = (
+        f"{'proxy':<24} {'req/s':>7} {'range':>11} {'failed':>6} {'CPU us/req':>10} "
+        f"{'proxy':>5} {'wrk':>5} {'backend':>7} {'other':>5} {'p50 ms':>6} {'p99 ms':>6} "
+        f"{'req/s x':>7} {'CPU x':>5} {'p99 x':>5}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         spread = f"{min(r.rps_rounds) / 1e3:.1f}k-{max(r.rps_rounds) / 1e3:.1f}k"
@@ -501,33 +606,60 @@ def table(results: list[Result], baseline: Result) -> str:
             f"{100 * r.other_cpu_seconds / r.run_seconds:4.0f}% "
             f"{r.p50_ms:6.2f} {r.p99_ms:6.2f} {r.rps / baseline.rps:7.2f} "
             f"{r.cpu_us_per_request / baseline.cpu_us_per_request:5.2f} "
-            f"{r.p99_ms / baseline.p99_ms:5.2f}")
+            f"{r.p99_ms / baseline.p99_ms:5.2f}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     cpus = sorted(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=15,
-                        help="timed wrk seconds per proxy and group (default 15, at most 60)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds the seconds are split into (default 3)")
+    parser.add_argument(
+        "--seconds",
+        type=int,
+        default=15,
+        help="timed wrk seconds per proxy and group (default 15, at most 60)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating rounds the seconds are split into (default 3)",
+    )
     parser.add_argument("--routes", type=int, default=4, help="hosts routed (default 4)")
-    parser.add_argument("--connections", type=int, default=64,
-                        help="wrk keep-alive connections (default 64)")
-    parser.add_argument("--server-cpu", type=int, default=cpus[0],
-                        help=f"CPU of the one-core proxies (default {cpus[0]})")
-    parser.add_argument("--client-cpu", type=int, default=cpus[-1],
-                        help=f"CPU of wrk and the backends (default {cpus[-1]})")
-    parser.add_argument("--workers", type=int, default=len(cpus),
-                        help=f"--http-workers of the all-cores router (default {len(cpus)})")
-    parser.add_argument("--no-naive", action="store_true",
-                        help="leave out the naive aiohttp proxy (one-core group)")
+    parser.add_argument(
+        "--connections", type=int, default=64, help="wrk keep-alive connections (default 64)"
+    )
+    parser.add_argument(
+        "--server-cpu",
+        type=int,
+        default=cpus[0],
+        help=f"CPU of the one-core proxies (default {cpus[0]})",
+    )
+    parser.add_argument(
+        "--client-cpu",
+        type=int,
+        default=cpus[-1],
+        help=f"CPU of wrk and the backends (default {cpus[-1]})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(cpus),
+        help=f"--http-workers of the all-cores router (default {len(cpus)})",
+    )
+    parser.add_argument(
+        "--no-naive", action="store_true", help="leave out the naive aiohttp proxy (one-core group)"
+    )
     parser.add_argument("--no-all-cores", action="store_true", help="skip the all-cores group")
-    parser.add_argument("--no-mesh", action="store_true",
-                        help="leave the router out (nginx and HAProxy only)")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter with meshplane installed (default: this one)")
+    parser.add_argument(
+        "--no-mesh", action="store_true", help="leave the router out (nginx and HAProxy only)"
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter with meshplane installed (default: this one)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 60 or not 1 <= args.rounds <= min(20, args.seconds):
         parser.error("--seconds must be in [1, 60] and --rounds in [1, min(20, seconds)]")
@@ -555,19 +687,22 @@ def main(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="mphttp-bench-") as tmp:
         work = Path(tmp)
         script = work / "routes.lua"
-        script.write_text(WRK_SCRIPT % {"hosts": ", ".join(
-            f'"svc{i}.bench"' for i in range(args.routes))})
+        script.write_text(
+            WRK_SCRIPT % {"hosts": ", ".join(f'"svc{i}.bench"' for i in range(args.routes))}
+        )
         with backends(work, args.client_cpu, args.routes) as (backend_pid, ports):
             one = [args.server_cpu]
             with contextlib.ExitStack() as stack:
-                proxies = [stack.enter_context(nginx_proxy(work, one, "1", ports)),
-                           stack.enter_context(haproxy(work, one, 1, ports))]
+                proxies = [
+                    stack.enter_context(nginx_proxy(work, one, "1", ports)),
+                    stack.enter_context(haproxy(work, one, 1, ports)),
+                ]
                 if mesh:
-                    proxies.append(stack.enter_context(
-                        mesh_router(work, one, args.python, 0, ports)))
+                    proxies.append(
+                        stack.enter_context(mesh_router(work, one, args.python, 0, ports))
+                    )
                 if not args.no_naive:
-                    proxies.append(stack.enter_context(
-                        naive_proxy(work, one, args.python, ports)))
+                    proxies.append(stack.enter_context(naive_proxy(work, one, args.python, ports)))
                 for proxy in proxies:
                     check_routing(proxy.port, args.routes, proxy.label)
                 measure(proxies, backend_pid, args, script, work)
@@ -575,28 +710,41 @@ def main(argv: Sequence[str]) -> int:
             if not args.no_all_cores:
                 every = args.all_cpus
                 with contextlib.ExitStack() as stack:
-                    proxies = [stack.enter_context(nginx_proxy(work, every, "auto", ports)),
-                               stack.enter_context(haproxy(work, every, len(every), ports))]
+                    proxies = [
+                        stack.enter_context(nginx_proxy(work, every, "auto", ports)),
+                        stack.enter_context(haproxy(work, every, len(every), ports)),
+                    ]
                     if mesh:
-                        proxies.append(stack.enter_context(
-                            mesh_router(work, every, args.python, args.workers, ports)))
+                        proxies.append(
+                            stack.enter_context(
+                                mesh_router(work, every, args.python, args.workers, ports)
+                            )
+                        )
                     for proxy in proxies:
                         check_routing(proxy.port, args.routes, proxy.label)
                     measure(proxies, backend_pid, args, script, work)
-                groups.append((f"all cores (CPUs {','.join(map(str, every))}, shared with wrk "
-                               "and the backends)", [p.result() for p in proxies]))
-    print(f"HTTP Host routing, {args.routes} routes x {TASKS_PER_ROUTE} backends: wrk -t1 "
-          f"-c{args.connections} on CPU {args.client_cpu} (backends there too), "
-          f"{args.seconds} s per proxy in {args.rounds} alternating rounds; "
-          "x = ratio to nginx of the same group; CPU = share of one CPU")
+                groups.append(
+                    (
+                        f"all cores (CPUs {','.join(map(str, every))}, shared with wrk "
+                        "and the backends)",
+                        [p.result() for p in proxies],
+                    )
+                )
+    print(
+        f"HTTP Host routing, {args.routes} routes x {TASKS_PER_ROUTE} backends: wrk -t1 "
+        f"-c{args.connections} on CPU {args.client_cpu} (backends there too), "
+        f"{args.seconds} s per proxy in {args.rounds} alternating rounds; "
+        "x = ratio to nginx of the same group; CPU = share of one CPU"
+    )
     for title, results in groups:
         print(f"\n{title}")
         print(table(results, results[0]))
     for title, results in groups:
         for r in results:
             if r.failed:
-                notes.append(f"{r.label} ({title.split(' (')[0]}): failed requests "
-                             f"{dict(r.failed)}")
+                notes.append(
+                    f"{r.label} ({title.split(' (')[0]}): failed requests {dict(r.failed)}"
+                )
     for note in notes:
         print(f"- {note}")
     print(f"- total {time.monotonic() - started_at:.1f}s")

@@ -37,9 +37,11 @@ from lb.http.upstream import UpstreamConnection
 from mesh.core.model import Health, Service, Task
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: svc0.bench\r\n\r\n"
-RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 15:30:00 GMT\r\n"
-            b"Content-Type: text/plain\r\nContent-Length: 8\r\nConnection: keep-alive\r\n\r\n"
-            b"svc0-t1\n")
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 15:30:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 8\r\nConnection: keep-alive\r\n\r\n"
+    b"svc0-t1\n"
+)
 
 
 class MemoryTransport:
@@ -74,14 +76,35 @@ class MemoryTransport:
 
 def router_with_one_route() -> Router:
     table = RouteTable()
-    table.load([
-        Service(name="svc0", id="id-svc0",
-                labels={"mesh.http.hosts": "svc0.bench", "mesh.http.port": "80"}),
-        Task(id="t1", name="svc0.1.t1", service="svc0", slot=1, node="n", address="127.0.0.1",
-             ports={80: 40001}, health=Health.HEALTHY),
-        Task(id="t2", name="svc0.2.t2", service="svc0", slot=2, node="n", address="127.0.0.1",
-             ports={80: 40002}, health=Health.HEALTHY),
-    ])
+    table.load(
+        [
+            Service(
+                name="svc0",
+                id="id-svc0",
+                labels={"mesh.http.hosts": "svc0.bench", "mesh.http.port": "80"},
+            ),
+            Task(
+                id="t1",
+                name="svc0.1.t1",
+                service="svc0",
+                slot=1,
+                node="n",
+                address="127.0.0.1",
+                ports={80: 40001},
+                health=Health.HEALTHY,
+            ),
+            Task(
+                id="t2",
+                name="svc0.2.t2",
+                service="svc0",
+                slot=2,
+                node="n",
+                address="127.0.0.1",
+                ports={80: 40002},
+                health=Health.HEALTHY,
+            ),
+        ]
+    )
     return Router(table, RouterSettings())
 
 
@@ -137,9 +160,12 @@ async def main(argv: Sequence[str]) -> int:
         return 0
     times = [run(router, args.requests) for _ in range(args.passes)]
     best = min(times)
-    print(f"{best / args.requests * 1e6:.2f} us of Python per request "
-          f"(best of {args.passes} x {args.requests}; all: "
-          + ", ".join(f"{t / args.requests * 1e6:.2f}" for t in times) + ")")
+    print(
+        f"{best / args.requests * 1e6:.2f} us of Python per request "
+        f"(best of {args.passes} x {args.requests}; all: "
+        + ", ".join(f"{t / args.requests * 1e6:.2f}" for t in times)
+        + ")"
+    )
     return 0
 
 

@@ -76,8 +76,9 @@ def cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def process(argv: list[str], cpu: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(["taskset", "-c", str(cpu), *argv], stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(cpu), *argv], stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         yield proc
     finally:
@@ -193,8 +194,11 @@ class Row:
     def cpu_us(self, kind: str) -> str:
         if self.pid is None:
             return "-"
-        cpu, count = ((self.cpu_requests, self.requests) if kind == "req"
-                      else (self.cpu_connections, self.connections))
+        cpu, count = (
+            (self.cpu_requests, self.requests)
+            if kind == "req"
+            else (self.cpu_connections, self.connections)
+        )
         return f"{cpu / count * 1e6:.1f}" if count else "-"
 
 
@@ -203,8 +207,7 @@ def wrk(url: str, seconds: int, cpu: int, close: bool) -> float:
     argv = ["taskset", "-c", str(cpu), "wrk", "-t1", "-c50", f"-d{seconds}s", url]
     if close:
         argv[5:5] = ["-H", "Connection: close"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30,
-                          check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False)
     found = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"wrk failed: {done.stdout}{done.stderr}")
@@ -216,9 +219,26 @@ def wrk(url: str, seconds: int, cpu: int, close: bool) -> float:
 
 def transfer(url: str, cpu: int) -> tuple[float, float]:
     """One 1 GiB download with curl: (bytes, seconds)."""
-    done = subprocess.run(["taskset", "-c", str(cpu), "curl", "-s", "-o", "/dev/null",
-                           "--max-time", "120", "-w", "%{size_download} %{time_total}",
-                           url], capture_output=True, text=True, timeout=130, check=False)
+    done = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            str(cpu),
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "120",
+            "-w",
+            "%{size_download} %{time_total}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=130,
+        check=False,
+    )
     size, seconds = done.stdout.split()
     if int(float(size)) != BIG:
         raise RuntimeError(f"curl fetched {size} bytes of {BIG}: {done.stderr}")
@@ -249,29 +269,39 @@ def measure(row: Row, port: int, seconds: int, cpu: int, *, bulk: bool) -> None:
 
 def report(rows: list[Row]) -> None:
     peer = next((r for r in rows if r.path == "haproxy"), None)
-    print(f"\n{'path':<10} {'req/s':>8} {'(range)':>15} {'conn/s':>8} {'MB/s':>7} "
-          f"{'CPU us/req':>10} {'us/conn':>8}   vs haproxy: req/s conn/s MB/s")
+    print(
+        f"\n{'path':<10} {'req/s':>8} {'(range)':>15} {'conn/s':>8} {'MB/s':>7} "
+        f"{'CPU us/req':>10} {'us/conn':>8}   vs haproxy: req/s conn/s MB/s"
+    )
     for row in rows:
         ratios = ""
         if peer is not None:
-            ratios = (f"{row.rps / peer.rps:.2f}x  {row.cps / peer.cps:.2f}x  "
-                      f"{row.mbps / peer.mbps:.2f}x")
+            ratios = (
+                f"{row.rps / peer.rps:.2f}x  {row.cps / peer.cps:.2f}x  {row.mbps / peer.mbps:.2f}x"
+            )
         spread = f"{min(row.rounds):.0f}-{max(row.rounds):.0f}"
-        print(f"{row.path:<10} {row.rps:>8.0f} {spread:>15} {row.cps:>8.0f} {row.mbps:>7.0f} "
-              f"{row.cpu_us('req'):>10} {row.cpu_us('conn'):>8}   {ratios}")
+        print(
+            f"{row.path:<10} {row.rps:>8.0f} {spread:>15} {row.cps:>8.0f} {row.mbps:>7.0f} "
+            f"{row.cpu_us('req'):>10} {row.cpu_us('conn'):>8}   {ratios}"
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=4, help="wrk seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all paths")
-    parser.add_argument("--transfers", type=int, default=1,
-                        help="rounds that also time a 1 GiB transfer per path")
+    parser.add_argument(
+        "--transfers", type=int, default=1, help="rounds that also time a 1 GiB transfer per path"
+    )
     parser.add_argument("--proxy-cpu", type=int, default=1)
-    parser.add_argument("--client-cpu", type=int, default=0,
-                        help="CPU of nginx, wrk and curl")
-    parser.add_argument("--serve-userspace", nargs=2, type=int, metavar=("LISTEN", "BACKEND"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--client-cpu", type=int, default=0, help="CPU of nginx, wrk and curl")
+    parser.add_argument(
+        "--serve-userspace",
+        nargs=2,
+        type=int,
+        metavar=("LISTEN", "BACKEND"),
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     if args.serve_userspace:
         serve_userspace(*args.serve_userspace)
@@ -287,16 +317,26 @@ def main() -> int:
         os.chmod(work, 0o755)
         nginx_port = free_port()
         haproxy_port, userspace_port = free_port(), free_port()
-        userspace = [sys.executable, str(Path(__file__).resolve()), "--serve-userspace",
-                     str(userspace_port), str(nginx_port)]
+        userspace = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve-userspace",
+            str(userspace_port),
+            str(nginx_port),
+        ]
         haproxy = ["haproxy", "-db", "-f", str(haproxy_config(work, haproxy_port, nginx_port))]
         with contextlib.ExitStack() as stack:
-            nginx = stack.enter_context(process(
-                ["nginx", "-c", str(nginx_config(work, nginx_port))], args.client_cpu,
-                work / "nginx.log"))
-            proxies = {name: stack.enter_context(process(argv, args.proxy_cpu,
-                                                         work / f"{name}.log"))
-                       for name, argv in (("haproxy", haproxy), ("userspace", userspace))}
+            nginx = stack.enter_context(
+                process(
+                    ["nginx", "-c", str(nginx_config(work, nginx_port))],
+                    args.client_cpu,
+                    work / "nginx.log",
+                )
+            )
+            proxies = {
+                name: stack.enter_context(process(argv, args.proxy_cpu, work / f"{name}.log"))
+                for name, argv in (("haproxy", haproxy), ("userspace", userspace))
+            }
             ports = {"direct": nginx_port, "haproxy": haproxy_port, "userspace": userspace_port}
             for name, port in ports.items():
                 try:
@@ -306,17 +346,23 @@ def main() -> int:
                     print(log.read_text(), file=sys.stderr)
                     raise
             assert nginx.poll() is None
-            print(f"backend nginx on {HOST}:{nginx_port} (cpu {args.client_cpu}, with wrk and "
-                  f"curl); proxies on cpu {args.proxy_cpu}; {args.rounds} rounds of "
-                  f"{args.seconds}s per wrk run, paths alternating")
-            rows = [Row(name, proxies[name].pid if name in proxies else None)
-                    for name in ports]
+            print(
+                f"backend nginx on {HOST}:{nginx_port} (cpu {args.client_cpu}, with wrk and "
+                f"curl); proxies on cpu {args.proxy_cpu}; {args.rounds} rounds of "
+                f"{args.seconds}s per wrk run, paths alternating"
+            )
+            rows = [Row(name, proxies[name].pid if name in proxies else None) for name in ports]
             for row in rows:  # warm-up, untimed
                 wrk(f"http://{HOST}:{ports[row.path]}/small", 1, args.client_cpu, close=False)
             for index in range(args.rounds):
                 for row in rows:
-                    measure(row, ports[row.path], args.seconds, args.client_cpu,
-                            bulk=index < args.transfers)
+                    measure(
+                        row,
+                        ports[row.path],
+                        args.seconds,
+                        args.client_cpu,
+                        bulk=index < args.transfers,
+                    )
             if importlib.util.find_spec("lb.nft") is None:
                 print("nftables: skipped (lb.nft is not part of this build)")
         report(rows)

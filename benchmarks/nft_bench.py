@@ -51,8 +51,10 @@ PATHS = {
 
 
 def wrk(ns: Netns, url: str, seconds: int, connections: int, cpu: int) -> float:
-    done = ns.run(["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}",
-                   f"-d{seconds}s", url], timeout=seconds + 30)
+    done = ns.run(
+        ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url],
+        timeout=seconds + 30,
+    )
     found = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
     if found is None or "Non-2xx" in done.stdout or "Socket errors" in done.stdout:
         raise RuntimeError(f"wrk {url}: {done.stdout}")
@@ -82,15 +84,22 @@ async def run(args: argparse.Namespace) -> None:
             await backend.start({})
             vip = VirtualKey("tcp", "10.88.100.1", 80)
             published = VirtualKey("tcp", ANY_ADDRESS, 30080)
-            await backend.apply([PutService(vip), PutReal(vip, REAL, 1),
-                                 PutService(published), PutReal(published, REAL, 1)])
+            await backend.apply(
+                [
+                    PutService(vip),
+                    PutReal(vip, REAL, 1),
+                    PutService(published),
+                    PutReal(published, REAL, 1),
+                ]
+            )
             for url in PATHS.values():
                 wrk(client, url, 1, args.connections, client_cpu)
             results: dict[str, list[float]] = {name: [] for name in PATHS}
             for _ in range(args.rounds):
                 for name, url in PATHS.items():
-                    results[name].append(wrk(client, url, args.seconds, args.connections,
-                                             client_cpu))
+                    results[name].append(
+                        wrk(client, url, args.seconds, args.connections, client_cpu)
+                    )
         finally:
             await backend.close()
             nginx.terminate()

@@ -37,13 +37,26 @@ PROBE_LIMIT = 10.0  # a /v1/health that takes longer counts as this (and as fail
 
 
 def _setup(agent: AgentProcess, backend_port: int) -> str:
-    status, body = agent.request("POST", "/v1/services", {
-        "name": "slow", "labels": {"mesh.http.hosts": "slow.test", "mesh.http.port": "80"},
-        "health_check": {"type": "http", "port": 80, "path": "/whoami", "interval": 1,
-                         "timeout": 1, "retries": 2}})
+    status, body = agent.request(
+        "POST",
+        "/v1/services",
+        {
+            "name": "slow",
+            "labels": {"mesh.http.hosts": "slow.test", "mesh.http.port": "80"},
+            "health_check": {
+                "type": "http",
+                "port": 80,
+                "path": "/whoami",
+                "interval": 1,
+                "timeout": 1,
+                "retries": 2,
+            },
+        },
+    )
     assert status == 201, body
-    status, task = agent.request("POST", "/v1/services/slow/tasks",
-                                 {"address": "127.0.0.1", "ports": {"80": backend_port}})
+    status, task = agent.request(
+        "POST", "/v1/services/slow/tasks", {"address": "127.0.0.1", "ports": {"80": backend_port}}
+    )
     assert status == 201, task
     deadline = time.monotonic() + 15
     while agent.request("GET", f"/v1/tasks/{task['id']}")[1]["health"] != "healthy":
@@ -83,8 +96,9 @@ async def _run(agent: AgentProcess, task_id: str, args: argparse.Namespace) -> d
     started = time.monotonic()
     opening = args.connections / args.rate + 30
     # The trickle runs from the first connection on, as an attacker's would.
-    trickling = asyncio.ensure_future(flood.trickle(seconds=opening + args.hold,
-                                                    every=args.every, chunk=args.chunk))
+    trickling = asyncio.ensure_future(
+        flood.trickle(seconds=opening + args.hold, every=args.every, chunk=args.chunk)
+    )
     try:
         await flood.open(args.connections, per_second=args.rate, within=opening)
         opened_in = time.monotonic() - started
@@ -97,15 +111,29 @@ async def _run(agent: AgentProcess, task_id: str, args: argparse.Namespace) -> d
         await flood.close()
     failed = sum(1 for latency in latencies if latency >= PROBE_LIMIT)
     ordered = sorted(latencies)
-    keys = ("fd_budget", "fds_held", "connections_open", "over_budget", "fd_shortage",
-            "connect_failures", "ejections", "ejected", "rejected", "slow_bodies")
+    keys = (
+        "fd_budget",
+        "fds_held",
+        "connections_open",
+        "over_budget",
+        "fd_shortage",
+        "connect_failures",
+        "ejections",
+        "ejected",
+        "rejected",
+        "slow_bodies",
+    )
     return {
-        "connections_sent": flood.opened, "refused_or_closed": flood.refused,
-        "answers_on_closed": flood.answers, "opened_in_s": round(opened_in, 1),
-        "health_probes": len(latencies), "health_failed": failed,
+        "connections_sent": flood.opened,
+        "refused_or_closed": flood.refused,
+        "answers_on_closed": flood.answers,
+        "opened_in_s": round(opened_in, 1),
+        "health_probes": len(latencies),
+        "health_failed": failed,
         "health_worst_ms": round(max(latencies) * 1000, 1) if latencies else None,
         "health_p99_ms": round(ordered[int(len(ordered) * 0.99) - 1] * 1000, 1)
-        if len(ordered) > 1 else None,
+        if len(ordered) > 1
+        else None,
         "health_median_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
         "task_health_seen": sorted(set(health_seen)),
         "router": {k: router.get(k) for k in keys} if "error" not in router else router,
@@ -117,13 +145,25 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=12_000)
     parser.add_argument("--rate", type=float, default=2000.0, help="connections per second")
     parser.add_argument("--hold", type=float, default=15.0, help="seconds the flood is held")
-    parser.add_argument("--every", type=float, default=2.0,
-                        help="seconds between two pieces of body on a connection")
-    parser.add_argument("--chunk", type=int, default=1,
-                        help="bytes in each piece (1100 every 1 s stays above the router's "
-                             "default minimum rate of 1024 B/s)")
-    parser.add_argument("--nofile", type=int, default=None,
-                        help="RLIMIT_NOFILE for the agent (default: this shell's)")
+    parser.add_argument(
+        "--every",
+        type=float,
+        default=2.0,
+        help="seconds between two pieces of body on a connection",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=1,
+        help="bytes in each piece (1100 every 1 s stays above the router's "
+        "default minimum rate of 1024 B/s)",
+    )
+    parser.add_argument(
+        "--nofile",
+        type=int,
+        default=None,
+        help="RLIMIT_NOFILE for the agent (default: this shell's)",
+    )
     args = parser.parse_args()
     if not 1 <= args.connections <= 50_000 or not 0 < args.hold <= 120:
         raise SystemExit("--connections 1..50000, --hold up to 120 s")
@@ -141,12 +181,20 @@ def main() -> None:
             task_id = _setup(agent, backend_port)
             result = asyncio.run(_run(agent, task_id, args))
             log = agent.log()
-            result["agent_open_file_limit"] = [line.split("event=open_file_limit ", 1)[1]
-                                               for line in log.splitlines()
-                                               if "event=open_file_limit" in line][:1]
+            result["agent_open_file_limit"] = [
+                line.split("event=open_file_limit ", 1)[1]
+                for line in log.splitlines()
+                if "event=open_file_limit" in line
+            ][:1]
             # What the router logged: each failed connect to the task ejected it.
-            result["agent_log"] = {word: log.count(word) for word in (
-                "event=http_connect_failed", "Too many open files", "event=health_probe")}
+            result["agent_log"] = {
+                word: log.count(word)
+                for word in (
+                    "event=http_connect_failed",
+                    "Too many open files",
+                    "event=health_probe",
+                )
+            }
         finally:
             if agent.proc is not None and agent.proc.poll() is None:
                 agent.stop()

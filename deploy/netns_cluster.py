@@ -78,10 +78,12 @@ class ClusterError(Exception):
     """Something the operator must fix; printed as one line."""
 
 
-def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
-        **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          check=False, **kwargs)
+def run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 30.0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
     if check and done.returncode != 0:
         raise ClusterError(f"{' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
     return done
@@ -92,8 +94,9 @@ class Layout:
 
     def __init__(self, name: str, nodes: int, subnet: str) -> None:
         if not NAME_PATTERN.match(name):
-            raise ClusterError(f"name {name!r}: 1-8 lower-case letters or digits, "
-                               "starting with a letter")
+            raise ClusterError(
+                f"name {name!r}: 1-8 lower-case letters or digits, starting with a letter"
+            )
         self.name = name
         self.nodes = nodes
         self.network = ipaddress.IPv4Network(subnet)
@@ -137,6 +140,7 @@ def namespaces_of(name: str) -> list[str]:
 
 def in_netns(ns: str, fn: Callable[[], T]) -> T:
     """Run `fn` on a thread that has joined namespace `ns` (setns affects one thread)."""
+
     def enter() -> None:
         fd = os.open(NETNS_RUN / ns, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -144,6 +148,7 @@ def in_netns(ns: str, fn: Callable[[], T]) -> T:
                 raise OSError(ctypes.get_errno(), "setns")
         finally:
             os.close(fd)
+
     with concurrent.futures.ThreadPoolExecutor(1, initializer=enter) as pool:
         return pool.submit(fn).result()
 
@@ -152,21 +157,34 @@ def api_get(ns: str, path: str, timeout: float = 2.0) -> Any:
     def get() -> Any:
         with urllib.request.urlopen(f"http://{API}{path}", timeout=timeout) as resp:
             return json.loads(resp.read())
+
     return in_netns(ns, get)
 
 
 # -- up ---------------------------------------------------------------------------
 
 
-def up(layout: Layout, *, lb: str, profile: str, dns_upstream: str,
-       extra: Sequence[str], timeout: float) -> dict[str, Any]:
+def up(
+    layout: Layout,
+    *,
+    lb: str,
+    profile: str,
+    dns_upstream: str,
+    extra: Sequence[str],
+    timeout: float,
+) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise ClusterError("network namespaces need root")
     down(layout.name, quiet=True)  # whatever a crashed or killed run left behind
     layout.state_dir.mkdir(parents=True)
-    state: dict[str, Any] = {"name": layout.name, "subnet": str(layout.network),
-                             "nodes": [], "client": layout.client,
-                             "client_address": layout.client_address, "tasks": []}
+    state: dict[str, Any] = {
+        "name": layout.name,
+        "subnet": str(layout.network),
+        "nodes": [],
+        "client": layout.client,
+        "client_address": layout.client_address,
+        "tasks": [],
+    }
     try:
         _make_underlay(layout)
         _attach(layout, layout.client, layout.client_address, "c")
@@ -190,8 +208,18 @@ def _make_underlay(layout: Layout) -> None:
     run(["ip", "netns", "add", layout.underlay])
     run(["ip", "-n", layout.underlay, "link", "set", "lo", "up"])
     run(["ip", "-n", layout.underlay, "link", "add", "br0", "type", "bridge"])
-    run(["ip", "-n", layout.underlay, "address", "add", layout.cidr(layout.bridge_address),
-         "dev", "br0"])
+    run(
+        [
+            "ip",
+            "-n",
+            layout.underlay,
+            "address",
+            "add",
+            layout.cidr(layout.bridge_address),
+            "dev",
+            "br0",
+        ]
+    )
     run(["ip", "-n", layout.underlay, "link", "set", "br0", "up"])
 
 
@@ -200,8 +228,23 @@ def _attach(layout: Layout, ns: str, address: str, port_name: str) -> None:
     run(["ip", "netns", "add", ns])
     run(["ip", "-n", ns, "link", "set", "lo", "up"])
     # Both ends are created straight in their namespaces: nothing appears on the host.
-    run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port_name,
-         "netns", layout.underlay])
+    run(
+        [
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port_name,
+            "netns",
+            layout.underlay,
+        ]
+    )
     run(["ip", "-n", ns, "address", "add", layout.cidr(address), "dev", "eth0"])
     run(["ip", "-n", ns, "link", "set", "eth0", "up"])
     run(["ip", "-n", ns, "route", "add", "default", "via", layout.bridge_address])
@@ -209,37 +252,67 @@ def _attach(layout: Layout, ns: str, address: str, port_name: str) -> None:
     run(["ip", "-n", layout.underlay, "link", "set", port_name, "up"])
 
 
-def agent_argv(layout: Layout, index: int, lb: str, profile: str, dns_upstream: str,
-               extra: Sequence[str]) -> list[str]:
+def agent_argv(
+    layout: Layout, index: int, lb: str, profile: str, dns_upstream: str, extra: Sequence[str]
+) -> list[str]:
     joins: list[str] = []
     for other in range(1, layout.nodes + 1):
         if other != index:
             joins += ["--join", f"{layout.node_address(other)}:{GOSSIP_PORT}"]
-    return [sys.executable, "-m", "mesh", "agent", "--node-name", f"n{index}",
-            "--advertise", f"{layout.node_address(index)}:{GOSSIP_PORT}", *joins,
-            "--data-dir", str(layout.state_dir / f"n{index}"), "--api", API,
-            "--lb", lb, "--gossip-profile", profile, "--dns-upstream", dns_upstream,
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mesh",
+        "agent",
+        "--node-name",
+        f"n{index}",
+        "--advertise",
+        f"{layout.node_address(index)}:{GOSSIP_PORT}",
+        *joins,
+        "--data-dir",
+        str(layout.state_dir / f"n{index}"),
+        "--api",
+        API,
+        "--lb",
+        lb,
+        "--gossip-profile",
+        profile,
+        "--dns-upstream",
+        dns_upstream,
+        *extra,
+    ]
 
 
-def _start_agent(layout: Layout, index: int, lb: str, profile: str, dns_upstream: str,
-                 extra: Sequence[str]) -> dict[str, Any]:
+def _start_agent(
+    layout: Layout, index: int, lb: str, profile: str, dns_upstream: str, extra: Sequence[str]
+) -> dict[str, Any]:
     ns = layout.node_ns(index)
     argv = agent_argv(layout, index, lb, profile, dns_upstream, extra)
     log = layout.state_dir / f"n{index}.log"
     proc = _spawn_agent(ns, argv, log)
-    return {"index": index, "ns": ns, "address": layout.node_address(index),
-            "pid": proc.pid, "argv": argv, "log": str(log)}
+    return {
+        "index": index,
+        "ns": ns,
+        "address": layout.node_address(index),
+        "pid": proc.pid,
+        "argv": argv,
+        "log": str(log),
+    }
 
 
 def _spawn_agent(ns: str, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         # Its own session: the agent outlives this command; `ip netns exec` execs it,
         # so the pid recorded is the agent's.
-        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO,
-                                start_new_session=True)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            cwd=REPO,
+            start_new_session=True,
+        )
 
 
 def _wait_converged(layout: Layout, timeout: float) -> None:
@@ -260,12 +333,14 @@ def _wait_converged(layout: Layout, timeout: float) -> None:
                 last = f"n{index} sees {alive} of {layout.nodes} alive"
         time.sleep(0.1)
     if pending:
-        raise ClusterError(f"cluster did not converge in {timeout:g}s ({last}); "
-                           f"logs in {layout.state_dir}")
+        raise ClusterError(
+            f"cluster did not converge in {timeout:g}s ({last}); logs in {layout.state_dir}"
+        )
 
 
-def stop_agent(state: dict[str, Any], index: int, sig: int = signal.SIGTERM,
-               timeout: float = 15.0) -> None:
+def stop_agent(
+    state: dict[str, Any], index: int, sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> None:
     """Stop node `index`'s agent (SIGKILL: a crash) and wait until it is gone."""
     pid = _node(state, index)["pid"]
     with contextlib.suppress(ProcessLookupError):
@@ -300,32 +375,70 @@ def start_agent(state: dict[str, Any], index: int, timeout: float = 30.0) -> Non
 # -- tasks and commands inside ----------------------------------------------------
 
 
-def add_task(state: dict[str, Any], node: int, service: str, port: int,
-             target: int | None) -> dict[str, Any]:
+def add_task(
+    state: dict[str, Any], node: int, service: str, port: int, target: int | None
+) -> dict[str, Any]:
     entry = _node(state, node)
     ident = f"n{node}:{port}"
-    proc = subprocess.Popen(["ip", "netns", "exec", entry["ns"], sys.executable, "-c",
-                             TASK_SERVER, entry["address"], str(port), ident],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            entry["ns"],
+            sys.executable,
+            "-c",
+            TASK_SERVER,
+            entry["address"],
+            str(port),
+            ident,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _wait_listening(entry["ns"], entry["address"], port, proc)
     mapping = [] if target is None else ["--port", f"{target}={port}"]
     # A service just made on another node reaches this one by gossip: give it a moment.
     deadline = time.monotonic() + SERVICE_WAIT
     while True:
-        done = run(["ip", "netns", "exec", entry["ns"], sys.executable, "-m", "mesh", "--json",
-                    "task", "add", service, "--address", entry["address"], *mapping],
-                   check=False, env=dict(os.environ, PYTHONPATH=str(REPO), MESH_API=API))
-        if done.returncode == 0 or "not_found" not in done.stderr or \
-                time.monotonic() > deadline:
+        done = run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                entry["ns"],
+                sys.executable,
+                "-m",
+                "mesh",
+                "--json",
+                "task",
+                "add",
+                service,
+                "--address",
+                entry["address"],
+                *mapping,
+            ],
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(REPO), MESH_API=API),
+        )
+        if done.returncode == 0 or "not_found" not in done.stderr or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     if done.returncode != 0:
         _kill([proc.pid])
         raise ClusterError(done.stderr.strip() or "mesh task add failed")
     task = json.loads(done.stdout)
-    record = {"node": node, "service": service, "port": port, "pid": proc.pid,
-              "id": task["id"], "name": task["name"], "address": entry["address"]}
+    record = {
+        "node": node,
+        "service": service,
+        "port": port,
+        "pid": proc.pid,
+        "id": task["id"],
+        "name": task["name"],
+        "address": entry["address"],
+    }
     state["tasks"].append(record)
     return record
 
@@ -335,6 +448,7 @@ def _wait_listening(ns: str, address: str, port: int, proc: subprocess.Popen[Any
         with socket.socket() as sock:
             sock.settimeout(0.5)
             return sock.connect_ex((address, port)) == 0
+
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -367,8 +481,12 @@ def status(name: str) -> dict[str, Any]:
     state = load(name)
     nodes = []
     for node in state["nodes"]:
-        info: dict[str, Any] = {"node": f"n{node['index']}", "address": node["address"],
-                                "pid": node["pid"], "running": _alive(node["pid"])}
+        info: dict[str, Any] = {
+            "node": f"n{node['index']}",
+            "address": node["address"],
+            "pid": node["pid"],
+            "running": _alive(node["pid"]),
+        }
         try:
             members = api_get(node["ns"], "/v1/members")
             info["members_alive"] = sum(1 for m in members if m.get("status") == "alive")
@@ -376,8 +494,13 @@ def status(name: str) -> dict[str, Any]:
             info["members_alive"] = None
             info["error"] = str(exc)
         nodes.append(info)
-    return {"name": name, "subnet": state["subnet"], "client": state["client_address"],
-            "nodes": nodes, "tasks": state["tasks"]}
+    return {
+        "name": name,
+        "subnet": state["subnet"],
+        "client": state["client_address"],
+        "nodes": nodes,
+        "tasks": state["tasks"],
+    }
 
 
 def down(name: str, *, quiet: bool = False) -> list[str]:
@@ -457,24 +580,47 @@ def load(name: str) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="netns-cluster", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("--name", default="mpc", help="cluster name, the namespaces' prefix "
-                     "(default mpc)")
+    top = argparse.ArgumentParser(
+        prog="netns-cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument(
+        "--name", default="mpc", help="cluster name, the namespaces' prefix (default mpc)"
+    )
     commands = top.add_subparsers(dest="command", required=True)
     make = commands.add_parser("up", help="create N nodes and a client, start and join agents")
     make.add_argument("nodes", type=int)
-    make.add_argument("--subnet", default="10.77.0.0/24",
-                      help="the underlay, inside the namespaces only (default 10.77.0.0/24)")
+    make.add_argument(
+        "--subnet",
+        default="10.77.0.0/24",
+        help="the underlay, inside the namespaces only (default 10.77.0.0/24)",
+    )
     make.add_argument("--lb", default="auto", choices=["auto", "ipvs", "nftables", "userspace"])
-    make.add_argument("--profile", default="lan", choices=["lan", "wan", "local"],
-                      help="gossip profile (default lan)")
-    make.add_argument("--dns-upstream", default="127.0.0.1:9",
-                      help="the agents' upstream resolver (default: none, port 9 of loopback)")
-    make.add_argument("--timeout", type=float, default=60.0,
-                      help="seconds to wait for every node to see every other alive")
-    make.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
-                      help="one more argument for every agent (repeat)")
+    make.add_argument(
+        "--profile",
+        default="lan",
+        choices=["lan", "wan", "local"],
+        help="gossip profile (default lan)",
+    )
+    make.add_argument(
+        "--dns-upstream",
+        default="127.0.0.1:9",
+        help="the agents' upstream resolver (default: none, port 9 of loopback)",
+    )
+    make.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for every node to see every other alive",
+    )
+    make.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for every agent (repeat)",
+    )
     commands.add_parser("down", help="stop and remove everything the cluster made")
     show = commands.add_parser("status", help="nodes, agents and what each sees")
     show.add_argument("--json", action="store_true")
@@ -501,9 +647,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not 1 <= args.nodes <= 200:
                 raise ClusterError("nodes: 1 to 200")
             layout = Layout(args.name, args.nodes, args.subnet)
-            state = up(layout, lb=args.lb, profile=args.profile,
-                       dns_upstream=args.dns_upstream, extra=args.agent_arg,
-                       timeout=args.timeout)
+            state = up(
+                layout,
+                lb=args.lb,
+                profile=args.profile,
+                dns_upstream=args.dns_upstream,
+                extra=args.agent_arg,
+                timeout=args.timeout,
+            )
             for node in state["nodes"]:
                 print(f"n{node['index']}  {node['address']}  pid {node['pid']}  ns {node['ns']}")
             print(f"client  {state['client_address']}  ns {state['client']}")
@@ -517,9 +668,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 for node in report["nodes"]:
-                    print(f"{node['node']}  {node['address']}  pid {node['pid']}  "
-                          f"{'running' if node['running'] else 'STOPPED'}  "
-                          f"alive members: {node['members_alive']}")
+                    print(
+                        f"{node['node']}  {node['address']}  pid {node['pid']}  "
+                        f"{'running' if node['running'] else 'STOPPED'}  "
+                        f"alive members: {node['members_alive']}"
+                    )
             return 0 if all(n["running"] for n in report["nodes"]) else 1
         if args.command == "task":
             state = load(args.name)

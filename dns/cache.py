@@ -43,8 +43,9 @@ DEFAULT_MAX_BYTES: Final = 8 * 1024 * 1024
 
 
 class ReplyCache:
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("the DNS cache needs room for at least one entry")
         self.max_entries = max_entries
@@ -65,8 +66,9 @@ class ReplyCache:
             self.entries.move_to_end(key)
         return entry
 
-    def put(self, key: Key, entry: Entry, owners: Iterable[str],
-            replies: Iterable[bytes] = ()) -> None:
+    def put(
+        self, key: Key, entry: Entry, owners: Iterable[str], replies: Iterable[bytes] = ()
+    ) -> None:
         self._drop(key)
         size = ENTRY_OVERHEAD + len(key[2]) + sum(len(reply) for reply in replies)
         owned = tuple(owners)
@@ -76,7 +78,8 @@ class ReplyCache:
         for owner in owned:
             self._by_owner.setdefault(owner, set()).add(key)
         while len(self.entries) > self.max_entries or (
-                self.size_bytes > self.max_bytes and len(self.entries) > 1):
+            self.size_bytes > self.max_bytes and len(self.entries) > 1
+        ):
             self._drop(next(iter(self.entries)))
             self.evicted += 1
 

@@ -76,23 +76,23 @@ __all__ = ["STAT_NAMES", "Forwarder", "MalformedQuery", "Upstream"]
 
 #: Every counter `Forwarder.stats` reports, so that metrics have stable names.
 STAT_NAMES: Final = (
-    "queries",                # queries handed to forward() that parsed
+    "queries",  # queries handed to forward() that parsed
     "answered_from_cache",
-    "forwarded",              # cache misses sent upstream
-    "answered_upstream",      # an upstream's reply went back to the client
-    "answered_truncated",     # ... a truncated one, its TCP retry having failed
-    "servfail",               # SERVFAIL we made up: every upstream failed, or none
-    "refused_over_cap",       # REFUSED: max_in_flight queries were already waiting
-    "notimp",                 # not a standard query (opcode), NOTIMP
+    "forwarded",  # cache misses sent upstream
+    "answered_upstream",  # an upstream's reply went back to the client
+    "answered_truncated",  # ... a truncated one, its TCP retry having failed
+    "servfail",  # SERVFAIL we made up: every upstream failed, or none
+    "refused_over_cap",  # REFUSED: max_in_flight queries were already waiting
+    "notimp",  # not a standard query (opcode), NOTIMP
     "truncated_retried_tcp",
-    "upstream_timeouts",      # attempts, not queries
-    "upstream_errors",        # network errors and unusable replies
+    "upstream_timeouts",  # attempts, not queries
+    "upstream_errors",  # network errors and unusable replies
     "upstream_servfail",
     "upstream_refused",
-    "malformed_replies",      # unparsable replies (also counted in upstream_errors)
-    "ignored_replies",        # wrong ID or question: stray or forged
-    "upstream_skipped",       # an upstream passed over for a query: it was in back-off
-    "upstream_backoffs",      # failures that put an upstream in back-off or lengthened it
+    "malformed_replies",  # unparsable replies (also counted in upstream_errors)
+    "ignored_replies",  # wrong ID or question: stray or forged
+    "upstream_skipped",  # an upstream passed over for a query: it was in back-off
+    "upstream_backoffs",  # failures that put an upstream in back-off or lengthened it
 )
 
 #: Attempt outcomes that mark an upstream down; any other reply shows it alive.
@@ -106,8 +106,12 @@ class _UdpExchange(asyncio.DatagramProtocol):
     ICMP error (port unreachable: nothing listens there) fails the exchange.
     """
 
-    def __init__(self, done: asyncio.Future[Verdict], judge: Callable[[bytes], Verdict],
-                 on_ignored: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        done: asyncio.Future[Verdict],
+        judge: Callable[[bytes], Verdict],
+        on_ignored: Callable[[], None],
+    ) -> None:
         self._done = done
         self._judge = judge
         self._on_ignored = on_ignored
@@ -140,16 +144,24 @@ class Forwarder:
     clients' own timeout (glibc: 5 s) so that they see our SERVFAIL.
     """
 
-    def __init__(self, upstreams: Sequence[Upstream], *, timeout: float = 2.0,
-                 max_in_flight: int = 1024, cache_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic,
-                 backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX) -> None:
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        *,
+        timeout: float = 2.0,
+        max_in_flight: int = 1024,
+        cache_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
-        self._pool = UpstreamPool(upstreams, clock=clock, backoff_base=backoff_base,
-                                  backoff_max=backoff_max)
+        self._pool = UpstreamPool(
+            upstreams, clock=clock, backoff_base=backoff_base, backoff_max=backoff_max
+        )
         self._timeout = timeout
         self._max_in_flight = max_in_flight
         self._cache = ForwardCache(cache_entries, clock=clock)
@@ -177,9 +189,14 @@ class Forwarder:
     @property
     def stats(self) -> dict[str, int]:
         """The counters (`STAT_NAMES`); gauges: `in_flight`, `cache_entries`, `upstreams_down`."""
-        return {**self._counts, "upstream_skipped": self._pool.skipped,
-                "upstream_backoffs": self._pool.backoffs, "in_flight": self._in_flight,
-                "cache_entries": len(self._cache), "upstreams_down": len(self._pool.down())}
+        return {
+            **self._counts,
+            "upstream_skipped": self._pool.skipped,
+            "upstream_backoffs": self._pool.backoffs,
+            "in_flight": self._in_flight,
+            "cache_entries": len(self._cache),
+            "upstreams_down": len(self._pool.down()),
+        }
 
     async def forward(self, query: bytes, *, tcp: bool = False) -> bytes:
         """The reply to a client's `query` (wire bytes), which came over TCP if `tcp`.
@@ -279,8 +296,11 @@ class Forwarder:
                     verdict = judge_reply(query, sent_id, reply, tcp=True)
                 else:
                     verdict = await _exchange_udp(
-                        upstream, wire, lambda data: judge_reply(query, sent_id, data, tcp=False),
-                        self._count_ignored)
+                        upstream,
+                        wire,
+                        lambda data: judge_reply(query, sent_id, data, tcp=False),
+                        self._count_ignored,
+                    )
         except TimeoutError:
             self._counts["upstream_timeouts"] += 1
             return Verdict(Action.NEXT, "timeout")
@@ -310,8 +330,12 @@ class Forwarder:
         return error_reply(query, SERVFAIL)
 
 
-async def _exchange_udp(upstream: Upstream, wire: bytes, judge: Callable[[bytes], Verdict],
-                        on_ignored: Callable[[], None]) -> Verdict:
+async def _exchange_udp(
+    upstream: Upstream,
+    wire: bytes,
+    judge: Callable[[bytes], Verdict],
+    on_ignored: Callable[[], None],
+) -> Verdict:
     """Send `wire` from a fresh connected UDP socket; the first reply `judge` does not ignore.
 
     The transport reads datagrams of up to 256 KiB (asyncio) or 64 KiB
@@ -321,7 +345,8 @@ async def _exchange_udp(upstream: Upstream, wire: bytes, judge: Callable[[bytes]
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Verdict] = loop.create_future()
     transport, _ = await loop.create_datagram_endpoint(
-        lambda: _UdpExchange(done, judge, on_ignored), remote_addr=(upstream.host, upstream.port))
+        lambda: _UdpExchange(done, judge, on_ignored), remote_addr=(upstream.host, upstream.port)
+    )
     try:
         transport.sendto(wire)
         return await done

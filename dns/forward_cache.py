@@ -35,8 +35,9 @@ def _soa(record: Any) -> Any | None:
     return None
 
 
-def cache_ttl(record: Any, *, max_ttl: int = MAX_TTL,
-              max_negative_ttl: int = MAX_NEGATIVE_TTL) -> int | None:
+def cache_ttl(
+    record: Any, *, max_ttl: int = MAX_TTL, max_negative_ttl: int = MAX_NEGATIVE_TTL
+) -> int | None:
     """For how many seconds a reply may be cached, or None if it may not be.
 
     Positive (NOERROR with answers): the smallest TTL of the answer section.
@@ -103,9 +104,15 @@ class ForwardCache:
     It reads time only through `clock` (monotonic seconds).
     """
 
-    def __init__(self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.monotonic,
-                 max_bytes: int = CACHE_BYTES, max_ttl: int = MAX_TTL,
-                 max_negative_ttl: int = MAX_NEGATIVE_TTL) -> None:
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = CACHE_BYTES,
+        max_ttl: int = MAX_TTL,
+        max_negative_ttl: int = MAX_NEGATIVE_TTL,
+    ) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.max_ttl = max_ttl
@@ -179,7 +186,8 @@ class ForwardCache:
             self._bytes -= len(entry.wire)
 
     def _evict(self) -> None:
-        while self._entries and (len(self._entries) > self.max_entries
-                                 or self._bytes > self.max_bytes):
+        while self._entries and (
+            len(self._entries) > self.max_entries or self._bytes > self.max_bytes
+        ):
             _, entry = self._entries.popitem(last=False)
             self._bytes -= len(entry.wire)

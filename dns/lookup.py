@@ -41,16 +41,29 @@ def describe_reply(reply: bytes, *, forwarded: bool) -> dict[str, Any]:
     parsed = DNSRecord.parse(reply)
 
     def records(section: list[Any]) -> list[dict[str, Any]]:
-        return [{"name": str(r.rname).rstrip(".") or ".", "type": QTYPE.get(r.rtype),
-                 "ttl": r.ttl, "data": str(r.rdata)} for r in section if r.rtype != QTYPE.OPT]
+        return [
+            {
+                "name": str(r.rname).rstrip(".") or ".",
+                "type": QTYPE.get(r.rtype),
+                "ttl": r.ttl,
+                "data": str(r.rdata),
+            }
+            for r in section
+            if r.rtype != QTYPE.OPT
+        ]
 
-    return {"rcode": RCODE.get(parsed.header.rcode), "forwarded": forwarded,
-            "truncated": bool(parsed.header.tc), "answers": records(parsed.rr),
-            "additional": records(parsed.ar)}
+    return {
+        "rcode": RCODE.get(parsed.header.rcode),
+        "forwarded": forwarded,
+        "truncated": bool(parsed.header.tc),
+        "answers": records(parsed.rr),
+        "additional": records(parsed.ar),
+    }
 
 
-async def resolve(responder: Responder, forward: Any, asker: Asker, name: str,
-                  qtype: str) -> dict[str, Any]:
+async def resolve(
+    responder: Responder, forward: Any, asker: Asker, name: str, qtype: str
+) -> dict[str, Any]:
     """Ask as `asker` would (over TCP, so nothing is truncated); `forward(query, tcp)`."""
     query = build_query(name, qtype)
     reply = responder.respond(query, asker.source, tcp=True)
@@ -59,5 +72,10 @@ async def resolve(responder: Responder, forward: Any, asker: Asker, name: str,
         reply = await forward(query, True)
     if not isinstance(reply, bytes):
         raise BadQuestion("the query was dropped")
-    return {"name": name, "type": qtype.upper(), "network": asker.network,
-            "source": asker.source, **describe_reply(reply, forwarded=forwarded)}
+    return {
+        "name": name,
+        "type": qtype.upper(),
+        "network": asker.network,
+        "source": asker.source,
+        **describe_reply(reply, forwarded=forwarded),
+    }

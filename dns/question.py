@@ -71,7 +71,8 @@ def canonical_query(data: bytes) -> tuple[bytes, int] | None:
     if len(data) < end + 11 or data[end] != 0:
         return None
     rtype, udp_size, _ext_rcode, version, edns_flags, rdlength = struct.unpack_from(
-        "!HHBBHH", data, end + 1)
+        "!HHBBHH", data, end + 1
+    )
     if rtype != OPT_TYPE or version != 0 or end + 11 + rdlength > len(data):
         return None
     limit = max(UDP_MIN, min(udp_size, EDNS_PAYLOAD))
@@ -85,4 +86,4 @@ def splice_question(reply: bytes, data: bytes, end: int) -> bytes:
     The cached reply holds the canonical (lower-case) question at the same
     offset and of the same length, and its answer names point there.
     """
-    return data[:2] + reply[:HEADER_LEN - 2] + data[HEADER_LEN:end] + reply[end - 2:]
+    return data[:2] + reply[: HEADER_LEN - 2] + data[HEADER_LEN:end] + reply[end - 2 :]

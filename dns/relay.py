@@ -109,10 +109,17 @@ def parse_query(wire: bytes) -> Query:
     opts = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
     if len(opts) > 1:
         raise MalformedQuery("more than one OPT record")
-    return Query(wire=wire, id=int(header.id), question=record.questions[0],
-                 opcode=int(header.opcode), rd=bool(header.rd), cd=bool(header.cd),
-                 edns=bool(opts), do=bool(opts and opts[0].edns_do),
-                 cacheable=bool(header.rd) and len(record.ar) == len(opts))
+    return Query(
+        wire=wire,
+        id=int(header.id),
+        question=record.questions[0],
+        opcode=int(header.opcode),
+        rd=bool(header.rd),
+        cd=bool(header.cd),
+        edns=bool(opts),
+        do=bool(opts and opts[0].edns_do),
+        cacheable=bool(header.rd) and len(record.ar) == len(opts),
+    )
 
 
 def error_reply(query: Query, rcode: int) -> bytes:
@@ -121,8 +128,15 @@ def error_reply(query: Query, rcode: int) -> bytes:
     It carries an OPT record when the query did (RFC 6891 §7), and RA, as
     every reply of a recursive service.
     """
-    header = DNSHeader(id=query.id, qr=1, opcode=query.opcode, rd=int(query.rd), ra=1,
-                       cd=int(query.cd), rcode=rcode)
+    header = DNSHeader(
+        id=query.id,
+        qr=1,
+        opcode=query.opcode,
+        rd=int(query.rd),
+        ra=1,
+        cd=int(query.cd),
+        rcode=rcode,
+    )
     record = DNSRecord(header, q=query.question)
     if query.edns:
         record.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
@@ -164,10 +178,10 @@ def _for_client(query: Query, wire: bytes, record: Any) -> bytes:
 
 
 class Action(enum.Enum):
-    ACCEPT = "accept"        # give it to the client (and cache it if it qualifies)
+    ACCEPT = "accept"  # give it to the client (and cache it if it qualifies)
     RETRY_TCP = "retry_tcp"  # truncated over UDP: ask the same upstream over TCP
-    NEXT = "next"            # this upstream failed: try the next one
-    IGNORE = "ignore"        # not the reply to our query: keep waiting
+    NEXT = "next"  # this upstream failed: try the next one
+    IGNORE = "ignore"  # not the reply to our query: keep waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +201,9 @@ _REJECTING: Final = {SERVFAIL: "servfail", REFUSED: "refused"}
 
 def _same_question(ours: Any, theirs: Any) -> bool:
     # dnslib compares names case-insensitively, as DNS does (RFC 4343).
-    return bool(ours.qname == theirs.qname and ours.qtype == theirs.qtype
-                and ours.qclass == theirs.qclass)
+    return bool(
+        ours.qname == theirs.qname and ours.qtype == theirs.qtype and ours.qclass == theirs.qclass
+    )
 
 
 def judge_reply(query: Query, sent_id: int, wire: bytes, *, tcp: bool) -> Verdict:
@@ -223,5 +238,3 @@ def judge_reply(query: Query, sent_id: int, wire: bytes, *, tcp: bool) -> Verdic
     if record.header.tc and not tcp:
         return Verdict(Action.RETRY_TCP, "truncated", client_wire)
     return Verdict(Action.ACCEPT, "ok", client_wire)
-
-

@@ -84,8 +84,9 @@ class DnsConfig:
 
 
 class Responder:
-    def __init__(self, table: NameTable, config: DnsConfig | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, table: NameTable, config: DnsConfig | None = None, rng: random.Random | None = None
+    ) -> None:
         self.table = table
         self.config = config or DnsConfig()
         self._rng = rng or random.Random()
@@ -94,8 +95,20 @@ class Responder:
         #: source address -> view; asked on every query, so kept as a dict
         self.views: dict[str, str] = {}
         self.stats: dict[str, int] = dict.fromkeys(
-            ("answered", "nxdomain", "nodata", "forwarded", "formerr", "notimp", "badvers",
-             "dropped", "truncated", "invalidated"), 0)
+            (
+                "answered",
+                "nxdomain",
+                "nodata",
+                "forwarded",
+                "formerr",
+                "notimp",
+                "badvers",
+                "dropped",
+                "truncated",
+                "invalidated",
+            ),
+            0,
+        )
 
     def __repr__(self) -> str:
         return f"<Responder cached={len(self.cache)} {self.table!r}>"
@@ -114,8 +127,11 @@ class Responder:
 
     def cache_stats(self) -> dict[str, int]:
         """Gauges of the reply cache: entries, bytes (as bounded), evictions so far."""
-        return {"cache_entries": len(self.cache), "cache_bytes": self.cache.size_bytes,
-                "cache_evicted": self.cache.evicted}
+        return {
+            "cache_entries": len(self.cache),
+            "cache_bytes": self.cache.size_bytes,
+            "cache_evicted": self.cache.evicted,
+        }
 
     # -- answering --------------------------------------------------------------
 
@@ -177,8 +193,7 @@ class Responder:
         self.stats["formerr" if rcode == FORMERR else "notimp"] += 1
         return error_reply(data, rcode)
 
-    def _resolve(self, query: DNSRecord, view: str, key: Key | None,
-                 tcp: bool) -> bytes | Action:
+    def _resolve(self, query: DNSRecord, view: str, key: Key | None, tcp: bool) -> bytes | Action:
         """The reply without its ID (its question lower-cased if `key`), or FORWARD.
 
         With a `key`, the replies (or the FORWARD mark) are cached under it.
@@ -186,8 +201,11 @@ class Responder:
         question = query.q
         name = str(question.qname)
         address = reverse_address(name)
-        answer = (self.table.reverse(address, view) if address is not None
-                  else self.table.lookup(name, view))
+        answer = (
+            self.table.reverse(address, view)
+            if address is not None
+            else self.table.lookup(name, view)
+        )
         if not answer.found and not answer.mesh_space:
             if key is not None:
                 self.cache.put(key, FORWARD_MARK, answer.owners)
@@ -195,8 +213,10 @@ class Responder:
             return FORWARD
         qname = lower_name(question.qname) if key is not None else question.qname
         zone = self.table.zone_of(name, address)
-        variants = [self._pack(query, qname, answer, records, tcp, zone)
-                    for records in self._orders(answer, question.qtype)]
+        variants = [
+            self._pack(query, qname, answer, records, tcp, zone)
+            for records in self._orders(answer, question.qtype)
+        ]
         served = itertools.cycle(variants)
         if key is not None:
             self.cache.put(key, served, answer.owners, variants)
@@ -227,22 +247,45 @@ class Responder:
         if qtype == QTYPE.PTR:
             return [RR("", QTYPE.PTR, rdata=PTR(f"{n}."), ttl=ttl) for n in answer.ptr]
         if qtype == QTYPE.SRV:
-            return [RR("", QTYPE.SRV, rdata=SRV(0, 0, s.port, f"{s.target}."), ttl=ttl)
-                    for s in answer.srv]
+            return [
+                RR("", QTYPE.SRV, rdata=SRV(0, 0, s.port, f"{s.target}."), ttl=ttl)
+                for s in answer.srv
+            ]
         return []  # a known name asked for a type it has none of: NOERROR, no data
 
     def soa(self, zone: str) -> RR:
         """The SOA record of a mesh zone (`NameTable.zone_of`), stable for a given zone and TTL."""
         ttl = self.config.ttl
         apex = f"{zone}." if zone else "."
-        return RR(apex, QTYPE.SOA, ttl=ttl, rdata=SOA(
-            f"ns.dns.{apex}", f"hostmaster.{apex}",
-            (SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ttl)))
+        return RR(
+            apex,
+            QTYPE.SOA,
+            ttl=ttl,
+            rdata=SOA(
+                f"ns.dns.{apex}",
+                f"hostmaster.{apex}",
+                (SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ttl),
+            ),
+        )
 
-    def _pack(self, query: DNSRecord, qname: DNSLabel, answer: Answer, records: list[RR],
-              tcp: bool, zone: str) -> bytes:
-        header = DNSHeader(id=query.header.id, qr=1, aa=1, ra=1, rd=query.header.rd,
-                           opcode=0, rcode=NOERROR if answer.found else NXDOMAIN)
+    def _pack(
+        self,
+        query: DNSRecord,
+        qname: DNSLabel,
+        answer: Answer,
+        records: list[RR],
+        tcp: bool,
+        zone: str,
+    ) -> bytes:
+        header = DNSHeader(
+            id=query.header.id,
+            qr=1,
+            aa=1,
+            ra=1,
+            rd=query.header.rd,
+            opcode=0,
+            rcode=NOERROR if answer.found else NXDOMAIN,
+        )
         reply = DNSRecord(header, q=DNSQuestion(qname, query.q.qtype, query.q.qclass))
         for record in records:
             record.rname = qname
@@ -277,8 +320,10 @@ def plain_name(name: DNSLabel) -> bool:
     types) as a long label, and any number of labels: both are FORMERR here.
     """
     labels = name.label
-    return (all(len(label) <= MAX_LABEL for label in labels)
-            and sum(len(label) + 1 for label in labels) + 1 <= MAX_NAME_OCTETS)
+    return (
+        all(len(label) <= MAX_LABEL for label in labels)
+        and sum(len(label) + 1 for label in labels) + 1 <= MAX_NAME_OCTETS
+    )
 
 
 def lower_name(name: DNSLabel) -> DNSLabel:
@@ -287,8 +332,9 @@ def lower_name(name: DNSLabel) -> DNSLabel:
 
 def badvers_reply(query: DNSRecord) -> bytes:
     """BADVERS (16) for an EDNS version we do not speak: the high bits go in our OPT (version 0)."""
-    header = DNSHeader(id=query.header.id, qr=1, ra=1, rd=query.header.rd, opcode=0,
-                       rcode=BADVERS & 0xF)
+    header = DNSHeader(
+        id=query.header.id, qr=1, ra=1, rd=query.header.rd, opcode=0, rcode=BADVERS & 0xF
+    )
     reply = DNSRecord(header, q=query.q)
     reply.add_ar(EDNS0(udp_len=EDNS_PAYLOAD, ext_rcode=BADVERS >> 4, version=0))
     return bytes(reply.pack())

@@ -101,8 +101,9 @@ class UdpServer(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-async def forward_or_refuse(responder: Responder, forward: Forward, data: bytes,
-                            tcp: bool) -> bytes:
+async def forward_or_refuse(
+    responder: Responder, forward: Forward, data: bytes, tcp: bool
+) -> bytes:
     """The forwarder's reply, FORMERR for what it cannot take, SERVFAIL for a bug of ours.
 
     The responder refuses malformed queries before they get here; this is
@@ -119,10 +120,15 @@ async def forward_or_refuse(responder: Responder, forward: Forward, data: bytes,
 
 
 class TcpServer:
-    def __init__(self, responder: Responder, forward: Forward, *,
-                 max_connections: int = MAX_TCP_CONNECTIONS,
-                 max_per_client: int = MAX_TCP_PER_CLIENT,
-                 idle_seconds: float = TCP_IDLE_SECONDS) -> None:
+    def __init__(
+        self,
+        responder: Responder,
+        forward: Forward,
+        *,
+        max_connections: int = MAX_TCP_CONNECTIONS,
+        max_per_client: int = MAX_TCP_PER_CLIENT,
+        idle_seconds: float = TCP_IDLE_SECONDS,
+    ) -> None:
         self.responder = responder
         self.forward = forward
         self.server: asyncio.Server | None = None
@@ -151,7 +157,8 @@ class TcpServer:
             while True:
                 self.slots.idle(conn)
                 size = int.from_bytes(
-                    await asyncio.wait_for(reader.readexactly(2), self.idle_seconds), "big")
+                    await asyncio.wait_for(reader.readexactly(2), self.idle_seconds), "big"
+                )
                 data = await asyncio.wait_for(reader.readexactly(size), self.idle_seconds)
                 self.slots.busy(conn)
                 reply = await self._answer(data, str(peer[0]))
@@ -208,8 +215,9 @@ def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-async def serve(responder: Responder, forward: Forward, host: str, port: int,
-                reuse_port: bool = False) -> tuple[UdpServer, TcpServer, int]:
+async def serve(
+    responder: Responder, forward: Forward, host: str, port: int, reuse_port: bool = False
+) -> tuple[UdpServer, TcpServer, int]:
     """Start both listeners on host:port (port 0: the kernel picks one for UDP and TCP alike).
 
     Returns the listeners and the port they are bound to.
@@ -218,14 +226,16 @@ async def serve(responder: Responder, forward: Forward, host: str, port: int,
     sock = udp_socket(host, port, reuse_port)
     port = sock.getsockname()[1]
     transport, udp = await loop.create_datagram_endpoint(
-        lambda: UdpServer(responder, forward), sock=sock)
+        lambda: UdpServer(responder, forward), sock=sock
+    )
     # Hold the transport now: uvloop calls connection_made a tick later, and a
     # transport nobody references by then is collected, closing the socket.
     udp.transport = transport
     tcp = TcpServer(responder, forward)
     try:
-        tcp.server = await asyncio.start_server(tcp.handle, host, port,
-                                                reuse_address=True, reuse_port=reuse_port)
+        tcp.server = await asyncio.start_server(
+            tcp.handle, host, port, reuse_address=True, reuse_port=reuse_port
+        )
     except OSError:
         await udp.close()
         raise

@@ -45,11 +45,14 @@ class DnsService:
     def __init__(self, settings: DnsSettings, rng: random.Random | None = None) -> None:
         self.settings = settings
         self.table = NameTable(settings.domain)
-        self.responder = Responder(self.table, DnsConfig(ttl=settings.ttl,
-                                                         domain=settings.domain), rng)
+        self.responder = Responder(
+            self.table, DnsConfig(ttl=settings.ttl, domain=settings.domain), rng
+        )
         upstreams: Sequence[Upstream] = (
-            settings.upstreams if settings.upstreams is not None
-            else upstreams_from_resolv_conf(exclude={settings.host, *OWN_ADDRESSES}))
+            settings.upstreams
+            if settings.upstreams is not None
+            else upstreams_from_resolv_conf(exclude={settings.host, *OWN_ADDRESSES})
+        )
         self.forwarder = Forwarder(upstreams, timeout=settings.upstream_timeout)
         self._udp: UdpServer | None = None
         self._tcp: TcpServer | None = None
@@ -66,11 +69,19 @@ class DnsService:
 
     async def start(self) -> None:
         self._udp, self._tcp, self.port = await serve(
-            self.responder, self._forward, self.settings.host, self.settings.port,
-            self.settings.reuse_port)
-        event(log, "dns_listening", address=f"{self.settings.host}:{self.port}",
-              upstreams=",".join(f"{u.host}:{u.port}" for u in self.forwarder.upstreams)
-              or "none", ttl=self.settings.ttl)
+            self.responder,
+            self._forward,
+            self.settings.host,
+            self.settings.port,
+            self.settings.reuse_port,
+        )
+        event(
+            log,
+            "dns_listening",
+            address=f"{self.settings.host}:{self.port}",
+            upstreams=",".join(f"{u.host}:{u.port}" for u in self.forwarder.upstreams) or "none",
+            ttl=self.settings.ttl,
+        )
 
     async def stop(self) -> None:
         if self._udp is not None:
@@ -82,8 +93,9 @@ class DnsService:
     async def resolve(self, name: str, qtype: str, network: Network | None) -> dict[str, Any]:
         """What an asker on `network` (None: on the host) gets for `name`."""
         # The gateway stands for any address of the network: views go by subnet.
-        asker = Asker("127.0.0.1", None) if network is None else Asker(network.gateway,
-                                                                       network.name)
+        asker = (
+            Asker("127.0.0.1", None) if network is None else Asker(network.gateway, network.name)
+        )
         return await resolve(self.responder, self._forward, asker, name, qtype)
 
     def records(self, network: Network | None) -> list[dict[str, str]]:
@@ -93,8 +105,9 @@ class DnsService:
 
     def stats(self) -> dict[str, int]:
         counters = {**self.responder.stats, **self.responder.cache_stats()}
-        return {**{f"responder_{k}": v for k, v in counters.items()},
-                **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
-                "forwarder_cache_bytes": self.forwarder.cache.size_bytes,
-                **({} if self._tcp is None
-                   else {f"tcp_{k}": v for k, v in self._tcp.stats.items()})}
+        return {
+            **{f"responder_{k}": v for k, v in counters.items()},
+            **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
+            "forwarder_cache_bytes": self.forwarder.cache.size_bytes,
+            **({} if self._tcp is None else {f"tcp_{k}": v for k, v in self._tcp.stats.items()}),
+        }

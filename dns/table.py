@@ -78,8 +78,10 @@ class NameTable:
         self._vips: dict[str, tuple[str, str]] = {}  # address -> (service, network)
 
     def __repr__(self) -> str:
-        return (f"<NameTable networks={len(self._networks)} services={len(self._services)} "
-                f"tasks={len(self._tasks)}>")
+        return (
+            f"<NameTable networks={len(self._networks)} services={len(self._services)} "
+            f"tasks={len(self._tasks)}>"
+        )
 
     # -- feeding --------------------------------------------------------------
 
@@ -143,7 +145,9 @@ class NameTable:
         # Networks change rarely; a rebuild of this short list is the simple way.
         self._subnets = sorted(
             ((ipaddress.IPv4Network(n.subnet), name) for name, n in self._networks.items()),
-            key=lambda pair: pair[0].prefixlen, reverse=True)
+            key=lambda pair: pair[0].prefixlen,
+            reverse=True,
+        )
 
     # -- views ----------------------------------------------------------------
 
@@ -176,7 +180,7 @@ class NameTable:
             subnet = next((s for s, _ in self._subnets if ip in s), None)
             if subnet is None:
                 return "in-addr.arpa"
-            octets = str(subnet.network_address).split(".")[:subnet.prefixlen // 8]
+            octets = str(subnet.network_address).split(".")[: subnet.prefixlen // 8]
             return ".".join([*reversed(octets), "in-addr", "arpa"])
         name = qname.lower().rstrip(".")
         if self.domain and (name == self.domain or name.endswith(f".{self.domain}")):
@@ -193,8 +197,10 @@ class NameTable:
 
     def _healthy_tasks(self, service: str) -> list[Task]:
         found = (self._tasks[i] for i in self._tasks_by_service.get(service, ()))
-        return sorted((t for t in found if t.health is Health.HEALTHY
-                       and t.state is TaskState.RUNNING), key=lambda t: (t.slot, t.id))
+        return sorted(
+            (t for t in found if t.health is Health.HEALTHY and t.state is TaskState.RUNNING),
+            key=lambda t: (t.slot, t.id),
+        )
 
     # -- lookups ----------------------------------------------------------------
 
@@ -204,8 +210,8 @@ class NameTable:
         mesh_space = False
         if self.domain:
             suffix = self.domain.split(".")
-            if labels[-len(suffix):] == suffix and len(labels) > len(suffix):
-                labels = labels[:-len(suffix)]
+            if labels[-len(suffix) :] == suffix and len(labels) > len(suffix):
+                labels = labels[: -len(suffix)]
                 mesh_space = True
         answer = self._lookup_labels(labels, view)
         answer.mesh_space = answer.mesh_space or mesh_space
@@ -248,8 +254,12 @@ class NameTable:
         if service is None:
             return Answer(found=False, owners={name})
         if service.endpoint_mode == "dnsrr":
-            return Answer(found=True, owners={name}, shuffle=True,
-                          addresses=_unique(t.address for t in self._healthy_tasks(name)))
+            return Answer(
+                found=True,
+                owners={name},
+                shuffle=True,
+                addresses=_unique(t.address for t in self._healthy_tasks(name)),
+            )
         nets = [network] if network is not None else self._visible_networks(service, view)
         by_network = {v.network.lower(): v.address for v in service.vips}
         addresses = [by_network[n] for n in nets if n in by_network][:1]
@@ -259,11 +269,17 @@ class NameTable:
         service = self._visible_service(name, view, network)
         if service is None:
             return Answer(found=False, owners={name}, mesh_space=True)
-        return Answer(found=True, owners={name}, shuffle=True, mesh_space=True,
-                      addresses=_unique(t.address for t in self._healthy_tasks(name)))
+        return Answer(
+            found=True,
+            owners={name},
+            shuffle=True,
+            mesh_space=True,
+            addresses=_unique(t.address for t in self._healthy_tasks(name)),
+        )
 
-    def _srv(self, port_text: str, protocol: str, name: str, view: str,
-             network: str | None) -> Answer:
+    def _srv(
+        self, port_text: str, protocol: str, name: str, view: str, network: str | None
+    ) -> Answer:
         """`_<port>._<proto>.<service>`: one target per healthy task, at its real port.
 
         `<port>` is a target or published port of the service; a port the
@@ -273,9 +289,14 @@ class NameTable:
         port = net.port_or_none(port_text)
         if service is None or port is None:
             return Answer(found=False, owners={name})
-        target = next((p.target_port for p in service.ports
-                       if p.protocol == protocol and port in (p.target_port, p.published_port)),
-                      None)
+        target = next(
+            (
+                p.target_port
+                for p in service.ports
+                if p.protocol == protocol and port in (p.target_port, p.published_port)
+            ),
+            None,
+        )
         tasks = self._healthy_tasks(name)
         if target is None and any(port in t.ports for t in tasks):
             target = port
@@ -289,8 +310,7 @@ class NameTable:
         task = self._tasks.get(task_id) if task_id else None
         if task is None or self._visible_service(task.service.lower(), view, network) is None:
             return Answer(found=False, owners={name})
-        return Answer(found=True, owners={name, task.service.lower()},
-                      addresses=[task.address])
+        return Answer(found=True, owners={name, task.service.lower()}, addresses=[task.address])
 
     def records(self, view: str) -> list[tuple[str, str, str]]:
         """Every (name, type, value) an asker in `view` gets, for `mesh inspect dns`.
@@ -303,14 +323,16 @@ class NameTable:
             if not self._sees(service, view):
                 continue
             names = [name, f"tasks.{name}"]
-            names += sorted(self._tasks[i].name.lower()
-                            for i in self._tasks_by_service.get(name, ()))
+            names += sorted(
+                self._tasks[i].name.lower() for i in self._tasks_by_service.get(name, ())
+            )
             for qname in names:
                 found += [(qname, "A", a) for a in self.lookup(qname, view).addresses]
             for port in service.ports:
                 qname = f"_{port.published_port or port.target_port}._{port.protocol}.{name}"
-                found += [(qname, "SRV", f"{t.port} {t.target}")
-                          for t in self.lookup(qname, view).srv]
+                found += [
+                    (qname, "SRV", f"{t.port} {t.target}") for t in self.lookup(qname, view).srv
+                ]
             for vip in service.vips:
                 found += [(vip.address, "PTR", p) for p in self.reverse(vip.address, view).ptr]
         return found
@@ -332,8 +354,7 @@ class NameTable:
                 continue
             nets = self._visible_networks(service, view)
             names.append(f"{task.name}.{nets[0]}" if nets else task.name)
-        return Answer(found=bool(names), owners=owners, ptr=names,
-                      mesh_space=in_subnet)
+        return Answer(found=bool(names), owners=owners, ptr=names, mesh_space=in_subnet)
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:

@@ -25,13 +25,19 @@ from typing import Final
 DEFAULT_MAX_TOTAL: Final = 256
 DEFAULT_MAX_PER_CLIENT: Final = 16
 
-STAT_NAMES: Final = ("accepted", "refused_per_client", "refused_full", "evicted_idle",
-                     "idle_timeouts")
+STAT_NAMES: Final = (
+    "accepted",
+    "refused_per_client",
+    "refused_full",
+    "evicted_idle",
+    "idle_timeouts",
+)
 
 
 class TcpSlots:
-    def __init__(self, max_total: int = DEFAULT_MAX_TOTAL,
-                 max_per_client: int = DEFAULT_MAX_PER_CLIENT) -> None:
+    def __init__(
+        self, max_total: int = DEFAULT_MAX_TOTAL, max_per_client: int = DEFAULT_MAX_PER_CLIENT
+    ) -> None:
         if max_total < 1 or max_per_client < 1:
             raise ValueError("the DNS server needs room for one TCP connection")
         self.max_total = max_total

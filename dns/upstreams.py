@@ -47,6 +47,7 @@ DNS_PORT: Final = 53
 BACKOFF_BASE: Final = 5.0
 BACKOFF_MAX: Final = 120.0
 
+
 def _canonical_ip(text: str) -> str:
     """The canonical text of an IP literal (an IPv6 zone id kept); ValueError if it is not one."""
     return str(ipaddress.ip_address(text))
@@ -77,8 +78,11 @@ def parse_upstream(text: str) -> Upstream:
     host, port, bracketed = net.split_host_port(text, "upstream")  # AddressError: ValueError
     if bracketed and ":" not in host:
         raise ValueError(f"bad upstream {text.strip()!r}: expected [IPv6]:PORT")
-    if not bracketed and port is not None and not isinstance(ipaddress.ip_address(host),
-                                                             ipaddress.IPv4Address):
+    if (
+        not bracketed
+        and port is not None
+        and not isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    ):
         raise ValueError(f"bad upstream {text.strip()!r}")
     return Upstream(host, DNS_PORT if port is None else net.parse_port(port, "upstream port"))
 
@@ -108,8 +112,9 @@ def _nameserver(line: str) -> str | None:
         return None
 
 
-def upstreams_from_resolv_conf(path: str = "/etc/resolv.conf",
-                               exclude: Collection[str] = ()) -> list[Upstream]:
+def upstreams_from_resolv_conf(
+    path: str = "/etc/resolv.conf", exclude: Collection[str] = ()
+) -> list[Upstream]:
     """The host's resolvers, in order: the `nameserver` lines of `path`, port 53.
 
     Addresses in `exclude` are skipped (compared as addresses, any port
@@ -136,8 +141,6 @@ def upstreams_from_resolv_conf(path: str = "/etc/resolv.conf",
     return found
 
 
-
-
 # --------------------------------------------------------------------------- failover
 
 
@@ -153,9 +156,14 @@ class _Down:
 class UpstreamPool:
     """The upstreams in order, with the memory of the ones that failed (the back-off rule above)."""
 
-    def __init__(self, upstreams: Sequence[Upstream], *,
-                 clock: Callable[[], float] = time.monotonic,
-                 backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX) -> None:
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> None:
         if backoff_base < 0 or backoff_max < backoff_base:
             raise ValueError("back-off: need 0 <= backoff_base <= backoff_max")
         self.upstreams = tuple(upstreams)

@@ -30,9 +30,16 @@ async def run(args: argparse.Namespace) -> int:
     feed = FeedClient(args.feed)
     records = await feed.open()
     upstreams = tuple(parse_upstream(u) for u in args.upstream) or None
-    service = DnsService(DnsSettings(host=args.host, port=args.port, ttl=args.ttl,
-                                     domain=args.domain, upstreams=upstreams,
-                                     reuse_port=True))
+    service = DnsService(
+        DnsSettings(
+            host=args.host,
+            port=args.port,
+            ttl=args.ttl,
+            domain=args.domain,
+            upstreams=upstreams,
+            reuse_port=True,
+        )
+    )
     service.load(records)
     await service.start()
     stopping = asyncio.Event()
@@ -74,4 +81,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

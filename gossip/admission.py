@@ -56,9 +56,15 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, drops: Counter[str], *, per_source: int = 8,
-                 unauthenticated: int = 256, unauthenticated_bytes: int = 64 << 20,
-                 authenticated: int = 128) -> None:
+    def __init__(
+        self,
+        drops: Counter[str],
+        *,
+        per_source: int = 8,
+        unauthenticated: int = 256,
+        unauthenticated_bytes: int = 64 << 20,
+        authenticated: int = 128,
+    ) -> None:
         self.drops = drops
         self.per_source = per_source
         self.unauthenticated_cap = unauthenticated
@@ -71,8 +77,10 @@ class Admission:
         self._authenticated = 0
 
     def __repr__(self) -> str:
-        return (f"<Admission strangers={len(self._strangers)} reserved={self._reserved} "
-                f"authenticated={self._authenticated}>")
+        return (
+            f"<Admission strangers={len(self._strangers)} reserved={self._reserved} "
+            f"authenticated={self._authenticated}>"
+        )
 
     @property
     def unauthenticated(self) -> int:

@@ -80,9 +80,17 @@ class _Datagrams(asyncio.DatagramProtocol):
 
 
 class GossipShell:
-    def __init__(self, core: Membership, host: str, port: int, *,
-                 keyring: security.Keyring | None = None, label: bytes = b"",
-                 on_event: EventSink | None = None, tcp_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        core: Membership,
+        host: str,
+        port: int,
+        *,
+        keyring: security.Keyring | None = None,
+        label: bytes = b"",
+        on_event: EventSink | None = None,
+        tcp_timeout: float = 10.0,
+    ) -> None:
         self.core = core
         self.host, self.port = host, port
         self.keyring = keyring
@@ -96,10 +104,13 @@ class GossipShell:
         self._tcp: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.admission = Admission(self.drops, per_source=MAX_STREAMS_PER_SOURCE,
-                                   unauthenticated=MAX_UNAUTHENTICATED,
-                                   unauthenticated_bytes=UNAUTHENTICATED_BYTES,
-                                   authenticated=MAX_INBOUND_STREAMS)
+        self.admission = Admission(
+            self.drops,
+            per_source=MAX_STREAMS_PER_SOURCE,
+            unauthenticated=MAX_UNAUTHENTICATED,
+            unauthenticated_bytes=UNAUTHENTICATED_BYTES,
+            authenticated=MAX_INBOUND_STREAMS,
+        )
         # The largest frame sent, or received on a stream this node opened: the state's size.
         self._largest_frame = 0
         self._closing = False
@@ -114,15 +125,17 @@ class GossipShell:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         transport, _ = await self._loop.create_datagram_endpoint(
-            lambda: _Datagrams(self), local_addr=(self.host, self.port), reuse_port=False)
+            lambda: _Datagrams(self), local_addr=(self.host, self.port), reuse_port=False
+        )
         self._udp = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         try:
-            self._tcp = await asyncio.start_server(self._serve_stream, self.host, self.port,
-                                                   reuse_address=True)
+            self._tcp = await asyncio.start_server(
+                self._serve_stream, self.host, self.port, reuse_address=True
+            )
         except OSError:
             self._udp.close()
             raise
@@ -167,8 +180,9 @@ class GossipShell:
         self.core.handle_packet(messages, source, self.now())
         self._drive()
 
-    async def _serve_stream(self, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> None:
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
         source = (str(peer[0]), int(peer[1]))
         ticket = self.admission.admit(source[0], writer.transport.abort)
@@ -206,8 +220,9 @@ class GossipShell:
         """The largest first frame a stranger may announce: about the state's size."""
         return min(MAX_STREAM, max(UNAUTHENTICATED_FLOOR, STATE_MARGIN * self._largest_frame))
 
-    async def _read_first_frame(self, reader: asyncio.StreamReader,
-                                ticket: Ticket) -> PushPull | Ping | None:
+    async def _read_first_frame(
+        self, reader: asyncio.StreamReader, ticket: Ticket
+    ) -> PushPull | Ping | None:
         """A stranger's first frame, opened; None when it is dropped (counted)."""
         try:
             header = await asyncio.wait_for(reader.readexactly(_LENGTH.size), AUTH_TIMEOUT)
@@ -217,8 +232,7 @@ class GossipShell:
                 return None
             if not self.admission.reserve(ticket, size):
                 return None
-            data = await asyncio.wait_for(reader.readexactly(size),
-                                          AUTH_TIMEOUT + size / AUTH_RATE)
+            data = await asyncio.wait_for(reader.readexactly(size), AUTH_TIMEOUT + size / AUTH_RATE)
         except TimeoutError:
             self.drops["unauthenticated_timeout"] += 1
             return None
@@ -278,8 +292,9 @@ class GossipShell:
         if self._udp is None or not packet.messages:
             return
         try:
-            data = security.wrap(codec.encode_packet(list(packet.messages)), self.keyring,
-                                 self.label)
+            data = security.wrap(
+                codec.encode_packet(list(packet.messages)), self.keyring, self.label
+            )
             self._udp.sendto(data, packet.to)
             self.counts["packets_out"] += 1
         except (OSError, ValueError) as exc:
@@ -292,7 +307,8 @@ class GossipShell:
         try:
             reader, stream = await asyncio.wait_for(
                 asyncio.open_connection(*request.to, local_addr=self._local_addr(request.to)),
-                self.tcp_timeout)
+                self.tcp_timeout,
+            )
             writer = stream
             stream.write(self._frame(codec.encode_stream(request.message)))
             await asyncio.wait_for(stream.drain(), self.tcp_timeout)

@@ -123,8 +123,9 @@ class BroadcastQueue:
                 self._bucket(entry)
         return [entry.message for entry in chosen]
 
-    def piggyback(self, messages: list[Message], room: int, limit: int,
-                  max_items: int) -> list[Message]:
+    def piggyback(
+        self, messages: list[Message], room: int, limit: int, max_items: int
+    ) -> list[Message]:
         """`messages` plus the broadcasts that fit in what `room` they leave
         (`room` and `max_items` count the primary messages too)."""
         room -= sum(part_size(m) for m in messages)

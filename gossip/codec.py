@@ -72,14 +72,19 @@ COMPOUND_OVERHEAD = 5
 """Bytes a COMPOUND adds besides its parts: version + type + a msgpack array header (<= 3)."""
 
 _PACKET_LIMITS: dict[str, int] = dict(
-    max_str_len=MAX_NAME, max_bin_len=MAX_PACKET, max_array_len=4096,
-    max_map_len=0, max_ext_len=0)
+    max_str_len=MAX_NAME, max_bin_len=MAX_PACKET, max_array_len=4096, max_map_len=0, max_ext_len=0
+)
 _STREAM_LIMITS: dict[str, int] = dict(
-    max_str_len=MAX_NAME, max_bin_len=MAX_STREAM, max_array_len=MAX_NODES,
-    max_map_len=0, max_ext_len=0)
+    max_str_len=MAX_NAME,
+    max_bin_len=MAX_STREAM,
+    max_array_len=MAX_NODES,
+    max_map_len=0,
+    max_ext_len=0,
+)
 
 
 # -- encoding ---------------------------------------------------------------
+
 
 def encode(message: Message) -> bytes:
     """One message with its version byte (a whole datagram or stream body)."""
@@ -141,27 +146,39 @@ def _fields(message: Message) -> list[Any]:
             src = None if message.source_addr is None else list(message.source_addr)
             return [message.seq, message.target, message.source, src]
         case IndirectPing():
-            return [message.seq, message.target, list(message.target_addr), message.source,
-                    message.nack]
+            return [
+                message.seq,
+                message.target,
+                list(message.target_addr),
+                message.source,
+                message.nack,
+            ]
         case Ack():
             return [message.seq, message.payload]
         case Nack():
             return [message.seq]
         case Alive():
-            return [message.incarnation, message.node, list(message.addr), message.meta,
-                    message.lateness_ms]
+            return [
+                message.incarnation,
+                message.node,
+                list(message.addr),
+                message.meta,
+                message.lateness_ms,
+            ]
         case Suspect() | Dead():
             return [message.incarnation, message.node, message.sender]
         case User():
             return [message.payload]
         case PushPull():
-            nodes = [[n.name, list(n.addr), n.incarnation, int(n.state), n.meta]
-                     for n in message.nodes]
+            nodes = [
+                [n.name, list(n.addr), n.incarnation, int(n.state), n.meta] for n in message.nodes
+            ]
             return [nodes, message.join, message.user_state]
     raise EncodeError("unknown_type", type(message).__name__)  # pragma: no cover
 
 
 # -- decoding ---------------------------------------------------------------
+
 
 def decode_packet(data: bytes) -> list[Message]:
     """A datagram's messages (one, or the parts of a COMPOUND). DecodeError on anything bad."""
@@ -261,8 +278,14 @@ class _Fields:
 
     def addr(self, i: int) -> Addr:
         v = self._get(i)
-        if not (isinstance(v, list) and len(v) == 2 and type(v[0]) is str
-                and 1 <= len(v[0]) <= MAX_NAME and type(v[1]) is int and 0 <= v[1] <= 65535):
+        if not (
+            isinstance(v, list)
+            and len(v) == 2
+            and type(v[0]) is str
+            and 1 <= len(v[0]) <= MAX_NAME
+            and type(v[1]) is int
+            and 0 <= v[1] <= 65535
+        ):
             self.fail(f"field {i} must be an address [host, port 0..65535]")
         return (v[0], v[1])
 
@@ -277,13 +300,22 @@ class _Fields:
 
 
 def _ping(f: _Fields) -> Ping:
-    return Ping(seq=f.uint(0), target=f.name(1, empty=True), source=f.name(2),
-                source_addr=f.optional_addr(3))
+    return Ping(
+        seq=f.uint(0),
+        target=f.name(1, empty=True),
+        source=f.name(2),
+        source_addr=f.optional_addr(3),
+    )
 
 
 def _indirect(f: _Fields) -> IndirectPing:
-    return IndirectPing(seq=f.uint(0), target=f.name(1), target_addr=f.addr(2),
-                        source=f.name(3), nack=f.flag(4, True))
+    return IndirectPing(
+        seq=f.uint(0),
+        target=f.name(1),
+        target_addr=f.addr(2),
+        source=f.name(3),
+        nack=f.flag(4, True),
+    )
 
 
 def _ack(f: _Fields) -> Ack:
@@ -295,8 +327,13 @@ def _nack(f: _Fields) -> Nack:
 
 
 def _alive(f: _Fields) -> Alive:
-    return Alive(incarnation=f.uint(0), node=f.name(1), addr=f.addr(2), meta=f.blob(3, MAX_META),
-                 lateness_ms=f.uint(4, MAX_LATENESS_MS, default=0))
+    return Alive(
+        incarnation=f.uint(0),
+        node=f.name(1),
+        addr=f.addr(2),
+        meta=f.blob(3, MAX_META),
+        lateness_ms=f.uint(4, MAX_LATENESS_MS, default=0),
+    )
 
 
 def _suspect(f: _Fields) -> Suspect:
@@ -317,8 +354,13 @@ def _push_pull(f: _Fields) -> PushPull:
 
 
 def _node_state(f: _Fields) -> NodeState:
-    return NodeState(name=f.name(0), addr=f.addr(1), incarnation=f.uint(2),
-                     state=MemberState(f.uint(3, hi=max(MemberState))), meta=f.blob(4, MAX_META))
+    return NodeState(
+        name=f.name(0),
+        addr=f.addr(1),
+        incarnation=f.uint(2),
+        state=MemberState(f.uint(3, hi=max(MemberState))),
+        meta=f.blob(4, MAX_META),
+    )
 
 
 _PARSERS: dict[MessageType, Callable[[_Fields], Message]] = {

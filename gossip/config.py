@@ -126,25 +126,49 @@ class GossipConfig:
     """How many recent User payload digests are remembered to deliver each one once."""
 
     def __post_init__(self) -> None:
-        for name in ("probe_interval", "probe_timeout", "gossip_interval", "tcp_timeout",
-                     "lateness_window", "lateness_ttl"):
+        for name in (
+            "probe_interval",
+            "probe_timeout",
+            "gossip_interval",
+            "tcp_timeout",
+            "lateness_window",
+            "lateness_ttl",
+        ):
             _require(getattr(self, name) > 0, f"{name} must be > 0")
-        _require(self.probe_timeout < self.probe_interval,
-                 "probe_timeout must be < probe_interval (SWIM: the timeout fits in a period)")
-        for name in ("gossip_to_the_dead_time", "push_pull_interval",
-                     "dead_node_reclaim_time", "tombstone_timeout"):
+        _require(
+            self.probe_timeout < self.probe_interval,
+            "probe_timeout must be < probe_interval (SWIM: the timeout fits in a period)",
+        )
+        for name in (
+            "gossip_to_the_dead_time",
+            "push_pull_interval",
+            "dead_node_reclaim_time",
+            "tombstone_timeout",
+        ):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")
-        _require(self.tombstone_timeout >= self.gossip_to_the_dead_time,
-                 "tombstone_timeout must be >= gossip_to_the_dead_time")
+        _require(
+            self.tombstone_timeout >= self.gossip_to_the_dead_time,
+            "tombstone_timeout must be >= gossip_to_the_dead_time",
+        )
         _require(self.indirect_checks >= 0, "indirect_checks must be >= 0")
-        for name in ("retransmit_mult", "suspicion_mult", "suspicion_max_timeout_mult",
-                     "awareness_max_multiplier", "gossip_nodes", "broadcast_queue_depth",
-                     "recent_user_messages"):
+        for name in (
+            "retransmit_mult",
+            "suspicion_mult",
+            "suspicion_max_timeout_mult",
+            "awareness_max_multiplier",
+            "gossip_nodes",
+            "broadcast_queue_depth",
+            "recent_user_messages",
+        ):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1")
-        _require(MIN_UDP_BUFFER <= self.udp_buffer_size <= 65507,
-                 f"udp_buffer_size must be {MIN_UDP_BUFFER}..65507")
-        _require(0 <= self.packet_overhead <= self.udp_buffer_size - MIN_UDP_BUFFER,
-                 "packet_overhead leaves too little room in udp_buffer_size")
+        _require(
+            MIN_UDP_BUFFER <= self.udp_buffer_size <= 65507,
+            f"udp_buffer_size must be {MIN_UDP_BUFFER}..65507",
+        )
+        _require(
+            0 <= self.packet_overhead <= self.udp_buffer_size - MIN_UDP_BUFFER,
+            "packet_overhead leaves too little room in udp_buffer_size",
+        )
 
     @property
     def packet_budget(self) -> int:
@@ -159,9 +183,16 @@ class GossipConfig:
     @classmethod
     def wan(cls) -> GossipConfig:
         """memberlist DefaultWANConfig: LAN with slower probes and gossip, longer suspicion."""
-        return cls(probe_interval=5.0, probe_timeout=3.0, suspicion_mult=6,
-                   gossip_interval=0.5, gossip_nodes=4, gossip_to_the_dead_time=60.0,
-                   push_pull_interval=60.0, tcp_timeout=30.0)
+        return cls(
+            probe_interval=5.0,
+            probe_timeout=3.0,
+            suspicion_mult=6,
+            gossip_interval=0.5,
+            gossip_nodes=4,
+            gossip_to_the_dead_time=60.0,
+            push_pull_interval=60.0,
+            tcp_timeout=30.0,
+        )
 
     @classmethod
     def local(cls) -> GossipConfig:
@@ -172,9 +203,15 @@ class GossipConfig:
         3 s and forgotten after 60 s, TCP timeout 1 s. A crash in a 3-node cluster is
         declared within about two probe periods plus 4 x 0.2 s of suspicion (~1.2 s).
         """
-        return cls(probe_interval=0.2, probe_timeout=0.1, gossip_interval=0.05,
-                   gossip_to_the_dead_time=3.0, push_pull_interval=2.0, tcp_timeout=1.0,
-                   tombstone_timeout=60.0)
+        return cls(
+            probe_interval=0.2,
+            probe_timeout=0.1,
+            gossip_interval=0.05,
+            gossip_to_the_dead_time=3.0,
+            push_pull_interval=2.0,
+            tcp_timeout=1.0,
+            tombstone_timeout=60.0,
+        )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -209,8 +246,7 @@ def suspicion_confirmations_wanted(mult: int, n: int) -> int:
     return 0 if n - 2 < k else k
 
 
-def suspicion_timeout(confirmations: int, k: int, min_timeout: float,
-                      max_timeout: float) -> float:
+def suspicion_timeout(confirmations: int, k: int, min_timeout: float, max_timeout: float) -> float:
     """Total suspicion timeout after `confirmations` of `k` wanted (Lifeguard LHA-Suspicion).
 
     max - (max - min) * ln(C + 1) / ln(k + 1), floored to the millisecond and
@@ -224,8 +260,9 @@ def suspicion_timeout(confirmations: int, k: int, min_timeout: float,
     return max(min_timeout, math.floor(raw * 1000) / 1000)
 
 
-def remaining_suspicion_time(n: int, k: int, elapsed: float, min_timeout: float,
-                             max_timeout: float) -> float:
+def remaining_suspicion_time(
+    n: int, k: int, elapsed: float, min_timeout: float, max_timeout: float
+) -> float:
     """memberlist suspicion.go remainingSuspicionTime: the timeout minus time elapsed.
 
     Unlike newSuspicion this does not special-case k < 1 (the function is only

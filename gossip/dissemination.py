@@ -24,8 +24,9 @@ RandomMembers = Callable[[int, Callable[[MemberInfo], bool]], list[MemberInfo]]
 
 
 class Outbox:
-    def __init__(self, config: GossipConfig, name: str, members: MemberStates,
-                 random_members: RandomMembers) -> None:
+    def __init__(
+        self, config: GossipConfig, name: str, members: MemberStates, random_members: RandomMembers
+    ) -> None:
         self.config, self.name = config, name
         self._members = members
         self._random_members = random_members
@@ -43,8 +44,9 @@ class Outbox:
 
     def packets(self) -> list[Packet]:
         """Datagrams to send now; queued broadcasts are piggybacked as they are drained."""
-        packets = [self._fill(to, messages, piggyback)
-                   for to, messages, piggyback in self._datagrams]
+        packets = [
+            self._fill(to, messages, piggyback) for to, messages, piggyback in self._datagrams
+        ]
         self._datagrams.clear()
         return packets
 
@@ -75,8 +77,7 @@ class Outbox:
         """The queued broadcasts to `gossip_nodes` random peers (the gossip tick)."""
         if not len(self._queue):
             return
-        peers = self._random_members(self.config.gossip_nodes,
-                                     lambda m: self._gossipable(m, now))
+        peers = self._random_members(self.config.gossip_nodes, lambda m: self._gossipable(m, now))
         room = self.config.packet_budget - COMPOUND_OVERHEAD
         for peer in peers:
             messages = self._queue.take(room, self._retransmit_limit(), MAX_PARTS)
@@ -88,13 +89,17 @@ class Outbox:
         if member.name == self.name or member.state is MemberState.LEFT:
             return False
         return member.state is not MemberState.DEAD or (
-            now - member.state_since < self.config.gossip_to_the_dead_time)
+            now - member.state_since < self.config.gossip_to_the_dead_time
+        )
 
     def _fill(self, to: Addr, messages: list[Message], piggyback: bool) -> Packet:
         if piggyback:
-            messages = self._queue.piggyback(messages,
-                                             self.config.packet_budget - COMPOUND_OVERHEAD,
-                                             self._retransmit_limit(), MAX_PARTS)
+            messages = self._queue.piggyback(
+                messages,
+                self.config.packet_budget - COMPOUND_OVERHEAD,
+                self._retransmit_limit(),
+                MAX_PARTS,
+            )
         return Packet(to, tuple(messages))
 
     def _retransmit_limit(self) -> int:

@@ -19,13 +19,13 @@ __all__ = [
 ]
 
 DECODE_REASONS = (
-    "truncated",        # empty, or no type byte after the version
-    "bad_version",      # byte 0 is not a protocol version we speak
-    "unknown_type",     # byte 1 is not a MessageType we decode
-    "bad_msgpack",      # the body is not one well-formed msgpack value within limits
-    "bad_fields",       # a field is missing or has the wrong type or range
-    "oversized",        # more bytes than a datagram / MAX_STREAM allows
-    "too_many_parts",   # a COMPOUND of more than MAX_PARTS messages
+    "truncated",  # empty, or no type byte after the version
+    "bad_version",  # byte 0 is not a protocol version we speak
+    "unknown_type",  # byte 1 is not a MessageType we decode
+    "bad_msgpack",  # the body is not one well-formed msgpack value within limits
+    "bad_fields",  # a field is missing or has the wrong type or range
+    "oversized",  # more bytes than a datagram / MAX_STREAM allows
+    "too_many_parts",  # a COMPOUND of more than MAX_PARTS messages
     "nested_compound",  # a COMPOUND inside a COMPOUND, or a COMPOUND on a stream
 )
 """Every `DecodeError.reason` the codec raises (the shell's drop counters)."""

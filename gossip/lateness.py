@@ -73,8 +73,10 @@ class LatenessMeter:
         # A node at a high Lifeguard health probes every few seconds: keep its last
         # MIN_SAMPLES a while longer, or it could never measure the lateness it has.
         samples = self._samples
-        while samples and (now - samples[0][0] > STALE * self.window or (
-                len(samples) > MIN_SAMPLES and now - samples[0][0] > self.window)):
+        while samples and (
+            now - samples[0][0] > STALE * self.window
+            or (len(samples) > MIN_SAMPLES and now - samples[0][0] > self.window)
+        ):
             samples.popleft()
             self._cached = None
         if self._cached is None:
@@ -115,8 +117,9 @@ class StallMeter:
             self._stalls.popleft()
             self._cached = None
         if self._cached is None:
-            self._cached = _time_quantile([lag for _, lag in self._stalls],
-                                          (1 - QUANTILE) * self.window)
+            self._cached = _time_quantile(
+                [lag for _, lag in self._stalls], (1 - QUANTILE) * self.window
+            )
         return self._cached
 
 
@@ -145,8 +148,11 @@ class LatenessAnnouncer:
 
     def due(self, lateness: float, now: float) -> bool:
         if lateness >= self.threshold:
-            return (self.announced < self.threshold or lateness > 1.5 * self.announced
-                    or now - self.announced_at >= self.ttl / 2)
+            return (
+                self.announced < self.threshold
+                or lateness > 1.5 * self.announced
+                or now - self.announced_at >= self.ttl / 2
+            )
         return self.announced >= self.threshold and lateness < self.threshold / 2
 
     def sent(self, lateness: float, now: float) -> None:
@@ -162,8 +168,7 @@ class Lateness:
     """One node's side of it: what it measures of itself, what it announced, and how much
     time it gives a member. All zero when `enabled` is false (Lifeguard or lateness off)."""
 
-    __slots__ = ("_announcer", "_direct", "_lag", "_meter", "enabled", "threshold", "ttl",
-                 "window")
+    __slots__ = ("_announcer", "_direct", "_lag", "_meter", "enabled", "threshold", "ttl", "window")
 
     def __init__(self, *, enabled: bool, threshold: float, window: float, ttl: float) -> None:
         self.enabled, self.threshold, self.window, self.ttl = enabled, threshold, window, ttl

@@ -126,10 +126,22 @@ _GONE = (_D, _L)
 
 PRECEDENCE: dict[tuple[MemberState, MemberState], Order] = {
     # (held, incoming): incoming wins when its incarnation is ...
-    (_A, _A): _GT, (_A, _S): _GE, (_A, _D): _GE, (_A, _L): _GE,
-    (_S, _A): _GT, (_S, _S): _GT, (_S, _D): _GE, (_S, _L): _GE,
-    (_D, _A): _GT, (_D, _S): _GT, (_D, _D): _GT, (_D, _L): _GE,
-    (_L, _A): _GT, (_L, _S): _GT, (_L, _D): _GT, (_L, _L): _GT,
+    (_A, _A): _GT,
+    (_A, _S): _GE,
+    (_A, _D): _GE,
+    (_A, _L): _GE,
+    (_S, _A): _GT,
+    (_S, _S): _GT,
+    (_S, _D): _GE,
+    (_S, _L): _GE,
+    (_D, _A): _GT,
+    (_D, _S): _GT,
+    (_D, _D): _GT,
+    (_D, _L): _GE,
+    (_L, _A): _GT,
+    (_L, _S): _GT,
+    (_L, _D): _GT,
+    (_L, _L): _GT,
 }
 
 
@@ -243,9 +255,13 @@ class ProbeRing:
         self._index = 0
 
 
-def k_random_members(k: int, names: list[str], table: MemberTable,
-                     accept: Callable[[MemberInfo], bool],
-                     rng: random.Random) -> list[MemberInfo]:
+def k_random_members(
+    k: int,
+    names: list[str],
+    table: MemberTable,
+    accept: Callable[[MemberInfo], bool],
+    rng: random.Random,
+) -> list[MemberInfo]:
     """Up to k distinct random members among `names` that `accept` takes.
 
     memberlist util.go kRandomNodes tries 3n random picks; that can miss in a
@@ -298,19 +314,32 @@ class MemberStates:
         self._now = now
         held = self.table.get(alive.node)
         if held is None:
-            member = MemberInfo(name=alive.node, addr=alive.addr, state=_A,
-                                incarnation=alive.incarnation, meta=alive.meta, state_since=now,
-                                lateness=alive.lateness_ms / 1000, lateness_at=now)
+            member = MemberInfo(
+                name=alive.node,
+                addr=alive.addr,
+                state=_A,
+                incarnation=alive.incarnation,
+                meta=alive.meta,
+                state_since=now,
+                lateness=alive.lateness_ms / 1000,
+                lateness_at=now,
+            )
             return self._store(Change(member, MemberJoined(member), "joins"))
         if alive.addr != held.addr:
             if not self._reclaimable(held, now):  # memberlist: "Conflicting address"
                 return Change(held, None, "conflicts", regossip=False)
         elif not supersedes(held, _A, alive.incarnation) and not self._forgotten(held, now):
             return None
-        member = MemberInfo(name=alive.node, addr=alive.addr, state=_A,
-                            incarnation=alive.incarnation, meta=alive.meta,
-                            state_since=held.state_since if held.state is _A else now,
-                            lateness=alive.lateness_ms / 1000, lateness_at=now)
+        member = MemberInfo(
+            name=alive.node,
+            addr=alive.addr,
+            state=_A,
+            incarnation=alive.incarnation,
+            meta=alive.meta,
+            state_since=held.state_since if held.state is _A else now,
+            lateness=alive.lateness_ms / 1000,
+            lateness_at=now,
+        )
         if held.state is not _A:
             return self._store(Change(member, MemberAlive(member), "rejoins"))
         if (held.meta, held.addr) != (alive.meta, alive.addr):
@@ -325,13 +354,15 @@ class MemberStates:
         other dead, take each other back on the first push-pull between them.
         """
         return (held.state is _D or held.state is _L) and (
-            now - held.state_since > self.config.gossip_to_the_dead_time)
+            now - held.state_since > self.config.gossip_to_the_dead_time
+        )
 
     def _reclaimable(self, held: MemberInfo, now: float) -> bool:
         """May a node at another address take this name? (memberlist aliveNode)"""
         reclaim = self.config.dead_node_reclaim_time
         return held.state is _L or (
-            held.state is _D and reclaim > 0 and now - held.state_since > reclaim)
+            held.state is _D and reclaim > 0 and now - held.state_since > reclaim
+        )
 
     def apply_suspect(self, suspect: Suspect, now: float) -> Change | None:
         self._now = now
@@ -350,9 +381,9 @@ class MemberStates:
         if not supersedes(held, _S, suspect.incarnation):
             return None
         self.suspicions[held.name] = Suspicion.begin(
-            suspect.sender, self.config, len(self.ring), start=now, lifeguard=self.lifeguard)
-        member = replace(held, state=_S, incarnation=suspect.incarnation,
-                         state_since=now)
+            suspect.sender, self.config, len(self.ring), start=now, lifeguard=self.lifeguard
+        )
+        member = replace(held, state=_S, incarnation=suspect.incarnation, state_since=now)
         return self._store(Change(member, MemberSuspected(member, suspect.sender), "suspicions"))
 
     def apply_dead(self, dead: Dead, now: float) -> Change | None:
@@ -374,8 +405,7 @@ class MemberStates:
                 del self.suspicions[name]
                 held = self.table.get(name)
                 if held is not None and held.state is _S:
-                    verdicts.append(Dead(incarnation=held.incarnation, node=name,
-                                         sender=accuser))
+                    verdicts.append(Dead(incarnation=held.incarnation, node=name, sender=accuser))
         return verdicts
 
     def _store(self, change: Change) -> Change:
@@ -394,13 +424,19 @@ class MemberStates:
         ring (memberlist resetNodes) and forget those dead for tombstone_timeout."""
         cfg, now = self.config, self._now
         for member in list(self.table):
-            if (member.state in _GONE and member.name != self._protected
-                    and now - member.state_since >= cfg.tombstone_timeout):
+            if (
+                member.state in _GONE
+                and member.name != self._protected
+                and now - member.state_since >= cfg.tombstone_timeout
+            ):
                 self.table.remove(member.name)
-        return [name for name in names if (m := self.table.get(name)) is not None and not (
-            m.state in _GONE and now - m.state_since >= cfg.gossip_to_the_dead_time)]
+        return [
+            name
+            for name in names
+            if (m := self.table.get(name)) is not None
+            and not (m.state in _GONE and now - m.state_since >= cfg.gossip_to_the_dead_time)
+        ]
 
     def tick(self, now: float) -> None:
         """Tell the table the time (the ring may wrap and reap during a probe)."""
         self._now = now
-

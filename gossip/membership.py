@@ -114,15 +114,41 @@ __all__ = [  # the events are re-exported: drivers import them from here or from
     "StateDelegate",
 ]
 
-ALIVE, SUSPECT, DEAD, LEFT = (MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD,
-                              MemberState.LEFT)
+ALIVE, SUSPECT, DEAD, LEFT = (
+    MemberState.ALIVE,
+    MemberState.SUSPECT,
+    MemberState.DEAD,
+    MemberState.LEFT,
+)
 
 STAT_NAMES = (
-    "probes", "acks", "nacks", "indirect_probes", "probe_failures", "relayed_pings",
-    "misdirected_pings", "suspicions", "confirmations", "refutes", "failures", "leaves",
-    "joins", "rejoins", "conflicts", "user_delivered", "user_duplicates", "push_pulls",
-    "push_pulls_served", "push_pull_failures", "packets", "unexpected",
-    "tcp_pings", "tcp_acks", "tcp_ping_failures", "tcp_pings_served", "late_acks",
+    "probes",
+    "acks",
+    "nacks",
+    "indirect_probes",
+    "probe_failures",
+    "relayed_pings",
+    "misdirected_pings",
+    "suspicions",
+    "confirmations",
+    "refutes",
+    "failures",
+    "leaves",
+    "joins",
+    "rejoins",
+    "conflicts",
+    "user_delivered",
+    "user_duplicates",
+    "push_pulls",
+    "push_pulls_served",
+    "push_pull_failures",
+    "packets",
+    "unexpected",
+    "tcp_pings",
+    "tcp_acks",
+    "tcp_ping_failures",
+    "tcp_pings_served",
+    "late_acks",
     "lateness_announcements",
 )
 """Keys of `Membership.stats`, all present from the start."""
@@ -144,10 +170,20 @@ class StateDelegate(Protocol):
 class Membership:
     """One member's view of the cluster and its part in SWIM; see the module docstring."""
 
-    def __init__(self, config: GossipConfig, name: str, addr: Addr, *,
-                 rng: random.Random, now: float, meta: bytes = b"",
-                 state: StateDelegate | None = None, lifeguard: bool = True,
-                 incarnation: int = 0, wall_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: GossipConfig,
+        name: str,
+        addr: Addr,
+        *,
+        rng: random.Random,
+        now: float,
+        meta: bytes = b"",
+        state: StateDelegate | None = None,
+        lifeguard: bool = True,
+        incarnation: int = 0,
+        wall_offset: float = 0.0,
+    ) -> None:
         if not 1 <= len(name) <= MAX_NAME:
             raise ConfigError(f"name must be 1..{MAX_NAME} chars")
         if len(meta) > MAX_META or incarnation < 0:
@@ -160,25 +196,43 @@ class Membership:
         self._outbox = Outbox(config, name, self._members, self._random_members)
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._due: float | None = None  # the last next_timer() answer (shells arm it)
-        self._late = Lateness(enabled=lifeguard and config.lateness,
-                              threshold=config.probe_timeout, window=config.lateness_window,
-                              ttl=config.lateness_ttl)
+        self._late = Lateness(
+            enabled=lifeguard and config.lateness,
+            threshold=config.probe_timeout,
+            window=config.lateness_window,
+            ttl=config.lateness_ttl,
+        )
         self._streams: list[StreamRequest] = []
         self._events: deque[Event] = deque()
         # Stagger the periodic work inside its first interval (memberlist triggerFunc):
         # the prober picks its phase first, then gossip and push-pull theirs.
-        self._prober = Prober(config, name, addr, lifeguard=lifeguard, rng=rng, now=now,
-                              wall_offset=wall_offset, members=self._members, late=self._late,
-                              awareness=self._awareness, stats=self.stats,
-                              send=self._outbox.send,
-                              open_stream=self._open_stream,
-                              random_members=self._random_members, suspect=self._on_suspect,
-                              left=lambda: self._left)
+        self._prober = Prober(
+            config,
+            name,
+            addr,
+            lifeguard=lifeguard,
+            rng=rng,
+            now=now,
+            wall_offset=wall_offset,
+            members=self._members,
+            late=self._late,
+            awareness=self._awareness,
+            stats=self.stats,
+            send=self._outbox.send,
+            open_stream=self._open_stream,
+            random_members=self._random_members,
+            suspect=self._on_suspect,
+            left=lambda: self._left,
+        )
         self._next_gossip = now + rng.random() * config.gossip_interval
-        self._next_push_pull = (now + rng.random() * config.push_pull_interval
-                                if config.push_pull_interval > 0 else math.inf)
-        me = MemberInfo(name=name, addr=addr, state=ALIVE, incarnation=incarnation, meta=meta,
-                        state_since=now)
+        self._next_push_pull = (
+            now + rng.random() * config.push_pull_interval
+            if config.push_pull_interval > 0
+            else math.inf
+        )
+        me = MemberInfo(
+            name=name, addr=addr, state=ALIVE, incarnation=incarnation, meta=meta, state_since=now
+        )
         self._members.add_self(me)
         self._outbox.update(name, self._alive_message(now))
         self._events.append(MemberJoined(me))
@@ -199,8 +253,9 @@ class Membership:
         self._prober.forget_probes()
         me = replace(self._members.table[self.name], state=LEFT, state_since=now)
         self._members.table.set(me)
-        self._outbox.update(self.name, Dead(incarnation=self._incarnation, node=self.name,
-                                           sender=self.name))
+        self._outbox.update(
+            self.name, Dead(incarnation=self._incarnation, node=self.name, sender=self.name)
+        )
         self._events.append(MemberLeft(me))
         self.stats["leaves"] += 1
 
@@ -210,8 +265,9 @@ class Membership:
             self._dispatch(message, source, now)
         self._expire_suspicions(now)  # a confirmation may have moved a deadline into the past
 
-    def handle_stream(self, message: PushPull | Ping, source: Addr,
-                      now: float) -> PushPull | Ack | None:
+    def handle_stream(
+        self, message: PushPull | Ping, source: Addr, now: float
+    ) -> PushPull | Ack | None:
         """An incoming push-pull: answer with our state as it was, then merge theirs.
 
         A TCP ping (memberlist's fallback probe) gets an Ack if it meant us.
@@ -224,8 +280,7 @@ class Membership:
         self.stats["push_pulls_served"] += 1
         return reply
 
-    def handle_stream_reply(self, message: PushPull | Ack | None, to: Addr,
-                            now: float) -> None:
+    def handle_stream_reply(self, message: PushPull | Ack | None, to: Addr, now: float) -> None:
         """The answer to one of our StreamRequests, or None if the stream failed."""
         if isinstance(message, Ack):
             self._prober.on_tcp_ack(message, to, now)
@@ -290,8 +345,10 @@ class Membership:
 
     def suspicions(self, now: float) -> dict[str, tuple[float, int]]:
         """Suspected member -> (seconds left before it is declared dead, confirmations)."""
-        return {name: (max(0.0, s.deadline - now), s.confirmations)
-                for name, s in self._members.suspicions.items()}
+        return {
+            name: (max(0.0, s.deadline - now), s.confirmations)
+            for name, s in self._members.suspicions.items()
+        }
 
     def lateness(self, now: float) -> float:
         """Seconds we answer late, as measured and announced (0: not late; lateness.py)."""
@@ -299,9 +356,12 @@ class Membership:
 
     def late_members(self, now: float) -> dict[str, float]:
         """Members whose fresh announcement says they answer late: name -> seconds."""
-        return {m.name: late for m in self._members.table
-                if m.name != self.name
-                and (late := self._late.given(m.lateness, m.lateness_at, now)) > 0}
+        return {
+            m.name: late
+            for m in self._members.table
+            if m.name != self.name
+            and (late := self._late.given(m.lateness, m.lateness_at, now)) > 0
+        }
 
     def health_score(self) -> int:
         """Lifeguard local health multiplier (0 = healthy)."""
@@ -318,8 +378,10 @@ class Membership:
     def __repr__(self) -> str:
         table = self._members.table
         alive = sum(1 for m in table if m.state is ALIVE)
-        return (f"<Membership {self.name} inc={self._incarnation} alive={alive}/{len(table)} "
-                f"health={self._awareness.score} queued={len(self._outbox)}>")
+        return (
+            f"<Membership {self.name} inc={self._incarnation} alive={alive}/{len(table)} "
+            f"health={self._awareness.score} queued={len(self._outbox)}>"
+        )
 
     # -- incoming messages ----------------------------------------------------
 
@@ -360,9 +422,13 @@ class Membership:
     def _on_alive(self, alive: Alive, now: float) -> None:
         if alive.node != self.name:
             self._accept(alive, self._members.apply_alive(alive, now))
-        elif not self._left and (alive.incarnation > self._incarnation or (
+        elif not self._left and (
+            alive.incarnation > self._incarnation
+            or (
                 alive.incarnation == self._incarnation
-                and (alive.meta, alive.addr) != (self._meta, self.addr))):
+                and (alive.meta, alive.addr) != (self._meta, self.addr)
+            )
+        ):
             self._refute(alive.incarnation, now)  # e.g. news of our previous life, before a restart
 
     def _on_suspect(self, suspect: Suspect, now: float) -> None:
@@ -415,8 +481,9 @@ class Membership:
     # -- dissemination and anti-entropy ---------------------------------------
 
     def _push_pull(self, now: float) -> None:
-        self._next_push_pull = now + push_pull_scale(self.config.push_pull_interval,
-                                                     len(self._members.ring))
+        self._next_push_pull = now + push_pull_scale(
+            self.config.push_pull_interval, len(self._members.ring)
+        )
         if self._left:
             return
         peers = self._random_members(1, lambda m: m.state is ALIVE and m.name != self.name)
@@ -424,9 +491,13 @@ class Membership:
             self._streams.append(StreamRequest(peers[0].addr, self._push_pull_state(False)))
 
     def _push_pull_state(self, join: bool) -> PushPull:
-        nodes = tuple(NodeState(name=m.name, addr=m.addr, incarnation=m.incarnation,
-                                state=m.state, meta=m.meta)
-                      for m in self._members.table if m.name in self._members.ring)
+        nodes = tuple(
+            NodeState(
+                name=m.name, addr=m.addr, incarnation=m.incarnation, state=m.state, meta=m.meta
+            )
+            for m in self._members.table
+            if m.name in self._members.ring
+        )
         user = self._delegate.local_state(join) if self._delegate is not None else b""
         return PushPull(nodes=nodes, join=join, user_state=user)
 
@@ -434,14 +505,20 @@ class Membership:
         """memberlist mergeState: a remote DEAD becomes our own suspicion, not a verdict."""
         for node in remote.nodes:
             if node.state is ALIVE:
-                self._on_alive(Alive(incarnation=node.incarnation, node=node.name,
-                                     addr=node.addr, meta=node.meta), now)
+                self._on_alive(
+                    Alive(
+                        incarnation=node.incarnation, node=node.name, addr=node.addr, meta=node.meta
+                    ),
+                    now,
+                )
             elif node.state is LEFT:
-                self._on_dead(Dead(incarnation=node.incarnation, node=node.name,
-                                   sender=node.name), now)
+                self._on_dead(
+                    Dead(incarnation=node.incarnation, node=node.name, sender=node.name), now
+                )
             else:
-                self._on_suspect(Suspect(incarnation=node.incarnation, node=node.name,
-                                         sender=self.name), now)
+                self._on_suspect(
+                    Suspect(incarnation=node.incarnation, node=node.name, sender=self.name), now
+                )
         if remote.user_state and self._delegate is not None:
             self._delegate.merge_remote_state(remote.user_state, remote.join)
 
@@ -452,11 +529,15 @@ class Membership:
 
     def _alive_message(self, now: float) -> Alive:
         late = min(self._late.announced(now), MAX_LATENESS_MS / 1000)
-        return Alive(incarnation=self._incarnation, node=self.name, addr=self.addr,
-                     meta=self._meta, lateness_ms=math.ceil(round(late * 1000, 6)))
+        return Alive(
+            incarnation=self._incarnation,
+            node=self.name,
+            addr=self.addr,
+            meta=self._meta,
+            lateness_ms=math.ceil(round(late * 1000, 6)),
+        )
 
-    def _random_members(self, k: int,
-                        accept: Callable[[MemberInfo], bool]) -> list[MemberInfo]:
+    def _random_members(self, k: int, accept: Callable[[MemberInfo], bool]) -> list[MemberInfo]:
         members = self._members
         return k_random_members(k, members.ring.names, members.table, accept, self._rng)
 

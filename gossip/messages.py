@@ -116,9 +116,15 @@ class PushPull:
 Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead | User | PushPull
 
 TYPE_OF: dict[type, MessageType] = {
-    Ping: MessageType.PING, IndirectPing: MessageType.INDIRECT_PING, Ack: MessageType.ACK,
-    Nack: MessageType.NACK, Alive: MessageType.ALIVE, Suspect: MessageType.SUSPECT,
-    Dead: MessageType.DEAD, User: MessageType.USER, PushPull: MessageType.PUSH_PULL,
+    Ping: MessageType.PING,
+    IndirectPing: MessageType.INDIRECT_PING,
+    Ack: MessageType.ACK,
+    Nack: MessageType.NACK,
+    Alive: MessageType.ALIVE,
+    Suspect: MessageType.SUSPECT,
+    Dead: MessageType.DEAD,
+    User: MessageType.USER,
+    PushPull: MessageType.PUSH_PULL,
 }
 
 

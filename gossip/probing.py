@@ -65,12 +65,26 @@ class _Relay:
 
 
 class Prober:
-    def __init__(self, config: GossipConfig, name: str, addr: Addr, *, lifeguard: bool,
-                 rng: random.Random, now: float, wall_offset: float,
-                 members: MemberStates, late: Lateness, awareness: Awareness,
-                 stats: dict[str, int], send: Send, open_stream: Callable[[StreamRequest], None],
-                 random_members: RandomMembers, suspect: Callable[[Suspect, float], None],
-                 left: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        config: GossipConfig,
+        name: str,
+        addr: Addr,
+        *,
+        lifeguard: bool,
+        rng: random.Random,
+        now: float,
+        wall_offset: float,
+        members: MemberStates,
+        late: Lateness,
+        awareness: Awareness,
+        stats: dict[str, int],
+        send: Send,
+        open_stream: Callable[[StreamRequest], None],
+        random_members: RandomMembers,
+        suspect: Callable[[Suspect, float], None],
+        left: Callable[[], bool],
+    ) -> None:
         self.config, self.name, self.addr, self.lifeguard = config, name, addr, lifeguard
         self._rng = rng
         self._members, self._late, self._awareness, self.stats = members, late, awareness, stats
@@ -89,11 +103,13 @@ class Prober:
         # footnote; apple/swift-cluster-membership). memberlist nacks at probe_timeout,
         # a few ms after that deadline, so every failed probe at health 0 counted each
         # relay as silent and raised the prober's health by 3 (docs/gossip.md).
-        self._nack_delay = NACK_FRACTION * min(config.probe_timeout,
-                                               config.probe_interval - config.probe_timeout)
+        self._nack_delay = NACK_FRACTION * min(
+            config.probe_timeout, config.probe_interval - config.probe_timeout
+        )
         self._probe_phase = rng.random() * config.probe_interval
-        self.next_probe = (self._slot_time(self.slot(now) + 1) if config.probe_rota
-                           else now + self._probe_phase)
+        self.next_probe = (
+            self._slot_time(self.slot(now) + 1) if config.probe_rota else now + self._probe_phase
+        )
 
     def next_deadline(self) -> float:
         """When the prober next has something to do (for the core's `next_timer`)."""
@@ -129,10 +145,15 @@ class Prober:
         self._members.tick(now)  # the ring may wrap and reap
         if self.config.probe_rota:
             slot = self.slot(now)
-            self.next_probe = max(self._slot_time(slot + self._awareness.score + 1),
-                                  self._slot_time(math.floor(self._slot_float(now)) + 1))
-            name = None if self._left() else self._members.rota.target(
-                self.name, slot, self._probeable)
+            self.next_probe = max(
+                self._slot_time(slot + self._awareness.score + 1),
+                self._slot_time(math.floor(self._slot_float(now)) + 1),
+            )
+            name = (
+                None
+                if self._left()
+                else self._members.rota.target(self.name, slot, self._probeable)
+            )
             self._members.ring.step(self._rng)
         else:
             self.next_probe = now + period
@@ -145,12 +166,16 @@ class Prober:
         if target.state is not ALIVE and self.lifeguard:  # buddy system: let it refute now
             messages.append(Suspect(incarnation=target.incarnation, node=name, sender=self.name))
         self._send(target.addr, messages)
-        late = max(self._late.own(now),
-                   self._late.given(target.lateness, target.lateness_at, now))
+        late = max(self._late.own(now), self._late.given(target.lateness, target.lateness_at, now))
         self._late.pinged(seq, target.addr, now)
-        self._probes[seq] = _Probe(seq, name, target.incarnation, now,
-                                   now + self.config.probe_timeout,
-                                   now + max(period, self.config.probe_interval + MARGIN * late))
+        self._probes[seq] = _Probe(
+            seq,
+            name,
+            target.incarnation,
+            now,
+            now + self.config.probe_timeout,
+            now + max(period, self.config.probe_interval + MARGIN * late),
+        )
         self.stats["probes"] += 1
 
     def _slot_float(self, now: float) -> float:
@@ -183,20 +208,34 @@ class Prober:
         target = self._members.table.get(probe.target)
         if target is None:
             return
-        peers = self._random_members(self.config.indirect_checks, lambda m: (
-            m.state is ALIVE and m.name != self.name and m.name != probe.target))
+        peers = self._random_members(
+            self.config.indirect_checks,
+            lambda m: m.state is ALIVE and m.name != self.name and m.name != probe.target,
+        )
         for peer in peers:
-            self._send(peer.addr, [IndirectPing(seq=probe.seq, target=target.name,
-                                                target_addr=target.addr, source=self.name,
-                                                nack=self.lifeguard)])
+            self._send(
+                peer.addr,
+                [
+                    IndirectPing(
+                        seq=probe.seq,
+                        target=target.name,
+                        target_addr=target.addr,
+                        source=self.name,
+                        nack=self.lifeguard,
+                    )
+                ],
+            )
         probe.expected_nacks = len(peers) if self.lifeguard else 0
         self.stats["indirect_probes"] += len(peers)
         if self.config.tcp_fallback and target.addr not in self.tcp_pings:
             # memberlist state.go: a TCP ping alongside the indirect ones; its Ack
             # counts as the probe's (UDP may be what is broken, not the node).
             self.tcp_pings.add(target.addr)
-            self._open_stream(StreamRequest(target.addr, Ping(
-                seq=probe.seq, target=target.name, source=self.name)))
+            self._open_stream(
+                StreamRequest(
+                    target.addr, Ping(seq=probe.seq, target=target.name, source=self.name)
+                )
+            )
             self.stats["tcp_pings"] += 1
 
     def _probe_failed(self, probe: _Probe, now: float) -> None:
@@ -204,8 +243,9 @@ class Prober:
             missed = probe.expected_nacks - probe.nacks if probe.expected_nacks else 1
             self._awareness.apply_delta(max(0, missed))
         self.stats["probe_failures"] += 1
-        self._suspect(Suspect(incarnation=probe.incarnation, node=probe.target,
-                              sender=self.name), now)
+        self._suspect(
+            Suspect(incarnation=probe.incarnation, node=probe.target, sender=self.name), now
+        )
 
     def _expire_relays(self, now: float) -> None:
         for seq, relay in list(self._relays.items()):
@@ -226,13 +266,23 @@ class Prober:
     def on_indirect_ping(self, req: IndirectPing, source: Addr, now: float) -> None:
         seq = self._next_seq()
         target = self._members.table.get(req.target)
-        late = 0.0 if target is None else self._late.given(  # as the prober gives it
-            target.lateness, target.lateness_at, now)
-        self._relays[seq] = _Relay(source, req.seq,
-                                   now + self.config.probe_timeout + MARGIN * late,
-                                   now + self._nack_delay if req.nack else None)
-        self._send(req.target_addr, [Ping(seq=seq, target=req.target, source=self.name,
-                                          source_addr=self.addr)])
+        late = (
+            0.0
+            if target is None
+            else self._late.given(  # as the prober gives it
+                target.lateness, target.lateness_at, now
+            )
+        )
+        self._relays[seq] = _Relay(
+            source,
+            req.seq,
+            now + self.config.probe_timeout + MARGIN * late,
+            now + self._nack_delay if req.nack else None,
+        )
+        self._send(
+            req.target_addr,
+            [Ping(seq=seq, target=req.target, source=self.name, source_addr=self.addr)],
+        )
         self.stats["relayed_pings"] += 1
 
     def on_ack(self, ack: Ack, now: float, source: Addr | None) -> None:

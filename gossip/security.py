@@ -55,8 +55,17 @@ MAX_LABEL: Final = 255
 KEY_SIZES: Final = frozenset({16, 24, 32})  # AES-128, AES-192, AES-256
 
 #: Every reason a received frame is dropped for; the shell counts drops by it.
-REASONS: Final = frozenset({"truncated", "bad_version", "unauthenticated", "label_mismatch",
-                            "bad_label", "unencrypted", "encrypted_no_key"})
+REASONS: Final = frozenset(
+    {
+        "truncated",
+        "bad_version",
+        "unauthenticated",
+        "label_mismatch",
+        "bad_label",
+        "unencrypted",
+        "encrypted_no_key",
+    }
+)
 
 NonceSource = Callable[[int], bytes]
 
@@ -172,8 +181,9 @@ class Keyring:
         """Make an installed key the primary: it seals from now on."""
         check_key(key)
         if key not in self._ciphers:
-            raise KeyringError(f"key {fingerprint(key)} is not installed; install it first",
-                               "unknown_key")
+            raise KeyringError(
+                f"key {fingerprint(key)} is not installed; install it first", "unknown_key"
+            )
         self._keys.remove(key)
         self._keys.insert(0, key)
 
@@ -181,8 +191,9 @@ class Keyring:
         """Remove a key other than the primary; False when it was not installed."""
         check_key(key)
         if key == self.primary:
-            raise KeyringError(f"key {fingerprint(key)} is the primary; use another key first",
-                               "primary_key")
+            raise KeyringError(
+                f"key {fingerprint(key)} is the primary; use another key first", "primary_key"
+            )
         if key not in self._ciphers:
             return False
         self._keys.remove(key)
@@ -196,8 +207,12 @@ class Keyring:
 
 def keyring_view(keyring: Keyring) -> dict[str, Any]:
     """The keyring as the API shows it: fingerprints, never keys."""
-    return {"keys": [{"fingerprint": fingerprint(key), "primary": index == 0}
-                     for index, key in enumerate(keyring.keys())]}
+    return {
+        "keys": [
+            {"fingerprint": fingerprint(key), "primary": index == 0}
+            for index, key in enumerate(keyring.keys())
+        ]
+    }
 
 
 class KeyringControl(Protocol):
@@ -221,8 +236,9 @@ class KeyringControl(Protocol):
 # -- the envelope ----------------------------------------------------------------
 
 
-def seal(keyring: Keyring, plaintext: bytes, label: bytes = b"",
-         nonce_source: NonceSource = os.urandom) -> bytes:
+def seal(
+    keyring: Keyring, plaintext: bytes, label: bytes = b"", nonce_source: NonceSource = os.urandom
+) -> bytes:
     """[version][nonce][ciphertext + tag] under the primary key, the label as AAD."""
     nonce = nonce_source(NONCE_SIZE)
     if len(nonce) != NONCE_SIZE:
@@ -239,7 +255,7 @@ def open_(keyring: Keyring, data: bytes, label: bytes = b"") -> bytes:
         raise SecurityError("bad_version", f"envelope version {data[0]}")
     if len(data) < 1 + NONCE_SIZE + TAG_SIZE:
         raise SecurityError("truncated", f"envelope of {len(data)} bytes")
-    nonce, sealed = data[1:1 + NONCE_SIZE], data[1 + NONCE_SIZE:]
+    nonce, sealed = data[1 : 1 + NONCE_SIZE], data[1 + NONCE_SIZE :]
     for cipher in keyring.ciphers():
         try:
             return cipher.decrypt(nonce, sealed, label)
@@ -276,14 +292,15 @@ def strip_label(data: bytes) -> tuple[bytes, bytes]:
         raise SecurityError("bad_label", "empty label in a label header")
     if len(data) < 2 + size:
         raise SecurityError("truncated", f"label of {size} bytes cut short")
-    return data[2:2 + size], data[2 + size:]
+    return data[2 : 2 + size], data[2 + size :]
 
 
 # -- what the shell calls --------------------------------------------------------
 
 
-def wrap(data: bytes, keyring: Keyring | None, label: bytes = b"",
-         nonce_source: NonceSource = os.urandom) -> bytes:
+def wrap(
+    data: bytes, keyring: Keyring | None, label: bytes = b"", nonce_source: NonceSource = os.urandom
+) -> bytes:
     """The frame to send for the codec's `data`: sealed with a keyring, else labelled."""
     if keyring is None:
         return add_label(data, label)

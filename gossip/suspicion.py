@@ -24,11 +24,19 @@ __all__ = ["Suspicion"]
 class Suspicion:
     """Confirmations and deadline of one suspicion; the clock is the caller's `now`."""
 
-    __slots__ = ("_senders", "confirmations", "deadline", "k", "max_timeout", "min_timeout",
-                 "start")
+    __slots__ = (
+        "_senders",
+        "confirmations",
+        "deadline",
+        "k",
+        "max_timeout",
+        "min_timeout",
+        "start",
+    )
 
-    def __init__(self, accuser: str, *, k: int, min_timeout: float, max_timeout: float,
-                 start: float) -> None:
+    def __init__(
+        self, accuser: str, *, k: int, min_timeout: float, max_timeout: float, start: float
+    ) -> None:
         self._senders = {accuser}  # membership tests only
         self.k = k
         self.min_timeout, self.max_timeout = min_timeout, max_timeout
@@ -37,8 +45,9 @@ class Suspicion:
         self.deadline = start + suspicion_timeout(0, k, min_timeout, max_timeout)
 
     @classmethod
-    def begin(cls, accuser: str, config: GossipConfig, n: int, *, start: float,
-              lifeguard: bool = True) -> Suspicion:
+    def begin(
+        cls, accuser: str, config: GossipConfig, n: int, *, start: float, lifeguard: bool = True
+    ) -> Suspicion:
         """A suspicion sized for a cluster of n (memberlist state.go suspectNode); without
         Lifeguard no confirmations are wanted, so it is plain SWIM's fixed min timeout."""
         k = suspicion_confirmations_wanted(config.suspicion_mult, n) if lifeguard else 0
@@ -53,9 +62,11 @@ class Suspicion:
         self._senders.add(sender)
         self.confirmations += 1
         self.deadline = self.start + suspicion_timeout(
-            self.confirmations, self.k, self.min_timeout, self.max_timeout)
+            self.confirmations, self.k, self.min_timeout, self.max_timeout
+        )
         return True
 
     def __repr__(self) -> str:
-        return (f"<Suspicion {self.confirmations}/{self.k} confirmations, "
-                f"deadline {self.deadline:.3f}>")
+        return (
+            f"<Suspicion {self.confirmations}/{self.k} confirmations, deadline {self.deadline:.3f}>"
+        )

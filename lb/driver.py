@@ -28,8 +28,13 @@ log = logging.getLogger("lb")
 
 
 class LbDriver:
-    def __init__(self, view: LbView, backend: Backend, reason: str = "",
-                 desired: Callable[[], Table] | None = None) -> None:
+    def __init__(
+        self,
+        view: LbView,
+        backend: Backend,
+        reason: str = "",
+        desired: Callable[[], Table] | None = None,
+    ) -> None:
         self.view = view
         #: the table the state wants, built from scratch (not by the view): `mesh doctor`
         #: compares it with what the backend has programmed
@@ -52,8 +57,13 @@ class LbDriver:
         except BackendError as exc:
             self._failed("start", exc)
         self._worker = asyncio.get_running_loop().create_task(self._apply_forever())
-        event(log, "lb_started", backend=self.backend.name, services=len(desired),
-              reals=sum(len(s.reals) for s in desired.values()))
+        event(
+            log,
+            "lb_started",
+            backend=self.backend.name,
+            services=len(desired),
+            reals=sum(len(s.reals) for s in desired.values()),
+        )
 
     def on_change(self, change: Change) -> None:
         ops = self.view.on_change(change)
@@ -76,8 +86,15 @@ class LbDriver:
 
     def _failed(self, stage: str, exc: Exception) -> None:
         self.errors += 1
-        event(log, "lb_backend_error", logging.WARNING, backend=self.backend.name, stage=stage,
-              error=str(exc), errors=self.errors)
+        event(
+            log,
+            "lb_backend_error",
+            logging.WARNING,
+            backend=self.backend.name,
+            stage=stage,
+            error=str(exc),
+            errors=self.errors,
+        )
 
     async def settled(self) -> None:
         """Wait until every queued op has been applied."""
@@ -113,9 +130,17 @@ class LbDriver:
 
 def render(table: Table) -> list[dict[str, Any]]:
     """A table as `GET /v1/lb` shows it."""
-    return [{"protocol": key.protocol, "address": key.address, "port": key.port,
-             "scheduler": str(service.options.scheduler),
-             "proxy_protocol": service.options.proxy_protocol,
-             "reals": [{"address": real.address, "port": real.port,
-                        "weight": service.reals[real]} for real in sorted(service.reals)]}
-            for key, service in sorted(table.items())]
+    return [
+        {
+            "protocol": key.protocol,
+            "address": key.address,
+            "port": key.port,
+            "scheduler": str(service.options.scheduler),
+            "proxy_protocol": service.options.proxy_protocol,
+            "reals": [
+                {"address": real.address, "port": real.port, "weight": service.reals[real]}
+                for real in sorted(service.reals)
+            ],
+        }
+        for key, service in sorted(table.items())
+    ]

@@ -49,8 +49,9 @@ def nft_works() -> bool:
     if shutil.which("nft") is None:
         return False
     try:
-        done = subprocess.run(["nft", "list", "tables"], capture_output=True, timeout=10,
-                              check=False)
+        done = subprocess.run(
+            ["nft", "list", "tables"], capture_output=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -98,13 +99,17 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
         return Choice(UserspaceBackend(settings), "asked for (--lb userspace)")
     if requested == "ipvs":
         if not probes.has_ip_vs():
-            raise SelectError("--lb ipvs: this kernel has no ip_vs (no /proc/net/ip_vs, and "
-                              "modprobe ip_vs did not load it)")
+            raise SelectError(
+                "--lb ipvs: this kernel has no ip_vs (no /proc/net/ip_vs, and "
+                "modprobe ip_vs did not load it)"
+            )
         return Choice(_ipvs(probes, settings), "asked for (--lb ipvs)")
     if requested == "nftables":
         if not probes.nft_works():
-            raise SelectError("--lb nftables: `nft list tables` fails here (is nft installed, "
-                              "and does the agent run as root?)")
+            raise SelectError(
+                "--lb nftables: `nft list tables` fails here (is nft installed, "
+                "and does the agent run as root?)"
+            )
         return Choice(_nftables(probes), "asked for (--lb nftables)")
     if requested != "auto":
         raise SelectError(f"--lb {requested!r}: choose auto, ipvs, nftables or userspace")

@@ -111,8 +111,9 @@ Op: TypeAlias = PutService | DeleteService | PutReal | DeleteReal
 Table: TypeAlias = dict[VirtualKey, VirtualService]
 
 
-def diff(found: Mapping[VirtualKey, VirtualService],
-         desired: Mapping[VirtualKey, VirtualService]) -> list[Op]:
+def diff(
+    found: Mapping[VirtualKey, VirtualService], desired: Mapping[VirtualKey, VirtualService]
+) -> list[Op]:
     """The ops that turn `found` into `desired`, touching nothing that already matches."""
     ops: list[Op] = []
     for key in sorted(found.keys() - desired.keys()):
@@ -141,8 +142,11 @@ def apply_ops(table: Table, ops: Iterable[Op]) -> Table:
     for op in ops:
         if isinstance(op, PutService):
             current = table.get(op.key)
-            table[op.key] = (VirtualService(op.key, op.options) if current is None
-                             else replace(current, options=op.options))
+            table[op.key] = (
+                VirtualService(op.key, op.options)
+                if current is None
+                else replace(current, options=op.options)
+            )
         elif isinstance(op, DeleteService):
             table.pop(op.key, None)
         elif isinstance(op, PutReal):

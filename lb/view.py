@@ -121,11 +121,13 @@ def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualK
         real = Real(task.address, task.actual_port(port.target_port))
         if service.endpoint_mode == "vip":
             for vip in service.vips:
-                entries.append((VirtualKey(port.protocol, vip.address, port.target_port),
-                                real, weight))
+                entries.append(
+                    (VirtualKey(port.protocol, vip.address, port.target_port), real, weight)
+                )
         if port.publish_mode == "ingress" or task.node == node:
-            entries.append((VirtualKey(port.protocol, ANY_ADDRESS, port.published_port),
-                            real, weight))
+            entries.append(
+                (VirtualKey(port.protocol, ANY_ADDRESS, port.published_port), real, weight)
+            )
     return entries
 
 
@@ -154,8 +156,11 @@ def build_table(records: Iterable[Record], node: str) -> Table:
         for key, real, weight in task_entries(owner_service, task, node):
             if owners[key][0] == name:
                 reals[key][real] = max(weight, reals[key].get(real, weight))
-    return {key: VirtualService(key, claim.options, reals[key])
-            for key, (_, claim) in owners.items() if reals[key] or not claim.host_only}
+    return {
+        key: VirtualService(key, claim.options, reals[key])
+        for key, (_, claim) in owners.items()
+        if reals[key] or not claim.host_only
+    }
 
 
 class LbView:
@@ -180,15 +185,19 @@ class LbView:
         self._dirty_reals: dict[VirtualKey, set[Real]] = {}
 
     def __repr__(self) -> str:
-        return (f"<LbView node={self.node} services={len(self._services)} "
-                f"tasks={len(self._tasks)} virtual={len(self._reals)}>")
+        return (
+            f"<LbView node={self.node} services={len(self._services)} "
+            f"tasks={len(self._tasks)} virtual={len(self._reals)}>"
+        )
 
     # -- what it holds ----------------------------------------------------------
 
     def table(self) -> Table:
         """The table as the ops so far have made it (a copy)."""
-        return {key: VirtualService(key, self._options[key], dict(reals))
-                for key, reals in self._reals.items()}
+        return {
+            key: VirtualService(key, self._options[key], dict(reals))
+            for key, reals in self._reals.items()
+        }
 
     # -- feeding ----------------------------------------------------------------
 
@@ -213,7 +222,8 @@ class LbView:
             name = record.name.lower()
             self._services[name] = record
             for key, claim in service_claims(
-                    record, service_options(record, self.invalid_labels)).items():
+                record, service_options(record, self.invalid_labels)
+            ).items():
                 self._claims.setdefault(key, {})[name] = claim
                 self._dirty_keys.add(key)
             for task_id in self._tasks_by_service.get(name, ()):
@@ -290,8 +300,10 @@ class LbView:
         if owner is None:
             return None
         name, claim = owner
-        reals = {real: max(by_task.values())
-                 for real, by_task in self._weights.get(key, {}).get(name, {}).items()}
+        reals = {
+            real: max(by_task.values())
+            for real, by_task in self._weights.get(key, {}).get(name, {}).items()
+        }
         if claim.host_only and not reals:
             return None
         return VirtualService(key, claim.options, reals)
@@ -329,8 +341,9 @@ class LbView:
     def _update_whole(self, key: VirtualKey, ops: list[Op]) -> None:
         wanted = self._wanted(key)
         programmed = self._reals.get(key)
-        found: Table = ({} if programmed is None else
-                        {key: VirtualService(key, self._options[key], programmed)})
+        found: Table = (
+            {} if programmed is None else {key: VirtualService(key, self._options[key], programmed)}
+        )
         ops.extend(diff(found, {} if wanted is None else {key: wanted}))
         if wanted is None:
             self._reals.pop(key, None)

@@ -114,8 +114,7 @@ class ClusterKeyring:
     repeats do no harm; rotate as Serf does: install everywhere, use, remove.
     """
 
-    def __init__(self, local: LocalKeyringControl, core: Membership,
-                 shell: GossipShell) -> None:
+    def __init__(self, local: LocalKeyringControl, core: Membership, shell: GossipShell) -> None:
         self.local = local
         self._core = core
         self._shell = shell
@@ -137,8 +136,7 @@ class ClusterKeyring:
         # A fresh nonce in the payload: the same op made twice is gossiped twice
         # (the core delivers each distinct payload once).
         nonce = os.urandom(8).hex()
-        payload = json.dumps({"op": op, "key": base64.b64encode(key).decode(),
-                              "nonce": nonce})
+        payload = json.dumps({"op": op, "key": base64.b64encode(key).decode(), "nonce": nonce})
         self._core.broadcast(KEYRING_OP + payload.encode(), key=f"keyring/{nonce}")
         self._shell.flush()
 
@@ -188,7 +186,8 @@ class ClusterState:
                 self.rejected += 1
                 return
             task = asyncio.get_running_loop().create_task(
-                self._keyring.apply_remote(payload[len(KEYRING_OP):]))
+                self._keyring.apply_remote(payload[len(KEYRING_OP) :])
+            )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
             return
@@ -211,19 +210,34 @@ class ClusterState:
             return
         store = self._control.store
         changes = self._control.apply_sync(
-            lambda _now: [c for r in records for c in store.merge(r)])
+            lambda _now: [c for r in records for c in store.merge(r)]
+        )
         self.merged += len(changes)
 
 
-def gossip_core(config: GossipConfig, name: str, advertise: Addr, state: ClusterState, *,
-                incarnation: int = 0, rng: random.Random | None = None) -> Membership:
+def gossip_core(
+    config: GossipConfig,
+    name: str,
+    advertise: Addr,
+    state: ClusterState,
+    *,
+    incarnation: int = 0,
+    rng: random.Random | None = None,
+) -> Membership:
     """The sans-IO gossip core of this node, on the running loop's clock."""
     loop = asyncio.get_running_loop()
     # The probe rota's periods are slots of Unix time, which the nodes share (NTP);
     # the core's own clock stays the loop's monotonic one.
-    return Membership(config, name, advertise, rng=rng or random.Random(),
-                      now=loop.time(), state=state, incarnation=incarnation,
-                      wall_offset=time.time() - loop.time())
+    return Membership(
+        config,
+        name,
+        advertise,
+        rng=rng or random.Random(),
+        now=loop.time(),
+        state=state,
+        incarnation=incarnation,
+        wall_offset=time.time() - loop.time(),
+    )
 
 
 class NodeWatch:
@@ -240,13 +254,24 @@ class NodeWatch:
                 why = "left" if isinstance(member_event, MemberLeft) else "dead"
                 changes = self._liveness.node_down(member.name, why)
                 self._feed.publish(changes, shown=True)
-                event(log, "node_down", logging.WARNING, node=member.name,
-                      why=type(member_event).__name__, tasks_hidden=len(changes))
+                event(
+                    log,
+                    "node_down",
+                    logging.WARNING,
+                    node=member.name,
+                    why=type(member_event).__name__,
+                    tasks_hidden=len(changes),
+                )
             case MemberJoined(member=member) | MemberAlive(member=member):
                 changes = self._liveness.node_up(member.name)
                 self._feed.publish(changes, shown=True)
-                event(log, "node_up", node=member.name, why=type(member_event).__name__,
-                      tasks_shown=len(changes))
+                event(
+                    log,
+                    "node_up",
+                    node=member.name,
+                    why=type(member_event).__name__,
+                    tasks_shown=len(changes),
+                )
             case MemberSuspected(member=member, by=by):
                 event(log, "node_suspected", node=member.name, by=by)
             case MemberUpdated():
@@ -257,8 +282,15 @@ class Cluster:
     """This node in the cluster: gossips its own writes, joins, reconnects, tells its
     state digest, and answers `GET /v1/members`, `/v1/gossip`. A view of the feed."""
 
-    def __init__(self, control: Control, core: Membership, shell: GossipShell,
-                 state: ClusterState, liveness: Liveness, name: str) -> None:
+    def __init__(
+        self,
+        control: Control,
+        core: Membership,
+        shell: GossipShell,
+        state: ClusterState,
+        liveness: Liveness,
+        name: str,
+    ) -> None:
         self._control = control
         self.core = core
         self.shell = shell
@@ -289,8 +321,11 @@ class Cluster:
             # Too big for a datagram: push-pull (TCP) with a few peers instead; gossip
             # spreads it from there only at their next push-pulls, so reach several.
             self.oversized += 1
-            peers = [m.addr for m in self.core.members()
-                     if m.name != self.name and m.state is MemberState.ALIVE]
+            peers = [
+                m.addr
+                for m in self.core.members()
+                if m.name != self.name and m.state is MemberState.ALIVE
+            ]
             self._rng.shuffle(peers)
             if peers:
                 self.core.join(peers[:OVERSIZED_FANOUT], self.shell.now())
@@ -345,8 +380,11 @@ class Cluster:
         digest = self._state_digest()
         now = asyncio.get_running_loop().time()
         alive = {m.name for m in self.core.members() if m.state is MemberState.ALIVE}
-        return {"digest": digest.value, "records": digest.records,
-                "peers": [p for p in self.state.peer_digests.view(now) if p["node"] in alive]}
+        return {
+            "digest": digest.value,
+            "records": digest.records,
+            "peers": [p for p in self.state.peer_digests.view(now) if p["node"] in alive],
+        }
 
     async def _keep_joining(self, seeds: list[Addr]) -> None:
         delay = 1.0
@@ -354,12 +392,18 @@ class Cluster:
             self.core.join(seeds, asyncio.get_running_loop().time())
             self.shell.flush()
             await asyncio.sleep(delay)
-            if any(m.name != self.name and m.state is MemberState.ALIVE
-                   for m in self.core.members()):
+            if any(
+                m.name != self.name and m.state is MemberState.ALIVE for m in self.core.members()
+            ):
                 event(log, "cluster_joined", members=len(self.core.members()))
                 return
-            event(log, "join_retry", logging.WARNING, seeds=",".join(f"{h}:{p}" for h, p in seeds),
-                  next_in=delay)
+            event(
+                log,
+                "join_retry",
+                logging.WARNING,
+                seeds=",".join(f"{h}:{p}" for h, p in seeds),
+                next_in=delay,
+            )
             delay = min(delay * 2, JOIN_BACKOFF_MAX)
 
     async def leave(self) -> None:
@@ -376,15 +420,21 @@ class Cluster:
         shell = self.shell
         me = next((m for m in self.core.members() if m.name == self.name), None)
         return {
-            "node": self.name, "incarnation": 0 if me is None else me.incarnation,
-            "health_score": self.core.health_score(), "members": len(self.core.members()),
+            "node": self.name,
+            "incarnation": 0 if me is None else me.incarnation,
+            "health_score": self.core.health_score(),
+            "members": len(self.core.members()),
             "lateness": round(self.core.lateness(asyncio.get_running_loop().time()), 3),
             "encrypted": shell.keyring is not None,
             "drops": dict(shell.drops),
-            "counts": {**dict(shell.counts),
-                       **{k: int(v) for k, v in self.core.stats.items()},
-                       "state_merged": self.state.merged, "state_rejected": self.state.rejected,
-                       "reconnects": self.reconnects, "oversized_deltas": self.oversized},
+            "counts": {
+                **dict(shell.counts),
+                **{k: int(v) for k, v in self.core.stats.items()},
+                "state_merged": self.state.merged,
+                "state_rejected": self.state.rejected,
+                "reconnects": self.reconnects,
+                "oversized_deltas": self.oversized,
+            },
             "state": self.digests(),
         }
 
@@ -405,13 +455,16 @@ class Cluster:
         late = self.core.late_members(now)
         out = []
         for m in sorted(self.core.members(), key=lambda m: m.name):
-            member: dict[str, Any] = {"name": m.name, "address": m.addr[0], "port": m.addr[1],
-                                      "status": m.state.name.lower(),
-                                      "incarnation": m.incarnation}
+            member: dict[str, Any] = {
+                "name": m.name,
+                "address": m.addr[0],
+                "port": m.addr[1],
+                "status": m.state.name.lower(),
+                "incarnation": m.incarnation,
+            }
             if m.name in suspicions:
                 left, confirmations = suspicions[m.name]
-                member["suspicion"] = {"dead_in": round(left, 3),
-                                       "confirmations": confirmations}
+                member["suspicion"] = {"dead_in": round(left, 3), "confirmations": confirmations}
             if m.name in late:
                 member["late_by"] = round(late[m.name], 3)
             out.append(member)

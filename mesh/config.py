@@ -122,8 +122,9 @@ class AgentConfig:
         if not 0 <= self.dns_ttl <= 86_400:
             raise ConfigError("dns-ttl must be between 0 and 86400 seconds")
         if self.gossip_profile not in GOSSIP_PROFILES:
-            raise ConfigError(f"gossip-profile {self.gossip_profile!r}: one of "
-                              f"{', '.join(GOSSIP_PROFILES)}")
+            raise ConfigError(
+                f"gossip-profile {self.gossip_profile!r}: one of {', '.join(GOSSIP_PROFILES)}"
+            )
         if len(self.cluster_label.encode()) > 255:
             raise ConfigError("cluster-label may be at most 255 bytes")
         if not 0 <= self.dns_workers <= 64:
@@ -131,8 +132,10 @@ class AgentConfig:
         if not 0 <= self.http_workers <= 64:
             raise ConfigError("http-workers must be between 0 and 64")
         if not 0 < self.http_header_timeout <= 3600 or not 0 < self.http_upstream_timeout <= 86_400:
-            raise ConfigError("http-header-timeout and http-upstream-timeout must be positive "
-                              "(at most an hour and a day)")
+            raise ConfigError(
+                "http-header-timeout and http-upstream-timeout must be positive "
+                "(at most an hour and a day)"
+            )
         if self.http_max_body < 0:
             raise ConfigError("http-max-body must be 0 (no limit) or a number of bytes")
         if not 0 <= self.http_body_deadline <= 30 * 86_400:
@@ -172,80 +175,97 @@ _FLAGS: dict[str, str] = {
     "advertise": "ADDR[:PORT] other nodes reach this one at for gossip (default port 7946)",
     "join": "HOST[:PORT] of a node to join; repeat for several (tried until one answers)",
     "data-dir": "where the state is kept (default /var/lib/meshplane, or "
-                "~/.local/state/meshplane without root)",
+    "~/.local/state/meshplane without root)",
     "api": "ADDR:PORT of the HTTP API (default 127.0.0.1:2377); a non-loopback address "
-           "needs --api-token",
+    "needs --api-token",
     "dns": "ADDR:PORT of the embedded DNS server (default 127.0.0.11:53, or :5353 without "
-           "root); 'none' runs no DNS server",
+    "root); 'none' runs no DNS server",
     "dns-upstream": "ADDR[:PORT] of a resolver for names the mesh does not own; repeat for "
-                    "several (default: the nameservers of /etc/resolv.conf)",
+    "several (default: the nameservers of /etc/resolv.conf)",
     "dns-ttl": "TTL of mesh answers in seconds (default 5)",
     "dns-workers": "extra processes serving DNS on the same port, one per spare core "
-                   "(default 0: the agent's own event loop only)",
+    "(default 0: the agent's own event loop only)",
     "http": "ADDR:PORT of the HTTP routing mesh (default 0.0.0.0:80, or :8080 without root); "
-            "'none' runs no router",
+    "'none' runs no router",
     "http-workers": "processes serving the HTTP routing mesh on the same port, one per core "
-                    "(default 0: the agent's own event loop)",
+    "(default 0: the agent's own event loop)",
     "https": "ADDR:PORT of the routing mesh's HTTPS side (default: none); sni:// routes pass "
-             "through, other hosts are terminated with --tls-cert",
+    "through, other hosts are terminated with --tls-cert",
     "tls-cert": "HOST=CERTFILE,KEYFILE: a certificate for the HTTPS side, chosen by SNI; "
-                "repeat for several; HOST may be *.domain; the first is the default",
+    "repeat for several; HOST may be *.domain; the first is the default",
     "http-access-log": "on: one logfmt line per proxied request (default off)",
     "http-header-timeout": "seconds a client has to send a request head (default 10)",
-    "http-upstream-timeout": "seconds to connect to a task and to await its response "
-                             "(default 60)",
-    "http-max-body": "largest request body the router forwards, bytes (default 1 GiB; 0: "
-                     "no limit)",
+    "http-upstream-timeout": "seconds to connect to a task and to await its response (default 60)",
+    "http-max-body": "largest request body the router forwards, bytes (default 1 GiB; 0: no limit)",
     "http-body-deadline": "seconds a whole request body may take to arrive (default 3600; "
-                          "0: no limit): 408",
+    "0: no limit): 408",
     "http-body-min-rate": "the slowest a request body may arrive, bytes per second on average "
-                          "once 10 s have passed (default 1024; 0: no minimum): 408",
+    "once 10 s have passed (default 1024; 0: no minimum): 408",
     "lb": "load-balancer backend: auto, ipvs, nftables or userspace (default auto)",
     "publish-address": "address the userspace load balancer binds published ports to "
-                       "(default 0.0.0.0: every address; give each agent its own when "
-                       "several share one host)",
+    "(default 0.0.0.0: every address; give each agent its own when "
+    "several share one host)",
     "lb-tcp-idle": "seconds an idle TCP connection is kept by the ipvs and userspace load "
-                   "balancers (default 7800: past Linux's 2 h keepalive; IPVS's own default "
-                   "cuts at 900)",
+    "balancers (default 7800: past Linux's 2 h keepalive; IPVS's own default "
+    "cuts at 900)",
     "keyring": "file holding the gossip encryption keys",
     "address-pool": "CIDR that network subnets are carved from, one /24 each, and the "
-                    "ingress network a /16 (default 10.0.0.0/8, or 127.16.0.0/12 without "
-                    "root)",
+    "ingress network a /16 (default 10.0.0.0/8, or 127.16.0.0/12 without "
+    "root)",
     "ingress-subnet": "CIDR of the built-in ingress network, which holds a VIP per service "
-                      "that publishes a port (default: the first free /16 of the address "
-                      "pool); used when the ingress is created: an existing one keeps its "
-                      "subnet",
+    "that publishes a port (default: the first free /16 of the address "
+    "pool); used when the ingress is created: an existing one keeps its "
+    "subnet",
     "api-token": "bearer token the API requires (default: env MESH_API_TOKEN)",
     "drain-grace": "seconds a deregistered task drains before removal (default 2)",
     "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
     "tombstone-reap": "seconds a delete is remembered before it is forgotten (default 1800)",
     "gossip-profile": "gossip timings: lan (memberlist's LAN defaults), wan, or local "
-                      "(fast, for tests on one machine) (default lan)",
+    "(fast, for tests on one machine) (default lan)",
     "cluster-label": "a label bound into every gossip packet, so that two clusters on one "
-                     "network never merge",
+    "network never merge",
     "log-level": "debug, info, warning or error (default info)",
 }
 
 
 _REPEATED = ("join", "dns-upstream", "tls-cert")  # flags given once per value; lists in the file
-_METAVARS = {"dns-upstream": "ADDR[:PORT]", "dns-ttl": "SECONDS", "dns-workers": "N",
-             "node-name": "NAME", "advertise": "ADDR[:PORT]", "join": "HOST[:PORT]",
-             "data-dir": "DIR", "lb": "BACKEND", "keyring": "FILE", "address-pool": "CIDR",
-             "ingress-subnet": "CIDR",
-             "api-token": "TOKEN", "drain-grace": "SECONDS", "dns-domain": "DOMAIN",
-             "log-level": "LEVEL", "gossip-profile": "PROFILE", "cluster-label": "LABEL",
-             "tombstone-reap": "SECONDS", "publish-address": "ADDR", "lb-tcp-idle": "SECONDS",
-             "http-workers": "N", "tls-cert": "HOST=CERT,KEY",
-             "http-access-log": "on|off", "http-header-timeout": "SECONDS",
-             "http-upstream-timeout": "SECONDS", "http-max-body": "BYTES",
-             "http-body-deadline": "SECONDS", "http-body-min-rate": "BYTES"}
+_METAVARS = {
+    "dns-upstream": "ADDR[:PORT]",
+    "dns-ttl": "SECONDS",
+    "dns-workers": "N",
+    "node-name": "NAME",
+    "advertise": "ADDR[:PORT]",
+    "join": "HOST[:PORT]",
+    "data-dir": "DIR",
+    "lb": "BACKEND",
+    "keyring": "FILE",
+    "address-pool": "CIDR",
+    "ingress-subnet": "CIDR",
+    "api-token": "TOKEN",
+    "drain-grace": "SECONDS",
+    "dns-domain": "DOMAIN",
+    "log-level": "LEVEL",
+    "gossip-profile": "PROFILE",
+    "cluster-label": "LABEL",
+    "tombstone-reap": "SECONDS",
+    "publish-address": "ADDR",
+    "lb-tcp-idle": "SECONDS",
+    "http-workers": "N",
+    "tls-cert": "HOST=CERT,KEY",
+    "http-access-log": "on|off",
+    "http-header-timeout": "SECONDS",
+    "http-upstream-timeout": "SECONDS",
+    "http-max-body": "BYTES",
+    "http-body-deadline": "SECONDS",
+    "http-body-min-rate": "BYTES",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesh agent",
         description="Run the meshplane agent of this node. Every flag is also a key of the "
-                    "--config TOML file (flags win).",
+        "--config TOML file (flags win).",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file with the keys below")
     for name, help_text in _FLAGS.items():
@@ -314,18 +334,18 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         raise ConfigError(f"http-access-log {access_log!r}: on or off")
     return AgentConfig(
         node_name=node_name,
-        advertise=parse_host_port(str(values.get("advertise", "127.0.0.1")), GOSSIP_PORT,
-                                  "advertise"),
+        advertise=parse_host_port(
+            str(values.get("advertise", "127.0.0.1")), GOSSIP_PORT, "advertise"
+        ),
         join=tuple(parse_host_port(j, GOSSIP_PORT, "join") for j in values.get("join", [])),
         data_dir=Path(values.get("data_dir") or default_data_dir(root)),
         api=parse_host_port(str(values.get("api", "127.0.0.1:2377")), None, "api"),
-        dns=None if dns_text.lower() in ("none", "off") else parse_host_port(dns_text, None,
-                                                                             "dns"),
-        http=None if http_text.lower() in ("none", "off") else parse_host_port(http_text, None,
-                                                                               "http"),
+        dns=None if dns_text.lower() in ("none", "off") else parse_host_port(dns_text, None, "dns"),
+        http=None
+        if http_text.lower() in ("none", "off")
+        else parse_host_port(http_text, None, "http"),
         http_workers=int(_number(values, "http_workers", 0, int)),
-        https=parse_host_port(str(values["https"]), None, "https") if values.get("https")
-        else None,
+        https=parse_host_port(str(values["https"]), None, "https") if values.get("https") else None,
         tls_certs=tuple(values.get("tls_cert", [])),
         http_access_log=access_log in ("on", "true"),
         http_header_timeout=_number(values, "http_header_timeout", 10.0, float),
@@ -334,20 +354,24 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         http_body_deadline=_number(values, "http_body_deadline", 3600.0, float),
         http_body_min_rate=int(_number(values, "http_body_min_rate", 1024, int)),
         lb=str(values.get("lb", "auto")),
-        publish_address=_ip_address(str(values.get("publish_address", "0.0.0.0")),
-                                    "publish-address"),
+        publish_address=_ip_address(
+            str(values.get("publish_address", "0.0.0.0")), "publish-address"
+        ),
         lb_tcp_idle=_lb_tcp_idle(values),
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
-        address_pool=str(values.get("address_pool") or (DEFAULT_POOL if root
-                                                         else UNPRIVILEGED_POOL)),
-        ingress_subnet=str(values["ingress_subnet"]).strip() if values.get("ingress_subnet")
+        address_pool=str(
+            values.get("address_pool") or (DEFAULT_POOL if root else UNPRIVILEGED_POOL)
+        ),
+        ingress_subnet=str(values["ingress_subnet"]).strip()
+        if values.get("ingress_subnet")
         else None,
         api_token=values.get("api_token") or None,
         drain_grace=drain_grace,
         tombstone_reap=tombstone_reap,
         dns_domain=values.get("dns_domain") or None,
-        dns_upstreams=tuple(_ip_host_port(u, 53, "dns-upstream")
-                            for u in values.get("dns_upstream", [])),
+        dns_upstreams=tuple(
+            _ip_host_port(u, 53, "dns-upstream") for u in values.get("dns_upstream", [])
+        ),
         dns_ttl=dns_ttl,
         dns_workers=dns_workers,
         gossip_profile=str(values.get("gossip_profile", "lan")),
@@ -371,8 +395,9 @@ def _ip_address(text: str, what: str) -> str:
         raise ConfigError(f"{what} {text!r}: expected an IPv4 address") from None
 
 
-def _number(values: dict[str, Any], key: str, default: float,
-            kind: type[int] | type[float]) -> float:
+def _number(
+    values: dict[str, Any], key: str, default: float, kind: type[int] | type[float]
+) -> float:
     try:
         return kind(values.get(key, default))
     except ValueError:

@@ -27,8 +27,14 @@ Mutation = Callable[[float], list[Change]]
 
 
 class Control:
-    def __init__(self, store: Store, feed: ChangeFeed, writer: StateWriter,
-                 wall_clock: Callable[[], float], on_fatal: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        feed: ChangeFeed,
+        writer: StateWriter,
+        wall_clock: Callable[[], float],
+        on_fatal: Callable[[str], None],
+    ) -> None:
         self.store = store
         self.feed = feed
         self._writer = writer
@@ -54,8 +60,11 @@ class Control:
 
     def forget(self, keys: Sequence[tuple[Kind, str]]) -> None:
         """Delete reaped tombstones from disk (already gone from the store)."""
-        self._watch(self._writer.write([], self.store.clock,
-                                       forget=[(kind.value, key) for kind, key in keys]))
+        self._watch(
+            self._writer.write(
+                [], self.store.clock, forget=[(kind.value, key) for kind, key in keys]
+            )
+        )
 
     def _watch(self, done: asyncio.Future[None]) -> None:
         """A failed write stops the agent: what it reported may no longer be on disk."""
@@ -82,8 +91,12 @@ class Control:
         except PersistError:
             raise Unavailable("the agent could not make the change durable") from None
         for change in changes:
-            event(log, f"{change.kind.value}_{_verb(change)}", key=change.key,
-                  version=change.after.version.clock)
+            event(
+                log,
+                f"{change.kind.value}_{_verb(change)}",
+                key=change.key,
+                version=change.after.version.clock,
+            )
         return changes
 
 

@@ -39,8 +39,12 @@ class Digest:
 
     def encode(self, node: str, at: float) -> bytes:
         """The announcement; `at` (the sender's wall clock) makes each one a new payload."""
-        return DIGEST_OP + json.dumps({"node": node, "digest": self.value,
-                                       "records": self.records, "at": at}).encode()
+        return (
+            DIGEST_OP
+            + json.dumps(
+                {"node": node, "digest": self.value, "records": self.records, "at": at}
+            ).encode()
+        )
 
 
 def digest_of(records: Iterable[Record]) -> Digest:
@@ -49,8 +53,10 @@ def digest_of(records: Iterable[Record]) -> Digest:
     for record in records:
         if record.deleted:
             continue
-        identity = (f"{KIND_OF[type(record)].value}\0{record.key}\0"
-                    f"{record.version.clock}\0{record.version.node}").encode()
+        identity = (
+            f"{KIND_OF[type(record)].value}\0{record.key}\0"
+            f"{record.version.clock}\0{record.version.node}"
+        ).encode()
         acc ^= int.from_bytes(hashlib.blake2b(identity, digest_size=16).digest(), "big")
         count += 1
     return Digest(f"{acc:032x}", count)
@@ -66,14 +72,22 @@ class PeerDigest:
 
 def decode(payload: bytes) -> tuple[str, Digest, float]:
     """(node, digest, sent at) from an announcement; ValueError on anything malformed."""
-    body = json.loads(payload[len(DIGEST_OP):])
+    body = json.loads(payload[len(DIGEST_OP) :])
     if not isinstance(body, dict):
         raise ValueError("digest announcement is not an object")
     node, value, records = body.get("node"), body.get("digest"), body.get("records")
     at = body.get("at")
-    if not (isinstance(node, str) and node and isinstance(value, str) and len(value) == 32
-            and isinstance(records, int) and not isinstance(records, bool) and records >= 0
-            and isinstance(at, int | float) and not isinstance(at, bool)):
+    if not (
+        isinstance(node, str)
+        and node
+        and isinstance(value, str)
+        and len(value) == 32
+        and isinstance(records, int)
+        and not isinstance(records, bool)
+        and records >= 0
+        and isinstance(at, int | float)
+        and not isinstance(at, bool)
+    ):
         raise ValueError("malformed digest announcement")
     int(value, 16)
     return node, Digest(value, records), float(at)
@@ -95,6 +109,12 @@ class PeerDigests:
         self._peers.pop(node, None)
 
     def view(self, now: float) -> list[dict[str, object]]:
-        return [{"node": p.node, "digest": p.digest.value, "records": p.digest.records,
-                 "age": round(now - p.received_at, 3)}
-                for p in sorted(self._peers.values(), key=lambda p: p.node)]
+        return [
+            {
+                "node": p.node,
+                "digest": p.digest.value,
+                "records": p.digest.records,
+                "age": round(now - p.received_at, 3),
+            }
+            for p in sorted(self._peers.values(), key=lambda p: p.node)
+        ]

@@ -31,9 +31,12 @@ class DrainReaper:
         self._task: asyncio.Task[None] | None = None
 
     def _consider(self, record: Record) -> None:
-        if (isinstance(record, Task) and not record.deleted
-                and record.state is TaskState.DRAINING
-                and record.version.node == self._control.store.node):
+        if (
+            isinstance(record, Task)
+            and not record.deleted
+            and record.state is TaskState.DRAINING
+            and record.version.node == self._control.store.node
+        ):
             heapq.heappush(self._due, (record.drain_until or 0.0, record.id))
             self._wake.set()
 
@@ -79,5 +82,11 @@ class DrainReaper:
         except MeshError as exc:
             event(log, "drain_remove_failed", logging.WARNING, task=task_id, error=exc.message)
             return
-        event(log, "task_removed", task=task_id, name=task.name, service=task.service,
-              reason="drained")
+        event(
+            log,
+            "task_removed",
+            task=task_id,
+            name=task.name,
+            service=task.service,
+            reason="drained",
+        )

@@ -15,8 +15,9 @@ class MeshError(Exception):
     status: int = 400
     code: str = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:

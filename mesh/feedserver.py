@@ -64,8 +64,11 @@ class _Follower:
         self._writer = writer
 
     def load(self, records: Iterable[Record]) -> None:
-        self._writer.write(encode_line({"snapshot": self._feed.seq,
-                                        "records": [record_to_dict(r) for r in records]}))
+        self._writer.write(
+            encode_line(
+                {"snapshot": self._feed.seq, "records": [record_to_dict(r) for r in records]}
+            )
+        )
 
     def on_change(self, change: Change) -> None:
         writer = self._writer
@@ -75,13 +78,16 @@ class _Follower:
             event(log, "feed_client_too_slow", logging.WARNING, backlog=MAX_BACKLOG)
             writer.close()
             return
-        writer.write(encode_line({"seq": self._feed.seq,
-                                  "record": record_to_dict(change.after)}))
+        writer.write(encode_line({"seq": self._feed.seq, "record": record_to_dict(change.after)}))
 
 
 class FeedServer:
-    def __init__(self, feed: ChangeFeed, path: Path,
-                 on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        feed: ChangeFeed,
+        path: Path,
+        on_report: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self._feed = feed
         self.path = path
         self._on_report = on_report
@@ -92,8 +98,9 @@ class FeedServer:
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # left by an agent that was killed
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
-                                                       limit=MAX_REPORT)
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self.path), limit=MAX_REPORT
+        )
         os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -100,18 +100,18 @@ class Ipam:
         for candidate in self.pool.subnets(new_prefix=prefix):
             if self.overlapping(candidate) is None:
                 return candidate
-        raise Conflict(f"address pool {self.pool} has no free /{prefix} left: give the "
-                       "network a subnet outside it, or remove a network",
-                       code="pool_exhausted")
+        raise Conflict(
+            f"address pool {self.pool} has no free /{prefix} left: give the "
+            "network a subnet outside it, or remove a network",
+            code="pool_exhausted",
+        )
 
     def add_network(self, name: str, subnet: IPv4Network, *, overlap_ok: bool = False) -> None:
         """Track a network's subnet; `overlap_ok`: it exists already (written elsewhere),
         so an overlap is recorded rather than refused."""
         other = None if overlap_ok else self.overlapping(subnet)
         if other is not None and other != name:
-            raise Conflict(
-                f"subnet {subnet} overlaps network {other!r}", code="subnet_overlaps"
-            )
+            raise Conflict(f"subnet {subnet} overlaps network {other!r}", code="subnet_overlaps")
         self._networks.setdefault(name, _Pool(subnet))
 
     def remove_network(self, name: str) -> None:
@@ -131,8 +131,11 @@ class Ipam:
                 pool.floor = value + 1
                 return address
         pool.floor = last + 1
-        raise Conflict(f"network {network} ({pool.subnet}) has no free address: all "
-                       f"{capacity_of(pool.subnet)} are VIPs of services", code="no_free_address")
+        raise Conflict(
+            f"network {network} ({pool.subnet}) has no free address: all "
+            f"{capacity_of(pool.subnet)} are VIPs of services",
+            code="no_free_address",
+        )
 
     def claim(self, network: str, address: IPv4Address) -> None:
         """Mark an address taken (on load, or a VIP that gossip brought in)."""

@@ -59,5 +59,4 @@ class Liveness:
         self.down.discard(node)
         self.why.pop(node, None)
         tasks = self._store.tasks(node=node)
-        return [Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t)
-                for t in tasks]
+        return [Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t) for t in tasks]

@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class TombstoneReaper:
-    def __init__(self, control: Control, wall_clock: Callable[[], float],
-                 interval: float) -> None:
+    def __init__(self, control: Control, wall_clock: Callable[[], float], interval: float) -> None:
         self._store = control.store
         self._control = control
         self._wall_clock = wall_clock

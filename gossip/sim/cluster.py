@@ -62,17 +62,26 @@ class SimCluster:
     `run_until_true` advance virtual time. `metrics` watches every event.
     """
 
-    def __init__(self, size: int, *, seed: int, config: GossipConfig | None = None,
-                 profile: NetProfile | None = None, lifeguard: bool = True,
-                 wire: bool = True, trace: bool = False) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        seed: int,
+        config: GossipConfig | None = None,
+        profile: NetProfile | None = None,
+        lifeguard: bool = True,
+        wire: bool = True,
+        trace: bool = False,
+    ) -> None:
         self.config = config or GossipConfig.lan()
         self.lifeguard = lifeguard
         self.wire = wire
         self.seed = seed
         self.queue = EventQueue()
         self._rng = random.Random(seed)
-        self.network = SimNetwork(profile or NetProfile.lan(),
-                                  random.Random(self._rng.getrandbits(64)))
+        self.network = SimNetwork(
+            profile or NetProfile.lan(), random.Random(self._rng.getrandbits(64))
+        )
         self.metrics = Metrics(self.is_up)
         self.stats: Counter[str] = Counter()
         self.trace: list[str] | None = [] if trace else None
@@ -94,17 +103,25 @@ class SimCluster:
 
     def __repr__(self) -> str:
         up = sum(1 for n in self.nodes if n.up)
-        return (f"<SimCluster nodes={len(self.nodes)} up={up} now={self.queue.now:.3f} "
-                f"seed={self.seed} pending={len(self.queue)}>")
+        return (
+            f"<SimCluster nodes={len(self.nodes)} up={up} now={self.queue.now:.3f} "
+            f"seed={self.seed} pending={len(self.queue)}>"
+        )
 
     # -- construction ----------------------------------------------------------------
 
     def _new_core(self, index: int) -> tuple[Membership, RecordingDelegate]:
         name = f"n{index}"
         delegate = RecordingDelegate(name, self.queue, self._user_arrived)
-        core = Membership(self.config, name, node_addr(index),
-                          rng=random.Random(self._rng.getrandbits(64)), now=self.queue.now,
-                          state=delegate, lifeguard=self.lifeguard)
+        core = Membership(
+            self.config,
+            name,
+            node_addr(index),
+            rng=random.Random(self._rng.getrandbits(64)),
+            now=self.queue.now,
+            state=delegate,
+            lifeguard=self.lifeguard,
+        )
         return core, delegate
 
     # -- views ---------------------------------------------------------------------------
@@ -166,8 +183,7 @@ class SimCluster:
         self.network.crashed.add(index)
         self.metrics.observer_gone(node.name)
         if watch:
-            self.metrics.crashed(node.name, self.queue.now,
-                                 (n.name for n in self.nodes if n.up))
+            self.metrics.crashed(node.name, self.queue.now, (n.name for n in self.nodes if n.up))
 
     def restart(self, index: int, seeds: Sequence[int] = (0,)) -> None:
         """A fresh process under the same name and address, joining `seeds`."""
@@ -202,8 +218,9 @@ class SimCluster:
     def run_for(self, seconds: float) -> None:
         self.run_until(self.queue.now + seconds)
 
-    def run_until_true(self, predicate: Callable[[], bool], timeout: float,
-                       poll: float = 0.1) -> bool:
+    def run_until_true(
+        self, predicate: Callable[[], bool], timeout: float, poll: float = 0.1
+    ) -> bool:
         """Run until `predicate()` holds (checked every `poll` virtual seconds) or `timeout`."""
         deadline = self.queue.now + timeout
         while not predicate():
@@ -243,8 +260,9 @@ class SimCluster:
             if generation != node.generation or not node.up:
                 return
             reply = self._stream_message(data)
-            node.core.handle_stream_reply(reply if isinstance(reply, PushPull | Ack) else None,
-                                          to, now)
+            node.core.handle_stream_reply(
+                reply if isinstance(reply, PushPull | Ack) else None, to, now
+            )
         self._flush(node)
 
     def _stream_message(self, data: Any) -> PushPull | Ping | Ack | None:
@@ -280,13 +298,13 @@ class SimCluster:
         self.stats["tcp_bytes"] += size
         back = self.network.stream_arrival(node.index, source, now)
         if back is None:
-            self._reply(opener, node.addr, None, generation,
-                        now + self.network.profile.stream_timeout)
+            self._reply(
+                opener, node.addr, None, generation, now + self.network.profile.stream_timeout
+            )
         else:
             self._reply(opener, node.addr, answer_data, generation, back)
 
-    def _reply(self, opener: SimNode, peer: Addr, data: Any, generation: int,
-               at: float) -> None:
+    def _reply(self, opener: SimNode, peer: Addr, data: Any, generation: int, at: float) -> None:
         if data is None:
             self.stats["streams_failed"] += 1
         self.queue.push(at, REPLY, opener.index, (peer, data, generation))
@@ -366,8 +384,9 @@ class SimCluster:
         target = self._by_addr.get(request.to)
         at = None if target is None else self.network.stream_arrival(node.index, target, now)
         if target is None or at is None:
-            self._reply(node, request.to, None, node.generation,
-                        now + self.network.profile.stream_timeout)
+            self._reply(
+                node, request.to, None, node.generation, now + self.network.profile.stream_timeout
+            )
             return
         self.queue.push(at, STREAM, target, (node.index, data, node.generation))
 

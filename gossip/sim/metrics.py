@@ -93,8 +93,10 @@ class Metrics:
         self.false_suspicions: dict[tuple[str, int], Suspicion] = {}
 
     def __repr__(self) -> str:
-        return (f"<Metrics crashes={len(self.crashes)} false_deaths={len(self.false_deaths)} "
-                f"false_suspicions={len(self.false_suspicions)}>")
+        return (
+            f"<Metrics crashes={len(self.crashes)} false_deaths={len(self.false_deaths)} "
+            f"false_suspicions={len(self.false_suspicions)}>"
+        )
 
     # -- inputs (from the cluster) ------------------------------------------------
 
@@ -133,8 +135,7 @@ class Metrics:
         if self._is_up(member):
             self.false_deaths.setdefault((member, incarnation), at)
 
-    def suspected(self, at: float, observer: str, member: str, incarnation: int,
-                  by: str) -> None:
+    def suspected(self, at: float, observer: str, member: str, incarnation: int, by: str) -> None:
         crash = self._open.get(member)
         if crash is not None and crash.first_suspected is None:
             crash.first_suspected = at
@@ -144,12 +145,12 @@ class Metrics:
     # -- results -------------------------------------------------------------------
 
     def detection(self) -> DetectionSummary:
-        latencies = [t - c.at for c in self.crashes for o, t in c.detected.items()
-                     if o in c.observers]
+        latencies = [
+            t - c.at for c in self.crashes for o, t in c.detected.items() if o in c.observers
+        ]
         lasts = [x for x in (c.last() for c in self.crashes) if x is not None]
         pairs = sum(len(c.observers) for c in self.crashes)
-        suspects = [c.first_suspected - c.at for c in self.crashes
-                    if c.first_suspected is not None]
+        suspects = [c.first_suspected - c.at for c in self.crashes if c.first_suspected is not None]
         probes = [c.first_probed - c.at for c in self.crashes if c.first_probed is not None]
         verdicts, spreads = [], []
         for crash in self.crashes:
@@ -160,7 +161,8 @@ class Metrics:
                 spreads.append(max(times) - min(times))
         nan = math.nan
         return DetectionSummary(
-            crashes=len(self.crashes), pairs=pairs,
+            crashes=len(self.crashes),
+            pairs=pairs,
             p50=percentile(latencies, 50) if latencies else nan,
             p99=percentile(latencies, 99) if latencies else nan,
             max=max(latencies, default=nan),
@@ -176,21 +178,30 @@ class Metrics:
             verdict_p50=percentile(verdicts, 50) if verdicts else nan,
             verdict_max=max(verdicts, default=nan),
             spread_p50=percentile(spreads, 50) if spreads else nan,
-            spread_max=max(spreads, default=nan))
+            spread_max=max(spreads, default=nan),
+        )
 
 
 SPREAD_QUANTILES = (0.5, 0.99, 0.999, 1.0)
 
 
-def spread(arrivals: dict[str, float], origin: str, start: float, live: Sequence[str],
-           quantiles: Sequence[float] = SPREAD_QUANTILES) -> dict[float, float | None]:
+def spread(
+    arrivals: dict[str, float],
+    origin: str,
+    start: float,
+    live: Sequence[str],
+    quantiles: Sequence[float] = SPREAD_QUANTILES,
+) -> dict[float, float | None]:
     """Time from `start` until each fraction of `live` nodes holds a broadcast.
 
     `arrivals` maps a node's name to when it got the payload; the origin
     counts as holding it at `start`. None: that fraction was never reached.
     """
-    times = sorted(0.0 if name == origin else arrivals[name] - start
-                   for name in live if name == origin or name in arrivals)
+    times = sorted(
+        0.0 if name == origin else arrivals[name] - start
+        for name in live
+        if name == origin or name in arrivals
+    )
     result: dict[float, float | None] = {}
     for q in quantiles:
         need = max(1, math.ceil(q * len(live) - 1e-9))

@@ -79,18 +79,29 @@ class SimNetwork:
 
     def __repr__(self) -> str:
         groups = len(set(self._group.values())) + 1 if self._group else 1
-        return (f"<SimNetwork loss={self.loss:g} groups={groups} crashed={len(self.crashed)} "
-                f"slow={len(self.slow)} links={len(self._links)}>")
+        return (
+            f"<SimNetwork loss={self.loss:g} groups={groups} crashed={len(self.crashed)} "
+            f"slow={len(self.slow)} links={len(self._links)}>"
+        )
 
     # -- faults ------------------------------------------------------------------
 
-    def set_link(self, src: int, dst: int, *, loss: float | None = None,
-                 delay: float | None = None, jitter: float | None = None,
-                 both: bool = True) -> None:
+    def set_link(
+        self,
+        src: int,
+        dst: int,
+        *,
+        loss: float | None = None,
+        delay: float | None = None,
+        jitter: float | None = None,
+        both: bool = True,
+    ) -> None:
         """Override one link (both directions unless `both=False`)."""
-        link = Link(self.loss if loss is None else loss,
-                    self.profile.delay if delay is None else delay,
-                    self.profile.jitter if jitter is None else jitter)
+        link = Link(
+            self.loss if loss is None else loss,
+            self.profile.delay if delay is None else delay,
+            self.profile.jitter if jitter is None else jitter,
+        )
         self._links[(src, dst)] = link
         if both:
             self._links[(dst, src)] = link

@@ -20,8 +20,9 @@ class RecordingDelegate:
 
     __slots__ = ("_clock", "_on_first", "name", "received")
 
-    def __init__(self, name: str, clock: EventQueue,
-                 on_first: Callable[[str, bytes, float], None]) -> None:
+    def __init__(
+        self, name: str, clock: EventQueue, on_first: Callable[[str, bytes, float], None]
+    ) -> None:
         self.name = name
         self._clock = clock
         self._on_first = on_first
@@ -47,8 +48,19 @@ class RecordingDelegate:
 class SimNode:
     """One simulated process: a core, its delegate, and the sim's view of it."""
 
-    __slots__ = ("addr", "core", "delegate", "generation", "index", "known", "left", "name",
-                 "sent_bytes", "timer_at", "up")
+    __slots__ = (
+        "addr",
+        "core",
+        "delegate",
+        "generation",
+        "index",
+        "known",
+        "left",
+        "name",
+        "sent_bytes",
+        "timer_at",
+        "up",
+    )
 
     def __init__(self, index: int, core: Membership, delegate: RecordingDelegate) -> None:
         self.index = index

@@ -34,8 +34,9 @@ class ConvergenceError(RuntimeError):
     """The cluster did not converge in time: nothing after it would mean anything."""
 
 
-def bring_up(cluster: SimCluster, *, stagger: float = JOIN_STAGGER,
-             timeout: float = 300.0) -> float:
+def bring_up(
+    cluster: SimCluster, *, stagger: float = JOIN_STAGGER, timeout: float = 300.0
+) -> float:
     """Every node joins n0; run until membership converged. Returns the virtual time taken."""
     start = cluster.now
     cluster.join_all(stagger)
@@ -46,6 +47,7 @@ def bring_up(cluster: SimCluster, *, stagger: float = JOIN_STAGGER,
 
 
 # -- dissemination -------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Spread:
@@ -67,9 +69,17 @@ class DisseminationResult:
         return [s.times[q] for s in self.spreads]
 
 
-def dissemination(nodes: int, losses: Sequence[float], *, broadcasts: int = 5, seed: int = 1,
-                  wait: float = 30.0, settle: float = 1.0, wire: bool = True,
-                  config: GossipConfig | None = None) -> list[DisseminationResult]:
+def dissemination(
+    nodes: int,
+    losses: Sequence[float],
+    *,
+    broadcasts: int = 5,
+    seed: int = 1,
+    wait: float = 30.0,
+    settle: float = 1.0,
+    wire: bool = True,
+    config: GossipConfig | None = None,
+) -> list[DisseminationResult]:
     """Converge `nodes` at 0% loss, then per loss level time `broadcasts` user broadcasts.
 
     Each broadcast starts from a random live node once the previous one has
@@ -94,8 +104,11 @@ def dissemination(nodes: int, losses: Sequence[float], *, broadcasts: int = 5, s
             cluster.broadcast(origin.index, payload)
             live = [n.name for n in cluster.up_nodes()]
             cluster.run_until_true(_reached(got, payload, len(live) - 1), wait, poll=0.05)
-            arrivals = {n.name: t for n in cluster.up_nodes()
-                        if (t := n.delegate.received.get(payload)) is not None}
+            arrivals = {
+                n.name: t
+                for n in cluster.up_nodes()
+                if (t := n.delegate.received.get(payload)) is not None
+            }
             spreads.append(Spread(origin.name, spread(arrivals, origin.name, start, live)))
             cluster.run_for(settle)
         rate = bytes_per_node_second(cluster.sent_bytes(), before, cluster.now - start_all)
@@ -108,6 +121,7 @@ def _reached(got: Counter[bytes], payload: bytes, count: int) -> Callable[[], bo
 
 
 # -- crash detection ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class DetectionResult:
@@ -123,16 +137,23 @@ def _known_everywhere(crash: Crash) -> Callable[[], bool]:
     return lambda: crash.complete
 
 
-def detection(nodes: int, crashes: int, *, loss: float = 0.01, seed: int = 1,
-              wait: float = 60.0, rejoin_wait: float = 120.0, wire: bool = True,
-              config: GossipConfig | None = None) -> DetectionResult:
+def detection(
+    nodes: int,
+    crashes: int,
+    *,
+    loss: float = 0.01,
+    seed: int = 1,
+    wait: float = 60.0,
+    rejoin_wait: float = 120.0,
+    wire: bool = True,
+    config: GossipConfig | None = None,
+) -> DetectionResult:
     """Crash one node at a time; wait until every other node marks it failed (or `wait`),
     restart it under the same name and address, wait until it is known alive everywhere
     again, repeat. Victims are distinct (never n0, the rejoin seed); each crash comes at a
     random phase of the probe period."""
     rng = random.Random(f"detection/{seed}")
-    cluster = SimCluster(nodes, seed=seed, config=config, profile=NetProfile.lan(loss),
-                         wire=wire)
+    cluster = SimCluster(nodes, seed=seed, config=config, profile=NetProfile.lan(loss), wire=wire)
     bring_up(cluster)
     cluster.metrics = Metrics(cluster.is_up)
     victims = rng.sample(range(1, nodes), min(crashes, nodes - 1))
@@ -147,11 +168,18 @@ def detection(nodes: int, crashes: int, *, loss: float = 0.01, seed: int = 1,
         if not cluster.run_until_true(cluster.converged, rejoin_wait, poll=0.5):
             rejoin_failures += 1
     rate = bytes_per_node_second(cluster.sent_bytes(), before, cluster.now - start)
-    return DetectionResult(nodes, loss, cluster.metrics.detection(),
-                           len(cluster.metrics.false_deaths), rejoin_failures, rate)
+    return DetectionResult(
+        nodes,
+        loss,
+        cluster.metrics.detection(),
+        len(cluster.metrics.false_deaths),
+        rejoin_failures,
+        rate,
+    )
 
 
 # -- false positives ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class FalsePositiveResult:
@@ -170,16 +198,24 @@ class FalsePositiveResult:
     core_stats: dict[str, int] = field(default_factory=dict)
 
 
-def false_positives(nodes: int, *, loss: float = 0.10, slow_fraction: float = 0.05,
-                    seconds: float = 600.0, lifeguard: bool = True, seed: int = 1,
-                    wire: bool = True, config: GossipConfig | None = None,
-                    ) -> FalsePositiveResult:
+def false_positives(
+    nodes: int,
+    *,
+    loss: float = 0.10,
+    slow_fraction: float = 0.05,
+    seconds: float = 600.0,
+    lifeguard: bool = True,
+    seed: int = 1,
+    wire: bool = True,
+    config: GossipConfig | None = None,
+) -> FalsePositiveResult:
     """Converge at 0% loss, then run `seconds` with `loss` on every link and a fraction of
     nodes slow (receive path 0.5-2.5 s late). Nothing crashes: every death and every
     suspicion counted is false."""
     rng = random.Random(f"false/{seed}")
-    cluster = SimCluster(nodes, seed=seed, config=config, profile=NetProfile.lan(),
-                         lifeguard=lifeguard, wire=wire)
+    cluster = SimCluster(
+        nodes, seed=seed, config=config, profile=NetProfile.lan(), lifeguard=lifeguard, wire=wire
+    )
     bring_up(cluster)
     slow = sorted(rng.sample(range(nodes), round(nodes * slow_fraction)))
     cluster.network.loss = loss
@@ -193,14 +229,20 @@ def false_positives(nodes: int, *, loss: float = 0.10, slow_fraction: float = 0.
     for node in cluster.nodes:
         stats.update(node.core.stats)
     return FalsePositiveResult(
-        nodes, loss, tuple(sorted(slow_names)), lifeguard, seconds,
-        len(cluster.metrics.false_deaths), len(suspicions),
+        nodes,
+        loss,
+        tuple(sorted(slow_names)),
+        lifeguard,
+        seconds,
+        len(cluster.metrics.false_deaths),
+        len(suspicions),
         sum(1 for s in suspicions if s.member in slow_names),
         sum(1 for s in suspicions if s.member not in slow_names and s.by in slow_names),
         sum(1 for s in suspicions if s.member not in slow_names and s.by not in slow_names),
         sum(1 for member, _ in cluster.metrics.false_deaths if member in slow_names),
         bytes_per_node_second(cluster.sent_bytes(), before, cluster.now - start),
-        dict(stats))
+        dict(stats),
+    )
 
 
 __all__ = [

@@ -46,8 +46,13 @@ class Balancer:
         self._by_id[id(route)] = (route, stats)
         return stats
 
-    def pick(self, match: Match, sticky: str | None = None, exclude: Collection[str] = (),
-             stats: RouteStats | None = None) -> Endpoint | None:
+    def pick(
+        self,
+        match: Match,
+        sticky: str | None = None,
+        exclude: Collection[str] = (),
+        stats: RouteStats | None = None,
+    ) -> Endpoint | None:
         """The endpoint for a request; None when every endpoint was already tried."""
         endpoints = match.endpoints
         if sticky is not None and not exclude:

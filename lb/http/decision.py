@@ -23,8 +23,13 @@ class Answer:
 
     __slots__ = ("extra", "match", "reason", "status")
 
-    def __init__(self, status: int, reason: str, match: Match | None = None,
-                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        match: Match | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.status = status
         self.reason = reason
         self.match = match
@@ -45,6 +50,5 @@ def decide(head: RequestHead, table: RouteTable) -> Forward | Answer:
     sticky = None
     if route.sticky_cookie:
         sticky = cookie_value(head.cookies, route.sticky_cookie.encode("latin-1"))
-    target = strip_prefix(head.target, route.path_prefix) if route.strip_prefix \
-        else head.target
+    target = strip_prefix(head.target, route.path_prefix) if route.strip_prefix else head.target
     return match, target, sticky

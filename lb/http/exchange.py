@@ -112,8 +112,15 @@ class Shared:
 
     __slots__ = ("balancer", "budget", "clock", "now", "settings", "stats", "table")
 
-    def __init__(self, table: RouteTable, settings: RouterSettings, clock: Callable[[], float],
-                 balancer: Balancer, stats: RouterStats, budget: FdBudget) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        settings: RouterSettings,
+        clock: Callable[[], float],
+        balancer: Balancer,
+        stats: RouterStats,
+        budget: FdBudget,
+    ) -> None:
         self.table = table
         self.settings = settings
         self.clock = clock
@@ -140,8 +147,14 @@ class Request:
 class Exchange:
     """One client connection's requests, answered in order (llhttp's callbacks are here)."""
 
-    def __init__(self, shared: Shared, shell: Shell, client: ClientSide, peer_ip: str = "",
-                 proto: str = "http") -> None:
+    def __init__(
+        self,
+        shared: Shared,
+        shell: Shell,
+        client: ClientSide,
+        peer_ip: str = "",
+        proto: str = "http",
+    ) -> None:
         self.shared = shared
         self.shell = shell
         self.client = client
@@ -210,15 +223,14 @@ class Exchange:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             req = self._queue[-1] if self._queue else None
-            if req is not None and req.error is None and req.head is not None \
-                    and req.head.has_body:
+            if req is not None and req.error is None and req.head is not None and req.head.has_body:
                 # llhttp skipped this body as the new protocol's bytes: never forward
                 # its head (`read_request` refuses an upgrade with a body; this holds
                 # should llhttp read an upgrade where `read_request` did not)
                 self._parse_failed(400, "an upgrade request with a body")
                 return
             self._broken = True
-            self._upgrade_rest = data[upgrade.args[0]:]
+            self._upgrade_rest = data[upgrade.args[0] :]
             self._pause(UPGRADING)
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
@@ -265,8 +277,7 @@ class Exchange:
             stats.slow_bodies += 1
         self._broken = True
         self._drop_upstream()
-        self._write(local_response(408, "the request took too long to arrive",
-                                   keep_alive=False))
+        self._write(local_response(408, "the request took too long to arrive", keep_alive=False))
         self._close()
 
     def _parse_failed(self, status: int, reason: str) -> None:
@@ -311,8 +322,9 @@ class Exchange:
         self._url += url
         self._head_size += len(url)
         if self._head_size > self._settings.max_head:
-            raise BadRequest(414 if len(self._url) > self._settings.max_head else 431,
-                             "request head too large")
+            raise BadRequest(
+                414 if len(self._url) > self._settings.max_head else 431, "request head too large"
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
@@ -326,9 +338,13 @@ class Exchange:
         req = self._queue[-1]
         parser = self._parser
         try:
-            head = req.head = read_request(parser.get_method(), self._url,
-                                           parser.get_http_version(), self._headers,
-                                           parser.should_keep_alive())
+            head = req.head = read_request(
+                parser.get_method(),
+                self._url,
+                parser.get_http_version(),
+                self._headers,
+                parser.should_keep_alive(),
+            )
             limit = self._settings.max_body
             if limit and head.content_length is not None and head.content_length > limit:
                 raise BadRequest(413, f"request body over {limit} bytes")
@@ -337,8 +353,9 @@ class Exchange:
             self.shared.stats.reject(error.status)
         # A request without a body is answered once whole (so that an answer from the
         # router keeps the connection); one with a body starts now, to stream it.
-        streams = req.error is not None or (req.head is not None and (
-            req.head.has_body or req.head.upgrade is not None))
+        streams = req.error is not None or (
+            req.head is not None and (req.head.has_body or req.head.upgrade is not None)
+        )
         if streams and self._req is None and req is self._queue[0]:
             self._start(req)
 
@@ -355,7 +372,8 @@ class Exchange:
         if req is self._req:
             if not self._pauses & UPSTREAM_FULL:  # (else the clock restarts on resume)
                 self.deadline = self._settings.body_due(
-                    self._body_started, req.received - self._body_base, self.shared.now)
+                    self._body_started, req.received - self._body_base, self.shared.now
+                )
             if self._streaming:
                 self._send_body(data)
                 return
@@ -437,10 +455,13 @@ class Exchange:
         if not self._retry():
             if timed_out:
                 shared.stats.upstream_timeouts += 1
-            self._local(504 if timed_out else 502,
-                        "the task did not answer in time" if timed_out
-                        else "could not connect to any task of the service",
-                        close=not self._req.complete)
+            self._local(
+                504 if timed_out else 502,
+                "the task did not answer in time"
+                if timed_out
+                else "could not connect to any task of the service",
+                close=not self._req.complete,
+            )
 
     def fd_shortage(self) -> None:
         """The router could not make a socket: its own trouble, not the task's.
@@ -451,14 +472,12 @@ class Exchange:
         self._connecting = False
         self.shared.stats.fd_shortage += 1
         if not self.closed and self._req is not None:
-            self._local(503, "the router is out of file descriptors",
-                        close=not self._req.complete)
+            self._local(503, "the router is out of file descriptors", close=not self._req.complete)
 
     def _retry(self, exclude: bool = True) -> bool:
         """Send the request to another task (or again, over a fresh connection)."""
         assert self._match is not None
-        endpoint = self.shared.balancer.pick(self._match,
-                                             exclude=self._tried if exclude else ())
+        endpoint = self.shared.balancer.pick(self._match, exclude=self._tried if exclude else ())
         if endpoint is None:
             return False
         self._tried.append(endpoint.task_id)
@@ -479,10 +498,12 @@ class Exchange:
         route = self._match.route if self._match is not None else None
         if route is not None and route.sticky_cookie:  # (the task tried last sets it)
             task = self._endpoint.task_id
-            self._set_cookie = None if self._sticky == task else (
-                f"{route.sticky_cookie}={task}; Path=/; HttpOnly".encode("latin-1"))
-        conn.begin(self, head.method == b"HEAD",
-                   self.shared.now + self._settings.upstream_timeout)
+            self._set_cookie = (
+                None
+                if self._sticky == task
+                else (f"{route.sticky_cookie}={task}; Path=/; HttpOnly".encode("latin-1"))
+            )
+        conn.begin(self, head.method == b"HEAD", self.shared.now + self._settings.upstream_timeout)
         self._streaming = True
         if req.complete and not req.body and not head.chunked:  # the common case: one send
             conn.write(self._upstream_head)
@@ -525,8 +546,7 @@ class Exchange:
         status = head.status
         if status < 200 and status != 101:  # interim: 103 passes, our own 100 went already
             if rhead.http11 and status != 100:
-                self._write(client_response(head, chunked=False, keep_alive=True,
-                                            http11=True))
+                self._write(client_response(head, chunked=False, keep_alive=True, http11=True))
             return
         if status == 101 and rhead.upgrade is None:
             raise BadRequest(502, "the task switched protocols unasked")
@@ -577,8 +597,13 @@ class Exchange:
         if req is None or self.closed:
             return
         if self._response_started:
-            event(log, "http_upstream_lost", logging.WARNING, reason=reason,
-                  task=self._endpoint.task_id if self._endpoint else "")
+            event(
+                log,
+                "http_upstream_lost",
+                logging.WARNING,
+                reason=reason,
+                task=self._endpoint.task_id if self._endpoint else "",
+            )
             self._abort()
             return
         assert req.head is not None
@@ -632,30 +657,51 @@ class Exchange:
             if not self._pauses and not self.closed:
                 self.client.resume_reading()
 
-    def _local(self, status: int, message: str, *, close: bool = False,
-               extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    def _local(
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = False,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         """Answer the current request from the router itself."""
         req = self._req
         assert req is not None
         head = req.head
-        keep = (not close and req.complete and not self._broken and head is not None
-                and head.keep_alive)
-        self._write(local_response(status, message, keep_alive=keep,
-                                   head_only=head is not None and head.method == b"HEAD",
-                                   extra=extra))
+        keep = (
+            not close and req.complete and not self._broken and head is not None and head.keep_alive
+        )
+        self._write(
+            local_response(
+                status,
+                message,
+                keep_alive=keep,
+                head_only=head is not None and head.method == b"HEAD",
+                extra=extra,
+            )
+        )
         self._finish(status, keep)
 
     def _log_access(self, status: int, elapsed: float) -> None:
         req = self._req
         head = req.head if req is not None else None
         endpoint = self._endpoint
-        event(access_log, "http_request", client=self.peer_ip, proto=self.proto,
-              method=head.method.decode("latin-1") if head else "-",
-              host=head.host if head else "-", path=head.path if head else "-",
-              status=status, bytes=self._bytes_out, ms=round(elapsed * 1000, 3),
-              service=self._match.route.service if self._match else "-",
-              task=endpoint.task_id if endpoint else "-",
-              upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else "-")
+        event(
+            access_log,
+            "http_request",
+            client=self.peer_ip,
+            proto=self.proto,
+            method=head.method.decode("latin-1") if head else "-",
+            host=head.host if head else "-",
+            path=head.path if head else "-",
+            status=status,
+            bytes=self._bytes_out,
+            ms=round(elapsed * 1000, 3),
+            service=self._match.route.service if self._match else "-",
+            task=endpoint.task_id if endpoint else "-",
+            upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else "-",
+        )
 
     def _record(self, status: int) -> None:
         """Count the exchange (and log it): once per request, however it ended."""
@@ -696,8 +742,11 @@ class Exchange:
                 self._resume(PIPELINED)
             following = queue[0]
             head = following.head
-            if following.complete or following.error is not None or (
-                    head is not None and (head.has_body or head.upgrade is not None)):
+            if (
+                following.complete
+                or following.error is not None
+                or (head is not None and (head.has_body or head.upgrade is not None))
+            ):
                 self._start(following)
             else:
                 self.deadline = self.shared.now + self._settings.header_timeout

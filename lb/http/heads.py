@@ -25,15 +25,28 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 #: never forwarded: they describe one connection, not the message (RFC 9110 §7.6.1)
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade", b"proxy-authenticate",
-                        b"proxy-authorization"})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
 #: set by the router itself on the way to the task
 _REQUEST_OWN = frozenset({b"expect", b"x-forwarded-proto", b"x-forwarded-host"})
 MAX_HEADERS = 100
 #: the names `read_request` looks at; every other header passes with one set lookup
-_REQUEST_SPECIAL = HOP_BY_HOP | _REQUEST_OWN | {b"host", b"content-length", b"cookie",
-                                                 b"x-forwarded-for", b"forwarded"}
+_REQUEST_SPECIAL = (
+    HOP_BY_HOP
+    | _REQUEST_OWN
+    | {b"host", b"content-length", b"cookie", b"x-forwarded-for", b"forwarded"}
+)
 #: the headers that delimit a message or say which one it is: never hop-by-hop, so a
 #: `Connection` header naming one is a request that means two things (RFC 9112 §6, §7.6.1)
 FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
@@ -82,8 +95,7 @@ class RequestHead:
         return (target if end < 0 else target[:end]).decode("latin-1")
 
 
-_PLAIN_CONNECTION = {b"keep-alive": [b"keep-alive"], b"close": [b"close"],
-                     b"upgrade": [b"upgrade"]}
+_PLAIN_CONNECTION = {b"keep-alive": [b"keep-alive"], b"close": [b"close"], b"upgrade": [b"upgrade"]}
 #: Connection tokens that name no header to drop
 _NOT_HEADERS = frozenset({b"keep-alive", b"close", b"upgrade"})
 
@@ -95,8 +107,9 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
-def _drop_named(kept: list[tuple[bytes, bytes]],
-                connection: list[bytes]) -> list[tuple[bytes, bytes]]:
+def _drop_named(
+    kept: list[tuple[bytes, bytes]], connection: list[bytes]
+) -> list[tuple[bytes, bytes]]:
     """Remove the headers a Connection header names (RFC 9110 §7.6.1)."""
     if _NOT_HEADERS.issuperset(connection):  # the common `keep-alive`/`close`: no set made
         return kept
@@ -148,8 +161,9 @@ def origin_form(target: bytes, method: bytes) -> tuple[bytes, bytes | None]:
     return path, authority
 
 
-def read_request(method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
-                 keep_alive: bool) -> RequestHead:
+def read_request(
+    method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]], keep_alive: bool
+) -> RequestHead:
     """Check a parsed request head and sort its headers; raises BadRequest.
 
     `target` may be absolute-form: the head's `target` is then its origin-form and
@@ -234,9 +248,21 @@ def read_request(method: bytes, target: bytes, version: str, headers: list[tuple
         # refuse; a client that needs the body sends it before upgrading).
         raise BadRequest(400, "an upgrade request with a body")
     # Positional, in field order: a call with 13 keywords costs ~0.3 us more, per request.
-    return RequestHead(method, target, http11, kept, host.decode("latin-1"), content_length,
-                       chunked, upgrade, expect_continue, keep_alive, cookies, forwarded_for,
-                       forwarded)
+    return RequestHead(
+        method,
+        target,
+        http11,
+        kept,
+        host.decode("latin-1"),
+        content_length,
+        chunked,
+        upgrade,
+        expect_continue,
+        keep_alive,
+        cookies,
+        forwarded_for,
+        forwarded,
+    )
 
 
 def _forwarded_node(ip: str) -> str:
@@ -255,11 +281,22 @@ def forwarding_headers(head: RequestHead, client_ip: str, proto: str) -> bytes:
     xff = ip if head.forwarded_for is None else head.forwarded_for + b", " + ip
     host_quoted = head.host.replace("\\", "").replace('"', "")
     element = f'for={_forwarded_node(client_ip)};proto={proto};host="{host_quoted}"'.encode(
-        "latin-1")
+        "latin-1"
+    )
     forwarded = element if head.forwarded is None else head.forwarded + b", " + element
-    return b"".join((b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto.encode(),
-                     b"\r\nX-Forwarded-Host: ", host, b"\r\nForwarded: ", forwarded,
-                     b"\r\n"))
+    return b"".join(
+        (
+            b"X-Forwarded-For: ",
+            xff,
+            b"\r\nX-Forwarded-Proto: ",
+            proto.encode(),
+            b"\r\nX-Forwarded-Host: ",
+            host,
+            b"\r\nForwarded: ",
+            forwarded,
+            b"\r\n",
+        )
+    )
 
 
 def upstream_request(head: RequestHead, target: bytes, forwarding: bytes) -> bytes:
@@ -267,8 +304,7 @@ def upstream_request(head: RequestHead, target: bytes, forwarding: bytes) -> byt
 
     Host and the framing are written from the parsed head, never copied.
     """
-    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method, target,
-                                                     head.host.encode("latin-1"))]
+    parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method, target, head.host.encode("latin-1"))]
     parts += [b"%s: %s\r\n" % header for header in head.headers]
     if head.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -292,8 +328,9 @@ class ResponseHead:
     upgrade: bytes | None
 
 
-def read_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                  http11: bool) -> ResponseHead:
+def read_response(
+    status: int, reason: bytes, headers: list[tuple[bytes, bytes]], http11: bool
+) -> ResponseHead:
     """Sort a task's response head; raises BadRequest(502) for a coding not relayed.
 
     Content-Length is kept aside (`client_response` writes it again), so a
@@ -327,18 +364,23 @@ def read_response(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     close = b"close" in connection or (not http11 and b"keep-alive" not in connection)
     # Positional, in field order (status, reason, headers, content_length, chunked,
     # upstream_close, upgrade): cheaper than keywords, and this runs per response.
-    return ResponseHead(status, reason, kept, None if chunked else content_length, chunked,
-                        close, upgrade)
+    return ResponseHead(
+        status, reason, kept, None if chunked else content_length, chunked, close, upgrade
+    )
 
 
-def client_response(head: ResponseHead, chunked: bool, keep_alive: bool, http11: bool,
-                    extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+def client_response(
+    head: ResponseHead,
+    chunked: bool,
+    keep_alive: bool,
+    http11: bool,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
     """The response head sent to the client; `chunked` re-frames the body.
 
     (Not keyword-only: the relay calls it positionally, once per response.)
     """
-    parts = [b"%s %d %s\r\n" % (b"HTTP/1.1" if http11 else b"HTTP/1.0", head.status,
-                                  head.reason)]
+    parts = [b"%s %d %s\r\n" % (b"HTTP/1.1" if http11 else b"HTTP/1.0", head.status, head.reason)]
     parts += [b"%s: %s\r\n" % header for header in head.headers]
     if extra:
         parts += [b"%s: %s\r\n" % header for header in extra]
@@ -361,18 +403,28 @@ def client_response(head: ResponseHead, chunked: bool, keep_alive: bool, http11:
 
 #: the standard reason phrase of every status, with RFC 9110's names where Python's are older
 REASONS = {status.value: status.phrase for status in HTTPStatus} | {
-    413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
-    422: "Unprocessable Content"}
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
 
 
-def local_response(status: int, message: str, *, keep_alive: bool, head_only: bool = False,
-                   extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+def local_response(
+    status: int,
+    message: str,
+    *,
+    keep_alive: bool,
+    head_only: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
     """A response the router makes itself: a short plain-text body saying why."""
     reason = REASONS.get(status, "")  # (the router answers only standard statuses)
     body = f"{status} {reason}: {message}\n".encode()
-    parts = [f"HTTP/1.1 {status} {reason}\r\n"
-             f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-             .encode()]
+    parts = [
+        f"HTTP/1.1 {status} {reason}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n".encode()
+    ]
     if extra:
         for name, value in extra:
             parts += (name, b": ", value, b"\r\n")
@@ -397,5 +449,5 @@ def strip_prefix(target: bytes, prefix: str) -> bytes:
     raw = prefix.rstrip("/").encode("latin-1")
     if not raw or not target.startswith(raw):
         return target
-    rest = target[len(raw):]
+    rest = target[len(raw) :]
     return rest if rest[:1] == b"/" else b"/" + rest

@@ -23,11 +23,14 @@ CONTEXT_ROOT = "com.docker.lb.context_root"
 CONTEXT_ROOT_REWRITE = "com.docker.lb.context_root_rewrite"
 STICKY_COOKIE = "com.docker.lb.sticky_session_cookie"
 _SIMPLE_LABELS = (*HOSTS_LABELS, *PORT_LABELS, CONTEXT_ROOT, CONTEXT_ROOT_REWRITE, STICKY_COOKIE)
-_V2_KEYS = frozenset({"external_route", "internal_port", "sticky_sessions", "redirect",
-                      "include_forwarded_for"})
+_V2_KEYS = frozenset(
+    {"external_route", "internal_port", "sticky_sessions", "redirect", "include_forwarded_for"}
+)
 
-_HOST = re.compile(r"(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-                   r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*")
+_HOST = re.compile(
+    r"(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
 _PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*")
 _COOKIE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")  # an RFC 6265 token
 
@@ -107,9 +110,14 @@ def routes_of(service: Service) -> tuple[list[Route], list[Problem]]:
     for route in routes:
         first = unique.setdefault(route.key, route)
         if first is not route and _settings(first) != _settings(route):
-            problems.append(Problem(service.name, route.label,
-                                    f"{describe_key(route.key)} is also routed by {first.label} "
-                                    "with other settings"))
+            problems.append(
+                Problem(
+                    service.name,
+                    route.label,
+                    f"{describe_key(route.key)} is also routed by {first.label} "
+                    "with other settings",
+                )
+            )
     if problems:
         return [], problems
     return list(unique.values()), []
@@ -133,8 +141,9 @@ def _hrm_routes(service: Service, label: str, value: str) -> Iterator[Route]:
             head, url = "", item
         scheme, host, path = _url(url, allow_empty_host=False)
         if scheme != "http":
-            raise LabelError(f"{url!r}: this form routes http:// only (sni:// needs "
-                             "external_route=sni://...)")
+            raise LabelError(
+                f"{url!r}: this form routes http:// only (sni:// needs external_route=sni://...)"
+            )
         if head:
             port = _port(head, "port")
         elif port is None:
@@ -147,8 +156,9 @@ def _v2_route(service: Service, label: str, items: list[str]) -> Route:
     for item in items:
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or key not in _V2_KEYS:
-            raise LabelError(f"{item!r}: expected key=value with a key among "
-                             f"{', '.join(sorted(_V2_KEYS))}")
+            raise LabelError(
+                f"{item!r}: expected key=value with a key among {', '.join(sorted(_V2_KEYS))}"
+            )
         if key in options:
             raise LabelError(f"{key} given twice")
         options[key] = value
@@ -181,8 +191,11 @@ def _v2_route(service: Service, label: str, items: list[str]) -> Route:
 
 def _hosts_routes(service: Service, hosts_label: str, port_label: str) -> Iterator[Route]:
     port_text = service.labels.get(port_label)
-    port = (_port(port_text, port_label) if port_text is not None
-            else _published_port(service, port_label))
+    port = (
+        _port(port_text, port_label)
+        if port_text is not None
+        else _published_port(service, port_label)
+    )
     hosts = [h.strip() for h in service.labels[hosts_label].split(",")]
     for host in hosts:
         yield Route(service.name, _host(host), "/", port, None, None, False, label=hosts_label)
@@ -213,12 +226,23 @@ def _apply_interlock_options(service: Service, routes: list[Route]) -> list[Rout
         path = route.path_prefix
         if root is not None:
             if path != "/":
-                raise LabelError(f"{route.label} has its own path {path!r}: give the path "
-                                 "once", CONTEXT_ROOT)
+                raise LabelError(
+                    f"{route.label} has its own path {path!r}: give the path once", CONTEXT_ROOT
+                )
             path = prefix
-        result.append(Route(route.service, route.host, path, route.target_port,
-                            route.sticky_cookie or cookie, route.redirect, False,
-                            strip_prefix=strip and path != "/", label=route.label))
+        result.append(
+            Route(
+                route.service,
+                route.host,
+                path,
+                route.target_port,
+                route.sticky_cookie or cookie,
+                route.redirect,
+                False,
+                strip_prefix=strip and path != "/",
+                label=route.label,
+            )
+        )
     return result
 
 
@@ -284,8 +308,9 @@ def _published_port(service: Service, missing: str) -> int:
     """The target port when the service publishes exactly one TCP port (as HRM did)."""
     targets = {p.target_port for p in service.ports if p.protocol == "tcp"}
     if len(targets) != 1:
-        raise LabelError(f"{missing} is required: the service publishes "
-                         f"{len(targets) or 'no'} TCP ports")
+        raise LabelError(
+            f"{missing} is required: the service publishes {len(targets) or 'no'} TCP ports"
+        )
     return targets.pop()
 
 

@@ -62,8 +62,14 @@ class PipeEnd(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
 
-def splice(left: asyncio.Transport, right: asyncio.Transport, *, left_pending: bytes = b"",
-           right_pending: bytes = b"", on_close: Callable[[], None] | None = None) -> None:
+def splice(
+    left: asyncio.Transport,
+    right: asyncio.Transport,
+    *,
+    left_pending: bytes = b"",
+    right_pending: bytes = b"",
+    on_close: Callable[[], None] | None = None,
+) -> None:
     """Join two transports; `*_pending` are bytes already read from that side, to pass on."""
     a = PipeEnd(left, on_close)
     b = PipeEnd(right, None)

@@ -132,9 +132,13 @@ class ClientConnection(asyncio.Protocol):
             self._done = True
             router.closed(self.exchange, keep_budget=True)
         # The client's two descriptors are the pipe's now, until it closes.
-        splice(self.transport, conn.transport, left_pending=client_rest,
-               right_pending=upstream_rest,
-               on_close=router.pipe_closed)
+        splice(
+            self.transport,
+            conn.transport,
+            left_pending=client_rest,
+            right_pending=upstream_rest,
+            on_close=router.pipe_closed,
+        )
 
     async def _open(self, endpoint: Endpoint) -> None:
         exchange = self.exchange
@@ -142,8 +146,9 @@ class ClientConnection(asyncio.Protocol):
         pool = router.pool
         timed_out = False
         try:
-            conn = await asyncio.wait_for(pool.open((endpoint.address, endpoint.port)),
-                                          router.settings.connect_timeout)
+            conn = await asyncio.wait_for(
+                pool.open((endpoint.address, endpoint.port)), router.settings.connect_timeout
+            )
         except TimeoutError:
             timed_out = True
         except OSError as error:
@@ -151,8 +156,14 @@ class ClientConnection(asyncio.Protocol):
             if is_fd_shortage(error):
                 exchange.fd_shortage()
                 return
-            event(log, "http_connect_failed", logging.WARNING, task=endpoint.task_id,
-                  address=f"{endpoint.address}:{endpoint.port}", error=error.strerror or error)
+            event(
+                log,
+                "http_connect_failed",
+                logging.WARNING,
+                task=endpoint.task_id,
+                address=f"{endpoint.address}:{endpoint.port}",
+                error=error.strerror or error,
+            )
         else:
             self._connecting = None
             if not exchange.waiting:
@@ -168,6 +179,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self._connecting = None
         if timed_out:
-            event(log, "http_connect_timeout", logging.WARNING, task=endpoint.task_id,
-                  address=f"{endpoint.address}:{endpoint.port}")
+            event(
+                log,
+                "http_connect_timeout",
+                logging.WARNING,
+                task=endpoint.task_id,
+                address=f"{endpoint.address}:{endpoint.port}",
+            )
         exchange.connect_failed(timed_out)

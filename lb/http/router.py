@@ -29,26 +29,38 @@ log = logging.getLogger(__name__)
 
 
 class Router:
-    def __init__(self, table: RouteTable, settings: RouterSettings,
-                 budget: FdBudget | None = None, *, balancer: Balancer | None = None,
-                 stats: RouterStats | None = None) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        settings: RouterSettings,
+        budget: FdBudget | None = None,
+        *,
+        balancer: Balancer | None = None,
+        stats: RouterStats | None = None,
+    ) -> None:
         """`budget`, `balancer` and `stats` are given to share them with another router
         of the process (HTTPS beside HTTP: one round robin, one ejection list)."""
         self.table = table
         self.settings = settings
         self.loop = asyncio.get_running_loop()
-        self.balancer = Balancer(self.loop.time, settings.eject_seconds) if balancer is None \
-            else balancer
+        self.balancer = (
+            Balancer(self.loop.time, settings.eject_seconds) if balancer is None else balancer
+        )
         self.stats = RouterStats() if stats is None else stats
         if budget is None:
             budget = FdBudget(settings.fd_budget(open_file_limit(), open_fds()))
-            event(log, "http_fd_budget", descriptors=budget.limit,
-                  open_file_limit=open_file_limit())
+            event(
+                log, "http_fd_budget", descriptors=budget.limit, open_file_limit=open_file_limit()
+            )
         #: shared by the HTTP and HTTPS routers of one process
         self.budget = budget
-        self.pool = Pool(self.loop, size=settings.pool_size,
-                         idle_timeout=settings.pool_idle_timeout,
-                         upstream_timeout=settings.upstream_timeout, budget=budget)
+        self.pool = Pool(
+            self.loop,
+            size=settings.pool_size,
+            idle_timeout=settings.pool_idle_timeout,
+            upstream_timeout=settings.upstream_timeout,
+            budget=budget,
+        )
         #: what every exchange reads (the table, the balancer, the counters, the time)
         self.shared = Shared(table, settings, self.loop.time, self.balancer, self.stats, budget)
         self.conns: set[Exchange] = set()
@@ -58,8 +70,11 @@ class Router:
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain data, for the metrics export."""
         return self.stats.snapshot(dict(self.balancer.routes)) | {
-            "ejected": self.balancer.ejected(), "ejections": self.balancer.ejections,
-            "fd_budget": self.budget.limit, "fds_held": self.budget.held}
+            "ejected": self.balancer.ejected(),
+            "ejections": self.balancer.ejections,
+            "fd_budget": self.budget.limit,
+            "fds_held": self.budget.held,
+        }
 
     # -- the client connections' accounting (proxy.ClientConnection calls these) --------
 
@@ -107,8 +122,9 @@ class Router:
     async def listen_http(self, host: str, port: int, reuse_port: bool) -> int:
         """Serve plain HTTP on host:port; returns the bound port."""
         sock = listen_socket(host, port, reuse_port)
-        server = await self.loop.create_server(lambda: ClientConnection(self, "http"),
-                                               sock=sock, backlog=4096)
+        server = await self.loop.create_server(
+            lambda: ClientConnection(self, "http"), sock=sock, backlog=4096
+        )
         self._servers.append(server)
         self.start()
         return int(sock.getsockname()[1])

@@ -48,8 +48,20 @@ from mesh.core.model import Change, Health, Record, Service, Task, TaskState
 
 _BOUNDARY = frozenset("/?#")  # what may follow a path prefix inside a longer path
 
-__all__ = ["Endpoint", "LabelError", "Match", "Problem", "Route", "RouteKey", "RouteTable",
-           "is_routing_label", "normalize_host", "routes_of", "serves_traffic"]
+__all__ = [
+    "Endpoint",
+    "LabelError",
+    "Match",
+    "Problem",
+    "Route",
+    "RouteKey",
+    "RouteTable",
+    "is_routing_label",
+    "normalize_host",
+    "routes_of",
+    "serves_traffic",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -116,8 +128,10 @@ class RouteTable:
         self._sni: dict[str, Match] = {}
 
     def __repr__(self) -> str:
-        return (f"<RouteTable routes={len(self._matches)} services={len(self._routes)} "
-                f"generation={self.generation}>")
+        return (
+            f"<RouteTable routes={len(self._matches)} services={len(self._routes)} "
+            f"generation={self.generation}>"
+        )
 
     # -- feeding ----------------------------------------------------------------
 
@@ -189,8 +203,11 @@ class RouteTable:
     def _elect(self, key: RouteKey, claims: _Claims) -> None:
         """Give the route to the oldest claimant; rebuild it if the winner changed."""
         winner = min(claims.by_service, key=self._age, default=None)
-        if winner == claims.winner and winner is not None and claims.by_service[winner] is \
-                self._matches[key].route:
+        if (
+            winner == claims.winner
+            and winner is not None
+            and claims.by_service[winner] is self._matches[key].route
+        ):
             return
         claims.winner = winner
         if winner is None:
@@ -217,10 +234,13 @@ class RouteTable:
             self.generation += 1
 
     def _build(self, route: Route) -> Match:
-        tasks = sorted((t for t in self._tasks.get(route.service, {}).values()
-                        if serves_traffic(t)), key=lambda t: (t.slot, t.id))
-        return Match(route, tuple(Endpoint(t.id, t.address, t.actual_port(route.target_port))
-                                  for t in tasks))
+        tasks = sorted(
+            (t for t in self._tasks.get(route.service, {}).values() if serves_traffic(t)),
+            key=lambda t: (t.slot, t.id),
+        )
+        return Match(
+            route, tuple(Endpoint(t.id, t.address, t.actual_port(route.target_port)) for t in tasks)
+        )
 
     def _publish(self, key: RouteKey) -> None:
         """Refresh the lookup structure `match`/`match_sni` read, for one route's host."""
@@ -283,9 +303,14 @@ class RouteTable:
         for key, claims in self._claims.items():
             for name, route in claims.by_service.items():
                 if name != claims.winner:
-                    found.append(Problem(name, route.label,
-                                         f"{describe_key(key)} is already routed to the older "
-                                         f"service {claims.winner}"))
+                    found.append(
+                        Problem(
+                            name,
+                            route.label,
+                            f"{describe_key(key)} is already routed to the older "
+                            f"service {claims.winner}",
+                        )
+                    )
         return sorted(found)
 
 
@@ -301,8 +326,9 @@ def normalize_host(host: str) -> str:
 
 def _longest_prefix(entry: _Host, path: str) -> Match | None:
     for prefix, length, match in entry.entries:
-        if length == 1 or (path.startswith(prefix)
-                           and (len(path) == length or path[length] in _BOUNDARY)):
+        if length == 1 or (
+            path.startswith(prefix) and (len(path) == length or path[length] in _BOUNDARY)
+        ):
             return match
     return None
 

@@ -59,15 +59,24 @@ class HttpService:
         self.port = await self.router.listen_http(ends.host, ends.port, ends.reuse_port)
         if ends.https_host is not None:
             # one budget, one round robin, one ejection list, one set of counters
-            https = Router(self.table, dataclasses.replace(self.settings, proto="https"),
-                           budget=self.router.budget, balancer=self.router.balancer,
-                           stats=self.router.stats)
+            https = Router(
+                self.table,
+                dataclasses.replace(self.settings, proto="https"),
+                budget=self.router.budget,
+                balancer=self.router.balancer,
+                stats=self.router.stats,
+            )
             self.tls = TlsListener(https, self.certs)
-            self.https_port = await self.tls.listen(ends.https_host, ends.https_port,
-                                                    ends.reuse_port)
-        event(log, "http_listening", address=f"{ends.host}:{self.port}",
-              https=f"{ends.https_host}:{self.https_port}" if ends.https_host else "off",
-              certificates=len(ends.certs))
+            self.https_port = await self.tls.listen(
+                ends.https_host, ends.https_port, ends.reuse_port
+            )
+        event(
+            log,
+            "http_listening",
+            address=f"{ends.host}:{self.port}",
+            https=f"{ends.https_host}:{self.https_port}" if ends.https_host else "off",
+            certificates=len(ends.certs),
+        )
 
     async def stop(self) -> None:
         if self.tls is not None:

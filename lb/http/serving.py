@@ -36,8 +36,9 @@ def reserve(host: str, port: int) -> socket.socket:
 
 
 class HttpMesh:
-    def __init__(self, endpoints: HttpEndpoints, settings: RouterSettings, workers: int,
-                 log_level: str) -> None:
+    def __init__(
+        self, endpoints: HttpEndpoints, settings: RouterSettings, workers: int, log_level: str
+    ) -> None:
         self.endpoints = endpoints
         self.settings = settings
         self.workers = workers
@@ -90,9 +91,14 @@ class HttpMesh:
             https = reserve(ends.https_host, ends.https_port)
             self._reserved.append(https)
             https_port = https.getsockname()[1]
-        shared = HttpEndpoints(host=ends.host, port=http.getsockname()[1],
-                               https_host=ends.https_host, https_port=https_port,
-                               certs=ends.certs, reuse_port=True)
+        shared = HttpEndpoints(
+            host=ends.host,
+            port=http.getsockname()[1],
+            https_host=ends.https_host,
+            https_port=https_port,
+            certs=ends.certs,
+            reuse_port=True,
+        )
         argv = worker_argv(await feed_socket(), shared, self.settings, self.log_level)
         self.pool = WorkerPool("http", argv, self.workers)
         self.pool.start()
@@ -108,8 +114,7 @@ class HttpMesh:
 
 def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum `Router.snapshot()`s of several processes: counters add, routes merge by key."""
-    total: dict[str, Any] = {"workers": len(snapshots), "rejected": {}, "routes": [],
-                             "ejected": []}
+    total: dict[str, Any] = {"workers": len(snapshots), "rejected": {}, "routes": [], "ejected": []}
     routes: dict[tuple[str, str, str], dict[str, Any]] = {}
     for snap in snapshots:
         for key, value in snap.items():
@@ -121,9 +126,16 @@ def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             elif key == "routes":
                 for route in value:
                     name = (route["service"], route["host"], route["path_prefix"])
-                    into = routes.setdefault(name, {**route, "requests": {},
-                                                    "latency_sum": 0.0, "latency_count": 0,
-                                                    "retries": 0})
+                    into = routes.setdefault(
+                        name,
+                        {
+                            **route,
+                            "requests": {},
+                            "latency_sum": 0.0,
+                            "latency_count": 0,
+                            "retries": 0,
+                        },
+                    )
                     for status, count in route["requests"].items():
                         into["requests"][status] = into["requests"].get(status, 0) + count
                     for field in ("latency_sum", "latency_count", "retries"):

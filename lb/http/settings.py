@@ -69,8 +69,13 @@ class RouterSettings:
 
     def tick(self) -> float:
         """How often deadlines are swept: fine enough for the shortest timeout."""
-        shortest = min(self.header_timeout, self.connect_timeout, self.upstream_timeout,
-                       self.body_timeout, self.pool_idle_timeout,
-                       self.body_deadline or self.body_timeout,
-                       self.body_grace if self.body_min_rate else self.body_timeout)
+        shortest = min(
+            self.header_timeout,
+            self.connect_timeout,
+            self.upstream_timeout,
+            self.body_timeout,
+            self.pool_idle_timeout,
+            self.body_deadline or self.body_timeout,
+            self.body_grace if self.body_min_rate else self.body_timeout,
+        )
         return max(0.02, min(1.0, shortest / 4))

@@ -37,12 +37,12 @@ def _handshake_bytes(data: bytes) -> bytes:
             raise NeedMore
         if data[offset] != _HANDSHAKE or data[offset + 1] != 0x03:
             raise NotClientHello("not a TLS handshake record")
-        length = int.from_bytes(data[offset + 3:offset + 5], "big")
+        length = int.from_bytes(data[offset + 3 : offset + 5], "big")
         if length == 0 or length > 1 << 14:
             raise NotClientHello("bad TLS record length")
         if len(data) - offset - 5 < length:
             raise NeedMore
-        payload += data[offset + 5:offset + 5 + length]
+        payload += data[offset + 5 : offset + 5 + length]
         offset += 5 + length
         if len(payload) >= 4:
             if payload[0] != _CLIENT_HELLO:
@@ -63,7 +63,7 @@ class _Reader:
         end = self.pos + count
         if end > len(self.data):
             raise NotClientHello("ClientHello truncated")
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 

@@ -75,8 +75,16 @@ class RouterStats:
             "upgrades": self.upgrades,
             "tls_handshakes": self.tls_handshakes,
             "passthrough": self.passthrough,
-            "routes": [{"service": r.service, "host": r.host, "path_prefix": r.path_prefix,
-                        "requests": s.requests, "latency_sum": s.latency_sum,
-                        "latency_count": s.latency_count, "retries": s.retries}
-                       for r, s in routes.items()],
+            "routes": [
+                {
+                    "service": r.service,
+                    "host": r.host,
+                    "path_prefix": r.path_prefix,
+                    "requests": s.requests,
+                    "latency_sum": s.latency_sum,
+                    "latency_count": s.latency_count,
+                    "retries": s.retries,
+                }
+                for r, s in routes.items()
+            ],
         }

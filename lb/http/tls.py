@@ -89,8 +89,7 @@ class CertStore:
             found = self._by_host.get("*." + name.split(".", 1)[1])
         return found
 
-    def _choose(self, sock: ssl.SSLObject, name: str | None,
-                _context: ssl.SSLContext) -> None:
+    def _choose(self, sock: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
         if name:
             chosen = self.lookup(name.lower().rstrip("."))
             if chosen is not None:
@@ -208,8 +207,11 @@ class TlsListener:
         assert self.certs is not None
         router = self.router
         await self._loop.connect_accepted_socket(
-            lambda: ClientConnection(router, "https"), client, ssl=self.certs.default,
-            ssl_handshake_timeout=router.settings.header_timeout)
+            lambda: ClientConnection(router, "https"),
+            client,
+            ssl=self.certs.default,
+            ssl_handshake_timeout=router.settings.header_timeout,
+        )
         router.stats.tls_handshakes += 1
 
     async def _pass(self, client: socket.socket, match: Match) -> None:
@@ -221,21 +223,32 @@ class TlsListener:
             try:
                 upstream, upstream_hold = await asyncio.wait_for(
                     self._loop.create_connection(_Hold, endpoint.address, endpoint.port),
-                    router.settings.connect_timeout)
+                    router.settings.connect_timeout,
+                )
             except OSError as error:
                 if is_fd_shortage(error):  # the router's trouble, not the task's
                     router.stats.fd_shortage += 1
                     break
                 router.stats.connect_failures += 1
                 balancer.connect_failed(endpoint.task_id)
-                event(log, "https_passthrough_connect_failed", logging.WARNING,
-                      task=endpoint.task_id, error=str(error))
+                event(
+                    log,
+                    "https_passthrough_connect_failed",
+                    logging.WARNING,
+                    task=endpoint.task_id,
+                    error=str(error),
+                )
                 continue
             except TimeoutError as error:
                 router.stats.connect_failures += 1
                 balancer.connect_failed(endpoint.task_id)
-                event(log, "https_passthrough_connect_failed", logging.WARNING,
-                      task=endpoint.task_id, error=str(error) or "timeout")
+                event(
+                    log,
+                    "https_passthrough_connect_failed",
+                    logging.WARNING,
+                    task=endpoint.task_id,
+                    error=str(error) or "timeout",
+                )
                 continue
             transport, hold = await self._loop.connect_accepted_socket(_Hold, client)
             router.stats.passthrough += 1
@@ -245,9 +258,13 @@ class TlsListener:
                 transport.abort()
                 upstream.abort()
                 return
-            splice(transport, upstream, left_pending=bytes(hold.data),
-                   right_pending=bytes(upstream_hold.data),
-                   on_close=functools.partial(budget.give, PER_CLIENT))
+            splice(
+                transport,
+                upstream,
+                left_pending=bytes(hold.data),
+                right_pending=bytes(upstream_hold.data),
+                on_close=functools.partial(budget.give, PER_CLIENT),
+            )
             return
         client.close()
 

@@ -127,7 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             self.owner = None
             self.reusable = False
-            owner.on_upstream_upgrade(data[upgrade.args[0]:])
+            owner.on_upstream_upgrade(data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError as error:
             if isinstance(error.__context__, _HeadDone):
                 self._parser = httptools.HttpResponseParser(self)
@@ -174,13 +174,15 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        head = read_response(status, self._reason, self._headers,
-                             parser.get_http_version() == "1.1")
+        head = read_response(
+            status, self._reason, self._headers, parser.get_http_version() == "1.1"
+        )
         if status >= 200:
             self._head_seen = True
             no_body = self.head_request or status in (204, 304)
-            self.close_delimited = (not no_body and head.content_length is None
-                                    and not head.chunked and status != 101)
+            self.close_delimited = (
+                not no_body and head.content_length is None and not head.chunked and status != 101
+            )
             self.in_body = not no_body
             if head.upstream_close or self.close_delimited:
                 self.reusable = False
@@ -222,8 +224,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.on_message_complete()  # the close is the end of this body
         else:
             self.owner = None
-            owner.on_upstream_failed("connection closed by the task" if exc is None
-                                     else f"connection lost: {exc}")
+            owner.on_upstream_failed(
+                "connection closed by the task" if exc is None else f"connection lost: {exc}"
+            )
 
     def pause_writing(self) -> None:
         if self.owner is not None:
@@ -246,8 +249,15 @@ class UpstreamConnection(asyncio.Protocol):
 class Pool:
     """Idle kept-alive connections per task, and the making of new ones."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, size: int, idle_timeout: float,
-                 upstream_timeout: float, budget: FdBudget | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        size: int,
+        idle_timeout: float,
+        upstream_timeout: float,
+        budget: FdBudget | None = None,
+    ) -> None:
         self._loop = loop
         #: an idle connection holds a descriptor of its own (one in use is its client's)
         self.budget = budget if budget is not None else FdBudget(1 << 30)
@@ -268,8 +278,9 @@ class Pool:
         return None
 
     async def open(self, key: Key) -> UpstreamConnection:
-        _, conn = await self._loop.create_connection(lambda: UpstreamConnection(self, key),
-                                                     key[0], key[1])
+        _, conn = await self._loop.create_connection(
+            lambda: UpstreamConnection(self, key), key[0], key[1]
+        )
         self.live.add(conn)
         return conn
 
@@ -277,8 +288,13 @@ class Pool:
         idle = self.idle.get(conn.key)
         if idle is None:  # (not setdefault: that would make an empty list on every call)
             idle = self.idle[conn.key] = []
-        if (not conn.reusable or len(idle) >= self.size or conn.transport is None
-                or conn.transport.is_closing() or not self.budget.take(1)):
+        if (
+            not conn.reusable
+            or len(idle) >= self.size
+            or conn.transport is None
+            or conn.transport.is_closing()
+            or not self.budget.take(1)
+        ):
             conn.close()
             return
         conn.owner = None

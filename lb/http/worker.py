@@ -33,12 +33,25 @@ log = logging.getLogger("lb.http.worker")
 REPORT_INTERVAL = 1.0
 
 
-def worker_argv(feed: str, endpoints: HttpEndpoints, settings: RouterSettings,
-                log_level: str) -> list[str]:
+def worker_argv(
+    feed: str, endpoints: HttpEndpoints, settings: RouterSettings, log_level: str
+) -> list[str]:
     """The command line of one worker (the inverse of `parse_args`)."""
-    argv = [sys.executable, "-m", "lb.http.worker", "--feed", feed,
-            "--host", endpoints.host, "--port", str(endpoints.port),
-            "--settings", json.dumps(dataclasses.asdict(settings)), "--log-level", log_level]
+    argv = [
+        sys.executable,
+        "-m",
+        "lb.http.worker",
+        "--feed",
+        feed,
+        "--host",
+        endpoints.host,
+        "--port",
+        str(endpoints.port),
+        "--settings",
+        json.dumps(dataclasses.asdict(settings)),
+        "--log-level",
+        log_level,
+    ]
     if endpoints.https_host is not None:
         argv += ["--https-host", endpoints.https_host, "--https-port", str(endpoints.https_port)]
     for spec in endpoints.certs:
@@ -49,10 +62,14 @@ def worker_argv(feed: str, endpoints: HttpEndpoints, settings: RouterSettings,
 async def run(args: argparse.Namespace) -> int:
     feed = FeedClient(args.feed)
     records = await feed.open()
-    endpoints = HttpEndpoints(host=args.host, port=args.port, https_host=args.https_host,
-                              https_port=args.https_port,
-                              certs=tuple(CertSpec.parse(c) for c in args.tls_cert),
-                              reuse_port=True)
+    endpoints = HttpEndpoints(
+        host=args.host,
+        port=args.port,
+        https_host=args.https_host,
+        https_port=args.https_port,
+        certs=tuple(CertSpec.parse(c) for c in args.tls_cert),
+        reuse_port=True,
+    )
     service = HttpService(endpoints, RouterSettings(**json.loads(args.settings)))
     service.load(records)
     await service.start()

@@ -83,9 +83,16 @@ class IpvsBackend:
 
     name = "ipvs"
 
-    def __init__(self, *, device: str = DEFAULT_DEVICE, nft_table: str = DEFAULT_NFT_TABLE,
-                 mark_base: int = DEFAULT_MARK_BASE, masquerade: bool = True,
-                 timeouts: Timeouts = DEFAULT_TIMEOUTS, set_sysctls: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        device: str = DEFAULT_DEVICE,
+        nft_table: str = DEFAULT_NFT_TABLE,
+        mark_base: int = DEFAULT_MARK_BASE,
+        masquerade: bool = True,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        set_sysctls: bool = True,
+    ) -> None:
         check_mark_base(mark_base)
         self.timeouts = timeouts
         self.set_sysctls = set_sysctls
@@ -127,7 +134,8 @@ class IpvsBackend:
         found = await self._read_kernel()
         await self._firewall.install(
             ((key.protocol, key.port) for key in found if key.published),
-            (key.address for key in found if not key.published))
+            (key.address for key in found if not key.published),
+        )
         used = {key.address for key in found if not key.published}
         for address in await self._device.addresses() - used:
             await self._device.remove(address)  # left by a crash between VIP and service
@@ -156,7 +164,8 @@ class IpvsBackend:
                 if self._started:
                     for key in await self._read_kernel():
                         await _kernel_missing_ok(
-                            self._ipvs.service(Command.DELETE, self._service_id(key)))
+                            self._ipvs.service(Command.DELETE, self._service_id(key))
+                        )
                     await self._device.delete()  # and with it every VIP
                     await self._firewall.delete()
             finally:
@@ -196,8 +205,10 @@ class IpvsBackend:
 
     async def _put_service(self, key: VirtualKey, options: ServiceOptions) -> None:
         if options.proxy_protocol:
-            raise BackendError(f"ipvs cannot send PROXY protocol headers ({key}); "
-                               "use the userspace backend for that service")
+            raise BackendError(
+                f"ipvs cannot send PROXY protocol headers ({key}); "
+                "use the userspace backend for that service"
+            )
         service = self._service_id(key)
         scheduler = str(options.scheduler)
         current = self._options.get(key)
@@ -262,8 +273,11 @@ class IpvsBackend:
         reals = self._reals.get(key)
         if reals is None or real not in reals:
             return
-        await _kernel_missing_ok(self._ipvs.dest(Command.DELETE, self._service_id(key),
-                                                 DestEntry(real.address, real.port, 0)))
+        await _kernel_missing_ok(
+            self._ipvs.dest(
+                Command.DELETE, self._service_id(key), DestEntry(real.address, real.port, 0)
+            )
+        )
         del reals[real]
 
     # -- kernel -----------------------------------------------------------------
@@ -292,10 +306,10 @@ class IpvsBackend:
             if key is None:
                 continue
             dests = await _kernel(self._ipvs.dests(entry.id))
-            table[key] = VirtualService(key, _options(entry.scheduler),
-                                        {Real(d.address, d.port): d.weight for d in dests})
+            table[key] = VirtualService(
+                key, _options(entry.scheduler), {Real(d.address, d.port): d.weight for d in dests}
+            )
         return table
-
 
 
 def check_key(key: VirtualKey) -> None:

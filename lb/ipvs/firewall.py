@@ -65,8 +65,13 @@ class Firewall:
     async def _nft(self, script: str, *, missing_ok: bool = False) -> None:
         try:
             proc = await asyncio.create_subprocess_exec(
-                "nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                "nft",
+                "-f",
+                "-",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
         except FileNotFoundError as error:
             raise BackendError("the ipvs backend needs the nft command (nftables)") from error
         _, err = await proc.communicate(script.encode())
@@ -76,8 +81,7 @@ class Firewall:
                 return
             raise BackendError(f"nft ({self.table}): {text.splitlines()[0] if text else '?'}")
 
-    async def install(self, published: Iterable[tuple[Protocol, int]],
-                      vips: Iterable[str]) -> None:
+    async def install(self, published: Iterable[tuple[Protocol, int]], vips: Iterable[str]) -> None:
         """Create (or re-create in place) the table, its chains and its rules, in one
         transaction, with exactly these published ports and VIPs in its map and set."""
         t = f"ip {self.table}"
@@ -97,13 +101,17 @@ class Firewall:
             f"flush set {t} vips",
         ]
         # Loopback destinations are left out: IPVS cannot NAT 127/8 to another host.
-        mark = ("fib daddr type local ip daddr != 127.0.0.0/8 "
-                "meta mark set meta l4proto . th dport map @published")
+        mark = (
+            "fib daddr type local ip daddr != 127.0.0.0/8 "
+            "meta mark set meta l4proto . th dport map @published"
+        )
         lines += [f"add rule {t} prerouting {mark}", f"add rule {t} output {mark}"]
         if self.masquerade:
-            lines += [f"add rule {t} postrouting meta mark and {0xFFFF_FFFF ^ (_MARK_SPAN - 1):#x}"
-                      f" == {self.mark_base:#x} masquerade",
-                      f"add rule {t} postrouting ct original ip daddr @vips masquerade"]
+            lines += [
+                f"add rule {t} postrouting meta mark and {0xFFFF_FFFF ^ (_MARK_SPAN - 1):#x}"
+                f" == {self.mark_base:#x} masquerade",
+                f"add rule {t} postrouting ct original ip daddr @vips masquerade",
+            ]
         elements = [self._published_element(p, port) for p, port in sorted(set(published))]
         if elements:
             lines.append(f"add element {t} published {{ {', '.join(elements)} }}")
@@ -116,19 +124,21 @@ class Firewall:
         return f"{protocol} . {port} : {published_mark(self.mark_base, protocol, port):#x}"
 
     async def add_published(self, protocol: Protocol, port: int) -> None:
-        await self._nft(f"add element ip {self.table} published "
-                        f"{{ {self._published_element(protocol, port)} }}\n")
+        await self._nft(
+            f"add element ip {self.table} published "
+            f"{{ {self._published_element(protocol, port)} }}\n"
+        )
 
     async def remove_published(self, protocol: Protocol, port: int) -> None:
-        await self._nft(f"delete element ip {self.table} published {{ {protocol} . {port} }}\n",
-                        missing_ok=True)
+        await self._nft(
+            f"delete element ip {self.table} published {{ {protocol} . {port} }}\n", missing_ok=True
+        )
 
     async def add_vip(self, address: str) -> None:
         await self._nft(f"add element ip {self.table} vips {{ {address} }}\n")
 
     async def remove_vip(self, address: str) -> None:
-        await self._nft(f"delete element ip {self.table} vips {{ {address} }}\n",
-                        missing_ok=True)
+        await self._nft(f"delete element ip {self.table} vips {{ {address} }}\n", missing_ok=True)
 
     async def delete(self) -> None:
         await self._nft(f"delete table ip {self.table}\n", missing_ok=True)

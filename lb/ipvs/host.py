@@ -56,8 +56,9 @@ class VipDevice:
             try:
                 await self._ipr.link("add", ifname=self.name, kind="dummy")
             except NetlinkError as error:
-                raise BackendError(f"cannot create the VIP device {self.name} (dummy): "
-                                   f"{os.strerror(error.code)}") from error
+                raise BackendError(
+                    f"cannot create the VIP device {self.name} (dummy): {os.strerror(error.code)}"
+                ) from error
             found = await self._ipr.link_lookup(ifname=self.name)
         self._index = found[0] if found else None
 
@@ -94,8 +95,9 @@ class VipDevice:
             await self._ipr.addr("add", index=self._index, address=address, prefixlen=32)
         except NetlinkError as error:
             if error.code != errno.EEXIST:
-                raise BackendError(f"cannot add VIP {address} to {self.name}: "
-                                   f"{os.strerror(error.code)}") from error
+                raise BackendError(
+                    f"cannot add VIP {address} to {self.name}: {os.strerror(error.code)}"
+                ) from error
 
     async def remove(self, address: str) -> None:
         await self._run(self._remove(address))
@@ -105,8 +107,9 @@ class VipDevice:
             await self._ipr.addr("del", index=self._index, address=address, prefixlen=32)
         except NetlinkError as error:
             if error.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
-                raise BackendError(f"cannot remove VIP {address} from {self.name}: "
-                                   f"{os.strerror(error.code)}") from error
+                raise BackendError(
+                    f"cannot remove VIP {address} from {self.name}: {os.strerror(error.code)}"
+                ) from error
 
     async def delete(self) -> None:
         """Remove the device (and with it every VIP on it)."""
@@ -120,8 +123,9 @@ class VipDevice:
             await self._ipr.link("del", index=self._index)
         except NetlinkError as error:
             if error.code != errno.ENODEV:
-                raise BackendError(f"cannot remove {self.name}: "
-                                   f"{os.strerror(error.code)}") from error
+                raise BackendError(
+                    f"cannot remove {self.name}: {os.strerror(error.code)}"
+                ) from error
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int]:
@@ -162,8 +166,9 @@ def write_sysctls(values: dict[str, str], root: Path = PROC_SYS) -> None:
         try:
             (root / key).write_text(value + "\n")
         except OSError as error:
-            raise BackendError(f"cannot set sysctl {key.replace('/', '.')}={value}: "
-                               f"{error.strerror}") from error
+            raise BackendError(
+                f"cannot set sysctl {key.replace('/', '.')}={value}: {error.strerror}"
+            ) from error
 
 
 def read_sysctl(key: str, root: Path = PROC_SYS) -> str:

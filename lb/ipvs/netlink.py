@@ -45,8 +45,7 @@ class Command(enum.Enum):
 
 
 _SERVICE_COMMANDS = {
-    Command.ADD: (genl.IPVS_CMD_NEW_SERVICE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE
-                  | NLM_F_EXCL),
+    Command.ADD: (genl.IPVS_CMD_NEW_SERVICE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL),
     Command.SET: (genl.IPVS_CMD_SET_SERVICE, NLM_F_REQUEST | NLM_F_ACK),
     Command.DELETE: (genl.IPVS_CMD_DEL_SERVICE, NLM_F_REQUEST | NLM_F_ACK),
 }
@@ -129,14 +128,15 @@ class _ConfigMessage(genlmsg):  # type: ignore[misc]
 def _service_key_attrs(service: ServiceId) -> list[tuple[str, Any]]:
     if service.fwmark:
         return [("IPVS_SVC_ATTR_AF", socket.AF_INET), ("IPVS_SVC_ATTR_FWMARK", service.fwmark)]
-    return [("IPVS_SVC_ATTR_AF", socket.AF_INET),
-            ("IPVS_SVC_ATTR_PROTOCOL", service.protocol),
-            ("IPVS_SVC_ATTR_ADDR", service.address),
-            ("IPVS_SVC_ATTR_PORT", service.port)]
+    return [
+        ("IPVS_SVC_ATTR_AF", socket.AF_INET),
+        ("IPVS_SVC_ATTR_PROTOCOL", service.protocol),
+        ("IPVS_SVC_ATTR_ADDR", service.address),
+        ("IPVS_SVC_ATTR_PORT", service.port),
+    ]
 
 
-def _message(cmd: int, attrs: list[tuple[str, Any]],
-             cls: type[genlmsg] = genl.ipvsmsg) -> Any:
+def _message(cmd: int, attrs: list[tuple[str, Any]], cls: type[genlmsg] = genl.ipvsmsg) -> Any:
     msg = cls()
     msg["cmd"] = cmd
     msg["version"] = genl.GENL_VERSION
@@ -144,42 +144,56 @@ def _message(cmd: int, attrs: list[tuple[str, Any]],
     return msg
 
 
-def service_message(command: Command, service: ServiceId,
-                    scheduler: str = "rr") -> tuple[Any, int]:
+def service_message(command: Command, service: ServiceId, scheduler: str = "rr") -> tuple[Any, int]:
     """The request that adds, changes or deletes one service, and its netlink flags."""
     cmd, flags = _SERVICE_COMMANDS[command]
     attrs = _service_key_attrs(service)
     if command is not Command.DELETE:
         # NEW and SET want the full entry; the kernel refuses one without these.
-        attrs += [("IPVS_SVC_ATTR_SCHED_NAME", scheduler),
-                  ("IPVS_SVC_ATTR_FLAGS", _FLAGS_ALL),
-                  ("IPVS_SVC_ATTR_TIMEOUT", 0),
-                  ("IPVS_SVC_ATTR_NETMASK", _HOST_MASK)]
+        attrs += [
+            ("IPVS_SVC_ATTR_SCHED_NAME", scheduler),
+            ("IPVS_SVC_ATTR_FLAGS", _FLAGS_ALL),
+            ("IPVS_SVC_ATTR_TIMEOUT", 0),
+            ("IPVS_SVC_ATTR_NETMASK", _HOST_MASK),
+        ]
     return _message(cmd, [("IPVS_CMD_ATTR_SERVICE", {"attrs": attrs})]), flags
 
 
 def dest_message(command: Command, service: ServiceId, dest: DestEntry) -> tuple[Any, int]:
     """The request that adds, changes or deletes one real server of `service`."""
     cmd, flags = _DEST_COMMANDS[command]
-    attrs: list[tuple[str, Any]] = [("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET),
-                                    ("IPVS_DEST_ATTR_ADDR", dest.address),
-                                    ("IPVS_DEST_ATTR_PORT", dest.port)]
+    attrs: list[tuple[str, Any]] = [
+        ("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET),
+        ("IPVS_DEST_ATTR_ADDR", dest.address),
+        ("IPVS_DEST_ATTR_PORT", dest.port),
+    ]
     if command is not Command.DELETE:
-        attrs += [("IPVS_DEST_ATTR_FWD_METHOD", dest.forward),
-                  ("IPVS_DEST_ATTR_WEIGHT", dest.weight),
-                  ("IPVS_DEST_ATTR_U_THRESH", 0),
-                  ("IPVS_DEST_ATTR_L_THRESH", 0)]
-    return _message(cmd, [("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_key_attrs(service)}),
-                          ("IPVS_CMD_ATTR_DEST", {"attrs": attrs})]), flags
+        attrs += [
+            ("IPVS_DEST_ATTR_FWD_METHOD", dest.forward),
+            ("IPVS_DEST_ATTR_WEIGHT", dest.weight),
+            ("IPVS_DEST_ATTR_U_THRESH", 0),
+            ("IPVS_DEST_ATTR_L_THRESH", 0),
+        ]
+    return _message(
+        cmd,
+        [
+            ("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_key_attrs(service)}),
+            ("IPVS_CMD_ATTR_DEST", {"attrs": attrs}),
+        ],
+    ), flags
 
 
 def config_message(timeouts: Timeouts) -> tuple[Any, int]:
     """IPVS_CMD_SET_CONFIG: the tcp, tcpfin and udp timeouts (ipvsadm --set)."""
-    return _message(genl.IPVS_CMD_SET_CONFIG,
-                    [("IPVS_CMD_ATTR_TIMEOUT_TCP", timeouts.tcp),
-                     ("IPVS_CMD_ATTR_TIMEOUT_TCP_FIN", timeouts.tcp_fin),
-                     ("IPVS_CMD_ATTR_TIMEOUT_UDP", timeouts.udp)],
-                    _ConfigMessage), NLM_F_REQUEST | NLM_F_ACK
+    return _message(
+        genl.IPVS_CMD_SET_CONFIG,
+        [
+            ("IPVS_CMD_ATTR_TIMEOUT_TCP", timeouts.tcp),
+            ("IPVS_CMD_ATTR_TIMEOUT_TCP_FIN", timeouts.tcp_fin),
+            ("IPVS_CMD_ATTR_TIMEOUT_UDP", timeouts.udp),
+        ],
+        _ConfigMessage,
+    ), NLM_F_REQUEST | NLM_F_ACK
 
 
 def _u32_from_hex(value: str) -> int:
@@ -197,17 +211,22 @@ def parse_service(msg: Any) -> ServiceEntry:
     if fwmark:
         service = ServiceId.of_fwmark(fwmark)
     else:
-        service = ServiceId.of_address(_attr(nla, "IPVS_SVC_ATTR_PROTOCOL", 0),
-                                       str(_attr(nla, "IPVS_SVC_ATTR_ADDR", "")),
-                                       _attr(nla, "IPVS_SVC_ATTR_PORT", 0))
+        service = ServiceId.of_address(
+            _attr(nla, "IPVS_SVC_ATTR_PROTOCOL", 0),
+            str(_attr(nla, "IPVS_SVC_ATTR_ADDR", "")),
+            _attr(nla, "IPVS_SVC_ATTR_PORT", 0),
+        )
     return ServiceEntry(service, str(_attr(nla, "IPVS_SVC_ATTR_SCHED_NAME", "")))
 
 
 def parse_dest(msg: Any) -> DestEntry:
     nla = msg.get_attr("IPVS_CMD_ATTR_DEST")
-    return DestEntry(str(_attr(nla, "IPVS_DEST_ATTR_ADDR")), _attr(nla, "IPVS_DEST_ATTR_PORT"),
-                     _attr(nla, "IPVS_DEST_ATTR_WEIGHT"),
-                     _attr(nla, "IPVS_DEST_ATTR_FWD_METHOD", FORWARD_MASQUERADE) & 0x7)
+    return DestEntry(
+        str(_attr(nla, "IPVS_DEST_ATTR_ADDR")),
+        _attr(nla, "IPVS_DEST_ATTR_PORT"),
+        _attr(nla, "IPVS_DEST_ATTR_WEIGHT"),
+        _attr(nla, "IPVS_DEST_ATTR_FWD_METHOD", FORWARD_MASQUERADE) & 0x7,
+    )
 
 
 class IpvsNetlink:
@@ -232,8 +251,7 @@ class IpvsNetlink:
             await sock.setup_endpoint()  # resolves the "IPVS" genl family
         except NetlinkError as error:
             sock.close()
-            raise IpvsError("IPVS generic netlink family (is ip_vs loaded?)",
-                            error.code) from error
+            raise IpvsError("IPVS generic netlink family (is ip_vs loaded?)", error.code) from error
         self._sock = sock
 
     def close(self) -> None:
@@ -256,8 +274,7 @@ class IpvsNetlink:
     async def _request_here(self, what: str, request: tuple[Any, int]) -> list[Any]:
         msg, flags = request
         try:
-            response = await self._sock.nlm_request(msg, msg_type=self._sock.prid,
-                                                    msg_flags=flags)
+            response = await self._sock.nlm_request(msg, msg_type=self._sock.prid, msg_flags=flags)
             return [m async for m in response]
         except NetlinkError as error:
             raise IpvsError(what, error.code) from error
@@ -269,23 +286,26 @@ class IpvsNetlink:
         found = await self._request("dump services", (msg, NLM_F_REQUEST | NLM_F_DUMP))
         return [parse_service(m) for m in found]
 
-    async def service(self, command: Command, service: ServiceId,
-                      scheduler: str = "rr") -> None:
-        await self._request(f"{command.value} service {service}",
-                            service_message(command, service, scheduler))
+    async def service(self, command: Command, service: ServiceId, scheduler: str = "rr") -> None:
+        await self._request(
+            f"{command.value} service {service}", service_message(command, service, scheduler)
+        )
 
     # -- real servers -----------------------------------------------------------
 
     async def dests(self, service: ServiceId) -> list[DestEntry]:
-        msg = _message(genl.IPVS_CMD_GET_DEST,
-                       [("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_key_attrs(service)})])
-        found = await self._request(f"dump reals of {service}",
-                                    (msg, NLM_F_REQUEST | NLM_F_DUMP))
+        msg = _message(
+            genl.IPVS_CMD_GET_DEST,
+            [("IPVS_CMD_ATTR_SERVICE", {"attrs": _service_key_attrs(service)})],
+        )
+        found = await self._request(f"dump reals of {service}", (msg, NLM_F_REQUEST | NLM_F_DUMP))
         return [parse_dest(m) for m in found]
 
     async def dest(self, command: Command, service: ServiceId, dest: DestEntry) -> None:
-        await self._request(f"{command.value} real {dest.address}:{dest.port} of {service}",
-                            dest_message(command, service, dest))
+        await self._request(
+            f"{command.value} real {dest.address}:{dest.port} of {service}",
+            dest_message(command, service, dest),
+        )
 
     # -- timeouts ---------------------------------------------------------------
 
@@ -295,5 +315,9 @@ class IpvsNetlink:
     async def timeouts(self) -> Timeouts:
         msg = _message(genl.IPVS_CMD_GET_CONFIG, [])
         [reply] = await self._request("get timeouts", (msg, NLM_F_REQUEST | NLM_F_ACK))
-        return Timeouts(*(_u32_from_hex(reply.get_attr(f"IPVS_CMD_ATTR_TIMEOUT_{name}"))
-                          for name in ("TCP", "TCP_FIN", "UDP")))
+        return Timeouts(
+            *(
+                _u32_from_hex(reply.get_attr(f"IPVS_CMD_ATTR_TIMEOUT_{name}"))
+                for name in ("TCP", "TCP_FIN", "UDP")
+            )
+        )

@@ -36,9 +36,15 @@ ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
 class NftablesBackend:
     name = "nftables"
 
-    def __init__(self, *, table: str = "meshplane", netns: str | None = None,
-                 nft: str = "nft", masquerade_mark: int = DEFAULT_MASQUERADE_MARK,
-                 localhost: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        table: str = "meshplane",
+        netns: str | None = None,
+        nft: str = "nft",
+        masquerade_mark: int = DEFAULT_MASQUERADE_MARK,
+        localhost: bool = True,
+    ) -> None:
         """`netns`: run every nft command and the conntrack socket in that named
         namespace (`ip netns exec`); None is this process's own namespace.
         `localhost`: published ports answer at 127.0.0.1 on the node too, with
@@ -67,8 +73,9 @@ class NftablesBackend:
         async with self._lock:
             await self._sysctl(IP_FORWARD, "1")
             if self._localhost:
-                self._localnet_was = (localnet_was(self.table, await self._list())
-                                      or await self._sysctl(ROUTE_LOCALNET))
+                self._localnet_was = localnet_was(
+                    self.table, await self._list()
+                ) or await self._sysctl(ROUTE_LOCALNET)
             await self._load()
             if self._localhost:
                 await self._sysctl(ROUTE_LOCALNET, "1")
@@ -136,7 +143,8 @@ class NftablesBackend:
             raise BackendError("; ".join(errors))
 
     async def _apply_one_by_one(
-            self, ops: Sequence[Op]) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+        self, ops: Sequence[Op]
+    ) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
         errors: list[str] = []
         flushes: list[tuple[VirtualKey, Real]] = []
         for op in ops:
@@ -164,32 +172,42 @@ class NftablesBackend:
             await self._run(found.endpoint_fixes())
         if found.repair:
             self._layout.begin()
-            await self._run([c for key in sorted(found.repair)
-                             for c in self._layout.repair(key)])
+            await self._run([c for key in sorted(found.repair) for c in self._layout.repair(key)])
 
     async def _remove_broken(self, found: Listing) -> None:
         """Remove, one by one and best effort, what is left of half-present services."""
         t = self.table
         for key in found.broken:
-            element = (f"delete element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} }}"
-                       if key.published else
-                       f"delete element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} "
-                       f". {key.port} }}")
-            for command in (element, f"delete chain ip {t} {chain_name(key)}",
-                            f"delete map ip {t} {slots_map(key)}",
-                            f"delete map ip {t} {weights_map(key)}"):
+            element = (
+                f"delete element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} }}"
+                if key.published
+                else f"delete element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} "
+                f". {key.port} }}"
+            )
+            for command in (
+                element,
+                f"delete chain ip {t} {chain_name(key)}",
+                f"delete map ip {t} {slots_map(key)}",
+                f"delete map ip {t} {weights_map(key)}",
+            ):
                 try:
                     await self._run([command])
                 except BackendError as exc:
                     log.debug("cleanup of %s: %s", key, exc)
 
     def _note_scheduler(self, op: Op) -> None:
-        if isinstance(op, PutService) and op.options.scheduler == Scheduler.LEAST_CONNECTIONS \
-                and not self._warned_lc:
+        if (
+            isinstance(op, PutService)
+            and op.options.scheduler == Scheduler.LEAST_CONNECTIONS
+            and not self._warned_lc
+        ):
             self._warned_lc = True
-            log.warning("nftables cannot balance by least connections (it keeps no per-real "
-                        "connection count a rule can read): %s and any other lc service "
-                        "run round-robin", op.key)
+            log.warning(
+                "nftables cannot balance by least connections (it keeps no per-real "
+                "connection count a rule can read): %s and any other lc service "
+                "run round-robin",
+                op.key,
+            )
 
     async def _sysctl(self, name: str, value: str | None = None) -> str:
         """Read a sysctl of the backend's namespace, and set it when `value` is given."""
@@ -230,13 +248,18 @@ class NftablesBackend:
     async def _exec(self, argv: list[str], stdin: str | None = None) -> str:
         try:
             process = await asyncio.create_subprocess_exec(
-                *self._prefix, *argv, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                *self._prefix,
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
         except OSError as exc:
             raise BackendError(f"{argv[0]}: cannot run: {exc}") from exc
         try:
             out, err = await asyncio.wait_for(
-                process.communicate(None if stdin is None else stdin.encode()), NFT_TIMEOUT)
+                process.communicate(None if stdin is None else stdin.encode()), NFT_TIMEOUT
+            )
         except TimeoutError:
             process.kill()
             await process.wait()

@@ -50,8 +50,9 @@ DEFAULT_MASQUERADE_MARK = 0x2000
 LOCALNET_COMMENT = "meshplane route_localnet was"
 
 
-def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK, *,
-                  localnet_was: str | None = None) -> list[str]:
+def base_commands(
+    table: str, mark: int = DEFAULT_MASQUERADE_MARK, *, localnet_was: str | None = None
+) -> list[str]:
     """Create the fixed objects if missing and (re)write their rules, as one transaction.
 
     `add` of an object that exists is a no-op, so this is safe over a leftover
@@ -77,8 +78,7 @@ def base_commands(table: str, mark: int = DEFAULT_MASQUERADE_MARK, *,
         "policy accept ; }",
         f"add chain ip {t} postrouting {{ type nat hook postrouting priority srcnat ; "
         "policy accept ; }",
-        f"add chain ip {t} guard {{ type filter hook prerouting priority raw ; "
-        "policy accept ; }",
+        f"add chain ip {t} guard {{ type filter hook prerouting priority raw ; policy accept ; }}",
         f"flush chain ip {t} guard",
     ]
     if localnet_was is not None:
@@ -106,10 +106,9 @@ def localnet_was(table: str, listing: Mapping[str, Any] | None) -> str | None:
     """The `route_localnet` value a leftover table recorded before it changed it."""
     for item in (listing or {}).get("nftables", []):
         rule = item.get("rule") if isinstance(item, dict) else None
-        if isinstance(rule, dict) and rule.get("table") == table and \
-                rule.get("chain") == "guard":
+        if isinstance(rule, dict) and rule.get("table") == table and rule.get("chain") == "guard":
             comment = str(rule.get("comment", ""))
             if comment.startswith(LOCALNET_COMMENT):
-                value = comment[len(LOCALNET_COMMENT):].strip()
+                value = comment[len(LOCALNET_COMMENT) :].strip()
                 return value if value.isascii() and value.isdigit() else None
     return None

@@ -75,11 +75,19 @@ class ConntrackFlusher:
         deleted = 0
         try:
             for key, reals in by_key.items():
-                wanted = NFCTAttrTuple(proto=PROTOCOLS[key.protocol], dport=key.port,
-                                       daddr=None if key.published else key.address)
-                doomed = [entry async for entry in await sock.dump_entries(tuple_orig=wanted)
-                          if any(matches(key, real, entry.tuple_orig, entry.tuple_reply,
-                                         entry.status or 0) for real in reals)]
+                wanted = NFCTAttrTuple(
+                    proto=PROTOCOLS[key.protocol],
+                    dport=key.port,
+                    daddr=None if key.published else key.address,
+                )
+                doomed = [
+                    entry
+                    async for entry in await sock.dump_entries(tuple_orig=wanted)
+                    if any(
+                        matches(key, real, entry.tuple_orig, entry.tuple_reply, entry.status or 0)
+                        for real in reals
+                    )
+                ]
                 for entry in doomed:
                     try:
                         await sock.delete(entry)

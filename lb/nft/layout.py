@@ -79,8 +79,13 @@ class ServiceLayout:
             self.positions.setdefault(real, []).append(index)
 
     def copy(self) -> ServiceLayout:
-        return ServiceLayout(self.key, self.options, dict(self.weights), list(self.slots),
-                             {r: list(p) for r, p in self.positions.items()})
+        return ServiceLayout(
+            self.key,
+            self.options,
+            dict(self.weights),
+            list(self.slots),
+            {r: list(p) for r, p in self.positions.items()},
+        )
 
     def service(self) -> VirtualService:
         return VirtualService(self.key, self.options, dict(self.weights))
@@ -96,8 +101,10 @@ class ServiceLayout:
         counts: dict[Real, int] = {}
         for real in self.slots:
             counts[real] = counts.get(real, 0) + 1
-        return all(counts.get(r, 0) == self.wanted_slots(r) for r in self.weights) and \
-            counts.keys() <= self.weights.keys()
+        return (
+            all(counts.get(r, 0) == self.wanted_slots(r) for r in self.weights)
+            and counts.keys() <= self.weights.keys()
+        )
 
 
 # -- names ----------------------------------------------------------------------
@@ -165,8 +172,10 @@ def check_real(key: VirtualKey, real: Real, weight: int) -> None:
     _check_ipv4(real.address, f"{key} real")
     _check_port(real.port, f"{key} real {real.address}")
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
-        raise LayoutError(f"{key} real {real}: weight {weight!r} is not in 0..{MAX_WEIGHT} "
-                          "(the nftables backend expands weights into map slots)")
+        raise LayoutError(
+            f"{key} real {real}: weight {weight!r} is not in 0..{MAX_WEIGHT} "
+            "(the nftables backend expands weights into map slots)"
+        )
 
 
 # -- commands -------------------------------------------------------------------
@@ -175,8 +184,13 @@ def check_real(key: VirtualKey, real: Real, weight: int) -> None:
 class Layout:
     """The mirror of one nftables table of the backend, and the commands that change it."""
 
-    def __init__(self, table: str, services: Mapping[VirtualKey, ServiceLayout] | None = None,
-                 *, mark: int = DEFAULT_MASQUERADE_MARK) -> None:
+    def __init__(
+        self,
+        table: str,
+        services: Mapping[VirtualKey, ServiceLayout] | None = None,
+        *,
+        mark: int = DEFAULT_MASQUERADE_MARK,
+    ) -> None:
         self.table = table
         self.mark = mark
         self.services: dict[VirtualKey, ServiceLayout] = dict(services or {})
@@ -248,10 +262,13 @@ class Layout:
         if current is None:
             layout = self.services[key] = ServiceLayout(key, options)
             sid = service_id(key)
-            element = (f"add element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} "
-                       f": goto svc_{sid} }}" if key.published else
-                       f"add element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
-                       f"{key.port} : goto svc_{sid} }}")
+            element = (
+                f"add element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} "
+                f": goto svc_{sid} }}"
+                if key.published
+                else f"add element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
+                f"{key.port} : goto svc_{sid} }}"
+            )
             return [
                 f"add map ip {t} slots_{sid} {{ typeof numgen inc mod 1 : "
                 f"ip daddr . {key.protocol} dport ; }}",
@@ -273,12 +290,18 @@ class Layout:
         self._save(key)
         del self.services[key]
         sid = service_id(key)
-        element = (f"delete element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} }}"
-                   if key.published else
-                   f"delete element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
-                   f"{key.port} }}")
-        commands = [element, f"delete chain ip {t} svc_{sid}",
-                    f"delete map ip {t} slots_{sid}", f"delete map ip {t} weights_{sid}"]
+        element = (
+            f"delete element ip {t} {PUBLISHED_MAP} {{ {key.protocol} . {key.port} }}"
+            if key.published
+            else f"delete element ip {t} {VIPS_MAP} {{ {key.address} . {key.protocol} . "
+            f"{key.port} }}"
+        )
+        commands = [
+            element,
+            f"delete chain ip {t} svc_{sid}",
+            f"delete map ip {t} slots_{sid}",
+            f"delete map ip {t} weights_{sid}",
+        ]
         for real in sorted(current.weights):
             commands += self._endpoint(key, real, -1)
         return commands, [(key, real) for real in sorted(current.weights)]
@@ -299,19 +322,23 @@ class Layout:
         current.weights[real] = weight
         return commands + self._reslot(current, [real])
 
-    def _delete_real(self, key: VirtualKey,
-                     real: Real) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
+    def _delete_real(
+        self, key: VirtualKey, real: Real
+    ) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
         current = self.services.get(key)
         if current is None or real not in current.weights:
             return [], []
         self._save(key)
         del current.weights[real]
-        commands = [f"delete element ip {self.table} {weights_map(key)} "
-                    f"{{ {real.address} . {real.port} }}", *self._endpoint(key, real, -1)]
+        commands = [
+            f"delete element ip {self.table} {weights_map(key)} {{ {real.address} . {real.port} }}",
+            *self._endpoint(key, real, -1),
+        ]
         return commands + self._reslot(current, [real]), [(key, real)]
 
-    def _reslot(self, layout: ServiceLayout, reals: Iterable[Real], *,
-                rebuild: bool = False) -> list[str]:
+    def _reslot(
+        self, layout: ServiceLayout, reals: Iterable[Real], *, rebuild: bool = False
+    ) -> list[str]:
         """Give `reals` the slots their weights ask for, touching only the slots that change.
 
         A real losing slots gives each one to the ring's last slot, which is
@@ -348,10 +375,16 @@ class Layout:
             if not mine:
                 del positions[real]
         t, smap = self.table, slots_map(layout.key)
-        commands = [f"delete element ip {t} {smap} {{ {i} }}" for i, old in sorted(was.items())
-                    if old is not None and (i >= len(slots) or slots[i] != old)]
-        added = [f"{i} : {slots[i].address} . {slots[i].port}" for i, old in sorted(was.items())
-                 if i < len(slots) and slots[i] != old]
+        commands = [
+            f"delete element ip {t} {smap} {{ {i} }}"
+            for i, old in sorted(was.items())
+            if old is not None and (i >= len(slots) or slots[i] != old)
+        ]
+        added = [
+            f"{i} : {slots[i].address} . {slots[i].port}"
+            for i, old in sorted(was.items())
+            if i < len(slots) and slots[i] != old
+        ]
         if added:
             commands.append(f"add element ip {t} {smap} {{ {', '.join(added)} }}")
         if rebuild or len(slots) != before:
@@ -372,11 +405,15 @@ class Layout:
         if layout.slots:
             # The mark bit says "DNATed by meshplane" to the forward and
             # postrouting chains (base.py), which masquerade only such flows.
-            body = (f"meta l4proto {key.protocol} meta mark set meta mark | {self.mark:#x} "
-                    f"dnat ip to numgen inc mod {len(layout.slots)} map @{slots_map(key)}")
+            body = (
+                f"meta l4proto {key.protocol} meta mark set meta mark | {self.mark:#x} "
+                f"dnat ip to numgen inc mod {len(layout.slots)} map @{slots_map(key)}"
+            )
         else:
             # Nothing takes new connections: refuse them at once rather than let
             # them time out (flows already made never reach a nat chain again).
             body = "reject"
-        return [f"flush chain ip {t} {chain_name(key)}", f"add rule ip {t} {chain_name(key)} "
-                f"{body} {comment}"]
+        return [
+            f"flush chain ip {t} {chain_name(key)}",
+            f"add rule ip {t} {chain_name(key)} {body} {comment}",
+        ]

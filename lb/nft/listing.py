@@ -83,14 +83,21 @@ class Listing:
 
     def endpoint_fixes(self) -> list[str]:
         t = self.layout.table
-        return [*(f"delete element ip {t} {ENDPOINTS_SET} {{ {a} . {p} . {n} }}"
-                  for a, p, n in sorted(self.endpoints_extra)),
-                *(f"add element ip {t} {ENDPOINTS_SET} {{ {a} . {p} . {n} }}"
-                  for a, p, n in sorted(self.endpoints_missing))]
+        return [
+            *(
+                f"delete element ip {t} {ENDPOINTS_SET} {{ {a} . {p} . {n} }}"
+                for a, p, n in sorted(self.endpoints_extra)
+            ),
+            *(
+                f"add element ip {t} {ENDPOINTS_SET} {{ {a} . {p} . {n} }}"
+                for a, p, n in sorted(self.endpoints_missing)
+            ),
+        ]
 
 
-def parse_listing(table: str, listing: Mapping[str, Any], *,
-                  mark: int = DEFAULT_MASQUERADE_MARK) -> Listing:
+def parse_listing(
+    table: str, listing: Mapping[str, Any], *, mark: int = DEFAULT_MASQUERADE_MARK
+) -> Listing:
     """The Layout in `nft -j list table ip <table>` output, and what looked wrong in it."""
     maps: dict[str, Mapping[str, Any]] = {}
     rules: dict[str, list[Mapping[str, Any]]] = {}
@@ -118,8 +125,7 @@ def parse_listing(table: str, listing: Mapping[str, Any], *,
             else:
                 found.problems.append(f"unreadable element in {name}: {raw!r}")
     for key, chain in keys.items():
-        if chain != chain_name(key) or slots_map(key) not in maps or \
-                weights_map(key) not in maps:
+        if chain != chain_name(key) or slots_map(key) not in maps or weights_map(key) not in maps:
             found.problems.append(f"{key}: pieces missing or misnamed ({chain}); removed")
             found.broken[key] = chain
             continue
@@ -139,8 +145,12 @@ def parse_listing(table: str, listing: Mapping[str, Any], *,
         layout.slots = [by_index[i] for i in range(len(by_index)) if i in by_index]
         layout.reindex()
         modulus = _modulus(rules.get(chain, []))
-        if options is None or len(layout.slots) != len(by_index) or \
-                modulus != (len(layout.slots) or None) or not layout.consistent():
+        if (
+            options is None
+            or len(layout.slots) != len(by_index)
+            or modulus != (len(layout.slots) or None)
+            or not layout.consistent()
+        ):
             found.problems.append(f"{key}: rule or slots do not match the weights; repaired")
             found.repair.add(key)
         found.layout.services[key] = layout

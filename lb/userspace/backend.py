@@ -59,8 +59,7 @@ class UserspaceBackend:
 
     def stats(self) -> dict[str, int]:
         """Counters since start: accepted, refused, failovers, idle closes, drops."""
-        return {**self.runtime.stats, "open": len(self.runtime.open),
-                "unbound": len(self._unbound)}
+        return {**self.runtime.stats, "open": len(self.runtime.open), "unbound": len(self._unbound)}
 
     def unbound(self) -> dict[str, str]:
         """Virtual services in the table that have no socket, and why."""
@@ -121,8 +120,11 @@ class UserspaceBackend:
         previous = self._unbound.pop(key, None)
         pool = Pool(options.scheduler) if previous is None else previous[0].pool
         pool.scheduler = options.scheduler
-        service: Service = (TcpService(key, options, pool, self.runtime) if key.protocol == "tcp"
-                            else UdpService(key, options, pool, self.runtime))
+        service: Service = (
+            TcpService(key, options, pool, self.runtime)
+            if key.protocol == "tcp"
+            else UdpService(key, options, pool, self.runtime)
+        )
         host = self.address_of(key)
         try:
             await service.listen(host)
@@ -130,8 +132,9 @@ class UserspaceBackend:
             reason = f"cannot listen on {host}:{key.port}: {exc.strerror or exc}"
             if exc.errno == errno.EADDRINUSE:  # name who holds it, as `ss -lntup` would
                 self._owners = self._owners or SocketOwners()
-                held = holder_of(key.protocol, host, key.port, ours={os.getpid()},
-                                 owners=self._owners)
+                held = holder_of(
+                    key.protocol, host, key.port, ours={os.getpid()}, owners=self._owners
+                )
                 if held is not None:
                     reason = f"cannot listen on {host}:{key.port}: in use {in_use_by(held)}"
             self._unbound[key] = (service, reason)
@@ -139,8 +142,10 @@ class UserspaceBackend:
         self._services[key] = service
 
     async def read(self) -> Table:
-        return {key: VirtualService(key, s.options, dict(s.pool.weights))
-                for key, s in self._services.items()}
+        return {
+            key: VirtualService(key, s.options, dict(s.pool.weights))
+            for key, s in self._services.items()
+        }
 
     async def close(self) -> None:
         """Stop listening and end every connection and flow."""

@@ -38,11 +38,11 @@ def build(protocol: str, source: tuple[str, int], destination: tuple[str, int]) 
     dst = ipaddress.ip_address(destination[0])
     if src.version != dst.version:
         # A v4 client reaching a v6 listener shows as ::ffff:a.b.c.d: map both to v6.
-        src, dst = (ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a
-                    for a in (src, dst))
+        src, dst = (
+            ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a for a in (src, dst)
+        )
     body = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
-    return _HEAD.pack(SIGNATURE, VERSION_PROXY, _FAMILY[(src.version, protocol)],
-                      len(body)) + body
+    return _HEAD.pack(SIGNATURE, VERSION_PROXY, _FAMILY[(src.version, protocol)], len(body)) + body
 
 
 def parse(data: bytes) -> ProxyHeader | None:
@@ -67,9 +67,10 @@ def parse(data: bytes) -> ProxyHeader | None:
         raise ProxyHeaderError(f"address family 0x{family:02x} is not supported")
     if length < 2 * size + 4:
         raise ProxyHeaderError(f"address block of {length} bytes is too short")
-    body = bytes(data[HEADER_MIN:HEADER_MIN + 2 * size + 4])
+    body = bytes(data[HEADER_MIN : HEADER_MIN + 2 * size + 4])
     src = ipaddress.ip_address(body[:size])
-    dst = ipaddress.ip_address(body[size:2 * size])
+    dst = ipaddress.ip_address(body[size : 2 * size])
     sport, dport = struct.unpack_from("!HH", body, 2 * size)
-    return ProxyHeader("tcp" if family & 0x0F == 1 else "udp", (str(src), sport),
-                       (str(dst), dport), total)
+    return ProxyHeader(
+        "tcp" if family & 0x0F == 1 else "udp", (str(src), sport), (str(dst), dport), total
+    )

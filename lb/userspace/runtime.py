@@ -40,8 +40,7 @@ class ProxySettings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_connections < 1 or self.buffer_size < 1024 or self.backlog < 1:
-            raise ValueError("max_connections, buffer_size (>= 1024) and backlog must be "
-                             "positive")
+            raise ValueError("max_connections, buffer_size (>= 1024) and backlog must be positive")
 
 
 class Expiring(Protocol):
@@ -81,8 +80,9 @@ class Runtime:
         self.stats: Counter[str] = Counter()
         self.buffers = Buffers(settings.buffer_size)
         self.open: set[Expiring] = set()
-        self.tick = min(5.0, max(0.05, min(settings.tcp_idle_timeout,
-                                           settings.udp_idle_timeout) / 4))
+        self.tick = min(
+            5.0, max(0.05, min(settings.tcp_idle_timeout, settings.udp_idle_timeout) / 4)
+        )
         self.tcp_idle_ticks = math.ceil(settings.tcp_idle_timeout / self.tick)
         self.udp_idle_ticks = math.ceil(settings.udp_idle_timeout / self.tick)
         self._sweeper: asyncio.Task[None] | None = None

@@ -54,7 +54,7 @@ class Side(asyncio.BufferedProtocol):
         if buffer is None:
             buffer = self.buffer = self.splice.runtime.buffers.take()
         if self.peer is None:  # still connecting: bytes go after the ones held already
-            return buffer[self.splice.early:]
+            return buffer[self.splice.early :]
         return buffer
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -117,8 +117,19 @@ class Side(asyncio.BufferedProtocol):
 class Splice:
     """One client connection and its connection to a real server."""
 
-    __slots__ = ("client", "connecting", "done", "early", "idle", "idle_limit", "real",
-                 "runtime", "service", "timed_out", "upstream")
+    __slots__ = (
+        "client",
+        "connecting",
+        "done",
+        "early",
+        "idle",
+        "idle_limit",
+        "real",
+        "runtime",
+        "service",
+        "timed_out",
+        "upstream",
+    )
 
     def __init__(self, service: TcpService) -> None:
         self.service = service
@@ -160,8 +171,11 @@ class Splice:
             # the current task, a getpid() system call each, on every connection.
             timer = loop.call_later(runtime.settings.connect_timeout, self._connect_timed_out)
             try:
-                await loop.create_connection(lambda: upstream,  # noqa: B023
-                                             real.address, real.port)
+                await loop.create_connection(
+                    lambda: upstream,  # noqa: B023
+                    real.address,
+                    real.port,
+                )
                 break
             except asyncio.CancelledError:
                 if not self.timed_out:
@@ -198,9 +212,13 @@ class Splice:
         self.upstream = upstream
         self.client.peer = upstream
         if self.service.options.proxy_protocol:
-            upstream.transport.write(proxy_protocol.build(
-                "tcp", client.get_extra_info("peername")[:2],
-                client.get_extra_info("sockname")[:2]))
+            upstream.transport.write(
+                proxy_protocol.build(
+                    "tcp",
+                    client.get_extra_info("peername")[:2],
+                    client.get_extra_info("sockname")[:2],
+                )
+            )
         if self.early:
             early, self.early = self.early, 0
             self.client.buffer_updated(early)
@@ -260,8 +278,9 @@ class Splice:
 class TcpService:
     """One TCP virtual service: its listener and its pool of real servers."""
 
-    def __init__(self, key: VirtualKey, options: ServiceOptions, pool: Pool,
-                 runtime: Runtime) -> None:
+    def __init__(
+        self, key: VirtualKey, options: ServiceOptions, pool: Pool, runtime: Runtime
+    ) -> None:
         self.key = key
         self.options = options
         self.pool = pool
@@ -269,11 +288,13 @@ class TcpService:
         self._server: asyncio.AbstractServer | None = None
 
     async def listen(self, host: str) -> None:
-        sock = listening_socket(socket.SOCK_STREAM, host, self.key.port,
-                                self.runtime.settings.backlog)
+        sock = listening_socket(
+            socket.SOCK_STREAM, host, self.key.port, self.runtime.settings.backlog
+        )
         try:
             self._server = await self.runtime.loop.create_server(
-                lambda: Splice(self).client, sock=sock, backlog=self.runtime.settings.backlog)
+                lambda: Splice(self).client, sock=sock, backlog=self.runtime.settings.backlog
+            )
         except BaseException:
             sock.close()
             raise

@@ -118,8 +118,9 @@ class Flow:
 class UdpService:
     """One UDP virtual service: its socket, its flows and its pool of real servers."""
 
-    def __init__(self, key: VirtualKey, options: ServiceOptions, pool: Pool,
-                 runtime: Runtime) -> None:
+    def __init__(
+        self, key: VirtualKey, options: ServiceOptions, pool: Pool, runtime: Runtime
+    ) -> None:
         self.key = key
         self.options = options  # PROXY protocol is TCP only: a UDP service ignores it
         self.pool = pool

@@ -63,8 +63,7 @@ async def run(config: AgentConfig) -> int:
             agent = build(config, loaded, stopping)
             await enter(stages(agent, stack), stack)
         except Exception as exc:  # a port in use, an unreadable data dir, or a bug: stop cleanly
-            known = isinstance(exc, OSError | persist.PersistError | KeyringError
-                               | MeshStartError)
+            known = isinstance(exc, OSError | persist.PersistError | KeyringError | MeshStartError)
             reason = str(exc) if known else f"start failed: {exc!r} (a bug: see the log)"
             reason = " ".join(reason.splitlines())  # one line, whatever the error held
             event(log, "agent_start_failed", logging.ERROR, error=reason)

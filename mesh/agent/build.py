@@ -112,7 +112,8 @@ class HealthRecorder:
         store = self._control.store
         try:
             changes = await self._control.apply(
-                lambda now: store.set_health(task_id, health, output, now))
+                lambda now: store.set_health(task_id, health, output, now)
+            )
         except MeshError:
             return  # the task went away meanwhile
         if changes:
@@ -138,9 +139,21 @@ class DnsWorkers:
     def start(self) -> None:
         config = self._config
         assert config.dns is not None
-        argv = [sys.executable, "-m", "dns.worker", "--feed", str(self._feed_socket),
-                "--host", config.dns.host, "--port", str(self._dns.port),
-                "--ttl", str(config.dns_ttl), "--log-level", config.log_level]
+        argv = [
+            sys.executable,
+            "-m",
+            "dns.worker",
+            "--feed",
+            str(self._feed_socket),
+            "--host",
+            config.dns.host,
+            "--port",
+            str(self._dns.port),
+            "--ttl",
+            str(config.dns_ttl),
+            "--log-level",
+            config.log_level,
+        ]
         if config.dns_domain:
             argv += ["--domain", config.dns_domain]
         for upstream in config.dns_upstreams:
@@ -202,89 +215,163 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     health = HealthRunner(config.node_name, recorder.report)
     reaper = DrainReaper(control, time.time)
     tombstones = TombstoneReaper(control, time.time, config.tombstone_reap)
-    dns = None if config.dns is None else DnsService(DnsSettings(
-        host=config.dns.host, port=config.dns.port, ttl=config.dns_ttl,
-        domain=config.dns_domain,
-        upstreams=tuple(Upstream(u.host, u.port) for u in config.dns_upstreams) or None,
-        reuse_port=config.dns_workers > 0))
+    dns = (
+        None
+        if config.dns is None
+        else DnsService(
+            DnsSettings(
+                host=config.dns.host,
+                port=config.dns.port,
+                ttl=config.dns_ttl,
+                domain=config.dns_domain,
+                upstreams=tuple(Upstream(u.host, u.port) for u in config.dns_upstreams) or None,
+                reuse_port=config.dns_workers > 0,
+            )
+        )
+    )
     lb = _lb(config, feed)
     http = _http(config)
     needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
-        http is not None and http.workers > 0)
-    feed_server = None if not needs_feed_socket else FeedServer(
-        feed, feed_socket_path(config.data_dir), None if http is None else http.on_report)
-    dns_workers = None if dns is None or feed_server is None or not config.dns_workers \
+        http is not None and http.workers > 0
+    )
+    feed_server = (
+        None
+        if not needs_feed_socket
+        else FeedServer(
+            feed, feed_socket_path(config.data_dir), None if http is None else http.on_report
+        )
+    )
+    dns_workers = (
+        None
+        if dns is None or feed_server is None or not config.dns_workers
         else DnsWorkers(config, dns, feed_server.path)
+    )
     gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
-    deps = ApiDeps(control=control, node=config.node_name, members=cluster.members,
-                   heartbeat=health.heartbeat, drain_grace=config.drain_grace,
-                   token=config.api_token, max_body=config.max_body,
-                   resolve=None if dns is None else dns.resolve,
-                   dns_records=None if dns is None else dns.records,
-                   dns_stats=None if dns is None else dns.stats,
-                   agent_info=lambda: {"pid": os.getpid(), "started_at": started_at,
-                                       "config": describe(config)},
-                   gossip_stats=cluster.stats, keyring=keyring, lb=lb.describe,
-                   http_stats=None if http is None else http.snapshot,
-                   node_statuses=cluster.node_statuses)
+    deps = ApiDeps(
+        control=control,
+        node=config.node_name,
+        members=cluster.members,
+        heartbeat=health.heartbeat,
+        drain_grace=config.drain_grace,
+        token=config.api_token,
+        max_body=config.max_body,
+        resolve=None if dns is None else dns.resolve,
+        dns_records=None if dns is None else dns.records,
+        dns_stats=None if dns is None else dns.stats,
+        agent_info=lambda: {
+            "pid": os.getpid(),
+            "started_at": started_at,
+            "config": describe(config),
+        },
+        gossip_stats=cluster.stats,
+        keyring=keyring,
+        lb=lb.describe,
+        http_stats=None if http is None else http.snapshot,
+        node_statuses=cluster.node_statuses,
+    )
     api = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=API_SHUTDOWN_GRACE)
-    return Agent(config=config, loaded=loaded, incarnation=incarnation, stopping=stopping,
-                 store=store, liveness=liveness, feed=feed, writer=writer, control=control,
-                 health_recorder=recorder, health=health, reaper=reaper,
-                 tombstones=tombstones, dns=dns, lb=lb, http=http, feed_server=feed_server,
-                 dns_workers=dns_workers, cluster_state=cluster_state, gossip=gossip,
-                 cluster=cluster, keyring=keyring, api=api)
+    return Agent(
+        config=config,
+        loaded=loaded,
+        incarnation=incarnation,
+        stopping=stopping,
+        store=store,
+        liveness=liveness,
+        feed=feed,
+        writer=writer,
+        control=control,
+        health_recorder=recorder,
+        health=health,
+        reaper=reaper,
+        tombstones=tombstones,
+        dns=dns,
+        lb=lb,
+        http=http,
+        feed_server=feed_server,
+        dns_workers=dns_workers,
+        cluster_state=cluster_state,
+        gossip=gossip,
+        cluster=cluster,
+        keyring=keyring,
+        api=api,
+    )
 
 
 def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
     try:
-        choice = choose(config.lb, ProxySettings(publish_address=config.publish_address,
-                                                 tcp_idle_timeout=config.lb_tcp_idle))
+        choice = choose(
+            config.lb,
+            ProxySettings(
+                publish_address=config.publish_address, tcp_idle_timeout=config.lb_tcp_idle
+            ),
+        )
     except SelectError as exc:
         raise MeshStartError(str(exc)) from None
-    event(log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb,
-          reason=choice.reason)
+    event(
+        log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb, reason=choice.reason
+    )
     # What the state wants, built from scratch (not by the view), for `mesh doctor`.
-    return LbDriver(LbView(config.node_name), choice.backend, choice.reason,
-                    desired=lambda: build_table(feed.snapshot()[1], config.node_name))
+    return LbDriver(
+        LbView(config.node_name),
+        choice.backend,
+        choice.reason,
+        desired=lambda: build_table(feed.snapshot()[1], config.node_name),
+    )
 
 
 def _http(config: AgentConfig) -> HttpMesh | None:
     if config.http is None:
         return None
     return HttpMesh(
-        HttpEndpoints(host=config.http.host, port=config.http.port,
-                      https_host=config.https.host if config.https else None,
-                      https_port=config.https.port if config.https else 0,
-                      certs=tuple(CertSpec.parse(c) for c in config.tls_certs)),
-        RouterSettings(header_timeout=config.http_header_timeout,
-                       connect_timeout=min(5.0, config.http_upstream_timeout),
-                       upstream_timeout=config.http_upstream_timeout,
-                       max_body=config.http_max_body, access_log=config.http_access_log,
-                       body_deadline=config.http_body_deadline,
-                       body_min_rate=config.http_body_min_rate),
-        config.http_workers, config.log_level)
+        HttpEndpoints(
+            host=config.http.host,
+            port=config.http.port,
+            https_host=config.https.host if config.https else None,
+            https_port=config.https.port if config.https else 0,
+            certs=tuple(CertSpec.parse(c) for c in config.tls_certs),
+        ),
+        RouterSettings(
+            header_timeout=config.http_header_timeout,
+            connect_timeout=min(5.0, config.http_upstream_timeout),
+            upstream_timeout=config.http_upstream_timeout,
+            max_body=config.http_max_body,
+            access_log=config.http_access_log,
+            body_deadline=config.http_body_deadline,
+            body_min_rate=config.http_body_min_rate,
+        ),
+        config.http_workers,
+        config.log_level,
+    )
 
 
-def _gossip(config: AgentConfig, control: Control, liveness: Liveness, incarnation: int
-            ) -> tuple[GossipShell, ClusterState, Cluster, ClusterKeyring | None]:
+def _gossip(
+    config: AgentConfig, control: Control, liveness: Liveness, incarnation: int
+) -> tuple[GossipShell, ClusterState, Cluster, ClusterKeyring | None]:
     """Gossip's parts: the core's delegate, the core, the shell around it, then the
     cluster and the keyring's control, which drive the core through the shell."""
     profile = getattr(GossipConfig, config.gossip_profile)()
     advertise = (config.advertise.host, config.advertise.port)
     keyring = load_keyring(config.keyring) if config.keyring else None
-    local = None if keyring is None or config.keyring is None \
+    local = (
+        None
+        if keyring is None or config.keyring is None
         else LocalKeyringControl(keyring, config.keyring)
+    )
     label = config.cluster_label.encode()
     # Sealing adds its envelope to what the core packs: keep room for it.
     overhead = OVERHEAD if keyring is not None else (2 + len(label) if label else 0)
     profile = dataclasses.replace(profile, packet_overhead=overhead)
     state = ClusterState(control, None if local is None else RemoteKeyring(local))
     core = gossip_core(profile, config.node_name, advertise, state, incarnation=incarnation)
-    shell = GossipShell(core, config.advertise.host, config.advertise.port, keyring=keyring,
-                        label=label, on_event=NodeWatch(liveness, control.feed).on_event,
-                        tcp_timeout=profile.tcp_timeout)
+    shell = GossipShell(
+        core,
+        config.advertise.host,
+        config.advertise.port,
+        keyring=keyring,
+        label=label,
+        on_event=NodeWatch(liveness, control.feed).on_event,
+        tcp_timeout=profile.tcp_timeout,
+    )
     cluster = Cluster(control, core, shell, state, liveness, config.node_name)
     control_keyring = None if local is None else ClusterKeyring(local, core, shell)
     return shell, state, cluster, control_keyring
-

@@ -77,8 +77,9 @@ def binding(role: str, protocols: tuple[str, ...], host: str, port: int) -> Iter
         cause = exc if exc.errno is not None else exc.__cause__
         if not isinstance(cause, OSError) or cause.errno is None:
             raise  # not a bind: e.g. a certificate that does not load
-        raise MeshStartError(bind_failure(role, protocols, host, port, cause,
-                                          ours=family_of(os.getpid()))) from None
+        raise MeshStartError(
+            bind_failure(role, protocols, host, port, cause, ours=family_of(os.getpid()))
+        ) from None
 
 
 def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
@@ -95,8 +96,7 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
     async def writer_stop() -> None:
         # Last of all: every queued commit is written before the agent exits.
         await asyncio.to_thread(agent.writer.close)
-        event(log, "agent_stopped", commits=agent.writer.commits,
-              batches=agent.writer.batches)
+        event(log, "agent_stopped", commits=agent.writer.commits, batches=agent.writer.batches)
 
     async def state_start() -> None:
         await _load_state(agent)
@@ -122,38 +122,50 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
         Stage("tombstone reaper", tombstones_start, agent.tombstones.stop),
     ]
     if (dns := agent.dns) is not None:
+
         async def dns_start() -> None:
             assert dns is not None
             follow(dns)
             with binding("dns", ("udp", "tcp"), dns.settings.host, dns.settings.port):
                 await dns.start()
+
         result.append(Stage("dns", dns_start, dns.stop))
     if (feed_server := agent.feed_server) is not None:
         result.append(Stage("feed socket", feed_server.start, feed_server.stop))
     if (dns_workers := agent.dns_workers) is not None:
+
         async def dns_workers_start() -> None:
             assert dns_workers is not None
             dns_workers.start()
+
         result.append(Stage("dns workers", dns_workers_start, dns_workers.stop))
 
     async def lb_start() -> None:
         # Ops made while the backend starts wait in the driver's queue.
         follow(agent.lb)
         await agent.lb.start()
+
     result.append(Stage("load balancer", lb_start, agent.lb.close))
     if (http := agent.http) is not None:
+
         async def http_start() -> None:
             assert http is not None
             follow(http)
             await _start_http(agent)
+
         result.append(Stage("http routing mesh", http_start, http.stop))
 
     async def gossip_start() -> None:
         with binding("gossip", ("udp", "tcp"), config.advertise.host, config.advertise.port):
             await agent.gossip.start()
-        event(log, "gossip_listening", address=str(config.advertise),
-              profile=config.gossip_profile, encrypted=agent.gossip.keyring is not None,
-              incarnation=agent.incarnation)
+        event(
+            log,
+            "gossip_listening",
+            address=str(config.advertise),
+            profile=config.gossip_profile,
+            encrypted=agent.gossip.keyring is not None,
+            incarnation=agent.incarnation,
+        )
 
     async def cluster_start() -> None:
         follow(agent.cluster)
@@ -182,14 +194,28 @@ async def _load_state(agent: Agent) -> None:
     store.load(loaded.records, loaded.clock)
     previous = loaded.meta.get("node_name")
     if previous and previous != config.node_name:
-        event(log, "node_renamed", logging.WARNING, previous=previous,
-              now=config.node_name, hint="tasks registered before keep the old name")
+        event(
+            log,
+            "node_renamed",
+            logging.WARNING,
+            previous=previous,
+            now=config.node_name,
+            hint="tasks registered before keep the old name",
+        )
     ingress = _ensure_ingress(agent)
-    await agent.writer.write([c.after for c in ingress], store.clock,
-                             {"node_name": config.node_name,
-                              "incarnation": str(agent.incarnation)})
-    event(log, "state_loaded", records=len(loaded.records), skipped=loaded.skipped,
-          clock=store.clock, data_dir=config.data_dir)
+    await agent.writer.write(
+        [c.after for c in ingress],
+        store.clock,
+        {"node_name": config.node_name, "incarnation": str(agent.incarnation)},
+    )
+    event(
+        log,
+        "state_loaded",
+        records=len(loaded.records),
+        skipped=loaded.skipped,
+        clock=store.clock,
+        data_dir=config.data_dir,
+    )
 
 
 def _ensure_ingress(agent: Agent) -> list[Change]:
@@ -205,8 +231,13 @@ def _ensure_ingress(agent: Agent) -> list[Change]:
     except MeshError as exc:
         raise MeshStartError(f"--ingress-subnet {asked}: {exc.message}") from None
     ingress = store.network(INGRESS)
-    event(log, "ingress_network", subnet=ingress.subnet, created=bool(created),
-          capacity=capacity_of(ipaddress.IPv4Network(ingress.subnet)))
+    event(
+        log,
+        "ingress_network",
+        subnet=ingress.subnet,
+        created=bool(created),
+        capacity=capacity_of(ipaddress.IPv4Network(ingress.subnet)),
+    )
     return created
 
 

@@ -98,13 +98,15 @@ def answer(body: BaseModel, status: int = 200) -> web.Response:
     return _json(body.model_dump_json(exclude_unset=True).encode(), status)
 
 
-def answer_list(model: type[M], items: Iterable[M | Mapping[str, Any]],
-                status: int = 200) -> web.Response:
+def answer_list(
+    model: type[M], items: Iterable[M | Mapping[str, Any]], status: int = 200
+) -> web.Response:
     """A JSON array of `model`: models, or dicts in its shape validated by it here, all
     in one call (a thousand tasks cost one pass, not a thousand)."""
     adapter = _list_adapter(model)
-    return _json(adapter.dump_json(adapter.validate_python(list(items)), exclude_unset=True),
-                 status)
+    return _json(
+        adapter.dump_json(adapter.validate_python(list(items)), exclude_unset=True), status
+    )
 
 
 @functools.cache
@@ -118,8 +120,9 @@ def _json(body: bytes, status: int) -> web.Response:
 
 def error_response(error: MeshError) -> web.Response:
     """The one error path: every error status, 401 and 405 included, is an `ErrorOut`."""
-    response = answer(ErrorOut(error=ErrorDetail(code=error.code, message=error.message)),
-                      status=error.status)
+    response = answer(
+        ErrorOut(error=ErrorDetail(code=error.code, message=error.message)), status=error.status
+    )
     response.headers.update(error.headers)
     return response
 
@@ -131,7 +134,8 @@ _HTTP_ERRORS: dict[int, Callable[[web.HTTPException], MeshError]] = {
     # a 405 must say what is allowed (RFC 9110 §15.5.6)
     405: lambda exc: MethodNotAllowed(
         f"method not allowed; allowed: {exc.headers.get('Allow', '')}",
-        headers={"Allow": exc.headers.get("Allow", "")}),
+        headers={"Allow": exc.headers.get("Allow", "")},
+    ),
     413: lambda _exc: PayloadTooLarge("request body too large"),
 }
 
@@ -184,8 +188,10 @@ def _auth_middleware(token: str) -> Middleware:
             given = bearer_credentials(request.headers.get("Authorization", ""))
             # Constant time: how much of a guess matches must not show in the timing.
             if given is None or not hmac.compare_digest(given, expected):
-                raise Unauthorized("a valid 'Authorization: Bearer <token>' is required",
-                                   headers={"WWW-Authenticate": "Bearer"})
+                raise Unauthorized(
+                    "a valid 'Authorization: Bearer <token>' is required",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         return await handler(request)
 
     return _auth
@@ -214,7 +220,8 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
-            f"the body may be at most {request.app[DEPS].max_body} bytes") from None
+            f"the body may be at most {request.app[DEPS].max_body} bytes"
+        ) from None
     except web.RequestPayloadError as exc:
         # The body's framing or encoding is broken (a corrupt gzip or deflate body, a
         # bad chunk): the client's fault, a 400, not a 500. aiohttp says why in `__cause__`.

@@ -32,22 +32,33 @@ Json = dict[str, Any]
 
 def network_fields(network: Network) -> Json:
     """A network in the shape of `NetworkOut`."""
-    return {"name": network.name, "id": network.id, "driver": network.driver,
-            "subnet": network.subnet, "gateway": network.gateway,
-            "labels": dict(network.labels), "created_at": network.created_at,
-            "version": network.version.clock}
+    return {
+        "name": network.name,
+        "id": network.id,
+        "driver": network.driver,
+        "subnet": network.subnet,
+        "gateway": network.gateway,
+        "labels": dict(network.labels),
+        "created_at": network.created_at,
+        "version": network.version.clock,
+    }
 
 
 def service_fields(service: Service) -> Json:
     """A service in the shape of `ServiceOut`."""
     return {
-        "name": service.name, "id": service.id, "networks": list(service.networks),
-        "endpoint_mode": service.endpoint_mode, "ports": [port_to_dict(p) for p in service.ports],
+        "name": service.name,
+        "id": service.id,
+        "networks": list(service.networks),
+        "endpoint_mode": service.endpoint_mode,
+        "ports": [port_to_dict(p) for p in service.ports],
         "labels": dict(service.labels),
         "vips": [{"network": v.network, "address": v.address} for v in service.vips],
-        "health_check": None if service.health_check is None
+        "health_check": None
+        if service.health_check is None
         else check_to_dict(service.health_check),
-        "created_at": service.created_at, "updated_at": service.updated_at,
+        "created_at": service.created_at,
+        "updated_at": service.updated_at,
         "version": service.version.clock,
     }
 
@@ -56,12 +67,20 @@ def task_fields(task: Task, node_status: str) -> Json:
     """A task in the shape of `TaskOut`; `node_status`: the liveness of the task's node
     as this node's gossip sees it."""
     return {
-        "id": task.id, "name": task.name, "service": task.service, "slot": task.slot,
-        "node": task.node, "node_status": node_status, "address": task.address,
+        "id": task.id,
+        "name": task.name,
+        "service": task.service,
+        "slot": task.slot,
+        "node": task.node,
+        "node_status": node_status,
+        "address": task.address,
         "ports": {str(k): v for k, v in sorted(task.ports.items())},
-        "state": task.state.value, "health": task.health.value,
-        "health_output": task.health_output, "created_at": task.created_at,
-        "updated_at": task.updated_at, "version": task.version.clock,
+        "state": task.state.value,
+        "health": task.health.value,
+        "health_output": task.health_output,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "version": task.version.clock,
     }
 
 
@@ -79,6 +98,7 @@ def task_model(task: Task, node_status: str) -> TaskOut:
 
 # The change feed's objects: the JSON of the same models.
 
+
 def network_out(network: Network) -> Json:
     return network_model(network).model_dump(mode="json")
 
@@ -92,30 +112,49 @@ def task_out(task: Task, node_status: str) -> Json:
 
 
 def network_spec(body: NetworkCreate) -> NetworkSpec:
-    return NetworkSpec(name=body.name, subnet=body.subnet, driver=body.driver,
-                       labels=dict(body.labels))
+    return NetworkSpec(
+        name=body.name, subnet=body.subnet, driver=body.driver, labels=dict(body.labels)
+    )
 
 
 def _ports(ports: list[PortIn]) -> tuple[PortSpec, ...]:
-    return tuple(PortSpec(target_port=p.target_port, published_port=p.published_port,
-                          protocol=p.protocol, publish_mode=p.publish_mode) for p in ports)
+    return tuple(
+        PortSpec(
+            target_port=p.target_port,
+            published_port=p.published_port,
+            protocol=p.protocol,
+            publish_mode=p.publish_mode,
+        )
+        for p in ports
+    )
 
 
 def _check(check: HealthCheckIn | None) -> HealthCheck | None:
     if check is None:
         return None
     return HealthCheck(
-        type=check.type, port=check.port, path=check.path, status_min=check.status_min,
-        status_max=check.status_max, interval=float(check.interval),
-        timeout=float(check.timeout), retries=check.retries,
-        start_period=float(check.start_period), ttl=float(check.ttl),
+        type=check.type,
+        port=check.port,
+        path=check.path,
+        status_min=check.status_min,
+        status_max=check.status_max,
+        interval=float(check.interval),
+        timeout=float(check.timeout),
+        retries=check.retries,
+        start_period=float(check.start_period),
+        ttl=float(check.ttl),
     )
 
 
 def service_spec(body: ServiceCreate) -> ServiceSpec:
-    return ServiceSpec(name=body.name, networks=tuple(body.networks),
-                       endpoint_mode=body.endpoint_mode, ports=_ports(body.ports),
-                       labels=dict(body.labels), health_check=_check(body.health_check))
+    return ServiceSpec(
+        name=body.name,
+        networks=tuple(body.networks),
+        endpoint_mode=body.endpoint_mode,
+        ports=_ports(body.ports),
+        labels=dict(body.labels),
+        health_check=_check(body.health_check),
+    )
 
 
 def service_patch(body: ServicePatchIn) -> ServicePatch:
@@ -132,6 +171,9 @@ def service_patch(body: ServicePatchIn) -> ServicePatch:
 
 def task_spec(service: str, body: TaskCreate) -> TaskSpec:
     """The body's `ports` keys are target ports as text ("80"), checked by the model."""
-    return TaskSpec(service=service, address=body.address,
-                    ports={net.parse_port(k, "target port"): v for k, v in body.ports.items()},
-                    name=body.name)
+    return TaskSpec(
+        service=service,
+        address=body.address,
+        ports={net.parse_port(k, "target port"): v for k, v in body.ports.items()},
+        name=body.name,
+    )

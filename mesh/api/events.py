@@ -40,8 +40,12 @@ def _object(record: Record, node_status: Callable[[str], str]) -> dict[str, Any]
 
 
 def _frame(seq: int, change: Change, node_status: Callable[[str], str]) -> bytes:
-    data = {"op": "delete" if change.after.deleted else "upsert", "kind": change.kind.value,
-            "key": change.key, "object": _object(change.after, node_status)}
+    data = {
+        "op": "delete" if change.after.deleted else "upsert",
+        "kind": change.kind.value,
+        "key": change.key,
+        "object": _object(change.after, node_status),
+    }
     return f"id: {seq}\nevent: {change.kind.value}\ndata: {json.dumps(data)}\n\n".encode()
 
 
@@ -84,8 +88,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     unfollow = feed.follow(_Stream(feed, queue))
     streams = request.app[_STREAMS]
     streams.add(queue)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
     try:
         await response.prepare(request)
         await response.write(b": connected\n\n")

@@ -23,8 +23,10 @@ _CONFLICTS = frozenset({"primary_key"})
 def _control(request: web.Request) -> KeyringControl:
     control = request.app[DEPS].keyring
     if control is None:
-        raise Conflict("this agent has no keyring: gossip is not encrypted (start it with "
-                       "--keyring FILE)", code="keyring_disabled")
+        raise Conflict(
+            "this agent has no keyring: gossip is not encrypted (start it with --keyring FILE)",
+            code="keyring_disabled",
+        )
     return control
 
 

@@ -115,10 +115,12 @@ class ServicePatchIn(_Request):
 
 
 class TaskCreate(_Request):
-    address: Annotated[str, Field(min_length=1, max_length=64,
-                                  json_schema_extra={"format": "ipv4"})]
-    ports: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,5}$")], Port],
-                     Field(max_length=64)] = Field(default_factory=dict)
+    address: Annotated[
+        str, Field(min_length=1, max_length=64, json_schema_extra={"format": "ipv4"})
+    ]
+    ports: Annotated[
+        dict[Annotated[str, Field(pattern=r"^[0-9]{1,5}$")], Port], Field(max_length=64)
+    ] = Field(default_factory=dict)
     name: TaskName | None = None
 
     @model_validator(mode="after")
@@ -230,7 +232,6 @@ class MemberOut(_Response):
     incarnation: int
     suspicion: SuspicionOut | None = None  # while suspect: its Lifeguard timer
     late_by: float | None = None  # it announced it answers this many seconds late
-
 
 
 class HealthOut(_Response):

@@ -18,9 +18,15 @@ from mesh.api.table import ROUTES, Route
 Json = dict[str, Any]
 _REF = "#/components/schemas/{model}"
 
-_ERROR_TEXT = {400: "Malformed request", 401: "Missing or wrong bearer token",
-               404: "Not found", 409: "Conflict", 413: "Body too large",
-               422: "Invalid value", 503: "The change could not be made durable"}
+_ERROR_TEXT = {
+    400: "Malformed request",
+    401: "Missing or wrong bearer token",
+    404: "Not found",
+    409: "Conflict",
+    413: "Body too large",
+    422: "Invalid value",
+    503: "The change could not be made durable",
+}
 
 
 def _schemas(table: tuple[Route, ...]) -> Json:
@@ -63,24 +69,28 @@ def _operation(route: Route) -> Json:
     statuses = set(route.errors) | {401} | ({503} if route.changes else set())
     for code in sorted(statuses):
         responses[str(code)] = {"description": _ERROR_TEXT[code], "content": error_content}
-    operation: Json = {"summary": route.summary,
-                       "operationId": route.operation_id
-                       or _operation_id(route.method, route.path),
-                       "responses": responses}
-    parameters = [{"name": p.strip("{}"), "in": "path", "required": True,
-                   "schema": {"type": "string"}}
-                  for p in route.path.split("/") if p.startswith("{")]
+    operation: Json = {
+        "summary": route.summary,
+        "operationId": route.operation_id or _operation_id(route.method, route.path),
+        "responses": responses,
+    }
+    parameters = [
+        {"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+        for p in route.path.split("/")
+        if p.startswith("{")
+    ]
     parameters += route.query
     if parameters:
         operation["parameters"] = parameters
     if route.body is not None:
         operation["requestBody"] = {
-            "required": True, "content": {"application/json": {"schema": _ref(route.body)}}}
+            "required": True,
+            "content": {"application/json": {"schema": _ref(route.body)}},
+        }
     return operation
 
 
-def build_openapi(table: tuple[Route, ...] = ROUTES,
-                  version: Literal["3.1.0"] = "3.1.0") -> Json:
+def build_openapi(table: tuple[Route, ...] = ROUTES, version: Literal["3.1.0"] = "3.1.0") -> Json:
     paths: Json = {}
     for route in table:
         paths.setdefault(route.path, {})[route.method] = _operation(route)

@@ -51,8 +51,10 @@ def _tasks_out(request: web.Request, tasks: list[Task]) -> web.Response:
         wanted = set(text.split(","))
         unknown = sorted(wanted - set(NODE_STATUSES))
         if unknown:
-            raise Invalid(f"node_status {unknown[0]!r} is not one of "
-                          f"{', '.join(NODE_STATUSES)} (several: comma-separated)")
+            raise Invalid(
+                f"node_status {unknown[0]!r} is not one of "
+                f"{', '.join(NODE_STATUSES)} (several: comma-separated)"
+            )
     found = []
     for task in tasks:
         status = status_of(task.node)
@@ -68,8 +70,9 @@ async def health(request: web.Request) -> web.Response:
 async def agent_info(request: web.Request) -> web.Response:
     """This agent: its pid and configuration, for `mesh doctor` and operators."""
     info = request.app[DEPS].agent_info
-    return answer(AgentOut.model_validate({"node": request.app[DEPS].node,
-                                           **(info() if info else {})}))
+    return answer(
+        AgentOut.model_validate({"node": request.app[DEPS].node, **(info() if info else {})})
+    )
 
 
 async def members(request: web.Request) -> web.Response:
@@ -143,7 +146,8 @@ async def update_service(request: web.Request) -> web.Response:
     expected = _expected_version(request)
     patch = convert.service_patch(await read_model(request, ServicePatchIn))
     changes = await control.apply(
-        lambda now: control.store.update_service(name, patch, now, expected))
+        lambda now: control.store.update_service(name, patch, now, expected)
+    )
     updated = changes[-1].after
     assert isinstance(updated, Service)
     return answer(convert.service_model(updated))
@@ -202,8 +206,9 @@ async def report_health(request: web.Request) -> web.Response:
     task = store.task(request.match_info["id"])
     report = await read_model(request, HealthReport)
     if task.node != deps.node:
-        raise Conflict(f"task {task.id} runs on node {task.node!r}: report its health there",
-                       code="not_local")
+        raise Conflict(
+            f"task {task.id} runs on node {task.node!r}: report its health there", code="not_local"
+        )
     healthy = report.status == "healthy"
     # The health runner owns TTL deadlines; the store records the transition.
     deps.heartbeat(task.id, healthy, report.output)
@@ -246,8 +251,11 @@ async def dns_records(request: web.Request) -> web.Response:
             raise Invalid(f"network {network_name!r} does not exist", code="unknown_network")
         network = found
     stats = deps.dns_stats() if deps.dns_stats is not None else {}
-    return answer(DnsRecordsOut.model_validate(
-        {"network": network_name, "records": deps.dns_records(network), "stats": stats}))
+    return answer(
+        DnsRecordsOut.model_validate(
+            {"network": network_name, "records": deps.dns_records(network), "stats": stats}
+        )
+    )
 
 
 async def gossip_stats(request: web.Request) -> web.Response:
@@ -269,8 +277,7 @@ async def http_stats(request: web.Request) -> web.Response:
     """The HTTP routing mesh's counters (its workers' summed, when it has workers)."""
     stats = request.app[DEPS].http_stats
     if stats is None:
-        raise Conflict("this agent runs no HTTP routing mesh (--http none)",
-                       code="http_disabled")
+        raise Conflict("this agent runs no HTTP routing mesh (--http none)", code="http_disabled")
     snapshot = stats()
     snapshot["rejected"] = {str(k): v for k, v in snapshot.get("rejected", {}).items()}
     snapshot.setdefault("routes", [])

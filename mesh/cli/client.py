@@ -74,8 +74,14 @@ class Client:
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
-    def request(self, method: str, path: str, *, body: JsonObject | None = None,
-                query: dict[str, str] | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: JsonObject | None = None,
+        query: dict[str, str] | None = None,
+    ) -> Any:
         """Send one request; the decoded JSON answer, or None for an empty one."""
         req = self._build(method, path, body, query)
         try:
@@ -86,8 +92,9 @@ class Client:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
 
-    def _build(self, method: str, path: str, body: JsonObject | None,
-               query: dict[str, str] | None) -> urllib.request.Request:
+    def _build(
+        self, method: str, path: str, body: JsonObject | None, query: dict[str, str] | None
+    ) -> urllib.request.Request:
         url = self.url + path
         if query:
             url += "?" + urllib.parse.urlencode(query)

@@ -14,27 +14,41 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 JsonObject = dict[str, Any]
 
 
-def add_command(subparsers: Subparsers, name: str, handler: Handler, *,
-                parents: list[argparse.ArgumentParser], help: str,
-                aliases: tuple[str, ...] = (), epilog: str | None = None,
-                ) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: Subparsers,
+    name: str,
+    handler: Handler,
+    *,
+    parents: list[argparse.ArgumentParser],
+    help: str,
+    aliases: tuple[str, ...] = (),
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
     """A leaf command that runs `handler`; the global options are accepted after it too.
 
     An epilog is printed as written: it holds the grammars of flag values.
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        name, help=help, description=help, parents=parents, aliases=list(aliases),
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        name,
+        help=help,
+        description=help,
+        parents=parents,
+        aliases=list(aliases),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.set_defaults(handler=handler)
     return parser
 
 
-def add_noun(subparsers: Subparsers, name: str, *, parents: list[argparse.ArgumentParser],
-             help: str) -> Subparsers:
+def add_noun(
+    subparsers: Subparsers, name: str, *, parents: list[argparse.ArgumentParser], help: str
+) -> Subparsers:
     """A command group (`mesh network ...`) whose sub-commands are required."""
     parser = subparsers.add_parser(name, help=help, description=help, parents=parents)
-    group: Subparsers = parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND",
-                                              required=True)
+    group: Subparsers = parser.add_subparsers(
+        dest=f"{name}_command", metavar="COMMAND", required=True
+    )
     return group
 
 

@@ -19,12 +19,21 @@ MARK = {"ok": "ok  ", "fail": "FAIL", "skip": "skip"}
 
 
 def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    parser = add_command(subparsers, "doctor", _doctor, parents=parents,
-                         help="check ports, DNS, the LB table, tasks and gossip peers of "
-                              "this node")
-    parser.add_argument("--settle", type=float, default=DIGEST_SETTLE, metavar="SECONDS",
-                        help="how long a peer whose tables differ is given to converge "
-                             f"(default {DIGEST_SETTLE:g})")
+    parser = add_command(
+        subparsers,
+        "doctor",
+        _doctor,
+        parents=parents,
+        help="check ports, DNS, the LB table, tasks and gossip peers of this node",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=DIGEST_SETTLE,
+        metavar="SECONDS",
+        help="how long a peer whose tables differ is given to converge "
+        f"(default {DIGEST_SETTLE:g})",
+    )
     parser.add_argument("--quiet", action="store_true", help="print failures only")
 
 
@@ -34,9 +43,14 @@ def _doctor(ctx: Context, args: argparse.Namespace) -> int:
     try:
         findings = check_all(gather(ctx.client, settle=args.settle))
     except Unreachable as exc:
-        findings = [Finding("api", "fail", f"the agent's API does not answer: {exc}",
-                            "is `mesh agent` running on this node? Is MESH_API (or --api) "
-                            "its --api address?")]
+        findings = [
+            Finding(
+                "api",
+                "fail",
+                f"the agent's API does not answer: {exc}",
+                "is `mesh agent` running on this node? Is MESH_API (or --api) its --api address?",
+            )
+        ]
     else:
         findings.insert(0, Finding("api", "ok", "the agent's API answers"))
     ok, failed, skipped = summary(findings)

@@ -34,12 +34,27 @@ _CHANGES = (
 
 
 def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    add_command(subparsers, "keygen", _keygen, parents=parents,
-                help="print a new gossip encryption key (base64, 32 bytes); needs no agent")
-    nouns = add_noun(subparsers, "keyring", parents=parents,
-                     help="manage the gossip encryption keys of the cluster")
-    add_command(nouns, "list", _list, parents=parents, aliases=("ls",),
-                help="list the installed keys by fingerprint")
+    add_command(
+        subparsers,
+        "keygen",
+        _keygen,
+        parents=parents,
+        help="print a new gossip encryption key (base64, 32 bytes); needs no agent",
+    )
+    nouns = add_noun(
+        subparsers,
+        "keyring",
+        parents=parents,
+        help="manage the gossip encryption keys of the cluster",
+    )
+    add_command(
+        nouns,
+        "list",
+        _list,
+        parents=parents,
+        aliases=("ls",),
+        help="list the installed keys by fingerprint",
+    )
     for name, method, path, help in _CHANGES:
         command = add_command(nouns, name, _changer(method, path), parents=parents, help=help)
         command.add_argument("key", metavar="KEY", help="the key, base64; - reads it from stdin")

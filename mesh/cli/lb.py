@@ -11,8 +11,13 @@ from mesh.cli.output import Context
 
 
 def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    add_command(subparsers, "lb", show_lb, parents=parents,
-                help="the L4 load-balancer table of this node (like ipvsadm -Ln)")
+    add_command(
+        subparsers,
+        "lb",
+        show_lb,
+        parents=parents,
+        help="the L4 load-balancer table of this node (like ipvsadm -Ln)",
+    )
 
 
 def table_of(answer: JsonObject) -> Table:
@@ -21,10 +26,8 @@ def table_of(answer: JsonObject) -> Table:
     try:
         for entry in answer.get("services", []):
             key = VirtualKey(entry["protocol"], entry["address"], int(entry["port"]))
-            options = ServiceOptions(Scheduler(entry["scheduler"]),
-                                     bool(entry["proxy_protocol"]))
-            reals = {Real(r["address"], int(r["port"])): int(r["weight"])
-                     for r in entry["reals"]}
+            options = ServiceOptions(Scheduler(entry["scheduler"]), bool(entry["proxy_protocol"]))
+            reals = {Real(r["address"], int(r["port"])): int(r["weight"]) for r in entry["reals"]}
             table[key] = VirtualService(key, options, reals)
     except (KeyError, TypeError, ValueError) as exc:
         raise CliError(f"the agent answered an L4 table this client cannot read: {exc}") from None
@@ -38,8 +41,9 @@ def show_lb(ctx: Context, args: argparse.Namespace) -> int:
     if ctx.json:
         ctx.emit_json(answer)
         return 0
-    ctx.emit_line(f"backend {answer.get('backend')} ({answer.get('reason')}); "
-                  f"errors {answer.get('errors')}")
+    ctx.emit_line(
+        f"backend {answer.get('backend')} ({answer.get('reason')}); errors {answer.get('errors')}"
+    )
     ctx.emit_line("Prot LocalAddress:Port Scheduler Flags")
     ctx.emit_line("  -> RemoteAddress:Port  Weight")
     for line in describe(table_of(answer)):

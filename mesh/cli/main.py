@@ -50,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mesh", description="meshplane: the mesh client.",
-                                     epilog=EPILOG)
+    parser = argparse.ArgumentParser(
+        prog="mesh", description="meshplane: the mesh client.", epilog=EPILOG
+    )
     _add_global_options(parser, suppress=False)
     parents = [_global_parent()]
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Listed for --help only: `mesh agent ...` never reaches this parser (see main).
-    commands.add_parser("agent", add_help=False,
-                        help="run the agent on this node (see: mesh agent --help)")
+    commands.add_parser(
+        "agent", add_help=False, help="run the agent on this node (see: mesh agent --help)"
+    )
     for noun in NOUNS:
         noun.register(commands, parents)
     return parser
@@ -70,13 +72,25 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     keeps what was given before the sub-command instead of resetting it.
     """
     default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--api", metavar="HOST:PORT", default=default,
-                        help="the agent's API (default: $MESH_API, else 127.0.0.1:2377; "
-                             "http://HOST:PORT works too)")
-    parser.add_argument("--token", metavar="TOKEN", default=default,
-                        help="bearer token for the API (default: $MESH_API_TOKEN)")
-    parser.add_argument("--json", action="store_true", default=default or False,
-                        help="print JSON for scripts instead of a table")
+    parser.add_argument(
+        "--api",
+        metavar="HOST:PORT",
+        default=default,
+        help="the agent's API (default: $MESH_API, else 127.0.0.1:2377; "
+        "http://HOST:PORT works too)",
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default,
+        help="bearer token for the API (default: $MESH_API_TOKEN)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default or False,
+        help="print JSON for scripts instead of a table",
+    )
 
 
 def _global_parent() -> argparse.ArgumentParser:

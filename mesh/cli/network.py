@@ -17,22 +17,32 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
     nouns = add_noun(subparsers, "network", parents=parents, help="manage networks")
     create = add_command(nouns, "create", _create, parents=parents, help="create a network")
     create.add_argument("name", metavar="NAME")
-    create.add_argument("--subnet", metavar="CIDR",
-                        help="its subnet (default: the next free /24 of the address pool)")
+    create.add_argument(
+        "--subnet",
+        metavar="CIDR",
+        help="its subnet (default: the next free /24 of the address pool)",
+    )
     create.add_argument("--driver", metavar="D", help="its driver (default: overlay)")
-    create.add_argument("--label", metavar="K=V", action="append", default=[],
-                        help="a label; repeatable")
+    create.add_argument(
+        "--label", metavar="K=V", action="append", default=[], help="a label; repeatable"
+    )
     add_command(nouns, "ls", _ls, parents=parents, help="list networks", aliases=("list",))
-    for name, handler, help in (("inspect", _inspect, "show a network as JSON"),
-                                ("rm", _rm, "remove a network")):
+    for name, handler, help in (
+        ("inspect", _inspect, "show a network as JSON"),
+        ("rm", _rm, "remove a network"),
+    ):
         command = add_command(nouns, name, handler, parents=parents, help=help)
         command.add_argument("name", metavar="NAME")
 
 
 def row(network: JsonObject) -> list[str]:
-    return [short_id(text(network.get("id"))), text(network.get("name")),
-            text(network.get("driver")), text(network.get("subnet")),
-            text(network.get("gateway"))]
+    return [
+        short_id(text(network.get("id"))),
+        text(network.get("name")),
+        text(network.get("driver")),
+        text(network.get("subnet")),
+        text(network.get("gateway")),
+    ]
 
 
 def _create(ctx: Context, args: argparse.Namespace) -> int:

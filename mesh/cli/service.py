@@ -28,31 +28,49 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
     _add_create(nouns, parents)
     add_command(nouns, "ls", _ls, parents=parents, help="list services", aliases=("list",))
     _add_update(nouns, parents)
-    for name, handler, help in (("inspect", _inspect, "show a service as JSON"),
-                                ("rm", _rm, "remove a service and its tasks")):
+    for name, handler, help in (
+        ("inspect", _inspect, "show a service as JSON"),
+        ("rm", _rm, "remove a service and its tasks"),
+    ):
         command = add_command(nouns, name, handler, parents=parents, help=help)
         command.add_argument("name", metavar="NAME")
 
 
 def _add_create(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    create = add_command(nouns, "create", _create, parents=parents, help="create a service",
-                         epilog=GRAMMARS)
+    create = add_command(
+        nouns, "create", _create, parents=parents, help="create a service", epilog=GRAMMARS
+    )
     create.add_argument("name", metavar="NAME")
-    create.add_argument("--network", metavar="NET", action="append", default=[],
-                        help="attach to a network; repeatable")
-    create.add_argument("--publish", "-p", metavar="SPEC", action="append", default=[],
-                        help=spec.PUBLISH_HELP)
-    create.add_argument("--endpoint-mode", choices=ENDPOINT_MODES,
-                        help="vip (a virtual IP, the default) or dnsrr (DNS round robin)")
-    create.add_argument("--label", metavar="K=V", action="append", default=[],
-                        help="a label; repeatable")
+    create.add_argument(
+        "--network",
+        metavar="NET",
+        action="append",
+        default=[],
+        help="attach to a network; repeatable",
+    )
+    create.add_argument(
+        "--publish", "-p", metavar="SPEC", action="append", default=[], help=spec.PUBLISH_HELP
+    )
+    create.add_argument(
+        "--endpoint-mode",
+        choices=ENDPOINT_MODES,
+        help="vip (a virtual IP, the default) or dnsrr (DNS round robin)",
+    )
+    create.add_argument(
+        "--label", metavar="K=V", action="append", default=[], help="a label; repeatable"
+    )
     create.add_argument("--health-check", metavar="SPEC", help=spec.HEALTH_CHECK_HELP)
 
 
 def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
-    update = add_command(nouns, "update", _update, parents=parents,
-                         help="change a service (refused if it changed meanwhile)",
-                         epilog=GRAMMARS)
+    update = add_command(
+        nouns,
+        "update",
+        _update,
+        parents=parents,
+        help="change a service (refused if it changed meanwhile)",
+        epilog=GRAMMARS,
+    )
     update.add_argument("name", metavar="NAME")
     for flag, metavar, help in (
         ("--network-add", "NET", "attach to a network"),
@@ -62,12 +80,14 @@ def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
         ("--label-add", "K=V", "add or change a label"),
         ("--label-rm", "K", "remove a label"),
     ):
-        update.add_argument(flag, metavar=metavar, action="append", default=[],
-                            help=f"{help}; repeatable")
+        update.add_argument(
+            flag, metavar=metavar, action="append", default=[], help=f"{help}; repeatable"
+        )
     update.add_argument("--endpoint-mode", choices=ENDPOINT_MODES, help="vip or dnsrr")
     check = update.add_mutually_exclusive_group()
-    check.add_argument("--health-check", metavar="SPEC",
-                       help="set the health check, as --health-check (below)")
+    check.add_argument(
+        "--health-check", metavar="SPEC", help="set the health check, as --health-check (below)"
+    )
     check.add_argument("--no-health-check", action="store_true", help="remove the health check")
 
 
@@ -91,19 +111,23 @@ def changes_of(args: argparse.Namespace) -> ServiceChanges:
     """What `service update`'s flags ask for; parses every flag before anything is sent."""
     check = args.health_check
     return ServiceChanges(
-        network_add=tuple(args.network_add), network_rm=tuple(args.network_rm),
+        network_add=tuple(args.network_add),
+        network_rm=tuple(args.network_rm),
         publish_add=tuple(spec.parse_publish(p) for p in args.publish_add),
         publish_rm=tuple(spec.parse_published_ref(p) for p in args.publish_rm),
         label_add=spec.parse_labels(args.label_add, "--label-add"),
-        label_rm=tuple(args.label_rm), endpoint_mode=args.endpoint_mode,
+        label_rm=tuple(args.label_rm),
+        endpoint_mode=args.endpoint_mode,
         health_check=None if check is None else spec.parse_health_check(check),
         clear_health_check=bool(args.no_health_check),
     )
 
 
 def format_port(port: JsonObject) -> str:
-    mapping = (f"{text(port.get('published_port'))}->{text(port.get('target_port'))}"
-               f"/{port.get('protocol', 'tcp')}")
+    mapping = (
+        f"{text(port.get('published_port'))}->{text(port.get('target_port'))}"
+        f"/{port.get('protocol', 'tcp')}"
+    )
     return mapping if port.get("publish_mode") == "host" else f"*:{mapping}"
 
 
@@ -118,8 +142,10 @@ def task_counts(tasks: list[JsonObject]) -> dict[str, tuple[int, int]]:
 def row(service: JsonObject, counts: dict[str, tuple[int, int]]) -> list[str]:
     healthy, total = counts.get(text(service.get("name")), (0, 0))
     return [
-        short_id(text(service.get("id"))), text(service.get("name")),
-        text(service.get("endpoint_mode")), ",".join(service.get("networks") or []),
+        short_id(text(service.get("id"))),
+        text(service.get("name")),
+        text(service.get("endpoint_mode")),
+        ",".join(service.get("networks") or []),
         ",".join(text(v.get("address")) for v in json_objects(service.get("vips"))),
         ",".join(format_port(p) for p in json_objects(service.get("ports"))),
         f"{healthy}/{total}",

@@ -24,7 +24,8 @@ JsonObject = dict[str, Any]
 PROTOCOLS = ("tcp", "udp")
 PUBLISH_MODES = ("ingress", "host")
 _SHORT_PUBLISH = re.compile(
-    r"^(?:(?P<published>[0-9]+):)?(?P<target>[0-9]+)(?:/(?P<protocol>\w+))?$")
+    r"^(?:(?P<published>[0-9]+):)?(?P<target>[0-9]+)(?:/(?P<protocol>\w+))?$"
+)
 _LONG_PUBLISH_KEYS = ("published", "target", "protocol", "mode")
 
 PUBLISH_HELP = "publish a port: PUB:TARGET[/tcp|/udp], TARGET[/PROTO] or the long form (below)"
@@ -96,7 +97,8 @@ def parse_published_ref(text: str) -> tuple[int, str]:
     port, _, protocol = text.strip().partition("/")
     try:
         return parse_port(port, "published port"), parse_choice(
-            protocol or "tcp", "protocol", PROTOCOLS)
+            protocol or "tcp", "protocol", PROTOCOLS
+        )
     except SpecError as exc:
         raise SpecError(f"invalid --publish-rm {text!r}: {exc}") from None
 
@@ -229,6 +231,7 @@ def _positive(key: str) -> Callable[[str], JsonObject]:
         if seconds <= 0:
             raise SpecError(f"{key} must be more than 0")
         return {key: seconds}
+
     return convert
 
 

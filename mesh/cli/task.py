@@ -16,27 +16,37 @@ from mesh.cli.output import Context
 from mesh.cli.spec import parse_port_map
 from mesh.cli.table import short_id
 
-HEADERS = ("ID", "NAME", "SERVICE", "NODE", "NODE STATUS", "ADDRESS", "PORTS", "STATE",
-           "HEALTH")
+HEADERS = ("ID", "NAME", "SERVICE", "NODE", "NODE STATUS", "ADDRESS", "PORTS", "STATE", "HEALTH")
 
 
 def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     nouns = add_noun(subparsers, "task", parents=parents, help="manage tasks (service instances)")
-    add = add_command(nouns, "add", _add, parents=parents,
-                      help="register a task of a service on this node")
+    add = add_command(
+        nouns, "add", _add, parents=parents, help="register a task of a service on this node"
+    )
     add.add_argument("service", metavar="SERVICE")
     add.add_argument("--address", metavar="IP", required=True, help="the task's IPv4 address")
-    add.add_argument("--port", metavar="TARGET=ACTUAL", action="append", default=[],
-                     help="the task serves the service's TARGET port on ACTUAL; repeatable")
+    add.add_argument(
+        "--port",
+        metavar="TARGET=ACTUAL",
+        action="append",
+        default=[],
+        help="the task serves the service's TARGET port on ACTUAL; repeatable",
+    )
     add.add_argument("--name", metavar="NAME", help="its name (default: SERVICE.SLOT.ID)")
     ls = add_command(nouns, "ls", _ls, parents=parents, help="list tasks", aliases=("list",))
     ls.add_argument("service", metavar="SERVICE", nargs="?", help="only this service's")
     ls.add_argument("--node", metavar="NODE", help="only this node's")
-    ls.add_argument("--node-status", metavar="STATUS",
-                    help="only tasks whose node is alive, suspect, dead, left or unknown "
-                         "(comma-separated for several)")
-    for name, handler, help in (("inspect", _inspect, "show a task as JSON"),
-                                ("rm", _rm, "deregister a task (it drains, then goes)")):
+    ls.add_argument(
+        "--node-status",
+        metavar="STATUS",
+        help="only tasks whose node is alive, suspect, dead, left or unknown "
+        "(comma-separated for several)",
+    )
+    for name, handler, help in (
+        ("inspect", _inspect, "show a task as JSON"),
+        ("rm", _rm, "deregister a task (it drains, then goes)"),
+    ):
         command = add_command(nouns, name, handler, parents=parents, help=help)
         command.add_argument("task", metavar="TASK", help="its id, id prefix or name")
 
@@ -57,9 +67,17 @@ def format_ports(ports: object) -> str:
 
 
 def row(task: JsonObject) -> list[str]:
-    return [short_id(text(task.get("id"))), text(task.get("name")), text(task.get("service")),
-            text(task.get("node")), text(task.get("node_status")), text(task.get("address")),
-            format_ports(task.get("ports")), text(task.get("state")), text(task.get("health"))]
+    return [
+        short_id(text(task.get("id"))),
+        text(task.get("name")),
+        text(task.get("service")),
+        text(task.get("node")),
+        text(task.get("node_status")),
+        text(task.get("address")),
+        format_ports(task.get("ports")),
+        text(task.get("state")),
+        text(task.get("health")),
+    ]
 
 
 def match_task(tasks: list[JsonObject], ref: str) -> JsonObject | None:
@@ -96,8 +114,15 @@ def _add(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _ls(ctx: Context, args: argparse.Namespace) -> int:
-    query = {k: v for k, v in (("service", args.service), ("node", args.node),
-                               ("node_status", args.node_status)) if v}
+    query = {
+        k: v
+        for k, v in (
+            ("service", args.service),
+            ("node", args.node),
+            ("node_status", args.node_status),
+        )
+        if v
+    }
     tasks = json_objects(ctx.client.get("/v1/tasks", query))
     if ctx.json:
         ctx.emit_json(tasks)

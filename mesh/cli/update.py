@@ -90,7 +90,8 @@ def _ports(service: JsonObject, changes: ServiceChanges) -> list[JsonObject]:
         kept = [p for p in ports if not _publishes(p, published, protocol)]
         if len(kept) == len(ports):
             raise CliError(
-                f"service {service.get('name', '?')!r} does not publish {published}/{protocol}")
+                f"service {service.get('name', '?')!r} does not publish {published}/{protocol}"
+            )
         ports = kept
     for port in changes.publish_add:
         if not any(_same_port(port, p) for p in ports):
@@ -106,8 +107,7 @@ def _same_port(new: JsonObject, old: JsonObject) -> bool:
 
 
 def _publishes(port: JsonObject, published: int, protocol: str) -> bool:
-    return bool(port.get("published_port") == published
-                and port.get("protocol", "tcp") == protocol)
+    return bool(port.get("published_port") == published and port.get("protocol", "tcp") == protocol)
 
 
 def _labels(service: JsonObject, changes: ServiceChanges) -> dict[str, str]:

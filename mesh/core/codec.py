@@ -35,44 +35,73 @@ def record_to_dict(record: Record) -> Json:
     match record:
         case Network():
             return common | {
-                "kind": Kind.NETWORK.value, "name": record.name, "id": record.id,
-                "driver": record.driver, "subnet": record.subnet, "gateway": record.gateway,
-                "labels": dict(record.labels), "created_at": record.created_at,
+                "kind": Kind.NETWORK.value,
+                "name": record.name,
+                "id": record.id,
+                "driver": record.driver,
+                "subnet": record.subnet,
+                "gateway": record.gateway,
+                "labels": dict(record.labels),
+                "created_at": record.created_at,
             }
         case Service():
             return common | {
-                "kind": Kind.SERVICE.value, "name": record.name, "id": record.id,
-                "networks": list(record.networks), "endpoint_mode": record.endpoint_mode,
+                "kind": Kind.SERVICE.value,
+                "name": record.name,
+                "id": record.id,
+                "networks": list(record.networks),
+                "endpoint_mode": record.endpoint_mode,
                 "ports": [port_to_dict(p) for p in record.ports],
                 "labels": dict(record.labels),
                 "vips": [{"network": v.network, "address": v.address} for v in record.vips],
-                "health_check": None if record.health_check is None
+                "health_check": None
+                if record.health_check is None
                 else check_to_dict(record.health_check),
-                "created_at": record.created_at, "updated_at": record.updated_at,
+                "created_at": record.created_at,
+                "updated_at": record.updated_at,
             }
         case Task():
             return common | {
-                "kind": Kind.TASK.value, "id": record.id, "name": record.name,
-                "service": record.service, "slot": record.slot, "node": record.node,
+                "kind": Kind.TASK.value,
+                "id": record.id,
+                "name": record.name,
+                "service": record.service,
+                "slot": record.slot,
+                "node": record.node,
                 "address": record.address,
                 "ports": {str(k): v for k, v in record.ports.items()},
-                "state": record.state.value, "health": record.health.value,
-                "health_output": record.health_output, "drain_until": record.drain_until,
-                "created_at": record.created_at, "updated_at": record.updated_at,
+                "state": record.state.value,
+                "health": record.health.value,
+                "health_output": record.health_output,
+                "drain_until": record.drain_until,
+                "created_at": record.created_at,
+                "updated_at": record.updated_at,
             }
     raise TypeError(f"not a record: {record!r}")
 
 
 def port_to_dict(port: PortConfig) -> Json:
-    return {"protocol": port.protocol, "target_port": port.target_port,
-            "published_port": port.published_port, "publish_mode": port.publish_mode}
+    return {
+        "protocol": port.protocol,
+        "target_port": port.target_port,
+        "published_port": port.published_port,
+        "publish_mode": port.publish_mode,
+    }
 
 
 def check_to_dict(check: HealthCheck) -> Json:
-    return {"type": check.type, "port": check.port, "path": check.path,
-            "status_min": check.status_min, "status_max": check.status_max,
-            "interval": check.interval, "timeout": check.timeout, "retries": check.retries,
-            "start_period": check.start_period, "ttl": check.ttl}
+    return {
+        "type": check.type,
+        "port": check.port,
+        "path": check.path,
+        "status_min": check.status_min,
+        "status_max": check.status_max,
+        "interval": check.interval,
+        "timeout": check.timeout,
+        "retries": check.retries,
+        "start_period": check.start_period,
+        "ttl": check.ttl,
+    }
 
 
 def record_from_dict(data: Json) -> Record:
@@ -82,27 +111,46 @@ def record_from_dict(data: Json) -> Record:
     kind = Kind(data["kind"])
     if kind is Kind.NETWORK:
         return Network(
-            name=data["name"], id=data["id"], driver=data["driver"], subnet=data["subnet"],
-            gateway=data["gateway"], labels=dict(data["labels"]),
-            created_at=float(data["created_at"]), version=version, deleted=deleted,
+            name=data["name"],
+            id=data["id"],
+            driver=data["driver"],
+            subnet=data["subnet"],
+            gateway=data["gateway"],
+            labels=dict(data["labels"]),
+            created_at=float(data["created_at"]),
+            version=version,
+            deleted=deleted,
         )
     if kind is Kind.SERVICE:
         check = data["health_check"]
         return Service(
-            name=data["name"], id=data["id"], networks=tuple(data["networks"]),
+            name=data["name"],
+            id=data["id"],
+            networks=tuple(data["networks"]),
             endpoint_mode=data["endpoint_mode"],
-            ports=tuple(PortConfig(**p) for p in data["ports"]), labels=dict(data["labels"]),
+            ports=tuple(PortConfig(**p) for p in data["ports"]),
+            labels=dict(data["labels"]),
             vips=tuple(Vip(**v) for v in data["vips"]),
             health_check=None if check is None else HealthCheck(**check),
-            created_at=float(data["created_at"]), updated_at=float(data["updated_at"]),
-            version=version, deleted=deleted,
+            created_at=float(data["created_at"]),
+            updated_at=float(data["updated_at"]),
+            version=version,
+            deleted=deleted,
         )
     return Task(
-        id=data["id"], name=data["name"], service=data["service"], slot=int(data["slot"]),
-        node=data["node"], address=data["address"],
+        id=data["id"],
+        name=data["name"],
+        service=data["service"],
+        slot=int(data["slot"]),
+        node=data["node"],
+        address=data["address"],
         ports={int(k): int(v) for k, v in data["ports"].items()},
-        state=TaskState(data["state"]), health=Health(data["health"]),
-        health_output=data["health_output"], drain_until=data["drain_until"],
-        created_at=float(data["created_at"]), updated_at=float(data["updated_at"]),
-        version=version, deleted=deleted,
+        state=TaskState(data["state"]),
+        health=Health(data["health"]),
+        health_output=data["health_output"],
+        drain_until=data["drain_until"],
+        created_at=float(data["created_at"]),
+        updated_at=float(data["updated_at"]),
+        version=version,
+        deleted=deleted,
     )

@@ -39,8 +39,13 @@ class Numbered:
 
 
 class ChangeFeed:
-    def __init__(self, snapshot: Callable[[], Iterable[Record]],
-                 history: int = DEFAULT_HISTORY, *, shown: Shown | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Iterable[Record]],
+        history: int = DEFAULT_HISTORY,
+        *,
+        shown: Shown | None = None,
+    ) -> None:
         self._snapshot = snapshot
         self._history: collections.deque[Numbered] = collections.deque(maxlen=history)
         self._listeners: list[Listener] = []
@@ -52,8 +57,10 @@ class ChangeFeed:
         self._show_record = shown.hide
 
     def __repr__(self) -> str:
-        return (f"<ChangeFeed seq={self.seq} kept={len(self._history)} "
-                f"listeners={len(self._listeners)}>")
+        return (
+            f"<ChangeFeed seq={self.seq} kept={len(self._history)} "
+            f"listeners={len(self._listeners)}>"
+        )
 
     def publish(self, changes: Iterable[Change], *, shown: bool = False) -> None:
         """Number and deliver changes; `shown` ones are already as the views see them."""
@@ -66,8 +73,9 @@ class ChangeFeed:
                     listener(change)
                 except Exception:
                     # A view's bug must not stop the others, nor the write that follows.
-                    log.exception("change feed listener %r failed on %s %s", listener,
-                                  change.kind, change.key)
+                    log.exception(
+                        "change feed listener %r failed on %s %s", listener, change.kind, change.key
+                    )
 
     def follow(self, view: View) -> Callable[[], None]:
         """Load `view` with the snapshot, then give it every later change; returns the

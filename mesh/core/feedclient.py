@@ -49,8 +49,7 @@ class FeedClient:
         self._writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> list[Record]:
-        self._reader, self._writer = await asyncio.open_unix_connection(self.path,
-                                                                        limit=LINE_LIMIT)
+        self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=LINE_LIMIT)
         first = json.loads(await self._reader.readline())
         records = [record_from_dict(r) for r in first["records"]]
         self.seq = int(first["snapshot"])

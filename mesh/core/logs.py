@@ -29,8 +29,10 @@ def event(log: logging.Logger, what: str, level: int = logging.INFO, /, **fields
 class _LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = (f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
-                f"logger={record.name} {record.getMessage()}")
+        line = (
+            f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+            f"logger={record.name} {record.getMessage()}"
+        )
         if record.exc_info:
             line += " exc=" + _quote(self.formatException(record.exc_info))
         return line

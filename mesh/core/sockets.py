@@ -39,8 +39,11 @@ class SocketOwners:
 
     def holders(self, protocol: str, port: int) -> list[tuple[int, str]]:
         """(pid, bound address) of every socket on `port` whose owner can be read."""
-        return [(held.pid, held.address) for held in self.sockets(protocol, port)
-                if held.pid is not None]
+        return [
+            (held.pid, held.address)
+            for held in self.sockets(protocol, port)
+            if held.pid is not None
+        ]
 
     def sockets(self, protocol: str, port: int, *, any_udp_state: bool = False) -> list[Held]:
         """Every listening TCP (bound UDP) socket on `port`; `any_udp_state`: connected
@@ -95,7 +98,7 @@ def in_the_way(address: str, held: str) -> bool:
 def address_of(hexed: str) -> str:
     """An address as /proc/net shows it (little-endian hex words) in text form."""
     raw = bytes.fromhex(hexed)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     if len(words) == 4:
         return socket.inet_ntop(socket.AF_INET, words)
     if words[:12] == b"\0" * 10 + b"\xff\xff":  # an IPv4-mapped address
@@ -130,8 +133,9 @@ def _where(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def holder_of(protocol: str, host: str, port: int, *, ours: set[int],
-              owners: SocketOwners | None = None) -> Held | None:
+def holder_of(
+    protocol: str, host: str, port: int, *, ours: set[int], owners: SocketOwners | None = None
+) -> Held | None:
     """The first socket not held by `ours` (PIDs) that keeps `host:port` from being bound."""
     owners = owners or SocketOwners()
     for held in owners.sockets(protocol, port, any_udp_state=True):
@@ -144,14 +148,24 @@ def in_use_by(held: Held) -> str:
     """`by PID 1234 (nginx) on tcp 0.0.0.0:80`: the holder as `ss -lntup` would show it."""
     on = f"on {held.protocol} {_where(held.address, held.port)}"
     if held.pid is None:
-        return (f"by a process of uid {held.uid} that this user cannot see, {on} "
-                f"(`sudo ss -lntup 'sport = :{held.port}'` names it)")
+        return (
+            f"by a process of uid {held.uid} that this user cannot see, {on} "
+            f"(`sudo ss -lntup 'sport = :{held.port}'` names it)"
+        )
     name = process_name(held.pid)
     return f"by PID {held.pid}{f' ({name})' if name else ''} {on}"
 
 
-def bind_failure(role: str, protocols: Iterable[str], host: str, port: int, error: OSError,
-                 *, ours: set[int], owners: SocketOwners | None = None) -> str:
+def bind_failure(
+    role: str,
+    protocols: Iterable[str],
+    host: str,
+    port: int,
+    error: OSError,
+    *,
+    ours: set[int],
+    owners: SocketOwners | None = None,
+) -> str:
     """One line saying why `role` could not bind `host:port`, naming who holds it.
 
     `protocols`: those the role binds there (DNS and gossip: udp and tcp), searched
@@ -174,7 +188,11 @@ def bind_failure(role: str, protocols: Iterable[str], host: str, port: int, erro
     for protocol in protocols:  # none foreign: another listener of the agent's own?
         held = holder_of(protocol, host, port, ours=set(), owners=owners)
         if held is not None and held.pid in ours:
-            return (f"{role} {where} is in use by this agent itself, {in_use_by(held)}: "
-                    "two of its listeners are given one address and port")
-    return (f"{role} {where} is in use (no listening socket on it found in /proc; "
-            f"`ss -lntup 'sport = :{port}'` may name the holder)")
+            return (
+                f"{role} {where} is in use by this agent itself, {in_use_by(held)}: "
+                "two of its listeners are given one address and port"
+            )
+    return (
+        f"{role} {where} is in use (no listening socket on it found in /proc; "
+        f"`ss -lntup 'sport = :{port}'` may name the holder)"
+    )

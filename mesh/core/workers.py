@@ -32,8 +32,9 @@ class WorkerPool:
         self._stopping = False
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._keep(i), name=f"{self.name}-{i}")
-                       for i in range(self._count)]
+        self._tasks = [
+            asyncio.create_task(self._keep(i), name=f"{self.name}-{i}") for i in range(self._count)
+        ]
 
     async def _keep(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -46,10 +47,16 @@ class WorkerPool:
             code = await proc.wait()
             if self._stopping:
                 return
-            event(log, "worker_exited", logging.WARNING, pool=self.name, index=index,
-                  pid=proc.pid, code=code)
-            backoff = 0.5 if loop.time() - started > HEALTHY_RUN else min(backoff * 2,
-                                                                           MAX_BACKOFF)
+            event(
+                log,
+                "worker_exited",
+                logging.WARNING,
+                pool=self.name,
+                index=index,
+                pid=proc.pid,
+                code=code,
+            )
+            backoff = 0.5 if loop.time() - started > HEALTHY_RUN else min(backoff * 2, MAX_BACKOFF)
             await asyncio.sleep(backoff)
 
     async def stop(self) -> None:

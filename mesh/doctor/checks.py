@@ -32,8 +32,12 @@ class Finding:
     hint: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {"check": self.check, "status": self.status, "message": self.message,
-                "hint": self.hint}
+        return {
+            "check": self.check,
+            "status": self.status,
+            "message": self.message,
+            "hint": self.hint,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,26 +82,42 @@ class Facts:
 
 
 def check_all(facts: Facts) -> list[Finding]:
-    return [*check_listeners(facts), *check_published(facts), *check_dns(facts),
-            *check_lb(facts), *check_tasks(facts), *check_gossip(facts),
-            *check_capacity(facts)]
+    return [
+        *check_listeners(facts),
+        *check_published(facts),
+        *check_dns(facts),
+        *check_lb(facts),
+        *check_tasks(facts),
+        *check_gossip(facts),
+        *check_capacity(facts),
+    ]
 
 
 def check_listeners(facts: Facts) -> Iterable[Finding]:
     for sock in facts.listeners:
         where = f"{sock.what} on {sock.address}:{sock.port}/{sock.protocol}"
         if sock.foreign_pid is not None:
-            owner = f"{sock.foreign_name} (pid {sock.foreign_pid})" if sock.foreign_name \
+            owner = (
+                f"{sock.foreign_name} (pid {sock.foreign_pid})"
+                if sock.foreign_name
                 else f"pid {sock.foreign_pid}"
-            yield Finding("listen", "fail", f"{where} is held by {owner}, not the agent "
-                          f"(pid {facts.agent_pid})",
-                          f"stop {owner} or move it to another port; then restart the agent "
-                          "or re-publish the port")
+            )
+            yield Finding(
+                "listen",
+                "fail",
+                f"{where} is held by {owner}, not the agent (pid {facts.agent_pid})",
+                f"stop {owner} or move it to another port; then restart the agent "
+                "or re-publish the port",
+            )
         elif sock.agent_listens:
             yield Finding("listen", "ok", f"{where}: the agent listens")
         elif sock.required_listener:
-            yield Finding("listen", "fail", f"nothing listens for {where}",
-                          "look for agent_start_failed or lb_backend_error in the agent's log")
+            yield Finding(
+                "listen",
+                "fail",
+                f"nothing listens for {where}",
+                "look for agent_start_failed or lb_backend_error in the agent's log",
+            )
 
 
 def check_published(facts: Facts) -> Iterable[Finding]:
@@ -105,26 +125,41 @@ def check_published(facts: Facts) -> Iterable[Finding]:
         if answered:
             yield Finding("listen", "ok", f"published port {port}/{protocol} answers")
         else:
-            yield Finding("listen", "fail", f"published port {port}/{protocol} does not answer "
-                          "on this node", "check `mesh lb` for the port and that its tasks are "
-                          "healthy (`mesh task ls`)")
+            yield Finding(
+                "listen",
+                "fail",
+                f"published port {port}/{protocol} does not answer on this node",
+                "check `mesh lb` for the port and that its tasks are healthy (`mesh task ls`)",
+            )
 
 
 def check_dns(facts: Facts) -> Iterable[Finding]:
     if facts.dns_error is not None:
-        yield Finding("dns", "skip" if facts.dns_error == "disabled" else "fail",
-                      f"embedded DNS: {facts.dns_error}",
-                      "" if facts.dns_error == "disabled" else
-                      "is the agent's --dns address reachable from here?")
+        yield Finding(
+            "dns",
+            "skip" if facts.dns_error == "disabled" else "fail",
+            f"embedded DNS: {facts.dns_error}",
+            ""
+            if facts.dns_error == "disabled"
+            else "is the agent's --dns address reachable from here?",
+        )
         return
     for name, (expected, answered) in sorted(facts.dns.items()):
         if answered is None:
-            yield Finding("dns", "fail", f"the embedded DNS gave no answer for {name}",
-                          "query it by hand: dig @<dns address> " + name)
+            yield Finding(
+                "dns",
+                "fail",
+                f"the embedded DNS gave no answer for {name}",
+                "query it by hand: dig @<dns address> " + name,
+            )
         elif sorted(answered) != sorted(expected):
-            yield Finding("dns", "fail", f"{name} resolves to {', '.join(answered) or 'nothing'}"
-                          f", the state says {', '.join(expected) or 'nothing'}",
-                          "the DNS view lags the state: look for errors in the agent's log")
+            yield Finding(
+                "dns",
+                "fail",
+                f"{name} resolves to {', '.join(answered) or 'nothing'}"
+                f", the state says {', '.join(expected) or 'nothing'}",
+                "the DNS view lags the state: look for errors in the agent's log",
+            )
         else:
             yield Finding("dns", "ok", f"{name} resolves to {', '.join(answered) or 'nothing'}")
 
@@ -136,19 +171,36 @@ def check_lb(facts: Facts) -> Iterable[Finding]:
     drift = lb_drift(facts.lb_programmed, facts.lb_desired)
     if not drift:
         reals = sum(len(s.reals) for s in facts.lb_programmed.values())
-        yield Finding("lb", "ok", f"{facts.lb_backend} table matches the state: "
-                      f"{len(facts.lb_programmed)} virtual services, {reals} real servers")
+        yield Finding(
+            "lb",
+            "ok",
+            f"{facts.lb_backend} table matches the state: "
+            f"{len(facts.lb_programmed)} virtual services, {reals} real servers",
+        )
     for line in drift:
-        yield Finding("lb", "fail", line,
-                      "an entry the agent did not make, or one it failed to change: restart "
-                      "the agent (it reconciles its table at start) or remove it by hand")
+        yield Finding(
+            "lb",
+            "fail",
+            line,
+            "an entry the agent did not make, or one it failed to change: restart "
+            "the agent (it reconciles its table at start) or remove it by hand",
+        )
     for key, why in sorted(facts.lb_unbound.items()):
-        yield Finding("lb", "fail", f"virtual service {key} is not programmed: {why}",
-                      "free what is in its way; the backend retries at the service's next "
-                      "change (or restart the agent)")
+        yield Finding(
+            "lb",
+            "fail",
+            f"virtual service {key} is not programmed: {why}",
+            "free what is in its way; the backend retries at the service's next "
+            "change (or restart the agent)",
+        )
     if facts.lb_errors:
-        yield Finding("lb", "fail", f"the {facts.lb_backend} backend refused {facts.lb_errors} "
-                      "changes since the agent started", "see lb_backend_error in the agent's log")
+        yield Finding(
+            "lb",
+            "fail",
+            f"the {facts.lb_backend} backend refused {facts.lb_errors} "
+            "changes since the agent started",
+            "see lb_backend_error in the agent's log",
+        )
 
 
 def lb_drift(programmed: Table, desired: Table) -> list[str]:
@@ -156,11 +208,14 @@ def lb_drift(programmed: Table, desired: Table) -> list[str]:
     lines = []
     for op in diff(programmed, desired):
         if isinstance(op, DeleteService):
-            lines.append(f"stale virtual service {op.key}: programmed, but nothing in the "
-                         "state wants it")
+            lines.append(
+                f"stale virtual service {op.key}: programmed, but nothing in the state wants it"
+            )
         elif isinstance(op, DeleteReal):
-            lines.append(f"stale real server {op.real} under {op.key}: programmed, but it is "
-                         "no healthy task of the service")
+            lines.append(
+                f"stale real server {op.real} under {op.key}: programmed, but it is "
+                "no healthy task of the service"
+            )
         elif isinstance(op, PutService):
             what = "missing" if op.key not in programmed else "mis-configured"
             lines.append(f"{what} virtual service {op.key}")
@@ -170,8 +225,10 @@ def lb_drift(programmed: Table, desired: Table) -> list[str]:
             if weight is None:
                 lines.append(f"missing real server {op.real} under {op.key}")
             else:
-                lines.append(f"real server {op.real} under {op.key} has weight {weight}, "
-                             f"the state says {op.weight}")
+                lines.append(
+                    f"real server {op.real} under {op.key} has weight {weight}, "
+                    f"the state says {op.weight}"
+                )
     return lines
 
 
@@ -182,9 +239,13 @@ def check_tasks(facts: Facts) -> Iterable[Finding]:
         if error is None:
             yield Finding("tasks", "ok", f"task {name} answers on {address}:{port}")
         else:
-            yield Finding("tasks", "fail", f"task {name} does not answer on {address}:{port}: "
-                          f"{error}", "is its process running and listening there? "
-                          f"`mesh task rm {name}` if it is gone for good")
+            yield Finding(
+                "tasks",
+                "fail",
+                f"task {name} does not answer on {address}:{port}: {error}",
+                "is its process running and listening there? "
+                f"`mesh task rm {name}` if it is gone for good",
+            )
 
 
 def check_gossip(facts: Facts) -> Iterable[Finding]:
@@ -196,15 +257,21 @@ def check_gossip(facts: Facts) -> Iterable[Finding]:
         if status == "alive":
             yield Finding("gossip", "ok", f"peer {name} ({where}) is alive")
         else:
-            yield Finding("gossip", "fail", f"peer {name} ({where}) is {status}",
-                          f"is the agent on {name} running? Gossip needs UDP and TCP {where} "
-                          "open both ways")
+            yield Finding(
+                "gossip",
+                "fail",
+                f"peer {name} ({where}) is {status}",
+                f"is the agent on {name} running? Gossip needs UDP and TCP {where} open both ways",
+            )
     for peer, (theirs, ours) in sorted(facts.digest_mismatch.items()):
-        yield Finding("gossip", "fail", f"peer {peer}'s tables differ from this node's "
-                      f"(digest {theirs[:8]} vs {ours[:8]})",
-                      "they converge within one push-pull interval; if this persists, compare "
-                      "`mesh task ls` on both nodes and check the gossip drop counters "
-                      "(`mesh inspect gossip`)")
+        yield Finding(
+            "gossip",
+            "fail",
+            f"peer {peer}'s tables differ from this node's (digest {theirs[:8]} vs {ours[:8]})",
+            "they converge within one push-pull interval; if this persists, compare "
+            "`mesh task ls` on both nodes and check the gossip drop counters "
+            "(`mesh inspect gossip`)",
+        )
     for peer in facts.peers_without_digest:
         yield Finding("gossip", "skip", f"peer {peer} has not announced its state digest yet")
 
@@ -216,32 +283,52 @@ def check_capacity(facts: Facts) -> Iterable[Finding]:
         capacity = capacity_of(ipaddress.IPv4Network(subnet))
         where = f"network {name} ({subnet})"
         if used >= capacity:
-            yield Finding("network", "fail", f"{where} is full: all {capacity} addresses are "
-                          "VIPs of services", _network_hint(name))
+            yield Finding(
+                "network",
+                "fail",
+                f"{where} is full: all {capacity} addresses are VIPs of services",
+                _network_hint(name),
+            )
         elif used >= NEARLY_FULL * capacity:
-            yield Finding("network", "fail", f"{where} is nearly full: {used} of {capacity} "
-                          f"addresses are VIPs ({used / capacity:.0%})", _network_hint(name))
+            yield Finding(
+                "network",
+                "fail",
+                f"{where} is nearly full: {used} of {capacity} "
+                f"addresses are VIPs ({used / capacity:.0%})",
+                _network_hint(name),
+            )
         else:
             yield Finding("network", "ok", f"{where}: {used} of {capacity} addresses in use")
     size = len(AUTO_PORTS)
     span = f"{AUTO_PORTS.start}-{AUTO_PORTS.stop - 1}"
     for protocol, used in sorted(facts.auto_ports.items()):
         if used >= NEARLY_FULL * size:
-            yield Finding("network", "fail", f"{used} of the {size} {protocol} ports of {span} "
-                          "(where a published port left out is picked) are published",
-                          "give services their published_port outside that range, or remove "
-                          "services that no longer serve")
+            yield Finding(
+                "network",
+                "fail",
+                f"{used} of the {size} {protocol} ports of {span} "
+                "(where a published port left out is picked) are published",
+                "give services their published_port outside that range, or remove "
+                "services that no longer serve",
+            )
 
 
 def _network_hint(name: str) -> str:
     if name == "ingress":
-        return ("every service publishing a port in ingress mode holds a VIP on it: remove "
-                "services that no longer serve, publish in host mode, or create the cluster "
-                "with a larger --ingress-subnet (an existing ingress is never renumbered)")
-    return (f"remove services from {name} that no longer need it, or move services to a new "
-            "network with a larger --subnet")
+        return (
+            "every service publishing a port in ingress mode holds a VIP on it: remove "
+            "services that no longer serve, publish in host mode, or create the cluster "
+            "with a larger --ingress-subnet (an existing ingress is never renumbered)"
+        )
+    return (
+        f"remove services from {name} that no longer need it, or move services to a new "
+        "network with a larger --subnet"
+    )
 
 
 def summary(findings: Sequence[Finding]) -> tuple[int, int, int]:
-    return (sum(f.status == "ok" for f in findings), sum(f.status == "fail" for f in findings),
-            sum(f.status == "skip" for f in findings))
+    return (
+        sum(f.status == "ok" for f in findings),
+        sum(f.status == "fail" for f in findings),
+        sum(f.status == "skip" for f in findings),
+    )

@@ -31,18 +31,21 @@ DIGEST_SETTLE = 8.0
 LB_SETTLE = 3.0
 
 
-def gather(client: Client, *, settle: float = DIGEST_SETTLE,
-           sleep: Callable[[float], None] = time.sleep) -> Facts:
+def gather(
+    client: Client, *, settle: float = DIGEST_SETTLE, sleep: Callable[[float], None] = time.sleep
+) -> Facts:
     info = client.get("/v1/agent")
     config: dict[str, str] = info.get("config", {})
-    facts = Facts(node=str(info["node"]), agent_pid=int(info["pid"]),
-                  agent_pids=family_of(int(info["pid"])))
+    facts = Facts(
+        node=str(info["node"]), agent_pid=int(info["pid"]), agent_pids=family_of(int(info["pid"]))
+    )
     services = [s for s in client.get("/v1/services") if isinstance(s, dict)]
     members = [m for m in client.get("/v1/members") if isinstance(m, dict)]
     facts.members = members
     down = {str(m["name"]) for m in members if m.get("status") in ("dead", "left")}
-    tasks = [t for t in client.get("/v1/tasks") if isinstance(t, dict)
-             and t.get("node") not in down]
+    tasks = [
+        t for t in client.get("/v1/tasks") if isinstance(t, dict) and t.get("node") not in down
+    ]
     _lb(facts, client, settle, sleep)
     _listeners(facts, config, services, tasks)
     _dns(facts, config, services, tasks)
@@ -79,8 +82,12 @@ def _address(text: str) -> HostPort | None:
         return None
 
 
-def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
-               tasks: list[dict[str, Any]]) -> None:
+def _listeners(
+    facts: Facts,
+    config: dict[str, str],
+    services: list[dict[str, Any]],
+    tasks: list[dict[str, Any]],
+) -> None:
     owners = SocketOwners()
     wanted: list[tuple[str, str, str]] = []  # what, protocol, HOST:PORT
     advertise = config.get("advertise", "")
@@ -95,8 +102,9 @@ def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, An
     for what, protocol, hostport in wanted:
         address = _address(hostport)
         if address is not None:
-            facts.listeners.append(listener(owners, facts.agent_pids, what, protocol,
-                                            address.host, address.port))
+            facts.listeners.append(
+                listener(owners, facts.agent_pids, what, protocol, address.host, address.port)
+            )
     userspace = config.get("lb") == "userspace" or facts.lb_backend == "userspace"
     publish = config.get("publish_address", "None")
     publish = "0.0.0.0" if publish in ("None", "") else publish
@@ -106,17 +114,33 @@ def _listeners(facts: Facts, config: dict[str, str], services: list[dict[str, An
             if port.get("publish_mode") == "host" and service["name"] not in mine:
                 continue
             number, protocol = int(port["published_port"]), str(port["protocol"])
-            facts.listeners.append(listener(
-                owners, facts.agent_pids, f"published port of {service['name']}", protocol,
-                publish, number, required=userspace))
+            facts.listeners.append(
+                listener(
+                    owners,
+                    facts.agent_pids,
+                    f"published port of {service['name']}",
+                    protocol,
+                    publish,
+                    number,
+                    required=userspace,
+                )
+            )
             if protocol == "tcp" and _has_healthy(service["name"], tasks):
                 gossip = _address(advertise)
                 host = gossip.host if gossip is not None else "127.0.0.1"
                 facts.published.append((protocol, number, connect(host, number) is None))
 
 
-def listener(owners: SocketOwners, agent: set[int], what: str, protocol: str, address: str,
-             port: int, *, required: bool = True) -> Listener:
+def listener(
+    owners: SocketOwners,
+    agent: set[int],
+    what: str,
+    protocol: str,
+    address: str,
+    port: int,
+    *,
+    required: bool = True,
+) -> Listener:
     """Whether the agent holds `address:port` (0.0.0.0: every address) and who is in its way.
 
     A socket on the wildcard holds every address; for a wildcard listener, a
@@ -126,8 +150,16 @@ def listener(owners: SocketOwners, agent: set[int], what: str, protocol: str, ad
     relevant = [(pid, a) for pid, a in held if in_the_way(address, a)]
     mine = any(pid in agent and a == address for pid, a in relevant)
     foreign = next((pid for pid, _ in relevant if pid not in agent), None)
-    return Listener(what, protocol, address, port, mine, foreign, process_name(foreign),
-                    required_listener=required)
+    return Listener(
+        what,
+        protocol,
+        address,
+        port,
+        mine,
+        foreign,
+        process_name(foreign),
+        required_listener=required,
+    )
 
 
 def connect(host: str, port: int) -> str | None:
@@ -163,14 +195,17 @@ def _lb(facts: Facts, client: Client, settle: float, sleep: Callable[[float], No
         facts.lb_unbound = {str(k): str(v) for k, v in (answer.get("unbound") or {}).items()}
         facts.lb_programmed = table_of(answer)
         facts.lb_desired = table_of({"services": answer.get("desired", [])})
-        if not lb_drift(facts.lb_programmed, facts.lb_desired) or \
-                time.monotonic() >= deadline:
+        if not lb_drift(facts.lb_programmed, facts.lb_desired) or time.monotonic() >= deadline:
             return
         sleep(0.5)
 
 
-def _dns(facts: Facts, config: dict[str, str], services: list[dict[str, Any]],
-         tasks: list[dict[str, Any]]) -> None:
+def _dns(
+    facts: Facts,
+    config: dict[str, str],
+    services: list[dict[str, Any]],
+    tasks: list[dict[str, Any]],
+) -> None:
     dns = config.get("dns", "None")
     if dns in ("None", ""):
         facts.dns_error = "disabled"
@@ -215,33 +250,37 @@ def query_a(host: str, port: int, name: str) -> list[str] | None:
     return sorted(str(r.rdata) for r in reply.rr if r.rtype == QTYPE.A)
 
 
-def _local_tasks(facts: Facts, services: list[dict[str, Any]],
-                 tasks: list[dict[str, Any]]) -> None:
+def _local_tasks(facts: Facts, services: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> None:
     by_name = {s["name"]: s for s in services}
     for task in tasks:
         if task.get("node") != facts.node or task.get("state") != "running":
             continue
         service = by_name.get(task["service"], {})
-        targets = {int(p["target_port"]) for p in service.get("ports", [])
-                   if p.get("protocol") == "tcp"}
+        targets = {
+            int(p["target_port"]) for p in service.get("ports", []) if p.get("protocol") == "tcp"
+        }
         check = service.get("health_check") or {}
         if not targets and check.get("type") in ("tcp", "http") and check.get("port"):
             targets = {int(check["port"])}
         # the API's `ports` keys are target ports as text ("80")
-        mapped = {net.parse_port(k, "target port"): int(v)
-                  for k, v in (task.get("ports") or {}).items()}
+        mapped = {
+            net.parse_port(k, "target port"): int(v) for k, v in (task.get("ports") or {}).items()
+        }
         if not targets:
             targets = set(mapped)
         for target in sorted(targets):
             actual = mapped.get(target, target)
-            facts.local_tasks[(task["name"], task["address"], actual)] = \
-                connect(task["address"], actual)
+            facts.local_tasks[(task["name"], task["address"], actual)] = connect(
+                task["address"], actual
+            )
 
 
-def _digests(facts: Facts, client: Client, settle: float,
-             sleep: Callable[[float], None]) -> None:
-    alive = {str(m["name"]) for m in facts.members
-             if m.get("status") == "alive" and m.get("name") != facts.node}
+def _digests(facts: Facts, client: Client, settle: float, sleep: Callable[[float], None]) -> None:
+    alive = {
+        str(m["name"])
+        for m in facts.members
+        if m.get("status") == "alive" and m.get("name") != facts.node
+    }
     deadline = time.monotonic() + settle
     while True:
         state = (client.get("/v1/gossip") or {}).get("state") or {}

@@ -68,8 +68,15 @@ class Transition:
 class HealthTracker:
     """The health of one task under one check (one per task; replaced when the check changes)."""
 
-    def __init__(self, check: HealthCheck, *, now: float, start_period_end: float,
-                 health: Health = Health.STARTING, token: int = 0) -> None:
+    def __init__(
+        self,
+        check: HealthCheck,
+        *,
+        now: float,
+        start_period_end: float,
+        health: Health = Health.STARTING,
+        token: int = 0,
+    ) -> None:
         self.check = check
         self.token = token
         self.health = health
@@ -82,8 +89,10 @@ class HealthTracker:
         self._ttl_deadline = math.inf if probed else max(now, start_period_end) + check.ttl
 
     def __repr__(self) -> str:
-        return (f"<HealthTracker {self.check.type} {self.health.value} "
-                f"failures={self.failures} next={self.next_due():g}>")
+        return (
+            f"<HealthTracker {self.check.type} {self.health.value} "
+            f"failures={self.failures} next={self.next_due():g}>"
+        )
 
     def next_due(self) -> float:
         """When this tracker next needs the clock (math.inf: not until an input arrives)."""
@@ -160,8 +169,10 @@ class HealthPlanner:
         self._tokens = itertools.count(1)
 
     def __repr__(self) -> str:
-        return (f"<HealthPlanner node={self.node!r} services={len(self._services)} "
-                f"tasks={len(self._tasks)} trackers={len(self._trackers)}>")
+        return (
+            f"<HealthPlanner node={self.node!r} services={len(self._services)} "
+            f"tasks={len(self._tasks)} trackers={len(self._trackers)}>"
+        )
 
     def tracker(self, task_id: str) -> HealthTracker | None:
         return self._trackers.get(task_id)
@@ -191,8 +202,11 @@ class HealthPlanner:
         if old_check is None or service.deleted:
             return []
         # Without a check a task is healthy (as at registration): lift what the check said.
-        return [Transition(task_id=task_id, health=Health.HEALTHY, output=CHECK_REMOVED)
-                for task_id, health in released.items() if health is not Health.HEALTHY]
+        return [
+            Transition(task_id=task_id, health=Health.HEALTHY, output=CHECK_REMOVED)
+            for task_id, health in released.items()
+            if health is not Health.HEALTHY
+        ]
 
     def _on_task(self, task: Task, now: float, wall_now: float) -> None:
         if task.deleted or task.state is not TaskState.RUNNING:
@@ -212,7 +226,9 @@ class HealthPlanner:
         if check is None:
             return
         self._trackers[task.id] = HealthTracker(
-            check, now=now, token=next(self._tokens),
+            check,
+            now=now,
+            token=next(self._tokens),
             health=task.health if previous is None else previous.health,
             start_period_end=now + (task.created_at + check.start_period - wall_now),
         )
@@ -236,8 +252,9 @@ class HealthPlanner:
 
     # -- inputs: results -----------------------------------------------------
 
-    def record_probe(self, order: ProbeOrder, passed: bool, output: str,
-                     now: float) -> Transition | None:
+    def record_probe(
+        self, order: ProbeOrder, passed: bool, output: str, now: float
+    ) -> Transition | None:
         """Apply a probe result, unless its task is gone or its check was replaced."""
         tracker = self._trackers.get(order.task_id)
         if tracker is None or tracker.token != order.token:
@@ -282,8 +299,11 @@ class HealthPlanner:
 
     def due(self, now: float) -> list[ProbeOrder]:
         """The probes to start now; each is in flight until `record_probe` gets its result."""
-        return [self._order(task_id, tracker)
-                for task_id, tracker in self._trackers.items() if tracker.take_probe(now)]
+        return [
+            self._order(task_id, tracker)
+            for task_id, tracker in self._trackers.items()
+            if tracker.take_probe(now)
+        ]
 
     def next_deadline(self) -> float | None:
         """When `expire` or `due` next has work; None while nothing is scheduled."""
@@ -296,9 +316,13 @@ class HealthPlanner:
         target = tracker.check.port
         if target is None and service.ports:
             target = service.ports[0].target_port
-        return ProbeOrder(task_id=task_id, token=tracker.token, check=tracker.check,
-                          host=task.address,
-                          port=None if target is None else task.actual_port(target))
+        return ProbeOrder(
+            task_id=task_id,
+            token=tracker.token,
+            check=tracker.check,
+            host=task.address,
+            port=None if target is None else task.actual_port(target),
+        )
 
 
 def _transition(task_id: str, tracker: HealthTracker, health: Health | None) -> Transition | None:

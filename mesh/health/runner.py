@@ -42,9 +42,14 @@ class HealthRunner:
     the wall clock (time.time) is read only to place a task's `created_at`.
     """
 
-    def __init__(self, node: str, report: Report, *,
-                 loop_time: Callable[[], float] | None = None,
-                 max_concurrent: int = MAX_CONCURRENT_PROBES) -> None:
+    def __init__(
+        self,
+        node: str,
+        report: Report,
+        *,
+        loop_time: Callable[[], float] | None = None,
+        max_concurrent: int = MAX_CONCURRENT_PROBES,
+    ) -> None:
         self.planner = HealthPlanner(node)
         self._report = report
         self._now = loop_time or time.monotonic
@@ -87,7 +92,8 @@ class HealthRunner:
         # No keep-alive: a pooled connection to a task could outlive the task's listener.
         connector = aiohttp.TCPConnector(force_close=True, limit=0)
         self._session = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": USER_AGENT}, auto_decompress=False)
+            connector=connector, headers={"User-Agent": USER_AGENT}, auto_decompress=False
+        )
         self._rearm()
 
     async def stop(self) -> None:
@@ -137,8 +143,13 @@ class HealthRunner:
             raise
         if passed is None:  # this node's shortage of descriptors: the task is not at fault
             if not self.fd_shortage:
-                event(log, "health_probe_fd_shortage", logging.WARNING, task=order.task_id,
-                      output=output)
+                event(
+                    log,
+                    "health_probe_fd_shortage",
+                    logging.WARNING,
+                    task=order.task_id,
+                    output=output,
+                )
             self.fd_shortage += 1
             self.planner.postpone(order, self._now())
         else:
@@ -162,24 +173,32 @@ class HealthRunner:
 
     def _emit(self, transitions: Iterable[Transition]) -> None:
         for t in transitions:
-            event(log, "health_transition", logging.DEBUG,
-                  task=t.task_id, health=t.health.value, output=t.output)
+            event(
+                log,
+                "health_transition",
+                logging.DEBUG,
+                task=t.task_id,
+                health=t.health.value,
+                output=t.output,
+            )
             try:
                 self._report(t.task_id, t.health, t.output)
             except Exception:  # the agent's trouble must not stop the checks
                 log.exception("event=health_report_failed task=%s", t.task_id)
 
 
-async def probe_http(session: aiohttp.ClientSession, host: str, port: int,
-                     check: HealthCheck) -> tuple[bool, str]:
+async def probe_http(
+    session: aiohttp.ClientSession, host: str, port: int, check: HealthCheck
+) -> tuple[bool, str]:
     """GET the check's path; pass iff the status is in [status_min, status_max].
 
     Redirects are not followed: a 3xx is itself the answer (as Consul and Docker's curl).
     """
     url = _url(host, port, check.path)
     try:
-        async with session.get(url, allow_redirects=False,
-                               timeout=aiohttp.ClientTimeout(total=check.timeout)) as response:
+        async with session.get(
+            url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=check.timeout)
+        ) as response:
             status = response.status
     except TimeoutError:
         return False, f"GET {url}: timed out after {check.timeout:g} s"
@@ -209,8 +228,13 @@ async def probe_tcp(host: str, port: int, check: HealthCheck) -> tuple[bool, str
 
 def _url(host: str, port: int, path: str) -> URL:
     path, _, query = path.partition("?")
-    return URL.build(scheme="http", host=host, port=port,
-                     path=path if path.startswith("/") else "/" + path, query_string=query)
+    return URL.build(
+        scheme="http",
+        host=host,
+        port=port,
+        path=path if path.startswith("/") else "/" + path,
+        query_string=query,
+    )
 
 
 def _some(transition: Transition | None) -> list[Transition]:

@@ -59,8 +59,9 @@ def lock_data_dir(data_dir: Path) -> DataDirLock:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
-        raise DataDirError(f"cannot use data dir {data_dir}: {exc.strerror or exc} "
-                           f"({exc.filename or path})") from None
+        raise DataDirError(
+            f"cannot use data dir {data_dir}: {exc.strerror or exc} ({exc.filename or path})"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -71,8 +72,9 @@ def lock_data_dir(data_dir: Path) -> DataDirLock:
         raise DataDirInUse(data_dir, path, holder) from None
     except OSError as exc:  # ENOLCK: a filesystem without locks; refuse rather than risk two
         os.close(fd)
-        raise DataDirError(f"cannot lock data dir {data_dir} ({path}): "
-                           f"{exc.strerror or exc}") from None
+        raise DataDirError(
+            f"cannot lock data dir {data_dir} ({path}): {exc.strerror or exc}"
+        ) from None
     # Informative only: a failure to write it must not stop an agent that holds the lock.
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)

@@ -117,7 +117,8 @@ def _check_or_create(path: Path) -> None:
             raise PersistError(
                 f"cannot read state in {path}: the file is missing but its write-ahead log "
                 f"{wal.name} is there; restore {path.name}, or move {wal.name} away to "
-                "start with an empty state")
+                "start with an empty state"
+            )
         _create(path)
         return
     size = path.stat().st_size
@@ -125,16 +126,22 @@ def _check_or_create(path: Path) -> None:
     # file whose committed pages are all still in its WAL is read from the WAL here.)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        tables = {name for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
     finally:
         conn.close()
     if {"meta", "records"} <= tables:
         return
-    what = ("the file is empty (0 bytes)" if size == 0 and not tables
-            else "the file is not a meshplane state database (no meta and records tables)")
-    raise PersistError(f"cannot read state in {path}: {what}; restore it, or move it away "
-                       "to start with an empty state")
+    what = (
+        "the file is empty (0 bytes)"
+        if size == 0 and not tables
+        else "the file is not a meshplane state database (no meta and records tables)"
+    )
+    raise PersistError(
+        f"cannot read state in {path}: {what}; restore it, or move it away "
+        "to start with an empty state"
+    )
 
 
 def _create(path: Path) -> None:
@@ -175,17 +182,22 @@ class StateWriter:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         conn = _connect(self._path)  # open here so a bad data dir fails the start
-        self._thread = threading.Thread(target=self._run, args=(conn,), name="state-writer",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(conn,), name="state-writer", daemon=True
+        )
         self._thread.start()
 
     @property
     def failed(self) -> BaseException | None:
         return self._failed
 
-    def write(self, records: Iterable[Record], clock: int,
-              meta: dict[str, str] | None = None,
-              forget: Sequence[tuple[str, str]] = ()) -> asyncio.Future[None]:
+    def write(
+        self,
+        records: Iterable[Record],
+        clock: int,
+        meta: dict[str, str] | None = None,
+        forget: Sequence[tuple[str, str]] = (),
+    ) -> asyncio.Future[None]:
         """Queue record versions (and rows to forget); the future completes once on disk."""
         assert self._loop is not None, "start() first"
         done: asyncio.Future[None] = self._loop.create_future()
@@ -239,18 +251,26 @@ class StateWriter:
             for batch in group:
                 conn.executemany(
                     "INSERT OR REPLACE INTO records (kind, key, body) VALUES (?, ?, ?)",
-                    [(KIND_OF[type(r)].value, r.key, json.dumps(record_to_dict(r)))
-                     for r in batch.records],
+                    [
+                        (KIND_OF[type(r)].value, r.key, json.dumps(record_to_dict(r)))
+                        for r in batch.records
+                    ],
                 )
-                conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                 list(batch.meta.items()))
-                conn.executemany("DELETE FROM records WHERE kind = ? AND key = ?",
-                                 list(batch.forget))
+                conn.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    list(batch.meta.items()),
+                )
+                conn.executemany(
+                    "DELETE FROM records WHERE kind = ? AND key = ?", list(batch.forget)
+                )
             clock = max(b.clock for b in group)
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)",
-                         (str(clock),))
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)",
-                         (str(SCHEMA_VERSION),))
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)", (str(clock),)
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
             conn.execute("COMMIT")
             self.commits += 1
             self.batches += len(group)
@@ -278,4 +298,3 @@ class StateWriter:
         # A closed loop (RuntimeError) means nobody waits any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(settle)
-

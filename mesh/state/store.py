@@ -103,12 +103,14 @@ class Store:
         return (r for r in self._records[kind].values() if not r.deleted)
 
     def networks(self) -> list[Network]:
-        return sorted((r for r in self.live(Kind.NETWORK) if isinstance(r, Network)),
-                      key=lambda n: n.name)
+        return sorted(
+            (r for r in self.live(Kind.NETWORK) if isinstance(r, Network)), key=lambda n: n.name
+        )
 
     def services(self) -> list[Service]:
-        return sorted((r for r in self.live(Kind.SERVICE) if isinstance(r, Service)),
-                      key=lambda s: s.name)
+        return sorted(
+            (r for r in self.live(Kind.SERVICE) if isinstance(r, Service)), key=lambda s: s.name
+        )
 
     def tasks(self, service: str | None = None, node: str | None = None) -> list[Task]:
         if service is not None:
@@ -165,13 +167,18 @@ class Store:
             chosen = parse_subnet(subnet)
             other = self.ipam.overlapping(chosen)
             if other is not None:
-                raise Conflict(f"ingress subnet {chosen} overlaps network {other!r}",
-                               code="subnet_overlaps")
+                raise Conflict(
+                    f"ingress subnet {chosen} overlaps network {other!r}", code="subnet_overlaps"
+                )
         else:
             chosen = self.ipam.next_subnet(ingress_prefix(self.ipam.pool))
         record = Network(
-            name=INGRESS, id=ingress_id(), driver="overlay", subnet=str(chosen),
-            gateway=str(gateway_of(chosen)), labels={"mesh.internal": "true"},
+            name=INGRESS,
+            id=ingress_id(),
+            driver="overlay",
+            subnet=str(chosen),
+            gateway=str(gateway_of(chosen)),
+            labels={"mesh.internal": "true"},
             version=Version(0, ""),  # older than any write, so a real one always wins
         )
         return [self._write(record)]
@@ -183,9 +190,11 @@ class Store:
             return None
         if ingress.subnet == str(parse_subnet(subnet)):
             return None
-        return (f"the ingress network already has subnet {ingress.subnet}, not {subnet}: "
-                "an existing ingress is never renumbered (its VIPs would move); drop "
-                f"--ingress-subnet or set it to {ingress.subnet}")
+        return (
+            f"the ingress network already has subnet {ingress.subnet}, not {subnet}: "
+            "an existing ingress is never renumbered (its VIPs would move); drop "
+            f"--ingress-subnet or set it to {ingress.subnet}"
+        )
 
     def merge(self, record: Record) -> list[Change]:
         """Last-writer-wins merge of a record written elsewhere."""
@@ -200,8 +209,11 @@ class Store:
 
     def vip_conflicts(self) -> list[tuple[str, str, list[str]]]:
         """(network, address, services) for every VIP held by more than one service."""
-        return sorted((net, addr, sorted(names))
-                      for (net, addr), names in self._vip_holders.items() if len(names) > 1)
+        return sorted(
+            (net, addr, sorted(names))
+            for (net, addr), names in self._vip_holders.items()
+            if len(names) > 1
+        )
 
     def _repair_vip_conflicts(self, merged: Service) -> list[Change]:
         """Two services with one VIP: the younger gives its VIP up, by its own writer's hand.
@@ -213,8 +225,9 @@ class Store:
         changes: list[Change] = []
         for vip in merged.vips:
             holders = sorted(self._vip_holders.get((vip.network, vip.address), ()))
-            services = [s for name in holders if isinstance(s := self.get(Kind.SERVICE, name),
-                                                             Service)]
+            services = [
+                s for name in holders if isinstance(s := self.get(Kind.SERVICE, name), Service)
+            ]
             if len(services) < 2:
                 continue
             loser = max(services, key=lambda s: (s.created_at, s.name))
@@ -239,11 +252,17 @@ class Store:
             subnet = parse_subnet(spec.subnet)
             other = self.ipam.overlapping(subnet)
             if other is not None:
-                raise Conflict(f"subnet {subnet} overlaps network {other!r}",
-                               code="subnet_overlaps")
+                raise Conflict(
+                    f"subnet {subnet} overlaps network {other!r}", code="subnet_overlaps"
+                )
         record = Network(
-            name=spec.name, id=new_id(self._rng), driver=spec.driver, subnet=str(subnet),
-            gateway=str(gateway_of(subnet)), labels=dict(spec.labels), created_at=now,
+            name=spec.name,
+            id=new_id(self._rng),
+            driver=spec.driver,
+            subnet=str(subnet),
+            gateway=str(gateway_of(subnet)),
+            labels=dict(spec.labels),
+            created_at=now,
             version=self._tick(),
         )
         return [self._write(record)]
@@ -251,12 +270,15 @@ class Store:
     def remove_network(self, name: str, now: float) -> list[Change]:
         network = self.network(name)
         if name == INGRESS:
-            raise Conflict("the ingress network is built in and carries the routing mesh",
-                           code="network_builtin")
+            raise Conflict(
+                "the ingress network is built in and carries the routing mesh",
+                code="network_builtin",
+            )
         users = [s.name for s in self.services() if name in s.networks]
         if users:
-            raise Conflict(f"network {name!r} is in use by services {', '.join(users)}",
-                           code="network_in_use")
+            raise Conflict(
+                f"network {name!r} is in use by services {', '.join(users)}", code="network_in_use"
+            )
         return [self._write(dataclasses.replace(network, deleted=True, version=self._tick()))]
 
     # -- services ----------------------------------------------------------
@@ -269,14 +291,23 @@ class Store:
         _check_health_port(spec.health_check, ports)
         vips = self._allocate_vips(spec.name, spec.endpoint_mode, spec.networks, ports, keep=())
         record = Service(
-            name=spec.name, id=new_id(self._rng), networks=spec.networks,
-            endpoint_mode=spec.endpoint_mode, ports=ports, labels=dict(spec.labels), vips=vips,
-            health_check=spec.health_check, created_at=now, updated_at=now, version=self._tick(),
+            name=spec.name,
+            id=new_id(self._rng),
+            networks=spec.networks,
+            endpoint_mode=spec.endpoint_mode,
+            ports=ports,
+            labels=dict(spec.labels),
+            vips=vips,
+            health_check=spec.health_check,
+            created_at=now,
+            updated_at=now,
+            version=self._tick(),
         )
         return [self._write(record)]
 
-    def update_service(self, name: str, patch: ServicePatch, now: float,
-                       expected_version: int | None = None) -> list[Change]:
+    def update_service(
+        self, name: str, patch: ServicePatch, now: float, expected_version: int | None = None
+    ) -> list[Change]:
         current = self.service(name)
         if expected_version is not None and expected_version != current.version.clock:
             raise Conflict(
@@ -286,8 +317,9 @@ class Store:
         networks = current.networks if patch.networks is None else patch.networks
         mode = patch.endpoint_mode or current.endpoint_mode
         self._check_networks(networks)
-        ports = (current.ports if patch.ports is None
-                 else self._resolve_ports(patch.ports, owner=name))
+        ports = (
+            current.ports if patch.ports is None else self._resolve_ports(patch.ports, owner=name)
+        )
         self._check_endpoint_mode(mode, ports)
         check = None if patch.clear_health_check else (patch.health_check or current.health_check)
         _check_health_port(check, ports)
@@ -299,20 +331,32 @@ class Store:
             self._claim_vips(current)
             raise
         record = dataclasses.replace(
-            current, networks=networks, endpoint_mode=mode, ports=ports,
+            current,
+            networks=networks,
+            endpoint_mode=mode,
+            ports=ports,
             labels=current.labels if patch.labels is None else dict(patch.labels),
-            vips=vips, health_check=check, updated_at=now, version=self._tick(),
+            vips=vips,
+            health_check=check,
+            updated_at=now,
+            version=self._tick(),
         )
         return [self._write(record)]
 
     def remove_service(self, name: str, now: float) -> list[Change]:
         """Remove a service and, as Swarm does, every task of it."""
         current = self.service(name)
-        changes = [self._write(dataclasses.replace(task, deleted=True, updated_at=now,
-                                                   version=self._tick()))
-                   for task in self.tasks(service=name)]
-        changes.append(self._write(dataclasses.replace(current, deleted=True, updated_at=now,
-                                                       version=self._tick())))
+        changes = [
+            self._write(
+                dataclasses.replace(task, deleted=True, updated_at=now, version=self._tick())
+            )
+            for task in self.tasks(service=name)
+        ]
+        changes.append(
+            self._write(
+                dataclasses.replace(current, deleted=True, updated_at=now, version=self._tick())
+            )
+        )
         return changes
 
     # -- tasks ---------------------------------------------------------------
@@ -331,13 +375,21 @@ class Store:
             if sibling.endpoint() == endpoint:
                 raise Conflict(
                     f"service {service.name!r} already has task {sibling.name!r} at "
-                    f"{address} with the same ports", code="endpoint_in_use",
+                    f"{address} with the same ports",
+                    code="endpoint_in_use",
                 )
         task = Task(
-            id=task_id, name=name, service=service.name, slot=slot, node=self.node,
-            address=address, ports=dict(spec.ports),
+            id=task_id,
+            name=name,
+            service=service.name,
+            slot=slot,
+            node=self.node,
+            address=address,
+            ports=dict(spec.ports),
             health=Health.STARTING if service.health_check else Health.HEALTHY,
-            created_at=now, updated_at=now, version=self._tick(),
+            created_at=now,
+            updated_at=now,
+            version=self._tick(),
         )
         return [self._write(task)]
 
@@ -346,20 +398,35 @@ class Store:
         task = self.task(task_id)
         if task.state is TaskState.DRAINING:
             return []
-        return [self._write(dataclasses.replace(
-            task, state=TaskState.DRAINING, drain_until=now + grace, updated_at=now,
-            version=self._tick()))]
+        return [
+            self._write(
+                dataclasses.replace(
+                    task,
+                    state=TaskState.DRAINING,
+                    drain_until=now + grace,
+                    updated_at=now,
+                    version=self._tick(),
+                )
+            )
+        ]
 
     def remove_task(self, task_id: str, now: float) -> list[Change]:
         task = self.task(task_id)
-        return [self._write(dataclasses.replace(task, deleted=True, updated_at=now,
-                                                version=self._tick()))]
+        return [
+            self._write(
+                dataclasses.replace(task, deleted=True, updated_at=now, version=self._tick())
+            )
+        ]
 
     def drained_tasks(self, now: float) -> list[Task]:
         """Tasks this node drained whose grace period is over (this node removes them)."""
-        return [t for t in self.tasks()
-                if t.state is TaskState.DRAINING and t.version.node == self.node
-                and (t.drain_until or 0.0) <= now]
+        return [
+            t
+            for t in self.tasks()
+            if t.state is TaskState.DRAINING
+            and t.version.node == self.node
+            and (t.drain_until or 0.0) <= now
+        ]
 
     def set_health(self, task_id: str, health: Health, output: str, now: float) -> list[Change]:
         """Record a health transition; a report that changes nothing writes nothing."""
@@ -367,12 +434,21 @@ class Store:
         output = output[:512]
         if task.health is health and task.health_output == output:
             return []
-        return [self._write(dataclasses.replace(
-            task, health=health, health_output=output, updated_at=now, version=self._tick()))]
+        return [
+            self._write(
+                dataclasses.replace(
+                    task, health=health, health_output=output, updated_at=now, version=self._tick()
+                )
+            )
+        ]
 
     def tombstones(self) -> list[tuple[Kind, str]]:
-        return [(kind, key) for kind, records in self._records.items()
-                for key, record in records.items() if record.deleted]
+        return [
+            (kind, key)
+            for kind, records in self._records.items()
+            for key, record in records.items()
+            if record.deleted
+        ]
 
     def forget(self, kind: Kind, key: str) -> bool:
         """Drop a tombstone for good (its reap interval is over); a live record stays."""
@@ -406,8 +482,9 @@ class Store:
                 # ensure_ingress); a record loaded or merged exists whatever it overlaps:
                 # two nodes may carve one /24 at once, or an older node hold a /24
                 # ingress inside a newer one's /16. Kept, so last-writer-wins holds.
-                self.ipam.add_network(record.name, ipaddress.IPv4Network(record.subnet),
-                                      overlap_ok=True)
+                self.ipam.add_network(
+                    record.name, ipaddress.IPv4Network(record.subnet), overlap_ok=True
+                )
                 for service in self.services():
                     self._claim_vips(service)
             case Service():
@@ -480,11 +557,14 @@ class Store:
 
     def _check_endpoint_mode(self, mode: str, ports: tuple[PortConfig, ...]) -> None:
         if mode == "dnsrr" and any(p.publish_mode == "ingress" for p in ports):
-            raise Invalid("endpoint mode dnsrr cannot publish ports in ingress mode "
-                          "(use publish mode host), as in Swarm")
+            raise Invalid(
+                "endpoint mode dnsrr cannot publish ports in ingress mode "
+                "(use publish mode host), as in Swarm"
+            )
 
-    def _resolve_ports(self, specs: tuple[PortSpec, ...],
-                       owner: str | None) -> tuple[PortConfig, ...]:
+    def _resolve_ports(
+        self, specs: tuple[PortSpec, ...], owner: str | None
+    ) -> tuple[PortConfig, ...]:
         """Fill in published ports and refuse ports another service has published."""
         taken_here: set[tuple[str, int]] = set()
         resolved: list[PortConfig] = []
@@ -497,23 +577,40 @@ class Store:
                 raise Invalid(f"port {published}/{spec.protocol} is published twice")
             holder = self._published.get(key)
             if holder is not None and holder != owner:
-                raise Conflict(f"port {published}/{spec.protocol} is already published by "
-                               f"service {holder!r}", code="port_in_use")
+                raise Conflict(
+                    f"port {published}/{spec.protocol} is already published by service {holder!r}",
+                    code="port_in_use",
+                )
             taken_here.add(key)
-            resolved.append(PortConfig(protocol=spec.protocol, target_port=spec.target_port,
-                                       published_port=published, publish_mode=spec.publish_mode))
+            resolved.append(
+                PortConfig(
+                    protocol=spec.protocol,
+                    target_port=spec.target_port,
+                    published_port=published,
+                    publish_mode=spec.publish_mode,
+                )
+            )
         return tuple(resolved)
 
     def _free_port(self, protocol: str, taken_here: set[tuple[str, int]]) -> int:
         for port in AUTO_PORTS:
             if (protocol, port) not in self._published and (protocol, port) not in taken_here:
                 return port
-        raise Conflict(f"no free {protocol} port left in {AUTO_PORTS.start}-{AUTO_PORTS.stop - 1},"
-                       " the range published ports are picked from: give published_port, "
-                       "or remove a service that publishes one", code="port_in_use")
+        raise Conflict(
+            f"no free {protocol} port left in {AUTO_PORTS.start}-{AUTO_PORTS.stop - 1},"
+            " the range published ports are picked from: give published_port, "
+            "or remove a service that publishes one",
+            code="port_in_use",
+        )
 
-    def _allocate_vips(self, name: str, mode: str, networks: tuple[str, ...],
-                       ports: tuple[PortConfig, ...], keep: tuple[Vip, ...]) -> tuple[Vip, ...]:
+    def _allocate_vips(
+        self,
+        name: str,
+        mode: str,
+        networks: tuple[str, ...],
+        ports: tuple[PortConfig, ...],
+        keep: tuple[Vip, ...],
+    ) -> tuple[Vip, ...]:
         """One VIP per attached network, plus one on ingress for ingress ports (Swarm)."""
         if mode != "vip":
             return ()
@@ -526,7 +623,8 @@ class Store:
             for network in wanted:
                 old = kept.get(network)
                 if old is not None and not self.ipam.is_claimed(
-                        network, ipaddress.IPv4Address(old.address)):
+                    network, ipaddress.IPv4Address(old.address)
+                ):
                     self.ipam.claim(network, ipaddress.IPv4Address(old.address))
                     vips.append(old)
                 else:
@@ -543,8 +641,10 @@ class Store:
 
 def _check_health_port(check: HealthCheck | None, ports: tuple[PortConfig, ...]) -> None:
     if check is not None and check.type != "ttl" and check.port is None and not ports:
-        raise Invalid(f"a {check.type} health check needs a port: give health_check.port, "
-                      "or publish a port (its target port is checked)")
+        raise Invalid(
+            f"a {check.type} health check needs a port: give health_check.port, "
+            "or publish a port (its target port is checked)"
+        )
 
 
 def _lowest_free_slot(used: Iterable[int]) -> int:
@@ -559,12 +659,13 @@ def _parse_task_address(text: str) -> str:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        raise Invalid(f"task address {text!r} is not an IP address",
-                      code="invalid_address") from None
+        raise Invalid(
+            f"task address {text!r} is not an IP address", code="invalid_address"
+        ) from None
     if not isinstance(address, ipaddress.IPv4Address):
-        raise Invalid(f"task address {text!r}: only IPv4 is supported for now",
-                      code="invalid_address")
+        raise Invalid(
+            f"task address {text!r}: only IPv4 is supported for now", code="invalid_address"
+        )
     if address.is_unspecified or address.is_multicast:
-        raise Invalid(f"task address {text!r} cannot receive connections",
-                      code="invalid_address")
+        raise Invalid(f"task address {text!r} cannot receive connections", code="invalid_address")
     return str(address)

@@ -52,8 +52,14 @@ def require_tools(*names: str) -> None:
 class NetnsAgent(AgentProcess):
     """A real `mesh agent` process inside `ns`, its API on the namespace's loopback."""
 
-    def __init__(self, ns: Netns, data_dir: Path, *, dns: tuple[str, int] | None = None,
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        ns: Netns,
+        data_dir: Path,
+        *,
+        dns: tuple[str, int] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         super().__init__(data_dir, node_name=f"{ns.name}-agent", extra=extra)
         self.ns = ns
         self.dns = dns
@@ -89,13 +95,19 @@ class NetnsAgent(AgentProcess):
                     return bool(sock.recv(512))
                 except OSError:  # a timeout, or ICMP port unreachable
                     return False
+
         return self.ns.call(ask)
 
-    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
-                headers: dict[str, str] | None = None,
-                timeout: float = 10.0) -> tuple[int, Any]:
-        return self.ns.call(AgentProcess.request, self, method, path, body, raw, headers,
-                            timeout)
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, Any]:
+        return self.ns.call(AgentProcess.request, self, method, path, body, raw, headers, timeout)
 
     def api_ok(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
         """A request that must answer `status`; its JSON body."""

@@ -74,8 +74,9 @@ class Reply:
         return [d for _, t, d in self.answer if t == rtype]
 
 
-def dig(ns: Netns, name: str, qtype: str = "A", *, tcp: bool = False,
-        reverse: bool = False) -> Reply:
+def dig(
+    ns: Netns, name: str, qtype: str = "A", *, tcp: bool = False, reverse: bool = False
+) -> Reply:
     argv = ["dig", f"@{DNS}", "+nocookie", "+tries=1", f"+timeout={DIG_TIMEOUT}", "+nostats"]
     if tcp:
         argv.append("+tcp")
@@ -102,8 +103,14 @@ def parse_dig(text: str, seconds: float) -> Reply:
             owner, _ttl, _cls, rtype, *rest = line.split()
             current.append((owner, rtype, " ".join(rest)))
     assert status is not None, text
-    return Reply(status.group(1), set(flags.group(1).split()) if flags else set(),
-                 sections.get("ANSWER", []), sections.get("ADDITIONAL", []), seconds, text)
+    return Reply(
+        status.group(1),
+        set(flags.group(1).split()) if flags else set(),
+        sections.get("ANSWER", []),
+        sections.get("ADDITIONAL", []),
+        seconds,
+        text,
+    )
 
 
 def getent(ns: Netns, database: str, name: str) -> tuple[int, list[str]]:
@@ -134,8 +141,9 @@ class HealthServer:
                 pass
 
         self.server = ns.call(http.server.ThreadingHTTPServer, ("0.0.0.0", port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                       name="health-server")
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, daemon=True, name="health-server"
+        )
         self.thread.start()
 
     def close(self) -> None:
@@ -162,8 +170,10 @@ class Cluster:
 def build_topology(lab: Lab) -> tuple[Netns, Netns, Netns]:
     node, a, b = lab.namespace("node"), lab.namespace("client-a"), lab.namespace("client-b")
     node.add_address("lo", f"{DNS}/32")
-    for client, side, gateway, address in ((a, "a", "10.10.1.1", A_ADDR),
-                                           (b, "b", "10.10.2.1", B_ADDR)):
+    for client, side, gateway, address in (
+        (a, "a", "10.10.1.1", A_ADDR),
+        (b, "b", "10.10.2.1", B_ADDR),
+    ):
         lab.veth(node, f"to-{side}", client, "eth0")
         node.add_address(f"to-{side}", f"{gateway}/24")
         client.add_address("eth0", f"{address}/24")
@@ -191,13 +201,26 @@ def register(cluster: Cluster) -> None:
     for name, subnet in (("front", "10.10.1.0/24"), ("back", "10.10.2.0/24")):
         agent.api_ok("POST", "/v1/networks", {"name": name, "subnet": subnet}, 201)
     services: list[dict[str, Any]] = [
-        {"name": "web", "networks": ["front"],
-         "ports": [{"target_port": 80, "published_port": 8080}]},
+        {
+            "name": "web",
+            "networks": ["front"],
+            "ports": [{"target_port": 80, "published_port": 8080}],
+        },
         {"name": "db", "networks": ["back"], "endpoint_mode": "dnsrr"},
         {"name": "shared", "networks": ["front", "back"]},
-        {"name": "hc", "networks": ["back"], "endpoint_mode": "dnsrr",
-         "health_check": {"type": "http", "port": HC_PORT, "path": "/health",
-                          "interval": HC_INTERVAL, "timeout": 1, "retries": 1}},
+        {
+            "name": "hc",
+            "networks": ["back"],
+            "endpoint_mode": "dnsrr",
+            "health_check": {
+                "type": "http",
+                "port": HC_PORT,
+                "path": "/health",
+                "interval": HC_INTERVAL,
+                "timeout": 1,
+                "retries": 1,
+            },
+        },
     ]
     for spec in services:
         made = agent.api_ok("POST", "/v1/services", spec, 201)
@@ -236,9 +259,20 @@ def cluster(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clus
         upstreams = [start_upstream(node, i) for i in range(len(UPSTREAMS))]
         health = HealthServer(b, HC_PORT)
         data_dir: Path = tmp_path_factory.mktemp("dns-netns") / "data"
-        agent = NetnsAgent(node, data_dir, dns=(DNS, 53), extra=[
-            "--dns", f"{DNS}:53", "--address-pool", "10.10.64.0/18", "--dns-ttl", "5",
-            *(arg for up in UPSTREAMS for arg in ("--dns-upstream", up))])
+        agent = NetnsAgent(
+            node,
+            data_dir,
+            dns=(DNS, 53),
+            extra=[
+                "--dns",
+                f"{DNS}:53",
+                "--address-pool",
+                "10.10.64.0/18",
+                "--dns-ttl",
+                "5",
+                *(arg for up in UPSTREAMS for arg in ("--dns-upstream", up)),
+            ],
+        )
         agent.start()
         made = Cluster(lab, node, a, b, agent, upstreams, health)
         register(made)
@@ -299,7 +333,8 @@ def test_srv_gives_the_tasks_real_ports(cluster: Cluster, tcp: bool, port: int) 
 def test_ptr_of_a_task_and_of_a_vip(cluster: Cluster, tcp: bool) -> None:
     task = cluster.tasks["web"][0]
     assert dig(cluster.a, task["address"], tcp=tcp, reverse=True).data("PTR") == [
-        f"{task['name']}.front."]
+        f"{task['name']}.front."
+    ]
     vip = cluster.vips["web"]["front"]
     assert dig(cluster.a, vip, tcp=tcp, reverse=True).data("PTR") == ["web.front."]
 
@@ -341,8 +376,10 @@ def test_dead_first_upstream_fails_over_to_the_second(cluster: Cluster, failure:
             first.dead = False
         else:
             cluster.upstreams[0] = start_upstream(cluster.node, 0)
-    print(f"\nfailover ({failure} first upstream): answered in {reply.seconds:.3f}s "
-          f"(per-upstream timeout {UPSTREAM_TIMEOUT}s)")
+    print(
+        f"\nfailover ({failure} first upstream): answered in {reply.seconds:.3f}s "
+        f"(per-upstream timeout {UPSTREAM_TIMEOUT}s)"
+    )
     assert (reply.status, reply.data()) == ("NOERROR", ["192.0.2.2"])  # the second's answer
     assert reply.seconds < UPSTREAM_TIMEOUT + 2.0, "slower than one upstream timeout"
     if failure == "blackhole":
@@ -371,16 +408,22 @@ def test_system_resolver_through_resolv_conf(cluster: Cluster) -> None:
 
 @pytest.mark.parametrize("name", ["tasks.many", "huge.example"], ids=["mesh", "forwarded"])
 def test_long_answer_is_truncated_with_its_question_so_glibc_retries_over_tcp(
-        cluster: Cluster, name: str) -> None:
+    cluster: Cluster, name: str
+) -> None:
     agent, b = cluster.agent, cluster.b
     many = [f"10.10.2.{110 + i}" for i in range(40)]  # 40 A records: over 512 bytes
     if name == "tasks.many":
-        agent.api_ok("POST", "/v1/services",
-                     {"name": "many", "networks": ["back"], "endpoint_mode": "dnsrr"}, 201)
+        agent.api_ok(
+            "POST",
+            "/v1/services",
+            {"name": "many", "networks": ["back"], "endpoint_mode": "dnsrr"},
+            201,
+        )
         for address in many:
             agent.api_ok("POST", "/v1/services/many/tasks", {"address": address}, 201)
-    done = b.run(["dig", f"@{DNS}", "+noedns", "+ignore", "+tries=1", "+timeout=3", name],
-                 check=False)
+    done = b.run(
+        ["dig", f"@{DNS}", "+noedns", "+ignore", "+tries=1", "+timeout=3", name], check=False
+    )
     assert "QUERY: 1," in done.stdout and " tc " in done.stdout, done.stdout
     # glibc's resolver sends no EDNS unless told: it must get TC and retry over TCP
     assert getent(b, "ahostsv4", name) == (0, sorted(many if name == "tasks.many" else HUGE))
@@ -419,8 +462,10 @@ def test_unhealthy_task_leaves_the_answers_at_once(cluster: Cluster) -> None:
         over_tcp = dig(b, "tasks.hc", tcp=True)
     finally:
         cluster.health.failing.discard(sick["address"])
-    print(f"\nunhealthy recorded {took:.2f}s after /health began failing "
-          f"(interval {HC_INTERVAL}s, retries 1)")
+    print(
+        f"\nunhealthy recorded {took:.2f}s after /health began failing "
+        f"(interval {HC_INTERVAL}s, retries 1)"
+    )
     assert tasks_hc.data() == [well["address"]]
     assert hc.data() == [well["address"]]
     assert over_tcp.data() == [well["address"]]

@@ -27,8 +27,13 @@ def _namespaces_work() -> None:
 
 
 def cluster(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SCRIPT), "--name", name, *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [str(SCRIPT), "--name", name, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def out(*argv: str) -> str:
@@ -36,8 +41,10 @@ def out(*argv: str) -> str:
 
 
 def host_links() -> set[str]:
-    return {line.split(":")[1].split("@")[0].strip()
-            for line in out("ip", "-o", "link", "show").splitlines()}
+    return {
+        line.split(":")[1].split("@")[0].strip()
+        for line in out("ip", "-o", "link", "show").splitlines()
+    }
 
 
 def alive(pid: int) -> bool:
@@ -73,8 +80,16 @@ def test_up_five_survive_a_killed_run_then_down_leaves_nothing() -> None:
         assert served.returncode == 0, served.stderr
         state = json.loads(Path(f"/run/meshplane-dev/{name}/state.json").read_text())
         pids = [n["pid"] for n in state["nodes"]] + [t["pid"] for t in state["tasks"]]
-        reached = cluster(name, "exec", "0", "curl", "-s", "--max-time", "5",
-                          f"http://{state['nodes'][1]['address']}:8002/")
+        reached = cluster(
+            name,
+            "exec",
+            "0",
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            f"http://{state['nodes'][1]['address']}:8002/",
+        )
         assert reached.stdout == "n2:8002\n"
     finally:
         gone = cluster(name, "down")

@@ -55,8 +55,15 @@ SLACK = 20.0  # seconds any convergence may take before the test gives up
 
 def backends() -> list[Any]:
     nft_missing = importlib.util.find_spec("lb.nft") is None
-    return ["userspace", pytest.param("nftables", marks=pytest.mark.skipif(
-        nft_missing, reason="lb.nft (the nftables backend) is not part of this build"))]
+    return [
+        "userspace",
+        pytest.param(
+            "nftables",
+            marks=pytest.mark.skipif(
+                nft_missing, reason="lb.nft (the nftables backend) is not part of this build"
+            ),
+        ),
+    ]
 
 
 @dataclass
@@ -104,27 +111,47 @@ def wait_for(check: Any, what: str) -> float:
 
 
 @pytest.fixture(params=backends())
-def mesh(request: pytest.FixtureRequest, netns_ready: None,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(
+    request: pytest.FixtureRequest, netns_ready: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mesh]:
     backend: str = request.param
     with Lab("mpl4") as lab:
         nodes, client = build_topology(lab)
         root: Path = tmp_path_factory.mktemp(f"mesh-{backend}")
-        agents = [NetnsAgent(ns, root / f"node{i + 1}", extra=[
-            "--node-name", f"node{i + 1}", "--advertise", f"{NODES[i]}:7946",
-            "--gossip-profile", "local", "--lb", backend, "--publish-address", "0.0.0.0",
-            "--address-pool", "10.40.0.0/16", *(["--join", f"{NODES[0]}:7946"] if i else [])])
-            for i, ns in enumerate(nodes)]
+        agents = [
+            NetnsAgent(
+                ns,
+                root / f"node{i + 1}",
+                extra=[
+                    "--node-name",
+                    f"node{i + 1}",
+                    "--advertise",
+                    f"{NODES[i]}:7946",
+                    "--gossip-profile",
+                    "local",
+                    "--lb",
+                    backend,
+                    "--publish-address",
+                    "0.0.0.0",
+                    "--address-pool",
+                    "10.40.0.0/16",
+                    *(["--join", f"{NODES[0]}:7946"] if i else []),
+                ],
+            )
+            for i, ns in enumerate(nodes)
+        ]
         made = Mesh(lab, nodes, client, agents)
         try:
             for agent in agents:
                 agent.start()
             for node, address in TASKS:
                 ns = nodes[node]
-                made.servers.append(EchoServer(address, TASK_PORT,
-                                               ns.call(bound_socket, address, TASK_PORT)))
-                made.health.append(EchoServer(address, HEALTH_PORT,
-                                              ns.call(bound_socket, address, HEALTH_PORT)))
+                made.servers.append(
+                    EchoServer(address, TASK_PORT, ns.call(bound_socket, address, TASK_PORT))
+                )
+                made.health.append(
+                    EchoServer(address, HEALTH_PORT, ns.call(bound_socket, address, HEALTH_PORT))
+                )
             yield made
         finally:
             for agent in agents:
@@ -147,27 +174,47 @@ def client_hello(mesh: Mesh) -> str | None:
 
 def test_published_port_on_a_node_without_tasks_spreads_and_drains(mesh: Mesh) -> None:
     agents = mesh.agents
-    wait_for(lambda: all(len(a.api_ok("GET", "/v1/members")) == 3 for a in agents),
-             "three members everywhere")
+    wait_for(
+        lambda: all(len(a.api_ok("GET", "/v1/members")) == 3 for a in agents),
+        "three members everywhere",
+    )
     agents[0].api_ok("POST", "/v1/networks", {"name": "front"}, 201)
-    agents[0].api_ok("POST", "/v1/services", {
-        "name": "web", "networks": ["front"],
-        "ports": [{"target_port": TASK_PORT, "published_port": PUBLISHED}],
-        "health_check": {"type": "tcp", "port": HEALTH_PORT, "interval": HEALTH_INTERVAL,
-                         "timeout": HEALTH_INTERVAL, "retries": 1}}, 201)
-    wait_for(lambda: all(a.request("GET", "/v1/services/web")[0] == 200 for a in agents),
-             "the service on every node")
+    agents[0].api_ok(
+        "POST",
+        "/v1/services",
+        {
+            "name": "web",
+            "networks": ["front"],
+            "ports": [{"target_port": TASK_PORT, "published_port": PUBLISHED}],
+            "health_check": {
+                "type": "tcp",
+                "port": HEALTH_PORT,
+                "interval": HEALTH_INTERVAL,
+                "timeout": HEALTH_INTERVAL,
+                "retries": 1,
+            },
+        },
+        201,
+    )
+    wait_for(
+        lambda: all(a.request("GET", "/v1/services/web")[0] == 200 for a in agents),
+        "the service on every node",
+    )
     for (node, address), _server in zip(TASKS, mesh.servers, strict=True):
         task = agents[node].api_ok("POST", "/v1/services/web/tasks", {"address": address}, 201)
         mesh.task_ids.append(task["id"])
     names = [s.name for s in mesh.servers]
-    wait_for(lambda: lb_reals(agents[2]) == {n: 1 for n in names},
-             "all three tasks healthy in node 3's table")
+    wait_for(
+        lambda: lb_reals(agents[2]) == {n: 1 for n in names},
+        "all three tasks healthy in node 3's table",
+    )
 
     spread = Counter(client_hello(mesh) for _ in range(CONNECTIONS))
-    print(f"\nspread of {CONNECTIONS} connections through node 3: "
-          + ", ".join(f"{name} {spread[name]}" for name in names)
-          + (f", failed {spread[None]}" if spread[None] else ""))
+    print(
+        f"\nspread of {CONNECTIONS} connections through node 3: "
+        + ", ".join(f"{name} {spread[name]}" for name in names)
+        + (f", failed {spread[None]}" if spread[None] else "")
+    )
     expected = CONNECTIONS / len(names)
     assert set(spread) == set(names), spread
     for name in names:
@@ -189,10 +236,13 @@ def test_published_port_on_a_node_without_tasks_spreads_and_drains(mesh: Mesh) -
 
     before = victim.connections
     mesh.health[0].close()  # its health check now fails: the node marks it unhealthy
-    took = wait_for(lambda: victim.name not in lb_reals(agents[2]),
-                    "node 3 dropping the failed task")
-    print(f"failed task out of node 3's table {took:.2f}s after its health listener stopped "
-          f"(health interval {HEALTH_INTERVAL}s)")
+    took = wait_for(
+        lambda: victim.name not in lb_reals(agents[2]), "node 3 dropping the failed task"
+    )
+    print(
+        f"failed task out of node 3's table {took:.2f}s after its health listener stopped "
+        f"(health interval {HEALTH_INTERVAL}s)"
+    )
     after = Counter(client_hello(mesh) for _ in range(30))
     assert victim.name not in after and None not in after, after
     assert victim.connections == before, "a new connection reached the failed task"

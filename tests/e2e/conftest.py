@@ -32,8 +32,9 @@ UPSTREAM_ADDRESS = "192.0.2.80"
 
 
 def _load_harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("netns_cluster",
-                                                  REPO / "deploy" / "netns_cluster.py")
+    spec = importlib.util.spec_from_file_location(
+        "netns_cluster", REPO / "deploy" / "netns_cluster.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["netns_cluster"] = module
@@ -59,10 +60,18 @@ class MeshCluster:
 
     def up(self) -> None:
         client = self.layout.client_address
-        self.state = harness.up(self.layout, lb=self.lb, profile="lan",
-                                dns_upstream=f"{client}:53", extra=[], timeout=60)
-        self.upstream = harness.in_netns(self.state["client"], lambda: FakeUpstream(
-            {UPSTREAM_NAME: [UPSTREAM_ADDRESS]}, host=client, port=53).start())
+        self.state = harness.up(
+            self.layout,
+            lb=self.lb,
+            profile="lan",
+            dns_upstream=f"{client}:53",
+            extra=[],
+            timeout=60,
+        )
+        self.upstream = harness.in_netns(
+            self.state["client"],
+            lambda: FakeUpstream({UPSTREAM_NAME: [UPSTREAM_ADDRESS]}, host=client, port=53).start(),
+        )
 
     def down(self) -> None:
         if self.upstream is not None:
@@ -77,6 +86,7 @@ class MeshCluster:
 
     def stop(self, index: int, *, kill: bool = False) -> None:
         import signal
+
         harness.stop_agent(self.state, index, signal.SIGKILL if kill else signal.SIGTERM)
 
     def start(self, index: int) -> None:
@@ -86,17 +96,30 @@ class MeshCluster:
 
     def run(self, index: int, argv: Sequence[str], timeout: float = 20) -> str:
         ns = self.state["client"] if index == 0 else self.layout.node_ns(index)
-        done = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         return done.stdout
 
     def mesh(self, index: int, *args: str) -> Any:
         ns = self.layout.node_ns(index)
-        done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "mesh",
-                               "--json", *args], capture_output=True, text=True,
-                              timeout=30, check=False, cwd=REPO,
-                              env={"PYTHONPATH": str(REPO), "MESH_API": harness.API,
-                                   "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "mesh", "--json", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=REPO,
+            env={
+                "PYTHONPATH": str(REPO),
+                "MESH_API": harness.API,
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            },
+        )
         if done.returncode != 0:
             raise AssertionError(f"mesh {' '.join(args)} on n{index}: {done.stderr}")
         return json.loads(done.stdout) if done.stdout.strip() else None
@@ -104,44 +127,58 @@ class MeshCluster:
     def api(self, index: int, path: str) -> Any:
         return harness.api_get(self.layout.node_ns(index), path)
 
-    def task(self, node: int, service: str, port: int, target: int | None = None
-             ) -> dict[str, Any]:
+    def task(self, node: int, service: str, port: int, target: int | None = None) -> dict[str, Any]:
         record: dict[str, Any] = harness.add_task(self.state, node, service, port, target)
         return record
 
     def dig(self, index: int, name: str, rtype: str = "A") -> list[str]:
-        out = self.run(index, ["dig", "+short", "+time=2", "+tries=1", "@127.0.0.11",
-                               name, rtype])
+        out = self.run(index, ["dig", "+short", "+time=2", "+tries=1", "@127.0.0.11", name, rtype])
         return sorted(line for line in out.split() if not line.startswith(";"))
 
     def nft(self, index: int, ruleset: str) -> None:
         ns = self.layout.node_ns(index)
-        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset,
-                       text=True, check=True, capture_output=True, timeout=10)
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+            input=ruleset,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
 
     def partition(self, side_a: Sequence[int], side_b: Sequence[int]) -> None:
         """Drop every packet between the two sides (rules inside each node)."""
         for mine, theirs in ((side_a, side_b), (side_b, side_a)):
             others = ", ".join(self.address(i) for i in theirs)
             for index in mine:
-                self.nft(index, f"""table inet e2e_fault {{
+                self.nft(
+                    index,
+                    f"""table inet e2e_fault {{
   chain input {{ type filter hook input priority -300; ip saddr {{ {others} }} drop; }}
   chain output {{ type filter hook output priority -300; ip daddr {{ {others} }} drop; }}
-}}""")
+}}""",
+                )
 
     def lossy(self, percent: int) -> None:
         """Drop `percent`% of the underlay packets each node receives, at random."""
         for index in range(1, self.size + 1):
-            self.nft(index, f"""table inet e2e_fault {{
+            self.nft(
+                index,
+                f"""table inet e2e_fault {{
   chain input {{ type filter hook input priority -300;
     iifname "eth0" numgen random mod 100 < {percent} drop; }}
-}}""")
+}}""",
+            )
 
     def heal(self) -> None:
         for index in range(1, self.size + 1):
             ns = self.layout.node_ns(index)
-            subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet",
-                            "e2e_fault"], capture_output=True, check=False, timeout=10)
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "e2e_fault"],
+                capture_output=True,
+                check=False,
+                timeout=10,
+            )
 
     def members(self, index: int) -> dict[str, str]:
         return {m["name"]: m["status"] for m in self.api(index, "/v1/members")}

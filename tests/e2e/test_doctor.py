@@ -31,11 +31,31 @@ def cluster() -> Iterator[MeshCluster]:
 
 def doctor(cluster: MeshCluster, node: int) -> tuple[int, list[dict[str, Any]]]:
     ns = cluster.layout.node_ns(node)
-    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "mesh", "doctor",
-                           "--json", "--settle", "4"], capture_output=True, text=True,
-                          timeout=60, check=False, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "MESH_API": harness.API,
-                               "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    done = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "mesh",
+            "doctor",
+            "--json",
+            "--settle",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+        env={
+            "PYTHONPATH": str(REPO),
+            "MESH_API": harness.API,
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        },
+    )
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout)["findings"]
 
@@ -48,10 +68,13 @@ def failures(findings: list[dict[str, Any]]) -> list[str]:
 def web(cluster: MeshCluster) -> dict[int, dict[str, Any]]:
     cluster.mesh(1, "network", "create", "front")
     cluster.mesh(1, "service", "create", "web", "--network", "front", "--publish", "8080:80")
-    tasks = {node: cluster.task(node, "web", 8000 + node, target=80)
-             for node in range(1, NODES + 1)}
-    assert wait_for(lambda: all(doctor(cluster, n)[0] == 0 for n in range(1, NODES + 1)),
-                    30, step=1) is not None
+    tasks = {
+        node: cluster.task(node, "web", 8000 + node, target=80) for node in range(1, NODES + 1)
+    }
+    assert (
+        wait_for(lambda: all(doctor(cluster, n)[0] == 0 for n in range(1, NODES + 1)), 30, step=1)
+        is not None
+    )
     return tasks
 
 
@@ -68,8 +91,9 @@ def test_stopped_task(cluster: MeshCluster, web: dict[int, dict[str, Any]]) -> N
     os.kill(task["pid"], signal.SIGKILL)
     code, findings = doctor(cluster, 2)
     assert code == 1
-    assert any(task["name"] in m and "does not answer" in m for m in failures(findings)), \
-        failures(findings)
+    assert any(task["name"] in m and "does not answer" in m for m in failures(findings)), failures(
+        findings
+    )
     print(f"\nstopped task -> {failures(findings)}")
     cluster.mesh(2, "task", "rm", task["id"])
 
@@ -80,28 +104,38 @@ def test_killed_peer(cluster: MeshCluster, web: dict[int, dict[str, Any]]) -> No
         assert wait_for(lambda: cluster.members(1).get("n3") != "alive", 20) is not None
         code, findings = doctor(cluster, 1)
         assert code == 1
-        assert any(m.startswith("gossip: peer n3") for m in failures(findings)), \
-            failures(findings)
+        assert any(m.startswith("gossip: peer n3") for m in failures(findings)), failures(findings)
         print(f"\nkilled peer -> {failures(findings)}")
     finally:
         cluster.start(3)
     assert wait_for(lambda: cluster.members(1).get("n3") == "alive", 30) is not None
 
 
-def test_published_port_taken_by_another_process(cluster: MeshCluster,
-                                                 web: dict[int, dict[str, Any]]) -> None:
+def test_published_port_taken_by_another_process(
+    cluster: MeshCluster, web: dict[int, dict[str, Any]]
+) -> None:
     ns = cluster.layout.node_ns(1)
-    squatter = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
-                                 "import socket, time; s = socket.socket(); "
-                                 "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-                                 "s.bind(('0.0.0.0', 9090)); s.listen(); time.sleep(120)"])
+    squatter = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-c",
+            "import socket, time; s = socket.socket(); "
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            "s.bind(('0.0.0.0', 9090)); s.listen(); time.sleep(120)",
+        ]
+    )
     try:
         time.sleep(0.5)
         cluster.mesh(1, "service", "create", "api", "--publish", "9090:80")
         code, findings = doctor(cluster, 1)
         assert code == 1
-        assert any("9090/tcp is held by python" in m and str(squatter.pid) in m
-                   for m in failures(findings)), failures(findings)
+        assert any(
+            "9090/tcp is held by python" in m and str(squatter.pid) in m for m in failures(findings)
+        ), failures(findings)
         print(f"\nport taken -> {failures(findings)}")
     finally:
         squatter.kill()
@@ -109,8 +143,9 @@ def test_published_port_taken_by_another_process(cluster: MeshCluster,
         cluster.mesh(1, "service", "rm", "api")
 
 
-def test_stale_lb_entry_written_by_hand(cluster: MeshCluster,
-                                        web: dict[int, dict[str, Any]]) -> None:
+def test_stale_lb_entry_written_by_hand(
+    cluster: MeshCluster, web: dict[int, dict[str, Any]]
+) -> None:
     backend = cluster.api(1, "/v1/lb")["backend"]
     if backend != "nftables":
         pytest.skip(f"the hand-written entry is an nftables element; this node runs {backend}")
@@ -120,8 +155,10 @@ def test_stale_lb_entry_written_by_hand(cluster: MeshCluster,
     try:
         code, findings = doctor(cluster, 1)
         assert code == 1
-        assert any("stale real server 10.77.0.99:80 under tcp/0.0.0.0:8080" in m
-                   for m in failures(findings)), failures(findings)
+        assert any(
+            "stale real server 10.77.0.99:80 under tcp/0.0.0.0:8080" in m
+            for m in failures(findings)
+        ), failures(findings)
         print(f"\nstale LB entry -> {failures(findings)}")
     finally:
         cluster.nft(1, f"delete element ip meshplane {element}")

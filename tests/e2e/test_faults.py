@@ -42,8 +42,10 @@ def web(cluster: MeshCluster) -> dict[int, str]:
     for node in range(1, NODES + 1):
         cluster.task(node, "web", 8000 + node)
     every = sorted(cluster.address(i) for i in range(1, NODES + 1))
-    assert wait_for(lambda: all(cluster.dig(i, "tasks.web") == every
-                                for i in range(1, NODES + 1)), 20) is not None
+    assert (
+        wait_for(lambda: all(cluster.dig(i, "tasks.web") == every for i in range(1, NODES + 1)), 20)
+        is not None
+    )
     return {i: cluster.address(i) for i in range(1, NODES + 1)}
 
 
@@ -58,36 +60,42 @@ def test_system_resolver_in_task_namespaces(cluster: MeshCluster, web: dict[int,
         assert upstream[:1] == [UPSTREAM_ADDRESS]
 
 
-def test_killed_agent_tasks_leave_every_view_and_return(cluster: MeshCluster,
-                                                        web: dict[int, str]) -> None:
+def test_killed_agent_tasks_leave_every_view_and_return(
+    cluster: MeshCluster, web: dict[int, str]
+) -> None:
     victim, others = 4, [1, 2, 3]
     cluster.stop(victim, kill=True)
     try:
-        gone = wait_for(lambda: all(web[victim] not in cluster.dig(i, "tasks.web")
-                                    for i in others), 30, step=0.2)
+        gone = wait_for(
+            lambda: all(web[victim] not in cluster.dig(i, "tasks.web") for i in others),
+            30,
+            step=0.2,
+        )
         print(f"\nkill -9 n{victim}: its task left DNS on every other node in {secs(gone)}")
         assert gone is not None and gone <= DETECTION_BOUND
     finally:
         cluster.start(victim)
-    back = wait_for(lambda: all(web[victim] in cluster.dig(i, "tasks.web") for i in others),
-                    30, step=0.2)
+    back = wait_for(
+        lambda: all(web[victim] in cluster.dig(i, "tasks.web") for i in others), 30, step=0.2
+    )
     print(f"restart n{victim}: its task was back everywhere in {secs(back)}")
     assert back is not None
 
 
-def test_partition_each_side_serves_then_heals(cluster: MeshCluster,
-                                               web: dict[int, str]) -> None:
+def test_partition_each_side_serves_then_heals(cluster: MeshCluster, web: dict[int, str]) -> None:
     side_a, side_b = [1, 2], [3, 4]
     cluster.partition(side_a, side_b)
     try:
+
         def split() -> bool:
-            return (all(cluster.dig(i, "tasks.web") == sorted(web[j] for j in side_a)
-                        for i in side_a)
-                    and all(cluster.dig(i, "tasks.web") == sorted(web[j] for j in side_b)
-                            for i in side_b))
+            return all(
+                cluster.dig(i, "tasks.web") == sorted(web[j] for j in side_a) for i in side_a
+            ) and all(cluster.dig(i, "tasks.web") == sorted(web[j] for j in side_b) for i in side_b)
+
         seen = wait_for(split, 40, step=0.5)
-        print(f"\npartition {side_a}|{side_b}: each side served only its own tasks "
-              f"after {secs(seen)}")
+        print(
+            f"\npartition {side_a}|{side_b}: each side served only its own tasks after {secs(seen)}"
+        )
         assert seen is not None
         # A registration on one side while split must reach the other after healing.
         cluster.mesh(3, "service", "create", "api", "--network", "front")
@@ -96,16 +104,21 @@ def test_partition_each_side_serves_then_heals(cluster: MeshCluster,
     every = sorted(web.values())
 
     def one_view() -> bool:
-        return all(cluster.dig(i, "tasks.web") == every and cluster.dig(i, "api") != []
-                   and set(cluster.members(i).values()) == {"alive"}
-                   for i in range(1, NODES + 1))
+        return all(
+            cluster.dig(i, "tasks.web") == every
+            and cluster.dig(i, "api") != []
+            and set(cluster.members(i).values()) == {"alive"}
+            for i in range(1, NODES + 1)
+        )
+
     healed = wait_for(one_view, 60, step=0.5)
     print(f"healed: one view on every node after {secs(healed)} (bound {HEAL_BOUND} s)")
     assert healed is not None and healed <= HEAL_BOUND
 
 
-def test_twenty_percent_loss_declares_nobody_dead(cluster: MeshCluster,
-                                                  web: dict[int, str]) -> None:
+def test_twenty_percent_loss_declares_nobody_dead(
+    cluster: MeshCluster, web: dict[int, str]
+) -> None:
     import time
 
     cluster.lossy(20)
@@ -115,18 +128,30 @@ def test_twenty_percent_loss_declares_nobody_dead(cluster: MeshCluster,
         started = time.monotonic()
         while time.monotonic() - started < 120:
             for node in range(1, NODES + 1):
-                deaths += [f"n{node} saw {name} dead"
-                           for name, status in cluster.members(node).items() if status == "dead"]
+                deaths += [
+                    f"n{node} saw {name} dead"
+                    for name, status in cluster.members(node).items()
+                    if status == "dead"
+                ]
             if len(spread) < 3 and time.monotonic() - started > 20 * (len(spread) + 1):
                 name = f"lossy{len(spread) + 1}"
                 cluster.mesh(len(spread) + 1, "service", "create", name, "--network", "front")
-                spread.append(wait_for(lambda n=name: all(  # type: ignore[misc]
-                    cluster.dig(i, n) != [] for i in range(1, NODES + 1)), 30, step=0.2))
+                spread.append(
+                    wait_for(
+                        lambda n=name: all(  # type: ignore[misc]
+                            cluster.dig(i, n) != [] for i in range(1, NODES + 1)
+                        ),
+                        30,
+                        step=0.2,
+                    )
+                )
             time.sleep(1)
     finally:
         cluster.heal()
-    print(f"\n20% loss for 120 s: {len(deaths)} dead sightings; 3 registrations reached "
-          f"every node in {', '.join(secs(t) for t in spread)}")
+    print(
+        f"\n20% loss for 120 s: {len(deaths)} dead sightings; 3 registrations reached "
+        f"every node in {', '.join(secs(t) for t in spread)}"
+    )
     assert deaths == []
     assert None not in spread
 
@@ -142,9 +167,12 @@ def test_rolling_restart_keeps_every_service(cluster: MeshCluster, web: dict[int
         back = wait_for(lambda n=node: set(cluster.members(n).values()) == {"alive"}, 30)  # type: ignore[misc]
         assert back is not None, f"n{node} did not rejoin"
     every = sorted(web.values())
-    settled = wait_for(lambda: all(cluster.dig(i, "tasks.web") == every
-                                   for i in range(1, NODES + 1)), 30, step=0.5)
-    print(f"\nrolling restart of {NODES} agents: {len(missing)} lookups missed the service; "
-          f"every task everywhere {secs(settled)} after the last restart")
+    settled = wait_for(
+        lambda: all(cluster.dig(i, "tasks.web") == every for i in range(1, NODES + 1)), 30, step=0.5
+    )
+    print(
+        f"\nrolling restart of {NODES} agents: {len(missing)} lookups missed the service; "
+        f"every task everywhere {secs(settled)} after the last restart"
+    )
     assert missing == []
     assert settled is not None

@@ -31,9 +31,11 @@ def cluster() -> Iterator[MeshCluster]:
     yield from start_cluster(NODES, "auto")
 
 
-def get(cluster: MeshCluster, address: str, port: int, host: str | None = None,
-        timeout: float = 3.0) -> str:
+def get(
+    cluster: MeshCluster, address: str, port: int, host: str | None = None, timeout: float = 3.0
+) -> str:
     """One request on a new connection from the client namespace: the body, or the error."""
+
     def fetch() -> str:
         conn = http.client.HTTPConnection(address, port, timeout=timeout)
         try:
@@ -45,33 +47,54 @@ def get(cluster: MeshCluster, address: str, port: int, host: str | None = None,
             return f"error {type(exc).__name__}"
         finally:
             conn.close()
+
     return str(harness.in_netns(cluster.state["client"], fetch))
 
 
 @pytest.fixture(scope="module")
 def web(cluster: MeshCluster) -> list[str]:
-    cluster.mesh(1, "service", "create", "web", "--publish", f"{PUBLISHED}:80",
-                 "--label", f"mesh.http.hosts={HOST}", "--label", "mesh.http.port=80")
+    cluster.mesh(
+        1,
+        "service",
+        "create",
+        "web",
+        "--publish",
+        f"{PUBLISHED}:80",
+        "--label",
+        f"mesh.http.hosts={HOST}",
+        "--label",
+        "mesh.http.port=80",
+    )
     idents = []
     for node in range(1, NODES + 1):
         cluster.task(node, "web", 8000 + node, target=80)
         idents.append(f"n{node}:{8000 + node}")
 
     def everywhere() -> bool:
-        return all(len(cluster.api(i, "/v1/lb")["services"]) > 0 and
-                   sum(len(s["reals"]) for s in cluster.api(i, "/v1/lb")["services"]
-                       if s["port"] == PUBLISHED) == NODES for i in range(1, NODES + 1))
+        return all(
+            len(cluster.api(i, "/v1/lb")["services"]) > 0
+            and sum(
+                len(s["reals"])
+                for s in cluster.api(i, "/v1/lb")["services"]
+                if s["port"] == PUBLISHED
+            )
+            == NODES
+            for i in range(1, NODES + 1)
+        )
+
     assert wait_for(everywhere, 30) is not None
     return idents
 
 
-def test_published_port_answers_on_every_node_and_spreads(cluster: MeshCluster,
-                                                          web: list[str]) -> None:
+def test_published_port_answers_on_every_node_and_spreads(
+    cluster: MeshCluster, web: list[str]
+) -> None:
     backend = cluster.api(1, "/v1/lb")["backend"]
     per_node = {}
     for node in range(1, NODES + 1):
-        seen = collections.Counter(get(cluster, cluster.address(node), PUBLISHED)
-                                   for _ in range(60))
+        seen = collections.Counter(
+            get(cluster, cluster.address(node), PUBLISHED) for _ in range(60)
+        )
         per_node[f"n{node}"] = dict(seen)
         assert set(seen) == set(web), f"n{node}: {seen}"
         assert min(seen.values()) >= 10, f"n{node} spread: {seen}"
@@ -80,8 +103,7 @@ def test_published_port_answers_on_every_node_and_spreads(cluster: MeshCluster,
 
 def test_http_routing_mesh_by_host_on_every_node(cluster: MeshCluster, web: list[str]) -> None:
     for node in range(1, NODES + 1):
-        seen = collections.Counter(get(cluster, cluster.address(node), 80, HOST)
-                                   for _ in range(30))
+        seen = collections.Counter(get(cluster, cluster.address(node), 80, HOST) for _ in range(30))
         assert set(seen) == set(web), f"n{node}: {seen}"
         assert get(cluster, cluster.address(node), 80, "nobody.example") == "status 404"
     print(f"\nHRM: Host {HOST} on :80 of every node reached all {len(web)} tasks")
@@ -101,20 +123,35 @@ def test_traffic_keeps_flowing_when_an_agent_dies(cluster: MeshCluster, web: lis
         running = [pool.submit(load, n) for n in survivors]
         time.sleep(2)
         cluster.stop(victim, kill=True)
-        gone = wait_for(lambda: all(
-            not any(r["address"] == cluster.address(victim)
-                    for s in cluster.api(n, "/v1/lb")["services"] for r in s["reals"])
-            for n in survivors), 30, step=0.2)
+        gone = wait_for(
+            lambda: all(
+                not any(
+                    r["address"] == cluster.address(victim)
+                    for s in cluster.api(n, "/v1/lb")["services"]
+                    for r in s["reals"]
+                )
+                for n in survivors
+            ),
+            30,
+            step=0.2,
+        )
         time.sleep(3)
         stop.set()
         for future in running:
             future.result()
     cluster.start(victim)
     failed = sum(n for body, n in results.items() if body not in web)
-    print(f"\nkill -9 n{victim} under load through n1, n2: {sum(results.values())} requests, "
-          f"{failed} failed; its task left their LB tables in {secs(gone)}")
+    print(
+        f"\nkill -9 n{victim} under load through n1, n2: {sum(results.values())} requests, "
+        f"{failed} failed; its task left their LB tables in {secs(gone)}"
+    )
     assert gone is not None
     # Only a request in flight when the agent died may fail: one per load thread.
     assert failed <= len(survivors)
-    assert wait_for(lambda: len({get(cluster, cluster.address(1), PUBLISHED)
-                                 for _ in range(20)}) == NODES, 30) is not None
+    assert (
+        wait_for(
+            lambda: len({get(cluster, cluster.address(1), PUBLISHED) for _ in range(20)}) == NODES,
+            30,
+        )
+        is not None
+    )

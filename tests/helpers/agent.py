@@ -45,9 +45,16 @@ def free_ports(count: int) -> list[int]:
 
 
 class AgentProcess:
-    def __init__(self, data_dir: Path, *, node_name: str = "node-1",
-                 extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 publish_address: str = "127.0.0.1", nofile: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        node_name: str = "node-1",
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        publish_address: str = "127.0.0.1",
+        nofile: int | None = None,
+    ) -> None:
         self.data_dir = data_dir
         #: RLIMIT_NOFILE (soft and hard) to start the agent under, as `prlimit` would
         self.nofile = nofile
@@ -64,25 +71,52 @@ class AgentProcess:
         self.log_path = data_dir.parent / f"{data_dir.name}-agent.log"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "mesh", "agent", "--node-name", self.node_name,
-                "--data-dir", str(self.data_dir), "--api", self.api,
-                "--address-pool", "127.64.0.0/12", "--drain-grace", "0.5",
-                "--dns", f"127.0.0.1:{self.dns_port}",
-                "--advertise", f"127.0.0.1:{self.gossip_port}",
-                # The userspace load balancer: tests run many agents on one host, and a
-                # kernel backend would program the host's own tables.
-                "--lb", "userspace", "--publish-address", self.publish_address,
-                "--http", f"127.0.0.1:{self.http_port}",
-                # Nothing listens on port 9 of loopback: names the mesh does not own get
-                # SERVFAIL at once, and no test query ever leaves the machine.
-                "--dns-upstream", "127.0.0.1:9", *self.extra]
+        return [
+            sys.executable,
+            "-m",
+            "mesh",
+            "agent",
+            "--node-name",
+            self.node_name,
+            "--data-dir",
+            str(self.data_dir),
+            "--api",
+            self.api,
+            "--address-pool",
+            "127.64.0.0/12",
+            "--drain-grace",
+            "0.5",
+            "--dns",
+            f"127.0.0.1:{self.dns_port}",
+            "--advertise",
+            f"127.0.0.1:{self.gossip_port}",
+            # The userspace load balancer: tests run many agents on one host, and a
+            # kernel backend would program the host's own tables.
+            "--lb",
+            "userspace",
+            "--publish-address",
+            self.publish_address,
+            "--http",
+            f"127.0.0.1:{self.http_port}",
+            # Nothing listens on port 9 of loopback: names the mesh does not own get
+            # SERVFAIL at once, and no test query ever leaves the machine.
+            "--dns-upstream",
+            "127.0.0.1:9",
+            *self.extra,
+        ]
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
         env = dict(os.environ, **(self.env or {}))
         env["PYTHONPATH"] = str(REPO)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=REPO, preexec_fn=self._limits)
+            self.proc = subprocess.Popen(
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+                preexec_fn=self._limits,
+            )
         self.wait_healthy(timeout)
         return self
 
@@ -109,13 +143,22 @@ class AgentProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def request(self, method: str, path: str, body: Any = None,
-                raw: bytes | None = None, headers: dict[str, str] | None = None,
-                timeout: float = 10.0) -> tuple[int, Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})})
+        req = urllib.request.Request(
+            f"http://{self.api}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 payload = resp.read()
@@ -137,18 +180,32 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def gossip_cluster(root: Path, count: int, *, profile: str = "local",
-                   extra: Callable[[int], list[str]] | None = None,
-                   ) -> Iterator[list[AgentProcess]]:
+def gossip_cluster(
+    root: Path,
+    count: int,
+    *,
+    profile: str = "local",
+    extra: Callable[[int], list[str]] | None = None,
+) -> Iterator[list[AgentProcess]]:
     """`count` agents named n0, n1, ... on 127.0.0.2, .3, ... (one gossip port), all
     joined to n0, started in order and stopped (if still running) on the way out."""
     port = free_port()
-    agents = [AgentProcess(root / f"n{i}", node_name=f"n{i}", publish_address=f"127.0.0.{i + 2}",
-                           extra=["--advertise", f"127.0.0.{i + 2}:{port}",
-                                  "--gossip-profile", profile,
-                                  *(["--join", f"127.0.0.2:{port}"] if i else []),
-                                  *(extra(i) if extra else [])])
-              for i in range(count)]
+    agents = [
+        AgentProcess(
+            root / f"n{i}",
+            node_name=f"n{i}",
+            publish_address=f"127.0.0.{i + 2}",
+            extra=[
+                "--advertise",
+                f"127.0.0.{i + 2}:{port}",
+                "--gossip-profile",
+                profile,
+                *(["--join", f"127.0.0.2:{port}"] if i else []),
+                *(extra(i) if extra else []),
+            ],
+        )
+        for i in range(count)
+    ]
     for i, agent in enumerate(agents):
         agent.gossip_addr = (f"127.0.0.{i + 2}", port)
     try:

@@ -57,11 +57,18 @@ def _name(qname: Any) -> str:
 
 
 class FakeUpstream:
-    def __init__(self, records: Mapping[str, Sequence[str]] | None = None, *,
-                 host: str = "127.0.0.1", port: int = 0, ttl: int = 60,
-                 negative_ttl: int = 30) -> None:
-        self.records = {name.rstrip(".").lower(): list(addrs)
-                        for name, addrs in (records or {}).items()}
+    def __init__(
+        self,
+        records: Mapping[str, Sequence[str]] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ttl: int = 60,
+        negative_ttl: int = 30,
+    ) -> None:
+        self.records = {
+            name.rstrip(".").lower(): list(addrs) for name, addrs in (records or {}).items()
+        }
         self.host = host
         self.port = port
         self.ttl = ttl
@@ -95,8 +102,9 @@ class FakeUpstream:
         may be called from sync code and from inside any running event loop.
         """
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
-                                        name="fake-dns-upstream")
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), daemon=True, name="fake-dns-upstream"
+        )
         self._thread.start()
         ready.wait(STOP_TIMEOUT)
         if self._error is not None:
@@ -117,23 +125,33 @@ class FakeUpstream:
     def __enter__(self) -> FakeUpstream:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     async def __aenter__(self) -> FakeUpstream:
         return await asyncio.to_thread(self.start)
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await asyncio.to_thread(self.stop)
 
-    def count(self, transport: Literal["udp", "tcp"] | None = None,
-              name: str | None = None) -> int:
+    def count(self, transport: Literal["udp", "tcp"] | None = None, name: str | None = None) -> int:
         """How many queries arrived (over `transport`, for `name`, when given)."""
-        return sum(1 for seen in list(self.queries)
-                   if (transport is None or seen.transport == transport)
-                   and (name is None or seen.name == name.rstrip(".").lower()))
+        return sum(
+            1
+            for seen in list(self.queries)
+            if (transport is None or seen.transport == transport)
+            and (name is None or seen.name == name.rstrip(".").lower())
+        )
 
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
@@ -159,7 +177,8 @@ class FakeUpstream:
         for _ in range(20):
             loop = asyncio.get_running_loop()
             self._udp, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=(self.host, self.port))
+                lambda: _UdpProtocol(self), local_addr=(self.host, self.port)
+            )
             port: int = self._udp.get_extra_info("sockname")[1]
             try:
                 self._tcp = await asyncio.start_server(self._handle_tcp, self.host, port)
@@ -223,8 +242,9 @@ class FakeUpstream:
 
     def _soa(self) -> Any:
         times = (1, 3600, 600, 86400, self.negative_ttl)
-        return RR("test.", QTYPE.SOA, ttl=self.negative_ttl,
-                  rdata=SOA("ns.test.", "admin.test.", times))
+        return RR(
+            "test.", QTYPE.SOA, ttl=self.negative_ttl, rdata=SOA("ns.test.", "admin.test.", times)
+        )
 
     def _forged(self, query: Any) -> bytes:
         forged = DNSRecord.parse(query.pack())
@@ -243,8 +263,9 @@ class FakeUpstream:
         except Exception:
             return None
         if query.questions:
-            self.queries.append(Seen(transport, _name(query.q.qname),
-                                     QTYPE.get(query.q.qtype), query.header.id))
+            self.queries.append(
+                Seen(transport, _name(query.q.qname), QTYPE.get(query.q.qtype), query.header.id)
+            )
         if self.dead or (transport == "tcp" and self.tcp_dead) or not query.questions:
             return None
         return query
@@ -268,8 +289,7 @@ class FakeUpstream:
             self._udp.sendto(self._forged(query), addr)
         self._spawn(self._answer_udp(data, query, addr))
 
-    async def _handle_tcp(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+    async def _handle_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         task = asyncio.current_task()
         if task is not None:

@@ -31,8 +31,7 @@ class EchoServer:
         self.open = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True,
-                                        name=f"echo-{self.name}")
+        self._thread = threading.Thread(target=self._accept, daemon=True, name=f"echo-{self.name}")
         self._thread.start()
 
     def _accept(self) -> None:

@@ -34,8 +34,9 @@ _PIECE = bytes(range(256)) * 256  # 64 KiB
 
 def make_app(name: str) -> web.Application:
     async def whoami(request: web.Request) -> web.Response:
-        return web.json_response({"name": name, "path": request.path_qs,
-                                  "headers": dict(request.headers)})
+        return web.json_response(
+            {"name": name, "path": request.path_qs, "headers": dict(request.headers)}
+        )
 
     async def sink(request: web.Request) -> web.Response:
         digest = hashlib.sha256()
@@ -55,7 +56,7 @@ def make_app(name: str) -> web.Application:
         response.enable_chunked_encoding()
         await response.prepare(request)
         while left > 0:
-            piece = _PIECE[:min(left, len(_PIECE))]
+            piece = _PIECE[: min(left, len(_PIECE))]
             await response.write(piece)
             left -= len(piece)
         await response.write_eof()
@@ -107,8 +108,12 @@ class BackendProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> BackendProcess:
-        argv = [sys.executable, "-m", "tests.helpers.http_backend",
-                *(f"{name}={port}" for name, port in self.tasks.items())]
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.helpers.http_backend",
+            *(f"{name}={port}" for name, port in self.tasks.items()),
+        ]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout

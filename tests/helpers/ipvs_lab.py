@@ -109,5 +109,6 @@ async def flush_ipvs() -> None:
 
 def remove_device_and_table() -> None:
     subprocess.run(["ip", "link", "del", DEFAULT_DEVICE], capture_output=True, check=False)
-    subprocess.run(["nft", "delete", "table", "ip", DEFAULT_NFT_TABLE], capture_output=True,
-                   check=False)
+    subprocess.run(
+        ["nft", "delete", "table", "ip", DEFAULT_NFT_TABLE], capture_output=True, check=False
+    )

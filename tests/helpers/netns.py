@@ -52,13 +52,17 @@ def unavailable() -> str | None:
     return None
 
 
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
-         **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          check=False, **kwargs)
+def _run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 30.0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
     if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
-                           f"{done.stderr.strip() or done.stdout.strip()}")
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({done.returncode}): "
+            f"{done.stderr.strip() or done.stdout.strip()}"
+        )
     return done
 
 
@@ -84,8 +88,9 @@ class Netns:
     def argv(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
-            **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside, capturing text output (bounded by `timeout`)."""
         return _run(self.argv(argv), check=check, timeout=timeout, **kwargs)
 
@@ -131,8 +136,8 @@ class Netns:
         """Run `fn` on a thread that lives in this namespace; return its result."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"netns-{self.name}",
-                initializer=self._enter)
+                max_workers=1, thread_name_prefix=f"netns-{self.name}", initializer=self._enter
+            )
         return self._executor.submit(fn, *args, **kwargs).result()
 
     def _enter(self) -> None:
@@ -142,9 +147,14 @@ class Netns:
         finally:
             os.close(fd)
 
-    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM,
-               bind: tuple[str, int] | None = None) -> socket.socket:
+    def socket(
+        self,
+        family: int = socket.AF_INET,
+        kind: int = socket.SOCK_DGRAM,
+        bind: tuple[str, int] | None = None,
+    ) -> socket.socket:
         """A socket of this namespace (bound there when `bind` is given)."""
+
         def make() -> socket.socket:
             sock = socket.socket(family, kind)
             try:
@@ -155,6 +165,7 @@ class Netns:
                 sock.close()
                 raise
             return sock
+
         return self.call(make)
 
     def close(self) -> None:

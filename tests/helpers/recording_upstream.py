@@ -113,11 +113,20 @@ class RecordingUpstream:
 
 
 def _answer(request: Recorded) -> bytes:
-    body = json.dumps({"conn": request.conn, "seq": request.seq, "method": request.method,
-                       "target": request.target, "host": request.header("host"),
-                       "body": request.body.decode("latin-1")}).encode()
-    out = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    body = json.dumps(
+        {
+            "conn": request.conn,
+            "seq": request.seq,
+            "method": request.method,
+            "target": request.target,
+            "host": request.header("host"),
+            "body": request.body.decode("latin-1"),
+        }
+    ).encode()
+    out = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
     if request.target.startswith("/trail"):
         out += POISON
     return out
@@ -133,7 +142,7 @@ def _parse(buffer: bytes) -> tuple[tuple[str, str, list[tuple[str, str]], bytes]
     target = rest.rpartition(" ")[0]
     headers = [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines[1:])]
     names = {n.lower(): v for n, v in headers}
-    rest_bytes = buffer[end + 4:]
+    rest_bytes = buffer[end + 4 :]
     if names.get("transfer-encoding", "").lower() == "chunked":
         body = b""
         while True:
@@ -143,8 +152,8 @@ def _parse(buffer: bytes) -> tuple[tuple[str, str, list[tuple[str, str]], bytes]
             size = int(rest_bytes[:line_end].split(b";")[0], 16)
             if len(rest_bytes) < line_end + 2 + size + 2:
                 return None
-            body += rest_bytes[line_end + 2:line_end + 2 + size]
-            rest_bytes = rest_bytes[line_end + 2 + size + 2:]
+            body += rest_bytes[line_end + 2 : line_end + 2 + size]
+            rest_bytes = rest_bytes[line_end + 2 + size + 2 :]
             if size == 0:
                 return (method, target, headers, body), rest_bytes
     length = int(names.get("content-length", "0") or 0)

@@ -33,8 +33,10 @@ class SlowBodies:
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
 
     def _head(self) -> bytes:
-        return (f"POST {self.path} HTTP/1.1\r\nHost: {self.vhost}\r\n"
-                f"Content-Length: {self.body_size}\r\n\r\n").encode()
+        return (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.vhost}\r\n"
+            f"Content-Length: {self.body_size}\r\n\r\n"
+        ).encode()
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
@@ -54,7 +56,8 @@ class SlowBodies:
                 break
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), 2.0)
+                    asyncio.open_connection(self.host, self.port), 2.0
+                )
                 writer.write(self._head() + b"x")
             except (OSError, TimeoutError):
                 self.refused += 1
@@ -108,8 +111,9 @@ async def health_latency(host: str, port: int, limit: float) -> float:
     return time.monotonic() - start
 
 
-async def probe_health(host: str, port: int, seconds: float, every: float = 0.1,
-                       limit: float = 10.0) -> list[float]:
+async def probe_health(
+    host: str, port: int, seconds: float, every: float = 0.1, limit: float = 10.0
+) -> list[float]:
     """`health_latency` every `every` seconds for `seconds`: the latencies measured."""
     found = []
     end = time.monotonic() + seconds

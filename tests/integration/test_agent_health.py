@@ -62,23 +62,38 @@ def wait_for_health(agent: AgentProcess, task_id: str, wanted: str, within: floa
     raise AssertionError(f"task did not turn {wanted} within {within}s: {task}")
 
 
-def test_http_check_turns_unhealthy_and_recovers(start_agent: StartAgent,
-                                                 backend: ToggleServer) -> None:
+def test_http_check_turns_unhealthy_and_recovers(
+    start_agent: StartAgent, backend: ToggleServer
+) -> None:
     agent = start_agent()
-    status, _ = agent.request("POST", "/v1/services", {
-        "name": "web", "ports": [{"target_port": 80, "published_port": 18081}],
-        "health_check": {"type": "http", "path": "/healthz", "interval": INTERVAL,
-                         "timeout": 1, "retries": RETRIES}})
+    status, _ = agent.request(
+        "POST",
+        "/v1/services",
+        {
+            "name": "web",
+            "ports": [{"target_port": 80, "published_port": 18081}],
+            "health_check": {
+                "type": "http",
+                "path": "/healthz",
+                "interval": INTERVAL,
+                "timeout": 1,
+                "retries": RETRIES,
+            },
+        },
+    )
     assert status == 201
-    status, task = agent.request("POST", "/v1/services/web/tasks", {
-        "address": "127.0.0.1", "ports": {"80": backend.port}})
+    status, task = agent.request(
+        "POST", "/v1/services/web/tasks", {"address": "127.0.0.1", "ports": {"80": backend.port}}
+    )
     assert status == 201 and task["health"] == "starting"
     wait_for_health(agent, task["id"], "healthy", SLACK)
 
     backend.status = 500
     took = wait_for_health(agent, task["id"], "unhealthy", INTERVAL * RETRIES + SLACK)
-    print(f"\nunhealthy {took:.2f}s after the check began failing "
-          f"(interval x retries = {INTERVAL * RETRIES:.2f}s)")
+    print(
+        f"\nunhealthy {took:.2f}s after the check began failing "
+        f"(interval x retries = {INTERVAL * RETRIES:.2f}s)"
+    )
     output = agent.request("GET", f"/v1/tasks/{task['id']}")[1]["health_output"]
     assert "500" in output
 
@@ -89,15 +104,19 @@ def test_http_check_turns_unhealthy_and_recovers(start_agent: StartAgent,
 
 def test_ttl_check_expires_without_heartbeats(start_agent: StartAgent) -> None:
     agent = start_agent()
-    agent.request("POST", "/v1/services", {"name": "worker", "health_check": {
-        "type": "ttl", "ttl": 0.5}})
+    agent.request(
+        "POST", "/v1/services", {"name": "worker", "health_check": {"type": "ttl", "ttl": 0.5}}
+    )
     _, task = agent.request("POST", "/v1/services/worker/tasks", {"address": "127.0.0.1"})
-    status, reported = agent.request("PUT", f"/v1/tasks/{task['id']}/health",
-                                     {"status": "healthy", "output": "ok"})
+    status, reported = agent.request(
+        "PUT", f"/v1/tasks/{task['id']}/health", {"status": "healthy", "output": "ok"}
+    )
     assert status == 200 and reported["health"] == "healthy"
     wait_for_health(agent, task["id"], "unhealthy", 0.5 + SLACK)
-    assert agent.request("PUT", f"/v1/tasks/{task['id']}/health",
-                         {"status": "healthy"})[1]["health"] == "healthy"
+    assert (
+        agent.request("PUT", f"/v1/tasks/{task['id']}/health", {"status": "healthy"})[1]["health"]
+        == "healthy"
+    )
 
 
 def test_task_without_check_is_healthy_and_delete_drains(start_agent: StartAgent) -> None:

@@ -21,14 +21,21 @@ from tests.integration.conftest import StartAgent, stop_and_check
 START_TIMEOUT = 20.0
 
 
-def refused(agent: AgentProcess, timeout: float = START_TIMEOUT,
-            everything: list[str] | None = None) -> tuple[int, list[str], float]:
+def refused(
+    agent: AgentProcess, timeout: float = START_TIMEOUT, everything: list[str] | None = None
+) -> tuple[int, list[str], float]:
     """Run the agent to its exit: (exit status, stderr's `mesh agent:` lines, seconds);
     `everything` gets every line it wrote."""
     started = time.monotonic()
     try:
-        proc = subprocess.run(agent.argv(), capture_output=True, timeout=timeout, check=False,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+        proc = subprocess.run(
+            agent.argv(),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            cwd=REPO,
+        )
     except subprocess.TimeoutExpired:  # (subprocess.run has killed it)
         pytest.fail(f"the agent was not refused: it started and ran for {timeout:g}s")
     elapsed = time.monotonic() - started
@@ -67,7 +74,8 @@ def open_files(pid: int) -> set[str]:
 
 
 def test_a_second_agent_on_a_data_dir_refuses_and_a_kill_9_leaves_no_stale_lock(
-        start_agent: StartAgent) -> None:
+    start_agent: StartAgent,
+) -> None:
     # A DNS worker: a child process, which must not hold the lock.
     first = start_agent(extra=["--dns-workers", "1"])
     assert first.proc is not None
@@ -80,8 +88,9 @@ def test_a_second_agent_on_a_data_dir_refuses_and_a_kill_9_leaves_no_stale_lock(
     print(f"second agent refused in {elapsed:.2f}s: {lines}")
     assert code == 1
     # That one line and nothing else: it stopped before logging, let alone binding.
-    assert output == [f"mesh agent: data dir {first.data_dir} is in use by PID "
-                      f"{first.proc.pid} (lock {lock})"]
+    assert output == [
+        f"mesh agent: data dir {first.data_dir} is in use by PID {first.proc.pid} (lock {lock})"
+    ]
     assert first.request("GET", "/v1/services/web")[0] == 200
     assert lock.read_text().strip() == str(first.proc.pid)
 
@@ -118,42 +127,70 @@ def holder() -> Iterator[list[socket.socket]]:
 
 
 def occupy(held: list[socket.socket], protocol: str, port: int) -> None:
-    sock = socket.socket(socket.AF_INET,
-                         socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM)
+    sock = socket.socket(
+        socket.AF_INET, socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    )
     held.append(sock)
     sock.bind(("127.0.0.1", port))
     if protocol == "tcp":
         sock.listen()
 
 
-@pytest.mark.parametrize(("role", "protocol", "workers"), [
-    ("api", "tcp", 0), ("dns", "udp", 0), ("dns", "tcp", 0), ("gossip", "udp", 0),
-    ("gossip", "tcp", 0), ("http", "tcp", 0), ("http", "tcp", 1), ("https", "tcp", 0),
-    ("https", "tcp", 1)])
-def test_a_port_in_use_is_named_with_its_holder(tmp_path: Path, holder: list[socket.socket],
-                                                role: str, protocol: str, workers: int) -> None:
+@pytest.mark.parametrize(
+    ("role", "protocol", "workers"),
+    [
+        ("api", "tcp", 0),
+        ("dns", "udp", 0),
+        ("dns", "tcp", 0),
+        ("gossip", "udp", 0),
+        ("gossip", "tcp", 0),
+        ("http", "tcp", 0),
+        ("http", "tcp", 1),
+        ("https", "tcp", 0),
+        ("https", "tcp", 1),
+    ],
+)
+def test_a_port_in_use_is_named_with_its_holder(
+    tmp_path: Path, holder: list[socket.socket], role: str, protocol: str, workers: int
+) -> None:
     https_port = free_port()
-    agent = AgentProcess(tmp_path / "data", extra=["--https", f"127.0.0.1:{https_port}",
-                                                   "--http-workers", str(workers)])
-    port = {"api": agent.port, "dns": agent.dns_port, "gossip": agent.gossip_port,
-            "http": agent.http_port, "https": https_port}[role]
+    agent = AgentProcess(
+        tmp_path / "data",
+        extra=["--https", f"127.0.0.1:{https_port}", "--http-workers", str(workers)],
+    )
+    port = {
+        "api": agent.port,
+        "dns": agent.dns_port,
+        "gossip": agent.gossip_port,
+        "http": agent.http_port,
+        "https": https_port,
+    }[role]
     occupy(holder, protocol, port)
     code, lines, elapsed = refused(agent)
     print(f"{role} {protocol} workers={workers}: exit {code} in {elapsed:.2f}s: {lines}")
     assert code == 1
     me = Path("/proc/self/comm").read_text().strip()
-    assert lines == [f"mesh agent: {role} 127.0.0.1:{port} is in use by PID {os.getpid()} "
-                     f"({me}) on {protocol} 127.0.0.1:{port}"]
+    assert lines == [
+        f"mesh agent: {role} 127.0.0.1:{port} is in use by PID {os.getpid()} "
+        f"({me}) on {protocol} 127.0.0.1:{port}"
+    ]
 
 
 def test_a_published_port_in_use_at_start_names_its_holder(
-        start_agent: StartAgent, holder: list[socket.socket]) -> None:
+    start_agent: StartAgent, holder: list[socket.socket]
+) -> None:
     """The userspace load balancer binds published ports at start; one in use does not
     stop the agent (the others still serve), but is reported naming its holder."""
     agent = start_agent()
     port = free_port()
-    assert agent.request("POST", "/v1/services", {
-        "name": "web", "ports": [{"target_port": 80, "published_port": port}]})[0] == 201
+    assert (
+        agent.request(
+            "POST",
+            "/v1/services",
+            {"name": "web", "ports": [{"target_port": 80, "published_port": port}]},
+        )[0]
+        == 201
+    )
     assert agent.stop() == 0
     occupy(holder, "tcp", port)
     agent.start()
@@ -177,8 +214,10 @@ def test_a_zero_byte_state_db_is_refused_and_left_as_found(tmp_path: Path) -> No
     code, lines, _ = refused(AgentProcess(data))
     print(lines)
     assert code == 1
-    assert lines == [f"mesh agent: cannot read state in {state}: the file is empty (0 bytes); "
-                     "restore it, or move it away to start with an empty state"]
+    assert lines == [
+        f"mesh agent: cannot read state in {state}: the file is empty (0 bytes); "
+        "restore it, or move it away to start with an empty state"
+    ]
     assert state.stat().st_size == 0  # not written to: still there to be examined
     # Moved away as told: the agent starts, empty.
     state.rename(data / "state.db.broken")

@@ -31,28 +31,45 @@ def get(agent: AgentProcess, authorization: str | None) -> tuple[int, Any]:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    agent = AgentProcess(tmp_path_factory.mktemp("auth") / "data",
-                         extra=["--api-token", TOKEN])
+    agent = AgentProcess(tmp_path_factory.mktemp("auth") / "data", extra=["--api-token", TOKEN])
     agent.start()
     yield agent
     stop_and_check(agent)
 
 
-@pytest.mark.parametrize("authorization", [
-    f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER {TOKEN}", f"bEaReR {TOKEN}",
-    f"Bearer  {TOKEN}",  # RFC 9110 §11.4: 1*SP between the scheme and the credentials
-])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        f"Bearer {TOKEN}",
+        f"bearer {TOKEN}",
+        f"BEARER {TOKEN}",
+        f"bEaReR {TOKEN}",
+        f"Bearer  {TOKEN}",  # RFC 9110 §11.4: 1*SP between the scheme and the credentials
+    ],
+)
 def test_the_scheme_is_case_insensitive(guarded: AgentProcess, authorization: str) -> None:
     status, body = get(guarded, authorization)
     assert status == 200, body
     assert [n["name"] for n in body] == ["ingress"]
 
 
-@pytest.mark.parametrize("authorization", [
-    None, "", "bearer", "bearer ", f"bearer{TOKEN}", f"bearer {TOKEN.lower()}",
-    f"bearer {TOKEN}x", f"bearer {TOKEN[:-1]}", f"Basic {TOKEN}", TOKEN,
-    f"bearerx {TOKEN}", f"bearer {TOKEN} {TOKEN}",
-])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "bearer",
+        "bearer ",
+        f"bearer{TOKEN}",
+        f"bearer {TOKEN.lower()}",
+        f"bearer {TOKEN}x",
+        f"bearer {TOKEN[:-1]}",
+        f"Basic {TOKEN}",
+        TOKEN,
+        f"bearerx {TOKEN}",
+        f"bearer {TOKEN} {TOKEN}",
+    ],
+)
 def test_anything_else_is_refused(guarded: AgentProcess, authorization: str | None) -> None:
     status, body = get(guarded, authorization)
     assert status == 401, body

@@ -21,8 +21,19 @@ from tests.integration.conftest import StartAgent, stop_and_check
 
 SNAKE_CASE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
 MAX_BODY = 1 << 20
-INVALID_NAMES = ["-web", "web-", "web_1", "a" * 64, "tasks", "TASKS", "wéb", "web\n", "we b",
-                 "web.1", ""]
+INVALID_NAMES = [
+    "-web",
+    "web-",
+    "web_1",
+    "a" * 64,
+    "tasks",
+    "TASKS",
+    "wéb",
+    "web\n",
+    "we b",
+    "web.1",
+    "",
+]
 
 Json = Any
 
@@ -59,8 +70,10 @@ def names(agent: AgentProcess, path: str) -> list[str]:
 
 def snapshot(agent: AgentProcess) -> Json:
     """Everything the agent holds, to compare before and after a refused request."""
-    return {path: ok(agent.request("GET", path))
-            for path in ("/v1/networks", "/v1/services", "/v1/tasks")}
+    return {
+        path: ok(agent.request("GET", path))
+        for path in ("/v1/networks", "/v1/services", "/v1/tasks")
+    }
 
 
 @pytest.fixture
@@ -77,8 +90,13 @@ def agent_has(agent: AgentProcess, path: str) -> bool:
     return agent.request("GET", path)[0] == 200
 
 
-def raw_request(agent: AgentProcess, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Json]:
+def raw_request(
+    agent: AgentProcess,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Json]:
     """A request that also returns the answer's headers."""
     conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
     try:
@@ -123,8 +141,11 @@ def test_empty_body_is_400(agent: AgentProcess) -> None:
 
 
 def test_unknown_field_is_400(agent: AgentProcess) -> None:
-    assert_error(agent.request("POST", "/v1/networks", {"name": "front", "colour": "red"}),
-                 400, "unknown_field")
+    assert_error(
+        agent.request("POST", "/v1/networks", {"name": "front", "colour": "red"}),
+        400,
+        "unknown_field",
+    )
     assert names(agent, "/v1/networks") == ["ingress"]
 
 
@@ -136,8 +157,9 @@ def test_unknown_nested_field_is_400(agent: AgentProcess) -> None:
 
 def test_unknown_field_in_patch_is_400(agent: AgentProcess) -> None:
     before = create_service(agent, "web")
-    assert_error(agent.request("PATCH", "/v1/services/web", {"name": "other"}), 400,
-                 "unknown_field")
+    assert_error(
+        agent.request("PATCH", "/v1/services/web", {"name": "other"}), 400, "unknown_field"
+    )
     assert ok(agent.request("GET", "/v1/services/web")) == before
 
 
@@ -153,16 +175,22 @@ def test_missing_name_is_422(agent: AgentProcess, path: str) -> None:
 
 def test_missing_task_address_is_422(agent: AgentProcess) -> None:
     create_service(agent, "web")
-    assert_error(agent.request("POST", "/v1/services/web/tasks", {"ports": {"80": 8080}}), 422,
-                 "missing_field")
+    assert_error(
+        agent.request("POST", "/v1/services/web/tasks", {"ports": {"80": 8080}}),
+        422,
+        "missing_field",
+    )
     assert ok(agent.request("GET", "/v1/tasks")) == []
 
 
 def test_missing_health_status_is_422(agent: AgentProcess) -> None:
     create_service(agent, "web")
     task = ok(agent.request("POST", "/v1/services/web/tasks", {"address": "127.0.0.1"}), 201)
-    assert_error(agent.request("PUT", f"/v1/tasks/{task['id']}/health", {"output": "x"}), 422,
-                 "missing_field")
+    assert_error(
+        agent.request("PUT", f"/v1/tasks/{task['id']}/health", {"output": "x"}),
+        422,
+        "missing_field",
+    )
 
 
 @pytest.mark.parametrize("name", INVALID_NAMES)
@@ -174,8 +202,7 @@ def test_network_name_that_is_not_a_dns_label_is_422(shared: AgentProcess, name:
 def test_service_name_that_is_not_a_dns_label_is_422(shared: AgentProcess, name: str) -> None:
     assert_error(shared.request("POST", "/v1/services", {"name": name}), 422)
     # In the list of networks a service joins, too.
-    assert_error(shared.request("POST", "/v1/services", {"name": "api", "networks": [name]}),
-                 422)
+    assert_error(shared.request("POST", "/v1/services", {"name": "api", "networks": [name]}), 422)
 
 
 def test_longest_dns_label_is_a_valid_name(agent: AgentProcess) -> None:
@@ -191,31 +218,35 @@ def test_task_name_that_is_not_a_dns_name_is_422(shared: AgentProcess, name: str
 
 
 @pytest.mark.parametrize("port", [0, 65536, -1, "80", True, 80.0, None])
-def test_target_port_out_of_range_or_not_an_integer_is_422(shared: AgentProcess,
-                                                            port: Any) -> None:
+def test_target_port_out_of_range_or_not_an_integer_is_422(shared: AgentProcess, port: Any) -> None:
     body = {"name": "api", "ports": [{"target_port": port}]}
     assert_error(shared.request("POST", "/v1/services", body), 422)
 
 
-@pytest.mark.parametrize("address", ["not-an-ip", "300.1.2.3", "127.0.0.1/32", "::1",
-                                     "0.0.0.0", "224.0.0.1", "127.0.0.1 ", ""])
-def test_task_address_that_is_not_a_usable_ip_address_is_422(shared: AgentProcess,
-                                                              address: str) -> None:
+@pytest.mark.parametrize(
+    "address",
+    ["not-an-ip", "300.1.2.3", "127.0.0.1/32", "::1", "0.0.0.0", "224.0.0.1", "127.0.0.1 ", ""],
+)
+def test_task_address_that_is_not_a_usable_ip_address_is_422(
+    shared: AgentProcess, address: str
+) -> None:
     assert_error(shared.request("POST", "/v1/services/web/tasks", {"address": address}), 422)
 
 
-@pytest.mark.parametrize("ports", [{"0": 8080}, {"65536": 8080}, {"http": 8080}, {"80": 0},
-                                   {"80": "8080"}, {" 80": 8080}])
+@pytest.mark.parametrize(
+    "ports",
+    [{"0": 8080}, {"65536": 8080}, {"http": 8080}, {"80": 0}, {"80": "8080"}, {" 80": 8080}],
+)
 def test_task_port_map_with_bad_ports_is_422(shared: AgentProcess, ports: Json) -> None:
     body = {"address": "127.0.0.1", "ports": ports}
     assert_error(shared.request("POST", "/v1/services/web/tasks", body), 422)
 
 
-@pytest.mark.parametrize("subnet", ["front", "127.70.0.1/24", "127.70.0.0/30", "::1/128",
-                                    "127.70.0.0/33", ""])
+@pytest.mark.parametrize(
+    "subnet", ["front", "127.70.0.1/24", "127.70.0.0/30", "::1/128", "127.70.0.0/33", ""]
+)
 def test_subnet_that_is_not_a_usable_cidr_is_422(shared: AgentProcess, subnet: str) -> None:
-    assert_error(shared.request("POST", "/v1/networks", {"name": "front", "subnet": subnet}),
-                 422)
+    assert_error(shared.request("POST", "/v1/networks", {"name": "front", "subnet": subnet}), 422)
 
 
 def test_service_on_unknown_network_is_422(agent: AgentProcess) -> None:
@@ -226,14 +257,18 @@ def test_service_on_unknown_network_is_422(agent: AgentProcess) -> None:
 
 
 def test_service_naming_ingress_is_422(agent: AgentProcess) -> None:
-    assert_error(agent.request("POST", "/v1/services", {"name": "web", "networks": ["ingress"]}),
-                 422)
+    assert_error(
+        agent.request("POST", "/v1/services", {"name": "web", "networks": ["ingress"]}), 422
+    )
     assert names(agent, "/v1/services") == []
 
 
 def test_dnsrr_with_an_ingress_published_port_is_422(agent: AgentProcess) -> None:
-    body = {"name": "db", "endpoint_mode": "dnsrr",
-            "ports": [{"target_port": 5432, "published_port": 15432}]}
+    body = {
+        "name": "db",
+        "endpoint_mode": "dnsrr",
+        "ports": [{"target_port": 5432, "published_port": 15432}],
+    }
     assert_error(agent.request("POST", "/v1/services", body), 422, "invalid_value")
     assert names(agent, "/v1/services") == []
     # As in Swarm, dnsrr may publish in host mode, and gets no VIP.
@@ -262,8 +297,11 @@ def test_non_numeric_version_is_422(agent: AgentProcess) -> None:
 
 def test_duplicate_service_name_is_409(agent: AgentProcess) -> None:
     first = create_service(agent, "web")
-    assert_error(agent.request("POST", "/v1/services", {"name": "web", "labels": {"a": "b"}}),
-                 409, "name_in_use")
+    assert_error(
+        agent.request("POST", "/v1/services", {"name": "web", "labels": {"a": "b"}}),
+        409,
+        "name_in_use",
+    )
     assert ok(agent.request("GET", "/v1/services")) == [first]
 
 
@@ -295,13 +333,15 @@ def test_published_port_used_by_another_service_is_409(agent: AgentProcess) -> N
 def test_patch_taking_a_published_port_of_another_service_is_409(agent: AgentProcess) -> None:
     create_service(agent, "web", ports=[{"target_port": 80, "published_port": 18080}])
     before = create_service(agent, "api", ports=[{"target_port": 80, "published_port": 18081}])
-    answer = agent.request("PATCH", "/v1/services/api",
-                           {"ports": [{"target_port": 80, "published_port": 18080}]})
+    answer = agent.request(
+        "PATCH", "/v1/services/api", {"ports": [{"target_port": 80, "published_port": 18080}]}
+    )
     assert_error(answer, 409, "port_in_use")
     assert ok(agent.request("GET", "/v1/services/api")) == before
     # Its own port stays its own: a patch keeping it is fine.
-    answer = agent.request("PATCH", "/v1/services/api",
-                           {"ports": [{"target_port": 81, "published_port": 18081}]})
+    answer = agent.request(
+        "PATCH", "/v1/services/api", {"ports": [{"target_port": 81, "published_port": 18081}]}
+    )
     assert ok(answer)["ports"][0]["published_port"] == 18081
 
 
@@ -320,8 +360,7 @@ def test_same_task_endpoint_twice_in_one_service_is_409(agent: AgentProcess) -> 
     create_service(agent, "api")
     endpoint = {"address": "127.0.0.1", "ports": {"80": 31001}}
     first = ok(agent.request("POST", "/v1/services/web/tasks", endpoint), 201)
-    assert_error(agent.request("POST", "/v1/services/web/tasks", endpoint), 409,
-                 "endpoint_in_use")
+    assert_error(agent.request("POST", "/v1/services/web/tasks", endpoint), 409, "endpoint_in_use")
     assert ok(agent.request("GET", "/v1/services/web/tasks")) == [first]
     # The same address with other ports is another endpoint, and gets the next slot.
     other = {"address": "127.0.0.1", "ports": {"80": 31002}}
@@ -334,10 +373,19 @@ def test_same_task_endpoint_twice_in_one_service_is_409(agent: AgentProcess) -> 
 
 def test_duplicate_task_name_is_409(agent: AgentProcess) -> None:
     create_service(agent, "web")
-    ok(agent.request("POST", "/v1/services/web/tasks",
-                     {"address": "127.0.0.1", "ports": {"80": 31001}, "name": "web-one"}), 201)
-    answer = agent.request("POST", "/v1/services/web/tasks",
-                           {"address": "127.0.0.1", "ports": {"80": 31002}, "name": "WEB-one"})
+    ok(
+        agent.request(
+            "POST",
+            "/v1/services/web/tasks",
+            {"address": "127.0.0.1", "ports": {"80": 31001}, "name": "web-one"},
+        ),
+        201,
+    )
+    answer = agent.request(
+        "POST",
+        "/v1/services/web/tasks",
+        {"address": "127.0.0.1", "ports": {"80": 31002}, "name": "WEB-one"},
+    )
     assert_error(answer, 409, "name_in_use")
     assert len(ok(agent.request("GET", "/v1/tasks"))) == 1
 
@@ -345,11 +393,13 @@ def test_duplicate_task_name_is_409(agent: AgentProcess) -> None:
 def test_patch_with_stale_version_is_409(agent: AgentProcess) -> None:
     created = create_service(agent, "web")
     version = created["version"]
-    updated = ok(agent.request("PATCH", f"/v1/services/web?version={version}",
-                               {"labels": {"tier": "front"}}))
+    updated = ok(
+        agent.request("PATCH", f"/v1/services/web?version={version}", {"labels": {"tier": "front"}})
+    )
     assert updated["version"] > version
-    answer = agent.request("PATCH", f"/v1/services/web?version={version}",
-                           {"labels": {"tier": "back"}})
+    answer = agent.request(
+        "PATCH", f"/v1/services/web?version={version}", {"labels": {"tier": "back"}}
+    )
     assert_error(answer, 409, "version_conflict")
     assert ok(agent.request("GET", "/v1/services/web")) == updated
 
@@ -383,7 +433,9 @@ def test_health_report_for_a_task_of_another_node_is_409(start_agent: StartAgent
         assert_error(answer, 409, "not_local")
         # node-1 is no member of node-2's gossip: its status is unknown, not alive
         assert ok(second.request("GET", f"/v1/tasks/{task['id']}")) == {
-            **task, "node_status": "unknown"}
+            **task,
+            "node_status": "unknown",
+        }
     finally:
         stop_and_check(second)
 
@@ -396,34 +448,54 @@ def test_refused_creates_consume_no_vip_port_or_slot(agent: AgentProcess) -> Non
     ingress = ok(agent.request("GET", "/v1/networks/ingress"))["subnet"].removesuffix(".0/16")
     auto_port = [{"target_port": 80}]
     web = create_service(agent, "web", networks=["front"], ports=auto_port)
-    assert web["vips"] == [{"network": "front", "address": "127.71.0.2"},
-                           {"network": "ingress", "address": f"{ingress}.2"}]
+    assert web["vips"] == [
+        {"network": "front", "address": "127.71.0.2"},
+        {"network": "ingress", "address": f"{ingress}.2"},
+    ]
     assert web["ports"][0]["published_port"] == 30000
     # Refused for a reason found at different points of the create: each leaves no trace.
     refused = [
         ({"name": "web", "networks": ["front"], "ports": auto_port}, 409),
         ({"name": "api", "networks": ["front", "back"], "ports": auto_port}, 422),
-        ({"name": "api", "networks": ["front"],
-          "ports": [{"target_port": 80}, {"target_port": 81, "published_port": 30000}]}, 409),
-        ({"name": "api", "networks": ["front"], "ports": auto_port,
-          "health_check": {"type": "tcp", "interval": 0}}, 422),
-        ({"name": "api", "networks": ["front"], "endpoint_mode": "dnsrr",
-          "ports": auto_port}, 422),
+        (
+            {
+                "name": "api",
+                "networks": ["front"],
+                "ports": [{"target_port": 80}, {"target_port": 81, "published_port": 30000}],
+            },
+            409,
+        ),
+        (
+            {
+                "name": "api",
+                "networks": ["front"],
+                "ports": auto_port,
+                "health_check": {"type": "tcp", "interval": 0},
+            },
+            422,
+        ),
+        ({"name": "api", "networks": ["front"], "endpoint_mode": "dnsrr", "ports": auto_port}, 422),
     ]
     for body, status in refused:
         assert_error(agent.request("POST", "/v1/services", body), status)
     assert ok(agent.request("GET", "/v1/services")) == [web]
     # The next service gets exactly what the first refused one would have had.
     api = create_service(agent, "api", networks=["front"], ports=auto_port)
-    assert api["vips"] == [{"network": "front", "address": "127.71.0.3"},
-                           {"network": "ingress", "address": f"{ingress}.3"}]
+    assert api["vips"] == [
+        {"network": "front", "address": "127.71.0.3"},
+        {"network": "ingress", "address": f"{ingress}.3"},
+    ]
     assert api["ports"][0]["published_port"] == 30001
     # A refused task takes no slot.
     ok(agent.request("POST", "/v1/services/api/tasks", {"address": "127.0.0.1"}), 201)
     assert_error(agent.request("POST", "/v1/services/api/tasks", {"address": "127.0.0.1"}), 409)
     assert_error(agent.request("POST", "/v1/services/api/tasks", {"address": "nope"}), 422)
-    task = ok(agent.request("POST", "/v1/services/api/tasks",
-                            {"address": "127.0.0.1", "ports": {"80": 8080}}), 201)
+    task = ok(
+        agent.request(
+            "POST", "/v1/services/api/tasks", {"address": "127.0.0.1", "ports": {"80": 8080}}
+        ),
+        201,
+    )
     assert task["slot"] == 2
 
 
@@ -437,8 +509,9 @@ def test_refused_network_create_consumes_no_subnet(agent: AgentProcess) -> None:
 def test_refused_patch_keeps_vips_ports_and_version(agent: AgentProcess) -> None:
     create_network(agent, "front")
     create_service(agent, "other", ports=[{"target_port": 80, "published_port": 18081}])
-    before = create_service(agent, "web", networks=["front"],
-                            ports=[{"target_port": 80, "published_port": 18080}])
+    before = create_service(
+        agent, "web", networks=["front"], ports=[{"target_port": 80, "published_port": 18080}]
+    )
     refused = [
         ({"networks": ["front", "back"]}, 422),
         ({"ports": [{"target_port": 80, "published_port": 18081}]}, 409),
@@ -457,49 +530,59 @@ def test_refused_patch_keeps_vips_ports_and_version(agent: AgentProcess) -> None
 # -- unknown objects, paths and methods ------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("GET", "/v1/networks/nope", None),
-    ("DELETE", "/v1/networks/nope", None),
-    ("GET", "/v1/services/nope", None),
-    ("PATCH", "/v1/services/nope", {"labels": {}}),
-    ("DELETE", "/v1/services/nope", None),
-    ("GET", "/v1/services/nope/tasks", None),
-    ("POST", "/v1/services/nope/tasks", {"address": "127.0.0.1"}),
-    ("GET", "/v1/tasks/nope", None),
-    ("DELETE", "/v1/tasks/nope", None),
-    ("PUT", "/v1/tasks/nope/health", {"status": "healthy"}),
-])
-def test_unknown_object_in_path_is_404(shared: AgentProcess, method: str, path: str,
-                                       body: Json) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/networks/nope", None),
+        ("DELETE", "/v1/networks/nope", None),
+        ("GET", "/v1/services/nope", None),
+        ("PATCH", "/v1/services/nope", {"labels": {}}),
+        ("DELETE", "/v1/services/nope", None),
+        ("GET", "/v1/services/nope/tasks", None),
+        ("POST", "/v1/services/nope/tasks", {"address": "127.0.0.1"}),
+        ("GET", "/v1/tasks/nope", None),
+        ("DELETE", "/v1/tasks/nope", None),
+        ("PUT", "/v1/tasks/nope/health", {"status": "healthy"}),
+    ],
+)
+def test_unknown_object_in_path_is_404(
+    shared: AgentProcess, method: str, path: str, body: Json
+) -> None:
     assert_error(shared.request(method, path, body), 404, "not_found")
 
 
 def test_task_for_unknown_service_is_404_and_creates_nothing(agent: AgentProcess) -> None:
-    assert_error(agent.request("POST", "/v1/services/web/tasks", {"address": "127.0.0.1"}), 404,
-                 "not_found")
+    assert_error(
+        agent.request("POST", "/v1/services/web/tasks", {"address": "127.0.0.1"}), 404, "not_found"
+    )
     # The path is checked before the body: a bad body for an unknown service is still 404.
     assert_error(agent.request("POST", "/v1/services/web/tasks", raw=b"{"), 404, "not_found")
     assert ok(agent.request("GET", "/v1/tasks")) == []
     assert names(agent, "/v1/services") == []
 
 
-@pytest.mark.parametrize("path", ["/v1/nope", "/v2/health", "/v1/networks/a/b",
-                                  "/v1/tasks/x/y/z", "/v1"])
+@pytest.mark.parametrize(
+    "path", ["/v1/nope", "/v2/health", "/v1/networks/a/b", "/v1/tasks/x/y/z", "/v1"]
+)
 def test_unknown_path_is_404(shared: AgentProcess, path: str) -> None:
     assert_error(shared.request("GET", path), 404, "not_found")
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("PUT", "/v1/networks"),
-    ("DELETE", "/v1/networks"),
-    ("PATCH", "/v1/networks/ingress"),
-    ("POST", "/v1/tasks"),
-    ("POST", "/v1/health"),
-    ("GET", "/v1/tasks/x/health"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/v1/networks"),
+        ("DELETE", "/v1/networks"),
+        ("PATCH", "/v1/networks/ingress"),
+        ("POST", "/v1/tasks"),
+        ("POST", "/v1/health"),
+        ("GET", "/v1/tasks/x/health"),
+    ],
+)
 def test_wrong_method_is_405_with_allow(shared: AgentProcess, method: str, path: str) -> None:
-    status, headers, body = raw_request(shared, method, path, b"{}",
-                                        {"Content-Type": "application/json"})
+    status, headers, body = raw_request(
+        shared, method, path, b"{}", {"Content-Type": "application/json"}
+    )
     assert_error((status, body), 405, "method_not_allowed")
     assert headers.get("Allow"), headers
     assert method not in headers["Allow"].split(",")
@@ -523,8 +606,13 @@ def test_oversized_chunked_body_is_413(agent: AgentProcess) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
     chunks = (b'{"name": "big", "labels": {"k": "', b"x" * MAX_BODY, b'"}}')
     try:
-        conn.request("POST", "/v1/services", body=iter(chunks),
-                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        conn.request(
+            "POST",
+            "/v1/services",
+            body=iter(chunks),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
         resp = conn.getresponse()
         answer = resp.status, json.loads(resp.read())
     except (BrokenPipeError, ConnectionResetError):
@@ -541,19 +629,28 @@ def test_oversized_chunked_body_is_413(agent: AgentProcess) -> None:
 def test_bearer_token(start_agent: StartAgent) -> None:
     agent = start_agent(extra=["--api-token", "s3cret"])
     good = {"Authorization": "Bearer s3cret"}
-    for headers in [None, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                    {"Authorization": "Basic czNjcmV0"}, {"Authorization": "Bearer s3cret2"},
-                    {"Authorization": "Bearer "}]:
-        status, answer_headers, body = raw_request(agent, "GET", "/v1/networks",
-                                                   headers=headers)
+    for headers in [
+        None,
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret"},
+        {"Authorization": "Basic czNjcmV0"},
+        {"Authorization": "Bearer s3cret2"},
+        {"Authorization": "Bearer "},
+    ]:
+        status, answer_headers, body = raw_request(agent, "GET", "/v1/networks", headers=headers)
         assert_error((status, body), 401, "unauthorized")
         assert answer_headers.get("WWW-Authenticate", "").startswith("Bearer")
     # A refused write changes nothing.
     assert_error(agent.request("POST", "/v1/networks", {"name": "front"}), 401, "unauthorized")
-    assert_error(agent.request("POST", "/v1/networks", {"name": "front"},
-                               headers={"Authorization": "Bearer nope"}), 401)
+    assert_error(
+        agent.request(
+            "POST", "/v1/networks", {"name": "front"}, headers={"Authorization": "Bearer nope"}
+        ),
+        401,
+    )
     assert [n["name"] for n in ok(agent.request("GET", "/v1/networks", headers=good))] == [
-        "ingress"]
+        "ingress"
+    ]
     ok(agent.request("POST", "/v1/networks", {"name": "front"}, headers=good), 201)
     # Every path is guarded, the unknown ones and the description too (no probing).
     assert_error(agent.request("GET", "/v1/nope"), 401)

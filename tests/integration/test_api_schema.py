@@ -50,10 +50,12 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
 ]
-CONFIG = schemathesis.Config.from_dict({
-    "seed": SEED,
-    "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
-})
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "seed": SEED,
+        "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
+    }
+)
 
 #: Seeded objects by use and collection (`networks`, ...): filled in by `seeded_agent`.
 KNOWN: dict[str, dict[str, str]] = {}
@@ -72,23 +74,38 @@ def _created(agent: AgentProcess, path: str, body: dict[str, Any]) -> dict[str, 
 
 
 def _seed(agent: AgentProcess) -> dict[str, dict[str, str]]:
-    _created(agent, "/v1/networks", {"name": "front", "subnet": "127.72.0.0/24",
-                                     "labels": {"tier": "front"}})
+    _created(
+        agent,
+        "/v1/networks",
+        {"name": "front", "subnet": "127.72.0.0/24", "labels": {"tier": "front"}},
+    )
     _created(agent, "/v1/networks", {"name": "doomed"})
-    _created(agent, "/v1/services", {
-        "name": "web", "networks": ["front"],
-        "ports": [{"target_port": 80, "published_port": 18080},
-                  {"target_port": 53, "protocol": "udp", "publish_mode": "host"}],
-        "labels": {"mesh.http.hosts": "web.example", "mesh.http.port": "80"},
-        "health_check": {"type": "ttl", "ttl": 3600},
-    })
+    _created(
+        agent,
+        "/v1/services",
+        {
+            "name": "web",
+            "networks": ["front"],
+            "ports": [
+                {"target_port": 80, "published_port": 18080},
+                {"target_port": 53, "protocol": "udp", "publish_mode": "host"},
+            ],
+            "labels": {"mesh.http.hosts": "web.example", "mesh.http.port": "80"},
+            "health_check": {"type": "ttl", "ttl": 3600},
+        },
+    )
     _created(agent, "/v1/services", {"name": "doomed", "endpoint_mode": "dnsrr"})
-    task = _created(agent, "/v1/services/web/tasks",
-                    {"address": "127.0.0.1", "ports": {"80": 31080}, "name": "web-one"})
+    task = _created(
+        agent,
+        "/v1/services/web/tasks",
+        {"address": "127.0.0.1", "ports": {"80": 31080}, "name": "web-one"},
+    )
     doomed = _created(agent, "/v1/services/web/tasks", {"address": "127.0.0.1"})
     _created(agent, "/v1/services/doomed/tasks", {"address": "127.0.0.2"})
-    return {"keep": {"networks": "front", "services": "web", "tasks": task["id"]},
-            "remove": {"networks": "doomed", "services": "doomed", "tasks": doomed["id"]}}
+    return {
+        "keep": {"networks": "front", "services": "web", "tasks": task["id"]},
+        "remove": {"networks": "doomed", "services": "doomed", "tasks": doomed["id"]},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -111,25 +128,38 @@ def test_agent_serves_the_description_under_test(seeded_agent: AgentProcess) -> 
 
 def test_description_covers_the_contract() -> None:
     """Every route of the HTTP API table of docs/design.md is described."""
-    operations = {(method.upper(), path)
-                  for path, item in DESCRIPTION["paths"].items() for method in item}
+    operations = {
+        (method.upper(), path) for path, item in DESCRIPTION["paths"].items() for method in item
+    }
     expected = {
-        ("GET", "/v1/health"), ("GET", "/v1/members"),
-        ("POST", "/v1/networks"), ("GET", "/v1/networks"),
-        ("GET", "/v1/networks/{name}"), ("DELETE", "/v1/networks/{name}"),
-        ("POST", "/v1/services"), ("GET", "/v1/services"), ("GET", "/v1/services/{name}"),
-        ("PATCH", "/v1/services/{name}"), ("DELETE", "/v1/services/{name}"),
-        ("POST", "/v1/services/{name}/tasks"), ("GET", "/v1/services/{name}/tasks"),
-        ("GET", "/v1/tasks"), ("GET", "/v1/tasks/{id}"), ("DELETE", "/v1/tasks/{id}"),
-        ("PUT", "/v1/tasks/{id}/health"), ("GET", "/v1/events"), ("GET", "/v1/openapi.json"),
+        ("GET", "/v1/health"),
+        ("GET", "/v1/members"),
+        ("POST", "/v1/networks"),
+        ("GET", "/v1/networks"),
+        ("GET", "/v1/networks/{name}"),
+        ("DELETE", "/v1/networks/{name}"),
+        ("POST", "/v1/services"),
+        ("GET", "/v1/services"),
+        ("GET", "/v1/services/{name}"),
+        ("PATCH", "/v1/services/{name}"),
+        ("DELETE", "/v1/services/{name}"),
+        ("POST", "/v1/services/{name}/tasks"),
+        ("GET", "/v1/services/{name}/tasks"),
+        ("GET", "/v1/tasks"),
+        ("GET", "/v1/tasks/{id}"),
+        ("DELETE", "/v1/tasks/{id}"),
+        ("PUT", "/v1/tasks/{id}/health"),
+        ("GET", "/v1/events"),
+        ("GET", "/v1/openapi.json"),
     }
     assert expected <= operations, sorted(expected - operations)
 
 
 # The change feed never ends: it is described, but not fuzzed.
 @schema.exclude(path="/v1/events").parametrize()
-def test_api_conforms_to_its_description(case: schemathesis.Case[Any],
-                                         seeded_agent: AgentProcess) -> None:
+def test_api_conforms_to_its_description(
+    case: schemathesis.Case[Any], seeded_agent: AgentProcess
+) -> None:
     _name_a_seeded_object_every_other_time(case)
     case.call_and_validate(base_url=f"http://{seeded_agent.api}", checks=CHECKS, timeout=10)
 

@@ -14,8 +14,14 @@ from tests.integration.conftest import StartAgent
 
 def mesh(agent: AgentProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, MESH_API=agent.api, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "mesh", *args], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -28,15 +34,28 @@ def mesh_json(agent: AgentProcess, *args: str) -> Any:
 def test_cli_tour_survives_a_restart(start_agent: StartAgent) -> None:
     agent = start_agent()
     mesh(agent, "network", "create", "backend", "--subnet", "127.90.1.0/24")
-    mesh(agent, "service", "create", "web", "--network", "backend", "--publish", "18080:80",
-         "--label", "tier=front", "--label", "owner=team-a")
+    mesh(
+        agent,
+        "service",
+        "create",
+        "web",
+        "--network",
+        "backend",
+        "--publish",
+        "18080:80",
+        "--label",
+        "tier=front",
+        "--label",
+        "owner=team-a",
+    )
     for port in ("31001", "31002", "31003"):
         mesh(agent, "task", "add", "web", "--address", "127.0.0.1", "--port", f"80={port}")
 
     service = mesh_json(agent, "service", "inspect", "web")
     assert service["labels"] == {"tier": "front", "owner": "team-a"}
-    assert service["ports"] == [{"protocol": "tcp", "target_port": 80, "published_port": 18080,
-                                 "publish_mode": "ingress"}]
+    assert service["ports"] == [
+        {"protocol": "tcp", "target_port": 80, "published_port": 18080, "publish_mode": "ingress"}
+    ]
     vips = {v["network"]: v["address"] for v in service["vips"]}
     assert vips["backend"] == "127.90.1.2"
     assert "ingress" in vips
@@ -64,6 +83,7 @@ def test_cli_errors_are_one_line_and_non_zero(start_agent: StartAgent) -> None:
     assert duplicate.stderr.count("\n") == 1 and "already exists" in duplicate.stderr
     unknown = mesh(agent, "task", "add", "nope", "--address", "127.0.0.1", check=False)
     assert unknown.returncode == 1 and "not found" in unknown.stderr
-    usage = mesh(agent, "task", "add", "web", "--port", "x=y", "--address", "127.0.0.1",
-                 check=False)
+    usage = mesh(
+        agent, "task", "add", "web", "--port", "x=y", "--address", "127.0.0.1", check=False
+    )
     assert usage.returncode != 0 and "Traceback" not in usage.stderr

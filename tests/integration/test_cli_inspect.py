@@ -22,8 +22,10 @@ def test_inspect_dns_and_gossip(tmp_path: Path) -> None:
         assert {"name": task["name"], "type": "A", "value": "127.0.0.40"} in records
         table = mesh(first, "inspect", "dns").stdout
         assert "tasks.web" in table and "PTR" in table
-        assert "does not exist" in mesh(first, "inspect", "dns", "--network", "nope",
-                                        check=False).stderr
+        assert (
+            "does not exist"
+            in mesh(first, "inspect", "dns", "--network", "nope", check=False).stderr
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             shown = mesh(first, "inspect", "gossip").stdout

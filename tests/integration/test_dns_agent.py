@@ -42,14 +42,21 @@ def addresses(reply: DNSRecord) -> set[str]:
 
 
 def setup_web(agent: AgentProcess) -> list[str]:
-    assert agent.request("POST", "/v1/networks", {"name": "front",
-                                                  "subnet": "127.80.1.0/24"})[0] == 201
-    assert agent.request("POST", "/v1/services", {"name": "web", "networks": ["front"],
-                                                  "endpoint_mode": "dnsrr"})[0] == 201
+    assert (
+        agent.request("POST", "/v1/networks", {"name": "front", "subnet": "127.80.1.0/24"})[0]
+        == 201
+    )
+    assert (
+        agent.request(
+            "POST", "/v1/services", {"name": "web", "networks": ["front"], "endpoint_mode": "dnsrr"}
+        )[0]
+        == 201
+    )
     ids = []
     for last in (1, 2, 3):
-        status, task = agent.request("POST", "/v1/services/web/tasks",
-                                     {"address": f"127.0.0.{last}"})
+        status, task = agent.request(
+            "POST", "/v1/services/web/tasks", {"address": f"127.0.0.{last}"}
+        )
         assert status == 201
         ids.append(task["id"])
     return ids
@@ -59,8 +66,7 @@ def test_answers_over_udp_and_tcp_and_follows_changes(start_agent) -> None:  # t
     agent = start_agent()
     ids = setup_web(agent)
     assert addresses(ask(agent, "web")) == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
-    assert addresses(ask(agent, "tasks.web", tcp=True)) == {"127.0.0.1", "127.0.0.2",
-                                                            "127.0.0.3"}
+    assert addresses(ask(agent, "tasks.web", tcp=True)) == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
     assert ask(agent, "tasks.nope").header.rcode == RCODE.NXDOMAIN
     # Nothing listens upstream (the helper's 127.0.0.1:9): SERVFAIL, quickly.
     assert ask(agent, "example.com").header.rcode == RCODE.SERVFAIL
@@ -81,8 +87,7 @@ def test_workers_share_the_port_and_see_every_change(start_agent) -> None:  # ty
     ids = setup_web(agent)
     for _ in range(QUERIES):
         assert addresses(ask(agent, "tasks.web")) == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
-    assert agent.request("PUT", f"/v1/tasks/{ids[1]}/health",
-                         {"status": "unhealthy"})[0] == 200
+    assert agent.request("PUT", f"/v1/tasks/{ids[1]}/health", {"status": "unhealthy"})[0] == 200
     stale = 0
     for _ in range(QUERIES):
         stale += addresses(ask(agent, "tasks.web")) != {"127.0.0.1", "127.0.0.3"}
@@ -115,9 +120,13 @@ def dig(agent: AgentProcess, *args: str) -> str:
     """dig's answer, with its comments (the header's status) and sections."""
     if shutil.which("dig") is None:
         pytest.skip("dig is not installed")
-    done = subprocess.run(["dig", "@127.0.0.1", "-p", str(agent.dns_port), "+time=5",
-                           "+tries=1", "+nocookie", *args], capture_output=True, text=True,
-                          timeout=30, check=True)
+    done = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(agent.dns_port), "+time=5", "+tries=1", "+nocookie", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return done.stdout
 
 
@@ -127,7 +136,7 @@ def test_mesh_space_nxdomain_carries_an_soa_for_dig(start_agent) -> None:  # typ
     setup_web(agent)
     expected = {
         "tasks.nope": r"nope\.\s+7\s+IN\s+SOA\s+ns\.dns\.nope\. hostmaster\.nope\. "
-                      r"1 7200 1800 86400 7",
+        r"1 7200 1800 86400 7",
         "nope.front": r"front\.\s+7\s+IN\s+SOA\s+ns\.dns\.front\. ",
         "nope.mesh": r"mesh\.\s+7\s+IN\s+SOA\s+ns\.dns\.mesh\. ",
     }
@@ -170,17 +179,34 @@ def test_a_caching_resolver_keeps_the_mesh_nxdomain(start_agent, tmp_path: Path)
         port = probe.getsockname()[1]
     log = tmp_path / "dnsmasq.log"
     resolver = subprocess.Popen(
-        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-hosts",
-         "--no-resolv", f"--server=127.0.0.1#{agent.dns_port}", "--listen-address=127.0.0.1",
-         "--bind-interfaces", f"--port={port}", "--pid-file=", "--user=root",
-         "--log-queries", f"--log-facility={log}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-hosts",
+            "--no-resolv",
+            f"--server=127.0.0.1#{agent.dns_port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            f"--port={port}",
+            "--pid-file=",
+            "--user=root",
+            "--log-queries",
+            f"--log-facility={log}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         outputs = []
         for _ in range(3):
-            done = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+time=2",
-                                   "+tries=3", "tasks.nope", "A"], capture_output=True,
-                                  text=True, timeout=30, check=True)
+            done = subprocess.run(
+                ["dig", "@127.0.0.1", "-p", str(port), "+time=2", "+tries=3", "tasks.nope", "A"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
             outputs.append(done.stdout)
         assert all("status: NXDOMAIN" in out for out in outputs), outputs
         deadline = time.monotonic() + 5

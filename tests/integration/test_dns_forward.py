@@ -23,8 +23,10 @@ from tests.helpers.dns_upstream import FORGED, FakeUpstream
 
 TIMEOUT = 0.3
 SLACK = 1.5  # noisy machines: far more than any non-timeout path needs
-FIRST = {"web.test": ["10.0.0.1"], "big.test": [f"10.1.{i // 200}.{i % 200 + 1}"
-                                                 for i in range(60)]}
+FIRST = {
+    "web.test": ["10.0.0.1"],
+    "big.test": [f"10.1.{i // 200}.{i % 200 + 1}" for i in range(60)],
+}
 SECOND = {"web.test": ["10.0.0.2"], "big.test": FIRST["big.test"]}
 
 StartUpstream = Callable[..., FakeUpstream]
@@ -86,8 +88,9 @@ async def make_forwarder() -> AsyncIterator[MakeForwarder]:
 
     def make(*servers: FakeUpstream | Upstream, **options: Any) -> Forwarder:
         options.setdefault("timeout", TIMEOUT)
-        forwarder = Forwarder([s if isinstance(s, Upstream) else upstream_of(s)
-                               for s in servers], **options)
+        forwarder = Forwarder(
+            [s if isinstance(s, Upstream) else upstream_of(s) for s in servers], **options
+        )
         made.append(forwarder)
         return forwarder
 
@@ -96,16 +99,23 @@ async def make_forwarder() -> AsyncIterator[MakeForwarder]:
         await forwarder.close()
 
 
-async def ask(forwarder: Forwarder, name: str = "web.test", *, tcp: bool = False,
-              qid: int = 0x4242, edns: bool = False) -> tuple[Any, float]:
+async def ask(
+    forwarder: Forwarder,
+    name: str = "web.test",
+    *,
+    tcp: bool = False,
+    qid: int = 0x4242,
+    edns: bool = False,
+) -> tuple[Any, float]:
     """The parsed reply and how long it took."""
     started = time.monotonic()
     wire = await forwarder.forward(query(name, qid=qid, edns=edns), tcp=tcp)
     return DNSRecord.parse(wire), time.monotonic() - started
 
 
-async def test_answered_by_the_first_upstream(start_upstream: StartUpstream,
-                                              make_forwarder: MakeForwarder) -> None:
+async def test_answered_by_the_first_upstream(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     first, second = start_upstream(FIRST), start_upstream(SECOND)
     forwarder = make_forwarder(first, second)
     reply, _ = await ask(forwarder, "Web.TEST", qid=7)
@@ -119,7 +129,8 @@ async def test_answered_by_the_first_upstream(start_upstream: StartUpstream,
 
 
 async def test_dead_first_upstream_fails_over_after_the_timeout(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND)
     forwarder = make_forwarder(first, second)
     reply, elapsed = await ask(forwarder)
@@ -130,7 +141,8 @@ async def test_dead_first_upstream_fails_over_after_the_timeout(
 
 
 async def test_stopped_first_upstream_fails_over_at_once(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     # A connected UDP socket hears the ICMP port-unreachable: no timeout to wait for.
     second = start_upstream(SECOND)
     forwarder = make_forwarder(Upstream("127.0.0.1", closed_udp_port()), second, timeout=5.0)
@@ -141,11 +153,12 @@ async def test_stopped_first_upstream_fails_over_at_once(
     assert forwarder.stats["upstream_timeouts"] == 0
 
 
-@pytest.mark.parametrize(("rcode", "counter"), [(SERVFAIL, "upstream_servfail"),
-                                                 (REFUSED, "upstream_refused")])
-async def test_servfail_or_refused_tries_the_next(start_upstream: StartUpstream,
-                                                  make_forwarder: MakeForwarder, rcode: int,
-                                                  counter: str) -> None:
+@pytest.mark.parametrize(
+    ("rcode", "counter"), [(SERVFAIL, "upstream_servfail"), (REFUSED, "upstream_refused")]
+)
+async def test_servfail_or_refused_tries_the_next(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder, rcode: int, counter: str
+) -> None:
     first, second = start_upstream(FIRST, rcode=rcode), start_upstream(SECOND)
     forwarder = make_forwarder(first, second)
     reply, elapsed = await ask(forwarder)
@@ -154,8 +167,9 @@ async def test_servfail_or_refused_tries_the_next(start_upstream: StartUpstream,
     assert forwarder.stats[counter] == 1
 
 
-async def test_nxdomain_is_the_answer(start_upstream: StartUpstream,
-                                      make_forwarder: MakeForwarder) -> None:
+async def test_nxdomain_is_the_answer(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     first, second = start_upstream(FIRST), start_upstream(SECOND)
     forwarder = make_forwarder(first, second)
     reply, _ = await ask(forwarder, "missing.test", qid=99)
@@ -166,8 +180,9 @@ async def test_nxdomain_is_the_answer(start_upstream: StartUpstream,
     assert first.count() == 1
 
 
-async def test_malformed_reply_tries_the_next(start_upstream: StartUpstream,
-                                              make_forwarder: MakeForwarder) -> None:
+async def test_malformed_reply_tries_the_next(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     first, second = start_upstream(FIRST, malformed=True), start_upstream(SECOND)
     forwarder = make_forwarder(first, second)
     reply, elapsed = await ask(forwarder)
@@ -176,8 +191,9 @@ async def test_malformed_reply_tries_the_next(start_upstream: StartUpstream,
     assert forwarder.stats["malformed_replies"] == 1
 
 
-async def test_truncated_udp_reply_is_retried_over_tcp(start_upstream: StartUpstream,
-                                                       make_forwarder: MakeForwarder) -> None:
+async def test_truncated_udp_reply_is_retried_over_tcp(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     # 60 addresses do not fit in 512 bytes: the server sets TC over UDP.
     server = start_upstream(FIRST)
     forwarder = make_forwarder(server)
@@ -188,8 +204,9 @@ async def test_truncated_udp_reply_is_retried_over_tcp(start_upstream: StartUpst
     assert forwarder.stats["truncated_retried_tcp"] == 1
 
 
-async def test_forced_truncation_is_retried_over_tcp(start_upstream: StartUpstream,
-                                                     make_forwarder: MakeForwarder) -> None:
+async def test_forced_truncation_is_retried_over_tcp(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     server = start_upstream(FIRST, truncate_udp=True)
     forwarder = make_forwarder(server)
     reply, _ = await ask(forwarder, edns=True)
@@ -198,7 +215,8 @@ async def test_forced_truncation_is_retried_over_tcp(start_upstream: StartUpstre
 
 
 async def test_truncated_reply_is_the_fallback_when_tcp_fails(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     server = start_upstream(FIRST, truncate_udp=True, tcp_dead=True)
     forwarder = make_forwarder(server)
     reply, elapsed = await ask(forwarder, qid=3)
@@ -208,8 +226,9 @@ async def test_truncated_reply_is_the_fallback_when_tcp_fails(
     assert forwarder.stats["cache_entries"] == 0  # nothing truncated is cached
 
 
-async def test_tcp_client_is_forwarded_over_tcp(start_upstream: StartUpstream,
-                                                make_forwarder: MakeForwarder) -> None:
+async def test_tcp_client_is_forwarded_over_tcp(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     server = start_upstream(FIRST)
     forwarder = make_forwarder(server)
     reply, _ = await ask(forwarder, "big.test", tcp=True)
@@ -217,8 +236,9 @@ async def test_tcp_client_is_forwarded_over_tcp(start_upstream: StartUpstream,
     assert (server.count("udp"), server.count("tcp")) == (0, 1)
 
 
-async def test_all_upstreams_dead_is_servfail(start_upstream: StartUpstream,
-                                              make_forwarder: MakeForwarder) -> None:
+async def test_all_upstreams_dead_is_servfail(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND, dead=True)
     forwarder = make_forwarder(first, second)
     reply, elapsed = await ask(forwarder, qid=11)
@@ -229,8 +249,9 @@ async def test_all_upstreams_dead_is_servfail(start_upstream: StartUpstream,
     assert forwarder.stats["upstream_timeouts"] == 2
 
 
-async def test_over_the_in_flight_cap_is_refused(start_upstream: StartUpstream,
-                                                 make_forwarder: MakeForwarder) -> None:
+async def test_over_the_in_flight_cap_is_refused(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     server = start_upstream(FIRST, dead=True)
     forwarder = make_forwarder(server, max_in_flight=2)
     waiting = [asyncio.create_task(forwarder.forward(query(f"n{i}.test"))) for i in range(2)]
@@ -248,7 +269,8 @@ async def test_over_the_in_flight_cap_is_refused(start_upstream: StartUpstream,
 
 
 async def test_cache_hit_does_not_reach_the_upstream_and_ttl_decreases(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     clock = Clock()
     server = start_upstream(FIRST)
     forwarder = make_forwarder(server, clock=clock)
@@ -267,8 +289,9 @@ async def test_cache_hit_does_not_reach_the_upstream_and_ttl_decreases(
 
 
 @pytest.mark.parametrize("forge", ["id", "question"])
-async def test_forged_replies_are_ignored(start_upstream: StartUpstream,
-                                          make_forwarder: MakeForwarder, forge: str) -> None:
+async def test_forged_replies_are_ignored(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder, forge: str
+) -> None:
     server = start_upstream(FIRST, forge=forge, delay=0.05)
     forwarder = make_forwarder(server)
     reply, _ = await ask(forwarder)
@@ -277,8 +300,9 @@ async def test_forged_replies_are_ignored(start_upstream: StartUpstream,
     assert forwarder.stats["ignored_replies"] == 1
 
 
-async def test_dead_upstream_does_not_delay_a_cache_hit(start_upstream: StartUpstream,
-                                                        make_forwarder: MakeForwarder) -> None:
+async def test_dead_upstream_does_not_delay_a_cache_hit(
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     server = start_upstream(FIRST)
     forwarder = make_forwarder(server, timeout=2.0)
     await ask(forwarder)  # now cached
@@ -296,7 +320,8 @@ async def test_dead_upstream_does_not_delay_a_cache_hit(start_upstream: StartUps
 
 
 async def test_slow_upstream_answers_concurrent_queries_concurrently(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     server = start_upstream({f"n{i}.test": ["10.0.0.9"] for i in range(20)}, delay=0.25)
     forwarder = make_forwarder(server, timeout=2.0)
     started = time.monotonic()
@@ -307,7 +332,8 @@ async def test_slow_upstream_answers_concurrent_queries_concurrently(
 
 
 async def test_close_answers_waiting_queries_with_servfail(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     server = start_upstream(FIRST, dead=True)
     forwarder = make_forwarder(server, timeout=10.0)
     waiting = asyncio.create_task(forwarder.forward(query()))
@@ -347,8 +373,10 @@ def test_under_uvloop(start_upstream: StartUpstream) -> None:
     forging = start_upstream(SECOND, forge="id")
 
     async def scenario() -> None:
-        forwarder = Forwarder([Upstream("127.0.0.1", closed_udp_port()), upstream_of(dead),
-                               upstream_of(forging)], timeout=TIMEOUT)
+        forwarder = Forwarder(
+            [Upstream("127.0.0.1", closed_udp_port()), upstream_of(dead), upstream_of(forging)],
+            timeout=TIMEOUT,
+        )
         try:
             reply, elapsed = await ask(forwarder)
             assert addresses(reply) == ["10.0.0.2"]
@@ -370,7 +398,8 @@ def test_under_uvloop(start_upstream: StartUpstream) -> None:
 
 
 async def test_dead_upstream_costs_the_timeout_once_not_on_every_query(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     """Issue 14, item 5: a dead upstream is skipped for its back-off after it failed once."""
     first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND)
     forwarder = make_forwarder(first, second)
@@ -379,8 +408,10 @@ async def test_dead_upstream_costs_the_timeout_once_not_on_every_query(
         reply, took = await ask(forwarder, f"n{i}.test")
         assert reply.header.rcode == NXDOMAIN
         elapsed.append(took)
-    print(f"first query {elapsed[0] * 1000:.0f} ms (timeout {TIMEOUT * 1000:.0f} ms), "
-          f"the next nine at most {max(elapsed[1:]) * 1000:.1f} ms")
+    print(
+        f"first query {elapsed[0] * 1000:.0f} ms (timeout {TIMEOUT * 1000:.0f} ms), "
+        f"the next nine at most {max(elapsed[1:]) * 1000:.1f} ms"
+    )
     assert TIMEOUT * 0.8 <= elapsed[0] < TIMEOUT + SLACK
     assert max(elapsed[1:]) < TIMEOUT * 0.8  # none of them waited on the dead upstream
     assert (first.count(), second.count()) == (1, 10)
@@ -390,7 +421,8 @@ async def test_dead_upstream_costs_the_timeout_once_not_on_every_query(
 
 
 async def test_dead_upstream_is_tried_again_when_its_backoff_ends(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     clock = Clock()
     first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND)
     forwarder = make_forwarder(first, second, clock=clock, backoff_base=5.0, backoff_max=60.0)
@@ -409,7 +441,8 @@ async def test_dead_upstream_is_tried_again_when_its_backoff_ends(
 
 
 async def test_stopped_upstream_is_held_down_too(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     """ICMP port unreachable (nothing listens) is a failure like a timeout."""
     second = start_upstream(SECOND)
     forwarder = make_forwarder(Upstream("127.0.0.1", closed_udp_port()), second)
@@ -420,7 +453,8 @@ async def test_stopped_upstream_is_held_down_too(
 
 
 async def test_refused_marks_an_upstream_down_but_servfail_does_not(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     refusing, failing = start_upstream(FIRST, rcode=REFUSED), start_upstream(FIRST, rcode=SERVFAIL)
     good = start_upstream(SECOND)
     forwarder = make_forwarder(refusing, failing, good)
@@ -430,15 +464,18 @@ async def test_refused_marks_an_upstream_down_but_servfail_does_not(
 
 
 async def test_all_upstreams_down_still_tries_the_one_whose_backoff_ends_first(
-        start_upstream: StartUpstream, make_forwarder: MakeForwarder) -> None:
+    start_upstream: StartUpstream, make_forwarder: MakeForwarder
+) -> None:
     first, second = start_upstream(FIRST, dead=True), start_upstream(SECOND, dead=True)
     forwarder = make_forwarder(first, second)
     _, both = await ask(forwarder, "a.test")
     assert (first.count(), second.count()) == (1, 1)
     second.dead = False
     reply, one = await ask(forwarder, "b.test")  # the first's back-off ends first: only it
-    print(f"all down: {both * 1000:.0f} ms, then {one * 1000:.0f} ms (timeout "
-          f"{TIMEOUT * 1000:.0f} ms)")
+    print(
+        f"all down: {both * 1000:.0f} ms, then {one * 1000:.0f} ms (timeout "
+        f"{TIMEOUT * 1000:.0f} ms)"
+    )
     assert reply.header.rcode == SERVFAIL
     assert (first.count(), second.count()) == (2, 1)
     assert TIMEOUT * 0.8 <= one < TIMEOUT + SLACK

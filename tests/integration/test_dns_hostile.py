@@ -44,8 +44,10 @@ def upstream() -> Iterator[FakeUpstream]:
 @pytest.fixture
 def dns_agent(start_agent: StartAgent, upstream: FakeUpstream) -> AgentProcess:
     agent = start_agent(extra=["--dns-upstream", f"127.0.0.1:{upstream.port}"])
-    assert agent.request("POST", "/v1/networks", {"name": "front",
-                                                  "subnet": "127.82.0.0/24"})[0] == 201
+    assert (
+        agent.request("POST", "/v1/networks", {"name": "front", "subnet": "127.82.0.0/24"})[0]
+        == 201
+    )
     assert agent.request("POST", "/v1/services", {"name": "web", "networks": ["front"]})[0] == 201
     return agent
 
@@ -88,8 +90,9 @@ def ask_tcp_on(sock: socket.socket, data: bytes) -> bytes:
 
 
 def ask_tcp(agent: AgentProcess, data: bytes, source: str = "127.0.0.1") -> bytes:
-    with socket.create_connection(("127.0.0.1", agent.dns_port), timeout=5,
-                                  source_address=(source, 0)) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", agent.dns_port), timeout=5, source_address=(source, 0)
+    ) as sock:
         return ask_tcp_on(sock, data)
 
 
@@ -105,16 +108,27 @@ def rcode(reply: bytes) -> int:
 
 @pytest.mark.parametrize("kind", ["mesh", "forward"])
 def test_padded_query_flood_makes_no_cache_entries_and_little_memory(
-        dns_agent: AgentProcess, kind: str) -> None:
+    dns_agent: AgentProcess, kind: str
+) -> None:
     name = "web" if kind == "mesh" else FORWARDED
     assert rcode(ask_udp(dns_agent, query(name))) == RCODE.NOERROR  # warm: one entry each
     assert dns_agent.proc is not None
-    result = flood(("127.0.0.1", dns_agent.dns_port), dns_agent.proc.pid, kind, name,
-                   queries=20_000, padding=300, window=64, max_seconds=60)
+    result = flood(
+        ("127.0.0.1", dns_agent.dns_port),
+        dns_agent.proc.pid,
+        kind,
+        name,
+        queries=20_000,
+        padding=300,
+        window=64,
+        max_seconds=60,
+    )
     counters = stats(dns_agent)
-    print(f"\n{result.line()}\n{kind}: responder cache {counters.get('responder_cache_entries')} "
-          f"entries, {counters.get('responder_cache_bytes')} bytes; forwarder cache "
-          f"{counters.get('forwarder_cache_entries')} entries")
+    print(
+        f"\n{result.line()}\n{kind}: responder cache {counters.get('responder_cache_entries')} "
+        f"entries, {counters.get('responder_cache_bytes')} bytes; forwarder cache "
+        f"{counters.get('forwarder_cache_entries')} entries"
+    )
     assert result.answered >= 0.9 * result.sent
     # Before the fix 20,000 padded queries grew the agent by 13-19 MB; the bound is generous.
     assert result.growth_mb < 8
@@ -132,20 +146,26 @@ def wait_for_open(agent: AgentProcess, count: int, timeout: float = 5.0) -> None
 
 
 def test_idle_tcp_connections_at_the_cap_do_not_lock_out_a_new_client(
-        dns_agent: AgentProcess) -> None:
+    dns_agent: AgentProcess,
+) -> None:
     held: list[socket.socket] = []
     try:
         # The cap's worth of idle connections, PER_CLIENT from each of 16 loopback addresses.
         for i in range(TCP_CAP):
             source = f"127.0.3.{i // PER_CLIENT + 1}"
-            held.append(socket.create_connection(("127.0.0.1", dns_agent.dns_port), timeout=5,
-                                                 source_address=(source, 0)))
+            held.append(
+                socket.create_connection(
+                    ("127.0.0.1", dns_agent.dns_port), timeout=5, source_address=(source, 0)
+                )
+            )
         wait_for_open(dns_agent, TCP_CAP)
         started = time.monotonic()
         reply = ask_tcp(dns_agent, query("web"))
         elapsed = time.monotonic() - started
-        print(f"\nwith {TCP_CAP} idle TCP connections held, a new TCP query was answered "
-              f"in {elapsed * 1000:.1f} ms")
+        print(
+            f"\nwith {TCP_CAP} idle TCP connections held, a new TCP query was answered "
+            f"in {elapsed * 1000:.1f} ms"
+        )
         assert rcode(reply) == RCODE.NOERROR and DNSRecord.parse(reply).rr
         counters = stats(dns_agent)
         assert counters["tcp_evicted_idle"] == 1 and counters["tcp_open"] <= TCP_CAP
@@ -160,9 +180,12 @@ def test_idle_tcp_connections_at_the_cap_do_not_lock_out_a_new_client(
 
 
 def test_one_address_gets_only_its_share_of_tcp_connections(dns_agent: AgentProcess) -> None:
-    held = [socket.create_connection(("127.0.0.1", dns_agent.dns_port), timeout=5,
-                                     source_address=("127.0.4.1", 0))
-            for _ in range(PER_CLIENT + 1)]
+    held = [
+        socket.create_connection(
+            ("127.0.0.1", dns_agent.dns_port), timeout=5, source_address=("127.0.4.1", 0)
+        )
+        for _ in range(PER_CLIENT + 1)
+    ]
     try:
         extra = held[-1]
         extra.settimeout(5)
@@ -236,8 +259,10 @@ def test_bad_names_get_formerr_and_log_nothing(dns_agent: AgentProcess, tcp: boo
 
 @pytest.mark.parametrize("name", ["web", FORWARDED])
 def test_edns_version_1_gets_badvers(dns_agent: AgentProcess, name: str) -> None:
-    for reply in (ask_udp(dns_agent, query(name, edns_version=1)),
-                  ask_tcp(dns_agent, query(name, edns_version=1))):
+    for reply in (
+        ask_udp(dns_agent, query(name, edns_version=1)),
+        ask_tcp(dns_agent, query(name, edns_version=1)),
+    ):
         parsed = DNSRecord.parse(reply)
         assert parsed.header.id == 0x5151 and rcode(reply) == 16  # BADVERS
         opt = next(r for r in parsed.ar if r.rtype == QTYPE.OPT)

@@ -20,17 +20,30 @@ def test_restart_restores_the_same_state(start_agent: StartAgent) -> None:
     # A long drain: the draining task must come back still draining, not yet removed.
     agent = start_agent(extra=["--drain-grace", "300"])
     assert agent.request("POST", "/v1/networks", {"name": "backend"})[0] == 201
-    status, service = agent.request("POST", "/v1/services", {
-        "name": "web", "networks": ["backend"], "labels": {"tier": "front"},
-        "ports": [{"target_port": 80, "published_port": 18080}]})
+    status, service = agent.request(
+        "POST",
+        "/v1/services",
+        {
+            "name": "web",
+            "networks": ["backend"],
+            "labels": {"tier": "front"},
+            "ports": [{"target_port": 80, "published_port": 18080}],
+        },
+    )
     assert status == 201
     for port in (31001, 31002):
-        assert agent.request("POST", "/v1/services/web/tasks",
-                             {"address": "127.0.0.1", "ports": {"80": port}})[0] == 201
+        assert (
+            agent.request(
+                "POST", "/v1/services/web/tasks", {"address": "127.0.0.1", "ports": {"80": port}}
+            )[0]
+            == 201
+        )
     task_id = agent.request("GET", "/v1/tasks")[1][0]["id"]
     assert agent.request("DELETE", f"/v1/tasks/{task_id}")[0] == 202
-    before = {path: agent.request("GET", path)[1]
-              for path in ("/v1/networks", "/v1/services", "/v1/tasks")}
+    before = {
+        path: agent.request("GET", path)[1]
+        for path in ("/v1/networks", "/v1/services", "/v1/tasks")
+    }
 
     assert agent.stop() == 0
     agent.start()
@@ -38,8 +51,7 @@ def test_restart_restores_the_same_state(start_agent: StartAgent) -> None:
     after = {path: agent.request("GET", path)[1] for path in before}
     assert after == before
     # A new service still gets a fresh VIP: the allocations came back too.
-    status, other = agent.request("POST", "/v1/services", {"name": "api",
-                                                           "networks": ["backend"]})
+    status, other = agent.request("POST", "/v1/services", {"name": "api", "networks": ["backend"]})
     assert status == 201
     assert other["vips"][0]["address"] not in {v["address"] for v in service["vips"]}
 
@@ -57,16 +69,24 @@ def test_a_drain_interrupted_by_a_restart_still_completes(start_agent: StartAgen
         time.sleep(0.1)
 
 
-async def _register_burst(api: str, count: int, answered: list[dict[str, object]],
-                          kill_after: int, agent: AgentProcess, offset: int = 0) -> None:
+async def _register_burst(
+    api: str,
+    count: int,
+    answered: list[dict[str, object]],
+    kill_after: int,
+    agent: AgentProcess,
+    offset: int = 0,
+) -> None:
     """Fire `count` concurrent registrations; kill -9 the agent once `kill_after` are answered."""
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=60)
     killed = asyncio.Event()
 
     async def register(session: aiohttp.ClientSession, index: int) -> None:
-        body = {"address": f"127.0.{index // 250}.{index % 250 + 1}",
-                "ports": {"80": 8000 + offset}}
+        body = {
+            "address": f"127.0.{index // 250}.{index % 250 + 1}",
+            "ports": {"80": 8000 + offset},
+        }
         try:
             async with session.post(f"http://{api}/v1/services/web/tasks", json=body) as resp:
                 if resp.status == 201:
@@ -130,8 +150,11 @@ def _kill_repeatedly(agent: AgentProcess) -> None:
     for round_ in range(4):
         answered: list[dict[str, object]] = []
         # Kill at a different point each round: early, middle, late.
-        asyncio.run(_register_burst(agent.api, 200, answered, kill_after=10 + 50 * round_,
-                                    agent=agent, offset=round_))
+        asyncio.run(
+            _register_burst(
+                agent.api, 200, answered, kill_after=10 + 50 * round_, agent=agent, offset=round_
+            )
+        )
         assert agent.proc is not None
         agent.proc.wait(10)
         acknowledged |= {str(t["id"]) for t in answered}
@@ -150,8 +173,9 @@ def test_tombstones_are_forgotten_after_the_reap_interval(start_agent: StartAgen
 
     def rows() -> int:
         with sqlite3.connect(agent.data_dir / "state.db") as db:
-            found: int = db.execute("SELECT count(*) FROM records WHERE kind = 'service' "
-                                    "AND key = 'gone'").fetchone()[0]
+            found: int = db.execute(
+                "SELECT count(*) FROM records WHERE kind = 'service' AND key = 'gone'"
+            ).fetchone()[0]
             return found
 
     assert rows() == 1  # the tombstone, durable

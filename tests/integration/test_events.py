@@ -31,18 +31,23 @@ async def _exercise(agent: AgentProcess) -> None:
         async with session.get(f"http://{agent.api}/v1/events") as resp:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             await asyncio.to_thread(agent.request, "POST", "/v1/services", {"name": "web"})
-            await asyncio.to_thread(agent.request, "POST", "/v1/services/web/tasks",
-                                    {"address": "127.0.0.1"})
+            await asyncio.to_thread(
+                agent.request, "POST", "/v1/services/web/tasks", {"address": "127.0.0.1"}
+            )
             await asyncio.to_thread(agent.request, "DELETE", "/v1/services/web")
             events = await read_events(resp, 4)
         assert [(e["event"], e["data"]["op"]) for e in events] == [
-            ("service", "upsert"), ("task", "upsert"), ("task", "delete"),
-            ("service", "delete")]
+            ("service", "upsert"),
+            ("task", "upsert"),
+            ("task", "delete"),
+            ("service", "delete"),
+        ]
         assert events[0]["data"]["object"]["name"] == "web"
         first_id = events[0]["id"]
         # A reconnecting client names the last event it saw and gets the rest.
-        async with session.get(f"http://{agent.api}/v1/events",
-                               headers={"Last-Event-ID": first_id}) as resp:
+        async with session.get(
+            f"http://{agent.api}/v1/events", headers={"Last-Event-ID": first_id}
+        ) as resp:
             replay = await read_events(resp, 3)
         assert [e["id"] for e in replay] == [e["id"] for e in events[1:]]
 

@@ -13,8 +13,9 @@ from mesh.feedserver import FeedServer
 
 
 async def test_snapshot_changes_and_reports(tmp_path: Path) -> None:
-    records: list[Record] = [Network(name="ingress", id="n1", driver="overlay",
-                                     subnet="10.0.0.0/24", gateway="10.0.0.1")]
+    records: list[Record] = [
+        Network(name="ingress", id="n1", driver="overlay", subnet="10.0.0.0/24", gateway="10.0.0.1")
+    ]
     feed = ChangeFeed(lambda: records)
     reports: list[dict[str, Any]] = []
     server = FeedServer(feed, tmp_path / "feed.sock", reports.append)
@@ -24,8 +25,9 @@ async def test_snapshot_changes_and_reports(tmp_path: Path) -> None:
         assert [r.key for r in await client.open()] == ["ingress"]
         seen: list[Change] = []
         follower = asyncio.create_task(client.follow(seen.append))
-        added = Network(name="backend", id="n2", driver="overlay", subnet="10.0.1.0/24",
-                        gateway="10.0.1.1")
+        added = Network(
+            name="backend", id="n2", driver="overlay", subnet="10.0.1.0/24", gateway="10.0.1.1"
+        )
         feed.publish([Change(Kind.NETWORK, "backend", None, added)])
         client.report({"http_worker": 7, "stats": {"requests": 3}})
         assert client._writer is not None
@@ -36,8 +38,10 @@ async def test_snapshot_changes_and_reports(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.01)
         assert [c.after.key for c in seen] == ["backend"] and seen[0].before is None
-        assert reports == [{"http_worker": 7, "stats": {"requests": 3}},
-                           {"http_worker": 7, "stats": {"requests": 4}}]
+        assert reports == [
+            {"http_worker": 7, "stats": {"requests": 3}},
+            {"http_worker": 7, "stats": {"requests": 4}},
+        ]
         assert server.bad_reports == 2
         follower.cancel()
     finally:

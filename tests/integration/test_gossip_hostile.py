@@ -96,8 +96,14 @@ class IdleFlood:
     """Hold `count` idle TCP connections to `target` from `sources`, re-opening each one the
     agent closes at the next sweep, until stopped or `limit` seconds have passed."""
 
-    def __init__(self, target: tuple[str, int], sources: list[str], count: int,
-                 limit: float, sweep: float = 0.2) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        sources: list[str],
+        count: int,
+        limit: float,
+        sweep: float = 0.2,
+    ) -> None:
         self.target, self.sources, self.count = target, sources, count
         self.limit, self.sweep = limit, sweep
         self.opened = 0
@@ -162,11 +168,19 @@ class IdleFlood:
             self._selector.close()
 
 
-def _agent(root: Path, name: str, address: str, port: int, ring: Path,
-           join: str | None = None) -> AgentProcess:
+def _agent(
+    root: Path, name: str, address: str, port: int, ring: Path, join: str | None = None
+) -> AgentProcess:
     # The lan profile, as production runs it: a stream's tcp_timeout is 10 s there.
-    extra = ["--advertise", f"{address}:{port}", "--gossip-profile", "lan",
-             "--keyring", str(ring), *(["--join", join] if join else [])]
+    extra = [
+        "--advertise",
+        f"{address}:{port}",
+        "--gossip-profile",
+        "lan",
+        "--keyring",
+        str(ring),
+        *(["--join", join] if join else []),
+    ]
     agent = AgentProcess(root / name, node_name=name, publish_address=address, extra=extra)
     agent.gossip_addr = (address, port)
     return agent
@@ -206,24 +220,27 @@ def test_a_node_joins_while_1000_idle_connections_are_held(tmp_path: Path) -> No
 
             def joined_both() -> bool:
                 held.append(flood.open_now())
-                return (members(joiner).get("n0") == "alive"
-                        and members(seed).get("n1") == "alive")
+                return members(joiner).get("n0") == "alive" and members(seed).get("n1") == "alive"
 
             try:
                 wait_until(joined_both, JOIN_BOUND, "joined")
             finally:
                 joined = time.monotonic() - started
-                print(f"\nthe flood held {min(held)}-{max(held)} of {IDLE_CONNECTIONS} idle "
-                      f"connections open while the node joined, re-opening "
-                      f"{flood.opened - opened_before} in {joined:.2f} s "
-                      f"({flood.opened} opened in all, {flood.failed} connects failed); "
-                      f"joiner healthy after {healthy:.2f} s, joined after {joined:.2f} s")
+                print(
+                    f"\nthe flood held {min(held)}-{max(held)} of {IDLE_CONNECTIONS} idle "
+                    f"connections open while the node joined, re-opening "
+                    f"{flood.opened - opened_before} in {joined:.2f} s "
+                    f"({flood.opened} opened in all, {flood.failed} connects failed); "
+                    f"joiner healthy after {healthy:.2f} s, joined after {joined:.2f} s"
+                )
         drops = _drops(seed)
         print(f"seed drops: {drops}")
         assert joined < JOIN_BOUND
         # The strangers were cut for saying nothing, not left to hold slots.
-        assert drops.get("unauthenticated_timeout", 0) + drops.get(
-            "unauthenticated_evicted", 0) >= IDLE_CONNECTIONS // 2
+        assert (
+            drops.get("unauthenticated_timeout", 0) + drops.get("unauthenticated_evicted", 0)
+            >= IDLE_CONNECTIONS // 2
+        )
 
 
 @pytest.fixture(scope="module")
@@ -284,8 +301,10 @@ def test_an_oversized_length_prefix_is_refused_before_buffering(lone_agent: Agen
             sock.close()
     after = _drops(lone_agent)
     oversized = after.get("oversized", 0) - before.get("oversized", 0)
-    print(f"\n{streams} streams declaring {declared >> 20} MiB: peak RSS grew {grown:.1f} MiB, "
-          f"{cut} cut ({cut_while_sending} while sending), oversized drops +{oversized}")
+    print(
+        f"\n{streams} streams declaring {declared >> 20} MiB: peak RSS grew {grown:.1f} MiB, "
+        f"{cut} cut ({cut_while_sending} while sending), oversized drops +{oversized}"
+    )
     assert grown < 20  # 8 x 16 MiB = 128 MiB when buffered
     assert cut == streams and oversized == streams
 
@@ -312,6 +331,7 @@ def test_one_source_holds_a_few_streams_at_most(lone_agent: AgentProcess) -> Non
         for sock in socks:
             sock.close()
     # Another source is not affected by that one.
-    with socket.create_connection(lone_agent.gossip_addr, timeout=5,
-                                  source_address=("127.1.2.2", 0)) as sock:
+    with socket.create_connection(
+        lone_agent.gossip_addr, timeout=5, source_address=("127.1.2.2", 0)
+    ) as sock:
         assert not _cut_within(sock, 0.2)

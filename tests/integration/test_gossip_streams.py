@@ -41,8 +41,9 @@ class State:
 
 async def _shell(name: str, addr: Addr, state: State) -> aio.GossipShell:
     loop = asyncio.get_running_loop()
-    core = Membership(GossipConfig.local(), name, addr, rng=random.Random(1), now=loop.time(),
-                      state=state)
+    core = Membership(
+        GossipConfig.local(), name, addr, rng=random.Random(1), now=loop.time(), state=state
+    )
     shell = aio.GossipShell(core, addr[0], addr[1], tcp_timeout=5.0)
     await shell.start()
     return shell

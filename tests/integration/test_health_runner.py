@@ -122,15 +122,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def register(runner: HealthRunner, check: HealthCheck, *, port: int | None,
-             task_id: str = "t1", node: str = NODE) -> Task:
+def register(
+    runner: HealthRunner,
+    check: HealthCheck,
+    *,
+    port: int | None,
+    task_id: str = "t1",
+    node: str = NODE,
+) -> Task:
     """Feed the runner a service with `check` and one task of it listening on `port`."""
-    ports = () if port is None else (PortConfig(protocol="tcp", target_port=80,
-                                                published_port=30080),)
+    ports = (
+        () if port is None else (PortConfig(protocol="tcp", target_port=80, published_port=30080),)
+    )
     service = Service(name=f"svc-{task_id}", id=f"s-{task_id}", ports=ports, health_check=check)
-    task = Task(id=task_id, name=f"svc-{task_id}.1.{task_id}", service=service.name, slot=1,
-                node=node, address="127.0.0.1", ports={} if port is None else {80: port},
-                created_at=time.time())
+    task = Task(
+        id=task_id,
+        name=f"svc-{task_id}.1.{task_id}",
+        service=service.name,
+        slot=1,
+        node=node,
+        address="127.0.0.1",
+        ports={} if port is None else {80: port},
+        created_at=time.time(),
+    )
     runner.on_change(Change(Kind.SERVICE, service.name, None, service))
     runner.on_change(Change(Kind.TASK, task.id, None, task))
     return task
@@ -140,7 +154,8 @@ HTTP_CHECK = HealthCheck(type="http", path="/health", interval=INTERVAL, timeout
 
 
 async def test_http_check_turns_unhealthy_and_recovers(
-        runner: HealthRunner, server: HealthServer, reports: Reports) -> None:
+    runner: HealthRunner, server: HealthServer, reports: Reports
+) -> None:
     register(runner, HTTP_CHECK, port=server.port)
     await reports.wait("t1", 1, within=INTERVAL + SLACK)
     assert reports.calls == [("t1", Health.HEALTHY, "HTTP 200")]
@@ -155,7 +170,8 @@ async def test_http_check_turns_unhealthy_and_recovers(
 
 
 async def test_http_check_fails_when_the_server_is_gone(
-        runner: HealthRunner, server: HealthServer, reports: Reports) -> None:
+    runner: HealthRunner, server: HealthServer, reports: Reports
+) -> None:
     register(runner, HTTP_CHECK, port=server.port)
     await reports.wait("t1", 1, within=INTERVAL + SLACK)
     await server.stop()
@@ -165,14 +181,16 @@ async def test_http_check_fails_when_the_server_is_gone(
 
 
 async def test_http_check_does_not_follow_redirects(
-        runner: HealthRunner, server: HealthServer, reports: Reports) -> None:
+    runner: HealthRunner, server: HealthServer, reports: Reports
+) -> None:
     register(runner, replace(HTTP_CHECK, path="/moved", status_max=299), port=server.port)
     await reports.wait("t1", 1, within=INTERVAL * 2 + SLACK)
     assert reports.calls == [("t1", Health.UNHEALTHY, "HTTP 302")]
 
 
 async def test_tcp_check_against_listening_and_closed_ports(
-        runner: HealthRunner, reports: Reports) -> None:
+    runner: HealthRunner, reports: Reports
+) -> None:
     listener = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
     async with listener:
         port = listener.sockets[0].getsockname()[1]
@@ -193,7 +211,8 @@ async def test_a_check_without_a_port_fails(runner: HealthRunner, reports: Repor
 
 
 async def test_ttl_check_expires_and_heartbeats_revive_it(
-        runner: HealthRunner, reports: Reports) -> None:
+    runner: HealthRunner, reports: Reports
+) -> None:
     ttl = 0.5
     register(runner, HealthCheck(type="ttl", ttl=ttl), port=None)
     runner.heartbeat("t1", True, "alive")
@@ -209,7 +228,8 @@ async def test_ttl_check_expires_and_heartbeats_revive_it(
 
 
 async def test_draining_and_foreign_tasks_are_not_probed(
-        runner: HealthRunner, server: HealthServer, reports: Reports) -> None:
+    runner: HealthRunner, server: HealthServer, reports: Reports
+) -> None:
     register(runner, HTTP_CHECK, port=server.port, task_id="other", node="n2")
     task = register(runner, HTTP_CHECK, port=server.port)
     await reports.wait("t1", 1, within=INTERVAL + SLACK)
@@ -257,17 +277,23 @@ def descriptors_exhausted() -> Iterator[None]:
 
 
 async def test_out_of_descriptors_is_not_the_tasks_failure(
-        runner: HealthRunner, server: HealthServer, reports: Reports) -> None:
+    runner: HealthRunner, server: HealthServer, reports: Reports
+) -> None:
     """EMFILE on the checker's side says nothing of the task: no failure is counted."""
     register(runner, HTTP_CHECK, port=server.port, task_id="web")
-    register(runner, HealthCheck(type="tcp", interval=INTERVAL, timeout=1.0, retries=2),
-             port=server.port, task_id="raw")
+    register(
+        runner,
+        HealthCheck(type="tcp", interval=INTERVAL, timeout=1.0, retries=2),
+        port=server.port,
+        task_id="raw",
+    )
     await reports.wait("web", 1, within=INTERVAL + SLACK)
     await reports.wait("raw", 1, within=INTERVAL + SLACK)
     with descriptors_exhausted():
         await asyncio.sleep(INTERVAL * 10)  # ten probes of each, with retries 2
-    assert reports.of("web") == [Health.HEALTHY] and reports.of("raw") == [Health.HEALTHY], \
+    assert reports.of("web") == [Health.HEALTHY] and reports.of("raw") == [Health.HEALTHY], (
         reports.calls
+    )
     print(f"\nprobes postponed for want of descriptors: {runner.fd_shortage}")
     assert runner.fd_shortage >= 4
     hits = server.hits

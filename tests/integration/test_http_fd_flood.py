@@ -32,14 +32,26 @@ LATENCY_BOUND = 5.0
 
 
 def _service(agent: AgentProcess, name: str, port: int) -> str:
-    status, body = agent.request("POST", "/v1/services", {
-        "name": name, "labels": {"mesh.http.hosts": f"{name}.test", "mesh.http.port": "80"},
-        "health_check": {"type": "http", "port": 80, "path": "/whoami", "interval": 0.5,
-                         "timeout": 1,
-                         "retries": 2}})
+    status, body = agent.request(
+        "POST",
+        "/v1/services",
+        {
+            "name": name,
+            "labels": {"mesh.http.hosts": f"{name}.test", "mesh.http.port": "80"},
+            "health_check": {
+                "type": "http",
+                "port": 80,
+                "path": "/whoami",
+                "interval": 0.5,
+                "timeout": 1,
+                "retries": 2,
+            },
+        },
+    )
     assert status == 201, body
-    status, task = agent.request("POST", f"/v1/services/{name}/tasks",
-                                 {"address": "127.0.0.1", "ports": {"80": port}})
+    status, task = agent.request(
+        "POST", f"/v1/services/{name}/tasks", {"address": "127.0.0.1", "ports": {"80": port}}
+    )
     assert status == 201, task
     task_id: str = task["id"]
     deadline = time.monotonic() + 10
@@ -51,8 +63,7 @@ def _service(agent: AgentProcess, name: str, port: int) -> str:
 
 def _get(port: int, host: str, path: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-                     .encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -85,13 +96,11 @@ def start_agent(tmp_path: Path) -> Iterator[Any]:
             agent.stop()
 
 
-async def _flood(agent: AgentProcess,
-                 while_held: Any) -> tuple[SlowBodies, list[float], Any]:
+async def _flood(agent: AgentProcess, while_held: Any) -> tuple[SlowBodies, list[float], Any]:
     """Flood, probe the API meanwhile, and call `while_held` (in a thread) before letting go."""
     flood = SlowBodies("127.0.0.1", agent.http_port, "slow.test")
     api_host, api_port = agent.api.split(":")
-    probing = asyncio.ensure_future(probe_health(api_host, int(api_port), seconds=8.0,
-                                                 limit=10.0))
+    probing = asyncio.ensure_future(probe_health(api_host, int(api_port), seconds=8.0, limit=10.0))
     try:
         await flood.open(FLOOD, per_second=200, within=4.0)
         await flood.trickle(seconds=4.0, every=0.5)
@@ -118,9 +127,11 @@ def test_slow_body_flood_keeps_api_and_task(start_agent: Any, backend: int) -> N
 
     flood, latencies, (task, stats) = asyncio.run(_flood(agent, look))
     worst = max(latencies)
-    print(f"\nunder {flood.opened} slow-body connections (RLIMIT_NOFILE {NOFILE}): "
-          f"GET /v1/health worst {worst * 1000:.0f} ms over {len(latencies)} probes; "
-          f"refused by the router: {flood.refused} {flood.answers}")
+    print(
+        f"\nunder {flood.opened} slow-body connections (RLIMIT_NOFILE {NOFILE}): "
+        f"GET /v1/health worst {worst * 1000:.0f} ms over {len(latencies)} probes; "
+        f"refused by the router: {flood.refused} {flood.answers}"
+    )
     print(f"task: {task.get('health')} ({task.get('health_output')}); router: {stats}")
     assert worst < LATENCY_BOUND, latencies
     assert task["health"] == "healthy", task
@@ -159,8 +170,7 @@ def test_trickling_body_is_cut_at_its_deadline(start_agent: Any, backend: int) -
                 break
         took = time.monotonic() - start
     status_line = answer.split(b"\r\n", 1)[0]
-    print(f"\na body trickling at 5 B/s was cut after {took:.2f} s (deadline 2 s): "
-          f"{status_line!r}")
+    print(f"\na body trickling at 5 B/s was cut after {took:.2f} s (deadline 2 s): {status_line!r}")
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert 1.9 <= took < 6.0  # (deadlines are swept every tick: here 0.5 s)
     status, stats = agent.request("GET", "/v1/http")

@@ -54,12 +54,25 @@ async def test_emfile_on_connect_is_503_and_no_ejection() -> None:
     task_server = await _task_server()
     task_port = task_server.sockets[0].getsockname()[1]
     table = RouteTable()
-    table.load([
-        Service(name="app", id="id-app",
-                labels={"mesh.http.hosts": "app.test", "mesh.http.port": "80"}),
-        Task(id="t1", name="app.1.t1", service="app", slot=1, node="n", address="127.0.0.1",
-             ports={80: task_port}, health=Health.HEALTHY),
-    ])
+    table.load(
+        [
+            Service(
+                name="app",
+                id="id-app",
+                labels={"mesh.http.hosts": "app.test", "mesh.http.port": "80"},
+            ),
+            Task(
+                id="t1",
+                name="app.1.t1",
+                service="app",
+                slot=1,
+                node="n",
+                address="127.0.0.1",
+                ports={80: task_port},
+                health=Health.HEALTHY,
+            ),
+        ]
+    )
     router = Router(table, RouterSettings(pool_size=0))  # every request connects anew
     port = await router.listen_http("127.0.0.1", 0, reuse_port=False)
     try:
@@ -71,8 +84,9 @@ async def test_emfile_on_connect_is_503_and_no_ejection() -> None:
         with descriptors_exhausted():
             head = await _ask(reader, writer)
         status_line = head.split(b"\r\n")[0]
-        print(f"\nanswered while out of descriptors: {status_line!r}; "
-              f"counters: {router.snapshot()}")
+        print(
+            f"\nanswered while out of descriptors: {status_line!r}; counters: {router.snapshot()}"
+        )
         assert head.startswith(b"HTTP/1.1 503 "), head
         snap = router.snapshot()
         assert snap["ejected"] == [] and snap["ejections"] == 0, snap

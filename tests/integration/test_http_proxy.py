@@ -78,8 +78,16 @@ def service(name: str, labels: dict[str, str]) -> Service:
 
 
 def task(task_id: str, svc: str, port: int) -> Task:
-    return Task(id=task_id, name=f"{svc}.1.{task_id}", service=svc, slot=1, node="n",
-                address="127.0.0.1", ports={80: port}, health=Health.HEALTHY)
+    return Task(
+        id=task_id,
+        name=f"{svc}.1.{task_id}",
+        service=svc,
+        slot=1,
+        node="n",
+        address="127.0.0.1",
+        ports={80: port},
+        health=Health.HEALTHY,
+    )
 
 
 @dataclass
@@ -122,8 +130,9 @@ def statuses(answer: bytes) -> list[int]:
 
 async def test_a_refused_connect_is_retried_on_another_task_and_ejects_the_task(rig) -> None:  # type: ignore[no-untyped-def]
     live = await Backend(ok(b"live")).start()
-    r = await rig([service("web", HOSTS), task("dead", "web", free_port()),
-                   task("live", "web", live.port)])
+    r = await rig(
+        [service("web", HOSTS), task("dead", "web", free_port()), task("live", "web", live.port)]
+    )
     for _ in range(4):
         answer = await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
         assert statuses(answer) == [200] and answer.endswith(b"live")
@@ -135,22 +144,28 @@ async def test_connections_to_a_task_are_kept_alive_and_reused(rig) -> None:  # 
     backend = await Backend(ok()).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
     for _ in range(5):
-        assert statuses(await r.exchange(
-            b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")) == [200]
+        assert statuses(
+            await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        ) == [200]
     assert backend.connections == 1 and len(backend.requests) == 5
 
 
 async def test_an_idempotent_request_is_retried_when_the_task_hangs_up(rig) -> None:  # type: ignore[no-untyped-def]
     rude = await Backend(lambda head: None).start()
     good = await Backend(ok(b"good")).start()
-    r = await rig([service("web", HOSTS), task("rude", "web", rude.port),
-                   task("good", "web", good.port)])
+    r = await rig(
+        [service("web", HOSTS), task("rude", "web", rude.port), task("good", "web", good.port)]
+    )
     for _ in range(2):
         answer = await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
         assert answer.endswith(b"good")
     # A POST is not repeated: whichever task hung up, the client hears 502 from it.
-    answers = [await r.exchange(b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1\r\n"
-                                b"Connection: close\r\n\r\nx") for _ in range(2)]
+    answers = [
+        await r.exchange(
+            b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+        )
+        for _ in range(2)
+    ]
     assert sorted(statuses(a)[0] for a in answers) == [200, 502]
 
 
@@ -158,8 +173,9 @@ async def test_expect_100_continue(rig) -> None:  # type: ignore[no-untyped-def]
     backend = await Backend(ok(b"got it")).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
     reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-    writer.write(b"PUT /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n"
-                 b"Expect: 100-continue\r\n\r\n")
+    writer.write(
+        b"PUT /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(b"hello")
@@ -171,19 +187,26 @@ async def test_expect_100_continue(rig) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_head_responses_have_no_body_and_keep_the_connection(rig) -> None:  # type: ignore[no-untyped-def]
-    backend = await Backend(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
-                            if head.startswith(b"HEAD") else
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi").start()
+    backend = await Backend(
+        lambda head: (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+            if head.startswith(b"HEAD")
+            else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+        )
+    ).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
-    answer = await r.exchange(b"HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n"
-                              b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    answer = await r.exchange(
+        b"HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    )
     assert statuses(answer) == [200, 200] and answer.endswith(b"\r\n\r\nhi")
     assert backend.connections == 1
 
 
 async def test_close_delimited_bodies_are_rechunked_or_closed(rig) -> None:  # type: ignore[no-untyped-def]
-    backend = await Backend(lambda head: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
-                            b"until the end").start()
+    backend = await Backend(
+        lambda head: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"
+    ).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
     answer = await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
     assert b"Transfer-Encoding: chunked\r\n" in answer
@@ -193,8 +216,12 @@ async def test_close_delimited_bodies_are_rechunked_or_closed(rig) -> None:  # t
 
 
 async def test_a_chunked_response_loses_its_trailers(rig) -> None:  # type: ignore[no-untyped-def]
-    backend = await Backend(lambda head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
-                            b"Trailer: X-T\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n").start()
+    backend = await Backend(
+        lambda head: (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+            b"Trailer: X-T\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+        )
+    ).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
     answer = await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
     assert answer.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n") and b"X-T" not in answer
@@ -203,33 +230,50 @@ async def test_a_chunked_response_loses_its_trailers(rig) -> None:  # type: igno
 async def test_a_chunked_body_over_the_limit_is_413(rig) -> None:  # type: ignore[no-untyped-def]
     backend = await Backend(ok()).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)], max_body=10)
-    answer = await r.exchange(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked"
-                              b"\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n")
+    answer = await r.exchange(
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked"
+        b"\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n"
+    )
     assert statuses(answer) == [413]
 
 
 async def test_redirect_and_context_root_routes(rig) -> None:  # type: ignore[no-untyped-def]
     backend = await Backend(ok()).start()
-    r = await rig([
-        service("old", {"com.docker.ucp.mesh.http": "external_route=http://old.test,"
-                                                    "redirect=https://new.test"}),
-        service("app", {"mesh.http.hosts": "app.test", "mesh.http.port": "80",
-                        "com.docker.lb.context_root": "/app",
-                        "com.docker.lb.context_root_rewrite": "true"}),
-        task("t", "app", backend.port)])
+    r = await rig(
+        [
+            service(
+                "old",
+                {
+                    "com.docker.ucp.mesh.http": "external_route=http://old.test,"
+                    "redirect=https://new.test"
+                },
+            ),
+            service(
+                "app",
+                {
+                    "mesh.http.hosts": "app.test",
+                    "mesh.http.port": "80",
+                    "com.docker.lb.context_root": "/app",
+                    "com.docker.lb.context_root_rewrite": "true",
+                },
+            ),
+            task("t", "app", backend.port),
+        ]
+    )
     moved = await r.exchange(b"GET /x?y HTTP/1.1\r\nHost: old.test\r\nConnection: close\r\n\r\n")
     assert statuses(moved) == [301] and b"Location: https://new.test/x?y\r\n" in moved
-    assert statuses(await r.exchange(b"GET /app/page HTTP/1.1\r\nHost: app.test\r\n"
-                                     b"Connection: close\r\n\r\n")) == [200]
+    assert statuses(
+        await r.exchange(b"GET /app/page HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+    ) == [200]
     assert backend.requests[-1].startswith(b"GET /page HTTP/1.1\r\n")
-    assert statuses(await r.exchange(b"GET /other HTTP/1.1\r\nHost: app.test\r\n"
-                                     b"Connection: close\r\n\r\n")) == [404]
+    assert statuses(
+        await r.exchange(b"GET /other HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+    ) == [404]
 
 
 async def test_a_task_that_never_answers_gets_504(rig) -> None:  # type: ignore[no-untyped-def]
     silent = await Backend(lambda head: b"").start()
-    r = await rig([service("web", HOSTS), task("t", "web", silent.port)],
-                  upstream_timeout=0.3)
+    r = await rig([service("web", HOSTS), task("t", "web", silent.port)], upstream_timeout=0.3)
     answer = await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
     assert statuses(answer) == [504]
     assert r.router.stats.upstream_timeouts == 1
@@ -248,15 +292,17 @@ async def test_route_counters_are_plain_data(rig) -> None:  # type: ignore[no-un
 
 
 async def test_http10_keep_alive_and_pipelined_bodies(rig) -> None:  # type: ignore[no-untyped-def]
-    backend = await Backend(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
-                            + head.split(b" ")[1][:3]).start()
+    backend = await Backend(
+        lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n" + head.split(b" ")[1][:3]
+    ).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
     answer = await r.exchange(
         b"GET /k1 HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\n\r\n"
         b"POST /p2 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\nbody"
         b"POST /c3 HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"2\r\nab\r\n0\r\n\r\n"
-        b"GET /l4 HTTP/1.0\r\nHost: a.test\r\n\r\n")
+        b"GET /l4 HTTP/1.0\r\nHost: a.test\r\n\r\n"
+    )
     assert statuses(answer) == [200, 200, 200, 200]
     assert answer.count(b"Connection: keep-alive") == 1  # only the HTTP/1.0 one asked for it
     assert re.findall(rb"\r\n\r\n(/..)", answer) == [b"/k1", b"/p2", b"/c3", b"/l4"]
@@ -265,11 +311,14 @@ async def test_http10_keep_alive_and_pipelined_bodies(rig) -> None:  # type: ign
 
 
 async def test_a_refused_upgrade_is_relayed_and_the_connection_closed(rig) -> None:  # type: ignore[no-untyped-def]
-    backend = await Backend(lambda head: b"HTTP/1.1 426 Upgrade Required\r\n"
-                            b"Content-Length: 2\r\n\r\nno").start()
+    backend = await Backend(
+        lambda head: b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno"
+    ).start()
     r = await rig([service("web", HOSTS), task("t", "web", backend.port)])
-    answer = await r.exchange(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n"
-                              b"Upgrade: websocket\r\n\r\nGET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    answer = await r.exchange(
+        b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\nGET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+    )
     assert statuses(answer) == [426] and answer.endswith(b"\r\n\r\nno")
     assert b"Connection: Upgrade" in backend.requests[0]
     assert len(backend.requests) == 1  # bytes after an upgrade request are not HTTP
@@ -286,8 +335,10 @@ async def test_an_upgrade_becomes_a_raw_pipe(rig) -> None:  # type: ignore[no-un
         def data_received(self, data: bytes) -> None:
             if not self.upgraded:
                 self.upgraded = True
-                self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"  # type: ignore[attr-defined]
-                                     b"Connection: Upgrade\r\nUpgrade: echo\r\n\r\nhello ")
+                self.transport.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\n"  # type: ignore[attr-defined]
+                    b"Connection: Upgrade\r\nUpgrade: echo\r\n\r\nhello "
+                )
                 data = data.partition(b"\r\n\r\n")[2]
             if data:
                 self.transport.write(data.upper())  # type: ignore[attr-defined]
@@ -295,8 +346,9 @@ async def test_an_upgrade_becomes_a_raw_pipe(rig) -> None:  # type: ignore[no-un
     server = await loop.create_server(Echo, "127.0.0.1", 0)
     r = await rig([service("web", HOSTS), task("t", "web", server.sockets[0].getsockname()[1])])
     reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-    writer.write(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n"
-                 b"\r\nearly ")
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nearly "
+    )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: echo" in head
     writer.write(b"bytes")
@@ -320,5 +372,6 @@ async def test_connections_past_the_cap_get_503(rig) -> None:  # type: ignore[no
     for _, writer in held:
         writer.close()
     await asyncio.sleep(0.05)
-    assert statuses(await r.exchange(
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")) == [200]
+    assert statuses(
+        await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    ) == [200]

@@ -34,8 +34,9 @@ RSS_BOUND = 64 << 20
 
 
 class Mesh:
-    def __init__(self, agent: AgentProcess, ports: dict[str, int], certs: dict[str, Path],
-                 https_port: int) -> None:
+    def __init__(
+        self, agent: AgentProcess, ports: dict[str, int], certs: dict[str, Path], https_port: int
+    ) -> None:
         self.agent = agent
         self.ports = ports
         self.certs = certs
@@ -50,8 +51,9 @@ def _service(agent: AgentProcess, name: str, labels: dict[str, str], tasks: list
     status, body = agent.request("POST", "/v1/services", {"name": name, "labels": labels})
     assert status == 201, body
     for port in tasks:
-        status, body = agent.request("POST", f"/v1/services/{name}/tasks",
-                                     {"address": "127.0.0.1", "ports": {"80": port}})
+        status, body = agent.request(
+            "POST", f"/v1/services/{name}/tasks", {"address": "127.0.0.1", "ports": {"80": port}}
+        )
         assert status == 201, body
 
 
@@ -68,26 +70,51 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     specs["p0"] += f",{certs['pass.test']},{keys['pass.test']}"
     backend = BackendProcess(specs, root / "backend.log").start()
     https_port = free_port()
-    agent = AgentProcess(root / "agent", extra=[
-        "--http-header-timeout", "1", "--http-upstream-timeout", "2",
-        "--https", f"127.0.0.1:{https_port}", "--http-access-log", "on",
-        "--tls-cert", f"x.test={certs['x.test']},{keys['x.test']}",
-        "--tls-cert", f"y.test={certs['y.test']},{keys['y.test']}"])
+    agent = AgentProcess(
+        root / "agent",
+        extra=[
+            "--http-header-timeout",
+            "1",
+            "--http-upstream-timeout",
+            "2",
+            "--https",
+            f"127.0.0.1:{https_port}",
+            "--http-access-log",
+            "on",
+            "--tls-cert",
+            f"x.test={certs['x.test']},{keys['x.test']}",
+            "--tls-cert",
+            f"y.test={certs['y.test']},{keys['y.test']}",
+        ],
+    )
     agent.start()
     try:
-        _service(agent, "alpha", {"mesh.http.hosts": "alpha.test,x.test,y.test",
-                                  "mesh.http.port": "80"}, [ports["a0"], ports["a1"]])
-        _service(agent, "beta", {"com.docker.ucp.mesh.http": "80=http://beta.test"},
-                 [ports["b0"]])
-        _service(agent, "gamma", {"com.docker.ucp.mesh.http.1":
-                                  "external_route=http://gamma.test,internal_port=80,"
-                                  "sticky_sessions=SRVID"}, [ports["g0"], ports["g1"]])
+        _service(
+            agent,
+            "alpha",
+            {"mesh.http.hosts": "alpha.test,x.test,y.test", "mesh.http.port": "80"},
+            [ports["a0"], ports["a1"]],
+        )
+        _service(agent, "beta", {"com.docker.ucp.mesh.http": "80=http://beta.test"}, [ports["b0"]])
+        _service(
+            agent,
+            "gamma",
+            {
+                "com.docker.ucp.mesh.http.1": "external_route=http://gamma.test,internal_port=80,"
+                "sticky_sessions=SRVID"
+            },
+            [ports["g0"], ports["g1"]],
+        )
         _service(agent, "empty", {"mesh.http.hosts": "empty.test", "mesh.http.port": "80"}, [])
-        _service(agent, "dead", {"mesh.http.hosts": "dead.test", "mesh.http.port": "80"},
-                 [free_port()])
-        _service(agent, "secure", {"com.docker.ucp.mesh.http.443":
-                                   "external_route=sni://pass.test,internal_port=80"},
-                 [ports["p0"]])
+        _service(
+            agent, "dead", {"mesh.http.hosts": "dead.test", "mesh.http.port": "80"}, [free_port()]
+        )
+        _service(
+            agent,
+            "secure",
+            {"com.docker.ucp.mesh.http.443": "external_route=sni://pass.test,internal_port=80"},
+            [ports["p0"]],
+        )
         yield Mesh(agent, ports, certs, https_port)
     finally:
         agent.stop()
@@ -95,12 +122,18 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 
 def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
-                          capture_output=True, text=True, timeout=timeout + 10, check=False)
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", str(timeout), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+        check=False,
+    )
 
 
-def get(mesh: Mesh, host: str, path: str = "/whoami",
-        *extra: str) -> tuple[int, str, dict[str, str]]:
+def get(
+    mesh: Mesh, host: str, path: str = "/whoami", *extra: str
+) -> tuple[int, str, dict[str, str]]:
     result = curl("-D", "-", "-H", f"Host: {host}", *extra, f"http://{mesh.http}{path}")
     assert result.returncode == 0, result.stderr
     head, _, body = result.stdout.partition("\n\n")  # text mode turned CRLF into LF
@@ -120,8 +153,10 @@ def whoami(mesh: Mesh, host: str, *extra: str) -> dict[str, Any]:
 
 
 def test_routes_by_host_among_three_services(mesh: Mesh) -> None:
-    seen = {host: {whoami(mesh, host)["name"] for _ in range(4)}
-            for host in ("alpha.test", "beta.test", "gamma.test")}
+    seen = {
+        host: {whoami(mesh, host)["name"] for _ in range(4)}
+        for host in ("alpha.test", "beta.test", "gamma.test")
+    }
     assert seen["alpha.test"] == {"a0", "a1"}  # round robin over both tasks
     assert seen["beta.test"] == {"b0"}
     assert seen["gamma.test"] <= {"g0", "g1"}
@@ -130,8 +165,16 @@ def test_routes_by_host_among_three_services(mesh: Mesh) -> None:
 
 
 def test_forwarding_headers_reach_the_task(mesh: Mesh) -> None:
-    answer = whoami(mesh, "alpha.test", "-H", "X-Forwarded-For: 192.0.2.9",
-                    "-H", "Connection: keep-alive, X-Secret", "-H", "X-Secret: hop")
+    answer = whoami(
+        mesh,
+        "alpha.test",
+        "-H",
+        "X-Forwarded-For: 192.0.2.9",
+        "-H",
+        "Connection: keep-alive, X-Secret",
+        "-H",
+        "X-Secret: hop",
+    )
     headers = {k.lower(): v for k, v in answer["headers"].items()}
     assert headers["x-forwarded-for"] == "192.0.2.9, 127.0.0.1"
     assert headers["x-forwarded-proto"] == "http"
@@ -153,11 +196,9 @@ def test_status_codes_of_the_router(mesh: Mesh) -> None:
 def test_sticky_cookie_keeps_a_client_on_one_task(mesh: Mesh, tmp_path: Path) -> None:
     jar = tmp_path / "cookies"
     first = whoami(mesh, "gamma.test", "-c", str(jar))
-    cookie = [line.split("\t") for line in jar.read_text().splitlines()
-              if "\tSRVID\t" in line]
+    cookie = [line.split("\t") for line in jar.read_text().splitlines() if "\tSRVID\t" in line]
     assert cookie, jar.read_text()
-    assert {whoami(mesh, "gamma.test", "-b", str(jar))["name"] for _ in range(6)} == {
-        first["name"]}
+    assert {whoami(mesh, "gamma.test", "-b", str(jar))["name"] for _ in range(6)} == {first["name"]}
     # Without the cookie the requests are spread again.
     assert {whoami(mesh, "gamma.test")["name"] for _ in range(6)} == {"g0", "g1"}
 
@@ -211,8 +252,13 @@ def test_100mb_chunked_upload_and_download_keep_memory_bounded(mesh: Mesh) -> No
         upload = subprocess.run(
             f"head -c {HUNDRED_MB} /dev/zero | curl -sS --max-time 120 -X POST -T - "
             f"-H 'Host: alpha.test' -H 'Transfer-Encoding: chunked' "
-            f"http://{mesh.http}/sink", shell=True, capture_output=True, text=True,
-            timeout=180, check=False)
+            f"http://{mesh.http}/sink",
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
     assert upload.returncode == 0, upload.stderr
     answer = json.loads(upload.stdout)
     assert answer["bytes"] == HUNDRED_MB
@@ -221,9 +267,16 @@ def test_100mb_chunked_upload_and_download_keep_memory_bounded(mesh: Mesh) -> No
     assert rss.peak - rss.start < RSS_BOUND
 
     with RssSampler(pid) as rss:
-        download = curl("-o", os.devnull, "-w", "%{size_download} %{http_code}",
-                        "-H", "Host: alpha.test", f"http://{mesh.http}/bytes/{HUNDRED_MB}",
-                        timeout=120)
+        download = curl(
+            "-o",
+            os.devnull,
+            "-w",
+            "%{size_download} %{http_code}",
+            "-H",
+            "Host: alpha.test",
+            f"http://{mesh.http}/bytes/{HUNDRED_MB}",
+            timeout=120,
+        )
     assert download.returncode == 0, download.stderr
     assert download.stdout.split() == [str(HUNDRED_MB), "200"]
     print(f"download: router RSS {rss.start >> 20} MiB -> peak {rss.peak >> 20} MiB")
@@ -237,18 +290,27 @@ def test_a_slow_peer_holds_the_other_side_back(mesh: Mesh) -> None:
     with RssSampler(mesh.agent.proc.pid) as rss:
         upload = subprocess.run(
             f"head -c {HUNDRED_MB} /dev/zero | curl -sS --max-time 120 -X POST -T - "
-            f"-H 'Host: beta.test' http://{mesh.http}/slowsink?wait=1", shell=True,
-            capture_output=True, text=True, timeout=180, check=False)
+            f"-H 'Host: beta.test' http://{mesh.http}/slowsink?wait=1",
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
     assert upload.returncode == 0, upload.stderr
     assert json.loads(upload.stdout)["bytes"] == HUNDRED_MB
     print(f"slow task: router RSS {rss.start >> 20} MiB -> peak {rss.peak >> 20} MiB")
     assert rss.peak - rss.start < RSS_BOUND
 
-    with RssSampler(mesh.agent.proc.pid) as rss, socket.create_connection(
-            ("127.0.0.1", mesh.agent.http_port), timeout=30) as sock:
+    with (
+        RssSampler(mesh.agent.proc.pid) as rss,
+        socket.create_connection(("127.0.0.1", mesh.agent.http_port), timeout=30) as sock,
+    ):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        sock.sendall(f"GET /bytes/{HUNDRED_MB} HTTP/1.1\r\nHost: beta.test\r\n"
-                     "Connection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /bytes/{HUNDRED_MB} HTTP/1.1\r\nHost: beta.test\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         time.sleep(1)  # a client that does not read yet
         received = 0
         while chunk := sock.recv(1 << 20):
@@ -273,18 +335,18 @@ def raw(mesh: Mesh, payload: bytes, *, wait: float = 5.0) -> bytes:
 
 SMUGGLING = {
     "CL.TE": b"POST /sink HTTP/1.1\r\nHost: alpha.test\r\nContent-Length: 6\r\n"
-             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
     "TE.CL": b"POST /sink HTTP/1.1\r\nHost: alpha.test\r\nTransfer-Encoding: chunked\r\n"
-             b"Content-Length: 4\r\n\r\n5c\r\nGPOST / HTTP/1.1\r\n\r\n0\r\n\r\n",
+    b"Content-Length: 4\r\n\r\n5c\r\nGPOST / HTTP/1.1\r\n\r\n0\r\n\r\n",
     "duplicate Content-Length": b"POST /sink HTTP/1.1\r\nHost: alpha.test\r\n"
-                                b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
     "obfuscated TE": b"POST /sink HTTP/1.1\r\nHost: alpha.test\r\n"
-                     b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
     "bad chunk size": b"POST /sink HTTP/1.1\r\nHost: alpha.test\r\n"
-                      b"Transfer-Encoding: chunked\r\n\r\n-5\r\nabcde\r\n0\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n-5\r\nabcde\r\n0\r\n\r\n",
     "obs-fold": b"GET /whoami HTTP/1.1\r\nHost: alpha.test\r\nX-A: b\r\n c\r\n\r\n",
     "TE in HTTP/1.0": b"POST /sink HTTP/1.0\r\nHost: alpha.test\r\n"
-                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     "two Host headers": b"GET /whoami HTTP/1.1\r\nHost: alpha.test\r\nHost: beta.test\r\n\r\n",
 }
 
@@ -298,18 +360,24 @@ def test_smuggling_attempts_are_rejected_and_closed(mesh: Mesh, attempt: str) ->
 
 
 def test_limits_answer_413_and_431(mesh: Mesh) -> None:
-    too_big = raw(mesh, b"POST /sink HTTP/1.1\r\nHost: alpha.test\r\n"
-                        b"Content-Length: 99999999999\r\n\r\n")
+    too_big = raw(
+        mesh, b"POST /sink HTTP/1.1\r\nHost: alpha.test\r\nContent-Length: 99999999999\r\n\r\n"
+    )
     assert too_big.startswith(b"HTTP/1.1 413 ")
-    huge_head = raw(mesh, b"GET /whoami HTTP/1.1\r\nHost: alpha.test\r\n"
-                          + b"X-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+    huge_head = raw(
+        mesh,
+        b"GET /whoami HTTP/1.1\r\nHost: alpha.test\r\n" + b"X-Pad: " + b"a" * 40_000 + b"\r\n\r\n",
+    )
     assert huge_head.startswith(b"HTTP/1.1 431 ")
 
 
 def test_pipelined_requests_are_answered_in_order(mesh: Mesh) -> None:
-    answer = raw(mesh, b"GET /whoami HTTP/1.1\r\nHost: beta.test\r\n\r\n"
-                       b"GET /whoami HTTP/1.1\r\nHost: nobody.test\r\n\r\n"
-                       b"GET /whoami HTTP/1.1\r\nHost: alpha.test\r\nConnection: close\r\n\r\n")
+    answer = raw(
+        mesh,
+        b"GET /whoami HTTP/1.1\r\nHost: beta.test\r\n\r\n"
+        b"GET /whoami HTTP/1.1\r\nHost: nobody.test\r\n\r\n"
+        b"GET /whoami HTTP/1.1\r\nHost: alpha.test\r\nConnection: close\r\n\r\n",
+    )
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
     assert statuses == [b"200", b"404", b"200"], answer
     assert answer.index(b'"b0"') < answer.index(b"404 Not Found") < answer.rindex(b'"a')
@@ -341,9 +409,13 @@ def test_idle_connection_without_a_request_is_closed(mesh: Mesh) -> None:
 
 def test_tls_terminated_with_the_certificate_of_each_sni_name(mesh: Mesh) -> None:
     for host in ("x.test", "y.test"):
-        result = curl("--resolve", f"{host}:{mesh.https_port}:127.0.0.1",
-                      "--cacert", str(mesh.certs[host]),
-                      f"https://{host}:{mesh.https_port}/whoami")
+        result = curl(
+            "--resolve",
+            f"{host}:{mesh.https_port}:127.0.0.1",
+            "--cacert",
+            str(mesh.certs[host]),
+            f"https://{host}:{mesh.https_port}/whoami",
+        )
         assert result.returncode == 0, result.stderr  # curl checked the name in the cert
         answer = json.loads(result.stdout)
         assert answer["name"] in ("a0", "a1")
@@ -353,8 +425,9 @@ def test_tls_terminated_with_the_certificate_of_each_sni_name(mesh: Mesh) -> Non
 def test_websocket_over_terminated_tls(mesh: Mesh) -> None:
     context = ssl.create_default_context(cafile=str(mesh.certs["y.test"]))
     sock = socket.create_connection(("127.0.0.1", mesh.https_port))
-    with ws_connect("wss://y.test/ws", sock=sock, ssl=context, server_hostname="y.test",
-                    open_timeout=10) as ws:
+    with ws_connect(
+        "wss://y.test/ws", sock=sock, ssl=context, server_hostname="y.test", open_timeout=10
+    ) as ws:
         ws.send("over tls")
         reply = ws.recv(timeout=10)
         assert isinstance(reply, str) and reply.endswith(":over tls")
@@ -362,8 +435,13 @@ def test_websocket_over_terminated_tls(mesh: Mesh) -> None:
 
 def test_sni_passthrough_reaches_the_task_that_terminates_tls(mesh: Mesh) -> None:
     host = "pass.test"
-    result = curl("--resolve", f"{host}:{mesh.https_port}:127.0.0.1",
-                  "--cacert", str(mesh.certs[host]), f"https://{host}:{mesh.https_port}/whoami")
+    result = curl(
+        "--resolve",
+        f"{host}:{mesh.https_port}:127.0.0.1",
+        "--cacert",
+        str(mesh.certs[host]),
+        f"https://{host}:{mesh.https_port}/whoami",
+    )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["name"] == "p0"  # the router holds no certificate for pass.test
@@ -374,8 +452,11 @@ def test_access_log_lines(mesh: Mesh) -> None:
     whoami(mesh, "beta.test")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        lines = [line for line in mesh.agent.log().splitlines()
-                 if "event=http_request" in line and "host=beta.test" in line]
+        lines = [
+            line
+            for line in mesh.agent.log().splitlines()
+            if "event=http_request" in line and "host=beta.test" in line
+        ]
         if lines:
             break
         time.sleep(0.05)
@@ -395,11 +476,14 @@ def test_https_port_closes_on_bytes_that_are_not_tls(mesh: Mesh) -> None:
 def test_an_unknown_server_name_gets_the_default_certificate(mesh: Mesh) -> None:
     context = ssl.create_default_context(cafile=str(mesh.certs["x.test"]))
     context.check_hostname = False  # the name asked for is not the certificate's
-    with socket.create_connection(("127.0.0.1", mesh.https_port), timeout=5) as raw_sock, \
-            context.wrap_socket(raw_sock, server_hostname="other.test") as tls:
+    with (
+        socket.create_connection(("127.0.0.1", mesh.https_port), timeout=5) as raw_sock,
+        context.wrap_socket(raw_sock, server_hostname="other.test") as tls,
+    ):
         peer = tls.getpeercert()
         assert peer is not None and ("commonName", "x.test") in [
-            item for rdn in peer["subject"] for item in rdn]
+            item for rdn in peer["subject"] for item in rdn
+        ]
         tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n")
         answer = b""
         while chunk := tls.recv(4096):

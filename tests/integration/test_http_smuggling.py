@@ -36,11 +36,15 @@ class Rig:
 
 
 def _service(agent: AgentProcess, name: str, host: str, port: int) -> None:
-    status, body = agent.request("POST", "/v1/services", {
-        "name": name, "labels": {"mesh.http.hosts": host, "mesh.http.port": "80"}})
+    status, body = agent.request(
+        "POST",
+        "/v1/services",
+        {"name": name, "labels": {"mesh.http.hosts": host, "mesh.http.port": "80"}},
+    )
     assert status == 201, body
-    status, body = agent.request("POST", f"/v1/services/{name}/tasks",
-                                 {"address": "127.0.0.1", "ports": {"80": port}})
+    status, body = agent.request(
+        "POST", f"/v1/services/{name}/tasks", {"address": "127.0.0.1", "ports": {"80": port}}
+    )
     assert status == 201, body
 
 
@@ -95,8 +99,10 @@ def ask(rig: Rig, request: bytes, sock: socket.socket | None = None) -> tuple[in
 def test_a_probe_is_refused_closed_and_reaches_no_task(rig: Rig, probe: Probe) -> None:
     before = len(rig.alpha.requests)
     outcome = send(rig.address, probe.bytes_for("alpha.test"))
-    print(f"{probe.name}: {outcome.received[:60]!r} closed={outcome.closed} "
-          f"in {outcome.seconds * 1000:.0f} ms")
+    print(
+        f"{probe.name}: {outcome.received[:60]!r} closed={outcome.closed} "
+        f"in {outcome.seconds * 1000:.0f} ms"
+    )
     assert passed(probe, outcome), outcome.received[:300]
     assert outcome.seconds < 5  # answered at once, not after a task's timeout
     reached = [r.target for r in rig.alpha.requests[before:]]
@@ -122,8 +128,12 @@ def test_a_victim_on_the_pooled_connection_gets_its_own_answer(rig: Rig) -> None
 def test_a_response_the_task_was_not_asked_for_is_never_an_answer(rig: Rig) -> None:
     """The task answers `/trail` twice in one send: the second is no answer to `/next`."""
     with socket.create_connection(rig.address, timeout=10) as sock:
-        status, answer = ask(rig, b"GET /trail HTTP/1.1\r\nHost: alpha.test\r\n\r\n"
-                                  b"GET /next HTTP/1.1\r\nHost: alpha.test\r\n\r\n", sock)
+        status, answer = ask(
+            rig,
+            b"GET /trail HTTP/1.1\r\nHost: alpha.test\r\n\r\n"
+            b"GET /next HTTP/1.1\r\nHost: alpha.test\r\n\r\n",
+            sock,
+        )
         assert status == 200 and answer["target"] == "/trail", answer
         status, answer = ask(rig, b"", sock)
     assert status == 200 and answer["target"] == "/next", answer
@@ -136,8 +146,12 @@ def test_a_response_the_task_was_not_asked_for_is_never_an_answer(rig: Rig) -> N
 
 def test_an_upgrade_with_a_body_is_answered_at_once(rig: Rig) -> None:
     started = time.monotonic()
-    outcome = send(rig.address, b"GET /ws HTTP/1.1\r\nHost: alpha.test\r\nConnection: Upgrade\r\n"
-                                b"Upgrade: websocket\r\nContent-Length: 5\r\n\r\nhello", 15)
+    outcome = send(
+        rig.address,
+        b"GET /ws HTTP/1.1\r\nHost: alpha.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+        15,
+    )
     seconds = time.monotonic() - started
     print(f"upgrade with a body answered {outcome.status} in {seconds * 1000:.0f} ms")
     assert outcome.received.startswith(b"HTTP/1.1 400 Bad Request\r\n"), outcome.received[:200]
@@ -148,8 +162,9 @@ def test_an_upgrade_with_a_body_is_answered_at_once(rig: Rig) -> None:
 def test_the_absolute_form_authority_wins_over_host(rig: Rig) -> None:
     status, answer = ask(rig, b"GET http://beta.test/abs?q=1 HTTP/1.1\r\nHost: alpha.test\r\n\r\n")
     assert status == 200, answer
-    recorded = next(r for r in rig.beta.requests if r.seq == answer["seq"]
-                    and r.conn == answer["conn"])
+    recorded = next(
+        r for r in rig.beta.requests if r.seq == answer["seq"] and r.conn == answer["conn"]
+    )
     assert recorded.target == "/abs?q=1"  # origin-form to the task
     assert recorded.header("host") == "beta.test"
     assert recorded.header("x-forwarded-host") == "beta.test"

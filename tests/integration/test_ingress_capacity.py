@@ -29,17 +29,25 @@ def test_a_default_agent_takes_1000_services_with_published_ports(tmp_path: Path
         assert ingress["subnet"] == "127.64.0.0/16"
 
         def create(i: int) -> tuple[int, str]:
-            status, body = agent.request("POST", "/v1/services", {
-                "name": f"svc-{i}",
-                "ports": [{"target_port": 80, "published_port": FIRST_PORT + i}]}, timeout=60)
+            status, body = agent.request(
+                "POST",
+                "/v1/services",
+                {
+                    "name": f"svc-{i}",
+                    "ports": [{"target_port": 80, "published_port": FIRST_PORT + i}],
+                },
+                timeout=60,
+            )
             return status, str(body.get("error") if status != 201 else "")
 
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:  # concurrent, as clients are: commits group
             answers = list(pool.map(create, range(SERVICES)))
         took = time.monotonic() - started
-        print(f"\n{SERVICES} services with published ports created in {took:.1f}s "
-              f"({SERVICES / took:.0f}/s)")
+        print(
+            f"\n{SERVICES} services with published ports created in {took:.1f}s "
+            f"({SERVICES / took:.0f}/s)"
+        )
         refused = [(i, a) for i, a in enumerate(answers) if a[0] != 201]
         assert not refused, f"{len(refused)} refused, the first: {refused[0]}"
         assert took < BOUND
@@ -48,19 +56,25 @@ def test_a_default_agent_takes_1000_services_with_published_ports(tmp_path: Path
         vips = [v["address"] for s in services for v in s["vips"] if v["network"] == "ingress"]
         assert len(vips) == len(set(vips)) == SERVICES
         assert {p["published_port"] for s in services for p in s["ports"]} == set(
-            range(FIRST_PORT, FIRST_PORT + SERVICES))
+            range(FIRST_PORT, FIRST_PORT + SERVICES)
+        )
     finally:
         stop_and_check(agent)
 
 
-def test_ingress_subnet_flag_is_kept_across_restarts_and_never_renumbered(
-        tmp_path: Path) -> None:
+def test_ingress_subnet_flag_is_kept_across_restarts_and_never_renumbered(tmp_path: Path) -> None:
     data = tmp_path / "data"
     agent = AgentProcess(data, extra=["--ingress-subnet", "127.80.0.0/24"]).start()
     try:
         assert agent.request("GET", "/v1/networks/ingress")[1]["subnet"] == "127.80.0.0/24"
-        assert agent.request("POST", "/v1/services", {
-            "name": "web", "ports": [{"target_port": 80, "published_port": 18080}]})[0] == 201
+        assert (
+            agent.request(
+                "POST",
+                "/v1/services",
+                {"name": "web", "ports": [{"target_port": 80, "published_port": 18080}]},
+            )[0]
+            == 201
+        )
     finally:
         stop_and_check(agent)
     # As a data dir of an older agent, whose ingress was a /24: kept without the flag.
@@ -86,11 +100,19 @@ def test_a_full_ingress_answers_409_naming_the_network_and_its_subnet(tmp_path: 
     agent = AgentProcess(tmp_path / "data", extra=["--ingress-subnet", "127.80.0.0/29"]).start()
     try:
         for i in range(5):  # a /29 holds 5 VIPs after its gateway
-            assert agent.request("POST", "/v1/services", {
-                "name": f"s{i}", "ports": [{"target_port": 80,
-                                            "published_port": 18000 + i}]})[0] == 201
-        status, body = agent.request("POST", "/v1/services", {
-            "name": "s5", "ports": [{"target_port": 80, "published_port": 18005}]})
+            assert (
+                agent.request(
+                    "POST",
+                    "/v1/services",
+                    {"name": f"s{i}", "ports": [{"target_port": 80, "published_port": 18000 + i}]},
+                )[0]
+                == 201
+            )
+        status, body = agent.request(
+            "POST",
+            "/v1/services",
+            {"name": "s5", "ports": [{"target_port": 80, "published_port": 18005}]},
+        )
         assert status == 409, body
         assert body["error"]["code"] == "no_free_address"
         message = body["error"]["message"]
@@ -102,7 +124,8 @@ def test_a_full_ingress_answers_409_naming_the_network_and_its_subnet(tmp_path: 
         findings = json.loads(doctor.stdout)["findings"]
         full = [f for f in findings if f["check"] == "network" and f["status"] == "fail"]
         assert [f["message"] for f in full] == [
-            "network ingress (127.80.0.0/29) is full: all 5 addresses are VIPs of services"]
+            "network ingress (127.80.0.0/29) is full: all 5 addresses are VIPs of services"
+        ]
         assert "--ingress-subnet" in full[0]["hint"] and doctor.returncode == 1
     finally:
         stop_and_check(agent)

@@ -56,18 +56,25 @@ def b64(key: bytes) -> str:
 
 def listing(*keys: bytes) -> dict[str, Any]:
     """The answer for a keyring holding `keys`, the primary first."""
-    return {"keys": [{"fingerprint": fingerprint(k), "primary": i == 0}
-                     for i, k in enumerate(keys)]}
+    return {
+        "keys": [{"fingerprint": fingerprint(k), "primary": i == 0} for i, k in enumerate(keys)]
+    }
 
 
 def _deps(data_dir: Path, keyring: KeyringControl | None) -> ApiDeps:
     # A real Control whose writer is never started: the keyring routes do not touch it.
     store = Store("node-1", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
-    control = Control(store, ChangeFeed(store.all_records), StateWriter(data_dir), time.time,
-                      lambda reason: None)
-    return ApiDeps(control=control, node="node-1", members=list,
-                   heartbeat=lambda task, healthy, output: None, drain_grace=0.5,
-                   keyring=keyring)
+    control = Control(
+        store, ChangeFeed(store.all_records), StateWriter(data_dir), time.time, lambda reason: None
+    )
+    return ApiDeps(
+        control=control,
+        node="node-1",
+        members=list,
+        heartbeat=lambda task, healthy, output: None,
+        drain_grace=0.5,
+        keyring=keyring,
+    )
 
 
 class ServedApp:
@@ -98,11 +105,16 @@ class ServedApp:
         self._thread.join(10)
         self._loop.close()
 
-    def request(self, method: str, path: str, body: Any = None,
-                raw: bytes | None = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+    ) -> tuple[int, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(f"http://{self.address}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://{self.address}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
@@ -147,12 +159,12 @@ def test_list_shows_fingerprints_never_keys(served: ServedApp) -> None:
     KeyringOut.model_validate(answer)
 
 
-def test_rotation_through_the_api_is_persisted_at_each_step(served: ServedApp,
-                                                           keyring_file: Path) -> None:
+def test_rotation_through_the_api_is_persisted_at_each_step(
+    served: ServedApp, keyring_file: Path
+) -> None:
     assert served.request("POST", "/v1/keyring", {"key": b64(K2)}) == (200, listing(K1, K2))
     assert load_keyring(keyring_file).keys() == [K1, K2]
-    assert served.request("PUT", "/v1/keyring/primary", {"key": b64(K2)}) == (
-        200, listing(K2, K1))
+    assert served.request("PUT", "/v1/keyring/primary", {"key": b64(K2)}) == (200, listing(K2, K1))
     assert load_keyring(keyring_file).keys() == [K2, K1]
     assert served.request("POST", "/v1/keyring/remove", {"key": b64(K1)}) == (200, listing(K2))
     assert load_keyring(keyring_file).keys() == [K2]
@@ -175,20 +187,25 @@ def test_using_a_key_not_installed_is_invalid(served: ServedApp) -> None:
     assert served.request("GET", "/v1/keyring") == (200, listing(K1))
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    ({"key": "not base64!"}, 422, "invalid_key"),
-    ({"key": b64(b"k" * 20)}, 422, "invalid_key"),
-    ({"key": ""}, 422, "invalid_value"),
-    ({"key": 42}, 422, "invalid_value"),
-    ({}, 422, "missing_field"),
-    ({"key": b64(K2), "primary": True}, 400, "unknown_field"),
-    ([], 400, "malformed_json"),
-])
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/keyring"),
-                                              ("PUT", "/v1/keyring/primary"),
-                                              ("POST", "/v1/keyring/remove")])
-def test_bad_bodies_answer_in_the_error_shape(served: ServedApp, method: str, path: str,
-                                             body: Any, status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"key": "not base64!"}, 422, "invalid_key"),
+        ({"key": b64(b"k" * 20)}, 422, "invalid_key"),
+        ({"key": ""}, 422, "invalid_value"),
+        ({"key": 42}, 422, "invalid_value"),
+        ({}, 422, "missing_field"),
+        ({"key": b64(K2), "primary": True}, 400, "unknown_field"),
+        ([], 400, "malformed_json"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/keyring"), ("PUT", "/v1/keyring/primary"), ("POST", "/v1/keyring/remove")],
+)
+def test_bad_bodies_answer_in_the_error_shape(
+    served: ServedApp, method: str, path: str, body: Any, status: int, code: str
+) -> None:
     got, answer = served.request(method, path, body)
     assert (got, error_code(answer)) == (status, code)
     assert served.request("GET", "/v1/keyring") == (200, listing(K1))
@@ -199,8 +216,7 @@ def test_a_body_that_is_not_json_is_malformed(served: ServedApp) -> None:
     assert (status, error_code(answer)) == (400, "malformed_json")
 
 
-def test_a_change_that_cannot_be_persisted_answers_503_and_changes_nothing(
-        tmp_path: Path) -> None:
+def test_a_change_that_cannot_be_persisted_answers_503_and_changes_nothing(tmp_path: Path) -> None:
     keyring = Keyring([K1])
     control = LocalKeyringControl(keyring, tmp_path / "gone" / "keyring.json")
     app = ServedApp(_deps(tmp_path, control)).start()
@@ -212,14 +228,18 @@ def test_a_change_that_cannot_be_persisted_answers_503_and_changes_nothing(
         app.stop()
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("GET", "/v1/keyring", None),
-    ("POST", "/v1/keyring", {"key": b64(K2)}),
-    ("PUT", "/v1/keyring/primary", {"key": b64(K2)}),
-    ("POST", "/v1/keyring/remove", {"key": b64(K2)}),
-])
-def test_without_a_keyring_every_route_is_a_conflict(served_without_keyring: ServedApp,
-                                                     method: str, path: str, body: Any) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/keyring", None),
+        ("POST", "/v1/keyring", {"key": b64(K2)}),
+        ("PUT", "/v1/keyring/primary", {"key": b64(K2)}),
+        ("POST", "/v1/keyring/remove", {"key": b64(K2)}),
+    ],
+)
+def test_without_a_keyring_every_route_is_a_conflict(
+    served_without_keyring: ServedApp, method: str, path: str, body: Any
+) -> None:
     status, answer = served_without_keyring.request(method, path, body)
     assert (status, error_code(answer)) == (409, "keyring_disabled")
 
@@ -235,8 +255,13 @@ def test_the_description_has_the_keyring_routes() -> None:
 
 SCHEMA = schemathesis.openapi.from_dict(
     json.loads(json.dumps(build_openapi())),
-    config=schemathesis.Config.from_dict({"seed": 20_260_102, "generation": {
-        "max-examples": 60, "deterministic": True, "database": "none"}}))
+    config=schemathesis.Config.from_dict(
+        {
+            "seed": 20_260_102,
+            "generation": {"max-examples": 60, "deterministic": True, "database": "none"},
+        }
+    ),
+)
 
 
 @pytest.fixture(scope="module")
@@ -249,11 +274,19 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
 
 
 @SCHEMA.include(path_regex="^/v1/keyring").parametrize()
-def test_keyring_routes_conform_to_their_description(case: schemathesis.Case[Any],
-                                                     fuzzed: ServedApp) -> None:
-    case.call_and_validate(base_url=f"http://{fuzzed.address}", timeout=10, checks=[
-        not_a_server_error, status_code_conformance, content_type_conformance,
-        response_schema_conformance])
+def test_keyring_routes_conform_to_their_description(
+    case: schemathesis.Case[Any], fuzzed: ServedApp
+) -> None:
+    case.call_and_validate(
+        base_url=f"http://{fuzzed.address}",
+        timeout=10,
+        checks=[
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+        ],
+    )
 
 
 # -- the CLI ---------------------------------------------------------------------
@@ -266,8 +299,9 @@ def test_keygen_needs_no_agent(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(base64.b64decode(json.loads(capsys.readouterr().out)["key"])) == 32
 
 
-def test_cli_rotates_the_keyring(served: ServedApp, keyring_file: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rotates_the_keyring(
+    served: ServedApp, keyring_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     api = ["--api", served.address]
     assert main([*api, "keyring", "install", b64(K2)]) == 0
     assert main([*api, "keyring", "use", b64(K2)]) == 0
@@ -281,16 +315,18 @@ def test_cli_rotates_the_keyring(served: ServedApp, keyring_file: Path,
     assert load_keyring(keyring_file).keys() == [K2]
 
 
-def test_cli_json_prints_a_bare_array(served: ServedApp,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_prints_a_bare_array(
+    served: ServedApp, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--api", served.address, "keyring", "install", b64(K3), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == listing(K1, K3)["keys"]
     assert main(["--api", served.address, "keyring", "ls", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == listing(K1, K3)["keys"]
 
 
-def test_cli_reads_a_key_from_stdin(served: ServedApp, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reads_a_key_from_stdin(
+    served: ServedApp, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO(b64(K2) + "\n"))
@@ -298,8 +334,9 @@ def test_cli_reads_a_key_from_stdin(served: ServedApp, monkeypatch: pytest.Monke
     assert fingerprint(K2) in capsys.readouterr().out
 
 
-def test_cli_reports_refusals_on_one_line(served: ServedApp,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_refusals_on_one_line(
+    served: ServedApp, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--api", served.address, "keyring", "remove", b64(K1)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mesh: ") and "(primary_key)" in err and err.count("\n") == 1
@@ -310,8 +347,9 @@ def test_cli_reports_refusals_on_one_line(served: ServedApp,
 # -- a real agent ----------------------------------------------------------------
 
 
-def test_agent_with_keyring_file_serves_and_persists_it(start_agent: StartAgent,
-                                                        keyring_file: Path) -> None:
+def test_agent_with_keyring_file_serves_and_persists_it(
+    start_agent: StartAgent, keyring_file: Path
+) -> None:
     agent: AgentProcess = start_agent(extra=["--keyring", str(keyring_file)])
     status, answer = agent.request("GET", "/v1/keyring")
     if status == 409 and error_code(answer) == "keyring_disabled":

@@ -53,15 +53,23 @@ def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -
 def lb_table(agent: AgentProcess) -> dict[tuple[str, str, int], dict[str, int]]:
     status, body = agent.request("GET", "/v1/lb")
     assert status == 200, body
-    return {(s["protocol"], s["address"], s["port"]):
-            {f"{r['address']}:{r['port']}": r["weight"] for r in s["reals"]}
-            for s in body["services"]}
+    return {
+        (s["protocol"], s["address"], s["port"]): {
+            f"{r['address']}:{r['port']}": r["weight"] for r in s["reals"]
+        }
+        for s in body["services"]
+    }
 
 
 def mesh_cli(agent: AgentProcess, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "mesh", *args, "--api", agent.api],
-                          capture_output=True, text=True, timeout=20, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    done = subprocess.run(
+        [sys.executable, "-m", "mesh", *args, "--api", agent.api],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -69,24 +77,34 @@ def mesh_cli(agent: AgentProcess, *args: str) -> str:
 def add_web(agent: AgentProcess, published: int, **extra: object) -> dict[str, object]:
     status, _ = agent.request("POST", "/v1/networks", {"name": "front"})
     assert status == 201
-    status, service = agent.request("POST", "/v1/services", {
-        "name": "web", "networks": ["front"],
-        "ports": [{"target_port": 80, "published_port": published}], **extra})
+    status, service = agent.request(
+        "POST",
+        "/v1/services",
+        {
+            "name": "web",
+            "networks": ["front"],
+            "ports": [{"target_port": 80, "published_port": published}],
+            **extra,
+        },
+    )
     assert status == 201, service
     assert isinstance(service, dict)
     return service
 
 
 def add_task(agent: AgentProcess, address: str) -> str:
-    status, task = agent.request("POST", "/v1/services/web/tasks",
-                                 {"address": address, "ports": {"80": TASK_PORT}})
+    status, task = agent.request(
+        "POST", "/v1/services/web/tasks", {"address": address, "ports": {"80": TASK_PORT}}
+    )
     assert status == 201, task
     return str(task["id"])
 
 
-def test_published_port_and_vips_follow_task_health(start_agent: Callable[..., AgentProcess],
-                                                    net: str, servers: Callable[[int], EchoServer],
-                                                    ) -> None:
+def test_published_port_and_vips_follow_task_health(
+    start_agent: Callable[..., AgentProcess],
+    net: str,
+    servers: Callable[[int], EchoServer],
+) -> None:
     publish = f"{net}.1"
     agent = start_agent(extra=["--publish-address", publish])
     body = agent.request("GET", "/v1/lb")[1]
@@ -97,8 +115,10 @@ def test_published_port_and_vips_follow_task_health(start_agent: Callable[..., A
     one, two = servers(1), servers(2)
     ids = [add_task(agent, one.address), add_task(agent, two.address)]
     reals = {one.name: 1, two.name: 1}
-    wait_for(lambda: lb_table(agent).get(("tcp", "0.0.0.0", published)) == reals,
-             what="both tasks in the table")
+    wait_for(
+        lambda: lb_table(agent).get(("tcp", "0.0.0.0", published)) == reals,
+        what="both tasks in the table",
+    )
     table = lb_table(agent)
     assert table[("tcp", vips["front"], 80)] == reals
     assert table[("tcp", vips["ingress"], 80)] == reals
@@ -114,33 +134,39 @@ def test_published_port_and_vips_follow_task_health(start_agent: Callable[..., A
     assert json.loads(mesh_cli(agent, "lb", "--json"))["backend"] == "userspace"
 
     # unhealthy: out of the table, no new connection reaches it
-    assert agent.request("PUT", f"/v1/tasks/{ids[0]}/health",
-                         {"status": "unhealthy"})[0] == 200
-    wait_for(lambda: lb_table(agent)[("tcp", "0.0.0.0", published)] == {two.name: 1},
-             what="the unhealthy task out")
+    assert agent.request("PUT", f"/v1/tasks/{ids[0]}/health", {"status": "unhealthy"})[0] == 200
+    wait_for(
+        lambda: lb_table(agent)[("tcp", "0.0.0.0", published)] == {two.name: 1},
+        what="the unhealthy task out",
+    )
     assert set(hello(publish, published) for _ in range(6)) == {two.name}
 
     # removed (drained, then gone): the table empties; the port still listens, but with
     # no task left a connection is closed at once
     assert agent.request("DELETE", f"/v1/tasks/{ids[1]}")[0] == 202
-    wait_for(lambda: lb_table(agent)[("tcp", "0.0.0.0", published)] == {},
-             what="the drained task removed")
+    wait_for(
+        lambda: lb_table(agent)[("tcp", "0.0.0.0", published)] == {},
+        what="the drained task removed",
+    )
     assert hello(publish, published) is None
 
     agent.stop()
     assert hello(publish, published, timeout=1) is None  # the listener went with the agent
 
 
-def test_proxy_protocol_label_is_honoured(start_agent: Callable[..., AgentProcess], net: str,
-                                          servers: Callable[[int], EchoServer]) -> None:
+def test_proxy_protocol_label_is_honoured(
+    start_agent: Callable[..., AgentProcess], net: str, servers: Callable[[int], EchoServer]
+) -> None:
     publish = f"{net}.1"
     agent = start_agent(extra=["--publish-address", publish])
     published = free_port()
     add_web(agent, published, labels={"mesh.lb.proxy_protocol": "v2", "mesh.lb.scheduler": "lc"})
     server = servers(1)
     add_task(agent, server.address)
-    wait_for(lambda: bool(lb_table(agent).get(("tcp", "0.0.0.0", published))),
-             what="the task in the table")
+    wait_for(
+        lambda: bool(lb_table(agent).get(("tcp", "0.0.0.0", published))),
+        what="the task in the table",
+    )
     body = agent.request("GET", "/v1/lb")[1]
     entry = next(s for s in body["services"] if s["port"] == published)
     assert entry["scheduler"] == "lc" and entry["proxy_protocol"] is True
@@ -156,8 +182,8 @@ def test_proxy_protocol_label_is_honoured(start_agent: Callable[..., AgentProces
 
 
 def test_a_port_the_backend_cannot_take_is_logged_and_counted_not_fatal(
-        start_agent: Callable[..., AgentProcess], net: str,
-        servers: Callable[[int], EchoServer]) -> None:
+    start_agent: Callable[..., AgentProcess], net: str, servers: Callable[[int], EchoServer]
+) -> None:
     publish = f"{net}.1"
     agent = start_agent(extra=["--publish-address", publish])
     squatter = socket.socket()  # someone else holds the port (without SO_REUSEPORT)
@@ -166,8 +192,10 @@ def test_a_port_the_backend_cannot_take_is_logged_and_counted_not_fatal(
     try:
         add_web(agent, squatter.getsockname()[1])
         add_task(agent, servers(1).address)
-        wait_for(lambda: agent.request("GET", "/v1/lb")[1]["errors"] >= 1,
-                 what="the refused listener counted")
+        wait_for(
+            lambda: agent.request("GET", "/v1/lb")[1]["errors"] >= 1,
+            what="the refused listener counted",
+        )
         assert "lb_backend_error" in agent.log()
         port = squatter.getsockname()[1]
         unbound = agent.request("GET", "/v1/lb")[1]["unbound"]
@@ -187,28 +215,40 @@ def test_asking_for_ipvs_without_ip_vs_is_a_clear_error(tmp_path: Path) -> None:
         agent.start(timeout=15)
     assert "event=agent_start_failed" in agent.log()
     # (modprobe may load ip_vs meanwhile: then the missing lb.ipvs is the reason)
-    assert ("--lb ipvs: this kernel has no ip_vs" in agent.log()
-            or "lb.ipvs is not part of this build" in agent.log())
+    assert (
+        "--lb ipvs: this kernel has no ip_vs" in agent.log()
+        or "lb.ipvs is not part of this build" in agent.log()
+    )
     assert "Traceback" not in agent.log()
 
 
-def test_routing_mesh_across_three_agents(tmp_path: Path, net: str,
-                                          servers: Callable[[int], EchoServer]) -> None:
+def test_routing_mesh_across_three_agents(
+    tmp_path: Path, net: str, servers: Callable[[int], EchoServer]
+) -> None:
     """Tasks registered on agents 1 and 2 answer on agent 3's published port."""
     with gossip_cluster(tmp_path, 3) as agents:
         published = free_port()
         add_web(agents[0], published)
-        wait_for(lambda: all(a.request("GET", "/v1/services/web")[0] == 200 for a in agents),
-                 timeout=20, what="the service gossiped to every agent")
+        wait_for(
+            lambda: all(a.request("GET", "/v1/services/web")[0] == 200 for a in agents),
+            timeout=20,
+            what="the service gossiped to every agent",
+        )
         tasks = [(agents[0], servers(1)), (agents[1], servers(2)), (agents[1], servers(3))]
         for agent, server in tasks:
-            status, body = agent.request("POST", "/v1/services/web/tasks",
-                                         {"address": server.address, "ports": {"80": TASK_PORT}})
+            status, body = agent.request(
+                "POST",
+                "/v1/services/web/tasks",
+                {"address": server.address, "ports": {"80": TASK_PORT}},
+            )
             assert status == 201, body
         names = {server.name for _, server in tasks}
         third = agents[2]
-        wait_for(lambda: set(lb_table(third).get(("tcp", "0.0.0.0", published), {})) == names,
-                 timeout=20, what="every task in agent 3's table")
+        wait_for(
+            lambda: set(lb_table(third).get(("tcp", "0.0.0.0", published), {})) == names,
+            timeout=20,
+            what="every task in agent 3's table",
+        )
         address = third.publish_address
         spread = Counter(hello(address, published) for _ in range(30))
         assert spread == {name: 10 for name in names}, spread

@@ -27,11 +27,17 @@ def statuses(agent: AgentProcess, query: str = "") -> dict[str, str]:
 
 def test_a_killed_nodes_tasks_show_their_node_dead_on_the_survivor(tmp_path: Any) -> None:
     with gossip_cluster(tmp_path, 2) as (n0, n1):
-        wait_until(lambda: all(len(members(a)) == 2 and set(members(a).values()) == {"alive"}
-                               for a in (n0, n1)), 20, "two alive")
+        wait_until(
+            lambda: all(
+                len(members(a)) == 2 and set(members(a).values()) == {"alive"} for a in (n0, n1)
+            ),
+            20,
+            "two alive",
+        )
         assert n0.request("POST", "/v1/services", {"name": "web"})[0] == 201
-        wait_until(lambda: n1.request("GET", "/v1/services/web")[0] == 200, 10,
-                   "the service reaches n1")
+        wait_until(
+            lambda: n1.request("GET", "/v1/services/web")[0] == 200, 10, "the service reaches n1"
+        )
         assert n0.request("POST", "/v1/services/web/tasks", {"address": "127.0.1.1"})[0] == 201
         assert n1.request("POST", "/v1/services/web/tasks", {"address": "127.0.1.2"})[0] == 201
         wait_until(lambda: len(statuses(n0)) == 2, 10, "n1's task reaches n0")
@@ -49,8 +55,10 @@ def test_a_killed_nodes_tasks_show_their_node_dead_on_the_survivor(tmp_path: Any
             return status == "dead"
 
         took = wait_until(n1_task_dead, 30, "n1's task shows its node dead on n0")
-        print(f"\nn1's task on n0 went {' -> '.join(seen)} "
-              f"{time.monotonic() - killed:.1f}s after kill -9 (seen within {took:.1f}s)")
+        print(
+            f"\nn1's task on n0 went {' -> '.join(seen)} "
+            f"{time.monotonic() - killed:.1f}s after kill -9 (seen within {took:.1f}s)"
+        )
         assert set(seen) <= {"alive", "suspect", "dead"}
 
         tasks = {t["address"]: t for t in n0.request("GET", "/v1/tasks")[1]}
@@ -63,8 +71,10 @@ def test_a_killed_nodes_tasks_show_their_node_dead_on_the_survivor(tmp_path: Any
 
         assert statuses(n0, "?node_status=dead") == {"127.0.1.2": "dead"}
         assert statuses(n0, "?node_status=alive") == {"127.0.1.1": "alive"}
-        assert statuses(n0, "?node_status=alive,dead") == {"127.0.1.1": "alive",
-                                                            "127.0.1.2": "dead"}
+        assert statuses(n0, "?node_status=alive,dead") == {
+            "127.0.1.1": "alive",
+            "127.0.1.2": "dead",
+        }
         assert statuses(n0, "?node_status=suspect") == {}
         status, by_service = n0.request("GET", "/v1/services/web/tasks?node_status=dead")
         assert status == 200 and [t["address"] for t in by_service] == ["127.0.1.2"]
@@ -82,8 +92,11 @@ def test_node_status_filter_refuses_an_unknown_status(start_agent: StartAgent) -
     assert agent.request("POST", "/v1/services", {"name": "web"})[0] == 201
     created = agent.request("POST", "/v1/services/web/tasks", {"address": "127.0.1.1"})[1]
     assert created["node_status"] == "alive"
-    for path in ("/v1/tasks?node_status=down", "/v1/services/web/tasks?node_status=alive,up",
-                 "/v1/tasks?node_status="):
+    for path in (
+        "/v1/tasks?node_status=down",
+        "/v1/services/web/tasks?node_status=alive,up",
+        "/v1/tasks?node_status=",
+    ):
         status, body = agent.request("GET", path)
         assert status == 422, (path, body)
         assert body["error"]["code"] == "invalid_value"

@@ -24,17 +24,25 @@ def _as_nobody(argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
 
 
-def _run_until_healthy(argv: list[str], env: dict[str, str], port: int,
-                       timeout: float = 30) -> float:
+def _run_until_healthy(
+    argv: list[str], env: dict[str, str], port: int, timeout: float = 30
+) -> float:
     """Start `argv`, wait for GET /v1/health, stop it with SIGTERM; return seconds to healthy."""
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     started = time.monotonic()
     try:
         while time.monotonic() - started < timeout:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health",
-                                            timeout=1) as resp:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/v1/health", timeout=1
+                ) as resp:
                     if resp.status == 200:
                         return time.monotonic() - started
             except OSError:
@@ -65,17 +73,30 @@ def user_home() -> Iterator[Path]:
 def test_make_run_as_root(tmp_path: Path) -> None:
     port = free_port()
     took = _run_until_healthy(
-        ["make", "--no-print-directory", "run",
-         f"ARGS=--api 127.0.0.1:{port} --data-dir {tmp_path / 'data'}"],
-        dict(os.environ), port)
+        [
+            "make",
+            "--no-print-directory",
+            "run",
+            f"ARGS=--api 127.0.0.1:{port} --data-dir {tmp_path / 'data'}",
+        ],
+        dict(os.environ),
+        port,
+    )
     print(f"\nroot: /v1/health answered {took:.2f}s after make run")
 
 
 def _copy_checkout(dest: Path) -> None:
     """The files a fresh clone has (tracked, plus new ones not ignored), owned by nobody."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], cwd=REPO, check=True,
-                            capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():
@@ -95,9 +116,20 @@ def test_make_run_as_unprivileged_user(user_home: Path) -> None:
     # The user's PATH: the system Python, not root's private interpreters.
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(user_home)}
     took = _run_until_healthy(
-        _as_nobody(["make", "--no-print-directory", "-C", str(checkout), "run",
-                    f"ARGS=--api 127.0.0.1:{port}"]),
-        env, port, timeout=300)
+        _as_nobody(
+            [
+                "make",
+                "--no-print-directory",
+                "-C",
+                str(checkout),
+                "run",
+                f"ARGS=--api 127.0.0.1:{port}",
+            ]
+        ),
+        env,
+        port,
+        timeout=300,
+    )
     # The embedded unprivileged defaults were used: the state went under the user's home.
     assert (user_home / ".local/state/meshplane/state.db").exists()
     print(f"\nnobody: /v1/health answered {took:.2f}s after make run (venv built first)")

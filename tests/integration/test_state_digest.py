@@ -14,8 +14,10 @@ def wait_agreed(agents: list[AgentProcess], timeout: float = 20) -> list[dict[st
     while time.monotonic() < deadline:
         views = [a.request("GET", "/v1/gossip")[1]["state"] for a in agents]
         digests = {v["digest"] for v in views}
-        if len(digests) == 1 and all({p["digest"] for p in v["peers"]} == digests
-                                     and len(v["peers"]) == len(agents) - 1 for v in views):
+        if len(digests) == 1 and all(
+            {p["digest"] for p in v["peers"]} == digests and len(v["peers"]) == len(agents) - 1
+            for v in views
+        ):
             return views
         time.sleep(0.2)
     raise AssertionError(f"digests never agreed: {views}")

@@ -56,8 +56,7 @@ HIT_TIMEOUT = 2.0
 
 def _why_not() -> str | None:
     if not Path("/proc/net/ip_vs").exists():
-        return ("kernel without ip_vs: these run inside a VM through "
-                "tests/kernel/test_ipvs_vm.py")
+        return "kernel without ip_vs: these run inside a VM through tests/kernel/test_ipvs_vm.py"
     return unavailable()
 
 
@@ -135,28 +134,35 @@ class IpvsHarness:
 
     async def make_foreign(self) -> None:
         async with raw_ipvs() as ipvs:
-            by_address = IPVSService(addr="10.77.9.9", port=80, protocol=socket.IPPROTO_TCP,
-                                     sched_name="wlc")
-            by_mark = IPVSService(fwmark=7, af=socket.AF_INET, netmask="255.255.255.255",
-                                  sched_name="sh")
-            for service, dest in ((by_address, ("10.77.2.11", 8000, 2)),
-                                  (by_mark, ("10.77.2.12", 0, 3))):
+            by_address = IPVSService(
+                addr="10.77.9.9", port=80, protocol=socket.IPPROTO_TCP, sched_name="wlc"
+            )
+            by_mark = IPVSService(
+                fwmark=7, af=socket.AF_INET, netmask="255.255.255.255", sched_name="sh"
+            )
+            for service, dest in (
+                (by_address, ("10.77.2.11", 8000, 2)),
+                (by_mark, ("10.77.2.12", 0, 3)),
+            ):
                 await ipvs.service("add", service=service)
-                await ipvs.dest("add", service=service,
-                          dest=IPVSDest(addr=dest[0], port=dest[1], weight=dest[2],
-                                        fwd_method=0))
+                await ipvs.dest(
+                    "add",
+                    service=service,
+                    dest=IPVSDest(addr=dest[0], port=dest[1], weight=dest[2], fwd_method=0),
+                )
                 self.foreign.append((service, [dest]))
 
     async def foreign_intact(self) -> bool:
         async with raw_ipvs() as ipvs:
-            found = {(s.get("addr"), s.get("port"), s.get("fwmark"), s.get("sched_name"))
-                     for s in map(IPVSService.from_message, await ipvs.service("dump"))}
+            found = {
+                (s.get("addr"), s.get("port"), s.get("fwmark"), s.get("sched_name"))
+                for s in map(IPVSService.from_message, await ipvs.service("dump"))
+            }
             want = {("10.77.9.9", 80, None, "wlc"), (None, None, 7, "sh")}
             if not want <= {(a, p, m or None, sched) for a, p, m, sched in found}:
                 return False
             for service, dests in self.foreign:
-                got = [IPVSDest.from_message(d)
-                       for d in await ipvs.dest("dump", service=service)]
+                got = [IPVSDest.from_message(d) for d in await ipvs.dest("dump", service=service)]
                 if [(d["addr"], d["port"], d["weight"]) for d in got] != dests:
                     return False
         return True
@@ -218,8 +224,9 @@ async def test_updates_change_in_place(harness: IpvsHarness) -> None:
                 break
             await asyncio.sleep(0.25)
         assert before == (3, 1, 3), "conns, reals, inactive conns of the real"
-        await backend.apply([PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)),
-                             PutReal(key, real, 7)])
+        await backend.apply(
+            [PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)), PutReal(key, real, 7)]
+        )
         assert await _service_stats(key) == before
         table = await backend.read()
         assert table[key].options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN
@@ -235,14 +242,18 @@ async def _service_stats(key: VirtualKey) -> tuple[int, int, int]:
     async with raw_ipvs() as ipvs:
         [found] = await ipvs.service("dump")
         dests = await ipvs.dest("dump", service=service)
-    conns = found.get_attr("IPVS_CMD_ATTR_SERVICE").get_attr("IPVS_SVC_ATTR_STATS") \
+    conns = (
+        found.get_attr("IPVS_CMD_ATTR_SERVICE")
+        .get_attr("IPVS_SVC_ATTR_STATS")
         .get_attr("IPVS_STATS_ATTR_CONNS")
+    )
     inactive = dests[0].get_attr("IPVS_CMD_ATTR_DEST").get_attr("IPVS_DEST_ATTR_INACT_CONNS")
     return conns, len(dests), inactive
 
 
 async def test_without_masquerade_reals_with_no_route_back_cannot_answer(
-        harness: IpvsHarness) -> None:
+    harness: IpvsHarness,
+) -> None:
     """The reals here have no route to the client: it is the masquerade that makes every
     other test work. (masquerade=False is for reals whose replies pass through this host.)"""
     backend = IpvsBackend(masquerade=False)
@@ -261,7 +272,6 @@ async def test_without_masquerade_reals_with_no_route_back_cannot_answer(
         await backend.close()
 
 
-
 async def test_restart_recognises_published_ports_by_their_marks(harness: IpvsHarness) -> None:
     """Published ports are fwmark services; a restarted backend knows its own from the mark
     alone (no state file), reconciles them, and leaves a foreign fwmark service be."""
@@ -269,13 +279,20 @@ async def test_restart_recognises_published_ports_by_their_marks(harness: IpvsHa
     first = IpvsBackend()
     await first.start({})
     web, dns = VirtualKey("tcp", ANY_ADDRESS, 30080), VirtualKey("udp", ANY_ADDRESS, 30053)
-    await first.apply([PutService(web), PutReal(web, harness.real(1), 1),
-                       PutService(dns), PutReal(dns, harness.real(2), 1)])
+    await first.apply(
+        [
+            PutService(web),
+            PutReal(web, harness.real(1), 1),
+            PutService(dns),
+            PutReal(dns, harness.real(2), 1),
+        ]
+    )
     assert await harness.hit(dns) == harness.real(2)
     await first.abandon()
     second = IpvsBackend()
-    desired = {web: VirtualService(web, ServiceOptions(Scheduler.LEAST_CONNECTIONS),
-                                   {harness.real(3): 1})}
+    desired = {
+        web: VirtualService(web, ServiceOptions(Scheduler.LEAST_CONNECTIONS), {harness.real(3): 1})
+    }
     await second.start(desired)
     try:
         assert await second.read() == desired
@@ -287,7 +304,8 @@ async def test_restart_recognises_published_ports_by_their_marks(harness: IpvsHa
 
 
 async def test_draining_real_keeps_its_connections_and_gets_no_new_ones(
-        harness: IpvsHarness) -> None:
+    harness: IpvsHarness,
+) -> None:
     """Weight 0: a connection made before goes on reaching its server; new ones go elsewhere."""
     backend = IpvsBackend()
     await backend.start({})
@@ -326,9 +344,16 @@ async def test_clients_on_the_node_itself(harness: IpvsHarness) -> None:
         vip = VirtualKey("tcp", harness.vip(1), 8080)
         published = VirtualKey("tcp", ANY_ADDRESS, 30080)
         udp = VirtualKey("udp", harness.vip(2), 5353)
-        await backend.apply([PutService(vip), PutReal(vip, harness.real(1), 1),
-                             PutService(published), PutReal(published, harness.real(2), 1),
-                             PutService(udp), PutReal(udp, harness.real(3), 1)])
+        await backend.apply(
+            [
+                PutService(vip),
+                PutReal(vip, harness.real(1), 1),
+                PutService(published),
+                PutReal(published, harness.real(2), 1),
+                PutService(udp),
+                PutReal(udp, harness.real(3), 1),
+            ]
+        )
         assert await harness.hit(vip, local=True) == harness.real(1)
         assert await harness.hit(published, local=True) == harness.real(2)
         assert await harness.hit(udp, local=True) == harness.real(3)

@@ -76,8 +76,9 @@ class BackendSuite:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             reals = [harness.real(1), harness.real(2)]
             await backend.apply([PutService(key), *(PutReal(key, r, 1) for r in reals)])
-            assert await backend.read() == {key: VirtualService(key, ServiceOptions(),
-                                                                {r: 1 for r in reals})}
+            assert await backend.read() == {
+                key: VirtualService(key, ServiceOptions(), {r: 1 for r in reals})
+            }
             seen = await spread(harness, key, 20)
             assert set(seen) == set(reals), seen
             assert min(seen.values()) >= 5, f"round robin should alternate: {seen}"
@@ -115,8 +116,13 @@ class BackendSuite:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             real = harness.real(1)
             await backend.apply([PutService(key), PutReal(key, real, 1)])
-            await backend.apply([PutService(key, ServiceOptions(Scheduler.LEAST_CONNECTIONS)),
-                                 PutReal(key, real, 5), PutReal(key, real, 5)])
+            await backend.apply(
+                [
+                    PutService(key, ServiceOptions(Scheduler.LEAST_CONNECTIONS)),
+                    PutReal(key, real, 5),
+                    PutReal(key, real, 5),
+                ]
+            )
             table = await backend.read()
             assert table[key].options.scheduler == Scheduler.LEAST_CONNECTIONS
             assert table[key].reals == {real: 5}
@@ -135,8 +141,13 @@ class BackendSuite:
         async with running(harness) as backend:
             key = VirtualKey("tcp", harness.vip(1), 8080)
             one, two = harness.real(1), harness.real(2)
-            await backend.apply([PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)),
-                                 PutReal(key, one, 3), PutReal(key, two, 1)])
+            await backend.apply(
+                [
+                    PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)),
+                    PutReal(key, one, 3),
+                    PutReal(key, two, 1),
+                ]
+            )
             seen = await spread(harness, key, 40)
             assert set(seen) == {one, two}
             assert seen[one] >= 2 * seen[two], seen
@@ -147,8 +158,15 @@ class BackendSuite:
         key = VirtualKey("tcp", harness.vip(1), 8080)
         stale = VirtualKey("tcp", harness.vip(2), 9090)
         one, two, three = harness.real(1), harness.real(2), harness.real(3)
-        await first.apply([PutService(key), PutReal(key, one, 1), PutReal(key, two, 1),
-                           PutService(stale), PutReal(stale, one, 1)])
+        await first.apply(
+            [
+                PutService(key),
+                PutReal(key, one, 1),
+                PutReal(key, two, 1),
+                PutService(stale),
+                PutReal(stale, one, 1),
+            ]
+        )
         # The agent dies without cleaning up: a kernel backend's objects stay behind.
         abandon = getattr(first, "abandon", None)
         if abandon is not None:
@@ -183,13 +201,15 @@ class BackendSuite:
         await backend.start({})
         key = VirtualKey("tcp", harness.vip(1), 8080)
         await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
-        assert await backend.read() == {key: VirtualService(key, ServiceOptions(),
-                                                            {harness.real(1): 1})}
+        assert await backend.read() == {
+            key: VirtualService(key, ServiceOptions(), {harness.real(1): 1})
+        }
         await backend.close()
         assert await harness.foreign_intact()
 
-    async def test_real_under_missing_service_is_an_error_not_a_crash(self,
-                                                                      harness: Harness) -> None:
+    async def test_real_under_missing_service_is_an_error_not_a_crash(
+        self, harness: Harness
+    ) -> None:
         from lb.backend import BackendError
 
         async with running(harness) as backend:
@@ -199,4 +219,3 @@ class BackendSuite:
             # and the backend still works afterwards
             await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
             assert await harness.hit(key) == harness.real(1)
-

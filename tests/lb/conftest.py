@@ -13,8 +13,9 @@ import uvloop
 BOTH_LOOPS = ("tests.lb.test_userspace_backend", "tests.lb.test_userspace_proxy")
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config,
-                                  item: pytest.Item) -> Mapping[str, Any] | None:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Any] | None:
     module = getattr(item, "module", None)
     if module is not None and module.__name__ in BOTH_LOOPS:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

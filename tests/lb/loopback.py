@@ -25,6 +25,7 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 def greeting_echo(name: str) -> Handler:
     """Say `name` on connect, then echo everything until the client's EOF."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             writer.write(f"{name}\n".encode())
@@ -35,6 +36,7 @@ def greeting_echo(name: str) -> Handler:
             pass
         finally:
             writer.close()
+
     return handle
 
 
@@ -75,14 +77,16 @@ class LoopbackHarness:
         return Real(f"{self.net}.{100 + index}", REAL_PORT)
 
     async def serve(self, real: Real, handler: Handler | None = None) -> asyncio.AbstractServer:
-        server = await asyncio.start_server(handler or greeting_echo(str(real)),
-                                            real.address, real.port, reuse_address=True)
+        server = await asyncio.start_server(
+            handler or greeting_echo(str(real)), real.address, real.port, reuse_address=True
+        )
         self.servers.append(server)
         return server
 
     async def serve_udp(self, real: Real) -> None:
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: UdpEcho(str(real)), local_addr=(real.address, real.port))
+            lambda: UdpEcho(str(real)), local_addr=(real.address, real.port)
+        )
         self.transports.append(transport)
 
     async def start_reals(self) -> None:
@@ -153,8 +157,10 @@ class LoopbackHarness:
 # -- shortcuts for the proxy's own tests ------------------------------------------------
 
 
-async def started(harness: LoopbackHarness, settings: ProxySettings | None = None,
-                  ) -> UserspaceBackend:
+async def started(
+    harness: LoopbackHarness,
+    settings: ProxySettings | None = None,
+) -> UserspaceBackend:
     if settings is not None:
         harness.settings = settings
     backend = await harness.new_backend()
@@ -163,14 +169,18 @@ async def started(harness: LoopbackHarness, settings: ProxySettings | None = Non
     return backend
 
 
-async def connect(harness: LoopbackHarness, key: VirtualKey,
-                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(
+    harness: LoopbackHarness,
+    key: VirtualKey,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     async with asyncio.timeout(2):
         return await asyncio.open_connection(harness.address_of(key), key.port)
 
 
-async def greeted(harness: LoopbackHarness, key: VirtualKey,
-                  ) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+async def greeted(
+    harness: LoopbackHarness,
+    key: VirtualKey,
+) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await connect(harness, key)
     async with asyncio.timeout(2):
         line = await reader.readline()
@@ -178,8 +188,7 @@ async def greeted(harness: LoopbackHarness, key: VirtualKey,
 
 
 def settings_for(harness: LoopbackHarness, **changes: object) -> ProxySettings:
-    return ProxySettings(publish_address=harness.settings.publish_address,
-                         **changes)  # type: ignore[arg-type]
+    return ProxySettings(publish_address=harness.settings.publish_address, **changes)  # type: ignore[arg-type]
 
 
 def _as_real(data: bytes) -> Real | None:

@@ -94,16 +94,19 @@ class NftHarness:
         return self._list_foreign() == self._foreign
 
     def _list_foreign(self) -> str:
-        return "".join(self.node.run(["nft", "list", "table", *t]).stdout
-                       for t in (("inet", "meshplane"), ("ip", "meshplane_other")))
+        return "".join(
+            self.node.run(["nft", "list", "table", *t]).stdout
+            for t in (("inet", "meshplane"), ("ip", "meshplane_other"))
+        )
 
     # -- clients -----------------------------------------------------------------------
 
     def target(self, key: VirtualKey, at: str | None = None) -> tuple[str, int]:
         return (at or (NODE if key.published else key.address), key.port)
 
-    async def ask(self, key: VirtualKey, *, ns: Netns | None = None,
-                  at: str | None = None) -> Answer | None:
+    async def ask(
+        self, key: VirtualKey, *, ns: Netns | None = None, at: str | None = None
+    ) -> Answer | None:
         """One new connection (TCP) or datagram from a fresh socket (UDP), to `at` if given."""
         ns = ns or self.client
         if key.protocol == "udp":
@@ -118,14 +121,16 @@ class NftHarness:
         writer.close()
         return answer
 
-    async def connect(self, key: VirtualKey, *, ns: Netns | None = None, at: str | None = None
-                      ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect(
+        self, key: VirtualKey, *, ns: Netns | None = None, at: str | None = None
+    ) -> tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP connection through `key`, kept open: its greeting, reader and writer."""
         sock = (ns or self.client).socket(kind=socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
-                sock, self.target(key, at)), TIMEOUT)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, self.target(key, at)), TIMEOUT
+            )
             reader, writer = await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
@@ -152,7 +157,8 @@ class NftHarness:
         udp = ns.socket(kind=socket.SOCK_DGRAM, bind=(address, port))
         udp.setblocking(False)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: UdpEcho(real), sock=udp)
+            lambda: UdpEcho(real), sock=udp
+        )
         self.servers.append(transport)
 
     async def close(self) -> None:
@@ -194,8 +200,9 @@ def parse_greeting(line: bytes) -> Answer | None:
     return Answer(Real(address, int(port)), words[1])
 
 
-def tcp_echo(real: Real) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                     asyncio.Future[None]]:
+def tcp_echo(
+    real: Real,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], asyncio.Future[None]]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
         try:
@@ -207,6 +214,7 @@ def tcp_echo(real: Real) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter
             pass
         finally:
             writer.close()
+
     return handle  # type: ignore[return-value]
 
 
@@ -238,8 +246,9 @@ async def udp_ask(sock: socket.socket, target: tuple[str, int]) -> Answer | None
 
 def build(lab: Lab) -> NftHarness:
     switch = lab.namespace("switch")
-    node, client, peer, reals = (lab.namespace(role) for role in ("node", "client", "peer",
-                                                                     "reals"))
+    node, client, peer, reals = (
+        lab.namespace(role) for role in ("node", "client", "peer", "reals")
+    )
     bridge = lab.bridge(switch)
     for ns, address in ((node, NODE), (client, CLIENT), (peer, PEER)):
         port = lab.device_name("p")

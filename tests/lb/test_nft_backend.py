@@ -78,22 +78,27 @@ async def started(harness: NftHarness) -> NftablesBackend:
     return backend
 
 
-async def test_established_tcp_flow_survives_changes_to_other_reals(
-        harness: NftHarness) -> None:
+async def test_established_tcp_flow_survives_changes_to_other_reals(harness: NftHarness) -> None:
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(1), 8080)
     a, b, c = harness.real(1), harness.real(2), harness.real(4)
     await backend.apply([PutService(key), PutReal(key, a, 1), PutReal(key, b, 1)])
     streams = [await harness.connect(key) for _ in range(2)]  # round robin: one each
-    (_, reader, writer), = [s for s in streams if s[0].real == a]
+    ((_, reader, writer),) = [s for s in streams if s[0].real == a]
     await backend.apply([DeleteReal(key, b), PutReal(key, c, 1)])
     writer.write(b"still there?\n")
     assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"still there?\n"
     assert set(await spread(harness, key, 6)) == {a, c}
     # Nor does a new scheduler (every slot rewritten), or another service coming and going.
     other = VirtualKey("tcp", harness.vip(2), 8080)
-    await backend.apply([PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)),
-                         PutReal(key, c, 3), PutService(other), PutReal(other, a, 1)])
+    await backend.apply(
+        [
+            PutService(key, ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)),
+            PutReal(key, c, 3),
+            PutService(other),
+            PutReal(other, a, 1),
+        ]
+    )
     await backend.apply([DeleteService(other)])
     writer.write(b"and now?\n")
     assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"and now?\n"
@@ -101,8 +106,7 @@ async def test_established_tcp_flow_survives_changes_to_other_reals(
         w.close()
 
 
-async def test_removed_real_loses_its_udp_flow_a_draining_one_keeps_it(
-        harness: NftHarness) -> None:
+async def test_removed_real_loses_its_udp_flow_a_draining_one_keeps_it(harness: NftHarness) -> None:
     backend = await started(harness)
     key = VirtualKey("udp", harness.vip(2), 5353)
     a, b = harness.real(1), harness.real(2)
@@ -120,20 +124,26 @@ async def test_removed_real_loses_its_udp_flow_a_draining_one_keeps_it(
 
 
 async def test_client_address_is_kept_when_the_real_routes_back_through_the_node(
-        harness: NftHarness) -> None:
+    harness: NftHarness,
+) -> None:
     backend = await started(harness)
     vip = VirtualKey("tcp", harness.vip(1), 8080)
     published = VirtualKey("tcp", ANY_ADDRESS, 30080)
-    await backend.apply([PutService(vip), PutReal(vip, harness.real(1), 1),
-                         PutService(published), PutReal(published, harness.real(2), 1)])
+    await backend.apply(
+        [
+            PutService(vip),
+            PutReal(vip, harness.real(1), 1),
+            PutService(published),
+            PutReal(published, harness.real(2), 1),
+        ]
+    )
     for key in (vip, published):
         answer = await harness.ask(key)
         assert answer is not None, key
         assert answer.peer == CLIENT, f"{key}: the real saw {answer.peer}, not the client"
 
 
-async def test_routing_mesh_published_port_to_a_task_on_another_node(
-        harness: NftHarness) -> None:
+async def test_routing_mesh_published_port_to_a_task_on_another_node(harness: NftHarness) -> None:
     """Client -> this node's address:published -> DNAT to a task on `peer`, reply back.
 
     `peer` sits on the client's own network and would answer the client directly;
@@ -143,8 +153,9 @@ async def test_routing_mesh_published_port_to_a_task_on_another_node(
     key = VirtualKey("tcp", ANY_ADDRESS, 30081)
     udp = VirtualKey("udp", ANY_ADDRESS, 30081)
     remote = harness.real(5)
-    await backend.apply([PutService(key), PutReal(key, remote, 1),
-                         PutService(udp), PutReal(udp, remote, 1)])
+    await backend.apply(
+        [PutService(key), PutReal(key, remote, 1), PutService(udp), PutReal(udp, remote, 1)]
+    )
     for service in (key, udp):
         answer = await harness.ask(service)
         assert answer is not None, f"{service}: no answer through the routing mesh"
@@ -152,28 +163,42 @@ async def test_routing_mesh_published_port_to_a_task_on_another_node(
         assert answer.peer == NODE, f"{service}: masqueraded to the node, saw {answer.peer}"
 
 
-async def test_the_nodes_own_processes_reach_vips_and_published_ports(
-        harness: NftHarness) -> None:
+async def test_the_nodes_own_processes_reach_vips_and_published_ports(harness: NftHarness) -> None:
     backend = await started(harness)
     vip = VirtualKey("tcp", harness.vip(3), 8080)
     published = VirtualKey("tcp", ANY_ADDRESS, 30082)
-    await backend.apply([PutService(vip), PutReal(vip, harness.real(1), 1),
-                         PutService(published), PutReal(published, harness.real(5), 1),
-                         PutReal(published, harness.real(3), 1)])
+    await backend.apply(
+        [
+            PutService(vip),
+            PutReal(vip, harness.real(1), 1),
+            PutService(published),
+            PutReal(published, harness.real(5), 1),
+            PutReal(published, harness.real(3), 1),
+        ]
+    )
     assert (await harness.ask(vip, ns=harness.node)).real == harness.real(1)  # type: ignore[union-attr]
-    seen = {(await harness.ask(published, ns=harness.node)).real  # type: ignore[union-attr]
-            for _ in range(4)}
+    seen = {
+        (await harness.ask(published, ns=harness.node)).real  # type: ignore[union-attr]
+        for _ in range(4)
+    }
     assert seen == {harness.real(5), harness.real(3)}
 
 
 async def test_least_connections_is_accepted_logged_once_and_runs_round_robin(
-        harness: NftHarness, caplog: pytest.LogCaptureFixture) -> None:
+    harness: NftHarness, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = await started(harness)
     lc = ServiceOptions(Scheduler.LEAST_CONNECTIONS)
     one, two = VirtualKey("tcp", harness.vip(1), 8080), VirtualKey("tcp", harness.vip(2), 8080)
     with caplog.at_level(logging.WARNING, logger="lb.nft.backend"):
-        await backend.apply([PutService(one, lc), PutService(two, lc),
-                             PutReal(one, harness.real(1), 1), PutReal(one, harness.real(2), 1)])
+        await backend.apply(
+            [
+                PutService(one, lc),
+                PutService(two, lc),
+                PutReal(one, harness.real(1), 1),
+                PutReal(one, harness.real(2), 1),
+            ]
+        )
     assert sum("least connections" in r.message for r in caplog.records) == 1
     assert (await backend.read())[one].options == lc
     seen = await spread(harness, one, 6)
@@ -187,8 +212,9 @@ async def test_a_damaged_leftover_is_repaired_at_start(harness: NftHarness) -> N
     await first.apply([PutService(key), PutReal(key, one, 1), PutReal(key, two, 1)])
     await first.abandon()
     # Someone deletes a slot by hand: the ring now has a hole the rule still counts.
-    harness.node.run(["nft", "delete", "element", "ip", "meshplane",
-                      "slots_tcp_10_77_100_1_8080", "{ 0 }"])
+    harness.node.run(
+        ["nft", "delete", "element", "ip", "meshplane", "slots_tcp_10_77_100_1_8080", "{ 0 }"]
+    )
     second = await harness.new_backend()
     await second.start({key: VirtualService(key, ServiceOptions(), {one: 1, two: 1})})
     assert set(await spread(harness, key, 6)) == {one, two}
@@ -211,7 +237,8 @@ async def test_restart_keeps_established_flows_of_matching_reals(harness: NftHar
 
 
 async def test_published_port_at_localhost_and_route_localnet_put_back_at_close(
-        harness: NftHarness) -> None:
+    harness: NftHarness,
+) -> None:
     def localnet() -> str:
         return harness.node.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip()
 
@@ -219,8 +246,14 @@ async def test_published_port_at_localhost_and_route_localnet_put_back_at_close(
     first = await started(harness)
     key = VirtualKey("tcp", ANY_ADDRESS, 30083)
     udp = VirtualKey("udp", ANY_ADDRESS, 30083)
-    await first.apply([PutService(key), PutReal(key, harness.real(5), 1),
-                       PutService(udp), PutReal(udp, harness.real(5), 1)])
+    await first.apply(
+        [
+            PutService(key),
+            PutReal(key, harness.real(5), 1),
+            PutService(udp),
+            PutReal(udp, harness.real(5), 1),
+        ]
+    )
     for service in (key, udp):
         answer = await harness.ask(service, ns=harness.node, at="127.0.0.1")
         assert answer is not None and answer.real == harness.real(5), service
@@ -236,14 +269,16 @@ async def test_without_localhost_route_localnet_is_left_alone(harness: NftHarnes
     backend = NftablesBackend(netns=harness.node.name, localhost=False)
     harness.backends.append(backend)
     await backend.start({})
-    assert harness.node.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]
-                            ).stdout.strip() == "0"
+    assert (
+        harness.node.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "0"
+    )
     listing = harness.node.run(["nft", "list", "chain", "ip", "meshplane", "guard"]).stdout
     assert "drop" not in listing
 
 
 async def test_only_draining_reals_refuse_new_connections_at_once_old_ones_go_on(
-        harness: NftHarness) -> None:
+    harness: NftHarness,
+) -> None:
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(1), 8080)
     one = harness.real(1)
@@ -258,22 +293,31 @@ async def test_only_draining_reals_refuse_new_connections_at_once_old_ones_go_on
 
 
 async def test_a_bad_op_is_reported_and_the_others_in_its_batch_are_programmed(
-        harness: NftHarness) -> None:
+    harness: NftHarness,
+) -> None:
     from lb.backend import BackendError
 
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(1), 8080)
     bad = VirtualKey("tcp", "10.77.100.300", 8080)
     with pytest.raises(BackendError, match=r"10\.77\.100\.300.*; .*weight 9999"):
-        await backend.apply([PutService(bad), PutService(key), PutReal(key, harness.real(1), 1),
-                             PutReal(key, Real("10.77.2.2", 7001), 9999)])
-    assert await backend.read() == {key: VirtualService(key, ServiceOptions(),
-                                                        {harness.real(1): 1})}
+        await backend.apply(
+            [
+                PutService(bad),
+                PutService(key),
+                PutReal(key, harness.real(1), 1),
+                PutReal(key, Real("10.77.2.2", 7001), 9999),
+            ]
+        )
+    assert await backend.read() == {
+        key: VirtualService(key, ServiceOptions(), {harness.real(1): 1})
+    }
     assert await harness.hit(key) == harness.real(1)
 
 
 async def test_a_real_on_the_published_port_itself_is_not_balanced_again(
-        harness: NftHarness) -> None:
+    harness: NftHarness,
+) -> None:
     """A task on the node's address with the published port as its own port keeps it.
 
     Otherwise a flow DNATed to it from another node would be balanced a second
@@ -283,8 +327,9 @@ async def test_a_real_on_the_published_port_itself_is_not_balanced_again(
     on_node = Real(NODE, key.port)
     await harness.serve(harness.node, NODE, key.port)
     backend = await started(harness)
-    await backend.apply([PutService(key), PutReal(key, on_node, 1),
-                         PutReal(key, harness.real(5), 1)])
+    await backend.apply(
+        [PutService(key), PutReal(key, on_node, 1), PutReal(key, harness.real(5), 1)]
+    )
     assert set(await spread(harness, key, 4)) == {on_node}
     # Through another address of the node the port is balanced as usual.
     seen = {(await harness.ask(key, at="10.77.2.1")).real for _ in range(4)}  # type: ignore[union-attr]
@@ -292,7 +337,8 @@ async def test_a_real_on_the_published_port_itself_is_not_balanced_again(
 
 
 async def test_a_task_calling_its_own_service_through_the_node_gets_its_answer(
-        harness: NftHarness) -> None:
+    harness: NftHarness,
+) -> None:
     """Hairpin: client and real on the same network behind the node (east-west).
 
     The real would answer the client directly, so the flow is masqueraded to
@@ -324,8 +370,12 @@ async def test_flows_another_table_dnats_are_not_masqueraded(harness: NftHarness
     await harness.ask(VirtualKey("tcp", ANY_ADDRESS, 9998))  # theirs: no answer expected
     conntrack = AsyncConntrack(netns=harness.node.name)
     try:
-        flows = [entry async for entry in await conntrack.dump_entries(
-            tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_TCP, dport=9998))]
+        flows = [
+            entry
+            async for entry in await conntrack.dump_entries(
+                tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_TCP, dport=9998)
+            )
+        ]
     finally:
         conntrack.close()
     assert flows, "the foreign DNAT flow should be in the node's conntrack"
@@ -343,18 +393,25 @@ class CountingBackend(NftablesBackend):
 
 
 async def test_one_change_among_ten_thousand_reals_costs_a_constant_number_of_operations(
-        harness: NftHarness) -> None:
+    harness: NftHarness,
+) -> None:
     backend = CountingBackend(netns=harness.node.name)
     harness.backends.append(backend)
     await backend.start({})
     key = VirtualKey("tcp", harness.vip(1), 8080)
     many = [Real(f"10.80.{i // 250}.{i % 250 + 1}", 80) for i in range(10_000)]
-    await backend.apply([PutService(key), *(PutReal(key, r, 0) for r in many),
-                         PutReal(key, harness.real(1), 1)])
+    await backend.apply(
+        [PutService(key), *(PutReal(key, r, 0) for r in many), PutReal(key, harness.real(1), 1)]
+    )
     costs = []
-    for change in ([PutReal(key, many[0], 1)], [PutReal(key, many[5_000], 1)],
-                   [PutReal(key, many[0], 0)], [DeleteReal(key, many[5_000])],
-                   [PutReal(key, harness.real(2), 1)], [DeleteReal(key, harness.real(2))]):
+    for change in (
+        [PutReal(key, many[0], 1)],
+        [PutReal(key, many[5_000], 1)],
+        [PutReal(key, many[0], 0)],
+        [DeleteReal(key, many[5_000])],
+        [PutReal(key, harness.real(2), 1)],
+        [DeleteReal(key, harness.real(2))],
+    ):
         await backend.apply(change)
         costs.append(backend.transactions[-1])
     assert max(costs) <= 8, costs  # one transaction each, a handful of commands

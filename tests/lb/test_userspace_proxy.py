@@ -53,8 +53,7 @@ async def test_client_half_close_still_gets_the_whole_answer(harness: LoopbackHa
     """The client shuts down its sending side; the server answers only after that EOF."""
     real = Real(f"{harness.net}.150", REAL_PORT)
 
-    async def answer_after_eof(reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
+    async def answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = await reader.read()  # until EOF
         writer.write(b"got %d bytes:" % len(data) + data[::-1])
         await writer.drain()
@@ -77,8 +76,9 @@ async def test_server_half_close_lets_the_client_keep_sending(harness: LoopbackH
     real = Real(f"{harness.net}.151", REAL_PORT)
     received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-    async def close_first_then_listen(reader: asyncio.StreamReader,
-                                      writer: asyncio.StreamWriter) -> None:
+    async def close_first_then_listen(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         writer.write(b"bye for now")
         writer.write_eof()
         received.set_result(await reader.read())
@@ -105,8 +105,7 @@ async def test_failover_to_the_next_real_when_a_connect_fails(harness: LoopbackH
     dead = Real(f"{harness.net}.199", REAL_PORT)  # nothing listens there: refused
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(1), 8080)
-    await backend.apply([PutService(key), PutReal(key, dead, 1),
-                         PutReal(key, harness.real(1), 1)])
+    await backend.apply([PutService(key), PutReal(key, dead, 1), PutReal(key, harness.real(1), 1)])
     seen = [await harness.hit(key) for _ in range(6)]
     assert seen == [harness.real(1)] * 6
     stats = backend.stats()
@@ -114,8 +113,9 @@ async def test_failover_to_the_next_real_when_a_connect_fails(harness: LoopbackH
     assert stats["tcp_failovers"] >= 3
 
 
-async def test_a_real_that_never_answers_times_out_and_fails_over(harness: LoopbackHarness,
-                                                                  ) -> None:
+async def test_a_real_that_never_answers_times_out_and_fails_over(
+    harness: LoopbackHarness,
+) -> None:
     """A listener whose accept queue is full drops SYNs: the connect hangs until the timeout."""
     stuck = Real(f"{harness.net}.100", REAL_PORT)  # sorts first: round robin tries it first
     full = socket.socket()
@@ -132,8 +132,9 @@ async def test_a_real_that_never_answers_times_out_and_fails_over(harness: Loopb
         await asyncio.sleep(0.1)
         backend = await started(harness, settings_for(harness, connect_timeout=0.3))
         key = VirtualKey("tcp", harness.vip(1), 8080)
-        await backend.apply([PutService(key), PutReal(key, stuck, 1),
-                             PutReal(key, harness.real(2), 1)])
+        await backend.apply(
+            [PutService(key), PutReal(key, stuck, 1), PutReal(key, harness.real(2), 1)]
+        )
         assert await harness.hit(key) == harness.real(2)
         stats = backend.stats()
         assert stats["tcp_connect_failed"] == 1 and stats["tcp_failovers"] == 1, stats
@@ -158,8 +159,9 @@ async def test_out_of_descriptors_is_not_a_connect_failure(harness: LoopbackHarn
     the client closed, no failover to the next real (it would fail the same way)."""
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(1), 8080)
-    await backend.apply([PutService(key), PutReal(key, harness.real(1), 1),
-                         PutReal(key, harness.real(2), 1)])
+    await backend.apply(
+        [PutService(key), PutReal(key, harness.real(1), 1), PutReal(key, harness.real(2), 1)]
+    )
     loop = asyncio.get_running_loop()
     client = socket.socket()
     client.setblocking(False)
@@ -187,8 +189,13 @@ async def test_least_connections_avoids_the_busy_real(harness: LoopbackHarness) 
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(1), 8080)
     one, two = harness.real(1), harness.real(2)
-    await backend.apply([PutService(key, ServiceOptions(Scheduler.LEAST_CONNECTIONS)),
-                         PutReal(key, one, 1), PutReal(key, two, 1)])
+    await backend.apply(
+        [
+            PutService(key, ServiceOptions(Scheduler.LEAST_CONNECTIONS)),
+            PutReal(key, one, 1),
+            PutReal(key, two, 1),
+        ]
+    )
     held = []
     try:
         first, _, writer = await greeted(harness, key)
@@ -268,8 +275,9 @@ async def test_udp_flow_fails_over_from_a_closed_port(harness: LoopbackHarness) 
     backend = await started(harness)
     key = VirtualKey("udp", harness.vip(2), 5353)
     dead = Real(f"{harness.net}.100", REAL_PORT)  # sorts first: the first flow picks it
-    await backend.apply([PutService(key), PutReal(key, dead, 1),
-                         PutReal(key, harness.real(2, "udp"), 1)])
+    await backend.apply(
+        [PutService(key), PutReal(key, dead, 1), PutReal(key, harness.real(2, "udp"), 1)]
+    )
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
@@ -291,12 +299,12 @@ async def test_udp_flow_fails_over_from_a_closed_port(harness: LoopbackHarness) 
 # -- PROXY protocol v2 -----------------------------------------------------------------------
 
 
-async def test_proxy_v2_header_tells_the_real_the_client_address(harness: LoopbackHarness,
-                                                                 ) -> None:
+async def test_proxy_v2_header_tells_the_real_the_client_address(
+    harness: LoopbackHarness,
+) -> None:
     real = Real(f"{harness.net}.152", REAL_PORT)
 
-    async def parse_then_report(reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
+    async def parse_then_report(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = b""
         header = None
         while header is None:
@@ -306,17 +314,21 @@ async def test_proxy_v2_header_tells_the_real_the_client_address(harness: Loopba
                 return
             data += chunk
             header = proxy_protocol.parse(data)
-        rest = data[header.length:]
-        writer.write(f"{header.protocol} {header.source[0]}:{header.source[1]} "
-                     f"{header.destination[0]}:{header.destination[1]} ".encode() + rest)
+        rest = data[header.length :]
+        writer.write(
+            f"{header.protocol} {header.source[0]}:{header.source[1]} "
+            f"{header.destination[0]}:{header.destination[1]} ".encode()
+            + rest
+        )
         writer.write(await reader.read(100))
         writer.close()
 
     await harness.serve(real, parse_then_report)
     backend = await started(harness)
     key = VirtualKey("tcp", harness.vip(3), 8443)
-    await backend.apply([PutService(key, ServiceOptions(proxy_protocol=True)),
-                         PutReal(key, real, 1)])
+    await backend.apply(
+        [PutService(key, ServiceOptions(proxy_protocol=True)), PutReal(key, real, 1)]
+    )
     client_address = f"{harness.net}.77"
     sock = socket.socket()
     sock.bind((client_address, 0))
@@ -328,8 +340,7 @@ async def test_proxy_v2_header_tells_the_real_the_client_address(harness: Loopba
     writer.write_eof()
     async with asyncio.timeout(3):
         reply = await reader.read()
-    assert reply == (f"tcp {client_address}:{client_port} {key.address}:{key.port} "
-                     "hello").encode()
+    assert reply == (f"tcp {client_address}:{client_port} {key.address}:{key.port} hello").encode()
     writer.close()
 
 
@@ -363,8 +374,9 @@ async def test_draining_keeps_connections_in_flight(harness: LoopbackHarness) ->
 # -- bulk data and flow control ------------------------------------------------------------------
 
 
-async def test_large_transfer_with_a_slow_reader_arrives_intact(harness: LoopbackHarness,
-                                                                ) -> None:
+async def test_large_transfer_with_a_slow_reader_arrives_intact(
+    harness: LoopbackHarness,
+) -> None:
     """16 MiB echoed through the proxy to a reader that pauses: stalls, buffer reuse."""
     backend = await started(harness, settings_for(harness, buffer_size=16384))
     key = VirtualKey("tcp", harness.vip(1), 8080)
@@ -409,8 +421,9 @@ async def test_published_port_listens_on_every_address() -> None:
         await harness.close()
 
 
-async def test_a_port_it_cannot_take_is_reported_once_and_retried(harness: LoopbackHarness,
-                                                                    ) -> None:
+async def test_a_port_it_cannot_take_is_reported_once_and_retried(
+    harness: LoopbackHarness,
+) -> None:
     from lb.backend import BackendError
 
     backend = await started(harness)
@@ -423,8 +436,13 @@ async def test_a_port_it_cannot_take_is_reported_once_and_retried(harness: Loopb
             await backend.apply([PutService(taken)])
         assert taken not in await backend.read()
         # Its reals are still followed, without an error per task change.
-        await backend.apply([PutReal(taken, harness.real(1), 1), PutReal(taken, harness.real(2), 1),
-                             DeleteReal(taken, harness.real(2))])
+        await backend.apply(
+            [
+                PutReal(taken, harness.real(1), 1),
+                PutReal(taken, harness.real(2), 1),
+                DeleteReal(taken, harness.real(2)),
+            ]
+        )
         assert backend.stats()["unbound"] == 1
         assert str(taken) in backend.unbound()
     finally:

@@ -48,8 +48,7 @@ def _smuggled() -> bytes:
 
 
 def _post(headers: bytes, body: bytes = b"", version: bytes = b"1.1") -> bytes:
-    return b"POST %s HTTP/%s\r\nHost: HOST\r\n%s\r\n%s" % (TARGET.encode(), version, headers,
-                                                           body)
+    return b"POST %s HTTP/%s\r\nHost: HOST\r\n%s\r\n%s" % (TARGET.encode(), version, headers, body)
 
 
 def _get(headers: bytes, target: bytes = TARGET.encode()) -> bytes:
@@ -61,70 +60,115 @@ _CHUNKED_S = b"%x\r\n%s\r\n0\r\n\r\n" % (len(_S), _S)
 
 PROBES = [
     # A Connection header naming a framing header: framing is never hop-by-hop.
-    Probe("connection: content-length",
-          _post(b"Content-Length: %d\r\nConnection: Content-Length\r\n" % len(_S), _S)),
-    Probe("connection: transfer-encoding",
-          _post(b"Transfer-Encoding: chunked\r\nConnection: Transfer-Encoding\r\n", _CHUNKED_S)),
+    Probe(
+        "connection: content-length",
+        _post(b"Content-Length: %d\r\nConnection: Content-Length\r\n" % len(_S), _S),
+    ),
+    Probe(
+        "connection: transfer-encoding",
+        _post(b"Transfer-Encoding: chunked\r\nConnection: Transfer-Encoding\r\n", _CHUNKED_S),
+    ),
     Probe("connection: host", _get(b"Host: HOST\r\nConnection: Host\r\n")),
-    Probe("connection: list, any position",
-          _post(b"Content-Length: %d\r\nConnection: keep-alive, X-A ,content-LENGTH\r\n"
-                % len(_S), _S)),
-    Probe("connection: repeated headers",
-          _post(b"Connection: keep-alive\r\nContent-Length: %d\r\nConnection: CONTENT-LENGTH\r\n"
-                % len(_S), _S)),
+    Probe(
+        "connection: list, any position",
+        _post(
+            b"Content-Length: %d\r\nConnection: keep-alive, X-A ,content-LENGTH\r\n" % len(_S), _S
+        ),
+    ),
+    Probe(
+        "connection: repeated headers",
+        _post(
+            b"Connection: keep-alive\r\nContent-Length: %d\r\nConnection: CONTENT-LENGTH\r\n"
+            % len(_S),
+            _S,
+        ),
+    ),
     # Content-Length and Transfer-Encoding.
-    Probe("CL.TE", _post(b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % (5 + len(_S)),
-                         b"0\r\n\r\n" + _S)),
+    Probe(
+        "CL.TE",
+        _post(
+            b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % (5 + len(_S)),
+            b"0\r\n\r\n" + _S,
+        ),
+    ),
     Probe("TE.CL", _post(b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n", _CHUNKED_S)),
-    Probe("duplicate Content-Length, same", _post(b"Content-Length: 3\r\nContent-Length: 3\r\n",
-                                                  b"abc")),
-    Probe("duplicate Content-Length, differing",
-          _post(b"Content-Length: 0\r\nContent-Length: %d\r\n" % len(_S), _S)),
+    Probe(
+        "duplicate Content-Length, same",
+        _post(b"Content-Length: 3\r\nContent-Length: 3\r\n", b"abc"),
+    ),
+    Probe(
+        "duplicate Content-Length, differing",
+        _post(b"Content-Length: 0\r\nContent-Length: %d\r\n" % len(_S), _S),
+    ),
     Probe("Content-Length list", _post(b"Content-Length: 3, 3\r\n", b"abc")),
     Probe("Content-Length sign", _post(b"Content-Length: +3\r\n", b"abc")),
     Probe("Content-Length hex", _post(b"Content-Length: 0x3\r\n", b"abc")),
     # Line folding and line endings.
     Probe("obs-fold", _get(b"Host: HOST\r\nX-A: b\r\n c\r\n")),
-    Probe("obs-fold of Transfer-Encoding",
-          _post(b"Transfer-Encoding:\r\n chunked\r\n", _CHUNKED_S)),
+    Probe(
+        "obs-fold of Transfer-Encoding", _post(b"Transfer-Encoding:\r\n chunked\r\n", _CHUNKED_S)
+    ),
     Probe("bare LF", b"GET %s HTTP/1.1\nHost: HOST\n\n" % TARGET.encode()),
     Probe("bare LF after a header", _get(b"Host: HOST\nX-A: b\r\n")),
     Probe("bare CR in a header", _get(b"Host: HOST\r\nX-A: b\rX-B: c\r\n")),
-    Probe("bare LF in chunk size", _post(b"Transfer-Encoding: chunked\r\n",
-                                         b"3\nabc\r\n0\r\n\r\n")),
+    Probe(
+        "bare LF in chunk size", _post(b"Transfer-Encoding: chunked\r\n", b"3\nabc\r\n0\r\n\r\n")
+    ),
     # Transfer codings.
     Probe("TE last coding not chunked", _post(b"Transfer-Encoding: chunked, gzip\r\n", b"abc")),
     Probe("TE xchunked", _post(b"Transfer-Encoding: xchunked\r\n", _CHUNKED_S)),
     Probe("TE identity", _post(b"Transfer-Encoding: identity\r\n", b"")),
-    Probe("TE chunked twice", _post(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
-                                    b"\r\n", _CHUNKED_S)),
-    Probe("TE gzip, chunked (not implemented)",
-          _post(b"Transfer-Encoding: gzip, chunked\r\n", _CHUNKED_S), 501),
+    Probe(
+        "TE chunked twice",
+        _post(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", _CHUNKED_S),
+    ),
+    Probe(
+        "TE gzip, chunked (not implemented)",
+        _post(b"Transfer-Encoding: gzip, chunked\r\n", _CHUNKED_S),
+        501,
+    ),
     Probe("TE in HTTP/1.0", _post(b"Transfer-Encoding: chunked\r\n", _CHUNKED_S, b"1.0")),
     Probe("space before colon", _post(b"Transfer-Encoding : chunked\r\n", _CHUNKED_S)),
-    Probe("chunk size negative", _post(b"Transfer-Encoding: chunked\r\n",
-                                       b"-5\r\nabcde\r\n0\r\n\r\n")),
+    Probe(
+        "chunk size negative", _post(b"Transfer-Encoding: chunked\r\n", b"-5\r\nabcde\r\n0\r\n\r\n")
+    ),
     Probe("chunk size 0x", _post(b"Transfer-Encoding: chunked\r\n", b"0x3\r\nabc\r\n0\r\n\r\n")),
-    Probe("chunk size overflow", _post(b"Transfer-Encoding: chunked\r\n",
-                                       b"1" + b"0" * 16 + b"3\r\nabc\r\n0\r\n\r\n")),
-    Probe("chunk without its CRLF", _post(b"Transfer-Encoding: chunked\r\n",
-                                          b"3\r\nabcXX0\r\n\r\n")),
+    Probe(
+        "chunk size overflow",
+        _post(b"Transfer-Encoding: chunked\r\n", b"1" + b"0" * 16 + b"3\r\nabc\r\n0\r\n\r\n"),
+    ),
+    Probe(
+        "chunk without its CRLF", _post(b"Transfer-Encoding: chunked\r\n", b"3\r\nabcXX0\r\n\r\n")
+    ),
     # Host (RFC 9112 §3.2) and the request-target.
     Probe("two Host headers", _get(b"Host: HOST\r\nHost: other.invalid\r\n")),
     Probe("no Host in HTTP/1.1", _get(b"")),
     Probe("Host with a path", _get(b"Host: HOST/x\r\n")),
     Probe("Host with userinfo", _get(b"Host: user@HOST\r\n")),
-    Probe("absolute-form with userinfo", _get(b"Host: HOST\r\n",
-                                              b"http://user@HOST" + TARGET.encode())),
-    Probe("absolute-form of another scheme", _get(b"Host: HOST\r\n",
-                                                  b"ftp://HOST" + TARGET.encode())),
+    Probe(
+        "absolute-form with userinfo",
+        _get(b"Host: HOST\r\n", b"http://user@HOST" + TARGET.encode()),
+    ),
+    Probe(
+        "absolute-form of another scheme", _get(b"Host: HOST\r\n", b"ftp://HOST" + TARGET.encode())
+    ),
     # An upgrade with a body (RFC 9110 §7.8): the body would become the new protocol's.
-    Probe("upgrade with Content-Length",
-          _get(b"Host: HOST\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-               b"Content-Length: %d\r\n" % len(_S)) + _S),
-    Probe("upgrade with a chunked body",
-          _get(b"Host: HOST\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-               b"Transfer-Encoding: chunked\r\n") + _CHUNKED_S),
+    Probe(
+        "upgrade with Content-Length",
+        _get(
+            b"Host: HOST\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Content-Length: %d\r\n" % len(_S)
+        )
+        + _S,
+    ),
+    Probe(
+        "upgrade with a chunked body",
+        _get(
+            b"Host: HOST\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Transfer-Encoding: chunked\r\n"
+        )
+        + _CHUNKED_S,
+    ),
 ]
 
 _STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
@@ -161,8 +205,13 @@ def send(address: tuple[str, int], payload: bytes, timeout: float = 5.0) -> Outc
         except OSError:  # a reset after the answer is a close too
             closed = True
     statuses = _STATUS.findall(received)
-    return Outcome(int(statuses[0]) if statuses else None, len(statuses), closed,
-                   time.monotonic() - started, received)
+    return Outcome(
+        int(statuses[0]) if statuses else None,
+        len(statuses),
+        closed,
+        time.monotonic() - started,
+        received,
+    )
 
 
 def passed(probe: Probe, outcome: Outcome) -> bool:
@@ -183,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = passed(probe, outcome)
         failures += not ok
         first = outcome.received.split(b"\r\n", 1)[0].decode("latin-1")
-        print(f"{'ok  ' if ok else 'FAIL'} {probe.name:40} expect {probe.expect} "
-              f"got {first or '(nothing)'!r} answers={outcome.answers} "
-              f"closed={outcome.closed} {outcome.seconds * 1000:.0f} ms")
+        print(
+            f"{'ok  ' if ok else 'FAIL'} {probe.name:40} expect {probe.expect} "
+            f"got {first or '(nothing)'!r} answers={outcome.answers} "
+            f"closed={outcome.closed} {outcome.seconds * 1000:.0f} ms"
+        )
     print(f"{len(PROBES) - failures}/{len(PROBES)} probes refused as expected")
     return 1 if failures else 0
 

@@ -25,9 +25,20 @@ from mesh.agent.lifetime import Stage, enter, stages
 from mesh.config import AgentConfig, load_config
 from tests.helpers.agent import free_ports
 
-STAGES = ["state writer", "state", "health reports", "health checks", "drain reaper",
-          "tombstone reaper", "dns", "load balancer", "http routing mesh", "gossip",
-          "cluster", "api"]
+STAGES = [
+    "state writer",
+    "state",
+    "health reports",
+    "health checks",
+    "drain reaper",
+    "tombstone reaper",
+    "dns",
+    "load balancer",
+    "http routing mesh",
+    "gossip",
+    "cluster",
+    "api",
+]
 
 
 async def test_enter_undoes_what_it_entered_in_reverse_even_past_a_failing_cleanup() -> None:
@@ -43,12 +54,14 @@ async def test_enter_undoes_what_it_entered_in_reverse_even_past_a_failing_clean
             done.append(f"stop {name}")
             if stop_fails:
                 raise OSError(name)
+
         return Stage(name, start, stop)
 
     with pytest.raises(RuntimeError, match="c"):
         async with AsyncExitStack() as stack:
-            await enter([stage("a"), stage("b", stop_fails=True), stage("c", fails=True),
-                         stage("d")], stack)
+            await enter(
+                [stage("a"), stage("b", stop_fails=True), stage("c", fails=True), stage("d")], stack
+            )
     # c's own stop runs too (a part that failed half-way is undone); b's failing stop
     # does not keep a from stopping.
     assert done == ["start a", "start b", "start c", "stop c", "stop b", "stop a"]
@@ -57,13 +70,32 @@ async def test_enter_undoes_what_it_entered_in_reverse_even_past_a_failing_clean
 def _config(tmp_path: Path) -> tuple[AgentConfig, list[int]]:
     ports = free_ports(4)
     api, dns, gossip, http = ports
-    config = load_config([
-        "--node-name", "n1", "--data-dir", str(tmp_path / "data"),
-        "--api", f"127.0.0.1:{api}", "--address-pool", "127.64.0.0/12",
-        "--dns", f"127.0.0.1:{dns}", "--dns-upstream", "127.0.0.1:9",
-        "--advertise", f"127.0.0.1:{gossip}", "--gossip-profile", "local",
-        "--lb", "userspace", "--publish-address", "127.0.0.1",
-        "--http", f"127.0.0.1:{http}"])
+    config = load_config(
+        [
+            "--node-name",
+            "n1",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--api",
+            f"127.0.0.1:{api}",
+            "--address-pool",
+            "127.64.0.0/12",
+            "--dns",
+            f"127.0.0.1:{dns}",
+            "--dns-upstream",
+            "127.0.0.1:9",
+            "--advertise",
+            f"127.0.0.1:{gossip}",
+            "--gossip-profile",
+            "local",
+            "--lb",
+            "userspace",
+            "--publish-address",
+            "127.0.0.1",
+            "--http",
+            f"127.0.0.1:{http}",
+        ]
+    )
     return config, ports
 
 
@@ -78,8 +110,11 @@ def _ports_free(ports: list[int]) -> bool:
     return True
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, config: AgentConfig,
-         wrap: Callable[[Agent, Stage, list[str]], Stage]) -> tuple[int, list[str]]:
+def _run(
+    monkeypatch: pytest.MonkeyPatch,
+    config: AgentConfig,
+    wrap: Callable[[Agent, Stage, list[str]], Stage],
+) -> tuple[int, list[str]]:
     """Run the agent with every stage wrapped; returns its exit status and what ran."""
     done: list[str] = []
 
@@ -93,8 +128,9 @@ def _run(monkeypatch: pytest.MonkeyPatch, config: AgentConfig,
     return status, done
 
 
-def _recording(stage: Stage, done: list[str], *, fails: bool = False,
-               after: Callable[[], None] | None = None) -> Stage:
+def _recording(
+    stage: Stage, done: list[str], *, fails: bool = False, after: Callable[[], None] | None = None
+) -> Stage:
     async def start() -> None:
         done.append(f"start {stage.name}")
         if fails:
@@ -106,44 +142,57 @@ def _recording(stage: Stage, done: list[str], *, fails: bool = False,
     async def stop() -> None:
         done.append(f"stop {stage.name}")
         await stage.stop()
+
     return Stage(stage.name, start, stop)
 
 
 @pytest.mark.parametrize("failing", STAGES)
 def test_a_failed_start_undoes_the_parts_started_before_in_reverse(
-        failing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    failing: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     config, ports = _config(tmp_path)
-    status, done = _run(monkeypatch, config, lambda _agent, stage, done: _recording(
-        stage, done, fails=stage.name == failing))
-    started = [line[len("start "):] for line in done if line.startswith("start ")]
-    stopped = [line[len("stop "):] for line in done if line.startswith("stop ")]
+    status, done = _run(
+        monkeypatch,
+        config,
+        lambda _agent, stage, done: _recording(stage, done, fails=stage.name == failing),
+    )
+    started = [line[len("start ") :] for line in done if line.startswith("start ")]
+    stopped = [line[len("stop ") :] for line in done if line.startswith("stop ")]
     err = capsys.readouterr().err
     print(f"failed in {failing!r}: started {len(started)} parts, stopped {stopped}")
     assert status == 1
-    assert started == STAGES[:STAGES.index(failing) + 1]
+    assert started == STAGES[: STAGES.index(failing) + 1]
     assert stopped == started[::-1]
     assert err.splitlines()[-1] == (
-        f"mesh agent: start failed: RuntimeError('injected in {failing}') (a bug: see the log)")
+        f"mesh agent: start failed: RuntimeError('injected in {failing}') (a bug: see the log)"
+    )
     assert _ports_free(ports), "a listener outlived the failed start"
 
 
 @pytest.mark.parametrize("how", ["stop", "fail"])
 def test_a_stop_or_a_later_failure_undoes_every_part_in_reverse(
-        how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config, ports = _config(tmp_path)
 
     def wrap(agent: Agent, stage: Stage, done: list[str]) -> Stage:
         after = None
         if stage.name == "api":  # the agent is up: stop it, or make a part fail
-            after = agent.stopping.stop if how == "stop" else (
-                lambda: agent.stopping.fail("the disk failed"))
+            after = (
+                agent.stopping.stop
+                if how == "stop"
+                else (lambda: agent.stopping.fail("the disk failed"))
+            )
         return _recording(stage, done, after=after)
 
     status, done = _run(monkeypatch, config, wrap)
     assert status == (0 if how == "stop" else 1)
     assert done == [f"start {name}" for name in STAGES] + [
-        f"stop {name}" for name in reversed(STAGES)]
+        f"stop {name}" for name in reversed(STAGES)
+    ]
     assert _ports_free(ports)
     with contextlib.suppress(FileNotFoundError):
         assert not (tmp_path / "data" / "feed.sock").exists()

@@ -19,19 +19,24 @@ from mesh.cli.main import build_parser, main
 @pytest.fixture(autouse=True)
 def no_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing here may reach an agent: every request fails the test."""
+
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a unit test sent a request")
+
     monkeypatch.setattr(client_module.Client, "request", refuse)
     monkeypatch.delenv("MESH_API", raising=False)
     monkeypatch.delenv("MESH_API_TOKEN", raising=False)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--api", "h:1", "--token", "t", "--json", "service", "ls"],
-    ["service", "ls", "--api", "h:1", "--token", "t", "--json"],
-    ["--api", "h:1", "service", "--token", "t", "ls", "--json"],
-    ["--api", "other:2", "service", "ls", "--api", "h:1", "--token=t", "--json"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--api", "h:1", "--token", "t", "--json", "service", "ls"],
+        ["service", "ls", "--api", "h:1", "--token", "t", "--json"],
+        ["--api", "h:1", "service", "--token", "t", "ls", "--json"],
+        ["--api", "other:2", "service", "ls", "--api", "h:1", "--token=t", "--json"],
+    ],
+)
 def test_global_options_go_before_or_after_the_command(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     assert (args.api, args.token, args.json) == ("h:1", "t", True)
@@ -62,11 +67,19 @@ def test_agent_after_global_options_is_a_usage_error(capsys: pytest.CaptureFixtu
     assert "write them after it" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["network"], ["bogus"], ["service", "create"], ["task", "add", "web"],
-    ["service", "update", "web", "--health-check", "tcp", "--no-health-check"],
-    ["service", "create", "web", "--endpoint-mode", "rr"], ["members", "--nope"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["network"],
+        ["bogus"],
+        ["service", "create"],
+        ["task", "add", "web"],
+        ["service", "update", "web", "--health-check", "tcp", "--no-health-check"],
+        ["service", "create", "web", "--endpoint-mode", "rr"],
+        ["members", "--nope"],
+    ],
+)
 def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert "usage: mesh" in capsys.readouterr().err
@@ -86,24 +99,43 @@ def test_help_documents_the_grammars(capsys: pytest.CaptureFixture[str]) -> None
     assert "start_period=DURATION" in out
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["service", "create", "web", "--health-check", "grpc"],
-     "mesh: invalid --health-check 'grpc': kind 'grpc' is not one of http, tcp, ttl\n"),
-    (["service", "create", "web", "-p", "8080:80/sctp"],
-     "mesh: invalid --publish '8080:80/sctp': protocol 'sctp' is not one of tcp, udp\n"),
-    (["service", "update", "web", "--publish-rm", "x"],
-     "mesh: invalid --publish-rm 'x': published port 'x' is not a number\n"),
-    (["service", "update", "web", "--publish-add", "80:"],
-     "mesh: invalid --publish '80:': expected PUB:TARGET[/tcp|/udp], TARGET[/PROTO] "
-     "or the long form\n"),
-    (["task", "add", "web", "--address", "192.0.2.7", "--port", "80"],
-     "mesh: invalid --port '80': expected TARGET=ACTUAL\n"),
-    (["network", "create", "n", "--label", "=v"], "mesh: invalid --label '=v': the key is empty\n"),
-    (["service", "update", "web"],
-     "mesh: nothing to update: give at least one change (see --help)\n"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["service", "create", "web", "--health-check", "grpc"],
+            "mesh: invalid --health-check 'grpc': kind 'grpc' is not one of http, tcp, ttl\n",
+        ),
+        (
+            ["service", "create", "web", "-p", "8080:80/sctp"],
+            "mesh: invalid --publish '8080:80/sctp': protocol 'sctp' is not one of tcp, udp\n",
+        ),
+        (
+            ["service", "update", "web", "--publish-rm", "x"],
+            "mesh: invalid --publish-rm 'x': published port 'x' is not a number\n",
+        ),
+        (
+            ["service", "update", "web", "--publish-add", "80:"],
+            "mesh: invalid --publish '80:': expected PUB:TARGET[/tcp|/udp], TARGET[/PROTO] "
+            "or the long form\n",
+        ),
+        (
+            ["task", "add", "web", "--address", "192.0.2.7", "--port", "80"],
+            "mesh: invalid --port '80': expected TARGET=ACTUAL\n",
+        ),
+        (
+            ["network", "create", "n", "--label", "=v"],
+            "mesh: invalid --label '=v': the key is empty\n",
+        ),
+        (
+            ["service", "update", "web"],
+            "mesh: nothing to update: give at least one change (see --help)\n",
+        ),
+    ],
+)
 def test_a_bad_value_is_one_line_and_exit_2_before_any_request(
-        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", message)
@@ -111,29 +143,37 @@ def test_a_bad_value_is_one_line_and_exit_2_before_any_request(
 
 def test_a_bad_api_address_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--api", "ftp://h:1", "members"]) == 1
-    assert capsys.readouterr().err == "mesh: --api 'ftp://h:1' is not HOST:PORT or http://HOST:PORT\n"
+    assert (
+        capsys.readouterr().err == "mesh: --api 'ftp://h:1' is not HOST:PORT or http://HOST:PORT\n"
+    )
 
 
 def test_an_unexpected_exception_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["members"]) == 1  # the fixture's AssertionError stands in for a bug
     assert capsys.readouterr().err == (
-        "mesh: unexpected error: AssertionError: a unit test sent a request\n")
+        "mesh: unexpected error: AssertionError: a unit test sent a request\n"
+    )
 
 
-@pytest.mark.parametrize(("api", "url"), [
-    ("127.0.0.1:2377", "http://127.0.0.1:2377"),
-    ("agent.example:9000", "http://agent.example:9000"),
-    ("agent.example", "http://agent.example:2377"),
-    ("http://10.0.0.1:2377/", "http://10.0.0.1:2377"),
-    ("https://10.0.0.1", "https://10.0.0.1:2377"),
-    ("[::1]:2377", "http://[::1]:2377"),
-    (" localhost:1 ", "http://localhost:1"),
-])
+@pytest.mark.parametrize(
+    ("api", "url"),
+    [
+        ("127.0.0.1:2377", "http://127.0.0.1:2377"),
+        ("agent.example:9000", "http://agent.example:9000"),
+        ("agent.example", "http://agent.example:2377"),
+        ("http://10.0.0.1:2377/", "http://10.0.0.1:2377"),
+        ("https://10.0.0.1", "https://10.0.0.1:2377"),
+        ("[::1]:2377", "http://[::1]:2377"),
+        (" localhost:1 ", "http://localhost:1"),
+    ],
+)
 def test_api_address(api: str, url: str) -> None:
     assert base_url(api) == url
 
 
-@pytest.mark.parametrize("api", ["", ":2377", "ftp://h:1", "h:port", "h:99999", "http://", "h:", "http://h:/"])
+@pytest.mark.parametrize(
+    "api", ["", ":2377", "ftp://h:1", "h:port", "h:99999", "http://", "h:", "http://h:/"]
+)
 def test_api_address_refused(api: str) -> None:
     with pytest.raises(CliError, match="is not HOST:PORT"):
         base_url(api)
@@ -149,6 +189,12 @@ def test_the_cli_imports_no_third_party_package() -> None:
         "print(sorted({m.split('.')[0] for m in sys.modules if not m.startswith('_')}"
         " - set(sys.stdlib_module_names) - own))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=True, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.stdout.strip() == "[]", done.stdout

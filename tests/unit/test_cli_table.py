@@ -44,25 +44,41 @@ def test_short_id() -> None:
 
 def test_service_row() -> None:
     svc = {
-        "id": "0123456789abcdefghijklmno", "name": "web", "endpoint_mode": "vip",
+        "id": "0123456789abcdefghijklmno",
+        "name": "web",
+        "endpoint_mode": "vip",
         "networks": ["front", "back"],
-        "vips": [{"network": "front", "address": "10.0.1.2"},
-                 {"network": "ingress", "address": "10.255.0.5"}],
-        "ports": [{"protocol": "tcp", "target_port": 80, "published_port": 8080,
-                   "publish_mode": "ingress"},
-                  {"protocol": "udp", "target_port": 53, "published_port": 30001,
-                   "publish_mode": "host"}],
+        "vips": [
+            {"network": "front", "address": "10.0.1.2"},
+            {"network": "ingress", "address": "10.255.0.5"},
+        ],
+        "ports": [
+            {
+                "protocol": "tcp",
+                "target_port": 80,
+                "published_port": 8080,
+                "publish_mode": "ingress",
+            },
+            {"protocol": "udp", "target_port": 53, "published_port": 30001, "publish_mode": "host"},
+        ],
     }
-    counts = service.task_counts([
-        {"service": "web", "state": "running", "health": "healthy"},
-        {"service": "web", "state": "running", "health": "starting"},
-        {"service": "web", "state": "draining", "health": "healthy"},
-        {"service": "db", "state": "running", "health": "unhealthy"},
-    ])
+    counts = service.task_counts(
+        [
+            {"service": "web", "state": "running", "health": "healthy"},
+            {"service": "web", "state": "running", "health": "starting"},
+            {"service": "web", "state": "draining", "health": "healthy"},
+            {"service": "db", "state": "running", "health": "unhealthy"},
+        ]
+    )
     assert counts == {"web": (1, 2), "db": (0, 1)}
     assert service.row(svc, counts) == [
-        "0123456789ab", "web", "vip", "front,back", "10.0.1.2,10.255.0.5",
-        "*:8080->80/tcp,30001->53/udp", "1/2",
+        "0123456789ab",
+        "web",
+        "vip",
+        "front,back",
+        "10.0.1.2,10.255.0.5",
+        "*:8080->80/tcp,30001->53/udp",
+        "1/2",
     ]
 
 
@@ -71,24 +87,49 @@ def test_a_service_without_tasks_or_fields() -> None:
 
 
 def test_task_row() -> None:
-    row = task.row({"id": "t" * 25, "name": "web.1.tttt", "service": "web", "node": "n1",
-                    "node_status": "dead", "address": "192.0.2.7",
-                    "ports": {"80": 31001, "443": 31443}, "state": "running",
-                    "health": "healthy"})
-    assert row == ["t" * 12, "web.1.tttt", "web", "n1", "dead", "192.0.2.7",
-                   "80->31001,443->31443", "running", "healthy"]
+    row = task.row(
+        {
+            "id": "t" * 25,
+            "name": "web.1.tttt",
+            "service": "web",
+            "node": "n1",
+            "node_status": "dead",
+            "address": "192.0.2.7",
+            "ports": {"80": 31001, "443": 31443},
+            "state": "running",
+            "health": "healthy",
+        }
+    )
+    assert row == [
+        "t" * 12,
+        "web.1.tttt",
+        "web",
+        "n1",
+        "dead",
+        "192.0.2.7",
+        "80->31001,443->31443",
+        "running",
+        "healthy",
+    ]
     assert len(row) == len(task.HEADERS) and task.HEADERS[4] == "NODE STATUS"
 
 
 def test_network_row() -> None:
-    assert network.row({"id": "n" * 25, "name": "front", "driver": "overlay",
-                        "subnet": "10.0.1.0/24", "gateway": "10.0.1.1"}) == [
-        "n" * 12, "front", "overlay", "10.0.1.0/24", "10.0.1.1"]
+    assert network.row(
+        {
+            "id": "n" * 25,
+            "name": "front",
+            "driver": "overlay",
+            "subnet": "10.0.1.0/24",
+            "gateway": "10.0.1.1",
+        }
+    ) == ["n" * 12, "front", "overlay", "10.0.1.0/24", "10.0.1.1"]
 
 
 def test_member_row() -> None:
-    assert members.row({"name": "n1", "address": "192.0.2.1", "port": 7946,
-                        "status": "alive", "incarnation": 3}) == [
-        "n1", "192.0.2.1:7946", "alive", "3"]
+    assert members.row(
+        {"name": "n1", "address": "192.0.2.1", "port": 7946, "status": "alive", "incarnation": 3}
+    ) == ["n1", "192.0.2.1:7946", "alive", "3"]
     assert members.row({"name": "n2", "address": "2001:db8::1", "port": 7946})[1] == (
-        "[2001:db8::1]:7946")
+        "[2001:db8::1]:7946"
+    )

@@ -31,30 +31,71 @@ text = st.text(max_size=8)
 versions = st.builds(Version, st.integers(0, 2**40), text)
 floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
 labels = st.dictionaries(text, text, max_size=3)
-networks = st.builds(Network, name=text, id=text, driver=text, subnet=text, gateway=text,
-                     labels=labels, created_at=floats, version=versions, deleted=st.booleans())
-checks = st.builds(HealthCheck, type=st.sampled_from(["http", "tcp", "ttl"]),
-                   port=st.one_of(st.none(), st.integers(1, 65535)), path=text,
-                   interval=floats, timeout=floats, retries=st.integers(1, 9),
-                   start_period=floats, ttl=floats)
+networks = st.builds(
+    Network,
+    name=text,
+    id=text,
+    driver=text,
+    subnet=text,
+    gateway=text,
+    labels=labels,
+    created_at=floats,
+    version=versions,
+    deleted=st.booleans(),
+)
+checks = st.builds(
+    HealthCheck,
+    type=st.sampled_from(["http", "tcp", "ttl"]),
+    port=st.one_of(st.none(), st.integers(1, 65535)),
+    path=text,
+    interval=floats,
+    timeout=floats,
+    retries=st.integers(1, 9),
+    start_period=floats,
+    ttl=floats,
+)
 services = st.builds(
-    Service, name=text, id=text, networks=st.lists(text, max_size=3).map(tuple),
+    Service,
+    name=text,
+    id=text,
+    networks=st.lists(text, max_size=3).map(tuple),
     endpoint_mode=st.sampled_from(["vip", "dnsrr"]),
-    ports=st.lists(st.builds(PortConfig, protocol=st.sampled_from(["tcp", "udp"]),
-                             target_port=st.integers(1, 65535),
-                             published_port=st.integers(1, 65535),
-                             publish_mode=st.sampled_from(["ingress", "host"])),
-                   max_size=3).map(tuple),
-    labels=labels, vips=st.lists(st.builds(Vip, network=text, address=text),
-                                 max_size=3).map(tuple),
-    health_check=st.one_of(st.none(), checks), created_at=floats, updated_at=floats,
-    version=versions, deleted=st.booleans())
+    ports=st.lists(
+        st.builds(
+            PortConfig,
+            protocol=st.sampled_from(["tcp", "udp"]),
+            target_port=st.integers(1, 65535),
+            published_port=st.integers(1, 65535),
+            publish_mode=st.sampled_from(["ingress", "host"]),
+        ),
+        max_size=3,
+    ).map(tuple),
+    labels=labels,
+    vips=st.lists(st.builds(Vip, network=text, address=text), max_size=3).map(tuple),
+    health_check=st.one_of(st.none(), checks),
+    created_at=floats,
+    updated_at=floats,
+    version=versions,
+    deleted=st.booleans(),
+)
 tasks = st.builds(
-    Task, id=text, name=text, service=text, slot=st.integers(1, 999), node=text, address=text,
+    Task,
+    id=text,
+    name=text,
+    service=text,
+    slot=st.integers(1, 999),
+    node=text,
+    address=text,
     ports=st.dictionaries(st.integers(1, 65535), st.integers(1, 65535), max_size=3),
-    state=st.sampled_from(TaskState), health=st.sampled_from(Health), health_output=text,
-    drain_until=st.one_of(st.none(), floats), created_at=floats, updated_at=floats,
-    version=versions, deleted=st.booleans())
+    state=st.sampled_from(TaskState),
+    health=st.sampled_from(Health),
+    health_output=text,
+    drain_until=st.one_of(st.none(), floats),
+    created_at=floats,
+    updated_at=floats,
+    version=versions,
+    deleted=st.booleans(),
+)
 
 
 @given(st.one_of(networks, services, tasks))
@@ -63,8 +104,9 @@ def test_codec_round_trips_through_json(record: Network | Service | Task) -> Non
 
 
 def _change(key: str) -> Change:
-    return Change(Kind.NETWORK, key, None,
-                  Network(name=key, id=key, driver="overlay", subnet="", gateway=""))
+    return Change(
+        Kind.NETWORK, key, None, Network(name=key, id=key, driver="overlay", subnet="", gateway="")
+    )
 
 
 class Keys(list[str]):

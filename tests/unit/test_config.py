@@ -31,8 +31,10 @@ def test_embedded_defaults_follow_privilege(root: bool) -> None:
 
 def test_flags_win_over_file_and_file_over_defaults(tmp_path: Path, root: bool) -> None:
     file = tmp_path / "agent.toml"
-    file.write_text('node-name = "from-file"\napi = "127.0.0.1:9000"\n'
-                    'drain_grace = 5\njoin = ["10.0.0.2", "10.0.0.3:8000"]\n')
+    file.write_text(
+        'node-name = "from-file"\napi = "127.0.0.1:9000"\n'
+        'drain_grace = 5\njoin = ["10.0.0.2", "10.0.0.3:8000"]\n'
+    )
     cfg = load_config(["--config", str(file), "--api", "127.0.0.1:9001"], env={})
     assert cfg.node_name == "from-file"
     assert cfg.api.port == 9001
@@ -40,14 +42,18 @@ def test_flags_win_over_file_and_file_over_defaults(tmp_path: Path, root: bool) 
     assert cfg.join == (HostPort("10.0.0.2", 7946), HostPort("10.0.0.3", 8000))
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("bogus = 1\n", "unknown key"),
-    ("api = [1]\n", "must be a string"),
-    ("join = 'x'\n", "list of strings"),
-    ("api = \n", "not valid TOML"),
-])
-def test_bad_config_files_are_refused(tmp_path: Path, content: str, message: str,
-                                      root: bool) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("bogus = 1\n", "unknown key"),
+        ("api = [1]\n", "must be a string"),
+        ("join = 'x'\n", "list of strings"),
+        ("api = \n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files_are_refused(
+    tmp_path: Path, content: str, message: str, root: bool
+) -> None:
     file = tmp_path / "agent.toml"
     file.write_text(content)
     with pytest.raises(ConfigError, match=message):
@@ -62,21 +68,24 @@ def test_public_api_requires_a_token(root: bool) -> None:
     assert "s3cret-token" not in repr(cfg)
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--lb", "magic"], "lb"),
-    (["--address-pool", "10.0.0.0/25"], "/24 or larger"),
-    (["--drain-grace", "soon"], "not a number"),
-    (["--api", "127.0.0.1:99999"], "port"),
-    (["--api", "127.0.0.1"], "ADDR:PORT"),
-    (["--dns-upstream", "resolver.example"], "IP address"),
-    (["--dns-ttl", "5.5"], "not a number"),
-    (["--gossip-profile", "fast"], "gossip-profile"),
-    (["--cluster-label", "x" * 256], "255 bytes"),
-    (["--ingress-subnet", "10.0.0.1/16"], "ingress-subnet: .*host bits set"),
-    (["--ingress-subnet", "fd00::/64"], "ingress-subnet: .*only IPv4"),
-    (["--ingress-subnet", "10.0.0.0/30"], "ingress-subnet: .*too small"),
-    (["--ingress-subnet", "ten"], "ingress-subnet: .*not an IPv4 CIDR"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lb", "magic"], "lb"),
+        (["--address-pool", "10.0.0.0/25"], "/24 or larger"),
+        (["--drain-grace", "soon"], "not a number"),
+        (["--api", "127.0.0.1:99999"], "port"),
+        (["--api", "127.0.0.1"], "ADDR:PORT"),
+        (["--dns-upstream", "resolver.example"], "IP address"),
+        (["--dns-ttl", "5.5"], "not a number"),
+        (["--gossip-profile", "fast"], "gossip-profile"),
+        (["--cluster-label", "x" * 256], "255 bytes"),
+        (["--ingress-subnet", "10.0.0.1/16"], "ingress-subnet: .*host bits set"),
+        (["--ingress-subnet", "fd00::/64"], "ingress-subnet: .*only IPv4"),
+        (["--ingress-subnet", "10.0.0.0/30"], "ingress-subnet: .*too small"),
+        (["--ingress-subnet", "ten"], "ingress-subnet: .*not an IPv4 CIDR"),
+    ],
+)
 def test_bad_flags_are_refused(flags: list[str], message: str, root: bool) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(flags, env={})

@@ -18,8 +18,9 @@ def test_one_holder_at_a_time_and_the_refusal_names_it(tmp_path: Path) -> None:
     # flock is per open file: a second open in this same process is refused too.
     with pytest.raises(DataDirInUse) as refused:
         lock_data_dir(data)
-    assert str(refused.value) == (f"data dir {data} is in use by PID {os.getpid()} "
-                                  f"(lock {data / LOCK_NAME})")
+    assert str(refused.value) == (
+        f"data dir {data} is in use by PID {os.getpid()} (lock {data / LOCK_NAME})"
+    )
     held.release()
     lock_data_dir(data).release()
 
@@ -31,8 +32,7 @@ def test_a_stale_file_does_not_block(tmp_path: Path) -> None:
     held.release()
 
 
-def test_a_holder_that_has_not_written_its_pid_yet_is_found_in_proc_locks(
-        tmp_path: Path) -> None:
+def test_a_holder_that_has_not_written_its_pid_yet_is_found_in_proc_locks(tmp_path: Path) -> None:
     path = tmp_path / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:

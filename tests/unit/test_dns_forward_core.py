@@ -30,9 +30,18 @@ class Clock:
         return self.now
 
 
-def make_query(name: str = "example.com", qtype: str = "A", *, qid: int = CLIENT_ID,
-               rd: bool = True, edns: bool = False, do: bool = False, cd: bool = False,
-               cookie: bool = False, qclass: str = "IN") -> bytes:
+def make_query(
+    name: str = "example.com",
+    qtype: str = "A",
+    *,
+    qid: int = CLIENT_ID,
+    rd: bool = True,
+    edns: bool = False,
+    do: bool = False,
+    cd: bool = False,
+    cookie: bool = False,
+    qclass: str = "IN",
+) -> bytes:
     record = DNSRecord.question(name, qtype, qclass)
     record.header.id = qid
     record.header.rd = int(rd)
@@ -44,14 +53,26 @@ def make_query(name: str = "example.com", qtype: str = "A", *, qid: int = CLIENT
 
 
 def soa_rr(ttl: int = 3600, minimum: int = 60) -> RR:
-    return RR("example.com.", QTYPE.SOA, ttl=ttl,
-              rdata=SOA("ns.example.com.", "admin.example.com.", (1, 2, 3, 4, minimum)))
+    return RR(
+        "example.com.",
+        QTYPE.SOA,
+        ttl=ttl,
+        rdata=SOA("ns.example.com.", "admin.example.com.", (1, 2, 3, 4, minimum)),
+    )
 
 
-def make_reply(query: bytes, *, qid: int = SENT_ID, answers: tuple[tuple[str, int, str], ...] = (
-               ("example.com", 60, "192.0.2.1"),), rcode: int = NOERROR, soa: RR | None = None,
-               tc: bool = False, aa: bool = True, cookie: bool = False,
-               extra: tuple[RR, ...] = ()) -> bytes:
+def make_reply(
+    query: bytes,
+    *,
+    qid: int = SENT_ID,
+    answers: tuple[tuple[str, int, str], ...] = (("example.com", 60, "192.0.2.1"),),
+    rcode: int = NOERROR,
+    soa: RR | None = None,
+    tc: bool = False,
+    aa: bool = True,
+    cookie: bool = False,
+    extra: tuple[RR, ...] = (),
+) -> bytes:
     request = DNSRecord.parse(query)
     reply = request.reply(ra=1, aa=int(aa))
     reply.header.id = qid
@@ -83,42 +104,86 @@ def ttls(wire: bytes) -> list[int]:
 
 
 RESOLV_CASES = [
-    pytest.param("nameserver 192.0.2.1\nnameserver 192.0.2.2\n", (),
-                 ["192.0.2.1", "192.0.2.2"], id="in-order"),
-    pytest.param("# generated\n; also a comment\nsearch corp.example\ndomain example\n"
-                 "options ndots:2 timeout:1\nnameserver 192.0.2.1\nsortlist 10.0.0.0\n", (),
-                 ["192.0.2.1"], id="comments-options-search"),
-    pytest.param("nameserver 2001:db8::1\nnameserver 192.0.2.1\n", (),
-                 ["2001:db8::1", "192.0.2.1"], id="ipv6"),
+    pytest.param(
+        "nameserver 192.0.2.1\nnameserver 192.0.2.2\n",
+        (),
+        ["192.0.2.1", "192.0.2.2"],
+        id="in-order",
+    ),
+    pytest.param(
+        "# generated\n; also a comment\nsearch corp.example\ndomain example\n"
+        "options ndots:2 timeout:1\nnameserver 192.0.2.1\nsortlist 10.0.0.0\n",
+        (),
+        ["192.0.2.1"],
+        id="comments-options-search",
+    ),
+    pytest.param(
+        "nameserver 2001:db8::1\nnameserver 192.0.2.1\n",
+        (),
+        ["2001:db8::1", "192.0.2.1"],
+        id="ipv6",
+    ),
     pytest.param("nameserver 2001:DB8:0:0::1\n", (), ["2001:db8::1"], id="ipv6-canonical"),
     pytest.param("nameserver fe80::1%eth0\n", (), ["fe80::1%eth0"], id="ipv6-zone"),
-    pytest.param("nameserver 192.0.2.1\nnameserver 192.0.2.2\nnameserver 192.0.2.3\n"
-                 "nameserver 192.0.2.4\n", (), ["192.0.2.1", "192.0.2.2", "192.0.2.3"],
-                 id="at-most-three"),
-    pytest.param("nameserver 127.0.0.11\nnameserver 127.0.0.53\nnameserver 192.0.2.1\n",
-                 ("127.0.0.11", "127.0.0.53"), ["192.0.2.1"], id="excluded"),
-    pytest.param("nameserver 127.0.0.11\nnameserver 192.0.2.1\nnameserver 192.0.2.2\n"
-                 "nameserver 192.0.2.3\n", ("127.0.0.11",),
-                 ["192.0.2.1", "192.0.2.2", "192.0.2.3"], id="excluded-take-no-slot"),
-    pytest.param("nameserver ::1\nnameserver 192.0.2.1\n", ("0:0::1",), ["192.0.2.1"],
-                 id="excluded-ipv6-any-spelling"),
-    pytest.param("nameserver 127.0.0.11\n", ("127.0.0.11:5353", "[::1]:53", "not-an-address"),
-                 [], id="excluded-with-port"),
-    pytest.param("nameserver\nnameserver dns.example\nnameserver 192.0.2\n"
-                 "nameserver 192.0.2.300\nnameserver1.1.1.1\n  nameserver 192.0.2.9\n"
-                 "NAMESERVER 192.0.2.8\nnameserver 192.0.2.1\n", (), ["192.0.2.1"], id="junk"),
-    pytest.param("nameserver 192.0.2.1 # primary\nnameserver 192.0.2.2#x\n", (),
-                 ["192.0.2.1", "192.0.2.2"], id="trailing-comments"),
-    pytest.param("nameserver 192.0.2.1\nnameserver 192.0.2.1\nnameserver 192.0.2.2\n", (),
-                 ["192.0.2.1", "192.0.2.2"], id="duplicates"),
+    pytest.param(
+        "nameserver 192.0.2.1\nnameserver 192.0.2.2\nnameserver 192.0.2.3\nnameserver 192.0.2.4\n",
+        (),
+        ["192.0.2.1", "192.0.2.2", "192.0.2.3"],
+        id="at-most-three",
+    ),
+    pytest.param(
+        "nameserver 127.0.0.11\nnameserver 127.0.0.53\nnameserver 192.0.2.1\n",
+        ("127.0.0.11", "127.0.0.53"),
+        ["192.0.2.1"],
+        id="excluded",
+    ),
+    pytest.param(
+        "nameserver 127.0.0.11\nnameserver 192.0.2.1\nnameserver 192.0.2.2\nnameserver 192.0.2.3\n",
+        ("127.0.0.11",),
+        ["192.0.2.1", "192.0.2.2", "192.0.2.3"],
+        id="excluded-take-no-slot",
+    ),
+    pytest.param(
+        "nameserver ::1\nnameserver 192.0.2.1\n",
+        ("0:0::1",),
+        ["192.0.2.1"],
+        id="excluded-ipv6-any-spelling",
+    ),
+    pytest.param(
+        "nameserver 127.0.0.11\n",
+        ("127.0.0.11:5353", "[::1]:53", "not-an-address"),
+        [],
+        id="excluded-with-port",
+    ),
+    pytest.param(
+        "nameserver\nnameserver dns.example\nnameserver 192.0.2\n"
+        "nameserver 192.0.2.300\nnameserver1.1.1.1\n  nameserver 192.0.2.9\n"
+        "NAMESERVER 192.0.2.8\nnameserver 192.0.2.1\n",
+        (),
+        ["192.0.2.1"],
+        id="junk",
+    ),
+    pytest.param(
+        "nameserver 192.0.2.1 # primary\nnameserver 192.0.2.2#x\n",
+        (),
+        ["192.0.2.1", "192.0.2.2"],
+        id="trailing-comments",
+    ),
+    pytest.param(
+        "nameserver 192.0.2.1\nnameserver 192.0.2.1\nnameserver 192.0.2.2\n",
+        (),
+        ["192.0.2.1", "192.0.2.2"],
+        id="duplicates",
+    ),
     pytest.param("nameserver\t192.0.2.1\r\n", (), ["192.0.2.1"], id="tab-crlf"),
     pytest.param("", (), [], id="empty"),
 ]
 
 
 @pytest.mark.parametrize(("text", "exclude", "expected"), RESOLV_CASES)
-def test_resolv_conf(tmp_path: Path, text: str, exclude: tuple[str, ...],
-                     expected: list[str]) -> None:
+def test_resolv_conf(
+    tmp_path: Path, text: str, exclude: tuple[str, ...], expected: list[str]
+) -> None:
     path = tmp_path / "resolv.conf"
     path.write_text(text)
     found = upstreams_from_resolv_conf(str(path), exclude=exclude)
@@ -130,27 +195,43 @@ def test_resolv_conf_missing_file_means_no_upstreams(tmp_path: Path) -> None:
     assert upstreams_from_resolv_conf(str(tmp_path / "absent")) == []
 
 
-@pytest.mark.parametrize(("text", "host", "port"), [
-    ("192.0.2.1", "192.0.2.1", 53),
-    ("192.0.2.1:5353", "192.0.2.1", 5353),
-    ("  192.0.2.1:53 ", "192.0.2.1", 53),
-    ("[2001:db8::1]:5353", "2001:db8::1", 5353),
-    ("[2001:db8::1]", "2001:db8::1", 53),
-    ("2001:db8::1", "2001:db8::1", 53),
-    ("::1", "::1", 53),
-    ("[fe80::1%eth0]:53", "fe80::1%eth0", 53),
-])
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("192.0.2.1", "192.0.2.1", 53),
+        ("192.0.2.1:5353", "192.0.2.1", 5353),
+        ("  192.0.2.1:53 ", "192.0.2.1", 53),
+        ("[2001:db8::1]:5353", "2001:db8::1", 5353),
+        ("[2001:db8::1]", "2001:db8::1", 53),
+        ("2001:db8::1", "2001:db8::1", 53),
+        ("::1", "::1", 53),
+        ("[fe80::1%eth0]:53", "fe80::1%eth0", 53),
+    ],
+)
 def test_parse_upstream(text: str, host: str, port: int) -> None:
     upstream = parse_upstream(text)
     assert upstream == Upstream(host, port)
     assert parse_upstream(str(upstream)) == upstream
 
 
-@pytest.mark.parametrize("text", [
-    "", "dns.example", "dns.example:53", "192.0.2.1:", "192.0.2.1:0", "192.0.2.1:65536",
-    "192.0.2.1:x", "[2001:db8::1", "[2001:db8::1]53", "[2001:db8::1]:", "[192.0.2.1]:53",
-    "192.0.2.1:53:53", "2001:db8::1:x",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "dns.example",
+        "dns.example:53",
+        "192.0.2.1:",
+        "192.0.2.1:0",
+        "192.0.2.1:65536",
+        "192.0.2.1:x",
+        "[2001:db8::1",
+        "[2001:db8::1]53",
+        "[2001:db8::1]:",
+        "[192.0.2.1]:53",
+        "192.0.2.1:53:53",
+        "2001:db8::1:x",
+    ],
+)
 def test_parse_upstream_rejects(text: str) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - any ValueError; the message is for people
         parse_upstream(text)
@@ -169,8 +250,13 @@ def test_parse_query_fields() -> None:
     assert query.id == CLIENT_ID
     assert str(query.question.qname) == "Example.COM."
     assert query.key == ((b"example", b"com"), QTYPE.AAAA, 1, True, True)
-    assert (query.edns, query.do, query.cd, query.rd, query.cacheable) == (True, True, True,
-                                                                          True, True)
+    assert (query.edns, query.do, query.cd, query.rd, query.cacheable) == (
+        True,
+        True,
+        True,
+        True,
+        True,
+    )
     plain = parse_query(make_query(rd=False))
     assert (plain.edns, plain.do, plain.cacheable) == (False, False, False)
 
@@ -188,8 +274,17 @@ def malformed_queries() -> list[bytes]:
     none.questions = []
     opts = DNSRecord.parse(make_query(edns=True))
     opts.add_ar(EDNS0(udp_len=512))
-    return [b"", b"\x12", b"\x12\x34\x01\x00\x00\x01", make_query()[:-3], b"\xff" * 40,
-            make_reply(make_query()), bytes(two.pack()), bytes(none.pack()), bytes(opts.pack())]
+    return [
+        b"",
+        b"\x12",
+        b"\x12\x34\x01\x00\x00\x01",
+        make_query()[:-3],
+        b"\xff" * 40,
+        make_reply(make_query()),
+        bytes(two.pack()),
+        bytes(none.pack()),
+        bytes(opts.pack()),
+    ]
 
 
 @pytest.mark.parametrize("wire", malformed_queries())
@@ -215,14 +310,25 @@ def utf8(label: bytes) -> bool:
 
 def raw_query(labels: list[bytes], qtype: int, flags: int) -> bytes:
     name = b"".join(len(label).to_bytes(1, "big") + label for label in labels) + b"\x00"
-    return (CLIENT_ID.to_bytes(2, "big") + flags.to_bytes(2, "big") + b"\x00\x01" + b"\x00" * 6
-            + name + qtype.to_bytes(2, "big") + b"\x00\x01")
+    return (
+        CLIENT_ID.to_bytes(2, "big")
+        + flags.to_bytes(2, "big")
+        + b"\x00\x01"
+        + b"\x00" * 6
+        + name
+        + qtype.to_bytes(2, "big")
+        + b"\x00\x01"
+    )
 
 
-@given(st.lists(st.binary(min_size=1, max_size=63), max_size=8),
-       st.integers(0, 65535), st.integers(0, 65535))
-def test_any_parsed_query_gets_well_formed_error_replies(labels: list[bytes], qtype: int,
-                                                         flags: int) -> None:
+@given(
+    st.lists(st.binary(min_size=1, max_size=63), max_size=8),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+)
+def test_any_parsed_query_gets_well_formed_error_replies(
+    labels: list[bytes], qtype: int, flags: int
+) -> None:
     try:
         query = parse_query(raw_query(labels, qtype, flags))
     except MalformedQuery:
@@ -283,9 +389,14 @@ def test_upstream_changing_the_case_gets_the_client_question_back() -> None:
     assert str(parsed(verdict.wire).q.qname) == "Example.Com."
 
 
-@pytest.mark.parametrize("other", [
-    make_query("other.example"), make_query(qtype="AAAA"), make_query(qclass="CH"),
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        make_query("other.example"),
+        make_query(qtype="AAAA"),
+        make_query(qclass="CH"),
+    ],
+)
 def test_reply_to_another_question_is_ignored(other: bytes) -> None:
     assert judge(make_query(), make_reply(other)).action is Action.IGNORE
 
@@ -334,10 +445,15 @@ def test_truncated_over_udp_retries_over_tcp() -> None:
     assert judge(query, reply, tcp=True).action is Action.ACCEPT
 
 
-@pytest.mark.parametrize("garbage", [
-    b"", b"\xbe", SENT_ID.to_bytes(2, "big") + b"\x81\x80\x00\x01\x00\x01",
-    SENT_ID.to_bytes(2, "big") + b"\xff" * 60,
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"\xbe",
+        SENT_ID.to_bytes(2, "big") + b"\x81\x80\x00\x01\x00\x01",
+        SENT_ID.to_bytes(2, "big") + b"\xff" * 60,
+    ],
+)
 def test_malformed_replies_move_on(garbage: bytes) -> None:
     verdict = judge(make_query(), garbage)
     assert (verdict.action, verdict.reason) == (Action.NEXT, "malformed")
@@ -355,8 +471,9 @@ def test_judge_never_raises(wire: bytes) -> None:
 
 def test_cache_ttl_is_the_smallest_answer_ttl() -> None:
     query = make_query()
-    reply = make_reply(query, answers=(("example.com", 300, "192.0.2.1"),
-                                       ("example.com", 45, "192.0.2.2")))
+    reply = make_reply(
+        query, answers=(("example.com", 300, "192.0.2.1"), ("example.com", 45, "192.0.2.2"))
+    )
     assert cache_ttl(parsed(reply)) == 45
 
 
@@ -365,11 +482,12 @@ def test_cache_ttl_is_capped() -> None:
     assert cache_ttl(parsed(reply), max_ttl=3600) == 3600
 
 
-@pytest.mark.parametrize(("soa_ttl", "minimum", "expected"), [
-    (3600, 60, 60), (30, 600, 30), (86400, 86400, MAX_NEGATIVE_TTL)])
+@pytest.mark.parametrize(
+    ("soa_ttl", "minimum", "expected"),
+    [(3600, 60, 60), (30, 600, 30), (86400, 86400, MAX_NEGATIVE_TTL)],
+)
 @pytest.mark.parametrize("rcode", [NXDOMAIN, NOERROR])  # NXDOMAIN and NODATA
-def test_negative_ttl_from_the_soa(rcode: int, soa_ttl: int, minimum: int,
-                                   expected: int) -> None:
+def test_negative_ttl_from_the_soa(rcode: int, soa_ttl: int, minimum: int, expected: int) -> None:
     reply = make_reply(make_query(), rcode=rcode, answers=(), soa=soa_rr(soa_ttl, minimum))
     assert cache_ttl(parsed(reply)) == expected
 
@@ -381,8 +499,7 @@ def test_not_cached() -> None:
     assert cache_ttl(parsed(make_reply(query, rcode=SERVFAIL, soa=soa_rr()))) is None
     assert cache_ttl(parsed(make_reply(query, rcode=REFUSED))) is None
     assert cache_ttl(parsed(make_reply(query, tc=True))) is None
-    assert cache_ttl(parsed(make_reply(query, answers=(("example.com", 0, "192.0.2.1"),)))) \
-        is None
+    assert cache_ttl(parsed(make_reply(query, answers=(("example.com", 0, "192.0.2.1"),)))) is None
 
 
 # --------------------------------------------------------------------------- the cache
@@ -391,8 +508,9 @@ def test_not_cached() -> None:
 def test_cache_hit_has_client_id_and_ttls_decrease() -> None:
     clock = Clock()
     cache = ForwardCache(clock=clock)
-    stored = make_reply(make_query(), answers=(("example.com", 60, "192.0.2.1"),
-                                               ("example.com", 90, "192.0.2.2")))
+    stored = make_reply(
+        make_query(), answers=(("example.com", 60, "192.0.2.1"), ("example.com", 90, "192.0.2.2"))
+    )
     assert cache.put(parse_query(make_query(qid=1)), stored)
     hit = cache.get(parse_query(make_query(qid=77)))
     assert hit is not None
@@ -416,8 +534,9 @@ def test_negative_entries_expire_with_the_soa_minimum() -> None:
     clock = Clock()
     cache = ForwardCache(clock=clock)
     query = parse_query(make_query("gone.example.com"))
-    reply = make_reply(make_query("gone.example.com"), rcode=NXDOMAIN, answers=(),
-                       soa=soa_rr(3600, 20))
+    reply = make_reply(
+        make_query("gone.example.com"), rcode=NXDOMAIN, answers=(), soa=soa_rr(3600, 20)
+    )
     assert cache.put(query, reply)
     clock.now += 5
     hit = cache.get(query)
@@ -455,16 +574,22 @@ def test_key_ignores_case_but_the_hit_echoes_the_client() -> None:
     client = make_query("www.eXample.com", qid=9)
     hit = cache.get(parse_query(client))
     assert hit is not None
-    assert hit[12:len(client)] == client[12:]  # the question, byte for byte
+    assert hit[12 : len(client)] == client[12:]  # the question, byte for byte
     answer = parsed(hit)
     assert str(answer.q.qname) == "www.eXample.com."
     assert [str(rr.rname) for rr in answer.rr] == ["www.eXample.com."]
 
 
-@pytest.mark.parametrize("other", [
-    make_query(qtype="AAAA"), make_query(qclass="CH"), make_query(do=True),
-    make_query(cd=True), make_query("other.example"),
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        make_query(qtype="AAAA"),
+        make_query(qclass="CH"),
+        make_query(do=True),
+        make_query(cd=True),
+        make_query("other.example"),
+    ],
+)
 def test_key_includes_type_class_do_and_cd(other: bytes) -> None:
     cache = ForwardCache(clock=Clock())
     assert cache.put(parse_query(make_query()), make_reply(make_query()))
@@ -513,8 +638,9 @@ def test_lru_bound() -> None:
     queries = {name: parse_query(make_query(name)) for name in names}
 
     def put(name: str) -> None:
-        assert cache.put(queries[name], make_reply(make_query(name),
-                                                   answers=((name, 60, "192.0.2.1"),)))
+        assert cache.put(
+            queries[name], make_reply(make_query(name), answers=((name, 60, "192.0.2.1"),))
+        )
 
     put("a.example")
     put("b.example")
@@ -530,12 +656,16 @@ def test_byte_bound_and_replacing_an_entry() -> None:
     reply = make_reply(make_query())
     cache = ForwardCache(100, clock=Clock(), max_bytes=2 * len(reply) + 1)
     for name in ("a.example", "b.example", "c.example"):
-        cache.put(parse_query(make_query(name)), make_reply(make_query(name),
-                                                            answers=((name, 60, "192.0.2.1"),)))
+        cache.put(
+            parse_query(make_query(name)),
+            make_reply(make_query(name), answers=((name, 60, "192.0.2.1"),)),
+        )
     assert len(cache) == 2
     size = cache.size_bytes
-    cache.put(parse_query(make_query("c.example")), make_reply(
-        make_query("c.example"), answers=(("c.example", 60, "192.0.2.2"),)))
+    cache.put(
+        parse_query(make_query("c.example")),
+        make_reply(make_query("c.example"), answers=(("c.example", 60, "192.0.2.2"),)),
+    )
     assert (len(cache), cache.size_bytes) == (2, size)
     assert not cache.put(parse_query(make_query()), reply + b"\x00" * len(reply) * 2)
 
@@ -543,10 +673,14 @@ def test_byte_bound_and_replacing_an_entry() -> None:
 def test_purge_and_disabled_cache() -> None:
     clock = Clock()
     cache = ForwardCache(clock=clock)
-    cache.put(parse_query(make_query("a.example")), make_reply(
-        make_query("a.example"), answers=(("a.example", 10, "192.0.2.1"),)))
-    cache.put(parse_query(make_query("b.example")), make_reply(
-        make_query("b.example"), answers=(("b.example", 100, "192.0.2.1"),)))
+    cache.put(
+        parse_query(make_query("a.example")),
+        make_reply(make_query("a.example"), answers=(("a.example", 10, "192.0.2.1"),)),
+    )
+    cache.put(
+        parse_query(make_query("b.example")),
+        make_reply(make_query("b.example"), answers=(("b.example", 100, "192.0.2.1"),)),
+    )
     clock.now += 10
     assert cache.purge() == 1
     assert len(cache) == 1

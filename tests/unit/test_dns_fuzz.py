@@ -29,25 +29,46 @@ from mesh.ipam import Ipam, parse_pool
 from mesh.state.specs import NetworkSpec, PortSpec, ServiceSpec, TaskSpec
 from mesh.state.store import Store
 
-NAMES = ["web", "tasks.web", "db", "_80._tcp.web", "web.front", "2.0.1.10.in-addr.arpa",
-         "example.com", "WeB.FrOnT", "nope.front", "tasks.nope"]
+NAMES = [
+    "web",
+    "tasks.web",
+    "db",
+    "_80._tcp.web",
+    "web.front",
+    "2.0.1.10.in-addr.arpa",
+    "example.com",
+    "WeB.FrOnT",
+    "nope.front",
+    "tasks.nope",
+]
 TYPES = ["A", "AAAA", "SRV", "PTR", "TXT", "ANY", "MX", "CNAME"]
-FUZZ = settings(max_examples=400, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def make_responder() -> Responder:
     store = Store("n1", Ipam(parse_pool("10.0.0.0/8")), random.Random(1))
     responder = Responder(NameTable("mesh"), rng=random.Random(2))
-    changes = [*store.ensure_ingress(),
-               *store.create_network(NetworkSpec(name="front", subnet="10.1.0.0/24"), 0),
-               *store.create_service(ServiceSpec(name="web", networks=("front",), ports=(
-                   PortSpec(target_port=80, published_port=8080),)), 0),
-               *store.create_service(ServiceSpec(name="db", networks=("front",),
-                                                 endpoint_mode="dnsrr"), 0)]
+    changes = [
+        *store.ensure_ingress(),
+        *store.create_network(NetworkSpec(name="front", subnet="10.1.0.0/24"), 0),
+        *store.create_service(
+            ServiceSpec(
+                name="web",
+                networks=("front",),
+                ports=(PortSpec(target_port=80, published_port=8080),),
+            ),
+            0,
+        ),
+        *store.create_service(
+            ServiceSpec(name="db", networks=("front",), endpoint_mode="dnsrr"), 0
+        ),
+    ]
     for i in range(3):
-        changes += store.add_task(TaskSpec(service="web", address=f"10.1.0.{10 + i}",
-                                           ports={80: 31000 + i}), 0)
+        changes += store.add_task(
+            TaskSpec(service="web", address=f"10.1.0.{10 + i}", ports={80: 31000 + i}), 0
+        )
         changes += store.add_task(TaskSpec(service="db", address=f"10.1.0.{20 + i}"), 0)
     for change in changes:
         responder.on_change(change)
@@ -71,15 +92,19 @@ def check(data: bytes, source: str = "127.0.0.1", tcp: bool = False) -> None:
 
 def query_bytes(name: str, qtype: str, edns: bool, query_id: int = 7) -> bytes:
     # Built with a given ID: DNSRecord.question draws one from the global random.
-    query = DNSRecord(DNSHeader(id=query_id, rd=1),
-                      q=DNSQuestion(name, getattr(QTYPE, qtype)))
+    query = DNSRecord(DNSHeader(id=query_id, rd=1), q=DNSQuestion(name, getattr(QTYPE, qtype)))
     if edns:
         query.add_ar(EDNS0(udp_len=4096))
     return bytes(query.pack())
 
 
-queries = st.builds(query_bytes, st.sampled_from(NAMES), st.sampled_from(TYPES), st.booleans(),
-                    st.integers(0, 0xFFFF))
+queries = st.builds(
+    query_bytes,
+    st.sampled_from(NAMES),
+    st.sampled_from(TYPES),
+    st.booleans(),
+    st.integers(0, 0xFFFF),
+)
 
 
 @FUZZ
@@ -89,8 +114,11 @@ def test_random_bytes(data: bytes, tcp: bool) -> None:
 
 
 @FUZZ
-@given(queries, st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=6),
-       st.sampled_from(["127.0.0.1", "10.1.0.99", "192.0.2.1"]))
+@given(
+    queries,
+    st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=6),
+    st.sampled_from(["127.0.0.1", "10.1.0.99", "192.0.2.1"]),
+)
 def test_mutated_queries(data: bytes, flips: list[tuple[int, int]], source: str) -> None:
     mutated = bytearray(data)
     for position, value in flips:
@@ -107,8 +135,14 @@ def test_cut_and_extended_queries(data: bytes, cut: int, tail: bytes) -> None:
 
 
 @FUZZ
-@given(queries, st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
-       st.integers(0, 0xFFFF), st.integers(0, 0xFFFF))
+@given(
+    queries,
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFF),
+)
 def test_hostile_headers(data: bytes, flags: int, qd: int, an: int, ns: int, ar: int) -> None:
     header = data[:2] + b"".join(v.to_bytes(2, "big") for v in (flags, qd, an, ns, ar))
     check(header + data[12:])
@@ -117,8 +151,12 @@ def test_hostile_headers(data: bytes, flags: int, qd: int, an: int, ns: int, ar:
 def test_compression_pointer_loops_and_absurd_counts() -> None:
     base = query_bytes("web", "A", False)
     header = base[:4] + (1).to_bytes(2, "big") + b"\x00" * 6
-    for body in (b"\xc0\x0c\x00\x01\x00\x01", b"\xc0\x0e\xc0\x0c\x00\x01\x00\x01",
-                 b"\x3f" + b"a" * 63 + b"\xc0\x0c", b"\xff" * 40):
+    for body in (
+        b"\xc0\x0c\x00\x01\x00\x01",
+        b"\xc0\x0e\xc0\x0c\x00\x01\x00\x01",
+        b"\x3f" + b"a" * 63 + b"\xc0\x0c",
+        b"\xff" * 40,
+    ):
         check(header + body)
     check(base[:4] + b"\xff\xff" * 4 + base[12:])
 
@@ -127,8 +165,9 @@ FORWARDER = Forwarder([])  # no upstreams: SERVFAIL at once, no I/O
 
 
 def forwarded(data: bytes) -> bytes:
-    return asyncio.run(forward_or_refuse(RESPONDER, lambda d, tcp: FORWARDER.forward(d, tcp=tcp),
-                                         data, False))
+    return asyncio.run(
+        forward_or_refuse(RESPONDER, lambda d, tcp: FORWARDER.forward(d, tcp=tcp), data, False)
+    )
 
 
 def check_all_paths(data: bytes) -> None:
@@ -146,10 +185,14 @@ def check_all_paths(data: bytes) -> None:
 
 
 @FUZZ
-@given(queries, st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=6),
-       st.binary(max_size=300))
-def test_mutated_and_padded_queries_on_every_path(data: bytes, flips: list[tuple[int, int]],
-                                                  tail: bytes) -> None:
+@given(
+    queries,
+    st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=6),
+    st.binary(max_size=300),
+)
+def test_mutated_and_padded_queries_on_every_path(
+    data: bytes, flips: list[tuple[int, int]], tail: bytes
+) -> None:
     mutated = bytearray(data)
     for position, value in flips:
         mutated[position % len(mutated)] = value
@@ -157,14 +200,21 @@ def test_mutated_and_padded_queries_on_every_path(data: bytes, flips: list[tuple
 
 
 @FUZZ
-@given(st.lists(st.binary(min_size=1, max_size=70), min_size=1, max_size=8),
-       st.sampled_from([b"", b"\xc0\x0c", b"\xc0\x02", b"\x40", b"\x80\x01", b"\xff\xff"]),
-       st.binary(max_size=40))
+@given(
+    st.lists(st.binary(min_size=1, max_size=70), min_size=1, max_size=8),
+    st.sampled_from([b"", b"\xc0\x0c", b"\xc0\x02", b"\x40", b"\x80\x01", b"\xff\xff"]),
+    st.binary(max_size=40),
+)
 def test_hostile_names_on_every_path(labels: list[bytes], ending: bytes, tail: bytes) -> None:
     """Labels of any octets and length (over 63 too), odd endings, pointers, garbage after."""
     name = b"".join(len(label).to_bytes(1, "big") + label for label in labels)
-    data = (b"\x42\x42\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + (ending or b"\x00")
-            + b"\x00\x01\x00\x01" + tail)
+    data = (
+        b"\x42\x42\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+        + name
+        + (ending or b"\x00")
+        + b"\x00\x01\x00\x01"
+        + tail
+    )
     check_all_paths(data)
 
 

@@ -23,13 +23,12 @@ class World:
 
     def __init__(self, domain: str | None = None) -> None:
         self.store = Store("n1", Ipam(parse_pool("10.0.0.0/8")), random.Random(1))
-        self.responder = Responder(NameTable(domain), DnsConfig(ttl=5, domain=domain),
-                                   random.Random(2))
+        self.responder = Responder(
+            NameTable(domain), DnsConfig(ttl=5, domain=domain), random.Random(2)
+        )
         self.apply(self.store.ensure_ingress())
-        self.apply(self.store.create_network(NetworkSpec(name="front", subnet="10.1.0.0/24"),
-                                             NOW))
-        self.apply(self.store.create_network(NetworkSpec(name="back", subnet="10.2.0.0/24"),
-                                             NOW))
+        self.apply(self.store.create_network(NetworkSpec(name="front", subnet="10.1.0.0/24"), NOW))
+        self.apply(self.store.create_network(NetworkSpec(name="back", subnet="10.2.0.0/24"), NOW))
 
     def apply(self, changes: list[Change]) -> list[Change]:
         for change in changes:
@@ -40,12 +39,14 @@ class World:
         self.apply(self.store.create_service(ServiceSpec(name=name, **kw), NOW))  # type: ignore[arg-type]
 
     def task(self, service: str, address: str, ports: dict[int, int] | None = None) -> str:
-        changes = self.apply(self.store.add_task(
-            TaskSpec(service=service, address=address, ports=ports or {}), NOW))
+        changes = self.apply(
+            self.store.add_task(TaskSpec(service=service, address=address, ports=ports or {}), NOW)
+        )
         return changes[0].key
 
-    def ask(self, name: str, qtype: str = "A", source: str = HOST, tcp: bool = False,
-            edns: bool = False) -> DNSRecord | object:
+    def ask(
+        self, name: str, qtype: str = "A", source: str = HOST, tcp: bool = False, edns: bool = False
+    ) -> DNSRecord | object:
         query = DNSRecord.question(name, qtype)
         if edns:
             query.add_ar(EDNS0(udp_len=4096))
@@ -66,8 +67,9 @@ def addresses(reply: object) -> list[str]:
 @pytest.fixture
 def world() -> World:
     w = World(domain="mesh")
-    w.service("web", networks=("front", "back"), ports=(PortSpec(target_port=80,
-                                                                   published_port=8080),))
+    w.service(
+        "web", networks=("front", "back"), ports=(PortSpec(target_port=80, published_port=8080),)
+    )
     w.service("db", networks=("back",), endpoint_mode="dnsrr")
     w.task("web", "10.1.0.10", {80: 31001})
     w.task("web", "10.1.0.11", {80: 31002})
@@ -100,8 +102,7 @@ def test_network_scoping(world: World) -> None:
 
 def test_ingress_has_no_names(world: World) -> None:
     assert world.ask("web.ingress") is FORWARD
-    ingress_vip = next(v.address for v in world.store.service("web").vips
-                       if v.network == "ingress")
+    ingress_vip = next(v.address for v in world.store.service("web").vips if v.network == "ingress")
     reverse = ".".join(reversed(ingress_vip.split("."))) + ".in-addr.arpa"
     assert world.ask(reverse, "PTR").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
 
@@ -126,7 +127,9 @@ def test_srv_gives_each_task_and_its_real_port(world: World) -> None:
     assert isinstance(reply, DNSRecord)
     assert sorted(r.rdata.port for r in reply.rr) == [31001, 31002]
     assert sorted(str(r.rdata) for r in reply.ar if r.rtype == QTYPE.A) == [
-        "10.1.0.10", "10.1.0.11"]
+        "10.1.0.10",
+        "10.1.0.11",
+    ]
     assert world.ask("_8080._tcp.web", "SRV").rr  # type: ignore[union-attr]
     assert world.ask("_81._tcp.web", "SRV").header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]
 
@@ -162,19 +165,23 @@ def soa_of(reply: object) -> tuple[str, int, int] | None:
     return str(soa.rname), int(soa.ttl), int(soa.rdata.times[4])
 
 
-@pytest.mark.parametrize(("name", "qtype", "source", "zone"), [
-    ("tasks.nope", "A", HOST, "nope."),
-    ("nope.front", "A", HOST, "front."),
-    ("nope.mesh", "A", HOST, "mesh."),
-    ("tasks.nope.mesh", "A", HOST, "mesh."),
-    ("tasks.nope.front", "A", HOST, "front."),
-    ("tasks.db", "A", "10.1.0.50", "db."),  # a service another network cannot see
-    ("db.back", "A", "10.1.0.50", "back."),
-    ("_81._tcp.web", "SRV", HOST, "web."),
-    ("99.0.2.10.in-addr.arpa", "PTR", HOST, "0.2.10.in-addr.arpa."),
-])
-def test_nxdomain_in_mesh_space_carries_the_zones_soa(world: World, name: str, qtype: str,
-                                                      source: str, zone: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "qtype", "source", "zone"),
+    [
+        ("tasks.nope", "A", HOST, "nope."),
+        ("nope.front", "A", HOST, "front."),
+        ("nope.mesh", "A", HOST, "mesh."),
+        ("tasks.nope.mesh", "A", HOST, "mesh."),
+        ("tasks.nope.front", "A", HOST, "front."),
+        ("tasks.db", "A", "10.1.0.50", "db."),  # a service another network cannot see
+        ("db.back", "A", "10.1.0.50", "back."),
+        ("_81._tcp.web", "SRV", HOST, "web."),
+        ("99.0.2.10.in-addr.arpa", "PTR", HOST, "0.2.10.in-addr.arpa."),
+    ],
+)
+def test_nxdomain_in_mesh_space_carries_the_zones_soa(
+    world: World, name: str, qtype: str, source: str, zone: str
+) -> None:
     """Issue 14, item 5: RFC 2308 §3, so that resolvers cache the NXDOMAIN for the DNS TTL."""
     for tcp in (False, True):
         reply = world.ask(name, qtype, source=source, tcp=tcp)
@@ -182,8 +189,7 @@ def test_nxdomain_in_mesh_space_carries_the_zones_soa(world: World, name: str, q
         assert soa_of(reply) == (zone, 5, 5)
         assert soa_of(world.ask(name, qtype, source=source, tcp=tcp)) == (zone, 5, 5)  # cached
     soa = world.responder.soa(zone.rstrip("."))
-    assert (str(soa.rdata.mname), str(soa.rdata.rname)) == (f"ns.dns.{zone}",
-                                                            f"hostmaster.{zone}")
+    assert (str(soa.rdata.mname), str(soa.rdata.rname)) == (f"ns.dns.{zone}", f"hostmaster.{zone}")
 
 
 def test_nodata_carries_the_soa_and_answers_none(world: World) -> None:
@@ -306,8 +312,9 @@ def test_records_list_what_each_view_is_answered(world: World) -> None:
 # -- issue 13: what a client varies freely makes no cache entries; bad names; BADVERS ----------
 
 
-def padded_variants(name: str, count: int, padding: int = 300, qtype: str = "A",
-                    edns: bool = False) -> list[bytes]:
+def padded_variants(
+    name: str, count: int, padding: int = 300, qtype: str = "A", edns: bool = False
+) -> list[bytes]:
     """`count` queries for one question, each with distinct trailing garbage after it."""
     query = DNSRecord(DNSHeader(id=0x1234, rd=1), q=DNSQuestion(name, getattr(QTYPE, qtype)))
     if edns:
@@ -327,8 +334,10 @@ def test_padded_queries_share_one_cache_entry(world: World, edns: bool) -> None:
         assert isinstance(reply, bytes)
         parsed = DNSRecord.parse(reply)
         assert parsed.header.id == 0x1234 and addresses(parsed) == ["10.1.0.10", "10.1.0.11"]
-    print(f"\n500 padded variants: {len(responder.cache)} cache entry, "
-          f"{responder.cache.size_bytes} bytes")
+    print(
+        f"\n500 padded variants: {len(responder.cache)} cache entry, "
+        f"{responder.cache.size_bytes} bytes"
+    )
     assert (entries, responder.cache.size_bytes) == (1, size)
     assert len(responder.cache) == 1
 
@@ -358,8 +367,11 @@ def test_case_variants_share_one_entry_and_get_their_own_case_back(world: World)
 def test_rd_and_do_are_part_of_the_key_other_header_bits_are_not(world: World) -> None:
     responder = world.responder
     for flags in (0x0100, 0x0120, 0x0110, 0x0130):  # RD with AD and/or CD
-        data = (5).to_bytes(2, "big") + flags.to_bytes(2, "big") + bytes(
-            DNSRecord.question("web").pack())[4:]
+        data = (
+            (5).to_bytes(2, "big")
+            + flags.to_bytes(2, "big")
+            + bytes(DNSRecord.question("web").pack())[4:]
+        )
         parsed = DNSRecord.parse(responder.respond(data, HOST))  # type: ignore[arg-type]
         assert parsed.header.rd == 1 and addresses(parsed) == ["10.1.0.2"]
     assert len(responder.cache) == 1
@@ -368,7 +380,8 @@ def test_rd_and_do_are_part_of_the_key_other_header_bits_are_not(world: World) -
     with_do = DNSRecord.question("web")
     with_do.add_ar(EDNS0(udp_len=1232, flags="do"))
     assert addresses(DNSRecord.parse(responder.respond(bytes(with_do.pack()), HOST))) == [  # type: ignore[arg-type]
-        "10.1.0.2"]
+        "10.1.0.2"
+    ]
     assert len(responder.cache) == 3
 
 

@@ -17,11 +17,13 @@ class Clock:
         return self.now
 
 
-def make_pool(*upstreams: Upstream, base: float = 5.0,
-              cap: float = 40.0) -> tuple[UpstreamPool, Clock]:
+def make_pool(
+    *upstreams: Upstream, base: float = 5.0, cap: float = 40.0
+) -> tuple[UpstreamPool, Clock]:
     clock = Clock()
-    return UpstreamPool(upstreams or (A, B, C), clock=clock, backoff_base=base,
-                        backoff_max=cap), clock
+    return UpstreamPool(
+        upstreams or (A, B, C), clock=clock, backoff_base=base, backoff_max=cap
+    ), clock
 
 
 def fail(pool: UpstreamPool, upstream: Upstream) -> None:

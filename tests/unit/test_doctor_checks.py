@@ -12,15 +12,22 @@ A, B = Real("10.0.0.5", 80), Real("10.0.0.6", 80)
 
 def healthy() -> Facts:
     table = {KEY: VirtualService(KEY, ServiceOptions(), {A: 1})}
-    return Facts(node="n1", agent_pid=10, agent_pids={10, 11},
-                 listeners=[Listener("gossip", "udp", "10.0.0.1", 7946, True)],
-                 dns={"web": (["10.0.1.2"], ["10.0.1.2"])}, lb_backend="nftables",
-                 lb_programmed=table, lb_desired=dict(table),
-                 local_tasks={("web.1.x", "10.0.0.5", 80): None},
-                 members=[{"name": "n1", "status": "alive"},
-                          {"name": "n2", "status": "alive", "address": "10.0.0.2",
-                           "port": 7946}],
-                 published=[("tcp", 8080, True)])
+    return Facts(
+        node="n1",
+        agent_pid=10,
+        agent_pids={10, 11},
+        listeners=[Listener("gossip", "udp", "10.0.0.1", 7946, True)],
+        dns={"web": (["10.0.1.2"], ["10.0.1.2"])},
+        lb_backend="nftables",
+        lb_programmed=table,
+        lb_desired=dict(table),
+        local_tasks={("web.1.x", "10.0.0.5", 80): None},
+        members=[
+            {"name": "n1", "status": "alive"},
+            {"name": "n2", "status": "alive", "address": "10.0.0.2", "port": 7946},
+        ],
+        published=[("tcp", 8080, True)],
+    )
 
 
 def failures(facts: Facts) -> list[str]:
@@ -35,8 +42,9 @@ def test_a_healthy_node_has_no_failure() -> None:
 
 def test_each_fault_is_named() -> None:
     facts = healthy()
-    facts.listeners.append(Listener("published port of api", "tcp", ANY_ADDRESS, 9090, False,
-                                    4242, "python3"))
+    facts.listeners.append(
+        Listener("published port of api", "tcp", ANY_ADDRESS, 9090, False, 4242, "python3")
+    )
     facts.local_tasks[("web.2.y", "10.0.0.6", 80)] = "Connection refused"
     facts.members.append({"name": "n3", "status": "dead", "address": "10.0.0.3", "port": 7946})
     assert facts.lb_programmed is not None
@@ -55,19 +63,23 @@ def test_each_fault_is_named() -> None:
 
 def test_lb_drift_words() -> None:
     other = VirtualKey("udp", "10.0.1.2", 53)
-    programmed = {KEY: VirtualService(KEY, ServiceOptions(), {A: 1}),
-                  other: VirtualService(other, ServiceOptions(), {})}
+    programmed = {
+        KEY: VirtualService(KEY, ServiceOptions(), {A: 1}),
+        other: VirtualService(other, ServiceOptions(), {}),
+    }
     desired = {KEY: VirtualService(KEY, ServiceOptions(), {A: 0, B: 1})}
     assert lb_drift(programmed, desired) == [
         "stale virtual service udp/10.0.1.2:53: programmed, but nothing in the state wants it",
         "real server 10.0.0.5:80 under tcp/0.0.0.0:8080 has weight 1, the state says 0",
-        "missing real server 10.0.0.6:80 under tcp/0.0.0.0:8080"]
+        "missing real server 10.0.0.6:80 under tcp/0.0.0.0:8080",
+    ]
 
 
 def test_a_kernel_backend_needs_no_socket_but_a_userspace_one_does() -> None:
     facts = healthy()
-    facts.listeners = [Listener("published port", "tcp", ANY_ADDRESS, 8080, False,
-                                required_listener=False)]
+    facts.listeners = [
+        Listener("published port", "tcp", ANY_ADDRESS, 8080, False, required_listener=False)
+    ]
     assert failures(facts) == []
     facts.listeners = [Listener("published port", "tcp", ANY_ADDRESS, 8080, False)]
     assert failures(facts) == ["nothing listens for published port on 0.0.0.0:8080/tcp"]
@@ -81,17 +93,21 @@ def test_proc_net_addresses() -> None:
 
 def test_a_full_or_nearly_full_network_is_a_finding_with_a_hint() -> None:
     facts = healthy()
-    facts.networks = [("ingress", "127.16.0.0/16", 12), ("back", "10.0.1.0/24", 253),
-                      ("front", "10.0.2.0/24", 228), ("mid", "10.0.3.0/24", 227)]
+    facts.networks = [
+        ("ingress", "127.16.0.0/16", 12),
+        ("back", "10.0.1.0/24", 253),
+        ("front", "10.0.2.0/24", 228),
+        ("mid", "10.0.3.0/24", 227),
+    ]
     findings = {f.message: f for f in check_all(facts) if f.check == "network"}
     full = findings["network back (10.0.1.0/24) is full: all 253 addresses are VIPs of services"]
-    nearly = findings["network front (10.0.2.0/24) is nearly full: 228 of 253 addresses are "
-                      "VIPs (90%)"]
+    nearly = findings[
+        "network front (10.0.2.0/24) is nearly full: 228 of 253 addresses are VIPs (90%)"
+    ]
     assert full.status == nearly.status == "fail"
     assert "larger --subnet" in full.hint and "back" in full.hint
     assert findings["network mid (10.0.3.0/24): 227 of 253 addresses in use"].status == "ok"
-    assert findings["network ingress (127.16.0.0/16): 12 of 65533 addresses in use"].status \
-        == "ok"
+    assert findings["network ingress (127.16.0.0/16): 12 of 65533 addresses in use"].status == "ok"
     facts.networks = [("ingress", "127.16.0.0/24", 253)]
     (ingress,) = [f for f in check_all(facts) if f.check == "network"]
     assert ingress.status == "fail" and "--ingress-subnet" in ingress.hint
@@ -102,6 +118,10 @@ def test_a_nearly_used_up_auto_port_range_is_a_finding() -> None:
     facts.auto_ports = {"tcp": 2500, "udp": 3}
     found = [f for f in check_all(facts) if f.check == "network"]
     assert [(f.status, f.message) for f in found] == [
-        ("fail", "2500 of the 2768 tcp ports of 30000-32767 (where a published port left out "
-                 "is picked) are published")]
+        (
+            "fail",
+            "2500 of the 2768 tcp ports of 30000-32767 (where a published port left out "
+            "is picked) are published",
+        )
+    ]
     assert "published_port" in found[0].hint

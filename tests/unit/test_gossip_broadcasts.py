@@ -34,7 +34,11 @@ def test_fewest_transmits_first_then_larger_then_newer() -> None:
     _push(queue, "big", _user(b"b" * 50))
     _push(queue, "small2", _user(b"t"))
     assert queue.take(1000, limit=5, max_items=4) == [
-        _user(b"b" * 50), _user(b"t"), _user(b"s"), _user(b"o")]
+        _user(b"b" * 50),
+        _user(b"t"),
+        _user(b"s"),
+        _user(b"o"),
+    ]
 
 
 def test_room_is_respected_and_smaller_ones_fill_the_gap() -> None:
@@ -88,8 +92,10 @@ class _SortAndScan:
 
     def take(self, room: int, limit: int, max_items: int) -> list[object]:
         chosen = []
-        for key in sorted(self.entries, key=lambda k: (self.entries[k][0], -self.entries[k][1],
-                                                       -self.entries[k][2])):
+        for key in sorted(
+            self.entries,
+            key=lambda k: (self.entries[k][0], -self.entries[k][1], -self.entries[k][2]),
+        ):
             if len(chosen) >= max_items or room <= 0:
                 break
             if self.entries[key][1] <= room:
@@ -102,12 +108,17 @@ class _SortAndScan:
         return chosen
 
 
-@given(st.lists(st.one_of(
-    st.tuples(st.just("push"), st.integers(0, 12), st.integers(1, 40)),
-    st.tuples(st.just("take"), st.integers(-5, 120), st.integers(1, 6))), max_size=80))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("push"), st.integers(0, 12), st.integers(1, 40)),
+            st.tuples(st.just("take"), st.integers(-5, 120), st.integers(1, 6)),
+        ),
+        max_size=80,
+    )
+)
 @settings(max_examples=300, deadline=None)
-def test_buckets_pick_exactly_what_sort_and_scan_picks(
-        ops: list[tuple[str, int, int]]) -> None:
+def test_buckets_pick_exactly_what_sort_and_scan_picks(ops: list[tuple[str, int, int]]) -> None:
     queue, reference = BroadcastQueue(max_depth=8), _SortAndScan(max_depth=8)
     for op, a, b in ops:
         if op == "push":  # a: key, b: payload length

@@ -53,20 +53,23 @@ def test_config_is_frozen_and_slotted() -> None:
     assert dataclasses.replace(cfg, packet_overhead=29).packet_budget == 1371
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"probe_interval": 0}, "probe_interval"),
-    ({"probe_timeout": 1.0}, "probe_timeout must be < probe_interval"),
-    ({"gossip_interval": -1}, "gossip_interval"),
-    ({"push_pull_interval": -1}, "push_pull_interval"),
-    ({"indirect_checks": -1}, "indirect_checks"),
-    ({"retransmit_mult": 0}, "retransmit_mult"),
-    ({"gossip_nodes": 0}, "gossip_nodes"),
-    ({"awareness_max_multiplier": 0}, "awareness_max_multiplier"),
-    ({"udp_buffer_size": 100}, "udp_buffer_size"),
-    ({"udp_buffer_size": 70000}, "udp_buffer_size"),
-    ({"packet_overhead": 1300}, "packet_overhead"),
-    ({"tombstone_timeout": 1.0}, "tombstone_timeout"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"probe_interval": 0}, "probe_interval"),
+        ({"probe_timeout": 1.0}, "probe_timeout must be < probe_interval"),
+        ({"gossip_interval": -1}, "gossip_interval"),
+        ({"push_pull_interval": -1}, "push_pull_interval"),
+        ({"indirect_checks": -1}, "indirect_checks"),
+        ({"retransmit_mult": 0}, "retransmit_mult"),
+        ({"gossip_nodes": 0}, "gossip_nodes"),
+        ({"awareness_max_multiplier": 0}, "awareness_max_multiplier"),
+        ({"udp_buffer_size": 100}, "udp_buffer_size"),
+        ({"udp_buffer_size": 70000}, "udp_buffer_size"),
+        ({"packet_overhead": 1300}, "packet_overhead"),
+        ({"tombstone_timeout": 1.0}, "tombstone_timeout"),
+    ],
+)
 def test_invalid_values_are_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(GossipConfig.lan(), **changes)
@@ -78,16 +81,20 @@ def test_push_pull_zero_disables_periodic_sync() -> None:
 
 
 # gossip-anchors.md §3.2: retransmits, suspicion min/max and push-pull period at LAN defaults.
-@pytest.mark.parametrize(("n", "retransmits", "min_s", "max_s", "push_pull_s"), [
-    (10, 8, 4.0, 24.0, 30.0),
-    (50, 8, 6.792, 40.752, 60.0),
-    (100, 12, 8.0, 48.0, 90.0),
-    (200, 12, 9.204, 55.224, 120.0),
-    (1000, 16, 12.0, 72.0, 180.0),
-    (10000, 20, 16.0, 96.0, 300.0),
-])
-def test_lan_scaling_table(n: int, retransmits: int, min_s: float, max_s: float,
-                           push_pull_s: float) -> None:
+@pytest.mark.parametrize(
+    ("n", "retransmits", "min_s", "max_s", "push_pull_s"),
+    [
+        (10, 8, 4.0, 24.0, 30.0),
+        (50, 8, 6.792, 40.752, 60.0),
+        (100, 12, 8.0, 48.0, 90.0),
+        (200, 12, 9.204, 55.224, 120.0),
+        (1000, 16, 12.0, 72.0, 180.0),
+        (10000, 20, 16.0, 96.0, 300.0),
+    ],
+)
+def test_lan_scaling_table(
+    n: int, retransmits: int, min_s: float, max_s: float, push_pull_s: float
+) -> None:
     assert retransmit_limit(4, n) == retransmits
     low = suspicion_min_timeout(4, n, 1.0)
     assert low == pytest.approx(min_s)
@@ -109,26 +116,39 @@ def test_suspicion_min_never_below_one_scale(n: int) -> None:
     assert suspicion_min_timeout(4, n, 1.0) == 4.0
 
 
-@pytest.mark.parametrize(("n", "expected"), [(1, 30.0), (32, 30.0), (33, 60.0), (64, 60.0),
-                                             (65, 90.0), (128, 90.0), (129, 120.0)])
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(1, 30.0), (32, 30.0), (33, 60.0), (64, 60.0), (65, 90.0), (128, 90.0), (129, 120.0)],
+)
 def test_push_pull_scale_steps(n: int, expected: float) -> None:
     assert push_pull_scale(30.0, n) == expected
 
 
 # memberlist state_test.go TestMemberList_ProbeNode_Suspect_Dogpile: ProbeInterval 100 ms,
 # SuspicionMult 5, SuspicionMaxTimeoutMult 2; n counts ourselves.
-@pytest.mark.parametrize(("n", "confirmations", "expected"), [
-    (2, 0, 0.500), (3, 0, 0.500), (4, 0, 0.500),
-    (5, 0, 1.000), (6, 0, 1.000), (6, 1, 0.750), (6, 2, 0.604),
-    (6, 3, 0.500), (6, 4, 0.500), (6, 5, 0.500),
-])
+@pytest.mark.parametrize(
+    ("n", "confirmations", "expected"),
+    [
+        (2, 0, 0.500),
+        (3, 0, 0.500),
+        (4, 0, 0.500),
+        (5, 0, 1.000),
+        (6, 0, 1.000),
+        (6, 1, 0.750),
+        (6, 2, 0.604),
+        (6, 3, 0.500),
+        (6, 4, 0.500),
+        (6, 5, 0.500),
+    ],
+)
 def test_lifeguard_dogpile_vectors(n: int, confirmations: int, expected: float) -> None:
     k = suspicion_confirmations_wanted(5, n)
     low = suspicion_min_timeout(5, n, 0.1)
     high = suspicion_max_timeout(2, low)
     # memberlist measures 604 ms with a tolerance; the exact value 603.76 ms floors to 603.
     assert suspicion_timeout(min(confirmations, k), k, low, high) == pytest.approx(
-        expected, abs=0.0011)
+        expected, abs=0.0011
+    )
 
 
 def test_confirmations_wanted() -> None:
@@ -139,16 +159,20 @@ def test_confirmations_wanted() -> None:
 
 
 # memberlist suspicion_test.go TestSuspicion_remainingSuspicionTime (exact, floored to ms).
-@pytest.mark.parametrize(("n", "k", "elapsed", "low", "high", "expected"), [
-    (0, 3, 0.0, 2.0, 30.0, 30.0),
-    (1, 3, 2.0, 2.0, 30.0, 14.0),
-    (2, 3, 3.0, 2.0, 30.0, 4.81),
-    (3, 3, 4.0, 2.0, 30.0, -2.0),
-    (4, 3, 5.0, 2.0, 30.0, -3.0),
-    (5, 3, 10.0, 2.0, 30.0, -8.0),
-])
-def test_remaining_suspicion_time(n: int, k: int, elapsed: float, low: float, high: float,
-                                  expected: float) -> None:
+@pytest.mark.parametrize(
+    ("n", "k", "elapsed", "low", "high", "expected"),
+    [
+        (0, 3, 0.0, 2.0, 30.0, 30.0),
+        (1, 3, 2.0, 2.0, 30.0, 14.0),
+        (2, 3, 3.0, 2.0, 30.0, 4.81),
+        (3, 3, 4.0, 2.0, 30.0, -2.0),
+        (4, 3, 5.0, 2.0, 30.0, -3.0),
+        (5, 3, 10.0, 2.0, 30.0, -8.0),
+    ],
+)
+def test_remaining_suspicion_time(
+    n: int, k: int, elapsed: float, low: float, high: float, expected: float
+) -> None:
     assert remaining_suspicion_time(n, k, elapsed, low, high) == pytest.approx(expected)
 
 

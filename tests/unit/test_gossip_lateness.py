@@ -26,6 +26,7 @@ LAN = GossipConfig.lan()
 
 # -- the pieces ---------------------------------------------------------------------------
 
+
 def test_meter_takes_the_upper_quantile_of_recent_round_trips() -> None:
     meter = LatenessMeter(window=30.0)
     for i in range(3):
@@ -63,6 +64,7 @@ def test_patience_lasts_the_ttl() -> None:
 
 # -- one core, peers that answer late -------------------------------------------------------
 
+
 def addr(name: str) -> Addr:
     return (f"10.1.0.{ord(name) - 96}", 7946)
 
@@ -74,10 +76,12 @@ class LateWorld:
     """Core "a" among scripted peers; `delay[name]` is how late that peer reads packets,
     `our_delay` how late "a" reads them (its slow receive path)."""
 
-    def __init__(self, peers: str = "bcdefg", *, config: GossipConfig = LAN,
-                 lifeguard: bool = True) -> None:
-        self.core = Membership(config, "a", addr("a"), rng=random.Random(3), now=0.0,
-                               lifeguard=lifeguard)
+    def __init__(
+        self, peers: str = "bcdefg", *, config: GossipConfig = LAN, lifeguard: bool = True
+    ) -> None:
+        self.core = Membership(
+            config, "a", addr("a"), rng=random.Random(3), now=0.0, lifeguard=lifeguard
+        )
         self.now = 0.0
         self.delay = dict.fromkeys(peers, 0.002)
         self.our_delay = 0.002
@@ -104,12 +108,16 @@ class LateWorld:
                 reply = self._reply(to, message)
                 if reply is not None:
                     # the peer reads late, answers at once; we read its answer late too
-                    self._later(self.now + self.delay[to] + self.our_delay,
-                                partial(self.deliver, [reply], packet.to))
+                    self._later(
+                        self.now + self.delay[to] + self.our_delay,
+                        partial(self.deliver, [reply], packet.to),
+                    )
         for stream in self.core.streams_to_open():  # TCP pings
             if self.tcp_answers and isinstance(stream.message, Ping):
-                self._later(self.now + self.tcp_delay,
-                            partial(self._stream_answer, Ack(seq=stream.message.seq), stream.to))
+                self._later(
+                    self.now + self.tcp_delay,
+                    partial(self._stream_answer, Ack(seq=stream.message.seq), stream.to),
+                )
             else:
                 self.core.handle_stream_reply(None, stream.to, self.now)
 
@@ -127,8 +135,10 @@ class LateWorld:
     def run(self, until: float) -> None:
         while True:
             due = self.core.next_timer()
-            nxt = min(due if due is not None else math.inf,
-                      self.pending[0][0] if self.pending else math.inf)
+            nxt = min(
+                due if due is not None else math.inf,
+                self.pending[0][0] if self.pending else math.inf,
+            )
             if nxt > until:
                 break
             self.now = nxt
@@ -164,11 +174,13 @@ def test_a_relay_passes_on_a_late_target_s_ack_for_as_long_as_it_announced() -> 
     world.delay["c"] = 2.0
     world.deliver([Alive(incarnation=5, node="c", addr=addr("c"), lateness_ms=2000)], addr("c"))
     start = world.now
-    world.deliver([IndirectPing(seq=77, target="c", target_addr=addr("c"), source="b")],
-                  addr("b"))
+    world.deliver([IndirectPing(seq=77, target="c", target_addr=addr("c"), source="b")], addr("b"))
     world.run(start + 0.5 + MARGIN * 2.0)
-    to_b = [(round(t - start, 3), m) for t, to, m in world.sent
-            if to == "b" and isinstance(m, Nack | Ack)]
+    to_b = [
+        (round(t - start, 3), m)
+        for t, to, m in world.sent
+        if to == "b" and isinstance(m, Nack | Ack)
+    ]
     # The nack on the usual schedule (the prober counts it), then c's ack, 2 s late,
     # still passed on: without c's announcement the relay forgets it at 0.5 s.
     assert to_b == [(0.4, Nack(seq=77)), (2.002, Ack(seq=77))]
@@ -237,8 +249,10 @@ def test_a_direct_ack_that_lost_to_the_tcp_ping_is_measured_all_the_same() -> No
 
 
 def test_without_lifeguard_or_with_lateness_off_nothing_changes() -> None:
-    for world in (LateWorld(lifeguard=False),
-                  LateWorld(config=dataclasses.replace(LAN, lateness=False))):
+    for world in (
+        LateWorld(lifeguard=False),
+        LateWorld(config=dataclasses.replace(LAN, lateness=False)),
+    ):
         world.our_delay = 1.4
         world.run(100.0)
         assert world.suspected()
@@ -248,10 +262,16 @@ def test_without_lifeguard_or_with_lateness_off_nothing_changes() -> None:
 
 # -- the simulated cluster ---------------------------------------------------------------------
 
+
 def test_in_the_simulator_slow_nodes_are_suspected_far_less() -> None:
     on = false_positives(30, seconds=120.0, slow_fraction=0.1, seed=2)
-    memberlist = false_positives(30, seconds=120.0, slow_fraction=0.1, seed=2,
-                                 config=dataclasses.replace(LAN, lateness=False))
+    memberlist = false_positives(
+        30,
+        seconds=120.0,
+        slow_fraction=0.1,
+        seed=2,
+        config=dataclasses.replace(LAN, lateness=False),
+    )
     assert on.false_deaths == memberlist.false_deaths == 0
     assert on.of_slow * 3 < memberlist.of_slow, (on, memberlist)
     assert on.core_stats["lateness_announcements"] >= len(on.slow)

@@ -31,36 +31,50 @@ def test_table_covers_every_pair() -> None:
     assert set(PRECEDENCE) == set(itertools.product(MemberState, MemberState))
 
 
-@pytest.mark.parametrize(("held", "incoming", "delta", "wins"), [
-    (MemberState.ALIVE, MemberState.ALIVE, 0, False),
-    (MemberState.ALIVE, MemberState.ALIVE, 1, True),
-    (MemberState.ALIVE, MemberState.SUSPECT, 0, True),   # suspect overrides alive at equal inc
-    (MemberState.SUSPECT, MemberState.ALIVE, 0, False),  # refuting needs a higher inc
-    (MemberState.SUSPECT, MemberState.ALIVE, 1, True),
-    (MemberState.SUSPECT, MemberState.DEAD, 0, True),    # dead overrides suspect
-    (MemberState.DEAD, MemberState.ALIVE, 0, False),     # the dead come back only with a higher inc
-    (MemberState.DEAD, MemberState.ALIVE, 1, True),
-    (MemberState.DEAD, MemberState.SUSPECT, 0, False),
-    (MemberState.DEAD, MemberState.LEFT, 0, True),       # a graceful leave outranks a failure
-    (MemberState.LEFT, MemberState.DEAD, 0, False),
-    (MemberState.ALIVE, MemberState.DEAD, -1, False),    # stale news never wins
-])
-def test_precedence_cases(held: MemberState, incoming: MemberState, delta: int,
-                          wins: bool) -> None:
+@pytest.mark.parametrize(
+    ("held", "incoming", "delta", "wins"),
+    [
+        (MemberState.ALIVE, MemberState.ALIVE, 0, False),
+        (MemberState.ALIVE, MemberState.ALIVE, 1, True),
+        (MemberState.ALIVE, MemberState.SUSPECT, 0, True),  # suspect overrides alive at equal inc
+        (MemberState.SUSPECT, MemberState.ALIVE, 0, False),  # refuting needs a higher inc
+        (MemberState.SUSPECT, MemberState.ALIVE, 1, True),
+        (MemberState.SUSPECT, MemberState.DEAD, 0, True),  # dead overrides suspect
+        (
+            MemberState.DEAD,
+            MemberState.ALIVE,
+            0,
+            False,
+        ),  # the dead come back only with a higher inc
+        (MemberState.DEAD, MemberState.ALIVE, 1, True),
+        (MemberState.DEAD, MemberState.SUSPECT, 0, False),
+        (MemberState.DEAD, MemberState.LEFT, 0, True),  # a graceful leave outranks a failure
+        (MemberState.LEFT, MemberState.DEAD, 0, False),
+        (MemberState.ALIVE, MemberState.DEAD, -1, False),  # stale news never wins
+    ],
+)
+def test_precedence_cases(held: MemberState, incoming: MemberState, delta: int, wins: bool) -> None:
     assert supersedes(_info(held, 5), incoming, 5 + delta) is wins
 
 
-@given(st.sampled_from(MemberState), st.sampled_from(MemberState),
-       st.integers(0, 5), st.integers(0, 5))
+@given(
+    st.sampled_from(MemberState), st.sampled_from(MemberState), st.integers(0, 5), st.integers(0, 5)
+)
 def test_precedence_is_lexicographic_on_incarnation_then_rank(
-        held: MemberState, incoming: MemberState, held_inc: int, new_inc: int) -> None:
+    held: MemberState, incoming: MemberState, held_inc: int, new_inc: int
+) -> None:
     expected = (new_inc, RANK[incoming]) > (held_inc, RANK[held])
     assert supersedes(_info(held, held_inc), incoming, new_inc) is expected
 
 
-updates = st.lists(st.tuples(st.sampled_from(["alive", "suspect", "dead", "leave"]),
-                             st.integers(0, 4), st.sampled_from(["b", "c", "a"])),
-                   max_size=12)
+updates = st.lists(
+    st.tuples(
+        st.sampled_from(["alive", "suspect", "dead", "leave"]),
+        st.integers(0, 4),
+        st.sampled_from(["b", "c", "a"]),
+    ),
+    max_size=12,
+)
 
 
 def _update(kind: str, incarnation: int, sender: str) -> Message:
@@ -72,10 +86,10 @@ def _update(kind: str, incarnation: int, sender: str) -> Message:
 
 
 def _final_state(order: list[tuple[str, int, str]], seed: int) -> tuple[MemberState, int]:
-    core = Membership(GossipConfig.lan(), "a", ("10.0.0.1", 7946),
-                      rng=random.Random(seed), now=0.0)
-    core.handle_packet([Alive(incarnation=0, node="x", addr=("10.0.0.9", 7946))],
-                       ("10.0.0.9", 7946), 0.0)
+    core = Membership(GossipConfig.lan(), "a", ("10.0.0.1", 7946), rng=random.Random(seed), now=0.0)
+    core.handle_packet(
+        [Alive(incarnation=0, node="x", addr=("10.0.0.9", 7946))], ("10.0.0.9", 7946), 0.0
+    )
     for kind, incarnation, sender in order:
         core.handle_packet([_update(kind, incarnation, sender)], ("10.0.0.2", 7946), 1.0)
     (x,) = [m for m in core.members() if m.name == "x"]
@@ -83,8 +97,9 @@ def _final_state(order: list[tuple[str, int, str]], seed: int) -> tuple[MemberSt
 
 
 @given(updates, st.randoms(use_true_random=False))
-def test_any_interleaving_converges(order: list[tuple[str, int, str]],
-                                    shuffler: random.Random) -> None:
+def test_any_interleaving_converges(
+    order: list[tuple[str, int, str]], shuffler: random.Random
+) -> None:
     """SWIM precedence is a join semilattice: two tables fed the same updates in any
     order end in the same state, the maximum by (incarnation, rank)."""
     other = order[:]
@@ -97,8 +112,12 @@ def test_any_interleaving_converges(order: list[tuple[str, int, str]],
 
 
 def _state_of(kind: str) -> MemberState:
-    return {"alive": MemberState.ALIVE, "suspect": MemberState.SUSPECT,
-            "dead": MemberState.DEAD, "leave": MemberState.LEFT}[kind]
+    return {
+        "alive": MemberState.ALIVE,
+        "suspect": MemberState.SUSPECT,
+        "dead": MemberState.DEAD,
+        "leave": MemberState.LEFT,
+    }[kind]
 
 
 def test_member_table_indexes_addresses() -> None:

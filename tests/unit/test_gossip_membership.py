@@ -75,11 +75,26 @@ class Recorder:
 class Peers:
     """Scripted peers around the core under test."""
 
-    def __init__(self, peers: str = "bcd", *, up: str | None = None, nack: bool = True,
-                 lifeguard: bool = True, config: GossipConfig = LAN, seed: int = 0) -> None:
+    def __init__(
+        self,
+        peers: str = "bcd",
+        *,
+        up: str | None = None,
+        nack: bool = True,
+        lifeguard: bool = True,
+        config: GossipConfig = LAN,
+        seed: int = 0,
+    ) -> None:
         self.delegate = Recorder()
-        self.core = Membership(config, "a", addr("a"), rng=random.Random(seed), now=0.0,
-                               state=self.delegate, lifeguard=lifeguard)
+        self.core = Membership(
+            config,
+            "a",
+            addr("a"),
+            rng=random.Random(seed),
+            now=0.0,
+            state=self.delegate,
+            lifeguard=lifeguard,
+        )
         self.up = set(peers if up is None else up)
         self.nack = nack
         self.now = 0.0
@@ -118,8 +133,13 @@ class Peers:
                 self.core.handle_packet([Nack(seq=message.seq)], to, self.now)
 
     def sent(self, kind: type[M], since: float = 0.0) -> list[tuple[float, str, M]]:
-        return [(t, NAMES[p.to], m) for t, p in self.log if t >= since
-                for m in p.messages if isinstance(m, kind)]
+        return [
+            (t, NAMES[p.to], m)
+            for t, p in self.log
+            if t >= since
+            for m in p.messages
+            if isinstance(m, kind)
+        ]
 
     def of(self, kind: type[E]) -> list[tuple[float, E]]:
         return [(t, e) for t, e in self.events if isinstance(e, kind)]
@@ -231,8 +251,9 @@ def test_refutation_outbids_the_accuser() -> None:
 
 def test_restarted_node_bumps_above_its_previous_life() -> None:
     world = Peers("b")
-    remote = PushPull(nodes=(NodeState(name="a", addr=addr("a"), incarnation=7,
-                                       state=MemberState.ALIVE),))
+    remote = PushPull(
+        nodes=(NodeState(name="a", addr=addr("a"), incarnation=7, state=MemberState.ALIVE),)
+    )
     world.core.handle_stream_reply(remote, addr("b"), 0.0)
     assert world.core.incarnation == 8
     world.feed([Dead(incarnation=9, node="a", sender="a")], "b")  # an old graceful leave
@@ -253,8 +274,11 @@ def test_buddy_system_pings_a_suspect_with_its_suspicion() -> None:
 def test_buddy_target_refutes_in_its_ack() -> None:
     b = Membership(LAN, "b", addr("b"), rng=random.Random(1), now=0.0)
     b.packets_to_send()
-    b.handle_packet([Ping(seq=9, target="b", source="a"),
-                     Suspect(incarnation=0, node="b", sender="a")], addr("a"), 1.0)
+    b.handle_packet(
+        [Ping(seq=9, target="b", source="a"), Suspect(incarnation=0, node="b", sender="a")],
+        addr("a"),
+        1.0,
+    )
     (ack,) = b.packets_to_send()
     assert ack.to == addr("a") and ack.messages[0] == Ack(seq=9)
     assert Alive(incarnation=1, node="b", addr=addr("b")) in ack.messages
@@ -331,8 +355,9 @@ def test_relaying_an_indirect_probe() -> None:
 def test_relay_nacks_when_the_target_is_silent() -> None:
     world = Peers("bcd", up="")
     world.feed([IndirectPing(seq=42, target="d", target_addr=addr("d"), source="c")], "c")
-    world.feed([IndirectPing(seq=43, target="d", target_addr=addr("d"), source="b",
-                             nack=False)], "b")
+    world.feed(
+        [IndirectPing(seq=43, target="d", target_addr=addr("d"), source="b", nack=False)], "b"
+    )
     # 80% of the 0.5 s a prober has left after asking: the nack beats its deadline.
     world.run(0.4 - 1e-9)
     assert world.sent(Nack) == []
@@ -408,6 +433,7 @@ def test_every_packet_fits_the_budget_and_carries_broadcasts() -> None:
         world.core.broadcast(bytes([i]) * 100)
     world.run(3.0)
     from gossip import codec
+
     for _, packet in world.log:
         assert codec.packet_size(packet.messages) <= 1300
     first_ping = next(p for _, p in world.log if isinstance(p.messages[0], Ping))
@@ -429,11 +455,14 @@ def test_push_pull_join_and_serve() -> None:
     assert request.to == addr("b") and request.message.join
     assert request.message.user_state == b"join-state"
     assert [n.name for n in request.message.nodes] == ["a"]
-    reply = PushPull(nodes=(NodeState(name="b", addr=addr("b"), incarnation=3,
-                                      state=MemberState.ALIVE),
-                            NodeState(name="c", addr=addr("c"), incarnation=1,
-                                      state=MemberState.DEAD)),
-                     join=True, user_state=b"theirs")
+    reply = PushPull(
+        nodes=(
+            NodeState(name="b", addr=addr("b"), incarnation=3, state=MemberState.ALIVE),
+            NodeState(name="c", addr=addr("c"), incarnation=1, state=MemberState.DEAD),
+        ),
+        join=True,
+        user_state=b"theirs",
+    )
     world.core.handle_stream_reply(reply, addr("b"), 0.0)
     assert world.member("b").incarnation == 3
     assert "c" not in {m.name for m in world.core.members()}  # unknown + dead: ignored
@@ -454,8 +483,9 @@ def test_periodic_push_pull_with_a_random_live_peer() -> None:
 
 def test_remote_dead_becomes_our_suspicion() -> None:
     world = Peers("bc")
-    remote = PushPull(nodes=(NodeState(name="c", addr=addr("c"), incarnation=0,
-                                       state=MemberState.DEAD),))
+    remote = PushPull(
+        nodes=(NodeState(name="c", addr=addr("c"), incarnation=0, state=MemberState.DEAD),)
+    )
     world.core.handle_stream(remote, addr("b"), 0.0)
     world._answer()
     ((_, event),) = world.of(MemberSuspected)
@@ -469,8 +499,7 @@ def test_leave_is_gossiped_as_dead_from_ourselves() -> None:
     world._answer()
     assert world.member("a").state is MemberState.LEFT and world.core.left
     world.run(2.0)
-    assert (Dead(incarnation=0, node="a", sender="a")
-            in [m for _, _, m in world.sent(Dead)])
+    assert Dead(incarnation=0, node="a", sender="a") in [m for _, _, m in world.sent(Dead)]
     assert world.sent(Ping) == []  # no more probing
     world.feed([Suspect(incarnation=0, node="a", sender="b")], "b")
     assert world.core.incarnation == 0  # no refuting after leaving
@@ -530,6 +559,7 @@ def test_tcp_fallback_failure_still_suspects() -> None:
 
 def test_tcp_ping_is_answered_only_by_its_target() -> None:
     world = Peers("b")
-    assert world.core.handle_stream(Ping(seq=7, target="a", source="b"), addr("b"),
-                                    0.0) == Ack(seq=7)
+    assert world.core.handle_stream(Ping(seq=7, target="a", source="b"), addr("b"), 0.0) == Ack(
+        seq=7
+    )
     assert world.core.handle_stream(Ping(seq=8, target="z", source="b"), addr("b"), 0.0) is None

@@ -33,8 +33,7 @@ class Delegate:
 
 
 class Cluster:
-    def __init__(self, size: int, *, seed: int = 1,
-                 config: GossipConfig | None = None) -> None:
+    def __init__(self, size: int, *, seed: int = 1, config: GossipConfig | None = None) -> None:
         self.config = config or GossipConfig.local()
         self.now = 0.0
         self.cores: dict[Addr, Membership] = {}
@@ -47,8 +46,15 @@ class Cluster:
     def start(self, name: str, seed: int, incarnation: int = 0) -> Membership:
         address = (f"10.0.0.{int(name[1:]) + 1}", 7946)
         self.delegates[name] = Delegate(name)
-        core = Membership(self.config, name, address, rng=random.Random(seed), now=self.now,
-                          state=self.delegates[name], incarnation=incarnation)
+        core = Membership(
+            self.config,
+            name,
+            address,
+            rng=random.Random(seed),
+            now=self.now,
+            state=self.delegates[name],
+            incarnation=incarnation,
+        )
         self.cores[address] = core
         self.down.discard(address)
         return core
@@ -67,8 +73,9 @@ class Cluster:
                     moved = True
                     data = codec.encode_packet(packet.messages, self.config.packet_budget)
                     if packet.to in self.cores and packet.to not in self.down:
-                        self.cores[packet.to].handle_packet(codec.decode_packet(data),
-                                                            address, self.now)
+                        self.cores[packet.to].handle_packet(
+                            codec.decode_packet(data), address, self.now
+                        )
                 for request in core.streams_to_open():
                     moved = True
                     peer = self.cores.get(request.to)
@@ -145,8 +152,9 @@ def test_graceful_leave_marks_left_on_the_others() -> None:
     cluster.run(cluster.now + 1.0)
     assert cluster.view("n0")["n1"] is MemberState.LEFT
     assert cluster.view("n2")["n1"] is MemberState.LEFT
-    lefts = {who for _, who, e in cluster.events
-             if isinstance(e, MemberLeft) and e.member.name == "n1"}
+    lefts = {
+        who for _, who, e in cluster.events if isinstance(e, MemberLeft) and e.member.name == "n1"
+    }
     assert lefts == {"n0", "n1", "n2"}
     assert not any(isinstance(e, MemberFailed) for _, _, e in cluster.events)
 
@@ -157,12 +165,16 @@ def test_crash_is_detected_by_everyone() -> None:
     cluster.down.add(crashed)
     t0 = cluster.now
     cluster.run(t0 + 5.0)
-    failed = {who: t for t, who, e in cluster.events
-              if isinstance(e, MemberFailed) and e.member.name == "n3"}
+    failed = {
+        who: t
+        for t, who, e in cluster.events
+        if isinstance(e, MemberFailed) and e.member.name == "n3"
+    }
     assert set(failed) == {"n0", "n1", "n2"}
     assert max(failed.values()) - t0 < 3.0
-    assert not any(isinstance(e, MemberFailed) and e.member.name != "n3"
-                   for _, _, e in cluster.events)
+    assert not any(
+        isinstance(e, MemberFailed) and e.member.name != "n3" for _, _, e in cluster.events
+    )
 
 
 def test_restarted_node_rejoins_above_its_old_incarnation() -> None:

@@ -76,8 +76,16 @@ def test_parse_key_takes_aes_key_sizes(size: int) -> None:
     assert parse_key(" " + base64.b64encode(key).decode() + "\n") == key
 
 
-@pytest.mark.parametrize("text", ["", "not base64!", base64.b64encode(b"x" * 15).decode(),
-                                  base64.b64encode(b"x" * 33).decode(), "QUJD=ZZ"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not base64!",
+        base64.b64encode(b"x" * 15).decode(),
+        base64.b64encode(b"x" * 33).decode(),
+        "QUJD=ZZ",
+    ],
+)
 def test_parse_key_refuses_what_is_not_a_key(text: str) -> None:
     with pytest.raises(KeyringError) as caught:
         parse_key(text)
@@ -102,7 +110,7 @@ def test_seal_then_open_round_trips_with_each_key_size() -> None:
 def test_envelope_layout_is_version_nonce_ciphertext_tag() -> None:
     sealed = seal(Keyring([K1]), MESSAGE, nonce_source=fixed_nonce(7))
     assert sealed[0] == 1
-    assert sealed[1:1 + NONCE_SIZE] == bytes([7]) * NONCE_SIZE
+    assert sealed[1 : 1 + NONCE_SIZE] == bytes([7]) * NONCE_SIZE
     assert len(sealed) == 1 + NONCE_SIZE + len(MESSAGE) + TAG_SIZE
     assert MESSAGE not in sealed
 
@@ -114,7 +122,7 @@ def test_nonce_source_must_give_twelve_bytes() -> None:
 
 def test_every_seal_draws_a_fresh_nonce() -> None:
     ring = Keyring([K1])
-    nonces = {seal(ring, MESSAGE)[1:1 + NONCE_SIZE] for _ in range(20_000)}
+    nonces = {seal(ring, MESSAGE)[1 : 1 + NONCE_SIZE] for _ in range(20_000)}
     assert len(nonces) == 20_000
 
 
@@ -142,7 +150,7 @@ def test_envelope_errors_name_their_reason() -> None:
     ring = Keyring([K1])
     sealed = seal(ring, MESSAGE)
     assert reason(lambda: open_(ring, b"")) == "truncated"
-    assert reason(lambda: open_(ring, sealed[:1 + NONCE_SIZE + TAG_SIZE - 1])) == "truncated"
+    assert reason(lambda: open_(ring, sealed[: 1 + NONCE_SIZE + TAG_SIZE - 1])) == "truncated"
     assert reason(lambda: open_(ring, b"\x00" + sealed[1:])) == "bad_version"
 
 
@@ -161,7 +169,8 @@ def test_open_of_arbitrary_bytes_raises_only_security_error(data: bytes, label: 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=200), keyed=st.booleans(), label=st.binary(max_size=8))
 def test_unwrap_of_arbitrary_bytes_answers_or_raises_only_security_error(
-        data: bytes, keyed: bool, label: bytes) -> None:
+    data: bytes, keyed: bool, label: bytes
+) -> None:
     caught: SecurityError | None = None
     try:
         unwrap(data, Keyring([K1]) if keyed else None, label)
@@ -184,8 +193,9 @@ def test_plain_frame_with_label_carries_the_memberlist_header() -> None:
     assert unwrap(frame, None, b"prod") == MESSAGE
 
 
-@pytest.mark.parametrize(("sent", "expected"), [(b"", b"prod"), (b"prod", b""),
-                                                (b"prod", b"test"), (b"prod", b"prodx")])
+@pytest.mark.parametrize(
+    ("sent", "expected"), [(b"", b"prod"), (b"prod", b""), (b"prod", b"test"), (b"prod", b"prodx")]
+)
 def test_label_mismatch_without_key_is_dropped(sent: bytes, expected: bytes) -> None:
     frame = wrap(MESSAGE, None, sent)
     assert reason(lambda: unwrap(frame, None, expected)) == "label_mismatch"
@@ -310,9 +320,12 @@ def test_keyring_never_shows_its_keys() -> None:
     ring = Keyring([K1, K2])
     assert K1.hex() not in repr(ring)
     assert fingerprint(K1) in repr(ring)
-    assert security.keyring_view(ring) == {"keys": [
-        {"fingerprint": fingerprint(K1), "primary": True},
-        {"fingerprint": fingerprint(K2), "primary": False}]}
+    assert security.keyring_view(ring) == {
+        "keys": [
+            {"fingerprint": fingerprint(K1), "primary": True},
+            {"fingerprint": fingerprint(K2), "primary": False},
+        ]
+    }
 
 
 def test_copy_is_independent() -> None:
@@ -347,8 +360,7 @@ def test_saved_file_is_private_and_no_temporary_is_left(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["keyring.json"]
 
 
-def test_a_failed_save_leaves_the_old_file(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_save_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "keyring.json"
     save_keyring(path, Keyring([K1]))
 
@@ -370,12 +382,21 @@ def test_load_reads_the_hand_written_forms() -> None:
     assert decode(encode(Keyring([K3, K1]))).keys() == [K3, K1]
 
 
-@pytest.mark.parametrize("text", [
-    "", "{", "[]", "{}", "42", '{"keys": "x"}', '{"keys": [1]}',
-    json.dumps({"keys": [b64(K1)], "primary": b64(K2)}),
-    json.dumps({"keys": [b64(K1)], "primary": 1}),
-    json.dumps({"keys": ["short"]}),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "[]",
+        "{}",
+        "42",
+        '{"keys": "x"}',
+        '{"keys": [1]}',
+        json.dumps({"keys": [b64(K1)], "primary": b64(K2)}),
+        json.dumps({"keys": [b64(K1)], "primary": 1}),
+        json.dumps({"keys": ["short"]}),
+    ],
+)
 def test_load_refuses_a_bad_file_naming_it(tmp_path: Path, text: str) -> None:
     path = tmp_path / "keyring.json"
     path.write_text(text)

@@ -52,6 +52,7 @@ def everywhere(crash: Crash) -> Callable[[], bool]:
 
 # -- the clock and the network -----------------------------------------------------------
 
+
 def test_event_queue_orders_by_time_then_scheduling_order() -> None:
     queue = EventQueue()
     queue.push(2.0, CALL, 0, "c")
@@ -104,6 +105,7 @@ def test_profile_rejects_nonsense() -> None:
 
 # -- determinism -------------------------------------------------------------------------
 
+
 def _scripted_run(seed: int) -> tuple[list[str], str, list[int], str]:
     cluster = SimCluster(8, seed=seed, profile=NetProfile.lan(0.05), trace=True)
     bring_up(cluster)
@@ -111,8 +113,11 @@ def _scripted_run(seed: int) -> tuple[list[str], str, list[int], str]:
     cluster.crash(5)
     cluster.run_for(20.0)
     assert cluster.trace is not None
-    metrics = (repr(cluster.metrics.detection()), sorted(cluster.metrics.false_suspicions),
-               sorted(cluster.metrics.false_deaths))
+    metrics = (
+        repr(cluster.metrics.detection()),
+        sorted(cluster.metrics.false_suspicions),
+        sorted(cluster.metrics.false_deaths),
+    )
     return cluster.trace, repr(metrics), cluster.sent_bytes(), repr(sorted(cluster.stats.items()))
 
 
@@ -140,14 +145,23 @@ print(hashlib.sha256("\\n".join(cluster.trace or []).encode()).hexdigest())
 
 def test_runs_replay_across_processes_whatever_the_hash_seed() -> None:
     root = Path(__file__).resolve().parents[2]
-    digests = {subprocess.run([sys.executable, "-c", TRACE_DIGEST], cwd=root, check=True,
-                              capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "PYTHONHASHSEED": str(hash_seed)}).stdout
-               for hash_seed in (1, 2)}
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", TRACE_DIGEST],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+        ).stdout
+        for hash_seed in (1, 2)
+    }
     assert len(digests) == 1 and len(digests.pop().strip()) == 64
 
 
 # -- membership through the simulator ----------------------------------------------------
+
 
 def test_ten_nodes_converge_and_the_event_view_matches_members() -> None:
     cluster = up(10, seed=7)
@@ -222,7 +236,8 @@ def test_a_join_re_merges_even_after_gossip_to_the_dead_time() -> None:
 
 
 def test_slow_node_receives_late_but_sends_and_probes_on_time(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cluster = up(6, seed=2, lifeguard=False)  # no Lifeguard: the probe period stays 1 s
     sends: list[tuple[int, int, float, float | None]] = []
     real = cluster.network.packet_arrival
@@ -246,9 +261,11 @@ def test_slow_node_receives_late_but_sends_and_probes_on_time(
 
 # -- sizes and metrics -------------------------------------------------------------------
 
+
 def test_object_mode_counts_exactly_the_bytes_the_codec_would_send() -> None:
-    runs = [SimCluster(10, seed=5, profile=NetProfile.lan(0.1), wire=wire)
-            for wire in (True, False)]
+    runs = [
+        SimCluster(10, seed=5, profile=NetProfile.lan(0.1), wire=wire) for wire in (True, False)
+    ]
     for cluster in runs:
         bring_up(cluster)
         cluster.broadcast(2, b"x" * 100)
@@ -339,6 +356,7 @@ def test_a_stuck_core_timer_is_reported_not_spun_on() -> None:
 
 # -- the benchmark -----------------------------------------------------------------------
 
+
 def _load_bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gossip_sim_bench", BENCH)
     assert spec is not None and spec.loader is not None
@@ -349,7 +367,8 @@ def _load_bench() -> ModuleType:
 
 
 def test_benchmark_quick_mode_runs_and_checks_its_smoke_targets(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     bench = _load_bench()
     assert bench.main(["--quick", "--jobs", "1", "--seed", "1"]) == 0
     out = capsys.readouterr().out

@@ -29,16 +29,38 @@ HTTP = HealthCheck(type="http", path="/health", interval=1.0, timeout=0.5, retri
 TTL = HealthCheck(type="ttl", ttl=10.0)
 
 
-def service(check: HealthCheck | None = HTTP, *, name: str = "web",
-            ports: tuple[int, ...] = (80,)) -> Service:
-    return Service(name=name, id=f"s-{name}", health_check=check, ports=tuple(
-        PortConfig(protocol="tcp", target_port=p, published_port=30000 + p) for p in ports))
+def service(
+    check: HealthCheck | None = HTTP, *, name: str = "web", ports: tuple[int, ...] = (80,)
+) -> Service:
+    return Service(
+        name=name,
+        id=f"s-{name}",
+        health_check=check,
+        ports=tuple(
+            PortConfig(protocol="tcp", target_port=p, published_port=30000 + p) for p in ports
+        ),
+    )
 
 
-def task(task_id: str = "t1", *, service: str = "web", node: str = NODE,
-         health: Health = Health.STARTING, created_at: float = WALL) -> Task:
-    return Task(id=task_id, name=f"{service}.1.{task_id}", service=service, slot=1, node=node,
-                address="192.0.2.7", ports={80: 31001}, health=health, created_at=created_at)
+def task(
+    task_id: str = "t1",
+    *,
+    service: str = "web",
+    node: str = NODE,
+    health: Health = Health.STARTING,
+    created_at: float = WALL,
+) -> Task:
+    return Task(
+        id=task_id,
+        name=f"{service}.1.{task_id}",
+        service=service,
+        slot=1,
+        node=node,
+        address="192.0.2.7",
+        ports={80: 31001},
+        health=health,
+        created_at=created_at,
+    )
 
 
 def upsert(record: Service | Task, before: Service | Task | None = None) -> Change:
@@ -72,8 +94,7 @@ def test_first_pass_turns_starting_healthy() -> None:
     planner = planner_with(service(), task())
     assert planner.next_deadline() == 1.0  # one interval after registration (as Docker)
     assert planner.due(0.5) == []
-    assert probe(planner, True, 1.0) == Transition(task_id="t1", health=Health.HEALTHY,
-                                                   output="ok")
+    assert probe(planner, True, 1.0) == Transition(task_id="t1", health=Health.HEALTHY, output="ok")
     assert planner.next_deadline() == 2.0
     assert probe(planner, True, 2.0) is None  # no transition, nothing to report
 
@@ -81,8 +102,9 @@ def test_first_pass_turns_starting_healthy() -> None:
 def test_order_names_the_actual_port_and_the_check() -> None:
     planner = planner_with(service(), task())
     (order,) = planner.due(1.0)
-    assert order == ProbeOrder(task_id="t1", token=order.token, check=HTTP,
-                               host="192.0.2.7", port=31001)
+    assert order == ProbeOrder(
+        task_id="t1", token=order.token, check=HTTP, host="192.0.2.7", port=31001
+    )
 
 
 def test_check_port_is_mapped_and_no_port_is_none() -> None:
@@ -100,8 +122,9 @@ def test_retries_consecutive_failures_turn_unhealthy_not_before() -> None:
     assert probe(planner, True, 4.0) is None  # a pass breaks the run
     assert probe(planner, False, 5.0) is None
     assert probe(planner, False, 6.0) is None
-    assert probe(planner, False, 7.0) == Transition(task_id="t1", health=Health.UNHEALTHY,
-                                                    output="HTTP 500")
+    assert probe(planner, False, 7.0) == Transition(
+        task_id="t1", health=Health.UNHEALTHY, output="HTTP 500"
+    )
     assert probe(planner, False, 8.0) is None  # already unhealthy
 
 
@@ -116,8 +139,7 @@ def test_starting_task_that_never_passes_turns_unhealthy() -> None:
 def test_recovery_is_immediate() -> None:
     planner = planner_with(service(dataclasses.replace(HTTP, retries=1)), task())
     assert probe(planner, False, 1.0) is not None
-    assert probe(planner, True, 2.0) == Transition(task_id="t1", health=Health.HEALTHY,
-                                                   output="ok")
+    assert probe(planner, True, 2.0) == Transition(task_id="t1", health=Health.HEALTHY, output="ok")
 
 
 def test_failures_inside_start_period_do_not_count() -> None:
@@ -166,13 +188,15 @@ def test_ttl_healthy_report_arms_a_deadline_and_expires() -> None:
     planner = planner_with(service(TTL), task())
     assert planner.due(100.0) == []  # never probed
     assert planner.report("t1", True, "alive", 1.0) == Transition(
-        task_id="t1", health=Health.HEALTHY, output="alive")
+        task_id="t1", health=Health.HEALTHY, output="alive"
+    )
     assert planner.next_deadline() == 11.0
     assert planner.expire(10.9) == []
     assert planner.report("t1", True, "", 9.0) is None  # refresh
     assert planner.expire(18.9) == []
-    assert planner.expire(19.0) == [Transition(task_id="t1", health=Health.UNHEALTHY,
-                                               output="TTL expired")]
+    assert planner.expire(19.0) == [
+        Transition(task_id="t1", health=Health.UNHEALTHY, output="TTL expired")
+    ]
     assert planner.next_deadline() is None
     assert planner.report("t1", True, "back", 30.0) is not None
 
@@ -187,7 +211,8 @@ def test_ttl_unhealthy_report_is_immediate_and_disarms() -> None:
     planner = planner_with(service(TTL), task())
     planner.report("t1", True, "", 0.0)
     assert planner.report("t1", False, "db down", 1.0) == Transition(
-        task_id="t1", health=Health.UNHEALTHY, output="db down")
+        task_id="t1", health=Health.UNHEALTHY, output="db down"
+    )
     assert planner.next_deadline() is None
 
 
@@ -205,15 +230,17 @@ def test_reports_for_unknown_or_unchecked_tasks() -> None:
     assert planner.report("nope", False, "", 0.0) is None
     assert planner.report("t1", True, "", 0.0) is None  # already healthy
     assert planner.report("t1", False, "bad", 0.0) == Transition(
-        task_id="t1", health=Health.UNHEALTHY, output="bad")
+        task_id="t1", health=Health.UNHEALTHY, output="bad"
+    )
 
 
 # -- the planner: which tasks, and when trackers change -------------------------
 
 
 def test_unchecked_and_foreign_tasks_are_not_tracked() -> None:
-    planner = planner_with(service(None), service(name="api"),
-                           task("t1"), task("t2", service="api", node="n2"))
+    planner = planner_with(
+        service(None), service(name="api"), task("t1"), task("t2", service="api", node="n2")
+    )
     assert planner.tracker("t1") is None
     assert planner.tracker("t2") is None
     assert planner.next_deadline() is None
@@ -282,8 +309,11 @@ def test_removing_the_check_makes_tasks_healthy() -> None:
     planner.record_probe(probe_all[0], True, "ok", 1.0)
     planner.record_probe(probe_all[1], False, "HTTP 500", 1.0)
     transitions = planner.on_change(upsert(service(None), service()), 1.5, WALL)
-    assert transitions == [Transition(task_id=probe_all[1].task_id, health=Health.HEALTHY,
-                                      output="health check removed")]
+    assert transitions == [
+        Transition(
+            task_id=probe_all[1].task_id, health=Health.HEALTHY, output="health check removed"
+        )
+    ]
     assert planner.next_deadline() is None
 
 
@@ -309,18 +339,24 @@ def test_reprs_say_what_they_hold() -> None:
 def test_core_imports_no_io() -> None:
     """The core is sans-IO: no asyncio, socket or time, so it runs under any clock."""
     tree = ast.parse(Path(mesh.health.core.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert not imported & {"asyncio", "socket", "time", "aiohttp", "random"}
 
 
 # -- properties --------------------------------------------------------------------
 
 
-def expected_health(results: list[tuple[float, bool]], start_period: float,
-                    retries: int) -> Health:
+def expected_health(results: list[tuple[float, bool]], start_period: float, retries: int) -> Health:
     """The spec, said declaratively: unhealthy iff the failures since the last pass that
     count reach `retries`; a failure counts unless it is inside the start period before
     any pass."""
@@ -341,7 +377,8 @@ def expected_health(results: list[tuple[float, bool]], start_period: float,
     start_period=st.sampled_from([0.0, 2.5, 10.0]),
 )
 def test_health_follows_the_spec_and_reports_every_change(
-        outcomes: list[tuple[float, bool]], retries: int, start_period: float) -> None:
+    outcomes: list[tuple[float, bool]], retries: int, start_period: float
+) -> None:
     check = dataclasses.replace(HTTP, retries=retries, start_period=start_period)
     tracker = HealthTracker(check, now=0.0, start_period_end=start_period)
     now, seen, shown = 0.0, [], Health.STARTING
@@ -361,7 +398,8 @@ def test_health_follows_the_spec_and_reports_every_change(
     ttl=st.sampled_from([1.0, 5.0]),
 )
 def test_ttl_is_unhealthy_iff_the_last_report_is_bad_or_stale(
-        steps: list[tuple[float, bool]], ttl: float) -> None:
+    steps: list[tuple[float, bool]], ttl: float
+) -> None:
     tracker = HealthTracker(dataclasses.replace(TTL, ttl=ttl), now=0.0, start_period_end=0.0)
     now, last = 0.0, None
     for gap, healthy in steps:
@@ -372,6 +410,10 @@ def test_ttl_is_unhealthy_iff_the_last_report_is_bad_or_stale(
     now += 0.5
     tracker.expire(now)
     assert last is None or tracker.health is (
-        Health.HEALTHY if last[1] and now < last[0] + ttl else Health.UNHEALTHY)
-    assert tracker.next_due() == (last[0] + ttl if last and tracker.health is Health.HEALTHY
-                                  else (ttl if last is None and now < ttl else math.inf))
+        Health.HEALTHY if last[1] and now < last[0] + ttl else Health.UNHEALTHY
+    )
+    assert tracker.next_due() == (
+        last[0] + ttl
+        if last and tracker.health is Health.HEALTHY
+        else (ttl if last is None and now < ttl else math.inf)
+    )

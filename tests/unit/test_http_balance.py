@@ -15,8 +15,15 @@ class Clock:
 
 
 def match(count: int, sticky: str | None = None) -> Match:
-    route = Route(service="web", host="a.example", path_prefix="/", target_port=80,
-                  sticky_cookie=sticky, redirect=None, passthrough=False)
+    route = Route(
+        service="web",
+        host="a.example",
+        path_prefix="/",
+        target_port=80,
+        sticky_cookie=sticky,
+        redirect=None,
+        passthrough=False,
+    )
     return Match(route, tuple(Endpoint(f"t{i}", "127.0.0.1", 9000 + i) for i in range(count)))
 
 
@@ -30,8 +37,11 @@ def test_round_robin_visits_every_endpoint_in_turn() -> None:
 def test_round_robin_is_per_route() -> None:
     balancer = Balancer(Clock())
     a, b = match(2), match(2, sticky="S")
-    assert [balancer.pick(a).task_id, balancer.pick(b).task_id,  # type: ignore[union-attr]
-            balancer.pick(a).task_id] == ["t1", "t1", "t0"]  # type: ignore[union-attr]
+    assert [
+        balancer.pick(a).task_id,
+        balancer.pick(b).task_id,  # type: ignore[union-attr]
+        balancer.pick(a).task_id,
+    ] == ["t1", "t1", "t0"]  # type: ignore[union-attr]
 
 
 def test_sticky_value_naming_a_live_task_wins() -> None:
@@ -82,12 +92,26 @@ def test_route_stats_count_by_status_class() -> None:
 def test_worker_snapshots_add_up() -> None:
     from lb.http.serving import merge_snapshots
 
-    route = {"service": "web", "host": "a", "path_prefix": "/", "latency_sum": 1.0,
-             "latency_count": 2, "retries": 1}
-    one = {"requests": 2, "rejected": {"400": 1}, "ejected": ["t1"],
-           "routes": [{**route, "requests": {"2xx": 2}}]}
-    two = {"requests": 3, "rejected": {"400": 2, "408": 1}, "ejected": ["t2"],
-           "routes": [{**route, "requests": {"2xx": 1, "5xx": 2}}]}
+    route = {
+        "service": "web",
+        "host": "a",
+        "path_prefix": "/",
+        "latency_sum": 1.0,
+        "latency_count": 2,
+        "retries": 1,
+    }
+    one = {
+        "requests": 2,
+        "rejected": {"400": 1},
+        "ejected": ["t1"],
+        "routes": [{**route, "requests": {"2xx": 2}}],
+    }
+    two = {
+        "requests": 3,
+        "rejected": {"400": 2, "408": 1},
+        "ejected": ["t2"],
+        "routes": [{**route, "requests": {"2xx": 1, "5xx": 2}}],
+    }
     total = merge_snapshots([one, two])
     assert total["workers"] == 2 and total["requests"] == 5
     assert total["rejected"] == {"400": 3, "408": 1} and total["ejected"] == ["t1", "t2"]

@@ -102,8 +102,9 @@ class Shell:
         self.upgraded: tuple[bytes, bytes] | None = None
         self.task: UpstreamConnection | None = None
         self.wire = Wire()
-        self.pool = SimpleNamespace(now=lambda: 0.0, upstream_timeout=60.0,
-                                    forget=lambda conn: None)
+        self.pool = SimpleNamespace(
+            now=lambda: 0.0, upstream_timeout=60.0, forget=lambda conn: None
+        )
 
     def acquire(self, key: tuple[str, int]) -> Upstream | None:
         return None  # no idle connection: every request connects (through `connect`)
@@ -141,12 +142,25 @@ class Shell:
 
 def table(*, healthy: bool = True) -> RouteTable:
     routes = RouteTable()
-    routes.load([
-        Service(name="web", id="id-web",
-                labels={"mesh.http.hosts": "web.test", "mesh.http.port": "80"}),
-        Task(id="t1", name="web.1.t1", service="web", slot=1, node="n", address="127.0.0.1",
-             ports={80: 40001}, health=Health.HEALTHY if healthy else Health.UNHEALTHY),
-    ])
+    routes.load(
+        [
+            Service(
+                name="web",
+                id="id-web",
+                labels={"mesh.http.hosts": "web.test", "mesh.http.port": "80"},
+            ),
+            Task(
+                id="t1",
+                name="web.1.t1",
+                service="web",
+                slot=1,
+                node="n",
+                address="127.0.0.1",
+                ports={80: 40001},
+                health=Health.HEALTHY if healthy else Health.UNHEALTHY,
+            ),
+        ]
+    )
     return routes
 
 
@@ -155,8 +169,14 @@ class Harness:
         self.now = 100.0
         self.settings = RouterSettings(**settings)
         self.stats = RouterStats()
-        self.shared = Shared(table(healthy=healthy), self.settings, lambda: self.now,
-                             Balancer(lambda: self.now), self.stats, FdBudget(100))
+        self.shared = Shared(
+            table(healthy=healthy),
+            self.settings,
+            lambda: self.now,
+            Balancer(lambda: self.now),
+            self.stats,
+            FdBudget(100),
+        )
         self.client = Client()
         self.shell = Shell(mode)
         self.exchange = Exchange(self.shared, self.shell, self.client, "10.0.0.9", "http")
@@ -179,14 +199,12 @@ def status_line(data: bytes) -> bytes:
 
 def test_decide_forwards_a_routed_host_and_answers_404_for_another() -> None:
     routes = table()
-    forward = decide(read_request(b"GET", b"/x?y", "1.1", [(b"Host", b"web.test")], True),
-                     routes)
+    forward = decide(read_request(b"GET", b"/x?y", "1.1", [(b"Host", b"web.test")], True), routes)
     assert not isinstance(forward, Answer)
     match, target, sticky = forward
     assert target == b"/x?y" and sticky is None
     assert [e.task_id for e in match.endpoints] == ["t1"]
-    missing = decide(read_request(b"GET", b"/", "1.1", [(b"Host", b"other.test")], True),
-                     routes)
+    missing = decide(read_request(b"GET", b"/", "1.1", [(b"Host", b"other.test")], True), routes)
     assert isinstance(missing, Answer) and missing.status == 404
 
 
@@ -221,8 +239,9 @@ def test_a_content_length_body_streams_as_it_arrives() -> None:
 
 def test_a_chunked_body_is_forwarded_chunked() -> None:
     h = Harness()
-    h.send(b"POST /a HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"5\r\nhello\r\n")
+    h.send(
+        b"POST /a HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
     h.send(b"0\r\n\r\n")
     sent = h.shell.sent()
     assert b"Transfer-Encoding: chunked\r\n" in sent
@@ -290,8 +309,9 @@ def test_a_head_answer_from_the_router_has_no_body() -> None:
 
 def test_expect_100_continue_is_answered_by_the_router() -> None:
     h = Harness()
-    h.send(b"POST /a HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\n"
-           b"Expect: 100-continue\r\n\r\n")
+    h.send(
+        b"POST /a HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
     assert h.answer() == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert b"Expect" not in h.shell.sent()
 
@@ -374,8 +394,7 @@ def test_a_router_answer_keeps_the_connection_for_the_next_request() -> None:
 
 # -- upgrade ------------------------------------------------------------------------
 
-UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\n"
-           b"Upgrade: websocket\r\n\r\n")
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 
 
 def test_an_upgrade_is_spliced_after_the_tasks_101() -> None:
@@ -384,8 +403,10 @@ def test_an_upgrade_is_spliced_after_the_tasks_101() -> None:
     sent = h.shell.sent()
     assert b"Connection: Upgrade\r\nUpgrade: websocket\r\n" in sent
     h.send(b"-more")  # the new protocol's bytes wait for the pipe
-    h.shell.respond(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\n\r\nhello")
+    h.shell.respond(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n\r\nhello"
+    )
     assert status_line(h.answer()) == b"HTTP/1.1 101 Switching Protocols"
     assert h.shell.upgraded == (b"early-more", b"hello")
     assert h.stats.upgrades == 1 and h.exchange.closed
@@ -409,8 +430,10 @@ def test_a_101_unasked_is_a_502() -> None:
 
 def test_an_upgrade_with_a_body_is_refused() -> None:
     h = Harness()
-    h.send(b"POST /ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\n"
-           b"Upgrade: websocket\r\nContent-Length: 3\r\n\r\nabc")
+    h.send(
+        b"POST /ws HTTP/1.1\r\nHost: web.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nContent-Length: 3\r\n\r\nabc"
+    )
     assert status_line(h.answer()) == b"HTTP/1.1 400 Bad Request"
     assert h.shell.connects == [] and h.client.closed
 
@@ -433,8 +456,10 @@ def test_400_for_bad_syntax_and_a_closed_connection() -> None:
 
 def test_400_for_content_length_with_transfer_encoding() -> None:
     h = Harness()
-    h.send(b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\n"
-           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    h.send(
+        b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     refused(h, 400)
     assert h.client.closed and h.shell.connects == []
 

@@ -35,8 +35,7 @@ def test_budget_take_and_give() -> None:
 
 
 def test_body_clock_stall_deadline_and_rate() -> None:
-    settings = RouterSettings(body_timeout=60, body_deadline=300, body_min_rate=1000,
-                              body_grace=10)
+    settings = RouterSettings(body_timeout=60, body_deadline=300, body_min_rate=1000, body_grace=10)
     # A fast body: only the gap between reads bounds it.
     assert settings.body_due(started=0, received=10_000_000, now=5) == 65
     # A trickle: 2,000 bytes cover 2 s of the rate past the 10 s grace.

@@ -22,13 +22,18 @@ from lb.http.heads import (
 H = list[tuple[bytes, bytes]]
 
 
-def req(headers: H, *, method: bytes = b"GET", target: bytes = b"/x?y=1",
-        version: str = "1.1", keep_alive: bool = True) -> RequestHead:
+def req(
+    headers: H,
+    *,
+    method: bytes = b"GET",
+    target: bytes = b"/x?y=1",
+    version: str = "1.1",
+    keep_alive: bool = True,
+) -> RequestHead:
     return read_request(method, target, version, headers, keep_alive)
 
 
-def up(head: RequestHead, target: bytes = b"/", ip: str = "1.2.3.4",
-       proto: str = "http") -> bytes:
+def up(head: RequestHead, target: bytes = b"/", ip: str = "1.2.3.4", proto: str = "http") -> bytes:
     return upstream_request(head, target, forwarding_headers(head, ip, proto))
 
 
@@ -38,14 +43,17 @@ def test_a_plain_request_is_read() -> None:
     assert head.headers == [(b"Accept", b"*/*")]  # Host is sent first, on its own
 
 
-@pytest.mark.parametrize(("headers", "version", "status"), [
-    ([], "1.1", 400),  # no Host
-    ([(b"Host", b"a"), (b"host", b"b")], "1.1", 400),
-    ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], "1.0", 400),
-    ([(b"Host", b"a"), (b"Expect", b"something-else")], "1.1", 417),
-    ([(b"Host", b"a")] + [(b"X", b"y")] * 100, "1.1", 431),
-    ([(b"Host", b"a")], "2.0", 505),
-])
+@pytest.mark.parametrize(
+    ("headers", "version", "status"),
+    [
+        ([], "1.1", 400),  # no Host
+        ([(b"Host", b"a"), (b"host", b"b")], "1.1", 400),
+        ([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked")], "1.0", 400),
+        ([(b"Host", b"a"), (b"Expect", b"something-else")], "1.1", 417),
+        ([(b"Host", b"a")] + [(b"X", b"y")] * 100, "1.1", 431),
+        ([(b"Host", b"a")], "2.0", 505),
+    ],
+)
 def test_bad_requests_are_refused(headers: H, version: str, status: int) -> None:
     with pytest.raises(BadRequest) as caught:
         req(headers, version=version)
@@ -63,10 +71,19 @@ def test_an_http10_request_needs_no_host() -> None:
 
 
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
-    head = req([(b"Host", b"a"), (b"Connection", b"keep-alive, X-Private"),
-                (b"X-Private", b"1"), (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"),
-                (b"Proxy-Authorization", b"secret"), (b"X-Kept", b"2"),
-                (b"X-Forwarded-Proto", b"forged"), (b"Upgrade", b"h2c")])
+    head = req(
+        [
+            (b"Host", b"a"),
+            (b"Connection", b"keep-alive, X-Private"),
+            (b"X-Private", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"TE", b"trailers"),
+            (b"Proxy-Authorization", b"secret"),
+            (b"X-Kept", b"2"),
+            (b"X-Forwarded-Proto", b"forged"),
+            (b"Upgrade", b"h2c"),
+        ]
+    )
     assert head.headers == [(b"X-Kept", b"2")]
     assert head.upgrade is None  # Upgrade without Connection: upgrade is not an upgrade
 
@@ -79,9 +96,15 @@ def test_an_upgrade_request_keeps_its_upgrade() -> None:
 
 
 def test_forwarding_headers_are_added_and_appended() -> None:
-    head = req([(b"Host", b"a.example"), (b"X-Forwarded-For", b"192.0.2.1"),
-                (b"Forwarded", b"for=192.0.2.1"), (b"Content-Length", b"3")],
-               method=b"POST")
+    head = req(
+        [
+            (b"Host", b"a.example"),
+            (b"X-Forwarded-For", b"192.0.2.1"),
+            (b"Forwarded", b"for=192.0.2.1"),
+            (b"Content-Length", b"3"),
+        ],
+        method=b"POST",
+    )
     out = upstream_request(head, b"/x", forwarding_headers(head, "2001:db8::1", "https"))
     assert out.startswith(b"POST /x HTTP/1.1\r\nHost: a.example\r\n")
     assert b"X-Forwarded-For: 192.0.2.1, 2001:db8::1\r\n" in out
@@ -97,8 +120,9 @@ def test_a_chunked_request_goes_chunked() -> None:
 
 
 def test_expect_continue_is_taken_by_the_router() -> None:
-    head = req([(b"Host", b"a"), (b"Expect", b"100-continue"), (b"Content-Length", b"5")],
-               method=b"PUT")
+    head = req(
+        [(b"Host", b"a"), (b"Expect", b"100-continue"), (b"Content-Length", b"5")], method=b"PUT"
+    )
     assert head.expect_continue
     assert b"Expect" not in up(head)
 
@@ -109,16 +133,26 @@ def test_absolute_form_targets_route_by_their_path() -> None:
 
 
 def test_responses_lose_hop_by_hop_headers_and_learn_their_framing() -> None:
-    head = read_response(200, b"OK", [(b"Content-Type", b"text/plain"),
-                                      (b"Transfer-Encoding", b"chunked"),
-                                      (b"Connection", b"close, X-Gone"), (b"X-Gone", b"1")],
-                         True)
+    head = read_response(
+        200,
+        b"OK",
+        [
+            (b"Content-Type", b"text/plain"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Connection", b"close, X-Gone"),
+            (b"X-Gone", b"1"),
+        ],
+        True,
+    )
     assert head.chunked and head.content_length is None and head.upstream_close
     assert head.headers == [(b"Content-Type", b"text/plain")]
-    out = client_response(head, chunked=True, keep_alive=True, http11=True,
-                          extra=[(b"Set-Cookie", b"s=t1")])
-    assert out == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nSet-Cookie: s=t1\r\n"
-                   b"Transfer-Encoding: chunked\r\n\r\n")
+    out = client_response(
+        head, chunked=True, keep_alive=True, http11=True, extra=[(b"Set-Cookie", b"s=t1")]
+    )
+    assert out == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nSet-Cookie: s=t1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
 
 
 def test_an_http10_upstream_closes_unless_kept_alive() -> None:
@@ -128,10 +162,12 @@ def test_an_http10_upstream_closes_unless_kept_alive() -> None:
 
 def test_client_heads_say_how_the_connection_goes_on() -> None:
     head = read_response(204, b"No Content", [], True)
-    assert b"Connection: close" in client_response(head, chunked=False, keep_alive=False,
-                                                   http11=True)
-    assert b"Connection: keep-alive" in client_response(head, chunked=False, keep_alive=True,
-                                                        http11=False)
+    assert b"Connection: close" in client_response(
+        head, chunked=False, keep_alive=False, http11=True
+    )
+    assert b"Connection: keep-alive" in client_response(
+        head, chunked=False, keep_alive=True, http11=False
+    )
 
 
 def test_local_responses() -> None:
@@ -157,23 +193,29 @@ def test_strip_prefix() -> None:
     assert strip_prefix(b"/x", "/") == b"/x"
 
 
-@pytest.mark.parametrize("connection", [
-    [(b"Connection", b"Content-Length")],
-    [(b"Connection", b"keep-alive, X-A ,TRANSFER-ENCODING")],
-    [(b"Connection", b"host")],
-    [(b"Connection", b"keep-alive"), (b"Connection", b"content-length")],
-])
+@pytest.mark.parametrize(
+    "connection",
+    [
+        [(b"Connection", b"Content-Length")],
+        [(b"Connection", b"keep-alive, X-A ,TRANSFER-ENCODING")],
+        [(b"Connection", b"host")],
+        [(b"Connection", b"keep-alive"), (b"Connection", b"content-length")],
+    ],
+)
 def test_a_connection_header_naming_a_framing_header_is_refused(connection: H) -> None:
     with pytest.raises(BadRequest) as caught:
         req([(b"Host", b"a"), (b"Content-Length", b"3"), *connection], method=b"POST")
     assert caught.value.status == 400
 
 
-@pytest.mark.parametrize(("codings", "status"), [
-    (b"gzip, chunked", 501),  # chunked last, but a coding the router does not implement
-    (b"chunked, gzip", 400),  # the body's length is unknown (RFC 9112 §6.3)
-    (b"identity", 400),
-])
+@pytest.mark.parametrize(
+    ("codings", "status"),
+    [
+        (b"gzip, chunked", 501),  # chunked last, but a coding the router does not implement
+        (b"chunked, gzip", 400),  # the body's length is unknown (RFC 9112 §6.3)
+        (b"identity", 400),
+    ],
+)
 def test_transfer_codings_other_than_chunked_are_refused(codings: bytes, status: int) -> None:
     with pytest.raises(BadRequest) as caught:
         req([(b"Host", b"a"), (b"Transfer-Encoding", codings)], method=b"POST")
@@ -181,8 +223,9 @@ def test_transfer_codings_other_than_chunked_are_refused(codings: bytes, status:
     assert req([(b"Host", b"a"), (b"Transfer-Encoding", b" Chunked ")], method=b"POST").chunked
 
 
-@pytest.mark.parametrize("body", [[(b"Content-Length", b"5")],
-                                  [(b"Transfer-Encoding", b"chunked")]])
+@pytest.mark.parametrize(
+    "body", [[(b"Content-Length", b"5")], [(b"Transfer-Encoding", b"chunked")]]
+)
 def test_an_upgrade_with_a_body_is_refused(body: H) -> None:
     upgrade = [(b"Host", b"a"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     with pytest.raises(BadRequest) as caught:
@@ -198,20 +241,23 @@ def test_framing_headers_are_written_by_the_router() -> None:
     assert out.count(b"ength: ") == 1 and b"\r\nContent-Length: 3\r\n" in out
 
 
-@pytest.mark.parametrize(("target", "method", "origin", "authority"), [
-    (b"/p?q", b"GET", b"/p?q", None),
-    (b"http://b.test/p?q", b"GET", b"/p?q", b"b.test"),
-    (b"HTTPS://b.test:8443", b"GET", b"/", b"b.test:8443"),
-    (b"http://b.test?q", b"GET", b"/?q", b"b.test"),
-    (b"*", b"OPTIONS", b"*", None),
-])
-def test_origin_form(target: bytes, method: bytes, origin: bytes,
-                     authority: bytes | None) -> None:
+@pytest.mark.parametrize(
+    ("target", "method", "origin", "authority"),
+    [
+        (b"/p?q", b"GET", b"/p?q", None),
+        (b"http://b.test/p?q", b"GET", b"/p?q", b"b.test"),
+        (b"HTTPS://b.test:8443", b"GET", b"/", b"b.test:8443"),
+        (b"http://b.test?q", b"GET", b"/?q", b"b.test"),
+        (b"*", b"OPTIONS", b"*", None),
+    ],
+)
+def test_origin_form(target: bytes, method: bytes, origin: bytes, authority: bytes | None) -> None:
     assert origin_form(target, method) == (origin, authority)
 
 
-@pytest.mark.parametrize("target", [b"*", b"ftp://b.test/", b"http://u@b.test/", b"http:///p",
-                                    b"b.test:80", b"p"])
+@pytest.mark.parametrize(
+    "target", [b"*", b"ftp://b.test/", b"http://u@b.test/", b"http:///p", b"b.test:80", b"p"]
+)
 def test_targets_neither_origin_nor_http_absolute_form_are_refused(target: bytes) -> None:
     with pytest.raises(BadRequest) as caught:
         req([(b"Host", b"a")], target=target)
@@ -237,15 +283,20 @@ def test_valid_hosts_pass() -> None:
 
 
 def test_a_response_keeps_its_framing_whatever_connection_names() -> None:
-    head = read_response(200, b"OK", [(b"Connection", b"content-length, transfer-encoding"),
-                                      (b"Content-Length", b"5")], True)
+    head = read_response(
+        200,
+        b"OK",
+        [(b"Connection", b"content-length, transfer-encoding"), (b"Content-Length", b"5")],
+        True,
+    )
     assert head.content_length == 5 and head.headers == []
     out = client_response(head, chunked=False, keep_alive=True, http11=True)
     assert b"\r\nContent-Length: 5\r\n" in out
     # 204 carries no Content-Length (RFC 9110 §8.6); a HEAD answer keeps the one it had.
     no_content = read_response(204, b"No Content", [(b"Content-Length", b"0")], True)
-    assert b"Content-Length" not in client_response(no_content, chunked=False,
-                                                     keep_alive=True, http11=True)
+    assert b"Content-Length" not in client_response(
+        no_content, chunked=False, keep_alive=True, http11=True
+    )
 
 
 def test_a_response_transfer_coding_other_than_chunked_is_a_bad_response() -> None:

@@ -24,19 +24,36 @@ from mesh.core.model import (
 HRM = "com.docker.ucp.mesh.http"
 
 
-def service(name: str, labels: dict[str, str], *, created: float = 0.0,
-            published: tuple[int, ...] = ()) -> Service:
-    ports = tuple(PortConfig(protocol="tcp", target_port=p, published_port=30000 + p)
-                  for p in published)
+def service(
+    name: str, labels: dict[str, str], *, created: float = 0.0, published: tuple[int, ...] = ()
+) -> Service:
+    ports = tuple(
+        PortConfig(protocol="tcp", target_port=p, published_port=30000 + p) for p in published
+    )
     return Service(name=name, id=f"id-{name}", labels=labels, ports=ports, created_at=created)
 
 
-def task(task_id: str, service_name: str, address: str = "10.0.0.2", *, slot: int = 1,
-         ports: dict[int, int] | None = None, health: Health = Health.HEALTHY,
-         state: TaskState = TaskState.RUNNING) -> Task:
-    return Task(id=task_id, name=f"{service_name}.{slot}.{task_id}", service=service_name,
-                slot=slot, node="node-1", address=address, ports=ports or {},
-                health=health, state=state)
+def task(
+    task_id: str,
+    service_name: str,
+    address: str = "10.0.0.2",
+    *,
+    slot: int = 1,
+    ports: dict[int, int] | None = None,
+    health: Health = Health.HEALTHY,
+    state: TaskState = TaskState.RUNNING,
+) -> Task:
+    return Task(
+        id=task_id,
+        name=f"{service_name}.{slot}.{task_id}",
+        service=service_name,
+        slot=slot,
+        node="node-1",
+        address=address,
+        ports=ports or {},
+        health=health,
+        state=state,
+    )
 
 
 def table_of(*records: Record) -> RouteTable:
@@ -63,8 +80,11 @@ def routed(table: RouteTable, host: str, path: str = "/") -> str | None:
 
 
 def test_hrm1_form_items_keep_the_previous_port() -> None:
-    table = table_of(service("web", {HRM: "8080=http://a.example.com,http://b.example.com,"
-                                          "9090=http://c.example.com"}))
+    table = table_of(
+        service(
+            "web", {HRM: "8080=http://a.example.com,http://b.example.com,9090=http://c.example.com"}
+        )
+    )
     ports = {r.host: r.target_port for r in table.routes()}
     assert ports == {"a.example.com": 8080, "b.example.com": 8080, "c.example.com": 9090}
     assert table.problems() == []
@@ -84,10 +104,16 @@ def test_hrm1_form_without_any_port_is_a_problem_when_several_are_published() ->
 
 
 def test_mesh_http_hosts_and_port() -> None:
-    table = table_of(service("api", {"mesh.http.hosts": "API.example.com, api2.example.com",
-                                     "mesh.http.port": "8080"}))
+    table = table_of(
+        service(
+            "api",
+            {"mesh.http.hosts": "API.example.com, api2.example.com", "mesh.http.port": "8080"},
+        )
+    )
     assert [(r.host, r.path_prefix, r.target_port) for r in table.routes()] == [
-        ("api.example.com", "/", 8080), ("api2.example.com", "/", 8080)]
+        ("api.example.com", "/", 8080),
+        ("api2.example.com", "/", 8080),
+    ]
 
 
 def test_mesh_http_hosts_without_port_uses_the_published_port() -> None:
@@ -96,35 +122,44 @@ def test_mesh_http_hosts_without_port_uses_the_published_port() -> None:
 
 
 def test_interlock_hosts_read_like_mesh_http_hosts() -> None:
-    table = table_of(service("api", {"com.docker.lb.hosts": "a.example.com",
-                                     "com.docker.lb.port": "8080"}))
+    table = table_of(
+        service("api", {"com.docker.lb.hosts": "a.example.com", "com.docker.lb.port": "8080"})
+    )
     assert [(r.host, r.target_port) for r in table.routes()] == [("a.example.com", 8080)]
 
 
 def test_hrm2_form_with_sticky_sessions_and_path() -> None:
-    labels = {f"{HRM}.8080": "external_route=http://App.example.com/shop/,internal_port=8080,"
-                             "sticky_sessions=JSESSIONID,include_forwarded_for=true"}
+    labels = {
+        f"{HRM}.8080": "external_route=http://App.example.com/shop/,internal_port=8080,"
+        "sticky_sessions=JSESSIONID,include_forwarded_for=true"
+    }
     [route] = table_of(service("shop", labels)).routes()
-    assert route == Route("shop", "app.example.com", "/shop", 8080, "JSESSIONID", None, False,
-                          label=f"{HRM}.8080")
+    assert route == Route(
+        "shop", "app.example.com", "/shop", 8080, "JSESSIONID", None, False, label=f"{HRM}.8080"
+    )
 
 
 def test_hrm2_several_numbered_labels_give_several_routes() -> None:
-    labels = {f"{HRM}.1": "external_route=http://a.example.com,internal_port=80",
-              f"{HRM}.2": "external_route=sni://a.example.com,internal_port=443"}
+    labels = {
+        f"{HRM}.1": "external_route=http://a.example.com,internal_port=80",
+        f"{HRM}.2": "external_route=sni://a.example.com,internal_port=443",
+    }
     routes = table_of(service("web", labels)).routes()
     assert [(r.passthrough, r.target_port) for r in routes] == [(False, 80), (True, 443)]
 
 
 def test_hrm2_internal_port_defaults_to_the_one_published_port() -> None:
-    [route] = table_of(service("web", {HRM: "external_route=http://a.example.com"},
-                               published=(3000,))).routes()
+    [route] = table_of(
+        service("web", {HRM: "external_route=http://a.example.com"}, published=(3000,))
+    ).routes()
     assert route.target_port == 3000
 
 
 def test_hrm2_redirect_route_needs_no_port() -> None:
-    labels = {f"{HRM}.1": "external_route=http://a.example.com,redirect=https://a.example.com:8443",
-              f"{HRM}.2": "external_route=sni://a.example.com,internal_port=443"}
+    labels = {
+        f"{HRM}.1": "external_route=http://a.example.com,redirect=https://a.example.com:8443",
+        f"{HRM}.2": "external_route=sni://a.example.com,internal_port=443",
+    }
     table = table_of(service("web", labels))
     found = table.match("a.example.com", "/")
     assert found is not None
@@ -134,8 +169,10 @@ def test_hrm2_redirect_route_needs_no_port() -> None:
 
 
 def test_sni_route_is_matched_by_sni_only_and_http_route_by_host_only() -> None:
-    labels = {f"{HRM}.1": "external_route=sni://secure.example.com,internal_port=443",
-              f"{HRM}.2": "external_route=http://plain.example.com,internal_port=80"}
+    labels = {
+        f"{HRM}.1": "external_route=sni://secure.example.com,internal_port=443",
+        f"{HRM}.2": "external_route=http://plain.example.com,internal_port=80",
+    }
     table = table_of(service("web", labels), task("t1", "web", ports={443: 8443}))
     sni = table.match_sni("Secure.Example.com")
     assert sni is not None and sni.route.passthrough
@@ -148,7 +185,8 @@ def test_empty_host_is_the_catch_all() -> None:
     table = table_of(
         service("default", {HRM: "external_route=http://,internal_port=80"}),
         service("tls-default", {HRM: "external_route=sni://,internal_port=443"}),
-        service("known", {"mesh.http.hosts": "known.example.com", "mesh.http.port": "80"}))
+        service("known", {"mesh.http.hosts": "known.example.com", "mesh.http.port": "80"}),
+    )
     assert routed(table, "known.example.com") == "known"
     assert routed(table, "other.example.com:8080") == "default"
     assert routed(table, "") == "default"
@@ -157,9 +195,13 @@ def test_empty_host_is_the_catch_all() -> None:
 
 
 def test_interlock_context_root_sets_the_prefix_and_rewrite_strips_it() -> None:
-    labels = {"com.docker.lb.hosts": "a.example.com", "com.docker.lb.port": "80",
-              "com.docker.lb.context_root": "/app/", "com.docker.lb.context_root_rewrite": "true",
-              "com.docker.lb.sticky_session_cookie": "sid"}
+    labels = {
+        "com.docker.lb.hosts": "a.example.com",
+        "com.docker.lb.port": "80",
+        "com.docker.lb.context_root": "/app/",
+        "com.docker.lb.context_root_rewrite": "true",
+        "com.docker.lb.sticky_session_cookie": "sid",
+    }
     [route] = table_of(service("web", labels)).routes()
     assert (route.path_prefix, route.strip_prefix, route.sticky_cookie) == ("/app", True, "sid")
 
@@ -172,42 +214,76 @@ def test_service_without_routing_labels_has_no_route_and_no_problem() -> None:
 # -- invalid labels ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("labels", "reason"), [
-    ({HRM: "garbage"}, "not a URL"),
-    ({HRM: "99999=http://a.example.com"}, "not a port"),
-    ({HRM: "80=ftp://a.example.com"}, "http:// only"),
-    ({HRM: "80=http://a.example.com,"}, "empty item"),
-    ({HRM: "80=http://a.example.com:8080"}, "no port here"),
-    ({HRM: "80=http://a.example.com/?q=1"}, "no user, query or fragment"),
-    ({HRM: "80=http://bad_host!.com"}, "not a host name"),
-    ({HRM: "80=http://a.example.com/a/../b"}, "no . or .. segments"),
-    ({HRM: "external_route=http://a.example.com,internal_port=80,color=blue"}, "key=value"),
-    ({HRM: "internal_port=80"}, "external_route is required"),
-    ({HRM: "external_route=http://a.example.com,internal_port=80,internal_port=81"},
-     "given twice"),
-    ({HRM: "external_route=tcp://a.example.com,internal_port=80"}, "http:// or sni://"),
-    ({HRM: "external_route=sni://a.example.com/x,internal_port=443"}, "cannot have a path"),
-    ({HRM: "external_route=sni://a.example.com,internal_port=443,sticky_sessions=s"},
-     "http:// routes only"),
-    ({HRM: "external_route=http://a.example.com,internal_port=80,sticky_sessions=a b"},
-     "not a valid cookie name"),
-    ({HRM: "external_route=http://a.example.com,redirect=ftp://b.example.com"}, "redirect"),
-    ({HRM: "external_route=http://a.example.com,internal_port=0"}, "not a port"),
-    ({HRM: "external_route=http://a.example.com,internal_port=80,include_forwarded_for=maybe"},
-     "true or false"),
-    ({HRM: "external_route=http://a.example.com"}, "internal_port is required"),
-    ({"mesh.http.port": "80"}, "without mesh.http.hosts"),
-    ({"mesh.http.hosts": "a.example.com", "mesh.http.port": "http"}, "not a port"),
-    ({"mesh.http.hosts": "a.example.com,", "mesh.http.port": "80"}, "not a host name"),
-    ({"com.docker.lb.context_root": "/app"}, "no http:// route"),
-    ({"mesh.http.hosts": "a.example.com", "mesh.http.port": "80",
-      "com.docker.lb.context_root": "app"}, "not a path prefix"),
-    ({"mesh.http.hosts": "a.example.com", "mesh.http.port": "80",
-      "com.docker.lb.context_root_rewrite": "true"}, "without com.docker.lb.context_root"),
-    ({HRM: "80=http://a.example.com/x", "com.docker.lb.context_root": "/y"}, "give the path once"),
-    ({HRM: "80=http://a.example.com", "mesh.http.hosts": "a.example.com",
-      "mesh.http.port": "81"}, "with other settings"),
-])
+@pytest.mark.parametrize(
+    ("labels", "reason"),
+    [
+        ({HRM: "garbage"}, "not a URL"),
+        ({HRM: "99999=http://a.example.com"}, "not a port"),
+        ({HRM: "80=ftp://a.example.com"}, "http:// only"),
+        ({HRM: "80=http://a.example.com,"}, "empty item"),
+        ({HRM: "80=http://a.example.com:8080"}, "no port here"),
+        ({HRM: "80=http://a.example.com/?q=1"}, "no user, query or fragment"),
+        ({HRM: "80=http://bad_host!.com"}, "not a host name"),
+        ({HRM: "80=http://a.example.com/a/../b"}, "no . or .. segments"),
+        ({HRM: "external_route=http://a.example.com,internal_port=80,color=blue"}, "key=value"),
+        ({HRM: "internal_port=80"}, "external_route is required"),
+        (
+            {HRM: "external_route=http://a.example.com,internal_port=80,internal_port=81"},
+            "given twice",
+        ),
+        ({HRM: "external_route=tcp://a.example.com,internal_port=80"}, "http:// or sni://"),
+        ({HRM: "external_route=sni://a.example.com/x,internal_port=443"}, "cannot have a path"),
+        (
+            {HRM: "external_route=sni://a.example.com,internal_port=443,sticky_sessions=s"},
+            "http:// routes only",
+        ),
+        (
+            {HRM: "external_route=http://a.example.com,internal_port=80,sticky_sessions=a b"},
+            "not a valid cookie name",
+        ),
+        ({HRM: "external_route=http://a.example.com,redirect=ftp://b.example.com"}, "redirect"),
+        ({HRM: "external_route=http://a.example.com,internal_port=0"}, "not a port"),
+        (
+            {
+                HRM: "external_route=http://a.example.com,internal_port=80,include_forwarded_for=maybe"
+            },
+            "true or false",
+        ),
+        ({HRM: "external_route=http://a.example.com"}, "internal_port is required"),
+        ({"mesh.http.port": "80"}, "without mesh.http.hosts"),
+        ({"mesh.http.hosts": "a.example.com", "mesh.http.port": "http"}, "not a port"),
+        ({"mesh.http.hosts": "a.example.com,", "mesh.http.port": "80"}, "not a host name"),
+        ({"com.docker.lb.context_root": "/app"}, "no http:// route"),
+        (
+            {
+                "mesh.http.hosts": "a.example.com",
+                "mesh.http.port": "80",
+                "com.docker.lb.context_root": "app",
+            },
+            "not a path prefix",
+        ),
+        (
+            {
+                "mesh.http.hosts": "a.example.com",
+                "mesh.http.port": "80",
+                "com.docker.lb.context_root_rewrite": "true",
+            },
+            "without com.docker.lb.context_root",
+        ),
+        (
+            {HRM: "80=http://a.example.com/x", "com.docker.lb.context_root": "/y"},
+            "give the path once",
+        ),
+        (
+            {
+                HRM: "80=http://a.example.com",
+                "mesh.http.hosts": "a.example.com",
+                "mesh.http.port": "81",
+            },
+            "with other settings",
+        ),
+    ],
+)
 def test_invalid_label_gives_no_route_and_a_reason(labels: dict[str, str], reason: str) -> None:
     table = table_of(service("web", labels), task("t1", "web"))
     assert table.routes() == []
@@ -218,24 +294,52 @@ def test_invalid_label_gives_no_route_and_a_reason(labels: dict[str, str], reaso
     assert any(reason in p.reason for p in problems), problems
 
 
-label_keys = st.sampled_from([HRM, f"{HRM}.1", "mesh.http.hosts", "mesh.http.port",
-                              "com.docker.lb.hosts", "com.docker.lb.context_root",
-                              "com.docker.lb.context_root_rewrite",
-                              "com.docker.lb.sticky_session_cookie"])
+label_keys = st.sampled_from(
+    [
+        HRM,
+        f"{HRM}.1",
+        "mesh.http.hosts",
+        "mesh.http.port",
+        "com.docker.lb.hosts",
+        "com.docker.lb.context_root",
+        "com.docker.lb.context_root_rewrite",
+        "com.docker.lb.sticky_session_cookie",
+    ]
+)
 label_text = st.one_of(
     st.text(max_size=60),
-    st.lists(st.sampled_from(["80=", "http://", "sni://", "external_route=", "internal_port=",
-                              "sticky_sessions=", "redirect=", "a.example.com", "/p", ":8",
-                              ",", "=", "[::1]", "%", " ", "\u00e9", "80"]),
-             max_size=8).map("".join))
+    st.lists(
+        st.sampled_from(
+            [
+                "80=",
+                "http://",
+                "sni://",
+                "external_route=",
+                "internal_port=",
+                "sticky_sessions=",
+                "redirect=",
+                "a.example.com",
+                "/p",
+                ":8",
+                ",",
+                "=",
+                "[::1]",
+                "%",
+                " ",
+                "\u00e9",
+                "80",
+            ]
+        ),
+        max_size=8,
+    ).map("".join),
+)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(label_keys, label_text, max_size=4))
 @example({"mesh.http.hosts": "a.example.com", "mesh.http.port": "\u00b2"})  # isdigit, not int
 @example({HRM: "\u0663=http://a.example.com"})  # isdigit, and int() would read it as 3
-def test_any_label_value_gives_routes_or_reasons_never_an_exception(
-        labels: dict[str, str]) -> None:
+def test_any_label_value_gives_routes_or_reasons_never_an_exception(labels: dict[str, str]) -> None:
     table = table_of(service("web", labels, published=(80,)), task("t1", "web"))
     routes, problems = table.routes(), table.problems()
     assert not (routes and problems)
@@ -249,16 +353,26 @@ def test_any_label_value_gives_routes_or_reasons_never_an_exception(
 
 
 def test_one_bad_label_takes_the_whole_service_off_and_names_the_label() -> None:
-    labels = {f"{HRM}.good": "external_route=http://a.example.com,internal_port=80",
-              f"{HRM}.bad": "external_route=http://b.example.com,internal_port=x"}
+    labels = {
+        f"{HRM}.good": "external_route=http://a.example.com,internal_port=80",
+        f"{HRM}.bad": "external_route=http://b.example.com,internal_port=x",
+    }
     table = table_of(service("web", labels))
     assert table.routes() == []
     assert [p.label for p in table.problems()] == [f"{HRM}.bad"]
 
 
 def test_the_same_route_twice_with_the_same_settings_is_fine() -> None:
-    table = table_of(service("web", {HRM: "80=http://a.example.com",
-                                     "mesh.http.hosts": "a.example.com", "mesh.http.port": "80"}))
+    table = table_of(
+        service(
+            "web",
+            {
+                HRM: "80=http://a.example.com",
+                "mesh.http.hosts": "a.example.com",
+                "mesh.http.port": "80",
+            },
+        )
+    )
     assert len(table.routes()) == 1 and table.problems() == []
 
 
@@ -275,14 +389,16 @@ def test_fixing_a_bad_label_brings_the_route_and_clears_the_problem() -> None:
 
 
 def test_two_services_on_one_host_the_older_wins_in_any_load_order() -> None:
-    old = service("zeta", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"},
-                  created=1.0)
+    old = service("zeta", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"}, created=1.0)
     new = service("alpha", {HRM: "80=http://a.example.com"}, created=2.0)
     for records in ([old, new], [new, old]):
         table = table_of(*records)
         assert routed(table, "a.example.com") == "zeta"
-        assert table.problems() == [Problem("alpha", HRM, "http://a.example.com is already "
-                                                          "routed to the older service zeta")]
+        assert table.problems() == [
+            Problem(
+                "alpha", HRM, "http://a.example.com is already routed to the older service zeta"
+            )
+        ]
 
 
 def test_a_tie_in_age_goes_to_the_first_name() -> None:
@@ -292,10 +408,8 @@ def test_a_tie_in_age_goes_to_the_first_name() -> None:
 
 
 def test_the_loser_takes_over_when_the_winner_goes() -> None:
-    old = service("old", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"},
-                  created=1.0)
-    new = service("new", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"},
-                  created=2.0)
+    old = service("old", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"}, created=1.0)
+    new = service("new", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"}, created=2.0)
     table = table_of(old, new, task("t-new", "new", "10.0.0.9"))
     delete(table, old)
     found = table.match("a.example.com", "/")
@@ -305,8 +419,10 @@ def test_the_loser_takes_over_when_the_winner_goes() -> None:
 
 
 def test_different_paths_of_one_host_do_not_conflict() -> None:
-    table = table_of(service("site", {HRM: "80=http://a.example.com"}),
-                     service("api", {HRM: "80=http://a.example.com/api"}))
+    table = table_of(
+        service("site", {HRM: "80=http://a.example.com"}),
+        service("api", {HRM: "80=http://a.example.com/api"}),
+    )
     assert routed(table, "a.example.com", "/api/users") == "api"
     assert routed(table, "a.example.com", "/index.html") == "site"
     assert table.problems() == []
@@ -315,15 +431,26 @@ def test_different_paths_of_one_host_do_not_conflict() -> None:
 # -- matching ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["a.example.com", "A.Example.COM", "a.example.com:8080",
-                                  "a.example.com.", "A.EXAMPLE.COM.:80", " a.example.com "])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a.example.com",
+        "A.Example.COM",
+        "a.example.com:8080",
+        "a.example.com.",
+        "A.EXAMPLE.COM.:80",
+        " a.example.com ",
+    ],
+)
 def test_host_matches_case_insensitively_without_port(host: str) -> None:
     table = table_of(service("web", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"}))
     assert routed(table, host) == "web"
 
 
-@pytest.mark.parametrize("host", ["b.example.com", "example.com", "a.example.com.evil",
-                                  "[::1]:80", "[::1", ":80", "", "\x00"])
+@pytest.mark.parametrize(
+    "host",
+    ["b.example.com", "example.com", "a.example.com.evil", "[::1]:80", "[::1", ":80", "", "\x00"],
+)
 def test_other_hosts_do_not_match(host: str) -> None:
     table = table_of(service("web", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"}))
     assert table.match(host, "/") is None
@@ -334,21 +461,37 @@ def test_normalize_host() -> None:
     assert normalize_host("Example.COM:443") == "example.com"
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("/", "root"), ("/api", "api"), ("/api/", "api"), ("/api?x=1", "api"), ("/api#f", "api"),
-    ("/apix", "root"), ("/api/v2", "v2"), ("/api/v2/items", "v2"), ("/api/v22", "api"),
-    ("/API", "root"), ("*", "root"), ("", "root"),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/", "root"),
+        ("/api", "api"),
+        ("/api/", "api"),
+        ("/api?x=1", "api"),
+        ("/api#f", "api"),
+        ("/apix", "root"),
+        ("/api/v2", "v2"),
+        ("/api/v2/items", "v2"),
+        ("/api/v22", "api"),
+        ("/API", "root"),
+        ("*", "root"),
+        ("", "root"),
+    ],
+)
 def test_longest_path_prefix_wins_on_segment_boundaries(path: str, expected: str) -> None:
-    table = table_of(service("root", {HRM: "80=http://a.example.com"}),
-                     service("api", {HRM: "80=http://a.example.com/api"}),
-                     service("v2", {HRM: "80=http://a.example.com/api/v2/"}))
+    table = table_of(
+        service("root", {HRM: "80=http://a.example.com"}),
+        service("api", {HRM: "80=http://a.example.com/api"}),
+        service("v2", {HRM: "80=http://a.example.com/api/v2/"}),
+    )
     assert routed(table, "a.example.com", path) == expected
 
 
 def test_a_host_without_a_route_for_the_path_falls_back_to_the_catch_all() -> None:
-    table = table_of(service("api", {HRM: "80=http://a.example.com/api"}),
-                     service("default", {HRM: "external_route=http://,internal_port=80"}))
+    table = table_of(
+        service("api", {HRM: "80=http://a.example.com/api"}),
+        service("default", {HRM: "external_route=http://,internal_port=80"}),
+    )
     assert routed(table, "a.example.com", "/api/x") == "api"
     assert routed(table, "a.example.com", "/other") == "default"
 
@@ -381,12 +524,15 @@ def endpoints(table: RouteTable) -> tuple[Endpoint, ...]:
 
 
 def test_endpoints_are_healthy_running_tasks_at_their_actual_port_in_slot_order() -> None:
-    table = table_of(WEB, task("t2", "web", "10.0.0.3", slot=2),
-                     task("t1", "web", "10.0.0.2", slot=1, ports={8080: 31000}),
-                     task("t3", "web", "10.0.0.4", slot=3, health=Health.UNHEALTHY),
-                     task("t4", "web", "10.0.0.5", slot=4, health=Health.STARTING),
-                     task("t5", "web", "10.0.0.6", slot=5, state=TaskState.DRAINING),
-                     task("other", "api", "10.0.0.7"))
+    table = table_of(
+        WEB,
+        task("t2", "web", "10.0.0.3", slot=2),
+        task("t1", "web", "10.0.0.2", slot=1, ports={8080: 31000}),
+        task("t3", "web", "10.0.0.4", slot=3, health=Health.UNHEALTHY),
+        task("t4", "web", "10.0.0.5", slot=4, health=Health.STARTING),
+        task("t5", "web", "10.0.0.6", slot=5, state=TaskState.DRAINING),
+        task("other", "api", "10.0.0.7"),
+    )
     assert endpoints(table) == (Endpoint("t1", "10.0.0.2", 31000), Endpoint("t2", "10.0.0.3", 8080))
 
 
@@ -472,8 +618,11 @@ def test_a_task_change_that_routing_does_not_see_changes_nothing() -> None:
 def test_a_service_update_outside_its_routing_labels_keeps_the_match() -> None:
     table = table_of(WEB, task("t1", "web"))
     before, generation = table.match("a.example.com", "/"), table.generation
-    put(table, WEB, dataclasses.replace(WEB, labels={**WEB.labels, "owner": "team-b"},
-                                        updated_at=5.0))
+    put(
+        table,
+        WEB,
+        dataclasses.replace(WEB, labels={**WEB.labels, "owner": "team-b"}, updated_at=5.0),
+    )
     assert table.match("a.example.com", "/") is before
     assert table.generation == generation
 
@@ -492,8 +641,10 @@ LABEL_SETS = [
     {},
     {"mesh.http.hosts": "x.com", "mesh.http.port": "80"},
     {HRM: "80=http://x.com/api,http://y.com"},
-    {f"{HRM}.1": "external_route=sni://x.com,internal_port=443",
-     f"{HRM}.2": "external_route=http://x.com,redirect=https://x.com"},
+    {
+        f"{HRM}.1": "external_route=sni://x.com,internal_port=443",
+        f"{HRM}.2": "external_route=http://x.com,redirect=https://x.com",
+    },
     {HRM: "external_route=http://,internal_port=80,sticky_sessions=sid"},
     {"mesh.http.hosts": "x.com", "mesh.http.port": "8080", "com.docker.lb.context_root": "/api"},
     {HRM: "bad"},
@@ -501,18 +652,26 @@ LABEL_SETS = [
 PROBES = [(h, p) for h in ("x.com", "Y.COM:80", "z.com") for p in ("/", "/api", "/api/v1", "/apix")]
 
 removals = st.sampled_from([False, False, False, True])  # mostly puts: richer states
-service_ops = st.tuples(st.just("service"), st.sampled_from("abc"),
-                        st.integers(0, len(LABEL_SETS) - 1), st.sampled_from([0.0, 1.0, 2.0]),
-                        removals)
-task_ops = st.tuples(st.just("task"), st.sampled_from(["t1", "t2", "t3"]),
-                     st.tuples(st.sampled_from("ab"),
-                               st.sampled_from([Health.HEALTHY, Health.HEALTHY,
-                                                Health.UNHEALTHY, Health.STARTING]),
-                               st.sampled_from([TaskState.RUNNING, TaskState.RUNNING,
-                                                TaskState.DRAINING]),
-                               st.sampled_from(["10.0.0.2", "10.0.0.3"]),
-                               st.sampled_from([{}, {80: 31080}, {8080: 31808, 443: 31443}])),
-                     st.just(0.0), removals)
+service_ops = st.tuples(
+    st.just("service"),
+    st.sampled_from("abc"),
+    st.integers(0, len(LABEL_SETS) - 1),
+    st.sampled_from([0.0, 1.0, 2.0]),
+    removals,
+)
+task_ops = st.tuples(
+    st.just("task"),
+    st.sampled_from(["t1", "t2", "t3"]),
+    st.tuples(
+        st.sampled_from("ab"),
+        st.sampled_from([Health.HEALTHY, Health.HEALTHY, Health.UNHEALTHY, Health.STARTING]),
+        st.sampled_from([TaskState.RUNNING, TaskState.RUNNING, TaskState.DRAINING]),
+        st.sampled_from(["10.0.0.2", "10.0.0.3"]),
+        st.sampled_from([{}, {80: 31080}, {8080: 31808, 443: 31443}]),
+    ),
+    st.just(0.0),
+    removals,
+)
 
 
 @settings(max_examples=400, deadline=None)

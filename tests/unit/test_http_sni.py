@@ -42,13 +42,25 @@ def test_a_hello_split_over_two_records() -> None:
     hello = client_hello("split.example")
     body = hello[5:]
     first, second = body[:40], body[40:]
-    records = (b"\x16\x03\x01" + len(first).to_bytes(2, "big") + first
-               + b"\x16\x03\x01" + len(second).to_bytes(2, "big") + second)
+    records = (
+        b"\x16\x03\x01"
+        + len(first).to_bytes(2, "big")
+        + first
+        + b"\x16\x03\x01"
+        + len(second).to_bytes(2, "big")
+        + second
+    )
     assert server_name(records) == "split.example"
 
 
-@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x00",
-                                  b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x00\x00",
+        b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",
+    ],
+)
 def test_other_bytes_are_not_a_hello(data: bytes) -> None:
     with pytest.raises(NotClientHello):
         server_name(data)
@@ -61,6 +73,6 @@ _FUZZ_HELLO = client_hello("fuzz.example")
 @given(st.binary(max_size=600), st.integers(min_value=0, max_value=599))
 def test_garbage_never_breaks_the_reader(noise: bytes, at: int) -> None:
     hello = bytearray(_FUZZ_HELLO)
-    hello[at % len(hello):at % len(hello) + len(noise)] = noise
+    hello[at % len(hello) : at % len(hello) + len(noise)] = noise
     with contextlib.suppress(NeedMore, NotClientHello):
         server_name(bytes(hello))

@@ -92,15 +92,20 @@ def test_a_16_fills_to_the_last_address_and_the_lowest_free_is_reused() -> None:
     assert got[-1] == ipaddress.IPv4Address("127.64.255.254")
     with pytest.raises(Conflict) as info:
         ipam.allocate("ingress")
-    assert info.value.message == ("network ingress (127.64.0.0/16) has no free address: "
-                                  "all 65533 are VIPs of services")
+    assert info.value.message == (
+        "network ingress (127.64.0.0/16) has no free address: all 65533 are VIPs of services"
+    )
     ipam.release("ingress", [got[40000], got[7]])
     assert ipam.allocate("ingress") == got[7]
     assert ipam.allocate("ingress") == got[40000]
 
 
-@given(st.lists(st.tuples(st.sampled_from(["allocate", "release", "claim"]),
-                          st.integers(0, 40)), max_size=120))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["allocate", "release", "claim"]), st.integers(0, 40)),
+        max_size=120,
+    )
+)
 def test_allocate_always_gives_the_lowest_free_address(ops: list[tuple[str, int]]) -> None:
     """The search floor never skips a free address, whatever was claimed or released."""
     subnet = Net("127.64.9.0/26")

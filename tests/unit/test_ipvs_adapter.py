@@ -100,7 +100,11 @@ def test_fwmark_service_names_its_family_and_netmask() -> None:
 def test_delete_sends_only_the_key() -> None:
     decoded, _ = wire(service_message(Command.DELETE, VIP))
     assert set(attrs(decoded, "IPVS_CMD_ATTR_SERVICE")) == {
-        "IPVS_SVC_ATTR_AF", "IPVS_SVC_ATTR_PROTOCOL", "IPVS_SVC_ATTR_ADDR", "IPVS_SVC_ATTR_PORT"}
+        "IPVS_SVC_ATTR_AF",
+        "IPVS_SVC_ATTR_PROTOCOL",
+        "IPVS_SVC_ATTR_ADDR",
+        "IPVS_SVC_ATTR_PORT",
+    }
 
 
 def test_reals_are_reached_by_nat() -> None:
@@ -108,8 +112,11 @@ def test_reals_are_reached_by_nat() -> None:
     decoded, _ = wire(dest_message(Command.ADD, MARKED, REAL))
     got = attrs(decoded, "IPVS_CMD_ATTR_DEST")
     assert got["IPVS_DEST_ATTR_FWD_METHOD"] == FORWARD_MASQUERADE == 0
-    assert (got["IPVS_DEST_ATTR_ADDR_FAMILY"], got["IPVS_DEST_ATTR_ADDR"],
-            got["IPVS_DEST_ATTR_PORT"]) == (socket.AF_INET, "10.0.2.11", 8000)
+    assert (
+        got["IPVS_DEST_ATTR_ADDR_FAMILY"],
+        got["IPVS_DEST_ATTR_ADDR"],
+        got["IPVS_DEST_ATTR_PORT"],
+    ) == (socket.AF_INET, "10.0.2.11", 8000)
     assert attrs(decoded, "IPVS_CMD_ATTR_SERVICE")["IPVS_SVC_ATTR_FWMARK"] == 0x6D70_7580
     assert parse_dest(decoded) == REAL
 
@@ -117,16 +124,19 @@ def test_reals_are_reached_by_nat() -> None:
 def test_timeouts_are_u32_attributes() -> None:
     decoded, _ = wire(config_message(Timeouts(tcp=7800, tcp_fin=900, udp=300)))
     assert decoded["cmd"] == genl.IPVS_CMD_SET_CONFIG
-    assert [_u32_from_hex(decoded.get_attr(f"IPVS_CMD_ATTR_TIMEOUT_{name}"))
-            for name in ("TCP", "TCP_FIN", "UDP")] == [7800, 900, 300]
+    assert [
+        _u32_from_hex(decoded.get_attr(f"IPVS_CMD_ATTR_TIMEOUT_{name}"))
+        for name in ("TCP", "TCP_FIN", "UDP")
+    ] == [7800, 900, 300]
 
 
 def test_published_marks_round_trip_and_stay_in_range() -> None:
     for protocol, port in (("tcp", 1), ("tcp", 30080), ("udp", 53), ("udp", 65535)):
         mark = published_mark(DEFAULT_MARK_BASE, protocol, port)  # type: ignore[arg-type]
         assert decode_mark(DEFAULT_MARK_BASE, mark) == (protocol, port)
-    assert published_mark(DEFAULT_MARK_BASE, "tcp", 80) != \
-        published_mark(DEFAULT_MARK_BASE, "udp", 80)
+    assert published_mark(DEFAULT_MARK_BASE, "tcp", 80) != published_mark(
+        DEFAULT_MARK_BASE, "udp", 80
+    )
     for foreign in (7, 256, DEFAULT_MARK_BASE, DEFAULT_MARK_BASE + 0x2_0000, 0x4000):
         assert decode_mark(DEFAULT_MARK_BASE, foreign) is None
 
@@ -154,21 +164,25 @@ def test_sysctls_follow_swarm_and_the_kernel_fix_for_connection_reuse() -> None:
     assert kernel_version("garbage") == (0, 0)
 
 
-@pytest.mark.parametrize("key", [
-    VirtualKey("sctp", "10.0.3.1", 80),  # type: ignore[arg-type]
-    VirtualKey("tcp", "10.0.3.1", 0),
-    VirtualKey("tcp", "10.0.3.1", 70000),
-    VirtualKey("udp", ANY_ADDRESS, -1),
-    VirtualKey("tcp", "fd00::1", 80),
-    VirtualKey("tcp", "not-an-address", 80),
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        VirtualKey("sctp", "10.0.3.1", 80),  # type: ignore[arg-type]
+        VirtualKey("tcp", "10.0.3.1", 0),
+        VirtualKey("tcp", "10.0.3.1", 70000),
+        VirtualKey("udp", ANY_ADDRESS, -1),
+        VirtualKey("tcp", "fd00::1", 80),
+        VirtualKey("tcp", "not-an-address", 80),
+    ],
+)
 def test_keys_ipvs_cannot_take_are_clear_errors(key: VirtualKey) -> None:
     with pytest.raises(BackendError, match="ipvs: "):
         check_key(key)
 
 
-@pytest.mark.parametrize("real", [Real("10.0.2.300", 80), Real("::1", 80), Real("10.0.2.1", 0),
-                                  Real("10.0.2.1", 65536)])
+@pytest.mark.parametrize(
+    "real", [Real("10.0.2.300", 80), Real("::1", 80), Real("10.0.2.1", 0), Real("10.0.2.1", 65536)]
+)
 def test_reals_ipvs_cannot_take_are_clear_errors(real: Real) -> None:
     with pytest.raises(BackendError, match="ipvs: "):
         check_real(real)
@@ -188,6 +202,7 @@ class _Recorder:
         async def call(*args: Any, **kwargs: Any) -> Any:
             self.calls.append(name)
             return {"services": [], "dests": [], "addresses": set()}.get(name)
+
         return call
 
     def close(self) -> None:
@@ -202,13 +217,14 @@ async def test_one_change_among_ten_thousand_reals_costs_one_kernel_call() -> No
     key = VirtualKey("tcp", "10.0.3.1", 80)
     reals = [Real(f"10.1.{i // 250}.{i % 250 + 1}", 8080) for i in range(10_000)]
     await backend.apply([PutService(key), *(PutReal(key, real, 1) for real in reals)])
-    for ops, expected in (([PutReal(key, reals[5000], 0)], ["dest"]),      # drain
-                          ([DeleteReal(key, reals[5000])], ["dest"]),      # remove
-                          ([PutReal(key, Real("10.2.0.1", 8080), 1)], ["dest"]),  # add
-                          ([PutReal(key, reals[42], 1)], []),              # unchanged
-                          ([PutService(VirtualKey("tcp", "10.0.3.1", 443))], ["service"]),
-                          ([PutService(VirtualKey("udp", "10.0.3.2", 53))],
-                           ["add", "add_vip", "service"])):               # a new VIP
+    for ops, expected in (
+        ([PutReal(key, reals[5000], 0)], ["dest"]),  # drain
+        ([DeleteReal(key, reals[5000])], ["dest"]),  # remove
+        ([PutReal(key, Real("10.2.0.1", 8080), 1)], ["dest"]),  # add
+        ([PutReal(key, reals[42], 1)], []),  # unchanged
+        ([PutService(VirtualKey("tcp", "10.0.3.1", 443))], ["service"]),
+        ([PutService(VirtualKey("udp", "10.0.3.2", 53))], ["add", "add_vip", "service"]),
+    ):  # a new VIP
         kernel.calls.clear()
         await backend.apply(ops)
         assert kernel.calls == expected, ops

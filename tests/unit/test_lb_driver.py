@@ -11,8 +11,9 @@ from lb.table import Op, PutReal, Table, apply_ops
 from lb.view import LbView
 from mesh.core.model import Change, Health, Kind, PortConfig, Service, Task
 
-SERVICE = Service(name="web", id="s1", ports=(PortConfig(protocol="tcp", target_port=80,
-                                                         published_port=30080),))
+SERVICE = Service(
+    name="web", id="s1", ports=(PortConfig(protocol="tcp", target_port=80, published_port=30080),)
+)
 
 
 class RecordingBackend:
@@ -44,8 +45,15 @@ class RecordingBackend:
 
 
 def task(task_id: str, address: str) -> Task:
-    return Task(id=task_id, name=f"web.1.{task_id}", service="web", slot=1, node="n1",
-                address=address, health=Health.HEALTHY)
+    return Task(
+        id=task_id,
+        name=f"web.1.{task_id}",
+        service="web",
+        slot=1,
+        node="n1",
+        address=address,
+        health=Health.HEALTHY,
+    )
 
 
 async def test_ops_are_applied_in_order_and_errors_counted_not_fatal() -> None:

@@ -83,16 +83,15 @@ class FakeMaps:
                 raise AssertionError(f"unexpected command {command!r}")
 
     def check(self, layout: Layout) -> None:
-        assert set(self.maps["endpoints"]) == {f"{a} . {p} . {n}" for a, p, n in
-                                               layout.endpoints}
+        assert set(self.maps["endpoints"]) == {f"{a} . {p} . {n}" for a, p, n in layout.endpoints}
         for key, service in layout.services.items():
             slots = self.maps[slots_map(key)]
-            assert slots == {str(i): f"{r.address} . {r.port}"
-                             for i, r in enumerate(service.slots)}
+            assert slots == {str(i): f"{r.address} . {r.port}" for i, r in enumerate(service.slots)}
             weights = self.maps[weights_map(key)]
-            assert weights == {f"{r.address} . {r.port}": str(w)
-                               for r, w in service.weights.items()}
-            rule = self.rules[f"svc_{slots_map(key)[len('slots_'):]}"]
+            assert weights == {
+                f"{r.address} . {r.port}": str(w) for r, w in service.weights.items()
+            }
+            rule = self.rules[f"svc_{slots_map(key)[len('slots_') :]}"]
             if service.slots:
                 assert f"numgen inc mod {len(service.slots)} map" in rule
             else:
@@ -141,22 +140,31 @@ def test_weight_zero_keeps_the_real_without_a_slot_and_removal_flushes_it() -> N
     assert flushed == [(KEY, real(2))]
 
 
-@pytest.mark.parametrize("op", [
-    PutService(VirtualKey("sctp", "10.0.0.1", 80)),  # type: ignore[arg-type]
-    PutService(VirtualKey("tcp", "10.0.0.256", 80)),
-    PutService(VirtualKey("tcp", "10.0.0.1", 0)),
-    PutService(VirtualKey("tcp", "10.0.0.1", 70000)),
-    PutReal(KEY, Real("10.1.0.1", 80), 1),  # no such service
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        PutService(VirtualKey("sctp", "10.0.0.1", 80)),  # type: ignore[arg-type]
+        PutService(VirtualKey("tcp", "10.0.0.256", 80)),
+        PutService(VirtualKey("tcp", "10.0.0.1", 0)),
+        PutService(VirtualKey("tcp", "10.0.0.1", 70000)),
+        PutReal(KEY, Real("10.1.0.1", 80), 1),  # no such service
+    ],
+)
 def test_bad_ops_are_refused_with_a_reason(op: Op) -> None:
     with pytest.raises(LayoutError):
         Layout("t").plan(op)
 
 
-@pytest.mark.parametrize(("target", "weight"), [
-    (Real("0.0.0.0", 80), 1), (Real("10.1.0.1", 80), -1), (Real("10.1.0.1", 80), MAX_WEIGHT + 1),
-    (Real("10.1.0.1; flush ruleset", 80), 1), (Real("10.1.0.1", 80), True),
-])
+@pytest.mark.parametrize(
+    ("target", "weight"),
+    [
+        (Real("0.0.0.0", 80), 1),
+        (Real("10.1.0.1", 80), -1),
+        (Real("10.1.0.1", 80), MAX_WEIGHT + 1),
+        (Real("10.1.0.1; flush ruleset", 80), 1),
+        (Real("10.1.0.1", 80), True),
+    ],
+)
 def test_bad_reals_are_refused_before_reaching_nft(target: Real, weight: int) -> None:
     layout = Layout("t")
     layout.plan(PutService(KEY))
@@ -188,12 +196,15 @@ def test_one_change_among_ten_thousand_reals_costs_a_constant_number_of_commands
 
 
 keys = st.sampled_from([KEY, KEY2])
-ops_strategy = st.lists(st.one_of(
-    st.builds(PutService, keys, st.sampled_from([ServiceOptions(), WRR])),
-    st.builds(PutReal, keys, st.builds(real, st.integers(0, 5)), st.integers(0, 4)),
-    st.builds(DeleteReal, keys, st.builds(real, st.integers(0, 5))),
-    st.builds(DeleteService, keys),
-), max_size=40)
+ops_strategy = st.lists(
+    st.one_of(
+        st.builds(PutService, keys, st.sampled_from([ServiceOptions(), WRR])),
+        st.builds(PutReal, keys, st.builds(real, st.integers(0, 5)), st.integers(0, 4)),
+        st.builds(DeleteReal, keys, st.builds(real, st.integers(0, 5))),
+        st.builds(DeleteService, keys),
+    ),
+    max_size=40,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -222,30 +233,94 @@ def test_options_survive_the_rule_comment() -> None:
 def test_a_listing_reads_back_into_the_table() -> None:
     """The JSON shapes `nft -j list table` (1.0.6) prints for the backend's objects."""
     published = VirtualKey("udp", ANY_ADDRESS, 30053)
-    listing = {"nftables": [
-        {"metainfo": {"version": "1.0.6"}},
-        {"map": {"table": "t", "name": "vips", "elem": [
-            [{"concat": ["10.0.0.1", "tcp", 80]}, {"goto": {"target": "svc_tcp_10_0_0_1_80"}}]]}},
-        {"map": {"table": "t", "name": "published", "elem": [
-            [{"concat": ["udp", 30053]}, {"goto": {"target": "svc_udp_any_30053"}}]]}},
-        {"map": {"table": "t", "name": "slots_tcp_10_0_0_1_80", "elem": [
-            [0, {"concat": ["10.1.0.1", 8080]}], [1, {"concat": ["10.1.0.1", 8080]}]]}},
-        {"map": {"table": "t", "name": "weights_tcp_10_0_0_1_80", "elem": [
-            [{"concat": ["10.1.0.1", 8080]}, 2], [{"concat": ["10.1.0.2", 8080]}, 0]]}},
-        {"map": {"table": "t", "name": "slots_udp_any_30053"}},
-        {"map": {"table": "t", "name": "weights_udp_any_30053"}},
-        {"rule": {"table": "t", "chain": "svc_tcp_10_0_0_1_80", "comment": "meshplane sched=wrr "
-                  "proxy=0", "expr": [{"dnat": {"family": "ip", "addr": {"map": {
-                      "key": {"numgen": {"mode": "inc", "mod": 2}}, "data": "@slots"}}}}]}},
-        {"rule": {"table": "t", "chain": "svc_udp_any_30053", "comment": "meshplane sched=rr "
-                  "proxy=0", "expr": [{"reject": None}]}},
-    ]}
+    listing = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {
+                "map": {
+                    "table": "t",
+                    "name": "vips",
+                    "elem": [
+                        [
+                            {"concat": ["10.0.0.1", "tcp", 80]},
+                            {"goto": {"target": "svc_tcp_10_0_0_1_80"}},
+                        ]
+                    ],
+                }
+            },
+            {
+                "map": {
+                    "table": "t",
+                    "name": "published",
+                    "elem": [
+                        [{"concat": ["udp", 30053]}, {"goto": {"target": "svc_udp_any_30053"}}]
+                    ],
+                }
+            },
+            {
+                "map": {
+                    "table": "t",
+                    "name": "slots_tcp_10_0_0_1_80",
+                    "elem": [
+                        [0, {"concat": ["10.1.0.1", 8080]}],
+                        [1, {"concat": ["10.1.0.1", 8080]}],
+                    ],
+                }
+            },
+            {
+                "map": {
+                    "table": "t",
+                    "name": "weights_tcp_10_0_0_1_80",
+                    "elem": [
+                        [{"concat": ["10.1.0.1", 8080]}, 2],
+                        [{"concat": ["10.1.0.2", 8080]}, 0],
+                    ],
+                }
+            },
+            {"map": {"table": "t", "name": "slots_udp_any_30053"}},
+            {"map": {"table": "t", "name": "weights_udp_any_30053"}},
+            {
+                "rule": {
+                    "table": "t",
+                    "chain": "svc_tcp_10_0_0_1_80",
+                    "comment": "meshplane sched=wrr proxy=0",
+                    "expr": [
+                        {
+                            "dnat": {
+                                "family": "ip",
+                                "addr": {
+                                    "map": {
+                                        "key": {"numgen": {"mode": "inc", "mod": 2}},
+                                        "data": "@slots",
+                                    }
+                                },
+                            }
+                        }
+                    ],
+                }
+            },
+            {
+                "rule": {
+                    "table": "t",
+                    "chain": "svc_udp_any_30053",
+                    "comment": "meshplane sched=rr proxy=0",
+                    "expr": [{"reject": None}],
+                }
+            },
+        ]
+    }
     found = parse_listing("t", listing)
     assert found.problems == []
     assert found.endpoints_missing == {("10.1.0.1", "tcp", 8080), ("10.1.0.2", "tcp", 8080)}
     assert found.layout.to_table() == {
-        KEY: apply_ops({}, [PutService(KEY, WRR), PutReal(KEY, Real("10.1.0.1", 8080), 2),
-                            PutReal(KEY, Real("10.1.0.2", 8080), 0)])[KEY],
+        KEY: apply_ops(
+            {},
+            [
+                PutService(KEY, WRR),
+                PutReal(KEY, Real("10.1.0.1", 8080), 2),
+                PutReal(KEY, Real("10.1.0.2", 8080), 0),
+            ],
+        )[KEY],
         published: apply_ops({}, [PutService(published)])[published],
     }
     # a rule whose modulus disagrees with the ring is marked for repair
@@ -259,5 +334,7 @@ def test_one_mark_bit_tells_our_flows_from_others() -> None:
     commands, _ = layout.plan(PutReal(KEY, real(1), 1))
     assert any("meta mark set meta mark | 0x4000 dnat ip to" in c for c in commands)
     base = "\n".join(base_commands("t", 0x4000))
-    assert 'meta mark & 0x4000 == 0x4000 oif != "lo" meta mark set meta mark & 0xffffbfff ' \
+    assert (
+        'meta mark & 0x4000 == 0x4000 oif != "lo" meta mark set meta mark & 0xffffbfff '
         "masquerade" in base
+    )

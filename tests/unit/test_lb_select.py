@@ -29,20 +29,35 @@ def modules(*present: str) -> Any:
         module.NftablesBackend = lambda **kw: FakeKernelBackend("nftables", **kw)  # type: ignore[attr-defined]
         module.DEFAULT_TIMEOUTS = DEFAULT_TIMEOUTS  # type: ignore[attr-defined]
         return module
+
     return import_module
 
 
-def probes(*, ip_vs: bool = False, root: bool = True, nft: bool = True,
-           present: tuple[str, ...] = ("lb.ipvs", "lb.nft")) -> Probes:
-    return Probes(has_ip_vs=lambda: ip_vs, is_root=lambda: root, nft_works=lambda: nft,
-                  import_module=modules(*present))
+def probes(
+    *,
+    ip_vs: bool = False,
+    root: bool = True,
+    nft: bool = True,
+    present: tuple[str, ...] = ("lb.ipvs", "lb.nft"),
+) -> Probes:
+    return Probes(
+        has_ip_vs=lambda: ip_vs,
+        is_root=lambda: root,
+        nft_works=lambda: nft,
+        import_module=modules(*present),
+    )
 
 
 def test_auto_prefers_ipvs_then_nftables_then_userspace() -> None:
     assert choose("auto", SETTINGS, probes(ip_vs=True)).backend.name == "ipvs"
     idle = choose("ipvs", ProxySettings(tcp_idle_timeout=86400), probes(ip_vs=True)).backend
-    assert idle.kwargs == {"timeouts": Timeouts(tcp=86400, tcp_fin=DEFAULT_TIMEOUTS.tcp_fin,  # type: ignore[attr-defined]
-                                                udp=DEFAULT_TIMEOUTS.udp)}
+    assert idle.kwargs == {
+        "timeouts": Timeouts(
+            tcp=86400,
+            tcp_fin=DEFAULT_TIMEOUTS.tcp_fin,  # type: ignore[attr-defined]
+            udp=DEFAULT_TIMEOUTS.udp,
+        )
+    }
     chosen = choose("auto", SETTINGS, probes())
     assert chosen.backend.name == "nftables"
     assert chosen.backend.kwargs == {"table": "meshplane"}  # type: ignore[attr-defined]
@@ -57,7 +72,8 @@ def test_auto_passes_over_a_backend_missing_from_the_build_and_says_so() -> None
     assert "lb.ipvs is not part of this build" in chosen.reason
     assert "lb.nft is not part of this build" in chosen.reason
     assert choose("auto", SETTINGS, probes(nft=False)).reason.endswith(
-        "nftables: `nft list tables` fails")
+        "nftables: `nft list tables` fails"
+    )
 
 
 def test_asking_by_name_fails_clearly_when_it_cannot_run() -> None:

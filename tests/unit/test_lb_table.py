@@ -43,8 +43,11 @@ def test_diff_removes_stale_services_first_and_orders_service_before_reals() -> 
     found = {stale: VirtualService(stale, ServiceOptions(), {A: 1})}
     options = ServiceOptions(Scheduler.LEAST_CONNECTIONS)
     desired = {KEY: VirtualService(KEY, options, {A: 1})}
-    assert diff(found, desired) == [DeleteService(stale), PutService(KEY, options),
-                                    PutReal(KEY, A, 1)]
+    assert diff(found, desired) == [
+        DeleteService(stale),
+        PutService(KEY, options),
+        PutReal(KEY, A, 1),
+    ]
 
 
 def test_apply_refuses_a_real_without_its_service() -> None:
@@ -57,14 +60,21 @@ def test_describe_reads_like_ipvsadm() -> None:
     assert list(describe(table)) == ["TCP  10.0.1.2:80 rr", "  -> 10.0.1.5:8080  weight 1"]
 
 
-keys = st.builds(VirtualKey, st.sampled_from(["tcp", "udp"]),
-                 st.sampled_from(["10.0.1.2", "10.0.1.3", ANY_ADDRESS]),
-                 st.sampled_from([80, 443]))
-reals = st.builds(Real, st.sampled_from(["10.0.1.5", "10.0.1.6", "10.0.1.7"]),
-                  st.sampled_from([80, 8080]))
-services = st.builds(lambda key, sched, rs: VirtualService(key, ServiceOptions(sched), rs),
-                     keys, st.sampled_from(list(Scheduler)),
-                     st.dictionaries(reals, st.integers(0, 3), max_size=3))
+keys = st.builds(
+    VirtualKey,
+    st.sampled_from(["tcp", "udp"]),
+    st.sampled_from(["10.0.1.2", "10.0.1.3", ANY_ADDRESS]),
+    st.sampled_from([80, 443]),
+)
+reals = st.builds(
+    Real, st.sampled_from(["10.0.1.5", "10.0.1.6", "10.0.1.7"]), st.sampled_from([80, 8080])
+)
+services = st.builds(
+    lambda key, sched, rs: VirtualService(key, ServiceOptions(sched), rs),
+    keys,
+    st.sampled_from(list(Scheduler)),
+    st.dictionaries(reals, st.integers(0, 3), max_size=3),
+)
 tables = st.lists(services, max_size=4).map(lambda ss: {s.key: s for s in ss})
 
 

@@ -66,11 +66,11 @@ def test_proxy_v2_round_trip_ipv4_and_ipv6() -> None:
     assert header.startswith(proxy_protocol.SIGNATURE)
     assert len(header) == 16 + 12
     parsed = proxy_protocol.parse(header + b"GET /")
-    assert parsed == proxy_protocol.ProxyHeader("tcp", ("192.0.2.7", 40000),
-                                                ("10.0.1.2", 80), 28)
+    assert parsed == proxy_protocol.ProxyHeader("tcp", ("192.0.2.7", 40000), ("10.0.1.2", 80), 28)
     six = proxy_protocol.build("udp", ("2001:db8::1", 5), ("2001:db8::2", 53))
     assert proxy_protocol.parse(six) == proxy_protocol.ProxyHeader(
-        "udp", ("2001:db8::1", 5), ("2001:db8::2", 53), 16 + 36)
+        "udp", ("2001:db8::1", 5), ("2001:db8::2", 53), 16 + 36
+    )
 
 
 def test_proxy_v2_parse_waits_for_more_and_refuses_garbage() -> None:

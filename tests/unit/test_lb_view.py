@@ -38,23 +38,52 @@ from mesh.core.model import (
 NODE = "n1"
 
 
-def service(name: str = "web", *, mode: str = "vip", labels: dict[str, str] | None = None,
-            ports: tuple[PortConfig, ...] | None = None,
-            vips: tuple[Vip, ...] | None = None) -> Service:
+def service(
+    name: str = "web",
+    *,
+    mode: str = "vip",
+    labels: dict[str, str] | None = None,
+    ports: tuple[PortConfig, ...] | None = None,
+    vips: tuple[Vip, ...] | None = None,
+) -> Service:
     if ports is None:
         ports = (PortConfig(protocol="tcp", target_port=80, published_port=30080),)
     if vips is None:
-        vips = (Vip(network="front", address="10.0.1.2"),
-                Vip(network="ingress", address="10.0.0.2"))
-    return Service(name=name, id=f"id-{name}", endpoint_mode=mode,  # type: ignore[arg-type]
-                   ports=ports, vips=vips if mode == "vip" else (), labels=labels or {})
+        vips = (
+            Vip(network="front", address="10.0.1.2"),
+            Vip(network="ingress", address="10.0.0.2"),
+        )
+    return Service(
+        name=name,
+        id=f"id-{name}",
+        endpoint_mode=mode,  # type: ignore[arg-type]
+        ports=ports,
+        vips=vips if mode == "vip" else (),
+        labels=labels or {},
+    )
 
 
-def task(task_id: str, address: str, *, svc: str = "web", node: str = NODE,
-         health: Health = Health.HEALTHY, state: TaskState = TaskState.RUNNING,
-         ports: dict[int, int] | None = None) -> Task:
-    return Task(id=task_id, name=f"{svc}.1.{task_id}", service=svc, slot=1, node=node,
-                address=address, ports=ports or {}, health=health, state=state)
+def task(
+    task_id: str,
+    address: str,
+    *,
+    svc: str = "web",
+    node: str = NODE,
+    health: Health = Health.HEALTHY,
+    state: TaskState = TaskState.RUNNING,
+    ports: dict[int, int] | None = None,
+) -> Task:
+    return Task(
+        id=task_id,
+        name=f"{svc}.1.{task_id}",
+        service=svc,
+        slot=1,
+        node=node,
+        address=address,
+        ports=ports or {},
+        health=health,
+        state=state,
+    )
 
 
 def kind_of(record: Record) -> Kind:
@@ -76,14 +105,21 @@ PUBLISHED = VirtualKey("tcp", ANY_ADDRESS, 30080)
 
 def test_vips_and_published_port_over_healthy_tasks() -> None:
     view = LbView(NODE)
-    ops = view.load([service(), task("a", "10.0.1.5", ports={80: 8080}),
-                     task("b", "10.0.1.6", node="n2"),
-                     task("c", "10.0.1.7", health=Health.STARTING),
-                     task("d", "10.0.1.8", health=Health.UNHEALTHY),
-                     task("e", "10.0.1.9", state=TaskState.DRAINING)])
+    ops = view.load(
+        [
+            service(),
+            task("a", "10.0.1.5", ports={80: 8080}),
+            task("b", "10.0.1.6", node="n2"),
+            task("c", "10.0.1.7", health=Health.STARTING),
+            task("d", "10.0.1.8", health=Health.UNHEALTHY),
+            task("e", "10.0.1.9", state=TaskState.DRAINING),
+        ]
+    )
     reals = {Real("10.0.1.5", 8080): 1, Real("10.0.1.6", 80): 1, Real("10.0.1.9", 80): 0}
-    expected = {key: VirtualService(key, ServiceOptions(), reals)
-                for key in (VIP_FRONT, VIP_INGRESS, PUBLISHED)}
+    expected = {
+        key: VirtualService(key, ServiceOptions(), reals)
+        for key in (VIP_FRONT, VIP_INGRESS, PUBLISHED)
+    }
     assert view.table() == expected
     assert apply_ops({}, ops) == expected
 
@@ -96,8 +132,8 @@ def test_one_task_turning_healthy_costs_one_op_per_key() -> None:
     healthy = dataclasses.replace(starting, health=Health.HEALTHY)
     ops = view.on_change(put(starting, healthy))
     assert sorted(ops, key=str) == sorted(
-        [PutReal(k, Real("10.0.1.5", 80), 1) for k in (VIP_FRONT, VIP_INGRESS, PUBLISHED)],
-        key=str)
+        [PutReal(k, Real("10.0.1.5", 80), 1) for k in (VIP_FRONT, VIP_INGRESS, PUBLISHED)], key=str
+    )
     draining = dataclasses.replace(healthy, state=TaskState.DRAINING)
     assert len(view.on_change(put(healthy, draining))) == 3
     assert all(v.reals == {Real("10.0.1.5", 80): 0} for v in view.table().values())
@@ -113,8 +149,7 @@ def test_dnsrr_gets_published_ports_but_no_vips() -> None:
 
 
 def test_host_mode_port_only_over_this_nodes_tasks_and_only_while_it_has_one() -> None:
-    ports = (PortConfig(protocol="udp", target_port=53, published_port=5300,
-                        publish_mode="host"),)
+    ports = (PortConfig(protocol="udp", target_port=53, published_port=5300, publish_mode="host"),)
     key = VirtualKey("udp", ANY_ADDRESS, 5300)
     view = LbView(NODE)
     remote = task("b", "10.0.1.6", node="n2")
@@ -130,10 +165,17 @@ def test_host_mode_port_only_over_this_nodes_tasks_and_only_while_it_has_one() -
 
 def test_labels_choose_the_options_and_bad_values_are_counted() -> None:
     view = LbView(NODE)
-    view.load([service(labels={"mesh.lb.scheduler": "lc", "mesh.lb.proxy_protocol": "v2"}),
-               service("api", labels={"mesh.lb.scheduler": "fastest"},
-                       ports=(PortConfig(protocol="tcp", target_port=81, published_port=30081),),
-                       vips=())])
+    view.load(
+        [
+            service(labels={"mesh.lb.scheduler": "lc", "mesh.lb.proxy_protocol": "v2"}),
+            service(
+                "api",
+                labels={"mesh.lb.scheduler": "fastest"},
+                ports=(PortConfig(protocol="tcp", target_port=81, published_port=30081),),
+                vips=(),
+            ),
+        ]
+    )
     table = view.table()
     assert table[PUBLISHED].options == ServiceOptions(Scheduler.LEAST_CONNECTIONS, True)
     assert table[VirtualKey("tcp", ANY_ADDRESS, 30081)].options == ServiceOptions()
@@ -144,8 +186,10 @@ def test_service_update_changes_options_and_moves_ports() -> None:
     view = LbView(NODE)
     old = service()
     view.load([old, task("a", "10.0.1.5")])
-    new = service(labels={"mesh.lb.scheduler": "wrr"},
-                  ports=(PortConfig(protocol="tcp", target_port=80, published_port=30090),))
+    new = service(
+        labels={"mesh.lb.scheduler": "wrr"},
+        ports=(PortConfig(protocol="tcp", target_port=80, published_port=30090),),
+    )
     ops = view.on_change(put(old, new))
     moved = VirtualKey("tcp", ANY_ADDRESS, 30090)
     assert DeleteService(PUBLISHED) in ops
@@ -187,30 +231,60 @@ ADDRESSES = ("10.0.1.5", "10.0.1.6", "10.0.1.7")
 def services(draw: st.DrawFn) -> Service:
     name = draw(st.sampled_from(SERVICE_NAMES))
     mode = draw(st.sampled_from(["vip", "dnsrr"]))
-    ports = tuple(draw(st.lists(st.builds(
-        lambda proto, target, published, host: PortConfig(
-            protocol=proto, target_port=target, published_port=published,
-            publish_mode="host" if host else "ingress"),
-        st.sampled_from(["tcp", "udp"]), st.sampled_from([80, 443]),
-        st.sampled_from([30080, 30081, 30082]), st.booleans()), max_size=2)))
-    vips = tuple(draw(st.lists(st.builds(
-        lambda last: Vip(network=f"net{last}", address=f"10.0.9.{last}"),
-        st.integers(2, 4)), max_size=2, unique_by=lambda v: v.address)))
-    labels = draw(st.fixed_dictionaries({}, optional={
-        "mesh.lb.scheduler": st.sampled_from(["rr", "wrr", "lc", "bogus"]),
-        "mesh.lb.proxy_protocol": st.sampled_from(["v2", "off", "v9"])}))
+    ports = tuple(
+        draw(
+            st.lists(
+                st.builds(
+                    lambda proto, target, published, host: PortConfig(
+                        protocol=proto,
+                        target_port=target,
+                        published_port=published,
+                        publish_mode="host" if host else "ingress",
+                    ),
+                    st.sampled_from(["tcp", "udp"]),
+                    st.sampled_from([80, 443]),
+                    st.sampled_from([30080, 30081, 30082]),
+                    st.booleans(),
+                ),
+                max_size=2,
+            )
+        )
+    )
+    vips = tuple(
+        draw(
+            st.lists(
+                st.builds(
+                    lambda last: Vip(network=f"net{last}", address=f"10.0.9.{last}"),
+                    st.integers(2, 4),
+                ),
+                max_size=2,
+                unique_by=lambda v: v.address,
+            )
+        )
+    )
+    labels = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "mesh.lb.scheduler": st.sampled_from(["rr", "wrr", "lc", "bogus"]),
+                "mesh.lb.proxy_protocol": st.sampled_from(["v2", "off", "v9"]),
+            },
+        )
+    )
     return service(name, mode=mode, ports=ports, vips=vips, labels=labels)
 
 
 @st.composite
 def tasks(draw: st.DrawFn) -> Task:
-    return task(draw(st.sampled_from(["t1", "t2", "t3", "t4", "t5"])),
-                draw(st.sampled_from(ADDRESSES)),
-                svc=draw(st.sampled_from(SERVICE_NAMES)),
-                node=draw(st.sampled_from([NODE, "n2"])),
-                health=draw(st.sampled_from(list(Health))),
-                state=draw(st.sampled_from(list(TaskState))),
-                ports=draw(st.sampled_from([{}, {80: 8080}, {443: 80}])))
+    return task(
+        draw(st.sampled_from(["t1", "t2", "t3", "t4", "t5"])),
+        draw(st.sampled_from(ADDRESSES)),
+        svc=draw(st.sampled_from(SERVICE_NAMES)),
+        node=draw(st.sampled_from([NODE, "n2"])),
+        health=draw(st.sampled_from(list(Health))),
+        state=draw(st.sampled_from(list(TaskState))),
+        ports=draw(st.sampled_from([{}, {80: 8080}, {443: 80}])),
+    )
 
 
 steps = st.lists(st.tuples(st.booleans(), st.one_of(services(), tasks())), max_size=30)
@@ -218,8 +292,9 @@ steps = st.lists(st.tuples(st.booleans(), st.one_of(services(), tasks())), max_s
 
 @settings(max_examples=300, deadline=None)
 @given(initial=st.lists(st.one_of(services(), tasks()), max_size=6), steps=steps)
-def test_incremental_table_equals_a_build_from_scratch(initial: list[Record],
-                                                       steps: list[tuple[bool, Any]]) -> None:
+def test_incremental_table_equals_a_build_from_scratch(
+    initial: list[Record], steps: list[tuple[bool, Any]]
+) -> None:
     current: dict[tuple[Kind, str], Record] = {}
     for record in initial:
         current[(kind_of(record), record.key)] = record

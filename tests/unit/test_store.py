@@ -39,8 +39,12 @@ def web(store: Store, **kw: object) -> Service:
     return changes[-1].after
 
 
-def task(store: Store, service: str = "web", address: str = "127.0.0.1",
-         ports: dict[int, int] | None = None) -> Task:
+def task(
+    store: Store,
+    service: str = "web",
+    address: str = "127.0.0.1",
+    ports: dict[int, int] | None = None,
+) -> Task:
     changes = store.add_task(TaskSpec(service=service, address=address, ports=ports or {}), NOW)
     assert isinstance(changes[-1].after, Task)
     return changes[-1].after
@@ -56,10 +60,13 @@ def test_ingress_exists_with_one_id_on_every_node() -> None:
 def test_service_gets_a_vip_per_network_and_one_on_ingress_when_published() -> None:
     store = make_store()
     store.create_network(NetworkSpec(name="backend", subnet="127.65.1.0/24"), NOW)
-    service = web(store, networks=("backend",), ports=(PortSpec(target_port=80,
-                                                                 published_port=8080),))
+    service = web(
+        store, networks=("backend",), ports=(PortSpec(target_port=80, published_port=8080),)
+    )
     assert [(v.network, v.address) for v in service.vips] == [
-        ("backend", "127.65.1.2"), (INGRESS, "127.64.0.2")]
+        ("backend", "127.65.1.2"),
+        (INGRESS, "127.64.0.2"),
+    ]
     plain = web(store, name="api", networks=("backend",))
     assert [v.address for v in plain.vips] == ["127.65.1.3"]
 
@@ -79,24 +86,36 @@ def test_omitted_published_port_comes_from_swarm_range() -> None:
     assert [p.published_port for p in (*first.ports, *second.ports)] == [30000, 30001]
 
 
-@pytest.mark.parametrize(("action", "error", "code"), [
-    (lambda s: web(s), Conflict, "name_in_use"),
-    (lambda s: web(s, name="b", ports=(PortSpec(target_port=1, published_port=8080),)),
-     Conflict, "port_in_use"),
-    (lambda s: web(s, name="c", networks=("nope",)), Invalid, "unknown_network"),
-    (lambda s: web(s, name="d", networks=(INGRESS,)), Invalid, "invalid_value"),
-    (lambda s: s.create_network(NetworkSpec(name="x", subnet="127.65.0.0/16"), NOW),
-     Conflict, "subnet_overlaps"),
-    (lambda s: s.create_network(NetworkSpec(name="backend"), NOW), Conflict, "name_in_use"),
-    (lambda s: task(s, address="not-an-ip"), Invalid, "invalid_address"),
-    (lambda s: task(s, address="0.0.0.0"), Invalid, "invalid_address"),
-    (lambda s: task(s, ports={80: 31001}), Conflict, "endpoint_in_use"),
-    (lambda s: task(s, service="nope"), NotFound, "not_found"),
-    (lambda s: s.remove_network("backend", NOW), Conflict, "network_in_use"),
-    (lambda s: s.remove_network(INGRESS, NOW), Conflict, "network_builtin"),
-    (lambda s: s.update_service("web", ServicePatch(labels={}), NOW, expected_version=1),
-     Conflict, "version_conflict"),
-])
+@pytest.mark.parametrize(
+    ("action", "error", "code"),
+    [
+        (lambda s: web(s), Conflict, "name_in_use"),
+        (
+            lambda s: web(s, name="b", ports=(PortSpec(target_port=1, published_port=8080),)),
+            Conflict,
+            "port_in_use",
+        ),
+        (lambda s: web(s, name="c", networks=("nope",)), Invalid, "unknown_network"),
+        (lambda s: web(s, name="d", networks=(INGRESS,)), Invalid, "invalid_value"),
+        (
+            lambda s: s.create_network(NetworkSpec(name="x", subnet="127.65.0.0/16"), NOW),
+            Conflict,
+            "subnet_overlaps",
+        ),
+        (lambda s: s.create_network(NetworkSpec(name="backend"), NOW), Conflict, "name_in_use"),
+        (lambda s: task(s, address="not-an-ip"), Invalid, "invalid_address"),
+        (lambda s: task(s, address="0.0.0.0"), Invalid, "invalid_address"),
+        (lambda s: task(s, ports={80: 31001}), Conflict, "endpoint_in_use"),
+        (lambda s: task(s, service="nope"), NotFound, "not_found"),
+        (lambda s: s.remove_network("backend", NOW), Conflict, "network_in_use"),
+        (lambda s: s.remove_network(INGRESS, NOW), Conflict, "network_builtin"),
+        (
+            lambda s: s.update_service("web", ServicePatch(labels={}), NOW, expected_version=1),
+            Conflict,
+            "version_conflict",
+        ),
+    ],
+)
 def test_refused_changes_write_nothing(action, error: type[MeshError], code: str) -> None:  # type: ignore[no-untyped-def]
     store = make_store()
     store.create_network(NetworkSpec(name="backend", subnet="127.65.1.0/24"), NOW)
@@ -133,15 +152,20 @@ def test_http_check_without_any_port_is_invalid() -> None:
 def test_remove_service_takes_its_tasks_and_frees_vip_and_port() -> None:
     store = make_store()
     store.create_network(NetworkSpec(name="backend"), NOW)
-    first = web(store, networks=("backend",), ports=(PortSpec(target_port=80,
-                                                               published_port=8080),))
+    first = web(
+        store, networks=("backend",), ports=(PortSpec(target_port=80, published_port=8080),)
+    )
     t = task(store)
     changes = store.remove_service("web", NOW)
     assert {c.key for c in changes} == {"web", t.id}
     assert all(c.after.deleted for c in changes)
     assert store.tasks() == []
-    again = web(store, name="web2", networks=("backend",),
-                ports=(PortSpec(target_port=80, published_port=8080),))
+    again = web(
+        store,
+        name="web2",
+        networks=("backend",),
+        ports=(PortSpec(target_port=80, published_port=8080),),
+    )
     assert again.vips == first.vips
 
 
@@ -150,8 +174,9 @@ def test_update_keeps_vips_of_kept_networks() -> None:
     for name in ("a", "b"):
         store.create_network(NetworkSpec(name=name), NOW)
     service = web(store, networks=("a",))
-    updated = store.update_service("web", ServicePatch(networks=("a", "b")), NOW,
-                                   expected_version=service.version.clock)[0].after
+    updated = store.update_service(
+        "web", ServicePatch(networks=("a", "b")), NOW, expected_version=service.version.clock
+    )[0].after
     assert isinstance(updated, Service)
     assert updated.vips[0] == service.vips[0]
     assert updated.vips[1].network == "b"
@@ -163,10 +188,15 @@ def test_update_keeps_vips_of_kept_networks() -> None:
 
 def test_update_can_clear_health_check_and_labels() -> None:
     store = make_store()
-    web(store, ports=(PortSpec(target_port=80),), labels={"a": "1"},
-        health_check=HealthCheck(type="tcp"))
-    updated = store.update_service("web", ServicePatch(labels={}, clear_health_check=True),
-                                   NOW)[0].after
+    web(
+        store,
+        ports=(PortSpec(target_port=80),),
+        labels={"a": "1"},
+        health_check=HealthCheck(type="tcp"),
+    )
+    updated = store.update_service("web", ServicePatch(labels={}, clear_health_check=True), NOW)[
+        0
+    ].after
     assert isinstance(updated, Service)
     assert (updated.labels, updated.health_check) == ({}, None)
 
@@ -266,10 +296,12 @@ def test_a_vip_handed_out_twice_by_two_nodes_is_repaired_once() -> None:
 
 
 def test_ingress_size_follows_the_pool_and_other_networks_are_carved_after_it() -> None:
-    for pool, ingress, first in (("10.0.0.0/8", "10.0.0.0/16", "10.1.0.0/24"),
-                                 ("127.16.0.0/12", "127.16.0.0/16", "127.17.0.0/24"),
-                                 ("10.0.0.0/20", "10.0.0.0/21", "10.0.8.0/24"),
-                                 ("10.0.0.0/24", "10.0.0.0/24", None)):
+    for pool, ingress, first in (
+        ("10.0.0.0/8", "10.0.0.0/16", "10.1.0.0/24"),
+        ("127.16.0.0/12", "127.16.0.0/16", "127.17.0.0/24"),
+        ("10.0.0.0/20", "10.0.0.0/21", "10.0.8.0/24"),
+        ("10.0.0.0/24", "10.0.0.0/24", None),
+    ):
         store = Store("n", Ipam(parse_pool(pool)), random.Random(1))
         store.ensure_ingress()
         assert store.network(INGRESS).subnet == ingress
@@ -290,8 +322,18 @@ def test_ingress_subnet_given_is_used_and_must_not_overlap() -> None:
     assert store.ingress_mismatch(None) is None
 
     other = Store("n", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
-    other.load([Network(name="backend", id="b" * 25, driver="overlay", subnet="127.80.1.0/24",
-                        gateway="127.80.1.1", version=Version(1, "n"))])
+    other.load(
+        [
+            Network(
+                name="backend",
+                id="b" * 25,
+                driver="overlay",
+                subnet="127.80.1.0/24",
+                gateway="127.80.1.1",
+                version=Version(1, "n"),
+            )
+        ]
+    )
     with pytest.raises(Conflict) as info:
         other.ensure_ingress("127.80.0.0/16")
     assert "overlaps network 'backend'" in info.value.message
@@ -324,8 +366,10 @@ def test_a_full_network_says_which_and_its_subnet() -> None:
     assert info.value.message.startswith("network ingress (127.64.0.0/29) has no free address")
     assert store.get(Kind.SERVICE, "s5") is None  # nothing half-made
     store.remove_service("s2", NOW)
-    assert [v.address for v in web(store, name="s5", ports=(
-        PortSpec(target_port=80, published_port=8005),)).vips] == ["127.64.0.4"]
+    assert [
+        v.address
+        for v in web(store, name="s5", ports=(PortSpec(target_port=80, published_port=8005),)).vips
+    ] == ["127.64.0.4"]
 
 
 def test_a_full_published_port_range_names_the_range() -> None:
@@ -354,7 +398,8 @@ def test_a_merged_network_that_overlaps_one_here_is_kept_not_raised() -> None:
 
 
 def test_name_check_is_an_index_look_up_kept_with_the_records(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`_check_name_free` reads the lower-cased name index, not every live record."""
     store = make_store()
     web(store, name="Web")
@@ -363,6 +408,7 @@ def test_name_check_is_an_index_look_up_kept_with_the_records(
     def check(kind: Kind, name: str) -> None:
         def no_scan(kind: Kind) -> None:
             raise AssertionError(f"a name check scanned the {kind.value}s")
+
         with monkeypatch.context() as patch:
             patch.setattr(store, "live", no_scan)
             store._check_name_free(kind, name)

@@ -22,9 +22,12 @@ from mesh.state.store import Store
 NAMES = st.sampled_from(["a", "b", "c", "d"])
 NETWORKS = st.lists(st.sampled_from(["n1", "n2", "n3"]), max_size=3, unique=True)
 PORTS = st.lists(
-    st.builds(PortSpec, target_port=st.integers(1, 3),
-              published_port=st.one_of(st.none(), st.integers(8000, 8003)),
-              protocol=st.sampled_from(["tcp", "udp"])),
+    st.builds(
+        PortSpec,
+        target_port=st.integers(1, 3),
+        published_port=st.one_of(st.none(), st.integers(8000, 8003)),
+        protocol=st.sampled_from(["tcp", "udp"]),
+    ),
     max_size=2,
 )
 POOL = "127.64.0.0/12"
@@ -45,30 +48,41 @@ class StoreMachine(RuleBasedStateMachine):
         except MeshError:
             assert (self.store.clock, list(self.store.all_records())) == before
 
-    @rule(name=st.sampled_from(["n1", "n2", "n3"]),
-          subnet=st.one_of(st.none(), st.sampled_from(["127.65.0.0/29", "127.65.0.0/24",
-                                                        "127.64.1.0/24"])))
+    @rule(
+        name=st.sampled_from(["n1", "n2", "n3"]),
+        subnet=st.one_of(
+            st.none(), st.sampled_from(["127.65.0.0/29", "127.65.0.0/24", "127.64.1.0/24"])
+        ),
+    )
     def create_network(self, name: str, subnet: str | None) -> None:
-        self.attempt(lambda: self.store.create_network(NetworkSpec(name=name, subnet=subnet),
-                                                       self.now))
+        self.attempt(
+            lambda: self.store.create_network(NetworkSpec(name=name, subnet=subnet), self.now)
+        )
 
     @rule(name=st.sampled_from(["n1", "n2", "n3"]))
     def remove_network(self, name: str) -> None:
         self.attempt(lambda: self.store.remove_network(name, self.now))
 
     @rule(name=NAMES, networks=NETWORKS, ports=PORTS, dnsrr=st.booleans())
-    def create_service(self, name: str, networks: list[str], ports: list[PortSpec],
-                       dnsrr: bool) -> None:
-        spec = ServiceSpec(name=name, networks=tuple(networks), ports=tuple(ports),
-                           endpoint_mode="dnsrr" if dnsrr else "vip")
+    def create_service(
+        self, name: str, networks: list[str], ports: list[PortSpec], dnsrr: bool
+    ) -> None:
+        spec = ServiceSpec(
+            name=name,
+            networks=tuple(networks),
+            ports=tuple(ports),
+            endpoint_mode="dnsrr" if dnsrr else "vip",
+        )
         self.attempt(lambda: self.store.create_service(spec, self.now))
 
-    @rule(name=NAMES, networks=st.one_of(st.none(), NETWORKS),
-          ports=st.one_of(st.none(), PORTS))
-    def update_service(self, name: str, networks: list[str] | None,
-                       ports: list[PortSpec] | None) -> None:
-        patch = ServicePatch(networks=None if networks is None else tuple(networks),
-                             ports=None if ports is None else tuple(ports))
+    @rule(name=NAMES, networks=st.one_of(st.none(), NETWORKS), ports=st.one_of(st.none(), PORTS))
+    def update_service(
+        self, name: str, networks: list[str] | None, ports: list[PortSpec] | None
+    ) -> None:
+        patch = ServicePatch(
+            networks=None if networks is None else tuple(networks),
+            ports=None if ports is None else tuple(ports),
+        )
         self.attempt(lambda: self.store.update_service(name, patch, self.now))
 
     @rule(name=NAMES)
@@ -103,12 +117,12 @@ class StoreMachine(RuleBasedStateMachine):
                 assert self.store.ipam.is_claimed(vip.network, address)
         for network in self.store.networks():
             assert self.store.ipam.claimed_count(network.name) == sum(
-                1 for n, _ in seen if n == network.name)
+                1 for n, _ in seen if n == network.name
+            )
 
     @invariant()
     def published_ports_unique(self) -> None:
-        published = [(p.protocol, p.published_port)
-                     for s in self.store.services() for p in s.ports]
+        published = [(p.protocol, p.published_port) for s in self.store.services() for p in s.ports]
         assert len(published) == len(set(published))
 
     @invariant()
