@@ -16,7 +16,18 @@ import shutil
 import sys
 from collections.abc import Callable
 
-from mesh.cli import doctor, inspection, keyring, lb, members, network, resolve, service, task
+from mesh.cli import (
+    doctor,
+    inspection,
+    keyring,
+    lb,
+    members,
+    network,
+    resolve,
+    run,
+    service,
+    task,
+)
 from mesh.cli.client import DEFAULT_API, Client
 from mesh.cli.commands import Handler
 from mesh.cli.errors import CliError
@@ -26,7 +37,9 @@ EPILOG = (
     "environment: MESH_API (the agent's HOST:PORT, default 127.0.0.1:2377), "
     "MESH_API_TOKEN (its bearer token)"
 )
-NOUNS = (network, service, task, members, resolve, keyring, lb, inspection, doctor)
+NOUNS = (network, service, task, run, members, resolve, keyring, lb, inspection, doctor)
+#: the commands that run a command given after `--` (`mesh task run web -- CMD ...`)
+TAKES_COMMAND = "takes_command"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,13 +112,25 @@ def _global_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """The mesh part of a command line and the command after the first `--` (None: no `--`)."""
+    if "--" not in argv:
+        return argv, None
+    at = argv.index("--")
+    return argv[:at], argv[at + 1 :]
+
+
 def _run(argv: list[str]) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    own, command = split_command(argv)
+    args, unknown = parser.parse_known_args(own)
     if args.command == "agent":
         parser.error("`agent` takes its own options: write them after it (mesh agent ...)")
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if command is not None and not getattr(args, TAKES_COMMAND, False):
+        parser.error(f"unrecognized arguments: -- {' '.join(command)}")
+    args.argv = command or []
     handler: Handler = args.handler
     return handler(_context(args), args)
 
