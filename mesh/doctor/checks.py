@@ -54,6 +54,44 @@ class Listener:
     required_listener: bool = True  # False: a kernel backend serves it without a socket
 
 
+@dataclass(frozen=True, slots=True)
+class SandboxEndpoint:
+    """One endpoint of a sandbox as the state has it."""
+
+    network: str
+    interface: str  # eth0, eth1, ...
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceSeen:
+    """One interface inside a sandbox as the kernel has it."""
+
+    up: bool
+    addresses: tuple[str, ...]  # IPv4, without prefix length
+
+
+@dataclass(slots=True)
+class SandboxFacts:
+    """One sandbox of a local task: what the state says, what was found inside."""
+
+    task: str
+    netns: str
+    endpoints: tuple[SandboxEndpoint, ...]
+    #: the gateway the default route should go via; None: every network is internal
+    want_gateway: str | None
+    exists: bool = True
+    probe_error: str | None = None  # why it could not be looked into (it exists)
+    interfaces: dict[str, InterfaceSeen] = field(default_factory=dict)
+    default_gateway: str | None = None  # the default route's gateway found inside
+    #: nameservers of /etc/netns/<name>/resolv.conf; None: no such file (or not a named netns)
+    nameservers: list[str] | None = None
+    #: name -> (expected addresses, answered addresses or None) asked at 127.0.0.11 inside
+    dns: dict[str, tuple[list[str], list[str] | None]] = field(default_factory=dict)
+    #: (service, vip, port) -> None when a TCP connect from inside succeeded, else why not
+    vips: dict[tuple[str, str, int], str | None] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class Facts:
     node: str
@@ -79,6 +117,8 @@ class Facts:
     networks: list[tuple[str, str, int]] = field(default_factory=list)
     #: protocol -> published ports in use inside the range omitted ones are picked from
     auto_ports: dict[str, int] = field(default_factory=dict)
+    #: the sandboxes of this node's tasks (None: this agent reports no sandboxes at all)
+    sandboxes: list[SandboxFacts] | None = None
 
 
 def check_all(facts: Facts) -> list[Finding]:
@@ -90,6 +130,7 @@ def check_all(facts: Facts) -> list[Finding]:
         *check_tasks(facts),
         *check_gossip(facts),
         *check_capacity(facts),
+        *check_sandboxes(facts),
     ]
 
 
@@ -310,6 +351,152 @@ def check_capacity(facts: Facts) -> Iterable[Finding]:
                 "(where a published port left out is picked) are published",
                 "give services their published_port outside that range, or remove "
                 "services that no longer serve",
+            )
+
+
+SANDBOX_DNS = "127.0.0.11"
+
+
+def check_sandboxes(facts: Facts) -> Iterable[Finding]:
+    """Each local sandbox: interfaces up with the state's addresses, the default route,
+    resolv.conf, the DNS answering inside, each VIP of its networks connectable."""
+    if facts.sandboxes is None:
+        return
+    if not facts.sandboxes:
+        yield Finding("sandbox", "skip", f"no sandboxed task on {facts.node}")
+    for sandbox in facts.sandboxes:
+        yield from _check_sandbox(sandbox)
+
+
+def _check_sandbox(sb: SandboxFacts) -> Iterable[Finding]:
+    who = f"sandbox of {sb.task}"
+    if not sb.exists:
+        yield Finding(
+            "sandbox",
+            "fail",
+            f"{who}: its namespace {sb.netns} does not exist",
+            f"restart the agent (it re-creates what the state has), or `mesh task rm {sb.task}`",
+        )
+        return
+    if sb.probe_error is not None:
+        yield Finding("sandbox", "fail", f"{who}: cannot look inside: {sb.probe_error}")
+        return
+    yield from _sandbox_interfaces(who, sb)
+    yield from _sandbox_route(who, sb)
+    yield from _sandbox_resolver(who, sb)
+    yield from _sandbox_dns(who, sb)
+    for (service, vip, port), error in sorted(sb.vips.items()):
+        if error is None:
+            yield Finding("sandbox", "ok", f"{who}: VIP of {service} {vip}:{port} answers")
+        else:
+            yield Finding(
+                "sandbox",
+                "fail",
+                f"{who}: VIP of {service} {vip}:{port} does not answer: {error}",
+                "check `nft list table ip meshplane_sbx` inside it "
+                f"(mesh task exec {sb.task} -- nft list ruleset) and the service's tasks",
+            )
+
+
+def _sandbox_interfaces(who: str, sb: SandboxFacts) -> Iterable[Finding]:
+    hint = "restart the agent: it re-creates the endpoints the state has"
+    bad = False
+    for ep in sb.endpoints:
+        seen = sb.interfaces.get(ep.interface)
+        if seen is None:
+            bad = True
+            yield Finding(
+                "sandbox", "fail", f"{who}: {ep.interface} (network {ep.network}) is missing", hint
+            )
+        elif not seen.up:
+            bad = True
+            yield Finding("sandbox", "fail", f"{who}: {ep.interface} is down", hint)
+        elif ep.address not in seen.addresses:
+            bad = True
+            found = ", ".join(seen.addresses) or "none"
+            yield Finding(
+                "sandbox",
+                "fail",
+                f"{who}: {ep.interface} has {found}, the state says {ep.address}",
+                hint,
+            )
+    lo = sb.interfaces.get("lo")
+    if lo is not None and not lo.up:
+        bad = True
+        yield Finding("sandbox", "fail", f"{who}: lo is down (127.0.0.11 needs it)", hint)
+    if not bad:
+        names = ", ".join(f"{ep.interface} {ep.address}" for ep in sb.endpoints)
+        yield Finding("sandbox", "ok", f"{who}: interfaces up as in the state ({names})")
+
+
+def _sandbox_route(who: str, sb: SandboxFacts) -> Iterable[Finding]:
+    if sb.want_gateway is None:
+        if sb.default_gateway is None:
+            yield Finding("sandbox", "ok", f"{who}: no default route (internal networks only)")
+        else:
+            yield Finding(
+                "sandbox",
+                "fail",
+                f"{who}: a default route via {sb.default_gateway} on internal networks only",
+                "an internal network has no way out: remove the route",
+            )
+    elif sb.default_gateway == sb.want_gateway:
+        yield Finding("sandbox", "ok", f"{who}: default route via {sb.want_gateway}")
+    else:
+        found = f"via {sb.default_gateway}" if sb.default_gateway else "none"
+        yield Finding(
+            "sandbox",
+            "fail",
+            f"{who}: default route {found}, want via {sb.want_gateway}",
+            "restart the agent: it re-creates the endpoints and their route",
+        )
+
+
+def _sandbox_resolver(who: str, sb: SandboxFacts) -> Iterable[Finding]:
+    if sb.nameservers is None:
+        yield Finding(
+            "sandbox",
+            "skip" if _adopted_path(sb.netns) else "fail",
+            f"{who}: no /etc/netns resolv.conf for {sb.netns}",
+            "" if _adopted_path(sb.netns) else "restart the agent: it writes the file",
+        )
+    elif sb.nameservers[:1] == [SANDBOX_DNS]:
+        yield Finding("sandbox", "ok", f"{who}: resolv.conf points at {SANDBOX_DNS}")
+    else:
+        yield Finding(
+            "sandbox",
+            "fail",
+            f"{who}: resolv.conf names {', '.join(sb.nameservers) or 'no server'}, "
+            f"not {SANDBOX_DNS}",
+            "something rewrote it: restart the agent, which writes it again",
+        )
+
+
+def _adopted_path(netns: str) -> bool:
+    return not netns.startswith("/run/netns/")
+
+
+def _sandbox_dns(who: str, sb: SandboxFacts) -> Iterable[Finding]:
+    for name, (want, got) in sorted(sb.dns.items()):
+        if got is None:
+            yield Finding(
+                "sandbox",
+                "fail",
+                f"{who}: the DNS at {SANDBOX_DNS} does not answer for {name}",
+                "the agent serves 127.0.0.11 inside each sandbox: is it running? "
+                "see the DNS stats of GET /v1/dns",
+            )
+        elif sorted(got) == sorted(want):
+            yield Finding(
+                "sandbox", "ok", f"{who}: {name} resolves to {', '.join(want) or 'nothing'}"
+            )
+        else:
+            yield Finding(
+                "sandbox",
+                "fail",
+                f"{who}: {name} resolves to {', '.join(got) or 'nothing'}, "
+                f"want {', '.join(want) or 'nothing'}",
+                "the sandbox's DNS view differs from the state: restart the agent",
             )
 
 

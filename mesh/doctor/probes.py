@@ -9,18 +9,31 @@ members and the state digests from the agent's API.
 
 from __future__ import annotations
 
+import concurrent.futures
+import ipaddress
+import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
-from mesh.core import net
+from mesh.core import net, netns
 from mesh.core.net import HostPort
 from mesh.core.sockets import SocketOwners, family_of, in_the_way, process_name
-from mesh.doctor.checks import Facts, Listener, lb_drift
+from mesh.doctor.checks import (
+    SANDBOX_DNS,
+    Facts,
+    InterfaceSeen,
+    Listener,
+    SandboxEndpoint,
+    SandboxFacts,
+    lb_drift,
+)
 from mesh.state.store import AUTO_PORTS
 
 CONNECT_TIMEOUT = 2.0
@@ -52,6 +65,7 @@ def gather(
     _local_tasks(facts, services, tasks)
     _digests(facts, client, settle, sleep)
     _capacity(facts, client, services)
+    _sandboxes(facts, client, services, tasks)
     return facts
 
 
@@ -292,3 +306,161 @@ def _digests(facts: Facts, client: Client, settle: float, sleep: Callable[[float
         sleep(1.0)
     facts.digest_mismatch = differing
     facts.peers_without_digest = sorted(alive - set(theirs))
+
+
+# -- sandboxes -----------------------------------------------------------------------
+
+T = TypeVar("T")
+NETNS_ETC = Path("/etc/netns")
+IP_TIMEOUT = 5.0
+
+
+def _sandboxes(
+    facts: Facts, client: Client, services: list[dict[str, Any]], tasks: list[dict[str, Any]]
+) -> None:
+    """Each local sandbox looked into: its interfaces, route, resolver, DNS and VIPs."""
+    local = [t for t in tasks if t.get("node") == facts.node and isinstance(t.get("sandbox"), dict)]
+    if not local and not any("sandbox" in t for t in tasks):
+        return  # an agent without sandboxes: nothing to report
+    networks = {str(n["name"]): n for n in client.get("/v1/networks") or [] if isinstance(n, dict)}
+    facts.sandboxes = [_sandbox(task, services, tasks, networks) for task in local]
+
+
+def _sandbox(
+    task: dict[str, Any],
+    services: list[dict[str, Any]],
+    tasks: list[dict[str, Any]],
+    networks: dict[str, dict[str, Any]],
+) -> SandboxFacts:
+    sandbox: dict[str, Any] = task["sandbox"]
+    endpoints = tuple(
+        SandboxEndpoint(str(e["network"]), str(e["interface"]), str(e["address"]))
+        for e in sandbox.get("endpoints") or []
+    )
+    ours = [ep.network for ep in endpoints]
+    want_gateway = next(
+        (
+            gateway_of(networks[n])
+            for n in ours
+            if n in networks and not networks[n].get("internal")
+        ),
+        None,
+    )
+    path = str(sandbox.get("netns") or "")
+    found = SandboxFacts(str(task.get("name")), path, endpoints, want_gateway)
+    if not Path(path).exists():
+        found.exists = False
+        return found
+    found.nameservers = _nameservers(path)
+    try:
+        found.interfaces, found.default_gateway = _links_and_route(path)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        found.probe_error = str(exc)
+        return found
+    targets = _sandbox_targets(ours, services, tasks)
+    try:
+        _in_netns(path, lambda: _probe_inside(found, targets))
+    except OSError as exc:
+        found.probe_error = f"cannot enter {path}: {exc.strerror or exc}"
+    return found
+
+
+def gateway_of(network: dict[str, Any]) -> str:
+    """A network's gateway: as recorded, else the subnet's first host (as IPAM reserves it)."""
+    if network.get("gateway"):
+        return str(network["gateway"])
+    subnet = ipaddress.ip_network(str(network["subnet"]), strict=False)
+    return str(next(subnet.hosts()))
+
+
+def _sandbox_targets(
+    ours: list[str], services: list[dict[str, Any]], tasks: list[dict[str, Any]]
+) -> list[tuple[str, str, list[int]]]:
+    """(service, VIP on the first network it shares with the sandbox, tcp target ports)
+    for each VIP service with a healthy task on the sandbox's networks."""
+    targets = []
+    for service in services:
+        name = str(service.get("name"))
+        if service.get("endpoint_mode") == "dnsrr" or not _has_healthy(name, tasks):
+            continue
+        vips = {str(v["network"]): str(v["address"]) for v in service.get("vips", [])}
+        shared = next((n for n in ours if n in vips), None)
+        if shared is None:
+            continue
+        ports = sorted(
+            {int(p["target_port"]) for p in service.get("ports", []) if p.get("protocol") == "tcp"}
+        )
+        check = service.get("health_check") or {}
+        if not ports and check.get("type") in ("tcp", "http") and check.get("port"):
+            ports = [int(check["port"])]
+        targets.append((name, vips[shared], ports))
+    return targets
+
+
+def _probe_inside(found: SandboxFacts, targets: list[tuple[str, str, list[int]]]) -> None:
+    for name, vip, ports in targets:
+        found.dns[name] = ([vip], query_a(SANDBOX_DNS, 53, name))
+        for port in ports:
+            found.vips[(name, vip, port)] = connect(vip, port)
+
+
+def _in_netns(path: str, work: Callable[[], T]) -> T:
+    """`work()` on a thread that entered the namespace at `path` (this thread never moves)."""
+
+    def inside() -> T:
+        with netns.entered(path):
+            return work()
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="doctor-netns") as pool:
+        return pool.submit(inside).result()
+
+
+def _nameservers(path: str) -> list[str] | None:
+    if not path.startswith("/run/netns/"):
+        return None
+    try:
+        text = (NETNS_ETC / Path(path).name / "resolv.conf").read_text()
+    except OSError:
+        return None
+    return [
+        line.split()[1]
+        for line in text.splitlines()
+        if line.startswith("nameserver") and len(line.split()) > 1
+    ]
+
+
+def _links_and_route(path: str) -> tuple[dict[str, InterfaceSeen], str | None]:
+    """`ip -j address` and the default route inside (entered with nsenter)."""
+    links = _ip_json(path, ["-4", "address", "show"])
+    interfaces = {
+        str(link["ifname"]): InterfaceSeen(
+            # lo reports UNKNOWN when up; LOWER_UP/UP in flags is what counts
+            up="UP" in (link.get("flags") or []),
+            addresses=tuple(
+                str(a["local"]) for a in link.get("addr_info") or [] if a.get("family") == "inet"
+            ),
+        )
+        for link in links
+    }
+    # interfaces with no IPv4 address are left out by -4: ask for all links too
+    for link in _ip_json(path, ["link", "show"]):
+        interfaces.setdefault(
+            str(link["ifname"]), InterfaceSeen(up="UP" in (link.get("flags") or []), addresses=())
+        )
+    routes = _ip_json(path, ["-4", "route", "show", "default"])
+    gateway = next((str(r["gateway"]) for r in routes if r.get("gateway")), None)
+    return interfaces, gateway
+
+
+def _ip_json(path: str, args: list[str]) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        ["nsenter", f"--net={path}", "--", "ip", "-j", *args],
+        capture_output=True,
+        text=True,
+        timeout=IP_TIMEOUT,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ValueError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
+    value = json.loads(done.stdout or "[]")
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
