@@ -1,0 +1,140 @@
+"""Issue 15 "Done when": kill -9 of the agent during 100 concurrent `mesh task run --detach`.
+
+After a restart the kernel holds exactly what the state owns (no sandbox
+namespace, veth or bridge with the agent's prefix that the state does not
+have, nothing the state has missing), and every task whose `task run` was
+acknowledged (exit 0, its record printed) serves HTTP at its address. The
+100 runs are bounded in time; the kill comes once a quarter of them were
+acknowledged (or after 60 s), so runs are in flight on every side of it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mesh.sandbox.names import bridge_name, netns_name, veth_name
+from tests.helpers.netns import unavailable
+from tests.helpers.sandbox_node import IDENT_SERVER, SandboxNode, wait_for
+
+RUNS = 100
+KILL_AFTER_ACKS = 25
+CURL = ["curl", "-sS", "--max-time", "3"]
+
+
+@pytest.fixture
+def node(tmp_path: Any) -> Iterator[SandboxNode]:
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    made = SandboxNode(tmp_path)
+    try:
+        made.start_agent()
+        yield made
+    finally:
+        made.close()
+
+
+def owned_by_state(node: SandboxNode) -> tuple[set[str], set[str], set[str]]:
+    """The sandbox namespaces, veths and bridges the state says this node has."""
+    tasks = node.api("GET", "/v1/tasks")
+    networks = node.api("GET", "/v1/networks")
+    sandboxes, veths = set(), set()
+    for task in tasks:
+        if task.get("node") != node.name or not task.get("sandbox"):
+            continue
+        sandboxes.add(netns_name(node.name, task["id"]))
+        for index, _ in enumerate(task["sandbox"]["endpoints"]):
+            veths.add(veth_name(task["id"], index))
+    bridges = {
+        bridge_name(n["id"])
+        for n in networks
+        if n.get("driver") == "bridge" and n.get("node") == node.name
+    }
+    return sandboxes, veths, bridges
+
+
+def in_kernel(node: SandboxNode) -> tuple[set[str], set[str], set[str]]:
+    return node.sandboxes(), node.links("mpv"), node.links("mpbr-")
+
+
+def test_kill_9_during_100_task_runs_leaks_nothing_and_serves_every_acked_task(
+    node: SandboxNode,
+) -> None:
+    node.mesh_ok("network", "create", "front", "--driver", "bridge", "--subnet", "10.90.0.0/23")
+    node.mesh_ok("service", "create", "web", "--network", "front")
+    runs = [
+        node.popen_mesh(
+            "--json",
+            "task",
+            "run",
+            "web",
+            "--detach",
+            "--name",
+            f"w{i}",
+            "--",
+            sys.executable,
+            str(IDENT_SERVER),
+            "80",
+            f"w{i}",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(RUNS)
+    ]
+    started = time.monotonic()
+    deadline = started + 60
+    while time.monotonic() < deadline:
+        if sum(1 for p in runs if p.poll() == 0) >= KILL_AFTER_ACKS:
+            break
+        time.sleep(0.05)
+    node.kill_agent()
+    killed_at = time.monotonic() - started
+    acked: dict[str, dict[str, Any]] = {}
+    failed = 0
+    for proc in runs:
+        out, _ = proc.communicate(timeout=max(1.0, started + 180 - time.monotonic()))
+        if proc.returncode == 0:
+            record = json.loads(out)
+            acked[record["name"]] = record
+        else:
+            failed += 1
+    print(f"agent killed after {killed_at:.1f} s: {len(acked)} runs acknowledged, {failed} failed")
+    assert len(acked) >= KILL_AFTER_ACKS or killed_at >= 59
+
+    restarted = time.monotonic()
+    node.start_agent()
+
+    def reconciled() -> bool:
+        return in_kernel(node) == owned_by_state(node)
+
+    took = wait_for(reconciled, 60, step=0.5)
+    state, kernel = owned_by_state(node), in_kernel(node)
+    print(
+        f"restart reconciled in {took if took is None else round(took, 1)} s: "
+        f"{len(state[0])} sandboxes, {len(state[1])} veths, {len(state[2])} bridges in the state"
+    )
+    for what, want, have in zip(("sandboxes", "veths", "bridges"), state, kernel, strict=True):
+        assert have - want == set(), f"leaked {what}: {sorted(have - want)}"
+        assert want - have == set(), f"missing {what}: {sorted(want - have)}"
+
+    tasks = {t["name"]: t for t in node.api("GET", "/v1/tasks")}
+    missing = sorted(set(acked) - set(tasks))
+    assert not missing, f"acknowledged tasks lost: {missing}"
+    unserved = []
+    for name, record in sorted(acked.items()):
+        done = node.run([*CURL, f"http://{record['address']}/"], timeout=10)
+        if done.stdout.strip() != name:
+            unserved.append(name)
+    print(
+        f"{len(acked) - len(unserved)}/{len(acked)} acknowledged tasks served "
+        f"{time.monotonic() - restarted:.1f} s after the restart"
+    )
+    assert not unserved, f"acknowledged tasks not served: {unserved}"
