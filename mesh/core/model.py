@@ -121,10 +121,26 @@ class Service:
     updated_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # network -> aliases
 
     @property
     def key(self) -> str:
         return self.name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    network: str
+    address: str  # no prefix length
+    mac: str
+    interface: str  # inside the sandbox: eth0, eth1, ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sandbox:
+    netns: str  # path: /run/netns/mp-<node_id>-<task_id>, or the adopted path
+    adopted: bool = False  # True: the namespace is not ours; only our endpoints are removed
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +160,7 @@ class Task:
     updated_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
+    sandbox: Sandbox | None = None  # task.address = first endpoint's address
 
     @property
     def key(self) -> str:
