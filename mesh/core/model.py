@@ -63,6 +63,13 @@ class Network:
     created_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
+    scope: Literal["swarm", "local"] = "swarm"
+    node: str = ""
+    internal: bool = False
+    attachable: bool = False
+    ip_range: str | None = None
+    aux_addresses: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -128,6 +135,21 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    network: str
+    address: str
+    mac: str
+    interface: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sandbox:
+    netns: str
+    adopted: bool = False
+    endpoints: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Task:
     id: str
     name: str  # "<service>.<slot>.<id>" unless given
@@ -144,6 +166,7 @@ class Task:
     updated_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
+    sandbox: Sandbox | None = None
 
     @property
     def key(self) -> str:
