@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from mesh.core.model import Network, Task
 from mesh.sandbox.driver import EndpointPlan, NetworkPlan
-from mesh.sandbox.names import NETNS_DIR, bridge_name, netns_name, veth_name
+from mesh.sandbox.names import bridge_name, netns_name, netns_path, veth_name
 
 #: The network drivers that make kernel objects on one node, and so a sandbox's endpoints.
 SANDBOX_DRIVERS = frozenset({"bridge"})
@@ -195,7 +195,7 @@ def sandbox_want(task: Task, node: str, networks: Mapping[str, Network]) -> Sand
             )
         )
     name = None if sandbox.adopted else netns_name(node, task.id)
-    netns = sandbox.netns if name is None else f"{NETNS_DIR}/{name}"
+    netns = sandbox.netns if name is None else netns_path(name)
     return SandboxWant(task.id, netns, name, tuple(endpoints))
 
 
