@@ -249,7 +249,14 @@ class SandboxManager:
         return await loop.run_in_executor(self._thread, fn, *args)
 
     async def _reconcile(self, job: _Reconcile) -> None:
-        found = await self._in_thread(self._find)
+        try:
+            found = await self._in_thread(self._find)
+        except Exception as exc:
+            # Nothing known of the kernel: remove nothing, but still make (idempotently)
+            # and serve every sandbox the state has.
+            self.stats.failed += 1
+            event(log, "sandbox_scan_failed", logging.ERROR, error=repr(exc))
+            found = Found({}, {}, frozenset())
         plan = reconcile(job.networks, job.sandboxes, found)
         removed = plan.removed
         event(
