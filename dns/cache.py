@@ -31,7 +31,8 @@ class Mark(Enum):
 
 FORWARD_MARK: Final = Mark.FORWARD
 
-Key = tuple[str, bool, bytes]
+#: (view, tcp, canonical query); a view is a network name or a sandbox's networks (dns.table)
+Key = tuple[str | tuple[str, ...], bool, bytes]
 Entry = Iterator[bytes] | Mark
 
 #: Python's own bytes per entry beyond the key's and the replies' bytes: the

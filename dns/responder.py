@@ -50,7 +50,7 @@ from dnslib import (
 
 from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key, ReplyCache
 from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
-from dns.table import ALL, Answer, NameTable
+from dns.table import ALL, Answer, NameTable, View
 from dns.wire import BADVERS, EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
 from mesh.core.model import Change
 
@@ -93,7 +93,7 @@ class Responder:
         #: (view, tcp, canonical query) -> the replies' rotation, or the FORWARD mark
         self.cache = ReplyCache(self.config.cache_entries, self.config.cache_bytes)
         #: source address -> view; asked on every query, so kept as a dict
-        self.views: dict[str, str] = {}
+        self.views: dict[str, View] = {}
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "answered",
@@ -135,7 +135,7 @@ class Responder:
 
     # -- answering --------------------------------------------------------------
 
-    def view_of(self, source: str) -> str:
+    def view_of(self, source: str) -> View:
         view = self.views.get(source)
         if view is None:
             if len(self.views) > 65_536:
@@ -143,9 +143,16 @@ class Responder:
             view = self.views[source] = self.table.view_of(source)
         return view
 
-    def respond(self, data: bytes, source: str, tcp: bool = False) -> bytes | Action | None:
-        """A reply, FORWARD, or None to drop the packet."""
-        view = self.view_of(source)
+    def respond(
+        self, data: bytes, source: str, tcp: bool = False, view: View | None = None
+    ) -> bytes | Action | None:
+        """A reply, FORWARD, or None to drop the packet.
+
+        `view`: a listener's fixed view (a sandbox's networks); None: the
+        asker's, found by its source address.
+        """
+        if view is None:
+            view = self.view_of(source)
         entry = self.cache.get((view, tcp, data[2:]))  # the hot path (the UDP server inlines it)
         if entry is FORWARD_MARK:
             self.stats["forwarded"] += 1
@@ -193,7 +200,7 @@ class Responder:
         self.stats["formerr" if rcode == FORMERR else "notimp"] += 1
         return error_reply(data, rcode)
 
-    def _resolve(self, query: DNSRecord, view: str, key: Key | None, tcp: bool) -> bytes | Action:
+    def _resolve(self, query: DNSRecord, view: View, key: Key | None, tcp: bool) -> bytes | Action:
         """The reply without its ID (its question lower-cased if `key`), or FORWARD.
 
         With a `key`, the replies (or the FORWARD mark) are cached under it.

@@ -11,9 +11,16 @@ Resolution rules (docs/design.md, "DNS names"; Swarm's in reference §1.2-1.3):
 - An asker's view is the network whose subnet holds its source address; any
   other asker (loopback, the host's own addresses) is on the host and sees
   every network. The ingress network carries no names at all.
+- A sandbox's listener (127.0.0.11 inside its namespace) has a fixed view:
+  the tuple of the sandbox's networks, in its order (`sandbox_view`). A
+  service on several of them answers with its VIP on the first one.
 - `<service>`: the VIP on the first of the service's networks in the view
   (vip mode), or every healthy task address (dnsrr). `tasks.<service>`: every
-  healthy, running task address. `<task name>`: that task's address.
+  healthy, running task address. `<task name>`: that task's address. A task
+  in a sandbox has one address per network: the one on the first network of
+  the view that it is on.
+- `<alias>` (Service.aliases, per network): a name on that network only: the
+  service's VIP there (vip) or its tasks' addresses there (dnsrr).
   `_<port>._<proto>.<service>` SRV: one record per healthy task, its real port.
 - `<name>.<network>` restricts the lookup to that network (if in the view).
 - PTR: a VIP names its service, a task address its tasks.
@@ -41,6 +48,23 @@ from mesh.core.model import (
 
 ALL = "*"  # the owner that every cached answer depends on (a network changed)
 HOST_VIEW = ""  # the view of an asker outside every network: it sees them all
+
+#: What an asker sees: HOST_VIEW (every network), one network's name (an asker
+#: on its subnet), or a sandbox's networks in its order (`sandbox_view`). A view
+#: is part of the reply cache's key, so it is hashable and compares by value.
+View = str | tuple[str, ...]
+
+
+def sandbox_view(networks: Iterable[str]) -> tuple[str, ...]:
+    """The fixed view of a sandbox on `networks`: lower case, each once, no ingress."""
+    return tuple(dict.fromkeys(n.lower() for n in networks if n.lower() != INGRESS))
+
+
+def scope_of(view: View) -> tuple[str, ...] | None:
+    """The networks a view sees, in its order; None: every one (the host)."""
+    if isinstance(view, tuple):
+        return view
+    return None if view == HOST_VIEW else (view,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +100,7 @@ class NameTable:
         self._tasks_by_name: dict[str, str] = {}
         self._tasks_by_address: dict[str, set[str]] = {}
         self._vips: dict[str, tuple[str, str]] = {}  # address -> (service, network)
+        self._aliases: dict[str, dict[str, str]] = {}  # alias -> {network: service}
 
     def __repr__(self) -> str:
         return (
@@ -111,13 +136,16 @@ class NameTable:
                 self._services[name] = record
                 for vip in record.vips:
                     self._vips[vip.address] = (name, vip.network.lower())
-                return {name, *(v.address for v in record.vips)}
+                for network, alias in _aliases_of(record):
+                    self._aliases.setdefault(alias, {})[network] = name
+                return _service_owners(record)
             case Task():
                 self._tasks[record.id] = record
                 self._tasks_by_service.setdefault(record.service.lower(), set()).add(record.id)
                 self._tasks_by_name[record.name.lower()] = record.id
-                self._tasks_by_address.setdefault(record.address, set()).add(record.id)
-                return {record.service.lower(), record.name.lower(), record.address}
+                for address in _addresses_of(record):
+                    self._tasks_by_address.setdefault(address, set()).add(record.id)
+                return {record.service.lower(), record.name.lower(), *_addresses_of(record)}
         return set()
 
     def _remove(self, record: Record) -> set[str]:
@@ -131,14 +159,21 @@ class NameTable:
                 self._services.pop(name, None)
                 for vip in record.vips:
                     self._vips.pop(vip.address, None)
-                return {name, *(v.address for v in record.vips)}
+                for network, alias in _aliases_of(record):
+                    holders = self._aliases.get(alias, {})
+                    if holders.get(network) == name:
+                        del holders[network]
+                    if not holders:
+                        self._aliases.pop(alias, None)
+                return _service_owners(record)
             case Task():
                 self._tasks.pop(record.id, None)
                 self._tasks_by_service.get(record.service.lower(), set()).discard(record.id)
                 if self._tasks_by_name.get(record.name.lower()) == record.id:
                     del self._tasks_by_name[record.name.lower()]
-                self._tasks_by_address.get(record.address, set()).discard(record.id)
-                return {record.service.lower(), record.name.lower(), record.address}
+                for address in _addresses_of(record):
+                    self._tasks_by_address.get(address, set()).discard(record.id)
+                return {record.service.lower(), record.name.lower(), *_addresses_of(record)}
         return set()
 
     def _rebuild_subnets(self) -> None:
@@ -187,13 +222,27 @@ class NameTable:
             return self.domain
         return name.rsplit(".", 1)[-1]
 
-    def _visible_networks(self, service: Service, view: str) -> list[str]:
-        """The service's networks an asker in `view` sees, in the service's order."""
+    def _visible_networks(self, service: Service, view: View) -> list[str]:
+        """The service's networks an asker in `view` sees: in the view's order if it has one."""
         nets = [n.lower() for n in service.networks]
-        return nets if view == HOST_VIEW else [n for n in nets if n == view]
+        scope = scope_of(view)
+        return nets if scope is None else [n for n in scope if n in nets]
 
-    def _sees(self, service: Service, view: str) -> bool:
-        return view == HOST_VIEW or view in (n.lower() for n in service.networks)
+    def _sees(self, service: Service, view: View) -> bool:
+        scope = scope_of(view)
+        return scope is None or any(n.lower() in scope for n in service.networks)
+
+    def _address(self, task: Task, nets: list[str]) -> str:
+        """The task's address on the first of `nets` it has one on (a sandbox has several)."""
+        if task.sandbox is not None:
+            by_network = {e.network.lower(): e.address for e in task.sandbox.endpoints}
+            for network in nets:
+                if network in by_network:
+                    return by_network[network]
+        return task.address
+
+    def _addresses(self, tasks: Iterable[Task], nets: list[str]) -> list[str]:
+        return _unique(self._address(t, nets) for t in tasks)
 
     def _healthy_tasks(self, service: str) -> list[Task]:
         found = (self._tasks[i] for i in self._tasks_by_service.get(service, ()))
@@ -204,7 +253,7 @@ class NameTable:
 
     # -- lookups ----------------------------------------------------------------
 
-    def lookup(self, qname: str, view: str) -> Answer:
+    def lookup(self, qname: str, view: View) -> Answer:
         """Resolve a forward name (A and SRV data) as an asker in `view` sees it."""
         labels = qname.lower().rstrip(".").split(".")
         mesh_space = False
@@ -217,20 +266,21 @@ class NameTable:
         answer.mesh_space = answer.mesh_space or mesh_space
         return answer
 
-    def _lookup_labels(self, labels: list[str], view: str) -> Answer:
+    def _lookup_labels(self, labels: list[str], view: View) -> Answer:
         answer = self._lookup_in(labels, view, network=None)
         if answer.found or len(labels) < 2:
             return answer
         network = labels[-1]
         if network in self._networks and network != INGRESS:
-            if view not in (HOST_VIEW, network):
+            scope = scope_of(view)
+            if scope is not None and network not in scope:
                 return Answer(found=False, owners={ALL}, mesh_space=True)
             qualified = self._lookup_in(labels[:-1], view, network=network)
             qualified.mesh_space = True
             return qualified
         return answer
 
-    def _lookup_in(self, labels: list[str], view: str, network: str | None) -> Answer:
+    def _lookup_in(self, labels: list[str], view: View, network: str | None) -> Answer:
         if len(labels) == 2 and labels[0] == "tasks":
             return self._tasks_of(labels[1], view, network)
         if len(labels) == 3 and labels[0].startswith("_") and labels[1] in ("_tcp", "_udp"):
@@ -239,9 +289,40 @@ class NameTable:
             answer = self._service(labels[0], view, network)
             if answer.found:
                 return answer
+            answer = self._alias(labels[0], view, network)
+            if answer.found:
+                return answer
         return self._task_name(".".join(labels), view, network)
 
-    def _visible_service(self, name: str, view: str, network: str | None) -> Service | None:
+    def _alias(self, alias: str, view: View, network: str | None) -> Answer:
+        """A network alias: a name on its own network only, for askers who see that network.
+
+        The host sees every network; an alias held on several (by different
+        services) is answered for the first network by name there.
+        """
+        holders = self._aliases.get(alias, {})
+        scope = scope_of(view)
+        if network is not None:
+            nets = [network] if scope is None or network in scope else []
+        else:
+            nets = sorted(holders) if scope is None else list(scope)
+        for net_name in nets:
+            service = self._services.get(holders.get(net_name, ""))
+            if service is None or net_name not in (n.lower() for n in service.networks):
+                continue
+            name = service.name.lower()
+            if service.endpoint_mode == "dnsrr":
+                return Answer(
+                    found=True,
+                    owners={alias, name},
+                    shuffle=True,
+                    addresses=self._addresses(self._healthy_tasks(name), [net_name]),
+                )
+            vips = [v.address for v in service.vips if v.network.lower() == net_name]
+            return Answer(found=True, owners={alias, name}, addresses=vips[:1])
+        return Answer(found=False, owners={alias})
+
+    def _visible_service(self, name: str, view: View, network: str | None) -> Service | None:
         service = self._services.get(name)
         if service is None or not self._sees(service, view):
             return None
@@ -249,36 +330,37 @@ class NameTable:
             return None
         return service
 
-    def _service(self, name: str, view: str, network: str | None) -> Answer:
+    def _service(self, name: str, view: View, network: str | None) -> Answer:
         service = self._visible_service(name, view, network)
         if service is None:
             return Answer(found=False, owners={name})
+        nets = [network] if network is not None else self._visible_networks(service, view)
         if service.endpoint_mode == "dnsrr":
             return Answer(
                 found=True,
                 owners={name},
                 shuffle=True,
-                addresses=_unique(t.address for t in self._healthy_tasks(name)),
+                addresses=self._addresses(self._healthy_tasks(name), nets),
             )
-        nets = [network] if network is not None else self._visible_networks(service, view)
         by_network = {v.network.lower(): v.address for v in service.vips}
         addresses = [by_network[n] for n in nets if n in by_network][:1]
         return Answer(found=True, owners={name}, addresses=addresses)
 
-    def _tasks_of(self, name: str, view: str, network: str | None) -> Answer:
+    def _tasks_of(self, name: str, view: View, network: str | None) -> Answer:
         service = self._visible_service(name, view, network)
         if service is None:
             return Answer(found=False, owners={name}, mesh_space=True)
+        nets = [network] if network is not None else self._visible_networks(service, view)
         return Answer(
             found=True,
             owners={name},
             shuffle=True,
             mesh_space=True,
-            addresses=_unique(t.address for t in self._healthy_tasks(name)),
+            addresses=self._addresses(self._healthy_tasks(name), nets),
         )
 
     def _srv(
-        self, port_text: str, protocol: str, name: str, view: str, network: str | None
+        self, port_text: str, protocol: str, name: str, view: View, network: str | None
     ) -> Answer:
         """`_<port>._<proto>.<service>`: one target per healthy task, at its real port.
 
@@ -302,17 +384,24 @@ class NameTable:
             target = port
         if target is None:  # a known service without that port: no such name
             return Answer(found=False, owners={name}, mesh_space=True)
-        srv = [SrvTarget(t.name, t.actual_port(target), t.address) for t in tasks]
+        nets = [network] if network is not None else self._visible_networks(service, view)
+        srv = [SrvTarget(t.name, t.actual_port(target), self._address(t, nets)) for t in tasks]
         return Answer(found=True, owners={name}, srv=srv, shuffle=True)
 
-    def _task_name(self, name: str, view: str, network: str | None) -> Answer:
+    def _task_name(self, name: str, view: View, network: str | None) -> Answer:
         task_id = self._tasks_by_name.get(name)
         task = self._tasks.get(task_id) if task_id else None
-        if task is None or self._visible_service(task.service.lower(), view, network) is None:
+        service = (
+            None if task is None else self._visible_service(task.service.lower(), view, network)
+        )
+        if task is None or service is None:
             return Answer(found=False, owners={name})
-        return Answer(found=True, owners={name, task.service.lower()}, addresses=[task.address])
+        nets = [network] if network is not None else self._visible_networks(service, view)
+        return Answer(
+            found=True, owners={name, task.service.lower()}, addresses=[self._address(task, nets)]
+        )
 
-    def records(self, view: str) -> list[tuple[str, str, str]]:
+    def records(self, view: View) -> list[tuple[str, str, str]]:
         """Every (name, type, value) an asker in `view` gets, for `mesh inspect dns`.
 
         Built from the lookups themselves, so it shows exactly what is answered.
@@ -326,7 +415,13 @@ class NameTable:
             names += sorted(
                 self._tasks[i].name.lower() for i in self._tasks_by_service.get(name, ())
             )
-            for qname in names:
+            scope = scope_of(view)
+            names += sorted(
+                alias
+                for network, alias in _aliases_of(service)
+                if scope is None or network in scope
+            )
+            for qname in dict.fromkeys(names):
                 found += [(qname, "A", a) for a in self.lookup(qname, view).addresses]
             for port in service.ports:
                 qname = f"_{port.published_port or port.target_port}._{port.protocol}.{name}"
@@ -337,13 +432,17 @@ class NameTable:
                 found += [(vip.address, "PTR", p) for p in self.reverse(vip.address, view).ptr]
         return found
 
-    def reverse(self, address: str, view: str) -> Answer:
-        """PTR for an address: a VIP names its service, a task address its tasks."""
+    def reverse(self, address: str, view: View) -> Answer:
+        """PTR for an address: a VIP names its service, a task address its tasks.
+
+        A sandbox's view answers only for VIPs and endpoints on its networks.
+        """
         owners = {address}
         in_subnet = any(ipaddress.IPv4Address(address) in s for s, _ in self._subnets)
+        scope = scope_of(view)
         names: list[str] = []
         vip = self._vips.get(address)
-        if vip is not None and vip[1] != INGRESS:
+        if vip is not None and vip[1] != INGRESS and (scope is None or vip[1] in scope):
             service = self._services.get(vip[0])
             if service is not None and self._sees(service, view):
                 names.append(f"{service.name}.{vip[1]}")
@@ -353,8 +452,37 @@ class NameTable:
             if service is None or not self._sees(service, view):
                 continue
             nets = self._visible_networks(service, view)
+            if task.sandbox is not None:
+                on = [e.network.lower() for e in task.sandbox.endpoints if e.address == address]
+                nets = [n for n in nets if n in on] if on else nets
+                if not nets:
+                    continue
             names.append(f"{task.name}.{nets[0]}" if nets else task.name)
         return Answer(found=bool(names), owners=owners, ptr=names, mesh_space=in_subnet)
+
+
+def _aliases_of(service: Service) -> list[tuple[str, str]]:
+    """(network, alias) pairs of a service, lower case."""
+    return [
+        (network.lower(), alias.lower())
+        for network, aliases in service.aliases.items()
+        for alias in aliases
+    ]
+
+
+def _service_owners(service: Service) -> set[str]:
+    return {
+        service.name.lower(),
+        *(v.address for v in service.vips),
+        *(alias for _, alias in _aliases_of(service)),
+    }
+
+
+def _addresses_of(task: Task) -> list[str]:
+    """Every address of a task: its first, and one per endpoint of its sandbox."""
+    if task.sandbox is None:
+        return [task.address]
+    return _unique([task.address, *(e.address for e in task.sandbox.endpoints)])
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:

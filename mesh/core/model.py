@@ -128,6 +128,7 @@ class Service:
     updated_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # network -> aliases
 
     @property
     def key(self) -> str:
@@ -137,15 +138,15 @@ class Service:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Endpoint:
     network: str
-    address: str
+    address: str  # no prefix length
     mac: str
-    interface: str
+    interface: str  # inside the sandbox: eth0, eth1, ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Sandbox:
-    netns: str
-    adopted: bool = False
+    netns: str  # path: /run/netns/mp-<node_id>-<task_id>, or the adopted path
+    adopted: bool = False  # True: the namespace is not ours; only our endpoints are removed
     endpoints: tuple[Endpoint, ...] = ()
 
 
@@ -166,7 +167,7 @@ class Task:
     updated_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
-    sandbox: Sandbox | None = None
+    sandbox: Sandbox | None = None  # task.address = first endpoint's address
 
     @property
     def key(self) -> str:
