@@ -72,3 +72,9 @@ class Internal(MeshError):
     """A bug: answered in shape (the agent keeps serving), with the details in its log."""
 
     status, code = 500, "internal"
+
+
+class SandboxFailed(MeshError):
+    """A task's sandbox could not be made in the kernel."""
+
+    status, code = 503, "sandbox_failed"

@@ -63,6 +63,13 @@ class Network:
     created_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
+    scope: Literal["swarm", "local"] = "swarm"
+    node: str = ""
+    internal: bool = False
+    attachable: bool = False
+    ip_range: str | None = None
+    aux_addresses: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

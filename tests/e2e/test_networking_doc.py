@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.netns import unavailable
-from tests.helpers.sandbox_node import REPO, SandboxNode
+from tests.helpers.sandbox_lab import REPO, SandboxNode
 
 DOC = REPO / "docs" / "networking.md"
 

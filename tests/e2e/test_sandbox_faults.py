@@ -21,7 +21,7 @@ import pytest
 
 from mesh.sandbox.names import bridge_name, netns_name, veth_name
 from tests.helpers.netns import unavailable
-from tests.helpers.sandbox_node import IDENT_SERVER, SandboxNode, wait_for
+from tests.helpers.sandbox_lab import IDENT_SERVER, SandboxNode, wait_for
 
 RUNS = 100
 KILL_AFTER_ACKS = 25

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.netns import unavailable
-from tests.helpers.sandbox_node import IDENT_SERVER, NODE_UPLINK, OUTSIDE, SandboxNode, wait_for
+from tests.helpers.sandbox_lab import IDENT_SERVER, NODE_UPLINK, OUTSIDE, SandboxNode, wait_for
 
 NETWORKS = {
     "neta": ["--subnet", "10.89.1.0/24"],

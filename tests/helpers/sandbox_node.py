@@ -1,298 +1,66 @@
-"""One test node for sandboxes: a namespace with a real agent inside, and an outside.
+"""An agent that makes sandboxes, running inside a test's own "node" namespace (root).
 
-`SandboxNode` makes (under a unique prefix, all removed by `close()` however
-the test ends):
+`NodeAgent` is the cluster tests' `NetnsAgent` started with `nsenter --net=` instead
+of `ip netns exec`: `ip netns exec` gives the process a private mount namespace, so a
+namespace the agent mounts under /run/netns would be invisible to the host, the CLI
+and `ip netns exec`. Its node name is unique per test (the namespace's), so the
+prefix of the sandbox namespaces it owns (`mp-<node_id>-`) is too.
 
-- a node namespace `<prefix>-node`, where the agent runs: started with
-  `nsenter --net=/run/netns/<node>` (never `ip netns exec`: the sandboxes it
-  mounts under /run/netns must be visible to the CLI and to `ip netns exec`),
-  `--lb nftables`, its API on the node's 127.0.0.1:2377, the HRM on :80;
-- an outside namespace `<prefix>-out` (198.51.100.2) on a veth to the node
-  (198.51.100.1, the node's default route), standing for the world beyond:
-  a network that is not `--internal` reaches it through the masquerade;
-- a `mesh` on PATH (a wrapper of `python -m mesh`) for commands run inside.
-
-The node's name is unique per node (`t15cli-<pid>-<tag>`), so the agent's
-sandbox prefix (`mp-<node id>-`) is too; `close()` kills the processes left in
-those sandboxes (the task commands), stops the agent, and removes any sandbox
-namespace with that prefix that is left, then the namespaces of the lab.
+`remove_sandboxes(node_name)` is the finalizer: every namespace under /run/netns with
+that node's prefix (they are global files, not inside the node namespace) and its
+/etc/netns directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from mesh.sandbox.names import netns_prefix
-from tests.helpers.netns import NETNS_ETC, NETNS_RUN, Lab, Netns, _kill_all
-
-REPO = Path(__file__).resolve().parents[2]
-IDENT_SERVER = REPO / "tests" / "helpers" / "ident_http.py"
-API = "127.0.0.1:2377"
-NODE_UPLINK = "198.51.100.1"
-OUTSIDE = "198.51.100.2"
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from tests.cluster.conftest import NetnsAgent
+from tests.helpers.netns import NETNS_ETC, NETNS_RUN, Netns
 
 
-class SandboxNode:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.lab = Lab("t15cli")
-        self.agent: subprocess.Popen[bytes] | None = None
-        try:
-            self.node = self.lab.namespace("node")
-            self.outside = self.lab.namespace("out")
-            self.lab.veth(self.node, "up0", self.outside, "eth0")
-            self.node.add_address("up0", f"{NODE_UPLINK}/24")
-            self.outside.add_address("eth0", f"{OUTSIDE}/24")
-            self.node.add_route("default", OUTSIDE)
-        except BaseException:
-            self.lab.close()
-            raise
-        self.name = f"t15cli-{os.getpid()}-{self.lab.tag}"
-        self.prefix = netns_prefix(self.name)
-        self.netns_path = str(NETNS_RUN / self.node.name)
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "agent.log"
-        self.bin = workdir / "bin"
-        self.bin.mkdir(exist_ok=True)
-        wrapper = self.bin / "mesh"
-        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m mesh "$@"\n')
-        wrapper.chmod(0o755)
-        self.env = {
-            "PATH": f"{self.bin}:{PATH}",
-            "PYTHONPATH": str(REPO),
-            "MESH_API": API,
-            "HOME": str(workdir),
-        }
-        self.started: list[subprocess.Popen[Any]] = []
+class NodeAgent(NetnsAgent):
+    """A `mesh agent` in `ns` by `nsenter --net`, sharing the host's mount namespace."""
 
-    # -- the agent -----------------------------------------------------------------
+    def __init__(
+        self,
+        ns: Netns,
+        data_dir: Path,
+        *,
+        dns: tuple[str, int] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        super().__init__(ns, data_dir, dns=dns, extra=extra)
 
-    def agent_argv(self) -> list[str]:
-        return [
-            "nsenter",
-            f"--net={self.netns_path}",
-            "--",
-            sys.executable,
-            "-m",
-            "mesh",
-            "agent",
-            "--node-name",
-            self.name,
-            "--data-dir",
-            str(self.data_dir),
-            "--api",
-            API,
-            "--lb",
-            "nftables",
-            "--dns",
-            "127.0.0.1:53",
-            "--dns-upstream",
-            "127.0.0.1:9",
-            "--http",
-            "0.0.0.0:80",
-            "--advertise",
-            f"{NODE_UPLINK}:7946",
-            "--drain-grace",
-            "0.2",
-        ]
+    def argv(self) -> list[str]:
+        inner = super().argv()
+        assert inner[:4] == ["ip", "netns", "exec", self.ns.name]
+        return ["nsenter", f"--net={NETNS_RUN / self.ns.name}", "--", *inner[4:]]
 
-    def start_agent(self, timeout: float = 30.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.agent = subprocess.Popen(
-                self.agent_argv(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=dict(os.environ, PYTHONPATH=str(REPO)),
-                cwd=REPO,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.agent.poll() is not None:
-                raise RuntimeError(f"the agent exited:\n{self.log()}")
-            try:
-                self.api("GET", "/v1/agent")
-                return
-            except (OSError, urllib.error.URLError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the agent's API does not answer:\n{self.log()}") from None
-                time.sleep(0.1)
+    @property
+    def prefix(self) -> str:
+        return netns_prefix(self.node_name)
 
-    def kill_agent(self) -> None:
-        """kill -9: nothing is cleaned up by the agent."""
-        if self.agent is not None and self.agent.poll() is None:
-            self.agent.send_signal(signal.SIGKILL)
-            self.agent.wait(10)
-
-    def stop_agent(self) -> None:
-        if self.agent is None or self.agent.poll() is not None:
-            return
-        self.agent.send_signal(signal.SIGTERM)
-        try:
-            self.agent.wait(15)
-        except subprocess.TimeoutExpired:
-            self.agent.kill()
-            self.agent.wait(10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
-
-    def api(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
-        def call() -> Any:
-            data = None if body is None else json.dumps(body).encode()
-            req = urllib.request.Request(
-                f"http://{API}{path}",
-                data=data,
-                method=method,
-                headers={"Content-Type": "application/json"},
-            )
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with opener.open(req, timeout=timeout) as resp:
-                raw = resp.read()
-            return json.loads(raw) if raw.strip() else None
-
-        return self.node.call(call)
-
-    # -- commands inside the node ------------------------------------------------------
-
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        return ["nsenter", f"--net={self.netns_path}", "--", *argv]
-
-    def run(
-        self, argv: Sequence[str], *, timeout: float = 60.0, check: bool = False
-    ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            self.argv(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            cwd=REPO,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr}{done.stdout}"
-            )
-        return done
-
-    def mesh(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """`mesh ARGS` run inside the node (exit status not checked)."""
-        return self.run(["mesh", *args], timeout=timeout)
-
-    def mesh_ok(self, *args: str, timeout: float = 60.0) -> str:
-        return self.run(["mesh", *args], timeout=timeout, check=True).stdout
-
-    def mesh_json(self, *args: str, timeout: float = 60.0) -> Any:
-        out = self.mesh_ok("--json", *args, timeout=timeout)
-        return json.loads(out) if out.strip() else None
-
-    def popen_mesh(self, *args: str, **kwargs: Any) -> subprocess.Popen[Any]:
-        proc = subprocess.Popen(self.argv(["mesh", *args]), env=self.env, cwd=REPO, **kwargs)
-        self.started.append(proc)
-        return proc
-
-    def serve(self, service: str, ident: str, port: int = 80) -> dict[str, Any]:
-        """A detached sandboxed task of `service` answering `ident` on `port`; its record."""
-        task: dict[str, Any] = self.mesh_json(
-            "task",
-            "run",
-            service,
-            "--detach",
-            "--name",
-            ident,
-            "--",
-            sys.executable,
-            str(IDENT_SERVER),
-            str(port),
-            ident,
-        )
-        return task
-
-    def in_sandbox(
-        self, netns: str, argv: Sequence[str], timeout: float = 30.0
-    ) -> subprocess.CompletedProcess[str]:
-        """A command inside a sandbox the way `mesh task exec` runs it (its resolv.conf too)."""
-        name = Path(netns).name
-        return subprocess.run(
-            ["ip", "netns", "exec", name, *argv],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            check=False,
-        )
-
-    # -- what the kernel has --------------------------------------------------------------
-
-    def sandboxes(self) -> set[str]:
-        """Our agent's sandbox namespaces (names under /run/netns)."""
-        try:
-            return {p.name for p in NETNS_RUN.iterdir() if p.name.startswith(self.prefix)}
-        except OSError:
-            return set()
-
-    def links(self, prefix: str) -> set[str]:
-        """The node's interfaces whose name starts with `prefix` (mpbr-, mpv)."""
-        done = self.node.run(["ip", "-j", "link", "show"], check=True)
-        names = {str(link["ifname"]) for link in json.loads(done.stdout or "[]")}
-        return {n for n in names if n.startswith(prefix)}
-
-    # -- teardown ---------------------------------------------------------------------------
-
-    def close(self) -> None:
-        errors: list[str] = []
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-        for name in sorted(self.sandboxes()):
-            _kill_all(Netns(name))  # the task commands left inside
-        with contextlib.suppress(Exception):
-            if self.agent is not None and self.agent.poll() is None:
-                for task in self.api("GET", "/v1/tasks", timeout=10) or []:
-                    with contextlib.suppress(Exception):
-                        self.api("DELETE", f"/v1/tasks/{task['id']}", timeout=10)
-        self.stop_agent()
-        for name in sorted(self.sandboxes()):
-            done = subprocess.run(
-                ["ip", "netns", "delete", name], capture_output=True, text=True, check=False
-            )
-            if done.returncode != 0:
-                errors.append(f"ip netns delete {name}: {done.stderr.strip()}")
-        for etc in NETNS_ETC.glob(f"{self.prefix}*") if NETNS_ETC.exists() else []:
-            shutil.rmtree(etc, ignore_errors=True)
-        try:
-            self.lab.close()
-        except RuntimeError as exc:
-            errors.append(str(exc))
-        if errors:
-            raise RuntimeError("; ".join(errors))
+    def sandboxes(self) -> list[str]:
+        """The namespaces under /run/netns this agent's prefix names."""
+        if not NETNS_RUN.exists():
+            return []
+        return sorted(p.name for p in NETNS_RUN.iterdir() if p.name.startswith(self.prefix))
 
 
-def wait_for(check: Callable[[], bool], timeout: float, step: float = 0.2) -> float | None:
-    """Seconds until `check()` held, or None when `timeout` passed first."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if check():
-            return time.monotonic() - start
-        time.sleep(step)
-    return None
+def remove_sandboxes(node_name: str) -> None:
+    """Remove every namespace of this node's prefix, however the test ended."""
+    prefix = netns_prefix(node_name)
+    if NETNS_RUN.exists():
+        for path in NETNS_RUN.iterdir():
+            if path.name.startswith(prefix):
+                subprocess.run(
+                    ["ip", "netns", "delete", path.name], capture_output=True, check=False
+                )
+    if NETNS_ETC.exists():
+        for path in NETNS_ETC.iterdir():
+            if path.name.startswith(prefix):
+                shutil.rmtree(path, ignore_errors=True)

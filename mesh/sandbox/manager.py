@@ -1,0 +1,404 @@
+"""The sandbox manager: keeps this node's networks and sandboxes in the kernel in step
+with the state.
+
+A `View` of the change feed. What to do is decided by `mesh.sandbox.plan` (sans-IO);
+this shell runs the jobs in feed order: the kernel work (namespaces, drivers) on one
+worker thread, so a slow `ip`/netlink call never stalls the event loop and two jobs
+never interleave; then, on the loop, the sandbox's DNS and load balancer
+(`open_sandbox`/`close_sandbox`), whose sockets and tasks live there.
+
+On start (`load`) the first job is the reconciliation: what the kernel holds under
+our prefixes is compared with the state; orphans are removed (namespaces with this
+node's prefix, veths and bridges the state does not own), missing objects made
+again, and every sandbox's DNS and LB opened. A clean stop leaves sandboxes and
+networks in place: tasks are durable and go only when their record goes. A kill -9
+leaves them too; the next start's reconciliation picks them up.
+
+`ready(task_id)` is what the API awaits after creating a sandboxed task: it returns
+once that task's sandbox is up, or raises `SandboxFailed` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol, TypeVar
+
+from mesh.core.logs import event
+from mesh.core.model import Change, Network, Record, Task
+from mesh.errors import SandboxFailed
+from mesh.sandbox.driver import Driver
+from mesh.sandbox.names import netns_prefix
+from mesh.sandbox.plan import (
+    CreateNetwork,
+    DeleteNamespace,
+    DeleteNetwork,
+    DeleteVeth,
+    EnsureSandbox,
+    Found,
+    Job,
+    Leave,
+    NetworkWant,
+    RemoveSandbox,
+    SandboxWant,
+    network_transition,
+    network_want,
+    reconcile,
+    sandbox_transition,
+    sandbox_want,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Namespaces(Protocol):
+    """Named network namespaces (`mesh.sandbox.netns.Sandboxes`)."""
+
+    def create(self, name: str) -> str: ...
+    def adopt(self, spec: str) -> str: ...
+    def delete(self, name: str) -> None: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def write_resolv_conf(self, name: str) -> None: ...
+
+
+class SandboxServer(Protocol):
+    """What serves inside a sandbox: the DNS service, the load balancer."""
+
+    def open_sandbox(self, key: str, netns: str, networks: tuple[str, ...]) -> None: ...
+    def close_sandbox(self, key: str) -> None: ...
+
+
+class _Reconcile:
+    """The first job: compare the kernel with the state as loaded."""
+
+    def __init__(self, networks: list[NetworkWant], sandboxes: list[SandboxWant]) -> None:
+        self.networks = networks
+        self.sandboxes = sandboxes
+
+
+class _Mark:
+    """Not a job: set once every job queued before it has run."""
+
+    def __init__(self, marker: asyncio.Event) -> None:
+        self.marker = marker
+
+
+class _Progress:
+    """One task's sandbox: pending, up, or failed with a reason."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.failure: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class ManagerStats:
+    sandboxes: int = 0
+    networks: int = 0
+    ensured: int = 0
+    removed: int = 0
+    failed: int = 0
+    orphans_removed: int = 0
+    repaired: int = 0
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        node: str,
+        drivers: Mapping[str, Driver],
+        namespaces: Namespaces,
+        servers: Iterable[SandboxServer],
+        delete_link: Callable[[str], None],
+    ) -> None:
+        self.node = node
+        self.prefix = netns_prefix(node)
+        self._drivers = dict(drivers)
+        self._namespaces = namespaces
+        self._servers = tuple(servers)
+        self._delete_link = delete_link
+        self._records: dict[str, Network] = {}
+        self._networks: dict[str, NetworkWant] = {}
+        self._sandboxes: dict[str, SandboxWant] = {}
+        self._progress: dict[str, _Progress] = {}
+        #: the sandboxes whose DNS and LB are open here, by task id
+        self._serving: dict[str, SandboxWant] = {}
+        self._queue: asyncio.Queue[Job | _Reconcile | _Mark] = asyncio.Queue()
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sandbox"
+        )
+        self._runner: asyncio.Task[None] | None = None
+        self.stats = ManagerStats()
+
+    # -- the view -------------------------------------------------------------------------
+
+    def load(self, records: Iterable[Record]) -> None:
+        tasks: list[Task] = []
+        for record in records:
+            if isinstance(record, Network) and not record.deleted:
+                self._records[record.name] = record
+            elif isinstance(record, Task):
+                tasks.append(record)
+        for network in self._records.values():
+            if (want := network_want(network, self.node)) is not None:
+                self._networks[network.name] = want
+        for task in tasks:
+            if (sandbox := sandbox_want(task, self.node, self._records)) is not None:
+                self._sandboxes[task.id] = sandbox
+                self._progress[task.id] = _Progress()
+        self._queue.put_nowait(
+            _Reconcile(list(self._networks.values()), list(self._sandboxes.values()))
+        )
+
+    def on_change(self, change: Change) -> None:
+        after = change.after
+        if isinstance(after, Network):
+            if after.deleted:
+                self._records.pop(after.name, None)
+            else:
+                self._records[after.name] = after
+            before_net = self._networks.pop(after.name, None)
+            after_net = network_want(after, self.node)
+            if after_net is not None:
+                self._networks[after.name] = after_net
+            self._enqueue(network_transition(before_net, after_net))
+        elif isinstance(after, Task):
+            before_sbx = self._sandboxes.pop(after.id, None)
+            after_sbx = sandbox_want(after, self.node, self._records)
+            if after_sbx is not None:
+                self._sandboxes[after.id] = after_sbx
+                if after_sbx != before_sbx:
+                    self._progress[after.id] = _Progress()
+            else:
+                self._progress.pop(after.id, None)
+            self._enqueue(sandbox_transition(before_sbx, after_sbx))
+
+    def _enqueue(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._queue.put_nowait(job)
+
+    # -- what the API awaits ----------------------------------------------------------------
+
+    # The API's SandboxPort names the bound `timeout` (spec15): kept as the contract says.
+    async def ready(self, task_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once the task's sandbox and endpoints exist; raise SandboxFailed
+        (the reason) when they could not be made, or not within `timeout` seconds."""
+        progress = self._progress.get(task_id)
+        if progress is None:
+            raise SandboxFailed(f"task {task_id} has no sandbox on node {self.node}")
+        try:
+            await asyncio.wait_for(progress.done.wait(), timeout)
+        except TimeoutError:
+            raise SandboxFailed(
+                f"the sandbox of task {task_id} was not up within {timeout:g}s"
+            ) from None
+        if progress.failure is not None:
+            raise SandboxFailed(progress.failure)
+
+    def describe(self) -> dict[str, object]:
+        """The sandboxes and networks this node keeps, and the manager's counters."""
+        return {
+            "prefix": self.prefix,
+            "networks": sorted(self._networks),
+            "sandboxes": {
+                task_id: {"netns": s.netns, "networks": list(s.networks)}
+                for task_id, s in sorted(self._sandboxes.items())
+            },
+            "stats": dataclasses.asdict(self.stats),
+        }
+
+    # -- the shell --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="sandbox-manager")
+
+    async def stop(self) -> None:
+        """Stop taking jobs; the one running finishes (a thread cannot be cut short).
+        Sandboxes and networks stay: they go with their records only."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        await asyncio.to_thread(self._thread.shutdown, wait=True)
+
+    async def _run(self) -> None:
+        while True:
+            job = await self._queue.get()
+            if isinstance(job, _Mark):
+                job.marker.set()
+                continue
+            try:
+                if isinstance(job, _Reconcile):
+                    await self._reconcile(job)
+                else:
+                    await self._do(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug: logged, and the next job still runs
+                event(log, "sandbox_job_failed", logging.ERROR, job=repr(job), error=repr(exc))
+                log.exception("sandbox job %r failed", job)
+
+    async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, fn, *args)
+
+    async def _reconcile(self, job: _Reconcile) -> None:
+        try:
+            found = await self._in_thread(self._find)
+        except Exception as exc:
+            # Nothing known of the kernel: remove nothing, but still make (idempotently)
+            # and serve every sandbox the state has.
+            self.stats.failed += 1
+            event(log, "sandbox_scan_failed", logging.ERROR, error=repr(exc))
+            found = Found({}, {}, frozenset())
+        plan = reconcile(job.networks, job.sandboxes, found)
+        removed = plan.removed
+        event(
+            log,
+            "sandboxes_reconciled",
+            networks=len(job.networks),
+            sandboxes=len(job.sandboxes),
+            removed=[_describe_removal(r) for r in removed],
+            created_networks=sorted(plan.created),
+            repaired=sorted(plan.repaired),
+        )
+        self.stats.orphans_removed += sum(
+            1 for r in removed if isinstance(r, DeleteNamespace | DeleteVeth)
+        )
+        self.stats.repaired += len(plan.repaired)
+        for step in plan.jobs:
+            await self._do(step)
+
+    def _find(self) -> Found:
+        networks: dict[str, frozenset[str]] = {}
+        veths: dict[str, frozenset[str]] = {}
+        for name, driver in self._drivers.items():
+            owned = driver.owned()
+            networks[name] = frozenset(owned.networks)
+            veths[name] = frozenset(owned.endpoints)
+        namespaces = frozenset(
+            n for n in self._namespaces.list(self.prefix) if n.startswith(self.prefix)
+        )
+        return Found(networks, veths, namespaces)
+
+    async def _do(self, job: Job) -> None:
+        match job:
+            case CreateNetwork(want):
+                await self._kernel(job, self._driver(want.driver).create_network, want.plan)
+                self.stats.networks = len(self._networks)
+            case DeleteNetwork(driver, net_id):
+                await self._kernel(job, self._driver(driver).delete_network, net_id)
+                self.stats.networks = len(self._networks)
+            case EnsureSandbox(want):
+                await self._ensure(want)
+            case RemoveSandbox(want):
+                await self._remove(want)
+            case Leave(sandbox, endpoint):
+                leave = self._driver(endpoint.driver).leave
+                await self._kernel(job, leave, endpoint.network, endpoint.endpoint, sandbox.netns)
+            case DeleteNamespace(name):
+                await self._kernel(job, self._delete_namespace, name)
+            case DeleteVeth(name):
+                await self._kernel(job, self._delete_link, name)
+
+    def _driver(self, name: str) -> Driver:
+        try:
+            return self._drivers[name]
+        except KeyError:
+            raise SandboxFailed(f"this agent has no {name} driver") from None
+
+    async def _kernel(self, job: Job, fn: Callable[..., None], *args: object) -> bool:
+        """One kernel step on the worker thread; a failure is logged with the job and
+        counted, and the jobs after it still run."""
+        try:
+            await self._in_thread(fn, *args)
+        except Exception as exc:
+            self.stats.failed += 1
+            event(log, "sandbox_step_failed", logging.WARNING, job=repr(job), error=str(exc))
+            return False
+        return True
+
+    def _delete_namespace(self, name: str) -> None:
+        # Never a name without this node's exact prefix: namespaces are global files.
+        if not name.startswith(self.prefix):
+            raise ValueError(f"{name} is not a namespace of node {self.node}")
+        self._namespaces.delete(name)
+
+    async def _ensure(self, want: SandboxWant) -> None:
+        progress = self._progress.get(want.task_id)
+        try:
+            path = await self._in_thread(self._make, want)
+            for server in self._servers:
+                server.open_sandbox(want.task_id, path, want.networks)
+        except Exception as exc:
+            self.stats.failed += 1
+            reason = f"sandbox of task {want.task_id}: {exc}"
+            event(log, "sandbox_failed", logging.WARNING, task=want.task_id, error=str(exc))
+            if progress is not None:
+                progress.failure = reason
+                progress.done.set()
+            return
+        self._serving[want.task_id] = dataclasses.replace(want, netns=path)
+        self.stats.ensured += 1
+        self.stats.sandboxes = len(self._sandboxes)
+        event(log, "sandbox_up", task=want.task_id, netns=path, networks=list(want.networks))
+        if progress is not None and self._progress.get(want.task_id) is progress:
+            progress.failure = None
+            progress.done.set()
+
+    def _make(self, want: SandboxWant) -> str:
+        """On the worker thread: the namespace, its resolv.conf, every endpoint."""
+        if want.name is None:
+            path = self._namespaces.adopt(want.netns)
+        else:
+            path = self._namespaces.create(want.name)
+            self._namespaces.write_resolv_conf(want.name)
+        for endpoint in want.endpoints:
+            self._driver(endpoint.driver).join(endpoint.network, endpoint.endpoint, path)
+        return path
+
+    async def _remove(self, want: SandboxWant) -> None:
+        serving = self._serving.pop(want.task_id, None)
+        for server in self._servers:
+            try:
+                server.close_sandbox(want.task_id)
+            except Exception as exc:
+                event(
+                    log, "sandbox_close_failed", logging.WARNING, task=want.task_id, error=repr(exc)
+                )
+        netns = serving.netns if serving is not None else want.netns
+        for endpoint in reversed(want.endpoints):
+            await self._kernel(
+                Leave(want, endpoint),
+                self._driver(endpoint.driver).leave,
+                endpoint.network,
+                endpoint.endpoint,
+                netns,
+            )
+        if want.name is not None:
+            await self._kernel(DeleteNamespace(want.name), self._delete_namespace, want.name)
+        self.stats.removed += 1
+        self.stats.sandboxes = len(self._sandboxes)
+        event(log, "sandbox_removed", task=want.task_id, netns=netns, adopted=want.adopted)
+
+    async def idle(self) -> None:
+        """Wait until every job queued so far has run (for tests and `mesh doctor`)."""
+        marker = asyncio.Event()
+        self._queue.put_nowait(_Mark(marker))
+        await marker.wait()
+
+
+def _describe_removal(job: DeleteNamespace | DeleteVeth | DeleteNetwork) -> str:
+    match job:
+        case DeleteNamespace(name):
+            return f"netns {name}"
+        case DeleteVeth(name):
+            return f"veth {name}"
+        case DeleteNetwork(driver, net_id):
+            return f"{driver} network {net_id}"

@@ -1,0 +1,303 @@
+"""What the sandbox manager does, decided from records alone (sans-IO).
+
+The manager's shell (`mesh.sandbox.manager`) keeps the kernel in step with the
+state; every decision it takes is made here, from plain values:
+
+- `network_want` / `sandbox_want`: what the state asks of this node's kernel
+  (its bridge networks; its tasks' sandboxes with their endpoints in order, the
+  default route on the first non-internal network's endpoint);
+- `transition`: the jobs one change of a network or a task needs, in order;
+- `reconcile`: at start, given what the kernel holds under our prefixes (left by
+  an agent killed with -9, or by a reboot that emptied /run/netns): remove what
+  the state does not own, create what it owns and the kernel lacks.
+
+Nothing here touches the kernel: the shell runs the jobs, in order, on one thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from mesh.core.model import Network, Task
+from mesh.sandbox.driver import EndpointPlan, NetworkPlan
+from mesh.sandbox.names import bridge_name, netns_name, netns_path, veth_name
+
+#: The network drivers that make kernel objects on one node, and so a sandbox's endpoints.
+SANDBOX_DRIVERS = frozenset({"bridge"})
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkWant:
+    """One of this node's driver-backed networks, as its driver needs it."""
+
+    driver: str
+    plan: NetworkPlan
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointWant:
+    driver: str
+    network: NetworkPlan
+    endpoint: EndpointPlan
+
+    @property
+    def veth(self) -> str:
+        """The host side of the endpoint: what `Driver.owned` reports."""
+        return veth_name(self.endpoint.task_id, self.endpoint.index)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxWant:
+    """One task's sandbox as the state has it."""
+
+    task_id: str
+    #: the path setns opens: /run/netns/<name>, or the adopted namespace's path
+    netns: str
+    #: our namespace's name under /run/netns; None when adopted (it is not ours)
+    name: str | None
+    endpoints: tuple[EndpointWant, ...]
+
+    @property
+    def adopted(self) -> bool:
+        return self.name is None
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The sandbox's networks in endpoint order: what its DNS and LB serve."""
+        return tuple(e.network.name for e in self.endpoints)
+
+    @property
+    def veths(self) -> frozenset[str]:
+        return frozenset(e.veth for e in self.endpoints)
+
+
+# -- jobs: what the shell runs, in order -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateNetwork:
+    want: NetworkWant
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteNetwork:
+    driver: str
+    net_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureSandbox:
+    """Namespace (made or adopted), resolv.conf, every endpoint joined, DNS and LB
+    inside opened; each step idempotent, so it also repairs what is partly there."""
+
+    want: SandboxWant
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Take one endpoint out of a sandbox that stays (a changed or adopted one)."""
+
+    sandbox: SandboxWant
+    endpoint: EndpointWant
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveSandbox:
+    """DNS and LB inside closed, every endpoint left, our namespace deleted (an
+    adopted one keeps everything that was not ours)."""
+
+    want: SandboxWant
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteNamespace:
+    """An orphan: a namespace with our prefix that no task of the state owns."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteVeth:
+    """An orphan: a host-side veth with our prefix that no endpoint of the state owns."""
+
+    name: str
+
+
+Job = (
+    CreateNetwork
+    | DeleteNetwork
+    | EnsureSandbox
+    | Leave
+    | RemoveSandbox
+    | DeleteNamespace
+    | DeleteVeth
+)
+
+
+# -- what the state asks ------------------------------------------------------------------
+
+
+def network_want(network: Network, node: str) -> NetworkWant | None:
+    """The network's driver work on `node`, or None when it has none there (an overlay
+    network, a removed one, a bridge network of another node)."""
+    if network.deleted or network.driver not in SANDBOX_DRIVERS or network.node != node:
+        return None
+    return NetworkWant(
+        network.driver,
+        NetworkPlan(
+            id=network.id,
+            name=network.name,
+            subnet=network.subnet,
+            gateway=network.gateway,
+            internal=network.internal,
+            options=dict(network.options),
+        ),
+    )
+
+
+def sandbox_want(task: Task, node: str, networks: Mapping[str, Network]) -> SandboxWant | None:
+    """The task's sandbox on `node`, or None when it has none here. An endpoint on a
+    network this node does not know (cannot happen through the store) is skipped."""
+    sandbox = task.sandbox
+    if task.deleted or sandbox is None or task.node != node:
+        return None
+    endpoints: list[EndpointWant] = []
+    routed = False
+    for index, endpoint in enumerate(sandbox.endpoints):
+        network = networks.get(endpoint.network)
+        if network is None or network.deleted:
+            continue
+        # The default route leaves by the first network that has a way out.
+        gateway = None if routed or network.internal else network.gateway
+        routed = routed or gateway is not None
+        endpoints.append(
+            EndpointWant(
+                network.driver,
+                NetworkPlan(
+                    id=network.id,
+                    name=network.name,
+                    subnet=network.subnet,
+                    gateway=network.gateway,
+                    internal=network.internal,
+                    options=dict(network.options),
+                ),
+                EndpointPlan(
+                    task_id=task.id,
+                    index=index,
+                    address=endpoint.address,
+                    prefixlen=ipaddress.ip_network(network.subnet, strict=False).prefixlen,
+                    mac=endpoint.mac,
+                    interface=endpoint.interface,
+                    gateway=gateway,
+                ),
+            )
+        )
+    name = None if sandbox.adopted else netns_name(node, task.id)
+    netns = sandbox.netns if name is None else netns_path(name)
+    return SandboxWant(task.id, netns, name, tuple(endpoints))
+
+
+# -- one change ---------------------------------------------------------------------------
+
+
+def network_transition(before: NetworkWant | None, after: NetworkWant | None) -> list[Job]:
+    if before == after:
+        return []
+    if after is None:
+        assert before is not None
+        return [DeleteNetwork(before.driver, before.plan.id)]
+    # A new network, or one whose plan changed: create is idempotent and brings the
+    # bridge to the plan.
+    return [CreateNetwork(after)]
+
+
+def sandbox_transition(before: SandboxWant | None, after: SandboxWant | None) -> list[Job]:
+    if before == after:
+        return []
+    if after is None:
+        assert before is not None
+        return [RemoveSandbox(before)]
+    if before is None:
+        return [EnsureSandbox(after)]
+    if before.netns != after.netns:
+        return [RemoveSandbox(before), EnsureSandbox(after)]
+    # Same namespace, other endpoints: leave those that went, then ensure the rest.
+    kept = {e.endpoint for e in after.endpoints}
+    gone = [Leave(before, e) for e in before.endpoints if e.endpoint not in kept]
+    return [*gone, EnsureSandbox(after)]
+
+
+# -- at start -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What the kernel holds under our prefixes."""
+
+    #: network id as each driver reports it (its bridge's id8), by driver
+    networks: Mapping[str, frozenset[str]]
+    #: host-side veth names, by driver
+    veths: Mapping[str, frozenset[str]]
+    #: namespace names under /run/netns with this node's prefix
+    namespaces: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The start's work, in the order the shell runs it: orphans out first (their
+    veths hold on to their bridges), then what the state owns, made or repaired."""
+
+    jobs: tuple[Job, ...]
+    #: task ids whose namespace or an endpoint the kernel lacked
+    repaired: frozenset[str]
+    #: networks the kernel lacked
+    created: frozenset[str]
+
+    @property
+    def removed(self) -> tuple[DeleteNamespace | DeleteVeth | DeleteNetwork, ...]:
+        return tuple(
+            j for j in self.jobs if isinstance(j, DeleteNamespace | DeleteVeth | DeleteNetwork)
+        )
+
+
+def _same_network(found_id: str, net_id: str) -> bool:
+    """A driver may report a network by the short id its bridge is named with."""
+    return bridge_name(found_id) == bridge_name(net_id)
+
+
+def reconcile(
+    networks: Iterable[NetworkWant], sandboxes: Iterable[SandboxWant], found: Found
+) -> Plan:
+    networks = list(networks)
+    sandboxes = list(sandboxes)
+    ours_ns = {s.name for s in sandboxes if s.name is not None}
+    ours_veths = {e.veth for s in sandboxes for e in s.endpoints}
+    jobs: list[Job] = []
+    jobs += [DeleteNamespace(n) for n in sorted(found.namespaces - ours_ns)]
+    for driver in sorted(found.veths):
+        jobs += [DeleteVeth(v) for v in sorted(found.veths[driver] - ours_veths)]
+    for driver in sorted(found.networks):
+        wanted = [n.plan.id for n in networks if n.driver == driver]
+        jobs += [
+            DeleteNetwork(driver, found_id)
+            for found_id in sorted(found.networks[driver])
+            if not any(_same_network(found_id, w) for w in wanted)
+        ]
+    created = set()
+    for net in networks:
+        have = found.networks.get(net.driver, frozenset())
+        if not any(_same_network(f, net.plan.id) for f in have):
+            created.add(net.plan.name)
+        # Every network: create is idempotent and puts back what is partly gone.
+        jobs.append(CreateNetwork(net))
+    repaired = set()
+    all_veths = frozenset().union(*found.veths.values()) if found.veths else frozenset()
+    for sandbox in sandboxes:
+        lacking_ns = sandbox.name is not None and sandbox.name not in found.namespaces
+        if lacking_ns or not sandbox.veths <= all_veths:
+            repaired.add(sandbox.task_id)
+        # Every sandbox, repaired or not: its DNS and LB inside are this process's.
+        jobs.append(EnsureSandbox(sandbox))
+    return Plan(tuple(jobs), frozenset(repaired), frozenset(created))

@@ -1,0 +1,126 @@
+"""The sandbox manager in a real agent (root): an agent inside its own node namespace
+(`nsenter --net`, `--lb nftables`) makes a sandboxed task's namespace, veth, address,
+default route and resolv.conf; after a kill -9, a veth deleted by hand and an orphan
+namespace of ours, the restart puts the veth back and removes the orphan, touching
+nothing else; deleting the task removes its namespace and veths."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.sandbox.names import bridge_name, netns_name, veth_name
+from tests.cluster.conftest import require_tools
+from tests.helpers.netns import NETNS_ETC, NETNS_RUN, Lab, Netns
+from tests.helpers.sandbox_node import NodeAgent, remove_sandboxes
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+SUBNET = "10.151.7.0/24"
+GATEWAY = "10.151.7.1"
+
+
+@pytest.fixture
+def node(netns_ready: None) -> Iterator[tuple[Lab, Netns]]:
+    require_tools("nsenter", "nft", "ip")
+    with Lab("t15m") as lab:
+        yield lab, lab.namespace("node")
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: {done.returncode} {done.stderr.strip()}")
+    return done
+
+
+def links(ns: Netns) -> set[str]:
+    out = sh("ip", "-n", ns.name, "-o", "link", "show").stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def wait_for(what: str, check: Any, timeout: float = 10.0) -> float:
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def assert_sandbox_up(node: Netns, name: str, task: dict[str, Any], net_id: str) -> None:
+    assert (NETNS_RUN / name).exists()
+    # From the host, with ip netns exec: the sandbox is usable by anything.
+    addr = sh("ip", "netns", "exec", name, "ip", "-o", "-4", "addr", "show", "dev", "eth0")
+    assert f"{task['address']}/24" in addr.stdout
+    route = sh("ip", "netns", "exec", name, "ip", "route", "show", "default").stdout
+    assert f"default via {GATEWAY} dev eth0" in route
+    resolv = (NETNS_ETC / name / "resolv.conf").read_text()
+    assert "nameserver 127.0.0.11" in resolv
+    veth = veth_name(task["id"], 0)
+    master = sh("ip", "-n", node.name, "-o", "link", "show", "dev", veth).stdout
+    assert f"master {bridge_name(net_id)}" in master
+
+
+def test_sandbox_made_reconciled_after_kill_9_and_removed(
+    node: tuple[Lab, Netns], tmp_path: Path
+) -> None:
+    lab, ns = node
+    agent = NodeAgent(ns, tmp_path / "data", extra=["--lb", "nftables"])
+    try:
+        agent.start()
+        assert "sandboxes_enabled" in agent.log()
+        net = agent.api_ok(
+            "POST", "/v1/networks", {"name": "front", "driver": "bridge", "subnet": SUBNET}, 201
+        )
+        assert net["scope"] == "local" and net["node"] == agent.node_name
+        agent.api_ok("POST", "/v1/services", {"name": "web", "networks": ["front"]}, 201)
+        started = time.monotonic()
+        task = agent.api_ok("POST", "/v1/services/web/tasks", {"sandbox": {"netns": None}}, 201)
+        print(f"sandboxed task created (201, sandbox up) in {time.monotonic() - started:.3f}s")
+        name = netns_name(agent.node_name, task["id"])
+        assert task["sandbox"]["netns"] == str(NETNS_RUN / name)
+        assert task["addresses"] == {"front": task["address"]}
+        # 201 only once the sandbox is up: no waiting here.
+        assert_sandbox_up(ns, name, task, net["id"])
+
+        # kill -9: the sandbox stays as it is.
+        agent.kill()
+        assert (NETNS_RUN / name).exists()
+        veth = veth_name(task["id"], 0)
+        sh("ip", "-n", ns.name, "link", "delete", veth)
+        orphan = f"{agent.prefix}orphan000000"
+        sh("ip", "netns", "add", orphan)
+        # Not ours: another node's prefix, and a link without our prefix in the node.
+        foreign = f"mp-ffffff-{lab.tag}"
+        sh("ip", "netns", "add", foreign)
+        try:
+            sh("ip", "-n", ns.name, "link", "add", "keep0", "type", "dummy")
+            before = links(ns)
+            assert veth not in before
+
+            agent.start()
+            took = wait_for("the veth back", lambda: veth in links(ns))
+            print(f"restart: veth back {took:.3f}s after the API answered")
+            wait_for("the orphan gone", lambda: not (NETNS_RUN / orphan).exists())
+            assert_sandbox_up(ns, name, task, net["id"])
+            assert (NETNS_RUN / foreign).exists()
+            assert links(ns) == before | {veth}
+            assert agent.sandboxes() == [name]
+            assert "sandboxes_reconciled" in agent.log()
+        finally:
+            sh("ip", "netns", "delete", foreign, check=False)
+
+        agent.api_ok("DELETE", f"/v1/tasks/{task['id']}", None, 202)  # drained, then removed
+        wait_for("the sandbox gone", lambda: not (NETNS_RUN / name).exists())
+        assert veth not in links(ns)
+        assert not (NETNS_ETC / name).exists()
+        assert agent.sandboxes() == []
+    finally:
+        agent.shutdown()
+        remove_sandboxes(agent.node_name)
