@@ -40,6 +40,10 @@ def netns_argv(netns: str, argv: Sequence[str]) -> list[str]:
     if not argv:
         raise CliError("no command given: write it after `--`")
     path = Path(netns) if "/" in netns else NETNS_RUN / netns
+    if not path.exists():
+        raise CliError(
+            f"namespace {path} does not exist on this host (is the task on another node?)"
+        )
     name = path.name
     if path.parent == NETNS_RUN and (NETNS_ETC / name / "resolv.conf").exists():
         return [_tool("ip"), "netns", "exec", name, *argv]

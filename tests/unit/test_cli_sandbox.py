@@ -21,6 +21,7 @@ import pytest
 
 from mesh.cli import client as client_module
 from mesh.cli import inside
+from mesh.cli.errors import CliError
 from mesh.cli.main import main, split_command
 from mesh.cli.task import format_addresses
 
@@ -193,6 +194,9 @@ def test_the_namespace_is_entered_with_its_resolver_when_it_has_one(
     monkeypatch.setattr(inside, "NETNS_RUN", run)
     monkeypatch.setattr(inside, "NETNS_ETC", etc)
     (etc / "mp-1").mkdir(parents=True)
+    run.mkdir()
+    (run / "mp-1").touch()
+    (run / "other").touch()
     (etc / "mp-1" / "resolv.conf").write_text("nameserver 127.0.0.11\n")
     assert inside.netns_argv(str(run / "mp-1"), ["curl", "x"])[1:] == [
         "netns",
@@ -201,8 +205,11 @@ def test_the_namespace_is_entered_with_its_resolver_when_it_has_one(
         "curl",
         "x",
     ]
-    assert inside.netns_argv("/proc/7/ns/net", ["sh"])[1:] == ["--net=/proc/7/ns/net", "--", "sh"]
+    own = f"/proc/{os.getpid()}/ns/net"
+    assert inside.netns_argv(own, ["sh"])[1:] == [f"--net={own}", "--", "sh"]
     assert inside.netns_argv("other", ["sh"])[1:] == [f"--net={run / 'other'}", "--", "sh"]
+    with pytest.raises(CliError, match="does not exist on this host"):
+        inside.netns_argv(str(run / "gone"), ["sh"])
 
 
 def test_task_ls_shows_each_network_address_of_a_sandboxed_task() -> None:
