@@ -110,6 +110,7 @@ def test_task_run_passes_the_exit_status_through_and_removes_the_task(
 def test_task_run_forwards_sigterm_and_still_removes_the_task(
     agent: FakeAgent, entered: list[str]
 ) -> None:
+    before = signal.getsignal(signal.SIGTERM)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     started = time.monotonic()
     timer.start()
@@ -122,7 +123,7 @@ def test_task_run_forwards_sigterm_and_still_removes_the_task(
     assert status == 128 + signal.SIGTERM
     assert elapsed < 10
     assert agent.methods()[-1] == ("DELETE", "/v1/tasks/t1")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler restored
 
 
 def test_task_run_detached_leaves_the_task(
