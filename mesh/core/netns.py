@@ -1,52 +1,70 @@
-"""Entering a network namespace for a moment: `entered(path)`.
+"""Run a short piece of code inside another network namespace: `entered(path)`.
 
-setns(2) moves only the calling thread, and everything that thread makes
-while inside (sockets, netlink handles, child processes) belongs to that
-namespace for its whole life, whichever thread uses it later. So the way to
-open a socket in a sandbox is a short synchronous block, or a dedicated
-thread, inside `with entered(path):`; the thread is put back in its original
-namespace when the block ends, however it ends. Never await inside the block:
-another coroutine would run in the wrong namespace.
+A socket belongs to the network namespace of the thread that created it, for
+its whole life; so does a netlink connection. To open a listener inside a
+sandbox, or to run `nft` there (a child inherits its parent thread's
+namespace), a thread switches with setns(2), does that, and switches back.
 
-Python 3.11 has no `os.setns`, hence ctypes.
+setns changes the namespace of the calling *thread* only. So `entered` must
+run either in a dedicated thread, or as a short synchronous block that does
+not await (the event loop's thread must not be switched across an await: any
+other coroutine scheduled meanwhile would open its sockets in the sandbox).
+Python 3.11 has no `os.setns` (3.12 adds it), hence ctypes.
+
+Not sans-IO (it is a system call), but it imports no asyncio and no socket.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import os
 from collections.abc import Iterator
 
 CLONE_NEWNET = 0x40000000
+_OWN_NETNS = "/proc/thread-self/ns/net"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc.setns.restype = ctypes.c_int
 
 
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+class NetnsError(OSError):
+    """A namespace that could not be entered (or, worse, left)."""
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """setns(2) for the calling thread; raises OSError with errno."""
+    if _libc.setns(fd, nstype) != 0:
+        errno = ctypes.get_errno()
+        raise NetnsError(errno, f"setns: {os.strerror(errno)}")
+
+
+def current() -> str:
+    """An identity of the calling thread's network namespace, e.g. 'net:[4026531840]'."""
+    return os.readlink(_OWN_NETNS)
 
 
 @contextlib.contextmanager
 def entered(path: str) -> Iterator[None]:
-    """Run the block with this thread in the network namespace at `path`.
+    """Inside the block, this thread is in the network namespace at `path`
+    (/run/netns/<name> or /proc/<pid>/ns/net); afterwards it is back where it was.
 
-    Raises OSError when the namespace cannot be opened or entered (the thread
-    is then still where it was). If the thread cannot be put back, that is
-    fatal for the thread's work: the error propagates rather than leave it
-    silently in the sandbox.
+    Raises FileNotFoundError for a path that does not exist and NetnsError if
+    the namespace cannot be entered. If the way back fails the process is in an
+    unknown state, so that is raised too (never swallowed).
     """
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    original = os.open(_OWN_NETNS, os.O_RDONLY | os.O_CLOEXEC)
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _setns(target)
+            setns(target)
         finally:
             os.close(target)
         try:
             yield
         finally:
-            _setns(own)
+            setns(original)
     finally:
-        os.close(own)
+        os.close(original)
