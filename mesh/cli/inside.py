@@ -164,3 +164,20 @@ def shielded() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+
+@contextlib.contextmanager
+def signals_recorded() -> Iterator[list[int]]:
+    """SIGINT, SIGTERM and SIGHUP recorded (not acted on) inside the block: a task being
+    created then is still removed, since the caller sees the signal once it has the id."""
+    seen: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        seen.append(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in FORWARDED}
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -214,8 +214,12 @@ def run_in_new_task(
 
     `cleanup` runs after the task is removed (`mesh run` removes its service there).
     """
-    task = ctx.client.post(api_path("/v1/services", service, "tasks"), body)
+    with inside.signals_recorded() as signalled:
+        task = ctx.client.post(api_path("/v1/services", service, "tasks"), body)
     task_id = text(task.get("id"))
+    if signalled:  # Ctrl-C or SIGTERM while the sandbox was being made: undo, and stop
+        _remove_quietly(ctx, task_id, cleanup)
+        return 128 + signalled[0]
     netns = sandbox_path(task)
     if detach:
         try:

@@ -216,3 +216,19 @@ def test_the_namespace_is_entered_with_its_resolver_when_it_has_one(
 def test_task_ls_shows_each_network_address_of_a_sandboxed_task() -> None:
     assert format_addresses(TASK) == "a:10.0.1.5,b:10.0.2.5"
     assert format_addresses({"address": "10.0.0.9", "sandbox": None}) == "10.0.0.9"
+
+
+def test_a_signal_while_the_task_is_made_removes_it_and_runs_nothing(
+    agent: FakeAgent, entered: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = agent.request
+
+    def slow_create(client: Any, method: str, path: str, **kwargs: Any) -> Any:
+        if method == "POST":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the agent makes the sandbox
+        return answer(client, method, path, **kwargs)
+
+    monkeypatch.setattr(client_module.Client, "request", slow_create)
+    assert main(["task", "run", "web", "--", "true"]) == 128 + signal.SIGTERM
+    assert entered == []
+    assert agent.methods()[-1] == ("DELETE", "/v1/tasks/t1")
