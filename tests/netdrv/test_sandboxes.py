@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,3 +116,31 @@ def test_adopt_takes_a_name_or_a_process_namespace(sandboxes: Sandboxes) -> None
         sandboxes.adopt("/proc/self/ns/mnt")
     with pytest.raises(SandboxError, match="no network namespace"):
         sandboxes.adopt(foreign)
+
+
+def make_from(launcher: list[str], prefix: str, name: str) -> None:
+    """Sandboxes.create run by a separate process started with `launcher`."""
+    code = f"from mesh.sandbox.netns import Sandboxes; Sandboxes({prefix!r}).create({name!r})"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([*launcher, sys.executable, "-c", code], check=True, timeout=30, env=env)
+
+
+def test_a_sandbox_made_inside_a_node_entered_with_nsenter_is_visible(
+    sandboxes: Sandboxes,
+) -> None:
+    """The issue's pitfall: an agent in a node namespace entered with `nsenter --net`
+    (as tests start agents) makes sandboxes the host, `ip netns exec` and the CLI use;
+    one started with `ip netns exec` (a private mount namespace) would not."""
+    node = f"t15drv-node-{secrets.token_hex(3)}"
+    run(["ip", "netns", "add", node])
+    try:
+        name = f"{sandboxes.prefix}fromnode"
+        make_from(["nsenter", f"--net=/run/netns/{node}", "--"], sandboxes.prefix, name)
+        assert is_netns(f"/run/netns/{name}")
+        assert run(["ip", "netns", "exec", name, "ip", "-o", "link", "show", "lo"]).stdout
+        hidden = f"{sandboxes.prefix}hidden"
+        make_from(["ip", "netns", "exec", node], sandboxes.prefix, hidden)
+        assert os.path.lexists(f"/run/netns/{hidden}")  # the file, but not the mount:
+        assert not is_netns(f"/run/netns/{hidden}")  # nobody outside can use it
+    finally:
+        run(["ip", "netns", "delete", node], check=False)
