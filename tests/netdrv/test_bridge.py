@@ -63,11 +63,17 @@ def test_bridge_objects_are_as_documented(harness: KernelHarness) -> None:
     driver.create_network(net)
     assert sysctl(lab, "net.ipv4.ip_forward") == "1"
     bridge = names.bridge_name(net.id)
-    shown = run(["ip", "-n", lab.node, "-d", "-o", "addr", "show", "dev", bridge]).stdout
+    shown = run(["ip", "-n", lab.node, "-o", "link", "show", "dev", bridge]).stdout
+    shown += run(["ip", "-n", lab.node, "-o", "addr", "show", "dev", bridge]).stdout
     assert f"inet {net.gateway}/24" in shown
+    gateway_mac = names.mac_of(net.gateway)
+    assert gateway_mac in shown
     _, ep = joined(harness, driver, net, 9)
     port = run(["ip", "-n", lab.node, "-d", "link", "show", names.veth_name(ep.task_id, 0)])
     assert f"master {bridge}" in port.stdout and "isolated on" in port.stdout
+    # the gateway's MAC does not follow the ports (sandboxes' ARP caches hold it)
+    shown = run(["ip", "-n", lab.node, "-o", "link", "show", "dev", bridge]).stdout
+    assert gateway_mac in shown
     table = in_netns(
         lab.node_path, ["nft", "list", "table", "inet", names.BRIDGE_TABLE], check=True
     ).stdout
