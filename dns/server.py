@@ -28,6 +28,7 @@ from typing import cast
 from dns.cache import FORWARD_MARK
 from dns.relay import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
+from dns.table import View
 from dns.tcpslots import DEFAULT_MAX_PER_CLIENT, DEFAULT_MAX_TOTAL, TcpSlots
 from dns.wire import FORMERR, REFUSED, SERVFAIL
 from mesh.core.logs import event
@@ -42,6 +43,9 @@ MAX_PENDING_FORWARDS = 4096
 
 
 class UdpServer(asyncio.DatagramProtocol):
+    #: A listener's fixed view (a sandbox's networks); None: by the asker's address.
+    view: View | None = None
+
     def __init__(self, responder: Responder, forward: Forward) -> None:
         self.responder = responder
         self.forward = forward
@@ -71,7 +75,7 @@ class UdpServer(asyncio.DatagramProtocol):
     def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         assert self.transport is not None
         try:
-            reply = self.responder.respond(data, str(addr[0]), tcp=False)
+            reply = self.responder.respond(data, str(addr[0]), tcp=False, view=self.view)
         except Exception as exc:  # a bug must cost one query, never the server
             event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
             reply = error_reply(data, SERVFAIL) if len(data) >= 12 else None
@@ -101,6 +105,27 @@ class UdpServer(asyncio.DatagramProtocol):
             self.transport.close()
 
 
+class FixedViewUdpServer(UdpServer):
+    """A UDP listener whose every asker has one view: a sandbox's 127.0.0.11.
+
+    Its own class, so the host listener's hot path keeps its one dict lookup.
+    """
+
+    def __init__(self, responder: Responder, forward: Forward, view: View) -> None:
+        super().__init__(responder, forward)
+        self.view = view
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        key = (self.view, False, data[2:])
+        entry = self._cache.get(key)  # type: ignore[arg-type]
+        if entry is not None and entry is not FORWARD_MARK:
+            self._touch(key)  # type: ignore[arg-type]
+            assert self.transport is not None
+            self.transport.sendto(data[:2] + next(entry), addr)
+            return
+        self._slow(data, addr)
+
+
 async def forward_or_refuse(
     responder: Responder, forward: Forward, data: bytes, tcp: bool
 ) -> bytes:
@@ -128,9 +153,11 @@ class TcpServer:
         max_connections: int = MAX_TCP_CONNECTIONS,
         max_per_client: int = MAX_TCP_PER_CLIENT,
         idle_seconds: float = TCP_IDLE_SECONDS,
+        view: View | None = None,
     ) -> None:
         self.responder = responder
         self.forward = forward
+        self.view = view  # fixed (a sandbox's networks), or None: by the asker's address
         self.server: asyncio.Server | None = None
         self.slots = TcpSlots(max_connections, max_per_client)
         self.idle_seconds = idle_seconds
@@ -179,7 +206,7 @@ class TcpServer:
 
     async def _answer(self, data: bytes, source: str) -> bytes | None:
         try:
-            reply = self.responder.respond(data, source, tcp=True)
+            reply = self.responder.respond(data, source, tcp=True, view=self.view)
         except Exception as exc:
             event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
             return error_reply(data, SERVFAIL) if len(data) >= 12 else None
@@ -240,3 +267,30 @@ async def serve(
         await udp.close()
         raise
     return udp, tcp, port
+
+
+async def serve_sockets(
+    responder: Responder,
+    forward: Forward,
+    udp_sock: socket.socket,
+    tcp_sock: socket.socket,
+    view: View,
+) -> tuple[UdpServer, TcpServer]:
+    """Serve already bound sockets (made inside a sandbox) with a fixed view.
+
+    The sockets are the caller's until this returns; then the listeners own them.
+    """
+    loop = asyncio.get_running_loop()
+    udp_sock.setblocking(False)
+    tcp_sock.setblocking(False)
+    transport, udp = await loop.create_datagram_endpoint(
+        lambda: FixedViewUdpServer(responder, forward, view), sock=udp_sock
+    )
+    udp.transport = transport  # held now, as in serve()
+    tcp = TcpServer(responder, forward, view=view)
+    try:
+        tcp.server = await asyncio.start_server(tcp.handle, sock=tcp_sock)
+    except OSError:
+        await udp.close()
+        raise
+    return udp, tcp

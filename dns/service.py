@@ -9,6 +9,7 @@ without our own address.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 from dns.forward import Forwarder
 from dns.lookup import Asker, resolve
 from dns.responder import DnsConfig, Responder
+from dns.sandbox import SandboxDns, sweep_forever
 from dns.server import TcpServer, UdpServer, serve
 from dns.table import HOST_VIEW, NameTable
 from dns.upstreams import Upstream, upstreams_from_resolv_conf
@@ -39,6 +41,7 @@ class DnsSettings:
     upstreams: tuple[Upstream, ...] | None = None  # None: read /etc/resolv.conf
     upstream_timeout: float = 2.0
     reuse_port: bool = False
+    sandbox_check_interval: float = 1.0  # seconds between looks for vanished sandboxes
 
 
 class DnsService:
@@ -57,6 +60,8 @@ class DnsService:
         self._udp: UdpServer | None = None
         self._tcp: TcpServer | None = None
         self.port = settings.port
+        self.sandboxes = SandboxDns(self.responder, self._forward)
+        self._sweeper: asyncio.Task[None] | None = None
 
     def load(self, records: Iterable[Record]) -> None:
         self.table.load(records)
@@ -68,6 +73,7 @@ class DnsService:
         return await self.forwarder.forward(query, tcp=tcp)
 
     async def start(self) -> None:
+        self.sandboxes.bind_loop(asyncio.get_running_loop())
         self._udp, self._tcp, self.port = await serve(
             self.responder,
             self._forward,
@@ -82,8 +88,27 @@ class DnsService:
             upstreams=",".join(f"{u.host}:{u.port}" for u in self.forwarder.upstreams) or "none",
             ttl=self.settings.ttl,
         )
+        self._sweeper = asyncio.create_task(
+            sweep_forever(self.sandboxes, self.settings.sandbox_check_interval)
+        )
+
+    def open_sandbox(self, key: str, netns: str, networks: tuple[str, ...]) -> None:
+        """Answer on 127.0.0.11:53 (UDP, TCP) inside `netns`, seeing exactly `networks`.
+
+        Idempotent (`dns.sandbox.SandboxDns.open`); any thread, once started.
+        Raises OSError when the namespace cannot be entered or the port is taken.
+        """
+        self.sandboxes.open(key, netns, networks)
+
+    def close_sandbox(self, key: str) -> None:
+        """Stop answering inside sandbox `key`; nothing if it is not open."""
+        self.sandboxes.close(key)
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.sandboxes.close_all()
         if self._udp is not None:
             await self._udp.close()
         if self._tcp is not None:
@@ -110,4 +135,7 @@ class DnsService:
             **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
             "forwarder_cache_bytes": self.forwarder.cache.size_bytes,
             **({} if self._tcp is None else {f"tcp_{k}": v for k, v in self._tcp.stats.items()}),
+            "sandboxes_open": len(self.sandboxes),
+            **{f"sandbox_{k}": v for k, v in self.sandboxes.stats.items()},
+            **{f"sandbox_tcp_{k}": v for k, v in self.sandboxes.tcp_stats().items()},
         }
