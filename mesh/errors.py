@@ -75,6 +75,17 @@ class Internal(MeshError):
 
 
 class SandboxFailed(MeshError):
-    """A task's sandbox could not be made in the kernel."""
+    """A sandboxed task's namespace or endpoints could not be made in the kernel."""
 
     status, code = 503, "sandbox_failed"
+
+
+#: What a driver-backed network or a sandbox asks of an agent that lacks it.
+PRIVILEGES_NEEDED = "needs root or CAP_NET_ADMIN and CAP_SYS_ADMIN"
+
+
+def needs_privileges(what: str) -> Invalid:
+    """422 `needs_privileges`: this agent cannot make kernel objects (not root)."""
+    return Invalid(
+        f"{what} {PRIVILEGES_NEEDED}; this agent runs without them", code="needs_privileges"
+    )

@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -47,6 +47,16 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class SandboxPort(Protocol):
+    """The kernel side of sandboxed tasks, as the API sees it (the sandbox manager)."""
+
+    # the timeout is the caller's budget, handed to the manager that does the waiting
+    async def ready(self, task_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once the task's sandbox and endpoints exist in the kernel; raise
+        `SandboxFailed(reason)` when they could not be made (or not within `timeout`)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class ApiDeps:
     control: Control
@@ -74,6 +84,11 @@ class ApiDeps:
     http_stats: Callable[[], dict[str, Any]] | None = None
     #: every node this node's gossip knows of -> alive, suspect, dead or left
     node_statuses: Callable[[], dict[str, str]] | None = None
+    #: makes sandboxes in the kernel; None: this agent lacks the privileges (422
+    #: `needs_privileges` for driver-backed networks and sandboxed tasks)
+    sandboxes: SandboxPort | None = None
+    #: how long a sandboxed task's creation waits for its sandbox before it fails (503)
+    sandbox_timeout: float = 30.0
 
     def node_status(self) -> Callable[[str], str]:
         """node -> its status as seen now; this node is alive, a node gossip never

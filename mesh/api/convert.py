@@ -23,9 +23,16 @@ from mesh.api.models import (
     TaskOut,
 )
 from mesh.core import net
-from mesh.core.codec import check_to_dict, port_to_dict
+from mesh.core.codec import check_to_dict, port_to_dict, sandbox_to_dict
 from mesh.core.model import HealthCheck, Network, Service, Task
-from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
+from mesh.state.specs import (
+    NetworkSpec,
+    PortSpec,
+    SandboxSpec,
+    ServicePatch,
+    ServiceSpec,
+    TaskSpec,
+)
 
 Json = dict[str, Any]
 
@@ -41,6 +48,13 @@ def network_fields(network: Network) -> Json:
         "labels": dict(network.labels),
         "created_at": network.created_at,
         "version": network.version.clock,
+        "scope": network.scope,
+        "node": network.node,
+        "internal": network.internal,
+        "attachable": network.attachable,
+        "ip_range": network.ip_range,
+        "aux_addresses": dict(network.aux_addresses),
+        "options": dict(network.options),
     }
 
 
@@ -60,6 +74,7 @@ def service_fields(service: Service) -> Json:
         "created_at": service.created_at,
         "updated_at": service.updated_at,
         "version": service.version.clock,
+        "aliases": {net: list(names) for net, names in service.aliases.items()},
     }
 
 
@@ -81,6 +96,8 @@ def task_fields(task: Task, node_status: str) -> Json:
         "created_at": task.created_at,
         "updated_at": task.updated_at,
         "version": task.version.clock,
+        "sandbox": None if task.sandbox is None else sandbox_to_dict(task.sandbox),
+        "addresses": task.addresses,
     }
 
 
@@ -113,7 +130,16 @@ def task_out(task: Task, node_status: str) -> Json:
 
 def network_spec(body: NetworkCreate) -> NetworkSpec:
     return NetworkSpec(
-        name=body.name, subnet=body.subnet, driver=body.driver, labels=dict(body.labels)
+        name=body.name,
+        subnet=body.subnet,
+        driver=body.driver,
+        labels=dict(body.labels),
+        gateway=body.gateway,
+        ip_range=body.ip_range,
+        aux_addresses=dict(body.aux_addresses),
+        internal=body.internal,
+        attachable=body.attachable,
+        options=dict(body.options),
     )
 
 
@@ -154,7 +180,12 @@ def service_spec(body: ServiceCreate) -> ServiceSpec:
         ports=_ports(body.ports),
         labels=dict(body.labels),
         health_check=_check(body.health_check),
+        aliases=_aliases(body.aliases),
     )
+
+
+def _aliases(aliases: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    return {net: tuple(names) for net, names in aliases.items()}
 
 
 def service_patch(body: ServicePatchIn) -> ServicePatch:
@@ -166,6 +197,7 @@ def service_patch(body: ServicePatchIn) -> ServicePatch:
         labels=None if body.labels is None else dict(body.labels),
         health_check=_check(body.health_check),
         clear_health_check="health_check" in given and body.health_check is None,
+        aliases=None if body.aliases is None else _aliases(body.aliases),
     )
 
 
@@ -176,4 +208,5 @@ def task_spec(service: str, body: TaskCreate) -> TaskSpec:
         address=body.address,
         ports={net.parse_port(k, "target port"): v for k, v in body.ports.items()},
         name=body.name,
+        sandbox=None if body.sandbox is None else SandboxSpec(netns=body.sandbox.netns),
     )

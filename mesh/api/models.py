@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     model_validator,
@@ -53,6 +54,18 @@ NetworkName = Annotated[str, _name(63, LABEL_PATTERN), AfterValidator(_network_n
 TaskName = Annotated[str, _name(253, DOTTED_PATTERN), AfterValidator(_task_name)]
 
 
+def _alias(value: str) -> str:
+    return check_label(value, "alias")
+
+
+Alias = Annotated[str, _name(63, LABEL_PATTERN), AfterValidator(_alias)]
+#: network -> the service's extra DNS names on that network only
+Aliases = Annotated[
+    dict[NetworkName, Annotated[list[Alias], Field(max_length=16)]], Field(max_length=32)
+]
+Address = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra={"format": "ipv4"})]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,8 +80,20 @@ class _Response(BaseModel):
 class NetworkCreate(_Request):
     name: NetworkName
     subnet: Annotated[str, Field(max_length=43)] | None = None
-    driver: Literal["overlay"] = "overlay"
+    #: bridge: one node's, made in its kernel; overlay: the cluster's (VIPs only, for now);
+    #: macvlan: recorded, sandboxes on it come with issue 16
+    driver: Literal["overlay", "bridge", "macvlan"] = "overlay"
     labels: Labels = Field(default_factory=dict)
+    gateway: Address | None = None  # default: the subnet's first host address
+    ip_range: Annotated[str, Field(max_length=43)] | None = None  # sandbox addresses' range
+    aux_addresses: Annotated[dict[LabelKey, Address], Field(max_length=64)] = Field(
+        default_factory=dict
+    )
+    internal: StrictBool = False
+    attachable: StrictBool | None = None  # default: bridge networks are attachable
+    options: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = Field(
+        default_factory=dict
+    )
 
 
 class PortIn(_Request):
@@ -104,6 +129,7 @@ class ServiceCreate(_Request):
     ports: Annotated[list[PortIn], Field(max_length=64)] = Field(default_factory=list)
     labels: Labels = Field(default_factory=dict)
     health_check: HealthCheckIn | None = None
+    aliases: Aliases = Field(default_factory=dict)
 
 
 class ServicePatchIn(_Request):
@@ -112,22 +138,30 @@ class ServicePatchIn(_Request):
     ports: Annotated[list[PortIn], Field(max_length=64)] | None = None
     labels: Labels | None = None
     health_check: HealthCheckIn | None = None
+    aliases: Aliases | None = None
+
+
+class SandboxIn(_Request):
+    #: null: a new namespace of the agent's own; a netns name or an absolute path: adopt it
+    netns: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
 
 
 class TaskCreate(_Request):
-    address: Annotated[
-        str, Field(min_length=1, max_length=64, json_schema_extra={"format": "ipv4"})
-    ]
+    #: a host process's address; left out with `sandbox` (its first endpoint's address)
+    address: Address | None = None
     ports: Annotated[
         dict[Annotated[str, Field(pattern=r"^[0-9]{1,5}$")], Port], Field(max_length=64)
     ] = Field(default_factory=dict)
     name: TaskName | None = None
+    sandbox: SandboxIn | None = None
 
     @model_validator(mode="after")
     def _target_ports(self) -> TaskCreate:
         for key in self.ports:
             if net.port_or_none(key) is None:
                 raise ValueError(f"target port {key} is not between 1 and 65535")
+        if (self.address is None) == (self.sandbox is None):
+            raise ValueError("give either address (a host process) or sandbox, not both")
         return self
 
 
@@ -153,6 +187,13 @@ class NetworkOut(_Response):
     labels: dict[str, str]
     created_at: float
     version: int
+    scope: Literal["swarm", "local"]
+    node: str  # a local (bridge) network's node; "" for a swarm network
+    internal: bool
+    attachable: bool
+    ip_range: str | None
+    aux_addresses: dict[str, str]
+    options: dict[str, str]
 
 
 class PortOut(_Response):
@@ -192,6 +233,20 @@ class ServiceOut(_Response):
     created_at: float
     updated_at: float
     version: int
+    aliases: dict[str, list[str]]
+
+
+class EndpointOut(_Response):
+    network: str
+    address: str
+    mac: str
+    interface: str  # inside the sandbox: eth0, eth1, ...
+
+
+class SandboxOut(_Response):
+    netns: str  # the namespace's path: what `nsenter --net=` takes
+    adopted: bool
+    endpoints: list[EndpointOut]
 
 
 #: A node's liveness as this node's gossip sees it; `unknown`: gossip has not
@@ -217,6 +272,8 @@ class TaskOut(_Response):
     created_at: float
     updated_at: float
     version: int
+    sandbox: SandboxOut | None
+    addresses: dict[str, str]  # network -> address: a sandboxed task's endpoints
 
 
 class SuspicionOut(_Response):

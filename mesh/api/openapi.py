@@ -25,7 +25,8 @@ _ERROR_TEXT = {
     409: "Conflict",
     413: "Body too large",
     422: "Invalid value",
-    503: "The change could not be made durable",
+    503: "The change could not be made durable (or, creating a sandboxed task, its sandbox"
+    " could not be made: `sandbox_failed`)",
 }
 
 

@@ -31,7 +31,8 @@ from mesh.api.models import (
 )
 from mesh.control import Control
 from mesh.core.model import Health, Kind, Network, Service, Task
-from mesh.errors import Conflict, Invalid
+from mesh.errors import Conflict, Invalid, SandboxFailed, needs_privileges
+from mesh.state.store import KERNEL_DRIVERS
 
 
 def _control(request: web.Request) -> Control:
@@ -84,6 +85,8 @@ async def members(request: web.Request) -> web.Response:
 
 async def create_network(request: web.Request) -> web.Response:
     spec = convert.network_spec(await read_model(request, NetworkCreate))
+    if spec.driver in KERNEL_DRIVERS and request.app[DEPS].sandboxes is None:
+        raise needs_privileges(f"a {spec.driver} network")
     control = _control(request)
     changes = await control.apply(lambda now: control.store.create_network(spec, now))
     created = changes[-1].after
@@ -168,9 +171,21 @@ async def create_task(request: web.Request) -> web.Response:
     service = request.match_info["name"]
     control.store.service(service)  # 404 before looking at the body
     spec = convert.task_spec(service, await read_model(request, TaskCreate))
+    sandboxes = request.app[DEPS].sandboxes
+    if spec.sandbox is not None and sandboxes is None:
+        raise needs_privileges("a sandboxed task")
     changes = await control.apply(lambda now: control.store.add_task(spec, now))
     created = changes[-1].after
     assert isinstance(created, Task)
+    if sandboxes is not None and created.sandbox is not None:
+        # 201 only once the sandbox is up; a sandbox that cannot be made takes its task along.
+        try:
+            await sandboxes.ready(created.id, request.app[DEPS].sandbox_timeout)
+        except SandboxFailed:
+            if control.store.get_task(created.id) is not None:
+                await control.apply(lambda now: control.store.remove_task(created.id, now))
+            raise
+        created = control.store.get_task(created.id) or created
     return answer(_task_out(request, created), status=201)
 
 

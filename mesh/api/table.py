@@ -217,7 +217,7 @@ ROUTES: tuple[Route, ...] = (
         "post",
         "/v1/services/{name}/tasks",
         routes.create_task,
-        "Register a task of a service on this node",
+        "Register a task of a service on this node (an address, or a sandbox)",
         status=201,
         body=m.TaskCreate,
         answer=m.TaskOut,

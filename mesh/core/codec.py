@@ -3,6 +3,9 @@
 The dicts hold only JSON/msgpack types (str, int, float, bool, None, list,
 dict with str keys). `record_from_dict` rebuilds the frozen record exactly, so
 `record_from_dict(record_to_dict(r)) == r` for every record (a unit test says so).
+Fields added after a record kind was first written (a network's scope, a
+service's aliases, a task's sandbox) are optional on the way in: a record
+written by an older agent, on disk or by gossip, loads with their defaults.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.core.model import (
+    Endpoint,
     Health,
     HealthCheck,
     Kind,
     Network,
     PortConfig,
     Record,
+    Sandbox,
     Service,
     Task,
     TaskState,
@@ -43,6 +48,13 @@ def record_to_dict(record: Record) -> Json:
                 "gateway": record.gateway,
                 "labels": dict(record.labels),
                 "created_at": record.created_at,
+                "scope": record.scope,
+                "node": record.node,
+                "internal": record.internal,
+                "attachable": record.attachable,
+                "ip_range": record.ip_range,
+                "aux_addresses": dict(record.aux_addresses),
+                "options": dict(record.options),
             }
         case Service():
             return common | {
@@ -59,6 +71,7 @@ def record_to_dict(record: Record) -> Json:
                 else check_to_dict(record.health_check),
                 "created_at": record.created_at,
                 "updated_at": record.updated_at,
+                "aliases": {net: list(names) for net, names in record.aliases.items()},
             }
         case Task():
             return common | {
@@ -76,6 +89,7 @@ def record_to_dict(record: Record) -> Json:
                 "drain_until": record.drain_until,
                 "created_at": record.created_at,
                 "updated_at": record.updated_at,
+                "sandbox": None if record.sandbox is None else sandbox_to_dict(record.sandbox),
             }
     raise TypeError(f"not a record: {record!r}")
 
@@ -104,6 +118,33 @@ def check_to_dict(check: HealthCheck) -> Json:
     }
 
 
+def sandbox_to_dict(sandbox: Sandbox) -> Json:
+    return {
+        "netns": sandbox.netns,
+        "adopted": sandbox.adopted,
+        "endpoints": [
+            {"network": e.network, "address": e.address, "mac": e.mac, "interface": e.interface}
+            for e in sandbox.endpoints
+        ],
+    }
+
+
+def sandbox_from_dict(data: Json) -> Sandbox:
+    return Sandbox(
+        netns=str(data["netns"]),
+        adopted=bool(data["adopted"]),
+        endpoints=tuple(
+            Endpoint(
+                network=str(e["network"]),
+                address=str(e["address"]),
+                mac=str(e["mac"]),
+                interface=str(e["interface"]),
+            )
+            for e in data["endpoints"]
+        ),
+    )
+
+
 def record_from_dict(data: Json) -> Record:
     """Rebuild a record; raises KeyError/ValueError/TypeError on a malformed dict."""
     version = Version(int(data["version"][0]), str(data["version"][1]))
@@ -120,6 +161,13 @@ def record_from_dict(data: Json) -> Record:
             created_at=float(data["created_at"]),
             version=version,
             deleted=deleted,
+            scope="local" if data.get("scope") == "local" else "swarm",
+            node=str(data.get("node", "")),
+            internal=bool(data.get("internal", False)),
+            attachable=bool(data.get("attachable", False)),
+            ip_range=None if data.get("ip_range") is None else str(data["ip_range"]),
+            aux_addresses={str(k): str(v) for k, v in data.get("aux_addresses", {}).items()},
+            options={str(k): str(v) for k, v in data.get("options", {}).items()},
         )
     if kind is Kind.SERVICE:
         check = data["health_check"]
@@ -136,7 +184,12 @@ def record_from_dict(data: Json) -> Record:
             updated_at=float(data["updated_at"]),
             version=version,
             deleted=deleted,
+            aliases={
+                str(net): tuple(str(a) for a in names)
+                for net, names in data.get("aliases", {}).items()
+            },
         )
+    sandbox = data.get("sandbox")
     return Task(
         id=data["id"],
         name=data["name"],
@@ -153,4 +206,5 @@ def record_from_dict(data: Json) -> Record:
         updated_at=float(data["updated_at"]),
         version=version,
         deleted=deleted,
+        sandbox=None if sandbox is None else sandbox_from_dict(sandbox),
     )

@@ -48,6 +48,8 @@ Protocol: TypeAlias = Literal["tcp", "udp"]
 PublishMode: TypeAlias = Literal["ingress", "host"]
 EndpointMode: TypeAlias = Literal["vip", "dnsrr"]
 CheckType: TypeAlias = Literal["http", "tcp", "ttl"]
+NetworkDriver: TypeAlias = Literal["overlay", "bridge", "macvlan"]
+NetworkScope: TypeAlias = Literal["swarm", "local"]
 
 INGRESS = "ingress"
 
@@ -58,18 +60,19 @@ class Network:
     id: str
     driver: str
     subnet: str  # "10.0.1.0/24"
-    gateway: str  # first host address of the subnet; never a VIP
+    gateway: str  # first host address of the subnet unless given; never a VIP or endpoint
     labels: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
+    #: "local": only `node` serves it (bridge); "swarm": every node (overlay)
+    scope: NetworkScope = "swarm"
+    node: str = ""  # bridge: the node that created it, the only one serving it
+    internal: bool = False  # no route out of the network
+    attachable: bool = False  # ad-hoc sandboxes (`mesh run`) may join it
+    ip_range: str | None = None  # sandbox addresses come from here (inside subnet)
+    aux_addresses: dict[str, str] = field(default_factory=dict)  # name -> reserved address
+    options: dict[str, str] = field(default_factory=dict)  # driver options, e.g. icc=false
     version: Version = Version(0, "")
     deleted: bool = False
-    scope: Literal["swarm", "local"] = "swarm"
-    node: str = ""
-    internal: bool = False
-    attachable: bool = False
-    ip_range: str | None = None
-    aux_addresses: dict[str, str] = field(default_factory=dict)
-    options: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -128,7 +131,8 @@ class Service:
     updated_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
-    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # network -> aliases
+    #: network -> DNS names the service also answers to, on that network only
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -137,6 +141,8 @@ class Service:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Endpoint:
+    """A sandbox's attachment to one network."""
+
     network: str
     address: str  # no prefix length
     mac: str
@@ -145,8 +151,10 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Sandbox:
+    """A task's network namespace and its endpoints, one per network of its service."""
+
     netns: str  # path: /run/netns/mp-<node_id>-<task_id>, or the adopted path
-    adopted: bool = False  # True: the namespace is not ours; only our endpoints are removed
+    adopted: bool = False  # the namespace is not ours: only our endpoints are removed
     endpoints: tuple[Endpoint, ...] = ()
 
 
@@ -167,11 +175,19 @@ class Task:
     updated_at: float = 0.0
     version: Version = Version(0, "")
     deleted: bool = False
-    sandbox: Sandbox | None = None  # task.address = first endpoint's address
+    #: a sandboxed task's namespace and endpoints; `address` is its first endpoint's
+    sandbox: Sandbox | None = None
 
     @property
     def key(self) -> str:
         return self.id
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """network -> this task's address there (a sandboxed task's endpoints; else empty)."""
+        if self.sandbox is None:
+            return {}
+        return {e.network: e.address for e in self.sandbox.endpoints}
 
     def endpoint(self) -> tuple[str, tuple[tuple[int, int], ...]]:
         """What two tasks of one service may not share: address and port map."""

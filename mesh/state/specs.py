@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.core.model import EndpointMode, HealthCheck, Protocol, PublishMode
+from mesh.core.model import EndpointMode, HealthCheck, NetworkDriver, Protocol, PublishMode
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NetworkSpec:
     name: str
     subnet: str | None = None
-    driver: str = "overlay"
+    driver: NetworkDriver = "overlay"
     labels: dict[str, str] = field(default_factory=dict)
+    gateway: str | None = None  # None: the first host address of the subnet
+    ip_range: str | None = None
+    aux_addresses: dict[str, str] = field(default_factory=dict)
+    internal: bool = False
+    attachable: bool | None = None  # None: bridge networks are, others are not
+    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,6 +42,7 @@ class ServiceSpec:
     ports: tuple[PortSpec, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     health_check: HealthCheck | None = None
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,11 +55,20 @@ class ServicePatch:
     labels: dict[str, str] | None = None
     health_check: HealthCheck | None = None
     clear_health_check: bool = False
+    aliases: dict[str, tuple[str, ...]] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxSpec:
+    """A sandboxed task's namespace: None, a new one; a netns name or path, adopt it."""
+
+    netns: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskSpec:
     service: str
-    address: str
+    address: str | None = None  # None with a sandbox: its first endpoint's address
     ports: dict[int, int] = field(default_factory=dict)
     name: str | None = None
+    sandbox: SandboxSpec | None = None

@@ -25,12 +25,14 @@ from mesh.core.model import (
     INGRESS,
     KIND_OF,
     Change,
+    Endpoint,
     Health,
     HealthCheck,
     Kind,
     Network,
     PortConfig,
     Record,
+    Sandbox,
     Service,
     Task,
     TaskState,
@@ -39,13 +41,41 @@ from mesh.core.model import (
     endpoint_of,
 )
 from mesh.errors import Conflict, Invalid, NotFound
-from mesh.ipam import Ipam, gateway_of, ingress_prefix, parse_subnet
-from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
+from mesh.ipam import (
+    Ipam,
+    gateway_of,
+    ingress_prefix,
+    parse_address_in,
+    parse_ip_range,
+    parse_subnet,
+)
+from mesh.names import check_label
+from mesh.sandbox.names import (
+    MAX_ENDPOINTS,
+    NETNS_DIR,
+    mac_of,
+    netns_name,
+    netns_path,
+    netns_prefix,
+    sandbox_interface,
+)
+from mesh.state.specs import (
+    NetworkSpec,
+    PortSpec,
+    SandboxSpec,
+    ServicePatch,
+    ServiceSpec,
+    TaskSpec,
+)
 
 ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 ID_LENGTH = 25  # as Swarm's object ids
 #: Swarm's range for published ports that the caller leaves out.
 AUTO_PORTS = range(30000, 32768)
+#: Drivers that make kernel objects on a node: creating their networks needs privileges.
+KERNEL_DRIVERS = frozenset({"bridge", "macvlan"})
+#: Drivers that can attach a sandbox today (overlay and macvlan come with issue 16).
+SANDBOX_DRIVERS = frozenset({"bridge"})
 
 
 def new_id(rng: random.Random) -> str:
@@ -82,6 +112,11 @@ class Store:
         # moment (no central allocator); until that is repaired both hold it,
         # and the address stays claimed while either does.
         self._vip_holders: dict[tuple[str, str], set[str]] = {}
+        # Which tasks' sandbox endpoints hold each (network, address); an address is
+        # released only when neither a VIP nor an endpoint holds it.
+        self._endpoint_holders: dict[tuple[str, str], set[str]] = {}
+        # (network, lower-cased alias) -> the service answering to it there
+        self._aliases: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         counts = " ".join(f"{kind}s={sum(1 for _ in self.live(kind))}" for kind in Kind)
@@ -255,15 +290,37 @@ class Store:
                 raise Conflict(
                     f"subnet {subnet} overlaps network {other!r}", code="subnet_overlaps"
                 )
+        gateway = (
+            gateway_of(subnet)
+            if spec.gateway is None
+            else parse_address_in(spec.gateway, subnet, "gateway")
+        )
+        ip_range = None if spec.ip_range is None else parse_ip_range(spec.ip_range, subnet)
+        aux: dict[str, str] = {}
+        for aux_name, text in spec.aux_addresses.items():
+            address = parse_address_in(text, subnet, f"aux address {aux_name!r}")
+            if address == gateway:
+                raise Invalid(f"aux address {aux_name!r} ({address}) is the gateway")
+            if str(address) in aux.values():
+                raise Invalid(f"aux address {address} is given twice")
+            aux[aux_name] = str(address)
+        local = spec.driver == "bridge"  # bridge: one node's; overlay, macvlan: everyone's
         record = Network(
             name=spec.name,
             id=new_id(self._rng),
             driver=spec.driver,
             subnet=str(subnet),
-            gateway=str(gateway_of(subnet)),
+            gateway=str(gateway),
             labels=dict(spec.labels),
             created_at=now,
             version=self._tick(),
+            scope="local" if local else "swarm",
+            node=self.node if local else "",
+            internal=spec.internal,
+            attachable=local if spec.attachable is None else spec.attachable,
+            ip_range=None if ip_range is None else str(ip_range),
+            aux_addresses=aux,
+            options=dict(spec.options),
         )
         return [self._write(record)]
 
@@ -275,9 +332,18 @@ class Store:
                 code="network_builtin",
             )
         users = [s.name for s in self.services() if name in s.networks]
-        if users:
+        tasks = sorted(
+            {tid for (net, _), ids in self._endpoint_holders.items() if net == name for tid in ids}
+        )
+        if users or tasks:
+            holders = []
+            if users:
+                holders.append(f"services {', '.join(users)}")
+            if tasks:
+                names = [t.name if (t := self.get_task(i)) else i for i in tasks]
+                holders.append(f"tasks {', '.join(names)}")
             raise Conflict(
-                f"network {name!r} is in use by services {', '.join(users)}", code="network_in_use"
+                f"network {name!r} is in use by {' and '.join(holders)}", code="network_in_use"
             )
         return [self._write(dataclasses.replace(network, deleted=True, version=self._tick()))]
 
@@ -286,6 +352,7 @@ class Store:
     def create_service(self, spec: ServiceSpec, now: float) -> list[Change]:
         self._check_name_free(Kind.SERVICE, spec.name)
         self._check_networks(spec.networks)
+        aliases = self._check_aliases(spec.name, spec.aliases, spec.networks)
         ports = self._resolve_ports(spec.ports, owner=None)
         self._check_endpoint_mode(spec.endpoint_mode, ports)
         _check_health_port(spec.health_check, ports)
@@ -302,6 +369,7 @@ class Store:
             created_at=now,
             updated_at=now,
             version=self._tick(),
+            aliases=aliases,
         )
         return [self._write(record)]
 
@@ -317,6 +385,10 @@ class Store:
         networks = current.networks if patch.networks is None else patch.networks
         mode = patch.endpoint_mode or current.endpoint_mode
         self._check_networks(networks)
+        # Aliases of a network the service leaves go with it.
+        wanted = current.aliases if patch.aliases is None else patch.aliases
+        kept = {net: names for net, names in wanted.items() if net in networks}
+        aliases = self._check_aliases(name, kept if patch.aliases is None else wanted, networks)
         ports = (
             current.ports if patch.ports is None else self._resolve_ports(patch.ports, owner=name)
         )
@@ -340,6 +412,7 @@ class Store:
             health_check=check,
             updated_at=now,
             version=self._tick(),
+            aliases=aliases,
         )
         return [self._write(record)]
 
@@ -362,14 +435,26 @@ class Store:
     # -- tasks ---------------------------------------------------------------
 
     def add_task(self, spec: TaskSpec, now: float) -> list[Change]:
+        """A task at `spec.address` (a host process), or with a sandbox: one endpoint per
+        network of its service, addressed from each network's IPAM, in network order."""
         service = self.service(spec.service)
-        address = _parse_task_address(spec.address)
+        if spec.sandbox is not None and spec.address is not None:
+            raise Invalid("a sandboxed task gets its address from its networks: drop address")
+        if spec.sandbox is None and spec.address is None:
+            raise Invalid("a task needs an address, or a sandbox", code="invalid_address")
         siblings = self.tasks(service=service.name)
         task_id = new_id(self._rng)
         slot = _lowest_free_slot(t.slot for t in siblings)
         name = spec.name or f"{service.name}.{slot}.{task_id}"
         if name.lower() in self._task_names:
             raise Conflict(f"task name {name!r} is in use", code="name_in_use")
+        sandbox = None
+        if spec.sandbox is not None:
+            sandbox = self._sandbox(service, task_id, spec.sandbox)
+            address = sandbox.endpoints[0].address
+        else:
+            assert spec.address is not None
+            address = _parse_task_address(spec.address)
         endpoint = endpoint_of(address, spec.ports)
         for sibling in siblings:
             if sibling.endpoint() == endpoint:
@@ -390,8 +475,73 @@ class Store:
             created_at=now,
             updated_at=now,
             version=self._tick(),
+            sandbox=sandbox,
         )
         return [self._write(task)]
+
+    def _sandbox(self, service: Service, task_id: str, spec: SandboxSpec) -> Sandbox:
+        """Check the service's networks can take a sandbox here and address its endpoints.
+
+        The addresses are claimed for real when the task is written (`_put`)."""
+        networks = [self.network(n) for n in service.networks if n != INGRESS]
+        if not networks:
+            raise Invalid(
+                f"service {service.name!r} is on no network: a sandbox joins its service's "
+                "networks, so attach the service to one first"
+            )
+        if len(networks) > MAX_ENDPOINTS:
+            raise Invalid(f"a sandbox has at most {MAX_ENDPOINTS} endpoints (networks)")
+        for network in networks:
+            if network.driver not in SANDBOX_DRIVERS:
+                raise Invalid(
+                    f"network {network.name!r} (driver {network.driver}) cannot hold sandboxes"
+                    " yet: only bridge networks can"
+                )
+            if network.scope == "local" and network.node != self.node:
+                raise Invalid(
+                    f"network {network.name!r} is a {network.driver} network of node "
+                    f"{network.node!r}: sandboxes on it run on that node only"
+                )
+        if spec.netns is None:
+            netns, adopted = netns_path(netns_name(self.node, task_id)), False
+        else:
+            netns, adopted = self._adopted_netns(spec.netns), True
+        endpoints: list[Endpoint] = []
+        try:
+            for index, network in enumerate(networks):
+                address = str(self.ipam.allocate_endpoint(network.name))
+                endpoints.append(
+                    Endpoint(
+                        network=network.name,
+                        address=address,
+                        mac=mac_of(address),
+                        interface=sandbox_interface(index),
+                    )
+                )
+        finally:
+            for made in endpoints:  # claimed for real again by _put when the task is written
+                self.ipam.release(made.network, [ipaddress.IPv4Address(made.address)])
+        return Sandbox(netns=netns, adopted=adopted, endpoints=tuple(endpoints))
+
+    def _adopted_netns(self, spec: str) -> str:
+        """A netns name (under /run/netns) or an absolute path, as a path."""
+        if "\x00" in spec or any(ord(c) < 0x20 for c in spec):
+            raise Invalid("netns holds a control character")
+        if "/" in spec:
+            if not spec.startswith("/") or "/../" in f"{spec}/":
+                raise Invalid(
+                    f"netns {spec!r} is neither a name under {NETNS_DIR} nor an absolute path"
+                )
+            path = spec
+        else:
+            if spec in (".", ".."):
+                raise Invalid(f"netns {spec!r} is not a namespace name")
+            path = netns_path(spec)
+        if path.startswith(f"{NETNS_DIR}/{netns_prefix(self.node)}"):
+            raise Invalid(
+                f"netns {spec!r} is a sandbox this agent made for another task: not adoptable"
+            )
+        return path
 
     def drain_task(self, task_id: str, now: float, grace: float) -> list[Change]:
         """Stop new traffic to a task; it is removed once `grace` seconds have passed."""
@@ -483,18 +633,36 @@ class Store:
                 # two nodes may carve one /24 at once, or an older node hold a /24
                 # ingress inside a newer one's /16. Kept, so last-writer-wins holds.
                 self.ipam.add_network(
-                    record.name, ipaddress.IPv4Network(record.subnet), overlap_ok=True
+                    record.name,
+                    ipaddress.IPv4Network(record.subnet),
+                    overlap_ok=True,
+                    gateway=ipaddress.IPv4Address(record.gateway),
+                    ip_range=None
+                    if record.ip_range is None
+                    else ipaddress.IPv4Network(record.ip_range),
+                    aux=[ipaddress.IPv4Address(a) for a in record.aux_addresses.values()],
                 )
                 for service in self.services():
                     self._claim_vips(service)
+                for net, address in self._endpoint_holders:
+                    if net == record.name:
+                        self.ipam.claim(net, ipaddress.IPv4Address(address))
             case Service():
                 self._folded[Kind.SERVICE].setdefault(record.key.lower(), set()).add(record.key)
                 self._claim_vips(record)
                 for port in record.ports:
                     self._published[(port.protocol, port.published_port)] = record.name
+                for net, names in record.aliases.items():
+                    for alias in names:
+                        self._aliases[(net, alias.lower())] = record.name
             case Task():
                 self._tasks_by_service.setdefault(record.service, set()).add(record.id)
                 self._task_names[record.name.lower()] = record.id
+                for ep in record.sandbox.endpoints if record.sandbox else ():
+                    self._endpoint_holders.setdefault((ep.network, ep.address), set()).add(
+                        record.id
+                    )
+                    self.ipam.claim(ep.network, ipaddress.IPv4Address(ep.address))
 
     def _unindex(self, record: Record | None) -> None:
         if record is None or record.deleted:
@@ -509,10 +677,22 @@ class Store:
                 for port in record.ports:
                     if self._published.get((port.protocol, port.published_port)) == record.name:
                         del self._published[(port.protocol, port.published_port)]
+                for net, names in record.aliases.items():
+                    for alias in names:
+                        if self._aliases.get((net, alias.lower())) == record.name:
+                            del self._aliases[(net, alias.lower())]
             case Task():
                 self._tasks_by_service.get(record.service, set()).discard(record.id)
                 if self._task_names.get(record.name.lower()) == record.id:
                     del self._task_names[record.name.lower()]
+                for ep in record.sandbox.endpoints if record.sandbox else ():
+                    key = (ep.network, ep.address)
+                    holders = self._endpoint_holders.get(key, set())
+                    holders.discard(record.id)
+                    if not holders:
+                        self._endpoint_holders.pop(key, None)
+                        if key not in self._vip_holders:
+                            self.ipam.release(ep.network, [ipaddress.IPv4Address(ep.address)])
 
     def _claim_vips(self, service: Service) -> None:
         for vip in service.vips:
@@ -526,7 +706,8 @@ class Store:
             holders.discard(service.name)
             if not holders:
                 self._vip_holders.pop(key, None)
-                self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
+                if key not in self._endpoint_holders:
+                    self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
 
     def _unfold(self, kind: Kind, key: str) -> None:
         folded = key.lower()
@@ -554,6 +735,36 @@ class Store:
                 raise Invalid("services join ingress by publishing a port, not by naming it")
             if self.get(Kind.NETWORK, name) is None:
                 raise Invalid(f"network {name!r} does not exist", code="unknown_network")
+
+    def _check_aliases(
+        self, service: str, aliases: dict[str, tuple[str, ...]], networks: tuple[str, ...]
+    ) -> dict[str, tuple[str, ...]]:
+        """Aliases are DNS labels of a network the service is on, unique on that network."""
+        checked: dict[str, tuple[str, ...]] = {}
+        for net, names in aliases.items():
+            if net not in networks:
+                raise Invalid(
+                    f"alias {', '.join(names)} is for network {net!r}, which service "
+                    f"{service!r} is not on"
+                )
+            seen: list[str] = []
+            for alias in names:
+                try:
+                    check_label(alias, "alias")
+                except ValueError as exc:
+                    raise Invalid(str(exc)) from None
+                if alias.lower() in (a.lower() for a in seen):
+                    continue
+                holder = self._aliases.get((net, alias.lower()))
+                if holder is not None and holder != service:
+                    raise Conflict(
+                        f"alias {alias!r} on network {net!r} is taken by service {holder!r}",
+                        code="alias_in_use",
+                    )
+                seen.append(alias)
+            if seen:
+                checked[net] = tuple(seen)
+        return checked
 
     def _check_endpoint_mode(self, mode: str, ports: tuple[PortConfig, ...]) -> None:
         if mode == "dnsrr" and any(p.publish_mode == "ingress" for p in ports):

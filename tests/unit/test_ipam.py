@@ -94,6 +94,7 @@ def test_a_16_fills_to_the_last_address_and_the_lowest_free_is_reused() -> None:
         ipam.allocate("ingress")
     assert info.value.message == (
         "network ingress (127.64.0.0/16) has no free address: all 65533 are VIPs of services"
+        " or sandbox endpoints"
     )
     ipam.release("ingress", [got[40000], got[7]])
     assert ipam.allocate("ingress") == got[7]
