@@ -8,6 +8,19 @@ in the queue), and
 one task applies the queued batches in order, so the backend sees exactly the
 sequence the view emitted. A `BackendError` is logged and counted, never fatal:
 one entry the kernel refuses must not stop the others.
+
+Sandboxes (issue 15): `open_sandbox(key, netns, networks)` adds a `SandboxLb`
+(lb/sandbox.py) that follows the same view, each batch of ops filtered to the
+VIPs of the sandbox's networks; `close_sandbox(key)` removes its table. Their
+work goes through the same queue, in feed order with the node's, so `settled()`
+covers it too; a sandbox's failure is counted against that sandbox and never
+stops the node's backend or another sandbox. A namespace that vanished (its
+task removed before the manager called `close_sandbox`, a container gone) is
+dropped and counted in `sandboxes_vanished`.
+
+`open_sandbox` and `close_sandbox` are synchronous and may be called from any
+thread (the sandbox manager's kernel worker, for one): off the event loop's
+thread they hop onto it, since the view is the loop's.
 """
 
 from __future__ import annotations
@@ -15,16 +28,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lb.backend import Backend, BackendError
+from lb.sandbox import SandboxLb
 from lb.table import Op, Table
 from lb.view import LbView
 from mesh.core.logs import event
 from mesh.core.model import Change, Record
 
 log = logging.getLogger("lb")
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One piece of queued work: for the node's backend, or for one sandbox."""
+
+    stage: str  # "apply", "start", "close": for the error log
+    run: Callable[[], Awaitable[None]]
+    sandbox: SandboxLb | None = None
 
 
 class LbDriver:
@@ -34,23 +59,34 @@ class LbDriver:
         backend: Backend,
         reason: str = "",
         desired: Callable[[], Table] | None = None,
+        make_sandbox: Callable[[str, str, Sequence[str]], SandboxLb] = SandboxLb,
     ) -> None:
         self.view = view
+        self._make_sandbox = make_sandbox
         #: the table the state wants, built from scratch (not by the view): `mesh doctor`
         #: compares it with what the backend has programmed
         self._desired = desired or view.table
         self.backend = backend
         self.reason = reason
         self.errors = 0
-        self._queue: asyncio.Queue[list[Op]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._sandboxes: dict[str, SandboxLb] = {}
+        #: failures programming sandboxes (each also counted on its sandbox)
+        self.sandbox_errors = 0
+        #: sandboxes dropped because their namespace was gone
+        self.sandboxes_vanished = 0
 
     def load(self, records: Iterable[Record]) -> None:
         self.view.load(records)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         desired = self.view.table()
         try:
             await self.backend.start(desired)
@@ -67,22 +103,95 @@ class LbDriver:
 
     def on_change(self, change: Change) -> None:
         ops = self.view.on_change(change)
-        if ops:
-            self._idle.clear()
-            self._queue.put_nowait(ops)
+        if not ops:
+            return
+        self._put(_Job("apply", lambda: self.backend.apply(ops)))
+        for sandbox in self._sandboxes.values():
+            mine = sandbox.filter(ops, self.view.vip_network)
+            if mine:
+                self._put(_Job("apply", _applier(sandbox, mine), sandbox))
+
+    def _put(self, job: _Job) -> None:
+        self._idle.clear()
+        self._queue.put_nowait(job)
+
+    # -- sandboxes ------------------------------------------------------------------
+
+    def open_sandbox(self, key: str, netns: str, networks: Sequence[str]) -> None:
+        """Balance the VIPs of `networks` inside the namespace at `netns` (a path).
+
+        Idempotent: opening a key again with the same namespace and networks does
+        nothing; with others, the sandbox is re-made to match.
+        """
+        if self._off_loop():
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self.open_sandbox, key, netns, tuple(networks))
+            return
+        current = self._sandboxes.get(key)
+        if current is not None:
+            if current.netns == netns and current.networks == tuple(networks):
+                return
+            self.close_sandbox(key)
+        sandbox = self._make_sandbox(key, netns, networks)
+        self._sandboxes[key] = sandbox
+        desired = sandbox.initial(self.view.table(), self.view.vip_network)
+        self._put(_Job("start", lambda: sandbox.start(desired), sandbox))
+
+    def close_sandbox(self, key: str) -> None:
+        """Remove the sandbox's table (idempotent; a vanished namespace is fine)."""
+        if self._off_loop():
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self.close_sandbox, key)
+            return
+        sandbox = self._sandboxes.pop(key, None)
+        if sandbox is not None:
+            self._put(_Job("close", sandbox.close, sandbox))
+
+    def sandboxes(self) -> dict[str, SandboxLb]:
+        return dict(self._sandboxes)
+
+    def _off_loop(self) -> bool:
+        loop = self._loop
+        return loop is not None and loop.is_running() and self._loop_thread != threading.get_ident()
+
+    # -- the worker -------------------------------------------------------------------
 
     async def _apply_forever(self) -> None:
         while True:
-            ops = await self._queue.get()
+            job = await self._queue.get()
             try:
-                await self.backend.apply(ops)
+                await job.run()
             except BackendError as exc:
-                self._failed("apply", exc)
+                self._job_failed(job, exc)
             except Exception as exc:  # a backend bug: log it, keep the agent serving
                 log.exception("lb backend %s failed", self.backend.name)
-                self._failed("apply", exc)
+                self._job_failed(job, exc)
             if self._queue.empty():
                 self._idle.set()
+
+    def _job_failed(self, job: _Job, exc: Exception) -> None:
+        sandbox = job.sandbox
+        if sandbox is None:
+            self._failed(job.stage, exc)
+            return
+        if sandbox.vanished():
+            # Its task went with the namespace: nothing left to program or remove.
+            if self._sandboxes.get(sandbox.key) is sandbox:
+                del self._sandboxes[sandbox.key]
+                self.sandboxes_vanished += 1
+                event(log, "lb_sandbox_vanished", sandbox=sandbox.key, netns=sandbox.netns)
+            return
+        sandbox.errors += 1
+        self.sandbox_errors += 1
+        event(
+            log,
+            "lb_sandbox_error",
+            logging.WARNING,
+            sandbox=sandbox.key,
+            stage=job.stage,
+            error=str(exc),
+            errors=sandbox.errors,
+        )
 
     def _failed(self, stage: str, exc: Exception) -> None:
         self.errors += 1
@@ -114,9 +223,26 @@ class LbDriver:
             "unbound": unbound() if callable(unbound) else {},
             "services": render(table),
             "desired": render(self._desired()),
+            "sandboxes": [
+                {
+                    "key": key,
+                    "netns": sandbox.netns,
+                    "networks": list(sandbox.networks),
+                    "errors": sandbox.errors,
+                    "vips": len(sandbox.scope.keys),
+                }
+                for key, sandbox in sorted(self._sandboxes.items())
+            ],
+            "sandbox_errors": self.sandbox_errors,
+            "sandboxes_vanished": self.sandboxes_vanished,
         }
 
     async def close(self) -> None:
+        """Stop; the node's backend removes its objects, sandboxes keep their tables
+        (the sandboxes outlive the agent; the next start reconciles each)."""
+        for sandbox in self._sandboxes.values():
+            await sandbox.abandon()
+        self._sandboxes.clear()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -144,3 +270,7 @@ def render(table: Table) -> list[dict[str, Any]]:
         }
         for key, service in sorted(table.items())
     ]
+
+
+def _applier(sandbox: SandboxLb, ops: list[Op]) -> Callable[[], Awaitable[None]]:
+    return lambda: sandbox.apply(ops)

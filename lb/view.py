@@ -16,7 +16,10 @@ What the table holds, for the node named at construction:
 - per port published in `host` mode: the same key, but only over this node's
   own tasks, and only while this node has one (a node without a task does not
   answer on that port, as in Swarm);
-- real servers: `(task address, task.actual_port(target_port))`. A running,
+- real servers: `(task address, task.actual_port(target_port))`, where a
+  sandboxed task's address under a VIP is its endpoint's address on that VIP's
+  network (`task_address`; a task on two networks is reached through each VIP
+  at its address there) and under a published port its first address. A running,
   healthy task has weight 1; a draining one weight 0 (its connections finish,
   new ones go elsewhere); an unhealthy or still starting one is left out. That
   is the rule DNS uses (`tasks.<service>` lists running, healthy tasks only),
@@ -111,6 +114,21 @@ def task_weight(task: Task) -> int | None:
     return WEIGHT if task.health is Health.HEALTHY else None
 
 
+def task_address(task: Task, network: str) -> str:
+    """The task's address on `network`: a sandboxed task's endpoint there, else `address`.
+
+    A task registered with `--address` has no sandbox and keeps its one address
+    everywhere, as before sandboxes existed.
+    """
+    # `getattr`: Task.sandbox comes with the sandbox model (issue 15's state change).
+    sandbox = getattr(task, "sandbox", None)
+    if sandbox is not None:
+        for endpoint in sandbox.endpoints:
+            if endpoint.network == network:
+                return str(endpoint.address)
+    return task.address
+
+
 def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualKey, Real, int]]:
     """The (key, real, weight) entries one task contributes to this node's table."""
     weight = task_weight(task)
@@ -118,11 +136,16 @@ def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualK
         return []
     entries: list[tuple[VirtualKey, Real, int]] = []
     for port in service.ports:
-        real = Real(task.address, task.actual_port(port.target_port))
+        target = task.actual_port(port.target_port)
+        real = Real(task.address, target)
         if service.endpoint_mode == "vip":
             for vip in service.vips:
                 entries.append(
-                    (VirtualKey(port.protocol, vip.address, port.target_port), real, weight)
+                    (
+                        VirtualKey(port.protocol, vip.address, port.target_port),
+                        Real(task_address(task, vip.network), target),
+                        weight,
+                    )
                 )
         if port.publish_mode == "ingress" or task.node == node:
             entries.append(
@@ -171,6 +194,8 @@ class LbView:
         self._services: dict[str, Service] = {}  # by lower-cased name
         self._tasks: dict[str, Task] = {}  # by id
         self._tasks_by_service: dict[str, set[str]] = {}
+        # VIP address -> service name -> the VIP's network (for `vip_network`)
+        self._vip_networks: dict[str, dict[str, str]] = {}
         # key -> service name -> its claim
         self._claims: dict[VirtualKey, dict[str, Claim]] = {}
         # key -> service name -> real -> task id -> weight (two tasks may share an endpoint)
@@ -199,6 +224,15 @@ class LbView:
             for key, reals in self._reals.items()
         }
 
+    def vip_network(self, address: str) -> str | None:
+        """The network of a VIP address in the current state (None: no service has it).
+
+        A sandbox's LB (`lb/sandbox.py`) programs only the VIPs of its networks.
+        Two services claiming one VIP is settled as keys are: the smaller name wins.
+        """
+        owners = self._vip_networks.get(address)
+        return owners[min(owners)] if owners else None
+
     # -- feeding ----------------------------------------------------------------
 
     def load(self, records: Iterable[Record]) -> list[Op]:
@@ -221,6 +255,8 @@ class LbView:
         if isinstance(record, Service):
             name = record.name.lower()
             self._services[name] = record
+            for vip in record.vips:
+                self._vip_networks.setdefault(vip.address, {})[name] = vip.network
             for key, claim in service_claims(
                 record, service_options(record, self.invalid_labels)
             ).items():
@@ -244,6 +280,11 @@ class LbView:
                 return
             for task_id in self._tasks_by_service.get(name, ()):
                 self._contribute(service, self._tasks[task_id], add=False)
+            for vip in service.vips:
+                owners = self._vip_networks.get(vip.address, {})
+                owners.pop(name, None)
+                if not owners:
+                    self._vip_networks.pop(vip.address, None)
             for key in service_claims(service, ServiceOptions()):
                 claims = self._claims.get(key, {})
                 claims.pop(name, None)

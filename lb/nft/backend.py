@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from lb.backend import BackendError
-from lb.nft.base import DEFAULT_MASQUERADE_MARK, base_commands, localnet_was
+from lb.nft.base import (
+    DEFAULT_MASQUERADE_MARK,
+    base_commands,
+    localnet_was,
+    sandbox_base_commands,
+)
 from lb.nft.conntrack import ConntrackFlusher
 from lb.nft.layout import (
     PUBLISHED_MAP,
@@ -44,11 +49,16 @@ class NftablesBackend:
         nft: str = "nft",
         masquerade_mark: int = DEFAULT_MASQUERADE_MARK,
         localhost: bool = True,
+        sandbox: bool = False,
     ) -> None:
-        """`netns`: run every nft command and the conntrack socket in that named
-        namespace (`ip netns exec`); None is this process's own namespace.
+        """`netns`: run every nft command and the conntrack socket in that
+        namespace: a name (`ip netns exec`) or a path such as /run/netns/<name>
+        or /proc/<pid>/ns/net (`nsenter --net=<path>`, which unlike `ip netns
+        exec` leaves the mount namespace alone); None is this process's own.
         `localhost`: published ports answer at 127.0.0.1 on the node too, with
         `route_localnet=1` and the guard chain (`lb/nft/base.py`); restored at close.
+        `sandbox`: the table inside a sandbox (`lb/sandbox.py`): only the `output`
+        hook (`sandbox_base_commands`), no sysctl changed, no `localhost`.
         """
         if not table.replace("_", "").replace("-", "").isalnum() or not table[0].isalpha():
             raise ValueError(f"table name {table!r}: use letters, digits, - and _")
@@ -56,7 +66,15 @@ class NftablesBackend:
             raise ValueError(f"masquerade mark {masquerade_mark:#x} must be one bit")
         self.table = table
         self._netns = netns
-        self._prefix = ["ip", "netns", "exec", netns] if netns else []
+        if sandbox and localhost:
+            raise ValueError("a sandbox's table has no published ports: localhost=False")
+        self._sandbox = sandbox
+        if netns is None:
+            self._prefix: list[str] = []
+        elif netns.startswith("/"):
+            self._prefix = ["nsenter", f"--net={netns}", "--"]
+        else:
+            self._prefix = ["ip", "netns", "exec", netns]
         self._nft = nft
         self._mark = masquerade_mark
         self._localhost = localhost
@@ -71,7 +89,8 @@ class NftablesBackend:
 
     async def start(self, desired: Table) -> None:
         async with self._lock:
-            await self._sysctl(IP_FORWARD, "1")
+            if not self._sandbox:  # a sandbox DNATs only its own output: nothing forwarded
+                await self._sysctl(IP_FORWARD, "1")
             if self._localhost:
                 self._localnet_was = localnet_was(
                     self.table, await self._list()
@@ -161,7 +180,11 @@ class NftablesBackend:
 
     async def _load(self) -> None:
         """Make sure the fixed objects exist and read the services back into the mirror."""
-        await self._run(base_commands(self.table, self._mark, localnet_was=self._localnet_was))
+        await self._run(
+            sandbox_base_commands(self.table)
+            if self._sandbox
+            else base_commands(self.table, self._mark, localnet_was=self._localnet_was)
+        )
         listing = await self._list()
         found = parse_listing(self.table, listing or {}, mark=self._mark)
         for problem in found.problems:

@@ -112,3 +112,26 @@ def localnet_was(table: str, listing: Mapping[str, Any] | None) -> str | None:
                 value = comment[len(LOCALNET_COMMENT) :].strip()
                 return value if value.isascii() and value.isdigit() else None
     return None
+
+
+def sandbox_base_commands(table: str) -> list[str]:
+    """The fixed objects of a sandbox's table (`lb/sandbox.py`), as one transaction.
+
+    Inside a sandbox only the connections its own processes make are balanced,
+    so the one hooked chain is nat `output`. No masquerade: the client's source
+    is already its endpoint's address on the VIP's network (a VIP is on-link
+    there), and the real answers it directly, un-DNATed by the client's own
+    conntrack. No guard and no published ports (those are the node's). The maps
+    and the set the per-service objects (`lb/nft/layout.py`) write to exist as
+    in the node's table, so the same layout and listing code serve both.
+    """
+    t = table
+    return [
+        f"add table ip {t}",
+        f"add map ip {t} vips {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
+        f"add map ip {t} published {{ type inet_proto . inet_service : verdict ; }}",
+        f"add set ip {t} endpoints {{ type ipv4_addr . inet_proto . inet_service ; }}",
+        f"add chain ip {t} output {{ type nat hook output priority -100 ; policy accept ; }}",
+        f"flush chain ip {t} output",
+        f"add rule ip {t} output ip daddr . meta l4proto . th dport vmap @vips",
+    ]

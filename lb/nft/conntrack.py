@@ -71,7 +71,11 @@ class ConntrackFlusher:
             loop.close()
 
     async def _flush(self, by_key: dict[VirtualKey, set[Real]]) -> int:
-        sock = AsyncConntrack() if self._netns is None else AsyncConntrack(netns=self._netns)
+        # flags=0: a namespace that is gone is an error, never created anew
+        # (pyroute2's default, O_CREAT, would make an empty one at that name).
+        sock = (
+            AsyncConntrack() if self._netns is None else AsyncConntrack(netns=self._netns, flags=0)
+        )
         deleted = 0
         try:
             for key, reals in by_key.items():
