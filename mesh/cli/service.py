@@ -20,7 +20,7 @@ from mesh.cli.update import ServiceChanges, compute_patch, version_of
 
 HEADERS = ("ID", "NAME", "MODE", "NETWORKS", "VIPS", "PORTS", "TASKS")
 ENDPOINT_MODES = ("vip", "dnsrr")
-GRAMMARS = f"{spec.PUBLISH_GRAMMAR}\n\n{spec.HEALTH_CHECK_GRAMMAR}"
+GRAMMARS = f"{spec.PUBLISH_GRAMMAR}\n\n{spec.HEALTH_CHECK_GRAMMAR}\n\n{spec.NETWORK_GRAMMAR}"
 
 
 def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -46,7 +46,7 @@ def _add_create(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
         metavar="NET",
         action="append",
         default=[],
-        help="attach to a network; repeatable",
+        help="attach to a network (NET, or name=NET,alias=A); repeatable",
     )
     create.add_argument(
         "--publish", "-p", metavar="SPEC", action="append", default=[], help=spec.PUBLISH_HELP
@@ -72,8 +72,16 @@ def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
         epilog=GRAMMARS,
     )
     update.add_argument("name", metavar="NAME")
+    update.add_argument(
+        "--network",
+        "--network-add",
+        dest="network_add",
+        metavar="NET",
+        action="append",
+        default=[],
+        help="attach to a network (NET, or name=NET,alias=A); repeatable",
+    )
     for flag, metavar, help in (
-        ("--network-add", "NET", "attach to a network"),
         ("--network-rm", "NET", "detach from a network"),
         ("--publish-add", "SPEC", "publish a port, as --publish (below)"),
         ("--publish-rm", "PUB[/PROTO]", "stop publishing a published port (tcp by default)"),
@@ -95,7 +103,9 @@ def create_body(args: argparse.Namespace) -> JsonObject:
     """The POST body; parses every flag before anything is sent."""
     body: JsonObject = {"name": args.name}
     if args.network:
-        body["networks"] = list(args.network)
+        body["networks"], aliases = spec.parse_networks(args.network)
+        if aliases:
+            body["aliases"] = aliases
     if args.publish:
         body["ports"] = [spec.parse_publish(p) for p in args.publish]
     if args.endpoint_mode is not None:
@@ -110,8 +120,10 @@ def create_body(args: argparse.Namespace) -> JsonObject:
 def changes_of(args: argparse.Namespace) -> ServiceChanges:
     """What `service update`'s flags ask for; parses every flag before anything is sent."""
     check = args.health_check
+    added, aliases = spec.parse_networks(args.network_add)
     return ServiceChanges(
-        network_add=tuple(args.network_add),
+        network_add=tuple(added),
+        alias_add={net: tuple(names) for net, names in aliases.items()},
         network_rm=tuple(args.network_rm),
         publish_add=tuple(spec.parse_publish(p) for p in args.publish_add),
         publish_rm=tuple(spec.parse_published_ref(p) for p in args.publish_rm),

@@ -276,3 +276,77 @@ def parse_port_map(items: Iterable[str]) -> dict[str, int]:
         except SpecError as exc:
             raise SpecError(f"invalid --port {item!r}: {exc}") from None
     return ports
+
+
+# --network, --aux-address, --opt ---------------------------------------------------------------
+
+NETWORK_GRAMMAR = (
+    "--network: NET, or the long form name=NET[,alias=A]... (each alias: a DNS name the\n"
+    "service also answers to, on NET only)"
+)
+
+
+def parse_network(text: str) -> tuple[str, tuple[str, ...]]:
+    """`NET` or `name=NET,alias=A,alias=B`: the network and the service's aliases on it."""
+    if "=" not in text:
+        if not text.strip() or "," in text:
+            raise SpecError(f"invalid --network {text!r}: expected NET or name=NET,alias=A")
+        return text.strip(), ()
+    name: str | None = None
+    aliases: list[str] = []
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not value:
+            raise SpecError(f"invalid --network {text!r}: {item!r} is not KEY=VALUE")
+        if key == "name":
+            if name is not None:
+                raise SpecError(f"invalid --network {text!r}: name is given twice")
+            name = value
+        elif key == "alias":
+            if value not in aliases:
+                aliases.append(value)
+        else:
+            raise SpecError(
+                f"invalid --network {text!r}: unknown key {key!r} (expected name or alias)"
+            )
+    if name is None:
+        raise SpecError(f"invalid --network {text!r}: name=NET is missing")
+    return name, tuple(aliases)
+
+
+def parse_networks(items: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Repeated --network values as a body's `networks` and `aliases`."""
+    networks: list[str] = []
+    aliases: dict[str, list[str]] = {}
+    for item in items:
+        name, names = parse_network(item)
+        if name in networks:
+            raise SpecError(f"invalid --network {item!r}: network {name!r} is given twice")
+        networks.append(name)
+        if names:
+            aliases[name] = list(names)
+    return networks, aliases
+
+
+def parse_assignments(items: Iterable[str], flag: str) -> dict[str, str]:
+    """`KEY=VALUE` items that need both halves (`--aux-address`, `--opt`); a key once."""
+    found: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise SpecError(f"invalid {flag} {item!r}: expected KEY=VALUE")
+        if key in found:
+            raise SpecError(f"invalid {flag} {item!r}: {key} is given twice")
+        found[key] = value.strip()
+    return found
+
+
+def parse_bool(text: str, what: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise SpecError(f"{what} {text!r} is not true or false")

@@ -26,6 +26,8 @@ class ServiceChanges:
 
     network_add: tuple[str, ...] = ()
     network_rm: tuple[str, ...] = ()
+    #: aliases on networks being added (`--network-add name=NET,alias=A`)
+    alias_add: dict[str, tuple[str, ...]] = field(default_factory=dict)
     publish_add: tuple[JsonObject, ...] = ()
     publish_rm: tuple[tuple[int, str], ...] = ()  # (published port, protocol)
     label_add: dict[str, str] = field(default_factory=dict)
@@ -45,6 +47,8 @@ def compute_patch(service: JsonObject, changes: ServiceChanges) -> JsonObject:
     patch: JsonObject = {}
     if changes.network_add or changes.network_rm:
         patch["networks"] = _networks(service, changes)
+    if changes.alias_add:
+        patch["aliases"] = _aliases(service, changes, patch["networks"])
     if changes.publish_add or changes.publish_rm:
         patch["ports"] = _ports(service, changes)
     if changes.label_add or changes.label_rm:
@@ -82,6 +86,20 @@ def _networks(service: JsonObject, changes: ServiceChanges) -> list[str]:
             raise CliError(f"service {name!r} is already attached to network {network!r}")
         networks.append(network)
     return networks
+
+
+def _aliases(
+    service: JsonObject, changes: ServiceChanges, networks: list[str]
+) -> dict[str, list[str]]:
+    """The service's aliases on the networks it keeps, plus those of the networks added."""
+    aliases = {
+        net: list(names)
+        for net, names in (service.get("aliases") or {}).items()
+        if net in networks and net not in changes.alias_add
+    }
+    for net, names in changes.alias_add.items():
+        aliases[net] = list(names)
+    return aliases
 
 
 def _ports(service: JsonObject, changes: ServiceChanges) -> list[JsonObject]:

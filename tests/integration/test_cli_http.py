@@ -147,8 +147,8 @@ def test_network_ls_table(agent: FakeAgent, capsys: pytest.CaptureFixture[str]) 
     code, out, err = run(capsys, "network", "ls")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "ID             NAME    DRIVER    SUBNET        GATEWAY",
-        "0123456789ab   front   overlay   10.0.1.0/24   10.0.1.1",
+        "ID             NAME    DRIVER    SCOPE   SUBNET        GATEWAY    INTERNAL",
+        "0123456789ab   front   overlay   swarm   10.0.1.0/24   10.0.1.1   no",
     ]
 
 

@@ -14,12 +14,14 @@ from mesh.core.codec import record_from_dict, record_to_dict
 from mesh.core.feed import ChangeFeed, Gap
 from mesh.core.model import (
     Change,
+    Endpoint,
     Health,
     HealthCheck,
     Kind,
     Network,
     PortConfig,
     Record,
+    Sandbox,
     Service,
     Task,
     TaskState,
@@ -42,6 +44,13 @@ networks = st.builds(
     created_at=floats,
     version=versions,
     deleted=st.booleans(),
+    scope=st.sampled_from(["swarm", "local"]),
+    node=text,
+    internal=st.booleans(),
+    attachable=st.booleans(),
+    ip_range=st.one_of(st.none(), text),
+    aux_addresses=labels,
+    options=labels,
 )
 checks = st.builds(
     HealthCheck,
@@ -77,6 +86,15 @@ services = st.builds(
     updated_at=floats,
     version=versions,
     deleted=st.booleans(),
+    aliases=st.dictionaries(text, st.lists(text, max_size=3).map(tuple), max_size=3),
+)
+sandboxes = st.builds(
+    Sandbox,
+    netns=text,
+    adopted=st.booleans(),
+    endpoints=st.lists(
+        st.builds(Endpoint, network=text, address=text, mac=text, interface=text), max_size=3
+    ).map(tuple),
 )
 tasks = st.builds(
     Task,
@@ -95,12 +113,98 @@ tasks = st.builds(
     updated_at=floats,
     version=versions,
     deleted=st.booleans(),
+    sandbox=st.one_of(st.none(), sandboxes),
 )
 
 
 @given(st.one_of(networks, services, tasks))
 def test_codec_round_trips_through_json(record: Network | Service | Task) -> None:
     assert record_from_dict(json.loads(json.dumps(record_to_dict(record)))) == record
+
+
+#: Records as an agent before issue 15 wrote them (on disk and in gossip): no scope,
+#: aliases or sandbox. They must still load, with those fields at their defaults.
+OLD_NETWORK = {
+    "version": [3, "a"],
+    "deleted": False,
+    "kind": "network",
+    "name": "front",
+    "id": "x",
+    "driver": "overlay",
+    "subnet": "10.0.1.0/24",
+    "gateway": "10.0.1.1",
+    "labels": {},
+    "created_at": 1.0,
+}
+OLD_SERVICE = {
+    "version": [4, "a"],
+    "deleted": False,
+    "kind": "service",
+    "name": "web",
+    "id": "y",
+    "networks": ["front"],
+    "endpoint_mode": "vip",
+    "ports": [],
+    "labels": {},
+    "vips": [{"network": "front", "address": "10.0.1.2"}],
+    "health_check": None,
+    "created_at": 1.0,
+    "updated_at": 1.0,
+}
+OLD_TASK = {
+    "version": [5, "a"],
+    "deleted": False,
+    "kind": "task",
+    "id": "t",
+    "name": "web.1.t",
+    "service": "web",
+    "slot": 1,
+    "node": "a",
+    "address": "127.0.0.1",
+    "ports": {"80": 8080},
+    "state": "running",
+    "health": "healthy",
+    "health_output": "",
+    "drain_until": None,
+    "created_at": 1.0,
+    "updated_at": 1.0,
+}
+
+
+def test_records_written_before_sandboxes_load_with_the_new_fields_at_their_defaults() -> None:
+    network = record_from_dict(OLD_NETWORK)
+    assert isinstance(network, Network)
+    assert (network.scope, network.node, network.internal, network.attachable) == (
+        "swarm",
+        "",
+        False,
+        False,
+    )
+    assert (network.ip_range, network.aux_addresses, network.options) == (None, {}, {})
+    service = record_from_dict(OLD_SERVICE)
+    assert isinstance(service, Service) and service.aliases == {}
+    task = record_from_dict(OLD_TASK)
+    assert isinstance(task, Task)
+    assert task.sandbox is None and task.addresses == {} and task.ports == {80: 8080}
+    # and written again, the new fields are there for the next reader
+    assert record_to_dict(task)["sandbox"] is None
+    assert record_to_dict(network)["scope"] == "swarm"
+
+
+def test_a_sandboxed_task_round_trips_with_its_endpoints_in_order() -> None:
+    sandbox = Sandbox(
+        netns="/run/netns/mp-abcdef-t",
+        endpoints=(
+            Endpoint(network="a", address="10.0.1.2", mac="02:42:0a:00:01:02", interface="eth0"),
+            Endpoint(network="b", address="10.0.2.2", mac="02:42:0a:00:02:02", interface="eth1"),
+        ),
+    )
+    task = Task(
+        id="t", name="web.1.t", service="web", slot=1, node="a", address="10.0.1.2", sandbox=sandbox
+    )
+    again = record_from_dict(json.loads(json.dumps(record_to_dict(task))))
+    assert again == task
+    assert isinstance(again, Task) and again.addresses == {"a": "10.0.1.2", "b": "10.0.2.2"}
 
 
 def _change(key: str) -> Change:
