@@ -67,6 +67,14 @@ def assert_sandbox_up(node: Netns, name: str, task: dict[str, Any], net_id: str)
     assert f"master {bridge_name(net_id)}" in master
 
 
+def is_up(node: Netns, name: str, task: dict[str, Any], net_id: str) -> bool:
+    try:
+        assert_sandbox_up(node, name, task, net_id)
+    except AssertionError:
+        return False
+    return True
+
+
 def test_sandbox_made_reconciled_after_kill_9_and_removed(
     node: tuple[Lab, Netns], tmp_path: Path
 ) -> None:
@@ -100,19 +108,29 @@ def test_sandbox_made_reconciled_after_kill_9_and_removed(
         foreign = f"mp-ffffff-{lab.tag}"
         sh("ip", "netns", "add", foreign)
         try:
-            sh("ip", "-n", ns.name, "link", "add", "keep0", "type", "dummy")
+            sh("ip", "-n", ns.name, "link", "add", "keepbr0", "type", "bridge")
+            sh("ip", "-n", ns.name, "link", "add", "keepv0", "type", "veth", "peer", "keepv1")
             before = links(ns)
             assert veth not in before
+            # Orphans of ours in the node: a veth and a bridge no record owns.
+            sh("ip", "-n", ns.name, "link", "add", "mpvdeadbeef0", "type", "veth", "peer", "orph1")
+            sh("ip", "-n", ns.name, "link", "add", "mpbr-deadbeef", "type", "bridge")
 
             agent.start()
-            took = wait_for("the veth back", lambda: veth in links(ns))
-            print(f"restart: veth back {took:.3f}s after the API answered")
+            took = wait_for("the sandbox repaired", lambda: is_up(ns, name, task, net["id"]))
+            print(f"restart: veth, address and route back {took:.3f}s after the API answered")
             wait_for("the orphan gone", lambda: not (NETNS_RUN / orphan).exists())
             assert_sandbox_up(ns, name, task, net["id"])
             assert (NETNS_RUN / foreign).exists()
             assert links(ns) == before | {veth}
             assert agent.sandboxes() == [name]
-            assert "sandboxes_reconciled" in agent.log()
+            reconciled = [
+                line for line in agent.log().splitlines() if "sandboxes_reconciled" in line
+            ]
+            print(reconciled[-1])
+            assert f"netns {orphan}" in reconciled[-1]
+            assert "veth mpvdeadbeef0" in reconciled[-1]
+            assert "bridge network deadbeef" in reconciled[-1]
         finally:
             sh("ip", "netns", "delete", foreign, check=False)
 
@@ -121,6 +139,39 @@ def test_sandbox_made_reconciled_after_kill_9_and_removed(
         assert veth not in links(ns)
         assert not (NETNS_ETC / name).exists()
         assert agent.sandboxes() == []
+    finally:
+        agent.shutdown()
+        remove_sandboxes(agent.node_name)
+
+
+def test_an_adopted_namespace_keeps_what_was_not_ours(
+    node: tuple[Lab, Netns], tmp_path: Path
+) -> None:
+    lab, ns = node
+    # A namespace the agent did not make (a container's, say), with a link of its own.
+    theirs = lab.namespace("theirs")
+    theirs.ip("link", "add", "own0", "type", "bridge")
+    agent = NodeAgent(ns, tmp_path / "data", extra=["--lb", "nftables"])
+    try:
+        agent.start()
+        agent.api_ok(
+            "POST", "/v1/networks", {"name": "front", "driver": "bridge", "subnet": SUBNET}, 201
+        )
+        agent.api_ok("POST", "/v1/services", {"name": "web", "networks": ["front"]}, 201)
+        task = agent.api_ok(
+            "POST", "/v1/services/web/tasks", {"sandbox": {"netns": theirs.name}}, 201
+        )
+        assert task["sandbox"]["adopted"] is True
+        inside = links(theirs)
+        assert {"lo", "own0", "eth0"} <= inside
+        addr = theirs.run(["ip", "-o", "-4", "addr", "show", "dev", "eth0"]).stdout
+        assert f"{task['address']}/24" in addr
+        assert agent.sandboxes() == []  # nothing of ours under /run/netns
+
+        agent.api_ok("DELETE", f"/v1/tasks/{task['id']}", None, 202)
+        wait_for("the endpoint gone", lambda: "eth0" not in links(theirs))
+        assert (NETNS_RUN / theirs.name).exists()
+        assert links(theirs) == inside - {"eth0"}
     finally:
         agent.shutdown()
         remove_sandboxes(agent.node_name)
