@@ -25,6 +25,7 @@ from mesh.api.models import (
 from mesh.core import net
 from mesh.core.codec import check_to_dict, port_to_dict, sandbox_to_dict
 from mesh.core.model import HealthCheck, Network, Service, Task
+from mesh.errors import Invalid
 from mesh.state.specs import (
     NetworkSpec,
     PortSpec,
@@ -203,6 +204,11 @@ def service_patch(body: ServicePatchIn) -> ServicePatch:
 
 def task_spec(service: str, body: TaskCreate) -> TaskSpec:
     """The body's `ports` keys are target ports as text ("80"), checked by the model."""
+    if body.address is None and body.sandbox is None:
+        raise Invalid(
+            "field 'address' is required (or 'sandbox', for a sandboxed task)",
+            code="missing_field",
+        )
     return TaskSpec(
         service=service,
         address=body.address,

@@ -160,7 +160,7 @@ class TaskCreate(_Request):
         for key in self.ports:
             if net.port_or_none(key) is None:
                 raise ValueError(f"target port {key} is not between 1 and 65535")
-        if (self.address is None) == (self.sandbox is None):
+        if self.address is not None and self.sandbox is not None:
             raise ValueError("give either address (a host process) or sandbox, not both")
         return self
 

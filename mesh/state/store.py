@@ -240,6 +240,30 @@ class Store:
         changes = [self._write(record)]
         if isinstance(record, Service) and not record.deleted:
             changes += self._repair_vip_conflicts(record)
+            changes += self._repair_vips_on_endpoints({record.name})
+        if isinstance(record, Task) and not record.deleted and record.sandbox is not None:
+            changes += self._repair_vips_on_endpoints(
+                {
+                    name
+                    for ep in record.sandbox.endpoints
+                    for name in self._vip_holders.get((ep.network, ep.address), ())
+                }
+            )
+        return changes
+
+    def _repair_vips_on_endpoints(self, names: Iterable[str]) -> list[Change]:
+        """A VIP on a sandbox endpoint's address (two nodes handed it out at one moment):
+        the endpoint is wired into a kernel, so the VIP moves, by the hand of the node
+        that wrote the service's current version (written once, then gossiped)."""
+        changes: list[Change] = []
+        for name in sorted(names):
+            service = self.get(Kind.SERVICE, name)
+            if not isinstance(service, Service) or service.version.node != self.node:
+                continue
+            for vip in service.vips:
+                if (vip.network, vip.address) in self._endpoint_holders:
+                    service = self._reallocated(service, vip.network)
+                    changes.append(self._write(service))
         return changes
 
     def vip_conflicts(self) -> list[tuple[str, str, list[str]]]:

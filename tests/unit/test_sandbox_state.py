@@ -268,3 +268,26 @@ def test_aliases_are_unique_per_network_and_only_on_the_services_networks() -> N
     assert store.service("web").aliases == {"b": ("web2",)}
     store.remove_service("web", NOW)
     service(store, "w2", "b", aliases={"b": ("web2",)})
+
+
+def test_a_vip_handed_out_on_an_endpoints_address_elsewhere_moves_by_its_writer() -> None:
+    """n1 gives a sandbox .3 while n2, not knowing yet, gives a new service the VIP .3."""
+    n1, n2 = make_store("n1"), make_store("n2")
+    net = network(n1, "a", subnet="10.9.1.0/24")
+    n2.merge(net)
+    first = service(n1, "web", "a")  # VIP .2
+    n2.merge(first)
+    task = sandboxed(n1, "web")  # endpoint .3
+    assert task.address == "10.9.1.3"
+    api = service(n2, "api", "a")  # n2 has not heard of the task: VIP .3
+    assert api.vips[0].address == "10.9.1.3"
+    # n1 hears of api first: not its writer, so it only records the clash
+    assert [c.key for c in n1.merge(api)] == ["api"]
+    # n2 hears of the task: it wrote api, so api's VIP moves off the endpoint
+    changes = n2.merge(task)
+    moved = n2.service("api")
+    assert [c.key for c in changes] == [task.id, "api"]
+    assert moved.vips[0].address not in ("10.9.1.2", "10.9.1.3")
+    assert n2.ipam.is_claimed("a", A("10.9.1.3"))  # still the endpoint's
+    assert n1.merge(moved)  # and n1 takes the repair
+    assert n1.service("api").vips[0].address == moved.vips[0].address
