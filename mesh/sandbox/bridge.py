@@ -197,9 +197,11 @@ class BridgeDriver:
                         os.close(fd)
                 with entered(netns), IPRoute() as inner:
                     _configure_inside(inner, ep, temp, alias)
-            except BaseException:
+            except BaseException as error:
                 if made and index is not None:  # a failed join leaves nothing it made
                     _delete_link(ipr, index)
+                if isinstance(error, NetlinkError):
+                    raise DriverError(f"joining {host} to {net.name}: {error}") from error
                 raise
 
     def leave(self, net: NetworkPlan, ep: EndpointPlan, netns: str) -> None:

@@ -11,6 +11,7 @@ real traffic (ping, curl, a TCP echo).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -45,6 +46,12 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 def inside(lab: Lab, path: str, *args: str) -> str:
     return in_netns(path, ["ip", *args], check=True).stdout
+
+
+def links(path: str) -> list[str]:
+    """The interface names inside a namespace."""
+    shown = in_netns(path, ["ip", "-o", "link", "show"], check=True).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in shown.splitlines()]
 
 
 def joined(
@@ -230,6 +237,17 @@ class DriverSuite:
         assert "x1" in inside(lab, path, "-o", "link", "show", "eth0")  # eth0@x1, untouched
         assert "inet" not in inside(lab, path, "-o", "addr", "show", "eth0")
         assert driver.owned().endpoints == frozenset()
+
+    def test_a_failed_join_leaves_nothing_it_made(self, harness: DriverHarness) -> None:
+        lab, driver, net = harness.lab, harness.new_driver(), harness.lab.network(1)
+        driver.create_network(net)
+        task = lab.task_id()
+        path = lab.sandbox(task)
+        ep = dataclasses.replace(lab.endpoint(net, task, 5), gateway="192.0.2.1")  # off-link
+        with pytest.raises(DriverError):
+            driver.join(net, ep, path)
+        assert eventually(lambda: driver.owned().endpoints == frozenset())
+        assert eventually(lambda: links(path) == ["lo"])
 
     # -- ownership ----------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 Each test gets its own "node" namespace `t15drv-<pid>-<n>-node` where the
 driver makes its bridges, veths and nftables table, an "outside" namespace
-behind the node's uplink (node 10.99.0.1/24 -- 10.99.0.2/24 outside, and the
-outside has no route back to any sandbox subnet: only a masquerade lets a
-sandbox talk to it), and sandbox namespaces made by `Sandboxes` under a prefix
+behind the node's uplink (node 10.99.0.1/24 -- 10.99.0.2/24 outside, which
+routes the sandbox subnets back via the node, so what it sees as the source
+shows the masquerade, and what keeps an internal network in is the node's
+rules alone), and sandbox namespaces made by `Sandboxes` under a prefix
 derived from the test's unique node name. `close()` removes all of them, also
 after a failure: deleting the node namespace takes its bridges, veths and
 table with it.
@@ -95,6 +96,9 @@ class Lab:
             run(["ip", "-n", self.outside, "addr", "add", f"{OUTSIDE}/24", "dev", "up1"])
             run(["ip", "-n", self.node, "link", "set", "up0", "up"])
             run(["ip", "-n", self.outside, "link", "set", "up1", "up"])
+            # a way back to every sandbox subnet: what keeps an internal network in, or
+            # shows a masquerade, is then the node's rules and nothing else
+            run(["ip", "-n", self.outside, "route", "add", "10.210.0.0/16", "via", NODE_UPLINK])
         except BaseException:
             self.close()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,8 +11,8 @@ import pytest
 from mesh.sandbox import names
 from mesh.sandbox.bridge import BridgeDriver, render_ruleset
 from mesh.sandbox.driver import Driver, create_driver
-from tests.netdrv.driver_suite import DriverSuite, joined
-from tests.netdrv.lab import Lab, in_netns, run, skip_reason
+from tests.netdrv.driver_suite import DriverSuite, eventually, joined
+from tests.netdrv.lab import Lab, in_netns, pings, run, skip_reason
 
 DRIVERS = ["bridge"]  # overlay and macvlan join here (issue 16)
 
@@ -81,3 +82,36 @@ def test_the_ruleset_isolates_bridges_and_keeps_internal_networks_in() -> None:
     assert 'ip saddr 10.1.0.0/24 oifname != "mpbr-a" masquerade' in script
     assert "10.2.0.0/24" not in script  # internal: never masqueraded
     assert render_ruleset([]).endswith("delete table inet meshplane_net\n")
+
+
+def test_many_sandboxes_come_and_go(harness: KernelHarness) -> None:
+    """20 sandboxes made, joined, left and removed one after another (the manager's
+    worker does them in order): the time each takes is printed, not asserted tightly."""
+    lab, driver = harness.lab, BridgeDriver(harness.lab.node_path)
+    net = lab.network(4)
+    driver.create_network(net)
+    count = 20
+    started = time.monotonic()
+    plans = []
+    for host in range(2, 2 + count):
+        task = lab.task_id()
+        path = lab.sandbox(task)
+        lab.sandboxes.write_resolv_conf(f"{lab.prefix}{task}")
+        ep = lab.endpoint(net, task, host)
+        driver.join(net, ep, path)
+        plans.append((path, ep))
+    made = time.monotonic() - started
+    assert len(driver.owned().endpoints) == count
+    assert pings(plans[0][0], plans[-1][1].address)
+    started = time.monotonic()
+    for path, ep in plans:
+        driver.leave(net, ep, path)
+        lab.sandboxes.delete(path.rsplit("/", 1)[1])
+    removed = time.monotonic() - started
+    print(
+        f"{count} sandboxes: create+resolv.conf+join {made / count * 1000:.1f} ms each, "
+        f"leave+delete {removed / count * 1000:.1f} ms each"
+    )
+    assert made < count * 5 and removed < count * 5  # liveness only
+    assert eventually(lambda: driver.owned().endpoints == frozenset())
+    assert lab.sandboxes.list(lab.prefix) == []
