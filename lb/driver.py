@@ -20,12 +20,14 @@ dropped and counted in `sandboxes_vanished`.
 
 `open_sandbox` and `close_sandbox` are synchronous and may be called from any
 thread (the sandbox manager's kernel worker, for one): off the event loop's
-thread they hop onto it, since the view is the loop's.
+thread they hop onto it (and wait until it has queued the work), since the
+view is the loop's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -41,6 +43,9 @@ from mesh.core.logs import event
 from mesh.core.model import Change, Record
 
 log = logging.getLogger("lb")
+
+#: How long a call from another thread waits for the event loop to take it.
+ON_LOOP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,31 +126,54 @@ class LbDriver:
         """Balance the VIPs of `networks` inside the namespace at `netns` (a path).
 
         Idempotent: opening a key again with the same namespace and networks does
-        nothing; with others, the sandbox is re-made to match.
+        nothing; with other networks (its service joined or left one), the table
+        is brought to the new set in place, touching only what differs; with
+        another namespace, the old table is removed and a new one made. When it
+        returns, the work is queued: `settled()` waits for it.
         """
         if self._off_loop():
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self.open_sandbox, key, netns, tuple(networks))
+            self._on_loop(self.open_sandbox, key, netns, tuple(networks))
             return
-        current = self._sandboxes.get(key)
-        if current is not None:
-            if current.netns == netns and current.networks == tuple(networks):
-                return
+        networks = tuple(networks)
+        sandbox = self._sandboxes.get(key)
+        if sandbox is not None and sandbox.netns != netns:
             self.close_sandbox(key)
-        sandbox = self._make_sandbox(key, netns, networks)
-        self._sandboxes[key] = sandbox
+            sandbox = None
+        if sandbox is None:
+            sandbox = self._make_sandbox(key, netns, networks)
+            self._sandboxes[key] = sandbox
+        elif sandbox.networks == networks:
+            return
+        else:
+            sandbox.rescope(networks)
         desired = sandbox.initial(self.view.table(), self.view.vip_network)
-        self._put(_Job("start", lambda: sandbox.start(desired), sandbox))
+        # `start` reads what the kernel has (a fresh namespace: nothing; a table
+        # left by a previous run, or the old scope's: that) and changes only the rest.
+        self._put(_Job("start", _starter(sandbox, desired), sandbox))
 
     def close_sandbox(self, key: str) -> None:
         """Remove the sandbox's table (idempotent; a vanished namespace is fine)."""
         if self._off_loop():
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self.close_sandbox, key)
+            self._on_loop(self.close_sandbox, key)
             return
         sandbox = self._sandboxes.pop(key, None)
         if sandbox is not None:
             self._put(_Job("close", sandbox.close, sandbox))
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn` on the event loop's thread and wait until it has (the view is the loop's)."""
+        assert self._loop is not None
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fn(*args)
+                done.set_result(None)
+            except BaseException as exc:  # handed to the caller's thread
+                done.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        done.result(timeout=ON_LOOP_TIMEOUT)
 
     def sandboxes(self) -> dict[str, SandboxLb]:
         return dict(self._sandboxes)
@@ -270,6 +298,10 @@ def render(table: Table) -> list[dict[str, Any]]:
         }
         for key, service in sorted(table.items())
     ]
+
+
+def _starter(sandbox: SandboxLb, desired: Table) -> Callable[[], Awaitable[None]]:
+    return lambda: sandbox.start(desired)
 
 
 def _applier(sandbox: SandboxLb, ops: list[Op]) -> Callable[[], Awaitable[None]]:

@@ -68,6 +68,10 @@ class SandboxLb:
 
     # -- sans-IO: what to program ----------------------------------------------------
 
+    def rescope(self, networks: Iterable[str]) -> None:
+        """Hold another set of networks from now on (then `initial` and `start` again)."""
+        self.scope = SandboxScope(networks)
+
     def initial(self, table: Table, network_of: NetworkOf) -> Table:
         return self.scope.initial(table, network_of)
 

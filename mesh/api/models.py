@@ -430,6 +430,14 @@ class HttpOut(_Response):
     routes: list[HttpRouteOut]
 
 
+class LbSandboxOut(_Response):
+    key: str
+    netns: str
+    networks: list[str]
+    vips: int  # virtual services in its table
+    errors: int
+
+
 class LbOut(_Response):
     backend: str  # ipvs, nftables or userspace
     reason: str  # why --lb chose it
@@ -439,3 +447,6 @@ class LbOut(_Response):
     unbound: dict[str, str]  # virtual services the backend could not program, and why
     services: list[LbServiceOut]  # as programmed, read back from the backend
     desired: list[LbServiceOut]  # what the state wants, built from scratch
+    sandboxes: list[LbSandboxOut] = []  # sandboxes balancing their VIPs in their own table
+    sandbox_errors: int = 0  # ops a sandbox's table refused
+    sandboxes_vanished: int = 0  # sandboxes dropped because their namespace was gone

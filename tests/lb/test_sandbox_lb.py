@@ -255,7 +255,7 @@ async def test_a_restarted_agent_reconciles_the_table_it_left(net: Net) -> None:
 
     # Meanwhile t2 went away; the next agent finds the old table and fixes it.
     second = LbDriver(LbView(NODE), NullBackend())
-    second.load([WEB, task("t1")])
+    second.load([WEB, API, task("t1")])
     await second.start()
     try:
         second.open_sandbox("client", net.client_path, ("front",))
@@ -264,6 +264,18 @@ async def test_a_restarted_agent_reconciles_the_table_it_left(net: Net) -> None:
         assert await sandbox.read() == {FRONT_KEY: second.view.table()[FRONT_KEY]}
         assert set((await sandbox.read())[FRONT_KEY].reals) == {Real(TASKS["t1"], 8080)}
         assert spread(await asyncio.to_thread(net.hits, 3)) == {"t1": 3}
+        # The sandbox's service joins "back": api's VIP is added in place (no task: reject).
+        second.open_sandbox("client", net.client_path, ("front", "back"))
+        await second.settled()
+        api_key = VirtualKey("tcp", API_VIP, 80)
+        assert set(await sandbox.read()) == {FRONT_KEY, api_key}
+        started = time.monotonic()
+        assert net.curl(f"http://{API_VIP}/who") is None
+        refused_in = time.monotonic() - started
+        print(f"api's VIP with no task refused in {refused_in:.2f} s")
+        assert refused_in < TIMEOUT  # refused by the reject rule, not timed out
+        assert spread(await asyncio.to_thread(net.hits, 2)) == {"t1": 2}
+        assert sandbox.errors == 0
         second.close_sandbox("client")
         await second.settled()
     finally:

@@ -3,6 +3,7 @@ the nftables it writes, and how the driver feeds it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -294,4 +295,37 @@ async def test_a_vanished_namespace_is_dropped_and_counted(tmp_path: Path) -> No
     await driver.settled()
     assert driver.sandboxes() == {}
     assert driver.sandboxes_vanished == 1 and driver.sandbox_errors == 0
+    await driver.close()
+
+
+async def test_open_from_another_thread_and_a_change_of_networks_in_place(
+    tmp_path: Path,
+) -> None:
+    made: list[MemorySandbox] = []
+
+    def make(key: str, netns: str, networks: Sequence[str]) -> MemorySandbox:
+        made.append(MemorySandbox(key, netns, networks))
+        return made[-1]
+
+    netns = tmp_path / "ns"
+    netns.touch()
+    driver = LbDriver(LbView(NODE), NullBackend(), make_sandbox=make)
+    records = two_services()
+    driver.load(records)
+    await driver.start()
+    # The sandbox manager calls from its kernel worker thread: queued when it returns.
+    await asyncio.to_thread(driver.open_sandbox, "t1", str(netns), ("front",))
+    await driver.settled()
+    assert made[0].table is not None and set(made[0].table) == {FRONT}
+    # Its service joined "back": same sandbox, same table, one more VIP.
+    await asyncio.to_thread(driver.open_sandbox, "t1", str(netns), ("front", "back"))
+    await driver.settled()
+    assert len(made) == 1 and set(made[0].table) == {FRONT, BACK}
+    c = records[4]
+    driver.on_change(delete(c))  # api's task: now the sandbox's business
+    await driver.settled()
+    assert made[0].batches[-1] == [DeleteReal(BACK, Real("10.0.2.5", 80))]
+    await asyncio.to_thread(driver.close_sandbox, "t1")
+    await driver.settled()
+    assert made[0].closed and driver.sandboxes() == {}
     await driver.close()
