@@ -7,7 +7,9 @@ nothing is wired into a part after it is made); then enter the parts in order
 (`mesh.agent.lifetime`): start the state writer; load the state into the store
 and make sure the built-in `ingress` network exists; start the health runner
 and the two reapers, the DNS server, the feed socket and the worker processes,
-the load balancer, the HTTP routing mesh, gossip (then join the cluster),
+the load balancer, the HTTP routing mesh, the sandbox manager (where the
+agent may make namespaces: it reconciles the kernel with the state first),
+gossip (then join the cluster),
 each view following the change feed (snapshot, then every change) right
 before it starts; bind the HTTP API last, so nothing is answered before the
 state is whole.

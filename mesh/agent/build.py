@@ -60,6 +60,12 @@ from mesh.feedserver import FeedServer, feed_socket_path
 from mesh.health.runner import HealthRunner
 from mesh.ipam import Ipam, parse_pool
 from mesh.liveness import Liveness
+from mesh.sandbox.driver import available, create_driver
+from mesh.sandbox.links import delete_veth
+from mesh.sandbox.manager import SandboxManager, SandboxServer
+from mesh.sandbox.names import netns_prefix
+from mesh.sandbox.netns import Sandboxes
+from mesh.sandbox.privileges import DISABLED, missing_privileges
 from mesh.state import persist
 from mesh.state.store import Store
 from mesh.tombstones import TombstoneReaper
@@ -187,6 +193,8 @@ class Agent:
     dns: DnsService | None
     lb: LbDriver
     http: HttpMesh | None
+    #: this node's sandboxes and driver-backed networks; None without the privileges
+    sandboxes: SandboxManager | None
     #: the feed socket, when worker processes follow the feed
     feed_server: FeedServer | None
     dns_workers: DnsWorkers | None
@@ -231,6 +239,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     )
     lb = _lb(config, feed)
     http = _http(config)
+    sandboxes = _sandboxes(config, dns, lb)
     needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
         http is not None and http.workers > 0
     )
@@ -268,6 +277,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         lb=lb.describe,
         http_stats=None if http is None else http.snapshot,
         node_statuses=cluster.node_statuses,
+        sandboxes=sandboxes,
     )
     api = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=API_SHUTDOWN_GRACE)
     return Agent(
@@ -287,6 +297,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         dns=dns,
         lb=lb,
         http=http,
+        sandboxes=sandboxes,
         feed_server=feed_server,
         dns_workers=dns_workers,
         cluster_state=cluster_state,
@@ -317,6 +328,21 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         choice.reason,
         desired=lambda: build_table(feed.snapshot()[1], config.node_name),
     )
+
+
+def _sandboxes(config: AgentConfig, dns: DnsService | None, lb: LbDriver) -> SandboxManager | None:
+    """The sandbox manager, when this agent may make namespaces and links; else one
+    line says what is off (the API then answers those requests 422 needs_privileges)."""
+    missing = missing_privileges()
+    if missing is not None:
+        event(log, "sandboxes_disabled", logging.WARNING, disabled=DISABLED, reason=missing)
+        return None
+    drivers = {name: create_driver(name) for name in sorted(available())}
+    # DNS first: a sandbox's names answer before its VIPs are programmed.
+    servers: list[SandboxServer] = [lb] if dns is None else [dns, lb]
+    node = config.node_name
+    event(log, "sandboxes_enabled", drivers=sorted(drivers), prefix=netns_prefix(node))
+    return SandboxManager(node, drivers, Sandboxes(netns_prefix(node)), servers, delete_veth)
 
 
 def _http(config: AgentConfig) -> HttpMesh | None:

@@ -155,6 +155,17 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
 
         result.append(Stage("http routing mesh", http_start, http.stop))
 
+    if (sandboxes := agent.sandboxes) is not None:
+
+        async def sandboxes_start() -> None:
+            # After DNS and the LB: the start's reconciliation opens every sandbox's
+            # resolver and VIPs on them. A clean stop leaves the sandboxes in place.
+            assert sandboxes is not None
+            follow(sandboxes)
+            await sandboxes.start()
+
+        result.append(Stage("sandboxes", sandboxes_start, sandboxes.stop))
+
     async def gossip_start() -> None:
         with binding("gossip", ("udp", "tcp"), config.advertise.host, config.advertise.port):
             await agent.gossip.start()

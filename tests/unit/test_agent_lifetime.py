@@ -23,6 +23,7 @@ import mesh.agent
 from mesh.agent.build import Agent
 from mesh.agent.lifetime import Stage, enter, stages
 from mesh.config import AgentConfig, load_config
+from mesh.sandbox.privileges import missing_privileges
 from tests.helpers.agent import free_ports
 
 STAGES = [
@@ -35,6 +36,8 @@ STAGES = [
     "dns",
     "load balancer",
     "http routing mesh",
+    # only where the agent may make namespaces (root or CAP_SYS_ADMIN + CAP_NET_ADMIN)
+    *(["sandboxes"] if missing_privileges() is None else []),
     "gossip",
     "cluster",
     "api",
