@@ -48,11 +48,12 @@ SERVICES = {
         "--label",
         "mesh.http.port=80",
     ],
-    "s2": ["--network", "neta"],
-    "sb": ["--network", "netb"],
-    "ab": ["--network", "neta", "--network", "netb"],
-    "si": ["--network", "neti"],
-    "sq": ["--network", "netq"],
+    # A VIP forwards the ports a service declares: each publishes its 80.
+    "s2": ["--network", "neta", "--publish", "8082:80"],
+    "sb": ["--network", "netb", "--publish", "8083:80"],
+    "ab": ["--network", "neta", "--network", "netb", "--publish", "8084:80"],
+    "si": ["--network", "neti", "--publish", "8085:80"],
+    "sq": ["--network", "netq", "--publish", "8086:80"],
 }
 TASKS = {
     "s1": ["s1-a", "s1-b"],
