@@ -90,6 +90,8 @@ class SandboxFacts:
     dns: dict[str, tuple[list[str], list[str] | None]] = field(default_factory=dict)
     #: (service, vip, port) -> None when a TCP connect from inside succeeded, else why not
     vips: dict[tuple[str, str, int], str | None] = field(default_factory=dict)
+    #: (service, vip) -> why its VIP is not expected to answer from here (icc=false)
+    vips_skipped: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -385,6 +387,8 @@ def _check_sandbox(sb: SandboxFacts) -> Iterable[Finding]:
     yield from _sandbox_route(who, sb)
     yield from _sandbox_resolver(who, sb)
     yield from _sandbox_dns(who, sb)
+    for (service, vip), why in sorted(sb.vips_skipped.items()):
+        yield Finding("sandbox", "skip", f"{who}: VIP of {service} {vip} not tried: {why}")
     for (service, vip, port), error in sorted(sb.vips.items()):
         if error is None:
             yield Finding("sandbox", "ok", f"{who}: VIP of {service} {vip}:{port} answers")

@@ -357,7 +357,7 @@ def _sandbox(
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         found.probe_error = str(exc)
         return found
-    targets = _sandbox_targets(ours, services, tasks)
+    targets = _sandbox_targets(ours, services, tasks, networks, found.vips_skipped)
     try:
         _in_netns(path, lambda: _probe_inside(found, targets))
     except OSError as exc:
@@ -374,7 +374,11 @@ def gateway_of(network: dict[str, Any]) -> str:
 
 
 def _sandbox_targets(
-    ours: list[str], services: list[dict[str, Any]], tasks: list[dict[str, Any]]
+    ours: list[str],
+    services: list[dict[str, Any]],
+    tasks: list[dict[str, Any]],
+    networks: dict[str, dict[str, Any]],
+    skipped: dict[tuple[str, str], str],
 ) -> list[tuple[str, str, list[int]]]:
     """(service, VIP on the first network it shares with the sandbox, tcp target ports)
     for each VIP service with a healthy task on the sandbox's networks."""
@@ -386,6 +390,11 @@ def _sandbox_targets(
         vips = {str(v["network"]): str(v["address"]) for v in service.get("vips", [])}
         shared = next((n for n in ours if n in vips), None)
         if shared is None:
+            continue
+        options = networks.get(shared, {}).get("options") or {}
+        if str(options.get("icc", "true")).lower() == "false":
+            # Its tasks' bridge ports are isolated from this sandbox's (docs/networking.md).
+            skipped[(name, vips[shared])] = f"{shared} has icc=false"
             continue
         ports = sorted(
             {int(p["target_port"]) for p in service.get("ports", []) if p.get("protocol") == "tcp"}

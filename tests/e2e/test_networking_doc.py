@@ -39,7 +39,7 @@ def test_the_worked_example_runs_verbatim(tmp_path: Path) -> None:
     reason = unavailable()
     if reason is not None:
         pytest.skip(reason)
-    node = SandboxNode(tmp_path)
+    node = SandboxNode()
     try:
         node.start_agent()
         started = time.monotonic()

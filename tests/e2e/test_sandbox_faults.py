@@ -33,7 +33,7 @@ def node(tmp_path: Any) -> Iterator[SandboxNode]:
     reason = unavailable()
     if reason is not None:
         pytest.skip(reason)
-    made = SandboxNode(tmp_path)
+    made = SandboxNode()
     try:
         made.start_agent()
         yield made

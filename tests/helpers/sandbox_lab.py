@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +47,12 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class SandboxNode:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path | None = None) -> None:
+        # Not pytest's tmp_path by default: pytest keeps only the last three base
+        # temp dirs, so a run of another suite on the machine can delete the
+        # agent's data dir under it (and the agent then stops).
+        self._own_workdir = workdir is None
+        workdir = Path(tempfile.mkdtemp(prefix="t15cli-")) if workdir is None else workdir
         self.workdir = workdir
         self.lab = Lab("t15cli")
         self.agent: subprocess.Popen[bytes] | None = None
@@ -77,6 +83,8 @@ class SandboxNode:
             "HOME": str(workdir),
         }
         self.started: list[subprocess.Popen[Any]] = []
+        #: the agent's --dns-upstream (port 9 of loopback: nothing is ever forwarded out)
+        self.dns_upstream = "127.0.0.1:9"
 
     # -- the agent -----------------------------------------------------------------
 
@@ -100,7 +108,7 @@ class SandboxNode:
             "--dns",
             "127.0.0.1:53",
             "--dns-upstream",
-            "127.0.0.1:9",
+            self.dns_upstream,
             "--http",
             "0.0.0.0:80",
             "--advertise",
@@ -284,6 +292,8 @@ class SandboxNode:
             self.lab.close()
         except RuntimeError as exc:
             errors.append(str(exc))
+        if self._own_workdir and not errors:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         if errors:
             raise RuntimeError("; ".join(errors))
 

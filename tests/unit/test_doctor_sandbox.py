@@ -110,3 +110,12 @@ def test_an_adopted_namespace_has_no_resolver_file_to_check() -> None:
 def test_the_gateway_is_the_recorded_one_else_the_first_host() -> None:
     assert gateway_of({"subnet": "10.0.1.0/24", "gateway": "10.0.1.254"}) == "10.0.1.254"
     assert gateway_of({"subnet": "10.0.1.0/24"}) == "10.0.1.1"
+
+
+def test_a_vip_not_tried_is_a_skip_with_the_reason() -> None:
+    sb = dataclasses.replace(healthy(), vips_skipped={("sq", "10.0.4.2"): "netq has icc=false"})
+    findings = list(check_sandboxes(facts(sb)))
+    assert [f.message for f in findings if f.status == "skip"] == [
+        "sandbox of web.1.t1: VIP of sq 10.0.4.2 not tried: netq has icc=false"
+    ]
+    assert failures(sb) == []
