@@ -11,6 +11,7 @@ is untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from pyroute2.conntrack import AsyncConntrack
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from lb.table import Real, VirtualKey
+from mesh.core.netns import entered
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +66,23 @@ class ConntrackFlusher:
         return await asyncio.to_thread(self._flush_on_own_loop, by_key)
 
     def _flush_on_own_loop(self, by_key: dict[VirtualKey, set[Real]]) -> int:
-        loop = asyncio.SelectorEventLoop()
-        try:
-            return loop.run_until_complete(self._flush(by_key))
-        finally:
-            loop.close()
+        # A sandbox's flows: this worker thread enters its namespace (setns, undone
+        # after), so the netlink socket is opened there. Not pyroute2's `netns=`: it
+        # forks a child to open the socket and stops it with SIGTERM, and a forked
+        # child of the agent shares the event loop's signal wakeup fd, so the agent
+        # took that SIGTERM for its own and stopped. A namespace that is gone raises
+        # FileNotFoundError (never made anew, as pyroute2's O_CREAT default would).
+        with contextlib.ExitStack() as stack:
+            if self._netns is not None:
+                stack.enter_context(entered(self._netns))
+            loop = asyncio.SelectorEventLoop()
+            try:
+                return loop.run_until_complete(self._flush(by_key))
+            finally:
+                loop.close()
 
     async def _flush(self, by_key: dict[VirtualKey, set[Real]]) -> int:
-        # flags=0: a namespace that is gone is an error, never created anew
-        # (pyroute2's default, O_CREAT, would make an empty one at that name).
-        sock = (
-            AsyncConntrack() if self._netns is None else AsyncConntrack(netns=self._netns, flags=0)
-        )
+        sock = AsyncConntrack()
         deleted = 0
         try:
             for key, reals in by_key.items():

@@ -131,6 +131,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             assert wait_for(answers, 30) is not None, f"task {name} never served:\n{node.log()}"
         yield made
     finally:
+        if node.agent is not None and node.agent.poll() is not None:
+            print(f"the agent had exited ({node.agent.returncode}):\n{node.log()}")
         if upstream is not None:
             upstream.stop()
         node.close()
@@ -327,8 +329,11 @@ def test_task_run_in_the_foreground_passes_the_exit_status_and_removes_the_task(
     before = mesh.node.sandboxes()
     done = mesh.node.mesh("task", "run", "s2", "--name", "fg", "--", "sh", "-c", "exit 5")
     assert done.returncode == 5, done.stderr
-    names = [t["name"] for t in mesh.node.mesh_json("task", "ls", "s2")]
-    assert "fg" not in names
+
+    def gone() -> bool:  # removing a task drains it first (--drain-grace)
+        return "fg" not in [t["name"] for t in mesh.node.mesh_json("task", "ls", "s2")]
+
+    assert wait_for(gone, 10) is not None
     assert wait_for(lambda: mesh.node.sandboxes() == before, 10) is not None
 
 
@@ -356,7 +361,7 @@ def test_task_run_is_removed_on_sigterm_of_mesh(mesh: Mesh) -> None:
     status = proc.wait(20)
     print(f"mesh task run ended {time.monotonic() - started:.2f} s after SIGTERM, status {status}")
     assert status == 128 + 15
-    assert not listed()
+    assert wait_for(lambda: not listed(), 10) is not None
     assert wait_for(lambda: mesh.node.sandboxes() == before, 10) is not None
 
 
