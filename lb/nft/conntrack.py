@@ -74,7 +74,9 @@ class ConntrackFlusher:
         # FileNotFoundError (never made anew, as pyroute2's O_CREAT default would).
         with contextlib.ExitStack() as stack:
             if self._netns is not None:
-                stack.enter_context(entered(self._netns))
+                # a name (as `ip netns` and pyroute2 take) or a path
+                path = self._netns if "/" in self._netns else f"/run/netns/{self._netns}"
+                stack.enter_context(entered(path))
             loop = asyncio.SelectorEventLoop()
             try:
                 return loop.run_until_complete(self._flush(by_key))
