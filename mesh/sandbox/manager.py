@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+#: seconds `ready` waits for the DNS and LB to have applied a new sandbox
+SETTLE_TIMEOUT = 5.0
+
+
 class Namespaces(Protocol):
     """Named network namespaces (`mesh.sandbox.netns.Sandboxes`)."""
 
@@ -200,6 +204,14 @@ class SandboxManager:
             ) from None
         if progress.failure is not None:
             raise SandboxFailed(progress.failure)
+        # The LB inside the sandbox is queued by open_sandbox, not yet programmed: a
+        # command started at once (`mesh run -- curl http://web/`) would find the VIP
+        # not balanced yet. Wait (bounded, best effort) for the servers to settle.
+        for server in self._servers:
+            settled = getattr(server, "settled", None)
+            if settled is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled(), SETTLE_TIMEOUT)
 
     def describe(self) -> dict[str, object]:
         """The sandboxes and networks this node keeps, and the manager's counters."""
