@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -19,7 +20,10 @@ pytestmark = pytest.mark.root
 
 class UnprivilegedAgent(AgentProcess):
     def argv(self) -> list[str]:
-        return ["setpriv", "--bounding-set", "-net_admin,-sys_admin", "--", *super().argv()]
+        argv = super().argv()
+        # both capabilities dropped (the helper drops CAP_SYS_ADMIN alone)
+        python = argv.index(sys.executable)
+        return ["setpriv", "--bounding-set", "-net_admin,-sys_admin", "--", *argv[python:]]
 
 
 @pytest.fixture
