@@ -202,14 +202,12 @@ class SandboxManager:
             raise SandboxFailed(progress.failure)
 
     def describe(self) -> dict[str, object]:
-        """The sandboxes and networks this node keeps, and the manager's counters."""
+        """What this node keeps and the manager's counters (`GET /v1/agent`)."""
         return {
+            "enabled": True,
             "prefix": self.prefix,
             "networks": sorted(self._networks),
-            "sandboxes": {
-                task_id: {"netns": s.netns, "networks": list(s.networks)}
-                for task_id, s in sorted(self._sandboxes.items())
-            },
+            "sandboxes": len(self._sandboxes),
             "stats": dataclasses.asdict(self.stats),
         }
 
@@ -268,9 +266,7 @@ class SandboxManager:
             created_networks=sorted(plan.created),
             repaired=sorted(plan.repaired),
         )
-        self.stats.orphans_removed += sum(
-            1 for r in removed if isinstance(r, DeleteNamespace | DeleteVeth)
-        )
+        self.stats.orphans_removed += len(removed)
         self.stats.repaired += len(plan.repaired)
         for step in plan.jobs:
             await self._do(step)

@@ -137,6 +137,11 @@ def test_sandbox_made_reconciled_after_kill_9_and_removed(
             assert f"netns {orphan}" in reconciled[-1]
             assert "veth mpvdeadbeef0" in reconciled[-1]
             assert "bridge network deadbeef" in reconciled[-1]
+            info = agent.api_ok("GET", "/v1/agent")["sandboxes"]
+            assert info["enabled"] and info["prefix"] == agent.prefix
+            assert (info["networks"], info["sandboxes"]) == (["front"], 1)
+            assert info["stats"]["orphans_removed"] == 3  # the namespace, veth and bridge
+            assert info["stats"]["repaired"] == 1
         finally:
             sh("ip", "netns", "delete", foreign, check=False)
 

@@ -43,6 +43,9 @@ def test_without_privileges_one_line_says_what_is_off(agent: AgentProcess) -> No
         assert "sandboxes_disabled" in line
         assert "bridge networks and sandboxed tasks" in line
         assert "lacking CAP_NET_ADMIN, CAP_SYS_ADMIN" in line
+        info = agent.request("GET", "/v1/agent")[1]["sandboxes"]
+        assert info["enabled"] is False
+        assert "lacking CAP_NET_ADMIN, CAP_SYS_ADMIN" in info["reason"]
         # Everything else works as before.
         status, _ = agent.request("POST", "/v1/networks", {"name": "back"})
         assert status == 201
