@@ -123,7 +123,7 @@ def test_network_row() -> None:
             "subnet": "10.0.1.0/24",
             "gateway": "10.0.1.1",
         }
-    ) == ["n" * 12, "front", "overlay", "10.0.1.0/24", "10.0.1.1"]
+    ) == ["n" * 12, "front", "overlay", "swarm", "10.0.1.0/24", "10.0.1.1", "no"]
 
 
 def test_member_row() -> None:

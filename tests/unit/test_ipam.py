@@ -130,3 +130,33 @@ def test_allocate_always_gives_the_lowest_free_address(ops: list[tuple[str, int]
         else:
             ipam.claim("n", address)
             held.add(address)
+
+
+def test_endpoints_and_vips_share_one_set_and_skip_the_reserved() -> None:
+    """Sandbox endpoints from the ip_range, VIPs from the subnet: never the gateway, an aux
+    address or each other's; the lowest free first, and a released one is found again."""
+    ipam = Ipam(parse_pool("10.0.0.0/8"))
+    A = ipaddress.IPv4Address
+    ipam.add_network(
+        "n",
+        Net("10.9.0.0/28"),
+        gateway=A("10.9.0.9"),
+        ip_range=Net("10.9.0.8/29"),
+        aux=[A("10.9.0.10")],
+    )
+    assert ipam.is_claimed("n", A("10.9.0.9")) and ipam.is_claimed("n", A("10.9.0.10"))
+    got = [ipam.allocate_endpoint("n") for _ in range(5)]
+    assert got == [A(f"10.9.0.{i}") for i in (8, 11, 12, 13, 14)]  # .15 is the broadcast
+    with pytest.raises(Conflict) as info:
+        ipam.allocate_endpoint("n")
+    assert info.value.code == "no_free_address"
+    vips = [ipam.allocate("n") for _ in range(7)]
+    assert vips == [A(f"10.9.0.{i}") for i in range(1, 8)]  # the subnet below the range
+    with pytest.raises(Conflict):
+        ipam.allocate("n")
+    ipam.release("n", [A("10.9.0.12"), A("10.9.0.9")])  # the gateway is never released
+    assert ipam.is_claimed("n", A("10.9.0.9"))
+    assert ipam.allocate("n") == A("10.9.0.12")  # a VIP may take a freed endpoint address
+    ipam.release("n", [A("10.9.0.11")])
+    assert ipam.allocate_endpoint("n") == A("10.9.0.11")
+    assert ipam.prefixlen("n") == 28
