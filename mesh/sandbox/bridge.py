@@ -147,7 +147,14 @@ class BridgeDriver:
             link = ipr.get_links(index)[0]
             if _kind(link) != "bridge":
                 raise DriverError(f"{bridge} exists and is not a bridge; remove it")
-            ipr.link("set", index=index, ifalias=bridge_alias(net.id, net.internal))
+            # A bridge takes the lowest MAC of its ports unless one is set: the gateway's
+            # MAC would change as endpoints come and go, behind the sandboxes' ARP caches.
+            ipr.link(
+                "set",
+                index=index,
+                ifalias=bridge_alias(net.id, net.internal),
+                address=names.mac_of(str(gateway)),
+            )
             _ensure_address(ipr, index, str(gateway), subnet.prefixlen)
             ipr.link("set", index=index, state="up")
             isolated = int(icc_disabled(net))
@@ -197,11 +204,9 @@ class BridgeDriver:
                         os.close(fd)
                 with entered(netns), IPRoute() as inner:
                     _configure_inside(inner, ep, temp, alias)
-            except BaseException as error:
+            except BaseException:
                 if made and index is not None:  # a failed join leaves nothing it made
                     _delete_link(ipr, index)
-                if isinstance(error, NetlinkError):
-                    raise DriverError(f"joining {host} to {net.name}: {error}") from error
                 raise
 
     def leave(self, net: NetworkPlan, ep: EndpointPlan, netns: str) -> None:
@@ -231,10 +236,16 @@ class BridgeDriver:
 
     @contextlib.contextmanager
     def _node(self) -> Iterator[Any]:
-        """An IPRoute of the node's namespace, this thread inside it meanwhile."""
+        """An IPRoute of the node's namespace, this thread inside it meanwhile.
+
+        A netlink refusal comes out as a DriverError that says what was refused.
+        """
         where = entered(self.node_netns) if self.node_netns else contextlib.nullcontext()
-        with where, IPRoute() as ipr:
-            yield ipr
+        try:
+            with where, IPRoute() as ipr:
+                yield ipr
+        except NetlinkError as error:
+            raise DriverError(f"the kernel refused: {error}") from error
 
     def _sync_nft(self, ipr: Any) -> None:
         bridges: list[tuple[str, str, bool]] = []
@@ -300,7 +311,12 @@ def _peer_inside(netns: str, ep: EndpointPlan, temp: str, alias: str) -> bool:
     Raises DriverError if the sandbox has an `eth<index>` that is someone else's
     (an adopted namespace): joining must not touch it, nor make anything first.
     """
-    with entered(netns), IPRoute() as inner:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(entered(netns))
+        except OSError as error:
+            raise DriverError(f"cannot enter the sandbox {netns}: {error}") from error
+        inner = stack.enter_context(IPRoute())
         found = False
         for name in (ep.interface, temp):
             index = _lookup(inner, name)

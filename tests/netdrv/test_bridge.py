@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 
 from mesh.sandbox import names
-from mesh.sandbox.bridge import BridgeDriver, render_ruleset
+from mesh.sandbox.bridge import BridgeDriver, endpoint_alias, render_ruleset, temp_name
 from mesh.sandbox.driver import Driver, create_driver
-from tests.netdrv.driver_suite import DriverSuite, eventually, joined
+from tests.netdrv.driver_suite import DriverSuite, eventually, joined, links
 from tests.netdrv.lab import Lab, in_netns, pings, run, skip_reason
 
 DRIVERS = ["bridge"]  # overlay and macvlan join here (issue 16)
@@ -63,11 +63,17 @@ def test_bridge_objects_are_as_documented(harness: KernelHarness) -> None:
     driver.create_network(net)
     assert sysctl(lab, "net.ipv4.ip_forward") == "1"
     bridge = names.bridge_name(net.id)
-    shown = run(["ip", "-n", lab.node, "-d", "-o", "addr", "show", "dev", bridge]).stdout
+    shown = run(["ip", "-n", lab.node, "-o", "link", "show", "dev", bridge]).stdout
+    shown += run(["ip", "-n", lab.node, "-o", "addr", "show", "dev", bridge]).stdout
     assert f"inet {net.gateway}/24" in shown
+    gateway_mac = names.mac_of(net.gateway)
+    assert gateway_mac in shown
     _, ep = joined(harness, driver, net, 9)
     port = run(["ip", "-n", lab.node, "-d", "link", "show", names.veth_name(ep.task_id, 0)])
     assert f"master {bridge}" in port.stdout and "isolated on" in port.stdout
+    # the gateway's MAC does not follow the ports (sandboxes' ARP caches hold it)
+    shown = run(["ip", "-n", lab.node, "-o", "link", "show", "dev", bridge]).stdout
+    assert gateway_mac in shown
     table = in_netns(
         lab.node_path, ["nft", "list", "table", "inet", names.BRIDGE_TABLE], check=True
     ).stdout
@@ -115,3 +121,27 @@ def test_many_sandboxes_come_and_go(harness: KernelHarness) -> None:
     assert made < count * 5 and removed < count * 5  # liveness only
     assert eventually(lambda: driver.owned().endpoints == frozenset())
     assert lab.sandboxes.list(lab.prefix) == []
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["peer-on-the-node", "peer-not-renamed"])
+def test_join_converges_after_a_crash_half_way(harness: KernelHarness, moved: bool) -> None:
+    """kill -9 between making the veth and renaming its peer in the sandbox: the
+    next join (after the restart) finishes the endpoint, with nothing left over."""
+    lab = harness.lab
+    net = lab.network(5)
+    BridgeDriver(lab.node_path).create_network(net)
+    task = lab.task_id()
+    path = lab.sandbox(task)
+    ep = lab.endpoint(net, task, 7)
+    host, temp = names.veth_name(task, 0), temp_name(ep)
+    node = ["ip", "-n", lab.node, "link"]
+    run([*node, "add", host, "type", "veth", "peer", "name", temp])
+    run([*node, "set", temp, "alias", endpoint_alias(net.id, ep)])
+    if moved:
+        run([*node, "set", temp, "netns", f"{lab.prefix}{task}"])
+    restarted = BridgeDriver(lab.node_path)
+    restarted.join(net, ep, path)
+    assert not any(name.startswith("mpt") for name in lab.node_links())
+    assert links(path) == ["lo", "eth0"]
+    assert pings(path, net.gateway)
+    assert restarted.owned().endpoints == {host}
