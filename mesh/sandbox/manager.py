@@ -99,8 +99,6 @@ class _Progress:
 
 @dataclasses.dataclass(slots=True)
 class ManagerStats:
-    sandboxes: int = 0
-    networks: int = 0
     ensured: int = 0
     removed: int = 0
     failed: int = 0
@@ -287,10 +285,8 @@ class SandboxManager:
         match job:
             case CreateNetwork(want):
                 await self._kernel(job, self._driver(want.driver).create_network, want.plan)
-                self.stats.networks = len(self._networks)
             case DeleteNetwork(driver, net_id):
                 await self._kernel(job, self._driver(driver).delete_network, net_id)
-                self.stats.networks = len(self._networks)
             case EnsureSandbox(want):
                 await self._ensure(want)
             case RemoveSandbox(want):
@@ -342,7 +338,6 @@ class SandboxManager:
             return
         self._serving[want.task_id] = dataclasses.replace(want, netns=path)
         self.stats.ensured += 1
-        self.stats.sandboxes = len(self._sandboxes)
         event(log, "sandbox_up", task=want.task_id, netns=path, networks=list(want.networks))
         if progress is not None and self._progress.get(want.task_id) is progress:
             progress.failure = None
@@ -380,7 +375,6 @@ class SandboxManager:
         if want.name is not None:
             await self._kernel(DeleteNamespace(want.name), self._delete_namespace, want.name)
         self.stats.removed += 1
-        self.stats.sandboxes = len(self._sandboxes)
         event(log, "sandbox_removed", task=want.task_id, netns=netns, adopted=want.adopted)
 
     async def idle(self) -> None:
