@@ -239,7 +239,10 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     )
     lb = _lb(config, feed)
     http = _http(config)
-    sandboxes = _sandboxes(config, dns, lb)
+    missing = missing_privileges()
+    sandboxes = None if missing is not None else _sandboxes(config, dns, lb)
+    if missing is not None:
+        event(log, "sandboxes_disabled", logging.WARNING, disabled=DISABLED, reason=missing)
     needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
         http is not None and http.workers > 0
     )
@@ -271,6 +274,9 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
             "pid": os.getpid(),
             "started_at": started_at,
             "config": describe(config),
+            "sandboxes": (
+                {"enabled": False, "reason": missing} if sandboxes is None else sandboxes.describe()
+            ),
         },
         gossip_stats=cluster.stats,
         keyring=keyring,
@@ -330,13 +336,9 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
     )
 
 
-def _sandboxes(config: AgentConfig, dns: DnsService | None, lb: LbDriver) -> SandboxManager | None:
-    """The sandbox manager, when this agent may make namespaces and links; else one
-    line says what is off (the API then answers those requests 422 needs_privileges)."""
-    missing = missing_privileges()
-    if missing is not None:
-        event(log, "sandboxes_disabled", logging.WARNING, disabled=DISABLED, reason=missing)
-        return None
+def _sandboxes(config: AgentConfig, dns: DnsService | None, lb: LbDriver) -> SandboxManager:
+    """The sandbox manager of an agent that may make namespaces and links (without,
+    one line says what is off and the API answers those requests 422 needs_privileges)."""
     drivers = {name: create_driver(name) for name in sorted(available())}
     # DNS first: a sandbox's names answer before its VIPs are programmed.
     servers: list[SandboxServer] = [lb] if dns is None else [dns, lb]

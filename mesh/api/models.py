@@ -296,11 +296,24 @@ class HealthOut(_Response):
     node: str
 
 
+class SandboxesOut(_Response):
+    """The sandbox manager: off (and why), or what it keeps and its counters."""
+
+    enabled: bool
+    reason: str | None = None  # why sandboxes are off
+    prefix: str | None = None  # of the namespaces this node owns: mp-<node_id>-
+    networks: list[str] = []  # this node's driver-backed networks
+    sandboxes: int = 0  # this node's sandboxed tasks
+    #: ensured, removed, failed (kernel steps), orphans_removed, repaired (at start)
+    stats: dict[str, int] = {}
+
+
 class AgentOut(_Response):
     node: str
     pid: int
     started_at: float  # wall clock
     config: dict[str, str]  # every setting, as the start-up log shows it (token hidden)
+    sandboxes: SandboxesOut | None = None
 
 
 class DnsRecordOut(_Response):

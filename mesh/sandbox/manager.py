@@ -103,8 +103,6 @@ class _Progress:
 
 @dataclasses.dataclass(slots=True)
 class ManagerStats:
-    sandboxes: int = 0
-    networks: int = 0
     ensured: int = 0
     removed: int = 0
     failed: int = 0
@@ -214,14 +212,12 @@ class SandboxManager:
                     await asyncio.wait_for(settled(), SETTLE_TIMEOUT)
 
     def describe(self) -> dict[str, object]:
-        """The sandboxes and networks this node keeps, and the manager's counters."""
+        """What this node keeps and the manager's counters (`GET /v1/agent`)."""
         return {
+            "enabled": True,
             "prefix": self.prefix,
             "networks": sorted(self._networks),
-            "sandboxes": {
-                task_id: {"netns": s.netns, "networks": list(s.networks)}
-                for task_id, s in sorted(self._sandboxes.items())
-            },
+            "sandboxes": len(self._sandboxes),
             "stats": dataclasses.asdict(self.stats),
         }
 
@@ -280,9 +276,7 @@ class SandboxManager:
             created_networks=sorted(plan.created),
             repaired=sorted(plan.repaired),
         )
-        self.stats.orphans_removed += sum(
-            1 for r in removed if isinstance(r, DeleteNamespace | DeleteVeth)
-        )
+        self.stats.orphans_removed += len(removed)
         self.stats.repaired += len(plan.repaired)
         for step in plan.jobs:
             await self._do(step)
@@ -303,10 +297,8 @@ class SandboxManager:
         match job:
             case CreateNetwork(want):
                 await self._kernel(job, self._driver(want.driver).create_network, want.plan)
-                self.stats.networks = len(self._networks)
             case DeleteNetwork(driver, net_id):
                 await self._kernel(job, self._driver(driver).delete_network, net_id)
-                self.stats.networks = len(self._networks)
             case EnsureSandbox(want):
                 await self._ensure(want)
             case RemoveSandbox(want):
@@ -358,7 +350,6 @@ class SandboxManager:
             return
         self._serving[want.task_id] = dataclasses.replace(want, netns=path)
         self.stats.ensured += 1
-        self.stats.sandboxes = len(self._sandboxes)
         event(log, "sandbox_up", task=want.task_id, netns=path, networks=list(want.networks))
         if progress is not None and self._progress.get(want.task_id) is progress:
             progress.failure = None
@@ -396,7 +387,6 @@ class SandboxManager:
         if want.name is not None:
             await self._kernel(DeleteNamespace(want.name), self._delete_namespace, want.name)
         self.stats.removed += 1
-        self.stats.sandboxes = len(self._sandboxes)
         event(log, "sandbox_removed", task=want.task_id, netns=netns, adopted=want.adopted)
 
     async def idle(self) -> None:

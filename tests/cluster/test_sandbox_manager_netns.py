@@ -137,6 +137,11 @@ def test_sandbox_made_reconciled_after_kill_9_and_removed(
             assert f"netns {orphan}" in reconciled[-1]
             assert "veth mpvdeadbeef0" in reconciled[-1]
             assert "bridge network deadbeef" in reconciled[-1]
+            info = agent.api_ok("GET", "/v1/agent")["sandboxes"]
+            assert info["enabled"] and info["prefix"] == agent.prefix
+            assert (info["networks"], info["sandboxes"]) == (["front"], 1)
+            assert info["stats"]["orphans_removed"] == 3  # the namespace, veth and bridge
+            assert info["stats"]["repaired"] == 1
         finally:
             sh("ip", "netns", "delete", foreign, check=False)
 
@@ -160,7 +165,7 @@ def test_an_adopted_namespace_keeps_what_was_not_ours(
     agent = NodeAgent(ns, tmp_path / "data", extra=["--lb", "nftables"])
     try:
         agent.start()
-        agent.api_ok(
+        net = agent.api_ok(
             "POST", "/v1/networks", {"name": "front", "driver": "bridge", "subnet": SUBNET}, 201
         )
         agent.api_ok("POST", "/v1/services", {"name": "web", "networks": ["front"]}, 201)
@@ -173,6 +178,14 @@ def test_an_adopted_namespace_keeps_what_was_not_ours(
         addr = theirs.run(["ip", "-o", "-4", "addr", "show", "dev", "eth0"]).stdout
         assert f"{task['address']}/24" in addr
         assert agent.sandboxes() == []  # nothing of ours under /run/netns
+
+        # A clean stop leaves the sandbox as it is (tasks are durable); the restart keeps it.
+        assert agent.stop() == 0
+        assert links(theirs) == inside
+        assert bridge_name(net["id"]) in links(ns)
+        agent.start()
+        agent.api_ok("GET", f"/v1/tasks/{task['id']}")
+        assert links(theirs) == inside
 
         agent.api_ok("DELETE", f"/v1/tasks/{task['id']}", None, 202)
         wait_for("the endpoint gone", lambda: "eth0" not in links(theirs))

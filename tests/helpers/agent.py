@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,8 +55,11 @@ class AgentProcess:
         env: dict[str, str] | None = None,
         publish_address: str = "127.0.0.1",
         nofile: int | None = None,
+        sandboxes: bool = False,
     ) -> None:
         self.data_dir = data_dir
+        #: keep CAP_SYS_ADMIN: only for an agent inside a test's own node namespace
+        self.may_make_sandboxes = sandboxes
         #: RLIMIT_NOFILE (soft and hard) to start the agent under, as `prlimit` would
         self.nofile = nofile
         # Published ports on this address, not 0.0.0.0: agents share the host.
@@ -72,6 +76,7 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         return [
+            *self._unprivileged(),
             sys.executable,
             "-m",
             "mesh",
@@ -104,6 +109,14 @@ class AgentProcess:
             "127.0.0.1:9",
             *self.extra,
         ]
+
+    def _unprivileged(self) -> list[str]:
+        """Without CAP_SYS_ADMIN, a root agent cannot make sandboxes or bridges: an agent
+        of these tests runs in the host's own namespace, where no test may make a link
+        (CAP_NET_ADMIN stays, for the kernel LB backends)."""
+        if self.may_make_sandboxes or os.geteuid() != 0 or shutil.which("setpriv") is None:
+            return []
+        return ["setpriv", "--bounding-set", "-sys_admin", "--"]
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
         env = dict(os.environ, **(self.env or {}))

@@ -34,6 +34,7 @@ class NodeAgent(NetnsAgent):
         extra: list[str] | None = None,
     ) -> None:
         super().__init__(ns, data_dir, dns=dns, extra=extra)
+        self.may_make_sandboxes = True  # in its own node namespace: the one place it may make them
 
     def argv(self) -> list[str]:
         inner = super().argv()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -19,7 +20,10 @@ pytestmark = pytest.mark.root
 
 class UnprivilegedAgent(AgentProcess):
     def argv(self) -> list[str]:
-        return ["setpriv", "--bounding-set", "-net_admin,-sys_admin", "--", *super().argv()]
+        argv = super().argv()
+        # both capabilities dropped (the helper drops CAP_SYS_ADMIN alone)
+        python = argv.index(sys.executable)
+        return ["setpriv", "--bounding-set", "-net_admin,-sys_admin", "--", *argv[python:]]
 
 
 @pytest.fixture
@@ -39,6 +43,9 @@ def test_without_privileges_one_line_says_what_is_off(agent: AgentProcess) -> No
         assert "sandboxes_disabled" in line
         assert "bridge networks and sandboxed tasks" in line
         assert "lacking CAP_NET_ADMIN, CAP_SYS_ADMIN" in line
+        info = agent.request("GET", "/v1/agent")[1]["sandboxes"]
+        assert info["enabled"] is False
+        assert "lacking CAP_NET_ADMIN, CAP_SYS_ADMIN" in info["reason"]
         # Everything else works as before.
         status, _ = agent.request("POST", "/v1/networks", {"name": "back"})
         assert status == 201
