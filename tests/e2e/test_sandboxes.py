@@ -252,6 +252,15 @@ def test_icc_false_keeps_endpoints_of_one_network_apart(mesh: Mesh) -> None:
     for name in ("sq-a", "sq-b"):
         done = mesh.node.run([*CURL, f"http://{mesh.address(name, 'netq')}/"])
         assert done.stdout.strip() == name
+    # The routing mesh path stays (docs/networking.md): the published port reaches both.
+    seen = idents(
+        "\n".join(
+            mesh.node.outside.run([*CURL, f"http://{NODE_UPLINK}:8086/"], check=False).stdout
+            for _ in range(6)
+        )
+    )
+    print(f"icc=false: published 8086 from outside: {dict(seen)}")
+    assert set(seen) == {"sq-a", "sq-b"}
 
 
 def test_an_alias_resolves_on_its_network_only(mesh: Mesh) -> None:
@@ -389,3 +398,71 @@ def test_mesh_run_refuses_a_network_that_is_not_attachable(mesh: Mesh) -> None:
         assert done.stderr.count("\n") == 1 and "not attachable" in done.stderr
     finally:
         mesh.node.mesh_ok("network", "rm", "shut")
+
+
+def test_task_add_adopts_a_namespace_and_removes_only_what_it_added(mesh: Mesh) -> None:
+    """`--netns NAME`: endpoints added to a namespace that is not the agent's; on
+    `task rm` they go and the namespace (with its own loopback address) stays."""
+    name = f"{mesh.node.lab.prefix}-adopt"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        subprocess.run(
+            ["ip", "-n", name, "address", "add", "127.0.0.7/8", "dev", "lo"], check=True, timeout=10
+        )
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
+        path = mesh.node.mesh_ok("task", "add", "s2", "--sandbox", "--netns", name, "--name", "ad")
+        assert path.strip() == f"/run/netns/{name}"
+        task = next(t for t in mesh.node.mesh_json("task", "ls", "s2") if t["name"] == "ad")
+        assert task["sandbox"]["adopted"] is True
+        inside = subprocess.run(
+            ["ip", "-n", name, "-4", "-o", "address", "show", "dev", "eth0"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert task["address"] in inside.stdout
+        # DNS at 127.0.0.11 inside the adopted namespace too (dig: no resolv.conf is ours)
+        answer = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=1",
+                "@127.0.0.11",
+                "s1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert answer.stdout.split() == [mesh.vips["s1"]["neta"]], answer
+        mesh.node.mesh_ok("task", "rm", "ad")
+
+        def endpoint_gone() -> bool:
+            links = subprocess.run(
+                ["ip", "-n", name, "-o", "link", "show"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout
+            return "eth0" not in links
+
+        assert wait_for(endpoint_gone, 15) is not None
+        assert Path(f"/run/netns/{name}").exists()
+        kept = subprocess.run(
+            ["ip", "-n", name, "-4", "-o", "address", "show", "dev", "lo"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert "127.0.0.7" in kept.stdout
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
