@@ -3,9 +3,11 @@
 After a restart the kernel holds exactly what the state owns (no sandbox
 namespace, veth or bridge with the agent's prefix that the state does not
 have, nothing the state has missing), and every task whose `task run` was
-acknowledged (exit 0, its record printed) serves HTTP at its address. The
-100 runs are bounded in time; the kill comes once a quarter of them were
-acknowledged (or after 60 s), so runs are in flight on every side of it.
+acknowledged (exit 0, its record printed) serves HTTP at its address. Ten
+`task rm`s are in flight as well, and an orphan namespace of the agent's
+prefix is made while it is down. The 100 runs are bounded in time; the kill
+comes once a quarter of them were acknowledged (or after 60 s), so runs are
+in flight on every side of it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tests.helpers.netns import unavailable
 from tests.helpers.sandbox_lab import IDENT_SERVER, SandboxNode, wait_for
 
 RUNS = 100
+RM_RUNS = 10
 KILL_AFTER_ACKS = 25
 CURL = ["curl", "-sS", "--max-time", "3"]
 
@@ -69,6 +72,14 @@ def test_kill_9_during_100_task_runs_leaks_nothing_and_serves_every_acked_task(
 ) -> None:
     node.mesh_ok("network", "create", "front", "--driver", "bridge", "--subnet", "10.90.0.0/23")
     node.mesh_ok("service", "create", "web", "--network", "front")
+    # Removals in flight at the kill too: tasks made first, removed during the runs.
+    doomed = [node.serve("web", f"old{i}") for i in range(RM_RUNS)]
+    removals = [
+        node.popen_mesh(
+            "task", "rm", task["id"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for task in doomed
+    ]
     runs = [
         node.popen_mesh(
             "--json",
@@ -97,6 +108,11 @@ def test_kill_9_during_100_task_runs_leaks_nothing_and_serves_every_acked_task(
         time.sleep(0.05)
     node.kill_agent()
     killed_at = time.monotonic() - started
+    for proc in removals:
+        proc.wait(timeout=60)
+    # And an orphan of the agent's prefix the state knows nothing of, made while it is down.
+    orphan = f"{node.prefix}orphan"
+    subprocess.run(["ip", "netns", "add", orphan], check=True, timeout=10)
     acked: dict[str, dict[str, Any]] = {}
     failed = 0
     for proc in runs:
@@ -121,6 +137,7 @@ def test_kill_9_during_100_task_runs_leaks_nothing_and_serves_every_acked_task(
         f"restart reconciled in {took if took is None else round(took, 1)} s: "
         f"{len(state[0])} sandboxes, {len(state[1])} veths, {len(state[2])} bridges in the state"
     )
+    assert f"{node.prefix}orphan" not in kernel[0]
     for what, want, have in zip(("sandboxes", "veths", "bridges"), state, kernel, strict=True):
         assert have - want == set(), f"leaked {what}: {sorted(have - want)}"
         assert want - have == set(), f"missing {what}: {sorted(want - have)}"
