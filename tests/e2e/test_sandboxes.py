@@ -466,3 +466,59 @@ def test_task_add_adopts_a_namespace_and_removes_only_what_it_added(mesh: Mesh) 
         assert "127.0.0.7" in kept.stdout
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
+
+
+def test_task_run_port_maps_the_services_port_to_the_tasks(mesh: Mesh) -> None:
+    """`--port 80=8081`: the VIP's port 80 reaches the task on its 8081."""
+    mesh.node.mesh_ok("service", "create", "sp", "--network", "neta", "--publish", "8087:80")
+    try:
+        mesh.node.mesh_ok(
+            "task",
+            "run",
+            "sp",
+            "--detach",
+            "--port",
+            "80=8081",
+            "--name",
+            "sp-a",
+            "--",
+            sys.executable,
+            str(IDENT_SERVER),
+            "8081",
+            "sp-a",
+        )
+        out = mesh.run_on("neta", warm("sp") + "curl -sS --max-time 3 http://sp/").stdout
+        assert idents(out) == {"sp-a": 1}, out
+    finally:
+        mesh.node.mesh_ok("service", "rm", "sp")
+
+
+def test_mesh_run_alias_names_the_ad_hoc_sandbox_on_its_network(mesh: Mesh) -> None:
+    proc = mesh.node.popen_mesh(
+        "run",
+        "--network",
+        "neta",
+        "--alias",
+        "probe",
+        "--",
+        "sleep",
+        "30",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def resolves() -> bool:
+            return getent(mesh, "neta", "probe")[0] == 0
+
+        assert wait_for(resolves, 20) is not None
+        assert getent(mesh, "netb", "probe")[0] == 2
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 128 + 15
+
+    def gone() -> bool:
+        names = [s["name"] for s in mesh.node.mesh_json("service", "ls")]
+        return not any(n.startswith("run-") for n in names)
+
+    assert wait_for(gone, 15) is not None
