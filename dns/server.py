@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import socket
@@ -242,13 +243,31 @@ def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+#: Tries to find a port free for both UDP and TCP when asked for any port (0).
+ANY_PORT_TRIES = 20
+
+
 async def serve(
     responder: Responder, forward: Forward, host: str, port: int, reuse_port: bool = False
 ) -> tuple[UdpServer, TcpServer, int]:
-    """Start both listeners on host:port (port 0: the kernel picks one for UDP and TCP alike).
+    """Start both listeners on host:port and return them with the port they are bound to.
 
-    Returns the listeners and the port they are bound to.
+    Port 0 asks for any port: the kernel picks one for UDP, and TCP must take the same
+    one; another socket may hold it for TCP, so then the pair is tried again on a fresh
+    port. A port that was asked for by number fails at once.
     """
+    for _ in range(ANY_PORT_TRIES - 1 if port == 0 else 0):
+        try:
+            return await _serve_on(responder, forward, host, port, reuse_port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    return await _serve_on(responder, forward, host, port, reuse_port)
+
+
+async def _serve_on(
+    responder: Responder, forward: Forward, host: str, port: int, reuse_port: bool
+) -> tuple[UdpServer, TcpServer, int]:
     loop = asyncio.get_running_loop()
     sock = udp_socket(host, port, reuse_port)
     port = sock.getsockname()[1]

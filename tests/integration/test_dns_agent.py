@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -169,34 +170,55 @@ def test_dead_upstream_is_skipped_and_counted_in_the_dns_stats(start_agent) -> N
     assert stats["forwarder_upstreams_down"] == 1
 
 
+def start_dnsmasq(upstream_port: int, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """dnsmasq on a free port of 127.0.0.1, forwarding to the agent, once it answers.
+
+    The port is probed free for UDP, but dnsmasq also needs it for TCP and another
+    process may take it meanwhile: then dnsmasq exits, and a fresh port is tried.
+    """
+    for _ in range(5):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        resolver = subprocess.Popen(
+            [
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-hosts",
+                "--no-resolv",
+                f"--server=127.0.0.1#{upstream_port}",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                f"--port={port}",
+                "--pid-file=",
+                "--user=root",
+                "--log-queries",
+                f"--log-facility={log}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while resolver.poll() is None and time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), timeout=0.2),
+            ):
+                return resolver, port  # listening (TCP is bound after UDP)
+            time.sleep(0.05)
+        resolver.terminate()
+        resolver.wait(10)
+    pytest.fail("dnsmasq did not start on any of 5 free ports")
+
+
 def test_a_caching_resolver_keeps_the_mesh_nxdomain(start_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """dnsmasq in front of the agent caches the NXDOMAIN (it needs the SOA to, RFC 2308 §5)."""
     if shutil.which("dnsmasq") is None:
         pytest.skip("dnsmasq is not installed")
     agent = start_agent()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path / "dnsmasq.log"
-    resolver = subprocess.Popen(
-        [
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-hosts",
-            "--no-resolv",
-            f"--server=127.0.0.1#{agent.dns_port}",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            f"--port={port}",
-            "--pid-file=",
-            "--user=root",
-            "--log-queries",
-            f"--log-facility={log}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    resolver, port = start_dnsmasq(agent.dns_port, log)
     try:
         outputs = []
         for _ in range(3):
