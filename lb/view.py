@@ -115,18 +115,8 @@ def task_weight(task: Task) -> int | None:
 
 
 def task_address(task: Task, network: str) -> str:
-    """The task's address on `network`: a sandboxed task's endpoint there, else `address`.
-
-    A task registered with `--address` has no sandbox and keeps its one address
-    everywhere, as before sandboxes existed.
-    """
-    # `getattr`: Task.sandbox comes with the sandbox model (issue 15's state change).
-    sandbox = getattr(task, "sandbox", None)
-    if sandbox is not None:
-        for endpoint in sandbox.endpoints:
-            if endpoint.network == network:
-                return str(endpoint.address)
-    return task.address
+    """The task's address on `network`: a sandboxed task's endpoint there, else `address`."""
+    return task.address_on(network)
 
 
 def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualKey, Real, int]]:

@@ -189,6 +189,15 @@ class Task:
             return {}
         return {e.network: e.address for e in self.sandbox.endpoints}
 
+    def address_on(self, network: str) -> str:
+        """The address to reach this task on `network`: its sandbox endpoint there, else
+        `address` (a task registered with `--address` has one address everywhere)."""
+        if self.sandbox is not None:
+            for endpoint in self.sandbox.endpoints:
+                if endpoint.network == network:
+                    return endpoint.address
+        return self.address
+
     def endpoint(self) -> tuple[str, tuple[tuple[int, int], ...]]:
         """What two tasks of one service may not share: address and port map."""
         return endpoint_of(self.address, self.ports)

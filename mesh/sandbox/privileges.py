@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mesh.errors import PRIVILEGES_NEEDED
 from mesh.sandbox.names import NETNS_DIR
 
 CAP_NET_ADMIN = 12
@@ -42,7 +43,7 @@ def missing_privileges(
         if not caps >> bit & 1
     ]
     if lacking:
-        return f"needs root or CAP_NET_ADMIN and CAP_SYS_ADMIN (lacking {', '.join(lacking)})"
+        return f"{PRIVILEGES_NEEDED} (lacking {', '.join(lacking)})"
     directory = Path(netns_dir)
     where = directory if directory.exists() else directory.parent
     if not os.access(where, os.W_OK | os.X_OK):
