@@ -253,13 +253,15 @@ async def test_over_the_in_flight_cap_is_refused(
     start_upstream: StartUpstream, make_forwarder: MakeForwarder
 ) -> None:
     server = start_upstream(FIRST, dead=True)
-    forwarder = make_forwarder(server, max_in_flight=2)
+    # The refusal must not wait for the upstream timeout: the timeout is long, and the
+    # bound is half of it (a tight bound fails on a loaded machine, not on the code).
+    forwarder = make_forwarder(server, max_in_flight=2, timeout=2.0)
     waiting = [asyncio.create_task(forwarder.forward(query(f"n{i}.test"))) for i in range(2)]
     await asyncio.sleep(0)
     assert forwarder.in_flight == 2
     reply, elapsed = await ask(forwarder, "n3.test", qid=5)
     assert (reply.header.id, reply.header.rcode) == (5, REFUSED)
-    assert elapsed < 0.2
+    assert elapsed < 1.0
     assert forwarder.stats["refused_over_cap"] == 1
     for wire in await asyncio.gather(*waiting):
         assert DNSRecord.parse(wire).header.rcode == SERVFAIL
@@ -304,14 +306,14 @@ async def test_dead_upstream_does_not_delay_a_cache_hit(
     start_upstream: StartUpstream, make_forwarder: MakeForwarder
 ) -> None:
     server = start_upstream(FIRST)
-    forwarder = make_forwarder(server, timeout=2.0)
+    forwarder = make_forwarder(server, timeout=5.0)
     await ask(forwarder)  # now cached
     server.dead = True
     stuck = asyncio.create_task(forwarder.forward(query("other.test")))
     await asyncio.sleep(0.05)
     reply, elapsed = await ask(forwarder)
     assert addresses(reply) == ["10.0.0.1"]
-    assert elapsed < 0.2
+    assert elapsed < 2.5  # half the upstream timeout: the hit did not wait for it
     assert not stuck.done()
     stuck.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -342,7 +344,7 @@ async def test_close_answers_waiting_queries_with_servfail(
     await forwarder.close()
     reply = DNSRecord.parse(await waiting)
     assert reply.header.rcode == SERVFAIL
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # not the 10 s timeout
     after, _ = await ask(forwarder, "other.test")
     assert after.header.rcode == SERVFAIL
 
