@@ -2,9 +2,11 @@
 
 This machine's kernel (and CI's) has no 8021q: `test_macvlan_vlan_vm.py` boots
 the stock-kernel VM and runs this file there, in one pytest call. Elsewhere it
-skips, saying so. One test, whole (Python is ~30x slower in the VM):
+skips, saying so. Two tests, whole (Python is ~30x slower in the VM); the
+second checks a `passthru` endpoint on a veth parent there (the VM tool's notes
+say one did not come up in the guest; on this kernel it does):
 
-    node: lan0 ──veth── eth0 :outside
+    node: lan0 ──veth── eth0 :outside      (passthru test: eth0 10.213.0.1, untagged)
           lan0.10 (made by the driver)      eth0.10 10.213.10.1 (the router, VLAN 10)
           lan0.20 (made by the test)        eth0.20 10.213.20.1 (VLAN 20)
 
@@ -153,3 +155,24 @@ def test_an_802_1q_parent_is_made_when_missing_and_removed_only_if_made(
     assert "lan0.10" not in after  # made by the driver: gone with its network
     assert "lan0.20@lan0" in after and "lan0@" in after  # not made by it: kept
     assert restarted.owned().networks == frozenset()
+
+
+def test_a_passthru_endpoint_on_a_veth_parent(lab: dict[str, str]) -> None:
+    node = lab["node"]
+    run("ip", "-n", lab["outside"], "addr", "add", "10.213.0.1/24", "dev", "eth0")  # untagged
+    driver = MacvlanDriver(names.netns_path(node))
+    net = NetworkPlan(
+        id=f"00{secrets.token_hex(7)}",
+        name="pass",
+        subnet="10.213.0.0/24",
+        gateway="10.213.0.1",
+        internal=False,
+        options=MappingProxyType({"parent": "lan0", "macvlan_mode": "passthru"}),
+    )
+    driver.create_network(net)
+    ep = endpoint(0, 5)
+    path = Sandboxes(lab["prefix"]).create(f"{lab['prefix']}{ep.task_id}")
+    driver.join(net, ep, path)
+    assert pings(path, net.gateway)
+    driver.leave(net, ep, path)
+    driver.delete_network(net.id)
