@@ -85,6 +85,18 @@ def test_a_macvlan_network_with_a_sandboxed_task_end_to_end() -> None:
         assert SHIM_PREFIX in " ".join(node.links(SHIM_PREFIX))
         assert node.links(VETH_PREFIX) == set()  # a macvlan has no host side
 
+        # kill -9 and restart: the endpoint and the shim are found and kept, nothing redone
+        node.kill_agent()
+        node.start_agent()
+        shim = node.links(SHIM_PREFIX)
+        assert wait_for(lambda: "sandboxes_reconciled" in node.log(), 30) is not None
+        reconciled = [line for line in node.log().splitlines() if "sandboxes_reconciled" in line]
+        print(f"after kill -9: {reconciled[-1]}")
+        assert "removed=[]" in reconciled[-1] and "repaired=[]" in reconciled[-1]
+        assert "created_networks=[]" in reconciled[-1]  # its shim told the driver it was there
+        assert node.links(SHIM_PREFIX) == shim
+        assert "Directory listing" in node.outside.run([*CURL, f"http://{address}/"]).stdout
+
         node.mesh_ok("task", "rm", tasks[0]["id"])
         node.mesh_ok("service", "rm", "web")
         node.mesh_ok("network", "rm", "lan")

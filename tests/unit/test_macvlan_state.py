@@ -11,7 +11,7 @@ import pytest
 
 from mesh.errors import Conflict, Invalid
 from mesh.sandbox import macvlan_options
-from mesh.sandbox.plan import network_want, sandbox_want
+from mesh.sandbox.plan import DeleteVeth, Found, network_want, reconcile, sandbox_want
 from tests.unit.test_sandbox_state import make_store, network, sandboxed, service
 
 A = ipaddress.IPv4Address
@@ -127,3 +127,21 @@ def test_option_helpers() -> None:
     assert macvlan_options.shim_addresses({"host_shim@x": "10.0.0.2", "parent": "e"}) == [
         A("10.0.0.2")
     ]
+
+
+def test_reconcile_neither_repairs_nor_removes_a_whole_macvlan_sandbox() -> None:
+    store = make_store("n1")
+    net = network(store, "lan", **LAN, options={"parent": "eth0"})
+    service(store, "web", "lan", endpoint_mode="dnsrr")
+    task = sandboxed(store, "web")
+    want = sandbox_want(task, "n1", {"lan": net})
+    net_want = network_want(net, "n1")
+    assert want is not None and want.name is not None and net_want is not None
+    # what the kernel shows after a restart: the namespace, and no host side at all
+    found = Found({"macvlan": frozenset()}, {"macvlan": frozenset()}, frozenset({want.name}))
+    plan = reconcile([net_want], [want], found)
+    assert plan.repaired == frozenset() and plan.removed == ()
+    # a macvlan left in the node by a crash before its move is an orphan of ours
+    leftover = "mpv0123456780"
+    found = Found({}, {"macvlan": frozenset({leftover})}, frozenset({want.name}))
+    assert DeleteVeth(leftover) in reconcile([net_want], [want], found).removed
