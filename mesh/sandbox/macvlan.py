@@ -124,7 +124,14 @@ class MacvlanDriver:
             if stale is not None:
                 _delete_link(ipr, stale)
             if not inside:
-                ipr.link("add", ifname=temp, kind="macvlan", link=parent, macvlan_mode=mode)
+                try:
+                    ipr.link("add", ifname=temp, kind="macvlan", link=parent, macvlan_mode=mode)
+                except NetlinkError as error:
+                    hint = " (passthru: one endpoint per parent)" if mode == "passthru" else ""
+                    raise DriverError(
+                        f"network {net.name}: cannot make a {mode} macvlan on "
+                        f"{parent_name}{hint}: {error}"
+                    ) from error
                 index = _require(ipr, temp)
                 try:
                     ipr.link("set", index=index, ifalias=alias)

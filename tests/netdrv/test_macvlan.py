@@ -347,7 +347,7 @@ def test_passthru_gives_the_parent_to_one_endpoint(segment: Segment) -> None:
     a1, addr_a1 = segment.join(one, net, 11)
     assert pings(a1, OUTSIDE_HOST)
     assert pings(segment.path(segment.outside), addr_a1)
-    with pytest.raises(DriverError):
+    with pytest.raises(DriverError, match="one endpoint per parent"):
         segment.join(one, net, 12)  # the kernel refuses a second one on the parent
     assert not [n for n in links(segment.path(segment.nodes[1])) if n.startswith("mpv")]
 
