@@ -183,15 +183,19 @@ class Ipam:
             )
         return found
 
-    def allocate_endpoint(self, network: str) -> IPv4Address:
-        """Claim the lowest free address of `network`'s ip_range (or subnet) for a sandbox."""
+    def allocate_endpoint(self, network: str, within: IPv4Network | None = None) -> IPv4Address:
+        """Claim the lowest free address of `network`'s ip_range (or subnet) for a sandbox;
+        `within`: only from this part of it (a macvlan network's slice for this node)."""
         pool = self._networks[network]
-        span = pool.ip_range or pool.subnet
+        span = within or pool.ip_range or pool.subnet
         # the subnet's network and broadcast addresses are never hosts, whatever the range
         first = max(int(span.network_address), int(pool.subnet.network_address) + 1)
         last = min(int(span.broadcast_address), int(pool.subnet.broadcast_address) - 1)
-        found = _lowest_free(pool, max(first, pool.endpoint_floor), last)
-        pool.endpoint_floor = last + 1 if found is None else int(found) + 1
+        if within is not None:  # the floor is the whole range's, not this slice's
+            found = _lowest_free(pool, first, last)
+        else:
+            found = _lowest_free(pool, max(first, pool.endpoint_floor), last)
+            pool.endpoint_floor = last + 1 if found is None else int(found) + 1
         if found is None:
             raise Conflict(
                 f"network {network} has no free address for a sandbox in {span}: "

@@ -81,7 +81,7 @@ class NetworkCreate(_Request):
     name: NetworkName
     subnet: Annotated[str, Field(max_length=43)] | None = None
     #: bridge: one node's, made in its kernel; overlay: the cluster's (VIPs only, for now);
-    #: macvlan: recorded, sandboxes on it come with issue 16
+    #: macvlan: sandboxes on a physical LAN, every node's; needs options.parent
     driver: Literal["overlay", "bridge", "macvlan"] = "overlay"
     labels: Labels = Field(default_factory=dict)
     gateway: Address | None = None  # default: the subnet's first host address

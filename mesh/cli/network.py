@@ -2,7 +2,8 @@
 
 A network's driver says what it is in the kernel: `bridge` a Linux bridge on the
 node that created it (scope local), `overlay` the cluster's VIP network (scope
-swarm), `macvlan` recorded for issue 16. `ls` shows driver, scope and whether the
+swarm), `macvlan` endpoints on a physical LAN through a parent interface (scope
+swarm; --opt parent=IFACE). `ls` shows driver, scope and whether the
 network is internal (no route out).
 """
 
@@ -64,7 +65,7 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
         metavar="K=V",
         action="append",
         default=[],
-        help="a driver option, e.g. icc=false; repeatable",
+        help="a driver option, e.g. icc=false (bridge), parent=eth0 (macvlan); repeatable",
     )
     create.add_argument(
         "--label", metavar="K=V", action="append", default=[], help="a label; repeatable"

@@ -3,7 +3,9 @@
 Every object the agent makes carries one of these names, so reconciliation and
 cleanup touch nothing else: a sandbox namespace is `mp-<node_id>-<task_id>`
 (the node id keeps two agents on one host, or two tests, apart), a bridge is
-`mpbr-<net_id[:8]>`, a host-side veth is `mpv<task_id[:8]><index>`. Linux
+`mpbr-<net_id[:8]>`, a host-side veth is `mpv<task_id[:8]><index>` (a macvlan
+endpoint has that name in the node's namespace until it is moved into its
+sandbox), a macvlan network's host shim `mpms-<net_id[:8]>`. Linux
 limits interface names to 15 characters (IFNAMSIZ - 1); these stay within it.
 """
 
@@ -15,6 +17,7 @@ import ipaddress
 NETNS_DIR = "/run/netns"
 BRIDGE_PREFIX = "mpbr-"
 VETH_PREFIX = "mpv"
+SHIM_PREFIX = "mpms-"  # a macvlan network's host shim
 IFNAME_MAX = 15
 BRIDGE_TABLE = "meshplane_net"  # family inet, in the node's namespace
 SANDBOX_LB_TABLE = "meshplane_sbx"  # family ip, inside a sandbox
@@ -44,6 +47,11 @@ def netns_path(name: str) -> str:
 def bridge_name(net_id: str) -> str:
     """The Linux bridge of a network on this node."""
     return f"{BRIDGE_PREFIX}{net_id[:8]}"
+
+
+def shim_name(net_id: str) -> str:
+    """The macvlan host shim of a network on this node (made on request)."""
+    return f"{SHIM_PREFIX}{net_id[:8]}"
 
 
 def veth_name(task_id: str, index: int) -> str:

@@ -4,8 +4,8 @@ The manager's shell (`mesh.sandbox.manager`) keeps the kernel in step with the
 state; every decision it takes is made here, from plain values:
 
 - `network_want` / `sandbox_want`: what the state asks of this node's kernel
-  (its bridge networks; its tasks' sandboxes with their endpoints in order, the
-  default route on the first non-internal network's endpoint);
+  (its bridge networks, every macvlan network; its tasks' sandboxes with their
+  endpoints in order, the default route on the first non-internal network's endpoint);
 - `transition`: the jobs one change of a network or a task needs, in order;
 - `reconcile`: at start, given what the kernel holds under our prefixes (left by
   an agent killed with -9, or by a reboot that emptied /run/netns): remove what
@@ -21,11 +21,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mesh.core.model import Network, Task
+from mesh.sandbox import macvlan_options
 from mesh.sandbox.driver import EndpointPlan, NetworkPlan
 from mesh.sandbox.names import bridge_name, netns_name, netns_path, veth_name
 
 #: The network drivers that make kernel objects on one node, and so a sandbox's endpoints.
-SANDBOX_DRIVERS = frozenset({"bridge"})
+SANDBOX_DRIVERS = frozenset({"bridge", "macvlan"})
+#: Drivers whose endpoints have no host side in the node: a macvlan lives in its
+#: sandbox alone (and goes with it), so `Driver.owned` never lists it there.
+NO_HOST_SIDE = frozenset({"macvlan"})
+#: Drivers whose networks every node serves (scope swarm); a bridge is its node's.
+EVERY_NODE = frozenset({"macvlan"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +76,8 @@ class SandboxWant:
 
     @property
     def veths(self) -> frozenset[str]:
-        return frozenset(e.veth for e in self.endpoints)
+        """The host sides that `Driver.owned` reports while the sandbox is whole."""
+        return frozenset(e.veth for e in self.endpoints if e.driver not in NO_HOST_SIDE)
 
 
 # -- jobs: what the shell runs, in order -----------------------------------------------
@@ -141,19 +148,28 @@ Job = (
 
 def network_want(network: Network, node: str) -> NetworkWant | None:
     """The network's driver work on `node`, or None when it has none there (an overlay
-    network, a removed one, a bridge network of another node)."""
-    if network.deleted or network.driver not in SANDBOX_DRIVERS or network.node != node:
+    network, a removed one, a bridge network of another node). A macvlan network is
+    every node's (scope swarm)."""
+    if network.deleted or network.driver not in SANDBOX_DRIVERS:
         return None
-    return NetworkWant(
-        network.driver,
-        NetworkPlan(
-            id=network.id,
-            name=network.name,
-            subnet=network.subnet,
-            gateway=network.gateway,
-            internal=network.internal,
-            options=dict(network.options),
-        ),
+    if network.driver not in EVERY_NODE and network.node != node:
+        return None
+    return NetworkWant(network.driver, network_plan(network, node))
+
+
+def network_plan(network: Network, node: str) -> NetworkPlan:
+    """What the network's driver on `node` works from. A macvlan network's per-node
+    options (`key@node`) are resolved here: the driver sees `key`."""
+    options = dict(network.options)
+    if network.driver == "macvlan":
+        options = macvlan_options.for_node(options, node)
+    return NetworkPlan(
+        id=network.id,
+        name=network.name,
+        subnet=network.subnet,
+        gateway=network.gateway,
+        internal=network.internal,
+        options=options,
     )
 
 
@@ -175,14 +191,7 @@ def sandbox_want(task: Task, node: str, networks: Mapping[str, Network]) -> Sand
         endpoints.append(
             EndpointWant(
                 network.driver,
-                NetworkPlan(
-                    id=network.id,
-                    name=network.name,
-                    subnet=network.subnet,
-                    gateway=network.gateway,
-                    internal=network.internal,
-                    options=dict(network.options),
-                ),
+                network_plan(network, node),
                 EndpointPlan(
                     task_id=task.id,
                     index=index,

@@ -50,6 +50,7 @@ from mesh.ipam import (
     parse_subnet,
 )
 from mesh.names import check_label
+from mesh.sandbox import macvlan_options
 from mesh.sandbox.names import (
     MAX_ENDPOINTS,
     NETNS_DIR,
@@ -74,8 +75,8 @@ ID_LENGTH = 25  # as Swarm's object ids
 AUTO_PORTS = range(30000, 32768)
 #: Drivers that make kernel objects on a node: creating their networks needs privileges.
 KERNEL_DRIVERS = frozenset({"bridge", "macvlan"})
-#: Drivers that can attach a sandbox today (overlay and macvlan come with issue 16).
-SANDBOX_DRIVERS = frozenset({"bridge"})
+#: Drivers that can attach a sandbox today (overlay comes with issue 16).
+SANDBOX_DRIVERS = frozenset({"bridge", "macvlan"})
 
 
 def new_id(rng: random.Random) -> str:
@@ -328,6 +329,18 @@ class Store:
             if str(address) in aux.values():
                 raise Invalid(f"aux address {address} is given twice")
             aux[aux_name] = str(address)
+        if spec.driver == "macvlan":
+            try:
+                macvlan_options.check(
+                    spec.options,
+                    subnet,
+                    gateway,
+                    internal=spec.internal,
+                    ip_range=ip_range,
+                    reserved=[ipaddress.IPv4Address(a) for a in aux.values()],
+                )
+            except ValueError as exc:
+                raise Invalid(str(exc)) from None
         local = spec.driver == "bridge"  # bridge: one node's; overlay, macvlan: everyone's
         record = Network(
             name=spec.name,
@@ -519,12 +532,22 @@ class Store:
             if network.driver not in SANDBOX_DRIVERS:
                 raise Invalid(
                     f"network {network.name!r} (driver {network.driver}) cannot hold sandboxes"
-                    " yet: only bridge networks can"
+                    " yet: only bridge and macvlan networks can"
                 )
             if network.scope == "local" and network.node != self.node:
                 raise Invalid(
                     f"network {network.name!r} is a {network.driver} network of node "
                     f"{network.node!r}: sandboxes on it run on that node only"
+                )
+            if (
+                network.driver == "macvlan"
+                and macvlan_options.has_node_ranges(network.options)
+                and macvlan_options.node_range(network.options, self.node) is None
+            ):
+                raise Invalid(
+                    f"macvlan network {network.name!r} gives each node its own address range"
+                    f" (ip_range@<node>) and none to node {self.node!r}: its sandboxes run on"
+                    " the nodes it names"
                 )
         if spec.netns is None:
             netns, adopted = netns_path(netns_name(self.node, task_id)), False
@@ -533,7 +556,12 @@ class Store:
         endpoints: list[Endpoint] = []
         try:
             for index, network in enumerate(networks):
-                address = str(self.ipam.allocate_endpoint(network.name))
+                within = (
+                    macvlan_options.node_range(network.options, self.node)
+                    if network.driver == "macvlan"
+                    else None
+                )
+                address = str(self.ipam.allocate_endpoint(network.name, within=within))
                 endpoints.append(
                     Endpoint(
                         network=network.name,
@@ -664,7 +692,14 @@ class Store:
                     ip_range=None
                     if record.ip_range is None
                     else ipaddress.IPv4Network(record.ip_range),
-                    aux=[ipaddress.IPv4Address(a) for a in record.aux_addresses.values()],
+                    aux=[
+                        *(ipaddress.IPv4Address(a) for a in record.aux_addresses.values()),
+                        *(
+                            macvlan_options.shim_addresses(record.options)
+                            if record.driver == "macvlan"
+                            else ()
+                        ),
+                    ],
                 )
                 for service in self.services():
                     self._claim_vips(service)
