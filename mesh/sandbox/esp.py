@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -213,7 +213,7 @@ def plan(
     return Plan(sas=tuple(kept), policies=tuple(policies), collisions=collisions)
 
 
-def keyring_arguments(keyring: Collection[bytes]) -> tuple[list[bytes], bytes]:
+def keyring_arguments(keyring: Iterable[bytes]) -> tuple[list[bytes], bytes]:
     """`(keys, primary)` for `plan`/`sync_pairs` from a `gossip.security.Keyring`
     (or any sequence of keys, primary first: the order a Keyring iterates in)."""
     keys = [bytes(key) for key in keyring]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import subprocess
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from mesh.core.netns import entered
@@ -275,6 +275,22 @@ def sync_pairs(
         if lines:
             _ip(["-batch", "-"], stdin="\n".join(lines) + "\n")
     return report
+
+
+def sync_from_keyring(
+    local_vtep: str,
+    remotes: Collection[str],
+    keyring: Iterable[bytes],
+    port: int = esp.DEFAULT_PORT,
+    node_netns: str | None = None,
+) -> SyncReport:
+    """`sync_pairs` with the keys and primary of the cluster keyring (a
+    `gossip.security.Keyring`, which iterates primary first): the control plane's
+    entry point. Call it again whenever the keyring or the peers change (compare
+    `esp.keyring_arguments(keyring)` with the last synced value: keyring changes
+    arrive by gossip and have no callback of their own); it is idempotent."""
+    keys, primary = esp.keyring_arguments(keyring) if remotes else ([], b"")
+    return sync_pairs(local_vtep, remotes, keys, primary, port, node_netns)
 
 
 def clear(node_netns: str | None = None) -> SyncReport:

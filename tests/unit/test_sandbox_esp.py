@@ -290,3 +290,15 @@ def test_policies_are_read_and_others_skipped() -> None:
         Policy("in", "10.0.0.2", "10.0.0.1", 4789, 1836753819, 0),
         Policy("out", "10.0.0.1", "10.0.0.2", 4789, 1836753819, 0x70B17DCC),
     ]
+
+
+def test_sync_from_keyring_passes_the_keyring_primary_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(xfrm, "sync_pairs", lambda *args: calls.append(args))
+    ring = Keyring([K1, K2])
+    ring.use(K2)
+    xfrm.sync_from_keyring(A, [B], ring, 4790, "/run/netns/x")
+    xfrm.sync_from_keyring(A, [], Keyring([K1]))  # no peers: nothing wanted, keys unused
+    assert calls == [(A, [B], [K2, K1], K2, 4790, "/run/netns/x"), (A, [], [], b"", 4789, None)]
