@@ -39,8 +39,12 @@ MAX_MESSAGES = 1500  # the rotation test's bound (a few hundred are sent in prac
 _counter = itertools.count()
 
 
-def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+def _run(
+    argv: list[str], *, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        argv, input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.returncode} {done.stderr.strip()}")
     return done
@@ -226,6 +230,15 @@ def test_the_underlay_carries_only_esp_and_each_end_derives_the_others_sas(pair:
     esp_before, vxlan_before = before.stop()
     assert vxlan_before > 0 and esp_before == 0, (esp_before, vxlan_before)
 
+    # Someone else's IPsec in A's namespace (reqid 7): no sync may touch it.
+    foreign = (
+        "xfrm state add src 10.233.0.1 dst 10.233.0.2 proto esp spi 0x2000 reqid 7 "
+        f'mode transport aead "{esp.AEAD}" 0x{"11" * 20} {esp.ICV_BITS}\n'
+        "xfrm policy add src 10.233.0.1/32 dst 10.233.0.2/32 proto udp dport 4789 dir out "
+        "tmpl src 10.233.0.1 dst 10.233.0.2 proto esp reqid 7 mode transport\n"
+    )
+    _run(["ip", "-n", pair.a, "-batch", "-"], stdin=foreign)
+
     report = pair.sync_a([K1], K1)
     # Only A encrypts: B's plain VXLAN is refused at A (its policy needs ESP), and
     # whatever A sends is ESP that B has no SA for.
@@ -245,13 +258,19 @@ def test_the_underlay_carries_only_esp_and_each_end_derives_the_others_sas(pair:
     assert esp_seen > 0 and vxlan_seen == 0, (esp_seen, vxlan_seen)
 
     # The SAs A made for B are the ones B made for A, derived apart.
-    sas_a, _ = xfrm.installed(pair.path_a)
+    sas_a = [sa for sa in xfrm.installed(pair.path_a)[0] if esp.is_ours(sa.reqid)]
     sas_b, _ = xfrm.installed(pair.path_b)
     assert {sa.spi for sa in sas_a} == {sa.spi for sa in sas_b}
     assert len(sas_a) == 2
     # Idempotent: a second sync changes nothing.
     assert not pair.sync_a([K1], K1).changed
     assert not pair.sync_b([K1], K1).changed
+    # No peer left: ours go, the foreign SA and policy stay.
+    cleared = xfrm.clear(pair.path_a)
+    assert (cleared.sas_removed, cleared.policies_removed) == (2, 2), cleared
+    sas_left, policies_left = xfrm.installed(pair.path_a)
+    assert [(sa.spi, sa.reqid) for sa in sas_left] == [(0x2000, 7)]
+    assert [(p.src, p.reqid) for p in policies_left] == [("10.233.0.1", 7)]
 
 
 def test_a_node_with_the_wrong_key_can_neither_send_nor_read(pair: Pair) -> None:
