@@ -110,6 +110,7 @@ class Plan:
     sas: tuple[SecurityAssociation, ...]
     policies: tuple[Policy, ...]
     collisions: int = 0
+    rejected: int = 0  # remotes that cannot be a peer's VTEP (see `plan`), left out
 
 
 def _packed(address: str) -> bytes:
@@ -119,11 +120,15 @@ def _packed(address: str) -> bytes:
         raise EspError(f"{address!r} is not an IP address (a VTEP)") from None
 
 
-def _canonical(address: str) -> str:
+def _vtep(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as a VTEP address; None when it cannot be one."""
     try:
-        return str(ipaddress.ip_address(address))
+        address = ipaddress.ip_address(text)
     except ValueError:
-        raise EspError(f"{address!r} is not an IP address (a VTEP)") from None
+        return None
+    if address.is_unspecified or address.is_multicast:
+        return None
+    return address
 
 
 def derive(key: bytes, src: str, dst: str) -> tuple[bytes, int]:
@@ -171,17 +176,29 @@ def plan(
 
     `keys`: every key of the keyring (inbound SAs for each); `primary`: the one
     that sends (it must be one of `keys`). The local VTEP among `remotes` and
-    repeats are ignored. No remotes: nothing is wanted (whatever the keys).
+    repeats are ignored. A remote that cannot be a peer's VTEP (not an address,
+    another family than the local VTEP's, unspecified, multicast: it
+    comes from what other members advertise) is left out and counted in
+    `Plan.rejected`, so one bad peer does not stop the others' encryption. No
+    remotes: nothing is wanted (whatever the keys).
     """
-    local = _canonical(local_vtep)
-    peers = sorted(
-        {_canonical(remote) for remote in remotes} - {local},
-        key=lambda address: _packed(address),
-    )
+    local_address = _vtep(local_vtep)
+    if local_address is None:
+        raise EspError(f"{local_vtep!r} cannot be this node's VTEP (a unicast address)")
+    local = str(local_address)
     if not 0 < port < 65536:
         raise EspError(f"the data-path port must be 1-65535, not {port}")
+    accepted: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    rejected = 0
+    for remote in set(remotes):
+        address = _vtep(remote)
+        if address is None or address.version != local_address.version:
+            rejected += 1
+        elif address != local_address:
+            accepted.add(address)
+    peers = [str(address) for address in sorted(accepted)]
     if not peers:
-        return Plan(sas=(), policies=())
+        return Plan(sas=(), policies=(), rejected=rejected)
     ring = list(dict.fromkeys(bytes(key) for key in keys))
     if not ring:
         raise EspError("an encrypted overlay needs a keyring with at least one key")
@@ -210,7 +227,7 @@ def plan(
             continue
         taken.add((sa.dst, sa.spi))
         kept.append(sa)
-    return Plan(sas=tuple(kept), policies=tuple(policies), collisions=collisions)
+    return Plan(sas=tuple(kept), policies=tuple(policies), collisions=collisions, rejected=rejected)
 
 
 def keyring_arguments(keyring: Iterable[bytes]) -> tuple[list[bytes], bytes]:

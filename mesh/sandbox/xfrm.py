@@ -75,6 +75,7 @@ class SyncReport:
     policies_set: int = 0
     policies_removed: int = 0
     collisions: int = 0  # SAs the plan left out (see `esp.Plan`)
+    rejected_remotes: int = 0  # remotes that cannot be a VTEP, left out (see `esp.plan`)
 
     @property
     def changed(self) -> bool:
@@ -154,6 +155,7 @@ def commands(
         policies_set=len(to_set),
         policies_removed=len(to_drop),
         collisions=wanted.collisions,
+        rejected_remotes=wanted.rejected,
     )
     return lines, report
 
@@ -295,7 +297,7 @@ def sync_from_keyring(
 
 def clear(node_netns: str | None = None) -> SyncReport:
     """Remove every SA and policy of ours (no encrypted peer left)."""
-    return sync_pairs("0.0.0.0", (), (), b"", node_netns=node_netns)
+    return sync_pairs("192.0.2.1", (), (), b"", node_netns=node_netns)  # any unicast: unused
 
 
 def _in(node_netns: str | None) -> contextlib.AbstractContextManager[None]:

@@ -119,8 +119,8 @@ def test_no_remotes_wants_nothing_whatever_the_keys() -> None:
     [
         (A, [B], [K1], K2, 4789, "primary key is not one of"),
         (A, [B], [], K1, 4789, "at least one key"),
-        (A, ["not-an-ip"], [K1], K1, 4789, "not an IP address"),
-        ("::1", [B], [K1], K1, 4789, "one address family"),
+        ("not-an-ip", [B], [K1], K1, 4789, "cannot be this node's VTEP"),
+        ("0.0.0.0", [B], [K1], K1, 4789, "cannot be this node's VTEP"),
         (A, [B], [b"short"], b"short", 4789, "at least 16 bytes"),
         (A, [B], [K1], K1, 0, "port must be 1-65535"),
     ],
@@ -302,3 +302,24 @@ def test_sync_from_keyring_passes_the_keyring_primary_first(
     xfrm.sync_from_keyring(A, [B], ring, 4790, "/run/netns/x")
     xfrm.sync_from_keyring(A, [], Keyring([K1]))  # no peers: nothing wanted, keys unused
     assert calls == [(A, [B], [K2, K1], K2, 4790, "/run/netns/x"), (A, [], [], b"", 4789, None)]
+
+
+def test_remotes_that_cannot_be_a_vtep_are_left_out_and_counted() -> None:
+    bad = ["not-an-ip", "fd00::2", "0.0.0.0", "224.0.0.1"]
+    wanted = esp.plan(A, [B, *bad], [K1], K1)
+    assert wanted.rejected == 4
+    assert {sa.dst for sa in wanted.sas if sa.src == A} == {B}
+    lines, report = xfrm.commands(wanted, [], [], 4789)
+    assert report.rejected_remotes == 4 and len(lines) == 4
+
+
+def test_mixed_families_are_refused_where_a_pair_is_derived() -> None:
+    with pytest.raises(EspError, match="one address family"):
+        esp.derive(K1, A, "fd00::1")
+
+
+def test_ipv6_vteps_get_host_selectors() -> None:
+    wanted = esp.plan("fd00::1", ["fd00::2"], [K1], K1)
+    lines, _ = xfrm.commands(wanted, [], [], 4789)
+    assert "sel src fd00::1/128 dst fd00::2/128 proto udp dport 4789" in lines[0]
+    assert lines[2].startswith("xfrm policy update src fd00::1/128 dst fd00::2/128")
