@@ -7,7 +7,7 @@ gossip keeps identical on every node, so nothing is negotiated (no IKE).
 
 Per *direction* (ordered pair of VTEP addresses `src -> dst`) and keyring key K:
 
-* `HKDF-SHA256(ikm=K, salt=SALT, info=INFO + src + dst, length=24)` (addresses as
+* `HKDF-SHA256(ikm=K, salt=HKDF_SALT, info=HKDF_INFO + src + dst, length=24)` (addresses as
   their 4 or 16 packed bytes). Bytes 0-15 are the AES-128-GCM key and bytes 16-19
   the 4-byte salt of `rfc4106(gcm(aes))`; bytes 20-23 give the SPI. Each
   direction has its own key, so the two ends never encrypt under one key (two
@@ -34,7 +34,8 @@ Every SA and policy carries a reqid of ours, `REQID_BASE | 20 bits of
 sha256(R)`: what `xfrm.sync_pairs` removes is only what carries a reqid in that
 range, never anyone else's IPsec. The per-remote reqid binds the inbound policy
 of R to R's own SAs (a packet decrypted with another pair's SA but claiming R's
-address does not pass R's policy).
+address does not pass R's policy; two remotes whose 20 bits coincide, odds 2^-20,
+only lose that binding between them).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ ICV_BITS = 128
 KEY_BYTES = 16  # AES-128
 SALT_BYTES = 4  # rfc4106's nonce salt, after the key
 MIN_SPI = 0x100  # 1-255: reserved (RFC 4303)
-REQID_BASE = 0x6D700000  # "mp" then 20 bits: the range of reqids that are ours
+REQID_BASE = 0x6D700000  # 0x6D7 ("mp"-ish) then 20 bits: 0x6D700000-0x6D7FFFFF are ours
 REQID_MASK = 0xFFF00000
 MIN_KEY_BYTES = 16
 DEFAULT_PORT = 4789
