@@ -145,3 +145,21 @@ def test_join_converges_after_a_crash_half_way(harness: KernelHarness, moved: bo
     assert links(path) == ["lo", "eth0"]
     assert pings(path, net.gateway)
     assert restarted.owned().endpoints == {host}
+
+
+def test_owned_reports_only_the_bridge_drivers_veths(harness: KernelHarness) -> None:
+    """Another driver's veths share the `mpv` prefix (the overlay's, on `mpob-` bridges):
+    the bridge driver reports only those on its own bridges or with its own alias."""
+    lab = harness.lab
+    driver = BridgeDriver(lab.node_path)
+    net = lab.network(6)
+    driver.create_network(net)
+    _, ep = joined(harness, driver, net, 7)
+    node = ["ip", "-n", lab.node, "link"]
+    run([*node, "add", "mpob-0badc0de", "type", "bridge"])
+    run([*node, "add", "mpv0badc0de0", "type", "veth", "peer", "name", "mpt0badc0de0"])
+    run([*node, "set", "mpv0badc0de0", "master", "mpob-0badc0de"])
+    run([*node, "add", "mpv0badc0de1", "type", "veth", "peer", "name", "mpt0badc0de1"])
+    run([*node, "set", "mpv0badc0de1", "alias", "meshplane ep=0badc0de/1 net=x driver=overlay"])
+    assert driver.owned().endpoints == {names.veth_name(ep.task_id, 0)}
+    assert driver.owned().networks == {net.id}
