@@ -278,7 +278,9 @@ class OverlayDriver:
             mac, state = _mac(entry), entry["state"]
             if entry["flags"] & NTF_SELF:
                 have_self.setdefault(mac, set()).add(entry.get("NDA_DST") or "")
-            elif entry["flags"] & NTF_MASTER and mac != own_mac and not state & NUD_PERMANENT:
+            elif entry.get("NDA_MASTER") and mac != own_mac and not state & NUD_PERMANENT:
+                # the bridge's entry on its VXLAN port (a dump marks it by NDA_MASTER,
+                # not NTF_MASTER); a permanent one is the port's own MAC, not a peer
                 have_master.add(mac)
         for mac, dsts in have_self.items():
             keep = wanted[mac].vtep if mac in wanted else None
