@@ -34,6 +34,11 @@ def _skip() -> None:
         pytest.skip(reason)
 
 
+def _needs_tcpdump() -> None:
+    if shutil.which("tcpdump") is None:
+        pytest.skip("tcpdump is not installed (.ci/run installs it)")
+
+
 @pytest.fixture
 def overlay_lab() -> Iterator[KernelHarness]:
     _skip()
@@ -226,8 +231,6 @@ def test_bad_peers_are_refused_whole(overlay_lab: KernelHarness) -> None:
 @pytest.fixture
 def make_underlay() -> Iterator[type[Underlay]]:
     _skip()
-    if shutil.which("tcpdump") is None:
-        pytest.skip("tcpdump is not installed")
     made: list[Underlay] = []
 
     class Tracked(Underlay):
@@ -283,6 +286,7 @@ def test_tasks_on_three_nodes_reach_each_other(make_underlay: type[Underlay], ro
 def test_the_underlay_carries_vxlan_with_the_vni_and_nothing_flooded(
     make_underlay: type[Underlay],
 ) -> None:
+    _needs_tcpdump()
     underlay = make_underlay(2)
     net_a, net_b = underlay.network(1), underlay.network(2)
     node_one, node_two = underlay.nodes
@@ -325,6 +329,7 @@ def test_the_underlay_carries_vxlan_with_the_vni_and_nothing_flooded(
 def test_an_encapsulated_ping_carries_the_vni_as_sent(make_underlay: type[Underlay]) -> None:
     """The VNI field of the VXLAN header, read from the captured bytes, is the plan's
     VNI, in both directions, across a routed underlay."""
+    _needs_tcpdump()
     underlay = make_underlay(2, routed=True)
     net = underlay.network(3)
     tasks = [underlay.task(node, net, 10 + node.index) for node in underlay.nodes]
