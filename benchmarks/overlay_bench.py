@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.netdrv.lab import run, skip_reason
-from tests.netdrv.underlay import Underlay
+from tests.netdrv.underlay import Underlay, finish
 
 PORT = 5201
 DIRECT = ("10.211.0.1", "10.211.0.2")
@@ -122,11 +122,7 @@ def iperf3(path: Path_, seconds: int, cpus: tuple[int, int]) -> float:
         report = json.loads(client.stdout)
         return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
     finally:
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        finish(server)
 
 
 def sockets(path: Path_, seconds: int, cpus: tuple[int, int]) -> float:
@@ -157,11 +153,7 @@ def sockets(path: Path_, seconds: int, cpus: tuple[int, int]) -> float:
         received = int(sink.stdout.readline())
         return received * 8 / elapsed / 1e9
     finally:
-        try:
-            sink.wait(10)
-        except subprocess.TimeoutExpired:
-            sink.kill()
-            sink.wait(10)
+        finish(sink)
 
 
 def main() -> int:

@@ -130,27 +130,20 @@ class BridgeDriver:
             veth.leave(ipr, ep)
 
     def owned(self) -> Owned:
-        networks: set[str] = set()
-        endpoints: set[str] = set()
         with veth.node(self.node_netns) as ipr:
             links = ipr.get_links()
-            ours = {
-                link["index"]
-                for link in links
-                if (link.get("IFLA_IFNAME") or "").startswith(names.BRIDGE_PREFIX)
-                and veth.kind(link) == "bridge"
-            }
-            for link in links:
-                name = link.get("IFLA_IFNAME") or ""
-                alias = link.get("IFLA_IFALIAS")
-                if link["index"] in ours:
-                    networks.add(parse_alias(alias).get("net") or name[len(names.BRIDGE_PREFIX) :])
-                elif (
-                    name.startswith(names.VETH_PREFIX)
-                    and veth.kind(link) == "veth"
-                    and (link.get("IFLA_MASTER") in ours or is_endpoint_alias(alias))
-                ):
-                    endpoints.add(name)
+        bridges = {
+            link["index"]: link
+            for link in links
+            if (link.get("IFLA_IFNAME") or "").startswith(names.BRIDGE_PREFIX)
+            and veth.kind(link) == "bridge"
+        }
+        networks = {
+            parse_alias(link.get("IFLA_IFALIAS")).get("net")
+            or link.get("IFLA_IFNAME")[len(names.BRIDGE_PREFIX) :]
+            for link in bridges.values()
+        }
+        endpoints = veth.endpoints_of(links, bridges.keys(), is_endpoint_alias)
         return Owned(networks=frozenset(networks), endpoints=frozenset(endpoints))
 
 

@@ -179,33 +179,22 @@ class OverlayDriver:
 
     def owned(self) -> Owned:
         networks: set[str] = set()
-        endpoints: set[str] = set()
+        bridges: set[int] = set()
         with veth.node(self.node_netns) as ipr:
             links = ipr.get_links()
-            bridges = set()
-            for link in links:
-                name, kind = link.get("IFLA_IFNAME") or "", veth.kind(link)
-                alias = parse_alias(link.get("IFLA_IFALIAS"))
-                if name.startswith(names.OVERLAY_BRIDGE_PREFIX) and kind == "bridge":
-                    bridges.add(link["index"])
-                    networks.add(alias.get("net") or name[len(names.OVERLAY_BRIDGE_PREFIX) :])
-                elif name.startswith(names.VXLAN_PREFIX) and kind == "vxlan":
-                    # a VXLAN device without its bridge: a create that stopped half-way
-                    networks.add(alias.get("net") or name[len(names.VXLAN_PREFIX) :])
-            for link in links:
-                name = link.get("IFLA_IFNAME") or ""
-                if (
-                    name.startswith(names.VETH_PREFIX)
-                    and veth.kind(link) == "veth"
-                    and (
-                        link.get("IFLA_MASTER") in bridges
-                        or is_endpoint_alias(link.get("IFLA_IFALIAS"))
-                    )
-                ):
-                    endpoints.add(name)
+        for link in links:
+            name, kind = link.get("IFLA_IFNAME") or "", veth.kind(link)
+            net_id = parse_alias(link.get("IFLA_IFALIAS")).get("net")
+            if name.startswith(names.OVERLAY_BRIDGE_PREFIX) and kind == "bridge":
+                bridges.add(link["index"])
+                networks.add(net_id or name[len(names.OVERLAY_BRIDGE_PREFIX) :])
+            elif name.startswith(names.VXLAN_PREFIX) and kind == "vxlan":
+                # a VXLAN device without its bridge: a create that stopped half-way
+                networks.add(net_id or name[len(names.VXLAN_PREFIX) :])
         # A short id (from a name without alias) and the full one are one network.
         full = {n for n in networks if len(n) > 8}
         networks -= {n for n in networks if len(n) <= 8 and any(f.startswith(n) for f in full)}
+        endpoints = veth.endpoints_of(links, bridges, is_endpoint_alias)
         return Owned(networks=frozenset(networks), endpoints=frozenset(endpoints))
 
     # -- the overlay's own -----------------------------------------------------------

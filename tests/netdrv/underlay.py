@@ -28,6 +28,7 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from mesh.sandbox import names
 from mesh.sandbox.driver import EndpointPlan, NetworkPlan
@@ -166,12 +167,8 @@ class Underlay:
                 yield frames
                 time.sleep(0.3)  # the last frames' way through the kernel
             finally:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+                proc.send_signal(signal.SIGINT)  # tcpdump writes what it has and exits
+                finish(proc)
             frames.extend(read_pcap(dump))
 
     def close(self) -> None:
@@ -181,6 +178,15 @@ class Underlay:
         if self._made_mid:
             run(["ip", "netns", "delete", self.mid], check=False)
             self._made_mid = False
+
+
+def finish(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Wait for a process this test started to exit; kill it if it does not."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
 
 
 # -- what a capture holds ---------------------------------------------------------
