@@ -194,7 +194,9 @@ class OverlayDriver:
         # A short id (from a name without alias) and the full one are one network.
         full = {n for n in networks if len(n) > 8}
         networks -= {n for n in networks if len(n) <= 8 and any(f.startswith(n) for f in full)}
-        endpoints = veth.endpoints_of(links, bridges, is_endpoint_alias)
+        endpoints = veth.endpoints_of(
+            links, bridges, lambda link: is_endpoint_alias(link.get("IFLA_IFALIAS"))
+        )
         return Owned(networks=frozenset(networks), endpoints=frozenset(endpoints))
 
     # -- the overlay's own -----------------------------------------------------------

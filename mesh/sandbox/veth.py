@@ -230,16 +230,16 @@ def ports(ipr: Any, bridge: int) -> list[int]:
 
 
 def endpoints_of(
-    links: Iterable[Any], bridges: Collection[int], claims: Callable[[str | None], bool]
+    links: Iterable[Any], bridges: Collection[int], claims: Callable[[Any], bool]
 ) -> set[str]:
     """A driver's host-side veths among `links`: those on one of its `bridges` (indexes),
-    or whose alias it `claims` (one detached from its bridge, or not yet on it)."""
+    and those off them that it `claims` (by alias: one detached from its bridge)."""
     return {
         link.get("IFLA_IFNAME")
         for link in links
         if (link.get("IFLA_IFNAME") or "").startswith(names.VETH_PREFIX)
         and kind(link) == "veth"
-        and (link.get("IFLA_MASTER") in bridges or claims(link.get("IFLA_IFALIAS")))
+        and (link.get("IFLA_MASTER") in bridges or claims(link))
     }
 
 
