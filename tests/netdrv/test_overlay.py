@@ -187,6 +187,12 @@ def test_set_peers_programs_exactly_the_peers(overlay_lab: KernelHarness) -> Non
     # idempotent: the same call changes nothing
     driver.set_peers(net, [b, a])
     assert fdb_lines(lab, vxlan) == fdb and neigh_lines(lab, vxlan) == neigh
+    # the network made again (a restart's reconciliation) keeps its VXLAN device, and so
+    # its entries, when nothing of it changed
+    index = node_ip(lab, "-o", "link", "show", "dev", vxlan).split(":")[0]
+    OverlayDriver(lab.node_path, vtep="10.99.0.1").create_network(net)
+    assert node_ip(lab, "-o", "link", "show", "dev", vxlan).split(":")[0] == index
+    assert fdb_lines(lab, vxlan) == fdb and neigh_lines(lab, vxlan) == neigh
     # a moved peer (another VTEP), a withdrawn one, a new one
     moved = Peer(a.mac, a.address, "10.98.0.9")
     new = Peer(names.mac_of("10.210.9.30"), "10.210.9.30", "10.98.0.2")
