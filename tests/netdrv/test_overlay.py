@@ -95,11 +95,18 @@ def test_overlay_objects_are_as_documented(overlay_lab: KernelHarness) -> None:
 def test_the_mtu_follows_the_underlay(overlay_lab: KernelHarness) -> None:
     lab = overlay_lab.lab
     net = lab.network(4)
-    OverlayDriver(lab.node_path, vtep="10.99.0.1").create_network(net)  # up0: 1500
+    driver = OverlayDriver(lab.node_path, vtep="10.99.0.1")
+    driver.create_network(net)  # up0: 1500
     assert "mtu 1450 " in node_ip(lab, "link", "show", "dev", names.vxlan_name(net.id))
-    OverlayDriver(lab.node_path, vtep="10.99.0.1", underlay_mtu=9000).create_network(net)
-    for device in (names.vxlan_name(net.id), names.overlay_bridge_name(net.id)):
+    path, ep = joined(overlay_lab, driver, net, 5)
+    # a jumbo underlay: the network made again follows, the endpoint joined again too
+    jumbo = OverlayDriver(lab.node_path, vtep="10.99.0.1", underlay_mtu=9000)
+    jumbo.create_network(net)
+    jumbo.join(net, ep, path)
+    host_side = names.veth_name(ep.task_id, ep.index)
+    for device in (names.vxlan_name(net.id), names.overlay_bridge_name(net.id), host_side):
         assert "mtu 8950 " in node_ip(lab, "link", "show", "dev", device)
+    assert "mtu 8950 " in in_netns(path, ["ip", "link", "show", "eth0"], check=True).stdout
 
 
 def test_a_plan_without_vni_or_host_address_is_refused(overlay_lab: KernelHarness) -> None:
@@ -350,3 +357,29 @@ def test_an_encapsulated_ping_carries_the_vni_as_sent(make_underlay: type[Underl
     protocols = {inner_ipv4(p) for p in seen.vxlan}
     assert (one.ep.address, two.ep.address, 1) in protocols  # ICMP, inner addresses kept
     assert (two.ep.address, one.ep.address, 1) in protocols
+
+
+def test_set_peers_at_scale(overlay_lab: KernelHarness) -> None:
+    """1,000 peers programmed, the same again (nothing to do), then half withdrawn: the
+    time each takes is printed, the bound is liveness only."""
+    lab = overlay_lab.lab
+    driver = OverlayDriver(lab.node_path, vtep="10.99.0.1")
+    net = dataclasses.replace(lab.network(12), subnet="10.210.32.0/19", host_address="10.210.32.1")
+    driver.create_network(net)
+    peers = [
+        Peer(names.mac_of(f"10.210.{32 + n // 200}.{10 + n % 200}"),
+             f"10.210.{32 + n // 200}.{10 + n % 200}", f"10.98.{n % 50}.2")
+        for n in range(1000)
+    ]  # fmt: skip
+    timings = []
+    for wanted in (peers, peers, peers[:500]):
+        started = time.monotonic()
+        driver.set_peers(net, wanted)
+        timings.append(time.monotonic() - started)
+        assert driver.peers(net) == set(wanted)
+    print(
+        "set_peers: 1000 new {:.2f} s, the same again {:.2f} s, 500 withdrawn {:.2f} s".format(
+            *timings
+        )
+    )
+    assert sum(timings) < 60
