@@ -23,7 +23,10 @@ Kernel design (docs/networking.md, "The overlay driver", describes it for users)
   - `net.ipv4.ip_forward=1`, and the node's table `inet meshplane_net`
     (`mesh.sandbox.firewall`) covers `mpob-` bridges as `mpbr-` ones:
     isolation between networks, an internal network forwards nothing in or
-    out, a non-internal subnet's traffic leaving the node is masqueraded.
+    out, a non-internal subnet's traffic leaving the node is masqueraded, and
+    traffic entering the overlay from outside its subnet (the routing mesh's
+    DNAT to a task, maybe on another node) is masqueraded to the host address,
+    so the answer comes back through this node.
 * Endpoint: a veth pair on the bridge (`mesh.sandbox.veth`, as the bridge
   driver's), alias `meshplane ep=<task_id>/<index> net=<id> driver=overlay`;
   the default route is the plan's (`EndpointPlan.gateway`: the node's

@@ -21,9 +21,10 @@ import pytest
 from mesh.sandbox import names
 from mesh.sandbox.bridge import BridgeDriver
 from mesh.sandbox.driver import DriverError
+from mesh.sandbox.firewall import render_ruleset
 from mesh.sandbox.overlay import OverlayDriver, Peer
 from tests.netdrv.driver_suite import joined
-from tests.netdrv.lab import ECHO_PORT, Lab, in_netns, pings, run, skip_reason
+from tests.netdrv.lab import ECHO_PORT, NODE_UPLINK, Lab, in_netns, pings, run, skip_reason
 from tests.netdrv.test_bridge import OVERLAY_HOST, KernelHarness
 from tests.netdrv.underlay import Task, Underlay, classify, inner_ipv4
 
@@ -383,3 +384,35 @@ def test_set_peers_at_scale(overlay_lab: KernelHarness) -> None:
         )
     )
     assert sum(timings) < 60
+
+
+def test_a_published_port_on_one_node_reaches_a_task_on_another(
+    make_underlay: type[Underlay],
+) -> None:
+    """The routing mesh's path: a DNAT on node 1 (as its LB backend would program) to a
+    task that runs only on node 3. The task sees node 1's own address on the network,
+    and its answer goes back through node 1, which holds the connection's NAT."""
+    underlay = make_underlay(3)
+    net = underlay.network(1)
+    tasks = [underlay.task(node, net, 10 + node.index) for node in underlay.nodes]
+    underlay.set_all_peers(net, tasks)
+    node_one, three = underlay.nodes[0], tasks[2]
+    three.node.lab.echo_server(three.path, three.ep.address)
+    rules = (
+        "add table ip t16mesh; "
+        "add chain ip t16mesh pre { type nat hook prerouting priority dstnat; }; "
+        f"add rule ip t16mesh pre tcp dport 8080 dnat to {three.ep.address}:{ECHO_PORT}"
+    )
+    in_netns(node_one.lab.node_path, ["nft", rules], check=True)
+    outside = node_one.lab
+    seen = outside.echo(outside.outside_path, NODE_UPLINK, 8080)
+    assert seen == node_one.plan(net).host_address
+
+
+def test_the_ruleset_covers_overlay_bridges() -> None:
+    script = render_ruleset([("mpbr-a", "10.1.0.0/24", False), ("mpob-b", "10.2.0.0/24", False)])
+    assert 'iifname "mpbr-a" oifname "mpob-*" oifname != "mpbr-a" drop' in script
+    assert 'iifname "mpob-b" oifname "mpbr-*" oifname != "mpob-b" drop' in script
+    assert 'ip saddr 10.2.0.0/24 oifname != "mpob-b" masquerade' in script
+    assert 'oifname "mpob-b" ip saddr != 10.2.0.0/24 masquerade' in script
+    assert 'oifname "mpbr-a" ip saddr' not in script  # a bridge network keeps client addresses
