@@ -169,9 +169,7 @@ class OverlayDriver:
 
     def join(self, net: NetworkPlan, ep: EndpointPlan, netns: str) -> None:
         with veth.node(self.node_netns) as ipr:
-            bridge = veth.lookup(ipr, names.overlay_bridge_name(net.id))
-            if bridge is None:
-                raise DriverError(f"network {net.name} has no bridge on this node yet")
+            bridge = veth.network_bridge(ipr, names.overlay_bridge_name(net.id), net.name)
             mtu = int(ipr.get_links(bridge)[0].get("IFLA_MTU"))
             alias = endpoint_alias(net.id, ep)
             veth.join(ipr, bridge, ep, netns, alias, isolated=False, mtu=mtu)
