@@ -265,7 +265,7 @@ class OverlayDriver:
 
     def _sync_fdb(self, ipr: Any, vxlan: int, own_mac: str, wanted: dict[str, Peer]) -> None:
         have_self: dict[str, set[str]] = {}
-        have_master: set[str] = set()
+        have_master: dict[str, int] = {}  # MAC -> NUD state
         for entry in _fdb(ipr, vxlan):
             mac, state = _mac(entry), entry["state"]
             if entry["flags"] & NTF_SELF:
@@ -273,7 +273,7 @@ class OverlayDriver:
             elif entry.get("NDA_MASTER") and mac != own_mac and not state & NUD_PERMANENT:
                 # the bridge's entry on its VXLAN port (a dump marks it by NDA_MASTER,
                 # not NTF_MASTER); a permanent one is the port's own MAC, not a peer
-                have_master.add(mac)
+                have_master[mac] = state
         for mac, dsts in have_self.items():
             keep = wanted[mac].vtep if mac in wanted else None
             for dst in dsts - {keep}:
@@ -292,7 +292,7 @@ class OverlayDriver:
                     dst=peer.vtep, state=NUD_NOARP | NUD_PERMANENT,
                     flags=NTF_SELF,
                 )  # fmt: skip
-            if mac not in have_master:
+            if not have_master.get(mac, 0) & NUD_NOARP:  # missing, or learned (dynamic)
                 ipr.neigh(
                     "replace", family=socket.AF_BRIDGE, ifindex=vxlan, lladdr=mac,
                     state=NUD_NOARP, flags=NTF_MASTER,
