@@ -47,20 +47,20 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from mesh.core.netns import entered
 from mesh.sandbox import driver, names
-from mesh.sandbox.bridge import (
-    ALIAS_TAG,
-    _configure_inside,
-    _delete_link,
-    _ensure_address,
-    _kind,
-    _lookup,
-    _peer_inside,
-    _require,
-    endpoint_alias,
-    parse_alias,
-)
+from mesh.sandbox.bridge import endpoint_alias
 from mesh.sandbox.driver import DriverError, EndpointPlan, NetworkPlan, Owned
 from mesh.sandbox.macvlan_options import HOST_SHIM, MODES, PARENT, mode_of, vlan_parent
+from mesh.sandbox.veth import (
+    ALIAS_TAG,
+    _configure_inside,
+    _peer_inside,
+    parse_alias,
+)
+from mesh.sandbox.veth import delete_link as _delete_link
+from mesh.sandbox.veth import ensure_address as _ensure_address
+from mesh.sandbox.veth import kind as _kind
+from mesh.sandbox.veth import lookup as _lookup
+from mesh.sandbox.veth import require as _require
 
 NAME = "macvlan"
 
@@ -145,7 +145,7 @@ class MacvlanDriver:
                     raise
             try:
                 with entered(netns), IPRoute() as inner:
-                    _configure_inside(inner, ep, temp, alias)
+                    _configure_inside(inner, ep, temp, alias, None)
             except BaseException:
                 if not inside:  # a failed join leaves nothing it made
                     _remove_inside(netns, ep, temp, alias)

@@ -3,7 +3,8 @@
 Every object the agent makes carries one of these names, so reconciliation and
 cleanup touch nothing else: a sandbox namespace is `mp-<node_id>-<task_id>`
 (the node id keeps two agents on one host, or two tests, apart), a bridge is
-`mpbr-<net_id[:8]>`, a host-side veth is `mpv<task_id[:8]><index>` (a macvlan
+`mpbr-<net_id[:8]>`, an overlay network's bridge `mpob-<net_id[:8]>` and its VXLAN
+device `mpvx-<net_id[:8]>`, a host-side veth is `mpv<task_id[:8]><index>` (a macvlan
 endpoint has that name in the node's namespace until it is moved into its
 sandbox), a macvlan network's host shim `mpms-<net_id[:8]>`. Linux
 limits interface names to 15 characters (IFNAMSIZ - 1); these stay within it.
@@ -16,6 +17,8 @@ import ipaddress
 
 NETNS_DIR = "/run/netns"
 BRIDGE_PREFIX = "mpbr-"
+OVERLAY_BRIDGE_PREFIX = "mpob-"
+VXLAN_PREFIX = "mpvx-"
 VETH_PREFIX = "mpv"
 SHIM_PREFIX = "mpms-"  # a macvlan network's host shim
 IFNAME_MAX = 15
@@ -52,6 +55,16 @@ def bridge_name(net_id: str) -> str:
 def shim_name(net_id: str) -> str:
     """The macvlan host shim of a network on this node (made on request)."""
     return f"{SHIM_PREFIX}{net_id[:8]}"
+
+
+def overlay_bridge_name(net_id: str) -> str:
+    """The Linux bridge of an overlay network on this node (its endpoints and VXLAN)."""
+    return f"{OVERLAY_BRIDGE_PREFIX}{net_id[:8]}"
+
+
+def vxlan_name(net_id: str) -> str:
+    """The VXLAN device of an overlay network on this node (a port of its bridge)."""
+    return f"{VXLAN_PREFIX}{net_id[:8]}"
 
 
 def veth_name(task_id: str, index: int) -> str:
