@@ -194,6 +194,7 @@ class NetworkOut(_Response):
     ip_range: str | None
     aux_addresses: dict[str, str]
     options: dict[str, str]
+    vni: int = 0  # overlay: the network's VXLAN id
 
 
 class PortOut(_Response):

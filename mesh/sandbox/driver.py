@@ -33,6 +33,10 @@ class NetworkPlan:
     gateway: str  # an address in `subnet`, no prefix length
     internal: bool
     options: Mapping[str, str] = field(default_factory=dict)  # driver options: icc=false
+    vni: int = 0  # overlay: the network's VXLAN id
+    #: overlay: this node's own address on the network (its "load-balancer endpoint", as in
+    #: Swarm); None for other drivers
+    host_address: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
