@@ -86,7 +86,8 @@ class Driver(Protocol):
 DriverFactory = Callable[[str | None], Driver]
 
 _REGISTRY: dict[str, DriverFactory] = {}
-_BUILTIN_MODULES = ("mesh.sandbox.bridge",)  # each registers itself on import
+#: each registers itself on import
+_BUILTIN_MODULES = ("mesh.sandbox.bridge", "mesh.sandbox.overlay")
 
 
 def register(name: str, factory: DriverFactory) -> None:

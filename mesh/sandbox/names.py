@@ -3,7 +3,8 @@
 Every object the agent makes carries one of these names, so reconciliation and
 cleanup touch nothing else: a sandbox namespace is `mp-<node_id>-<task_id>`
 (the node id keeps two agents on one host, or two tests, apart), a bridge is
-`mpbr-<net_id[:8]>`, a host-side veth is `mpv<task_id[:8]><index>`. Linux
+`mpbr-<net_id[:8]>`, an overlay network's bridge `mpob-<net_id[:8]>` and its VXLAN
+device `mpvx-<net_id[:8]>`, a host-side veth is `mpv<task_id[:8]><index>`. Linux
 limits interface names to 15 characters (IFNAMSIZ - 1); these stay within it.
 """
 
@@ -14,6 +15,8 @@ import ipaddress
 
 NETNS_DIR = "/run/netns"
 BRIDGE_PREFIX = "mpbr-"
+OVERLAY_BRIDGE_PREFIX = "mpob-"
+VXLAN_PREFIX = "mpvx-"
 VETH_PREFIX = "mpv"
 IFNAME_MAX = 15
 BRIDGE_TABLE = "meshplane_net"  # family inet, in the node's namespace
@@ -44,6 +47,16 @@ def netns_path(name: str) -> str:
 def bridge_name(net_id: str) -> str:
     """The Linux bridge of a network on this node."""
     return f"{BRIDGE_PREFIX}{net_id[:8]}"
+
+
+def overlay_bridge_name(net_id: str) -> str:
+    """The Linux bridge of an overlay network on this node (its endpoints and VXLAN)."""
+    return f"{OVERLAY_BRIDGE_PREFIX}{net_id[:8]}"
+
+
+def vxlan_name(net_id: str) -> str:
+    """The VXLAN device of an overlay network on this node (a port of its bridge)."""
+    return f"{VXLAN_PREFIX}{net_id[:8]}"
 
 
 def veth_name(task_id: str, index: int) -> str:

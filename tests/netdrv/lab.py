@@ -10,6 +10,10 @@ derived from the test's unique node name. `close()` removes all of them, also
 after a failure: deleting the node namespace takes its bridges, veths and
 table with it.
 
+A lab for the overlay driver (`host=<n>`) gives its networks a VNI and this
+node's own address on them (`host_address`, the subnet's `.n`), which its
+sandboxes route by; for every other driver a sandbox routes by the gateway.
+
 Traffic is real: `ping` and `curl` run inside namespaces with `nsenter --net`
 (the way the CLI runs commands in a sandbox), TCP echo servers and clients are
 real sockets opened inside a namespace with `mesh.core.netns.entered`.
@@ -67,6 +71,12 @@ def pings(path: str, address: str) -> bool:
     return in_netns(path, ["ping", "-c", "1", "-W", "1", "-q", address]).returncode == 0
 
 
+def way_out(net: NetworkPlan) -> str:
+    """The address a sandbox of the network routes by: the node's own on an overlay
+    (the subnet's gateway is on no node there), else the gateway."""
+    return net.host_address or net.gateway
+
+
 @dataclass
 class Lab:
     """A node, its outside, and its sandboxes; `close()` removes every one."""
@@ -75,6 +85,8 @@ class Lab:
         default_factory=lambda: f"t15drv-{os.getpid()}-{next(_counter)}-{secrets.token_hex(2)}"
     )
     servers: list[_Server] = field(default_factory=list)
+    #: overlay: the node's own address on each network is the subnet's .<host>
+    host: int | None = None
 
     def __post_init__(self) -> None:
         self.node = f"{self.node_name}-node"
@@ -109,6 +121,7 @@ class Lab:
         self, index: int, *, internal: bool = False, options: dict[str, str] | None = None
     ) -> NetworkPlan:
         subnet = ipaddress.IPv4Network(f"10.210.{index}.0/24")
+        host = None if self.host is None else str(subnet.network_address + self.host)
         return NetworkPlan(
             id=f"{index:02x}{secrets.token_hex(7)}",
             name=f"net{index}",
@@ -116,6 +129,8 @@ class Lab:
             gateway=str(subnet.network_address + 1),
             internal=internal,
             options=MappingProxyType(dict(options or {})),
+            vni=0 if host is None else 4096 + index,
+            host_address=host,
         )
 
     def endpoint(
@@ -130,7 +145,7 @@ class Lab:
             prefixlen=subnet.prefixlen,
             mac=names.mac_of(address),
             interface=names.sandbox_interface(index),
-            gateway=net.gateway if route and not net.internal else None,
+            gateway=way_out(net) if route and not net.internal else None,
         )
 
     @staticmethod

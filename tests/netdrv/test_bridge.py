@@ -1,4 +1,4 @@
-"""The bridge driver passes the driver contract suite, plus its own kernel checks."""
+"""The drivers pass the driver contract suite; the bridge driver's own kernel checks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from mesh.sandbox.driver import Driver, create_driver
 from tests.netdrv.driver_suite import DriverSuite, eventually, joined, links
 from tests.netdrv.lab import Lab, in_netns, pings, run, skip_reason
 
-DRIVERS = ["bridge"]  # overlay and macvlan join here (issue 16)
+DRIVERS = ["bridge", "overlay"]  # macvlan joins here (issue 16)
+#: the node's own address on each overlay network: the subnet's .254 (lab.way_out)
+OVERLAY_HOST = 254
 
 
 @dataclass
@@ -29,22 +31,41 @@ class KernelHarness:
         owned = [
             f"link {name}"
             for name in self.lab.node_links()
-            if name.startswith((names.BRIDGE_PREFIX, names.VETH_PREFIX, "mpt"))
+            if name.startswith(
+                (
+                    names.BRIDGE_PREFIX,
+                    names.OVERLAY_BRIDGE_PREFIX,
+                    names.VXLAN_PREFIX,
+                    names.VETH_PREFIX,
+                    "mpt",
+                )
+            )
         ]
         tables = [line for line in self.lab.node_tables() if names.BRIDGE_TABLE in line]
         return owned + tables
 
 
-@pytest.fixture(params=DRIVERS)
-def harness(request: pytest.FixtureRequest) -> Iterator[KernelHarness]:
+def lab_for(driver_name: str) -> Iterator[KernelHarness]:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    lab = Lab()
+    lab = Lab(host=OVERLAY_HOST if driver_name == "overlay" else None)
     try:
-        yield KernelHarness(lab, request.param)
+        yield KernelHarness(lab, driver_name)
     finally:
         lab.close()
+
+
+@pytest.fixture(params=DRIVERS)
+def harness(request: pytest.FixtureRequest) -> Iterator[KernelHarness]:
+    """Every driver: the contract suite runs once per driver."""
+    yield from lab_for(request.param)
+
+
+@pytest.fixture
+def bridge_lab() -> Iterator[KernelHarness]:
+    """The bridge driver alone: its own kernel checks below."""
+    yield from lab_for("bridge")
 
 
 class TestDriverContract(DriverSuite):
@@ -55,8 +76,8 @@ def sysctl(lab: Lab, key: str) -> str:
     return in_netns(lab.node_path, ["sysctl", "-n", key], check=True).stdout.strip()
 
 
-def test_bridge_objects_are_as_documented(harness: KernelHarness) -> None:
-    lab = harness.lab
+def test_bridge_objects_are_as_documented(bridge_lab: KernelHarness) -> None:
+    lab = bridge_lab.lab
     in_netns(lab.node_path, ["sysctl", "-w", "net.ipv4.ip_forward=0"], check=True)
     driver = BridgeDriver(lab.node_path)
     net = lab.network(3, options={"icc": "false"})
@@ -68,7 +89,7 @@ def test_bridge_objects_are_as_documented(harness: KernelHarness) -> None:
     assert f"inet {net.gateway}/24" in shown
     gateway_mac = names.mac_of(net.gateway)
     assert gateway_mac in shown
-    _, ep = joined(harness, driver, net, 9)
+    _, ep = joined(bridge_lab, driver, net, 9)
     port = run(["ip", "-n", lab.node, "-d", "link", "show", names.veth_name(ep.task_id, 0)])
     assert f"master {bridge}" in port.stdout and "isolated on" in port.stdout
     # the gateway's MAC does not follow the ports (sandboxes' ARP caches hold it)
@@ -90,10 +111,10 @@ def test_the_ruleset_isolates_bridges_and_keeps_internal_networks_in() -> None:
     assert render_ruleset([]).endswith("delete table inet meshplane_net\n")
 
 
-def test_many_sandboxes_come_and_go(harness: KernelHarness) -> None:
+def test_many_sandboxes_come_and_go(bridge_lab: KernelHarness) -> None:
     """20 sandboxes made, joined, left and removed one after another (the manager's
     worker does them in order): the time each takes is printed, not asserted tightly."""
-    lab, driver = harness.lab, BridgeDriver(harness.lab.node_path)
+    lab, driver = bridge_lab.lab, BridgeDriver(bridge_lab.lab.node_path)
     net = lab.network(4)
     driver.create_network(net)
     count = 20
@@ -124,10 +145,10 @@ def test_many_sandboxes_come_and_go(harness: KernelHarness) -> None:
 
 
 @pytest.mark.parametrize("moved", [False, True], ids=["peer-on-the-node", "peer-not-renamed"])
-def test_join_converges_after_a_crash_half_way(harness: KernelHarness, moved: bool) -> None:
+def test_join_converges_after_a_crash_half_way(bridge_lab: KernelHarness, moved: bool) -> None:
     """kill -9 between making the veth and renaming its peer in the sandbox: the
     next join (after the restart) finishes the endpoint, with nothing left over."""
-    lab = harness.lab
+    lab = bridge_lab.lab
     net = lab.network(5)
     BridgeDriver(lab.node_path).create_network(net)
     task = lab.task_id()
@@ -145,3 +166,21 @@ def test_join_converges_after_a_crash_half_way(harness: KernelHarness, moved: bo
     assert links(path) == ["lo", "eth0"]
     assert pings(path, net.gateway)
     assert restarted.owned().endpoints == {host}
+
+
+def test_owned_reports_only_the_bridge_drivers_veths(bridge_lab: KernelHarness) -> None:
+    """Another driver's veths share the `mpv` prefix (the overlay's, on `mpob-` bridges):
+    the bridge driver reports only those on its own bridges or with its own alias."""
+    lab = bridge_lab.lab
+    driver = BridgeDriver(lab.node_path)
+    net = lab.network(6)
+    driver.create_network(net)
+    _, ep = joined(bridge_lab, driver, net, 7)
+    node = ["ip", "-n", lab.node, "link"]
+    run([*node, "add", "mpob-0badc0de", "type", "bridge"])
+    run([*node, "add", "mpv0badc0de0", "type", "veth", "peer", "name", "mpt0badc0de0"])
+    run([*node, "set", "mpv0badc0de0", "master", "mpob-0badc0de"])
+    run([*node, "add", "mpv0badc0de1", "type", "veth", "peer", "name", "mpt0badc0de1"])
+    run([*node, "set", "mpv0badc0de1", "alias", "meshplane ep=0badc0de/1 net=x driver=overlay"])
+    assert driver.owned().endpoints == {names.veth_name(ep.task_id, 0)}
+    assert driver.owned().networks == {net.id}
