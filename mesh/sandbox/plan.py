@@ -4,8 +4,10 @@ The manager's shell (`mesh.sandbox.manager`) keeps the kernel in step with the
 state; every decision it takes is made here, from plain values:
 
 - `network_want` / `sandbox_want`: what the state asks of this node's kernel
-  (its bridge networks; its tasks' sandboxes with their endpoints in order, the
-  default route on the first non-internal network's endpoint);
+  (its bridge networks and every overlay network, once this node has its own
+  address there; its tasks' sandboxes with their endpoints in order, the
+  default route on the first non-internal network's endpoint: via the gateway
+  on a bridge network, via this node's own address on an overlay);
 - `transition`: the jobs one change of a network or a task needs, in order;
 - `reconcile`: at start, given what the kernel holds under our prefixes (left by
   an agent killed with -9, or by a reboot that emptied /run/netns): remove what
@@ -20,12 +22,12 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from mesh.core.model import Network, Task
+from mesh.core.model import Network, Task, vni_of
 from mesh.sandbox.driver import EndpointPlan, NetworkPlan
 from mesh.sandbox.names import bridge_name, netns_name, netns_path, veth_name
 
 #: The network drivers that make kernel objects on one node, and so a sandbox's endpoints.
-SANDBOX_DRIVERS = frozenset({"bridge"})
+SANDBOX_DRIVERS = frozenset({"bridge", "overlay"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,14 @@ class DeleteNetwork:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncPeers:
+    """Make an overlay network's static FDB and neighbour entries this node's peer
+    table for it, as it is when the job runs (queued once however many changes)."""
+
+    network: str
+
+
+@dataclass(frozen=True, slots=True)
 class EnsureSandbox:
     """Namespace (made or adopted), resolv.conf, every endpoint joined, DNS and LB
     inside opened; each step idempotent, so it also repairs what is partly there."""
@@ -128,6 +138,7 @@ class DeleteVeth:
 Job = (
     CreateNetwork
     | DeleteNetwork
+    | SyncPeers
     | EnsureSandbox
     | Leave
     | RemoveSandbox
@@ -139,27 +150,48 @@ Job = (
 # -- what the state asks ------------------------------------------------------------------
 
 
-def network_want(network: Network, node: str) -> NetworkWant | None:
-    """The network's driver work on `node`, or None when it has none there (an overlay
-    network, a removed one, a bridge network of another node)."""
-    if network.deleted or network.driver not in SANDBOX_DRIVERS or network.node != node:
-        return None
-    return NetworkWant(
-        network.driver,
-        NetworkPlan(
-            id=network.id,
-            name=network.name,
-            subnet=network.subnet,
-            gateway=network.gateway,
-            internal=network.internal,
-            options=dict(network.options),
-        ),
+def network_plan(network: Network, host_address: str | None = None) -> NetworkPlan:
+    overlay = network.driver == "overlay"
+    return NetworkPlan(
+        id=network.id,
+        name=network.name,
+        subnet=network.subnet,
+        gateway=network.gateway,
+        internal=network.internal,
+        options=dict(network.options),
+        vni=vni_of(network) if overlay else 0,
+        host_address=host_address if overlay else None,
     )
 
 
-def sandbox_want(task: Task, node: str, networks: Mapping[str, Network]) -> SandboxWant | None:
+def network_want(
+    network: Network, node: str, host_address: str | None = None
+) -> NetworkWant | None:
+    """The network's driver work on `node`, or None when it has none there (a removed
+    network, a bridge network of another node, an overlay this node has no address on
+    yet, or whose VNI is not known yet). Every node serves every overlay network: the
+    routing mesh and the HRM of any node reach the tasks of every other through it."""
+    if network.deleted or network.driver not in SANDBOX_DRIVERS:
+        return None
+    if network.driver == "overlay":
+        if host_address is None or vni_of(network) == 0:
+            return None
+    elif network.node != node:
+        return None
+    return NetworkWant(network.driver, network_plan(network, host_address))
+
+
+def sandbox_want(
+    task: Task,
+    node: str,
+    networks: Mapping[str, Network],
+    host_addresses: Mapping[str, str] | None = None,
+) -> SandboxWant | None:
     """The task's sandbox on `node`, or None when it has none here. An endpoint on a
-    network this node does not know (cannot happen through the store) is skipped."""
+    network this node does not know (cannot happen through the store) is skipped.
+    `host_addresses`: this node's own address on each overlay network (its way out
+    there: no node holds an overlay's gateway address)."""
+    host_addresses = host_addresses or {}
     sandbox = task.sandbox
     if task.deleted or sandbox is None or task.node != node:
         return None
@@ -169,20 +201,15 @@ def sandbox_want(task: Task, node: str, networks: Mapping[str, Network]) -> Sand
         network = networks.get(endpoint.network)
         if network is None or network.deleted:
             continue
+        host_address = host_addresses.get(network.name)
+        way_out = host_address if network.driver == "overlay" else network.gateway
         # The default route leaves by the first network that has a way out.
-        gateway = None if routed or network.internal else network.gateway
+        gateway = None if routed or network.internal else way_out
         routed = routed or gateway is not None
         endpoints.append(
             EndpointWant(
                 network.driver,
-                NetworkPlan(
-                    id=network.id,
-                    name=network.name,
-                    subnet=network.subnet,
-                    gateway=network.gateway,
-                    internal=network.internal,
-                    options=dict(network.options),
-                ),
+                network_plan(network, host_address),
                 EndpointPlan(
                     task_id=task.id,
                     index=index,
@@ -209,7 +236,9 @@ def network_transition(before: NetworkWant | None, after: NetworkWant | None) ->
         assert before is not None
         return [DeleteNetwork(before.driver, before.plan.id)]
     # A new network, or one whose plan changed: create is idempotent and brings the
-    # bridge to the plan.
+    # bridge to the plan; an overlay's peers are then programmed on it.
+    if after.driver == "overlay":
+        return [CreateNetwork(after), SyncPeers(after.plan.name)]
     return [CreateNetwork(after)]
 
 
@@ -292,6 +321,8 @@ def reconcile(
             created.add(net.plan.name)
         # Every network: create is idempotent and puts back what is partly gone.
         jobs.append(CreateNetwork(net))
+        if net.driver == "overlay":
+            jobs.append(SyncPeers(net.plan.name))
     repaired = set()
     all_veths = frozenset().union(*found.veths.values()) if found.veths else frozenset()
     for sandbox in sandboxes:

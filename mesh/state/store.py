@@ -290,6 +290,27 @@ class Store:
             changes += self._repair_vni(network)
         return changes + self._ensure_node()
 
+    def _vni_for(self, spec: NetworkSpec) -> int:
+        """`--opt vni=N` when free (as the design's CLI contract has it), else the lowest
+        free one. A VNI given by hand is repaired like any other if another node handed
+        it out at the same moment (the younger network moves)."""
+        text = spec.options.get("vni")
+        if text is None:
+            return self._free_vni()
+        try:
+            vni = int(text)
+        except ValueError:
+            raise Invalid(f"--opt vni={text}: not a number") from None
+        if vni not in VNI_RANGE:
+            raise Invalid(
+                f"--opt vni={vni}: a VNI is {VNI_RANGE.start}-{VNI_RANGE.stop - 1} "
+                f"({INGRESS_VNI} is the ingress network's)"
+            )
+        for network in self.networks():
+            if network.driver == "overlay" and vni_of(network) == vni:
+                raise Conflict(f"VNI {vni} is network {network.name!r}'s", code="vni_in_use")
+        return vni
+
     def _free_vni(self) -> int:
         used = {vni_of(n) for n in self.networks() if n.driver == "overlay"}
         return next(v for v in VNI_RANGE if v not in used)
@@ -533,7 +554,7 @@ class Store:
             ip_range=None if ip_range is None else str(ip_range),
             aux_addresses=aux,
             options=dict(spec.options),
-            vni=self._free_vni() if spec.driver == "overlay" else 0,
+            vni=self._vni_for(spec) if spec.driver == "overlay" else 0,
         )
         return [self._write(record), *self._ensure_node()]
 

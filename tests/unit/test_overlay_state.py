@@ -25,7 +25,7 @@ from mesh.core.model import (
     Task,
     vni_of,
 )
-from mesh.errors import Invalid
+from mesh.errors import Conflict, Invalid
 from mesh.ipam import Ipam, parse_pool
 from mesh.liveness import Liveness
 from mesh.state.specs import NetworkSpec, SandboxSpec, ServiceSpec, TaskSpec
@@ -292,3 +292,14 @@ def test_node_records_round_trip_and_bad_addresses_are_refused() -> None:
     for bad in ({"vtep": "nope"}, {"addresses": {"app": "10.0.0.300"}}, {"addresses": []}):
         with pytest.raises((ValueError, TypeError)):
             record_from_dict(raw | bad)
+
+
+def test_a_vni_given_with_opt_is_checked_and_kept() -> None:
+    store = node("n1")
+    assert overlay(store, "a", options={"vni": "5000"}).vni == 5000
+    assert overlay(store, "b").vni == 4097
+    with pytest.raises(Conflict, match="VNI 5000 is network 'a'"):
+        overlay(store, "c", options={"vni": "5000"})
+    for bad in ("4096", "0", str(1 << 24), "x"):
+        with pytest.raises(Invalid, match="vni="):
+            overlay(store, "c", options={"vni": bad})
