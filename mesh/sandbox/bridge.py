@@ -10,9 +10,10 @@ Kernel design (docs/networking.md, "The bridge driver", describes it for users):
 * Endpoint: a veth pair on the bridge (`mesh.sandbox.veth`, shared with the
   overlay driver); the host side `mpv<task_id[:8]><index>`, the sandbox side
   `eth<index>`. Both ends carry the alias `meshplane ep=<task_id>/<index>
-  net=<id>`. `owned()` reports only the veths whose master is an `mpbr-`
-  bridge or that carry this alias: the overlay driver's veths (same prefix,
-  on `mpob-` bridges) are never this driver's.
+  net=<id>`. `owned()` reports the veths on an `mpbr-` bridge, and off them
+  those another driver does not mark: the overlay driver's veths (same
+  prefix, made on an `mpob-` bridge, alias `... driver=overlay`) are never
+  this driver's; an unmarked one (a crash before its alias) still is.
 * nftables, table `inet meshplane_net` in the node's namespace
   (`mesh.sandbox.firewall`, shared with the overlay driver's bridges), rewritten
   whole from the bridges that exist whenever a network is made or removed:
@@ -57,10 +58,10 @@ def endpoint_alias(net_id: str, ep: EndpointPlan) -> str:
     return f"{ALIAS_TAG} ep={ep.task_id}/{ep.index} net={net_id}"
 
 
-def is_endpoint_alias(alias: str | None) -> bool:
-    """Whether an alias is one `endpoint_alias` wrote (no other driver's)."""
-    words = parse_alias(alias)
-    return "ep" in words and words.get("driver", NAME) == NAME
+def unmarked_or_ours(alias: str | None) -> bool:
+    """A veth's alias is `endpoint_alias`'s, or no driver's at all (another driver's
+    names itself with `driver=`)."""
+    return parse_alias(alias).get("driver", NAME) == NAME
 
 
 def icc_disabled(net: NetworkPlan) -> bool:
@@ -130,27 +131,34 @@ class BridgeDriver:
             veth.leave(ipr, ep)
 
     def owned(self) -> Owned:
-        networks: set[str] = set()
-        endpoints: set[str] = set()
         with veth.node(self.node_netns) as ipr:
             links = ipr.get_links()
-            ours = {
-                link["index"]
-                for link in links
-                if (link.get("IFLA_IFNAME") or "").startswith(names.BRIDGE_PREFIX)
-                and veth.kind(link) == "bridge"
-            }
-            for link in links:
-                name = link.get("IFLA_IFNAME") or ""
-                alias = link.get("IFLA_IFALIAS")
-                if link["index"] in ours:
-                    networks.add(parse_alias(alias).get("net") or name[len(names.BRIDGE_PREFIX) :])
-                elif (
-                    name.startswith(names.VETH_PREFIX)
-                    and veth.kind(link) == "veth"
-                    and (link.get("IFLA_MASTER") in ours or is_endpoint_alias(alias))
-                ):
-                    endpoints.add(name)
+        bridges = {
+            link["index"]: link
+            for link in links
+            if (link.get("IFLA_IFNAME") or "").startswith(names.BRIDGE_PREFIX)
+            and veth.kind(link) == "bridge"
+        }
+        networks = {
+            parse_alias(link.get("IFLA_IFALIAS")).get("net")
+            or link.get("IFLA_IFNAME")[len(names.BRIDGE_PREFIX) :]
+            for link in bridges.values()
+        }
+        # Off our bridges, a veth with our prefix is ours unless another driver marks
+        # it (on its bridge, or by alias): an orphan of a crash before the alias, or
+        # one made by hand, is still found, as before the overlay came.
+        others = {
+            link["index"]
+            for link in links
+            if (link.get("IFLA_IFNAME") or "").startswith(names.OVERLAY_BRIDGE_PREFIX)
+        }
+        endpoints = veth.endpoints_of(
+            links,
+            bridges.keys(),
+            lambda link: (
+                link.get("IFLA_MASTER") not in others and unmarked_or_ours(link.get("IFLA_IFALIAS"))
+            ),
+        )
         return Owned(networks=frozenset(networks), endpoints=frozenset(endpoints))
 
 

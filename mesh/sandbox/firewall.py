@@ -9,7 +9,11 @@ same, and nothing but the kernel is its memory:
 - forward: a packet from one of our bridges to another is dropped (isolation
   between networks); an internal network's bridge forwards nothing in or out;
 - postrouting (nat): traffic from a non-internal network's subnet leaving by
-  any other interface is masqueraded.
+  any other interface is masqueraded; traffic entering an overlay network
+  from outside its subnet (the routing mesh's DNAT of a published port or a
+  VIP to a task, maybe on another node) is masqueraded to this node's own
+  address on it, so the task's answer comes back through this node, which
+  holds the connection's NAT, and not out of the task's own node.
 
 Traffic between endpoints of one bridge (on an overlay, also to and from its
 VXLAN port) is switched, not routed, so it never meets these rules.
@@ -59,6 +63,8 @@ def render_ruleset(bridges: list[tuple[str, str, bool]]) -> str:
     for bridge, subnet, internal in bridges:
         if not internal:
             lines.append(f'    ip saddr {subnet} oifname != "{bridge}" masquerade')
+        if bridge.startswith(names.OVERLAY_BRIDGE_PREFIX):
+            lines.append(f'    oifname "{bridge}" ip saddr != {subnet} masquerade')
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,10 @@ Kernel design (docs/networking.md, "The overlay driver", describes it for users)
   - `net.ipv4.ip_forward=1`, and the node's table `inet meshplane_net`
     (`mesh.sandbox.firewall`) covers `mpob-` bridges as `mpbr-` ones:
     isolation between networks, an internal network forwards nothing in or
-    out, a non-internal subnet's traffic leaving the node is masqueraded.
+    out, a non-internal subnet's traffic leaving the node is masqueraded, and
+    traffic entering the overlay from outside its subnet (the routing mesh's
+    DNAT to a task, maybe on another node) is masqueraded to the host address,
+    so the answer comes back through this node.
 * Endpoint: a veth pair on the bridge (`mesh.sandbox.veth`, as the bridge
   driver's), alias `meshplane ep=<task_id>/<index> net=<id> driver=overlay`;
   the default route is the plan's (`EndpointPlan.gateway`: the node's
@@ -179,33 +182,24 @@ class OverlayDriver:
 
     def owned(self) -> Owned:
         networks: set[str] = set()
-        endpoints: set[str] = set()
+        bridges: set[int] = set()
         with veth.node(self.node_netns) as ipr:
             links = ipr.get_links()
-            bridges = set()
-            for link in links:
-                name, kind = link.get("IFLA_IFNAME") or "", veth.kind(link)
-                alias = parse_alias(link.get("IFLA_IFALIAS"))
-                if name.startswith(names.OVERLAY_BRIDGE_PREFIX) and kind == "bridge":
-                    bridges.add(link["index"])
-                    networks.add(alias.get("net") or name[len(names.OVERLAY_BRIDGE_PREFIX) :])
-                elif name.startswith(names.VXLAN_PREFIX) and kind == "vxlan":
-                    # a VXLAN device without its bridge: a create that stopped half-way
-                    networks.add(alias.get("net") or name[len(names.VXLAN_PREFIX) :])
-            for link in links:
-                name = link.get("IFLA_IFNAME") or ""
-                if (
-                    name.startswith(names.VETH_PREFIX)
-                    and veth.kind(link) == "veth"
-                    and (
-                        link.get("IFLA_MASTER") in bridges
-                        or is_endpoint_alias(link.get("IFLA_IFALIAS"))
-                    )
-                ):
-                    endpoints.add(name)
+        for link in links:
+            name, kind = link.get("IFLA_IFNAME") or "", veth.kind(link)
+            net_id = parse_alias(link.get("IFLA_IFALIAS")).get("net")
+            if name.startswith(names.OVERLAY_BRIDGE_PREFIX) and kind == "bridge":
+                bridges.add(link["index"])
+                networks.add(net_id or name[len(names.OVERLAY_BRIDGE_PREFIX) :])
+            elif name.startswith(names.VXLAN_PREFIX) and kind == "vxlan":
+                # a VXLAN device without its bridge: a create that stopped half-way
+                networks.add(net_id or name[len(names.VXLAN_PREFIX) :])
         # A short id (from a name without alias) and the full one are one network.
         full = {n for n in networks if len(n) > 8}
         networks -= {n for n in networks if len(n) <= 8 and any(f.startswith(n) for f in full)}
+        endpoints = veth.endpoints_of(
+            links, bridges, lambda link: is_endpoint_alias(link.get("IFLA_IFALIAS"))
+        )
         return Owned(networks=frozenset(networks), endpoints=frozenset(endpoints))
 
     # -- the overlay's own -----------------------------------------------------------
@@ -278,7 +272,9 @@ class OverlayDriver:
             mac, state = _mac(entry), entry["state"]
             if entry["flags"] & NTF_SELF:
                 have_self.setdefault(mac, set()).add(entry.get("NDA_DST") or "")
-            elif entry["flags"] & NTF_MASTER and mac != own_mac and not state & NUD_PERMANENT:
+            elif entry.get("NDA_MASTER") and mac != own_mac and not state & NUD_PERMANENT:
+                # the bridge's entry on its VXLAN port (a dump marks it by NDA_MASTER,
+                # not NTF_MASTER); a permanent one is the port's own MAC, not a peer
                 have_master.add(mac)
         for mac, dsts in have_self.items():
             keep = wanted[mac].vtep if mac in wanted else None

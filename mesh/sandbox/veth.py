@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -227,6 +227,20 @@ def ports(ipr: Any, bridge: int) -> list[int]:
         if link.get("IFLA_MASTER") == bridge
         and (link.get("IFLA_IFNAME") or "").startswith(names.VETH_PREFIX)
     ]
+
+
+def endpoints_of(
+    links: Iterable[Any], bridges: Collection[int], claims: Callable[[Any], bool]
+) -> set[str]:
+    """A driver's host-side veths among `links`: those on one of its `bridges` (indexes),
+    and those off them that it `claims` (by alias: one detached from its bridge)."""
+    return {
+        link.get("IFLA_IFNAME")
+        for link in links
+        if (link.get("IFLA_IFNAME") or "").startswith(names.VETH_PREFIX)
+        and kind(link) == "veth"
+        and (link.get("IFLA_MASTER") in bridges or claims(link))
+    }
 
 
 def delete_link(ipr: Any, index: int) -> None:

@@ -170,7 +170,7 @@ def test_join_converges_after_a_crash_half_way(bridge_lab: KernelHarness, moved:
 
 def test_owned_reports_only_the_bridge_drivers_veths(bridge_lab: KernelHarness) -> None:
     """Another driver's veths share the `mpv` prefix (the overlay's, on `mpob-` bridges):
-    the bridge driver reports only those on its own bridges or with its own alias."""
+    the bridge driver does not report those another driver marks (master or alias)."""
     lab = bridge_lab.lab
     driver = BridgeDriver(lab.node_path)
     net = lab.network(6)
@@ -184,3 +184,6 @@ def test_owned_reports_only_the_bridge_drivers_veths(bridge_lab: KernelHarness) 
     run([*node, "set", "mpv0badc0de1", "alias", "meshplane ep=0badc0de/1 net=x driver=overlay"])
     assert driver.owned().endpoints == {names.veth_name(ep.task_id, 0)}
     assert driver.owned().networks == {net.id}
+    # a veth of ours that no driver marks (a crash before its alias) is still found
+    run([*node, "add", "mpv0badc0de2", "type", "veth", "peer", "name", "mpt0badc0de2"])
+    assert driver.owned().endpoints == {names.veth_name(ep.task_id, 0), "mpv0badc0de2"}
