@@ -22,14 +22,10 @@
   node's task on one network) and the hairpin (a task calling its own service).
   A flow to a real routed elsewhere (a task behind this node, whose gateway is
   this node) keeps the client's address: Swarm's most common complaint is that
-  ingress loses it. Except into an overlay network (out of an `mpob-` bridge):
-  the real may run on another node, whose own address is its way out, so it
-  would answer the client past this node's un-DNAT; such a flow is masqueraded
-  to this node's address on the overlay (as Swarm's ingress sandbox SNATs).
-  A flow this node's own processes make to a real elsewhere is masqueraded
-  (their source may be an address the real cannot route back to, such as a
-  VIP route's, or 127.0.0.1). A flow to a local real is never masqueraded (it
-  does not leave by postrouting, or leaves by `lo`).
+  ingress loses it. A flow this node's own processes make to a real elsewhere
+  is masqueraded (their source may be an address the real cannot route back
+  to, such as a VIP route's, or 127.0.0.1). A flow to a local real is never
+  masqueraded (it does not leave by postrouting, or leaves by `lo`).
 - `guard` (filter, raw priority), only with `localhost`: a published port
   reached at 127.0.0.1 from the node itself DNATs to a real elsewhere, which the
   kernel allows only with `route_localnet=1` (the masqueraded reply comes back
@@ -45,10 +41,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-
-#: The overlay networks' bridges (mesh.sandbox.names.OVERLAY_BRIDGE_PREFIX + "*"): a
-#: flow into one is always masqueraded (see above).
-OVERLAY_BRIDGES = "mpob-*"
 
 #: The packet-mark bit the forward chain uses to tell postrouting "masquerade
 #: this one". Set on a flow's first packet only and cleared before it leaves.
@@ -101,8 +93,8 @@ def base_commands(
     ours = f"meta mark & {mark:#x} == {mark:#x}"
     commands += [
         f"flush chain ip {t} forward",
-        f'add rule ip {t} forward {ours} oifname != "{OVERLAY_BRIDGES}" '
-        f"fib daddr . iif oif missing meta mark set meta mark & {keep:#x}",
+        f"add rule ip {t} forward {ours} fib daddr . iif oif missing "
+        f"meta mark set meta mark & {keep:#x}",
         f"flush chain ip {t} postrouting",
         f'add rule ip {t} postrouting {ours} oif != "lo" '
         f"meta mark set meta mark & {keep:#x} masquerade",

@@ -208,11 +208,3 @@ def test_an_overlay_is_wanted_only_once_the_node_has_an_address_there() -> None:
     bridge_like = NetworkWant("bridge", want.plan)
     assert network_transition(None, bridge_like) == [CreateNetwork(bridge_like)]
 
-
-def test_the_lb_masquerades_flows_into_the_overlay_bridges_by_their_prefix() -> None:
-    from lb.nft.base import OVERLAY_BRIDGES, base_commands
-    from mesh.sandbox.names import OVERLAY_BRIDGE_PREFIX
-
-    assert f"{OVERLAY_BRIDGE_PREFIX}*" == OVERLAY_BRIDGES
-    forward = [c for c in base_commands("t") if c.startswith("add rule ip t forward")]
-    assert len(forward) == 1 and f'oifname != "{OVERLAY_BRIDGES}"' in forward[0]
