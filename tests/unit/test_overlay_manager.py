@@ -207,4 +207,3 @@ def test_an_overlay_is_wanted_only_once_the_node_has_an_address_there() -> None:
     assert network_transition(None, want) == [CreateNetwork(want), SyncPeers("app")]
     bridge_like = NetworkWant("bridge", want.plan)
     assert network_transition(None, bridge_like) == [CreateNetwork(bridge_like)]
-
