@@ -15,7 +15,7 @@ bounded in count and time; every figure printed (`pytest -rP` shows them).
 
 from __future__ import annotations
 
-import shlex
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -163,6 +163,18 @@ def test_a_published_port_on_node_1_reaches_the_task_only_on_node_3(overlay: Ove
     assert seen == {"w1", "w2", "w3"}
 
 
+def test_doctor_checks_the_overlay_sandboxes_with_the_nodes_own_address(overlay: Overlay) -> None:
+    node = overlay.nodes[2]
+    done = node.mesh("doctor", "--settle", "0", "--json", timeout=120)
+    report = json.loads(done.stdout)
+    sandbox = [f for f in report["findings"] if f["check"] == "sandbox"]
+    failed = [f["message"] for f in sandbox if f["status"] == "fail"]
+    print(f"doctor on node 3: {len(sandbox)} sandbox findings, failed: {failed}")
+    assert not failed
+    own = node.overlays()["app"]["host_address"]
+    assert any(f"default route via {own}" in f["message"] for f in sandbox), sandbox
+
+
 def test_kill_9_of_a_node_withdraws_its_endpoints_from_the_others(overlay: Overlay) -> None:
     n3 = overlay.nodes[2]
     gone_macs = {mac_of(overlay.tasks[t]["address"]) for t in ("w3", "o3")}
@@ -193,4 +205,3 @@ def test_kill_9_of_a_node_withdraws_its_endpoints_from_the_others(overlay: Overl
     # the others still reach each other
     out = overlay.inside("w1", "curl -sS --max-time 3 http://w2/")
     assert out.strip() == "w2", out
-    assert shlex.quote("x")  # keep shlex for the scripts above
