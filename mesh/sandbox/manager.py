@@ -62,6 +62,8 @@ T = TypeVar("T")
 
 #: seconds `ready` waits for the DNS and LB to have applied a new sandbox
 SETTLE_TIMEOUT = 5.0
+#: seconds before an overlay's peers are programmed again after `set_peers` failed
+PEER_RETRY = 2.0
 
 
 class Namespaces(Protocol):
@@ -404,6 +406,12 @@ class SandboxManager:
             self._programmed[want.plan.id] = peers
             self.stats.peer_syncs += 1
             event(log, "overlay_peers", network=network, peers=len(peers))
+        else:
+            # Failed (counted, logged once per try): the kernel may lack what the table
+            # wants until the next change, so try again later, as the table is then.
+            loop = asyncio.get_running_loop()
+            retry: list[Job] = [SyncPeers(network)]
+            loop.call_later(PEER_RETRY, self._enqueue, retry)
 
     def _driver(self, name: str) -> Driver:
         try:

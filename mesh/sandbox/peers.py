@@ -25,6 +25,7 @@ peers may have changed; `peers(network)` is then the whole set to program
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from mesh.core.model import Network, Node, Record, Task
@@ -57,7 +58,8 @@ class PeerTable:
 
     def __init__(self, node: str) -> None:
         self.node = node
-        self._overlays: set[str] = set()
+        #: live overlay networks -> their subnet
+        self._overlays: dict[str, ipaddress.IPv4Network] = {}
         self._vteps: dict[str, str] = {}
         self._holders: dict[str, dict[Owner, _Holder]] = {}
         self._networks_of: dict[Owner, set[str]] = {}
@@ -76,9 +78,9 @@ class PeerTable:
                 if record.deleted or record.driver != "overlay":
                     if record.name not in self._overlays:
                         return frozenset()
-                    self._overlays.discard(record.name)
+                    del self._overlays[record.name]
                 else:
-                    self._overlays.add(record.name)
+                    self._overlays[record.name] = ipaddress.IPv4Network(record.subnet)
                 return frozenset({record.name})
             case Task():
                 held: list[tuple[str, _Holder]] = []
@@ -123,19 +125,29 @@ class PeerTable:
             new.add(net)
         if new:
             self._networks_of[owner] = new
-        return frozenset((old | new) & self._overlays)
+        return frozenset((old | new) & self._overlays.keys())
 
     def peers(self, network: str) -> frozenset[PeerEntry]:
         """Every remote endpoint of `network` whose node has a known VTEP."""
-        if network not in self._overlays:
+        subnet = self._overlays.get(network)
+        if subnet is None:
             return frozenset()
-        kept: dict[str, _Holder] = {}
-        for holder in self._holders.get(network, {}).values():
-            other = kept.get(holder.address)
-            if other is None or holder.rank < other.rank:
-                kept[holder.address] = holder
+        # One holder per address and per MAC, the one the repair keeps; an address
+        # outside the subnet (a record of a network of the same name, gone) is none.
+        holders = sorted(self._holders.get(network, {}).values(), key=lambda h: h.rank)
+        kept: list[_Holder] = []
+        addresses: set[str] = set()
+        macs: set[str] = set()
+        for holder in holders:
+            if holder.address in addresses or holder.mac.lower() in macs:
+                continue
+            if not _inside(holder.address, subnet):
+                continue
+            addresses.add(holder.address)
+            macs.add(holder.mac.lower())
+            kept.append(holder)
         entries = set()
-        for holder in kept.values():
+        for holder in kept:
             if holder.node == self.node:
                 continue  # on this node's own bridge
             vtep = self._vteps.get(holder.node)
@@ -147,3 +159,10 @@ class PeerTable:
     def table(self) -> dict[str, frozenset[PeerEntry]]:
         """The whole table: every overlay network -> its peers."""
         return {network: self.peers(network) for network in sorted(self._overlays)}
+
+
+def _inside(address: str, subnet: ipaddress.IPv4Network) -> bool:
+    try:
+        return ipaddress.IPv4Address(address) in subnet
+    except ValueError:
+        return False

@@ -5,8 +5,11 @@ down), and sandboxes on overlays route through the node's own address. Issue 16.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Collection
+
+import pytest
 
 from mesh.core.model import INGRESS, Change, Kind, Node, Task
 from mesh.liveness import Liveness
@@ -207,3 +210,29 @@ def test_an_overlay_is_wanted_only_once_the_node_has_an_address_there() -> None:
     assert network_transition(None, want) == [CreateNetwork(want), SyncPeers("app")]
     bridge_like = NetworkWant("bridge", want.plan)
     assert network_transition(None, bridge_like) == [CreateNetwork(bridge_like)]
+
+
+async def test_a_failed_set_peers_is_counted_and_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("mesh.sandbox.manager.PEER_RETRY", 0.05)
+    stores, kernel, mgr = setup()
+    failures = [1]
+    real = kernel.set_peers
+
+    def flaky(net: NetworkPlan, peers: Collection[Peer]) -> None:
+        if net.name == "app" and failures:
+            failures.pop()
+            raise OSError("netlink busy")
+        real(net, peers)
+
+    kernel.set_peers = flaky  # type: ignore[method-assign]
+    await mgr.start()
+    try:
+        await mgr.idle()
+        assert "app" not in kernel.peers and mgr.stats.failed == 1
+        await asyncio.sleep(0.2)
+        await mgr.idle()
+        assert kernel.peers["app"] == {peer(stores[0], "n2", "app"), peer(stores[0], "n3", "app")}
+    finally:
+        await mgr.stop()

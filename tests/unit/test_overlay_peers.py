@@ -129,3 +129,27 @@ def test_an_address_two_hold_at_one_moment_gives_the_entry_the_repair_keeps() ->
     table.update(dataclasses.replace(n2, addresses={"app": first.address}))
     at_address = [p for p in table.peers("app") if p.address == first.address]
     assert at_address == [entry_of(first, VTEPS[first.node])]
+
+
+def test_a_holder_outside_the_subnet_or_with_a_taken_mac_has_no_entry() -> None:
+    stores, tasks = cluster()
+    table = table_of(stores[0])
+    n2 = stores[0].node_record("n2")
+    assert n2 is not None
+    table.update(dataclasses.replace(n2, addresses={"app": "10.99.0.5"}))  # another subnet
+    assert all(p.address != "10.99.0.5" for p in table.peers("app"))
+    t3 = tasks["n3"]
+    assert t3.sandbox is not None
+    same_mac = dataclasses.replace(
+        t3,
+        sandbox=dataclasses.replace(
+            t3.sandbox,
+            endpoints=tuple(
+                dataclasses.replace(e, mac=mac_of(tasks["n2"].address))
+                for e in t3.sandbox.endpoints
+            ),
+        ),
+    )
+    table.update(same_mac)
+    macs = [p.mac for p in table.peers("app")]
+    assert len(macs) == len(set(macs))
