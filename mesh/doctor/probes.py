@@ -23,6 +23,7 @@ from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
 from mesh.core import net, netns
+from mesh.core.model import INGRESS
 from mesh.core.net import HostPort
 from mesh.core.sockets import SocketOwners, family_of, in_the_way, process_name
 from mesh.doctor.checks import (
@@ -341,7 +342,8 @@ def _sandbox(
         SandboxEndpoint(str(e["network"]), str(e["interface"]), str(e["address"]))
         for e in sandbox.get("endpoints") or []
     )
-    ours = [ep.network for ep in endpoints]
+    # ingress: the routing mesh's way in, no way out and no service names on it
+    ours = [ep.network for ep in endpoints if ep.network != INGRESS]
     want_gateway = next(
         (
             gateway_of(networks[n], own)

@@ -22,7 +22,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from mesh.core.model import Network, Task, vni_of
+from mesh.core.model import INGRESS, Network, Task, vni_of
 from mesh.sandbox.driver import EndpointPlan, NetworkPlan
 from mesh.sandbox.names import bridge_name, netns_name, netns_path, veth_name
 
@@ -67,8 +67,9 @@ class SandboxWant:
 
     @property
     def networks(self) -> tuple[str, ...]:
-        """The sandbox's networks in endpoint order: what its DNS and LB serve."""
-        return tuple(e.network.name for e in self.endpoints)
+        """The sandbox's networks in endpoint order: what its DNS and LB serve (not
+        ingress: its endpoint there is for the routing mesh, and names no service)."""
+        return tuple(e.network.name for e in self.endpoints if e.network.name != INGRESS)
 
     @property
     def veths(self) -> frozenset[str]:
@@ -203,8 +204,9 @@ def sandbox_want(
             continue
         host_address = host_addresses.get(network.name)
         way_out = host_address if network.driver == "overlay" else network.gateway
-        # The default route leaves by the first network that has a way out.
-        gateway = None if routed or network.internal else way_out
+        # The default route leaves by the first network that has a way out (never
+        # ingress: it carries the routing mesh's connections in, nothing out).
+        gateway = None if routed or network.internal or network.name == INGRESS else way_out
         routed = routed or gateway is not None
         endpoints.append(
             EndpointWant(

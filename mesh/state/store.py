@@ -724,6 +724,17 @@ class Store:
                 f"service {service.name!r} is on no network: a sandbox joins its service's "
                 "networks, so attach the service to one first"
             )
+        ingress = self.get(Kind.NETWORK, INGRESS)
+        if (
+            self.vtep is not None
+            and isinstance(ingress, Network)
+            and ingress.driver == "overlay"
+            and any(p.publish_mode == "ingress" for p in service.ports)
+        ):
+            # As in Swarm, a task of a service that publishes a port joins ingress too
+            # (last, so its other endpoints keep their eth numbers): the routing mesh of
+            # every node reaches it there, whatever its own networks are.
+            networks.append(ingress)
         if len(networks) > MAX_ENDPOINTS:
             raise Invalid(f"a sandbox has at most {MAX_ENDPOINTS} endpoints (networks)")
         for network in networks:

@@ -98,6 +98,24 @@ def overlay() -> Iterator[Overlay]:
             name = f"w{node.index}"
             made.tasks[name] = node.serve("web", name)
         made.tasks["o3"] = cluster.nodes[2].serve("only3", "o3")
+        # a service on a bridge network of node 3 alone: the routing mesh reaches it
+        # through ingress (an overlay), which its task joins as it publishes a port
+        n3 = cluster.nodes[2]
+        n3.mesh_ok("network", "create", "b3", "--driver", "bridge", "--subnet", "10.79.0.0/24")
+        n3.mesh_ok(
+            "service",
+            "create",
+            "br3",
+            "--network",
+            "b3",
+            "--publish",
+            "8095:80",
+            "--label",
+            "mesh.http.hosts=br3.test",
+            "--label",
+            "mesh.http.port=80",
+        )
+        made.tasks["b3"] = n3.serve("br3", "b3")
         for name, task in made.tasks.items():
             node = made.node_of(name)
 
@@ -121,7 +139,11 @@ def test_every_node_has_the_vxlan_with_the_networks_vni_and_the_peers(overlay: O
     assert ingress == {4096}
     hosts = [n.overlays()["app"]["host_address"] for n in overlay.nodes]
     assert len(set(hosts)) == 3, hosts
-    remote = {t: mac_of(task["address"]) for t, task in overlay.tasks.items()}
+    remote = {
+        t: mac_of(task["addresses"]["app"])
+        for t, task in overlay.tasks.items()
+        if "app" in task["addresses"]
+    }
     for node in overlay.nodes:
         macs = node.fdb_macs(overlay.net_id)
         expected = {mac for t, mac in remote.items() if overlay.node_of(t) is not node}
@@ -149,11 +171,15 @@ def test_each_task_reaches_the_others_by_name_and_by_the_services_vip(overlay: O
 
 
 def test_a_published_port_on_node_1_reaches_the_task_only_on_node_3(overlay: Overlay) -> None:
-    for node in overlay.nodes[:2]:
-        for url, host in ((f"http://{NODE_UPLINK}:8090/", None), (f"http://{NODE_UPLINK}/", "x")):
-            argv = [*CURL, url] + (["-H", "Host: only3.test"] if host else [])
-            got = node.outside.run(argv, check=False)
-            assert got.stdout.strip() == "o3", f"{node.name} {url}: {got.stdout}{got.stderr}"
+    # o3: on the overlay app; b3: on a bridge network of node 3, reached through ingress
+    for ident, port, host in (("o3", 8090, "only3.test"), ("b3", 8095, "br3.test")):
+        for node in overlay.nodes:
+            for argv in (
+                [*CURL, f"http://{NODE_UPLINK}:{port}/"],
+                [*CURL, "-H", f"Host: {host}", f"http://{NODE_UPLINK}/"],
+            ):
+                got = node.outside.run(argv, check=False)
+                assert got.stdout.strip() == ident, f"{node.name} {argv}: {got.stdout}{got.stderr}"
     # and the service of every node's tasks, from node 2's outside
     seen = set()
     for _ in range(12):

@@ -11,7 +11,7 @@ from collections.abc import Collection
 
 import pytest
 
-from mesh.core.model import INGRESS, Change, Kind, Node, Task
+from mesh.core.model import INGRESS, Change, Kind, Network, Node, Task
 from mesh.liveness import Liveness
 from mesh.sandbox.driver import EndpointPlan, NetworkPlan, Owned
 from mesh.sandbox.manager import SandboxManager
@@ -236,3 +236,50 @@ async def test_a_failed_set_peers_is_counted_and_tried_again(
         assert kernel.peers["app"] == {peer(stores[0], "n2", "app"), peer(stores[0], "n3", "app")}
     finally:
         await mgr.stop()
+
+
+def test_ingress_is_served_for_the_routing_mesh_not_for_names_nor_the_way_out() -> None:
+    from lb.http.routes import RouteTable
+    from lb.view import build_table
+    from mesh.sandbox.plan import sandbox_want
+    from mesh.state.specs import PortSpec, ServiceSpec
+
+    stores = [node(name, vtep) for name, vtep in VTEPS.items()]
+    n1, n3 = stores[0], stores[2]
+    overlay(n1, "app", subnet="10.50.0.0/24")
+    spec = ServiceSpec(
+        name="pub",
+        networks=("app",),
+        ports=(PortSpec(target_port=80, published_port=8080),),
+        labels={"mesh.http.hosts": "pub.test", "mesh.http.port": "80"},
+    )
+    n1.create_service(spec, 1_000.0)
+    exchange(*stores)
+    remote = task(n3, "pub")
+    local = task(n1, "pub")
+    exchange(*stores)
+    remote, local = n1.task(remote.id), n1.task(local.id)
+    records = {r.key: r for r in n1.all_records() if isinstance(r, Network)}
+    own = n1.node_record("n1")
+    assert own is not None
+    want = sandbox_want(local, "n1", records, own.addresses)
+    assert want is not None
+    assert want.networks == ("app",)  # DNS and the LB inside: not ingress
+    ingress_ep = [e for e in want.endpoints if e.network.name == INGRESS]
+    assert len(ingress_ep) == 1 and ingress_ep[0].endpoint.gateway is None
+    # the routing mesh of node 1: its own task at its first address (the client's address
+    # kept), node 3's at its ingress address
+    table = build_table(list(n1.all_records()), "n1")
+    published = next(vs for key, vs in table.items() if key.port == 8080)
+    reals = {r.address for r in published.reals}
+    assert reals == {local.address, remote.address_on(INGRESS)}
+    assert remote.address_on(INGRESS) != remote.address
+    # the HRM reaches every task at its ingress address
+    routes = RouteTable()
+    routes.load(list(n1.all_records()))
+    match = routes.match("pub.test", "/")
+    assert match is not None
+    assert {e.address for e in match.endpoints} == {
+        local.address_on(INGRESS),
+        remote.address_on(INGRESS),
+    }

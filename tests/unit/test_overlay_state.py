@@ -28,7 +28,7 @@ from mesh.core.model import (
 from mesh.errors import Conflict, Invalid
 from mesh.ipam import Ipam, parse_pool
 from mesh.liveness import Liveness
-from mesh.state.specs import NetworkSpec, SandboxSpec, ServiceSpec, TaskSpec
+from mesh.state.specs import NetworkSpec, PortSpec, SandboxSpec, ServiceSpec, TaskSpec
 from mesh.state.store import Store
 
 NOW = 1_000.0
@@ -303,3 +303,43 @@ def test_a_vni_given_with_opt_is_checked_and_kept() -> None:
     for bad in ("4096", "0", str(1 << 24), "x"):
         with pytest.raises(Invalid, match="vni="):
             overlay(store, "c", options={"vni": bad})
+
+
+# -- ingress: the routing mesh's overlay ------------------------------------------------------
+
+
+def test_a_task_of_a_publishing_service_joins_ingress_last_on_a_node_serving_overlays() -> None:
+    store = node("n1", "192.0.2.1")
+    store.create_network(NetworkSpec(name="br", driver="bridge", subnet="10.60.0.0/24"), NOW)
+    spec = ServiceSpec(
+        name="pub", networks=("br",), ports=(PortSpec(target_port=80, published_port=8080),)
+    )
+    store.create_service(spec, NOW)
+    service(store, "quiet", "br")
+    published = task(store, "pub")
+    assert published.sandbox is not None
+    assert [(e.network, e.interface) for e in published.sandbox.endpoints] == [
+        ("br", "eth0"),
+        (INGRESS, "eth1"),
+    ]
+    assert published.address == published.sandbox.endpoints[0].address  # its first network's
+    own = store.node_record("n1")
+    assert own is not None and published.address_on(INGRESS) != own.addresses[INGRESS]
+    quiet = task(store, "quiet")
+    assert quiet.sandbox is not None and [e.network for e in quiet.sandbox.endpoints] == ["br"]
+    # a node without overlays keeps the bridge-only sandbox of before
+    plain = node("n2")
+    plain.create_network(NetworkSpec(name="br", driver="bridge", subnet="10.61.0.0/24"), NOW)
+    plain.create_service(spec, NOW)
+    alone = task(plain, "pub")
+    assert alone.sandbox is not None and [e.network for e in alone.sandbox.endpoints] == ["br"]
+
+
+def test_the_data_path_port_is_4789_unless_given_and_bounded() -> None:
+    from mesh.config import ConfigError, load_config
+
+    assert load_config([], env={}).data_path_port == 4789
+    assert load_config(["--data-path-port", "4790"], env={}).data_path_port == 4790
+    for bad in ("0", "65536", "vxlan"):
+        with pytest.raises(ConfigError, match="data-path-port"):
+            load_config(["--data-path-port", bad], env={})
