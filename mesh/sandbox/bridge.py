@@ -120,9 +120,7 @@ class BridgeDriver:
 
     def join(self, net: NetworkPlan, ep: EndpointPlan, netns: str) -> None:
         with veth.node(self.node_netns) as ipr:
-            bridge = veth.lookup(ipr, names.bridge_name(net.id))
-            if bridge is None:
-                raise DriverError(f"network {net.name} has no bridge on this node yet")
+            bridge = veth.network_bridge(ipr, names.bridge_name(net.id), net.name)
             alias = endpoint_alias(net.id, ep)
             veth.join(ipr, bridge, ep, netns, alias, isolated=icc_disabled(net))
 

@@ -169,9 +169,7 @@ class OverlayDriver:
 
     def join(self, net: NetworkPlan, ep: EndpointPlan, netns: str) -> None:
         with veth.node(self.node_netns) as ipr:
-            bridge = veth.lookup(ipr, names.overlay_bridge_name(net.id))
-            if bridge is None:
-                raise DriverError(f"network {net.name} has no bridge on this node yet")
+            bridge = veth.network_bridge(ipr, names.overlay_bridge_name(net.id), net.name)
             mtu = int(ipr.get_links(bridge)[0].get("IFLA_MTU"))
             alias = endpoint_alias(net.id, ep)
             veth.join(ipr, bridge, ep, netns, alias, isolated=False, mtu=mtu)
@@ -267,7 +265,7 @@ class OverlayDriver:
 
     def _sync_fdb(self, ipr: Any, vxlan: int, own_mac: str, wanted: dict[str, Peer]) -> None:
         have_self: dict[str, set[str]] = {}
-        have_master: set[str] = set()
+        have_master: dict[str, int] = {}  # MAC -> NUD state
         for entry in _fdb(ipr, vxlan):
             mac, state = _mac(entry), entry["state"]
             if entry["flags"] & NTF_SELF:
@@ -275,7 +273,7 @@ class OverlayDriver:
             elif entry.get("NDA_MASTER") and mac != own_mac and not state & NUD_PERMANENT:
                 # the bridge's entry on its VXLAN port (a dump marks it by NDA_MASTER,
                 # not NTF_MASTER); a permanent one is the port's own MAC, not a peer
-                have_master.add(mac)
+                have_master[mac] = state
         for mac, dsts in have_self.items():
             keep = wanted[mac].vtep if mac in wanted else None
             for dst in dsts - {keep}:
@@ -294,7 +292,7 @@ class OverlayDriver:
                     dst=peer.vtep, state=NUD_NOARP | NUD_PERMANENT,
                     flags=NTF_SELF,
                 )  # fmt: skip
-            if mac not in have_master:
+            if not have_master.get(mac, 0) & NUD_NOARP:  # missing, or learned (dynamic)
                 ipr.neigh(
                     "replace", family=socket.AF_BRIDGE, ifindex=vxlan, lladdr=mac,
                     state=NUD_NOARP, flags=NTF_MASTER,

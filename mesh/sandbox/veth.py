@@ -207,6 +207,14 @@ def lookup(ipr: Any, name: str) -> int | None:
     return int(found[0]) if found else None
 
 
+def network_bridge(ipr: Any, name: str, network: str) -> int:
+    """The index of a network's bridge `name`, which a join needs made first."""
+    index = lookup(ipr, name)
+    if index is None:
+        raise DriverError(f"network {network} has no bridge on this node yet")
+    return index
+
+
 def require(ipr: Any, name: str) -> int:
     index = lookup(ipr, name)
     if index is None:
