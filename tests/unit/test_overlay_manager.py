@@ -283,3 +283,30 @@ def test_ingress_is_served_for_the_routing_mesh_not_for_names_nor_the_way_out() 
         local.address_on(INGRESS),
         remote.address_on(INGRESS),
     }
+
+
+async def test_a_task_re_addressed_by_the_repair_is_left_and_joined_again() -> None:
+    stores, kernel, mgr = setup()
+    n1, n2 = stores[0], stores[1]
+    liveness = Liveness(n1)
+    await mgr.start()
+    try:
+        mine = task(n1, "web", now=2_000.0)  # younger
+        theirs = task(n2, "web", now=1_000.0)  # older, same address, at one moment
+        assert mine.address == theirs.address
+        feed(mgr, [Change(Kind.TASK, mine.id, None, mine)], liveness)
+        await mgr.ready(mine.id, 5)
+        feed(mgr, n1.merge(theirs), liveness)  # n1 repairs its own, younger task
+        await mgr.ready(mine.id, 5)
+        await mgr.idle()
+        moved = n1.task(mine.id)
+        assert moved.address != theirs.address
+        net, ep = kernel.joined[f"{mine.id}/0"]
+        assert ep.address == moved.address and net.name == "app"
+        leaves = [c for c in kernel.calls if c[0] == "leave"]
+        assert leaves and leaves[-1][1].startswith(mine.id)
+        # the peer for that address is node 2's task, and only it
+        at = [p for p in kernel.peers["app"] if p.address == theirs.address]
+        assert at == [task_peer(theirs)]
+    finally:
+        await mgr.stop()
