@@ -19,7 +19,9 @@ What the table holds, for the node named at construction:
 - real servers: `(task address, task.actual_port(target_port))`, where a
   sandboxed task's address under a VIP is its endpoint's address on that VIP's
   network (`task_address`; a task on two networks is reached through each VIP
-  at its address there) and under a published port its first address. A running,
+  at its address there) and under a published port its first address, or, for a
+  task of another node with an endpoint on `ingress` (an overlay every node
+  serves), its address there. A running,
   healthy task has weight 1; a draining one weight 0 (its connections finish,
   new ones go elsewhere); an unhealthy or still starting one is left out. That
   is the rule DNS uses (`tasks.<service>` lists running, healthy tasks only),
@@ -53,7 +55,7 @@ from lb.table import (
     VirtualService,
     diff,
 )
-from mesh.core.model import Change, Health, Record, Service, Task, TaskState
+from mesh.core.model import INGRESS, Change, Health, Record, Service, Task, TaskState
 
 SCHEDULER_LABEL = "mesh.lb.scheduler"
 PROXY_PROTOCOL_LABEL = "mesh.lb.proxy_protocol"
@@ -127,7 +129,10 @@ def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualK
     entries: list[tuple[VirtualKey, Real, int]] = []
     for port in service.ports:
         target = task.actual_port(port.target_port)
-        real = Real(task.address, target)
+        # A task of another node is reached at its ingress endpoint when it has one
+        # (every node serves that overlay); one of this node at its first address, so
+        # a flow to it keeps the client's address.
+        real = Real(task.address if task.node == node else task.address_on(INGRESS), target)
         if service.endpoint_mode == "vip":
             for vip in service.vips:
                 entries.append(

@@ -79,6 +79,9 @@ class AgentConfig:
     api_token: str | None = field(default=None, repr=False)
     #: how long a deregistered task keeps its connections before it is removed
     drain_grace: float = 2.0
+    #: the UDP port of the overlay networks' VXLAN traffic between nodes (the VTEP is the
+    #: advertise address); the same on every node of a cluster
+    data_path_port: int = 4789
     dns_domain: str | None = None
     #: upstream resolvers for names the mesh does not own; empty: the host's resolv.conf
     dns_upstreams: tuple[HostPort, ...] = ()
@@ -150,6 +153,8 @@ class AgentConfig:
             raise ConfigError("tls-cert needs --https ADDR:PORT")
         if not 1 <= self.tombstone_reap <= 30 * 86_400:
             raise ConfigError("tombstone-reap must be between 1 second and 30 days")
+        if not 1 <= self.data_path_port <= 65535:
+            raise ConfigError(f"data-path-port {self.data_path_port}: 1 to 65535")
         if not 0 <= self.drain_grace <= 3600:
             raise ConfigError("drain-grace must be between 0 and 3600 seconds")
         try:
@@ -218,6 +223,8 @@ _FLAGS: dict[str, str] = {
     "subnet",
     "api-token": "bearer token the API requires (default: env MESH_API_TOKEN)",
     "drain-grace": "seconds a deregistered task drains before removal (default 2)",
+    "data-path-port": "UDP port of the overlay networks' VXLAN traffic between nodes, the "
+    "same on every node (default 4789)",
     "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
     "tombstone-reap": "seconds a delete is remembered before it is forgotten (default 1800)",
     "gossip-profile": "gossip timings: lan (memberlist's LAN defaults), wan, or local "
@@ -243,6 +250,7 @@ _METAVARS = {
     "ingress-subnet": "CIDR",
     "api-token": "TOKEN",
     "drain-grace": "SECONDS",
+    "data-path-port": "PORT",
     "dns-domain": "DOMAIN",
     "log-level": "LEVEL",
     "gossip-profile": "PROFILE",
@@ -367,6 +375,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         else None,
         api_token=values.get("api_token") or None,
         drain_grace=drain_grace,
+        data_path_port=int(_number(values, "data_path_port", 4789, int)),
         tombstone_reap=tombstone_reap,
         dns_domain=values.get("dns_domain") or None,
         dns_upstreams=tuple(

@@ -8,14 +8,16 @@ the change feed: for a node that is down, every task of it is shown to the
 feed's subscribers as removed; when the node comes back, as present again.
 The feed takes it as its `Shown` filter; `node_down`/`node_up` return the
 changes the views must see, for the caller to publish (already shown).
-The API still lists those tasks, each with its node's status (`node_status`).
+A node's `Node` record (its VTEP and overlay addresses) is hidden likewise, so
+the overlay peers withdraw its entries. The API still lists those tasks, each
+with its node's status (`node_status`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from mesh.core.model import Change, Kind, Record, Task
+from mesh.core.model import Change, Kind, Node, Record, Task
 from mesh.state.store import Store
 
 
@@ -34,6 +36,9 @@ class Liveness:
         """The record as the views see it: a down node's task reads as removed."""
         if isinstance(record, Task) and not record.deleted and record.node in self.down:
             return dataclasses.replace(record, deleted=True)
+        if isinstance(record, Node) and not record.deleted and record.name in self.down:
+            # its VTEP and overlay addresses: the overlay peers withdraw the node's entries
+            return dataclasses.replace(record, deleted=True)
         return record
 
     def transform(self, change: Change) -> Change:
@@ -50,7 +55,10 @@ class Liveness:
         self.why[node] = why
         tasks = self._store.tasks(node=node)
         self.down.add(node)
-        return [Change(Kind.TASK, t.id, t, self.hide(t)) for t in tasks]
+        changes = [Change(Kind.TASK, t.id, t, self.hide(t)) for t in tasks]
+        if (record := self._store.node_record(node)) is not None:
+            changes.append(Change(Kind.NODE, node, record, self.hide(record)))
+        return changes
 
     def node_up(self, node: str) -> list[Change]:
         """Show the node's tasks again; returns the changes that bring them back."""
@@ -59,4 +67,9 @@ class Liveness:
         self.down.discard(node)
         self.why.pop(node, None)
         tasks = self._store.tasks(node=node)
-        return [Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t) for t in tasks]
+        changes = [Change(Kind.TASK, t.id, dataclasses.replace(t, deleted=True), t) for t in tasks]
+        if (record := self._store.node_record(node)) is not None:
+            changes.append(
+                Change(Kind.NODE, node, dataclasses.replace(record, deleted=True), record)
+            )
+        return changes

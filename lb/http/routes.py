@@ -44,7 +44,7 @@ from lb.http.labels import (
     is_routing_label,
     routes_of,
 )
-from mesh.core.model import Change, Health, Record, Service, Task, TaskState
+from mesh.core.model import INGRESS, Change, Health, Record, Service, Task, TaskState
 
 _BOUNDARY = frozenset("/?#")  # what may follow a path prefix inside a longer path
 
@@ -90,7 +90,12 @@ def _endpoint_facts(task: Task | None) -> object:
     """What of a task a route's endpoints depend on; equal facts need no rebuild."""
     if task is None or task.deleted or not serves_traffic(task):
         return None
-    return task.service, task.slot, task.address, tuple(sorted(task.ports.items()))
+    return (
+        task.service,
+        task.slot,
+        task.address_on(INGRESS),
+        tuple(sorted(task.ports.items())),
+    )
 
 
 @dataclass(slots=True)
@@ -239,7 +244,12 @@ class RouteTable:
             key=lambda t: (t.slot, t.id),
         )
         return Match(
-            route, tuple(Endpoint(t.id, t.address, t.actual_port(route.target_port)) for t in tasks)
+            route,
+            tuple(
+                # a sandboxed task's ingress endpoint, which every node reaches (the overlay)
+                Endpoint(t.id, t.address_on(INGRESS), t.actual_port(route.target_port))
+                for t in tasks
+            ),
         )
 
     def _publish(self, key: RouteKey) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import random
@@ -65,6 +66,7 @@ from mesh.sandbox.links import delete_veth
 from mesh.sandbox.manager import SandboxManager, SandboxServer
 from mesh.sandbox.names import netns_prefix
 from mesh.sandbox.netns import Sandboxes
+from mesh.sandbox.overlay import OverlayDriver
 from mesh.sandbox.privileges import DISABLED, missing_privileges
 from mesh.state import persist
 from mesh.state.store import Store
@@ -195,6 +197,8 @@ class Agent:
     http: HttpMesh | None
     #: this node's sandboxes and driver-backed networks; None without the privileges
     sandboxes: SandboxManager | None
+    #: this node's VTEP (its advertise address) when it serves overlay networks
+    vtep: str | None
     #: the feed socket, when worker processes follow the feed
     feed_server: FeedServer | None
     dns_workers: DnsWorkers | None
@@ -240,7 +244,8 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     lb = _lb(config, feed)
     http = _http(config)
     missing = missing_privileges()
-    sandboxes = None if missing is not None else _sandboxes(config, dns, lb)
+    vtep = None if missing is not None else _vtep(config)
+    sandboxes = None if missing is not None else _sandboxes(config, dns, lb, vtep)
     if missing is not None:
         event(log, "sandboxes_disabled", logging.WARNING, disabled=DISABLED, reason=missing)
     needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
@@ -304,6 +309,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         lb=lb,
         http=http,
         sandboxes=sandboxes,
+        vtep=vtep,
         feed_server=feed_server,
         dns_workers=dns_workers,
         cluster_state=cluster_state,
@@ -336,10 +342,31 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
     )
 
 
-def _sandboxes(config: AgentConfig, dns: DnsService | None, lb: LbDriver) -> SandboxManager:
+def _vtep(config: AgentConfig) -> str | None:
+    """The underlay address of this node's overlays: its advertise address, which must
+    be an IPv4 literal (other nodes send VXLAN packets there)."""
+    try:
+        return str(ipaddress.IPv4Address(config.advertise.host))
+    except ValueError:
+        event(
+            log,
+            "overlays_disabled",
+            logging.WARNING,
+            reason=f"--advertise {config.advertise.host} is not an IPv4 address (the VTEP)",
+        )
+        return None
+
+
+def _sandboxes(
+    config: AgentConfig, dns: DnsService | None, lb: LbDriver, vtep: str | None
+) -> SandboxManager:
     """The sandbox manager of an agent that may make namespaces and links (without,
     one line says what is off and the API answers those requests 422 needs_privileges)."""
     drivers = {name: create_driver(name) for name in sorted(available())}
+    drivers.pop("overlay", None)
+    if vtep is not None:
+        # The overlay driver needs this node's VTEP and the cluster's data-path port.
+        drivers["overlay"] = OverlayDriver(vtep=vtep, port=config.data_path_port)
     # DNS first: a sandbox's names answer before its VIPs are programmed.
     servers: list[SandboxServer] = [lb] if dns is None else [dns, lb]
     node = config.node_name

@@ -214,6 +214,9 @@ async def _load_state(agent: Agent) -> None:
             hint="tasks registered before keep the old name",
         )
     ingress = _ensure_ingress(agent)
+    if agent.vtep is not None:
+        # This node serves overlays: its own record (VTEP, an address on each overlay).
+        ingress += store.serve_overlays(agent.vtep)
     await agent.writer.write(
         [c.after for c in ingress],
         store.clock,

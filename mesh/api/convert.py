@@ -24,7 +24,7 @@ from mesh.api.models import (
 )
 from mesh.core import net
 from mesh.core.codec import check_to_dict, port_to_dict, sandbox_to_dict
-from mesh.core.model import HealthCheck, Network, Service, Task
+from mesh.core.model import HealthCheck, Network, Service, Task, vni_of
 from mesh.errors import Invalid
 from mesh.state.specs import (
     NetworkSpec,
@@ -56,6 +56,7 @@ def network_fields(network: Network) -> Json:
         "ip_range": network.ip_range,
         "aux_addresses": dict(network.aux_addresses),
         "options": dict(network.options),
+        "vni": vni_of(network),
     }
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from mesh.api import convert
 from mesh.api.app import DEPS
 from mesh.core.feed import ChangeFeed, Gap
-from mesh.core.model import Change, Network, Record, Service, Task
+from mesh.core.model import Change, Network, Node, Record, Service, Task
 
 QUEUE_LIMIT = 1024
 KEEPALIVE_SECONDS = 15.0
@@ -36,6 +36,8 @@ def _object(record: Record, node_status: Callable[[str], str]) -> dict[str, Any]
             return convert.service_out(record)
         case Task():
             return convert.task_out(record, node_status(record.node))
+        case Node():
+            return {"name": record.name, "vtep": record.vtep, "addresses": dict(record.addresses)}
     raise TypeError(record)
 
 

@@ -194,6 +194,7 @@ class NetworkOut(_Response):
     ip_range: str | None
     aux_addresses: dict[str, str]
     options: dict[str, str]
+    vni: int = 0  # overlay: the network's VXLAN id
 
 
 class PortOut(_Response):
@@ -296,6 +297,12 @@ class HealthOut(_Response):
     node: str
 
 
+class OverlayOut(_Response):
+    vni: int
+    host_address: str | None
+    peers: int
+
+
 class SandboxesOut(_Response):
     """The sandbox manager: off (and why), or what it keeps and its counters."""
 
@@ -304,8 +311,12 @@ class SandboxesOut(_Response):
     prefix: str | None = None  # of the namespaces this node owns: mp-<node_id>-
     networks: list[str] = []  # this node's driver-backed networks
     sandboxes: int = 0  # this node's sandboxed tasks
-    #: ensured, removed, failed (kernel steps), orphans_removed, repaired (at start)
+    #: ensured, removed, failed (kernel steps), orphans_removed, repaired (at start),
+    #: peer_syncs (overlay peer tables programmed)
     stats: dict[str, int] = {}
+    #: each overlay network this node serves: its VNI, this node's own address on it,
+    #: and how many remote endpoints its peer table holds
+    overlays: dict[str, OverlayOut] = {}
 
 
 class AgentOut(_Response):

@@ -89,7 +89,7 @@ async def create_network(request: web.Request) -> web.Response:
         raise needs_privileges(f"a {spec.driver} network")
     control = _control(request)
     changes = await control.apply(lambda now: control.store.create_network(spec, now))
-    created = changes[-1].after
+    created = changes[0].after  # then this node's own overlay address, if it serves overlays
     assert isinstance(created, Network)
     return answer(convert.network_model(created), status=201)
 
@@ -177,15 +177,16 @@ async def create_task(request: web.Request) -> web.Response:
     changes = await control.apply(lambda now: control.store.add_task(spec, now))
     created = changes[-1].after
     assert isinstance(created, Task)
+    task_id = created.id
     if sandboxes is not None and created.sandbox is not None:
         # 201 only once the sandbox is up; a sandbox that cannot be made takes its task along.
         try:
-            await sandboxes.ready(created.id, request.app[DEPS].sandbox_timeout)
+            await sandboxes.ready(task_id, request.app[DEPS].sandbox_timeout)
         except SandboxFailed:
-            if control.store.get_task(created.id) is not None:
-                await control.apply(lambda now: control.store.remove_task(created.id, now))
+            if control.store.get_task(task_id) is not None:
+                await control.apply(lambda now: control.store.remove_task(task_id, now))
             raise
-        created = control.store.get_task(created.id) or created
+        created = control.store.get_task(task_id) or created
     return answer(_task_out(request, created), status=201)
 
 

@@ -10,6 +10,7 @@ written by an older agent, on disk or by gossip, loads with their defaults.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from mesh.core.model import (
@@ -18,6 +19,7 @@ from mesh.core.model import (
     HealthCheck,
     Kind,
     Network,
+    Node,
     PortConfig,
     Record,
     Sandbox,
@@ -55,6 +57,7 @@ def record_to_dict(record: Record) -> Json:
                 "ip_range": record.ip_range,
                 "aux_addresses": dict(record.aux_addresses),
                 "options": dict(record.options),
+                "vni": record.vni,
             }
         case Service():
             return common | {
@@ -90,6 +93,13 @@ def record_to_dict(record: Record) -> Json:
                 "created_at": record.created_at,
                 "updated_at": record.updated_at,
                 "sandbox": None if record.sandbox is None else sandbox_to_dict(record.sandbox),
+            }
+        case Node():
+            return common | {
+                "kind": Kind.NODE.value,
+                "name": record.name,
+                "vtep": record.vtep,
+                "addresses": dict(record.addresses),
             }
     raise TypeError(f"not a record: {record!r}")
 
@@ -145,6 +155,13 @@ def sandbox_from_dict(data: Json) -> Sandbox:
     )
 
 
+def _vni(value: Any) -> int:
+    vni = int(value)
+    if not 0 <= vni < 1 << 24:
+        raise ValueError(f"VXLAN id {vni} is not a 24-bit number")
+    return vni
+
+
 def record_from_dict(data: Json) -> Record:
     """Rebuild a record; raises KeyError/ValueError/TypeError on a malformed dict."""
     version = Version(int(data["version"][0]), str(data["version"][1]))
@@ -168,6 +185,7 @@ def record_from_dict(data: Json) -> Record:
             ip_range=None if data.get("ip_range") is None else str(data["ip_range"]),
             aux_addresses={str(k): str(v) for k, v in data.get("aux_addresses", {}).items()},
             options={str(k): str(v) for k, v in data.get("options", {}).items()},
+            vni=_vni(data.get("vni", 0)),
         )
     if kind is Kind.SERVICE:
         check = data["health_check"]
@@ -188,6 +206,21 @@ def record_from_dict(data: Json) -> Record:
                 str(net): tuple(str(a) for a in names)
                 for net, names in data.get("aliases", {}).items()
             },
+        )
+    if kind is Kind.NODE:
+        addresses = data["addresses"]
+        if not isinstance(addresses, dict):
+            raise TypeError("a node's addresses are not an object")
+        vtep = str(data["vtep"])
+        # Addresses are parsed by every view that reads them: a bad one is refused here.
+        for address in [*addresses.values(), *([vtep] if vtep else [])]:
+            ipaddress.IPv4Address(address)
+        return Node(
+            name=str(data["name"]),
+            vtep=vtep,
+            addresses={str(k): str(v) for k, v in addresses.items()},
+            version=version,
+            deleted=deleted,
         )
     sandbox = data.get("sandbox")
     return Task(

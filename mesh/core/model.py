@@ -30,6 +30,7 @@ class Kind(enum.StrEnum):
     NETWORK = "network"
     SERVICE = "service"
     TASK = "task"
+    NODE = "node"
 
 
 class Health(enum.StrEnum):
@@ -52,6 +53,9 @@ NetworkDriver: TypeAlias = Literal["overlay", "bridge", "macvlan"]
 NetworkScope: TypeAlias = Literal["swarm", "local"]
 
 INGRESS = "ingress"
+#: The ingress network's VXLAN id (fixed, as its id is); other overlays count up from
+#: the next one (Swarm's range starts at 4096).
+INGRESS_VNI = 4096
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +75,9 @@ class Network:
     ip_range: str | None = None  # sandbox addresses come from here (inside subnet)
     aux_addresses: dict[str, str] = field(default_factory=dict)  # name -> reserved address
     options: dict[str, str] = field(default_factory=dict)  # driver options, e.g. icc=false
+    #: overlay: the network's VXLAN id, unique in the cluster (0: none, other drivers,
+    #: or a record written before overlays had one; `vni_of` reads it)
+    vni: int = 0
     version: Version = Version(0, "")
     deleted: bool = False
 
@@ -212,9 +219,37 @@ def endpoint_of(address: str, ports: dict[int, int]) -> tuple[str, tuple[tuple[i
     return address, tuple(sorted((t, a) for t, a in ports.items() if t != a))
 
 
-Record: TypeAlias = Network | Service | Task
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Node:
+    """A node's own part of the overlays: its underlay address (the VTEP every other
+    node sends its VXLAN packets to) and its address on each overlay network it serves
+    (its "load-balancer endpoint", as Swarm's). Written only by that node, so two
+    nodes never race on one record; hidden from the views while the node is down."""
 
-KIND_OF: dict[type[Record], Kind] = {Network: Kind.NETWORK, Service: Kind.SERVICE, Task: Kind.TASK}
+    name: str
+    vtep: str = ""  # the node's --advertise address
+    addresses: dict[str, str] = field(default_factory=dict)  # overlay network -> address
+    version: Version = Version(0, "")
+    deleted: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+Record: TypeAlias = Network | Service | Task | Node
+
+KIND_OF: dict[type[Record], Kind] = {
+    Network: Kind.NETWORK,
+    Service: Kind.SERVICE,
+    Task: Kind.TASK,
+    Node: Kind.NODE,
+}
+
+
+def vni_of(network: Network) -> int:
+    """The network's VXLAN id: ingress has its fixed one whatever its record says."""
+    return INGRESS_VNI if network.name == INGRESS else network.vni
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from mesh.cli.client import Client
 from mesh.cli.errors import ApiError
 from mesh.cli.lb import table_of
 from mesh.core import net, netns
+from mesh.core.model import INGRESS
 from mesh.core.net import HostPort
 from mesh.core.sockets import SocketOwners, family_of, in_the_way, process_name
 from mesh.doctor.checks import (
@@ -323,7 +324,10 @@ def _sandboxes(
     if not local and not any("sandbox" in t for t in tasks):
         return  # an agent without sandboxes: nothing to report
     networks = {str(n["name"]): n for n in client.get("/v1/networks") or [] if isinstance(n, dict)}
-    facts.sandboxes = [_sandbox(task, services, tasks, networks) for task in local]
+    # On an overlay, a sandbox's way out is this node's own address there, not the gateway.
+    overlays = ((client.get("/v1/agent") or {}).get("sandboxes") or {}).get("overlays") or {}
+    own = {str(k): str(v["host_address"]) for k, v in overlays.items() if v.get("host_address")}
+    facts.sandboxes = [_sandbox(task, services, tasks, networks, own) for task in local]
 
 
 def _sandbox(
@@ -331,16 +335,18 @@ def _sandbox(
     services: list[dict[str, Any]],
     tasks: list[dict[str, Any]],
     networks: dict[str, dict[str, Any]],
+    own: dict[str, str] | None = None,
 ) -> SandboxFacts:
     sandbox: dict[str, Any] = task["sandbox"]
     endpoints = tuple(
         SandboxEndpoint(str(e["network"]), str(e["interface"]), str(e["address"]))
         for e in sandbox.get("endpoints") or []
     )
-    ours = [ep.network for ep in endpoints]
+    # ingress: the routing mesh's way in, no way out and no service names on it
+    ours = [ep.network for ep in endpoints if ep.network != INGRESS]
     want_gateway = next(
         (
-            gateway_of(networks[n])
+            gateway_of(networks[n], own)
             for n in ours
             if n in networks and not networks[n].get("internal")
         ),
@@ -365,8 +371,11 @@ def _sandbox(
     return found
 
 
-def gateway_of(network: dict[str, Any]) -> str:
-    """A network's gateway: as recorded, else the subnet's first host (as IPAM reserves it)."""
+def gateway_of(network: dict[str, Any], own: dict[str, str] | None = None) -> str:
+    """A network's gateway: as recorded, else the subnet's first host (as IPAM reserves it);
+    on an overlay, this node's own address there (`own`: network -> address)."""
+    if network.get("driver") == "overlay" and (own or {}).get(str(network.get("name"))):
+        return (own or {})[str(network["name"])]
     if network.get("gateway"):
         return str(network["gateway"])
     subnet = ipaddress.ip_network(str(network["subnet"]), strict=False)

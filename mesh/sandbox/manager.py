@@ -29,10 +29,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from mesh.core.logs import event
-from mesh.core.model import Change, Network, Record, Task
+from mesh.core.model import Change, Network, Node, Record, Task
 from mesh.errors import SandboxFailed
-from mesh.sandbox.driver import Driver
+from mesh.sandbox.driver import Driver, DriverError
 from mesh.sandbox.names import netns_prefix
+from mesh.sandbox.overlay import Peer
+from mesh.sandbox.peers import PeerEntry, PeerTable
 from mesh.sandbox.plan import (
     CreateNetwork,
     DeleteNamespace,
@@ -45,6 +47,7 @@ from mesh.sandbox.plan import (
     NetworkWant,
     RemoveSandbox,
     SandboxWant,
+    SyncPeers,
     network_transition,
     network_want,
     reconcile,
@@ -59,6 +62,8 @@ T = TypeVar("T")
 
 #: seconds `ready` waits for the DNS and LB to have applied a new sandbox
 SETTLE_TIMEOUT = 5.0
+#: seconds before an overlay's peers are programmed again after `set_peers` failed
+PEER_RETRY = 2.0
 
 
 class Namespaces(Protocol):
@@ -108,6 +113,8 @@ class ManagerStats:
     failed: int = 0
     orphans_removed: int = 0
     repaired: int = 0
+    #: overlay peer tables programmed (`set_peers` calls that changed the wanted set)
+    peer_syncs: int = 0
 
 
 class SandboxManager:
@@ -127,7 +134,17 @@ class SandboxManager:
         self._delete_link = delete_link
         self._records: dict[str, Network] = {}
         self._networks: dict[str, NetworkWant] = {}
+        #: the overlay peer table, and this node's own address on each overlay
+        self._peers = PeerTable(node)
+        self._host_addresses: dict[str, str] = {}
+        #: overlays with a SyncPeers queued; what each overlay's kernel has, by net id
+        self._peers_pending: set[str] = set()
+        self._programmed: dict[str, frozenset[PeerEntry]] = {}
+        #: network ids whose CreateNetwork this process ran (peers go only on those)
+        self._made: set[str] = set()
         self._sandboxes: dict[str, SandboxWant] = {}
+        #: this node's live tasks (their sandboxes follow this node's overlay addresses)
+        self._tasks: dict[str, Task] = {}
         self._progress: dict[str, _Progress] = {}
         #: the sandboxes whose DNS and LB are open here, by task id
         self._serving: dict[str, SandboxWant] = {}
@@ -142,16 +159,23 @@ class SandboxManager:
 
     def load(self, records: Iterable[Record]) -> None:
         tasks: list[Task] = []
+        records = list(records)
+        self._peers.load(records)
         for record in records:
             if isinstance(record, Network) and not record.deleted:
                 self._records[record.name] = record
             elif isinstance(record, Task):
                 tasks.append(record)
+            elif isinstance(record, Node) and record.name == self.node and not record.deleted:
+                self._host_addresses = dict(record.addresses)
         for network in self._records.values():
-            if (want := network_want(network, self.node)) is not None:
+            want = network_want(network, self.node, self._host_addresses.get(network.name))
+            if want is not None:
                 self._networks[network.name] = want
         for task in tasks:
-            if (sandbox := sandbox_want(task, self.node, self._records)) is not None:
+            sandbox = sandbox_want(task, self.node, self._records, self._host_addresses)
+            if sandbox is not None:
+                self._tasks[task.id] = task
                 self._sandboxes[task.id] = sandbox
                 self._progress[task.id] = _Progress()
         self._queue.put_nowait(
@@ -160,29 +184,68 @@ class SandboxManager:
 
     def on_change(self, change: Change) -> None:
         after = change.after
+        touched = self._peers.update(after)
         if isinstance(after, Network):
             if after.deleted:
                 self._records.pop(after.name, None)
             else:
                 self._records[after.name] = after
-            before_net = self._networks.pop(after.name, None)
-            after_net = network_want(after, self.node)
-            if after_net is not None:
-                self._networks[after.name] = after_net
-            self._enqueue(network_transition(before_net, after_net))
+            self._network_changed(after.name)
         elif isinstance(after, Task):
-            before_sbx = self._sandboxes.pop(after.id, None)
-            after_sbx = sandbox_want(after, self.node, self._records)
-            if after_sbx is not None:
-                self._sandboxes[after.id] = after_sbx
-                if after_sbx != before_sbx:
-                    self._progress[after.id] = _Progress()
-            else:
-                self._progress.pop(after.id, None)
-            self._enqueue(sandbox_transition(before_sbx, after_sbx))
+            self._task_changed(after)
+        elif isinstance(after, Node) and after.name == self.node:
+            # This node's own overlay addresses: its bridges carry them, its sandboxes
+            # on overlays route by them.
+            addresses = {} if after.deleted else dict(after.addresses)
+            if addresses != self._host_addresses:
+                self._host_addresses = addresses
+                for name in sorted(self._records):
+                    if self._records[name].driver == "overlay":
+                        self._network_changed(name)
+                for want in list(self._sandboxes.values()):
+                    if any(e.driver == "overlay" for e in want.endpoints):
+                        task = self._tasks.get(want.task_id)
+                        if task is not None:
+                            self._task_changed(task)
+        for name in sorted(touched):
+            self._enqueue([SyncPeers(name)])
+
+    def _network_changed(self, name: str) -> None:
+        record = self._records.get(name)
+        before = self._networks.pop(name, None)
+        after = (
+            None
+            if record is None
+            else network_want(record, self.node, self._host_addresses.get(name))
+        )
+        if after is not None:
+            self._networks[name] = after
+        self._enqueue(network_transition(before, after))
+
+    def _task_changed(self, task: Task) -> None:
+        if task.deleted or task.node != self.node:
+            self._tasks.pop(task.id, None)
+        else:
+            self._tasks[task.id] = task
+        before_sbx = self._sandboxes.pop(task.id, None)
+        after_sbx = sandbox_want(task, self.node, self._records, self._host_addresses)
+        if after_sbx is not None:
+            self._sandboxes[task.id] = after_sbx
+            if after_sbx != before_sbx:
+                self._progress[task.id] = _Progress()
+        else:
+            self._progress.pop(task.id, None)
+        self._enqueue(sandbox_transition(before_sbx, after_sbx))
 
     def _enqueue(self, jobs: list[Job]) -> None:
         for job in jobs:
+            if isinstance(job, CreateNetwork):
+                # a SyncPeers queued before it may run on what the create then replaces
+                self._peers_pending.discard(job.want.plan.name)
+            elif isinstance(job, SyncPeers):
+                if job.network not in self._networks or job.network in self._peers_pending:
+                    continue  # not served here, or queued already: it reads the table then
+                self._peers_pending.add(job.network)
             self._queue.put_nowait(job)
 
     # -- what the API awaits ----------------------------------------------------------------
@@ -217,6 +280,15 @@ class SandboxManager:
             "enabled": True,
             "prefix": self.prefix,
             "networks": sorted(self._networks),
+            "overlays": {
+                name: {
+                    "vni": want.plan.vni,
+                    "host_address": want.plan.host_address,
+                    "peers": len(self._peers.peers(name)),
+                }
+                for name, want in sorted(self._networks.items())
+                if want.driver == "overlay"
+            },
             "sandboxes": len(self._sandboxes),
             "stats": dataclasses.asdict(self.stats),
         }
@@ -296,9 +368,15 @@ class SandboxManager:
     async def _do(self, job: Job) -> None:
         match job:
             case CreateNetwork(want):
-                await self._kernel(job, self._driver(want.driver).create_network, want.plan)
+                self._programmed.pop(want.plan.id, None)
+                if await self._kernel(job, self._driver(want.driver).create_network, want.plan):
+                    self._made.add(want.plan.id)
             case DeleteNetwork(driver, net_id):
+                self._made.discard(net_id)
+                self._programmed.pop(net_id, None)
                 await self._kernel(job, self._driver(driver).delete_network, net_id)
+            case SyncPeers(network):
+                await self._sync_peers(job, network)
             case EnsureSandbox(want):
                 await self._ensure(want)
             case RemoveSandbox(want):
@@ -310,6 +388,30 @@ class SandboxManager:
                 await self._kernel(job, self._delete_namespace, name)
             case DeleteVeth(name):
                 await self._kernel(job, self._delete_link, name)
+
+    async def _sync_peers(self, job: SyncPeers, network: str) -> None:
+        """The overlay's entries, as the table is now (later changes queue another)."""
+        self._peers_pending.discard(network)
+        want = self._networks.get(network)
+        if want is None or want.driver != "overlay" or want.plan.id not in self._made:
+            return  # not served here (any more), or its CreateNetwork is still to run
+        peers = self._peers.peers(network)
+        if self._programmed.get(want.plan.id) == peers:
+            return
+        set_peers = getattr(self._driver(want.driver), "set_peers", None)
+        if set_peers is None:
+            raise DriverError(f"the {want.driver} driver cannot program peers")
+        wanted = [Peer(mac=p.mac, address=p.address, vtep=p.vtep) for p in sorted(peers)]
+        if await self._kernel(job, set_peers, want.plan, wanted):
+            self._programmed[want.plan.id] = peers
+            self.stats.peer_syncs += 1
+            event(log, "overlay_peers", network=network, peers=len(peers))
+        else:
+            # Failed (counted, logged once per try): the kernel may lack what the table
+            # wants until the next change, so try again later, as the table is then.
+            loop = asyncio.get_running_loop()
+            retry: list[Job] = [SyncPeers(network)]
+            loop.call_later(PEER_RETRY, self._enqueue, retry)
 
     def _driver(self, name: str) -> Driver:
         try:

@@ -4,8 +4,11 @@ The manager's shell (`mesh.sandbox.manager`) keeps the kernel in step with the
 state; every decision it takes is made here, from plain values:
 
 - `network_want` / `sandbox_want`: what the state asks of this node's kernel
-  (its bridge networks, every macvlan network; its tasks' sandboxes with their
-  endpoints in order, the default route on the first non-internal network's endpoint);
+  (its bridge networks, every macvlan network, and every overlay network once
+  this node has its own address there; its tasks' sandboxes with their endpoints
+  in order, the default route on the first non-internal network's endpoint: via
+  the gateway on a bridge or macvlan network, via this node's own address on an
+  overlay);
 - `transition`: the jobs one change of a network or a task needs, in order;
 - `reconcile`: at start, given what the kernel holds under our prefixes (left by
   an agent killed with -9, or by a reboot that emptied /run/netns): remove what
@@ -20,17 +23,18 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from mesh.core.model import Network, Task
+from mesh.core.model import INGRESS, Network, Task, vni_of
 from mesh.sandbox import macvlan_options
 from mesh.sandbox.driver import EndpointPlan, NetworkPlan
 from mesh.sandbox.names import bridge_name, netns_name, netns_path, veth_name
 
 #: The network drivers that make kernel objects on one node, and so a sandbox's endpoints.
-SANDBOX_DRIVERS = frozenset({"bridge", "macvlan"})
+SANDBOX_DRIVERS = frozenset({"bridge", "macvlan", "overlay"})
 #: Drivers whose endpoints have no host side in the node: a macvlan lives in its
 #: sandbox alone (and goes with it), so `Driver.owned` never lists it there.
 NO_HOST_SIDE = frozenset({"macvlan"})
-#: Drivers whose networks every node serves (scope swarm); a bridge is its node's.
+#: Drivers whose networks every node serves (scope swarm) without an address of
+#: its own there (an overlay needs one: see `network_want`); a bridge is its node's.
 EVERY_NODE = frozenset({"macvlan"})
 
 
@@ -71,8 +75,9 @@ class SandboxWant:
 
     @property
     def networks(self) -> tuple[str, ...]:
-        """The sandbox's networks in endpoint order: what its DNS and LB serve."""
-        return tuple(e.network.name for e in self.endpoints)
+        """The sandbox's networks in endpoint order: what its DNS and LB serve (not
+        ingress: its endpoint there is for the routing mesh, and names no service)."""
+        return tuple(e.network.name for e in self.endpoints if e.network.name != INGRESS)
 
     @property
     def veths(self) -> frozenset[str]:
@@ -92,6 +97,14 @@ class CreateNetwork:
 class DeleteNetwork:
     driver: str
     net_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPeers:
+    """Make an overlay network's static FDB and neighbour entries this node's peer
+    table for it, as it is when the job runs (queued once however many changes)."""
+
+    network: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +148,7 @@ class DeleteVeth:
 Job = (
     CreateNetwork
     | DeleteNetwork
+    | SyncPeers
     | EnsureSandbox
     | Leave
     | RemoveSandbox
@@ -146,23 +160,14 @@ Job = (
 # -- what the state asks ------------------------------------------------------------------
 
 
-def network_want(network: Network, node: str) -> NetworkWant | None:
-    """The network's driver work on `node`, or None when it has none there (an overlay
-    network, a removed one, a bridge network of another node). A macvlan network is
-    every node's (scope swarm)."""
-    if network.deleted or network.driver not in SANDBOX_DRIVERS:
-        return None
-    if network.driver not in EVERY_NODE and network.node != node:
-        return None
-    return NetworkWant(network.driver, network_plan(network, node))
-
-
-def network_plan(network: Network, node: str) -> NetworkPlan:
+def network_plan(network: Network, node: str, host_address: str | None = None) -> NetworkPlan:
     """What the network's driver on `node` works from. A macvlan network's per-node
-    options (`key@node`) are resolved here: the driver sees `key`."""
+    options (`key@node`) are resolved here: the driver sees `key`; an overlay's VNI
+    and this node's own address on it are added."""
     options = dict(network.options)
     if network.driver == "macvlan":
         options = macvlan_options.for_node(options, node)
+    overlay = network.driver == "overlay"
     return NetworkPlan(
         id=network.id,
         name=network.name,
@@ -170,12 +175,40 @@ def network_plan(network: Network, node: str) -> NetworkPlan:
         gateway=network.gateway,
         internal=network.internal,
         options=options,
+        vni=vni_of(network) if overlay else 0,
+        host_address=host_address if overlay else None,
     )
 
 
-def sandbox_want(task: Task, node: str, networks: Mapping[str, Network]) -> SandboxWant | None:
+def network_want(
+    network: Network, node: str, host_address: str | None = None
+) -> NetworkWant | None:
+    """The network's driver work on `node`, or None when it has none there (a removed
+    network, a bridge network of another node, an overlay this node has no address on
+    yet, or whose VNI is not known yet). Every node serves every overlay network (the
+    routing mesh and the HRM of any node reach the tasks of every other through it)
+    and every macvlan network (scope swarm)."""
+    if network.deleted or network.driver not in SANDBOX_DRIVERS:
+        return None
+    if network.driver == "overlay":
+        if host_address is None or vni_of(network) == 0:
+            return None
+    elif network.driver not in EVERY_NODE and network.node != node:
+        return None
+    return NetworkWant(network.driver, network_plan(network, node, host_address))
+
+
+def sandbox_want(
+    task: Task,
+    node: str,
+    networks: Mapping[str, Network],
+    host_addresses: Mapping[str, str] | None = None,
+) -> SandboxWant | None:
     """The task's sandbox on `node`, or None when it has none here. An endpoint on a
-    network this node does not know (cannot happen through the store) is skipped."""
+    network this node does not know (cannot happen through the store) is skipped.
+    `host_addresses`: this node's own address on each overlay network (its way out
+    there: no node holds an overlay's gateway address)."""
+    host_addresses = host_addresses or {}
     sandbox = task.sandbox
     if task.deleted or sandbox is None or task.node != node:
         return None
@@ -185,13 +218,16 @@ def sandbox_want(task: Task, node: str, networks: Mapping[str, Network]) -> Sand
         network = networks.get(endpoint.network)
         if network is None or network.deleted:
             continue
-        # The default route leaves by the first network that has a way out.
-        gateway = None if routed or network.internal else network.gateway
+        host_address = host_addresses.get(network.name)
+        way_out = host_address if network.driver == "overlay" else network.gateway
+        # The default route leaves by the first network that has a way out (never
+        # ingress: it carries the routing mesh's connections in, nothing out).
+        gateway = None if routed or network.internal or network.name == INGRESS else way_out
         routed = routed or gateway is not None
         endpoints.append(
             EndpointWant(
                 network.driver,
-                network_plan(network, node),
+                network_plan(network, node, host_address),
                 EndpointPlan(
                     task_id=task.id,
                     index=index,
@@ -218,7 +254,9 @@ def network_transition(before: NetworkWant | None, after: NetworkWant | None) ->
         assert before is not None
         return [DeleteNetwork(before.driver, before.plan.id)]
     # A new network, or one whose plan changed: create is idempotent and brings the
-    # bridge to the plan.
+    # bridge to the plan; an overlay's peers are then programmed on it.
+    if after.driver == "overlay":
+        return [CreateNetwork(after), SyncPeers(after.plan.name)]
     return [CreateNetwork(after)]
 
 
@@ -301,6 +339,8 @@ def reconcile(
             created.add(net.plan.name)
         # Every network: create is idempotent and puts back what is partly gone.
         jobs.append(CreateNetwork(net))
+        if net.driver == "overlay":
+            jobs.append(SyncPeers(net.plan.name))
     repaired = set()
     all_veths = frozenset().union(*found.veths.values()) if found.veths else frozenset()
     for sandbox in sandboxes:

@@ -15,6 +15,7 @@ version is newer: last writer wins, ties broken by node name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Iterator
 
 from mesh.core.model import (
     INGRESS,
+    INGRESS_VNI,
     KIND_OF,
     Change,
     Endpoint,
@@ -30,6 +32,7 @@ from mesh.core.model import (
     HealthCheck,
     Kind,
     Network,
+    Node,
     PortConfig,
     Record,
     Sandbox,
@@ -39,6 +42,7 @@ from mesh.core.model import (
     Version,
     Vip,
     endpoint_of,
+    vni_of,
 )
 from mesh.errors import Conflict, Invalid, NotFound
 from mesh.ipam import (
@@ -75,8 +79,10 @@ ID_LENGTH = 25  # as Swarm's object ids
 AUTO_PORTS = range(30000, 32768)
 #: Drivers that make kernel objects on a node: creating their networks needs privileges.
 KERNEL_DRIVERS = frozenset({"bridge", "macvlan"})
-#: Drivers that can attach a sandbox today (overlay comes with issue 16).
-SANDBOX_DRIVERS = frozenset({"bridge", "macvlan"})
+#: Drivers that can attach a sandbox.
+SANDBOX_DRIVERS = frozenset({"bridge", "macvlan", "overlay"})
+#: The VXLAN ids a VNI is allocated from (24 bits; ingress has INGRESS_VNI).
+VNI_RANGE = range(INGRESS_VNI + 1, 1 << 24)
 
 
 def new_id(rng: random.Random) -> str:
@@ -118,6 +124,11 @@ class Store:
         self._endpoint_holders: dict[tuple[str, str], set[str]] = {}
         # (network, lower-cased alias) -> the service answering to it there
         self._aliases: dict[tuple[str, str], str] = {}
+        # Which nodes have each (network, address) as their own overlay address.
+        self._node_holders: dict[tuple[str, str], set[str]] = {}
+        #: This node's underlay address when it serves overlay networks (its sandboxes
+        #: are enabled): it then keeps a `Node` record with an address on each overlay.
+        self.vtep: str | None = None
 
     def __repr__(self) -> str:
         counts = " ".join(f"{kind}s={sum(1 for _ in self.live(kind))}" for kind in Kind)
@@ -215,9 +226,10 @@ class Store:
             subnet=str(chosen),
             gateway=str(gateway_of(chosen)),
             labels={"mesh.internal": "true"},
+            vni=INGRESS_VNI,
             version=Version(0, ""),  # older than any write, so a real one always wins
         )
-        return [self._write(record)]
+        return [self._write(record), *self._ensure_node()]
 
     def ingress_mismatch(self, subnet: str | None) -> str | None:
         """Why the ingress network cannot have `subnet` (it has another), or None."""
@@ -237,6 +249,11 @@ class Store:
         self.clock = max(self.clock, record.version.clock)
         current = self._records[KIND_OF[type(record)]].get(record.key)
         if current is not None and current.version >= record.version:
+            if isinstance(record, Node) and record.name == self.node and record != current:
+                # Another copy of this node's own record with a version it wrote too (it
+                # lost its data dir and counted from 0 again): its own is written anew,
+                # above both, so the cluster ends with this one.
+                return [self._write(dataclasses.replace(current, version=self._tick()))]
             return []
         changes = [self._write(record)]
         if isinstance(record, Service) and not record.deleted:
@@ -250,7 +267,199 @@ class Store:
                     for name in self._vip_holders.get((ep.network, ep.address), ())
                 }
             )
+            changes += self._repair_endpoints(
+                (ep.network, ep.address) for ep in record.sandbox.endpoints
+            )
+        if isinstance(record, Network) and not record.deleted:
+            changes += self._repair_vni(record)
+        if isinstance(record, Network | Service | Task | Node):
+            # A network came or went, or an address this node holds on an overlay
+            # may now be someone else's: this node's own record follows.
+            changes += self._ensure_node()
         return changes
+
+    # -- overlays: VXLAN ids, endpoints and node addresses across nodes -------------
+
+    def serve_overlays(self, vtep: str) -> list[Change]:
+        """This node makes overlay networks from now on, with `vtep` as its underlay
+        address: it keeps a `Node` record (its VTEP and an address on every overlay),
+        numbers overlay networks that an older agent left without a VNI, and repairs
+        VNI collisions it is the one to repair."""
+        self.vtep = vtep
+        changes: list[Change] = []
+        for network in self.networks():
+            changes += self._repair_vni(network)
+        return changes + self._ensure_node()
+
+    def _vni_for(self, spec: NetworkSpec) -> int:
+        """`--opt vni=N` when free (as the design's CLI contract has it), else the lowest
+        free one. A VNI given by hand is repaired like any other if another node handed
+        it out at the same moment (the younger network moves)."""
+        text = spec.options.get("vni")
+        if text is None:
+            return self._free_vni()
+        try:
+            vni = int(text)
+        except ValueError:
+            raise Invalid(f"--opt vni={text}: not a number") from None
+        if vni not in VNI_RANGE:
+            raise Invalid(
+                f"--opt vni={vni}: a VNI is {VNI_RANGE.start}-{VNI_RANGE.stop - 1} "
+                f"({INGRESS_VNI} is the ingress network's)"
+            )
+        for network in self.networks():
+            if network.driver == "overlay" and vni_of(network) == vni:
+                raise Conflict(f"VNI {vni} is network {network.name!r}'s", code="vni_in_use")
+        return vni
+
+    def _free_vni(self) -> int:
+        used = {vni_of(n) for n in self.networks() if n.driver == "overlay"}
+        return next(v for v in VNI_RANGE if v not in used)
+
+    def _repair_vni(self, network: Network) -> list[Change]:
+        """Two overlay networks with one VNI (two nodes created one at the same moment):
+        the younger (later created, then greater name) takes the lowest free one, by
+        the hand of the node that wrote its current version, as VIP conflicts are
+        repaired. An overlay without a VNI (written by an older agent) is numbered by
+        any node that serves overlays: two doing it at once write one record, and the
+        last writer's number stands."""
+        if network.driver != "overlay" or network.name == INGRESS:
+            return []
+        current = self.get(Kind.NETWORK, network.name)
+        if not isinstance(current, Network) or current.version != network.version:
+            return []  # a repair already replaced it
+        if network.vni == 0:
+            if self.vtep is None:
+                return []
+            fresh = dataclasses.replace(network, vni=self._free_vni(), version=self._tick())
+            return [self._write(fresh)]
+        same = [
+            n
+            for n in self.networks()
+            if n.driver == "overlay" and n.name != INGRESS and vni_of(n) == network.vni
+        ]
+        if len(same) < 2 and network.vni != INGRESS_VNI:
+            return []
+        loser = (
+            network
+            if network.vni == INGRESS_VNI
+            else max(same, key=lambda n: (n.created_at, n.name))
+        )
+        if loser.version.node != self.node:
+            return []
+        fresh = dataclasses.replace(loser, vni=self._free_vni(), version=self._tick())
+        return [self._write(fresh)]
+
+    def vni_conflicts(self) -> list[tuple[int, list[str]]]:
+        """(vni, networks) for every VXLAN id held by more than one overlay network."""
+        by_vni: dict[int, list[str]] = {}
+        for network in self.networks():
+            if network.driver == "overlay":
+                by_vni.setdefault(vni_of(network), []).append(network.name)
+        return sorted((vni, names) for vni, names in by_vni.items() if len(names) > 1)
+
+    def _repair_endpoints(self, keys: Iterable[tuple[str, str]]) -> list[Change]:
+        """Two tasks with one address on a network (two nodes handed it out at one
+        moment): the younger task (later created, then greater id) takes another, by
+        the hand of its own node, the only one that writes it; the older keeps its
+        address and never notices. The younger's sandbox is re-addressed (its
+        endpoint there is left and joined again by the sandbox manager)."""
+        changes: list[Change] = []
+        for network, address in sorted(set(keys)):
+            holders = [
+                t
+                for task_id in sorted(self._endpoint_holders.get((network, address), ()))
+                if (t := self.get_task(task_id)) is not None
+            ]
+            if len(holders) < 2:
+                continue
+            loser = max(holders, key=lambda t: (t.created_at, t.id))
+            if loser.node != self.node or loser.sandbox is None:
+                continue
+            try:
+                fresh = str(self.ipam.allocate_endpoint(network))
+            except Conflict:
+                continue  # the network is full: both keep it (`endpoint_conflicts` shows it)
+            self.ipam.release(network, [ipaddress.IPv4Address(fresh)])  # _put claims it
+            endpoints = tuple(
+                dataclasses.replace(e, address=fresh, mac=mac_of(fresh))
+                if e.network == network
+                else e
+                for e in loser.sandbox.endpoints
+            )
+            moved = dataclasses.replace(
+                loser,
+                address=endpoints[0].address,
+                sandbox=dataclasses.replace(loser.sandbox, endpoints=endpoints),
+                version=self._tick(),
+            )
+            changes.append(self._write(moved))
+        return changes
+
+    def endpoint_conflicts(self) -> list[tuple[str, str, list[str]]]:
+        """(network, address, holders) for every address two holders claim as their own:
+        task ids, and `node:<name>` for a node's overlay address."""
+        keys = set(self._endpoint_holders) | set(self._node_holders)
+        found = []
+        for key in sorted(keys):
+            holders = sorted(self._endpoint_holders.get(key, ())) + sorted(
+                f"node:{n}" for n in self._node_holders.get(key, ())
+            )
+            if len(holders) > 1:
+                found.append((key[0], key[1], holders))
+        return found
+
+    def _ensure_node(self) -> list[Change]:
+        """This node's `Node` record as it should be: its VTEP, and one address on every
+        live overlay network, kept while it is still its own. A node address gives way
+        to anything else on it (a task's endpoint, a VIP, the address of a node with a
+        smaller name): it is the cheapest thing to move (one address on this node's
+        bridge), so a conflict always has exactly one side that moves."""
+        if self.vtep is None:
+            return []
+        current = self._records[Kind.NODE].get(self.node)
+        have = current.addresses if isinstance(current, Node) and not current.deleted else {}
+        addresses: dict[str, str] = {}
+        for network in self.networks():
+            if network.driver != "overlay":
+                continue
+            kept = have.get(network.name)
+            if kept is not None and self._node_address_ok(network, kept):
+                addresses[network.name] = kept
+                continue
+            try:
+                fresh = self.ipam.allocate_endpoint(network.name)
+            except Conflict:
+                continue  # a full network: this node serves it without an address
+            self.ipam.release(network.name, [fresh])  # claimed for real by _put
+            addresses[network.name] = str(fresh)
+        if (
+            isinstance(current, Node)
+            and not current.deleted
+            and current.vtep == self.vtep
+            and current.addresses == addresses
+        ):
+            return []
+        record = Node(name=self.node, vtep=self.vtep, addresses=addresses, version=self._tick())
+        return [self._write(record)]
+
+    def _node_address_ok(self, network: Network, address: str) -> bool:
+        try:
+            parsed = ipaddress.IPv4Address(address)
+        except ValueError:
+            return False
+        if parsed not in ipaddress.IPv4Network(network.subnet):
+            return False
+        if address == network.gateway or address in network.aux_addresses.values():
+            return False
+        key = (network.name, address)
+        if key in self._endpoint_holders or key in self._vip_holders:
+            return False
+        return not any(n < self.node for n in self._node_holders.get(key, ()))
+
+    def node_record(self, name: str) -> Node | None:
+        record = self.get(Kind.NODE, name)
+        return record if isinstance(record, Node) else None
 
     def _repair_vips_on_endpoints(self, names: Iterable[str]) -> list[Change]:
         """A VIP on a sandbox endpoint's address (two nodes handed it out at one moment):
@@ -358,8 +567,9 @@ class Store:
             ip_range=None if ip_range is None else str(ip_range),
             aux_addresses=aux,
             options=dict(spec.options),
+            vni=self._vni_for(spec) if spec.driver == "overlay" else 0,
         )
-        return [self._write(record)]
+        return [self._write(record), *self._ensure_node()]
 
     def remove_network(self, name: str, now: float) -> list[Change]:
         network = self.network(name)
@@ -382,7 +592,8 @@ class Store:
             raise Conflict(
                 f"network {name!r} is in use by {' and '.join(holders)}", code="network_in_use"
             )
-        return [self._write(dataclasses.replace(network, deleted=True, version=self._tick()))]
+        removed = self._write(dataclasses.replace(network, deleted=True, version=self._tick()))
+        return [removed, *self._ensure_node()]
 
     # -- services ----------------------------------------------------------
 
@@ -526,13 +737,29 @@ class Store:
                 f"service {service.name!r} is on no network: a sandbox joins its service's "
                 "networks, so attach the service to one first"
             )
+        ingress = self.get(Kind.NETWORK, INGRESS)
+        if (
+            self.vtep is not None
+            and isinstance(ingress, Network)
+            and ingress.driver == "overlay"
+            and any(p.publish_mode == "ingress" for p in service.ports)
+        ):
+            # As in Swarm, a task of a service that publishes a port joins ingress too
+            # (last, so its other endpoints keep their eth numbers): the routing mesh of
+            # every node reaches it there, whatever its own networks are.
+            networks.append(ingress)
         if len(networks) > MAX_ENDPOINTS:
             raise Invalid(f"a sandbox has at most {MAX_ENDPOINTS} endpoints (networks)")
         for network in networks:
             if network.driver not in SANDBOX_DRIVERS:
                 raise Invalid(
                     f"network {network.name!r} (driver {network.driver}) cannot hold sandboxes"
-                    " yet: only bridge and macvlan networks can"
+                    " yet: only bridge, macvlan and overlay networks can"
+                )
+            if network.driver == "overlay" and self.vtep is None:
+                raise Invalid(
+                    f"network {network.name!r} is an overlay network and node {self.node!r}"
+                    " serves no overlay (its sandboxes are off)"
                 )
             if network.scope == "local" and network.node != self.node:
                 raise Invalid(
@@ -703,7 +930,7 @@ class Store:
                 )
                 for service in self.services():
                     self._claim_vips(service)
-                for net, address in self._endpoint_holders:
+                for net, address in [*self._endpoint_holders, *self._node_holders]:
                     if net == record.name:
                         self.ipam.claim(net, ipaddress.IPv4Address(address))
             case Service():
@@ -722,6 +949,11 @@ class Store:
                         record.id
                     )
                     self.ipam.claim(ep.network, ipaddress.IPv4Address(ep.address))
+            case Node():
+                for net, address in record.addresses.items():
+                    self._node_holders.setdefault((net, address), set()).add(record.name)
+                    with contextlib.suppress(ValueError):  # a malformed one claims nothing
+                        self.ipam.claim(net, ipaddress.IPv4Address(address))
 
     def _unindex(self, record: Record | None) -> None:
         if record is None or record.deleted:
@@ -750,8 +982,21 @@ class Store:
                     holders.discard(record.id)
                     if not holders:
                         self._endpoint_holders.pop(key, None)
-                        if key not in self._vip_holders:
-                            self.ipam.release(ep.network, [ipaddress.IPv4Address(ep.address)])
+                        self._release_if_free(key)
+            case Node():
+                for key in record.addresses.items():
+                    nodes = self._node_holders.get(key, set())
+                    nodes.discard(record.name)
+                    if not nodes:
+                        self._node_holders.pop(key, None)
+                        self._release_if_free(key)
+
+    def _release_if_free(self, key: tuple[str, str]) -> None:
+        """Give an address back to IPAM once no VIP, endpoint or node holds it."""
+        if key in self._vip_holders or key in self._endpoint_holders or key in self._node_holders:
+            return
+        with contextlib.suppress(ValueError):
+            self.ipam.release(key[0], [ipaddress.IPv4Address(key[1])])
 
     def _claim_vips(self, service: Service) -> None:
         for vip in service.vips:
@@ -765,8 +1010,7 @@ class Store:
             holders.discard(service.name)
             if not holders:
                 self._vip_holders.pop(key, None)
-                if key not in self._endpoint_holders:
-                    self.ipam.release(vip.network, [ipaddress.IPv4Address(vip.address)])
+                self._release_if_free(key)
 
     def _unfold(self, kind: Kind, key: str) -> None:
         folded = key.lower()

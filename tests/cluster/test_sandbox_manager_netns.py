@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from mesh.core.netns import entered
-from mesh.sandbox.names import VETH_PREFIX, bridge_name, netns_name, veth_name
+from mesh.sandbox.names import VETH_PREFIX, VXLAN_PREFIX, bridge_name, netns_name, veth_name
 from tests.cluster.conftest import require_tools
 from tests.helpers.netns import NETNS_ETC, NETNS_RUN, Lab, Netns
 from tests.helpers.sandbox_node import NodeAgent, remove_sandboxes
@@ -139,7 +139,8 @@ def test_sandbox_made_reconciled_after_kill_9_and_removed(
             assert "bridge network deadbeef" in reconciled[-1]
             info = agent.api_ok("GET", "/v1/agent")["sandboxes"]
             assert info["enabled"] and info["prefix"] == agent.prefix
-            assert (info["networks"], info["sandboxes"]) == (["front"], 1)
+            # ingress is an overlay, served by every node with sandboxes (issue 16)
+            assert (info["networks"], info["sandboxes"]) == (["front", "ingress"], 1)
             assert info["stats"]["orphans_removed"] == 3  # the namespace, veth and bridge
             assert info["stats"]["repaired"] == 1
         finally:
@@ -247,7 +248,11 @@ def test_kill_9_during_a_burst_of_sandboxed_tasks_leaks_nothing(
         names = {netns_name(agent.node_name, t) for t in tasks}
 
         def in_step() -> bool:
-            veths = {link for link in links(ns) if link.startswith(VETH_PREFIX)}
+            veths = {
+                link
+                for link in links(ns)
+                if link.startswith(VETH_PREFIX) and not link.startswith(VXLAN_PREFIX)
+            }
             return set(agent.sandboxes()) == names and veths == {veth_name(t, 0) for t in tasks}
 
         took = wait_for("namespaces and veths as the state has them", in_step, timeout=60)

@@ -276,7 +276,7 @@ async def test_sandbox_refusals_through_the_api(app: InProcess) -> None:
     await app.call("POST", "/v1/services", {"name": "ov", "networks": ["o"]})
     status, body = await app.call("POST", "/v1/services/ov/tasks", {"sandbox": {}})
     assert (status, body["error"]["code"]) == (422, "invalid_value")
-    assert "cannot hold sandboxes yet" in body["error"]["message"]
+    assert "serves no overlay" in body["error"]["message"]
     await app.call("POST", "/v1/services", {"name": "bare"})
     status, body = await app.call("POST", "/v1/services/bare/tasks", {"sandbox": {}})
     assert (status, body["error"]["code"]) == (422, "invalid_value")

@@ -110,6 +110,10 @@ def test_an_adopted_namespace_has_no_resolver_file_to_check() -> None:
 def test_the_gateway_is_the_recorded_one_else_the_first_host() -> None:
     assert gateway_of({"subnet": "10.0.1.0/24", "gateway": "10.0.1.254"}) == "10.0.1.254"
     assert gateway_of({"subnet": "10.0.1.0/24"}) == "10.0.1.1"
+    # an overlay sandbox leaves by this node's own address there (no node has the gateway)
+    overlay = {"name": "app", "driver": "overlay", "subnet": "10.0.1.0/24", "gateway": "10.0.1.1"}
+    assert gateway_of(overlay, {"app": "10.0.1.7"}) == "10.0.1.7"
+    assert gateway_of(overlay, {}) == "10.0.1.1"
 
 
 def test_a_vip_not_tried_is_a_skip_with_the_reason() -> None:

@@ -190,7 +190,7 @@ def test_sandbox_refusals_say_why() -> None:
     with pytest.raises(Invalid, match="on no network"):
         sandboxed(store, "lonely")
     service(store, "ov", "o")
-    with pytest.raises(Invalid, match="cannot hold sandboxes yet") as info:
+    with pytest.raises(Invalid, match="serves no overlay") as info:
         sandboxed(store, "ov")
     assert info.value.code == "invalid_value"
     service(store, "web", "a")
