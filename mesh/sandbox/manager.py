@@ -538,7 +538,7 @@ class SandboxManager:
             self._esp.queued = False
             return
         try:
-            report = await self._in_thread(_program_esp, wanted, *where)
+            report = await self._in_thread(program_esp, wanted, *where)
         except Exception as exc:
             self.stats.esp_failures += 1
             if self._esp.failed(wanted, str(exc), time.monotonic()):
@@ -658,7 +658,7 @@ def _describe_removal(job: DeleteNamespace | DeleteVeth | DeleteNetwork) -> str:
             return f"{driver} network {net_id}"
 
 
-def _program_esp(wanted: EspWant, vtep: str, node_netns: str | None, port: int) -> xfrm.SyncReport:
+def program_esp(wanted: EspWant, vtep: str, node_netns: str | None, port: int) -> xfrm.SyncReport:
     """On the worker thread: make the kernel hold `wanted`. The filter goes first: it
     drops an encrypted network's VXLAN that no policy transforms, so a failure later
     (no keyring, a kernel without ESP) leaves the network silent, never in clear text.

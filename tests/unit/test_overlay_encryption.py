@@ -162,7 +162,7 @@ def esp_setup(
         synced.append((wanted, vtep, netns, port))
         return xfrm.SyncReport(sas_added=1, rejected_remotes=1 if wanted.remotes else 0)
 
-    monkeypatch.setattr(manager, "_program_esp", program)
+    monkeypatch.setattr(manager, "program_esp", program)
     monkeypatch.setattr(
         espfilter, "counters", lambda netns: {"plain_out_dropped": 0, "plain_in_dropped": 3}
     )
@@ -293,9 +293,9 @@ def test_the_program_step_fails_closed_without_a_keyring(
     monkeypatch.setattr(xfrm, "sync_pairs", lambda *a: calls.append("xfrm"))
     wanted = encryption.want([(4097, {"encrypted": ""})], ["192.0.2.2"], None, 4789)
     with pytest.raises(esp.EspError, match="has none"):
-        manager._program_esp(wanted, "192.0.2.1", None, 4789)
+        manager.program_esp(wanted, "192.0.2.1", None, 4789)
     assert calls == ["filter"]  # the filter (drop what is not ESP) is there, no IPsec
     monkeypatch.setattr(xfrm, "clear", lambda netns: calls.append("clear") or xfrm.SyncReport())
     monkeypatch.setattr(espfilter, "remove", lambda netns: calls.append("unfilter"))
-    manager._program_esp(NONE, "192.0.2.1", None, 4789)
+    manager.program_esp(NONE, "192.0.2.1", None, 4789)
     assert calls[1:] == ["clear", "unfilter"]
