@@ -88,7 +88,7 @@ async def create_network(request: web.Request) -> web.Response:
     spec = convert.network_spec(await read_model(request, NetworkCreate))
     if spec.driver in KERNEL_DRIVERS and request.app[DEPS].sandboxes is None:
         raise needs_privileges(f"a {spec.driver} network")
-    if _encrypted(spec.options) and request.app[DEPS].keyring is None:
+    if spec.driver == "overlay" and _encrypted(spec.options) and request.app[DEPS].keyring is None:
         # The IPsec keys are derived from the gossip keyring: without one there is
         # nothing to encrypt with (and the network would carry nothing).
         raise Invalid(
