@@ -78,7 +78,7 @@ PEER_RETRY = 2.0
 #: seconds between two looks at the keyring (and retries of a failed encryption sync)
 ESP_TICK = 1.0
 #: seconds between two reads of the encrypted overlays' drop counters
-ESP_COUNTERS_EVERY = 10.0
+ESP_COUNTERS_EVERY = 5.0
 
 #: where an agent's keyring is read from: the keys, primary first; None without one
 KeyringSource = Callable[[], Iterable[bytes] | None]
@@ -334,12 +334,7 @@ class SandboxManager:
                 if want.driver == "overlay"
             },
             "encryption": {
-                "networks": sorted(
-                    name
-                    for name, want in self._networks.items()
-                    if want.driver == "overlay"
-                    and want.plan.vni in (synced or encryption.NONE).vnis
-                ),
+                "networks": self._encrypted_networks(),
                 "peers": len(synced.remotes) if synced is not None else 0,
                 "synced": synced is not None,
                 "error": self._esp.last_error,
@@ -508,6 +503,15 @@ class SandboxManager:
             return None
         return encryption.want(overlays, self._peers.vteps(), keyring, where[2])
 
+    def _encrypted_networks(self) -> list[str]:
+        """The encrypted overlays this node serves (programmed or not: see `synced`)."""
+        wanted = self._esp_want() or encryption.NONE
+        return sorted(
+            name
+            for name, want in self._networks.items()
+            if want.driver == "overlay" and want.plan.vni in wanted.vnis
+        )
+
     def _esp_check(self) -> None:
         """Queue a sync when the want changed (cheap: runs on every change and tick)."""
         wanted = self._esp_want()
@@ -519,9 +523,9 @@ class SandboxManager:
         while True:
             await asyncio.sleep(ESP_TICK)
             self._esp_check()
-            synced = self._esp.synced
+            wanted = self._esp_want()
             now = time.monotonic()
-            if synced is not None and synced.active and now >= self._esp_counters_at:
+            if wanted is not None and wanted.active and now >= self._esp_counters_at:
                 self._esp_counters_at = now + ESP_COUNTERS_EVERY
                 self._queue.put_nowait(_SyncEsp(counters_only=True))
 
@@ -546,10 +550,9 @@ class SandboxManager:
             return
         self._esp.succeeded(wanted)
         self._esp_report = report
+        if not wanted.active:
+            self._esp_drops = dict.fromkeys(espfilter.COUNTERS, 0)  # the table went
         self.stats.esp_syncs += 1
-        if wanted.active:
-            with contextlib.suppress(Exception):
-                self._esp_drops = await self._in_thread(espfilter.counters, where[1])
         if report.changed or report.collisions or report.rejected_remotes:
             event(
                 log,
@@ -673,4 +676,10 @@ def program_esp(wanted: EspWant, vtep: str, node_netns: str | None, port: int) -
             "encrypted overlays need the cluster keyring, and this agent has none "
             "(start it with --keyring FILE); their traffic is dropped"
         )
-    return xfrm.sync_pairs(vtep, wanted.remotes, wanted.keys, wanted.keys[0], port, node_netns)
+    try:
+        return xfrm.sync_pairs(vtep, wanted.remotes, wanted.keys, wanted.keys[0], port, node_netns)
+    except xfrm.XfrmError as exc:
+        raise xfrm.XfrmError(
+            f"the IPsec of the encrypted overlays (VNIs {sorted(wanted.vnis)}) could not be "
+            f"programmed, their traffic is dropped: {exc}"
+        ) from exc
