@@ -214,6 +214,8 @@ class SandboxManager:
                 self._tasks[task.id] = task
                 self._sandboxes[task.id] = sandbox
                 self._progress[task.id] = _Progress()
+        # The encrypted overlays' filter (and IPsec) first, before any peer is programmed.
+        self._esp_check()
         self._queue.put_nowait(
             _Reconcile(list(self._networks.values()), list(self._sandboxes.values()))
         )
@@ -243,9 +245,11 @@ class SandboxManager:
                         task = self._tasks.get(want.task_id)
                         if task is not None:
                             self._task_changed(task)
+        # Encryption before peers: an encrypted network's filter is in place before its
+        # VXLAN can reach another node (a new network's CreateNetwork is queued already).
+        self._esp_check()
         for name in sorted(touched):
             self._enqueue([SyncPeers(name)])
-        self._esp_check()
 
     def use_keyring(self, source: KeyringSource) -> None:
         """Where encrypted overlays take their keys: the gossip keyring, read again
@@ -290,6 +294,10 @@ class SandboxManager:
                     continue  # not served here, or queued already: it reads the table then
                 self._peers_pending.add(job.network)
             self._queue.put_nowait(job)
+            if isinstance(job, CreateNetwork) and job.want.driver == "overlay":
+                # An encrypted network's filter and IPsec right after its devices and
+                # before its peers: none of its VXLAN can leave plain in between.
+                self._esp_check()
 
     # -- what the API awaits ----------------------------------------------------------------
 

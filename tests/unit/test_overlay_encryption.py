@@ -154,9 +154,11 @@ def esp_setup(
 ) -> tuple[list[Store], SandboxManager, list[Synced], list[str]]:
     synced: list[Synced] = []
     threads: list[str] = []
+    kernels: list[EspOverlay] = []
 
     def program(wanted: EspWant, vtep: str, netns: str | None, port: int) -> xfrm.SyncReport:
         threads.append(threading.current_thread().name)
+        kernels[0].calls.append(("program_esp", ",".join(map(str, sorted(wanted.vnis)))))
         if fail:
             raise xfrm.XfrmError(fail[0])
         synced.append((wanted, vtep, netns, port))
@@ -172,9 +174,17 @@ def esp_setup(
     overlay(stores[0], "secret", subnet="10.51.0.0/24", options={"encrypted": ""})
     exchange(*stores)
     kernel = EspOverlay()
+    kernels.append(kernel)
     mgr = SandboxManager("n1", {"overlay": kernel}, kernel, (), kernel.delete_link)
+    mgr.use_keyring(lambda: [K1])
     mgr.load(stores[0].all_records())
     return stores, mgr, synced, threads
+
+
+def mgr_calls(mgr: SandboxManager) -> list[tuple[str, str]]:
+    kernel = mgr._drivers["overlay"]
+    assert isinstance(kernel, EspOverlay)
+    return list(kernel.calls)
 
 
 async def until(condition: object, what: str, within: float = 5.0) -> None:
@@ -193,7 +203,12 @@ async def test_the_job_programs_the_encrypted_vnis_for_every_other_alive_node(
     await mgr.start()
     try:
         await mgr.idle()
+        # the filter and IPsec come before any peer is programmed (no VXLAN of the
+        # encrypted network can leave plain in between)
         secret = stores[0].network("secret").vni
+        calls = mgr_calls(mgr)
+        assert calls[0] == ("program_esp", str(secret)), calls
+        assert ("set_peers", "secret") in calls
         wanted, vtep, netns, port = synced[-1]
         assert wanted.vnis == {secret}  # not ingress's, not the plain network's
         assert wanted.remotes == {VTEPS["n2"], VTEPS["n3"]}
@@ -233,6 +248,22 @@ async def test_the_job_programs_the_encrypted_vnis_for_every_other_alive_node(
         }
         stats = info["stats"]
         assert isinstance(stats, dict) and stats["esp_syncs"] == len(synced)
+
+        # a new encrypted network: made, then its filter and IPsec, then its peers
+        before = len(mgr_calls(mgr))
+        made = stores[0].create_network(
+            NetworkSpec(name="sec2", driver="overlay", options={"encrypted": ""}), 1.0
+        )
+        for change in made:
+            mgr.on_change(change)
+        await mgr.idle()
+        calls = mgr_calls(mgr)[before:]
+        sec2 = stores[0].network("sec2").vni
+        program = ("program_esp", ",".join(map(str, sorted({secret, sec2}))))
+        assert calls.index(("create_network", "sec2")) < calls.index(program), calls
+        assert calls.index(program) < calls.index(("set_peers", "sec2")), calls
+        for change in stores[0].remove_network("sec2", 1.0):
+            mgr.on_change(change)
 
         # the last encrypted network goes: everything of ours is cleared
         for change in stores[0].remove_network("secret", 1.0):
