@@ -264,6 +264,10 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         else DnsWorkers(config, dns, feed_server.path)
     )
     gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
+    if sandboxes is not None:
+        # Encrypted overlays derive their IPsec keys from the gossip keyring, which
+        # `mesh keyring` and gossiped changes alter in place (read again every second).
+        sandboxes.use_keyring(lambda: gossip.keyring)
     deps = ApiDeps(
         control=control,
         node=config.node_name,

@@ -303,6 +303,19 @@ class OverlayOut(_Response):
     peers: int
 
 
+class EncryptionOut(_Response):
+    """Encrypted overlays on this node (docs/networking.md, "Encrypted overlay networks")."""
+
+    networks: list[str] = []  # the encrypted overlays this node serves
+    peers: int = 0  # remote VTEPs in the last successful sync
+    synced: bool = False  # the kernel holds what is wanted
+    error: str | None = None  # why the last sync failed
+    collisions: int = 0  # SAs left out in the last sync (SPI collision)
+    rejected_remotes: int = 0  # remotes that cannot be a VTEP, left out
+    plain_out_dropped: int = 0  # an encrypted network's VXLAN held back (no IPsec route)
+    plain_in_dropped: int = 0  # plain VXLAN with an encrypted network's VNI, dropped
+
+
 class SandboxesOut(_Response):
     """The sandbox manager: off (and why), or what it keeps and its counters."""
 
@@ -312,11 +325,13 @@ class SandboxesOut(_Response):
     networks: list[str] = []  # this node's driver-backed networks
     sandboxes: int = 0  # this node's sandboxed tasks
     #: ensured, removed, failed (kernel steps), orphans_removed, repaired (at start),
-    #: peer_syncs (overlay peer tables programmed)
+    #: peer_syncs (overlay peer tables programmed), esp_syncs and esp_failures
+    #: (encrypted overlays' IPsec and filter programmed, or not)
     stats: dict[str, int] = {}
     #: each overlay network this node serves: its VNI, this node's own address on it,
     #: and how many remote endpoints its peer table holds
     overlays: dict[str, OverlayOut] = {}
+    encryption: EncryptionOut | None = None
 
 
 class AgentOut(_Response):

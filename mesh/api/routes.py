@@ -32,6 +32,7 @@ from mesh.api.models import (
 from mesh.control import Control
 from mesh.core.model import Health, Kind, Network, Service, Task
 from mesh.errors import Conflict, Invalid, SandboxFailed, needs_privileges
+from mesh.sandbox import esp
 from mesh.state.store import KERNEL_DRIVERS
 
 
@@ -87,6 +88,14 @@ async def create_network(request: web.Request) -> web.Response:
     spec = convert.network_spec(await read_model(request, NetworkCreate))
     if spec.driver in KERNEL_DRIVERS and request.app[DEPS].sandboxes is None:
         raise needs_privileges(f"a {spec.driver} network")
+    if spec.driver == "overlay" and _encrypted(spec.options) and request.app[DEPS].keyring is None:
+        # The IPsec keys are derived from the gossip keyring: without one there is
+        # nothing to encrypt with (and the network would carry nothing).
+        raise Invalid(
+            "an encrypted network takes its keys from the gossip keyring, and this agent "
+            "has none (start every agent with --keyring FILE)",
+            code="encrypted_needs_keyring",
+        )
     control = _control(request)
     changes = await control.apply(lambda now: control.store.create_network(spec, now))
     created = changes[0].after  # then this node's own overlay address, if it serves overlays
@@ -299,3 +308,10 @@ async def http_stats(request: web.Request) -> web.Response:
     snapshot.setdefault("routes", [])
     snapshot.setdefault("ejected", [])
     return answer(HttpOut.model_validate(snapshot))
+
+
+def _encrypted(options: dict[str, str]) -> bool:
+    try:
+        return esp.is_encrypted(options)
+    except esp.EspError:
+        return False  # the store refuses the value, saying why

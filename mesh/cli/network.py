@@ -65,7 +65,8 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
         metavar="K=V",
         action="append",
         default=[],
-        help="a driver option, e.g. icc=false (bridge), parent=eth0 (macvlan); repeatable",
+        help="a driver option, e.g. icc=false (bridge), parent=eth0 (macvlan), encrypted "
+        "(overlay: IPsec ESP between nodes, keys from the gossip keyring); repeatable",
     )
     create.add_argument(
         "--label", metavar="K=V", action="append", default=[], help="a label; repeatable"
@@ -109,7 +110,9 @@ def create_body(args: argparse.Namespace) -> JsonObject:
     if args.attachable is not None:
         body["attachable"] = parse_bool(args.attachable, "--attachable")
     if args.opt:
-        body["options"] = parse_assignments(args.opt, "--opt")
+        # `--opt encrypted` alone is Docker's form of `encrypted=true`
+        opts = ["encrypted=true" if o.strip() == "encrypted" else o for o in args.opt]
+        body["options"] = parse_assignments(opts, "--opt")
     if args.label:
         body["labels"] = parse_labels(args.label)
     return body

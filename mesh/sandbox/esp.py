@@ -25,29 +25,31 @@ What is wanted, seen from the local VTEP L, for each remote R:
   makes a rotation lose nothing);
 * one outbound SA `L -> R`, on the primary key only;
 * policy `dir out`: UDP from L to R with destination port = the data-path port
-  must go through ESP (template: transport mode, the primary's SPI); no SA, no
-  packet: plain VXLAN to R cannot leave;
-* policy `dir in`: UDP from R to L to that port is accepted only when it came
-  out of one of our ESP SAs with R's reqid; plain VXLAN from R is dropped.
+  *and the firewall mark `MARK/MARK_MASK`* must go through ESP (template:
+  transport mode, the primary's SPI). Encryption is per network, as Swarm's:
+  `mesh.sandbox.espfilter` marks only the VXLAN packets whose VNI is an
+  encrypted network's, so a plain network's VXLAN to R matches no policy and
+  leaves as VXLAN, an encrypted one's cannot leave unencrypted (no SA, no
+  packet; and the filter drops a marked packet that no policy transformed).
+
+There is no `dir in` policy (a `level required` one would refuse the plain
+networks' VXLAN from R too): inbound, the filter drops VXLAN of an encrypted
+VNI that did not come out of an ESP SA (`meta ipsec missing`), and the kernel
+checks a decrypted packet against its SA's selector (UDP from R to L to the
+port), so R's keys carry R's VXLAN and nothing else.
 
 Every SA and policy carries a reqid of ours, `REQID_BASE | 20 bits of
 sha256(R)`: what `xfrm.sync_pairs` removes is only what carries a reqid in that
-range, never anyone else's IPsec. The per-remote reqid binds the inbound policy
-of R to R's own SAs (a packet decrypted with another pair's SA but claiming R's
-address does not pass R's policy; two remotes whose 20 bits coincide, odds 2^-20,
-only lose that binding between them).
+range, never anyone else's IPsec (an inbound policy of an older agent too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
-
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 AEAD = "rfc4106(gcm(aes))"
 ICV_BITS = 128
@@ -62,6 +64,10 @@ DEFAULT_PORT = 4789
 #: next header 2, ICV 16 (37 at most), rounded up to 4. An encrypted overlay's MTU
 #: is the unencrypted one minus this.
 ESP_OVERHEAD = 40
+#: The firewall mark (value/mask) of VXLAN packets of an encrypted network: the
+#: outbound policies select it (`mesh.sandbox.espfilter` sets it per VNI).
+MARK = 0x0E500000
+MARK_MASK = 0x0FF00000
 
 HKDF_SALT = b"meshplane overlay esp"
 HKDF_INFO = b"meshplane esp v1 "
@@ -91,8 +97,9 @@ class SecurityAssociation:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """UDP `src -> dst` to `port` must be ESP (transport) with `reqid`; `spi` 0 in a
-    `dir in` template means any SA of that reqid (every key of the keyring)."""
+    """UDP `src -> dst` to `port` (with the firewall mark `mark/mask`, when not 0)
+    must be ESP (transport) with `reqid`; `spi` 0 in a template means any SA of that
+    reqid (an inbound policy of an older agent, which a sync removes)."""
 
     direction: Direction
     src: str
@@ -100,6 +107,8 @@ class Policy:
     port: int
     reqid: int
     spi: int
+    mark: int = 0
+    mask: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +150,11 @@ def derive(key: bytes, src: str, dst: str) -> tuple[bytes, int]:
         raise EspError(f"VTEPs {src} and {dst} are not of one address family")
     if src_packed == dst_packed:
         raise EspError(f"a pair needs two VTEPs, not {src} twice")
+    # Imported here: the store and the CLI read `is_encrypted` and the constants, and a
+    # short-lived CLI command imports no third-party package (tests/unit/test_cli_main).
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     material = HKDF(
         algorithm=hashes.SHA256(),
         length=KEY_BYTES + SALT_BYTES + 4,
@@ -215,8 +229,7 @@ def plan(
         for key in ring:
             in_key, in_spi = derive(key, remote, local)
             inbound.append(SecurityAssociation(remote, local, in_spi, reqid, in_key))
-        policies.append(Policy("out", local, remote, port, reqid, out_spi))
-        policies.append(Policy("in", remote, local, port, reqid, 0))
+        policies.append(Policy("out", local, remote, port, reqid, out_spi, MARK, MARK_MASK))
     kept: list[SecurityAssociation] = []
     taken: set[tuple[str, int]] = set()
     collisions = 0
@@ -238,3 +251,21 @@ def keyring_arguments(keyring: Iterable[bytes]) -> tuple[list[bytes], bytes]:
     if not keys:
         raise EspError("an encrypted overlay needs a keyring with at least one key")
     return keys, keys[0]
+
+
+ON = ("", "true", "yes", "1", "on")
+OFF = ("false", "no", "0", "off")
+
+
+def is_encrypted(options: Mapping[str, str]) -> bool:
+    """Whether a network's options ask for encryption: `--opt encrypted` (Docker's
+    form, an empty value) or `encrypted=true|yes|1|on`; absent or
+    `false|no|0|off`: not. Any other value raises `EspError`."""
+    if "encrypted" not in options:
+        return False
+    value = options["encrypted"].strip().lower()
+    if value in ON:
+        return True
+    if value in OFF:
+        return False
+    raise EspError(f"--opt encrypted={options['encrypted']}: expected true or false")

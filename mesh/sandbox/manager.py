@@ -14,6 +14,13 @@ again, and every sandbox's DNS and LB opened. A clean stop leaves sandboxes and
 networks in place: tasks are durable and go only when their record goes. A kill -9
 leaves them too; the next start's reconciliation picks them up.
 
+Encrypted overlays (`--opt encrypted`): their IPsec (`mesh.sandbox.xfrm`) and
+filter (`mesh.sandbox.espfilter`) are programmed by a job of their own on the same
+worker thread, whenever `mesh.sandbox.encryption` says the want changed: the
+served encrypted overlays, the other alive nodes' VTEPs, the keyring (polled
+every `ESP_TICK` seconds: it changes in place, by `mesh keyring` or by gossip,
+with no callback), the data-path port.
+
 `ready(task_id)` is what the API awaits after creating a sandboxed task: it returns
 once that task's sandbox is up, or raises `SandboxFailed` with the reason.
 """
@@ -25,13 +32,17 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from mesh.core.logs import event
 from mesh.core.model import Change, Network, Node, Record, Task
 from mesh.errors import SandboxFailed
+from mesh.sandbox import encryption, esp, espfilter, xfrm
 from mesh.sandbox.driver import Driver, DriverError
+from mesh.sandbox.encryption import EspSchedule, EspWant
+from mesh.sandbox.esp import EspError
 from mesh.sandbox.names import netns_prefix
 from mesh.sandbox.overlay import Peer
 from mesh.sandbox.peers import PeerEntry, PeerTable
@@ -64,6 +75,13 @@ T = TypeVar("T")
 SETTLE_TIMEOUT = 5.0
 #: seconds before an overlay's peers are programmed again after `set_peers` failed
 PEER_RETRY = 2.0
+#: seconds between two looks at the keyring (and retries of a failed encryption sync)
+ESP_TICK = 1.0
+#: seconds between two reads of the encrypted overlays' drop counters
+ESP_COUNTERS_EVERY = 5.0
+
+#: where an agent's keyring is read from: the keys, primary first; None without one
+KeyringSource = Callable[[], Iterable[bytes] | None]
 
 
 class Namespaces(Protocol):
@@ -98,6 +116,14 @@ class _Mark:
         self.marker = marker
 
 
+class _SyncEsp:
+    """The encrypted overlays' IPsec and filter, as wanted when it runs; with
+    `counters_only`, just a read of the filter's drop counters."""
+
+    def __init__(self, counters_only: bool = False) -> None:
+        self.counters_only = counters_only
+
+
 class _Progress:
     """One task's sandbox: pending, up, or failed with a reason."""
 
@@ -115,6 +141,9 @@ class ManagerStats:
     repaired: int = 0
     #: overlay peer tables programmed (`set_peers` calls that changed the wanted set)
     peer_syncs: int = 0
+    #: encrypted overlays: syncs of IPsec and filter that succeeded, that failed
+    esp_syncs: int = 0
+    esp_failures: int = 0
 
 
 class SandboxManager:
@@ -148,7 +177,14 @@ class SandboxManager:
         self._progress: dict[str, _Progress] = {}
         #: the sandboxes whose DNS and LB are open here, by task id
         self._serving: dict[str, SandboxWant] = {}
-        self._queue: asyncio.Queue[Job | _Reconcile | _Mark] = asyncio.Queue()
+        #: encrypted overlays: the keyring, what is programmed, the last sync's figures
+        self._keyring: KeyringSource = lambda: None
+        self._esp = EspSchedule()
+        self._esp_report = xfrm.SyncReport()
+        self._esp_drops: dict[str, int] = dict.fromkeys(espfilter.COUNTERS, 0)
+        self._esp_counters_at = 0.0
+        self._ticker: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[Job | _Reconcile | _Mark | _SyncEsp] = asyncio.Queue()
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sandbox"
         )
@@ -178,6 +214,8 @@ class SandboxManager:
                 self._tasks[task.id] = task
                 self._sandboxes[task.id] = sandbox
                 self._progress[task.id] = _Progress()
+        # The encrypted overlays' filter (and IPsec) first, before any peer is programmed.
+        self._esp_check()
         self._queue.put_nowait(
             _Reconcile(list(self._networks.values()), list(self._sandboxes.values()))
         )
@@ -207,8 +245,17 @@ class SandboxManager:
                         task = self._tasks.get(want.task_id)
                         if task is not None:
                             self._task_changed(task)
+        # Encryption before peers: an encrypted network's filter is in place before its
+        # VXLAN can reach another node (a new network's CreateNetwork is queued already).
+        self._esp_check()
         for name in sorted(touched):
             self._enqueue([SyncPeers(name)])
+
+    def use_keyring(self, source: KeyringSource) -> None:
+        """Where encrypted overlays take their keys: the gossip keyring, read again
+        every `ESP_TICK` seconds."""
+        self._keyring = source
+        self._esp_check()
 
     def _network_changed(self, name: str) -> None:
         record = self._records.get(name)
@@ -247,6 +294,10 @@ class SandboxManager:
                     continue  # not served here, or queued already: it reads the table then
                 self._peers_pending.add(job.network)
             self._queue.put_nowait(job)
+            if isinstance(job, CreateNetwork) and job.want.driver == "overlay":
+                # An encrypted network's filter and IPsec right after its devices and
+                # before its peers: none of its VXLAN can leave plain in between.
+                self._esp_check()
 
     # -- what the API awaits ----------------------------------------------------------------
 
@@ -276,6 +327,7 @@ class SandboxManager:
 
     def describe(self) -> dict[str, object]:
         """What this node keeps and the manager's counters (`GET /v1/agent`)."""
+        synced = self._esp.synced
         return {
             "enabled": True,
             "prefix": self.prefix,
@@ -289,6 +341,15 @@ class SandboxManager:
                 for name, want in sorted(self._networks.items())
                 if want.driver == "overlay"
             },
+            "encryption": {
+                "networks": self._encrypted_networks(),
+                "peers": len(synced.remotes) if synced is not None else 0,
+                "synced": synced is not None,
+                "error": self._esp.last_error,
+                "collisions": self._esp_report.collisions,
+                "rejected_remotes": self._esp_report.rejected_remotes,
+                **self._esp_drops,
+            },
             "sandboxes": len(self._sandboxes),
             "stats": dataclasses.asdict(self.stats),
         }
@@ -297,14 +358,17 @@ class SandboxManager:
 
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="sandbox-manager")
+        if self._overlay_esp() is not None:
+            self._ticker = asyncio.create_task(self._esp_ticks(), name="sandbox-esp-ticks")
 
     async def stop(self) -> None:
         """Stop taking jobs; the one running finishes (a thread cannot be cut short).
         Sandboxes and networks stay: they go with their records only."""
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        for task in (self._ticker, self._runner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.to_thread(self._thread.shutdown, wait=True)
 
     async def _run(self) -> None:
@@ -316,6 +380,8 @@ class SandboxManager:
             try:
                 if isinstance(job, _Reconcile):
                     await self._reconcile(job)
+                elif isinstance(job, _SyncEsp):
+                    await self._sync_esp(job)
                 else:
                     await self._do(job)
             except asyncio.CancelledError:
@@ -413,6 +479,101 @@ class SandboxManager:
             retry: list[Job] = [SyncPeers(network)]
             loop.call_later(PEER_RETRY, self._enqueue, retry)
 
+    # -- encrypted overlays -------------------------------------------------------------
+
+    def _overlay_esp(self) -> tuple[str, str | None, int] | None:
+        """(VTEP, node namespace, data-path port) of this node's overlay driver; None
+        when it serves no overlays (nothing to encrypt)."""
+        overlay = self._drivers.get("overlay")
+        vtep = getattr(overlay, "vtep", None)
+        if overlay is None or not isinstance(vtep, str):
+            return None
+        netns = getattr(overlay, "node_netns", None)
+        port = getattr(overlay, "port", None)
+        return (
+            vtep,
+            netns if isinstance(netns, str) else None,
+            port if isinstance(port, int) else esp.DEFAULT_PORT,
+        )
+
+    def _esp_want(self) -> EspWant | None:
+        where = self._overlay_esp()
+        if where is None:
+            return None
+        overlays = [
+            (want.plan.vni, want.plan.options)
+            for want in self._networks.values()
+            if want.driver == "overlay"
+        ]
+        try:
+            keyring = self._keyring()
+        except Exception:  # a keyring being changed: read again at the next tick
+            return None
+        return encryption.want(overlays, self._peers.vteps(), keyring, where[2])
+
+    def _encrypted_networks(self) -> list[str]:
+        """The encrypted overlays this node serves (programmed or not: see `synced`)."""
+        wanted = self._esp_want() or encryption.NONE
+        return sorted(
+            name
+            for name, want in self._networks.items()
+            if want.driver == "overlay" and want.plan.vni in wanted.vnis
+        )
+
+    def _esp_check(self) -> None:
+        """Queue a sync when the want changed (cheap: runs on every change and tick)."""
+        wanted = self._esp_want()
+        if wanted is not None and self._esp.due(wanted, time.monotonic()):
+            self._esp.started()
+            self._queue.put_nowait(_SyncEsp())
+
+    async def _esp_ticks(self) -> None:
+        while True:
+            await asyncio.sleep(ESP_TICK)
+            self._esp_check()
+            wanted = self._esp_want()
+            now = time.monotonic()
+            if wanted is not None and wanted.active and now >= self._esp_counters_at:
+                self._esp_counters_at = now + ESP_COUNTERS_EVERY
+                self._queue.put_nowait(_SyncEsp(counters_only=True))
+
+    async def _sync_esp(self, job: _SyncEsp) -> None:
+        where = self._overlay_esp()
+        if where is None:
+            return
+        if job.counters_only:
+            with contextlib.suppress(Exception):
+                self._esp_drops = await self._in_thread(espfilter.counters, where[1])
+            return
+        wanted = self._esp_want()
+        if wanted is None:
+            self._esp.queued = False
+            return
+        try:
+            report = await self._in_thread(program_esp, wanted, *where)
+        except Exception as exc:
+            self.stats.esp_failures += 1
+            if self._esp.failed(wanted, str(exc), time.monotonic()):
+                event(log, "overlay_encryption_failed", logging.WARNING, error=str(exc))
+            return
+        self._esp.succeeded(wanted)
+        self._esp_report = report
+        if not wanted.active:
+            self._esp_drops = dict.fromkeys(espfilter.COUNTERS, 0)  # the table went
+        self.stats.esp_syncs += 1
+        if report.changed or report.collisions or report.rejected_remotes:
+            event(
+                log,
+                "overlay_encryption",
+                vnis=sorted(wanted.vnis),
+                peers=len(wanted.remotes),
+                keys=len(wanted.keys),
+                sas_added=report.sas_added,
+                sas_removed=report.sas_removed,
+                collisions=report.collisions,
+                rejected_remotes=report.rejected_remotes,
+            )
+
     def _driver(self, name: str) -> Driver:
         try:
             return self._drivers[name]
@@ -506,3 +667,27 @@ def _describe_removal(job: DeleteNamespace | DeleteVeth | DeleteNetwork) -> str:
             return f"veth {name}"
         case DeleteNetwork(driver, net_id):
             return f"{driver} network {net_id}"
+
+
+def program_esp(wanted: EspWant, vtep: str, node_netns: str | None, port: int) -> xfrm.SyncReport:
+    """On the worker thread: make the kernel hold `wanted`. The filter goes first: it
+    drops an encrypted network's VXLAN that no policy transforms, so a failure later
+    (no keyring, a kernel without ESP) leaves the network silent, never in clear text.
+    Nothing encrypted: our SAs and policies go, then the filter."""
+    if not wanted.active:
+        report = xfrm.clear(node_netns)
+        espfilter.remove(node_netns)
+        return report
+    espfilter.apply(wanted.vnis, port, node_netns)
+    if not wanted.keys:
+        raise EspError(
+            "encrypted overlays need the cluster keyring, and this agent has none "
+            "(start it with --keyring FILE); their traffic is dropped"
+        )
+    try:
+        return xfrm.sync_pairs(vtep, wanted.remotes, wanted.keys, wanted.keys[0], port, node_netns)
+    except xfrm.XfrmError as exc:
+        raise xfrm.XfrmError(
+            f"the IPsec of the encrypted overlays (VNIs {sorted(wanted.vnis)}) could not be "
+            f"programmed, their traffic is dropped: {exc}"
+        ) from exc

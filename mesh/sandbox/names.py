@@ -24,6 +24,7 @@ SHIM_PREFIX = "mpms-"  # a macvlan network's host shim
 IFNAME_MAX = 15
 BRIDGE_TABLE = "meshplane_net"  # family inet, in the node's namespace
 SANDBOX_LB_TABLE = "meshplane_sbx"  # family ip, inside a sandbox
+ESP_TABLE = "meshplane_esp"  # family inet, in the node's namespace: encrypted overlays
 MAX_ENDPOINTS = 16  # the endpoint index is one hex digit
 
 

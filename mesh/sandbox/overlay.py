@@ -18,7 +18,8 @@ Kernel design (docs/networking.md, "The overlay driver", describes it for users)
     learning and unknown-unicast flooding off (broadcast stays on, so ARP
     reaches the proxy); its alias `meshplane net=<id> vni=<vni>`;
   - MTU = underlay MTU - 50 (inner Ethernet 14 + outer IPv4 20 + UDP 8 +
-    VXLAN 8) on the bridge, the VXLAN device and both ends of every veth; the
+    VXLAN 8), and `esp.ESP_OVERHEAD` (40) less on an encrypted network
+    (`--opt encrypted`), on the bridge, the VXLAN device and both ends of every veth; the
     underlay MTU is given, or that of the interface holding the VTEP address.
   - `net.ipv4.ip_forward=1`, and the node's table `inet meshplane_net`
     (`mesh.sandbox.firewall`) covers `mpob-` bridges as `mpbr-` ones:
@@ -54,7 +55,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.sandbox import driver, firewall, names, veth
+from mesh.sandbox import driver, esp, firewall, names, veth
 from mesh.sandbox.driver import DriverError, EndpointPlan, NetworkPlan, Owned
 from mesh.sandbox.veth import ALIAS_TAG, parse_alias
 
@@ -79,6 +80,17 @@ class Peer:
     mac: str  # its MAC (names.mac_of(address))
     address: str  # its overlay address
     vtep: str  # the underlay address of the node that has it
+
+
+def overhead(net: NetworkPlan) -> int:
+    """Bytes the underlay carries beyond an overlay frame: VXLAN's, and ESP's on an
+    encrypted network (an unreadable `encrypted` value counts as encrypted, as
+    `mesh.sandbox.encryption` does)."""
+    try:
+        encrypted = esp.is_encrypted(net.options)
+    except esp.EspError:
+        encrypted = True
+    return VXLAN_OVERHEAD + (esp.ESP_OVERHEAD if encrypted else 0)
 
 
 def bridge_alias(net: NetworkPlan) -> str:
@@ -128,7 +140,7 @@ class OverlayDriver:
         bridge_name, vxlan_name = names.overlay_bridge_name(net.id), names.vxlan_name(net.id)
         with veth.node(self.node_netns) as ipr:
             veth.set_ip_forward()
-            mtu = self._underlay_mtu(ipr) - VXLAN_OVERHEAD
+            mtu = self._underlay_mtu(ipr) - overhead(net)
             bridge = veth.lookup(ipr, bridge_name)
             if bridge is None:
                 ipr.link("add", ifname=bridge_name, kind="bridge", mtu=mtu)

@@ -71,6 +71,11 @@ class PeerTable:
     def overlays(self) -> frozenset[str]:
         return frozenset(self._overlays)
 
+    def vteps(self) -> frozenset[str]:
+        """The VTEPs of the other nodes that serve overlays and are alive (the peers
+        of an encrypted overlay's IPsec)."""
+        return frozenset(vtep for node, vtep in self._vteps.items() if node != self.node)
+
     def update(self, record: Record) -> frozenset[str]:
         """Take one record (removed or hidden ones included); the overlays it touched."""
         match record:

@@ -109,17 +109,22 @@ def delete_sa(sa: InstalledSA | SecurityAssociation) -> str:
     return f"xfrm state delete src {sa.src} dst {sa.dst} proto esp spi 0x{sa.spi:08x}"
 
 
+def _mark(policy: Policy) -> str:
+    return f" mark 0x{policy.mark:08x} mask 0x{policy.mask:08x}" if policy.mask else ""
+
+
 def set_policy(policy: Policy) -> str:
     spi = f" spi 0x{policy.spi:08x}" if policy.spi else ""
     return (
-        f"xfrm policy update {_selector(policy)} dir {policy.direction} "
+        f"xfrm policy update {_selector(policy)} dir {policy.direction}{_mark(policy)} "
         f"tmpl src {policy.src} dst {policy.dst} proto esp{spi} reqid {policy.reqid} "
         "mode transport level required"
     )
 
 
 def delete_policy(policy: Policy) -> str:
-    return f"xfrm policy delete {_selector(policy)} dir {policy.direction}"
+    # The kernel tells policies apart by selector, direction and mark.
+    return f"xfrm policy delete {_selector(policy)} dir {policy.direction}{_mark(policy)}"
 
 
 def commands(
@@ -136,8 +141,8 @@ def commands(
     later = [sa for sa in stale if (sa.dst, sa.spi) not in wanted_slots]
     missing = [sa for identity, sa in want_sas.items() if identity not in have_sas]
 
-    def key(policy: Policy) -> tuple[str, str, str, int]:
-        return (policy.direction, policy.src, policy.dst, policy.port)
+    def key(policy: Policy) -> tuple[str, str, str, int, int, int]:
+        return (policy.direction, policy.src, policy.dst, policy.port, policy.mark, policy.mask)
 
     have_policies = {key(p): p for p in policies if esp.is_ours(p.reqid)}
     want_policies = {key(p): p for p in wanted.policies}
@@ -214,6 +219,8 @@ def parse_policies(text: str) -> list[Policy]:
         spi, reqid = _after(words, "spi", tmpl), _after(words, "reqid", tmpl)
         if reqid is None:
             continue
+        mark_text = _after(words[:tmpl], "mark")  # `mark 0xe500000/0xff00000`
+        mark, _, mask = (mark_text or "0/0").partition("/")
         found.append(
             Policy(
                 "in" if direction == "in" else "out",
@@ -222,6 +229,8 @@ def parse_policies(text: str) -> list[Policy]:
                 int(port),
                 int(reqid, 0),
                 int(spi, 16) if spi else 0,  # `ip` leaves out a zero SPI
+                int(mark, 0),
+                int(mask or "0xffffffff", 0),
             )
         )
     return found

@@ -54,7 +54,7 @@ from mesh.ipam import (
     parse_subnet,
 )
 from mesh.names import check_label
-from mesh.sandbox import macvlan_options
+from mesh.sandbox import esp, macvlan_options
 from mesh.sandbox.names import (
     MAX_ENDPOINTS,
     NETNS_DIR,
@@ -538,6 +538,7 @@ class Store:
             if str(address) in aux.values():
                 raise Invalid(f"aux address {address} is given twice")
             aux[aux_name] = str(address)
+        _check_encrypted(spec)
         if spec.driver == "macvlan":
             try:
                 macvlan_options.check(
@@ -1183,3 +1184,18 @@ def _parse_task_address(text: str) -> str:
     if address.is_unspecified or address.is_multicast:
         raise Invalid(f"task address {text!r} cannot receive connections", code="invalid_address")
     return str(address)
+
+
+def _check_encrypted(spec: NetworkSpec) -> None:
+    """`--opt encrypted` is an overlay's (its VXLAN between nodes becomes ESP);
+    another driver's traffic never crosses an overlay, so there it is refused."""
+    try:
+        encrypted = esp.is_encrypted(spec.options)
+    except esp.EspError as exc:
+        raise Invalid(str(exc)) from None
+    if encrypted and spec.driver != "overlay":
+        raise Invalid(
+            f"--opt encrypted is an overlay network's option, not a {spec.driver} network's "
+            "(it encrypts the VXLAN traffic between nodes)",
+            code="encrypted_needs_overlay",
+        )

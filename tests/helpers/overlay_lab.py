@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from mesh.sandbox.names import vxlan_name
@@ -25,10 +26,11 @@ UNDERLAY = "192.168.77"
 
 
 class OverlayNode(SandboxNode):
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, keyring: Path | None = None) -> None:
         super().__init__()
         self.index = index
         self.underlay = f"{UNDERLAY}.{index}"
+        self.keyring = keyring
 
     def agent_argv(self) -> list[str]:
         argv = super().agent_argv()
@@ -37,6 +39,8 @@ class OverlayNode(SandboxNode):
         argv += ["--gossip-profile", "local"]
         if self.index != 1:
             argv += ["--join", f"{UNDERLAY}.1:7946"]
+        if self.keyring is not None:
+            argv += ["--keyring", str(self.keyring)]
         return argv
 
     def agent_info(self) -> dict[str, Any]:
@@ -70,14 +74,16 @@ class OverlayNode(SandboxNode):
 
 
 class OverlayCluster:
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, keyring: Path | None = None) -> None:
+        """`keyring`: a keyring file every agent starts with (`--keyring`; gossip is
+        encrypted, and encrypted overlays can be made)."""
         self.underlay = Lab("t16ul")
         self.nodes: list[OverlayNode] = []
         try:
             switch = self.underlay.namespace("sw")
             bridge = self.underlay.bridge(switch, "br0")
             for index in range(1, size + 1):
-                made = OverlayNode(index)
+                made = OverlayNode(index, keyring)
                 self.nodes.append(made)
                 port = f"p{index}"
                 self.underlay.veth(made.node, "ul0", switch, port)

@@ -295,3 +295,51 @@ async def test_sandbox_refusals_through_the_api(app: InProcess) -> None:
     assert (status, body["error"]["code"]) == (422, "invalid_value")
     assert "'theirs' is a bridge network of node 'node-2'" in body["error"]["message"]
     assert app.port.ready_for == []  # nothing was created, nothing awaited
+
+
+async def test_encrypted_networks_need_an_overlay_and_a_keyring(app: InProcess) -> None:
+    """`--opt encrypted` (issue 16): an overlay's option, keyed from the gossip keyring."""
+    body = {"name": "sec", "subnet": "10.9.5.0/24", "options": {"encrypted": ""}}
+    status, answer = await app.call("POST", "/v1/networks", body)
+    assert (status, answer["error"]["code"]) == (422, "encrypted_needs_keyring"), answer
+    assert "--keyring" in answer["error"]["message"]
+    bridge = {**body, "name": "secbr", "driver": "bridge"}
+    status, answer = await app.call("POST", "/v1/networks", bridge)
+    assert (status, answer["error"]["code"]) == (422, "encrypted_needs_overlay"), answer
+    odd = {**body, "options": {"encrypted": "sometimes"}}
+    status, answer = await app.call("POST", "/v1/networks", odd)
+    assert (status, answer["error"]["code"]) == (422, "invalid_value"), answer
+    # encrypted=false asks for nothing: no keyring needed
+    plain = {**body, "options": {"encrypted": "false"}}
+    assert (await app.call("POST", "/v1/networks", plain))[0] == 201
+
+
+async def test_an_agent_with_a_keyring_creates_an_encrypted_overlay(tmp_path: Path) -> None:
+    import asyncio
+
+    from gossip.keyring_store import LocalKeyringControl
+    from gossip.security import Keyring
+
+    store = Store(NODE, Ipam(parse_pool("10.0.0.0/8")), random.Random(7))
+    writer = StateWriter(tmp_path)
+    writer.start(asyncio.get_running_loop())
+    control = Control(store, ChangeFeed(store.all_records), writer, time.time, lambda _: None)
+    deps = ApiDeps(
+        control=control,
+        node=NODE,
+        members=list,
+        heartbeat=lambda *_: None,
+        drain_grace=0.0,
+        keyring=LocalKeyringControl(Keyring([b"\x01" * 32])),
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(make_app(deps)))
+    await client.start_server()
+    try:
+        body = {"name": "sec", "subnet": "10.9.6.0/24", "options": {"encrypted": ""}}
+        response = await client.request("POST", "/v1/networks", json=body)
+        created = await response.json()
+        assert response.status == 201, created
+        assert (created["driver"], created["options"]) == ("overlay", {"encrypted": ""})
+    finally:
+        await client.close()
+        writer.close()

@@ -89,6 +89,15 @@ def test_network_create_body_has_every_flag() -> None:
         network.create_body(build_parser().parse_args(["network", "create", "n", "--opt", "x"]))
 
 
+def test_network_create_takes_a_bare_opt_encrypted_as_docker_does() -> None:
+    args = build_parser().parse_args(
+        ["network", "create", "sec", "--driver", "overlay", "--opt", "encrypted"]
+    )
+    assert network.create_body(args)["options"] == {"encrypted": "true"}
+    args = build_parser().parse_args(["network", "create", "s", "--opt", "encrypted=false"])
+    assert network.create_body(args)["options"] == {"encrypted": "false"}
+
+
 def test_network_ls_row_shows_driver_scope_and_internal() -> None:
     row = network.row(
         {"id": "0123456789abcdef", "name": "a", "driver": "bridge", "scope": "local",

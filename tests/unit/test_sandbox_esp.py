@@ -98,9 +98,11 @@ def test_plan_inbound_for_every_key_outbound_and_policies_on_the_primary() -> No
     assert wanted.sas[:2] == tuple(outbound)  # outbound first
     reqid_b = esp.reqid_of(B)
     assert esp.is_ours(reqid_b) and not esp.is_ours(1)
-    assert Policy("out", A, B, 4790, reqid_b, esp.derive(K2, A, B)[1]) in wanted.policies
-    assert Policy("in", B, A, 4790, reqid_b, 0) in wanted.policies
-    assert len(wanted.policies) == 4
+    spi_b = esp.derive(K2, A, B)[1]
+    assert Policy("out", A, B, 4790, reqid_b, spi_b, esp.MARK, esp.MARK_MASK) in wanted.policies
+    # No inbound policy: it would refuse the plain networks' VXLAN from B too (the
+    # filter drops an encrypted VNI's plain VXLAN instead).
+    assert all(p.direction == "out" for p in wanted.policies) and len(wanted.policies) == 2
     assert all(sa.reqid == esp.reqid_of(sa.dst if sa.src == A else sa.src) for sa in wanted.sas)
 
 
@@ -169,16 +171,20 @@ def test_from_nothing_every_sa_then_every_policy() -> None:
     lines, report = xfrm.commands(wanted, [], [], 4789)
     assert [line.split()[:3] for line in lines] == [["xfrm", "state", "add"]] * 3 + [
         ["xfrm", "policy", "update"]
-    ] * 2
+    ]
     out = wanted.sas[0]
     assert lines[0] == (
         f"xfrm state add src {A} dst {B} proto esp spi 0x{out.spi:08x} reqid {out.reqid} "
         f'mode transport replay-window 0 aead "rfc4106(gcm(aes))" 0x{out.aead_key.hex()} 128 '
         f"sel src {A}/32 dst {B}/32 proto udp dport 4789"
     )
-    assert lines[3].endswith(f"spi 0x{out.spi:08x} reqid {out.reqid} mode transport level required")
-    assert "dir in" in lines[4] and " spi " not in lines[4]
-    assert report == xfrm.SyncReport(sas_added=3, policies_set=2)
+    assert lines[3] == (
+        f"xfrm policy update src {A}/32 dst {B}/32 proto udp dport 4789 dir out "
+        "mark 0x0e500000 mask 0x0ff00000 "
+        f"tmpl src {A} dst {B} proto esp spi 0x{out.spi:08x} reqid {out.reqid} "
+        "mode transport level required"
+    )
+    assert report == xfrm.SyncReport(sas_added=3, policies_set=1)
 
 
 def test_the_same_wanted_state_again_changes_nothing() -> None:
@@ -214,12 +220,22 @@ def test_a_remote_that_goes_loses_its_policies_before_its_sas() -> None:
     lines, report = xfrm.commands(after, *installed_from(before), 4789)
     assert [" ".join(line.split()[:3]) for line in lines] == [
         "xfrm policy delete",
-        "xfrm policy delete",
         "xfrm state delete",
         "xfrm state delete",
     ]
     assert all(C in line for line in lines)
-    assert report == xfrm.SyncReport(sas_removed=2, policies_removed=2)
+    assert lines[0].endswith("dir out mark 0x0e500000 mask 0x0ff00000")  # its identity
+    assert report == xfrm.SyncReport(sas_removed=2, policies_removed=1)
+
+
+def test_an_older_agents_inbound_policy_goes() -> None:
+    """An agent before per-network encryption had a `dir in` policy per peer that
+    refuses all plain VXLAN from it: a sync removes it (it is ours by its reqid)."""
+    wanted = esp.plan(A, [B], [K1], K1)
+    old_in = Policy("in", B, A, 4789, esp.reqid_of(B), 0)
+    lines, report = xfrm.commands(wanted, installed_from(wanted)[0], [old_in], 4789)
+    assert f"xfrm policy delete src {B}/32 dst {A}/32 proto udp dport 4789 dir in" in lines
+    assert report.policies_removed == 1
 
 
 def test_what_is_not_ours_is_never_touched() -> None:
@@ -242,7 +258,7 @@ def test_a_changed_port_replaces_the_policies() -> None:
     old = esp.plan(A, [B], [K1], K1, port=4789)
     new = esp.plan(A, [B], [K1], K1, port=4790)
     lines, report = xfrm.commands(new, *installed_from(old), 4790)
-    assert report.policies_set == 2 and report.policies_removed == 2
+    assert report.policies_set == 1 and report.policies_removed == 1
     assert all("dport 4789" in line for line in lines if "delete" in line)
 
 
@@ -268,6 +284,7 @@ src 10.0.0.2/32 dst 10.0.0.1/32 proto udp dport 4789
 \t\tproto esp reqid 1836753819 mode transport
 src 10.0.0.1/32 dst 10.0.0.2/32 proto udp dport 4789
 \tdir out priority 0 ptype main
+\tmark 0xe500000/0xff00000
 \ttmpl src 10.0.0.1 dst 10.0.0.2
 \t\tproto esp spi 0x70b17dcc reqid 1836753819 mode transport
 src 10.9.0.0/24 dst 10.8.0.0/24
@@ -288,7 +305,9 @@ def test_states_are_read_without_their_keys() -> None:
 def test_policies_are_read_and_others_skipped() -> None:
     assert xfrm.parse_policies(POLICIES) == [
         Policy("in", "10.0.0.2", "10.0.0.1", 4789, 1836753819, 0),
-        Policy("out", "10.0.0.1", "10.0.0.2", 4789, 1836753819, 0x70B17DCC),
+        Policy(
+            "out", "10.0.0.1", "10.0.0.2", 4789, 1836753819, 0x70B17DCC, esp.MARK, esp.MARK_MASK
+        ),
     ]
 
 
@@ -310,7 +329,7 @@ def test_remotes_that_cannot_be_a_vtep_are_left_out_and_counted() -> None:
     assert wanted.rejected == 4
     assert {sa.dst for sa in wanted.sas if sa.src == A} == {B}
     lines, report = xfrm.commands(wanted, [], [], 4789)
-    assert report.rejected_remotes == 4 and len(lines) == 4
+    assert report.rejected_remotes == 4 and len(lines) == 3
 
 
 def test_mixed_families_are_refused_where_a_pair_is_derived() -> None:
