@@ -1,91 +1,18 @@
 """The macvlan driver's 802.1q parent, run inside the stock-kernel VM (it has 8021q).
 
-As `test_ipvs_vm.py` (whose helpers this uses): boots the shared `ipvs-vm`
-tool's VM, runs `test_macvlan_vlan.py` there in ONE pytest call, and passes
-only when every test in it passed. Skips, saying why, only where qemu cannot
-run. Knobs: IPVS_VM_TOOL, IPVS_VM_CACHE (default ~/.cache/ipvs-vm, outside
-/tmp), and the tool's own IPVS_VM_* variables.
+`test_macvlan_vlan.py` would only skip on this kernel; `tests/kernel/vm.py`
+boots the stock-kernel VM once for every guest file (8021q preloaded), and this
+test passes only when every test of that file passed there.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-from tests.kernel.test_ipvs_vm import SUMMARY, VM_TIMEOUT, _counts, _tool, _why_qemu_cannot_run
+from tests.kernel.vm import check_guest_file
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-INNER = "tests/kernel/test_macvlan_vlan.py"
 
-
-def _collected() -> int:
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", INNER],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    found = re.search(r"(\d+) tests? collected", done.stdout)
-    assert found, f"cannot collect {INNER}:\n{done.stdout}\n{done.stderr}"
-    return int(found.group(1))
-
-
-def test_macvlan_802_1q_parent_on_a_kernel_with_8021q(capsys: pytest.CaptureFixture[str]) -> None:
-    tool = _tool()
-    if tool is None:
-        pytest.skip(
-            "the ipvs-vm tool (run-in-vm.sh) is not beside the checkout "
-            "(../shared/tools/ipvs-vm/); set IPVS_VM_TOOL to its path"
-        )
-    reason = _why_qemu_cannot_run()
-    if reason is not None:
-        pytest.skip(reason)
-    expected = _collected()
-    cache = Path(os.environ.get("IPVS_VM_CACHE") or Path.home() / ".cache" / "ipvs-vm")
-    assert not str(cache.resolve()).startswith("/tmp/"), (
-        "IPVS_VM_CACHE must be outside /tmp (the guest's /tmp is its own)"
-    )
-    cache.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "IPVS_VM_CACHE": str(cache),
-        "IPVS_VM_TIMEOUT": os.environ.get("IPVS_VM_TIMEOUT", str(VM_TIMEOUT)),
-        "IPVS_VM_PRELOAD": "8021q",
-    }
-    env.pop("PYTEST_ADDOPTS", None)
-    inner = f"{sys.executable} -m pytest -q -rs -p no:cacheprovider {INNER}"
-    started = time.monotonic()
-    done = subprocess.run(
-        [str(tool), inner],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=VM_TIMEOUT + 300,
-        check=False,
-    )
-    elapsed = time.monotonic() - started
-    output = done.stdout + done.stderr
-    lines = [line for line in done.stdout.splitlines() if SUMMARY.match(line)]
-    with capsys.disabled():
-        print(
-            f"\n[ipvs-vm] {INNER} in the VM: "
-            f"{lines[-1].strip('= ') if lines else 'no pytest summary'} "
-            f"(rc {done.returncode}, {elapsed:.0f} s with the boot)"
-        )
-    assert done.returncode == 0, f"run-in-vm.sh exited {done.returncode}:\n{output[-6000:]}"
-    assert lines, f"no pytest summary in the VM's output:\n{output[-6000:]}"
-    counts = _counts(SUMMARY.match(lines[-1]).group(1))  # type: ignore[union-attr]
-    assert counts == {"passed": expected}, (
-        f"expected {expected} passed, got {counts}:\n{output[-6000:]}"
-    )
+def test_macvlan_802_1q_parent_on_a_kernel_with_8021q() -> None:
+    check_guest_file("tests/kernel/test_macvlan_vlan.py", "macvlan-vm")

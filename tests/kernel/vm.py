@@ -1,0 +1,188 @@
+"""One boot of the stock-kernel VM for every test that needs a kernel this one lacks.
+
+This machine's kernel (and CI's) has no ip_vs, no 8021q and no xfrm ESP/AES-GCM,
+so the files in `GUEST_FILES` would only skip here. The shared `ipvs-vm` tool
+boots a stock Debian kernel under qemu (this machine's filesystem, read-only,
+as its root) and runs ONE pytest call over all of them: a boot costs 30-60 s
+and Python runs ~30x slower inside, so the guest files are few and whole.
+
+Each host-side test (`test_*_vm.py`) asks `guest_results()` (run once per
+pytest session, cached) and passes only when every test of its own guest file
+passed there: none skipped, none failed. It skips, saying why, only where qemu
+cannot run; a VM that fails to boot or a guest test that fails fails it.
+
+Knobs: IPVS_VM_TOOL (the tool's run-in-vm.sh), IPVS_VM_CACHE (default
+~/.cache/ipvs-vm: writable, outside /tmp, ~470 MB after the first run), and
+the tool's own IPVS_VM_* variables.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+#: the guest-side files, run in one call (each host test checks its own)
+GUEST_FILES = (
+    "tests/kernel/test_ipvs_backend.py",
+    "tests/kernel/test_esp_kernel.py",
+    "tests/kernel/test_macvlan_vlan.py",
+)
+#: modules loaded before the command: ip_vs for the IPVS tests, 8021q for VLAN parents
+PRELOAD = "ip_vs 8021q"
+VM_TIMEOUT = 900  # seconds the tool lets the VM run (first run: +~60 s of setup before)
+SUMMARY = re.compile(r"^=*\s*((?:\d+ \w+(?:, )?)+) in [\d.]+s")
+OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|XFAIL|XPASS) (\S+)")
+SKIPPED = re.compile(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)")
+
+
+@dataclass
+class GuestRun:
+    """What the one VM run gave: per test id its outcome, and the whole output."""
+
+    returncode: int
+    output: str
+    seconds: float
+    summary: str
+    outcomes: dict[str, str] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+
+def tool() -> Path | None:
+    candidates = [
+        os.environ.get("IPVS_VM_TOOL", ""),
+        str(REPO.parent / "shared/tools/ipvs-vm/run-in-vm.sh"),
+        "/work/shared/tools/ipvs-vm/run-in-vm.sh",
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def why_qemu_cannot_run() -> str | None:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            return (
+                "qemu-system-x86_64 is not installed and cannot be installed here "
+                "(run-in-vm.sh installs it with apt-get as root; .ci/run does too)"
+            )
+        return None  # run-in-vm.sh installs it
+    probe = subprocess.run(
+        [qemu, "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if probe.returncode != 0:
+        return f"qemu-system-x86_64 does not run here: {probe.stderr.strip()[:200]}"
+    return None
+
+
+def collected(guest_file: str) -> list[str]:
+    """The test ids of a guest file (collected here, where they would skip)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            guest_file,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    ids = [line for line in done.stdout.splitlines() if line.startswith(f"{guest_file}::")]
+    assert ids, f"cannot collect {guest_file}:\n{done.stdout}\n{done.stderr}"
+    return ids
+
+
+def skip_unless_the_vm_can_run() -> None:
+    if tool() is None:
+        pytest.skip(
+            "the ipvs-vm tool (run-in-vm.sh) is not beside the checkout "
+            "(../shared/tools/ipvs-vm/); set IPVS_VM_TOOL to its path"
+        )
+    reason = why_qemu_cannot_run()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@functools.cache
+def guest_results() -> GuestRun:
+    """Boot the VM once and run every guest file there (cached for the session)."""
+    found = tool()
+    assert found is not None
+    cache = Path(os.environ.get("IPVS_VM_CACHE") or Path.home() / ".cache" / "ipvs-vm")
+    assert not str(cache.resolve()).startswith("/tmp/"), (
+        "IPVS_VM_CACHE must be outside /tmp (the guest's /tmp is its own)"
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "IPVS_VM_CACHE": str(cache),
+        "IPVS_VM_TIMEOUT": os.environ.get("IPVS_VM_TIMEOUT", str(VM_TIMEOUT)),
+        "IPVS_VM_PRELOAD": os.environ.get("IPVS_VM_PRELOAD", PRELOAD),
+    }
+    env.pop("PYTEST_ADDOPTS", None)
+    # -rA: a line per test with its outcome (and the figures passing tests print)
+    inner = f"{sys.executable} -m pytest -q -rA -p no:cacheprovider {' '.join(GUEST_FILES)}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(found), inner],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=VM_TIMEOUT + 300,
+        check=False,
+    )
+    run = GuestRun(
+        returncode=done.returncode,
+        output=done.stdout + done.stderr,
+        seconds=time.monotonic() - started,
+        summary="no pytest summary",
+    )
+    for line in done.stdout.splitlines():
+        if (outcome := OUTCOME.match(line)) is not None:
+            run.outcomes[outcome.group(2)] = outcome.group(1)
+        elif (skipped := SKIPPED.match(line)) is not None:
+            run.skipped.append((skipped.group(1), skipped.group(2)))
+        elif SUMMARY.match(line):
+            run.summary = line.strip("= ")
+    return run
+
+
+def check_guest_file(guest_file: str, label: str, figure: re.Pattern[str] | None = None) -> None:
+    """Pass only if every test of `guest_file` passed in the VM; print what it gave."""
+    skip_unless_the_vm_can_run()
+    expected = collected(guest_file)
+    run = guest_results()
+    mine = {test: run.outcomes.get(test, "not run") for test in expected}
+    passed = sum(1 for outcome in mine.values() if outcome == "PASSED")
+    skips = [reason for file, reason in run.skipped if file == guest_file]
+    print(
+        f"\n[{label}] {guest_file} in the VM: {passed} of {len(expected)} passed "
+        f"(the VM's run: {run.summary}; rc {run.returncode}, {run.seconds:.0f} s with the boot)"
+    )
+    if figure is not None:
+        for line in run.output.splitlines():
+            if figure.match(line):
+                print(f"[{label}]   {line}")
+    tail = run.output[-6000:]
+    assert passed == len(expected) and not skips, (
+        f"in the VM: {mine}; skipped: {skips}; rc {run.returncode}:\n{tail}"
+    )
