@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -127,6 +128,11 @@ def _run(
         return [wrap(agent, s, done) for s in real]
 
     monkeypatch.setattr(mesh.agent, "stages", recorded)
+    # No overlays: as root the agent would make its ingress overlay (a bridge, a VXLAN
+    # device, an nftables table) in the machine's own namespace at start; a unit test
+    # makes no kernel object. The sandbox stage still starts and stops.
+    # (the module from sys.modules: `mesh.agent.build` as an attribute is the function)
+    monkeypatch.setattr(sys.modules["mesh.agent.build"], "_vtep", lambda _config: None)
     status = uvloop.run(mesh.agent.run(config))
     return status, done
 
