@@ -88,10 +88,13 @@ def test_a_macvlan_network_with_a_sandboxed_task_end_to_end() -> None:
         assert veth_name(tasks[0]["id"], 0) not in node.links(VETH_PREFIX)
 
         # kill -9 and restart: the endpoint and the shim are found and kept, nothing redone
+        # (the log holds the first start's line too: wait for the restart's own)
+        earlier = node.log().count("sandboxes_reconciled")
         node.kill_agent()
         node.start_agent()
         shim = node.links(SHIM_PREFIX)
-        assert wait_for(lambda: "sandboxes_reconciled" in node.log(), 30) is not None
+        restarted = wait_for(lambda: node.log().count("sandboxes_reconciled") > earlier, 30)
+        assert restarted is not None
         reconciled = [line for line in node.log().splitlines() if "sandboxes_reconciled" in line]
         print(f"after kill -9: {reconciled[-1]}")
         assert "removed=[]" in reconciled[-1] and "repaired=[]" in reconciled[-1]
