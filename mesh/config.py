@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mesh.api_tokens import Scope, TokenFileError, Tokens, parse_token_file, tokens
 from mesh.core import net
 from mesh.core.net import HostPort
 from mesh.errors import MeshError
@@ -77,6 +78,17 @@ class AgentConfig:
     #: the built-in ingress network's subnet when it is created; None: a /16 of the pool
     ingress_subnet: str | None = None
     api_token: str | None = field(default=None, repr=False)
+    #: every token the API accepts with its scope: `--api-token` (write) and the lines of
+    #: `--api-token-file`; held as digests only
+    api_tokens: Tokens = field(default=Tokens(), repr=False)
+    api_token_file: Path | None = None
+    #: the API's certificate and key (HTTPS); with a CA, clients must present a certificate
+    #: it signed (mTLS)
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    api_tls_ca: Path | None = None
+    #: serve the API in plain HTTP on a non-loopback address (refused without it)
+    api_insecure: bool = False
     #: how long a deregistered task keeps its connections before it is removed
     drain_grace: float = 2.0
     #: the UDP port of the overlay networks' VXLAN traffic between nodes (the VTEP is the
@@ -166,11 +178,25 @@ class AgentConfig:
                 parse_subnet(self.ingress_subnet)
             except MeshError as exc:
                 raise ConfigError(f"ingress-subnet: {exc.message}") from None
-        if not self.api.is_loopback and not self.api_token:
+        if (self.api_tls_cert is None) != (self.api_tls_key is None):
+            raise ConfigError("api-tls-cert and api-tls-key go together: give both")
+        if self.api_tls_ca is not None and self.api_tls_cert is None:
+            raise ConfigError("api-tls-ca (mTLS) needs api-tls-cert and api-tls-key")
+        if not self.api.is_loopback and not self.api_token and not self.api_tokens:
             raise ConfigError(
                 f"the API on {self.api} is reachable from other hosts: set --api-token "
-                "or MESH_API_TOKEN, or bind it to a loopback address"
+                "(or MESH_API_TOKEN) or --api-token-file, or bind it to a loopback address"
             )
+        if not self.api.is_loopback and self.api_tls_cert is None and not self.api_insecure:
+            raise ConfigError(
+                f"the API on {self.api} is reachable from other hosts in plain HTTP, "
+                "tokens included: set --api-tls-cert and --api-tls-key, or --api-insecure "
+                "to serve it in plain HTTP anyway, or bind it to a loopback address"
+            )
+
+    @property
+    def api_tls(self) -> bool:
+        return self.api_tls_cert is not None
 
 
 # Flag name -> (help, parser of one string value). Every flag is also a key of
@@ -182,7 +208,7 @@ _FLAGS: dict[str, str] = {
     "data-dir": "where the state is kept (default /var/lib/meshplane, or "
     "~/.local/state/meshplane without root)",
     "api": "ADDR:PORT of the HTTP API (default 127.0.0.1:2377); a non-loopback address "
-    "needs --api-token",
+    "needs a token (--api-token or --api-token-file) and TLS (or --api-insecure)",
     "dns": "ADDR:PORT of the embedded DNS server (default 127.0.0.11:53, or :5353 without "
     "root); 'none' runs no DNS server",
     "dns-upstream": "ADDR[:PORT] of a resolver for names the mesh does not own; repeat for "
@@ -221,7 +247,15 @@ _FLAGS: dict[str, str] = {
     "that publishes a port (default: the first free /16 of the address "
     "pool); used when the ingress is created: an existing one keeps its "
     "subnet",
-    "api-token": "bearer token the API requires (default: env MESH_API_TOKEN)",
+    "api-token": "a write-scope bearer token the API accepts (default: env MESH_API_TOKEN)",
+    "api-token-file": "file of the API's bearer tokens, one '<scope> <token>' per line, "
+    "scope read (GET and HEAD only) or write (everything); '#' comments; read again on "
+    "SIGHUP",
+    "api-tls-cert": "PEM certificate (chain) of the API: it serves HTTPS (with --api-tls-key)",
+    "api-tls-key": "PEM private key of --api-tls-cert",
+    "api-tls-ca": "PEM CA certificate(s): API clients must present a certificate one of them "
+    "signed (mTLS)",
+    "api-insecure": "allow a plain-HTTP API on a non-loopback address (refused without it)",
     "drain-grace": "seconds a deregistered task drains before removal (default 2)",
     "data-path-port": "UDP port of the overlay networks' VXLAN traffic between nodes, the "
     "same on every node (default 4789)",
@@ -236,6 +270,8 @@ _FLAGS: dict[str, str] = {
 
 
 _REPEATED = ("join", "dns-upstream", "tls-cert")  # flags given once per value; lists in the file
+#: flags that take no value (`--api-insecure`); true or false in the file
+_SWITCHES = ("api-insecure",)
 _METAVARS = {
     "dns-upstream": "ADDR[:PORT]",
     "dns-ttl": "SECONDS",
@@ -249,6 +285,10 @@ _METAVARS = {
     "address-pool": "CIDR",
     "ingress-subnet": "CIDR",
     "api-token": "TOKEN",
+    "api-token-file": "FILE",
+    "api-tls-cert": "FILE",
+    "api-tls-key": "FILE",
+    "api-tls-ca": "FILE",
     "drain-grace": "SECONDS",
     "data-path-port": "PORT",
     "dns-domain": "DOMAIN",
@@ -280,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar = _METAVARS.get(name, "ADDR:PORT")
         if name in _REPEATED:
             parser.add_argument(f"--{name}", action="append", metavar=metavar, help=help_text)
+        elif name in _SWITCHES:
+            parser.add_argument(f"--{name}", action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(f"--{name}", metavar=metavar, help=help_text)
     return parser
@@ -313,6 +355,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         if name not in known:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
         repeated = key.replace("_", "-") in _REPEATED
+        if key.replace("_", "-") in _SWITCHES:
+            if not isinstance(value, bool):
+                raise ConfigError(f"config file {path}: {key} must be true or false")
+            values[name] = value
+            continue
         if repeated:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"config file {path}: {key} must be a list of strings")
@@ -374,6 +421,12 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         if values.get("ingress_subnet")
         else None,
         api_token=values.get("api_token") or None,
+        api_token_file=_path(values, "api_token_file"),
+        api_tokens=_api_tokens(values),
+        api_tls_cert=_path(values, "api_tls_cert"),
+        api_tls_key=_path(values, "api_tls_key"),
+        api_tls_ca=_path(values, "api_tls_ca"),
+        api_insecure=bool(values.get("api_insecure", False)),
         drain_grace=drain_grace,
         data_path_port=int(_number(values, "data_path_port", 4789, int)),
         tombstone_reap=tombstone_reap,
@@ -387,6 +440,32 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         cluster_label=str(values.get("cluster_label", "")),
         log_level=str(values.get("log_level", "info")),
     )
+
+
+def _path(values: dict[str, Any], key: str) -> Path | None:
+    return Path(str(values[key])) if values.get(key) else None
+
+
+def read_api_tokens(token: str | None, token_file: Path | None) -> Tokens:
+    """The API's tokens: `token` (write scope) and the lines of `token_file`. Read at
+    start and again on SIGHUP; ConfigError names the file and line, never a token."""
+    pairs = [(Scope.WRITE, token)] if token else []
+    if token_file is not None:
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read api-token-file {token_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"api-token-file {token_file} is not UTF-8 text") from None
+        try:
+            pairs += parse_token_file(text, f"api-token-file {token_file}")
+        except TokenFileError as exc:
+            raise ConfigError(str(exc)) from None
+    return tokens(pairs)
+
+
+def _api_tokens(values: dict[str, Any]) -> Tokens:
+    return read_api_tokens(values.get("api_token") or None, _path(values, "api_token_file"))
 
 
 def _ip_host_port(text: str, default_port: int, what: str) -> HostPort:
@@ -421,6 +500,9 @@ def describe(config: AgentConfig) -> dict[str, str]:
         value = getattr(config, item.name)
         if item.name == "api_token":
             value = "set" if value else "unset"
+        elif item.name == "api_tokens":
+            # How many of each scope, never the tokens (nor their digests).
+            value = f"read={value.count(Scope.READ)},write={value.count(Scope.WRITE)}"
         elif isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
         shown[item.name] = str(value)

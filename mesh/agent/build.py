@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import random
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ from lb.http.tls import CertSpec
 from lb.select import SelectError, choose
 from lb.userspace import ProxySettings
 from lb.view import LbView, build_table
-from mesh.api.app import ApiDeps, make_app
+from mesh.api.app import Access, ApiDeps, make_app
+from mesh.api.tls import TlsError, server_context
 from mesh.cluster import (
     Cluster,
     ClusterKeyring,
@@ -207,12 +209,15 @@ class Agent:
     cluster: Cluster
     keyring: ClusterKeyring | None
     api: web.AppRunner
+    #: the API's TLS (and mTLS) context; None: plain HTTP
+    api_ssl: ssl.SSLContext | None
 
 
 def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Agent:
     """Every part of the agent, made from its config and the state loaded from disk.
 
-    Raises MeshStartError (an unusable `--lb`), KeyringError (an unreadable keyring),
+    Raises MeshStartError (an unusable `--lb`, an API certificate that does not
+    load), KeyringError (an unreadable keyring),
     OSError (a certificate that does not load): start errors, each in one line.
     """
     started_at = time.time()
@@ -274,7 +279,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         members=cluster.members,
         heartbeat=health.heartbeat,
         drain_grace=config.drain_grace,
-        token=config.api_token,
+        access=Access(config.api_tokens),
         max_body=config.max_body,
         resolve=None if dns is None else dns.resolve,
         dns_records=None if dns is None else dns.records,
@@ -295,6 +300,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         sandboxes=sandboxes,
     )
     api = web.AppRunner(make_app(deps), access_log=None, shutdown_timeout=API_SHUTDOWN_GRACE)
+    api_ssl = _api_ssl(config)
     return Agent(
         config=config,
         loaded=loaded,
@@ -321,7 +327,17 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         cluster=cluster,
         keyring=keyring,
         api=api,
+        api_ssl=api_ssl,
     )
+
+
+def _api_ssl(config: AgentConfig) -> ssl.SSLContext | None:
+    if config.api_tls_cert is None or config.api_tls_key is None:
+        return None
+    try:
+        return server_context(config.api_tls_cert, config.api_tls_key, config.api_tls_ca)
+    except TlsError as exc:
+        raise MeshStartError(str(exc)) from None
 
 
 def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:

@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from mesh.agent.build import Agent, MeshStartError
+from mesh.api.app import DEPS
+from mesh.api_tokens import Scope
+from mesh.config import ConfigError, read_api_tokens
 from mesh.core.logs import event
 from mesh.core.model import INGRESS, Change
 from mesh.core.sockets import bind_failure, family_of
@@ -185,18 +189,63 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
     async def api_start() -> None:
         await agent.api.setup()
         api = config.api
-        site = web.TCPSite(agent.api, api.host, api.port, reuse_address=True)
+        site = web.TCPSite(
+            agent.api, api.host, api.port, reuse_address=True, ssl_context=agent.api_ssl
+        )
         with binding("api", ("tcp",), api.host, api.port):
             await site.start()
-        event(log, "api_listening", address=str(api))
+        if config.api_token_file is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_tokens, agent)
+        tokens = agent.api.app[DEPS].access.tokens
+        event(
+            log,
+            "api_listening",
+            address=str(api),
+            tls=config.api_tls,
+            mtls=config.api_tls_ca is not None,
+            read_tokens=tokens.count(Scope.READ),
+            write_tokens=tokens.count(Scope.WRITE),
+        )
+        if not api.is_loopback and not config.api_tls:
+            event(
+                log,
+                "api_plaintext",
+                logging.WARNING,
+                address=str(api),
+                hint="--api-insecure: requests and their tokens cross the network in clear",
+            )
+
+    async def api_stop() -> None:
+        if config.api_token_file is not None:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await agent.api.cleanup()
 
     result += [
         Stage("gossip", gossip_start, agent.gossip.stop),
         Stage("cluster", cluster_start, agent.cluster.leave),
         # Last: nothing is answered before the state is whole.
-        Stage("api", api_start, agent.api.cleanup),
+        Stage("api", api_start, api_stop),
     ]
     return result
+
+
+def _reload_tokens(agent: Agent) -> None:
+    """SIGHUP: read --api-token-file again and use it from the next request on; a file
+    that does not parse keeps the tokens in use (the line says why, never a token)."""
+    config = agent.config
+    access = agent.api.app[DEPS].access
+    try:
+        fresh = read_api_tokens(config.api_token, config.api_token_file)
+    except ConfigError as exc:
+        event(log, "api_tokens_reload_failed", logging.WARNING, error=str(exc), kept="previous")
+        return
+    access.tokens = fresh
+    event(
+        log,
+        "api_tokens_reloaded",
+        read_tokens=fresh.count(Scope.READ),
+        write_tokens=fresh.count(Scope.WRITE),
+    )
 
 
 async def _load_state(agent: Agent) -> None:

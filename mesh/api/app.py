@@ -6,17 +6,18 @@ Two middlewares wrap every handler. `_errors` is the one error path: every
 `MeshError` (the 401 of `_auth` included) and aiohttp's own 403/404/405/413 become
 the error shape of docs/design.md (`ErrorOut`), and anything unexpected a logged
 500 of the same shape, never a traceback. `_auth` checks the bearer token when
-one is configured (`/v1/health` stays open, for load-balancer probes).
+tokens are configured (`/v1/health` stays open, for load-balancer probes): no
+token or an unknown one is a 401, a `read` token on any method but GET and HEAD
+a 403 (`mesh.api_tokens` decides; a GET route added later is read-scope as it is).
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
 from mesh.api.models import ErrorDetail, ErrorOut
+from mesh.api_tokens import Decision, Tokens, decide
 from mesh.control import Control
 from mesh.core.logs import event
 from mesh.core.model import Network
@@ -57,6 +59,14 @@ class SandboxPort(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class Access:
+    """The tokens the API accepts now: replaced whole when the token file is read
+    again (SIGHUP); every request reads it afresh."""
+
+    tokens: Tokens
+
+
 @dataclass(frozen=True, slots=True)
 class ApiDeps:
     control: Control
@@ -64,7 +74,8 @@ class ApiDeps:
     members: Callable[[], list[dict[str, Any]]]
     heartbeat: Callable[[str, bool, str], None]
     drain_grace: float
-    token: str | None = None
+    #: the tokens and their scopes; none: the API is open (a loopback API without tokens)
+    access: Access = field(default_factory=lambda: Access(Tokens()))
     max_body: int = 1 << 20
     #: the gossip layer's counters (drops by reason, packets, health score)
     gossip_stats: Callable[[], dict[str, Any]] | None = None
@@ -194,18 +205,32 @@ def bearer_credentials(authorization: str) -> bytes | None:
 OPEN_PATHS = frozenset({"/v1/health"})
 
 
-def _auth_middleware(token: str) -> Middleware:
-    expected = token.encode()
-
+def _auth_middleware(access: Access) -> Middleware:
     @web.middleware
     async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
-            given = bearer_credentials(request.headers.get("Authorization", ""))
-            # Constant time: how much of a guess matches must not show in the timing.
-            if given is None or not hmac.compare_digest(given, expected):
+            header = request.headers.get("Authorization")
+            given = None if header is None else bearer_credentials(header)
+            # Constant time over every token held (mesh.api_tokens): which one matched,
+            # and how much of a guess did, must not show in the timing.
+            decision = decide(access.tokens, request.method, given)
+            if decision is Decision.UNAUTHENTICATED:
+                # RFC 6750 §3.1: no error code when no credentials came at all.
+                challenge = 'Bearer realm="meshplane"'
+                if given is not None:
+                    challenge += ', error="invalid_token"'
                 raise Unauthorized(
                     "a valid 'Authorization: Bearer <token>' is required",
-                    headers={"WWW-Authenticate": "Bearer"},
+                    headers={"WWW-Authenticate": challenge},
+                )
+            if decision is Decision.INSUFFICIENT_SCOPE:
+                raise Forbidden(
+                    f"a read token may only GET; {request.method} needs a write token",
+                    code="insufficient_scope",
+                    headers={
+                        "WWW-Authenticate": 'Bearer realm="meshplane", '
+                        'error="insufficient_scope", scope="write"'
+                    },
                 )
         return await handler(request)
 
@@ -253,8 +278,8 @@ def make_app(deps: ApiDeps) -> web.Application:
     from mesh.api.openapi import build_openapi
 
     middlewares: list[Middleware] = [_errors]
-    if deps.token:
-        middlewares.append(_auth_middleware(deps.token))
+    if deps.access.tokens:
+        middlewares.append(_auth_middleware(deps.access))
     app = web.Application(middlewares=middlewares, client_max_size=deps.max_body)
     app[DEPS] = deps
     app[table.OPENAPI] = json.dumps(build_openapi(table.ROUTES)).encode()

@@ -21,6 +21,7 @@ from mesh.api import app as api
 from mesh.api import models as m
 from mesh.api.openapi import build_openapi
 from mesh.api.table import ROUTES
+from mesh.api_tokens import Scope, tokens
 from mesh.control import Control
 from mesh.errors import Conflict, MeshError, Unauthorized, Unavailable
 
@@ -217,16 +218,37 @@ async def test_401_goes_through_the_error_path_with_its_challenge() -> None:
     async def reached(_request: web.Request) -> web.StreamResponse:
         raise AssertionError("the handler ran without the token")
 
-    auth = api._auth_middleware("s3cret")
+    auth = api._auth_middleware(api.Access(tokens([(Scope.WRITE, "s3cret")])))
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         return await auth(request, reached)
 
-    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic czNjcmV0"}):
+    for headers, challenge in (
+        ({}, 'Bearer realm="meshplane"'),
+        ({"Authorization": "Basic czNjcmV0"}, 'Bearer realm="meshplane"'),
+        ({"Authorization": "Bearer nope"}, 'Bearer realm="meshplane", error="invalid_token"'),
+    ):
         request = make_mocked_request("GET", "/v1/networks", headers=headers)
         response = await api._errors(request, guarded)
         _assert_error(response, 401, "unauthorized")
-        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert response.headers["WWW-Authenticate"] == challenge
+
+
+async def test_403_for_a_read_token_carries_the_scope_it_lacks() -> None:
+    async def reached(_request: web.Request) -> web.StreamResponse:
+        raise AssertionError("the handler ran for a read token's write")
+
+    auth = api._auth_middleware(api.Access(tokens([(Scope.READ, "r3ad")])))
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        return await auth(request, reached)
+
+    request = make_mocked_request("POST", "/v1/networks", headers={"Authorization": "Bearer r3ad"})
+    response = await api._errors(request, guarded)
+    _assert_error(response, 403, "insufficient_scope")
+    assert response.headers["WWW-Authenticate"] == (
+        'Bearer realm="meshplane", error="insufficient_scope", scope="write"'
+    )
 
 
 def test_error_headers_are_the_errors_own() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mesh import config
-from mesh.config import ConfigError, HostPort, load_config, parse_host_port
+from mesh.api_tokens import Scope
+from mesh.config import ConfigError, HostPort, describe, load_config, parse_host_port
 
 
 @pytest.fixture(params=[True, False], ids=["root", "user"])
@@ -62,10 +63,94 @@ def test_bad_config_files_are_refused(
 
 def test_public_api_requires_a_token(root: bool) -> None:
     with pytest.raises(ConfigError, match="api-token"):
-        load_config(["--api", "0.0.0.0:2377"], env={})
-    cfg = load_config(["--api", "0.0.0.0:2377"], env={"MESH_API_TOKEN": "s3cret-token"})
+        load_config(["--api", "0.0.0.0:2377", "--api-insecure"], env={})
+    cfg = load_config(
+        ["--api", "0.0.0.0:2377", "--api-insecure"], env={"MESH_API_TOKEN": "s3cret-token"}
+    )
     assert cfg.api_token == "s3cret-token"
+    assert cfg.api_tokens.scope_of(b"s3cret-token") is Scope.WRITE
     assert "s3cret-token" not in repr(cfg)
+    assert "s3cret-token" not in str(describe(cfg))
+
+
+def test_public_api_requires_tls_or_api_insecure(tmp_path: Path, root: bool) -> None:
+    env = {"MESH_API_TOKEN": "s3cret-token"}
+    with pytest.raises(ConfigError, match=r"plain HTTP.*--api-tls-cert.*--api-insecure"):
+        load_config(["--api", "0.0.0.0:2377"], env=env)
+    with pytest.raises(ConfigError, match="plain HTTP"):
+        load_config(["--api", "[::]:2377"], env=env)
+    # Loopback stays plain HTTP without a word, as before.
+    assert not load_config(["--api", "127.0.0.1:2377"], env=env).api_tls
+    cfg = load_config(
+        ["--api", "0.0.0.0:2377", "--api-tls-cert", "c.pem", "--api-tls-key", "k.pem"], env=env
+    )
+    assert cfg.api_tls and cfg.api_tls_ca is None
+    file = tmp_path / "agent.toml"
+    file.write_text('api = "0.0.0.0:2377"\napi-insecure = true\n')
+    assert load_config(["--config", str(file)], env=env).api_insecure
+    file.write_text('api = "0.0.0.0:2377"\napi-insecure = false\n')
+    with pytest.raises(ConfigError, match="plain HTTP"):
+        load_config(["--config", str(file)], env=env)
+    file.write_text('api-insecure = "yes"\n')
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(["--config", str(file)], env=env)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--api-tls-cert", "c.pem"], "go together"),
+        (["--api-tls-key", "k.pem"], "go together"),
+        (["--api-tls-ca", "ca.pem"], "needs api-tls-cert"),
+    ],
+)
+def test_api_tls_flags_go_together(flags: list[str], message: str, root: bool) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags, env={})
+
+
+def test_api_token_file_from_flag_and_toml(tmp_path: Path, root: bool) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# ops\nread r3ad-only\n\nwrite wr1te\n")
+    cfg = load_config(
+        [
+            "--api-token-file",
+            str(tokens),
+            "--api-token",
+            "fl4g",
+            "--api",
+            "10.1.2.3:2377",
+            "--api-insecure",
+        ],
+        env={},
+    )
+    assert cfg.api_tokens.scope_of(b"r3ad-only") is Scope.READ
+    assert cfg.api_tokens.scope_of(b"wr1te") is Scope.WRITE
+    assert cfg.api_tokens.scope_of(b"fl4g") is Scope.WRITE  # --api-token: write
+    assert cfg.api_tokens.scope_of(b"nope") is None
+    shown = describe(cfg)
+    assert shown["api_tokens"] == "read=1,write=2"
+    assert shown["api_token_file"] == str(tokens)
+    for secret in ("r3ad-only", "wr1te", "fl4g"):
+        assert secret not in repr(cfg) and secret not in str(shown)
+    file = tmp_path / "agent.toml"
+    file.write_text(
+        f'api-token-file = "{tokens}"\napi = "0.0.0.0:1"\napi_tls_cert = "c"\n'
+        'api-tls-key = "k"\napi-tls-ca = "ca"\n'
+    )
+    cfg = load_config(["--config", str(file)], env={})
+    assert cfg.api_tokens.count(Scope.READ) == 1
+    assert (cfg.api_tls_cert, cfg.api_tls_key, cfg.api_tls_ca) == (Path("c"), Path("k"), Path("ca"))
+
+
+def test_a_bad_api_token_file_is_a_start_error_naming_the_line(tmp_path: Path, root: bool) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read fine-token\n# note\nadmin t0psecret\n")
+    with pytest.raises(ConfigError, match=f"api-token-file {tokens} line 3: ") as caught:
+        load_config(["--api-token-file", str(tokens)], env={})
+    assert "t0psecret" not in str(caught.value) and "admin" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"cannot read api-token-file .*: No such file"):
+        load_config(["--api-token-file", str(tmp_path / "absent")], env={})
 
 
 @pytest.mark.parametrize(
