@@ -3,15 +3,22 @@
 Errors are classified here and nowhere else: an error body becomes `ApiError`,
 a failed connection `Unreachable`, so commands never see `OSError` or
 `urllib.error`. Proxies from the environment are ignored: the API is local.
+
+An `https://` API is verified against `--ca-cert` (else the system's CAs),
+and `--cert/--key` are presented to an agent that asks for a client
+certificate (mTLS, `mesh agent --api-tls-ca`).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mesh.cli.errors import ApiError, CliError, Unreachable
@@ -42,6 +49,64 @@ def base_url(api: str) -> str:
     return f"{parts.scheme}://{address}{parts.path.rstrip('/')}"
 
 
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """How to talk HTTPS to the agent: whom to trust, and which certificate to present."""
+
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The client context; CliError naming the file that does not load."""
+        if (self.cert is None) != (self.key is None):
+            raise CliError("--cert and --key go together: give both (or neither)")
+        try:
+            context = ssl.create_default_context(
+                cafile=None if self.ca_cert is None else str(self.ca_cert)
+            )
+        except OSError as exc:
+            raise CliError(f"--ca-cert {self.ca_cert}: cannot load: {_why(exc)}") from None
+        if self.cert is not None and self.key is not None:
+            try:
+                context.load_cert_chain(self.cert, self.key, password=_no_password)
+            except OSError as exc:
+                raise CliError(
+                    f"--cert {self.cert} with --key {self.key}: cannot load: {_why(exc)}"
+                ) from None
+        return context
+
+
+def _no_password() -> bytes:
+    return b""  # an encrypted key fails to load rather than prompting
+
+
+def _why(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return exc.strerror or str(exc)
+
+
+def read_token_file(path: Path, what: str = "--token-file") -> str:
+    """The token a file holds: its one line, surrounding whitespace dropped. Errors name
+    the file, never what it holds."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{what} {path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{what} {path}: not UTF-8 text") from None
+    token = text.strip()
+    if not token:
+        raise CliError(f"{what} {path} is empty")
+    if len(token.split()) != 1 or not token.isascii() or not token.isprintable():
+        raise CliError(
+            f"{what} {path} must hold the token alone, in visible ASCII (not the agent's "
+            "'<scope> <token>' lines)"
+        )
+    return token
+
+
 def api_path(prefix: str, *names: str) -> str:
     """`prefix` followed by each name as one escaped path segment: `/v1/networks/a%2Fb`."""
     return "/".join([prefix, *(urllib.parse.quote(name, safe="") for name in names)])
@@ -53,11 +118,20 @@ def display_address(url: str) -> str:
 
 
 class Client:
-    def __init__(self, api: str, token: str | None = None, timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        api: str,
+        token: str | None = None,
+        timeout: float = TIMEOUT,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.url = base_url(api)
         self._token = token or None
         self._timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if self.url.startswith("https://"):
+            handlers.append(urllib.request.HTTPSHandler(context=(tls or ClientTls()).context()))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def __repr__(self) -> str:
         return f"<Client {self.url} token={'yes' if self._token else 'no'}>"

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from mesh.cli import (
     doctor,
@@ -28,14 +29,15 @@ from mesh.cli import (
     service,
     task,
 )
-from mesh.cli.client import DEFAULT_API, Client
+from mesh.cli.client import DEFAULT_API, Client, ClientTls, read_token_file
 from mesh.cli.commands import Handler
-from mesh.cli.errors import CliError
+from mesh.cli.errors import CliError, UsageError
 from mesh.cli.output import Context
 
 EPILOG = (
-    "environment: MESH_API (the agent's HOST:PORT, default 127.0.0.1:2377), "
-    "MESH_API_TOKEN (its bearer token)"
+    "environment: MESH_API (the agent's HOST:PORT or https://HOST:PORT, default "
+    "127.0.0.1:2377), MESH_API_TOKEN (its bearer token) or MESH_API_TOKEN_FILE, "
+    "MESH_CA_CERT, MESH_CLIENT_CERT and MESH_CLIENT_KEY (HTTPS)"
 )
 NOUNS = (network, service, task, run, members, resolve, keyring, lb, inspection, doctor)
 #: the commands that run a command given after `--` (`mesh task run web -- CMD ...`)
@@ -90,13 +92,40 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         metavar="HOST:PORT",
         default=default,
         help="the agent's API (default: $MESH_API, else 127.0.0.1:2377; "
-        "http://HOST:PORT works too)",
+        "http://HOST:PORT works too, https://HOST:PORT for an agent with --api-tls-cert)",
     )
     parser.add_argument(
         "--token",
         metavar="TOKEN",
         default=default,
-        help="bearer token for the API (default: $MESH_API_TOKEN)",
+        help="bearer token for the API (default: $MESH_API_TOKEN); --token-file keeps it "
+        "out of the process list",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default,
+        help="file holding the bearer token alone (default: $MESH_API_TOKEN_FILE)",
+    )
+    parser.add_argument(
+        "--ca-cert",
+        metavar="FILE",
+        default=default,
+        help="PEM CA certificate to verify an https:// API with (default: $MESH_CA_CERT, "
+        "else the system's CAs)",
+    )
+    parser.add_argument(
+        "--cert",
+        metavar="FILE",
+        default=default,
+        help="PEM client certificate for an agent that requires one (mTLS; default: "
+        "$MESH_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        default=default,
+        help="PEM private key of --cert (default: $MESH_CLIENT_KEY)",
     )
     parser.add_argument(
         "--json",
@@ -137,9 +166,35 @@ def _run(argv: list[str]) -> int:
 
 def _context(args: argparse.Namespace) -> Context:
     api = args.api or os.environ.get("MESH_API") or DEFAULT_API
-    token = args.token or os.environ.get("MESH_API_TOKEN") or None
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-    return Context(Client(api, token), bool(args.json), sys.stdout, width)
+    return Context(Client(api, _token(args), tls=_tls(args)), bool(args.json), sys.stdout, width)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token, --token-file, $MESH_API_TOKEN, $MESH_API_TOKEN_FILE."""
+    if args.token and args.token_file:
+        raise UsageError("give --token or --token-file, not both")
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        return read_token_file(Path(args.token_file))
+    if os.environ.get("MESH_API_TOKEN"):
+        return os.environ["MESH_API_TOKEN"]
+    if os.environ.get("MESH_API_TOKEN_FILE"):
+        return read_token_file(Path(os.environ["MESH_API_TOKEN_FILE"]), "MESH_API_TOKEN_FILE")
+    return None
+
+
+def _tls(args: argparse.Namespace) -> ClientTls:
+    def path(flag: str | None, env: str) -> Path | None:
+        chosen = flag or os.environ.get(env)
+        return Path(chosen) if chosen else None
+
+    return ClientTls(
+        ca_cert=path(args.ca_cert, "MESH_CA_CERT"),
+        cert=path(args.cert, "MESH_CLIENT_CERT"),
+        key=path(args.key, "MESH_CLIENT_KEY"),
+    )
 
 
 def _run_agent(argv: list[str]) -> int:

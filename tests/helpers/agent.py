@@ -14,6 +14,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -56,8 +57,11 @@ class AgentProcess:
         publish_address: str = "127.0.0.1",
         nofile: int | None = None,
         sandboxes: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.data_dir = data_dir
+        #: the client side of an agent started with --api-tls-cert: its API is https
+        self.tls = tls
         #: keep CAP_SYS_ADMIN: only for an agent inside a test's own node namespace
         self.may_make_sandboxes = sandboxes
         #: RLIMIT_NOFILE (soft and hard) to start the agent under, as `prlimit` would
@@ -167,13 +171,13 @@ class AgentProcess:
     ) -> tuple[int, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(
-            f"http://{self.api}{path}",
+            f"{'https' if self.tls else 'http'}://{self.api}{path}",
             data=data,
             method=method,
             headers={"Content-Type": "application/json", **(headers or {})},
         )
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.tls) as resp:
                 payload = resp.read()
                 status = resp.status
         except urllib.error.HTTPError as err:
