@@ -22,6 +22,8 @@ def _no_password() -> bytes:
 
 def _why(exc: OSError) -> str:
     if isinstance(exc, ssl.SSLError):
+        if exc.reason == "PEM_LIB" or "PEM lib" in str(exc):
+            return "not a PEM certificate and key (or the key is encrypted)"
         return exc.reason or str(exc)
     return exc.strerror or str(exc)
 

@@ -25,7 +25,9 @@ def no_requests(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(client_module.Client, "request", refuse)
     monkeypatch.delenv("MESH_API", raising=False)
-    monkeypatch.delenv("MESH_API_TOKEN", raising=False)
+    for name in ("MESH_API_TOKEN", "MESH_API_TOKEN_FILE", "MESH_CA_CERT", "MESH_CLIENT_CERT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MESH_CLIENT_KEY", raising=False)
 
 
 @pytest.mark.parametrize(
@@ -198,3 +200,60 @@ def test_the_cli_imports_no_third_party_package() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_token_from_flag_file_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mesh.cli.main import _token
+
+    def token(*argv: str) -> str | None:
+        return _token(build_parser().parse_args([*argv, "members"]))
+
+    file = tmp_path / "token"
+    file.write_text("  fr0m-file\n")
+    assert token() is None
+    assert token("--token", "fl4g") == "fl4g"
+    assert token("--token-file", str(file)) == "fr0m-file"
+    monkeypatch.setenv("MESH_API_TOKEN_FILE", str(file))
+    assert token() == "fr0m-file"
+    monkeypatch.setenv("MESH_API_TOKEN", "fr0m-env")
+    assert token() == "fr0m-env"  # the token itself before a file, as flags before env
+    assert token("--token-file", str(file)) == "fr0m-file"  # a flag before the environment
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("", "is empty"),
+        ("\n \n", "is empty"),
+        ("write s3cret-t0ken\n", "must hold the token alone"),
+        ("s3cret-t0ken\nother\n", "must hold the token alone"),
+    ],
+)
+def test_a_token_file_that_holds_more_than_a_token_is_refused_without_echo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, why: str
+) -> None:
+    file = tmp_path / "token"
+    file.write_text(content)
+    assert main(["--token-file", str(file), "members"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mesh: --token-file {file} ") and why in err
+    assert "s3cret" not in err
+
+
+def test_token_and_token_file_together_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--token", "t", "--token-file", str(tmp_path / "f"), "members"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_tls_files_that_do_not_load_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    absent = tmp_path / "absent.pem"
+    assert main(["--api", "https://127.0.0.1:1", "--ca-cert", str(absent), "members"]) == 1
+    assert capsys.readouterr().err.startswith(f"mesh: --ca-cert {absent}: cannot load: ")
+    assert main(["--api", "https://127.0.0.1:1", "--cert", str(absent), "members"]) == 1
+    assert "--cert and --key go together" in capsys.readouterr().err
