@@ -4,6 +4,9 @@ and with the `mesh` CLI; certificates made here with `cryptography`."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import pytest
 
 from tests.helpers.agent import REPO, AgentProcess, free_port
 from tests.helpers.certs import Authority
+from tests.helpers.netns import Lab, Netns, unavailable
 from tests.integration.conftest import stop_and_check
 
 WRITE = "tls-wr1te-t0ken"
@@ -239,3 +243,79 @@ def test_a_public_plain_http_api_is_refused_without_api_insecure(tmp_path: Path)
         "mesh agent: the API on 0.0.0.0:2377 is reachable from other hosts in plain HTTP"
     )
     assert "--api-insecure" in done.stderr and WRITE not in done.stderr
+
+
+# -- a non-loopback API, in a namespace of this test ------------------------------------
+
+PUBLIC = "10.254.77.1"
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with Lab("mpapi") as made:
+        yield made
+
+
+def wait_answering(ns: Netns, proc: subprocess.Popen[bytes], curl_args: list[str]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, f"the agent exited with {proc.returncode}"
+        done = ns.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *curl_args],
+                      check=False)  # fmt: skip
+        if done.stdout == "200":
+            return
+        assert time.monotonic() < deadline, done
+        time.sleep(0.1)
+
+
+def test_a_public_api_in_plain_http_with_api_insecure_or_in_tls(
+    lab: Lab, pki: Pki, tmp_path: Path
+) -> None:
+    ns = lab.namespace("node")
+    # Not a loopback address, though on lo: what the agent checks is the address.
+    ns.add_address("lo", f"{PUBLIC}/32")
+    cert, key = pki.ca.issue(PUBLIC, server=True)
+    drop = ["setpriv", "--bounding-set", "-sys_admin", "--"] if shutil.which("setpriv") else []
+
+    def agent(name: str, port: int, flags: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"{name}.log"
+        argv = [*drop, sys.executable, "-m", "mesh", "agent", "--node-name", name,
+                "--data-dir", str(tmp_path / name), "--api", f"{PUBLIC}:{port}",
+                "--advertise", f"127.0.0.1:{7946 + port - 2377}", "--dns", "none",
+                "--http", "none", "--lb", "userspace", "--api-token", WRITE, *flags]  # fmt: skip
+        with log.open("wb") as out:
+            proc = ns.popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )  # fmt: skip
+        return proc, log
+
+    plain, plain_log = agent("plain", 2377, ["--api-insecure"])
+    secure, secure_log = agent(
+        "secure", 2378, ["--api-tls-cert", str(cert), "--api-tls-key", str(key)]
+    )
+    secure_log_text = ""
+    try:
+        auth = ["-H", f"Authorization: Bearer {WRITE}"]
+        wait_answering(ns, plain, [*auth, f"http://{PUBLIC}:2377/v1/networks"])
+        done = ns.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                       f"http://{PUBLIC}:2377/v1/networks"], check=False)  # fmt: skip
+        assert done.stdout == "401"
+        warned = re.search(r"level=warning \S+ event=api_plaintext", plain_log.read_text())
+        assert warned, plain_log.read_text()
+        # Without --api-insecure the same agent needs TLS; with it, no warning.
+        tls = ["--cacert", str(pki.ca.cert), *auth]
+        wait_answering(ns, secure, [*tls, f"https://{PUBLIC}:2378/v1/networks"])
+        secure_log_text = secure_log.read_text()
+        assert "api_plaintext" not in secure_log_text
+        assert "tls=True" in secure_log_text
+    finally:
+        for proc in (plain, secure):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
+    for text in (plain_log.read_text(), secure_log.read_text()):
+        assert WRITE not in text and READ not in text
