@@ -21,6 +21,7 @@ _REF = "#/components/schemas/{model}"
 _ERROR_TEXT = {
     400: "Malformed request",
     401: "Missing or wrong bearer token",
+    403: "A read-scope token: this method needs a write token (`insufficient_scope`)",
     404: "Not found",
     409: "Conflict",
     413: "Body too large",
@@ -67,7 +68,8 @@ def _success(route: Route) -> Json:
 def _operation(route: Route) -> Json:
     responses: Json = {str(route.status): _success(route)}
     error_content = {"application/json": {"schema": _ref(m.ErrorOut)}}
-    statuses = set(route.errors) | {401} | ({503} if route.changes else set())
+    # Every method but GET needs a write token: a read token's request is a 403.
+    statuses = set(route.errors) | {401} | ({403, 503} if route.changes else set())
     for code in sorted(statuses):
         responses[str(code)] = {"description": _ERROR_TEXT[code], "content": error_content}
     operation: Json = {

@@ -32,7 +32,7 @@ class Route:
     body: type[BaseModel] | None = None  # the request body's model
     answer: type[BaseModel] | None = None  # the success answer's model (None: no body)
     many: bool = False  # the answer is a list of `answer`
-    errors: tuple[int, ...] = ()  # besides 401 (any route) and 503 (any change)
+    errors: tuple[int, ...] = ()  # besides 401 (any route), 403 and 503 (any change)
     query: tuple[Json, ...] = ()  # OpenAPI parameter objects (query and header)
     #: an answer that is no model (the event stream, the description): its response object
     raw_answer: Json | None = None
