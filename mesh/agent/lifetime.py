@@ -20,9 +20,11 @@ import ipaddress
 import logging
 import os
 import signal
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -206,6 +208,7 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
             read_tokens=tokens.count(Scope.READ),
             write_tokens=tokens.count(Scope.WRITE),
         )
+        _warn_if_others_read(config.api_token_file)
         if not api.is_loopback and not config.api_tls:
             event(
                 log,
@@ -227,6 +230,23 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
         Stage("api", api_start, api_stop),
     ]
     return result
+
+
+def _warn_if_others_read(path: Path | None) -> None:
+    """One warning when every user of the host may read the token file (mode o+r)."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):  # it was read a moment ago; gone now is no news
+        mode = path.stat().st_mode
+        if mode & stat.S_IROTH:
+            event(
+                log,
+                "api_token_file_readable",
+                logging.WARNING,
+                file=str(path),
+                mode=oct(stat.S_IMODE(mode)),
+                hint="every user of this host can read the API tokens: chmod o-r",
+            )
 
 
 def _reload_tokens(agent: Agent) -> None:

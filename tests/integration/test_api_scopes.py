@@ -96,6 +96,7 @@ def scoped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     root = tmp_path_factory.mktemp("scopes")
     tokens = root / "tokens"
     tokens.write_text(f"# operators\nwrite {WRITE}\n\n# dashboards\nread {READ}\n")
+    tokens.chmod(0o644)  # readable by every user: warned about at start
     agent = AgentProcess(
         root / "data", extra=["--api-token-file", str(tokens), "--api-token", FLAG]
     )
@@ -187,7 +188,8 @@ def test_no_token_reaches_the_log(scoped: AgentProcess) -> None:
     assert info["config"]["api_tokens"] == "read=1,write=2"
     assert info["config"]["api_token"] == "set"
     log = scoped.log()
-    assert "api_tokens=read=1,write=2" in log or "read=1,write=2" in log
+    assert 'api_tokens="read=1,write=2"' in log
+    assert re.search(r"level=warning \S+ event=api_token_file_readable .*mode=0o644", log), log
     for secret in (*SECRETS, "a-wr0ng-guess"):
         assert secret not in log
         assert secret not in json.dumps(info)
@@ -196,6 +198,7 @@ def test_no_token_reaches_the_log(scoped: AgentProcess) -> None:
 def test_sighup_reads_the_token_file_again(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("write first-t0ken\n")
+    tokens.chmod(0o600)
     agent = AgentProcess(tmp_path / "data", extra=["--api-token-file", str(tokens)])
     agent.start()
     try:
@@ -220,6 +223,7 @@ def test_sighup_reads_the_token_file_again(tmp_path: Path) -> None:
         assert agent.proc.poll() is None
         log = agent.log()
         assert "line 2" in log
+        assert "api_token_file_readable" not in log  # 0600: nobody else reads it
         for secret in ("first-t0ken", "second-t0ken", "bad-t0ken"):
             assert secret not in log
     finally:
