@@ -61,6 +61,10 @@ class AgentConfig:
     node_name: str
     advertise: HostPort
     join: tuple[HostPort, ...] = ()
+    #: resolvers asked for --join names; empty: the host's (/etc/resolv.conf)
+    join_resolvers: tuple[HostPort, ...] = ()
+    #: failed join rounds before the agent gives up and exits; 0: it never does
+    retry_join_max: int = 0
     data_dir: Path
     api: HostPort = HostPort("127.0.0.1", 2377)
     dns: HostPort | None  # None: no DNS server (`--dns none`)
@@ -155,6 +159,8 @@ class AgentConfig:
             raise ConfigError("tombstone-reap must be between 1 second and 30 days")
         if not 1 <= self.data_path_port <= 65535:
             raise ConfigError(f"data-path-port {self.data_path_port}: 1 to 65535")
+        if self.retry_join_max < 0:
+            raise ConfigError("retry-join-max must be 0 (never give up) or a number of rounds")
         if not 0 <= self.drain_grace <= 3600:
             raise ConfigError("drain-grace must be between 0 and 3600 seconds")
         try:
@@ -178,7 +184,13 @@ class AgentConfig:
 _FLAGS: dict[str, str] = {
     "node-name": "this node's name in the cluster (default: the host name)",
     "advertise": "ADDR[:PORT] other nodes reach this one at for gossip (default port 7946)",
-    "join": "HOST[:PORT] of a node to join; repeat for several (tried until one answers)",
+    "join": "HOST[:PORT] of a node to join, or a DNS name with several (its SRV record "
+    "_mesh._tcp.NAME, else its A/AAAA records); repeat for several; tried in rounds with a "
+    "back-off until one answers",
+    "join-resolver": "ADDR[:PORT] of the DNS server asked for --join names; repeat for "
+    "several (default: the host's /etc/resolv.conf)",
+    "retry-join-max": "failed join rounds before the agent gives up and exits 1 "
+    "(default 0: it never gives up)",
     "data-dir": "where the state is kept (default /var/lib/meshplane, or "
     "~/.local/state/meshplane without root)",
     "api": "ADDR:PORT of the HTTP API (default 127.0.0.1:2377); a non-loopback address "
@@ -235,7 +247,12 @@ _FLAGS: dict[str, str] = {
 }
 
 
-_REPEATED = ("join", "dns-upstream", "tls-cert")  # flags given once per value; lists in the file
+_REPEATED = (
+    "join",
+    "join-resolver",
+    "dns-upstream",
+    "tls-cert",
+)  # flags given once per value; lists in the file
 _METAVARS = {
     "dns-upstream": "ADDR[:PORT]",
     "dns-ttl": "SECONDS",
@@ -243,6 +260,8 @@ _METAVARS = {
     "node-name": "NAME",
     "advertise": "ADDR[:PORT]",
     "join": "HOST[:PORT]",
+    "join-resolver": "ADDR[:PORT]",
+    "retry-join-max": "ROUNDS",
     "data-dir": "DIR",
     "lb": "BACKEND",
     "keyring": "FILE",
@@ -346,6 +365,10 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
             str(values.get("advertise", "127.0.0.1")), GOSSIP_PORT, "advertise"
         ),
         join=tuple(parse_host_port(j, GOSSIP_PORT, "join") for j in values.get("join", [])),
+        join_resolvers=tuple(
+            _ip_host_port(r, 53, "join-resolver") for r in values.get("join_resolver", [])
+        ),
+        retry_join_max=int(_number(values, "retry_join_max", 0, int)),
         data_dir=Path(values.get("data_dir") or default_data_dir(root)),
         api=parse_host_port(str(values.get("api", "127.0.0.1:2377")), None, "api"),
         dns=None if dns_text.lower() in ("none", "off") else parse_host_port(dns_text, None, "dns"),

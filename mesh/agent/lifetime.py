@@ -32,6 +32,7 @@ from mesh.core.sockets import bind_failure, family_of
 from mesh.core.view import View
 from mesh.errors import MeshError
 from mesh.ipam import capacity_of
+from mesh.seeds import SeedResolver
 
 log = logging.getLogger("mesh.agent")
 
@@ -180,7 +181,12 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
 
     async def cluster_start() -> None:
         follow(agent.cluster)
-        await agent.cluster.join([(j.host, j.port) for j in config.join])
+        await agent.cluster.join(
+            config.join,
+            SeedResolver(config.join_resolvers),
+            max_rounds=config.retry_join_max,
+            on_give_up=agent.stopping.fail,
+        )
 
     async def api_start() -> None:
         await agent.api.setup()
