@@ -198,3 +198,9 @@ def test_the_cli_imports_no_third_party_package() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("mesh ") and out.split()[1][0].isdigit(), out
