@@ -1,7 +1,9 @@
 """`mesh agent`: the composition root of one node.
 
 Start-up order: read the config; lock the data dir (one agent per data dir,
-before anything touches it or binds a port); load the durable state; build
+before anything touches it or binds a port); check its format version
+(`mesh.state.dataformat`: migrate an older layout, refuse a newer one); load the
+durable state; build
 every part from the config, once, in dependency order (`mesh.agent.build`:
 nothing is wired into a part after it is made); then enter the parts in order
 (`mesh.agent.lifetime`): start the state writer; load the state into the store
@@ -45,7 +47,7 @@ from mesh.agent.build import MeshStartError, Stopping, build
 from mesh.agent.lifetime import enter, stages
 from mesh.config import AgentConfig, ConfigError, describe, load_config
 from mesh.core.logs import event, setup
-from mesh.state import persist
+from mesh.state import dataformat, persist
 from mesh.state.lock import DataDirError, lock_data_dir
 
 __all__ = ["MeshStartError", "main", "run"]
@@ -81,6 +83,10 @@ async def run(config: AgentConfig) -> int:
     return stopping.exit_code
 
 
+def _log_migration(step: dataformat.Migration) -> None:
+    event(log, "data_dir_migrated", source=step.source, to=step.source + 1, what=step.what)
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         config = load_config(argv)
@@ -96,6 +102,16 @@ def main(argv: Sequence[str]) -> int:
         return 1
     try:
         setup(config.log_level)
+        # Under the lock, before anything reads the state: migrate an older layout,
+        # refuse a newer one.
+        try:
+            outcome = dataformat.ensure(config.data_dir, on_step=_log_migration)
+        except (dataformat.FormatError, OSError) as exc:
+            reason = f"{config.data_dir}: {exc}"
+            event(log, "agent_start_failed", logging.ERROR, error=reason)
+            print(f"mesh agent: {reason}", file=sys.stderr)
+            return 1
+        event(log, "data_dir_format", found=outcome.found, version=outcome.version)
         # Every forwarded query, proxied connection and check holds a descriptor: allow many.
         soft, hard = raise_open_file_limit()
         event(log, "open_file_limit", soft=soft, hard=hard)
