@@ -87,6 +87,8 @@ class AgentConfig:
     #: advertise address); the same on every node of a cluster
     data_path_port: int = 4789
     dns_domain: str | None = None
+    #: point the host's resolver at the DNS server for the dns domain while running
+    configure_resolver: bool = False
     #: upstream resolvers for names the mesh does not own; empty: the host's resolv.conf
     dns_upstreams: tuple[HostPort, ...] = ()
     #: TTL of the answers for mesh names, seconds
@@ -172,6 +174,11 @@ class AgentConfig:
                 parse_subnet(self.ingress_subnet)
             except MeshError as exc:
                 raise ConfigError(f"ingress-subnet: {exc.message}") from None
+        if self.configure_resolver and (self.dns is None or not self.dns_domain):
+            raise ConfigError(
+                "configure-resolver needs the DNS server (--dns) and a --dns-domain "
+                "whose names the host should resolve through it"
+            )
         if not self.api.is_loopback and not self.api_token:
             raise ConfigError(
                 f"the API on {self.api} is reachable from other hosts: set --api-token "
@@ -238,6 +245,9 @@ _FLAGS: dict[str, str] = {
     "data-path-port": "UDP port of the overlay networks' VXLAN traffic between nodes, the "
     "same on every node (default 4789)",
     "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
+    "configure-resolver": "on: while the agent runs, the host's resolver asks its DNS "
+    "server for --dns-domain names (a systemd-resolved drop-in for ~DOMAIN, else a "
+    "nameserver line in /etc/resolv.conf); undone when it stops (default off)",
     "tombstone-reap": "seconds a delete is remembered before it is forgotten (default 1800)",
     "gossip-profile": "gossip timings: lan (memberlist's LAN defaults), wan, or local "
     "(fast, for tests on one machine) (default lan)",
@@ -280,6 +290,7 @@ _METAVARS = {
     "http-workers": "N",
     "tls-cert": "HOST=CERT,KEY",
     "http-access-log": "on|off",
+    "configure-resolver": "on|off",
     "http-header-timeout": "SECONDS",
     "http-upstream-timeout": "SECONDS",
     "http-max-body": "BYTES",
@@ -359,6 +370,9 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
     access_log = str(values.get("http_access_log", "off")).lower()
     if access_log not in ("on", "off", "true", "false"):
         raise ConfigError(f"http-access-log {access_log!r}: on or off")
+    configure_resolver = str(values.get("configure_resolver", "off")).lower()
+    if configure_resolver not in ("on", "off", "true", "false"):
+        raise ConfigError(f"configure-resolver {configure_resolver!r}: on or off")
     return AgentConfig(
         node_name=node_name,
         advertise=parse_host_port(
@@ -401,6 +415,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         data_path_port=int(_number(values, "data_path_port", 4789, int)),
         tombstone_reap=tombstone_reap,
         dns_domain=values.get("dns_domain") or None,
+        configure_resolver=configure_resolver in ("on", "true"),
         dns_upstreams=tuple(
             _ip_host_port(u, 53, "dns-upstream") for u in values.get("dns_upstream", [])
         ),

@@ -47,6 +47,8 @@ from mesh.agent.build import MeshStartError, Stopping, build
 from mesh.agent.lifetime import enter, stages
 from mesh.config import AgentConfig, ConfigError, describe, load_config
 from mesh.core.logs import event, setup
+from mesh.core.net import HostPort
+from mesh.hostresolver import HostResolver
 from mesh.state import dataformat, persist
 from mesh.state.lock import DataDirError, lock_data_dir
 
@@ -83,6 +85,19 @@ async def run(config: AgentConfig) -> int:
     return stopping.exit_code
 
 
+def _restore_host_resolver(config: AgentConfig) -> None:
+    """A run killed with the host's resolver pointed at it left a backup: put the
+    resolver back first (before the DNS server reads its upstreams from it)."""
+    host = HostResolver(config.data_dir, config.dns_domain or "", HostPort("127.0.0.11", 53))
+    try:
+        restored = host.undo()
+    except OSError as exc:
+        event(log, "host_resolver_restore_failed", logging.ERROR, error=str(exc))
+        return
+    if restored:
+        event(log, "host_resolver_restored", logging.WARNING, mode=restored, after="crash")
+
+
 def _log_migration(step: dataformat.Migration) -> None:
     event(log, "data_dir_migrated", source=step.source, to=step.source + 1, what=step.what)
 
@@ -112,6 +127,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"mesh agent: {reason}", file=sys.stderr)
             return 1
         event(log, "data_dir_format", found=outcome.found, version=outcome.version)
+        _restore_host_resolver(config)
         # Every forwarded query, proxied connection and check holds a descriptor: allow many.
         soft, hard = raise_open_file_limit()
         event(log, "open_file_limit", soft=soft, hard=hard)
