@@ -124,6 +124,9 @@ class HostResolver:
 
     def apply(self) -> str:
         """Point the host at the agent; returns the mode. The backup is written first."""
+        # A backup left over (a restore that failed at start): put that back first, so
+        # the one written now holds the host's own configuration, never ours.
+        self.undo()
         if self.paths.resolved_running.exists():
             dropin = self.paths.resolved_dropins / DROPIN_NAME
             _write_whole(self.backup, json.dumps({"mode": "resolved", "dropin": str(dropin)}))

@@ -65,8 +65,12 @@ class SeedResolver:
         for name, result in zip(names, results, strict=True):
             if isinstance(result, ResolveError):
                 failures[name.host] = str(result)
+            elif isinstance(result, Exception):
+                # Whatever c-ares raised (a channel that could not be made, say): this
+                # round failed for this name, the join goes on.
+                failures[name.host] = f"{type(result).__name__}: {result}"
             elif isinstance(result, BaseException):
-                raise result
+                raise result  # cancelled: the agent is stopping
             else:
                 seeds += result
         return Resolved(seeds, failures)

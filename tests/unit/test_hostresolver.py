@@ -132,3 +132,13 @@ def test_the_flag_needs_a_dns_domain_and_the_dns_server() -> None:
         load_config(["--configure-resolver", "on", "--dns-domain", "mesh", "--dns", "none"], env={})
     config = load_config(["--configure-resolver", "on", "--dns-domain", "mesh"], env={})
     assert config.configure_resolver
+
+
+def test_a_leftover_backup_is_restored_before_a_new_one_is_taken(host: HostResolver) -> None:
+    host.apply()
+    # The restore at start failed (say): the next apply must not save our file as the
+    # host's own.
+    fresh = HostResolver(host.data_dir, "mesh", DNS, host.paths)
+    fresh.apply()
+    fresh.undo()
+    assert host.paths.resolv_conf.read_text() == ORIGINAL

@@ -96,3 +96,24 @@ def test_zero_max_never_gives_up() -> None:
     plan.begin_round(0.0)
     assert not any(plan.round_failed(float(n)).give_up for n in range(10_000))
     assert plan.joined(12.5) == 12.5
+
+
+async def test_a_name_that_raises_fails_its_round_without_ending_the_join() -> None:
+    from mesh.seeds import ResolveError, SeedResolver
+
+    class Broken(SeedResolver):
+        async def resolve(self, name: HostPort) -> list[tuple[str, int]]:
+            if name.host == "odd":
+                raise RuntimeError("no channel")
+            if name.host == "nx":
+                raise ResolveError("Domain name not found")
+            return [("10.0.0.1", name.port)]
+
+    resolved = await Broken().resolve_all(
+        [HostPort("odd", 1), HostPort("nx", 2), HostPort("ok", 3)]
+    )
+    assert resolved.seeds == [("10.0.0.1", 3)]
+    assert resolved.failures == {
+        "odd": "RuntimeError: no channel",
+        "nx": "Domain name not found",
+    }
