@@ -9,10 +9,13 @@ served from then on) and SRV records from its command line. The agents gossip on
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,9 +96,15 @@ def dnsmasq(root: Path, srv: list[str] | None = None) -> Iterator[Dnsmasq]:
         server.stop()
 
 
-def agent_at(root: Path, index: int, port: int, extra: list[str] | None = None) -> AgentProcess:
+def agent_at(
+    root: Path,
+    index: int,
+    port: int,
+    extra: list[str] | None = None,
+    kind: type[AgentProcess] = AgentProcess,
+) -> AgentProcess:
     address = f"127.0.0.{index + 2}"
-    agent = AgentProcess(
+    agent = kind(
         root / f"n{index}",
         node_name=f"n{index}",
         publish_address=address,
@@ -230,3 +239,111 @@ def test_retry_join_max_gives_up_with_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("event=join_retry") == 2
     assert "giving up (--retry-join-max 2)" in proc.stderr
+
+
+class NamespacedAgent(AgentProcess):
+    """The agent in the test's network namespace, in a mount namespace of its own where
+    /etc/resolv.conf is the test's file: the host's resolver, as the agent sees it."""
+
+    ns = ""
+    resolv_conf = Path()
+
+    def argv(self) -> list[str]:
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount --bind "$0" /etc/resolv.conf && exec "$@"',
+            str(self.resolv_conf),
+            *super().argv(),
+        ]
+
+    def request(  # type: ignore[override]
+        self, method: str, path: str, body: object = None, timeout: float = 10.0, **_: object
+    ) -> tuple[int, object]:
+        data = (
+            [] if body is None else ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+        )
+        done = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                "curl",
+                "-s",
+                "-m",
+                str(timeout),
+                "-X",
+                method,
+                *data,
+                "-w",
+                "\\n%{http_code}",
+                f"http://{self.api}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        text, _, code = done.stdout.rpartition("\n")
+        return int(code or 0), json.loads(text) if text.strip() else None
+
+
+@pytest.mark.root
+def test_without_join_resolver_the_hosts_resolv_conf_is_asked(tmp_path: Path) -> None:
+    """The DaemonSet's case: no --join-resolver, the name's SRV record is asked of the
+    resolvers in /etc/resolv.conf (here dnsmasq on port 53 of a fresh namespace's
+    loopback); `--join seeds.test` names no port, the SRV record gives it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces)")
+    ns = f"mesh-join-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    dns: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        hosts = tmp_path / "dns-hosts"
+        hosts.mkdir()
+        (hosts / "n0").write_text("127.0.0.2 n0.test\n")
+        port = free_port()
+        dns = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-hosts",
+                "--no-resolv",
+                f"--hostsdir={hosts}",
+                f"--srv-host=_mesh._tcp.seeds.test,n0.test,{port}",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--port=53",
+                "--pid-file=",
+                "--user=root",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        conf = tmp_path / "resolv.conf"
+        conf.write_text("nameserver 127.0.0.1\n")
+        NamespacedAgent.ns, NamespacedAgent.resolv_conf = ns, conf
+        seed = agent_at(tmp_path, 0, port, kind=NamespacedAgent)
+        joiner = agent_at(tmp_path, 1, port, ["--join", "seeds.test"], kind=NamespacedAgent)
+        with running(seed, joiner):
+            took = wait_members(joiner, {"n0", "n1"}, within=20)
+            print(f"joined through the host's resolv.conf in {took:.2f} s")
+    finally:
+        if dns is not None:
+            dns.terminate()
+            dns.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
