@@ -9,7 +9,8 @@
 - When the core declares a node failed or left, `Liveness` hides its tasks
   from the views; when it is alive again they come back (`NodeWatch`, the
   shell's event sink, matches the core's events by type).
-- `--join` seeds are tried with a back-off until one answers.
+- `--join` targets (addresses, or DNS names: `mesh.seeds`) are tried in rounds with a
+  bounded back-off until one answers (`mesh.retryjoin`).
 
 Every part gets what it works with when it is made (`mesh.agent.build` makes
 them in this order): `ClusterState` (the core's delegate), the core
@@ -29,7 +30,7 @@ import os
 import random
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gossip.aio import GossipShell
@@ -53,6 +54,7 @@ from mesh.core.codec import record_from_dict, record_to_dict
 from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Change, Record
+from mesh.core.net import HostPort
 from mesh.digest import (
     ANNOUNCE_INTERVAL,
     DIGEST_OP,
@@ -63,10 +65,13 @@ from mesh.digest import (
 )
 from mesh.digest import decode as decode_digest
 from mesh.liveness import Liveness
+from mesh.retryjoin import RetryJoin, pick_seeds
+from mesh.seeds import SeedResolver
 
 log = logging.getLogger(__name__)
 
-JOIN_BACKOFF_MAX = 30.0
+#: How often a join round looks whether a seed has answered, seconds.
+JOIN_POLL = 0.1
 #: How often one failed member is tried again (Swarm's NetworkDB: every second).
 #: A push-pull across a healed partition brings the two sides back together.
 RECONNECT_INTERVAL = 2.0
@@ -304,6 +309,9 @@ class Cluster:
         self._rng = random.Random()
         self.reconnects = 0
         self.oversized = 0
+        #: join rounds in which no other member answered (`GET /v1/gossip`)
+        self.join_rounds_failed = 0
+        self._seed_resolver: SeedResolver | None = None
 
     # -- the feed --------------------------------------------------------------------
 
@@ -331,13 +339,23 @@ class Cluster:
                 self.core.join(peers[:OVERSIZED_FANOUT], self.shell.now())
         self.shell.flush()
 
-    async def join(self, seeds: Sequence[Addr]) -> None:
-        """Try the seeds until one answers (some other member is alive), backing off."""
+    async def join(
+        self,
+        targets: Sequence[HostPort],
+        resolver: SeedResolver | None = None,
+        *,
+        max_rounds: int = 0,
+        on_give_up: Callable[[str], None] | None = None,
+    ) -> None:
+        """Join through the targets (addresses, or names the resolver turns into seeds)
+        in rounds until some other member answers, backing off (`mesh.retryjoin`)."""
         self._reconnect_task = asyncio.create_task(self._reconnect_failed())
         self._digest_task = asyncio.create_task(self._announce_digest())
-        if not seeds:
+        if not targets:
             return
-        self._join_task = asyncio.create_task(self._keep_joining(list(seeds)))
+        plan = RetryJoin(tuple(targets), max_rounds=max_rounds, rng=self._rng)
+        self._seed_resolver = resolver or SeedResolver()
+        self._join_task = asyncio.create_task(self._keep_joining(plan, on_give_up))
 
     async def _reconnect_failed(self) -> None:
         """Now and then push-pull with one failed member: it may only have been cut off."""
@@ -386,25 +404,59 @@ class Cluster:
             "peers": [p for p in self.state.peer_digests.view(now) if p["node"] in alive],
         }
 
-    async def _keep_joining(self, seeds: list[Addr]) -> None:
-        delay = 1.0
+    async def _keep_joining(
+        self, plan: RetryJoin, on_give_up: Callable[[str], None] | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._seed_resolver is not None
+        delay = plan.backoff.first
         while True:
-            self.core.join(seeds, asyncio.get_running_loop().time())
+            plan.begin_round(loop.time())
+            resolved = await self._seed_resolver.resolve_all(plan.names())
+            seeds = pick_seeds(plan.literal_seeds() + resolved.seeds, self._rng)
+            self.core.join(seeds, loop.time())
             self.shell.flush()
-            await asyncio.sleep(delay)
-            if any(
-                m.name != self.name and m.state is MemberState.ALIVE for m in self.core.members()
-            ):
-                event(log, "cluster_joined", members=len(self.core.members()))
-                return
+            # A push-pull answers in milliseconds: look often, wait at most the back-off.
+            deadline = loop.time() + delay
+            while loop.time() < deadline:
+                await asyncio.sleep(min(JOIN_POLL, max(deadline - loop.time(), 0.0)))
+                if self._has_peer():
+                    event(
+                        log,
+                        "cluster_joined",
+                        members=len(self.core.members()),
+                        rounds=plan.failed + 1,
+                        seconds=round(plan.joined(loop.time()), 3),
+                    )
+                    return
+            failed = plan.round_failed(loop.time())
+            self.join_rounds_failed += 1
+            # One line per failed round, whatever the number of seeds or names in it.
             event(
                 log,
                 "join_retry",
                 logging.WARNING,
-                seeds=",".join(f"{h}:{p}" for h, p in seeds),
-                next_in=delay,
+                round=failed.round,
+                seeds=",".join(f"{h}:{p}" for h, p in seeds) or "none",
+                unresolved=",".join(f"{n}({why})" for n, why in resolved.failures.items())
+                or "none",
+                next_in=round(failed.delay, 2),
             )
-            delay = min(delay * 2, JOIN_BACKOFF_MAX)
+            if failed.give_up:
+                reason = (
+                    f"no node of --join answered in {failed.round} rounds "
+                    f"({failed.elapsed:.0f} s): giving up (--retry-join-max {plan.max_rounds})"
+                )
+                event(log, "join_gave_up", logging.ERROR, rounds=failed.round)
+                if on_give_up is not None:
+                    on_give_up(reason)
+                return
+            delay = failed.delay
+
+    def _has_peer(self) -> bool:
+        return any(
+            m.name != self.name and m.state is MemberState.ALIVE for m in self.core.members()
+        )
 
     async def leave(self) -> None:
         for task in (self._join_task, self._reconnect_task, self._digest_task):
@@ -412,6 +464,8 @@ class Cluster:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._seed_resolver is not None:
+            await self._seed_resolver.close()
         self.core.leave(self.shell.now())
         self.shell.flush()
         await asyncio.sleep(0.2)  # let the leave go out before the socket closes
@@ -434,6 +488,7 @@ class Cluster:
                 "state_rejected": self.state.rejected,
                 "reconnects": self.reconnects,
                 "oversized_deltas": self.oversized,
+                "join_rounds_failed": self.join_rounds_failed,
             },
             "state": self.digests(),
         }

@@ -62,6 +62,10 @@ class AgentConfig:
     node_name: str
     advertise: HostPort
     join: tuple[HostPort, ...] = ()
+    #: resolvers asked for --join names; empty: the host's (/etc/resolv.conf)
+    join_resolvers: tuple[HostPort, ...] = ()
+    #: failed join rounds before the agent gives up and exits; 0: it never does
+    retry_join_max: int = 0
     data_dir: Path
     api: HostPort = HostPort("127.0.0.1", 2377)
     dns: HostPort | None  # None: no DNS server (`--dns none`)
@@ -95,6 +99,8 @@ class AgentConfig:
     #: advertise address); the same on every node of a cluster
     data_path_port: int = 4789
     dns_domain: str | None = None
+    #: point the host's resolver at the DNS server for the dns domain while running
+    configure_resolver: bool = False
     #: upstream resolvers for names the mesh does not own; empty: the host's resolv.conf
     dns_upstreams: tuple[HostPort, ...] = ()
     #: TTL of the answers for mesh names, seconds
@@ -167,6 +173,8 @@ class AgentConfig:
             raise ConfigError("tombstone-reap must be between 1 second and 30 days")
         if not 1 <= self.data_path_port <= 65535:
             raise ConfigError(f"data-path-port {self.data_path_port}: 1 to 65535")
+        if self.retry_join_max < 0:
+            raise ConfigError("retry-join-max must be 0 (never give up) or a number of rounds")
         if not 0 <= self.drain_grace <= 3600:
             raise ConfigError("drain-grace must be between 0 and 3600 seconds")
         try:
@@ -178,6 +186,11 @@ class AgentConfig:
                 parse_subnet(self.ingress_subnet)
             except MeshError as exc:
                 raise ConfigError(f"ingress-subnet: {exc.message}") from None
+        if self.configure_resolver and (self.dns is None or not self.dns_domain):
+            raise ConfigError(
+                "configure-resolver needs the DNS server (--dns) and a --dns-domain "
+                "whose names the host should resolve through it"
+            )
         if (self.api_tls_cert is None) != (self.api_tls_key is None):
             raise ConfigError("api-tls-cert and api-tls-key go together: give both")
         if self.api_tls_ca is not None and self.api_tls_cert is None:
@@ -204,7 +217,13 @@ class AgentConfig:
 _FLAGS: dict[str, str] = {
     "node-name": "this node's name in the cluster (default: the host name)",
     "advertise": "ADDR[:PORT] other nodes reach this one at for gossip (default port 7946)",
-    "join": "HOST[:PORT] of a node to join; repeat for several (tried until one answers)",
+    "join": "HOST[:PORT] of a node to join, or a DNS name with several (its SRV record "
+    "_mesh._tcp.NAME, else its A/AAAA records); repeat for several; tried in rounds with a "
+    "back-off until one answers",
+    "join-resolver": "ADDR[:PORT] of the DNS server asked for --join names; repeat for "
+    "several (default: the host's /etc/resolv.conf)",
+    "retry-join-max": "failed join rounds before the agent gives up and exits 1 "
+    "(default 0: it never gives up)",
     "data-dir": "where the state is kept (default /var/lib/meshplane, or "
     "~/.local/state/meshplane without root)",
     "api": "ADDR:PORT of the HTTP API (default 127.0.0.1:2377); a non-loopback address "
@@ -260,6 +279,9 @@ _FLAGS: dict[str, str] = {
     "data-path-port": "UDP port of the overlay networks' VXLAN traffic between nodes, the "
     "same on every node (default 4789)",
     "dns-domain": "optional cluster domain answered by the DNS server, e.g. mesh",
+    "configure-resolver": "while the agent runs, the host's resolver asks its DNS "
+    "server for --dns-domain names (a systemd-resolved drop-in for ~DOMAIN, else a "
+    "nameserver line in /etc/resolv.conf); undone when it stops (default off)",
     "tombstone-reap": "seconds a delete is remembered before it is forgotten (default 1800)",
     "gossip-profile": "gossip timings: lan (memberlist's LAN defaults), wan, or local "
     "(fast, for tests on one machine) (default lan)",
@@ -269,9 +291,14 @@ _FLAGS: dict[str, str] = {
 }
 
 
-_REPEATED = ("join", "dns-upstream", "tls-cert")  # flags given once per value; lists in the file
+_REPEATED = (
+    "join",
+    "join-resolver",
+    "dns-upstream",
+    "tls-cert",
+)  # flags given once per value; lists in the file
 #: flags that take no value (`--api-insecure`); true or false in the file
-_SWITCHES = ("api-insecure",)
+_SWITCHES = ("api-insecure", "configure-resolver")
 _METAVARS = {
     "dns-upstream": "ADDR[:PORT]",
     "dns-ttl": "SECONDS",
@@ -279,6 +306,8 @@ _METAVARS = {
     "node-name": "NAME",
     "advertise": "ADDR[:PORT]",
     "join": "HOST[:PORT]",
+    "join-resolver": "ADDR[:PORT]",
+    "retry-join-max": "ROUNDS",
     "data-dir": "DIR",
     "lb": "BACKEND",
     "keyring": "FILE",
@@ -393,6 +422,10 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
             str(values.get("advertise", "127.0.0.1")), GOSSIP_PORT, "advertise"
         ),
         join=tuple(parse_host_port(j, GOSSIP_PORT, "join") for j in values.get("join", [])),
+        join_resolvers=tuple(
+            _ip_host_port(r, 53, "join-resolver") for r in values.get("join_resolver", [])
+        ),
+        retry_join_max=int(_number(values, "retry_join_max", 0, int)),
         data_dir=Path(values.get("data_dir") or default_data_dir(root)),
         api=parse_host_port(str(values.get("api", "127.0.0.1:2377")), None, "api"),
         dns=None if dns_text.lower() in ("none", "off") else parse_host_port(dns_text, None, "dns"),
@@ -431,6 +464,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         data_path_port=int(_number(values, "data_path_port", 4789, int)),
         tombstone_reap=tombstone_reap,
         dns_domain=values.get("dns_domain") or None,
+        configure_resolver=bool(values.get("configure_resolver", False)),
         dns_upstreams=tuple(
             _ip_host_port(u, 53, "dns-upstream") for u in values.get("dns_upstream", [])
         ),

@@ -1,7 +1,9 @@
 """`mesh agent`: the composition root of one node.
 
 Start-up order: read the config; lock the data dir (one agent per data dir,
-before anything touches it or binds a port); load the durable state; build
+before anything touches it or binds a port); check its format version
+(`mesh.state.dataformat`: migrate an older layout, refuse a newer one); load the
+durable state; build
 every part from the config, once, in dependency order (`mesh.agent.build`:
 nothing is wired into a part after it is made); then enter the parts in order
 (`mesh.agent.lifetime`): start the state writer; load the state into the store
@@ -45,7 +47,9 @@ from mesh.agent.build import MeshStartError, Stopping, build
 from mesh.agent.lifetime import enter, stages
 from mesh.config import AgentConfig, ConfigError, describe, load_config
 from mesh.core.logs import event, setup
-from mesh.state import persist
+from mesh.core.net import HostPort
+from mesh.hostresolver import HostResolver
+from mesh.state import dataformat, persist
 from mesh.state.lock import DataDirError, lock_data_dir
 
 __all__ = ["MeshStartError", "main", "run"]
@@ -81,6 +85,23 @@ async def run(config: AgentConfig) -> int:
     return stopping.exit_code
 
 
+def _restore_host_resolver(config: AgentConfig) -> None:
+    """A run killed with the host's resolver pointed at it left a backup: put the
+    resolver back first (before the DNS server reads its upstreams from it)."""
+    host = HostResolver(config.data_dir, config.dns_domain or "", HostPort("127.0.0.11", 53))
+    try:
+        restored = host.undo()
+    except OSError as exc:
+        event(log, "host_resolver_restore_failed", logging.ERROR, error=str(exc))
+        return
+    if restored:
+        event(log, "host_resolver_restored", logging.WARNING, mode=restored, after="crash")
+
+
+def _log_migration(step: dataformat.Migration) -> None:
+    event(log, "data_dir_migrated", source=step.source, to=step.source + 1, what=step.what)
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         config = load_config(argv)
@@ -96,6 +117,17 @@ def main(argv: Sequence[str]) -> int:
         return 1
     try:
         setup(config.log_level)
+        # Under the lock, before anything reads the state: migrate an older layout,
+        # refuse a newer one.
+        try:
+            outcome = dataformat.ensure(config.data_dir, on_step=_log_migration)
+        except (dataformat.FormatError, OSError) as exc:
+            reason = f"{config.data_dir}: {exc}"
+            event(log, "agent_start_failed", logging.ERROR, error=reason)
+            print(f"mesh agent: {reason}", file=sys.stderr)
+            return 1
+        event(log, "data_dir_format", found=outcome.found, version=outcome.version)
+        _restore_host_resolver(config)
         # Every forwarded query, proxied connection and check holds a descriptor: allow many.
         soft, hard = raise_open_file_limit()
         event(log, "open_file_limit", soft=soft, hard=hard)

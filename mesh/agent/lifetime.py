@@ -37,7 +37,9 @@ from mesh.core.model import INGRESS, Change
 from mesh.core.sockets import bind_failure, family_of
 from mesh.core.view import View
 from mesh.errors import MeshError
+from mesh.hostresolver import HostResolver, ResolverConfigError
 from mesh.ipam import capacity_of
+from mesh.seeds import SeedResolver
 
 log = logging.getLogger("mesh.agent")
 
@@ -136,6 +138,8 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
                 await dns.start()
 
         result.append(Stage("dns", dns_start, dns.stop))
+        if config.configure_resolver:
+            result.append(_host_resolver_stage(agent))
     if (feed_server := agent.feed_server) is not None:
         result.append(Stage("feed socket", feed_server.start, feed_server.stop))
     if (dns_workers := agent.dns_workers) is not None:
@@ -186,7 +190,12 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
 
     async def cluster_start() -> None:
         follow(agent.cluster)
-        await agent.cluster.join([(j.host, j.port) for j in config.join])
+        await agent.cluster.join(
+            config.join,
+            SeedResolver(config.join_resolvers),
+            max_rounds=config.retry_join_max,
+            on_give_up=agent.stopping.fail,
+        )
 
     async def api_start() -> None:
         await agent.api.setup()
@@ -266,6 +275,27 @@ def _reload_tokens(agent: Agent) -> None:
         read_tokens=fresh.count(Scope.READ),
         write_tokens=fresh.count(Scope.WRITE),
     )
+
+
+def _host_resolver_stage(agent: Agent) -> Stage:
+    """Once the DNS server answers: the host's resolver asks it for the mesh's names."""
+    config = agent.config
+    assert config.dns is not None and config.dns_domain
+    host = HostResolver(config.data_dir, config.dns_domain, config.dns)
+
+    async def start() -> None:
+        try:
+            mode = await asyncio.to_thread(host.apply)
+        except (ResolverConfigError, OSError) as exc:
+            raise MeshStartError(f"--configure-resolver: {exc}") from None
+        event(log, "host_resolver_configured", mode=mode, domain=config.dns_domain)
+
+    async def stop() -> None:
+        restored = await asyncio.to_thread(host.undo)
+        if restored:
+            event(log, "host_resolver_restored", mode=restored)
+
+    return Stage("host resolver", start, stop)
 
 
 async def _load_state(agent: Agent) -> None:

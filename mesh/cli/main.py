@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mesh import __version__
 from mesh.cli import (
     doctor,
     inspection,
@@ -64,10 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"unexpected error: {type(exc).__name__}: {exc}", 1)
 
 
+def installed_version() -> str:
+    """The installed distribution's version (a checkout without one: the package's own)."""
+    try:
+        return importlib.metadata.version("meshplane")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesh", description="meshplane: the mesh client.", epilog=EPILOG
     )
+    parser.add_argument("--version", action="version", version=f"mesh {installed_version()}")
     _add_global_options(parser, suppress=False)
     parents = [_global_parent()]
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

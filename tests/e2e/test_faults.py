@@ -157,10 +157,18 @@ def test_twenty_percent_loss_declares_nobody_dead(
 
 
 def test_rolling_restart_keeps_every_service(cluster: MeshCluster, web: dict[int, str]) -> None:
+    """Also a rolling upgrade: each node's data dir is made what an agent from before
+    data dir versioning left (no format-version file) while it is down, and the restarted
+    agent migrates it to version 1 with its state kept."""
     missing: list[str] = []
     for node in range(1, NODES + 1):
         cluster.stop(node)
+        data_dir = cluster.layout.state_dir / f"n{node}"
+        (data_dir / "format-version").unlink()
         cluster.start(node)
+        assert (data_dir / "format-version").read_text() == "1\n"
+        log = (cluster.layout.state_dir / f"n{node}.log").read_text()
+        assert "event=data_dir_migrated source=0 to=1" in log, f"n{node} did not migrate"
         for other in range(1, NODES + 1):
             if cluster.dig(other, "web") == []:
                 missing.append(f"web missing on n{other} after restarting n{node}")

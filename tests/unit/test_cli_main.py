@@ -257,3 +257,9 @@ def test_tls_files_that_do_not_load_are_one_line(
     assert capsys.readouterr().err.startswith(f"mesh: --ca-cert {absent}: cannot load: ")
     assert main(["--api", "https://127.0.0.1:1", "--cert", str(absent), "members"]) == 1
     assert "--cert and --key go together" in capsys.readouterr().err
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("mesh ") and out.split()[1][0].isdigit(), out
