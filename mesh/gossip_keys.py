@@ -10,9 +10,14 @@ Gossip is encrypted unless the operator says `--insecure-gossip`. In order:
    printed.
 4. A join token (`--token`, `--token-file`, MESH_JOIN_TOKEN): its keys become
    the data dir's keyring.
-5. No `--join`: the first node of a new cluster makes a keyring of one new key.
-6. `--join` and none of the above: a start error naming the options. A node
-   never joins in plaintext by accident.
+5. No `--join` and a fresh data dir: the first node of a new cluster makes a
+   keyring of one new key.
+6. Otherwise a start error naming the options. A node never joins in
+   plaintext by accident; and a node whose data dir holds a state but no
+   keyring (it ran with plaintext gossip before this version) is not switched
+   to a key of its own, which would cut it off from its plaintext cluster
+   without a word: it is told to say `--insecure-gossip` or to move the
+   cluster to encryption.
 
 The cluster label lives beside it (`cluster-label`): a token's, else
 `--cluster-label`, else the one stored, so that a node restarted without its
@@ -62,10 +67,12 @@ def resolve(
     insecure: bool,
     joins: bool,
     label: str,
+    fresh: bool = True,
 ) -> GossipKeys:
     """The gossip keys to start with, making the data dir's keyring when it is the
     first start (see the module's docstring for the order). `label`: --cluster-label
-    (a token's label when one is given; the config checked they agree)."""
+    (a token's label when one is given; the config checked they agree); `fresh`: the
+    data dir holds no state yet (no earlier start)."""
     if insecure:
         return GossipKeys(None, label, "insecure")
     if keyring is not None:
@@ -81,9 +88,16 @@ def resolve(
     elif token is not None:
         save_keyring(path, token.keyring())
         source = "token"
-    elif not joins:
+    elif not joins and fresh:
         save_keyring(path, Keyring([os.urandom(32)]))
         source = "created"
+    elif not joins:
+        raise GossipKeysError(
+            f"{data_dir} holds the state of a node that ran with plaintext gossip (no "
+            "keyring): gossip is encrypted by default now; --insecure-gossip keeps this "
+            "node plaintext, --keyring FILE or --token TOKEN gives it its cluster's key "
+            "(moving a plaintext cluster to encryption: docs/gossip.md)"
+        )
     else:
         raise GossipKeysError(
             "--join needs the cluster's gossip key, and this node has none: give "

@@ -95,6 +95,7 @@ def with_gossip_keys(config: AgentConfig) -> AgentConfig:
         insecure=config.insecure_gossip,
         joins=bool(config.join),
         label=config.cluster_label,
+        fresh=not (config.data_dir / persist.DB_NAME).exists(),
     )
     if keys.keyring is None:
         event(

@@ -102,3 +102,17 @@ def test_an_unreadable_label_is_a_start_error(tmp_path: Path) -> None:
     (tmp_path / LABEL_NAME).write_bytes(os.urandom(8) + b"\xff\xfe")
     with pytest.raises(GossipKeysError, match=LABEL_NAME):
         start(tmp_path)
+
+
+def test_a_node_that_ran_in_plaintext_is_not_switched_to_a_key_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """An upgraded node of a plaintext cluster: a new key would cut it off silently."""
+    with pytest.raises(GossipKeysError) as caught:
+        start(tmp_path, fresh=False)
+    for option in ("--insecure-gossip", "--keyring", "--token", "docs/gossip.md"):
+        assert option in str(caught.value)
+    assert not (tmp_path / KEYRING_NAME).exists()
+    # Its keyring, once it has one, is used as any other node's.
+    save_keyring(tmp_path / KEYRING_NAME, Keyring([K1]))
+    assert start(tmp_path, fresh=False).source == "data_dir"
