@@ -14,7 +14,9 @@ own network is never touched and `down` can find what a killed run left):
   veth (`eth0` inside), running one `mesh agent` with its own data dir, its API
   on the namespace's own 127.0.0.1:2377, its DNS on 127.0.0.11:53 (the
   namespace's resolv.conf points there, so tasks use it), the HRM on :80 and
-  gossip on :7946; every agent is given every other node to `--join`;
+  gossip on :7946; every agent is given every other node to `--join`, and the
+  cluster's join token (`--token-file`, made by `up`: gossip is encrypted, as
+  by default; an `--agent-arg --insecure-gossip` or `--keyring` replaces it);
 - `<name>-c`: a client outside the cluster at the subnet's last address.
 
 State (pids, addresses, logs, data dirs) is kept in /run/meshplane-dev/<name>/.
@@ -24,9 +26,11 @@ Only the standard library is used: the script runs before anything is built.
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import contextlib
 import ctypes
+import hashlib
 import ipaddress
 import json
 import os
@@ -177,6 +181,7 @@ def up(
         raise ClusterError("network namespaces need root")
     down(layout.name, quiet=True)  # whatever a crashed or killed run left behind
     layout.state_dir.mkdir(parents=True)
+    _write_join_token(layout)
     state: dict[str, Any] = {
         "name": layout.name,
         "subnet": str(layout.network),
@@ -202,6 +207,26 @@ def up(
         _save(layout, state)
         raise
     return state
+
+
+GOSSIP_SECURITY_FLAGS = ("--keyring", "--token", "--token-file", "--insecure-gossip")
+
+
+def join_token(key: bytes, label: str = "") -> str:
+    """A `mesh1.` join token (the format of gossip/join_token.py, written here with the
+    standard library only: this script runs before anything is built)."""
+    raw_label = label.encode()
+    body = bytes([1, len(key)]) + key + bytes([len(raw_label)]) + raw_label
+    body += hashlib.sha256(body).digest()[:4]
+    return "mesh1." + base64.urlsafe_b64encode(body).decode().rstrip("=")
+
+
+def _write_join_token(layout: Layout) -> None:
+    """The cluster's join token, a new key, readable by root only."""
+    path = layout.state_dir / "join-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(join_token(os.urandom(32)) + "\n")
 
 
 def _make_underlay(layout: Layout) -> None:
@@ -259,6 +284,8 @@ def agent_argv(
     for other in range(1, layout.nodes + 1):
         if other != index:
             joins += ["--join", f"{layout.node_address(other)}:{GOSSIP_PORT}"]
+    chosen = any(flag in extra for flag in GOSSIP_SECURITY_FLAGS)
+    security = [] if chosen else ["--token-file", str(layout.state_dir / "join-token")]
     return [
         sys.executable,
         "-m",
@@ -279,6 +306,7 @@ def agent_argv(
         profile,
         "--dns-upstream",
         dns_upstream,
+        *security,
         *extra,
     ]
 

@@ -90,11 +90,19 @@ class GossipShell:
         label: bytes = b"",
         on_event: EventSink | None = None,
         tcp_timeout: float = 10.0,
+        verify_incoming: bool = True,
+        verify_outgoing: bool = True,
     ) -> None:
         self.core = core
         self.host, self.port = host, port
         self.keyring = keyring
         self.label = label
+        #: with a keyring: drop plaintext (True), or also take it while a cluster
+        #: moves to encryption (memberlist's GossipVerifyIncoming)
+        self.verify_incoming = verify_incoming
+        #: with a keyring: send encrypted (True), or plaintext while a cluster moves
+        #: to encryption (memberlist's GossipVerifyOutgoing)
+        self.verify_outgoing = verify_outgoing
         self.on_event = on_event or (lambda _event: None)
         self.tcp_timeout = tcp_timeout
         self.drops: Counter[str] = Counter()
@@ -117,6 +125,12 @@ class GossipShell:
 
     def __repr__(self) -> str:
         return f"<GossipShell {self.host}:{self.port} drops={sum(self.drops.values())}>"
+
+    def _wrap(self, data: bytes) -> bytes:
+        return security.wrap(data, self.keyring, self.label, verify_outgoing=self.verify_outgoing)
+
+    def _unwrap(self, data: bytes) -> bytes:
+        return security.unwrap(data, self.keyring, self.label, verify_incoming=self.verify_incoming)
 
     def now(self) -> float:
         assert self._loop is not None
@@ -168,7 +182,7 @@ class GossipShell:
             self.drops["oversized"] += 1
             return
         try:
-            plain = security.unwrap(data, self.keyring, self.label)
+            plain = self._unwrap(data)
             messages = codec.decode_packet(plain)
         except DecodeError as exc:
             self.drops[exc.reason] += 1
@@ -256,7 +270,7 @@ class GossipShell:
 
     def _open(self, data: bytes) -> PushPull | Ping | Ack | None:
         try:
-            message = codec.decode_stream(security.unwrap(data, self.keyring, self.label))
+            message = codec.decode_stream(self._unwrap(data))
         except DecodeError as exc:
             self.drops[exc.reason] += 1
             return None
@@ -266,7 +280,7 @@ class GossipShell:
         return message
 
     def _frame(self, payload: bytes) -> bytes:
-        sealed = security.wrap(payload, self.keyring, self.label)
+        sealed = self._wrap(payload)
         self._largest_frame = max(self._largest_frame, len(sealed))
         return _LENGTH.pack(len(sealed)) + sealed
 
@@ -292,9 +306,7 @@ class GossipShell:
         if self._udp is None or not packet.messages:
             return
         try:
-            data = security.wrap(
-                codec.encode_packet(list(packet.messages)), self.keyring, self.label
-            )
+            data = self._wrap(codec.encode_packet(list(packet.messages)))
             self._udp.sendto(data, packet.to)
             self.counts["packets_out"] += 1
         except (OSError, ValueError) as exc:

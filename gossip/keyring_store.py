@@ -77,7 +77,11 @@ def encode(keyring: Keyring) -> str:
 
 def save_keyring(path: Path, keyring: Keyring) -> None:
     """Replace the file at `path` with `keyring`, atomically, readable by its owner only."""
-    data = encode(keyring).encode("utf-8")
+    write_private(path, encode(keyring).encode("utf-8"))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace the file at `path` with `data`, atomically, readable by its owner only."""
     directory = path.parent
     # mkstemp creates the file 0600 from the start: the keys are never
     # readable by others, not even for the moment before a chmod.

@@ -14,9 +14,16 @@ it can never be taken for either marker):
 
 With a key the label is not sent: it is the GCM additional data, so traffic
 of another cluster (or with another label) fails authentication instead of
-being read. Receivers are strict, as memberlist with GossipVerifyIncoming:
-a node with a keyring drops plaintext (`unencrypted`) and a node without one
-drops ciphertext (`encrypted_no_key`); there is no mixed mode.
+being read. Receivers are strict by default, as memberlist with
+GossipVerifyIncoming: a node with a keyring drops plaintext (`unencrypted`)
+and a node without one drops ciphertext (`encrypted_no_key`).
+
+To move a running plaintext cluster to encryption without downtime a node
+with a keyring can relax either side, as memberlist's GossipVerifyIncoming
+and GossipVerifyOutgoing do: `verify_incoming=False` accepts plaintext (with
+the right label) besides what its keys open, `verify_outgoing=False` sends
+plaintext. The steps (docs/gossip.md): install the key with both relaxed,
+then send encrypted, then require encryption.
 
 The keyring is memberlist's: index 0 is the primary (the only key that
 seals, the first tried to open), every other key still opens, so that a key
@@ -299,17 +306,30 @@ def strip_label(data: bytes) -> tuple[bytes, bytes]:
 
 
 def wrap(
-    data: bytes, keyring: Keyring | None, label: bytes = b"", nonce_source: NonceSource = os.urandom
+    data: bytes,
+    keyring: Keyring | None,
+    label: bytes = b"",
+    nonce_source: NonceSource = os.urandom,
+    *,
+    verify_outgoing: bool = True,
 ) -> bytes:
-    """The frame to send for the codec's `data`: sealed with a keyring, else labelled."""
-    if keyring is None:
+    """The frame to send for the codec's `data`: sealed with a keyring, else labelled.
+
+    `verify_outgoing=False` (a cluster moving to encryption): labelled plaintext
+    even with a keyring, so that nodes without the key still read it."""
+    if keyring is None or not verify_outgoing:
         return add_label(data, label)
     check_label(label)
     return bytes([ENCRYPTED]) + seal(keyring, data, label, nonce_source)
 
 
-def unwrap(data: bytes, keyring: Keyring | None, label: bytes = b"") -> bytes:
-    """The codec's bytes of a received frame, or `SecurityError` to drop it."""
+def unwrap(
+    data: bytes, keyring: Keyring | None, label: bytes = b"", *, verify_incoming: bool = True
+) -> bytes:
+    """The codec's bytes of a received frame, or `SecurityError` to drop it.
+
+    `verify_incoming=False` (a cluster moving to encryption): a node with a
+    keyring also takes labelled plaintext; what is encrypted must still open."""
     if not data:
         raise SecurityError("truncated", "empty frame")
     encrypted = data[0] == ENCRYPTED
@@ -318,6 +338,8 @@ def unwrap(data: bytes, keyring: Keyring | None, label: bytes = b"") -> bytes:
             raise SecurityError("encrypted_no_key", "this node has no keyring")
         return _check_label(data, label)
     if not encrypted:
+        if not verify_incoming:
+            return _check_label(data, label)
         raise SecurityError("unencrypted", "this node accepts encrypted frames only")
     return open_(keyring, data[1:], label)
 

@@ -480,6 +480,8 @@ class Cluster:
             "members": len(self.core.members()),
             "lateness": round(self.core.lateness(asyncio.get_running_loop().time()), 3),
             "encrypted": shell.keyring is not None,
+            "verify_incoming": shell.verify_incoming,
+            "verify_outgoing": shell.verify_outgoing,
             "drops": dict(shell.drops),
             "counts": {
                 **dict(shell.counts),

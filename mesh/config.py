@@ -1,7 +1,7 @@
 """Agent configuration: the only place that reads flags, the config file and the environment.
 
 Precedence: a flag given on the command line, then the TOML file of
-`--config`, then the environment (`MESH_API_TOKEN`), then the embedded
+`--config`, then the environment (`MESH_API_TOKEN`, `MESH_JOIN_TOKEN`), then the embedded
 defaults, which differ for root and for an unprivileged user (docs/design.md,
 "Ports and addresses"): without root the DNS and HRM ports move above 1024,
 the address pool moves into 127/8 so that VIPs work on loopback, and the data
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gossip import join_token
 from mesh.api_tokens import Scope, TokenFileError, Tokens, parse_token_file, tokens
 from mesh.core import net
 from mesh.core.net import HostPort
@@ -78,6 +79,16 @@ class AgentConfig:
     #: the userspace proxy's idle timeout): past Linux's 2 h keepalive, unlike IPVS's 900
     lb_tcp_idle: float = 7800.0
     keyring: Path | None = None
+    #: the cluster's join token (`--token`, `--token-file`, MESH_JOIN_TOKEN): its keyring
+    #: is stored in the data dir at the first start (docs/gossip.md "Secure by default")
+    join_token: join_token.JoinToken | None = field(default=None, repr=False)
+    #: plaintext gossip, by explicit choice only (logged as a warning at start)
+    insecure_gossip: bool = False
+    #: with a keyring: drop plaintext gossip (memberlist's GossipVerifyIncoming); off
+    #: only while a running plaintext cluster moves to encryption
+    gossip_verify_incoming: bool = True
+    #: with a keyring: send encrypted gossip (GossipVerifyOutgoing); off: plaintext
+    gossip_verify_outgoing: bool = True
     address_pool: str
     #: the built-in ingress network's subnet when it is created; None: a /16 of the pool
     ingress_subnet: str | None = None
@@ -148,6 +159,7 @@ class AgentConfig:
             )
         if len(self.cluster_label.encode()) > 255:
             raise ConfigError("cluster-label may be at most 255 bytes")
+        self._check_gossip_security()
         if not 0 <= self.dns_workers <= 64:
             raise ConfigError("dns-workers must be between 0 and 64")
         if not 0 <= self.http_workers <= 64:
@@ -211,6 +223,25 @@ class AgentConfig:
     def api_tls(self) -> bool:
         return self.api_tls_cert is not None
 
+    def _check_gossip_security(self) -> None:
+        """One source of gossip keys at most; a token's label is the cluster's."""
+        if self.insecure_gossip and (self.keyring is not None or self.join_token is not None):
+            raise ConfigError(
+                "--insecure-gossip runs gossip in plaintext: it cannot be given with "
+                "--keyring or a join token (--token, --token-file, MESH_JOIN_TOKEN)"
+            )
+        if self.keyring is not None and self.join_token is not None:
+            raise ConfigError(
+                "give the gossip key once: --keyring FILE or a join token "
+                "(--token, --token-file, MESH_JOIN_TOKEN), not both"
+            )
+        token = self.join_token
+        if token is not None and self.cluster_label and self.cluster_label != token.label:
+            raise ConfigError(
+                f"cluster-label {self.cluster_label!r} differs from the join token's "
+                f"({token.label!r}): leave --cluster-label out, the token carries it"
+            )
+
 
 # Flag name -> (help, parser of one string value). Every flag is also a key of
 # the TOML file, spelled with hyphens or underscores.
@@ -258,7 +289,16 @@ _FLAGS: dict[str, str] = {
     "lb-tcp-idle": "seconds an idle TCP connection is kept by the ipvs and userspace load "
     "balancers (default 7800: past Linux's 2 h keepalive; IPVS's own default "
     "cuts at 900)",
-    "keyring": "file holding the gossip encryption keys",
+    "keyring": "file holding the gossip encryption keys (default: the keyring in the data "
+    "dir, made at the first start of a node that joins no one, or from --token)",
+    "token": "join token printed by `mesh join-token` on a member: the gossip keys and "
+    "the cluster label (default: env MESH_JOIN_TOKEN)",
+    "token-file": "file holding the join token",
+    "insecure-gossip": "run gossip in plaintext, without a keyring (logged as a warning)",
+    "gossip-verify-incoming": "on: with a keyring, drop plaintext gossip (default on); off "
+    "only while moving a plaintext cluster to encryption (docs/gossip.md)",
+    "gossip-verify-outgoing": "on: with a keyring, send encrypted gossip (default on); off: "
+    "send plaintext, while moving a plaintext cluster to encryption",
     "address-pool": "CIDR that network subnets are carved from, one /24 each, and the "
     "ingress network a /16 (default 10.0.0.0/8, or 127.16.0.0/12 without "
     "root)",
@@ -297,8 +337,8 @@ _REPEATED = (
     "dns-upstream",
     "tls-cert",
 )  # flags given once per value; lists in the file
-#: flags that take no value (`--api-insecure`); true or false in the file
-_SWITCHES = ("api-insecure", "configure-resolver")
+#: flags that take no value (`--api-insecure`, `--insecure-gossip`); true or false in the file
+_SWITCHES = ("api-insecure", "configure-resolver", "insecure-gossip")
 _METAVARS = {
     "dns-upstream": "ADDR[:PORT]",
     "dns-ttl": "SECONDS",
@@ -311,6 +351,10 @@ _METAVARS = {
     "data-dir": "DIR",
     "lb": "BACKEND",
     "keyring": "FILE",
+    "token": "TOKEN",
+    "token-file": "FILE",
+    "gossip-verify-incoming": "on|off",
+    "gossip-verify-outgoing": "on|off",
     "address-pool": "CIDR",
     "ingress-subnet": "CIDR",
     "api-token": "TOKEN",
@@ -366,7 +410,44 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Ag
     values.update({k: v for k, v in args.items() if v is not None})
     if "api_token" not in values and env.get("MESH_API_TOKEN"):
         values["api_token"] = env["MESH_API_TOKEN"]
+    values["join_token"] = _join_token(values, env)
     return _build(values, root=is_root())
+
+
+def _join_token(values: dict[str, Any], env: Mapping[str, str]) -> join_token.JoinToken | None:
+    """The join token of `--token`, `--token-file` or MESH_JOIN_TOKEN, checked now: a
+    malformed one is a start error, not a node whose packets the cluster drops."""
+    text, where = values.pop("token", None), "--token"
+    path = values.pop("token_file", None)
+    if text and path:
+        raise ConfigError("give --token or --token-file, not both")
+    if path:
+        where = f"token file {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"cannot read token file {path}: {why}") from None
+    explicit = values.get("keyring") or _on(values, "insecure_gossip", False)
+    if not text and env.get("MESH_JOIN_TOKEN") and not explicit:
+        # The environment yields to --keyring and --insecure-gossip given on purpose.
+        text, where = env["MESH_JOIN_TOKEN"], "MESH_JOIN_TOKEN"
+    if not text:
+        return None
+    try:
+        return join_token.decode(str(text))
+    except join_token.JoinTokenError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _on(values: dict[str, Any], key: str, default: bool) -> bool:
+    """An on/off flag (on, off, true, false, 1, 0)."""
+    text = str(values.get(key, default)).strip().lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{key.replace('_', '-')} {values[key]!r}: on or off")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -447,6 +528,10 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         ),
         lb_tcp_idle=_lb_tcp_idle(values),
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
+        join_token=values.get("join_token"),
+        insecure_gossip=_on(values, "insecure_gossip", False),
+        gossip_verify_incoming=_on(values, "gossip_verify_incoming", True),
+        gossip_verify_outgoing=_on(values, "gossip_verify_outgoing", True),
         address_pool=str(
             values.get("address_pool") or (DEFAULT_POOL if root else UNPRIVILEGED_POOL)
         ),
@@ -471,7 +556,8 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         dns_ttl=dns_ttl,
         dns_workers=dns_workers,
         gossip_profile=str(values.get("gossip_profile", "lan")),
-        cluster_label=str(values.get("cluster_label", "")),
+        cluster_label=str(values.get("cluster_label", ""))
+        or (values["join_token"].label if values.get("join_token") else ""),
         log_level=str(values.get("log_level", "info")),
     )
 
@@ -532,7 +618,7 @@ def describe(config: AgentConfig) -> dict[str, str]:
     shown = {}
     for item in fields(config):
         value = getattr(config, item.name)
-        if item.name == "api_token":
+        if item.name in ("api_token", "join_token"):
             value = "set" if value else "unset"
         elif item.name == "api_tokens":
             # How many of each scope, never the tokens (nor their digests).

@@ -2,8 +2,9 @@
 
 Start-up order: read the config; lock the data dir (one agent per data dir,
 before anything touches it or binds a port); check its format version
-(`mesh.state.dataformat`: migrate an older layout, refuse a newer one); load the
-durable state; build
+(`mesh.state.dataformat`: migrate an older layout, refuse a newer one); settle the
+gossip keys (secure by default, `mesh.gossip_keys`: the data dir's keyring, made at
+a first start or from a join token); load the durable state; build
 every part from the config, once, in dependency order (`mesh.agent.build`:
 nothing is wired into a part after it is made); then enter the parts in order
 (`mesh.agent.lifetime`): start the state writer; load the state into the store
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -43,6 +45,7 @@ import uvloop
 
 from gossip.security import KeyringError
 from lb.fds import raise_open_file_limit
+from mesh import gossip_keys
 from mesh.agent.build import MeshStartError, Stopping, build
 from mesh.agent.lifetime import enter, stages
 from mesh.config import AgentConfig, ConfigError, describe, load_config
@@ -102,6 +105,51 @@ def _log_migration(step: dataformat.Migration) -> None:
     event(log, "data_dir_migrated", source=step.source, to=step.source + 1, what=step.what)
 
 
+def with_gossip_keys(config: AgentConfig) -> AgentConfig:
+    """The config with the keyring file and label gossip runs with, settled from the
+    flags and the data dir (which this may write: the data dir is locked)."""
+    keys = gossip_keys.resolve(
+        config.data_dir,
+        keyring=config.keyring,
+        token=config.join_token,
+        insecure=config.insecure_gossip,
+        joins=bool(config.join),
+        label=config.cluster_label,
+        fresh=not (config.data_dir / persist.DB_NAME).exists(),
+    )
+    if keys.keyring is None:
+        event(
+            log,
+            "gossip_insecure",
+            logging.WARNING,
+            reason="--insecure-gossip: gossip is plaintext, readable and forgeable by anyone "
+            "on the network",
+        )
+    else:
+        event(log, "gossip_keyring", source=keys.source, path=keys.keyring)
+        if keys.token_ignored:
+            event(
+                log,
+                "gossip_token_ignored",
+                logging.WARNING,
+                reason="the data dir's keyring, which wins, lacks the join token's key",
+                path=keys.keyring,
+            )
+        if not (config.gossip_verify_incoming and config.gossip_verify_outgoing):
+            event(
+                log,
+                "gossip_partly_plaintext",
+                logging.WARNING,
+                verify_incoming=config.gossip_verify_incoming,
+                verify_outgoing=config.gossip_verify_outgoing,
+                reason="moving to encryption: turn both back on once every node has the key",
+            )
+    # The token has done its part: its keys are in the keyring file now.
+    return dataclasses.replace(
+        config, keyring=keys.keyring, cluster_label=keys.label, join_token=None
+    )
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         config = load_config(argv)
@@ -131,6 +179,12 @@ def main(argv: Sequence[str]) -> int:
         # Every forwarded query, proxied connection and check holds a descriptor: allow many.
         soft, hard = raise_open_file_limit()
         event(log, "open_file_limit", soft=soft, hard=hard)
+        try:
+            config = with_gossip_keys(config)
+        except (gossip_keys.GossipKeysError, KeyringError, OSError) as exc:
+            event(log, "agent_start_failed", logging.ERROR, error=str(exc))
+            print(f"mesh agent: {exc}", file=sys.stderr, flush=True)
+            return 1
         return uvloop.run(run(config))
     finally:
         lock.release()

@@ -433,8 +433,9 @@ def _gossip(
         else LocalKeyringControl(keyring, config.keyring)
     )
     label = config.cluster_label.encode()
-    # Sealing adds its envelope to what the core packs: keep room for it.
-    overhead = OVERHEAD if keyring is not None else (2 + len(label) if label else 0)
+    # Sealing adds its envelope to what the core packs, a label its header: keep room.
+    sealed = keyring is not None and config.gossip_verify_outgoing
+    overhead = OVERHEAD if sealed else (2 + len(label) if label else 0)
     profile = dataclasses.replace(profile, packet_overhead=overhead)
     state = ClusterState(control, None if local is None else RemoteKeyring(local))
     core = gossip_core(profile, config.node_name, advertise, state, incarnation=incarnation)
@@ -446,6 +447,8 @@ def _gossip(
         label=label,
         on_event=NodeWatch(liveness, control.feed).on_event,
         tcp_timeout=profile.tcp_timeout,
+        verify_incoming=config.gossip_verify_incoming,
+        verify_outgoing=config.gossip_verify_outgoing,
     )
     cluster = Cluster(control, core, shell, state, liveness, config.node_name)
     control_keyring = None if local is None else ClusterKeyring(local, core, shell)

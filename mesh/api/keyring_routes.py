@@ -24,7 +24,7 @@ def _control(request: web.Request) -> KeyringControl:
     control = request.app[DEPS].keyring
     if control is None:
         raise Conflict(
-            "this agent has no keyring: gossip is not encrypted (start it with --keyring FILE)",
+            "this agent has no keyring: it runs with --insecure-gossip, gossip is not encrypted",
             code="keyring_disabled",
         )
     return control

@@ -380,7 +380,11 @@ class GossipOut(_Response):
     health_score: int
     lateness: float  # seconds this node answers late, by its own probes (0: not late)
     members: int
-    encrypted: bool
+    encrypted: bool  # this node has a gossip keyring
+    #: with a keyring: plaintext dropped (False while moving a cluster to encryption)
+    verify_incoming: bool = True
+    #: with a keyring: sends encrypted (False while moving a cluster to encryption)
+    verify_outgoing: bool = True
     drops: dict[str, int]
     counts: dict[str, int]
     state: StateDigestOut

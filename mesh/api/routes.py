@@ -93,7 +93,8 @@ async def create_network(request: web.Request) -> web.Response:
         # nothing to encrypt with (and the network would carry nothing).
         raise Invalid(
             "an encrypted network takes its keys from the gossip keyring, and this agent "
-            "has none (start every agent with --keyring FILE)",
+            "has none (it runs with --insecure-gossip: start it with the cluster's key, "
+            "--keyring FILE or --token)",
             code="encrypted_needs_keyring",
         )
     control = _control(request)

@@ -1,4 +1,8 @@
-"""`mesh keygen` and `mesh keyring list | install | use | remove KEY`.
+"""`mesh keygen`, `mesh join-token` and `mesh keyring list | install | use | remove KEY`.
+
+`mesh join-token` reads the agent's data dir, not its API: the keys are a
+secret the API never shows (only fingerprints), and whoever may read the data
+dir (root, or the agent's user) may read them already.
 
 Rotation, as with Serf and Consul: `install` the new key (every node can then
 open it), `use` it (every node seals with it), `remove` the old one. A KEY of
@@ -20,7 +24,7 @@ from mesh.cli.commands import (
     json_objects,
     text,
 )
-from mesh.cli.errors import UsageError
+from mesh.cli.errors import CliError, UsageError
 from mesh.cli.output import Context
 
 HEADERS = ("FINGERPRINT", "PRIMARY")
@@ -40,6 +44,29 @@ def register(subparsers: Subparsers, parents: list[argparse.ArgumentParser]) -> 
         _keygen,
         parents=parents,
         help="print a new gossip encryption key (base64, 32 bytes); needs no agent",
+    )
+    token = add_command(
+        subparsers,
+        "join-token",
+        _join_token,
+        parents=parents,
+        help="print the token that joins a node to this node's cluster (its gossip keys "
+        "and cluster label): mesh agent --join HOST --token TOKEN; read from the agent's "
+        "data dir, needs no API",
+    )
+    token.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="the agent's data dir (default /var/lib/meshplane, or ~/.local/state/meshplane "
+        "without root)",
+    )
+    token.add_argument(
+        "--keyring", metavar="FILE", help="the keyring file the agent runs with, if --keyring"
+    )
+    token.add_argument(
+        "--cluster-label",
+        metavar="LABEL",
+        help="the cluster label (default: the one stored in the data dir)",
     )
     nouns = add_noun(
         subparsers,
@@ -73,6 +100,26 @@ def _keygen(ctx: Context, args: argparse.Namespace) -> int:
         ctx.emit_json({"key": key})
     else:
         ctx.emit_line(key)
+    return 0
+
+
+def _join_token(ctx: Context, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mesh.config import default_data_dir, is_root
+    from mesh.gossip_keys import GossipKeysError, join_token
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(is_root())
+    try:
+        token = join_token(
+            data_dir, Path(args.keyring) if args.keyring else None, args.cluster_label
+        )
+    except (GossipKeysError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if ctx.json:
+        ctx.emit_json({"token": token})
+    else:
+        ctx.emit_line(token)
     return 0
 
 

@@ -682,7 +682,7 @@ def program_esp(wanted: EspWant, vtep: str, node_netns: str | None, port: int) -
     if not wanted.keys:
         raise EspError(
             "encrypted overlays need the cluster keyring, and this agent has none "
-            "(start it with --keyring FILE); their traffic is dropped"
+            "(it runs with --insecure-gossip); their traffic is dropped"
         )
     try:
         return xfrm.sync_pairs(vtep, wanted.remotes, wanted.keys, wanted.keys[0], port, node_netns)

@@ -3,10 +3,18 @@
 The agent runs as a separate process (`python -m mesh agent`), exactly as an
 operator starts it, on free ports of 127.0.0.1 and a private data dir, with a
 127.x address pool so that nothing it allocates leaves loopback.
+
+Gossip is encrypted by default (docs/gossip.md "Secure by default"): an agent
+that joins needs the cluster's key. Unless a test chooses its own (`--keyring`,
+`--token`, `--token-file`, `--insecure-gossip`, MESH_JOIN_TOKEN) every agent
+here gets `--keyring` with one shared test key (a private copy each, since a
+keyring change rewrites the file), so any two of them can form a cluster, with
+real encryption, as they did in plaintext before.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -25,6 +33,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+
+#: the gossip key every test agent shares unless its test gives its own (see above)
+TEST_GOSSIP_KEY = base64.b64encode(bytes(range(7, 39))).decode()
+#: the flags (and variable) by which a test chooses its agent's gossip security itself
+GOSSIP_SECURITY_FLAGS = ("--keyring", "--token", "--token-file", "--insecure-gossip")
 
 
 def free_port() -> int:
@@ -58,10 +71,13 @@ class AgentProcess:
         nofile: int | None = None,
         sandboxes: bool = False,
         tls: ssl.SSLContext | None = None,
+        shared_key: bool = True,
     ) -> None:
         self.data_dir = data_dir
         #: the client side of an agent started with --api-tls-cert: its API is https
         self.tls = tls
+        #: give the shared test key (`--keyring`) unless the test chose gossip's security
+        self.shared_key = shared_key
         #: keep CAP_SYS_ADMIN: only for an agent inside a test's own node namespace
         self.may_make_sandboxes = sandboxes
         #: RLIMIT_NOFILE (soft and hard) to start the agent under, as `prlimit` would
@@ -79,6 +95,7 @@ class AgentProcess:
         self.log_path = data_dir.parent / f"{data_dir.name}-agent.log"
 
     def argv(self) -> list[str]:
+        self.write_shared_keyring()  # before any start, `refused` in tests included
         return [
             *self._unprivileged(),
             sys.executable,
@@ -111,8 +128,26 @@ class AgentProcess:
             # SERVFAIL at once, and no test query ever leaves the machine.
             "--dns-upstream",
             "127.0.0.1:9",
+            *self.gossip_security(),
             *self.extra,
         ]
+
+    def gossip_security(self) -> list[str]:
+        """`--keyring` with the shared test key, unless the test chose otherwise."""
+        chosen = any(flag in self.extra for flag in GOSSIP_SECURITY_FLAGS)
+        if not self.shared_key or chosen or "MESH_JOIN_TOKEN" in (self.env or {}):
+            return []
+        return ["--keyring", str(self.keyring_path)]
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}-keyring.json"
+
+    def write_shared_keyring(self) -> None:
+        if self.gossip_security() and not self.keyring_path.exists():
+            self.keyring_path.parent.mkdir(parents=True, exist_ok=True)
+            self.keyring_path.write_text(json.dumps({"keys": [TEST_GOSSIP_KEY]}))
+            self.keyring_path.chmod(0o600)
 
     def _unprivileged(self) -> list[str]:
         """Without CAP_SYS_ADMIN, a root agent cannot make sandboxes or bridges: an agent

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.sandbox.names import vxlan_name
+from tests.helpers.agent import TEST_GOSSIP_KEY
 from tests.helpers.netns import Lab
 from tests.helpers.sandbox_lab import SandboxNode
 
@@ -39,9 +40,18 @@ class OverlayNode(SandboxNode):
         argv += ["--gossip-profile", "local"]
         if self.index != 1:
             argv += ["--join", f"{UNDERLAY}.1:7946"]
-        if self.keyring is not None:
-            argv += ["--keyring", str(self.keyring)]
+        # Gossip is encrypted by default: without a keyring of the test's, every node
+        # gets the one key of the lab (a joiner needs the cluster's key).
+        argv += ["--keyring", str(self.keyring or self.lab_keyring())]
         return argv
+
+    def lab_keyring(self) -> Path:
+        """This node's copy of the shared test key (a keyring change rewrites the file)."""
+        path = self.data_dir.parent / "keyring.json"
+        if not path.exists():
+            path.write_text(json.dumps({"keys": [TEST_GOSSIP_KEY]}))
+            path.chmod(0o600)
+        return path
 
     def agent_info(self) -> dict[str, Any]:
         info: dict[str, Any] = self.api("GET", "/v1/agent", timeout=10)

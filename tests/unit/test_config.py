@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,66 @@ def test_ingress_subnet_from_the_flag_or_the_file(tmp_path: Path, root: bool) ->
     assert load_config(["--config", str(file)], env={}).ingress_subnet == "10.128.0.0/16"
     flagged = load_config(["--config", str(file), "--ingress-subnet", "10.9.0.0/20"], env={})
     assert flagged.ingress_subnet == "10.9.0.0/20"
+
+
+# -- gossip: secure by default --------------------------------------------------------
+
+TOKEN_KEY = bytes(range(32))
+
+
+def _token(label: str = "") -> str:
+    from gossip import join_token
+
+    return join_token.encode([TOKEN_KEY], label)
+
+
+def test_a_join_token_comes_from_the_flag_a_file_or_the_environment(tmp_path: Path) -> None:
+    token = _token("prod")
+    assert load_config(["--token", token], env={}).join_token is not None
+    file = tmp_path / "token"
+    file.write_text(token + "\n")
+    from_file = load_config(["--token-file", str(file)], env={})
+    from_env = load_config([], env={"MESH_JOIN_TOKEN": token})
+    for cfg in (from_file, from_env):
+        assert cfg.join_token is not None and cfg.join_token.keys == (TOKEN_KEY,)
+        assert cfg.cluster_label == "prod"  # the token carries the label
+
+
+def test_the_token_is_never_shown(tmp_path: Path) -> None:
+    cfg = load_config(["--token", _token()], env={})
+    assert config.describe(cfg)["join_token"] == "set"
+    assert "join_token" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "says"),
+    [
+        (["--token", "mesh1.AAAA"], {}, "--token: the join token is too short"),
+        ([], {"MESH_JOIN_TOKEN": "nope"}, "MESH_JOIN_TOKEN: a join token starts with"),
+        (["--token-file", "/nonexistent/token"], {}, "cannot read token file"),
+        (["--insecure-gossip", "--keyring", "/k"], {}, "--insecure-gossip runs gossip"),
+        (["--keyring", "/k", "--token", "TOKEN"], {}, "--keyring FILE or a join token"),
+        (["--cluster-label", "dev", "--token", "TOKEN:prod"], {}, "differs from the join"),
+        (["--gossip-verify-incoming", "maybe"], {}, "gossip-verify-incoming 'maybe': on or off"),
+    ],
+)
+def test_bad_gossip_security_flags_are_start_errors(
+    argv: list[str], env: dict[str, str], says: str
+) -> None:
+    argv = [_token("prod") if a == "TOKEN:prod" else _token() if a == "TOKEN" else a for a in argv]
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(argv, env=env)
+
+
+def test_explicit_keyring_or_insecure_win_over_the_environment_token() -> None:
+    env = {"MESH_JOIN_TOKEN": _token()}
+    assert load_config(["--insecure-gossip"], env=env).join_token is None
+    assert load_config(["--keyring", "/k"], env=env).join_token is None
+
+
+def test_insecure_gossip_and_verify_flags_in_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "agent.toml"
+    file.write_text("insecure-gossip = true\ngossip-verify-outgoing = 'off'\n")
+    cfg = load_config(["--config", str(file)], env={})
+    assert cfg.insecure_gossip and not cfg.gossip_verify_outgoing and cfg.gossip_verify_incoming
+    assert not load_config([], env={}).insecure_gossip

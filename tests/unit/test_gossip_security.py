@@ -448,3 +448,49 @@ def test_local_control_without_a_file_only_applies() -> None:
     ring = Keyring([K1])
     asyncio.run(LocalKeyringControl(ring).install(K2))
     assert ring.keys() == [K1, K2]
+
+
+# -- moving a plaintext cluster to encryption (verify_incoming / verify_outgoing) -------
+
+
+def test_relaxed_incoming_takes_labelled_plaintext_and_still_opens_ciphertext() -> None:
+    ring = Keyring([K1])
+    plain = wrap(MESSAGE, None, b"prod")
+    assert unwrap(plain, ring, b"prod", verify_incoming=False) == MESSAGE
+    assert unwrap(wrap(MESSAGE, ring, b"prod"), ring, b"prod", verify_incoming=False) == MESSAGE
+    # Relaxed is not open: the label still binds, and ciphertext must still authenticate.
+    assert reason(lambda: unwrap(plain, ring, b"dev", verify_incoming=False)) == "label_mismatch"
+    stranger = wrap(MESSAGE, Keyring([K2]), b"prod")
+    assert reason(lambda: unwrap(stranger, ring, b"prod", verify_incoming=False)) == (
+        "unauthenticated"
+    )
+
+
+def test_relaxed_outgoing_sends_what_a_keyless_node_reads() -> None:
+    ring = Keyring([K1])
+    frame = wrap(MESSAGE, ring, b"prod", verify_outgoing=False)
+    assert frame == wrap(MESSAGE, None, b"prod")
+    assert unwrap(frame, None, b"prod") == MESSAGE
+    # A strict keyed node drops it, as before.
+    assert reason(lambda: unwrap(frame, ring, b"prod")) == "unencrypted"
+
+
+@pytest.mark.parametrize(
+    ("sender", "receiver"),
+    [
+        # (keyring?, verify_outgoing) of the sender; (keyring?, verify_incoming) of the receiver
+        ((False, True), (True, False)),  # plaintext node -> key installed, accepting both
+        ((True, False), (False, True)),  # key installed, still sending plain -> plaintext node
+        ((True, True), (True, False)),  # sending encrypted -> accepting both
+        ((True, False), (True, False)),
+        ((True, True), (True, True)),  # the end: encrypted everywhere
+    ],
+)
+def test_each_migration_step_talks_to_its_neighbours(
+    sender: tuple[bool, bool], receiver: tuple[bool, bool]
+) -> None:
+    """Two nodes one step apart in the migration (docs/gossip.md) understand each other."""
+    ring = Keyring([K1])
+    frame = wrap(MESSAGE, ring if sender[0] else None, b"L", verify_outgoing=sender[1])
+    got = unwrap(frame, ring if receiver[0] else None, b"L", verify_incoming=receiver[1])
+    assert got == MESSAGE
