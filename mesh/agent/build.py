@@ -51,6 +51,8 @@ from mesh.cluster import (
 )
 from mesh.config import AgentConfig, describe
 from mesh.control import Control
+from mesh.core import capabilities
+from mesh.core.capabilities import effective, unprivileged_port_start
 from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Health
@@ -241,6 +243,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
             )
         )
     )
+    capabilities = _check_capabilities(config)
     lb = _lb(config, feed)
     http = _http(config)
     missing = missing_privileges()
@@ -286,6 +289,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
             "sandboxes": (
                 {"enabled": False, "reason": missing} if sandboxes is None else sandboxes.describe()
             ),
+            "capabilities": capabilities,
         },
         gossip_stats=cluster.stats,
         keyring=keyring,
@@ -322,6 +326,36 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         keyring=keyring,
         api=api,
     )
+
+
+def _check_capabilities(config: AgentConfig) -> dict[str, list[str]]:
+    """One warning line per capability this agent lacks, naming what it turns off
+    (`mesh.core.capabilities`); what `GET /v1/agent` shows under `capabilities`."""
+    caps = effective()
+    lowest = unprivileged_port_start()
+    listeners = [("api", config.api), ("dns", config.dns), ("gossip", config.advertise)]
+    listeners += [("http", config.http), ("https", config.https)]
+    low_ports = [
+        f"{role} {where}" for role, where in listeners if where is not None and where.port < lowest
+    ]
+    lacking = capabilities.missing(
+        caps,
+        low_ports=low_ports,
+        kernel_lb=None if config.lb == "userspace" else config.lb,
+        sandboxes=True,
+    )
+    for item in lacking:
+        event(
+            log,
+            "capability_missing",
+            logging.WARNING,
+            capability=item.capability,
+            disables=item.disables,
+        )
+    return {
+        "effective": [name for bit, name in sorted(capabilities.NAMES.items()) if caps.has(bit)],
+        "missing": [item.line() for item in lacking],
+    }
 
 
 def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:

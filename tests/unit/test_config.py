@@ -8,11 +8,12 @@ import pytest
 
 from mesh import config
 from mesh.config import ConfigError, HostPort, load_config, parse_host_port
+from mesh.core.capabilities import Capabilities
 
 
 @pytest.fixture(params=[True, False], ids=["root", "user"])
 def root(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(config, "is_root", lambda: request.param)
+    monkeypatch.setattr(config, "runs_privileged", lambda: request.param)
     monkeypatch.setenv("HOME", "/home/someone")
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     return bool(request.param)
@@ -116,3 +117,22 @@ def test_ingress_subnet_from_the_flag_or_the_file(tmp_path: Path, root: bool) ->
     assert load_config(["--config", str(file)], env={}).ingress_subnet == "10.128.0.0/16"
     flagged = load_config(["--config", str(file), "--ingress-subnet", "10.9.0.0/20"], env={})
     assert flagged.ingress_subnet == "10.9.0.0/20"
+
+
+@pytest.mark.parametrize(
+    ("euid", "mask", "privileged"),
+    [
+        (0, 0, True),
+        # the hardened unit's service user: both capabilities, root's defaults
+        (998, 1 << 10 | 1 << 12, True),
+        (998, 1 << 10, False),
+        (998, 1 << 12, False),
+        (998, 0, False),
+    ],
+)
+def test_a_service_user_with_the_capabilities_gets_the_root_defaults(
+    monkeypatch: pytest.MonkeyPatch, euid: int, mask: int, privileged: bool
+) -> None:
+    monkeypatch.setattr(config.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(config, "effective", lambda: Capabilities(mask))
+    assert config.runs_privileged() is privileged
