@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -182,11 +183,43 @@ def _mdwe_supported() -> bool:
     return done.returncode == 0
 
 
+def free_low_ports(count: int) -> list[int]:
+    """Ports below 1024 free on 127.0.0.1 for both TCP and UDP (root binds them to see)."""
+    found: list[int] = []
+    for port in range(990, 900, -1):
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    pytest.skip("no free port below 1024 on 127.0.0.1")
+
+
+def wait_for_answer(port: int, timeout: float) -> bytes:
+    """The first bytes the HRM on 127.0.0.1:`port` answers a request for an unknown host."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: nobody.example\r\n\r\n")
+                return conn.recv(64)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                return b"refused"
+            time.sleep(0.1)
+
+
 class UnitAgent(AgentProcess):
     """An agent started under the unit's limits, as far as they apply without systemd."""
 
-    def __init__(self, data_dir: Path, run_as: object, notify: str) -> None:
-        super().__init__(data_dir, node_name="unit-1")
+    def __init__(
+        self, data_dir: Path, run_as: object, notify: str, extra: list[str] | None = None
+    ) -> None:
+        super().__init__(data_dir, node_name="unit-1", extra=extra)
         self.run_as = run_as
         self.notify = notify
 
@@ -251,7 +284,12 @@ def test_the_agent_serves_under_the_units_limits(
     data_dir.mkdir(mode=0o700)
     os.chown(data_dir, NOBODY, NOBODY)  # StateDirectory= makes it the user's
     sock, path = notify
-    agent = UnitAgent(data_dir, run_as, path)
+    # DNS and the HRM on ports below 1024, each with worker processes of its own: they
+    # bind their SO_REUSEPORT sockets with the capability they inherit (ambient).
+    dns_port, http_port = free_low_ports(2)
+    low = ["--dns", f"127.0.0.1:{dns_port}", "--dns-workers", "1"]
+    low += ["--http", f"127.0.0.1:{http_port}", "--http-workers", "1"]
+    agent = UnitAgent(data_dir, run_as, path, low)
     agent.spawn()
     try:
         sock.settimeout(60)
@@ -261,6 +299,10 @@ def test_the_agent_serves_under_the_units_limits(
             raise AssertionError(f"no READY=1 in 60 s: {agent.log()}") from None
         assert ready.splitlines()[0] == "READY=1", ready + agent.log()
         assert agent.request("GET", "/v1/health", timeout=5)[0] == 200
+        # The worker processes start once the agent is up (READY=1 does not wait for
+        # them, as /v1/health does not): give them a few seconds to listen.
+        answer = wait_for_answer(http_port, 15)
+        assert answer.startswith(b"HTTP/1.1 404"), (answer, agent.log())
         # It works as usual: a service, a task, its VIP in the userspace LB.
         status, body = agent.request("POST", "/v1/services", {"name": "web"})
         assert status == 201, body
@@ -288,3 +330,33 @@ def test_the_agent_serves_under_the_units_limits(
     finally:
         if agent.proc is not None and agent.proc.poll() is None:
             agent.kill()
+
+
+@pytest.mark.root
+def test_without_cap_net_bind_service_a_low_port_is_refused_at_start(shared_dir: Path) -> None:
+    """The unit less CAP_NET_BIND_SERVICE, the HRM asked on a port below 1024: one
+    capability line naming the listener, then a start refused in one line."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to become the service user")
+    harness = _harness()
+    run_as = harness.RunAs(NOBODY, NOBODY, ("net_admin",))
+    data_dir = shared_dir / "data"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, NOBODY, NOBODY)
+    (http_port,) = free_low_ports(1)
+    agent = UnitAgent(data_dir, run_as, "", ["--http", f"127.0.0.1:{http_port}"])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        agent.argv(), capture_output=True, text=True, env=env, cwd="/", timeout=60, check=False
+    )
+    lines = [line for line in done.stderr.splitlines() if "capability_missing" in line]
+    print("\n" + "\n".join([*lines, done.stderr.splitlines()[-1]]))
+    assert done.returncode == 1, done.stderr
+    assert any(
+        "capability=CAP_NET_BIND_SERVICE" in line and f"http 127.0.0.1:{http_port}" in line
+        for line in lines
+    ), lines
+    assert done.stderr.splitlines()[-1] == (
+        f"mesh agent: http 127.0.0.1:{http_port} cannot be bound: Permission denied "
+        "(ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    )
