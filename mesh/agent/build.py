@@ -243,7 +243,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
             )
         )
     )
-    capabilities = _check_capabilities(config)
+    held = _check_capabilities(config)
     lb = _lb(config, feed)
     http = _http(config)
     missing = missing_privileges()
@@ -289,7 +289,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
             "sandboxes": (
                 {"enabled": False, "reason": missing} if sandboxes is None else sandboxes.describe()
             ),
-            "capabilities": capabilities,
+            "capabilities": held,
         },
         gossip_stats=cluster.stats,
         keyring=keyring,

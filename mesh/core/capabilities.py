@@ -28,14 +28,13 @@ from pathlib import Path
 
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
-CAP_NET_RAW = 13
 CAP_SYS_ADMIN = 21
 
-#: the names `setpriv`, `capsh` and systemd's `AmbientCapabilities=` know them by
+#: the capabilities the agent's features use, by the names systemd's
+#: `AmbientCapabilities=` and `capsh` know them by
 NAMES = {
     CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE",
     CAP_NET_ADMIN: "CAP_NET_ADMIN",
-    CAP_NET_RAW: "CAP_NET_RAW",
     CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
 }
 
