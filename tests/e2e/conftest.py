@@ -210,6 +210,11 @@ def start_cluster(nodes: int, lb: str, run_as: Any = None) -> Iterator[MeshClust
     for tool in ("dig", "curl", "nft", "getent", *(["setpriv"] if run_as else [])):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
+    if run_as is not None:
+        try:
+            run_as.python()  # a Python that user may run, with the packages it may read
+        except harness.ClusterError as exc:
+            pytest.skip(f"the agents cannot run as uid {run_as.uid} here: {exc}")
     cluster = MeshCluster(f"e{secrets.token_hex(3)}", nodes, lb, run_as)
     try:
         cluster.up()

@@ -167,6 +167,19 @@ def test_the_unit_grants_what_the_e2e_test_runs_the_agent_with() -> None:
     assert settings["LimitNOFILE"] == ["1048576"]
 
 
+def service_user(caps: tuple[str, ...]) -> object:
+    """The RunAs of the unit's user (nobody here); skips where it cannot run the agent."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to become the service user")
+    harness = _harness()
+    run_as = harness.RunAs(NOBODY, NOBODY, caps)
+    try:
+        run_as.python()
+    except harness.ClusterError as exc:
+        pytest.skip(f"uid {NOBODY} cannot run the agent here: {exc}")
+    return run_as
+
+
 def _mdwe_supported() -> bool:
     """Whether this kernel has PR_SET_MDWE (Linux 6.3): asked of a child, since it
     cannot be undone."""
@@ -274,12 +287,9 @@ def notify(shared_dir: Path) -> Iterator[tuple[socket.socket, str]]:
 def test_the_agent_serves_under_the_units_limits(
     shared_dir: Path, notify: tuple[socket.socket, str]
 ) -> None:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv (util-linux) to become the service user")
+    run_as = service_user(_harness().UNIT_CAPS)
     if not _mdwe_supported():
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+): MemoryDenyWriteExecute")
-    harness = _harness()
-    run_as = harness.RunAs(NOBODY, NOBODY, harness.UNIT_CAPS)
     data_dir = shared_dir / "data"
     data_dir.mkdir(mode=0o700)
     os.chown(data_dir, NOBODY, NOBODY)  # StateDirectory= makes it the user's
@@ -336,10 +346,7 @@ def test_the_agent_serves_under_the_units_limits(
 def test_without_cap_net_bind_service_a_low_port_is_refused_at_start(shared_dir: Path) -> None:
     """The unit less CAP_NET_BIND_SERVICE, the HRM asked on a port below 1024: one
     capability line naming the listener, then a start refused in one line."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv (util-linux) to become the service user")
-    harness = _harness()
-    run_as = harness.RunAs(NOBODY, NOBODY, ("net_admin",))
+    run_as = service_user(("net_admin",))
     data_dir = shared_dir / "data"
     data_dir.mkdir(mode=0o700)
     os.chown(data_dir, NOBODY, NOBODY)
