@@ -21,7 +21,8 @@ the cluster, stop the listeners and the checks, then let the writer finish
 every queued commit.
 
 Under systemd (`Type=notify`, deploy/meshplane.service) the agent says
-`READY=1` once every part is entered (the API answers), pings `WATCHDOG=1` at
+`READY=1` once every part is entered (the API answers) and the HRM's worker
+processes, if any, listen (bounded: 15 s, then a warning), pings `WATCHDOG=1` at
 half of `WATCHDOG_USEC` from its event loop, and says `STOPPING=1` when the stop
 begins (`mesh.agent.sdnotify`).
 
@@ -47,7 +48,7 @@ import uvloop
 
 from gossip.security import KeyringError
 from lb.fds import raise_open_file_limit
-from mesh.agent.build import MeshStartError, Stopping, build
+from mesh.agent.build import Agent, MeshStartError, Stopping, build
 from mesh.agent.lifetime import enter, stages
 from mesh.agent.sdnotify import Notifier, watchdog_interval
 from mesh.config import AgentConfig, ConfigError, describe, load_config
@@ -58,6 +59,9 @@ from mesh.state.lock import DataDirError, lock_data_dir
 __all__ = ["MeshStartError", "main", "run"]
 
 log = logging.getLogger("mesh.agent")
+
+#: seconds READY=1 waits for the HRM's worker processes to listen
+WORKERS_READY_TIMEOUT = 15.0
 
 
 async def run(config: AgentConfig) -> int:
@@ -88,6 +92,7 @@ async def run(config: AgentConfig) -> int:
             notifier.notify(f"STATUS=start failed: {reason}")
             notifier.close()
             return 1
+        await _workers_serving(agent)
         event(log, "agent_ready", node=config.node_name, api=config.api)
         # Every part is entered, the API last: systemd may start what needs the agent.
         notifier.notify("READY=1", f"STATUS=serving, API on {config.api}", f"MAINPID={os.getpid()}")
@@ -102,6 +107,24 @@ async def run(config: AgentConfig) -> int:
             watchdog.cancel()
     notifier.close()
     return stopping.exit_code
+
+
+async def _workers_serving(agent: Agent) -> None:
+    """Wait (bounded) for the HRM's worker processes to listen: they start after the
+    agent's own parts, and READY=1 means the node serves. (DNS workers share a port the
+    agent itself answers on.) Past the bound, one warning and the agent goes on; a stop
+    meanwhile ends the wait."""
+    http = agent.http
+    if http is None or http.workers == 0:
+        return
+    waits = [asyncio.create_task(http.serving.wait()), asyncio.create_task(agent.stopping.wait())]
+    done, pending = await asyncio.wait(
+        waits, timeout=WORKERS_READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in pending:
+        task.cancel()
+    if not done:
+        event(log, "http_workers_not_ready", logging.WARNING, waited=WORKERS_READY_TIMEOUT)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

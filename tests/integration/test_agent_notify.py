@@ -101,3 +101,26 @@ def test_a_failed_start_says_why_and_never_ready(
     sock.setblocking(False)
     with pytest.raises(BlockingIOError):
         sock.recv(4096)  # nothing else: no READY=1
+
+
+def test_with_hrm_workers_ready_waits_until_they_answer(
+    tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """The HRM's worker processes start after the agent's own parts: READY=1 waits for
+    them, so the HRM port answers at once (not refused) when READY arrives."""
+    sock, path = notify_socket
+    agent = AgentProcess(tmp_path / "data", extra=["--http-workers", "2"])
+    started = time.monotonic()
+    spawn(agent, path)
+    try:
+        ready = receive(sock, 60)
+        took = time.monotonic() - started
+        assert ready.splitlines()[0] == "READY=1", ready
+        with socket.create_connection(("127.0.0.1", agent.http_port), timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: nobody.example\r\nConnection: close\r\n\r\n")
+            answer = conn.recv(64)
+        print(f"\nREADY=1 {took:.2f}s after exec with 2 HRM workers; the HRM said {answer[:12]!r}")
+        assert answer.startswith(b"HTTP/1.1 404"), answer
+        assert "http_workers_not_ready" not in agent.log()
+    finally:
+        agent.stop()

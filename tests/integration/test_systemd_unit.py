@@ -309,9 +309,8 @@ def test_the_agent_serves_under_the_units_limits(
             raise AssertionError(f"no READY=1 in 60 s: {agent.log()}") from None
         assert ready.splitlines()[0] == "READY=1", ready + agent.log()
         assert agent.request("GET", "/v1/health", timeout=5)[0] == 200
-        # The worker processes start once the agent is up (READY=1 does not wait for
-        # them, as /v1/health does not): give them a few seconds to listen.
-        answer = wait_for_answer(http_port, 15)
+        # READY=1 waited for the HRM's worker: it answers at once, on the low port.
+        answer = wait_for_answer(http_port, 0)
         assert answer.startswith(b"HTTP/1.1 404"), (answer, agent.log())
         # It works as usual: a service, a task, its VIP in the userspace LB.
         status, body = agent.request("POST", "/v1/services", {"name": "web"})
