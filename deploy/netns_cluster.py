@@ -19,6 +19,11 @@ own network is never touched and `down` can find what a killed run left):
   by default; an `--agent-arg --insecure-gossip` or `--keyring` replaces it);
 - `<name>-c`: a client outside the cluster at the subnet's last address.
 
+`up --user UID[:GID]` runs every agent as that user with only the capabilities
+of deploy/meshplane.service (CAP_NET_ADMIN, CAP_NET_BIND_SERVICE; `--caps` to
+change them), through util-linux `setpriv`, the way systemd's `User=` and
+`AmbientCapabilities=` start it; its data dir is made and owned by that user.
+
 State (pids, addresses, logs, data dirs) is kept in /run/meshplane-dev/<name>/.
 Only the standard library is used: the script runs before anything is built.
 """
@@ -37,6 +42,7 @@ import os
 import re
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -44,6 +50,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -134,6 +141,63 @@ class Layout:
         return f"{address}/{self.network.prefixlen}"
 
 
+#: the capabilities deploy/meshplane.service gives the agent (no CAP_SYS_ADMIN: no sandboxes)
+UNIT_CAPS = ("net_admin", "net_bind_service")
+#: a Python every user may run, where root's own interpreter (e.g. under /root) is private
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """Agents run as this user, with only these capabilities (`setpriv` names)."""
+
+    uid: int
+    gid: int
+    caps: tuple[str, ...] = UNIT_CAPS
+
+    @classmethod
+    def parse(cls, user: str, caps: str | None) -> RunAs:
+        uid, _, gid = user.partition(":")
+        try:
+            chosen = UNIT_CAPS if caps is None else tuple(c for c in caps.split(",") if c)
+            return cls(int(uid), int(gid or uid), chosen)
+        except ValueError:
+            raise ClusterError(f"--user {user!r}: UID[:GID], numbers") from None
+
+    def prefix(self) -> list[str]:
+        """`setpriv` as systemd's User=, AmbientCapabilities=, CapabilityBoundingSet= and
+        NoNewPrivileges= start the agent: the capabilities are ambient, so `nft`, `ip`
+        and the worker processes it runs inherit them; nothing else can be gained."""
+        caps = ",".join(["-all", *(f"+{c}" for c in self.caps)])
+        return [
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            f"--inh-caps={caps}",
+            f"--ambient-caps={caps}",
+            f"--bounding-set={caps}",
+            "--no-new-privs",
+            "--",
+        ]
+
+    def python(self) -> list[str]:
+        """How this user runs the agent: this interpreter when the user may run it, else
+        the system's (the same minor version) with this interpreter's packages."""
+        path = ":".join([str(REPO), *site.getsitepackages()])
+        candidates = [
+            ["env", f"PYTHONPATH={REPO}", sys.executable],
+            ["env", f"PYTHONPATH={path}", "PYTHONDONTWRITEBYTECODE=1", SYSTEM_PYTHON],
+        ]
+        for python in candidates:
+            # Run as the agent will be (through `env`: setpriv's own exec may succeed
+            # where the user's would not).
+            probe = [*self.prefix(), *python, "-c", "import aiohttp, uvloop, mesh"]
+            if run(probe, check=False, cwd="/").returncode == 0:
+                return python
+        raise ClusterError(f"uid {self.uid} can run neither {sys.executable} nor {SYSTEM_PYTHON}")
+
+
 def namespaces_of(name: str) -> list[str]:
     """Every namespace a cluster of this name made, whatever state survived."""
     pattern = re.compile(rf"^{re.escape(name)}-(u|c|n\d+)$")
@@ -176,9 +240,12 @@ def up(
     dns_upstream: str,
     extra: Sequence[str],
     timeout: float,
+    run_as: RunAs | None = None,
 ) -> dict[str, Any]:
     if os.geteuid() != 0:
         raise ClusterError("network namespaces need root")
+    if run_as is not None and shutil.which("setpriv") is None:
+        raise ClusterError("--user needs setpriv (util-linux)")
     down(layout.name, quiet=True)  # whatever a crashed or killed run left behind
     layout.state_dir.mkdir(parents=True)
     _write_join_token(layout)
@@ -190,6 +257,8 @@ def up(
         "client_address": layout.client_address,
         "tasks": [],
     }
+    if run_as is not None:
+        state["user"] = [run_as.uid, run_as.gid, list(run_as.caps)]
     try:
         _make_underlay(layout)
         _attach(layout, layout.client, layout.client_address, "c")
@@ -200,7 +269,9 @@ def up(
             resolv.parent.mkdir(parents=True, exist_ok=True)
             resolv.write_text("nameserver 127.0.0.11\noptions timeout:2 attempts:2\n")
         for index in range(1, layout.nodes + 1):
-            state["nodes"].append(_start_agent(layout, index, lb, profile, dns_upstream, extra))
+            state["nodes"].append(
+                _start_agent(layout, index, lb, profile, dns_upstream, extra, run_as)
+            )
         _save(layout, state)
         _wait_converged(layout, timeout)
     except BaseException:
@@ -278,7 +349,13 @@ def _attach(layout: Layout, ns: str, address: str, port_name: str) -> None:
 
 
 def agent_argv(
-    layout: Layout, index: int, lb: str, profile: str, dns_upstream: str, extra: Sequence[str]
+    layout: Layout,
+    index: int,
+    lb: str,
+    profile: str,
+    dns_upstream: str,
+    extra: Sequence[str],
+    python: Sequence[str] = (sys.executable,),
 ) -> list[str]:
     joins: list[str] = []
     for other in range(1, layout.nodes + 1):
@@ -287,7 +364,7 @@ def agent_argv(
     chosen = any(flag in extra for flag in GOSSIP_SECURITY_FLAGS)
     security = [] if chosen else ["--token-file", str(layout.state_dir / "join-token")]
     return [
-        sys.executable,
+        *python,
         "-m",
         "mesh",
         "agent",
@@ -312,10 +389,24 @@ def agent_argv(
 
 
 def _start_agent(
-    layout: Layout, index: int, lb: str, profile: str, dns_upstream: str, extra: Sequence[str]
+    layout: Layout,
+    index: int,
+    lb: str,
+    profile: str,
+    dns_upstream: str,
+    extra: Sequence[str],
+    run_as: RunAs | None,
 ) -> dict[str, Any]:
     ns = layout.node_ns(index)
-    argv = agent_argv(layout, index, lb, profile, dns_upstream, extra)
+    if run_as is None:
+        argv = agent_argv(layout, index, lb, profile, dns_upstream, extra)
+    else:
+        # The data dir is the user's, as systemd's StateDirectory= makes it.
+        data_dir = layout.state_dir / f"n{index}"
+        data_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(data_dir, run_as.uid, run_as.gid)
+        python = [*run_as.prefix(), *run_as.python()]
+        argv = agent_argv(layout, index, lb, profile, dns_upstream, extra, python)
     log = layout.state_dir / f"n{index}.log"
     proc = _spawn_agent(ns, argv, log)
     return {
@@ -643,6 +734,16 @@ def parser() -> argparse.ArgumentParser:
         help="seconds to wait for every node to see every other alive",
     )
     make.add_argument(
+        "--user",
+        metavar="UID[:GID]",
+        help="run the agents as this user with only the unit's capabilities (setpriv)",
+    )
+    make.add_argument(
+        "--caps",
+        metavar="CAP,...",
+        help=f"the capabilities of --user, setpriv names (default {','.join(UNIT_CAPS)})",
+    )
+    make.add_argument(
         "--agent-arg",
         action="append",
         default=[],
@@ -682,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dns_upstream=args.dns_upstream,
                 extra=args.agent_arg,
                 timeout=args.timeout,
+                run_as=None if args.user is None else RunAs.parse(args.user, args.caps),
             )
             for node in state["nodes"]:
                 print(f"n{node['index']}  {node['address']}  pid {node['pid']}  ns {node['ns']}")

@@ -1,7 +1,9 @@
 """Which L4 backend this node runs: `--lb auto|ipvs|nftables|userspace` (docs/design.md).
 
-`auto` takes `ipvs` where the kernel has ip_vs, else `nftables` where the agent
-is root and `nft` works, else `userspace`, and says why in `Choice.reason`
+`auto` takes `ipvs` where the kernel has ip_vs, else `nftables` where `nft`
+works, each only when the agent holds CAP_NET_ADMIN (root, or a service user
+given the capability: `mesh.core.capabilities`), else `userspace`, and says why
+in `Choice.reason`
 (the agent logs it at start). The kernel backends live in `lb.ipvs` and
 `lb.nft`, imported only when chosen: a build without one of them still runs,
 `auto` passes over it with the reason, and asking for it by name is a clear
@@ -22,6 +24,7 @@ from types import ModuleType
 
 from lb.backend import Backend
 from lb.userspace import ProxySettings, UserspaceBackend
+from mesh.core.capabilities import effective
 
 IP_VS_PROC = Path("/proc/net/ip_vs")
 NFT_TABLE = "meshplane"
@@ -62,7 +65,8 @@ class Probes:
     """What `choose` asks of the machine; tests give their own answers."""
 
     has_ip_vs: Callable[[], bool] = kernel_has_ip_vs
-    is_root: Callable[[], bool] = field(default=lambda: os.geteuid() == 0)
+    #: CAP_NET_ADMIN in the effective set: both kernel backends need it (netlink, nft)
+    net_admin: Callable[[], bool] = field(default=lambda: effective().net_admin)
     nft_works: Callable[[], bool] = nft_works
     import_module: Callable[[str], ModuleType] = importlib.import_module
 
@@ -97,6 +101,11 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
     probes = probes or Probes()
     if requested == "userspace":
         return Choice(UserspaceBackend(settings), "asked for (--lb userspace)")
+    if requested in ("ipvs", "nftables") and not probes.net_admin():
+        raise SelectError(
+            f"--lb {requested}: the agent lacks CAP_NET_ADMIN (run it as root, or give it "
+            "the capability: AmbientCapabilities=CAP_NET_ADMIN), or choose --lb userspace"
+        )
     if requested == "ipvs":
         if not probes.has_ip_vs():
             raise SelectError(
@@ -114,6 +123,9 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
     if requested != "auto":
         raise SelectError(f"--lb {requested!r}: choose auto, ipvs, nftables or userspace")
     passed: list[str] = []
+    if not probes.net_admin():
+        reason = "ipvs, nftables: no CAP_NET_ADMIN"
+        return Choice(UserspaceBackend(settings), reason)
     if probes.has_ip_vs():
         try:
             return Choice(_ipvs(probes, settings), "the kernel has ip_vs")
@@ -121,13 +133,11 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
             passed.append(f"ipvs: {exc}")
     else:
         passed.append("ipvs: the kernel has no ip_vs")
-    if not probes.is_root():
-        passed.append("nftables: not root")
-    elif not probes.nft_works():
+    if not probes.nft_works():
         passed.append("nftables: `nft list tables` fails")
     else:
         try:
-            return Choice(_nftables(probes), "no ip_vs; root and nft works")
+            return Choice(_nftables(probes), "no ip_vs; CAP_NET_ADMIN and nft works")
         except SelectError as exc:
             passed.append(f"nftables: {exc}")
     return Choice(UserspaceBackend(settings), "; ".join(passed))

@@ -3,7 +3,9 @@
 Precedence: a flag given on the command line, then the TOML file of
 `--config`, then the environment (`MESH_API_TOKEN`, `MESH_JOIN_TOKEN`), then the embedded
 defaults, which differ for root and for an unprivileged user (docs/design.md,
-"Ports and addresses"): without root the DNS and HRM ports move above 1024,
+"Ports and addresses"; a service user holding CAP_NET_ADMIN and
+CAP_NET_BIND_SERVICE, as deploy/meshplane.service runs it, gets root's): without
+root the DNS and HRM ports move above 1024,
 the address pool moves into 127/8 so that VIPs work on loopback, and the data
 dir moves under the user's home.
 """
@@ -23,6 +25,7 @@ from typing import Any
 from gossip import join_token
 from mesh.api_tokens import Scope, TokenFileError, Tokens, parse_token_file, tokens
 from mesh.core import net
+from mesh.core.capabilities import effective
 from mesh.core.net import HostPort
 from mesh.errors import MeshError
 from mesh.ipam import DEFAULT_POOL, UNPRIVILEGED_POOL, parse_pool, parse_subnet
@@ -45,8 +48,14 @@ def parse_host_port(text: str, default_port: int | None, what: str) -> HostPort:
         raise ConfigError(str(exc)) from None
 
 
-def is_root() -> bool:
-    return os.geteuid() == 0
+def runs_privileged() -> bool:
+    """Whether root's defaults apply: root, or a service user holding the capabilities
+    they need (CAP_NET_BIND_SERVICE for :53 and :80; CAP_NET_ADMIN for the kernel load
+    balancer that serves VIPs from the 10/8 pool): the user of deploy/meshplane.service."""
+    if os.geteuid() == 0:
+        return True
+    caps = effective()
+    return caps.net_admin and caps.net_bind_service
 
 
 def default_data_dir(root: bool) -> Path:
@@ -411,7 +420,7 @@ def load_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Ag
     if "api_token" not in values and env.get("MESH_API_TOKEN"):
         values["api_token"] = env["MESH_API_TOKEN"]
     values["join_token"] = _join_token(values, env)
-    return _build(values, root=is_root())
+    return _build(values, root=runs_privileged())
 
 
 def _join_token(values: dict[str, Any], env: Mapping[str, str]) -> join_token.JoinToken | None:

@@ -11,6 +11,7 @@ sockets, so the reservation takes none.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -53,6 +54,9 @@ class HttpMesh:
         self.pool: WorkerPool | None = None
         self._reserved: list[socket.socket] = []
         self._reports: dict[int, dict[str, Any]] = {}
+        #: set once the router answers: in this loop once started; with workers, once each
+        #: has reported (a worker's first report follows its listen by a second)
+        self.serving = asyncio.Event()
 
     def load(self, records: Iterable[Record]) -> None:
         if self.service is not None:
@@ -67,6 +71,8 @@ class HttpMesh:
         pid, stats = message.get("http_worker"), message.get("stats")
         if isinstance(pid, int) and isinstance(stats, dict):
             self._reports[pid] = stats
+            if len(self._reports) >= self.workers:
+                self.serving.set()
 
     def snapshot(self) -> dict[str, Any]:
         """The router's counters: the agent's own, or the sum of the workers' last reports.
@@ -82,6 +88,7 @@ class HttpMesh:
         """Listen (in this loop, the service `load` fed), or start the workers."""
         if self.service is not None:
             await self.service.start()
+            self.serving.set()
             return
         ends = self.endpoints
         http = reserve(ends.host, ends.port)

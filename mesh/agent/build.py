@@ -53,6 +53,8 @@ from mesh.cluster import (
 )
 from mesh.config import AgentConfig, describe
 from mesh.control import Control
+from mesh.core import capabilities
+from mesh.core.capabilities import effective, unprivileged_port_start
 from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Health
@@ -246,6 +248,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
             )
         )
     )
+    held = _check_capabilities(config)
     lb = _lb(config, feed)
     http = _http(config)
     missing = missing_privileges()
@@ -291,6 +294,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
             "sandboxes": (
                 {"enabled": False, "reason": missing} if sandboxes is None else sandboxes.describe()
             ),
+            "capabilities": held,
         },
         gossip_stats=cluster.stats,
         keyring=keyring,
@@ -338,6 +342,36 @@ def _api_ssl(config: AgentConfig) -> ssl.SSLContext | None:
         return server_context(config.api_tls_cert, config.api_tls_key, config.api_tls_ca)
     except TlsError as exc:
         raise MeshStartError(str(exc)) from None
+
+
+def _check_capabilities(config: AgentConfig) -> dict[str, list[str]]:
+    """One warning line per capability this agent lacks, naming what it turns off
+    (`mesh.core.capabilities`); what `GET /v1/agent` shows under `capabilities`."""
+    caps = effective()
+    lowest = unprivileged_port_start()
+    listeners = [("api", config.api), ("dns", config.dns), ("gossip", config.advertise)]
+    listeners += [("http", config.http), ("https", config.https)]
+    low_ports = [
+        f"{role} {where}" for role, where in listeners if where is not None and where.port < lowest
+    ]
+    lacking = capabilities.missing(
+        caps,
+        low_ports=low_ports,
+        kernel_lb=None if config.lb == "userspace" else config.lb,
+        sandboxes=True,
+    )
+    for item in lacking:
+        event(
+            log,
+            "capability_missing",
+            logging.WARNING,
+            capability=item.capability,
+            disables=item.disables,
+        )
+    return {
+        "effective": [name for bit, name in sorted(capabilities.NAMES.items()) if caps.has(bit)],
+        "missing": [item.line() for item in lacking],
+    }
 
 
 def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:

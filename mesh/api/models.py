@@ -334,12 +334,20 @@ class SandboxesOut(_Response):
     encryption: EncryptionOut | None = None
 
 
+class CapabilitiesOut(_Response):
+    #: the capabilities the agent's features use that it holds (CAP_NET_ADMIN, ...)
+    effective: list[str]
+    #: one line per capability it lacks: "no CAP_X: what is off without it"
+    missing: list[str]
+
+
 class AgentOut(_Response):
     node: str
     pid: int
     started_at: float  # wall clock
     config: dict[str, str]  # every setting, as the start-up log shows it (token hidden)
     sandboxes: SandboxesOut | None = None
+    capabilities: CapabilitiesOut | None = None
 
 
 class DnsRecordOut(_Response):

@@ -106,10 +106,10 @@ def _keygen(ctx: Context, args: argparse.Namespace) -> int:
 def _join_token(ctx: Context, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mesh.config import default_data_dir, is_root
+    from mesh.config import default_data_dir, runs_privileged
     from mesh.gossip_keys import GossipKeysError, join_token
 
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(is_root())
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(runs_privileged())
     try:
         token = join_token(
             data_dir, Path(args.keyring) if args.keyring else None, args.cluster_label

@@ -48,10 +48,12 @@ harness = _load_harness()
 class MeshCluster:
     """A running netns cluster, as the tests use it."""
 
-    def __init__(self, name: str, nodes: int, lb: str) -> None:
+    def __init__(self, name: str, nodes: int, lb: str, run_as: Any = None) -> None:
         self.name = name
         self.size = nodes
         self.lb = lb
+        #: a `harness.RunAs`: the agents run as that user with only its capabilities
+        self.run_as = run_as
         self.layout = harness.Layout(name, nodes, "10.77.0.0/24")
         self.state: dict[str, Any] = {}
         self.upstream: FakeUpstream | None = None
@@ -67,6 +69,7 @@ class MeshCluster:
             dns_upstream=f"{client}:53",
             extra=[],
             timeout=60,
+            run_as=self.run_as,
         )
         self.upstream = harness.in_netns(
             self.state["client"],
@@ -198,14 +201,21 @@ def secs(elapsed: float | None) -> str:
     return "never" if elapsed is None else f"{elapsed:.1f} s"
 
 
-def start_cluster(nodes: int, lb: str) -> Iterator[MeshCluster]:
+def start_cluster(nodes: int, lb: str, run_as: Any = None) -> Iterator[MeshCluster]:
+    """A cluster for one module; `run_as` (a `harness.RunAs`): its agents run as that
+    user with only those capabilities, as deploy/meshplane.service starts them."""
     reason = unavailable()
     if reason is not None:
         pytest.skip(reason)
-    for tool in ("dig", "curl", "nft", "getent"):
+    for tool in ("dig", "curl", "nft", "getent", *(["setpriv"] if run_as else [])):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
-    cluster = MeshCluster(f"e{secrets.token_hex(3)}", nodes, lb)
+    if run_as is not None:
+        try:
+            run_as.python()  # a Python that user may run, with the packages it may read
+        except harness.ClusterError as exc:
+            pytest.skip(f"the agents cannot run as uid {run_as.uid} here: {exc}")
+    cluster = MeshCluster(f"e{secrets.token_hex(3)}", nodes, lb, run_as)
     try:
         cluster.up()
         yield cluster

@@ -4,6 +4,11 @@ Three nodes, `--lb auto` (nftables here: root in a namespace, no ip_vs), one
 real HTTP task per node. The client connects to each node's address: every
 node answers and spreads over the tasks of all nodes. Then the HTTP routing
 mesh by Host, and a crash of one agent under load.
+
+Every test runs twice: with the agents as root, and as deploy/meshplane.service
+runs them, a non-root user (nobody) holding only CAP_NET_ADMIN and
+CAP_NET_BIND_SERVICE (`setpriv`, ambient capabilities, no new privileges), its data
+dir its own: the same nftables backend, DNS on :53 and the HRM on :80.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import http.client
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,9 +32,45 @@ PUBLISHED = 8080
 HOST = "web.example"
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[MeshCluster]:
-    yield from start_cluster(NODES, "auto")
+#: the user the unprivileged variant runs its agents as (nobody)
+SERVICE_USER = harness.RunAs(65534, 65534, harness.UNIT_CAPS)
+
+
+@pytest.fixture(scope="module", params=["root", "service-user"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[MeshCluster]:
+    yield from start_cluster(NODES, "auto", SERVICE_USER if request.param != "root" else None)
+
+
+def test_agents_run_as_the_user_they_were_given(cluster: MeshCluster) -> None:
+    """Each agent runs as that user with exactly those capabilities, and its kernel LB
+    is the one root gets (auto: nftables here), not a userspace fallback."""
+    for node in range(1, NODES + 1):
+        pid = cluster.state["nodes"][node - 1]["pid"]
+        status = dict(
+            line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        uid = int(status["Uid"].split()[0])
+        eff = int(status["CapEff"], 16)
+        info = cluster.api(node, "/v1/agent")
+        print(
+            f"\nn{node}: uid {uid}, CapEff {eff:#x}, lb {cluster.api(node, '/v1/lb')['backend']}, "
+            f"missing {info['capabilities']['missing']}"
+        )
+        if cluster.run_as is None:
+            assert uid == 0
+            assert info["capabilities"]["missing"] == []
+        else:
+            assert uid == cluster.run_as.uid
+            assert eff == (1 << 10 | 1 << 12), f"{eff:#x}"  # NET_BIND_SERVICE, NET_ADMIN
+            assert status["NoNewPrivs"].strip() == "1"
+            assert info["capabilities"]["effective"] == ["CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN"]
+            missing = info["capabilities"]["missing"]
+            assert len(missing) == 1 and missing[0].startswith("no CAP_SYS_ADMIN: sandboxes")
+            # The data dir and what the agent made in it are the user's.
+            data_dir = Path(cluster.state["nodes"][node - 1]["log"]).parent / f"n{node}"
+            assert {p.stat().st_uid for p in [data_dir, *data_dir.iterdir()]} == {uid}
+        assert cluster.api(node, "/v1/lb")["backend"] == cluster.api(1, "/v1/lb")["backend"]
+        assert cluster.api(node, "/v1/lb")["backend"] != "userspace"
 
 
 def get(

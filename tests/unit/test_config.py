@@ -10,11 +10,12 @@ import pytest
 from mesh import config
 from mesh.api_tokens import Scope
 from mesh.config import ConfigError, HostPort, describe, load_config, parse_host_port
+from mesh.core.capabilities import Capabilities
 
 
 @pytest.fixture(params=[True, False], ids=["root", "user"])
 def root(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(config, "is_root", lambda: request.param)
+    monkeypatch.setattr(config, "runs_privileged", lambda: request.param)
     monkeypatch.setenv("HOME", "/home/someone")
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     return bool(request.param)
@@ -265,3 +266,22 @@ def test_insecure_gossip_and_verify_flags_in_the_file(tmp_path: Path) -> None:
     cfg = load_config(["--config", str(file)], env={})
     assert cfg.insecure_gossip and not cfg.gossip_verify_outgoing and cfg.gossip_verify_incoming
     assert not load_config([], env={}).insecure_gossip
+
+
+@pytest.mark.parametrize(
+    ("euid", "mask", "privileged"),
+    [
+        (0, 0, True),
+        # the hardened unit's service user: both capabilities, root's defaults
+        (998, 1 << 10 | 1 << 12, True),
+        (998, 1 << 10, False),
+        (998, 1 << 12, False),
+        (998, 0, False),
+    ],
+)
+def test_a_service_user_with_the_capabilities_gets_the_root_defaults(
+    monkeypatch: pytest.MonkeyPatch, euid: int, mask: int, privileged: bool
+) -> None:
+    monkeypatch.setattr(config.os, "geteuid", lambda: euid)
+    monkeypatch.setattr(config, "effective", lambda: Capabilities(mask))
+    assert config.runs_privileged() is privileged

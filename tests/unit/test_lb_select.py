@@ -36,13 +36,13 @@ def modules(*present: str) -> Any:
 def probes(
     *,
     ip_vs: bool = False,
-    root: bool = True,
+    net_admin: bool = True,
     nft: bool = True,
     present: tuple[str, ...] = ("lb.ipvs", "lb.nft"),
 ) -> Probes:
     return Probes(
         has_ip_vs=lambda: ip_vs,
-        is_root=lambda: root,
+        net_admin=lambda: net_admin,
         nft_works=lambda: nft,
         import_module=modules(*present),
     )
@@ -61,9 +61,13 @@ def test_auto_prefers_ipvs_then_nftables_then_userspace() -> None:
     chosen = choose("auto", SETTINGS, probes())
     assert chosen.backend.name == "nftables"
     assert chosen.backend.kwargs == {"table": "meshplane"}  # type: ignore[attr-defined]
-    fallback = choose("auto", SETTINGS, probes(root=False))
+    fallback = choose("auto", SETTINGS, probes(net_admin=False))
     assert isinstance(fallback.backend, UserspaceBackend)
-    assert fallback.reason == "ipvs: the kernel has no ip_vs; nftables: not root"
+    assert fallback.reason == "ipvs, nftables: no CAP_NET_ADMIN"
+    # Without the capability, a loaded ip_vs is passed over too (netlink would refuse).
+    assert isinstance(
+        choose("auto", SETTINGS, probes(ip_vs=True, net_admin=False)).backend, UserspaceBackend
+    )
 
 
 def test_auto_passes_over_a_backend_missing_from_the_build_and_says_so() -> None:
@@ -83,6 +87,9 @@ def test_asking_by_name_fails_clearly_when_it_cannot_run() -> None:
         choose("ipvs", SETTINGS, probes(ip_vs=False))
     with pytest.raises(SelectError, match="nft list tables"):
         choose("nftables", SETTINGS, probes(nft=False))
+    for kernel in ("ipvs", "nftables"):
+        with pytest.raises(SelectError, match=f"--lb {kernel}: the agent lacks CAP_NET_ADMIN"):
+            choose(kernel, SETTINGS, probes(ip_vs=True, net_admin=False))
     with pytest.raises(SelectError, match="choose auto"):
         choose("magic", SETTINGS, probes())
 
