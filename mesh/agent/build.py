@@ -33,6 +33,7 @@ from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD
 from lb.driver import LbDriver
+from lb.http.problems import RouteProblems
 from lb.http.service import HttpEndpoints
 from lb.http.serving import HttpMesh
 from lb.http.settings import RouterSettings
@@ -195,6 +196,9 @@ class Agent:
     dns: DnsService | None
     lb: LbDriver
     http: HttpMesh | None
+    #: every service's HRM route problems, by the routers' rules (follows the feed in
+    #: this process, whether or not it routes HTTP); read by the API, doctor, metrics
+    route_problems: RouteProblems
     #: this node's sandboxes and driver-backed networks; None without the privileges
     sandboxes: SandboxManager | None
     #: this node's VTEP (its advertise address) when it serves overlay networks
@@ -243,6 +247,11 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     )
     lb = _lb(config, feed)
     http = _http(config)
+    route_problems = RouteProblems(
+        None
+        if config.http is None or config.https is None
+        else [CertSpec.parse(c).host for c in config.tls_certs]
+    )
     missing = missing_privileges()
     vtep = None if missing is not None else _vtep(config)
     sandboxes = None if missing is not None else _sandboxes(config, dns, lb, vtep)
@@ -291,6 +300,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         keyring=keyring,
         lb=lb.describe,
         http_stats=None if http is None else http.snapshot,
+        route_problems=route_problems.by_service,
         node_statuses=cluster.node_statuses,
         sandboxes=sandboxes,
     )
@@ -312,6 +322,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         dns=dns,
         lb=lb,
         http=http,
+        route_problems=route_problems,
         sandboxes=sandboxes,
         vtep=vtep,
         feed_server=feed_server,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
+from lb.http.routes import Problem
 from mesh.api.models import ErrorDetail, ErrorOut
 from mesh.control import Control
 from mesh.core.logs import event
@@ -89,6 +90,11 @@ class ApiDeps:
     sandboxes: SandboxPort | None = None
     #: how long a sandboxed task's creation waits for its sandbox before it fails (503)
     sandbox_timeout: float = 30.0
+    #: service -> its HRM route problems, as this node sees them (lb.http.problems)
+    route_problems: Callable[[], dict[str, list[Problem]]] | None = None
+
+    def problems_of(self, service: str) -> list[Problem]:
+        return [] if self.route_problems is None else self.route_problems().get(service, [])
 
     def node_status(self) -> Callable[[str], str]:
         """node -> its status as seen now; this node is alive, a node gossip never

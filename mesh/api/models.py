@@ -222,6 +222,14 @@ class HealthCheckOut(_Response):
     ttl: float
 
 
+class RouteProblemOut(_Response):
+    """Why an HRM route of the service is not used, or not used well (docs/hrm.md)."""
+
+    kind: Literal["label", "conflict", "target_port", "certificate"]
+    label: str
+    reason: str
+
+
 class ServiceOut(_Response):
     name: str
     id: str
@@ -235,6 +243,8 @@ class ServiceOut(_Response):
     updated_at: float
     version: int
     aliases: dict[str, list[str]]
+    #: its HRM route problems as this node sees them; left out of the event stream
+    problems: list[RouteProblemOut] = Field(default_factory=list)
 
 
 class EndpointOut(_Response):

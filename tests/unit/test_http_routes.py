@@ -794,3 +794,20 @@ def test_problem_for_names_the_broken_label_of_a_host_until_it_is_fixed() -> Non
     assert table.problem_for("a.example.com") is None
     delete(table, hrm)
     assert table.problem_for("h.example.com") is None
+
+
+def test_route_problems_view_groups_by_service_with_this_nodes_certificates() -> None:
+    from lb.http.problems import RouteProblems
+
+    view = RouteProblems(cert_hosts=["a.example.com"])
+    good = service("good", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"})
+    view.load([good, service("bad", {"mesh.http.port": "80"})])
+    assert {name: [p.kind for p in ps] for name, ps in view.by_service().items()} == {
+        "bad": ["label"]
+    }
+    moved = dataclasses.replace(good, labels={**good.labels, "mesh.http.hosts": "b.example.com"})
+    view.on_change(Change(Kind.SERVICE, "good", good, moved))
+    assert [(p.service, p.kind) for p in view.route_problems()] == [
+        ("bad", "label"),
+        ("good", "certificate"),
+    ]
