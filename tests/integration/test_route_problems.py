@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.agent import AgentProcess
+from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.certs import self_signed
 from tests.integration.conftest import StartAgent
 from tests.integration.test_cli_flow import mesh, mesh_json
 
@@ -113,3 +115,27 @@ def test_a_bad_label_is_loud_everywhere(start_agent: StartAgent, workers: int) -
     doctor = mesh(agent, "doctor", "--json", "--settle", "0", check=False)
     routes = [f for f in json.loads(doctor.stdout)["findings"] if f["check"] == "routes"]
     assert [f["status"] for f in routes] == ["fail"] and "web2" in routes[0]["message"]
+
+
+def test_a_host_this_nodes_https_has_no_certificate_for(
+    start_agent: StartAgent, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path, "x.test")
+    agent = start_agent(
+        extra=["--https", f"127.0.0.1:{free_port()}", "--tls-cert", f"x.test={cert},{key}"]
+    )
+    created = mesh(
+        agent, "service", "create", "web",
+        "--label", "mesh.http.hosts=x.test,nocert.test", "--label", "mesh.http.port=80",
+    )  # fmt: skip
+    reason = (
+        "no TLS certificate for nocert.test on this node: "
+        "HTTPS clients get the default certificate (x.test)"
+    )
+    print(f"\nmesh service create: stderr: {created.stderr.strip()}")
+    assert created.stderr == (
+        f"mesh: warning: service web: certificate problem in label mesh.http.hosts: {reason}\n"
+    )
+    assert problems(agent, "web") == [
+        {"kind": "certificate", "label": "mesh.http.hosts", "reason": reason}
+    ]
