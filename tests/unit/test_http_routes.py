@@ -651,6 +651,8 @@ LABEL_SETS = [
     {HRM: "external_route=http://,internal_port=80,sticky_sessions=sid"},
     {"mesh.http.hosts": "x.com", "mesh.http.port": "8080", "com.docker.lb.context_root": "/api"},
     {HRM: "bad"},
+    {"mesh.http.hosts": "x.com", "mesh.http.port": "x"},  # names x.com, does not parse
+    {HRM: "external_route=http://y.com,internal_port=nope"},
 ]
 PROBES = [(h, p) for h in ("x.com", "Y.COM:80", "z.com") for p in ("/", "/api", "/api/v1", "/apix")]
 
@@ -700,6 +702,9 @@ def test_incremental_changes_equal_a_table_built_from_scratch(ops: list[tuple[An
         scratch = table_of(*live.values())
         assert table.matches() == scratch.matches()
         assert table.problems() == scratch.problems()
+        assert table.problems(["x.com"]) == scratch.problems(["x.com"])
+        for host, _ in PROBES:
+            assert table.problem_for(host) == scratch.problem_for(host)
         for host, path in PROBES:
             assert table.match(host, path) == scratch.match(host, path)
             assert table.match_sni(host) == scratch.match_sni(host)
