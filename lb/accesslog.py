@@ -17,6 +17,8 @@ import collections
 import json
 import os
 import random
+import select
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +49,10 @@ class AccessLogSettings:
             raise ValueError(f"access-log sample rate {self.rate!r}: between 0 and 1")
         if self.format not in FORMATS:
             raise ValueError(f"access-log format {self.format!r}: one of {', '.join(FORMATS)}")
+
+
+#: no access log (a rate of 0)
+OFF = AccessLogSettings(rate=0.0)
 
 
 class Sampler:
@@ -127,14 +133,17 @@ class AccessQueue:
         return True
 
     def drain(self, formatter: Callable[[Entry], str], max_bytes: int = BATCH_BYTES) -> bytes:
-        """Whole lines, up to about `max_bytes`, taken from the queue's front."""
+        """Whole lines, at most `max_bytes` (or one longer line), from the queue's front."""
         lines: list[str] = []
         size = 0
         entries = self.entries
-        while entries and size < max_bytes:
-            line = formatter(entries.popleft()) + "\n"
-            lines.append(line)
+        while entries:
+            line = formatter(entries[0]) + "\n"
             size += len(line)
+            if size > max_bytes and lines:
+                break  # it starts the next batch: a batch stays within one write's bound
+            entries.popleft()
+            lines.append(line)
         return "".join(lines).encode("utf-8", "replace")
 
 
@@ -155,6 +164,7 @@ class AccessLog:
         self.write_errors = 0
         self._formatter = FORMATTERS[settings.format]
         self._fd = -1
+        self._batch = BATCH_BYTES
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -186,6 +196,10 @@ class AccessLog:
             self._fd = os.open(
                 self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
             )
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            # A pipe keeps a write whole only up to PIPE_BUF: other writers (the agent's
+            # own log, another process's access log) may share it.
+            self._batch = select.PIPE_BUF
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
 
@@ -203,7 +217,7 @@ class AccessLog:
     def flush(self) -> None:
         """Write every queued entry now (the writer thread does this on its own)."""
         while self.queue.entries:
-            data = self.queue.drain(self._formatter)
+            data = self.queue.drain(self._formatter, self._batch)
             lines = data.count(b"\n")
             try:
                 view = memoryview(data)

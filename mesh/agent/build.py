@@ -32,6 +32,7 @@ from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD
+from lb.accesslog import AccessLogSettings
 from lb.driver import LbDriver
 from lb.http.service import HttpEndpoints
 from lb.http.serving import HttpMesh
@@ -329,7 +330,11 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         choice = choose(
             config.lb,
             ProxySettings(
-                publish_address=config.publish_address, tcp_idle_timeout=config.lb_tcp_idle
+                publish_address=config.publish_address,
+                tcp_idle_timeout=config.lb_tcp_idle,
+                access_log=AccessLogSettings(
+                    config.access_log, config.access_log_sample, config.access_log_format
+                ),
             ),
         )
     except SelectError as exc:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import re
 import time
 from pathlib import Path
 
 from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.echo import EchoServer, hello
 from tests.helpers.http_backend import BackendProcess
 
 CLF = re.compile(
@@ -144,3 +146,61 @@ def test_sampled_lines_in_the_combined_log_format(tmp_path: Path) -> None:
     finally:
         agent.stop()
         backend.stop()
+
+
+def test_l4_connections_are_logged_when_they_end(tmp_path: Path) -> None:
+    net = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}"
+    log_path = tmp_path / "access.log"
+    agent = AgentProcess(
+        tmp_path / "agent",
+        publish_address=f"{net}.1",
+        extra=["--access-log", str(log_path), "--access-log-sample", "1"],
+    )
+    agent.start()
+    servers = [EchoServer(f"{net}.{101 + i}", 9000) for i in range(2)]
+    try:
+        assert agent.request("POST", "/v1/networks", {"name": "front"})[0] == 201
+        published = free_port()
+        status, body = agent.request(
+            "POST",
+            "/v1/services",
+            {
+                "name": "tcpweb",
+                "networks": ["front"],
+                "ports": [{"target_port": 80, "published_port": published}],
+            },
+        )
+        assert status == 201, body
+        for server in servers:
+            status, body = agent.request(
+                "POST",
+                "/v1/services/tcpweb/tasks",
+                {"address": server.address, "ports": {"80": 9000}},
+            )
+            assert status == 201, body
+        deadline = time.monotonic() + 10
+        while hello(f"{net}.1", published) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        count = 20
+        answers = [hello(f"{net}.1", published) for _ in range(count)]
+        assert None not in answers
+        lines = _lines(log_path, count + 1)
+        entries = [json.loads(line) for line in lines]
+        # (connections made while the table was still empty have no backend: "-")
+        ours = [
+            e
+            for e in entries
+            if e["kind"] == "tcp" and e["service"].endswith(f":{published}") and e["backend"] != "-"
+        ]
+        print(f"{count + 1}+ connections, {len(ours)} L4 access-log lines; e.g. {ours[-1]}")
+        assert len(ours) >= count + 1
+        assert {e["backend"] for e in ours} == {s.name for s in servers}
+        assert all(e["client"] == f"{net}.1" or e["client"].startswith("127.") for e in ours)
+        assert all(e["bytes_out"] > 0 and e["duration_ms"] >= 0 for e in ours)
+        status, lb = agent.request("GET", "/v1/lb")
+        assert lb["stats"]["access_log_written"] >= count + 1, lb["stats"]
+        assert lb["stats"]["access_log_dropped"] == 0
+    finally:
+        for server in servers:
+            server.close()
+        agent.stop()

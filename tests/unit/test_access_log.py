@@ -107,7 +107,8 @@ def test_drain_takes_whole_lines_up_to_the_batch_size() -> None:
     for i in range(10):
         queue.put({"n": i})
     first = queue.drain(lambda e: "x" * 9, max_bytes=25)
-    assert first == b"xxxxxxxxx\n" * 3 and len(queue.entries) == 7
+    assert first == b"xxxxxxxxx\n" * 2 and len(queue.entries) == 8
+    assert queue.drain(lambda e: "y" * 99, max_bytes=25) == b"y" * 99 + b"\n"  # one, whole
 
 
 def test_settings_refuse_a_bad_rate_or_format() -> None:
