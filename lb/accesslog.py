@@ -190,12 +190,16 @@ class AccessLog:
         """Open the destination and start the writer (nothing when the rate is 0)."""
         if not self.enabled or self._thread is not None:
             return
-        if self.settings.path == "-":
-            self._fd = os.dup(1)
-        else:
-            self._fd = os.open(
-                self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
-            )
+        path = self.settings.path
+        try:
+            if path == "-":
+                self._fd = os.dup(1)
+            else:
+                self._fd = os.open(
+                    path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+                )
+        except OSError as exc:  # the agent's start fails with this one line
+            raise OSError(exc.errno, f"access log {path}: {exc.strerror}") from None
         if not stat.S_ISREG(os.fstat(self._fd).st_mode):
             # A pipe keeps a write whole only up to PIPE_BUF: other writers (the agent's
             # own log, another process's access log) may share it.

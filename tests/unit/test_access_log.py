@@ -143,6 +143,12 @@ def test_rate_zero_starts_no_writer(tmp_path: Path) -> None:
     log.stop()
 
 
+def test_an_unwritable_destination_says_which(tmp_path: Path) -> None:
+    log = AccessLog(AccessLogSettings(str(tmp_path / "missing" / "a.log"), 1.0))
+    with pytest.raises(OSError, match=r"access log .*missing/a.log: No such file"):
+        log.start()
+
+
 def test_config_flags_and_toml(tmp_path: Path) -> None:
     cfg = load_config([])
     assert (cfg.access_log, cfg.access_log_sample, cfg.access_log_format) == ("-", 0.01, "json")
