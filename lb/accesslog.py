@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import random
 import select
@@ -71,22 +72,67 @@ class Sampler:
         return rate > 0.0 and self._rng() < rate
 
 
+class _SecondCache:
+    """`strftime` of the current second, formatted once a second (a writer formats
+    thousands of lines a second, nearly all in the second of the one before)."""
+
+    __slots__ = ("_pattern", "_second", "_text")
+
+    def __init__(self, pattern: str) -> None:
+        self._pattern = pattern
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            self._text = time.strftime(self._pattern, time.gmtime(second))
+            self._second = second
+        return self._text
+
+
+_clf_second = _SecondCache("%d/%b/%Y:%H:%M:%S +0000")
+_iso_second = _SecondCache("%Y-%m-%dT%H:%M:%S")
+
+
 def _clf_time(when: float) -> str:
-    return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(when))
+    return _clf_second(when)
 
 
 def _iso_time(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
+    return f"{_iso_second(when)}.{int(when % 1 * 1000):03d}Z"
 
 
 def _quoted(value: object) -> str:
     """A CLF quoted field: `"` and `\\` escaped, control characters dropped."""
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    text = str(value)
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # the usual case, at once
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
     return "".join(c for c in text if c.isprintable())
 
 
+#: a JSON string literal, all ASCII (the C encoder json.dumps uses): no byte of it can
+#: read as a line end (U+2028 would, to a reader using str.splitlines)
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
 def format_json(entry: Entry) -> str:
-    return json.dumps(entry | {"time": _iso_time(entry["time"])}, separators=(",", ":"))
+    """One JSON object on one line; built field by field, about twice as fast as
+    `json.dumps` of the dict (the writer formats every logged request)."""
+    parts = []
+    for key, value in entry.items():
+        if key == "time":
+            value = _iso_time(value)
+        if isinstance(value, str):
+            parts.append(f'"{key}":{_json_string(value)}')
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts.append(f'"{key}":{value}')
+        elif isinstance(value, float):
+            parts.append(f'"{key}":{value!r}' if math.isfinite(value) else f'"{key}":null')
+        else:
+            parts.append(f'"{key}":{json.dumps(value)}')
+    return "{" + ",".join(parts) + "}"
 
 
 def format_clf(entry: Entry) -> str:

@@ -57,6 +57,14 @@ def test_json_line_has_the_fields_and_an_iso_time() -> None:
     assert obj["duration_ms"] == 1.5
 
 
+def test_json_line_of_odd_values_is_one_valid_line() -> None:
+    odd = 'x"\\\n\r\u00e9\u2028\x00'
+    line = format_json(_http_entry(user_agent=odd, duration_ms=float("inf"), extra=None))
+    assert line.splitlines() == [line] and line.isascii()
+    obj = json.loads(line)
+    assert obj["user_agent"] == odd and obj["duration_ms"] is None and obj["extra"] is None
+
+
 def test_clf_is_the_combined_log_format() -> None:
     line = format_clf(_http_entry())
     assert line == (
