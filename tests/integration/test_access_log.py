@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import re
 import time
@@ -204,3 +205,34 @@ def test_l4_connections_are_logged_when_they_end(tmp_path: Path) -> None:
         for server in servers:
             server.close()
         agent.stop()
+
+
+def test_a_stuck_destination_drops_and_counts_and_never_blocks(tmp_path: Path) -> None:
+    """The log is a FIFO nobody reads: the writer blocks once the pipe is full, its
+    queue (8,192 entries) fills, and later entries are dropped and counted; every
+    request is still answered."""
+    port = free_port()
+    backend = BackendProcess({"t0": str(port)}, tmp_path / "b.log").start()
+    fifo = tmp_path / "access.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
+    agent = AgentProcess(
+        tmp_path / "agent", extra=["--access-log", str(fifo), "--access-log-sample", "1"]
+    )
+    try:
+        agent.start()
+        _service(agent, "stuck.test", [port])
+        count = 10_000
+        started = time.monotonic()
+        _send(agent.http_port, "stuck.test", count)  # asserts every answer is 200
+        took = time.monotonic() - started
+        status, stats = agent.request("GET", "/v1/http")
+        counters = {k: v for k, v in stats.items() if k.startswith("access")}
+        print(f"{count} requests in {took:.2f} s with the log stuck; {counters}")
+        assert status == 200 and stats["requests"] >= count
+        assert stats["access_log_dropped"] >= count - 8192 - 1000  # 64 KiB of pipe at most
+        assert took < 120  # generous: what matters is that it ended
+    finally:
+        agent.stop()
+        backend.stop()
+        os.close(reader)
