@@ -9,6 +9,8 @@ import json
 import os
 import random
 import re
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -236,3 +238,73 @@ def test_a_stuck_destination_drops_and_counts_and_never_blocks(tmp_path: Path) -
         agent.stop()
         backend.stop()
         os.close(reader)
+
+
+def test_udp_flows_are_logged_when_they_end(tmp_path: Path) -> None:
+    net = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}"
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind((f"{net}.101", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def echo() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = server.recvfrom(2048)
+            except TimeoutError:
+                continue
+            server.sendto(data.upper(), peer)
+
+    echoing = threading.Thread(target=echo, daemon=True)
+    echoing.start()
+    log_path = tmp_path / "access.log"
+    agent = AgentProcess(
+        tmp_path / "agent",
+        publish_address=f"{net}.1",
+        extra=["--access-log", str(log_path), "--access-log-sample", "1"],
+    )
+    agent.start()
+    try:
+        assert agent.request("POST", "/v1/networks", {"name": "front"})[0] == 201
+        published = free_port()
+        status, body = agent.request(
+            "POST",
+            "/v1/services",
+            {
+                "name": "udpecho",
+                "networks": ["front"],
+                "ports": [{"target_port": 53, "published_port": published, "protocol": "udp"}],
+            },
+        )
+        assert status == 201, body
+        status, body = agent.request(
+            "POST",
+            "/v1/services/udpecho/tasks",
+            {"address": f"{net}.101", "ports": {"53": server.getsockname()[1]}},
+        )
+        assert status == 201, body
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(0.5)
+            deadline = time.monotonic() + 10
+            answered = 0
+            while answered < 5 and time.monotonic() < deadline:
+                client.sendto(b"hello", (f"{net}.1", published))
+                try:
+                    answered += client.recv(100) == b"HELLO"
+                except TimeoutError:
+                    continue
+            assert answered == 5
+        agent.stop()  # flows end when the proxy closes (else after 30 s idle)
+        entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+        flows = [e for e in entries if e["kind"] == "udp"]
+        print("UDP flows logged:", flows)
+        assert len(flows) == 1
+        [flow] = flows
+        assert flow["service"] == f"udp/0.0.0.0:{published}"
+        assert flow["backend"] == f"{net}.101:{server.getsockname()[1]}"
+        assert flow["bytes_out"] == 25 and flow["bytes_in"] >= 25  # retries may add some
+    finally:
+        stop.set()
+        agent.stop()
+        echoing.join(5)
+        server.close()
