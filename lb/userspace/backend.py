@@ -59,7 +59,11 @@ class UserspaceBackend:
 
     def stats(self) -> dict[str, int]:
         """Counters since start: accepted, refused, failovers, idle closes, drops."""
-        return {**self.runtime.stats, "open": len(self.runtime.open), "unbound": len(self._unbound)}
+        return {
+            **self.runtime.counters(),
+            "open": len(self.runtime.open),
+            "unbound": len(self._unbound),
+        }
 
     def unbound(self) -> dict[str, str]:
         """Virtual services in the table that have no socket, and why."""

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from typing import cast
 
 from lb.fds import is_fd_shortage
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class Side(asyncio.BufferedProtocol):
     """One end of a proxied connection: what it reads goes to `peer`."""
 
-    __slots__ = ("buffer", "eof", "peer", "splice", "stalled", "transport")
+    __slots__ = ("buffer", "eof", "peer", "received", "splice", "stalled", "transport")
 
     def __init__(self, splice: Splice) -> None:
         self.splice = splice
@@ -42,6 +43,7 @@ class Side(asyncio.BufferedProtocol):
         self.buffer: memoryview | None = None
         self.stalled = False  # our transport holds unsent bytes: the peer must not read
         self.eof = False
+        self.received = 0  # bytes read and passed on (for the access log)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -70,6 +72,7 @@ class Side(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
             return
         assert peer.transport is not None and self.buffer is not None
+        self.received += nbytes
         peer.transport.write(self.buffer[:nbytes])
         if not peer.stalled:  # all written: the buffer is free again
             splice.runtime.buffers.give(self.buffer)
@@ -124,6 +127,8 @@ class Splice:
         "early",
         "idle",
         "idle_limit",
+        "logged",
+        "peer_ip",
         "real",
         "runtime",
         "service",
@@ -143,6 +148,8 @@ class Splice:
         self.done = False
         self.early = 0  # client bytes read before the real answered
         self.timed_out = False
+        self.logged = 0.0  # when it was accepted, if the access log samples it
+        self.peer_ip = ""
 
     def accepted(self, client: Side) -> None:
         transport = client.transport
@@ -152,6 +159,11 @@ class Splice:
             transport.abort()
             return
         self.runtime.stats["tcp_accepted"] += 1
+        access = self.runtime.access
+        if access is not None and access.take():
+            self.logged = time.time()
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = str(peer[0]) if peer else ""
         self.connecting = self.runtime.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -247,6 +259,8 @@ class Splice:
             self.runtime.release(self)
             if self.real is not None:
                 self.service.pool.closed(self.real)
+            if self.logged:
+                self._log_access()
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -255,6 +269,25 @@ class Splice:
         peer = side.peer
         if peer is not None and peer.transport is not None:
             peer.transport.close()  # sends what it holds, then closes
+
+    def _log_access(self) -> None:
+        """The connection's access-log entry (formatted by the log's writer thread)."""
+        access = self.runtime.access
+        assert access is not None
+        now = time.time()
+        upstream = self.upstream
+        access.put(
+            {
+                "time": now,
+                "kind": "tcp",
+                "client": self.peer_ip,
+                "service": str(self.service.key),
+                "backend": str(self.real) if self.real is not None else "-",
+                "bytes_in": self.client.received,
+                "bytes_out": upstream.received if upstream is not None else 0,
+                "duration_ms": round((now - self.logged) * 1000, 3),
+            }
+        )
 
     def _close_client(self, *, abort: bool) -> None:
         transport = self.client.transport

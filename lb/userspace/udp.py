@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 
 from lb.table import Real, ServiceOptions, VirtualKey
 from lb.userspace.runtime import Runtime, listening_socket
@@ -26,7 +27,18 @@ DATAGRAM_MAX = 65535
 class Flow:
     """One client address's datagrams to and from one real server."""
 
-    __slots__ = ("client", "idle", "idle_limit", "real", "service", "sock", "tried")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "idle",
+        "idle_limit",
+        "logged",
+        "real",
+        "service",
+        "sock",
+        "tried",
+    )
 
     def __init__(self, service: UdpService, client: tuple[str, int]) -> None:
         self.service = service
@@ -36,6 +48,9 @@ class Flow:
         self.real: Real | None = None
         self.sock: socket.socket | None = None
         self.tried: set[Real] = set()
+        self.logged = 0.0  # when it began, if the access log samples it
+        self.bytes_in = 0  # from the client (for the access log)
+        self.bytes_out = 0  # to the client
 
     def connect(self) -> bool:
         """Pick a real (past the ones that refused) and connect a socket to it."""
@@ -60,6 +75,7 @@ class Flow:
 
     def send(self, data: memoryview) -> None:
         self.idle = 0
+        self.bytes_in += len(data)
         assert self.sock is not None
         try:
             self.sock.send(data)
@@ -89,6 +105,7 @@ class Flow:
             except OSError:
                 return
             self.idle = 0
+            self.bytes_out += size
             service.reply(buffer[:size], self.client)
 
     def _failover(self) -> None:
@@ -111,8 +128,30 @@ class Flow:
             self.real = None
 
     def expire(self) -> None:
+        if self.logged:
+            self._log_access()
+            self.logged = 0.0
         self._close_socket()
         self.service.forget(self)
+
+    def _log_access(self) -> None:
+        """The flow's access-log entry, when it ends (idle, or the proxy closing)."""
+        access = self.service.runtime.access
+        if access is None:
+            return
+        now = time.time()
+        access.put(
+            {
+                "time": now,
+                "kind": "udp",
+                "client": self.client[0],
+                "service": str(self.service.key),
+                "backend": str(self.real) if self.real is not None else "-",
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "duration_ms": round((now - self.logged) * 1000, 3),
+            }
+        )
 
 
 class UdpService:
@@ -163,6 +202,9 @@ class UdpService:
             return None
         self.runtime.stats["udp_flows"] += 1
         self.flows[client] = flow
+        access = self.runtime.access
+        if access is not None and access.take():
+            flow.logged = time.time()
         return flow
 
     def reply(self, data: memoryview, client: tuple[str, int]) -> None:

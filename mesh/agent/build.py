@@ -32,6 +32,7 @@ from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD
+from lb.accesslog import AccessLogSettings
 from lb.driver import LbDriver
 from lb.http.problems import RouteProblems
 from lb.http.service import HttpEndpoints
@@ -340,7 +341,11 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         choice = choose(
             config.lb,
             ProxySettings(
-                publish_address=config.publish_address, tcp_idle_timeout=config.lb_tcp_idle
+                publish_address=config.publish_address,
+                tcp_idle_timeout=config.lb_tcp_idle,
+                access_log=AccessLogSettings(
+                    config.access_log, config.access_log_sample, config.access_log_format
+                ),
             ),
         )
     except SelectError as exc:
@@ -406,6 +411,9 @@ def _http(config: AgentConfig) -> HttpMesh | None:
             upstream_timeout=config.http_upstream_timeout,
             max_body=config.http_max_body,
             access_log=config.http_access_log,
+            access_log_rate=config.access_log_sample,
+            access_log_path=config.access_log,
+            access_log_format=config.access_log_format,
             body_deadline=config.http_body_deadline,
             body_min_rate=config.http_body_min_rate,
         ),

@@ -476,6 +476,9 @@ class HttpOut(_Response):
     ejections: int = 0
     fd_budget: int = 0  # descriptors the router may hold
     fds_held: int = 0  # descriptors it holds now
+    access_log_written: int = 0  # access-log lines written
+    access_log_dropped: int = 0  # entries dropped: the writer's queue was full
+    access_log_write_errors: int = 0  # writes that failed (a full disk): their lines lost
     routes: list[HttpRouteOut]
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from mesh.cli import (
     doctor,
+    events,
     inspection,
     keyring,
     lb,
@@ -37,7 +38,19 @@ EPILOG = (
     "environment: MESH_API (the agent's HOST:PORT, default 127.0.0.1:2377), "
     "MESH_API_TOKEN (its bearer token)"
 )
-NOUNS = (network, service, task, run, members, resolve, keyring, lb, inspection, doctor)
+NOUNS = (
+    network,
+    service,
+    task,
+    run,
+    members,
+    resolve,
+    keyring,
+    lb,
+    inspection,
+    doctor,
+    events,
+)
 #: the commands that run a command given after `--` (`mesh task run web -- CMD ...`)
 TAKES_COMMAND = "takes_command"
 
