@@ -17,9 +17,6 @@ const MEMBERS_EVERY_MS = 2000;
 const RATES_EVERY_MS = 3000;
 const HTTP_LABEL = "com.docker.ucp.mesh.http";
 const HOSTS_LABELS = ["mesh.http.hosts", "com.docker.lb.hosts"];
-// Metric families summed for the header's rates (docs/metrics.md).
-const REQUESTS_FAMILY = /^meshplane_(?:http|hrm)_requests_total$/;
-const QUERIES_FAMILY = /^meshplane_dns_queries_total$/;
 
 let token = null; // the API token: in memory only
 let lastEventId = null;
@@ -175,48 +172,56 @@ async function pollMembers() {
   }
 }
 
-// Prometheus text: per family, the sum of its samples, and per service for `service=`.
+// Prometheus text -> Map of "family" -> the sum of its samples, and of
+// "family{label=value}" -> the sum of those with that value, for the labels we group by.
+const GROUPED_BY = ["service", "event"];
 function parseMetrics(text) {
   const totals = new Map();
+  const add = (key, value) => totals.set(key, (totals.get(key) || 0) + value);
   const sample = /^([A-Za-z_:][A-Za-z0-9_:]*)(\{(?:[^}"]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)/;
+  const label = /([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"/g;
   for (const line of text.split("\n")) {
     if (!line || line.startsWith("#")) continue;
     const match = sample.exec(line);
     if (!match) continue;
     const value = Number(match[3]);
     if (!Number.isFinite(value)) continue;
-    totals.set(match[1], (totals.get(match[1]) || 0) + value);
-    const service = /(?:^|[{,])service="((?:[^"\\]|\\.)*)"/.exec(match[2] || "");
-    if (service) {
-      const key = `${match[1]}\u0000${service[1]}`;
-      totals.set(key, (totals.get(key) || 0) + value);
+    add(match[1], value);
+    for (const [, name, labelValue] of (match[2] || "").matchAll(label)) {
+      if (GROUPED_BY.includes(name)) add(`${match[1]}{${name}=${labelValue}}`, value);
     }
   }
   return totals;
 }
 
-function sumMatching(totals, family) {
-  let sum = null;
-  for (const [name, value] of totals) {
-    if (!name.includes("\u0000") && family.test(name)) sum = (sum || 0) + value;
-  }
-  return sum;
+// The first family present, by name: the metrics' names are in docs/metrics.md.
+function first(totals, ...families) {
+  for (const family of families) if (totals.has(family)) return totals.get(family);
+  return null;
 }
+
+// DNS queries: every way the responder ends a query (docs/metrics.md, dns events).
+const DNS_OUTCOMES = ["answered", "nxdomain", "forwarded", "formerr", "notimp", "dropped", "badvers"];
 
 // The counters as {requests, queries, perService: Map}: from /metrics, or /v1/http.
 async function readCounters() {
   if (FEATURES.has("metrics")) {
     const totals = parseMetrics(await (await api("/metrics")).text());
     const perService = new Map();
-    for (const [name, value] of totals) {
-      const [family, service] = name.split("\u0000");
-      if (service !== undefined && REQUESTS_FAMILY.test(family)) {
-        perService.set(service, (perService.get(service) || 0) + value);
-      }
+    const prefix = "meshplane_http_requests_total{service=";
+    for (const [key, value] of totals) {
+      if (key.startsWith(prefix)) perService.set(key.slice(prefix.length, -1), value);
+    }
+    let queries = first(totals, "meshplane_dns_queries_total");
+    if (queries == null && totals.has("meshplane_dns_events_total")) {
+      queries = DNS_OUTCOMES.reduce(
+        (sum, outcome) => sum + (totals.get(`meshplane_dns_events_total{event=responder_${outcome}}`) || 0),
+        0,
+      );
     }
     return {
-      requests: sumMatching(totals, REQUESTS_FAMILY),
-      queries: sumMatching(totals, QUERIES_FAMILY),
+      requests: first(totals, "meshplane_http_requests_received_total", "meshplane_http_requests_total"),
+      queries,
       perService,
     };
   }
