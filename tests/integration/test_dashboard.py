@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dnslib import DNSRecord
 
 from tests.helpers.agent import AgentProcess, free_port
 from tests.integration.conftest import stop_and_check
@@ -141,6 +143,16 @@ def test_dashboard_shows_services_and_task_health_live(agent: AgentProcess, brow
     nonzero = re.compile(r"^(?!0\.0/s)[0-9.]+/s$")
     page.locator("#rate-requests", has_text=nonzero).wait_for(timeout=10_000)
     print(f"request rate shown: {page.locator('#rate-requests').inner_text()}")
+    if "metrics" in (page.get_attribute('meta[name="mesh-features"]', "content") or ""):
+        # With GET /metrics, DNS queries show as a rate too.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2)
+            for i in range(30):
+                sock.sendto(DNSRecord.question(f"web{i}.").pack(), ("127.0.0.1", agent.dns_port))
+                with contextlib.suppress(TimeoutError):
+                    sock.recv(4096)
+        page.locator("#rate-queries", has_text=nonzero).wait_for(timeout=10_000)
+        print(f"query rate shown: {page.locator('#rate-queries').inner_text()}")
 
     # Removal shows too.
     assert agent.request("DELETE", "/v1/services/web")[0] == 204

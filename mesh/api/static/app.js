@@ -17,6 +17,7 @@ const MEMBERS_EVERY_MS = 2000;
 const RATES_EVERY_MS = 3000;
 const HTTP_LABEL = "com.docker.ucp.mesh.http";
 const HOSTS_LABELS = ["mesh.http.hosts", "com.docker.lb.hosts"];
+const HOST = /^[A-Za-z0-9_*][A-Za-z0-9_.-]*$/; // a label's host that could be routed (else: a problem)
 
 let token = null; // the API token: in memory only
 let lastEventId = null;
@@ -331,7 +332,7 @@ function hostsOf(service) {
   // Before the routing mesh's counters are read (or without it): what the labels name.
   for (const [label, value] of Object.entries(service.labels || {})) {
     if (HOSTS_LABELS.includes(label)) {
-      for (const host of value.split(",")) if (host.trim()) hosts.add(host.trim().toLowerCase());
+      for (const host of value.split(",")) if (HOST.test(host.trim())) hosts.add(host.trim().toLowerCase());
     } else if (label === HTTP_LABEL || label.startsWith(`${HTTP_LABEL}.`)) {
       for (const match of value.matchAll(/(?:https?|sni):\/\/([^/,:\s]+)/g)) hosts.add(match[1].toLowerCase());
     }
