@@ -162,6 +162,27 @@ def test_dashboard_shows_services_and_task_health_live(agent: AgentProcess, brow
     assert console.errors == []
 
 
+def test_dashboard_follows_an_agent_restart_without_a_reload(
+    agent: AgentProcess, browser: Any
+) -> None:
+    _created(agent, "/v1/services", {"name": "before"})
+    page = browser.new_page()
+    console = Console(page)
+    page.goto(f"http://{agent.api}/")
+    page.wait_for_selector('#services tr[data-service="before"]', timeout=10_000)
+    page.wait_for_selector("#connection.live", timeout=10_000)
+    agent.stop()
+    page.wait_for_selector("#connection.down", timeout=10_000)
+    agent.start()
+    page.wait_for_selector("#connection.live", timeout=20_000)
+    _created(agent, "/v1/services", {"name": "after"})
+    seconds = _seconds_until(page, '#services tr[data-service="after"]', 5)
+    print(f"a service created after the restart shown {seconds:.3f} s later")
+    assert page.locator('#services tr[data-service="before"]').count() == 1
+    # While the agent was down the browser logged its refused connections; nothing else.
+    assert all("ERR_CONNECTION_REFUSED" in error for error in console.errors), console.errors
+
+
 def test_dashboard_on_a_phone_is_keyboard_usable(agent: AgentProcess, browser: Any) -> None:
     _created(agent, "/v1/services", {"name": "api", "ports": [{"target_port": 8080}]})
     page = browser.new_page(viewport={"width": 375, "height": 740}, is_mobile=True)

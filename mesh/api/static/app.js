@@ -131,7 +131,9 @@ async function follow() {
       if (response.status === 401) throw new AuthError("the token was refused");
       if (!response.ok || !response.body) throw new Error(`events: ${response.status}`);
       // Subscribed first, then the lists: nothing that changes in between is missed.
-      if (!lastEventId) await readLists();
+      // Read again on every reconnect: an agent that restarted numbers its events anew,
+      // so Last-Event-ID alone could not tell what this page missed.
+      await readLists();
       setConnection("live", "live");
       backoff = 500;
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
