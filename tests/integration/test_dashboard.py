@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from dnslib import DNSRecord
 
-from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.agent import AgentProcess, free_port, gossip_cluster
 from tests.integration.conftest import stop_and_check
+from tests.integration.test_gossip_cluster import wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -181,6 +182,31 @@ def test_dashboard_follows_an_agent_restart_without_a_reload(
     assert page.locator('#services tr[data-service="before"]').count() == 1
     # While the agent was down the browser logged its refused connections; nothing else.
     assert all("ERR_CONNECTION_REFUSED" in error for error in console.errors), console.errors
+
+
+def test_dashboard_shows_a_killed_node_and_its_tasks_dead(tmp_path: Path, browser: Any) -> None:
+    with gossip_cluster(tmp_path, 2) as (n0, n1):
+        page = browser.new_page()
+        console = Console(page)
+        page.goto(f"http://{n0.api}/")
+        page.wait_for_selector('#nodes tr[data-node="n1"][data-status="alive"]', timeout=20_000)
+        _created(n0, "/v1/services", {"name": "web"})
+        wait_until(lambda: n1.request("GET", "/v1/services/web")[0] == 200, 10, "web on n1")
+        task = _created(n1, "/v1/services/web/tasks", {"address": "127.0.1.2"})
+        # A task registered on the other node shows under it, on this node's page.
+        page.wait_for_selector(
+            f'tr[data-node-group="n1"] ~ tr[data-task="{task["id"]}"]', timeout=10_000
+        )
+        n1.kill()
+        killed = time.monotonic()
+        page.wait_for_selector('#nodes tr[data-node="n1"][data-status="dead"]', timeout=30_000)
+        # Its task stays listed under it (GET /v1/tasks keeps it, with its node dead),
+        # although the event stream reports it removed from DNS and the load balancers.
+        page.wait_for_selector('tr[data-node-group="n1"][data-status="dead"]', timeout=5_000)
+        assert page.locator(f'#tasks tr[data-task="{task["id"]}"]').count() == 1
+        print(f"n1 shown dead {time.monotonic() - killed:.1f} s after kill -9")
+        _screenshot(page, "dashboard-node-dead")
+        assert console.errors == []
 
 
 def test_dashboard_on_a_phone_is_keyboard_usable(agent: AgentProcess, browser: Any) -> None:

@@ -114,8 +114,31 @@ async function onMessage(message) {
     return;
   }
   const data = JSON.parse(message.data.join("\n"));
+  if (data.kind === "task" && data.op === "delete" && data.object?.node_status !== "alive") {
+    // The feed shows the tasks of a node that went down as removed (they leave DNS and
+    // the load balancers), while /v1/tasks still lists them with their node's status:
+    // ask the list, which tells a down node's task from a removed one.
+    rereadTasks();
+    return;
+  }
   merge(data.kind, data.object, data.op === "delete");
   render();
+}
+
+let tasksReread = null;
+function rereadTasks() {
+  tasksReread ??= (async () => {
+    try {
+      const tasks = await json("/v1/tasks");
+      for (const task of tasks) merge("task", task, false);
+      forgetMissing("tasks", tasks, "id");
+      render();
+    } catch {
+      // the stream's reconnect re-reads every list
+    } finally {
+      tasksReread = null;
+    }
+  })();
 }
 
 async function follow() {
@@ -402,7 +425,7 @@ function draw() {
   const parts = groups.map((node) => {
     const status = nodeStatus(node, tasks.find((task) => task.node === node)?.node_status);
     return [
-      h("tr", { "data-node-group": node }, h("th", { scope: "rowgroup", colspan: 7 }, `${node} `, badge(status, tone(status)))),
+      h("tr", { "data-node-group": node, "data-status": status }, h("th", { scope: "rowgroup", colspan: 7 }, `${node} `, badge(status, tone(status)))),
       ...tasks.filter((task) => task.node === node).map((task) =>
         row({ "data-task": task.id, "data-health": task.health, "data-service": task.service }, taskLabels, [
           h("code", {}, task.name || task.id),
