@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
 from lb.http.routes import Problem
+from mesh.api.dashboard import PAGE_PATHS
 from mesh.api.models import ErrorDetail, ErrorOut
 from mesh.control import Control
 from mesh.core.logs import event
@@ -196,8 +197,9 @@ def bearer_credentials(authorization: str) -> bytes | None:
     return credentials.lstrip(" ").encode("utf-8", "surrogateescape")  # any bytes sent
 
 
-#: the routes open without the token: load-balancer probes
-OPEN_PATHS = frozenset({"/v1/health"})
+#: the routes open without the token: load-balancer probes, and the dashboard's page and
+#: assets (a browser cannot send a bearer token when it navigates; they hold no data)
+OPEN_PATHS = frozenset({"/v1/health", *PAGE_PATHS})
 
 
 def _auth_middleware(token: str) -> Middleware:
@@ -255,7 +257,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 
 def make_app(deps: ApiDeps) -> web.Application:
-    from mesh.api import events, table
+    from mesh.api import dashboard, events, table
     from mesh.api.openapi import build_openapi
 
     middlewares: list[Middleware] = [_errors]
@@ -265,5 +267,6 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[DEPS] = deps
     app[table.OPENAPI] = json.dumps(build_openapi(table.ROUTES)).encode()
     events.setup(app)
+    dashboard.setup(app, auth=bool(deps.token), http=deps.http_stats is not None)
     table.mount(app, table.ROUTES)
     return app
