@@ -94,6 +94,8 @@ async def run(args: argparse.Namespace) -> int:
     follower.cancel()
     reporter.cancel()
     await asyncio.gather(follower, reporter, return_exceptions=True)
+    # The last counts, so that a worker stopped on purpose loses none of them.
+    feed.report({"http_worker": os.getpid(), "stats": service.snapshot()})
     feed.close()
     await service.stop()
     return 0

@@ -255,7 +255,10 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         None
         if not needs_feed_socket
         else FeedServer(
-            feed, feed_socket_path(config.data_dir), None if http is None else http.on_report
+            feed,
+            feed_socket_path(config.data_dir),
+            None if http is None else http.on_report,
+            None if http is None else http.on_gone,
         )
     )
     dns_workers = (
