@@ -249,7 +249,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 
 def make_app(deps: ApiDeps) -> web.Application:
-    from mesh.api import events, table
+    from mesh.api import events, metrics, table
     from mesh.api.openapi import build_openapi
 
     middlewares: list[Middleware] = [_errors]
@@ -259,5 +259,6 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[DEPS] = deps
     app[table.OPENAPI] = json.dumps(build_openapi(table.ROUTES)).encode()
     events.setup(app)
+    metrics.setup(app)
     table.mount(app, table.ROUTES)
     return app
