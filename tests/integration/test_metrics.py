@@ -1,0 +1,153 @@
+"""`GET /metrics` from a real agent: the HTTP workers' counters add up, across a restart too."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.agent import AgentProcess, free_port
+from tests.helpers.http_backend import BackendProcess
+
+CONNECTIONS = 20
+PER_CONNECTION = 25
+SENT = CONNECTIONS * PER_CONNECTION
+
+
+def scrape(agent: AgentProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{agent.api}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def web_2xx(agent: AgentProcess) -> float:
+    samples = scrape(agent)
+    return samples.get(("meshplane_http_requests_total", (("code", "2xx"), ("service", "web"))), 0)
+
+
+def listeners(port: int) -> set[int]:
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
+def send_load(port: int) -> None:
+    """SENT requests on CONNECTIONS keep-alive connections (the kernel spreads the
+    connections, not the requests, over the workers)."""
+    for _ in range(CONNECTIONS):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            for _ in range(PER_CONNECTION):
+                conn.request("GET", "/whoami", headers={"Host": "web.test"})
+                response = conn.getresponse()
+                response.read()
+                assert response.status == 200
+        finally:
+            conn.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_two_workers_counters_match_the_load_and_survive_a_restart(tmp_path: Path) -> None:
+    backend_port = free_port()
+    backend = BackendProcess({"w0": str(backend_port)}, tmp_path / "backend.log").start()
+    agent = AgentProcess(tmp_path / "agent", extra=["--http-workers", "2"])
+    agent.start()
+    try:
+        assert agent.proc is not None
+        assert wait_for(lambda: len(listeners(agent.http_port)) == 2, 20), agent.log()
+        status, body = agent.request(
+            "POST",
+            "/v1/services",
+            {"name": "web", "labels": {"mesh.http.hosts": "web.test", "mesh.http.port": "80"}},
+        )
+        assert status == 201, body
+        status, body = agent.request(
+            "POST",
+            "/v1/services/web/tasks",
+            {"address": "127.0.0.1", "ports": {"80": backend_port}},
+        )
+        assert status == 201, body
+        # until both workers route the new host (the feed reaches them in a moment)
+        warm_up: list[int] = []  # the 200s of the warm-up count too
+        assert wait_for(lambda: _routes(agent.http_port, warm_up), 10), agent.log()
+        before = sum(warm_up)
+        started = time.monotonic()
+        send_load(agent.http_port)
+        took = time.monotonic() - started
+        wanted = before + SENT
+        # Workers report every second: wait for the reports, then compare.
+        wait_for(lambda: web_2xx(agent) >= wanted, 10)
+        counted = web_2xx(agent)
+        print(f"sent {SENT} requests in {took:.2f}s; /metrics counts {counted - before:.0f}")
+        assert abs(counted - wanted) <= 0.01 * SENT, (counted, wanted)
+        samples = scrape(agent)
+        assert samples[("meshplane_http_workers", ())] == 2
+        assert samples[("meshplane_services", ())] == 1
+        assert samples[("process_open_fds", ())] > 0
+        # A worker killed outright: its replacement starts from zero, the sum does not.
+        victim = min(listeners(agent.http_port))
+        assert victim != agent.proc.pid
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(
+            lambda: (
+                len(listeners(agent.http_port)) == 2 and victim not in listeners(agent.http_port)
+            ),
+            20,
+        ), agent.log()
+        for _ in range(10):  # scrapes across the restart never go backwards
+            assert web_2xx(agent) >= counted
+            time.sleep(0.2)
+        # A removed service's series go away.
+        status, body = agent.request("DELETE", "/v1/services/web?force=true")
+        assert status in (200, 204), body
+        assert wait_for(lambda: 'service="web"' not in _text(agent), 10)
+    finally:
+        agent.stop()
+        backend.stop()
+
+
+def _routes(port: int, ok: list[int]) -> bool:
+    """Several fresh connections (so both workers are asked) all answer 200 (each
+    200 is appended to `ok`)."""
+    for _ in range(6):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/whoami", headers={"Host": "web.test"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                return False
+            ok.append(1)
+        finally:
+            conn.close()
+    return True
+
+
+def _text(agent: AgentProcess) -> str:
+    with urllib.request.urlopen(f"http://{agent.api}/metrics", timeout=10) as response:
+        return response.read().decode()
