@@ -23,11 +23,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from dns.forward import Upstream
-from dns.service import DnsService, DnsSettings
+from dns.service import DnsService, DnsSettings, is_level
 from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
@@ -55,6 +56,7 @@ from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Health
 from mesh.core.workers import WorkerPool
+from mesh.core.workertotals import WorkerTotals
 from mesh.drain import DrainReaper
 from mesh.errors import MeshError
 from mesh.feedserver import FeedServer, feed_socket_path
@@ -143,6 +145,8 @@ class DnsWorkers:
         self._dns = dns
         self._feed_socket = feed_socket
         self.pool: WorkerPool | None = None
+        #: what the workers counted, as they report it up the feed socket
+        self.totals = WorkerTotals(is_level)
 
     def start(self) -> None:
         config = self._config
@@ -172,6 +176,33 @@ class DnsWorkers:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.stop()
+
+
+class WorkerReports:
+    """The feed socket's reports, each to the pool it came from: `{"http_worker": PID,
+    "stats"}` to the HTTP routing mesh, `{"dns_worker": PID, "stats"}` to the DNS totals."""
+
+    def __init__(self, http: HttpMesh | None, dns: WorkerTotals | None) -> None:
+        self._http = http
+        self._dns = dns
+
+    def on_report(self, message: dict[str, Any]) -> None:
+        if "http_worker" in message:
+            if self._http is not None:
+                self._http.on_report(message)
+            return
+        pid, stats = message.get("dns_worker"), message.get("stats")
+        if self._dns is not None and isinstance(pid, int) and isinstance(stats, dict):
+            self._dns.report(pid, stats)
+
+    def on_gone(self, message: dict[str, Any]) -> None:
+        if "http_worker" in message:
+            if self._http is not None:
+                self._http.on_gone(message)
+            return
+        pid = message.get("dns_worker")
+        if self._dns is not None and isinstance(pid, int):
+            self._dns.gone(pid)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,20 +282,17 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
         http is not None and http.workers > 0
     )
-    feed_server = (
-        None
-        if not needs_feed_socket
-        else FeedServer(
-            feed,
-            feed_socket_path(config.data_dir),
-            None if http is None else http.on_report,
-            None if http is None else http.on_gone,
-        )
-    )
+    socket_path = feed_socket_path(config.data_dir) if needs_feed_socket else None
     dns_workers = (
         None
-        if dns is None or feed_server is None or not config.dns_workers
-        else DnsWorkers(config, dns, feed_server.path)
+        if dns is None or socket_path is None or not config.dns_workers
+        else DnsWorkers(config, dns, socket_path)
+    )
+    reports = WorkerReports(http, None if dns_workers is None else dns_workers.totals)
+    feed_server = (
+        None
+        if socket_path is None
+        else FeedServer(feed, socket_path, reports.on_report, reports.on_gone)
     )
     gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
     if sandboxes is not None:
@@ -282,6 +310,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         resolve=None if dns is None else dns.resolve,
         dns_records=None if dns is None else dns.records,
         dns_stats=None if dns is None else dns.stats,
+        dns_worker_stats=None if dns_workers is None else dns_workers.totals.total,
         agent_info=lambda: {
             "pid": os.getpid(),
             "started_at": started_at,

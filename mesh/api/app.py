@@ -76,6 +76,8 @@ class ApiDeps:
     dns_records: Callable[[Network | None], list[dict[str, str]]] | None = None
     #: the DNS server's counters (malformed queries by kind, cache size, ...); None without DNS
     dns_stats: Callable[[], dict[str, int]] | None = None
+    #: the DNS workers' counters summed (`--dns-workers`), for the metrics; None without
+    dns_worker_stats: Callable[[], dict[str, int | float]] | None = None
     #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted
     keyring: KeyringControl | None = None
     #: the L4 table as the backend has it programmed; None when no backend runs

@@ -6,7 +6,8 @@ as plain ints (gossip's `Counter`s, the DNS responder's dict, the HTTP router's
 each into a family named `meshplane_...` (every family is in docs/metrics.md).
 The HTTP routing mesh's counters are already the sum over its worker processes
 (`HttpMesh.snapshot`: each worker's last report plus what the workers that are
-gone counted), so a worker restart never takes a counter backwards.
+gone counted), and the DNS workers' are added to the agent's own
+(`WorkerTotals`), so a worker restart never takes a counter backwards.
 
 Label values come from closed sets (a status, a drop reason, a counter's name)
 or from the state (a service's name): no client address, no path. A series of a
@@ -30,17 +31,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from dns.service import is_level
 from mesh.api.app import DEPS, ApiDeps
 
 #: every status a node can have as this node's gossip sees it (a zero series for each)
 NODE_STATUSES = ("alive", "suspect", "dead", "left")
-
-#: DNS stats that hold a level rather than count events (exported as gauges)
-_DNS_GAUGE_WORDS = ("entries", "bytes", "open", "in_flight", "active")
-
-
-def _is_dns_gauge(name: str) -> bool:
-    return any(word in name for word in _DNS_GAUGE_WORDS)
 
 
 class MeshCollector(Collector):
@@ -58,7 +53,7 @@ class MeshCollector(Collector):
         if deps.gossip_stats is not None:
             yield from _gossip(deps.gossip_stats())
         if deps.dns_stats is not None:
-            yield from _dns(deps.dns_stats())
+            yield from _dns(_dns_total(deps))
         if deps.http_stats is not None:
             yield from _http(deps.http_stats(), services)
 
@@ -120,8 +115,18 @@ def _gossip(stats: Mapping[str, Any]) -> Iterator[Metric]:
     )
 
 
-def _dns(stats: Mapping[str, int]) -> Iterator[Metric]:
-    counters = {name: value for name, value in stats.items() if not _is_dns_gauge(name)}
+def _dns_total(deps: ApiDeps) -> dict[str, int | float]:
+    """The agent's own DNS counters plus its DNS workers' (`--dns-workers`)."""
+    assert deps.dns_stats is not None
+    total: dict[str, int | float] = dict(deps.dns_stats())
+    if deps.dns_worker_stats is not None:
+        for name, value in deps.dns_worker_stats().items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def _dns(stats: Mapping[str, int | float]) -> Iterator[Metric]:
+    counters = {name: value for name, value in stats.items() if not is_level(name)}
     yield _labelled_counter(
         "meshplane_dns_events",
         "DNS events by kind: answered, nxdomain, forwarded, servfail, malformed, ...",
@@ -134,7 +139,7 @@ def _dns(stats: Mapping[str, int]) -> Iterator[Metric]:
         labels=["level"],
     )
     for name, value in sorted(stats.items()):
-        if _is_dns_gauge(name):
+        if is_level(name):
             levels.add_metric([name], value)
     yield levels
 

@@ -151,3 +151,49 @@ def _routes(port: int, ok: list[int]) -> bool:
 def _text(agent: AgentProcess) -> str:
     with urllib.request.urlopen(f"http://{agent.api}/metrics", timeout=10) as response:
         return response.read().decode()
+
+
+DNS_QUERIES = 300  # each from a fresh source port: the kernel spreads them over every process
+
+
+def dns_answered(agent: AgentProcess) -> float:
+    """Queries answered with records: looked up, or from the reply cache."""
+    samples = scrape(agent)
+    return sum(
+        samples.get(("meshplane_dns_events_total", (("event", f"responder_{event}"),)), 0)
+        for event in ("answered", "cache_hits")
+    )
+
+
+def test_dns_workers_counters_are_summed_with_the_agents(tmp_path: Path) -> None:
+    from tests.integration.test_dns_agent import addresses, ask, setup_web
+
+    agent = AgentProcess(tmp_path / "agent", extra=["--dns-workers", "2"])
+    agent.start()
+    try:
+        assert wait_for(lambda: agent.log().count("dns_worker_ready") == 2, 20), agent.log()
+        setup_web(agent)
+        assert dns_answered(agent) == 0
+        started = time.monotonic()
+        for _ in range(DNS_QUERIES):
+            assert addresses(ask(agent, "tasks.web"))
+        took = time.monotonic() - started
+        wait_for(lambda: dns_answered(agent) >= DNS_QUERIES, 10)
+        counted = dns_answered(agent)
+        print(f"sent {DNS_QUERIES} DNS queries in {took:.2f}s; /metrics counts {counted:.0f}")
+        assert abs(counted - DNS_QUERIES) <= 0.01 * DNS_QUERIES, counted
+        # Every process answered some (the agent's own listener and both workers'),
+        # so the sum above is across processes: the agent alone counts fewer.
+        status, own = agent.request("GET", "/v1/dns")
+        assert status == 200
+        own_answers = own["stats"]["responder_answered"] + own["stats"]["responder_cache_hits"]
+        print(f"the agent's own listener answered {own_answers}")
+        assert 0 < own_answers < DNS_QUERIES
+        pid = int(re.findall(r"event=worker_started pool=dns index=0 pid=(\d+)", agent.log())[0])
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: agent.log().count("dns_worker_ready") == 3, 20), agent.log()
+        for _ in range(10):  # scrapes across the restart never go backwards
+            assert dns_answered(agent) >= counted
+            time.sleep(0.2)
+    finally:
+        agent.stop()
