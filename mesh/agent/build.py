@@ -322,6 +322,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         gossip_stats=cluster.stats,
         keyring=keyring,
         lb=lb.describe,
+        lb_counters=lb.counters,
         http_stats=None if http is None else http.snapshot,
         node_statuses=cluster.node_statuses,
         sandboxes=sandboxes,

@@ -54,6 +54,8 @@ class MeshCollector(Collector):
             yield from _gossip(deps.gossip_stats())
         if deps.dns_stats is not None:
             yield from _dns(_dns_total(deps))
+        if deps.lb_counters is not None:
+            yield from _lb(deps.lb_counters())
         if deps.http_stats is not None:
             yield from _http(deps.http_stats(), services)
 
@@ -141,6 +143,38 @@ def _dns(stats: Mapping[str, int | float]) -> Iterator[Metric]:
     for name, value in sorted(stats.items()):
         if is_level(name):
             levels.add_metric([name], value)
+    yield levels
+
+
+#: the L4 backend's stats that are levels (what it holds now), not counts
+_LB_LEVELS = frozenset({"open", "unbound"})
+
+
+def _lb(counters: Mapping[str, Any]) -> Iterator[Metric]:
+    backend = str(counters.get("backend", ""))
+    errors = CounterMetricFamily(
+        "meshplane_lb_backend_errors",
+        "Operations the L4 backend refused (the node's table, and sandboxes' tables)",
+        labels=["backend", "table"],
+    )
+    errors.add_metric([backend, "node"], counters.get("errors", 0))
+    errors.add_metric([backend, "sandbox"], counters.get("sandbox_errors", 0))
+    yield errors
+    stats: Mapping[str, int] = counters.get("stats", {})
+    events = CounterMetricFamily(
+        "meshplane_lb_events",
+        "The userspace L4 proxy's counters: tcp_accepted, tcp_connect_failed, tcp_failovers, "
+        "refused_limit, idle_closed, udp_dropped, ...",
+        labels=["backend", "event"],
+    )
+    levels = GaugeMetricFamily(
+        "meshplane_lb_level",
+        "The userspace L4 proxy's levels: connections and flows open, virtual services unbound",
+        labels=["backend", "level"],
+    )
+    for name, value in sorted(stats.items()):
+        (levels if name in _LB_LEVELS else events).add_metric([backend, name], value)
+    yield events
     yield levels
 
 

@@ -109,6 +109,8 @@ def test_two_workers_counters_match_the_load_and_survive_a_restart(tmp_path: Pat
         assert samples[("meshplane_http_workers", ())] == 2
         assert samples[("meshplane_services", ())] == 1
         assert samples[("process_open_fds", ())] > 0
+        node_table = (("backend", "userspace"), ("table", "node"))
+        assert samples[("meshplane_lb_backend_errors_total", node_table)] == 0
         # A worker killed outright: its replacement starts from zero, the sum does not.
         victim = min(listeners(agent.http_port))
         assert victim != agent.proc.pid

@@ -77,6 +77,12 @@ def _deps() -> api.ApiDeps:
             "sandboxes_open": 1,
         },
         http_stats=_http_snapshot,
+        lb_counters=lambda: {
+            "backend": "userspace",
+            "errors": 2,
+            "sandbox_errors": 0,
+            "stats": {"tcp_accepted": 30, "tcp_connect_failed": 1, "open": 3, "unbound": 0},
+        },
     )
 
 
@@ -129,6 +135,12 @@ def test_every_family_reads_the_counters_at_scrape_time() -> None:
     assert samples[("meshplane_http_websocket_upgrades_total", ())] == 5
     assert samples[("meshplane_http_ejected_tasks", ())] == 1
     assert samples[("meshplane_http_workers", ())] == 2
+    userspace = ("backend", "userspace")
+    assert samples[("meshplane_lb_events_total", (userspace, ("event", "tcp_accepted")))] == 30
+    assert samples[("meshplane_lb_level", (userspace, ("level", "open")))] == 3
+    assert ("meshplane_lb_events_total", (userspace, ("event", "open"))) not in samples
+    lb_errors = ("meshplane_lb_backend_errors_total", (userspace, ("table", "node")))
+    assert samples[lb_errors] == 2
     assert samples[("process_resident_memory_bytes", ())] > 0
 
 
@@ -145,10 +157,8 @@ def test_no_label_holds_a_client_address_or_a_path() -> None:
         for sample in family.samples
         for name in sample.labels
     }
-    assert labels <= {"health", "node_status", "status", "reason", "event", "level", "code"} | {
-        "service",
-        "quantile",
-    }
+    closed_sets = {"health", "node_status", "status", "reason", "event", "level", "code"}
+    assert labels <= closed_sets | {"service", "backend", "table"}
 
 
 def test_openmetrics_when_accept_asks_for_it() -> None:
