@@ -25,6 +25,7 @@ from dns.service import DnsService, DnsSettings
 from dns.upstreams import parse_upstream
 from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
+from mesh.core.procstats import process_figures, worker_index
 
 log = logging.getLogger("dns.worker")
 
@@ -34,6 +35,7 @@ REPORT_INTERVAL = 1.0
 
 async def run(args: argparse.Namespace) -> int:
     feed = FeedClient(args.feed)
+    index = worker_index()
     records = await feed.open()
     upstreams = tuple(parse_upstream(u) for u in args.upstream) or None
     service = DnsService(
@@ -61,7 +63,14 @@ async def run(args: argparse.Namespace) -> int:
     async def report() -> None:  # the counters, for the agent's metrics
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
-            feed.report({"dns_worker": os.getpid(), "stats": service.stats()})
+            feed.report(
+                {
+                    "dns_worker": os.getpid(),
+                    "stats": service.stats(),
+                    "index": index,
+                    "process": process_figures(),
+                }
+            )
 
     follower = asyncio.create_task(follow())
     reporter = asyncio.create_task(report())
@@ -70,7 +79,14 @@ async def run(args: argparse.Namespace) -> int:
     reporter.cancel()
     await asyncio.gather(follower, reporter, return_exceptions=True)
     # The last counts, so that a worker stopped on purpose loses none of them.
-    feed.report({"dns_worker": os.getpid(), "stats": service.stats()})
+    feed.report(
+        {
+            "dns_worker": os.getpid(),
+            "stats": service.stats(),
+            "index": index,
+            "process": process_figures(),
+        }
+    )
     feed.close()
     await service.stop()
     return 0

@@ -180,29 +180,64 @@ class DnsWorkers:
 
 class WorkerReports:
     """The feed socket's reports, each to the pool it came from: `{"http_worker": PID,
-    "stats"}` to the HTTP routing mesh, `{"dns_worker": PID, "stats"}` to the DNS totals."""
+    "stats"}` to the HTTP routing mesh, `{"dns_worker": PID, "stats"}` to the DNS totals;
+    and every worker's own process figures (`"index"`, `"process"`), kept while it lives."""
 
     def __init__(self, http: HttpMesh | None, dns: WorkerTotals | None) -> None:
         self._http = http
         self._dns = dns
+        #: (pool, pid) -> (its index in the pool, its process figures by name)
+        self._processes: dict[tuple[str, int], tuple[int, dict[str, float]]] = {}
 
     def on_report(self, message: dict[str, Any]) -> None:
-        if "http_worker" in message:
+        pool, pid = _sender(message)
+        if pool is None:
+            return
+        self._keep_figures(pool, pid, message)
+        if pool == "http":
             if self._http is not None:
                 self._http.on_report(message)
             return
-        pid, stats = message.get("dns_worker"), message.get("stats")
-        if self._dns is not None and isinstance(pid, int) and isinstance(stats, dict):
+        stats = message.get("stats")
+        if self._dns is not None and isinstance(stats, dict):
             self._dns.report(pid, stats)
 
     def on_gone(self, message: dict[str, Any]) -> None:
-        if "http_worker" in message:
+        pool, pid = _sender(message)
+        if pool is None:
+            return
+        self._processes.pop((pool, pid), None)
+        if pool == "http":
             if self._http is not None:
                 self._http.on_gone(message)
-            return
-        pid = message.get("dns_worker")
-        if self._dns is not None and isinstance(pid, int):
+        elif self._dns is not None:
             self._dns.gone(pid)
+
+    def _keep_figures(self, pool: str, pid: int, message: dict[str, Any]) -> None:
+        index, figures = message.get("index"), message.get("process")
+        if not isinstance(index, int) or not isinstance(figures, dict):
+            return
+        numbers = {
+            name: float(value)
+            for name, value in figures.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        self._processes[(pool, pid)] = (index, numbers)
+
+    def processes(self) -> list[tuple[str, int, dict[str, float]]]:
+        """(pool, index, figures) of every live worker that reported them."""
+        return [
+            (pool, index, figures) for (pool, _pid), (index, figures) in self._processes.items()
+        ]
+
+
+def _sender(message: dict[str, Any]) -> tuple[str | None, int]:
+    """The pool and pid a report names (None: a report of no known pool)."""
+    for pool in ("http", "dns"):
+        pid = message.get(f"{pool}_worker")
+        if isinstance(pid, int):
+            return pool, pid
+    return None, 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,6 +346,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         dns_records=None if dns is None else dns.records,
         dns_stats=None if dns is None else dns.stats,
         dns_worker_stats=None if dns_workers is None else dns_workers.totals.total,
+        worker_processes=None if feed_server is None else reports.processes,
         agent_info=lambda: {
             "pid": os.getpid(),
             "started_at": started_at,

@@ -82,6 +82,8 @@ class ApiDeps:
     keyring: KeyringControl | None = None
     #: the L4 table as the backend has it programmed; None when no backend runs
     lb: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    #: (pool, index, process figures) of every live worker process; None without workers
+    worker_processes: Callable[[], list[tuple[str, int, dict[str, float]]]] | None = None
     #: the L4 backend's name and counters, read without the kernel (for the metrics)
     lb_counters: Callable[[], dict[str, Any]] | None = None
     #: the HTTP routing mesh's counters; None when it does not run (--http none)

@@ -54,6 +54,8 @@ class MeshCollector(Collector):
             yield from _gossip(deps.gossip_stats())
         if deps.dns_stats is not None:
             yield from _dns(_dns_total(deps))
+        if deps.worker_processes is not None:
+            yield from _workers(deps.worker_processes())
         if deps.lb_counters is not None:
             yield from _lb(deps.lb_counters())
         if deps.http_stats is not None:
@@ -144,6 +146,50 @@ def _dns(stats: Mapping[str, int | float]) -> Iterator[Metric]:
         if is_level(name):
             levels.add_metric([name], value)
     yield levels
+
+
+#: a worker's process figure (prometheus-client's sample name) -> family, help, counter?
+_WORKER_FIGURES = {
+    "process_resident_memory_bytes": (
+        "meshplane_worker_resident_memory_bytes",
+        "A worker process's resident memory",
+        False,
+    ),
+    "process_virtual_memory_bytes": (
+        "meshplane_worker_virtual_memory_bytes",
+        "A worker process's virtual memory",
+        False,
+    ),
+    "process_cpu_seconds_total": (
+        "meshplane_worker_cpu_seconds",
+        "CPU time a worker process used (user and system); restarts with the worker",
+        True,
+    ),
+    "process_open_fds": ("meshplane_worker_open_fds", "A worker's open descriptors", False),
+    "process_max_fds": ("meshplane_worker_max_fds", "A worker's descriptor limit", False),
+    "process_start_time_seconds": (
+        "meshplane_worker_start_time_seconds",
+        "When a worker process started (Unix time)",
+        False,
+    ),
+}
+
+
+def _workers(processes: list[tuple[str, int, dict[str, float]]]) -> Iterator[Metric]:
+    """The process collector's figures of each worker, labelled by pool and index (a
+    restarted worker keeps its index, so the series stay few)."""
+    # one per (pool, index): a replaced worker's last report may linger a moment
+    latest = {(pool, index): figures for pool, index, figures in processes}
+    for sample, (name, doc, counter) in _WORKER_FIGURES.items():
+        family: CounterMetricFamily | GaugeMetricFamily = (
+            CounterMetricFamily(name, doc, labels=["pool", "worker"])
+            if counter
+            else GaugeMetricFamily(name, doc, labels=["pool", "worker"])
+        )
+        for (pool, index), figures in sorted(latest.items()):
+            if sample in figures:
+                family.add_metric([pool, str(index)], figures[sample])
+        yield family
 
 
 #: the L4 backend's stats that are levels (what it holds now), not counts

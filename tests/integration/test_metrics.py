@@ -109,6 +109,9 @@ def test_two_workers_counters_match_the_load_and_survive_a_restart(tmp_path: Pat
         assert samples[("meshplane_http_workers", ())] == 2
         assert samples[("meshplane_services", ())] == 1
         assert samples[("process_open_fds", ())] > 0
+        for worker in ("0", "1"):  # each worker's own process figures
+            labels = (("pool", "http"), ("worker", worker))
+            assert samples[("meshplane_worker_resident_memory_bytes", labels)] > 0
         node_table = (("backend", "userspace"), ("table", "node"))
         assert samples[("meshplane_lb_backend_errors_total", node_table)] == 0
         # A worker killed outright: its replacement starts from zero, the sum does not.
@@ -191,6 +194,10 @@ def test_dns_workers_counters_are_summed_with_the_agents(tmp_path: Path) -> None
         own_answers = own["stats"]["responder_answered"] + own["stats"]["responder_cache_hits"]
         print(f"the agent's own listener answered {own_answers}")
         assert 0 < own_answers < DNS_QUERIES
+        samples = scrape(agent)
+        for worker in ("0", "1"):  # each worker's own process figures
+            labels = (("pool", "dns"), ("worker", worker))
+            assert samples[("meshplane_worker_open_fds", labels)] > 0
         pid = int(re.findall(r"event=worker_started pool=dns index=0 pid=(\d+)", agent.log())[0])
         os.kill(pid, signal.SIGKILL)
         assert wait_for(lambda: agent.log().count("dns_worker_ready") == 3, 20), agent.log()

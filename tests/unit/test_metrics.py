@@ -77,6 +77,11 @@ def _deps() -> api.ApiDeps:
             "sandboxes_open": 1,
         },
         http_stats=_http_snapshot,
+        worker_processes=lambda: [
+            ("http", 0, {"process_resident_memory_bytes": 1e6, "process_cpu_seconds_total": 2}),
+            ("http", 1, {"process_resident_memory_bytes": 2e6, "process_cpu_seconds_total": 3}),
+            ("dns", 0, {"process_resident_memory_bytes": 3e6}),
+        ],
         lb_counters=lambda: {
             "backend": "userspace",
             "errors": 2,
@@ -142,6 +147,12 @@ def test_every_family_reads_the_counters_at_scrape_time() -> None:
     lb_errors = ("meshplane_lb_backend_errors_total", (userspace, ("table", "node")))
     assert samples[lb_errors] == 2
     assert samples[("process_resident_memory_bytes", ())] > 0
+    http_1 = (("pool", "http"), ("worker", "1"))
+    assert samples[("meshplane_worker_resident_memory_bytes", http_1)] == 2e6
+    assert samples[("meshplane_worker_cpu_seconds_total", http_1)] == 3
+    dns_0 = (("pool", "dns"), ("worker", "0"))
+    assert samples[("meshplane_worker_resident_memory_bytes", dns_0)] == 3e6
+    assert ("meshplane_worker_cpu_seconds_total", dns_0) not in samples
 
 
 def test_a_removed_service_has_no_series() -> None:
@@ -158,7 +169,7 @@ def test_no_label_holds_a_client_address_or_a_path() -> None:
         for name in sample.labels
     }
     closed_sets = {"health", "node_status", "status", "reason", "event", "level", "code"}
-    assert labels <= closed_sets | {"service", "backend", "table"}
+    assert labels <= closed_sets | {"service", "backend", "table", "pool", "worker"}
 
 
 def test_openmetrics_when_accept_asks_for_it() -> None:
