@@ -69,6 +69,7 @@ async def run(args: argparse.Namespace) -> int:
                     "stats": service.stats(),
                     "index": index,
                     "process": process_figures(),
+                    "seq": feed.seq,
                 }
             )
 
@@ -85,6 +86,7 @@ async def run(args: argparse.Namespace) -> int:
             "stats": service.stats(),
             "index": index,
             "process": process_figures(),
+            "seq": feed.seq,
         }
     )
     feed.close()

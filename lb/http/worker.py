@@ -94,6 +94,7 @@ async def run(args: argparse.Namespace) -> int:
                     "stats": service.snapshot(),
                     "index": index,
                     "process": process_figures(),
+                    "seq": feed.seq,
                 }
             )
 
@@ -110,6 +111,7 @@ async def run(args: argparse.Namespace) -> int:
             "stats": service.snapshot(),
             "index": index,
             "process": process_figures(),
+            "seq": feed.seq,
         }
     )
     feed.close()

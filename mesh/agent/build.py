@@ -222,6 +222,9 @@ class WorkerReports:
             for name, value in figures.items()
             if isinstance(value, int | float) and not isinstance(value, bool)
         }
+        seq = message.get("seq")
+        if isinstance(seq, int):  # the last change it applied, for its feed lag
+            numbers["feed_seq"] = seq
         self._processes[(pool, pid)] = (index, numbers)
 
     def processes(self) -> list[tuple[str, int, dict[str, float]]]:

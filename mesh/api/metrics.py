@@ -55,7 +55,7 @@ class MeshCollector(Collector):
         if deps.dns_stats is not None:
             yield from _dns(_dns_total(deps))
         if deps.worker_processes is not None:
-            yield from _workers(deps.worker_processes())
+            yield from _workers(deps.worker_processes(), deps.control.feed.seq)
         if deps.lb_counters is not None:
             yield from _lb(deps.lb_counters())
         if deps.http_stats is not None:
@@ -175,7 +175,7 @@ _WORKER_FIGURES = {
 }
 
 
-def _workers(processes: list[tuple[str, int, dict[str, float]]]) -> Iterator[Metric]:
+def _workers(processes: list[tuple[str, int, dict[str, float]]], seq: int) -> Iterator[Metric]:
     """The process collector's figures of each worker, labelled by pool and index (a
     restarted worker keeps its index, so the series stay few)."""
     # one per (pool, index): a replaced worker's last report may linger a moment
@@ -190,6 +190,15 @@ def _workers(processes: list[tuple[str, int, dict[str, float]]]) -> Iterator[Met
             if sample in figures:
                 family.add_metric([pool, str(index)], figures[sample])
         yield family
+    lag = GaugeMetricFamily(
+        "meshplane_worker_feed_lag",
+        "Changes of the feed a worker had not applied at its last report (once a second)",
+        labels=["pool", "worker"],
+    )
+    for (pool, index), figures in sorted(latest.items()):
+        if "feed_seq" in figures:
+            lag.add_metric([pool, str(index)], max(0.0, seq - figures["feed_seq"]))
+    yield lag
 
 
 #: the L4 backend's stats that are levels (what it holds now), not counts

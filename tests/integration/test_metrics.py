@@ -112,6 +112,7 @@ def test_two_workers_counters_match_the_load_and_survive_a_restart(tmp_path: Pat
         for worker in ("0", "1"):  # each worker's own process figures
             labels = (("pool", "http"), ("worker", worker))
             assert samples[("meshplane_worker_resident_memory_bytes", labels)] > 0
+            assert samples[("meshplane_worker_feed_lag", labels)] == 0  # all applied
         node_table = (("backend", "userspace"), ("table", "node"))
         assert samples[("meshplane_lb_backend_errors_total", node_table)] == 0
         # A worker killed outright: its replacement starts from zero, the sum does not.

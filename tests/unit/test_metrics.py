@@ -80,6 +80,7 @@ def _deps() -> api.ApiDeps:
         worker_processes=lambda: [
             ("http", 0, {"process_resident_memory_bytes": 1e6, "process_cpu_seconds_total": 2}),
             ("http", 1, {"process_resident_memory_bytes": 2e6, "process_cpu_seconds_total": 3}),
+            ("http", 2, {"feed_seq": 40}),
             ("dns", 0, {"process_resident_memory_bytes": 3e6}),
         ],
         lb_counters=lambda: {
@@ -153,6 +154,8 @@ def test_every_family_reads_the_counters_at_scrape_time() -> None:
     dns_0 = (("pool", "dns"), ("worker", "0"))
     assert samples[("meshplane_worker_resident_memory_bytes", dns_0)] == 3e6
     assert ("meshplane_worker_cpu_seconds_total", dns_0) not in samples
+    http_2 = (("pool", "http"), ("worker", "2"))
+    assert samples[("meshplane_worker_feed_lag", http_2)] == 2  # the feed is at 42
 
 
 def test_a_removed_service_has_no_series() -> None:
