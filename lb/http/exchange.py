@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -54,7 +55,7 @@ from lb.http.heads import (
 )
 from lb.http.routes import Endpoint, Match, RouteTable
 from lb.http.settings import RouterSettings
-from lb.http.stats import RouterStats, RouteStats
+from lb.http.stats import LATENCY_BOUNDS, RouterStats, RouteStats
 from mesh.core.logs import event
 
 log = logging.getLogger("lb.http.proxy")
@@ -712,6 +713,7 @@ class Exchange:
             route_stats.by_class[min(status // 100, 5)] += 1
             route_stats.latency_sum += elapsed
             route_stats.latency_count += 1
+            route_stats.latency_buckets[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
         if self._settings.access_log:
             self._log_access(status, elapsed)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from lb.http.service import HttpEndpoints, HttpService
 from lb.http.settings import RouterSettings
+from lb.http.stats import LATENCY_BOUNDS
 from lb.http.worker import worker_argv
 from mesh.core.model import Change, Record
 from mesh.core.workers import WorkerPool
@@ -154,6 +155,7 @@ def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
                             "requests": {},
                             "latency_sum": 0.0,
                             "latency_count": 0,
+                            "latency_buckets": [0] * (len(LATENCY_BOUNDS) + 1),
                             "retries": 0,
                         },
                     )
@@ -161,6 +163,9 @@ def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
                         into["requests"][status] = into["requests"].get(status, 0) + count
                     for field in ("latency_sum", "latency_count", "retries"):
                         into[field] += route[field]
+                    buckets = into["latency_buckets"]
+                    for i, count in enumerate(route.get("latency_buckets", ())[: len(buckets)]):
+                        buckets[i] += count
             elif isinstance(value, int | float):
                 total[key] = total.get(key, 0) + value
     total["routes"] = list(routes.values())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from itertools import accumulate
 from typing import Any
 
 from aiohttp import web
@@ -25,13 +26,14 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from dns.service import is_level
+from lb.http.stats import LATENCY_BOUNDS
 from mesh.api.app import DEPS, ApiDeps
 
 #: every status a node can have as this node's gossip sees it (a zero series for each)
@@ -279,7 +281,7 @@ def _http(snapshot: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
     # Routes of one service (several hosts or path prefixes) add up to its series.
     requests: Counter[tuple[str, str]] = Counter()
     latency_sum: Counter[str] = Counter()
-    latency_count: Counter[str] = Counter()
+    latency_buckets: dict[str, list[int]] = {}
     retries: Counter[str] = Counter()
     for route in snapshot.get("routes", ()):
         service = route["service"]
@@ -288,7 +290,9 @@ def _http(snapshot: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
         for code, count in route["requests"].items():
             requests[(service, code)] += count
         latency_sum[service] += route["latency_sum"]
-        latency_count[service] += route["latency_count"]
+        buckets = latency_buckets.setdefault(service, [0] * (len(LATENCY_BOUNDS) + 1))
+        for i, count in enumerate(route.get("latency_buckets", ())[: len(buckets)]):
+            buckets[i] += count
         retries[service] += route["retries"]
     by_route = CounterMetricFamily(
         "meshplane_http_requests",
@@ -298,13 +302,17 @@ def _http(snapshot: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
     for (service, code), count in sorted(requests.items()):
         by_route.add_metric([service, code], count)
     yield by_route
-    latency = SummaryMetricFamily(
+    latency = HistogramMetricFamily(
         "meshplane_http_upstream_duration_seconds",
         "Time from a request's routing to its answer from the task, per service",
         labels=["service"],
     )
-    for service in sorted(latency_count):
-        latency.add_metric([service], latency_count[service], latency_sum[service])
+    bounds = [*(_bound(b) for b in LATENCY_BOUNDS), "+Inf"]
+    for service in sorted(latency_buckets):
+        cumulative = list(accumulate(latency_buckets[service]))
+        latency.add_metric(
+            [service], list(zip(bounds, cumulative, strict=True)), latency_sum[service]
+        )
     yield latency
     route_retries = CounterMetricFamily(
         "meshplane_http_service_retries", "Requests retried, per service", labels=["service"]
@@ -312,6 +320,11 @@ def _http(snapshot: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
     for service in sorted(retries):
         route_retries.add_metric([service], retries[service])
     yield route_retries
+
+
+def _bound(seconds: float) -> str:
+    """A bucket's `le` as Prometheus spells it (0.005, 1.0, 10.0)."""
+    return repr(float(seconds))
 
 
 def _labelled_counter(

@@ -440,6 +440,8 @@ class HttpRouteOut(_Response):
     requests: dict[str, int]  # by status class: "2xx", ...
     latency_sum: float
     latency_count: int
+    #: requests per upstream-latency bucket (`lb.http.stats.LATENCY_BOUNDS`, then above)
+    latency_buckets: list[int] = Field(default_factory=list)
     retries: int
 
 

@@ -106,6 +106,13 @@ def test_two_workers_counters_match_the_load_and_survive_a_restart(tmp_path: Pat
         print(f"sent {SENT} requests in {took:.2f}s; /metrics counts {counted - before:.0f}")
         assert abs(counted - wanted) <= 0.01 * SENT, (counted, wanted)
         samples = scrape(agent)
+        web = (("service", "web"),)
+        # every request is in the latency histogram too (counted in the exchange's hot path)
+        assert samples[("meshplane_http_upstream_duration_seconds_count", web)] == counted
+        status, http_stats = agent.request("GET", "/v1/http")
+        assert status == 200, http_stats
+        [route] = http_stats["routes"]
+        assert sum(route["latency_buckets"]) == route["latency_count"] == counted
         assert samples[("meshplane_http_workers", ())] == 2
         assert samples[("meshplane_services", ())] == 1
         assert samples[("process_open_fds", ())] > 0

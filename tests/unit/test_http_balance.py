@@ -86,6 +86,8 @@ def test_route_stats_count_by_status_class() -> None:
     stats.record(503, 0.25)
     assert stats.requests == {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 1}
     assert stats.latency_sum == 0.75 and stats.latency_count == 2
+    # one in the (0.1, 0.25] bucket, one in (0.25, 0.5]: a bound is in its own bucket
+    assert stats.latency_buckets == [0] * 5 + [1, 1] + [0] * 5
     assert balancer.stats(match(1).route) is stats  # an equal route shares its counters
 
 

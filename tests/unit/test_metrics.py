@@ -31,7 +31,10 @@ def _store(services: list[str], tasks: list[tuple[str, Health]]) -> Any:
 
 
 def _http_snapshot() -> dict[str, Any]:
+    # three requests each: two of at most 5 ms, one of more than 10 s
+    buckets = [2] + [0] * 10 + [1]
     route = {"path_prefix": "/", "latency_sum": 1.5, "latency_count": 3, "retries": 1}
+    route["latency_buckets"] = buckets
     return {
         "workers": 2,
         "connections_open": 4,
@@ -134,6 +137,10 @@ def test_every_family_reads_the_counters_at_scrape_time() -> None:
     assert samples[web_5xx] == 3
     latency = (("service", "web"),)
     assert samples[("meshplane_http_upstream_duration_seconds_count", latency)] == 6
+    le = "meshplane_http_upstream_duration_seconds_bucket"
+    assert samples[(le, (("le", "0.005"), ("service", "web")))] == 4
+    assert samples[(le, (("le", "10.0"), ("service", "web")))] == 4
+    assert samples[(le, (("le", "+Inf"), ("service", "web")))] == 6
     assert samples[("meshplane_http_upstream_duration_seconds_sum", latency)] == 3.0
     assert samples[("meshplane_http_rejected_total", (("code", "408"),))] == 1
     assert samples[("meshplane_http_connections_total", ())] == 40
@@ -171,7 +178,7 @@ def test_no_label_holds_a_client_address_or_a_path() -> None:
         for sample in family.samples
         for name in sample.labels
     }
-    closed_sets = {"health", "node_status", "status", "reason", "event", "level", "code"}
+    closed_sets = {"health", "node_status", "status", "reason", "event", "level", "code", "le"}
     assert labels <= closed_sets | {"service", "backend", "table", "pool", "worker"}
 
 
