@@ -113,6 +113,21 @@ def _gossip(stats: Mapping[str, Any]) -> Iterator[Metric]:
         "reason",
         stats.get("drops", {}),
     )
+    messages = CounterMetricFamily(
+        "meshplane_gossip_messages",
+        "Gossip messages over UDP by direction and type (each part of a compound packet)",
+        labels=["direction", "type"],
+    )
+    for direction, by_type in sorted(stats.get("messages", {}).items()):
+        for kind, count in sorted(by_type.items()):
+            messages.add_metric([direction, kind], count)
+    yield messages
+    yield _labelled_counter(
+        "meshplane_gossip_bytes",
+        "Gossip UDP bytes by direction, as the wire carries them (sealed)",
+        "direction",
+        stats.get("bytes", {}),
+    )
     yield _labelled_counter(
         "meshplane_gossip_events",
         "Gossip events by kind: packets, probes, acks, suspicions, refutes, push-pulls, ...",

@@ -383,6 +383,10 @@ class GossipOut(_Response):
     encrypted: bool
     drops: dict[str, int]
     counts: dict[str, int]
+    #: UDP messages by direction ("in", "out") and type ("ping", "alive", ...)
+    messages: dict[str, dict[str, int]] = Field(default_factory=dict)
+    #: UDP bytes by direction, as the wire carries them
+    bytes: dict[str, int] = Field(default_factory=dict)
     state: StateDigestOut
 
 

@@ -214,3 +214,20 @@ def test_dns_workers_counters_are_summed_with_the_agents(tmp_path: Path) -> None
             time.sleep(0.2)
     finally:
         agent.stop()
+
+
+def test_gossip_members_and_messages_of_a_two_node_cluster(tmp_path: Path) -> None:
+    from tests.helpers.agent import gossip_cluster
+
+    with gossip_cluster(tmp_path, 2) as (first, _second):
+        alive = ("meshplane_gossip_members", (("status", "alive"),))
+        assert wait_for(lambda: scrape(first).get(alive) == 2, 20), first.log()
+        pings_out = ("meshplane_gossip_messages_total", (("direction", "out"), ("type", "ping")))
+        acks_in = ("meshplane_gossip_messages_total", (("direction", "in"), ("type", "ack")))
+        assert wait_for(lambda: scrape(first).get(acks_in, 0) > 0, 20), first.log()
+        samples = scrape(first)
+        print(f"n0 sent {samples[pings_out]:.0f} pings, got {samples[acks_in]:.0f} acks")
+        assert samples[pings_out] > 0 and samples[acks_in] > 0
+        assert samples[("meshplane_gossip_bytes_total", (("direction", "in"),))] > 0
+        assert samples[("meshplane_gossip_bytes_total", (("direction", "out"),))] > 0
+        assert samples[("meshplane_gossip_members", (("status", "dead"),))] == 0

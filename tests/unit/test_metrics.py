@@ -71,6 +71,8 @@ def _deps() -> api.ApiDeps:
             "incarnation": 3,
             "drops": {"bad_label": 6, "decrypt_failed": 2},
             "counts": {"packets_in": 100, "suspicions": 2, "push_pulls": 9},
+            "messages": {"in": {"ping": 40, "alive": 3}, "out": {"ack": 39}},
+            "bytes": {"in": 5000, "out": 4000},
         },
         dns_stats=lambda: {
             "responder_answered": 50,
@@ -126,6 +128,9 @@ def test_every_family_reads_the_counters_at_scrape_time() -> None:
     assert samples[("meshplane_gossip_dropped_packets_total", (("reason", "bad_label"),))] == 6
     assert samples[("meshplane_gossip_events_total", (("event", "push_pulls"),))] == 9
     assert samples[("meshplane_gossip_health_score", ())] == 1
+    pings_in = (("direction", "in"), ("type", "ping"))
+    assert samples[("meshplane_gossip_messages_total", pings_in)] == 40
+    assert samples[("meshplane_gossip_bytes_total", (("direction", "out"),))] == 4000
     dns_answered = ("meshplane_dns_events_total", (("event", "responder_answered"),))
     assert samples[dns_answered] == 50
     assert samples[("meshplane_dns_level", (("level", "forwarder_cache_bytes"),))] == 2048
@@ -178,7 +183,10 @@ def test_no_label_holds_a_client_address_or_a_path() -> None:
         for sample in family.samples
         for name in sample.labels
     }
-    closed_sets = {"health", "node_status", "status", "reason", "event", "level", "code", "le"}
+    closed_sets = {"health", "node_status", "status", "reason", "event", "level", "code", "le"} | {
+        "direction",
+        "type",
+    }
     assert labels <= closed_sets | {"service", "backend", "table", "pool", "worker"}
 
 
