@@ -105,7 +105,9 @@ def test_two_workers_counters_match_the_load_and_survive_a_restart(tmp_path: Pat
         counted = web_2xx(agent)
         print(f"sent {SENT} requests in {took:.2f}s; /metrics counts {counted - before:.0f}")
         assert abs(counted - wanted) <= 0.01 * SENT, (counted, wanted)
+        scrape_started = time.monotonic()
         samples = scrape(agent)
+        print(f"one scrape took {(time.monotonic() - scrape_started) * 1000:.1f} ms")
         web = (("service", "web"),)
         # every request is in the latency histogram too (counted in the exchange's hot path)
         assert samples[("meshplane_http_upstream_duration_seconds_count", web)] == counted
