@@ -106,6 +106,7 @@ class Responder:
                 "dropped",
                 "truncated",
                 "invalidated",
+                "cache_hits",  # answered from the reply cache (the UDP fast path adds its own)
             ),
             0,
         )
@@ -158,6 +159,7 @@ class Responder:
             self.stats["forwarded"] += 1
             return FORWARD
         if entry is not None:
+            self.stats["cache_hits"] += 1
             return data[:2] + next(entry)
         canonical = canonical_query(data)
         key = None if canonical is None else (view, tcp, canonical[0])
@@ -167,6 +169,7 @@ class Responder:
                 self.stats["forwarded"] += 1
                 return FORWARD
             if entry is not None:
+                self.stats["cache_hits"] += 1
                 return splice_question(next(entry), data, canonical[1])
         problem = _check_header(data)
         if problem != PARSE:

@@ -56,6 +56,8 @@ class UdpServer(asyncio.DatagramProtocol):
         self._cache = responder.cache.entries
         self._touch = responder.cache.entries.move_to_end  # LRU: a hit goes to the back
         self._views = responder.views
+        #: queries answered on the fast path, from the cache (a plain int: no cost to count)
+        self.hits = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport is not a subclass of asyncio's, though it is one in kind.
@@ -68,6 +70,7 @@ class UdpServer(asyncio.DatagramProtocol):
             entry = self._cache.get(key)
             if entry is not None and entry is not FORWARD_MARK:
                 self._touch(key)
+                self.hits += 1
                 assert self.transport is not None
                 self.transport.sendto(data[:2] + next(entry), addr)
                 return
@@ -121,6 +124,7 @@ class FixedViewUdpServer(UdpServer):
         entry = self._cache.get(key)  # type: ignore[arg-type]
         if entry is not None and entry is not FORWARD_MARK:
             self._touch(key)  # type: ignore[arg-type]
+            self.hits += 1
             assert self.transport is not None
             self.transport.sendto(data[:2] + next(entry), addr)
             return

@@ -129,7 +129,10 @@ class DnsService:
         return [{"name": n, "type": t, "value": v} for n, t, v in self.table.records(view)]
 
     def stats(self) -> dict[str, int]:
+        """Counters and levels (`is_level` tells them apart), for `GET /v1/dns` and metrics."""
         counters = {**self.responder.stats, **self.responder.cache_stats()}
+        if self._udp is not None:  # the UDP listener's fast path counts its own hits
+            counters["cache_hits"] += self._udp.hits
         return {
             **{f"responder_{k}": v for k, v in counters.items()},
             **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
@@ -139,3 +142,13 @@ class DnsService:
             **{f"sandbox_{k}": v for k, v in self.sandboxes.stats.items()},
             **{f"sandbox_tcp_{k}": v for k, v in self.sandboxes.tcp_stats().items()},
         }
+
+
+#: words that mark a name of `DnsService.stats()` as a level (what is held now) rather
+#: than a count of events
+_LEVEL_WORDS = ("entries", "bytes", "open", "in_flight", "active")
+
+
+def is_level(name: str) -> bool:
+    """Whether the stat `name` is a level (a gauge), not a counter."""
+    return any(word in name for word in _LEVEL_WORDS)

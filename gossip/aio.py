@@ -99,6 +99,12 @@ class GossipShell:
         self.tcp_timeout = tcp_timeout
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
+        #: UDP messages by type ("ping", "alive", ...; a compound's parts each), per direction
+        self.messages_in: Counter[str] = Counter()
+        self.messages_out: Counter[str] = Counter()
+        #: UDP datagram bytes as sent and received (sealed: what the wire carries)
+        self.bytes_in = 0
+        self.bytes_out = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
@@ -164,6 +170,7 @@ class GossipShell:
 
     def receive_packet(self, data: bytes, source: Addr) -> None:
         self.counts["packets_in"] += 1
+        self.bytes_in += len(data)
         if len(data) > MAX_PACKET:
             self.drops["oversized"] += 1
             return
@@ -177,6 +184,8 @@ class GossipShell:
             self.drops["internal_error"] += 1
             log.exception("gossip packet from %s: %r", source, exc)
             return
+        for message in messages:
+            self.messages_in[type(message).__name__.lower()] += 1
         self.core.handle_packet(messages, source, self.now())
         self._drive()
 
@@ -297,6 +306,9 @@ class GossipShell:
             )
             self._udp.sendto(data, packet.to)
             self.counts["packets_out"] += 1
+            self.bytes_out += len(data)
+            for message in packet.messages:
+                self.messages_out[type(message).__name__.lower()] += 1
         except (OSError, ValueError) as exc:
             self.drops["send_error"] += 1
             log.debug("gossip send to %s failed: %r", packet.to, exc)

@@ -237,6 +237,18 @@ class LbDriver:
         """Wait until every queued op has been applied."""
         await self._idle.wait()
 
+    def counters(self) -> dict[str, Any]:
+        """The backend's name, the ops it refused and its own counters (the userspace
+        proxy's; a kernel backend has none here), read without touching the kernel:
+        what `GET /metrics` exports."""
+        stats = getattr(self.backend, "stats", None)
+        return {
+            "backend": self.backend.name,
+            "errors": self.errors,
+            "sandbox_errors": self.sandbox_errors,
+            "stats": stats() if callable(stats) else {},
+        }
+
     async def describe(self) -> dict[str, Any]:
         """The table as programmed (read back from the backend), for `GET /v1/lb`."""
         table: Table = await self.backend.read()

@@ -427,6 +427,8 @@ class Cluster:
             "lateness": round(self.core.lateness(asyncio.get_running_loop().time()), 3),
             "encrypted": shell.keyring is not None,
             "drops": dict(shell.drops),
+            "messages": {"in": dict(shell.messages_in), "out": dict(shell.messages_out)},
+            "bytes": {"in": shell.bytes_in, "out": shell.bytes_out},
             "counts": {
                 **dict(shell.counts),
                 **{k: int(v) for k, v in self.core.stats.items()},

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -56,7 +57,7 @@ from lb.http.heads import (
 )
 from lb.http.routes import Endpoint, Match, RouteTable
 from lb.http.settings import RouterSettings
-from lb.http.stats import RouterStats, RouteStats
+from lb.http.stats import LATENCY_BOUNDS, RouterStats, RouteStats
 from mesh.core.logs import event
 
 log = logging.getLogger("lb.http.proxy")
@@ -751,6 +752,7 @@ class Exchange:
             route_stats.by_class[min(status // 100, 5)] += 1
             route_stats.latency_sum += elapsed
             route_stats.latency_count += 1
+            route_stats.latency_buckets[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
         access = self.shared.access
         if access is not None and access.take():
             self._queue_access(access, status, elapsed)

@@ -23,11 +23,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from dns.forward import Upstream
-from dns.service import DnsService, DnsSettings
+from dns.service import DnsService, DnsSettings, is_level
 from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
@@ -57,6 +58,7 @@ from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Health
 from mesh.core.workers import WorkerPool
+from mesh.core.workertotals import WorkerTotals
 from mesh.drain import DrainReaper
 from mesh.errors import MeshError
 from mesh.feedserver import FeedServer, feed_socket_path
@@ -145,6 +147,8 @@ class DnsWorkers:
         self._dns = dns
         self._feed_socket = feed_socket
         self.pool: WorkerPool | None = None
+        #: what the workers counted, as they report it up the feed socket
+        self.totals = WorkerTotals(is_level)
 
     def start(self) -> None:
         config = self._config
@@ -174,6 +178,71 @@ class DnsWorkers:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.stop()
+
+
+class WorkerReports:
+    """The feed socket's reports, each to the pool it came from: `{"http_worker": PID,
+    "stats"}` to the HTTP routing mesh, `{"dns_worker": PID, "stats"}` to the DNS totals;
+    and every worker's own process figures (`"index"`, `"process"`), kept while it lives."""
+
+    def __init__(self, http: HttpMesh | None, dns: WorkerTotals | None) -> None:
+        self._http = http
+        self._dns = dns
+        #: (pool, pid) -> (its index in the pool, its process figures by name)
+        self._processes: dict[tuple[str, int], tuple[int, dict[str, float]]] = {}
+
+    def on_report(self, message: dict[str, Any]) -> None:
+        pool, pid = _sender(message)
+        if pool is None:
+            return
+        self._keep_figures(pool, pid, message)
+        if pool == "http":
+            if self._http is not None:
+                self._http.on_report(message)
+            return
+        stats = message.get("stats")
+        if self._dns is not None and isinstance(stats, dict):
+            self._dns.report(pid, stats)
+
+    def on_gone(self, message: dict[str, Any]) -> None:
+        pool, pid = _sender(message)
+        if pool is None:
+            return
+        self._processes.pop((pool, pid), None)
+        if pool == "http":
+            if self._http is not None:
+                self._http.on_gone(message)
+        elif self._dns is not None:
+            self._dns.gone(pid)
+
+    def _keep_figures(self, pool: str, pid: int, message: dict[str, Any]) -> None:
+        index, figures = message.get("index"), message.get("process")
+        if not isinstance(index, int) or not isinstance(figures, dict):
+            return
+        numbers = {
+            name: float(value)
+            for name, value in figures.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        seq = message.get("seq")
+        if isinstance(seq, int):  # the last change it applied, for its feed lag
+            numbers["feed_seq"] = seq
+        self._processes[(pool, pid)] = (index, numbers)
+
+    def processes(self) -> list[tuple[str, int, dict[str, float]]]:
+        """(pool, index, figures) of every live worker that reported them."""
+        return [
+            (pool, index, figures) for (pool, _pid), (index, figures) in self._processes.items()
+        ]
+
+
+def _sender(message: dict[str, Any]) -> tuple[str | None, int]:
+    """The pool and pid a report names (None: a report of no known pool)."""
+    for pool in ("http", "dns"):
+        pid = message.get(f"{pool}_worker")
+        if isinstance(pid, int):
+            return pool, pid
+    return None, 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,17 +330,17 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
         http is not None and http.workers > 0
     )
-    feed_server = (
-        None
-        if not needs_feed_socket
-        else FeedServer(
-            feed, feed_socket_path(config.data_dir), None if http is None else http.on_report
-        )
-    )
+    socket_path = feed_socket_path(config.data_dir) if needs_feed_socket else None
     dns_workers = (
         None
-        if dns is None or feed_server is None or not config.dns_workers
-        else DnsWorkers(config, dns, feed_server.path)
+        if dns is None or socket_path is None or not config.dns_workers
+        else DnsWorkers(config, dns, socket_path)
+    )
+    reports = WorkerReports(http, None if dns_workers is None else dns_workers.totals)
+    feed_server = (
+        None
+        if socket_path is None
+        else FeedServer(feed, socket_path, reports.on_report, reports.on_gone)
     )
     gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
     if sandboxes is not None:
@@ -289,6 +358,8 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         resolve=None if dns is None else dns.resolve,
         dns_records=None if dns is None else dns.records,
         dns_stats=None if dns is None else dns.stats,
+        dns_worker_stats=None if dns_workers is None else dns_workers.totals.total,
+        worker_processes=None if feed_server is None else reports.processes,
         agent_info=lambda: {
             "pid": os.getpid(),
             "started_at": started_at,
@@ -300,6 +371,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         gossip_stats=cluster.stats,
         keyring=keyring,
         lb=lb.describe,
+        lb_counters=lb.counters,
         http_stats=None if http is None else http.snapshot,
         route_problems=route_problems.by_service,
         node_statuses=cluster.node_statuses,

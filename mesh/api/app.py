@@ -78,10 +78,16 @@ class ApiDeps:
     dns_records: Callable[[Network | None], list[dict[str, str]]] | None = None
     #: the DNS server's counters (malformed queries by kind, cache size, ...); None without DNS
     dns_stats: Callable[[], dict[str, int]] | None = None
+    #: the DNS workers' counters summed (`--dns-workers`), for the metrics; None without
+    dns_worker_stats: Callable[[], dict[str, int | float]] | None = None
     #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted
     keyring: KeyringControl | None = None
     #: the L4 table as the backend has it programmed; None when no backend runs
     lb: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    #: (pool, index, process figures) of every live worker process; None without workers
+    worker_processes: Callable[[], list[tuple[str, int, dict[str, float]]]] | None = None
+    #: the L4 backend's name and counters, read without the kernel (for the metrics)
+    lb_counters: Callable[[], dict[str, Any]] | None = None
     #: the HTTP routing mesh's counters; None when it does not run (--http none)
     http_stats: Callable[[], dict[str, Any]] | None = None
     #: every node this node's gossip knows of -> alive, suspect, dead or left
@@ -257,7 +263,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 
 def make_app(deps: ApiDeps) -> web.Application:
-    from mesh.api import dashboard, events, table
+    from mesh.api import dashboard, events, metrics, table
     from mesh.api.openapi import build_openapi
 
     middlewares: list[Middleware] = [_errors]
@@ -268,5 +274,6 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[table.OPENAPI] = json.dumps(build_openapi(table.ROUTES)).encode()
     events.setup(app)
     dashboard.setup(app, auth=bool(deps.token), http=deps.http_stats is not None)
+    metrics.setup(app)
     table.mount(app, table.ROUTES)
     return app

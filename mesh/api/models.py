@@ -393,6 +393,10 @@ class GossipOut(_Response):
     encrypted: bool
     drops: dict[str, int]
     counts: dict[str, int]
+    #: UDP messages by direction ("in", "out") and type ("ping", "alive", ...)
+    messages: dict[str, dict[str, int]] = Field(default_factory=dict)
+    #: UDP bytes by direction, as the wire carries them
+    bytes: dict[str, int] = Field(default_factory=dict)
     state: StateDigestOut
 
 
@@ -450,6 +454,8 @@ class HttpRouteOut(_Response):
     requests: dict[str, int]  # by status class: "2xx", ...
     latency_sum: float
     latency_count: int
+    #: requests per upstream-latency bucket (`lb.http.stats.LATENCY_BOUNDS`, then above)
+    latency_buckets: list[int] = Field(default_factory=list)
     retries: int
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from mesh.api import dashboard, events, keyring_routes, routes
+from mesh.api import dashboard, events, keyring_routes, metrics, routes
 from mesh.api import models as m
 
 Json = dict[str, Any]
@@ -311,6 +311,21 @@ ROUTES: tuple[Route, ...] = (
             '"kind", "key", "object"}`; `event: gap` when changes '
             "were missed (re-read the lists)",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    ),
+    Route(
+        "get",
+        "/metrics",
+        metrics.metrics,
+        "The agent's metrics (control process and workers): Prometheus text, or "
+        "OpenMetrics when `Accept` asks for it; families in docs/metrics.md",
+        operation_id="get_metrics",
+        raw_answer={
+            "description": "every `meshplane_` family and the process collector's",
+            "content": {
+                "text/plain; version=0.0.4": {"schema": {"type": "string"}},
+                "application/openmetrics-text; version=1.0.0": {"schema": {"type": "string"}},
+            },
         },
     ),
     Route(
