@@ -233,14 +233,20 @@ def test_a_node_joins_while_1000_idle_connections_are_held(tmp_path: Path) -> No
                     f"({flood.opened} opened in all, {flood.failed} connects failed); "
                     f"joiner healthy after {healthy:.2f} s, joined after {joined:.2f} s"
                 )
-        drops = _drops(seed)
-        print(f"seed drops: {drops}")
+
+            # The strangers are cut for saying nothing, not left to hold slots. Waited for
+            # with the flood still open: how many were cut by the time the node joined
+            # depends on how fast the machine is (a fast join ends the flood early, and
+            # the connections it closes itself count as failed streams, not as cuts).
+            def cut() -> int:
+                drops = _drops(seed)
+                return drops.get("unauthenticated_timeout", 0) + drops.get(
+                    "unauthenticated_evicted", 0
+                )
+
+            wait_until(lambda: cut() >= IDLE_CONNECTIONS // 2, 30, "strangers cut")
+        print(f"seed drops: {_drops(seed)}")
         assert joined < JOIN_BOUND
-        # The strangers were cut for saying nothing, not left to hold slots.
-        assert (
-            drops.get("unauthenticated_timeout", 0) + drops.get("unauthenticated_evicted", 0)
-            >= IDLE_CONNECTIONS // 2
-        )
 
 
 @pytest.fixture(scope="module")
