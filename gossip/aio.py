@@ -105,6 +105,10 @@ class GossipShell:
         #: UDP datagram bytes as sent and received (sealed: what the wire carries)
         self.bytes_in = 0
         self.bytes_out = 0
+        #: TCP stream bytes (push-pulls and fallback pings, length prefix included) read and
+        #: written, on the streams this node opened and on those it served
+        self.stream_bytes_in = 0
+        self.stream_bytes_out = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
@@ -205,8 +209,10 @@ class GossipShell:
             reply = self.core.handle_stream(message, source, self.now())
             if reply is None:  # a TCP ping meant for another node
                 return
-            writer.write(self._frame(codec.encode_stream(reply)))
+            frame = self._frame(codec.encode_stream(reply))
+            writer.write(frame)
             await asyncio.wait_for(writer.drain(), self.tcp_timeout)
+            self.stream_bytes_out += len(frame)
             self._drive()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             if not ticket.evicted:  # an eviction was counted as one
@@ -242,6 +248,7 @@ class GossipShell:
             if not self.admission.reserve(ticket, size):
                 return None
             data = await asyncio.wait_for(reader.readexactly(size), AUTH_TIMEOUT + size / AUTH_RATE)
+            self.stream_bytes_in += _LENGTH.size + size
         except TimeoutError:
             self.drops["unauthenticated_timeout"] += 1
             return None
@@ -258,6 +265,7 @@ class GossipShell:
             self.drops["oversized"] += 1
             return None
         data = await reader.readexactly(size)
+        self.stream_bytes_in += _LENGTH.size + size
         message = self._open(data)
         if message is not None:
             self._largest_frame = max(self._largest_frame, size)
@@ -322,8 +330,10 @@ class GossipShell:
                 self.tcp_timeout,
             )
             writer = stream
-            stream.write(self._frame(codec.encode_stream(request.message)))
+            frame = self._frame(codec.encode_stream(request.message))
+            stream.write(frame)
             await asyncio.wait_for(stream.drain(), self.tcp_timeout)
+            self.stream_bytes_out += len(frame)
             reply = await asyncio.wait_for(self._read_reply(reader), self.tcp_timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             self.drops["stream_failed"] += 1

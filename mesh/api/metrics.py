@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from dns.service import is_level
+from gossip.rtt import RTT_BOUNDS
 from lb.http.stats import LATENCY_BOUNDS
 from mesh.api.app import DEPS, ApiDeps
 
@@ -129,11 +130,65 @@ def _gossip(stats: Mapping[str, Any]) -> Iterator[Metric]:
         stats.get("bytes", {}),
     )
     yield _labelled_counter(
+        "meshplane_gossip_stream_bytes",
+        "Gossip TCP stream bytes (push-pulls, fallback pings) by direction, as sent and read",
+        "direction",
+        stats.get("stream_bytes", {}),
+    )
+    counts: Mapping[str, int] = stats.get("counts", {})
+    yield _labelled_counter(
+        "meshplane_gossip_suspicions",
+        "Suspicions of other members: raised here, refuted (the member alive again), "
+        "confirmed (declared dead)",
+        "outcome",
+        {outcome: counts.get(stat, 0) for outcome, stat in _SUSPICION_OUTCOMES.items()},
+    )
+    yield CounterMetricFamily(
+        "meshplane_gossip_self_refutations",
+        "Suspicions or deaths of this node it refuted by raising its incarnation",
+        value=counts.get("refutes", 0),
+    )
+    yield _labelled_counter(
+        "meshplane_gossip_push_pulls",
+        "Push-pull state syncs: initiated by this node, served to a peer, failed (initiated)",
+        "outcome",
+        {outcome: counts.get(stat, 0) for outcome, stat in _PUSH_PULL_OUTCOMES.items()},
+    )
+    if "probe_rtt" in stats:
+        yield _probe_rtt(stats["probe_rtt"])
+    yield _labelled_counter(
         "meshplane_gossip_events",
         "Gossip events by kind: packets, probes, acks, suspicions, refutes, push-pulls, ...",
         "event",
         stats.get("counts", {}),
     )
+
+
+#: outcome label -> the core's stat (gossip.membership.STAT_NAMES)
+_SUSPICION_OUTCOMES = {
+    "raised": "suspicions",
+    "refuted": "suspicions_refuted",
+    "confirmed": "suspicions_confirmed",
+}
+_PUSH_PULL_OUTCOMES = {
+    "initiated": "push_pulls_initiated",
+    "served": "push_pulls_served",
+    "failed": "push_pull_failures",
+}
+
+
+def _probe_rtt(by_path: Mapping[str, Mapping[str, Any]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        "meshplane_gossip_probe_rtt_seconds",
+        "Time from a probe's ping to the ack that answered it, by the ack's path "
+        "(direct, indirect through a relay, tcp fallback)",
+        labels=["path"],
+    )
+    bounds = [*(_bound(b) for b in RTT_BOUNDS), "+Inf"]
+    for path, histogram in sorted(by_path.items()):
+        cumulative = list(accumulate(histogram["buckets"]))
+        family.add_metric([path], list(zip(bounds, cumulative, strict=True)), histogram["sum"])
+    return family
 
 
 def _dns_total(deps: ApiDeps) -> dict[str, int | float]:

@@ -233,3 +233,29 @@ def test_gossip_members_and_messages_of_a_two_node_cluster(tmp_path: Path) -> No
         assert samples[("meshplane_gossip_bytes_total", (("direction", "in"),))] > 0
         assert samples[("meshplane_gossip_bytes_total", (("direction", "out"),))] > 0
         assert samples[("meshplane_gossip_members", (("status", "dead"),))] == 0
+        # Probe round trips (direct: both nodes answer), push-pull syncs and their TCP bytes.
+        direct = (("path", "direct"),)
+        rtt = "meshplane_gossip_probe_rtt_seconds"
+        assert wait_for(lambda: scrape(first).get((f"{rtt}_count", direct), 0) > 0, 20)
+        samples = scrape(first)
+        count, total = samples[(f"{rtt}_count", direct)], samples[(f"{rtt}_sum", direct)]
+        print(
+            f"n0: {count:.0f} direct probes answered, mean round trip {total / count * 1e3:.2f} ms"
+        )
+        assert samples[(f"{rtt}_bucket", (("le", "+Inf"), ("path", "direct")))] == count
+        # on loopback: well under the probe timeout (the agent's clock, uvloop's, ticks in
+        # whole milliseconds, so a loopback round trip reads 0 or 1 ms)
+        assert 0 <= total / count < 5
+        pushed = [
+            scrape(node).get(("meshplane_gossip_push_pulls_total", (("outcome", kind),)), 0)
+            for node in (first, _second)
+            for kind in ("initiated", "served")
+        ]
+        print(f"push-pulls (n0 initiated, served; n1 initiated, served): {pushed}")
+        assert pushed[0] + pushed[2] >= 1 and pushed[1] + pushed[3] >= 1  # the join, at least
+        for node in (first, _second):
+            for direction in ("in", "out"):
+                stream = ("meshplane_gossip_stream_bytes_total", (("direction", direction),))
+                assert scrape(node)[stream] > 0
+        suspicions = ("meshplane_gossip_suspicions_total", (("outcome", "raised"),))
+        assert samples[suspicions] == 0  # both up: nobody suspected

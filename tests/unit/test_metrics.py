@@ -10,6 +10,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client.openmetrics.parser import (
@@ -17,6 +18,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from gossip.rtt import RttHistogram
 from mesh.api import app as api
 from mesh.api import metrics
 from mesh.control import Control
@@ -51,6 +53,14 @@ def _http_snapshot() -> dict[str, Any]:
     }
 
 
+def _probe_rtt() -> dict[str, Any]:
+    histogram = RttHistogram()
+    for seconds in (0.0004, 0.003, 0.003):
+        histogram.observe("direct", seconds)
+    histogram.observe("indirect", 0.7)
+    return histogram.snapshot()
+
+
 def _deps() -> api.ApiDeps:
     control = SimpleNamespace(
         store=_store(
@@ -70,9 +80,20 @@ def _deps() -> api.ApiDeps:
             "health_score": 1,
             "incarnation": 3,
             "drops": {"bad_label": 6, "decrypt_failed": 2},
-            "counts": {"packets_in": 100, "suspicions": 2, "push_pulls": 9},
+            "counts": {
+                "packets_in": 100,
+                "suspicions": 2,
+                "suspicions_refuted": 1,
+                "refutes": 4,
+                "push_pulls": 9,
+                "push_pulls_initiated": 10,
+                "push_pulls_served": 7,
+                "push_pull_failures": 1,
+            },
             "messages": {"in": {"ping": 40, "alive": 3}, "out": {"ack": 39}},
             "bytes": {"in": 5000, "out": 4000},
+            "stream_bytes": {"in": 700, "out": 600},
+            "probe_rtt": _probe_rtt(),
         },
         dns_stats=lambda: {
             "responder_answered": 50,
@@ -186,6 +207,8 @@ def test_no_label_holds_a_client_address_or_a_path() -> None:
     closed_sets = {"health", "node_status", "status", "reason", "event", "level", "code", "le"} | {
         "direction",
         "type",
+        "outcome",
+        "path",
     }
     assert labels <= closed_sets | {"service", "backend", "table", "pool", "worker"}
 
@@ -197,3 +220,29 @@ def test_openmetrics_when_accept_asks_for_it() -> None:
     families = {family.name: family for family in openmetrics_families(text)}
     assert families["meshplane_http_requests"].type == "counter"
     assert families["meshplane_gossip_members"].type == "gauge"
+
+
+def test_gossip_probe_rtt_suspicions_push_pulls_and_stream_bytes() -> None:
+    samples = _samples(_scrape()[0])
+    rtt = "meshplane_gossip_probe_rtt_seconds"
+    direct, indirect, tcp = ((("path", p),) for p in ("direct", "indirect", "tcp"))
+    assert samples[(f"{rtt}_count", direct)] == 3
+    assert samples[(f"{rtt}_sum", direct)] == pytest.approx(0.0064)
+    assert samples[(f"{rtt}_bucket", (("le", "0.0005"), ("path", "direct")))] == 1
+    assert samples[(f"{rtt}_bucket", (("le", "0.005"), ("path", "direct")))] == 3
+    assert samples[(f"{rtt}_bucket", (("le", "0.5"), ("path", "indirect")))] == 0
+    assert samples[(f"{rtt}_bucket", (("le", "1.0"), ("path", "indirect")))] == 1
+    assert samples[(f"{rtt}_bucket", (("le", "+Inf"), ("path", "indirect")))] == 1
+    assert samples[(f"{rtt}_count", tcp)] == 0  # every path has its series, 0 until used
+    assert samples[(f"{rtt}_count", indirect)] == 1
+    suspicions = "meshplane_gossip_suspicions_total"
+    assert samples[(suspicions, (("outcome", "raised"),))] == 2
+    assert samples[(suspicions, (("outcome", "refuted"),))] == 1
+    assert samples[(suspicions, (("outcome", "confirmed"),))] == 0
+    assert samples[("meshplane_gossip_self_refutations_total", ())] == 4
+    push_pulls = "meshplane_gossip_push_pulls_total"
+    assert samples[(push_pulls, (("outcome", "initiated"),))] == 10
+    assert samples[(push_pulls, (("outcome", "served"),))] == 7
+    assert samples[(push_pulls, (("outcome", "failed"),))] == 1
+    assert samples[("meshplane_gossip_stream_bytes_total", (("direction", "in"),))] == 700
+    assert samples[("meshplane_gossip_stream_bytes_total", (("direction", "out"),))] == 600
