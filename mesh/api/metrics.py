@@ -17,7 +17,7 @@ service that no longer exists is left out, so it goes away with the service.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from dns.service import is_level
 from gossip.rtt import RTT_BOUNDS
+from lb.http.labels import Problem
 from lb.http.stats import LATENCY_BOUNDS
 from mesh.api.app import DEPS, ApiDeps
 
@@ -63,6 +64,8 @@ class MeshCollector(Collector):
             yield from _lb(deps.lb_counters())
         if deps.http_stats is not None:
             yield from _http(deps.http_stats(), services)
+        if deps.route_problems is not None:
+            yield _route_problems(deps.route_problems(), services)
 
 
 def _state(deps: ApiDeps, services: set[str]) -> Iterator[Metric]:
@@ -390,6 +393,27 @@ def _http(snapshot: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
     for service in sorted(retries):
         route_retries.add_metric([service], retries[service])
     yield route_retries
+
+
+def _route_problems(
+    by_service: Mapping[str, Sequence[Problem]], services: set[str]
+) -> GaugeMetricFamily:
+    """Route problems per service and kind: a series only while a service has one, so it
+    goes away when the label is fixed or the service removed (an alert fires on > 0)."""
+    family = GaugeMetricFamily(
+        "meshplane_http_route_problems",
+        "HRM route problems of a service by kind (label, conflict, target_port, certificate)",
+        labels=["service", "kind"],
+    )
+    counts = Counter(
+        (service, problem.kind)
+        for service, problems in by_service.items()
+        if service in services
+        for problem in problems
+    )
+    for (service, kind), count in sorted(counts.items()):
+        family.add_metric([service, kind], count)
+    return family
 
 
 def _bound(seconds: float) -> str:

@@ -259,3 +259,50 @@ def test_gossip_members_and_messages_of_a_two_node_cluster(tmp_path: Path) -> No
                 assert scrape(node)[stream] > 0
         suspicions = ("meshplane_gossip_suspicions_total", (("outcome", "raised"),))
         assert samples[suspicions] == 0  # both up: nobody suspected
+
+
+def route_problems(agent: AgentProcess) -> dict[tuple[str, str], float]:
+    """meshplane_http_route_problems as (service, kind) -> count."""
+    return {
+        (dict(labels)["service"], dict(labels)["kind"]): value
+        for (name, labels), value in scrape(agent).items()
+        if name == "meshplane_http_route_problems"
+    }
+
+
+def test_a_bad_hrm_label_is_a_route_problem_series_until_fixed(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path / "agent")
+    agent.start()
+    try:
+        assert route_problems(agent) == {}
+        status, body = agent.request(
+            "POST",
+            "/v1/services",
+            {"name": "web", "labels": {"mesh.http.hosts": "web.test", "mesh.http.port": "x"}},
+        )
+        assert status == 201, body
+        assert [p["kind"] for p in body["problems"]] == ["label"]
+        assert wait_for(lambda: route_problems(agent) == {("web", "label"): 1}, 5)
+        print(f"route problems series: {route_problems(agent)}")
+        # the label fixed: the series goes (no zero left behind)
+        status, body = agent.request(
+            "PATCH",
+            "/v1/services/web",
+            {"labels": {"mesh.http.hosts": "web.test", "mesh.http.port": "80"}},
+        )
+        assert status == 200, body
+        assert route_problems(agent) == {}
+        assert "meshplane_http_route_problems{" not in _text(agent)
+        # broken again, then the service removed: its series go with it
+        status, body = agent.request(
+            "PATCH",
+            "/v1/services/web",
+            {"labels": {"mesh.http.hosts": "web.test", "mesh.http.port": "0"}},
+        )
+        assert status == 200, body
+        assert wait_for(lambda: route_problems(agent) == {("web", "label"): 1}, 5)
+        status, body = agent.request("DELETE", "/v1/services/web")
+        assert status in (200, 204), body
+        assert wait_for(lambda: route_problems(agent) == {}, 5), route_problems(agent)
+    finally:
+        agent.stop()

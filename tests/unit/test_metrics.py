@@ -19,6 +19,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from gossip.rtt import RttHistogram
+from lb.http.labels import Problem
 from mesh.api import app as api
 from mesh.api import metrics
 from mesh.control import Control
@@ -109,6 +110,14 @@ def _deps() -> api.ApiDeps:
             ("http", 2, {"feed_seq": 40}),
             ("dns", 0, {"process_resident_memory_bytes": 3e6}),
         ],
+        route_problems=lambda: {
+            "web": [
+                Problem("web", "mesh.http.hosts", "bad port", "label"),
+                Problem("web", "mesh.http.hosts.api", "bad host", "label"),
+                Problem("web", "mesh.http.hosts", "no certificate", "certificate"),
+            ],
+            "gone": [Problem("gone", "mesh.http.hosts", "bad port", "label")],
+        },
         lb_counters=lambda: {
             "backend": "userspace",
             "errors": 2,
@@ -209,6 +218,7 @@ def test_no_label_holds_a_client_address_or_a_path() -> None:
         "type",
         "outcome",
         "path",
+        "kind",
     }
     assert labels <= closed_sets | {"service", "backend", "table", "pool", "worker"}
 
@@ -246,3 +256,16 @@ def test_gossip_probe_rtt_suspicions_push_pulls_and_stream_bytes() -> None:
     assert samples[(push_pulls, (("outcome", "failed"),))] == 1
     assert samples[("meshplane_gossip_stream_bytes_total", (("direction", "in"),))] == 700
     assert samples[("meshplane_gossip_stream_bytes_total", (("direction", "out"),))] == 600
+
+
+def test_route_problems_per_service_and_kind() -> None:
+    samples = _samples(_scrape()[0])
+    family = "meshplane_http_route_problems"
+    assert samples[(family, (("kind", "label"), ("service", "web")))] == 2
+    assert samples[(family, (("kind", "certificate"), ("service", "web")))] == 1
+    # no zero series for a kind a service has not, none for a removed service or one
+    # without problems (db): a series goes away with the problem
+    assert {labels for name, labels in samples if name == family} == {
+        (("kind", "label"), ("service", "web")),
+        (("kind", "certificate"), ("service", "web")),
+    }
