@@ -136,13 +136,20 @@ GAUGES = ("connections_open", "fd_budget", "fds_held")
 
 def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum `Router.snapshot()`s of several processes: counters add, routes merge by key."""
-    total: dict[str, Any] = {"workers": len(snapshots), "rejected": {}, "routes": [], "ejected": []}
+    total: dict[str, Any] = {
+        "workers": len(snapshots),
+        "rejected": {},
+        "tls_outcomes": {},
+        "routes": [],
+        "ejected": [],
+    }
     routes: dict[tuple[str, str, str], dict[str, Any]] = {}
     for snap in snapshots:
         for key, value in snap.items():
-            if key == "rejected":
-                for status, count in value.items():
-                    total["rejected"][status] = total["rejected"].get(status, 0) + count
+            if key in ("rejected", "tls_outcomes"):  # counts by a closed set of keys
+                into_counts = total[key]
+                for name, count in value.items():
+                    into_counts[name] = into_counts.get(name, 0) + count
             elif key == "ejected":
                 total["ejected"] = sorted(set(total["ejected"]) | set(value))
             elif key == "routes":

@@ -16,6 +16,26 @@ from typing import Any
 LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+#: what became of an HTTPS connection once its ClientHello was read (or not), each
+#: counted once: terminated here with the certificate its SNI names (`certificate`), with
+#: the default certificate because none names its host (`default_certificate`) or because
+#: it named none (`no_sni`); spliced to a task by an `sni://` route (`passthrough`); its
+#: handshake here failed (`failed`: bad TLS, reset, timeout); or it was closed before a
+#: handshake (`refused`: no ClientHello in time, not TLS, no certificate and no route)
+TLS_OUTCOMES = (
+    "certificate",
+    "default_certificate",
+    "no_sni",
+    "passthrough",
+    "failed",
+    "refused",
+)
+
+
+def _no_tls_outcomes() -> dict[str, int]:
+    return dict.fromkeys(TLS_OUTCOMES, 0)
+
+
 def _no_latencies() -> list[int]:
     return [0] * (len(LATENCY_BOUNDS) + 1)
 
@@ -65,6 +85,8 @@ class RouterStats:
     upgrades: int = 0
     tls_handshakes: int = 0
     passthrough: int = 0
+    #: HTTPS connections by outcome (`TLS_OUTCOMES`): one dict increment per connection
+    tls_outcomes: dict[str, int] = field(default_factory=_no_tls_outcomes)
 
     def reject(self, status: int) -> None:
         self.rejected[status] = self.rejected.get(status, 0) + 1
@@ -87,6 +109,7 @@ class RouterStats:
             "upgrades": self.upgrades,
             "tls_handshakes": self.tls_handshakes,
             "passthrough": self.passthrough,
+            "tls_outcomes": dict(self.tls_outcomes),
             "routes": [
                 {
                     "service": r.service,

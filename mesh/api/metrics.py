@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from dns.service import is_level
 from gossip.rtt import RTT_BOUNDS
 from lb.http.labels import Problem
-from lb.http.stats import LATENCY_BOUNDS
+from lb.http.stats import LATENCY_BOUNDS, TLS_OUTCOMES
 from mesh.api.app import DEPS, ApiDeps
 
 #: every status a node can have as this node's gossip sees it (a zero series for each)
@@ -321,7 +321,6 @@ _HTTP_COUNTERS = {
     "slow_bodies": ("meshplane_http_slow_bodies", "Request bodies cut for arriving too slowly"),
     "retries": ("meshplane_http_retries", "Requests retried on another task"),
     "upgrades": ("meshplane_http_websocket_upgrades", "Connections upgraded (WebSocket)"),
-    "tls_handshakes": ("meshplane_http_tls_handshakes", "TLS handshakes completed"),
     "passthrough": ("meshplane_http_tls_passthrough", "TLS connections passed through by SNI"),
     "ejections": ("meshplane_http_ejections", "Tasks ejected after failing"),
 }
@@ -344,6 +343,13 @@ def _http(snapshot: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
         "meshplane_http_ejected_tasks",
         "Tasks ejected now",
         value=len(snapshot.get("ejected", ())),
+    )
+    yield _labelled_counter(
+        "meshplane_http_tls_handshakes",
+        "HTTPS connections by outcome: terminated with the SNI's certificate, the default "
+        "certificate (unknown name, no SNI), passed through, failed handshake, refused",
+        "outcome",
+        {outcome: snapshot.get("tls_outcomes", {}).get(outcome, 0) for outcome in TLS_OUTCOMES},
     )
     yield _labelled_counter(
         "meshplane_http_rejected",

@@ -478,6 +478,8 @@ class HttpOut(_Response):
     upgrades: int = 0
     tls_handshakes: int = 0
     passthrough: int = 0
+    #: HTTPS connections by outcome (`lb.http.stats.TLS_OUTCOMES`, docs/metrics.md)
+    tls_outcomes: dict[str, int] = Field(default_factory=dict)
     ejected: list[str]  # tasks passive health keeps out of rotation now
     ejections: int = 0
     fd_budget: int = 0  # descriptors the router may hold

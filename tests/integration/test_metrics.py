@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -306,3 +307,132 @@ def test_a_bad_hrm_label_is_a_route_problem_series_until_fixed(tmp_path: Path) -
         assert wait_for(lambda: route_problems(agent) == {}, 5), route_problems(agent)
     finally:
         agent.stop()
+
+
+TLS_SENT = {
+    "certificate": 6,  # 4 Python clients asking x.test, 2 curl asking y.test
+    "default_certificate": 3,  # a name no certificate has
+    "no_sni": 2,  # no server name at all
+    "passthrough": 2,  # curl to the sni:// route's task, which terminates TLS itself
+    "failed": 3,  # clients that reject the certificate (unknown CA): the handshake fails
+    "refused": 2,  # plain HTTP on the HTTPS port: no ClientHello
+}
+
+
+def tls_outcomes(agent: AgentProcess) -> dict[str, float]:
+    return {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in scrape(agent).items()
+        if name == "meshplane_http_tls_handshakes_total"
+    }
+
+
+def tls_get(port: int, name: str | None, cafile: Path | None) -> bytes:
+    """One HTTPS request with Python's ssl; `name` None sends no SNI."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=None if cafile is None else str(cafile))
+    if name is None or (cafile is not None and name != cafile.stem):
+        context.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: x.test\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_tls_handshakes_by_sni_outcome_summed_over_two_workers(tmp_path: Path) -> None:
+    import socket
+    import ssl
+
+    from tests.helpers.certs import self_signed
+
+    certs = {host: self_signed(tmp_path, host) for host in ("x.test", "y.test", "pass.test")}
+    ports = {"a0": free_port(), "p0": free_port()}
+    backend = BackendProcess(
+        {"a0": str(ports["a0"]), "p0": f"{ports['p0']},{','.join(map(str, certs['pass.test']))}"},
+        tmp_path / "backend.log",
+    ).start()
+    https_port = free_port()
+    agent = AgentProcess(
+        tmp_path / "agent",
+        extra=[
+            "--http-workers", "2", "--https", f"127.0.0.1:{https_port}",
+            "--tls-cert", "x.test={},{}".format(*certs["x.test"]),
+            "--tls-cert", "y.test={},{}".format(*certs["y.test"]),
+        ],
+    )  # fmt: skip
+    agent.start()
+    try:
+        assert wait_for(lambda: len(listeners(https_port)) == 2, 20), agent.log()
+        assert set(tls_outcomes(agent)) == set(TLS_SENT)  # every outcome has its series
+        assert sum(tls_outcomes(agent).values()) == 0
+        for name, labels, port in (
+            ("alpha", {"mesh.http.hosts": "x.test,y.test", "mesh.http.port": "80"}, ports["a0"]),
+            (
+                "secure",
+                {"com.docker.ucp.mesh.http.443": "external_route=sni://pass.test,internal_port=80"},
+                ports["p0"],
+            ),
+        ):
+            status, body = agent.request("POST", "/v1/services", {"name": name, "labels": labels})
+            assert status == 201, body
+            status, body = agent.request(
+                "POST",
+                f"/v1/services/{name}/tasks",
+                {"address": "127.0.0.1", "ports": {"80": port}},
+            )
+            assert status == 201, body
+        time.sleep(1.0)  # both workers follow the feed to the new routes
+        x_ca, y_ca = certs["x.test"][0], certs["y.test"][0]
+        for _ in range(4):
+            assert tls_get(https_port, "x.test", x_ca).startswith(b"HTTP/1.1 200 ")
+        for host, ca in (("y.test", y_ca), ("y.test", y_ca), *(2 * [("pass.test", None)])):
+            ca_file = certs[host][0] if ca is None else ca
+            result = subprocess.run(
+                [
+                    "curl", "-s", "--max-time", "10", "--resolve", f"{host}:{https_port}:127.0.0.1",
+                    "--cacert", str(ca_file), f"https://{host}:{https_port}/whoami",
+                ],
+                capture_output=True, text=True, timeout=20, check=False,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+        for _ in range(3):  # the default certificate (x.test's, the first given)
+            assert tls_get(https_port, "other.test", x_ca).startswith(b"HTTP/1.1 ")
+        for _ in range(2):
+            assert tls_get(https_port, None, x_ca).startswith(b"HTTP/1.1 200 ")
+        for _ in range(3):  # the system's CAs do not know this certificate
+            with pytest.raises(ssl.SSLCertVerificationError):
+                tls_get(https_port, "x.test", None)
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", https_port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x.test\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):  # closed unread: a reset
+                    assert sock.recv(100) == b""
+        want = {outcome: float(n) for outcome, n in TLS_SENT.items()}
+        wait_for(lambda: tls_outcomes(agent) == want, 10)  # workers report once a second
+        counted = tls_outcomes(agent)
+        print(f"sent {TLS_SENT}; /metrics counts {counted}")
+        assert counted == want
+        samples = scrape(agent)
+        terminated = sum(TLS_SENT[k] for k in ("certificate", "default_certificate", "no_sni"))
+        assert samples[("meshplane_http_tls_passthrough_total", ())] == TLS_SENT["passthrough"]
+        status, http_stats = agent.request("GET", "/v1/http")
+        assert status == 200, http_stats
+        assert http_stats["tls_outcomes"] == TLS_SENT and http_stats["tls_handshakes"] == terminated
+        # A worker killed outright: the counts it reported stay in the sum.
+        victim = min(listeners(https_port))
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(10):
+            now = tls_outcomes(agent)
+            assert all(now[k] >= counted[k] for k in counted), (now, counted)
+            time.sleep(0.2)
+    finally:
+        agent.stop()
+        backend.stop()

@@ -133,6 +133,7 @@ def test_a_restarted_worker_never_takes_the_sum_backwards() -> None:
 
     def report(pid: int, requests: int, open_: int) -> dict[str, object]:
         stats = {"requests": requests, "connections_open": open_, "rejected": {"400": 1}}
+        stats["tls_outcomes"] = {"certificate": requests, "failed": 1}
         routes = [{**route, "requests": {"2xx": requests}}]
         return {"http_worker": pid, "stats": {**stats, "routes": routes}}
 
@@ -144,6 +145,7 @@ def test_a_restarted_worker_never_takes_the_sum_backwards() -> None:
     total = mesh.snapshot()
     assert total["requests"] == 12 and total["routes"][0]["requests"] == {"2xx": 12}
     assert total["rejected"] == {"400": 3}
+    assert total["tls_outcomes"] == {"certificate": 12, "failed": 3}  # by outcome, kept too
     assert total["connections_open"] == 1  # a gauge: the dead worker's connections are gone
     assert total["workers"] == 2
     mesh.on_report(report(3, 4, 1))

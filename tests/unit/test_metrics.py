@@ -45,6 +45,7 @@ def _http_snapshot() -> dict[str, Any]:
         "requests": 110,
         "rejected": {"400": 2, 408: 1},
         "upgrades": 5,
+        "tls_outcomes": {"certificate": 7, "no_sni": 2, "passthrough": 1},
         "ejected": ["t9"],
         "routes": [
             {**route, "service": "web", "host": "a.test", "requests": {"2xx": 90, "5xx": 3}},
@@ -268,4 +269,20 @@ def test_route_problems_per_service_and_kind() -> None:
     assert {labels for name, labels in samples if name == family} == {
         (("kind", "label"), ("service", "web")),
         (("kind", "certificate"), ("service", "web")),
+    }
+
+
+def test_tls_handshakes_by_outcome_every_outcome_a_series() -> None:
+    samples = _samples(_scrape()[0])
+    family = "meshplane_http_tls_handshakes_total"
+    by_outcome = {
+        dict(labels)["outcome"]: v for (name, labels), v in samples.items() if name == family
+    }
+    assert by_outcome == {
+        "certificate": 7,
+        "default_certificate": 0,
+        "no_sni": 2,
+        "passthrough": 1,
+        "failed": 0,
+        "refused": 0,
     }
