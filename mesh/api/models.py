@@ -384,6 +384,12 @@ class StateDigestOut(_Response):
     peers: list[PeerDigestOut]  # the latest digest each alive peer announced
 
 
+class ProbeRttOut(_Response):
+    #: probes per bucket of `gossip.rtt.RTT_BOUNDS`, then one above them (not cumulative)
+    buckets: list[int]
+    sum: float  # seconds
+
+
 class GossipOut(_Response):
     node: str
     incarnation: int
@@ -397,6 +403,10 @@ class GossipOut(_Response):
     messages: dict[str, dict[str, int]] = Field(default_factory=dict)
     #: UDP bytes by direction, as the wire carries them
     bytes: dict[str, int] = Field(default_factory=dict)
+    #: TCP stream bytes (push-pulls, fallback pings) by direction
+    stream_bytes: dict[str, int] = Field(default_factory=dict)
+    #: answered probes' round trips by the Ack's path (direct, indirect, tcp)
+    probe_rtt: dict[str, ProbeRttOut] = Field(default_factory=dict)
     state: StateDigestOut
 
 

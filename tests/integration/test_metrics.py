@@ -258,6 +258,10 @@ def test_gossip_members_and_messages_of_a_two_node_cluster(tmp_path: Path) -> No
             for direction in ("in", "out"):
                 stream = ("meshplane_gossip_stream_bytes_total", (("direction", direction),))
                 assert scrape(node)[stream] > 0
+        status, gossip = first.request("GET", "/v1/gossip")  # the same figures in the API
+        assert status == 200, gossip
+        assert sum(gossip["probe_rtt"]["direct"]["buckets"]) >= count
+        assert gossip["stream_bytes"]["in"] > 0 and gossip["counts"]["push_pulls_initiated"] >= 0
         suspicions = ("meshplane_gossip_suspicions_total", (("outcome", "raised"),))
         assert samples[suspicions] == 0  # both up: nobody suspected
 
