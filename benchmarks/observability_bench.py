@@ -161,8 +161,10 @@ def agent(variant: Variant, work: Path, args: argparse.Namespace) -> Iterator[Va
     ]
     if "--access-log-sample" in known:
         if variant.access_log:
-            # the default sample rate and format; to a file (the default is stdout)
+            # the default sample rate (or --on-sample) and format; to a file (not stdout)
             flags += ["--access-log", str(work / f"access-{variant.label}.log")]
+            if args.on_sample is not None:
+                flags += ["--access-log-sample", f"{args.on_sample:g}"]
         else:
             flags += ["--access-log-sample", "0"]
     elif variant.access_log:
@@ -333,7 +335,8 @@ def report(variants: list[Variant], args: argparse.Namespace, work: Path) -> Non
         f"\nobservability overhead: {args.rounds} alternating rounds of {args.seconds} s HRM "
         f"(wrk -t1 -c{args.connections}, {args.routes} routes) and {args.seconds} s DNS "
         f"(dnsperf, {args.names} names) per agent; agents on CPU {args.server_cpu} "
-        f"(--http-workers {args.http_workers}), load and backends on CPU {args.client_cpu}"
+        f"(--http-workers {args.http_workers}), load and backends on CPU {args.client_cpu}; "
+        f"on: access log sample {'default' if args.on_sample is None else f'{args.on_sample:g}'}"
     )
     head = (
         f"{'variant':<6} {'req/s':>8} {'CPU us/req':>10} {'q/s':>8} {'CPU us/q':>8} "
@@ -389,6 +392,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     parser.add_argument("--http-workers", type=int, default=0, help="the agents' --http-workers")
     parser.add_argument("--base-ref", help="also run the agent of this git ref (e.g. main)")
+    parser.add_argument(
+        "--on-sample",
+        type=float,
+        help="the access log's sample rate in `on` (default: the agent's, 0.01); 1 logs "
+        "every request, an upper bound of the log's cost",
+    )
     parser.add_argument("--server-cpu", type=int, default=cpus[0])
     parser.add_argument("--client-cpu", type=int, default=cpus[-1])
     parser.add_argument("--python", default=sys.executable, help="interpreter with the deps")
@@ -401,6 +410,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--connections must be in [1, 1000] and --http-workers in [0, 16]")
     if len(cpus) < 2 or args.server_cpu == args.client_cpu:
         parser.error("the agents and the load need two different CPUs")
+    if args.on_sample is not None and not 0 < args.on_sample <= 1:
+        parser.error("--on-sample must be in (0, 1]")
     return args
 
 
