@@ -49,6 +49,7 @@ from dnslib import (
 )
 
 from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key, ReplyCache
+from dns.querystats import QueryStats, slot_of
 from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
 from dns.table import ALL, Answer, NameTable, View
 from dns.wire import BADVERS, EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
@@ -94,6 +95,8 @@ class Responder:
         self.cache = ReplyCache(self.config.cache_entries, self.config.cache_bytes)
         #: source address -> view; asked on every query, so kept as a dict
         self.views: dict[str, View] = {}
+        #: answers by type, rcode and scope, and their latency: counted by the listeners
+        self.queries = QueryStats()
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "answered",
@@ -107,6 +110,7 @@ class Responder:
                 "truncated",
                 "invalidated",
                 "cache_hits",  # answered from the reply cache (the UDP fast path adds its own)
+                "cache_misses",  # neither a reply nor the forward mark in the cache: parsed
             ),
             0,
         )
@@ -160,7 +164,7 @@ class Responder:
             return FORWARD
         if entry is not None:
             self.stats["cache_hits"] += 1
-            return data[:2] + next(entry)
+            return data[:2] + next(entry)[0]
         canonical = canonical_query(data)
         key = None if canonical is None else (view, tcp, canonical[0])
         if key is not None and canonical is not None:
@@ -170,7 +174,8 @@ class Responder:
                 return FORWARD
             if entry is not None:
                 self.stats["cache_hits"] += 1
-                return splice_question(next(entry), data, canonical[1])
+                return splice_question(next(entry)[0], data, canonical[1])
+        self.stats["cache_misses"] += 1
         problem = _check_header(data)
         if problem != PARSE:
             return self._refuse(data, problem)
@@ -227,13 +232,16 @@ class Responder:
             self._pack(query, qname, answer, records, tcp, zone)
             for records in self._orders(answer, question.qtype)
         ]
-        served = itertools.cycle(variants)
+        # Each variant carries its metrics slot, so the UDP fast path counts a hit
+        # by type and rcode with one list increment (dns.querystats).
+        slot = slot_of(question.qtype, NOERROR if answer.found else NXDOMAIN)
+        served = itertools.cycle([(variant, slot) for variant in variants])
         if key is not None:
             self.cache.put(key, served, answer.owners, variants)
         self.stats["answered" if answer.found else "nxdomain"] += 1
         if answer.found and not answer.addresses and not answer.ptr and not answer.srv:
             self.stats["nodata"] += 1
-        return next(served)
+        return next(served)[0]
 
     def _orders(self, answer: Answer, qtype: int) -> list[list[RR]]:
         """The answer records in each order to serve in turn."""
