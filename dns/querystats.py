@@ -22,7 +22,10 @@ costs a hundred times more). The fast path's cache hits are not timed: a hit
 is answered synchronously (a dict lookup and a `sendto`, a few microseconds),
 so each is counted in the first bucket (<= 100 us) and adds nothing to the
 sum; timing them would cost two clock reads on the path the throughput
-goal is about.
+goal is about. The same goes for a query the responder finds in the cache
+only once brought to canonical form (EDNS cookies, say): the reply's slot
+comes back with it (`Responder.hit_slot`), and it is counted untimed in the
+first bucket too.
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ class QueryStats:
         self.answers: list[list[int]] = [[0] * SLOTS for _ in SCOPES]
         #: scope -> slot -> answers from the UDP fast path (the reply cache's hits)
         self.hits: list[list[int]] = [[0] * SLOTS for _ in SCOPES]
+        #: scope -> slot -> UDP answers the responder found in the cache once it had
+        #: brought the query to canonical form (untimed, as the fast path's)
+        self.cached: list[list[int]] = [[0] * SLOTS for _ in SCOPES]
         #: timed answers per bucket of LATENCY_BOUNDS (the last one: above them all)
         self.latency: list[int] = [0] * (len(LATENCY_BOUNDS) + 1)
         self.latency_sum = 0.0
@@ -135,13 +141,14 @@ class QueryStats:
         """The counts as flat `name -> number` (summable across workers by name)."""
         out: dict[str, int | float] = {}
         for scope, name in enumerate(SCOPES):
-            answers, hits = self.answers[scope], self.hits[scope]
+            answers, hits, cached = self.answers[scope], self.hits[scope], self.cached[scope]
             for slot in range(SLOTS):
-                count = answers[slot] + hits[slot]
+                count = answers[slot] + hits[slot] + cached[slot]
                 if count:
                     out[f"{QUERY_PREFIX}{TYPES[slot // 16]}|{RCODES[slot % 16]}|{name}"] = count
         buckets = list(self.latency)
-        buckets[0] += self.fast_hits()  # synchronous: within the first bound (see above)
+        # synchronous: within the first bound (see above)
+        buckets[0] += self.fast_hits() + sum(sum(by_slot) for by_slot in self.cached)
         for index, count in enumerate(buckets):
             out[f"{LATENCY_PREFIX}{index}"] = count
         out[LATENCY_SUM] = self.latency_sum

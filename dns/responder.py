@@ -31,8 +31,10 @@ import ipaddress
 import itertools
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from time import perf_counter
 
 from dnslib import (
     EDNS0,
@@ -86,9 +88,14 @@ class DnsConfig:
 
 class Responder:
     def __init__(
-        self, table: NameTable, config: DnsConfig | None = None, rng: random.Random | None = None
+        self,
+        table: NameTable,
+        config: DnsConfig | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = perf_counter,
     ) -> None:
         self.table = table
+        self._clock = clock
         self.config = config or DnsConfig()
         self._rng = rng or random.Random()
         #: (view, tcp, canonical query) -> the replies' rotation, or the FORWARD mark
@@ -97,6 +104,12 @@ class Responder:
         self.views: dict[str, View] = {}
         #: answers by type, rcode and scope, and their latency: counted by the listeners
         self.queries = QueryStats()
+        #: the metrics slot of the last reply `respond` took from the cache, -1 if the last
+        #: reply was not from the cache: the server counts a hit without reading the query
+        self.hit_slot = -1
+        #: when the last query not found in the cache began its parse (`clock`), so that
+        #: the server times misses without reading the clock for hits
+        self.miss_started = 0.0
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "answered",
@@ -164,7 +177,8 @@ class Responder:
             return FORWARD
         if entry is not None:
             self.stats["cache_hits"] += 1
-            return data[:2] + next(entry)[0]
+            cached, self.hit_slot = next(entry)
+            return data[:2] + cached
         canonical = canonical_query(data)
         key = None if canonical is None else (view, tcp, canonical[0])
         if key is not None and canonical is not None:
@@ -174,8 +188,11 @@ class Responder:
                 return FORWARD
             if entry is not None:
                 self.stats["cache_hits"] += 1
-                return splice_question(next(entry)[0], data, canonical[1])
+                cached, self.hit_slot = next(entry)
+                return splice_question(cached, data, canonical[1])
         self.stats["cache_misses"] += 1
+        self.hit_slot = -1
+        self.miss_started = self._clock()
         problem = _check_header(data)
         if problem != PARSE:
             return self._refuse(data, problem)

@@ -69,6 +69,8 @@ class UdpServer(asyncio.DatagramProtocol):
         self._queries = responder.queries
         #: slot -> queries answered on the fast path from the cache (one list increment)
         self._hits = responder.queries.hits[self.scope]
+        #: slot -> queries the responder found in the cache once canonical (untimed)
+        self._cached = responder.queries.cached[self.scope]
 
     @property
     def hits(self) -> int:
@@ -95,16 +97,23 @@ class UdpServer(asyncio.DatagramProtocol):
 
     def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         assert self.transport is not None
-        started = perf_counter()
+        responder = self.responder
         try:
-            reply = self.responder.respond(data, str(addr[0]), tcp=False, view=self.view)
+            reply = responder.respond(data, str(addr[0]), tcp=False, view=self.view)
         except Exception as exc:  # a bug must cost one query, never the server
             event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
             reply = error_reply(data, SERVFAIL) if len(data) >= 12 else None
+            responder.hit_slot, responder.miss_started = -1, perf_counter()
         if isinstance(reply, bytes):
             self.transport.sendto(reply, addr)
-            self._queries.answered(self.scope, data, reply, perf_counter() - started)
+            slot = responder.hit_slot
+            if slot >= 0:  # from the cache after all (a query not in canonical form):
+                self._cached[slot] += 1  # synchronous, untimed, as the fast path's hits
+            else:  # parsed: timed from the parse (the responder read the clock then)
+                elapsed = perf_counter() - responder.miss_started
+                self._queries.answered(self.scope, data, reply, elapsed)
         elif reply is Action.FORWARD:
+            started = perf_counter()
             if len(self._pending) >= MAX_PENDING_FORWARDS:
                 refused = error_reply(data, REFUSED)
                 self.transport.sendto(refused, addr)

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, cast
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, DNSRecord, EDNSOption
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -231,3 +231,28 @@ def test_metrics_families_from_the_agent_and_its_workers() -> None:
 
 def _exposed(deps: Any) -> str:
     return generate_latest(metrics.registry_for(deps)).decode()
+
+
+def test_a_query_found_only_in_canonical_form_is_counted_once_untimed() -> None:
+    world = _world()
+    node = _udp(world)
+    query = DNSRecord.question("web.mesh", "A")
+    query.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(10, b"12345678")]))  # a cookie
+    for _ in range(3):  # not canonical: the responder parses once, then finds it by its form
+        node.datagram_received(bytes(query.pack()), ("127.0.0.1", 5000))
+    stats = world.responder.queries
+    assert _counts(stats) == {("A", "NOERROR", "node"): 3}
+    assert stats.fast_hits() == 0 and world.responder.stats["cache_hits"] == 2
+    assert sum(stats.cached[NODE]) == 2
+    buckets, _ = latency_of(stats.flat())
+    assert sum(buckets) == 3 and buckets[0] >= 2
+
+
+def test_a_miss_is_timed_from_the_responders_clock() -> None:
+    world = _world()
+    ticks = iter([10.0])
+    world.responder._clock = lambda: next(ticks)  # the parse began at 10.0 ...
+    node = _udp(world)
+    node.datagram_received(_query("web.mesh"), ("127.0.0.1", 5000))
+    assert world.responder.miss_started == 10.0
+    assert world.responder.queries.latency[-1] == 1  # ... ages ago, for perf_counter
