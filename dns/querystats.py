@@ -95,7 +95,7 @@ LATENCY_BOUNDS: Final = (
 #: prefixes of the flat names (`DnsService.metric_counts`, the workers' reports)
 QUERY_PREFIX: Final = "query|"
 LATENCY_PREFIX: Final = "latency|"
-LATENCY_SUM: Final = "latency_sum"
+LATENCY_SUM: Final = "latency|sum"
 
 
 def slot_of(qtype: int, rcode: int) -> int:
