@@ -490,6 +490,9 @@ def mesh_router(
         "--http-workers",
         str(workers),
     ]
+    if "--access-log-sample" in agent_help(python):
+        # no access log, as nginx and HAProxy here (observability_bench.py measures its cost)
+        flags += ["--access-log-sample", "0"]
     log = work / f"agent-{api_port}.log"
     argv = [*taskset(cpus), python, "-m", "mesh", "agent", *flags]
     with log.open("wb") as sink:
