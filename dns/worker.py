@@ -66,7 +66,7 @@ async def run(args: argparse.Namespace) -> int:
             feed.report(
                 {
                     "dns_worker": os.getpid(),
-                    "stats": service.stats(),
+                    "stats": {**service.stats(), **service.metric_counts()},
                     "index": index,
                     "process": process_figures(),
                     "seq": feed.seq,
@@ -83,7 +83,7 @@ async def run(args: argparse.Namespace) -> int:
     feed.report(
         {
             "dns_worker": os.getpid(),
-            "stats": service.stats(),
+            "stats": {**service.stats(), **service.metric_counts()},
             "index": index,
             "process": process_figures(),
             "seq": feed.seq,

@@ -358,6 +358,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         resolve=None if dns is None else dns.resolve,
         dns_records=None if dns is None else dns.records,
         dns_stats=None if dns is None else dns.stats,
+        dns_counts=None if dns is None else dns.metric_counts,
         dns_worker_stats=None if dns_workers is None else dns_workers.totals.total,
         worker_processes=None if feed_server is None else reports.processes,
         agent_info=lambda: {

@@ -78,6 +78,9 @@ class ApiDeps:
     dns_records: Callable[[Network | None], list[dict[str, str]]] | None = None
     #: the DNS server's counters (malformed queries by kind, cache size, ...); None without DNS
     dns_stats: Callable[[], dict[str, int]] | None = None
+    #: the DNS server's labelled counts as flat names (`DnsService.metric_counts`), for
+    #: the metrics; None without DNS
+    dns_counts: Callable[[], dict[str, int | float]] | None = None
     #: the DNS workers' counters summed (`--dns-workers`), for the metrics; None without
     dns_worker_stats: Callable[[], dict[str, int | float]] | None = None
     #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted

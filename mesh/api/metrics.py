@@ -32,7 +32,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from dns.service import is_level
+from dns.querystats import LATENCY_BOUNDS as DNS_LATENCY_BOUNDS
+from dns.querystats import latency_of, queries_of
+from dns.service import forwards_of, is_level
 from gossip.rtt import RTT_BOUNDS
 from lb.http.labels import Problem
 from lb.http.stats import LATENCY_BOUNDS, TLS_OUTCOMES
@@ -198,6 +200,8 @@ def _dns_total(deps: ApiDeps) -> dict[str, int | float]:
     """The agent's own DNS counters plus its DNS workers' (`--dns-workers`)."""
     assert deps.dns_stats is not None
     total: dict[str, int | float] = dict(deps.dns_stats())
+    if deps.dns_counts is not None:
+        total.update(deps.dns_counts())
     if deps.dns_worker_stats is not None:
         for name, value in deps.dns_worker_stats().items():
             total[name] = total.get(name, 0) + value
@@ -205,7 +209,11 @@ def _dns_total(deps: ApiDeps) -> dict[str, int | float]:
 
 
 def _dns(stats: Mapping[str, int | float]) -> Iterator[Metric]:
-    counters = {name: value for name, value in stats.items() if not is_level(name)}
+    yield from _dns_labelled(stats)
+    # the labelled counts' flat names have a "|": their families are above
+    counters = {
+        name: value for name, value in stats.items() if not is_level(name) and "|" not in name
+    }
     yield _labelled_counter(
         "meshplane_dns_events",
         "DNS events by kind: answered, nxdomain, forwarded, servfail, malformed, ...",
@@ -221,6 +229,63 @@ def _dns(stats: Mapping[str, int | float]) -> Iterator[Metric]:
         if is_level(name):
             levels.add_metric([name], value)
     yield levels
+
+
+def _dns_labelled(stats: Mapping[str, int | float]) -> Iterator[Metric]:
+    """Queries by type, rcode and scope; upstream attempts; the caches; answer latency."""
+    queries = CounterMetricFamily(
+        "meshplane_dns_queries",
+        "DNS queries answered, by query type, rcode and scope (node: the agent's listener; "
+        "sandbox: a sandbox's 127.0.0.11)",
+        labels=["type", "rcode", "scope"],
+    )
+    for labels, count in sorted(queries_of(stats)):
+        queries.add_metric(list(labels), count)
+    yield queries
+    forwards = CounterMetricFamily(
+        "meshplane_dns_forwards",
+        "Queries sent to an upstream resolver (each attempt), by upstream and outcome",
+        labels=["upstream", "outcome"],
+    )
+    for (upstream, outcome), count in sorted(forwards_of(stats)):
+        forwards.add_metric([upstream, outcome], count)
+    yield forwards
+    for name, doc, of_reply, of_forward in _DNS_CACHE_FAMILIES:
+        family = CounterMetricFamily(name, doc, labels=["cache"])
+        family.add_metric(["reply"], stats.get(of_reply, 0))
+        family.add_metric(["forward"], stats.get(of_forward, 0))
+        yield family
+    buckets, total = latency_of(stats)
+    latency = HistogramMetricFamily(
+        "meshplane_dns_answer_duration_seconds",
+        "Time from taking a DNS query to sending its answer (UDP cache hits: first bucket)",
+    )
+    bounds = [*(_bound(b) for b in DNS_LATENCY_BOUNDS), "+Inf"]
+    latency.add_metric([], list(zip(bounds, accumulate(buckets), strict=True)), total)
+    yield latency
+
+
+#: (family, help, the reply cache's stat, the forwarder's cache's stat)
+_DNS_CACHE_FAMILIES = (
+    (
+        "meshplane_dns_cache_hits",
+        "Queries answered from a DNS cache (reply: the mesh's names; forward: upstream answers)",
+        "responder_cache_hits",
+        "forwarder_answered_from_cache",
+    ),
+    (
+        "meshplane_dns_cache_misses",
+        "Queries a DNS cache did not have (reply: parsed and resolved; forward: asked upstream)",
+        "responder_cache_misses",
+        "forwarder_forwarded",
+    ),
+    (
+        "meshplane_dns_cache_evictions",
+        "Entries a DNS cache pushed out to stay within its bounds",
+        "responder_cache_evicted",
+        "forwarder_cache_evicted",
+    ),
+)
 
 
 #: a worker's process figure (prometheus-client's sample name) -> family, help, counter?
