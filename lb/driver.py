@@ -335,6 +335,7 @@ class LbDriver:
             ],
             "sandbox_errors": self.sandbox_errors,
             "sandboxes_vanished": self.sandboxes_vanished,
+            "sample_errors": self.sample_errors,
         }
 
     async def close(self) -> None:

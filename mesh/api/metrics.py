@@ -249,6 +249,13 @@ def _lb(counters: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
     errors.add_metric([backend, "node"], counters.get("errors", 0))
     errors.add_metric([backend, "sandbox"], counters.get("sandbox_errors", 0))
     yield errors
+    read_errors = CounterMetricFamily(
+        "meshplane_lb_counter_read_errors",
+        "Readings of the L4 backend's counters per service that failed (the last totals stand)",
+        labels=["backend"],
+    )
+    read_errors.add_metric([backend], counters.get("sample_errors", 0))
+    yield read_errors
     stats: Mapping[str, int] = counters.get("stats", {})
     events = CounterMetricFamily(
         "meshplane_lb_events",

@@ -92,6 +92,7 @@ def _deps() -> api.ApiDeps:
             "backend": "userspace",
             "errors": 2,
             "sandbox_errors": 0,
+            "sample_errors": 4,
             "stats": {"tcp_accepted": 30, "tcp_connect_failed": 1, "open": 3, "unbound": 0},
             "services": {
                 "web": {
@@ -171,6 +172,7 @@ def test_every_family_reads_the_counters_at_scrape_time() -> None:
     assert ("meshplane_lb_events_total", (userspace, ("event", "open"))) not in samples
     lb_errors = ("meshplane_lb_backend_errors_total", (userspace, ("table", "node")))
     assert samples[lb_errors] == 2
+    assert samples[("meshplane_lb_counter_read_errors_total", (userspace,))] == 4
     web = (userspace, ("service", "web"))
     assert samples[("meshplane_lb_service_connections_total", web)] == 25
     assert samples[("meshplane_lb_service_connect_errors_total", web)] == 1
