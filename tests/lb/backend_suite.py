@@ -11,6 +11,7 @@ on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -243,8 +244,18 @@ class BackendSuite:
             for key, count in sent.items():
                 answered = await spread(harness, key, count)
                 assert None not in answered, (key, answered)
-            counters = await service_counters(backend)
-            print(f"{type(backend).__name__} service_counters: {counters}")
+            # IPVS sums its per-CPU counts into the service stats every 2 s (its
+            # estimator): a reading may lag that much; the others count at once.
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while True:
+                counters = await service_counters(backend)
+                done = all(counters[k]["connections"] >= n for k, n in sent.items())
+                if done or loop.time() - started > 10:
+                    break
+                await asyncio.sleep(0.2)
+            waited = loop.time() - started
+            print(f"{type(backend).__name__} service_counters after {waited:.1f} s: {counters}")
             for key, count in sent.items():
                 assert counters[key]["connections"] == count, (key, counters[key])
             assert counters[idle]["connections"] == 0
