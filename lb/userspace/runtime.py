@@ -48,6 +48,24 @@ class ProxySettings:
             raise ValueError("max_connections, buffer_size (>= 1024) and backlog must be positive")
 
 
+class KeyStats:
+    """One virtual service's counts, plain ints bumped on the hot path (no lock, no call).
+
+    Bytes of a connection or flow are added when it ends; while it is open they
+    are its own counters, which `UserspaceBackend.service_counters` adds at
+    scrape time, so a long connection's bytes show before it ends.
+    """
+
+    __slots__ = ("bytes_in", "bytes_out", "connect_errors", "connections", "failovers")
+
+    def __init__(self) -> None:
+        self.connections = 0  # TCP connections accepted, UDP flows opened
+        self.bytes_in = 0  # from clients, of connections and flows that ended
+        self.bytes_out = 0  # to clients
+        self.connect_errors = 0  # connects to a real that failed (or a real refusing UDP)
+        self.failovers = 0  # connections that reached a real after another had failed
+
+
 class Expiring(Protocol):
     """A connection or flow the idle sweep watches: `idle` is reset by traffic."""
 
@@ -55,6 +73,10 @@ class Expiring(Protocol):
     idle_limit: int
 
     def expire(self) -> None: ...
+
+    def usage(self) -> tuple[KeyStats, int, int]:
+        """Its virtual service's counts, and its own bytes so far from and to the client."""
+        ...
 
 
 class Buffers:

@@ -25,7 +25,7 @@ from typing import cast
 from lb.fds import is_fd_shortage
 from lb.table import Real, ServiceOptions, VirtualKey
 from lb.userspace import proxy_protocol
-from lb.userspace.runtime import Runtime, listening_socket
+from lb.userspace.runtime import KeyStats, Runtime, listening_socket
 from lb.userspace.scheduler import Pool
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ class Splice:
             transport.abort()
             return
         self.runtime.stats["tcp_accepted"] += 1
+        self.service.stats.connections += 1
         access = self.runtime.access
         if access is not None and access.take():
             self.logged = time.time()
@@ -196,6 +197,7 @@ class Splice:
                 assert self.connecting is not None
                 self.connecting.uncancel()
                 runtime.stats["tcp_connect_failed"] += 1
+                self.service.stats.connect_errors += 1
                 log.debug("connect to %s for %s timed out", real, self.service.key)
                 tried.add(real)
             except OSError as exc:
@@ -207,12 +209,14 @@ class Splice:
                     self._close_client(abort=True)
                     return
                 runtime.stats["tcp_connect_failed"] += 1
+                self.service.stats.connect_errors += 1
                 log.debug("connect to %s for %s failed: %r", real, self.service.key, exc)
                 tried.add(real)
             finally:
                 timer.cancel()
         if tried:
             runtime.stats["tcp_failovers"] += 1
+            self.service.stats.failovers += 1
         self.connecting = None
         client = self.client.transport
         assert client is not None and upstream.transport is not None
@@ -257,6 +261,9 @@ class Splice:
         if not self.done:
             self.done = True
             self.runtime.release(self)
+            stats, bytes_in, bytes_out = self.usage()
+            stats.bytes_in += bytes_in
+            stats.bytes_out += bytes_out
             if self.real is not None:
                 self.service.pool.closed(self.real)
             if self.logged:
@@ -269,6 +276,14 @@ class Splice:
         peer = side.peer
         if peer is not None and peer.transport is not None:
             peer.transport.close()  # sends what it holds, then closes
+
+    def usage(self) -> tuple[KeyStats, int, int]:
+        upstream = self.upstream
+        return (
+            self.service.stats,
+            self.client.received,
+            upstream.received if upstream is not None else 0,
+        )
 
     def _log_access(self) -> None:
         """The connection's access-log entry (formatted by the log's writer thread)."""
@@ -312,12 +327,18 @@ class TcpService:
     """One TCP virtual service: its listener and its pool of real servers."""
 
     def __init__(
-        self, key: VirtualKey, options: ServiceOptions, pool: Pool, runtime: Runtime
+        self,
+        key: VirtualKey,
+        options: ServiceOptions,
+        pool: Pool,
+        runtime: Runtime,
+        stats: KeyStats | None = None,
     ) -> None:
         self.key = key
         self.options = options
         self.pool = pool
         self.runtime = runtime
+        self.stats = stats or KeyStats()
         self._server: asyncio.AbstractServer | None = None
 
     async def listen(self, host: str) -> None:

@@ -16,7 +16,7 @@ import socket
 import time
 
 from lb.table import Real, ServiceOptions, VirtualKey
-from lb.userspace.runtime import Runtime, listening_socket
+from lb.userspace.runtime import KeyStats, Runtime, listening_socket
 from lb.userspace.scheduler import Pool
 
 #: datagrams handled per wake-up before other callbacks get their turn
@@ -111,11 +111,18 @@ class Flow:
     def _failover(self) -> None:
         runtime = self.service.runtime
         runtime.stats["udp_failovers"] += 1
+        stats = self.service.stats
+        stats.connect_errors += 1
         if self.real is not None:
             self.tried.add(self.real)
         if not self.connect():
             runtime.stats["udp_no_real"] += 1
             self.expire()
+        else:
+            stats.failovers += 1
+
+    def usage(self) -> tuple[KeyStats, int, int]:
+        return self.service.stats, self.bytes_in, self.bytes_out
 
     def _close_socket(self) -> None:
         if self.sock is not None:
@@ -158,12 +165,18 @@ class UdpService:
     """One UDP virtual service: its socket, its flows and its pool of real servers."""
 
     def __init__(
-        self, key: VirtualKey, options: ServiceOptions, pool: Pool, runtime: Runtime
+        self,
+        key: VirtualKey,
+        options: ServiceOptions,
+        pool: Pool,
+        runtime: Runtime,
+        stats: KeyStats | None = None,
     ) -> None:
         self.key = key
         self.options = options  # PROXY protocol is TCP only: a UDP service ignores it
         self.pool = pool
         self.runtime = runtime
+        self.stats = stats or KeyStats()
         self.flows: dict[tuple[str, int], Flow] = {}
         self.buffer = memoryview(bytearray(DATAGRAM_MAX))
         self._sock: socket.socket | None = None
@@ -201,6 +214,7 @@ class UdpService:
             self.runtime.stats["udp_no_real"] += 1
             return None
         self.runtime.stats["udp_flows"] += 1
+        self.stats.connections += 1
         self.flows[client] = flow
         access = self.runtime.access
         if access is not None and access.take():
@@ -219,6 +233,8 @@ class UdpService:
     def forget(self, flow: Flow) -> None:
         if self.flows.get(flow.client) is flow:
             del self.flows[flow.client]
+            self.stats.bytes_in += flow.bytes_in
+            self.stats.bytes_out += flow.bytes_out
         self.runtime.release(flow)
 
     def close(self) -> None:

@@ -373,6 +373,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         keyring=keyring,
         lb=lb.describe,
         lb_counters=lb.counters,
+        lb_sample=lb.sample,
         http_stats=None if http is None else http.snapshot,
         route_problems=route_problems.by_service,
         node_statuses=cluster.node_statuses,

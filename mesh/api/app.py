@@ -91,6 +91,9 @@ class ApiDeps:
     worker_processes: Callable[[], list[tuple[str, int, dict[str, float]]]] | None = None
     #: the L4 backend's name and counters, read without the kernel (for the metrics)
     lb_counters: Callable[[], dict[str, Any]] | None = None
+    #: refresh the L4 counters per service (reads the kernel for a kernel backend, at
+    #: most once a second) before a scrape reads `lb_counters`
+    lb_sample: Callable[[], Awaitable[None]] | None = None
     #: the HTTP routing mesh's counters; None when it does not run (--http none)
     http_stats: Callable[[], dict[str, Any]] | None = None
     #: every node this node's gossip knows of -> alive, suspect, dead or left

@@ -63,7 +63,7 @@ class MeshCollector(Collector):
         if deps.worker_processes is not None:
             yield from _workers(deps.worker_processes(), deps.control.feed.seq)
         if deps.lb_counters is not None:
-            yield from _lb(deps.lb_counters())
+            yield from _lb(deps.lb_counters(), services)
         if deps.http_stats is not None:
             yield from _http(deps.http_stats(), services)
         if deps.route_problems is not None:
@@ -345,7 +345,24 @@ def _workers(processes: list[tuple[str, int, dict[str, float]]], seq: int) -> It
 _LB_LEVELS = frozenset({"open", "unbound"})
 
 
-def _lb(counters: Mapping[str, Any]) -> Iterator[Metric]:
+#: the L4 counters per service: name in the backend's sample -> (family, help, label)
+_LB_SERVICE_COUNTERS = {
+    "connections": (
+        "meshplane_lb_service_connections",
+        "L4 connections (TCP) and flows (UDP) to a service's virtual services",
+    ),
+    "connect_errors": (
+        "meshplane_lb_service_connect_errors",
+        "Connects to a service's tasks that failed (the userspace proxy)",
+    ),
+    "failovers": (
+        "meshplane_lb_service_failovers",
+        "Connections that reached a task after another had failed (the userspace proxy)",
+    ),
+}
+
+
+def _lb(counters: Mapping[str, Any], services: set[str]) -> Iterator[Metric]:
     backend = str(counters.get("backend", ""))
     errors = CounterMetricFamily(
         "meshplane_lb_backend_errors",
@@ -355,6 +372,13 @@ def _lb(counters: Mapping[str, Any]) -> Iterator[Metric]:
     errors.add_metric([backend, "node"], counters.get("errors", 0))
     errors.add_metric([backend, "sandbox"], counters.get("sandbox_errors", 0))
     yield errors
+    read_errors = CounterMetricFamily(
+        "meshplane_lb_counter_read_errors",
+        "Readings of the L4 backend's counters per service that failed (the last totals stand)",
+        labels=["backend"],
+    )
+    read_errors.add_metric([backend], counters.get("sample_errors", 0))
+    yield read_errors
     stats: Mapping[str, int] = counters.get("stats", {})
     events = CounterMetricFamily(
         "meshplane_lb_events",
@@ -371,6 +395,39 @@ def _lb(counters: Mapping[str, Any]) -> Iterator[Metric]:
         (levels if name in _LB_LEVELS else events).add_metric([backend, name], value)
     yield events
     yield levels
+    yield from _lb_services(backend, counters.get("services", {}), services)
+
+
+def _lb_services(
+    backend: str, by_service: Mapping[str, Mapping[str, int]], services: set[str]
+) -> Iterator[Metric]:
+    """The L4 counters per service; a name the backend cannot count has no series."""
+    # A removed service's series go (its totals are forgotten at the next reading too).
+    rows = sorted((name, values) for name, values in by_service.items() if name in services)
+    for key, (name, doc) in _LB_SERVICE_COUNTERS.items():
+        family = CounterMetricFamily(name, doc, labels=["service", "backend"])
+        for service, values in rows:
+            if key in values:
+                family.add_metric([service, backend], values[key])
+        yield family
+    traffic = CounterMetricFamily(
+        "meshplane_lb_service_bytes",
+        "L4 bytes of a service's connections: in from clients, out to clients",
+        labels=["service", "backend", "direction"],
+    )
+    active = GaugeMetricFamily(
+        "meshplane_lb_service_active_connections",
+        "L4 connections (and UDP flows) of a service open now",
+        labels=["service", "backend"],
+    )
+    for service, values in rows:
+        for direction in ("in", "out"):
+            if f"bytes_{direction}" in values:
+                traffic.add_metric([service, backend, direction], values[f"bytes_{direction}"])
+        if "active" in values:
+            active.add_metric([service, backend], values["active"])
+    yield traffic
+    yield active
 
 
 #: the HTTP router's process-wide counters: snapshot key -> (family, help)
@@ -518,6 +575,9 @@ def setup(app: web.Application) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     """Every family, as the `Accept` header asks: OpenMetrics, or Prometheus text 0.0.4."""
+    lb_sample = request.app[DEPS].lb_sample
+    if lb_sample is not None:
+        await lb_sample()  # the kernel's L4 counters, read at most once a second
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     body = encode(request.app[REGISTRY])
     response = web.Response(body=body)

@@ -520,3 +520,4 @@ class LbOut(_Response):
     sandboxes: list[LbSandboxOut] = []  # sandboxes balancing their VIPs in their own table
     sandbox_errors: int = 0  # ops a sandbox's table refused
     sandboxes_vanished: int = 0  # sandboxes dropped because their namespace was gone
+    sample_errors: int = 0  # readings of its counters per service (GET /metrics) that failed

@@ -123,7 +123,20 @@ def _deps() -> api.ApiDeps:
             "backend": "userspace",
             "errors": 2,
             "sandbox_errors": 0,
+            "sample_errors": 4,
             "stats": {"tcp_accepted": 30, "tcp_connect_failed": 1, "open": 3, "unbound": 0},
+            "services": {
+                "web": {
+                    "connections": 25,
+                    "bytes_in": 1000,
+                    "bytes_out": 9000,
+                    "connect_errors": 1,
+                    "failovers": 1,
+                    "active": 3,
+                },
+                "db": {"connections": 5},  # a backend that counts connections only
+                "gone": {"connections": 7, "active": 0},  # removed from the state
+            },
         },
     )
 
@@ -190,6 +203,21 @@ def test_every_family_reads_the_counters_at_scrape_time() -> None:
     assert ("meshplane_lb_events_total", (userspace, ("event", "open"))) not in samples
     lb_errors = ("meshplane_lb_backend_errors_total", (userspace, ("table", "node")))
     assert samples[lb_errors] == 2
+    assert samples[("meshplane_lb_counter_read_errors_total", (userspace,))] == 4
+    web = (userspace, ("service", "web"))
+    assert samples[("meshplane_lb_service_connections_total", web)] == 25
+    assert samples[("meshplane_lb_service_connect_errors_total", web)] == 1
+    assert samples[("meshplane_lb_service_failovers_total", web)] == 1
+    assert samples[("meshplane_lb_service_active_connections", web)] == 3
+    web_in = (userspace, ("direction", "in"), ("service", "web"))
+    assert samples[("meshplane_lb_service_bytes_total", web_in)] == 1000
+    web_out = (userspace, ("direction", "out"), ("service", "web"))
+    assert samples[("meshplane_lb_service_bytes_total", web_out)] == 9000
+    db = (userspace, ("service", "db"))
+    assert samples[("meshplane_lb_service_connections_total", db)] == 5
+    # what the backend cannot count has no series (not a made-up 0)
+    assert ("meshplane_lb_service_active_connections", db) not in samples
+    assert ("meshplane_lb_service_connect_errors_total", db) not in samples
     assert samples[("process_resident_memory_bytes", ())] > 0
     http_1 = (("pool", "http"), ("worker", "1"))
     assert samples[("meshplane_worker_resident_memory_bytes", http_1)] == 2e6
