@@ -57,6 +57,7 @@ from common import (
     process_tree,
     stop,
     wait_for_api,
+    without_sandboxes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +171,11 @@ def agent(variant: Variant, work: Path, args: argparse.Namespace) -> Iterator[Va
     elif variant.access_log:
         raise RuntimeError(f"{variant.source}: `mesh agent` has no --access-log-sample")
     variant.log = work / f"agent-{variant.label}.log"
-    argv = [*http_bench.taskset([args.server_cpu]), args.python, "-m", "mesh", "agent", *flags]
+    argv = [
+        *without_sandboxes(),
+        *http_bench.taskset([args.server_cpu]),
+        *[args.python, "-m", "mesh", "agent", *flags],
+    ]
     with variant.log.open("wb") as sink:
         variant.proc = subprocess.Popen(
             argv,
