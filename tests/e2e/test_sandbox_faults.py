@@ -259,3 +259,44 @@ def test_task_rm_of_an_adopted_namespace_leaves_its_processes(node: SandboxNode)
     finally:
         sleeper.kill()
         sleeper.wait(10)
+
+
+def test_the_restart_reconcile_ends_the_command_of_a_task_removed_during_a_kill_9(
+    node: SandboxNode,
+) -> None:
+    """The CI leak: `task rm` committed, the agent killed -9 before the sandbox went; the
+    next start removes the orphan sandbox, and its command with it."""
+    node.mesh_ok("network", "create", "front", "--driver", "bridge", "--subnet", "10.93.0.0/24")
+    node.mesh_ok("service", "create", "web", "--network", "front")
+    task = node.mesh_json(
+        "task", "run", "web", "--detach", "--name", "stubborn", "--", sys.executable, "-c", STUBBORN
+    )
+    sandbox = netns_name(node.name, task["id"])
+
+    def pid_of() -> int | None:
+        pids = [p for p, (argv, _) in node.processes().items() if argv[-1] == STUBBORN]
+        return pids[0] if pids else None
+
+    assert wait_for(lambda: pid_of() is not None, 15) is not None
+    pid = pid_of()
+    node.mesh_ok("task", "rm", task["id"])
+    assert wait_for(lambda: all(t["id"] != task["id"] for t in node.api("GET", "/v1/tasks")), 15)
+    # The removal now waits out the grace (the command ignores SIGTERM): kill the agent in it.
+    time.sleep(0.5)
+    node.kill_agent()
+    # (Before the fix the sandbox was gone at once, and the command ran on.)
+    print(
+        f"at the kill: sandbox there {sandbox in node.sandboxes()}, "
+        f"command alive {pid in node.processes()}"
+    )
+    restarted = time.monotonic()
+    node.start_agent()
+    took = wait_for(lambda: pid not in node.processes(), 30, step=0.05)
+    print(
+        f"command of the removed task gone {time.monotonic() - restarted:.2f} s after the "
+        f"restart began (found gone after {took if took is None else round(took, 2)} s)"
+    )
+    assert took is not None, "the command outlived its task across the restart"
+    assert wait_for(lambda: sandbox not in node.sandboxes(), 15) is not None
+    lines = re.findall(r"event=sandbox_processes_ended (.*)", full_log(node))
+    assert any(f"netns={sandbox}" in line and "task=" not in line for line in lines), lines
