@@ -23,6 +23,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0  # seconds for a server started by a benchmark to answer
 
 
+def without_sandboxes() -> list[str]:
+    """The prefix that starts an agent without CAP_SYS_ADMIN when run as root: with it the
+    agent would make its ingress overlay (a bridge and a VXLAN device) in the host's own
+    namespace, and those are durable, so they would outlive the benchmark."""
+    return ["setpriv", "--bounding-set", "-sys_admin"] if os.geteuid() == 0 else []
+
+
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 (DNS listens on both)."""
     for _ in range(50):

@@ -59,6 +59,7 @@ from common import (
     process_tree,
     stop,
     wait_for_api,
+    without_sandboxes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,7 +297,11 @@ def mesh_agent(
     if workers:
         flags += ["--dns-workers", str(workers)]
     log_path = work / f"agent-{api_port}.log"
-    argv = ["taskset", "-c", ",".join(map(str, cpus)), python, "-m", "mesh", "agent", *flags]
+    argv = [
+        *without_sandboxes(),
+        *["taskset", "-c", ",".join(map(str, cpus))],
+        *[python, "-m", "mesh", "agent", *flags],
+    ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             argv,

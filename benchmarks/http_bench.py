@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # benchmarks/common.py: what the agent-running benchmarks share
+from common import (
     CLK_TCK,
     HOST,
     START_TIMEOUT,
@@ -73,6 +73,7 @@ from common import (  # benchmarks/common.py: what the agent-running benchmarks 
     process_tree,
     stop,
     wait_for_api,
+    without_sandboxes,  # benchmarks/common.py: what the agent-running benchmarks share
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -490,8 +491,11 @@ def mesh_router(
         "--http-workers",
         str(workers),
     ]
+    if "--access-log-sample" in agent_help(python):
+        # no access log, as nginx and HAProxy here (observability_bench.py measures its cost)
+        flags += ["--access-log-sample", "0"]
     log = work / f"agent-{api_port}.log"
-    argv = [*taskset(cpus), python, "-m", "mesh", "agent", *flags]
+    argv = [*without_sandboxes(), *taskset(cpus), python, "-m", "mesh", "agent", *flags]
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             argv,

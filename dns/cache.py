@@ -3,7 +3,8 @@
 Keys are `(view, tcp, canonical query)` (`dns.question`), so a client cannot
 make entries by padding or re-casing one question. An entry is either the
 reply's rotation (an endless iterator over the reply's variants, without
-ID) or the FORWARD mark of a name the mesh does not own. Entries are filed
+ID, each with its metrics slot: `dns.querystats`) or the FORWARD mark of a
+name the mesh does not own. Entries are filed
 under their *owners* (the state the answer came from) so that a change drops
 exactly the replies it touched.
 
@@ -33,7 +34,8 @@ FORWARD_MARK: Final = Mark.FORWARD
 
 #: (view, tcp, canonical query); a view is a network name or a sandbox's networks (dns.table)
 Key = tuple[str | tuple[str, ...], bool, bytes]
-Entry = Iterator[bytes] | Mark
+#: a rotation yields (reply without ID, its `dns.querystats` slot)
+Entry = Iterator[tuple[bytes, int]] | Mark
 
 #: Python's own bytes per entry beyond the key's and the replies' bytes: the
 #: key tuple and bytes objects, the iterator and its list, two dict slots and

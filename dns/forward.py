@@ -95,6 +95,9 @@ STAT_NAMES: Final = (
     "upstream_backoffs",  # failures that put an upstream in back-off or lengthened it
 )
 
+#: A verdict's reason -> the outcome an attempt is counted under (`Forwarder.attempts`)
+_OUTCOMES: Final = {"ok": "answered", "truncated": "truncated"}
+
 #: Attempt outcomes that mark an upstream down; any other reply shows it alive.
 _DOWN_REASONS: Final = frozenset({"timeout", "error", "refused"})
 
@@ -166,6 +169,9 @@ class Forwarder:
         self._max_in_flight = max_in_flight
         self._cache = ForwardCache(cache_entries, clock=clock)
         self._counts = dict.fromkeys(STAT_NAMES, 0)
+        #: (upstream, outcome) -> attempts: `answered`, `truncated`, `servfail`, `refused`,
+        #: `timeout`, `error`, `malformed`, `mismatch` (bounded: the upstreams are configured)
+        self.attempts: dict[tuple[str, str], int] = {}
         self._in_flight = 0
         self._tasks: set[asyncio.Task[bytes]] = set()
         self._closed = False
@@ -193,6 +199,7 @@ class Forwarder:
             **self._counts,
             "upstream_skipped": self._pool.skipped,
             "upstream_backoffs": self._pool.backoffs,
+            "cache_evicted": self._cache.evicted,
             "in_flight": self._in_flight,
             "cache_entries": len(self._cache),
             "upstreams_down": len(self._pool.down()),
@@ -253,6 +260,8 @@ class Forwarder:
         for upstream in self._pool.plan():
             started = self._pool.now()
             verdict = await self._ask(upstream, query, tcp)
+            outcome = (str(upstream), _OUTCOMES.get(verdict.reason, verdict.reason))
+            self.attempts[outcome] = self.attempts.get(outcome, 0) + 1
             if verdict.reason in _DOWN_REASONS:
                 self._pool.failed(upstream, started)
             else:

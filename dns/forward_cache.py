@@ -120,6 +120,8 @@ class ForwardCache:
         self._clock = clock
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
         self._bytes = 0
+        #: entries pushed out by the bounds (not the expired ones)
+        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -191,3 +193,4 @@ class ForwardCache:
         ):
             _, entry = self._entries.popitem(last=False)
             self._bytes -= len(entry.wire)
+            self.evicted += 1

@@ -31,8 +31,10 @@ import ipaddress
 import itertools
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from time import perf_counter
 
 from dnslib import (
     EDNS0,
@@ -49,6 +51,7 @@ from dnslib import (
 )
 
 from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key, ReplyCache
+from dns.querystats import QueryStats, slot_of
 from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
 from dns.table import ALL, Answer, NameTable, View
 from dns.wire import BADVERS, EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
@@ -85,15 +88,28 @@ class DnsConfig:
 
 class Responder:
     def __init__(
-        self, table: NameTable, config: DnsConfig | None = None, rng: random.Random | None = None
+        self,
+        table: NameTable,
+        config: DnsConfig | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = perf_counter,
     ) -> None:
         self.table = table
+        self._clock = clock
         self.config = config or DnsConfig()
         self._rng = rng or random.Random()
         #: (view, tcp, canonical query) -> the replies' rotation, or the FORWARD mark
         self.cache = ReplyCache(self.config.cache_entries, self.config.cache_bytes)
         #: source address -> view; asked on every query, so kept as a dict
         self.views: dict[str, View] = {}
+        #: answers by type, rcode and scope, and their latency: counted by the listeners
+        self.queries = QueryStats()
+        #: the metrics slot of the last reply `respond` took from the cache, -1 if the last
+        #: reply was not from the cache: the server counts a hit without reading the query
+        self.hit_slot = -1
+        #: when the last query not found in the cache began its parse (`clock`), so that
+        #: the server times misses without reading the clock for hits
+        self.miss_started = 0.0
         self.stats: dict[str, int] = dict.fromkeys(
             (
                 "answered",
@@ -106,6 +122,8 @@ class Responder:
                 "dropped",
                 "truncated",
                 "invalidated",
+                "cache_hits",  # answered from the reply cache (the UDP fast path adds its own)
+                "cache_misses",  # neither a reply nor the forward mark in the cache: parsed
             ),
             0,
         )
@@ -158,7 +176,9 @@ class Responder:
             self.stats["forwarded"] += 1
             return FORWARD
         if entry is not None:
-            return data[:2] + next(entry)
+            self.stats["cache_hits"] += 1
+            cached, self.hit_slot = next(entry)
+            return data[:2] + cached
         canonical = canonical_query(data)
         key = None if canonical is None else (view, tcp, canonical[0])
         if key is not None and canonical is not None:
@@ -167,7 +187,12 @@ class Responder:
                 self.stats["forwarded"] += 1
                 return FORWARD
             if entry is not None:
-                return splice_question(next(entry), data, canonical[1])
+                self.stats["cache_hits"] += 1
+                cached, self.hit_slot = next(entry)
+                return splice_question(cached, data, canonical[1])
+        self.stats["cache_misses"] += 1
+        self.hit_slot = -1
+        self.miss_started = self._clock()
         problem = _check_header(data)
         if problem != PARSE:
             return self._refuse(data, problem)
@@ -224,13 +249,16 @@ class Responder:
             self._pack(query, qname, answer, records, tcp, zone)
             for records in self._orders(answer, question.qtype)
         ]
-        served = itertools.cycle(variants)
+        # Each variant carries its metrics slot, so the UDP fast path counts a hit
+        # by type and rcode with one list increment (dns.querystats).
+        slot = slot_of(question.qtype, NOERROR if answer.found else NXDOMAIN)
+        served = itertools.cycle([(variant, slot) for variant in variants])
         if key is not None:
             self.cache.put(key, served, answer.owners, variants)
         self.stats["answered" if answer.found else "nxdomain"] += 1
         if answer.found and not answer.addresses and not answer.ptr and not answer.srv:
             self.stats["nodata"] += 1
-        return next(served)
+        return next(served)[0]
 
     def _orders(self, answer: Answer, qtype: int) -> list[list[RR]]:
         """The answer records in each order to serve in turn."""

@@ -11,6 +11,10 @@ connection answered in order, an idle timeout, a cap on connections per
 client and in all, and, at the cap, the longest idle connection closed to
 admit a new one (`dns.tcpslots`, RFC 7766 §6.2).
 
+Every answer is counted by query type, rcode and scope (`dns.querystats`):
+on the fast path by the slot the cached reply carries, one list increment
+and no clock read; elsewhere classified and timed from query to reply.
+
 A query the forwarder cannot take (`MalformedQuery`) gets FORMERR and is
 counted with the responder's `formerr`; nothing is logged per bad packet.
 """
@@ -24,9 +28,11 @@ import itertools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import cast
 
 from dns.cache import FORWARD_MARK
+from dns.querystats import NODE, SANDBOX
 from dns.relay import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
 from dns.table import View
@@ -46,6 +52,8 @@ MAX_PENDING_FORWARDS = 4096
 class UdpServer(asyncio.DatagramProtocol):
     #: A listener's fixed view (a sandbox's networks); None: by the asker's address.
     view: View | None = None
+    #: Whose queries it answers, for the metrics (dns.querystats.SCOPES)
+    scope = NODE
 
     def __init__(self, responder: Responder, forward: Forward) -> None:
         self.responder = responder
@@ -56,6 +64,18 @@ class UdpServer(asyncio.DatagramProtocol):
         self._cache = responder.cache.entries
         self._touch = responder.cache.entries.move_to_end  # LRU: a hit goes to the back
         self._views = responder.views
+        # Answers counted by type, rcode and this listener's scope (dns.querystats):
+        # shared by every listener of the responder, so a closed sandbox's counts stay.
+        self._queries = responder.queries
+        #: slot -> queries answered on the fast path from the cache (one list increment)
+        self._hits = responder.queries.hits[self.scope]
+        #: slot -> queries the responder found in the cache once canonical (untimed)
+        self._cached = responder.queries.cached[self.scope]
+
+    @property
+    def hits(self) -> int:
+        """Queries this listener's scope answered on the fast path, from the cache."""
+        return sum(self._hits)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport is not a subclass of asyncio's, though it is one in kind.
@@ -68,32 +88,46 @@ class UdpServer(asyncio.DatagramProtocol):
             entry = self._cache.get(key)
             if entry is not None and entry is not FORWARD_MARK:
                 self._touch(key)
+                reply, slot = next(entry)
+                self._hits[slot] += 1
                 assert self.transport is not None
-                self.transport.sendto(data[:2] + next(entry), addr)
+                self.transport.sendto(data[:2] + reply, addr)
                 return
         self._slow(data, addr)
 
     def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         assert self.transport is not None
+        responder = self.responder
         try:
-            reply = self.responder.respond(data, str(addr[0]), tcp=False, view=self.view)
+            reply = responder.respond(data, str(addr[0]), tcp=False, view=self.view)
         except Exception as exc:  # a bug must cost one query, never the server
             event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
             reply = error_reply(data, SERVFAIL) if len(data) >= 12 else None
+            responder.hit_slot, responder.miss_started = -1, perf_counter()
         if isinstance(reply, bytes):
             self.transport.sendto(reply, addr)
+            slot = responder.hit_slot
+            if slot >= 0:  # from the cache after all (a query not in canonical form):
+                self._cached[slot] += 1  # synchronous, untimed, as the fast path's hits
+            else:  # parsed: timed from the parse (the responder read the clock then)
+                elapsed = perf_counter() - responder.miss_started
+                self._queries.answered(self.scope, data, reply, elapsed)
         elif reply is Action.FORWARD:
+            started = perf_counter()
             if len(self._pending) >= MAX_PENDING_FORWARDS:
-                self.transport.sendto(error_reply(data, REFUSED), addr)
+                refused = error_reply(data, REFUSED)
+                self.transport.sendto(refused, addr)
+                self._queries.answered(self.scope, data, refused, perf_counter() - started)
                 return
-            task = asyncio.create_task(self._forward(data, addr))
+            task = asyncio.create_task(self._forward(data, addr, started))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
-    async def _forward(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+    async def _forward(self, data: bytes, addr: tuple[str | int, ...], started: float) -> None:
         reply = fit_udp(data, await forward_or_refuse(self.responder, self.forward, data, False))
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
+            self._queries.answered(self.scope, data, reply, perf_counter() - started)
 
     def error_received(self, exc: Exception) -> None:  # ICMP errors of earlier sends
         pass
@@ -112,6 +146,8 @@ class FixedViewUdpServer(UdpServer):
     Its own class, so the host listener's hot path keeps its one dict lookup.
     """
 
+    scope = SANDBOX
+
     def __init__(self, responder: Responder, forward: Forward, view: View) -> None:
         super().__init__(responder, forward)
         self.view = view
@@ -121,8 +157,10 @@ class FixedViewUdpServer(UdpServer):
         entry = self._cache.get(key)  # type: ignore[arg-type]
         if entry is not None and entry is not FORWARD_MARK:
             self._touch(key)  # type: ignore[arg-type]
+            reply, slot = next(entry)
+            self._hits[slot] += 1
             assert self.transport is not None
-            self.transport.sendto(data[:2] + next(entry), addr)
+            self.transport.sendto(data[:2] + reply, addr)
             return
         self._slow(data, addr)
 
@@ -206,14 +244,20 @@ class TcpServer:
                 await writer.wait_closed()
 
     async def _answer(self, data: bytes, source: str) -> bytes | None:
+        started = perf_counter()
+        reply: bytes | Action | None
         try:
             reply = self.responder.respond(data, source, tcp=True, view=self.view)
         except Exception as exc:
             event(log, "dns_internal_error", logging.ERROR, error=repr(exc))
-            return error_reply(data, SERVFAIL) if len(data) >= 12 else None
+            reply = error_reply(data, SERVFAIL) if len(data) >= 12 else None
         if reply is Action.FORWARD:
-            return await forward_or_refuse(self.responder, self.forward, data, True)
-        return reply
+            reply = await forward_or_refuse(self.responder, self.forward, data, True)
+        if isinstance(reply, bytes):
+            scope = NODE if self.view is None else SANDBOX
+            self.responder.queries.answered(scope, data, reply, perf_counter() - started)
+            return reply
+        return None
 
     async def close(self) -> None:
         if self.server is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,10 @@ class DnsService:
         return [{"name": n, "type": t, "value": v} for n, t, v in self.table.records(view)]
 
     def stats(self) -> dict[str, int]:
+        """Counters and levels (`is_level` tells them apart), for `GET /v1/dns` and metrics."""
         counters = {**self.responder.stats, **self.responder.cache_stats()}
+        # The UDP listeners' fast path (the node's and the sandboxes') counts its own hits.
+        counters["cache_hits"] += self.responder.queries.fast_hits()
         return {
             **{f"responder_{k}": v for k, v in counters.items()},
             **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
@@ -139,3 +142,35 @@ class DnsService:
             **{f"sandbox_{k}": v for k, v in self.sandboxes.stats.items()},
             **{f"sandbox_tcp_{k}": v for k, v in self.sandboxes.tcp_stats().items()},
         }
+
+    def metric_counts(self) -> dict[str, int | float]:
+        """The labelled counts for `GET /metrics`, as flat names a worker reports and the
+        agent sums by name: answers by type, rcode and scope and their latency
+        (`dns.querystats`), upstream attempts by outcome (`forward|UPSTREAM|OUTCOME`)."""
+        counts = self.responder.queries.flat()
+        for (upstream, outcome), count in self.forwarder.attempts.items():
+            counts[f"{FORWARD_PREFIX}{upstream}|{outcome}"] = count
+        return counts
+
+
+#: the prefix of an upstream's attempts in `DnsService.metric_counts`
+FORWARD_PREFIX = "forward|"
+
+
+def forwards_of(flat: Mapping[str, int | float]) -> Iterator[tuple[tuple[str, str], int]]:
+    """((upstream, outcome), attempts) from flat names (`DnsService.metric_counts`, summed)."""
+    for name, value in flat.items():
+        if name.startswith(FORWARD_PREFIX):
+            upstream, _, outcome = name[len(FORWARD_PREFIX) :].rpartition("|")
+            if upstream:
+                yield (upstream, outcome), int(value)
+
+
+#: words that mark a name of `DnsService.stats()` as a level (what is held now) rather
+#: than a count of events
+_LEVEL_WORDS = ("entries", "bytes", "open", "in_flight", "active")
+
+
+def is_level(name: str) -> bool:
+    """Whether the stat `name` is a level (a gauge), not a counter."""
+    return any(word in name for word in _LEVEL_WORDS)

@@ -4,7 +4,9 @@ The agent starts `--dns-workers N` of these. Each binds the DNS address with
 SO_REUSEPORT beside the agent's own listener, so the kernel spreads queries
 over every process (by the asker's address and port), and keeps its own copy
 of the name table, fed by the agent's change feed over a Unix socket
-(`mesh.feedserver`): a snapshot, then every change. When the feed ends (the
+(`mesh.feedserver`): a snapshot, then every change. It reports its counters
+back up that socket every second (`{"dns_worker": PID, "stats": {...}}`),
+which the agent sums into `GET /metrics`. When the feed ends (the
 agent stopped or cut it off) the worker exits; the agent starts another.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -22,12 +25,17 @@ from dns.service import DnsService, DnsSettings
 from dns.upstreams import parse_upstream
 from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
+from mesh.core.procstats import process_figures, worker_index
 
 log = logging.getLogger("dns.worker")
+
+#: seconds between two reports of a worker's counters to the agent
+REPORT_INTERVAL = 1.0
 
 
 async def run(args: argparse.Namespace) -> int:
     feed = FeedClient(args.feed)
+    index = worker_index()
     records = await feed.open()
     upstreams = tuple(parse_upstream(u) for u in args.upstream) or None
     service = DnsService(
@@ -52,10 +60,35 @@ async def run(args: argparse.Namespace) -> int:
         await feed.follow(service.on_change)
         stopping.set()
 
+    async def report() -> None:  # the counters, for the agent's metrics
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            feed.report(
+                {
+                    "dns_worker": os.getpid(),
+                    "stats": {**service.stats(), **service.metric_counts()},
+                    "index": index,
+                    "process": process_figures(),
+                    "seq": feed.seq,
+                }
+            )
+
     follower = asyncio.create_task(follow())
+    reporter = asyncio.create_task(report())
     await stopping.wait()
     follower.cancel()
-    await asyncio.gather(follower, return_exceptions=True)
+    reporter.cancel()
+    await asyncio.gather(follower, reporter, return_exceptions=True)
+    # The last counts, so that a worker stopped on purpose loses none of them.
+    feed.report(
+        {
+            "dns_worker": os.getpid(),
+            "stats": {**service.stats(), **service.metric_counts()},
+            "index": index,
+            "process": process_figures(),
+            "seq": feed.seq,
+        }
+    )
     feed.close()
     await service.stop()
     return 0

@@ -107,6 +107,16 @@ class GossipShell:
         self.tcp_timeout = tcp_timeout
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
+        #: UDP messages by type ("ping", "alive", ...; a compound's parts each), per direction
+        self.messages_in: Counter[str] = Counter()
+        self.messages_out: Counter[str] = Counter()
+        #: UDP datagram bytes as sent and received (sealed: what the wire carries)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: TCP stream bytes (push-pulls and fallback pings, length prefix included) read and
+        #: written, on the streams this node opened and on those it served
+        self.stream_bytes_in = 0
+        self.stream_bytes_out = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
@@ -178,6 +188,7 @@ class GossipShell:
 
     def receive_packet(self, data: bytes, source: Addr) -> None:
         self.counts["packets_in"] += 1
+        self.bytes_in += len(data)
         if len(data) > MAX_PACKET:
             self.drops["oversized"] += 1
             return
@@ -191,6 +202,8 @@ class GossipShell:
             self.drops["internal_error"] += 1
             log.exception("gossip packet from %s: %r", source, exc)
             return
+        for message in messages:
+            self.messages_in[type(message).__name__.lower()] += 1
         self.core.handle_packet(messages, source, self.now())
         self._drive()
 
@@ -210,8 +223,10 @@ class GossipShell:
             reply = self.core.handle_stream(message, source, self.now())
             if reply is None:  # a TCP ping meant for another node
                 return
-            writer.write(self._frame(codec.encode_stream(reply)))
+            frame = self._frame(codec.encode_stream(reply))
+            writer.write(frame)
             await asyncio.wait_for(writer.drain(), self.tcp_timeout)
+            self.stream_bytes_out += len(frame)
             self._drive()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             if not ticket.evicted:  # an eviction was counted as one
@@ -247,6 +262,7 @@ class GossipShell:
             if not self.admission.reserve(ticket, size):
                 return None
             data = await asyncio.wait_for(reader.readexactly(size), AUTH_TIMEOUT + size / AUTH_RATE)
+            self.stream_bytes_in += _LENGTH.size + size
         except TimeoutError:
             self.drops["unauthenticated_timeout"] += 1
             return None
@@ -263,6 +279,7 @@ class GossipShell:
             self.drops["oversized"] += 1
             return None
         data = await reader.readexactly(size)
+        self.stream_bytes_in += _LENGTH.size + size
         message = self._open(data)
         if message is not None:
             self._largest_frame = max(self._largest_frame, size)
@@ -309,6 +326,9 @@ class GossipShell:
             data = self._wrap(codec.encode_packet(list(packet.messages)))
             self._udp.sendto(data, packet.to)
             self.counts["packets_out"] += 1
+            self.bytes_out += len(data)
+            for message in packet.messages:
+                self.messages_out[type(message).__name__.lower()] += 1
         except (OSError, ValueError) as exc:
             self.drops["send_error"] += 1
             log.debug("gossip send to %s failed: %r", packet.to, exc)
@@ -322,8 +342,10 @@ class GossipShell:
                 self.tcp_timeout,
             )
             writer = stream
-            stream.write(self._frame(codec.encode_stream(request.message)))
+            frame = self._frame(codec.encode_stream(request.message))
+            stream.write(frame)
             await asyncio.wait_for(stream.drain(), self.tcp_timeout)
+            self.stream_bytes_out += len(frame)
             reply = await asyncio.wait_for(self._read_reply(reader), self.tcp_timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             self.drops["stream_failed"] += 1

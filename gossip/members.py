@@ -289,6 +289,8 @@ class Change:
     event: Event | None = None
     stat: str | None = None
     regossip: bool = True
+    #: the member was suspect and this ends it: "refuted" (alive again) or "confirmed" (dead)
+    ended_suspicion: str | None = None
 
 
 class MemberStates:
@@ -341,7 +343,10 @@ class MemberStates:
             lateness_at=now,
         )
         if held.state is not _A:
-            return self._store(Change(member, MemberAlive(member), "rejoins"))
+            ended = "refuted" if held.state is _S else None
+            return self._store(
+                Change(member, MemberAlive(member), "rejoins", ended_suspicion=ended)
+            )
         if (held.meta, held.addr) != (alive.meta, alive.addr):
             return self._store(Change(member, MemberUpdated(member)))
         return self._store(Change(member))
@@ -395,7 +400,8 @@ class MemberStates:
         member = replace(held, state=state, incarnation=dead.incarnation, state_since=now)
         if state is _L:
             return self._store(Change(member, MemberLeft(member), "leaves"))
-        return self._store(Change(member, MemberFailed(member), "failures"))
+        ended = "confirmed" if held.state is _S else None
+        return self._store(Change(member, MemberFailed(member), "failures", ended_suspicion=ended))
 
     def expired(self, now: float, accuser: str) -> list[Dead]:
         """Suspicions whose time ran out, as Dead verdicts from `accuser` (ourselves)."""

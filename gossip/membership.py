@@ -99,6 +99,7 @@ from gossip.messages import (
     User,
 )
 from gossip.probing import Prober
+from gossip.rtt import RttHistogram
 
 __all__ = [  # the events are re-exported: drivers import them from here or from `gossip`
     "STAT_NAMES",
@@ -130,6 +131,8 @@ STAT_NAMES = (
     "relayed_pings",
     "misdirected_pings",
     "suspicions",
+    "suspicions_refuted",
+    "suspicions_confirmed",
     "confirmations",
     "refutes",
     "failures",
@@ -140,6 +143,7 @@ STAT_NAMES = (
     "user_delivered",
     "user_duplicates",
     "push_pulls",
+    "push_pulls_initiated",
     "push_pulls_served",
     "push_pull_failures",
     "packets",
@@ -244,6 +248,7 @@ class Membership:
         for seed in dict.fromkeys(seeds):
             if seed != self.addr:
                 self._streams.append(StreamRequest(seed, self._push_pull_state(join=True)))
+                self.stats["push_pulls_initiated"] += 1
 
     def leave(self, now: float) -> None:
         """Graceful leave: gossip Dead(node=self, sender=self); peers mark us LEFT."""
@@ -342,6 +347,10 @@ class Membership:
     def push_pull_state(self) -> PushPull:
         """What this node would push now (the shell sizes strangers' streams by it)."""
         return self._push_pull_state(False)
+
+    def probe_rtt(self) -> RttHistogram:
+        """Round trips of the probes answered so far, by the path their Ack took."""
+        return self._prober.rtt
 
     def suspicions(self, now: float) -> dict[str, tuple[float, int]]:
         """Suspected member -> (seconds left before it is declared dead, confirmations)."""
@@ -453,6 +462,8 @@ class Membership:
             self._events.append(change.event)
         if change.stat is not None:
             self.stats[change.stat] += 1
+        if change.ended_suspicion is not None:
+            self.stats[f"suspicions_{change.ended_suspicion}"] += 1
 
     def _expire_suspicions(self, now: float) -> None:
         for verdict in self._members.expired(now, self.name):
@@ -489,6 +500,7 @@ class Membership:
         peers = self._random_members(1, lambda m: m.state is ALIVE and m.name != self.name)
         if peers:
             self._streams.append(StreamRequest(peers[0].addr, self._push_pull_state(False)))
+            self.stats["push_pulls_initiated"] += 1
 
     def _push_pull_state(self, join: bool) -> PushPull:
         nodes = tuple(

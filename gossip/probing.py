@@ -33,6 +33,7 @@ from gossip.messages import (
     StreamRequest,
     Suspect,
 )
+from gossip.rtt import RttHistogram
 
 ALIVE, SUSPECT = MemberState.ALIVE, MemberState.SUSPECT
 
@@ -94,6 +95,8 @@ class Prober:
         self._probes: dict[int, _Probe] = {}  # by seq: a patient probe may outlast a period
         self._relays: dict[int, _Relay] = {}
         self.tcp_pings: set[Addr] = set()  # fallback probes in flight, by address
+        #: round trips of the probes answered, by the path their Ack took
+        self.rtt = RttHistogram()
         # The rota's periods are slots of a clock the cluster shares (`now +
         # wall_offset`: Unix time in the agent); each node probes at its own phase in
         # the slot, so the probes of one period are spread over it.
@@ -295,12 +298,23 @@ class Prober:
             return
         if probe is not None:
             self.stats["acks"] += 1
+            self.rtt.observe(self._path(probe, source), now - probe.sent_at)
             if self.lifeguard:
                 self._awareness.apply_delta(-1)
             return
         relay = self._relays.pop(ack.seq, None)
         if relay is not None:
             self._send(relay.reply_to, [Ack(seq=relay.seq)])
+
+    def _path(self, probe: _Probe, source: Addr | None) -> str:
+        """How the Ack answering `probe` came: over TCP (no source), from the target's
+        own address (direct, even after the relays were asked), or else from a relay."""
+        if source is None:
+            return "tcp"
+        target = self._members.table.get(probe.target)
+        if not probe.indirect_sent or (target is not None and source == target.addr):
+            return "direct"
+        return "indirect"
 
     def on_nack(self, nack: Nack) -> None:
         probe = self._probes.get(nack.seq)

@@ -29,15 +29,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lb.backend import Backend, BackendError
 from lb.sandbox import SandboxLb
-from lb.table import Op, Table
+from lb.servicestats import Sample, ServiceStats
+from lb.table import DeleteService, Op, Table, VirtualKey
 from lb.view import LbView
 from mesh.core.logs import event
 from mesh.core.model import Change, Record
@@ -46,6 +49,9 @@ log = logging.getLogger("lb")
 
 #: How long a call from another thread waits for the event loop to take it.
 ON_LOOP_TIMEOUT = 30.0
+#: A reading of the backend's counters per service serves the scrapes of this long
+#: (a kernel backend reads the kernel for it: scrapes cannot flood it).
+SAMPLE_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,16 @@ class LbDriver:
         self.sandbox_errors = 0
         #: sandboxes dropped because their namespace was gone
         self.sandboxes_vanished = 0
+        #: the L4 counters per service (`sample` fills it from the backend's readings)
+        self.service_stats = ServiceStats()
+        #: readings of the backend's counters that failed
+        self.sample_errors = 0
+        # Whose each virtual service was when the view last emitted ops for it: a
+        # service removed takes its keys' ownership with it, and their last counts
+        # still belong to it.
+        self._key_owners: dict[VirtualKey, str] = {}
+        self._sampled_at: float | None = None
+        self._sample_lock = asyncio.Lock()
 
     def load(self, records: Iterable[Record]) -> None:
         self.view.load(records)
@@ -93,6 +109,7 @@ class LbDriver:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         desired = self.view.table()
+        self._note_owners(desired)
         try:
             await self.backend.start(desired)
         except BackendError as exc:
@@ -110,6 +127,7 @@ class LbDriver:
         ops = self.view.on_change(change)
         if not ops:
             return
+        self._note_owners(op.key for op in ops if not isinstance(op, DeleteService))
         self._put(_Job("apply", lambda: self.backend.apply(ops)))
         for sandbox in self._sandboxes.values():
             mine = sandbox.filter(ops, self.view.vip_network)
@@ -237,6 +255,60 @@ class LbDriver:
         """Wait until every queued op has been applied."""
         await self._idle.wait()
 
+    def counters(self) -> dict[str, Any]:
+        """The backend's name, the ops it refused, its own counters (the userspace
+        proxy's; a kernel backend has none here) and the counters per service as the
+        last `sample` left them, read without touching the kernel: what `GET /metrics`
+        exports."""
+        stats = getattr(self.backend, "stats", None)
+        return {
+            "backend": self.backend.name,
+            "errors": self.errors,
+            "sandbox_errors": self.sandbox_errors,
+            "sample_errors": self.sample_errors,
+            "stats": stats() if callable(stats) else {},
+            "services": self.service_stats.snapshot(),
+        }
+
+    # -- counters per service ---------------------------------------------------------
+
+    def _note_owners(self, keys: Iterable[VirtualKey]) -> None:
+        for key in keys:
+            name = self.view.service_of(key)
+            if name is not None:
+                self._key_owners[key] = name
+
+    def _owner(self, key: VirtualKey) -> str | None:
+        return self.view.service_of(key) or self._key_owners.get(key)
+
+    async def sample(self, max_age: float = SAMPLE_MAX_AGE) -> None:
+        """Read the backend's counters per virtual service into `service_stats`, unless a
+        reading younger than `max_age` seconds stands (concurrent scrapes share one).
+
+        A backend without `service_counters` counts nothing per service. A failed
+        reading is counted in `sample_errors` and tried again `max_age` later.
+        """
+        reader = getattr(self.backend, "service_counters", None)
+        if reader is None:
+            return
+        async with self._sample_lock:
+            now = time.monotonic()
+            if self._sampled_at is not None and now - self._sampled_at < max_age:
+                return
+            self._sampled_at = now
+            try:
+                found = reader()
+                sample: Sample = await found if inspect.isawaitable(found) else found
+            except Exception as exc:  # a kernel that refuses: the last totals stand
+                self.sample_errors += 1
+                log.debug("reading the %s backend's counters failed: %s", self.backend.name, exc)
+                return
+        self.service_stats.fold(sample, self._owner)
+        self.service_stats.retain(self.view.service_names())
+        table = self.view.table()
+        for key in [k for k in self._key_owners if k not in sample and k not in table]:
+            del self._key_owners[key]
+
     async def describe(self) -> dict[str, Any]:
         """The table as programmed (read back from the backend), for `GET /v1/lb`."""
         table: Table = await self.backend.read()
@@ -263,6 +335,7 @@ class LbDriver:
             ],
             "sandbox_errors": self.sandbox_errors,
             "sandboxes_vanished": self.sandboxes_vanished,
+            "sample_errors": self.sample_errors,
         }
 
     async def close(self) -> None:

@@ -228,6 +228,18 @@ class LbView:
         owners = self._vip_networks.get(address)
         return owners[min(owners)] if owners else None
 
+    def service_of(self, key: VirtualKey) -> str | None:
+        """The name of the service that owns a virtual service now (None: no one's)."""
+        owner = self._owner(key)
+        if owner is None:
+            return None
+        service = self._services.get(owner[0])
+        return service.name if service is not None else None
+
+    def service_names(self) -> set[str]:
+        """The names of the services in the state (as they are spelled there)."""
+        return {service.name for service in self._services.values()}
+
     # -- feeding ----------------------------------------------------------------
 
     def load(self, records: Iterable[Record]) -> list[Op]:

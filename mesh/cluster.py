@@ -483,6 +483,10 @@ class Cluster:
             "verify_incoming": shell.verify_incoming,
             "verify_outgoing": shell.verify_outgoing,
             "drops": dict(shell.drops),
+            "messages": {"in": dict(shell.messages_in), "out": dict(shell.messages_out)},
+            "bytes": {"in": shell.bytes_in, "out": shell.bytes_out},
+            "stream_bytes": {"in": shell.stream_bytes_in, "out": shell.stream_bytes_out},
+            "probe_rtt": self.core.probe_rtt().snapshot(),
             "counts": {
                 **dict(shell.counts),
                 **{k: int(v) for k, v in self.core.stats.items()},

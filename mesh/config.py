@@ -144,6 +144,12 @@ class AgentConfig:
     tls_certs: tuple[str, ...] = ()
     #: one logfmt line per proxied request
     http_access_log: bool = False
+    #: where the access logs of the HRM and the L4 proxy go: a file (O_APPEND) or "-" (stdout)
+    access_log: str = "-"
+    #: the share of HTTP requests and L4 connections logged, 0..1 (0: no access log)
+    access_log_sample: float = 0.01
+    #: json (one object a line) or clf (the Combined Log Format)
+    access_log_format: str = "json"
     #: seconds a client has to send a whole request head (slowloris: 408 and close)
     http_header_timeout: float = 10.0
     #: seconds to connect to a task and to wait for its response (504)
@@ -162,6 +168,10 @@ class AgentConfig:
             raise ConfigError(f"log-level {self.log_level!r}: one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.dns_ttl <= 86_400:
             raise ConfigError("dns-ttl must be between 0 and 86400 seconds")
+        if not 0.0 <= self.access_log_sample <= 1.0:  # NaN fails too
+            raise ConfigError(f"access-log-sample {self.access_log_sample:g}: between 0 and 1")
+        if self.access_log_format not in ("json", "clf"):
+            raise ConfigError(f"access-log-format {self.access_log_format!r}: json or clf")
         if self.gossip_profile not in GOSSIP_PROFILES:
             raise ConfigError(
                 f"gossip-profile {self.gossip_profile!r}: one of {', '.join(GOSSIP_PROFILES)}"
@@ -284,6 +294,11 @@ _FLAGS: dict[str, str] = {
     "tls-cert": "HOST=CERTFILE,KEYFILE: a certificate for the HTTPS side, chosen by SNI; "
     "repeat for several; HOST may be *.domain; the first is the default",
     "http-access-log": "on: one logfmt line per proxied request (default off)",
+    "access-log": "PATH or '-': where the access logs of the routing mesh and the L4 proxy "
+    "go (default -: stdout); each process appends whole lines",
+    "access-log-sample": "the share of requests and L4 connections logged, 0 to 1 "
+    "(default 0.01; 0: none)",
+    "access-log-format": "json (one object a line, the default) or clf (Combined Log Format)",
     "http-header-timeout": "seconds a client has to send a request head (default 10)",
     "http-upstream-timeout": "seconds to connect to a task and to await its response (default 60)",
     "http-max-body": "largest request body the router forwards, bytes (default 1 GiB; 0: no limit)",
@@ -383,6 +398,9 @@ _METAVARS = {
     "http-workers": "N",
     "tls-cert": "HOST=CERT,KEY",
     "http-access-log": "on|off",
+    "access-log": "PATH|-",
+    "access-log-sample": "RATE",
+    "access-log-format": "json|clf",
     "http-header-timeout": "SECONDS",
     "http-upstream-timeout": "SECONDS",
     "http-max-body": "BYTES",
@@ -526,6 +544,9 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         https=parse_host_port(str(values["https"]), None, "https") if values.get("https") else None,
         tls_certs=tuple(values.get("tls_cert", [])),
         http_access_log=access_log in ("on", "true"),
+        access_log=str(values.get("access_log", "-")) or "-",
+        access_log_sample=_number(values, "access_log_sample", 0.01, float),
+        access_log_format=str(values.get("access_log_format", "json")).lower(),
         http_header_timeout=_number(values, "http_header_timeout", 10.0, float),
         http_upstream_timeout=_number(values, "http_upstream_timeout", 60.0, float),
         http_max_body=int(_number(values, "http_max_body", 1 << 30, int)),

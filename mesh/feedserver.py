@@ -9,7 +9,10 @@ to `<data-dir>/feed.sock` and reads newline-delimited JSON:
 RECORD is `mesh.core.codec.record_to_dict` (tombstones included, so a
 removal is a record with "deleted": true). A worker may write JSON lines back
 (its counters, say); each goes to `on_report`, and a line that is not a JSON
-object is dropped and counted. Snapshot and subscription happen in
+object is dropped and counted. When the connection ends, its last report goes
+to `on_gone` once more: the worker is gone, and its sink folds what it counted
+into a total that the next worker only adds to (a scrape never sees a counter
+go backwards when a worker restarts). Snapshot and subscription happen in
 the same tick of the loop, so no change falls between them. A worker that
 reads too slowly is cut off once a few MiB wait for it; it reconnects and
 starts again from a snapshot, which is the whole recovery story.
@@ -87,10 +90,12 @@ class FeedServer:
         feed: ChangeFeed,
         path: Path,
         on_report: Callable[[dict[str, Any]], None] | None = None,
+        on_gone: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._feed = feed
         self.path = path
         self._on_report = on_report
+        self._on_gone = on_gone
         self.bad_reports = 0
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -108,29 +113,33 @@ class FeedServer:
         if task is not None:
             self._clients.add(task)
         unfollow = self._feed.follow(_Follower(self._feed, writer))
+        last: dict[str, Any] | None = None
         try:
             while line := await reader.readline():  # EOF: the worker is gone
-                self._report(line)
+                last = self._report(line) or last
         except (ConnectionError, ValueError):  # ValueError: a line past MAX_REPORT
             pass
         finally:
             unfollow()
+            if last is not None and self._on_gone is not None:
+                self._on_gone(last)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             if task is not None:
                 self._clients.discard(task)
 
-    def _report(self, line: bytes) -> None:
+    def _report(self, line: bytes) -> dict[str, Any] | None:
         try:
             message = json.loads(line)
         except ValueError:
             message = None
         if not isinstance(message, dict):
             self.bad_reports += 1
-            return
+            return None
         if self._on_report is not None:
             self._on_report(message)
+        return message
 
     async def stop(self) -> None:
         if self._server is not None:

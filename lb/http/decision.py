@@ -2,7 +2,8 @@
 
 `decide` answers one of two things: a `Forward` tuple (the route matched, the
 target the task gets, the sticky cookie's value if the route has one) or `Answer`
-(the router answers itself: 404 when no route serves the host and path, 301
+(the router answers itself: 404 when no route serves the host and path, saying
+which service's label names the host but does not parse if one does; 301
 for a redirect route). Which task of a `Forward` gets the request is the
 balancer's, afterwards: it keeps state (round robin, ejections), this does not.
 """
@@ -42,7 +43,15 @@ NO_ROUTE = Answer(404, "no service is routed for this host")
 def decide(head: RequestHead, table: RouteTable) -> Forward | Answer:
     match = table.match(head.host, head.path)
     if match is None:
-        return NO_ROUTE
+        problem = table.problem_for(head.host)
+        if problem is None:
+            return NO_ROUTE
+        # A misconfiguration is loud: the answer says which label is wrong, and why.
+        return Answer(
+            404,
+            f"{NO_ROUTE.reason}: service {problem.service} names it, but its label "
+            f"{problem.label} is not used: {problem.reason}",
+        )
     route = match.route
     if route.redirect:
         location = route.redirect.rstrip("/").encode("latin-1") + head.target

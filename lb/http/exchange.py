@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import httptools
 
+from lb.accesslog import AccessLog
 from lb.http.balance import Balancer
 from lb.http.budget import FdBudget
 from lb.http.decision import Answer, decide
@@ -54,7 +57,7 @@ from lb.http.heads import (
 )
 from lb.http.routes import Endpoint, Match, RouteTable
 from lb.http.settings import RouterSettings
-from lb.http.stats import RouterStats, RouteStats
+from lb.http.stats import LATENCY_BOUNDS, RouterStats, RouteStats
 from mesh.core.logs import event
 
 log = logging.getLogger("lb.http.proxy")
@@ -110,7 +113,7 @@ class Shell(Protocol):
 class Shared:
     """What every exchange of one router reads and counts: the table, the balancer, the stats."""
 
-    __slots__ = ("balancer", "budget", "clock", "now", "settings", "stats", "table")
+    __slots__ = ("access", "balancer", "budget", "clock", "now", "settings", "stats", "table")
 
     def __init__(
         self,
@@ -120,6 +123,7 @@ class Shared:
         balancer: Balancer,
         stats: RouterStats,
         budget: FdBudget,
+        access: AccessLog | None = None,
     ) -> None:
         self.table = table
         self.settings = settings
@@ -128,6 +132,8 @@ class Shared:
         self.balancer = balancer
         self.stats = stats
         self.budget = budget
+        #: the access log, when on (its rate above 0)
+        self.access = access if access is not None and access.enabled else None
 
 
 class Request:
@@ -703,6 +709,40 @@ class Exchange:
             upstream=f"{endpoint.address}:{endpoint.port}" if endpoint else "-",
         )
 
+    def _queue_access(self, access: AccessLog, status: int, elapsed: float) -> None:
+        """The request's access-log entry, formatted later by the log's writer thread."""
+        req = self._req
+        head = req.head if req is not None else None
+        endpoint = self._endpoint
+        referer = user_agent = b""
+        if head is not None:
+            for name, value in head.headers:
+                lowered = name.lower()
+                if lowered == b"referer":
+                    referer = value
+                elif lowered == b"user-agent":
+                    user_agent = value
+        access.put(
+            {
+                "time": time.time(),
+                "kind": "http",
+                "client": self.peer_ip,
+                "proto": self.proto,
+                "method": head.method.decode("latin-1") if head else "-",
+                "host": head.host if head else "-",
+                "path": head.path if head else "-",
+                "protocol": "HTTP/1.1" if head is None or head.http11 else "HTTP/1.0",
+                "status": status,
+                "bytes": self._bytes_out,
+                "duration_ms": round(elapsed * 1000, 3),
+                "service": self._match.route.service if self._match else "-",
+                "task": endpoint.task_id if endpoint else "-",
+                "upstream": f"{endpoint.address}:{endpoint.port}" if endpoint else "-",
+                "referer": referer.decode("latin-1"),
+                "user_agent": user_agent.decode("latin-1"),
+            }
+        )
+
     def _record(self, status: int) -> None:
         """Count the exchange (and log it): once per request, however it ended."""
         elapsed = self._clock() - self._started
@@ -712,6 +752,10 @@ class Exchange:
             route_stats.by_class[min(status // 100, 5)] += 1
             route_stats.latency_sum += elapsed
             route_stats.latency_count += 1
+            route_stats.latency_buckets[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        access = self.shared.access
+        if access is not None and access.take():
+            self._queue_access(access, status, elapsed)
         if self._settings.access_log:
             self._log_access(status, elapsed)
 

@@ -60,12 +60,19 @@ class RouteKey(NamedTuple):
     path_prefix: str
 
 
+#: what kind of problem: a label that does not parse (the service is not routed), a
+#: route lost to an older service, a target port no task serves, a host this node's
+#: HTTPS has no certificate for
+PROBLEM_KINDS = ("label", "conflict", "target_port", "certificate")
+
+
 class Problem(NamedTuple):
-    """Why a service (or one of its routes) is not routed."""
+    """Why a service (or one of its routes) is not routed, or not routed well."""
 
     service: str
     label: str
     reason: str
+    kind: str = "label"  # one of PROBLEM_KINDS
 
 
 class LabelError(ValueError):
@@ -312,6 +319,32 @@ def _published_port(service: Service, missing: str) -> int:
             f"{missing} is required: the service publishes {len(targets) or 'no'} TCP ports"
         )
     return targets.pop()
+
+
+_URL_HOST = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/,=\s]*)")
+
+
+def hosts_named(service: Service) -> set[str]:
+    """The hosts a service's routing labels name, read loosely (lower-case, no port).
+
+    For a service whose labels do not parse: a request for one of these hosts is
+    answered 404 with the label's problem, rather than a bare 404.
+    """
+    hosts: set[str] = set()
+    for key, value in service.labels.items():
+        if key in HOSTS_LABELS:
+            hosts.update(item for item in value.split(","))
+        elif is_routing_label(key):
+            hosts.update(_URL_HOST.findall(value))
+    found = set()
+    for host in hosts:
+        host = host.strip().lower()
+        if host.startswith("["):
+            found.add(host[: host.find("]") + 1] if "]" in host else host)
+        else:
+            found.add(host.partition(":")[0].rstrip("."))
+    found.discard("")
+    return found
 
 
 def describe_key(key: RouteKey) -> str:

@@ -14,6 +14,7 @@ import logging
 import socket
 from typing import Any
 
+from lb.accesslog import AccessLog, AccessLogSettings
 from lb.fds import open_fds, open_file_limit
 from lb.http.balance import Balancer
 from lb.http.budget import PER_CLIENT, FdBudget
@@ -37,8 +38,9 @@ class Router:
         *,
         balancer: Balancer | None = None,
         stats: RouterStats | None = None,
+        access: AccessLog | None = None,
     ) -> None:
-        """`budget`, `balancer` and `stats` are given to share them with another router
+        """`budget`, `balancer`, `stats` and `access` are given to share them with another router
         of the process (HTTPS beside HTTP: one round robin, one ejection list)."""
         self.table = table
         self.settings = settings
@@ -62,19 +64,34 @@ class Router:
             budget=budget,
         )
         #: what every exchange reads (the table, the balancer, the counters, the time)
-        self.shared = Shared(table, settings, self.loop.time, self.balancer, self.stats, budget)
+        if access is None:
+            access = AccessLog(
+                AccessLogSettings(
+                    settings.access_log_path, settings.access_log_rate, settings.access_log_format
+                )
+            )
+            access.start()
+        #: the process's access log (shared by its HTTP and HTTPS routers)
+        self.access = access
+        self.shared = Shared(
+            table, settings, self.loop.time, self.balancer, self.stats, budget, access
+        )
         self.conns: set[Exchange] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task[None] | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain data, for the metrics export."""
-        return self.stats.snapshot(dict(self.balancer.routes)) | {
-            "ejected": self.balancer.ejected(),
-            "ejections": self.balancer.ejections,
-            "fd_budget": self.budget.limit,
-            "fds_held": self.budget.held,
-        }
+        return (
+            self.stats.snapshot(dict(self.balancer.routes))
+            | {
+                "ejected": self.balancer.ejected(),
+                "ejections": self.balancer.ejections,
+                "fd_budget": self.budget.limit,
+                "fds_held": self.budget.held,
+            }
+            | self.access.counters()
+        )
 
     # -- the client connections' accounting (proxy.ClientConnection calls these) --------
 
@@ -143,6 +160,7 @@ class Router:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+        self.access.stop()
 
 
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

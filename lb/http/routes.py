@@ -32,7 +32,7 @@ conflict and takes over if the winner goes away.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from lb.http.labels import (
@@ -41,6 +41,7 @@ from lb.http.labels import (
     Route,
     RouteKey,
     describe_key,
+    hosts_named,
     is_routing_label,
     routes_of,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "Route",
     "RouteKey",
     "RouteTable",
+    "cert_covers",
     "is_routing_label",
     "normalize_host",
     "routes_of",
@@ -125,6 +127,8 @@ class RouteTable:
         self._services: dict[str, Service] = {}
         self._routes: dict[str, list[Route]] = {}  # service -> its valid routes
         self._label_problems: dict[str, list[Problem]] = {}
+        #: host -> services whose labels name it but do not parse (for the 404's body)
+        self._broken_hosts: dict[str, set[str]] = {}
         self._tasks: dict[str, dict[str, Task]] = {}  # service -> task id -> task
         self._claims: dict[RouteKey, _Claims] = {}
         self._matches: dict[RouteKey, Match] = {}  # winning routes only
@@ -190,6 +194,8 @@ class RouteTable:
         routes, problems = routes_of(service)
         if problems:
             self._label_problems[service.name] = problems
+            for host in hosts_named(service):
+                self._broken_hosts.setdefault(host, set()).add(service.name)
         if routes:
             self._routes[service.name] = routes
         for route in routes:
@@ -198,8 +204,14 @@ class RouteTable:
             self._elect(route.key, claims)
 
     def _drop_service(self, name: str) -> None:
-        self._services.pop(name, None)
-        self._label_problems.pop(name, None)
+        service = self._services.pop(name, None)
+        if self._label_problems.pop(name, None) is not None and service is not None:
+            for host in hosts_named(service):
+                names = self._broken_hosts.get(host)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del self._broken_hosts[host]
         for route in self._routes.pop(name, []):
             claims = self._claims[route.key]
             del claims.by_service[name]
@@ -307,8 +319,13 @@ class RouteTable:
     def routes(self) -> list[Route]:
         return [self._matches[key].route for key in sorted(self._matches)]
 
-    def problems(self) -> list[Problem]:
-        """Invalid labels and lost conflicts: (service, label, reason), sorted."""
+    def problems(self, cert_hosts: Sequence[str] | None = None) -> list[Problem]:
+        """Every route problem: (service, label, reason, kind), sorted.
+
+        Invalid labels (the service is not routed), lost conflicts, target ports
+        no task serves and, given `cert_hosts` (this node's HTTPS certificates'
+        hosts; None: no HTTPS listener), hosts with no certificate.
+        """
         found = [p for problems in self._label_problems.values() for p in problems]
         for key, claims in self._claims.items():
             for name, route in claims.by_service.items():
@@ -319,9 +336,73 @@ class RouteTable:
                             route.label,
                             f"{describe_key(key)} is already routed to the older "
                             f"service {claims.winner}",
+                            "conflict",
                         )
                     )
-        return sorted(found)
+        found += self._port_problems()
+        if cert_hosts is not None:
+            found += self._cert_problems(cert_hosts)
+        return sorted(set(found))
+
+    def problem_for(self, host: str) -> Problem | None:
+        """Why a host no route serves has none: a service's label naming it does not
+        parse (first by service name), or None. Read on the 404 path only."""
+        names = self._broken_hosts.get(host) or self._broken_hosts.get(normalize_host(host))
+        if not names:
+            return None
+        return min(self._label_problems[min(names)])
+
+    def _port_problems(self) -> list[Problem]:
+        """Routes to a target port that no task serves: every task of the service maps
+        its ports and none maps this one, and the service does not declare it. (A task
+        with no port map serves every port as is.)"""
+        found = []
+        for name, routes in self._routes.items():
+            tasks = self._tasks.get(name, {}).values()
+            if not tasks or any(not t.ports for t in tasks):
+                continue
+            declared = {p.target_port for p in self._services[name].ports}
+            mapped = sorted({port for t in tasks for port in t.ports})
+            for route in routes:
+                port = route.target_port
+                if port and port not in declared and all(port not in t.ports for t in tasks):
+                    found.append(
+                        Problem(
+                            name,
+                            route.label,
+                            f"{describe_key(route.key)}: target port {port} is served by no "
+                            f"task (they map {', '.join(map(str, mapped))})",
+                            "target_port",
+                        )
+                    )
+        return found
+
+    def _cert_problems(self, cert_hosts: Sequence[str]) -> list[Problem]:
+        """HTTP routes whose host no HTTPS certificate of this node covers."""
+        found = []
+        for name, routes in self._routes.items():
+            for route in routes:
+                if route.passthrough or not route.host or cert_covers(cert_hosts, route.host):
+                    continue
+                effect = (
+                    f"HTTPS clients get the default certificate ({cert_hosts[0]})"
+                    if cert_hosts
+                    else "HTTPS connections for it are closed"
+                )
+                found.append(
+                    Problem(
+                        name,
+                        route.label,
+                        f"no TLS certificate for {route.host} on this node: {effect}",
+                        "certificate",
+                    )
+                )
+        return found
+
+
+def cert_covers(cert_hosts: Sequence[str], host: str) -> bool:
+    """A certificate for `host` exactly or for `*.parent` (as the HTTPS listener picks)."""
+    return host in cert_hosts or ("." in host and "*." + host.split(".", 1)[1] in cert_hosts)
 
 
 def normalize_host(host: str) -> str:

@@ -65,6 +65,7 @@ class HttpService:
                 budget=self.router.budget,
                 balancer=self.router.balancer,
                 stats=self.router.stats,
+                access=self.router.access,
             )
             self.tls = TlsListener(https, self.certs)
             self.https_port = await self.tls.listen(

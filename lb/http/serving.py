@@ -18,6 +18,7 @@ from typing import Any
 
 from lb.http.service import HttpEndpoints, HttpService
 from lb.http.settings import RouterSettings
+from lb.http.stats import LATENCY_BOUNDS
 from lb.http.worker import worker_argv
 from mesh.core.model import Change, Record
 from mesh.core.workers import WorkerPool
@@ -53,10 +54,13 @@ class HttpMesh:
         self.service = None if workers else service
         self.pool: WorkerPool | None = None
         self._reserved: list[socket.socket] = []
+        #: each live worker's last report, by pid
         self._reports: dict[int, dict[str, Any]] = {}
         #: set once the router answers: in this loop once started; with workers, once each
         #: has reported (a worker's first report follows its listen by a second)
         self.serving = asyncio.Event()
+        #: what the workers that are gone counted (their gauges zeroed), one merged snapshot
+        self._retired: dict[str, Any] | None = None
 
     def load(self, records: Iterable[Record]) -> None:
         if self.service is not None:
@@ -74,15 +78,29 @@ class HttpMesh:
             if len(self._reports) >= self.workers:
                 self.serving.set()
 
-    def snapshot(self) -> dict[str, Any]:
-        """The router's counters: the agent's own, or the sum of the workers' last reports.
+    def on_gone(self, message: dict[str, Any]) -> None:
+        """A worker's feed connection ended (`message`: its last report): what it counted
+        moves into the retired total, so that the sum never goes backwards when its
+        replacement starts again from zero, and a dead pid holds no memory."""
+        pid = message.get("http_worker")
+        if not isinstance(pid, int):
+            return
+        last = self._reports.pop(pid, None)
+        if last is None:
+            return
+        gone = {**last, **{gauge: 0 for gauge in GAUGES}, "ejected": []}
+        merged = merge_snapshots([gone] if self._retired is None else [self._retired, gone])
+        self._retired = merged
 
-        A restarted worker starts again from zero, as a restarted agent does; the
-        report of a worker that is gone stays in the sum.
-        """
+    def snapshot(self) -> dict[str, Any]:
+        """The router's counters: the agent's own, or the sum of the workers' last reports
+        and of what the workers that are gone counted (`workers`: those alive)."""
         if self.service is not None:
             return self.service.snapshot()
-        return merge_snapshots(list(self._reports.values()))
+        reports = list(self._reports.values())
+        total = merge_snapshots(reports if self._retired is None else [self._retired, *reports])
+        total["workers"] = len(reports)
+        return total
 
     async def start(self, feed_socket: Callable[[], Awaitable[str]]) -> None:
         """Listen (in this loop, the service `load` fed), or start the workers."""
@@ -119,15 +137,26 @@ class HttpMesh:
             sock.close()
 
 
+#: what a worker holds now rather than has counted: a gone worker's go to zero
+GAUGES = ("connections_open", "fd_budget", "fds_held")
+
+
 def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum `Router.snapshot()`s of several processes: counters add, routes merge by key."""
-    total: dict[str, Any] = {"workers": len(snapshots), "rejected": {}, "routes": [], "ejected": []}
+    total: dict[str, Any] = {
+        "workers": len(snapshots),
+        "rejected": {},
+        "tls_outcomes": {},
+        "routes": [],
+        "ejected": [],
+    }
     routes: dict[tuple[str, str, str], dict[str, Any]] = {}
     for snap in snapshots:
         for key, value in snap.items():
-            if key == "rejected":
-                for status, count in value.items():
-                    total["rejected"][status] = total["rejected"].get(status, 0) + count
+            if key in ("rejected", "tls_outcomes"):  # counts by a closed set of keys
+                into_counts = total[key]
+                for name, count in value.items():
+                    into_counts[name] = into_counts.get(name, 0) + count
             elif key == "ejected":
                 total["ejected"] = sorted(set(total["ejected"]) | set(value))
             elif key == "routes":
@@ -140,6 +169,7 @@ def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
                             "requests": {},
                             "latency_sum": 0.0,
                             "latency_count": 0,
+                            "latency_buckets": [0] * (len(LATENCY_BOUNDS) + 1),
                             "retries": 0,
                         },
                     )
@@ -147,6 +177,9 @@ def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
                         into["requests"][status] = into["requests"].get(status, 0) + count
                     for field in ("latency_sum", "latency_count", "retries"):
                         into[field] += route[field]
+                    buckets = into["latency_buckets"]
+                    for i, count in enumerate(route.get("latency_buckets", ())[: len(buckets)]):
+                        buckets[i] += count
             elif isinstance(value, int | float):
                 total[key] = total.get(key, 0) + value
     total["routes"] = list(routes.values())

@@ -46,7 +46,13 @@ class RouterSettings:
     #: the router's budget is min(max_connections, limit - held at start - reserve),
     #: the reserve at most a quarter of the limit
     fd_reserve: int = 1024
+    #: one logfmt line per request to the `lb.http.access` logger (a debugging aid)
     access_log: bool = False
+    #: the access log proper (lb.accesslog): the share of requests logged (0: off),
+    #: where ("-": stdout; a file is opened O_APPEND by each worker) and how (json|clf)
+    access_log_rate: float = 0.01
+    access_log_path: str = "-"
+    access_log_format: str = "json"
     #: the scheme the listener speaks, for X-Forwarded-Proto and Forwarded
     proto: str = "http"
 

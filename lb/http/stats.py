@@ -6,17 +6,48 @@ the router only ever adds to them, so reading them costs the hot path nothing.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
+
+#: upper bounds (seconds) of the upstream-latency histogram's buckets (Prometheus's
+#: defaults); `RouteStats.latency_buckets[i]` counts the requests with
+#: `LATENCY_BOUNDS[i-1] < seconds <= LATENCY_BOUNDS[i]`, the last one those above all
+LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+#: what became of an HTTPS connection once its ClientHello was read (or not), each
+#: counted once: terminated here with the certificate its SNI names (`certificate`), with
+#: the default certificate because none names its host (`default_certificate`) or because
+#: it named none (`no_sni`); spliced to a task by an `sni://` route (`passthrough`); its
+#: handshake here failed (`failed`: bad TLS, reset, timeout); or it was closed before a
+#: handshake (`refused`: no ClientHello in time, not TLS, no certificate and no route)
+TLS_OUTCOMES = (
+    "certificate",
+    "default_certificate",
+    "no_sni",
+    "passthrough",
+    "failed",
+    "refused",
+)
+
+
+def _no_tls_outcomes() -> dict[str, int]:
+    return dict.fromkeys(TLS_OUTCOMES, 0)
+
+
+def _no_latencies() -> list[int]:
+    return [0] * (len(LATENCY_BOUNDS) + 1)
 
 
 @dataclass(slots=True)
 class RouteStats:
-    """One route: requests by status class, latency sum and count, retries."""
+    """One route: requests by status class, latency sum, count and buckets, retries."""
 
     by_class: list[int] = field(default_factory=lambda: [0] * 6)  # index: status // 100
     latency_sum: float = 0.0
     latency_count: int = 0
+    latency_buckets: list[int] = field(default_factory=_no_latencies)
     retries: int = 0
     rr: int = 0  # the round-robin position, kept here to need one lookup per request
 
@@ -24,6 +55,7 @@ class RouteStats:
         self.by_class[min(status // 100, 5)] += 1
         self.latency_sum += seconds
         self.latency_count += 1
+        self.latency_buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
 
     @property
     def requests(self) -> dict[str, int]:
@@ -53,6 +85,8 @@ class RouterStats:
     upgrades: int = 0
     tls_handshakes: int = 0
     passthrough: int = 0
+    #: HTTPS connections by outcome (`TLS_OUTCOMES`): one dict increment per connection
+    tls_outcomes: dict[str, int] = field(default_factory=_no_tls_outcomes)
 
     def reject(self, status: int) -> None:
         self.rejected[status] = self.rejected.get(status, 0) + 1
@@ -75,6 +109,7 @@ class RouterStats:
             "upgrades": self.upgrades,
             "tls_handshakes": self.tls_handshakes,
             "passthrough": self.passthrough,
+            "tls_outcomes": dict(self.tls_outcomes),
             "routes": [
                 {
                     "service": r.service,
@@ -83,6 +118,7 @@ class RouterStats:
                     "requests": s.requests,
                     "latency_sum": s.latency_sum,
                     "latency_count": s.latency_count,
+                    "latency_buckets": list(s.latency_buckets),
                     "retries": s.retries,
                 }
                 for r, s in routes.items()

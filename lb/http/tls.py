@@ -149,6 +149,7 @@ class TlsListener:
         try:
             name = await self._peek_name(client)
         except (TimeoutError, OSError, NotClientHello) as error:
+            self.router.stats.tls_outcomes["refused"] += 1
             event(log, "https_hello_refused", logging.DEBUG, error=str(error) or "timeout")
             client.close()
             return
@@ -159,10 +160,11 @@ class TlsListener:
             if match is not None and exact:
                 await self._pass(client, match)
             elif self.certs is not None:
-                await self._terminate(client)
+                await self._terminate(client, name)
             elif match is not None:
                 await self._pass(client, match)
             else:
+                self.router.stats.tls_outcomes["refused"] += 1
                 client.close()
         except (OSError, ssl.SSLError, TimeoutError) as error:
             event(log, "https_connection_failed", logging.DEBUG, error=str(error))
@@ -203,16 +205,28 @@ class TlsListener:
         finally:
             self._loop.remove_reader(fd)
 
-    async def _terminate(self, client: socket.socket) -> None:
+    async def _terminate(self, client: socket.socket, name: str | None) -> None:
         assert self.certs is not None
         router = self.router
-        await self._loop.connect_accepted_socket(
-            lambda: ClientConnection(router, "https"),
-            client,
-            ssl=self.certs.default,
-            ssl_handshake_timeout=router.settings.header_timeout,
-        )
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: ClientConnection(router, "https"),
+                client,
+                ssl=self.certs.default,
+                ssl_handshake_timeout=router.settings.header_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            router.stats.tls_outcomes["failed"] += 1
+            raise
         router.stats.tls_handshakes += 1
+        # the certificate the SNI callback chose, by the same lookup (a dict get or two)
+        if not name:
+            outcome = "no_sni"
+        elif self.certs.lookup(name) is not None:
+            outcome = "certificate"
+        else:
+            outcome = "default_certificate"
+        router.stats.tls_outcomes[outcome] += 1
 
     async def _pass(self, client: socket.socket, match: Match) -> None:
         router = self.router
@@ -252,6 +266,7 @@ class TlsListener:
                 continue
             transport, hold = await self._loop.connect_accepted_socket(_Hold, client)
             router.stats.passthrough += 1
+            router.stats.tls_outcomes["passthrough"] += 1
             budget = router.budget
             if not budget.take(PER_CLIENT):  # (it was free a moment ago: rarely)
                 router.stats.over_budget += 1
@@ -266,6 +281,7 @@ class TlsListener:
                 on_close=functools.partial(budget.give, PER_CLIENT),
             )
             return
+        router.stats.tls_outcomes["refused"] += 1  # no task took it
         client.close()
 
     async def close(self) -> None:

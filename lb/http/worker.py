@@ -26,6 +26,7 @@ from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
 from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
+from mesh.core.procstats import process_figures, worker_index
 
 log = logging.getLogger("lb.http.worker")
 
@@ -61,6 +62,7 @@ def worker_argv(
 
 async def run(args: argparse.Namespace) -> int:
     feed = FeedClient(args.feed)
+    index = worker_index()
     records = await feed.open()
     endpoints = HttpEndpoints(
         host=args.host,
@@ -86,7 +88,15 @@ async def run(args: argparse.Namespace) -> int:
     async def report() -> None:  # the counters, for the agent's metrics
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
-            feed.report({"http_worker": os.getpid(), "stats": service.snapshot()})
+            feed.report(
+                {
+                    "http_worker": os.getpid(),
+                    "stats": service.snapshot(),
+                    "index": index,
+                    "process": process_figures(),
+                    "seq": feed.seq,
+                }
+            )
 
     follower = asyncio.create_task(follow())
     reporter = asyncio.create_task(report())
@@ -94,6 +104,16 @@ async def run(args: argparse.Namespace) -> int:
     follower.cancel()
     reporter.cancel()
     await asyncio.gather(follower, reporter, return_exceptions=True)
+    # The last counts, so that a worker stopped on purpose loses none of them.
+    feed.report(
+        {
+            "http_worker": os.getpid(),
+            "stats": service.snapshot(),
+            "index": index,
+            "process": process_figures(),
+            "seq": feed.seq,
+        }
+    )
     feed.close()
     await service.stop()
     return 0

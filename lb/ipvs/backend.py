@@ -157,6 +157,30 @@ class IpvsBackend:
                 raise BackendError("ipvs backend: read() before start()")
             return await self._read_kernel()
 
+    async def service_counters(self) -> dict[VirtualKey, dict[str, int]]:
+        """Per virtual service, the kernel's own counts: connections and bytes each way
+        (IPVS's service stats, in the service dump) and connections open now (the sum
+        over its reals' entries: established ones for TCP, every flow for UDP, which
+        IPVS keeps as inactive entries until their timeout). A dump of the services
+        and one of each service's reals; the driver reads at most once a second."""
+        async with self._lock:
+            if not self._started:
+                return {}
+            vips = await self._device.addresses()
+            found: dict[VirtualKey, dict[str, int]] = {}
+            for entry in await _kernel(self._ipvs.services()):
+                key = self._key_of(entry.id, vips)
+                if key is None or entry.stats is None:
+                    continue
+                dests = await _kernel(self._ipvs.dests(entry.id))
+                found[key] = {
+                    "connections": entry.stats.connections,
+                    "bytes_in": entry.stats.bytes_in,
+                    "bytes_out": entry.stats.bytes_out,
+                    "active": sum(d.active if key.protocol == "tcp" else d.inactive for d in dests),
+                }
+            return found
+
     async def close(self) -> None:
         """Remove our IPVS services, the VIP device and the nftables table."""
         async with self._lock:

@@ -21,7 +21,7 @@ import errno
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2.ipvs import AsyncIPVS
@@ -81,9 +81,19 @@ class ServiceId:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceStats:
+    """The kernel's counts of one service since it was made (its 64-bit stats)."""
+
+    connections: int
+    bytes_in: int  # from clients (IPVS's InBytes)
+    bytes_out: int  # to clients (OutBytes: NAT forwarding sees the answers too)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceEntry:
     id: ServiceId
     scheduler: str
+    stats: ServiceStats | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +102,10 @@ class DestEntry:
     port: int
     weight: int
     forward: int = FORWARD_MASQUERADE
+    #: the kernel's connection entries to it: established TCP (ActiveConn), and the
+    #: others (InActConn: TCP closing or waiting, every UDP flow); read, never written
+    active: int = field(default=0, compare=False)
+    inactive: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +230,21 @@ def parse_service(msg: Any) -> ServiceEntry:
             str(_attr(nla, "IPVS_SVC_ATTR_ADDR", "")),
             _attr(nla, "IPVS_SVC_ATTR_PORT", 0),
         )
-    return ServiceEntry(service, str(_attr(nla, "IPVS_SVC_ATTR_SCHED_NAME", "")))
+    return ServiceEntry(
+        service, str(_attr(nla, "IPVS_SVC_ATTR_SCHED_NAME", "")), parse_service_stats(nla)
+    )
+
+
+def parse_service_stats(nla: Any) -> ServiceStats | None:
+    """A service's counts: the 64-bit stats (kernel 4.1+), else the 32-bit ones."""
+    stats = _attr(nla, "IPVS_SVC_ATTR_STATS64") or _attr(nla, "IPVS_SVC_ATTR_STATS")
+    if stats is None:
+        return None
+    return ServiceStats(
+        int(_attr(stats, "IPVS_STATS_ATTR_CONNS", 0) or 0),
+        int(_attr(stats, "IPVS_STATS_ATTR_INBYTES", 0) or 0),
+        int(_attr(stats, "IPVS_STATS_ATTR_OUTBYTES", 0) or 0),
+    )
 
 
 def parse_dest(msg: Any) -> DestEntry:
@@ -226,6 +254,8 @@ def parse_dest(msg: Any) -> DestEntry:
         _attr(nla, "IPVS_DEST_ATTR_PORT"),
         _attr(nla, "IPVS_DEST_ATTR_WEIGHT"),
         _attr(nla, "IPVS_DEST_ATTR_FWD_METHOD", FORWARD_MASQUERADE) & 0x7,
+        int(_attr(nla, "IPVS_DEST_ATTR_ACTIVE_CONNS", 0) or 0),
+        int(_attr(nla, "IPVS_DEST_ATTR_INACT_CONNS", 0) or 0),
     )
 
 

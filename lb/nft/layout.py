@@ -9,6 +9,10 @@
 - a map `weights_<id>`: real `address . port` -> weight, every real including
   the draining ones (weight 0 has no slot, so no new connection reaches it,
   while conntrack keeps the flows it already has going);
+- a named counter `conns_<id>`, which the service chain's rule bumps: only the
+  first packet of a connection (or UDP flow) reaches a nat chain, so its packets
+  are the service's new connections (its bytes, the first packets' only, mean
+  nothing). Named, so that rewriting the rule keeps the count;
 - one element in the dispatch map `vips` (`daddr . l4proto . dport : goto svc_<id>`)
   or `published` (`l4proto . dport : goto svc_<id>`, matched only for packets to
   a local address: `fib daddr type local`).
@@ -125,6 +129,10 @@ def slots_map(key: VirtualKey) -> str:
 
 def weights_map(key: VirtualKey) -> str:
     return f"weights_{service_id(key)}"
+
+
+def counter_name(key: VirtualKey) -> str:
+    return f"conns_{service_id(key)}"
 
 
 def options_comment(options: ServiceOptions) -> str:
@@ -273,6 +281,7 @@ class Layout:
                 f"add map ip {t} slots_{sid} {{ typeof numgen inc mod 1 : "
                 f"ip daddr . {key.protocol} dport ; }}",
                 f"add map ip {t} weights_{sid} {{ type ipv4_addr . inet_service : mark ; }}",
+                f"add counter ip {t} {counter_name(key)}",
                 f"add chain ip {t} svc_{sid}",
                 *self._rule(layout),
                 element,
@@ -301,6 +310,7 @@ class Layout:
             f"delete chain ip {t} svc_{sid}",
             f"delete map ip {t} slots_{sid}",
             f"delete map ip {t} weights_{sid}",
+            f"delete counter ip {t} {counter_name(key)}",
         ]
         for real in sorted(current.weights):
             commands += self._endpoint(key, real, -1)
@@ -396,23 +406,27 @@ class Layout:
         layout = self.services[key]
         self._save(key)
         layout.slots, layout.positions = [], {}
-        commands = [f"flush map ip {self.table} {slots_map(key)}"]
+        commands = [
+            f"add counter ip {self.table} {counter_name(key)}",  # a table of an older version
+            f"flush map ip {self.table} {slots_map(key)}",
+        ]
         return commands + self._reslot(layout, list(layout.weights), rebuild=True)
 
     def _rule(self, layout: ServiceLayout) -> list[str]:
         t, key = self.table, layout.key
         comment = f'comment "{options_comment(layout.options)}"'
+        count = f"counter name {counter_name(key)}"
         if layout.slots:
             # The mark bit says "DNATed by meshplane" to the forward and
             # postrouting chains (base.py), which masquerade only such flows.
             body = (
-                f"meta l4proto {key.protocol} meta mark set meta mark | {self.mark:#x} "
+                f"meta l4proto {key.protocol} {count} meta mark set meta mark | {self.mark:#x} "
                 f"dnat ip to numgen inc mod {len(layout.slots)} map @{slots_map(key)}"
             )
         else:
             # Nothing takes new connections: refuse them at once rather than let
             # them time out (flows already made never reach a nat chain again).
-            body = "reject"
+            body = f"{count} reject"
         return [
             f"flush chain ip {t} {chain_name(key)}",
             f"add rule ip {t} {chain_name(key)} {body} {comment}",

@@ -21,6 +21,7 @@ from lb.nft.layout import (
     Layout,
     ServiceLayout,
     chain_name,
+    counter_name,
     parse_options_comment,
     slots_map,
     weights_map,
@@ -101,6 +102,7 @@ def parse_listing(
     """The Layout in `nft -j list table ip <table>` output, and what looked wrong in it."""
     maps: dict[str, Mapping[str, Any]] = {}
     rules: dict[str, list[Mapping[str, Any]]] = {}
+    counters: set[str] = set()
     for item in listing.get("nftables", []):
         if not isinstance(item, dict):
             continue
@@ -108,6 +110,8 @@ def parse_listing(
             maps[item["map"]["name"]] = item["map"]
         elif "set" in item and item["set"].get("table") == table:
             maps[item["set"]["name"]] = item["set"]
+        elif "counter" in item and item["counter"].get("table") == table:
+            counters.add(str(item["counter"].get("name")))
         elif "rule" in item and item["rule"].get("table") == table:
             rules.setdefault(item["rule"].get("chain", ""), []).append(item["rule"])
     found = Listing(Layout(table, mark=mark))
@@ -150,6 +154,7 @@ def parse_listing(
             or len(layout.slots) != len(by_index)
             or modulus != (len(layout.slots) or None)
             or not layout.consistent()
+            or not _counts(rules.get(chain, []), counter_name(key), counters)
         ):
             found.problems.append(f"{key}: rule or slots do not match the weights; repaired")
             found.repair.add(key)
@@ -162,6 +167,28 @@ def parse_listing(
             present.add((parts[0], parts[1], parts[2]))
     found.endpoints_missing = found.layout.endpoints.keys() - present
     found.endpoints_extra = present - found.layout.endpoints.keys()
+    return found
+
+
+def _counts(rules: list[Mapping[str, Any]], name: str, counters: set[str]) -> bool:
+    """Whether the service chain's rule bumps its named counter (a table of an older
+    version has neither): else `repair` makes the counter and rewrites the rule."""
+    if name not in counters:
+        return False
+    return any(
+        isinstance(expr, dict) and expr.get("counter") == name
+        for rule in rules
+        for expr in rule.get("expr", [])
+    )
+
+
+def parse_counters(listing: Mapping[str, Any]) -> dict[str, int]:
+    """`nft -j list counters table ...`: each named counter's packets."""
+    found: dict[str, int] = {}
+    for item in listing.get("nftables", []):
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
+            found[str(counter.get("name"))] = counter["packets"]
     return found
 
 

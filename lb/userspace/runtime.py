@@ -12,6 +12,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
+from lb.accesslog import OFF as access_off
+from lb.accesslog import AccessLog, AccessLogSettings
+
 #: Linux's IP_FREEBIND: bind a VIP that is not (yet) an address of this host.
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
@@ -34,6 +37,8 @@ class ProxySettings:
     #: bytes read at once per direction; a buffer is held only while a write waits
     buffer_size: int = 256 * 1024
     backlog: int = 1024
+    #: the connection-level access log (a sampled line per TCP connection when it ends)
+    access_log: AccessLogSettings = access_off
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "tcp_idle_timeout", "udp_idle_timeout"):
@@ -43,6 +48,24 @@ class ProxySettings:
             raise ValueError("max_connections, buffer_size (>= 1024) and backlog must be positive")
 
 
+class KeyStats:
+    """One virtual service's counts, plain ints bumped on the hot path (no lock, no call).
+
+    Bytes of a connection or flow are added when it ends; while it is open they
+    are its own counters, which `UserspaceBackend.service_counters` adds at
+    scrape time, so a long connection's bytes show before it ends.
+    """
+
+    __slots__ = ("bytes_in", "bytes_out", "connect_errors", "connections", "failovers")
+
+    def __init__(self) -> None:
+        self.connections = 0  # TCP connections accepted, UDP flows opened
+        self.bytes_in = 0  # from clients, of connections and flows that ended
+        self.bytes_out = 0  # to clients
+        self.connect_errors = 0  # connects to a real that failed (or a real refusing UDP)
+        self.failovers = 0  # connections that reached a real after another had failed
+
+
 class Expiring(Protocol):
     """A connection or flow the idle sweep watches: `idle` is reset by traffic."""
 
@@ -50,6 +73,10 @@ class Expiring(Protocol):
     idle_limit: int
 
     def expire(self) -> None: ...
+
+    def usage(self) -> tuple[KeyStats, int, int]:
+        """Its virtual service's counts, and its own bytes so far from and to the client."""
+        ...
 
 
 class Buffers:
@@ -87,6 +114,9 @@ class Runtime:
         self.udp_idle_ticks = math.ceil(settings.udp_idle_timeout / self.tick)
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        log = AccessLog(settings.access_log)
+        #: the access log, None when off (its rate is 0)
+        self.access = log if log.enabled else None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -108,7 +138,12 @@ class Runtime:
     def release(self, item: Expiring) -> None:
         self.open.discard(item)
 
+    def counters(self) -> dict[str, int]:
+        return dict(self.stats) | (self.access.counters() if self.access is not None else {})
+
     def start(self) -> None:
+        if self.access is not None:
+            self.access.start()
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
 
@@ -132,6 +167,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self.access is not None:
+            self.access.stop()
 
 
 def listening_socket(kind: socket.SocketKind, host: str, port: int, backlog: int) -> socket.socket:

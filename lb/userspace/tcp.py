@@ -19,12 +19,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from typing import cast
 
 from lb.fds import is_fd_shortage
 from lb.table import Real, ServiceOptions, VirtualKey
 from lb.userspace import proxy_protocol
-from lb.userspace.runtime import Runtime, listening_socket
+from lb.userspace.runtime import KeyStats, Runtime, listening_socket
 from lb.userspace.scheduler import Pool
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class Side(asyncio.BufferedProtocol):
     """One end of a proxied connection: what it reads goes to `peer`."""
 
-    __slots__ = ("buffer", "eof", "peer", "splice", "stalled", "transport")
+    __slots__ = ("buffer", "eof", "peer", "received", "splice", "stalled", "transport")
 
     def __init__(self, splice: Splice) -> None:
         self.splice = splice
@@ -42,6 +43,7 @@ class Side(asyncio.BufferedProtocol):
         self.buffer: memoryview | None = None
         self.stalled = False  # our transport holds unsent bytes: the peer must not read
         self.eof = False
+        self.received = 0  # bytes read and passed on (for the access log)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -70,6 +72,7 @@ class Side(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
             return
         assert peer.transport is not None and self.buffer is not None
+        self.received += nbytes
         peer.transport.write(self.buffer[:nbytes])
         if not peer.stalled:  # all written: the buffer is free again
             splice.runtime.buffers.give(self.buffer)
@@ -124,6 +127,8 @@ class Splice:
         "early",
         "idle",
         "idle_limit",
+        "logged",
+        "peer_ip",
         "real",
         "runtime",
         "service",
@@ -143,6 +148,8 @@ class Splice:
         self.done = False
         self.early = 0  # client bytes read before the real answered
         self.timed_out = False
+        self.logged = 0.0  # when it was accepted, if the access log samples it
+        self.peer_ip = ""
 
     def accepted(self, client: Side) -> None:
         transport = client.transport
@@ -152,6 +159,12 @@ class Splice:
             transport.abort()
             return
         self.runtime.stats["tcp_accepted"] += 1
+        self.service.stats.connections += 1
+        access = self.runtime.access
+        if access is not None and access.take():
+            self.logged = time.time()
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = str(peer[0]) if peer else ""
         self.connecting = self.runtime.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -184,6 +197,7 @@ class Splice:
                 assert self.connecting is not None
                 self.connecting.uncancel()
                 runtime.stats["tcp_connect_failed"] += 1
+                self.service.stats.connect_errors += 1
                 log.debug("connect to %s for %s timed out", real, self.service.key)
                 tried.add(real)
             except OSError as exc:
@@ -195,12 +209,14 @@ class Splice:
                     self._close_client(abort=True)
                     return
                 runtime.stats["tcp_connect_failed"] += 1
+                self.service.stats.connect_errors += 1
                 log.debug("connect to %s for %s failed: %r", real, self.service.key, exc)
                 tried.add(real)
             finally:
                 timer.cancel()
         if tried:
             runtime.stats["tcp_failovers"] += 1
+            self.service.stats.failovers += 1
         self.connecting = None
         client = self.client.transport
         assert client is not None and upstream.transport is not None
@@ -245,8 +261,13 @@ class Splice:
         if not self.done:
             self.done = True
             self.runtime.release(self)
+            stats, bytes_in, bytes_out = self.usage()
+            stats.bytes_in += bytes_in
+            stats.bytes_out += bytes_out
             if self.real is not None:
                 self.service.pool.closed(self.real)
+            if self.logged:
+                self._log_access()
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -255,6 +276,33 @@ class Splice:
         peer = side.peer
         if peer is not None and peer.transport is not None:
             peer.transport.close()  # sends what it holds, then closes
+
+    def usage(self) -> tuple[KeyStats, int, int]:
+        upstream = self.upstream
+        return (
+            self.service.stats,
+            self.client.received,
+            upstream.received if upstream is not None else 0,
+        )
+
+    def _log_access(self) -> None:
+        """The connection's access-log entry (formatted by the log's writer thread)."""
+        access = self.runtime.access
+        assert access is not None
+        now = time.time()
+        upstream = self.upstream
+        access.put(
+            {
+                "time": now,
+                "kind": "tcp",
+                "client": self.peer_ip,
+                "service": str(self.service.key),
+                "backend": str(self.real) if self.real is not None else "-",
+                "bytes_in": self.client.received,
+                "bytes_out": upstream.received if upstream is not None else 0,
+                "duration_ms": round((now - self.logged) * 1000, 3),
+            }
+        )
 
     def _close_client(self, *, abort: bool) -> None:
         transport = self.client.transport
@@ -279,12 +327,18 @@ class TcpService:
     """One TCP virtual service: its listener and its pool of real servers."""
 
     def __init__(
-        self, key: VirtualKey, options: ServiceOptions, pool: Pool, runtime: Runtime
+        self,
+        key: VirtualKey,
+        options: ServiceOptions,
+        pool: Pool,
+        runtime: Runtime,
+        stats: KeyStats | None = None,
     ) -> None:
         self.key = key
         self.options = options
         self.pool = pool
         self.runtime = runtime
+        self.stats = stats or KeyStats()
         self._server: asyncio.AbstractServer | None = None
 
     async def listen(self, host: str) -> None:

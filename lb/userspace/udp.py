@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 
 from lb.table import Real, ServiceOptions, VirtualKey
-from lb.userspace.runtime import Runtime, listening_socket
+from lb.userspace.runtime import KeyStats, Runtime, listening_socket
 from lb.userspace.scheduler import Pool
 
 #: datagrams handled per wake-up before other callbacks get their turn
@@ -26,7 +27,18 @@ DATAGRAM_MAX = 65535
 class Flow:
     """One client address's datagrams to and from one real server."""
 
-    __slots__ = ("client", "idle", "idle_limit", "real", "service", "sock", "tried")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "idle",
+        "idle_limit",
+        "logged",
+        "real",
+        "service",
+        "sock",
+        "tried",
+    )
 
     def __init__(self, service: UdpService, client: tuple[str, int]) -> None:
         self.service = service
@@ -36,6 +48,9 @@ class Flow:
         self.real: Real | None = None
         self.sock: socket.socket | None = None
         self.tried: set[Real] = set()
+        self.logged = 0.0  # when it began, if the access log samples it
+        self.bytes_in = 0  # from the client (for the access log)
+        self.bytes_out = 0  # to the client
 
     def connect(self) -> bool:
         """Pick a real (past the ones that refused) and connect a socket to it."""
@@ -60,6 +75,7 @@ class Flow:
 
     def send(self, data: memoryview) -> None:
         self.idle = 0
+        self.bytes_in += len(data)
         assert self.sock is not None
         try:
             self.sock.send(data)
@@ -89,16 +105,24 @@ class Flow:
             except OSError:
                 return
             self.idle = 0
+            self.bytes_out += size
             service.reply(buffer[:size], self.client)
 
     def _failover(self) -> None:
         runtime = self.service.runtime
         runtime.stats["udp_failovers"] += 1
+        stats = self.service.stats
+        stats.connect_errors += 1
         if self.real is not None:
             self.tried.add(self.real)
         if not self.connect():
             runtime.stats["udp_no_real"] += 1
             self.expire()
+        else:
+            stats.failovers += 1
+
+    def usage(self) -> tuple[KeyStats, int, int]:
+        return self.service.stats, self.bytes_in, self.bytes_out
 
     def _close_socket(self) -> None:
         if self.sock is not None:
@@ -111,20 +135,48 @@ class Flow:
             self.real = None
 
     def expire(self) -> None:
+        if self.logged:
+            self._log_access()
+            self.logged = 0.0
         self._close_socket()
         self.service.forget(self)
+
+    def _log_access(self) -> None:
+        """The flow's access-log entry, when it ends (idle, or the proxy closing)."""
+        access = self.service.runtime.access
+        if access is None:
+            return
+        now = time.time()
+        access.put(
+            {
+                "time": now,
+                "kind": "udp",
+                "client": self.client[0],
+                "service": str(self.service.key),
+                "backend": str(self.real) if self.real is not None else "-",
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "duration_ms": round((now - self.logged) * 1000, 3),
+            }
+        )
 
 
 class UdpService:
     """One UDP virtual service: its socket, its flows and its pool of real servers."""
 
     def __init__(
-        self, key: VirtualKey, options: ServiceOptions, pool: Pool, runtime: Runtime
+        self,
+        key: VirtualKey,
+        options: ServiceOptions,
+        pool: Pool,
+        runtime: Runtime,
+        stats: KeyStats | None = None,
     ) -> None:
         self.key = key
         self.options = options  # PROXY protocol is TCP only: a UDP service ignores it
         self.pool = pool
         self.runtime = runtime
+        self.stats = stats or KeyStats()
         self.flows: dict[tuple[str, int], Flow] = {}
         self.buffer = memoryview(bytearray(DATAGRAM_MAX))
         self._sock: socket.socket | None = None
@@ -162,7 +214,11 @@ class UdpService:
             self.runtime.stats["udp_no_real"] += 1
             return None
         self.runtime.stats["udp_flows"] += 1
+        self.stats.connections += 1
         self.flows[client] = flow
+        access = self.runtime.access
+        if access is not None and access.take():
+            flow.logged = time.time()
         return flow
 
     def reply(self, data: memoryview, client: tuple[str, int]) -> None:
@@ -177,6 +233,8 @@ class UdpService:
     def forget(self, flow: Flow) -> None:
         if self.flows.get(flow.client) is flow:
             del self.flows[flow.client]
+            self.stats.bytes_in += flow.bytes_in
+            self.stats.bytes_out += flow.bytes_out
         self.runtime.release(flow)
 
     def close(self) -> None:

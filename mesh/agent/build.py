@@ -24,16 +24,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from dns.forward import Upstream
-from dns.service import DnsService, DnsSettings
+from dns.service import DnsService, DnsSettings, is_level
 from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD
+from lb.accesslog import AccessLogSettings
 from lb.driver import LbDriver
+from lb.http.problems import RouteProblems
 from lb.http.service import HttpEndpoints
 from lb.http.serving import HttpMesh
 from lb.http.settings import RouterSettings
@@ -59,6 +62,7 @@ from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Health
 from mesh.core.workers import WorkerPool
+from mesh.core.workertotals import WorkerTotals
 from mesh.drain import DrainReaper
 from mesh.errors import MeshError
 from mesh.feedserver import FeedServer, feed_socket_path
@@ -147,6 +151,8 @@ class DnsWorkers:
         self._dns = dns
         self._feed_socket = feed_socket
         self.pool: WorkerPool | None = None
+        #: what the workers counted, as they report it up the feed socket
+        self.totals = WorkerTotals(is_level)
 
     def start(self) -> None:
         config = self._config
@@ -178,6 +184,71 @@ class DnsWorkers:
             await self.pool.stop()
 
 
+class WorkerReports:
+    """The feed socket's reports, each to the pool it came from: `{"http_worker": PID,
+    "stats"}` to the HTTP routing mesh, `{"dns_worker": PID, "stats"}` to the DNS totals;
+    and every worker's own process figures (`"index"`, `"process"`), kept while it lives."""
+
+    def __init__(self, http: HttpMesh | None, dns: WorkerTotals | None) -> None:
+        self._http = http
+        self._dns = dns
+        #: (pool, pid) -> (its index in the pool, its process figures by name)
+        self._processes: dict[tuple[str, int], tuple[int, dict[str, float]]] = {}
+
+    def on_report(self, message: dict[str, Any]) -> None:
+        pool, pid = _sender(message)
+        if pool is None:
+            return
+        self._keep_figures(pool, pid, message)
+        if pool == "http":
+            if self._http is not None:
+                self._http.on_report(message)
+            return
+        stats = message.get("stats")
+        if self._dns is not None and isinstance(stats, dict):
+            self._dns.report(pid, stats)
+
+    def on_gone(self, message: dict[str, Any]) -> None:
+        pool, pid = _sender(message)
+        if pool is None:
+            return
+        self._processes.pop((pool, pid), None)
+        if pool == "http":
+            if self._http is not None:
+                self._http.on_gone(message)
+        elif self._dns is not None:
+            self._dns.gone(pid)
+
+    def _keep_figures(self, pool: str, pid: int, message: dict[str, Any]) -> None:
+        index, figures = message.get("index"), message.get("process")
+        if not isinstance(index, int) or not isinstance(figures, dict):
+            return
+        numbers = {
+            name: float(value)
+            for name, value in figures.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        seq = message.get("seq")
+        if isinstance(seq, int):  # the last change it applied, for its feed lag
+            numbers["feed_seq"] = seq
+        self._processes[(pool, pid)] = (index, numbers)
+
+    def processes(self) -> list[tuple[str, int, dict[str, float]]]:
+        """(pool, index, figures) of every live worker that reported them."""
+        return [
+            (pool, index, figures) for (pool, _pid), (index, figures) in self._processes.items()
+        ]
+
+
+def _sender(message: dict[str, Any]) -> tuple[str | None, int]:
+    """The pool and pid a report names (None: a report of no known pool)."""
+    for pool in ("http", "dns"):
+        pid = message.get(f"{pool}_worker")
+        if isinstance(pid, int):
+            return pool, pid
+    return None, 0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Agent:
     """Every part of one node, made once by `build`, in the order they are listed."""
@@ -199,6 +270,9 @@ class Agent:
     dns: DnsService | None
     lb: LbDriver
     http: HttpMesh | None
+    #: every service's HRM route problems, by the routers' rules (follows the feed in
+    #: this process, whether or not it routes HTTP); read by the API, doctor, metrics
+    route_problems: RouteProblems
     #: this node's sandboxes and driver-backed networks; None without the privileges
     sandboxes: SandboxManager | None
     #: this node's VTEP (its advertise address) when it serves overlay networks
@@ -251,6 +325,11 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     held = _check_capabilities(config)
     lb = _lb(config, feed)
     http = _http(config)
+    route_problems = RouteProblems(
+        None
+        if config.http is None or config.https is None
+        else [CertSpec.parse(c).host for c in config.tls_certs]
+    )
     missing = missing_privileges()
     vtep = None if missing is not None else _vtep(config)
     sandboxes = None if missing is not None else _sandboxes(config, dns, lb, vtep)
@@ -259,17 +338,17 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     needs_feed_socket = (dns is not None and config.dns_workers > 0) or (
         http is not None and http.workers > 0
     )
-    feed_server = (
-        None
-        if not needs_feed_socket
-        else FeedServer(
-            feed, feed_socket_path(config.data_dir), None if http is None else http.on_report
-        )
-    )
+    socket_path = feed_socket_path(config.data_dir) if needs_feed_socket else None
     dns_workers = (
         None
-        if dns is None or feed_server is None or not config.dns_workers
-        else DnsWorkers(config, dns, feed_server.path)
+        if dns is None or socket_path is None or not config.dns_workers
+        else DnsWorkers(config, dns, socket_path)
+    )
+    reports = WorkerReports(http, None if dns_workers is None else dns_workers.totals)
+    feed_server = (
+        None
+        if socket_path is None
+        else FeedServer(feed, socket_path, reports.on_report, reports.on_gone)
     )
     gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
     if sandboxes is not None:
@@ -287,6 +366,9 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         resolve=None if dns is None else dns.resolve,
         dns_records=None if dns is None else dns.records,
         dns_stats=None if dns is None else dns.stats,
+        dns_counts=None if dns is None else dns.metric_counts,
+        dns_worker_stats=None if dns_workers is None else dns_workers.totals.total,
+        worker_processes=None if feed_server is None else reports.processes,
         agent_info=lambda: {
             "pid": os.getpid(),
             "started_at": started_at,
@@ -299,7 +381,10 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         gossip_stats=cluster.stats,
         keyring=keyring,
         lb=lb.describe,
+        lb_counters=lb.counters,
+        lb_sample=lb.sample,
         http_stats=None if http is None else http.snapshot,
+        route_problems=route_problems.by_service,
         node_statuses=cluster.node_statuses,
         sandboxes=sandboxes,
     )
@@ -322,6 +407,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         dns=dns,
         lb=lb,
         http=http,
+        route_problems=route_problems,
         sandboxes=sandboxes,
         vtep=vtep,
         feed_server=feed_server,
@@ -379,7 +465,11 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         choice = choose(
             config.lb,
             ProxySettings(
-                publish_address=config.publish_address, tcp_idle_timeout=config.lb_tcp_idle
+                publish_address=config.publish_address,
+                tcp_idle_timeout=config.lb_tcp_idle,
+                access_log=AccessLogSettings(
+                    config.access_log, config.access_log_sample, config.access_log_format
+                ),
             ),
         )
     except SelectError as exc:
@@ -445,6 +535,9 @@ def _http(config: AgentConfig) -> HttpMesh | None:
             upstream_timeout=config.http_upstream_timeout,
             max_body=config.http_max_body,
             access_log=config.http_access_log,
+            access_log_rate=config.access_log_sample,
+            access_log_path=config.access_log,
+            access_log_format=config.access_log_format,
             body_deadline=config.http_body_deadline,
             body_min_rate=config.http_body_min_rate,
         ),

@@ -121,6 +121,9 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
         follow(agent.tombstones)
         agent.tombstones.start()
 
+    async def route_problems_start() -> None:
+        follow(agent.route_problems)
+
     result = [
         Stage("state writer", writer_start, writer_stop),
         Stage("state", state_start, _nothing),
@@ -128,6 +131,7 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
         Stage("health checks", health_start, agent.health.stop),
         Stage("drain reaper", reaper_start, agent.reaper.stop),
         Stage("tombstone reaper", tombstones_start, agent.tombstones.stop),
+        Stage("route problems", route_problems_start, _nothing),
     ]
     if (dns := agent.dns) is not None:
 

@@ -26,6 +26,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
+from lb.http.routes import Problem
+from mesh.api.dashboard import PAGE_PATHS
 from mesh.api.models import ErrorDetail, ErrorOut
 from mesh.api_tokens import Decision, Tokens, decide
 from mesh.control import Control
@@ -87,10 +89,22 @@ class ApiDeps:
     dns_records: Callable[[Network | None], list[dict[str, str]]] | None = None
     #: the DNS server's counters (malformed queries by kind, cache size, ...); None without DNS
     dns_stats: Callable[[], dict[str, int]] | None = None
+    #: the DNS server's labelled counts as flat names (`DnsService.metric_counts`), for
+    #: the metrics; None without DNS
+    dns_counts: Callable[[], dict[str, int | float]] | None = None
+    #: the DNS workers' counters summed (`--dns-workers`), for the metrics; None without
+    dns_worker_stats: Callable[[], dict[str, int | float]] | None = None
     #: the gossip keyring's control (install/use/remove); None when gossip is not encrypted
     keyring: KeyringControl | None = None
     #: the L4 table as the backend has it programmed; None when no backend runs
     lb: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    #: (pool, index, process figures) of every live worker process; None without workers
+    worker_processes: Callable[[], list[tuple[str, int, dict[str, float]]]] | None = None
+    #: the L4 backend's name and counters, read without the kernel (for the metrics)
+    lb_counters: Callable[[], dict[str, Any]] | None = None
+    #: refresh the L4 counters per service (reads the kernel for a kernel backend, at
+    #: most once a second) before a scrape reads `lb_counters`
+    lb_sample: Callable[[], Awaitable[None]] | None = None
     #: the HTTP routing mesh's counters; None when it does not run (--http none)
     http_stats: Callable[[], dict[str, Any]] | None = None
     #: every node this node's gossip knows of -> alive, suspect, dead or left
@@ -100,6 +114,11 @@ class ApiDeps:
     sandboxes: SandboxPort | None = None
     #: how long a sandboxed task's creation waits for its sandbox before it fails (503)
     sandbox_timeout: float = 30.0
+    #: service -> its HRM route problems, as this node sees them (lb.http.problems)
+    route_problems: Callable[[], dict[str, list[Problem]]] | None = None
+
+    def problems_of(self, service: str) -> list[Problem]:
+        return [] if self.route_problems is None else self.route_problems().get(service, [])
 
     def node_status(self) -> Callable[[str], str]:
         """node -> its status as seen now; this node is alive, a node gossip never
@@ -201,8 +220,9 @@ def bearer_credentials(authorization: str) -> bytes | None:
     return credentials.lstrip(" ").encode("utf-8", "surrogateescape")  # any bytes sent
 
 
-#: the routes open without the token: load-balancer probes
-OPEN_PATHS = frozenset({"/v1/health"})
+#: the routes open without the token: load-balancer probes, and the dashboard's page and
+#: assets (a browser cannot send a bearer token when it navigates; they hold no data)
+OPEN_PATHS = frozenset({"/v1/health", *PAGE_PATHS})
 
 
 def _auth_middleware(access: Access) -> Middleware:
@@ -274,7 +294,7 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 
 def make_app(deps: ApiDeps) -> web.Application:
-    from mesh.api import events, table
+    from mesh.api import dashboard, events, metrics, table
     from mesh.api.openapi import build_openapi
 
     middlewares: list[Middleware] = [_errors]
@@ -284,5 +304,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     app[DEPS] = deps
     app[table.OPENAPI] = json.dumps(build_openapi(table.ROUTES)).encode()
     events.setup(app)
+    dashboard.setup(app, auth=bool(deps.access.tokens), http=deps.http_stats is not None)
+    metrics.setup(app)
     table.mount(app, table.ROUTES)
     return app

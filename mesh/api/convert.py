@@ -9,8 +9,10 @@ says what `/v1/openapi.json` describes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from lb.http.routes import Problem
 from mesh.api.models import (
     HealthCheckIn,
     NetworkCreate,
@@ -60,8 +62,8 @@ def network_fields(network: Network) -> Json:
     }
 
 
-def service_fields(service: Service) -> Json:
-    """A service in the shape of `ServiceOut`."""
+def service_fields(service: Service, problems: Sequence[Problem] = ()) -> Json:
+    """A service in the shape of `ServiceOut`, with its HRM route problems."""
     return {
         "name": service.name,
         "id": service.id,
@@ -77,6 +79,7 @@ def service_fields(service: Service) -> Json:
         "updated_at": service.updated_at,
         "version": service.version.clock,
         "aliases": {net: list(names) for net, names in service.aliases.items()},
+        "problems": [{"kind": p.kind, "label": p.label, "reason": p.reason} for p in problems],
     }
 
 
@@ -107,8 +110,8 @@ def network_model(network: Network) -> NetworkOut:
     return NetworkOut.model_validate(network_fields(network))
 
 
-def service_model(service: Service) -> ServiceOut:
-    return ServiceOut.model_validate(service_fields(service))
+def service_model(service: Service, problems: Sequence[Problem] = ()) -> ServiceOut:
+    return ServiceOut.model_validate(service_fields(service, problems))
 
 
 def task_model(task: Task, node_status: str) -> TaskOut:
@@ -123,7 +126,9 @@ def network_out(network: Network) -> Json:
 
 
 def service_out(service: Service) -> Json:
-    return service_model(service).model_dump(mode="json")
+    """A service as the event stream carries it: without problems, which depend on more
+    than the one record (`GET /v1/services/{name}` has them)."""
+    return service_model(service).model_dump(mode="json", exclude={"problems"})
 
 
 def task_out(task: Task, node_status: str) -> Json:

@@ -222,6 +222,14 @@ class HealthCheckOut(_Response):
     ttl: float
 
 
+class RouteProblemOut(_Response):
+    """Why an HRM route of the service is not used, or not used well (docs/hrm.md)."""
+
+    kind: Literal["label", "conflict", "target_port", "certificate"]
+    label: str
+    reason: str
+
+
 class ServiceOut(_Response):
     name: str
     id: str
@@ -235,6 +243,8 @@ class ServiceOut(_Response):
     updated_at: float
     version: int
     aliases: dict[str, list[str]]
+    #: its HRM route problems as this node sees them; left out of the event stream
+    problems: list[RouteProblemOut] = Field(default_factory=list)
 
 
 class EndpointOut(_Response):
@@ -382,6 +392,12 @@ class StateDigestOut(_Response):
     peers: list[PeerDigestOut]  # the latest digest each alive peer announced
 
 
+class ProbeRttOut(_Response):
+    #: probes per bucket of `gossip.rtt.RTT_BOUNDS`, then one above them (not cumulative)
+    buckets: list[int]
+    sum: float  # seconds
+
+
 class GossipOut(_Response):
     node: str
     incarnation: int
@@ -395,6 +411,14 @@ class GossipOut(_Response):
     verify_outgoing: bool = True
     drops: dict[str, int]
     counts: dict[str, int]
+    #: UDP messages by direction ("in", "out") and type ("ping", "alive", ...)
+    messages: dict[str, dict[str, int]] = Field(default_factory=dict)
+    #: UDP bytes by direction, as the wire carries them
+    bytes: dict[str, int] = Field(default_factory=dict)
+    #: TCP stream bytes (push-pulls, fallback pings) by direction
+    stream_bytes: dict[str, int] = Field(default_factory=dict)
+    #: answered probes' round trips by the Ack's path (direct, indirect, tcp)
+    probe_rtt: dict[str, ProbeRttOut] = Field(default_factory=dict)
     state: StateDigestOut
 
 
@@ -452,6 +476,8 @@ class HttpRouteOut(_Response):
     requests: dict[str, int]  # by status class: "2xx", ...
     latency_sum: float
     latency_count: int
+    #: requests per upstream-latency bucket (`lb.http.stats.LATENCY_BOUNDS`, then above)
+    latency_buckets: list[int] = Field(default_factory=list)
     retries: int
 
 
@@ -474,10 +500,15 @@ class HttpOut(_Response):
     upgrades: int = 0
     tls_handshakes: int = 0
     passthrough: int = 0
+    #: HTTPS connections by outcome (`lb.http.stats.TLS_OUTCOMES`, docs/metrics.md)
+    tls_outcomes: dict[str, int] = Field(default_factory=dict)
     ejected: list[str]  # tasks passive health keeps out of rotation now
     ejections: int = 0
     fd_budget: int = 0  # descriptors the router may hold
     fds_held: int = 0  # descriptors it holds now
+    access_log_written: int = 0  # access-log lines written
+    access_log_dropped: int = 0  # entries dropped: the writer's queue was full
+    access_log_write_errors: int = 0  # writes that failed (a full disk): their lines lost
     routes: list[HttpRouteOut]
 
 
@@ -501,3 +532,4 @@ class LbOut(_Response):
     sandboxes: list[LbSandboxOut] = []  # sandboxes balancing their VIPs in their own table
     sandbox_errors: int = 0  # ops a sandbox's table refused
     sandboxes_vanished: int = 0  # sandboxes dropped because their namespace was gone
+    sample_errors: int = 0  # readings of its counters per service (GET /metrics) that failed

@@ -130,17 +130,23 @@ async def create_service(request: web.Request) -> web.Response:
     changes = await control.apply(lambda now: control.store.create_service(spec, now))
     created = changes[-1].after
     assert isinstance(created, Service)
-    return answer(convert.service_model(created), status=201)
+    problems = request.app[DEPS].problems_of(created.name)
+    return answer(convert.service_model(created, problems), status=201)
 
 
 async def list_services(request: web.Request) -> web.Response:
     services = _control(request).store.services()
-    return answer_list(ServiceOut, [convert.service_fields(s) for s in services])
+    deps = request.app[DEPS]
+    problems = {} if deps.route_problems is None else deps.route_problems()
+    return answer_list(
+        ServiceOut, [convert.service_fields(s, problems.get(s.name, ())) for s in services]
+    )
 
 
 async def get_service(request: web.Request) -> web.Response:
     service = _control(request).store.service(request.match_info["name"])
-    return answer(convert.service_model(service))
+    problems = request.app[DEPS].problems_of(service.name)
+    return answer(convert.service_model(service, problems))
 
 
 def _expected_version(request: web.Request) -> int | None:
@@ -163,7 +169,8 @@ async def update_service(request: web.Request) -> web.Response:
     )
     updated = changes[-1].after
     assert isinstance(updated, Service)
-    return answer(convert.service_model(updated))
+    problems = request.app[DEPS].problems_of(updated.name)
+    return answer(convert.service_model(updated, problems))
 
 
 async def delete_service(request: web.Request) -> web.Response:

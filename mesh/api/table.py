@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from mesh.api import events, keyring_routes, routes
+from mesh.api import dashboard, events, keyring_routes, metrics, routes
 from mesh.api import models as m
 
 Json = dict[str, Any]
@@ -315,6 +315,21 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "get",
+        "/metrics",
+        metrics.metrics,
+        "The agent's metrics (control process and workers): Prometheus text, or "
+        "OpenMetrics when `Accept` asks for it; families in docs/metrics.md",
+        operation_id="get_metrics",
+        raw_answer={
+            "description": "every `meshplane_` family and the process collector's",
+            "content": {
+                "text/plain; version=0.0.4": {"schema": {"type": "string"}},
+                "application/openmetrics-text; version=1.0.0": {"schema": {"type": "string"}},
+            },
+        },
+    ),
+    Route(
+        "get",
         "/v1/openapi.json",
         _get_openapi,
         "This description (OpenAPI 3.1)",
@@ -322,6 +337,32 @@ ROUTES: tuple[Route, ...] = (
         raw_answer={
             "description": "OK",
             "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    ),
+    Route(
+        "get",
+        "/",
+        dashboard.index,
+        "The dashboard: a live page of the cluster (open without the token; it asks for it)",
+        operation_id="get_dashboard",
+        raw_answer={
+            "description": "the page (docs/dashboard.md)",
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        },
+    ),
+    Route(
+        "get",
+        "/dashboard/{name}",
+        dashboard.asset,
+        "The dashboard's script and style sheet (app.js, style.css)",
+        errors=(404,),
+        operation_id="get_dashboard_asset",
+        raw_answer={
+            "description": "the asset",
+            "content": {
+                "text/javascript": {"schema": {"type": "string"}},
+                "text/css": {"schema": {"type": "string"}},
+            },
         },
     ),
 )

@@ -17,6 +17,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from mesh.core import net
 DEFAULT_PORT = 2377
 DEFAULT_API = f"127.0.0.1:{DEFAULT_PORT}"
 TIMEOUT = 30.0  # seconds; a local agent answers in milliseconds
+#: a stream's reads: the agent sends a keep-alive every 15 s, so silence this long is a loss
+STREAM_TIMEOUT = 45.0
 
 JsonObject = dict[str, Any]
 
@@ -165,6 +168,31 @@ class Client:
             raise _api_error(exc) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
+
+    def stream(
+        self, path: str, *, last_event_id: str | None = None, timeout: float = STREAM_TIMEOUT
+    ) -> Iterator[str]:
+        """Open a server-sent event stream now (errors as `request`'s); its lines, without
+        line ends, as they come. A read failure mid-stream is `Unreachable` too."""
+        req = self._build("GET", path, None, None)
+        req.add_header("Accept", "text/event-stream")
+        if last_event_id is not None:
+            req.add_header("Last-Event-ID", last_event_id)
+        try:
+            resp = self._opener.open(req, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            raise _api_error(exc) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+        return self._lines(resp)
+
+    def _lines(self, resp: Any) -> Iterator[str]:
+        with resp:
+            try:
+                for raw in resp:
+                    yield raw.decode("utf-8", "replace").rstrip("\r\n")
+            except (OSError, http.client.HTTPException) as exc:
+                raise self._unreachable(exc) from None
 
     def _build(
         self, method: str, path: str, body: JsonObject | None, query: dict[str, str] | None

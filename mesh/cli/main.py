@@ -21,6 +21,7 @@ from pathlib import Path
 from mesh import __version__
 from mesh.cli import (
     doctor,
+    events,
     inspection,
     keyring,
     lb,
@@ -41,7 +42,19 @@ EPILOG = (
     "127.0.0.1:2377), MESH_API_TOKEN (its bearer token) or MESH_API_TOKEN_FILE, "
     "MESH_CA_CERT, MESH_CLIENT_CERT and MESH_CLIENT_KEY (HTTPS)"
 )
-NOUNS = (network, service, task, run, members, resolve, keyring, lb, inspection, doctor)
+NOUNS = (
+    network,
+    service,
+    task,
+    run,
+    members,
+    resolve,
+    keyring,
+    lb,
+    inspection,
+    doctor,
+    events,
+)
 #: the commands that run a command given after `--` (`mesh task run web -- CMD ...`)
 TAKES_COMMAND = "takes_command"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -26,6 +27,10 @@ class Context:
 
     def emit_line(self, text: str) -> None:
         self.out.write(text + "\n")
+
+    def warn(self, text: str) -> None:
+        """On stderr, so that what a script reads on stdout stays the same."""
+        print(f"mesh: warning: {text}", file=sys.stderr)
 
     def emit_object(self, obj: Any, line: str) -> None:
         """A created or changed object: the whole of it with --json, else one line (its id)."""

@@ -3,6 +3,8 @@
 `service ls` shows, per service, its ports as `*:8080->80/tcp` (ingress: every
 node answers) or `8080->80/tcp` (host mode: only nodes running a task), and its
 tasks as healthy/total over the running ones, from one `GET /v1/tasks`.
+`service create` and `update` warn on stderr of each HRM route problem the
+service has once set (the answer's `problems`); the exit status stays 0.
 """
 
 from __future__ import annotations
@@ -164,9 +166,26 @@ def row(service: JsonObject, counts: dict[str, tuple[int, int]]) -> list[str]:
     ]
 
 
+def problem_warnings(service: JsonObject) -> list[str]:
+    """The service's HRM route problems (as the API lists them), one line each."""
+    name = text(service.get("name"))
+    return [
+        f"service {name}: {text(p.get('kind'))} problem in label {text(p.get('label'))}: "
+        f"{text(p.get('reason'))}"
+        for p in json_objects(service.get("problems"))
+    ]
+
+
+def _warn_problems(ctx: Context, service: JsonObject) -> None:
+    # A label the router cannot use is a silent 404 otherwise: say so where it was set.
+    for line in problem_warnings(service):
+        ctx.warn(line)
+
+
 def _create(ctx: Context, args: argparse.Namespace) -> int:
     service = ctx.client.post("/v1/services", create_body(args))
     ctx.emit_object(service, text(service.get("id")))
+    _warn_problems(ctx, service)
     return 0
 
 
@@ -195,6 +214,7 @@ def _update(ctx: Context, args: argparse.Namespace) -> int:
     query = None if version is None else {"version": version}
     service = ctx.client.patch(path, compute_patch(current, changes), query)
     ctx.emit_object(service, args.name)
+    _warn_problems(ctx, service)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 5.0
 MAX_BACKOFF = 30.0
 HEALTHY_RUN = 10.0  # a worker that ran this long resets the back-off
+#: the environment variable that tells a worker its index in its pool
+WORKER_INDEX = "MESHPLANE_WORKER_INDEX"
 
 
 class WorkerPool:
@@ -41,7 +44,9 @@ class WorkerPool:
         backoff = 0.5
         while not self._stopping:
             started = loop.time()
-            proc = await asyncio.create_subprocess_exec(*self._argv)
+            # Its index, which the worker reports with its figures (a restart keeps it).
+            env = {**os.environ, WORKER_INDEX: str(index)}
+            proc = await asyncio.create_subprocess_exec(*self._argv, env=env)
             self._procs[index] = proc
             event(log, "worker_started", pool=self.name, index=index, pid=proc.pid)
             code = await proc.wait()

@@ -26,7 +26,7 @@ NEARLY_FULL = 0.9
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    check: str  # api, listen, dns, lb, tasks, gossip, network
+    check: str  # api, listen, dns, lb, tasks, gossip, network, routes
     status: Status
     message: str
     hint: str = ""
@@ -121,6 +121,8 @@ class Facts:
     auto_ports: dict[str, int] = field(default_factory=dict)
     #: the sandboxes of this node's tasks (None: this agent reports no sandboxes at all)
     sandboxes: list[SandboxFacts] | None = None
+    #: HRM route problems, as the API lists them: (service, kind, label, reason)
+    route_problems: list[tuple[str, str, str, str]] = field(default_factory=list)
 
 
 def check_all(facts: Facts) -> list[Finding]:
@@ -133,6 +135,7 @@ def check_all(facts: Facts) -> list[Finding]:
         *check_gossip(facts),
         *check_capacity(facts),
         *check_sandboxes(facts),
+        *check_routes(facts),
     ]
 
 
@@ -289,6 +292,28 @@ def check_tasks(facts: Facts) -> Iterable[Finding]:
                 "is its process running and listening there? "
                 f"`mesh task rm {name}` if it is gone for good",
             )
+
+
+#: what to do about each kind of HRM route problem
+_ROUTE_HINTS = {
+    "label": 'fix the label (docs/design.md "HRM labels"): until then the service gets no '
+    "route, and a request for its host a 404 saying why",
+    "conflict": "give one of the services another host or path; the older one serves it",
+    "target_port": "map the port on the tasks (`ports`) or point the label at one they serve",
+    "certificate": "add `--tls-cert HOST=CERT,KEY` for the host on this node",
+}
+
+
+def check_routes(facts: Facts) -> Iterable[Finding]:
+    if not facts.route_problems:
+        yield Finding("routes", "ok", "every HRM routing label is in use")
+    for service, kind, label, reason in sorted(facts.route_problems):
+        yield Finding(
+            "routes",
+            "fail",
+            f"service {service}: {kind} problem in label {label}: {reason}",
+            _ROUTE_HINTS.get(kind, ""),
+        )
 
 
 def check_gossip(facts: Facts) -> Iterable[Finding]:

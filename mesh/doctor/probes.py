@@ -67,6 +67,12 @@ def gather(
     _digests(facts, client, settle, sleep)
     _capacity(facts, client, services)
     _sandboxes(facts, client, services, tasks)
+    facts.route_problems = [
+        (str(s.get("name")), str(p.get("kind")), str(p.get("label")), str(p.get("reason")))
+        for s in services
+        for p in s.get("problems") or []
+        if isinstance(p, dict)
+    ]
     return facts
 
 

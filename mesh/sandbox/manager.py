@@ -14,6 +14,11 @@ again, and every sandbox's DNS and LB opened. A clean stop leaves sandboxes and
 networks in place: tasks are durable and go only when their record goes. A kill -9
 leaves them too; the next start's reconciliation picks them up.
 
+Before a namespace we made goes (its task removed, or an orphan at the
+reconciliation), every process inside it is ended (`mesh.sandbox.procs`: SIGTERM,
+SIGKILL after `term_grace` seconds, waited for on the loop): a detached task's
+command would otherwise run on in the unnamed namespace. Never in an adopted one.
+
 Encrypted overlays (`--opt encrypted`): their IPsec (`mesh.sandbox.xfrm`) and
 filter (`mesh.sandbox.espfilter`) are programmed by a job of their own on the same
 worker thread, whenever `mesh.sandbox.encryption` says the want changed: the
@@ -39,11 +44,11 @@ from typing import Protocol, TypeVar
 from mesh.core.logs import event
 from mesh.core.model import Change, Network, Node, Record, Task
 from mesh.errors import SandboxFailed
-from mesh.sandbox import encryption, esp, espfilter, xfrm
+from mesh.sandbox import encryption, esp, espfilter, procs, xfrm
 from mesh.sandbox.driver import Driver, DriverError
 from mesh.sandbox.encryption import EspSchedule, EspWant
 from mesh.sandbox.esp import EspError
-from mesh.sandbox.names import netns_prefix
+from mesh.sandbox.names import netns_path, netns_prefix
 from mesh.sandbox.overlay import Peer
 from mesh.sandbox.peers import PeerEntry, PeerTable
 from mesh.sandbox.plan import (
@@ -144,6 +149,11 @@ class ManagerStats:
     #: encrypted overlays: syncs of IPsec and filter that succeeded, that failed
     esp_syncs: int = 0
     esp_failures: int = 0
+    #: processes ended in sandboxes we made, before removing them (SIGTERM or SIGKILL);
+    #: of those, the ones that needed SIGKILL; those still there when the namespace went
+    processes_ended: int = 0
+    processes_killed: int = 0
+    processes_left: int = 0
 
 
 class SandboxManager:
@@ -154,6 +164,8 @@ class SandboxManager:
         namespaces: Namespaces,
         servers: Iterable[SandboxServer],
         delete_link: Callable[[str], None],
+        host: procs.Host | None = None,
+        term_grace: float = procs.TERM_GRACE,
     ) -> None:
         self.node = node
         self.prefix = netns_prefix(node)
@@ -161,6 +173,9 @@ class SandboxManager:
         self._namespaces = namespaces
         self._servers = tuple(servers)
         self._delete_link = delete_link
+        #: the processes of this host: those of a sandbox we made end before it goes
+        self._host = host if host is not None else procs.Host()
+        self._term_grace = term_grace
         self._records: dict[str, Network] = {}
         self._networks: dict[str, NetworkWant] = {}
         #: the overlay peer table, and this node's own address on each overlay
@@ -451,6 +466,7 @@ class SandboxManager:
                 leave = self._driver(endpoint.driver).leave
                 await self._kernel(job, leave, endpoint.network, endpoint.endpoint, sandbox.netns)
             case DeleteNamespace(name):
+                await self._end_processes(name, None)
                 await self._kernel(job, self._delete_namespace, name)
             case DeleteVeth(name):
                 await self._kernel(job, self._delete_link, name)
@@ -591,6 +607,48 @@ class SandboxManager:
             return False
         return True
 
+    async def _end_processes(self, name: str, task_id: str | None) -> None:
+        """End every process in our namespace `name` (a detached task's command), as
+        `docker rm -f` does: else it keeps the namespace alive, unnamed, and runs on.
+        Called for namespaces we made only: an adopted one's processes are not ours."""
+        if not name.startswith(self.prefix):
+            return
+        host = self._host
+        inode = await self._in_thread(host.netns_inode, netns_path(name))
+        if inode is None:
+            return  # already gone (or never mounted): nothing can be in it by that name
+
+        async def find() -> list[int]:
+            return await self._in_thread(host.find, inode)
+
+        loop = asyncio.get_running_loop()
+        try:
+            ended = await procs.end_processes(
+                find, host.kill, asyncio.sleep, loop.time, self._term_grace
+            )
+        except Exception as exc:  # the namespace still goes: logged, counted
+            self.stats.failed += 1
+            event(log, "sandbox_processes_failed", logging.WARNING, netns=name, error=repr(exc))
+            return
+        if not ended.signalled and not ended.left:
+            return
+        self.stats.processes_ended += ended.ended
+        self.stats.processes_killed += ended.killed
+        self.stats.processes_left += ended.left
+        level = logging.WARNING if ended.left else logging.INFO
+        # task: the removed task's id; none for an orphan removed by the reconcile
+        whose = {} if task_id is None else {"task": task_id}
+        event(
+            log,
+            "sandbox_processes_ended",
+            level,
+            **whose,
+            netns=name,
+            ended=ended.ended,
+            killed=ended.killed,
+            left=ended.left,
+        )
+
     def _delete_namespace(self, name: str) -> None:
         # Never a name without this node's exact prefix: namespaces are global files.
         if not name.startswith(self.prefix):
@@ -630,6 +688,8 @@ class SandboxManager:
         return path
 
     async def _remove(self, want: SandboxWant) -> None:
+        if want.name is not None:  # ours: its processes end first (never an adopted one's)
+            await self._end_processes(want.name, want.task_id)
         serving = self._serving.pop(want.task_id, None)
         for server in self._servers:
             try:

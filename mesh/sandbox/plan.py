@@ -125,15 +125,17 @@ class Leave:
 
 @dataclass(frozen=True, slots=True)
 class RemoveSandbox:
-    """DNS and LB inside closed, every endpoint left, our namespace deleted (an
-    adopted one keeps everything that was not ours)."""
+    """The processes inside our namespace ended (SIGTERM, then SIGKILL), DNS and LB
+    inside closed, every endpoint left, our namespace deleted (an adopted one keeps
+    everything that was not ours, its processes too)."""
 
     want: SandboxWant
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteNamespace:
-    """An orphan: a namespace with our prefix that no task of the state owns."""
+    """An orphan: a namespace with our prefix that no task of the state owns (the
+    processes still inside are ended first)."""
 
     name: str
 

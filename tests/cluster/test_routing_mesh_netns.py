@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import socket
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.conftest import NetnsAgent
 from tests.helpers.echo import EchoServer, hello
@@ -219,6 +221,11 @@ def test_published_port_on_a_node_without_tasks_spreads_and_drains(mesh: Mesh) -
     assert set(spread) == set(names), spread
     for name in names:
         assert abs(spread[name] - expected) <= 0.2 * expected, spread
+    check_l4_metrics(
+        agents[2],
+        sum(spread[n] for n in names),
+        sum(spread[n] * (len(n) + 1) for n in names),  # each greeting: the name and a newline
+    )
 
     # A connection in flight to the task about to fail (round robin: one of three reaches it).
     victim = mesh.servers[0]
@@ -252,6 +259,42 @@ def test_published_port_on_a_node_without_tasks_spreads_and_drains(mesh: Mesh) -
     in_flight.shutdown(socket.SHUT_WR)
     assert in_flight.recv(64) == b""  # a clean end, not a reset
     in_flight.close()
+
+
+def l4_series(agent: NetnsAgent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The L4 families per service of the agent's `GET /metrics`, parsed by prometheus_client."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://{agent.api}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(agent.ns.call(fetch))
+        for s in family.samples
+        if s.name.startswith("meshplane_lb_service_")
+    }
+
+
+def check_l4_metrics(agent: NetnsAgent, connections: int, greeting_bytes: int) -> None:
+    """Node 3's scrape counts the client's connections to `web` exactly (what the backend
+    can count: the userspace proxy the bytes too, nftables connections only)."""
+    backend = agent.api_ok("GET", "/v1/lb")["backend"]
+    web = (("backend", backend), ("service", "web"))
+    conns = ("meshplane_lb_service_connections_total", web)
+    wait_for(lambda: l4_series(agent).get(conns, 0) >= connections, "the scrape's connections")
+    series = l4_series(agent)
+    print(f"node 3's L4 series ({backend}): {series}")
+    assert series[conns] == connections
+    out = ("meshplane_lb_service_bytes_total", (web[0], ("direction", "out"), web[1]))
+    if backend == "userspace":
+        assert series[out] == greeting_bytes
+        assert (
+            series[("meshplane_lb_service_bytes_total", (web[0], ("direction", "in"), web[1]))] == 0
+        )
+    else:  # nftables: no bytes, no open connections per service (docs/metrics.md)
+        assert out not in series
+        assert ("meshplane_lb_service_active_connections", web) not in series
 
 
 def _read_line(sock: socket.socket) -> str:

@@ -13,9 +13,11 @@ the test ends):
 - a `mesh` on PATH (a wrapper of `python -m mesh`) for commands run inside.
 
 The node's name is unique per node (`t15cli-<pid>-<tag>`), so the agent's
-sandbox prefix (`mp-<node id>-`) is too; `close()` kills the processes left in
-those sandboxes (the task commands), stops the agent, and removes any sandbox
-namespace with that prefix that is left, then the namespaces of the lab.
+sandbox prefix (`mp-<node id>-`) is too; `close()` kills every process the lab's
+commands started that is still alive (found by the `MESH_TEST_LAB` variable in
+their environment: detached task commands too, even in a namespace no longer
+named), stops the agent, and removes any sandbox namespace with that prefix that
+is left, then the namespaces of the lab.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ IDENT_SERVER = REPO / "tests" / "helpers" / "ident_http.py"
 API = "127.0.0.1:2377"
 NODE_UPLINK = "198.51.100.1"
 OUTSIDE = "198.51.100.2"
+#: the environment variable that marks the processes a lab started
+LAB_MARK = "MESH_TEST_LAB"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -81,6 +85,9 @@ class SandboxNode:
             "PYTHONPATH": str(REPO),
             "MESH_API": API,
             "HOME": str(workdir),
+            # inherited by every command run through the CLI (task commands too): how
+            # close() finds what is left of them
+            LAB_MARK: self.name,
         }
         self.started: list[subprocess.Popen[Any]] = []
         #: the agent's --dns-upstream (port 9 of loopback: nothing is ever forwarded out)
@@ -263,6 +270,53 @@ class SandboxNode:
         names = {str(link["ifname"]) for link in json.loads(done.stdout or "[]")}
         return {n for n in names if n.startswith(prefix)}
 
+    def processes(self) -> dict[int, tuple[list[str], str | None]]:
+        """The live processes this lab's commands started: pid -> (argv, readlink of its
+        ns/net). Zombies and processes that end meanwhile are left out."""
+        mark = f"{LAB_MARK}={self.name}".encode()
+        found: dict[int, tuple[list[str], str | None]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if mark not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                net: str | None = os.readlink(entry / "ns" / "net")
+            except OSError:
+                continue
+            if argv and argv[-1] == "":
+                argv.pop()
+            if argv:  # a zombie has an empty cmdline
+                found[int(entry.name)] = (argv, net)
+        return found
+
+    def ident_servers(self) -> dict[int, tuple[str, str | None]]:
+        """This lab's live IDENT_SERVER processes: pid -> (ident, net link)."""
+        return {
+            pid: (argv[-1], net)
+            for pid, (argv, net) in self.processes().items()
+            if len(argv) >= 3 and argv[-3] == str(IDENT_SERVER)
+        }
+
+    def kill_leftovers(self, grace: float = 3.0) -> list[int]:
+        """SIGTERM then SIGKILL to every process this lab started that is still alive."""
+        own = os.getpid()
+        pids = [p for p in self.processes() if p != own]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        left = pids
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = self.processes()
+            left = [p for p in left if p in alive]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
     # -- teardown ---------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -274,6 +328,7 @@ class SandboxNode:
                     proc.wait(10)
         for name in sorted(self.sandboxes()):
             _kill_all(Netns(name))  # the task commands left inside
+        self.kill_leftovers()  # and any left outside (in a namespace no longer named)
         with contextlib.suppress(Exception):
             if self.agent is not None and self.agent.poll() is None:
                 for task in self.api("GET", "/v1/tasks", timeout=10) or []:

@@ -74,3 +74,18 @@ def test_anything_else_is_refused(guarded: AgentProcess, authorization: str | No
     status, body = get(guarded, authorization)
     assert status == 401, body
     assert body["error"]["code"] == "unauthorized"
+
+
+def test_metrics_need_the_token_as_consuls_do(guarded: AgentProcess) -> None:
+    """`/metrics` names services and nodes: it is behind the token (docs/metrics.md)."""
+    conn = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 401 and json.loads(resp.read())["error"]["code"] == "unauthorized"
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert b"meshplane_services 0.0" in resp.read()
+    finally:
+        conn.close()

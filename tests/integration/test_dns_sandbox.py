@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from dns.querystats import queries_of
 from dns.service import DnsService, DnsSettings
 from dns.upstreams import Upstream
 from mesh.core.model import (
@@ -263,6 +264,13 @@ def test_a_sandbox_sees_exactly_its_networks(
     print({k: v for k, v in stats.items() if k.startswith("sandbox")})
     assert stats["sandboxes_open"] == 2
     assert stats.get("sandbox_tcp_accepted", 0) >= (15 if tcp else 0)
+    # every answer above counted by type and rcode, in the sandbox scope (GET /metrics)
+    assert dict(queries_of(service.metric_counts())) == {
+        ("A", "NOERROR", "sandbox"): 9,
+        ("A", "NXDOMAIN", "sandbox"): 4,
+        ("PTR", "NOERROR", "sandbox"): 1,
+        ("PTR", "NXDOMAIN", "sandbox"): 1,
+    }
 
 
 def test_glibc_inside_a_sandbox(dns: DnsFixture, namespaces: Callable[[], Namespace]) -> None:

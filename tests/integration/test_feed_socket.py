@@ -18,7 +18,8 @@ async def test_snapshot_changes_and_reports(tmp_path: Path) -> None:
     ]
     feed = ChangeFeed(lambda: records)
     reports: list[dict[str, Any]] = []
-    server = FeedServer(feed, tmp_path / "feed.sock", reports.append)
+    gone: list[dict[str, Any]] = []
+    server = FeedServer(feed, tmp_path / "feed.sock", reports.append, gone.append)
     await server.start()
     client = FeedClient(server.path)
     try:
@@ -43,7 +44,14 @@ async def test_snapshot_changes_and_reports(tmp_path: Path) -> None:
             {"http_worker": 7, "stats": {"requests": 4}},
         ]
         assert server.bad_reports == 2
+        assert gone == []
         follower.cancel()
     finally:
         client.close()
+        for _ in range(200):
+            if gone:
+                break
+            await asyncio.sleep(0.01)
         await server.stop()
+    # The connection's end hands its last report on: the worker is gone.
+    assert gone == [{"http_worker": 7, "stats": {"requests": 4}}]

@@ -255,3 +255,94 @@ def test_routing_mesh_across_three_agents(
         # and every agent answers on its own publish address
         for agent in agents[:2]:
             assert hello(agent.publish_address, published) in names
+
+
+def lb_series(agent: AgentProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The L4 families per service of a `GET /metrics` scrape, parsed by prometheus_client."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{agent.api}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("meshplane_lb_service_")
+    }
+
+
+def test_metrics_count_each_services_connections_and_bytes(
+    start_agent: Callable[..., AgentProcess], net: str, servers: Callable[[int], EchoServer]
+) -> None:
+    """Real connections through a published port and a VIP; the scrape's counters per
+    service are what was sent: connections exactly, bytes each way, the ones held open,
+    the connects to a task that refuses them (and the failovers past it)."""
+    publish = f"{net}.1"
+    agent = start_agent(extra=["--publish-address", publish])
+    published = free_port()
+    service = add_web(agent, published)
+    vip = next(v["address"] for v in service["vips"] if v["network"] == "front")  # type: ignore[attr-defined]
+    one, two = servers(1), servers(2)
+    add_task(agent, one.address)
+    add_task(agent, two.address)
+    add_task(agent, f"{net}.103")  # nobody listens there: every connect to it is refused
+    wait_for(
+        lambda: len(lb_table(agent).get(("tcp", "0.0.0.0", published), {})) == 3,
+        what="the tasks in the table",
+    )
+    payload = bytes(range(256)) * 40  # 10,240 bytes each way per connection
+    sent_in = sent_out = 0
+
+    def exchange(address: str, port: int) -> socket.socket:
+        nonlocal sent_in, sent_out
+        sock = socket.create_connection((address, port), timeout=5)
+        greeting = b""
+        while not greeting.endswith(b"\n"):
+            chunk = sock.recv(256)
+            assert chunk, "closed before the greeting"
+            greeting += chunk
+        sock.sendall(payload)
+        echoed = 0
+        while echoed < len(payload):
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the echo"
+            echoed += len(chunk)
+        sent_in += len(payload)
+        sent_out += len(greeting) + echoed
+        return sock
+
+    connections = 0
+    started = time.monotonic()
+    for i in range(60):
+        exchange(*((publish, published) if i % 2 else (vip, 80))).close()
+        connections += 1
+    held = [exchange(publish, published) for _ in range(3)]
+    connections += len(held)
+    print(f"{connections} connections exchanged in {time.monotonic() - started:.2f} s")
+    web = (("backend", "userspace"), ("service", "web"))
+    web_in = (web[0], ("direction", "in"), web[1])
+    web_out = (web[0], ("direction", "out"), web[1])
+    try:
+        wait_for(
+            lambda: lb_series(agent).get(("meshplane_lb_service_bytes_total", web_out)) == sent_out,
+            what="the scrape to show every byte",
+        )
+        series = lb_series(agent)
+        print({name: value for (name, _), value in series.items()})
+        assert series[("meshplane_lb_service_connections_total", web)] == connections
+        bytes_in = series[("meshplane_lb_service_bytes_total", web_in)]
+        assert abs(bytes_in - sent_in) <= sent_in / 100, (bytes_in, sent_in)
+        assert series[("meshplane_lb_service_active_connections", web)] == len(held)
+        errors = series[("meshplane_lb_service_connect_errors_total", web)]
+        assert errors >= 1 and series[("meshplane_lb_service_failovers_total", web)] == errors
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(
+        lambda: lb_series(agent).get(("meshplane_lb_service_active_connections", web)) == 0,
+        what="the held connections to end",
+    )
+    assert agent.request("DELETE", "/v1/services/web")[0] in (200, 202, 204)
+    wait_for(lambda: lb_series(agent) == {}, what="the removed service's series to go")

@@ -383,3 +383,46 @@ def test_runs_under_uvloop_the_agents_loop(net: dict[str, Any]) -> None:
         table, answered = uvloop.run(scenario())
     assert table[key].reals == {real: 1}
     assert answered == real
+
+
+async def test_the_kernels_counts_per_service_bytes_and_open_connections(
+    harness: IpvsHarness,
+) -> None:
+    """`service_counters` reads IPVS's own stats: connections, bytes each way (IP packets,
+    headers included) and the connections open now, of each service apart."""
+    backend = IpvsBackend()
+    await backend.start({})
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    other = VirtualKey("tcp", harness.vip(1), 8081)
+    real = harness.real(1)
+    payload = b"x" * 65536
+    held: list[socket.socket] = []
+    try:
+        await backend.apply([PutService(key), PutReal(key, real, 1), PutService(other)])
+
+        def exchange() -> socket.socket:
+            sock = socket.create_connection((key.address, key.port), timeout=HIT_TIMEOUT)
+            assert sock.recv(512) == str(real).encode()
+            sock.sendall(payload)
+            return sock
+
+        for _ in range(3):
+            held.append(await asyncio.to_thread(harness.client.call, exchange))
+        sent = len(held) * len(payload)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # the last segments may still be on their way when sendall returns
+            counters = await backend.service_counters()
+            if counters[key]["bytes_in"] >= sent or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        print(f"IPVS service_counters after {sent} payload bytes: {counters}")
+        assert counters[key]["connections"] == len(held)
+        assert counters[key]["active"] == len(held)
+        # IPVS counts IP packets: the payload plus its headers (and the handshakes')
+        assert sent <= counters[key]["bytes_in"] <= sent * 1.1 + 2000
+        assert counters[key]["bytes_out"] > 0  # the answers came back through the NAT
+        assert counters[other] == {"connections": 0, "bytes_in": 0, "bytes_out": 0, "active": 0}
+    finally:
+        for sock in held:
+            sock.close()
+        await backend.close()

@@ -34,6 +34,7 @@ STAGES = [
     "health checks",
     "drain reaper",
     "tombstone reaper",
+    "route problems",
     "dns",
     "load balancer",
     "http routing mesh",

@@ -129,6 +129,7 @@ def test_a_list_item_out_of_shape_is_a_bug_not_an_answer() -> None:
 
 
 def test_record_fields_are_their_models_shape() -> None:
+    from lb.http.routes import Problem
     from mesh.api import convert
     from mesh.core.model import HealthCheck, Network, PortConfig, Service, Task, Version, Vip
 
@@ -174,6 +175,14 @@ def test_record_fields_are_their_models_shape() -> None:
         assert model.model_validate(fields).model_dump(mode="json") == fields
     assert convert.task_out(task, "dead")["node_status"] == "dead"
     assert convert.service_out(service)["vips"] == [{"network": "front", "address": "10.1.0.2"}]
+    problem = Problem("web", "mesh.http.hosts", "mesh.http.port 'x' is not a port", "label")
+    with_problems = convert.service_fields(service, [problem])
+    assert with_problems["problems"] == [
+        {"kind": "label", "label": "mesh.http.hosts", "reason": "mesh.http.port 'x' is not a port"}
+    ]
+    assert m.ServiceOut.model_validate(with_problems).model_dump(mode="json") == with_problems
+    # the event stream's service carries none: they depend on more than the one record
+    assert "problems" not in convert.service_out(service)
 
 
 # -- one error path ---------------------------------------------------------------------

@@ -186,3 +186,13 @@ def test_nothing_to_update_is_a_usage_error() -> None:
 def test_version_of(version: Any, expected: str | None) -> None:
     assert version_of(service(version=version)) == expected
     assert version_of({"name": "web"}) is None
+
+
+def test_each_route_problem_of_the_answer_is_one_warning_line() -> None:
+    from mesh.cli.service import problem_warnings
+
+    assert problem_warnings(service()) == []
+    problem = {"kind": "label", "label": "mesh.http.hosts", "reason": "'x' is not a port"}
+    assert problem_warnings(service(problems=[problem])) == [
+        "service web: label problem in label mesh.http.hosts: 'x' is not a port"
+    ]

@@ -37,7 +37,7 @@ def failures(facts: Facts) -> list[str]:
 def test_a_healthy_node_has_no_failure() -> None:
     findings = check_all(healthy())
     assert summary(findings)[1] == 0
-    assert {f.check for f in findings} == {"listen", "dns", "lb", "tasks", "gossip"}
+    assert {f.check for f in findings} == {"listen", "dns", "lb", "tasks", "gossip", "routes"}
 
 
 def test_each_fault_is_named() -> None:
@@ -125,3 +125,25 @@ def test_a_nearly_used_up_auto_port_range_is_a_finding() -> None:
         )
     ]
     assert "published_port" in found[0].hint
+
+
+def test_each_route_problem_is_a_failure_with_a_hint_for_its_kind() -> None:
+    facts = healthy()
+    facts.route_problems = [
+        ("web", "label", "mesh.http.hosts", "mesh.http.port 'x' is not a port (1-65535)"),
+        ("new", "conflict", "mesh.http.hosts", "http://a is already routed to the older service"),
+    ]
+    found = [f for f in check_all(facts) if f.check == "routes"]
+    assert [(f.status, f.message) for f in found] == [
+        (
+            "fail",
+            "service new: conflict problem in label mesh.http.hosts: http://a is already "
+            "routed to the older service",
+        ),
+        (
+            "fail",
+            "service web: label problem in label mesh.http.hosts: mesh.http.port 'x' is "
+            "not a port (1-65535)",
+        ),
+    ]
+    assert all(f.hint for f in found)

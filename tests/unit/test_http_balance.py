@@ -86,6 +86,8 @@ def test_route_stats_count_by_status_class() -> None:
     stats.record(503, 0.25)
     assert stats.requests == {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 1}
     assert stats.latency_sum == 0.75 and stats.latency_count == 2
+    # one in the (0.1, 0.25] bucket, one in (0.25, 0.5]: a bound is in its own bucket
+    assert stats.latency_buckets == [0] * 5 + [1, 1] + [0] * 5
     assert balancer.stats(match(1).route) is stats  # an equal route shares its counters
 
 
@@ -118,3 +120,35 @@ def test_worker_snapshots_add_up() -> None:
     [merged] = total["routes"]
     assert merged["requests"] == {"2xx": 3, "5xx": 2}
     assert merged["latency_count"] == 4 and merged["retries"] == 2
+
+
+def test_a_restarted_worker_never_takes_the_sum_backwards() -> None:
+    from lb.http.service import HttpEndpoints
+    from lb.http.serving import HttpMesh
+    from lb.http.settings import RouterSettings
+
+    mesh = HttpMesh(HttpEndpoints(host="127.0.0.1", port=0), RouterSettings(), 2, "info")
+    route = {"service": "web", "host": "a", "path_prefix": "/", "latency_sum": 0.5}
+    route |= {"latency_count": 5, "retries": 0}
+
+    def report(pid: int, requests: int, open_: int) -> dict[str, object]:
+        stats = {"requests": requests, "connections_open": open_, "rejected": {"400": 1}}
+        stats["tls_outcomes"] = {"certificate": requests, "failed": 1}
+        routes = [{**route, "requests": {"2xx": requests}}]
+        return {"http_worker": pid, "stats": {**stats, "routes": routes}}
+
+    mesh.on_report(report(1, 5, 2))
+    mesh.on_report(report(2, 7, 1))
+    assert mesh.snapshot()["requests"] == 12
+    mesh.on_gone(report(1, 5, 2))  # worker 1 died; its replacement starts from zero
+    mesh.on_report(report(3, 0, 0))
+    total = mesh.snapshot()
+    assert total["requests"] == 12 and total["routes"][0]["requests"] == {"2xx": 12}
+    assert total["rejected"] == {"400": 3}
+    assert total["tls_outcomes"] == {"certificate": 12, "failed": 3}  # by outcome, kept too
+    assert total["connections_open"] == 1  # a gauge: the dead worker's connections are gone
+    assert total["workers"] == 2
+    mesh.on_report(report(3, 4, 1))
+    assert mesh.snapshot()["requests"] == 16
+    mesh.on_gone({"http_worker": 99})  # never reported: nothing to fold
+    assert mesh.snapshot()["requests"] == 16

@@ -584,3 +584,22 @@ def test_a_client_gone_while_connecting_cancels_the_connect() -> None:
     h.send(GET)
     h.exchange.lost()
     assert h.shell.cancelled == 1 and not h.exchange.waiting
+
+
+def test_a_host_whose_label_is_broken_gets_a_404_that_says_why() -> None:
+    routes = RouteTable()
+    routes.load(
+        [
+            Service(
+                name="web", id="s1", labels={"mesh.http.hosts": "web.test", "mesh.http.port": "x"}
+            )
+        ]
+    )
+    answer = decide(read_request(b"GET", b"/", "1.1", [(b"Host", b"web.test")], True), routes)
+    assert isinstance(answer, Answer) and answer.status == 404 and answer.match is None
+    assert answer.reason == (
+        "no service is routed for this host: service web names it, but its label "
+        "mesh.http.hosts is not used: mesh.http.port 'x' is not a port (1-65535)"
+    )
+    plain = decide(read_request(b"GET", b"/", "1.1", [(b"Host", b"other.test")], True), routes)
+    assert isinstance(plain, Answer) and plain.reason == "no service is routed for this host"

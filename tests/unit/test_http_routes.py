@@ -396,7 +396,10 @@ def test_two_services_on_one_host_the_older_wins_in_any_load_order() -> None:
         assert routed(table, "a.example.com") == "zeta"
         assert table.problems() == [
             Problem(
-                "alpha", HRM, "http://a.example.com is already routed to the older service zeta"
+                "alpha",
+                HRM,
+                "http://a.example.com is already routed to the older service zeta",
+                "conflict",
             )
         ]
 
@@ -648,6 +651,8 @@ LABEL_SETS = [
     {HRM: "external_route=http://,internal_port=80,sticky_sessions=sid"},
     {"mesh.http.hosts": "x.com", "mesh.http.port": "8080", "com.docker.lb.context_root": "/api"},
     {HRM: "bad"},
+    {"mesh.http.hosts": "x.com", "mesh.http.port": "x"},  # names x.com, does not parse
+    {HRM: "external_route=http://y.com,internal_port=nope"},
 ]
 PROBES = [(h, p) for h in ("x.com", "Y.COM:80", "z.com") for p in ("/", "/api", "/api/v1", "/apix")]
 
@@ -697,6 +702,9 @@ def test_incremental_changes_equal_a_table_built_from_scratch(ops: list[tuple[An
         scratch = table_of(*live.values())
         assert table.matches() == scratch.matches()
         assert table.problems() == scratch.problems()
+        assert table.problems(["x.com"]) == scratch.problems(["x.com"])
+        for host, _ in PROBES:
+            assert table.problem_for(host) == scratch.problem_for(host)
         for host, path in PROBES:
             assert table.match(host, path) == scratch.match(host, path)
             assert table.match_sni(host) == scratch.match_sni(host)
@@ -707,3 +715,104 @@ def test_match_objects_are_values() -> None:
     assert Match(route, ()) == Match(route, ())
     with pytest.raises(dataclasses.FrozenInstanceError):
         route.host = "b"  # type: ignore[misc]
+
+
+# -- problems, by kind (what the API, `mesh doctor` and the 404 body show) --------------
+
+
+def test_problem_kind_label_for_bad_syntax() -> None:
+    table = table_of(service("web", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "x"}))
+    [problem] = table.problems()
+    assert problem.kind == "label" and problem.label == "mesh.http.hosts"
+    assert "mesh.http.port 'x' is not a port" in problem.reason
+
+
+def test_problem_kind_conflict_for_a_host_claimed_twice() -> None:
+    labels = {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"}
+    table = table_of(service("old", labels, created=1.0), service("new", labels, created=2.0))
+    [problem] = table.problems()
+    assert problem.kind == "conflict" and problem.service == "new"
+    assert "older service old" in problem.reason
+
+
+def test_problem_kind_target_port_when_every_task_maps_other_ports() -> None:
+    labels = {"mesh.http.hosts": "a.example.com", "mesh.http.port": "8080"}
+    table = table_of(service("web", labels), task("t1", "web", ports={80: 31000}))
+    [problem] = table.problems()
+    assert problem.kind == "target_port" and problem.label == "mesh.http.hosts"
+    assert "target port 8080 is served by no task (they map 80)" in problem.reason
+    # a task mapping it, a task that maps nothing (serves every port as is), or the
+    # service declaring the port: no problem
+    for fixed in (
+        table_of(service("web", labels), task("t1", "web", ports={8080: 31000})),
+        table_of(service("web", labels), task("t1", "web", ports={80: 1}), task("t2", "web")),
+        table_of(service("web", labels, published=(8080,)), task("t1", "web", ports={80: 1})),
+        table_of(service("web", labels)),
+    ):
+        assert fixed.problems() == []
+
+
+def test_problem_kind_target_port_follows_task_changes() -> None:
+    labels = {"mesh.http.hosts": "a.example.com", "mesh.http.port": "8080"}
+    table = table_of(service("web", labels))
+    first = task("t1", "web", ports={80: 31000})
+    put(table, None, first)
+    assert [p.kind for p in table.problems()] == ["target_port"]
+    put(table, first, dataclasses.replace(first, ports={8080: 31000}))
+    assert table.problems() == []
+
+
+def test_problem_kind_certificate_for_a_host_no_certificate_covers() -> None:
+    labels = {"mesh.http.hosts": "a.example.com,b.other.test,c.other.test", "mesh.http.port": "80"}
+    table = table_of(service("web", labels))
+    assert table.problems() == []  # no HTTPS listener: no certificate needed
+    problems = table.problems(cert_hosts=["*.other.test"])
+    assert [(p.kind, p.reason) for p in problems] == [
+        (
+            "certificate",
+            "no TLS certificate for a.example.com on this node: "
+            "HTTPS clients get the default certificate (*.other.test)",
+        )
+    ]
+    closed = table.problems(cert_hosts=[])
+    assert len(closed) == 3
+    assert all(p.reason.endswith("HTTPS connections for it are closed") for p in closed)
+    # a passthrough route needs none: the task terminates TLS
+    sni = table_of(service("tls", {HRM: "external_route=sni://s.example.com,internal_port=443"}))
+    assert sni.problems(cert_hosts=["x.test"]) == []
+
+
+def test_problem_for_names_the_broken_label_of_a_host_until_it_is_fixed() -> None:
+    bad = service("web", {"mesh.http.hosts": "A.example.com:8000", "mesh.http.port": "x"})
+    table = table_of(bad)
+    assert table.match("a.example.com", "/") is None
+    problem = table.problem_for("A.Example.com:80")
+    assert problem is not None and problem.service == "web"
+    assert problem.label == "mesh.http.hosts" and "'x' is not a port" in problem.reason
+    assert table.problem_for("b.example.com") is None
+    hrm = service("h", {HRM: "external_route=http://h.example.com/x,internal_port=nope"})
+    put(table, None, hrm)
+    found = table.problem_for("h.example.com")
+    assert found is not None and found.service == "h"
+    good = dataclasses.replace(bad, labels={"mesh.http.hosts": "a.example.com"}, ports=())
+    put(table, bad, dataclasses.replace(good, labels={**good.labels, "mesh.http.port": "80"}))
+    assert table.problem_for("a.example.com") is None
+    delete(table, hrm)
+    assert table.problem_for("h.example.com") is None
+
+
+def test_route_problems_view_groups_by_service_with_this_nodes_certificates() -> None:
+    from lb.http.problems import RouteProblems
+
+    view = RouteProblems(cert_hosts=["a.example.com"])
+    good = service("good", {"mesh.http.hosts": "a.example.com", "mesh.http.port": "80"})
+    view.load([good, service("bad", {"mesh.http.port": "80"})])
+    assert {name: [p.kind for p in ps] for name, ps in view.by_service().items()} == {
+        "bad": ["label"]
+    }
+    moved = dataclasses.replace(good, labels={**good.labels, "mesh.http.hosts": "b.example.com"})
+    view.on_change(Change(Kind.SERVICE, "good", good, moved))
+    assert [(p.service, p.kind) for p in view.route_problems()] == [
+        ("bad", "label"),
+        ("good", "certificate"),
+    ]

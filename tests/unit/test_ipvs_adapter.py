@@ -228,3 +228,42 @@ async def test_one_change_among_ten_thousand_reals_costs_one_kernel_call() -> No
         kernel.calls.clear()
         await backend.apply(ops)
         assert kernel.calls == expected, ops
+
+
+def test_a_service_dump_gives_its_stats_and_a_real_dump_its_connection_entries() -> None:
+    """The kernel's answers, encoded as the kernel does and decoded by pyroute2."""
+    from lb.ipvs.netlink import ServiceStats, _message
+
+    stats = {
+        "attrs": [
+            ("IPVS_STATS_ATTR_CONNS", 7),
+            ("IPVS_STATS_ATTR_INPKTS", 70),
+            ("IPVS_STATS_ATTR_OUTPKTS", 60),
+            ("IPVS_STATS_ATTR_INBYTES", 5_000_000_000),  # past 32 bits: the 64-bit stats
+            ("IPVS_STATS_ATTR_OUTBYTES", 1234),
+        ]
+    }
+    service_attrs = [
+        ("IPVS_SVC_ATTR_AF", socket.AF_INET),
+        ("IPVS_SVC_ATTR_PROTOCOL", socket.IPPROTO_TCP),
+        ("IPVS_SVC_ATTR_ADDR", "10.0.3.1"),
+        ("IPVS_SVC_ATTR_PORT", 8080),
+        ("IPVS_SVC_ATTR_SCHED_NAME", "rr"),
+        ("IPVS_SVC_ATTR_STATS64", stats),
+    ]
+    msg = _message(genl.IPVS_CMD_NEW_SERVICE, [("IPVS_CMD_ATTR_SERVICE", {"attrs": service_attrs})])
+    entry = parse_service(wire((msg, 0))[0])
+    assert entry.id == VIP
+    assert entry.stats == ServiceStats(connections=7, bytes_in=5_000_000_000, bytes_out=1234)
+    dest_attrs = [
+        ("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET),
+        ("IPVS_DEST_ATTR_ADDR", "10.0.2.11"),
+        ("IPVS_DEST_ATTR_PORT", 8000),
+        ("IPVS_DEST_ATTR_WEIGHT", 5),
+        ("IPVS_DEST_ATTR_FWD_METHOD", 0),
+        ("IPVS_DEST_ATTR_ACTIVE_CONNS", 3),
+        ("IPVS_DEST_ATTR_INACT_CONNS", 2),
+    ]
+    msg = _message(genl.IPVS_CMD_NEW_DEST, [("IPVS_CMD_ATTR_DEST", {"attrs": dest_attrs})])
+    dest = parse_dest(wire((msg, 0))[0])
+    assert dest == REAL and (dest.active, dest.inactive) == (3, 2)

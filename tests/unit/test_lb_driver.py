@@ -76,3 +76,42 @@ async def test_ops_are_applied_in_order_and_errors_counted_not_fatal() -> None:
     assert reals == {("10.0.0.7", 1)}
     await driver.close()
     assert backend.closed
+
+
+class CountingBackend(RecordingBackend):
+    """Counts per virtual service as a kernel backend would: read anew on each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.fail = False
+
+    async def service_counters(self) -> dict[object, dict[str, int]]:
+        self.reads += 1
+        if self.fail:
+            raise BackendError("the kernel said no")
+        return {key: {"connections": 10 * self.reads} for key in self.table}
+
+
+async def test_counters_per_service_are_read_at_most_once_a_second_and_go_with_it() -> None:
+    backend = CountingBackend()
+    driver = LbDriver(LbView("n1"), backend, "test")
+    driver.load([SERVICE, task("a", "10.0.0.5")])
+    await driver.start()
+    await driver.sample()
+    await driver.sample()  # a second scrape at once: the same reading
+    assert backend.reads == 1
+    assert driver.counters()["services"] == {"web": {"connections": 10}}
+    await driver.sample(max_age=0)
+    assert driver.counters()["services"] == {"web": {"connections": 20}}
+    backend.fail = True
+    await driver.sample(max_age=0)
+    assert driver.sample_errors == 1
+    assert driver.counters()["services"] == {"web": {"connections": 20}}  # the last stands
+    backend.fail = False
+    gone = dataclasses.replace(SERVICE, deleted=True)
+    driver.on_change(Change(Kind.SERVICE, SERVICE.id, SERVICE, gone))
+    await driver.settled()
+    await driver.sample(max_age=0)
+    assert driver.counters()["services"] == {}
+    await driver.close()

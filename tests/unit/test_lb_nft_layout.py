@@ -21,11 +21,12 @@ from lb.nft.layout import (
     MAX_WEIGHT,
     Layout,
     LayoutError,
+    counter_name,
     parse_options_comment,
     slots_map,
     weights_map,
 )
-from lb.nft.listing import parse_listing
+from lb.nft.listing import parse_counters, parse_listing
 from lb.table import (
     ANY_ADDRESS,
     DeleteReal,
@@ -50,10 +51,17 @@ class FakeMaps:
     def __init__(self) -> None:
         self.maps: dict[str, dict[str, str]] = {"endpoints": {}}
         self.rules: dict[str, str] = {}
+        self.counters: set[str] = set()
 
     def run(self, commands: list[str]) -> None:
         for command in commands:
-            if command.startswith("add map"):
+            if command.startswith("add counter"):
+                self.counters.add(command.split()[4])
+            elif command.startswith("delete counter"):
+                name = command.split()[4]
+                assert not any(name in rule for rule in self.rules.values()), "in use"
+                self.counters.remove(name)
+            elif command.startswith("add map"):
                 self.maps.setdefault(command.split()[4], {})
             elif command.startswith("delete map"):
                 del self.maps[command.split()[4]]
@@ -63,6 +71,8 @@ class FakeMaps:
                 self.rules.pop(command.split()[4], None)
             elif match := RULE.match(command):
                 assert match[1] not in self.rules, f"two rules in {match[1]}"
+                named = re.search(r"counter name (\w+)", match[2])
+                assert named and named[1] in self.counters, f"{match[1]}: no counter"
                 self.rules[match[1]] = match[2]
             elif match := ELEMENTS.match(command):
                 verb, name, body = match.groups()
@@ -95,8 +105,9 @@ class FakeMaps:
             if service.slots:
                 assert f"numgen inc mod {len(service.slots)} map" in rule
             else:
-                assert rule == "reject"
+                assert rule == f"counter name {counter_name(key)} reject"
             assert service.consistent()
+        assert self.counters == {counter_name(key) for key in layout.services}
 
 
 def run(layout: Layout, kernel: FakeMaps, ops: list[Op]) -> int:
@@ -285,6 +296,7 @@ def test_a_listing_reads_back_into_the_table() -> None:
                     "chain": "svc_tcp_10_0_0_1_80",
                     "comment": "meshplane sched=wrr proxy=0",
                     "expr": [
+                        {"counter": "conns_tcp_10_0_0_1_80"},
                         {
                             "dnat": {
                                 "family": "ip",
@@ -295,7 +307,7 @@ def test_a_listing_reads_back_into_the_table() -> None:
                                     }
                                 },
                             }
-                        }
+                        },
                     ],
                 }
             },
@@ -304,9 +316,11 @@ def test_a_listing_reads_back_into_the_table() -> None:
                     "table": "t",
                     "chain": "svc_udp_any_30053",
                     "comment": "meshplane sched=rr proxy=0",
-                    "expr": [{"reject": None}],
+                    "expr": [{"counter": "conns_udp_any_30053"}, {"reject": None}],
                 }
             },
+            {"counter": {"table": "t", "name": "conns_tcp_10_0_0_1_80", "packets": 3}},
+            {"counter": {"table": "t", "name": "conns_udp_any_30053", "packets": 0}},
         ]
     }
     found = parse_listing("t", listing)
@@ -324,8 +338,18 @@ def test_a_listing_reads_back_into_the_table() -> None:
         published: apply_ops({}, [PutService(published)])[published],
     }
     # a rule whose modulus disagrees with the ring is marked for repair
-    listing["nftables"][7]["rule"]["expr"][0]["dnat"]["addr"]["map"]["key"]["numgen"]["mod"] = 3  # type: ignore[index]
+    listing["nftables"][7]["rule"]["expr"][1]["dnat"]["addr"]["map"]["key"]["numgen"]["mod"] = 3  # type: ignore[index]
     assert parse_listing("t", listing).repair == {KEY}
+    # a table of an older version (no counter): repaired, which makes the counter
+    del listing["nftables"][-1]
+    assert parse_listing("t", listing).repair == {KEY, published}
+    assert parse_counters(listing) == {"conns_tcp_10_0_0_1_80": 3}
+    layout = parse_listing("t", listing).layout
+    repaired = layout.repair(published)
+    assert repaired[0] == "add counter ip t conns_udp_any_30053"
+    assert "add rule ip t svc_udp_any_30053 counter name conns_udp_any_30053 reject" in (
+        " ".join(repaired[-1].split()[:9])
+    )
 
 
 def test_one_mark_bit_tells_our_flows_from_others() -> None:

@@ -5,6 +5,7 @@ reconciliation at start touching only our prefix, failures reported, not fatal."
 from __future__ import annotations
 
 import dataclasses
+import signal
 import threading
 
 import pytest
@@ -247,5 +248,81 @@ async def test_networks_follow_the_feed() -> None:
         await mgr.idle()
         assert kernel.bridges == set()
         assert set(NETS) >= {"a"}
+    finally:
+        await mgr.stop()
+
+
+class FakeHost:
+    """The host's processes: a namespace path's inode, the pids inside, their kills."""
+
+    def __init__(self, kernel: FakeKernel, inside: dict[str, list[int]]) -> None:
+        self.kernel = kernel
+        self.inside = {f"/run/netns/{name}": pids for name, pids in inside.items()}
+        self.by_inode: dict[int, str] = {}
+
+    def netns_inode(self, path: str) -> int | None:
+        name = path.rsplit("/", 1)[-1]
+        if name not in self.kernel.namespaces:
+            return None
+        self.by_inode[hash(path) & 0xFFFF] = path
+        return hash(path) & 0xFFFF
+
+    def find(self, inode: int) -> list[int]:
+        return list(self.inside.get(self.by_inode[inode], []))
+
+    def kill(self, pid: int, sig: int) -> None:
+        self.kernel.calls.append(("kill", f"{pid}/{signal.Signals(sig).name}"))
+        for pids in self.inside.values():
+            if pid in pids:
+                pids.remove(pid)
+
+
+async def test_the_processes_of_a_sandbox_we_made_end_before_it_goes_never_an_adopted_ones() -> (
+    None
+):
+    kernel = FakeKernel()
+    made = task("t1aaaaaaaaaa", "a")
+    adopted = task("t2bbbbbbbbbb", "a", adopted="/proc/4242/ns/net")
+    orphan = f"{netns_prefix(NODE)}orphan000000"
+    kernel.namespaces = {netns_name(NODE, made.id), orphan, "someone-elses"}
+    host = FakeHost(
+        kernel,
+        {netns_name(NODE, made.id): [501, 502], orphan: [601], "someone-elses": [701]},
+    )
+    dns, lb = FakeServer(kernel, "dns"), FakeServer(kernel, "lb")
+    mgr = SandboxManager(
+        NODE,
+        {"bridge": kernel},
+        kernel,
+        (dns, lb),
+        kernel.delete_link,
+        host=host,  # type: ignore[arg-type]
+    )
+    mgr.load([A, made, adopted])
+    await mgr.start()
+    try:
+        await mgr.ready(made.id, 5)
+        await mgr.ready(adopted.id, 5)
+        # The reconcile: the orphan's process went before its namespace.
+        i = kernel.calls.index(("kill", "601/SIGTERM"))
+        assert kernel.calls[i + 1] == ("netns_delete", orphan)
+        kernel.calls.clear()
+        mgr.on_change(change(made, dataclasses.replace(made, deleted=True)))
+        mgr.on_change(change(adopted, dataclasses.replace(adopted, deleted=True)))
+        await mgr.idle()
+        assert kernel.calls[:3] == [
+            ("kill", "501/SIGTERM"),
+            ("kill", "502/SIGTERM"),
+            ("dns_close", made.id),
+        ]
+        assert ("netns_delete", netns_name(NODE, made.id)) in kernel.calls
+        # Nothing sent into the adopted namespace, nor into one that is not ours.
+        assert [c for c in kernel.calls if c[0] == "kill"] == [
+            ("kill", "501/SIGTERM"),
+            ("kill", "502/SIGTERM"),
+        ]
+        assert host.inside["/run/netns/someone-elses"] == [701]
+        assert mgr.stats.processes_ended == 3
+        assert mgr.stats.processes_killed == 0
     finally:
         await mgr.stop()
