@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from mesh.api import app as api
+from mesh.api_tokens import Scope, tokens
 from mesh.control import Control
 
 TOKEN = "s3cret"
@@ -95,7 +96,7 @@ async def test_no_other_file_is_served(clients: list[TestClient[Any, Any]], path
 async def test_the_page_is_open_without_the_token_and_the_api_is_not(
     clients: list[TestClient[Any, Any]],
 ) -> None:
-    client = await _client(_app(token=TOKEN, http_stats=dict))
+    client = await _client(_app(access=api.Access(tokens([(Scope.WRITE, TOKEN)])), http_stats=dict))
     clients.append(client)
     page = await client.get("/")
     assert page.status == 200

@@ -94,12 +94,18 @@ def test_decode_of_any_payload_answers_or_raises_join_token_error(payload: bytes
 def test_the_netns_cluster_script_writes_tokens_the_agent_reads() -> None:
     """deploy/netns_cluster.py makes its token with the standard library only."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "deploy" / "netns_cluster.py"
     spec = importlib.util.spec_from_file_location("netns_cluster_for_token", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Registered while it runs: its dataclasses look their module up in sys.modules.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
     assert decode(module.join_token(K1, "lab")) == JoinToken((K1,), "lab")
     assert module.join_token(K1, "lab") == encode([K1], "lab")
