@@ -91,7 +91,7 @@ def _rewrite(wire: bytes, query: Query, age: int) -> bytes:
             rr.rname = query.question.qname
     if query.edns:
         record.add_ar(EDNS0(udp_len=EDNS_PAYLOAD, flags="do" if query.do else ""))
-    packed: bytes = record.pack()
+    packed = bytes(record.pack())  # dnslib packs a bytearray; replies are bytes
     return packed
 
 

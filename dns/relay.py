@@ -140,7 +140,7 @@ def error_reply(query: Query, rcode: int) -> bytes:
     record = DNSRecord(header, q=query.question)
     if query.edns:
         record.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
-    packed: bytes = record.pack()
+    packed = bytes(record.pack())  # dnslib packs a bytearray; replies are bytes
     return packed
 
 
@@ -170,7 +170,7 @@ def _for_client(query: Query, wire: bytes, record: Any) -> bytes:
         return query.wire[:2] + wire[2:_HEADER_LEN] + query.wire[_HEADER_LEN:end] + wire[end:]
     record.header.id = query.id
     record.questions = [query.question]
-    packed: bytes = record.pack()
+    packed = bytes(record.pack())  # dnslib packs a bytearray; replies are bytes
     return packed
 
 

@@ -253,11 +253,11 @@ class TcpServer:
             reply = error_reply(data, SERVFAIL) if len(data) >= 12 else None
         if reply is Action.FORWARD:
             reply = await forward_or_refuse(self.responder, self.forward, data, True)
-        if isinstance(reply, bytes):
-            scope = NODE if self.view is None else SANDBOX
-            self.responder.queries.answered(scope, data, reply, perf_counter() - started)
-            return reply
-        return None
+        if reply is None or isinstance(reply, Action):  # dropped: the connection closes
+            return None
+        scope = NODE if self.view is None else SANDBOX
+        self.responder.queries.answered(scope, data, reply, perf_counter() - started)
+        return reply
 
     async def close(self) -> None:
         if self.server is not None:
