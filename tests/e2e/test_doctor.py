@@ -83,7 +83,9 @@ def test_healthy_cluster(cluster: MeshCluster, web: dict[int, dict[str, Any]]) -
         code, findings = doctor(cluster, node)
         assert code == 0, failures(findings)
         checks = {f["check"] for f in findings if f["status"] == "ok"}
-        assert checks == {"api", "listen", "dns", "lb", "tasks", "gossip", "network", "routes"}, findings
+        assert checks == {"api", "listen", "dns", "lb", "tasks", "gossip", "network", "routes"}, (
+            findings
+        )
 
 
 def test_stopped_task(cluster: MeshCluster, web: dict[int, dict[str, Any]]) -> None:
