@@ -232,7 +232,9 @@ class UnitAgent(AgentProcess):
     def __init__(
         self, data_dir: Path, run_as: object, notify: str, extra: list[str] | None = None
     ) -> None:
-        super().__init__(data_dir, node_name="unit-1", extra=extra)
+        # No test keyring (root's, 0600): like the unit's first start, the agent makes its
+        # own in the data dir it owns.
+        super().__init__(data_dir, node_name="unit-1", extra=extra, shared_key=False)
         self.run_as = run_as
         self.notify = notify
 
