@@ -248,7 +248,7 @@ def up(
         raise ClusterError("--user needs setpriv (util-linux)")
     down(layout.name, quiet=True)  # whatever a crashed or killed run left behind
     layout.state_dir.mkdir(parents=True)
-    _write_join_token(layout)
+    _write_join_token(layout, run_as)
     state: dict[str, Any] = {
         "name": layout.name,
         "subnet": str(layout.network),
@@ -292,12 +292,15 @@ def join_token(key: bytes, label: str = "") -> str:
     return "mesh1." + base64.urlsafe_b64encode(body).decode().rstrip("=")
 
 
-def _write_join_token(layout: Layout) -> None:
-    """The cluster's join token, a new key, readable by root only."""
+def _write_join_token(layout: Layout, run_as: RunAs | None = None) -> None:
+    """The cluster's join token, a new key, readable by the agents' user only (root, or
+    `--user`'s: a service user's agents read it, as the unit's would read its token file)."""
     path = layout.state_dir / "join-token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(join_token(os.urandom(32)) + "\n")
+        if run_as is not None:
+            os.fchown(out.fileno(), run_as.uid, run_as.gid)
 
 
 def _make_underlay(layout: Layout) -> None:
