@@ -116,6 +116,11 @@ def test_partition_each_side_serves_then_heals(cluster: MeshCluster, web: dict[i
     assert healed is not None and healed <= HEAL_BOUND
 
 
+#: how long the 20 % loss lasts: about 60 probe rounds per node at the lan profile's 1 s
+#: period (120 s before: CI's 20-minute budget is the reason for the shorter run)
+LOSS_SECONDS = 60
+
+
 def test_twenty_percent_loss_declares_nobody_dead(
     cluster: MeshCluster, web: dict[int, str]
 ) -> None:
@@ -126,14 +131,16 @@ def test_twenty_percent_loss_declares_nobody_dead(
     spread: list[float | None] = []
     try:
         started = time.monotonic()
-        while time.monotonic() - started < 120:
+        while time.monotonic() - started < LOSS_SECONDS:
             for node in range(1, NODES + 1):
                 deaths += [
                     f"n{node} saw {name} dead"
                     for name, status in cluster.members(node).items()
                     if status == "dead"
                 ]
-            if len(spread) < 3 and time.monotonic() - started > 20 * (len(spread) + 1):
+            if len(spread) < 3 and time.monotonic() - started > LOSS_SECONDS / 4 * (
+                len(spread) + 1
+            ):
                 name = f"lossy{len(spread) + 1}"
                 cluster.mesh(len(spread) + 1, "service", "create", name, "--network", "front")
                 spread.append(
@@ -149,7 +156,7 @@ def test_twenty_percent_loss_declares_nobody_dead(
     finally:
         cluster.heal()
     print(
-        f"\n20% loss for 120 s: {len(deaths)} dead sightings; 3 registrations reached "
+        f"\n20% loss for {LOSS_SECONDS} s: {len(deaths)} dead sightings; 3 registrations reached "
         f"every node in {', '.join(secs(t) for t in spread)}"
     )
     assert deaths == []
