@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
 from lb.http.routes import Problem
+from lb.policy import Health as LbHealth
 from mesh.api.dashboard import PAGE_PATHS
 from mesh.api.models import ErrorDetail, ErrorOut
 from mesh.api_tokens import Decision, Tokens, decide
@@ -116,6 +117,8 @@ class ApiDeps:
     sandbox_timeout: float = 30.0
     #: service -> its HRM route problems, as this node sees them (lb.http.problems)
     route_problems: Callable[[], dict[str, list[Problem]]] | None = None
+    #: service -> this node's health for its published ports (lb.policy.healthz)
+    lb_healthz: Callable[[str], LbHealth] | None = None
 
     def problems_of(self, service: str) -> list[Problem]:
         return [] if self.route_problems is None else self.route_problems().get(service, [])

@@ -95,6 +95,17 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "get",
+        "/v1/lb/healthz/{service}",
+        routes.lb_healthz,
+        "Whether this node serves the service's published ports: 200, or 503 (same body) "
+        "while it cannot (traffic-policy=local: no healthy task of its own; cluster: none "
+        "anywhere), so an external load balancer skips it. Also served without credentials "
+        "on --lb-healthz ADDR[:PORT]",
+        answer=m.LbHealthOut,
+        errors=(404, 409, 503),
+    ),
+    Route(
+        "get",
         "/v1/gossip",
         routes.gossip_stats,
         "Gossip counters: packets dropped by reason, health score",
