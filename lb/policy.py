@@ -23,7 +23,8 @@ from mesh.core.model import Service
 
 #: The backends that terminate the client's connection, and so can send a PROXY header.
 PROXY_BACKENDS = frozenset({"userspace"})
-#: The backends that keep the client's address towards a `traffic-policy=local` task.
+#: The backends that keep the client's address towards a `traffic-policy=local` task
+#: (the userspace proxy too for TCP when it may connect transparently: `transparent`).
 KEEPS_CLIENT_ADDRESS = frozenset({"nftables"})
 TRAFFIC_POLICY_LABEL = "traffic_policy"
 
@@ -57,18 +58,34 @@ def healthz(view: LbView, name: str) -> Health:
     return Health(200 if serving else 503, body)
 
 
-def lb_problems(view: LbView, backend: str) -> dict[str, list[Problem]]:
-    """service -> the L4 options this node's backend refuses or honours only in part."""
+def _loses_client_address(service: Service, backend: str, transparent: bool) -> bool:
+    """Whether a `local` port of the service reaches its tasks from this node's address."""
+    if backend in KEEPS_CLIENT_ADDRESS:
+        return False
+    local = [p for p in service.ports if p.traffic_policy == "local"]
+    if backend == "userspace" and transparent:
+        return any(p.protocol != "tcp" for p in local)  # transparent connects are TCP's
+    return bool(local)
+
+
+def lb_problems(
+    view: LbView, backend: str, *, transparent: bool = False
+) -> dict[str, list[Problem]]:
+    """service -> the L4 options this node's backend refuses or honours only in part.
+
+    `transparent`: the userspace proxy connects to `local` TCP ports' tasks from the
+    client's address (lb/userspace/transparent.py)."""
     problems: dict[str, list[Problem]] = {}
     for service in view.services():
-        if backend not in KEEPS_CLIENT_ADDRESS and traffic_policy(service) == "local":
+        if _loses_client_address(service, backend, transparent):
             header = "; mesh.lb.proxy_protocol=v2 sends it in a header" * (
                 backend in PROXY_BACKENDS
             )
             reason = (
                 f"traffic-policy=local on the {backend} backend: only this node's tasks "
                 "take the port's connections, but they see this node's address, not the "
-                f"client's (the nftables backend keeps it{header})"
+                f"client's (the nftables backend keeps it; the userspace one for TCP when "
+                f"the agent holds CAP_NET_ADMIN{header})"
             )
             problems.setdefault(service.name, []).append(
                 Problem(service.name, TRAFFIC_POLICY_LABEL, reason, kind="lb")

@@ -396,7 +396,8 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         lb_counters=lb.counters,
         lb_sample=lb.sample,
         http_stats=None if http is None else http.snapshot,
-        route_problems=_problems(route_problems, lb),
+        route_problems=route_problems.by_service,
+        lb_problems=_lb_problems(lb),
         lb_healthz=lambda name: healthz(lb.view, name),
         node_statuses=cluster.node_statuses,
         sandboxes=sandboxes,
@@ -481,6 +482,8 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
             ProxySettings(
                 publish_address=config.publish_address,
                 tcp_idle_timeout=config.lb_tcp_idle,
+                # connects from the client's address for traffic-policy=local ports
+                transparent=effective().net_admin,
                 access_log=AccessLogSettings(
                     config.access_log, config.access_log_sample, config.access_log_format
                 ),
@@ -502,14 +505,13 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
     )
 
 
-def _problems(routes: RouteProblems, lb: LbDriver) -> Callable[[], dict[str, list[Problem]]]:
-    """Every service's problems: the HRM's routes and the L4 options the backend refuses."""
+def _lb_problems(lb: LbDriver) -> Callable[[], dict[str, list[Problem]]]:
+    """Every service's L4 options the backend refuses or honours only in part."""
 
     def by_service() -> dict[str, list[Problem]]:
-        merged = routes.by_service()
-        for name, problems in lb_problems(lb.view, lb.backend.name).items():
-            merged[name] = [*merged.get(name, []), *problems]
-        return merged
+        keeps = getattr(lb.backend, "keeps_client_address", None)
+        transparent = bool(keeps()) if callable(keeps) else False
+        return lb_problems(lb.view, lb.backend.name, transparent=transparent)
 
     return by_service
 

@@ -138,7 +138,7 @@ async def create_service(request: web.Request) -> web.Response:
 async def list_services(request: web.Request) -> web.Response:
     services = _control(request).store.services()
     deps = request.app[DEPS]
-    problems = {} if deps.route_problems is None else deps.route_problems()
+    problems = deps.problems()
     return answer_list(
         ServiceOut, [convert.service_fields(s, problems.get(s.name, ())) for s in services]
     )

@@ -10,7 +10,9 @@ test_routing_mesh_netns.py's:
 
 Service `web` publishes 30080 with `traffic_policy: local`. Each task's server
 answers with the peer address its accept() returned, so the test reads what the
-task saw. Every node runs `--lb-healthz <its address>` (port 10256).
+task saw. Every node runs `--lb-healthz <its address>` (port 10256). The agents
+run as root, so the userspace proxy connects transparently (from the client's
+address: lb/userspace/transparent.py).
 
 - through node 1, every connection lands on node 1's own tasks, and each task
   saw the client's own address (10.20.0.100), not a node's: no SNAT;
@@ -278,27 +280,19 @@ def test_local_traffic_policy_keeps_the_client_address_and_healthz_flips(mesh: M
     wait_for(lambda: local_reals(agents[2]) == {}, "node 3: the port, with no task")
     wait_for(lambda: len(agents[2].api_ok("GET", "/v1/tasks")) == 3, "every task on node 3")
 
-    # Through node 1: its own tasks only, each seeing the client's own address (nftables;
-    # the userspace proxy connects from the node's address and says so, as a problem).
+    # Through node 1: its own tasks only, each seeing the client's own address.
     through1 = Counter(mesh.client.call(ask, NODES[0], PUBLISHED) for _ in range(CONNECTIONS))
     through2 = Counter(mesh.client.call(ask, NODES[1], PUBLISHED) for _ in range(10))
     print(f"\n[{mesh.backend}] through node 1: {dict(through1)}; through node 2: {dict(through2)}")
     assert {line.split()[0] for line in through1 if line} == set(names[:2]), through1
     assert {line.split()[0] for line in through2 if line} == {names[2]}, through2
     assert None not in through1 and None not in through2
-    # What the servers' accept() returned: only the client's address on nftables; on
-    # userspace the proxy's own connection (never the client's).
+    # What the servers' accept() returned: the client's own address, never a node's
+    # (nftables: no SNAT; userspace: a transparent connect from the client's address).
     peers = {peer for s in mesh.servers for peer in s.peers}
     print(f"[{mesh.backend}] the tasks' accept() saw {sorted(peers)}")
-    if mesh.backend == "nftables":
-        assert peers == {CLIENT}
-    else:
-        assert CLIENT not in peers
-    problems = agents[0].api_ok("GET", "/v1/services/web")["problems"]
-    if mesh.backend == "nftables":
-        assert problems == []
-    else:
-        assert [(p["kind"], p["label"]) for p in problems] == [("lb", "traffic_policy")]
+    assert peers == {CLIENT}
+    assert agents[0].api_ok("GET", "/v1/services/web")["problems"] == []
 
     # Through node 3 (no task of its own): refused, none forwarded.
     started = time.monotonic()

@@ -67,3 +67,12 @@ def test_local_policy_is_a_problem_where_the_client_address_is_not_kept() -> Non
         assert (problem.kind, problem.label) == ("lb", "traffic_policy")
         assert "see this node's address" in problem.reason
     assert "proxy_protocol=v2" in lb_problems(view, "userspace")["web"][0].reason
+
+
+def test_a_transparent_userspace_proxy_keeps_the_address_for_tcp_only() -> None:
+    udp = (PortConfig(protocol="udp", target_port=53, published_port=5353, traffic_policy="local"),)
+    view = LbView(NODE)
+    view.load([service(ports=LOCAL), service("dns", ports=udp)])
+    assert list(lb_problems(view, "userspace", transparent=True)) == ["dns"]
+    assert sorted(lb_problems(view, "userspace")) == ["dns", "web"]
+    assert sorted(lb_problems(view, "ipvs", transparent=True)) == ["dns", "web"]
