@@ -37,6 +37,8 @@ class Route:
     #: an answer that is no model (the event stream, the description): its response object
     raw_answer: Json | None = None
     operation_id: str | None = None  # default: from the method and path
+    #: statuses besides `status` that answer the success model too (a health check's 503)
+    also_answer: tuple[int, ...] = ()
 
     @property
     def changes(self) -> bool:
@@ -102,7 +104,8 @@ ROUTES: tuple[Route, ...] = (
         "anywhere), so an external load balancer skips it. Also served without credentials "
         "on --lb-healthz ADDR[:PORT]",
         answer=m.LbHealthOut,
-        errors=(404, 409, 503),
+        errors=(404, 409),
+        also_answer=(503,),
     ),
     Route(
         "get",

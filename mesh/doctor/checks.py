@@ -264,8 +264,7 @@ def check_lb_policies(facts: Facts) -> Iterable[Finding]:
                 "lb",
                 "ok",
                 f"published port {key.protocol}/{key.port} (traffic-policy=local): "
-                f"{taking} task(s) of this node take its connections, the client's "
-                "address kept",
+                f"{taking} task(s) of this node take its connections",
             )
         else:
             yield Finding(
