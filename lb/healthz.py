@@ -124,7 +124,8 @@ class HealthListener:
             return
         name = unquote(target[len(PATH_PREFIX) :]) if target.startswith(PATH_PREFIX) else ""
         if not name or "/" in name:
-            await self._write(writer, 404, {"error": f"try {PATH_PREFIX}<service>"}, True)
+            body = method == b"GET"
+            await self._write(writer, 404, {"error": f"try {PATH_PREFIX}<service>"}, body)
             return
         health = self._answer(name)
         await self._write(writer, health.status, health.body, body=method == b"GET")

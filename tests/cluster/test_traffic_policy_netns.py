@@ -325,3 +325,12 @@ def test_local_traffic_policy_keeps_the_client_address_and_healthz_flips(mesh: M
     stats = agents[0].api_ok("GET", "/v1/lb")["healthz"]
     print(f"[{mesh.backend}] node 1's health listener: {stats}")
     assert stats["requests"] >= 3 and stats["refused_busy"] == 0
+    if mesh.backend == "userspace":
+        # the transparent return path was made in node 1 and goes with its agent
+        node1 = mesh.nodes[0]
+        assert "lookup 28016" in node1.run(["ip", "rule"]).stdout
+        assert "meshplane_tproxy" in node1.run(["nft", "list", "tables"]).stdout
+        agents[0].shutdown()
+        assert "lookup 28016" not in node1.run(["ip", "rule"]).stdout
+        assert "meshplane_tproxy" not in node1.run(["nft", "list", "tables"]).stdout
+        assert "28016" not in node1.run(["ip", "route", "show", "table", "all"]).stdout

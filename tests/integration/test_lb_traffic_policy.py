@@ -39,11 +39,16 @@ def test_local_policy_shows_everywhere_and_healthz_follows_the_local_tasks(
 ) -> None:
     agent = start_agent(extra=["--publish-address", "127.0.0.1", "--lb", "userspace"])
     published = free_port()
-    mesh_cli(agent, "service", "create", "web", "--publish", f"{published}:80,traffic-policy=local")
+    # UDP: a TCP port would set up the transparent return path (lb/userspace/transparent.py)
+    # in the host's own namespace; the netns test covers that.
+    spec = f"{published}:80/udp,traffic-policy=local"
+    mesh_cli(agent, "service", "create", "web", "--publish", spec)
     inspected = json.loads(mesh_cli(agent, "service", "inspect", "web"))
     assert inspected["ports"][0]["traffic_policy"] == "local"
-    assert f"{published}->80/tcp (local)" in mesh_cli(agent, "service", "ls")
-    assert f"TCP  0.0.0.0:{published} rr local" in mesh_cli(agent, "lb")
+    # the userspace proxy keeps no client address for UDP: said, not hidden
+    assert [(p["kind"], p["label"]) for p in inspected["problems"]] == [("lb", "traffic_policy")]
+    assert f"{published}->80/udp (local)" in mesh_cli(agent, "service", "ls")
+    assert f"UDP  0.0.0.0:{published} rr local" in mesh_cli(agent, "lb")
     description = agent.request("GET", "/v1/openapi.json")[1]
     port_in = description["components"]["schemas"]["PortIn"]["properties"]
     assert port_in["traffic_policy"]["enum"] == ["cluster", "local"]
@@ -61,8 +66,8 @@ def test_local_policy_shows_everywhere_and_healthz_follows_the_local_tasks(
 
     # the policy switched back by removal and addition
     mesh_cli(
-        agent, "service", "update", "web", "--publish-rm", str(published),
-        "--publish-add", f"{published}:80",
+        agent, "service", "update", "web", "--publish-rm", f"{published}/udp",
+        "--publish-add", f"{published}:80/udp",
     )  # fmt: skip
     assert (
         json.loads(mesh_cli(agent, "service", "inspect", "web"))["ports"][0]["traffic_policy"]
