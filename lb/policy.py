@@ -25,7 +25,7 @@ from mesh.core.model import Service
 PROXY_BACKENDS = frozenset({"userspace"})
 #: The backends that keep the client's address towards a `traffic-policy=local` task
 #: (the userspace proxy too for TCP when it may connect transparently: `transparent`).
-KEEPS_CLIENT_ADDRESS = frozenset({"nftables"})
+KEEPS_CLIENT_ADDRESS = frozenset({"nftables", "ipvs"})
 TRAFFIC_POLICY_LABEL = "traffic_policy"
 
 
@@ -84,7 +84,7 @@ def lb_problems(
             reason = (
                 f"traffic-policy=local on the {backend} backend: only this node's tasks "
                 "take the port's connections, but they see this node's address, not the "
-                f"client's (the nftables backend keeps it; the userspace one for TCP when "
+                "client's (the kernel backends keep it; the userspace one for TCP when "
                 f"the agent holds CAP_NET_ADMIN{header})"
             )
             problems.setdefault(service.name, []).append(
