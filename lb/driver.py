@@ -73,6 +73,8 @@ class LbDriver:
         make_sandbox: Callable[[str, str, Sequence[str]], SandboxLb] = SandboxLb,
     ) -> None:
         self.view = view
+        #: the `--lb-healthz` listener's counters, shown in `GET /v1/lb`; None: not served
+        self.healthz_stats: Callable[[], dict[str, int]] | None = None
         self._make_sandbox = make_sandbox
         #: the table the state wants, built from scratch (not by the view): `mesh doctor`
         #: compares it with what the backend has programmed
@@ -336,6 +338,7 @@ class LbDriver:
             "sandbox_errors": self.sandbox_errors,
             "sandboxes_vanished": self.sandboxes_vanished,
             "sample_errors": self.sample_errors,
+            **({} if self.healthz_stats is None else {"healthz": self.healthz_stats()}),
         }
 
     async def close(self) -> None:
@@ -364,6 +367,7 @@ def render(table: Table) -> list[dict[str, Any]]:
             "port": key.port,
             "scheduler": str(service.options.scheduler),
             "proxy_protocol": service.options.proxy_protocol,
+            "traffic_policy": "local" if service.options.local else "cluster",
             "reals": [
                 {"address": real.address, "port": real.port, "weight": service.reals[real]}
                 for real in sorted(service.reals)

@@ -64,6 +64,10 @@ class ServiceOptions:
     #: only; kernel backends keep the client address by not masquerading where
     #: the return path allows it).
     proxy_protocol: bool = False
+    #: A published port's `traffic-policy=local` (docs/load-balancing.md): the view gives
+    #: it only this node's tasks; the backends never masquerade its flows, so the task
+    #: sees the client's address. Always False for a VIP.
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,7 @@ def describe(table: Mapping[VirtualKey, VirtualService]) -> Iterator[str]:
     for key in sorted(table):
         service = table[key]
         extra = " proxy-v2" if service.options.proxy_protocol else ""
+        extra += " local" if service.options.local else ""
         yield f"{key.protocol.upper()}  {key.address}:{key.port} {service.options.scheduler}{extra}"
         for real in sorted(service.reals):
             yield f"  -> {real}  weight {service.reals[real]}"

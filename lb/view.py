@@ -16,6 +16,10 @@ What the table holds, for the node named at construction:
 - per port published in `host` mode: the same key, but only over this node's
   own tasks, and only while this node has one (a node without a task does not
   answer on that port, as in Swarm);
+- per port published with `traffic_policy="local"` (ingress mode): the same key,
+  on every node, but only over this node's own tasks, with `options.local` set
+  (the backends do not masquerade it); a node without a local healthy task keeps
+  the key with no real, so it refuses (RST) rather than forward;
 - real servers: `(task address, task.actual_port(target_port))`, where a
   sandboxed task's address under a VIP is its endpoint's address on that VIP's
   network (`task_address`; a task on two networks is reached through each VIP
@@ -40,7 +44,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lb.table import (
     ANY_ADDRESS,
@@ -73,8 +77,14 @@ class Claim:
     host_only: bool = False
 
 
-def service_options(service: Service, problems: Counter[str] | None = None) -> ServiceOptions:
-    """The balancing options a service's labels ask for (unknown values: the default)."""
+def service_options(
+    service: Service, problems: Counter[str] | None = None, *, proxy_supported: bool = True
+) -> ServiceOptions:
+    """The balancing options a service's labels ask for (unknown values: the default).
+
+    `proxy_supported=False` (a kernel backend): the PROXY label is refused, not
+    programmed; `lb.policy.lb_problems` shows it as a problem on the service.
+    """
     scheduler = Scheduler.ROUND_ROBIN
     text = service.labels.get(SCHEDULER_LABEL)
     if text is not None:
@@ -88,7 +98,7 @@ def service_options(service: Service, problems: Counter[str] | None = None) -> S
     if text is not None:
         value = text.strip().lower()
         if value in ("v2", "2"):
-            proxy = True
+            proxy = proxy_supported
         elif value not in ("", "off", "none", "false", "0") and problems is not None:
             problems[PROXY_PROTOCOL_LABEL] += 1
     return ServiceOptions(scheduler=scheduler, proxy_protocol=proxy)
@@ -103,7 +113,11 @@ def service_claims(service: Service, options: ServiceOptions) -> dict[VirtualKey
                 claims[VirtualKey(port.protocol, vip.address, port.target_port)] = Claim(options)
     for port in service.ports:
         key = VirtualKey(port.protocol, ANY_ADDRESS, port.published_port)
-        claims[key] = Claim(options, host_only=port.publish_mode == "host")
+        local = port.traffic_policy == "local"
+        claims[key] = Claim(
+            replace(options, local=True) if local else options,
+            host_only=port.publish_mode == "host",
+        )
     return claims
 
 
@@ -142,14 +156,20 @@ def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualK
                         weight,
                     )
                 )
-        if port.publish_mode == "ingress" or task.node == node:
+        mine_only = port.publish_mode == "host" or port.traffic_policy == "local"
+        if task.node == node or not mine_only:
             entries.append(
                 (VirtualKey(port.protocol, ANY_ADDRESS, port.published_port), real, weight)
             )
     return entries
 
 
-def build_table(records: Iterable[Record], node: str) -> Table:
+def wants_proxy_protocol(service: Service) -> bool:
+    """Whether the service's labels ask for PROXY protocol v2 towards its tasks."""
+    return service_options(service).proxy_protocol
+
+
+def build_table(records: Iterable[Record], node: str, *, proxy_supported: bool = True) -> Table:
     """The table from scratch, for `node`: what `LbView` must equal after any changes."""
     services: dict[str, Service] = {}
     tasks: list[Task] = []
@@ -163,7 +183,8 @@ def build_table(records: Iterable[Record], node: str) -> Table:
     owners: dict[VirtualKey, tuple[str, Claim]] = {}
     for name in sorted(services, reverse=True):  # the smallest name is written last: it wins
         service = services[name]
-        for key, claim in service_claims(service, service_options(service)).items():
+        options = service_options(service, proxy_supported=proxy_supported)
+        for key, claim in service_claims(service, options).items():
             owners[key] = (name, claim)
     reals: dict[VirtualKey, dict[Real, int]] = {key: {} for key in owners}
     for task in tasks:
@@ -184,8 +205,10 @@ def build_table(records: Iterable[Record], node: str) -> Table:
 class LbView:
     """This node's L4 table, fed changes, answering each with the ops that follow it."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, proxy_supported: bool = True) -> None:
         self.node = node
+        #: False on a kernel backend: the PROXY label is refused (a problem on the service)
+        self.proxy_supported = proxy_supported
         self._services: dict[str, Service] = {}  # by lower-cased name
         self._tasks: dict[str, Task] = {}  # by id
         self._tasks_by_service: dict[str, set[str]] = {}
@@ -240,6 +263,23 @@ class LbView:
         """The names of the services in the state (as they are spelled there)."""
         return {service.name for service in self._services.values()}
 
+    def services(self) -> list[Service]:
+        """The services in the state, by name."""
+        return [self._services[name] for name in sorted(self._services)]
+
+    def service(self, name: str) -> Service | None:
+        return self._services.get(name.lower())
+
+    def healthy_tasks(self, name: str) -> tuple[int, int]:
+        """(on this node, on every node): the service's tasks taking new connections."""
+        here = everywhere = 0
+        for task_id in self._tasks_by_service.get(name.lower(), ()):
+            task = self._tasks[task_id]
+            if task_weight(task) == WEIGHT:
+                everywhere += 1
+                here += task.node == self.node
+        return here, everywhere
+
     # -- feeding ----------------------------------------------------------------
 
     def load(self, records: Iterable[Record]) -> list[Op]:
@@ -264,9 +304,10 @@ class LbView:
             self._services[name] = record
             for vip in record.vips:
                 self._vip_networks.setdefault(vip.address, {})[name] = vip.network
-            for key, claim in service_claims(
-                record, service_options(record, self.invalid_labels)
-            ).items():
+            options = service_options(
+                record, self.invalid_labels, proxy_supported=self.proxy_supported
+            )
+            for key, claim in service_claims(record, options).items():
                 self._claims.setdefault(key, {})[name] = claim
                 self._dirty_keys.add(key)
             for task_id in self._tasks_by_service.get(name, ()):

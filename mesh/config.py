@@ -87,6 +87,9 @@ class AgentConfig:
     #: seconds an idle TCP connection is kept by the load balancer (IPVS's tcp timeout,
     #: the userspace proxy's idle timeout): past Linux's 2 h keepalive, unlike IPVS's 900
     lb_tcp_idle: float = 7800.0
+    #: the health listener for external load balancers (`GET /v1/lb/healthz/<service>`
+    #: without credentials; docs/load-balancing.md); None: not served
+    lb_healthz: HostPort | None = None
     keyring: Path | None = None
     #: the cluster's join token (`--token`, `--token-file`, MESH_JOIN_TOKEN): its keyring
     #: is stored in the data dir at the first start (docs/gossip.md "Secure by default")
@@ -313,6 +316,9 @@ _FLAGS: dict[str, str] = {
     "lb-tcp-idle": "seconds an idle TCP connection is kept by the ipvs and userspace load "
     "balancers (default 7800: past Linux's 2 h keepalive; IPVS's own default "
     "cuts at 900)",
+    "lb-healthz": "serve GET /v1/lb/healthz/<service> (200/503: whether this node serves "
+    "the service's published ports) without credentials here, for external load "
+    "balancers (ADDR[:PORT], port 10256 by default, as kube-proxy's; default: off)",
     "keyring": "file holding the gossip encryption keys (default: the keyring in the data "
     "dir, made at the first start of a node that joins no one, or from --token)",
     "token": "join token printed by `mesh join-token` on a member: the gossip keys and "
@@ -395,6 +401,7 @@ _METAVARS = {
     "tombstone-reap": "SECONDS",
     "publish-address": "ADDR",
     "lb-tcp-idle": "SECONDS",
+    "lb-healthz": "ADDR[:PORT]",
     "http-workers": "N",
     "tls-cert": "HOST=CERT,KEY",
     "http-access-log": "on|off",
@@ -557,6 +564,9 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
             str(values.get("publish_address", "0.0.0.0")), "publish-address"
         ),
         lb_tcp_idle=_lb_tcp_idle(values),
+        lb_healthz=parse_host_port(str(values["lb_healthz"]), 10256, "lb-healthz")
+        if values.get("lb_healthz")
+        else None,
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
         join_token=values.get("join_token"),
         insecure_gossip=_on(values, "insecure_gossip", False),

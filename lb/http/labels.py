@@ -63,7 +63,7 @@ class RouteKey(NamedTuple):
 #: what kind of problem: a label that does not parse (the service is not routed), a
 #: route lost to an older service, a target port no task serves, a host this node's
 #: HTTPS has no certificate for
-PROBLEM_KINDS = ("label", "conflict", "target_port", "certificate")
+PROBLEM_KINDS = ("label", "conflict", "target_port", "certificate", "lb")
 
 
 class Problem(NamedTuple):

@@ -32,6 +32,7 @@ import ipaddress
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Sequence
+from dataclasses import replace
 from typing import TypeVar, cast
 
 from lb.backend import BackendError
@@ -239,6 +240,8 @@ class IpvsBackend:
         if current is not None:
             if current != options:
                 await _kernel(self._ipvs.service(Command.SET, service, scheduler))
+                if key.published and current.local != options.local:
+                    await self._firewall.set_local(key.protocol, key.port, options.local)
                 self._options[key] = options
             return
         if not key.published and self._vip_users[key.address] == 0:
@@ -252,6 +255,8 @@ class IpvsBackend:
             await _kernel(self._ipvs.service(Command.SET, service, scheduler))
         if key.published:
             await self._firewall.add_published(key.protocol, key.port)
+            if options.local:
+                await self._firewall.set_local(key.protocol, key.port, True)
         else:
             self._vip_users[key.address] += 1
         self._options[key] = options
@@ -262,6 +267,8 @@ class IpvsBackend:
             return
         if key.published:
             await self._firewall.remove_published(key.protocol, key.port)
+            if self._options[key].local:
+                await self._firewall.set_local(key.protocol, key.port, False)
         await _kernel_missing_ok(self._ipvs.service(Command.DELETE, self._service_id(key)))
         del self._options[key], self._reals[key]
         if not key.published:
@@ -330,8 +337,14 @@ class IpvsBackend:
             if key is None:
                 continue
             dests = await _kernel(self._ipvs.dests(entry.id))
+            options = _options(entry.scheduler)
+            # IPVS keeps no traffic policy: it lives in the firewall's `local_marks`,
+            # which this backend alone writes (flushed at start), so its mirror says it.
+            mirrored = self._options.get(key)
+            if mirrored is not None and mirrored.local:
+                options = replace(options, local=True)
             table[key] = VirtualService(
-                key, _options(entry.scheduler), {Real(d.address, d.port): d.weight for d in dests}
+                key, options, {Real(d.address, d.port): d.weight for d in dests}
             )
         return table
 

@@ -89,6 +89,8 @@ class Firewall:
             f"table {t} {{",
             "  map published { type inet_proto . inet_service : mark; }",
             "  set vips { type ipv4_addr; }",
+            # the marks of published ports with traffic-policy=local: never masqueraded
+            "  set local_marks { type mark; }",
             "  chain prerouting { type filter hook prerouting priority mangle; }",
             # a route chain, so that a mark set on a local client's packet reroutes it
             "  chain output { type route hook output priority mangle; }",
@@ -99,6 +101,7 @@ class Firewall:
             f"flush chain {t} postrouting",
             f"flush map {t} published",
             f"flush set {t} vips",
+            f"flush set {t} local_marks",
         ]
         # Loopback destinations are left out: IPVS cannot NAT 127/8 to another host.
         mark = (
@@ -108,6 +111,7 @@ class Firewall:
         lines += [f"add rule {t} prerouting {mark}", f"add rule {t} output {mark}"]
         if self.masquerade:
             lines += [
+                f"add rule {t} postrouting meta mark @local_marks return",
                 f"add rule {t} postrouting meta mark and {0xFFFF_FFFF ^ (_MARK_SPAN - 1):#x}"
                 f" == {self.mark_base:#x} masquerade",
                 f"add rule {t} postrouting ct original ip daddr @vips masquerade",
@@ -132,6 +136,15 @@ class Firewall:
     async def remove_published(self, protocol: Protocol, port: int) -> None:
         await self._nft(
             f"delete element ip {self.table} published {{ {protocol} . {port} }}\n", missing_ok=True
+        )
+
+    async def set_local(self, protocol: Protocol, port: int, local: bool) -> None:
+        """A published port's traffic policy: `local` ones are left out of the masquerade,
+        so their tasks (this node's own: `lb.view`) see the client's address."""
+        mark = published_mark(self.mark_base, protocol, port)
+        verb = "add" if local else "delete"
+        await self._nft(
+            f"{verb} element ip {self.table} local_marks {{ {mark:#x} }}\n", missing_ok=not local
         )
 
     async def add_vip(self, address: str) -> None:

@@ -136,7 +136,9 @@ def counter_name(key: VirtualKey) -> str:
 
 
 def options_comment(options: ServiceOptions) -> str:
-    return f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
+    text = f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
+    # `local=1` only when set, so the rules of services without it read as before
+    return text + (" local=1" if options.local else "")
 
 
 def parse_options_comment(comment: str) -> ServiceOptions | None:
@@ -145,7 +147,11 @@ def parse_options_comment(comment: str) -> ServiceOptions | None:
         return None
     fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
     try:
-        return ServiceOptions(Scheduler(fields.get("sched", "rr")), fields.get("proxy") == "1")
+        return ServiceOptions(
+            Scheduler(fields.get("sched", "rr")),
+            fields.get("proxy") == "1",
+            local=fields.get("local") == "1",
+        )
     except ValueError:
         return None
 

@@ -128,6 +128,7 @@ class UserspaceBackend:
             if service is None:
                 await self._listen(op.key, op.options)
             else:
+                await self._transparent(op.key, op.options)
                 service.options = op.options
                 service.pool.scheduler = op.options.scheduler
         elif isinstance(op, DeleteService):
@@ -155,7 +156,30 @@ class UserspaceBackend:
             return unbound[0].pool  # its error was reported when it failed to listen
         raise BackendError(f"{key}: no such virtual service for real {real}")
 
+    async def _transparent(self, key: VirtualKey, options: ServiceOptions) -> None:
+        """Set up transparent connects at the first `traffic-policy=local` TCP port. When
+        the kernel refuses, the port is served from the proxy's own address: logged
+        once, counted (`transparent_failed`), and `lb.policy` shows it on the service."""
+        transparency = self.runtime.transparency
+        if not options.local or key.protocol != "tcp" or transparency is None:
+            return
+        if transparency.ready or self.runtime.stats["transparent_failed"]:
+            return
+        try:
+            await transparency.ensure()
+        except BackendError as exc:
+            self.runtime.stats["transparent_failed"] += 1
+            log.warning(
+                "transparent connects unavailable, %s uses the proxy's address: %s", key, exc
+            )
+
+    def keeps_client_address(self) -> bool:
+        """Whether `traffic-policy=local` TCP ports reach their tasks from the client's address."""
+        transparency = self.runtime.transparency
+        return transparency is not None and not self.runtime.stats["transparent_failed"]
+
     async def _listen(self, key: VirtualKey, options: ServiceOptions) -> None:
+        await self._transparent(key, options)
         previous = self._unbound.pop(key, None)
         pool = Pool(options.scheduler) if previous is None else previous[0].pool
         pool.scheduler = options.scheduler
@@ -194,6 +218,8 @@ class UserspaceBackend:
         self._services.clear()
         self._unbound.clear()
         await self.runtime.close()
+        if self.runtime.transparency is not None:
+            await self.runtime.transparency.close()
         self._stats.clear()
 
     async def abandon(self) -> None:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from lb.accesslog import OFF as access_off
 from lb.accesslog import AccessLog, AccessLogSettings
+from lb.userspace.transparent import Transparency
 
 #: Linux's IP_FREEBIND: bind a VIP that is not (yet) an address of this host.
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
@@ -39,6 +40,9 @@ class ProxySettings:
     backlog: int = 1024
     #: the connection-level access log (a sampled line per TCP connection when it ends)
     access_log: AccessLogSettings = access_off
+    #: connect to a `traffic-policy=local` port's tasks from the client's address
+    #: (IP_TRANSPARENT: needs CAP_NET_ADMIN; lb/userspace/transparent.py)
+    transparent: bool = False
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "tcp_idle_timeout", "udp_idle_timeout"):
@@ -114,6 +118,8 @@ class Runtime:
         self.udp_idle_ticks = math.ceil(settings.udp_idle_timeout / self.tick)
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: the return path of transparent connects; None: the proxy's own address
+        self.transparency: Transparency | None = Transparency() if settings.transparent else None
         log = AccessLog(settings.access_log)
         #: the access log, None when off (its rate is 0)
         self.access = log if log.enabled else None

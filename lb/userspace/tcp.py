@@ -184,11 +184,7 @@ class Splice:
             # the current task, a getpid() system call each, on every connection.
             timer = loop.call_later(runtime.settings.connect_timeout, self._connect_timed_out)
             try:
-                await loop.create_connection(
-                    lambda: upstream,  # noqa: B023
-                    real.address,
-                    real.port,
-                )
+                await self._open(real, upstream)
                 break
             except asyncio.CancelledError:
                 if not self.timed_out:
@@ -242,6 +238,28 @@ class Splice:
             self.half_closed(self.client)
         elif not upstream.stalled and not client.is_reading():
             client.resume_reading()  # it had filled the buffer while we connected
+
+    async def _open(self, real: Real, upstream: Side) -> None:
+        """Connect `upstream` to `real`: from the client's own address for a
+        `traffic-policy=local` port when the proxy may (lb/userspace/transparent.py)."""
+        loop = self.runtime.loop
+        transparency = self.runtime.transparency
+        client = self.client.transport
+        if (
+            transparency is not None
+            and transparency.ready
+            and self.service.options.local
+            and client is not None
+        ):
+            sock = transparency.socket_from(client.get_extra_info("peername")[0])
+            try:
+                await loop.sock_connect(sock, (real.address, real.port))
+                await loop.create_connection(lambda: upstream, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            return
+        await loop.create_connection(lambda: upstream, real.address, real.port)
 
     def _connect_timed_out(self) -> None:
         if self.connecting is not None:

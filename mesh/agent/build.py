@@ -22,6 +22,7 @@ import random
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,14 @@ from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD
 from lb.accesslog import AccessLogSettings
 from lb.driver import LbDriver
+from lb.healthz import HealthListener
+from lb.http.labels import Problem
 from lb.http.problems import RouteProblems
 from lb.http.service import HttpEndpoints
 from lb.http.serving import HttpMesh
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
+from lb.policy import PROXY_BACKENDS, healthz, lb_problems
 from lb.select import SelectError, choose
 from lb.userspace import ProxySettings
 from lb.view import LbView, build_table
@@ -269,6 +273,8 @@ class Agent:
     tombstones: TombstoneReaper
     dns: DnsService | None
     lb: LbDriver
+    #: the health listener for external load balancers (`--lb-healthz`); None: off
+    lb_healthz: HealthListener | None
     http: HttpMesh | None
     #: every service's HRM route problems, by the routers' rules (follows the feed in
     #: this process, whether or not it routes HTTP); read by the API, doctor, metrics
@@ -324,6 +330,12 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
     )
     held = _check_capabilities(config)
     lb = _lb(config, feed)
+    lb_healthz = None
+    if config.lb_healthz is not None:
+        lb_healthz = HealthListener(
+            lambda name: healthz(lb.view, name), config.lb_healthz.host, config.lb_healthz.port
+        )
+        lb.healthz_stats = lb_healthz.stats
     http = _http(config)
     route_problems = RouteProblems(
         None
@@ -385,6 +397,8 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         lb_sample=lb.sample,
         http_stats=None if http is None else http.snapshot,
         route_problems=route_problems.by_service,
+        lb_problems=_lb_problems(lb),
+        lb_healthz=lambda name: healthz(lb.view, name),
         node_statuses=cluster.node_statuses,
         sandboxes=sandboxes,
     )
@@ -406,6 +420,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         tombstones=tombstones,
         dns=dns,
         lb=lb,
+        lb_healthz=lb_healthz,
         http=http,
         route_problems=route_problems,
         sandboxes=sandboxes,
@@ -467,6 +482,8 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
             ProxySettings(
                 publish_address=config.publish_address,
                 tcp_idle_timeout=config.lb_tcp_idle,
+                # connects from the client's address for traffic-policy=local ports
+                transparent=effective().net_admin,
                 access_log=AccessLogSettings(
                     config.access_log, config.access_log_sample, config.access_log_format
                 ),
@@ -478,12 +495,25 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb, reason=choice.reason
     )
     # What the state wants, built from scratch (not by the view), for `mesh doctor`.
+    # A kernel backend refuses the PROXY label (a problem on the service: lb.policy).
+    proxy = choice.backend.name in PROXY_BACKENDS
     return LbDriver(
-        LbView(config.node_name),
+        LbView(config.node_name, proxy_supported=proxy),
         choice.backend,
         choice.reason,
-        desired=lambda: build_table(feed.snapshot()[1], config.node_name),
+        desired=lambda: build_table(feed.snapshot()[1], config.node_name, proxy_supported=proxy),
     )
+
+
+def _lb_problems(lb: LbDriver) -> Callable[[], dict[str, list[Problem]]]:
+    """Every service's L4 options the backend refuses or honours only in part."""
+
+    def by_service() -> dict[str, list[Problem]]:
+        keeps = getattr(lb.backend, "keeps_client_address", None)
+        transparent = bool(keeps()) if callable(keeps) else False
+        return lb_problems(lb.view, lb.backend.name, transparent=transparent)
+
+    return by_service
 
 
 def _vtep(config: AgentConfig) -> str | None:

@@ -160,6 +160,14 @@ def stages(agent: Agent, stack: AsyncExitStack) -> list[Stage]:
         await agent.lb.start()
 
     result.append(Stage("load balancer", lb_start, agent.lb.close))
+    if (lb_healthz := agent.lb_healthz) is not None:
+
+        async def lb_healthz_start() -> None:
+            assert lb_healthz is not None
+            with binding("lb-healthz", ("tcp",), lb_healthz.host, lb_healthz.port):
+                await lb_healthz.start()
+
+        result.append(Stage("lb health listener", lb_healthz_start, lb_healthz.stop))
     if (http := agent.http) is not None:
 
         async def http_start() -> None:

@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from gossip.security import KeyringControl
 from lb.http.routes import Problem
+from lb.policy import Health as LbHealth
 from mesh.api.dashboard import PAGE_PATHS
 from mesh.api.models import ErrorDetail, ErrorOut
 from mesh.api_tokens import Decision, Tokens, decide
@@ -116,9 +117,22 @@ class ApiDeps:
     sandbox_timeout: float = 30.0
     #: service -> its HRM route problems, as this node sees them (lb.http.problems)
     route_problems: Callable[[], dict[str, list[Problem]]] | None = None
+    #: service -> this node's health for its published ports (lb.policy.healthz)
+    lb_healthz: Callable[[str], LbHealth] | None = None
+
+    #: service -> the L4 options this node's backend refuses or honours only in part
+    #: (lb.policy.lb_problems): listed with the route problems, kind `lb`
+    lb_problems: Callable[[], dict[str, list[Problem]]] | None = None
 
     def problems_of(self, service: str) -> list[Problem]:
-        return [] if self.route_problems is None else self.route_problems().get(service, [])
+        return self.problems().get(service, [])
+
+    def problems(self) -> dict[str, list[Problem]]:
+        """Every service's problems: its HRM routes', then its L4 options'."""
+        merged = {} if self.route_problems is None else dict(self.route_problems())
+        for name, more in ({} if self.lb_problems is None else self.lb_problems()).items():
+            merged[name] = [*merged.get(name, []), *more]
+        return merged
 
     def node_status(self) -> Callable[[str], str]:
         """node -> its status as seen now; this node is alive, a node gossip never

@@ -69,7 +69,7 @@ def service_fields(service: Service, problems: Sequence[Problem] = ()) -> Json:
         "id": service.id,
         "networks": list(service.networks),
         "endpoint_mode": service.endpoint_mode,
-        "ports": [port_to_dict(p) for p in service.ports],
+        "ports": [port_to_dict(p) | {"traffic_policy": p.traffic_policy} for p in service.ports],
         "labels": dict(service.labels),
         "vips": [{"network": v.network, "address": v.address} for v in service.vips],
         "health_check": None
@@ -157,6 +157,7 @@ def _ports(ports: list[PortIn]) -> tuple[PortSpec, ...]:
             published_port=p.published_port,
             protocol=p.protocol,
             publish_mode=p.publish_mode,
+            traffic_policy=p.traffic_policy,
         )
         for p in ports
     )

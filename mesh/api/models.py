@@ -101,6 +101,9 @@ class PortIn(_Request):
     published_port: Port | None = None
     protocol: Literal["tcp", "udp"] = "tcp"
     publish_mode: Literal["ingress", "host"] = "ingress"
+    #: `local`: only this node's healthy tasks, without SNAT (they see the client's
+    #: address); a node without one refuses the connection (docs/load-balancing.md)
+    traffic_policy: Literal["cluster", "local"] = "cluster"
 
 
 class HealthCheckIn(_Request):
@@ -202,6 +205,7 @@ class PortOut(_Response):
     target_port: int
     published_port: int
     publish_mode: Literal["ingress", "host"]
+    traffic_policy: Literal["cluster", "local"] = "cluster"
 
 
 class VipOut(_Response):
@@ -225,7 +229,7 @@ class HealthCheckOut(_Response):
 class RouteProblemOut(_Response):
     """Why an HRM route of the service is not used, or not used well (docs/hrm.md)."""
 
-    kind: Literal["label", "conflict", "target_port", "certificate"]
+    kind: Literal["label", "conflict", "target_port", "certificate", "lb"]
     label: str
     reason: str
 
@@ -466,6 +470,9 @@ class LbServiceOut(_Response):
     port: int
     scheduler: Literal["rr", "wrr", "lc"]
     proxy_protocol: bool
+    #: a published port's traffic policy: `local` sends only to this node's own tasks
+    #: without SNAT (docs/load-balancing.md); always `cluster` for a VIP
+    traffic_policy: Literal["cluster", "local"] = "cluster"
     reals: list[LbRealOut]
 
 
@@ -520,6 +527,18 @@ class LbSandboxOut(_Response):
     errors: int
 
 
+class LbHealthOut(_Response):
+    """Whether this node serves a service's published ports (docs/load-balancing.md):
+    with `traffic_policy` `local`, only while it has a healthy task of its own."""
+
+    service: str
+    node: str
+    traffic_policy: Literal["cluster", "local"]
+    local_healthy_tasks: int  # this node's tasks taking new connections
+    healthy_tasks: int  # every node's
+    serving: bool  # the answer is 200 when true, 503 when not
+
+
 class LbOut(_Response):
     backend: str  # ipvs, nftables or userspace
     reason: str  # why --lb chose it
@@ -533,3 +552,6 @@ class LbOut(_Response):
     sandbox_errors: int = 0  # ops a sandbox's table refused
     sandboxes_vanished: int = 0  # sandboxes dropped because their namespace was gone
     sample_errors: int = 0  # readings of its counters per service (GET /metrics) that failed
+    #: the --lb-healthz listener's counters (requests, refused_busy, bad_requests,
+    #: timeouts, open); left out when it does not run
+    healthz: dict[str, int] | None = None

@@ -31,6 +31,9 @@ _ERROR_TEXT = {
 }
 
 
+_ALSO_TEXT = {503: "Not serving (the same body as the 200): an external load balancer skips it"}
+
+
 def _schemas(table: tuple[Route, ...]) -> Json:
     pairs: list[tuple[type[BaseModel], JsonSchemaMode]] = []
     for route in table:
@@ -72,6 +75,8 @@ def _operation(route: Route) -> Json:
     statuses = set(route.errors) | {401} | ({403, 503} if route.changes else set())
     for code in sorted(statuses):
         responses[str(code)] = {"description": _ERROR_TEXT[code], "content": error_content}
+    for code in route.also_answer:
+        responses[str(code)] = _success(route) | {"description": _ALSO_TEXT[code]}
     operation: Json = {
         "summary": route.summary,
         "operationId": route.operation_id or _operation_id(route.method, route.path),

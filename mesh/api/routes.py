@@ -18,6 +18,7 @@ from mesh.api.models import (
     HealthOut,
     HealthReport,
     HttpOut,
+    LbHealthOut,
     LbOut,
     MemberOut,
     NetworkCreate,
@@ -31,7 +32,7 @@ from mesh.api.models import (
 )
 from mesh.control import Control
 from mesh.core.model import Health, Kind, Network, Service, Task
-from mesh.errors import Conflict, Invalid, SandboxFailed, needs_privileges
+from mesh.errors import Conflict, Invalid, NotFound, SandboxFailed, needs_privileges
 from mesh.sandbox import esp
 from mesh.state.store import KERNEL_DRIVERS
 
@@ -137,7 +138,7 @@ async def create_service(request: web.Request) -> web.Response:
 async def list_services(request: web.Request) -> web.Response:
     services = _control(request).store.services()
     deps = request.app[DEPS]
-    problems = {} if deps.route_problems is None else deps.route_problems()
+    problems = deps.problems()
     return answer_list(
         ServiceOut, [convert.service_fields(s, problems.get(s.name, ())) for s in services]
     )
@@ -304,6 +305,17 @@ async def lb_table(request: web.Request) -> web.Response:
     if describe is None:
         raise Conflict("this agent runs no load balancer", code="lb_disabled")
     return answer(LbOut.model_validate(await describe()))
+
+
+async def lb_healthz(request: web.Request) -> web.Response:
+    """200 while this node serves the service's published ports, 503 (same body) while not."""
+    health = request.app[DEPS].lb_healthz
+    if health is None:
+        raise Conflict("this agent runs no load balancer", code="lb_disabled")
+    found = health(request.match_info["service"])
+    if found.status == 404:
+        raise NotFound(f"no service {request.match_info['service']!r}")
+    return answer(LbHealthOut.model_validate(found.body), status=found.status)
 
 
 async def http_stats(request: web.Request) -> web.Response:

@@ -37,6 +37,8 @@ class Route:
     #: an answer that is no model (the event stream, the description): its response object
     raw_answer: Json | None = None
     operation_id: str | None = None  # default: from the method and path
+    #: statuses besides `status` that answer the success model too (a health check's 503)
+    also_answer: tuple[int, ...] = ()
 
     @property
     def changes(self) -> bool:
@@ -92,6 +94,18 @@ ROUTES: tuple[Route, ...] = (
         "The L4 table as this node's load-balancer backend has it programmed",
         answer=m.LbOut,
         errors=(409,),
+    ),
+    Route(
+        "get",
+        "/v1/lb/healthz/{service}",
+        routes.lb_healthz,
+        "Whether this node serves the service's published ports: 200, or 503 (same body) "
+        "while it cannot (traffic-policy=local: no healthy task of its own; cluster: none "
+        "anywhere), so an external load balancer skips it. Also served without credentials "
+        "on --lb-healthz ADDR[:PORT]",
+        answer=m.LbHealthOut,
+        errors=(404, 409),
+        also_answer=(503,),
     ),
     Route(
         "get",

@@ -142,6 +142,8 @@ def format_port(port: JsonObject) -> str:
         f"{text(port.get('published_port'))}->{text(port.get('target_port'))}"
         f"/{port.get('protocol', 'tcp')}"
     )
+    if port.get("traffic_policy", "cluster") != "cluster":
+        mapping += f" ({port['traffic_policy']})"
     return mapping if port.get("publish_mode") == "host" else f"*:{mapping}"
 
 

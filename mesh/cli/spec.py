@@ -1,7 +1,8 @@
 """Grammars of the flag values that carry structure, each parsed into its API object.
 
-    --publish        PUB:TARGET[/PROTO] | TARGET[/PROTO]
+    --publish        PUB:TARGET[/PROTO][,OPTION=VALUE]... | TARGET[/PROTO][,OPTION=VALUE]...
                      | published=PUB,target=TARGET[,protocol=tcp|udp][,mode=ingress|host]
+                       [,traffic-policy=cluster|local]
     --health-check   KIND[:ARG][,KEY=VALUE]...
     --label          KEY=VALUE (or KEY, for an empty value)
     --port           TARGET=ACTUAL
@@ -23,10 +24,13 @@ JsonObject = dict[str, Any]
 
 PROTOCOLS = ("tcp", "udp")
 PUBLISH_MODES = ("ingress", "host")
+TRAFFIC_POLICIES = ("cluster", "local")
 _SHORT_PUBLISH = re.compile(
     r"^(?:(?P<published>[0-9]+):)?(?P<target>[0-9]+)(?:/(?P<protocol>\w+))?$"
 )
-_LONG_PUBLISH_KEYS = ("published", "target", "protocol", "mode")
+_LONG_PUBLISH_KEYS = ("published", "target", "protocol", "mode", "traffic-policy")
+#: what may follow the short form after a comma (8080:80,traffic-policy=local)
+_PUBLISH_OPTION_KEYS = ("mode", "traffic-policy")
 
 PUBLISH_HELP = "publish a port: PUB:TARGET[/tcp|/udp], TARGET[/PROTO] or the long form (below)"
 PUBLISH_GRAMMAR = """\
@@ -36,7 +40,11 @@ PUBLISH_GRAMMAR = """\
   TARGET[/tcp|/udp]      the same, on a PUB the agent picks in 30000-32767
   published=PUB,target=TARGET[,protocol=tcp|udp][,mode=ingress|host]
                          the long form, as docker's; target is required, and
-                         mode=host publishes only on the nodes that run a task"""
+                         mode=host publishes only on the nodes that run a task
+  ...,traffic-policy=local  (either form, e.g. 8080:80,traffic-policy=local)
+                         each node sends only to its own healthy tasks, without
+                         SNAT (the task sees the client's address); a node with
+                         none refuses; the default, cluster, spreads over all"""
 
 
 def parse_int(text: str, what: str, low: int, high: int) -> int:
@@ -63,7 +71,13 @@ def parse_choice(text: str, what: str, choices: Iterable[str]) -> str:
 def parse_publish(text: str) -> JsonObject:
     """A `--publish` value as an API port object (`published_port` left out when auto)."""
     try:
-        return _parse_long_publish(text) if "=" in text else _parse_short_publish(text)
+        head, _, rest = text.partition(",")
+        if "=" in head:
+            return _parse_long_publish(text)
+        port = _parse_short_publish(head)
+        if rest:
+            _publish_options(port, _key_values(rest, _PUBLISH_OPTION_KEYS))
+        return port
     except SpecError as exc:
         raise SpecError(f"invalid --publish {text!r}: {exc}") from None
 
@@ -87,9 +101,17 @@ def _parse_long_publish(text: str) -> JsonObject:
     if "published" in fields:
         port["published_port"] = parse_port(fields["published"], "published port")
     port["protocol"] = parse_choice(fields.get("protocol", "tcp"), "protocol", PROTOCOLS)
+    _publish_options(port, fields)
+    return port
+
+
+def _publish_options(port: JsonObject, fields: dict[str, str]) -> None:
     if "mode" in fields:
         port["publish_mode"] = parse_choice(fields["mode"], "mode", PUBLISH_MODES)
-    return port
+    if "traffic-policy" in fields:
+        port["traffic_policy"] = parse_choice(
+            fields["traffic-policy"], "traffic-policy", TRAFFIC_POLICIES
+        )
 
 
 def parse_published_ref(text: str) -> tuple[int, str]:

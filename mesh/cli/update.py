@@ -17,7 +17,7 @@ from typing import Any
 from mesh.cli.errors import CliError, UsageError
 
 JsonObject = dict[str, Any]
-PORT_FIELDS = ("protocol", "target_port", "published_port", "publish_mode")
+PORT_FIELDS = ("protocol", "target_port", "published_port", "publish_mode", "traffic_policy")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,7 +119,7 @@ def _ports(service: JsonObject, changes: ServiceChanges) -> list[JsonObject]:
 
 def _same_port(new: JsonObject, old: JsonObject) -> bool:
     """Whether `old` already is what `new` asks for (an auto published port matches any)."""
-    defaults = {"protocol": "tcp", "publish_mode": "ingress"}
+    defaults = {"protocol": "tcp", "publish_mode": "ingress", "traffic_policy": "cluster"}
     keys = [k for k in PORT_FIELDS if k in new or k in defaults]
     return all(new.get(k, defaults.get(k)) == old.get(k, defaults.get(k)) for k in keys)
 

@@ -110,6 +110,9 @@ def port_to_dict(port: PortConfig) -> Json:
         "target_port": port.target_port,
         "published_port": port.published_port,
         "publish_mode": port.publish_mode,
+        # Only when not the default: a record of a port without it stays byte for byte
+        # what it was (digests, and agents of an older version that do not know the key).
+        **({"traffic_policy": port.traffic_policy} if port.traffic_policy != "cluster" else {}),
     }
 
 

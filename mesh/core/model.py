@@ -47,6 +47,10 @@ class TaskState(enum.StrEnum):
 
 Protocol: TypeAlias = Literal["tcp", "udp"]
 PublishMode: TypeAlias = Literal["ingress", "host"]
+#: A published port's traffic policy (docs/load-balancing.md): `cluster` spreads over every
+#: node's tasks (masqueraded where the return path needs it); `local` sends only to this
+#: node's own healthy tasks, never masqueraded, so they see the client's address.
+TrafficPolicy: TypeAlias = Literal["cluster", "local"]
 EndpointMode: TypeAlias = Literal["vip", "dnsrr"]
 CheckType: TypeAlias = Literal["http", "tcp", "ttl"]
 NetworkDriver: TypeAlias = Literal["overlay", "bridge", "macvlan"]
@@ -92,6 +96,7 @@ class PortConfig:
     target_port: int
     published_port: int
     publish_mode: PublishMode = "ingress"
+    traffic_policy: TrafficPolicy = "cluster"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -108,6 +108,8 @@ class Facts:
     lb_desired: Table | None = None
     lb_errors: int = 0
     lb_unbound: dict[str, str] = field(default_factory=dict)  # virtual service -> why
+    #: L4 options this node's backend refuses: (service, label, reason)
+    lb_problems: list[tuple[str, str, str]] = field(default_factory=list)
     #: (task name, address, port) -> None when it answered a TCP connect, else the error
     local_tasks: dict[tuple[str, str, int], str | None] = field(default_factory=dict)
     members: list[dict[str, Any]] = field(default_factory=list)
@@ -247,6 +249,40 @@ def check_lb(facts: Facts) -> Iterable[Finding]:
             "changes since the agent started",
             "see lb_backend_error in the agent's log",
         )
+    yield from check_lb_policies(facts)
+
+
+def check_lb_policies(facts: Facts) -> Iterable[Finding]:
+    """Each published port with `traffic-policy=local` (docs/load-balancing.md), and the
+    L4 options this node's backend refuses (the PROXY label on a kernel backend)."""
+    for key, service in sorted((facts.lb_programmed or {}).items()):
+        if not service.options.local:
+            continue
+        taking = sum(1 for weight in service.reals.values() if weight > 0)
+        if taking:
+            yield Finding(
+                "lb",
+                "ok",
+                f"published port {key.protocol}/{key.port} (traffic-policy=local): "
+                f"{taking} task(s) of this node take its connections",
+            )
+        else:
+            yield Finding(
+                "lb",
+                "fail",
+                f"published port {key.protocol}/{key.port} (traffic-policy=local): no "
+                "healthy task on this node, so it refuses the port's connections (its "
+                "GET /v1/lb/healthz/<service> answers 503)",
+                "an external load balancer should skip this node (point its health check "
+                "at --lb-healthz); or run a task of the service here (`mesh task ls`)",
+            )
+    for service_name, label, reason in sorted(facts.lb_problems):
+        yield Finding(
+            "lb",
+            "fail",
+            f"service {service_name}: label {label} refused: {reason}",
+            "remove the label, or serve the service from a node with --lb userspace",
+        )
 
 
 def lb_drift(programmed: Table, desired: Table) -> list[str]:
@@ -305,9 +341,11 @@ _ROUTE_HINTS = {
 
 
 def check_routes(facts: Facts) -> Iterable[Finding]:
-    if not facts.route_problems:
+    if not [p for p in facts.route_problems if p[1] != "lb"]:
         yield Finding("routes", "ok", "every HRM routing label is in use")
     for service, kind, label, reason in sorted(facts.route_problems):
+        if kind == "lb":  # an L4 option: `check_lb_policies` shows it
+            continue
         yield Finding(
             "routes",
             "fail",

@@ -73,6 +73,11 @@ def gather(
         for p in s.get("problems") or []
         if isinstance(p, dict)
     ]
+    facts.lb_problems = [
+        (service, label, reason)
+        for service, kind, label, reason in facts.route_problems
+        if kind == "lb"
+    ]
     return facts
 
 

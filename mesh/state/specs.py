@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.core.model import EndpointMode, HealthCheck, NetworkDriver, Protocol, PublishMode
+from mesh.core.model import (
+    EndpointMode,
+    HealthCheck,
+    NetworkDriver,
+    Protocol,
+    PublishMode,
+    TrafficPolicy,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +39,7 @@ class PortSpec:
     published_port: int | None = None  # None: the next free port of 30000-32767
     protocol: Protocol = "tcp"
     publish_mode: PublishMode = "ingress"
+    traffic_policy: TrafficPolicy = "cluster"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1103,6 +1103,7 @@ class Store:
                     target_port=spec.target_port,
                     published_port=published,
                     publish_mode=spec.publish_mode,
+                    traffic_policy=spec.traffic_policy,
                 )
             )
         return tuple(resolved)

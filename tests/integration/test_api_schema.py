@@ -50,6 +50,8 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
 ]
+#: operations whose described answers include a 503 with a body of their own
+ANSWERS_503 = {"/v1/lb/healthz/{service}"}
 CONFIG = schemathesis.Config.from_dict(
     {
         "seed": SEED,
@@ -103,7 +105,7 @@ def _seed(agent: AgentProcess) -> dict[str, dict[str, str]]:
     doomed = _created(agent, "/v1/services/web/tasks", {"address": "127.0.0.1"})
     _created(agent, "/v1/services/doomed/tasks", {"address": "127.0.0.2"})
     return {
-        "keep": {"networks": "front", "services": "web", "tasks": task["id"]},
+        "keep": {"networks": "front", "services": "web", "tasks": task["id"], "lb": "web"},
         "remove": {"networks": "doomed", "services": "doomed", "tasks": doomed["id"]},
     }
 
@@ -161,7 +163,11 @@ def test_api_conforms_to_its_description(
     case: schemathesis.Case[Any], seeded_agent: AgentProcess
 ) -> None:
     _name_a_seeded_object_every_other_time(case)
-    case.call_and_validate(base_url=f"http://{seeded_agent.api}", checks=CHECKS, timeout=10)
+    checks = CHECKS
+    if case.operation.path in ANSWERS_503:
+        # a health check's 503 is its answer (described, with its body), not a failure
+        checks = [c for c in CHECKS if c is not not_a_server_error]
+    case.call_and_validate(base_url=f"http://{seeded_agent.api}", checks=checks, timeout=10)
 
 
 def _name_a_seeded_object_every_other_time(case: schemathesis.Case[Any]) -> None:

@@ -54,7 +54,13 @@ def test_cli_tour_survives_a_restart(start_agent: StartAgent) -> None:
     service = mesh_json(agent, "service", "inspect", "web")
     assert service["labels"] == {"tier": "front", "owner": "team-a"}
     assert service["ports"] == [
-        {"protocol": "tcp", "target_port": 80, "published_port": 18080, "publish_mode": "ingress"}
+        {
+            "protocol": "tcp",
+            "target_port": 80,
+            "published_port": 18080,
+            "publish_mode": "ingress",
+            "traffic_policy": "cluster",
+        }
     ]
     vips = {v["network"]: v["address"] for v in service["vips"]}
     assert vips["backend"] == "127.90.1.2"

@@ -95,6 +95,7 @@ class IpvsHarness:
     def __init__(self, net: dict[str, Any]) -> None:
         self.client: Netns = net["client"]
         self.lb: Netns = net["lb"]
+        self.reals: Netns = net["reals"]
         self.foreign: list[tuple[Any, list[tuple[str, int, int]]]] = []
 
     async def new_backend(self) -> IpvsBackend:
@@ -425,4 +426,34 @@ async def test_the_kernels_counts_per_service_bytes_and_open_connections(
     finally:
         for sock in held:
             sock.close()
+        await backend.close()
+
+
+async def test_a_local_traffic_policy_port_is_not_masqueraded(harness: IpvsHarness) -> None:
+    """`traffic-policy=local`: the port's mark is left out of the masquerade, so the real
+    sees the client's own address. The reals here have no route back to the client: such
+    a port's replies cannot arrive (a cluster port's, masqueraded, do) until the reals
+    route the client's subnet through the node, as this node's own tasks do."""
+    backend = IpvsBackend()
+    local = VirtualKey("tcp", ANY_ADDRESS, 30081)
+    cluster = VirtualKey("tcp", ANY_ADDRESS, 30082)
+    desired = {
+        local: VirtualService(local, ServiceOptions(local=True), {harness.real(1): 1}),
+        cluster: VirtualService(cluster, ServiceOptions(), {harness.real(2): 1}),
+    }
+    await backend.start(desired)
+    reals = harness.reals
+    try:
+        assert await backend.read() == desired
+        assert await harness.hit(cluster) == harness.real(2)
+        assert await harness.hit(local) is None  # not masqueraded: the reply has no way back
+        reals.ip("route", "add", "10.77.1.0/24", "via", LB_REAL_SIDE)
+        try:
+            assert await harness.hit(local) == harness.real(1)
+        finally:
+            reals.ip("route", "del", "10.77.1.0/24", "via", LB_REAL_SIDE)
+        # back to cluster: masqueraded again
+        await backend.apply([PutService(local, ServiceOptions())])
+        assert await harness.hit(local) == harness.real(1)
+    finally:
         await backend.close()

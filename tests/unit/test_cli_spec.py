@@ -39,6 +39,34 @@ from mesh.cli.spec import (
         ),
         ("mode=host, target=80", {"target_port": 80, "protocol": "tcp", "publish_mode": "host"}),
         ("65535:1", {"target_port": 1, "published_port": 65535, "protocol": "tcp"}),
+        (
+            "8080:80,traffic-policy=local",
+            {
+                "target_port": 80,
+                "published_port": 8080,
+                "protocol": "tcp",
+                "traffic_policy": "local",
+            },
+        ),
+        (
+            "5353:53/udp,mode=host,traffic-policy=cluster",
+            {
+                "target_port": 53,
+                "published_port": 5353,
+                "protocol": "udp",
+                "publish_mode": "host",
+                "traffic_policy": "cluster",
+            },
+        ),
+        (
+            "published=8080,target=80,traffic-policy=local",
+            {
+                "target_port": 80,
+                "published_port": 8080,
+                "protocol": "tcp",
+                "traffic_policy": "local",
+            },
+        ),
     ],
 )
 def test_publish(text: str, port: dict[str, Any]) -> None:
@@ -63,6 +91,9 @@ def test_publish(text: str, port: dict[str, Any]) -> None:
         ("target=80,src=1", "unknown key 'src'"),
         ("target=80,host", "'host' is not KEY=VALUE"),
         ("target=x", "target port 'x' is not a number"),
+        ("8080:80,traffic-policy=nearest", "traffic-policy 'nearest' is not one of cluster, local"),
+        ("8080:80,protocol=udp", "unknown key 'protocol' (expected one of mode, traffic-policy)"),
+        ("8080:80,local", "'local' is not KEY=VALUE"),
     ],
 )
 def test_publish_refuses(text: str, reason: str) -> None:

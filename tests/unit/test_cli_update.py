@@ -85,6 +85,7 @@ def test_removals_come_before_additions() -> None:
         {"target_port": 80, "published_port": 8080, "protocol": "tcp"},
         {"target_port": 80, "protocol": "tcp"},  # auto: the existing 8080 already serves 80
         {"target_port": 80, "published_port": 8080, "protocol": "tcp", "publish_mode": "ingress"},
+        {"target_port": 80, "published_port": 8080, "traffic_policy": "cluster"},
     ],
 )
 def test_adding_a_port_already_published_changes_nothing(port: dict[str, Any]) -> None:
@@ -102,6 +103,20 @@ def test_adding_a_port_already_published_changes_nothing(port: dict[str, Any]) -
 def test_adding_a_different_port_appends_it(port: dict[str, Any]) -> None:
     assert compute_patch(service(), ServiceChanges(publish_add=(port,))) == {
         "ports": [PORT_8080, port]
+    }
+
+
+def test_a_port_switches_to_local_traffic_policy_by_removal_and_addition() -> None:
+    """`--publish-rm 8080 --publish-add 8080:80,traffic-policy=local`; the policy of a
+    port read from the agent is kept by a patch that touches other ports."""
+    local = {"target_port": 80, "published_port": 8080, "protocol": "tcp"}
+    local["traffic_policy"] = "local"
+    changes = ServiceChanges(publish_rm=((8080, "tcp"),), publish_add=(local,))
+    assert compute_patch(service(), changes) == {"ports": [local]}
+    current = service(ports=[PORT_8080 | {"traffic_policy": "local"}])
+    more = {"target_port": 81, "published_port": 8081, "protocol": "tcp"}
+    assert compute_patch(current, ServiceChanges(publish_add=(more,))) == {
+        "ports": [PORT_8080 | {"traffic_policy": "local"}, more]
     }
 
 

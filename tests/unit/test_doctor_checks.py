@@ -147,3 +147,30 @@ def test_each_route_problem_is_a_failure_with_a_hint_for_its_kind() -> None:
         ),
     ]
     assert all(f.hint for f in found)
+
+
+def test_the_lb_check_shows_each_local_port_and_refused_options() -> None:
+    facts = healthy()
+    local = VirtualKey("tcp", ANY_ADDRESS, 9443)
+    empty = VirtualKey("tcp", ANY_ADDRESS, 9444)
+    for key, reals in ((local, {A: 1, B: 0}), (empty, {})):
+        service = VirtualService(key, ServiceOptions(local=True), reals)
+        assert facts.lb_programmed is not None and facts.lb_desired is not None
+        facts.lb_programmed[key] = facts.lb_desired[key] = service
+    facts.lb_problems = [("web", "mesh.lb.proxy_protocol", "the nftables backend cannot")]
+    facts.route_problems = [("web", "lb", "mesh.lb.proxy_protocol", "the nftables backend cannot")]
+    lb = [(f.status, f.message) for f in check_all(facts) if f.check == "lb"]
+    assert (
+        "ok",
+        "published port tcp/9443 (traffic-policy=local): 1 task(s) of this node take its "
+        "connections",
+    ) in lb
+    assert any(
+        s == "fail" and "tcp/9444 (traffic-policy=local): no healthy task" in m for s, m in lb
+    )
+    assert (
+        "fail",
+        "service web: label mesh.lb.proxy_protocol refused: the nftables backend cannot",
+    ) in lb
+    # an L4 problem is the lb check's, not the HRM routes'
+    assert [f.status for f in check_all(facts) if f.check == "routes"] == ["ok"]

@@ -233,12 +233,19 @@ def test_any_op_sequence_keeps_kernel_maps_equal_to_the_mirror(ops: list[Op]) ->
 
 
 def test_options_survive_the_rule_comment() -> None:
-    for options in (ServiceOptions(), WRR, ServiceOptions(Scheduler.LEAST_CONNECTIONS, True)):
+    for options in (
+        ServiceOptions(),
+        WRR,
+        ServiceOptions(Scheduler.LEAST_CONNECTIONS, True),
+        ServiceOptions(local=True),
+    ):
         layout = Layout("t")
         commands, _ = layout.plan(PutService(KEY, options))
         comment = next(c for c in commands if "comment" in c).split('comment "')[1][:-1]
         assert parse_options_comment(comment) == options
     assert parse_options_comment("someone else's rule") is None
+    # a rule written before traffic policies reads as cluster
+    assert parse_options_comment("meshplane sched=rr proxy=0") == ServiceOptions()
 
 
 def test_a_listing_reads_back_into_the_table() -> None:

@@ -163,6 +163,61 @@ def test_host_mode_port_only_over_this_nodes_tasks_and_only_while_it_has_one() -
     assert view.table() == {}
 
 
+def test_local_traffic_policy_only_over_this_nodes_tasks_and_refusing_without_one() -> None:
+    """`traffic-policy=local`: this node's healthy tasks only, flagged `local` (the
+    backends do not masquerade it); with none the key stays, empty: the node refuses
+    rather than forward elsewhere. The VIPs stay cluster-wide."""
+    ports = (
+        PortConfig(protocol="tcp", target_port=80, published_port=30080, traffic_policy="local"),
+    )
+    view = LbView(NODE)
+    remote = task("b", "10.0.1.6", node="n2")
+    view.load([service(ports=ports), remote])
+    table = view.table()
+    assert table[PUBLISHED] == VirtualService(PUBLISHED, ServiceOptions(local=True), {})
+    assert table[VIP_FRONT].reals == {Real("10.0.1.6", 80): 1}
+    assert not table[VIP_FRONT].options.local
+    local = task("a", "10.0.1.5")
+    ops = view.on_change(put(None, local))
+    assert PutReal(PUBLISHED, Real("10.0.1.5", 80), 1) in ops
+    assert view.table()[PUBLISHED].reals == {Real("10.0.1.5", 80): 1}
+    unhealthy = dataclasses.replace(local, health=Health.UNHEALTHY)
+    view.on_change(put(local, unhealthy))
+    assert view.table()[PUBLISHED].reals == {}
+    assert view.healthy_tasks("web") == (0, 1)
+    assert view.table() == build_table([service(ports=ports), remote, unhealthy], NODE)
+
+
+def test_switching_a_port_to_local_drops_the_other_nodes_tasks() -> None:
+    view = LbView(NODE)
+    tasks_ = [task("a", "10.0.1.5"), task("b", "10.0.1.6", node="n2")]
+    before = service()
+    view.load([before, *tasks_])
+    assert len(view.table()[PUBLISHED].reals) == 2
+    after = dataclasses.replace(
+        before,
+        ports=(
+            PortConfig(
+                protocol="tcp", target_port=80, published_port=30080, traffic_policy="local"
+            ),
+        ),
+    )
+    ops = view.on_change(put(before, after))
+    assert PutService(PUBLISHED, ServiceOptions(local=True)) in ops
+    assert view.table()[PUBLISHED].reals == {Real("10.0.1.5", 80): 1}
+
+
+def test_a_kernel_backend_refuses_the_proxy_label() -> None:
+    labels = {"mesh.lb.proxy_protocol": "v2"}
+    view = LbView(NODE, proxy_supported=False)
+    view.load([service(labels=labels)])
+    assert not view.table()[PUBLISHED].options.proxy_protocol
+    assert build_table([service(labels=labels)], NODE, proxy_supported=False) == view.table()
+    assert LbView(NODE).load([service(labels=labels)])[0] == PutService(
+        PUBLISHED, ServiceOptions(proxy_protocol=True)
+    )
+
+
 def test_labels_choose_the_options_and_bad_values_are_counted() -> None:
     view = LbView(NODE)
     view.load(
@@ -235,16 +290,18 @@ def services(draw: st.DrawFn) -> Service:
         draw(
             st.lists(
                 st.builds(
-                    lambda proto, target, published, host: PortConfig(
+                    lambda proto, target, published, host, policy: PortConfig(
                         protocol=proto,
                         target_port=target,
                         published_port=published,
                         publish_mode="host" if host else "ingress",
+                        traffic_policy=policy,
                     ),
                     st.sampled_from(["tcp", "udp"]),
                     st.sampled_from([80, 443]),
                     st.sampled_from([30080, 30081, 30082]),
                     st.booleans(),
+                    st.sampled_from(["cluster", "local"]),
                 ),
                 max_size=2,
             )
