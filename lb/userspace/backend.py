@@ -129,7 +129,7 @@ class UserspaceBackend:
                 await self._listen(op.key, op.options)
             else:
                 service.options = op.options
-                service.pool.scheduler = op.options.scheduler
+                service.pool.configure(op.options.scheduler, op.options.affinity)
         elif isinstance(op, DeleteService):
             gone = self._services.pop(op.key, None)
             if gone is not None:
@@ -157,8 +157,8 @@ class UserspaceBackend:
 
     async def _listen(self, key: VirtualKey, options: ServiceOptions) -> None:
         previous = self._unbound.pop(key, None)
-        pool = Pool(options.scheduler) if previous is None else previous[0].pool
-        pool.scheduler = options.scheduler
+        pool = Pool() if previous is None else previous[0].pool
+        pool.configure(options.scheduler, options.affinity)
         stats = self._stats.setdefault(key, KeyStats())
         service: Service = (
             TcpService(key, options, pool, self.runtime, stats)
