@@ -235,21 +235,22 @@ class IpvsBackend:
             )
         service = self._service_id(key)
         scheduler = str(options.scheduler)
+        persist = options.affinity
         current = self._options.get(key)
         if current is not None:
             if current != options:
-                await _kernel(self._ipvs.service(Command.SET, service, scheduler))
+                await _kernel(self._ipvs.service(Command.SET, service, scheduler, persist))
                 self._options[key] = options
             return
         if not key.published and self._vip_users[key.address] == 0:
             await self._device.add(key.address)  # the VIP first: a service of ours has one
             await self._firewall.add_vip(key.address)
         try:
-            await self._ipvs.service(Command.ADD, service, scheduler)
+            await self._ipvs.service(Command.ADD, service, scheduler, persist)
         except IpvsError as error:
             if error.code != errno.EEXIST:
                 raise BackendError(f"ipvs: {error}") from error
-            await _kernel(self._ipvs.service(Command.SET, service, scheduler))
+            await _kernel(self._ipvs.service(Command.SET, service, scheduler, persist))
         if key.published:
             await self._firewall.add_published(key.protocol, key.port)
         else:
@@ -331,7 +332,9 @@ class IpvsBackend:
                 continue
             dests = await _kernel(self._ipvs.dests(entry.id))
             table[key] = VirtualService(
-                key, _options(entry.scheduler), {Real(d.address, d.port): d.weight for d in dests}
+                key,
+                _options(entry.scheduler, entry.persistence),
+                {Real(d.address, d.port): d.weight for d in dests},
             )
         return table
 
@@ -375,10 +378,10 @@ async def _kernel_missing_ok(call: Awaitable[None]) -> None:
             raise BackendError(f"ipvs: {error}") from error
 
 
-def _options(scheduler: str) -> ServiceOptions:
+def _options(scheduler: str, persistence: int = 0) -> ServiceOptions:
     """Options read back. A scheduler we never program (someone changed it) is kept
     as its name, so that it compares unequal to every desired option and gets fixed."""
     try:
-        return ServiceOptions(Scheduler(scheduler))
+        return ServiceOptions(Scheduler(scheduler), affinity=persistence)
     except ValueError:
-        return ServiceOptions(cast(Scheduler, scheduler))
+        return ServiceOptions(cast(Scheduler, scheduler), affinity=persistence)
