@@ -364,6 +364,7 @@ def render(table: Table) -> list[dict[str, Any]]:
             "port": key.port,
             "scheduler": str(service.options.scheduler),
             "proxy_protocol": service.options.proxy_protocol,
+            "affinity": service.options.affinity,
             "reals": [
                 {"address": real.address, "port": real.port, "weight": service.reals[real]}
                 for real in sorted(service.reals)

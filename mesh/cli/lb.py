@@ -26,7 +26,11 @@ def table_of(answer: JsonObject) -> Table:
     try:
         for entry in answer.get("services", []):
             key = VirtualKey(entry["protocol"], entry["address"], int(entry["port"]))
-            options = ServiceOptions(Scheduler(entry["scheduler"]), bool(entry["proxy_protocol"]))
+            options = ServiceOptions(
+                Scheduler(entry["scheduler"]),
+                bool(entry["proxy_protocol"]),
+                int(entry.get("affinity", 0)),
+            )
             reals = {Real(r["address"], int(r["port"])): int(r["weight"]) for r in entry["reals"]}
             table[key] = VirtualService(key, options, reals)
     except (KeyError, TypeError, ValueError) as exc:
