@@ -433,9 +433,14 @@ async def test_the_kernels_counts_per_service_bytes_and_open_connections(
 
 POLICY_REALS = [f"10.77.2.{20 + i}" for i in range(10)]
 POLICY_CLIENTS = [f"10.77.1.{100 + i}" for i in range(50)]
-#: flows for the Maglev figure in the VM (Python runs ~30x slower there than here; the
-#: nftables and userspace figures use 10,000: tests/lb/test_policy_netns.py)
-POLICY_FLOW_PORTS = range(20000, 20040)  # 50 addresses x 40 ports = 2,000 flows
+#: flows for the Maglev figure: 50 addresses x 200 ports = 10,000, as on the other backends
+#: (tests/lb/test_policy_netns.py); round robin's figure over every 5th of them
+POLICY_FLOW_PORTS = range(20000, 20200)
+#: IPVS's mh table size is the kernel's build setting (CONFIG_IP_VS_MH_TAB_INDEX: 12 on
+#: Debian, M = 4093, about 400 slots per real for 10), so it moves a little more than the
+#: 1/N the other backends' bigger tables get near (lb/maglev.py); asserted with that margin,
+#: the figure is printed
+IPVS_MH_REMAP_BOUND = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -503,7 +508,7 @@ async def test_maglev_is_mh_and_removing_one_of_ten_remaps_few_flows(
 ) -> None:
     flows = [(c, p) for c in POLICY_CLIENTS for p in POLICY_FLOW_PORTS]
     figures: dict[str, float] = {}
-    for scheduler in (Scheduler.MAGLEV, Scheduler.ROUND_ROBIN):
+    for scheduler, sample in ((Scheduler.MAGLEV, flows), (Scheduler.ROUND_ROBIN, flows[::5])):
         backend = IpvsBackend()
         await backend.start({})
         key = VirtualKey("tcp", harness.vip(10), 8080)
@@ -515,15 +520,17 @@ async def test_maglev_is_mh_and_removing_one_of_ten_remaps_few_flows(
                 ]
             )
             target = (key.address, key.port)
-            before = await asyncio.to_thread(harness.client.call, _connections, flows, target)
+            before = await asyncio.to_thread(harness.client.call, _connections, sample, target)
             await backend.apply([DeleteReal(key, policy_reals[3])])
-            after = await asyncio.to_thread(harness.client.call, _connections, flows, target)
+            after = await asyncio.to_thread(harness.client.call, _connections, sample, target)
         finally:
             await backend.close()
         assert str(policy_reals[3]) not in after
-        figures[scheduler] = sum(a != b for a, b in zip(before, after, strict=True)) / len(flows)
+        figures[scheduler] = sum(a != b for a, b in zip(before, after, strict=True)) / len(sample)
     print(
         f"IPVS: 10 reals, {len(flows)} flows, one real removed: maglev (mh) remapped "
-        f"{figures[Scheduler.MAGLEV]:.2%}, round robin {figures[Scheduler.ROUND_ROBIN]:.2%}"
+        f"{figures[Scheduler.MAGLEV]:.2%}, round robin {figures[Scheduler.ROUND_ROBIN]:.2%} "
+        f"(over {len(flows) // 5} flows)"
     )
-    assert figures[Scheduler.MAGLEV] <= 0.12
+    assert figures[Scheduler.MAGLEV] <= IPVS_MH_REMAP_BOUND
+    assert figures[Scheduler.ROUND_ROBIN] > 0.5
