@@ -368,6 +368,7 @@ def render(table: Table) -> list[dict[str, Any]]:
             "scheduler": str(service.options.scheduler),
             "proxy_protocol": service.options.proxy_protocol,
             "traffic_policy": "local" if service.options.local else "cluster",
+            "affinity": service.options.affinity,
             "reals": [
                 {"address": real.address, "port": real.port, "weight": service.reals[real]}
                 for real in sorted(service.reals)

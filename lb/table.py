@@ -30,6 +30,8 @@ class Scheduler(enum.StrEnum):
     ROUND_ROBIN = "rr"
     WEIGHTED_ROUND_ROBIN = "wrr"
     LEAST_CONNECTIONS = "lc"
+    #: Maglev consistent hashing of the client's address and port (IPVS's name, `mh`)
+    MAGLEV = "mh"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -64,6 +66,9 @@ class ServiceOptions:
     #: only; kernel backends keep the client address by not masquerading where
     #: the return path allows it).
     proxy_protocol: bool = False
+    #: Session affinity by client address: seconds an idle client stays with its real
+    #: server (0: no affinity). IPVS persistence, an nftables timeout map, the proxy's table.
+    affinity: int = 0
     #: A published port's `traffic-policy=local` (docs/load-balancing.md): the view gives
     #: it only this node's tasks; the backends never masquerade its flows, so the task
     #: sees the client's address. Always False for a VIP.
@@ -166,6 +171,8 @@ def describe(table: Mapping[VirtualKey, VirtualService]) -> Iterator[str]:
         service = table[key]
         extra = " proxy-v2" if service.options.proxy_protocol else ""
         extra += " local" if service.options.local else ""
+        if service.options.affinity:
+            extra += f" affinity={service.options.affinity}s"
         yield f"{key.protocol.upper()}  {key.address}:{key.port} {service.options.scheduler}{extra}"
         for real in sorted(service.reals):
             yield f"  -> {real}  weight {service.reals[real]}"

@@ -31,9 +31,9 @@ What the table holds, for the node named at construction:
   is the rule DNS uses (`tasks.<service>` lists running, healthy tasks only),
   so DNS and the load balancer never disagree about who takes new traffic.
 
-Options come from service labels (docs/lb.md): `mesh.lb.scheduler=rr|wrr|lc`
-and `mesh.lb.proxy_protocol=v2`. A label with a value the view does not know
-is ignored (the default applies) and counted in `invalid_labels`.
+Options come from service labels (docs/lb.md): `mesh.lb.scheduler=rr|wrr|lc|maglev`,
+`mesh.lb.proxy_protocol=v2` and `mesh.lb.affinity=client-ip[:TIMEOUT]`. A label with
+a value the view does not know is ignored (the default applies) and counted in `invalid_labels`.
 
 Two services claiming one key (a published port merged from two nodes before
 the store's conflict check could see both) is settled deterministically: the
@@ -63,6 +63,14 @@ from mesh.core.model import INGRESS, Change, Health, Record, Service, Task, Task
 
 SCHEDULER_LABEL = "mesh.lb.scheduler"
 PROXY_PROTOCOL_LABEL = "mesh.lb.proxy_protocol"
+AFFINITY_LABEL = "mesh.lb.affinity"
+#: Seconds a client idle that long loses its affinity, when the label names none (kube-proxy's).
+DEFAULT_AFFINITY_TIMEOUT = 10800
+#: The longest affinity timeout (a day): IPVS and nftables take seconds in 32 bits, but
+#: an affinity that outlives a day only pins clients after their task is long gone.
+MAX_AFFINITY_TIMEOUT = 86400
+#: Scheduler label values beside the enum's own (`mh` is IPVS's name for Maglev).
+SCHEDULER_ALIASES = {"maglev": Scheduler.MAGLEV}
 
 #: The weight of a task taking new connections; draining tasks get 0.
 WEIGHT = 1
@@ -77,6 +85,31 @@ class Claim:
     host_only: bool = False
 
 
+def parse_affinity(text: str) -> int:
+    """`client-ip[:TIMEOUT]` (or `none`) as seconds of affinity (0: none); ValueError if bad."""
+    value = text.strip().lower()
+    if value in ("", "none", "off"):
+        return 0
+    kind, _, timeout = value.partition(":")
+    if kind != "client-ip":
+        raise ValueError(f"affinity {text!r}: expected client-ip[:TIMEOUT] or none")
+    if not timeout:
+        return DEFAULT_AFFINITY_TIMEOUT
+    digits = timeout[:-1] if timeout.endswith("s") else timeout
+    if not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"affinity timeout {timeout!r} is not a number of seconds")
+    seconds = int(digits)
+    if not 1 <= seconds <= MAX_AFFINITY_TIMEOUT:
+        raise ValueError(f"affinity timeout {seconds} s is not in 1..{MAX_AFFINITY_TIMEOUT}")
+    return seconds
+
+
+def parse_scheduler(text: str) -> Scheduler:
+    """A scheduler label value (`rr`, `wrr`, `lc`, `maglev` or `mh`); ValueError if unknown."""
+    value = text.strip().lower()
+    return SCHEDULER_ALIASES.get(value) or Scheduler(value)
+
+
 def service_options(
     service: Service, problems: Counter[str] | None = None, *, proxy_supported: bool = True
 ) -> ServiceOptions:
@@ -89,10 +122,18 @@ def service_options(
     text = service.labels.get(SCHEDULER_LABEL)
     if text is not None:
         try:
-            scheduler = Scheduler(text.strip().lower())
+            scheduler = parse_scheduler(text)
         except ValueError:
             if problems is not None:
                 problems[SCHEDULER_LABEL] += 1
+    affinity = 0
+    text = service.labels.get(AFFINITY_LABEL)
+    if text is not None:
+        try:
+            affinity = parse_affinity(text)
+        except ValueError:
+            if problems is not None:
+                problems[AFFINITY_LABEL] += 1
     proxy = False
     text = service.labels.get(PROXY_PROTOCOL_LABEL)
     if text is not None:
@@ -101,7 +142,7 @@ def service_options(
             proxy = proxy_supported
         elif value not in ("", "off", "none", "false", "0") and problems is not None:
             problems[PROXY_PROTOCOL_LABEL] += 1
-    return ServiceOptions(scheduler=scheduler, proxy_protocol=proxy)
+    return ServiceOptions(scheduler=scheduler, proxy_protocol=proxy, affinity=affinity)
 
 
 def service_claims(service: Service, options: ServiceOptions) -> dict[VirtualKey, Claim]:

@@ -236,10 +236,11 @@ class IpvsBackend:
             )
         service = self._service_id(key)
         scheduler = str(options.scheduler)
+        persist = options.affinity
         current = self._options.get(key)
         if current is not None:
             if current != options:
-                await _kernel(self._ipvs.service(Command.SET, service, scheduler))
+                await _kernel(self._ipvs.service(Command.SET, service, scheduler, persist))
                 if key.published and current.local != options.local:
                     await self._firewall.set_local(key.protocol, key.port, options.local)
                 self._options[key] = options
@@ -248,11 +249,11 @@ class IpvsBackend:
             await self._device.add(key.address)  # the VIP first: a service of ours has one
             await self._firewall.add_vip(key.address)
         try:
-            await self._ipvs.service(Command.ADD, service, scheduler)
+            await self._ipvs.service(Command.ADD, service, scheduler, persist)
         except IpvsError as error:
             if error.code != errno.EEXIST:
                 raise BackendError(f"ipvs: {error}") from error
-            await _kernel(self._ipvs.service(Command.SET, service, scheduler))
+            await _kernel(self._ipvs.service(Command.SET, service, scheduler, persist))
         if key.published:
             await self._firewall.add_published(key.protocol, key.port)
             if options.local:
@@ -337,7 +338,7 @@ class IpvsBackend:
             if key is None:
                 continue
             dests = await _kernel(self._ipvs.dests(entry.id))
-            options = _options(entry.scheduler)
+            options = _options(entry.scheduler, entry.persistence)
             # IPVS keeps no traffic policy: it lives in the firewall's `local_marks`,
             # which this backend alone writes (flushed at start), so its mirror says it.
             mirrored = self._options.get(key)
@@ -388,10 +389,10 @@ async def _kernel_missing_ok(call: Awaitable[None]) -> None:
             raise BackendError(f"ipvs: {error}") from error
 
 
-def _options(scheduler: str) -> ServiceOptions:
+def _options(scheduler: str, persistence: int = 0) -> ServiceOptions:
     """Options read back. A scheduler we never program (someone changed it) is kept
     as its name, so that it compares unequal to every desired option and gets fixed."""
     try:
-        return ServiceOptions(Scheduler(scheduler))
+        return ServiceOptions(Scheduler(scheduler), affinity=persistence)
     except ValueError:
-        return ServiceOptions(cast(Scheduler, scheduler))
+        return ServiceOptions(cast(Scheduler, scheduler), affinity=persistence)

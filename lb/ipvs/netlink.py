@@ -35,6 +35,11 @@ from lb.netlink_thread import NetlinkThread
 FORWARD_MASQUERADE = 0
 #: All 16 service flag bits are set from our value (none: no persistence, no hashing).
 _FLAGS_ALL = {"flags": 0, "mask": 0xFFFF}
+#: IP_VS_SVC_F_PERSISTENT: a client address keeps its real server (ipvsadm -p TIMEOUT).
+FLAG_PERSISTENT = 0x0001
+#: IP_VS_SVC_F_SCHED2, which `mh` reads as "hash the source port too" (mh-port):
+#: Maglev per flow, as the other backends hash address and port.
+FLAG_MH_PORT = 0x0010
 _HOST_MASK = "255.255.255.255"
 
 
@@ -94,6 +99,8 @@ class ServiceEntry:
     id: ServiceId
     scheduler: str
     stats: ServiceStats | None = field(default=None, compare=False)
+    #: persistence timeout in seconds (0: none)
+    persistence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,16 +165,25 @@ def _message(cmd: int, attrs: list[tuple[str, Any]], cls: type[genlmsg] = genl.i
     return msg
 
 
-def service_message(command: Command, service: ServiceId, scheduler: str = "rr") -> tuple[Any, int]:
-    """The request that adds, changes or deletes one service, and its netlink flags."""
+def service_message(
+    command: Command, service: ServiceId, scheduler: str = "rr", persistence: int = 0
+) -> tuple[Any, int]:
+    """The request that adds, changes or deletes one service, and its netlink flags.
+
+    `persistence` seconds > 0 make the service persistent (a client address
+    keeps its real while it comes back within that time).
+    """
     cmd, flags = _SERVICE_COMMANDS[command]
     attrs = _service_key_attrs(service)
     if command is not Command.DELETE:
+        service_flags = FLAG_PERSISTENT if persistence > 0 else 0
+        if scheduler == "mh":
+            service_flags |= FLAG_MH_PORT
         # NEW and SET want the full entry; the kernel refuses one without these.
         attrs += [
             ("IPVS_SVC_ATTR_SCHED_NAME", scheduler),
-            ("IPVS_SVC_ATTR_FLAGS", _FLAGS_ALL),
-            ("IPVS_SVC_ATTR_TIMEOUT", 0),
+            ("IPVS_SVC_ATTR_FLAGS", {**_FLAGS_ALL, "flags": service_flags}),
+            ("IPVS_SVC_ATTR_TIMEOUT", max(persistence, 0)),
             ("IPVS_SVC_ATTR_NETMASK", _HOST_MASK),
         ]
     return _message(cmd, [("IPVS_CMD_ATTR_SERVICE", {"attrs": attrs})]), flags
@@ -230,8 +246,14 @@ def parse_service(msg: Any) -> ServiceEntry:
             str(_attr(nla, "IPVS_SVC_ATTR_ADDR", "")),
             _attr(nla, "IPVS_SVC_ATTR_PORT", 0),
         )
+    flags = _attr(nla, "IPVS_SVC_ATTR_FLAGS")
+    bits = int(flags.get("flags", 0) if hasattr(flags, "get") else 0) if flags else 0
+    timeout = int(_attr(nla, "IPVS_SVC_ATTR_TIMEOUT", 0) or 0)
     return ServiceEntry(
-        service, str(_attr(nla, "IPVS_SVC_ATTR_SCHED_NAME", "")), parse_service_stats(nla)
+        service,
+        str(_attr(nla, "IPVS_SVC_ATTR_SCHED_NAME", "")),
+        parse_service_stats(nla),
+        timeout if bits & FLAG_PERSISTENT else 0,
     )
 
 
@@ -316,9 +338,12 @@ class IpvsNetlink:
         found = await self._request("dump services", (msg, NLM_F_REQUEST | NLM_F_DUMP))
         return [parse_service(m) for m in found]
 
-    async def service(self, command: Command, service: ServiceId, scheduler: str = "rr") -> None:
+    async def service(
+        self, command: Command, service: ServiceId, scheduler: str = "rr", persistence: int = 0
+    ) -> None:
         await self._request(
-            f"{command.value} service {service}", service_message(command, service, scheduler)
+            f"{command.value} service {service}",
+            service_message(command, service, scheduler, persistence),
         )
 
     # -- real servers -----------------------------------------------------------

@@ -17,6 +17,20 @@
   or `published` (`l4proto . dport : goto svc_<id>`, matched only for packets to
   a local address: `fib daddr type local`).
 
+Maglev (`mh`): the slots map is `lb.maglev`'s lookup table (M entries, M prime,
+see `lb.maglev.table_size`), the rule `dnat ip to jhash ip saddr . <proto> sport mod M
+map @slots_<id>`; a change rewrites only the entries whose real changed (about
+M/N of them). Session affinity (`affinity` seconds), as kube-proxy's nftables
+mode does it (nft cannot store a map lookup's result from the packet path): per
+real taking new connections, a set `aff_<id>_<real>` of client addresses with
+timeouts. The service chain has per real a rule "source in its set: renew the
+entry (`update`), DNAT to it", then per real a rule "the client's address hashes
+(`jhash ip saddr`) into its share: add the client to its set, DNAT to it", and
+last the plain balancing rule, reached only when a set is full (`AFFINITY_SIZE`).
+A real that leaves or drains takes its set with it (its clients pick again; the
+others keep theirs). The chain is rewritten on every change of its reals: O(N)
+for a service with affinity, as kube-proxy's.
+
 Weights: `wrr` gives a real `weight` slots, `rr` (and `lc`, which nftables cannot
 do) one slot per real of weight > 0, as IPVS's rr ignores weights. Removing slots
 moves the last ones into the holes (swap with last), so a change rewrites only
@@ -35,6 +49,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from lb import maglev
 from lb.nft.base import DEFAULT_MASQUERADE_MARK
 from lb.table import (
     DeleteService,
@@ -55,6 +70,10 @@ COMMENT_PREFIX = "meshplane"
 VIPS_MAP = "vips"
 PUBLISHED_MAP = "published"
 ENDPOINTS_SET = "endpoints"
+#: Clients one real's affinity set holds; past it a client is balanced without affinity.
+AFFINITY_SIZE = 65536
+#: The jhash seed: fixed, so every node (and every restart) hashes a flow alike.
+HASH_SEED = 0x6D657368
 
 #: A real server's `address . protocol . port`, as the `endpoints` set holds it.
 Endpoint: TypeAlias = tuple[str, str, int]
@@ -94,6 +113,12 @@ class ServiceLayout:
     def service(self) -> VirtualService:
         return VirtualService(self.key, self.options, dict(self.weights))
 
+    def maglev_table(self) -> list[Real]:
+        """The Maglev lookup table the weights ask for (its size kept while big enough)."""
+        ready = [r for r, w in self.weights.items() if w > 0]
+        size = maglev.table_size(len(ready), len(self.slots) or None)
+        return maglev.build(ready, size)
+
     def wanted_slots(self, real: Real) -> int:
         weight = self.weights.get(real, 0)
         if weight <= 0:
@@ -102,6 +127,8 @@ class ServiceLayout:
 
     def consistent(self) -> bool:
         """Whether the slots are what the weights and scheduler ask for (a repaired leftover)."""
+        if self.options.scheduler is Scheduler.MAGLEV:
+            return self.slots == self.maglev_table()
         counts: dict[Real, int] = {}
         for real in self.slots:
             counts[real] = counts.get(real, 0) + 1
@@ -135,8 +162,15 @@ def counter_name(key: VirtualKey) -> str:
     return f"conns_{service_id(key)}"
 
 
+def affinity_set(key: VirtualKey, real: Real) -> str:
+    return f"aff_{service_id(key)}_{real.address.replace('.', '_')}_{real.port}"
+
+
 def options_comment(options: ServiceOptions) -> str:
-    text = f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
+    text = (
+        f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
+        f" aff={options.affinity}"
+    )
     # `local=1` only when set, so the rules of services without it read as before
     return text + (" local=1" if options.local else "")
 
@@ -150,6 +184,7 @@ def parse_options_comment(comment: str) -> ServiceOptions | None:
         return ServiceOptions(
             Scheduler(fields.get("sched", "rr")),
             fields.get("proxy") == "1",
+            int(fields.get("aff", "0")),
             local=fields.get("local") == "1",
         )
     except ValueError:
@@ -294,8 +329,12 @@ class Layout:
             ]
         if current.options == options:
             return []
+        before = current.options.affinity
         current.options = options
-        return self._reslot(current, list(current.weights), rebuild=True)
+        ready = [r for r, w in sorted(current.weights.items()) if w > 0]
+        made = [] if before or not options.affinity else self._affinity_sets(key, ready, "add")
+        gone = [] if not before or options.affinity else self._affinity_sets(key, ready, "delete")
+        return [*made, *self._reslot(current, list(current.weights), rebuild=True), *gone]
 
     def _delete_service(self, key: VirtualKey) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
         current = self.services.get(key)
@@ -318,6 +357,9 @@ class Layout:
             f"delete map ip {t} weights_{sid}",
             f"delete counter ip {t} {counter_name(key)}",
         ]
+        if current.options.affinity:
+            ready = [r for r, w in sorted(current.weights.items()) if w > 0]
+            commands += self._affinity_sets(key, ready, "delete")
         for real in sorted(current.weights):
             commands += self._endpoint(key, real, -1)
         return commands, [(key, real) for real in sorted(current.weights)]
@@ -336,7 +378,16 @@ class Layout:
             commands.append(f"delete element ip {t} {wmap} {{ {real.address} . {real.port} }}")
         commands.append(f"add element ip {t} {wmap} {{ {real.address} . {real.port} : {weight} }}")
         current.weights[real] = weight
-        return commands + self._reslot(current, [real])
+        affinity = current.options.affinity
+        joins, leaves = not old and weight > 0, bool(old) and weight == 0
+        if affinity and joins:
+            commands += self._affinity_sets(key, [real], "add")
+        commands += self._reslot(current, [real])
+        if affinity:
+            commands += self._rule(current)  # its rules name each real and its share
+            if leaves:
+                commands += self._affinity_sets(key, [real], "delete")
+        return commands
 
     def _delete_real(
         self, key: VirtualKey, real: Real
@@ -345,12 +396,15 @@ class Layout:
         if current is None or real not in current.weights:
             return [], []
         self._save(key)
-        del current.weights[real]
+        old = current.weights.pop(real)
         commands = [
             f"delete element ip {self.table} {weights_map(key)} {{ {real.address} . {real.port} }}",
             *self._endpoint(key, real, -1),
         ]
-        return commands + self._reslot(current, [real]), [(key, real)]
+        commands += self._reslot(current, [real])
+        if current.options.affinity and old:
+            commands += [*self._rule(current), *self._affinity_sets(key, [real], "delete")]
+        return commands, [(key, real)]
 
     def _reslot(
         self, layout: ServiceLayout, reals: Iterable[Real], *, rebuild: bool = False
@@ -361,6 +415,8 @@ class Layout:
         dropped (swap with last); a real gaining slots appends them. Cost:
         O(slots changed), whatever the size of the ring.
         """
+        if layout.options.scheduler is Scheduler.MAGLEV:
+            return self._remaglev(layout, rebuild=rebuild)
         slots, positions = layout.slots, layout.positions
         before = len(slots)
         was: dict[int, Real | None] = {}  # slot -> its real before this change (None: new)
@@ -407,6 +463,42 @@ class Layout:
             commands += self._rule(layout)
         return commands
 
+    def _remaglev(self, layout: ServiceLayout, *, rebuild: bool) -> list[str]:
+        """Rebuild the Maglev table; rewrite only the entries whose real changed."""
+        old, new = layout.slots, layout.maglev_table()
+        t, smap = self.table, slots_map(layout.key)
+        changed = [
+            i
+            for i in range(max(len(old), len(new)))
+            if i >= len(new) or i >= len(old) or old[i] != new[i]
+        ]
+        commands = [f"delete element ip {t} {smap} {{ {i} }}" for i in changed if i < len(old)]
+        added = [f"{i} : {new[i].address} . {new[i].port}" for i in changed if i < len(new)]
+        # One command per few thousand elements keeps each line a sane length.
+        for start in range(0, len(added), 4096):
+            commands.append(
+                f"add element ip {t} {smap} {{ {', '.join(added[start : start + 4096])} }}"
+            )
+        layout.slots = new
+        layout.reindex()
+        if rebuild or len(old) != len(new):
+            commands += self._rule(layout)
+        return commands
+
+    def _affinity_sets(self, key: VirtualKey, reals: Iterable[Real], verb: str) -> list[str]:
+        """Make (`add`) or remove (`delete`) the affinity sets of `reals`.
+
+        Entries carry their own timeout (set by the rule's `update`), so a new
+        timeout needs only new rules, not new sets.
+        """
+        if verb == "delete":
+            return [f"delete set ip {self.table} {affinity_set(key, r)}" for r in reals]
+        return [
+            f"add set ip {self.table} {affinity_set(key, r)} {{ type ipv4_addr ; "
+            f"flags dynamic,timeout ; size {AFFINITY_SIZE} ; }}"
+            for r in reals
+        ]
+
     def repair(self, key: VirtualKey) -> list[str]:
         """Rewrite one service's slots and rule from its weights (a damaged leftover)."""
         layout = self.services[key]
@@ -416,24 +508,60 @@ class Layout:
             f"add counter ip {self.table} {counter_name(key)}",  # a table of an older version
             f"flush map ip {self.table} {slots_map(key)}",
         ]
+        if layout.options.affinity:  # `add` of a set that exists changes nothing
+            commands += self._affinity_sets(
+                key, [r for r, w in layout.weights.items() if w > 0], "add"
+            )
         return commands + self._reslot(layout, list(layout.weights), rebuild=True)
 
     def _rule(self, layout: ServiceLayout) -> list[str]:
         t, key = self.table, layout.key
         comment = f'comment "{options_comment(layout.options)}"'
         count = f"counter name {counter_name(key)}"
-        if layout.slots:
-            # The mark bit says "DNATed by meshplane" to the forward and
-            # postrouting chains (base.py), which masquerade only such flows.
-            body = (
-                f"meta l4proto {key.protocol} {count} meta mark set meta mark | {self.mark:#x} "
-                f"dnat ip to numgen inc mod {len(layout.slots)} map @{slots_map(key)}"
-            )
-        else:
+        commands = [f"flush chain ip {t} {chain_name(key)}"]
+        if not layout.slots:
             # Nothing takes new connections: refuse them at once rather than let
             # them time out (flows already made never reach a nat chain again).
-            body = f"{count} reject"
-        return [
-            f"flush chain ip {t} {chain_name(key)}",
-            f"add rule ip {t} {chain_name(key)} {body} {comment}",
+            return [*commands, f"add rule ip {t} {chain_name(key)} {count} reject {comment}"]
+        # The mark bit says "DNATed by meshplane" to the forward and
+        # postrouting chains (base.py), which masquerade only such flows.
+        mark = f"meta mark set meta mark | {self.mark:#x}"
+        size, slots = len(layout.slots), f"map @{slots_map(key)}"
+        seed = f"seed {HASH_SEED:#x}"
+        if layout.options.scheduler is Scheduler.MAGLEV:
+            pick = f"jhash ip saddr . {key.protocol} sport mod {size} {seed} {slots}"
+        else:
+            pick = f"numgen inc mod {size} {slots}"
+        if layout.options.affinity:
+            commands += self._affinity_rules(layout, f"{count} {mark}", comment)
+        commands.append(
+            f"add rule ip {t} {chain_name(key)} meta l4proto {key.protocol} {count} {mark} "
+            f"dnat ip to {pick} {comment}"
+        )
+        return commands
+
+    def _affinity_rules(self, layout: ServiceLayout, count_mark: str, comment: str) -> list[str]:
+        """Per ready real: "a client it has: keep it"; then "a new client hashing into its
+        share: record it". Shares follow the weights under `wrr`, else one each."""
+        t, key = self.table, layout.key
+        ready = sorted(r for r, w in layout.weights.items() if w > 0)
+        shares = [
+            layout.weights[r] if layout.options.scheduler is Scheduler.WEIGHTED_ROUND_ROBIN else 1
+            for r in ready
         ]
+        total = sum(shares)
+        head = f"add rule ip {t} {chain_name(key)} meta l4proto {key.protocol}"
+        timeout = f"timeout {layout.options.affinity}s"
+        kept, new = [], []
+        start = 0
+        for real, share in zip(ready, shares, strict=True):
+            name = affinity_set(key, real)
+            to = f"dnat ip to {real.address}:{real.port} {comment}"
+            update = f"update @{name} {{ ip saddr {timeout} }} {count_mark}"
+            kept.append(f"{head} ip saddr @{name} {update} {to}")
+            span = f"{start}" if share == 1 else f"{start}-{start + share - 1}"
+            new.append(
+                f"{head} jhash ip saddr mod {total} seed {HASH_SEED:#x} {span} {update} {to}"
+            )
+            start += share
+        return kept + new

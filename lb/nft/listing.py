@@ -193,16 +193,22 @@ def parse_counters(listing: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _modulus(rules: list[Mapping[str, Any]]) -> int | None:
-    """The `numgen inc mod N` of a service chain's rule (None for a reject rule)."""
-    if len(rules) != 1:
+    """The `mod N` of a service chain's balancing rule (None for a reject rule).
+
+    That rule is the last one: with affinity, the rules before it DNAT the
+    clients the affinity sets hold (`lb/nft/layout.py`).
+    The hash is `numgen inc`, or `jhash` (Maglev).
+    """
+    if not rules:
         return -1
-    for expr in rules[0].get("expr", []):
+    for expr in rules[-1].get("expr", []):
         dnat = expr.get("dnat") if isinstance(expr, dict) else None
         if isinstance(dnat, dict):
             addr = dnat.get("addr")
             if isinstance(addr, dict) and "map" in addr:
-                numgen = addr["map"].get("key", {}).get("numgen", {})
-                mod = numgen.get("mod")
+                key = addr["map"].get("key", {})
+                hashed = key.get("numgen") or key.get("jhash") or {}
+                mod = hashed.get("mod") if isinstance(hashed, dict) else None
                 return int(mod) if isinstance(mod, int) else -1
             return -1
     return None

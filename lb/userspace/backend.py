@@ -58,6 +58,7 @@ class UserspaceBackend:
         # taken up again if the service comes back before that.
         self._stats: dict[VirtualKey, KeyStats] = {}
         self._stats_read = False  # nobody reads them: a deleted service's go at once
+        self._evicted_gone = 0  # affinity evictions of deleted services
 
     def __repr__(self) -> str:
         return f"<UserspaceBackend services={len(self._services)} open={len(self.runtime.open)}>"
@@ -68,6 +69,9 @@ class UserspaceBackend:
             **self.runtime.counters(),
             "open": len(self.runtime.open),
             "unbound": len(self._unbound),
+            # clients forgotten by a full affinity table (they are balanced afresh)
+            "affinity_evicted": self._evicted_gone
+            + sum(s.pool.affinity_evicted for s in self._services.values()),
         }
 
     def service_counters(self) -> dict[VirtualKey, dict[str, int]]:
@@ -130,10 +134,11 @@ class UserspaceBackend:
             else:
                 await self._transparent(op.key, op.options)
                 service.options = op.options
-                service.pool.scheduler = op.options.scheduler
+                service.pool.configure(op.options.scheduler, op.options.affinity)
         elif isinstance(op, DeleteService):
             gone = self._services.pop(op.key, None)
             if gone is not None:
+                self._evicted_gone += gone.pool.affinity_evicted  # the count stays monotonic
                 gone.close()
             self._unbound.pop(op.key, None)
             if not self._stats_read:
@@ -181,8 +186,8 @@ class UserspaceBackend:
     async def _listen(self, key: VirtualKey, options: ServiceOptions) -> None:
         await self._transparent(key, options)
         previous = self._unbound.pop(key, None)
-        pool = Pool(options.scheduler) if previous is None else previous[0].pool
-        pool.scheduler = options.scheduler
+        pool = Pool() if previous is None else previous[0].pool
+        pool.configure(options.scheduler, options.affinity)
         stats = self._stats.setdefault(key, KeyStats())
         service: Service = (
             TcpService(key, options, pool, self.runtime, stats)

@@ -23,7 +23,7 @@ import time
 from typing import cast
 
 from lb.fds import is_fd_shortage
-from lb.table import Real, ServiceOptions, VirtualKey
+from lb.table import Real, Scheduler, ServiceOptions, VirtualKey
 from lb.userspace import proxy_protocol
 from lb.userspace.runtime import KeyStats, Runtime, listening_socket
 from lb.userspace.scheduler import Pool
@@ -172,8 +172,15 @@ class Splice:
         pool = self.service.pool
         loop = runtime.loop
         tried: set[Real] = set()
+        # Maglev and affinity need the client's address; the others do not ask for it.
+        source: tuple[str, int] | None = None
+        if pool.affinity or pool.scheduler is Scheduler.MAGLEV:
+            accepted = self.client.transport
+            peer = accepted.get_extra_info("peername") if accepted is not None else None
+            source = (str(peer[0]), int(peer[1])) if peer else None
+        now = time.monotonic()
         while True:
-            real = pool.pick(tried)
+            real = pool.pick(tried, source, now)
             if real is None:
                 runtime.stats["tcp_no_real"] += 1
                 self._close_client(abort=True)

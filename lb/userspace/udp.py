@@ -57,7 +57,7 @@ class Flow:
         self._close_socket()
         pool = self.service.pool
         while True:
-            real = pool.pick(self.tried)
+            real = pool.pick(self.tried, self.client, time.monotonic())
             if real is None:
                 return False
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

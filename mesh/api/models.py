@@ -468,11 +468,13 @@ class LbServiceOut(_Response):
     protocol: Literal["tcp", "udp"]
     address: str  # a VIP, or 0.0.0.0 for a published port
     port: int
-    scheduler: Literal["rr", "wrr", "lc"]
+    scheduler: Literal["rr", "wrr", "lc", "mh"]  # mh: Maglev consistent hashing
     proxy_protocol: bool
     #: a published port's traffic policy: `local` sends only to this node's own tasks
     #: without SNAT (docs/load-balancing.md); always `cluster` for a VIP
     traffic_policy: Literal["cluster", "local"] = "cluster"
+    #: session affinity by client address: seconds a client keeps its real (0: none)
+    affinity: int = 0
     reals: list[LbRealOut]
 
 

@@ -29,6 +29,7 @@ def table_of(answer: JsonObject) -> Table:
             options = ServiceOptions(
                 Scheduler(entry["scheduler"]),
                 bool(entry["proxy_protocol"]),
+                int(entry.get("affinity", 0)),
                 local=entry.get("traffic_policy", "cluster") == "local",
             )
             reals = {Real(r["address"], int(r["port"])): int(r["weight"]) for r in entry["reals"]}

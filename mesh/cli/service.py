@@ -12,6 +12,12 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+from lb.view import (
+    AFFINITY_LABEL,
+    DEFAULT_AFFINITY_TIMEOUT,
+    SCHEDULER_LABEL,
+    parse_affinity,
+)
 from mesh.cli import spec
 from mesh.cli.client import api_path
 from mesh.cli.commands import JsonObject, Subparsers, add_command, add_noun, json_objects, text
@@ -62,6 +68,45 @@ def _add_create(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
         "--label", metavar="K=V", action="append", default=[], help="a label; repeatable"
     )
     create.add_argument("--health-check", metavar="SPEC", help=spec.HEALTH_CHECK_HELP)
+    _add_policy_flags(create)
+
+
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """L4 policy flags: shorthands for the `mesh.lb.*` labels (docs/lb.md)."""
+    parser.add_argument(
+        "--affinity",
+        metavar="client-ip[:TIMEOUT]",
+        help="session affinity: a client address keeps its task while it comes back within "
+        f"TIMEOUT seconds (default {DEFAULT_AFFINITY_TIMEOUT}); `none` turns it off "
+        f"(label {AFFINITY_LABEL})",
+    )
+    parser.add_argument(
+        "--lb-algorithm",
+        metavar="ALG",
+        choices=LB_ALGORITHMS,
+        help="L4 balancing: rr (round robin, the default), wrr, lc (least connections), "
+        f"maglev (consistent hashing of the client's address and port) (label {SCHEDULER_LABEL})",
+    )
+
+
+#: `--lb-algorithm` values, as the `mesh.lb.scheduler` label takes them
+LB_ALGORITHMS = ("rr", "wrr", "lc", "maglev")
+
+
+def policy_labels(args: argparse.Namespace) -> dict[str, str]:
+    """The labels `--affinity` and `--lb-algorithm` stand for (checked before sending)."""
+    labels: dict[str, str] = {}
+    affinity = getattr(args, "affinity", None)
+    if affinity is not None:
+        try:
+            parse_affinity(affinity)
+        except ValueError as exc:
+            raise UsageError(f"--affinity: {exc}") from None
+        labels[AFFINITY_LABEL] = affinity.strip().lower()
+    algorithm = getattr(args, "lb_algorithm", None)
+    if algorithm is not None:
+        labels[SCHEDULER_LABEL] = algorithm
+    return labels
 
 
 def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -99,6 +144,7 @@ def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
         "--health-check", metavar="SPEC", help="set the health check, as --health-check (below)"
     )
     check.add_argument("--no-health-check", action="store_true", help="remove the health check")
+    _add_policy_flags(update)
 
 
 def create_body(args: argparse.Namespace) -> JsonObject:
@@ -112,8 +158,9 @@ def create_body(args: argparse.Namespace) -> JsonObject:
         body["ports"] = [spec.parse_publish(p) for p in args.publish]
     if args.endpoint_mode is not None:
         body["endpoint_mode"] = args.endpoint_mode
-    if args.label:
-        body["labels"] = spec.parse_labels(args.label)
+    labels = {**spec.parse_labels(args.label), **policy_labels(args)}
+    if labels:
+        body["labels"] = labels
     if args.health_check is not None:
         body["health_check"] = spec.parse_health_check(args.health_check)
     return body
@@ -129,7 +176,7 @@ def changes_of(args: argparse.Namespace) -> ServiceChanges:
         network_rm=tuple(args.network_rm),
         publish_add=tuple(spec.parse_publish(p) for p in args.publish_add),
         publish_rm=tuple(spec.parse_published_ref(p) for p in args.publish_rm),
-        label_add=spec.parse_labels(args.label_add, "--label-add"),
+        label_add={**spec.parse_labels(args.label_add, "--label-add"), **policy_labels(args)},
         label_rm=tuple(args.label_rm),
         endpoint_mode=args.endpoint_mode,
         health_check=None if check is None else spec.parse_health_check(check),

@@ -346,3 +346,28 @@ def test_metrics_count_each_services_connections_and_bytes(
     )
     assert agent.request("DELETE", "/v1/services/web")[0] in (200, 202, 204)
     wait_for(lambda: lb_series(agent) == {}, what="the removed service's series to go")
+
+
+def test_affinity_and_maglev_from_the_cli_reach_the_table(
+    start_agent: Callable[..., AgentProcess], net: str, servers: Callable[[int], EchoServer]
+) -> None:
+    """`mesh service update --lb-algorithm maglev --affinity client-ip:60`: the labels, the
+    options in `GET /v1/lb` and `mesh lb`, and one client kept on one task."""
+    publish = f"{net}.1"
+    agent = start_agent(extra=["--publish-address", publish])
+    published = free_port()
+    add_web(agent, published)
+    mesh_cli(agent, "service", "update", "web", "--lb-algorithm", "maglev", "--affinity",
+             "client-ip:60")  # fmt: skip
+    for index in (1, 2, 3):
+        add_task(agent, servers(index).address)
+    wait_for(
+        lambda: len(lb_table(agent).get(("tcp", "0.0.0.0", published), {})) == 3,
+        what="three tasks in the table",
+    )
+    body = agent.request("GET", "/v1/lb")[1]
+    entry = next(s for s in body["services"] if s["port"] == published)
+    assert entry["scheduler"] == "mh" and entry["affinity"] == 60
+    assert f"TCP  0.0.0.0:{published} mh affinity=60s" in mesh_cli(agent, "lb")
+    answered = Counter(hello(publish, published) for _ in range(30))
+    assert len(answered) == 1 and None not in answered, answered

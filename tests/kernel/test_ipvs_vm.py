@@ -21,5 +21,8 @@ def test_ipvs_backend_on_a_real_ip_vs_kernel() -> None:
     check_guest_file(
         "tests/kernel/test_ipvs_backend.py",
         "ipvs-vm",
-        re.compile(r"^(IpvsBackend service_counters after|IPVS service_counters after)"),
+        re.compile(
+            r"^(IpvsBackend service_counters after|IPVS service_counters after"
+            r"|IPVS affinity:|IPVS: 10 reals)"
+        ),
     )

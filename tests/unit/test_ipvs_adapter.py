@@ -18,6 +18,8 @@ from lb.ipvs.backend import check_key, check_real
 from lb.ipvs.firewall import DEFAULT_MARK_BASE, check_mark_base, decode_mark, published_mark
 from lb.ipvs.host import kernel_version, swarm_sysctls
 from lb.ipvs.netlink import (
+    FLAG_MH_PORT,
+    FLAG_PERSISTENT,
     FORWARD_MASQUERADE,
     Command,
     DestEntry,
@@ -267,3 +269,16 @@ def test_a_service_dump_gives_its_stats_and_a_real_dump_its_connection_entries()
     msg = _message(genl.IPVS_CMD_NEW_DEST, [("IPVS_CMD_ATTR_DEST", {"attrs": dest_attrs})])
     dest = parse_dest(wire((msg, 0))[0])
     assert dest == REAL and (dest.active, dest.inactive) == (3, 2)
+
+
+def test_affinity_is_persistence_and_maglev_hashes_the_port() -> None:
+    decoded, _ = wire(service_message(Command.ADD, VIP, "rr", persistence=300))
+    service = attrs(decoded, "IPVS_CMD_ATTR_SERVICE")
+    assert service["IPVS_SVC_ATTR_FLAGS"] == {"flags": FLAG_PERSISTENT, "mask": 0xFFFF}
+    assert service["IPVS_SVC_ATTR_TIMEOUT"] == 300
+    assert parse_service(decoded).persistence == 300
+    decoded, _ = wire(service_message(Command.SET, VIP, "mh"))
+    service = attrs(decoded, "IPVS_CMD_ATTR_SERVICE")
+    assert service["IPVS_SVC_ATTR_SCHED_NAME"] == "mh"
+    assert service["IPVS_SVC_ATTR_FLAGS"] == {"flags": FLAG_MH_PORT, "mask": 0xFFFF}
+    assert parse_service(decoded).persistence == 0

@@ -16,11 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lb import maglev
 from lb.nft.base import base_commands
 from lb.nft.layout import (
+    HASH_SEED,
     MAX_WEIGHT,
     Layout,
     LayoutError,
+    affinity_set,
+    chain_name,
     counter_name,
     parse_options_comment,
     slots_map,
@@ -50,8 +54,9 @@ class FakeMaps:
 
     def __init__(self) -> None:
         self.maps: dict[str, dict[str, str]] = {"endpoints": {}}
-        self.rules: dict[str, str] = {}
+        self.rules: dict[str, list[str]] = {}
         self.counters: set[str] = set()
+        self.sets: set[str] = set()
 
     def run(self, commands: list[str]) -> None:
         for command in commands:
@@ -59,21 +64,31 @@ class FakeMaps:
                 self.counters.add(command.split()[4])
             elif command.startswith("delete counter"):
                 name = command.split()[4]
-                assert not any(name in rule for rule in self.rules.values()), "in use"
+                assert not any(name in " ".join(r) for r in self.rules.values()), "in use"
                 self.counters.remove(name)
+            elif command.startswith("add set"):
+                self.sets.add(command.split()[4])
+            elif command.startswith("delete set"):
+                name = command.split()[4]
+                assert not any(f"@{name} " in " ".join(r) for r in self.rules.values()), "in use"
+                self.sets.remove(name)
             elif command.startswith("add map"):
                 self.maps.setdefault(command.split()[4], {})
             elif command.startswith("delete map"):
-                del self.maps[command.split()[4]]
+                name = command.split()[4]
+                assert not any(f"@{name} " in " ".join(r) for r in self.rules.values()), "in use"
+                del self.maps[name]
             elif command.startswith("flush map"):
                 self.maps[command.split()[4]].clear()
             elif command.startswith("flush chain") or command.startswith("delete chain"):
                 self.rules.pop(command.split()[4], None)
             elif match := RULE.match(command):
-                assert match[1] not in self.rules, f"two rules in {match[1]}"
+                rules = self.rules.setdefault(match[1], [])
                 named = re.search(r"counter name (\w+)", match[2])
                 assert named and named[1] in self.counters, f"{match[1]}: no counter"
-                self.rules[match[1]] = match[2]
+                for used in re.findall(r"@(\w+)", match[2]):
+                    assert used in self.maps or used in self.sets, f"{match[1]}: no {used}"
+                rules.append(match[2])
             elif match := ELEMENTS.match(command):
                 verb, name, body = match.groups()
                 if name in ("vips", "published"):
@@ -101,13 +116,37 @@ class FakeMaps:
             assert weights == {
                 f"{r.address} . {r.port}": str(w) for r, w in service.weights.items()
             }
-            rule = self.rules[f"svc_{slots_map(key)[len('slots_') :]}"]
+            rules = self.rules[f"svc_{slots_map(key)[len('slots_') :]}"]
+            rule = rules[-1]
+            affinity = service.options.affinity
             if service.slots:
-                assert f"numgen inc mod {len(service.slots)} map" in rule
+                pick = (
+                    "jhash ip saddr . tcp sport"
+                    if service.options.scheduler == "mh"
+                    else ("numgen inc")
+                )
+                assert f"{pick} mod {len(service.slots)} " in rule
+                ready = sorted(r for r, w in service.weights.items() if w > 0)
+                # with affinity: per ready real, "kept" and "new" rules, then the balancing one
+                assert len(rules) == (2 * len(ready) + 1 if affinity else 1)
+                for index, real in enumerate(ready if affinity else ()):
+                    name = affinity_set(key, real)
+                    assert (
+                        f"ip saddr @{name} update @{name} {{ ip saddr timeout {affinity}s }}"
+                        in (rules[index])
+                    )
+                    assert rules[len(ready) + index].startswith("meta l4proto tcp jhash ip saddr")
             else:
-                assert rule == f"counter name {counter_name(key)} reject"
+                assert rules == [f"counter name {counter_name(key)} reject"]
             assert service.consistent()
         assert self.counters == {counter_name(key) for key in layout.services}
+        assert self.sets == {
+            affinity_set(key, real)
+            for key, service in layout.services.items()
+            if service.options.affinity
+            for real, weight in service.weights.items()
+            if weight > 0
+        }
 
 
 def run(layout: Layout, kernel: FakeMaps, ops: list[Op]) -> int:
@@ -124,6 +163,8 @@ def run(layout: Layout, kernel: FakeMaps, ops: list[Op]) -> int:
 KEY = VirtualKey("tcp", "10.0.0.1", 80)
 KEY2 = VirtualKey("tcp", ANY_ADDRESS, 30080)  # shares reals with KEY: endpoints are counted
 WRR = ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)
+MAGLEV = ServiceOptions(Scheduler.MAGLEV, affinity=0)
+AFFINE = ServiceOptions(Scheduler.ROUND_ROBIN, affinity=300)
 
 
 def real(i: int) -> Real:
@@ -209,7 +250,7 @@ def test_one_change_among_ten_thousand_reals_costs_a_constant_number_of_commands
 keys = st.sampled_from([KEY, KEY2])
 ops_strategy = st.lists(
     st.one_of(
-        st.builds(PutService, keys, st.sampled_from([ServiceOptions(), WRR])),
+        st.builds(PutService, keys, st.sampled_from([ServiceOptions(), WRR, MAGLEV, AFFINE])),
         st.builds(PutReal, keys, st.builds(real, st.integers(0, 5)), st.integers(0, 4)),
         st.builds(DeleteReal, keys, st.builds(real, st.integers(0, 5))),
         st.builds(DeleteService, keys),
@@ -369,3 +410,50 @@ def test_one_mark_bit_tells_our_flows_from_others() -> None:
         'meta mark & 0x4000 == 0x4000 oif != "lo" meta mark set meta mark & 0xffffbfff '
         "masquerade" in base
     )
+
+
+def test_maglev_fills_the_slots_with_the_lookup_table_and_hashes_the_flow() -> None:
+    layout, kernel = Layout("t"), FakeMaps()
+    run(layout, kernel, [PutService(KEY, MAGLEV), *(PutReal(KEY, real(i), 1) for i in range(10))])
+    service = layout.services[KEY]
+    assert len(service.slots) == maglev.table_size(10) == 16381
+    assert service.slots == maglev.build([real(i) for i in range(10)], 16381)
+    assert (
+        f"jhash ip saddr . tcp sport mod 16381 seed {HASH_SEED:#x} map"
+        in kernel.rules[chain_name(KEY)][-1]
+    )
+    # Removing one of ten rewrites about its tenth of the table, not the whole table.
+    commands, _ = layout.plan(DeleteReal(KEY, real(3)))
+    kernel.run(commands)
+    kernel.check(layout)
+    rewritten = sum(c.count(" : ") for c in commands if c.startswith("add element ip t slots_"))
+    print(f"maglev: removing 1 of 10 reals rewrote {rewritten} of 16381 entries")
+    assert 16381 // 10 <= rewritten <= 16381 * 0.12
+    assert not any(c.startswith("flush chain") for c in commands), "the modulus did not change"
+
+
+def test_affinity_sets_per_real_come_and_go_with_its_readiness() -> None:
+    layout, kernel = Layout("t"), FakeMaps()
+    run(layout, kernel, [PutService(KEY, AFFINE), PutReal(KEY, real(1), 1)])
+    one, two = affinity_set(KEY, real(1)), affinity_set(KEY, real(2))
+    assert kernel.rules[chain_name(KEY)][0] == (
+        f"meta l4proto tcp ip saddr @{one} update @{one} {{ ip saddr timeout 300s }} "
+        f"counter name {counter_name(KEY)} meta mark set meta mark | 0x2000 "
+        f"dnat ip to {real(1).address}:8080"
+    )
+    run(layout, kernel, [PutReal(KEY, real(2), 1)])
+    assert kernel.sets == {one, two}, "a new real leaves the other reals' clients be"
+    run(layout, kernel, [PutReal(KEY, real(2), 0)])
+    assert kernel.sets == {one}, "a draining real keeps no client"
+    run(layout, kernel, [DeleteReal(KEY, real(1))])
+    assert kernel.sets == set()
+    run(layout, kernel, [PutReal(KEY, real(3), 1), PutService(KEY, ServiceOptions())])
+    assert kernel.sets == set(), "affinity turned off: its sets go"
+
+
+def test_maglev_and_affinity_survive_the_rule_comment() -> None:
+    for options in (MAGLEV, AFFINE, ServiceOptions(Scheduler.MAGLEV, affinity=60)):
+        layout = Layout("t")
+        commands, _ = layout.plan(PutService(KEY, options))
+        comment = next(c for c in commands if "comment" in c).split('comment "')[1][:-1]
+        assert parse_options_comment(comment) == options

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,7 @@ from lb.table import (
     VirtualService,
     apply_ops,
 )
-from lb.view import LbView, build_table
+from lb.view import LbView, build_table, parse_affinity
 from mesh.core.model import (
     Change,
     Health,
@@ -374,3 +375,33 @@ def test_incremental_table_equals_a_build_from_scratch(
         expected = build_table(current.values(), NODE)
         assert programmed == expected
         assert view.table() == expected
+
+
+def test_affinity_and_maglev_labels() -> None:
+    cases = {
+        "client-ip": 10800,
+        "client-ip:60": 60,
+        "Client-IP:90s": 90,
+        "none": 0,
+    }
+    for text, seconds in cases.items():
+        assert parse_affinity(text) == seconds
+    for bad in ("client-ip:0", "client-ip:x", "cookie", "client-ip:86401"):
+        with pytest.raises(ValueError, match="affinity"):
+            parse_affinity(bad)
+    view = LbView(NODE)
+    view.load(
+        [
+            service(labels={"mesh.lb.scheduler": "maglev", "mesh.lb.affinity": "client-ip:60"}),
+            service(
+                "api",
+                labels={"mesh.lb.affinity": "sticky"},
+                ports=(PortConfig(protocol="tcp", target_port=81, published_port=30081),),
+                vips=(),
+            ),
+        ]
+    )
+    table = view.table()
+    assert table[PUBLISHED].options == ServiceOptions(Scheduler.MAGLEV, affinity=60)
+    assert table[VirtualKey("tcp", ANY_ADDRESS, 30081)].options == ServiceOptions()
+    assert view.invalid_labels["mesh.lb.affinity"] == 1
