@@ -17,11 +17,15 @@
   or `published` (`l4proto . dport : goto svc_<id>`, matched only for packets to
   a local address: `fib daddr type local`).
 
-Weights: `wrr` gives a real `weight` slots, `rr` (and `lc`, which nftables cannot
-do) one slot per real of weight > 0, as IPVS's rr ignores weights. Removing slots
-moves the last ones into the holes (swap with last), so a change rewrites only
-the elements it must plus the one rule whose modulus changed: O(weight), not
-O(service).
+Weights: `wrr` gives each real its share of the slots (`lb/nft/slots.py`:
+weights reduced by their gcd, exact up to 16,384 slots, within one slot of the
+quota beyond), `rr` one slot per real of weight > 0, as IPVS's rr ignores
+weights. `lc` is refused (`LayoutError`): nftables keeps no per-real connection
+count a rule can read, and balancing round-robin under that name would be a lie.
+Removing slots moves the last ones into the holes (swap with last), so a change
+rewrites only the elements whose real changed plus the one rule whose modulus
+changed: O(slots changed), not O(service). (Under `wrr` a change that moves the
+gcd, or a capped map's apportionment, changes other reals' slots too.)
 
 Everything here is pure: `Layout.plan(op)` returns nft commands (text syntax,
 see `lb/nft/__init__.py` for why not JSON) and changes the mirror;
@@ -30,12 +34,14 @@ see `lb/nft/__init__.py` for why not JSON) and changes the mirror;
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from lb.nft.base import DEFAULT_MASQUERADE_MARK
+from lb.nft.slots import interleave, slot_counts
 from lb.table import (
     DeleteService,
     Op,
@@ -49,8 +55,10 @@ from lb.table import (
     VirtualService,
 )
 
-#: A real gets at most this many slots (its weight under `wrr`); bigger weights are refused.
-MAX_WEIGHT = 256
+#: The largest weight (a task's, `mesh.core.model.MAX_TASK_WEIGHT`); bigger ones are refused.
+MAX_WEIGHT = 1000
+#: nft commands carry at most this many map elements each (one line of `nft -f`).
+ELEMENTS_PER_COMMAND = 2048
 COMMENT_PREFIX = "meshplane"
 VIPS_MAP = "vips"
 PUBLISHED_MAP = "published"
@@ -70,12 +78,25 @@ class ServiceLayout:
     options: ServiceOptions = field(default_factory=ServiceOptions)
     weights: dict[Real, int] = field(default_factory=dict)
     slots: list[Real] = field(default_factory=list)
-    #: real -> its slot numbers (the inverse of `slots`, so a change finds them in O(1))
+    #: real -> its slot numbers, ascending (the inverse of `slots`, so a change finds
+    #: them in O(1) and gives up its highest first)
     positions: dict[Real, list[int]] = field(default_factory=dict)
+    #: real -> how many slots its weight and the scheduler ask for (`recount`)
+    counts: dict[Real, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.slots and not self.positions:
             self.reindex()
+        self.recount()
+
+    def recount(self) -> set[Real]:
+        """Recompute every real's wanted slots; the reals whose number changed."""
+        new = slot_counts(
+            self.weights, weighted=self.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN
+        )
+        old = self.counts
+        self.counts = new
+        return {real for real in old.keys() | new.keys() if old.get(real, 0) != new.get(real, 0)}
 
     def reindex(self) -> None:
         self.positions = {}
@@ -89,16 +110,14 @@ class ServiceLayout:
             dict(self.weights),
             list(self.slots),
             {r: list(p) for r, p in self.positions.items()},
+            dict(self.counts),
         )
 
     def service(self) -> VirtualService:
         return VirtualService(self.key, self.options, dict(self.weights))
 
     def wanted_slots(self, real: Real) -> int:
-        weight = self.weights.get(real, 0)
-        if weight <= 0:
-            return 0
-        return weight if self.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN else 1
+        return self.counts.get(real, 0)
 
     def consistent(self) -> bool:
         """Whether the slots are what the weights and scheduler ask for (a repaired leftover)."""
@@ -167,6 +186,15 @@ def _check_ipv4(address: str, what: str, *, allow_any: bool = False) -> None:
 def _check_port(port: object, what: str) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise LayoutError(f"{what} port {port!r} is not in 1..65535")
+
+
+def check_options(key: VirtualKey, options: ServiceOptions) -> None:
+    if options.scheduler == Scheduler.LEAST_CONNECTIONS:
+        raise LayoutError(
+            f"{key}: the nftables backend cannot balance by least connections (lc): "
+            "nftables keeps no per-real connection count a rule can read; use rr or wrr "
+            "on this node, or run it with --lb ipvs or --lb userspace"
+        )
 
 
 def check_key(key: VirtualKey) -> None:
@@ -255,6 +283,7 @@ class Layout:
         """The commands for `op` (applied to the mirror), and the (service, real) flows to flush."""
         check_key(op.key)
         if isinstance(op, PutService):
+            check_options(op.key, op.options)
             return self._put_service(op.key, op.options), []
         if isinstance(op, DeleteService):
             return self._delete_service(op.key)
@@ -289,7 +318,7 @@ class Layout:
         if current.options == options:
             return []
         current.options = options
-        return self._reslot(current, list(current.weights), rebuild=True)
+        return self._reslot(current, current.recount() | set(current.weights), rebuild=True)
 
     def _delete_service(self, key: VirtualKey) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
         current = self.services.get(key)
@@ -330,7 +359,7 @@ class Layout:
             commands.append(f"delete element ip {t} {wmap} {{ {real.address} . {real.port} }}")
         commands.append(f"add element ip {t} {wmap} {{ {real.address} . {real.port} : {weight} }}")
         current.weights[real] = weight
-        return commands + self._reslot(current, [real])
+        return commands + self._reslot(current, current.recount() | {real})
 
     def _delete_real(
         self, key: VirtualKey, real: Real
@@ -340,21 +369,24 @@ class Layout:
             return [], []
         self._save(key)
         del current.weights[real]
+        changed = current.recount() | {real}
         commands = [
             f"delete element ip {self.table} {weights_map(key)} {{ {real.address} . {real.port} }}",
             *self._endpoint(key, real, -1),
         ]
-        return commands + self._reslot(current, [real]), [(key, real)]
+        return commands + self._reslot(current, changed), [(key, real)]
 
     def _reslot(
         self, layout: ServiceLayout, reals: Iterable[Real], *, rebuild: bool = False
     ) -> list[str]:
         """Give `reals` the slots their weights ask for, touching only the slots that change.
 
-        A real losing slots gives each one to the ring's last slot, which is
-        dropped (swap with last); a real gaining slots appends them. Cost:
-        O(slots changed), whatever the size of the ring.
+        `rr` (one slot per real): a real losing its slot gives it to the ring's last
+        slot, which is dropped (swap with last); a real gaining one appends it.
+        Cost: O(slots changed), whatever the size of the ring. `wrr`: `_reweave`.
         """
+        if layout.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN:
+            return self._reweave(layout, rebuild=rebuild)
         slots, positions = layout.slots, layout.positions
         before = len(slots)
         was: dict[int, Real | None] = {}  # slot -> its real before this change (None: new)
@@ -367,16 +399,16 @@ class Layout:
             mine = positions.setdefault(real, [])
             want = layout.wanted_slots(real)
             while len(mine) > want:
-                index = max(mine)
+                index = mine.pop()  # its highest slot
                 last = len(slots) - 1
                 note(index)
                 note(last)
-                mine.remove(index)
                 if index != last:
                     moved = slots[last]
                     slots[index] = moved
                     theirs = positions[moved]
-                    theirs[theirs.index(last)] = index
+                    theirs.pop()  # `last` is the ring's highest slot, so its highest
+                    bisect.insort(theirs, index)
                 slots.pop()
             while len(mine) < want:
                 note(len(slots))
@@ -384,9 +416,31 @@ class Layout:
                 slots.append(real)
             if not mine:
                 del positions[real]
+        return self._slot_commands(layout, was, rebuild=rebuild or len(slots) != before)
+
+    def _reweave(self, layout: ServiceLayout, *, rebuild: bool) -> list[str]:
+        """`wrr`: the whole ring again, each real's slots spread evenly (`interleave`),
+        rewriting only the slots whose real changed. O(slots) per change: the price of
+        a ring without long runs of one real."""
+        old = layout.slots
+        new = interleave({real: layout.counts[real] for real in sorted(layout.counts)})
+        was: dict[int, Real | None] = {
+            i: old[i] if i < len(old) else None
+            for i in range(max(len(old), len(new)))
+            if i >= len(old) or i >= len(new) or old[i] != new[i]
+        }
+        layout.slots = new
+        layout.reindex()
+        return self._slot_commands(layout, was, rebuild=rebuild or len(new) != len(old))
+
+    def _slot_commands(
+        self, layout: ServiceLayout, was: Mapping[int, Real | None], *, rebuild: bool
+    ) -> list[str]:
+        """The element commands that turn the ring as it `was` into `layout.slots`."""
+        slots = layout.slots
         t, smap = self.table, slots_map(layout.key)
-        commands = [
-            f"delete element ip {t} {smap} {{ {i} }}"
+        removed = [
+            str(i)
             for i, old in sorted(was.items())
             if old is not None and (i >= len(slots) or slots[i] != old)
         ]
@@ -395,9 +449,15 @@ class Layout:
             for i, old in sorted(was.items())
             if i < len(slots) and slots[i] != old
         ]
-        if added:
-            commands.append(f"add element ip {t} {smap} {{ {', '.join(added)} }}")
-        if rebuild or len(slots) != before:
+        step = ELEMENTS_PER_COMMAND
+        commands = [
+            f"delete element ip {t} {smap} {{ {', '.join(removed[i : i + step])} }}"
+            for i in range(0, len(removed), step)
+        ] + [
+            f"add element ip {t} {smap} {{ {', '.join(added[i : i + step])} }}"
+            for i in range(0, len(added), step)
+        ]
+        if rebuild:
             commands += self._rule(layout)
         return commands
 
@@ -406,6 +466,7 @@ class Layout:
         layout = self.services[key]
         self._save(key)
         layout.slots, layout.positions = [], {}
+        layout.recount()
         commands = [
             f"add counter ip {self.table} {counter_name(key)}",  # a table of an older version
             f"flush map ip {self.table} {slots_map(key)}",
