@@ -230,6 +230,8 @@ class Layout:
         self.table = table
         self.mark = mark
         self.services: dict[VirtualKey, ServiceLayout] = dict(services or {})
+        #: services refused (lc), with why: their reals' ops are refused with the same reason
+        self.refused: dict[VirtualKey, str] = {}
         self._undo: dict[VirtualKey, ServiceLayout | None] | None = None
         #: `address . protocol . port` of every real, with how many services have it
         self.endpoints: dict[Endpoint, int] = {}
@@ -283,8 +285,17 @@ class Layout:
         """The commands for `op` (applied to the mirror), and the (service, real) flows to flush."""
         check_key(op.key)
         if isinstance(op, PutService):
-            check_options(op.key, op.options)
+            try:
+                check_options(op.key, op.options)
+            except LayoutError as exc:
+                self.refused[op.key] = str(exc)
+                raise
+            self.refused.pop(op.key, None)
             return self._put_service(op.key, op.options), []
+        if isinstance(op, DeleteService):
+            self.refused.pop(op.key, None)
+        elif op.key in self.refused and op.key not in self.services:
+            raise LayoutError(self.refused[op.key])
         if isinstance(op, DeleteService):
             return self._delete_service(op.key)
         if isinstance(op, PutReal):
