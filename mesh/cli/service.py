@@ -22,6 +22,10 @@ from mesh.cli.update import ServiceChanges, compute_patch, version_of
 
 HEADERS = ("ID", "NAME", "MODE", "NETWORKS", "VIPS", "PORTS", "TASKS")
 ENDPOINT_MODES = ("vip", "dnsrr")
+LOCALITY_HELP = (
+    "prefer-local: VIP traffic from a node goes to that node's own healthy tasks while it "
+    "has any, else to the others; any: every task (the default)"
+)
 GRAMMARS = f"{spec.PUBLISH_GRAMMAR}\n\n{spec.HEALTH_CHECK_GRAMMAR}\n\n{spec.NETWORK_GRAMMAR}"
 
 
@@ -62,6 +66,7 @@ def _add_create(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
         "--label", metavar="K=V", action="append", default=[], help="a label; repeatable"
     )
     create.add_argument("--health-check", metavar="SPEC", help=spec.HEALTH_CHECK_HELP)
+    create.add_argument("--locality", choices=spec.LOCALITIES, help=LOCALITY_HELP)
 
 
 def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -99,6 +104,14 @@ def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
         "--health-check", metavar="SPEC", help="set the health check, as --health-check (below)"
     )
     check.add_argument("--no-health-check", action="store_true", help="remove the health check")
+    update.add_argument("--locality", choices=spec.LOCALITIES, help=LOCALITY_HELP)
+    update.add_argument(
+        "--weight",
+        metavar="TASK=N",
+        action="append",
+        default=[],
+        help="set a task's weight (0..1000; 0 drains it) for this service; repeatable",
+    )
 
 
 def create_body(args: argparse.Namespace) -> JsonObject:
@@ -114,6 +127,8 @@ def create_body(args: argparse.Namespace) -> JsonObject:
         body["endpoint_mode"] = args.endpoint_mode
     if args.label:
         body["labels"] = spec.parse_labels(args.label)
+    if args.locality == "prefer-local":
+        body.setdefault("labels", {})[spec.LOCALITY_LABEL] = args.locality
     if args.health_check is not None:
         body["health_check"] = spec.parse_health_check(args.health_check)
     return body
@@ -123,14 +138,22 @@ def changes_of(args: argparse.Namespace) -> ServiceChanges:
     """What `service update`'s flags ask for; parses every flag before anything is sent."""
     check = args.health_check
     added, aliases = spec.parse_networks(args.network_add)
+    label_add = spec.parse_labels(args.label_add, "--label-add")
+    label_drop: tuple[str, ...] = ()
+    if args.locality == "prefer-local":
+        label_add[spec.LOCALITY_LABEL] = args.locality
+    elif args.locality == "any":
+        label_drop = (spec.LOCALITY_LABEL,)
     return ServiceChanges(
         network_add=tuple(added),
         alias_add={net: tuple(names) for net, names in aliases.items()},
         network_rm=tuple(args.network_rm),
         publish_add=tuple(spec.parse_publish(p) for p in args.publish_add),
         publish_rm=tuple(spec.parse_published_ref(p) for p in args.publish_rm),
-        label_add=spec.parse_labels(args.label_add, "--label-add"),
+        label_add=label_add,
         label_rm=tuple(args.label_rm),
+        label_drop=label_drop,
+        weights=spec.parse_task_weights(args.weight),
         endpoint_mode=args.endpoint_mode,
         health_check=None if check is None else spec.parse_health_check(check),
         clear_health_check=bool(args.no_health_check),
