@@ -32,7 +32,8 @@ value found before the first start is put back at close.
 What nftables cannot do that IPVS can: least-connections (no per-real count a
 rule can read) — `lc` is refused with a `BackendError` that says so (it used to
 run round robin with one log line: silence, as far as the operator could tell).
-Connection tracking keeps idle TCP flows for `nf_conntrack_tcp_timeout_established` (5 days by default), not IPVS's 900 s.
+Connection tracking keeps idle TCP flows for
+`nf_conntrack_tcp_timeout_established` (5 days by default), not IPVS's 900 s.
 IPv4 only, like Swarm's VIPs and ingress. `close()` removes the table; flows
 already established keep their conntrack NAT binding until they end.
 """
