@@ -152,6 +152,7 @@ class NftablesBackend:
         commands: list[str] = []
         flushes: list[tuple[VirtualKey, Real]] = []
         layout.begin()
+        layout.defer()
         for op in ops:
             try:
                 planned, flows = layout.plan(op)
@@ -160,6 +161,7 @@ class NftablesBackend:
                 continue
             commands += planned
             flushes += flows
+        commands += layout.flush_deferred()
         try:
             await self._run(commands)
         except BackendError as exc:

@@ -269,7 +269,11 @@ def test_weights_up_to_1000_and_300_weighted_reals_keep_exact_or_capped_shares()
     run(layout, kernel, [PutReal(KEY, real(1), 1000)])  # 1000:750 is 4:3
     assert len(layout.services[KEY].slots) == 7
     weights = {real(i): 1 + (i * 337) % 1000 for i in range(300)}
-    run(layout, kernel, [PutService(KEY2, WRR), *(PutReal(KEY2, r, w) for r, w in weights.items())])
+    layout.begin()
+    layout.defer()  # one batch, as the backend plans it
+    batch = [PutService(KEY2, WRR), *(PutReal(KEY2, r, w) for r, w in weights.items())]
+    kernel.run([c for op in batch for c in layout.plan(op)[0]] + layout.flush_deferred())
+    kernel.check(layout)
     service = layout.services[KEY2]
     assert len(service.slots) == MAX_SLOTS
     total = sum(weights.values())
@@ -438,3 +442,28 @@ def test_one_mark_bit_tells_our_flows_from_others() -> None:
         'meta mark & 0x4000 == 0x4000 oif != "lo" meta mark set meta mark & 0xffffbfff '
         "masquerade" in base
     )
+
+
+def test_a_batch_reweaves_each_wrr_ring_once_not_once_per_op() -> None:
+    """300 weights in one batch: one ring rewrite at the end (the backend's `defer`),
+    not 300 rewrites of a ring of thousands of slots (which the kernel refused:
+    "No buffer space available"); the kernel maps still equal the mirror."""
+    weights = {real(i): 1 + (i * 337) % 1000 for i in range(300)}
+    ops: list[Op] = [PutService(KEY, WRR), *(PutReal(KEY, r, w) for r, w in weights.items())]
+    layout, kernel = Layout("t"), FakeMaps()
+    layout.begin()
+    layout.defer()
+    commands = [c for op in ops for c in layout.plan(op)[0]]
+    commands += layout.flush_deferred()
+    kernel.run(commands)
+    kernel.check(layout)
+    elements = sum(
+        c.count(" : ") for c in commands if c.startswith(f"add element ip t {slots_map(KEY)}")
+    )
+    assert elements == MAX_SLOTS, "each slot written once"
+    # and a batch that changes them all again rewrites only the slots that change
+    layout.begin()
+    layout.defer()
+    again = [c for r, w in weights.items() for c in layout.plan(PutReal(KEY, r, w % 7 + 1))[0]]
+    kernel.run(again + layout.flush_deferred())
+    kernel.check(layout)
