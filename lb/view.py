@@ -26,14 +26,24 @@ What the table holds, for the node named at construction:
   at its address there) and under a published port its first address, or, for a
   task of another node with an endpoint on `ingress` (an overlay every node
   serves), its address there. A running,
-  healthy task has weight 1; a draining one weight 0 (its connections finish,
-  new ones go elsewhere); an unhealthy or still starting one is left out. That
-  is the rule DNS uses (`tasks.<service>` lists running, healthy tasks only),
-  so DNS and the load balancer never disagree about who takes new traffic.
+  healthy task has its weight (`Service.weight_of`: the service's override, else
+  the task's own, 1 unless given; 0 drains it); a draining one weight 0 (its
+  connections finish, new ones go elsewhere); an unhealthy or still starting
+  one is left out. That is the rule DNS uses (`tasks.<service>` lists running,
+  healthy tasks only), so DNS and the load balancer never disagree about who
+  takes new traffic.
 
 Options come from service labels (docs/lb.md): `mesh.lb.scheduler=rr|wrr|lc|maglev`,
-`mesh.lb.proxy_protocol=v2` and `mesh.lb.affinity=client-ip[:TIMEOUT]`. A label with
-a value the view does not know is ignored (the default applies) and counted in `invalid_labels`.
+`mesh.lb.proxy_protocol=v2`, `mesh.lb.affinity=client-ip[:TIMEOUT]` and
+`mesh.lb.locality=prefer-local`. A label with a value the view does not know is
+ignored (the default applies) and counted in `invalid_labels`.
+
+Locality (`prefer-local`) is the view's alone, no backend sees it: on a VIP key
+of such a service, while a real of one of this node's tasks takes new
+connections, every other real is programmed with weight 0 (it keeps the
+connections it has, takes no new ones); when the node has none left, they get
+their weights back. Such a key is recomputed whole on each change of its reals
+(O(its reals), for these services only), as the local/remote split is per key.
 
 Two services claiming one key (a published port merged from two nodes before
 the store's conflict check could see both) is settled deterministically: the
@@ -63,6 +73,8 @@ from mesh.core.model import INGRESS, Change, Health, Record, Service, Task, Task
 
 SCHEDULER_LABEL = "mesh.lb.scheduler"
 PROXY_PROTOCOL_LABEL = "mesh.lb.proxy_protocol"
+LOCALITY_LABEL = "mesh.lb.locality"
+PREFER_LOCAL = "prefer-local"
 AFFINITY_LABEL = "mesh.lb.affinity"
 #: Seconds a client idle that long loses its affinity, when the label names none (kube-proxy's).
 DEFAULT_AFFINITY_TIMEOUT = 10800
@@ -72,9 +84,6 @@ MAX_AFFINITY_TIMEOUT = 86400
 #: Scheduler label values beside the enum's own (`mh` is IPVS's name for Maglev).
 SCHEDULER_ALIASES = {"maglev": Scheduler.MAGLEV}
 
-#: The weight of a task taking new connections; draining tasks get 0.
-WEIGHT = 1
-
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -83,6 +92,8 @@ class Claim:
     options: ServiceOptions
     #: a host-mode published port: present only while it has a real server
     host_only: bool = False
+    #: a VIP key of a `prefer-local` service: this node's tasks first (module doc)
+    prefer_local: bool = False
 
 
 def parse_affinity(text: str) -> int:
@@ -145,13 +156,30 @@ def service_options(
     return ServiceOptions(scheduler=scheduler, proxy_protocol=proxy, affinity=affinity)
 
 
-def service_claims(service: Service, options: ServiceOptions) -> dict[VirtualKey, Claim]:
+def prefers_local(service: Service, problems: Counter[str] | None = None) -> bool:
+    """Whether the service asks for `mesh.lb.locality=prefer-local` (other values: no)."""
+    text = service.labels.get(LOCALITY_LABEL)
+    if text is None:
+        return False
+    value = text.strip().lower()
+    if value == PREFER_LOCAL:
+        return True
+    if value not in ("", "any", "none") and problems is not None:
+        problems[LOCALITY_LABEL] += 1
+    return False
+
+
+def service_claims(
+    service: Service, options: ServiceOptions, *, prefer_local: bool = False
+) -> dict[VirtualKey, Claim]:
     """Every key a service claims on any node (host-mode keys show up only with a real)."""
     claims: dict[VirtualKey, Claim] = {}
     if service.endpoint_mode == "vip":
         for vip in service.vips:
             for port in service.ports:
-                claims[VirtualKey(port.protocol, vip.address, port.target_port)] = Claim(options)
+                claims[VirtualKey(port.protocol, vip.address, port.target_port)] = Claim(
+                    options, prefer_local=prefer_local
+                )
     for port in service.ports:
         key = VirtualKey(port.protocol, ANY_ADDRESS, port.published_port)
         local = port.traffic_policy == "local"
@@ -162,13 +190,20 @@ def service_claims(service: Service, options: ServiceOptions) -> dict[VirtualKey
     return claims
 
 
-def task_weight(task: Task) -> int | None:
+def task_weight(service: Service, task: Task) -> int | None:
     """The weight of a task's real servers, or None when it takes no traffic at all."""
     if task.health is Health.UNHEALTHY:
         return None
     if task.state is TaskState.DRAINING:
         return 0
-    return WEIGHT if task.health is Health.HEALTHY else None
+    return service.weight_of(task) if task.health is Health.HEALTHY else None
+
+
+def prefer_local_reals(reals: dict[Real, int], local: set[Real]) -> dict[Real, int]:
+    """`prefer-local`: while a local real takes new connections, the others drain."""
+    if any(reals.get(real, 0) > 0 for real in local):
+        return {real: weight if real in local else 0 for real, weight in reals.items()}
+    return reals
 
 
 def task_address(task: Task, network: str) -> str:
@@ -178,7 +213,7 @@ def task_address(task: Task, network: str) -> str:
 
 def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualKey, Real, int]]:
     """The (key, real, weight) entries one task contributes to this node's table."""
-    weight = task_weight(task)
+    weight = task_weight(service, task)
     if weight is None:
         return []
     entries: list[tuple[VirtualKey, Real, int]] = []
@@ -224,10 +259,15 @@ def build_table(records: Iterable[Record], node: str, *, proxy_supported: bool =
     owners: dict[VirtualKey, tuple[str, Claim]] = {}
     for name in sorted(services, reverse=True):  # the smallest name is written last: it wins
         service = services[name]
-        options = service_options(service, proxy_supported=proxy_supported)
-        for key, claim in service_claims(service, options).items():
+        claims = service_claims(
+            service,
+            service_options(service, proxy_supported=proxy_supported),
+            prefer_local=prefers_local(service),
+        )
+        for key, claim in claims.items():
             owners[key] = (name, claim)
     reals: dict[VirtualKey, dict[Real, int]] = {key: {} for key in owners}
+    local: dict[VirtualKey, set[Real]] = {key: set() for key in owners}
     for task in tasks:
         name = task.service.lower()
         owner_service = services.get(name)
@@ -236,8 +276,14 @@ def build_table(records: Iterable[Record], node: str, *, proxy_supported: bool =
         for key, real, weight in task_entries(owner_service, task, node):
             if owners[key][0] == name:
                 reals[key][real] = max(weight, reals[key].get(real, weight))
+                if task.node == node:
+                    local[key].add(real)
     return {
-        key: VirtualService(key, claim.options, reals[key])
+        key: VirtualService(
+            key,
+            claim.options,
+            prefer_local_reals(reals[key], local[key]) if claim.prefer_local else reals[key],
+        )
         for key, (_, claim) in owners.items()
         if reals[key] or not claim.host_only
     }
@@ -314,9 +360,12 @@ class LbView:
     def healthy_tasks(self, name: str) -> tuple[int, int]:
         """(on this node, on every node): the service's tasks taking new connections."""
         here = everywhere = 0
+        service = self._services.get(name.lower())
+        if service is None:
+            return here, everywhere
         for task_id in self._tasks_by_service.get(name.lower(), ()):
             task = self._tasks[task_id]
-            if task_weight(task) == WEIGHT:
+            if task_weight(service, task):  # healthy, running, weight > 0
                 everywhere += 1
                 here += task.node == self.node
         return here, everywhere
@@ -345,10 +394,11 @@ class LbView:
             self._services[name] = record
             for vip in record.vips:
                 self._vip_networks.setdefault(vip.address, {})[name] = vip.network
-            options = service_options(
-                record, self.invalid_labels, proxy_supported=self.proxy_supported
-            )
-            for key, claim in service_claims(record, options).items():
+            for key, claim in service_claims(
+                record,
+                service_options(record, self.invalid_labels, proxy_supported=self.proxy_supported),
+                prefer_local=prefers_local(record, self.invalid_labels),
+            ).items():
                 self._claims.setdefault(key, {})[name] = claim
                 self._dirty_keys.add(key)
             for task_id in self._tasks_by_service.get(name, ()):
@@ -425,15 +475,20 @@ class LbView:
         by_task = self._weights.get(key, {}).get(owner, {}).get(real)
         return max(by_task.values()) if by_task else None
 
+    def _is_local(self, task_id: str) -> bool:
+        task = self._tasks.get(task_id)
+        return task is not None and task.node == self.node
+
     def _wanted(self, key: VirtualKey) -> VirtualService | None:
         owner = self._owner(key)
         if owner is None:
             return None
         name, claim = owner
-        reals = {
-            real: max(by_task.values())
-            for real, by_task in self._weights.get(key, {}).get(name, {}).items()
-        }
+        by_real = self._weights.get(key, {}).get(name, {})
+        reals = {real: max(by_task.values()) for real, by_task in by_real.items()}
+        if claim.prefer_local:
+            local = {r for r, by_task in by_real.items() if any(map(self._is_local, by_task))}
+            reals = prefer_local_reals(reals, local)
         if claim.host_only and not reals:
             return None
         return VirtualService(key, claim.options, reals)
@@ -457,6 +512,8 @@ class LbView:
         if programmed is None or owner is None:
             return False
         name, claim = owner
+        if claim.prefer_local:
+            return False  # one real's change may move the others' weights: redo the key
         for real in sorted(reals):
             weight = self._weight(key, name, real)
             if weight is None:

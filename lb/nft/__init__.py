@@ -3,8 +3,9 @@
 One table of its own (`table ip meshplane` by default) holds everything; nothing
 outside it is touched. `lb/nft/base.py` describes the hooked chains (DNAT and
 the masquerade rule), `lb/nft/layout.py` the per-service objects and how an op
-becomes a handful of element changes (weights as map slots, at most 256 per
-real), `lb/nft/listing.py` how `read()` and `start()` read the kernel's table
+becomes a handful of element changes (weights as map slots: `lb/nft/slots.py`
+reduces them by their gcd, caps the ring at 16,384 slots and spreads each real's
+slots evenly), `lb/nft/listing.py` how `read()` and `start()` read the kernel's table
 back, `lb/nft/conntrack.py` how the flows of removed reals are flushed.
 
 How it talks to the kernel: the `nft` tool, one `nft -f -` transaction per
@@ -29,8 +30,9 @@ Swarm's routing mesh allows. It comes with a guard chain against what it opens
 value found before the first start is put back at close.
 
 What nftables cannot do that IPVS can: least-connections (no per-real count a
-rule can read) — `lc` is accepted, read back as `lc`, and balances round-robin
-(logged once per backend). Connection tracking keeps idle TCP flows for
+rule can read) — `lc` is refused with a `BackendError` that says so (it used to
+run round robin with one log line: silence, as far as the operator could tell).
+Connection tracking keeps idle TCP flows for
 `nf_conntrack_tcp_timeout_established` (5 days by default), not IPVS's 900 s.
 IPv4 only, like Swarm's VIPs and ingress. `close()` removes the table; flows
 already established keep their conntrack NAT binding until they end.

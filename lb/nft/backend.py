@@ -28,7 +28,7 @@ from lb.nft.layout import (
     weights_map,
 )
 from lb.nft.listing import Listing, parse_counters, parse_listing
-from lb.table import Op, PutService, Real, Scheduler, Table, VirtualKey, diff
+from lb.table import Op, Real, Table, VirtualKey, diff
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ class NftablesBackend:
         self._layout = Layout(table, mark=masquerade_mark)
         self._conntrack = ConntrackFlusher(netns)
         self._lock = asyncio.Lock()
-        self._warned_lc = False
         self._closed = False
 
     # -- the Backend interface ------------------------------------------------------
@@ -153,8 +152,8 @@ class NftablesBackend:
         commands: list[str] = []
         flushes: list[tuple[VirtualKey, Real]] = []
         layout.begin()
+        layout.defer()
         for op in ops:
-            self._note_scheduler(op)
             try:
                 planned, flows = layout.plan(op)
             except LayoutError as exc:
@@ -162,6 +161,7 @@ class NftablesBackend:
                 continue
             commands += planned
             flushes += flows
+        commands += layout.flush_deferred()
         try:
             await self._run(commands)
         except BackendError as exc:
@@ -237,20 +237,6 @@ class NftablesBackend:
                     await self._run([command])
                 except BackendError as exc:
                     log.debug("cleanup of %s: %s", key, exc)
-
-    def _note_scheduler(self, op: Op) -> None:
-        if (
-            isinstance(op, PutService)
-            and op.options.scheduler == Scheduler.LEAST_CONNECTIONS
-            and not self._warned_lc
-        ):
-            self._warned_lc = True
-            log.warning(
-                "nftables cannot balance by least connections (it keeps no per-real "
-                "connection count a rule can read): %s and any other lc service "
-                "run round-robin",
-                op.key,
-            )
 
     async def _sysctl(self, name: str, value: str | None = None) -> str:
         """Read a sysctl of the backend's namespace, and set it when `value` is given."""

@@ -31,11 +31,15 @@ A real that leaves or drains takes its set with it (its clients pick again; the
 others keep theirs). The chain is rewritten on every change of its reals: O(N)
 for a service with affinity, as kube-proxy's.
 
-Weights: `wrr` gives a real `weight` slots, `rr` (and `lc`, which nftables cannot
-do) one slot per real of weight > 0, as IPVS's rr ignores weights. Removing slots
-moves the last ones into the holes (swap with last), so a change rewrites only
-the elements it must plus the one rule whose modulus changed: O(weight), not
-O(service).
+Weights: `wrr` gives each real its share of the slots (`lb/nft/slots.py`:
+weights reduced by their gcd, exact up to 16,384 slots, within one slot of the
+quota beyond), `rr` one slot per real of weight > 0, as IPVS's rr ignores
+weights. `lc` is refused (`LayoutError`): nftables keeps no per-real connection
+count a rule can read, and balancing round-robin under that name would be a lie.
+Removing slots moves the last ones into the holes (swap with last), so a change
+rewrites only the elements whose real changed plus the one rule whose modulus
+changed: O(slots changed), not O(service). (Under `wrr` a change that moves the
+gcd, or a capped map's apportionment, changes other reals' slots too.)
 
 Everything here is pure: `Layout.plan(op)` returns nft commands (text syntax,
 see `lb/nft/__init__.py` for why not JSON) and changes the mirror;
@@ -44,6 +48,7 @@ see `lb/nft/__init__.py` for why not JSON) and changes the mirror;
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +56,7 @@ from typing import TypeAlias
 
 from lb import maglev
 from lb.nft.base import DEFAULT_MASQUERADE_MARK
+from lb.nft.slots import interleave, slot_counts
 from lb.table import (
     DeleteService,
     Op,
@@ -64,8 +70,10 @@ from lb.table import (
     VirtualService,
 )
 
-#: A real gets at most this many slots (its weight under `wrr`); bigger weights are refused.
-MAX_WEIGHT = 256
+#: The largest weight (a task's, `mesh.core.model.MAX_TASK_WEIGHT`); bigger ones are refused.
+MAX_WEIGHT = 1000
+#: nft commands carry at most this many map elements each (one line of `nft -f`).
+ELEMENTS_PER_COMMAND = 2048
 COMMENT_PREFIX = "meshplane"
 VIPS_MAP = "vips"
 PUBLISHED_MAP = "published"
@@ -89,12 +97,40 @@ class ServiceLayout:
     options: ServiceOptions = field(default_factory=ServiceOptions)
     weights: dict[Real, int] = field(default_factory=dict)
     slots: list[Real] = field(default_factory=list)
-    #: real -> its slot numbers (the inverse of `slots`, so a change finds them in O(1))
+    #: real -> its slot numbers, ascending (the inverse of `slots`, so a change finds
+    #: them in O(1) and gives up its highest first)
     positions: dict[Real, list[int]] = field(default_factory=dict)
+    #: real -> how many slots its weight and the scheduler ask for (`recount`)
+    counts: dict[Real, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.slots and not self.positions:
             self.reindex()
+        self.recount()
+
+    def recount(self, changed: Real | None = None) -> set[Real]:
+        """Recompute the reals' wanted slots; the reals whose number changed.
+
+        Under `rr` a real's slots depend on its own weight only: with `changed`
+        given, only that real is looked at (O(1): a change among 10,000 reals costs
+        what it costs among 10). Under `wrr` every real's may move (the gcd, the cap).
+        """
+        weighted = self.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN
+        if changed is not None and not weighted:
+            want = 1 if self.weights.get(changed, 0) > 0 else 0
+            if self.counts.get(changed, 0) == want:
+                return set()
+            if want:
+                self.counts[changed] = want
+            else:
+                self.counts.pop(changed, None)
+            return {changed}
+        new = slot_counts(
+            self.weights, weighted=self.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN
+        )
+        old = self.counts
+        self.counts = new
+        return {real for real in old.keys() | new.keys() if old.get(real, 0) != new.get(real, 0)}
 
     def reindex(self) -> None:
         self.positions = {}
@@ -108,6 +144,7 @@ class ServiceLayout:
             dict(self.weights),
             list(self.slots),
             {r: list(p) for r, p in self.positions.items()},
+            dict(self.counts),
         )
 
     def service(self) -> VirtualService:
@@ -120,10 +157,7 @@ class ServiceLayout:
         return maglev.build(ready, size)
 
     def wanted_slots(self, real: Real) -> int:
-        weight = self.weights.get(real, 0)
-        if weight <= 0:
-            return 0
-        return weight if self.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN else 1
+        return self.counts.get(real, 0)
 
     def consistent(self) -> bool:
         """Whether the slots are what the weights and scheduler ask for (a repaired leftover)."""
@@ -167,11 +201,10 @@ def affinity_set(key: VirtualKey, real: Real) -> str:
 
 
 def options_comment(options: ServiceOptions) -> str:
-    text = (
-        f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
-        f" aff={options.affinity}"
-    )
-    # `local=1` only when set, so the rules of services without it read as before
+    text = f"{COMMENT_PREFIX} sched={options.scheduler.value} proxy={int(options.proxy_protocol)}"
+    # `aff=` and `local=1` only when set, so the rules of services without them read
+    # as an older version wrote them
+    text += f" aff={options.affinity}" if options.affinity else ""
     return text + (" local=1" if options.local else "")
 
 
@@ -210,6 +243,15 @@ def _check_port(port: object, what: str) -> None:
         raise LayoutError(f"{what} port {port!r} is not in 1..65535")
 
 
+def check_options(key: VirtualKey, options: ServiceOptions) -> None:
+    if options.scheduler == Scheduler.LEAST_CONNECTIONS:
+        raise LayoutError(
+            f"{key}: the nftables backend cannot balance by least connections (lc): "
+            "nftables keeps no per-real connection count a rule can read; use rr or wrr "
+            "on this node, or run it with --lb ipvs or --lb userspace"
+        )
+
+
 def check_key(key: VirtualKey) -> None:
     if key.protocol not in ("tcp", "udp"):
         raise LayoutError(f"{key}: protocol {key.protocol!r} is not tcp or udp")
@@ -243,7 +285,12 @@ class Layout:
         self.table = table
         self.mark = mark
         self.services: dict[VirtualKey, ServiceLayout] = dict(services or {})
+        #: services refused (lc), with why: their reals' ops are refused with the same reason
+        self.refused: dict[VirtualKey, str] = {}
         self._undo: dict[VirtualKey, ServiceLayout | None] | None = None
+        # wrr services whose ring is rewoven once at the end of a batch (`defer`), and
+        # whether their rule must be rewritten whatever the ring's length
+        self._deferred: dict[VirtualKey, bool] | None = None
         #: `address . protocol . port` of every real, with how many services have it
         self.endpoints: dict[Endpoint, int] = {}
         self.count_endpoints()
@@ -276,6 +323,22 @@ class Layout:
     # The undo log: `plan` saves a service before it first changes it.
     def begin(self) -> None:
         self._undo = {}
+        self._deferred = None
+
+    def defer(self) -> None:
+        """Until `flush_deferred`, reweave each `wrr` ring once, not once per op: a batch of
+        300 weights would otherwise rewrite a ring of thousands of slots 300 times."""
+        self._deferred = {}
+
+    def flush_deferred(self) -> list[str]:
+        """The slot commands of the rings deferred since `defer` (and stop deferring)."""
+        deferred, self._deferred = self._deferred or {}, None
+        commands: list[str] = []
+        for key, rebuild in sorted(deferred.items()):
+            layout = self.services.get(key)
+            if layout is not None:
+                commands += self._reslot(layout, (), rebuild=rebuild)
+        return commands
 
     def rollback(self) -> None:
         for key, saved in (self._undo or {}).items():
@@ -284,6 +347,7 @@ class Layout:
             else:
                 self.services[key] = saved
         self._undo = {}
+        self._deferred = None
         self.count_endpoints()
 
     def _save(self, key: VirtualKey) -> None:
@@ -296,7 +360,17 @@ class Layout:
         """The commands for `op` (applied to the mirror), and the (service, real) flows to flush."""
         check_key(op.key)
         if isinstance(op, PutService):
+            try:
+                check_options(op.key, op.options)
+            except LayoutError as exc:
+                self.refused[op.key] = str(exc)
+                raise
+            self.refused.pop(op.key, None)
             return self._put_service(op.key, op.options), []
+        if isinstance(op, DeleteService):
+            self.refused.pop(op.key, None)
+        elif op.key in self.refused and op.key not in self.services:
+            raise LayoutError(self.refused[op.key])
         if isinstance(op, DeleteService):
             return self._delete_service(op.key)
         if isinstance(op, PutReal):
@@ -334,7 +408,8 @@ class Layout:
         ready = [r for r, w in sorted(current.weights.items()) if w > 0]
         made = [] if before or not options.affinity else self._affinity_sets(key, ready, "add")
         gone = [] if not before or options.affinity else self._affinity_sets(key, ready, "delete")
-        return [*made, *self._reslot(current, list(current.weights), rebuild=True), *gone]
+        changed = current.recount() | set(current.weights)
+        return [*made, *self._reslot(current, changed, rebuild=True), *gone]
 
     def _delete_service(self, key: VirtualKey) -> tuple[list[str], list[tuple[VirtualKey, Real]]]:
         current = self.services.get(key)
@@ -382,7 +457,7 @@ class Layout:
         joins, leaves = not old and weight > 0, bool(old) and weight == 0
         if affinity and joins:
             commands += self._affinity_sets(key, [real], "add")
-        commands += self._reslot(current, [real])
+        commands += self._reslot(current, current.recount(real) | {real})
         if affinity:
             commands += self._rule(current)  # its rules name each real and its share
             if leaves:
@@ -397,11 +472,12 @@ class Layout:
             return [], []
         self._save(key)
         old = current.weights.pop(real)
+        changed = current.recount(real) | {real}
         commands = [
             f"delete element ip {self.table} {weights_map(key)} {{ {real.address} . {real.port} }}",
             *self._endpoint(key, real, -1),
         ]
-        commands += self._reslot(current, [real])
+        commands += self._reslot(current, changed)
         if current.options.affinity and old:
             commands += [*self._rule(current), *self._affinity_sets(key, [real], "delete")]
         return commands, [(key, real)]
@@ -411,12 +487,18 @@ class Layout:
     ) -> list[str]:
         """Give `reals` the slots their weights ask for, touching only the slots that change.
 
-        A real losing slots gives each one to the ring's last slot, which is
-        dropped (swap with last); a real gaining slots appends them. Cost:
-        O(slots changed), whatever the size of the ring.
+        `rr` (one slot per real): a real losing its slot gives it to the ring's last
+        slot, which is dropped (swap with last); a real gaining one appends it.
+        Cost: O(slots changed), whatever the size of the ring. `wrr`: `_reweave`.
         """
         if layout.options.scheduler is Scheduler.MAGLEV:
             return self._remaglev(layout, rebuild=rebuild)
+        if layout.options.scheduler == Scheduler.WEIGHTED_ROUND_ROBIN:
+            if self._deferred is not None:
+                key = layout.key
+                self._deferred[key] = self._deferred.get(key, False) or rebuild
+                return []
+            return self._reweave(layout, rebuild=rebuild)
         slots, positions = layout.slots, layout.positions
         before = len(slots)
         was: dict[int, Real | None] = {}  # slot -> its real before this change (None: new)
@@ -429,16 +511,16 @@ class Layout:
             mine = positions.setdefault(real, [])
             want = layout.wanted_slots(real)
             while len(mine) > want:
-                index = max(mine)
+                index = mine.pop()  # its highest slot
                 last = len(slots) - 1
                 note(index)
                 note(last)
-                mine.remove(index)
                 if index != last:
                     moved = slots[last]
                     slots[index] = moved
                     theirs = positions[moved]
-                    theirs[theirs.index(last)] = index
+                    theirs.pop()  # `last` is the ring's highest slot, so its highest
+                    bisect.insort(theirs, index)
                 slots.pop()
             while len(mine) < want:
                 note(len(slots))
@@ -446,9 +528,31 @@ class Layout:
                 slots.append(real)
             if not mine:
                 del positions[real]
+        return self._slot_commands(layout, was, rebuild=rebuild or len(slots) != before)
+
+    def _reweave(self, layout: ServiceLayout, *, rebuild: bool) -> list[str]:
+        """`wrr`: the whole ring again, each real's slots spread evenly (`interleave`),
+        rewriting only the slots whose real changed. O(slots) per change: the price of
+        a ring without long runs of one real."""
+        old = layout.slots
+        new = interleave({real: layout.counts[real] for real in sorted(layout.counts)})
+        was: dict[int, Real | None] = {
+            i: old[i] if i < len(old) else None
+            for i in range(max(len(old), len(new)))
+            if i >= len(old) or i >= len(new) or old[i] != new[i]
+        }
+        layout.slots = new
+        layout.reindex()
+        return self._slot_commands(layout, was, rebuild=rebuild or len(new) != len(old))
+
+    def _slot_commands(
+        self, layout: ServiceLayout, was: Mapping[int, Real | None], *, rebuild: bool
+    ) -> list[str]:
+        """The element commands that turn the ring as it `was` into `layout.slots`."""
+        slots = layout.slots
         t, smap = self.table, slots_map(layout.key)
-        commands = [
-            f"delete element ip {t} {smap} {{ {i} }}"
+        removed = [
+            str(i)
             for i, old in sorted(was.items())
             if old is not None and (i >= len(slots) or slots[i] != old)
         ]
@@ -457,9 +561,15 @@ class Layout:
             for i, old in sorted(was.items())
             if i < len(slots) and slots[i] != old
         ]
-        if added:
-            commands.append(f"add element ip {t} {smap} {{ {', '.join(added)} }}")
-        if rebuild or len(slots) != before:
+        step = ELEMENTS_PER_COMMAND
+        commands = [
+            f"delete element ip {t} {smap} {{ {', '.join(removed[i : i + step])} }}"
+            for i in range(0, len(removed), step)
+        ] + [
+            f"add element ip {t} {smap} {{ {', '.join(added[i : i + step])} }}"
+            for i in range(0, len(added), step)
+        ]
+        if rebuild:
             commands += self._rule(layout)
         return commands
 
@@ -504,6 +614,7 @@ class Layout:
         layout = self.services[key]
         self._save(key)
         layout.slots, layout.positions = [], {}
+        layout.recount()
         commands = [
             f"add counter ip {self.table} {counter_name(key)}",  # a table of an older version
             f"flush map ip {self.table} {slots_map(key)}",

@@ -26,7 +26,7 @@ from lb.nft.layout import (
     slots_map,
     weights_map,
 )
-from lb.table import ANY_ADDRESS, Real, ServiceOptions, VirtualKey
+from lb.table import ANY_ADDRESS, Real, Scheduler, ServiceOptions, VirtualKey
 
 
 def _elements(obj: Mapping[str, Any], *, sets: bool = False) -> Iterable[tuple[Any, Any]]:
@@ -136,11 +136,18 @@ def parse_listing(
         options = None
         for rule in rules.get(chain, []):
             options = parse_options_comment(str(rule.get("comment", ""))) or options
+        if options is not None and options.scheduler == Scheduler.LEAST_CONNECTIONS:
+            # An older version ran lc as rr here; now refused: the reconcile puts it
+            # again and reports the error, rather than keep the silent round robin.
+            found.problems.append(f"{key}: lc, which nftables cannot do; removed")
+            found.broken[key] = chain
+            continue
         layout = ServiceLayout(key, options or ServiceOptions())
         for raw, weight in _elements(maps[weights_map(key)]):
             real = _real(raw)
             if real is not None and isinstance(weight, int):
                 layout.weights[real] = weight
+        layout.recount()
         by_index: dict[int, Real] = {}
         for index, raw in _elements(maps[slots_map(key)]):
             real = _real(raw)

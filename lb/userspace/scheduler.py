@@ -63,7 +63,9 @@ class Pool:
 
     def _rebuild(self) -> None:
         self._ready = sorted(r for r, w in self.weights.items() if w > 0)
-        self._current = {r: self._current.get(r, 0) for r in self._ready}
+        # Smooth weighted round robin starts a new cycle from zero scores: every run of
+        # sum(weights) picks from here gives each real exactly its weight.
+        self._current = dict.fromkeys(self._ready, 0)
         if self._next >= len(self._ready):
             self._next = 0
         self._maglev = []  # rebuilt at the next Maglev pick
@@ -164,6 +166,7 @@ class Pool:
     def _weighted(self, skip: Container[Real]) -> Real | None:
         # Smooth weighted round robin (nginx's): every real gains its weight, the
         # highest score wins and pays the total back; weights 3:1 give a a b a ...
+        # Exact: over each cycle of sum(weights) picks a real is picked weight times.
         total = 0
         best: Real | None = None
         best_score = 0

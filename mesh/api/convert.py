@@ -79,6 +79,7 @@ def service_fields(service: Service, problems: Sequence[Problem] = ()) -> Json:
         "updated_at": service.updated_at,
         "version": service.version.clock,
         "aliases": {net: list(names) for net, names in service.aliases.items()},
+        "weights": dict(service.weights),
         "problems": [{"kind": p.kind, "label": p.label, "reason": p.reason} for p in problems],
     }
 
@@ -103,6 +104,7 @@ def task_fields(task: Task, node_status: str) -> Json:
         "version": task.version.clock,
         "sandbox": None if task.sandbox is None else sandbox_to_dict(task.sandbox),
         "addresses": task.addresses,
+        "weight": task.weight,
     }
 
 
@@ -206,6 +208,7 @@ def service_patch(body: ServicePatchIn) -> ServicePatch:
         health_check=_check(body.health_check),
         clear_health_check="health_check" in given and body.health_check is None,
         aliases=None if body.aliases is None else _aliases(body.aliases),
+        weights=None if body.weights is None else dict(body.weights),
     )
 
 
@@ -222,4 +225,5 @@ def task_spec(service: str, body: TaskCreate) -> TaskSpec:
         ports={net.parse_port(k, "target port"): v for k, v in body.ports.items()},
         name=body.name,
         sandbox=None if body.sandbox is None else SandboxSpec(netns=body.sandbox.netns),
+        weight=body.weight,
     )

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from mesh.core import net
+from mesh.core.model import MAX_TASK_WEIGHT
 from mesh.names import DOTTED_PATTERN, LABEL_PATTERN, check_dotted, check_label
 
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
@@ -125,6 +126,10 @@ class HealthCheckIn(_Request):
         return self
 
 
+#: A task's weight (docs/lb.md): 0 drains it, 1000 at most.
+TaskWeight = Annotated[StrictInt, Field(ge=0, le=MAX_TASK_WEIGHT)]
+
+
 class ServiceCreate(_Request):
     name: ServiceName
     networks: Annotated[list[NetworkName], Field(max_length=32)] = Field(default_factory=list)
@@ -142,6 +147,15 @@ class ServicePatchIn(_Request):
     labels: Labels | None = None
     health_check: HealthCheckIn | None = None
     aliases: Aliases | None = None
+    #: task id or name -> weight (0..1000), merged into the service's overrides;
+    #: null removes a task's override (it takes its own weight again)
+    weights: (
+        Annotated[
+            dict[Annotated[str, Field(min_length=1, max_length=256)], TaskWeight | None],
+            Field(max_length=1024),
+        ]
+        | None
+    ) = None
 
 
 class SandboxIn(_Request):
@@ -157,6 +171,8 @@ class TaskCreate(_Request):
     ] = Field(default_factory=dict)
     name: TaskName | None = None
     sandbox: SandboxIn | None = None
+    #: share of new connections under weighted schedulers; 0 drains the task
+    weight: TaskWeight = 1
 
     @model_validator(mode="after")
     def _target_ports(self) -> TaskCreate:
@@ -247,6 +263,8 @@ class ServiceOut(_Response):
     updated_at: float
     version: int
     aliases: dict[str, list[str]]
+    #: task id -> weight set through the service (overrides the task's own)
+    weights: dict[str, int] = Field(default_factory=dict)
     #: its HRM route problems as this node sees them; left out of the event stream
     problems: list[RouteProblemOut] = Field(default_factory=list)
 
@@ -289,6 +307,7 @@ class TaskOut(_Response):
     version: int
     sandbox: SandboxOut | None
     addresses: dict[str, str]  # network -> address: a sandboxed task's endpoints
+    weight: int = 1  # the task's own weight (the service's `weights` may override it)
 
 
 class SuspicionOut(_Response):

@@ -28,6 +28,10 @@ from mesh.cli.update import ServiceChanges, compute_patch, version_of
 
 HEADERS = ("ID", "NAME", "MODE", "NETWORKS", "VIPS", "PORTS", "TASKS")
 ENDPOINT_MODES = ("vip", "dnsrr")
+LOCALITY_HELP = (
+    "prefer-local: VIP traffic from a node goes to that node's own healthy tasks while it "
+    "has any, else to the others; any: every task (the default)"
+)
 GRAMMARS = f"{spec.PUBLISH_GRAMMAR}\n\n{spec.HEALTH_CHECK_GRAMMAR}\n\n{spec.NETWORK_GRAMMAR}"
 
 
@@ -87,6 +91,7 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
         help="L4 balancing: rr (round robin, the default), wrr, lc (least connections), "
         f"maglev (consistent hashing of the client's address and port) (label {SCHEDULER_LABEL})",
     )
+    parser.add_argument("--locality", choices=spec.LOCALITIES, help=LOCALITY_HELP)
 
 
 #: `--lb-algorithm` values, as the `mesh.lb.scheduler` label takes them
@@ -106,6 +111,8 @@ def policy_labels(args: argparse.Namespace) -> dict[str, str]:
     algorithm = getattr(args, "lb_algorithm", None)
     if algorithm is not None:
         labels[SCHEDULER_LABEL] = algorithm
+    if getattr(args, "locality", None) == "prefer-local":
+        labels[spec.LOCALITY_LABEL] = args.locality
     return labels
 
 
@@ -145,6 +152,13 @@ def _add_update(nouns: Subparsers, parents: list[argparse.ArgumentParser]) -> No
     )
     check.add_argument("--no-health-check", action="store_true", help="remove the health check")
     _add_policy_flags(update)
+    update.add_argument(
+        "--weight",
+        metavar="TASK=N",
+        action="append",
+        default=[],
+        help="set a task's weight (0..1000; 0 drains it) for this service; repeatable",
+    )
 
 
 def create_body(args: argparse.Namespace) -> JsonObject:
@@ -170,14 +184,22 @@ def changes_of(args: argparse.Namespace) -> ServiceChanges:
     """What `service update`'s flags ask for; parses every flag before anything is sent."""
     check = args.health_check
     added, aliases = spec.parse_networks(args.network_add)
+    label_add = spec.parse_labels(args.label_add, "--label-add")
+    label_drop: tuple[str, ...] = ()
+    if args.locality == "prefer-local":
+        label_add[spec.LOCALITY_LABEL] = args.locality
+    elif args.locality == "any":
+        label_drop = (spec.LOCALITY_LABEL,)
     return ServiceChanges(
         network_add=tuple(added),
         alias_add={net: tuple(names) for net, names in aliases.items()},
         network_rm=tuple(args.network_rm),
         publish_add=tuple(spec.parse_publish(p) for p in args.publish_add),
         publish_rm=tuple(spec.parse_published_ref(p) for p in args.publish_rm),
-        label_add={**spec.parse_labels(args.label_add, "--label-add"), **policy_labels(args)},
+        label_add={**label_add, **policy_labels(args)},
         label_rm=tuple(args.label_rm),
+        label_drop=label_drop,
+        weights=spec.parse_task_weights(args.weight),
         endpoint_mode=args.endpoint_mode,
         health_check=None if check is None else spec.parse_health_check(check),
         clear_health_check=bool(args.no_health_check),

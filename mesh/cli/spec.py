@@ -13,6 +13,7 @@ reason naming the flag; nothing here talks to the agent.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -372,3 +373,36 @@ def parse_bool(text: str, what: str) -> bool:
     if lowered in ("false", "no", "0", "off"):
         return False
     raise SpecError(f"{what} {text!r} is not true or false")
+
+
+# --weight, --locality ----------------------------------------------------------------------
+
+#: The largest task weight (the API's `MAX_TASK_WEIGHT`).
+MAX_WEIGHT = 1000
+LOCALITY_LABEL = "mesh.lb.locality"
+LOCALITIES = ("prefer-local", "any")
+
+
+def parse_weight(text: str) -> int:
+    """A task weight, 0..1000 (an argparse `type`: a bad one is a usage error)."""
+    try:
+        weight = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weight {text!r} is not a whole number") from None
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"weight {weight} is not in 0..{MAX_WEIGHT}")
+    return weight
+
+
+def parse_task_weights(items: list[str]) -> dict[str, int]:
+    """`--weight TASK=N` items (TASK: a task's id or name) as the service's `weights` patch."""
+    weights: dict[str, int] = {}
+    for item in items:
+        task, sep, value = item.rpartition("=")
+        if not sep or not task:
+            raise SpecError(f"invalid --weight {item!r}: expected TASK=N")
+        try:
+            weights[task] = parse_weight(value)
+        except argparse.ArgumentTypeError as exc:
+            raise SpecError(f"invalid --weight {item!r}: {exc}") from None
+    return weights

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from mesh.cli import inside
+from mesh.cli import inside, spec
 from mesh.cli.client import api_path
 from mesh.cli.commands import JsonObject, Subparsers, add_command, add_noun, json_objects, text
 from mesh.cli.errors import ApiError, CliError, UsageError
@@ -101,6 +101,12 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
         help="the task serves the service's TARGET port on ACTUAL; repeatable",
     )
     parser.add_argument("--name", metavar="NAME", help="its name (default: SERVICE.SLOT.ID)")
+    parser.add_argument(
+        "--weight",
+        metavar="N",
+        type=spec.parse_weight,
+        help="its share of new connections under wrr/lc, 0..1000 (default 1; 0 drains it)",
+    )
 
 
 def add_body(args: argparse.Namespace) -> JsonObject:
@@ -115,6 +121,8 @@ def add_body(args: argparse.Namespace) -> JsonObject:
         body["ports"] = parse_port_map(args.port)
     if args.name is not None:
         body["name"] = args.name
+    if getattr(args, "weight", None) is not None:
+        body["weight"] = args.weight
     return body
 
 

@@ -32,6 +32,10 @@ class ServiceChanges:
     publish_rm: tuple[tuple[int, str], ...] = ()  # (published port, protocol)
     label_add: dict[str, str] = field(default_factory=dict)
     label_rm: tuple[str, ...] = ()
+    #: labels removed when present (`--locality any`), no error when absent
+    label_drop: tuple[str, ...] = ()
+    #: task id or name -> weight (`--weight TASK=N`), merged by the agent
+    weights: dict[str, int] = field(default_factory=dict)
     endpoint_mode: str | None = None
     health_check: JsonObject | None = None
     clear_health_check: bool = False
@@ -51,8 +55,10 @@ def compute_patch(service: JsonObject, changes: ServiceChanges) -> JsonObject:
         patch["aliases"] = _aliases(service, changes, patch["networks"])
     if changes.publish_add or changes.publish_rm:
         patch["ports"] = _ports(service, changes)
-    if changes.label_add or changes.label_rm:
+    if changes.label_add or changes.label_rm or changes.label_drop:
         patch["labels"] = _labels(service, changes)
+    if changes.weights:
+        patch["weights"] = dict(changes.weights)
     if changes.endpoint_mode is not None:
         patch["endpoint_mode"] = changes.endpoint_mode
     if changes.clear_health_check:
@@ -134,5 +140,7 @@ def _labels(service: JsonObject, changes: ServiceChanges) -> dict[str, str]:
         if key not in labels:
             raise CliError(f"service {service.get('name', '?')!r} has no label {key!r}")
         del labels[key]
+    for key in changes.label_drop:
+        labels.pop(key, None)
     labels.update(changes.label_add)
     return labels

@@ -14,6 +14,7 @@ import ipaddress
 from typing import Any
 
 from mesh.core.model import (
+    MAX_TASK_WEIGHT,
     Endpoint,
     Health,
     HealthCheck,
@@ -75,6 +76,7 @@ def record_to_dict(record: Record) -> Json:
                 "created_at": record.created_at,
                 "updated_at": record.updated_at,
                 "aliases": {net: list(names) for net, names in record.aliases.items()},
+                "weights": dict(record.weights),
             }
         case Task():
             return common | {
@@ -93,6 +95,7 @@ def record_to_dict(record: Record) -> Json:
                 "created_at": record.created_at,
                 "updated_at": record.updated_at,
                 "sandbox": None if record.sandbox is None else sandbox_to_dict(record.sandbox),
+                "weight": record.weight,
             }
         case Node():
             return common | {
@@ -209,6 +212,7 @@ def record_from_dict(data: Json) -> Record:
                 str(net): tuple(str(a) for a in names)
                 for net, names in data.get("aliases", {}).items()
             },
+            weights=_weights(data.get("weights", {})),
         )
     if kind is Kind.NODE:
         addresses = data["addresses"]
@@ -243,4 +247,20 @@ def record_from_dict(data: Json) -> Record:
         version=version,
         deleted=deleted,
         sandbox=None if sandbox is None else sandbox_from_dict(sandbox),
+        weight=_weight(data.get("weight", 1)),
     )
+
+
+def _weight(value: object) -> int:
+    """A weight from the wire: an int in 0..MAX_TASK_WEIGHT, else the record is refused."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"weight {value!r} is not an integer")
+    if not 0 <= value <= MAX_TASK_WEIGHT:
+        raise ValueError(f"weight {value} is not in 0..{MAX_TASK_WEIGHT}")
+    return value
+
+
+def _weights(value: object) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise TypeError("a service's weights are not an object")
+    return {str(task): _weight(weight) for task, weight in value.items()}

@@ -57,6 +57,8 @@ NetworkDriver: TypeAlias = Literal["overlay", "bridge", "macvlan"]
 NetworkScope: TypeAlias = Literal["swarm", "local"]
 
 INGRESS = "ingress"
+#: The largest weight a task may have (`mesh task add --weight`, the service's `weights`).
+MAX_TASK_WEIGHT = 1000
 #: The ingress network's VXLAN id (fixed, as its id is); other overlays count up from
 #: the next one (Swarm's range starts at 4096).
 INGRESS_VNI = 4096
@@ -145,6 +147,13 @@ class Service:
     deleted: bool = False
     #: network -> DNS names the service also answers to, on that network only
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: task id -> weight set through the service (`mesh service update --weight TASK=N`),
+    #: which overrides the task's own: a task is written only by its node, a service by any
+    weights: dict[str, int] = field(default_factory=dict)
+
+    def weight_of(self, task: Task) -> int:
+        """The weight `task` takes new connections with: the service's override, else its own."""
+        return self.weights.get(task.id, task.weight)
 
     @property
     def key(self) -> str:
@@ -189,6 +198,9 @@ class Task:
     deleted: bool = False
     #: a sandboxed task's namespace and endpoints; `address` is its first endpoint's
     sandbox: Sandbox | None = None
+    #: its share of new connections under weighted schedulers (0..MAX_TASK_WEIGHT;
+    #: 0 drains it); a service's `weights` may override it (`effective_weight`)
+    weight: int = 1
 
     @property
     def key(self) -> str:

@@ -64,6 +64,9 @@ class ServicePatch:
     health_check: HealthCheck | None = None
     clear_health_check: bool = False
     aliases: dict[str, tuple[str, ...]] | None = None
+    #: task id or name -> weight, merged into the service's overrides (None: a task's
+    #: override removed, it takes its own weight again)
+    weights: dict[str, int | None] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,3 +83,4 @@ class TaskSpec:
     ports: dict[int, int] = field(default_factory=dict)
     name: str | None = None
     sandbox: SandboxSpec | None = None
+    weight: int = 1

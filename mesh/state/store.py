@@ -26,6 +26,7 @@ from mesh.core.model import (
     INGRESS,
     INGRESS_VNI,
     KIND_OF,
+    MAX_TASK_WEIGHT,
     Change,
     Endpoint,
     Health,
@@ -622,6 +623,28 @@ class Store:
         )
         return [self._write(record)]
 
+    def _merge_weights(self, service: Service, given: dict[str, int | None]) -> dict[str, int]:
+        """The service's weight overrides with `given` merged in; a task is named by id or
+        name and must be one of the service's (422 otherwise); overrides of tasks that no
+        longer exist are dropped on the way."""
+        tasks = self.tasks(service=service.name)
+        by_ref = {t.id: t for t in tasks} | {t.name.lower(): t for t in tasks}
+        merged = {tid: w for tid, w in service.weights.items() if tid in by_ref}
+        for ref, weight in given.items():
+            task = by_ref.get(ref) or by_ref.get(ref.lower())
+            if task is None:
+                raise Invalid(
+                    f"service {service.name!r} has no task {ref!r} to weigh",
+                    code="unknown_task",
+                )
+            if weight is None:
+                merged.pop(task.id, None)
+            elif not 0 <= weight <= MAX_TASK_WEIGHT:
+                raise Invalid(f"weight {weight} for {ref!r} is not in 0..{MAX_TASK_WEIGHT}")
+            else:
+                merged[task.id] = weight
+        return merged
+
     def update_service(
         self, name: str, patch: ServicePatch, now: float, expected_version: int | None = None
     ) -> list[Change]:
@@ -662,6 +685,9 @@ class Store:
             updated_at=now,
             version=self._tick(),
             aliases=aliases,
+            weights=current.weights
+            if patch.weights is None
+            else self._merge_weights(current, patch.weights),
         )
         return [self._write(record)]
 
@@ -691,6 +717,8 @@ class Store:
             raise Invalid("a sandboxed task gets its address from its networks: drop address")
         if spec.sandbox is None and spec.address is None:
             raise Invalid("a task needs an address, or a sandbox", code="invalid_address")
+        if not 0 <= spec.weight <= MAX_TASK_WEIGHT:
+            raise Invalid(f"weight {spec.weight} is not in 0..{MAX_TASK_WEIGHT}")
         siblings = self.tasks(service=service.name)
         task_id = new_id(self._rng)
         slot = _lowest_free_slot(t.slot for t in siblings)
@@ -725,6 +753,7 @@ class Store:
             updated_at=now,
             version=self._tick(),
             sandbox=sandbox,
+            weight=spec.weight,
         )
         return [self._write(task)]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from tests.helpers.ipvs_lab import (
 )
 from tests.helpers.netns import Lab, Netns, unavailable
 from tests.lb.backend_suite import BackendSuite, spread
+from tests.lb.weights_suite import WeightsSuite
 
 CLIENT, LB_CLIENT_SIDE, LB_REAL_SIDE = "10.77.1.2", "10.77.1.1", "10.77.2.1"
 REALS = [f"10.77.2.{10 + i}" for i in (1, 2, 3)]
@@ -92,6 +94,27 @@ def net(lab: Lab) -> Iterator[dict[str, Any]]:
         servers.close()
 
 
+@dataclass
+class IpvsHeld:
+    """A connection to the reals' echo servers, which answer every chunk with their name."""
+
+    real: Real
+    sock: socket.socket
+
+    async def echo(self) -> bool:
+        def ask() -> str:
+            try:
+                self.sock.sendall(b"?")
+                return self.sock.recv(512).decode()
+            except OSError:
+                return ""
+
+        return await asyncio.to_thread(ask) == str(self.real)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class IpvsHarness:
     def __init__(self, net: dict[str, Any]) -> None:
         self.client: Netns = net["client"]
@@ -133,6 +156,23 @@ class IpvsHarness:
             return None
         host, _, port = answer.rpartition(":")
         return Real(host, int(port))
+
+    async def hold(self, key: VirtualKey) -> IpvsHeld:
+        """A TCP connection from the client, kept open (tests/lb/weights_suite.py)."""
+        sock = self.client.socket(kind=socket.SOCK_STREAM)
+        sock.settimeout(HIT_TIMEOUT)
+
+        def connect() -> str:
+            sock.connect((key.address, key.port))
+            return sock.recv(512).decode()
+
+        try:
+            answer = await asyncio.to_thread(connect)
+        except OSError:
+            sock.close()
+            raise
+        host, _, port = answer.rpartition(":")
+        return IpvsHeld(Real(host, int(port)), sock)
 
     async def make_foreign(self) -> None:
         async with raw_ipvs() as ipvs:
@@ -182,6 +222,10 @@ async def harness(net: dict[str, Any]) -> AsyncIterator[IpvsHarness]:
 
 class TestIpvsBackend(BackendSuite):
     """The shared suite (tests/lb/backend_suite.py) against the kernel's IPVS."""
+
+
+class TestIpvsWeights(WeightsSuite):
+    """wrr with the weights as they are, weight 0 drains, lc (issue 19)."""
 
 
 # -- IPVS specifics ----------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from lb.backend import Backend
 from lb.table import ANY_ADDRESS, Real, VirtualKey
 from lb.userspace import ProxySettings, UserspaceBackend
+from tests.lb.held import HeldConnection
 
 REAL_PORT = 9000
 TIMEOUT = 2.0
@@ -120,6 +121,16 @@ class LoopbackHarness:
             except (OSError, TimeoutError):
                 return None
         return _as_real(data)
+
+    async def hold(self, key: VirtualKey) -> HeldConnection:
+        """A TCP connection through `key`, kept open (weights_suite)."""
+        async with asyncio.timeout(TIMEOUT):
+            reader, writer = await asyncio.open_connection(self.address_of(key), key.port)
+            real = _as_real(await reader.readline())
+        if real is None:
+            writer.close()
+            raise ConnectionError(f"{key}: no greeting")
+        return HeldConnection(real, reader, writer)
 
     async def make_foreign(self) -> None:
         # Someone else's listener on an address of ours, on a port we do not use.

@@ -36,6 +36,7 @@ from lb.backend import Backend
 from lb.nft import NftablesBackend
 from lb.table import Real, VirtualKey
 from tests.helpers.netns import Lab, Netns, unavailable
+from tests.lb.held import HeldConnection
 
 NODE, CLIENT, PEER = "10.77.1.1", "10.77.1.2", "10.77.1.3"
 BEHIND = ["10.77.2.2", "10.77.2.3", "10.77.2.4"]  # reals behind the node
@@ -145,6 +146,11 @@ class NftHarness:
             writer.close()
             raise ConnectionError(f"no greeting: {line!r}")
         return answer, reader, writer
+
+    async def hold(self, key: VirtualKey) -> HeldConnection:
+        """A TCP connection through `key` from the client, kept open (weights_suite)."""
+        answer, reader, writer = await self.connect(key)
+        return HeldConnection(answer.real, reader, writer)
 
     # -- servers -------------------------------------------------------------------------
 

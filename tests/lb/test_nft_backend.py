@@ -9,7 +9,7 @@ its own (an agent leaves `netns` at None).
 from __future__ import annotations
 
 import asyncio
-import logging
+import json
 import socket
 from collections.abc import AsyncIterator, Sequence
 
@@ -43,8 +43,11 @@ from tests.lb.nft_harness import (
     skip_reason,
     udp_ask,
 )
+from tests.lb.weights_suite import WeightsSuite
 
 pytestmark = [pytest.mark.root]
+
+WRR = ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN)
 
 
 @pytest.fixture
@@ -66,6 +69,14 @@ async def harness() -> AsyncIterator[NftHarness]:
 
 class TestNftablesBackendSuite(BackendSuite):
     """The shared suite, against the kernel in the node namespace."""
+
+    least_connections = False
+
+
+class TestNftablesWeights(WeightsSuite):
+    """Weights and draining; `lc` refused with a clear error (issue 19)."""
+
+    least_connections = False
 
 
 # -- what only a kernel backend has to show -----------------------------------------------
@@ -182,27 +193,6 @@ async def test_the_nodes_own_processes_reach_vips_and_published_ports(harness: N
         for _ in range(4)
     }
     assert seen == {harness.real(5), harness.real(3)}
-
-
-async def test_least_connections_is_accepted_logged_once_and_runs_round_robin(
-    harness: NftHarness, caplog: pytest.LogCaptureFixture
-) -> None:
-    backend = await started(harness)
-    lc = ServiceOptions(Scheduler.LEAST_CONNECTIONS)
-    one, two = VirtualKey("tcp", harness.vip(1), 8080), VirtualKey("tcp", harness.vip(2), 8080)
-    with caplog.at_level(logging.WARNING, logger="lb.nft.backend"):
-        await backend.apply(
-            [
-                PutService(one, lc),
-                PutService(two, lc),
-                PutReal(one, harness.real(1), 1),
-                PutReal(one, harness.real(2), 1),
-            ]
-        )
-    assert sum("least connections" in r.message for r in caplog.records) == 1
-    assert (await backend.read())[one].options == lc
-    seen = await spread(harness, one, 6)
-    assert seen == {harness.real(1): 3, harness.real(2): 3}
 
 
 async def test_a_damaged_leftover_is_repaired_at_start(harness: NftHarness) -> None:
@@ -447,3 +437,52 @@ async def test_the_backend_works_under_uvloop_the_agents_loop(harness: NftHarnes
 
     with flow:  # the echo servers answer from this test's loop, free while uvloop runs
         assert await asyncio.to_thread(uvloop.run, scenario()) == (a, b)
+
+
+async def test_300_weighted_reals_exact_over_a_cycle_then_capped_within_a_slot(
+    harness: NftHarness,
+) -> None:
+    """Issue 19: "300 tasks with weights work on nftables" (the old cap: 256 per real).
+
+    Weights 100..1000 in steps of 100 reduce by their gcd to a ring of some 1,650
+    slots: two whole cycles of connections give each real exactly twice its reduced
+    weight. Then weights with no common divisor: the ring is capped at MAX_SLOTS
+    and each real's share, read back from the kernel's map, is within one slot."""
+    from lb.nft.layout import slots_map
+    from lb.nft.slots import MAX_SLOTS
+
+    reals = [Real(BEHIND[i % 3], 7100 + i // 3) for i in range(300)]
+    for real in reals:
+        await harness.serve(harness.reals, real.address, real.port)
+    backend = await started(harness)
+    key = VirtualKey("tcp", harness.vip(5), 8080)
+    exact = {real: 100 * (1 + i % 10) for i, real in enumerate(reals)}
+    loop = asyncio.get_running_loop()
+    started_at = loop.time()
+    await backend.apply([PutService(key, WRR), *(PutReal(key, r, w) for r, w in exact.items())])
+    programmed = loop.time() - started_at
+    assert (await backend.read())[key].reals == exact
+    cycle = sum(exact.values()) // 100
+    seen = await spread(harness, key, 2 * cycle)
+    print(f"300 reals, weights 100..1000: ring {cycle} slots (programmed in {programmed:.2f} s)")
+    assert seen == {real: 2 * w // 100 for real, w in exact.items()}, "not exact over cycles"
+
+    capped = {real: 1 + (i * 337) % 1000 for i, real in enumerate(reals)}
+    started_at = loop.time()
+    await backend.apply([PutReal(key, r, w) for r, w in capped.items()])
+    reprogrammed = loop.time() - started_at
+    assert (await backend.read())[key].reals == capped
+    listing = harness.node.run(["nft", "-j", "list", "map", "ip", "meshplane", slots_map(key)])
+    counts: dict[Real, int] = {}
+    for item in json.loads(listing.stdout)["nftables"][1]["map"]["elem"]:
+        address, port = item[1]["concat"]
+        counts[Real(address, port)] = counts.get(Real(address, port), 0) + 1
+    total, slots = sum(capped.values()), sum(counts.values())
+    worst = max(abs(counts.get(r, 0) / slots - w / total) for r, w in capped.items())
+    print(
+        f"300 reals, weights 1..1000 (gcd 1): {slots} slots in the kernel "
+        f"(re-programmed in {reprogrammed:.2f} s), worst share error {worst:.5%}"
+    )
+    assert slots == MAX_SLOTS and worst <= 1 / MAX_SLOTS
+    seen = await spread(harness, key, 600)
+    assert seen[None] == 0 and len(seen) > 150, f"{len(seen)} reals answered 600 connections"

@@ -11,6 +11,7 @@ import pytest
 
 from tests.lb.backend_suite import BackendSuite
 from tests.lb.loopback import LoopbackHarness
+from tests.lb.weights_suite import WeightsSuite
 
 
 @pytest.fixture
@@ -25,3 +26,7 @@ async def harness() -> AsyncIterator[LoopbackHarness]:
 
 class TestUserspaceBackend(BackendSuite):
     pass
+
+
+class TestUserspaceWeights(WeightsSuite):
+    """Exact smooth weighted round robin, draining, least connections (issue 19)."""

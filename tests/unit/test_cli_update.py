@@ -63,6 +63,11 @@ PORT_8080 = {
             ServiceChanges(publish_add=({"target_port": 53, "protocol": "udp"},)),
             {"ports": [PORT_8080, {"target_port": 53, "protocol": "udp"}]},
         ),
+        (ServiceChanges(weights={"web.1.abc": 0}), {"weights": {"web.1.abc": 0}}),
+        (  # --locality any: the label dropped when present, no error when absent
+            ServiceChanges(label_drop=("mesh.lb.locality", "absent")),
+            {"labels": {"tier": "web", "team": "a"}},
+        ),
     ],
 )
 def test_patch(changes: ServiceChanges, patch: dict[str, Any]) -> None:
@@ -211,3 +216,18 @@ def test_each_route_problem_of_the_answer_is_one_warning_line() -> None:
     assert problem_warnings(service(problems=[problem])) == [
         "service web: label problem in label mesh.http.hosts: 'x' is not a port"
     ]
+
+
+def test_weight_and_locality_flags() -> None:
+    import argparse
+
+    from mesh.cli import spec
+    from mesh.cli.errors import SpecError
+
+    assert spec.parse_task_weights(["web.1.abc=0", "d41d=1000"]) == {"web.1.abc": 0, "d41d": 1000}
+    for bad in (["web.1.abc"], ["=3"], ["a=1001"], ["a=-1"], ["a=x"]):
+        with pytest.raises(SpecError):
+            spec.parse_task_weights(bad)
+    assert spec.parse_weight("7") == 7
+    with pytest.raises(argparse.ArgumentTypeError):
+        spec.parse_weight("1001")

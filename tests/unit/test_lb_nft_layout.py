@@ -31,6 +31,7 @@ from lb.nft.layout import (
     weights_map,
 )
 from lb.nft.listing import parse_counters, parse_listing
+from lb.nft.slots import MAX_SLOTS
 from lb.table import (
     ANY_ADDRESS,
     DeleteReal,
@@ -277,7 +278,7 @@ def test_options_survive_the_rule_comment() -> None:
     for options in (
         ServiceOptions(),
         WRR,
-        ServiceOptions(Scheduler.LEAST_CONNECTIONS, True),
+        ServiceOptions(Scheduler.WEIGHTED_ROUND_ROBIN, True),
         ServiceOptions(local=True),
     ):
         layout = Layout("t")
@@ -287,6 +288,87 @@ def test_options_survive_the_rule_comment() -> None:
     assert parse_options_comment("someone else's rule") is None
     # a rule written before traffic policies reads as cluster
     assert parse_options_comment("meshplane sched=rr proxy=0") == ServiceOptions()
+
+
+def test_least_connections_is_refused_with_a_clear_error_not_run_as_rr() -> None:
+    """nftables keeps no per-real connection count a rule can read: `lc` used to be
+    programmed as round robin with a log line; now the op is refused, naming why."""
+    layout = Layout("t")
+    with pytest.raises(LayoutError, match="cannot balance by least connections"):
+        layout.plan(PutService(KEY, ServiceOptions(Scheduler.LEAST_CONNECTIONS)))
+    assert KEY not in layout.services
+    # nor may an existing service switch to it
+    layout.plan(PutService(KEY))
+    with pytest.raises(LayoutError, match="least connections"):
+        layout.plan(PutService(KEY, ServiceOptions(Scheduler.LEAST_CONNECTIONS)))
+    assert layout.services[KEY].options == ServiceOptions()
+
+
+def test_weights_up_to_1000_and_300_weighted_reals_keep_exact_or_capped_shares() -> None:
+    """No 256 cap: weights 0..1000, the map reduced by the gcd (1:3 is four slots) or
+    capped at MAX_SLOTS within one slot per real, and the kernel maps follow."""
+    layout, kernel = Layout("t"), FakeMaps()
+    run(
+        layout,
+        kernel,
+        [PutService(KEY, WRR), PutReal(KEY, real(1), 250), PutReal(KEY, real(2), 750)],
+    )
+    assert sorted(layout.services[KEY].slots, key=str) == [real(1)] + [real(2)] * 3
+    run(layout, kernel, [PutReal(KEY, real(1), 1000)])  # 1000:750 is 4:3
+    assert len(layout.services[KEY].slots) == 7
+    weights = {real(i): 1 + (i * 337) % 1000 for i in range(300)}
+    layout.begin()
+    layout.defer()  # one batch, as the backend plans it
+    batch = [PutService(KEY2, WRR), *(PutReal(KEY2, r, w) for r, w in weights.items())]
+    kernel.run([c for op in batch for c in layout.plan(op)[0]] + layout.flush_deferred())
+    kernel.check(layout)
+    service = layout.services[KEY2]
+    assert len(service.slots) == MAX_SLOTS
+    total = sum(weights.values())
+    worst = max(
+        abs(service.slots.count(r) / len(service.slots) - w / total) for r, w in weights.items()
+    )
+    print(f"300 reals, weights 1..1000: {len(service.slots)} slots, worst share error {worst:.5%}")
+    assert worst <= 1 / MAX_SLOTS
+    # Changing one weight re-apportions; the kernel maps still equal the mirror (run checks).
+    run(layout, kernel, [PutReal(KEY2, real(7), 0), DeleteReal(KEY2, real(8))])
+    assert real(7) not in service.slots and service.consistent()
+
+
+def test_a_leftover_lc_service_is_removed_at_reload_not_kept_as_round_robin() -> None:
+    from lb.nft.layout import options_comment
+
+    comment = options_comment(ServiceOptions(Scheduler.LEAST_CONNECTIONS))
+    assert comment == "meshplane sched=lc proxy=0"  # what an older version wrote
+    listing = {
+        "nftables": [
+            {
+                "map": {
+                    "table": "t",
+                    "name": "vips",
+                    "elem": [
+                        [
+                            {"concat": ["10.0.0.1", "tcp", 80]},
+                            {"goto": {"target": "svc_tcp_10_0_0_1_80"}},
+                        ]
+                    ],
+                }
+            },
+            {"map": {"table": "t", "name": "slots_tcp_10_0_0_1_80"}},
+            {"map": {"table": "t", "name": "weights_tcp_10_0_0_1_80"}},
+            {
+                "rule": {
+                    "table": "t",
+                    "chain": "svc_tcp_10_0_0_1_80",
+                    "comment": comment,
+                    "expr": [{"counter": "conns_tcp_10_0_0_1_80"}, {"reject": None}],
+                }
+            },
+        ]
+    }
+    found = parse_listing("t", listing)
+    assert KEY in found.broken and KEY not in found.layout.services
+    assert any("lc" in problem for problem in found.problems)
 
 
 def test_a_listing_reads_back_into_the_table() -> None:
@@ -320,10 +402,8 @@ def test_a_listing_reads_back_into_the_table() -> None:
                 "map": {
                     "table": "t",
                     "name": "slots_tcp_10_0_0_1_80",
-                    "elem": [
-                        [0, {"concat": ["10.1.0.1", 8080]}],
-                        [1, {"concat": ["10.1.0.1", 8080]}],
-                    ],
+                    # weight 2 alone is one slot (weights reduced by their gcd)
+                    "elem": [[0, {"concat": ["10.1.0.1", 8080]}]],
                 }
             },
             {
@@ -350,7 +430,7 @@ def test_a_listing_reads_back_into_the_table() -> None:
                                 "family": "ip",
                                 "addr": {
                                     "map": {
-                                        "key": {"numgen": {"mode": "inc", "mod": 2}},
+                                        "key": {"numgen": {"mode": "inc", "mod": 1}},
                                         "data": "@slots",
                                     }
                                 },
@@ -457,3 +537,28 @@ def test_maglev_and_affinity_survive_the_rule_comment() -> None:
         commands, _ = layout.plan(PutService(KEY, options))
         comment = next(c for c in commands if "comment" in c).split('comment "')[1][:-1]
         assert parse_options_comment(comment) == options
+
+
+def test_a_batch_reweaves_each_wrr_ring_once_not_once_per_op() -> None:
+    """300 weights in one batch: one ring rewrite at the end (the backend's `defer`),
+    not 300 rewrites of a ring of thousands of slots (which the kernel refused:
+    "No buffer space available"); the kernel maps still equal the mirror."""
+    weights = {real(i): 1 + (i * 337) % 1000 for i in range(300)}
+    ops: list[Op] = [PutService(KEY, WRR), *(PutReal(KEY, r, w) for r, w in weights.items())]
+    layout, kernel = Layout("t"), FakeMaps()
+    layout.begin()
+    layout.defer()
+    commands = [c for op in ops for c in layout.plan(op)[0]]
+    commands += layout.flush_deferred()
+    kernel.run(commands)
+    kernel.check(layout)
+    elements = sum(
+        c.count(" : ") for c in commands if c.startswith(f"add element ip t {slots_map(KEY)}")
+    )
+    assert elements == MAX_SLOTS, "each slot written once"
+    # and a batch that changes them all again rewrites only the slots that change
+    layout.begin()
+    layout.defer()
+    again = [c for r, w in weights.items() for c in layout.plan(PutReal(KEY, r, w % 7 + 1))[0]]
+    kernel.run(again + layout.flush_deferred())
+    kernel.check(layout)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lb.table import Real, Scheduler
 from lb.userspace import proxy_protocol
@@ -37,6 +39,37 @@ def test_weighted_round_robin_follows_weights_smoothly() -> None:
     sequence = [pool.pick() for _ in range(8)]
     assert Counter(sequence) == {A: 6, B: 2}
     assert sequence[:4].count(B) == 1  # spread out, not a a a b in a burst of one
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 300), min_size=1, max_size=6),
+    st.lists(st.integers(0, 300), min_size=1, max_size=6),
+)
+def test_weighted_round_robin_is_exact_over_every_cycle_and_after_a_change(
+    first: list[int], second: list[int]
+) -> None:
+    """Each cycle of sum(weights) picks gives each real exactly its weight (0: never)."""
+    pool = Pool(Scheduler.WEIGHTED_ROUND_ROBIN)
+    reals = [Real(f"10.0.0.{i + 1}", 80) for i in range(6)]
+    for weights in (first, second):
+        for real, weight in zip(reals, weights, strict=False):
+            pool.set(real, weight)
+        wanted = {r: pool.weights[r] for r in reals if pool.weights.get(r, 0) > 0}
+        total = sum(wanted.values())
+        for _ in range(2):  # two whole cycles, each exact
+            assert picks(pool, total) == Counter(wanted) if total else pool.pick() is None
+
+
+def test_weights_up_to_1000_canary_one_to_three_exact() -> None:
+    pool = Pool(Scheduler.WEIGHTED_ROUND_ROBIN)
+    pool.set(A, 1)
+    pool.set(B, 3)
+    assert picks(pool, 4000) == {A: 1000, B: 3000}
+    pool.set(A, 1000)
+    pool.set(B, 0)  # drained: never picked
+    pool.set(C, 1)
+    assert picks(pool, 1001) == {A: 1000, C: 1}
 
 
 def test_least_connections_counts_open_connections_per_weight() -> None:

@@ -73,8 +73,10 @@ def task(
     health: Health = Health.HEALTHY,
     state: TaskState = TaskState.RUNNING,
     ports: dict[int, int] | None = None,
+    weight: int = 1,
 ) -> Task:
     return Task(
+        weight=weight,
         id=task_id,
         name=f"{svc}.1.{task_id}",
         service=svc,
@@ -326,10 +328,15 @@ def services(draw: st.DrawFn) -> Service:
             optional={
                 "mesh.lb.scheduler": st.sampled_from(["rr", "wrr", "lc", "bogus"]),
                 "mesh.lb.proxy_protocol": st.sampled_from(["v2", "off", "v9"]),
+                "mesh.lb.locality": st.sampled_from(["prefer-local", "any", "nearby"]),
             },
         )
     )
-    return service(name, mode=mode, ports=ports, vips=vips, labels=labels)
+    overrides = draw(
+        st.dictionaries(st.sampled_from(["t1", "t2", "t3"]), st.integers(0, 1000), max_size=2)
+    )
+    made = service(name, mode=mode, ports=ports, vips=vips, labels=labels)
+    return dataclasses.replace(made, weights=overrides)
 
 
 @st.composite
@@ -342,6 +349,7 @@ def tasks(draw: st.DrawFn) -> Task:
         health=draw(st.sampled_from(list(Health))),
         state=draw(st.sampled_from(list(TaskState))),
         ports=draw(st.sampled_from([{}, {80: 8080}, {443: 80}])),
+        weight=draw(st.sampled_from([0, 1, 3, 1000])),
     )
 
 
@@ -405,3 +413,75 @@ def test_affinity_and_maglev_labels() -> None:
     assert table[PUBLISHED].options == ServiceOptions(Scheduler.MAGLEV, affinity=60)
     assert table[VirtualKey("tcp", ANY_ADDRESS, 30081)].options == ServiceOptions()
     assert view.invalid_labels["mesh.lb.affinity"] == 1
+
+
+# -- weights and locality (issue 19) ----------------------------------------------------
+
+
+def test_a_tasks_weight_is_its_reals_weight_and_the_services_override_wins() -> None:
+    view = LbView(NODE)
+    svc = service(labels={"mesh.lb.scheduler": "wrr"})
+    canary = task("a", "10.0.1.5", weight=1)
+    stable = task("b", "10.0.1.6", node="n2", weight=3)
+    view.load([svc, canary, stable])
+    assert view.table()[VIP_FRONT].reals == {Real("10.0.1.5", 80): 1, Real("10.0.1.6", 80): 3}
+    # `mesh service update --weight a=0`: the service's override drains the canary
+    # everywhere (a task is written by its node only; the service by any node).
+    drained = dataclasses.replace(svc, weights={"a": 0, "b": 1000})
+    ops = view.on_change(put(svc, drained))
+    assert PutReal(VIP_FRONT, Real("10.0.1.5", 80), 0) in ops
+    assert view.table()[PUBLISHED].reals == {Real("10.0.1.5", 80): 0, Real("10.0.1.6", 80): 1000}
+    # a draining task stays at 0 whatever its weight; an unhealthy one leaves
+    gone = dataclasses.replace(stable, health=Health.UNHEALTHY)
+    view.on_change(put(stable, gone))
+    assert view.table()[VIP_FRONT].reals == {Real("10.0.1.5", 80): 0}
+
+
+def test_prefer_local_sends_vip_traffic_to_this_nodes_tasks_while_it_has_one() -> None:
+    view = LbView(NODE)
+    svc = service(labels={"mesh.lb.locality": "prefer-local"})
+    here = task("a", "10.0.1.5")
+    there = [task("b", "10.0.1.6", node="n2"), task("c", "10.0.1.7", node="n3")]
+    view.load([svc, here, *there])
+    local, b, c = Real("10.0.1.5", 80), Real("10.0.1.6", 80), Real("10.0.1.7", 80)
+    # the others keep the connections they have (weight 0), take no new ones
+    for key in (VIP_FRONT, VIP_INGRESS):
+        assert view.table()[key].reals == {local: 1, b: 0, c: 0}
+    # the routing mesh (published port) is not a VIP: every task as before
+    assert view.table()[PUBLISHED].reals == {local: 1, b: 1, c: 1}
+    # the local task unhealthy: fall back to the others, at their weights
+    sick = dataclasses.replace(here, health=Health.UNHEALTHY)
+    ops = view.on_change(put(here, sick))
+    assert view.table()[VIP_FRONT].reals == {b: 1, c: 1}
+    assert PutReal(VIP_FRONT, b, 1) in ops and DeleteReal(VIP_FRONT, local) in ops
+    # and back when it recovers
+    view.on_change(put(sick, here))
+    assert view.table()[VIP_FRONT].reals == {local: 1, b: 0, c: 0}
+    # a local task that is draining (weight 0) does not count as taking traffic
+    draining = dataclasses.replace(here, state=TaskState.DRAINING)
+    view.on_change(put(here, draining))
+    assert view.table()[VIP_FRONT].reals == {local: 0, b: 1, c: 1}
+    # the label removed: every task again
+    plain = service()
+    view.on_change(put(draining, here))
+    view.on_change(put(svc, plain))
+    assert view.table()[VIP_FRONT].reals == {local: 1, b: 1, c: 1}
+
+
+def test_prefer_local_on_another_node_sees_its_own_tasks_first() -> None:
+    records = [
+        service(labels={"mesh.lb.locality": "prefer-local"}),
+        task("a", "10.0.1.5"),
+        task("b", "10.0.1.6", node="n2"),
+    ]
+    table = build_table(records, "n2")
+    assert table[VIP_FRONT].reals == {Real("10.0.1.5", 80): 0, Real("10.0.1.6", 80): 1}
+    view = LbView("n3")  # a node with no task of its own: every task
+    view.load(records)
+    assert view.table()[VIP_FRONT].reals == {Real("10.0.1.5", 80): 1, Real("10.0.1.6", 80): 1}
+
+
+def test_a_bad_locality_value_is_ignored_and_counted() -> None:
+    view = LbView(NODE)
+    view.load([service(labels={"mesh.lb.locality": "nearby"}), task("a", "10.0.1.5")])
+    assert view.invalid_labels["mesh.lb.locality"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 
@@ -438,3 +439,49 @@ def test_name_check_is_an_index_look_up_kept_with_the_records(
     loaded.load(store.all_records())
     with pytest.raises(Conflict, match="as 'back'"):
         loaded._check_name_free(Kind.NETWORK, "BACK")
+
+
+# -- weights (issue 19) -----------------------------------------------------------------
+
+
+def test_a_task_has_a_weight_0_to_1000_and_the_service_can_override_it() -> None:
+    store = make_store()
+    web(store)
+    changes = store.add_task(TaskSpec(service="web", address="127.0.0.1", weight=3), NOW)
+    canary = changes[-1].after
+    assert isinstance(canary, Task) and canary.weight == 3
+    other = task(store, address="127.0.0.2")
+    assert other.weight == 1
+    with pytest.raises(Invalid):
+        store.add_task(TaskSpec(service="web", address="127.0.0.3", weight=1001), NOW)
+    # by id or by name; merged; null removes one
+    store.update_service("web", ServicePatch(weights={canary.id: 0, other.name: 7}), NOW)
+    service = store.service("web")
+    assert service.weights == {canary.id: 0, other.id: 7}
+    assert service.weight_of(canary) == 0 and service.weight_of(other) == 7
+    store.update_service("web", ServicePatch(weights={canary.id: None}), NOW)
+    assert store.service("web").weights == {other.id: 7}
+    assert store.service("web").weight_of(canary) == 3
+    for bad in ({"no-such-task": 1}, {other.id: 1001}):
+        with pytest.raises(Invalid):
+            store.update_service("web", ServicePatch(weights=bad), NOW)  # type: ignore[arg-type]
+    assert store.service("web").weights == {other.id: 7}
+
+
+def test_weights_survive_the_codec() -> None:
+    from mesh.core.codec import record_from_dict, record_to_dict
+
+    store = make_store()
+    web(store)
+    canary = store.add_task(TaskSpec(service="web", address="127.0.0.1", weight=250), NOW)[-1].after
+    assert isinstance(canary, Task)
+    store.update_service("web", ServicePatch(weights={canary.id: 750}), NOW)
+    for record in (canary, store.service("web")):
+        assert record_from_dict(record_to_dict(record)) == record
+    # an older record has neither: weight 1, no overrides
+    data = record_to_dict(canary)
+    del data["weight"]
+    assert record_from_dict(data) == dataclasses.replace(canary, weight=1)
+    data["weight"] = 5000
+    with pytest.raises(ValueError, match=r"not in 0\.\.1000"):
+        record_from_dict(data)
