@@ -36,6 +36,7 @@ from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD
 from lb.accesslog import AccessLogSettings
 from lb.driver import LbDriver
+from lb.failover import suspect_hold
 from lb.http.problems import RouteProblems
 from lb.http.service import HttpEndpoints
 from lb.http.serving import HttpMesh
@@ -350,7 +351,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         if socket_path is None
         else FeedServer(feed, socket_path, reports.on_report, reports.on_gone)
     )
-    gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
+    gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation, lb)
     if sandboxes is not None:
         # Encrypted overlays derive their IPsec keys from the gossip keyring, which
         # `mesh keyring` and gossiped changes alter in place (read again every second).
@@ -483,6 +484,9 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         choice.backend,
         choice.reason,
         desired=lambda: build_table(feed.snapshot()[1], config.node_name),
+        # A false suspicion is refuted within a few gossip rounds; a suspect that has
+        # not refuted after this long is taken out of the table (lb/failover.py).
+        suspect_hold=suspect_hold(getattr(GossipConfig, config.gossip_profile)().probe_interval),
     )
 
 
@@ -547,7 +551,11 @@ def _http(config: AgentConfig) -> HttpMesh | None:
 
 
 def _gossip(
-    config: AgentConfig, control: Control, liveness: Liveness, incarnation: int
+    config: AgentConfig,
+    control: Control,
+    liveness: Liveness,
+    incarnation: int,
+    lb: LbDriver,
 ) -> tuple[GossipShell, ClusterState, Cluster, ClusterKeyring | None]:
     """Gossip's parts: the core's delegate, the core, the shell around it, then the
     cluster and the keyring's control, which drive the core through the shell."""
@@ -572,7 +580,7 @@ def _gossip(
         config.advertise.port,
         keyring=keyring,
         label=label,
-        on_event=NodeWatch(liveness, control.feed).on_event,
+        on_event=NodeWatch(liveness, control.feed, suspects=lb).on_event,
         tcp_timeout=profile.tcp_timeout,
         verify_incoming=config.gossip_verify_incoming,
         verify_outgoing=config.gossip_verify_outgoing,

@@ -520,6 +520,18 @@ class LbSandboxOut(_Response):
     errors: int
 
 
+class LbFailoverOut(_Response):
+    """Failover on a suspect node (docs/lb.md): its reals leave the table before the verdict."""
+
+    suspects: int  # nodes suspect now
+    hidden: list[str]  # nodes whose reals are out of the table now
+    reals_hidden: int  # (virtual service, real) pairs left out now
+    nodes_hidden: int  # times a node's reals were taken out since start
+    hidden_refuted: int  # of those, ended by a refutation (a false removal)
+    kept_last: int  # virtual services keeping a hidden node's reals: no other real left
+    refuted_longest: float  # seconds the longest refuted suspicion lasted (the hold's margin)
+
+
 class LbOut(_Response):
     backend: str  # ipvs, nftables or userspace
     reason: str  # why --lb chose it
@@ -533,3 +545,4 @@ class LbOut(_Response):
     sandbox_errors: int = 0  # ops a sandbox's table refused
     sandboxes_vanished: int = 0  # sandboxes dropped because their namespace was gone
     sample_errors: int = 0  # readings of its counters per service (GET /metrics) that failed
+    failover: LbFailoverOut | None = None  # suspect nodes taken out of the table
