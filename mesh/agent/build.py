@@ -472,6 +472,7 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
                     config.access_log, config.access_log_sample, config.access_log_format
                 ),
             ),
+            fwmark=config.fwmark,
         )
     except SelectError as exc:
         raise MeshStartError(str(exc)) from None
