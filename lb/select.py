@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from lb.backend import Backend
+from lb.sysctls import LEDGER_NAME, SysctlLedger
 from lb.userspace import ProxySettings, UserspaceBackend
 from mesh.core.capabilities import effective
 
@@ -114,11 +115,15 @@ def _load(module: str, probes: Probes) -> ModuleType:
         raise SelectError(f"{module} is not part of this build ({exc})") from None
 
 
-def _ipvs(probes: Probes, settings: ProxySettings) -> Backend:
+def _ipvs(probes: Probes, settings: ProxySettings, data_dir: Path | None) -> Backend:
     ipvs = _load("lb.ipvs", probes)
     # The proxy's idle timeout is IPVS's tcp timeout (`--lb-tcp-idle`): one setting for both.
     timeouts = dataclasses.replace(ipvs.DEFAULT_TIMEOUTS, tcp=int(settings.tcp_idle_timeout))
-    backend: Backend = ipvs.IpvsBackend(timeouts=timeouts)
+    if data_dir is None:
+        backend: Backend = ipvs.IpvsBackend(timeouts=timeouts)
+    else:  # the sysctls' previous values, recorded where a kill -9 keeps them
+        ledger = SysctlLedger(data_dir / LEDGER_NAME)
+        backend = ipvs.IpvsBackend(timeouts=timeouts, sysctls=ledger)
     return backend
 
 
@@ -147,9 +152,11 @@ def choose(
     probes: Probes | None = None,
     *,
     fwmark: int | None = None,
+    data_dir: Path | None = None,
 ) -> Choice:
     """The backend for `--lb requested`; `fwmark`: the nftables backend's mark bit
-    (None: its default), refused when other rules on the host use it."""
+    (None: its default), refused when other rules on the host use it; `data_dir`:
+    where the IPVS backend records the sysctls' values it changes (lb/sysctls.py)."""
     probes = probes or Probes()
     if requested == "userspace":
         return Choice(UserspaceBackend(settings), "asked for (--lb userspace)")
@@ -164,7 +171,7 @@ def choose(
                 "--lb ipvs: this kernel has no ip_vs (no /proc/net/ip_vs, and "
                 "modprobe ip_vs did not load it)"
             )
-        return Choice(_ipvs(probes, settings), "asked for (--lb ipvs)")
+        return Choice(_ipvs(probes, settings, data_dir), "asked for (--lb ipvs)")
     if requested == "nftables":
         if not probes.nft_works():
             raise SelectError(
@@ -180,7 +187,7 @@ def choose(
         return Choice(UserspaceBackend(settings), reason)
     if probes.has_ip_vs():
         try:
-            return Choice(_ipvs(probes, settings), "the kernel has ip_vs")
+            return Choice(_ipvs(probes, settings, data_dir), "the kernel has ip_vs")
         except SelectError as exc:
             passed.append(f"ipvs: {exc}")
     else:

@@ -43,6 +43,7 @@ from lb.http.serving import HttpMesh
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
 from lb.select import SelectError, choose
+from lb.sysctls import SysctlError, restore_leftover
 from lb.userspace import ProxySettings
 from lb.view import LbView, build_table
 from mesh.api.app import Access, ApiDeps, make_app
@@ -473,9 +474,19 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
                 ),
             ),
             fwmark=config.fwmark,
+            data_dir=config.data_dir,
         )
     except SelectError as exc:
         raise MeshStartError(str(exc)) from None
+    if choice.backend.name != "ipvs":
+        # The IPVS backend of a run killed with -9 left the host's sysctls changed.
+        try:
+            restored = restore_leftover(config.data_dir)
+        except (SysctlError, OSError) as exc:
+            event(log, "lb_sysctls_not_restored", logging.WARNING, error=str(exc))
+        else:
+            if restored:
+                event(log, "lb_sysctls_restored", sysctls=restored)
     event(
         log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb, reason=choice.reason
     )
