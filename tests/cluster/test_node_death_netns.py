@@ -240,6 +240,6 @@ def test_a_node_dying_whole_costs_few_requests(mesh: Mesh) -> None:
     # Out of the table while still suspect, before the verdict; no false removal.
     assert status_then == "suspect", status_then
     assert hidden.get("hidden") == ["node1"] and hidden.get("hidden_refuted") == 0, hidden
-    # The goal is 1 %; measured 0.9-1.4 % here, 5.4 % before (the verdict at 5.5 s).
+    # The goal is 1 %; measured 0.9-1.9 % here, 5.4 % before (the verdict at 5.5 s).
     # Generous, for a busy machine: the suspicion comes 1-2 s after the death.
     assert len(failed) <= 0.03 * len(counted), f"{len(failed)} of {len(counted)} failed"
