@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import inspect
 import logging
 import threading
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lb.backend import Backend, BackendError
+from lb.failover import SuspectFilter
 from lb.sandbox import SandboxLb
 from lb.servicestats import Sample, ServiceStats
 from lb.table import DeleteService, Op, Table, VirtualKey
@@ -71,10 +73,15 @@ class LbDriver:
         reason: str = "",
         desired: Callable[[], Table] | None = None,
         make_sandbox: Callable[[str, str, Sequence[str]], SandboxLb] = SandboxLb,
+        suspect_hold: float = 0.5,
     ) -> None:
         self.view = view
         #: the `--lb-healthz` listener's counters, shown in `GET /v1/lb`; None: not served
         self.healthz_stats: Callable[[], dict[str, int]] | None = None
+        #: between the view and the backends: a suspect node's reals leave the table
+        #: `suspect_hold` seconds into its suspicion (lb/failover.py)
+        self.failover = SuspectFilter(suspect_hold)
+        self._failover_timer: asyncio.TimerHandle | None = None
         self._make_sandbox = make_sandbox
         #: the table the state wants, built from scratch (not by the view): `mesh doctor`
         #: compares it with what the backend has programmed
@@ -105,12 +112,15 @@ class LbDriver:
         self._sample_lock = asyncio.Lock()
 
     def load(self, records: Iterable[Record]) -> None:
+        records = list(records)
         self.view.load(records)
+        self.failover.track_records(records)
+        self.failover.load(self.view.table())
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        desired = self.view.table()
+        desired = self.failover.table()
         self._note_owners(desired)
         try:
             await self.backend.start(desired)
@@ -126,7 +136,11 @@ class LbDriver:
         )
 
     def on_change(self, change: Change) -> None:
-        ops = self.view.on_change(change)
+        self.failover.track(change)
+        self._emit(self.failover.apply(self.view.on_change(change)))
+
+    def _emit(self, ops: list[Op]) -> None:
+        """Queue ops for the node's backend and each sandbox's."""
         if not ops:
             return
         self._note_owners(op.key for op in ops if not isinstance(op, DeleteService))
@@ -139,6 +153,43 @@ class LbDriver:
     def _put(self, job: _Job) -> None:
         self._idle.clear()
         self._queue.put_nowait(job)
+
+    # -- member states (mesh/cluster.py's NodeWatch calls these, on the loop) ------------
+
+    def node_suspected(self, node: str) -> None:
+        """Gossip suspects `node`: its reals leave the table after the hold, unless
+        it refutes first (`node_cleared`) or no other real would be left."""
+        loop = asyncio.get_running_loop()
+        self.failover.suspect(node, loop.time())
+        self._schedule_failover(loop)
+
+    def node_cleared(self, node: str, *, refuted: bool) -> None:
+        """`node` is suspect no more: alive again (`refuted`: its reals come back), or
+        dead or left (the state has hidden its tasks already)."""
+        was_hidden = node in self.failover.hidden_nodes
+        now = asyncio.get_running_loop().time()
+        self._emit(self.failover.clear(node, refuted=refuted, now=now))
+        if was_hidden:
+            event(log, "lb_node_shown" if refuted else "lb_node_gone", node=node)
+
+    def _failover_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._failover_timer = None
+        before = self.failover.hidden_nodes
+        self._emit(self.failover.tick(loop.time()))
+        for node in sorted(self.failover.hidden_nodes - before):
+            event(log, "lb_node_hidden", logging.WARNING, node=node, hold=self.failover.hold)
+        self._schedule_failover(loop)
+
+    def _schedule_failover(self, loop: asyncio.AbstractEventLoop) -> None:
+        due = self.failover.next_due()
+        if due is None:
+            return
+        if self._failover_timer is not None:
+            if self._failover_timer.when() <= due:
+                return
+            self._failover_timer.cancel()
+        self._failover_timer = loop.call_at(due, self._failover_tick)
 
     # -- sandboxes ------------------------------------------------------------------
 
@@ -166,7 +217,7 @@ class LbDriver:
             return
         else:
             sandbox.rescope(networks)
-        desired = sandbox.initial(self.view.table(), self.view.vip_network)
+        desired = sandbox.initial(self.failover.table(), self.view.vip_network)
         # `start` reads what the kernel has (a fresh namespace: nothing; a table
         # left by a previous run, or the old scope's: that) and changes only the rest.
         self._put(_Job("start", _starter(sandbox, desired), sandbox))
@@ -324,7 +375,9 @@ class LbDriver:
             "stats": stats() if callable(stats) else {},
             "unbound": unbound() if callable(unbound) else {},
             "services": render(table),
-            "desired": render(self._desired()),
+            # the state's table as the failover filter would program it now
+            "desired": render(self.failover.visible(self._desired())),
+            "failover": dataclasses.asdict(self.failover.counts()),
             "sandboxes": [
                 {
                     "key": key,
@@ -347,6 +400,9 @@ class LbDriver:
         for sandbox in self._sandboxes.values():
             await sandbox.abandon()
         self._sandboxes.clear()
+        if self._failover_timer is not None:
+            self._failover_timer.cancel()
+            self._failover_timer = None
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

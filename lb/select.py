@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -21,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from lb.backend import Backend
+from lb.sysctls import LEDGER_NAME, SysctlLedger
 from lb.userspace import ProxySettings, UserspaceBackend
 from mesh.core.capabilities import effective
 
@@ -60,6 +63,32 @@ def nft_works() -> bool:
     return done.returncode == 0
 
 
+def mark_rules() -> tuple[dict[str, Any] | None, list[str]]:
+    """The host's ruleset as `nft -j list ruleset` gives it (None: unreadable) and the
+    lines of the legacy `iptables-save` (empty where it is missing or unreadable)."""
+    ruleset: dict[str, Any] | None = None
+    saved: list[str] = []
+    try:
+        done = subprocess.run(
+            ["nft", "-j", "list", "ruleset"], capture_output=True, timeout=10, check=False
+        )
+        if done.returncode == 0:
+            ruleset = json.loads(done.stdout or b"{}")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        ruleset = None
+    for tool in ("iptables-legacy-save", "iptables-save"):
+        if shutil.which(tool) is None:
+            continue
+        try:
+            done = subprocess.run([tool], capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0:
+            saved += done.stdout.decode(errors="replace").splitlines()
+        break
+    return ruleset, saved
+
+
 @dataclass(frozen=True, slots=True)
 class Probes:
     """What `choose` asks of the machine; tests give their own answers."""
@@ -69,6 +98,8 @@ class Probes:
     net_admin: Callable[[], bool] = field(default=lambda: effective().net_admin)
     nft_works: Callable[[], bool] = nft_works
     import_module: Callable[[str], ModuleType] = importlib.import_module
+    #: the rules other software has on the host: `--fwmark`'s clash check
+    mark_rules: Callable[[], tuple[dict[str, Any] | None, list[str]]] = mark_rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,20 +115,48 @@ def _load(module: str, probes: Probes) -> ModuleType:
         raise SelectError(f"{module} is not part of this build ({exc})") from None
 
 
-def _ipvs(probes: Probes, settings: ProxySettings) -> Backend:
+def _ipvs(probes: Probes, settings: ProxySettings, data_dir: Path | None) -> Backend:
     ipvs = _load("lb.ipvs", probes)
     # The proxy's idle timeout is IPVS's tcp timeout (`--lb-tcp-idle`): one setting for both.
     timeouts = dataclasses.replace(ipvs.DEFAULT_TIMEOUTS, tcp=int(settings.tcp_idle_timeout))
-    backend: Backend = ipvs.IpvsBackend(timeouts=timeouts)
+    if data_dir is None:
+        backend: Backend = ipvs.IpvsBackend(timeouts=timeouts)
+    else:  # the sysctls' previous values, recorded where a kill -9 keeps them
+        ledger = SysctlLedger(data_dir / LEDGER_NAME)
+        backend = ipvs.IpvsBackend(timeouts=timeouts, sysctls=ledger)
     return backend
 
 
-def _nftables(probes: Probes) -> Backend:
-    backend: Backend = _load("lb.nft", probes).NftablesBackend(table=NFT_TABLE)
+def _nftables(probes: Probes, fwmark: int | None) -> Backend:
+    nft = _load("lb.nft", probes)
+    marks = importlib.import_module("lb.nft.marks")  # sans-IO: there whenever lb.nft is
+    mark: int = marks.DEFAULT_FWMARK if fwmark is None else marks.check_fwmark(fwmark)
+    ruleset, saved = probes.mark_rules()
+    clashes: list[str] = marks.nft_clashes(ruleset or {}, mark) + marks.iptables_clashes(
+        saved, mark
+    )
+    if clashes:
+        raise SelectError(
+            f"--fwmark {mark:#x}: other rules on this host use that mark bit ("
+            + "; ".join(clashes[:3])
+            + (f"; {len(clashes) - 3} more" if len(clashes) > 3 else "")
+            + "): choose a bit they leave alone with --fwmark"
+        )
+    backend: Backend = nft.NftablesBackend(table=NFT_TABLE, masquerade_mark=mark)
     return backend
 
 
-def choose(requested: str, settings: ProxySettings, probes: Probes | None = None) -> Choice:
+def choose(
+    requested: str,
+    settings: ProxySettings,
+    probes: Probes | None = None,
+    *,
+    fwmark: int | None = None,
+    data_dir: Path | None = None,
+) -> Choice:
+    """The backend for `--lb requested`; `fwmark`: the nftables backend's mark bit
+    (None: its default), refused when other rules on the host use it; `data_dir`:
+    where the IPVS backend records the sysctls' values it changes (lb/sysctls.py)."""
     probes = probes or Probes()
     if requested == "userspace":
         return Choice(UserspaceBackend(settings), "asked for (--lb userspace)")
@@ -112,14 +171,14 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
                 "--lb ipvs: this kernel has no ip_vs (no /proc/net/ip_vs, and "
                 "modprobe ip_vs did not load it)"
             )
-        return Choice(_ipvs(probes, settings), "asked for (--lb ipvs)")
+        return Choice(_ipvs(probes, settings, data_dir), "asked for (--lb ipvs)")
     if requested == "nftables":
         if not probes.nft_works():
             raise SelectError(
                 "--lb nftables: `nft list tables` fails here (is nft installed, "
                 "and does the agent run as root?)"
             )
-        return Choice(_nftables(probes), "asked for (--lb nftables)")
+        return Choice(_nftables(probes, fwmark), "asked for (--lb nftables)")
     if requested != "auto":
         raise SelectError(f"--lb {requested!r}: choose auto, ipvs, nftables or userspace")
     passed: list[str] = []
@@ -128,7 +187,7 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
         return Choice(UserspaceBackend(settings), reason)
     if probes.has_ip_vs():
         try:
-            return Choice(_ipvs(probes, settings), "the kernel has ip_vs")
+            return Choice(_ipvs(probes, settings, data_dir), "the kernel has ip_vs")
         except SelectError as exc:
             passed.append(f"ipvs: {exc}")
     else:
@@ -137,7 +196,7 @@ def choose(requested: str, settings: ProxySettings, probes: Probes | None = None
         passed.append("nftables: `nft list tables` fails")
     else:
         try:
-            return Choice(_nftables(probes), "no ip_vs; CAP_NET_ADMIN and nft works")
+            return Choice(_nftables(probes, fwmark), "no ip_vs; CAP_NET_ADMIN and nft works")
         except SelectError as exc:
             passed.append(f"nftables: {exc}")
     return Choice(UserspaceBackend(settings), "; ".join(passed))

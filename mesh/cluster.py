@@ -31,7 +31,7 @@ import random
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from gossip.aio import GossipShell
 from gossip.config import GossipConfig
@@ -245,13 +245,26 @@ def gossip_core(
     )
 
 
+class SuspectSink(Protocol):
+    """Who acts on suspicions before the verdict: the L4 driver (lb/failover.py)."""
+
+    def node_suspected(self, node: str) -> None: ...
+
+    def node_cleared(self, node: str, *, refuted: bool) -> None: ...
+
+
 class NodeWatch:
     """The gossip shell's event sink: a node down hides its tasks from the views, a
-    node back shows them again (`Liveness`), published on the feed as shown."""
+    node back shows them again (`Liveness`), published on the feed as shown. A
+    suspected node is told to `suspects` (the L4 driver), and so is the suspicion's
+    end: refuted (alive, or back), or a verdict (after the views have hidden it)."""
 
-    def __init__(self, liveness: Liveness, feed: ChangeFeed) -> None:
+    def __init__(
+        self, liveness: Liveness, feed: ChangeFeed, suspects: SuspectSink | None = None
+    ) -> None:
         self._liveness = liveness
         self._feed = feed
+        self._suspects = suspects
 
     def on_event(self, member_event: Event) -> None:
         match member_event:
@@ -267,6 +280,8 @@ class NodeWatch:
                     why=type(member_event).__name__,
                     tasks_hidden=len(changes),
                 )
+                if self._suspects is not None:
+                    self._suspects.node_cleared(member.name, refuted=False)
             case MemberJoined(member=member) | MemberAlive(member=member):
                 changes = self._liveness.node_up(member.name)
                 self._feed.publish(changes, shown=True)
@@ -277,8 +292,12 @@ class NodeWatch:
                     why=type(member_event).__name__,
                     tasks_shown=len(changes),
                 )
+                if self._suspects is not None:
+                    self._suspects.node_cleared(member.name, refuted=True)
             case MemberSuspected(member=member, by=by):
                 event(log, "node_suspected", node=member.name, by=by)
+                if self._suspects is not None:
+                    self._suspects.node_suspected(member.name)
             case MemberUpdated():
                 pass
 

@@ -34,6 +34,9 @@ GOSSIP_PORT = 7946
 LB_CHOICES = ("auto", "ipvs", "nftables", "userspace")
 GOSSIP_PROFILES = ("lan", "wan", "local")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: the nftables backend's mark bit by default (lb/nft/marks.py DEFAULT_FWMARK: a unit
+#: test keeps the two equal; lb.nft is not imported here, a build may lack it)
+DEFAULT_FWMARK = 0x1000
 
 
 class ConfigError(ValueError):
@@ -90,6 +93,9 @@ class AgentConfig:
     #: the health listener for external load balancers (`GET /v1/lb/healthz/<service>`
     #: without credentials; docs/load-balancing.md); None: not served
     lb_healthz: HostPort | None = None
+    #: the packet-mark bit the nftables backend marks its flows with (to masquerade
+    #: them): checked at start against the host's other rules (lb/nft/marks.py)
+    fwmark: int = DEFAULT_FWMARK
     keyring: Path | None = None
     #: the cluster's join token (`--token`, `--token-file`, MESH_JOIN_TOKEN): its keyring
     #: is stored in the data dir at the first start (docs/gossip.md "Secure by default")
@@ -319,6 +325,9 @@ _FLAGS: dict[str, str] = {
     "lb-healthz": "serve GET /v1/lb/healthz/<service> (200/503: whether this node serves "
     "the service's published ports) without credentials here, for external load "
     "balancers (ADDR[:PORT], port 10256 by default, as kube-proxy's; default: off)",
+    "fwmark": "the packet-mark bit the nftables load balancer marks the flows it "
+    "masquerades with (default 0x1000; 0x2000 and kube-proxy's 0x4000 are other tools'); "
+    "the agent refuses to start when another rule on the host uses it",
     "keyring": "file holding the gossip encryption keys (default: the keyring in the data "
     "dir, made at the first start of a node that joins no one, or from --token)",
     "token": "join token printed by `mesh join-token` on a member: the gossip keys and "
@@ -402,6 +411,7 @@ _METAVARS = {
     "publish-address": "ADDR",
     "lb-tcp-idle": "SECONDS",
     "lb-healthz": "ADDR[:PORT]",
+    "fwmark": "MARK",
     "http-workers": "N",
     "tls-cert": "HOST=CERT,KEY",
     "http-access-log": "on|off",
@@ -520,6 +530,17 @@ def _lb_tcp_idle(values: dict[str, Any]) -> float:
     return idle
 
 
+def _fwmark(values: dict[str, Any]) -> int:
+    text = str(values.get("fwmark", DEFAULT_FWMARK))
+    try:
+        mark = int(text.strip(), 0)
+    except ValueError:
+        raise ConfigError(f"fwmark {text!r}: give a number such as 0x1000") from None
+    if not 0 < mark < 2**32 or mark & (mark - 1):
+        raise ConfigError(f"fwmark {text}: must be one bit of the 32-bit mark (e.g. 0x1000)")
+    return mark
+
+
 def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
     node_name = str(values.get("node_name") or socket.gethostname().split(".")[0] or "node")
     drain_grace = _number(values, "drain_grace", 2.0, float)
@@ -567,6 +588,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         lb_healthz=parse_host_port(str(values["lb_healthz"]), 10256, "lb-healthz")
         if values.get("lb_healthz")
         else None,
+        fwmark=_fwmark(values),
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
         join_token=values.get("join_token"),
         insecure_gossip=_on(values, "insecure_gossip", False),

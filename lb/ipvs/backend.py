@@ -8,8 +8,11 @@
 - Schedulers rr / wrr / lc; real servers reached by NAT (masquerading
   forwarding); weight 0 drains (IPVS keeps existing connections, schedules no
   new ones); removal deletes the real server.
-- At start: the sysctls Swarm sets (see `host.swarm_sysctls`) and the IPVS
-  timeouts, configurable (`DEFAULT_TIMEOUTS` says why they are what they are).
+- At start: the sysctls Swarm sets (see `host.swarm_sysctls`), strict ARP for
+  the VIPs (`host.strict_arp_sysctls`), and the IPVS timeouts, configurable
+  (`DEFAULT_TIMEOUTS` says why they are what they are). The sysctls' previous
+  values are recorded (`lb/sysctls.py`: in the data dir, so a kill -9 loses
+  nothing) and put back at close.
 
 Ownership, and how a restarted backend recognises its objects with no state
 file: an address service is ours when its address is on our dummy device (we
@@ -43,8 +46,9 @@ from lb.ipvs.firewall import (
     decode_mark,
     published_mark,
 )
-from lb.ipvs.host import VipDevice, swarm_sysctls, write_sysctls
+from lb.ipvs.host import VipDevice, strict_arp_sysctls, swarm_sysctls
 from lb.ipvs.netlink import Command, DestEntry, IpvsError, IpvsNetlink, ServiceId, Timeouts
+from lb.sysctls import SysctlError, SysctlLedger
 from lb.table import (
     ANY_ADDRESS,
     DeleteService,
@@ -93,10 +97,14 @@ class IpvsBackend:
         masquerade: bool = True,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
         set_sysctls: bool = True,
+        sysctls: SysctlLedger | None = None,
     ) -> None:
+        """`sysctls`: where the previous values of the sysctls it sets are recorded
+        (the agent's: `lb-sysctls.json` in its data dir; None: in memory only)."""
         check_mark_base(mark_base)
         self.timeouts = timeouts
         self.set_sysctls = set_sysctls
+        self._sysctls = sysctls or SysctlLedger(None)
         self._mark_base = mark_base
         self._ipvs = IpvsNetlink()
         self._device = VipDevice(device)
@@ -129,7 +137,10 @@ class IpvsBackend:
         except IpvsError as error:
             raise BackendError(f"ipvs backend unavailable: {error}") from error
         if self.set_sysctls:
-            write_sysctls(swarm_sysctls())
+            try:
+                self._sysctls.apply({**swarm_sysctls(), **strict_arp_sysctls()})
+            except (SysctlError, OSError) as error:
+                raise BackendError(str(error)) from error
         await _kernel(self._ipvs.set_timeouts(self.timeouts))
         await self._device.open(create=True)
         found = await self._read_kernel()
@@ -195,6 +206,11 @@ class IpvsBackend:
                     await self._firewall.delete()
             finally:
                 self._drop()
+                if self.set_sysctls:
+                    try:
+                        self._sysctls.restore()
+                    except (SysctlError, OSError) as error:
+                        raise BackendError(f"putting sysctls back: {error}") from error
 
     async def abandon(self) -> None:
         """Let go without cleaning up, as a crash would (tests use it)."""

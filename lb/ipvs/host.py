@@ -161,6 +161,20 @@ def swarm_sysctls(version: tuple[int, int] | None = None) -> dict[str, str]:
     }
 
 
+def strict_arp_sysctls() -> dict[str, str]:
+    """Strict ARP, as MetalLB asks of kube-proxy's IPVS mode (`strictARP: true`).
+
+    Every VIP is a /32 on the backend's dummy device, so by Linux's default (the
+    weak host model) every node would answer ARP for every VIP on each of its
+    interfaces, and a VIP in a LAN's subnet would flap between nodes' MACs.
+    arp_ignore=1: answer ARP only for addresses of the interface it came in on;
+    arp_announce=2: take the ARP source from the outgoing interface's addresses,
+    never a VIP. "all" is enough: the kernel uses the larger of all and the
+    interface's value. Put back at close with the others (lb/sysctls.py).
+    """
+    return {"net/ipv4/conf/all/arp_ignore": "1", "net/ipv4/conf/all/arp_announce": "2"}
+
+
 def write_sysctls(values: dict[str, str], root: Path = PROC_SYS) -> None:
     for key, value in values.items():
         try:

@@ -42,9 +42,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lb.nft.marks import DEFAULT_FWMARK
+
 #: The packet-mark bit the forward chain uses to tell postrouting "masquerade
 #: this one". Set on a flow's first packet only and cleared before it leaves.
-DEFAULT_MASQUERADE_MARK = 0x2000
+#: `--fwmark` chooses another (lb/nft/marks.py: why this one, and the clash check).
+DEFAULT_MASQUERADE_MARK = DEFAULT_FWMARK
 
 
 LOCALNET_COMMENT = "meshplane route_localnet was"

@@ -37,6 +37,7 @@ from gossip.keyring_store import LocalKeyringControl, load_keyring
 from gossip.security import OVERHEAD
 from lb.accesslog import AccessLogSettings
 from lb.driver import LbDriver
+from lb.failover import suspect_hold
 from lb.healthz import HealthListener
 from lb.http.labels import Problem
 from lb.http.problems import RouteProblems
@@ -46,6 +47,7 @@ from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
 from lb.policy import PROXY_BACKENDS, healthz, lb_problems
 from lb.select import SelectError, choose
+from lb.sysctls import SysctlError, restore_leftover
 from lb.userspace import ProxySettings
 from lb.view import LbView, build_table
 from mesh.api.app import Access, ApiDeps, make_app
@@ -362,7 +364,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
         if socket_path is None
         else FeedServer(feed, socket_path, reports.on_report, reports.on_gone)
     )
-    gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation)
+    gossip, cluster_state, cluster, keyring = _gossip(config, control, liveness, incarnation, lb)
     if sandboxes is not None:
         # Encrypted overlays derive their IPsec keys from the gossip keyring, which
         # `mesh keyring` and gossiped changes alter in place (read again every second).
@@ -488,9 +490,20 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
                     config.access_log, config.access_log_sample, config.access_log_format
                 ),
             ),
+            fwmark=config.fwmark,
+            data_dir=config.data_dir,
         )
     except SelectError as exc:
         raise MeshStartError(str(exc)) from None
+    if choice.backend.name != "ipvs":
+        # The IPVS backend of a run killed with -9 left the host's sysctls changed.
+        try:
+            restored = restore_leftover(config.data_dir)
+        except (SysctlError, OSError) as exc:
+            event(log, "lb_sysctls_not_restored", logging.WARNING, error=str(exc))
+        else:
+            if restored:
+                event(log, "lb_sysctls_restored", sysctls=restored)
     event(
         log, "lb_backend_chosen", backend=choice.backend.name, asked=config.lb, reason=choice.reason
     )
@@ -502,6 +515,9 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         choice.backend,
         choice.reason,
         desired=lambda: build_table(feed.snapshot()[1], config.node_name, proxy_supported=proxy),
+        # A false suspicion is refuted within a few gossip rounds; a suspect that has
+        # not refuted after this long is taken out of the table (lb/failover.py).
+        suspect_hold=suspect_hold(getattr(GossipConfig, config.gossip_profile)().probe_interval),
     )
 
 
@@ -577,7 +593,11 @@ def _http(config: AgentConfig) -> HttpMesh | None:
 
 
 def _gossip(
-    config: AgentConfig, control: Control, liveness: Liveness, incarnation: int
+    config: AgentConfig,
+    control: Control,
+    liveness: Liveness,
+    incarnation: int,
+    lb: LbDriver,
 ) -> tuple[GossipShell, ClusterState, Cluster, ClusterKeyring | None]:
     """Gossip's parts: the core's delegate, the core, the shell around it, then the
     cluster and the keyring's control, which drive the core through the shell."""
@@ -602,7 +622,7 @@ def _gossip(
         config.advertise.port,
         keyring=keyring,
         label=label,
-        on_event=NodeWatch(liveness, control.feed).on_event,
+        on_event=NodeWatch(liveness, control.feed, suspects=lb).on_event,
         tcp_timeout=profile.tcp_timeout,
         verify_incoming=config.gossip_verify_incoming,
         verify_outgoing=config.gossip_verify_outgoing,

@@ -560,6 +560,18 @@ class LbHealthOut(_Response):
     serving: bool  # the answer is 200 when true, 503 when not
 
 
+class LbFailoverOut(_Response):
+    """Failover on a suspect node (docs/lb.md): its reals leave the table before the verdict."""
+
+    suspects: int  # nodes suspect now
+    hidden: list[str]  # nodes whose reals are out of the table now
+    reals_hidden: int  # (virtual service, real) pairs left out now
+    nodes_hidden: int  # times a node's reals were taken out since start
+    hidden_refuted: int  # of those, ended by a refutation (a false removal)
+    kept_last: int  # virtual services keeping a hidden node's reals: no other real left
+    refuted_longest: float  # seconds the longest refuted suspicion lasted (the hold's margin)
+
+
 class LbOut(_Response):
     backend: str  # ipvs, nftables or userspace
     reason: str  # why --lb chose it
@@ -576,3 +588,4 @@ class LbOut(_Response):
     #: the --lb-healthz listener's counters (requests, refused_busy, bad_requests,
     #: timeouts, open); left out when it does not run
     healthz: dict[str, int] | None = None
+    failover: LbFailoverOut | None = None  # suspect nodes taken out of the table

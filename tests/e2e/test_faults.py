@@ -126,6 +126,19 @@ def test_twenty_percent_loss_declares_nobody_dead(
 ) -> None:
     import time
 
+    def failover_and_suspicions() -> tuple[int, int]:
+        """Hidings of suspect nodes by the L4 driver (lb/failover.py) and suspicions, summed."""
+        failover = [cluster.api(i, "/v1/lb")["failover"] for i in range(1, NODES + 1)]
+        longest.append(max(f["refuted_longest"] for f in failover))
+        hidden = sum(f["nodes_hidden"] for f in failover)
+        suspicions = sum(
+            int(cluster.api(i, "/v1/gossip")["counts"].get("suspicions", 0))
+            for i in range(1, NODES + 1)
+        )
+        return hidden, suspicions
+
+    longest: list[float] = []
+    hidden_before, suspicions_before = failover_and_suspicions()
     cluster.lossy(20)
     deaths: list[str] = []
     spread: list[float | None] = []
@@ -153,13 +166,18 @@ def test_twenty_percent_loss_declares_nobody_dead(
                     )
                 )
             time.sleep(1)
+        hidden_after, suspicions_after = failover_and_suspicions()
     finally:
         cluster.heal()
+    false_removals = hidden_after - hidden_before
     print(
         f"\n20% loss for {LOSS_SECONDS} s: {len(deaths)} dead sightings; 3 registrations reached "
-        f"every node in {', '.join(secs(t) for t in spread)}"
+        f"every node in {', '.join(secs(t) for t in spread)}; suspicions "
+        f"{suspicions_after - suspicions_before}, suspect nodes taken out of an L4 table "
+        f"(false removals) {false_removals}; the longest refuted suspicion {longest[-1]:.2f} s"
     )
     assert deaths == []
+    assert false_removals == 0
     assert None not in spread
 
 

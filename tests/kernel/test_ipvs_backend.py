@@ -28,7 +28,7 @@ import pytest
 from pyroute2.ipvs import IPVSDest, IPVSService
 
 from lb.ipvs import DEFAULT_TIMEOUTS, IpvsBackend, Timeouts
-from lb.ipvs.host import read_sysctl, swarm_sysctls
+from lb.ipvs.host import read_sysctl, strict_arp_sysctls, swarm_sysctls
 from lb.table import (
     ANY_ADDRESS,
     DeleteReal,
@@ -234,15 +234,21 @@ class TestIpvsWeights(WeightsSuite):
 async def test_timeouts_and_sysctls_are_set(harness: IpvsHarness) -> None:
     from lb.ipvs.netlink import IpvsNetlink
 
+    wanted = {**swarm_sysctls(), **strict_arp_sysctls()}
+    before = {key: read_sysctl(key) for key in wanted}
     backend = IpvsBackend()
     await backend.start({})
     ipvs = IpvsNetlink()
     await ipvs.open()
     try:
         assert await ipvs.timeouts() == DEFAULT_TIMEOUTS
-        for key, value in swarm_sysctls().items():
+        for key, value in wanted.items():
             assert read_sysctl(key) == value, key
         await backend.close()
+        # put back as they were, but ip_forward (lb/sysctls.py)
+        for key, value in before.items():
+            if key != "net/ipv4/ip_forward":
+                assert read_sysctl(key) == value, key
         custom = Timeouts(tcp=3600, tcp_fin=240, udp=60)
         backend = IpvsBackend(timeouts=custom)
         await backend.start({})

@@ -39,12 +39,14 @@ def probes(
     net_admin: bool = True,
     nft: bool = True,
     present: tuple[str, ...] = ("lb.ipvs", "lb.nft"),
+    rules: tuple[dict[str, Any] | None, list[str]] = ({}, []),
 ) -> Probes:
     return Probes(
         has_ip_vs=lambda: ip_vs,
         net_admin=lambda: net_admin,
         nft_works=lambda: nft,
         import_module=modules(*present),
+        mark_rules=lambda: rules,
     )
 
 
@@ -60,7 +62,10 @@ def test_auto_prefers_ipvs_then_nftables_then_userspace() -> None:
     }
     chosen = choose("auto", SETTINGS, probes())
     assert chosen.backend.name == "nftables"
-    assert chosen.backend.kwargs == {"table": "meshplane"}  # type: ignore[attr-defined]
+    assert chosen.backend.kwargs == {  # type: ignore[attr-defined]
+        "table": "meshplane",
+        "masquerade_mark": 0x1000,
+    }
     fallback = choose("auto", SETTINGS, probes(net_admin=False))
     assert isinstance(fallback.backend, UserspaceBackend)
     assert fallback.reason == "ipvs, nftables: no CAP_NET_ADMIN"
@@ -99,3 +104,45 @@ def test_userspace_gets_the_publish_address() -> None:
     chosen = choose("userspace", settings, probes(ip_vs=True))
     assert isinstance(chosen.backend, UserspaceBackend)
     assert chosen.backend.settings.publish_address == "127.0.0.5"
+
+
+KUBE_PROXY_MASQ = {
+    "nftables": [
+        {"metainfo": {"version": "1.0.6"}},
+        {
+            "rule": {
+                "family": "ip",
+                "table": "nat",
+                "chain": "KUBE-POSTROUTING",
+                "handle": 7,
+                "expr": [
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"&": [{"meta": {"key": "mark"}}, 0x4000]},
+                            "right": 0x4000,
+                        }
+                    },
+                    {"masquerade": None},
+                ],
+            }
+        },
+    ]
+}
+
+
+def test_fwmark_is_passed_on_and_a_clash_with_another_rule_refuses_the_start() -> None:
+    chosen = choose("nftables", SETTINGS, probes(), fwmark=0x40)
+    assert chosen.backend.kwargs["masquerade_mark"] == 0x40  # type: ignore[attr-defined]
+    # kube-proxy's masquerade bit is taken: refused, naming the rule
+    with pytest.raises(SelectError, match=r"--fwmark 0x4000: .*KUBE-POSTROUTING.*--fwmark"):
+        choose("nftables", SETTINGS, probes(rules=(KUBE_PROXY_MASQ, [])), fwmark=0x4000)
+    # ... as under auto, which then passes over nftables with the reason
+    fallback = choose("auto", SETTINGS, probes(rules=(KUBE_PROXY_MASQ, [])), fwmark=0x4000)
+    assert isinstance(fallback.backend, UserspaceBackend)
+    assert "--fwmark 0x4000" in fallback.reason
+    # the default bit is not kube-proxy's
+    assert choose("nftables", SETTINGS, probes(rules=(KUBE_PROXY_MASQ, []))).backend
+    saved = ["*mangle", "-A PREROUTING -p tcp --dport 80 -j MARK --set-xmark 0x1000/0x1000"]
+    with pytest.raises(SelectError, match=r"iptables -t mangle -A PREROUTING"):
+        choose("nftables", SETTINGS, probes(rules=(None, saved)))

@@ -98,3 +98,44 @@ def test_node_watch_matches_gossip_events_by_type() -> None:
     assert liveness.why == {"b": "dead"} and len(seen) == 3
     watch.on_event(MemberJoined(b))
     assert liveness.down == set() and not seen[-1].after.deleted
+
+
+class Suspects:
+    def __init__(self, seen: list[Change]) -> None:
+        self.calls: list[tuple[str, str, bool | None, int]] = []
+        self._seen = seen
+
+    def node_suspected(self, node: str) -> None:
+        self.calls.append(("suspected", node, None, len(self._seen)))
+
+    def node_cleared(self, node: str, *, refuted: bool) -> None:
+        self.calls.append(("cleared", node, refuted, len(self._seen)))
+
+
+def test_node_watch_tells_suspicions_and_their_end_to_the_load_balancer() -> None:
+    """A suspicion goes to the L4 driver (lb/failover.py); its end too: refuted or back
+    (alive, joined), or a verdict, told only after the views have hidden the tasks."""
+    local = Store("a", Ipam(parse_pool("127.64.0.0/12")), random.Random(2))
+    liveness = Liveness(local)
+    feed = ChangeFeed(local.all_records, shown=liveness)
+    seen = Seen()
+    feed.follow(seen)
+    remote = Store("b", Ipam(parse_pool("127.64.0.0/12")), random.Random(1))
+    for change in remote.create_service(ServiceSpec(name="web"), 0):
+        local.merge(change.after)
+    local.merge(remote.add_task(TaskSpec(service="web", address="127.0.0.5"), 0)[0].after)
+    suspects = Suspects(seen)
+    watch = NodeWatch(liveness, feed, suspects=suspects)
+    b = MemberInfo(name="b", addr=("127.0.0.2", 7946), state=MemberState.ALIVE, incarnation=1)
+    watch.on_event(MemberSuspected(b, by="c"))
+    watch.on_event(MemberAlive(b))
+    watch.on_event(MemberSuspected(b, by="c"))
+    watch.on_event(MemberFailed(b))
+    watch.on_event(MemberJoined(b))
+    assert suspects.calls == [
+        ("suspected", "b", None, 0),
+        ("cleared", "b", True, 0),
+        ("suspected", "b", None, 0),
+        ("cleared", "b", False, 1),  # after the task was hidden
+        ("cleared", "b", True, 2),
+    ]

@@ -1,0 +1,302 @@
+"""Failover on a suspect node: its reals leave the programmed table before gossip's verdict.
+
+A node that dies whole takes its tasks with it, but gossip declares it dead only
+after the suspicion timeout (about 5.5 s on the lan profile with three nodes).
+Until then the kernel keeps DNATing new connections to its tasks, and they hang.
+SWIM's SUSPECT state comes seconds earlier; a suspicion that is false is refuted
+by the suspect itself within a few gossip rounds. So `SuspectFilter` sits
+between the view (`lb/view.py`, which follows the state) and the backend: a node
+suspected for `hold` seconds without refuting is *hidden*, and every real on it
+is left out of the table handed to the backend, as long as the virtual service
+keeps a real taking new connections (weight > 0) on a node that is not hidden.
+The last ones are never removed: a suspect is better than nothing. A refutation
+(or a rejoin) puts them back; a verdict (dead, left) hides them for good through
+the state (`mesh/liveness.py`), and the filter forgets the node.
+
+A removed real's conntrack entries are flushed by the backend (nftables: the
+flows DNATed to it; IPVS: `expire_nodest_conn`), so a client's retransmitted SYN,
+or its next packet on a connection to the dead task, is balanced anew instead of
+waiting for the verdict.
+
+The hold is what keeps a false suspicion (a lost ping on a lossy network,
+refuted a few hundred ms later) from touching the table; `nodes_hidden` counts
+every hiding and `hidden_refuted` the hidings a refutation ended: a false
+removal.
+
+Sans-IO: the caller passes the time and schedules `tick` at `next_due()`.
+Which node a real is on comes from the task records (`track`): a real's address
+is a task's address or endpoint; an address no task of a known node has (or
+that tasks of several nodes share, not all hidden) is never hidden.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from lb.table import (
+    DeleteService,
+    Op,
+    PutReal,
+    PutService,
+    Real,
+    ServiceOptions,
+    Table,
+    VirtualKey,
+    VirtualService,
+    diff,
+)
+from mesh.core.model import Change, Record, Task
+
+#: Seconds a node stays suspect before its reals are hidden, in probe intervals of
+#: the gossip profile (the agent multiplies, `suspect_hold`): a false suspicion is
+#: refuted once the suspect hears of it (the next probe of it carries the Suspect,
+#: gossip rounds too) and its Alive comes back. Measured under 20 % loss (four
+#: nodes, lan, 60 s: tests/e2e/test_faults.py): 35 suspicions, the longest refuted
+#: after 0.24 s; half a probe interval (0.5 s) leaves twice that.
+HOLD_PROBE_INTERVALS = 0.5
+#: ... and never less than this (the `local` profile's 0.2 s probes on a busy machine)
+HOLD_FLOOR = 0.25
+
+
+def suspect_hold(probe_interval: float) -> float:
+    """The hold for a gossip profile's probe interval."""
+    return max(HOLD_FLOOR, HOLD_PROBE_INTERVALS * probe_interval)
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverCounts:
+    suspects: int  # nodes suspect now
+    hidden: list[str]  # nodes whose reals are hidden now
+    reals_hidden: int  # (virtual service, real) pairs left out of the table now
+    nodes_hidden: int  # times a node's reals were hidden since start
+    hidden_refuted: int  # of those, ended by a refutation: false removals
+    kept_last: int  # virtual services now keeping a hidden node's reals: nothing else left
+    refuted_longest: float  # seconds the longest suspicion that was refuted lasted
+
+
+def _addresses(task: Task) -> set[str]:
+    return {task.address, *task.addresses.values()}
+
+
+class SuspectFilter:
+    """The table the view wants, less the reals of nodes suspect for `hold` seconds."""
+
+    def __init__(self, hold: float) -> None:
+        if hold < 0:
+            raise ValueError("hold must be >= 0")
+        self.hold = hold
+        self._options: dict[VirtualKey, ServiceOptions] = {}
+        self._desired: dict[VirtualKey, dict[Real, int]] = {}
+        self._programmed: dict[VirtualKey, dict[Real, int]] = {}
+        self._programmed_options: dict[VirtualKey, ServiceOptions] = {}
+        # address -> node -> tasks of that node with that address
+        self._nodes_of: dict[str, Counter[str]] = {}
+        self._suspect_since: dict[str, float] = {}
+        self._hidden: set[str] = set()
+        self.nodes_hidden = 0
+        self.hidden_refuted = 0
+        #: the longest suspicion a refutation ended, seconds: what the hold must outlast
+        self.refuted_longest = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"<SuspectFilter hold={self.hold} suspects={sorted(self._suspect_since)} "
+            f"hidden={sorted(self._hidden)}>"
+        )
+
+    # -- which node a real is on -------------------------------------------------------
+
+    def track_records(self, records: Iterable[Record]) -> None:
+        for record in records:
+            if isinstance(record, Task) and not record.deleted:
+                self._count(record, 1)
+
+    def track(self, change: Change) -> None:
+        """Follow one change of the feed (before the view's ops for it are applied)."""
+        if isinstance(change.before, Task) and not change.before.deleted:
+            self._count(change.before, -1)
+        if isinstance(change.after, Task) and not change.after.deleted:
+            self._count(change.after, 1)
+
+    def _count(self, task: Task, delta: int) -> None:
+        for address in _addresses(task):
+            nodes = self._nodes_of.setdefault(address, Counter())
+            nodes[task.node] += delta
+            if nodes[task.node] <= 0:
+                del nodes[task.node]
+            if not nodes:
+                del self._nodes_of[address]
+
+    def _on_hidden_node(self, real: Real) -> bool:
+        nodes = self._nodes_of.get(real.address)
+        if not nodes:
+            return False  # on no node we know of: never hidden
+        return all(node in self._hidden for node in nodes)
+
+    # -- the table ---------------------------------------------------------------------
+
+    def load(self, table: Mapping[VirtualKey, VirtualService]) -> Table:
+        """Take the view's whole table (at start); the table to program."""
+        self._options = {key: service.options for key, service in table.items()}
+        self._desired = {key: dict(service.reals) for key, service in table.items()}
+        self._programmed = {key: self._visible(key) for key in self._desired}
+        self._programmed_options = dict(self._options)
+        return self.table()
+
+    def table(self) -> Table:
+        """The table as the ops so far have programmed it (a copy)."""
+        return {
+            key: VirtualService(key, self._programmed_options[key], dict(reals))
+            for key, reals in self._programmed.items()
+        }
+
+    def visible(self, table: Mapping[VirtualKey, VirtualService]) -> Table:
+        """Any table (the state's, built from scratch) as this filter would program it now."""
+        out: Table = {}
+        for key, service in table.items():
+            reals = self._hide(service.reals)
+            out[key] = VirtualService(key, service.options, reals)
+        return out
+
+    def apply(self, ops: Iterable[Op]) -> list[Op]:
+        """The view's ops; the ops that bring the backend to the filtered table."""
+        ops = list(ops)
+        if not self._hidden:
+            # Nothing hidden: what is programmed is what is wanted, op for op.
+            for op in ops:
+                self._take(op)
+                self._take_programmed(op)
+            return ops
+        touched: list[VirtualKey] = []
+        for op in ops:
+            self._take(op)
+            if op.key not in touched:
+                touched.append(op.key)
+        out: list[Op] = []
+        for key in touched:
+            out += self._reconcile(key)
+        return out
+
+    def _take(self, op: Op) -> None:
+        if isinstance(op, PutService):
+            self._options[op.key] = op.options
+            self._desired.setdefault(op.key, {})
+        elif isinstance(op, DeleteService):
+            self._desired.pop(op.key, None)
+            self._options.pop(op.key, None)
+        elif isinstance(op, PutReal):
+            self._desired[op.key][op.real] = op.weight
+        elif op.key in self._desired:
+            self._desired[op.key].pop(op.real, None)
+
+    def _take_programmed(self, op: Op) -> None:
+        if isinstance(op, PutService):
+            self._programmed.setdefault(op.key, {})
+            self._programmed_options[op.key] = op.options
+        elif isinstance(op, DeleteService):
+            self._programmed.pop(op.key, None)
+            self._programmed_options.pop(op.key, None)
+        elif isinstance(op, PutReal):
+            self._programmed[op.key][op.real] = op.weight
+        elif op.key in self._programmed:
+            self._programmed[op.key].pop(op.real, None)
+
+    def _hide(self, reals: Mapping[Real, int]) -> dict[Real, int]:
+        if not self._hidden:
+            return dict(reals)
+        keep = {real: weight for real, weight in reals.items() if not self._on_hidden_node(real)}
+        if len(keep) == len(reals) or not any(weight > 0 for weight in keep.values()):
+            return dict(reals)  # never the last ones that take new connections
+        return keep
+
+    def _visible(self, key: VirtualKey) -> dict[Real, int]:
+        return self._hide(self._desired[key])
+
+    def _reconcile(self, key: VirtualKey) -> list[Op]:
+        have = self._programmed.get(key)
+        found: Table = (
+            {} if have is None else {key: VirtualService(key, self._programmed_options[key], have)}
+        )
+        if key in self._desired:
+            want = self._visible(key)
+            options = self._options[key]
+            ops = diff(found, {key: VirtualService(key, options, want)})
+            self._programmed[key] = want
+            self._programmed_options[key] = options
+        else:
+            ops = diff(found, {})
+            self._programmed.pop(key, None)
+            self._programmed_options.pop(key, None)
+        return ops
+
+    def _reconcile_all(self) -> list[Op]:
+        out: list[Op] = []
+        for key in sorted(self._desired):
+            out += self._reconcile(key)
+        return out
+
+    @property
+    def hidden_nodes(self) -> frozenset[str]:
+        """The nodes whose reals are hidden now."""
+        return frozenset(self._hidden)
+
+    # -- member states -----------------------------------------------------------------
+
+    def suspect(self, node: str, now: float) -> None:
+        """Gossip suspects `node`; hidden at `now + hold` unless cleared (see `tick`)."""
+        self._suspect_since.setdefault(node, now)
+
+    def clear(self, node: str, *, refuted: bool, now: float | None = None) -> list[Op]:
+        """`node` is no longer suspect: refuted (alive again: its reals come back) or
+        declared dead or left (the state hides its tasks: nothing comes back)."""
+        since = self._suspect_since.pop(node, None)
+        if refuted and since is not None and now is not None:
+            self.refuted_longest = max(self.refuted_longest, now - since)
+        if node not in self._hidden:
+            return []
+        self._hidden.discard(node)
+        if refuted:
+            self.hidden_refuted += 1
+        return self._reconcile_all()
+
+    def tick(self, now: float) -> list[Op]:
+        """Hide the nodes suspect for `hold` seconds by `now`; the ops that do it."""
+        due = [
+            node
+            for node, since in self._suspect_since.items()
+            if node not in self._hidden and now >= since + self.hold
+        ]
+        if not due:
+            return []
+        self._hidden.update(due)
+        self.nodes_hidden += len(due)
+        return self._reconcile_all()
+
+    def next_due(self) -> float | None:
+        """When `tick` has something to do next (None: nothing pending)."""
+        pending = [
+            since + self.hold
+            for node, since in self._suspect_since.items()
+            if node not in self._hidden
+        ]
+        return min(pending) if pending else None
+
+    def counts(self) -> FailoverCounts:
+        reals_hidden = 0
+        kept_last = 0
+        for key, desired in self._desired.items():
+            programmed = self._programmed.get(key, {})
+            reals_hidden += len(desired) - len(programmed)
+            if self._hidden and any(self._on_hidden_node(real) for real in programmed):
+                kept_last += 1
+        return FailoverCounts(
+            suspects=len(self._suspect_since),
+            hidden=sorted(self._hidden),
+            reals_hidden=reals_hidden,
+            nodes_hidden=self.nodes_hidden,
+            hidden_refuted=self.hidden_refuted,
+            kept_last=kept_last,
+            refuted_longest=round(self.refuted_longest, 3),
+        )
