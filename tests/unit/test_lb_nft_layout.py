@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb import maglev
-from lb.nft.base import base_commands
+from lb.nft.base import DEFAULT_MASQUERADE_MARK, base_commands
 from lb.nft.layout import (
     HASH_SEED,
     MAX_WEIGHT,
@@ -518,7 +518,7 @@ def test_affinity_sets_per_real_come_and_go_with_its_readiness() -> None:
     one, two = affinity_set(KEY, real(1)), affinity_set(KEY, real(2))
     assert kernel.rules[chain_name(KEY)][0] == (
         f"meta l4proto tcp ip saddr @{one} update @{one} {{ ip saddr timeout 300s }} "
-        f"counter name {counter_name(KEY)} meta mark set meta mark | 0x2000 "
+        f"counter name {counter_name(KEY)} meta mark set meta mark | {DEFAULT_MASQUERADE_MARK:#x} "
         f"dnat ip to {real(1).address}:8080"
     )
     run(layout, kernel, [PutReal(KEY, real(2), 1)])
