@@ -9,7 +9,9 @@
 - `lb_problems(view, backend)`: options a backend refuses, as problems on the
   service (shown by `mesh service inspect`, `GET /v1/services`, `mesh doctor`):
   the PROXY protocol label on a kernel backend, which cannot write a header into
-  a stream it does not terminate. Refused, never silently ignored (docs/load-balancing.md).
+  a stream it does not terminate, and least connections (`lc`) on nftables, which
+  keeps no connection count a rule can read. Refused, never silently ignored
+  (docs/load-balancing.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lb.http.labels import Problem
-from lb.view import PROXY_PROTOCOL_LABEL, LbView, wants_proxy_protocol
+from lb.table import Scheduler
+from lb.view import (
+    PROXY_PROTOCOL_LABEL,
+    SCHEDULER_LABEL,
+    LbView,
+    service_options,
+    wants_proxy_protocol,
+)
 from mesh.core.model import Service
 
 #: The backends that terminate the client's connection, and so can send a PROXY header.
@@ -98,6 +107,21 @@ def lb_problems(
                     f"the {backend} backend cannot send PROXY protocol headers (the kernel "
                     "does not terminate the connection): refused, the tasks get no header; "
                     "run this node with --lb userspace for it",
+                    kind="lb",
+                )
+            )
+        if (
+            backend == "nftables"
+            and service_options(service).scheduler is Scheduler.LEAST_CONNECTIONS
+        ):
+            problems.setdefault(service.name, []).append(
+                Problem(
+                    service.name,
+                    SCHEDULER_LABEL,
+                    "the nftables backend cannot balance by least connections (lc): nftables "
+                    "keeps no per-task connection count a rule can read; refused, the "
+                    "service's virtual services are not programmed on this node; use rr, "
+                    "wrr or maglev, or run this node with --lb ipvs or userspace",
                     kind="lb",
                 )
             )

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lb.http.routes import Problem
+from lb.table import Scheduler
+from lb.view import prefers_local, service_options
 from mesh.api.models import (
     HealthCheckIn,
     NetworkCreate,
@@ -80,7 +82,21 @@ def service_fields(service: Service, problems: Sequence[Problem] = ()) -> Json:
         "version": service.version.clock,
         "aliases": {net: list(names) for net, names in service.aliases.items()},
         "weights": dict(service.weights),
+        "lb": lb_policy(service),
         "problems": [{"kind": p.kind, "label": p.label, "reason": p.reason} for p in problems],
+    }
+
+
+def lb_policy(service: Service) -> Json:
+    """The L4 policies the service's labels ask for, as the view reads them (a value it
+    does not know reads as the default: docs/lb.md); traffic policies are per port."""
+    options = service_options(service)
+    scheduler = options.scheduler
+    return {
+        "algorithm": "maglev" if scheduler is Scheduler.MAGLEV else scheduler.value,
+        "affinity": f"client-ip:{options.affinity}" if options.affinity else "none",
+        "locality": "prefer-local" if prefers_local(service) else "any",
+        "proxy_protocol": options.proxy_protocol,
     }
 
 

@@ -250,6 +250,16 @@ class RouteProblemOut(_Response):
     reason: str
 
 
+class LbPolicyOut(_Response):
+    """A service's L4 policies as its labels ask for them (docs/load-balancing.md);
+    the traffic policy is per published port (`ports[].traffic_policy`)."""
+
+    algorithm: Literal["rr", "wrr", "lc", "maglev"]
+    affinity: str  # `none` or `client-ip:SECONDS`
+    locality: Literal["any", "prefer-local"]
+    proxy_protocol: bool  # PROXY protocol v2 towards the tasks (userspace backend only)
+
+
 class ServiceOut(_Response):
     name: str
     id: str
@@ -265,6 +275,8 @@ class ServiceOut(_Response):
     aliases: dict[str, list[str]]
     #: task id -> weight set through the service (overrides the task's own)
     weights: dict[str, int] = Field(default_factory=dict)
+    #: the L4 policies its labels ask for (what a backend refuses shows in `problems`)
+    lb: LbPolicyOut | None = None
     #: its HRM route problems as this node sees them; left out of the event stream
     problems: list[RouteProblemOut] = Field(default_factory=list)
 

@@ -15,7 +15,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lb.table import DeleteReal, DeleteService, PutReal, PutService, Table, diff
+from lb.table import (
+    DeleteReal,
+    DeleteService,
+    PutReal,
+    PutService,
+    Scheduler,
+    ServiceOptions,
+    Table,
+    diff,
+)
 from mesh.ipam import capacity_of
 from mesh.state.store import AUTO_PORTS
 
@@ -276,13 +285,31 @@ def check_lb_policies(facts: Facts) -> Iterable[Finding]:
                 "an external load balancer should skip this node (point its health check "
                 "at --lb-healthz); or run a task of the service here (`mesh task ls`)",
             )
+    for key, service in sorted((facts.lb_programmed or {}).items()):
+        policies = policy_words(service.options)
+        if policies:
+            yield Finding("lb", "ok", f"virtual service {key}: {', '.join(policies)}")
     for service_name, label, reason in sorted(facts.lb_problems):
         yield Finding(
             "lb",
             "fail",
             f"service {service_name}: label {label} refused: {reason}",
-            "remove the label, or serve the service from a node with --lb userspace",
+            "remove the label, or serve the service from nodes whose backend does it "
+            "(docs/load-balancing.md, the policy x backend table)",
         )
+
+
+def policy_words(options: ServiceOptions) -> list[str]:
+    """The policies of a programmed virtual service beside the defaults, in words."""
+    words = []
+    if options.scheduler is not Scheduler.ROUND_ROBIN:
+        names = {Scheduler.MAGLEV: "maglev (consistent hashing)"}
+        words.append(names.get(options.scheduler, str(options.scheduler.value)))
+    if options.affinity:
+        words.append(f"affinity client-ip:{options.affinity}")
+    if options.proxy_protocol:
+        words.append("PROXY protocol v2")
+    return words
 
 
 def lb_drift(programmed: Table, desired: Table) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lb.table import ANY_ADDRESS, Real, ServiceOptions, VirtualKey, VirtualService
+from lb.table import ANY_ADDRESS, Real, Scheduler, ServiceOptions, VirtualKey, VirtualService
 from mesh.core.sockets import address_of as _address
 from mesh.doctor.checks import Facts, Listener, check_all, lb_drift, summary
 
@@ -174,3 +174,16 @@ def test_the_lb_check_shows_each_local_port_and_refused_options() -> None:
     ) in lb
     # an L4 problem is the lb check's, not the HRM routes'
     assert [f.status for f in check_all(facts) if f.check == "routes"] == ["ok"]
+
+
+def test_the_lb_check_names_each_virtual_services_policies() -> None:
+    facts = healthy()
+    key = VirtualKey("tcp", ANY_ADDRESS, 9445)
+    options = ServiceOptions(Scheduler.MAGLEV, affinity=600)
+    assert facts.lb_programmed is not None and facts.lb_desired is not None
+    facts.lb_programmed[key] = facts.lb_desired[key] = VirtualService(key, options, {A: 1})
+    lb = [(f.status, f.message) for f in check_all(facts) if f.check == "lb"]
+    assert (
+        "ok",
+        f"virtual service {key}: maglev (consistent hashing), affinity client-ip:600",
+    ) in lb

@@ -6,6 +6,7 @@ import dataclasses
 
 from lb.policy import healthz, lb_problems
 from lb.view import LbView
+from mesh.api.convert import lb_policy, service_model
 from mesh.core.model import Health, PortConfig
 from tests.unit.test_lb_view import NODE, put, service, task
 
@@ -75,3 +76,35 @@ def test_a_transparent_userspace_proxy_keeps_the_address_for_tcp_only() -> None:
     assert list(lb_problems(view, "userspace", transparent=True)) == ["dns"]
     assert sorted(lb_problems(view, "userspace")) == ["dns", "web"]
     assert lb_problems(view, "ipvs") == lb_problems(view, "nftables") == {}
+
+
+def test_least_connections_is_a_problem_on_nftables_only() -> None:
+    view = LbView(NODE)
+    view.load([service(labels={"mesh.lb.scheduler": "lc"}), service("api")])
+    (problem,) = lb_problems(view, "nftables")["web"]
+    assert (problem.kind, problem.label) == ("lb", "mesh.lb.scheduler")
+    assert "least connections" in problem.reason
+    assert lb_problems(view, "ipvs") == lb_problems(view, "userspace") == {}
+
+
+def test_inspect_shows_each_policy_the_labels_ask_for() -> None:
+    labels = {
+        "mesh.lb.scheduler": "maglev",
+        "mesh.lb.affinity": "client-ip:600",
+        "mesh.lb.locality": "prefer-local",
+    }
+    assert lb_policy(service(labels=labels)) == {
+        "algorithm": "maglev",
+        "affinity": "client-ip:600",
+        "locality": "prefer-local",
+        "proxy_protocol": False,
+    }
+    assert lb_policy(service()) == {
+        "algorithm": "rr",
+        "affinity": "none",
+        "locality": "any",
+        "proxy_protocol": False,
+    }
+    # the answer's model takes it (what the OpenAPI description says)
+    out = service_model(service(labels={"mesh.lb.scheduler": "wrr"}))
+    assert out.lb is not None and out.lb.algorithm == "wrr"
