@@ -109,12 +109,26 @@ class Cli:
         self.proc.wait(10)
 
 
+def wait_until_following(agent: AgentProcess, cli: Cli) -> None:
+    """A change made before `mesh events` has connected is not shown (no --since), and
+    a loaded machine can take seconds to start the CLI: make changes until one shows."""
+    deadline = time.monotonic() + 30
+    for attempt in range(1000):
+        name = f"warmup{attempt}"
+        assert agent.request("POST", "/v1/services", {"name": name})[0] == 201
+        try:
+            cli.wait_for(f"service {name}", timeout=0.5)
+            return
+        except AssertionError:
+            assert time.monotonic() < deadline, "mesh events never showed a change"
+
+
 def test_mesh_events_resumes_after_the_agent_restarts(tmp_path: Path) -> None:
     agent = AgentProcess(tmp_path / "data").start()
     cli: Cli | None = None
     try:
         cli = Cli(agent)
-        time.sleep(0.5)  # connected (a change before it would not be shown: no --since)
+        wait_until_following(agent, cli)
         assert agent.request("POST", "/v1/services", {"name": "before"})[0] == 201
         line, _ = cli.wait_for("service before")
         assert re.fullmatch(r"#\d+ upsert service before.*", line), line
