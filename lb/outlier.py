@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from lb.table import Real
 
 #: Seconds a flow stays unanswered before its real is a candidate: a live task
-#: answers a SYN within a round trip; the client retransmits after 1 s.
-THRESHOLD = 0.3
+#: answers a SYN within a round trip; the client retransmits after 1 s, and the
+#: flow must be flushed before that: first seen up to a reading late (0.1 s), then
+#: this, the check (0.3 s) and the backend's update, so this leaves some 0.25 s.
+THRESHOLD = 0.25
 #: Seconds between checks of an ejected real (and the least between two checks
 #: of one real that answered)
 RECHECK = 1.0
@@ -83,6 +85,8 @@ class OutlierDetector:
         # flows a check of their real answered: never a reason to check again
         self._excused: set[FlowKey] = set()
         self._checking: set[Real] = set()
+        # candidate -> when its oldest unanswered flow was first seen (for the event)
+        self._unanswered_since: dict[Real, float] = {}
         # real -> when it may be checked next (an ejected real: its recheck)
         self._not_before: dict[Real, float] = {}
         self._ejected: set[Real] = set()
@@ -126,7 +130,18 @@ class OutlierDetector:
             due.append(real)
         for real in due:
             self._start_check(real)
+            self._unanswered_since[real] = min(since for r, since in seen.values() if r == real)
         return sorted(due)
+
+    def next_due(self) -> float | None:
+        """When an unanswered flow seen so far reaches the threshold (None: none will):
+        the shell reads again then, not a whole interval later."""
+        due = [
+            max(since + self.threshold, self._not_before.get(real, 0.0))
+            for key, (real, since) in self._flows.items()
+            if key not in self._excused and real not in self._ejected and real not in self._checking
+        ]
+        return min(due) if due else None
 
     def due_rechecks(self, now: float) -> list[Real]:
         """The ejected reals whose next check is due; each counted as started."""
@@ -150,6 +165,7 @@ class OutlierDetector:
         service it is in: a dead check then ejects nothing.
         """
         self._checking.discard(real)
+        self._unanswered_since.pop(real, None)
         self._not_before[real] = now + self.recheck
         if real in self._ejected:
             if alive:
@@ -169,6 +185,10 @@ class OutlierDetector:
         # its flows are flushed; any left over must not count against it later
         self._flows = {key: value for key, value in self._flows.items() if value[0] != real}
         return "eject"
+
+    def unanswered_since(self, real: Real) -> float | None:
+        """When the oldest unanswered flow of a candidate being checked was first seen."""
+        return self._unanswered_since.get(real)
 
     def retain(self, reals: Iterable[Real]) -> list[Real]:
         """Forget every real not in `reals` (the table's now); the ejected ones forgotten."""

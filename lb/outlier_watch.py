@@ -29,8 +29,9 @@ from mesh.core.logs import event
 
 log = logging.getLogger("lb")
 
-#: seconds between readings of the unanswered flows while the table has remote reals
-INTERVAL = 0.15
+#: seconds from one reading of the unanswered flows to the next while the table has
+#: remote reals (a reading takes a few ms: a netlink dump on a worker thread)
+INTERVAL = 0.1
 #: one direct check: this many connects at once, each given this long
 CHECK_TRIES = 2
 CHECK_TIMEOUT = 0.3
@@ -119,6 +120,7 @@ class OutlierWatch:
             if not self._has_remote_reals() and not self.detector.ejected:
                 await self._wake.wait()  # idle: nothing read until the table changes
                 continue
+            started = loop.time()
             try:
                 flows = await self.reader.read(self.failover.table())
             except Exception as exc:  # a kernel that refuses: counted, tried again
@@ -130,7 +132,12 @@ class OutlierWatch:
                 self._spawn(real)
             for real in self.detector.due_rechecks(now):
                 self._spawn(real)
-            await asyncio.sleep(self.interval)
+            # the next reading: an interval on, or as a flow seen reaches the threshold
+            wake = started + self.interval
+            due = self.detector.next_due()
+            if due is not None:
+                wake = min(wake, due + 0.005)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
 
     def _spawn(self, real: Real) -> None:
         task = asyncio.get_running_loop().create_task(self._check(real))
@@ -144,11 +151,19 @@ class OutlierWatch:
             log.debug("checking %s failed: %s", real, exc)
             alive = True
         now = asyncio.get_running_loop().time()
+        since = self.detector.unanswered_since(real)
         can_eject = self.failover.can_eject(real)
         verdict = self.detector.checked(real, alive, now, can_eject=can_eject)
         if verdict == "eject":
             self.emit(self.failover.eject(real))
-            event(log, "lb_real_ejected", logging.WARNING, real=str(real), reason="unanswered")
+            event(
+                log,
+                "lb_real_ejected",
+                logging.WARNING,
+                real=str(real),
+                reason="unanswered, and a direct connect too",
+                unanswered_for=None if since is None else round(now - since, 3),
+            )
         elif verdict == "restore":
             self.emit(self.failover.restore(real))
             event(log, "lb_real_restored", real=str(real))

@@ -3,11 +3,16 @@
 Conntrack marks a flow SEEN_REPLY at the first packet back from the real; a SYN
 DNATed to a dead task never gets one. The backend's mark bit is a packet mark
 (set on a flow's first packet for the masquerade, cleared in postrouting), not
-a conntrack mark, so the kernel cannot select our flows by mark: the dump asks
-for TCP entries only, and each entry is kept when it was DNATed (status) to a
-real of the programmed table through its virtual service (`matches`, as the
-flush of a removed real does) and is still unreplied. A reading stops after
-`cap` entries, so a huge conntrack table costs a bounded time per poll
+a conntrack mark, so the kernel cannot select our flows by mark. It selects
+them by status instead (Linux 5.15 and later: CTA_STATUS with CTA_STATUS_MASK):
+DNATed, and no reply seen. So a busy node's thousands of answered flows (every
+closed connection lingers two minutes in TIME_WAIT) are never sent, let alone
+parsed: a reading costs a few ms, not the 0.1-0.2 s a full dump of some
+hundreds of entries takes pyroute2 to parse. Each entry sent is kept when it is
+TCP, was DNATed to a real of the programmed table through its virtual service
+(`matches`, as the flush of a removed real does) and is still unreplied (checked
+again here: an older kernel ignores the status filter and sends everything). A
+reading stops after `cap` entries, so even then the time per poll is bounded
 (`truncated` counts the readings cut short).
 """
 
@@ -18,8 +23,8 @@ import contextlib
 import socket
 from collections.abc import Mapping
 
-from pyroute2.conntrack import AsyncConntrack
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+from pyroute2.conntrack import ConntrackEntry
+from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket
 
 from lb.nft.conntrack import IPS_DST_NAT, matches
 from lb.outlier import Unanswered
@@ -28,7 +33,7 @@ from mesh.core.netns import entered
 
 IPS_SEEN_REPLY = 1 << 1
 #: conntrack entries read per reading at most
-READ_CAP = 20_000
+READ_CAP = 5_000
 
 
 class UnansweredReader:
@@ -70,17 +75,31 @@ class UnansweredReader:
     async def _read(
         self, by_real: dict[tuple[str, int], list[tuple[VirtualKey, Real]]]
     ) -> tuple[list[Unanswered], bool]:
-        sock = AsyncConntrack()
+        sock = AsyncNFCTSocket()
         found: list[Unanswered] = []
         read = 0
         try:
-            entries = await sock.dump_entries(tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_TCP))
-            async for entry in entries:
+            messages = await sock.dump(status=IPS_DST_NAT, status_mask=IPS_DST_NAT | IPS_SEEN_REPLY)
+            async for message in messages:
                 read += 1
                 if read > self.cap:
                     return found, True
-                status = entry.status or 0
+                status = message.get_attr("CTA_STATUS") or 0
                 if status & IPS_SEEN_REPLY or not status & IPS_DST_NAT:
+                    continue
+                entry = ConntrackEntry(
+                    message["nfgen_family"],
+                    message.get_attr("CTA_TUPLE_ORIG"),
+                    message.get_attr("CTA_TUPLE_REPLY"),
+                    status,
+                    None,
+                    message.get_attr("CTA_PROTOINFO"),
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+                if entry.tuple_orig.proto != socket.IPPROTO_TCP:
                     continue
                 orig, reply = entry.tuple_orig, entry.tuple_reply
                 for key, real in by_real.get((reply.saddr, reply.sport), ()):

@@ -25,10 +25,12 @@ def flow(port: int, real: Real = DEAD) -> Unanswered:
 def test_a_flow_unanswered_past_the_threshold_makes_its_real_a_candidate() -> None:
     core = OutlierDetector(threshold=0.3)
     assert core.observe(10.0, [flow(1000)]) == []
+    assert core.next_due() == 10.3  # the shell reads again then
     assert core.observe(10.15, [flow(1000)]) == []
     assert core.observe(10.3, [flow(1000), flow(1001)]) == [DEAD]
     # being checked: not a candidate again meanwhile
     assert core.observe(10.45, [flow(1000), flow(1001)]) == []
+    assert core.next_due() is None
     assert core.counts().checks == 1
 
 
