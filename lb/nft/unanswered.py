@@ -80,33 +80,40 @@ class UnansweredReader:
         read = 0
         try:
             messages = await sock.dump(status=IPS_DST_NAT, status_mask=IPS_DST_NAT | IPS_SEEN_REPLY)
-            async for message in messages:
-                read += 1
-                if read > self.cap:
-                    return found, True
-                status = message.get_attr("CTA_STATUS") or 0
-                if status & IPS_SEEN_REPLY or not status & IPS_DST_NAT:
-                    continue
-                entry = ConntrackEntry(
-                    message["nfgen_family"],
-                    message.get_attr("CTA_TUPLE_ORIG"),
-                    message.get_attr("CTA_TUPLE_REPLY"),
-                    status,
-                    None,
-                    message.get_attr("CTA_PROTOINFO"),
-                    None,
-                    None,
-                    None,
-                    None,
-                )
-                if entry.tuple_orig.proto != socket.IPPROTO_TCP:
-                    continue
-                orig, reply = entry.tuple_orig, entry.tuple_reply
-                for key, real in by_real.get((reply.saddr, reply.sport), ()):
-                    if matches(key, real, orig, reply, status):
-                        flow = (str(orig.saddr), int(orig.sport), str(orig.daddr), int(orig.dport))
-                        found.append(Unanswered(flow, real))
-                        break
+            # closed when left at the cap, not left pending on the loop closed after
+            async with contextlib.aclosing(messages):
+                async for message in messages:
+                    read += 1
+                    if read > self.cap:
+                        return found, True
+                    status = message.get_attr("CTA_STATUS") or 0
+                    if status & IPS_SEEN_REPLY or not status & IPS_DST_NAT:
+                        continue
+                    entry = ConntrackEntry(
+                        message["nfgen_family"],
+                        message.get_attr("CTA_TUPLE_ORIG"),
+                        message.get_attr("CTA_TUPLE_REPLY"),
+                        status,
+                        None,
+                        message.get_attr("CTA_PROTOINFO"),
+                        None,
+                        None,
+                        None,
+                        None,
+                    )
+                    if entry.tuple_orig.proto != socket.IPPROTO_TCP:
+                        continue
+                    orig, reply = entry.tuple_orig, entry.tuple_reply
+                    for key, real in by_real.get((reply.saddr, reply.sport), ()):
+                        if matches(key, real, orig, reply, status):
+                            flow = (
+                                str(orig.saddr),
+                                int(orig.sport),
+                                str(orig.daddr),
+                                int(orig.dport),
+                            )
+                            found.append(Unanswered(flow, real))
+                            break
         finally:
             sock.close()
         return found, False
