@@ -277,8 +277,8 @@ def test_a_node_dying_whole_costs_few_requests(mesh: Mesh) -> None:
         assert outliers_after.get("ejections") == 1, outliers_after
         assert outliers_after.get("restored") == 0, outliers_after
     # The goal is 1 %: 5.4 % with the verdict alone (5.5 s), 0.9-1.9 % with the
-    # suspect-node failover (hidden 2-3 s after the death), 0-0.8 % in every run with
-    # outlier detection (ejected 0.6-1.2 s after; a flow flushed before its SYN is
+    # suspect-node failover (hidden 2-3 s after the death), 0 of 780 in six runs with
+    # outlier detection (ejected 0.64-0.77 s after; a flow flushed before its SYN is
     # retransmitted 1 s after the first is balanced anew and succeeds).
     bound = 0.01 if OUTLIERS == "on" else 0.03
     assert len(failed) <= bound * len(counted), f"{len(failed)} of {len(counted)} failed"
