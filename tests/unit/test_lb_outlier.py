@@ -11,6 +11,7 @@ import pytest
 from lb.outlier import OutlierDetector, Unanswered
 from lb.outlier_watch import OutlierWatch, answers
 from lb.table import DeleteReal, Op, PutReal, Real, VirtualKey, VirtualService, apply_ops
+from mesh.api.models import LbOutliersOut
 from tests.unit.test_lb_failover import Rig, three_nodes
 from tests.unit.test_lb_view import PUBLISHED, VIP_FRONT, put, service, task
 
@@ -233,3 +234,14 @@ async def test_a_direct_check_tells_a_listener_and_a_refusal_from_silence() -> N
 def test_bad_settings_are_refused(bad: float) -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         OutlierDetector(threshold=bad)
+
+
+async def test_the_counters_are_what_the_openapi_model_describes() -> None:
+    web, tasks = three_nodes()
+    rig = Rig([web, *tasks])
+    watch = OutlierWatch(rig.filter, lambda ops: None, FakeReader(), "n3")
+    watch.detector.observe(0.0, [flow(1000)])
+    watch.detector.observe(0.3, [flow(1000)])
+    watch.detector.checked(DEAD, alive=False, now=0.6)
+    shown = LbOutliersOut.model_validate(watch.counts())  # extra keys are refused
+    assert shown.ejected == ["10.0.1.11:80"] and shown.ejections == 1
