@@ -40,6 +40,7 @@ from typing import Any
 
 from lb.backend import Backend, BackendError
 from lb.failover import SuspectFilter
+from lb.outlier_watch import FlowReader, OutlierWatch
 from lb.sandbox import SandboxLb
 from lb.servicestats import Sample, ServiceStats
 from lb.table import DeleteService, Op, Table, VirtualKey
@@ -74,6 +75,7 @@ class LbDriver:
         desired: Callable[[], Table] | None = None,
         make_sandbox: Callable[[str, str, Sequence[str]], SandboxLb] = SandboxLb,
         suspect_hold: float = 0.5,
+        outlier_reader: FlowReader | None = None,
     ) -> None:
         self.view = view
         #: the `--lb-healthz` listener's counters, shown in `GET /v1/lb`; None: not served
@@ -82,6 +84,10 @@ class LbDriver:
         #: `suspect_hold` seconds into its suspicion (lb/failover.py)
         self.failover = SuspectFilter(suspect_hold)
         self._failover_timer: asyncio.TimerHandle | None = None
+        #: passive outlier detection (lb/outlier.py; nftables only): reads the unanswered
+        #: flows through `outlier_reader`; None: off
+        self._outlier_reader = outlier_reader
+        self.outliers: OutlierWatch | None = None
         self._make_sandbox = make_sandbox
         #: the table the state wants, built from scratch (not by the view): `mesh doctor`
         #: compares it with what the backend has programmed
@@ -127,6 +133,11 @@ class LbDriver:
         except BackendError as exc:
             self._failed("start", exc)
         self._worker = asyncio.get_running_loop().create_task(self._apply_forever())
+        if self._outlier_reader is not None:
+            self.outliers = OutlierWatch(
+                self.failover, self._emit, self._outlier_reader, self.view.node
+            )
+            self.outliers.start()
         event(
             log,
             "lb_started",
@@ -143,6 +154,8 @@ class LbDriver:
         """Queue ops for the node's backend and each sandbox's."""
         if not ops:
             return
+        if self.outliers is not None:
+            self.outliers.table_changed()
         self._note_owners(op.key for op in ops if not isinstance(op, DeleteService))
         self._put(_Job("apply", lambda: self.backend.apply(ops)))
         for sandbox in self._sandboxes.values():
@@ -378,6 +391,7 @@ class LbDriver:
             # the state's table as the failover filter would program it now
             "desired": render(self.failover.visible(self._desired())),
             "failover": dataclasses.asdict(self.failover.counts()),
+            **({} if self.outliers is None else {"outliers": self.outliers.counts()}),
             "sandboxes": [
                 {
                     "key": key,
@@ -403,6 +417,9 @@ class LbDriver:
         if self._failover_timer is not None:
             self._failover_timer.cancel()
             self._failover_timer = None
+        if self.outliers is not None:
+            await self.outliers.close()
+            self.outliers = None
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -27,6 +27,10 @@ Sans-IO: the caller passes the time and schedules `tick` at `next_due()`.
 Which node a real is on comes from the task records (`track`): a real's address
 is a task's address or endpoint; an address no task of a known node has (or
 that tasks of several nodes share, not all hidden) is never hidden.
+
+The same path hides the reals passive outlier detection ejects (lb/outlier.py:
+`eject`, `restore`), one real at a time, under the same rule: never the last
+ones of weight > 0.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class SuspectFilter:
         self._nodes_of: dict[str, Counter[str]] = {}
         self._suspect_since: dict[str, float] = {}
         self._hidden: set[str] = set()
+        #: reals outlier detection ejected (lb/outlier.py), hidden as a hidden node's are
+        self._ejected: set[Real] = set()
         self.nodes_hidden = 0
         self.hidden_refuted = 0
         #: the longest suspicion a refutation ended, seconds: what the hold must outlast
@@ -129,7 +135,18 @@ class SuspectFilter:
             if not nodes:
                 del self._nodes_of[address]
 
+    def _out(self, real: Real) -> bool:
+        """Whether `real` is to be left out (kept only as a service's last)."""
+        return real in self._ejected or self._on_hidden_node(real)
+
+    def is_remote(self, real: Real, local_node: str) -> bool:
+        """Whether `real` is on a node other than `local_node` (or on none we know of)."""
+        nodes = self._nodes_of.get(real.address)
+        return not nodes or any(node != local_node for node in nodes)
+
     def _on_hidden_node(self, real: Real) -> bool:
+        if not self._hidden:
+            return False
         nodes = self._nodes_of.get(real.address)
         if not nodes:
             return False  # on no node we know of: never hidden
@@ -163,7 +180,7 @@ class SuspectFilter:
     def apply(self, ops: Iterable[Op]) -> list[Op]:
         """The view's ops; the ops that bring the backend to the filtered table."""
         ops = list(ops)
-        if not self._hidden:
+        if not self._hidden and not self._ejected:
             # Nothing hidden: what is programmed is what is wanted, op for op.
             for op in ops:
                 self._take(op)
@@ -204,9 +221,9 @@ class SuspectFilter:
             self._programmed[op.key].pop(op.real, None)
 
     def _hide(self, reals: Mapping[Real, int]) -> dict[Real, int]:
-        if not self._hidden:
+        if not self._hidden and not self._ejected:
             return dict(reals)
-        keep = {real: weight for real, weight in reals.items() if not self._on_hidden_node(real)}
+        keep = {real: weight for real, weight in reals.items() if not self._out(real)}
         if len(keep) == len(reals) or not any(weight > 0 for weight in keep.values()):
             return dict(reals)  # never the last ones that take new connections
         return keep
@@ -236,6 +253,41 @@ class SuspectFilter:
         for key in sorted(self._desired):
             out += self._reconcile(key)
         return out
+
+    # -- reals ejected by outlier detection ----------------------------------------------
+
+    def reals(self) -> set[Real]:
+        """Every real the view wants, in any virtual service."""
+        return {real for reals in self._desired.values() for real in reals}
+
+    def can_eject(self, real: Real) -> bool:
+        """Whether ejecting `real` would take it out of some virtual service: one that
+        keeps another real of weight > 0 that is not hidden or ejected."""
+        for reals in self._desired.values():
+            if real in reals and any(
+                weight > 0 and other != real and not self._out(other)
+                for other, weight in reals.items()
+            ):
+                return True
+        return False
+
+    def eject(self, real: Real) -> list[Op]:
+        """Leave `real` out of the table (where it is not a service's last); the ops."""
+        if real in self._ejected:
+            return []
+        self._ejected.add(real)
+        return self._reconcile_all()
+
+    def restore(self, real: Real) -> list[Op]:
+        """Put an ejected `real` back; the ops."""
+        if real not in self._ejected:
+            return []
+        self._ejected.discard(real)
+        return self._reconcile_all()
+
+    @property
+    def ejected(self) -> frozenset[Real]:
+        return frozenset(self._ejected)
 
     @property
     def hidden_nodes(self) -> frozenset[str]:
@@ -289,7 +341,7 @@ class SuspectFilter:
         for key, desired in self._desired.items():
             programmed = self._programmed.get(key, {})
             reals_hidden += len(desired) - len(programmed)
-            if self._hidden and any(self._on_hidden_node(real) for real in programmed):
+            if any(self._out(real) for real in programmed):
                 kept_last += 1
         return FailoverCounts(
             suspects=len(self._suspect_since),

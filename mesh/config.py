@@ -96,6 +96,9 @@ class AgentConfig:
     #: the packet-mark bit the nftables backend marks its flows with (to masquerade
     #: them): checked at start against the host's other rules (lb/nft/marks.py)
     fwmark: int = DEFAULT_FWMARK
+    #: passive outlier detection on the nftables backend (lb/outlier.py): a real that
+    #: leaves SYNs unanswered, and does not answer a direct check, leaves the table
+    lb_outlier_detection: bool = True
     keyring: Path | None = None
     #: the cluster's join token (`--token`, `--token-file`, MESH_JOIN_TOKEN): its keyring
     #: is stored in the data dir at the first start (docs/gossip.md "Secure by default")
@@ -325,6 +328,9 @@ _FLAGS: dict[str, str] = {
     "lb-healthz": "serve GET /v1/lb/healthz/<service> (200/503: whether this node serves "
     "the service's published ports) without credentials here, for external load "
     "balancers (ADDR[:PORT], port 10256 by default, as kube-proxy's; default: off)",
+    "lb-outlier-detection": "on (the default): on the nftables backend, a task that leaves "
+    "the SYNs this node sends it unanswered for 0.3 s, and a direct connect too, leaves "
+    "the table until it answers again (docs/lb.md); off: only gossip's verdicts remove it",
     "fwmark": "the packet-mark bit the nftables load balancer marks the flows it "
     "masquerades with (default 0x1000; 0x2000 and kube-proxy's 0x4000 are other tools'); "
     "the agent refuses to start when another rule on the host uses it",
@@ -412,6 +418,7 @@ _METAVARS = {
     "lb-tcp-idle": "SECONDS",
     "lb-healthz": "ADDR[:PORT]",
     "fwmark": "MARK",
+    "lb-outlier-detection": "on|off",
     "http-workers": "N",
     "tls-cert": "HOST=CERT,KEY",
     "http-access-log": "on|off",
@@ -589,6 +596,7 @@ def _build(values: dict[str, Any], *, root: bool) -> AgentConfig:
         if values.get("lb_healthz")
         else None,
         fwmark=_fwmark(values),
+        lb_outlier_detection=_on(values, "lb_outlier_detection", True),
         keyring=Path(values["keyring"]) if values.get("keyring") else None,
         join_token=values.get("join_token"),
         insecure_gossip=_on(values, "insecure_gossip", False),

@@ -45,6 +45,7 @@ from lb.http.service import HttpEndpoints
 from lb.http.serving import HttpMesh
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
+from lb.nft.unanswered import UnansweredReader
 from lb.policy import PROXY_BACKENDS, healthz, lb_problems
 from lb.select import SelectError, choose
 from lb.sysctls import SysctlError, restore_leftover
@@ -518,6 +519,11 @@ def _lb(config: AgentConfig, feed: ChangeFeed) -> LbDriver:
         # A false suspicion is refuted within a few gossip rounds; a suspect that has
         # not refuted after this long is taken out of the table (lb/failover.py).
         suspect_hold=suspect_hold(getattr(GossipConfig, config.gossip_profile)().probe_interval),
+        # A real that leaves SYNs unanswered is ejected before gossip's verdict
+        # (lb/outlier.py); it reads conntrack: the nftables backend only.
+        outlier_reader=UnansweredReader()
+        if config.lb_outlier_detection and choice.backend.name == "nftables"
+        else None,
     )
 
 

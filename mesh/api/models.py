@@ -584,6 +584,22 @@ class LbFailoverOut(_Response):
     refuted_longest: float  # seconds the longest refuted suspicion lasted (the hold's margin)
 
 
+class LbOutliersOut(_Response):
+    """Passive outlier detection (docs/lb.md, nftables only): reals that leave SYNs
+    unanswered and fail a direct check leave the table until they answer again."""
+
+    ejected: list[str]  # reals out of the table now, "address:port"
+    ejections: int  # times a real was ejected since start
+    restored: int  # times an ejected real answered again and came back
+    checks: int  # direct checks (TCP connects from this node) of candidates and ejected reals
+    false_candidates: int  # candidates that answered: an unanswered SYN, not a dead real
+    kept_last: int  # dead checks not acted on: the real was a virtual service's last
+    polls: int  # readings of the unanswered flows in conntrack
+    flows_unanswered: int  # unanswered flows DNATed by this node in the last reading
+    poll_errors: int  # readings that failed
+    truncated: int  # readings cut short at the cap on entries read
+
+
 class LbOut(_Response):
     backend: str  # ipvs, nftables or userspace
     reason: str  # why --lb chose it
@@ -601,3 +617,5 @@ class LbOut(_Response):
     #: timeouts, open); left out when it does not run
     healthz: dict[str, int] | None = None
     failover: LbFailoverOut | None = None  # suspect nodes taken out of the table
+    #: reals ejected for unanswered SYNs; left out when outlier detection does not run
+    outliers: LbOutliersOut | None = None

@@ -15,14 +15,18 @@ in its own namespace sends a request (connect, read the task's greeting) to node
 greeting. Two seconds in, node 1 dies whole: its agent is killed with SIGKILL and
 its only link deleted, so its task cannot answer either. The figure is the share
 of requests started in the 30 s after that failed (printed; the issue's goal is
-1 %). Node 3 must have taken node 1's task out of its table while node 1 was
-still only suspect (`GET /v1/lb` `failover`), before gossip's verdict.
+1 %). Node 3 must have taken node 1's task out of its table before gossip's
+verdict: by passive outlier detection (`GET /v1/lb` `outliers`: the SYNs it
+DNATed there went unanswered and a direct connect too), or while node 1 was
+suspect (`failover`); with `--lb-outlier-detection off` (OUTLIERS=off in the
+environment: the figure without it) only the latter.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +34,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,8 @@ TIMEOUT = 2.0
 BEFORE = 2.0  # seconds of traffic before the node dies
 AFTER = 30.0  # the seconds counted
 SLACK = 30.0
+#: MESH_TEST_OUTLIERS=off: the same run with passive outlier detection off, for the figure
+OUTLIERS = os.environ.get("MESH_TEST_OUTLIERS", "on")
 
 
 @dataclass
@@ -108,6 +115,20 @@ def lb_reals(agent: NetnsAgent) -> set[str]:
     return set()
 
 
+def event_times(agent: NetnsAgent, since: float) -> dict[str, float]:
+    """Seconds after `since` (wall clock) of the first line of each L4 event in the log."""
+    wanted = ("lb_real_ejected", "lb_node_hidden", "lb_node_gone")
+    found: dict[str, float] = {}
+    for line in agent.log().splitlines():
+        match = re.match(r"ts=(\S+)Z .*event=(\w+)", line)
+        if match and match[2] in wanted and match[2] not in found:
+            stamp = datetime.strptime(match[1], "%Y-%m-%dT%H:%M:%S.%f")
+            found[match[2]] = round(stamp.replace(tzinfo=UTC).timestamp() - since, 2)
+            if match[2] == "lb_real_ejected":
+                print(line)  # with unanswered_for: the oldest flow's wait, check included
+    return found
+
+
 def statuses(agent: NetnsAgent) -> dict[str, str]:
     return {m["name"]: m["status"] for m in agent.api_ok("GET", "/v1/members")}
 
@@ -133,6 +154,8 @@ def mesh(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                     "0.0.0.0",
                     "--address-pool",
                     "10.41.0.0/16",
+                    "--lb-outlier-detection",
+                    OUTLIERS,
                     *(["--join", f"{NODES[0]}:7946"] if i else []),
                 ],
             )
@@ -209,18 +232,24 @@ def test_a_node_dying_whole_costs_few_requests(mesh: Mesh) -> None:
         time.sleep(BEFORE)
         # Node 1 dies whole: its agent, and every address on it (its task's too).
         died = time.monotonic()
+        died_wall = time.time()
         assert agents[0].proc is not None
         agents[0].proc.send_signal(signal.SIGKILL)
         mesh.switch.ip("link", "delete", "p0")
         out_of_table = wait_for(lambda: victim not in lb_reals(agents[2]), "the task out")
-        hidden = agents[2].api_ok("GET", "/v1/lb").get("failover") or {}
+        lb_then = agents[2].api_ok("GET", "/v1/lb")
+        outliers = lb_then.get("outliers") or {}
         status_then = statuses(agents[2]).get("node1")
         declared = wait_for(lambda: statuses(agents[2]).get("node1") == "dead", "the verdict")
+        # node 1 was suspect before its verdict: by now the filter hid it too
+        hidden = agents[2].api_ok("GET", "/v1/lb").get("failover") or {}
+        outliers_after = agents[2].api_ok("GET", "/v1/lb").get("outliers") or {}
         output, _ = client.communicate(timeout=BEFORE + AFTER + TIMEOUT + 30)
     finally:
         if client.poll() is None:
             client.kill()
             client.wait()
+    events = event_times(agents[2], died_wall)
     results: list[list[Any]] = json.loads(output)
     counted = [r for r in results if died <= r[0] < died + AFTER]
     failed = [r for r in counted if r[1] is None]
@@ -232,14 +261,24 @@ def test_a_node_dying_whole_costs_few_requests(mesh: Mesh) -> None:
         f" (node 1 {status_then} then), declared dead {out_of_table + declared:.1f} s after;"
         f" failed at: {[round(r[0] - died, 2) for r in failed]}; errors:"
         f" {sorted({r[2] for r in failed})}; {len(in_flight)} started just before the death"
-        f" failed too; node 3's failover: {hidden}"
+        f" failed too; node 3's events, s after the death: {events}; node 3's failover:"
+        f" {hidden}; outliers when it left: {outliers},"
+        f" after the verdict: {outliers_after}"
     )
     assert len(counted) >= 0.9 * RATE * AFTER
     # Before the death nothing fails; a request started just before it may (in flight).
     assert not [r for r in results if r[0] < died - TIMEOUT and r[1] is None], "failed before"
-    # Out of the table while still suspect, before the verdict; no false removal.
-    assert status_then == "suspect", status_then
-    assert hidden.get("hidden") == ["node1"] and hidden.get("hidden_refuted") == 0, hidden
-    # The issue's goal is 1 %; measured 0.9-1.9 % here, 5.4 % before (the verdict at 5.5 s).
-    # Generous, for a busy machine: the suspicion comes 1-2 s after the death.
-    assert len(failed) <= 0.03 * len(counted), f"{len(failed)} of {len(counted)} failed"
+    # Out of the table before the verdict; no false removal.
+    assert status_then in ("alive", "suspect"), status_then
+    assert hidden.get("nodes_hidden") == 1 and hidden.get("hidden_refuted") == 0, hidden
+    if OUTLIERS == "on":
+        # ejected by node 3's outlier detection, the live tasks never
+        assert outliers.get("ejected") == [f"{victim}:{TASK_PORT}"], outliers
+        assert outliers_after.get("ejections") == 1, outliers_after
+        assert outliers_after.get("restored") == 0, outliers_after
+    # The issue's goal is 1 %: 5.4 % with the verdict alone (5.5 s), 0.9-1.9 % with the
+    # suspect-node failover (hidden 2-3 s after the death), 0 of 780 in six runs with
+    # outlier detection (ejected 0.64-0.77 s after; a flow flushed before its SYN is
+    # retransmitted 1 s after the first is balanced anew and succeeds).
+    bound = 0.01 if OUTLIERS == "on" else 0.03
+    assert len(failed) <= bound * len(counted), f"{len(failed)} of {len(counted)} failed"

@@ -285,3 +285,11 @@ def test_a_service_user_with_the_capabilities_gets_the_root_defaults(
     monkeypatch.setattr(config.os, "geteuid", lambda: euid)
     monkeypatch.setattr(config, "effective", lambda: Capabilities(mask))
     assert config.runs_privileged() is privileged
+
+
+def test_lb_outlier_detection_is_on_by_default_and_can_be_turned_off() -> None:
+    assert load_config([], env={}).lb_outlier_detection is True
+    assert load_config(["--lb-outlier-detection", "off"], env={}).lb_outlier_detection is False
+    assert load_config(["--lb-outlier-detection", "on"], env={}).lb_outlier_detection is True
+    with pytest.raises(ConfigError, match="lb-outlier-detection"):
+        load_config(["--lb-outlier-detection", "maybe"], env={})
