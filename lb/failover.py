@@ -95,6 +95,9 @@ class SuspectFilter:
         self._desired: dict[VirtualKey, dict[Real, int]] = {}
         self._programmed: dict[VirtualKey, dict[Real, int]] = {}
         self._programmed_options: dict[VirtualKey, ServiceOptions] = {}
+        #: bumped by every change of the programmed table or of the task records, so a
+        #: reader polling it (lb/outlier_watch.py) rebuilds its indexes only then
+        self.generation = 0
         # address -> node -> tasks of that node with that address
         self._nodes_of: dict[str, Counter[str]] = {}
         self._suspect_since: dict[str, float] = {}
@@ -120,6 +123,7 @@ class SuspectFilter:
                 self._count(record, 1)
 
     def track(self, change: Change) -> None:
+        self.generation += 1
         """Follow one change of the feed (before the view's ops for it are applied)."""
         if isinstance(change.before, Task) and not change.before.deleted:
             self._count(change.before, -1)
@@ -160,6 +164,7 @@ class SuspectFilter:
         self._desired = {key: dict(service.reals) for key, service in table.items()}
         self._programmed = {key: self._visible(key) for key in self._desired}
         self._programmed_options = dict(self._options)
+        self.generation += 1
         return self.table()
 
     def table(self) -> Table:
@@ -209,6 +214,7 @@ class SuspectFilter:
             self._desired[op.key].pop(op.real, None)
 
     def _take_programmed(self, op: Op) -> None:
+        self.generation += 1
         if isinstance(op, PutService):
             self._programmed.setdefault(op.key, {})
             self._programmed_options[op.key] = op.options
@@ -232,6 +238,7 @@ class SuspectFilter:
         return self._hide(self._desired[key])
 
     def _reconcile(self, key: VirtualKey) -> list[Op]:
+        self.generation += 1
         have = self._programmed.get(key)
         found: Table = (
             {} if have is None else {key: VirtualService(key, self._programmed_options[key], have)}

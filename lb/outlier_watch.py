@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from lb.failover import SuspectFilter
 from lb.outlier import OutlierDetector, Unanswered
-from lb.table import Op, Real, VirtualKey, VirtualService
+from lb.table import Op, Real, Table, VirtualKey, VirtualService
 from mesh.core.logs import event
 
 log = logging.getLogger("lb")
@@ -90,6 +90,10 @@ class OutlierWatch:
         self._wake.set()
         self._task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
+        self._seen_generation = -1
+        self._retained_generation = -1
+        self._table: Table = {}
+        self._remote = False
 
     def table_changed(self) -> None:
         """The table changed: look again whether it has remote reals."""
@@ -108,21 +112,35 @@ class OutlierWatch:
         self._task = None
         self._checks.clear()
 
+    def _snapshot(self) -> tuple[Table, bool]:
+        """The programmed table and whether it has remote reals, rebuilt only when the
+        filter's generation moved: a reading every 0.1 s costs no O(reals) copy."""
+        if self._seen_generation != self.failover.generation:
+            self._seen_generation = self.failover.generation
+            self._table = self.failover.table()
+            self._remote = any(
+                self.failover.is_remote(r, self.local_node) for r in self.failover.reals()
+            )
+        return self._table, self._remote
+
     def _has_remote_reals(self) -> bool:
-        return any(self.failover.is_remote(r, self.local_node) for r in self.failover.reals())
+        return self._snapshot()[1]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
-            for real in self.detector.retain(self.failover.reals()):
-                self.emit(self.failover.restore(real))
+            if self._retained_generation != self.failover.generation:
+                # forget the reals the view no longer wants (O(reals): on a change only)
+                self._retained_generation = self.failover.generation
+                for real in self.detector.retain(self.failover.reals()):
+                    self.emit(self.failover.restore(real))
             if not self._has_remote_reals() and not self.detector.ejected:
                 await self._wake.wait()  # idle: nothing read until the table changes
                 continue
             started = loop.time()
             try:
-                flows = await self.reader.read(self.failover.table())
+                flows = await self.reader.read(self._snapshot()[0])
             except Exception as exc:  # a kernel that refuses: counted, tried again
                 self.poll_errors += 1
                 log.debug("reading the unanswered flows failed: %s", exc)

@@ -45,14 +45,19 @@ class UnansweredReader:
         self._netns = netns
         self.cap = cap
         self.truncated = 0
+        self._indexed: Mapping[VirtualKey, VirtualService] | None = None
+        self._by_real: dict[tuple[str, int], list[tuple[VirtualKey, Real]]] = {}
 
     async def read(self, table: Mapping[VirtualKey, VirtualService]) -> list[Unanswered]:
-        by_real: dict[tuple[str, int], list[tuple[VirtualKey, Real]]] = {}
-        for key, service in table.items():
-            if key.protocol != "tcp":
-                continue
-            for real in service.reals:
-                by_real.setdefault((real.address, real.port), []).append((key, real))
+        if table is not self._indexed:  # the caller passes the same table until it changes
+            self._by_real = {}
+            for key, service in table.items():
+                if key.protocol != "tcp":
+                    continue
+                for real in service.reals:
+                    self._by_real.setdefault((real.address, real.port), []).append((key, real))
+            self._indexed = table
+        by_real = self._by_real
         if not by_real:
             return []
         found, truncated = await asyncio.to_thread(self._read_on_own_loop, by_real)
