@@ -110,6 +110,9 @@ class Runtime:
         self.settings = settings
         self.stats: Counter[str] = Counter()
         self.buffers = Buffers(settings.buffer_size)
+        #: the buffer every TCP read goes into; never held by a pending write (a write
+        #: that has to wait takes it with it and a new spare is made: lb/userspace/tcp.py)
+        self.spare = self.buffers.take()
         self.open: set[Expiring] = set()
         self.tick = min(
             5.0, max(0.05, min(settings.tcp_idle_timeout, settings.udp_idle_timeout) / 4)
