@@ -84,10 +84,12 @@ class Expiring(Protocol):
 
 
 class Buffers:
-    """Reusable read buffers: taken for a read, given back once the write has gone out.
+    """Reusable read buffers, beside the runtime's spare: a connection takes one only
+    while its peer cannot take more (a write waits, holding it), or for its client's
+    bytes while the real is being connected, and gives it back after.
 
     Most writes complete at once, so a handful of buffers serves any number of
-    connections; a connection keeps one only while its peer cannot take more.
+    connections.
     """
 
     def __init__(self, size: int, keep: int = 64) -> None:

@@ -2,11 +2,13 @@
 accepted connection a `Splice` of two `Side`s that copy bytes to each other.
 
 Copying is protocol-level (no streams): each side is a `BufferedProtocol`
-reading straight into a reusable buffer, written to the peer as a memoryview
-without a copy. The peer transport's write-buffer limit is 0, so the moment a
-write cannot go out whole the peer pauses this side's reading (`pause_writing`)
-and the buffer stays with the pending write until it has drained
-(`resume_writing`): flow control and buffer reuse are the same mechanism.
+reading straight into the runtime's one spare buffer, written to the peer as a
+memoryview without a copy. The peer transport's write-buffer limit is 0, so the
+moment a write cannot go out whole the peer pauses this side's reading
+(`pause_writing`) and the buffer stays with the pending write until it has
+drained (`resume_writing`), while a new spare takes its place: flow control and
+buffer reuse are the same mechanism. A read costs two Python callbacks and no
+other call (docs/performance.md, L4 userspace, has the budget).
 
 End of stream is passed on as a half-close (`write_eof`), so a client that
 shuts down its sending side still gets the whole answer; the connection ends
@@ -306,8 +308,10 @@ class Splice:
         peer = side.peer
         if peer is None or peer.transport is None:
             return
-        if peer.eof:  # both directions have ended
-            self._close_both()
+        if peer.eof:  # both directions have ended: close both
+            peer.transport.close()
+            if side.transport is not None:
+                side.transport.close()
         elif peer.transport.can_write_eof():
             peer.transport.write_eof()
 
@@ -364,11 +368,6 @@ class Splice:
         transport = self.client.transport
         if transport is not None:
             transport.abort() if abort else transport.close()
-
-    def _close_both(self) -> None:
-        for side in (self.client, self.upstream):
-            if side is not None and side.transport is not None:
-                side.transport.close()
 
     def expire(self) -> None:
         """Idle too long (or the backend is closing): end both connections now."""
