@@ -14,15 +14,18 @@ Two modes: `conn`, one TCP connection per exchange (accept, connect to the
 backend, 64 bytes each way, the backend closes, the close is passed on), and
 `keep-alive`, 64-byte exchanges over one open connection. The client and the
 backend hold the GIL only between their blocking calls, so the proxy thread's
-CPU time is its own. To compare two commits, run it from both trees:
+CPU time is its own. The proxy is imported from PYTHONPATH's tree when it is
+set, so one copy of this script compares two commits (alternate the runs):
 
     PYTHONPATH=. taskset -c 0 .venv/bin/python benchmarks/l4_hotpath.py
+    PYTHONPATH=/tmp/base taskset -c 0 .venv/bin/python benchmarks/l4_hotpath.py
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
 import threading
@@ -35,7 +38,10 @@ from typing import Any
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The proxy under test: PYTHONPATH's tree when given (another commit's checkout),
+# else this one's.
+if not os.environ.get("PYTHONPATH"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lb.table import PutReal, PutService, Real, VirtualKey
 from lb.userspace import UserspaceBackend
@@ -157,6 +163,7 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--top", type=int, default=0, help="list the most frequent calls")
     args = parser.parse_args()
+    print(f"proxy: {Path(sys.modules['lb.userspace'].__file__ or '?').parent}")
     uvloop.run(run(args))
     return 0
 
