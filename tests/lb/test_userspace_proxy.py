@@ -408,6 +408,41 @@ async def test_large_transfer_with_a_slow_reader_arrives_intact(
     writer.close()
 
 
+async def test_concurrent_stalled_transfers_keep_their_own_bytes(
+    harness: LoopbackHarness,
+) -> None:
+    """Every read shares one spare buffer; a stalled write keeps the one it holds. Three
+    connections echo distinct random data to slow readers at once: a buffer handed to
+    two connections, or reused while a write held it, would mix their bytes."""
+    backend = await started(harness, settings_for(harness, buffer_size=16384))
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
+
+    async def echo_slowly(pause: float) -> None:
+        _, reader, writer = await greeted(harness, key)
+        payload = os.urandom(8 << 20)  # past what the sockets hold: the proxy's writes stall
+        received = bytearray()
+
+        async def read_slowly() -> None:
+            while len(received) < len(payload):
+                chunk = await reader.read(1 << 16)
+                assert chunk, "closed early"
+                received.extend(chunk)
+                if len(received) % (1 << 20) < (1 << 16):
+                    await asyncio.sleep(pause)
+
+        reading = asyncio.create_task(read_slowly())
+        writer.write(payload)
+        await writer.drain()
+        await reading
+        writer.close()
+        assert received == payload
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(echo_slowly(0.01), echo_slowly(0.02), echo_slowly(0.03))
+    assert backend.stats()["tcp_accepted"] == 3
+
+
 async def test_published_port_listens_on_every_address() -> None:
     harness = LoopbackHarness(ProxySettings())  # publish_address 0.0.0.0, the default
     await harness.start_reals()
