@@ -74,10 +74,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], cpu: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    argv: list[str], cpu: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            ["taskset", "-c", str(cpu), *argv], stdout=out, stderr=subprocess.STDOUT
+            ["taskset", "-c", str(cpu), *argv], stdout=out, stderr=subprocess.STDOUT, env=env
         )
     try:
         yield proc
@@ -270,18 +272,17 @@ def measure(row: Row, port: int, seconds: int, cpu: int, *, bulk: bool) -> None:
 def report(rows: list[Row]) -> None:
     peer = next((r for r in rows if r.path == "haproxy"), None)
     print(
-        f"\n{'path':<10} {'req/s':>8} {'(range)':>15} {'conn/s':>8} {'MB/s':>7} "
+        f"\n{'path':<14} {'req/s':>8} {'(range)':>15} {'conn/s':>8} {'MB/s':>7} "
         f"{'CPU us/req':>10} {'us/conn':>8}   vs haproxy: req/s conn/s MB/s"
     )
     for row in rows:
         ratios = ""
         if peer is not None:
-            ratios = (
-                f"{row.rps / peer.rps:.2f}x  {row.cps / peer.cps:.2f}x  {row.mbps / peer.mbps:.2f}x"
-            )
+            mbps = f"{row.mbps / peer.mbps:.2f}x" if peer.mbps else "-"
+            ratios = f"{row.rps / peer.rps:.2f}x  {row.cps / peer.cps:.2f}x  {mbps}"
         spread = f"{min(row.rounds):.0f}-{max(row.rounds):.0f}"
         print(
-            f"{row.path:<10} {row.rps:>8.0f} {spread:>15} {row.cps:>8.0f} {row.mbps:>7.0f} "
+            f"{row.path:<14} {row.rps:>8.0f} {spread:>15} {row.cps:>8.0f} {row.mbps:>7.0f} "
             f"{row.cpu_us('req'):>10} {row.cpu_us('conn'):>8}   {ratios}"
         )
 
@@ -294,6 +295,13 @@ def main() -> int:
         "--transfers", type=int, default=1, help="rounds that also time a 1 GiB transfer per path"
     )
     parser.add_argument("--proxy-cpu", type=int, default=1)
+    parser.add_argument(
+        "--base",
+        type=Path,
+        metavar="TREE",
+        help="another checkout (e.g. `git worktree add /tmp/base <commit>`): its userspace "
+        "proxy gets a row of its own, `userspace@base`, in the same run",
+    )
     parser.add_argument("--client-cpu", type=int, default=0, help="CPU of nginx, wrk and curl")
     parser.add_argument(
         "--serve-userspace",
@@ -317,14 +325,22 @@ def main() -> int:
         os.chmod(work, 0o755)
         nginx_port = free_port()
         haproxy_port, userspace_port = free_port(), free_port()
-        userspace = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--serve-userspace",
-            str(userspace_port),
-            str(nginx_port),
-        ]
+        serve = [sys.executable, str(Path(__file__).resolve()), "--serve-userspace"]
         haproxy = ["haproxy", "-db", "-f", str(haproxy_config(work, haproxy_port, nginx_port))]
+        # name -> (argv, PYTHONPATH): each userspace proxy imports `lb` from its own tree
+        # (not whatever the venv has installed).
+        commands: dict[str, tuple[list[str], Path | None]] = {
+            "haproxy": (haproxy, None),
+            "userspace": ([*serve, str(userspace_port), str(nginx_port)], REPO),
+        }
+        ports = {"direct": nginx_port, "haproxy": haproxy_port, "userspace": userspace_port}
+        if args.base is not None:
+            base_port = free_port()
+            commands["userspace@base"] = (
+                [*serve, str(base_port), str(nginx_port)],
+                args.base.resolve(),
+            )
+            ports["userspace@base"] = base_port
         with contextlib.ExitStack() as stack:
             nginx = stack.enter_context(
                 process(
@@ -334,10 +350,16 @@ def main() -> int:
                 )
             )
             proxies = {
-                name: stack.enter_context(process(argv, args.proxy_cpu, work / f"{name}.log"))
-                for name, argv in (("haproxy", haproxy), ("userspace", userspace))
+                name: stack.enter_context(
+                    process(
+                        argv,
+                        args.proxy_cpu,
+                        work / f"{name}.log",
+                        None if tree is None else {**os.environ, "PYTHONPATH": str(tree)},
+                    )
+                )
+                for name, (argv, tree) in commands.items()
             }
-            ports = {"direct": nginx_port, "haproxy": haproxy_port, "userspace": userspace_port}
             for name, port in ports.items():
                 try:
                     wait_port(port, 30)
@@ -349,7 +371,8 @@ def main() -> int:
             print(
                 f"backend nginx on {HOST}:{nginx_port} (cpu {args.client_cpu}, with wrk and "
                 f"curl); proxies on cpu {args.proxy_cpu}; {args.rounds} rounds of "
-                f"{args.seconds}s per wrk run, paths alternating"
+                f"{args.seconds}s per wrk run, paths alternating; load average "
+                f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
             )
             rows = [Row(name, proxies[name].pid if name in proxies else None) for name in ports]
             for row in rows:  # warm-up, untimed
@@ -366,6 +389,7 @@ def main() -> int:
             if importlib.util.find_spec("lb.nft") is None:
                 print("nftables: skipped (lb.nft is not part of this build)")
         report(rows)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -84,10 +84,12 @@ class Expiring(Protocol):
 
 
 class Buffers:
-    """Reusable read buffers: taken for a read, given back once the write has gone out.
+    """Reusable read buffers, beside the runtime's spare: a connection takes one only
+    while its peer cannot take more (a write waits, holding it), or for its client's
+    bytes while the real is being connected, and gives it back after.
 
     Most writes complete at once, so a handful of buffers serves any number of
-    connections; a connection keeps one only while its peer cannot take more.
+    connections.
     """
 
     def __init__(self, size: int, keep: int = 64) -> None:
@@ -110,6 +112,9 @@ class Runtime:
         self.settings = settings
         self.stats: Counter[str] = Counter()
         self.buffers = Buffers(settings.buffer_size)
+        #: the buffer every TCP read goes into; never held by a pending write (a write
+        #: that has to wait takes it with it and a new spare is made: lb/userspace/tcp.py)
+        self.spare = self.buffers.take()
         self.open: set[Expiring] = set()
         self.tick = min(
             5.0, max(0.05, min(settings.tcp_idle_timeout, settings.udp_idle_timeout) / 4)

@@ -145,7 +145,7 @@ class Pool:
         for _ in range(len(ready)):
             real = ready[self._next]
             self._next = (self._next + 1) % len(ready)
-            if real not in skip:
+            if not skip or real not in skip:  # hashing a Real is a Python call: not for none
                 return real
         return None
 

@@ -10,7 +10,12 @@ import contextlib
 import os
 import resource
 import socket
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -26,6 +31,7 @@ from lb.table import (
     VirtualKey,
 )
 from lb.userspace import ProxySettings, proxy_protocol
+from lb.userspace import __file__ as lb_userspace_file
 from tests.lb.loopback import (
     REAL_PORT,
     LoopbackHarness,
@@ -402,6 +408,41 @@ async def test_large_transfer_with_a_slow_reader_arrives_intact(
     writer.close()
 
 
+async def test_concurrent_stalled_transfers_keep_their_own_bytes(
+    harness: LoopbackHarness,
+) -> None:
+    """Every read shares one spare buffer; a stalled write keeps the one it holds. Three
+    connections echo distinct random data to slow readers at once: a buffer handed to
+    two connections, or reused while a write held it, would mix their bytes."""
+    backend = await started(harness, settings_for(harness, buffer_size=16384))
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
+
+    async def echo_slowly(pause: float) -> None:
+        _, reader, writer = await greeted(harness, key)
+        payload = os.urandom(8 << 20)  # past what the sockets hold: the proxy's writes stall
+        received = bytearray()
+
+        async def read_slowly() -> None:
+            while len(received) < len(payload):
+                chunk = await reader.read(1 << 16)
+                assert chunk, "closed early"
+                received.extend(chunk)
+                if len(received) % (1 << 20) < (1 << 16):
+                    await asyncio.sleep(pause)
+
+        reading = asyncio.create_task(read_slowly())
+        writer.write(payload)
+        await writer.drain()
+        await reading
+        writer.close()
+        assert received == payload
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(echo_slowly(0.01), echo_slowly(0.02), echo_slowly(0.03))
+    assert backend.stats()["tcp_accepted"] == 3
+
+
 async def test_published_port_listens_on_every_address() -> None:
     harness = LoopbackHarness(ProxySettings())  # publish_address 0.0.0.0, the default
     await harness.start_reals()
@@ -451,3 +492,81 @@ async def test_a_port_it_cannot_take_is_reported_once_and_retried(
     assert (await backend.read())[taken].reals == {harness.real(1): 1}
     assert await harness.hit(taken) == harness.real(1)
     assert backend.stats()["unbound"] == 0
+
+
+# -- the hot path's Python, counted (docs/performance.md: L4 userspace) -------------------------
+
+USERSPACE = str(Path(lb_userspace_file).resolve().parent)
+
+
+class ProxyCalls:
+    """Counts calls into the proxy's own Python (lb/userspace), by function: a figure
+    that does not depend on the machine's speed or load."""
+
+    def __init__(self) -> None:
+        self.where: Counter[str] = Counter()
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(USERSPACE):
+            self.where[f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"] += 1
+
+    @property
+    def calls(self) -> int:
+        return sum(self.where.values())
+
+
+async def test_a_relayed_read_is_two_python_callbacks(harness: LoopbackHarness) -> None:
+    """Keep-alive: each read is get_buffer + buffer_updated, into the one spare buffer
+    (no call to take or give a buffer back, nothing allocated for it)."""
+    backend = await started(harness)
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
+    _, reader, writer = await greeted(harness, key)
+    exchanges = 50
+    counter = ProxyCalls()
+    sys.setprofile(counter)
+    try:
+        for _ in range(exchanges):
+            writer.write(b"ping\n")
+            assert await asyncio.wait_for(reader.readexactly(5), 2) == b"ping\n"
+    finally:
+        sys.setprofile(None)
+    writer.close()
+    per_exchange = counter.calls / exchanges
+    print(
+        f"lb/userspace Python calls per echoed exchange: {per_exchange:.2f} {dict(counter.where)}"
+    )
+    # Two reads (one each way), two callbacks each; the base made four each.
+    assert per_exchange <= 4, counter.where
+
+
+async def test_a_new_connection_takes_a_bounded_number_of_python_calls(
+    harness: LoopbackHarness,
+) -> None:
+    """Accept, pick, connect, relay, pass the close on: the proxy's Python per connection
+    (the base made about 50 calls; the budget in docs/performance.md is 31)."""
+    backend = await started(harness)
+    key = VirtualKey("tcp", harness.vip(1), 8080)
+    await backend.apply([PutService(key), PutReal(key, harness.real(1), 1)])
+    _, _, warm = await greeted(harness, key)  # the first connection builds what is cached
+    connections = 20
+    counter = ProxyCalls()
+    sys.setprofile(counter)
+    try:
+        for _ in range(connections):
+            _, reader, writer = await greeted(harness, key)
+            writer.write_eof()  # the echo closes at our EOF: both ways end
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+            writer.close()
+            await writer.wait_closed()
+        for _ in range(100):  # the proxy sees the closes (the warm one stays open)
+            if backend.stats()["open"] == 1:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        sys.setprofile(None)
+    assert backend.stats()["open"] == 1
+    warm.close()
+    per_connection = counter.calls / connections
+    print(f"lb/userspace Python calls per connection: {per_connection:.1f} {dict(counter.where)}")
+    assert per_connection <= 36, counter.where
