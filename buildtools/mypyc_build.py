@@ -96,6 +96,13 @@ def build_ext_class() -> type:
             except Exception as error:  # CompileError, LinkError, a missing header...
                 say(f"pure Python: the C build failed: {error}")
                 self._remove_built()
+                return
+            # Dated now even when the C was unchanged and not relinked: an extension older
+            # than its .py is one built from other source (tests/unit/test_compiled_build.py).
+            for ext in self.extensions:
+                path = self.get_ext_fullpath(ext.name)
+                if os.path.exists(path):
+                    os.utime(path)
 
         def _remove_built(self) -> None:
             # Half a compiled set would not import (the modules share one library).

@@ -75,3 +75,15 @@ def test_the_backend_asks_for_mypy_only_for_the_compiled_build(
     assert backend.get_requires_for_build_wheel() == []
     monkeypatch.setenv(mypyc_build.ENV, "1")
     assert backend.get_requires_for_build_wheel() == ["mypy>=1.10"]
+
+
+def test_no_compiled_module_is_older_than_its_source() -> None:
+    """An extension shadows its .py: one edited since `make mypyc` would run the old code."""
+    stale = []
+    for path in mypyc_build.COMPILED:
+        name = _module(path)
+        if _compiled(name):
+            built = Path(importlib.import_module(name).__file__ or "")
+            if (ROOT / path).stat().st_mtime > built.stat().st_mtime:
+                stale.append(path)
+    assert not stale, f"edited since compiled (make mypyc, or make pure): {stale}"
