@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: run test lint unit bench-deps lock clean
+.PHONY: run test lint unit bench-deps lock clean mypyc pure
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,5 +58,15 @@ lock:
 		--extra test --extra bench --output-file constraints.txt pyproject.toml
 	rm -rf $(VENV)-lock
 
-clean:
+# The compiled build of the router's hot modules (buildtools/mypyc_build.py): C extensions
+# next to their .py files, made by mypyc when a C compiler is present (pure Python, with a
+# note, when not); `make pure` removes them. The tests pass on both (MESH_BUILD says which
+# one a run expects: tests/unit/test_compiled_build.py).
+mypyc: $(VENV)/.run-deps
+	MESH_MYPYC=1 $(PIP_INSTALL) --no-deps -e .
+
+pure:
+	rm -f *__mypyc.*.so lb/http/*.so
+
+clean: pure
 	rm -rf $(VENV) $(VENV)-lock build *.egg-info

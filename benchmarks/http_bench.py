@@ -1,4 +1,4 @@
-"""HTTP benchmark: the meshplane router against nginx and HAProxy, same Host routing, one run.
+"""HTTP benchmark: the meshplane router against nginx, HAProxy and Caddy, same Host routing.
 
 Every proxy routes the same `--routes` hosts (`svc0.bench` ... ) by the Host
 header, each to its own two backend ports, round robin, with keep-alive to the
@@ -11,6 +11,8 @@ backend port and answering a fixed 8-byte body (`svc3-t1\\n`) with `return
   `proxy_http_version 1.1`; one worker (the one-core row) or `auto`;
 - HAProxy: one frontend, `use_backend` by `req.hdr(host)`, `http-reuse
   always`; `nbthread 1` or `nbthread <CPUs>`;
+- Caddy (one-core group, when installed): a site per host with `reverse_proxy` over the
+  two backends, round robin, keep-alive; GOMAXPROCS=1 (one thread runs Go code);
 - meshplane: a real `mesh agent` (`--dns none`, `--http`), with the services
   (`mesh.http.hosts`, `mesh.http.port` labels) and their tasks registered over
   its API; `--http-workers 0` (the router in the agent's one event loop) or
@@ -452,6 +454,43 @@ frontend routes
         yield Proxy(label, proc.pid, port, note=f"CPUs {','.join(map(str, cpus))}")
 
 
+@contextlib.contextmanager
+def caddy(work: Path, cpus: Sequence[int], ports: dict[str, list[int]]) -> Iterator[Proxy]:
+    """Caddy's reverse_proxy, one site per host, GOMAXPROCS=1 (one Go thread runs Go code).
+
+    Round robin over the two backends with keep-alive (Caddy's HTTP transport keeps
+    idle connections by default); X-Forwarded-For/-Proto/-Host are Caddy's defaults.
+    """
+    port = free_port()
+    home = work / f"caddy-{port}"
+    home.mkdir()
+    sites = "\n".join(
+        f"http://{name}.bench:{port} {{\n"
+        f"  reverse_proxy {' '.join(f'{HOST}:{p}' for p in task_ports)} {{\n"
+        "    lb_policy round_robin\n"
+        "    transport http {\n      keepalive 75s\n      keepalive_idle_conns_per_host 64\n    }\n"
+        "  }\n}"
+        for name, task_ports in ports.items()
+    )
+    conf = home / "Caddyfile"
+    conf.write_text(
+        "{\n  admin off\n  auto_https off\n"
+        f"  default_bind {HOST}\n  servers {{\n    protocols h1\n  }}\n}}\n"
+        f"{sites}\nhttp://:{port} {{\n  respond 404\n}}\n"
+    )
+    env = {
+        **os.environ,
+        "GOMAXPROCS": "1" if len(cpus) == 1 else str(len(cpus)),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home),
+        "XDG_DATA_HOME": str(home),
+    }
+    argv = [*taskset(cpus), "caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+    label = "Caddy, 1 Go thread" if len(cpus) == 1 else f"Caddy, GOMAXPROCS {len(cpus)}"
+    with started(argv, home / "out.log", port, label, env=env) as proc:
+        yield Proxy(label, proc.pid, port, note=f"CPUs {','.join(map(str, cpus))}")
+
+
 def agent_help(python: str) -> str:
     return subprocess.run(
         [python, "-m", "mesh", "agent", "--help"],
@@ -655,6 +694,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--no-naive", action="store_true", help="leave out the naive aiohttp proxy (one-core group)"
     )
+    parser.add_argument(
+        "--no-caddy", action="store_true", help="leave out Caddy (one-core group, if installed)"
+    )
     parser.add_argument("--no-all-cores", action="store_true", help="skip the all-cores group")
     parser.add_argument(
         "--no-mesh", action="store_true", help="leave the router out (nginx and HAProxy only)"
@@ -686,6 +728,9 @@ def main(argv: Sequence[str]) -> int:
     if mesh and "--http-workers" not in agent_help(args.python):
         notes.append("meshplane left out: `mesh agent` has no --http-workers flag yet")
         mesh = False
+    with_caddy = not args.no_caddy and shutil.which("caddy") is not None
+    if not args.no_caddy and not with_caddy:
+        notes.append("Caddy left out: not installed (Debian: apt-get install caddy)")
     started_at = time.monotonic()
     groups: list[tuple[str, list[Result]]] = []
     with tempfile.TemporaryDirectory(prefix="mphttp-bench-") as tmp:
@@ -701,6 +746,8 @@ def main(argv: Sequence[str]) -> int:
                     stack.enter_context(nginx_proxy(work, one, "1", ports)),
                     stack.enter_context(haproxy(work, one, 1, ports)),
                 ]
+                if with_caddy:
+                    proxies.append(stack.enter_context(caddy(work, one, ports)))
                 if mesh:
                     proxies.append(
                         stack.enter_context(mesh_router(work, one, args.python, 0, ports))

@@ -224,7 +224,10 @@ class Exchange:
             if self._pauses & UPGRADING:
                 self._upgrade_rest += data  # early bytes of the upgraded protocol
             return
-        self._out = []  # local answers of this read go out in one send
+        # Local answers of this read go out in one send. (Through `batch`: assigned here,
+        # `_out` would be narrowed to a list for the rest of the method, and the compiled
+        # build would check it is one in `finally`, where `flush` may have made it None.)
+        self.batch()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:

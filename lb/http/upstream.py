@@ -58,8 +58,18 @@ class _Unsolicited(Exception):
 Key = tuple[str, int]
 
 
+class PoolSide(Protocol):
+    """What a connection asks of its pool (`Pool` is one): typed as a Protocol, so that the
+    compiled build (buildtools/mypyc_build.py) takes any object with these, as Python does."""
+
+    upstream_timeout: float
+
+    def now(self) -> float: ...
+    def forget(self, conn: UpstreamConnection) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, pool: Pool, key: Key) -> None:
+    def __init__(self, pool: PoolSide, key: Key) -> None:
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
