@@ -1,5 +1,6 @@
 """What each process role imports: a worker holds only what it serves with (no API, no
-pydantic, no aiohttp, no prometheus-client, no pyroute2).
+pydantic, no aiohttp, no prometheus-client, no pyroute2), and the agent's control
+process leaves pyroute2 (~10 MB) for when a sandbox or a kernel load balancer needs it.
 
 Each role is imported in a fresh interpreter, as the agent starts it, and its module
 set and resident memory are read there (the memory is printed, not asserted)."""
@@ -64,3 +65,9 @@ def test_a_worker_imports_only_what_it_serves_with(worker: str) -> None:
     modules, rss = _imports(worker)
     print(f"{worker}: {len(modules)} modules, {rss} MB resident after import")
     assert [name for name in NOT_IN_A_WORKER if _loaded(modules, name)] == []
+
+
+def test_the_control_process_loads_pyroute2_only_when_used() -> None:
+    modules, rss = _imports("mesh.agent")
+    print(f"mesh.agent: {len(modules)} modules, {rss} MB resident after import")
+    assert not _loaded(modules, "pyroute2")
