@@ -26,6 +26,7 @@ from dns.upstreams import parse_upstream
 from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
 from mesh.core.procstats import process_figures, worker_index
+from mesh.core.reportgate import ReportGate
 
 log = logging.getLogger("dns.worker")
 
@@ -61,12 +62,16 @@ async def run(args: argparse.Namespace) -> int:
         stopping.set()
 
     async def report() -> None:  # the counters, for the agent's metrics
+        gate = ReportGate()  # an idle worker's unchanged counters go up only now and then
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
+            stats = {**service.stats(), **service.metric_counts()}
+            if not gate.due((stats, feed.seq), loop.time()):
+                continue
             feed.report(
                 {
                     "dns_worker": os.getpid(),
-                    "stats": {**service.stats(), **service.metric_counts()},
+                    "stats": stats,
                     "index": index,
                     "process": process_figures(),
                     "seq": feed.seq,

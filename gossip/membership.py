@@ -229,6 +229,9 @@ class Membership:
             left=lambda: self._left,
         )
         self._next_gossip = now + rng.random() * config.gossip_interval
+        self._last_gossip = self._next_gossip - config.gossip_interval
+        #: the gossip tick's period while nothing is queued (see `next_timer`)
+        self._idle_gossip = max(config.gossip_interval, config.probe_interval / 2)
         self._next_push_pull = (
             now + rng.random() * config.push_pull_interval
             if config.push_pull_interval > 0
@@ -308,6 +311,7 @@ class Membership:
         self._expire_suspicions(now)
         if now >= self._next_gossip:
             self._next_gossip = _advance(self._next_gossip, self.config.gossip_interval, now)
+            self._last_gossip = now
             self._outbox.gossip(now)
         if now >= self._next_push_pull:
             self._push_pull(now)
@@ -333,7 +337,14 @@ class Membership:
 
     def next_timer(self) -> float | None:
         """Absolute time at which handle_timer is next due."""
-        times = [self._next_gossip, self._next_push_pull, self._prober.next_deadline()]
+        gossip = self._next_gossip
+        if not len(self._outbox):
+            # The gossip tick sends only queued broadcasts; with none queued it only
+            # senses loop stalls (its lateness feeds `Lateness`), which a slower tick
+            # does as well: an idle node is not woken five times a second for nothing.
+            # A broadcast queued meanwhile makes the regular slot due again.
+            gossip = self._last_gossip + self._idle_gossip
+        times = [gossip, self._next_push_pull, self._prober.next_deadline()]
         times.extend(s.deadline for s in self._members.suspicions.values())
         self._due = min(times)
         return self._due

@@ -8,7 +8,10 @@ one file without tearing lines) or to stdout. When the queue is full the entry i
 dropped and counted: the proxy never waits for the disk.
 
 Appending to a deque and reading its length are atomic under the GIL, so the hot path
-takes no lock and makes no syscall; the writer polls instead of being woken.
+takes no lock and makes no syscall; the writer polls instead of being woken. An idle
+writer does not poll for ever: after `PARK_AFTER` empty looks it parks on an event that
+the next `put` sets (one lock per park, not per entry), so an idle process is not woken
+ten times a second by its access log.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ FORMATS = ("json", "clf")
 QUEUE_LIMIT = 8192
 #: how often the writer looks at the queue, seconds
 POLL_SECONDS = 0.1
+#: empty looks in a row after which the writer parks until the next entry
+PARK_AFTER = 10
 #: bytes of lines joined into one write
 BATCH_BYTES = 64 << 10
 
@@ -212,6 +217,12 @@ class AccessLog:
         self._fd = -1
         self._batch = BATCH_BYTES
         self._stop = threading.Event()
+        #: set by `put` when the writer is parked (and by `stop`)
+        self._wake = threading.Event()
+        self._parked = False
+        #: times the writer woke up, and parked (tests read them)
+        self.wakeups = 0
+        self.parks = 0
         self._thread: threading.Thread | None = None
 
     @property
@@ -224,6 +235,9 @@ class AccessLog:
 
     def put(self, entry: Entry) -> None:
         self.queue.put(entry)
+        if self._parked:  # the writer sleeps until told: tell it (once per park)
+            self._parked = False
+            self._wake.set()
 
     def counters(self) -> dict[str, int]:
         return {
@@ -259,6 +273,7 @@ class AccessLog:
         if thread is None:
             return
         self._stop.set()
+        self._wake.set()
         thread.join(timeout)
         if not thread.is_alive():
             os.close(self._fd)
@@ -278,6 +293,24 @@ class AccessLog:
                 self.write_errors += 1  # a full disk: the lines are lost, and counted
 
     def _run(self) -> None:
+        empty = 0
         while not self._stop.wait(POLL_SECONDS):
+            self.wakeups += 1
+            if self.queue.entries:
+                empty = 0
+                self.flush()
+                continue
+            empty += 1
+            if empty < PARK_AFTER:
+                continue
+            # Park. `_parked` is set before the queue is looked at again, so an entry
+            # put meanwhile is either seen here or sets `_wake` (the GIL orders both).
+            self._wake.clear()
+            self._parked = True
+            if not self.queue.entries and not self._stop.is_set():
+                self.parks += 1
+                self._wake.wait()
+            self._parked = False
+            empty = 0
             self.flush()
         self.flush()

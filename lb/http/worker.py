@@ -27,6 +27,7 @@ from lb.http.tls import CertSpec
 from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
 from mesh.core.procstats import process_figures, worker_index
+from mesh.core.reportgate import ReportGate
 
 log = logging.getLogger("lb.http.worker")
 
@@ -86,12 +87,16 @@ async def run(args: argparse.Namespace) -> int:
         stopping.set()
 
     async def report() -> None:  # the counters, for the agent's metrics
+        gate = ReportGate()  # an idle worker's unchanged counters go up only now and then
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
+            stats = service.snapshot()
+            if not gate.due((stats, feed.seq), loop.time()):
+                continue
             feed.report(
                 {
                     "http_worker": os.getpid(),
-                    "stats": service.snapshot(),
+                    "stats": stats,
                     "index": index,
                     "process": process_figures(),
                     "seq": feed.seq,

@@ -17,9 +17,6 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from pyroute2.conntrack import AsyncConntrack
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
 from lb.table import Real, VirtualKey
 from mesh.core.netns import entered
 
@@ -84,6 +81,11 @@ class ConntrackFlusher:
                 loop.close()
 
     async def _flush(self, by_key: dict[VirtualKey, set[Real]]) -> int:
+        # pyroute2 on first use: importing it costs ~10 MB, and an agent without sandboxes
+        # (or a kernel load balancer) never needs it.
+        from pyroute2.conntrack import AsyncConntrack
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
         sock = AsyncConntrack()
         deleted = 0
         try:

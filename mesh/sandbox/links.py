@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import errno
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from mesh.sandbox.names import VETH_PREFIX
 
 
@@ -19,6 +16,11 @@ def delete_veth(name: str) -> None:
     """Delete the veth `name` in this thread's namespace; one already gone is fine."""
     if not name.startswith(VETH_PREFIX):
         raise ValueError(f"{name} is not a veth of ours (prefix {VETH_PREFIX})")
+    # pyroute2 on first use: importing it costs ~10 MB, and an agent without sandboxes
+    # (or a kernel load balancer) never needs it.
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:

@@ -28,9 +28,6 @@ import os
 import shutil
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
-
 from mesh.core.netns import CLONE_NEWNET, entered
 from mesh.sandbox.names import NETNS_DIR
 
@@ -59,6 +56,11 @@ class Sandboxes:
 
     def create(self, name: str) -> str:
         """/run/netns/<name> with its loopback up; an existing one is kept (idempotent)."""
+        # pyroute2 on first use: importing it costs ~10 MB, and an agent without
+        # sandboxes never needs it.
+        from pyroute2 import IPRoute
+        from pyroute2 import netns as pyroute2_netns
+
         self._check_ours(name)
         path = self.path(name)
         if not is_netns(path):
@@ -85,6 +87,8 @@ class Sandboxes:
 
     def delete(self, name: str) -> None:
         """Unmount and remove /run/netns/<name> (ours only) and its /etc/netns files."""
+        from pyroute2 import netns as pyroute2_netns  # on first use, as in `create`
+
         self._check_ours(name)
         path = self.path(name)
         if os.path.lexists(path):

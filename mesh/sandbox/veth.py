@@ -24,15 +24,26 @@ import socket
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from mesh.core.netns import entered
 from mesh.sandbox import names
 from mesh.sandbox.driver import DriverError, EndpointPlan
 
 TEMP_PREFIX = "mpt"  # the sandbox end of a veth until it is moved and renamed
 ALIAS_TAG = "meshplane"
+
+
+# pyroute2 is imported on first use: it costs ~10 MB, and an agent without sandboxes
+# never needs it (nothing here runs then).
+def _iproute() -> Any:
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def _netlink_error() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError  # type: ignore[no-any-return]
 
 
 def parse_alias(alias: str | None) -> dict[str, str]:
@@ -54,9 +65,9 @@ def node(node_netns: str | None) -> Iterator[Any]:
     that says what was refused."""
     where = entered(node_netns) if node_netns else contextlib.nullcontext()
     try:
-        with where, IPRoute() as ipr:
+        with where, _iproute() as ipr:
             yield ipr
-    except NetlinkError as error:
+    except _netlink_error() as error:
         raise DriverError(f"the kernel refused: {error}") from error
 
 
@@ -104,7 +115,7 @@ def join(
                 ipr.link("set", index=peer, net_ns_fd=fd)
             finally:
                 os.close(fd)
-        with entered(netns), IPRoute() as inner:
+        with entered(netns), _iproute() as inner:
             _configure_inside(inner, ep, temp, alias, mtu)
     except BaseException:
         if made and index is not None:
@@ -150,7 +161,7 @@ def _configure_inside(ipr: Any, ep: EndpointPlan, temp: str, alias: str, mtu: in
     else:
         for route in ipr.get_default_routes(family=socket.AF_INET):
             if route.get("RTA_OIF") == index:
-                with contextlib.suppress(NetlinkError):
+                with contextlib.suppress(_netlink_error()):
                     ipr.route("del", dst="0.0.0.0/0", oif=index)
 
 
@@ -165,7 +176,7 @@ def _peer_inside(netns: str, ep: EndpointPlan, temp: str, alias: str) -> bool:
             stack.enter_context(entered(netns))
         except OSError as error:
             raise DriverError(f"cannot enter the sandbox {netns}: {error}") from error
-        inner = stack.enter_context(IPRoute())
+        inner = stack.enter_context(_iproute())
         found = False
         for name in (ep.interface, temp):
             index = lookup(inner, name)
@@ -254,6 +265,8 @@ def endpoints_of(
 def delete_link(ipr: Any, index: int) -> None:
     try:
         ipr.link("del", index=index)
-    except NetlinkError as error:
-        if error.code != 19:  # ENODEV: gone already (a peer deleted with its pair)
+    except _netlink_error() as error:
+        if (
+            getattr(error, "code", None) != 19
+        ):  # ENODEV: gone already (a peer deleted with its pair)
             raise

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 
+import lb.accesslog
 from lb.accesslog import (
     AccessLog,
     AccessLogSettings,
@@ -142,6 +144,37 @@ def test_two_writers_append_whole_lines_to_one_file(tmp_path: Path) -> None:
     paths = {json.loads(line)["path"].split("p")[0] for line in lines}
     assert len(paths) == 1000
     assert [log.counters()["access_log_written"] for log in logs] == [500, 500]
+
+
+def _until(condition: object, bound: float = 5.0) -> float:
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() - started < bound, "not within the bound"
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def test_an_idle_writer_parks_and_the_next_entry_wakes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle process's writer stops polling (no wake-ups while nothing is logged), and an
+    entry put while it is parked is still written."""
+    monkeypatch.setattr(lb.accesslog, "POLL_SECONDS", 0.01)
+    path = tmp_path / "access.log"
+    log = AccessLog(AccessLogSettings(str(path), 1.0, "json"))
+    log.start()
+    try:
+        _until(lambda: log.parks == 1)
+        woken = log.wakeups
+        time.sleep(0.3)  # 30 polls' time
+        assert log.wakeups == woken, "a parked writer polled"
+        log.put(_http_entry(path="/after-park"))
+        took = _until(lambda: log.counters()["access_log_written"] == 1)
+        print(f"entry written {took * 1000:.1f} ms after a put to a parked writer")
+        _until(lambda: log.parks == 2)  # and it parks again
+    finally:
+        log.stop()
+    assert json.loads(path.read_text())["path"] == "/after-park"
 
 
 def test_rate_zero_starts_no_writer(tmp_path: Path) -> None:

@@ -425,3 +425,22 @@ def test_edns_version_other_than_0_gets_badvers(world: World, name: str) -> None
     assert (opt.edns_rcode << 4 | parsed.header.rcode) == 16  # BADVERS, RFC 6891 §6.1.3
     assert opt.edns_ver == 0 and not parsed.rr
     assert world.responder.stats["badvers"] == 1 and len(world.responder.cache) == 0
+
+
+def test_ptr_of_an_address_two_tasks_share_and_the_index_after_they_go(world: World) -> None:
+    """Both tasks at one address answer its PTR; once both are removed the reverse index
+    holds nothing for it (an emptied entry used to stay, one per address ever seen)."""
+    index = world.responder.table._tasks_by_address
+    held = len(index)
+    other = world.task("web", "10.2.0.20", {80: 31003})  # db's task holds it already
+    assert len(index) == held
+    both = world.ask("20.0.2.10.in-addr.arpa", "PTR")
+    assert len(both.rr) == 2  # type: ignore[union-attr]
+    world.apply(world.store.remove_task(other, NOW))
+    one = world.ask("20.0.2.10.in-addr.arpa", "PTR")
+    assert len(one.rr) == 1  # type: ignore[union-attr]
+    for task in world.store.tasks():
+        world.apply(world.store.remove_task(task.id, NOW))
+    assert len(index) == 0
+    gone = world.ask("20.0.2.10.in-addr.arpa", "PTR")
+    assert gone.header.rcode == RCODE.NXDOMAIN  # type: ignore[union-attr]

@@ -166,6 +166,34 @@ def test_start_announces_ourselves() -> None:
     assert "Membership a inc=0" in repr(world.core)
 
 
+def _timers(world: Peers, until: float) -> int:
+    fired = 0
+    while (due := world.core.next_timer()) is not None and due <= until:
+        world.now = due
+        world.core.handle_timer(due)
+        world._answer()
+        fired += 1
+    world.now = until
+    return fired
+
+
+def test_an_idle_node_wakes_for_its_probes_not_for_an_empty_gossip_tick() -> None:
+    """Nothing to disseminate: the 200 ms gossip tick slows to half a probe period (it only
+    senses loop stalls then), and a broadcast queued later is gossiped within one tick."""
+    world = Peers("bcd")
+    world.run(30.0)  # the joins' news has had its transmissions: the queue is empty
+    assert len(world.core._outbox) == 0
+    fired = _timers(world, 40.0)
+    print(f"timer wake-ups of an idle node in 10 s: {fired} (gossip tick 0.2 s, probe 1 s)")
+    assert fired <= 10 * 3, fired  # before: 50 gossip ticks, and the probes
+    world.core.broadcast(b"news", key="k")
+    due = world.core.next_timer()
+    assert due is not None and due <= world.now + LAN.gossip_interval  # within one tick
+    before = len(world.sent(User))
+    _timers(world, world.now + LAN.gossip_interval)
+    assert len(world.sent(User)) > before
+
+
 def test_constructor_validates() -> None:
     with pytest.raises(ConfigError):
         Membership(LAN, "", addr("a"), rng=random.Random(), now=0.0)
