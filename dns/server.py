@@ -37,6 +37,7 @@ from dns.cache import FORWARD_MARK
 from dns.querystats import NODE, SANDBOX
 from dns.relay import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
+from dns.reuseport import spread_at_random
 from dns.table import View
 from dns.tcpslots import DEFAULT_MAX_PER_CLIENT, DEFAULT_MAX_TOTAL, TcpSlots
 from dns.wire import FORMERR, REFUSED, SERVFAIL
@@ -318,8 +319,13 @@ class TcpServer:
             await self.server.wait_closed()
 
 
-def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A bound UDP socket; SO_REUSEPORT lets worker processes share the port."""
+def udp_socket(host: str, port: int, reuse_port: bool, reuse_group: int = 0) -> socket.socket:
+    """A bound UDP socket; SO_REUSEPORT lets worker processes share the port.
+
+    `reuse_group`: how many processes share it; their queries are then spread at
+    random (`dns.reuseport`), not by the asker's hash. A kernel that refuses the
+    program leaves the hash, and the listener still serves.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -331,6 +337,11 @@ def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     except OSError:
         sock.close()
         raise
+    if reuse_port and reuse_group > 1:
+        try:
+            spread_at_random(sock, reuse_group)
+        except OSError as exc:
+            event(log, "dns_reuseport_hash_only", logging.WARNING, error=repr(exc))
     sock.setblocking(False)
     return sock
 
@@ -340,7 +351,12 @@ ANY_PORT_TRIES = 20
 
 
 async def serve(
-    responder: Responder, forward: Forward, host: str, port: int, reuse_port: bool = False
+    responder: Responder,
+    forward: Forward,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    reuse_group: int = 0,
 ) -> tuple[UdpServer, TcpServer, int]:
     """Start both listeners on host:port and return them with the port they are bound to.
 
@@ -350,18 +366,23 @@ async def serve(
     """
     for _ in range(ANY_PORT_TRIES - 1 if port == 0 else 0):
         try:
-            return await _serve_on(responder, forward, host, port, reuse_port)
+            return await _serve_on(responder, forward, host, port, reuse_port, reuse_group)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
-    return await _serve_on(responder, forward, host, port, reuse_port)
+    return await _serve_on(responder, forward, host, port, reuse_port, reuse_group)
 
 
 async def _serve_on(
-    responder: Responder, forward: Forward, host: str, port: int, reuse_port: bool
+    responder: Responder,
+    forward: Forward,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    reuse_group: int,
 ) -> tuple[UdpServer, TcpServer, int]:
     loop = asyncio.get_running_loop()
-    sock = udp_socket(host, port, reuse_port)
+    sock = udp_socket(host, port, reuse_port, reuse_group)
     port = sock.getsockname()[1]
     transport, udp = await loop.create_datagram_endpoint(
         lambda: UdpServer(responder, forward), sock=sock
