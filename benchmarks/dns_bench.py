@@ -528,6 +528,8 @@ def all_cores(
             time.sleep(0.1)
         time.sleep(1.0)  # and loaded the feed's snapshot
         check_answers(agent.dns_port, records)
+        pids = process_tree(agent.proc.pid)
+        before = [cpu_seconds([pid]) for pid in pids]
         server = Server(
             f"meshplane, +{workers} worker(s)",
             agent.proc.pid,
@@ -535,6 +537,9 @@ def all_cores(
             note=f"on CPUs {','.join(map(str, cpus))}",
         )
         measure([server], queries, args, work)
+        used = [cpu_seconds([pid]) - spent for pid, spent in zip(pids, before, strict=True)]
+        shares = ", ".join(f"{100 * u / max(1e-9, sum(used)):.0f}%" for u in used)
+        server.note += f"; CPU shares (agent first, then each worker): {shares}"
     return [server.result()]
 
 
