@@ -30,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -331,14 +332,14 @@ class Responder:
     def soa(self, zone: str) -> RR:
         """The SOA record of a mesh zone (`NameTable.zone_of`), stable for a given zone and TTL."""
         ttl = self.config.ttl
-        apex = f"{zone}." if zone else "."
+        apex = wire_labels(zone)
         return RR(
-            apex,
+            DNSLabel(apex),
             QTYPE.SOA,
             ttl=ttl,
             rdata=SOA(
-                f"ns.dns.{apex}",
-                f"hostmaster.{apex}",
+                DNSLabel((b"ns", b"dns", *apex)),
+                DNSLabel((b"hostmaster", *apex)),
                 (SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ttl),
             ),
         )
@@ -386,6 +387,7 @@ class Responder:
 
 
 PARSE = -1
+_ESCAPED = re.compile(r"\\([0-9]{3})")
 
 
 def plain_name(name: DNSLabel) -> bool:
@@ -398,6 +400,20 @@ def plain_name(name: DNSLabel) -> bool:
     return (
         all(len(label) <= MAX_LABEL for label in labels)
         and sum(len(label) + 1 for label in labels) + 1 <= MAX_NAME_OCTETS
+    )
+
+
+def wire_labels(name: str) -> tuple[bytes, ...]:
+    """The labels of a name as dnslib spells it (`str(DNSLabel)`: octets other than
+    letters, digits and hyphen as \\DDD), as octets.
+
+    dnslib's own `DNSLabel(str)` IDNA-encodes the unescaped text and raises on
+    octets such as 0x80, which a zone cut from an asker's name may hold.
+    """
+    return tuple(
+        _ESCAPED.sub(lambda m: chr(int(m[1])), label).encode("latin-1")
+        for label in name.rstrip(".").split(".")
+        if label
     )
 
 
