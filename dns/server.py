@@ -319,13 +319,8 @@ class TcpServer:
             await self.server.wait_closed()
 
 
-def udp_socket(host: str, port: int, reuse_port: bool, reuse_group: int = 0) -> socket.socket:
-    """A bound UDP socket; SO_REUSEPORT lets worker processes share the port.
-
-    `reuse_group`: how many processes share it; their queries are then spread at
-    random (`dns.reuseport`), not by the asker's hash. A kernel that refuses the
-    program leaves the hash, and the listener still serves.
-    """
+def udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound UDP socket; SO_REUSEPORT lets worker processes share the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -337,13 +332,18 @@ def udp_socket(host: str, port: int, reuse_port: bool, reuse_group: int = 0) -> 
     except OSError:
         sock.close()
         raise
-    if reuse_port and reuse_group > 1:
-        try:
-            spread_at_random(sock, reuse_group)
-        except OSError as exc:
-            event(log, "dns_reuseport_hash_only", logging.WARNING, error=repr(exc))
     sock.setblocking(False)
     return sock
+
+
+def spread(sock: socket.socket, reuse_group: int) -> None:
+    """Spread the UDP queries of the `reuse_group` processes sharing the port at random
+    (`dns.reuseport`), not by the asker's hash. A kernel that refuses the program
+    leaves the hash, and the listener still serves."""
+    try:
+        spread_at_random(sock, reuse_group)
+    except OSError as exc:
+        event(log, "dns_reuseport_hash_only", logging.WARNING, error=repr(exc))
 
 
 #: Tries to find a port free for both UDP and TCP when asked for any port (0).
@@ -382,7 +382,9 @@ async def _serve_on(
     reuse_group: int,
 ) -> tuple[UdpServer, TcpServer, int]:
     loop = asyncio.get_running_loop()
-    sock = udp_socket(host, port, reuse_port, reuse_group)
+    sock = udp_socket(host, port, reuse_port)
+    if reuse_port and reuse_group > 1:
+        spread(sock, reuse_group)
     port = sock.getsockname()[1]
     transport, udp = await loop.create_datagram_endpoint(
         lambda: UdpServer(responder, forward), sock=sock
