@@ -14,6 +14,9 @@ Sans-IO. Two paths:
   asker's ID. An answer with several peers (tasks of
   a dnsrr service, tasks.X, SRV) is cached as a few rotations served in turn,
   so each query still gets another order (the shuffle of Swarm, for free).
+- A miss of a plain A query (no EDNS options, plain labels) is built from
+  wire templates (`dns.templates`) without dnslib, byte for byte what the
+  slow path would build, and cached the same way.
 - The slow path parses with dnslib, resolves through the `NameTable`, builds
   the reply and files it in the cache under its *owners*. A change to the
   state drops exactly the replies filed under the owners it touched, so the
