@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import re
 import resource
@@ -268,7 +269,7 @@ class Agent:
 
 @contextmanager
 def mesh_agent(
-    work: Path, cpus: Sequence[int], python: str, workers: int | None
+    work: Path, cpus: Sequence[int], python: str, workers: int | None, repo: Path = REPO
 ) -> Iterator[Agent]:
     api_port, dns_port = free_port(), free_port()
     flags = [
@@ -307,8 +308,8 @@ def mesh_agent(
             argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=repo,
+            env={**os.environ, "PYTHONPATH": str(repo)},
         )
     try:
         if not (wait_for_api(proc, api_port) and answers(dns_port, "tasks.probe")):
@@ -443,6 +444,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "beyond the first, dnsperf's CPU left out)",
     )
     parser.add_argument(
+        "--base-tree",
+        type=Path,
+        default=None,
+        help="another meshplane checkout (e.g. the commit before a change), timed as a "
+        "third one-core server in the same alternating rounds",
+    )
+    parser.add_argument(
         "--python",
         default=sys.executable,
         help="interpreter with meshplane installed (default: this one)",
@@ -476,12 +484,22 @@ def main(argv: Sequence[str]) -> int:
             records = register(agent, args.names)
             notes.append(f"registered {len(records)} services in {time.monotonic() - t0:.1f}s")
             check_answers(agent.dns_port, records)
-            with dnsmasq(work, args.server_cpu, records) as (pid, port):
+            with (
+                dnsmasq(work, args.server_cpu, records) as (pid, port),
+                contextlib.ExitStack() as others,
+            ):
                 check_answers(port, records)
                 servers = [
                     Server("dnsmasq, 1 core", pid, port),
                     Server("meshplane, 1 core", agent.proc.pid, agent.dns_port),
                 ]
+                if args.base_tree is not None:
+                    base = others.enter_context(
+                        mesh_agent(work, [args.server_cpu], args.python, None, args.base_tree)
+                    )
+                    # VIPs go in arrival order: the same names, maybe other addresses
+                    check_answers(base.dns_port, register(base, args.names))
+                    servers.append(Server("base tree, 1 core", base.proc.pid, base.dns_port))
                 measure(servers, queries, args, work)
         results = [server.result() for server in servers]
         results += all_cores(args, work, queries, notes)
@@ -528,6 +546,8 @@ def all_cores(
             time.sleep(0.1)
         time.sleep(1.0)  # and loaded the feed's snapshot
         check_answers(agent.dns_port, records)
+        pids = process_tree(agent.proc.pid)
+        before = [cpu_seconds([pid]) for pid in pids]
         server = Server(
             f"meshplane, +{workers} worker(s)",
             agent.proc.pid,
@@ -535,6 +555,9 @@ def all_cores(
             note=f"on CPUs {','.join(map(str, cpus))}",
         )
         measure([server], queries, args, work)
+        used = [cpu_seconds([pid]) - spent for pid, spent in zip(pids, before, strict=True)]
+        shares = ", ".join(f"{100 * u / max(1e-9, sum(used)):.0f}%" for u in used)
+        server.note += f"; CPU shares (agent first, then each worker): {shares}"
     return [server.result()]
 
 

@@ -14,6 +14,9 @@ Sans-IO. Two paths:
   asker's ID. An answer with several peers (tasks of
   a dnsrr service, tasks.X, SRV) is cached as a few rotations served in turn,
   so each query still gets another order (the shuffle of Swarm, for free).
+- A miss of a plain A query (no EDNS options, plain labels) is built from
+  wire templates (`dns.templates`) without dnslib, byte for byte what the
+  slow path would build, and cached the same way.
 - The slow path parses with dnslib, resolves through the `NameTable`, builds
   the reply and files it in the cache under its *owners*. A change to the
   state drops exactly the replies filed under the owners it touched, so the
@@ -30,11 +33,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from time import perf_counter
+from typing import TypeVar
 
 from dnslib import (
     EDNS0,
@@ -54,6 +59,7 @@ from dns.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, FORWARD_MARK, Key,
 from dns.querystats import QueryStats, slot_of
 from dns.question import MAX_LABEL, MAX_NAME_OCTETS, canonical_query, splice_question
 from dns.table import ALL, Answer, NameTable, View
+from dns.templates import a_record, a_reply, fits, plain_question
 from dns.wire import BADVERS, EDNS_PAYLOAD, FORMERR, NOERROR, NOTIMP, NXDOMAIN, UDP_MIN
 from mesh.core.model import Change
 
@@ -65,6 +71,7 @@ MAX_ROTATIONS = 8
 SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 1, 7200, 1800, 86400
 CLASS_IN, CLASS_ANY = 1, 255
 DEFAULT_CACHE_ENTRIES = DEFAULT_MAX_ENTRIES
+T = TypeVar("T")
 
 
 class Action(Enum):
@@ -193,6 +200,10 @@ class Responder:
         self.stats["cache_misses"] += 1
         self.hit_slot = -1
         self.miss_started = self._clock()
+        if key is not None and canonical is not None:
+            templated = self._from_template(data, canonical, view, key, tcp)
+            if templated is not None:
+                return templated
         problem = _check_header(data)
         if problem != PARSE:
             return self._refuse(data, problem)
@@ -217,6 +228,36 @@ class Responder:
         if isinstance(reply, bytes) and canonical is not None:
             return splice_question(reply, data, canonical[1])
         return reply if isinstance(reply, Action) else data[:2] + reply
+
+    def _from_template(
+        self, data: bytes, canonical: tuple[bytes, int], view: View, key: Key, tcp: bool
+    ) -> bytes | Action | None:
+        """A plain A query answered from wire templates (`dns.templates`), no dnslib.
+
+        None: not one the templates answer (another type, NXDOMAIN or NODATA, EDNS
+        options, a reverse name, ...): the caller takes the full path.
+        """
+        question = plain_question(canonical[0], data, canonical[1], tcp)
+        if question is None or reverse_address(question.name) is not None:
+            return None
+        answer = self.table.lookup(question.name, view)
+        if not answer.found and not answer.mesh_space:
+            self.cache.put(key, FORWARD_MARK, answer.owners)
+            self.stats["forwarded"] += 1
+            return FORWARD
+        if not answer.addresses or not fits(question, len(answer.addresses)):
+            return None  # NODATA, or too long for the asker: the full path (SOA, TC)
+        ttl = self.config.ttl
+        records = {address: a_record(address, ttl) for address in answer.addresses}
+        variants = [
+            a_reply(question, [records[address] for address in addresses])
+            for addresses in self._rotations(answer.addresses, answer.shuffle)
+        ]
+        slot = slot_of(QTYPE.A, NOERROR)
+        served = itertools.cycle([(variant, slot) for variant in variants])
+        self.cache.put(key, served, answer.owners, variants)
+        self.stats["answered"] += 1
+        return splice_question(next(served)[0], data, canonical[1])
 
     def _refuse(self, data: bytes, rcode: int | None) -> bytes | None:
         if rcode is None:
@@ -262,9 +303,12 @@ class Responder:
 
     def _orders(self, answer: Answer, qtype: int) -> list[list[RR]]:
         """The answer records in each order to serve in turn."""
-        records = self._records(answer, qtype)
+        return self._rotations(self._records(answer, qtype), answer.shuffle)
+
+    def _rotations(self, records: list[T], shuffle: bool) -> list[list[T]]:
+        """The orders to serve in turn: each rotation, or a few shuffles of a long list."""
         count = len(records)
-        if not answer.shuffle or count < 2:
+        if not shuffle or count < 2:
             return [records]
         if count <= MAX_ROTATIONS:
             return [records[i:] + records[:i] for i in range(count)]
@@ -291,14 +335,14 @@ class Responder:
     def soa(self, zone: str) -> RR:
         """The SOA record of a mesh zone (`NameTable.zone_of`), stable for a given zone and TTL."""
         ttl = self.config.ttl
-        apex = f"{zone}." if zone else "."
+        apex = wire_labels(zone)
         return RR(
-            apex,
+            DNSLabel(apex),
             QTYPE.SOA,
             ttl=ttl,
             rdata=SOA(
-                f"ns.dns.{apex}",
-                f"hostmaster.{apex}",
+                DNSLabel((b"ns", b"dns", *apex)),
+                DNSLabel((b"hostmaster", *apex)),
                 (SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ttl),
             ),
         )
@@ -346,6 +390,7 @@ class Responder:
 
 
 PARSE = -1
+_ESCAPED = re.compile(r"\\([0-9]{3})")
 
 
 def plain_name(name: DNSLabel) -> bool:
@@ -358,6 +403,20 @@ def plain_name(name: DNSLabel) -> bool:
     return (
         all(len(label) <= MAX_LABEL for label in labels)
         and sum(len(label) + 1 for label in labels) + 1 <= MAX_NAME_OCTETS
+    )
+
+
+def wire_labels(name: str) -> tuple[bytes, ...]:
+    """The labels of a name as dnslib spells it (`str(DNSLabel)`: octets other than
+    letters, digits and hyphen as \\DDD), as octets.
+
+    dnslib's own `DNSLabel(str)` IDNA-encodes the unescaped text and raises on
+    octets such as 0x80, which a zone cut from an asker's name may hold.
+    """
+    return tuple(
+        _ESCAPED.sub(lambda m: chr(int(m[1])), label).encode("latin-1")
+        for label in name.rstrip(".").split(".")
+        if label
     )
 
 

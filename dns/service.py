@@ -41,6 +41,9 @@ class DnsSettings:
     upstreams: tuple[Upstream, ...] | None = None  # None: read /etc/resolv.conf
     upstream_timeout: float = 2.0
     reuse_port: bool = False
+    #: processes sharing the port (the agent and its `--dns-workers`): UDP queries are
+    #: spread over them at random (`dns.reuseport`); 0: by the kernel's hash alone
+    reuse_group: int = 0
     sandbox_check_interval: float = 1.0  # seconds between looks for vanished sandboxes
 
 
@@ -80,6 +83,7 @@ class DnsService:
             self.settings.host,
             self.settings.port,
             self.settings.reuse_port,
+            self.settings.reuse_group,
         )
         event(
             log,

@@ -2,7 +2,8 @@
 
 The agent starts `--dns-workers N` of these. Each binds the DNS address with
 SO_REUSEPORT beside the agent's own listener, so the kernel spreads queries
-over every process (by the asker's address and port), and keeps its own copy
+over every process (UDP at random, `dns.reuseport`; TCP connections by the
+asker's address and port), and keeps its own copy
 of the name table, fed by the agent's change feed over a Unix socket
 (`mesh.feedserver`): a snapshot, then every change. It reports its counters
 back up that socket every second (`{"dns_worker": PID, "stats": {...}}`),
@@ -47,6 +48,7 @@ async def run(args: argparse.Namespace) -> int:
             domain=args.domain,
             upstreams=upstreams,
             reuse_port=True,
+            reuse_group=args.group,
         )
     )
     service.load(records)
@@ -105,6 +107,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ttl", type=int, default=5)
+    parser.add_argument(
+        "--group", type=int, default=0, help="processes sharing the port (UDP spread at random)"
+    )
     parser.add_argument("--domain")
     parser.add_argument("--upstream", action="append", default=[])
     parser.add_argument("--log-level", default="info")

@@ -176,6 +176,8 @@ class DnsWorkers:
             str(self._dns.port),
             "--ttl",
             str(config.dns_ttl),
+            "--group",
+            str(config.dns_workers + 1),  # the agent's listener and every worker's
             "--log-level",
             config.log_level,
         ]
@@ -328,6 +330,7 @@ def build(config: AgentConfig, loaded: persist.Loaded, stopping: Stopping) -> Ag
                 domain=config.dns_domain,
                 upstreams=tuple(Upstream(u.host, u.port) for u in config.dns_upstreams) or None,
                 reuse_port=config.dns_workers > 0,
+                reuse_group=config.dns_workers + 1 if config.dns_workers else 0,
             )
         )
     )

@@ -105,6 +105,33 @@ def test_workers_share_the_port_and_see_every_change(start_agent) -> None:  # ty
         assert addresses(ask(agent, "tasks.web")) == {"127.0.0.1", "127.0.0.3"}
 
 
+def test_one_askers_queries_are_shared_by_every_process(start_agent) -> None:  # type: ignore[no-untyped-def]
+    """Issue 20: one busy asker (one source port) is answered by the agent and its worker.
+
+    Each process serves a dnsrr name's rotations in turn from its own cache, so
+    from one process alone the orders repeat with the rotation's period; from
+    two, picked at random per query (`dns.reuseport`), they do not.
+    """
+    agent = start_agent(extra=["--dns-workers", "1"])
+    deadline = time.monotonic() + 20
+    while agent.log().count("dns_worker_ready") < 1:
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.05)
+    setup_web(agent)
+    query = bytes(DNSRecord.question("tasks.web", "A").pack())
+    orders = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        for _ in range(60):
+            sock.sendto(query, ("127.0.0.1", agent.dns_port))
+            reply = DNSRecord.parse(sock.recv(65535))
+            orders.append(tuple(str(r.rdata) for r in reply.rr if r.rtype == QTYPE.A))
+    assert all(sorted(order) == ["127.0.0.1", "127.0.0.2", "127.0.0.3"] for order in orders)
+    breaks = sum(orders[i + 3] != orders[i] for i in range(len(orders) - 3))
+    print(f"\none source port, 60 queries: the 3-order rotation broke {breaks} times")
+    assert breaks > 0  # one process alone never breaks it: the hash sends it everything
+
+
 def test_dns_port_in_use_fails_the_start_clearly(tmp_path: Path) -> None:
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     holder.bind(("127.0.0.1", 0))
