@@ -330,7 +330,8 @@ _FLAGS: dict[str, str] = {
     "balancers (ADDR[:PORT], port 10256 by default, as kube-proxy's; default: off)",
     "lb-outlier-detection": "on (the default): on the nftables backend, a task that leaves "
     "the SYNs this node sends it unanswered for 0.3 s, and a direct connect too, leaves "
-    "the table until it answers again (docs/load-balancing.md); off: only gossip's verdicts remove it",
+    "the table until it answers again (docs/load-balancing.md); off: only gossip's "
+    "verdicts remove it",
     "fwmark": "the packet-mark bit the nftables load balancer marks the flows it "
     "masquerades with (default 0x1000; 0x2000 and kube-proxy's 0x4000 are other tools'); "
     "the agent refuses to start when another rule on the host uses it",

@@ -573,7 +573,8 @@ class LbHealthOut(_Response):
 
 
 class LbFailoverOut(_Response):
-    """Failover on a suspect node (docs/load-balancing.md): its reals leave the table before the verdict."""
+    """Failover on a suspect node (docs/load-balancing.md): its reals leave the table
+    before the verdict."""
 
     suspects: int  # nodes suspect now
     hidden: list[str]  # nodes whose reals are out of the table now
