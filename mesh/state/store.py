@@ -65,6 +65,7 @@ from mesh.sandbox.names import (
     netns_prefix,
     sandbox_interface,
 )
+from mesh.state.slots import SlotIndex
 from mesh.state.specs import (
     NetworkSpec,
     PortSpec,
@@ -84,6 +85,8 @@ KERNEL_DRIVERS = frozenset({"bridge", "macvlan"})
 SANDBOX_DRIVERS = frozenset({"bridge", "macvlan", "overlay"})
 #: The VXLAN ids a VNI is allocated from (24 bits; ingress has INGRESS_VNI).
 VNI_RANGE = range(INGRESS_VNI + 1, 1 << 24)
+#: What two tasks of one service may not share: address and port map (`Task.endpoint`).
+TaskEndpoint = tuple[str, tuple[tuple[int, int], ...]]
 
 
 def new_id(rng: random.Random) -> str:
@@ -111,6 +114,10 @@ class Store:
         self._records: dict[Kind, dict[str, Record]] = {kind: {} for kind in Kind}
         # Indexes kept in step with every write, so no request scans the state.
         self._tasks_by_service: dict[str, set[str]] = {}
+        # Per service: its tasks' slots, and (address, port map) -> the tasks there, so a
+        # registration finds its slot and its endpoint conflicts without a scan.
+        self._slots: dict[str, SlotIndex] = {}
+        self._endpoints: dict[tuple[str, TaskEndpoint], set[str]] = {}
         self._task_names: dict[str, str] = {}
         # Live networks and services by lower-cased name (names compare as DNS names):
         # usually one key each, two when nodes created `Web` and `web` at one moment.
@@ -719,9 +726,9 @@ class Store:
             raise Invalid("a task needs an address, or a sandbox", code="invalid_address")
         if not 0 <= spec.weight <= MAX_TASK_WEIGHT:
             raise Invalid(f"weight {spec.weight} is not in 0..{MAX_TASK_WEIGHT}")
-        siblings = self.tasks(service=service.name)
         task_id = new_id(self._rng)
-        slot = _lowest_free_slot(t.slot for t in siblings)
+        slots = self._slots.get(service.name)
+        slot = 1 if slots is None else slots.lowest_free()
         name = spec.name or f"{service.name}.{slot}.{task_id}"
         if name.lower() in self._task_names:
             raise Conflict(f"task name {name!r} is in use", code="name_in_use")
@@ -732,14 +739,17 @@ class Store:
         else:
             assert spec.address is not None
             address = _parse_task_address(spec.address)
-        endpoint = endpoint_of(address, spec.ports)
-        for sibling in siblings:
-            if sibling.endpoint() == endpoint:
-                raise Conflict(
-                    f"service {service.name!r} already has task {sibling.name!r} at "
-                    f"{address} with the same ports",
-                    code="endpoint_in_use",
-                )
+        holders = self._endpoints.get((service.name, endpoint_of(address, spec.ports)))
+        if holders:
+            sibling = min(
+                (t for i in holders if isinstance(t := self._records[Kind.TASK][i], Task)),
+                key=lambda t: (t.slot, t.id),
+            )
+            raise Conflict(
+                f"service {service.name!r} already has task {sibling.name!r} at "
+                f"{address} with the same ports",
+                code="endpoint_in_use",
+            )
         task = Task(
             id=task_id,
             name=name,
@@ -973,6 +983,10 @@ class Store:
                         self._aliases[(net, alias.lower())] = record.name
             case Task():
                 self._tasks_by_service.setdefault(record.service, set()).add(record.id)
+                self._slots.setdefault(record.service, SlotIndex()).take(record.slot)
+                self._endpoints.setdefault((record.service, record.endpoint()), set()).add(
+                    record.id
+                )
                 self._task_names[record.name.lower()] = record.id
                 for ep in record.sandbox.endpoints if record.sandbox else ():
                     self._endpoint_holders.setdefault((ep.network, ep.address), set()).add(
@@ -1004,6 +1018,16 @@ class Store:
                             del self._aliases[(net, alias.lower())]
             case Task():
                 self._tasks_by_service.get(record.service, set()).discard(record.id)
+                slots = self._slots.get(record.service)
+                if slots is not None:
+                    slots.release(record.slot)
+                    if not slots:
+                        del self._slots[record.service]
+                at = (record.service, record.endpoint())
+                sharing = self._endpoints.get(at, set())
+                sharing.discard(record.id)
+                if not sharing:
+                    self._endpoints.pop(at, None)
                 if self._task_names.get(record.name.lower()) == record.id:
                     del self._task_names[record.name.lower()]
                 for ep in record.sandbox.endpoints if record.sandbox else ():
@@ -1190,14 +1214,6 @@ def _check_health_port(check: HealthCheck | None, ports: tuple[PortConfig, ...])
             f"a {check.type} health check needs a port: give health_check.port, "
             "or publish a port (its target port is checked)"
         )
-
-
-def _lowest_free_slot(used: Iterable[int]) -> int:
-    taken = set(used)
-    slot = 1
-    while slot in taken:
-        slot += 1
-    return slot
 
 
 def _parse_task_address(text: str) -> str:

@@ -139,6 +139,28 @@ def test_same_address_other_ports_is_another_task() -> None:
     assert one.health is Health.HEALTHY  # no check: healthy once registered
 
 
+def test_slots_and_endpoints_follow_removals_and_merges_without_a_scan() -> None:
+    """The slot and endpoint indexes (O(1) registration) see what a scan of the
+    service's tasks would: removed tasks free both, a peer's task holds both."""
+    store, peer = make_store("n1"), make_store("n2")
+    web(store)
+    peer.merge(store.service("web"))
+    one, two, three = (task(store, address=f"192.0.2.{i}") for i in (1, 2, 3))
+    assert (one.slot, two.slot, three.slot) == (1, 2, 3)
+    store.remove_task(two.id, NOW + 1)
+    again = task(store, address="192.0.2.2")  # its endpoint and its slot are free again
+    assert again.slot == 2
+    theirs = peer.add_task(TaskSpec(service="web", address="192.0.2.9"), NOW)[-1].after
+    assert isinstance(theirs, Task) and theirs.slot == 1
+    store.merge(dataclasses.replace(theirs, slot=4))  # a peer's task at slot 4, 192.0.2.9
+    assert task(store, address="192.0.2.5").slot == 5
+    with pytest.raises(Conflict, match=f"already has task {theirs.name!r}") as info:
+        task(store, address="192.0.2.9")
+    assert info.value.code == "endpoint_in_use"
+    store.merge(dataclasses.replace(theirs, slot=4, deleted=True, version=Version(10**6, "n2")))
+    assert task(store, address="192.0.2.9").slot == 4
+
+
 def test_task_of_checked_service_starts_as_starting() -> None:
     store = make_store()
     web(store, ports=(PortSpec(target_port=80),), health_check=HealthCheck(type="http"))
