@@ -44,6 +44,7 @@ from mesh.core.model import (
     Version,
     Vip,
     endpoint_of,
+    version_hash,
     vni_of,
 )
 from mesh.errors import Conflict, Invalid, NotFound
@@ -128,6 +129,10 @@ class Store:
         # Every live task's (service, slot, id), sorted: the order of the task lists, kept
         # by bisection (a memmove in C per change), so a list or a page of it needs no sort.
         self._task_order: list[TaskKey] = []
+        # The state digest's XOR of live records' version hashes, and their count, kept
+        # with every write (mesh.digest): announcing it no longer rehashes every record.
+        self._digest_acc = 0
+        self._digest_count = 0
         self._task_names: dict[str, str] = {}
         # Live networks and services by lower-cased name (names compare as DNS names):
         # usually one key each, two when nodes created `Web` and `web` at one moment.
@@ -200,6 +205,10 @@ class Store:
             task = records[key[2]]
             if isinstance(task, Task) and (node is None or task.node == node):
                 yield task
+
+    def digest_terms(self) -> tuple[int, int]:
+        """(XOR of the live records' `version_hash`, how many): `mesh.digest.digest_from`."""
+        return self._digest_acc, self._digest_count
 
     def get_task(self, task_id: str) -> Task | None:
         record = self.get(Kind.TASK, task_id)
@@ -963,10 +972,16 @@ class Store:
         return Change(kind, record.key, before, record)
 
     def _put(self, record: Record) -> None:
-        self._unindex(self._records[KIND_OF[type(record)]].get(record.key))
+        before = self._records[KIND_OF[type(record)]].get(record.key)
+        if before is not None and not before.deleted:
+            self._digest_acc ^= version_hash(before)
+            self._digest_count -= 1
+        self._unindex(before)
         self._records[KIND_OF[type(record)]][record.key] = record
         if record.deleted:
             return
+        self._digest_acc ^= version_hash(record)
+        self._digest_count += 1
         match record:
             case Network():
                 self._folded[Kind.NETWORK].setdefault(record.key.lower(), set()).add(record.key)
