@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -41,21 +42,39 @@ class _Bucket:
     """The entries sent a given number of times, in place order, with their places apart
     so that bisect compares plain tuples."""
 
-    __slots__ = ("entries", "places")
+    __slots__ = ("_oldest", "_orders", "entries", "places")
 
     def __init__(self) -> None:
         self.places: list[tuple[int, int]] = []
         self.entries: list[_Entry] = []
+        # (order, entry), a min-heap, for the full queue's drop (the oldest of the most
+        # sent): entries that left are skipped when read, and the heap rebuilt when they
+        # outnumber the others, so a push into a full queue is not a scan of it
+        self._oldest: list[tuple[int, _Entry]] = []
+        self._orders: set[int] = set()
 
     def add(self, entry: _Entry) -> None:
         i = bisect.bisect_left(self.places, entry.place)
         self.places.insert(i, entry.place)
         self.entries.insert(i, entry)
+        self._orders.add(entry.order)
+        heapq.heappush(self._oldest, (entry.order, entry))
 
     def remove(self, entry: _Entry) -> None:
         i = bisect.bisect_left(self.places, entry.place)  # places are unique (orders are)
         del self.places[i]
         del self.entries[i]
+        self._orders.discard(entry.order)
+        if len(self._oldest) > 2 * len(self.entries) + 64:
+            self._oldest = [(e.order, e) for e in self.entries]
+            heapq.heapify(self._oldest)
+
+    def oldest(self) -> _Entry:
+        """The entry queued first (lowest order) of this bucket, which is not empty."""
+        heap = self._oldest
+        while heap[0][0] not in self._orders:
+            heapq.heappop(heap)
+        return heap[0][1]
 
 
 class BroadcastQueue:
@@ -91,7 +110,8 @@ class BroadcastQueue:
         self._entries[key] = entry
         self._bucket(entry)
         if len(self._entries) > self.max_depth:
-            worst = max(self._entries.values(), key=lambda e: (e.transmits, -e.order))
+            # the most sent, then the oldest: max(transmits, -order) without a scan
+            worst = self._buckets[max(self._buckets)].oldest()
             del self._entries[worst.key]
             self._unbucket(worst)
             self.dropped += 1

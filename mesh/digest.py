@@ -19,12 +19,11 @@ which is what `mesh doctor` compares with the local digest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mesh.core.model import KIND_OF, Record
+from mesh.core.model import Record, version_hash
 
 ANNOUNCE_INTERVAL = 2.0
 REFRESH_INTERVAL = 10.0
@@ -48,17 +47,21 @@ class Digest:
 
 
 def digest_of(records: Iterable[Record]) -> Digest:
+    """The digest of `records`, hashed from scratch (the store keeps its own up to date:
+    `Store.digest_terms`, which this must equal)."""
     acc = 0
     count = 0
     for record in records:
         if record.deleted:
             continue
-        identity = (
-            f"{KIND_OF[type(record)].value}\0{record.key}\0"
-            f"{record.version.clock}\0{record.version.node}"
-        ).encode()
-        acc ^= int.from_bytes(hashlib.blake2b(identity, digest_size=16).digest(), "big")
+        acc ^= version_hash(record)
         count += 1
+    return Digest(f"{acc:032x}", count)
+
+
+def digest_from(terms: tuple[int, int]) -> Digest:
+    """The digest from an XOR of `version_hash` terms and their count."""
+    acc, count = terms
     return Digest(f"{acc:032x}", count)
 
 

@@ -45,23 +45,30 @@ class Pool:
         #: open connections (or UDP flows) per real, draining ones included
         self.active: dict[Real, int] = {}
         self._ready: list[Real] = []  # weight > 0, in a stable order
+        # Set when the reals change; `_ready` is sorted again at the next pick, so a burst
+        # of 10,000 registrations costs one sort, not one per registration.
+        self._stale = False
         self._next = 0
         self._current: dict[Real, int] = {}  # smooth weighted round robin's running scores
 
     def __repr__(self) -> str:
-        return f"<Pool {self.scheduler} ready={len(self._ready)} of {len(self.weights)}>"
+        return f"<Pool {self.scheduler} ready={self.ready} of {len(self.weights)}>"
 
     def set(self, real: Real, weight: int) -> None:
         if self.weights.get(real) == weight:
             return
         self.weights[real] = weight
-        self._rebuild()
+        self._mark_stale()
 
     def remove(self, real: Real) -> None:
         if self.weights.pop(real, None) is not None:
-            self._rebuild()
+            self._mark_stale()
 
-    def _rebuild(self) -> None:
+    def _mark_stale(self) -> None:
+        self._stale = True
+
+    def _refresh(self) -> None:
+        self._stale = False
         self._ready = sorted(r for r, w in self.weights.items() if w > 0)
         # Smooth weighted round robin starts a new cycle from zero scores: every run of
         # sum(weights) picks from here gives each real exactly its weight.
@@ -80,6 +87,8 @@ class Pool:
     @property
     def ready(self) -> int:
         """How many reals take new connections."""
+        if self._stale:
+            self._refresh()
         return len(self._ready)
 
     def pick(
@@ -93,6 +102,8 @@ class Pool:
         `client` (address, port) is what Maglev hashes and affinity remembers;
         `now` (monotonic seconds) is the affinity table's clock.
         """
+        if self._stale:
+            self._refresh()
         if not self._ready:
             return None
         if self.affinity and client is not None:

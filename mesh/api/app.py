@@ -162,14 +162,14 @@ def answer_list(
 ) -> web.Response:
     """A JSON array of `model`: models, or dicts in its shape validated by it here, all
     in one call (a thousand tasks cost one pass, not a thousand)."""
-    adapter = _list_adapter(model)
+    adapter = list_adapter(model)
     return _json(
         adapter.dump_json(adapter.validate_python(list(items)), exclude_unset=True), status
     )
 
 
 @functools.cache
-def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+def list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
     return TypeAdapter(list[model])  # type: ignore[valid-type]
 
 

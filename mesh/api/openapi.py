@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from mesh.api import models as m
+from mesh.api.paging import MAX_CURSOR, MAX_LIMIT
 from mesh.api.table import ROUTES, Route
 
 Json = dict[str, Any]
@@ -65,7 +66,35 @@ def _success(route: Route) -> Json:
         if route.many:
             schema = {"type": "array", "items": schema}
         success["content"] = {"application/json": {"schema": schema}}
+    if route.paged:
+        success["headers"] = {
+            "Link": {
+                "description": 'with `limit`, when more follow: `<URL>; rel="next"`, the '
+                "URL of the next page (the same query with `after` set)",
+                "schema": {"type": "string"},
+            }
+        }
     return success
+
+
+#: The query of a paged list (mesh.api.paging; docs/api.md, "Pages").
+_PAGE_QUERY: tuple[Json, ...] = (
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": "at most this many items, in the list's stable order; the "
+        "answer's Link header names the next page (without it: the whole list)",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "required": False,
+        "description": "the cursor of the Link header: the items after the previous page",
+        "schema": {"type": "string", "maxLength": MAX_CURSOR, "pattern": "^[A-Za-z0-9_-]*$"},
+    },
+)
 
 
 def _operation(route: Route) -> Json:
@@ -73,6 +102,8 @@ def _operation(route: Route) -> Json:
     error_content = {"application/json": {"schema": _ref(m.ErrorOut)}}
     # Every method but GET needs a write token: a read token's request is a 403.
     statuses = set(route.errors) | {401} | ({403, 503} if route.changes else set())
+    if route.paged:
+        statuses.add(422)  # a bad limit or cursor
     for code in sorted(statuses):
         responses[str(code)] = {"description": _ERROR_TEXT[code], "content": error_content}
     for code in route.also_answer:
@@ -88,6 +119,8 @@ def _operation(route: Route) -> Json:
         if p.startswith("{")
     ]
     parameters += route.query
+    if route.paged:
+        parameters += _PAGE_QUERY
     if parameters:
         operation["parameters"] = parameters
     if route.body is not None:

@@ -6,10 +6,17 @@ Each handler is a few lines: the rules live in the store, the shapes in
 
 from __future__ import annotations
 
-from aiohttp import web
+import bisect
+import itertools
+import operator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
-from mesh.api import convert
-from mesh.api.app import DEPS, answer, answer_list, read_model
+from aiohttp import web
+from pydantic import BaseModel
+
+from mesh.api import convert, paging
+from mesh.api.app import DEPS, answer, read_model
 from mesh.api.models import (
     NODE_STATUSES,
     AgentOut,
@@ -34,7 +41,9 @@ from mesh.control import Control
 from mesh.core.model import Health, Kind, Network, Service, Task
 from mesh.errors import Conflict, Invalid, NotFound, SandboxFailed, needs_privileges
 from mesh.sandbox import esp
-from mesh.state.store import KERNEL_DRIVERS
+from mesh.state.store import KERNEL_DRIVERS, task_key
+
+R = TypeVar("R")
 
 
 def _control(request: web.Request) -> Control:
@@ -45,8 +54,11 @@ def _task_out(request: web.Request, task: Task) -> TaskOut:
     return convert.task_model(task, request.app[DEPS].node_status()(task.node))
 
 
-def _tasks_out(request: web.Request, tasks: list[Task]) -> web.Response:
-    """Tasks with their node's status, only those of `?node_status=` (comma-separated)."""
+async def _tasks_out(
+    request: web.Request, service: str | None = None, node: str | None = None
+) -> web.StreamResponse:
+    """Tasks with their node's status, only those of `?node_status=` (comma-separated),
+    a page of them with `?limit=` and `?after=` (docs/api.md)."""
     status_of = request.app[DEPS].node_status()
     wanted: set[str] | None = None
     text = request.query.get("node_status")
@@ -58,12 +70,24 @@ def _tasks_out(request: web.Request, tasks: list[Task]) -> web.Response:
                 f"node_status {unknown[0]!r} is not one of "
                 f"{', '.join(NODE_STATUSES)} (several: comma-separated)"
             )
-    found = []
-    for task in tasks:
-        status = status_of(task.node)
-        if wanted is None or status in wanted:
-            found.append(convert.task_fields(task, status))
-    return answer_list(TaskOut, found)
+    limit = paging.limit_of(request)
+    after = paging.after_of(request, (str, int, str))
+    store = _control(request).store
+
+    def rows() -> Iterator[tuple[Task, str]]:
+        for task in store.iter_tasks(service=service, node=node, after=after):
+            status = status_of(task.node)
+            if wanted is None or status in wanted:
+                yield task, status
+
+    return await paging.answer_rows(
+        request,
+        TaskOut,
+        rows(),
+        lambda row: convert.task_fields(*row),
+        lambda row: task_key(row[0]),
+        limit,
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -78,8 +102,10 @@ async def agent_info(request: web.Request) -> web.Response:
     )
 
 
-async def members(request: web.Request) -> web.Response:
-    return answer_list(MemberOut, request.app[DEPS].members())
+async def members(request: web.Request) -> web.StreamResponse:
+    return await _by_name(
+        request, MemberOut, request.app[DEPS].members(), lambda m: m, operator.itemgetter("name")
+    )
 
 
 # -- networks ------------------------------------------------------------------
@@ -105,9 +131,26 @@ async def create_network(request: web.Request) -> web.Response:
     return answer(convert.network_model(created), status=201)
 
 
-async def list_networks(request: web.Request) -> web.Response:
-    networks = _control(request).store.networks()
-    return answer_list(NetworkOut, [convert.network_fields(n) for n in networks])
+async def list_networks(request: web.Request) -> web.StreamResponse:
+    return await _by_name(
+        request, NetworkOut, _control(request).store.networks(), convert.network_fields
+    )
+
+
+def _by_name(
+    request: web.Request,
+    model: type[BaseModel],
+    records: list[R],
+    fields: Callable[[R], dict[str, Any]],
+    name: Callable[[R], str] = operator.attrgetter("name"),
+) -> Awaitable[web.StreamResponse]:
+    """A list sorted by name (networks, services, members), paged by name."""
+    limit = paging.limit_of(request)
+    after = paging.after_of(request, (str,))
+    start = 0 if after is None else bisect.bisect_right(records, after[0], key=name)
+    return paging.answer_rows(
+        request, model, itertools.islice(records, start, None), fields, lambda r: (name(r),), limit
+    )
 
 
 async def get_network(request: web.Request) -> web.Response:
@@ -135,12 +178,14 @@ async def create_service(request: web.Request) -> web.Response:
     return answer(convert.service_model(created, problems), status=201)
 
 
-async def list_services(request: web.Request) -> web.Response:
+async def list_services(request: web.Request) -> web.StreamResponse:
     services = _control(request).store.services()
-    deps = request.app[DEPS]
-    problems = deps.problems()
-    return answer_list(
-        ServiceOut, [convert.service_fields(s, problems.get(s.name, ())) for s in services]
+    problems = request.app[DEPS].problems()
+    return await _by_name(
+        request,
+        ServiceOut,
+        services,
+        lambda s: convert.service_fields(s, problems.get(s.name, ())),
     )
 
 
@@ -208,16 +253,15 @@ async def create_task(request: web.Request) -> web.Response:
     return answer(_task_out(request, created), status=201)
 
 
-async def list_service_tasks(request: web.Request) -> web.Response:
-    store = _control(request).store
-    service = store.service(request.match_info["name"])
-    return _tasks_out(request, store.tasks(service=service.name))
+async def list_service_tasks(request: web.Request) -> web.StreamResponse:
+    service = _control(request).store.service(request.match_info["name"])
+    return await _tasks_out(request, service=service.name)
 
 
-async def list_tasks(request: web.Request) -> web.Response:
-    store = _control(request).store
-    tasks = store.tasks(service=request.query.get("service"), node=request.query.get("node"))
-    return _tasks_out(request, tasks)
+async def list_tasks(request: web.Request) -> web.StreamResponse:
+    return await _tasks_out(
+        request, service=request.query.get("service"), node=request.query.get("node")
+    )
 
 
 async def get_task(request: web.Request) -> web.Response:

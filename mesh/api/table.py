@@ -39,6 +39,8 @@ class Route:
     operation_id: str | None = None  # default: from the method and path
     #: statuses besides `status` that answer the success model too (a health check's 503)
     also_answer: tuple[int, ...] = ()
+    #: the list takes `?limit=` and `?after=` and answers a page (mesh.api.paging)
+    paged: bool = False
 
     @property
     def changes(self) -> bool:
@@ -152,6 +154,7 @@ ROUTES: tuple[Route, ...] = (
         "The cluster as this node sees it",
         answer=m.MemberOut,
         many=True,
+        paged=True,
     ),
     Route(
         "post",
@@ -164,7 +167,13 @@ ROUTES: tuple[Route, ...] = (
         errors=_WRITE_ERRORS,
     ),
     Route(
-        "get", "/v1/networks", routes.list_networks, "List networks", answer=m.NetworkOut, many=True
+        "get",
+        "/v1/networks",
+        routes.list_networks,
+        "List networks",
+        answer=m.NetworkOut,
+        many=True,
+        paged=True,
     ),
     Route(
         "get",
@@ -193,7 +202,13 @@ ROUTES: tuple[Route, ...] = (
         errors=_WRITE_ERRORS,
     ),
     Route(
-        "get", "/v1/services", routes.list_services, "List services", answer=m.ServiceOut, many=True
+        "get",
+        "/v1/services",
+        routes.list_services,
+        "List services",
+        answer=m.ServiceOut,
+        many=True,
+        paged=True,
     ),
     Route(
         "get",
@@ -244,6 +259,7 @@ ROUTES: tuple[Route, ...] = (
         "List a service's tasks",
         answer=m.TaskOut,
         many=True,
+        paged=True,
         errors=(404, 422),
         query=(_NODE_STATUS_QUERY,),
     ),
@@ -254,6 +270,7 @@ ROUTES: tuple[Route, ...] = (
         "List tasks",
         answer=m.TaskOut,
         many=True,
+        paged=True,
         errors=(422,),
         query=(_param("service"), _param("node"), _NODE_STATUS_QUERY),
     ),

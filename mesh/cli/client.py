@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ DEFAULT_API = f"127.0.0.1:{DEFAULT_PORT}"
 TIMEOUT = 30.0  # seconds; a local agent answers in milliseconds
 #: a stream's reads: the agent sends a keep-alive every 15 s, so silence this long is a loss
 STREAM_TIMEOUT = 45.0
+#: items per request when a command reads a whole list (`mesh task ls`): the agent's
+#: pages (mesh.api.paging; at most 1,000) keep each answer, and each pause, short
+PAGE_SIZE = 500
 
 JsonObject = dict[str, Any]
 
@@ -160,10 +164,37 @@ class Client:
         query: dict[str, str] | None = None,
     ) -> Any:
         """Send one request; the decoded JSON answer, or None for an empty one."""
-        req = self._build(method, path, body, query)
+        return self._send(self._build(method, path, body, query))[0]
+
+    def get_all(
+        self, path: str, query: dict[str, str] | None = None, page: int = PAGE_SIZE
+    ) -> list[Any]:
+        """Every item of a list endpoint, fetched `page` at a time: `?limit=` and then the
+        `after` of each answer's `Link: <...>; rel="next"` until there is none (docs/api.md,
+        "Pages"). An agent that pages nothing answers the whole list to the first request,
+        with no Link, so this works with it too."""
+        items: list[Any] = []
+        after: str | None = None
+        seen: set[str] = set()
+        while True:
+            asked = {**(query or {}), "limit": str(page)}
+            if after is not None:
+                asked["after"] = after
+            body, headers = self._send(self._build("GET", path, None, asked))
+            if not isinstance(body, list):
+                raise CliError(f"the agent answered GET {path} with something that is not a list")
+            items.extend(body)
+            after = next_cursor(headers.get_all("Link") or [])
+            if after is None:
+                return items
+            if after in seen:  # a cursor that goes round: never loop on it
+                raise CliError(f"the agent's pages of {path} go round in a circle")
+            seen.add(after)
+
+    def _send(self, req: urllib.request.Request) -> tuple[Any, Message]:
         try:
             with self._opener.open(req, timeout=self._timeout) as resp:
-                return _decode(resp.read())
+                return _decode(resp.read()), resp.headers
         except urllib.error.HTTPError as exc:
             raise _api_error(exc) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
@@ -216,6 +247,24 @@ class Client:
         return Unreachable(
             f"cannot reach the agent at {display_address(self.url)}: {reason or type(exc).__name__}"
         )
+
+
+def next_cursor(links: list[str]) -> str | None:
+    """The `after` of the `rel="next"` target among Link header values (RFC 8288), if any."""
+    for value in links:
+        for link in value.split(","):
+            target, _, params = link.partition(";")
+            rels = {
+                p.strip().removeprefix("rel=").strip('"')
+                for p in params.split(";")
+                if p.strip().startswith("rel=")
+            }
+            if "next" in rels and target.strip().startswith("<") and target.strip().endswith(">"):
+                query = urllib.parse.urlsplit(target.strip()[1:-1]).query
+                found = urllib.parse.parse_qs(query).get("after")
+                if found:
+                    return found[-1]
+    return None
 
 
 def _decode(raw: bytes) -> Any:

@@ -71,7 +71,9 @@ def _dns(ctx: Context, args: argparse.Namespace) -> int:
 
 def _gossip(ctx: Context, args: argparse.Namespace) -> int:
     stats = ctx.client.get("/v1/gossip")
-    members = sorted(json_objects(ctx.client.get("/v1/members")), key=lambda m: text(m.get("name")))
+    members = sorted(
+        json_objects(ctx.client.get_all("/v1/members")), key=lambda m: text(m.get("name"))
+    )
     if not isinstance(stats, dict):
         raise CliError("the agent answered something other than gossip counters")
     if ctx.json:

@@ -33,7 +33,9 @@ def row(member: JsonObject) -> list[str]:
 
 
 def _members(ctx: Context, args: argparse.Namespace) -> int:
-    members = sorted(json_objects(ctx.client.get("/v1/members")), key=lambda m: text(m.get("name")))
+    members = sorted(
+        json_objects(ctx.client.get_all("/v1/members")), key=lambda m: text(m.get("name"))
+    )
     if ctx.json:
         ctx.emit_json(members)
     else:

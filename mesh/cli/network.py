@@ -125,7 +125,7 @@ def _create(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _ls(ctx: Context, args: argparse.Namespace) -> int:
-    networks = json_objects(ctx.client.get("/v1/networks"))
+    networks = json_objects(ctx.client.get_all("/v1/networks"))
     if ctx.json:
         ctx.emit_json(networks)
     else:

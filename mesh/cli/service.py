@@ -261,11 +261,11 @@ def _create(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _ls(ctx: Context, args: argparse.Namespace) -> int:
-    services = json_objects(ctx.client.get("/v1/services"))
+    services = json_objects(ctx.client.get_all("/v1/services"))
     if ctx.json:
         ctx.emit_json(services)
         return 0
-    counts = task_counts(json_objects(ctx.client.get("/v1/tasks")))
+    counts = task_counts(json_objects(ctx.client.get_all("/v1/tasks")))
     ctx.emit_table(HEADERS, [row(s, counts) for s in services])
     return 0
 

@@ -184,7 +184,7 @@ def find_task(ctx: Context, ref: str) -> JsonObject:
     except ApiError as exc:
         if exc.status != 404 or not ref:
             raise
-        found = match_task(json_objects(ctx.client.get("/v1/tasks")), ref)
+        found = match_task(json_objects(ctx.client.get_all("/v1/tasks")), ref)
         if found is None:
             raise
         return found
@@ -281,7 +281,7 @@ def _ls(ctx: Context, args: argparse.Namespace) -> int:
         )
         if v
     }
-    tasks = json_objects(ctx.client.get("/v1/tasks", query))
+    tasks = json_objects(ctx.client.get_all("/v1/tasks", query))
     if ctx.json:
         ctx.emit_json(tasks)
     else:

@@ -14,6 +14,7 @@ what the API, DNS and the CLI address), tasks by id.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -262,6 +263,16 @@ KIND_OF: dict[type[Record], Kind] = {
     Task: Kind.TASK,
     Node: Kind.NODE,
 }
+
+
+def version_hash(record: Record) -> int:
+    """A 128-bit BLAKE2b hash of a record's identity and version (kind, key, Lamport clock,
+    writer): the term of the state digest (mesh.digest) that the store keeps up to date."""
+    identity = (
+        f"{KIND_OF[type(record)].value}\0{record.key}\0"
+        f"{record.version.clock}\0{record.version.node}"
+    ).encode()
+    return int.from_bytes(hashlib.blake2b(identity, digest_size=16).digest(), "big")
 
 
 def vni_of(network: Network) -> int:

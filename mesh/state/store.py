@@ -15,6 +15,7 @@ version is newer: last writer wins, ties broken by node name.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -43,6 +44,7 @@ from mesh.core.model import (
     Version,
     Vip,
     endpoint_of,
+    version_hash,
     vni_of,
 )
 from mesh.errors import Conflict, Invalid, NotFound
@@ -65,6 +67,7 @@ from mesh.sandbox.names import (
     netns_prefix,
     sandbox_interface,
 )
+from mesh.state.slots import SlotIndex
 from mesh.state.specs import (
     NetworkSpec,
     PortSpec,
@@ -84,6 +87,14 @@ KERNEL_DRIVERS = frozenset({"bridge", "macvlan"})
 SANDBOX_DRIVERS = frozenset({"bridge", "macvlan", "overlay"})
 #: The VXLAN ids a VNI is allocated from (24 bits; ingress has INGRESS_VNI).
 VNI_RANGE = range(INGRESS_VNI + 1, 1 << 24)
+#: What two tasks of one service may not share: address and port map (`Task.endpoint`).
+TaskEndpoint = tuple[str, tuple[tuple[int, int], ...]]
+#: Where a task sorts in the task lists, and what a page's cursor holds.
+TaskKey = tuple[str, int, str]
+
+
+def task_key(task: Task) -> TaskKey:
+    return (task.service, task.slot, task.id)
 
 
 def new_id(rng: random.Random) -> str:
@@ -111,6 +122,17 @@ class Store:
         self._records: dict[Kind, dict[str, Record]] = {kind: {} for kind in Kind}
         # Indexes kept in step with every write, so no request scans the state.
         self._tasks_by_service: dict[str, set[str]] = {}
+        # Per service: its tasks' slots, and (address, port map) -> the tasks there, so a
+        # registration finds its slot and its endpoint conflicts without a scan.
+        self._slots: dict[str, SlotIndex] = {}
+        self._endpoints: dict[tuple[str, TaskEndpoint], set[str]] = {}
+        # Every live task's (service, slot, id), sorted: the order of the task lists, kept
+        # by bisection (a memmove in C per change), so a list or a page of it needs no sort.
+        self._task_order: list[TaskKey] = []
+        # The state digest's XOR of live records' version hashes, and their count, kept
+        # with every write (mesh.digest): announcing it no longer rehashes every record.
+        self._digest_acc = 0
+        self._digest_count = 0
         self._task_names: dict[str, str] = {}
         # Live networks and services by lower-cased name (names compare as DNS names):
         # usually one key each, two when nodes created `Web` and `web` at one moment.
@@ -161,15 +183,32 @@ class Store:
         )
 
     def tasks(self, service: str | None = None, node: str | None = None) -> list[Task]:
+        """Live tasks by (service, slot, id), of `service` and on `node` when given."""
+        return list(self.iter_tasks(service=service, node=node))
+
+    def iter_tasks(
+        self, service: str | None = None, node: str | None = None, after: TaskKey | None = None
+    ) -> Iterator[Task]:
+        """Live tasks in the order of `tasks`, from just after `after` (a `task_key`): a
+        page is a slice of this, found by bisection. Not to be held across a change."""
+        order = self._task_order
+        start = 0
+        if after is not None:
+            start = bisect.bisect_right(order, after)
         if service is not None:
-            ids = self._tasks_by_service.get(service, set())
-            found = [r for i in ids if isinstance(r := self._records[Kind.TASK][i], Task)]
-        else:
-            found = [r for r in self.live(Kind.TASK) if isinstance(r, Task)]
-        return sorted(
-            (t for t in found if not t.deleted and (node is None or t.node == node)),
-            key=lambda t: (t.service, t.slot, t.id),
-        )
+            start = max(start, bisect.bisect_left(order, service, key=lambda k: k[0]))
+        records = self._records[Kind.TASK]
+        for index in range(start, len(order)):
+            key = order[index]
+            if service is not None and key[0] != service:
+                return
+            task = records[key[2]]
+            if isinstance(task, Task) and (node is None or task.node == node):
+                yield task
+
+    def digest_terms(self) -> tuple[int, int]:
+        """(XOR of the live records' `version_hash`, how many): `mesh.digest.digest_from`."""
+        return self._digest_acc, self._digest_count
 
     def get_task(self, task_id: str) -> Task | None:
         record = self.get(Kind.TASK, task_id)
@@ -719,9 +758,9 @@ class Store:
             raise Invalid("a task needs an address, or a sandbox", code="invalid_address")
         if not 0 <= spec.weight <= MAX_TASK_WEIGHT:
             raise Invalid(f"weight {spec.weight} is not in 0..{MAX_TASK_WEIGHT}")
-        siblings = self.tasks(service=service.name)
         task_id = new_id(self._rng)
-        slot = _lowest_free_slot(t.slot for t in siblings)
+        slots = self._slots.get(service.name)
+        slot = 1 if slots is None else slots.lowest_free()
         name = spec.name or f"{service.name}.{slot}.{task_id}"
         if name.lower() in self._task_names:
             raise Conflict(f"task name {name!r} is in use", code="name_in_use")
@@ -732,14 +771,17 @@ class Store:
         else:
             assert spec.address is not None
             address = _parse_task_address(spec.address)
-        endpoint = endpoint_of(address, spec.ports)
-        for sibling in siblings:
-            if sibling.endpoint() == endpoint:
-                raise Conflict(
-                    f"service {service.name!r} already has task {sibling.name!r} at "
-                    f"{address} with the same ports",
-                    code="endpoint_in_use",
-                )
+        holders = self._endpoints.get((service.name, endpoint_of(address, spec.ports)))
+        if holders:
+            sibling = min(
+                (t for i in holders if isinstance(t := self._records[Kind.TASK][i], Task)),
+                key=lambda t: (t.slot, t.id),
+            )
+            raise Conflict(
+                f"service {service.name!r} already has task {sibling.name!r} at "
+                f"{address} with the same ports",
+                code="endpoint_in_use",
+            )
         task = Task(
             id=task_id,
             name=name,
@@ -930,10 +972,16 @@ class Store:
         return Change(kind, record.key, before, record)
 
     def _put(self, record: Record) -> None:
-        self._unindex(self._records[KIND_OF[type(record)]].get(record.key))
+        before = self._records[KIND_OF[type(record)]].get(record.key)
+        if before is not None and not before.deleted:
+            self._digest_acc ^= version_hash(before)
+            self._digest_count -= 1
+        self._unindex(before)
         self._records[KIND_OF[type(record)]][record.key] = record
         if record.deleted:
             return
+        self._digest_acc ^= version_hash(record)
+        self._digest_count += 1
         match record:
             case Network():
                 self._folded[Kind.NETWORK].setdefault(record.key.lower(), set()).add(record.key)
@@ -973,6 +1021,11 @@ class Store:
                         self._aliases[(net, alias.lower())] = record.name
             case Task():
                 self._tasks_by_service.setdefault(record.service, set()).add(record.id)
+                bisect.insort(self._task_order, task_key(record))
+                self._slots.setdefault(record.service, SlotIndex()).take(record.slot)
+                self._endpoints.setdefault((record.service, record.endpoint()), set()).add(
+                    record.id
+                )
                 self._task_names[record.name.lower()] = record.id
                 for ep in record.sandbox.endpoints if record.sandbox else ():
                     self._endpoint_holders.setdefault((ep.network, ep.address), set()).add(
@@ -1004,6 +1057,20 @@ class Store:
                             del self._aliases[(net, alias.lower())]
             case Task():
                 self._tasks_by_service.get(record.service, set()).discard(record.id)
+                order = self._task_order
+                index = bisect.bisect_left(order, task_key(record))
+                if index < len(order) and order[index] == task_key(record):
+                    del order[index]
+                slots = self._slots.get(record.service)
+                if slots is not None:
+                    slots.release(record.slot)
+                    if not slots:
+                        del self._slots[record.service]
+                at = (record.service, record.endpoint())
+                sharing = self._endpoints.get(at, set())
+                sharing.discard(record.id)
+                if not sharing:
+                    self._endpoints.pop(at, None)
                 if self._task_names.get(record.name.lower()) == record.id:
                     del self._task_names[record.name.lower()]
                 for ep in record.sandbox.endpoints if record.sandbox else ():
@@ -1190,14 +1257,6 @@ def _check_health_port(check: HealthCheck | None, ports: tuple[PortConfig, ...])
             f"a {check.type} health check needs a port: give health_check.port, "
             "or publish a port (its target port is checked)"
         )
-
-
-def _lowest_free_slot(used: Iterable[int]) -> int:
-    taken = set(used)
-    slot = 1
-    while slot in taken:
-        slot += 1
-    return slot
 
 
 def _parse_task_address(text: str) -> str:

@@ -423,7 +423,7 @@ def test_task_add_and_ls(agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -
     assert agent.seen[0].body == {"address": "192.0.2.7", "ports": {"80": 31001}}
     code, out, _ = run(capsys, "task", "ls", "web", "--node", "n1")
     assert code == 0
-    assert agent.seen[1].query == {"service": "web", "node": "n1"}
+    assert agent.seen[1].query == {"service": "web", "node": "n1", "limit": "500"}  # a page
     assert out.splitlines()[1].split() == [
         "abcdefghijkl",
         TASK["name"],

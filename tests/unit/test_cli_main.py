@@ -24,6 +24,7 @@ def no_requests(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a unit test sent a request")
 
     monkeypatch.setattr(client_module.Client, "request", refuse)
+    monkeypatch.setattr(client_module.Client, "_send", refuse)  # get_all's pages
     monkeypatch.delenv("MESH_API", raising=False)
     for name in ("MESH_API_TOKEN", "MESH_API_TOKEN_FILE", "MESH_CA_CERT", "MESH_CLIENT_CERT"):
         monkeypatch.delenv(name, raising=False)

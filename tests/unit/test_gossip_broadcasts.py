@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,3 +132,26 @@ def test_buckets_pick_exactly_what_sort_and_scan_picks(ops: list[tuple[str, int,
             want = reference.take(a, limit=3, max_items=b)
             assert [m.payload[0] if isinstance(m, User) else None for m in got] == want
         assert len(queue) == len(reference.entries)
+
+
+def test_a_full_queue_drops_what_the_scan_dropped_over_long_runs() -> None:
+    """A full queue (a node without peers holds every broadcast) drops the most sent,
+    then the oldest, from its buckets' heaps rather than by a scan of the queue: over a
+    long run, heaps rebuilt as they fill with entries that left, it drops the same."""
+    rng = random.Random(20)
+    queue, reference = BroadcastQueue(max_depth=40), _SortAndScan(max_depth=40)
+    last: dict[object, bytes] = {}
+    for _ in range(6000):
+        if rng.random() < 0.85:
+            key = rng.randrange(400)
+            message = _user(bytes([key % 256]) + key.to_bytes(2, "big") * rng.randint(1, 8))
+            _push(queue, key, message)
+            reference.push(key, part_size(message))
+            last[key] = message.payload
+        else:
+            room, items = rng.randint(0, 200), rng.randint(1, 6)
+            got = queue.take(room, limit=5, max_items=items)
+            want = reference.take(room, limit=5, max_items=items)
+            assert len(got) == len(want)
+        held = sorted(m.payload for m in queue.messages() if isinstance(m, User))
+        assert held == sorted(last[k] for k in reference.entries)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import random
 
 import pytest
@@ -22,7 +23,7 @@ from mesh.core.model import (
 from mesh.errors import Conflict, Invalid, MeshError, NotFound
 from mesh.ipam import Ipam, parse_pool
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
-from mesh.state.store import Store, ingress_id
+from mesh.state.store import Store, ingress_id, task_key
 
 NOW = 1_000.0
 
@@ -137,6 +138,60 @@ def test_same_address_other_ports_is_another_task() -> None:
     assert (one.slot, two.slot) == (1, 2)
     assert one.name == f"web.1.{one.id}"
     assert one.health is Health.HEALTHY  # no check: healthy once registered
+
+
+def test_slots_and_endpoints_follow_removals_and_merges_without_a_scan() -> None:
+    """The slot and endpoint indexes (O(1) registration) see what a scan of the
+    service's tasks would: removed tasks free both, a peer's task holds both."""
+    store, peer = make_store("n1"), make_store("n2")
+    web(store)
+    peer.merge(store.service("web"))
+    one, two, three = (task(store, address=f"192.0.2.{i}") for i in (1, 2, 3))
+    assert (one.slot, two.slot, three.slot) == (1, 2, 3)
+    store.remove_task(two.id, NOW + 1)
+    again = task(store, address="192.0.2.2")  # its endpoint and its slot are free again
+    assert again.slot == 2
+    theirs = peer.add_task(TaskSpec(service="web", address="192.0.2.9"), NOW)[-1].after
+    assert isinstance(theirs, Task) and theirs.slot == 1
+    store.merge(dataclasses.replace(theirs, slot=4))  # a peer's task at slot 4, 192.0.2.9
+    assert task(store, address="192.0.2.5").slot == 5
+    with pytest.raises(Conflict, match=f"already has task {theirs.name!r}") as info:
+        task(store, address="192.0.2.9")
+    assert info.value.code == "endpoint_in_use"
+    store.merge(dataclasses.replace(theirs, slot=4, deleted=True, version=Version(10**6, "n2")))
+    assert task(store, address="192.0.2.9").slot == 4
+
+
+def test_task_pages_are_slices_of_the_sorted_list_by_cursor() -> None:
+    """`iter_tasks(after=...)` continues the (service, slot, id) order from a cursor,
+    whatever was added or removed before it, filtered by service and node."""
+    store, peer = make_store("n1"), make_store("n2", seed=2)
+    for name in ("api", "web", "db"):
+        web(store, name=name)
+        peer.merge(store.service(name))
+    for i in range(30):
+        task(store, service=("api", "web", "db")[i % 3], address=f"192.0.2.{i}")
+    for i in range(6):
+        theirs = peer.add_task(TaskSpec(service="web", address=f"198.51.100.{i}"), NOW)
+        store.merge(theirs[-1].after)
+    every = store.tasks()
+    assert every == sorted(every, key=lambda t: (t.service, t.slot, t.id))
+    assert len(every) == 36
+    pages, cursor = [], None
+    while True:
+        page = list(itertools.islice(store.iter_tasks(after=cursor), 7))
+        if not page:
+            break
+        pages.extend(page)
+        cursor = task_key(page[-1])
+    assert pages == every
+    webs = store.tasks(service="web")
+    assert [t.service for t in webs] == ["web"] * 16
+    assert list(store.iter_tasks(service="web", after=task_key(webs[4]))) == webs[5:]
+    assert list(store.iter_tasks(service="db", after=task_key(webs[4]))) == []  # db < web
+    assert [t.node for t in store.tasks(node="n2")] == ["n2"] * 6
+    store.remove_task(webs[5].id, NOW + 1)  # the page after webs[4] goes on without it
+    assert list(store.iter_tasks(service="web", after=task_key(webs[4]))) == webs[6:]
 
 
 def test_task_of_checked_service_starts_as_starting() -> None:

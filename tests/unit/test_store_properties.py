@@ -14,6 +14,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from mesh.core.model import Task
+from mesh.digest import digest_from, digest_of
 from mesh.errors import MeshError
 from mesh.ipam import Ipam, parse_pool
 from mesh.state.specs import NetworkSpec, PortSpec, ServicePatch, ServiceSpec, TaskSpec
@@ -129,6 +131,22 @@ class StoreMachine(RuleBasedStateMachine):
     def tasks_belong_to_live_services(self) -> None:
         live = {s.name for s in self.store.services()}
         assert all(t.service in live for t in self.store.tasks())
+
+    @invariant()
+    def kept_indexes_agree_with_a_scan(self) -> None:
+        """What the store keeps with each write is what a scan finds: the digest's XOR,
+        the tasks' sorted order, each service's lowest free slot."""
+        assert digest_from(self.store.digest_terms()) == digest_of(self.store.all_records())
+        tasks = self.store.tasks()
+        assert tasks == sorted(tasks, key=lambda t: (t.service, t.slot, t.id))
+        assert len(tasks) == sum(
+            1 for r in self.store.all_records() if isinstance(r, Task) and not r.deleted
+        )
+        for service in self.store.services():
+            held = {t.slot for t in tasks if t.service == service.name}
+            lowest = next(slot for slot in range(1, len(held) + 2) if slot not in held)
+            slots = self.store._slots.get(service.name)
+            assert (1 if slots is None else slots.lowest_free()) == lowest
 
     @invariant()
     def reload_is_identical(self) -> None:
