@@ -23,9 +23,6 @@ import contextlib
 import socket
 from collections.abc import Mapping
 
-from pyroute2.conntrack import ConntrackEntry
-from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket
-
 from lb.nft.conntrack import IPS_DST_NAT, matches
 from lb.outlier import Unanswered
 from lb.table import Real, VirtualKey, VirtualService
@@ -80,6 +77,11 @@ class UnansweredReader:
     async def _read(
         self, by_real: dict[tuple[str, int], list[tuple[VirtualKey, Real]]]
     ) -> tuple[list[Unanswered], bool]:
+        # pyroute2 on first use, as lb/nft/conntrack.py: ~10 MB an agent that never reads
+        # conntrack (no remote reals, another backend) does not pay
+        from pyroute2.conntrack import ConntrackEntry
+        from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket
+
         sock = AsyncNFCTSocket()
         found: list[Unanswered] = []
         read = 0
