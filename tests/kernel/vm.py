@@ -140,6 +140,9 @@ def guest_results() -> GuestRun:
     env.pop("PYTEST_ADDOPTS", None)
     # -rA: a line per test with its outcome (and the figures passing tests print)
     inner = f"{sys.executable} -m pytest -q -rA -p no:cacheprovider {' '.join(GUEST_FILES)}"
+    flows = os.environ.get("MESH_IPVS_MAGLEV_FLOWS", "")
+    if flows.isdigit():  # the IPVS Maglev figure over more flows (test_ipvs_backend.py)
+        inner = f"MESH_IPVS_MAGLEV_FLOWS={flows} {inner}"
     started = time.monotonic()
     done = subprocess.run(
         [str(found), inner],
