@@ -1,4 +1,4 @@
-"""A guard on the machine's own network namespace, around every test.
+"""A guard on the machine's own network namespace, around every test; the VM run's start.
 
 No test may leave a kernel object of ours in the host's namespace: the agent's
 links (bridges, overlay bridges and VXLAN devices, veths, macvlan shims) and
@@ -70,3 +70,26 @@ def _host_namespace_left_clean() -> Iterator[None]:
             "this test left kernel objects of ours in the host's own network namespace "
             f"(removed now): links {sorted(links)}, nftables tables {sorted(tables)}"
         )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the stock-kernel VM's one run now if a host-side VM test was collected.
+
+    It runs in the background, at nice 19, while the tests before tests/kernel/
+    run (tests/kernel/vm.py says why); its tests then find it done.
+    """
+    if session.config.option.collectonly:
+        return
+    if any(
+        item.nodeid.startswith("tests/kernel/") and "_vm.py::" in item.nodeid
+        for item in session.items
+    ):
+        from tests.kernel import vm
+
+        vm.start_in_background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.kernel import vm
+
+    vm.stop()

@@ -11,6 +11,14 @@ pytest session, cached) and passes only when every test of its own guest file
 passed there: none skipped, none failed. It skips, saying why, only where qemu
 cannot run; a VM that fails to boot or a guest test that fails fails it.
 
+The run starts in the background as soon as pytest has collected a host-side
+test (`start_in_background`, called by tests/conftest.py), at the lowest CPU
+priority (nice 19): the emulated kernel takes two to three minutes, and the
+tests collected before tests/kernel/ (most of the suite) mostly wait on sockets
+and timers, so the run costs the session almost no wall time and takes a core
+from them only when it is idle. A session that ends first (a subset, `-x`)
+ends the run (its process group, which the tool's trap cleans up).
+
 Knobs: IPVS_VM_TOOL (the tool's run-in-vm.sh), IPVS_VM_CACHE (default
 ~/.cache/ipvs-vm: writable, outside /tmp, ~470 MB after the first run), and
 the tool's own IPVS_VM_* variables.
@@ -22,8 +30,10 @@ import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,20 +120,39 @@ def collected(guest_file: str) -> list[str]:
     return ids
 
 
-def skip_unless_the_vm_can_run() -> None:
+def why_the_vm_cannot_run() -> str | None:
     if tool() is None:
-        pytest.skip(
+        return (
             "the ipvs-vm tool (run-in-vm.sh) is not beside the checkout "
             "(../shared/tools/ipvs-vm/); set IPVS_VM_TOOL to its path"
         )
-    reason = why_qemu_cannot_run()
+    return why_qemu_cannot_run()
+
+
+def skip_unless_the_vm_can_run() -> None:
+    reason = why_the_vm_cannot_run()
     if reason is not None:
         pytest.skip(reason)
 
 
-@functools.cache
-def guest_results() -> GuestRun:
-    """Boot the VM once and run every guest file there (cached for the session)."""
+@dataclass
+class Started:
+    """The VM run under way: the tool's process and the files its output goes to."""
+
+    process: subprocess.Popen[bytes]
+    stdout: tempfile._TemporaryFileWrapper[bytes]
+    stderr: tempfile._TemporaryFileWrapper[bytes]
+    started: float
+
+
+_started: Started | None = None
+
+
+def start_in_background() -> None:
+    """Start the one VM run now (idempotent; nothing if the VM cannot run here)."""
+    global _started
+    if _started is not None or os.geteuid() != 0 or why_the_vm_cannot_run() is not None:
+        return
     found = tool()
     assert found is not None
     cache = Path(os.environ.get("IPVS_VM_CACHE") or Path.home() / ".cache" / "ipvs-vm")
@@ -143,23 +172,51 @@ def guest_results() -> GuestRun:
     flows = os.environ.get("MESH_IPVS_MAGLEV_FLOWS", "")
     if flows.isdigit():  # the IPVS Maglev figure over more flows (test_ipvs_backend.py)
         inner = f"MESH_IPVS_MAGLEV_FLOWS={flows} {inner}"
-    started = time.monotonic()
-    done = subprocess.run(
-        [str(found), inner],
+    # files, not pipes: nobody reads the output until the run ends
+    stdout = tempfile.NamedTemporaryFile(prefix="ipvs-vm-out-")  # noqa: SIM115
+    stderr = tempfile.NamedTemporaryFile(prefix="ipvs-vm-err-")  # noqa: SIM115
+    process = subprocess.Popen(
+        ["nice", "-n", "19", str(found), inner],
         cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=VM_TIMEOUT + 300,
-        check=False,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,  # its own process group: ended whole by `stop`
     )
+    _started = Started(process, stdout, stderr, time.monotonic())
+
+
+def stop() -> None:
+    """End a run still under way (the session is over before its tests came)."""
+    if _started is None or _started.process.poll() is not None:
+        return
+    os.killpg(_started.process.pid, signal.SIGTERM)  # the tool's trap stops qemu
+    try:
+        _started.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(_started.process.pid, signal.SIGKILL)
+        _started.process.wait(timeout=30)
+
+
+@functools.cache
+def guest_results() -> GuestRun:
+    """The one VM run's results: started now unless already under way (cached)."""
+    start_in_background()
+    assert _started is not None, why_the_vm_cannot_run()
+    try:
+        returncode = _started.process.wait(timeout=VM_TIMEOUT + 300)
+    except subprocess.TimeoutExpired:
+        stop()
+        returncode = -1
+    stdout = Path(_started.stdout.name).read_text(errors="replace")
+    stderr = Path(_started.stderr.name).read_text(errors="replace")
     run = GuestRun(
-        returncode=done.returncode,
-        output=done.stdout + done.stderr,
-        seconds=time.monotonic() - started,
+        returncode=returncode,
+        output=stdout + stderr,
+        seconds=time.monotonic() - _started.started,
         summary="no pytest summary",
     )
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         if (outcome := OUTCOME.match(line)) is not None:
             run.outcomes[outcome.group(2)] = outcome.group(1)
         elif (skipped := SKIPPED.match(line)) is not None:
