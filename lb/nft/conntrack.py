@@ -6,6 +6,13 @@ that was removed for as long as it keeps sending. Only entries that were
 DNATed to the removed real through the removed virtual service are deleted:
 an established flow to any other real, or one that reached that real directly,
 is untouched.
+
+A TCP flow the removed real has answered is left to finish, as kube-proxy
+leaves it (it clears only UDP entries): a task that fails its health check may
+still serve the connections it has, and a deleted entry would send the flow's
+next packet to another task, which resets it. A TCP flow it never answered (a
+SYN, perhaps retransmitted, to a task on a dead node) is deleted, so the
+client's next SYN is balanced anew instead of going on to the dead task.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from mesh.core.netns import entered
 
 log = logging.getLogger(__name__)
 
+IPS_SEEN_REPLY = 1 << 1
 IPS_DST_NAT = 1 << 5
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
@@ -33,6 +41,11 @@ def matches(key: VirtualKey, real: Real, orig: Any, reply: Any, status: int) -> 
     if orig.dport != key.port or (not key.published and orig.daddr != key.address):
         return False
     return bool(reply.saddr == real.address and reply.sport == real.port)
+
+
+def flushed(key: VirtualKey, status: int) -> bool:
+    """Whether a matching entry goes: every UDP one, a TCP one only if never answered."""
+    return key.protocol != "tcp" or not status & IPS_SEEN_REPLY
 
 
 class ConntrackFlusher:
@@ -98,7 +111,8 @@ class ConntrackFlusher:
                 doomed = [
                     entry
                     async for entry in await sock.dump_entries(tuple_orig=wanted)
-                    if any(
+                    if flushed(key, entry.status or 0)
+                    and any(
                         matches(key, real, entry.tuple_orig, entry.tuple_reply, entry.status or 0)
                         for real in reals
                     )

@@ -254,6 +254,11 @@ def test_published_port_on_a_node_without_tasks_spreads_and_drains(mesh: Mesh) -
     assert victim.name not in after and None not in after, after
     assert victim.connections == before, "a new connection reached the failed task"
 
+    # The removal's conntrack flush runs after the table has changed (on a worker
+    # thread, well within a second): give it that time, so that a flush taking the
+    # answered flow (its next packet balanced to another task, which resets it)
+    # fails here every time, not only when the flush wins the race.
+    time.sleep(1.5)
     in_flight.sendall(b"still flowing")
     assert _read_exactly(in_flight, 13) == b"still flowing"
     in_flight.shutdown(socket.SHUT_WR)
