@@ -40,7 +40,9 @@ def test_a_killed_nodes_tasks_show_their_node_dead_on_the_survivor(tmp_path: Any
         )
         assert n0.request("POST", "/v1/services/web/tasks", {"address": "127.0.1.1"})[0] == 201
         assert n1.request("POST", "/v1/services/web/tasks", {"address": "127.0.1.2"})[0] == 201
+        # each node's task has to reach the other: gossip carries them independently
         wait_until(lambda: len(statuses(n0)) == 2, 10, "n1's task reaches n0")
+        wait_until(lambda: len(statuses(n1)) == 2, 10, "n0's task reaches n1")
         assert statuses(n0) == {"127.0.1.1": "alive", "127.0.1.2": "alive"}
         assert statuses(n1) == {"127.0.1.1": "alive", "127.0.1.2": "alive"}
 
