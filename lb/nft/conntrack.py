@@ -111,9 +111,9 @@ class ConntrackFlusher:
                 doomed = [
                     entry
                     async for entry in await sock.dump_entries(tuple_orig=wanted)
-                    if flushed(key, entry.status or 0)
+                    if flushed(key, status := entry.status or 0)
                     and any(
-                        matches(key, real, entry.tuple_orig, entry.tuple_reply, entry.status or 0)
+                        matches(key, real, entry.tuple_orig, entry.tuple_reply, status)
                         for real in reals
                     )
                 ]

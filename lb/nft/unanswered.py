@@ -23,12 +23,11 @@ import contextlib
 import socket
 from collections.abc import Mapping
 
-from lb.nft.conntrack import IPS_DST_NAT, matches
+from lb.nft.conntrack import IPS_DST_NAT, IPS_SEEN_REPLY, matches
 from lb.outlier import Unanswered
 from lb.table import Real, VirtualKey, VirtualService
 from mesh.core.netns import entered
 
-IPS_SEEN_REPLY = 1 << 1
 #: conntrack entries read per reading at most
 READ_CAP = 5_000
 

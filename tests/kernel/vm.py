@@ -142,7 +142,7 @@ class Started:
     process: subprocess.Popen[bytes]
     stdout: tempfile._TemporaryFileWrapper[bytes]
     stderr: tempfile._TemporaryFileWrapper[bytes]
-    started: float
+    started: float  # wall clock (time.time), to compare with the output files' mtime
 
 
 _started: Started | None = None
@@ -183,7 +183,7 @@ def start_in_background() -> None:
         stderr=stderr,
         start_new_session=True,  # its own process group: ended whole by `stop`
     )
-    _started = Started(process, stdout, stderr, time.monotonic())
+    _started = Started(process, stdout, stderr, time.time())
 
 
 def stop() -> None:
@@ -213,7 +213,12 @@ def guest_results() -> GuestRun:
     run = GuestRun(
         returncode=returncode,
         output=stdout + stderr,
-        seconds=time.monotonic() - _started.started,
+        # the run's own length: until its last output (its summary), not until the
+        # tests read it, which may be many minutes after it ended in the background
+        seconds=max(
+            Path(_started.stdout.name).stat().st_mtime, Path(_started.stderr.name).stat().st_mtime
+        )
+        - _started.started,
         summary="no pytest summary",
     )
     for line in stdout.splitlines():
