@@ -40,6 +40,10 @@ TEST_GOSSIP_KEY = base64.b64encode(bytes(range(7, 39))).decode()
 GOSSIP_SECURITY_FLAGS = ("--keyring", "--token", "--token-file", "--insecure-gossip")
 
 
+class NotTheAgentsAnswer(AssertionError):
+    """An answer on the agent's API port that is not the API's JSON."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -179,18 +183,22 @@ class AgentProcess:
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        other: NotTheAgentsAnswer | None = None
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+                seen = f" (before, on its port: {other})" if other else ""
+                raise RuntimeError(f"agent exited with {self.proc.returncode}{seen}:\n{self.log()}")
             try:
                 status, _ = self.request("GET", "/v1/health")
                 if status == 200:
                     return
             except OSError:
-                pass
+                pass  # not listening yet
+            except NotTheAgentsAnswer as answer:
+                other = answer  # another server on the port: the agent's bind fails
             time.sleep(0.05)
-        raise TimeoutError(f"agent did not answer within {timeout}s:\n{self.log()}")
+        raise TimeoutError(f"agent did not answer within {timeout}s ({other}):\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -215,10 +223,23 @@ class AgentProcess:
             with urllib.request.urlopen(req, timeout=timeout, context=self.tls) as resp:
                 payload = resp.read()
                 status = resp.status
+                server = resp.headers.get("Server")
         except urllib.error.HTTPError as err:
             payload = err.read()
             status = err.code
-        return status, (json.loads(payload) if payload else None)
+            server = err.headers.get("Server")
+        try:
+            return status, (json.loads(payload) if payload else None)
+        except ValueError:
+            # The API answers JSON, always: anything else is another server on the port,
+            # or a bug; say which, with what the agent logged (a bare JSONDecodeError
+            # in CI said neither).
+            alive = self.proc is not None and self.proc.poll() is None
+            raise NotTheAgentsAnswer(
+                f"{method} {path} on {self.api}: HTTP {status} from server {server!r} is "
+                f"not JSON: {payload[:300]!r}; the agent is "
+                f"{'running' if alive else 'not running'}; its log ends:\n{self.log()[-3000:]}"
+            ) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         assert self.proc is not None
