@@ -58,15 +58,16 @@ lock:
 		--extra test --extra bench --output-file constraints.txt pyproject.toml
 	rm -rf $(VENV)-lock
 
-# The compiled build of the router's hot modules (buildtools/mypyc_build.py): C extensions
-# next to their .py files, made by mypyc when a C compiler is present (pure Python, with a
-# note, when not); `make pure` removes them. The tests pass on both (MESH_BUILD says which
-# one a run expects: tests/unit/test_compiled_build.py).
+# The compiled build of the hot modules (buildtools/mypyc_build.py: the HTTP router's and
+# the DNS server's UDP fast path): C extensions next to their .py files, made by mypyc when
+# a C compiler is present (pure Python, with a note, when not); `make pure` removes them.
+# The tests pass on both (MESH_BUILD says which one a run expects:
+# tests/unit/test_compiled_build.py).
 mypyc: $(VENV)/.run-deps
 	MESH_MYPYC=1 $(PIP_INSTALL) --no-deps -e .
 
 pure:
-	rm -f *__mypyc.*.so lb/http/*.so
+	rm -f *__mypyc.*.so lb/http/*.so dns/*.so
 
 clean: pure
 	rm -rf $(VENV) $(VENV)-lock build *.egg-info

@@ -1,4 +1,4 @@
-"""Compiling the router's hot modules with mypyc, where that can be done (the build's side).
+"""Compiling the hot modules with mypyc, where that can be done (the build's side).
 
 `MESH_MYPYC=1 pip install .` (or `-e .`, or `make mypyc`) compiles `COMPILED`
 to C extensions that sit next to their `.py` files and are imported instead of
@@ -9,7 +9,8 @@ source, and `rm lb/http/*.so` (`make pure`) is the way back in a checkout.
 
 The modules are typed (mypy --strict) and run once or more per HTTP request: the
 exchange (llhttp's callbacks, routing, relaying), the heads, the decision, the
-balancer, the counters, the descriptor budget and the task connections.
+balancer, the counters, the descriptor budget and the task connections; and the DNS
+server's UDP fast path, once per query answered from the reply cache.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 #: the hot modules, compiled together (one shared library, one small module each)
 COMPILED = (
+    "dns/fastpath.py",
     "lb/http/balance.py",
     "lb/http/budget.py",
     "lb/http/decision.py",

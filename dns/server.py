@@ -34,6 +34,7 @@ from time import perf_counter
 from typing import cast
 
 from dns.cache import FORWARD_MARK
+from dns.fastpath import answer_burst
 from dns.querystats import NODE, SANDBOX
 from dns.relay import MalformedQuery
 from dns.responder import Action, Responder, error_reply, fit_udp
@@ -53,8 +54,6 @@ MAX_PENDING_FORWARDS = 4096
 #: datagrams read straight from the socket per event-loop callback, at most (fairness:
 #: the loop's other callbacks, TCP, the API, gossip, wait no longer than this)
 DRAIN_MAX = 64
-#: the largest UDP payload: a shorter read would silently cut a longer datagram
-RECV_MAX = 65535
 #: datagrams answered without trying to drain after a drain found the socket empty
 QUIET_SKIPS = 16
 
@@ -72,7 +71,6 @@ class UdpServer(asyncio.DatagramProtocol):
         self._pending: set[asyncio.Task[None]] = set()
         # Bound once: the hot path reads these without attribute chains.
         self._cache = responder.cache.entries
-        self._touch = responder.cache.entries.move_to_end  # LRU: a hit goes to the back
         self._views = responder.views
         # Answers counted by type, rcode and this listener's scope (dns.querystats):
         # shared by every listener of the responder, so a closed sandbox's counts stay.
@@ -111,38 +109,24 @@ class UdpServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         assert self.transport is not None
-        sendto = self.transport.sendto
-        views, cache, touch, hits = self._views, self._cache, self._touch, self._hits
         recvfrom = self._recvfrom
         if recvfrom is not None and self._quiet:
             # The last drain found the socket empty (light load): skip a few, as an
             # empty read is a syscall wasted.
             self._quiet -= 1
             recvfrom = None
-        budget = DRAIN_MAX
-        while True:
-            view = views.get(addr[0])  # type: ignore[arg-type]
-            if view is not None:
-                key = (view, False, data[2:])
-                entry = cache.get(key)
-                if entry is not None and entry is not FORWARD_MARK:
-                    touch(key)
-                    reply, slot = next(entry)
-                    hits[slot] += 1
-                    sendto(data[:2] + reply, addr)
-                else:
-                    self._slow(data, addr)
-            else:
-                self._slow(data, addr)
-            if recvfrom is None or not budget:
-                return
-            budget -= 1
-            try:
-                data, addr = recvfrom(RECV_MAX)
-            except OSError:  # EAGAIN: drained; any other error is the event loop's to see
-                if budget == DRAIN_MAX - 1:
-                    self._quiet = QUIET_SKIPS
-                return
+        if answer_burst(
+            data,
+            addr,
+            self._views,
+            self._cache,
+            self._hits,
+            self.transport.sendto,
+            recvfrom,
+            self._slow,
+            DRAIN_MAX,
+        ):
+            self._quiet = QUIET_SKIPS
 
     def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         assert self.transport is not None
@@ -205,7 +189,7 @@ class FixedViewUdpServer(UdpServer):
         key = (self.view, False, data[2:])
         entry = self._cache.get(key)  # type: ignore[arg-type]
         if entry is not None and entry is not FORWARD_MARK:
-            self._touch(key)  # type: ignore[arg-type]
+            self._cache.move_to_end(key)  # type: ignore[arg-type]  # LRU: a hit goes last
             reply, slot = next(entry)
             self._hits[slot] += 1
             assert self.transport is not None
