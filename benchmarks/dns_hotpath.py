@@ -2,8 +2,9 @@
 
 `dns_bench.py` measures the whole agent with dnsperf over loopback, where a shared
 machine's load makes every figure noisy. This feeds the UDP listener datagrams
-directly, with a real uvloop UDP transport (so `sendto` is the real syscall, to a
-socket nobody reads), and reports the best CPU time per query over a few passes:
+directly, with a real UDP transport of uvloop (the agent's loop) or, with `--loop
+asyncio`, of asyncio's own loop (a DNS worker's), so `sendto` is the real syscall, to a
+socket nobody reads; and reports the best CPU time per query over a few passes:
 
 - `canonical`: a stub's A query (no EDNS), found in the reply cache by its bytes
   (the fast path);
@@ -160,15 +161,22 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=200)
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop: the agent's (uvloop) or a DNS worker's (asyncio's own)",
+    )
     args = parser.parse_args()
+    run = uvloop.run if args.loop == "uvloop" else asyncio.run
     for label, cookie, miss in (
         ("canonical", False, False),
         ("cookie", True, False),
         ("miss", False, True),
     ):
-        seconds = uvloop.run(measure(args.names, args.calls, args.passes, cookie, miss))
+        seconds = run(measure(args.names, args.calls, args.passes, cookie, miss))
         print(f"{label:<10} {seconds * 1e9:6.0f} ns CPU per query")
-    seconds = uvloop.run(measure_queued(args.names, 500, 10 * args.passes))
+    seconds = run(measure_queued(args.names, 500, 10 * args.passes))
     print(f"{'queued':<10} {seconds * 1e9:6.0f} ns CPU per query")
 
 

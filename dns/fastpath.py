@@ -36,14 +36,19 @@ def answer_burst(
     views: dict[str, View],
     cache: OrderedDict[Key, Entry],
     hits: list[int],
-    sendto: Callable[[bytes, Address], None],
+    sendto: Callable[[bytes, Address], object],
     recvfrom: Callable[[int], tuple[bytes, Address]] | None,
     slow: Callable[[bytes, Address], None],
     budget: int,
+    unsent: list[int],
 ) -> bool:
     """Answer `data` from `addr`, then up to `budget` more datagrams read with
     `recvfrom` (None: only this one). True if the first read found the socket
-    empty: the caller then skips a few drains, an empty read being a syscall wasted."""
+    empty: the caller then skips a few drains, an empty read being a syscall wasted.
+
+    `sendto` is the socket's own where the listener drains it: a reply its send
+    buffer cannot take is dropped and counted in `unsent[0]`, as dnsmasq drops it
+    (a transport would queue it, unbounded, behind a flood)."""
     left = budget
     # Bound once: each is a lookup per query otherwise (compiled too: `cache` is not a
     # plain dict, and FORWARD_MARK lives in an interpreted module).
@@ -57,7 +62,10 @@ def answer_burst(
                 touch(key)  # LRU: a hit goes to the back
                 reply, slot = next(entry)
                 hits[slot] += 1
-                sendto(data[:2] + reply, addr)
+                try:
+                    sendto(data[:2] + reply, addr)
+                except OSError:  # EAGAIN: the socket's send buffer is full
+                    unsent[0] += 1
             else:
                 slow(data, addr)
         else:

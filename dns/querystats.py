@@ -125,6 +125,9 @@ class QueryStats:
         #: timed answers per bucket of LATENCY_BOUNDS (the last one: above them all)
         self.latency: list[int] = [0] * (len(LATENCY_BOUNDS) + 1)
         self.latency_sum = 0.0
+        #: replies of the UDP fast path dropped because the socket's send buffer was
+        #: full (one element, incremented in place by `dns.fastpath`)
+        self.unsent: list[int] = [0]
 
     def answered(self, scope: int, query: bytes, reply: bytes, seconds: float) -> None:
         """A reply sent (not from the fast path) `seconds` after its query came."""

@@ -137,6 +137,7 @@ class DnsService:
         counters = {**self.responder.stats, **self.responder.cache_stats()}
         # The UDP listeners' fast path (the node's and the sandboxes') counts its own hits.
         counters["cache_hits"] += self.responder.queries.fast_hits()
+        counters["udp_send_dropped"] = self.responder.queries.unsent[0]
         return {
             **{f"responder_{k}": v for k, v in counters.items()},
             **{f"forwarder_{k}": v for k, v in self.forwarder.stats.items()},
