@@ -9,18 +9,27 @@ of the name table, fed by the agent's change feed over a Unix socket
 back up that socket every second (`{"dns_worker": PID, "stats": {...}}`),
 which the agent sums into `GET /metrics`. When the feed ends (the
 agent stopped or cut it off) the worker exits; the agent starts another.
+
+It is started lean: a DNS worker speaks no TLS, so the process the agent starts
+(`python -m dns.worker`) keeps `ssl` out before anything imports it, and runs on
+asyncio's own event loop (uvloop imports ssl). That is 4-5 MB of resident memory
+less per worker (docs/performance.md); the queries' hot path reads and writes the
+socket itself (`dns.fastpath`), so the loop is entered once per burst, not per query.
 """
 
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+    # As asyncio does on a Python built without ssl: its TLS parts are left out.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
 import argparse
 import asyncio
 import logging
 import os
 import signal
-import sys
-
-import uvloop
 
 from dns.service import DnsService, DnsSettings
 from dns.upstreams import parse_upstream
@@ -119,7 +128,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup(args.log_level)
-    return uvloop.run(run(args))
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

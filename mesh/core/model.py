@@ -14,7 +14,7 @@ what the API, DNS and the CLI address), tasks by id.
 from __future__ import annotations
 
 import enum
-import hashlib
+from _blake2 import blake2b  # hashlib's own, without its load of OpenSSL's libcrypto
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -272,7 +272,7 @@ def version_hash(record: Record) -> int:
         f"{KIND_OF[type(record)].value}\0{record.key}\0"
         f"{record.version.clock}\0{record.version.node}"
     ).encode()
-    return int.from_bytes(hashlib.blake2b(identity, digest_size=16).digest(), "big")
+    return int.from_bytes(blake2b(identity, digest_size=16).digest(), "big")
 
 
 def vni_of(network: Network) -> int:

@@ -9,7 +9,7 @@ setns changes the namespace of the calling *thread* only. So `entered` must
 run either in a dedicated thread, or as a short synchronous block that does
 not await (the event loop's thread must not be switched across an await: any
 other coroutine scheduled meanwhile would open its sockets in the sandbox).
-Python 3.11 has no `os.setns` (3.12 adds it), hence ctypes.
+Python 3.11 has no `os.setns` (3.12 adds it), hence ctypes (loaded on first use).
 
 Not sans-IO (it is a system call), but it imports no asyncio and no socket.
 """
@@ -17,27 +17,38 @@ Not sans-IO (it is a system call), but it imports no asyncio and no socket.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 CLONE_NEWNET = 0x40000000
 _OWN_NETNS = "/proc/thread-self/ns/net"
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-_libc.setns.restype = ctypes.c_int
 
 
 class NetnsError(OSError):
     """A namespace that could not be entered (or, worse, left)."""
 
 
+@functools.cache
+def _libc_setns() -> tuple[Callable[[int, int], int], Callable[[], int]]:
+    """libc's setns and ctypes' errno, loaded on first use: a process that never
+    switches (a DNS worker, which imports this with the sandbox listener) holds no
+    ctypes. dlopen(NULL) is the process's own symbols, libc's among them: no
+    `ctypes.util.find_library`, which runs `ldconfig -p` (a subprocess) to find it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    call = libc.setns
+    call.argtypes = (ctypes.c_int, ctypes.c_int)
+    call.restype = ctypes.c_int
+    return call, ctypes.get_errno
+
+
 def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     """setns(2) for the calling thread; raises OSError with errno."""
-    if _libc.setns(fd, nstype) != 0:
-        errno = ctypes.get_errno()
+    call, get_errno = _libc_setns()
+    if call(fd, nstype) != 0:
+        errno = get_errno()
         raise NetnsError(errno, f"setns: {os.strerror(errno)}")
 
 
