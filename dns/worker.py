@@ -25,11 +25,11 @@ if __name__ == "__main__":
     # As asyncio does on a Python built without ssl: its TLS parts are left out.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
+from dataclasses import dataclass, field
 
 from dns.service import DnsService, DnsSettings
 from dns.upstreams import parse_upstream
@@ -37,6 +37,7 @@ from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
 from mesh.core.procstats import process_figures, worker_index
 from mesh.core.reportgate import ReportGate
+from mesh.core.workerargs import WorkerArgsError, read_worker_args, worker_command
 
 log = logging.getLogger("dns.worker")
 
@@ -44,7 +45,26 @@ log = logging.getLogger("dns.worker")
 REPORT_INTERVAL = 1.0
 
 
-async def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class DnsWorkerArgs:
+    """What the agent starts a DNS worker with (`mesh.core.workerargs`)."""
+
+    #: the agent's feed socket
+    feed: str
+    host: str
+    port: int
+    ttl: int = 5
+    #: processes sharing the port (UDP spread at random over them)
+    group: int = 0
+    domain: str | None = None
+    upstream: list[str] = field(default_factory=list)
+    log_level: str = "info"
+
+    def command(self) -> list[str]:
+        return worker_command("dns.worker", self)
+
+
+async def run(args: DnsWorkerArgs) -> int:
     feed = FeedClient(args.feed)
     index = worker_index()
     records = await feed.open()
@@ -110,23 +130,12 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dns.worker")
-    parser.add_argument("--feed", required=True, help="the agent's feed socket")
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--ttl", type=int, default=5)
-    parser.add_argument(
-        "--group", type=int, default=0, help="processes sharing the port (UDP spread at random)"
-    )
-    parser.add_argument("--domain")
-    parser.add_argument("--upstream", action="append", default=[])
-    parser.add_argument("--log-level", default="info")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = read_worker_args(DnsWorkerArgs, sys.argv[1:] if argv is None else argv)
+    except WorkerArgsError as error:
+        print(f"python -m dns.worker: {error}", file=sys.stderr)
+        return 2
     setup(args.log_level)
     return asyncio.run(run(args))
 

@@ -9,14 +9,14 @@ keeps its own route table, fed by the agent's change feed over a Unix socket
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 import uvloop
 
@@ -28,6 +28,7 @@ from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
 from mesh.core.procstats import process_figures, worker_index
 from mesh.core.reportgate import ReportGate
+from mesh.core.workerargs import WorkerArgsError, read_worker_args, worker_command
 
 log = logging.getLogger("lb.http.worker")
 
@@ -35,33 +36,43 @@ log = logging.getLogger("lb.http.worker")
 REPORT_INTERVAL = 1.0
 
 
+@dataclass(frozen=True)
+class HttpWorkerArgs:
+    """What the agent starts an HTTP worker with (`mesh.core.workerargs`)."""
+
+    #: the agent's feed socket
+    feed: str
+    host: str
+    port: int
+    https_host: str | None = None
+    https_port: int = 0
+    #: `--tls-cert` values, "HOST=CERTFILE,KEYFILE"
+    tls_cert: list[str] = field(default_factory=list)
+    #: RouterSettings' fields
+    settings: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "info"
+
+
 def worker_argv(
     feed: str, endpoints: HttpEndpoints, settings: RouterSettings, log_level: str
 ) -> list[str]:
-    """The command line of one worker (the inverse of `parse_args`)."""
-    argv = [
-        sys.executable,
-        "-m",
+    """The command line of one worker."""
+    return worker_command(
         "lb.http.worker",
-        "--feed",
-        feed,
-        "--host",
-        endpoints.host,
-        "--port",
-        str(endpoints.port),
-        "--settings",
-        json.dumps(dataclasses.asdict(settings)),
-        "--log-level",
-        log_level,
-    ]
-    if endpoints.https_host is not None:
-        argv += ["--https-host", endpoints.https_host, "--https-port", str(endpoints.https_port)]
-    for spec in endpoints.certs:
-        argv += ["--tls-cert", str(spec)]
-    return argv
+        HttpWorkerArgs(
+            feed=feed,
+            host=endpoints.host,
+            port=endpoints.port,
+            https_host=endpoints.https_host,
+            https_port=endpoints.https_port,
+            tls_cert=[str(spec) for spec in endpoints.certs],
+            settings=dataclasses.asdict(settings),
+            log_level=log_level,
+        ),
+    )
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: HttpWorkerArgs) -> int:
     feed = FeedClient(args.feed)
     index = worker_index()
     records = await feed.open()
@@ -73,7 +84,7 @@ async def run(args: argparse.Namespace) -> int:
         certs=tuple(CertSpec.parse(c) for c in args.tls_cert),
         reuse_port=True,
     )
-    service = HttpService(endpoints, RouterSettings(**json.loads(args.settings)))
+    service = HttpService(endpoints, RouterSettings(**args.settings))
     service.load(records)
     await service.start()
     stopping = asyncio.Event()
@@ -124,21 +135,12 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lb.http.worker")
-    parser.add_argument("--feed", required=True, help="the agent's feed socket")
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--https-host")
-    parser.add_argument("--https-port", type=int, default=0)
-    parser.add_argument("--tls-cert", action="append", default=[])
-    parser.add_argument("--settings", default="{}", help="RouterSettings as JSON")
-    parser.add_argument("--log-level", default="info")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = read_worker_args(HttpWorkerArgs, sys.argv[1:] if argv is None else argv)
+    except WorkerArgsError as error:
+        print(f"python -m lb.http.worker: {error}", file=sys.stderr)
+        return 2
     setup(args.log_level)
     soft, hard = raise_open_file_limit()  # (inherited from the agent, raised already there)
     event(log, "open_file_limit", soft=soft, hard=hard)

@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from aiohttp import web
 
 from dns.forward import Upstream
 from dns.service import DnsService, DnsSettings, is_level
+from dns.worker import DnsWorkerArgs
 from gossip.aio import GossipShell
 from gossip.config import GossipConfig
 from gossip.keyring_store import LocalKeyringControl, load_keyring
@@ -164,27 +164,16 @@ class DnsWorkers:
     def start(self) -> None:
         config = self._config
         assert config.dns is not None
-        argv = [
-            sys.executable,
-            "-m",
-            "dns.worker",
-            "--feed",
-            str(self._feed_socket),
-            "--host",
-            config.dns.host,
-            "--port",
-            str(self._dns.port),
-            "--ttl",
-            str(config.dns_ttl),
-            "--group",
-            str(config.dns_workers + 1),  # the agent's listener and every worker's
-            "--log-level",
-            config.log_level,
-        ]
-        if config.dns_domain:
-            argv += ["--domain", config.dns_domain]
-        for upstream in config.dns_upstreams:
-            argv += ["--upstream", str(upstream)]
+        argv = DnsWorkerArgs(
+            feed=str(self._feed_socket),
+            host=config.dns.host,
+            port=self._dns.port,
+            ttl=config.dns_ttl,
+            group=config.dns_workers + 1,  # the agent's listener and every worker's
+            domain=config.dns_domain or None,
+            upstream=[str(upstream) for upstream in config.dns_upstreams],
+            log_level=config.log_level,
+        ).command()
         self.pool = WorkerPool("dns", argv, config.dns_workers)
         self.pool.start()
 

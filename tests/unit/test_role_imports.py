@@ -32,13 +32,11 @@ NOT_IN_A_WORKER = (
 )
 
 PROBE = """
-import argparse, contextlib, importlib, json, runpy, sys
+import contextlib, importlib, io, json, runpy, sys
 name, as_main = sys.argv[1], sys.argv[2] == "main"
-if as_main:  # as `python -m NAME` runs it, up to its argument parsing (which ends it)
-    def stop(*args, **kwargs):
-        raise SystemExit(0)
-    argparse.ArgumentParser.parse_args = stop
-    with contextlib.suppress(SystemExit):
+if as_main:  # as `python -m NAME` runs it, up to its arguments (none: it exits 2 there)
+    sys.argv = [name]
+    with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         runpy.run_module(name, run_name="__main__", alter_sys=True)
 else:
     importlib.import_module(name)
@@ -71,6 +69,10 @@ def _loaded(modules: set[str], name: str) -> bool:
     return any(m == name or m.startswith(name + ".") for m in modules)
 
 
+#: what the agent's workers leave out as well: their arguments are one JSON object
+#: (mesh.core.workerargs), and argparse's first parser loads gettext and shutil
+NOT_IN_ANY_WORKER_PROCESS = ("argparse", "shutil", "gettext")
+
 #: what the DNS worker's process leaves out beyond that: it speaks no TLS (dns.worker), and
 #: OpenSSL's libcrypto comes with hashlib's and secrets' imports
 NOT_IN_A_DNS_WORKER = ("ssl", "_ssl", "uvloop", "_hashlib")
@@ -81,6 +83,7 @@ def test_a_worker_imports_only_what_it_serves_with(worker: str) -> None:
     modules, rss = _imports(worker, as_main=True)
     print(f"{worker}: {len(modules)} modules, {rss} MB resident at start")
     assert [name for name in NOT_IN_A_WORKER if _loaded(modules, name)] == []
+    assert [name for name in NOT_IN_ANY_WORKER_PROCESS if _loaded(modules, name)] == []
     if worker == "dns.worker":
         assert [name for name in NOT_IN_A_DNS_WORKER if _loaded(modules, name)] == []
 
