@@ -37,7 +37,7 @@ from mesh.core.feedclient import FeedClient
 from mesh.core.logs import event, setup
 from mesh.core.procstats import process_figures, worker_index
 from mesh.core.reportgate import ReportGate
-from mesh.core.workerargs import WorkerArgsError, read_worker_args, worker_command
+from mesh.core.workerargs import WorkerArgsError, read_worker_args
 
 log = logging.getLogger("dns.worker")
 
@@ -59,9 +59,6 @@ class DnsWorkerArgs:
     domain: str | None = None
     upstream: list[str] = field(default_factory=list)
     log_level: str = "info"
-
-    def command(self) -> list[str]:
-        return worker_command("dns.worker", self)
 
 
 async def run(args: DnsWorkerArgs) -> int:

@@ -68,6 +68,7 @@ from mesh.core.capabilities import effective, unprivileged_port_start
 from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Health
+from mesh.core.workerargs import worker_command
 from mesh.core.workers import WorkerPool
 from mesh.core.workertotals import WorkerTotals
 from mesh.drain import DrainReaper
@@ -164,16 +165,19 @@ class DnsWorkers:
     def start(self) -> None:
         config = self._config
         assert config.dns is not None
-        argv = DnsWorkerArgs(
-            feed=str(self._feed_socket),
-            host=config.dns.host,
-            port=self._dns.port,
-            ttl=config.dns_ttl,
-            group=config.dns_workers + 1,  # the agent's listener and every worker's
-            domain=config.dns_domain or None,
-            upstream=[str(upstream) for upstream in config.dns_upstreams],
-            log_level=config.log_level,
-        ).command()
+        argv = worker_command(
+            "dns.worker",
+            DnsWorkerArgs(
+                feed=str(self._feed_socket),
+                host=config.dns.host,
+                port=self._dns.port,
+                ttl=config.dns_ttl,
+                group=config.dns_workers + 1,  # the agent's listener and every worker's
+                domain=config.dns_domain or None,
+                upstream=[str(upstream) for upstream in config.dns_upstreams],
+                log_level=config.log_level,
+            ),
+        )
         self.pool = WorkerPool("dns", argv, config.dns_workers)
         self.pool.start()
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_what_the_agent_writes_the_worker_reads_back() -> None:
     dns = DnsWorkerArgs(feed="/run/f", host="127.0.0.1", port=53, upstream=["1.1.1.1:53"])
-    argv = dns.command()
+    argv = worker_command("dns.worker", dns)
     assert argv[:3] == [sys.executable, "-m", "dns.worker"] and len(argv) == 4
     assert read_worker_args(DnsWorkerArgs, argv[3:]) == dns
     http = HttpWorkerArgs(
