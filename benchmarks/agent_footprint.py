@@ -11,7 +11,8 @@ Idle CPU: per tree, `--nodes` agents (default 5) joined into one cluster over lo
 their default parts (DNS, HTTP router, userspace load balancer, encrypted gossip, LAN
 timings) and, beside them in the same run, as many kinship nodes (`Config.lan`, encrypted,
 seeds: the first node). Every process is pinned to the same CPU. Once every cluster has all
-its members, the utime + stime of each node's process tree is read over `--seconds`.
+its members, the time on a CPU of each node's process tree (schedstat, ns) is read over
+`--seconds`.
 
 Needs: the project's venv with kinship (`make bench-deps`), `taskset`. Root is not
 required; as root the agents are started without CAP_SYS_ADMIN (no overlay on the host).
@@ -39,9 +40,9 @@ from pathlib import Path
 from common import (
     HOST,
     api,
-    cpu_seconds,
     free_port,
     process_tree,
+    run_seconds,
     stop,
     wait_for_api,
     without_sandboxes,
@@ -302,11 +303,11 @@ def cpu_rows(trees: dict[str, Path], work: Path, cpu: int, nodes: int, seconds: 
         groups["kinship"] = [p.pid for p in kin]
         time.sleep(SETTLE)
         trees_of = {name: [process_tree(pid) for pid in pids] for name, pids in groups.items()}
-        before = {name: [cpu_seconds(t) for t in each] for name, each in trees_of.items()}
+        before = {name: [run_seconds(t) for t in each] for name, each in trees_of.items()}
         started = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - started
-        after = {name: [cpu_seconds(t) for t in each] for name, each in trees_of.items()}
+        after = {name: [run_seconds(t) for t in each] for name, each in trees_of.items()}
         rss = {
             name: sum(rss_mb(pid) for tree in each for pid in tree) / nodes
             for name, each in trees_of.items()
@@ -353,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"\nIdle CPU per node, {args.nodes}-node loopback clusters, {args.seconds:.0f} s,"
             )
-            print("all on one CPU; ms of CPU per second (utime+stime, workers included); x kinship")
+            print("all on one CPU; ms on a CPU per second (schedstat, workers included); x kinship")
             print(f"{'cluster':<16} {'ms/s':>9} {'min':>7} {'max':>7} {'x':>6} {'RSS MB':>7}")
             print("-" * 57)
             for row in cpu_rows(trees, work, args.cpu, args.nodes, args.seconds):
