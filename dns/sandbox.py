@@ -37,6 +37,7 @@ from typing import Any
 from dns.responder import Responder
 from dns.server import Forward, TcpServer, UdpServer, serve_sockets, udp_socket
 from dns.table import sandbox_view
+from mesh.core import upkeep
 from mesh.core.logs import event
 from mesh.core.netns import entered
 
@@ -302,7 +303,7 @@ class SandboxDns:
 async def sweep_forever(sandboxes: SandboxDns, interval: float) -> None:
     """Run `sweep` every `interval` seconds until cancelled."""
     while True:
-        await asyncio.sleep(interval)
+        await upkeep.sleep(interval)  # rides a wake-up taken anyway (mesh.core.upkeep)
         try:
             sandboxes.sweep()
         except Exception as exc:  # a bug in one sweep must not end the sweeping

@@ -121,6 +121,9 @@ class GossipShell:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: called after every datagram and timer this shell handles: the agent's periodic
+        #: upkeep rides these wake-ups instead of taking its own (mesh.core.upkeep)
+        self.on_wake: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.admission = Admission(
             self.drops,
@@ -318,6 +321,8 @@ class GossipShell:
             except Exception:
                 log.exception("gossip event handler failed on %r", event)
         self._arm_timer()
+        if self.on_wake is not None:
+            self.on_wake()
 
     def _send(self, packet: Packet) -> None:
         if self._udp is None or not packet.messages:

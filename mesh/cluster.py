@@ -50,6 +50,7 @@ from gossip.membership import Membership
 from gossip.messages import Addr, MemberState
 from gossip.security import KeyringError
 from mesh.control import Control
+from mesh.core import upkeep
 from mesh.core.codec import record_from_dict, record_to_dict
 from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
@@ -368,6 +369,8 @@ class Cluster:
     ) -> None:
         """Join through the targets (addresses, or names the resolver turns into seeds)
         in rounds until some other member answers, backing off (`mesh.retryjoin`)."""
+        # the periodic jobs (these two, and the DNS and HTTP sweeps) ride gossip's wake-ups
+        self.shell.on_wake = upkeep.upkeep().nudge
         self._reconnect_task = asyncio.create_task(self._reconnect_failed())
         self._digest_task = asyncio.create_task(self._announce_digest())
         if not targets:
@@ -379,7 +382,7 @@ class Cluster:
     async def _reconnect_failed(self) -> None:
         """Now and then push-pull with one failed member: it may only have been cut off."""
         while True:
-            await asyncio.sleep(RECONNECT_INTERVAL)
+            await upkeep.sleep(RECONNECT_INTERVAL)
             failed = sorted(m.addr for m in self.core.members() if m.state is MemberState.DEAD)
             if failed:
                 self.core.join([self._rng.choice(failed)], asyncio.get_running_loop().time())
@@ -392,7 +395,7 @@ class Cluster:
         last_sent = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(ANNOUNCE_INTERVAL)
+            await upkeep.sleep(ANNOUNCE_INTERVAL)
             digest = self._state_digest()
             if digest.value == last and loop.time() - last_sent < REFRESH_INTERVAL:
                 continue

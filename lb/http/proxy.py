@@ -81,8 +81,8 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange.client = client
         exchange.peer_ip = str(peer[0]) if peer else ""
+        router.opened(exchange)  # first: a parked ticker refreshes the clock it reads
         exchange.opened()
-        router.opened(exchange)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._done:

@@ -24,6 +24,7 @@ from lb.http.routes import RouteTable
 from lb.http.settings import RouterSettings
 from lb.http.stats import RouterStats
 from lb.http.upstream import Pool
+from mesh.core import upkeep
 from mesh.core.logs import event
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class Router:
         self.conns: set[Exchange] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task[None] | None = None
+        #: set while the ticker is parked: no client connection and no upstream one, so
+        #: no deadline to sweep; the next client connection wakes it
+        self._parked: asyncio.Future[None] | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain data, for the metrics export."""
@@ -96,6 +100,12 @@ class Router:
     # -- the client connections' accounting (proxy.ClientConnection calls these) --------
 
     def opened(self, exchange: Exchange) -> None:
+        parked = self._parked
+        if parked is not None:  # the clock of the deadlines stood still while parked
+            self.shared.now = self.loop.time()
+            self._parked = None
+            if not parked.done():
+                parked.set_result(None)
         self.conns.add(exchange)
         self.stats.connections_open += 1
         self.stats.connections_total += 1
@@ -127,7 +137,14 @@ class Router:
     async def _tick(self) -> None:
         interval = self.settings.tick()
         while True:
-            await asyncio.sleep(interval)
+            if not self.conns and not self.pool.live:
+                # Nothing has a deadline: an idle router takes no wake-ups of its own
+                # (the upstream pool's connections all count in `live`).
+                self._parked = self.loop.create_future()
+                await self._parked
+            # rides a wake-up the loop takes anyway (mesh.core.upkeep): 3/4 of an
+            # interval to one apart, so a deadline is still found no later than before
+            await upkeep.sleep(interval)
             now = self.shared.now = self.loop.time()
             try:
                 for conn in [c for c in self.conns if c.deadline and c.deadline <= now]:

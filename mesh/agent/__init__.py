@@ -57,6 +57,7 @@ from mesh.agent.build import Agent, MeshStartError, Stopping, build
 from mesh.agent.lifetime import enter, stages
 from mesh.agent.sdnotify import Notifier, watchdog_interval
 from mesh.config import AgentConfig, ConfigError, describe, load_config
+from mesh.core import upkeep
 from mesh.core.logs import event, setup
 from mesh.core.net import HostPort
 from mesh.hostresolver import HostResolver
@@ -201,7 +202,7 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
     pinging, and systemd restarts the agent (WatchdogSec=)."""
     while True:
         notifier.notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
+        await upkeep.sleep(interval)  # rides a wake-up taken anyway (mesh.core.upkeep)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -375,3 +375,31 @@ async def test_connections_past_the_cap_get_503(rig) -> None:  # type: ignore[no
     assert statuses(
         await r.exchange(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
     ) == [200]
+
+
+async def test_an_idle_router_parks_its_ticker_and_a_connection_wakes_it(rig) -> None:  # type: ignore[no-untyped-def]
+    """No connection, nothing to sweep: the ticker takes no wake-ups of its own. The clock
+    the deadlines read stood still meanwhile; the next connection's header deadline must
+    still run from its accept, not from the last tick (else it timed out at once)."""
+    r = await rig([service("web", HOSTS)], header_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0.05)
+    assert r.router._parked is not None
+    await asyncio.sleep(0.7)  # longer than the header timeout
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    writer.write(b"GET / HTTP/1.1\r\n")  # an unfinished head
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    assert r.router._parked is None
+    (exchange,) = r.router.conns
+    assert exchange.deadline >= loop.time() + 0.2
+    try:
+        answer = await asyncio.wait_for(reader.read(), 5.0)  # the header timeout still ends it
+    finally:
+        writer.close()
+    assert statuses(answer) in ([408], [])
+    for _ in range(100):  # the last connection gone, it parks again
+        if r.router._parked is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert r.router._parked is not None
