@@ -32,6 +32,9 @@ class _Entry:
     size: int
     transmits: int
     order: int  # higher = newer
+    #: sent at least this many times whatever the cluster's limit (User payloads: see
+    #: `dissemination.USER_MIN_TRANSMITS`)
+    floor: int = 0
     place: tuple[int, int] = field(init=False)  # (-size, -order): within one transmit count
 
     def __post_init__(self) -> None:
@@ -100,13 +103,14 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def push(self, key: Hashable, message: Message, size: int) -> None:
-        """Queue `message` (`size` = its bytes in a packet), replacing any entry with `key`."""
+    def push(self, key: Hashable, message: Message, size: int, floor: int = 0) -> None:
+        """Queue `message` (`size` = its bytes in a packet), replacing any entry with `key`;
+        it is sent `limit` times (`take`'s), or `floor` times if that is more."""
         old = self._entries.pop(key, None)
         if old is not None:
             self._unbucket(old)
         self._order += 1
-        entry = _Entry(key, message, size, 0, self._order)
+        entry = _Entry(key, message, size, 0, self._order, floor)
         self._entries[key] = entry
         self._bucket(entry)
         if len(self._entries) > self.max_depth:
@@ -137,7 +141,7 @@ class BroadcastQueue:
         for entry in chosen:
             self._unbucket(entry)
             entry.transmits += 1
-            if entry.transmits >= limit:
+            if entry.transmits >= limit and entry.transmits >= entry.floor:
                 del self._entries[entry.key]
             else:
                 self._bucket(entry)

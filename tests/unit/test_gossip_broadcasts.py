@@ -28,6 +28,17 @@ def test_each_broadcast_is_sent_limit_times_then_dropped() -> None:
     assert len(queue) == 0
 
 
+def test_a_floor_keeps_a_broadcast_past_a_lower_limit_but_not_a_higher_one() -> None:
+    queue = BroadcastQueue(max_depth=10)
+    queue.push("floored", _user(b"f"), part_size(_user(b"f")), floor=5)
+    _push(queue, "plain", _user(b"p"))
+    sent = [queue.take(1000, limit=3, max_items=10) for _ in range(6)]
+    assert [len(s) for s in sent] == [2, 2, 2, 1, 1, 0]  # plain 3 times, floored 5
+    queue.push("floored", _user(b"g"), part_size(_user(b"g")), floor=2)
+    sent = [queue.take(1000, limit=3, max_items=10) for _ in range(4)]
+    assert [len(s) for s in sent] == [1, 1, 1, 0]  # a limit above the floor wins
+
+
 def test_fewest_transmits_first_then_larger_then_newer() -> None:
     queue = BroadcastQueue(max_depth=10)
     _push(queue, "old", _user(b"o"))

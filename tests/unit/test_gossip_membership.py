@@ -13,7 +13,8 @@ from typing import TypeVar
 
 import pytest
 
-from gossip.config import GossipConfig
+from gossip.config import GossipConfig, retransmit_limit
+from gossip.dissemination import USER_MIN_TRANSMITS
 from gossip.errors import ConfigError, EncodeError
 from gossip.members import (
     Event,
@@ -469,11 +470,13 @@ def test_every_packet_fits_the_budget_and_carries_broadcasts() -> None:
 
 
 def test_retransmit_limit_bounds_each_broadcast() -> None:
-    world = Peers("bcd")  # n = 4 -> 4 x ceil(log10 5) = 4 transmits
+    # n = 4 -> 4 x ceil(log10 5) = 4 transmits; a User payload has a floor of 8
+    world = Peers("bcd")
+    assert retransmit_limit(LAN.retransmit_mult, 4) == 4
     world.core.broadcast(b"once-only")
     world.run(5.0)
     copies = [m for _, _, m in world.sent(User) if m == User(payload=b"once-only")]
-    assert len(copies) == 4
+    assert len(copies) == USER_MIN_TRANSMITS == 8
 
 
 def test_push_pull_join_and_serve() -> None:
