@@ -29,15 +29,30 @@ RandomMembers = Callable[[int, Callable[[MemberInfo], bool]], list[MemberInfo]]
 #: (`tests/unit/test_gossip_dissemination.py`): 26 of 1,000 runs of a network, a service
 #: and two tasks left a record away from one node for 10 s and more, until a push-pull
 #: (30 s on `lan`); with 6 sends 1, with 8 none. State records are few and small;
-#: membership news keeps memberlist's limit (probes repair a missed one).
+#: membership news keeps memberlist's limit (probes repair a missed one). An application
+#: may give a payload less (`Membership`'s `user_min_transmits`): the agent's digest
+#: announcements, repeated every 10 s and only read by `mesh doctor`, keep memberlist's 4,
+#: or they would double an idle cluster's gossip.
 USER_MIN_TRANSMITS = 8
+
+
+def always_min_transmits(_payload: bytes) -> int:
+    """Every User payload's floor: `USER_MIN_TRANSMITS`."""
+    return USER_MIN_TRANSMITS
 
 
 class Outbox:
     def __init__(
-        self, config: GossipConfig, name: str, members: MemberStates, random_members: RandomMembers
+        self,
+        config: GossipConfig,
+        name: str,
+        members: MemberStates,
+        random_members: RandomMembers,
+        user_min_transmits: Callable[[bytes], int] = always_min_transmits,
     ) -> None:
         self.config, self.name = config, name
+        #: a User payload's floor of sends, by its bytes (here and where it is passed on)
+        self._user_min_transmits = user_min_transmits
         self._members = members
         self._random_members = random_members
         self._queue = BroadcastQueue(config.broadcast_queue_depth)
@@ -69,7 +84,10 @@ class Outbox:
         digest = RecentDigests.digest(payload)
         self._recent_user.add(digest)
         self._queue.push(
-            ("user", key) if key is not None else ("msg", digest), message, size, USER_MIN_TRANSMITS
+            ("user", key) if key is not None else ("msg", digest),
+            message,
+            size,
+            self._user_min_transmits(payload),
         )
 
     def first_seen(self, user: User) -> bytes | None:
@@ -79,7 +97,8 @@ class Outbox:
 
     def pass_on(self, user: User, digest: bytes) -> None:
         """Epidemic: a User payload delivered here is gossiped on."""
-        self._queue.push(("msg", digest), user, part_size(user), USER_MIN_TRANSMITS)
+        floor = self._user_min_transmits(user.payload)
+        self._queue.push(("msg", digest), user, part_size(user), floor)
 
     def update(self, node: str, message: Alive | Suspect | Dead) -> None:
         """News of `node`, replacing any queued older news of it."""

@@ -65,7 +65,7 @@ from gossip.codec import (
     MAX_NAME,
 )
 from gossip.config import GossipConfig, push_pull_scale
-from gossip.dissemination import Outbox
+from gossip.dissemination import Outbox, always_min_transmits
 from gossip.errors import ConfigError
 from gossip.lateness import Lateness
 from gossip.members import (
@@ -187,7 +187,10 @@ class Membership:
         lifeguard: bool = True,
         incarnation: int = 0,
         wall_offset: float = 0.0,
+        user_min_transmits: Callable[[bytes], int] = always_min_transmits,
     ) -> None:
+        """`user_min_transmits`: how many times at least this node sends a User payload,
+        its own or one it passes on (`gossip.dissemination.USER_MIN_TRANSMITS`)."""
         if not 1 <= len(name) <= MAX_NAME:
             raise ConfigError(f"name must be 1..{MAX_NAME} chars")
         if len(meta) > MAX_META or incarnation < 0:
@@ -197,7 +200,7 @@ class Membership:
         self._rng, self._delegate, self._meta = rng, state, meta
         self._incarnation, self._left = incarnation, False
         self._members = MemberStates(config, rng, lifeguard=lifeguard)
-        self._outbox = Outbox(config, name, self._members, self._random_members)
+        self._outbox = Outbox(config, name, self._members, self._random_members, user_min_transmits)
         self._awareness = Awareness(config.awareness_max_multiplier)
         self._due: float | None = None  # the last next_timer() answer (shells arm it)
         self._late = Lateness(

@@ -27,6 +27,7 @@ from typing import Any
 
 from gossip import codec
 from gossip.config import GossipConfig
+from gossip.dissemination import always_min_transmits
 from gossip.errors import EncodeError
 from gossip.members import (
     Event,
@@ -72,8 +73,10 @@ class SimCluster:
         lifeguard: bool = True,
         wire: bool = True,
         trace: bool = False,
+        user_min_transmits: Callable[[bytes], int] = always_min_transmits,
     ) -> None:
         self.config = config or GossipConfig.lan()
+        self._user_min_transmits = user_min_transmits
         self.lifeguard = lifeguard
         self.wire = wire
         self.seed = seed
@@ -121,6 +124,7 @@ class SimCluster:
             now=self.queue.now,
             state=delegate,
             lifeguard=self.lifeguard,
+            user_min_transmits=self._user_min_transmits,
         )
         return core, delegate
 
