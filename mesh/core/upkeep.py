@@ -59,9 +59,9 @@ class Upkeep:
     def nudge(self) -> None:
         """The loop is awake anyway: release every sleeper whose earliest time has come.
         Called per gossip datagram, so a nudge before the soonest is one clock read."""
-        if self._soonest > self._clock():
-            return
         now = self._clock()
+        if self._soonest > now:
+            return
         soonest = math.inf
         for waiter, earliest in list(self._sleepers.items()):
             if earliest <= now:
@@ -95,10 +95,3 @@ def upkeep() -> Upkeep:
 async def sleep(period: float) -> None:
     """Sleep for upkeep: between 3/4 of `period` and `period`, on a wake-up taken anyway if any."""
     await upkeep().sleep(period)
-
-
-def nudge() -> None:
-    """Tell the running loop's upkeep that the loop is awake (cheap when nothing is due)."""
-    found = _UPKEEPS.get(asyncio.get_running_loop())
-    if found is not None:
-        found.nudge()

@@ -72,17 +72,18 @@ async def test_without_a_ride_a_sleep_ends_by_its_period() -> None:
     assert len(upkeep.upkeep()) == 0
 
 
-async def test_the_module_nudge_reaches_the_running_loops_upkeep(
+async def test_the_module_sleep_is_released_by_a_nudge_of_the_running_loops_upkeep(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = asyncio.get_running_loop()
     keeper = upkeep.upkeep()
     assert keeper is upkeep.upkeep()  # one per loop
+    nudge = keeper.nudge  # what mesh.cluster gives the gossip shell as its on_wake
     sleeper = asyncio.ensure_future(upkeep.sleep(100.0))
     await asyncio.sleep(0)
-    upkeep.nudge()
+    nudge()
     await asyncio.sleep(0)
     assert not sleeper.done()
     monkeypatch.setattr(keeper, "_clock", lambda: loop.time() + 80.0)  # 80 s on
-    upkeep.nudge()
+    nudge()
     await asyncio.wait_for(sleeper, 1.0)
