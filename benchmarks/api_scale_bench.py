@@ -18,6 +18,7 @@ commit, from `git archive`), so base and after are measured in one sitting:
     .venv/bin/python benchmarks/api_scale_bench.py                     # this tree
     .venv/bin/python benchmarks/api_scale_bench.py --repo /tmp/base    # another tree
     .venv/bin/python benchmarks/api_scale_bench.py --tasks 2000 --services 10
+    .venv/bin/python benchmarks/api_scale_bench.py --ttl-check 3600   # checked tasks
 
 Every step is bounded: `--budget` seconds for the registrations (default 300;
 whatever was registered by then is reported), 10 s per request. Traffic stays on
@@ -145,6 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the agent's data dir goes (default: the system's temp dir); "
         "/dev/shm takes the disk's fsync out of each registration's time",
     )
+    parser.add_argument(
+        "--ttl-check",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give every service a ttl health check of SECONDS (no probes run): each task "
+        "registered here then has a health tracker on this node, as a checked service's do",
+    )
     parser.add_argument("--server-cpu", type=int, default=None)
     parser.add_argument("--client-cpu", type=int, default=None)
     args = parser.parse_args(argv)
@@ -165,11 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise RuntimeError(f"network: {status} {raw!r}")
         services = [f"svc{i}" for i in range(args.services)]
         for name in services:
-            spec = {
+            spec: dict[str, Any] = {
                 "name": name,
                 "networks": ["bench"],
                 "ports": [{"protocol": "tcp", "target_port": 8080}],
             }
+            if args.ttl_check is not None:
+                spec["health_check"] = {"type": "ttl", "ttl": args.ttl_check}
             status, raw, _ = request(conn, "POST", "/v1/services", spec)
             if status != 201:
                 raise RuntimeError(f"service {name}: {status} {raw!r}")
@@ -205,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"API at scale: {len(latencies)} tasks over {args.services} service(s), agent on CPU "
             f"{server_cpu}, client on CPU {client_cpu}; tree {args.repo}; data in {work}; "
-            f"load {load}"
+            f"ttl check {args.ttl_check}; load {load}"
         )
         print(f"{'registration (ms)':<24} {'n':>6} {'mean':>8} {'p50':>8} {'p99':>8} {'max':>8}")
         print("-" * 67)

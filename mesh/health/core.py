@@ -33,6 +33,7 @@ tuning a check does not take every task out of rotation at once.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ class HealthTracker:
     ) -> None:
         self.check = check
         self.token = token
+        #: which of the planner's deadline entries is this tracker's current one
+        self.stamp = 0
         self.health = health
         self.output = ""
         self.failures = 0
@@ -167,6 +170,12 @@ class HealthPlanner:
         self._by_service: dict[str, set[str]] = {}
         self._trackers: dict[str, HealthTracker] = {}
         self._tokens = itertools.count(1)
+        #: (when, stamp, task id): each tracker's next deadline, as a heap. A tracker's
+        #: entry is current while its stamp matches; a replaced one is dropped when it
+        #: comes to the top (or at a compaction), so the timer's work and a change's
+        #: re-arm cost O(log n) in the checked tasks, not a scan of them.
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._stamps = itertools.count(1)
 
     def __repr__(self) -> str:
         return (
@@ -225,13 +234,15 @@ class HealthPlanner:
         check = None if service is None else service.health_check
         if check is None:
             return
-        self._trackers[task.id] = HealthTracker(
+        tracker = HealthTracker(
             check,
             now=now,
             token=next(self._tokens),
             health=task.health if previous is None else previous.health,
             start_period_end=now + (task.created_at + check.start_period - wall_now),
         )
+        self._trackers[task.id] = tracker
+        self._schedule(task.id, tracker)
 
     def _forget(self, task: Task) -> None:
         self._tasks.pop(task.id, None)
@@ -259,19 +270,23 @@ class HealthPlanner:
         tracker = self._trackers.get(order.task_id)
         if tracker is None or tracker.token != order.token:
             return None
-        return _transition(order.task_id, tracker, tracker.record_probe(passed, output, now))
+        health = tracker.record_probe(passed, output, now)
+        self._schedule(order.task_id, tracker)
+        return _transition(order.task_id, tracker, health)
 
     def postpone(self, order: ProbeOrder, now: float) -> None:
         """A probe this node could not make (its own shortage, not the task's failure)."""
         tracker = self._trackers.get(order.task_id)
         if tracker is not None and tracker.token == order.token:
             tracker.postpone_probe(now)
+            self._schedule(order.task_id, tracker)
 
     def abandon(self, order: ProbeOrder) -> None:
         """Forget a probe that was cancelled before its result, so its task is probed again."""
         tracker = self._trackers.get(order.task_id)
         if tracker is not None and tracker.token == order.token:
             tracker.abandon_probe()
+            self._schedule(order.task_id, tracker)
 
     def report(self, task_id: str, healthy: bool, output: str, now: float) -> Transition | None:
         """A task's own report (`PUT /v1/tasks/{id}/health`); ignored unless it runs here.
@@ -280,7 +295,9 @@ class HealthPlanner:
         """
         tracker = self._trackers.get(task_id)
         if tracker is not None:
-            return _transition(task_id, tracker, tracker.report(healthy, output, now))
+            health = tracker.report(healthy, output, now)
+            self._schedule(task_id, tracker)
+            return _transition(task_id, tracker, health)
         task = self._tasks.get(task_id)
         health = Health.HEALTHY if healthy else Health.UNHEALTHY
         if task is None or task.health is health:
@@ -292,23 +309,56 @@ class HealthPlanner:
     def expire(self, now: float) -> list[Transition]:
         """Turn unhealthy every ttl-checked task whose deadline has passed."""
         found = []
-        for task_id, tracker in self._trackers.items():
+        for task_id, tracker in self._take_due(now):
             if (transition := _transition(task_id, tracker, tracker.expire(now))) is not None:
                 found.append(transition)
+            self._schedule(task_id, tracker)
         return found
 
     def due(self, now: float) -> list[ProbeOrder]:
         """The probes to start now; each is in flight until `record_probe` gets its result."""
-        return [
-            self._order(task_id, tracker)
-            for task_id, tracker in self._trackers.items()
-            if tracker.take_probe(now)
-        ]
+        orders = []
+        for task_id, tracker in self._take_due(now):
+            if tracker.take_probe(now):
+                orders.append(self._order(task_id, tracker))
+            self._schedule(task_id, tracker)
+        return orders
 
     def next_deadline(self) -> float | None:
         """When `expire` or `due` next has work; None while nothing is scheduled."""
-        deadline = min((t.next_due() for t in self._trackers.values()), default=math.inf)
-        return None if deadline == math.inf else deadline
+        deadlines = self._deadlines
+        while deadlines and not self._is_current(deadlines[0]):
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
+
+    def _schedule(self, task_id: str, tracker: HealthTracker) -> None:
+        """File a tracker's next deadline after anything that may have moved it."""
+        tracker.stamp = stamp = next(self._stamps)
+        when = tracker.next_due()
+        if when == math.inf:
+            return
+        heapq.heappush(self._deadlines, (when, stamp, task_id))
+        if len(self._deadlines) > 2 * len(self._trackers) + 64:
+            # replaced entries under a later current one (a ttl task reporting often):
+            # drop them all at once, so the heap stays within twice the trackers
+            self._deadlines = [entry for entry in self._deadlines if self._is_current(entry)]
+            heapq.heapify(self._deadlines)
+
+    def _take_due(self, now: float) -> list[tuple[str, HealthTracker]]:
+        """The trackers with a deadline at or before `now`, taken off the heap (the
+        caller files each one's next deadline after acting on it)."""
+        taken = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, stamp, task_id = heapq.heappop(deadlines)
+            tracker = self._trackers.get(task_id)
+            if tracker is not None and tracker.stamp == stamp:
+                taken.append((task_id, tracker))
+        return taken
+
+    def _is_current(self, entry: tuple[float, int, str]) -> bool:
+        tracker = self._trackers.get(entry[2])
+        return tracker is not None and tracker.stamp == entry[1]
 
     def _order(self, task_id: str, tracker: HealthTracker) -> ProbeOrder:
         task = self._tasks[task_id]

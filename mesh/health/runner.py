@@ -57,6 +57,8 @@ class HealthRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: the planner deadline `_timer` was armed for
+        self._armed_for: float | None = None
         self._probes: set[asyncio.Task[None]] = set()
         #: probes not made for want of descriptors here: no verdict on their tasks
         self.fd_shortage = 0
@@ -110,12 +112,16 @@ class HealthRunner:
 
     def _rearm(self) -> None:
         """Point the one timer at the planner's next deadline (or nowhere)."""
+        deadline = self.planner.next_deadline()
+        running = self._session is not None and self._loop is not None
+        if self._timer is not None and running and deadline == self._armed_for:
+            return  # most changes (every task of the cluster) leave the deadline where it was
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        deadline = self.planner.next_deadline()
         if self._session is None or self._loop is None or deadline is None:
             return
+        self._armed_for = deadline
         delay = max(0.0, deadline - self._now())
         self._timer = self._loop.call_later(delay, self._on_timer, deadline)
 

@@ -6,7 +6,9 @@ import ast
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -417,3 +419,104 @@ def test_ttl_is_unhealthy_iff_the_last_report_is_bad_or_stale(
         if last and tracker.health is Health.HEALTHY
         else (ttl if last is None and now < ttl else math.inf)
     )
+
+
+# -- the deadline heap: the same answers as a scan of every tracker, without the scan ----
+
+
+def _scanned_deadline(planner: HealthPlanner) -> float | None:
+    """What `next_deadline` answered before the heap: the minimum over every tracker."""
+    trackers = [planner.tracker(task_id) for task_id in sorted(planner._tasks)]
+    deadline = min((t.next_due() for t in trackers if t is not None), default=math.inf)
+    return None if deadline == math.inf else deadline
+
+
+_STEP = st.one_of(
+    st.tuples(st.just("register"), st.integers(0, 7)),
+    st.tuples(st.just("drop"), st.integers(0, 7)),
+    st.tuples(st.just("check"), st.sampled_from(["web", "api"]), st.sampled_from(["http", "ttl"])),
+    st.tuples(st.just("uncheck"), st.sampled_from(["web", "api"])),
+    st.tuples(st.just("report"), st.integers(0, 7), st.booleans()),
+    st.tuples(st.just("advance"), st.floats(0.0, 12.0)),
+    st.tuples(st.just("finish"), st.booleans()),
+    st.tuples(st.just("abandon")),
+)
+
+
+@given(st.lists(_STEP, max_size=60))
+def test_the_deadline_heap_answers_as_a_scan_of_every_tracker(steps: list[tuple[Any, ...]]) -> None:
+    """Random registrations, removals, check changes, reports, probes and time: after
+    every step `next_deadline` is the minimum over the trackers, and a timer at `now`
+    expires and probes exactly the trackers a scan finds due."""
+    checks = {"http": HTTP, "ttl": TTL}
+    services = {name: service(name=name) for name in ("web", "api")}
+    planner = planner_with(*services.values())
+    now = 0.0
+    in_flight: list[ProbeOrder] = []
+    for step in steps:
+        match step:
+            case ("register", n):
+                planner.on_change(
+                    upsert(task(f"t{n}", service=("web", "api")[n % 2])), now, WALL + now
+                )
+            case ("drop", n):
+                gone = dataclasses.replace(
+                    task(f"t{n}", service=("web", "api")[n % 2]), deleted=True
+                )
+                planner.on_change(upsert(gone), now, WALL + now)
+            case ("check", name, kind):
+                services[name] = dataclasses.replace(services[name], health_check=checks[kind])
+                planner.on_change(upsert(services[name]), now, WALL + now)
+            case ("uncheck", name):
+                services[name] = dataclasses.replace(services[name], health_check=None)
+                planner.on_change(upsert(services[name]), now, WALL + now)
+            case ("report", n, healthy):
+                planner.report(f"t{n}", healthy, "", now)
+            case ("advance", seconds):
+                now += seconds
+                trackers = {tid: planner.tracker(tid) for tid in planner._tasks}
+                live = {tid: t for tid, t in trackers.items() if t is not None}
+                expiring = {
+                    tid
+                    for tid, t in live.items()
+                    if t._ttl_deadline <= now and t.health is not Health.UNHEALTHY
+                }
+                assert {transition.task_id for transition in planner.expire(now)} == expiring
+                probing = {
+                    tid for tid, t in live.items() if not t._in_flight and t._probe_at <= now
+                }
+                orders = planner.due(now)
+                assert {order.task_id for order in orders} == probing
+                in_flight += orders
+            case ("finish", passed) if in_flight:
+                planner.record_probe(in_flight.pop(0), passed, "", now)
+            case ("abandon",) if in_flight:
+                planner.abandon(in_flight.pop())
+        assert planner.next_deadline() == _scanned_deadline(planner)
+        assert len(planner._deadlines) <= 2 * len(planner._tasks) + 65
+
+
+def test_a_change_costs_no_scan_of_the_checked_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 checked tasks on this node: a registration, a probe result and the timer's
+    next deadline each look at a few trackers, not at all of them (a scan did 10,000)."""
+    planner = planner_with(service())
+    for n in range(10_000):
+        planner.on_change(upsert(task(f"t{n}")), 0.0, WALL)
+    looked = 0
+    real_next_due = HealthTracker.next_due
+
+    def counted(self: HealthTracker) -> float:
+        nonlocal looked
+        looked += 1
+        return real_next_due(self)
+
+    monkeypatch.setattr(HealthTracker, "next_due", counted)
+    planner.on_change(upsert(task("t-new")), 0.5, WALL + 0.5)
+    assert planner.next_deadline() == HTTP.interval
+    (order, *others) = planner.due(HTTP.interval)
+    assert len(others) == 9_999
+    looked = 0
+    planner.record_probe(order, True, "", 1.2)
+    planner.on_change(upsert(task("t-newer")), 1.2, WALL + 1.2)
+    assert planner.next_deadline() == 1.5  # t-new's first probe
+    assert looked <= 4
