@@ -1,5 +1,5 @@
 """`python -m mesh.cli`: the same as the `mesh` console script."""
 
-from mesh.cli.main import main
+from mesh.cli.entry import main
 
 raise SystemExit(main())

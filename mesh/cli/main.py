@@ -1,8 +1,8 @@
-"""`mesh`: the entry point (`mesh = mesh.cli.main:main`).
+"""`mesh`'s client commands (the console script is `mesh.cli.entry:main`).
 
-`mesh agent ...` is handed, untouched, to `mesh.agent.main`, imported only
-then. Every other command is parsed here, run by its noun module against the
-agent's HTTP API, and any failure ends as one line on stderr: `mesh: <reason>`,
+`mesh agent ...` is handed, untouched, to `mesh.agent.main` (`mesh.cli.entry` starts an agent
+without importing this module). Every other command is parsed here, run by its noun module
+against the agent's HTTP API, and any failure ends as one line on stderr: `mesh: <reason>`,
 exit status 1 (2 for a bad command line), never a traceback.
 """
 
@@ -15,7 +15,6 @@ import importlib.metadata
 import os
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from mesh import __version__
@@ -34,6 +33,7 @@ from mesh.cli import (
 )
 from mesh.cli.client import DEFAULT_API, Client, ClientTls, read_token_file
 from mesh.cli.commands import Handler
+from mesh.cli.entry import run_agent
 from mesh.cli.errors import CliError, UsageError
 from mesh.cli.output import Context
 
@@ -62,7 +62,7 @@ TAKES_COMMAND = "takes_command"
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["agent"]:
-        return _run_agent(args[1:])
+        return run_agent(args[1:])
     try:
         return _run(args)
     except CliError as exc:
@@ -219,16 +219,6 @@ def _tls(args: argparse.Namespace) -> ClientTls:
         cert=path(args.cert, "MESH_CLIENT_CERT"),
         key=path(args.key, "MESH_CLIENT_KEY"),
     )
-
-
-def _run_agent(argv: list[str]) -> int:
-    """`mesh agent ...`: the agent parses its own flags and reports its own errors."""
-    try:
-        module = importlib.import_module("mesh.agent")
-    except ImportError as exc:
-        return _fail(f"the agent is not available: {exc}", 1)
-    agent_main: Callable[[list[str]], int] = module.main
-    return agent_main(argv)
 
 
 def _fail(message: str, code: int) -> int:

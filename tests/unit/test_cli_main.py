@@ -192,6 +192,28 @@ def test_the_cli_imports_no_third_party_package() -> None:
         "print(sorted({m.split('.')[0] for m in sys.modules if not m.startswith('_')}"
         " - set(sys.stdlib_module_names) - own))\n"
     )
+    stdout = _fresh_interpreter(code)
+    assert stdout.strip() == "[]", stdout
+
+
+def test_mesh_agent_imports_none_of_the_client_commands() -> None:
+    """`mesh agent` goes through `mesh.cli.entry` straight to the agent: the client's
+    parsers, HTTP client and doctor (~3 MB) stay out of the agent's process."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(sorted(m for m in sys.modules\n"
+        "    if m.startswith(('mesh.cli.', 'mesh.doctor')))))\n"
+        "sys.argv = ['mesh', 'agent', '--help']\n"
+        "from mesh.cli.entry import main\n"
+        "raise SystemExit(main())\n"
+    )
+    stdout = _fresh_interpreter(code)
+    assert "usage: mesh agent" in stdout
+    assert stdout.strip().splitlines()[-1] == "['mesh.cli.entry']", stdout[-500:]
+
+
+def _fresh_interpreter(code: str) -> str:
+    """What `python -c code` prints, run from the checkout as `mesh` runs."""
     done = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -200,7 +222,7 @@ def test_the_cli_imports_no_third_party_package() -> None:
         check=True,
         cwd=Path(__file__).resolve().parents[2],
     )
-    assert done.stdout.strip() == "[]", done.stdout
+    return done.stdout
 
 
 def test_the_token_from_flag_file_or_environment(
