@@ -14,7 +14,6 @@ a 403 (`mesh.api_tokens` decides; a GET route added later is read-scope as it is
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -309,14 +308,13 @@ async def read_model(request: web.Request, model: type[M]) -> M:
 
 def make_app(deps: ApiDeps) -> web.Application:
     from mesh.api import dashboard, events, metrics, table
-    from mesh.api.openapi import build_openapi
 
     middlewares: list[Middleware] = [_errors]
     if deps.access.tokens:
         middlewares.append(_auth_middleware(deps.access))
     app = web.Application(middlewares=middlewares, client_max_size=deps.max_body)
     app[DEPS] = deps
-    app[table.OPENAPI] = json.dumps(build_openapi(table.ROUTES)).encode()
+    app[table.OPENAPI] = table.OpenApiDocument(table.ROUTES)
     events.setup(app)
     dashboard.setup(app, auth=bool(deps.access.tokens), http=deps.http_stats is not None)
     metrics.setup(app)

@@ -68,11 +68,11 @@ Address = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra={"
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class _Response(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 # -- requests ---------------------------------------------------------------

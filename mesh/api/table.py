@@ -8,6 +8,7 @@ describes the API from it, so the router and the description cannot disagree.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,11 +75,30 @@ _WRITE_ERRORS = (400, 409, 413, 422)
 
 
 async def _get_openapi(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[OPENAPI], content_type="application/json", charset="utf-8")
+    body = request.app[OPENAPI].body()
+    return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
-#: /v1/openapi.json, serialized once when the app is made
-OPENAPI = web.AppKey("openapi", bytes)
+class OpenApiDocument:
+    """/v1/openapi.json, built and serialized at its first request, then kept.
+
+    Building it builds the schema of every API model (the models are `defer_build`),
+    ~6 MB the control process would otherwise hold from its start for a document most
+    agents never serve. The first request pays ~35 ms once."""
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self._routes = routes
+        self._body: bytes | None = None
+
+    def body(self) -> bytes:
+        if self._body is None:
+            from mesh.api.openapi import build_openapi
+
+            self._body = json.dumps(build_openapi(self._routes)).encode()
+        return self._body
+
+
+OPENAPI = web.AppKey("openapi", OpenApiDocument)
 
 ROUTES: tuple[Route, ...] = (
     Route(
