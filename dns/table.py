@@ -31,10 +31,11 @@ Resolution rules (docs/design.md, "DNS names"; Swarm's in reference §1.2-1.3):
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mesh.core import net
+from mesh.core.ids import IdIndex
 from mesh.core.model import (
     INGRESS,
     Change,
@@ -87,49 +88,6 @@ class Answer:
     mesh_space: bool = False  # a miss is NXDOMAIN, never forwarded
 
 
-class _Ids:
-    """key -> the ids under it. Most keys (a task's address) hold one id, kept as the id
-    itself: a set of one costs ~200 bytes, 2 MB at 10,000 tasks in the agent and again in
-    each DNS worker. A key whose last id goes is removed (an emptied set would stay)."""
-
-    __slots__ = ("_by_key",)
-
-    def __init__(self) -> None:
-        self._by_key: dict[str, str | set[str]] = {}
-
-    def add(self, key: str, id_: str) -> None:
-        held = self._by_key.get(key)
-        if held is None or held == id_:
-            self._by_key[key] = id_
-        elif isinstance(held, str):
-            self._by_key[key] = {held, id_}
-        else:
-            held.add(id_)
-
-    def discard(self, key: str, id_: str) -> None:
-        held = self._by_key.get(key)
-        if held is None:
-            return
-        if isinstance(held, str):
-            if held == id_:
-                del self._by_key[key]
-            return
-        held.discard(id_)
-        if len(held) == 1:
-            self._by_key[key] = next(iter(held))
-        elif not held:
-            del self._by_key[key]
-
-    def get(self, key: str) -> Collection[str]:
-        held = self._by_key.get(key)
-        if held is None:
-            return ()
-        return (held,) if isinstance(held, str) else held
-
-    def __len__(self) -> int:
-        return len(self._by_key)
-
-
 class NameTable:
     """Lower-cased indexes of the state, fed changes, answering lookups."""
 
@@ -141,7 +99,7 @@ class NameTable:
         self._tasks: dict[str, Task] = {}  # by id
         self._tasks_by_service: dict[str, set[str]] = {}
         self._tasks_by_name: dict[str, str] = {}
-        self._tasks_by_address = _Ids()
+        self._tasks_by_address: IdIndex[str] = IdIndex()
         self._vips: dict[str, tuple[str, str]] = {}  # address -> (service, network)
         self._aliases: dict[str, dict[str, str]] = {}  # alias -> {network: service}
 

@@ -36,7 +36,7 @@ ones of weight > 0.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from lb.table import (
@@ -90,6 +90,48 @@ def _addresses(task: Task) -> set[str]:
     return {task.address, *task.addresses.values()}
 
 
+class _NodesByAddress:
+    """address -> the nodes with a task at it, counted. Most addresses hold one task, so
+    a single node with one task is kept as the node's name itself: a Counter each would
+    cost ~1 MB at 10,000 tasks."""
+
+    __slots__ = ("_by_address",)
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, str | Counter[str]] = {}
+
+    def add(self, address: str, node: str) -> None:
+        held = self._by_address.get(address)
+        if held is None:
+            self._by_address[address] = node
+        elif isinstance(held, str):
+            self._by_address[address] = Counter((held, node))
+        else:
+            held[node] += 1
+
+    def remove(self, address: str, node: str) -> None:
+        held = self._by_address.get(address)
+        if held is None:
+            return
+        if isinstance(held, str):
+            if held == node:
+                del self._by_address[address]
+            return
+        held[node] -= 1
+        if held[node] <= 0:
+            del held[node]
+        if not held:
+            del self._by_address[address]
+        elif len(held) == 1 and held.total() == 1:
+            self._by_address[address] = next(iter(held))
+
+    def nodes(self, address: str) -> Collection[str]:
+        held = self._by_address.get(address)
+        if held is None:
+            return ()
+        return (held,) if isinstance(held, str) else held
+
+
 class SuspectFilter:
     """The table the view wants, less the reals of nodes suspect for `hold` seconds."""
 
@@ -105,7 +147,7 @@ class SuspectFilter:
         #: reader polling it (lb/outlier_watch.py) rebuilds its indexes only then
         self.generation = 0
         # address -> node -> tasks of that node with that address
-        self._nodes_of: dict[str, Counter[str]] = {}
+        self._nodes_of = _NodesByAddress()
         self._suspect_since: dict[str, float] = {}
         self._hidden: set[str] = set()
         #: reals outlier detection ejected (lb/outlier.py), hidden as a hidden node's are
@@ -137,13 +179,9 @@ class SuspectFilter:
             self._count(change.after, 1)
 
     def _count(self, task: Task, delta: int) -> None:
+        count = self._nodes_of.add if delta > 0 else self._nodes_of.remove
         for address in _addresses(task):
-            nodes = self._nodes_of.setdefault(address, Counter())
-            nodes[task.node] += delta
-            if nodes[task.node] <= 0:
-                del nodes[task.node]
-            if not nodes:
-                del self._nodes_of[address]
+            count(address, task.node)
 
     def _out(self, real: Real) -> bool:
         """Whether `real` is to be left out (kept only as a service's last)."""
@@ -151,13 +189,13 @@ class SuspectFilter:
 
     def is_remote(self, real: Real, local_node: str) -> bool:
         """Whether `real` is on a node other than `local_node` (or on none we know of)."""
-        nodes = self._nodes_of.get(real.address)
+        nodes = self._nodes_of.nodes(real.address)
         return not nodes or any(node != local_node for node in nodes)
 
     def _on_hidden_node(self, real: Real) -> bool:
         if not self._hidden:
             return False
-        nodes = self._nodes_of.get(real.address)
+        nodes = self._nodes_of.nodes(real.address)
         if not nodes:
             return False  # on no node we know of: never hidden
         return all(node in self._hidden for node in nodes)

@@ -225,12 +225,12 @@ def task_entries(service: Service, task: Task, node: str) -> list[tuple[VirtualK
         real = Real(task.address if task.node == node else task.address_on(INGRESS), target)
         if service.endpoint_mode == "vip":
             for vip in service.vips:
+                address = task_address(task, vip.network)
+                # the same object as `real` where it is the same real (a local task
+                # without a sandbox): every table holding both keeps one object, not two
+                at = real if address == real.address else Real(address, target)
                 entries.append(
-                    (
-                        VirtualKey(port.protocol, vip.address, port.target_port),
-                        Real(task_address(task, vip.network), target),
-                        weight,
-                    )
+                    (VirtualKey(port.protocol, vip.address, port.target_port), at, weight)
                 )
         mine_only = port.publish_mode == "host" or port.traffic_policy == "local"
         if task.node == node or not mine_only:
@@ -289,6 +289,39 @@ def build_table(records: Iterable[Record], node: str, *, proxy_supported: bool =
     }
 
 
+#: One real's tasks and their weights: (task id, weight) for the one task most reals have
+#: (a dict of one costs ~180 bytes, three per task: ~1.5 MB at 10,000 tasks), else a dict
+#: task id -> weight (two tasks may share an endpoint).
+TaskWeights = tuple[str, int] | dict[str, int]
+
+
+def with_task(held: TaskWeights | None, task_id: str, weight: int) -> TaskWeights:
+    if held is None or (isinstance(held, tuple) and held[0] == task_id):
+        return (task_id, weight)
+    if isinstance(held, tuple):
+        return {held[0]: held[1], task_id: weight}
+    held[task_id] = weight
+    return held
+
+
+def without_task(held: TaskWeights | None, task_id: str) -> TaskWeights | None:
+    """What is left of `held` without `task_id` (None: nothing)."""
+    if held is None or isinstance(held, tuple):
+        return None if held is None or held[0] == task_id else held
+    held.pop(task_id, None)
+    if len(held) == 1:
+        return next(iter(held.items()))
+    return held or None
+
+
+def top_weight(held: TaskWeights) -> int:
+    return held[1] if isinstance(held, tuple) else max(held.values())
+
+
+def task_ids(held: TaskWeights) -> Iterable[str]:
+    return (held[0],) if isinstance(held, tuple) else held
+
+
 class LbView:
     """This node's L4 table, fed changes, answering each with the ops that follow it."""
 
@@ -303,8 +336,8 @@ class LbView:
         self._vip_networks: dict[str, dict[str, str]] = {}
         # key -> service name -> its claim
         self._claims: dict[VirtualKey, dict[str, Claim]] = {}
-        # key -> service name -> real -> task id -> weight (two tasks may share an endpoint)
-        self._weights: dict[VirtualKey, dict[str, dict[Real, dict[str, int]]]] = {}
+        # key -> service name -> real -> its tasks' weights (two tasks may share an endpoint)
+        self._weights: dict[VirtualKey, dict[str, dict[Real, TaskWeights]]] = {}
         # what the ops emitted so far have programmed
         self._options: dict[VirtualKey, ServiceOptions] = {}
         self._reals: dict[VirtualKey, dict[Real, int]] = {}
@@ -449,17 +482,16 @@ class LbView:
         for key, real, weight in task_entries(service, task, self.node):
             by_service = self._weights.setdefault(key, {})
             by_real = by_service.setdefault(name, {})
-            by_task = by_real.setdefault(real, {})
             if add:
-                by_task[task.id] = weight
+                by_real[real] = with_task(by_real.get(real), task.id, weight)
+            elif (left := without_task(by_real.get(real), task.id)) is not None:
+                by_real[real] = left
             else:
-                by_task.pop(task.id, None)
-                if not by_task:
-                    del by_real[real]
-                    if not by_real:
-                        del by_service[name]
-                        if not by_service:
-                            del self._weights[key]
+                by_real.pop(real, None)
+                if not by_real:
+                    del by_service[name]
+                    if not by_service:
+                        del self._weights[key]
             self._dirty_reals.setdefault(key, set()).add(real)
 
     # -- turning dirty entries into ops -----------------------------------------------
@@ -473,7 +505,7 @@ class LbView:
 
     def _weight(self, key: VirtualKey, owner: str, real: Real) -> int | None:
         by_task = self._weights.get(key, {}).get(owner, {}).get(real)
-        return max(by_task.values()) if by_task else None
+        return None if by_task is None else top_weight(by_task)
 
     def _is_local(self, task_id: str) -> bool:
         task = self._tasks.get(task_id)
@@ -485,9 +517,11 @@ class LbView:
             return None
         name, claim = owner
         by_real = self._weights.get(key, {}).get(name, {})
-        reals = {real: max(by_task.values()) for real, by_task in by_real.items()}
+        reals = {real: top_weight(by_task) for real, by_task in by_real.items()}
         if claim.prefer_local:
-            local = {r for r, by_task in by_real.items() if any(map(self._is_local, by_task))}
+            local = {
+                r for r, by_task in by_real.items() if any(map(self._is_local, task_ids(by_task)))
+            }
             reals = prefer_local_reals(reals, local)
         if claim.host_only and not reals:
             return None

@@ -23,6 +23,7 @@ import ipaddress
 import random
 from collections.abc import Iterable, Iterator
 
+from mesh.core.ids import IdIndex
 from mesh.core.model import (
     INGRESS,
     INGRESS_VNI,
@@ -125,7 +126,7 @@ class Store:
         # Per service: its tasks' slots, and (address, port map) -> the tasks there, so a
         # registration finds its slot and its endpoint conflicts without a scan.
         self._slots: dict[str, SlotIndex] = {}
-        self._endpoints: dict[tuple[str, TaskEndpoint], set[str]] = {}
+        self._endpoints: IdIndex[tuple[str, TaskEndpoint]] = IdIndex()
         # Every live task's (service, slot, id), sorted: the order of the task lists, kept
         # by bisection (a memmove in C per change), so a list or a page of it needs no sort.
         self._task_order: list[TaskKey] = []
@@ -1023,9 +1024,7 @@ class Store:
                 self._tasks_by_service.setdefault(record.service, set()).add(record.id)
                 bisect.insort(self._task_order, task_key(record))
                 self._slots.setdefault(record.service, SlotIndex()).take(record.slot)
-                self._endpoints.setdefault((record.service, record.endpoint()), set()).add(
-                    record.id
-                )
+                self._endpoints.add((record.service, record.endpoint()), record.id)
                 self._task_names[record.name.lower()] = record.id
                 for ep in record.sandbox.endpoints if record.sandbox else ():
                     self._endpoint_holders.setdefault((ep.network, ep.address), set()).add(
@@ -1066,11 +1065,7 @@ class Store:
                     slots.release(record.slot)
                     if not slots:
                         del self._slots[record.service]
-                at = (record.service, record.endpoint())
-                sharing = self._endpoints.get(at, set())
-                sharing.discard(record.id)
-                if not sharing:
-                    self._endpoints.pop(at, None)
+                self._endpoints.discard((record.service, record.endpoint()), record.id)
                 if self._task_names.get(record.name.lower()) == record.id:
                     del self._task_names[record.name.lower()]
                 for ep in record.sandbox.endpoints if record.sandbox else ():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.failover import SuspectFilter
+from lb.failover import SuspectFilter, _NodesByAddress
 from lb.table import DeleteReal, PutReal, Real, Table, apply_ops
 from lb.view import LbView
 from mesh.core.model import Change, Health, Record, Service, Task, TaskState
@@ -226,3 +227,31 @@ def test_random_histories_keep_the_backend_equal_to_the_filtered_view(seed: int)
     for node in nodes:
         rig.clear(node, refuted=True)
     assert rig.backend == rig.view.table()
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["10.0.0.1", "10.0.0.2"]), st.sampled_from("abc")),
+        max_size=40,
+    )
+)
+def test_nodes_by_address_counts_as_a_counter_would(steps: list[tuple[bool, str, str]]) -> None:
+    """The compact address -> nodes index (a lone node kept as its name) answers as a
+    Counter per address did, through adds and removes in any order, unmatched ones too."""
+    index = _NodesByAddress()
+    oracle: dict[str, Counter[str]] = {}
+    for add, address, node in steps:
+        counter = oracle.setdefault(address, Counter())
+        if add:
+            index.add(address, node)
+            counter[node] += 1
+        else:
+            index.remove(address, node)
+            counter[node] -= 1
+            if counter[node] <= 0:
+                del counter[node]
+        if not counter:
+            del oracle[address]
+        for each in ("10.0.0.1", "10.0.0.2"):
+            assert sorted(index.nodes(each)) == sorted(oracle.get(each, ()))
+    assert len(index._by_address) == len(oracle)
