@@ -112,6 +112,33 @@ def ingress_id() -> str:
     return "".join(chars)
 
 
+def _vip_keys(record: Record | None) -> set[tuple[str, str]]:
+    """The (network, address) of each VIP a live service holds."""
+    if not isinstance(record, Service) or record.deleted:
+        return set()
+    return {(vip.network, vip.address) for vip in record.vips}
+
+
+def _overlay_vni(record: Record | None) -> int | None:
+    """The VNI a live overlay network (not ingress) holds; None for anything else."""
+    if (
+        not isinstance(record, Network)
+        or record.deleted
+        or record.driver != "overlay"
+        or record.name == INGRESS
+        or record.vni == 0
+    ):
+        return None
+    return record.vni
+
+
+def _endpoint_keys(record: Record | None) -> set[tuple[str, str]]:
+    """The (network, address) of each sandbox endpoint a live task holds."""
+    if not isinstance(record, Task) or record.deleted or record.sandbox is None:
+        return set()
+    return {(ep.network, ep.address) for ep in record.sandbox.endpoints}
+
+
 class Store:
     """Networks, services and tasks (tombstones included) of the cluster as this node sees it."""
 
@@ -297,22 +324,26 @@ class Store:
                 return [self._write(dataclasses.replace(current, version=self._tick()))]
             return []
         changes = [self._write(record)]
-        if isinstance(record, Service) and not record.deleted:
-            changes += self._repair_vip_conflicts(record)
-            changes += self._repair_vips_on_endpoints({record.name})
-        if isinstance(record, Task) and not record.deleted and record.sandbox is not None:
+        # A collision is looked at where the merged version holds an address and also
+        # where the version it replaces held one: with three holders of an address, the
+        # youngest's move (or removal) leaves two, and the younger of them learns that it
+        # must move now only from the record that left.
+        if isinstance(record, Service):
+            changes += self._repair_vip_conflicts(_vip_keys(record) | _vip_keys(current))
+            if not record.deleted:
+                changes += self._repair_vips_on_endpoints({record.name})
+        if isinstance(record, Task):
+            held = _endpoint_keys(record)
             changes += self._repair_vips_on_endpoints(
-                {
-                    name
-                    for ep in record.sandbox.endpoints
-                    for name in self._vip_holders.get((ep.network, ep.address), ())
-                }
+                {name for key in held for name in self._vip_holders.get(key, ())}
             )
-            changes += self._repair_endpoints(
-                (ep.network, ep.address) for ep in record.sandbox.endpoints
-            )
-        if isinstance(record, Network) and not record.deleted:
-            changes += self._repair_vni(record)
+            changes += self._repair_endpoints(held | _endpoint_keys(current))
+        if isinstance(record, Network):
+            left = _overlay_vni(current)
+            if left is not None and left != _overlay_vni(record):
+                changes += self._repair_vni_at(left)
+            if not record.deleted:
+                changes += self._repair_vni(record)
         if isinstance(record, Network | Service | Task | Node):
             # A network came or went, or an address this node holds on an overlay
             # may now be someone else's: this node's own record follows.
@@ -374,18 +405,24 @@ class Store:
                 return []
             fresh = dataclasses.replace(network, vni=self._free_vni(), version=self._tick())
             return [self._write(fresh)]
+        if network.vni != INGRESS_VNI:
+            return self._repair_vni_at(network.vni)
+        if network.version.node != self.node:
+            return []
+        return [
+            self._write(dataclasses.replace(network, vni=self._free_vni(), version=self._tick()))
+        ]
+
+    def _repair_vni_at(self, vni: int) -> list[Change]:
+        """The younger of the overlays sharing `vni` moves, if this node wrote it."""
         same = [
             n
             for n in self.networks()
-            if n.driver == "overlay" and n.name != INGRESS and vni_of(n) == network.vni
+            if n.driver == "overlay" and n.name != INGRESS and vni_of(n) == vni
         ]
-        if len(same) < 2 and network.vni != INGRESS_VNI:
+        if len(same) < 2:
             return []
-        loser = (
-            network
-            if network.vni == INGRESS_VNI
-            else max(same, key=lambda n: (n.created_at, n.name))
-        )
+        loser = max(same, key=lambda n: (n.created_at, n.name))
         if loser.version.node != self.node:
             return []
         fresh = dataclasses.replace(loser, vni=self._free_vni(), version=self._tick())
@@ -525,16 +562,17 @@ class Store:
             if len(names) > 1
         )
 
-    def _repair_vip_conflicts(self, merged: Service) -> list[Change]:
+    def _repair_vip_conflicts(self, keys: Iterable[tuple[str, str]]) -> list[Change]:
         """Two services with one VIP: the younger gives its VIP up, by its own writer's hand.
 
         Every node picks the same loser (the later-created service, then the
         greater name), but only the node that wrote the loser's current
         version changes it, so the repair is written once and then gossiped.
+        `keys`: the (network, address) pairs to look at.
         """
         changes: list[Change] = []
-        for vip in merged.vips:
-            holders = sorted(self._vip_holders.get((vip.network, vip.address), ()))
+        for network, address in sorted(keys):
+            holders = sorted(self._vip_holders.get((network, address), ()))
             services = [
                 s for name in holders if isinstance(s := self.get(Kind.SERVICE, name), Service)
             ]
@@ -543,7 +581,7 @@ class Store:
             loser = max(services, key=lambda s: (s.created_at, s.name))
             if loser.version.node != self.node:
                 continue
-            changes.append(self._write(self._reallocated(loser, vip.network)))
+            changes.append(self._write(self._reallocated(loser, network)))
         return changes
 
     def _reallocated(self, service: Service, network: str) -> Service:
