@@ -121,6 +121,8 @@ class GossipShell:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: the core's deadline `_timer` was armed for
+        self._timer_at: float | None = None
         #: called after every datagram and timer this shell handles: the agent's periodic
         #: upkeep rides these wake-ups instead of taking its own (mesh.core.upkeep)
         self.on_wake: Callable[[], None] | None = None
@@ -376,12 +378,17 @@ class GossipShell:
         return (self.host, 0)
 
     def _arm_timer(self) -> None:
+        deadline = self.core.next_timer()
         if self._timer is not None:
+            if deadline == self._timer_at:
+                # most datagrams (an ack, a ping answered) leave the next probe or gossip
+                # tick where it was: the armed timer stands, no cancel and re-arm
+                return
             self._timer.cancel()
             self._timer = None
-        deadline = self.core.next_timer()
         if deadline is not None and self._loop is not None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -15,7 +15,15 @@ from functools import partial
 import pytest
 
 from gossip.config import GossipConfig
-from gossip.lateness import MARGIN, LatenessAnnouncer, LatenessMeter, StallMeter, patience
+from gossip.lateness import (
+    MARGIN,
+    QUANTILE,
+    LatenessAnnouncer,
+    LatenessMeter,
+    StallMeter,
+    _time_quantile,
+    patience,
+)
 from gossip.members import MemberSuspected
 from gossip.membership import Membership
 from gossip.messages import Ack, Addr, Alive, IndirectPing, Message, Nack, Ping
@@ -275,3 +283,22 @@ def test_in_the_simulator_slow_nodes_are_suspected_far_less() -> None:
     assert on.false_deaths == memberlist.false_deaths == 0
     assert on.of_slow * 3 < memberlist.of_slow, (on, memberlist)
     assert on.core_stats["lateness_announcements"] >= len(on.slow)
+
+
+def test_the_stall_meter_answers_as_the_quantile_of_its_window() -> None:
+    """The meter keeps a running sum to skip the sort when the stalls cannot reach the
+    budget; whatever it skips, it answers what the quantile of its window's stalls is."""
+    rng = random.Random(7)
+    for _ in range(200):
+        meter, window = StallMeter(2.0), 2.0
+        kept: list[tuple[float, float]] = []
+        now = 0.0
+        for _ in range(rng.randrange(1, 60)):
+            now += rng.choice([0.001, 0.05, 0.3, 1.5])
+            lag = rng.choice([0.0, 0.0005, 0.002, 0.1, 0.4, 0.9])
+            meter.add(lag, now)
+            if lag > 0:
+                kept.append((now, lag))
+            kept = [(at, lag) for at, lag in kept if now - at <= window]
+            expected = _time_quantile([lag for _, lag in kept], (1 - QUANTILE) * window)
+            assert meter.current(now) == pytest.approx(expected, abs=1e-12)
