@@ -306,8 +306,10 @@ def with_task(held: TaskWeights | None, task_id: str, weight: int) -> TaskWeight
 
 def without_task(held: TaskWeights | None, task_id: str) -> TaskWeights | None:
     """What is left of `held` without `task_id` (None: nothing)."""
-    if held is None or isinstance(held, tuple):
-        return None if held is None or held[0] == task_id else held
+    if held is None:
+        return None
+    if isinstance(held, tuple):
+        return None if held[0] == task_id else held
     held.pop(task_id, None)
     if len(held) == 1:
         return next(iter(held.items()))

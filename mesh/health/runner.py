@@ -113,14 +113,15 @@ class HealthRunner:
     def _rearm(self) -> None:
         """Point the one timer at the planner's next deadline (or nowhere)."""
         deadline = self.planner.next_deadline()
-        running = self._session is not None and self._loop is not None
-        if self._timer is not None and running and deadline == self._armed_for:
-            return  # most changes (every task of the cluster) leave the deadline where it was
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._session is None or self._loop is None or deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             return
+        if self._timer is not None:
+            if deadline == self._armed_for:
+                return  # most changes (every task of the cluster) leave the deadline be
+            self._timer.cancel()
         self._armed_for = deadline
         delay = max(0.0, deadline - self._now())
         self._timer = self._loop.call_later(delay, self._on_timer, deadline)
