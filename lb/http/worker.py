@@ -25,6 +25,7 @@ from lb.http.service import HttpEndpoints, HttpService
 from lb.http.settings import RouterSettings
 from lb.http.tls import CertSpec
 from mesh.core.feedclient import FeedClient
+from mesh.core.heap import freeze_startup_heap
 from mesh.core.logs import event, setup
 from mesh.core.procstats import process_figures, worker_index
 from mesh.core.reportgate import ReportGate
@@ -91,7 +92,8 @@ async def run(args: HttpWorkerArgs) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    event(log, "http_worker_ready", seq=feed.seq, records=len(records))
+    frozen = freeze_startup_heap()  # after the load: the loaded tables too
+    event(log, "http_worker_ready", seq=feed.seq, records=len(records), frozen_objects=frozen)
 
     async def follow() -> None:
         await feed.follow(service.on_change)

@@ -58,6 +58,7 @@ from mesh.agent.lifetime import enter, stages
 from mesh.agent.sdnotify import Notifier, watchdog_interval
 from mesh.config import AgentConfig, ConfigError, describe, load_config
 from mesh.core import upkeep
+from mesh.core.heap import freeze_startup_heap
 from mesh.core.logs import event, setup
 from mesh.core.net import HostPort
 from mesh.hostresolver import HostResolver
@@ -101,7 +102,8 @@ async def run(config: AgentConfig) -> int:
             notifier.close()
             return 1
         await _workers_serving(agent)
-        event(log, "agent_ready", node=config.node_name, api=config.api)
+        frozen = freeze_startup_heap()
+        event(log, "agent_ready", node=config.node_name, api=config.api, frozen_objects=frozen)
         # Every part is entered, the API last: systemd may start what needs the agent.
         notifier.notify("READY=1", f"STATUS=serving, API on {config.api}", f"MAINPID={os.getpid()}")
         watchdog = None

@@ -85,6 +85,14 @@ def test_workers_share_the_port_and_see_every_change(start_agent) -> None:  # ty
     while agent.log().count("dns_worker_ready") < 2:
         assert time.monotonic() < deadline, agent.log()
         time.sleep(0.05)
+    # Each process took what its start built out of the collector's full passes.
+    frozen = re.findall(r"event=(\w+_ready) .*frozen_objects=(\d+)", agent.log())
+    assert sorted(name for name, _ in frozen) == [
+        "agent_ready",
+        "dns_worker_ready",
+        "dns_worker_ready",
+    ]
+    assert all(int(count) > 10_000 for _, count in frozen), frozen
     ids = setup_web(agent)
     for _ in range(QUERIES):
         assert addresses(ask(agent, "tasks.web")) == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}

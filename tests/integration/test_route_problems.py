@@ -9,6 +9,7 @@ the label and why (curl), from the agent's own router and from worker processes.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -58,6 +59,12 @@ def problems(agent: AgentProcess, name: str) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_bad_label_is_loud_everywhere(start_agent: StartAgent, workers: int) -> None:
     agent = start_agent(extra=["--http-workers", str(workers)])
+    if workers:  # the worker froze what its start built (mesh.core.heap), tables included
+        deadline = time.monotonic() + 20
+        while "http_worker_ready" not in agent.log():
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.05)
+        assert re.search(r"event=http_worker_ready .*frozen_objects=[1-9]\d{4}", agent.log())
 
     created = mesh(
         agent, "service", "create", "web",

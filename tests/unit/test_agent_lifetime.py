@@ -11,6 +11,7 @@ does), undo every part in reverse too.
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 import sys
 from collections.abc import Callable
@@ -134,7 +135,10 @@ def _run(
     # makes no kernel object. The sandbox stage still starts and stops.
     # (the module from sys.modules: `mesh.agent.build` as an attribute is the function)
     monkeypatch.setattr(sys.modules["mesh.agent.build"], "_vtep", lambda _config: None)
-    status = uvloop.run(mesh.agent.run(config))
+    try:
+        status = uvloop.run(mesh.agent.run(config))
+    finally:
+        gc.unfreeze()  # a started agent froze its heap: this one is pytest's
     return status, done
 
 
