@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypeAlias
+from typing import Literal, NamedTuple, TypeAlias
 
 Protocol: TypeAlias = Literal["tcp", "udp"]
 
@@ -34,8 +34,13 @@ class Scheduler(enum.StrEnum):
     MAGLEV = "mh"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class VirtualKey:
+# VirtualKey and Real are NamedTuples, not dataclasses: they are the keys of every
+# table of the LB path (the view, the suspect filter, the backends, the proxy's pools),
+# and a tuple's hash and equality are C, where a dataclass's are Python calls (about
+# 50 of them a registration, and some on each proxied connection). Their order is
+# the fields' order, as `order=True` gave. A tuple of the same values compares equal
+# to them: nothing mixes the two as keys.
+class VirtualKey(NamedTuple):
     protocol: Protocol
     address: str  # a VIP, or ANY_ADDRESS for a published port
     port: int
@@ -48,8 +53,7 @@ class VirtualKey:
         return self.address == ANY_ADDRESS
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Real:
+class Real(NamedTuple):
     address: str
     port: int
 
