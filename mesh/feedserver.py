@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from mesh.core.codec import record_to_dict
+from mesh.core.codec import record_json, record_to_dict
 from mesh.core.feed import ChangeFeed
 from mesh.core.logs import event
 from mesh.core.model import Change, Record
@@ -81,7 +81,10 @@ class _Follower:
             event(log, "feed_client_too_slow", logging.WARNING, backlog=MAX_BACKLOG)
             writer.close()
             return
-        writer.write(encode_line({"seq": self._feed.seq, "record": record_to_dict(change.after)}))
+        # encode_line({"seq": ..., "record": record_to_dict(...)}), byte for byte, with the
+        # record's text shared by every worker (and gossip, and the disk)
+        line = f'{{"seq":{self._feed.seq},"record":{record_json(change.after)}}}\n'
+        writer.write(line.encode())
 
 
 class FeedServer:

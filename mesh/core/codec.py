@@ -11,6 +11,8 @@ written by an older agent, on disk or by gossip, loads with their defaults.
 from __future__ import annotations
 
 import ipaddress
+import json
+import threading
 from typing import Any
 
 from mesh.core.model import (
@@ -32,6 +34,30 @@ from mesh.core.model import (
 )
 
 Json = dict[str, Any]
+
+#: how many record versions `record_json` keeps the text of: the versions one write
+#: makes are encoded for gossip, for the disk and for each worker within that write
+_JSON_KEPT = 256
+_json_kept: dict[int, tuple[Record, str]] = {}  # id(record) -> (record, its JSON)
+_json_lock = threading.Lock()  # the state writer's thread asks too
+
+
+def record_json(record: Record) -> str:
+    """`record_to_dict(record)` as compact JSON, made once per record version.
+
+    A registration's record used to be encoded by gossip, by the state writer and by
+    the feed to every worker, each on its own. Records are immutable, so the text of
+    a version is kept (with the version itself, so that its `id` cannot be reused
+    while kept) for the few recent ones, and every user shares it."""
+    kept = _json_kept.get(id(record))
+    if kept is not None and kept[0] is record:
+        return kept[1]
+    text = json.dumps(record_to_dict(record), separators=(",", ":"))
+    with _json_lock:
+        if len(_json_kept) >= _JSON_KEPT:
+            del _json_kept[next(iter(_json_kept))]  # the oldest: dicts keep their order
+        _json_kept[id(record)] = (record, text)
+    return text
 
 
 def version_to_list(version: Version) -> list[Any]:

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.core.codec import record_from_dict, record_to_dict
+from mesh.core.codec import record_from_dict, record_json
 from mesh.core.model import KIND_OF, Record
 
 log = logging.getLogger(__name__)
@@ -251,10 +251,7 @@ class StateWriter:
             for batch in group:
                 conn.executemany(
                     "INSERT OR REPLACE INTO records (kind, key, body) VALUES (?, ?, ?)",
-                    [
-                        (KIND_OF[type(r)].value, r.key, json.dumps(record_to_dict(r)))
-                        for r in batch.records
-                    ],
+                    [(KIND_OF[type(r)].value, r.key, record_json(r)) for r in batch.records],
                 )
                 conn.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import zlib
 from collections.abc import Iterable
+from typing import cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.codec import record_from_dict, record_to_dict
+from mesh.cluster import encode_records
+from mesh.core.codec import record_from_dict, record_json, record_to_dict
 from mesh.core.feed import ChangeFeed, Gap
 from mesh.core.model import (
     Change,
@@ -28,6 +32,7 @@ from mesh.core.model import (
     Version,
     Vip,
 )
+from mesh.feedserver import _Follower, encode_line
 
 text = st.text(max_size=8)
 versions = st.builds(Version, st.integers(0, 2**40), text)
@@ -169,6 +174,55 @@ OLD_TASK = {
     "created_at": 1.0,
     "updated_at": 1.0,
 }
+
+
+@given(st.lists(st.one_of(networks, services, tasks), min_size=1, max_size=4))
+def test_record_json_is_the_compact_json_of_the_dict_and_feeds_every_encoding(
+    records: list[Network | Service | Task],
+) -> None:
+    compact = [json.dumps(record_to_dict(r), separators=(",", ":")) for r in records]
+    assert [record_json(r) for r in records] == compact
+    # Gossip's payload and a worker's feed line: the bytes the dicts' encoding gave.
+    listed = json.dumps([record_to_dict(r) for r in records], separators=(",", ":")).encode()
+    assert encode_records(records) in (b"j" + listed, b"z" + zlib.compress(listed, 6))
+    feed = ChangeFeed(lambda: [])
+    written: list[bytes] = []
+    follower = _Follower(feed, cast(asyncio.StreamWriter, _Sink(written)))
+    feed.follow(follower)
+    feed.publish([Change(Kind.TASK, "k", None, r) for r in records])
+    assert written[1:] == [
+        encode_line({"seq": seq, "record": record_to_dict(r)})
+        for seq, r in enumerate(records, start=1)
+    ]
+
+
+def test_record_json_encodes_a_version_once_and_keeps_a_few() -> None:
+    first = Task(id="t1", name="web.1.t1", service="web", slot=1, node="n1", address="10.0.0.1")
+    text = record_json(first)
+    assert record_json(first) is text  # kept: not encoded again
+    equal = dataclasses.replace(first)  # an equal version, another object: its own entry
+    assert record_json(equal) == text and record_json(equal) is not text
+    for n in range(300):  # more versions than are kept: the first one's text goes
+        record_json(dataclasses.replace(first, slot=n + 2))
+    again = record_json(first)
+    assert again == text and again is not text
+
+
+class _Sink:
+    """What `_Follower` uses of an asyncio.StreamWriter."""
+
+    def __init__(self, written: list[bytes]) -> None:
+        self.written = written
+        self.transport = self
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
 
 
 def test_records_written_before_sandboxes_load_with_the_new_fields_at_their_defaults() -> None:
