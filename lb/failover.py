@@ -141,8 +141,11 @@ class SuspectFilter:
         self.hold = hold
         self._options: dict[VirtualKey, ServiceOptions] = {}
         self._desired: dict[VirtualKey, dict[Real, int]] = {}
-        self._programmed: dict[VirtualKey, dict[Real, int]] = {}
-        self._programmed_options: dict[VirtualKey, ServiceOptions] = {}
+        # What is programmed is what is desired, key for key, but where a hidden node's
+        # or an ejected real is left out: only those keys keep their programmed reals
+        # here. (A full second copy of the table was ~1.4 MB at 10,000 tasks, and an
+        # update of it per op.) The programmed options are always the desired ones.
+        self._programmed_apart: dict[VirtualKey, dict[Real, int]] = {}
         #: bumped by every change of the programmed table or of the task records, so a
         #: reader polling it (lb/outlier_watch.py) rebuilds its indexes only then
         self.generation = 0
@@ -206,16 +209,29 @@ class SuspectFilter:
         """Take the view's whole table (at start); the table to program."""
         self._options = {key: service.options for key, service in table.items()}
         self._desired = {key: dict(service.reals) for key, service in table.items()}
-        self._programmed = {key: self._visible(key) for key in self._desired}
-        self._programmed_options = dict(self._options)
+        self._programmed_apart = {}
+        for key in self._desired:
+            self._program(key, self._visible(key))
         self.generation += 1
         return self.table()
+
+    def _programmed(self, key: VirtualKey) -> dict[Real, int] | None:
+        """The reals programmed for `key` (None: the key is not programmed)."""
+        apart = self._programmed_apart.get(key)
+        return apart if apart is not None else self._desired.get(key)
+
+    def _program(self, key: VirtualKey, reals: dict[Real, int]) -> None:
+        """Record `reals` as programmed for `key`, a desired key."""
+        if reals == self._desired[key]:
+            self._programmed_apart.pop(key, None)
+        else:
+            self._programmed_apart[key] = reals
 
     def table(self) -> Table:
         """The table as the ops so far have programmed it (a copy)."""
         return {
-            key: VirtualService(key, self._programmed_options[key], dict(reals))
-            for key, reals in self._programmed.items()
+            key: VirtualService(key, self._options[key], dict(self._programmed(key) or {}))
+            for key in self._desired
         }
 
     def visible(self, table: Mapping[VirtualKey, VirtualService]) -> Table:
@@ -229,20 +245,23 @@ class SuspectFilter:
     def apply(self, ops: Iterable[Op]) -> list[Op]:
         """The view's ops; the ops that bring the backend to the filtered table."""
         ops = list(ops)
-        if not self._hidden and not self._ejected:
+        if not self._hidden and not self._ejected and not self._programmed_apart:
             # Nothing hidden: what is programmed is what is wanted, op for op.
             for op in ops:
                 self._take(op)
-                self._take_programmed(op)
+            self.generation += len(ops)
             return ops
-        touched: list[VirtualKey] = []
+        # What each touched key has programmed now, before the ops change what it wants.
+        before: dict[VirtualKey, tuple[dict[Real, int], ServiceOptions] | None] = {}
+        for op in ops:
+            if op.key not in before:
+                reals = self._programmed(op.key)
+                before[op.key] = None if reals is None else (dict(reals), self._options[op.key])
         for op in ops:
             self._take(op)
-            if op.key not in touched:
-                touched.append(op.key)
         out: list[Op] = []
-        for key in touched:
-            out += self._reconcile(key)
+        for key, programmed in before.items():
+            out += self._reconcile(key, programmed)
         return out
 
     def _take(self, op: Op) -> None:
@@ -257,19 +276,6 @@ class SuspectFilter:
         elif op.key in self._desired:
             self._desired[op.key].pop(op.real, None)
 
-    def _take_programmed(self, op: Op) -> None:
-        self.generation += 1
-        if isinstance(op, PutService):
-            self._programmed.setdefault(op.key, {})
-            self._programmed_options[op.key] = op.options
-        elif isinstance(op, DeleteService):
-            self._programmed.pop(op.key, None)
-            self._programmed_options.pop(op.key, None)
-        elif isinstance(op, PutReal):
-            self._programmed[op.key][op.real] = op.weight
-        elif op.key in self._programmed:
-            self._programmed[op.key].pop(op.real, None)
-
     def _hide(self, reals: Mapping[Real, int]) -> dict[Real, int]:
         if not self._hidden and not self._ejected:
             return dict(reals)
@@ -281,28 +287,30 @@ class SuspectFilter:
     def _visible(self, key: VirtualKey) -> dict[Real, int]:
         return self._hide(self._desired[key])
 
-    def _reconcile(self, key: VirtualKey) -> list[Op]:
+    def _reconcile(
+        self, key: VirtualKey, programmed: tuple[dict[Real, int], ServiceOptions] | None
+    ) -> list[Op]:
+        """The ops from what `key` had `programmed` to what it is to have now."""
         self.generation += 1
-        have = self._programmed.get(key)
-        found: Table = (
-            {} if have is None else {key: VirtualService(key, self._programmed_options[key], have)}
-        )
+        found: Table = {}
+        if programmed is not None:
+            reals, options = programmed
+            found[key] = VirtualService(key, options, reals)
         if key in self._desired:
             want = self._visible(key)
-            options = self._options[key]
-            ops = diff(found, {key: VirtualService(key, options, want)})
-            self._programmed[key] = want
-            self._programmed_options[key] = options
+            ops = diff(found, {key: VirtualService(key, self._options[key], want)})
+            self._program(key, want)
         else:
             ops = diff(found, {})
-            self._programmed.pop(key, None)
-            self._programmed_options.pop(key, None)
+            self._programmed_apart.pop(key, None)
         return ops
 
     def _reconcile_all(self) -> list[Op]:
         out: list[Op] = []
         for key in sorted(self._desired):
-            out += self._reconcile(key)
+            programmed = self._programmed(key)
+            assert programmed is not None  # a desired key is programmed
+            out += self._reconcile(key, (programmed, self._options[key]))
         return out
 
     # -- reals ejected by outlier detection ----------------------------------------------
@@ -390,7 +398,7 @@ class SuspectFilter:
         reals_hidden = 0
         kept_last = 0
         for key, desired in self._desired.items():
-            programmed = self._programmed.get(key, {})
+            programmed = self._programmed(key) or {}
             reals_hidden += len(desired) - len(programmed)
             if any(self._out(real) for real in programmed):
                 kept_last += 1

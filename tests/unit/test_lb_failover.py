@@ -213,10 +213,18 @@ def test_random_histories_keep_the_backend_equal_to_the_filtered_view(seed: int)
                     after = dataclasses.replace(after, service=before.service, name=before.name)
                 rig.change(put(before, after))
                 live[tid] = after
-        elif action < 0.65:
+        elif action < 0.6:
             rig.filter.suspect(rng.choice(nodes), now)
-        elif action < 0.8:
+        elif action < 0.72:
             rig.clear(rng.choice(nodes), refuted=rng.random() < 0.5)
+        elif action < 0.8:  # outlier detection ejects a real, or puts one back
+            reals = sorted(rig.filter.reals() | rig.filter.ejected)
+            if reals:
+                real = rng.choice(reals)
+                if real in rig.filter.ejected:
+                    rig._take(rig.filter.restore(real))
+                else:
+                    rig._take(rig.filter.eject(real))
         else:
             rig.tick(now)
         rig.consistent()
@@ -226,6 +234,8 @@ def test_random_histories_keep_the_backend_equal_to_the_filtered_view(seed: int)
                 assert any(w > 0 for w in svc.reals.values()), (step, key)
     for node in nodes:
         rig.clear(node, refuted=True)
+    for real in sorted(rig.filter.ejected):
+        rig._take(rig.filter.restore(real))
     assert rig.backend == rig.view.table()
 
 
