@@ -176,6 +176,7 @@ class StateWriter:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
+        self._schema_written = False
         self.commits = 0
         self.batches = 0
 
@@ -247,28 +248,36 @@ class StateWriter:
                     self._settle(batch.done, error)
             return
         try:
+            # Only the statements a batch needs: a registration's commit is its record and
+            # the clock (each statement is a few µs of the writer's CPU, on the one the
+            # loop shares with it when the agent is pinned).
             conn.execute("BEGIN IMMEDIATE")
             for batch in group:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO records (kind, key, body) VALUES (?, ?, ?)",
-                    [(KIND_OF[type(r)].value, r.key, record_json(r)) for r in batch.records],
-                )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    list(batch.meta.items()),
-                )
-                conn.executemany(
-                    "DELETE FROM records WHERE kind = ? AND key = ?", list(batch.forget)
-                )
+                if batch.records:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO records (kind, key, body) VALUES (?, ?, ?)",
+                        [(KIND_OF[type(r)].value, r.key, record_json(r)) for r in batch.records],
+                    )
+                if batch.meta:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        list(batch.meta.items()),
+                    )
+                if batch.forget:
+                    conn.executemany(
+                        "DELETE FROM records WHERE kind = ? AND key = ?", list(batch.forget)
+                    )
             clock = max(b.clock for b in group)
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock', ?)", (str(clock),)
             )
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            if not self._schema_written:  # once a run: it does not change while it runs
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
             conn.execute("COMMIT")
+            self._schema_written = True
             self.commits += 1
             self.batches += len(group)
         except (sqlite3.Error, OSError) as exc:
