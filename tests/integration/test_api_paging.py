@@ -133,6 +133,12 @@ def test_a_bad_limit_or_cursor_is_a_422(loaded: AgentProcess, query: str, code: 
 
 
 def test_mesh_task_ls_reads_the_list_a_page_at_a_time(loaded: AgentProcess) -> None:
+    # The list must hold still between the two reads: a task an earlier test removed
+    # drains (0.5 s) and then leaves, which on a slow machine fell between them.
+    deadline = time.monotonic() + 15
+    while any(t["state"] == "draining" for t in curl(loaded, "/v1/tasks")[2]):
+        assert time.monotonic() < deadline, "a draining task did not leave in 15 s"
+        time.sleep(0.1)
     env = dict(os.environ, MESH_API=loaded.api, PYTHONPATH=str(REPO))
     done = subprocess.run(
         [sys.executable, "-m", "mesh", "task", "ls", "--json"],
