@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -44,23 +45,56 @@ class NotTheAgentsAnswer(AssertionError):
     """An answer on the agent's API port that is not the API's JSON."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+#: ports this test process handed out already: never twice, even once released
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    """Nothing holds `port` on any address, TCP or UDP (a listener's 0.0.0.0 bind would fail)."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+    return True
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: held open together, so the kernel cannot repeat one."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """`count` distinct free ports for a test's listeners, none handed out before.
+
+    They are below the kernel's ephemeral range: a port of that range, released
+    after the check, can be taken as the local port of any connection the test
+    makes next (an API request, a gossip stream), and a client socket on
+    127.0.0.1:P, even in TIME_WAIT for 60 s after, makes an agent's 0.0.0.0:P
+    listener fail with EADDRINUSE (seen in CI: a published port never answered).
+    """
+    low, _ = _ephemeral_range()
+    first, last = (10000, low - 1) if low > 11000 else (61000, 65535)
+    ports: list[int] = []
+    generator = random.SystemRandom()
+    for _ in range(10_000):
+        if len(ports) == count:
+            return ports
+        port = generator.randint(first, last)
+        if port in _HANDED_OUT or not _bindable(port):
+            continue
+        _HANDED_OUT.add(port)
+        ports.append(port)
+    raise RuntimeError(f"no {count} free ports in {first}-{last}")
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 class AgentProcess:
