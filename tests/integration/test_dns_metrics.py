@@ -92,12 +92,32 @@ def test_dns_queries_forwards_cache_and_latency_match_the_mix(tmp_path: Path) ->
             }
             total = sum(expected.values())
 
-            def queries() -> dict:
-                return family(scrape(agent), "meshplane_dns_queries_total")
+            def reply_cache(samples: dict, name: str) -> float:
+                family_now = family(samples, f"meshplane_dns_cache_{name}_total")
+                family_before = family(before, f"meshplane_dns_cache_{name}_total")
+                key = (("cache", "reply"),)
+                return family_now.get(key, 0.0) - family_before.get(key, 0.0)
 
-            # the workers report once a second
-            wait_for(lambda: sum(queries().values()) >= total, 10)
+            def all_reported() -> bool:
+                # The workers report once a second, each its queries and its cache's hits
+                # and misses in one message: wait for the batch in both, counted from
+                # `before`, so that nothing counted earlier can stand in for a late report.
+                now = scrape(agent)
+                asked = sum(family(now, "meshplane_dns_queries_total").values())
+                asked -= sum(family(before, "meshplane_dns_queries_total").values())
+                looked_up = reply_cache(now, "hits") + reply_cache(now, "misses")
+                return asked >= total and looked_up >= 4 * EACH + FORWARDED
+
+            reported = wait_for(all_reported, 20)
             samples = scrape(agent)
+            assert reported, {
+                name: family(samples, name)
+                for name in (
+                    "meshplane_dns_queries_total",
+                    "meshplane_dns_cache_hits_total",
+                    "meshplane_dns_cache_misses_total",
+                )
+            }
             counted = family(samples, "meshplane_dns_queries_total")
             print(f"dig sent {len(mix)} queries in {took:.2f}s; /metrics counts {counted}")
             assert set(counted) == set(expected), counted
@@ -106,9 +126,7 @@ def test_dns_queries_forwards_cache_and_latency_match_the_mix(tmp_path: Path) ->
             forwards = family(samples, "meshplane_dns_forwards_total")
             assert forwards == {(("outcome", "answered"), ("upstream", address)): FORWARDED}
             assert upstream.count() == FORWARDED
-            hits = family(samples, "meshplane_dns_cache_hits_total")[(("cache", "reply"),)]
-            misses = family(samples, "meshplane_dns_cache_misses_total")[(("cache", "reply"),)]
-            misses -= family(before, "meshplane_dns_cache_misses_total")[(("cache", "reply"),)]
+            hits, misses = reply_cache(samples, "hits"), reply_cache(samples, "misses")
             # every mesh query was a hit or a miss; at most one miss per name and process
             print(f"reply cache: {hits:.0f} hits, {misses:.0f} misses")
             assert hits + misses >= 4 * EACH + FORWARDED
