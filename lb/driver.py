@@ -55,6 +55,12 @@ ON_LOOP_TIMEOUT = 30.0
 #: A reading of the backend's counters per service serves the scrapes of this long
 #: (a kernel backend reads the kernel for it: scrapes cannot flood it).
 SAMPLE_MAX_AGE = 1.0
+#: A virtual service whose socket could not be made (its port held by another process,
+#: or by a client connection's TIME_WAIT for a minute) is tried again after this long,
+#: the wait doubling up to UNBOUND_RETRY_MAX while any is left: as kube-proxy keeps
+#: trying a port it could not open, so the port serves once it is free.
+UNBOUND_RETRY_FIRST = 1.0
+UNBOUND_RETRY_MAX = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,10 @@ class LbDriver:
         #: `suspect_hold` seconds into its suspicion (lb/failover.py)
         self.failover = SuspectFilter(suspect_hold)
         self._failover_timer: asyncio.TimerHandle | None = None
+        self._unbound_timer: asyncio.TimerHandle | None = None
+        self._unbound_wait = UNBOUND_RETRY_FIRST
+        #: sockets made by a retry after their first attempt failed
+        self.unbound_rebound = 0
         #: passive outlier detection (lb/outlier.py; nftables only): reads the unanswered
         #: flows through `outlier_reader`; None: off
         self._outlier_reader = outlier_reader
@@ -278,8 +288,32 @@ class LbDriver:
             except Exception as exc:  # a backend bug: log it, keep the agent serving
                 log.exception("lb backend %s failed", self.backend.name)
                 self._job_failed(job, exc)
+            self._watch_unbound()
             if self._queue.empty():
                 self._idle.set()
+
+    def _watch_unbound(self) -> None:
+        """After each job: while the backend has services it could not make a socket
+        for, a retry is due (`UNBOUND_RETRY_FIRST`, doubling); none left resets the wait."""
+        unbound = getattr(self.backend, "unbound", None)
+        if not callable(unbound) or not hasattr(self.backend, "retry_unbound"):
+            return
+        if not unbound():
+            self._unbound_wait = UNBOUND_RETRY_FIRST
+            return
+        if self._unbound_timer is None:
+            loop = asyncio.get_running_loop()
+            self._unbound_timer = loop.call_later(self._unbound_wait, self._retry_unbound)
+            self._unbound_wait = min(self._unbound_wait * 2, UNBOUND_RETRY_MAX)
+
+    def _retry_unbound(self) -> None:
+        self._unbound_timer = None
+        self._put(_Job("retry", self._rebind))  # queued: in order with the ops
+
+    async def _rebind(self) -> None:
+        for key in await self.backend.retry_unbound():  # type: ignore[attr-defined]
+            self.unbound_rebound += 1
+            event(log, "lb_listening_after_retry", key=str(key))
 
     def _job_failed(self, job: _Job, exc: Exception) -> None:
         sandbox = job.sandbox
@@ -387,6 +421,7 @@ class LbDriver:
             "pending": self._queue.qsize(),
             "stats": stats() if callable(stats) else {},
             "unbound": unbound() if callable(unbound) else {},
+            "unbound_rebound": self.unbound_rebound,
             "services": render(table),
             # the state's table as the failover filter would program it now
             "desired": render(self.failover.visible(self._desired())),
@@ -417,6 +452,9 @@ class LbDriver:
         if self._failover_timer is not None:
             self._failover_timer.cancel()
             self._failover_timer = None
+        if self._unbound_timer is not None:
+            self._unbound_timer.cancel()
+            self._unbound_timer = None
         if self.outliers is not None:
             await self.outliers.close()
             self.outliers = None

@@ -49,7 +49,8 @@ class UserspaceBackend:
         self.runtime = Runtime(self.settings)
         self._services: dict[VirtualKey, Service] = {}
         # Services whose socket could not be made (a port taken, a privileged port):
-        # reported once, then kept up to date quietly, and retried on their next PutService.
+        # reported once, then kept up to date quietly, and retried on their next PutService
+        # and by `retry_unbound` (the driver calls it, backing off, while any is left).
         self._unbound: dict[VirtualKey, tuple[Service, str]] = {}
         # Socket owners read from /proc once per batch of ops, when a port is in use.
         self._owners: SocketOwners | None = None
@@ -183,7 +184,20 @@ class UserspaceBackend:
         transparency = self.runtime.transparency
         return transparency is not None and not self.runtime.stats["transparent_failed"]
 
-    async def _listen(self, key: VirtualKey, options: ServiceOptions) -> None:
+    async def retry_unbound(self) -> list[VirtualKey]:
+        """Try again to listen where the socket could not be made; the keys that
+        listen now. A port still taken keeps the reason it was reported with (no
+        second scan of /proc for its holder)."""
+        bound: list[VirtualKey] = []
+        for key, (service, _) in list(self._unbound.items()):
+            try:
+                await self._listen(key, service.options, explain=False)
+            except BackendError:
+                continue
+            bound.append(key)
+        return bound
+
+    async def _listen(self, key: VirtualKey, options: ServiceOptions, explain: bool = True) -> None:
         await self._transparent(key, options)
         previous = self._unbound.pop(key, None)
         pool = Pool() if previous is None else previous[0].pool
@@ -199,7 +213,9 @@ class UserspaceBackend:
             await service.listen(host)
         except OSError as exc:
             reason = f"cannot listen on {host}:{key.port}: {exc.strerror or exc}"
-            if exc.errno == errno.EADDRINUSE:  # name who holds it, as `ss -lntup` would
+            if not explain and previous is not None:
+                reason = previous[1]
+            elif exc.errno == errno.EADDRINUSE:  # name who holds it, as `ss -lntup` would
                 self._owners = self._owners or SocketOwners()
                 held = holder_of(
                     key.protocol, host, key.port, ours={os.getpid()}, owners=self._owners

@@ -608,6 +608,7 @@ class LbOut(_Response):
     pending: int  # batches of ops queued, not yet applied
     stats: dict[str, int]
     unbound: dict[str, str]  # virtual services the backend could not program, and why
+    unbound_rebound: int = 0  # sockets made by a retry after their first attempt failed
     services: list[LbServiceOut]  # as programmed, read back from the backend
     desired: list[LbServiceOut]  # what the state wants, built from scratch
     sandboxes: list[LbSandboxOut] = []  # sandboxes balancing their VIPs in their own table

@@ -206,6 +206,15 @@ def test_a_port_the_backend_cannot_take_is_logged_and_counted_not_fatal(
         assert hello(vip, 80) == f"{net}.101:{TASK_PORT}"  # the VIP serves all the same
     finally:
         squatter.close()
+    # The port is free now: a retry (1 s, 2 s, 4 s ... after the failure) takes it.
+    wait_for(
+        lambda: agent.request("GET", "/v1/lb")[1]["unbound"] == {},
+        timeout=20,
+        what="the freed port listened on after a retry",
+    )
+    assert agent.request("GET", "/v1/lb")[1]["unbound_rebound"] == 1
+    assert hello(publish, port) == f"{net}.101:{TASK_PORT}"
+    assert f"event=lb_listening_after_retry key=tcp/0.0.0.0:{port}" in agent.log()
 
 
 @pytest.mark.skipif(os.path.exists("/proc/net/ip_vs"), reason="this kernel has ip_vs")

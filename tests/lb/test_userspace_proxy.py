@@ -494,6 +494,32 @@ async def test_a_port_it_cannot_take_is_reported_once_and_retried(
     assert backend.stats()["unbound"] == 0
 
 
+async def test_retry_unbound_listens_once_the_port_is_free_and_keeps_the_first_reason(
+    harness: LoopbackHarness,
+) -> None:
+    from lb.backend import BackendError
+
+    backend = await started(harness)
+    blocker = socket.socket()
+    blocker.bind((harness.vip(5), 0))
+    blocker.listen(1)
+    taken = VirtualKey("tcp", harness.vip(5), blocker.getsockname()[1])
+    try:
+        with pytest.raises(BackendError):
+            await backend.apply([PutService(taken), PutReal(taken, harness.real(1), 1)])
+        reported = backend.unbound()[str(taken)]
+        assert reported.startswith(f"cannot listen on {harness.vip(5)}:{taken.port}: ")
+        assert await backend.retry_unbound() == []  # still held: the same reason stands
+        assert backend.unbound() == {str(taken): reported}
+    finally:
+        blocker.close()
+    assert await backend.retry_unbound() == [taken]
+    assert backend.unbound() == {}
+    assert (await backend.read())[taken].reals == {harness.real(1): 1}
+    assert await harness.hit(taken) == harness.real(1)
+    assert await backend.retry_unbound() == []  # nothing left to try
+
+
 # -- the hot path's Python, counted (docs/performance.md: L4 userspace) -------------------------
 
 USERSPACE = str(Path(lb_userspace_file).resolve().parent)
