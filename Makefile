@@ -38,8 +38,23 @@ lint: $(VENV)/.test-deps
 	PRE_COMMIT_HOME=$(CURDIR)/$(VENV)/pre-commit PATH=$(CURDIR)/$(BIN):$$PATH \
 		$(BIN)/pre-commit run --all-files
 
+# The suites whose tests share nothing but loopback (each agent on ports of its own, no
+# kernel object outside a namespace it made) run on XDIST_WORKERS processes at once, a
+# test file to a worker; the suites that build network namespaces, time faults or loss,
+# or boot the VM run one test at a time after them. Both run even when the first fails.
+# tests/unit/test_make_test.py checks that every suite is in one of the two.
+PARALLEL_SUITES := tests/unit tests/integration
+SERIAL_SUITES := tests/cluster tests/e2e tests/kernel tests/lb tests/netdrv
+XDIST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	@status=0; \
+	echo "$(BIN)/pytest -n $(XDIST_WORKERS) --dist loadfile $(PARALLEL_SUITES) $(PYTEST_ARGS)"; \
+	$(BIN)/pytest -n $(XDIST_WORKERS) --dist loadfile $(PARALLEL_SUITES) $(PYTEST_ARGS) \
+		|| status=$$?; \
+	echo "$(BIN)/pytest $(SERIAL_SUITES) $(PYTEST_ARGS)"; \
+	$(BIN)/pytest $(SERIAL_SUITES) $(PYTEST_ARGS) || status=$$?; \
+	exit $$status
 
 unit: $(VENV)/.test-deps
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

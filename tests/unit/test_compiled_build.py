@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,8 @@ def test_no_compiler_falls_back_to_pure_python(
 ) -> None:
     monkeypatch.setenv(mypyc_build.ENV, "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
+    # as setuptools runs it (a pytest-xdist worker's own argv names no command)
+    monkeypatch.setattr(sys, "argv", ["setup.py", "bdist_wheel"])
     assert mypyc_build.extensions(ROOT) == []
     assert "pure Python: no C compiler (/nonexistent/cc)" in capsys.readouterr().err
 
