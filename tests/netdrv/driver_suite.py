@@ -28,7 +28,16 @@ import pytest
 
 from mesh.sandbox import names
 from mesh.sandbox.driver import Driver, DriverError, EndpointPlan, NetworkPlan
-from tests.netdrv.lab import NODE_UPLINK, OUTSIDE, Lab, in_netns, pings, run, way_out
+from tests.netdrv.lab import (
+    NO_ANSWER_WAIT,
+    NODE_UPLINK,
+    OUTSIDE,
+    Lab,
+    in_netns,
+    pings,
+    run,
+    way_out,
+)
 
 #: the drivers that take `--opt icc=false` (Docker's bridge-only `enable_icc`)
 ICC_DRIVERS = frozenset({"bridge"})
@@ -172,7 +181,7 @@ class DriverSuite:
         lab.echo_server(b, ep_b.address)
         assert pings(b, way_out(net_b))  # b is up and routed ...
         assert not pings(a, ep_b.address)  # ... yet unreachable from a
-        assert lab.echo(a, ep_b.address) is None
+        assert lab.echo(a, ep_b.address, timeout=NO_ANSWER_WAIT) is None
 
     def test_the_outside_sees_the_node_address(self, harness: DriverHarness) -> None:
         lab, driver, net = harness.lab, harness.new_driver(), harness.lab.network(1)
@@ -191,7 +200,7 @@ class DriverSuite:
         assert "default" not in inside(lab, path, "route")
         # even a sandbox that routes via the gateway itself gets nowhere
         in_netns(path, ["ip", "route", "add", "default", "via", way_out(net)], check=True)
-        assert lab.curl(path, f"http://{OUTSIDE}:8080/") is None
+        assert lab.curl(path, f"http://{OUTSIDE}:8080/", timeout=NO_ANSWER_WAIT) is None
         assert not pings(path, OUTSIDE)
         assert pings(path, ep_other.address)  # inside the network all is well
         assert ep.gateway is None and other
@@ -207,7 +216,7 @@ class DriverSuite:
         lab.echo_server(b, ep_b.address)
         lab.http_server(lab.outside_path, OUTSIDE)
         assert not pings(a, ep_b.address)
-        assert lab.echo(a, ep_b.address) is None
+        assert lab.echo(a, ep_b.address, timeout=NO_ANSWER_WAIT) is None
         assert pings(a, way_out(net)) and pings(b, way_out(net))
         assert lab.curl(a, f"http://{OUTSIDE}:8080/") == NODE_UPLINK
 

@@ -41,7 +41,10 @@ from mesh.sandbox.netns import Sandboxes
 
 NODE_UPLINK, OUTSIDE = "10.99.0.1", "10.99.0.2"
 HTTP_PORT, ECHO_PORT = 8080, 7007
-TIMEOUT = 3.0  # generous: the machine is shared; only "no answer" cases wait it out
+TIMEOUT = 3.0  # generous: the machine is shared, for an answer that must come
+#: for an answer that must not come: an answer on veths and bridges takes milliseconds
+#: (a ping's own -W is 1 s too); waiting TIMEOUT for each cost CI 2 s a check
+NO_ANSWER_WAIT = 1.0
 _counter = itertools.count()
 
 
@@ -166,13 +169,15 @@ class Lab:
         """A one-line HTTP server inside `path` whose body is the client's address."""
         self.servers.append(_Server(path, address, port, http=True))
 
-    def echo(self, path: str, address: str, port: int = ECHO_PORT) -> str | None:
+    def echo(
+        self, path: str, address: str, port: int = ECHO_PORT, timeout: float = TIMEOUT
+    ) -> str | None:
         """From inside `path`: connect, read the answer (the address the server saw)."""
         result: list[str | None] = [None]
 
         def client() -> None:
             with entered(path), socket.socket() as sock:
-                sock.settimeout(TIMEOUT)
+                sock.settimeout(timeout)
                 try:
                     sock.connect((address, port))
                     result[0] = sock.recv(64).decode()
@@ -181,11 +186,11 @@ class Lab:
 
         thread = threading.Thread(target=client)
         thread.start()
-        thread.join(TIMEOUT * 3)
+        thread.join(timeout * 3)
         return result[0]
 
-    def curl(self, path: str, url: str) -> str | None:
-        done = in_netns(path, ["curl", "-s", "--max-time", str(TIMEOUT), url])
+    def curl(self, path: str, url: str, timeout: float = TIMEOUT) -> str | None:
+        done = in_netns(path, ["curl", "-s", "--max-time", str(timeout), url])
         return done.stdout if done.returncode == 0 else None
 
     # -- kernel views --------------------------------------------------------------

@@ -24,7 +24,16 @@ from mesh.sandbox.driver import DriverError
 from mesh.sandbox.firewall import render_ruleset
 from mesh.sandbox.overlay import OverlayDriver, Peer
 from tests.netdrv.driver_suite import joined
-from tests.netdrv.lab import ECHO_PORT, NODE_UPLINK, Lab, in_netns, pings, run, skip_reason
+from tests.netdrv.lab import (
+    ECHO_PORT,
+    NO_ANSWER_WAIT,
+    NODE_UPLINK,
+    Lab,
+    in_netns,
+    pings,
+    run,
+    skip_reason,
+)
 from tests.netdrv.test_bridge import OVERLAY_HOST, KernelHarness
 from tests.netdrv.underlay import Task, Underlay, classify, inner_ipv4
 
@@ -292,7 +301,7 @@ def test_tasks_on_three_nodes_reach_each_other(make_underlay: type[Underlay], ro
     left = [t for t in tasks if t is not three]
     node_one.driver.set_peers(node_one.plan(net), underlay.peers_for(node_one, net, left))
     assert not pings(one.path, three.ep.address)
-    assert one.node.lab.echo(one.path, three.ep.address, ECHO_PORT) is None
+    assert one.node.lab.echo(one.path, three.ep.address, ECHO_PORT, NO_ANSWER_WAIT) is None
     assert pings(one.path, two.ep.address)
     assert pings(two.path, three.ep.address)
 
