@@ -115,3 +115,54 @@ async def test_counters_per_service_are_read_at_most_once_a_second_and_go_with_i
     await driver.sample(max_age=0)
     assert driver.counters()["services"] == {}
     await driver.close()
+
+
+class SquattedBackend(RecordingBackend):
+    """A userspace-like backend whose one published port is held for `held` retries."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__()
+        self.held = held
+        self.retries = 0
+        self.waits: list[float] = []  # the driver's next wait, seen at each retry
+        self.driver: LbDriver | None = None
+        self._unbound = {"tcp/0.0.0.0:30080": "cannot listen: in use"}
+
+    def unbound(self) -> dict[str, str]:
+        return dict(self._unbound)
+
+    async def retry_unbound(self) -> list[str]:
+        assert self.driver is not None
+        self.retries += 1
+        self.waits.append(self.driver._unbound_wait)
+        if self.retries <= self.held:
+            return []
+        bound, self._unbound = list(self._unbound), {}
+        return bound
+
+
+async def test_an_unbound_port_is_retried_backing_off_until_it_binds(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import lb.driver
+
+    monkeypatch.setattr(lb.driver, "UNBOUND_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(lb.driver, "UNBOUND_RETRY_MAX", 0.04)
+    backend = SquattedBackend(held=3)
+    driver = backend.driver = LbDriver(LbView("n1"), backend, "test")
+    driver.load([SERVICE])
+    await driver.start()
+    driver.on_change(Change(Kind.TASK, "a", None, task("a", "10.0.0.5")))  # a job: the watch
+    for _ in range(500):
+        if backend.retries == 4:
+            break
+        await asyncio.sleep(0.01)
+    await driver.settled()
+    assert backend.unbound() == {} and driver.unbound_rebound == 1
+    # retried after 0.01 s, then 0.02, then 0.04 (the cap) twice: the wait set for the
+    # next retry, doubled each time, seen as each ran
+    assert backend.waits == [0.02, 0.04, 0.04, 0.04]
+    assert driver._unbound_wait == 0.01  # none left: a later failure starts again at 1 s
+    await asyncio.sleep(0.1)
+    assert backend.retries == 4  # nothing left to retry: no timer
+    await driver.close()
