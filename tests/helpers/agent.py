@@ -58,12 +58,12 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def _bindable(port: int) -> bool:
-    """Nothing holds `port` on any address, TCP or UDP (a listener's 0.0.0.0 bind would fail)."""
+def bindable(port: int, address: str = "0.0.0.0") -> bool:
+    """Nothing holds `port` on `address`, TCP or UDP (on 0.0.0.0: on any address)."""
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as sock:
             try:
-                sock.bind(("0.0.0.0", port))
+                sock.bind((address, port))
             except OSError:
                 return False
     return True
@@ -86,7 +86,7 @@ def free_ports(count: int) -> list[int]:
         if len(ports) == count:
             return ports
         port = generator.randint(first, last)
-        if port in _HANDED_OUT or not _bindable(port):
+        if port in _HANDED_OUT or not bindable(port):
             continue
         _HANDED_OUT.add(port)
         ports.append(port)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import socket
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -26,7 +25,7 @@ from mesh.agent.build import Agent
 from mesh.agent.lifetime import Stage, enter, stages
 from mesh.config import AgentConfig, load_config
 from mesh.sandbox.privileges import missing_privileges
-from tests.helpers.agent import free_ports
+from tests.helpers.agent import bindable, free_ports
 
 STAGES = [
     "state writer",
@@ -106,14 +105,7 @@ def _config(tmp_path: Path) -> tuple[AgentConfig, list[int]]:
 
 
 def _ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            with socket.socket(socket.AF_INET, kind) as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    return False
-    return True
+    return all(bindable(port, "127.0.0.1") for port in ports)
 
 
 def _run(
