@@ -69,6 +69,15 @@ def bindable(port: int, address: str = "0.0.0.0") -> bool:
     return True
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this pytest-xdist worker's index, the number of workers); (0, 1) without xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not name.startswith("gw") or not name[2:].isdigit() or count < 1:
+        return 0, 1
+    return int(name[2:]) % count, count
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct free ports for a test's listeners, none handed out before.
 
@@ -77,16 +86,21 @@ def free_ports(count: int) -> list[int]:
     makes next (an API request, a gossip stream), and a client socket on
     127.0.0.1:P, even in TIME_WAIT for 60 s after, makes an agent's 0.0.0.0:P
     listener fail with EADDRINUSE (seen in CI: a published port never answered).
+    Each pytest-xdist worker takes only the ports of its own residue (port modulo
+    the workers): two workers never hand out one port, even in the second between
+    a check and the agent's bind.
     """
     low, _ = _ephemeral_range()
     first, last = (10000, low - 1) if low > 11000 else (61000, 65535)
+    index, workers = _worker_share()
     ports: list[int] = []
     generator = random.SystemRandom()
     for _ in range(10_000):
         if len(ports) == count:
             return ports
         port = generator.randint(first, last)
-        if port in _HANDED_OUT or not bindable(port):
+        port -= (port - index) % workers  # this worker's residue, at or below the pick
+        if port < first or port in _HANDED_OUT or not bindable(port):
             continue
         _HANDED_OUT.add(port)
         ports.append(port)
