@@ -46,14 +46,13 @@ lint: $(VENV)/.test-deps
 PARALLEL_SUITES := tests/unit tests/integration
 SERIAL_SUITES := tests/cluster tests/e2e tests/kernel tests/lb tests/netdrv
 XDIST_WORKERS ?= 2
+PYTEST_PARALLEL = $(BIN)/pytest -n $(XDIST_WORKERS) --dist loadfile $(PARALLEL_SUITES) $(PYTEST_ARGS)
+PYTEST_SERIAL = $(BIN)/pytest $(SERIAL_SUITES) $(PYTEST_ARGS)
 
 test: lint
 	@status=0; \
-	echo "$(BIN)/pytest -n $(XDIST_WORKERS) --dist loadfile $(PARALLEL_SUITES) $(PYTEST_ARGS)"; \
-	$(BIN)/pytest -n $(XDIST_WORKERS) --dist loadfile $(PARALLEL_SUITES) $(PYTEST_ARGS) \
-		|| status=$$?; \
-	echo "$(BIN)/pytest $(SERIAL_SUITES) $(PYTEST_ARGS)"; \
-	$(BIN)/pytest $(SERIAL_SUITES) $(PYTEST_ARGS) || status=$$?; \
+	echo "$(PYTEST_PARALLEL)"; $(PYTEST_PARALLEL) || status=$$?; \
+	echo "$(PYTEST_SERIAL)"; $(PYTEST_SERIAL) || status=$$?; \
 	exit $$status
 
 unit: $(VENV)/.test-deps
