@@ -92,6 +92,13 @@ class LbDriver:
         self._failover_timer: asyncio.TimerHandle | None = None
         self._unbound_timer: asyncio.TimerHandle | None = None
         self._unbound_wait = UNBOUND_RETRY_FIRST
+        # The backend's unbound entries and their retry, looked up once: only the
+        # userspace backend has sockets that can fail to bind (None: no retry to watch).
+        has_retry = callable(getattr(backend, "retry_unbound", None))
+        unbound = getattr(backend, "unbound", None)
+        self._unbound_of: Callable[[], dict[str, str]] | None = (
+            unbound if has_retry and callable(unbound) else None
+        )
         #: sockets made by a retry after their first attempt failed
         self.unbound_rebound = 0
         #: passive outlier detection (lb/outlier.py; nftables only): reads the unanswered
@@ -295,10 +302,9 @@ class LbDriver:
     def _watch_unbound(self) -> None:
         """After each job: while the backend has services it could not make a socket
         for, a retry is due (`UNBOUND_RETRY_FIRST`, doubling); none left resets the wait."""
-        unbound = getattr(self.backend, "unbound", None)
-        if not callable(unbound) or not hasattr(self.backend, "retry_unbound"):
+        if self._unbound_of is None:
             return
-        if not unbound():
+        if not self._unbound_of():
             self._unbound_wait = UNBOUND_RETRY_FIRST
             return
         if self._unbound_timer is None:
