@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.sessions import other_sessions
+from tests.helpers.sessions import other_sessions, xdist_worker
 
 #: interface-name prefixes of the agent's links (mesh/sandbox/names.py)
 LINK_PREFIXES = ("mpbr-", "mpob-", "mpvx-", "mpms-", "mpv", "mpt")
@@ -66,12 +66,6 @@ def _remove(links: set[str], tables: set[str]) -> None:
         )
 
 
-def _beside_other_workers() -> bool:
-    """Whether this is one of several pytest-xdist workers (`make test` runs the suites
-    that make no kernel object of the host's on two at once; the others alone)."""
-    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
-
-
 @pytest.fixture(autouse=True)
 def _host_namespace_left_clean() -> Iterator[None]:
     if os.geteuid() != 0:
@@ -80,7 +74,7 @@ def _host_namespace_left_clean() -> Iterator[None]:
     links_before, tables_before = _our_links(), _our_tables()
     yield
     links, tables = _our_links() - links_before, _our_tables() - tables_before
-    if (links or tables) and (_beside_other_workers() or other_sessions()):
+    if (links or tables) and (xdist_worker()[1] > 1 or other_sessions()):
         # Another pytest session on this machine, or another worker of this one, may
         # have made them (and may be using them now): neither blame this test nor
         # delete them under it.

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.sessions import xdist_worker
+
 REPO = Path(__file__).resolve().parents[2]
 
 #: the gossip key every test agent shares unless its test gives its own (see above)
@@ -69,15 +71,6 @@ def bindable(port: int, address: str = "0.0.0.0") -> bool:
     return True
 
 
-def _worker_share() -> tuple[int, int]:
-    """(this pytest-xdist worker's index, the number of workers); (0, 1) without xdist."""
-    name = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not name.startswith("gw") or not name[2:].isdigit() or count < 1:
-        return 0, 1
-    return int(name[2:]) % count, count
-
-
 def free_ports(count: int) -> list[int]:
     """`count` distinct free ports for a test's listeners, none handed out before.
 
@@ -92,7 +85,7 @@ def free_ports(count: int) -> list[int]:
     """
     low, _ = _ephemeral_range()
     first, last = (10000, low - 1) if low > 11000 else (61000, 65535)
-    index, workers = _worker_share()
+    index, workers = xdist_worker()
     ports: list[int] = []
     generator = random.SystemRandom()
     for _ in range(10_000):

@@ -63,3 +63,16 @@ def process_table() -> dict[int, tuple[int, list[str]]]:
 def other_sessions() -> list[int]:
     """pids of the pytest sessions running on this machine besides this one."""
     return others(process_table(), os.getpid())
+
+
+def xdist_worker() -> tuple[int, int]:
+    """(this pytest-xdist worker's index, the number of workers); (0, 1) outside xdist.
+
+    `make test` runs the loopback suites on two workers: the port helper gives each
+    its own share of ports, and the host-namespace guard cannot blame a test for
+    what it sees while another worker runs."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not name.startswith("gw") or not name[2:].isdigit() or count < 1:
+        return 0, 1
+    return int(name[2:]) % count, count
