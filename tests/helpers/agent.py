@@ -83,8 +83,9 @@ def free_ports(count: int) -> list[int]:
     the workers): two workers never hand out one port, even in the second between
     a check and the agent's bind.
     """
-    low, _ = _ephemeral_range()
-    first, last = (10000, low - 1) if low > 11000 else (61000, 65535)
+    low, high = _ephemeral_range()
+    # below the ephemeral range; above it where that starts too low to leave room
+    first, last = (10000, low - 1) if low > 11000 else (high + 1, 65535)
     index, workers = xdist_worker()
     ports: list[int] = []
     generator = random.SystemRandom()
